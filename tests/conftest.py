@@ -1,0 +1,29 @@
+"""Shared fixtures: small synthetic data made by the project's own generator."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# Tests run on the CPU and must never wait for a download.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory) -> Path:
+    """24 synthetic images (160x120) with VOC annotations, made once per test session."""
+    from utils.sample_data import make_sample_dataset
+
+    out = tmp_path_factory.mktemp("sample")
+    make_sample_dataset(out, num_images=24, seed=7, image_size=(160, 120))
+    return out

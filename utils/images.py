@@ -1,0 +1,89 @@
+"""Image loading that copes with what real photo folders contain.
+
+RGBA, LA and palette images (with transparency) are composited on white, 16-bit
+and 32-bit greyscale is scaled to 8 bits, CMYK and grey JPEGs become RGB, and the
+EXIF orientation is applied so that pixels match what annotators saw. Every
+failure is an ImageError naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class ImageError(ValueError):
+    """An image file that cannot be used; str() names the file and the problem."""
+
+    def __init__(self, file, problem: str):
+        self.file = str(file)
+        self.problem = problem
+        super().__init__(f"{self.file}: {problem}")
+
+
+def is_image_name(path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # High bit-depth greyscale: scale to 0..255 by the type's range, not by clipping.
+        arr = np.asarray(img)
+        if img.mode.startswith("I;16"):
+            arr8 = (arr.astype(np.float32) / 257.0).round()
+        else:
+            arr = arr.astype(np.float64)
+            lo, hi = float(arr.min()), float(arr.max())
+            arr8 = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(arr8.clip(0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_rgb(path) -> Image.Image:
+    """Decode *path* fully into an 8-bit RGB PIL image with EXIF orientation applied."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()  # full decode now, so truncated files fail here and not later
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except FileNotFoundError:
+        raise ImageError(path, "file does not exist") from None
+    except UnidentifiedImageError:
+        raise ImageError(path, "not an image file (format not recognised)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        message = str(exc) or exc.__class__.__name__
+        if "truncated" in message.lower():
+            message = f"truncated image file ({message})"
+        raise ImageError(path, f"cannot decode image: {message}") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(path, f"image too large: {exc}") from None
+
+
+def image_size(path) -> tuple[int, int]:
+    """(width, height) as displayed, read from the header only (EXIF rotation applied)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            orientation = img.getexif().get(0x0112, 1)
+    except FileNotFoundError:
+        raise ImageError(path, "file does not exist") from None
+    except UnidentifiedImageError:
+        raise ImageError(path, "not an image file (format not recognised)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(path, f"cannot read image header: {exc}") from None
+    # Orientations 5-8 swap width and height.
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)

@@ -1,0 +1,116 @@
+"""Image/annotation pairs: the unit of data passed between jobs.
+
+Jobs exchange folders of VOC pairs (images/ + annotations/). In the Pegasus
+workflow a folder travels as one .tar of flat files, so every folder argument may
+also name a .tar archive, unpacked to a temporary folder for the job's lifetime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .atomic import atomic_path
+from .images import is_image_name
+
+
+@dataclass(frozen=True)
+class Pair:
+    image: Path
+    annotation: Path
+
+    @property
+    def stem(self) -> str:
+        return self.image.stem
+
+
+@dataclass
+class Pairing:
+    pairs: list[Pair] = field(default_factory=list)
+    images_without_annotation: list[Path] = field(default_factory=list)
+    annotations_without_image: list[Path] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def open_folder(path):
+    """Yield a folder for *path*: the folder itself, or a .tar unpacked to a temporary folder."""
+    path = Path(path)
+    if path.is_dir():
+        yield path
+        return
+    if path.is_file() and tarfile.is_tarfile(path):
+        with tempfile.TemporaryDirectory(prefix=f"{path.stem}.") as tmp:
+            with tarfile.open(path) as archive:
+                archive.extractall(tmp, filter="data")  # "data" refuses absolute paths and links out
+            yield Path(tmp)
+        return
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: folder does not exist")
+    raise NotADirectoryError(f"{path}: neither a folder nor a .tar archive")
+
+
+def pack_folder(folder, archive) -> Path:
+    """Pack the files of *folder* (flat, sorted) into the .tar *archive*, atomically."""
+    folder = Path(folder)
+    with atomic_path(archive) as tmp:
+        with tarfile.open(tmp, "w") as tar:
+            for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+                tar.add(file, arcname=str(file.relative_to(folder)))
+    return Path(archive)
+
+
+def pair_folders(images_dir, annotations_dir) -> Pairing:
+    """Pair images and XML files by file stem; report the unmatched on both sides."""
+    images_dir, annotations_dir = Path(images_dir), Path(annotations_dir)
+    images = {}
+    for path in sorted(images_dir.iterdir()) if images_dir.is_dir() else []:
+        if path.is_file() and not path.name.startswith("."):
+            if is_image_name(path) or path.suffix.lower() != ".xml":
+                images.setdefault(path.stem, []).append(path)
+    annotations = {p.stem: p for p in sorted(annotations_dir.glob("*.xml"))} if annotations_dir.is_dir() else {}
+    pairing = Pairing()
+    for stem, paths in images.items():
+        for path in paths:
+            if stem in annotations:
+                pairing.pairs.append(Pair(path, annotations[stem]))
+            else:
+                pairing.images_without_annotation.append(path)
+    pairing.annotations_without_image = [p for stem, p in annotations.items() if stem not in images]
+    return pairing
+
+
+def read_pairs_csv(csv_path, images_dir=None, annotations_dir=None, split: str | None = None) -> list[Pair]:
+    """Read pairs from a manifest (image, annotation[, split]) CSV.
+
+    Relative entries are resolved against *images_dir*/*annotations_dir* by file name
+    when given (jobs get files staged flat), else against the CSV's folder.
+    """
+    csv_path = Path(csv_path)
+    pairs = []
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            if split is not None and row.get("split") != split:
+                continue
+            image, annotation = Path(row["image"]), Path(row["annotation"])
+            image = Path(images_dir) / image.name if images_dir else (image if image.is_absolute() else csv_path.parent / image)
+            annotation = (Path(annotations_dir) / annotation.name if annotations_dir
+                          else (annotation if annotation.is_absolute() else csv_path.parent / annotation))
+            pairs.append(Pair(image, annotation))
+    return pairs
+
+
+def write_pairs_csv(path, rows, fields=("image", "annotation")) -> Path:
+    """Write dict rows to a CSV atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (str(v) if isinstance(v, Path) else v) for k, v in row.items()})
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(buffer.getvalue(), encoding="utf-8")
+    return Path(path)

@@ -1,0 +1,208 @@
+"""Pascal VOC XML: parsing (lxml), writing, and box cleaning.
+
+Parsing is strict about what a detector needs (size and, per object, a name and
+a numeric bndbox) and every failure is a VocError naming the file and the
+problem, so that jobs can report it instead of showing an lxml traceback.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from lxml import etree
+
+from .atomic import write_bytes
+
+# Boxes that overshoot the image by at most this many pixels are clipped (annotation
+# tools commonly round outwards); beyond it the object is dropped and reported.
+CLIP_TOLERANCE_PX = 2.0
+
+
+class VocError(ValueError):
+    """An annotation file that cannot be used; str() names the file and the problem."""
+
+    def __init__(self, file, problem: str):
+        self.file = str(file)
+        self.problem = problem
+        super().__init__(f"{self.file}: {problem}")
+
+
+@dataclass(frozen=True)
+class VocObject:
+    name: str
+    xmin: float
+    ymin: float
+    xmax: float
+    ymax: float
+    difficult: int = 0
+    truncated: int = 0
+    pose: str = "Unspecified"
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        return (self.xmin, self.ymin, self.xmax, self.ymax)
+
+    @property
+    def area(self) -> float:
+        return max(0.0, self.xmax - self.xmin) * max(0.0, self.ymax - self.ymin)
+
+
+@dataclass
+class VocAnnotation:
+    filename: str
+    width: int
+    height: int
+    depth: int = 3
+    objects: list[VocObject] = field(default_factory=list)
+    folder: str = "images"
+    path: str | None = None
+
+
+# A parser that never fetches entities or DTDs: annotation files come from outside.
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False)
+
+
+def _text(element, tag: str, file, required: bool = True, where: str = ""):
+    child = element.find(tag)
+    if child is None or child.text is None or not child.text.strip():
+        if required:
+            raise VocError(file, f"missing required field <{tag}>{where}")
+        return None
+    return child.text.strip()
+
+
+def _number(element, tag: str, file, where: str = "") -> float:
+    raw = _text(element, tag, file, where=where)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise VocError(file, f"field <{tag}>{where} is not a number: {raw!r}") from None
+    if not math.isfinite(value):
+        raise VocError(file, f"field <{tag}>{where} is not finite: {raw!r}")
+    return value
+
+
+def parse_voc(path) -> VocAnnotation:
+    """Parse one VOC file. Raises VocError for unreadable, malformed or incomplete XML."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise VocError(path, f"cannot read file ({exc.strerror or exc})") from None
+    if not data.strip():
+        raise VocError(path, "file is empty")
+    try:
+        root = etree.fromstring(data, parser=_PARSER)
+    except etree.XMLSyntaxError as exc:
+        raise VocError(path, f"XML is not well-formed ({exc.msg}, line {exc.lineno})") from None
+    if root.tag != "annotation":
+        raise VocError(path, f"root element is <{root.tag}>, expected <annotation>")
+    filename = _text(root, "filename", path, required=False) or ""
+    size = root.find("size")
+    if size is None:
+        raise VocError(path, "missing required field <size>")
+    width = _number(size, "width", path, " in <size>")
+    height = _number(size, "height", path, " in <size>")
+    depth_raw = _text(size, "depth", path, required=False)
+    try:
+        depth = int(float(depth_raw)) if depth_raw else 3
+    except ValueError:
+        depth = 3
+    if width <= 0 or height <= 0:
+        raise VocError(path, f"image size in <size> is not positive: {width:g}x{height:g}")
+    objects = []
+    for index, obj in enumerate(root.iter("object")):
+        where = f" in object {index}"
+        name = _text(obj, "name", path, where=where)
+        bndbox = obj.find("bndbox")
+        if bndbox is None:
+            raise VocError(path, f"missing required field <bndbox>{where} ({name})")
+        coords = [_number(bndbox, tag, path, f"{where} ({name})") for tag in ("xmin", "ymin", "xmax", "ymax")]
+
+        def flag(tag):
+            raw = _text(obj, tag, path, required=False)
+            try:
+                return int(float(raw)) if raw else 0
+            except ValueError:
+                return 0
+
+        objects.append(
+            VocObject(name, *coords, difficult=flag("difficult"), truncated=flag("truncated"),
+                      pose=_text(obj, "pose", path, required=False) or "Unspecified")
+        )
+    return VocAnnotation(filename=filename, width=int(round(width)), height=int(round(height)), depth=depth,
+                         objects=objects, folder=_text(root, "folder", path, required=False) or "images",
+                         path=_text(root, "path", path, required=False))
+
+
+def to_xml_bytes(ann: VocAnnotation) -> bytes:
+    root = etree.Element("annotation")
+    etree.SubElement(root, "folder").text = ann.folder
+    etree.SubElement(root, "filename").text = ann.filename
+    if ann.path:
+        etree.SubElement(root, "path").text = ann.path
+    size = etree.SubElement(root, "size")
+    etree.SubElement(size, "width").text = str(int(ann.width))
+    etree.SubElement(size, "height").text = str(int(ann.height))
+    etree.SubElement(size, "depth").text = str(int(ann.depth))
+    etree.SubElement(root, "segmented").text = "0"
+    for obj in ann.objects:
+        element = etree.SubElement(root, "object")
+        etree.SubElement(element, "name").text = obj.name
+        etree.SubElement(element, "pose").text = obj.pose
+        etree.SubElement(element, "truncated").text = str(int(obj.truncated))
+        etree.SubElement(element, "occluded").text = "0"
+        etree.SubElement(element, "difficult").text = str(int(obj.difficult))
+        box = etree.SubElement(element, "bndbox")
+        for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), obj.box):
+            # Integers when exact keep files identical to hand-made VOC; else 2 decimals.
+            etree.SubElement(box, tag).text = str(int(value)) if float(value).is_integer() else f"{value:.2f}"
+    return etree.tostring(root, pretty_print=True, xml_declaration=False, encoding="utf-8")
+
+
+def write_voc(path, ann: VocAnnotation) -> Path:
+    """Write *ann* atomically to *path*."""
+    return write_bytes(path, to_xml_bytes(ann))
+
+
+def clean_objects(ann: VocAnnotation, width: int | None = None, height: int | None = None,
+                  known_classes=None, tolerance: float = CLIP_TOLERANCE_PX):
+    """Return (kept objects, problems) for the objects of *ann* against an image of width x height.
+
+    Unknown class names, zero- or negative-area boxes and boxes overshooting the image
+    by more than *tolerance* px are dropped; smaller overshoots are clipped. Every drop
+    and clip gives one problem string, so nothing disappears unreported.
+    """
+    width = ann.width if width is None else width
+    height = ann.height if height is None else height
+    kept, problems = [], []
+    for index, obj in enumerate(ann.objects):
+        label = f"object {index} ({obj.name})"
+        if known_classes is not None and obj.name not in known_classes:
+            problems.append(f"{label}: unknown class name {obj.name!r}, object dropped "
+                            f"(known: {', '.join(known_classes)})")
+            continue
+        if obj.xmax <= obj.xmin or obj.ymax <= obj.ymin:
+            problems.append(f"{label}: zero or negative area box {_fmt(obj.box)}, object dropped")
+            continue
+        overshoot = max(-obj.xmin, -obj.ymin, obj.xmax - width, obj.ymax - height)
+        if overshoot > tolerance:
+            problems.append(f"{label}: box {_fmt(obj.box)} lies outside the {width}x{height} image by "
+                            f"{overshoot:g} px (> {tolerance:g} px), object dropped")
+            continue
+        if overshoot > 0:
+            clipped = replace(obj, xmin=max(0.0, obj.xmin), ymin=max(0.0, obj.ymin),
+                              xmax=min(float(width), obj.xmax), ymax=min(float(height), obj.ymax))
+            if clipped.xmax <= clipped.xmin or clipped.ymax <= clipped.ymin:
+                problems.append(f"{label}: box {_fmt(obj.box)} has no area inside the image, object dropped")
+                continue
+            problems.append(f"{label}: box {_fmt(obj.box)} overshoots the image by {overshoot:g} px, clipped")
+            obj = clipped
+        kept.append(obj)
+    return kept, problems
+
+
+def _fmt(box) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in box) + ")"
