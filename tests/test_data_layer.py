@@ -1,0 +1,216 @@
+"""The VOC data layer: parsing, cleaning, image modes, pairing, tar folders and the Dataset."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from utils.atomic import atomic_path, write_json
+from utils.classes import CLASSES, LABEL_OF, NUM_CLASSES
+from utils.dataset import VocDetectionDataset, collate
+from utils.images import ImageError, image_size, load_rgb
+from utils.pairs import Pair, open_folder, pack_folder, pair_folders, read_pairs_csv, write_pairs_csv
+from utils.provenance import inputs_sha256, run_record
+from utils.voc import VocAnnotation, VocError, VocObject, clean_objects, parse_voc, write_voc
+
+
+def voc_xml(objects, width=100, height=80, filename="a.jpg") -> str:
+    body = "".join(
+        f"<object><name>{name}</name><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin>"
+        f"<xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
+        for name, (x0, y0, x1, y1) in objects
+    )
+    return (f"<annotation><filename>{filename}</filename><size><width>{width}</width>"
+            f"<height>{height}</height><depth>3</depth></size>{body}</annotation>")
+
+
+def test_label_map_keeps_zero_for_background():
+    assert LABEL_OF["background"] == 0
+    assert sorted(LABEL_OF[c] for c in CLASSES) == [1, 2, 3]
+    assert NUM_CLASSES == 4
+
+
+def test_parse_and_write_roundtrip(tmp_path):
+    ann = VocAnnotation("x.jpg", 100, 80, objects=[VocObject("with_mask", 1, 2, 30, 40),
+                                                   VocObject("mask_weared_incorrect", 10.5, 20, 50, 60.25)])
+    path = write_voc(tmp_path / "x.xml", ann)
+    back = parse_voc(path)
+    assert (back.width, back.height, back.filename) == (100, 80, "x.jpg")
+    assert [o.box for o in back.objects] == [(1, 2, 30, 40), (10.5, 20, 50, 60.25)]
+    assert [o.name for o in back.objects] == ["with_mask", "mask_weared_incorrect"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("<annotation><size><width>10</width>", "not well-formed"),
+    ("", "empty"),
+    ("<annotation><filename>a</filename></annotation>", "<size>"),
+    ("<annotation><size><width>10</width><height>10</height></size>"
+     "<object><name>with_mask</name></object></annotation>", "<bndbox>"),
+    ("<annotation><size><width>10</width><height>10</height></size><object><name>with_mask</name>"
+     "<bndbox><xmin>a</xmin><ymin>1</ymin><xmax>2</xmax><ymax>3</ymax></bndbox></object></annotation>",
+     "not a number"),
+    ("<annotation><size><width>0</width><height>10</height></size></annotation>", "not positive"),
+    ("<root/>", "<annotation>"),
+])
+def test_parse_errors_name_file_and_problem(tmp_path, text, message):
+    path = tmp_path / "bad.xml"
+    path.write_text(text)
+    with pytest.raises(VocError) as info:
+        parse_voc(path)
+    assert str(path) in str(info.value) and message in str(info.value)
+
+
+def test_parse_refuses_external_entities(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOPSECRET")
+    path = tmp_path / "xxe.xml"
+    path.write_text(f'<?xml version="1.0"?><!DOCTYPE a [<!ENTITY e SYSTEM "file://{secret}">]>'
+                    "<annotation><filename>&e;</filename><size><width>5</width><height>5</height></size>"
+                    "</annotation>")
+    try:
+        ann = parse_voc(path)
+    except VocError:
+        return
+    assert "TOPSECRET" not in ann.filename
+
+
+def test_clean_objects_clips_small_overshoot_and_drops_the_rest():
+    ann = VocAnnotation("a.jpg", 100, 80, objects=[
+        VocObject("with_mask", -1.5, 0, 20, 20),      # within 2 px: clipped
+        VocObject("without_mask", 10, 10, 105, 30),   # 5 px out: dropped
+        VocObject("with_mask", 10, 10, 10, 30),       # zero width: dropped
+        VocObject("cat", 1, 1, 5, 5),                 # unknown class: dropped
+        VocObject("mask_weared_incorrect", 5, 5, 50, 50),
+    ])
+    kept, problems = clean_objects(ann, known_classes=CLASSES)
+    assert [o.box for o in kept] == [(0.0, 0, 20, 20), (5, 5, 50, 50)]
+    assert len(problems) == 4
+    assert "clipped" in problems[0] and "dropped" in problems[1]
+    assert "zero or negative area" in problems[2] and "unknown class name 'cat'" in problems[3]
+
+
+def save(img: Image.Image, path, **kw):
+    img.save(path, **kw)
+    return path
+
+
+def test_load_rgb_handles_modes(tmp_path):
+    rgba = Image.new("RGBA", (8, 6), (255, 0, 0, 0))  # fully transparent red → white background
+    assert load_rgb(save(rgba, tmp_path / "a.png")).getpixel((0, 0)) == (255, 255, 255)
+    deep = Image.fromarray(np.full((6, 8), 65535, dtype=np.uint16))
+    img = load_rgb(save(deep, tmp_path / "d.png"))
+    assert img.mode == "RGB" and img.getpixel((0, 0)) == (255, 255, 255)
+    pal = Image.new("P", (8, 6), 3)
+    pal.putpalette([0, 0, 0] * 3 + [10, 20, 30] + [0, 0, 0] * 252)
+    assert load_rgb(save(pal, tmp_path / "p.png")).getpixel((1, 1)) == (10, 20, 30)
+    grey = Image.new("L", (8, 6), 128)
+    assert load_rgb(save(grey, tmp_path / "g.jpg")).mode == "RGB"
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display
+    path = save(img, tmp_path / "r.jpg", exif=exif.tobytes())
+    assert image_size(path) == (20, 40)
+    assert load_rgb(path).size == (20, 40)
+
+
+def test_broken_images_raise_clear_errors(tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("this is not an image")
+    with pytest.raises(ImageError, match="not an image file") as info:
+        load_rgb(text)
+    assert str(text) in str(info.value)
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 50).convert("RGB").save(buf, "JPEG")
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ImageError, match="truncated"):
+        load_rgb(truncated)
+    with pytest.raises(ImageError, match="does not exist"):
+        load_rgb(tmp_path / "missing.jpg")
+
+
+def make_pair(folder_images, folder_xml, stem, objects, size=(64, 48)):
+    folder_images.mkdir(parents=True, exist_ok=True)
+    folder_xml.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (90, 90, 90)).save(folder_images / f"{stem}.jpg")
+    (folder_xml / f"{stem}.xml").write_text(voc_xml(objects, *size, filename=f"{stem}.jpg"))
+    return Pair(folder_images / f"{stem}.jpg", folder_xml / f"{stem}.xml")
+
+
+def test_pairing_reports_unmatched_both_ways(tmp_path):
+    make_pair(tmp_path / "images", tmp_path / "annotations", "a", [])
+    Image.new("RGB", (4, 4)).save(tmp_path / "images" / "lonely.png")
+    (tmp_path / "annotations" / "orphan.xml").write_text(voc_xml([]))
+    pairing = pair_folders(tmp_path / "images", tmp_path / "annotations")
+    assert [p.stem for p in pairing.pairs] == ["a"]
+    assert [p.name for p in pairing.images_without_annotation] == ["lonely.png"]
+    assert [p.name for p in pairing.annotations_without_image] == ["orphan.xml"]
+
+
+def test_tar_folder_roundtrip_and_flat_pairing(tmp_path):
+    flat = tmp_path / "flat"
+    make_pair(flat, flat, "a", [("with_mask", (1, 1, 20, 20))])
+    make_pair(flat, flat, "b", [("without_mask", (2, 2, 30, 30))])
+    archive = pack_folder(flat, tmp_path / "set.tar")
+    with tarfile.open(archive) as tar:
+        assert sorted(tar.getnames()) == ["a.jpg", "a.xml", "b.jpg", "b.xml"]
+    with open_folder(archive) as unpacked:
+        assert [p.stem for p in pair_folders(unpacked, unpacked).pairs] == ["a", "b"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        with open_folder(tmp_path / "nope"):
+            pass
+
+
+def test_pairs_csv_resolves_by_name_in_staging_folder(tmp_path):
+    rows = [{"image": "/far/away/a.jpg", "annotation": "/far/away/a.xml", "split": "train"},
+            {"image": "/far/away/b.jpg", "annotation": "/far/away/b.xml", "split": "test"}]
+    csv_path = write_pairs_csv(tmp_path / "split.csv", rows, ("image", "annotation", "split"))
+    pairs = read_pairs_csv(csv_path, images_dir=tmp_path, annotations_dir=tmp_path, split="test")
+    assert pairs == [Pair(tmp_path / "b.jpg", tmp_path / "b.xml")]
+
+
+def test_dataset_returns_torchvision_targets(tmp_path):
+    pairs = [
+        make_pair(tmp_path / "i", tmp_path / "x", "a", [("with_mask", (1, 2, 20, 30)),
+                                                        ("mask_weared_incorrect", (30, 5, 63, 47))]),
+        make_pair(tmp_path / "i", tmp_path / "x", "b", [("cat", (1, 1, 5, 5)), ("without_mask", (-1, 0, 10, 10))]),
+    ]
+    dataset = VocDetectionDataset(pairs)
+    image, target = dataset[0]
+    assert image.dtype == torch.float32 and tuple(image.shape) == (3, 48, 64) and float(image.max()) <= 1.0
+    assert target["labels"].tolist() == [1, 3]
+    assert target["boxes"].tolist() == [[1, 2, 20, 30], [30, 5, 63, 47]]
+    assert target["area"].tolist() == [19 * 28, 33 * 42]
+    _, target = dataset[1]
+    assert target["labels"].tolist() == [2] and target["boxes"].tolist() == [[0, 0, 10, 10]]
+    problems = dataset.object_problems[str(pairs[1].annotation)]
+    assert any("unknown class" in p for p in problems) and any("clipped" in p for p in problems)
+    images, targets = collate([dataset[0], dataset[1]])
+    assert len(images) == len(targets) == 2
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    target = write_json(tmp_path / "out.json", {"a": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert target.read_text().strip().startswith("{") and list(tmp_path.iterdir()) == [target]
+
+
+def test_run_record_hash_changes_with_content(tmp_path):
+    a = tmp_path / "a.txt"
+    a.write_text("1")
+    first = run_record("job", {"seed": 1}, [a])
+    a.write_text("2")
+    second = run_record("job", {"seed": 1}, [a])
+    assert first["inputs_sha256"] != second["inputs_sha256"] == inputs_sha256([a])
+    assert first["packages"]["torch"] and first["params"] == {"seed": 1}
