@@ -1,0 +1,184 @@
+"""Metrics on hand-made cases: mAP extremes, the detection confusion matrix, PR curves, compliance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from utils.classes import LABEL_OF
+from utils.metrics import (CONFUSION_LABELS, coco_map, compliance, compliance_line, compute_coco,
+                           detection_confusion_matrix, merge_compliance, pr_curves)
+
+WITH, WITHOUT, INCORRECT = LABEL_OF["with_mask"], LABEL_OF["without_mask"], LABEL_OF["mask_weared_incorrect"]
+BG = CONFUSION_LABELS.index("background")
+
+
+def target(boxes, labels):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(labels, dtype=torch.int64)}
+
+
+def pred(boxes, labels, scores):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "scores": torch.tensor(scores, dtype=torch.float32)}
+
+
+def no_pred():
+    return pred([], [], [])
+
+
+TARGETS = [
+    target([[10, 10, 50, 50], [60, 10, 100, 50]], [WITH, WITHOUT]),
+    target([[20, 20, 70, 70], [80, 80, 120, 130]], [INCORRECT, WITH]),
+]
+
+
+def test_perfect_predictions_give_map_one():
+    preds = [pred(t["boxes"].tolist(), t["labels"].tolist(), [0.9] * len(t["labels"])) for t in TARGETS]
+    result = coco_map(preds, TARGETS)
+    assert result["map"] == pytest.approx(1.0)
+    assert result["map_50"] == pytest.approx(1.0)
+    assert result["map_75"] == pytest.approx(1.0)
+    assert result["mar_100"] == pytest.approx(1.0)
+    for name, entry in result["per_class"].items():
+        assert entry["ap"] == pytest.approx(1.0), name
+        assert entry["ap_50"] == pytest.approx(1.0), name
+        assert entry["recall"] == pytest.approx(1.0), name
+
+
+def test_no_predictions_give_map_zero():
+    result = coco_map([no_pred(), no_pred()], TARGETS)
+    assert result["map"] == 0.0
+    assert result["map_50"] == 0.0
+    assert all(entry["ap"] == 0.0 and entry["ap_50"] == 0.0 for entry in result["per_class"].values())
+
+
+def test_wrong_class_scores_zero_and_absent_class_is_none():
+    targets = [target([[10, 10, 50, 50]], [WITH])]
+    preds = [pred([[10, 10, 50, 50]], [WITHOUT], [0.9])]
+    result = coco_map(preds, targets)
+    assert result["map"] == 0.0
+    assert result["per_class"]["with_mask"]["ap"] == 0.0
+    # without_mask has a prediction but no ground truth, incorrect has neither: undefined, not 0 or -1.
+    assert result["per_class"]["without_mask"]["ap"] is None
+    assert result["per_class"]["without_mask"]["ap_50"] is None
+    assert result["per_class"]["mask_weared_incorrect"]["ap"] is None
+
+
+def test_half_overlap_counts_at_050_not_at_075():
+    # IoU of the prediction with the truth is 0.6: a hit at 0.5, a miss at 0.75.
+    targets = [target([[0, 0, 100, 100]], [WITH])]
+    preds = [pred([[0, 0, 100, 60]], [WITH], [0.8])]
+    result = coco_map(preds, targets)
+    assert result["map_50"] == pytest.approx(1.0)
+    assert result["map_75"] == 0.0
+    assert result["per_class"]["with_mask"]["ap_50"] == pytest.approx(1.0)
+    assert result["per_class"]["with_mask"]["ap_75"] == 0.0
+    assert 0.0 < result["map"] < 1.0
+
+
+def test_per_class_ap_50_agrees_with_torchmetrics_single_threshold():
+    from torchmetrics.detection import MeanAveragePrecision
+
+    preds = [pred([[10, 10, 50, 52], [60, 12, 100, 50], [0, 0, 30, 30]], [WITH, WITHOUT, WITH], [0.9, 0.4, 0.7]),
+             pred([[22, 20, 70, 75], [80, 80, 120, 120]], [INCORRECT, WITH], [0.6, 0.95])]
+    ours = coco_map(preds, TARGETS)
+    reference = MeanAveragePrecision(backend="faster_coco_eval", iou_thresholds=[0.5], class_metrics=True)
+    reference.update(preds, TARGETS)
+    expected = reference.compute()
+    for k, label in enumerate(expected["classes"].tolist()):
+        name = CONFUSION_LABELS[label - 1]
+        assert ours["per_class"][name]["ap_50"] == pytest.approx(float(expected["map_per_class"][k]), abs=1e-6)
+
+
+def test_pr_curves_come_from_coco_precision():
+    preds = [pred([[10, 10, 50, 50], [0, 0, 5, 5]], [WITH, WITH], [0.9, 0.95]), no_pred()]
+    result = compute_coco(preds, TARGETS)
+    curves = pr_curves(result)
+    assert set(curves) == {"with_mask", "without_mask", "mask_weared_incorrect"}
+    with_mask = curves["with_mask"]
+    assert len(with_mask["recall"]) == len(with_mask["precision"]) == 101
+    # 1 of 2 faces found, after one false positive with a higher score: precision 0.5 up to recall 0.5,
+    # then 0 (COCO's interpolated curve), and AP@0.5 is the mean of those 101 points.
+    by_recall = dict(zip((round(r, 2) for r in with_mask["recall"]), with_mask["precision"]))
+    assert by_recall[0.0] == pytest.approx(0.5) and by_recall[0.5] == pytest.approx(0.5)
+    assert by_recall[0.51] == 0.0 and by_recall[1.0] == 0.0
+    ap_50 = result.summary["per_class"]["with_mask"]["ap_50"]
+    assert ap_50 == pytest.approx(sum(with_mask["precision"]) / 101)
+    assert max(curves["without_mask"]["precision"]) == 0.0  # never detected
+
+
+def test_empty_input_gives_undefined_metrics():
+    result = coco_map([], [])
+    assert result["map"] is None and result["per_class"]["with_mask"]["ap"] is None
+
+
+def cm(preds, targets, **kwargs):
+    matrix, labels = detection_confusion_matrix(preds, targets, **kwargs)
+    assert labels == list(CONFUSION_LABELS)
+    return matrix
+
+
+def test_confusion_perfect_is_diagonal():
+    preds = [pred(t["boxes"].tolist(), t["labels"].tolist(), [0.9] * len(t["labels"])) for t in TARGETS]
+    matrix = cm(preds, TARGETS)
+    assert matrix == [[2, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+
+
+def test_confusion_miss_goes_to_background_column():
+    matrix = cm([pred([[10, 10, 50, 50]], [WITH], [0.9])], [target([[10, 10, 50, 50], [60, 10, 100, 50]], [WITH, WITHOUT])])
+    assert matrix[0][0] == 1
+    assert matrix[1][BG] == 1  # the without_mask face was missed
+    assert sum(map(sum, matrix)) == 2
+
+
+def test_confusion_spurious_box_goes_to_background_row():
+    matrix = cm([pred([[10, 10, 50, 50], [200, 200, 240, 240]], [WITH, INCORRECT], [0.9, 0.8])],
+                [target([[10, 10, 50, 50]], [WITH])])
+    assert matrix[0][0] == 1
+    assert matrix[BG][2] == 1  # a mask_weared_incorrect box where there is no face
+    assert sum(map(sum, matrix)) == 2
+
+
+def test_confusion_class_confusion_is_off_diagonal():
+    matrix = cm([pred([[10, 10, 50, 50]], [WITHOUT], [0.9])], [target([[10, 10, 50, 50]], [WITH])])
+    assert matrix[0][1] == 1
+    assert sum(map(sum, matrix)) == 1
+
+
+def test_confusion_duplicate_detection_is_spurious():
+    # Two boxes on one face: the higher score takes it, the other counts in the background row.
+    matrix = cm([pred([[10, 10, 50, 50], [12, 10, 50, 52]], [WITH, WITH], [0.7, 0.9])],
+                [target([[10, 10, 50, 50]], [WITH])])
+    assert matrix[0][0] == 1
+    assert matrix[BG][0] == 1
+    assert matrix[0][BG] == 0
+
+
+def test_confusion_score_and_iou_thresholds():
+    targets = [target([[0, 0, 100, 100]], [WITH])]
+    low_score = cm([pred([[0, 0, 100, 100]], [WITH], [0.3])], targets, score_threshold=0.5)
+    assert low_score[0][BG] == 1 and low_score[BG][0] == 0  # below the threshold: as if absent
+    low_iou = cm([pred([[0, 0, 100, 40]], [WITH], [0.9])], targets)  # IoU 0.4
+    assert low_iou[0][BG] == 1 and low_iou[BG][0] == 1
+
+
+def test_compliance_counts():
+    summary = compliance([WITH, WITH, WITHOUT, INCORRECT])
+    assert summary["faces"] == 4
+    assert summary["counts"] == {"with_mask": 2, "without_mask": 1, "mask_weared_incorrect": 1}
+    assert summary["percent_properly_masked"] == 50.0
+    assert compliance(["with_mask", "without_mask", "without_mask"])["percent_properly_masked"] == pytest.approx(33.33)
+    empty = compliance([])
+    assert empty["faces"] == 0 and empty["percent_properly_masked"] is None
+    assert "no faces" in compliance_line(empty)
+    with pytest.raises(ValueError, match="unknown class"):
+        compliance([0])
+
+
+def test_compliance_merge_and_line():
+    overall = merge_compliance([compliance([WITH] * 30 + [WITHOUT] * 8), compliance([INCORRECT] * 4)])
+    assert overall["faces"] == 42
+    assert compliance_line(overall) == ("compliance: 42 faces, 30 with_mask, 8 without_mask, "
+                                        "4 mask_weared_incorrect: 71.4% properly masked")
