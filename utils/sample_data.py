@@ -22,13 +22,15 @@ many are made.
 from __future__ import annotations
 
 import math
+import os
+import re
+import tempfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .atomic import atomic_path
 from .classes import CLASSES
 from .voc import VocAnnotation, VocObject, write_voc
 
@@ -203,8 +205,10 @@ def _face_patch(rng, face_height_px: float, label: str):
         draw.ellipse(box(-mouth_half * 0.7, mouth_y - 0.035, mouth_half * 0.7, mouth_y + 0.045), fill=(90, 20, 25))
         draw.ellipse(box(-mouth_half * 0.7, mouth_y - 0.035, mouth_half * 0.7, mouth_y + 0.0), fill=lips)
 
+    # The mask draws from its own stream, so that one face with and without a mask differs only there.
+    mask_rng = np.random.default_rng(int(rng.integers(2**63)))
     if label != "without_mask":
-        _draw_mask(draw, rng, px, box, half_w, nose_top, nose_bottom, mouth_y, label, line)
+        _draw_mask(draw, mask_rng, px, box, half_w, nose_top, nose_bottom, mouth_y, label, line)
 
     # Turn, shade and shrink.
     angle = rng.uniform(-15, 15)
@@ -318,7 +322,12 @@ def make_sample_dataset(out_dir, num_images: int, seed: int, image_size=(320, 24
                         max_faces: int = 6, prefix: str = "sample_") -> dict:
     """Write *num_images* synthetic images and VOC files under out_dir/images and out_dir/annotations.
 
-    Every file is written atomically. Returns a summary: images written, objects per class, folders.
+    Files are drawn into a hidden temporary folder inside *out_dir* and moved into place
+    when all are done (annotations first, images last; a missing images/ folder appears
+    in one rename), so an interrupted run never leaves a half-made set behind. Generator
+    files from an earlier run that this run does not make (<prefix><number>.jpg/.xml)
+    are removed; other files are left alone. Returns a summary: images written, objects
+    per class, folders.
     """
     if num_images < 1:
         raise ValueError(f"num_images must be at least 1, got {num_images}")
@@ -328,19 +337,35 @@ def make_sample_dataset(out_dir, num_images: int, seed: int, image_size=(320, 24
     if width < 32 or height < 32:
         raise ValueError(f"image size {width}x{height} is too small (minimum 32x32)")
     out_dir = Path(out_dir)
-    images_dir, annotations_dir = out_dir / "images", out_dir / "annotations"
-    images_dir.mkdir(parents=True, exist_ok=True)
-    annotations_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     counts = Counter({name: 0 for name in CLASSES})
     digits = max(4, len(str(num_images - 1)))
-    for index in range(num_images):
-        rng = np.random.default_rng([int(seed), index])
-        image, objects = render_sample(rng, (width, height), min_faces, max_faces)
-        stem = f"{prefix}{index:0{digits}d}"
-        with atomic_path(images_dir / f"{stem}.jpg") as tmp:
-            image.save(tmp, format="JPEG", quality=int(rng.integers(80, 96)))
-        write_voc(annotations_dir / f"{stem}.xml",
-                  VocAnnotation(filename=f"{stem}.jpg", width=width, height=height, depth=3, objects=objects))
-        counts.update(o.name for o in objects)
-    return {"images": num_images, "objects": dict(counts), "images_dir": str(images_dir),
-            "annotations_dir": str(annotations_dir), "seed": int(seed), "image_size": [width, height]}
+    with tempfile.TemporaryDirectory(prefix=".sample-", dir=out_dir) as tmp:
+        staged = {"images": Path(tmp) / "images", "annotations": Path(tmp) / "annotations"}
+        for folder in staged.values():
+            folder.mkdir()
+        for index in range(num_images):
+            rng = np.random.default_rng([int(seed), index])
+            image, objects = render_sample(rng, (width, height), min_faces, max_faces)
+            stem = f"{prefix}{index:0{digits}d}"
+            image.save(staged["images"] / f"{stem}.jpg", format="JPEG", quality=int(rng.integers(80, 96)))
+            write_voc(staged["annotations"] / f"{stem}.xml",
+                      VocAnnotation(filename=f"{stem}.jpg", width=width, height=height, depth=3, objects=objects))
+            counts.update(o.name for o in objects)
+        own_name = re.compile(rf"^{re.escape(prefix)}\d+\.(jpg|xml)$")
+        for kind in ("annotations", "images"):
+            _move_into_place(staged[kind], out_dir / kind, own_name)
+    return {"images": num_images, "objects": dict(counts), "images_dir": str(out_dir / "images"),
+            "annotations_dir": str(out_dir / "annotations"), "seed": int(seed), "image_size": [width, height]}
+
+
+def _move_into_place(staged: Path, target: Path, own_name) -> None:
+    if not target.exists():
+        os.replace(staged, target)
+        return
+    new_names = {p.name for p in staged.iterdir()}
+    for path in sorted(staged.iterdir()):
+        os.replace(path, target / path.name)
+    for path in target.iterdir():
+        if path.is_file() and own_name.match(path.name) and path.name not in new_names:
+            path.unlink()
