@@ -1,0 +1,205 @@
+"""validate_dataset and bin/validate_data.py on small synthetic pairs built with PIL."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageEnhance
+
+from utils.pairs import pack_folder, read_pairs_csv
+from utils.validation import PROBLEM_KINDS, ValidationInputError, validate_dataset, write_clean_outputs
+from utils.voc import parse_voc
+
+
+def textured(seed: int, size=(128, 96)) -> Image.Image:
+    """A random picture of filled shapes: distinct seeds give far-apart perceptual hashes
+    (>= 18 of 64 bits), while resizing or re-encoding one moves its hash by a few bits."""
+    rng = np.random.default_rng(seed)
+    colour = lambda: tuple(int(v) for v in rng.integers(0, 256, 3))  # noqa: E731
+    image = Image.new("RGB", size, colour())
+    draw = ImageDraw.Draw(image)
+    width, height = size
+    for _ in range(10):
+        x0, y0 = rng.uniform(0, width), rng.uniform(0, height)
+        box = [x0, y0, x0 + rng.uniform(10, width / 2), y0 + rng.uniform(10, height / 2)]
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour())
+    return image
+
+
+def voc_xml(objects, width=128, height=96, filename="a.jpg") -> str:
+    body = "".join(
+        f"<object><name>{name}</name><pose>Unspecified</pose><truncated>0</truncated><difficult>0</difficult>"
+        f"<bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
+        for name, (x0, y0, x1, y1) in objects)
+    return (f"<annotation><folder>images</folder><filename>{filename}</filename><size><width>{width}</width>"
+            f"<height>{height}</height><depth>3</depth></size>{body}</annotation>")
+
+
+GOOD_OBJECTS = [("with_mask", (10, 10, 40, 40)), ("without_mask", (60, 20, 90, 60))]
+
+
+def add_pair(root, stem, image, objects=GOOD_OBJECTS, xml_size=None, suffix=".jpg"):
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    image.save(root / "images" / f"{stem}{suffix}")
+    width, height = xml_size or image.size
+    (root / "annotations" / f"{stem}.xml").write_text(voc_xml(objects, width, height, f"{stem}{suffix}"))
+
+
+def run_cli(root, *args):
+    return subprocess.run([sys.executable, str(root / "bin" / "validate_data.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def check_nothing_unreported(report):
+    """Every image is usable or excluded, and every excluded image has an excluding problem naming it."""
+    assert report["images_total"] == report["images_usable"] + len(report["images_excluded"])
+    excluded_files = {p["file"] for p in report["problems"] if p["excluded"]}
+    assert set(report["images_excluded"]) <= excluded_files
+    assert sum(report["problem_counts"].values()) == len(report["problems"])
+
+
+def test_clean_dataset_is_fully_usable_and_copied(tmp_path):
+    for k in range(5):
+        add_pair(tmp_path, f"img{k}", textured(k))
+    result = validate_dataset(tmp_path / "images", tmp_path / "annotations", progress=False)
+    report = result.report
+    assert report["images_total"] == report["images_usable"] == 5
+    assert report["problems"] == [] and report["duplicate_groups"] == []
+    assert report["objects_per_class"] == {"with_mask": 5, "without_mask": 5, "mask_weared_incorrect": 0}
+    outputs = write_clean_outputs(result, tmp_path / "out")
+    pairs = read_pairs_csv(outputs["manifest"])
+    assert [p.image.name for p in pairs] == [f"img{k}.jpg" for k in range(5)]
+    for pair in pairs:
+        # Unchanged annotations are copied byte for byte into annotations_clean/.
+        assert pair.annotation.parent == outputs["annotations_clean"]
+        assert pair.annotation.read_bytes() == (tmp_path / "annotations" / pair.annotation.name).read_bytes()
+        assert pair.image.exists()
+
+
+def test_clipped_box_and_size_mismatch_are_fixed_in_clean_annotation(tmp_path):
+    add_pair(tmp_path, "clip", textured(1), objects=[("with_mask", (100, 50, 129.5, 97))])
+    add_pair(tmp_path, "size", textured(2), xml_size=(256, 192))
+    add_pair(tmp_path, "fine", textured(3))
+    result = validate_dataset(tmp_path / "images", tmp_path / "annotations", progress=False)
+    kinds = {(p["file"], p["kind"]) for p in result.report["problems"]}
+    assert kinds == {("clip.xml", "box_clipped"), ("size.xml", "size_mismatch")}
+    assert result.report["images_usable"] == 3 and result.changed == {"clip.jpg", "size.jpg"}
+    size_problem = next(p for p in result.report["problems"] if p["kind"] == "size_mismatch")
+    assert "256x192" in size_problem["problem"] and "128x96" in size_problem["problem"]
+    outputs = write_clean_outputs(result, tmp_path / "out")
+    clip = parse_voc(outputs["annotations_clean"] / "clip.xml")
+    assert clip.objects[0].box == (100, 50, 128, 96)
+    size = parse_voc(outputs["annotations_clean"] / "size.xml")
+    assert (size.width, size.height) == (128, 96)
+    # A second run replaces the folder as a whole: no stale files from the first run.
+    (tmp_path / "images" / "fine.jpg").unlink()
+    (tmp_path / "annotations" / "fine.xml").unlink()
+    outputs = write_clean_outputs(validate_dataset(tmp_path / "images", tmp_path / "annotations"), tmp_path / "out")
+    assert sorted(p.name for p in outputs["annotations_clean"].iterdir()) == ["clip.xml", "size.xml"]
+
+
+def test_exact_and_near_duplicates_keep_one_per_group(tmp_path):
+    base = textured(10, size=(160, 120))
+    add_pair(tmp_path, "a_original", base)
+    add_pair(tmp_path, "b_copy", base, objects=GOOD_OBJECTS[:1])  # same bytes, fewer objects
+    (tmp_path / "images" / "b_copy.jpg").write_bytes((tmp_path / "images" / "a_original.jpg").read_bytes())
+    brighter = ImageEnhance.Brightness(base).enhance(1.08).resize((150, 112))
+    add_pair(tmp_path, "c_near", brighter, objects=GOOD_OBJECTS + [("with_mask", (100, 70, 120, 100))])
+    add_pair(tmp_path, "d_other", textured(11, size=(160, 120)))
+    result = validate_dataset(tmp_path / "images", tmp_path / "annotations", progress=False)
+    report = result.report
+    # The member with the most objects is kept.
+    assert result.duplicate_groups == [["c_near.jpg", "a_original.jpg", "b_copy.jpg"]]
+    assert [p.image.name for p in result.clean_pairs] == ["c_near.jpg", "d_other.jpg"]
+    by_file = {p["file"]: p for p in report["problems"]}
+    assert by_file["a_original.jpg"]["kind"] == "near_duplicate"
+    assert "c_near.jpg" in by_file["a_original.jpg"]["problem"]
+    assert by_file["b_copy.jpg"]["kind"] == "near_duplicate"  # identical to a, near to the kept c
+    check_nothing_unreported(report)
+
+    exact_only = validate_dataset(tmp_path / "images", tmp_path / "annotations", near_duplicate_distance=-1)
+    assert exact_only.duplicate_groups == [["a_original.jpg", "b_copy.jpg"]]
+    assert {p["file"]: p["kind"] for p in exact_only.report["problems"]} == {"b_copy.jpg": "exact_duplicate"}
+    assert "a_original.jpg" in exact_only.report["problems"][0]["problem"]
+
+
+def test_images_and_annotations_in_one_folder(tmp_path):
+    for k in range(3):
+        add_pair(tmp_path, f"p{k}", textured(20 + k))
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for path in list((tmp_path / "images").iterdir()) + list((tmp_path / "annotations").iterdir()):
+        path.rename(flat / path.name)
+    result = validate_dataset(flat, flat)
+    assert result.report["images_total"] == result.report["images_usable"] == 3
+    assert result.report["annotations_total"] == 3
+
+
+def test_missing_folder_is_an_input_error(tmp_path):
+    with pytest.raises(ValidationInputError, match="does not exist"):
+        validate_dataset(tmp_path / "nope", tmp_path)
+
+
+def test_report_counts_every_kind(tmp_path):
+    add_pair(tmp_path, "x", textured(5))
+    report = validate_dataset(tmp_path / "images", tmp_path / "annotations").report
+    assert set(report["problem_counts"]) == set(PROBLEM_KINDS)
+    for key in ("images_total", "images_usable", "problems", "duplicate_groups", "objects_per_class"):
+        assert key in report
+
+
+def test_cli_writes_report_manifest_and_run_record(tmp_path, root):
+    for k in range(4):
+        add_pair(tmp_path / "data", f"img{k}", textured(30 + k))
+    out = tmp_path / "out"
+    proc = run_cli(root, "--images", tmp_path / "data/images", "--annotations", tmp_path / "data/annotations",
+                   "--output-dir", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "4 total, 4 usable" in proc.stdout and "problems: none" in proc.stdout
+    report = json.loads((out / "validation_report.json").read_text())
+    assert report["images_usable"] == 4
+    with open(out / "clean_manifest.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["annotation"] for r in rows] == [f"annotations_clean/img{k}.xml" for k in range(4)]
+    record = json.loads((out / "validate_run.json").read_text())
+    assert record["job"] == "validate_data" and record["num_inputs"] == 8 and record["inputs_sha256"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_cli_accepts_a_tar_holding_both_images_and_annotations(tmp_path, root):
+    flat = tmp_path / "flat"
+    for k in range(3):
+        add_pair(tmp_path / "data", f"t{k}", textured(40 + k))
+    flat.mkdir()
+    for path in (tmp_path / "data").rglob("*.*"):
+        (flat / path.name).write_bytes(path.read_bytes())
+    archive = pack_folder(flat, tmp_path / "set.tar")
+    out = tmp_path / "out"
+    proc = run_cli(root, "--images", archive, "--annotations", archive, "--output-dir", out,
+                   "--clean-annotations-tar", out / "annotations_clean.tar")
+    assert proc.returncode == 0, proc.stderr
+    pairs = read_pairs_csv(out / "clean_manifest.csv", images_dir=flat)
+    assert all(p.image.exists() and p.annotation.exists() for p in pairs) and len(pairs) == 3
+    assert (out / "annotations_clean.tar").stat().st_size > 0
+
+
+def test_cli_fails_with_one_line_reason_when_nothing_is_usable(tmp_path, root):
+    add_pair(tmp_path, "only", textured(50), objects=[("dog", (1, 1, 20, 20))])
+    proc = run_cli(root, "--images", tmp_path / "images", "--annotations", tmp_path / "annotations",
+                   "--output-dir", tmp_path / "out")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and "none of the 1 images is usable" in proc.stderr
+    report = json.loads((tmp_path / "out" / "validation_report.json").read_text())
+    assert {p["kind"] for p in report["problems"]} == {"unknown_class", "no_objects"}
+
+
+def test_sample_data_is_fully_usable(sample_dir):
+    """The built-in sample must pass validation: no false duplicates among its generated images."""
+    result = validate_dataset(sample_dir / "images", sample_dir / "annotations")
+    assert result.report["images_usable"] == result.report["images_total"] == 24, result.report["problems"]

@@ -1,0 +1,375 @@
+"""Dataset validation: find every problem in a folder of VOC pairs and keep only usable pairs.
+
+``validate_dataset`` checks each image and annotation and returns a ``ValidationResult``
+whose report lists every problem as ``{"file", "kind", "problem", "excluded"}``, so that
+nothing leaves the data set unreported: ``images_total == images_usable +
+len(images_excluded)`` and every excluded image has at least one excluding problem.
+
+Checks: image without annotation and the reverse; images sharing one name stem
+(annotations are matched by stem, so they are ambiguous); unreadable, truncated or
+non-image files (full decode with utils.images.load_rgb); XML that is not well-formed
+or lacks required fields (utils.voc.parse_voc); unknown class names, boxes outside the
+image, zero- or negative-area boxes (utils.voc.clean_objects: overshoots of at most
+CLIP_TOLERANCE_PX are clipped, anything else drops the object); an XML <size> that
+differs from the decoded image (reported; the real size is used); images left with no
+objects; exact duplicates (sha256 of the file) and near duplicates (perceptual hash,
+Hamming distance <= near_duplicate_distance), of which one per group is kept.
+
+Cleaned annotations: ``write_clean_outputs`` writes the annotation of EVERY usable
+pair to ``OUTPUT_DIR/annotations_clean/`` -- rewritten with the kept (clipped) objects
+and the real image size where cleaning changed something, copied byte for byte
+otherwise -- and ``clean_manifest.csv`` points at those files. The folder is therefore
+a complete annotation set that later jobs can take as ``--annotations`` (jobs resolve
+files by name, as Pegasus stages them flat, so a folder mixing cleaned and original
+files would be ambiguous). Paths in the manifest are relative to the manifest's
+folder when inside it (annotations_clean/...), else absolute; images that came from
+a .tar archive (unpacked to a temporary folder) are written by file name only and
+must be resolved with ``--images``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import imagehash
+import numpy as np
+from tqdm import tqdm
+
+from .atomic import write_json
+from .classes import CLASSES
+from .images import ImageError, is_image_name, load_rgb
+from .pairs import Pair, pair_folders, write_pairs_csv
+from .voc import CLIP_TOLERANCE_PX, VocAnnotation, VocError, clean_objects, parse_voc, write_voc
+
+# Problem kinds and whether they take the image out of the clean set.
+PROBLEM_KINDS = {
+    "missing_annotation": True,       # image without an XML file of the same stem
+    "missing_image": True,            # XML without an image of the same stem
+    "ambiguous_name": True,           # several images share the stem of one XML file
+    "unreadable_image": True,         # not an image, truncated, cannot be decoded
+    "bad_annotation": True,           # XML not well-formed or lacking required fields
+    "unknown_class": False,           # object dropped
+    "box_out_of_bounds": False,       # object dropped
+    "box_clipped": False,             # object kept, box clipped to the image
+    "zero_area_box": False,           # object dropped
+    "size_mismatch": False,           # XML <size> differs from the image; real size used
+    "no_objects": True,               # nothing left to learn from
+    "exact_duplicate": True,          # same bytes as the kept image of its group
+    "near_duplicate": True,           # perceptual hash close to another image of its group
+}
+CLEAN_ANNOTATIONS_DIRNAME = "annotations_clean"
+REPORT_NAME = "validation_report.json"
+MANIFEST_NAME = "clean_manifest.csv"
+
+
+class ValidationInputError(ValueError):
+    """The inputs cannot be validated at all (missing folder); str() says which and why."""
+
+
+@dataclass
+class ValidationResult:
+    report: dict
+    clean_pairs: list[Pair]
+    duplicate_groups: list[list[str]]
+    # Cleaned annotation (kept objects, real image size) per usable image file name.
+    annotations: dict[str, VocAnnotation] = field(default_factory=dict)
+    # Image file names whose annotation was changed by cleaning.
+    changed: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _ImageFacts:
+    sha256: str | None = None
+    size: tuple[int, int] | None = None
+    phash: int | None = None
+    error: str | None = None
+
+
+def _inspect_image(path: Path) -> _ImageFacts:
+    """Hash the bytes, decode fully and take the perceptual hash of the decoded image."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return _ImageFacts(error=f"cannot read file ({exc.strerror or exc})")
+    try:
+        image = load_rgb(path)
+    except ImageError as exc:
+        return _ImageFacts(sha256=hashlib.sha256(data).hexdigest(), error=exc.problem)
+    bits = imagehash.phash(image).hash.flatten()
+    return _ImageFacts(sha256=hashlib.sha256(data).hexdigest(), size=image.size,
+                       phash=int(np.packbits(bits).view(">u8")[0]))
+
+
+def _object_problem_kind(message: str) -> str:
+    # clean_objects gives one message per dropped or clipped object; its wording says which rule applied.
+    if "unknown class" in message:
+        return "unknown_class"
+    if "zero or negative area" in message:
+        return "zero_area_box"
+    if message.endswith("clipped"):
+        return "box_clipped"
+    return "box_out_of_bounds"
+
+
+def _hamming_pairs(hashes: np.ndarray, max_distance: int, block: int = 1024):
+    """Yield (i, j, distance) for i < j with Hamming distance <= max_distance (row blocks bound memory)."""
+    n = len(hashes)
+    for start in range(0, n, block):
+        rows = hashes[start:start + block]
+        distances = np.bitwise_count(rows[:, None] ^ hashes[None, :])
+        for r, j in zip(*np.nonzero(distances <= max_distance)):
+            i = start + int(r)
+            if i < int(j):
+                yield i, int(j), int(distances[r, j])
+
+
+class _UnionFind:
+    def __init__(self, n):
+        self.parent = list(range(n))
+
+    def find(self, i):
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, i, j):
+        ri, rj = self.find(i), self.find(j)
+        if ri != rj:
+            self.parent[max(ri, rj)] = min(ri, rj)
+
+
+def _check_folder(path, role: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise ValidationInputError(f"{path}: {role} folder does not exist")
+    if not path.is_dir():
+        raise ValidationInputError(f"{path}: {role} path is not a folder")
+    return path
+
+
+def validate_dataset(images_dir, annotations_dir, near_duplicate_distance: int = 4, known_classes=CLASSES,
+                     tolerance: float = CLIP_TOLERANCE_PX, workers: int | None = None,
+                     progress: bool | None = None) -> ValidationResult:
+    """Validate the VOC pairs of *images_dir* / *annotations_dir* (may be the same folder).
+
+    near_duplicate_distance: largest perceptual-hash Hamming distance (of 64 bits) that
+    still counts as a near duplicate; a negative value turns near-duplicate search off.
+    workers: threads for decoding (PIL and the hashes release the GIL); default min(8, CPUs).
+    progress: show a tqdm bar; default only when stderr is a terminal.
+    """
+    images_dir = _check_folder(images_dir, "images")
+    annotations_dir = _check_folder(annotations_dir, "annotations")
+    known_classes = tuple(known_classes)
+    pairing = pair_folders(images_dir, annotations_dir)
+    problems: list[dict] = []
+
+    def problem(file, kind, text):
+        problems.append({"file": Path(file).name, "kind": kind, "problem": text, "excluded": PROBLEM_KINDS[kind]})
+
+    for image in pairing.images_without_annotation:
+        what = "" if is_image_name(image) else " (and its extension is not an image extension)"
+        problem(image, "missing_annotation", f"no annotation {image.stem}.xml in {annotations_dir}{what}")
+    for annotation in pairing.annotations_without_image:
+        problem(annotation, "missing_image", f"no image named {annotation.stem}.* in {images_dir}")
+
+    # Annotations are matched by stem: two images with one stem cannot both own the XML file.
+    pairs, by_stem = [], {}
+    for pair in pairing.pairs:
+        by_stem.setdefault(pair.stem, []).append(pair)
+    for stem, group in by_stem.items():
+        pairs.append(group[0])
+        for other in group[1:]:
+            problem(other.image, "ambiguous_name",
+                    f"shares the stem {stem!r} with {group[0].image.name}, which keeps {group[0].annotation.name}")
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    show = sys.stderr.isatty() if progress is None else progress
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        facts = list(tqdm(pool.map(lambda p: _inspect_image(p.image), pairs), total=len(pairs),
+                          desc="validate", unit="img", disable=not show))
+
+    candidates = []  # (pair, facts, cleaned annotation, changed)
+    objects_dropped = objects_clipped = 0
+    for pair, fact in zip(pairs, facts):
+        if fact.error is not None:
+            problem(pair.image, "unreadable_image", fact.error)
+            continue
+        try:
+            ann = parse_voc(pair.annotation)
+        except VocError as exc:
+            problem(pair.annotation, "bad_annotation", exc.problem)
+            problem(pair.image, "bad_annotation", f"its annotation {pair.annotation.name} is unusable: {exc.problem}")
+            continue
+        width, height = fact.size
+        changed = False
+        if (ann.width, ann.height) != (width, height):
+            problem(pair.annotation, "size_mismatch",
+                    f"<size> says {ann.width}x{ann.height} but {pair.image.name} is {width}x{height}; "
+                    f"the real size is used")
+            changed = True
+        kept, object_problems = clean_objects(ann, width, height, known_classes=known_classes, tolerance=tolerance)
+        for text in object_problems:
+            kind = _object_problem_kind(text)
+            objects_clipped += kind == "box_clipped"
+            objects_dropped += kind != "box_clipped"
+            problem(pair.annotation, kind, text)
+        changed = changed or bool(object_problems)
+        if not kept:
+            reason = (f"no usable objects left ({len(ann.objects)} in the annotation, all dropped)" if ann.objects
+                      else "the annotation has no objects")
+            problem(pair.image, "no_objects", reason)
+            continue
+        cleaned = replace(ann, width=width, height=height, objects=kept, filename=pair.image.name)
+        candidates.append((pair, fact, cleaned, changed))
+
+    # Duplicates among otherwise usable images: exact (same sha256) and near (phash distance).
+    union = _UnionFind(len(candidates))
+    first_with_sha = {}
+    for index, (_, fact, _, _) in enumerate(candidates):
+        union.union(first_with_sha.setdefault(fact.sha256, index), index)
+    near_distance = {}
+    if near_duplicate_distance >= 0 and len(candidates) > 1:
+        hashes = np.array([fact.phash for _, fact, _, _ in candidates], dtype=np.uint64)
+        for i, j, distance in _hamming_pairs(hashes, near_duplicate_distance):
+            union.union(i, j)
+            near_distance[(i, j)] = distance
+    groups = {}
+    for index in range(len(candidates)):
+        groups.setdefault(union.find(index), []).append(index)
+
+    duplicate_groups, excluded_duplicates = [], set()
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        # Keep the image with the most objects (ties: first by name) so the least annotation work is lost.
+        members.sort(key=lambda i: (-len(candidates[i][2].objects), candidates[i][0].image.name))
+        keep = members[0]
+        kept_pair, kept_fact = candidates[keep][0], candidates[keep][1]
+        duplicate_groups.append([candidates[i][0].image.name for i in members])
+        for i in members[1:]:
+            pair, fact = candidates[i][0], candidates[i][1]
+            excluded_duplicates.add(i)
+            if fact.sha256 == kept_fact.sha256:
+                problem(pair.image, "exact_duplicate",
+                        f"same content (sha256) as {kept_pair.image.name}, which is kept")
+            else:
+                distance, nearest = min(
+                    ((near_distance[key], candidates[m][0].image.name) for m in members
+                     if m != i and (key := (min(i, m), max(i, m))) in near_distance),
+                    default=(None, kept_pair.image.name))
+                problem(pair.image, "near_duplicate",
+                        f"near duplicate of {nearest} (perceptual hash distance {distance} <= "
+                        f"{near_duplicate_distance}); group kept {kept_pair.image.name}")
+
+    usable = [c for i, c in enumerate(candidates) if i not in excluded_duplicates]
+    usable.sort(key=lambda c: c[0].image.name)
+    clean_pairs = [c[0] for c in usable]
+    annotations = {c[0].image.name: c[2] for c in usable}
+    changed = {c[0].image.name for c in usable if c[3]}
+
+    all_images = [p.image for p in pairing.pairs] + list(pairing.images_without_annotation)
+    usable_names = {p.image.name for p in clean_pairs}
+    images_excluded = sorted({p.name for p in all_images} - usable_names)
+    objects_per_class = {name: 0 for name in known_classes}
+    images_with_class = {name: 0 for name in known_classes}
+    for ann in annotations.values():
+        for obj in ann.objects:
+            objects_per_class[obj.name] += 1
+        for name in {obj.name for obj in ann.objects}:
+            images_with_class[name] += 1
+    problem_counts = {kind: 0 for kind in PROBLEM_KINDS}
+    for entry in problems:
+        problem_counts[entry["kind"]] += 1
+
+    report = {
+        "images_dir": str(images_dir),
+        "annotations_dir": str(annotations_dir),
+        "images_total": len(all_images),
+        "annotations_total": len(pairing.pairs) + len(pairing.annotations_without_image),
+        "images_usable": len(clean_pairs),
+        "images_excluded": images_excluded,
+        "annotations_cleaned": len(changed),
+        "objects_kept": sum(objects_per_class.values()),
+        "objects_dropped": objects_dropped,
+        "objects_clipped": objects_clipped,
+        "objects_per_class": objects_per_class,
+        "images_with_class": images_with_class,
+        "problem_counts": problem_counts,
+        "problems": problems,
+        "duplicate_groups": duplicate_groups,
+        "near_duplicate_distance": near_duplicate_distance,
+        "clip_tolerance_px": tolerance,
+    }
+    return ValidationResult(report=report, clean_pairs=clean_pairs, duplicate_groups=duplicate_groups,
+                            annotations=annotations, changed=changed)
+
+
+def csv_entry(path: Path, csv_folder: Path, by_name: bool = False) -> str:
+    """How a CSV names *path*: relative to the CSV's folder when inside it, else absolute."""
+    if by_name:
+        return Path(path).name
+    path, csv_folder = Path(path).resolve(), Path(csv_folder).resolve()
+    return str(path.relative_to(csv_folder)) if path.is_relative_to(csv_folder) else str(path)
+
+
+def write_clean_outputs(result: ValidationResult, output_dir, images_by_name: bool = False) -> dict[str, Path]:
+    """Write annotations_clean/, clean_manifest.csv and validation_report.json into *output_dir*.
+
+    annotations_clean/ is built in a temporary folder and swapped in whole, so readers
+    never see a half-written set and files from an earlier run do not linger.
+    images_by_name: write image entries as bare file names (the images came from an archive).
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    clean_dir = output_dir / CLEAN_ANNOTATIONS_DIRNAME
+    staging = Path(tempfile.mkdtemp(prefix=f".{CLEAN_ANNOTATIONS_DIRNAME}.", dir=output_dir))
+    try:
+        for pair in result.clean_pairs:
+            target = staging / pair.annotation.name
+            if pair.image.name in result.changed:
+                write_voc(target, result.annotations[pair.image.name])
+            else:
+                shutil.copyfile(pair.annotation, target)
+        old = None
+        if clean_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{CLEAN_ANNOTATIONS_DIRNAME}.old.", dir=output_dir))
+            os.replace(clean_dir, old / CLEAN_ANNOTATIONS_DIRNAME)
+        os.replace(staging, clean_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    manifest = output_dir / MANIFEST_NAME
+    rows = [{"image": csv_entry(pair.image, output_dir, images_by_name),
+             "annotation": csv_entry(clean_dir / pair.annotation.name, output_dir, False)}
+            for pair in result.clean_pairs]
+    write_pairs_csv(manifest, rows)
+    report_path = output_dir / REPORT_NAME
+    write_json(report_path, {**result.report, "clean_annotations_dir": CLEAN_ANNOTATIONS_DIRNAME,
+                             "clean_manifest": MANIFEST_NAME})
+    return {"report": report_path, "manifest": manifest, "annotations_clean": clean_dir}
+
+
+def format_summary(report: dict) -> str:
+    """A few lines of counts for stdout."""
+    lines = [
+        f"images: {report['images_total']} total, {report['images_usable']} usable, "
+        f"{len(report['images_excluded'])} excluded",
+        f"annotations: {report['annotations_total']} total, {report['annotations_cleaned']} cleaned",
+        f"objects: {report['objects_kept']} kept, {report['objects_dropped']} dropped, "
+        f"{report['objects_clipped']} clipped",
+        "objects per class: " + ", ".join(f"{k}={v}" for k, v in report["objects_per_class"].items()),
+        f"duplicate groups: {len(report['duplicate_groups'])}",
+    ]
+    counts = {k: v for k, v in report["problem_counts"].items() if v}
+    lines.append("problems: " + (", ".join(f"{k}={v}" for k, v in counts.items()) if counts else "none"))
+    return "\n".join(lines)
