@@ -1,0 +1,185 @@
+"""utils.preprocess and bin/preprocess.py: RGB JPEG outputs, longest-side cap, prefixes, tar, split, bad input."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from utils.pairs import pack_folder, pair_folders
+from utils.preprocess import NothingProcessedError, preprocess_set
+from utils.voc import VocAnnotation, VocObject, parse_voc, write_voc
+
+
+def load_bin(root, name):
+    spec = importlib.util.spec_from_file_location(f"bin_{name}", root / "bin" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def flat_copy(sample_dir, dest, limit=None):
+    """The sample as one flat folder (image and XML side by side), as jobs receive it."""
+    dest.mkdir(parents=True, exist_ok=True)
+    pairs = pair_folders(sample_dir / "images", sample_dir / "annotations").pairs[:limit]
+    for pair in pairs:
+        shutil.copy(pair.image, dest / pair.image.name)
+        shutil.copy(pair.annotation, dest / pair.annotation.name)
+    return dest
+
+
+def write_pair(folder, stem, image: Image.Image, suffix, boxes=((10, 10, 30, 40),), name="with_mask", **save):
+    folder.mkdir(parents=True, exist_ok=True)
+    image.save(folder / f"{stem}{suffix}", **save)
+    write_voc(folder / f"{stem}.xml", VocAnnotation(f"{stem}{suffix}", image.width, image.height,
+                                                    objects=[VocObject(name, *b) for b in boxes]))
+
+
+def test_max_size_scales_image_and_boxes(sample_dir, tmp_path):
+    report = preprocess_set(sample_dir / "images", sample_dir / "annotations", "val_", output_dir=tmp_path / "out",
+                            max_size=80, progress=False)
+    assert report["images_processed"] == 24 and report["images_skipped"] == 0
+    for pair in pair_folders(sample_dir / "images", sample_dir / "annotations").pairs:
+        out_image = tmp_path / "out" / f"val_{pair.stem}.jpg"
+        with Image.open(out_image) as img:
+            assert img.size == (80, 60)
+        original, scaled = parse_voc(pair.annotation), parse_voc(tmp_path / "out" / f"val_{pair.stem}.xml")
+        assert (scaled.width, scaled.height, scaled.filename) == (80, 60, out_image.name)
+        assert [o.name for o in scaled.objects] == [o.name for o in original.objects]
+        for a, b in zip(original.objects, scaled.objects):
+            np.testing.assert_allclose(np.array(b.box), np.array(a.box) * 0.5, atol=0.011)
+
+
+def test_no_cap_keeps_size_and_boxes_and_never_enlarges(sample_dir, tmp_path):
+    preprocess_set(sample_dir / "images", sample_dir / "annotations", "test_", output_dir=tmp_path / "out",
+                   max_size=1000, progress=False)
+    pairs = pair_folders(tmp_path / "out", tmp_path / "out").pairs
+    assert len(pairs) == 24 and all(p.image.name.startswith("test_") for p in pairs)
+    for pair in pairs:
+        original = parse_voc(sample_dir / "annotations" / f"{pair.stem.removeprefix('test_')}.xml")
+        assert parse_voc(pair.annotation).objects == original.objects
+        with Image.open(pair.image) as img:
+            assert img.size == (160, 120)
+    # The report goes next to the output folder, never inside it.
+    assert (tmp_path / "out.report.json").is_file()
+    assert sorted({p.suffix for p in (tmp_path / "out").iterdir()}) == [".jpg", ".xml"]
+
+
+def test_modes_become_rgb_jpeg(tmp_path):
+    src = tmp_path / "src"
+    rgba = Image.new("RGBA", (64, 48), (200, 10, 10, 128))
+    write_pair(src, "rgba", rgba, ".png")
+    deep = Image.fromarray((np.arange(64 * 48).reshape(48, 64) * 20).astype(np.uint16))
+    write_pair(src, "deep", deep, ".png")
+    write_pair(src, "grey", Image.new("L", (64, 48), 90), ".jpg")
+    palette = Image.new("P", (64, 48), 3)
+    palette.putpalette([i % 256 for i in range(768)])
+    write_pair(src, "palette", palette, ".png")
+    write_pair(src, "bitmap", Image.new("RGB", (64, 48), (1, 2, 3)), ".bmp")
+    report = preprocess_set(src, src, "val_", output_dir=tmp_path / "out", progress=False)
+    assert report["images_processed"] == 5
+    for stem in ("rgba", "deep", "grey", "palette", "bitmap"):
+        with Image.open(tmp_path / "out" / f"val_{stem}.jpg") as img:
+            assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (64, 48))
+        assert parse_voc(tmp_path / "out" / f"val_{stem}.xml").filename == f"val_{stem}.jpg"
+    # Alpha is composited on white: half-transparent red becomes light red.
+    r, g, b = Image.open(tmp_path / "out" / "val_rgba.jpg").getpixel((30, 20))
+    assert r > 200 and 100 < g < 160
+
+
+def test_png_format_option(sample_dir, tmp_path):
+    preprocess_set(sample_dir / "images", sample_dir / "annotations", "val_", output_tar=tmp_path / "val.tar",
+                   image_format="png", progress=False)
+    with tarfile.open(tmp_path / "val.tar") as tar:
+        names = tar.getnames()
+    assert len(names) == 48 and sum(n.endswith(".png") for n in names) == 24
+    with pytest.raises(ValueError, match="format"):
+        preprocess_set(sample_dir / "images", sample_dir / "annotations", "val_", output_dir=tmp_path / "x",
+                       image_format="gif")
+
+
+def test_tar_in_tar_out_with_split_selection(root, sample_dir, tmp_path, capsys):
+    flat = flat_copy(sample_dir, tmp_path / "flat")
+    pack_folder(flat, tmp_path / "set.tar")
+    pairs = pair_folders(flat, flat).pairs
+    split_csv = tmp_path / "split.csv"
+    with open(split_csv, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "annotation", "split"])
+        for index, pair in enumerate(pairs):
+            # Paths as another machine wrote them: only the names must match.
+            writer.writerow([f"/elsewhere/images/{pair.image.name}", f"/elsewhere/ann/{pair.annotation.name}",
+                             ("train", "val", "test")[index % 3]])
+    cli = load_bin(root, "preprocess")
+    args = cli.get_args_parser().parse_args(
+        ["--images", str(tmp_path / "set.tar"), "--annotations", str(tmp_path / "set.tar"),
+         "--split-csv", str(split_csv), "--split", "test", "--prefix", "test_", "--max-size", "100",
+         "--output-tar", str(tmp_path / "out" / "test.tar"), "--no-progress"])
+    assert cli.main(args) == 0
+    assert "8 of 8 images" in capsys.readouterr().out
+    expected = sorted(f"test_{p.stem}{ext}" for p in pairs[2::3] for ext in (".jpg", ".xml"))
+    with tarfile.open(tmp_path / "out" / "test.tar") as tar:
+        assert sorted(tar.getnames()) == expected
+    report = json.loads((tmp_path / "out" / "test.report.json").read_text())
+    assert report["images_processed"] == 8 and report["run_record"]["params"]["split"] == "test"
+    assert report["run_record"]["inputs_sha256"]
+
+
+def test_bad_inputs_are_skipped_and_reported(sample_dir, tmp_path, root, capsys):
+    src = flat_copy(sample_dir, tmp_path / "src", limit=3)
+    good = sorted(p for p in src.glob("*.jpg"))[0]
+    truncated = good.read_bytes()
+    (src / "truncated.jpg").write_bytes(truncated[: len(truncated) // 3])
+    shutil.copy(good.with_suffix(".xml"), src / "truncated.xml")
+    (src / "text.png").write_text("not an image")
+    shutil.copy(good.with_suffix(".xml"), src / "text.xml")
+    shutil.copy(good, src / "badxml.jpg")
+    (src / "badxml.xml").write_text("<annotation><size>")
+    shutil.copy(good, src / "lonely.jpg")
+    write_pair(src, "mixed", Image.new("RGB", (50, 40)), ".jpg",
+               boxes=((1, 1, 20, 20), (30, 30, 90, 90), (5, 5, 5, 9), (2, 2, 51, 41)))
+    cli = load_bin(root, "preprocess")
+    report_path = tmp_path / "reports" / "pp.json"
+    args = cli.get_args_parser().parse_args(["--images", str(src), "--prefix", "val_", "--output-dir",
+                                             str(tmp_path / "out"), "--report", str(report_path), "--no-progress"])
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    skipped = {item["file"]: item["problem"] for item in report["skipped"]}
+    assert set(skipped) == {"truncated.jpg", "text.png", "badxml.xml", "lonely.jpg"}
+    assert "truncated" in skipped["truncated.jpg"] and "not an image" in skipped["text.png"]
+    assert "not well-formed" in skipped["badxml.xml"] and "no annotation" in skipped["lonely.jpg"]
+    assert all(name in out for name in skipped)
+    assert report["images_processed"] == 4 and report["inputs"] == 8
+    # The out-of-image and zero-area boxes are dropped, the 1 px overshoot clipped: all reported.
+    mixed = parse_voc(tmp_path / "out" / "val_mixed.xml")
+    assert [o.box for o in mixed.objects] == [(1, 1, 20, 20), (2, 2, 50, 40)]
+    problems = [p["problem"] for p in report["object_problems"] if p["file"] == "mixed.xml"]
+    assert len(problems) == 3 and any("clipped" in p for p in problems)
+
+
+def test_nothing_usable_fails_with_one_line(tmp_path, root, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jpg").write_text("nope")
+    (src / "a.xml").write_text("<annotation/>")
+    with pytest.raises(NothingProcessedError, match="no image could be processed"):
+        preprocess_set(src, src, "val_", output_tar=tmp_path / "val.tar", progress=False)
+    assert not (tmp_path / "val.tar").exists()
+    assert json.loads((tmp_path / "val.report.json").read_text())["images_skipped"] == 1
+    cli = load_bin(root, "preprocess")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(cli.get_args_parser().parse_args(
+        ["--images", str(empty), "--output-dir", str(tmp_path / "o"), "--no-progress"])) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("preprocess: ") and len(err.strip().splitlines()) == 1
+    assert cli.main(cli.get_args_parser().parse_args(
+        ["--images", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "o")])) == 1
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,244 @@
+"""Preprocessing of the val and test sets, and the input/output plumbing it shares with augmentation.
+
+Every image becomes 8-bit RGB in one format (JPEG by default), optionally with its
+longest side capped; its VOC annotation is carried along with the objects cleaned
+(utils.voc.clean_objects) and the boxes moved by torchvision.transforms.v2 with the
+pixels. Outputs are flat folders (image and XML side by side, which
+utils.pairs.pair_folders reads back) or a flat .tar, named <prefix><stem>.<ext>.
+
+Unreadable inputs are skipped, and every skipped file and dropped or clipped
+object is listed in the job report; the job fails only when nothing was processed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2 as T
+from tqdm import tqdm
+
+from .atomic import atomic_path, write_json
+from .classes import CLASSES
+from .images import ImageError, load_rgb
+from .pairs import Pair, open_folder, pack_folder, pair_folders, read_pairs_csv
+from .provenance import run_record
+from .voc import VocAnnotation, VocError, VocObject, clean_objects, parse_voc, write_voc
+
+FORMATS = {"jpg": "JPEG", "png": "PNG"}
+
+
+class NothingProcessedError(RuntimeError):
+    """No input could be processed; str() says why in one line."""
+
+
+@dataclass
+class JobLog:
+    """What a data job did, for its report: nothing is dropped without a line here."""
+
+    inputs: int = 0
+    processed: int = 0
+    written: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # {"file", "problem"}: input not used at all
+    object_problems: list[dict] = field(default_factory=list)  # {"file", "problem"}: object dropped or clipped
+    extra: dict = field(default_factory=dict)
+
+    def skip(self, file, problem: str):
+        self.skipped.append({"file": str(file), "problem": problem})
+
+    def as_report(self) -> dict:
+        return {"inputs": self.inputs, "images_processed": self.processed, "files_written": len(self.written),
+                "images_skipped": len(self.skipped), "skipped": self.skipped,
+                "object_problems": self.object_problems, **self.extra}
+
+
+@dataclass
+class LoadedPair:
+    pair: Pair
+    image: object  # PIL RGB image
+    annotation: VocAnnotation  # objects cleaned against the real image size
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+@contextlib.contextmanager
+def open_inputs(images, annotations, split_csv=None, split=None, log: JobLog | None = None):
+    """Yield the list of Pairs to process from folders or .tar archives (the same path may be both).
+
+    With *split_csv*, pairs come from the CSV (optionally only rows of *split*), names
+    resolved inside the given folders; without it, images and XML are paired by stem.
+    Entries whose files are missing are reported in *log* and left out.
+    """
+    log = log if log is not None else JobLog()
+    with contextlib.ExitStack() as stack:
+        images_dir = stack.enter_context(open_folder(images))
+        same = Path(annotations).resolve() == Path(images).resolve()
+        annotations_dir = images_dir if same else stack.enter_context(open_folder(annotations))
+        if split_csv is not None:
+            rows = read_pairs_csv(split_csv, images_dir=images_dir, annotations_dir=annotations_dir, split=split)
+            pairs = []
+            for pair in rows:
+                missing = [p for p in (pair.image, pair.annotation) if not p.is_file()]
+                if missing:
+                    log.skip(missing[0].name, f"listed in {Path(split_csv).name} but not found in the inputs")
+                else:
+                    pairs.append(pair)
+            if not rows:
+                where = f" with split {split!r}" if split else ""
+                raise NothingProcessedError(f"{split_csv}: no rows{where}")
+        else:
+            pairing = pair_folders(images_dir, annotations_dir)
+            pairs = pairing.pairs
+            for path in pairing.images_without_annotation:
+                log.skip(path.name, "image has no annotation file (no .xml with the same stem)")
+            for path in pairing.annotations_without_image:
+                log.skip(path.name, "annotation has no image with the same stem")
+        log.inputs = len(pairs) + len(log.skipped)
+        yield pairs
+
+
+def load_pair(pair: Pair, log: JobLog) -> LoadedPair | None:
+    """Decode the image (8-bit RGB) and parse and clean its annotation; None (and a report line) on failure."""
+    try:
+        image = load_rgb(pair.image)
+    except ImageError as exc:
+        log.skip(pair.image.name, exc.problem)
+        return None
+    try:
+        ann = parse_voc(pair.annotation)
+    except VocError as exc:
+        log.skip(pair.annotation.name, exc.problem)
+        return None
+    if (ann.width, ann.height) != image.size:
+        log.object_problems.append({"file": pair.annotation.name, "problem": (
+            f"size in XML {ann.width}x{ann.height} differs from the image's {image.width}x{image.height}; "
+            "boxes checked against the image")})
+    kept, problems = clean_objects(ann, image.width, image.height, known_classes=CLASSES)
+    log.object_problems.extend({"file": pair.annotation.name, "problem": p} for p in problems)
+    ann = VocAnnotation(filename=ann.filename, width=image.width, height=image.height, depth=3, objects=kept,
+                        folder=ann.folder)
+    return LoadedPair(pair, image, ann)
+
+
+# ---------------------------------------------------------------------------------------------
+# Boxes as tv_tensors, so that torchvision moves them with the pixels
+
+def boxes_of(ann: VocAnnotation) -> tv_tensors.BoundingBoxes:
+    data = torch.tensor([o.box for o in ann.objects], dtype=torch.float32).reshape(-1, 4)
+    return tv_tensors.BoundingBoxes(data, format="XYXY", canvas_size=(ann.height, ann.width))
+
+
+def objects_from(boxes, names, template: list[VocObject] | None = None) -> list[VocObject]:
+    """VocObjects from transformed boxes; coordinates rounded to 0.01 px as written to XML."""
+    objects = []
+    for index, (box, name) in enumerate(zip(boxes.tolist(), names)):
+        base = template[index] if template else None
+        coords = [round(float(v), 2) for v in box]
+        objects.append(VocObject(name, *coords, difficult=base.difficult if base else 0,
+                                 truncated=base.truncated if base else 0,
+                                 pose=base.pose if base else "Unspecified"))
+    return objects
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+
+@contextlib.contextmanager
+def output_folder(output_dir=None, output_tar=None):
+    """Yield the folder to write into: *output_dir* itself, or a temporary one packed into *output_tar*."""
+    if (output_dir is None) == (output_tar is None):
+        raise ValueError("give exactly one of output_dir and output_tar")
+    if output_dir is not None:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        yield Path(output_dir)
+        return
+    output_tar = Path(output_tar)
+    output_tar.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{output_tar.stem}.", dir=output_tar.parent) as tmp:
+        yield Path(tmp)
+        pack_folder(tmp, output_tar)
+
+
+def default_report_path(output_dir=None, output_tar=None) -> Path:
+    """The report goes next to the output, never inside it (a set folder holds only pairs)."""
+    target = Path(output_dir if output_dir is not None else output_tar)
+    name = target.name[:-4] if target.name.endswith(".tar") else target.name
+    return target.with_name(f"{name}.report.json")
+
+
+def write_pair(folder: Path, stem: str, image, ann: VocAnnotation, image_format: str = "jpg",
+               quality: int = 95) -> list[str]:
+    """Write <stem>.<ext> and <stem>.xml atomically into *folder*; return the file names."""
+    image_name = f"{stem}.{image_format}"
+    with atomic_path(folder / image_name) as tmp:
+        options = {"quality": int(quality)} if image_format == "jpg" else {}
+        image.save(tmp, format=FORMATS[image_format], **options)
+    xml_name = f"{stem}.xml"
+    write_voc(folder / xml_name, VocAnnotation(filename=image_name, width=image.width, height=image.height,
+                                               depth=3, objects=ann.objects, folder=ann.folder))
+    return [image_name, xml_name]
+
+
+def finish_report(log: JobLog, job: str, params: dict, inputs, report_path, started: float) -> dict:
+    report = {"job": job, **log.as_report(), "seconds": round(time.perf_counter() - started, 3),
+              "run_record": run_record(job, params, inputs)}
+    write_json(report_path, report)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing
+
+def resize_longest_side(image, ann: VocAnnotation, max_size: int | None):
+    """Cap the longest side at *max_size* (never enlarge); boxes follow through transforms.v2.Resize."""
+    if not max_size or max(image.size) <= max_size:
+        return image, ann
+    boxes = boxes_of(ann)
+    image, boxes = T.Resize(size=None, max_size=int(max_size), antialias=True)(image, boxes)
+    boxes = T.functional.clamp_bounding_boxes(boxes)
+    objects = objects_from(boxes, [o.name for o in ann.objects], ann.objects)
+    return image, VocAnnotation(filename=ann.filename, width=image.width, height=image.height, depth=3,
+                                objects=objects, folder=ann.folder)
+
+
+def preprocess_set(images, annotations, prefix: str, output_dir=None, output_tar=None, split_csv=None,
+                   split=None, max_size: int | None = None, image_format: str = "jpg", quality: int = 95,
+                   report=None, progress: bool = True) -> dict:
+    """Preprocess one set; return the report (also written to *report*). Raises NothingProcessedError."""
+    if image_format not in FORMATS:
+        raise ValueError(f"unknown image format {image_format!r} (choose from {', '.join(FORMATS)})")
+    if max_size is not None and max_size < 16:
+        raise ValueError(f"--max-size must be at least 16 px, got {max_size}")
+    started = time.perf_counter()
+    report = Path(report) if report else default_report_path(output_dir, output_tar)
+    params = {"images": images, "annotations": annotations, "prefix": prefix, "split_csv": split_csv,
+              "split": split, "max_size": max_size, "format": image_format, "quality": quality,
+              "output_dir": output_dir, "output_tar": output_tar}
+    log = JobLog()
+    used_inputs, produced = [], set()
+    with open_inputs(images, annotations, split_csv, split, log) as pairs:
+        with output_folder(output_dir, output_tar) as folder:
+            for pair in tqdm(pairs, desc=f"preprocess {prefix or ''}".strip(), unit="img", disable=not progress):
+                stem = f"{prefix}{pair.stem}"
+                if stem in produced:
+                    log.skip(pair.image.name, f"another input already produced {stem}.{image_format} "
+                                              "(two images with the same stem)")
+                    continue
+                loaded = load_pair(pair, log)
+                if loaded is None:
+                    continue
+                image, ann = resize_longest_side(loaded.image, loaded.annotation, max_size)
+                log.written += write_pair(folder, stem, image, ann, image_format, quality)
+                produced.add(stem)
+                log.processed += 1
+                used_inputs += [pair.image, pair.annotation]
+            if log.processed == 0:
+                finish_report(log, "preprocess", params, used_inputs, report, started)
+                raise NothingProcessedError(f"no image could be processed ({len(log.skipped)} skipped; see {report})")
+        return finish_report(log, "preprocess", params, used_inputs, report, started)
