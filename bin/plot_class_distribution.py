@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Plot objects per class per split (grouped bar PNG) and write the counts as CSV.
+
+Reads split.csv (image, annotation, split). Annotations that cannot be read are
+skipped and listed on stderr and in the run record (<output-csv stem>_run.json);
+the job fails when no annotation could be read.
+"""
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils.class_distribution import count_objects, plot_counts, write_counts_csv  # noqa: E402
+from utils.pairs import open_folder  # noqa: E402
+from utils.provenance import write_run_record  # noqa: E402
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--split-csv", required=True, help="split.csv from split_data.py")
+    parser.add_argument("--annotations", default=None,
+                        help="folder (or .tar) in which to find the annotations by file name "
+                             "(default: the paths written in the CSV, relative to it)")
+    parser.add_argument("--output", default="class_distribution.png", help="PNG chart (default: class_distribution.png)")
+    parser.add_argument("--output-csv", default="class_distribution.csv",
+                        help="CSV of counts: split, class, objects, images (default: class_distribution.csv)")
+    return parser
+
+
+def main(args) -> int:
+    try:
+        with contextlib.ExitStack() as stack:
+            annotations_dir = stack.enter_context(open_folder(args.annotations)) if args.annotations else None
+            counts, problems = count_objects(args.split_csv, annotations_dir=annotations_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"plot_class_distribution: error: {exc}", file=sys.stderr)
+        return 1
+    for entry in problems:
+        print(f"plot_class_distribution: warning: {entry['file']}: {entry['problem']}", file=sys.stderr)
+    if sum(entry["images"] for entry in counts.values()) == 0:
+        print(f"plot_class_distribution: error: no readable annotation listed in {args.split_csv}", file=sys.stderr)
+        return 1
+    write_counts_csv(args.output_csv, counts)
+    plot_counts(args.output, counts)
+    output_csv = Path(args.output_csv)
+    write_run_record(output_csv.with_name(f"{output_csv.stem}_run.json"), "plot_class_distribution",
+                     {**vars(args), "problems": problems}, [Path(args.split_csv)])
+    for split, entry in counts.items():
+        print(f"{split}: {entry['images']} images, "
+              + ", ".join(f"{name}={n}" for name, n in entry["objects"].items()))
+    print(f"plot: {args.output}  table: {args.output_csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
