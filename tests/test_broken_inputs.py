@@ -132,7 +132,6 @@ EXPECTED = {
     "only_unknown.xml": ("unknown_class", False, "person"),
     "only_unknown.jpg": ("no_objects", True, "dropped"),
     "malformed.xml": ("bad_annotation", True, "not well-formed"),
-    "malformed.jpg": ("bad_annotation", True, "malformed.xml"),
     "no_size.xml": ("bad_annotation", True, "<size>"),
     "outside.xml": ("box_out_of_bounds", False, "outside"),
     "overshoot.xml": ("box_clipped", False, "clipped"),
@@ -176,9 +175,11 @@ def test_usable_set_and_nothing_dropped_unreported(broken):
     assert {p.image.name for p in result.clean_pairs} == USABLE
     assert report["images_total"] == len(list((root / "images").iterdir()))
     assert report["images_total"] == report["images_usable"] + len(report["images_excluded"])
-    excluded_with_reason = {p["file"] for p in report["problems"] if p["excluded"]}
-    assert set(report["images_excluded"]) <= excluded_with_reason
-    assert "no_image.xml" in excluded_with_reason
+    excluded_images = {p["image"] for p in report["problems"] if p["excluded"]}
+    assert set(report["images_excluded"]) == excluded_images - {None}
+    assert {p["file"] for p in report["problems"] if p["image"] is None} == {"no_image.xml"}
+    bad_xml = next(p for p in report["problems"] if p["file"] == "malformed.xml")
+    assert bad_xml["image"] == "malformed.jpg" and "malformed.jpg" in report["images_excluded"]
     # Every object of a usable image is kept or has a problem saying it was dropped.
     for pair in result.clean_pairs:
         dropped = [p for p in report["problems"] if p["file"] == pair.annotation.name

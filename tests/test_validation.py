@@ -59,8 +59,8 @@ def run_cli(root, *args):
 def check_nothing_unreported(report):
     """Every image is usable or excluded, and every excluded image has an excluding problem naming it."""
     assert report["images_total"] == report["images_usable"] + len(report["images_excluded"])
-    excluded_files = {p["file"] for p in report["problems"] if p["excluded"]}
-    assert set(report["images_excluded"]) <= excluded_files
+    excluded_images = {p["image"] for p in report["problems"] if p["excluded"]}
+    assert set(report["images_excluded"]) == excluded_images - {None}
     assert sum(report["problem_counts"].values()) == len(report["problems"])
 
 
@@ -93,6 +93,8 @@ def test_clipped_box_and_size_mismatch_are_fixed_in_clean_annotation(tmp_path):
     size_problem = next(p for p in result.report["problems"] if p["kind"] == "size_mismatch")
     assert "256x192" in size_problem["problem"] and "128x96" in size_problem["problem"]
     outputs = write_clean_outputs(result, tmp_path / "out")
+    assert [p.annotation for p in outputs["pairs"]] == [outputs["annotations_clean"] / f"{s}.xml"
+                                                        for s in ("clip", "fine", "size")]
     clip = parse_voc(outputs["annotations_clean"] / "clip.xml")
     assert clip.objects[0].box == (100, 50, 128, 96)
     size = parse_voc(outputs["annotations_clean"] / "size.xml")

@@ -1,9 +1,11 @@
 """Dataset validation: find every problem in a folder of VOC pairs and keep only usable pairs.
 
 ``validate_dataset`` checks each image and annotation and returns a ``ValidationResult``
-whose report lists every problem as ``{"file", "kind", "problem", "excluded"}``, so that
-nothing leaves the data set unreported: ``images_total == images_usable +
-len(images_excluded)`` and every excluded image has at least one excluding problem.
+whose report lists every problem as ``{"file", "image", "kind", "problem", "excluded"}``
+("file": the file at fault; "image": the image it affects, None for an annotation
+without image; "excluded": whether the image leaves the clean set), so that nothing
+leaves the data set unreported: ``images_total == images_usable + len(images_excluded)``
+and every excluded image is the "image" of at least one excluding problem.
 
 Checks: image without annotation and the reverse; images sharing one name stem
 (annotations are matched by stem, so they are ambiguous); unreadable, truncated or
@@ -75,6 +77,10 @@ class ValidationInputError(ValueError):
 
 @dataclass
 class ValidationResult:
+    """report: the JSON-able report; clean_pairs: usable pairs, sorted by image name, whose
+    annotation is the ORIGINAL file (use ``annotations`` or write_clean_outputs()["pairs"]
+    for the cleaned version); duplicate_groups: image names per group, the kept one first."""
+
     report: dict
     clean_pairs: list[Pair]
     duplicate_groups: list[list[str]]
@@ -171,8 +177,12 @@ def validate_dataset(images_dir, annotations_dir, near_duplicate_distance: int =
     pairing = pair_folders(images_dir, annotations_dir)
     problems: list[dict] = []
 
-    def problem(file, kind, text):
-        problems.append({"file": Path(file).name, "kind": kind, "problem": text, "excluded": PROBLEM_KINDS[kind]})
+    def problem(file, kind, text, image=None):
+        # "image": the image the problem affects; an annotation's problem names its image.
+        if image is None and Path(file).suffix.lower() != ".xml":
+            image = file
+        problems.append({"file": Path(file).name, "image": Path(image).name if image else None, "kind": kind,
+                         "problem": text, "excluded": PROBLEM_KINDS[kind]})
 
     for image in pairing.images_without_annotation:
         what = "" if is_image_name(image) else " (and its extension is not an image extension)"
@@ -199,28 +209,29 @@ def validate_dataset(images_dir, annotations_dir, near_duplicate_distance: int =
     candidates = []  # (pair, facts, cleaned annotation, changed)
     objects_dropped = objects_clipped = 0
     for pair, fact in zip(pairs, facts):
-        if fact.error is not None:
-            problem(pair.image, "unreadable_image", fact.error)
-            continue
+        # Both files are checked, so that a pair broken on both sides reports both.
         try:
             ann = parse_voc(pair.annotation)
         except VocError as exc:
-            problem(pair.annotation, "bad_annotation", exc.problem)
-            problem(pair.image, "bad_annotation", f"its annotation {pair.annotation.name} is unusable: {exc.problem}")
+            ann = None
+            problem(pair.annotation, "bad_annotation", exc.problem, image=pair.image)
+        if fact.error is not None:
+            problem(pair.image, "unreadable_image", fact.error)
+        if ann is None or fact.error is not None:
             continue
         width, height = fact.size
         changed = False
         if (ann.width, ann.height) != (width, height):
             problem(pair.annotation, "size_mismatch",
                     f"<size> says {ann.width}x{ann.height} but {pair.image.name} is {width}x{height}; "
-                    f"the real size is used")
+                    f"the real size is used", image=pair.image)
             changed = True
         kept, object_problems = clean_objects(ann, width, height, known_classes=known_classes, tolerance=tolerance)
         for text in object_problems:
             kind = _object_problem_kind(text)
             objects_clipped += kind == "box_clipped"
             objects_dropped += kind != "box_clipped"
-            problem(pair.annotation, kind, text)
+            problem(pair.annotation, kind, text, image=pair.image)
         changed = changed or bool(object_problems)
         if not kept:
             reason = (f"no usable objects left ({len(ann.objects)} in the annotation, all dropped)" if ann.objects
@@ -320,8 +331,12 @@ def csv_entry(path: Path, csv_folder: Path, by_name: bool = False) -> str:
     return str(path.relative_to(csv_folder)) if path.is_relative_to(csv_folder) else str(path)
 
 
-def write_clean_outputs(result: ValidationResult, output_dir, images_by_name: bool = False) -> dict[str, Path]:
+def write_clean_outputs(result: ValidationResult, output_dir, images_by_name: bool = False) -> dict:
     """Write annotations_clean/, clean_manifest.csv and validation_report.json into *output_dir*.
+
+    Returns their paths ("annotations_clean", "manifest", "report") and "pairs": the clean
+    pairs with each annotation pointing at its cleaned copy (``result.clean_pairs`` point
+    at the original annotation files, whose objects may still need the cleaning).
 
     annotations_clean/ is built in a temporary folder and swapped in whole, so readers
     never see a half-written set and files from an earlier run do not linger.
@@ -356,7 +371,8 @@ def write_clean_outputs(result: ValidationResult, output_dir, images_by_name: bo
     report_path = output_dir / REPORT_NAME
     write_json(report_path, {**result.report, "clean_annotations_dir": CLEAN_ANNOTATIONS_DIRNAME,
                              "clean_manifest": MANIFEST_NAME})
-    return {"report": report_path, "manifest": manifest, "annotations_clean": clean_dir}
+    pairs = [Pair(pair.image, clean_dir / pair.annotation.name) for pair in result.clean_pairs]
+    return {"report": report_path, "manifest": manifest, "annotations_clean": clean_dir, "pairs": pairs}
 
 
 def format_summary(report: dict) -> str:
