@@ -81,8 +81,12 @@ def compute_coco(preds, targets) -> CocoResult:
     targets = [_clean_target(t) for t in targets]
     if len(preds) != len(targets):
         raise ValueError(f"{len(preds)} predictions for {len(targets)} images: one of each per image is required")
+    # COCO's standard cap of 100 detections per image is kept so that figures compare with published
+    # ones; the model may return more (up to 200), and COCO simply ranks and cuts them, so the warning
+    # torchmetrics gives for it is noise here.
     metric = MeanAveragePrecision(backend="faster_coco_eval", iou_type="bbox", class_metrics=True,
                                   extended_summary=True)
+    metric.warn_on_many_detections = False
     iou_thresholds = [round(float(t), 2) for t in (metric.iou_thresholds or np.linspace(0.5, 0.95, 10))]
     if not preds:
         return CocoResult(_empty_summary(), None, iou_thresholds, [])

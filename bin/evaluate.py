@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Evaluate a trained detector on a labelled set (the test split).
+
+Writes OUTPUT_DIR/evaluation.json (map, map_50, map_75, mar_100, per_class {class:
+{ap, ap_50, ap_75, recall}}, confusion_matrix {labels, matrix}, num_images,
+test_loss, ...), evaluation.txt (the same for people), confusion_matrix.png and
+.csv (rows = true class, columns = predicted, with a background row and column),
+pr_curves.png and evaluate_run.json (run record). mAP comes from torchmetrics'
+MeanAveragePrecision (faster-coco-eval backend). The model file carries its
+classes, backbone and image size, so no model flags are needed.
+Exit 0 on success, 2 when the inputs or the model cannot be read.
+"""
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils.engine import resolve_device  # noqa: E402
+from utils.evaluation import EvaluationInputError, evaluate_model, format_report, labelled_pairs  # noqa: E402
+from utils.images import ImageError  # noqa: E402
+from utils.model import ModelError, load_model_file  # noqa: E402
+from utils.pairs import open_folder  # noqa: E402
+from utils.provenance import write_run_record  # noqa: E402
+from utils.voc import VocError  # noqa: E402
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", required=True, help="folder (or flat .tar) of test images")
+    parser.add_argument("--annotations", required=True,
+                        help="folder (or flat .tar) of their VOC .xml files; may be the same path as --images")
+    parser.add_argument("--model", required=True, help="model file written by bin/train.py")
+    parser.add_argument("--output-dir", required=True, help="folder for the evaluation files")
+    parser.add_argument("--score-threshold", type=float, default=0.5,
+                        help="detections at or above this score enter the confusion matrix; mAP uses all "
+                             "(default: 0.5)")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per model call (default: 4)")
+    parser.add_argument("--workers", type=int, default=-1,
+                        help="image decoding processes; -1 picks a share of the CPUs, 0 decodes in the main "
+                             "process (default: -1)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where the model runs; auto uses CUDA when available (default: auto)")
+    return parser
+
+
+def main(args) -> int:
+    if not 0.0 <= args.score_threshold <= 1.0:
+        print(f"evaluate: error: --score-threshold must be between 0 and 1, got {args.score_threshold}",
+              file=sys.stderr)
+        return 2
+    if args.batch_size < 1:
+        print(f"evaluate: error: --batch-size must be at least 1, got {args.batch_size}", file=sys.stderr)
+        return 2
+    output_dir = Path(args.output_dir)
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError as exc:
+        print(f"evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        model, meta = load_model_file(args.model, device)
+        with contextlib.ExitStack() as stack:
+            images_dir = stack.enter_context(open_folder(args.images))
+            same = Path(args.images).resolve() == Path(args.annotations).resolve()
+            annotations_dir = images_dir if same else stack.enter_context(open_folder(args.annotations))
+            pairs, skipped = labelled_pairs(images_dir, annotations_dir)
+            settings = {"model": str(args.model), "backbone": meta.get("backbone"),
+                        "image_size": meta.get("image_size"), "images": str(args.images),
+                        "annotations": str(args.annotations)}
+            evaluation = evaluate_model(model, pairs, output_dir, device=device,
+                                        score_threshold=args.score_threshold, batch_size=args.batch_size,
+                                        num_workers=None if args.workers < 0 else args.workers,
+                                        skipped=skipped, settings=settings, progress=sys.stderr.isatty())
+            inputs = [p.image for p in pairs] + [p.annotation for p in pairs] + [Path(args.model)]
+            write_run_record(output_dir / "evaluate_run.json", "evaluate", {**vars(args), "device": str(device)},
+                             inputs)
+    except (ModelError, EvaluationInputError, ImageError, VocError, FileNotFoundError, NotADirectoryError) as exc:
+        print(f"evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(evaluation.report), end="")
+    print(f"outputs in {output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

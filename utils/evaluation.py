@@ -1,0 +1,156 @@
+"""The evaluate job: COCO mAP, a detection confusion matrix, PR curves and the test loss on a labelled set.
+
+mAP uses every detection the model keeps (its own low score floor), as COCO
+evaluation expects ranked detections; the confusion matrix uses only detections
+at or above --score-threshold, the operating point of the predict job.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from .atomic import write_json, write_text
+from .classes import CLASSES
+from .dataset import VocDetectionDataset, collate
+from .engine import evaluate_loss, run_inference
+from .inference import default_num_workers
+from .metrics import compute_coco, detection_confusion_matrix, pr_curves
+from .pairs import pair_folders
+from .plots import plot_confusion_matrix, plot_pr_curves
+
+CONFUSION_IOU = 0.5
+
+
+class EvaluationInputError(ValueError):
+    """The labelled set cannot be evaluated; the message says why."""
+
+
+@dataclass
+class Evaluation:
+    report: dict
+    outputs: dict
+
+
+def labelled_pairs(images_dir, annotations_dir):
+    """(pairs, skipped [{file, reason}]) for a folder of images and one of VOC files."""
+    pairing = pair_folders(images_dir, annotations_dir)
+    skipped = [{"file": str(p), "reason": "image without annotation"} for p in pairing.images_without_annotation]
+    skipped += [{"file": str(p), "reason": "annotation without image"} for p in pairing.annotations_without_image]
+    if not pairing.pairs:
+        raise EvaluationInputError(f"no image/annotation pairs found in {images_dir} and {annotations_dir}")
+    return pairing.pairs, skipped
+
+
+def evaluation_loader(pairs, batch_size: int = 4, num_workers: int | None = None, device=None) -> DataLoader:
+    num_workers = default_num_workers() if num_workers is None else num_workers
+    dataset = VocDetectionDataset(pairs)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
+                      pin_memory=torch.device(device or "cpu").type == "cuda")
+
+
+def _confusion_csv(matrix, labels) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["true \\ predicted", *labels])
+    for label, row in zip(labels, matrix):
+        writer.writerow([label, *row])
+    return buffer.getvalue()
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def format_report(report: dict) -> str:
+    """evaluation.txt: the figures a person reads first."""
+    lines = [
+        f"Evaluation of {report.get('model', 'the model')} on {report['num_images']} images "
+        f"({report['num_faces']} labelled faces)",
+        "",
+        f"mAP@[0.5:0.95]  {_fmt(report['map'])}",
+        f"mAP@0.5         {_fmt(report['map_50'])}",
+        f"mAP@0.75        {_fmt(report['map_75'])}",
+        f"mAR@100         {_fmt(report['mar_100'])}",
+        f"mean test loss  {_fmt(report['test_loss'])}",
+        "",
+        f"{'class':<24}{'faces':>7}{'AP':>9}{'AP50':>9}{'AP75':>9}{'recall':>9}",
+    ]
+    for name in CLASSES:
+        entry = report["per_class"][name]
+        lines.append(f"{name:<24}{report['faces_per_class'][name]:>7}{_fmt(entry['ap']):>9}"
+                     f"{_fmt(entry['ap_50']):>9}{_fmt(entry['ap_75']):>9}{_fmt(entry['recall']):>9}")
+    cm = report["confusion_matrix"]
+    lines += ["", f"Confusion matrix (rows = true, columns = predicted; IoU >= {cm['iou_threshold']}, "
+                  f"score >= {cm['score_threshold']}):"]
+    width = max(len(label) for label in cm["labels"]) + 2
+    lines.append(" " * width + "".join(f"{label:>{width}}" for label in cm["labels"]))
+    for label, row in zip(cm["labels"], cm["matrix"]):
+        lines.append(f"{label:<{width}}" + "".join(f"{count:>{width}}" for count in row))
+    lines += ["", "A missed face counts in the background column, a spurious or duplicate box in the "
+                  "background row."]
+    if report["skipped"]:
+        lines += ["", f"Skipped {len(report['skipped'])} files:"]
+        lines += [f"  {entry['file']}: {entry['reason']}" for entry in report["skipped"]]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_model(model, pairs, output_dir, device="cpu", score_threshold: float = 0.5, batch_size: int = 4,
+                   num_workers: int | None = None, skipped=(), settings: dict | None = None,
+                   progress: bool = False) -> Evaluation:
+    """Evaluate *model* on *pairs* and write evaluation.json/.txt, confusion_matrix.png/.csv, pr_curves.png."""
+    output_dir = Path(output_dir)
+    device = torch.device(device)
+    loader = evaluation_loader(pairs, batch_size=batch_size, num_workers=num_workers, device=device)
+    preds, targets = run_inference(model, loader, device, progress=progress, description="evaluate")
+    # torchvision returns losses only in train mode: evaluate_loss runs train mode with BatchNorm kept in
+    # eval, no gradients and a fixed sampler seed, so the figure is a true held-out loss.
+    losses = evaluate_loss(model, loader, device, progress=progress)
+    coco = compute_coco(preds, targets)
+    matrix, labels = detection_confusion_matrix(preds, targets, iou_threshold=CONFUSION_IOU,
+                                                score_threshold=score_threshold)
+    curves = pr_curves(coco, iou_threshold=0.5)
+    faces_per_class = {name: 0 for name in CLASSES}
+    for target in targets:
+        for label in target["labels"].tolist():
+            faces_per_class[CLASSES[int(label) - 1]] += 1
+    summary = coco.summary
+    object_problems = [{"file": file, "reason": "; ".join(problems)}
+                       for file, problems in loader.dataset.object_problems.items()]
+    report = {
+        **(settings or {}),
+        "map": summary["map"],
+        "map_50": summary["map_50"],
+        "map_75": summary["map_75"],
+        "mar_100": summary["mar_100"],
+        "map_small": summary["map_small"],
+        "map_medium": summary["map_medium"],
+        "map_large": summary["map_large"],
+        "per_class": summary["per_class"],
+        "test_loss": losses.get("loss"),
+        "test_loss_terms": {k: v for k, v in losses.items() if k != "loss"},
+        "confusion_matrix": {"labels": labels, "matrix": matrix, "rows": "true", "columns": "predicted",
+                             "iou_threshold": CONFUSION_IOU, "score_threshold": score_threshold},
+        "num_images": len(pairs),
+        "num_faces": sum(faces_per_class.values()),
+        "faces_per_class": faces_per_class,
+        "num_detections": sum(len(p["scores"]) for p in preds),
+        "skipped": list(skipped),
+        "objects_dropped": object_problems,
+    }
+    outputs = {
+        "evaluation_json": write_json(output_dir / "evaluation.json", report),
+        "evaluation_txt": write_text(output_dir / "evaluation.txt", format_report(report)),
+        "confusion_matrix_csv": write_text(output_dir / "confusion_matrix.csv", _confusion_csv(matrix, labels)),
+    }
+    plot_confusion_matrix(matrix, labels, output_dir / "confusion_matrix.png",
+                          title=f"Detection confusion matrix (IoU {CONFUSION_IOU}, score >= {score_threshold})")
+    outputs["confusion_matrix_png"] = output_dir / "confusion_matrix.png"
+    plot_pr_curves(curves, summary["per_class"], output_dir / "pr_curves.png")
+    outputs["pr_curves_png"] = output_dir / "pr_curves.png"
+    return Evaluation(report, outputs)

@@ -1,0 +1,98 @@
+"""Figures of the evaluate and predict jobs: confusion matrix, PR curves, annotated images."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # jobs run headless
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+
+from .atomic import atomic_path  # noqa: E402
+from .classes import CLASS_COLOURS, CLASSES, NAME_OF  # noqa: E402
+
+
+def _save(fig, path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_confusion_matrix(matrix, labels, path, title: str = "Detection confusion matrix") -> None:
+    """Counts, rows = true class, columns = predicted class; row-normalised shading."""
+    counts = np.asarray(matrix, dtype=float)
+    row_sums = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, row_sums, out=np.zeros_like(counts), where=row_sums > 0)
+    fig, ax = plt.subplots(figsize=(6.4, 5.4))
+    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i in range(counts.shape[0]):
+        for j in range(counts.shape[1]):
+            ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center",
+                    color="white" if shares[i, j] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of true row")
+    _save(fig, path)
+
+
+def plot_pr_curves(curves: dict, per_class: dict, path, iou_threshold: float = 0.5) -> None:
+    """One precision-recall curve per class (COCO's interpolated curve at *iou_threshold*)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for name in CLASSES:
+        curve = curves.get(name)
+        if not curve:
+            continue
+        ap = per_class.get(name, {}).get("ap_50")
+        label = f"{name} (AP50 {ap:.3f})" if ap is not None else name
+        colour = np.asarray(CLASS_COLOURS[name]) / 255.0
+        ax.plot(curve["recall"], curve["precision"], color=colour, label=label, linewidth=2)
+    if not curves:
+        ax.text(0.5, 0.5, "no ground-truth faces: no curves", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(0.0, 1.05)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(f"Precision-recall per class, IoU {iou_threshold:g}")
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(loc="lower left")
+    _save(fig, path)
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without sized default fonts
+        return ImageFont.load_default()
+
+
+def draw_detections(image: Image.Image, boxes, labels, scores) -> Image.Image:
+    """A copy of *image* with each box in its class colour and a 'label score' tag."""
+    annotated = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(annotated)
+    line = max(1, round(min(annotated.size) / 200))
+    font = _font(max(10, round(min(annotated.size) / 40)))
+    for box, label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist()):
+        name = NAME_OF.get(int(label), str(label))
+        colour = CLASS_COLOURS.get(name, (255, 255, 255))
+        x0, y0, x1, y1 = box
+        draw.rectangle((x0, y0, x1, y1), outline=colour, width=line)
+        text = f"{name} {score:.2f}"
+        left, top, right, bottom = draw.textbbox((x0, y0), text, font=font)
+        height = bottom - top
+        width = right - left + 4
+        ty = y0 - height - 2 if y0 - height - 2 >= 0 else y0  # above the box unless at the top edge
+        tx = max(0, min(x0, annotated.width - width))  # keep the tag inside the image at the right edge
+        draw.rectangle((tx, ty, tx + width, ty + height + 2), fill=colour)
+        draw.text((tx + 2, ty - (top - y0) + 1), text, fill=(0, 0, 0), font=font)
+    return annotated
+
+
+def save_annotated(image: Image.Image, boxes, labels, scores, path, quality: int = 90) -> None:
+    annotated = draw_detections(image, boxes, labels, scores)
+    with atomic_path(path) as tmp:
+        annotated.save(tmp, format="JPEG", quality=quality)
