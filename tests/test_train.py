@@ -1,0 +1,163 @@
+"""Training: one epoch writes a loadable checkpoint and model file; resuming continues with the same state;
+a non-finite loss stops with a clear error; the loss on a loader leaves the model untouched."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from utils.engine import NonFiniteLossError, evaluate_loss, lr_factor, train_one_epoch
+from utils.model import load_model_file
+from utils.pairs import pair_folders
+from utils.training import Trainer, TrainParams, make_loader, read_params_file, resolve_params
+
+TINY = dict(image_size=128, batch_size=2, workers=0, epochs=2, warmup_iters=2, trainable_layers=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """6 images of 96x96: enough for 3 batches, fast on two CPU cores."""
+    from utils.sample_data import make_sample_dataset
+
+    out = tmp_path_factory.mktemp("tiny")
+    make_sample_dataset(out, num_images=6, seed=11, image_size=(96, 96))
+    return out
+
+
+def tiny_pairs(tiny_dir):
+    return pair_folders(tiny_dir / "images", tiny_dir / "annotations").pairs
+
+
+def test_train_cli_one_epoch_writes_loadable_outputs(tiny_dir, tmp_path, root):
+    out = tmp_path / "run"
+    command = [sys.executable, str(root / "bin" / "train.py"), "--images", str(tiny_dir / "images"),
+               "--annotations", str(tiny_dir / "annotations"), "--epochs", "1", "--image-size", "128",
+               "--batch-size", "2", "--workers", "0", "--checkpoint", str(out / "checkpoint.pt"),
+               "--output", str(out / "model.pt"), "--seed", "1", "--no-progress", "--device", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 1
+    assert {"model", "optimizer", "scheduler", "rng", "args"} <= set(checkpoint)
+    assert isinstance(checkpoint["rng"]["torch"], torch.Tensor)
+    model, meta = load_model_file(out / "model.pt")
+    assert meta["backbone"] == "mobilenet_v2_fpn" and meta["image_size"] == 128
+    assert meta["training"]["epochs"] == 1 and meta["num_train_images"] == 6
+    assert meta["inputs_sha256"] and meta["packages"]["torch"]
+    with open(out / "training_metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 1 and float(rows[0]["train_loss"]) > 0
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert (out / "model_run.json").is_file()
+
+    # Rerunning a finished run trains nothing more and rewrites the same model.
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "epoch 1/1" not in again.stderr
+    reloaded, _ = load_model_file(out / "model.pt")
+    assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_resume_continues_at_next_epoch_with_same_state(tiny_dir, tmp_path):
+    pairs = tiny_pairs(tiny_dir)
+    device = torch.device("cpu")
+    params = TrainParams(**TINY, freeze_backbone_epochs=1)
+    checkpoint = tmp_path / "checkpoint.pt"
+
+    first = Trainer(params, pairs, device, progress=False)
+    row = first.run_epoch()
+    assert row.backbone_frozen
+    first.checkpoint(checkpoint, {"test": True})
+    optimizer_after_1 = copy.deepcopy(first.optimizer.state_dict())  # state_dict() shares the tensors
+    lr_after_1 = first.optimizer.param_groups[0]["lr"]
+    row_a = first.run_epoch()  # the uninterrupted run goes on
+
+    # A new process would start here: build afresh, resume from the file.
+    resumed = Trainer(params, pairs, device, progress=False)
+    assert resumed.resume(checkpoint) == 1
+    assert torch.equal(torch.get_rng_state(), torch.load(checkpoint, weights_only=True)["rng"]["torch"])
+    assert resumed.scheduler.state_dict()["last_epoch"] == 3  # 3 iterations of epoch 1
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(lr_after_1)
+    state_a, state_b = optimizer_after_1["state"], resumed.optimizer.state_dict()["state"]
+    assert state_a.keys() == state_b.keys() and state_a
+    for key in state_a:
+        assert torch.equal(state_a[key]["momentum_buffer"], state_b[key]["momentum_buffer"])
+
+    # The resumed run's epoch 2 (backbone unfrozen) ends where the uninterrupted one did.
+    row_b = resumed.run_epoch()
+    assert row_a.epoch == row_b.epoch == 2 and not row_b.backbone_frozen
+    assert row_b.train_loss == pytest.approx(row_a.train_loss, rel=1e-4)
+    for (name, a), b in zip(first.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), name
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+
+
+def test_checkpoint_of_another_backbone_is_refused(tiny_dir, tmp_path):
+    pairs = tiny_pairs(tiny_dir)
+    trainer = Trainer(TrainParams(**{**TINY, "epochs": 1}), pairs, torch.device("cpu"), progress=False)
+    trainer.checkpoint(tmp_path / "c.pt", {})
+    other = Trainer(TrainParams(**{**TINY, "epochs": 1, "image_size": 160}), pairs, torch.device("cpu"),
+                    progress=False)
+    with pytest.raises(ValueError, match="image_size"):
+        other.resume(tmp_path / "c.pt")
+
+
+class NaNDetector(torch.nn.Module):
+    """Returns a NaN loss on the second batch, like a diverging detector."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+        self.calls = 0
+
+    def forward(self, images, targets=None):
+        self.calls += 1
+        value = self.weight * (float("nan") if self.calls == 2 else 1.0)
+        return {"loss_classifier": value, "loss_box_reg": self.weight * 0.5}
+
+
+def test_non_finite_loss_is_a_clear_error(tiny_dir):
+    loader = make_loader(tiny_pairs(tiny_dir), batch_size=2, workers=0, shuffle=False)
+    model = NaNDetector()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 4, iteration 2 .*loss_classifier=nan.*--lr"):
+        train_one_epoch(model, optimizer, loader, torch.device("cpu"), epoch=3, progress=False)
+
+
+def test_evaluate_loss_changes_nothing(tiny_dir):
+    params = TrainParams(**{**TINY, "weights": "none"})  # plain BatchNorm: the case where train mode would update
+    trainer = Trainer(params, tiny_pairs(tiny_dir), torch.device("cpu"), progress=False)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    rng = torch.get_rng_state()
+    loader = make_loader(tiny_pairs(tiny_dir), batch_size=2, workers=0, shuffle=False)
+    first = evaluate_loss(trainer.model, loader, torch.device("cpu"))
+    second = evaluate_loss(trainer.model, loader, torch.device("cpu"))
+    assert first["loss"] > 0 and first == second  # repeatable
+    assert torch.equal(rng, torch.get_rng_state())
+    for key, value in trainer.model.state_dict().items():
+        assert torch.equal(value, before[key]), f"{key} changed"
+
+
+def test_schedule_warms_up_then_decays():
+    factors = [lr_factor(i, 100, 10, "cosine") for i in range(100)]
+    assert factors[0] < 0.01 and factors[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    steps = [lr_factor(i, 100, 0, "step") for i in (0, 66, 67, 89)]
+    assert steps == pytest.approx([1.0, 1.0, 0.1, 0.01])
+
+
+def test_params_file_then_flags_override(tmp_path):
+    path = tmp_path / "best_hpo_params.json"
+    path.write_text('{"params": {"lr": 0.003, "momentum": 0.85, "trainable_layers": 4, "unknown": 1}}')
+    values = read_params_file(path)
+    assert values == {"lr": 0.003, "momentum": 0.85, "trainable_layers": 4}
+    args = SimpleNamespace(lr=0.05, momentum=None, trainable_layers=None)
+    params = resolve_params(args, values)
+    assert (params.lr, params.momentum, params.trainable_layers) == (0.05, 0.85, 4)
+    assert params.weight_decay == TrainParams().weight_decay

@@ -1,0 +1,396 @@
+"""The training job: folders of VOC pairs in, a self-describing model file out.
+
+Used by bin/train.py (whole runs, resumable from a checkpoint) and by the HPO
+objective (one short run per trial, reporting after every epoch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from .atomic import write_text
+from .dataset import VocDetectionDataset, collate
+from .engine import (build_optimizer, build_scheduler, evaluate_loss, load_checkpoint, make_grad_scaler,
+                     restore_checkpoint, run_inference, save_checkpoint, seed_everything, train_one_epoch)
+from .images import ImageError, image_size
+from .model import build_model, freeze_backbone, set_trainable_layers
+from .pairs import open_folder, pair_folders
+from .voc import VocError, parse_voc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainParams:
+    """Every hyperparameter of a training run (what --params files and HPO trials set)."""
+
+    backbone: str = "mobilenet_v2_fpn"
+    weights: str = "imagenet"
+    weights_file: str | None = None
+    image_size: int = 512
+    epochs: int = 10
+    batch_size: int = 4
+    workers: int = 2
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_schedule: str = "cosine"
+    warmup_iters: int = 100
+    clip_grad: float = 10.0
+    trainable_layers: int = 3
+    freeze_backbone_epochs: int = 0
+    hflip: float = 0.5
+    amp: bool = True
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Keys a --params file (best_hpo_params.json) may set.
+PARAMS_FILE_KEYS = ("lr", "momentum", "weight_decay", "trainable_layers", "optimizer", "batch_size",
+                    "lr_schedule", "warmup_iters", "clip_grad", "freeze_backbone_epochs", "hflip", "image_size",
+                    "backbone")
+
+
+class TrainingDataError(ValueError):
+    """No usable training data, or an unreadable params file."""
+
+
+def read_params_file(path) -> dict:
+    """Hyperparameters from a JSON file: {"params": {...}}, {"best_params": {...}} or a flat dict."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TrainingDataError(f"{path}: params file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise TrainingDataError(f"{path}: not valid JSON ({error})") from None
+    if isinstance(data, dict):
+        data = data.get("params", data.get("best_params", data))
+    if not isinstance(data, dict):
+        raise TrainingDataError(f"{path}: expected a JSON object of hyperparameters")
+    types = {f.name: f.type for f in fields(TrainParams)}
+    params, ignored = {}, []
+    for key, value in data.items():
+        if key not in PARAMS_FILE_KEYS:
+            ignored.append(key)
+            continue
+        kind = types[key]
+        params[key] = int(value) if "int" in kind else float(value) if "float" in kind else value
+    if ignored:
+        log.info("%s: ignoring keys %s", path, ", ".join(sorted(ignored)))
+    return params
+
+
+# ----------------------------------------------------------------------------- data
+
+def scan_pairs(pairs) -> tuple[list, list[dict]]:
+    """Pairs whose annotation parses and whose image header reads; the rest as [{file, problem}]."""
+    usable, skipped = [], []
+    for pair in pairs:
+        try:
+            parse_voc(pair.annotation)
+            image_size(pair.image)
+        except (VocError, ImageError) as error:
+            skipped.append({"file": str(getattr(error, "file", pair.image)), "problem": str(error)})
+            continue
+        except OSError as error:
+            skipped.append({"file": str(pair.image), "problem": f"unreadable ({error})"})
+            continue
+        usable.append(pair)
+    return usable, skipped
+
+
+@contextlib.contextmanager
+def open_pairs(images, annotations):
+    """Yield (usable pairs, skipped [{file, problem}]) for a folder or .tar of each kind (the same path allowed)."""
+    with contextlib.ExitStack() as stack:
+        images_dir = stack.enter_context(open_folder(images))
+        annotations_dir = (images_dir if Path(annotations) == Path(images)
+                           else stack.enter_context(open_folder(annotations)))
+        pairing = pair_folders(images_dir, annotations_dir)
+        usable, skipped = scan_pairs(pairing.pairs)
+        skipped += [{"file": str(p), "problem": "image without annotation"}
+                    for p in pairing.images_without_annotation]
+        skipped += [{"file": str(p), "problem": "annotation without image"}
+                    for p in pairing.annotations_without_image]
+        yield usable, skipped
+
+
+def train_transforms(hflip: float):
+    from torchvision.transforms import v2 as T
+
+    return T.RandomHorizontalFlip(hflip) if hflip > 0 else None
+
+
+def make_loader(pairs, batch_size: int, workers: int, shuffle: bool, hflip: float = 0.0,
+                generator: torch.Generator | None = None, pin_memory: bool = False):
+    dataset = VocDetectionDataset(pairs, transforms=train_transforms(hflip) if hflip else None)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate,
+        generator=generator, pin_memory=pin_memory, persistent_workers=False)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+@dataclass
+class EpochRow:
+    epoch: int
+    lr: float
+    train_loss: float
+    loss_classifier: float
+    loss_box_reg: float
+    loss_objectness: float
+    loss_rpn_box_reg: float
+    images_per_s: float
+    seconds: float
+    backbone_frozen: bool
+    val_loss: float | None = None
+    val_map: float | None = None
+    val_map_50: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def flat(self) -> dict:
+        row = asdict(self)
+        row.update(row.pop("extra"))
+        return row
+
+
+class Trainer:
+    """Model, optimizer and schedule for one run; ``run_epoch`` trains one epoch and can be checkpointed."""
+
+    def __init__(self, params: TrainParams, train_pairs, device, val_pairs=None, progress: bool = True):
+        self.params = params
+        self.device = device
+        self.progress = progress
+        seed_everything(params.seed)
+        self.model = build_model(params.backbone, weights=params.weights, weights_file=params.weights_file,
+                                 trainable_layers=params.trainable_layers, image_size=params.image_size)
+        self.model.to(device)
+        self.optimizer = build_optimizer(self.model, params.optimizer, params.lr, params.momentum,
+                                         params.weight_decay)
+        self.generator = torch.Generator()
+        pin = device.type == "cuda"
+        self.train_loader = make_loader(train_pairs, params.batch_size, params.workers, shuffle=True,
+                                        hflip=params.hflip, generator=self.generator, pin_memory=pin)
+        self.val_loader = (make_loader(val_pairs, params.batch_size, params.workers, shuffle=False, pin_memory=pin)
+                           if val_pairs else None)
+        iters_per_epoch = len(self.train_loader)
+        self.scheduler = build_scheduler(self.optimizer, total_iters=params.epochs * iters_per_epoch,
+                                         warmup_iters=params.warmup_iters, schedule=params.lr_schedule)
+        self.scaler = make_grad_scaler(device, params.amp)
+        self.completed_epochs = 0
+        self.history: list[dict] = []
+
+    def resume(self, checkpoint_path) -> int:
+        payload = load_checkpoint(checkpoint_path)
+        saved = payload.get("args", {}).get("params", {})
+        for key in ("backbone", "image_size", "optimizer", "batch_size"):
+            if key in saved and saved[key] != getattr(self.params, key):
+                raise TrainingDataError(f"{checkpoint_path}: written with {key}={saved[key]!r}, this run has "
+                                        f"{getattr(self.params, key)!r}; delete the checkpoint or match the flags")
+        self.completed_epochs = restore_checkpoint(payload, self.model, self.optimizer, self.scheduler,
+                                                   self.scaler, path=checkpoint_path)
+        self.history = list(payload.get("history", []))
+        return self.completed_epochs
+
+    def checkpoint(self, path, args: dict) -> None:
+        save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.completed_epochs,
+                        {**args, "params": self.params.to_dict()}, scaler=self.scaler, history=self.history)
+
+    def run_epoch(self, validate_map: bool = False) -> EpochRow:
+        epoch = self.completed_epochs
+        frozen = epoch < self.params.freeze_backbone_epochs
+        if frozen:
+            freeze_backbone(self.model)
+        else:
+            set_trainable_layers(self.model, self.params.trainable_layers)
+        # The shuffle order and augmentation seeds depend only on (seed, epoch): a resumed run sees the same batches.
+        self.generator.manual_seed(self.params.seed * 100_003 + epoch)
+        stats = train_one_epoch(self.model, self.optimizer, self.train_loader, self.device, epoch,
+                                scheduler=self.scheduler, scaler=self.scaler, clip_grad=self.params.clip_grad,
+                                amp=self.params.amp, progress=self.progress)
+        row = EpochRow(epoch=epoch + 1, lr=stats["lr"], train_loss=stats["loss"],
+                       loss_classifier=stats.get("loss_classifier", math.nan),
+                       loss_box_reg=stats.get("loss_box_reg", math.nan),
+                       loss_objectness=stats.get("loss_objectness", math.nan),
+                       loss_rpn_box_reg=stats.get("loss_rpn_box_reg", math.nan),
+                       images_per_s=stats["images_per_s"], seconds=stats["seconds"], backbone_frozen=frozen)
+        if self.val_loader is not None:
+            row.val_loss = evaluate_loss(self.model, self.val_loader, self.device).get("loss")
+            if validate_map:
+                summary = self.validation_map()
+                row.val_map, row.val_map_50 = summary["map"], summary["map_50"]
+        self.completed_epochs = epoch + 1
+        self.history.append(row.flat())
+        return row
+
+    def validation_map(self) -> dict:
+        """COCO mAP on the validation loader, predictions made in eval mode."""
+        from .metrics import coco_map
+
+        preds, targets = run_inference(self.model, self.val_loader, self.device)
+        return coco_map(preds, targets)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def write_metrics_csv(path, history: list[dict]) -> None:
+    if not history:
+        return
+    columns = list(dict.fromkeys(key for row in history for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    write_text(path, buffer.getvalue())
+
+
+def plot_loss_curve(path, history: list[dict], title: str = "Training loss") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .atomic import atomic_path
+
+    epochs = [row["epoch"] for row in history]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(epochs, [row["train_loss"] for row in history], marker="o", label="train loss")
+    for key in ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"):
+        ax.plot(epochs, [row.get(key) for row in history], linestyle=":", linewidth=1, label=key)
+    val = [(row["epoch"], row["val_loss"]) for row in history if row.get("val_loss") is not None]
+    if val:
+        ax.plot(*zip(*val), marker="s", label="validation loss")
+    frozen = [row["epoch"] for row in history if row.get("backbone_frozen")]
+    if frozen:
+        ax.axvspan(min(frozen) - 0.5, max(frozen) + 0.5, color="grey", alpha=0.15, label="backbone frozen")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss per image")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the job
+
+def resolve_params(args, params_file_values: dict) -> TrainParams:
+    """Command-line flags win over the --params file, which wins over TrainParams' defaults."""
+    values = TrainParams().to_dict()
+    values.update(params_file_values)
+    for key in values:
+        flag_value = getattr(args, key, None)
+        if flag_value is not None:
+            values[key] = flag_value
+    return TrainParams(**values)
+
+
+def _output_paths(args) -> dict:
+    output = Path(args.output)
+    folder = output.parent
+    return {
+        "output": output,
+        "checkpoint": Path(args.checkpoint),
+        "metrics_csv": Path(args.metrics_csv) if args.metrics_csv else folder / "training_metrics.csv",
+        "loss_plot": Path(args.loss_plot) if args.loss_plot else folder / "loss_curve.png",
+        "run_record": Path(args.run_record) if args.run_record else folder / f"{output.stem}_run.json",
+    }
+
+
+def train_job(args, device) -> dict:
+    """Run bin/train.py's job; returns a summary dict. Errors are raised with one-line messages."""
+    from .model import save_model_file
+    from .provenance import inputs_sha256, package_versions, write_run_record
+
+    params_file_values = read_params_file(args.params) if args.params else {}
+    params = resolve_params(args, params_file_values)
+    paths = _output_paths(args)
+    if args.val_mode not in ("merge", "monitor"):
+        raise TrainingDataError(f"unknown --val-mode {args.val_mode!r}: use merge or monitor")
+    has_val = bool(args.val_images)
+    if has_val and not args.val_annotations:
+        raise TrainingDataError("--val-images needs --val-annotations")
+
+    with contextlib.ExitStack() as stack:
+        train_pairs, skipped = stack.enter_context(open_pairs(args.images, args.annotations))
+        val_pairs = []
+        if has_val:
+            val_pairs, val_skipped = stack.enter_context(open_pairs(args.val_images, args.val_annotations))
+            skipped += val_skipped
+        for item in skipped:
+            log.warning("skipped %s: %s", item["file"], item["problem"])
+        if has_val and args.val_mode == "merge":
+            train_pairs, val_pairs = train_pairs + val_pairs, []
+        if not train_pairs:
+            raise TrainingDataError(f"{args.images}: no usable image/annotation pairs "
+                                    f"({len(skipped)} skipped)")
+        input_files = [p for pair in train_pairs + val_pairs for p in (pair.image, pair.annotation)]
+        input_hash = inputs_sha256(input_files)
+        log.info("training on %d images%s (%d skipped), device %s", len(train_pairs),
+                 f", monitoring {len(val_pairs)} validation images" if val_pairs else "", len(skipped), device)
+
+        trainer = Trainer(params, train_pairs, device, val_pairs=val_pairs or None, progress=not args.no_progress)
+        job_args = {"images": str(args.images), "annotations": str(args.annotations),
+                    "val_images": str(args.val_images) if args.val_images else None,
+                    "val_mode": args.val_mode, "inputs_sha256": input_hash}
+        if paths["checkpoint"].exists():
+            done = trainer.resume(paths["checkpoint"])
+            log.info("resumed from %s after epoch %d of %d", paths["checkpoint"], done, params.epochs)
+        while trainer.completed_epochs < params.epochs:
+            row = trainer.run_epoch(validate_map=bool(val_pairs))
+            trainer.checkpoint(paths["checkpoint"], job_args)
+            write_metrics_csv(paths["metrics_csv"], trainer.history)
+            plot_loss_curve(paths["loss_plot"], trainer.history)
+            message = (f"epoch {row.epoch}/{params.epochs}: loss {row.train_loss:.4f}, lr {row.lr:.2e}, "
+                       f"{row.images_per_s:.2f} images/s")
+            if row.val_loss is not None:
+                message += f", val loss {row.val_loss:.4f}"
+            if row.val_map is not None:
+                message += f", val mAP {row.val_map:.4f}, mAP@0.5 {row.val_map_50:.4f}"
+            log.info(message)
+        if not trainer.history:
+            raise TrainingDataError(f"{paths['checkpoint']}: holds no training history; delete it and rerun")
+        write_metrics_csv(paths["metrics_csv"], trainer.history)
+        plot_loss_curve(paths["loss_plot"], trainer.history)
+
+        meta = {
+            "training": params.to_dict(),
+            "epochs_completed": trainer.completed_epochs,
+            "num_train_images": len(train_pairs),
+            "num_val_images": len(val_pairs),
+            "val_mode": args.val_mode if has_val else None,
+            "skipped_inputs": len(skipped),
+            "inputs_sha256": input_hash,
+            "final_train_loss": trainer.history[-1]["train_loss"],
+            "packages": package_versions(),
+        }
+        if args.params:
+            meta["params_file"] = str(args.params)
+        save_model_file(paths["output"], trainer.model, meta)
+        summary = {"output": str(paths["output"]), "epochs": trainer.completed_epochs,
+                   "final_train_loss": trainer.history[-1]["train_loss"], "skipped": skipped,
+                   "weights": trainer.model.weights_report.message}
+        record_params = {**vars(args), "resolved": params.to_dict(), "device": str(device),
+                         "summary": {k: v for k, v in summary.items() if k != "skipped"},
+                         "skipped": skipped}
+        write_run_record(paths["run_record"], "train", record_params, input_files)
+    return summary
