@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Detect faces and mask use in images; write annotated copies and the mask-compliance figure.
+
+Inputs are image files, folders of images, or .tar archives of images (any size or
+colour mode). Writes OUTPUT_DIR/predictions.json, predictions.csv (file, xmin, ymin,
+xmax, ymax, label, score), compliance.json (faces per class and percent properly
+masked, overall and per image), annotated images annotated_<stem>.jpg in
+--annotated-dir, and predict_run.json (run record). Prints the compliance line.
+A file that cannot be read is listed as skipped with its reason and the others
+still run. Exit 0 when at least one image was processed, 1 when none was, 2 when
+the model cannot be loaded.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tqdm import tqdm  # noqa: E402
+
+from utils.engine import resolve_device  # noqa: E402
+from utils.model import ModelError, load_model_file  # noqa: E402
+from utils.prediction import predict_images, summary_line  # noqa: E402
+from utils.provenance import write_run_record  # noqa: E402
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", nargs="+", required=True,
+                        help="image files, folders of images, or .tar archives of images")
+    parser.add_argument("--model", required=True, help="model file written by bin/train.py")
+    parser.add_argument("--output-dir", required=True, help="folder for predictions and compliance files")
+    parser.add_argument("--annotated-dir", default=None,
+                        help="folder for annotated images (default: OUTPUT_DIR/annotated)")
+    parser.add_argument("--score-threshold", type=float, default=0.5,
+                        help="keep detections with at least this score (default: 0.5)")
+    parser.add_argument("--tta", action="store_true",
+                        help="also run each image flipped left-right and merge both with NMS (about 2x slower)")
+    parser.add_argument("--no-annotated", action="store_true", help="do not write annotated images")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per model call (default: 4)")
+    parser.add_argument("--workers", type=int, default=-1,
+                        help="image decoding processes; -1 picks a share of the CPUs, 0 decodes in the main "
+                             "process (default: -1)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where the model runs; auto uses CUDA when available (default: auto)")
+    return parser
+
+
+def main(args) -> int:
+    if not 0.0 <= args.score_threshold <= 1.0:
+        print(f"predict: error: --score-threshold must be between 0 and 1, got {args.score_threshold}",
+              file=sys.stderr)
+        return 2
+    if args.batch_size < 1:
+        print(f"predict: error: --batch-size must be at least 1, got {args.batch_size}", file=sys.stderr)
+        return 2
+    try:
+        device = resolve_device(args.device)
+        model, meta = load_model_file(args.model, device)
+    except (RuntimeError, ModelError) as exc:
+        print(f"predict: error: {exc}", file=sys.stderr)
+        return 2
+    settings = {"model": str(args.model), "backbone": meta.get("backbone"), "image_size": meta.get("image_size")}
+    with tqdm(desc="predict", unit="img", file=sys.stderr, disable=None) as bar:
+        run = predict_images(model, args.images, args.output_dir, annotated_dir=args.annotated_dir, device=device,
+                             score_threshold=args.score_threshold, tta=args.tta, batch_size=args.batch_size,
+                             num_workers=None if args.workers < 0 else args.workers,
+                             annotate=not args.no_annotated, progress=bar.update, settings=settings)
+    processed = [Path(args.model)]
+    for given in map(Path, args.images):  # hash what was given: files and archives as such, folders' files
+        processed += [given] if given.is_file() else sorted(p for p in given.rglob("*") if p.is_file())
+    write_run_record(Path(args.output_dir) / "predict_run.json", "predict",
+                     {**vars(args), "device": str(device)}, processed)
+    for entry in run.skipped:
+        print(f"skipped {entry['file']}: {entry['reason']}", file=sys.stderr)
+    print(summary_line(run))
+    print(f"{run.num_images} images processed, {len(run.skipped)} skipped; outputs in {args.output_dir}")
+    if run.num_images == 0:
+        print("predict: error: no image could be processed (see the skipped list above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,175 @@
+"""bin/predict.py end to end (corrupt files, odd image modes, archives, TTA) and the TTA merge itself."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from utils.inference import detect
+from utils.metrics import merge_compliance
+
+
+def load_script(root, name):
+    spec = importlib.util.spec_from_file_location(f"bin_{name}", root / "bin" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_model_file(tmp_path_factory):
+    from utils.model import build_model, save_model_file
+
+    torch.manual_seed(0)
+    model = build_model(backbone="mobilenet_v2_fpn", weights="none", image_size=128)
+    return save_model_file(tmp_path_factory.mktemp("model") / "model.pt", model)
+
+
+def run_predict(root, argv):
+    script = load_script(root, "predict")
+    return script.main(script.get_args_parser().parse_args(argv))
+
+
+def test_predict_survives_corrupt_files_and_odd_images(root, sample_dir, tiny_model_file, tmp_path, capsys):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    good = sorted((sample_dir / "images").glob("*.jpg"))[:3]
+    for file in good:
+        (inputs / file.name).write_bytes(file.read_bytes())
+    (inputs / "broken.jpg").write_bytes(good[0].read_bytes()[:300])  # truncated JPEG
+    (inputs / "notes.txt").write_text("not an image")
+    Image.new("LA", (37, 300), (90, 128)).save(inputs / "tall_grey_alpha.png")  # odd size and mode
+    palette = Image.fromarray(np.random.default_rng(0).integers(0, 255, (500, 700, 3), dtype=np.uint8)).convert("P")
+    palette.save(inputs / "palette.png")
+    out = tmp_path / "out"
+    rc = run_predict(root, ["--images", str(inputs), str(tmp_path / "missing.jpg"), "--model", str(tiny_model_file),
+                            "--output-dir", str(out), "--score-threshold", "0.05", "--device", "cpu",
+                            "--batch-size", "2"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    line = [text for text in captured.out.splitlines() if text.startswith("compliance:")]
+    assert len(line) == 1 and "faces" in line[0]
+
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert predictions["num_images"] == 5
+    skipped = {entry["file"].rsplit("/", 1)[-1]: entry["reason"] for entry in predictions["skipped"]}
+    assert set(skipped) == {"broken.jpg", "notes.txt", "missing.jpg"}
+    assert "truncated" in skipped["broken.jpg"]
+    assert "does not exist" in skipped["missing.jpg"]
+    assert "broken.jpg" in captured.err
+
+    annotated = sorted(p.name for p in (out / "annotated").iterdir())
+    assert annotated == sorted(f"annotated_{p.stem}.jpg" for p in [*good, inputs / "tall_grey_alpha.png",
+                                                                    inputs / "palette.png"])
+    with Image.open(out / "annotated" / "annotated_palette.jpg") as image:
+        assert image.size == (700, 500) and image.mode == "RGB"  # annotated at the input's own size
+
+    by_file = {image["file"]: image for image in predictions["images"]}
+    for image in predictions["images"]:
+        for det in image["detections"]:
+            assert det["score"] >= 0.05
+            x0, y0, x1, y1 = det["box"]
+            assert 0 <= x0 <= x1 <= image["width"] and 0 <= y0 <= y1 <= image["height"]
+    rows = list(csv.DictReader(io.StringIO((out / "predictions.csv").read_text())))
+    assert list(rows[0]) == ["file", "xmin", "ymin", "xmax", "ymax", "label", "score"] if rows else True
+    assert len(rows) == predictions["num_detections"] == sum(len(i["detections"]) for i in by_file.values())
+
+    compliance = json.loads((out / "compliance.json").read_text())
+    assert set(compliance["per_image"]) == set(by_file)
+    for name, entry in compliance["per_image"].items():
+        assert entry["faces"] == len(by_file[name]["detections"])
+    assert compliance["overall"] == merge_compliance(compliance["per_image"].values())
+    assert compliance["skipped"] == predictions["skipped"]
+    assert (out / "predict_run.json").is_file()
+
+
+def test_predict_tta_and_archive_input(root, sample_dir, tiny_model_file, tmp_path):
+    archive = tmp_path / "batch.tar"
+    with tarfile.open(archive, "w") as tar:
+        for file in sorted((sample_dir / "images").glob("*.jpg"))[:2]:
+            tar.add(file, arcname=file.name)
+    out = tmp_path / "out"
+    annotated_dir = tmp_path / "pictures"
+    rc = run_predict(root, ["--images", str(archive), "--model", str(tiny_model_file), "--output-dir", str(out),
+                            "--annotated-dir", str(annotated_dir), "--tta", "--score-threshold", "0.0",
+                            "--device", "cpu", "--workers", "0"])
+    assert rc == 0
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert predictions["tta"] is True and predictions["num_images"] == 2
+    assert all(image["file"].startswith("batch.tar:") for image in predictions["images"])
+    assert len(list(annotated_dir.glob("annotated_*.jpg"))) == 2
+
+
+def test_predict_fails_when_nothing_is_readable(root, tiny_model_file, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    rc = run_predict(root, ["--images", str(bad), "--model", str(tiny_model_file),
+                            "--output-dir", str(tmp_path / "out"), "--device", "cpu"])
+    assert rc == 1
+    assert "no image could be processed" in capsys.readouterr().err
+    compliance = json.loads((tmp_path / "out" / "compliance.json").read_text())
+    assert compliance["overall"]["faces"] == 0 and compliance["overall"]["percent_properly_masked"] is None
+    assert compliance["skipped"][0]["file"] == str(bad)
+
+
+class LeftHalfDetector(nn.Module):
+    """Reports each bright rectangle whose left edge lies in the left half of its input: a stand-in
+    that misses faces on the right, so only the flipped pass can find them there."""
+
+    def __init__(self):
+        super().__init__()
+        self.roi_heads = type("RoiHeads", (), {"detections_per_img": 100})()
+
+    def forward(self, images):
+        outputs = []
+        for image in images:
+            bright = image[0] > 0.5
+            columns = bright.any(dim=0).tolist() + [False]
+            boxes, start = [], None
+            for x, on in enumerate(columns):  # runs of bright columns = rectangles (they never share columns)
+                if on and start is None:
+                    start = x
+                elif not on and start is not None:
+                    ys = torch.nonzero(bright[:, start:x].any(dim=1)).reshape(-1)
+                    if start < image.shape[-1] / 2:
+                        boxes.append([start, int(ys.min()), x, int(ys.max()) + 1])
+                    start = None
+            boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+            outputs.append({"boxes": boxes, "labels": torch.ones(len(boxes), dtype=torch.int64),
+                            "scores": torch.full((len(boxes),), 0.9)})
+        return outputs
+
+
+def test_tta_maps_flipped_boxes_back_and_merges_them():
+    image = torch.zeros(3, 40, 100)
+    image[:, 5:25, 10:30] = 1.0  # left face; its mirror image would be at x 70..90
+    image[:, 15:35, 60:80] = 1.0  # right face, invisible to the stand-in unless flipped (then x 20..40)
+    plain = detect(LeftHalfDetector(), [image])[0]
+    assert plain["boxes"].tolist() == [[10.0, 5.0, 30.0, 25.0]]
+    for result in detect(LeftHalfDetector(), [image, image], tta=True):
+        boxes = sorted(result["boxes"].tolist())
+        # The flipped pass finds the right face, mapped back exactly; a wrong un-flip would put it elsewhere.
+        assert boxes == [[10.0, 5.0, 30.0, 25.0], [60.0, 15.0, 80.0, 35.0]]
+
+
+def test_tta_merges_the_same_face_found_twice():
+    image = torch.zeros(3, 40, 100)
+    image[:, 5:25, 42:56] = 1.0  # starts left of centre in both the image and its mirror: both passes see it
+    result = detect(LeftHalfDetector(), [image], tta=True)[0]
+    assert result["boxes"].tolist() == [[42.0, 5.0, 56.0, 25.0]]  # found twice, one box after NMS
+
+
+def test_detect_applies_the_score_threshold():
+    image = torch.zeros(3, 20, 20)
+    image[:, 2:8, 2:8] = 1.0
+    assert len(detect(LeftHalfDetector(), [image], score_threshold=0.95)[0]["boxes"]) == 0
+    assert len(detect(LeftHalfDetector(), [image], score_threshold=0.5)[0]["boxes"]) == 1

@@ -1,0 +1,173 @@
+"""The predict job: detections, annotated images and the mask-compliance figure for image files.
+
+Inputs are image files, folders of images, or .tar archives of images, in any mix.
+Every file that cannot be used (missing, not an image, undecodable) is listed as
+skipped with its reason in predictions.json and compliance.json; the others still run.
+
+Pipeline: DataLoader workers decode ahead of the model (utils.inference), and
+annotated copies are drawn and JPEG-encoded by a thread pool while the model works
+on the next batch, so the model rarely waits for files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from .atomic import write_json, write_text
+from .classes import NAME_OF
+from .images import is_image_name
+from .inference import Detections, ImageItem, Skipped, detect_files
+from .metrics import compliance, compliance_line, merge_compliance
+from .pairs import open_folder
+from .plots import save_annotated
+
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+PREDICTION_CSV_FIELDS = ("file", "xmin", "ymin", "xmax", "ymax", "label", "score")
+
+
+def _is_archive(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _folder_items(folder: Path, prefix: str, skipped: list):
+    items = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts):
+            continue  # hidden files (editor swap files, macOS metadata) are not inputs
+        name = f"{prefix}{relative.as_posix()}"
+        if is_image_name(path):
+            items.append(ImageItem(name, path))
+        elif path.suffix.lower() != ".xml":  # annotations beside images are expected, not a problem
+            skipped.append({"file": name, "reason": f"not an image file name (extension '{path.suffix}')"})
+    return items
+
+
+def collect_inputs(paths, stack: contextlib.ExitStack):
+    """(items, skipped): image files from files, folders and archives; skipped entries are {file, reason}."""
+    items, skipped = [], []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            items += _folder_items(path, f"{path.as_posix().rstrip('/')}/", skipped)
+        elif _is_archive(path):
+            try:
+                folder = stack.enter_context(open_folder(path))
+            except Exception as exc:  # a damaged archive is one skipped input, not a failed job
+                skipped.append({"file": str(path), "reason": f"cannot unpack archive: {exc}"})
+                continue
+            items += _folder_items(folder, f"{path.name}:", skipped)
+        elif path.is_file():
+            items.append(ImageItem(str(path), path))  # named explicitly: try it whatever its extension
+        else:
+            skipped.append({"file": str(path), "reason": "file does not exist"})
+    return items, skipped
+
+
+def _annotated_name(item: ImageItem, used: set) -> str:
+    stem = Path(item.path).stem
+    name, n = f"annotated_{stem}.jpg", 1
+    while name in used:  # two inputs with the same stem (different folders) must not overwrite each other
+        n += 1
+        name = f"annotated_{stem}_{n}.jpg"
+    used.add(name)
+    return name
+
+
+@dataclass
+class PredictionRun:
+    images: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    overall: dict = field(default_factory=dict)
+    outputs: dict = field(default_factory=dict)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.images)
+
+
+def _image_record(result: Detections, annotated: str | None) -> dict:
+    detections = [
+        {"box": [round(v, 2) for v in box], "label": NAME_OF[int(label)], "score": round(float(score), 4)}
+        for box, label, score in zip(result.boxes.tolist(), result.labels.tolist(), result.scores.tolist())
+    ]
+    return {"file": result.item.name, "width": result.width, "height": result.height,
+            "annotated": annotated, "detections": detections,
+            "compliance": compliance([d["label"] for d in detections])}
+
+
+def _csv_text(images) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(PREDICTION_CSV_FIELDS)
+    for image in images:
+        for det in image["detections"]:
+            writer.writerow([image["file"], *det["box"], det["label"], det["score"]])
+    return buffer.getvalue()
+
+
+def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", score_threshold: float = 0.5,
+                   tta: bool = False, batch_size: int = 4, num_workers: int | None = None,
+                   annotate: bool = True, progress=None, settings: dict | None = None) -> PredictionRun:
+    """Run the predict job and write its outputs; returns what was written.
+
+    *progress* is an optional callable taking the number of finished images (for a tqdm bar).
+    *settings* is copied into predictions.json and compliance.json (model file, flags).
+    """
+    output_dir = Path(output_dir)
+    annotated_dir = Path(annotated_dir) if annotated_dir else output_dir / "annotated"
+    run = PredictionRun()
+    used_names: set[str] = set()
+    with contextlib.ExitStack() as stack:
+        items, run.skipped = collect_inputs(paths, stack)
+        if annotate:
+            annotated_dir.mkdir(parents=True, exist_ok=True)
+        writer = stack.enter_context(ThreadPoolExecutor(max_workers=2, thread_name_prefix="annotate"))
+        pending = []
+        for result in detect_files(model, items, device, batch_size=batch_size, score_threshold=score_threshold,
+                                   tta=tta, num_workers=num_workers, keep_images=annotate):
+            if isinstance(result, Skipped):
+                run.skipped.append({"file": result.item.name, "reason": result.reason})
+                continue
+            annotated = None
+            if annotate:
+                annotated = _annotated_name(result.item, used_names)
+                pil = Image.fromarray(result.image.permute(1, 2, 0).numpy())
+                pending.append(writer.submit(save_annotated, pil, result.boxes, result.labels, result.scores,
+                                             annotated_dir / annotated))
+                result.image = None
+                if len(pending) > 4 * batch_size:  # bound the images held in memory by queued writes
+                    pending.pop(0).result()
+            run.images.append(_image_record(result, annotated))
+            if progress is not None:
+                progress(1)
+        for future in pending:
+            future.result()  # re-raise a failed write (disk full) instead of losing it
+    run.overall = merge_compliance(image["compliance"] for image in run.images)
+    settings = dict(settings or {})
+    settings.update({"score_threshold": score_threshold, "tta": tta})
+    predictions = {**settings, "num_images": run.num_images,
+                   "num_detections": sum(len(i["detections"]) for i in run.images),
+                   "images": [{k: v for k, v in i.items() if k != "compliance"} for i in run.images],
+                   "skipped": run.skipped}
+    compliance_report = {**settings, "num_images": run.num_images, "overall": run.overall,
+                         "per_image": {i["file"]: i["compliance"] for i in run.images},
+                         "skipped": run.skipped}
+    run.outputs = {
+        "predictions_json": write_json(output_dir / "predictions.json", predictions),
+        "predictions_csv": write_text(output_dir / "predictions.csv", _csv_text(run.images)),
+        "compliance_json": write_json(output_dir / "compliance.json", compliance_report),
+        "annotated_dir": annotated_dir if annotate else None,
+    }
+    return run
+
+
+def summary_line(run: PredictionRun) -> str:
+    return compliance_line(run.overall)
