@@ -65,20 +65,21 @@ def test_layout_and_annotations_are_valid(sample_dir):
 
 
 def test_class_mix_and_face_sizes_over_many_images():
-    rng_seeds = range(60)
+    rng_seeds = range(40)
     counts, heights, per_image = Counter(), [], []
     for index in rng_seeds:
-        image, objects = render_sample(np.random.default_rng([11, index]), (320, 240))
-        assert image.size == (320, 240)
+        image, objects = render_sample(np.random.default_rng([11, index]), (256, 192))
+        assert image.size == (256, 192)
         per_image.append(len(objects))
         counts.update(o.name for o in objects)
         heights += [o.ymax - o.ymin for o in objects]
     total = sum(counts.values())
-    assert 0.35 < counts["with_mask"] / total < 0.55
-    assert 0.25 < counts["without_mask"] / total < 0.45
-    assert 0.12 < counts["mask_weared_incorrect"] / total < 0.28
+    # Expected 45/35/20; the bounds catch a broken mix, not sampling noise (about 145 faces).
+    assert 0.35 < counts["with_mask"] / total < 0.6
+    assert 0.22 < counts["without_mask"] / total < 0.45
+    assert 0.1 < counts["mask_weared_incorrect"] / total < 0.3
     assert min(per_image) >= 1 and max(per_image) <= 6 and len(set(per_image)) >= 4
-    assert min(heights) < 25 and max(heights) > 60  # varied scales
+    assert min(heights) < 20 and max(heights) > 50  # varied scales: faces 12-64 px tall at this size
 
 
 def test_boxes_overlap_only_slightly():
