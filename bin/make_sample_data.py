@@ -37,8 +37,8 @@ def main(args) -> int:
     except ValueError as exc:
         print(f"make_sample_data: {exc}", file=sys.stderr)
         return 2
-    written = sorted(Path(summary["images_dir"]).glob("*.jpg"))
-    write_run_record(Path(args.out) / "run_record.json", "make_sample_data", vars(args), written)
+    # A generator has no inputs: the parameters alone determine the files.
+    write_run_record(Path(args.out) / "run_record.json", "make_sample_data", vars(args))
     objects = ", ".join(f"{name} {count}" for name, count in summary["objects"].items())
     print(f"wrote {summary['images']} images ({args.image_size[0]}x{args.image_size[1]}) to {summary['images_dir']} "
           f"and their VOC files to {summary['annotations_dir']}; objects: {objects}")

@@ -81,7 +81,13 @@ def open_inputs(images, annotations, split_csv=None, split=None, log: JobLog | N
         same = Path(annotations).resolve() == Path(images).resolve()
         annotations_dir = images_dir if same else stack.enter_context(open_folder(annotations))
         if split_csv is not None:
-            rows = read_pairs_csv(split_csv, images_dir=images_dir, annotations_dir=annotations_dir, split=split)
+            try:
+                rows = read_pairs_csv(split_csv, images_dir=images_dir, annotations_dir=annotations_dir, split=split)
+            except KeyError as exc:
+                raise NothingProcessedError(f"{split_csv}: no {exc.args[0]!r} column "
+                                            "(expected image, annotation, split)") from None
+            except (OSError, UnicodeDecodeError) as exc:
+                raise NothingProcessedError(f"{split_csv}: cannot read ({exc})") from None
             pairs = []
             for pair in rows:
                 missing = [p for p in (pair.image, pair.annotation) if not p.is_file()]
