@@ -156,7 +156,8 @@ def main(args) -> int:
     decode_rate = rows[0][1] / rows[0][2]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"data_pipeline: {count} images from {args.data}; {os.cpu_count()} CPUs, load average {load:.1f}, "
-          f"torch threads {torch.get_num_threads()}, best of {REPEATS} runs per stage, {platform.python_implementation()} "
+          f"torch threads {torch.get_num_threads()}, best of {REPEATS} runs per stage, "
+          f"{platform.python_implementation()} "
           f"{platform.python_version()}")
     header = f"{'stage':<16}{'images':>8}{'seconds':>10}{'images/s':>11}{'x decode':>10}"
     print(header)
@@ -176,7 +177,8 @@ def main(args) -> int:
           f"{args.workers} workers at {figures[-1]['ratio_to_decode']:.2f}x.")
     if args.output:
         write_json(args.output, {"data": str(args.data), "images": count, "cpus": os.cpu_count(),
-                                 "load_average": load, "copies": args.copies, "repeats": REPEATS, "max_size": args.max_size,
+                                 "load_average": load, "copies": args.copies, "repeats": REPEATS,
+                                 "max_size": args.max_size,
                                  "workers": args.workers, "stages": figures})
     return 0
 

@@ -21,7 +21,8 @@ def get_args_parser():
     parser.add_argument("--out", type=Path, default=Path("data/sample"),
                         help="output folder; images/ and annotations/ are created inside (default: data/sample)")
     parser.add_argument("--num-images", type=int, default=200, help="number of images to draw (default: 200)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files (default: 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed; the same seed gives the same files (default: 0)")
     parser.add_argument("--image-size", type=int, nargs=2, metavar=("W", "H"), default=(320, 240),
                         help="image width and height in pixels (default: 320 240)")
     parser.add_argument("--min-faces", type=int, default=1, help="fewest faces per image (default: 1)")

@@ -186,5 +186,6 @@ def test_nothing_usable_fails_with_one_line(tmp_path, root, capsys):
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("file,split\na.jpg,val\n")
     assert cli.main(cli.get_args_parser().parse_args(
-        ["--images", str(src), "--split-csv", str(bad_csv), "--split", "val", "--output-dir", str(tmp_path / "o")])) == 1
+        ["--images", str(src), "--split-csv", str(bad_csv), "--split", "val",
+         "--output-dir", str(tmp_path / "o")])) == 1
     assert "bad.csv: no 'image' column" in capsys.readouterr().err
