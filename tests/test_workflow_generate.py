@@ -1,0 +1,276 @@
+"""workflow.py: the generated workflow, catalogs and properties (schemas and structure)."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+import workflow as generator
+from pegasus_schemas import schema_errors, validate_run_dir
+from utils.executor import load_workflow, read_properties
+
+HPO_JOBS = 3
+
+
+def generate(run_dir: Path, data: Path, *extra: str) -> int:
+    args = generator.get_args_parser().parse_args(
+        ["--data", str(data), "--run-dir", str(run_dir), "--generate-only", *extra])
+    return generator.main(args)
+
+
+@pytest.fixture(scope="module")
+def run_dir(sample_dir, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("generated")
+    assert generate(run_dir, sample_dir, "--hpo-jobs", str(HPO_JOBS), "--trials", "5") == 0
+    return run_dir
+
+
+def load(run_dir: Path, name: str) -> dict:
+    return yaml.safe_load((run_dir / name).read_text())
+
+
+def jobs_by_id(run_dir: Path) -> dict[str, dict]:
+    return {job["id"]: job for job in load(run_dir, "workflow.yml")["jobs"]}
+
+
+def test_every_generated_file_passes_the_pegasus_schemas(run_dir):
+    assert validate_run_dir(run_dir) == {name: [] for name in ("workflow.yml", "replicas.yml",
+                                                                "transformations.yml", "sites.yml")}
+
+
+def test_the_schema_check_catches_broken_files(run_dir):
+    validate_run_dir(run_dir)  # skips when the schemas are absent
+    workflow = load(run_dir, "workflow.yml")
+    broken = copy.deepcopy(workflow)
+    broken["jobs"][0]["uses"][0]["type"] = "sideways"
+    assert schema_errors(broken, "wf-5.0.yml")
+    sites = load(run_dir, "sites.yml")
+    del sites["pegasus"]
+    assert schema_errors(sites, "sc-5.0.yml")
+
+
+def test_files_written(run_dir):
+    for name in ("workflow.yml", "replicas.yml", "transformations.yml", "sites.yml", "pegasus.properties",
+                 "workflow.dot", "validation_report.json", "split.csv"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "workflow.png").is_file() == (shutil.which("dot") is not None)
+    assert "hpo_merge" in (run_dir / "workflow.dot").read_text()
+
+
+def test_jobs_and_dependencies(run_dir):
+    jobs = jobs_by_id(run_dir)
+    hpo = [f"hpo_{i}" for i in range(HPO_JOBS)]
+    assert set(jobs) == {"plot_class_distribution", "preprocess_val", "preprocess_test", "augment_train",
+                         *hpo, "hpo_merge", "train", "evaluate", "predict"}
+    assert len(jobs) == 8 + HPO_JOBS
+    assert {job["name"] for job in jobs.values()} == set(generator.JOB_SCRIPTS)
+    parents = {job_id: spec.parents for job_id, spec in load_workflow(run_dir).jobs.items()}
+    assert parents["plot_class_distribution"] == set()
+    for job_id in hpo:
+        assert parents[job_id] == {"augment_train", "preprocess_val"}
+    assert parents["hpo_merge"] == set(hpo)
+    assert parents["train"] == {"augment_train", "preprocess_val", "hpo_merge"}
+    assert parents["evaluate"] == {"preprocess_test", "train"}
+    assert parents["predict"] == {"train"}
+    # the explicit jobDependencies written by Pegasus.api say the same
+    written = {}
+    for dependency in load(run_dir, "workflow.yml")["jobDependencies"]:
+        for child in dependency["children"]:
+            written.setdefault(child, set()).add(dependency["id"])
+    assert written["hpo_merge"] == set(hpo) and written["train"] == parents["train"]
+
+
+def test_trials_are_spread_over_the_hpo_jobs(run_dir):
+    jobs = jobs_by_id(run_dir)
+    trials = [int(jobs[f"hpo_{i}"]["arguments"][jobs[f"hpo_{i}"]["arguments"].index("--n-trials") + 1])
+              for i in range(HPO_JOBS)]
+    assert trials == [2, 2, 1]
+    assert generator.trials_per_worker(7, 2) == [4, 3]
+
+
+def test_checkpoints_and_their_profiles(run_dir):
+    jobs = jobs_by_id(run_dir)
+    replicas = {entry["lfn"]: entry["pfns"][0]["pfn"] for entry in load(run_dir, "replicas.yml")["replicas"]}
+    for job_id, checkpoint in [(f"hpo_{i}", f"hpo_{i}.journal") for i in range(HPO_JOBS)] + \
+                              [("train", "train_checkpoint.pt")]:
+        uses = {use["lfn"]: use for use in jobs[job_id]["uses"]}
+        assert uses[checkpoint]["type"] == "checkpoint"
+        assert uses[checkpoint]["stageOut"] is False
+        profiles = jobs[job_id]["profiles"]["pegasus"]
+        kind = jobs[job_id]["name"]
+        assert profiles["checkpoint.time"] == generator.RESOURCES[kind]["checkpoint_time"]
+        assert profiles["maxwalltime"] == generator.RESOURCES[kind]["max_walltime"]
+        assert profiles["checkpoint.time"] < profiles["maxwalltime"]
+        # condorio needs the checkpoint to exist before the first try: an empty file in the catalog
+        path = Path(replicas[checkpoint][len("file://"):])
+        assert path.is_file() and path.stat().st_size == 0
+        assert checkpoint in jobs[job_id]["arguments"]
+
+
+def test_stage_out_only_final_outputs(run_dir):
+    stage_out = {}
+    for job in jobs_by_id(run_dir).values():
+        for use in job["uses"]:
+            if use["type"] == "output":
+                stage_out[use["lfn"]] = use["stageOut"]
+    for final in ("evaluation.json", "evaluation.txt", "confusion_matrix.png", "pr_curves.png",
+                  "class_distribution.png", "best_hpo_params.json", "model.pt", "predictions.json",
+                  "predictions.csv", "compliance.json"):
+        assert stage_out[final] is True, final
+    for intermediate in ("train_set.tar", "val_set.tar", "test_set.tar", "best_0.json"):
+        assert stage_out[intermediate] is False, intermediate
+    annotated = [lfn for lfn in stage_out if lfn.startswith("annotated_")]
+    test_images = [line for line in (run_dir / "split.csv").read_text().splitlines() if line.endswith(",test")]
+    assert len(annotated) == len(test_images) > 0 and all(stage_out[lfn] for lfn in annotated)
+
+
+def test_resources_are_transformation_profiles(run_dir):
+    tc = load(run_dir, "transformations.yml")
+    transformations = {t["name"]: t for t in tc["transformations"]}
+    assert set(transformations) == set(generator.JOB_SCRIPTS)
+    for kind, transformation in transformations.items():
+        site = transformation["sites"][0]
+        assert site["type"] == "stageable"
+        assert Path(site["pfn"]) == (generator.ROOT / generator.JOB_SCRIPTS[kind]).resolve()
+        assert site["container"] == generator.CONTAINER_NAME
+        profile = transformation["profiles"]["pegasus"]
+        resources = generator.RESOURCES[kind]
+        assert profile["cores"] == resources["cores"]
+        assert profile["memory"] == int(resources["memory"].split()[0]) * 1024
+        assert int(profile["runtime"]) == resources["runtime"]
+    (container,) = tc["containers"]
+    assert container["type"] == "singularity"
+    generator.validate_container_image(container["image"])
+
+
+def test_replicas_are_absolute_file_urls_of_existing_files(run_dir):
+    replicas = load(run_dir, "replicas.yml")["replicas"]
+    lfns = {entry["lfn"] for entry in replicas}
+    assert "split.csv" in lfns
+    for entry in replicas:
+        (pfn,) = entry["pfns"]
+        assert pfn["site"] == "local"
+        assert pfn["pfn"].startswith("file:///"), pfn
+        assert Path(pfn["pfn"][len("file://"):]).is_file(), pfn
+    # every job input that no job produces has a replica
+    produced = set()
+    inputs = set()
+    for job in jobs_by_id(run_dir).values():
+        for use in job["uses"]:
+            (inputs if use["type"] == "input" else produced).add(use["lfn"])
+    assert inputs - produced <= lfns
+
+
+def test_pretrained_weights_travel_as_an_input_when_cached(run_dir):
+    from utils.weights import MOBILENET_V2_FILE, cached_weights
+
+    jobs = jobs_by_id(run_dir)
+    for job_id in ("hpo_0", "train"):
+        lfns = {use["lfn"] for use in jobs[job_id]["uses"]}
+        assert (MOBILENET_V2_FILE in lfns) == (cached_weights() is not None)
+        if cached_weights() is not None:
+            arguments = jobs[job_id]["arguments"]
+            assert arguments[arguments.index("--weights-file") + 1] == MOBILENET_V2_FILE
+
+
+def test_properties(run_dir):
+    properties = read_properties(run_dir / "pegasus.properties")
+    assert properties["pegasus.data.configuration"] == "condorio"
+    assert int(properties["dagman.retry"]) >= 1
+    assert "pegasus.mode" in properties and "pegasus.transfer.threads" in properties
+    for catalog, name in (("replica", "replicas.yml"), ("transformation", "transformations.yml"),
+                          ("site", "sites.yml")):
+        assert properties[f"pegasus.catalog.{catalog}.file"] == str(run_dir.resolve() / name)
+
+
+def test_site_catalog(run_dir):
+    sites = {site["name"]: site for site in load(run_dir, "sites.yml")["sites"]}
+    directories = {d["type"]: d for d in sites["local"]["directories"]}
+    assert set(directories) == {"sharedScratch", "localStorage"}
+    for directory in directories.values():
+        assert Path(directory["path"]).is_absolute()
+        assert directory["fileServers"][0]["url"] == Path(directory["path"]).as_uri()
+    assert Path(directories["localStorage"]["path"]) == run_dir.resolve() / "outputs"
+    condorpool = sites["condorpool"]["profiles"]
+    assert condorpool["pegasus"]["style"] == "condor"
+    assert condorpool["condor"]["universe"] == "vanilla"
+
+
+def test_flags_change_properties_container_and_gpus(sample_dir, tmp_path):
+    run_dir = tmp_path / "gpu"
+    assert generate(run_dir, sample_dir, "--gpus", "1", "--container-type", "docker",
+                    "--container-image", "docker://someone/mask:1.2", "--retries", "5", "--mode", "production",
+                    "--transfer-threads", "8", "--execution-site", "local", "--hpo-jobs", "1", "--trials", "1") == 0
+    properties = read_properties(run_dir / "pegasus.properties")
+    assert properties["dagman.retry"] == "5" and properties["pegasus.mode"] == "production"
+    assert properties["pegasus.transfer.threads"] == "8"
+    assert properties["pegasus.data.configuration"] == "sharedfs"
+    (container,) = load(run_dir, "transformations.yml")["containers"]
+    assert container == {"name": generator.CONTAINER_NAME, "type": "docker", "image": "docker://someone/mask:1.2"}
+    jobs = jobs_by_id(run_dir)
+    assert len(jobs) == 9
+    for job_id, job in jobs.items():
+        pegasus = job.get("profiles", {}).get("pegasus", {})
+        if job["name"] in ("hpo", "train", "evaluate", "predict"):
+            assert pegasus["gpus"] == 1 and pegasus["container.arguments"] == "--gpus all", job_id
+        else:
+            assert "gpus" not in pegasus, job_id
+    assert validate_run_dir(run_dir)["transformations.yml"] == []
+
+
+def test_no_container(sample_dir, tmp_path):
+    run_dir = tmp_path / "bare"
+    assert generate(run_dir, sample_dir, "--container-type", "none") == 0
+    tc = load(run_dir, "transformations.yml")
+    assert "containers" not in tc
+    assert all("container" not in t["sites"][0] for t in tc["transformations"])
+
+
+@pytest.mark.parametrize("image", ["docker:///owner/name:tag", "docker://name:tag", "owner/name:tag",
+                                   "docker://owner/name", "docker://owner/:tag", "shub://owner/name:tag"])
+def test_bad_container_images_are_refused(image, sample_dir, tmp_path, capsys):
+    with pytest.raises(generator.ConfigError):
+        generator.validate_container_image(image)
+    assert generate(tmp_path / "bad", sample_dir, "--container-image", image) == 2
+    assert "--container-image" in capsys.readouterr().err
+
+
+def test_generation_is_deterministic(sample_dir, tmp_path, run_dir):
+    again = tmp_path / "again"
+    assert generate(again, sample_dir, "--hpo-jobs", str(HPO_JOBS), "--trials", "5") == 0
+    strip = lambda text: [line for line in text.replace(str(again.resolve()), "RUN").replace(  # noqa: E731
+        str(run_dir.resolve()), "RUN").splitlines() if "createdOn" not in line]
+    for name in ("workflow.yml", "replicas.yml", "transformations.yml", "sites.yml", "split.csv"):
+        assert strip((again / name).read_text()) == strip((run_dir / name).read_text()), name
+
+
+def test_prediction_folder_and_clear_errors(sample_dir, tmp_path, capsys):
+    predict_dir = tmp_path / "to_predict"
+    predict_dir.mkdir()
+    for image in sorted((sample_dir / "images").iterdir())[:3]:
+        shutil.copyfile(image, predict_dir / f"new_{image.name}")
+    run_dir = tmp_path / "pred"
+    assert generate(run_dir, sample_dir, "--pred-images", str(predict_dir)) == 0
+    predict = jobs_by_id(run_dir)["predict"]
+    images = [a for a in map(str, predict["arguments"]) if a.startswith("new_")]
+    assert len(images) == 3
+    assert generate(tmp_path / "x", tmp_path / "nowhere") == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert generate(tmp_path / "y", sample_dir, "--trials", "1", "--hpo-jobs", "2") == 2
+    assert "--trials" in capsys.readouterr().err
+
+
+def test_submit_without_pegasus_prints_the_plan_command(sample_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(generator.shutil, "which", lambda name: None)
+    run_dir = tmp_path / "submit"
+    args = generator.get_args_parser().parse_args(
+        ["--data", str(sample_dir), "--run-dir", str(run_dir), "--submit"])
+    assert generator.main(args) == 3
+    err = capsys.readouterr().err
+    assert "pegasus-plan is not on PATH" in err
+    assert f"--conf {run_dir.resolve() / 'pegasus.properties'}" in err
+    assert "--sites condorpool" in err and "--submit" in err and str(run_dir.resolve() / "workflow.yml") in err
