@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.engine import resolve_device  # noqa: E402
-from utils.evaluation import EvaluationInputError, evaluate_model, format_report, labelled_pairs  # noqa: E402
+from utils.evaluation import (EvaluationInputError, check_model_classes, evaluate_model, format_report,  # noqa: E402
+                              labelled_pairs)
 from utils.images import ImageError  # noqa: E402
 from utils.model import ModelError, load_model_file  # noqa: E402
 from utils.pairs import open_folder  # noqa: E402
@@ -62,6 +63,7 @@ def main(args) -> int:
         return 2
     try:
         model, meta = load_model_file(args.model, device)
+        check_model_classes(meta, args.model)
         with contextlib.ExitStack() as stack:
             images_dir = stack.enter_context(open_folder(args.images))
             same = Path(args.images).resolve() == Path(args.annotations).resolve()

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tqdm import tqdm  # noqa: E402
 
 from utils.engine import resolve_device  # noqa: E402
+from utils.evaluation import EvaluationInputError, check_model_classes  # noqa: E402
 from utils.model import ModelError, load_model_file  # noqa: E402
 from utils.prediction import predict_images, summary_line  # noqa: E402
 from utils.provenance import write_run_record  # noqa: E402
@@ -58,7 +59,8 @@ def main(args) -> int:
     try:
         device = resolve_device(args.device)
         model, meta = load_model_file(args.model, device)
-    except (RuntimeError, ModelError) as exc:
+        check_model_classes(meta, args.model)
+    except (RuntimeError, ModelError, EvaluationInputError) as exc:
         print(f"predict: error: {exc}", file=sys.stderr)
         return 2
     settings = {"model": str(args.model), "backbone": meta.get("backbone"), "image_size": meta.get("image_size")}

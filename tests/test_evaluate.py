@@ -138,3 +138,19 @@ def test_evaluate_reports_empty_set(root, tiny_model_file, tmp_path, capsys):
          "--output-dir", str(tmp_path / "out"), "--device", "cpu"])
     assert script.main(args) == 2
     assert "no image/annotation pairs" in capsys.readouterr().err
+
+
+def test_dropped_objects_are_reported_and_foreign_models_refused(sample_dir, tmp_path):
+    from utils.evaluation import EvaluationInputError, check_model_classes, dropped_objects
+    from utils.voc import VocObject, parse_voc, write_voc
+
+    pairs, _ = labelled_pairs(sample_dir / "images", sample_dir / "annotations")
+    ann = parse_voc(pairs[0].annotation)
+    ann.objects.append(VocObject("helmet", 1.0, 1.0, 20.0, 20.0))
+    changed = tmp_path / pairs[0].annotation.name
+    write_voc(changed, ann)
+    dropped = dropped_objects([type(pairs[0])(pairs[0].image, changed), *pairs[1:3]])
+    assert len(dropped) == 1 and dropped[0]["file"] == str(changed) and "helmet" in dropped[0]["reason"]
+    check_model_classes({"classes": list(CLASSES)}, "model.pt")
+    with pytest.raises(EvaluationInputError, match="model.pt: model classes"):
+        check_model_classes({"classes": ["cat", "dog"]}, "model.pt")

@@ -16,13 +16,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from .atomic import write_json, write_text
-from .classes import CLASSES
+from .classes import CLASSES, NAME_OF
 from .dataset import VocDetectionDataset, collate
 from .engine import evaluate_loss, run_inference
+from .images import ImageError, image_size
 from .inference import default_num_workers
 from .metrics import compute_coco, detection_confusion_matrix, pr_curves
 from .pairs import pair_folders
 from .plots import plot_confusion_matrix, plot_pr_curves
+from .voc import VocError, clean_objects, parse_voc
 
 CONFUSION_IOU = 0.5
 
@@ -45,6 +47,31 @@ def labelled_pairs(images_dir, annotations_dir):
     if not pairing.pairs:
         raise EvaluationInputError(f"no image/annotation pairs found in {images_dir} and {annotations_dir}")
     return pairing.pairs, skipped
+
+
+def check_model_classes(meta: dict, model_path) -> None:
+    """Refuse a model whose classes are not this project's: its label numbers would be misread."""
+    classes = meta.get("classes")
+    if classes is not None and list(classes) != list(CLASSES):
+        raise EvaluationInputError(f"{model_path}: model classes {list(classes)} differ from {list(CLASSES)}")
+
+
+def dropped_objects(pairs) -> list[dict]:
+    """Objects the dataset leaves out (unknown class, outside the image, no area), per annotation file.
+
+    Computed here, in this process, because the dataset records them in whichever DataLoader
+    worker read the file; image sizes come from the headers, as the dataset's decode would give.
+    """
+    dropped = []
+    for pair in pairs:
+        try:
+            width, height = image_size(pair.image)
+            _, problems = clean_objects(parse_voc(pair.annotation), width, height, known_classes=CLASSES)
+        except (ImageError, VocError):
+            continue  # the loader raises for these with the file named; nothing to add here
+        if problems:
+            dropped.append({"file": str(pair.annotation), "reason": "; ".join(problems)})
+    return dropped
 
 
 def evaluation_loader(pairs, batch_size: int = 4, num_workers: int | None = None, device=None) -> DataLoader:
@@ -118,10 +145,9 @@ def evaluate_model(model, pairs, output_dir, device="cpu", score_threshold: floa
     faces_per_class = {name: 0 for name in CLASSES}
     for target in targets:
         for label in target["labels"].tolist():
-            faces_per_class[CLASSES[int(label) - 1]] += 1
+            faces_per_class[NAME_OF[int(label)]] += 1
     summary = coco.summary
-    object_problems = [{"file": file, "reason": "; ".join(problems)}
-                       for file, problems in loader.dataset.object_problems.items()]
+    object_problems = dropped_objects(pairs)
     report = {
         **(settings or {}),
         "map": summary["map"],

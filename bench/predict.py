@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Prediction throughput: the predict job's whole path against pure model inference, in images/s.
+
+Both measured in one run, on the same real images:
+  pure        the model alone on images already decoded and held as float tensors on the
+              device, in batches of --batch-size (what the hardware can do)
+  end-to-end  utils.prediction.predict_images, i.e. the predict job without argument parsing:
+              listing files, decoding in DataLoader workers, batching, inference, score
+              filtering, drawing and JPEG-encoding annotated images (thread pool), and
+              writing predictions.json/.csv and compliance.json
+The ratio end-to-end / pure is the share of the model's speed the job keeps (goal >= 0.9).
+After a warm-up batch the two paths are timed alternately --repeats times and the fastest
+run of each counts, so that a burst of load from other processes on a shared machine
+hits both alike. As a cross-check that does not depend on such load, the share of the
+end-to-end wall time spent inside the model call is also reported (1 - that share is
+the pipeline's own overhead: decoding not hidden by the workers, drawing, writing).
+
+The model is --model FILE when given (a trained model: realistic box counts), else a
+freshly built mobilenet_v2_fpn (ImageNet backbone when cached) at --image-size. Outputs go
+to a temporary folder. Skips with a message (exit 0) when the data folder is absent.
+"""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "face-mask"
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                        help=f"folder with images/ (default: {DEFAULT_DATA})")
+    parser.add_argument("--limit", type=int, default=24, help="use the first N images (default: 24)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="model file from bin/train.py (default: build an untrained mobilenet_v2_fpn)")
+    parser.add_argument("--image-size", type=int, default=512,
+                        help="model input size when building a model (default: 512)")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per model call (default: 4)")
+    parser.add_argument("--workers", type=int, default=-1,
+                        help="decoding processes for the end-to-end path; -1 = the predict job's default "
+                             "(default: -1)")
+    parser.add_argument("--score-threshold", type=float, default=0.5, help="as in bin/predict.py (default: 0.5)")
+    parser.add_argument("--tta", action="store_true", help="time flip TTA on both paths")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs per path, alternating; the fastest counts (default: 3)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="(default: auto)")
+    parser.add_argument("--output", type=Path, default=None, help="also write the figures as JSON here")
+    return parser
+
+
+def seconds(function):
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
+def main(args) -> int:
+    import torch
+
+    from utils.engine import resolve_device
+    from utils.images import is_image_name, load_rgb
+    import utils.inference as inference
+    from utils.inference import default_num_workers, detect, to_model_input
+    from utils.model import build_model, load_model_file
+    from utils.prediction import predict_images
+    from torchvision.transforms.v2 import functional as F
+
+    images_dir = args.data / "images"
+    if not images_dir.is_dir():
+        print(f"bench/predict: skipped: {images_dir} does not exist")
+        return 0
+    files = sorted(p for p in images_dir.iterdir() if p.is_file() and is_image_name(p))[: args.limit]
+    if not files:
+        print(f"bench/predict: skipped: no images in {images_dir}")
+        return 0
+    device = resolve_device(args.device)
+    if args.model:
+        model, meta = load_model_file(args.model, device)
+        model_desc = f"{args.model} ({meta.get('backbone')}, image size {meta.get('image_size')})"
+    else:
+        model = build_model("mobilenet_v2_fpn", weights="imagenet", image_size=args.image_size).to(device).eval()
+        model_desc = (f"untrained mobilenet_v2_fpn, image size {args.image_size} "
+                      f"({model.weights_report.loaded} backbone weights)")
+    workers = default_num_workers() if args.workers < 0 else args.workers
+    batches = [files[i:i + args.batch_size] for i in range(0, len(files), args.batch_size)]
+
+    # Pure inference: decoded once, held as float tensors on the device.
+    tensors = [[to_model_input(F.pil_to_tensor(load_rgb(p)), device) for p in batch] for batch in batches]
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def pure():
+        for batch in tensors:
+            detect(model, batch, tta=args.tta, score_threshold=args.score_threshold)
+        sync()
+
+    in_model = [0.0]
+
+    def timed_detect(*a, **k):  # the model call inside the job, timed (CUDA synchronised)
+        started = time.perf_counter()
+        result = detect(*a, **k)
+        sync()
+        in_model[0] += time.perf_counter() - started
+        return result
+
+    with tempfile.TemporaryDirectory(prefix="bench_predict.") as tmp:
+        def end_to_end():
+            predict_images(model, files, Path(tmp) / "out", device=device, score_threshold=args.score_threshold,
+                           tta=args.tta, batch_size=args.batch_size, num_workers=workers)
+            sync()
+
+        detect(model, tensors[0], tta=args.tta)  # warm-up: allocator, kernels, thread pools
+        pure_s = e2e_s = float("inf")
+        model_share = None
+        inference.detect = timed_detect
+        try:
+            for _ in range(args.repeats):
+                pure_s = min(pure_s, seconds(pure))
+                in_model[0] = 0.0
+                run_s = seconds(end_to_end)
+                if run_s < e2e_s:
+                    e2e_s, model_share = run_s, in_model[0] / run_s
+        finally:
+            inference.detect = detect
+        detections = json.loads((Path(tmp) / "out" / "predictions.json").read_text())["num_detections"]
+
+    n = len(files)
+    pure_ips, e2e_ips = n / pure_s, n / e2e_s
+    ratio = e2e_ips / pure_ips
+    figures = {
+        "images": n, "model": model_desc, "device": str(device), "batch_size": args.batch_size,
+        "decode_workers": workers, "torch_threads": torch.get_num_threads(), "tta": args.tta,
+        "score_threshold": args.score_threshold, "detections_written": detections,
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "pure_images_per_s": round(pure_ips, 3), "end_to_end_images_per_s": round(e2e_ips, 3),
+        "ratio": round(ratio, 3), "model_share_of_end_to_end": round(model_share, 3), "repeats": args.repeats,
+    }
+    print(f"bench/predict: {n} images from {images_dir}, {model_desc}, device {device}, batch {args.batch_size}, "
+          f"{workers} decode workers, {torch.get_num_threads()} torch threads, tta={args.tta}")
+    print(f"  pure inference (tensors held in memory): {pure_ips:8.2f} images/s")
+    print(f"  end-to-end predict job path            : {e2e_ips:8.2f} images/s  ({detections} detections written)")
+    print(f"  ratio end-to-end / pure                : {ratio:8.3f}  (goal >= 0.9)")
+    print(f"  share of end-to-end time in the model  : {model_share:8.3f}  (pipeline overhead "
+          f"{1 - model_share:.1%})")
+    if args.output:
+        from utils.atomic import write_json
+        write_json(args.output, figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
