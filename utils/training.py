@@ -209,7 +209,7 @@ class Trainer:
         save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.completed_epochs,
                         {**args, "params": self.params.to_dict()}, scaler=self.scaler, history=self.history)
 
-    def run_epoch(self, validate_map: bool = False) -> EpochRow:
+    def run_epoch(self, validate_map: bool = False, validate_loss: bool = True) -> EpochRow:
         epoch = self.completed_epochs
         frozen = epoch < self.params.freeze_backbone_epochs
         if frozen:
@@ -227,8 +227,9 @@ class Trainer:
                        loss_objectness=stats.get("loss_objectness", math.nan),
                        loss_rpn_box_reg=stats.get("loss_rpn_box_reg", math.nan),
                        images_per_s=stats["images_per_s"], seconds=stats["seconds"], backbone_frozen=frozen)
-        if self.val_loader is not None:
+        if self.val_loader is not None and validate_loss:
             row.val_loss = evaluate_loss(self.model, self.val_loader, self.device).get("loss")
+        if self.val_loader is not None:
             if validate_map:
                 summary = self.validation_map()
                 row.val_map, row.val_map_50 = summary["map"], summary["map_50"]
@@ -241,7 +242,8 @@ class Trainer:
         from .metrics import coco_map
 
         preds, targets = run_inference(self.model, self.val_loader, self.device)
-        return coco_map(preds, targets)
+        with contextlib.redirect_stdout(io.StringIO()):  # the COCO evaluator prints its tables
+            return coco_map(preds, targets)
 
 
 # ----------------------------------------------------------------------------- outputs

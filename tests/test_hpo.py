@@ -1,0 +1,141 @@
+"""HPO: a killed study resumes with --n-trials counting the total; workers get disjoint lr slices; merging."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from utils.hpo import (HpoConfig, HpoError, SearchSpace, fitness, journal_trials, merge_results, open_study,
+                       read_worker_results, run_study, write_plots)
+
+CONFIG = HpoConfig(epochs=1, image_size=96, workers=0, warmup_iters=1, seed=5)
+SPACE = SearchSpace(batch_sizes=(2,))
+
+
+@pytest.fixture(scope="module")
+def hpo_data(tmp_path_factory):
+    """4 training and 3 validation images of 96x96."""
+    from utils.sample_data import make_sample_dataset
+
+    root = tmp_path_factory.mktemp("hpo")
+    make_sample_dataset(root / "train", num_images=4, seed=21, image_size=(96, 96))
+    make_sample_dataset(root / "val", num_images=3, seed=22, image_size=(96, 96))
+    return root
+
+
+def study_run(hpo_data, journal, n_trials, **kwargs):
+    return run_study(CONFIG, SPACE, hpo_data / "train" / "images", hpo_data / "train" / "annotations",
+                     hpo_data / "val" / "images", hpo_data / "val" / "annotations", journal=journal,
+                     n_trials=n_trials, device=torch.device("cpu"), **kwargs)
+
+
+def finished(trials):
+    return [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+
+
+def test_killed_study_resumes_and_counts_the_total(hpo_data, tmp_path):
+    journal = tmp_path / "hpo.journal"
+    first = study_run(hpo_data, journal, n_trials=2, study_name="resume")
+    assert first["trial_counts"]["finished"] == 2
+    assert first["best_value"] is not None and 0.0 <= first["best_value"] <= 1.0
+
+    # Simulate a job killed in the middle of trial 3: a trial left RUNNING in the journal.
+    study, _ = open_study(journal, "resume", seed=0)
+    stale = study.ask()
+    stale_params = SPACE.sample(stale)
+    assert study.trials[-1].state == TrialState.RUNNING
+    del study
+
+    second = study_run(hpo_data, journal, n_trials=3, study_name="resume")
+    assert second["requeued_stale_trials"] == [stale.number]
+    assert second["trial_counts"]["finished"] == 3  # the total asked for, not 2 + 3
+    assert second["trial_counts"]["fail"] == 1 and second["trial_counts"]["running"] == 0
+    trials = optuna.load_study(study_name="resume", storage=open_study(journal, "resume", 0)[1]).trials
+    assert len(finished(trials)) == 3
+    rerun = finished(trials)[-1]
+    assert rerun.params == pytest.approx(stale_params)  # the interrupted parameters were run again
+    assert rerun.user_attrs["requeued_from"] == stale.number
+
+    records = journal_trials(journal)  # what hpo_merge --journals reads
+    assert [r["state"] for r in records].count("FAIL") == 1 and len(records) == 4
+
+    # A third run with the total already reached runs nothing.
+    third = study_run(hpo_data, journal, n_trials=3, study_name="resume")
+    assert third["trial_counts"] == second["trial_counts"]
+
+
+def test_workers_search_disjoint_slices_that_cover_the_range():
+    slices = [SPACE.for_worker(i, 3) for i in range(3)]
+    assert slices[0].lr_min == pytest.approx(SPACE.lr_min)
+    assert slices[-1].lr_max == pytest.approx(SPACE.lr_max)
+    for low, high in zip(slices, slices[1:]):
+        assert low.lr_max == pytest.approx(high.lr_min)
+    widths = [math.log(s.lr_max / s.lr_min) for s in slices]
+    assert widths == pytest.approx([widths[0]] * 3)
+    assert all(s.trainable_layers_max == SPACE.trainable_layers_max for s in slices)
+    with pytest.raises(HpoError, match="worker index 3"):
+        SPACE.for_worker(3, 3)
+
+
+def test_fitness_is_computed_from_eval_mode_map():
+    assert fitness({"map": 0.5, "map_50": 0.8}) == pytest.approx(0.1 * 0.8 + 0.9 * 0.5)
+    assert fitness({"map": 0.5, "map_50": 0.8}, "map") == 0.5
+    with pytest.raises(HpoError, match="no labelled faces"):
+        fitness({"map": None, "map_50": None})
+
+
+def fake_result(path, worker, value, params, trials):
+    result = {"worker_index": worker, "objective": "fitness", "best_value": value, "best_params": params,
+              "best_trial": 0, "fixed_params": {"optimizer": "sgd", "batch_size": 2},
+              "full_search_space": SPACE.describe(), "search_space": SPACE.for_worker(worker, 2).describe(),
+              "trial_counts": {"complete": len(trials)}, "trials": trials}
+    path.write_text(json.dumps(result))
+    return path
+
+
+def trial(number, value, lr, state="COMPLETE"):
+    return {"number": number, "state": state, "value": value, "intermediate_values": {"0": value or 0.0},
+            "params": {"lr": lr, "momentum": 0.9, "weight_decay": 1e-4, "trainable_layers": 3}, "user_attrs": {}}
+
+
+def load_script(root, name):
+    spec = importlib.util.spec_from_file_location(name, root / "bin" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_merge_picks_the_best_worker_and_writes_plots(tmp_path, root):
+    a = fake_result(tmp_path / "best_0.json", 0, 0.30, {"lr": 0.002}, [trial(0, 0.30, 0.002), trial(1, None, 0.003,
+                                                                                                     "PRUNED")])
+    b = fake_result(tmp_path / "best_1.json", 1, 0.42, {"lr": 0.02}, [trial(0, 0.42, 0.02), trial(1, 0.1, 0.04)])
+    merged = merge_results(read_worker_results([a, b]))
+    assert merged["params"] == {"lr": 0.02, "optimizer": "sgd", "batch_size": 2}
+    assert merged["value"] == 0.42 and merged["source"] == str(b)
+
+    hpo_merge = load_script(root, "hpo_merge")
+    out = tmp_path / "merged"
+    args = hpo_merge.get_args_parser().parse_args(
+        ["--inputs", str(a), str(b), "--output", str(out / "best_hpo_params.json"),
+         "--output-txt", str(out / "best_hpo_params.txt"), "--plots-dir", str(out)])
+    assert hpo_merge.main(args) == 0
+    saved = json.loads((out / "best_hpo_params.json").read_text())
+    assert saved["params"]["lr"] == 0.02 and "param_importances" not in saved["plot_notes"]
+    assert "lr = 0.02" in (out / "best_hpo_params.txt").read_text()
+    for name in ("optimization_history.png", "param_importances.png"):
+        assert (out / name).stat().st_size > 5000
+
+
+def test_too_few_trials_for_importance_gives_a_note(tmp_path):
+    single = fake_result(tmp_path / "best_0.json", 0, 0.3, {"lr": 0.002}, [trial(0, 0.3, 0.002)])
+    notes = write_plots(read_worker_results([single]), tmp_path / "plots")
+    assert "at least 2 completed trials" in notes["param_importances"]
+    assert (tmp_path / "plots" / "param_importances.png").is_file()
+    with pytest.raises(HpoError, match="no worker finished"):
+        merge_results(read_worker_results([fake_result(tmp_path / "none.json", 0, None, None, [])]))

@@ -1,0 +1,455 @@
+"""Hyperparameter search with Optuna: resumable, prunable, split across workers.
+
+Objective: Ultralytics' fitness 0.1 * mAP@0.5 + 0.9 * mAP@0.5:0.95 (or plain
+COCO mAP with objective="map") on the validation set, from predictions made in
+eval mode after every epoch; never a loss computed in train mode. Every epoch
+is reported with ``trial.report`` and a MedianPruner stops trials below the
+median of earlier trials at the same epoch.
+
+Storage: ``JournalStorage(JournalFileBackend(checkpoint))``. One worker owns one
+journal, so a trial found RUNNING when a job starts was left by a killed run:
+it is marked FAIL and its parameters are enqueued again (at most
+MAX_REQUEUES times). ``n_trials`` is the total of finished (complete + pruned)
+trials the study should hold, so a rerun only runs what is missing.
+
+Workers: with K workers, worker I searches the I-th of K equal slices of the
+log learning-rate range (disjoint, together the whole range) with its own
+TPE seed (seed + I); momentum, weight decay and trainable layers span their
+full ranges in every worker. The learning rate matters most for detection
+fine-tuning, so slicing it spreads the K jobs over genuinely different
+regions instead of K samplers converging on the same one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import optuna
+from optuna.distributions import FloatDistribution, IntDistribution, CategoricalDistribution
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.trial import TrialState
+
+from .engine import NonFiniteLossError
+from .training import Trainer, TrainParams, open_pairs
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEUES = 2  # a trial that keeps killing its job is not retried for ever
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+OBJECTIVES = {
+    "fitness": "0.1 * mAP@0.5 + 0.9 * mAP@0.5:0.95 on the validation set (eval mode)",
+    "map": "COCO mAP@0.5:0.95 on the validation set (eval mode)",
+}
+
+
+class HpoError(ValueError):
+    """Bad HPO input: no data, a worker index out of range, an undefined objective."""
+
+
+@dataclass
+class SearchSpace:
+    lr_min: float = 1e-3
+    lr_max: float = 5e-2
+    momentum_min: float = 0.8
+    momentum_max: float = 0.95
+    weight_decay_min: float = 1e-5
+    weight_decay_max: float = 1e-3
+    trainable_layers_min: int = 1
+    trainable_layers_max: int = 5
+    batch_sizes: tuple[int, ...] = (4,)
+
+    def for_worker(self, worker_index: int, num_workers: int) -> "SearchSpace":
+        """This worker's disjoint slice of the log learning-rate range."""
+        if num_workers < 1 or not 0 <= worker_index < num_workers:
+            raise HpoError(f"worker index {worker_index} is not in 0..{num_workers - 1}")
+        low, high = math.log(self.lr_min), math.log(self.lr_max)
+        step = (high - low) / num_workers
+        return replace(self, lr_min=math.exp(low + step * worker_index),
+                       lr_max=math.exp(low + step * (worker_index + 1)))
+
+    def distributions(self) -> dict:
+        dists = {
+            "lr": FloatDistribution(self.lr_min, self.lr_max, log=True),
+            "momentum": FloatDistribution(self.momentum_min, self.momentum_max),
+            "weight_decay": FloatDistribution(self.weight_decay_min, self.weight_decay_max, log=True),
+            "trainable_layers": IntDistribution(self.trainable_layers_min, self.trainable_layers_max),
+        }
+        if len(self.batch_sizes) > 1:
+            dists["batch_size"] = CategoricalDistribution(list(self.batch_sizes))
+        return dists
+
+    def describe(self) -> dict:
+        return {name: repr(dist) for name, dist in self.distributions().items()}
+
+    def sample(self, trial: optuna.Trial) -> dict:
+        params = {
+            "lr": trial.suggest_float("lr", self.lr_min, self.lr_max, log=True),
+            "momentum": trial.suggest_float("momentum", self.momentum_min, self.momentum_max),
+            "weight_decay": trial.suggest_float("weight_decay", self.weight_decay_min, self.weight_decay_max,
+                                                log=True),
+            "trainable_layers": trial.suggest_int("trainable_layers", self.trainable_layers_min,
+                                                  self.trainable_layers_max),
+        }
+        if len(self.batch_sizes) > 1:
+            params["batch_size"] = trial.suggest_categorical("batch_size", list(self.batch_sizes))
+        return params
+
+
+def fitness(summary: dict, objective: str = "fitness") -> float:
+    if summary.get("map") is None or summary.get("map_50") is None:
+        raise HpoError("validation mAP is undefined: the validation set has no labelled faces")
+    if objective == "map":
+        return float(summary["map"])
+    return 0.1 * float(summary["map_50"]) + 0.9 * float(summary["map"])
+
+
+# ----------------------------------------------------------------------------- study handling
+
+def open_study(journal, study_name: str, seed: int, pruner_startup_trials: int = 2,
+               pruner_warmup_epochs: int = 0) -> tuple[optuna.Study, JournalStorage]:
+    journal = Path(journal)
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    study = optuna.create_study(
+        study_name=study_name, storage=storage, direction="maximize", load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=5),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials,
+                                           n_warmup_steps=pruner_warmup_epochs))
+    return study, storage
+
+
+def recover_stale_trials(study: optuna.Study, storage) -> list[int]:
+    """Fail trials left RUNNING by a killed job and enqueue their parameters again; returns their numbers."""
+    recovered = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        requeues = int(trial.user_attrs.get("requeues", 0))
+        recovered.append(trial.number)
+        if requeues >= MAX_REQUEUES:
+            log.warning("trial %d was interrupted %d times; not enqueued again", trial.number, requeues + 1)
+            continue
+        study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number, "requeues": requeues + 1})
+        log.info("trial %d was left running by an interrupted job: marked failed, parameters %s enqueued again",
+                 trial.number, trial.params)
+    return recovered
+
+
+def trial_counts(study: optuna.Study) -> dict:
+    counts = {state.name.lower(): 0 for state in TrialState}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name.lower()] += 1
+    counts["finished"] = counts["complete"] + counts["pruned"]
+    return counts
+
+
+def trial_records(study: optuna.Study) -> list[dict]:
+    return [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+             "intermediate_values": {str(k): v for k, v in t.intermediate_values.items()},
+             "user_attrs": t.user_attrs} for t in study.get_trials(deepcopy=False)]
+
+
+# ----------------------------------------------------------------------------- the objective
+
+@dataclass
+class HpoConfig:
+    epochs: int = 3
+    image_size: int = 512
+    backbone: str = "mobilenet_v2_fpn"
+    weights: str = "imagenet"
+    weights_file: str | None = None
+    optimizer: str = "sgd"
+    workers: int = 2
+    warmup_iters: int = 50
+    objective: str = "fitness"
+    seed: int = 0
+
+
+def make_objective(config: HpoConfig, space: SearchSpace, train_pairs, val_pairs, device):
+    def objective(trial: optuna.Trial) -> float:
+        sampled = space.sample(trial)
+        params = TrainParams(backbone=config.backbone, weights=config.weights, weights_file=config.weights_file,
+                             image_size=config.image_size, epochs=config.epochs, optimizer=config.optimizer,
+                             workers=config.workers, warmup_iters=config.warmup_iters, seed=config.seed,
+                             batch_size=sampled.get("batch_size", space.batch_sizes[0]),
+                             lr=sampled["lr"], momentum=sampled["momentum"], weight_decay=sampled["weight_decay"],
+                             trainable_layers=sampled["trainable_layers"])
+        trainer = Trainer(params, train_pairs, device, val_pairs=val_pairs, progress=False)
+        value = 0.0
+        for epoch in range(config.epochs):
+            try:
+                row = trainer.run_epoch(validate_map=False, validate_loss=False)
+            except NonFiniteLossError as error:
+                # Divergence is a (bad) result of these hyperparameters, not a crash of the study.
+                trial.set_user_attr("diverged", str(error))
+                trial.report(0.0, epoch)
+                raise optuna.TrialPruned(f"diverged at epoch {epoch + 1}") from None
+            summary = trainer.validation_map()
+            value = fitness(summary, config.objective)
+            trial.set_user_attr(f"epoch_{epoch + 1}", {"map": summary["map"], "map_50": summary["map_50"],
+                                                       "train_loss": row.train_loss})
+            trial.report(value, epoch)
+            log.info("trial %d epoch %d/%d: %s %.4f (mAP %.4f, mAP@0.5 %.4f), loss %.4f", trial.number, epoch + 1,
+                     config.epochs, config.objective, value, summary["map"], summary["map_50"], row.train_loss)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} with {value:.4f}")
+        trial.set_user_attr("map", summary["map"])
+        trial.set_user_attr("map_50", summary["map_50"])
+        return value
+
+    return objective
+
+
+def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotations, val_images, val_annotations,
+              journal, n_trials: int, device, study_name: str | None = None, worker_index: int = 0,
+              num_workers: int = 1, timeout: float | None = None, pruner_startup_trials: int = 2,
+              pruner_warmup_epochs: int = 0) -> dict:
+    """Run (or continue) this worker's study until it holds *n_trials* finished trials; returns best.json's dict."""
+    if config.objective not in OBJECTIVES:
+        raise HpoError(f"unknown objective {config.objective!r}: use {' or '.join(OBJECTIVES)}")
+    if n_trials < 1:
+        raise HpoError("--n-trials must be at least 1")
+    worker_space = space.for_worker(worker_index, num_workers)
+    study_name = study_name or f"mask-hpo-worker{worker_index}of{num_workers}"
+    study, storage = open_study(journal, study_name, seed=config.seed + worker_index,
+                                pruner_startup_trials=pruner_startup_trials,
+                                pruner_warmup_epochs=pruner_warmup_epochs)
+    recovered = recover_stale_trials(study, storage)
+    started = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        train_pairs, train_skipped = stack.enter_context(open_pairs(train_images, train_annotations))
+        val_pairs, val_skipped = stack.enter_context(open_pairs(val_images, val_annotations))
+        skipped = train_skipped + val_skipped
+        for item in skipped:
+            log.warning("skipped %s: %s", item["file"], item["problem"])
+        if not train_pairs:
+            raise HpoError(f"{train_images}: no usable training pairs")
+        if not val_pairs:
+            raise HpoError(f"{val_images}: no usable validation pairs")
+        finished = trial_counts(study)["finished"]
+        remaining = n_trials - finished
+        log.info("study %s in %s: %d finished trial(s), %d to run (worker %d of %d, lr %.2e..%.2e)",
+                 study_name, journal, finished, max(remaining, 0), worker_index, num_workers,
+                 worker_space.lr_min, worker_space.lr_max)
+        if remaining > 0:
+            objective = make_objective(config, worker_space, train_pairs, val_pairs, device)
+            study.optimize(objective, n_trials=remaining, timeout=timeout, gc_after_trial=True)
+    counts = trial_counts(study)
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    best = max(complete, key=lambda t: t.value) if complete else None
+    return {
+        "study_name": study_name,
+        "journal": str(journal),
+        "worker_index": worker_index,
+        "num_workers": num_workers,
+        "objective": config.objective,
+        "objective_description": OBJECTIVES[config.objective],
+        "best_params": dict(best.params) if best else None,
+        "best_value": best.value if best else None,
+        "best_trial": best.number if best else None,
+        "best_metrics": ({"map": best.user_attrs.get("map"), "map_50": best.user_attrs.get("map_50")}
+                         if best else None),
+        "fixed_params": {"optimizer": config.optimizer, "batch_size": space.batch_sizes[0],
+                         "epochs": config.epochs, "image_size": config.image_size, "backbone": config.backbone,
+                         "warmup_iters": config.warmup_iters},
+        "n_trials_requested": n_trials,
+        "trial_counts": counts,
+        "requeued_stale_trials": recovered,
+        "search_space": worker_space.describe(),
+        "full_search_space": space.describe(),
+        "num_train_images": len(train_pairs),
+        "num_val_images": len(val_pairs),
+        "skipped_inputs": skipped,
+        "seconds_this_run": round(time.monotonic() - started, 1),
+        "trials": trial_records(study),
+    }
+
+
+# ----------------------------------------------------------------------------- merging workers
+
+def _parse_distribution(text: str):
+    """Back from SearchSpace.describe()'s repr strings to Optuna distributions."""
+    namespace = {"FloatDistribution": FloatDistribution, "IntDistribution": IntDistribution,
+                 "CategoricalDistribution": CategoricalDistribution}
+    return eval(text, {"__builtins__": {}}, namespace)  # noqa: S307 - our own repr strings, no builtins
+
+
+def read_worker_results(paths) -> list[dict]:
+    import json
+
+    results = []
+    for path in paths:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise HpoError(f"{path}: HPO result not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise HpoError(f"{path}: not valid JSON ({error})") from None
+        if not isinstance(data, dict) or "best_params" not in data:
+            raise HpoError(f"{path}: not an HPO result (no best_params)")
+        data["_file"] = str(path)
+        results.append(data)
+    return results
+
+
+def journal_trials(path) -> list[dict]:
+    """Trial records of every study in a journal file (authoritative when best.json is stale)."""
+    path = Path(path)
+    if not path.is_file():
+        raise HpoError(f"{path}: journal not found")
+    storage = JournalStorage(JournalFileBackend(str(path)))
+    records = []
+    for name in optuna.get_all_study_names(storage):
+        records += trial_records(optuna.load_study(study_name=name, storage=storage))
+    return records
+
+
+def merge_results(results: list[dict]) -> dict:
+    """The best of the workers' best trials (highest objective value)."""
+    usable = [r for r in results if r.get("best_value") is not None]
+    objectives = {r.get("objective") for r in usable}
+    if len(objectives) > 1:
+        raise HpoError(f"the workers optimised different objectives: {sorted(map(str, objectives))}")
+    if not usable:
+        raise HpoError("no worker finished a trial: nothing to merge "
+                       f"({', '.join(r['_file'] for r in results)})")
+    best = max(usable, key=lambda r: r["best_value"])
+    params = dict(best["best_params"])
+    for key in ("optimizer", "batch_size"):
+        # the learning rate was tuned for this optimizer and batch size: train with the same
+        if key not in params and key in best.get("fixed_params", {}):
+            params[key] = best["fixed_params"][key]
+    return {
+        "params": params,
+        "value": best["best_value"],
+        "objective": best.get("objective"),
+        "objective_description": best.get("objective_description"),
+        "metrics": best.get("best_metrics"),
+        "source": best["_file"],
+        "worker_index": best.get("worker_index"),
+        "trial": best.get("best_trial"),
+        "fixed_params": best.get("fixed_params"),
+        "workers": [{"file": r["_file"], "worker_index": r.get("worker_index"), "best_value": r.get("best_value"),
+                     "trial_counts": r.get("trial_counts"), "search_space": r.get("search_space")}
+                    for r in results],
+    }
+
+
+def merged_text(merged: dict) -> str:
+    lines = ["Best hyperparameters (Optuna search, merged over workers)", ""]
+    for key, value in merged["params"].items():
+        lines.append(f"{key} = {value:.6g}" if isinstance(value, float) else f"{key} = {value}")
+    lines += ["", f"objective: {merged.get('objective_description') or merged.get('objective')}",
+              f"best value: {merged['value']:.6f}"]
+    if merged.get("metrics"):
+        lines.append("validation mAP: {map}, mAP@0.5: {map_50}".format(**merged["metrics"]))
+    lines.append(f"from: {merged['source']} (worker {merged.get('worker_index')}, trial {merged.get('trial')})")
+    for worker in merged["workers"]:
+        counts = worker.get("trial_counts") or {}
+        lines.append(f"worker {worker.get('worker_index')}: best {worker.get('best_value')}, "
+                     f"{counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned, "
+                     f"{counts.get('fail', 0)} failed ({worker['file']})")
+    return "\n".join(lines) + "\n"
+
+
+def _frozen_trials(records: list[dict], distributions: dict) -> list:
+    trials = []
+    for record in records:
+        state = TrialState[record["state"]]
+        if state not in FINISHED or not set(record["params"]) <= set(distributions):
+            continue
+        if state == TrialState.COMPLETE and record.get("value") is None:
+            continue
+        trials.append(optuna.trial.create_trial(
+            state=state, value=record.get("value") if state == TrialState.COMPLETE else None,
+            params=record["params"], distributions={k: distributions[k] for k in record["params"]},
+            intermediate_values={int(k): v for k, v in (record.get("intermediate_values") or {}).items()},
+            user_attrs=record.get("user_attrs") or {}))
+    return trials
+
+
+def _note_figure(path, title: str, note: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .atomic import atomic_path
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.axis("off")
+    ax.set_title(title)
+    ax.text(0.5, 0.5, note, ha="center", va="center", wrap=True, fontsize=11)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def _save_axes(ax, path) -> None:
+    import matplotlib.pyplot as plt
+
+    from .atomic import atomic_path
+
+    fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+    fig.set_size_inches(8, 5)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def write_plots(results: list[dict], plots_dir, journals=()) -> dict:
+    """optimization_history.png (one line per worker) and param_importances.png (all workers' trials together)."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from optuna.visualization import matplotlib as ovm
+
+    plots_dir = Path(plots_dir)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    per_worker = [journal_trials(j) for j in journals] if journals else [r.get("trials", []) for r in results]
+    # Every worker searched a slice of one space: give all trials the full space so that they combine.
+    full_space = {}
+    for result in results:
+        for name, text in (result.get("full_search_space") or result.get("search_space") or {}).items():
+            full_space.setdefault(name, _parse_distribution(text))
+    direction = optuna.study.StudyDirection.MAXIMIZE
+    studies, combined = [], optuna.create_study(direction=direction, study_name="all workers")
+    for index, records in enumerate(per_worker):
+        trials = _frozen_trials(records, full_space)
+        worker = optuna.create_study(direction=direction, study_name=f"worker {index}")
+        worker.add_trials(trials)
+        combined.add_trials(trials)
+        studies.append(worker)
+    notes = {}
+    history_path = plots_dir / "optimization_history.png"
+    importance_path = plots_dir / "param_importances.png"
+    completed = combined.get_trials(states=(TrialState.COMPLETE,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if completed:
+            _save_axes(ovm.plot_optimization_history(studies if len(studies) > 1 else studies[0]), history_path)
+        else:
+            notes["optimization_history"] = "no completed trial"
+            _note_figure(history_path, "Optimization history", "No completed trial to plot.")
+        varying = [name for name in full_space if len({t.params.get(name) for t in completed}) > 1]
+        if len(completed) >= 2 and varying:
+            try:
+                _save_axes(ovm.plot_param_importances(combined), importance_path)
+            except (ValueError, RuntimeError) as error:
+                notes["param_importances"] = f"importance evaluation failed: {error}"
+        else:
+            notes["param_importances"] = (f"{len(completed)} completed trial(s) with "
+                                          f"{'varying' if varying else 'identical'} parameters: "
+                                          "importance needs at least 2 completed trials that differ")
+        if "param_importances" in notes:
+            _note_figure(importance_path, "Hyperparameter importances",
+                         f"Not computed: {notes['param_importances']}.")
+    return notes
