@@ -182,3 +182,12 @@ def test_compliance_merge_and_line():
     assert overall["faces"] == 42
     assert compliance_line(overall) == ("compliance: 42 faces, 30 with_mask, 8 without_mask, "
                                         "4 mask_weared_incorrect: 71.4% properly masked")
+
+
+def test_no_ground_truth_faces_gives_undefined_not_zero():
+    empty_target = target([], [])
+    result = compute_coco([pred([[1, 1, 10, 10]], [WITH], [0.9])], [empty_target])
+    assert result.summary["map"] is None
+    assert all(entry["ap"] is None for entry in result.summary["per_class"].values())
+    assert pr_curves(result) == {}
+    assert cm([pred([[1, 1, 10, 10]], [WITH], [0.9])], [empty_target])[BG][0] == 1
