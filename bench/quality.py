@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""Detection quality under a fixed CPU budget: train on the train split, report test mAP.
+
+For each data set (the real face-mask data at --data, and synthetic sample data
+made by utils.sample_data): validate it (utils.validation), split it 70/10/20 with
+near-duplicates kept together (utils.split), train mobilenet_v2_fpn with ImageNet
+weights on the train split only for --epochs epochs at --image-size, then report
+COCO mAP (0.5:0.95), mAP@0.5, mAP@0.75 and AP per class on the test split
+(predictions in eval mode, torchmetrics/faster-coco-eval via utils.metrics), with
+the wall time of each phase. Whatever comes out is reported as it is.
+
+The budget is set by flags (--epochs, --image-size, --limit, --sample-images);
+the defaults take roughly an hour on two CPU cores. Run it in the background:
+  nohup .venv/bin/python bench/quality.py --output runs/bench/quality.json > runs/bench/quality.log 2>&1 &
+"""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import logging  # noqa: E402
+import platform  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "face-mask"
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                   help=f"real data folder with images/ and annotations/ (default: {DEFAULT_DATA})")
+    p.add_argument("--sets", nargs="+", choices=["real", "sample"], default=["real", "sample"],
+                   help="data sets to run (default: real sample)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N real pairs (default: all)")
+    p.add_argument("--sample-images", type=int, default=200, help="synthetic images to make (default: 200)")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs (default: 3)")
+    p.add_argument("--image-size", type=int, default=512, help="longer image side in px (default: 512)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per batch (default: 4)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default: 2)")
+    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default: 0.01)")
+    p.add_argument("--trainable-layers", type=int, default=3, help="trainable backbone stages (default: 3)")
+    p.add_argument("--seed", type=int, default=42, help="split and training seed (default: 42)")
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
+                   help="the budget is a CPU budget (default: cpu)")
+    p.add_argument("--output", type=Path, default=None, help="also write the results as JSON here")
+    return p
+
+
+def split_folder(images, annotations, seed):
+    """(train pairs, test pairs, validation summary) via the project's validation and split."""
+    from utils.pairs import Pair
+    from utils.split import split_pairs
+    from utils.validation import validate_dataset
+
+    result = validate_dataset(images, annotations, progress=False)
+    rows = split_pairs(result.clean_pairs, result.duplicate_groups, seed=seed)
+    by_split = {"train": [], "val": [], "test": []}
+    for row in rows:
+        by_split[row["split"]].append(Pair(Path(row["image"]), Path(row["annotation"])))
+    report = result.report
+    summary = {"images_total": report.get("images_total"), "images_usable": report.get("images_usable"),
+               "duplicate_groups": len(result.duplicate_groups),
+               **{f"{name}_images": len(pairs) for name, pairs in by_split.items()}}
+    return by_split["train"], by_split["test"], summary
+
+
+def run_one(name, images, annotations, args, device, limit=None):
+    import torch
+
+    from utils.engine import run_inference
+    from utils.metrics import coco_map
+    from utils.training import Trainer, TrainParams, make_loader
+
+    started = time.perf_counter()
+    train, test, summary = split_folder(images, annotations, args.seed)
+    if limit:
+        # keep the split's proportions when only part of the data is used
+        ratio = limit / max(summary["images_usable"] or 1, 1)
+        train, test = train[: max(1, round(len(train) * ratio))], test[: max(1, round(len(test) * ratio))]
+    summary["prepare_s"] = round(time.perf_counter() - started, 1)
+    print(f"[{name}] {summary}", flush=True)
+
+    params = TrainParams(backbone="mobilenet_v2_fpn", weights="imagenet", image_size=args.image_size,
+                         epochs=args.epochs, batch_size=args.batch_size, workers=args.workers, lr=args.lr,
+                         trainable_layers=args.trainable_layers, seed=args.seed)
+    started = time.perf_counter()
+    trainer = Trainer(params, train, device, progress=False)
+    epochs = []
+    for _ in range(args.epochs):
+        row = trainer.run_epoch()
+        epochs.append({"epoch": row.epoch, "train_loss": round(row.train_loss, 4),
+                       "images_per_s": round(row.images_per_s, 3), "seconds": round(row.seconds, 1)})
+        print(f"[{name}] epoch {row.epoch}/{args.epochs}: loss {row.train_loss:.4f}, "
+              f"{row.images_per_s:.2f} images/s, {row.seconds:.0f} s", flush=True)
+    train_s = time.perf_counter() - started
+
+    started = time.perf_counter()
+    loader = make_loader(test, args.batch_size, args.workers, shuffle=False)
+    preds, targets = run_inference(trainer.model, loader, device)
+    with contextlib.redirect_stdout(io.StringIO()):
+        metrics = coco_map(preds, targets)
+    eval_s = time.perf_counter() - started
+    per_class = {cls: {"ap": v.get("ap"), "ap_50": v.get("ap_50")} for cls, v in metrics["per_class"].items()}
+    result = {"data": name, **summary, "train_images": len(train), "test_images": len(test),
+              "epochs": epochs, "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
+              "map": metrics["map"], "map_50": metrics["map_50"], "map_75": metrics["map_75"],
+              "per_class": per_class, "weights": trainer.model.weights_report.message,
+              "torch_threads": torch.get_num_threads()}
+    return result
+
+
+def fmt(value):
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def main(args) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    from utils.engine import resolve_device
+
+    device = resolve_device(args.device)
+    results = []
+    for name in args.sets:
+        with contextlib.ExitStack() as stack:
+            if name == "real":
+                if not (args.data / "images").is_dir():
+                    print(f"quality: real data skipped: {args.data}/images is absent")
+                    continue
+                images, annotations = args.data / "images", args.data / "annotations"
+                limit = args.limit
+            else:
+                from utils.sample_data import make_sample_dataset
+
+                folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_quality_")))
+                make_sample_dataset(folder, num_images=args.sample_images, seed=args.seed)
+                images, annotations, limit = folder / "images", folder / "annotations", None
+            results.append(run_one(name, images, annotations, args, device, limit))
+
+    budget = (f"mobilenet_v2_fpn (ImageNet backbone), image size {args.image_size}, {args.epochs} epochs, "
+              f"batch {args.batch_size}, SGD lr {args.lr}, device {device}, host {platform.node()}")
+    print(f"\nquality: {budget}")
+    for r in results:
+        per_class = ", ".join(f"{cls} {fmt(v['ap'])} (AP50 {fmt(v['ap_50'])})" for cls, v in r["per_class"].items())
+        print(f"{r['data']}: train {r['train_images']} images, test {r['test_images']} images: "
+              f"mAP {fmt(r['map'])}, mAP@0.5 {fmt(r['map_50'])}, mAP@0.75 {fmt(r['map_75'])}; AP per class: "
+              f"{per_class}; training {r['train_s'] / 60:.1f} min, evaluation {r['eval_s']:.0f} s")
+    if args.output:
+        from utils.atomic import write_json
+
+        write_json(args.output, {"budget": budget, "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
