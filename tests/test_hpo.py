@@ -41,6 +41,7 @@ def finished(trials):
 
 def test_killed_study_resumes_and_counts_the_total(hpo_data, tmp_path):
     journal = tmp_path / "hpo.journal"
+    journal.touch()  # the workflow's initial checkpoint is an empty file
     first = study_run(hpo_data, journal, n_trials=2, study_name="resume")
     assert first["trial_counts"]["finished"] == 2
     assert first["best_value"] is not None and 0.0 <= first["best_value"] <= 1.0

@@ -40,6 +40,8 @@ def test_train_cli_one_epoch_writes_loadable_outputs(tiny_dir, tmp_path, root):
                "--annotations", str(tiny_dir / "annotations"), "--epochs", "1", "--image-size", "128",
                "--batch-size", "2", "--workers", "0", "--checkpoint", str(out / "checkpoint.pt"),
                "--output", str(out / "model.pt"), "--seed", "1", "--no-progress", "--device", "cpu"]
+    out.mkdir()
+    (out / "checkpoint.pt").touch()  # the workflow's initial checkpoint is an empty file
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)

@@ -354,7 +354,8 @@ def train_job(args, device) -> dict:
         job_args = {"images": str(args.images), "annotations": str(args.annotations),
                     "val_images": str(args.val_images) if args.val_images else None,
                     "val_mode": args.val_mode, "inputs_sha256": input_hash}
-        if paths["checkpoint"].exists():
+        # An empty file is "no checkpoint yet": Pegasus stages an empty initial checkpoint file.
+        if paths["checkpoint"].is_file() and paths["checkpoint"].stat().st_size > 0:
             done = trainer.resume(paths["checkpoint"])
             log.info("resumed from %s after epoch %d of %d", paths["checkpoint"], done, params.epochs)
         while trainer.completed_epochs < params.epochs:
