@@ -75,7 +75,7 @@ def to_device(images, targets, device):
 
 def build_optimizer(model: nn.Module, name: str = "sgd", lr: float = 0.01, momentum: float = 0.9,
                     weight_decay: float = 1e-4) -> torch.optim.Optimizer:
-    """SGD (with Nesterov-free momentum) or AdamW over every parameter that may train.
+    """SGD with momentum, or AdamW, over every parameter that may train.
 
     Parameters frozen only for the first epochs of a two-stage schedule are
     included: they get no gradient while frozen, and both optimizers skip

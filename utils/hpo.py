@@ -213,6 +213,8 @@ def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotat
         raise HpoError(f"unknown objective {config.objective!r}: use {' or '.join(OBJECTIVES)}")
     if n_trials < 1:
         raise HpoError("--n-trials must be at least 1")
+    if config.epochs < 1:
+        raise HpoError("--epochs must be at least 1")
     worker_space = space.for_worker(worker_index, num_workers)
     study_name = study_name or f"mask-hpo-worker{worker_index}of{num_workers}"
     study, storage = open_study(journal, study_name, seed=config.seed + worker_index,

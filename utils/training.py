@@ -326,6 +326,8 @@ def train_job(args, device) -> dict:
     params_file_values = read_params_file(args.params) if args.params else {}
     params = resolve_params(args, params_file_values)
     paths = _output_paths(args)
+    if params.epochs < 1:
+        raise TrainingDataError(f"--epochs must be at least 1, got {params.epochs}")
     if args.val_mode not in ("merge", "monitor"):
         raise TrainingDataError(f"unknown --val-mode {args.val_mode!r}: use merge or monitor")
     has_val = bool(args.val_images)
