@@ -101,7 +101,7 @@ CONTAINER_GPU_ARGUMENTS = {"singularity": "--nv", "docker": "--gpus all"}
 
 # Defaults sized so that `make run` (120 synthetic images, 2 cores) ends well within 15 minutes.
 DEFAULTS = {
-    "epochs": 3,
+    "epochs": 2,
     "hpo_epochs": 1,
     "trials": 2,
     "hpo_jobs": 2,
@@ -109,7 +109,7 @@ DEFAULTS = {
     "backbone": "mobilenet_v2_fpn",
     "seed": 42,
     "augment_copies": 1,
-    "rare_factor": 2,
+    "rare_factor": 1,
     "noise_std": 8.0,
     "max_size": 640,
     "score_threshold": 0.5,
@@ -240,6 +240,13 @@ class WorkflowConfig:
         if self.execution_site not in known_sites:
             raise ConfigError(f"--execution-site {self.execution_site!r}: not in sites.yml "
                               f"(known: {', '.join(sorted(known_sites))})")
+
+
+class _SortedSet(set):
+    """A set that iterates in sorted order, so that jobDependencies are written the same every time."""
+
+    def __iter__(self):
+        return iter(sorted(set.__iter__(self)))
 
 
 def _absolute(path: Path) -> Path:
@@ -549,6 +556,9 @@ class MaskDetectionWorkflow:
             # Job.uses is a set (hash order varies between processes); a sorted list makes
             # workflow.yml identical from one generation to the next. Nothing is added after this.
             job.uses = sorted(job.uses, key=lambda use: (use._type, use.file.lfn))
+        wf._infer_dependencies()
+        for dependency in wf.dependencies.values():
+            dependency.children_ids = _SortedSet(dependency.children_ids)
         self.wf = wf
         return wf
 

@@ -509,11 +509,10 @@ class Executor:
         for lfn, _ in spec.checkpoints:
             target = job_dir / lfn
             initial = self.wf.replicas.get(lfn)
-            # The replica catalog holds an empty initial checkpoint because HTCondor file
-            # transfer (condorio) needs the file to exist; locally, empty means "none yet",
-            # so only a checkpoint with content is seeded. A copy, never a link: the job
-            # rewrites its checkpoint.
-            if not target.exists() and initial is not None and initial.is_file() and initial.stat().st_size > 0:
+            # First try: the initial checkpoint from the replica catalog (an empty file, which
+            # the jobs read as "no checkpoint yet"), as Pegasus stages it in with condorio.
+            # A copy, never a link: the job rewrites its checkpoint.
+            if not target.exists() and initial is not None and initial.is_file():
                 shutil.copyfile(initial, target)
         for lfn, _ in spec.outputs:
             with contextlib.suppress(FileNotFoundError):
