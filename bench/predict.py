@@ -13,7 +13,9 @@ After a warm-up batch the two paths are timed alternately --repeats times and th
 run of each counts, so that a burst of load from other processes on a shared machine
 hits both alike. As a cross-check that does not depend on such load, the share of the
 end-to-end wall time spent inside the model call is also reported (1 - that share is
-the pipeline's own overhead: decoding not hidden by the workers, drawing, writing).
+the pipeline's own overhead: decoding not hidden by the workers, drawing, writing), and
+the ratio of CPU seconds per image (this process's threads plus its decode workers):
+on a machine shared with other work, CPU time is far less disturbed than wall time.
 
 The model is --model FILE when given (a trained model: realistic box counts), else a
 freshly built mobilenet_v2_fpn (ImageNet backbone when cached) at --image-size. Outputs go
@@ -30,6 +32,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
+import resource  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
@@ -58,10 +61,17 @@ def get_args_parser():
     return parser
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process's threads and of its finished children (DataLoader workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def seconds(function):
-    started = time.perf_counter()
+    """(wall seconds, CPU seconds) of one call."""
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     function()
-    return time.perf_counter() - started
+    return time.perf_counter() - started, cpu_seconds() - cpu_started
 
 
 def main(args) -> int:
@@ -122,14 +132,16 @@ def main(args) -> int:
             sync()
 
         detect(model, tensors[0], tta=args.tta)  # warm-up: allocator, kernels, thread pools
-        pure_s = e2e_s = float("inf")
+        pure_s = e2e_s = pure_cpu = e2e_cpu = float("inf")
         model_share = None
         inference.detect = timed_detect
         try:
             for _ in range(args.repeats):
-                pure_s = min(pure_s, seconds(pure))
+                run_s, run_cpu = seconds(pure)
+                pure_s, pure_cpu = min(pure_s, run_s), min(pure_cpu, run_cpu)
                 in_model[0] = 0.0
-                run_s = seconds(end_to_end)
+                run_s, run_cpu = seconds(end_to_end)
+                e2e_cpu = min(e2e_cpu, run_cpu)
                 if run_s < e2e_s:
                     e2e_s, model_share = run_s, in_model[0] / run_s
         finally:
@@ -139,6 +151,7 @@ def main(args) -> int:
     n = len(files)
     pure_ips, e2e_ips = n / pure_s, n / e2e_s
     ratio = e2e_ips / pure_ips
+    cpu_ratio = pure_cpu / e2e_cpu
     figures = {
         "images": n, "model": model_desc, "device": str(device), "batch_size": args.batch_size,
         "decode_workers": workers, "torch_threads": torch.get_num_threads(), "tta": args.tta,
@@ -146,7 +159,10 @@ def main(args) -> int:
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
         "pure_images_per_s": round(pure_ips, 3), "end_to_end_images_per_s": round(e2e_ips, 3),
-        "ratio": round(ratio, 3), "model_share_of_end_to_end": round(model_share, 3), "repeats": args.repeats,
+        "ratio": round(ratio, 3), "model_share_of_end_to_end": round(model_share, 3),
+        "pure_cpu_s_per_image": round(pure_cpu / n, 3), "end_to_end_cpu_s_per_image": round(e2e_cpu / n, 3),
+        "cpu_ratio": round(cpu_ratio, 3), "repeats": args.repeats,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     print(f"bench/predict: {n} images from {images_dir}, {model_desc}, device {device}, batch {args.batch_size}, "
           f"{workers} decode workers, {torch.get_num_threads()} torch threads, tta={args.tta}")
@@ -155,6 +171,10 @@ def main(args) -> int:
     print(f"  ratio end-to-end / pure                : {ratio:8.3f}  (goal >= 0.9)")
     print(f"  share of end-to-end time in the model  : {model_share:8.3f}  (pipeline overhead "
           f"{1 - model_share:.1%})")
+    print(f"  CPU s per image, pure / end-to-end     : {cpu_ratio:8.3f}  ({pure_cpu / n:.2f} s vs {e2e_cpu / n:.2f} s; "
+          f"less disturbed by other load than wall time)")
+    if hasattr(os, "getloadavg"):
+        print(f"  load average during the run            : {os.getloadavg()[0]:8.2f}  on {figures['cpus']} CPUs")
     if args.output:
         from utils.atomic import write_json
         write_json(args.output, figures)

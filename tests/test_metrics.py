@@ -127,7 +127,8 @@ def test_confusion_perfect_is_diagonal():
 
 
 def test_confusion_miss_goes_to_background_column():
-    matrix = cm([pred([[10, 10, 50, 50]], [WITH], [0.9])], [target([[10, 10, 50, 50], [60, 10, 100, 50]], [WITH, WITHOUT])])
+    matrix = cm([pred([[10, 10, 50, 50]], [WITH], [0.9])],
+                [target([[10, 10, 50, 50], [60, 10, 100, 50]], [WITH, WITHOUT])])
     assert matrix[0][0] == 1
     assert matrix[1][BG] == 1  # the without_mask face was missed
     assert sum(map(sum, matrix)) == 2
