@@ -13,7 +13,7 @@ The driver validates the data and splits it into train/val/test at generation ti
     replicas.yml          absolute file:// paths of every input
     pegasus.properties    properties.conf merged with the flags
     workflow.dot/.png     a picture of the DAG (PNG when graphviz `dot` exists)
-    validation_report.json, split.csv
+    validation_report.json, clean_manifest.csv, annotations_clean/, split.csv
 
 --local runs the workflow with utils/executor.py on this machine (the default when
 pegasus-plan is not installed); --submit plans and submits it with pegasus-plan.
@@ -720,8 +720,12 @@ def find_images(folder: Path) -> list[Path]:
     return images
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default in --help."""
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument("--data", type=Path, default=ROOT / "data" / "sample",
                       help="folder with images/ and annotations/ (Pascal VOC)")
@@ -747,7 +751,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--augment-copies", type=int, default=DEFAULTS["augment_copies"],
                        help="augmented copies per training image")
     model.add_argument("--rare-factor", type=int, default=DEFAULTS["rare_factor"],
-                       help="extra copies factor for images with the rare class")
+                       help="extra augmented copies of each image with the rare class (mask_weared_incorrect)")
     model.add_argument("--noise-std", type=float, default=DEFAULTS["noise_std"], help="Gaussian noise std (0-255 scale)")
     model.add_argument("--max-size", type=int, default=DEFAULTS["max_size"], help="preprocess: longest side in pixels")
     model.add_argument("--score-threshold", type=float, default=DEFAULTS["score_threshold"],
