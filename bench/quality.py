@@ -42,7 +42,8 @@ def get_args_parser():
     p.add_argument("--epochs", type=int, default=3, help="training epochs (default: 3)")
     p.add_argument("--image-size", type=int, default=512, help="longer image side in px (default: 512)")
     p.add_argument("--batch-size", type=int, default=4, help="images per batch (default: 4)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default: 2)")
+    p.add_argument("--workers", type=int, default=-1,
+                   help="DataLoader workers; -1: as bin/train.py chooses, none on a CPU (default: -1)")
     p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default: 0.01)")
     p.add_argument("--trainable-layers", type=int, default=3, help="trainable backbone stages (default: 3)")
     p.add_argument("--seed", type=int, default=42, help="split and training seed (default: 42)")
@@ -101,7 +102,7 @@ def run_one(name, images, annotations, args, device, limit=None):
     train_s = time.perf_counter() - started
 
     started = time.perf_counter()
-    loader = make_loader(test, args.batch_size, args.workers, shuffle=False)
+    loader = make_loader(test, args.batch_size, max(args.workers, 0), shuffle=False)
     preds, targets = run_inference(trainer.model, loader, device)
     with contextlib.redirect_stdout(io.StringIO()):
         metrics = coco_map(preds, targets)

@@ -42,8 +42,9 @@ def get_args_parser():
     p.add_argument("--limit", type=int, default=24, help="images per pass (default: 24)")
     p.add_argument("--image-size", type=int, default=512, help="model input size (default: 512)")
     p.add_argument("--batch-size", type=int, default=4, help="images per batch (default: 4)")
-    p.add_argument("--workers", type=int, nargs="+", default=[2],
-                   help="DataLoader worker counts to time, each against the same pure figure (default: 2)")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2],
+                   help="DataLoader worker counts to time, each against the same pure figure; bin/train.py uses "
+                        "0 on a CPU (default: 0 2)")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed passes per path, alternating; the fastest counts (default: 3)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="(default: auto)")

@@ -64,7 +64,7 @@ def get_args_parser():
     p.add_argument("--batch-sizes", type=int, nargs="+", default=list(SPACE.batch_sizes),
                    help="batch size, or several to search among (default: 4)")
     p.add_argument("--workers", type=int, default=CONFIG.workers,
-                   help=f"data-loading worker processes (default: {CONFIG.workers})")
+                   help="data-loading worker processes; -1: none on a CPU, a few on a GPU (default: -1)")
     p.add_argument("--warmup-iters", type=int, default=CONFIG.warmup_iters,
                    help=f"learning-rate warm-up iterations per trial (default: {CONFIG.warmup_iters})")
     p.add_argument("--lr-range", type=float, nargs=2, default=[SPACE.lr_min, SPACE.lr_max], metavar=("MIN", "MAX"),

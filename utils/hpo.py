@@ -163,7 +163,7 @@ class HpoConfig:
     weights: str = "imagenet"
     weights_file: str | None = None
     optimizer: str = "sgd"
-    workers: int = 2
+    workers: int = -1  # -1: utils.training.auto_workers
     warmup_iters: int = 50
     objective: str = "fitness"
     seed: int = 0
