@@ -13,6 +13,7 @@ SAMPLE_IMAGES ?= 120
 SEED          ?= 42
 RUN_DIR       ?= runs/sample
 JOBS          ?= 2
+EPOCHS        ?= 6
 
 .PHONY: setup weights run test bench clean
 
@@ -33,7 +34,7 @@ $(SAMPLE_DIR)/images: | $(STAMP)
 	$(PY) bin/make_sample_data.py --out $(SAMPLE_DIR) --num-images $(SAMPLE_IMAGES) --seed $(SEED)
 
 run: setup $(SAMPLE_DIR)/images
-	$(PY) workflow.py --local --data $(SAMPLE_DIR) --run-dir $(RUN_DIR) --seed $(SEED) --jobs $(JOBS)
+	$(PY) workflow.py --local --data $(SAMPLE_DIR) --run-dir $(RUN_DIR) --seed $(SEED) --jobs $(JOBS) --epochs $(EPOCHS)
 
 test: setup
 	$(PY) -m pytest -q tests
