@@ -16,19 +16,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse  # noqa: E402
 
 from utils.augment import augment_set  # noqa: E402
+from utils.cli import add_set_input_args, add_set_output_args, set_args_problem  # noqa: E402
 from utils.preprocess import NothingProcessedError  # noqa: E402
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=Path, required=True, help="folder or .tar of images (required)")
-    parser.add_argument("--annotations", type=Path, default=None,
-                        help="folder or .tar of VOC .xml files (default: the --images path)")
-    parser.add_argument("--split-csv", type=Path, default=None,
-                        help="split.csv (image, annotation, split) selecting the pairs; names are looked up "
-                             "inside --images/--annotations (default: pair every image with its .xml)")
-    parser.add_argument("--split", default=None, help="only rows of this split from --split-csv, e.g. train "
-                                                      "(default: all rows)")
+    add_set_input_args(parser, split_example="train")
     parser.add_argument("--copies", type=int, default=2, help="augmented copies per image (default: 2)")
     parser.add_argument("--rare-factor", type=int, default=2,
                         help="extra copies of each image containing mask_weared_incorrect (default: 2)")
@@ -37,23 +31,14 @@ def get_args_parser():
                              "off (default: 8)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files "
                                                             "(default: 0)")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality 1-100 (default: 95)")
-    output = parser.add_mutually_exclusive_group(required=True)
-    output.add_argument("--output-dir", type=Path, default=None, help="folder to write the pairs into")
-    output.add_argument("--output-tar", type=Path, default=None, help="flat .tar to pack the pairs into")
-    parser.add_argument("--report", type=Path, default=None,
-                        help="JSON report of counts, skipped files, object problems and copies without boxes "
-                             "(default: <output>.report.json next to the output)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
+    add_set_output_args(parser, report_contents="counts, skipped files, object problems and copies without boxes")
     return parser
 
 
 def main(args) -> int:
-    if args.split and not args.split_csv:
-        print("augment: --split needs --split-csv", file=sys.stderr)
-        return 2
-    if not 1 <= args.quality <= 100:
-        print(f"augment: --quality must be 1-100, got {args.quality}", file=sys.stderr)
+    problem = set_args_problem(args)
+    if problem:
+        print(f"augment: {problem}", file=sys.stderr)
         return 2
     try:
         report = augment_set(args.images, args.annotations or args.images, copies=args.copies,

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tqdm import tqdm  # noqa: E402
 
+from utils.cli import add_model_run_args, model_run_args_problem  # noqa: E402
 from utils.engine import resolve_device  # noqa: E402
 from utils.evaluation import EvaluationInputError, check_model_classes  # noqa: E402
 from utils.model import ModelError, load_model_file  # noqa: E402
@@ -39,22 +40,14 @@ def get_args_parser():
     parser.add_argument("--tta", action="store_true",
                         help="also run each image flipped left-right and merge both with NMS (about 2x slower)")
     parser.add_argument("--no-annotated", action="store_true", help="do not write annotated images")
-    parser.add_argument("--batch-size", type=int, default=4, help="images per model call (default: 4)")
-    parser.add_argument("--workers", type=int, default=-1,
-                        help="image decoding processes; -1 picks a share of the CPUs, 0 decodes in the main "
-                             "process (default: -1)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="where the model runs; auto uses CUDA when available (default: auto)")
+    add_model_run_args(parser)
     return parser
 
 
 def main(args) -> int:
-    if not 0.0 <= args.score_threshold <= 1.0:
-        print(f"predict: error: --score-threshold must be between 0 and 1, got {args.score_threshold}",
-              file=sys.stderr)
-        return 2
-    if args.batch_size < 1:
-        print(f"predict: error: --batch-size must be at least 1, got {args.batch_size}", file=sys.stderr)
+    problem = model_run_args_problem(args)
+    if problem:
+        print(f"predict: error: {problem}", file=sys.stderr)
         return 2
     try:
         device = resolve_device(args.device)

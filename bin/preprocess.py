@@ -15,42 +15,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 
+from utils.cli import add_set_input_args, add_set_output_args, set_args_problem  # noqa: E402
 from utils.preprocess import FORMATS, NothingProcessedError, preprocess_set  # noqa: E402
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=Path, required=True, help="folder or .tar of images (required)")
-    parser.add_argument("--annotations", type=Path, default=None,
-                        help="folder or .tar of VOC .xml files (default: the --images path)")
-    parser.add_argument("--split-csv", type=Path, default=None,
-                        help="split.csv (image, annotation, split) selecting the pairs; names are looked up "
-                             "inside --images/--annotations (default: pair every image with its .xml)")
-    parser.add_argument("--split", default=None, help="only rows of this split from --split-csv, e.g. val or test "
-                                                      "(default: all rows)")
+    add_set_input_args(parser, split_example="val or test")
     parser.add_argument("--prefix", default="", help="prefix of output names, e.g. val_ or test_ (default: none)")
     parser.add_argument("--max-size", type=int, default=None,
                         help="cap on the longest image side in pixels; larger images are shrunk, boxes "
                              "scaled with them (default: no cap)")
     parser.add_argument("--format", dest="image_format", choices=sorted(FORMATS), default="jpg",
                         help="output image format (default: jpg)")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality 1-100 (default: 95)")
-    output = parser.add_mutually_exclusive_group(required=True)
-    output.add_argument("--output-dir", type=Path, default=None, help="folder to write the pairs into")
-    output.add_argument("--output-tar", type=Path, default=None, help="flat .tar to pack the pairs into")
-    parser.add_argument("--report", type=Path, default=None,
-                        help="JSON report of counts, skipped files and object problems "
-                             "(default: <output>.report.json next to the output)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
+    add_set_output_args(parser, report_contents="counts, skipped files and object problems")
     return parser
 
 
 def main(args) -> int:
-    if args.split and not args.split_csv:
-        print("preprocess: --split needs --split-csv", file=sys.stderr)
-        return 2
-    if not 1 <= args.quality <= 100:
-        print(f"preprocess: --quality must be 1-100, got {args.quality}", file=sys.stderr)
+    problem = set_args_problem(args)
+    if problem:
+        print(f"preprocess: {problem}", file=sys.stderr)
         return 2
     try:
         report = preprocess_set(args.images, args.annotations or args.images, args.prefix,
