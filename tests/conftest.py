@@ -27,3 +27,15 @@ def sample_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sample")
     make_sample_dataset(out, num_images=24, seed=7, image_size=(160, 120))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_file(tmp_path_factory) -> Path:
+    """An untrained mobilenet_v2_fpn detector at image size 128, saved as a model file."""
+    import torch
+
+    from utils.model import build_model, save_model_file
+
+    torch.manual_seed(0)
+    model = build_model(backbone="mobilenet_v2_fpn", weights="none", image_size=128)
+    return save_model_file(tmp_path_factory.mktemp("model") / "model.pt", model)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
@@ -10,26 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import load_script
 from utils.classes import CLASSES
 from utils.dataset import VocDetectionDataset
 from utils.evaluation import evaluate_model, labelled_pairs
 from utils.pairs import pack_folder
-
-
-def load_script(root, name):
-    spec = importlib.util.spec_from_file_location(f"bin_{name}", root / "bin" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def tiny_model_file(tmp_path_factory):
-    from utils.model import build_model, save_model_file
-
-    torch.manual_seed(0)
-    model = build_model(backbone="mobilenet_v2_fpn", weights="none", image_size=128)
-    return save_model_file(tmp_path_factory.mktemp("model") / "model.pt", model)
 
 
 def test_evaluate_cli_writes_every_output(root, sample_dir, tiny_model_file, tmp_path, capsys):

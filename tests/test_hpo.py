@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from helpers import load_script
 from utils.hpo import (HpoConfig, HpoError, SearchSpace, fitness, journal_trials, merge_results, open_study,
                        read_worker_results, run_study, write_plots)
 
@@ -103,13 +103,6 @@ def fake_result(path, worker, value, params, trials):
 def trial(number, value, lr, state="COMPLETE"):
     return {"number": number, "state": state, "value": value, "intermediate_values": {"0": value or 0.0},
             "params": {"lr": lr, "momentum": 0.9, "weight_decay": 1e-4, "trainable_layers": 3}, "user_attrs": {}}
-
-
-def load_script(root, name):
-    spec = importlib.util.spec_from_file_location(name, root / "bin" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_merge_picks_the_best_worker_and_writes_plots(tmp_path, root):

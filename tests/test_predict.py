@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import tarfile
@@ -14,24 +13,9 @@ import torch
 from PIL import Image
 from torch import nn
 
+from helpers import load_script
 from utils.inference import detect
 from utils.metrics import merge_compliance
-
-
-def load_script(root, name):
-    spec = importlib.util.spec_from_file_location(f"bin_{name}", root / "bin" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def tiny_model_file(tmp_path_factory):
-    from utils.model import build_model, save_model_file
-
-    torch.manual_seed(0)
-    model = build_model(backbone="mobilenet_v2_fpn", weights="none", image_size=128)
-    return save_model_file(tmp_path_factory.mktemp("model") / "model.pt", model)
 
 
 def run_predict(root, argv):

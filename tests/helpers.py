@@ -1,0 +1,16 @@
+"""Helpers shared by several test modules (imported like tests/pegasus_schemas.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(root, name):
+    """Import bin/<name>.py as a module so tests call its get_args_parser() and main() in-process."""
+    spec = importlib.util.spec_from_file_location(f"bin_{name}", Path(root) / "bin" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
