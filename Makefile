@@ -39,8 +39,12 @@ run: setup $(SAMPLE_DIR)/images
 test: setup
 	$(PY) -m pytest -q tests
 
+# The quick benchmarks; bench/quality.py (a training run per data set) is run by hand.
 bench: setup
 	$(PY) bench/data_pipeline.py
+	$(PY) bench/train_step.py
+	$(PY) bench/predict.py
+	$(PY) bench/workflow.py
 
 clean:
 	rm -rf $(RUN_DIR) $(SAMPLE_DIR)
