@@ -114,15 +114,20 @@ def _fetch_torchvision_state(weights_enum) -> tuple[dict | None, str]:
     return state, filename
 
 
+def _torch_load(path: Path, what: str):
+    """torch.load on the CPU with weights_only=True; a missing or unreadable file is a one-line ModelError."""
+    if not path.is_file():
+        raise ModelError(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ModelError(f"{path}: not a readable {what} ({type(error).__name__}: {error})") from None
+
+
 def read_weight_file(path) -> dict:
     """A state dict from *path*: a plain state dict, or a model file written by :func:`save_model_file`."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path}: weight file not found")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ModelError(f"{path}: not a readable torch weight file ({type(error).__name__}: {error})") from None
+    loaded = _torch_load(path, "weight file")
     if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
         loaded = loaded["model"]  # a model file or a training checkpoint
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
@@ -412,12 +417,7 @@ def save_model_file(path, model: nn.Module, meta: dict | None = None) -> Path:
 def load_model_file(path, device="cpu") -> tuple[nn.Module, dict]:
     """(model in eval mode on *device*, meta) from a file written by :func:`save_model_file`."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path}: model file not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ModelError(f"{path}: not a readable model file ({type(error).__name__}: {error})") from None
+    payload = _torch_load(path, "model file")
     if not isinstance(payload, dict) or "model" not in payload or "meta" not in payload:
         raise ModelError(f"{path}: not a model file (expected keys 'model' and 'meta')")
     meta = payload["meta"]
