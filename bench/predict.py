@@ -4,7 +4,7 @@
 Both measured in one run, on the same real images:
   pure        the model alone on images already decoded and held as float tensors on the
               device, in batches of --batch-size (what the hardware can do)
-  end-to-end  utils.prediction.predict_images, i.e. the predict job without argument parsing:
+  end-to-end  utils.detection.prediction.predict_images, i.e. the predict job without argument parsing:
               listing files, decoding in DataLoader workers, batching, inference, score
               filtering, drawing and JPEG-encoding annotated images (thread pool), and
               writing predictions.json/.csv and compliance.json
@@ -77,12 +77,12 @@ def seconds(function):
 def main(args) -> int:
     import torch
 
-    from utils.engine import resolve_device
-    from utils.images import is_image_name, load_rgb
-    import utils.inference as inference
-    from utils.inference import default_num_workers, detect, to_model_input
-    from utils.model import build_model, load_model_file
-    from utils.prediction import predict_images
+    from utils.detection.engine import resolve_device
+    from utils.data.images import is_image_name, load_rgb
+    import utils.detection.inference as inference
+    from utils.detection.inference import default_num_workers, detect, to_model_input
+    from utils.detection.model import build_model, load_model_file
+    from utils.detection.prediction import predict_images
     from torchvision.transforms.v2 import functional as F
 
     images_dir = args.data / "images"

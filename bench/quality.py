@@ -2,11 +2,11 @@
 """Detection quality under a fixed CPU budget: train on the train split, report test mAP.
 
 For each data set (the real face-mask data at --data, and synthetic sample data
-made by utils.sample_data): validate it (utils.validation), split it 70/10/20 with
-near-duplicates kept together (utils.split), train mobilenet_v2_fpn with ImageNet
+made by utils.data.sample_data): validate it (utils.data.validation), split it 70/10/20 with
+near-duplicates kept together (utils.data.split), train mobilenet_v2_fpn with ImageNet
 weights on the train split only for --epochs epochs at --image-size, then report
 COCO mAP (0.5:0.95), mAP@0.5, mAP@0.75 and AP per class on the test split
-(predictions in eval mode, torchmetrics/faster-coco-eval via utils.metrics), with
+(predictions in eval mode, torchmetrics/faster-coco-eval via utils.detection.metrics), with
 the wall time of each phase. Whatever comes out is reported as it is.
 
 The budget is set by flags (--epochs, --image-size, --limit, --sample-images);
@@ -55,9 +55,9 @@ def get_args_parser():
 
 def split_folder(images, annotations, seed):
     """(train pairs, test pairs, validation summary) via the project's validation and split."""
-    from utils.pairs import Pair
-    from utils.split import split_pairs
-    from utils.validation import validate_dataset
+    from utils.data.pairs import Pair
+    from utils.data.split import split_pairs
+    from utils.data.validation import validate_dataset
 
     result = validate_dataset(images, annotations, progress=False)
     rows = split_pairs(result.clean_pairs, result.duplicate_groups, seed=seed)
@@ -74,9 +74,9 @@ def split_folder(images, annotations, seed):
 def run_one(name, images, annotations, args, device, limit=None):
     import torch
 
-    from utils.engine import run_inference
-    from utils.metrics import coco_map
-    from utils.training import Trainer, TrainParams, make_loader
+    from utils.detection.engine import run_inference
+    from utils.detection.metrics import coco_map
+    from utils.detection.training import Trainer, TrainParams, make_loader
 
     started = time.perf_counter()
     train, test, summary = split_folder(images, annotations, args.seed)
@@ -122,7 +122,7 @@ def fmt(value):
 
 def main(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from utils.engine import resolve_device
+    from utils.detection.engine import resolve_device
 
     device = resolve_device(args.device)
     results = []
@@ -135,7 +135,7 @@ def main(args) -> int:
                 images, annotations = args.data / "images", args.data / "annotations"
                 limit = args.limit
             else:
-                from utils.sample_data import make_sample_dataset
+                from utils.data.sample_data import make_sample_dataset
 
                 folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_quality_")))
                 make_sample_dataset(folder, num_images=args.sample_images, seed=args.seed)

@@ -2,11 +2,11 @@
 """Training throughput: the training loop fed by its DataLoader against pure forward+backward, in images/s.
 
 Both measured in one run, on the same images, through the same function
-(utils.engine.train_one_epoch: forward, loss, backward, gradient clipping,
+(utils.detection.engine.train_one_epoch: forward, loss, backward, gradient clipping,
 optimizer and scheduler step):
   pure        batches already decoded, converted and held as tensors in memory
               (what the model and hardware can do)
-  end-to-end  the training DataLoader of utils.training (decoding JPEGs, parsing VOC XML,
+  end-to-end  the training DataLoader of utils.detection.training (decoding JPEGs, parsing VOC XML,
               random horizontal flip, collation) with --workers processes
 The ratio end-to-end / pure is the share of the model's training speed the data
 pipeline keeps (goal >= 0.95). After a warm-up pass the two paths are timed
@@ -16,7 +16,7 @@ does not depend on such load, the share of the end-to-end wall time spent waitin
 for the next batch is reported too.
 
 Data: the first --limit images of the real data set (--data), else synthetic sample
-data (utils.sample_data) when --sample or when the real data is absent (said so).
+data (utils.data.sample_data) when --sample or when the real data is absent (said so).
 """
 
 import sys
@@ -76,12 +76,12 @@ class TimedLoader:
 
 
 def pick_pairs(args, stack):
-    from utils.pairs import pair_folders
+    from utils.data.pairs import pair_folders
 
     if not args.sample and (args.data / "images").is_dir():
         pairs = pair_folders(args.data / "images", args.data / "annotations").pairs[: args.limit]
         return pairs, f"real data {args.data} (first {len(pairs)} pairs)"
-    from utils.sample_data import make_sample_dataset
+    from utils.data.sample_data import make_sample_dataset
 
     reason = "--sample" if args.sample else f"{args.data} is absent"
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_train_")))
@@ -96,9 +96,9 @@ def main(args) -> int:
 
     import torch
 
-    from utils.engine import build_optimizer, resolve_device, train_one_epoch
-    from utils.model import build_model
-    from utils.training import make_loader
+    from utils.detection.engine import build_optimizer, resolve_device, train_one_epoch
+    from utils.detection.model import build_model
+    from utils.detection.training import make_loader
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     device = resolve_device(args.device)

@@ -2,7 +2,7 @@
 """Benchmarks of the workflow machinery (not of the models).
 
 1. Local executor overhead: a DAG with the real workflow's shape whose jobs only sleep,
-   run by utils/executor.py. Reported as workflow wall time / critical-path job time
+   run by utils/pegasus/executor.py. Reported as workflow wall time / critical-path job time
    (goal <= 1.05): what the executor adds on top of the longest chain of jobs.
    --statistics RUN_DIR/statistics.json adds the same ratio for a real run.
 2. Generator: time and peak memory of workflow.py's generator (all catalogs, the DAG and
@@ -42,7 +42,7 @@ def executor_overhead(sleep: float, jobs: int, hpo_jobs: int) -> dict:
     """Run a sleep-job copy of the workflow's DAG; return the executor's statistics."""
     from Pegasus.api import File, Job, Properties, ReplicaCatalog, Transformation, TransformationCatalog, Workflow
 
-    from utils.executor import run_workflow
+    from utils.pegasus.executor import run_workflow
 
     with tempfile.TemporaryDirectory(prefix="bench-executor.") as tmp:
         tmp = Path(tmp)

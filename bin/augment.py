@@ -15,9 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 
-from utils.augment import augment_set  # noqa: E402
+from utils.data.augment import augment_set  # noqa: E402
 from utils.cli import add_set_input_args, add_set_output_args, set_args_problem  # noqa: E402
-from utils.preprocess import NothingProcessedError  # noqa: E402
+from utils.data.preprocess import NothingProcessedError  # noqa: E402
 
 
 def get_args_parser():

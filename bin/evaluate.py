@@ -19,14 +19,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.cli import add_model_run_args, model_run_args_problem  # noqa: E402
-from utils.engine import resolve_device  # noqa: E402
-from utils.evaluation import (EvaluationInputError, check_model_classes, evaluate_model, format_report,  # noqa: E402
+from utils.detection.engine import resolve_device  # noqa: E402
+from utils.detection.evaluation import (EvaluationInputError, check_model_classes, evaluate_model, format_report,  # noqa: E402
                               labelled_pairs)
-from utils.images import ImageError  # noqa: E402
-from utils.model import ModelError, load_model_file  # noqa: E402
-from utils.pairs import open_folder  # noqa: E402
+from utils.data.images import ImageError  # noqa: E402
+from utils.detection.model import ModelError, load_model_file  # noqa: E402
+from utils.data.pairs import open_folder  # noqa: E402
 from utils.provenance import write_run_record  # noqa: E402
-from utils.voc import VocError  # noqa: E402
+from utils.data.voc import VocError  # noqa: E402
 
 
 def get_args_parser():

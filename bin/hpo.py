@@ -19,9 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.atomic import write_json  # noqa: E402
-from utils.engine import resolve_device  # noqa: E402
-from utils.hpo import OBJECTIVES, HpoConfig, HpoError, SearchSpace, run_study  # noqa: E402
-from utils.model import BACKBONES, ModelError  # noqa: E402
+from utils.detection.engine import resolve_device  # noqa: E402
+from utils.detection.hpo import OBJECTIVES, HpoConfig, HpoError, SearchSpace, run_study  # noqa: E402
+from utils.detection.model import BACKBONES, ModelError  # noqa: E402
 from utils.provenance import write_run_record  # noqa: E402
 
 SPACE = SearchSpace()

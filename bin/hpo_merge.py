@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.atomic import write_json, write_text  # noqa: E402
-from utils.hpo import HpoError, merge_results, merged_text, read_worker_results, write_plots  # noqa: E402
+from utils.detection.hpo import HpoError, merge_results, merged_text, read_worker_results, write_plots  # noqa: E402
 from utils.provenance import write_run_record  # noqa: E402
 
 

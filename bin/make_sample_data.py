@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse  # noqa: E402
 
 from utils.provenance import write_run_record  # noqa: E402
-from utils.sample_data import make_sample_dataset  # noqa: E402
+from utils.data.sample_data import make_sample_dataset  # noqa: E402
 
 
 def get_args_parser():

@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.class_distribution import count_objects, plot_counts, write_counts_csv  # noqa: E402
-from utils.pairs import open_folder  # noqa: E402
+from utils.data.class_distribution import count_objects, plot_counts, write_counts_csv  # noqa: E402
+from utils.data.pairs import open_folder  # noqa: E402
 from utils.provenance import write_run_record  # noqa: E402
 
 

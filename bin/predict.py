@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tqdm import tqdm  # noqa: E402
 
 from utils.cli import add_model_run_args, model_run_args_problem  # noqa: E402
-from utils.engine import resolve_device  # noqa: E402
-from utils.evaluation import EvaluationInputError, check_model_classes  # noqa: E402
-from utils.model import ModelError, load_model_file  # noqa: E402
-from utils.prediction import predict_images, summary_line  # noqa: E402
+from utils.detection.engine import resolve_device  # noqa: E402
+from utils.detection.evaluation import EvaluationInputError, check_model_classes  # noqa: E402
+from utils.detection.model import ModelError, load_model_file  # noqa: E402
+from utils.detection.prediction import predict_images, summary_line  # noqa: E402
 from utils.provenance import write_run_record  # noqa: E402
 
 

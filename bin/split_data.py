@@ -14,11 +14,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.pairs import open_folder, read_pairs_csv, write_pairs_csv  # noqa: E402
+from utils.data.pairs import open_folder, read_pairs_csv, write_pairs_csv  # noqa: E402
 from utils.provenance import write_run_record  # noqa: E402
-from utils.split import DEFAULT_FRACTIONS, SplitError, image_classes, split_pairs, split_summary  # noqa: E402
-from utils.validation import csv_entry  # noqa: E402
-from utils.voc import VocError  # noqa: E402
+from utils.data.split import DEFAULT_FRACTIONS, SplitError, image_classes, split_pairs, split_summary  # noqa: E402
+from utils.data.validation import csv_entry  # noqa: E402
+from utils.data.voc import VocError  # noqa: E402
 
 
 def get_args_parser():

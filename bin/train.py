@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.engine import CheckpointError, NonFiniteLossError, resolve_device  # noqa: E402
-from utils.model import BACKBONES, ModelError  # noqa: E402
-from utils.training import TrainingDataError, TrainParams, train_job  # noqa: E402
+from utils.detection.engine import CheckpointError, NonFiniteLossError, resolve_device  # noqa: E402
+from utils.detection.model import BACKBONES, ModelError  # noqa: E402
+from utils.detection.training import TrainingDataError, TrainParams, train_job  # noqa: E402
 
 DEFAULTS = TrainParams()
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.pairs import open_folder, pack_folder  # noqa: E402
+from utils.data.pairs import open_folder, pack_folder  # noqa: E402
 from utils.provenance import write_run_record  # noqa: E402
-from utils.validation import (ValidationInputError, format_summary, validate_dataset,  # noqa: E402
+from utils.data.validation import (ValidationInputError, format_summary, validate_dataset,  # noqa: E402
                               write_clean_outputs)
 
 

@@ -22,7 +22,7 @@ def root() -> Path:
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory) -> Path:
     """24 synthetic images (160x120) with VOC annotations, made once per test session."""
-    from utils.sample_data import make_sample_dataset
+    from utils.data.sample_data import make_sample_dataset
 
     out = tmp_path_factory.mktemp("sample")
     make_sample_dataset(out, num_images=24, seed=7, image_size=(160, 120))
@@ -34,7 +34,7 @@ def tiny_model_file(tmp_path_factory) -> Path:
     """An untrained mobilenet_v2_fpn detector at image size 128, saved as a model file."""
     import torch
 
-    from utils.model import build_model, save_model_file
+    from utils.detection.model import build_model, save_model_file
 
     torch.manual_seed(0)
     model = build_model(backbone="mobilenet_v2_fpn", weights="none", image_size=128)

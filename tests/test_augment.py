@@ -1,4 +1,4 @@
-"""utils.augment and bin/augment.py: counts, box validity, flips, reproducibility, read-back, bad input."""
+"""utils.data.augment and bin/augment.py: counts, box validity, flips, reproducibility, read-back, bad input."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from utils.augment import augment_copy, augment_set, build_transform, torch_threads
+from utils.data.augment import augment_copy, augment_set, build_transform, torch_threads
 from utils.classes import CLASSES, RARE_CLASS
-from utils.dataset import VocDetectionDataset
-from utils.pairs import pack_folder, pair_folders
-from utils.voc import VocAnnotation, VocObject, parse_voc, write_voc
+from utils.data.dataset import VocDetectionDataset
+from utils.data.pairs import pack_folder, pair_folders
+from utils.data.voc import VocAnnotation, VocObject, parse_voc, write_voc
 
 
 def load_bin(root, name):
@@ -166,7 +166,7 @@ def test_bad_inputs_and_boxless_copies_are_reported(sample_dir, tmp_path, monkey
     shutil.copy(pairs[0].annotation, src / "broken.xml")
     write_voc(src / "orphan.xml", VocAnnotation("orphan.jpg", 10, 10))
 
-    import utils.augment as augment_module
+    import utils.data.augment as augment_module
 
     def drop_every_box(image, target):
         keep = torch.zeros(len(target["labels"]), dtype=torch.bool)

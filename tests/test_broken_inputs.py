@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from utils.validation import format_summary, validate_dataset, write_clean_outputs
-from utils.voc import parse_voc
+from utils.data.validation import format_summary, validate_dataset, write_clean_outputs
+from utils.data.voc import parse_voc
 
 W, H = 128, 96
 GOOD = [("with_mask", (10, 10, 40, 40))]

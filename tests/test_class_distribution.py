@@ -9,8 +9,8 @@ import sys
 
 from PIL import Image
 
-from utils.class_distribution import count_objects, plot_counts, write_counts_csv
-from utils.pairs import write_pairs_csv
+from utils.data.class_distribution import count_objects, plot_counts, write_counts_csv
+from utils.data.pairs import write_pairs_csv
 
 ANNOTATIONS = {
     "a": ["with_mask", "with_mask", "without_mask"],

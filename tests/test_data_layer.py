@@ -12,11 +12,11 @@ from PIL import Image
 
 from utils.atomic import atomic_path, write_json
 from utils.classes import CLASSES, LABEL_OF, NUM_CLASSES
-from utils.dataset import VocDetectionDataset, collate
-from utils.images import ImageError, image_size, load_rgb
-from utils.pairs import Pair, open_folder, pack_folder, pair_folders, read_pairs_csv, write_pairs_csv
+from utils.data.dataset import VocDetectionDataset, collate
+from utils.data.images import ImageError, image_size, load_rgb
+from utils.data.pairs import Pair, open_folder, pack_folder, pair_folders, read_pairs_csv, write_pairs_csv
 from utils.provenance import inputs_sha256, run_record
-from utils.voc import VocAnnotation, VocError, VocObject, clean_objects, parse_voc, write_voc
+from utils.data.voc import VocAnnotation, VocError, VocObject, clean_objects, parse_voc, write_voc
 
 
 def voc_xml(objects, width=100, height=80, filename="a.jpg") -> str:

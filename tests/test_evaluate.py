@@ -11,9 +11,9 @@ from torch import nn
 
 from helpers import load_script
 from utils.classes import CLASSES
-from utils.dataset import VocDetectionDataset
-from utils.evaluation import evaluate_model, labelled_pairs
-from utils.pairs import pack_folder
+from utils.data.dataset import VocDetectionDataset
+from utils.detection.evaluation import evaluate_model, labelled_pairs
+from utils.data.pairs import pack_folder
 
 
 def test_evaluate_cli_writes_every_output(root, sample_dir, tiny_model_file, tmp_path, capsys):
@@ -125,8 +125,8 @@ def test_evaluate_reports_empty_set(root, tiny_model_file, tmp_path, capsys):
 
 
 def test_dropped_objects_are_reported_and_foreign_models_refused(sample_dir, tmp_path):
-    from utils.evaluation import EvaluationInputError, check_model_classes, dropped_objects
-    from utils.voc import VocObject, parse_voc, write_voc
+    from utils.detection.evaluation import EvaluationInputError, check_model_classes, dropped_objects
+    from utils.data.voc import VocObject, parse_voc, write_voc
 
     pairs, _ = labelled_pairs(sample_dir / "images", sample_dir / "annotations")
     ann = parse_voc(pairs[0].annotation)

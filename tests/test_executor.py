@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from Pegasus.api import File, Job, Properties, ReplicaCatalog, Transformation, TransformationCatalog, Workflow
 
-from utils.executor import load_workflow, run_workflow
+from utils.pegasus.executor import load_workflow, run_workflow
 
 # A fake job: records each start in a log outside the run dir, optionally fails its
 # first N tries, keeps a try counter in its checkpoint file, writes its outputs.
@@ -213,7 +213,7 @@ def test_run_killed_part_way_resumes_without_rerunning_finished_jobs(tmp_path):
             {"id": "last", "inputs": ["2.txt"], "outputs": ["3.txt"], "stage_out": True}]
     run_dir = make_workflow(tmp_path, jobs)
     root = Path(__file__).resolve().parents[1]
-    command = [sys.executable, "-m", "utils.executor", str(run_dir), "--jobs", "2"]
+    command = [sys.executable, "-m", "utils.pegasus.executor", str(run_dir), "--jobs", "2"]
     # a new session, so that killing its process group takes the running job down too (a crash)
     process = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)

@@ -11,7 +11,7 @@ import torch
 from optuna.trial import TrialState
 
 from helpers import load_script
-from utils.hpo import (HpoConfig, HpoError, SearchSpace, fitness, journal_trials, merge_results, open_study,
+from utils.detection.hpo import (HpoConfig, HpoError, SearchSpace, fitness, journal_trials, merge_results, open_study,
                        read_worker_results, run_study, write_plots)
 
 CONFIG = HpoConfig(epochs=1, image_size=96, workers=0, warmup_iters=1, seed=5)
@@ -21,7 +21,7 @@ SPACE = SearchSpace(batch_sizes=(2,))
 @pytest.fixture(scope="module")
 def hpo_data(tmp_path_factory):
     """4 training and 3 validation images of 96x96."""
-    from utils.sample_data import make_sample_dataset
+    from utils.data.sample_data import make_sample_dataset
 
     root = tmp_path_factory.mktemp("hpo")
     make_sample_dataset(root / "train", num_images=4, seed=21, image_size=(96, 96))

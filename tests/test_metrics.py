@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from utils.classes import LABEL_OF
-from utils.metrics import (CONFUSION_LABELS, coco_map, compliance, compliance_line, compute_coco,
+from utils.detection.metrics import (CONFUSION_LABELS, coco_map, compliance, compliance_line, compute_coco,
                            detection_confusion_matrix, merge_compliance, pr_curves)
 
 WITH, WITHOUT, INCORRECT = LABEL_OF["with_mask"], LABEL_OF["without_mask"], LABEL_OF["mask_weared_incorrect"]

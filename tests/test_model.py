@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from utils.classes import CLASSES, LABEL_OF, NUM_CLASSES
-from utils.model import (BACKBONES, ModelError, build_model, freeze_backbone, load_model_file, save_model_file,
+from utils.detection.model import (BACKBONES, ModelError, build_model, freeze_backbone, load_model_file, save_model_file,
                          set_trainable_layers)
 
 
@@ -27,7 +27,7 @@ def test_each_backbone_builds_offline_and_predicts(backbone, caplog):
     # The big backbones without weights keep this fast and offline; mobilenet_v2_fpn uses the cached ImageNet file
     # or says it has none.
     weights = "imagenet" if backbone == "mobilenet_v2_fpn" else "none"
-    with caplog.at_level(logging.INFO, logger="utils.model"):
+    with caplog.at_level(logging.INFO, logger="utils.detection.model"):
         model = build_model(backbone, weights=weights, image_size=128, trainable_layers=2)
     assert any(backbone in r.getMessage() for r in caplog.records), "the weights decision is logged"
     assert model.roi_heads.box_predictor.cls_score.out_features == NUM_CLASSES
@@ -42,11 +42,11 @@ def test_each_backbone_builds_offline_and_predicts(backbone, caplog):
 
 
 def test_mobilenet_v2_uses_cached_imagenet_weights_when_present():
-    from utils.weights import cached_weights
+    from utils.detection.weights import cached_weights
 
     path = cached_weights()
     if path is None:
-        pytest.skip("MobileNetV2 ImageNet weights not cached (run `python -m utils.weights provision`)")
+        pytest.skip("MobileNetV2 ImageNet weights not cached (run `python -m utils.detection.weights provision`)")
     model = build_model("mobilenet_v2_fpn", weights="imagenet", image_size=128)
     assert model.weights_report.loaded == "imagenet"
     reference = torch.load(path, weights_only=True)
@@ -62,9 +62,9 @@ def test_mobilenet_v2_uses_cached_imagenet_weights_when_present():
 
 def test_unavailable_coco_weights_fall_back_with_one_log_line(caplog):
     # MobileNetV2 has no COCO detector: the factory falls back to ImageNet (or none) and says so.
-    with caplog.at_level(logging.INFO, logger="utils.model"):
+    with caplog.at_level(logging.INFO, logger="utils.detection.model"):
         model = build_model("mobilenet_v2_fpn", weights="coco", image_size=128)
-    lines = [r.getMessage() for r in caplog.records if r.name == "utils.model"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "utils.detection.model"]
     assert len(lines) == 1 and "no COCO detector exists" in lines[0]
     assert model.weights_report.loaded in ("imagenet", "none")
 

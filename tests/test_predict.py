@@ -14,8 +14,8 @@ from PIL import Image
 from torch import nn
 
 from helpers import load_script
-from utils.inference import detect
-from utils.metrics import merge_compliance
+from utils.detection.inference import detect
+from utils.detection.metrics import merge_compliance
 
 
 def run_predict(root, argv):

@@ -1,4 +1,4 @@
-"""utils.preprocess and bin/preprocess.py: RGB JPEG outputs, longest-side cap, prefixes, tar, split, bad input."""
+"""utils.data.preprocess and bin/preprocess.py: RGB JPEG outputs, longest-side cap, prefixes, tar, split, bad input."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils.pairs import pack_folder, pair_folders
-from utils.preprocess import NothingProcessedError, preprocess_set
-from utils.voc import VocAnnotation, VocObject, parse_voc, write_voc
+from utils.data.pairs import pack_folder, pair_folders
+from utils.data.preprocess import NothingProcessedError, preprocess_set
+from utils.data.voc import VocAnnotation, VocObject, parse_voc, write_voc
 
 
 def load_bin(root, name):

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from utils.classes import CLASSES
-from utils.dataset import VocDetectionDataset
-from utils.pairs import pair_folders
-from utils.sample_data import make_sample_dataset, render_sample
-from utils.voc import parse_voc
+from utils.data.dataset import VocDetectionDataset
+from utils.data.pairs import pair_folders
+from utils.data.sample_data import make_sample_dataset, render_sample
+from utils.data.voc import parse_voc
 
 
 def load_bin(root, name):
@@ -94,7 +94,7 @@ def test_boxes_overlap_only_slightly():
 
 def test_mask_classes_differ_in_what_is_covered():
     """The same face drawn per class differs only where the mask is: more of it for with_mask."""
-    from utils.sample_data import _face_patch
+    from utils.data.sample_data import _face_patch
 
     def covered_fraction(label, index):
         masked = _face_patch(np.random.default_rng([1, index]), 60, label)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from utils.classes import RARE_CLASS
-from utils.pairs import Pair, write_pairs_csv
-from utils.split import SPLITS, SplitError, split_pairs
+from utils.data.pairs import Pair, write_pairs_csv
+from utils.data.split import SPLITS, SplitError, split_pairs
 
 
 def make_pairs(n, rare_every=0):

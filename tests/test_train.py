@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from utils.engine import NonFiniteLossError, evaluate_loss, lr_factor, train_one_epoch
-from utils.model import load_model_file
-from utils.pairs import pair_folders
-from utils.training import Trainer, TrainParams, make_loader, read_params_file, resolve_params
+from utils.detection.engine import NonFiniteLossError, evaluate_loss, lr_factor, train_one_epoch
+from utils.detection.model import load_model_file
+from utils.data.pairs import pair_folders
+from utils.detection.training import Trainer, TrainParams, make_loader, read_params_file, resolve_params
 
 TINY = dict(image_size=128, batch_size=2, workers=0, epochs=2, warmup_iters=2, trainable_layers=2, seed=3)
 
@@ -23,7 +23,7 @@ TINY = dict(image_size=128, batch_size=2, workers=0, epochs=2, warmup_iters=2, t
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """6 images of 96x96: enough for 3 batches, fast on two CPU cores."""
-    from utils.sample_data import make_sample_dataset
+    from utils.data.sample_data import make_sample_dataset
 
     out = tmp_path_factory.mktemp("tiny")
     make_sample_dataset(out, num_images=6, seed=11, image_size=(96, 96))

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance
 
-from utils.pairs import pack_folder, read_pairs_csv
-from utils.validation import PROBLEM_KINDS, ValidationInputError, validate_dataset, write_clean_outputs
-from utils.voc import parse_voc
+from utils.data.pairs import pack_folder, read_pairs_csv
+from utils.data.validation import PROBLEM_KINDS, ValidationInputError, validate_dataset, write_clean_outputs
+from utils.data.voc import parse_voc
 
 
 def textured(seed: int, size=(128, 96)) -> Image.Image:

@@ -11,7 +11,7 @@ import yaml
 
 import workflow as generator
 from pegasus_schemas import schema_errors, validate_run_dir
-from utils.executor import load_workflow, read_properties
+from utils.pegasus.executor import load_workflow, read_properties
 
 HPO_JOBS = 3
 
@@ -166,7 +166,7 @@ def test_replicas_are_absolute_file_urls_of_existing_files(run_dir):
 
 
 def test_pretrained_weights_travel_as_an_input_when_cached(run_dir):
-    from utils.weights import MOBILENET_V2_FILE, cached_weights
+    from utils.detection.weights import MOBILENET_V2_FILE, cached_weights
 
     jobs = jobs_by_id(run_dir)
     for job_id in ("hpo_0", "train"):

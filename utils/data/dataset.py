@@ -6,7 +6,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2 as T
 
-from .classes import CLASSES, LABEL_OF
+from ..classes import CLASSES, LABEL_OF
 from .images import load_rgb
 from .voc import clean_objects, parse_voc
 

@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import atomic_path
+from ..atomic import atomic_path
 from .images import is_image_name
 
 

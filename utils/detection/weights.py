@@ -6,8 +6,8 @@ torchvision downloads (``mobilenet_v2-b0353104.pth``); copying it into
 ``$TORCH_HOME/hub/checkpoints/`` makes ``mobilenet_v2(weights="IMAGENET1K_V1")``
 find it in its cache. Online users need none of this: torchvision downloads.
 
-    python -m utils.weights provision   # copy into the torch hub cache (sha256 checked)
-    python -m utils.weights path        # print the cached file's path, if any
+    python -m utils.detection.weights provision   # copy into the torch hub cache (sha256 checked)
+    python -m utils.detection.weights path        # print the cached file's path, if any
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from .atomic import atomic_path
-from .provenance import file_sha256
+from ..atomic import atomic_path
+from ..provenance import file_sha256
 
 log = logging.getLogger(__name__)
 

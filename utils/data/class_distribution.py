@@ -11,8 +11,8 @@ import matplotlib
 matplotlib.use("Agg")  # jobs run without a display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .atomic import atomic_path, write_text  # noqa: E402
-from .classes import CLASS_COLOURS, CLASSES  # noqa: E402
+from ..atomic import atomic_path, write_text  # noqa: E402
+from ..classes import CLASS_COLOURS, CLASSES  # noqa: E402
 from .pairs import read_pairs_csv  # noqa: E402
 from .split import SPLITS  # noqa: E402
 from .voc import VocError, parse_voc  # noqa: E402

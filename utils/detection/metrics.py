@@ -20,7 +20,7 @@ import torch
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import box_iou
 
-from .classes import BACKGROUND, CLASSES, LABEL_OF, NAME_OF
+from ..classes import BACKGROUND, CLASSES, LABEL_OF, NAME_OF
 
 # COCO's recall thresholds (0, 0.01, ..., 1): the x axis of every PR curve.
 RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)

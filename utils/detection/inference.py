@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import batched_nms
 from torchvision.transforms.v2 import functional as F
 
-from .images import ImageError, load_rgb
+from ..data.images import ImageError, load_rgb
 
 # Boxes from the plain and the flipped pass that overlap more than this are one face;
 # torchvision's Faster R-CNN uses the same value for its own per-class NMS.

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from .atomic import write_text
-from .dataset import VocDetectionDataset, collate
+from ..atomic import write_text
+from ..data.dataset import VocDetectionDataset, collate
 from .engine import (build_optimizer, build_scheduler, evaluate_loss, load_checkpoint, make_grad_scaler,
                      restore_checkpoint, run_inference, save_checkpoint, seed_everything, train_one_epoch)
-from .images import ImageError, image_size
+from ..data.images import ImageError, image_size
 from .model import build_model, freeze_backbone, set_trainable_layers
-from .pairs import open_folder, pair_folders
-from .voc import VocError, parse_voc
+from ..data.pairs import open_folder, pair_folders
+from ..data.voc import VocError, parse_voc
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ def plot_loss_curve(path, history: list[dict], title: str = "Training loss") -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .atomic import atomic_path
+    from ..atomic import atomic_path
 
     epochs = [row["epoch"] for row in history]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -337,7 +337,7 @@ def _output_paths(args) -> dict:
 def train_job(args, device) -> dict:
     """Run bin/train.py's job; returns a summary dict. Errors are raised with one-line messages."""
     from .model import save_model_file
-    from .provenance import inputs_sha256, package_versions, write_run_record
+    from ..provenance import inputs_sha256, package_versions, write_run_record
 
     params_file_values = read_params_file(args.params) if args.params else {}
     params = resolve_params(args, params_file_values)

@@ -9,9 +9,9 @@ and every excluded image is the "image" of at least one excluding problem.
 
 Checks: image without annotation and the reverse; images sharing one name stem
 (annotations are matched by stem, so they are ambiguous); unreadable, truncated or
-non-image files (full decode with utils.images.load_rgb); XML that is not well-formed
-or lacks required fields (utils.voc.parse_voc); unknown class names, boxes outside the
-image, zero- or negative-area boxes (utils.voc.clean_objects: overshoots of at most
+non-image files (full decode with utils.data.images.load_rgb); XML that is not well-formed
+or lacks required fields (utils.data.voc.parse_voc); unknown class names, boxes outside the
+image, zero- or negative-area boxes (utils.data.voc.clean_objects: overshoots of at most
 CLIP_TOLERANCE_PX are clipped, anything else drops the object); an XML <size> that
 differs from the decoded image (reported; the real size is used); images left with no
 objects; exact duplicates (sha256 of the file) and near duplicates (perceptual hash,
@@ -44,8 +44,8 @@ import imagehash
 import numpy as np
 from tqdm import tqdm
 
-from .atomic import write_json
-from .classes import CLASSES
+from ..atomic import write_json
+from ..classes import CLASSES
 from .images import ImageError, is_image_name, load_rgb
 from .pairs import Pair, pair_folders, write_pairs_csv
 from .voc import CLIP_TOLERANCE_PX, VocAnnotation, VocError, clean_objects, parse_voc, write_voc

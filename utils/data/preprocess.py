@@ -2,9 +2,9 @@
 
 Every image becomes 8-bit RGB in one format (JPEG by default), optionally with its
 longest side capped; its VOC annotation is carried along with the objects cleaned
-(utils.voc.clean_objects) and the boxes moved by torchvision.transforms.v2 with the
+(utils.data.voc.clean_objects) and the boxes moved by torchvision.transforms.v2 with the
 pixels. Outputs are flat folders (image and XML side by side, which
-utils.pairs.pair_folders reads back) or a flat .tar, named <prefix><stem>.<ext>.
+utils.data.pairs.pair_folders reads back) or a flat .tar, named <prefix><stem>.<ext>.
 
 Unreadable inputs are skipped, and every skipped file and dropped or clipped
 object is listed in the job report; the job fails only when nothing was processed.
@@ -23,11 +23,11 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
-from .atomic import atomic_path, write_json
-from .classes import CLASSES
+from ..atomic import atomic_path, write_json
+from ..classes import CLASSES
 from .images import ImageError, load_rgb
 from .pairs import Pair, open_folder, pack_folder, pair_folders, read_pairs_csv
-from .provenance import run_record
+from ..provenance import run_record
 from .voc import VocAnnotation, VocError, VocObject, clean_objects, parse_voc, write_voc
 
 FORMATS = {"jpg": "JPEG", "png": "PNG"}

@@ -163,7 +163,7 @@ class HpoConfig:
     weights: str = "imagenet"
     weights_file: str | None = None
     optimizer: str = "sgd"
-    workers: int = -1  # -1: utils.training.auto_workers
+    workers: int = -1  # -1: utils.detection.training.auto_workers
     warmup_iters: int = 50
     objective: str = "fitness"
     seed: int = 0
@@ -381,7 +381,7 @@ def _note_figure(path, title: str, note: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .atomic import atomic_path
+    from ..atomic import atomic_path
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.axis("off")
@@ -395,7 +395,7 @@ def _note_figure(path, title: str, note: str) -> None:
 def _save_axes(ax, path) -> None:
     import matplotlib.pyplot as plt
 
-    from .atomic import atomic_path
+    from ..atomic import atomic_path
 
     fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
     fig.set_size_inches(8, 5)

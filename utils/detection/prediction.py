@@ -4,7 +4,7 @@ Inputs are image files, folders of images, or .tar archives of images, in any mi
 Every file that cannot be used (missing, not an image, undecodable) is listed as
 skipped with its reason in predictions.json and compliance.json; the others still run.
 
-Pipeline: DataLoader workers decode ahead of the model (utils.inference), and
+Pipeline: DataLoader workers decode ahead of the model (utils.detection.inference), and
 annotated copies are drawn and JPEG-encoded by a thread pool while the model works
 on the next batch, so the model rarely waits for files.
 """
@@ -20,12 +20,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from .atomic import write_json, write_text
-from .classes import NAME_OF
-from .images import is_image_name
+from ..atomic import write_json, write_text
+from ..classes import NAME_OF
+from ..data.images import is_image_name
 from .inference import Detections, ImageItem, Skipped, detect_files
 from .metrics import compliance, compliance_line, merge_compliance
-from .pairs import open_folder
+from ..data.pairs import open_folder
 from .plots import save_annotated
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")

@@ -45,8 +45,8 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FeaturePyramidNetwork, misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from .atomic import atomic_path
-from .classes import CLASSES, LABEL_OF, NUM_CLASSES
+from ..atomic import atomic_path
+from ..classes import CLASSES, LABEL_OF, NUM_CLASSES
 
 log = logging.getLogger(__name__)
 

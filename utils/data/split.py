@@ -21,7 +21,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from .classes import RARE_CLASS
+from ..classes import RARE_CLASS
 from .voc import parse_voc
 
 SPLITS = ("train", "val", "test")

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .classes import CLASSES
+from ..classes import CLASSES
 from .voc import VocAnnotation, VocObject, write_voc
 
 # Class mix per face: with_mask, without_mask, mask_weared_incorrect. The real data is

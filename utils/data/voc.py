@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lxml import etree
 
-from .atomic import write_bytes
+from ..atomic import write_bytes
 
 # Boxes that overshoot the image by at most this many pixels are clipped (annotation
 # tools commonly round outwards); beyond it the object is dropped and reported.

@@ -15,16 +15,16 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .atomic import write_json, write_text
-from .classes import CLASSES, NAME_OF
-from .dataset import VocDetectionDataset, collate
+from ..atomic import write_json, write_text
+from ..classes import CLASSES, NAME_OF
+from ..data.dataset import VocDetectionDataset, collate
 from .engine import evaluate_loss, run_inference
-from .images import ImageError, image_size
+from ..data.images import ImageError, image_size
 from .inference import default_num_workers
 from .metrics import compute_coco, detection_confusion_matrix, pr_curves
-from .pairs import pair_folders
+from ..data.pairs import pair_folders
 from .plots import plot_confusion_matrix, plot_pr_curves
-from .voc import VocError, clean_objects, parse_voc
+from ..data.voc import VocError, clean_objects, parse_voc
 
 CONFUSION_IOU = 0.5
 

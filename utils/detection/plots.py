@@ -9,8 +9,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-from .atomic import atomic_path  # noqa: E402
-from .classes import CLASS_COLOURS, CLASSES, NAME_OF  # noqa: E402
+from ..atomic import atomic_path  # noqa: E402
+from ..classes import CLASS_COLOURS, CLASSES, NAME_OF  # noqa: E402
 
 
 def _save(fig, path) -> None:

@@ -27,7 +27,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
-from .classes import LABEL_OF, NAME_OF, RARE_CLASS
+from ..classes import LABEL_OF, NAME_OF, RARE_CLASS
 from .preprocess import (JobLog, NothingProcessedError, boxes_of, default_report_path, finish_report, load_pair,
                          objects_from, open_inputs, output_folder, write_pair)
 from .voc import VocAnnotation

@@ -22,7 +22,7 @@ DAGMan would, without HTCondor:
 - a live status line (on a terminal; plain periodic lines otherwise) and, at the
   end, statistics.txt / statistics.json in the spirit of pegasus-statistics.
 
-    python -m utils.executor RUN_DIR [--jobs N]
+    python -m utils.pegasus.executor RUN_DIR [--jobs N]
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from urllib.parse import unquote, urlparse
 
 import yaml
 
-from .atomic import atomic_path, write_json, write_text
-from .provenance import file_sha256
+from ..atomic import atomic_path, write_json, write_text
+from ..provenance import file_sha256
 
 STATE_FILE = "executor_state.json"
 STATE_VERSION = 1
@@ -526,7 +526,7 @@ class Executor:
         env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                     "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg",
                     "PEGASUS_JOB_ID": spec.id, "PEGASUS_CORES": str(threads)})
-        project_root = str(Path(__file__).resolve().parents[1])
+        project_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [project_root, env.get("PYTHONPATH")]))
         env.update({str(k): str(v) for k, v in spec.profiles.get("env", {}).items()})
         return env

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import atomic_path
+from ..atomic import atomic_path
 
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
 
