@@ -47,9 +47,12 @@ RUN pip install -r /tmp/requirements.txt \
 COPY . /app
 WORKDIR /app
 
-# Bake the weights into $TORCH_HOME/hub/checkpoints (sha256 checked); fail the build if
-# they could not be provisioned, since the jobs must not depend on a download.
-RUN python -m utils.detection.weights provision \
+# The project as a package (its dependencies are the requirements above), so that jobs
+# import `utils` from anywhere; PYTHONPATH=/app covers scripts Pegasus stages elsewhere.
+# Then bake the weights into $TORCH_HOME/hub/checkpoints (sha256 checked); fail the build
+# if they could not be provisioned, since the jobs must not depend on a download.
+RUN pip install --no-deps --no-build-isolation -e /app \
+ && python -m utils.detection.weights provision \
  && python -m utils.detection.weights path \
  && chmod -R a+rX /opt/torch \
  && chmod a+x /app/bin/*.py

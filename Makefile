@@ -19,9 +19,12 @@ EPOCHS        ?= 6
 
 setup: $(STAMP) weights
 
-$(STAMP): requirements.txt requirements-dev.txt
+# The project itself is installed editable (pyproject.toml), so that bin/, workflow.py,
+# tests and benchmarks import `utils` without sys.path edits.
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --disable-pip-version-check -q -r requirements-dev.txt
+	$(PIP) install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $@
 
 # The weights package is optional: when the registry lacks it, training falls back

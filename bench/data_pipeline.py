@@ -15,17 +15,15 @@ Each stage's rate is also given as a ratio of the plain decode rate. Outputs go 
 temporary folder. Skips with a message (exit 0) when the data folder is absent.
 """
 
+import argparse
+import os
+import platform
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import argparse  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "face-mask"
 

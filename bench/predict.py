@@ -22,19 +22,17 @@ freshly built mobilenet_v2_fpn (ImageNet backbone when cached) at --image-size. 
 to a temporary folder. Skips with a message (exit 0) when the data folder is absent.
 """
 
+import argparse
+import json
+import os
+import platform
+import resource
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "face-mask"
 

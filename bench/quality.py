@@ -14,19 +14,17 @@ the defaults take roughly an hour on two CPU cores. Run it in the background:
   nohup .venv/bin/python bench/quality.py --output runs/bench/quality.json > runs/bench/quality.log 2>&1 &
 """
 
+import argparse
+import contextlib
+import io
+import logging
+import platform
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import io  # noqa: E402
-import logging  # noqa: E402
-import platform  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "face-mask"
 

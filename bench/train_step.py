@@ -19,17 +19,14 @@ Data: the first --limit images of the real data set (--data), else synthetic sam
 data (utils.data.sample_data) when --sample or when the real data is absent (said so).
 """
 
+import argparse
+import platform
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "face-mask"
 

@@ -18,16 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SLEEP_JOB = textwrap.dedent("""
     import sys, time
@@ -103,7 +100,8 @@ GENERATOR_CHILD = textwrap.dedent("""
         run_dir=run_dir, split_csv=split_csv, entries=entries,
         pred_images=[e.image for e in entries if e.split == "test"],
         sites_config=generator.load_sites_config(Path(sys.argv[1]) / "sites.yml"),
-        properties_file=Path(sys.argv[1]) / "properties.conf", hpo_jobs=2, trials=2)
+        project_root=Path(sys.argv[1]), properties_file=Path(sys.argv[1]) / "properties.conf",
+        hpo_jobs=2, trials=2)
     built = generator.MaskDetectionWorkflow(config).build()
     build_s = time.perf_counter() - began
     built.write()

