@@ -1,0 +1,65 @@
+"""Every default of the project, in one commented table.
+
+TrainParams, HpoConfig and SearchSpace, the bin/ argparse defaults and workflow.py read
+their defaults from here, so a default lives in one place. workflow.py deliberately
+overrides a few for the small budget of `make run`; it names them MAKE_RUN_BUDGET.
+"""
+
+# -- reproducibility ---------------------------------------------------------------------
+SEED = 42                      # one seed fixes the split, augmentation, the search and training
+
+# -- data --------------------------------------------------------------------------------
+SAMPLE_IMAGES = 200            # synthetic images of bin/make_sample_data.py; a 70/10/20 split leaves 20 for val
+SAMPLE_IMAGE_SIZE = (320, 240) # width, height of a synthetic image: small, so CPU training stays quick
+SAMPLE_FACES = (1, 6)          # fewest and most faces per synthetic image (the real photos hold one to a crowd)
+SPLIT_FRACTIONS = (0.7, 0.1, 0.2)  # train / val / test, stratified on the rare class
+NEAR_DUPLICATE_DISTANCE = 4    # pHash Hamming distance (of 64 bits) under which images count as near duplicates
+VALIDATE_WORKERS = 0           # decoding threads of validation; 0: min(8, CPUs) (PIL and hashing release the GIL)
+JPEG_QUALITY = 95              # quality of every JPEG the data jobs write
+PREPROCESS_FORMAT = "jpg"      # jpg | png; JPEG keeps the sets small for staging, at quality JPEG_QUALITY
+PREPROCESS_MAX_SIZE = None     # longest side after preprocessing; None keeps the original size
+AUGMENT_COPIES = 2             # augmented copies per training image
+RARE_FACTOR = 2                # extra copies of each image holding mask_weared_incorrect (~3 % of real faces)
+NOISE_STD = 8.0                # Gaussian pixel noise of an augmented copy, in 8-bit units (0-255)
+
+# -- model -------------------------------------------------------------------------------
+BACKBONE = "mobilenet_v2_fpn"  # the only backbone whose ImageNet weights are available offline here
+WEIGHTS = "imagenet"           # none | imagenet | coco | a file; falls back to what is there and says so
+IMAGE_SIZE = 512               # longest image side the detector works at (faces are often under 30 px)
+TRAINABLE_LAYERS = 3           # backbone stages trained, counted from the top
+
+# -- training ----------------------------------------------------------------------------
+EPOCHS = 10
+BATCH_SIZE = 4
+LOADER_WORKERS = -1            # -1: none on a CPU (decoding is <1 % of a step), a few on a GPU
+OPTIMIZER = "sgd"              # sgd | adamw
+LR = 0.01
+MOMENTUM = 0.9                 # SGD momentum, AdamW beta1
+WEIGHT_DECAY = 1e-4
+LR_SCHEDULE = "cosine"         # cosine | step, after a linear warm-up
+WARMUP_ITERS = 100
+CLIP_GRAD = 10.0               # gradient-norm clipping; 0 turns it off
+FREEZE_BACKBONE_EPOCHS = 0     # epochs with the whole backbone frozen before TRAINABLE_LAYERS apply
+HFLIP = 0.5                    # probability of a horizontal flip per training image
+AMP = True                     # mixed precision on CUDA (never on a CPU)
+VAL_MODE = "merge"             # merge: train on train+val; monitor: log val loss and mAP every epoch
+
+# -- hyper-parameter search (Optuna) -----------------------------------------------------
+HPO_EPOCHS = 3                 # epochs per trial
+HPO_TRIALS = 10                # finished trials one worker's study should hold
+HPO_NUM_WORKERS = 1            # K workers share the lr range; by hand one searches it all (the workflow passes its K)
+HPO_WARMUP_ITERS = 50
+HPO_OBJECTIVE = "fitness"      # fitness = 0.1 mAP@0.5 + 0.9 mAP@0.5:0.95 (Ultralytics), or map
+HPO_LR_RANGE = (1e-3, 5e-2)    # log scale; K workers search K disjoint slices of it
+HPO_MOMENTUM_RANGE = (0.8, 0.95)
+HPO_WEIGHT_DECAY_RANGE = (1e-5, 1e-3)  # log scale
+HPO_TRAINABLE_LAYERS_RANGE = (1, 5)
+HPO_BATCH_SIZES = (4,)         # one value: not searched
+HPO_PRUNER_STARTUP_TRIALS = 2  # completed trials before the MedianPruner prunes
+HPO_PRUNER_WARMUP_EPOCHS = 0
+
+# -- inference, evaluation and prediction -------------------------------------------------
+SCORE_THRESHOLD = 0.5          # operating point: detections at or above it count as faces
+INFERENCE_BATCH_SIZE = 4       # images per model call
+DECODE_WORKERS = -1            # image-decoding processes; -1 picks a share of the CPUs
+DEVICE = "auto"                # auto | cpu | cuda

@@ -1,0 +1,184 @@
+"""What the generator is given: the user's sites.yml, the container image and the run's settings.
+
+Everything here is checked before a catalog is built, and a problem is one line
+(ConfigError) naming the file or flag, never a traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from Pegasus.api import Namespace
+
+from .. import defaults as D
+from ..errors import InputError
+
+CONTAINER_KINDS = ("singularity", "docker")
+DEFAULT_CONTAINER_IMAGE = "docker://maskdetection/mask-detection-workflow:latest"
+DEFAULT_HPO_JOBS = 2  # parallel HPO jobs (K) unless --hpo-jobs says otherwise
+
+
+class ConfigError(InputError):
+    """A bad flag or configuration file, reported as one line (no traceback)."""
+
+
+def validate_container_image(image: str) -> str:
+    """Accept docker://OWNER/NAME:TAG (the planner needs the slash after docker://)."""
+    prefix = "docker://"
+    if not image.startswith(prefix):
+        raise ConfigError(f"--container-image {image!r}: must start with docker:// (docker://OWNER/NAME:TAG)")
+    rest = image[len(prefix):]
+    if rest.startswith("/"):
+        raise ConfigError(f"--container-image {image!r}: write docker://OWNER/NAME:TAG, not docker:///...")
+    name, _, tag = rest.rpartition(":")
+    if "/" not in rest or not name or "/" not in name or not tag or "/" in tag:
+        raise ConfigError(f"--container-image {image!r}: expected docker://OWNER/NAME:TAG "
+                          "(owner, a slash, the image name and a tag)")
+    owner, _, repo = name.partition("/")
+    if not owner or not repo:
+        raise ConfigError(f"--container-image {image!r}: expected docker://OWNER/NAME:TAG")
+    return image
+
+
+def load_sites_config(path: Path) -> dict:
+    """Read the user-editable sites.yml (not a Pegasus catalog) and check its shape."""
+    try:
+        config = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: sites configuration not found") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    config.setdefault("local", {})
+    config.setdefault("sites", {})
+    config.setdefault("container", {})
+    for key in ("local", "sites", "container"):
+        if not isinstance(config[key], dict):
+            raise ConfigError(f"{path}: '{key}' must be a mapping")
+    for name, site in config["sites"].items():
+        if name == "local":
+            raise ConfigError(f"{path}: 'local' is the submit host; configure it under 'local:'")
+        if not isinstance(site, dict):
+            raise ConfigError(f"{path}: site '{name}' must be a mapping")
+        profiles = site.get("profiles") or {}
+        if not isinstance(profiles, dict) or any(not isinstance(v, dict) for v in profiles.values()):
+            raise ConfigError(f"{path}: site '{name}': profiles must map namespace -> key -> value")
+        try:
+            for namespace in profiles:
+                Namespace(namespace)
+        except ValueError:
+            raise ConfigError(f"{path}: site '{name}': unknown profile namespace {namespace!r}") from None
+    return config
+
+
+def enum_value(enum_type, value, where: str):
+    """*value* as a member of a Pegasus.api enum (Arch, OS), or a ConfigError naming *where*."""
+    if value is None:
+        return None
+    try:
+        return enum_type(str(value).lower())
+    except ValueError:
+        choices = ", ".join(member.value for member in enum_type)
+        raise ConfigError(f"{where}: {value!r} is not one of {choices}") from None
+
+
+def trials_per_worker(trials: int, workers: int) -> list[int]:
+    """Spread *trials* over *workers* as evenly as possible (the first ones get the remainder)."""
+    base, extra = divmod(trials, workers)
+    return [base + (1 if index < extra else 0) for index in range(workers)]
+
+
+@dataclass
+class SplitEntry:
+    """One image/annotation pair and the set it belongs to (from split.csv)."""
+
+    image: Path
+    annotation: Path
+    split: str
+
+
+@dataclass
+class WorkflowConfig:
+    """Everything the generator needs; checked on creation. Defaults are utils/defaults.py's."""
+
+    run_dir: Path
+    split_csv: Path
+    entries: list[SplitEntry]
+    pred_images: list[Path]
+    sites_config: dict
+    project_root: Path
+    properties_file: Path | None = None
+    execution_site: str = "condorpool"
+    container_type: str = "singularity"
+    container_image: str = DEFAULT_CONTAINER_IMAGE
+    epochs: int = D.EPOCHS
+    hpo_epochs: int = D.HPO_EPOCHS
+    trials: int = D.HPO_TRIALS
+    hpo_jobs: int = DEFAULT_HPO_JOBS
+    image_size: int = D.IMAGE_SIZE
+    backbone: str = D.BACKBONE
+    seed: int = D.SEED
+    gpus: int = 0
+    augment_copies: int = D.AUGMENT_COPIES
+    rare_factor: int = D.RARE_FACTOR
+    noise_std: float = D.NOISE_STD
+    max_size: int | None = D.PREPROCESS_MAX_SIZE
+    score_threshold: float = D.SCORE_THRESHOLD
+    weights_file: Path | None = None
+    retries: int | None = None
+    mode: str | None = None
+    transfer_threads: int | None = None
+    property_overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.run_dir = Path(self.run_dir).resolve()
+        if self.hpo_jobs < 1:
+            raise ConfigError(f"--hpo-jobs {self.hpo_jobs}: need at least one HPO job")
+        if self.trials < self.hpo_jobs:
+            raise ConfigError(f"--trials {self.trials} is fewer than --hpo-jobs {self.hpo_jobs}: "
+                              "every HPO job needs at least one trial")
+        for name in ("epochs", "hpo_epochs", "image_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.gpus < 0:
+            raise ConfigError("--gpus must be 0 or more")
+        if self.container_type not in (*CONTAINER_KINDS, "none"):
+            raise ConfigError(f"--container-type {self.container_type!r}: choose singularity, docker or none")
+        if self.container_type != "none":
+            validate_container_image(self.container_image)
+        known_sites = {"local", *self.sites_config.get("sites", {})}
+        if self.execution_site not in known_sites:
+            raise ConfigError(f"--execution-site {self.execution_site!r}: not in sites.yml "
+                              f"(known: {', '.join(sorted(known_sites))})")
+
+    def execution_site_config(self) -> dict:
+        """The sites.yml entry of the execution site ({} for local)."""
+        return self.sites_config.get("sites", {}).get(self.execution_site, {})
+
+
+def config_from_args(args, project_root: Path, entries: list[SplitEntry], split_csv: Path,
+                     pred_images: list[Path]) -> WorkflowConfig:
+    """The WorkflowConfig of workflow.py's flags; sites.yml fills what the flags leave open."""
+    sites_config = load_sites_config(args.sites_config)
+    container = sites_config.get("container", {})
+    weights_file = None
+    if not args.no_pretrained:
+        from ..detection.weights import cached_weights
+
+        weights_file = cached_weights()
+    return WorkflowConfig(
+        run_dir=args.run_dir, split_csv=split_csv, entries=entries, pred_images=pred_images,
+        sites_config=sites_config, project_root=project_root,
+        properties_file=args.properties if args.properties and args.properties.exists() else None,
+        execution_site=args.execution_site or sites_config.get("execution_site", "condorpool"),
+        container_type=args.container_type or container.get("type", "singularity"),
+        container_image=args.container_image or container.get("image", DEFAULT_CONTAINER_IMAGE),
+        epochs=args.epochs, hpo_epochs=args.hpo_epochs, trials=args.trials, hpo_jobs=args.hpo_jobs,
+        image_size=args.image_size, backbone=args.backbone, seed=args.seed, gpus=args.gpus,
+        augment_copies=args.augment_copies, rare_factor=args.rare_factor, noise_std=args.noise_std,
+        max_size=args.max_size, score_threshold=args.score_threshold, weights_file=weights_file,
+        retries=args.retries, mode=args.mode, transfer_threads=args.transfer_threads,
+    )

@@ -1,0 +1,143 @@
+"""workflow.py's command line: its flags, and what happens after generation (submit, or run here).
+
+workflow.py keeps the job tables, the generator and a short main(); this module holds
+the parts of the driver that do not change when the DAG does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from .. import defaults as D
+from .config import DEFAULT_HPO_JOBS
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default in --help."""
+
+
+def workflow_args_parser(description: str, root: Path, overrides: dict) -> argparse.ArgumentParser:
+    """workflow.py's flags; defaults from utils/defaults.py except the workflow's named *overrides*."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", type=Path, default=root / "data" / "sample",
+                      help="folder with images/ and annotations/ (Pascal VOC)")
+    data.add_argument("--pred-images", type=Path, default=None,
+                      help="folder of images to predict on (default: the test split's images)")
+    data.add_argument("--run-dir", type=Path, default=root / "runs" / "workflow",
+                      help="where the workflow, catalogs, logs and outputs go")
+    data.add_argument("--fractions", type=float, nargs=3, default=D.SPLIT_FRACTIONS,
+                      metavar=("TRAIN", "VAL", "TEST"), help="split fractions")
+    data.add_argument("--near-duplicate-distance", type=int, default=D.NEAR_DUPLICATE_DISTANCE,
+                      help="perceptual-hash distance under which images count as near duplicates "
+                           "(kept in one split)")
+    model = parser.add_argument_group("model and training (defaults: utils/defaults.py, except "
+                                      "workflow.py's WORKFLOW_OVERRIDES for make run's budget)")
+    model.add_argument("--epochs", type=int, default=overrides["epochs"], help="training epochs of the final model")
+    model.add_argument("--hpo-epochs", type=int, default=overrides["hpo_epochs"], help="epochs per HPO trial")
+    model.add_argument("--trials", type=int, default=overrides["trials"],
+                       help="HPO trials in total, spread over the HPO jobs")
+    model.add_argument("--hpo-jobs", type=int, default=DEFAULT_HPO_JOBS, help="parallel HPO jobs (K)")
+    model.add_argument("--backbone", default=D.BACKBONE, help="detector backbone (see bin/train.py)")
+    model.add_argument("--image-size", type=int, default=overrides["image_size"],
+                       help="longest image side the detector works at")
+    model.add_argument("--seed", type=int, default=D.SEED, help="seed for split, augmentation, HPO, training")
+    model.add_argument("--augment-copies", type=int, default=overrides["augment_copies"],
+                       help="augmented copies per training image")
+    model.add_argument("--rare-factor", type=int, default=overrides["rare_factor"],
+                       help="extra augmented copies of each image with the rare class (mask_weared_incorrect)")
+    model.add_argument("--noise-std", type=float, default=D.NOISE_STD, help="Gaussian noise std (0-255 scale)")
+    model.add_argument("--max-size", type=int, default=overrides["max_size"],
+                       help="preprocess: longest side in pixels")
+    model.add_argument("--score-threshold", type=float, default=D.SCORE_THRESHOLD,
+                       help="detection score threshold for evaluation and prediction")
+    model.add_argument("--no-pretrained", action="store_true",
+                       help="do not pass the cached ImageNet MobileNetV2 weights to hpo/train")
+    pegasus = parser.add_argument_group("Pegasus")
+    pegasus.add_argument("--gpus", type=int, default=0, help="GPUs per hpo/train/evaluate/predict job (0: CPU only)")
+    pegasus.add_argument("--container-type", choices=["singularity", "docker", "none"], default=None,
+                         help="container for every job (default: sites.yml container.type)")
+    pegasus.add_argument("--container-image", default=None,
+                         help="docker://OWNER/NAME:TAG (default: sites.yml container.image)")
+    pegasus.add_argument("--execution-site", default=None, help="site the jobs run on (default: sites.yml)")
+    pegasus.add_argument("--sites-config", type=Path, default=root / "sites.yml",
+                         help="user-editable site configuration")
+    pegasus.add_argument("--properties", type=Path, default=root / "properties.conf",
+                         help="Pegasus properties merged with the flags")
+    pegasus.add_argument("--retries", type=int, default=None, help="dagman.retry (default: properties.conf)")
+    pegasus.add_argument("--mode", default=None, help="pegasus.mode (default: properties.conf)")
+    pegasus.add_argument("--transfer-threads", type=int, default=None,
+                         help="pegasus.transfer.threads (default: properties.conf)")
+    run = parser.add_argument_group("running")
+    how = run.add_mutually_exclusive_group()
+    how.add_argument("--local", action="store_true",
+                     help="run the workflow on this machine with utils/pegasus/executor.py "
+                          "(default when pegasus-plan is not installed)")
+    how.add_argument("--submit", action="store_true", help="plan and submit with pegasus-plan")
+    how.add_argument("--generate-only", action="store_true", help="write the workflow and catalogs, run nothing")
+    run.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="local executor: jobs at once")
+    run.add_argument("-v", "--verbose", action="store_true", help="log more")
+    return parser
+
+
+def submit(generator, has_planner: bool) -> int:
+    """Plan and submit with pegasus-plan; without a planner, print the command to run on a submit host."""
+    if not has_planner:
+        print("pegasus-plan is not on PATH: this machine is not a Pegasus submit host.\n"
+              "Copy the project and the run directory to one (e.g. ACCESS Pegasus) and run:\n"
+              f"  {shlex.join(generator.plan_command())}\n"
+              "or run the same workflow here with --local.", file=sys.stderr)
+        return 3
+    from Pegasus.api import PegasusClientError
+
+    try:
+        generator.wf.plan(**generator.plan_options(submit=True))
+    except PegasusClientError as error:
+        print(f"pegasus-plan failed:\n{error.output}", file=sys.stderr)
+        return 1
+    submit_dir = generator.wf.braindump.submit_dir
+    print(f"Submitted. Follow it with:\n  pegasus-status -l {submit_dir}\n"
+          f"  pegasus-analyzer {submit_dir}     # when something fails\n"
+          f"  pegasus-statistics -s all {submit_dir}   # when it is done")
+    return 0
+
+
+def run_locally(run_dir: Path, output_dir: Path, jobs: int) -> int:
+    """Run (or resume) the workflow with the local executor; print the results' summary when it succeeds."""
+    from .executor import run_workflow
+
+    status = run_workflow(run_dir, jobs=jobs)
+    if status == 0:
+        print_summary(run_dir, output_dir)
+    elif status != 2:
+        print(f"\nThe workflow did not finish (see {run_dir / 'statistics.txt'} and the logs in "
+              f"{run_dir / 'logs'}); run the same command again to resume it.", file=sys.stderr)
+    return status
+
+
+def print_summary(run_dir: Path, output_dir: Path) -> None:
+    """The evaluation summary, the compliance line and where the results are."""
+    evaluation, compliance = output_dir / "evaluation.json", output_dir / "compliance.json"
+    if evaluation.is_file():
+        text_summary = output_dir / "evaluation.txt"
+        print("\n== Evaluation (test split) ==")
+        if text_summary.is_file():
+            print(text_summary.read_text(encoding="utf-8").rstrip())
+        else:
+            print(json.dumps(json.loads(evaluation.read_text(encoding="utf-8")), indent=2)[:2000])
+    if compliance.is_file():
+        from ..detection.metrics import compliance_line
+
+        data = json.loads(compliance.read_text(encoding="utf-8"))
+        print("\n== Compliance (predicted images) ==")
+        try:
+            print(f"{compliance_line(data['overall'])} ({data.get('num_images', '?')} images)")
+        except (KeyError, TypeError):
+            print(f"{compliance}: no overall summary in it")
+    print(f"\nResults: {output_dir}")
+    print(f"Statistics: {run_dir / 'statistics.txt'}  Logs: {run_dir / 'logs'}")

@@ -1,0 +1,79 @@
+"""The generator's inputs: validate and split the data at generation time, find the prediction images.
+
+Pegasus needs every file name when the workflow is planned, so the validation and
+the split run here, before the catalogs are built, rather than as jobs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from ..atomic import write_text
+from .config import ConfigError, SplitEntry
+
+
+def read_split_csv(path: Path, data_dir: Path) -> list[SplitEntry]:
+    """split.csv's rows; names without a folder are looked up in data_dir/images and data_dir/annotations."""
+    entries = []
+    with open(path, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            image, annotation = Path(row["image"]), Path(row["annotation"])
+            if not image.is_absolute():
+                image = data_dir / "images" / image.name
+            if not annotation.is_absolute():
+                annotation = data_dir / "annotations" / annotation.name
+            entries.append(SplitEntry(image, annotation, row["split"]))
+    return entries
+
+
+def write_if_changed(path: Path, text: str) -> None:
+    """Rewrite only on change, so that an unchanged split keeps its file (and mtime) as it was."""
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    write_text(path, text)
+
+
+def validate_and_split(data_dir: Path, run_dir: Path, seed: int, fractions, near_duplicate_distance: int):
+    """Validate the data and split the clean pairs; returns (validation report, split.csv path).
+
+    Writes into the run dir: validation_report.json, clean_manifest.csv, annotations_clean/
+    (annotations with the fixable problems fixed, which the jobs get) and split.csv.
+    """
+    from ..data.split import SplitError, split_pairs
+    from ..data.validation import ValidationInputError, validate_dataset, write_clean_outputs
+
+    images_dir, annotations_dir = data_dir / "images", data_dir / "annotations"
+    for folder in (images_dir, annotations_dir):
+        if not folder.is_dir():
+            raise ConfigError(f"{folder}: not found (--data must contain images/ and annotations/)")
+    try:
+        result = validate_dataset(images_dir, annotations_dir, near_duplicate_distance=near_duplicate_distance)
+        clean = write_clean_outputs(result, run_dir)
+        if not clean["pairs"]:
+            raise ConfigError(f"{data_dir}: no usable image/annotation pairs (see {clean['report']})")
+        rows = split_pairs(clean["pairs"], result.duplicate_groups, fractions, seed)
+    except (ValidationInputError, SplitError) as error:
+        raise ConfigError(str(error)) from None
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["image", "annotation", "split"], extrasaction="ignore",
+                            lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: str(value) if isinstance(value, Path) else value for key, value in row.items()})
+    split_path = run_dir / "split.csv"
+    write_if_changed(split_path, buffer.getvalue())
+    return result.report, split_path
+
+
+def find_images(folder: Path) -> list[Path]:
+    """The images directly in *folder* (the --pred-images set), sorted by name."""
+    from ..data.images import is_image_name
+
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: --pred-images folder not found")
+    images = sorted(p for p in folder.iterdir() if p.is_file() and is_image_name(p))
+    if not images:
+        raise ConfigError(f"{folder}: no images to predict on")
+    return images
