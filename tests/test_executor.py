@@ -1,10 +1,17 @@
-"""The local executor on tiny fake jobs: order, retries, checkpoints, failures, resume, statistics."""
+"""The local executor on tiny fake jobs, as a specification.
+
+Reading the run directory, scheduling (order, slots, failures), one job's tries
+(retries, checkpoints, logs and the line that reruns a job by hand), resuming an
+earlier run, and the statistics it leaves behind.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,10 +22,11 @@ from pathlib import Path
 import pytest
 from Pegasus.api import File, Job, Properties, ReplicaCatalog, Transformation, TransformationCatalog, Workflow
 
-from utils.pegasus.executor import load_workflow, run_workflow
+from utils.pegasus.executor import WorkflowError, load_workflow, run_workflow
 
 # A fake job: records each start in a log outside the run dir, optionally fails its
-# first N tries, keeps a try counter in its checkpoint file, writes its outputs.
+# first N tries, keeps a try counter in its checkpoint file, writes its outputs (its
+# inputs' content, its name and the environment variables asked for) and says so on stdout.
 FAKE_JOB = textwrap.dedent("""
     import argparse, os, signal, sys, time
     p = argparse.ArgumentParser()
@@ -26,7 +34,7 @@ FAKE_JOB = textwrap.dedent("""
     p.add_argument("--inputs", nargs="*", default=[]); p.add_argument("--outputs", nargs="*", default=[])
     p.add_argument("--fail-tries", type=int, default=0); p.add_argument("--checkpoint")
     p.add_argument("--sleep", type=float, default=0.0); p.add_argument("--skip-output", action="store_true")
-    p.add_argument("--until-term", action="store_true")
+    p.add_argument("--until-term", action="store_true"); p.add_argument("--show-env", nargs="*", default=[])
     a = p.parse_args()
     with open(a.log, "a") as log:
         log.write(a.name + "\\n")
@@ -44,16 +52,18 @@ FAKE_JOB = textwrap.dedent("""
         print("failing on purpose, try", tries_so_far + 1, file=sys.stderr)
         sys.exit(3)
     content = "".join(open(name).read() for name in a.inputs) + a.name + ";"
+    content += "".join(f"{name}={os.environ.get(name, '(unset)')};" for name in a.show_env)
     for name in ([] if a.skip_output else a.outputs):
         with open(name, "w") as handle:
             handle.write(content)
+    print(a.name, "wrote", *a.outputs)
 """)
 
 
 def make_workflow(tmp_path: Path, jobs: list[dict], retries: int = 0, inputs: dict | None = None) -> Path:
     """Write workflow.yml + catalogs + pegasus.properties for fake jobs into tmp_path/run."""
     run_dir = tmp_path / "run"
-    run_dir.mkdir(exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     script = tmp_path / "fake_job.py"
     script.write_text(FAKE_JOB)
     log = tmp_path / "starts.log"
@@ -88,9 +98,13 @@ def make_workflow(tmp_path: Path, jobs: list[dict], retries: int = 0, inputs: di
         for flag in ("skip_output", "until_term"):
             if spec.get(flag):
                 args.append(f"--{flag.replace('_', '-')}")
+        if spec.get("show_env"):
+            args += ["--show-env", *spec["show_env"]]
         job.add_args(*args)
         for key, value in spec.get("pegasus_profiles", {}).items():
             job.profiles["pegasus"][key] = value
+        if spec.get("env"):
+            job.add_env(**spec["env"])
         wf.add_jobs(job)
     rc.write(str(run_dir / "replicas.yml"))
     tc.write(str(run_dir / "transformations.yml"))
@@ -112,6 +126,16 @@ def run(run_dir: Path, jobs: int = 2) -> tuple[int, str]:
     return status, out.getvalue()
 
 
+def rerun_line_in(log: Path) -> str:
+    """The command under "# rerun by hand:" in a try's stdout log."""
+    lines = log.read_text().splitlines()
+    return lines[lines.index("# rerun by hand:") + 1]
+
+
+def job_stats(run_dir: Path) -> dict[str, dict]:
+    return {job["id"]: job for job in json.loads((run_dir / "statistics.json").read_text())["jobs"]}
+
+
 DIAMOND = [
     {"id": "a", "inputs": ["in.txt"], "outputs": ["a.txt"]},
     {"id": "b", "inputs": ["a.txt"], "outputs": ["b.txt"]},
@@ -120,41 +144,46 @@ DIAMOND = [
 ]
 
 
-def test_diamond_runs_in_dependency_order_and_stages_out(tmp_path):
-    run_dir = make_workflow(tmp_path, DIAMOND, inputs={"in.txt": "IN;"})
-    workflow = load_workflow(run_dir)
+# -- reading the run directory -------------------------------------------------
+
+def test_jobs_depend_on_the_jobs_that_produce_their_inputs(tmp_path):
+    workflow = load_workflow(make_workflow(tmp_path, DIAMOND, inputs={"in.txt": "IN;"}))
+    assert workflow.jobs["a"].parents == set()
+    assert workflow.jobs["b"].parents == workflow.jobs["c"].parents == {"a"}
     assert workflow.jobs["d"].parents == {"b", "c"}
+    assert workflow.topological_order[0] == "a" and workflow.topological_order[-1] == "d"
+
+
+def test_an_input_nobody_provides_is_a_clear_error(tmp_path):
+    run_dir = make_workflow(tmp_path, [{"id": "a", "inputs": ["nowhere.txt"], "outputs": ["a.txt"]}])
+    with pytest.raises(WorkflowError, match="nowhere.txt"):
+        load_workflow(run_dir)
+    assert run_workflow(run_dir, out=io.StringIO()) == 2
+
+
+# -- scheduling ----------------------------------------------------------------
+
+def test_jobs_run_in_dependency_order_and_only_final_outputs_are_staged_out(tmp_path):
+    run_dir = make_workflow(tmp_path, DIAMOND, inputs={"in.txt": "IN;"})
     status, output = run(run_dir)
     assert status == 0, output
     order = starts(tmp_path)
     assert order[0] == "a" and order[-1] == "d" and sorted(order) == ["a", "b", "c", "d"]
-    # final output delivered, intermediate ones not
     assert (run_dir / "outputs" / "d.txt").read_text() == "IN;a;b;IN;a;c;d;"
     assert not (run_dir / "outputs" / "a.txt").exists()
-    stats = json.loads((run_dir / "statistics.json").read_text())
-    assert stats["totals"]["succeeded"] == 4 and stats["totals"]["retries"] == 0
-    assert stats["critical_path"]["jobs"][0] == "a" and stats["critical_path"]["jobs"][-1] == "d"
-    assert len(stats["critical_path"]["jobs"]) == 3
-    text = (run_dir / "statistics.txt").read_text()
-    assert "Critical path" in text and "succeeded" in text
-    assert (run_dir / "logs" / "a.out.000").exists() and (run_dir / "logs" / "a.err.000").exists()
 
 
-def test_job_failing_once_is_retried_and_keeps_its_checkpoint(tmp_path):
-    jobs = [{"id": "flaky", "outputs": ["f.txt"], "fail_tries": 1, "checkpoint": "flaky.ckpt", "stage_out": True}]
-    run_dir = make_workflow(tmp_path, jobs, retries=1)
-    status, output = run(run_dir)
-    assert status == 0, output
-    assert starts(tmp_path) == ["flaky", "flaky"]
-    # the second try saw the first try's checkpoint
-    assert (run_dir / "scratch" / "flaky" / "flaky.ckpt").read_text() == "2"
-    assert "failing on purpose, try 1" in (run_dir / "logs" / "flaky.err.000").read_text()
-    stats = json.loads((run_dir / "statistics.json").read_text())
-    job = stats["jobs"][0]
-    assert (job["status"], job["tries"], job["exit_code"]) == ("succeeded", 2, 0)
-    assert stats["totals"]["retries"] == 1
-    # the initial (empty) checkpoint in the replica catalog is never written through
-    assert (tmp_path / "data" / "flaky.ckpt").read_text() == ""
+def test_up_to_jobs_jobs_are_started_at_once(tmp_path):
+    jobs = [{"id": f"p{i}", "outputs": [f"p{i}.txt"]} for i in range(4)]
+    # the start lines say how many ran side by side: all four with four slots,
+    # two with two slots (the third starts only once one of the first two is done)
+    for slots, at_once in ((4, 4), (2, 2)):
+        run_dir = make_workflow(tmp_path / f"slots{slots}", jobs)
+        status, output = run(run_dir, jobs=slots)
+        assert status == 0, output
+        events = [line.split("] ", 1)[1].split()[0] for line in output.splitlines() if line.startswith("[")]
+        assert events.count("start") == 4
+        assert events.index("done") == at_once
 
 
 def test_dependents_of_a_failed_job_are_skipped_and_the_rest_runs(tmp_path):
@@ -162,7 +191,7 @@ def test_dependents_of_a_failed_job_are_skipped_and_the_rest_runs(tmp_path):
     run_dir = make_workflow(tmp_path, jobs, retries=1, inputs={"in.txt": "IN;"})
     status, output = run(run_dir)
     assert status == 1
-    stats = {job["id"]: job for job in json.loads((run_dir / "statistics.json").read_text())["jobs"]}
+    stats = job_stats(run_dir)
     assert stats["b"]["status"] == "failed" and stats["b"]["tries"] == 2 and stats["b"]["exit_code"] == 3
     assert stats["c"]["status"] == "succeeded"
     assert stats["d"]["status"] == "skipped" and "b" in stats["d"]["message"]
@@ -170,28 +199,110 @@ def test_dependents_of_a_failed_job_are_skipped_and_the_rest_runs(tmp_path):
     assert "FAILED b" in output
 
 
-def test_missing_declared_output_fails_the_job(tmp_path):
+# -- one job's tries -----------------------------------------------------------
+
+def test_each_try_has_its_stdout_and_stderr_log(tmp_path):
+    jobs = [{"id": "flaky", "outputs": ["f.txt"], "fail_tries": 1, "checkpoint": "flaky.ckpt"}]
+    run_dir = make_workflow(tmp_path, jobs, retries=1)
+    assert run(run_dir)[0] == 0
+    logs = run_dir / "logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["flaky.err.000", "flaky.err.001",
+                                                      "flaky.out.000", "flaky.out.001"]
+    assert "failing on purpose, try 1" in (logs / "flaky.err.000").read_text()
+    assert (logs / "flaky.out.001").read_text().endswith("flaky wrote f.txt\n")
+
+
+def test_a_try_log_starts_with_a_commented_header_and_the_line_that_reruns_it(tmp_path):
+    run_dir = make_workflow(tmp_path, DIAMOND[:2], inputs={"in.txt": "IN;"})
+    assert run(run_dir)[0] == 0
+    lines = (run_dir / "logs" / "b.out.000").read_text().splitlines()
+    rerun = lines.index("# rerun by hand:") + 1
+    assert lines[0] == "# job b, try 1"
+    assert lines[1] == f"# working directory: {run_dir / 'scratch' / 'b'}"
+    assert lines[rerun].startswith(f"cd {run_dir / 'scratch' / 'b'} && ")
+    assert " OMP_NUM_THREADS=" in lines[rerun] and " PYTHONPATH=" in lines[rerun]
+    # everything else in the header is a shell comment, then comes the job's own stdout
+    assert all(line.startswith("# ") for line in lines[:rerun] + lines[rerun + 1:-1])
+    assert lines[-1] == "b wrote b.txt"
+
+
+def test_the_rerun_line_recreates_the_output_by_hand_even_in_a_folder_with_spaces(tmp_path):
+    base = tmp_path / "my runs"  # every path in the line has a space: the run dir, the script, the log
+    jobs = [DIAMOND[0], dict(DIAMOND[1], env={"MASK_NOTE": "it's a note"},
+                             show_env=["MASK_NOTE", "OMP_NUM_THREADS", "PYTHONPATH"])]
+    run_dir = make_workflow(base, jobs, inputs={"in.txt": "IN;"})
+    assert run(run_dir)[0] == 0
+    output = run_dir / "scratch" / "b" / "b.txt"
+    made_by_the_executor = output.read_text()
+    assert "MASK_NOTE=it's a note;" in made_by_the_executor
+    output.unlink()
+    # a bare environment: whatever the job needs must be on the line itself
+    subprocess.run([shutil.which("bash"), "-c", rerun_line_in(run_dir / "logs" / "b.out.000")],
+                   cwd=tmp_path, env={"PATH": os.defpath}, check=True, capture_output=True)
+    assert output.read_text() == made_by_the_executor
+    assert starts(base) == ["a", "b", "b"]
+
+
+def test_a_job_failing_once_is_retried_and_keeps_its_checkpoint(tmp_path):
+    jobs = [{"id": "flaky", "outputs": ["f.txt"], "fail_tries": 1, "checkpoint": "flaky.ckpt", "stage_out": True}]
+    run_dir = make_workflow(tmp_path, jobs, retries=1)
+    status, output = run(run_dir)
+    assert status == 0, output
+    assert starts(tmp_path) == ["flaky", "flaky"]
+    # the second try saw the first try's checkpoint
+    assert (run_dir / "scratch" / "flaky" / "flaky.ckpt").read_text() == "2"
+    job = job_stats(run_dir)["flaky"]
+    assert (job["status"], job["tries"], job["exit_code"]) == ("succeeded", 2, 0)
+    assert "retry  flaky: exit code 3" in output
+    # the initial (empty) checkpoint in the replica catalog is never written through
+    assert (tmp_path / "data" / "flaky.ckpt").read_text() == ""
+
+
+def test_a_job_exiting_0_without_its_declared_outputs_fails(tmp_path):
     run_dir = make_workflow(tmp_path, [{"id": "lazy", "outputs": ["x.txt"], "skip_output": True}])
     status, _ = run(run_dir)
     assert status == 1
-    job = json.loads((run_dir / "statistics.json").read_text())["jobs"][0]
+    job = job_stats(run_dir)["lazy"]
     assert job["status"] == "failed" and "x.txt" in job["message"]
 
 
 def test_checkpoint_time_sends_sigterm_and_the_retry_resumes(tmp_path):
-    # checkpoint.time is in minutes: 0.02 min = 1.2 s
+    # checkpoint.time is in minutes: 0.02 min = 1.2 s; the job would sleep 60 s without SIGTERM
     jobs = [{"id": "long", "outputs": ["l.txt"], "checkpoint": "long.ckpt", "until_term": True,
              "pegasus_profiles": {"checkpoint.time": 0.02, "maxwalltime": 0.5}}]
     run_dir = make_workflow(tmp_path, jobs, retries=1)
-    began = time.time()
     status, output = run(run_dir)
     assert status == 0, output
-    assert time.time() - began < 20
     assert starts(tmp_path) == ["long", "long"]
-    assert "checkpoint.time" in output
+    assert "retry  long: sent SIGTERM at checkpoint.time" in output  # not "killed at maxwalltime"
 
 
-def test_rerun_skips_finished_jobs_and_reruns_changed_ones(tmp_path):
+def test_an_interrupt_stops_the_running_jobs_and_the_run_says_so(tmp_path):
+    # a job without checkpoint.time or maxwalltime, far longer than the test waits for the executor
+    run_dir = make_workflow(tmp_path, [{"id": "slow", "outputs": ["s.txt"], "sleep": 600},
+                                       {"id": "after", "inputs": ["s.txt"], "outputs": ["t.txt"]}])
+    command = [sys.executable, "-m", "utils.pegasus.executor", str(run_dir)]
+    process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not starts(tmp_path):
+            time.sleep(0.1)
+        process.send_signal(signal.SIGINT)  # the executor alone, not the job: it must stop the job itself
+        output, _ = process.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the whole group is gone when the executor worked
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert process.returncode == 130, output
+    assert "Received SIGINT" in output
+    assert {job_id: job["status"] for job_id, job in job_stats(run_dir).items()} == {
+        "slow": "interrupted", "after": "interrupted"}
+
+
+# -- resuming ------------------------------------------------------------------
+
+def test_a_rerun_skips_finished_jobs_and_reruns_changed_ones(tmp_path):
     run_dir = make_workflow(tmp_path, DIAMOND, inputs={"in.txt": "IN;"})
     assert run(run_dir)[0] == 0
     assert run(run_dir)[0] == 0
@@ -207,7 +318,7 @@ def test_rerun_skips_finished_jobs_and_reruns_changed_ones(tmp_path):
     assert (run_dir / "outputs" / "d.txt").read_text().startswith("NEW;")
 
 
-def test_run_killed_part_way_resumes_without_rerunning_finished_jobs(tmp_path):
+def test_a_run_killed_part_way_resumes_without_rerunning_finished_jobs(tmp_path):
     jobs = [{"id": "first", "outputs": ["1.txt"]},
             {"id": "slow", "inputs": ["1.txt"], "outputs": ["2.txt"], "sleep": 30},
             {"id": "last", "inputs": ["2.txt"], "outputs": ["3.txt"], "stage_out": True}]
@@ -233,24 +344,21 @@ def test_run_killed_part_way_resumes_without_rerunning_finished_jobs(tmp_path):
     status, output = run(run_dir)
     assert status == 0, output
     assert starts(tmp_path) == ["first", "slow", "slow", "last"]
-    stats = {job["id"]: job["status"] for job in json.loads((run_dir / "statistics.json").read_text())["jobs"]}
-    assert stats == {"first": "reused", "slow": "succeeded", "last": "succeeded"}
+    assert {job_id: job["status"] for job_id, job in job_stats(run_dir).items()} == {
+        "first": "reused", "slow": "succeeded", "last": "succeeded"}
     assert (run_dir / "outputs" / "3.txt").exists()
 
 
-def test_parallel_slots_are_used(tmp_path):
-    jobs = [{"id": f"p{i}", "outputs": [f"p{i}.txt"], "sleep": 1.0} for i in range(4)]
-    run_dir = make_workflow(tmp_path, jobs)
-    began = time.time()
-    assert run(run_dir, jobs=4)[0] == 0
-    elapsed = time.time() - began
-    assert elapsed < 3.5, elapsed  # four 1 s jobs side by side, not 4 s in a row
+# -- statistics ----------------------------------------------------------------
 
-
-def test_unknown_input_is_a_clear_error(tmp_path):
-    run_dir = make_workflow(tmp_path, [{"id": "a", "inputs": ["nowhere.txt"], "outputs": ["a.txt"]}])
-    out = io.StringIO()
-    with pytest.raises(Exception) as error:
-        load_workflow(run_dir)
-    assert "nowhere.txt" in str(error.value)
-    assert run_workflow(run_dir, out=out) == 2
+def test_statistics_count_the_jobs_and_name_the_critical_path(tmp_path):
+    run_dir = make_workflow(tmp_path, DIAMOND, inputs={"in.txt": "IN;"})
+    status, output = run(run_dir)
+    assert status == 0, output
+    stats = json.loads((run_dir / "statistics.json").read_text())
+    assert stats["totals"]["succeeded"] == 4 and stats["totals"]["retries"] == 0
+    assert stats["critical_path"]["jobs"][0] == "a" and stats["critical_path"]["jobs"][-1] == "d"
+    assert len(stats["critical_path"]["jobs"]) == 3
+    text = (run_dir / "statistics.txt").read_text()
+    assert "Critical path" in text and "succeeded" in text
+    assert "Workflow fake-wf: 4 succeeded of 4 jobs" in output

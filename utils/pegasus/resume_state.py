@@ -1,0 +1,111 @@
+"""RUN_DIR/executor_state.json: which jobs earlier runs finished, so that a rerun can skip them.
+
+Like a rescue DAG, but checked: a finished job is reused only while its definition,
+its script and its input files from the replica catalog (by content) are unchanged,
+all its parents are reused too, and its outputs are still in its scratch directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+
+from ..atomic import write_json
+from ..provenance import file_sha256
+from .loading import JobSpec, LoadedWorkflow
+from .reporting import JobResult, timestamp
+
+STATE_FILE = "executor_state.json"
+STATE_VERSION = 1
+
+
+class ResumeState:
+    def __init__(self, workflow: LoadedWorkflow):
+        self.wf = workflow
+        self.path = workflow.run_dir / STATE_FILE
+        # Job threads record results and fill the hash cache while others save the file.
+        self._lock = threading.RLock()
+        self.data = self._load()
+
+    def _load(self) -> dict:
+        if self.path.is_file():
+            try:
+                state = json.loads(self.path.read_text(encoding="utf-8"))
+                if state.get("version") == STATE_VERSION:
+                    return state
+            except (OSError, json.JSONDecodeError):
+                pass
+        return {"version": STATE_VERSION, "workflow": self.wf.name, "jobs": {}}
+
+    def save(self) -> None:
+        with self._lock:
+            write_json(self.path, self.data)
+
+    def signature(self, spec: JobSpec) -> str:
+        """What makes a finished job reusable: its definition, its script and its input files' content."""
+        digest = hashlib.sha256()
+        digest.update(json.dumps(spec.definition, sort_keys=True, default=str).encode())
+        script = self.wf.transformations[spec.transformation]
+        # Inputs made by other jobs are covered by those jobs' signatures (a rerun parent reruns its children).
+        files = [script] + [self.wf.replicas[lfn] for lfn in spec.inputs
+                            if lfn in self.wf.replicas and lfn not in self.wf.producers]
+        for path in files:
+            digest.update(f"{path}|{self._content_hash(path)}\n".encode())
+        return digest.hexdigest()
+
+    def _content_hash(self, path: Path) -> str:
+        """sha256 of a file, cached in the state by (size, mtime) so that reruns hash only what changed."""
+        try:
+            stat = path.stat()
+        except OSError:
+            return "missing"
+        key = str(path)
+        with self._lock:
+            cached = self.data.setdefault("file_hashes", {}).get(key)
+        if cached and cached[0] == stat.st_size and cached[1] == stat.st_mtime_ns:
+            return cached[2]
+        digest = file_sha256(path)
+        with self._lock:
+            self.data["file_hashes"][key] = [stat.st_size, stat.st_mtime_ns, digest]
+        return digest
+
+    def reusable(self) -> set[str]:
+        """Jobs finished by an earlier run whose definition, inputs and outputs are unchanged."""
+        reusable: set[str] = set()
+        recorded = self.data.get("jobs", {})
+        for job_id in self.wf.topological_order:
+            spec = self.wf.jobs[job_id]
+            record = recorded.get(job_id)
+            if not record or record.get("status") != "succeeded":
+                continue
+            if record.get("signature") != self.signature(spec):
+                continue
+            if not all(parent in reusable for parent in spec.parents):
+                continue
+            job_dir = self.wf.job_dir(job_id)
+            if not all((job_dir / lfn).is_file() for lfn, _ in spec.outputs):
+                continue
+            reusable.add(job_id)
+        return reusable
+
+    def restore(self, result: JobResult) -> None:
+        """Fill in a reused job's result from what the earlier run recorded."""
+        record = self.data["jobs"][result.job_id]
+        result.status, result.tries = "reused", record.get("tries", 1)
+        result.wall_time_s, result.exit_code = record.get("wall_time_s", 0.0), record.get("exit_code", 0)
+        result.message = "finished in an earlier run"
+
+    def record(self, spec: JobSpec, result: JobResult) -> None:
+        """Remember a finished job (what a rerun may skip), or forget it when it did not succeed."""
+        if result.status == "succeeded":
+            record = {"status": "succeeded", "signature": self.signature(spec), "tries": result.tries,
+                      "wall_time_s": round(result.wall_time_s, 3), "exit_code": result.exit_code,
+                      "finished": timestamp(result.finished)}
+            with self._lock:
+                self.data.setdefault("jobs", {})[spec.id] = record
+        else:
+            with self._lock:
+                self.data.setdefault("jobs", {}).pop(spec.id, None)
+        self.save()
