@@ -36,9 +36,7 @@ from Pegasus.api import (Container, File, Job, Properties, ReplicaCatalog, SiteC
 from utils.atomic import write_text
 from utils.pegasus import driver, pegasus_api
 from utils.pegasus.catalogs import build_properties, build_site_catalog
-# load_sites_config, SplitEntry and validate_container_image are used through this module by tests and bench/.
-from utils.pegasus.config import (ConfigError, SplitEntry, WorkflowConfig, config_from_args,  # noqa: F401
-                                  load_sites_config, trials_per_worker, validate_container_image)
+from utils.pegasus.config import ConfigError, SplitEntry, WorkflowConfig, config_from_args, trials_per_worker
 from utils.pegasus.graph import write_graph
 from utils.pegasus.inputs import find_images, read_split_csv, validate_and_split
 

@@ -85,6 +85,7 @@ GENERATOR_CHILD = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, sys.argv[1])
     import workflow as generator
+    from utils.pegasus.config import SplitEntry, WorkflowConfig, load_sites_config
     data, run_dir = Path(sys.argv[2]), Path(sys.argv[3])
     baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     began = time.perf_counter()
@@ -92,14 +93,14 @@ GENERATOR_CHILD = textwrap.dedent("""
     entries = []
     for index, image in enumerate(images):
         split = "train" if index % 10 < 7 else ("val" if index % 10 == 7 else "test")
-        entries.append(generator.SplitEntry(image, data / "annotations" / (image.stem + ".xml"), split))
+        entries.append(SplitEntry(image, data / "annotations" / (image.stem + ".xml"), split))
     split_csv = run_dir / "split.csv"
     run_dir.mkdir(parents=True, exist_ok=True)
     split_csv.write_text("image,annotation,split\\n" + "".join(f"{e.image},{e.annotation},{e.split}\\n" for e in entries))
-    config = generator.WorkflowConfig(
+    config = WorkflowConfig(
         run_dir=run_dir, split_csv=split_csv, entries=entries,
         pred_images=[e.image for e in entries if e.split == "test"],
-        sites_config=generator.load_sites_config(Path(sys.argv[1]) / "sites.yml"),
+        sites_config=load_sites_config(Path(sys.argv[1]) / "sites.yml"),
         project_root=Path(sys.argv[1]), properties_file=Path(sys.argv[1]) / "properties.conf",
         hpo_jobs=2, trials=2)
     built = generator.MaskDetectionWorkflow(config).build()

@@ -6,49 +6,41 @@ the original longest side), colour jitter and Gaussian pixel noise; boxes follow
 pixels through torchvision.transforms.v2. Images containing mask_weared_incorrect
 get --rare-factor extra copies. The same --seed gives the same files. Unreadable
 inputs and copies that lost all their boxes are listed in the report.
+Exit 0 when at least one image was written, 2 on bad input (none usable, unreadable
+folder, bad flag; one line naming the file), 1 on a bug.
 """
 
+import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse  # noqa: E402
-
-from utils.data.augment import augment_set  # noqa: E402
-from utils.cli import add_set_input_args, add_set_output_args, set_args_problem  # noqa: E402
-from utils.data.preprocess import NothingProcessedError  # noqa: E402
+from utils import defaults as D
+from utils.cli import add_set_input_args, add_set_output_args, check_set_args, run_job
+from utils.data.augment import augment_set
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_set_input_args(parser, split_example="train")
-    parser.add_argument("--copies", type=int, default=2, help="augmented copies per image (default: 2)")
-    parser.add_argument("--rare-factor", type=int, default=2,
-                        help="extra copies of each image containing mask_weared_incorrect (default: 2)")
-    parser.add_argument("--noise-std", type=float, default=8.0,
+    parser.add_argument("--copies", type=int, default=D.AUGMENT_COPIES,
+                        help=f"augmented copies per image (default: {D.AUGMENT_COPIES})")
+    parser.add_argument("--rare-factor", type=int, default=D.RARE_FACTOR,
+                        help=f"extra copies of each image containing mask_weared_incorrect (default: {D.RARE_FACTOR})")
+    parser.add_argument("--noise-std", type=float, default=D.NOISE_STD,
                         help="standard deviation of the Gaussian pixel noise, in 8-bit units 0-255; 0 turns it "
-                             "off (default: 8)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files "
-                                                            "(default: 0)")
+                             f"off (default: {D.NOISE_STD})")
+    parser.add_argument("--seed", type=int, default=D.SEED,
+                        help=f"random seed; the same seed gives the same files (default: {D.SEED})")
     add_set_output_args(parser, report_contents="counts, skipped files, object problems and copies without boxes")
     return parser
 
 
 def main(args) -> int:
-    problem = set_args_problem(args)
-    if problem:
-        print(f"augment: {problem}", file=sys.stderr)
-        return 2
-    try:
-        report = augment_set(args.images, args.annotations or args.images, copies=args.copies,
-                             rare_factor=args.rare_factor, noise_std=args.noise_std, seed=args.seed,
-                             output_dir=args.output_dir, output_tar=args.output_tar, split_csv=args.split_csv,
-                             split=args.split, quality=args.quality, report=args.report,
-                             progress=not args.no_progress)
-    except (NothingProcessedError, ValueError, FileNotFoundError, NotADirectoryError, KeyError) as exc:
-        print(f"augment: {exc}", file=sys.stderr)
-        return 1
+    check_set_args(args)
+    report = augment_set(args.images, args.annotations or args.images, copies=args.copies,
+                         rare_factor=args.rare_factor, noise_std=args.noise_std, seed=args.seed,
+                         output_dir=args.output_dir, output_tar=args.output_tar, split_csv=args.split_csv,
+                         split=args.split, quality=args.quality, report=args.report,
+                         progress=not args.no_progress)
     output = args.output_dir or args.output_tar
     print(f"augment: {report['originals']} originals and {report['copies']} copies "
           f"({report['rare_extra_copies']} extra for {report['rare_images']} images with mask_weared_incorrect) "
@@ -60,4 +52,4 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(run_job(main, get_args_parser()))

@@ -8,7 +8,8 @@ test_loss, ...), evaluation.txt (the same for people), confusion_matrix.png and
 pr_curves.png and evaluate_run.json (run record). mAP comes from torchmetrics'
 MeanAveragePrecision (faster-coco-eval backend). The model file carries its
 classes, backbone and image size, so no model flags are needed.
-Exit 0 on success, 2 when the inputs or the model cannot be read.
+Exit 0 on success, 2 when the inputs or the model cannot be read (one line naming the
+file), 1 on a bug.
 """
 
 import argparse
@@ -16,17 +17,13 @@ import contextlib
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from utils.cli import add_model_run_args, model_run_args_problem  # noqa: E402
-from utils.detection.engine import resolve_device  # noqa: E402
-from utils.detection.evaluation import (EvaluationInputError, check_model_classes, evaluate_model, format_report,  # noqa: E402
-                              labelled_pairs)
-from utils.data.images import ImageError  # noqa: E402
-from utils.detection.model import ModelError, load_model_file  # noqa: E402
-from utils.data.pairs import open_folder  # noqa: E402
-from utils.provenance import write_run_record  # noqa: E402
-from utils.data.voc import VocError  # noqa: E402
+from utils import defaults as D
+from utils.cli import add_model_run_args, check_model_run_args, run_job
+from utils.data.pairs import open_folder
+from utils.detection.engine import resolve_device
+from utils.detection.evaluation import check_model_classes, evaluate_model, format_report, labelled_pairs
+from utils.detection.model import load_model_file
+from utils.provenance import write_run_record
 
 
 def get_args_parser():
@@ -36,49 +33,38 @@ def get_args_parser():
                         help="folder (or flat .tar) of their VOC .xml files; may be the same path as --images")
     parser.add_argument("--model", required=True, help="model file written by bin/train.py")
     parser.add_argument("--output-dir", required=True, help="folder for the evaluation files")
-    parser.add_argument("--score-threshold", type=float, default=0.5,
+    parser.add_argument("--score-threshold", type=float, default=D.SCORE_THRESHOLD,
                         help="detections at or above this score enter the confusion matrix; mAP uses all "
-                             "(default: 0.5)")
+                             f"(default: {D.SCORE_THRESHOLD})")
     add_model_run_args(parser)
     return parser
 
 
 def main(args) -> int:
-    problem = model_run_args_problem(args)
-    if problem:
-        print(f"evaluate: error: {problem}", file=sys.stderr)
-        return 2
+    check_model_run_args(args)
     output_dir = Path(args.output_dir)
-    try:
-        device = resolve_device(args.device)
-    except RuntimeError as exc:
-        print(f"evaluate: error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        model, meta = load_model_file(args.model, device)
-        check_model_classes(meta, args.model)
-        with contextlib.ExitStack() as stack:
-            images_dir = stack.enter_context(open_folder(args.images))
-            same = Path(args.images).resolve() == Path(args.annotations).resolve()
-            annotations_dir = images_dir if same else stack.enter_context(open_folder(args.annotations))
-            pairs, skipped = labelled_pairs(images_dir, annotations_dir)
-            settings = {"model": str(args.model), "backbone": meta.get("backbone"),
-                        "image_size": meta.get("image_size"), "images": str(args.images),
-                        "annotations": str(args.annotations)}
-            evaluation = evaluate_model(model, pairs, output_dir, device=device,
-                                        score_threshold=args.score_threshold, batch_size=args.batch_size,
-                                        num_workers=None if args.workers < 0 else args.workers,
-                                        skipped=skipped, settings=settings, progress=sys.stderr.isatty())
-            inputs = [p.image for p in pairs] + [p.annotation for p in pairs] + [Path(args.model)]
-            write_run_record(output_dir / "evaluate_run.json", "evaluate", {**vars(args), "device": str(device)},
-                             inputs)
-    except (ModelError, EvaluationInputError, ImageError, VocError, FileNotFoundError, NotADirectoryError) as exc:
-        print(f"evaluate: error: {exc}", file=sys.stderr)
-        return 2
+    device = resolve_device(args.device)
+    model, meta = load_model_file(args.model, device)
+    check_model_classes(meta, args.model)
+    with contextlib.ExitStack() as stack:
+        images_dir = stack.enter_context(open_folder(args.images))
+        same = Path(args.images).resolve() == Path(args.annotations).resolve()
+        annotations_dir = images_dir if same else stack.enter_context(open_folder(args.annotations))
+        pairs, skipped = labelled_pairs(images_dir, annotations_dir)
+        settings = {"model": str(args.model), "backbone": meta.get("backbone"),
+                    "image_size": meta.get("image_size"), "images": str(args.images),
+                    "annotations": str(args.annotations)}
+        evaluation = evaluate_model(model, pairs, output_dir, device=device,
+                                    score_threshold=args.score_threshold, batch_size=args.batch_size,
+                                    num_workers=None if args.workers < 0 else args.workers,
+                                    skipped=skipped, settings=settings, progress=sys.stderr.isatty())
+        inputs = [p.image for p in pairs] + [p.annotation for p in pairs] + [Path(args.model)]
+        write_run_record(output_dir / "evaluate_run.json", "evaluate", {**vars(args), "device": str(device)},
+                         inputs)
     print(format_report(evaluation.report), end="")
     print(f"outputs in {output_dir}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(run_job(main, get_args_parser()))

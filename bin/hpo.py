@@ -9,6 +9,7 @@ failed and their parameters enqueued again) and --n-trials is the total number
 of finished trials wanted, not the number of new ones. With --num-workers K,
 worker --worker-index I searches the I-th slice of the log learning-rate range
 with sampler seed --seed + I; bin/hpo_merge.py combines the workers' results.
+Exit 0 on success, 2 on bad input (one line naming the file or flag), 1 on a bug.
 """
 
 import argparse
@@ -16,16 +17,17 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils import defaults as D
+from utils.atomic import write_json
+from utils.cli import run_job
+from utils.detection.engine import resolve_device
+from utils.detection.hpo import OBJECTIVES, HpoConfig, SearchSpace, run_study
+from utils.detection.model import BACKBONES
+from utils.provenance import write_run_record
 
-from utils.atomic import write_json  # noqa: E402
-from utils.detection.engine import resolve_device  # noqa: E402
-from utils.detection.hpo import OBJECTIVES, HpoConfig, HpoError, SearchSpace, run_study  # noqa: E402
-from utils.detection.model import BACKBONES, ModelError  # noqa: E402
-from utils.provenance import write_run_record  # noqa: E402
 
-SPACE = SearchSpace()
-CONFIG = HpoConfig()
+def _spaced(values) -> str:
+    return " ".join(map(str, values))
 
 
 def get_args_parser():
@@ -34,54 +36,57 @@ def get_args_parser():
     p.add_argument("--train-annotations", required=True, help="training VOC annotations: folder or .tar")
     p.add_argument("--val-images", required=True, help="validation images: folder or .tar")
     p.add_argument("--val-annotations", required=True, help="validation VOC annotations: folder or .tar")
-    p.add_argument("--epochs", type=int, default=CONFIG.epochs, help=f"epochs per trial (default: {CONFIG.epochs})")
-    p.add_argument("--image-size", type=int, default=CONFIG.image_size,
-                   help=f"longer image side in px (default: {CONFIG.image_size})")
-    p.add_argument("--n-trials", type=int, default=10,
-                   help="finished (complete + pruned) trials this worker's study should hold in total (default: 10)")
-    p.add_argument("--seed", type=int, default=CONFIG.seed,
-                   help="training seed; the sampler uses seed + worker index (default: 0)")
+    p.add_argument("--epochs", type=int, default=D.HPO_EPOCHS, help=f"epochs per trial (default: {D.HPO_EPOCHS})")
+    p.add_argument("--image-size", type=int, default=D.IMAGE_SIZE,
+                   help=f"longer image side in px (default: {D.IMAGE_SIZE})")
+    p.add_argument("--n-trials", type=int, default=D.HPO_TRIALS,
+                   help="finished (complete + pruned) trials this worker's study should hold in total "
+                        f"(default: {D.HPO_TRIALS})")
+    p.add_argument("--seed", type=int, default=D.SEED,
+                   help=f"training seed; the sampler uses seed + worker index (default: {D.SEED})")
     p.add_argument("--checkpoint", default="hpo.journal",
                    help="Optuna journal file; an existing one is continued (default: hpo.journal)")
     p.add_argument("--output", default="best.json", help="this worker's result (default: best.json)")
     p.add_argument("--worker-index", type=int, default=0, help="this worker's index I in 0..K-1 (default: 0)")
-    p.add_argument("--num-workers", type=int, default=1, help="number of HPO workers K (default: 1)")
-    p.add_argument("--backbone", choices=BACKBONES, default=CONFIG.backbone,
-                   help=f"detector backbone (default: {CONFIG.backbone})")
-    p.add_argument("--weights", default=CONFIG.weights,
-                   help="pretrained weights: none, imagenet, coco or a file PATH (default: imagenet)")
+    p.add_argument("--num-workers", type=int, default=D.HPO_NUM_WORKERS,
+                   help=f"number of HPO workers K (default: {D.HPO_NUM_WORKERS})")
+    p.add_argument("--backbone", choices=BACKBONES, default=D.BACKBONE,
+                   help=f"detector backbone (default: {D.BACKBONE})")
+    p.add_argument("--weights", default=D.WEIGHTS,
+                   help=f"pretrained weights: none, imagenet, coco or a file PATH (default: {D.WEIGHTS})")
     p.add_argument("--weights-file", default=None,
                    help="explicit pretrained weight file (default: torchvision's cache)")
     p.add_argument("--timeout", type=float, default=None,
                    help="stop starting new trials after this many seconds (default: no limit)")
     p.add_argument("--study-name", default=None,
                    help="Optuna study name (default: mask-hpo-worker<I>of<K>)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    p.add_argument("--objective", choices=sorted(OBJECTIVES), default=CONFIG.objective,
-                   help="fitness = 0.1*mAP50 + 0.9*mAP50-95, or map = mAP50-95 (default: fitness)")
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default=CONFIG.optimizer,
-                   help="optimizer of every trial (default: sgd)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=list(SPACE.batch_sizes),
-                   help="batch size, or several to search among (default: 4)")
-    p.add_argument("--workers", type=int, default=CONFIG.workers,
-                   help="data-loading worker processes; -1: none on a CPU, a few on a GPU (default: -1)")
-    p.add_argument("--warmup-iters", type=int, default=CONFIG.warmup_iters,
-                   help=f"learning-rate warm-up iterations per trial (default: {CONFIG.warmup_iters})")
-    p.add_argument("--lr-range", type=float, nargs=2, default=[SPACE.lr_min, SPACE.lr_max], metavar=("MIN", "MAX"),
+    p.add_argument("--device", default=D.DEVICE, help=f"auto, cpu or cuda (default: {D.DEVICE})")
+    p.add_argument("--objective", choices=sorted(OBJECTIVES), default=D.HPO_OBJECTIVE,
+                   help=f"fitness = 0.1*mAP50 + 0.9*mAP50-95, or map = mAP50-95 (default: {D.HPO_OBJECTIVE})")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default=D.OPTIMIZER,
+                   help=f"optimizer of every trial (default: {D.OPTIMIZER})")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=list(D.HPO_BATCH_SIZES),
+                   help=f"batch size, or several to search among (default: {_spaced(D.HPO_BATCH_SIZES)})")
+    p.add_argument("--workers", type=int, default=D.LOADER_WORKERS,
+                   help=f"data-loading worker processes; -1: none on a CPU, a few on a GPU "
+                        f"(default: {D.LOADER_WORKERS})")
+    p.add_argument("--warmup-iters", type=int, default=D.HPO_WARMUP_ITERS,
+                   help=f"learning-rate warm-up iterations per trial (default: {D.HPO_WARMUP_ITERS})")
+    p.add_argument("--lr-range", type=float, nargs=2, default=list(D.HPO_LR_RANGE), metavar=("MIN", "MAX"),
                    help=f"whole learning-rate range, log scale, split between workers "
-                        f"(default: {SPACE.lr_min} {SPACE.lr_max})")
-    p.add_argument("--momentum-range", type=float, nargs=2, default=[SPACE.momentum_min, SPACE.momentum_max],
-                   metavar=("MIN", "MAX"), help="momentum range (default: 0.8 0.95)")
+                        f"(default: {_spaced(D.HPO_LR_RANGE)})")
+    p.add_argument("--momentum-range", type=float, nargs=2, default=list(D.HPO_MOMENTUM_RANGE),
+                   metavar=("MIN", "MAX"), help=f"momentum range (default: {_spaced(D.HPO_MOMENTUM_RANGE)})")
     p.add_argument("--weight-decay-range", type=float, nargs=2, metavar=("MIN", "MAX"),
-                   default=[SPACE.weight_decay_min, SPACE.weight_decay_max],
-                   help="weight-decay range, log scale (default: 1e-05 0.001)")
+                   default=list(D.HPO_WEIGHT_DECAY_RANGE),
+                   help=f"weight-decay range, log scale (default: {_spaced(D.HPO_WEIGHT_DECAY_RANGE)})")
     p.add_argument("--trainable-layers-range", type=int, nargs=2, metavar=("MIN", "MAX"),
-                   default=[SPACE.trainable_layers_min, SPACE.trainable_layers_max],
-                   help="trainable backbone stages range (default: 1 5)")
-    p.add_argument("--pruner-startup-trials", type=int, default=2,
-                   help="completed trials before the MedianPruner prunes (default: 2)")
-    p.add_argument("--pruner-warmup-epochs", type=int, default=0,
-                   help="epochs of a trial before it can be pruned (default: 0)")
+                   default=list(D.HPO_TRAINABLE_LAYERS_RANGE),
+                   help=f"trainable backbone stages range (default: {_spaced(D.HPO_TRAINABLE_LAYERS_RANGE)})")
+    p.add_argument("--pruner-startup-trials", type=int, default=D.HPO_PRUNER_STARTUP_TRIALS,
+                   help=f"completed trials before the MedianPruner prunes (default: {D.HPO_PRUNER_STARTUP_TRIALS})")
+    p.add_argument("--pruner-warmup-epochs", type=int, default=D.HPO_PRUNER_WARMUP_EPOCHS,
+                   help=f"epochs of a trial before it can be pruned (default: {D.HPO_PRUNER_WARMUP_EPOCHS})")
     p.add_argument("--run-record", default=None,
                    help="run record JSON (default: <output stem>_run.json next to --output)")
     return p
@@ -98,17 +103,13 @@ def main(args) -> int:
     config = HpoConfig(epochs=args.epochs, image_size=args.image_size, backbone=args.backbone, weights=args.weights,
                        weights_file=args.weights_file, optimizer=args.optimizer, workers=args.workers,
                        warmup_iters=args.warmup_iters, objective=args.objective, seed=args.seed)
-    try:
-        device = resolve_device(args.device)
-        result = run_study(config, space, args.train_images, args.train_annotations, args.val_images,
-                           args.val_annotations, journal=args.checkpoint, n_trials=args.n_trials, device=device,
-                           study_name=args.study_name, worker_index=args.worker_index,
-                           num_workers=args.num_workers, timeout=args.timeout,
-                           pruner_startup_trials=args.pruner_startup_trials,
-                           pruner_warmup_epochs=args.pruner_warmup_epochs)
-    except (HpoError, ModelError, FileNotFoundError, NotADirectoryError, ValueError, RuntimeError) as error:
-        print(f"hpo: error: {error}", file=sys.stderr)
-        return 2
+    device = resolve_device(args.device)
+    result = run_study(config, space, args.train_images, args.train_annotations, args.val_images,
+                       args.val_annotations, journal=args.checkpoint, n_trials=args.n_trials, device=device,
+                       study_name=args.study_name, worker_index=args.worker_index,
+                       num_workers=args.num_workers, timeout=args.timeout,
+                       pruner_startup_trials=args.pruner_startup_trials,
+                       pruner_warmup_epochs=args.pruner_warmup_epochs)
     output = Path(args.output)
     write_json(output, result)
     record = Path(args.run_record) if args.run_record else output.with_name(f"{output.stem}_run.json")
@@ -123,4 +124,4 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(run_job(main, get_args_parser()))

@@ -7,6 +7,7 @@ optimization_history.png (one line per worker) and param_importances.png (all
 workers' trials together; a note instead when fewer than two completed trials
 with differing parameters exist). Trials are read from the journals when given,
 else from the trial lists inside each best.json.
+Exit 0 on success, 2 on bad input (one line naming the file), 1 on a bug.
 """
 
 import argparse
@@ -14,11 +15,11 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from utils.atomic import write_json, write_text  # noqa: E402
-from utils.detection.hpo import HpoError, merge_results, merged_text, read_worker_results, write_plots  # noqa: E402
-from utils.provenance import write_run_record  # noqa: E402
+from utils.atomic import write_json, write_text
+from utils.cli import run_job
+from utils.detection.hpo import merge_results, merged_text, read_worker_results
+from utils.detection.plots import write_hpo_plots
+from utils.provenance import write_run_record
 
 
 def get_args_parser():
@@ -38,13 +39,9 @@ def get_args_parser():
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("optuna").setLevel(logging.WARNING)
-    try:
-        results = read_worker_results(args.inputs)
-        merged = merge_results(results)
-        notes = write_plots(results, args.plots_dir, journals=args.journals)
-    except HpoError as error:
-        print(f"hpo_merge: error: {error}", file=sys.stderr)
-        return 2
+    results = read_worker_results(args.inputs)
+    merged = merge_results(results)
+    notes = write_hpo_plots(results, args.plots_dir, journals=args.journals)
     merged["plot_notes"] = notes
     write_json(args.output, merged)
     write_text(args.output_txt, merged_text(merged))
@@ -58,4 +55,4 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(run_job(main, get_args_parser()))

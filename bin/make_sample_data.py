@@ -3,41 +3,40 @@
 
 Drawn faces wear a mask over nose and mouth (with_mask), over mouth or chin only
 (mask_weared_incorrect) or none (without_mask). The same seed gives the same files.
+Exit 0 on success, 2 on a bad flag value (one line), 1 on a bug.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse  # noqa: E402
-
-from utils.provenance import write_run_record  # noqa: E402
-from utils.data.sample_data import make_sample_dataset  # noqa: E402
+from utils import defaults as D
+from utils.cli import run_job
+from utils.data.sample_data import make_sample_dataset
+from utils.provenance import write_run_record
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("data/sample"),
                         help="output folder; images/ and annotations/ are created inside (default: data/sample)")
-    parser.add_argument("--num-images", type=int, default=200, help="number of images to draw (default: 200)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="random seed; the same seed gives the same files (default: 0)")
-    parser.add_argument("--image-size", type=int, nargs=2, metavar=("W", "H"), default=(320, 240),
-                        help="image width and height in pixels (default: 320 240)")
-    parser.add_argument("--min-faces", type=int, default=1, help="fewest faces per image (default: 1)")
-    parser.add_argument("--max-faces", type=int, default=6, help="most faces per image (default: 6)")
+    parser.add_argument("--num-images", type=int, default=D.SAMPLE_IMAGES,
+                        help=f"number of images to draw (default: {D.SAMPLE_IMAGES})")
+    parser.add_argument("--seed", type=int, default=D.SEED,
+                        help=f"random seed; the same seed gives the same files (default: {D.SEED})")
+    parser.add_argument("--image-size", type=int, nargs=2, metavar=("W", "H"), default=D.SAMPLE_IMAGE_SIZE,
+                        help="image width and height in pixels (default: {} {})".format(*D.SAMPLE_IMAGE_SIZE))
+    parser.add_argument("--min-faces", type=int, default=D.SAMPLE_FACES[0],
+                        help=f"fewest faces per image (default: {D.SAMPLE_FACES[0]})")
+    parser.add_argument("--max-faces", type=int, default=D.SAMPLE_FACES[1],
+                        help=f"most faces per image (default: {D.SAMPLE_FACES[1]})")
     return parser
 
 
 def main(args) -> int:
-    try:
-        summary = make_sample_dataset(args.out, num_images=args.num_images, seed=args.seed,
-                                      image_size=tuple(args.image_size), min_faces=args.min_faces,
-                                      max_faces=args.max_faces)
-    except ValueError as exc:
-        print(f"make_sample_data: {exc}", file=sys.stderr)
-        return 2
+    summary = make_sample_dataset(args.out, num_images=args.num_images, seed=args.seed,
+                                  image_size=tuple(args.image_size), min_faces=args.min_faces,
+                                  max_faces=args.max_faces)
     # A generator has no inputs: the parameters alone determine the files.
     write_run_record(Path(args.out) / "run_record.json", "make_sample_data", vars(args))
     objects = ", ".join(f"{name} {count}" for name, count in summary["objects"].items())
@@ -47,4 +46,4 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(run_job(main, get_args_parser()))

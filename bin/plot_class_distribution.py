@@ -4,6 +4,8 @@
 Reads split.csv (image, annotation, split). Annotations that cannot be read are
 skipped and listed on stderr and in the run record (<output-csv stem>_run.json);
 the job fails when no annotation could be read.
+Exit 0 on success, 2 on bad input (no readable annotation, unreadable CSV; one line
+naming the file), 1 on a bug.
 """
 
 import argparse
@@ -11,11 +13,11 @@ import contextlib
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from utils.data.class_distribution import count_objects, plot_counts, write_counts_csv  # noqa: E402
-from utils.data.pairs import open_folder  # noqa: E402
-from utils.provenance import write_run_record  # noqa: E402
+from utils.cli import run_job
+from utils.data.class_distribution import count_objects, plot_counts, write_counts_csv
+from utils.data.pairs import open_folder
+from utils.errors import InputError
+from utils.provenance import write_run_record
 
 
 def get_args_parser():
@@ -31,18 +33,13 @@ def get_args_parser():
 
 
 def main(args) -> int:
-    try:
-        with contextlib.ExitStack() as stack:
-            annotations_dir = stack.enter_context(open_folder(args.annotations)) if args.annotations else None
-            counts, problems = count_objects(args.split_csv, annotations_dir=annotations_dir)
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"plot_class_distribution: error: {exc}", file=sys.stderr)
-        return 1
+    with contextlib.ExitStack() as stack:
+        annotations_dir = stack.enter_context(open_folder(args.annotations)) if args.annotations else None
+        counts, problems = count_objects(args.split_csv, annotations_dir=annotations_dir)
     for entry in problems:
         print(f"plot_class_distribution: warning: {entry['file']}: {entry['problem']}", file=sys.stderr)
     if sum(entry["images"] for entry in counts.values()) == 0:
-        print(f"plot_class_distribution: error: no readable annotation listed in {args.split_csv}", file=sys.stderr)
-        return 1
+        raise InputError(f"{args.split_csv}: no readable annotation listed")
     write_counts_csv(args.output_csv, counts)
     plot_counts(args.output, counts)
     output_csv = Path(args.output_csv)
@@ -56,4 +53,4 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(run_job(main, get_args_parser()))

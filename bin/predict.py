@@ -7,24 +7,24 @@ xmax, ymax, label, score), compliance.json (faces per class and percent properly
 masked, overall and per image), annotated images annotated_<stem>.jpg in
 --annotated-dir, and predict_run.json (run record). Prints the compliance line.
 A file that cannot be read is listed as skipped with its reason and the others
-still run. Exit 0 when at least one image was processed, 1 when none was, 2 when
-the model cannot be loaded.
+still run. Exit 0 when at least one image was processed; 2 when none was or the model
+cannot be loaded (one line naming the file); 1 on a bug.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tqdm import tqdm
 
-from tqdm import tqdm  # noqa: E402
-
-from utils.cli import add_model_run_args, model_run_args_problem  # noqa: E402
-from utils.detection.engine import resolve_device  # noqa: E402
-from utils.detection.evaluation import EvaluationInputError, check_model_classes  # noqa: E402
-from utils.detection.model import ModelError, load_model_file  # noqa: E402
-from utils.detection.prediction import predict_images, summary_line  # noqa: E402
-from utils.provenance import write_run_record  # noqa: E402
+from utils import defaults as D
+from utils.cli import add_model_run_args, check_model_run_args, run_job
+from utils.detection.engine import resolve_device
+from utils.detection.evaluation import check_model_classes
+from utils.detection.model import load_model_file
+from utils.detection.prediction import predict_images, summary_line
+from utils.errors import InputError
+from utils.provenance import write_run_record
 
 
 def get_args_parser():
@@ -35,8 +35,8 @@ def get_args_parser():
     parser.add_argument("--output-dir", required=True, help="folder for predictions and compliance files")
     parser.add_argument("--annotated-dir", default=None,
                         help="folder for annotated images (default: OUTPUT_DIR/annotated)")
-    parser.add_argument("--score-threshold", type=float, default=0.5,
-                        help="keep detections with at least this score (default: 0.5)")
+    parser.add_argument("--score-threshold", type=float, default=D.SCORE_THRESHOLD,
+                        help=f"keep detections with at least this score (default: {D.SCORE_THRESHOLD})")
     parser.add_argument("--tta", action="store_true",
                         help="also run each image flipped left-right and merge both with NMS (about 2x slower)")
     parser.add_argument("--no-annotated", action="store_true", help="do not write annotated images")
@@ -45,17 +45,10 @@ def get_args_parser():
 
 
 def main(args) -> int:
-    problem = model_run_args_problem(args)
-    if problem:
-        print(f"predict: error: {problem}", file=sys.stderr)
-        return 2
-    try:
-        device = resolve_device(args.device)
-        model, meta = load_model_file(args.model, device)
-        check_model_classes(meta, args.model)
-    except (RuntimeError, ModelError, EvaluationInputError) as exc:
-        print(f"predict: error: {exc}", file=sys.stderr)
-        return 2
+    check_model_run_args(args)
+    device = resolve_device(args.device)
+    model, meta = load_model_file(args.model, device)
+    check_model_classes(meta, args.model)
     settings = {"model": str(args.model), "backbone": meta.get("backbone"), "image_size": meta.get("image_size")}
     with tqdm(desc="predict", unit="img", file=sys.stderr, disable=None) as bar:
         run = predict_images(model, args.images, args.output_dir, annotated_dir=args.annotated_dir, device=device,
@@ -72,10 +65,9 @@ def main(args) -> int:
     print(summary_line(run))
     print(f"{run.num_images} images processed, {len(run.skipped)} skipped; outputs in {args.output_dir}")
     if run.num_images == 0:
-        print("predict: error: no image could be processed (see the skipped list above)", file=sys.stderr)
-        return 1
+        raise InputError(f"{' '.join(map(str, args.images))}: no image could be processed (see the skipped list above)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(run_job(main, get_args_parser()))

@@ -4,21 +4,21 @@ kept together, images with mask_weared_incorrect spread over all three splits.
 
 Writes OUTPUT (split.csv: image, annotation, split) and a run record next to it
 (<output stem>_run.json). Prints images and rare-class images per split.
+Exit 0 on success, 2 on bad input (missing or malformed manifest or report, a manifest
+listing no images, an unreadable annotation; one line naming the file), 1 on a bug.
 """
 
 import argparse
 import contextlib
-import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from utils.data.pairs import open_folder, read_pairs_csv, write_pairs_csv  # noqa: E402
-from utils.provenance import write_run_record  # noqa: E402
-from utils.data.split import DEFAULT_FRACTIONS, SplitError, image_classes, split_pairs, split_summary  # noqa: E402
-from utils.data.validation import csv_entry  # noqa: E402
-from utils.data.voc import VocError  # noqa: E402
+from utils import defaults as D
+from utils.cli import run_job
+from utils.data.pairs import open_folder, read_pairs_csv, write_pairs_csv
+from utils.data.split import SplitError, image_classes, read_duplicate_groups, split_pairs, split_summary
+from utils.data.validation import csv_entry
+from utils.provenance import write_run_record
 
 
 def get_args_parser():
@@ -28,9 +28,10 @@ def get_args_parser():
                         help="validation_report.json whose duplicate_groups must not straddle splits "
                              "(default: none, every image is its own group)")
     parser.add_argument("--output", default="split.csv", help="split CSV to write (default: split.csv)")
-    parser.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
-    parser.add_argument("--fractions", type=float, nargs=3, default=list(DEFAULT_FRACTIONS),
-                        metavar=("TRAIN", "VAL", "TEST"), help="split fractions, normalised to sum 1 (default: 0.7 0.1 0.2)")
+    parser.add_argument("--seed", type=int, default=D.SEED, help=f"random seed (default: {D.SEED})")
+    parser.add_argument("--fractions", type=float, nargs=3, default=list(D.SPLIT_FRACTIONS),
+                        metavar=("TRAIN", "VAL", "TEST"),
+                        help="split fractions, normalised to sum 1 (default: {} {} {})".format(*D.SPLIT_FRACTIONS))
     parser.add_argument("--images", default=None,
                         help="folder (or .tar) in which to find the manifest's images by name (default: paths as written)")
     parser.add_argument("--annotations", default=None,
@@ -46,34 +47,24 @@ def _entry(path: Path, csv_folder: Path, by_name: bool) -> str:
 
 def main(args) -> int:
     output = Path(args.output)
-    try:
-        groups = []
-        if args.report:
-            with open(args.report, encoding="utf-8") as handle:
-                groups = json.load(handle).get("duplicate_groups", [])
-        with contextlib.ExitStack() as stack:
-            images_dir = stack.enter_context(open_folder(args.images)) if args.images else None
-            annotations_dir = stack.enter_context(open_folder(args.annotations)) if args.annotations else None
-            pairs = read_pairs_csv(args.manifest, images_dir, annotations_dir)
-            if not pairs:
-                print(f"split_data: error: {args.manifest}: manifest lists no images", file=sys.stderr)
-                return 1
-            classes_of = image_classes(pairs)
-            rows = split_pairs(pairs, groups, args.fractions, args.seed, classes_of=classes_of)
-            images_by_name = bool(args.images) and not Path(args.images).is_dir()
-            annotations_by_name = bool(args.annotations) and not Path(args.annotations).is_dir()
-            output.parent.mkdir(parents=True, exist_ok=True)
-            written = [{"image": _entry(r["image"], output.parent, images_by_name),
-                        "annotation": _entry(r["annotation"], output.parent, annotations_by_name),
-                        "split": r["split"]} for r in rows]
-            write_pairs_csv(output, written, fields=("image", "annotation", "split"))
-            write_run_record(output.with_name(f"{output.stem}_run.json"), "split_data", vars(args),
-                             [Path(args.manifest)] + ([Path(args.report)] if args.report else []))
-    except (OSError, ValueError, KeyError) as exc:
-        # OSError: missing files; VocError/SplitError/JSON errors are ValueErrors; KeyError: missing CSV column.
-        kind = "missing column" if isinstance(exc, KeyError) else ""
-        print(f"split_data: error: {kind + ' ' if kind else ''}{exc}", file=sys.stderr)
-        return 1
+    groups = read_duplicate_groups(args.report) if args.report else []
+    with contextlib.ExitStack() as stack:
+        images_dir = stack.enter_context(open_folder(args.images)) if args.images else None
+        annotations_dir = stack.enter_context(open_folder(args.annotations)) if args.annotations else None
+        pairs = read_pairs_csv(args.manifest, images_dir, annotations_dir)
+        if not pairs:
+            raise SplitError(f"{args.manifest}: manifest lists no images")
+        classes_of = image_classes(pairs)
+        rows = split_pairs(pairs, groups, args.fractions, args.seed, classes_of=classes_of)
+        images_by_name = bool(args.images) and not Path(args.images).is_dir()
+        annotations_by_name = bool(args.annotations) and not Path(args.annotations).is_dir()
+        output.parent.mkdir(parents=True, exist_ok=True)
+        written = [{"image": _entry(r["image"], output.parent, images_by_name),
+                    "annotation": _entry(r["annotation"], output.parent, annotations_by_name),
+                    "split": r["split"]} for r in rows]
+        write_pairs_csv(output, written, fields=("image", "annotation", "split"))
+        write_run_record(output.with_name(f"{output.stem}_run.json"), "split_data", vars(args),
+                         [Path(args.manifest)] + ([Path(args.report)] if args.report else []))
     for name, entry in split_summary(rows, classes_of).items():
         print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in entry.items()))
     print(f"split: {output}")
@@ -81,4 +72,4 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(run_job(main, get_args_parser()))

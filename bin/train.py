@@ -7,76 +7,81 @@ the predecessor's choice: the test split measures the final model); with
 The checkpoint is written atomically after every epoch and, if it exists at
 start, training resumes from it. Hyperparameters: a flag given on the command
 line wins over the --params file (best_hpo_params.json), which wins over the
-defaults shown here.
+defaults shown here (utils/defaults.py).
+Exit 0 on success, 2 on bad input (one line naming the file), 1 on a bug.
 """
 
+import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils import defaults as D
+from utils.cli import print_values, run_job
+from utils.detection.engine import resolve_device
+from utils.detection.model import BACKBONES, save_model_file
+from utils.detection.training import (Trainer, TrainingDataError, open_pairs, plot_loss_curve, read_params_file,
+                                      resolve_params, write_metrics_csv)
+from utils.provenance import inputs_sha256, package_versions, write_run_record
 
-from utils.detection.engine import CheckpointError, NonFiniteLossError, resolve_device  # noqa: E402
-from utils.detection.model import BACKBONES, ModelError  # noqa: E402
-from utils.detection.training import TrainingDataError, TrainParams, train_job  # noqa: E402
-
-DEFAULTS = TrainParams()
+log = logging.getLogger("train")
 
 
 def get_args_parser():
-    p = __import__("argparse").ArgumentParser(description=__doc__,
-                                             formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--images", required=True, help="training images: folder or .tar")
     data.add_argument("--annotations", required=True, help="training VOC annotations: folder or .tar "
                       "(may be the same path as --images)")
     data.add_argument("--val-images", default=None, help="validation images: folder or .tar (default: none)")
     data.add_argument("--val-annotations", default=None, help="validation annotations: folder or .tar")
-    data.add_argument("--val-mode", choices=["merge", "monitor"], default="merge",
+    data.add_argument("--val-mode", choices=["merge", "monitor"], default=D.VAL_MODE,
                       help="merge: train on train+val; monitor: train on train only, log val loss and mAP "
-                           "every epoch (default: merge)")
+                           f"every epoch (default: {D.VAL_MODE})")
+    # Hyperparameter flags default to None ("not given") so that a --params file can set them.
     model = p.add_argument_group("model")
     model.add_argument("--backbone", choices=BACKBONES, default=None,
-                       help=f"detector backbone (default: {DEFAULTS.backbone})")
+                       help=f"detector backbone (default: {D.BACKBONE})")
     model.add_argument("--weights", default=None,
-                       help=f"pretrained weights: none, imagenet, coco or a file PATH (default: {DEFAULTS.weights}); "
+                       help=f"pretrained weights: none, imagenet, coco or a file PATH (default: {D.WEIGHTS}); "
                             "falls back to what is available and says so")
     model.add_argument("--weights-file", default=None,
                        help="explicit pretrained weight file (ImageNet backbone or detector state dict); "
                             "workflow workers have no internet (default: torchvision's cache)")
     model.add_argument("--image-size", type=int, default=None,
-                       help=f"longer image side after resizing, in px (default: {DEFAULTS.image_size})")
+                       help=f"longer image side after resizing, in px (default: {D.IMAGE_SIZE})")
     model.add_argument("--trainable-layers", type=int, default=None,
-                       help=f"trainable backbone stages counted from the top (default: {DEFAULTS.trainable_layers})")
+                       help=f"trainable backbone stages counted from the top (default: {D.TRAINABLE_LAYERS})")
     model.add_argument("--freeze-backbone-epochs", type=int, default=None,
                        help="two-stage schedule: backbone frozen for the first N epochs, then "
-                            f"--trainable-layers (default: {DEFAULTS.freeze_backbone_epochs})")
+                            f"--trainable-layers (default: {D.FREEZE_BACKBONE_EPOCHS})")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--params", default=None, help="JSON file of hyperparameters, e.g. best_hpo_params.json "
                      "(default: none)")
-    opt.add_argument("--epochs", type=int, default=None, help=f"epochs (default: {DEFAULTS.epochs})")
-    opt.add_argument("--batch-size", type=int, default=None, help=f"images per batch (default: {DEFAULTS.batch_size})")
+    opt.add_argument("--epochs", type=int, default=None, help=f"epochs (default: {D.EPOCHS})")
+    opt.add_argument("--batch-size", type=int, default=None, help=f"images per batch (default: {D.BATCH_SIZE})")
     opt.add_argument("--workers", type=int, default=None,
                      help="data-loading worker processes; -1: none on a CPU (decoding is <1%% of a CPU "
-                          "training step), a few on a GPU (default: -1)")
+                          f"training step), a few on a GPU (default: {D.LOADER_WORKERS})")
     opt.add_argument("--optimizer", choices=["sgd", "adamw"], default=None,
-                     help=f"optimizer (default: {DEFAULTS.optimizer})")
-    opt.add_argument("--lr", type=float, default=None, help=f"base learning rate (default: {DEFAULTS.lr})")
+                     help=f"optimizer (default: {D.OPTIMIZER})")
+    opt.add_argument("--lr", type=float, default=None, help=f"base learning rate (default: {D.LR})")
     opt.add_argument("--momentum", type=float, default=None,
-                     help=f"SGD momentum, AdamW beta1 (default: {DEFAULTS.momentum})")
-    opt.add_argument("--weight-decay", type=float, default=None, help=f"weight decay (default: {DEFAULTS.weight_decay})")
+                     help=f"SGD momentum, AdamW beta1 (default: {D.MOMENTUM})")
+    opt.add_argument("--weight-decay", type=float, default=None, help=f"weight decay (default: {D.WEIGHT_DECAY})")
     opt.add_argument("--lr-schedule", choices=["cosine", "step"], default=None,
-                     help=f"decay after warm-up (default: {DEFAULTS.lr_schedule})")
+                     help=f"decay after warm-up (default: {D.LR_SCHEDULE})")
     opt.add_argument("--warmup-iters", type=int, default=None,
-                     help=f"linear warm-up iterations (default: {DEFAULTS.warmup_iters})")
+                     help=f"linear warm-up iterations (default: {D.WARMUP_ITERS})")
     opt.add_argument("--clip-grad", type=float, default=None,
-                     help=f"gradient-norm clipping, 0 disables (default: {DEFAULTS.clip_grad})")
+                     help=f"gradient-norm clipping, 0 disables (default: {D.CLIP_GRAD})")
     opt.add_argument("--hflip", type=float, default=None,
-                     help=f"probability of a horizontal flip per training image (default: {DEFAULTS.hflip})")
+                     help=f"probability of a horizontal flip per training image (default: {D.HFLIP})")
     opt.add_argument("--no-amp", dest="amp", action="store_const", const=False, default=None,
                      help="disable mixed precision on CUDA (default: AMP on CUDA, never on CPU)")
-    opt.add_argument("--seed", type=int, default=None, help=f"random seed (default: {DEFAULTS.seed})")
-    opt.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    opt.add_argument("--seed", type=int, default=None, help=f"random seed (default: {D.SEED})")
+    opt.add_argument("--device", default=D.DEVICE, help=f"auto, cpu or cuda (default: {D.DEVICE})")
     out = p.add_argument_group("outputs")
     out.add_argument("--checkpoint", default="checkpoint.pt",
                      help="training checkpoint, written every epoch and resumed from if present "
@@ -91,19 +96,95 @@ def get_args_parser():
     return p
 
 
+def output_paths(args) -> dict:
+    output = Path(args.output)
+    return {
+        "output": output,
+        "checkpoint": Path(args.checkpoint),
+        "metrics_csv": Path(args.metrics_csv or output.with_name("training_metrics.csv")),
+        "loss_plot": Path(args.loss_plot or output.with_name("loss_curve.png")),
+        "run_record": Path(args.run_record or output.with_name(f"{output.stem}_run.json")),
+    }
+
+
+def epoch_line(row, epochs: int) -> str:
+    line = f"epoch {row.epoch}/{epochs}: loss {row.train_loss:.4f}, lr {row.lr:.2e}, {row.images_per_s:.2f} images/s"
+    if row.val_loss is not None:
+        line += f", val loss {row.val_loss:.4f}"
+    if row.val_map is not None:
+        line += f", val mAP {row.val_map:.4f}, mAP@0.5 {row.val_map_50:.4f}"
+    return line
+
+
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        device = resolve_device(args.device)
-        summary = train_job(args, device)
-    except (TrainingDataError, ModelError, CheckpointError, NonFiniteLossError,
-            FileNotFoundError, NotADirectoryError, ValueError, RuntimeError) as error:
-        print(f"train: error: {error}", file=sys.stderr)
-        return 2
-    print(f"train: {summary['epochs']} epochs, final loss {summary['final_train_loss']:.4f}, "
-          f"{len(summary['skipped'])} inputs skipped; model written to {summary['output']}")
+    params = resolve_params(vars(args), read_params_file(args.params) if args.params else {})
+    print_values("train", "params", params.to_dict())
+    if params.epochs < 1:
+        raise TrainingDataError(f"--epochs must be at least 1, got {params.epochs}")
+    if args.val_images and not args.val_annotations:
+        raise TrainingDataError("--val-images needs --val-annotations")
+    paths = output_paths(args)
+    device = resolve_device(args.device)
+
+    log.info("Loading data")
+    with contextlib.ExitStack() as stack:
+        train_pairs, skipped = stack.enter_context(open_pairs(args.images, args.annotations))
+        val_pairs = []
+        if args.val_images:
+            val_pairs, val_skipped = stack.enter_context(open_pairs(args.val_images, args.val_annotations))
+            skipped += val_skipped
+        for item in skipped:
+            log.warning("skipped %s: %s", item["file"], item["problem"])
+        if args.val_mode == "merge":
+            train_pairs, val_pairs = train_pairs + val_pairs, []
+        if not train_pairs:
+            raise TrainingDataError(f"{args.images}: no usable image/annotation pairs ({len(skipped)} skipped)")
+        input_files = [p for pair in train_pairs + val_pairs for p in (pair.image, pair.annotation)]
+        input_hash = inputs_sha256(input_files)
+        log.info("training on %d images%s (%d skipped), device %s", len(train_pairs),
+                 f", monitoring {len(val_pairs)} validation images" if val_pairs else "", len(skipped), device)
+
+        log.info("Creating model")
+        trainer = Trainer(params, train_pairs, device, val_pairs=val_pairs or None, progress=not args.no_progress)
+        # An empty file is "no checkpoint yet": Pegasus stages an empty initial checkpoint file.
+        if paths["checkpoint"].is_file() and paths["checkpoint"].stat().st_size > 0:
+            done = trainer.resume(paths["checkpoint"])
+            log.info("resumed from %s after epoch %d of %d", paths["checkpoint"], done, params.epochs)
+
+        log.info("Start training")
+        checkpoint_args = {"images": str(args.images), "annotations": str(args.annotations),
+                           "val_images": str(args.val_images) if args.val_images else None,
+                           "val_mode": args.val_mode, "inputs_sha256": input_hash}
+        while trainer.completed_epochs < params.epochs:
+            row = trainer.run_epoch(validate_map=bool(val_pairs))
+            trainer.checkpoint(paths["checkpoint"], checkpoint_args)
+            write_metrics_csv(paths["metrics_csv"], trainer.history)
+            plot_loss_curve(paths["loss_plot"], trainer.history)
+            log.info(epoch_line(row, params.epochs))
+        if not trainer.history:
+            raise TrainingDataError(f"{paths['checkpoint']}: holds no training history; delete it and rerun")
+
+        log.info("Writing the model")
+        write_metrics_csv(paths["metrics_csv"], trainer.history)  # also on a rerun that had nothing left to train
+        plot_loss_curve(paths["loss_plot"], trainer.history)
+        final_loss = trainer.history[-1]["train_loss"]
+        meta = {"training": params.to_dict(), "epochs_completed": trainer.completed_epochs,
+                "num_train_images": len(train_pairs), "num_val_images": len(val_pairs),
+                "val_mode": args.val_mode if args.val_images else None, "skipped_inputs": len(skipped),
+                "inputs_sha256": input_hash, "final_train_loss": final_loss, "packages": package_versions()}
+        if args.params:
+            meta["params_file"] = str(args.params)
+        save_model_file(paths["output"], trainer.model, meta)
+        summary = {"output": str(paths["output"]), "epochs": trainer.completed_epochs, "final_train_loss": final_loss,
+                   "weights": trainer.model.weights_report.message}
+        write_run_record(paths["run_record"], "train", {**vars(args), "resolved": params.to_dict(),
+                                                        "device": str(device), "summary": summary,
+                                                        "skipped": skipped}, input_files)
+    print(f"train: {trainer.completed_epochs} epochs, final loss {final_loss:.4f}, {len(skipped)} inputs skipped; "
+          f"model written to {paths['output']}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(run_job(main, get_args_parser()))

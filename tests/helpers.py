@@ -14,3 +14,11 @@ def load_script(root, name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_script(root, name, argv) -> int:
+    """Run bin/<name>.py in-process as its __main__ does, through the job runner; return the exit code."""
+    from utils.cli import run_job
+
+    script = load_script(root, name)
+    return run_job(script.main, script.get_args_parser(), [str(arg) for arg in argv])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import shutil
 import tarfile
@@ -13,18 +12,12 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
+from helpers import load_script
 from utils.data.augment import augment_copy, augment_set, build_transform, torch_threads
 from utils.classes import CLASSES, RARE_CLASS
 from utils.data.dataset import VocDetectionDataset
 from utils.data.pairs import pack_folder, pair_folders
 from utils.data.voc import VocAnnotation, VocObject, parse_voc, write_voc
-
-
-def load_bin(root, name):
-    spec = importlib.util.spec_from_file_location(f"bin_{name}", root / "bin" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def rare_stems(sample_dir):
@@ -136,7 +129,7 @@ def test_reproducible_for_a_seed_and_tar_with_split(root, sample_dir, tmp_path):
         writer.writerow(["image", "annotation", "split"])
         for index, pair in enumerate(pairs):
             writer.writerow([f"x/{pair.image.name}", f"y/{pair.annotation.name}", "train" if index < 4 else "val"])
-    cli = load_bin(root, "augment")
+    cli = load_script(root, "augment")
 
     def run(seed, name):
         args = cli.get_args_parser().parse_args(
@@ -174,7 +167,7 @@ def test_bad_inputs_and_boxless_copies_are_reported(sample_dir, tmp_path, monkey
         return image, {"boxes": boxes, "labels": target["labels"][keep]}
 
     monkeypatch.setattr(augment_module, "build_transform", lambda noise_std: drop_every_box)
-    cli = load_bin(root, "augment")
+    cli = load_script(root, "augment")
     args = cli.get_args_parser().parse_args(
         ["--images", str(src), "--copies", "1", "--rare-factor", "0", "--output-dir", str(tmp_path / "out"),
          "--report", str(tmp_path / "r.json"), "--no-progress"])

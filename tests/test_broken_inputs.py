@@ -230,9 +230,9 @@ def test_cli_fails_clearly_without_usable_images(case, root, tmp_path):
         (annotations / "a.xml").write_text(voc_xml(GOOD))
         (annotations / "b.xml").write_text("<annotation>")
     proc = run_cli(root, "--images", images, "--annotations", annotations, "--output-dir", tmp_path / "out")
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     line = proc.stderr.strip()
     assert "\n" not in line and "Traceback" not in line
-    expected = {"empty folders": f"no images found in {images}", "missing folder": f"{images}: folder does not exist",
+    expected = {"empty folders": f"{images}: no images found", "missing folder": f"{images}: folder does not exist",
                 "only broken files": "none of the 1 images is usable"}[case]
     assert expected in line

@@ -94,5 +94,5 @@ def test_cli(tmp_path, root):
     # Without --annotations the bare names resolve next to split.csv, where they are not: a clear failure.
     proc = subprocess.run([sys.executable, script, "--split-csv", str(split_csv), "--output", str(tmp_path / "x.png"),
                            "--output-csv", str(tmp_path / "x.csv")], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "no readable annotation" in proc.stderr and "a.xml" in proc.stderr
+    assert proc.returncode == 2 and "no readable annotation" in proc.stderr and "a.xml" in proc.stderr
     assert not (tmp_path / "x.png").exists()

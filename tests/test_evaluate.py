@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import load_script
+from helpers import load_script, run_script
 from utils.classes import CLASSES
 from utils.data.dataset import VocDetectionDataset
 from utils.detection.evaluation import evaluate_model, labelled_pairs
@@ -101,27 +101,23 @@ def test_oracle_model_scores_perfectly(sample_dir, tmp_path):
 
 
 def test_evaluate_reports_bad_model_file(root, sample_dir, tmp_path, capsys):
-    script = load_script(root, "evaluate")
     bogus = tmp_path / "model.pt"
     bogus.write_bytes(b"not a model")
-    args = script.get_args_parser().parse_args(
-        ["--images", str(sample_dir / "images"), "--annotations", str(sample_dir / "annotations"),
-         "--model", str(bogus), "--output-dir", str(tmp_path / "out"), "--device", "cpu"])
-    assert script.main(args) == 2
+    argv = ["--images", sample_dir / "images", "--annotations", sample_dir / "annotations",
+            "--model", bogus, "--output-dir", tmp_path / "out", "--device", "cpu"]
+    assert run_script(root, "evaluate", argv) == 2
     err = capsys.readouterr().err
-    assert "model.pt" in err and "not a readable model file" in err
+    assert err.startswith(f"evaluate: error: {bogus}: not a readable model file") and err.count("\n") == 1
     assert not (tmp_path / "out" / "evaluation.json").exists()
 
 
 def test_evaluate_reports_empty_set(root, tiny_model_file, tmp_path, capsys):
-    script = load_script(root, "evaluate")
     empty = tmp_path / "empty"
     empty.mkdir()
-    args = script.get_args_parser().parse_args(
-        ["--images", str(empty), "--annotations", str(empty), "--model", str(tiny_model_file),
-         "--output-dir", str(tmp_path / "out"), "--device", "cpu"])
-    assert script.main(args) == 2
-    assert "no image/annotation pairs" in capsys.readouterr().err
+    argv = ["--images", empty, "--annotations", empty, "--model", tiny_model_file,
+            "--output-dir", tmp_path / "out", "--device", "cpu"]
+    assert run_script(root, "evaluate", argv) == 2
+    assert f"{empty}: no image/annotation pairs" in capsys.readouterr().err
 
 
 def test_dropped_objects_are_reported_and_foreign_models_refused(sample_dir, tmp_path):

@@ -12,7 +12,8 @@ from optuna.trial import TrialState
 
 from helpers import load_script
 from utils.detection.hpo import (HpoConfig, HpoError, SearchSpace, fitness, journal_trials, merge_results, open_study,
-                       read_worker_results, run_study, write_plots)
+                                 read_worker_results, run_study)
+from utils.detection.plots import write_hpo_plots
 
 CONFIG = HpoConfig(epochs=1, image_size=96, workers=0, warmup_iters=1, seed=5)
 SPACE = SearchSpace(batch_sizes=(2,))
@@ -128,7 +129,7 @@ def test_merge_picks_the_best_worker_and_writes_plots(tmp_path, root):
 
 def test_too_few_trials_for_importance_gives_a_note(tmp_path):
     single = fake_result(tmp_path / "best_0.json", 0, 0.3, {"lr": 0.002}, [trial(0, 0.3, 0.002)])
-    notes = write_plots(read_worker_results([single]), tmp_path / "plots")
+    notes = write_hpo_plots(read_worker_results([single]), tmp_path / "plots")
     assert "at least 2 completed trials" in notes["param_importances"]
     assert (tmp_path / "plots" / "param_importances.png").is_file()
     with pytest.raises(HpoError, match="no worker finished"):

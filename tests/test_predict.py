@@ -8,19 +8,17 @@ import json
 import tarfile
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 from torch import nn
 
-from helpers import load_script
+from helpers import run_script
 from utils.detection.inference import detect
 from utils.detection.metrics import merge_compliance
 
 
 def run_predict(root, argv):
-    script = load_script(root, "predict")
-    return script.main(script.get_args_parser().parse_args(argv))
+    return run_script(root, "predict", argv)
 
 
 def test_predict_survives_corrupt_files_and_odd_images(root, sample_dir, tiny_model_file, tmp_path, capsys):
@@ -100,8 +98,8 @@ def test_predict_fails_when_nothing_is_readable(root, tiny_model_file, tmp_path,
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     rc = run_predict(root, ["--images", str(bad), "--model", str(tiny_model_file),
                             "--output-dir", str(tmp_path / "out"), "--device", "cpu"])
-    assert rc == 1
-    assert "no image could be processed" in capsys.readouterr().err
+    assert rc == 2
+    assert f"predict: error: {bad}: no image could be processed" in capsys.readouterr().err
     compliance = json.loads((tmp_path / "out" / "compliance.json").read_text())
     assert compliance["overall"]["faces"] == 0 and compliance["overall"]["percent_properly_masked"] is None
     assert compliance["skipped"][0]["file"] == str(bad)

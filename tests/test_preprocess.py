@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import shutil
 import tarfile
@@ -12,16 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import load_script, run_script
 from utils.data.pairs import pack_folder, pair_folders
 from utils.data.preprocess import NothingProcessedError, preprocess_set
 from utils.data.voc import VocAnnotation, VocObject, parse_voc, write_voc
-
-
-def load_bin(root, name):
-    spec = importlib.util.spec_from_file_location(f"bin_{name}", root / "bin" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def flat_copy(sample_dir, dest, limit=None):
@@ -116,7 +109,7 @@ def test_tar_in_tar_out_with_split_selection(root, sample_dir, tmp_path, capsys)
             # Paths as another machine wrote them: only the names must match.
             writer.writerow([f"/elsewhere/images/{pair.image.name}", f"/elsewhere/ann/{pair.annotation.name}",
                              ("train", "val", "test")[index % 3]])
-    cli = load_bin(root, "preprocess")
+    cli = load_script(root, "preprocess")
     args = cli.get_args_parser().parse_args(
         ["--images", str(tmp_path / "set.tar"), "--annotations", str(tmp_path / "set.tar"),
          "--split-csv", str(split_csv), "--split", "test", "--prefix", "test_", "--max-size", "100",
@@ -144,7 +137,7 @@ def test_bad_inputs_are_skipped_and_reported(sample_dir, tmp_path, root, capsys)
     shutil.copy(good, src / "lonely.jpg")
     write_pair(src, "mixed", Image.new("RGB", (50, 40)), ".jpg",
                boxes=((1, 1, 20, 20), (30, 30, 90, 90), (5, 5, 5, 9), (2, 2, 51, 41)))
-    cli = load_bin(root, "preprocess")
+    cli = load_script(root, "preprocess")
     report_path = tmp_path / "reports" / "pp.json"
     args = cli.get_args_parser().parse_args(["--images", str(src), "--prefix", "val_", "--output-dir",
                                              str(tmp_path / "out"), "--report", str(report_path), "--no-progress"])
@@ -173,19 +166,15 @@ def test_nothing_usable_fails_with_one_line(tmp_path, root, capsys):
         preprocess_set(src, src, "val_", output_tar=tmp_path / "val.tar", progress=False)
     assert not (tmp_path / "val.tar").exists()
     assert json.loads((tmp_path / "val.report.json").read_text())["images_skipped"] == 1
-    cli = load_bin(root, "preprocess")
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert cli.main(cli.get_args_parser().parse_args(
-        ["--images", str(empty), "--output-dir", str(tmp_path / "o"), "--no-progress"])) == 1
+    assert run_script(root, "preprocess", ["--images", empty, "--output-dir", tmp_path / "o", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("preprocess: ") and len(err.strip().splitlines()) == 1
-    assert cli.main(cli.get_args_parser().parse_args(
-        ["--images", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "o")])) == 1
+    assert err.startswith(f"preprocess: error: {empty}: ") and len(err.strip().splitlines()) == 1
+    assert run_script(root, "preprocess", ["--images", tmp_path / "missing", "--output-dir", tmp_path / "o"]) == 2
     assert "does not exist" in capsys.readouterr().err
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("file,split\na.jpg,val\n")
-    assert cli.main(cli.get_args_parser().parse_args(
-        ["--images", str(src), "--split-csv", str(bad_csv), "--split", "val",
-         "--output-dir", str(tmp_path / "o")])) == 1
+    assert run_script(root, "preprocess", ["--images", src, "--split-csv", bad_csv, "--split", "val",
+                                           "--output-dir", tmp_path / "o"]) == 2
     assert "bad.csv: no 'image' column" in capsys.readouterr().err

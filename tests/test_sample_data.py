@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections import Counter
 
@@ -10,18 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import load_script, run_script
 from utils.classes import CLASSES
 from utils.data.dataset import VocDetectionDataset
 from utils.data.pairs import pair_folders
 from utils.data.sample_data import make_sample_dataset, render_sample
 from utils.data.voc import parse_voc
-
-
-def load_bin(root, name):
-    spec = importlib.util.spec_from_file_location(f"bin_{name}", root / "bin" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def file_bytes(folder):
@@ -128,7 +121,7 @@ def test_bad_arguments_raise():
 
 
 def test_cli_writes_and_replaces_atomically(root, tmp_path, capsys):
-    cli = load_bin(root, "make_sample_data")
+    cli = load_script(root, "make_sample_data")
     out = tmp_path / "sample"
     assert cli.main(cli.get_args_parser().parse_args(
         ["--out", str(out), "--num-images", "5", "--seed", "1", "--image-size", "96", "72"])) == 0
@@ -142,4 +135,5 @@ def test_cli_writes_and_replaces_atomically(root, tmp_path, capsys):
         ["--out", str(out), "--num-images", "3", "--seed", "1", "--image-size", "96", "72"])) == 0
     assert sorted(p.name for p in (out / "images").iterdir()) == [f"sample_{i:04d}.jpg" for i in range(3)]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
-    assert cli.main(cli.get_args_parser().parse_args(["--out", str(out), "--num-images", "0"])) == 2
+    assert run_script(root, "make_sample_data", ["--out", out, "--num-images", "0"]) == 2
+    assert "make_sample_data: error: num_images must be at least 1" in capsys.readouterr().err

@@ -135,4 +135,4 @@ def test_cli_fails_with_one_line_on_missing_manifest(tmp_path, root):
     proc = subprocess.run([sys.executable, str(root / "bin" / "split_data.py"), "--manifest",
                            str(tmp_path / "nope.csv"), "--output", str(tmp_path / "s.csv")],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "nope.csv" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "nope.csv" in proc.stderr and "Traceback" not in proc.stderr

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -44,6 +44,12 @@ def test_train_cli_one_epoch_writes_loadable_outputs(tiny_dir, tmp_path, root):
     (out / "checkpoint.pt").touch()  # the workflow's initial checkpoint is an empty file
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+    args_line, params_line = result.stdout.splitlines()[:2]
+    assert args_line.startswith("train: args: {") and f'"images": "{tiny_dir / "images"}"' in args_line
+    params = json.loads(params_line.removeprefix("train: params: "))
+    assert params["epochs"] == 1 and params["lr"] == TrainParams().lr  # resolved: flag, then default
+    banners = ["Loading data", "Creating model", "Start training", "Writing the model"]
+    assert [line for line in result.stderr.splitlines() if line in banners] == banners
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert checkpoint["epoch"] == 1
     assert {"model", "optimizer", "scheduler", "rng", "args"} <= set(checkpoint)
@@ -159,7 +165,7 @@ def test_params_file_then_flags_override(tmp_path):
     path.write_text('{"params": {"lr": 0.003, "momentum": 0.85, "trainable_layers": 4, "unknown": 1}}')
     values = read_params_file(path)
     assert values == {"lr": 0.003, "momentum": 0.85, "trainable_layers": 4}
-    args = SimpleNamespace(lr=0.05, momentum=None, trainable_layers=None)
-    params = resolve_params(args, values)
+    flags = {"lr": 0.05, "momentum": None, "trainable_layers": None, "images": "not a hyperparameter"}
+    params = resolve_params(flags, values)
     assert (params.lr, params.momentum, params.trainable_layers) == (0.05, 0.85, 4)
     assert params.weight_decay == TrainParams().weight_decay

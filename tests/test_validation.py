@@ -195,7 +195,7 @@ def test_cli_fails_with_one_line_reason_when_nothing_is_usable(tmp_path, root):
     add_pair(tmp_path, "only", textured(50), objects=[("dog", (1, 1, 20, 20))])
     proc = run_cli(root, "--images", tmp_path / "images", "--annotations", tmp_path / "annotations",
                    "--output-dir", tmp_path / "out")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "none of the 1 images is usable" in proc.stderr
     report = json.loads((tmp_path / "out" / "validation_report.json").read_text())
     assert {p["kind"] for p in report["problems"]} == {"unknown_class", "no_objects"}

@@ -11,6 +11,7 @@ import yaml
 
 import workflow as generator
 from pegasus_schemas import schema_errors, validate_run_dir
+from utils.pegasus.config import ConfigError, validate_container_image
 from utils.pegasus.executor import load_workflow, read_properties
 
 HPO_JOBS = 3
@@ -144,7 +145,7 @@ def test_resources_are_transformation_profiles(run_dir):
         assert int(profile["runtime"]) == resources["runtime"]
     (container,) = tc["containers"]
     assert container["type"] == "singularity"
-    generator.validate_container_image(container["image"])
+    validate_container_image(container["image"])
 
 
 def test_replicas_are_absolute_file_urls_of_existing_files(run_dir):
@@ -233,8 +234,8 @@ def test_no_container(sample_dir, tmp_path):
 @pytest.mark.parametrize("image", ["docker:///owner/name:tag", "docker://name:tag", "owner/name:tag",
                                    "docker://owner/name", "docker://owner/:tag", "shub://owner/name:tag"])
 def test_bad_container_images_are_refused(image, sample_dir, tmp_path, capsys):
-    with pytest.raises(generator.ConfigError):
-        generator.validate_container_image(image)
+    with pytest.raises(ConfigError):
+        validate_container_image(image)
     assert generate(tmp_path / "bad", sample_dir, "--container-image", image) == 2
     assert "--container-image" in capsys.readouterr().err
 

@@ -1,9 +1,74 @@
-"""Argument groups and checks shared by several bin/ jobs, defined once."""
+"""The job runner every bin/ script ends with, and the argument groups several jobs share.
+
+A bin/ script is ``get_args_parser()`` plus ``main(args) -> int`` (the job's flow, read
+top to bottom), and ends with ``sys.exit(run_job(main, get_args_parser()))``. The runner
+parses the flags, prints the resolved arguments as the job's first line and runs main:
+
+- exit 0: main returned 0;
+- exit 2: bad input or arguments: argparse's own exit on a bad flag, a
+  utils.errors.InputError, or an OSError (missing, unreadable, wrong kind of file);
+  stderr gets one line ``<job>: error: <file>: <problem>``, never a traceback;
+- exit 1: anything else is a bug: the same one line, then the traceback.
+
+Standard output: ``<job>: args: {...}`` (JSON, keys sorted, paths as strings) first.
+"""
 
 from __future__ import annotations
 
+import inspect
+import json
+import sys
+import traceback
 from pathlib import Path
 
+from . import defaults as D
+from .errors import InputError
+
+EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def values_line(job: str, label: str, values: dict) -> str:
+    """``<job>: <label>: {...}``: one line of JSON, keys sorted, paths and other objects as strings."""
+    return f"{job}: {label}: {json.dumps(values, sort_keys=True, default=str)}"
+
+
+def print_values(job: str, label: str, values: dict) -> None:
+    print(values_line(job, label, values), flush=True)
+
+
+def error_message(error: BaseException) -> str:
+    """The error in one line, the file first when known: ``<file>: <problem>``."""
+    if isinstance(error, OSError) and error.filename is not None:
+        message = f"{error.filename}: {error.strerror or error}"
+    else:
+        message = str(error) or type(error).__name__
+        file = getattr(error, "file", None)
+        if file and not message.startswith(str(file)):
+            message = f"{file}: {message}"
+    return "; ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
+def run_job(main, parser, argv=None, job: str | None = None) -> int:
+    """Parse *argv* (default: sys.argv), print the args line, run ``main(args)``; return the exit code.
+
+    *job* names the job in every line (default: the file name of *main*'s script, e.g. "train").
+    """
+    job = job or Path(inspect.getfile(main)).stem
+    args = parser.parse_args(argv)
+    print_values(job, "args", vars(args))
+    try:
+        return main(args)
+    except (InputError, OSError) as error:
+        print(f"{job}: error: {error_message(error)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as error:  # a bug: what a developer needs is the traceback
+        print(f"{job}: error: unexpected {type(error).__name__}: {error_message(error)} (a bug; traceback follows)",
+              file=sys.stderr)
+        traceback.print_exc()
+        return EXIT_BUG
+
+
+# ----------------------------------------------------------------------------- shared argument groups
 
 def add_set_input_args(parser, split_example: str) -> None:
     """--images/--annotations/--split-csv/--split of the jobs that read one set of VOC pairs."""
@@ -19,7 +84,8 @@ def add_set_input_args(parser, split_example: str) -> None:
 
 def add_set_output_args(parser, report_contents: str) -> None:
     """--quality, --output-dir | --output-tar, --report, --no-progress of the jobs that write a set."""
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality 1-100 (default: 95)")
+    parser.add_argument("--quality", type=int, default=D.JPEG_QUALITY,
+                        help=f"JPEG quality 1-100 (default: {D.JPEG_QUALITY})")
     output = parser.add_mutually_exclusive_group(required=True)
     output.add_argument("--output-dir", type=Path, default=None, help="folder to write the pairs into")
     output.add_argument("--output-tar", type=Path, default=None, help="flat .tar to pack the pairs into")
@@ -28,29 +94,28 @@ def add_set_output_args(parser, report_contents: str) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
 
 
-def set_args_problem(args) -> str | None:
-    """The one-line problem with the set flags, or None when they are usable."""
+def check_set_args(args) -> None:
+    """Raise InputError naming the flag when the set flags cannot be used."""
     if args.split and not args.split_csv:
-        return "--split needs --split-csv"
+        raise InputError("--split needs --split-csv")
     if not 1 <= args.quality <= 100:
-        return f"--quality must be 1-100, got {args.quality}"
-    return None
+        raise InputError(f"--quality must be 1-100, got {args.quality}")
 
 
 def add_model_run_args(parser) -> None:
     """--batch-size, --workers, --device of the jobs that run a trained model over images."""
-    parser.add_argument("--batch-size", type=int, default=4, help="images per model call (default: 4)")
-    parser.add_argument("--workers", type=int, default=-1,
+    parser.add_argument("--batch-size", type=int, default=D.INFERENCE_BATCH_SIZE,
+                        help=f"images per model call (default: {D.INFERENCE_BATCH_SIZE})")
+    parser.add_argument("--workers", type=int, default=D.DECODE_WORKERS,
                         help="image decoding processes; -1 picks a share of the CPUs, 0 decodes in the main "
-                             "process (default: -1)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="where the model runs; auto uses CUDA when available (default: auto)")
+                             f"process (default: {D.DECODE_WORKERS})")
+    parser.add_argument("--device", default=D.DEVICE, choices=("auto", "cpu", "cuda"),
+                        help=f"where the model runs; auto uses CUDA when available (default: {D.DEVICE})")
 
 
-def model_run_args_problem(args) -> str | None:
-    """The one-line problem with --score-threshold/--batch-size, or None when they are usable."""
+def check_model_run_args(args) -> None:
+    """Raise InputError naming the flag when --score-threshold or --batch-size cannot be used."""
     if not 0.0 <= args.score_threshold <= 1.0:
-        return f"--score-threshold must be between 0 and 1, got {args.score_threshold}"
+        raise InputError(f"--score-threshold must be between 0 and 1, got {args.score_threshold}")
     if args.batch_size < 1:
-        return f"--batch-size must be at least 1, got {args.batch_size}"
-    return None
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")

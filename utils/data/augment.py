@@ -27,7 +27,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
+from .. import defaults as D
 from ..classes import LABEL_OF, NAME_OF, RARE_CLASS
+from ..errors import InputError
 from .preprocess import (JobLog, NothingProcessedError, boxes_of, default_report_path, finish_report, load_pair,
                          objects_from, open_inputs, output_folder, write_pair)
 from .voc import VocAnnotation
@@ -37,7 +39,7 @@ ATTEMPTS_PER_COPY = 5
 ZOOM_OUT_FILL = (124, 116, 104)
 
 
-def build_transform(noise_std: float = 8.0, flip_p: float = 0.5, zoom_out_p: float = 0.3, crop_p: float = 0.4,
+def build_transform(noise_std: float = D.NOISE_STD, flip_p: float = 0.5, zoom_out_p: float = 0.3, crop_p: float = 0.4,
                     colour_p: float = 0.8) -> T.Compose:
     """The per-copy pipeline over (tv_tensors.Image uint8, {"boxes", "labels"}).
 
@@ -100,14 +102,15 @@ def torch_threads(count: int):
         torch.set_num_threads(previous)
 
 
-def augment_set(images, annotations, copies: int, rare_factor: int = 0, noise_std: float = 8.0, seed: int = 0,
-                output_dir=None, output_tar=None, split_csv=None, split=None, quality: int = 95, report=None,
+def augment_set(images, annotations, copies: int, rare_factor: int = 0, noise_std: float = D.NOISE_STD,
+                seed: int = D.SEED, output_dir=None, output_tar=None, split_csv=None, split=None,
+                quality: int = D.JPEG_QUALITY, report=None,
                 progress: bool = True, original_prefix: str = "train_") -> dict:
     """Write originals and augmented copies of one set; return the report (also written to *report*)."""
     if copies < 0 or rare_factor < 0:
-        raise ValueError(f"--copies and --rare-factor must not be negative, got {copies} and {rare_factor}")
+        raise InputError(f"--copies and --rare-factor must not be negative, got {copies} and {rare_factor}")
     if noise_std < 0:
-        raise ValueError(f"--noise-std must not be negative, got {noise_std}")
+        raise InputError(f"--noise-std must not be negative, got {noise_std}")
     started = time.perf_counter()
     report = Path(report) if report else default_report_path(output_dir, output_tar)
     params = {"images": images, "annotations": annotations, "split_csv": split_csv, "split": split,
@@ -159,5 +162,6 @@ def augment_set(images, annotations, copies: int, rare_factor: int = 0, noise_st
                         log.extra["rare_extra_copies"] += 1
             if log.processed == 0:
                 finish_report(log, "augment", params, used_inputs, report, started)
-                raise NothingProcessedError(f"no image could be processed ({len(log.skipped)} skipped; see {report})")
+                raise NothingProcessedError(f"{images}: no image could be processed "
+                                            f"({len(log.skipped)} skipped; see {report})")
         return finish_report(log, "augment", params, used_inputs, report, started)

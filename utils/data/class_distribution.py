@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from ..atomic import atomic_path, write_text  # noqa: E402
 from ..classes import CLASS_COLOURS, CLASSES  # noqa: E402
-from .pairs import read_pairs_csv  # noqa: E402
+from .pairs import read_csv_rows, read_pairs_csv  # noqa: E402
 from .split import SPLITS  # noqa: E402
 from .voc import VocError, parse_voc  # noqa: E402
 
@@ -28,11 +28,7 @@ def count_objects(split_csv, images_dir=None, annotations_dir=None, classes=CLAS
     counts = {split: {"images": 0, "objects": dict.fromkeys(classes, 0), "images_with": dict.fromkeys(classes, 0)}
               for split in SPLITS}
     problems = []
-    with open(split_csv, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if "split" not in (reader.fieldnames or []):
-            raise ValueError(f"{split_csv}: no 'split' column (columns: {', '.join(reader.fieldnames or [])})")
-        split_names = [row["split"] for row in reader]
+    split_names = [row["split"] for row in read_csv_rows(split_csv, required=("image", "annotation", "split"))]
     # read_pairs_csv keeps the rows' order, so the two lists line up.
     for split, pair in zip(split_names, read_pairs_csv(split_csv, images_dir, annotations_dir)):
         if split not in counts:

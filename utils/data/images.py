@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..errors import InputError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """An image file that cannot be used; str() names the file and the problem."""
 
     def __init__(self, file, problem: str):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..atomic import atomic_path
+from ..errors import InputError
 from .images import is_image_name
 
 
@@ -45,8 +46,11 @@ def open_folder(path):
         return
     if path.is_file() and tarfile.is_tarfile(path):
         with tempfile.TemporaryDirectory(prefix=f"{path.stem}.") as tmp:
-            with tarfile.open(path) as archive:
-                archive.extractall(tmp, filter="data")  # "data" refuses absolute paths and links out
+            try:
+                with tarfile.open(path) as archive:
+                    archive.extractall(tmp, filter="data")  # "data" refuses absolute paths and links out
+            except tarfile.TarError as error:
+                raise InputError(f"{path}: damaged .tar archive ({error})") from None
             yield Path(tmp)
         return
     if not path.exists():
@@ -84,6 +88,21 @@ def pair_folders(images_dir, annotations_dir) -> Pairing:
     return pairing
 
 
+def read_csv_rows(csv_path, required=("image", "annotation")) -> list[dict]:
+    """The rows of a UTF-8 CSV with a header; InputError naming the file when a *required* column is missing."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            columns = reader.fieldnames or []
+            missing = [name for name in required if name not in columns]
+            if missing:
+                raise InputError(f"{csv_path}: no {missing[0]!r} column "
+                                 f"(expected {', '.join(required)}; found {', '.join(columns) or 'none'})")
+            return list(reader)
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise InputError(f"{csv_path}: not a readable UTF-8 CSV ({error})") from None
+
+
 def read_pairs_csv(csv_path, images_dir=None, annotations_dir=None, split: str | None = None) -> list[Pair]:
     """Read pairs from a manifest (image, annotation[, split]) CSV.
 
@@ -92,15 +111,14 @@ def read_pairs_csv(csv_path, images_dir=None, annotations_dir=None, split: str |
     """
     csv_path = Path(csv_path)
     pairs = []
-    with open(csv_path, newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            if split is not None and row.get("split") != split:
-                continue
-            image, annotation = Path(row["image"]), Path(row["annotation"])
-            image = Path(images_dir) / image.name if images_dir else (image if image.is_absolute() else csv_path.parent / image)
-            annotation = (Path(annotations_dir) / annotation.name if annotations_dir
-                          else (annotation if annotation.is_absolute() else csv_path.parent / annotation))
-            pairs.append(Pair(image, annotation))
+    for row in read_csv_rows(csv_path):
+        if split is not None and row.get("split") != split:
+            continue
+        image, annotation = Path(row["image"]), Path(row["annotation"])
+        image = Path(images_dir) / image.name if images_dir else (image if image.is_absolute() else csv_path.parent / image)
+        annotation = (Path(annotations_dir) / annotation.name if annotations_dir
+                      else (annotation if annotation.is_absolute() else csv_path.parent / annotation))
+        pairs.append(Pair(image, annotation))
     return pairs
 
 

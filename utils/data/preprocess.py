@@ -24,7 +24,9 @@ from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 from ..atomic import atomic_path, write_json
+from .. import defaults as D
 from ..classes import CLASSES
+from ..errors import InputError
 from .images import ImageError, load_rgb
 from .pairs import Pair, open_folder, pack_folder, pair_folders, read_pairs_csv
 from ..provenance import run_record
@@ -33,7 +35,7 @@ from .voc import VocAnnotation, VocError, VocObject, clean_objects, parse_voc, w
 FORMATS = {"jpg": "JPEG", "png": "PNG"}
 
 
-class NothingProcessedError(RuntimeError):
+class NothingProcessedError(InputError, RuntimeError):
     """No input could be processed; str() says why in one line."""
 
 
@@ -81,13 +83,7 @@ def open_inputs(images, annotations, split_csv=None, split=None, log: JobLog | N
         same = Path(annotations).resolve() == Path(images).resolve()
         annotations_dir = images_dir if same else stack.enter_context(open_folder(annotations))
         if split_csv is not None:
-            try:
-                rows = read_pairs_csv(split_csv, images_dir=images_dir, annotations_dir=annotations_dir, split=split)
-            except KeyError as exc:
-                raise NothingProcessedError(f"{split_csv}: no {exc.args[0]!r} column "
-                                            "(expected image, annotation, split)") from None
-            except (OSError, UnicodeDecodeError) as exc:
-                raise NothingProcessedError(f"{split_csv}: cannot read ({exc})") from None
+            rows = read_pairs_csv(split_csv, images_dir=images_dir, annotations_dir=annotations_dir, split=split)
             pairs = []
             for pair in rows:
                 missing = [p for p in (pair.image, pair.annotation) if not p.is_file()]
@@ -178,8 +174,8 @@ def default_report_path(output_dir=None, output_tar=None) -> Path:
     return target.with_name(f"{name}.report.json")
 
 
-def write_pair(folder: Path, stem: str, image, ann: VocAnnotation, image_format: str = "jpg",
-               quality: int = 95) -> list[str]:
+def write_pair(folder: Path, stem: str, image, ann: VocAnnotation, image_format: str = D.PREPROCESS_FORMAT,
+               quality: int = D.JPEG_QUALITY) -> list[str]:
     """Write <stem>.<ext> and <stem>.xml atomically into *folder*; return the file names."""
     image_name = f"{stem}.{image_format}"
     with atomic_path(folder / image_name) as tmp:
@@ -214,13 +210,13 @@ def resize_longest_side(image, ann: VocAnnotation, max_size: int | None):
 
 
 def preprocess_set(images, annotations, prefix: str, output_dir=None, output_tar=None, split_csv=None,
-                   split=None, max_size: int | None = None, image_format: str = "jpg", quality: int = 95,
-                   report=None, progress: bool = True) -> dict:
+                   split=None, max_size: int | None = D.PREPROCESS_MAX_SIZE, image_format: str = D.PREPROCESS_FORMAT,
+                   quality: int = D.JPEG_QUALITY, report=None, progress: bool = True) -> dict:
     """Preprocess one set; return the report (also written to *report*). Raises NothingProcessedError."""
     if image_format not in FORMATS:
-        raise ValueError(f"unknown image format {image_format!r} (choose from {', '.join(FORMATS)})")
+        raise InputError(f"unknown image format {image_format!r} (choose from {', '.join(FORMATS)})")
     if max_size is not None and max_size < 16:
-        raise ValueError(f"--max-size must be at least 16 px, got {max_size}")
+        raise InputError(f"--max-size must be at least 16 px, got {max_size}")
     started = time.perf_counter()
     report = Path(report) if report else default_report_path(output_dir, output_tar)
     params = {"images": images, "annotations": annotations, "prefix": prefix, "split_csv": split_csv,
@@ -246,5 +242,6 @@ def preprocess_set(images, annotations, prefix: str, output_dir=None, output_tar
                 used_inputs += [pair.image, pair.annotation]
             if log.processed == 0:
                 finish_report(log, "preprocess", params, used_inputs, report, started)
-                raise NothingProcessedError(f"no image could be processed ({len(log.skipped)} skipped; see {report})")
+                raise NothingProcessedError(f"{images}: no image could be processed "
+                                            f"({len(log.skipped)} skipped; see {report})")
         return finish_report(log, "preprocess", params, used_inputs, report, started)

@@ -31,7 +31,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from .. import defaults as D
 from ..classes import CLASSES
+from ..errors import InputError
 from .voc import VocAnnotation, VocObject, write_voc
 
 # Class mix per face: with_mask, without_mask, mask_weared_incorrect. The real data is
@@ -270,7 +272,8 @@ def _overlaps_too_much(box, placed) -> bool:
     return False
 
 
-def render_sample(rng: np.random.Generator, image_size=(320, 240), min_faces: int = 1, max_faces: int = 6):
+def render_sample(rng: np.random.Generator, image_size=D.SAMPLE_IMAGE_SIZE, min_faces: int = D.SAMPLE_FACES[0],
+                  max_faces: int = D.SAMPLE_FACES[1]):
     """Draw one image; return (PIL RGB image, list of VocObject)."""
     width, height = image_size
     scale = min(width / REFERENCE_SIZE[0], height / REFERENCE_SIZE[1])
@@ -318,8 +321,9 @@ def render_sample(rng: np.random.Generator, image_size=(320, 240), min_faces: in
     return image, objects
 
 
-def make_sample_dataset(out_dir, num_images: int, seed: int, image_size=(320, 240), min_faces: int = 1,
-                        max_faces: int = 6, prefix: str = "sample_") -> dict:
+def make_sample_dataset(out_dir, num_images: int, seed: int = D.SEED, image_size=D.SAMPLE_IMAGE_SIZE,
+                        min_faces: int = D.SAMPLE_FACES[0], max_faces: int = D.SAMPLE_FACES[1],
+                        prefix: str = "sample_") -> dict:
     """Write *num_images* synthetic images and VOC files under out_dir/images and out_dir/annotations.
 
     Files are drawn into a hidden temporary folder inside *out_dir* and moved into place
@@ -330,12 +334,12 @@ def make_sample_dataset(out_dir, num_images: int, seed: int, image_size=(320, 24
     per class, folders.
     """
     if num_images < 1:
-        raise ValueError(f"num_images must be at least 1, got {num_images}")
+        raise InputError(f"num_images must be at least 1, got {num_images}")
     if not 1 <= min_faces <= max_faces:
-        raise ValueError(f"need 1 <= min_faces <= max_faces, got {min_faces} and {max_faces}")
+        raise InputError(f"need 1 <= min_faces <= max_faces, got {min_faces} and {max_faces}")
     width, height = (int(v) for v in image_size)
     if width < 32 or height < 32:
-        raise ValueError(f"image size {width}x{height} is too small (minimum 32x32)")
+        raise InputError(f"image size {width}x{height} is too small (minimum 32x32)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = Counter({name: 0 for name in CLASSES})

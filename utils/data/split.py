@@ -16,19 +16,21 @@ unit into any split left empty (only possible with large duplicate groups).
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections import Counter
 from pathlib import Path
 
+from .. import defaults as D
 from ..classes import RARE_CLASS
+from ..errors import InputError
 from .voc import parse_voc
 
 SPLITS = ("train", "val", "test")
-DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
 
 
-class SplitError(ValueError):
+class SplitError(InputError):
     """Split parameters or inputs that cannot be used; str() says why."""
 
 
@@ -106,12 +108,24 @@ def _units(pairs, duplicate_groups):
     return list(units.values())
 
 
+def read_duplicate_groups(report_path) -> list[list[str]]:
+    """The duplicate_groups of a validation_report.json (lists of image file names)."""
+    try:
+        report = json.loads(Path(report_path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SplitError(f"{report_path}: not a JSON validation report ({error})") from None
+    groups = report.get("duplicate_groups", []) if isinstance(report, dict) else None
+    if not isinstance(groups, list):
+        raise SplitError(f"{report_path}: duplicate_groups must be a list of lists of image names")
+    return groups
+
+
 def image_classes(pairs) -> dict[str, set[str]]:
     """Class names present in each pair's annotation, by image file name (VocError if unreadable)."""
     return {pair.image.name: {obj.name for obj in parse_voc(pair.annotation).objects} for pair in pairs}
 
 
-def split_pairs(pairs, duplicate_groups=(), fractions=DEFAULT_FRACTIONS, seed: int = 42,
+def split_pairs(pairs, duplicate_groups=(), fractions=D.SPLIT_FRACTIONS, seed: int = D.SEED,
                 classes_of: dict[str, set[str]] | None = None, rare_class: str = RARE_CLASS) -> list[dict]:
     """Rows {image, annotation, split} for *pairs*, in input order.
 

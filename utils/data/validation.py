@@ -45,7 +45,9 @@ import numpy as np
 from tqdm import tqdm
 
 from ..atomic import write_json
+from .. import defaults as D
 from ..classes import CLASSES
+from ..errors import InputError
 from .images import ImageError, is_image_name, load_rgb
 from .pairs import Pair, pair_folders, write_pairs_csv
 from .voc import CLIP_TOLERANCE_PX, VocAnnotation, VocError, clean_objects, parse_voc, write_voc
@@ -71,7 +73,7 @@ REPORT_NAME = "validation_report.json"
 MANIFEST_NAME = "clean_manifest.csv"
 
 
-class ValidationInputError(ValueError):
+class ValidationInputError(InputError):
     """The inputs cannot be validated at all (missing folder); str() says which and why."""
 
 
@@ -161,7 +163,8 @@ def _check_folder(path, role: str) -> Path:
     return path
 
 
-def validate_dataset(images_dir, annotations_dir, near_duplicate_distance: int = 4, known_classes=CLASSES,
+def validate_dataset(images_dir, annotations_dir, near_duplicate_distance: int = D.NEAR_DUPLICATE_DISTANCE,
+                     known_classes=CLASSES,
                      tolerance: float = CLIP_TOLERANCE_PX, workers: int | None = None,
                      progress: bool | None = None) -> ValidationResult:
     """Validate the VOC pairs of *images_dir* / *annotations_dir* (may be the same folder).

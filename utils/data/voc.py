@@ -14,13 +14,14 @@ from pathlib import Path
 from lxml import etree
 
 from ..atomic import write_bytes
+from ..errors import InputError
 
 # Boxes that overshoot the image by at most this many pixels are clipped (annotation
 # tools commonly round outwards); beyond it the object is dropped and reported.
 CLIP_TOLERANCE_PX = 2.0
 
 
-class VocError(ValueError):
+class VocError(InputError):
     """An annotation file that cannot be used; str() names the file and the problem."""
 
     def __init__(self, file, problem: str):

@@ -29,16 +29,21 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_path
+from ..errors import InputError
 
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(InputError, RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """A checkpoint cannot be read or does not fit the run."""
+
+
+class DeviceError(InputError, RuntimeError):
+    """The --device asked for is unknown or not available here."""
 
 
 # ----------------------------------------------------------------------------- devices, seeds, batches
@@ -47,9 +52,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but no CUDA device is available")
+        raise DeviceError("--device cuda was asked for but no CUDA device is available")
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise ValueError(f"unknown device {name!r}: use auto, cpu or cuda")
+        raise DeviceError(f"unknown device {name!r}: use auto, cpu or cuda")
     return torch.device(name)
 
 
@@ -92,7 +97,7 @@ def build_optimizer(model: nn.Module, name: str = "sgd", lr: float = 0.01, momen
     if name == "adamw":
         # momentum plays beta1 so that one search space serves both optimizers
         return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
-    raise ValueError(f"unknown optimizer {name!r}: use sgd or adamw")
+    raise InputError(f"unknown optimizer {name!r}: use sgd or adamw")
 
 
 def lr_factor(iteration: int, total_iters: int, warmup_iters: int, schedule: str = "cosine",
@@ -110,7 +115,7 @@ def lr_factor(iteration: int, total_iters: int, warmup_iters: int, schedule: str
     if schedule == "step":
         passed = sum(iteration >= int(step * total_iters) for step in steps)
         return gamma ** passed
-    raise ValueError(f"unknown learning-rate schedule {schedule!r}: use cosine or step")
+    raise InputError(f"unknown learning-rate schedule {schedule!r}: use cosine or step")
 
 
 def build_scheduler(optimizer, total_iters: int, warmup_iters: int = 100, schedule: str = "cosine",

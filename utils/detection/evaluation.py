@@ -25,11 +25,12 @@ from .metrics import compute_coco, detection_confusion_matrix, pr_curves
 from ..data.pairs import pair_folders
 from .plots import plot_confusion_matrix, plot_pr_curves
 from ..data.voc import VocError, clean_objects, parse_voc
+from ..errors import InputError
 
 CONFUSION_IOU = 0.5
 
 
-class EvaluationInputError(ValueError):
+class EvaluationInputError(InputError):
     """The labelled set cannot be evaluated; the message says why."""
 
 
@@ -45,7 +46,8 @@ def labelled_pairs(images_dir, annotations_dir):
     skipped = [{"file": str(p), "reason": "image without annotation"} for p in pairing.images_without_annotation]
     skipped += [{"file": str(p), "reason": "annotation without image"} for p in pairing.annotations_without_image]
     if not pairing.pairs:
-        raise EvaluationInputError(f"no image/annotation pairs found in {images_dir} and {annotations_dir}")
+        where = "" if Path(annotations_dir) == Path(images_dir) else f" (annotations: {annotations_dir})"
+        raise EvaluationInputError(f"{images_dir}: no image/annotation pairs found{where}")
     return pairing.pairs, skipped
 
 

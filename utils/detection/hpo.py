@@ -34,6 +34,8 @@ from optuna.distributions import FloatDistribution, IntDistribution, Categorical
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
+from .. import defaults as D
+from ..errors import InputError
 from .engine import NonFiniteLossError
 from .training import Trainer, TrainParams, open_pairs
 
@@ -47,21 +49,21 @@ OBJECTIVES = {
 }
 
 
-class HpoError(ValueError):
+class HpoError(InputError):
     """Bad HPO input: no data, a worker index out of range, an undefined objective."""
 
 
 @dataclass
 class SearchSpace:
-    lr_min: float = 1e-3
-    lr_max: float = 5e-2
-    momentum_min: float = 0.8
-    momentum_max: float = 0.95
-    weight_decay_min: float = 1e-5
-    weight_decay_max: float = 1e-3
-    trainable_layers_min: int = 1
-    trainable_layers_max: int = 5
-    batch_sizes: tuple[int, ...] = (4,)
+    lr_min: float = D.HPO_LR_RANGE[0]
+    lr_max: float = D.HPO_LR_RANGE[1]
+    momentum_min: float = D.HPO_MOMENTUM_RANGE[0]
+    momentum_max: float = D.HPO_MOMENTUM_RANGE[1]
+    weight_decay_min: float = D.HPO_WEIGHT_DECAY_RANGE[0]
+    weight_decay_max: float = D.HPO_WEIGHT_DECAY_RANGE[1]
+    trainable_layers_min: int = D.HPO_TRAINABLE_LAYERS_RANGE[0]
+    trainable_layers_max: int = D.HPO_TRAINABLE_LAYERS_RANGE[1]
+    batch_sizes: tuple[int, ...] = D.HPO_BATCH_SIZES
 
     def for_worker(self, worker_index: int, num_workers: int) -> "SearchSpace":
         """This worker's disjoint slice of the log learning-rate range."""
@@ -110,8 +112,8 @@ def fitness(summary: dict, objective: str = "fitness") -> float:
 
 # ----------------------------------------------------------------------------- study handling
 
-def open_study(journal, study_name: str, seed: int, pruner_startup_trials: int = 2,
-               pruner_warmup_epochs: int = 0) -> tuple[optuna.Study, JournalStorage]:
+def open_study(journal, study_name: str, seed: int, pruner_startup_trials: int = D.HPO_PRUNER_STARTUP_TRIALS,
+               pruner_warmup_epochs: int = D.HPO_PRUNER_WARMUP_EPOCHS) -> tuple[optuna.Study, JournalStorage]:
     journal = Path(journal)
     journal.parent.mkdir(parents=True, exist_ok=True)
     storage = JournalStorage(JournalFileBackend(str(journal)))
@@ -157,16 +159,16 @@ def trial_records(study: optuna.Study) -> list[dict]:
 
 @dataclass
 class HpoConfig:
-    epochs: int = 3
-    image_size: int = 512
-    backbone: str = "mobilenet_v2_fpn"
-    weights: str = "imagenet"
+    epochs: int = D.HPO_EPOCHS
+    image_size: int = D.IMAGE_SIZE
+    backbone: str = D.BACKBONE
+    weights: str = D.WEIGHTS
     weights_file: str | None = None
-    optimizer: str = "sgd"
-    workers: int = -1  # -1: utils.detection.training.auto_workers
-    warmup_iters: int = 50
-    objective: str = "fitness"
-    seed: int = 0
+    optimizer: str = D.OPTIMIZER
+    workers: int = D.LOADER_WORKERS  # -1: utils.detection.training.auto_workers
+    warmup_iters: int = D.HPO_WARMUP_ITERS
+    objective: str = D.HPO_OBJECTIVE
+    seed: int = D.SEED
 
 
 def make_objective(config: HpoConfig, space: SearchSpace, train_pairs, val_pairs, device):
@@ -206,8 +208,9 @@ def make_objective(config: HpoConfig, space: SearchSpace, train_pairs, val_pairs
 
 def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotations, val_images, val_annotations,
               journal, n_trials: int, device, study_name: str | None = None, worker_index: int = 0,
-              num_workers: int = 1, timeout: float | None = None, pruner_startup_trials: int = 2,
-              pruner_warmup_epochs: int = 0) -> dict:
+              num_workers: int = D.HPO_NUM_WORKERS, timeout: float | None = None,
+              pruner_startup_trials: int = D.HPO_PRUNER_STARTUP_TRIALS,
+              pruner_warmup_epochs: int = D.HPO_PRUNER_WARMUP_EPOCHS) -> dict:
     """Run (or continue) this worker's study until it holds *n_trials* finished trials; returns best.json's dict."""
     if config.objective not in OBJECTIVES:
         raise HpoError(f"unknown objective {config.objective!r}: use {' or '.join(OBJECTIVES)}")
@@ -273,7 +276,7 @@ def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotat
 
 # ----------------------------------------------------------------------------- merging workers
 
-def _parse_distribution(text: str):
+def parse_distribution(text: str):
     """Back from SearchSpace.describe()'s repr strings to Optuna distributions."""
     namespace = {"FloatDistribution": FloatDistribution, "IntDistribution": IntDistribution,
                  "CategoricalDistribution": CategoricalDistribution}
@@ -357,101 +360,3 @@ def merged_text(merged: dict) -> str:
                      f"{counts.get('complete', 0)} complete, {counts.get('pruned', 0)} pruned, "
                      f"{counts.get('fail', 0)} failed ({worker['file']})")
     return "\n".join(lines) + "\n"
-
-
-def _frozen_trials(records: list[dict], distributions: dict) -> list:
-    trials = []
-    for record in records:
-        state = TrialState[record["state"]]
-        if state not in FINISHED or not set(record["params"]) <= set(distributions):
-            continue
-        if state == TrialState.COMPLETE and record.get("value") is None:
-            continue
-        trials.append(optuna.trial.create_trial(
-            state=state, value=record.get("value") if state == TrialState.COMPLETE else None,
-            params=record["params"], distributions={k: distributions[k] for k in record["params"]},
-            intermediate_values={int(k): v for k, v in (record.get("intermediate_values") or {}).items()},
-            user_attrs=record.get("user_attrs") or {}))
-    return trials
-
-
-def _note_figure(path, title: str, note: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..atomic import atomic_path
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.axis("off")
-    ax.set_title(title)
-    ax.text(0.5, 0.5, note, ha="center", va="center", wrap=True, fontsize=11)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-
-
-def _save_axes(ax, path) -> None:
-    import matplotlib.pyplot as plt
-
-    from ..atomic import atomic_path
-
-    fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-    fig.set_size_inches(8, 5)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-
-
-def write_plots(results: list[dict], plots_dir, journals=()) -> dict:
-    """optimization_history.png (one line per worker) and param_importances.png (all workers' trials together)."""
-    import warnings
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from optuna.visualization import matplotlib as ovm
-
-    plots_dir = Path(plots_dir)
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    per_worker = [journal_trials(j) for j in journals] if journals else [r.get("trials", []) for r in results]
-    # Every worker searched a slice of one space: give all trials the full space so that they combine.
-    full_space = {}
-    for result in results:
-        for name, text in (result.get("full_search_space") or result.get("search_space") or {}).items():
-            full_space.setdefault(name, _parse_distribution(text))
-    direction = optuna.study.StudyDirection.MAXIMIZE
-    studies, combined = [], optuna.create_study(direction=direction, study_name="all workers")
-    for index, records in enumerate(per_worker):
-        trials = _frozen_trials(records, full_space)
-        worker = optuna.create_study(direction=direction, study_name=f"worker {index}")
-        worker.add_trials(trials)
-        combined.add_trials(trials)
-        studies.append(worker)
-    notes = {}
-    history_path = plots_dir / "optimization_history.png"
-    importance_path = plots_dir / "param_importances.png"
-    completed = combined.get_trials(states=(TrialState.COMPLETE,))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if completed:
-            _save_axes(ovm.plot_optimization_history(studies if len(studies) > 1 else studies[0]), history_path)
-        else:
-            notes["optimization_history"] = "no completed trial"
-            _note_figure(history_path, "Optimization history", "No completed trial to plot.")
-        varying = [name for name in full_space if len({t.params.get(name) for t in completed}) > 1]
-        if len(completed) >= 2 and varying:
-            try:
-                _save_axes(ovm.plot_param_importances(combined), importance_path)
-            except (ValueError, RuntimeError) as error:
-                notes["param_importances"] = f"importance evaluation failed: {error}"
-        else:
-            notes["param_importances"] = (f"{len(completed)} completed trial(s) with "
-                                          f"{'varying' if varying else 'identical'} parameters: "
-                                          "importance needs at least 2 completed trials that differ")
-        if "param_importances" in notes:
-            _note_figure(importance_path, "Hyperparameter importances",
-                         f"Not computed: {notes['param_importances']}.")
-    return notes

@@ -41,12 +41,12 @@ import torch
 from torch import nn
 from torchvision.models import detection
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FeaturePyramidNetwork, misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..atomic import atomic_path
 from ..classes import CLASSES, LABEL_OF, NUM_CLASSES
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ FACE_ASPECT_RATIOS = (0.75, 1.0, 1.33)  # height / width: faces are a little tal
 DOWNLOAD_TIMEOUT_S = 20
 
 
-class ModelError(Exception):
+class ModelError(InputError):
     """A model cannot be built or loaded; the message names the file and the problem."""
 
 

@@ -1,6 +1,9 @@
-"""Figures of the evaluate and predict jobs: confusion matrix, PR curves, annotated images."""
+"""Figures of the evaluate, predict and hpo_merge jobs: confusion matrix, PR curves, annotated images,
+the optimisation history and hyperparameter importances."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import matplotlib
 
@@ -96,3 +99,97 @@ def save_annotated(image: Image.Image, boxes, labels, scores, path, quality: int
     annotated = draw_detections(image, boxes, labels, scores)
     with atomic_path(path) as tmp:
         annotated.save(tmp, format="JPEG", quality=quality)
+
+
+# ----------------------------------------------------------------------------- HPO (the hpo_merge job)
+
+def _frozen_trials(records: list[dict], distributions: dict) -> list:
+    import optuna
+    from optuna.trial import TrialState
+
+    from .hpo import FINISHED
+
+    trials = []
+    for record in records:
+        state = TrialState[record["state"]]
+        if state not in FINISHED or not set(record["params"]) <= set(distributions):
+            continue
+        if state == TrialState.COMPLETE and record.get("value") is None:
+            continue
+        trials.append(optuna.trial.create_trial(
+            state=state, value=record.get("value") if state == TrialState.COMPLETE else None,
+            params=record["params"], distributions={k: distributions[k] for k in record["params"]},
+            intermediate_values={int(k): v for k, v in (record.get("intermediate_values") or {}).items()},
+            user_attrs=record.get("user_attrs") or {}))
+    return trials
+
+
+def _note_figure(path, title: str, note: str) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.axis("off")
+    ax.set_title(title)
+    ax.text(0.5, 0.5, note, ha="center", va="center", wrap=True, fontsize=11)
+    _save(fig, path)
+
+
+def _save_axes(ax, path) -> None:
+    fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+    fig.set_size_inches(8, 5)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def write_hpo_plots(results: list[dict], plots_dir, journals=()) -> dict:
+    """optimization_history.png (one line per worker) and param_importances.png (all workers' trials together).
+
+    Returns notes {plot: why it shows a note instead} for the plots that could not be drawn.
+    """
+    import warnings
+
+    import optuna
+    from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as ovm
+
+    from .hpo import journal_trials, parse_distribution
+
+    plots_dir = Path(plots_dir)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    per_worker = [journal_trials(j) for j in journals] if journals else [r.get("trials", []) for r in results]
+    # Every worker searched a slice of one space: give all trials the full space so that they combine.
+    full_space = {}
+    for result in results:
+        for name, text in (result.get("full_search_space") or result.get("search_space") or {}).items():
+            full_space.setdefault(name, parse_distribution(text))
+    direction = optuna.study.StudyDirection.MAXIMIZE
+    studies, combined = [], optuna.create_study(direction=direction, study_name="all workers")
+    for index, records in enumerate(per_worker):
+        trials = _frozen_trials(records, full_space)
+        worker = optuna.create_study(direction=direction, study_name=f"worker {index}")
+        worker.add_trials(trials)
+        combined.add_trials(trials)
+        studies.append(worker)
+    notes = {}
+    history_path = plots_dir / "optimization_history.png"
+    importance_path = plots_dir / "param_importances.png"
+    completed = combined.get_trials(states=(TrialState.COMPLETE,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if completed:
+            _save_axes(ovm.plot_optimization_history(studies if len(studies) > 1 else studies[0]), history_path)
+        else:
+            notes["optimization_history"] = "no completed trial"
+            _note_figure(history_path, "Optimization history", "No completed trial to plot.")
+        varying = [name for name in full_space if len({t.params.get(name) for t in completed}) > 1]
+        if len(completed) >= 2 and varying:
+            try:
+                _save_axes(ovm.plot_param_importances(combined), importance_path)
+            except (ValueError, RuntimeError) as error:
+                notes["param_importances"] = f"importance evaluation failed: {error}"
+        else:
+            notes["param_importances"] = (f"{len(completed)} completed trial(s) with "
+                                          f"{'varying' if varying else 'identical'} parameters: "
+                                          "importance needs at least 2 completed trials that differ")
+        if "param_importances" in notes:
+            _note_figure(importance_path, "Hyperparameter importances",
+                         f"Not computed: {notes['param_importances']}.")
+    return notes

@@ -1,7 +1,7 @@
-"""The training job: folders of VOC pairs in, a self-describing model file out.
+"""Training: hyperparameters, the data helpers, the Trainer, and the metrics CSV and loss plot.
 
-Used by bin/train.py (whole runs, resumable from a checkpoint) and by the HPO
-objective (one short run per trial, reporting after every epoch).
+bin/train.py runs the job over these (whole runs, resumable from a checkpoint); the
+HPO objective runs one short Trainer per trial, reporting after every epoch.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .. import defaults as D
 from ..atomic import write_text
 from ..data.dataset import VocDetectionDataset, collate
 from .engine import (build_optimizer, build_scheduler, evaluate_loss, load_checkpoint, make_grad_scaler,
@@ -26,36 +27,49 @@ from ..data.images import ImageError, image_size
 from .model import build_model, freeze_backbone, set_trainable_layers
 from ..data.pairs import open_folder, pair_folders
 from ..data.voc import VocError, parse_voc
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainParams:
-    """Every hyperparameter of a training run (what --params files and HPO trials set)."""
+    """Every hyperparameter of a training run (what --params files and HPO trials set); defaults: utils.defaults."""
 
-    backbone: str = "mobilenet_v2_fpn"
-    weights: str = "imagenet"
+    backbone: str = D.BACKBONE
+    weights: str = D.WEIGHTS
     weights_file: str | None = None
-    image_size: int = 512
-    epochs: int = 10
-    batch_size: int = 4
-    workers: int = -1  # -1: auto_workers(device)
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_schedule: str = "cosine"
-    warmup_iters: int = 100
-    clip_grad: float = 10.0
-    trainable_layers: int = 3
-    freeze_backbone_epochs: int = 0
-    hflip: float = 0.5
-    amp: bool = True
-    seed: int = 0
+    image_size: int = D.IMAGE_SIZE
+    epochs: int = D.EPOCHS
+    batch_size: int = D.BATCH_SIZE
+    workers: int = D.LOADER_WORKERS  # -1: auto_workers(device)
+    optimizer: str = D.OPTIMIZER
+    lr: float = D.LR
+    momentum: float = D.MOMENTUM
+    weight_decay: float = D.WEIGHT_DECAY
+    lr_schedule: str = D.LR_SCHEDULE
+    warmup_iters: int = D.WARMUP_ITERS
+    clip_grad: float = D.CLIP_GRAD
+    trainable_layers: int = D.TRAINABLE_LAYERS
+    freeze_backbone_epochs: int = D.FREEZE_BACKBONE_EPOCHS
+    hflip: float = D.HFLIP
+    amp: bool = D.AMP
+    seed: int = D.SEED
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def resolve_params(flag_values: dict, params_file_values: dict) -> TrainParams:
+    """Flags win over the params file, which wins over TrainParams' defaults.
+
+    A flag value of None means "not given"; keys that are no TrainParams field are
+    ignored, so *flag_values* may be ``vars(args)``.
+    """
+    values = TrainParams().to_dict()
+    values.update(params_file_values)
+    values.update({key: value for key, value in flag_values.items() if key in values and value is not None})
+    return TrainParams(**values)
 
 
 # Keys a --params file (best_hpo_params.json) may set.
@@ -78,7 +92,7 @@ def auto_workers(device) -> int:
     return max(1, min(4, cpus // 2))
 
 
-class TrainingDataError(ValueError):
+class TrainingDataError(InputError):
     """No usable training data, or an unreadable params file."""
 
 
@@ -102,7 +116,10 @@ def read_params_file(path) -> dict:
             ignored.append(key)
             continue
         kind = types[key]
-        params[key] = int(value) if "int" in kind else float(value) if "float" in kind else value
+        try:
+            params[key] = int(value) if "int" in kind else float(value) if "float" in kind else value
+        except (TypeError, ValueError):
+            raise TrainingDataError(f"{path}: {key} must be a number, got {value!r}") from None
     if ignored:
         log.info("%s: ignoring keys %s", path, ", ".join(sorted(ignored)))
     return params
@@ -307,111 +324,3 @@ def plot_loss_curve(path, history: list[dict], title: str = "Training loss") -> 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
-
-
-# ----------------------------------------------------------------------------- the job
-
-def resolve_params(args, params_file_values: dict) -> TrainParams:
-    """Command-line flags win over the --params file, which wins over TrainParams' defaults."""
-    values = TrainParams().to_dict()
-    values.update(params_file_values)
-    for key in values:
-        flag_value = getattr(args, key, None)
-        if flag_value is not None:
-            values[key] = flag_value
-    return TrainParams(**values)
-
-
-def _output_paths(args) -> dict:
-    output = Path(args.output)
-    folder = output.parent
-    return {
-        "output": output,
-        "checkpoint": Path(args.checkpoint),
-        "metrics_csv": Path(args.metrics_csv) if args.metrics_csv else folder / "training_metrics.csv",
-        "loss_plot": Path(args.loss_plot) if args.loss_plot else folder / "loss_curve.png",
-        "run_record": Path(args.run_record) if args.run_record else folder / f"{output.stem}_run.json",
-    }
-
-
-def train_job(args, device) -> dict:
-    """Run bin/train.py's job; returns a summary dict. Errors are raised with one-line messages."""
-    from .model import save_model_file
-    from ..provenance import inputs_sha256, package_versions, write_run_record
-
-    params_file_values = read_params_file(args.params) if args.params else {}
-    params = resolve_params(args, params_file_values)
-    paths = _output_paths(args)
-    if params.epochs < 1:
-        raise TrainingDataError(f"--epochs must be at least 1, got {params.epochs}")
-    if args.val_mode not in ("merge", "monitor"):
-        raise TrainingDataError(f"unknown --val-mode {args.val_mode!r}: use merge or monitor")
-    has_val = bool(args.val_images)
-    if has_val and not args.val_annotations:
-        raise TrainingDataError("--val-images needs --val-annotations")
-
-    with contextlib.ExitStack() as stack:
-        train_pairs, skipped = stack.enter_context(open_pairs(args.images, args.annotations))
-        val_pairs = []
-        if has_val:
-            val_pairs, val_skipped = stack.enter_context(open_pairs(args.val_images, args.val_annotations))
-            skipped += val_skipped
-        for item in skipped:
-            log.warning("skipped %s: %s", item["file"], item["problem"])
-        if has_val and args.val_mode == "merge":
-            train_pairs, val_pairs = train_pairs + val_pairs, []
-        if not train_pairs:
-            raise TrainingDataError(f"{args.images}: no usable image/annotation pairs "
-                                    f"({len(skipped)} skipped)")
-        input_files = [p for pair in train_pairs + val_pairs for p in (pair.image, pair.annotation)]
-        input_hash = inputs_sha256(input_files)
-        log.info("training on %d images%s (%d skipped), device %s", len(train_pairs),
-                 f", monitoring {len(val_pairs)} validation images" if val_pairs else "", len(skipped), device)
-
-        trainer = Trainer(params, train_pairs, device, val_pairs=val_pairs or None, progress=not args.no_progress)
-        job_args = {"images": str(args.images), "annotations": str(args.annotations),
-                    "val_images": str(args.val_images) if args.val_images else None,
-                    "val_mode": args.val_mode, "inputs_sha256": input_hash}
-        # An empty file is "no checkpoint yet": Pegasus stages an empty initial checkpoint file.
-        if paths["checkpoint"].is_file() and paths["checkpoint"].stat().st_size > 0:
-            done = trainer.resume(paths["checkpoint"])
-            log.info("resumed from %s after epoch %d of %d", paths["checkpoint"], done, params.epochs)
-        while trainer.completed_epochs < params.epochs:
-            row = trainer.run_epoch(validate_map=bool(val_pairs))
-            trainer.checkpoint(paths["checkpoint"], job_args)
-            write_metrics_csv(paths["metrics_csv"], trainer.history)
-            plot_loss_curve(paths["loss_plot"], trainer.history)
-            message = (f"epoch {row.epoch}/{params.epochs}: loss {row.train_loss:.4f}, lr {row.lr:.2e}, "
-                       f"{row.images_per_s:.2f} images/s")
-            if row.val_loss is not None:
-                message += f", val loss {row.val_loss:.4f}"
-            if row.val_map is not None:
-                message += f", val mAP {row.val_map:.4f}, mAP@0.5 {row.val_map_50:.4f}"
-            log.info(message)
-        if not trainer.history:
-            raise TrainingDataError(f"{paths['checkpoint']}: holds no training history; delete it and rerun")
-        write_metrics_csv(paths["metrics_csv"], trainer.history)
-        plot_loss_curve(paths["loss_plot"], trainer.history)
-
-        meta = {
-            "training": params.to_dict(),
-            "epochs_completed": trainer.completed_epochs,
-            "num_train_images": len(train_pairs),
-            "num_val_images": len(val_pairs),
-            "val_mode": args.val_mode if has_val else None,
-            "skipped_inputs": len(skipped),
-            "inputs_sha256": input_hash,
-            "final_train_loss": trainer.history[-1]["train_loss"],
-            "packages": package_versions(),
-        }
-        if args.params:
-            meta["params_file"] = str(args.params)
-        save_model_file(paths["output"], trainer.model, meta)
-        summary = {"output": str(paths["output"]), "epochs": trainer.completed_epochs,
-                   "final_train_loss": trainer.history[-1]["train_loss"], "skipped": skipped,
-                   "weights": trainer.model.weights_report.message}
-        record_params = {**vars(args), "resolved": params.to_dict(), "device": str(device),
-                         "summary": {k: v for k, v in summary.items() if k != "skipped"},
-                         "skipped": skipped}
-        write_run_record(paths["run_record"], "train", record_params, input_files)
-    return summary

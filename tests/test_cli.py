@@ -1,0 +1,165 @@
+"""The job runner every bin/ script ends with: exit codes 0 / 2 / 1, the one-line error naming the file,
+the args line first; and the conventions of the scripts themselves (runner, no path hacks, one defaults table)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import load_script
+from utils import defaults as D
+from utils.cli import run_job
+from utils.errors import InputError
+
+SCRIPTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "bin").glob("*.py"))
+
+
+def fake_parser():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--input", type=Path, required=True)
+    parser.add_argument("--count", type=int, default=3)
+    return parser
+
+
+def run_fake(main, capsys, argv=("--input", "data/in.csv")):
+    code = run_job(main, fake_parser(), list(argv), job="fake")
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_a_job_that_succeeds_exits_0_and_prints_its_resolved_args_first(capsys):
+    def main(args):
+        print("working")
+        return 0
+
+    code, out, err = run_fake(main, capsys)
+    assert code == 0 and err == ""
+    first, second = out.splitlines()
+    assert first == 'fake: args: {"count": 3, "input": "data/in.csv"}'  # sorted, defaults resolved, paths as text
+    assert second == "working"
+
+
+def test_bad_input_exits_2_with_one_line_naming_the_file_and_no_traceback(capsys):
+    def main(args):
+        raise InputError(f"{args.input}: row 3 has no image column")
+
+    code, out, err = run_fake(main, capsys)
+    assert code == 2
+    assert err == "fake: error: data/in.csv: row 3 has no image column\n"
+    assert out.startswith("fake: args: ")
+
+
+def test_a_missing_file_exits_2_with_one_line_naming_the_file(tmp_path, capsys):
+    missing = tmp_path / "nope.csv"
+
+    def main(args):
+        missing.read_text()
+
+    code, _, err = run_fake(main, capsys)
+    assert code == 2
+    assert err == f"fake: error: {missing}: No such file or directory\n"
+
+
+def test_a_multi_line_message_still_gives_one_line(capsys):
+    def main(args):
+        raise NotADirectoryError(f"{args.input}: neither a folder\nnor a .tar archive")
+
+    code, _, err = run_fake(main, capsys)
+    assert code == 2 and err == "fake: error: data/in.csv: neither a folder; nor a .tar archive\n"
+
+
+def test_a_bug_exits_1_with_the_one_line_and_then_the_traceback(capsys):
+    def main(args):
+        return {}["missing key"]
+
+    code, _, err = run_fake(main, capsys)
+    assert code == 1
+    lines = err.splitlines()
+    assert lines[0] == "fake: error: unexpected KeyError: 'missing key' (a bug; traceback follows)"
+    assert lines[1] == "Traceback (most recent call last):" and lines[-1] == "KeyError: 'missing key'"
+
+
+def test_a_bad_flag_exits_2_as_argparse_does_before_any_work(capsys):
+    def main(args):
+        raise AssertionError("main must not run")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_job(main, fake_parser(), ["--input", "x", "--count", "many"], job="fake")
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "invalid int value: 'many'" in captured.err
+
+
+def test_the_job_is_named_after_its_script(root, capsys):
+    script = load_script(root, "split_data")
+    assert run_job(script.main, script.get_args_parser(), ["--manifest", "/nonexistent/m.csv"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.startswith("split_data: args: {")
+    assert captured.err == "split_data: error: /nonexistent/m.csv: No such file or directory\n"
+
+
+def test_a_real_script_on_a_missing_folder_exits_2_with_one_line_naming_it(root, tmp_path):
+    missing = tmp_path / "no_such_folder"
+    proc = subprocess.run([sys.executable, str(root / "bin" / "preprocess.py"), "--images", str(missing),
+                           "--output-dir", str(tmp_path / "out"), "--no-progress"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"preprocess: error: {missing}: folder does not exist"]
+    args = json.loads(proc.stdout.splitlines()[0].removeprefix("preprocess: args: "))
+    assert args["images"] == str(missing) and args["quality"] == D.JPEG_QUALITY
+
+
+def test_every_project_bad_input_error_is_an_input_error_and_keeps_its_old_base():
+    from utils.data.images import ImageError
+    from utils.data.preprocess import NothingProcessedError
+    from utils.data.split import SplitError
+    from utils.data.validation import ValidationInputError
+    from utils.data.voc import VocError
+    from utils.detection.engine import CheckpointError, DeviceError, NonFiniteLossError, resolve_device
+    from utils.detection.evaluation import EvaluationInputError
+    from utils.detection.hpo import HpoError
+    from utils.detection.model import ModelError
+    from utils.detection.training import TrainingDataError
+
+    for error in (VocError, ImageError, ModelError, CheckpointError, NonFiniteLossError, TrainingDataError, HpoError,
+                  EvaluationInputError, ValidationInputError, SplitError, NothingProcessedError, DeviceError):
+        assert issubclass(error, InputError), error
+    for error in (CheckpointError, NonFiniteLossError, NothingProcessedError, DeviceError):
+        assert issubclass(error, RuntimeError), error
+    with pytest.raises(DeviceError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_script_runs_through_the_job_runner_without_path_hacks(root, name):
+    source = (root / "bin" / f"{name}.py").read_text()
+    assert "sys.path" not in source and "noqa: E402" not in source
+    assert 'if __name__ == "__main__":\n    sys.exit(run_job(main, get_args_parser()))\n' in source
+    script = load_script(root, name)
+    assert callable(script.main) and isinstance(script.get_args_parser(), argparse.ArgumentParser)
+
+
+def test_defaults_come_from_the_one_table(root):
+    from utils.detection.hpo import HpoConfig, SearchSpace
+    from utils.detection.training import TrainParams
+
+    def defaults(name):
+        parser = load_script(root, name).get_args_parser()
+        return {action.dest: action.default for action in parser._actions}
+
+    assert TrainParams().seed == HpoConfig().seed == D.SEED
+    for name in ("augment", "split_data", "make_sample_data", "hpo"):
+        assert defaults(name)["seed"] == D.SEED, name
+    for name in ("evaluate", "predict"):
+        assert defaults(name)["score_threshold"] == D.SCORE_THRESHOLD, name
+        assert defaults(name)["batch_size"] == D.INFERENCE_BATCH_SIZE, name
+    assert tuple(defaults("split_data")["fractions"]) == D.SPLIT_FRACTIONS
+    assert tuple(defaults("hpo")["lr_range"]) == (SearchSpace().lr_min, SearchSpace().lr_max) == D.HPO_LR_RANGE
+    assert defaults("hpo")["epochs"] == HpoConfig().epochs == D.HPO_EPOCHS
+    help_text = load_script(root, "evaluate").get_args_parser().format_help()
+    assert f"(default: {D.SCORE_THRESHOLD})" in help_text
