@@ -2,7 +2,7 @@
 
 TrainParams, HpoConfig and SearchSpace, the bin/ argparse defaults and workflow.py read
 their defaults from here, so a default lives in one place. workflow.py deliberately
-overrides a few for the small budget of `make run`; it names them MAKE_RUN_BUDGET.
+overrides a few for the small budget of `make run`; it names them WORKFLOW_OVERRIDES.
 """
 
 # -- reproducibility ---------------------------------------------------------------------
@@ -47,6 +47,7 @@ VAL_MODE = "merge"             # merge: train on train+val; monitor: log val los
 # -- hyper-parameter search (Optuna) -----------------------------------------------------
 HPO_EPOCHS = 3                 # epochs per trial
 HPO_TRIALS = 10                # finished trials one worker's study should hold
+HPO_JOBS = 2                   # parallel HPO jobs (K) of the workflow, each one worker of the search
 HPO_NUM_WORKERS = 1            # K workers share the lr range; by hand one searches it all (the workflow passes its K)
 HPO_WARMUP_ITERS = 50
 HPO_OBJECTIVE = "fitness"      # fitness = 0.1 mAP@0.5 + 0.9 mAP@0.5:0.95 (Ultralytics), or map

@@ -10,3 +10,17 @@ traceback; anything else is a bug and exits 1.
 
 class InputError(ValueError):
     """Bad input or arguments, described in one line that names the file (or flag) and the problem."""
+
+
+def read_json(path, what: str, error: type[InputError] = InputError):
+    """The JSON document in *path*; a missing, undecodable or malformed file raises *error*
+    with one line naming the file and *what* it should have been (e.g. "HPO result")."""
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as problem:
+        raise error(f"{path}: {what} is not valid JSON ({problem})") from None

@@ -16,7 +16,6 @@ unit into any split left empty (only possible with large duplicate groups).
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections import Counter
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from .. import defaults as D
 from ..classes import RARE_CLASS
-from ..errors import InputError
+from ..errors import InputError, read_json
 from .voc import parse_voc
 
 SPLITS = ("train", "val", "test")
@@ -110,10 +109,7 @@ def _units(pairs, duplicate_groups):
 
 def read_duplicate_groups(report_path) -> list[list[str]]:
     """The duplicate_groups of a validation_report.json (lists of image file names)."""
-    try:
-        report = json.loads(Path(report_path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise SplitError(f"{report_path}: not a JSON validation report ({error})") from None
+    report = read_json(report_path, "validation report", SplitError)
     groups = report.get("duplicate_groups", []) if isinstance(report, dict) else None
     if not isinstance(groups, list):
         raise SplitError(f"{report_path}: duplicate_groups must be a list of lists of image names")

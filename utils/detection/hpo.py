@@ -35,7 +35,7 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from .. import defaults as D
-from ..errors import InputError
+from ..errors import InputError, read_json
 from .engine import NonFiniteLossError
 from .training import Trainer, TrainParams, open_pairs
 
@@ -284,17 +284,10 @@ def parse_distribution(text: str):
 
 
 def read_worker_results(paths) -> list[dict]:
-    import json
-
     results = []
     for path in paths:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise HpoError(f"{path}: HPO result not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise HpoError(f"{path}: not valid JSON ({error})") from None
+        data = read_json(path, "HPO result", HpoError)
         if not isinstance(data, dict) or "best_params" not in data:
             raise HpoError(f"{path}: not an HPO result (no best_params)")
         data["_file"] = str(path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import logging
 import math
 import os
@@ -27,7 +26,7 @@ from ..data.images import ImageError, image_size
 from .model import build_model, freeze_backbone, set_trainable_layers
 from ..data.pairs import open_folder, pair_folders
 from ..data.voc import VocError, parse_voc
-from ..errors import InputError
+from ..errors import InputError, read_json
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +98,7 @@ class TrainingDataError(InputError):
 def read_params_file(path) -> dict:
     """Hyperparameters from a JSON file: {"params": {...}}, {"best_params": {...}} or a flat dict."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TrainingDataError(f"{path}: params file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise TrainingDataError(f"{path}: not valid JSON ({error})") from None
+    data = read_json(path, "params file", TrainingDataError)
     if isinstance(data, dict):
         data = data.get("params", data.get("best_params", data))
     if not isinstance(data, dict):

@@ -17,7 +17,6 @@ from ..errors import InputError
 
 CONTAINER_KINDS = ("singularity", "docker")
 DEFAULT_CONTAINER_IMAGE = "docker://maskdetection/mask-detection-workflow:latest"
-DEFAULT_HPO_JOBS = 2  # parallel HPO jobs (K) unless --hpo-jobs says otherwise
 
 
 class ConfigError(InputError):
@@ -117,7 +116,7 @@ class WorkflowConfig:
     epochs: int = D.EPOCHS
     hpo_epochs: int = D.HPO_EPOCHS
     trials: int = D.HPO_TRIALS
-    hpo_jobs: int = DEFAULT_HPO_JOBS
+    hpo_jobs: int = D.HPO_JOBS
     image_size: int = D.IMAGE_SIZE
     backbone: str = D.BACKBONE
     seed: int = D.SEED

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 from .. import defaults as D
-from .config import DEFAULT_HPO_JOBS
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -42,7 +41,7 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
     model.add_argument("--hpo-epochs", type=int, default=overrides["hpo_epochs"], help="epochs per HPO trial")
     model.add_argument("--trials", type=int, default=overrides["trials"],
                        help="HPO trials in total, spread over the HPO jobs")
-    model.add_argument("--hpo-jobs", type=int, default=DEFAULT_HPO_JOBS, help="parallel HPO jobs (K)")
+    model.add_argument("--hpo-jobs", type=int, default=D.HPO_JOBS, help="parallel HPO jobs (K)")
     model.add_argument("--backbone", default=D.BACKBONE, help="detector backbone (see bin/train.py)")
     model.add_argument("--image-size", type=int, default=overrides["image_size"],
                        help="longest image side the detector works at")
