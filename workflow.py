@@ -36,7 +36,8 @@ from Pegasus.api import (Container, File, Job, Properties, ReplicaCatalog, SiteC
 from utils.atomic import write_text
 from utils.pegasus import driver, pegasus_api
 from utils.pegasus.catalogs import build_properties, build_site_catalog
-from utils.pegasus.config import ConfigError, SplitEntry, WorkflowConfig, config_from_args, trials_per_worker
+from utils.pegasus.config import (ConfigError, SplitEntry, WorkflowConfig, config_from_args, parse_label_map,
+                                  trials_per_worker)
 from utils.pegasus.graph import write_graph
 from utils.pegasus.inputs import find_images, read_split_csv, validate_and_split
 
@@ -250,20 +251,28 @@ class MaskDetectionWorkflow:
         """(--weights-file arguments, inputs) of the jobs that build a model; empty without cached weights."""
         return (["--weights-file", self.weights], [self.weights]) if self.weights is not None else ([], [])
 
+    @staticmethod
+    def _if_given(flag: str, value) -> list:
+        """[flag, value], or nothing when the value is unset: the job's own default applies and
+        workflow.yml stays the same as without the option."""
+        return [flag, value] if value not in (None, "") else []
+
     def _add_class_distribution_plot(self) -> None:
         annotations = [annotation for pairs in self.split_files.values() for _, annotation in pairs]
         job = self._job("plot_class_distribution", "plot_class_distribution")
         job.add_args("--split-csv", self.split_file, "--annotations", ".",
-                     "--output", "class_distribution.png", "--output-csv", "class_distribution.csv")
+                     "--output", "class_distribution.png", "--output-csv", "class_distribution.csv",
+                     *self._if_given("--label-map", self.config.label_map))
         job.add_inputs(self.split_file, *annotations)
         self._stages_out(job, "class_distribution.png", "class_distribution.csv", "class_distribution_run.json")
 
     def _add_preprocess(self, split: str) -> File:
         job = self._job("preprocess", f"preprocess_{split}")
         data_set, report = File(f"{split}_set.tar"), File(f"preprocess_{split}_report.json")
-        max_size = ["--max-size", self.config.max_size] if self.config.max_size else []
         job.add_args("--images", ".", "--annotations", ".", "--split-csv", self.split_file, "--split", split,
-                     "--prefix", f"{split}_", *max_size, "--output-tar", data_set, "--report", report)
+                     "--prefix", f"{split}_", *self._if_given("--max-size", self.config.max_size),
+                     "--output-tar", data_set, "--report", report,
+                     *self._if_given("--label-map", self.config.label_map))
         job.add_inputs(self.split_file, *(f for pair in self.split_files[split] for f in pair))
         self._hands_on(job, data_set)
         self._stages_out(job, report)
@@ -276,7 +285,8 @@ class MaskDetectionWorkflow:
         job.add_args("--images", ".", "--annotations", ".", "--split-csv", self.split_file, "--split", "train",
                      "--copies", config.augment_copies, "--rare-factor", config.rare_factor,
                      "--noise-std", config.noise_std, "--seed", config.seed,
-                     "--output-tar", train_set, "--report", report)
+                     "--output-tar", train_set, "--report", report,
+                     *self._if_given("--label-map", self.config.label_map))
         job.add_inputs(self.split_file, *(f for pair in self.split_files["train"] for f in pair))
         self._hands_on(job, train_set)
         self._stages_out(job, report)
@@ -326,7 +336,8 @@ class MaskDetectionWorkflow:
                      "--params", best_params, "--epochs", config.epochs,
                      "--image-size", config.image_size, "--backbone", config.backbone,
                      *weights_args, "--checkpoint", checkpoint, "--output", model,
-                     "--metrics-csv", "train_metrics.csv", "--loss-plot", "loss_curve.png", "--seed", config.seed)
+                     "--metrics-csv", "train_metrics.csv", "--loss-plot", "loss_curve.png", "--seed", config.seed,
+                     *self._if_given("--label-map", self.config.label_map))
         job.add_inputs(train_set, val_set, best_params, *weights_inputs)
         job.add_checkpoint(checkpoint, stage_out=False, register_replica=False)
         self._stages_out(job, model, "model_run.json", "train_metrics.csv", "loss_curve.png")
@@ -334,8 +345,9 @@ class MaskDetectionWorkflow:
 
     def _add_evaluate(self, model: File, test_set: File) -> None:
         job = self._job("evaluate", "evaluate")
-        job.add_args("--images", test_set, "--annotations", test_set, "--model", model,
-                     "--output-dir", ".", "--score-threshold", self.config.score_threshold)
+        # Without --score-threshold, evaluate and predict use the threshold train chose on validation.
+        job.add_args("--images", test_set, "--annotations", test_set, "--model", model, "--output-dir", ".",
+                     *self._if_given("--score-threshold", self.config.score_threshold))
         job.add_inputs(test_set, model)
         self._stages_out(job, "evaluation.json", "evaluation.txt", "confusion_matrix.png", "confusion_matrix.csv",
                          "pr_curves.png", "evaluate_run.json")
@@ -346,8 +358,8 @@ class MaskDetectionWorkflow:
             raise ConfigError("prediction images must have distinct file stems (the annotated copies "
                               "are named annotated_<stem>.jpg)")
         job = self._job("predict", "predict")
-        job.add_args("--images", *self.pred_files, "--model", model, "--output-dir", ".",
-                     "--annotated-dir", ".", "--score-threshold", self.config.score_threshold)
+        job.add_args("--images", *self.pred_files, "--model", model, "--output-dir", ".", "--annotated-dir", ".",
+                     *self._if_given("--score-threshold", self.config.score_threshold))
         job.add_inputs(model, *self.pred_files)
         self._stages_out(job, "predictions.json", "predictions.csv", "compliance.json", "predict_run.json",
                          *annotated)
@@ -393,7 +405,7 @@ def generate(args) -> tuple[MaskDetectionWorkflow, dict[str, Path], dict, list[S
     run_dir, data_dir = args.run_dir.resolve(), args.data.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     report, split_csv = validate_and_split(data_dir, run_dir, args.seed, tuple(args.fractions),
-                                           args.near_duplicate_distance)
+                                           args.near_duplicate_distance, parse_label_map(args.label_map))
     entries = read_split_csv(split_csv, data_dir)
     pred_images = (find_images(args.pred_images.resolve()) if args.pred_images
                    else [entry.image for entry in entries if entry.split == "test"])

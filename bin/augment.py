@@ -4,8 +4,10 @@
 A copy is a random horizontal flip, scale jitter (zoom out or IoU crop, then back to
 the original longest side), colour jitter and Gaussian pixel noise; boxes follow the
 pixels through torchvision.transforms.v2. Images containing mask_weared_incorrect
-get --rare-factor extra copies. The same --seed gives the same files. Unreadable
-inputs and copies that lost all their boxes are listed in the report.
+get --rare-factor extra copies. The same --seed gives the same files. Object names
+renamed by --label-map are written as the class names, so later jobs read the set
+without a map. Unreadable inputs and copies that lost all their boxes are listed in
+the report.
 Exit 0 when at least one image was written, 2 on bad input (none usable, unreadable
 folder, bad flag; one line naming the file), 1 on a bug.
 """
@@ -14,7 +16,8 @@ import argparse
 import sys
 
 from utils import defaults as D
-from utils.cli import add_set_input_args, add_set_output_args, check_set_args, run_job
+from utils.classes import LabelMap
+from utils.cli import add_label_map_arg, add_set_input_args, add_set_output_args, check_set_args, run_job
 from utils.data.augment import augment_set
 
 
@@ -30,17 +33,19 @@ def get_args_parser():
                              f"off (default: {D.NOISE_STD})")
     parser.add_argument("--seed", type=int, default=D.SEED,
                         help=f"random seed; the same seed gives the same files (default: {D.SEED})")
+    add_label_map_arg(parser, writes_canonical=True)
     add_set_output_args(parser, report_contents="counts, skipped files, object problems and copies without boxes")
     return parser
 
 
 def main(args) -> int:
     check_set_args(args)
+    label_map = LabelMap.parse(args.label_map)
     report = augment_set(args.images, args.annotations or args.images, copies=args.copies,
                          rare_factor=args.rare_factor, noise_std=args.noise_std, seed=args.seed,
                          output_dir=args.output_dir, output_tar=args.output_tar, split_csv=args.split_csv,
                          split=args.split, quality=args.quality, report=args.report,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, label_map=label_map)
     output = args.output_dir or args.output_tar
     print(f"augment: {report['originals']} originals and {report['copies']} copies "
           f"({report['rare_extra_copies']} extra for {report['rare_images']} images with mask_weared_incorrect) "

@@ -17,9 +17,10 @@ import contextlib
 import sys
 from pathlib import Path
 
-from utils import defaults as D
-from utils.cli import add_model_run_args, check_model_run_args, run_job
+from utils.classes import LabelMap
+from utils.cli import add_label_map_arg, add_model_run_args, check_model_run_args, run_job
 from utils.data.pairs import open_folder
+from utils.detection.compliance import operating_threshold
 from utils.detection.engine import resolve_device
 from utils.detection.evaluation import check_model_classes, evaluate_model, format_report, labelled_pairs
 from utils.detection.model import load_model_file
@@ -33,19 +34,21 @@ def get_args_parser():
                         help="folder (or flat .tar) of their VOC .xml files; may be the same path as --images")
     parser.add_argument("--model", required=True, help="model file written by bin/train.py")
     parser.add_argument("--output-dir", required=True, help="folder for the evaluation files")
-    parser.add_argument("--score-threshold", type=float, default=D.SCORE_THRESHOLD,
-                        help="detections at or above this score enter the confusion matrix; mAP uses all "
-                             f"(default: {D.SCORE_THRESHOLD})")
-    add_model_run_args(parser)
+    add_model_run_args(parser, "detections at or above this score enter the confusion matrix and the "
+                               "compliance error; mAP uses all")
+    add_label_map_arg(parser)
     return parser
 
 
 def main(args) -> int:
     check_model_run_args(args)
+    label_map = LabelMap.parse(args.label_map)
     output_dir = Path(args.output_dir)
     device = resolve_device(args.device)
     model, meta = load_model_file(args.model, device)
     check_model_classes(meta, args.model)
+    score_threshold, source = operating_threshold(meta, args.score_threshold)
+    print(f"evaluate: score threshold {score_threshold:g} ({source})")
     with contextlib.ExitStack() as stack:
         images_dir = stack.enter_context(open_folder(args.images))
         same = Path(args.images).resolve() == Path(args.annotations).resolve()
@@ -55,9 +58,10 @@ def main(args) -> int:
                     "image_size": meta.get("image_size"), "images": str(args.images),
                     "annotations": str(args.annotations)}
         evaluation = evaluate_model(model, pairs, output_dir, device=device,
-                                    score_threshold=args.score_threshold, batch_size=args.batch_size,
+                                    score_threshold=score_threshold, batch_size=args.batch_size,
                                     num_workers=None if args.workers < 0 else args.workers,
-                                    skipped=skipped, settings=settings, progress=sys.stderr.isatty())
+                                    skipped=skipped, settings=settings, progress=sys.stderr.isatty(),
+                                    label_map=label_map)
         inputs = [p.image for p in pairs] + [p.annotation for p in pairs] + [Path(args.model)]
         write_run_record(output_dir / "evaluate_run.json", "evaluate", {**vars(args), "device": str(device)},
                          inputs)

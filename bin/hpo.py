@@ -19,7 +19,8 @@ from pathlib import Path
 
 from utils import defaults as D
 from utils.atomic import write_json
-from utils.cli import run_job
+from utils.classes import LabelMap
+from utils.cli import add_label_map_arg, run_job
 from utils.detection.engine import resolve_device
 from utils.detection.hpo import OBJECTIVES, HpoConfig, SearchSpace, run_study
 from utils.detection.model import BACKBONES
@@ -36,6 +37,7 @@ def get_args_parser():
     p.add_argument("--train-annotations", required=True, help="training VOC annotations: folder or .tar")
     p.add_argument("--val-images", required=True, help="validation images: folder or .tar")
     p.add_argument("--val-annotations", required=True, help="validation VOC annotations: folder or .tar")
+    add_label_map_arg(p)
     p.add_argument("--epochs", type=int, default=D.HPO_EPOCHS, help=f"epochs per trial (default: {D.HPO_EPOCHS})")
     p.add_argument("--image-size", type=int, default=D.IMAGE_SIZE,
                    help=f"longer image side in px (default: {D.IMAGE_SIZE})")
@@ -102,7 +104,8 @@ def main(args) -> int:
                         trainable_layers_max=args.trainable_layers_range[1], batch_sizes=tuple(args.batch_sizes))
     config = HpoConfig(epochs=args.epochs, image_size=args.image_size, backbone=args.backbone, weights=args.weights,
                        weights_file=args.weights_file, optimizer=args.optimizer, workers=args.workers,
-                       warmup_iters=args.warmup_iters, objective=args.objective, seed=args.seed)
+                       warmup_iters=args.warmup_iters, objective=args.objective, seed=args.seed,
+                       label_map=LabelMap.parse(args.label_map))
     device = resolve_device(args.device)
     result = run_study(config, space, args.train_images, args.train_annotations, args.val_images,
                        args.val_annotations, journal=args.checkpoint, n_trials=args.n_trials, device=device,

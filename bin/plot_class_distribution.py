@@ -13,7 +13,8 @@ import contextlib
 import sys
 from pathlib import Path
 
-from utils.cli import run_job
+from utils.classes import LabelMap
+from utils.cli import add_label_map_arg, run_job
 from utils.data.class_distribution import count_objects, plot_counts, write_counts_csv
 from utils.data.pairs import open_folder
 from utils.errors import InputError
@@ -29,13 +30,15 @@ def get_args_parser():
     parser.add_argument("--output", default="class_distribution.png", help="PNG chart (default: class_distribution.png)")
     parser.add_argument("--output-csv", default="class_distribution.csv",
                         help="CSV of counts: split, class, objects, images (default: class_distribution.csv)")
+    add_label_map_arg(parser)
     return parser
 
 
 def main(args) -> int:
+    label_map = LabelMap.parse(args.label_map)
     with contextlib.ExitStack() as stack:
         annotations_dir = stack.enter_context(open_folder(args.annotations)) if args.annotations else None
-        counts, problems = count_objects(args.split_csv, annotations_dir=annotations_dir)
+        counts, problems = count_objects(args.split_csv, annotations_dir=annotations_dir, label_map=label_map)
     for entry in problems:
         print(f"plot_class_distribution: warning: {entry['file']}: {entry['problem']}", file=sys.stderr)
     if sum(entry["images"] for entry in counts.values()) == 0:

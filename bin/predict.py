@@ -17,8 +17,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from utils import defaults as D
 from utils.cli import add_model_run_args, check_model_run_args, run_job
+from utils.detection.compliance import operating_threshold
 from utils.detection.engine import resolve_device
 from utils.detection.evaluation import check_model_classes
 from utils.detection.model import load_model_file
@@ -35,12 +35,10 @@ def get_args_parser():
     parser.add_argument("--output-dir", required=True, help="folder for predictions and compliance files")
     parser.add_argument("--annotated-dir", default=None,
                         help="folder for annotated images (default: OUTPUT_DIR/annotated)")
-    parser.add_argument("--score-threshold", type=float, default=D.SCORE_THRESHOLD,
-                        help=f"keep detections with at least this score (default: {D.SCORE_THRESHOLD})")
     parser.add_argument("--tta", action="store_true",
                         help="also run each image flipped left-right and merge both with NMS (about 2x slower)")
     parser.add_argument("--no-annotated", action="store_true", help="do not write annotated images")
-    add_model_run_args(parser)
+    add_model_run_args(parser, "keep detections with at least this score")
     return parser
 
 
@@ -49,10 +47,13 @@ def main(args) -> int:
     device = resolve_device(args.device)
     model, meta = load_model_file(args.model, device)
     check_model_classes(meta, args.model)
-    settings = {"model": str(args.model), "backbone": meta.get("backbone"), "image_size": meta.get("image_size")}
+    score_threshold, source = operating_threshold(meta, args.score_threshold)
+    print(f"predict: score threshold {score_threshold:g} ({source})")
+    settings = {"model": str(args.model), "backbone": meta.get("backbone"), "image_size": meta.get("image_size"),
+                "score_threshold_source": source}
     with tqdm(desc="predict", unit="img", file=sys.stderr, disable=None) as bar:
         run = predict_images(model, args.images, args.output_dir, annotated_dir=args.annotated_dir, device=device,
-                             score_threshold=args.score_threshold, tta=args.tta, batch_size=args.batch_size,
+                             score_threshold=score_threshold, tta=args.tta, batch_size=args.batch_size,
                              num_workers=None if args.workers < 0 else args.workers,
                              annotate=not args.no_annotated, progress=bar.update, settings=settings)
     processed = [Path(args.model)]

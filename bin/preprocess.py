@@ -4,8 +4,9 @@
 Boxes follow the pixels (torchvision.transforms.v2); objects with unknown classes or
 boxes outside the image are dropped or clipped and reported. Outputs are named
 <prefix><stem>.<format> and <prefix><stem>.xml, side by side in --output-dir or
-packed flat into --output-tar. Unreadable inputs are skipped and listed in the
-report; the job fails only when no image could be processed.
+packed flat into --output-tar. Object names renamed by --label-map are written as
+the class names, so later jobs read the set without a map. Unreadable inputs are
+skipped and listed in the report; the job fails only when no image could be processed.
 Exit 0 when at least one image was written, 2 on bad input (none usable, unreadable
 folder, bad flag; one line naming the file), 1 on a bug.
 """
@@ -14,7 +15,8 @@ import argparse
 import sys
 
 from utils import defaults as D
-from utils.cli import add_set_input_args, add_set_output_args, check_set_args, run_job
+from utils.classes import LabelMap
+from utils.cli import add_label_map_arg, add_set_input_args, add_set_output_args, check_set_args, run_job
 from utils.data.preprocess import FORMATS, preprocess_set
 
 
@@ -27,16 +29,19 @@ def get_args_parser():
                              f"scaled with them (default: {D.PREPROCESS_MAX_SIZE or 'no cap'})")
     parser.add_argument("--format", dest="image_format", choices=sorted(FORMATS), default=D.PREPROCESS_FORMAT,
                         help=f"output image format (default: {D.PREPROCESS_FORMAT})")
+    add_label_map_arg(parser, writes_canonical=True)
     add_set_output_args(parser, report_contents="counts, skipped files and object problems")
     return parser
 
 
 def main(args) -> int:
     check_set_args(args)
+    label_map = LabelMap.parse(args.label_map)
     report = preprocess_set(args.images, args.annotations or args.images, args.prefix,
                             output_dir=args.output_dir, output_tar=args.output_tar, split_csv=args.split_csv,
                             split=args.split, max_size=args.max_size, image_format=args.image_format,
-                            quality=args.quality, report=args.report, progress=not args.no_progress)
+                            quality=args.quality, report=args.report, progress=not args.no_progress,
+                            label_map=label_map)
     output = args.output_dir or args.output_tar
     print(f"preprocess: {report['images_processed']} of {report['inputs']} images written to {output} "
           f"({report['images_skipped']} skipped, {len(report['object_problems'])} object problems)")

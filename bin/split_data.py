@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from utils import defaults as D
-from utils.cli import run_job
+from utils.classes import LabelMap
+from utils.cli import add_label_map_arg, run_job
 from utils.data.pairs import open_folder, read_pairs_csv, write_pairs_csv
 from utils.data.split import SplitError, image_classes, read_duplicate_groups, split_pairs, split_summary
 from utils.data.validation import csv_entry
@@ -37,6 +38,7 @@ def get_args_parser():
     parser.add_argument("--annotations", default=None,
                         help="folder (or .tar) in which to find the manifest's annotations by name "
                              "(default: paths as written, relative to the manifest)")
+    add_label_map_arg(parser)
     return parser
 
 
@@ -46,6 +48,7 @@ def _entry(path: Path, csv_folder: Path, by_name: bool) -> str:
 
 
 def main(args) -> int:
+    label_map = LabelMap.parse(args.label_map)
     output = Path(args.output)
     groups = read_duplicate_groups(args.report) if args.report else []
     with contextlib.ExitStack() as stack:
@@ -54,7 +57,7 @@ def main(args) -> int:
         pairs = read_pairs_csv(args.manifest, images_dir, annotations_dir)
         if not pairs:
             raise SplitError(f"{args.manifest}: manifest lists no images")
-        classes_of = image_classes(pairs)
+        classes_of = image_classes(pairs, label_map)  # the rare class under any name the map gives it
         rows = split_pairs(pairs, groups, args.fractions, args.seed, classes_of=classes_of)
         images_by_name = bool(args.images) and not Path(args.images).is_dir()
         annotations_by_name = bool(args.annotations) and not Path(args.annotations).is_dir()

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Train a Faster R-CNN face-mask detector on folders (or .tar archives) of VOC pairs.
 
-By default the validation set is merged into the training set (--val-mode merge,
-the predecessor's choice: the test split measures the final model); with
---val-mode monitor it is kept apart and its loss and mAP are logged every epoch.
+By default (--val-mode monitor) the validation set is held out: its loss and mAP
+are logged every epoch, and after training the score threshold the model is used
+at (best F1, then smallest compliance error, on the validation images) is chosen
+and stored in the model file, where predict and evaluate read it. With --val-mode
+merge the validation set is trained on too and the threshold stays the default.
 The checkpoint is written atomically after every epoch and, if it exists at
 start, training resumes from it. Hyperparameters: a flag given on the command
 line wins over the --params file (best_hpo_params.json), which wins over the
@@ -18,7 +20,9 @@ import sys
 from pathlib import Path
 
 from utils import defaults as D
-from utils.cli import print_values, run_job
+from utils.classes import LabelMap
+from utils.cli import add_label_map_arg, print_values, run_job
+from utils.detection.compliance import choose_operating_threshold
 from utils.detection.engine import resolve_device
 from utils.detection.model import BACKBONES, save_model_file
 from utils.detection.training import (Trainer, TrainingDataError, open_pairs, plot_loss_curve, read_params_file,
@@ -37,8 +41,10 @@ def get_args_parser():
     data.add_argument("--val-images", default=None, help="validation images: folder or .tar (default: none)")
     data.add_argument("--val-annotations", default=None, help="validation annotations: folder or .tar")
     data.add_argument("--val-mode", choices=["merge", "monitor"], default=D.VAL_MODE,
-                      help="merge: train on train+val; monitor: train on train only, log val loss and mAP "
-                           f"every epoch (default: {D.VAL_MODE})")
+                      help="monitor: train on train only, log val loss and mAP every epoch and choose the "
+                           "score threshold on val; merge: train on train+val (default: "
+                           f"{D.VAL_MODE})")
+    add_label_map_arg(data)
     # Hyperparameter flags default to None ("not given") so that a --params file can set them.
     model = p.add_argument_group("model")
     model.add_argument("--backbone", choices=BACKBONES, default=None,
@@ -116,8 +122,23 @@ def epoch_line(row, epochs: int) -> str:
     return line
 
 
+def operating_threshold(trainer, has_val: bool) -> dict:
+    """The score threshold predict and evaluate use this model at: chosen on the held-out validation
+    images when there are some (--val-mode monitor), else the default, said so."""
+    if not has_val:
+        return {"score_threshold": D.SCORE_THRESHOLD, "chosen_on": None,
+                "criterion": "the default: no held-out validation images (--val-mode merge or no --val-images)"}
+    log.info("Choosing the operating threshold on the validation images")
+    choice = choose_operating_threshold(*trainer.validation_predictions())
+    log.info("score threshold %.2f: F1 %.3f, compliance error %s points on %d validation images (%s)",
+             choice["score_threshold"], choice["f1"], choice["compliance_error_points"], choice["images"],
+             choice["criterion"])
+    return {**choice, "chosen_on": "validation"}
+
+
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    label_map = LabelMap.parse(args.label_map)
     params = resolve_params(vars(args), read_params_file(args.params) if args.params else {})
     print_values("train", "params", params.to_dict())
     if params.epochs < 1:
@@ -146,7 +167,8 @@ def main(args) -> int:
                  f", monitoring {len(val_pairs)} validation images" if val_pairs else "", len(skipped), device)
 
         log.info("Creating model")
-        trainer = Trainer(params, train_pairs, device, val_pairs=val_pairs or None, progress=not args.no_progress)
+        trainer = Trainer(params, train_pairs, device, val_pairs=val_pairs or None, progress=not args.no_progress,
+                          label_map=label_map)
         # An empty file is "no checkpoint yet": Pegasus stages an empty initial checkpoint file.
         if paths["checkpoint"].is_file() and paths["checkpoint"].stat().st_size > 0:
             done = trainer.resume(paths["checkpoint"])
@@ -169,12 +191,17 @@ def main(args) -> int:
         write_metrics_csv(paths["metrics_csv"], trainer.history)  # also on a rerun that had nothing left to train
         plot_loss_curve(paths["loss_plot"], trainer.history)
         final_loss = trainer.history[-1]["train_loss"]
-        meta = {"training": params.to_dict(), "epochs_completed": trainer.completed_epochs,
+        operating = operating_threshold(trainer, bool(val_pairs))
+        # data_label_map: {object name in the data's XML: class} the data was read with ({}: names were the
+        # classes); meta's "label_map" is another thing, class -> label number, set by the model file.
+        meta = {"training": params.to_dict(), "data_label_map": label_map.as_dict(),
+                "epochs_completed": trainer.completed_epochs,
                 "num_train_images": len(train_pairs), "num_val_images": len(val_pairs),
                 "val_mode": args.val_mode if args.val_images else None, "skipped_inputs": len(skipped),
                 "inputs_sha256": input_hash, "final_train_loss": final_loss, "packages": package_versions()}
         if args.params:
             meta["params_file"] = str(args.params)
+        meta["operating_threshold"] = operating
         save_model_file(paths["output"], trainer.model, meta)
         summary = {"output": str(paths["output"]), "epochs": trainer.completed_epochs, "final_train_loss": final_loss,
                    "weights": trainer.model.weights_report.message}

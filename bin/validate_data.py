@@ -3,7 +3,8 @@
 
 Writes OUTPUT_DIR/validation_report.json, OUTPUT_DIR/clean_manifest.csv,
 OUTPUT_DIR/annotations_clean/ (the annotation of every usable pair, cleaned where
-needed) and OUTPUT_DIR/validate_run.json (run record). Prints a summary of counts.
+needed; object names renamed by --label-map are written as the class names) and
+OUTPUT_DIR/validate_run.json (run record). Prints a summary of counts.
 Exit 0 when at least one image is usable; 2 when none is or the inputs cannot be read
 (one line naming the folder and the reason); 1 on a bug.
 """
@@ -14,7 +15,8 @@ import sys
 from pathlib import Path
 
 from utils import defaults as D
-from utils.cli import run_job
+from utils.classes import LabelMap
+from utils.cli import add_label_map_arg, run_job
 from utils.data.pairs import open_folder, pack_folder
 from utils.data.validation import ValidationInputError, format_summary, validate_dataset, write_clean_outputs
 from utils.provenance import write_run_record
@@ -33,6 +35,7 @@ def get_args_parser():
                         help="also pack annotations_clean/ into this flat .tar (for workflow staging; default: none)")
     parser.add_argument("--workers", type=int, default=D.VALIDATE_WORKERS,
                         help=f"decoding threads; 0 means min(8, CPUs) (default: {D.VALIDATE_WORKERS})")
+    add_label_map_arg(parser, writes_canonical=True)
     return parser
 
 
@@ -41,13 +44,14 @@ def _files(folder: Path):
 
 
 def main(args) -> int:
+    label_map = LabelMap.parse(args.label_map)
     output_dir = Path(args.output_dir)
     with contextlib.ExitStack() as stack:
         images_dir = stack.enter_context(open_folder(args.images))
         same = Path(args.images).resolve() == Path(args.annotations).resolve()
         annotations_dir = images_dir if same else stack.enter_context(open_folder(args.annotations))
         result = validate_dataset(images_dir, annotations_dir, near_duplicate_distance=args.near_duplicate_distance,
-                                  workers=args.workers or None)
+                                  workers=args.workers or None, label_map=label_map)
         # Images unpacked from an archive live in a temporary folder: the manifest names them only.
         from_archive = not Path(args.images).is_dir()
         outputs = write_clean_outputs(result, output_dir, images_by_name=from_archive)

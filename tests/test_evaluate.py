@@ -55,6 +55,9 @@ def test_evaluate_cli_writes_every_output(root, sample_dir, tiny_model_file, tmp
     assert csv_lines[0].split(",")[1:] == matrix["labels"] and len(csv_lines) == 5
     text = (out / "evaluation.txt").read_text()
     assert "mAP@0.5 " in text and "mean test loss" in text and "mask_weared_incorrect" in text
+    assert "Compliance at score >= 0.05" in text and "per-image mean absolute error" in text
+    assert report["compliance"]["true"]["faces"] == report["num_faces"]
+    assert report["compliance"]["score_threshold"] == 0.05
     assert "mAP@[0.5:0.95]" in capsys.readouterr().out
 
 
@@ -98,6 +101,13 @@ def test_oracle_model_scores_perfectly(sample_dir, tmp_path):
     for name in CLASSES:
         if report["faces_per_class"][name]:
             assert report["per_class"][name]["ap"] == pytest.approx(1.0)
+    # a perfect detector reads the true compliance figure, overall and image by image
+    compliance = report["compliance"]
+    assert compliance["predicted"] == compliance["true"]
+    assert compliance["true"]["counts"] == report["faces_per_class"]
+    assert compliance["error_points"] == 0.0 and compliance["per_image_mae_points"] == 0.0
+    assert compliance["images_compared"] == 8
+    assert "error: +0.0 points" in (tmp_path / "evaluation.txt").read_text()
 
 
 def test_evaluate_reports_bad_model_file(root, sample_dir, tmp_path, capsys):

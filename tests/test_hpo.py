@@ -46,6 +46,11 @@ def test_killed_study_resumes_and_counts_the_total(hpo_data, tmp_path):
     first = study_run(hpo_data, journal, n_trials=2, study_name="resume")
     assert first["trial_counts"]["finished"] == 2
     assert first["best_value"] is not None and 0.0 <= first["best_value"] <= 1.0
+    # the compliance error is reported with every finished trial (a number, or None when the
+    # untrained model keeps no face at the threshold), never the objective
+    assert set(first["best_metrics"]) == {"map", "map_50", "compliance_error_points", "per_image_mae_points"}
+    epochs = [t["user_attrs"]["epoch_1"] for t in first["trials"] if "epoch_1" in t["user_attrs"]]
+    assert epochs and all("compliance_error_points" in epoch for epoch in epochs)
 
     # Simulate a job killed in the middle of trial 3: a trial left RUNNING in the journal.
     study, _ = open_study(journal, "resume", seed=0)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from utils.classes import LABEL_OF
-from utils.detection.metrics import (CONFUSION_LABELS, coco_map, compliance, compliance_line, compute_coco,
-                           detection_confusion_matrix, merge_compliance, pr_curves)
+from utils.detection.compliance import (choose_operating_threshold, compliance, compliance_error, compliance_line,
+                                        detection_f1, merge_compliance)
+from utils.detection.metrics import CONFUSION_LABELS, coco_map, compute_coco, detection_confusion_matrix, pr_curves
 
 WITH, WITHOUT, INCORRECT = LABEL_OF["with_mask"], LABEL_OF["without_mask"], LABEL_OF["mask_weared_incorrect"]
 BG = CONFUSION_LABELS.index("background")
@@ -192,3 +193,67 @@ def test_no_ground_truth_faces_gives_undefined_not_zero():
     assert all(entry["ap"] is None for entry in result.summary["per_class"].values())
     assert pr_curves(result) == {}
     assert cm([pred([[1, 1, 10, 10]], [WITH], [0.9])], [empty_target])[BG][0] == 1
+
+
+# -- compliance error: the headline figure against the truth, at the operating threshold
+
+def test_compliance_error_counts_only_detections_at_or_above_the_threshold():
+    # image 1: truth 1 with / 1 without; kept at 0.5: with, with (the 0.4 without is dropped)
+    # image 2: truth 1 incorrect / 1 with; kept: without, with
+    preds = [pred([[0, 0, 1, 1]] * 3, [WITH, WITH, WITHOUT], [0.9, 0.5, 0.4]),
+             pred([[0, 0, 1, 1]] * 2, [WITHOUT, WITH], [0.8, 0.7])]
+    error = compliance_error(preds, TARGETS, score_threshold=0.5)
+    assert error["true"]["counts"] == {"with_mask": 2, "without_mask": 1, "mask_weared_incorrect": 1}
+    assert error["predicted"]["counts"] == {"with_mask": 3, "without_mask": 1, "mask_weared_incorrect": 0}
+    assert error["true"]["percent_properly_masked"] == 50.0
+    assert error["predicted"]["percent_properly_masked"] == 75.0
+    assert error["error_points"] == 25.0
+    # per image: |100 - 50| and |50 - 50|
+    assert error["per_image_mae_points"] == 25.0 and error["images_compared"] == 2
+    # a lower threshold keeps the 0.4 box: image 1 reads 66.7 %, the set 60 %
+    lower = compliance_error(preds, TARGETS, score_threshold=0.3)
+    assert lower["error_points"] == pytest.approx(10.0)
+    assert lower["per_image_mae_points"] == pytest.approx((100 * 2 / 3 - 50) / 2, abs=0.01)
+
+
+def test_compliance_error_counts_images_whose_figure_cannot_be_read():
+    preds = [no_pred(), pred([[0, 0, 1, 1]], [WITH], [0.9])]
+    targets = [TARGETS[0], target([], [])]
+    error = compliance_error(preds, targets, score_threshold=0.5)
+    assert error["images_without_detections"] == 1 and error["images_without_faces"] == 1
+    assert error["images_compared"] == 0 and error["per_image_mae_points"] is None
+    # the set as a whole still has both figures: truth 50 %, predicted 100 %
+    assert error["error_points"] == 50.0
+    nothing = compliance_error([no_pred()], [TARGETS[0]], score_threshold=0.5)
+    assert nothing["predicted"]["percent_properly_masked"] is None and nothing["error_points"] is None
+
+
+# -- the operating threshold, chosen on labelled images
+
+def test_the_operating_threshold_drops_low_scoring_spurious_boxes():
+    faces = [pred(t["boxes"].tolist(), t["labels"].tolist(), [0.9] * len(t["labels"])) for t in TARGETS]
+    spurious = [pred([[200, 200, 240, 240]], [WITH], [0.3]), pred([[300, 300, 340, 340]], [WITHOUT], [0.3])]
+    preds = [merge_preds(a, b) for a, b in zip(faces, spurious)]
+    choice = choose_operating_threshold(preds, TARGETS)
+    # 0.35 to 0.9 keep exactly the four faces; the lowest of the equally good thresholds is taken
+    assert choice["score_threshold"] == 0.35
+    assert choice["f1"] == pytest.approx(1.0) and choice["compliance_error_points"] == 0.0
+    assert detection_f1(preds, TARGETS, 0.3)["precision"] == pytest.approx(4 / 6)
+    assert [row["score_threshold"] for row in choice["candidates"]][:2] == [0.05, 0.1]
+
+
+def test_the_operating_threshold_prefers_a_good_detector_to_errors_that_cancel():
+    truth = [target([[10, 10, 50, 50], [60, 10, 100, 50], [10, 60, 50, 100], [60, 60, 100, 100]],
+                    [WITH, WITH, WITHOUT, WITHOUT])]
+    # at 0.9: both masked faces and one unmasked face (the other is missed): 66.7 % against 50 %
+    # at 0.2 a spurious unmasked box on the background "fixes" the figure (50 %) with a worse F1
+    preds = [pred([[10, 10, 50, 50], [60, 10, 100, 50], [10, 60, 50, 100], [200, 200, 240, 240]],
+                  [WITH, WITH, WITHOUT, WITHOUT], [0.9, 0.9, 0.9, 0.2])]
+    assert compliance_error(preds, truth, 0.2)["error_points"] == 0.0
+    choice = choose_operating_threshold(preds, truth)
+    assert choice["score_threshold"] == 0.25
+    assert choice["f1"] == pytest.approx(6 / 7) and choice["compliance_error_points"] == pytest.approx(16.67)
+
+
+def merge_preds(a, b):
+    return {key: torch.cat([a[key], b[key]]) for key in a}

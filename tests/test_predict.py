@@ -14,7 +14,7 @@ from torch import nn
 
 from helpers import run_script
 from utils.detection.inference import detect
-from utils.detection.metrics import merge_compliance
+from utils.detection.compliance import merge_compliance
 
 
 def run_predict(root, argv):
@@ -103,6 +103,23 @@ def test_predict_fails_when_nothing_is_readable(root, tiny_model_file, tmp_path,
     compliance = json.loads((tmp_path / "out" / "compliance.json").read_text())
     assert compliance["overall"]["faces"] == 0 and compliance["overall"]["percent_properly_masked"] is None
     assert compliance["skipped"][0]["file"] == str(bad)
+
+
+def test_predict_uses_the_models_operating_threshold_unless_told_otherwise(root, sample_dir, tiny_model_file,
+                                                                          tmp_path, capsys):
+    from utils.detection.model import load_model_file, save_model_file
+
+    model, meta = load_model_file(tiny_model_file)
+    chosen = save_model_file(tmp_path / "chosen.pt", model, {
+        **meta, "operating_threshold": {"score_threshold": 0.35, "chosen_on": "validation"}})
+    image = sorted((sample_dir / "images").iterdir())[0]
+    common = ["--images", str(image), "--output-dir", str(tmp_path / "out"), "--device", "cpu", "--no-annotated"]
+    assert run_predict(root, [*common, "--model", str(chosen)]) == 0
+    assert "predict: score threshold 0.35 (the model's, chosen on its validation images)" in capsys.readouterr().out
+    assert run_predict(root, [*common, "--model", str(chosen), "--score-threshold", "0.8"]) == 0
+    assert "predict: score threshold 0.8 (--score-threshold)" in capsys.readouterr().out
+    assert run_predict(root, [*common, "--model", str(tiny_model_file)]) == 0
+    assert "predict: score threshold 0.5 (the default" in capsys.readouterr().out
 
 
 class LeftHalfDetector(nn.Module):

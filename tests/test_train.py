@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from utils import defaults as D
 from utils.detection.engine import NonFiniteLossError, evaluate_loss, lr_factor, train_one_epoch
 from utils.detection.model import load_model_file
 from utils.data.pairs import pair_folders
@@ -58,6 +59,9 @@ def test_train_cli_one_epoch_writes_loadable_outputs(tiny_dir, tmp_path, root):
     assert meta["backbone"] == "mobilenet_v2_fpn" and meta["image_size"] == 128
     assert meta["training"]["epochs"] == 1 and meta["num_train_images"] == 6
     assert meta["inputs_sha256"] and meta["packages"]["torch"]
+    # without held-out images nothing can choose the threshold: the default, and the file says so
+    assert meta["operating_threshold"]["score_threshold"] == D.SCORE_THRESHOLD
+    assert meta["operating_threshold"]["chosen_on"] is None
     with open(out / "training_metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 1 and float(rows[0]["train_loss"]) > 0
@@ -70,6 +74,26 @@ def test_train_cli_one_epoch_writes_loadable_outputs(tiny_dir, tmp_path, root):
     assert "epoch 1/1" not in again.stderr
     reloaded, _ = load_model_file(out / "model.pt")
     assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_training_with_held_out_validation_images_chooses_and_stores_the_operating_threshold(tiny_dir, tmp_path,
+                                                                                              root):
+    out = tmp_path / "run"
+    command = [sys.executable, str(root / "bin" / "train.py"), "--images", str(tiny_dir / "images"),
+               "--annotations", str(tiny_dir / "annotations"), "--val-images", str(tiny_dir / "images"),
+               "--val-annotations", str(tiny_dir / "annotations"), "--epochs", "1", "--image-size", "128",
+               "--batch-size", "2", "--workers", "0", "--checkpoint", str(out / "checkpoint.pt"),
+               "--output", str(out / "model.pt"), "--seed", "1", "--no-progress", "--device", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Choosing the operating threshold on the validation images" in result.stderr
+    _, meta = load_model_file(out / "model.pt")
+    assert meta["val_mode"] == "monitor" and meta["num_val_images"] == 6  # held out, not trained on
+    chosen = meta["operating_threshold"]
+    assert chosen["chosen_on"] == "validation" and chosen["images"] == 6
+    assert chosen["score_threshold"] in [row["score_threshold"] for row in chosen["candidates"]]
+    best_f1 = max(row["f1"] for row in chosen["candidates"])
+    assert chosen["f1"] >= best_f1 - 0.01
 
 
 def test_resume_continues_at_next_epoch_with_same_state(tiny_dir, tmp_path):

@@ -22,6 +22,7 @@ import traceback
 from pathlib import Path
 
 from . import defaults as D
+from .classes import CLASSES
 from .errors import InputError
 
 EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT = 0, 1, 2
@@ -82,6 +83,19 @@ def add_set_input_args(parser, split_example: str) -> None:
                         help=f"only rows of this split from --split-csv, e.g. {split_example} (default: all rows)")
 
 
+def add_label_map_arg(parser, writes_canonical: bool = False) -> None:
+    """--label-map of the jobs that read VOC XML; main parses it with ``LabelMap.parse(args.label_map)``.
+
+    The flag stays text in args, so the args line and run records show it as given.
+    *writes_canonical*: the job writes XML, and says in --help that it writes the class names.
+    """
+    then = "; the XML written holds the class names, so later jobs need no map" if writes_canonical else ""
+    parser.add_argument("--label-map", default=D.LABEL_MAP, metavar="SOURCE=CLASS,...",
+                        help="read these object names of another data set as classes, e.g. "
+                             "'with_incorrect_mask=mask_weared_incorrect, mask=with_mask, no_mask=without_mask' "
+                             f"(CLASS: one of {', '.join(CLASSES)}){then} (default: none)")
+
+
 def add_set_output_args(parser, report_contents: str) -> None:
     """--quality, --output-dir | --output-tar, --report, --no-progress of the jobs that write a set."""
     parser.add_argument("--quality", type=int, default=D.JPEG_QUALITY,
@@ -102,8 +116,14 @@ def check_set_args(args) -> None:
         raise InputError(f"--quality must be 1-100, got {args.quality}")
 
 
-def add_model_run_args(parser) -> None:
-    """--batch-size, --workers, --device of the jobs that run a trained model over images."""
+def add_model_run_args(parser, threshold_use: str) -> None:
+    """--score-threshold, --batch-size, --workers, --device of the jobs that run a trained model over images.
+
+    *threshold_use* says what the threshold decides in this job (its --help).
+    """
+    parser.add_argument("--score-threshold", type=float, default=None,
+                        help=f"{threshold_use} (default: the model's operating threshold, chosen on the "
+                             f"validation images when it was trained; {D.SCORE_THRESHOLD} for a model without one)")
     parser.add_argument("--batch-size", type=int, default=D.INFERENCE_BATCH_SIZE,
                         help=f"images per model call (default: {D.INFERENCE_BATCH_SIZE})")
     parser.add_argument("--workers", type=int, default=D.DECODE_WORKERS,
@@ -115,7 +135,7 @@ def add_model_run_args(parser) -> None:
 
 def check_model_run_args(args) -> None:
     """Raise InputError naming the flag when --score-threshold or --batch-size cannot be used."""
-    if not 0.0 <= args.score_threshold <= 1.0:
+    if args.score_threshold is not None and not 0.0 <= args.score_threshold <= 1.0:
         raise InputError(f"--score-threshold must be between 0 and 1, got {args.score_threshold}")
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")

@@ -21,6 +21,7 @@ PREPROCESS_MAX_SIZE = None     # longest side after preprocessing; None keeps th
 AUGMENT_COPIES = 2             # augmented copies per training image
 RARE_FACTOR = 2                # extra copies of each image holding mask_weared_incorrect (~3 % of real faces)
 NOISE_STD = 8.0                # Gaussian pixel noise of an augmented copy, in 8-bit units (0-255)
+LABEL_MAP = ""                 # --label-map SOURCE=CLASS,...: other data sets' object names -> our classes; "" maps none
 
 # -- model -------------------------------------------------------------------------------
 BACKBONE = "mobilenet_v2_fpn"  # the only backbone whose ImageNet weights are available offline here
@@ -42,7 +43,8 @@ CLIP_GRAD = 10.0               # gradient-norm clipping; 0 turns it off
 FREEZE_BACKBONE_EPOCHS = 0     # epochs with the whole backbone frozen before TRAINABLE_LAYERS apply
 HFLIP = 0.5                    # probability of a horizontal flip per training image
 AMP = True                     # mixed precision on CUDA (never on a CPU)
-VAL_MODE = "merge"             # merge: train on train+val; monitor: log val loss and mAP every epoch
+VAL_MODE = "monitor"           # monitor: val held out, logged every epoch and used to choose the score threshold;
+                               # merge: train on train+val (no held-out images: the threshold stays the default)
 
 # -- hyper-parameter search (Optuna) -----------------------------------------------------
 HPO_EPOCHS = 3                 # epochs per trial

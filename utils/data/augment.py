@@ -28,7 +28,7 @@ from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 from .. import defaults as D
-from ..classes import LABEL_OF, NAME_OF, RARE_CLASS
+from ..classes import LABEL_OF, NAME_OF, NO_LABEL_MAP, RARE_CLASS, LabelMap
 from ..errors import InputError
 from .preprocess import (JobLog, NothingProcessedError, boxes_of, default_report_path, finish_report, load_pair,
                          objects_from, open_inputs, output_folder, write_pair)
@@ -105,8 +105,11 @@ def torch_threads(count: int):
 def augment_set(images, annotations, copies: int, rare_factor: int = 0, noise_std: float = D.NOISE_STD,
                 seed: int = D.SEED, output_dir=None, output_tar=None, split_csv=None, split=None,
                 quality: int = D.JPEG_QUALITY, report=None,
-                progress: bool = True, original_prefix: str = "train_") -> dict:
-    """Write originals and augmented copies of one set; return the report (also written to *report*)."""
+                progress: bool = True, original_prefix: str = "train_", label_map: LabelMap = NO_LABEL_MAP) -> dict:
+    """Write originals and augmented copies of one set; return the report (also written to *report*).
+
+    Object names are read through *label_map* and written as the class names.
+    """
     if copies < 0 or rare_factor < 0:
         raise InputError(f"--copies and --rare-factor must not be negative, got {copies} and {rare_factor}")
     if noise_std < 0:
@@ -115,7 +118,7 @@ def augment_set(images, annotations, copies: int, rare_factor: int = 0, noise_st
     report = Path(report) if report else default_report_path(output_dir, output_tar)
     params = {"images": images, "annotations": annotations, "split_csv": split_csv, "split": split,
               "copies": copies, "rare_factor": rare_factor, "noise_std": noise_std, "seed": seed,
-              "quality": quality, "output_dir": output_dir, "output_tar": output_tar}
+              "quality": quality, "output_dir": output_dir, "output_tar": output_tar, "label_map": str(label_map)}
     transform = build_transform(noise_std)
     log = JobLog()
     log.extra = {"originals": 0, "copies": 0, "rare_images": 0, "rare_extra_copies": 0, "copies_redrawn": [],
@@ -128,7 +131,7 @@ def augment_set(images, annotations, copies: int, rare_factor: int = 0, noise_st
                     log.skip(pair.image.name, f"another input already produced {original_prefix}{pair.stem} "
                                               "(two images with the same stem)")
                     continue
-                loaded = load_pair(pair, log)
+                loaded = load_pair(pair, log, label_map)
                 if loaded is None:
                     continue
                 produced.add(pair.stem)

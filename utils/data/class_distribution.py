@@ -12,14 +12,15 @@ matplotlib.use("Agg")  # jobs run without a display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..atomic import atomic_path, write_text  # noqa: E402
-from ..classes import CLASS_COLOURS, CLASSES  # noqa: E402
+from ..classes import CLASS_COLOURS, CLASSES, NO_LABEL_MAP, LabelMap  # noqa: E402
 from .pairs import read_csv_rows, read_pairs_csv  # noqa: E402
 from .split import SPLITS  # noqa: E402
 from .voc import VocError, parse_voc  # noqa: E402
 
 
-def count_objects(split_csv, images_dir=None, annotations_dir=None, classes=CLASSES):
-    """Count objects and images per class per split.
+def count_objects(split_csv, images_dir=None, annotations_dir=None, classes=CLASSES,
+                  label_map: LabelMap = NO_LABEL_MAP):
+    """Count objects and images per class per split, object names read through *label_map*.
 
     Returns (counts, problems): counts[split] = {"images": n, "objects": {class: n},
     "images_with": {class: n}}; problems lists {"file", "problem"} for annotations that
@@ -35,7 +36,7 @@ def count_objects(split_csv, images_dir=None, annotations_dir=None, classes=CLAS
             problems.append({"file": pair.image.name, "problem": f"unknown split {split!r}; skipped"})
             continue
         try:
-            ann = parse_voc(pair.annotation)
+            ann = parse_voc(pair.annotation, label_map)
         except VocError as exc:
             problems.append({"file": Path(exc.file).name, "problem": f"{exc.problem}; skipped"})
             continue

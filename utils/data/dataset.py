@@ -6,7 +6,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2 as T
 
-from ..classes import CLASSES, LABEL_OF
+from ..classes import CLASSES, LABEL_OF, NO_LABEL_MAP, LabelMap
 from .images import load_rgb
 from .voc import clean_objects, parse_voc
 
@@ -18,12 +18,14 @@ class VocDetectionDataset(torch.utils.data.Dataset):
     absolute pixels), labels (int64, 1..3), image_id, area, iscrowd. *transforms*
     receive (tv_tensors.Image uint8, target) so that torchvision.transforms.v2
     moves the boxes with the pixels. Objects dropped by cleaning (unknown class,
-    out of bounds, zero area) are recorded in ``object_problems`` per file.
+    out of bounds, zero area) are recorded in ``object_problems`` per file. Object names
+    are read through *label_map* (another data set's names as classes).
     """
 
-    def __init__(self, pairs, transforms=None):
+    def __init__(self, pairs, transforms=None, label_map: LabelMap = NO_LABEL_MAP):
         self.pairs = list(pairs)
         self.transforms = transforms
+        self.label_map = label_map
         self.object_problems: dict[str, list[str]] = {}
 
     def __len__(self):
@@ -31,7 +33,7 @@ class VocDetectionDataset(torch.utils.data.Dataset):
 
     def load_target(self, index, width, height):
         pair = self.pairs[index]
-        ann = parse_voc(pair.annotation)
+        ann = parse_voc(pair.annotation, self.label_map)
         objects, problems = clean_objects(ann, width, height, known_classes=CLASSES)
         if problems:
             self.object_problems[str(pair.annotation)] = problems

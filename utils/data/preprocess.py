@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ..atomic import atomic_path, write_json
 from .. import defaults as D
-from ..classes import CLASSES
+from ..classes import CLASSES, NO_LABEL_MAP, LabelMap
 from ..errors import InputError
 from .images import ImageError, load_rgb
 from .pairs import Pair, open_folder, pack_folder, pair_folders, read_pairs_csv
@@ -105,15 +105,16 @@ def open_inputs(images, annotations, split_csv=None, split=None, log: JobLog | N
         yield pairs
 
 
-def load_pair(pair: Pair, log: JobLog) -> LoadedPair | None:
-    """Decode the image (8-bit RGB) and parse and clean its annotation; None (and a report line) on failure."""
+def load_pair(pair: Pair, log: JobLog, label_map: LabelMap = NO_LABEL_MAP) -> LoadedPair | None:
+    """Decode the image (8-bit RGB) and parse (names through *label_map*) and clean its annotation; None (and
+    a report line) on failure."""
     try:
         image = load_rgb(pair.image)
     except ImageError as exc:
         log.skip(pair.image.name, exc.problem)
         return None
     try:
-        ann = parse_voc(pair.annotation)
+        ann = parse_voc(pair.annotation, label_map)
     except VocError as exc:
         log.skip(pair.annotation.name, exc.problem)
         return None
@@ -211,8 +212,12 @@ def resize_longest_side(image, ann: VocAnnotation, max_size: int | None):
 
 def preprocess_set(images, annotations, prefix: str, output_dir=None, output_tar=None, split_csv=None,
                    split=None, max_size: int | None = D.PREPROCESS_MAX_SIZE, image_format: str = D.PREPROCESS_FORMAT,
-                   quality: int = D.JPEG_QUALITY, report=None, progress: bool = True) -> dict:
-    """Preprocess one set; return the report (also written to *report*). Raises NothingProcessedError."""
+                   quality: int = D.JPEG_QUALITY, report=None, progress: bool = True,
+                   label_map: LabelMap = NO_LABEL_MAP) -> dict:
+    """Preprocess one set; return the report (also written to *report*). Raises NothingProcessedError.
+
+    Object names are read through *label_map* and written as the class names.
+    """
     if image_format not in FORMATS:
         raise InputError(f"unknown image format {image_format!r} (choose from {', '.join(FORMATS)})")
     if max_size is not None and max_size < 16:
@@ -221,7 +226,7 @@ def preprocess_set(images, annotations, prefix: str, output_dir=None, output_tar
     report = Path(report) if report else default_report_path(output_dir, output_tar)
     params = {"images": images, "annotations": annotations, "prefix": prefix, "split_csv": split_csv,
               "split": split, "max_size": max_size, "format": image_format, "quality": quality,
-              "output_dir": output_dir, "output_tar": output_tar}
+              "output_dir": output_dir, "output_tar": output_tar, "label_map": str(label_map)}
     log = JobLog()
     used_inputs, produced = [], set()
     with open_inputs(images, annotations, split_csv, split, log) as pairs:
@@ -232,7 +237,7 @@ def preprocess_set(images, annotations, prefix: str, output_dir=None, output_tar
                     log.skip(pair.image.name, f"another input already produced {stem}.{image_format} "
                                               "(two images with the same stem)")
                     continue
-                loaded = load_pair(pair, log)
+                loaded = load_pair(pair, log, label_map)
                 if loaded is None:
                     continue
                 image, ann = resize_longest_side(loaded.image, loaded.annotation, max_size)

@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 from .. import defaults as D
-from ..classes import RARE_CLASS
+from ..classes import NO_LABEL_MAP, RARE_CLASS, LabelMap
 from ..errors import InputError, read_json
 from .voc import parse_voc
 
@@ -116,17 +116,19 @@ def read_duplicate_groups(report_path) -> list[list[str]]:
     return groups
 
 
-def image_classes(pairs) -> dict[str, set[str]]:
-    """Class names present in each pair's annotation, by image file name (VocError if unreadable)."""
-    return {pair.image.name: {obj.name for obj in parse_voc(pair.annotation).objects} for pair in pairs}
+def image_classes(pairs, label_map: LabelMap = NO_LABEL_MAP) -> dict[str, set[str]]:
+    """Class names present in each pair's annotation (names read through *label_map*), by image file name
+    (VocError if unreadable)."""
+    return {pair.image.name: {obj.name for obj in parse_voc(pair.annotation, label_map).objects} for pair in pairs}
 
 
 def split_pairs(pairs, duplicate_groups=(), fractions=D.SPLIT_FRACTIONS, seed: int = D.SEED,
-                classes_of: dict[str, set[str]] | None = None, rare_class: str = RARE_CLASS) -> list[dict]:
+                classes_of: dict[str, set[str]] | None = None, rare_class: str = RARE_CLASS,
+                label_map: LabelMap = NO_LABEL_MAP) -> list[dict]:
     """Rows {image, annotation, split} for *pairs*, in input order.
 
     duplicate_groups: lists of image file names that must share a split.
-    classes_of: class names per image file name; read from the annotations when omitted.
+    classes_of: class names per image file name; read from the annotations (through *label_map*) when omitted.
     """
     pairs = list(pairs)
     fractions = check_fractions(fractions)
@@ -135,7 +137,7 @@ def split_pairs(pairs, duplicate_groups=(), fractions=D.SPLIT_FRACTIONS, seed: i
         duplicates = sorted(n for n, c in Counter(names).items() if c > 1)
         raise SplitError(f"image file names must be unique, repeated: {', '.join(duplicates[:5])}")
     if classes_of is None:
-        classes_of = image_classes(pairs)
+        classes_of = image_classes(pairs, label_map)
     units = _units(pairs, duplicate_groups)
 
     def is_rare(unit):

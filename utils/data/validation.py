@@ -17,6 +17,12 @@ differs from the decoded image (reported; the real size is used); images left wi
 objects; exact duplicates (sha256 of the file) and near duplicates (perceptual hash,
 Hamming distance <= near_duplicate_distance), of which one per group is kept.
 
+Label map: object names are read through *label_map* (another data set's names as
+classes, utils.classes.LabelMap); the report counts each renaming in "labels_mapped"
+({"with_incorrect_mask -> mask_weared_incorrect": 12}), and a renamed annotation counts
+as cleaned, so annotations_clean/ holds only class names. Names the map does not cover
+stay unknown classes (object dropped, reported).
+
 Cleaned annotations: ``write_clean_outputs`` writes the annotation of EVERY usable
 pair to ``OUTPUT_DIR/annotations_clean/`` -- rewritten with the kept (clipped) objects
 and the real image size where cleaning changed something, copied byte for byte
@@ -46,7 +52,7 @@ from tqdm import tqdm
 
 from ..atomic import write_json
 from .. import defaults as D
-from ..classes import CLASSES
+from ..classes import CLASSES, NO_LABEL_MAP, LabelMap
 from ..errors import InputError
 from .images import ImageError, is_image_name, load_rgb
 from .pairs import Pair, pair_folders, write_pairs_csv
@@ -166,7 +172,7 @@ def _check_folder(path, role: str) -> Path:
 def validate_dataset(images_dir, annotations_dir, near_duplicate_distance: int = D.NEAR_DUPLICATE_DISTANCE,
                      known_classes=CLASSES,
                      tolerance: float = CLIP_TOLERANCE_PX, workers: int | None = None,
-                     progress: bool | None = None) -> ValidationResult:
+                     progress: bool | None = None, label_map: LabelMap = NO_LABEL_MAP) -> ValidationResult:
     """Validate the VOC pairs of *images_dir* / *annotations_dir* (may be the same folder).
 
     near_duplicate_distance: largest perceptual-hash Hamming distance (of 64 bits) that
@@ -211,10 +217,11 @@ def validate_dataset(images_dir, annotations_dir, near_duplicate_distance: int =
 
     candidates = []  # (pair, facts, cleaned annotation, changed)
     objects_dropped = objects_clipped = 0
+    labels_mapped: dict[str, int] = {}
     for pair, fact in zip(pairs, facts):
         # Both files are checked, so that a pair broken on both sides reports both.
         try:
-            ann = parse_voc(pair.annotation)
+            ann = parse_voc(pair.annotation, label_map)
         except VocError as exc:
             ann = None
             problem(pair.annotation, "bad_annotation", exc.problem, image=pair.image)
@@ -223,7 +230,10 @@ def validate_dataset(images_dir, annotations_dir, near_duplicate_distance: int =
         if ann is None or fact.error is not None:
             continue
         width, height = fact.size
-        changed = False
+        renamed = [f"{obj.source_name} -> {obj.name}" for obj in ann.objects if obj.source_name]
+        for renaming in renamed:
+            labels_mapped[renaming] = labels_mapped.get(renaming, 0) + 1
+        changed = bool(renamed)  # the cleaned copy must hold the class names, not the file's
         if (ann.width, ann.height) != (width, height):
             problem(pair.annotation, "size_mismatch",
                     f"<size> says {ann.width}x{ann.height} but {pair.image.name} is {width}x{height}; "
@@ -316,6 +326,8 @@ def validate_dataset(images_dir, annotations_dir, near_duplicate_distance: int =
         "objects_clipped": objects_clipped,
         "objects_per_class": objects_per_class,
         "images_with_class": images_with_class,
+        "label_map": str(label_map),
+        "labels_mapped": dict(sorted(labels_mapped.items())),
         "problem_counts": problem_counts,
         "problems": problems,
         "duplicate_groups": duplicate_groups,
@@ -389,6 +401,10 @@ def format_summary(report: dict) -> str:
         "objects per class: " + ", ".join(f"{k}={v}" for k, v in report["objects_per_class"].items()),
         f"duplicate groups: {len(report['duplicate_groups'])}",
     ]
+    if report.get("label_map"):  # reports of runs without a map (or from before maps) have no line
+        mapped = report.get("labels_mapped") or {}
+        lines.insert(-1, "labels mapped: " + (", ".join(f"{k} ({n})" for k, n in mapped.items()) if mapped else
+                                              f"none (no object name matches --label-map {report['label_map']})"))
     counts = {k: v for k, v in report["problem_counts"].items() if v}
     lines.append("problems: " + (", ".join(f"{k}={v}" for k, v in counts.items()) if counts else "none"))
     return "\n".join(lines)

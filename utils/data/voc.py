@@ -3,6 +3,11 @@
 Parsing is strict about what a detector needs (size and, per object, a name and
 a numeric bndbox) and every failure is a VocError naming the file and the
 problem, so that jobs can report it instead of showing an lxml traceback.
+
+parse_voc is also the one place where a label map (utils.classes.LabelMap, the jobs'
+--label-map) turns another data set's object names into this project's classes;
+the objects carry the canonical name, so everything written from them (to_xml_bytes)
+holds canonical names too.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from pathlib import Path
 from lxml import etree
 
 from ..atomic import write_bytes
+from ..classes import NO_LABEL_MAP, LabelMap
 from ..errors import InputError
 
 # Boxes that overshoot the image by at most this many pixels are clipped (annotation
@@ -40,6 +46,9 @@ class VocObject:
     difficult: int = 0
     truncated: int = 0
     pose: str = "Unspecified"
+    # The name in the XML file when a label map renamed it (for the validation report); not part of equality,
+    # so an object reads back equal from the canonical file it was written to.
+    source_name: str | None = field(default=None, compare=False)
 
     @property
     def box(self) -> tuple[float, float, float, float]:
@@ -85,8 +94,9 @@ def _number(element, tag: str, file, where: str = "") -> float:
     return value
 
 
-def parse_voc(path) -> VocAnnotation:
-    """Parse one VOC file. Raises VocError for unreadable, malformed or incomplete XML."""
+def parse_voc(path, label_map: LabelMap = NO_LABEL_MAP) -> VocAnnotation:
+    """Parse one VOC file, object names mapped through *label_map*. Raises VocError for unreadable,
+    malformed or incomplete XML."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -129,9 +139,11 @@ def parse_voc(path) -> VocAnnotation:
             except ValueError:
                 return 0
 
+        class_name = label_map.class_name(name)
         objects.append(
-            VocObject(name, *coords, difficult=flag("difficult"), truncated=flag("truncated"),
-                      pose=_text(obj, "pose", path, required=False) or "Unspecified")
+            VocObject(class_name, *coords, difficult=flag("difficult"), truncated=flag("truncated"),
+                      pose=_text(obj, "pose", path, required=False) or "Unspecified",
+                      source_name=name if class_name != name else None)
         )
     return VocAnnotation(filename=filename, width=int(round(width)), height=int(round(height)), depth=depth,
                          objects=objects, folder=_text(root, "folder", path, required=False) or "images",

@@ -1,7 +1,9 @@
-"""The evaluate job: COCO mAP, a detection confusion matrix, PR curves and the test loss on a labelled set.
+"""The evaluate job: COCO mAP, a detection confusion matrix, PR curves, the test loss and the
+compliance error on a labelled set.
 
 mAP uses every detection the model keeps (its own low score floor), as COCO
-evaluation expects ranked detections; the confusion matrix uses only detections
+evaluation expects ranked detections; the confusion matrix and the compliance error
+(true vs predicted faces per class and percent properly masked) use only detections
 at or above --score-threshold, the operating point of the predict job.
 """
 
@@ -16,8 +18,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..atomic import write_json, write_text
-from ..classes import CLASSES, NAME_OF
+from ..classes import CLASSES, NAME_OF, NO_LABEL_MAP, LabelMap
 from ..data.dataset import VocDetectionDataset, collate
+from .compliance import compliance_error, compliance_error_lines
 from .engine import evaluate_loss, run_inference
 from ..data.images import ImageError, image_size
 from .inference import default_num_workers
@@ -58,7 +61,7 @@ def check_model_classes(meta: dict, model_path) -> None:
         raise EvaluationInputError(f"{model_path}: model classes {list(classes)} differ from {list(CLASSES)}")
 
 
-def dropped_objects(pairs) -> list[dict]:
+def dropped_objects(pairs, label_map: LabelMap = NO_LABEL_MAP) -> list[dict]:
     """Objects the dataset leaves out (unknown class, outside the image, no area), per annotation file.
 
     Computed here, in this process, because the dataset records them in whichever DataLoader
@@ -68,7 +71,7 @@ def dropped_objects(pairs) -> list[dict]:
     for pair in pairs:
         try:
             width, height = image_size(pair.image)
-            _, problems = clean_objects(parse_voc(pair.annotation), width, height, known_classes=CLASSES)
+            _, problems = clean_objects(parse_voc(pair.annotation, label_map), width, height, known_classes=CLASSES)
         except (ImageError, VocError):
             continue  # the loader raises for these with the file named; nothing to add here
         if problems:
@@ -76,9 +79,10 @@ def dropped_objects(pairs) -> list[dict]:
     return dropped
 
 
-def evaluation_loader(pairs, batch_size: int = 4, num_workers: int | None = None, device=None) -> DataLoader:
+def evaluation_loader(pairs, batch_size: int = 4, num_workers: int | None = None, device=None,
+                      label_map: LabelMap = NO_LABEL_MAP) -> DataLoader:
     num_workers = default_num_workers() if num_workers is None else num_workers
-    dataset = VocDetectionDataset(pairs)
+    dataset = VocDetectionDataset(pairs, label_map=label_map)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
                       pin_memory=torch.device(device or "cpu").type == "cuda")
 
@@ -123,6 +127,7 @@ def format_report(report: dict) -> str:
         lines.append(f"{label:<{width}}" + "".join(f"{count:>{width}}" for count in row))
     lines += ["", "A missed face counts in the background column, a spurious or duplicate box in the "
                   "background row."]
+    lines += ["", *compliance_error_lines(report["compliance"])]
     if report["skipped"]:
         lines += ["", f"Skipped {len(report['skipped'])} files:"]
         lines += [f"  {entry['file']}: {entry['reason']}" for entry in report["skipped"]]
@@ -131,11 +136,12 @@ def format_report(report: dict) -> str:
 
 def evaluate_model(model, pairs, output_dir, device="cpu", score_threshold: float = 0.5, batch_size: int = 4,
                    num_workers: int | None = None, skipped=(), settings: dict | None = None,
-                   progress: bool = False) -> Evaluation:
+                   progress: bool = False, label_map: LabelMap = NO_LABEL_MAP) -> Evaluation:
     """Evaluate *model* on *pairs* and write evaluation.json/.txt, confusion_matrix.png/.csv, pr_curves.png."""
     output_dir = Path(output_dir)
     device = torch.device(device)
-    loader = evaluation_loader(pairs, batch_size=batch_size, num_workers=num_workers, device=device)
+    loader = evaluation_loader(pairs, batch_size=batch_size, num_workers=num_workers, device=device,
+                               label_map=label_map)
     preds, targets = run_inference(model, loader, device, progress=progress, description="evaluate")
     # torchvision returns losses only in train mode: evaluate_loss runs train mode with BatchNorm kept in
     # eval, no gradients and a fixed sampler seed, so the figure is a true held-out loss.
@@ -144,12 +150,13 @@ def evaluate_model(model, pairs, output_dir, device="cpu", score_threshold: floa
     matrix, labels = detection_confusion_matrix(preds, targets, iou_threshold=CONFUSION_IOU,
                                                 score_threshold=score_threshold)
     curves = pr_curves(coco, iou_threshold=0.5)
+    compliance = compliance_error(preds, targets, score_threshold)
     faces_per_class = {name: 0 for name in CLASSES}
     for target in targets:
         for label in target["labels"].tolist():
             faces_per_class[NAME_OF[int(label)]] += 1
     summary = coco.summary
-    object_problems = dropped_objects(pairs)
+    object_problems = dropped_objects(pairs, label_map)
     report = {
         **(settings or {}),
         "map": summary["map"],
@@ -164,6 +171,7 @@ def evaluate_model(model, pairs, output_dir, device="cpu", score_threshold: floa
         "test_loss_terms": {k: v for k, v in losses.items() if k != "loss"},
         "confusion_matrix": {"labels": labels, "matrix": matrix, "rows": "true", "columns": "predicted",
                              "iou_threshold": CONFUSION_IOU, "score_threshold": score_threshold},
+        "compliance": compliance,
         "num_images": len(pairs),
         "num_faces": sum(faces_per_class.values()),
         "faces_per_class": faces_per_class,

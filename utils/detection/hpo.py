@@ -6,6 +6,12 @@ eval mode after every epoch; never a loss computed in train mode. Every epoch
 is reported with ``trial.report`` and a MedianPruner stops trials below the
 median of earlier trials at the same epoch.
 
+The compliance error (predicted minus true percent of faces properly masked, at
+the operating score threshold) is recorded for every epoch and trial but is not
+the objective: on a validation split of a few dozen images one face moves it by
+several points, and it depends on the score threshold, which is chosen for the
+final model after the search; mAP ranks detectors over all thresholds.
+
 Storage: ``JournalStorage(JournalFileBackend(checkpoint))``. One worker owns one
 journal, so a trial found RUNNING when a job starts was left by a killed run:
 it is marked FAIL and its parameters are enqueued again (at most
@@ -35,7 +41,9 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from .. import defaults as D
+from ..classes import NO_LABEL_MAP, LabelMap
 from ..errors import InputError, read_json
+from .compliance import compliance_error
 from .engine import NonFiniteLossError
 from .training import Trainer, TrainParams, open_pairs
 
@@ -169,6 +177,8 @@ class HpoConfig:
     warmup_iters: int = D.HPO_WARMUP_ITERS
     objective: str = D.HPO_OBJECTIVE
     seed: int = D.SEED
+    score_threshold: float = D.SCORE_THRESHOLD  # where the compliance error of each trial is read (reported only)
+    label_map: LabelMap = NO_LABEL_MAP  # how the annotations' object names become classes
 
 
 def make_objective(config: HpoConfig, space: SearchSpace, train_pairs, val_pairs, device):
@@ -180,7 +190,8 @@ def make_objective(config: HpoConfig, space: SearchSpace, train_pairs, val_pairs
                              batch_size=sampled.get("batch_size", space.batch_sizes[0]),
                              lr=sampled["lr"], momentum=sampled["momentum"], weight_decay=sampled["weight_decay"],
                              trainable_layers=sampled["trainable_layers"])
-        trainer = Trainer(params, train_pairs, device, val_pairs=val_pairs, progress=False)
+        trainer = Trainer(params, train_pairs, device, val_pairs=val_pairs, progress=False,
+                          label_map=config.label_map)
         value = 0.0
         for epoch in range(config.epochs):
             try:
@@ -190,17 +201,23 @@ def make_objective(config: HpoConfig, space: SearchSpace, train_pairs, val_pairs
                 trial.set_user_attr("diverged", str(error))
                 trial.report(0.0, epoch)
                 raise optuna.TrialPruned(f"diverged at epoch {epoch + 1}") from None
-            summary = trainer.validation_map()
+            predictions = trainer.validation_predictions()
+            summary = trainer.validation_map(predictions)
+            compliance = compliance_error(*predictions, score_threshold=config.score_threshold)
             value = fitness(summary, config.objective)
             trial.set_user_attr(f"epoch_{epoch + 1}", {"map": summary["map"], "map_50": summary["map_50"],
+                                                       "compliance_error_points": compliance["error_points"],
                                                        "train_loss": row.train_loss})
             trial.report(value, epoch)
-            log.info("trial %d epoch %d/%d: %s %.4f (mAP %.4f, mAP@0.5 %.4f), loss %.4f", trial.number, epoch + 1,
-                     config.epochs, config.objective, value, summary["map"], summary["map_50"], row.train_loss)
+            log.info("trial %d epoch %d/%d: %s %.4f (mAP %.4f, mAP@0.5 %.4f, compliance error %s points), "
+                     "loss %.4f", trial.number, epoch + 1, config.epochs, config.objective, value, summary["map"],
+                     summary["map_50"], compliance["error_points"], row.train_loss)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} with {value:.4f}")
         trial.set_user_attr("map", summary["map"])
         trial.set_user_attr("map_50", summary["map_50"])
+        trial.set_user_attr("compliance_error_points", compliance["error_points"])
+        trial.set_user_attr("per_image_mae_points", compliance["per_image_mae_points"])
         return value
 
     return objective
@@ -256,7 +273,8 @@ def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotat
         "best_params": dict(best.params) if best else None,
         "best_value": best.value if best else None,
         "best_trial": best.number if best else None,
-        "best_metrics": ({"map": best.user_attrs.get("map"), "map_50": best.user_attrs.get("map_50")}
+        "best_metrics": ({key: best.user_attrs.get(key) for key in ("map", "map_50", "compliance_error_points",
+                                                                     "per_image_mae_points")}
                          if best else None),
         "fixed_params": {"optimizer": config.optimizer, "batch_size": space.batch_sizes[0],
                          "epochs": config.epochs, "image_size": config.image_size, "backbone": config.backbone,
@@ -346,6 +364,8 @@ def merged_text(merged: dict) -> str:
               f"best value: {merged['value']:.6f}"]
     if merged.get("metrics"):
         lines.append("validation mAP: {map}, mAP@0.5: {map_50}".format(**merged["metrics"]))
+        if merged["metrics"].get("compliance_error_points") is not None:
+            lines.append(f"validation compliance error: {merged['metrics']['compliance_error_points']:+.1f} points")
     lines.append(f"from: {merged['source']} (worker {merged.get('worker_index')}, trial {merged.get('trial')})")
     for worker in merged["workers"]:
         counts = worker.get("trial_counts") or {}

@@ -1,4 +1,4 @@
-"""Detection metrics: COCO mAP, a detection confusion matrix, PR curves and the compliance figure.
+"""Detection metrics: COCO mAP, a detection confusion matrix and PR curves (compliance: compliance.py).
 
 Inputs everywhere are torchvision-style lists, one dict per image:
   preds:   {"boxes": FloatTensor[N, 4] XYXY, "scores": FloatTensor[N], "labels": Int64Tensor[N]}
@@ -213,36 +213,3 @@ def detection_confusion_matrix(preds, targets, iou_threshold: float = 0.5, score
         for j in torch.nonzero(~matched).reshape(-1).tolist():
             matrix[index_of[int(true_labels[j])], background] += 1
     return matrix.tolist(), list(CONFUSION_LABELS)
-
-
-def compliance(pred_labels) -> dict:
-    """Faces per class and the share properly masked, from predicted labels (ints 1..3 or class names).
-
-    percent_properly_masked = 100 * with_mask / all faces, None when there are no faces.
-    """
-    counts = {name: 0 for name in CLASSES}
-    for label in pred_labels:
-        name = label if isinstance(label, str) else NAME_OF.get(int(label))
-        if name not in counts:
-            raise ValueError(f"unknown class label {label!r}: expected one of {list(CLASSES)} or 1..{len(CLASSES)}")
-        counts[name] += 1
-    faces = sum(counts.values())
-    percent = round(100.0 * counts["with_mask"] / faces, 2) if faces else None
-    return {"faces": faces, "counts": counts, "percent_properly_masked": percent}
-
-
-def merge_compliance(parts) -> dict:
-    """Overall compliance from per-image compliance dicts."""
-    labels = []
-    for part in parts:
-        for name, count in part["counts"].items():
-            labels.extend([name] * count)
-    return compliance(labels)
-
-
-def compliance_line(summary: dict) -> str:
-    """One printable line, e.g. 'compliance: 42 faces, 30 with_mask, ...: 71.4% properly masked'."""
-    counts = ", ".join(f"{summary['counts'][name]} {name}" for name in CLASSES)
-    percent = summary["percent_properly_masked"]
-    figure = "no faces found" if percent is None else f"{percent:.1f}% properly masked"
-    return f"compliance: {summary['faces']} faces, {counts}: {figure}"

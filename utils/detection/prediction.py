@@ -24,7 +24,7 @@ from ..atomic import write_json, write_text
 from ..classes import NAME_OF
 from ..data.images import is_image_name
 from .inference import Detections, ImageItem, Skipped, detect_files
-from .metrics import compliance, compliance_line, merge_compliance
+from .compliance import compliance, compliance_line, merge_compliance
 from ..data.pairs import open_folder
 from .plots import save_annotated
 

@@ -19,6 +19,7 @@ import torch
 
 from .. import defaults as D
 from ..atomic import write_text
+from ..classes import NO_LABEL_MAP, LabelMap
 from ..data.dataset import VocDetectionDataset, collate
 from .engine import (build_optimizer, build_scheduler, evaluate_loss, load_checkpoint, make_grad_scaler,
                      restore_checkpoint, run_inference, save_checkpoint, seed_everything, train_one_epoch)
@@ -161,8 +162,9 @@ def train_transforms(hflip: float):
 
 
 def make_loader(pairs, batch_size: int, workers: int, shuffle: bool, hflip: float = 0.0,
-                generator: torch.Generator | None = None, pin_memory: bool = False):
-    dataset = VocDetectionDataset(pairs, transforms=train_transforms(hflip) if hflip else None)
+                generator: torch.Generator | None = None, pin_memory: bool = False,
+                label_map: LabelMap = NO_LABEL_MAP):
+    dataset = VocDetectionDataset(pairs, transforms=train_transforms(hflip) if hflip else None, label_map=label_map)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate,
         generator=generator, pin_memory=pin_memory, persistent_workers=False)
@@ -194,9 +196,13 @@ class EpochRow:
 
 
 class Trainer:
-    """Model, optimizer and schedule for one run; ``run_epoch`` trains one epoch and can be checkpointed."""
+    """Model, optimizer and schedule for one run; ``run_epoch`` trains one epoch and can be checkpointed.
 
-    def __init__(self, params: TrainParams, train_pairs, device, val_pairs=None, progress: bool = True):
+    label_map: how the annotations' object names become classes (another data set's names).
+    """
+
+    def __init__(self, params: TrainParams, train_pairs, device, val_pairs=None, progress: bool = True,
+                 label_map: LabelMap = NO_LABEL_MAP):
         self.params = params
         self.device = device
         self.progress = progress
@@ -210,9 +216,10 @@ class Trainer:
         pin = device.type == "cuda"
         workers = params.workers if params.workers >= 0 else auto_workers(device)
         self.train_loader = make_loader(train_pairs, params.batch_size, workers, shuffle=True,
-                                        hflip=params.hflip, generator=self.generator, pin_memory=pin)
-        self.val_loader = (make_loader(val_pairs, params.batch_size, workers, shuffle=False, pin_memory=pin)
-                           if val_pairs else None)
+                                        hflip=params.hflip, generator=self.generator, pin_memory=pin,
+                                        label_map=label_map)
+        self.val_loader = (make_loader(val_pairs, params.batch_size, workers, shuffle=False, pin_memory=pin,
+                                       label_map=label_map) if val_pairs else None)
         iters_per_epoch = len(self.train_loader)
         self.scheduler = build_scheduler(self.optimizer, total_iters=params.epochs * iters_per_epoch,
                                          warmup_iters=params.warmup_iters, schedule=params.lr_schedule)
@@ -264,11 +271,15 @@ class Trainer:
         self.history.append(row.flat())
         return row
 
-    def validation_map(self) -> dict:
-        """COCO mAP on the validation loader, predictions made in eval mode."""
+    def validation_predictions(self) -> tuple[list[dict], list[dict]]:
+        """(predictions made in eval mode, targets) over the validation loader."""
+        return run_inference(self.model, self.val_loader, self.device)
+
+    def validation_map(self, predictions: tuple[list[dict], list[dict]] | None = None) -> dict:
+        """COCO mAP on the validation loader (of *predictions* when already made)."""
         from .metrics import coco_map
 
-        preds, targets = run_inference(self.model, self.val_loader, self.device)
+        preds, targets = predictions if predictions is not None else self.validation_predictions()
         with contextlib.redirect_stdout(io.StringIO()):  # the COCO evaluator prints its tables
             return coco_map(preds, targets)
 

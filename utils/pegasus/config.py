@@ -13,6 +13,7 @@ import yaml
 from Pegasus.api import Namespace
 
 from .. import defaults as D
+from ..classes import LabelMap, LabelMapError
 from ..errors import InputError
 
 CONTAINER_KINDS = ("singularity", "docker")
@@ -39,6 +40,14 @@ def validate_container_image(image: str) -> str:
     if not owner or not repo:
         raise ConfigError(f"--container-image {image!r}: expected docker://OWNER/NAME:TAG")
     return image
+
+
+def parse_label_map(text: str) -> LabelMap:
+    """--label-map as a LabelMap; a bad value is a ConfigError (one line naming the flag and the pair)."""
+    try:
+        return LabelMap.parse(text)
+    except LabelMapError as error:
+        raise ConfigError(str(error)) from None
 
 
 def load_sites_config(path: Path) -> dict:
@@ -125,7 +134,8 @@ class WorkflowConfig:
     rare_factor: int = D.RARE_FACTOR
     noise_std: float = D.NOISE_STD
     max_size: int | None = D.PREPROCESS_MAX_SIZE
-    score_threshold: float = D.SCORE_THRESHOLD
+    score_threshold: float | None = None  # None: the model's own, chosen by train on the validation split
+    label_map: str = D.LABEL_MAP  # --label-map text, handed to the jobs that read XML when not empty
     weights_file: Path | None = None
     retries: int | None = None
     mode: str | None = None
@@ -134,6 +144,8 @@ class WorkflowConfig:
 
     def __post_init__(self):
         self.run_dir = Path(self.run_dir).resolve()
+        # Checked, and written one way (no spaces around "=" and ","), as the jobs' arguments get it.
+        self.label_map = str(parse_label_map(self.label_map))
         if self.hpo_jobs < 1:
             raise ConfigError(f"--hpo-jobs {self.hpo_jobs}: need at least one HPO job")
         if self.trials < self.hpo_jobs:
@@ -178,6 +190,6 @@ def config_from_args(args, project_root: Path, entries: list[SplitEntry], split_
         epochs=args.epochs, hpo_epochs=args.hpo_epochs, trials=args.trials, hpo_jobs=args.hpo_jobs,
         image_size=args.image_size, backbone=args.backbone, seed=args.seed, gpus=args.gpus,
         augment_copies=args.augment_copies, rare_factor=args.rare_factor, noise_std=args.noise_std,
-        max_size=args.max_size, score_threshold=args.score_threshold, weights_file=weights_file,
-        retries=args.retries, mode=args.mode, transfer_threads=args.transfer_threads,
+        max_size=args.max_size, score_threshold=args.score_threshold, label_map=args.label_map,
+        weights_file=weights_file, retries=args.retries, mode=args.mode, transfer_threads=args.transfer_threads,
     )

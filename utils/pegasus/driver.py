@@ -35,6 +35,10 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
     data.add_argument("--near-duplicate-distance", type=int, default=D.NEAR_DUPLICATE_DISTANCE,
                       help="perceptual-hash distance under which images count as near duplicates "
                            "(kept in one split)")
+    data.add_argument("--label-map", default=D.LABEL_MAP, metavar="SOURCE=CLASS,...",
+                      help="read these object names of another data set as classes, e.g. "
+                           "'with_incorrect_mask=mask_weared_incorrect, mask=with_mask, no_mask=without_mask'; "
+                           "validation, the split and the jobs that read XML apply it")
     model = parser.add_argument_group("model and training (defaults: utils/defaults.py, except "
                                       "workflow.py's WORKFLOW_OVERRIDES for make run's budget)")
     model.add_argument("--epochs", type=int, default=overrides["epochs"], help="training epochs of the final model")
@@ -53,8 +57,9 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
     model.add_argument("--noise-std", type=float, default=D.NOISE_STD, help="Gaussian noise std (0-255 scale)")
     model.add_argument("--max-size", type=int, default=overrides["max_size"],
                        help="preprocess: longest side in pixels")
-    model.add_argument("--score-threshold", type=float, default=D.SCORE_THRESHOLD,
-                       help="detection score threshold for evaluation and prediction")
+    model.add_argument("--score-threshold", type=float, default=None,
+                       help="detection score threshold for evaluation and prediction (default: the one train "
+                            "chooses on the validation split and stores in model.pt)")
     model.add_argument("--no-pretrained", action="store_true",
                        help="do not pass the cached ImageNet MobileNetV2 weights to hpo/train")
     pegasus = parser.add_argument_group("Pegasus")
@@ -130,7 +135,7 @@ def print_summary(run_dir: Path, output_dir: Path) -> None:
         else:
             print(json.dumps(json.loads(evaluation.read_text(encoding="utf-8")), indent=2)[:2000])
     if compliance.is_file():
-        from ..detection.metrics import compliance_line
+        from ..detection.compliance import compliance_line
 
         data = json.loads(compliance.read_text(encoding="utf-8"))
         print("\n== Compliance (predicted images) ==")

@@ -11,6 +11,7 @@ import io
 from pathlib import Path
 
 from ..atomic import write_text
+from ..classes import NO_LABEL_MAP, LabelMap
 from .config import ConfigError, SplitEntry
 
 
@@ -35,11 +36,13 @@ def write_if_changed(path: Path, text: str) -> None:
     write_text(path, text)
 
 
-def validate_and_split(data_dir: Path, run_dir: Path, seed: int, fractions, near_duplicate_distance: int):
+def validate_and_split(data_dir: Path, run_dir: Path, seed: int, fractions, near_duplicate_distance: int,
+                       label_map: LabelMap = NO_LABEL_MAP):
     """Validate the data and split the clean pairs; returns (validation report, split.csv path).
 
     Writes into the run dir: validation_report.json, clean_manifest.csv, annotations_clean/
-    (annotations with the fixable problems fixed, which the jobs get) and split.csv.
+    (annotations with the fixable problems fixed and object names mapped through *label_map*
+    to class names, which the jobs get) and split.csv.
     """
     from ..data.split import SplitError, split_pairs
     from ..data.validation import ValidationInputError, validate_dataset, write_clean_outputs
@@ -49,11 +52,12 @@ def validate_and_split(data_dir: Path, run_dir: Path, seed: int, fractions, near
         if not folder.is_dir():
             raise ConfigError(f"{folder}: not found (--data must contain images/ and annotations/)")
     try:
-        result = validate_dataset(images_dir, annotations_dir, near_duplicate_distance=near_duplicate_distance)
+        result = validate_dataset(images_dir, annotations_dir, near_duplicate_distance=near_duplicate_distance,
+                                  label_map=label_map)
         clean = write_clean_outputs(result, run_dir)
         if not clean["pairs"]:
             raise ConfigError(f"{data_dir}: no usable image/annotation pairs (see {clean['report']})")
-        rows = split_pairs(clean["pairs"], result.duplicate_groups, fractions, seed)
+        rows = split_pairs(clean["pairs"], result.duplicate_groups, fractions, seed, label_map=label_map)
     except (ValidationInputError, SplitError) as error:
         raise ConfigError(str(error)) from None
     buffer = io.StringIO()
