@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""Detection quality under a fixed CPU budget: train on the train split, report test mAP.
+"""Detection quality under a fixed CPU budget: train on the train split, report test mAP and compliance error.
 
 For each data set (the real face-mask data at --data, and synthetic sample data
 made by utils.data.sample_data): validate it (utils.data.validation), split it 70/10/20 with
 near-duplicates kept together (utils.data.split), train mobilenet_v2_fpn with ImageNet
 weights on the train split only for --epochs epochs at --image-size, then report
 COCO mAP (0.5:0.95), mAP@0.5, mAP@0.75 and AP per class on the test split
-(predictions in eval mode, torchmetrics/faster-coco-eval via utils.detection.metrics), with
-the wall time of each phase. Whatever comes out is reported as it is.
+(predictions in eval mode, torchmetrics/faster-coco-eval via utils.detection.metrics), and
+the compliance error on the test split at the score threshold chosen on the validation
+split as bin/train.py chooses it (utils.detection.compliance), with the wall time of each
+phase. Whatever comes out is reported as it is; the test split is only reported on.
 
 The budget is set by flags (--epochs, --image-size, --limit, --sample-images);
 the defaults take roughly an hour on two CPU cores. Run it in the background:
@@ -66,22 +68,23 @@ def split_folder(images, annotations, seed):
     summary = {"images_total": report.get("images_total"), "images_usable": report.get("images_usable"),
                "duplicate_groups": len(result.duplicate_groups),
                **{f"{name}_images": len(pairs) for name, pairs in by_split.items()}}
-    return by_split["train"], by_split["test"], summary
+    return by_split["train"], by_split["val"], by_split["test"], summary
 
 
 def run_one(name, images, annotations, args, device, limit=None):
     import torch
 
+    from utils.detection.compliance import choose_operating_threshold, compliance_error
     from utils.detection.engine import run_inference
     from utils.detection.metrics import coco_map
     from utils.detection.training import Trainer, TrainParams, make_loader
 
     started = time.perf_counter()
-    train, test, summary = split_folder(images, annotations, args.seed)
+    train, val, test, summary = split_folder(images, annotations, args.seed)
     if limit:
         # keep the split's proportions when only part of the data is used
         ratio = limit / max(summary["images_usable"] or 1, 1)
-        train, test = train[: max(1, round(len(train) * ratio))], test[: max(1, round(len(test) * ratio))]
+        train, val, test = (part[: max(1, round(len(part) * ratio))] for part in (train, val, test))
     summary["prepare_s"] = round(time.perf_counter() - started, 1)
     print(f"[{name}] {summary}", flush=True)
 
@@ -100,22 +103,36 @@ def run_one(name, images, annotations, args, device, limit=None):
     train_s = time.perf_counter() - started
 
     started = time.perf_counter()
-    loader = make_loader(test, args.batch_size, max(args.workers, 0), shuffle=False)
-    preds, targets = run_inference(trainer.model, loader, device)
+    workers = max(args.workers, 0)
+    # the operating threshold comes from the validation split, as bin/train.py chooses it
+    chosen = choose_operating_threshold(*run_inference(trainer.model, make_loader(val, args.batch_size, workers,
+                                                                                  shuffle=False), device))
+    preds, targets = run_inference(trainer.model, make_loader(test, args.batch_size, workers, shuffle=False), device)
     with contextlib.redirect_stdout(io.StringIO()):
         metrics = coco_map(preds, targets)
+    compliance = compliance_error(preds, targets, chosen["score_threshold"])
     eval_s = time.perf_counter() - started
     per_class = {cls: {"ap": v.get("ap"), "ap_50": v.get("ap_50")} for cls, v in metrics["per_class"].items()}
     result = {"data": name, **summary, "train_images": len(train), "test_images": len(test),
               "epochs": epochs, "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
               "map": metrics["map"], "map_50": metrics["map_50"], "map_75": metrics["map_75"],
-              "per_class": per_class, "weights": trainer.model.weights_report.message,
+              "per_class": per_class, "val_images": len(val), "score_threshold": chosen["score_threshold"],
+              "val_f1": chosen["f1"], "compliance": compliance, "weights": trainer.model.weights_report.message,
               "torch_threads": torch.get_num_threads()}
     return result
 
 
 def fmt(value):
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def fmt_pct(summary):
+    value = summary["percent_properly_masked"]
+    return "n/a" if value is None else f"{value:.1f}%"
+
+
+def fmt_points(value, signed: bool = True):
+    return "n/a" if value is None else f"{value:+.1f} points" if signed else f"{value:.1f} points"
 
 
 def main(args) -> int:
@@ -148,6 +165,11 @@ def main(args) -> int:
         print(f"{r['data']}: train {r['train_images']} images, test {r['test_images']} images: "
               f"mAP {fmt(r['map'])}, mAP@0.5 {fmt(r['map_50'])}, mAP@0.75 {fmt(r['map_75'])}; AP per class: "
               f"{per_class}; training {r['train_s'] / 60:.1f} min, evaluation {r['eval_s']:.0f} s")
+        c = r["compliance"]
+        print(f"  compliance at the threshold chosen on {r['val_images']} validation images "
+              f"({r['score_threshold']:.2f}, val F1 {r['val_f1']:.3f}): true {fmt_pct(c['true'])}, "
+              f"predicted {fmt_pct(c['predicted'])}, error {fmt_points(c['error_points'])}, per-image MAE "
+              f"{fmt_points(c['per_image_mae_points'], signed=False)} over {c['images_compared']} images")
     if args.output:
         from utils.atomic import write_json
 
