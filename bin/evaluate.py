@@ -3,11 +3,14 @@
 
 Writes OUTPUT_DIR/evaluation.json (map, map_50, map_75, mar_100, per_class {class:
 {ap, ap_50, ap_75, recall}}, confusion_matrix {labels, matrix}, num_images,
-test_loss, ...), evaluation.txt (the same for people), confusion_matrix.png and
+test_loss, compliance {true, predicted, error_points, per_image_mae_points, ...},
+...), evaluation.txt (the same for people), confusion_matrix.png and
 .csv (rows = true class, columns = predicted, with a background row and column),
 pr_curves.png and evaluate_run.json (run record). mAP comes from torchmetrics'
 MeanAveragePrecision (faster-coco-eval backend). The model file carries its
-classes, backbone and image size, so no model flags are needed.
+classes, backbone, image size and operating score threshold (chosen by train on the
+validation split), so no model flags are needed; the confusion matrix and the
+compliance error use that threshold unless --score-threshold is given.
 Exit 0 on success, 2 when the inputs or the model cannot be read (one line naming the
 file), 1 on a bug.
 """

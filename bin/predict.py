@@ -6,6 +6,8 @@ colour mode). Writes OUTPUT_DIR/predictions.json, predictions.csv (file, xmin, y
 xmax, ymax, label, score), compliance.json (faces per class and percent properly
 masked, overall and per image), annotated images annotated_<stem>.jpg in
 --annotated-dir, and predict_run.json (run record). Prints the compliance line.
+Detections count from the model's operating score threshold (chosen by train on the
+validation split and stored in the model file) unless --score-threshold is given.
 A file that cannot be read is listed as skipped with its reason and the others
 still run. Exit 0 when at least one image was processed; 2 when none was or the model
 cannot be loaded (one line naming the file); 1 on a bug.
