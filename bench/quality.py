@@ -117,7 +117,8 @@ def run_one(name, images, annotations, args, device, limit=None):
               "epochs": epochs, "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
               "map": metrics["map"], "map_50": metrics["map_50"], "map_75": metrics["map_75"],
               "per_class": per_class, "val_images": len(val), "score_threshold": chosen["score_threshold"],
-              "val_f1": chosen["f1"], "compliance": compliance, "weights": trainer.model.weights_report.message,
+              "val_f1": chosen["f1"], "val_candidates": chosen["candidates"], "compliance": compliance,
+              "weights": trainer.model.weights_report.message,
               "torch_threads": torch.get_num_threads()}
     return result
 
