@@ -122,7 +122,7 @@ def epoch_line(row, epochs: int) -> str:
     return line
 
 
-def operating_threshold(trainer, has_val: bool) -> dict:
+def choose_threshold_on_validation(trainer, has_val: bool) -> dict:
     """The score threshold predict and evaluate use this model at: chosen on the held-out validation
     images when there are some (--val-mode monitor), else the default, said so."""
     if not has_val:
@@ -191,7 +191,7 @@ def main(args) -> int:
         write_metrics_csv(paths["metrics_csv"], trainer.history)  # also on a rerun that had nothing left to train
         plot_loss_curve(paths["loss_plot"], trainer.history)
         final_loss = trainer.history[-1]["train_loss"]
-        operating = operating_threshold(trainer, bool(val_pairs))
+        operating = choose_threshold_on_validation(trainer, bool(val_pairs))
         # data_label_map: {object name in the data's XML: class} the data was read with ({}: names were the
         # classes); meta's "label_map" is another thing, class -> label number, set by the model file.
         meta = {"training": params.to_dict(), "data_label_map": label_map.as_dict(),

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from .. import defaults as D
 from ..classes import CLASSES, NAME_OF
 
 
@@ -181,6 +182,4 @@ def operating_threshold(model_meta: dict, given: float | None) -> tuple[float, s
     stored = (model_meta.get("operating_threshold") or {})
     if stored.get("score_threshold") is not None and stored.get("chosen_on"):
         return float(stored["score_threshold"]), f"the model's, chosen on its {stored['chosen_on']} images"
-    from .. import defaults as D
-
     return D.SCORE_THRESHOLD, "the default: the model file holds no chosen threshold"

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .. import defaults as D
+from .config import CONTAINER_KINDS
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -64,7 +65,7 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
                        help="do not pass the cached ImageNet MobileNetV2 weights to hpo/train")
     pegasus = parser.add_argument_group("Pegasus")
     pegasus.add_argument("--gpus", type=int, default=0, help="GPUs per hpo/train/evaluate/predict job (0: CPU only)")
-    pegasus.add_argument("--container-type", choices=["singularity", "docker", "none"], default=None,
+    pegasus.add_argument("--container-type", choices=[*CONTAINER_KINDS, "none"], default=None,
                          help="container for every job (default: sites.yml container.type)")
     pegasus.add_argument("--container-image", default=None,
                          help="docker://OWNER/NAME:TAG (default: sites.yml container.image)")
