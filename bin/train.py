@@ -25,6 +25,7 @@ from utils.cli import add_label_map_arg, print_values, run_job
 from utils.detection.compliance import choose_operating_threshold
 from utils.detection.engine import resolve_device
 from utils.detection.model import BACKBONES, save_model_file
+from utils.detection.recipe import describe, gpu_recipe
 from utils.detection.training import (Trainer, TrainingDataError, open_pairs, plot_loss_curve, read_params_file,
                                       resolve_params, write_metrics_csv)
 from utils.provenance import inputs_sha256, package_versions, write_run_record
@@ -84,6 +85,22 @@ def get_args_parser():
                      help=f"gradient-norm clipping, 0 disables (default: {D.CLIP_GRAD})")
     opt.add_argument("--hflip", type=float, default=None,
                      help=f"probability of a horizontal flip per training image (default: {D.HFLIP})")
+    opt.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                     help="fit the epochs and the cosine length to this many minutes of training and "
+                          "validation, after timing the first steps; replaces --epochs (the plan is recorded "
+                          "in the model file; --epochs N replays it) (default: none, --epochs)")
+    recipe = p.add_argument_group("recipe levers (bench/quality.py ablates them)")
+    recipe.add_argument("--photometric", type=float, default=None,
+                        help=f"probability of a photometric distortion per training image (default: {D.PHOTOMETRIC})")
+    recipe.add_argument("--multiscale", type=float, default=None,
+                        help="multi-scale training: longer sides --image-size*(1 +- this) in 32 px steps; 0 off "
+                             f"(default: {D.MULTISCALE})")
+    recipe.add_argument("--repeat-threshold", type=float, default=None,
+                        help="repeat-factor sampling: images of classes present in fewer than this fraction of "
+                             f"the images repeat sqrt(t/f) times per epoch; 0 off (default: {D.REPEAT_THRESHOLD})")
+    recipe.add_argument("--ema-decay", type=float, default=None,
+                        help="exponential moving average of the weights, used for validation and the model "
+                             f"file; 0 off (default: {D.EMA_DECAY})")
     opt.add_argument("--no-amp", dest="amp", action="store_const", const=False, default=None,
                      help="disable mixed precision on CUDA (default: AMP on CUDA, never on CPU)")
     opt.add_argument("--seed", type=int, default=None, help=f"random seed (default: {D.SEED})")
@@ -139,14 +156,20 @@ def choose_threshold_on_validation(trainer, has_val: bool) -> dict:
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     label_map = LabelMap.parse(args.label_map)
-    params = resolve_params(vars(args), read_params_file(args.params) if args.params else {})
+    params_file = read_params_file(args.params) if args.params else {}
+    params = resolve_params(vars(args), params_file)
+    device = resolve_device(args.device)
+    given = {key for key, value in vars(args).items() if value is not None} | set(params_file)
+    for change in gpu_recipe(params, given, device):
+        log.info("GPU recipe: %s", change)
     print_values("train", "params", params.to_dict())
     if params.epochs < 1:
         raise TrainingDataError(f"--epochs must be at least 1, got {params.epochs}")
+    if params.time_budget is not None and params.time_budget <= 0:
+        raise TrainingDataError(f"--time-budget must be a positive number of minutes, got {params.time_budget}")
     if args.val_images and not args.val_annotations:
         raise TrainingDataError("--val-images needs --val-annotations")
     paths = output_paths(args)
-    device = resolve_device(args.device)
 
     log.info("Loading data")
     with contextlib.ExitStack() as stack:
@@ -167,6 +190,7 @@ def main(args) -> int:
                  f", monitoring {len(val_pairs)} validation images" if val_pairs else "", len(skipped), device)
 
         log.info("Creating model")
+        log.info("recipe: %s", describe(params))
         trainer = Trainer(params, train_pairs, device, val_pairs=val_pairs or None, progress=not args.no_progress,
                           label_map=label_map)
         # An empty file is "no checkpoint yet": Pegasus stages an empty initial checkpoint file.
@@ -202,7 +226,7 @@ def main(args) -> int:
         if args.params:
             meta["params_file"] = str(args.params)
         meta["operating_threshold"] = operating
-        save_model_file(paths["output"], trainer.model, meta)
+        save_model_file(paths["output"], trainer.eval_model, meta)
         summary = {"output": str(paths["output"]), "epochs": trainer.completed_epochs, "final_train_loss": final_loss,
                    "weights": trainer.model.weights_report.message}
         write_run_record(paths["run_record"], "train", {**vars(args), "resolved": params.to_dict(),

@@ -42,6 +42,12 @@ WARMUP_ITERS = 100
 CLIP_GRAD = 10.0               # gradient-norm clipping; 0 turns it off
 FREEZE_BACKBONE_EPOCHS = 0     # epochs with the whole backbone frozen before TRAINABLE_LAYERS apply
 HFLIP = 0.5                    # probability of a horizontal flip per training image
+PHOTOMETRIC = 0.0              # probability of torchvision's RandomPhotometricDistort per training image
+MULTISCALE = 0.0               # multi-scale training: longer sides IMAGE_SIZE*(1 +- this), steps of 32 px; 0 off
+REPEAT_THRESHOLD = 0.0         # repeat-factor sampling (LVIS): images of classes in fewer than this fraction of
+                               # the images are repeated sqrt(t/f) times per epoch; 0 off
+EMA_DECAY = 0.0                # exponential moving average of the weights (validation and the model file); 0 off
+TIME_BUDGET = None             # minutes of training (validation included); epochs are fitted to it. None: EPOCHS
 AMP = True                     # mixed precision on CUDA (never on a CPU)
 VAL_MODE = "monitor"           # monitor: val held out, logged every epoch and used to choose the score threshold;
                                # merge: train on train+val (no held-out images: the threshold stays the default)

@@ -118,12 +118,30 @@ def lr_factor(iteration: int, total_iters: int, warmup_iters: int, schedule: str
     raise InputError(f"unknown learning-rate schedule {schedule!r}: use cosine or step")
 
 
+class LrSchedule:
+    """The learning-rate factor per iteration, as a callable object so that LambdaLR's state_dict keeps its
+    fields (plain numbers) and ``total_iters`` can be changed mid-run: a --time-budget run sets the
+    schedule's length only after timing its first steps."""
+
+    def __init__(self, total_iters: int, warmup_iters: int = 100, schedule: str = "cosine",
+                 steps=(0.67, 0.89), gamma: float = 0.1):
+        lr_factor(0, total_iters, warmup_iters, schedule)  # validates the schedule name now
+        self.total_iters = int(total_iters)
+        self.warmup_iters = int(warmup_iters)
+        self.schedule = schedule
+        self.steps = list(steps)
+        self.gamma = float(gamma)
+
+    def __call__(self, iteration: int) -> float:
+        return lr_factor(iteration, self.total_iters, self.warmup_iters, self.schedule, steps=self.steps,
+                         gamma=self.gamma)
+
+
 def build_scheduler(optimizer, total_iters: int, warmup_iters: int = 100, schedule: str = "cosine",
                     steps=(0.67, 0.89), gamma: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-iteration LambdaLR; its state (last_epoch) is plain, the lambda is rebuilt from the args."""
-    lr_factor(0, total_iters, warmup_iters, schedule)  # validates the schedule name now
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(it, total_iters, warmup_iters, schedule, steps=steps, gamma=gamma))
+    """A per-iteration LambdaLR over an :class:`LrSchedule` (``scheduler.lr_lambdas[0]``)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LrSchedule(total_iters, warmup_iters, schedule,
+                                                                   steps=steps, gamma=gamma))
 
 
 # ----------------------------------------------------------------------------- loops
@@ -140,11 +158,12 @@ def make_grad_scaler(device: torch.device, amp: bool):
 
 def train_one_epoch(model, optimizer, loader, device, epoch: int, scheduler=None, scaler=None,
                     clip_grad: float | None = 10.0, amp: bool = True, progress: bool = True,
-                    description: str = "train") -> dict:
+                    description: str = "train", after_step=None) -> dict:
     """One pass over *loader*; returns mean losses per image, images, seconds and images/s.
 
     *scheduler* is stepped every iteration. Mixed precision is used on CUDA only
-    (CPU autocast to bfloat16 is slower than float32 on most CPUs).
+    (CPU autocast to bfloat16 is slower than float32 on most CPUs). *after_step(iteration)*,
+    when given, runs after every optimizer step (weight EMA, timing for a time budget).
     """
     from tqdm import tqdm
 
@@ -179,6 +198,8 @@ def train_one_epoch(model, optimizer, loader, device, epoch: int, scheduler=None
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if after_step is not None:
+            after_step(iteration)
         batch = len(images)
         images_seen += batch
         sums["loss"] += loss.item() * batch

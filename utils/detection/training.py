@@ -12,6 +12,7 @@ import io
 import logging
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from .engine import (build_optimizer, build_scheduler, evaluate_loss, load_check
                      restore_checkpoint, run_inference, save_checkpoint, seed_everything, train_one_epoch)
 from ..data.images import ImageError, image_size
 from .model import build_model, freeze_backbone, set_trainable_layers
+from .recipe import (RepeatFactorSampler, TimeBudget, build_ema, multiscale_sizes, repeat_factors, set_train_sizes,
+                     train_transforms)
 from ..data.pairs import open_folder, pair_folders
 from ..data.voc import VocError, parse_voc
 from ..errors import InputError, read_json
@@ -53,6 +56,11 @@ class TrainParams:
     trainable_layers: int = D.TRAINABLE_LAYERS
     freeze_backbone_epochs: int = D.FREEZE_BACKBONE_EPOCHS
     hflip: float = D.HFLIP
+    photometric: float = D.PHOTOMETRIC
+    multiscale: float = D.MULTISCALE
+    repeat_threshold: float = D.REPEAT_THRESHOLD
+    ema_decay: float = D.EMA_DECAY
+    time_budget: float | None = D.TIME_BUDGET  # minutes; when set, the epochs are fitted to it
     amp: bool = D.AMP
     seed: int = D.SEED
 
@@ -75,7 +83,7 @@ def resolve_params(flag_values: dict, params_file_values: dict) -> TrainParams:
 # Keys a --params file (best_hpo_params.json) may set.
 PARAMS_FILE_KEYS = ("lr", "momentum", "weight_decay", "trainable_layers", "optimizer", "batch_size",
                     "lr_schedule", "warmup_iters", "clip_grad", "freeze_backbone_epochs", "hflip", "image_size",
-                    "backbone")
+                    "backbone", "photometric", "multiscale", "repeat_threshold", "ema_decay")
 
 
 def auto_workers(device) -> int:
@@ -155,18 +163,17 @@ def open_pairs(images, annotations):
         yield usable, skipped
 
 
-def train_transforms(hflip: float):
-    from torchvision.transforms import v2 as T
-
-    return T.RandomHorizontalFlip(hflip) if hflip > 0 else None
-
-
 def make_loader(pairs, batch_size: int, workers: int, shuffle: bool, hflip: float = 0.0,
                 generator: torch.Generator | None = None, pin_memory: bool = False,
-                label_map: LabelMap = NO_LABEL_MAP):
-    dataset = VocDetectionDataset(pairs, transforms=train_transforms(hflip) if hflip else None, label_map=label_map)
+                label_map: LabelMap = NO_LABEL_MAP, photometric: float = 0.0, repeat_threshold: float = 0.0):
+    """A detection DataLoader; with *repeat_threshold* > 0 the images of rare classes are repeated (shuffled)."""
+    dataset = VocDetectionDataset(pairs, transforms=train_transforms(hflip, photometric), label_map=label_map)
+    sampler = None
+    if repeat_threshold > 0:
+        sampler = RepeatFactorSampler(repeat_factors(pairs, repeat_threshold, label_map), generator)
+        shuffle = False  # the sampler shuffles
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate,
+        dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers, collate_fn=collate,
         generator=generator, pin_memory=pin_memory, persistent_workers=False)
 
 
@@ -199,6 +206,9 @@ class Trainer:
     """Model, optimizer and schedule for one run; ``run_epoch`` trains one epoch and can be checkpointed.
 
     label_map: how the annotations' object names become classes (another data set's names).
+    The recipe's levers (utils.detection.recipe) are set by *params*: photometric augmentation,
+    multi-scale training, repeat-factor sampling, weight EMA and a time budget. With a budget,
+    ``params.epochs`` is replaced by the fitted plan (and recorded in the checkpoint).
     """
 
     def __init__(self, params: TrainParams, train_pairs, device, val_pairs=None, progress: bool = True,
@@ -209,7 +219,9 @@ class Trainer:
         seed_everything(params.seed)
         self.model = build_model(params.backbone, weights=params.weights, weights_file=params.weights_file,
                                  trainable_layers=params.trainable_layers, image_size=params.image_size)
+        set_train_sizes(self.model, multiscale_sizes(params.image_size, params.multiscale))
         self.model.to(device)
+        self.ema = build_ema(self.model, params.ema_decay)
         self.optimizer = build_optimizer(self.model, params.optimizer, params.lr, params.momentum,
                                          params.weight_decay)
         self.generator = torch.Generator()
@@ -217,31 +229,63 @@ class Trainer:
         workers = params.workers if params.workers >= 0 else auto_workers(device)
         self.train_loader = make_loader(train_pairs, params.batch_size, workers, shuffle=True,
                                         hflip=params.hflip, generator=self.generator, pin_memory=pin,
-                                        label_map=label_map)
+                                        label_map=label_map, photometric=params.photometric,
+                                        repeat_threshold=params.repeat_threshold)
         self.val_loader = (make_loader(val_pairs, params.batch_size, workers, shuffle=False, pin_memory=pin,
                                        label_map=label_map) if val_pairs else None)
-        iters_per_epoch = len(self.train_loader)
-        self.scheduler = build_scheduler(self.optimizer, total_iters=params.epochs * iters_per_epoch,
+        self.scheduler = build_scheduler(self.optimizer, total_iters=params.epochs * len(self.train_loader),
                                          warmup_iters=params.warmup_iters, schedule=params.lr_schedule)
         self.scaler = make_grad_scaler(device, params.amp)
         self.completed_epochs = 0
         self.history: list[dict] = []
+        # With --time-budget the plan is made during the first epoch; a resumed run keeps its plan.
+        self.budget = None
+        if params.time_budget:
+            val_batches = len(self.val_loader) if self.val_loader is not None else 0
+            self.budget = TimeBudget(params.time_budget, len(self.train_loader), val_batches,
+                                     validations_per_epoch=2 if val_batches else 0)
+
+    @property
+    def eval_model(self):
+        """What validation, the threshold choice and the model file use: the EMA weights when kept."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def set_epochs(self, epochs: int) -> None:
+        """A new plan: the epochs and the cosine length (the iterations already run keep their rates)."""
+        self.params.epochs = int(epochs)
+        self.scheduler.lr_lambdas[0].total_iters = self.params.epochs * len(self.train_loader)
 
     def resume(self, checkpoint_path) -> int:
         payload = load_checkpoint(checkpoint_path)
         saved = payload.get("args", {}).get("params", {})
-        for key in ("backbone", "image_size", "optimizer", "batch_size"):
+        for key in ("backbone", "image_size", "optimizer", "batch_size", "ema_decay"):
             if key in saved and saved[key] != getattr(self.params, key):
                 raise TrainingDataError(f"{checkpoint_path}: written with {key}={saved[key]!r}, this run has "
                                         f"{getattr(self.params, key)!r}; delete the checkpoint or match the flags")
         self.completed_epochs = restore_checkpoint(payload, self.model, self.optimizer, self.scheduler,
                                                    self.scaler, path=checkpoint_path)
+        extra = payload.get("extra") or {}
+        if self.ema is not None and extra.get("ema") is not None:
+            self.ema.load_state_dict(extra["ema"])
+        if self.budget is not None and "epochs" in saved:
+            self.set_epochs(saved["epochs"])  # the plan the interrupted run made
+            self.budget = None
         self.history = list(payload.get("history", []))
         return self.completed_epochs
 
     def checkpoint(self, path, args: dict) -> None:
+        extra = {"ema": self.ema.state_dict() if self.ema is not None else None}
         save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.completed_epochs,
-                        {**args, "params": self.params.to_dict()}, scaler=self.scaler, history=self.history)
+                        {**args, "params": self.params.to_dict()}, scaler=self.scaler, history=self.history,
+                        extra=extra)
+
+    def _after_step(self, iteration: int) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        if self.budget is not None and self.completed_epochs == 0:
+            epochs = self.budget.fit_after_step(iteration)
+            if epochs is not None:
+                self.set_epochs(epochs)
 
     def run_epoch(self, validate_map: bool = False, validate_loss: bool = True) -> EpochRow:
         epoch = self.completed_epochs
@@ -254,26 +298,31 @@ class Trainer:
         self.generator.manual_seed(self.params.seed * 100_003 + epoch)
         stats = train_one_epoch(self.model, self.optimizer, self.train_loader, self.device, epoch,
                                 scheduler=self.scheduler, scaler=self.scaler, clip_grad=self.params.clip_grad,
-                                amp=self.params.amp, progress=self.progress)
+                                amp=self.params.amp, progress=self.progress, after_step=self._after_step)
         row = EpochRow(epoch=epoch + 1, lr=stats["lr"], train_loss=stats["loss"],
                        loss_classifier=stats.get("loss_classifier", math.nan),
                        loss_box_reg=stats.get("loss_box_reg", math.nan),
                        loss_objectness=stats.get("loss_objectness", math.nan),
                        loss_rpn_box_reg=stats.get("loss_rpn_box_reg", math.nan),
                        images_per_s=stats["images_per_s"], seconds=stats["seconds"], backbone_frozen=frozen)
+        validation_started = time.perf_counter()
         if self.val_loader is not None and validate_loss:
-            row.val_loss = evaluate_loss(self.model, self.val_loader, self.device).get("loss")
+            row.val_loss = evaluate_loss(self.eval_model, self.val_loader, self.device).get("loss")
         if self.val_loader is not None:
             if validate_map:
                 summary = self.validation_map()
                 row.val_map, row.val_map_50 = summary["map"], summary["map_50"]
+        validation_s = time.perf_counter() - validation_started
         self.completed_epochs = epoch + 1
+        if self.budget is not None and self.completed_epochs == 1:
+            self.set_epochs(self.budget.fit_after_epoch(stats["seconds"] + validation_s, validation_s))
+            self.budget = None
         self.history.append(row.flat())
         return row
 
     def validation_predictions(self) -> tuple[list[dict], list[dict]]:
         """(predictions made in eval mode, targets) over the validation loader."""
-        return run_inference(self.model, self.val_loader, self.device)
+        return run_inference(self.eval_model, self.val_loader, self.device)
 
     def validation_map(self, predictions: tuple[list[dict], list[dict]] | None = None) -> dict:
         """COCO mAP on the validation loader (of *predictions* when already made)."""

@@ -1,0 +1,181 @@
+"""The training recipe's levers (utils.detection.recipe): multi-scale training, repeat-factor sampling,
+photometric augmentation, weight EMA, the time budget and the GPU recipe."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from utils.data.pairs import pair_folders
+from utils.detection import recipe
+from utils.detection.model import build_model
+from utils.detection.recipe import (RepeatFactorSampler, TimeBudget, build_ema, gpu_recipe, multiscale_sizes,
+                                    repeat_factors, set_train_sizes, train_transforms)
+from utils.detection.training import Trainer, TrainParams, load_checkpoint
+
+TINY = dict(image_size=128, batch_size=2, workers=0, epochs=2, warmup_iters=2, trainable_layers=2, seed=3,
+            weights="none")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from utils.data.sample_data import make_sample_dataset
+
+    out = tmp_path_factory.mktemp("tiny_recipe")
+    make_sample_dataset(out, num_images=6, seed=11, image_size=(96, 96))
+    return out
+
+
+def write_voc(path, names):
+    objects = "".join(f"<object><name>{n}</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>9</xmax>"
+                      f"<ymax>9</ymax></bndbox></object>" for n in names)
+    path.write_text(f"<annotation><filename>{path.stem}.jpg</filename><size><width>20</width><height>20</height>"
+                    f"<depth>3</depth></size>{objects}</annotation>")
+
+
+def test_multiscale_sizes_span_the_spread_in_32_px_steps():
+    assert multiscale_sizes(512, 0.25) == tuple(range(384, 641, 32))
+    assert multiscale_sizes(512, 0) == ()
+
+
+def test_multiscale_transform_draws_sizes_in_training_and_keeps_one_size_in_eval():
+    model = build_model(weights="none", image_size=128)
+    set_train_sizes(model, (96, 160))
+    image = torch.rand(3, 100, 200)
+    model.transform.train()
+    torch.manual_seed(0)
+    longer = {max(model.transform([image])[0].image_sizes[0]) for _ in range(12)}
+    assert longer == {96, 160}
+    model.transform.eval()
+    assert max(model.transform([image])[0].image_sizes[0]) == 128
+
+
+def test_repeat_factors_repeat_images_of_the_rare_class(tmp_path):
+    from utils.data.pairs import Pair
+
+    pairs = []
+    for i in range(10):
+        names = ["with_mask"] + (["mask_weared_incorrect"] if i == 0 else [])
+        write_voc(tmp_path / f"{i}.xml", names)
+        pairs.append(Pair(tmp_path / f"{i}.jpg", tmp_path / f"{i}.xml"))
+    factors = repeat_factors(pairs, threshold=0.4)
+    assert factors[0] == pytest.approx(math.sqrt(0.4 / 0.1))  # the rare class is in 1 of 10 images
+    assert factors[1:] == [1.0] * 9  # with_mask is everywhere
+    assert repeat_factors(pairs, threshold=0) == [1.0] * 10
+
+
+def test_repeat_factor_sampler_is_reproducible_and_repeats_by_the_factors():
+    factors = [2.0, 1.0, 1.5, 1.0]
+    first = list(RepeatFactorSampler(factors, torch.Generator().manual_seed(5)))
+    again = list(RepeatFactorSampler(factors, torch.Generator().manual_seed(5)))
+    assert first == again
+    assert first.count(0) == 2 and first.count(1) == 1 and first.count(3) == 1 and first.count(2) in (1, 2)
+    draws = [list(RepeatFactorSampler(factors, torch.Generator().manual_seed(s))).count(2) for s in range(200)]
+    assert 1.35 < sum(draws) / len(draws) < 1.65  # 1.5 copies on average
+    assert len(RepeatFactorSampler(factors, torch.Generator())) == round(5.5)  # the expected count
+
+
+def test_photometric_and_flip_transforms_keep_boxes_on_the_image():
+    from torchvision import tv_tensors
+
+    transforms = train_transforms(hflip=1.0, photometric=1.0)
+    image = tv_tensors.Image(torch.randint(0, 255, (3, 20, 30), dtype=torch.uint8))
+    boxes = tv_tensors.BoundingBoxes(torch.tensor([[0.0, 0.0, 10.0, 10.0]]), format="XYXY", canvas_size=(20, 30))
+    out_image, out = transforms(image, {"boxes": boxes, "labels": torch.tensor([1])})
+    assert out_image.shape == image.shape
+    assert out["boxes"].tolist() == [[20.0, 0.0, 30.0, 10.0]]  # flipped
+    assert train_transforms(0, 0) is None
+
+
+def test_ema_follows_the_model_with_a_ramped_decay():
+    model = torch.nn.Linear(2, 1)
+    ema = build_ema(model, decay=0.9)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update_parameters(model)  # the first update copies
+    ema.update_parameters(model)
+    assert torch.allclose(ema.module.weight, start + 1.0)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update_parameters(model)
+    d = 0.9 * (1 - math.exp(-2 / recipe.EMA_RAMP_UPDATES))
+    assert torch.allclose(ema.module.weight, start + 1.0 + (1 - d))
+    assert build_ema(model, 0) is None
+
+
+def test_time_budget_fits_the_epochs_to_the_timed_steps(monkeypatch):
+    now = {"t": 0.0}
+    monkeypatch.setattr(recipe.time, "perf_counter", lambda: now["t"])
+    # 60 s budget, 10 steps per epoch at 1 s each, 5 validation batches twice per epoch at 0.4 s each
+    budget = TimeBudget(1.0, steps_per_epoch=10, val_batches=5, validations_per_epoch=2, steps_skipped=1,
+                        steps_timed=4)
+    plan = None
+    for iteration in range(10):
+        now["t"] += 1.0
+        plan = budget.fit_after_step(iteration) if plan is None else plan
+    # epoch: 10 s of steps + 2 x 2 s of validation = 14 s; (60 - 2 s for the threshold choice) // 14 = 4
+    assert plan == 4
+    now["t"] += 4.0  # the first epoch's validation
+    assert budget.fit_after_epoch(epoch_s=14.0, val_batches_s=4.0) == 1 + int((60 - 14 - 2) // 14)
+    now["t"] += 40.0  # a machine that slowed down: the budget is spent after the first epoch
+    assert budget.fit_after_epoch(epoch_s=14.0, val_batches_s=4.0) == 1
+
+
+def test_trainer_with_a_time_budget_records_its_plan_and_a_resumed_run_keeps_it(tiny_dir, tmp_path):
+    pairs = pair_folders(tiny_dir / "images", tiny_dir / "annotations").pairs
+    params = TrainParams(**{**TINY, "epochs": 50, "time_budget": 0.05, "ema_decay": 0.9, "multiscale": 0.25,
+                            "photometric": 0.5, "repeat_threshold": 0.5})
+    trainer = Trainer(params, pairs, torch.device("cpu"), val_pairs=pairs[:2], progress=False)
+    trainer.run_epoch()
+    planned = trainer.params.epochs
+    assert 1 <= planned < 50  # 3 seconds hold a few epochs of 6 tiny images, not 50
+    assert trainer.scheduler.lr_lambdas[0].total_iters == planned * len(trainer.train_loader)
+    trainer.checkpoint(tmp_path / "checkpoint.pt", {})
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert saved["args"]["params"]["epochs"] == planned and saved["extra"]["ema"] is not None
+
+    again = Trainer(TrainParams(**{**TINY, "epochs": 50, "time_budget": 0.05, "ema_decay": 0.9,
+                                   "multiscale": 0.25, "photometric": 0.5, "repeat_threshold": 0.5}),
+                    pairs, torch.device("cpu"), val_pairs=pairs[:2], progress=False)
+    assert again.resume(tmp_path / "checkpoint.pt") == 1
+    assert again.params.epochs == planned and again.budget is None
+    for name, tensor in again.ema.module.state_dict().items():
+        assert torch.equal(tensor, trainer.ema.module.state_dict()[name]), name
+
+
+def test_gpu_recipe_changes_only_what_was_not_given(monkeypatch, tmp_path):
+    assert gpu_recipe(TrainParams(), set(), torch.device("cpu")) == []
+    import utils.detection.weights as weights
+
+    monkeypatch.setattr(weights, "cached_coco_weights", lambda backbone="resnet50_fpn_v2", directory=None:
+                        tmp_path / "w.pth")
+    params = TrainParams()
+    changes = gpu_recipe(params, set(), torch.device("cuda"))
+    assert params.backbone == "resnet50_fpn_v2" and params.weights == "coco" and params.batch_size == 8
+    assert params.lr == pytest.approx(TrainParams().lr * 8 / TrainParams().batch_size) and len(changes) == 4
+    given = TrainParams(backbone="mobilenet_v2_fpn", batch_size=2)
+    gpu_recipe(given, {"backbone", "batch_size"}, torch.device("cuda"))
+    assert given.backbone == "mobilenet_v2_fpn" and given.batch_size == 2 and given.lr == TrainParams().lr
+    monkeypatch.setattr(weights, "cached_coco_weights", lambda backbone="resnet50_fpn_v2", directory=None: None)
+    uncached = TrainParams()
+    gpu_recipe(uncached, set(), torch.device("cuda"))
+    assert uncached.backbone == TrainParams().backbone  # no download: the COCO weights are not cached
+
+
+def test_the_same_seed_twice_trains_the_same_weights_with_every_lever_on(tiny_dir):
+    """CPU training is bitwise repeatable at a fixed number of epochs (the time budget's plan is the part
+    that depends on the machine's speed, and is recorded so that --epochs replays it)."""
+    pairs = pair_folders(tiny_dir / "images", tiny_dir / "annotations").pairs
+    levers = {**TINY, "epochs": 1, "ema_decay": 0.9, "multiscale": 0.25, "photometric": 0.5,
+              "repeat_threshold": 0.5}
+    states = []
+    for _ in range(2):
+        trainer = Trainer(TrainParams(**levers), pairs, torch.device("cpu"), progress=False)
+        trainer.run_epoch(validate_loss=False)
+        states.append(trainer.eval_model.state_dict())
+    assert states[0].keys() == states[1].keys()
+    for name in states[0]:
+        assert torch.equal(states[0][name], states[1][name]), name

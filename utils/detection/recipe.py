@@ -1,0 +1,259 @@
+"""The training recipe's levers, each switchable from TrainParams (bench/quality.py ablates them).
+
+- ``train_transforms``: horizontal flip and torchvision's photometric distortion
+  (brightness, contrast, saturation, hue, channel order), boxes moved by transforms.v2.
+- ``set_train_sizes``: multi-scale training. Faces here are often under 30 px (a fifth
+  of them under 16 px at 512 px), so each training image is resized to a longer side
+  drawn from sizes around --image-size; evaluation keeps --image-size.
+- ``RepeatFactorSampler``: repeat-factor sampling (LVIS, Gupta et al. 2019) of the images
+  holding a rare class: ``mask_weared_incorrect`` is 3 % of the faces and in 11 % of the
+  images of the real data set.
+- ``ModelEma``: an exponential moving average of the weights (torch's AveragedModel),
+  what validation, the threshold choice and the model file use.
+- ``TimeBudget``: --time-budget MINUTES; the number of epochs and the cosine length
+  are fitted to the budget after timing the first training steps, and once more after
+  the first epoch (validation included).
+- ``gpu_recipe``: on CUDA, larger batches and resnet50_fpn_v2 from COCO when its
+  weights are in the torch cache (the Docker image fetches them at build time).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+from ..classes import CLASSES, NO_LABEL_MAP, LabelMap
+from ..data.voc import parse_voc
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+def train_transforms(hflip: float, photometric: float = 0.0):
+    """Online augmentation of a training image and its boxes; None when every lever is off."""
+    from torchvision.transforms import v2 as T
+
+    steps = []
+    if photometric > 0:
+        steps.append(T.RandomPhotometricDistort(p=photometric))
+    if hflip > 0:
+        steps.append(T.RandomHorizontalFlip(hflip))
+    return T.Compose(steps) if steps else None
+
+
+# ----------------------------------------------------------------------------- multi-scale
+
+class MultiScaleRCNNTransform(GeneralizedRCNNTransform):
+    """torchvision's transform, but in training each image's longer side is drawn from ``train_sizes``.
+
+    torchvision's own multi-scale (a tuple of min_size) fixes the shorter side and caps the
+    longer one at max_size; this project fits the longer side (min_size = max_size), so the
+    drawn size must set both.
+    """
+
+    train_sizes: tuple[int, ...] = ()
+
+    def resize(self, image, target=None):
+        if not (self.training and self.train_sizes):
+            return super().resize(image, target)
+        size = float(self.train_sizes[int(torch.randint(len(self.train_sizes), (1,)).item())])
+        saved = self.min_size, self.max_size
+        self.min_size, self.max_size = (size,), size
+        try:
+            return super().resize(image, target)
+        finally:
+            self.min_size, self.max_size = saved
+
+
+def multiscale_sizes(image_size: int, spread: float, step: int = 32) -> tuple[int, ...]:
+    """Longer sides from image_size*(1-spread) to image_size*(1+spread) in steps of *step* px; () when off."""
+    if spread <= 0:
+        return ()
+    low = max(step, int(round(image_size * (1 - spread) / step)) * step)
+    high = int(round(image_size * (1 + spread) / step)) * step
+    return tuple(range(low, high + 1, step))
+
+
+def set_train_sizes(model, sizes: tuple[int, ...]) -> None:
+    """Give *model* a transform that trains at *sizes* (evaluation is unchanged); () restores one size."""
+    old = model.transform
+    new = MultiScaleRCNNTransform(old.min_size, old.max_size, old.image_mean, old.image_std,
+                                  size_divisible=old.size_divisible, fixed_size=old.fixed_size)
+    new.train_sizes = tuple(int(s) for s in sizes)
+    new.train(old.training)
+    model.transform = new
+
+
+# ----------------------------------------------------------------------------- repeat-factor sampling
+
+def repeat_factors(pairs, threshold: float, label_map: LabelMap = NO_LABEL_MAP) -> list[float]:
+    """LVIS repeat factor per image: max over its classes c of max(1, sqrt(threshold / f_c)),
+    f_c being the fraction of images holding class c. Threshold 0 gives 1.0 everywhere."""
+    if threshold <= 0:
+        return [1.0] * len(pairs)
+    classes_per_image = []
+    for pair in pairs:
+        names = {obj.name for obj in parse_voc(pair.annotation, label_map).objects}
+        classes_per_image.append(names & set(CLASSES))
+    counts = {c: sum(c in names for names in classes_per_image) for c in CLASSES}
+    fraction = {c: counts[c] / max(len(pairs), 1) for c in CLASSES}
+    class_factor = {c: max(1.0, math.sqrt(threshold / fraction[c])) if fraction[c] else 1.0 for c in CLASSES}
+    return [max([class_factor[c] for c in names], default=1.0) for names in classes_per_image]
+
+
+class RepeatFactorSampler(torch.utils.data.Sampler):
+    """Each epoch, image i appears floor(r_i) times plus once more with probability frac(r_i), shuffled.
+
+    The draws use *generator* (seeded per epoch by the Trainer), so a resumed run sees
+    the same batches. ``len`` is the expected count; an epoch may differ by a few images.
+    """
+
+    def __init__(self, factors: list[float], generator: torch.Generator):
+        self.factors = torch.tensor(factors, dtype=torch.float64)
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return int(round(float(self.factors.sum())))
+
+    def __iter__(self):
+        whole = self.factors.floor()
+        extra = torch.rand(len(self.factors), generator=self.generator, dtype=torch.float64) < (self.factors - whole)
+        copies = (whole + extra).long()
+        indices = torch.repeat_interleave(torch.arange(len(self.factors)), copies)
+        order = torch.randperm(len(indices), generator=self.generator)
+        return iter(indices[order].tolist())
+
+
+# ----------------------------------------------------------------------------- weight EMA
+
+# The decay ramps up as decay * (1 - exp(-updates / EMA_RAMP_UPDATES)), as Ultralytics does, but over
+# 100 updates, not 2000: a CPU run here makes about 1,000 updates in all.
+EMA_RAMP_UPDATES = 100
+
+
+def build_ema(model, decay: float):
+    """torch's AveragedModel holding an EMA of *model*'s parameters and buffers; None when decay is 0."""
+    if decay <= 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel
+
+    def average(averaged, current, num_averaged):
+        d = decay * (1 - math.exp(-float(num_averaged) / EMA_RAMP_UPDATES))
+        return d * averaged + (1 - d) * current
+
+    ema = AveragedModel(model, avg_fn=average, use_buffers=True)
+    ema.module.eval()
+    return ema
+
+
+# ----------------------------------------------------------------------------- time budget
+
+# An evaluation pass (validation loss in train mode, or inference) costs about this fraction of a training step
+# per batch on a CPU: forward only, no backward (bench/train_step.py measures the step).
+EVAL_STEP_FRACTION = 0.4
+
+
+class TimeBudget:
+    """Fits the epochs to ``minutes`` of training, validation and threshold choice.
+
+    ``steps_timed`` training steps (after ``steps_skipped`` warm-up steps whose time includes
+    one-off allocations) give the seconds per step; the plan is
+
+        epochs = (budget - elapsed - final) / (steps per epoch * s/step + validation per epoch)
+
+    and once the first epoch has really been timed, it is fitted again with that epoch's
+    measured time. The plan can differ between two runs of the same seed (it depends on the
+    machine's speed); the model file records it, and --epochs N replays it exactly.
+    """
+
+    def __init__(self, minutes: float, steps_per_epoch: int, val_batches: int, validations_per_epoch: int,
+                 steps_skipped: int = 2, steps_timed: int = 10):
+        self.budget_s = minutes * 60.0
+        self.steps_per_epoch = steps_per_epoch
+        self.val_batches = val_batches
+        self.validations_per_epoch = validations_per_epoch
+        self.steps_skipped = steps_skipped
+        self.steps_timed = min(steps_timed, max(steps_per_epoch - steps_skipped, 1))
+        self.started = time.perf_counter()
+        self._timer_start = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def fit_after_step(self, iteration: int) -> int | None:
+        """Call after every step of the first epoch; returns the epochs once the timed steps are done."""
+        if iteration == self.steps_skipped - 1 or (self.steps_skipped == 0 and iteration == 0):
+            self._timer_start = time.perf_counter()
+        if self._timer_start is None or iteration != self.steps_skipped - 1 + self.steps_timed:
+            return None
+        step_s = (time.perf_counter() - self._timer_start) / self.steps_timed
+        eval_s = self.val_batches * step_s * EVAL_STEP_FRACTION
+        epoch_s = self.steps_per_epoch * step_s + eval_s * self.validations_per_epoch
+        remaining = self.budget_s - self.elapsed() + (iteration + 1) * step_s  # this epoch's steps so far count
+        epochs = self._epochs(remaining - eval_s, epoch_s)
+        log.info("time budget %.0f min: %.2f s per training step, about %.1f min per epoch with validation: "
+                 "%d epochs", self.budget_s / 60, step_s, epoch_s / 60, epochs)
+        return epochs
+
+    def fit_after_epoch(self, epoch_s: float, val_batches_s: float) -> int:
+        """Epochs in all, from the first epoch's measured time (training and validation)."""
+        final_s = val_batches_s / max(self.validations_per_epoch, 1)  # the threshold choice: one inference pass
+        epochs = 1 + self._epochs(self.budget_s - self.elapsed() - final_s, epoch_s, minimum=0)
+        log.info("time budget %.0f min: the first epoch took %.1f min: %d epochs", self.budget_s / 60,
+                 epoch_s / 60, epochs)
+        return epochs
+
+    @staticmethod
+    def _epochs(seconds: float, epoch_s: float, minimum: int = 1) -> int:
+        return max(minimum, int(seconds // max(epoch_s, 1e-9)))
+
+
+# ----------------------------------------------------------------------------- GPU recipe
+
+GPU_BACKBONE = "resnet50_fpn_v2"
+GPU_BATCH_SIZE = 8  # 8 images of 512-800 px fit in 16 GB with AMP; the lr is scaled linearly with it
+
+
+def gpu_recipe(params, given: set[str], device) -> list[str]:
+    """On CUDA, what a GPU affords, for every hyperparameter the user did not set (*given*):
+    resnet50_fpn_v2 with COCO detector weights when they are in the torch cache (never a
+    download), 8 images per batch with the learning rate scaled by 8 / batch size, and the
+    image size 640. AMP is already on for CUDA. Returns the changes, for the log."""
+    if torch.device(device).type != "cuda":
+        return []
+    changes = []
+    from .weights import cached_coco_weights
+
+    if "backbone" not in given and "weights" not in given and cached_coco_weights(GPU_BACKBONE) is not None:
+        params.backbone, params.weights = GPU_BACKBONE, "coco"
+        changes.append(f"backbone {GPU_BACKBONE} with COCO weights (cached)")
+    if "batch_size" not in given:
+        if "lr" not in given:
+            params.lr = params.lr * GPU_BATCH_SIZE / params.batch_size
+            changes.append(f"lr {params.lr:g} (linear scaling)")
+        params.batch_size = GPU_BATCH_SIZE
+        changes.append(f"batch size {GPU_BATCH_SIZE}")
+    if "image_size" not in given and params.image_size < 640:
+        params.image_size = 640
+        changes.append("image size 640")
+    return changes
+
+
+def describe(params) -> str:
+    """One line naming the recipe's levers as set, for logs and bench tables."""
+    parts = [f"{params.backbone} {params.image_size}px"]
+    if getattr(params, "multiscale", 0):
+        parts.append(f"multi-scale ±{params.multiscale:.0%}")
+    if getattr(params, "photometric", 0):
+        parts.append(f"photometric p={params.photometric:g}")
+    if getattr(params, "repeat_threshold", 0):
+        parts.append(f"repeat-factor t={params.repeat_threshold:g}")
+    if getattr(params, "ema_decay", 0):
+        parts.append(f"EMA {params.ema_decay:g}")
+    return ", ".join(parts)
+
