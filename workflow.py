@@ -80,7 +80,7 @@ RESOURCES = {
 # default run for `make run` (120 synthetic images, 2 CPU cores, about ten minutes);
 # raise them by flag for real data (README: "Running on HTCondor / ACCESS").
 WORKFLOW_OVERRIDES = {
-    "epochs": 2,          # make run budget (the Makefile passes --epochs 6)
+    "epochs": 2,          # make run budget (the Makefile passes --time-budget, which replaces it)
     "hpo_epochs": 1,      # make run budget
     "trials": 2,          # make run budget: one trial per HPO job
     "image_size": 256,    # make run budget: the sample's images are 320x240
@@ -334,6 +334,7 @@ class MaskDetectionWorkflow:
         job.add_args("--images", train_set, "--annotations", train_set,
                      "--val-images", val_set, "--val-annotations", val_set,
                      "--params", best_params, "--epochs", config.epochs,
+                     *self._if_given("--time-budget", config.time_budget),
                      "--image-size", config.image_size, "--backbone", config.backbone,
                      *weights_args, "--checkpoint", checkpoint, "--output", model,
                      "--metrics-csv", "train_metrics.csv", "--loss-plot", "loss_curve.png", "--seed", config.seed,

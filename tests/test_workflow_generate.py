@@ -275,3 +275,17 @@ def test_submit_without_pegasus_prints_the_plan_command(sample_dir, tmp_path, ca
     assert "pegasus-plan is not on PATH" in err
     assert f"--conf {run_dir.resolve() / 'pegasus.properties'}" in err
     assert "--sites condorpool" in err and "--submit" in err and str(run_dir.resolve() / "workflow.yml") in err
+
+
+def test_time_budget_reaches_the_train_job_only_when_given(sample_dir, tmp_path, run_dir, capsys):
+    def train_args(directory):
+        (train,) = [job for job in jobs_by_id(directory).values() if job["name"] == "train"]
+        return [str(a) for a in train["arguments"]]
+
+    assert "--time-budget" not in train_args(run_dir)  # the default: --epochs
+    budget = tmp_path / "budget"
+    assert generate(budget, sample_dir, "--time-budget", "7.5", "--hpo-jobs", "1", "--trials", "1") == 0
+    args = train_args(budget)
+    assert args[args.index("--time-budget") + 1] == "7.5"
+    assert generate(tmp_path / "bad", sample_dir, "--time-budget", "0") == 2
+    assert "--time-budget 0: must be a positive number of minutes" in capsys.readouterr().err

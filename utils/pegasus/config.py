@@ -123,6 +123,7 @@ class WorkflowConfig:
     container_type: str = "singularity"
     container_image: str = DEFAULT_CONTAINER_IMAGE
     epochs: int = D.EPOCHS
+    time_budget: float | None = D.TIME_BUDGET  # minutes of the train job; replaces epochs when set
     hpo_epochs: int = D.HPO_EPOCHS
     trials: int = D.HPO_TRIALS
     hpo_jobs: int = D.HPO_JOBS
@@ -154,6 +155,8 @@ class WorkflowConfig:
         for name in ("epochs", "hpo_epochs", "image_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise ConfigError(f"--time-budget {self.time_budget:g}: must be a positive number of minutes")
         if self.gpus < 0:
             raise ConfigError("--gpus must be 0 or more")
         if self.container_type not in (*CONTAINER_KINDS, "none"):
@@ -187,7 +190,7 @@ def config_from_args(args, project_root: Path, entries: list[SplitEntry], split_
         execution_site=args.execution_site or sites_config.get("execution_site", "condorpool"),
         container_type=args.container_type or container.get("type", "singularity"),
         container_image=args.container_image or container.get("image", DEFAULT_CONTAINER_IMAGE),
-        epochs=args.epochs, hpo_epochs=args.hpo_epochs, trials=args.trials, hpo_jobs=args.hpo_jobs,
+        epochs=args.epochs, time_budget=args.time_budget, hpo_epochs=args.hpo_epochs, trials=args.trials, hpo_jobs=args.hpo_jobs,
         image_size=args.image_size, backbone=args.backbone, seed=args.seed, gpus=args.gpus,
         augment_copies=args.augment_copies, rare_factor=args.rare_factor, noise_std=args.noise_std,
         max_size=args.max_size, score_threshold=args.score_threshold, label_map=args.label_map,

@@ -43,6 +43,9 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
     model = parser.add_argument_group("model and training (defaults: utils/defaults.py, except "
                                       "workflow.py's WORKFLOW_OVERRIDES for make run's budget)")
     model.add_argument("--epochs", type=int, default=overrides["epochs"], help="training epochs of the final model")
+    model.add_argument("--time-budget", type=float, default=D.TIME_BUDGET, metavar="MINUTES",
+                       help="minutes of training (validation included) for the train job, which fits its epochs "
+                            "and cosine length to them; replaces --epochs (default: --epochs)")
     model.add_argument("--hpo-epochs", type=int, default=overrides["hpo_epochs"], help="epochs per HPO trial")
     model.add_argument("--trials", type=int, default=overrides["trials"],
                        help="HPO trials in total, spread over the HPO jobs")
