@@ -11,9 +11,14 @@ the compliance error on the test split at the score threshold chosen on the vali
 split as bin/train.py chooses it (utils.detection.compliance), with the wall time of each
 phase. Whatever comes out is reported as it is; the test split is only reported on.
 
-The budget is set by flags (--epochs, --image-size, --limit, --sample-images);
-the defaults take roughly an hour on two CPU cores. Run it in the background:
+The budget is set by flags: --time-budget MINUTES fits the epochs to the minutes as
+bin/train.py does (else --epochs), plus --image-size, --limit, --sample-images.
+--ablation trains one model per row of ABLATION, each row adding one lever of the
+recipe to the row before (cumulative), each in the same --time-budget, on the real
+data only, and prints one table. Run it in the background:
   nohup .venv/bin/python bench/quality.py --output runs/bench/quality.json > runs/bench/quality.log 2>&1 &
+  nohup .venv/bin/python bench/quality.py --ablation --time-budget 12 --output runs/bench/ablation.json \
+        > runs/bench/ablation.log 2>&1 &
 """
 
 import argparse
@@ -30,6 +35,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "face-mask"
 
+# The ablation's rows: each adds one lever (TrainParams fields) to the row above it. The first row is
+# the recipe before issue #9 (horizontal flips only); the levers are utils.detection.recipe's.
+ABLATION = (
+    ("baseline: flips only", {"photometric": 0.0, "multiscale": 0.0, "repeat_threshold": 0.0, "ema_decay": 0.0}),
+    ("+ repeat-factor sampling t=0.3", {"repeat_threshold": 0.3}),
+    ("+ photometric distortion p=0.5", {"photometric": 0.5}),
+    ("+ multi-scale training ±25 %", {"multiscale": 0.25}),
+    ("+ weight EMA 0.998", {"ema_decay": 0.998}),
+)
+
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,7 +54,14 @@ def get_args_parser():
                    help="data sets to run (default: real sample)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N real pairs (default: all)")
     p.add_argument("--sample-images", type=int, default=200, help="synthetic images to make (default: 200)")
-    p.add_argument("--epochs", type=int, default=3, help="training epochs (default: 3)")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs without --time-budget (default: 3)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="fit the epochs to this many minutes of training, as bin/train.py --time-budget "
+                        "(default: none, --epochs)")
+    p.add_argument("--ablation", action="store_true",
+                   help="one row per cumulative recipe change (ABLATION), real data only (default: off)")
+    p.add_argument("--rows", type=int, default=None,
+                   help="with --ablation: only the first N rows (default: all)")
     p.add_argument("--image-size", type=int, default=512, help="longer image side in px (default: 512)")
     p.add_argument("--batch-size", type=int, default=4, help="images per batch (default: 4)")
     p.add_argument("--workers", type=int, default=-1,
@@ -71,12 +93,13 @@ def split_folder(images, annotations, seed):
     return by_split["train"], by_split["val"], by_split["test"], summary
 
 
-def run_one(name, images, annotations, args, device, limit=None):
+def run_one(name, images, annotations, args, device, limit=None, recipe=None):
     import torch
 
     from utils.detection.compliance import choose_operating_threshold, compliance_error
     from utils.detection.engine import run_inference
     from utils.detection.metrics import coco_map
+    from utils.detection.recipe import describe
     from utils.detection.training import Trainer, TrainParams, make_loader
 
     started = time.perf_counter()
@@ -90,30 +113,34 @@ def run_one(name, images, annotations, args, device, limit=None):
 
     params = TrainParams(backbone="mobilenet_v2_fpn", weights="imagenet", image_size=args.image_size,
                          epochs=args.epochs, batch_size=args.batch_size, workers=args.workers, lr=args.lr,
-                         trainable_layers=args.trainable_layers, seed=args.seed)
+                         trainable_layers=args.trainable_layers, seed=args.seed, time_budget=args.time_budget,
+                         **(recipe or {}))
+    print(f"[{name}] recipe: {describe(params)}", flush=True)
     started = time.perf_counter()
+    # No per-epoch validation here: the budget is all training (the threshold is chosen after it).
     trainer = Trainer(params, train, device, progress=False)
     epochs = []
-    for _ in range(args.epochs):
+    while trainer.completed_epochs < params.epochs:
         row = trainer.run_epoch()
         epochs.append({"epoch": row.epoch, "train_loss": round(row.train_loss, 4),
                        "images_per_s": round(row.images_per_s, 3), "seconds": round(row.seconds, 1)})
-        print(f"[{name}] epoch {row.epoch}/{args.epochs}: loss {row.train_loss:.4f}, "
+        print(f"[{name}] epoch {row.epoch}/{params.epochs}: loss {row.train_loss:.4f}, "
               f"{row.images_per_s:.2f} images/s, {row.seconds:.0f} s", flush=True)
     train_s = time.perf_counter() - started
+    model = trainer.eval_model
 
     started = time.perf_counter()
     workers = max(args.workers, 0)
     # the operating threshold comes from the validation split, as bin/train.py chooses it
-    chosen = choose_operating_threshold(*run_inference(trainer.model, make_loader(val, args.batch_size, workers,
-                                                                                  shuffle=False), device))
-    preds, targets = run_inference(trainer.model, make_loader(test, args.batch_size, workers, shuffle=False), device)
+    chosen = choose_operating_threshold(*run_inference(model, make_loader(val, args.batch_size, workers,
+                                                                          shuffle=False), device))
+    preds, targets = run_inference(model, make_loader(test, args.batch_size, workers, shuffle=False), device)
     with contextlib.redirect_stdout(io.StringIO()):
         metrics = coco_map(preds, targets)
     compliance = compliance_error(preds, targets, chosen["score_threshold"])
     eval_s = time.perf_counter() - started
     per_class = {cls: {"ap": v.get("ap"), "ap_50": v.get("ap_50")} for cls, v in metrics["per_class"].items()}
-    result = {"data": name, **summary, "train_images": len(train), "test_images": len(test),
+    result = {"data": name, "recipe": describe(params), "params": params.to_dict(), **summary, "train_images": len(train), "test_images": len(test),
               "epochs": epochs, "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
               "map": metrics["map"], "map_50": metrics["map_50"], "map_75": metrics["map_75"],
               "per_class": per_class, "val_images": len(val), "score_threshold": chosen["score_threshold"],
@@ -136,11 +163,53 @@ def fmt_points(value, signed: bool = True):
     return "n/a" if value is None else f"{value:+.1f} points" if signed else f"{value:.1f} points"
 
 
+def ablation_table(rows) -> str:
+    """A Markdown table: one row per cumulative recipe change, test-split figures."""
+    classes = list(rows[0]["per_class"]) if rows else []
+    header = ["recipe (cumulative)", "epochs", "mAP", "mAP@0.5", *[f"AP50 {c}" for c in classes],
+              "threshold (val)", "compliance error", "per-image MAE", "train min"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        c = r["compliance"]
+        cells = [r["row"], str(len(r["epochs"])), fmt(r["map"]), fmt(r["map_50"]),
+                 *[fmt(r["per_class"][cls]["ap_50"]) for cls in classes], f"{r['score_threshold']:.2f}",
+                 fmt_points(c["error_points"]), fmt_points(c["per_image_mae_points"], signed=False),
+                 f"{r['train_s'] / 60:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_ablation(args, device) -> int:
+    """Train one model per ABLATION row (each adds one lever to the row above), on the real data."""
+    from utils.atomic import write_json
+
+    if not (args.data / "images").is_dir():
+        print(f"quality: {args.data}/images is absent; the ablation needs the real data")
+        return 2
+    budget = (f"mobilenet_v2_fpn (ImageNet backbone), image size {args.image_size}, "
+              + (f"time budget {args.time_budget:g} min" if args.time_budget else f"{args.epochs} epochs")
+              + f" per row, batch {args.batch_size}, SGD lr {args.lr}, seed {args.seed}, device {device}, "
+              f"host {platform.node()}")
+    recipe, rows = {}, []
+    for label, change in ABLATION[: args.rows]:
+        recipe = {**recipe, **change}
+        result = run_one("real", args.data / "images", args.data / "annotations", args, device, args.limit, recipe)
+        rows.append({"row": label, **result})
+        print(f"\n{ablation_table(rows)}\n", flush=True)
+        if args.output:  # after every row: a long run keeps what it has measured
+            write_json(args.output, {"budget": budget, "ablation": rows})
+    print(f"quality ablation: {budget}; test split of {args.data}, threshold chosen on the validation split")
+    print(ablation_table(rows))
+    return 0
+
+
 def main(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from utils.detection.engine import resolve_device
 
     device = resolve_device(args.device)
+    if args.ablation:
+        return run_ablation(args, device)
     results = []
     for name in args.sets:
         with contextlib.ExitStack() as stack:
