@@ -2,6 +2,9 @@
 
 Every output is written to a temporary file in the target's folder (same file
 system, so os.replace is atomic) and renamed over the target once complete.
+The file gets the mode a plain open() would give it (0666 less the umask), not
+mkstemp's 0600: the next job of a workflow may run as another user (Apptainer on
+shared storage, a container started with --user) and must be able to read it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,25 @@ import json
 import os
 import tempfile
 from pathlib import Path
+
+
+def current_umask() -> int:
+    """The process umask, read from /proc where Linux has it (changing it, even briefly, is not thread-safe)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | os.PathLike, folder: bool = False) -> None:
+    """Give *path* the mode open() or mkdir() would have given it (mkstemp and mkdtemp make it private)."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
 
 
 @contextlib.contextmanager
@@ -24,6 +46,7 @@ def atomic_path(target: str | os.PathLike):
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
     os.close(fd)
+    follow_umask(tmp)
     try:
         yield Path(tmp)
         os.replace(tmp, target)

@@ -50,7 +50,7 @@ import imagehash
 import numpy as np
 from tqdm import tqdm
 
-from ..atomic import write_json
+from ..atomic import follow_umask, write_json
 from .. import defaults as D
 from ..classes import CLASSES, NO_LABEL_MAP, LabelMap
 from ..errors import InputError
@@ -361,6 +361,7 @@ def write_clean_outputs(result: ValidationResult, output_dir, images_by_name: bo
     output_dir.mkdir(parents=True, exist_ok=True)
     clean_dir = output_dir / CLEAN_ANNOTATIONS_DIRNAME
     staging = Path(tempfile.mkdtemp(prefix=f".{CLEAN_ANNOTATIONS_DIRNAME}.", dir=output_dir))
+    follow_umask(staging, folder=True)  # it becomes annotations_clean/, which later jobs (maybe other users) read
     try:
         for pair in result.clean_pairs:
             target = staging / pair.annotation.name

@@ -1,0 +1,59 @@
+"""Outputs follow the umask, as a plain open() and mkdir() would: the next job of a workflow may run as
+another user (Apptainer on shared storage, a container started with --user) and must read them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tarfile
+
+import pytest
+
+from helpers import run_script
+from utils.atomic import current_umask, write_json
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    previous = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_current_umask_reads_the_process_umask():
+    with umask(0o027):
+        assert current_umask() == 0o027
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077])
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path, mask):
+    with umask(mask):
+        target = write_json(tmp_path / "out.json", {"a": 1})
+        with open(tmp_path / "plain.txt", "w") as plain:
+            plain.write("x")
+    assert mode(target) == mode(tmp_path / "plain.txt") == 0o666 & ~mask
+
+
+def test_a_jobs_outputs_are_readable_by_other_users_under_umask_022(root, sample_dir, tmp_path):
+    """validate_data then preprocess, as the workflow runs them: every file and folder they write,
+    and every member of the set archive, is readable (and every folder enterable) by group and others."""
+    out = tmp_path / "validated"
+    with umask(0o022):
+        assert run_script(root, "validate_data", ["--images", sample_dir / "images", "--annotations",
+                                                  sample_dir / "annotations", "--output-dir", out]) == 0
+        assert run_script(root, "preprocess", ["--images", sample_dir / "images", "--annotations",
+                                               out / "annotations_clean", "--output-tar", tmp_path / "set.tar",
+                                               "--no-progress"]) == 0
+    written = [out, *out.rglob("*"), tmp_path / "set.tar"]
+    unreadable = [str(p) for p in written if mode(p) & 0o044 != 0o044 or (p.is_dir() and mode(p) & 0o011 != 0o011)]
+    assert not unreadable
+    with tarfile.open(tmp_path / "set.tar") as archive:
+        private = [m.name for m in archive.getmembers() if m.mode & 0o044 != 0o044]
+    assert not private
