@@ -91,7 +91,6 @@ WORKFLOW_OVERRIDES = {
 
 CONTAINER_TYPES = {"singularity": Container.SINGULARITY, "docker": Container.DOCKER}
 CONTAINER_NAME = "mask-detection"
-CONTAINER_GPU_ARGUMENTS = {"singularity": "--nv", "docker": "--gpus all"}
 
 
 class MaskDetectionWorkflow:
@@ -228,8 +227,7 @@ class MaskDetectionWorkflow:
             requirements = config.execution_site_config().get("gpu_requirements")
             if requirements:
                 job.add_condor_profile(requirements=requirements)
-            if config.container_type != "none":
-                job.add_pegasus_profile(container_arguments=CONTAINER_GPU_ARGUMENTS[config.container_type])
+            # No container arguments: for a job with a gpus profile Pegasus itself adds --nv / --gpus all.
         if "checkpoint_time" in resources:
             job.add_pegasus_profile(checkpoint_time=resources["checkpoint_time"],
                                     max_walltime=resources["max_walltime"])

@@ -205,11 +205,11 @@ def test_flags_change_properties_container_and_gpus(sample_dir, tmp_path):
     run_dir = tmp_path / "gpu"
     assert generate(run_dir, sample_dir, "--gpus", "1", "--container-type", "docker",
                     "--container-image", "docker://someone/mask:1.2", "--retries", "5", "--mode", "production",
-                    "--transfer-threads", "8", "--execution-site", "local", "--hpo-jobs", "1", "--trials", "1") == 0
+                    "--transfer-threads", "8", "--hpo-jobs", "1", "--trials", "1") == 0
     properties = read_properties(run_dir / "pegasus.properties")
     assert properties["dagman.retry"] == "5" and properties["pegasus.mode"] == "production"
     assert properties["pegasus.transfer.threads"] == "8"
-    assert properties["pegasus.data.configuration"] == "sharedfs"
+    assert properties["pegasus.data.configuration"] == "condorio"
     (container,) = load(run_dir, "transformations.yml")["containers"]
     assert container == {"name": generator.CONTAINER_NAME, "type": "docker", "image": "docker://someone/mask:1.2"}
     jobs = jobs_by_id(run_dir)
@@ -217,7 +217,8 @@ def test_flags_change_properties_container_and_gpus(sample_dir, tmp_path):
     for job_id, job in jobs.items():
         pegasus = job.get("profiles", {}).get("pegasus", {})
         if job["name"] in ("hpo", "train", "evaluate", "predict"):
-            assert pegasus["gpus"] == 1 and pegasus["container.arguments"] == "--gpus all", job_id
+            # Pegasus adds --gpus all / --nv for a gpus profile; the generator must not add them again
+            assert pegasus["gpus"] == 1 and "container.arguments" not in pegasus, job_id
         else:
             assert "gpus" not in pegasus, job_id
     assert validate_run_dir(run_dir)["transformations.yml"] == []
@@ -289,3 +290,14 @@ def test_time_budget_reaches_the_train_job_only_when_given(sample_dir, tmp_path,
     assert args[args.index("--time-budget") + 1] == "7.5"
     assert generate(tmp_path / "bad", sample_dir, "--time-budget", "0") == 2
     assert "--time-budget 0: must be a positive number of minutes" in capsys.readouterr().err
+
+
+def test_the_submit_host_as_execution_site_needs_no_container(sample_dir, tmp_path, capsys):
+    """Pegasus runs sharedfs jobs on the submit host with plain kickstart: a container there would be dropped."""
+    assert generate(tmp_path / "local_docker", sample_dir, "--execution-site", "local",
+                    "--container-type", "docker") == 2
+    assert "--execution-site local runs jobs without a container" in capsys.readouterr().err
+    assert generate(tmp_path / "local_bare", sample_dir, "--execution-site", "local", "--container-type", "none",
+                    "--hpo-jobs", "1", "--trials", "1") == 0
+    properties = read_properties(tmp_path / "local_bare" / "pegasus.properties")
+    assert properties["pegasus.data.configuration"] == "sharedfs"

@@ -163,6 +163,12 @@ class WorkflowConfig:
             raise ConfigError(f"--container-type {self.container_type!r}: choose singularity, docker or none")
         if self.container_type != "none":
             validate_container_image(self.container_image)
+        if self.execution_site == "local" and self.container_type != "none":
+            # On the submit host Pegasus uses sharedfs and launches jobs with plain kickstart, not
+            # PegasusLite, so the container would silently not be used.
+            raise ConfigError(f"--execution-site local runs jobs without a container (Pegasus' sharedfs mode); "
+                              f"add --container-type none, or choose a pool site for --container-type "
+                              f"{self.container_type}")
         known_sites = {"local", *self.sites_config.get("sites", {})}
         if self.execution_site not in known_sites:
             raise ConfigError(f"--execution-site {self.execution_site!r}: not in sites.yml "
