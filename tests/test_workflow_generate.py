@@ -301,3 +301,27 @@ def test_the_submit_host_as_execution_site_needs_no_container(sample_dir, tmp_pa
                     "--hpo-jobs", "1", "--trials", "1") == 0
     properties = read_properties(tmp_path / "local_bare" / "pegasus.properties")
     assert properties["pegasus.data.configuration"] == "sharedfs"
+
+
+def test_the_planner_output_goes_to_a_log_file_and_submit_prints_a_short_summary(tmp_path, capsys):
+    import logging
+
+    import Pegasus.client._client  # noqa: F401  (installs the pegasus.client console handler)
+    from utils.pegasus.driver import submit_summary
+    from utils.pegasus.pegasus_api import planner_output_to
+
+    logger = logging.getLogger("pegasus.client")
+    handlers = list(logger.handlers)
+    with planner_output_to(tmp_path / "pegasus-plan.log"):
+        logger.info("2026.12.02 DEBUG [Planner] one of a thousand lines")
+    assert "one of a thousand lines" in (tmp_path / "pegasus-plan.log").read_text()
+    captured = capsys.readouterr()
+    assert "thousand" not in captured.out + captured.err
+    assert logger.handlers == handlers
+    summary = submit_summary("/submit/run0001", tmp_path / "pegasus-plan.log")
+    assert len(summary.splitlines()) == 6 and "pegasus-status -l /submit/run0001" in summary
+
+
+def test_properties_are_for_a_production_pool(run_dir):
+    properties = read_properties(run_dir / "pegasus.properties")
+    assert properties["pegasus.mode"] == "production" and int(properties["dagman.retry"]) >= 3

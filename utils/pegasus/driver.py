@@ -103,16 +103,29 @@ def submit(generator, has_planner: bool) -> int:
         return 3
     from Pegasus.api import PegasusClientError
 
+    from .pegasus_api import planner_output_to
+
+    log_path = generator.config.run_dir / "pegasus-plan.log"
     try:
-        generator.wf.plan(**generator.plan_options(submit=True))
+        with planner_output_to(log_path):
+            generator.wf.plan(**generator.plan_options(submit=True))
     except PegasusClientError as error:
-        print(f"pegasus-plan failed:\n{error.output}", file=sys.stderr)
+        last_lines = "\n".join(str(error.output).strip().splitlines()[-15:])
+        print(f"pegasus-plan failed; its last lines follow, all of its output is in {log_path}:\n{last_lines}",
+              file=sys.stderr)
         return 1
-    submit_dir = generator.wf.braindump.submit_dir
-    print(f"Submitted. Follow it with:\n  pegasus-status -l {submit_dir}\n"
-          f"  pegasus-analyzer {submit_dir}     # when something fails\n"
-          f"  pegasus-statistics -s all {submit_dir}   # when it is done")
+    print(submit_summary(generator.wf.braindump.submit_dir, log_path))
     return 0
+
+
+def submit_summary(submit_dir, log_path) -> str:
+    """What to run next, after a submit; the planner's own output stays in its log file."""
+    return (f"Submitted; the planner's output is in {log_path}.\n"
+            f"  submit dir: {submit_dir}\n"
+            f"  pegasus-status -l {submit_dir}           # watch\n"
+            f"  pegasus-analyzer {submit_dir}            # when a job fails\n"
+            f"  pegasus-statistics -s all {submit_dir}   # when it is done\n"
+            f"  pegasus-remove {submit_dir}              # to stop it")
 
 
 def run_locally(run_dir: Path, output_dir: Path, jobs: int) -> int:

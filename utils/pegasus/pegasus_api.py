@@ -11,13 +11,18 @@ things it does not offer publicly, and the generator needs:
   then reads the file from ``_path``, which must name the final file.
 - **The planner's command line**, printed when this machine has no pegasus-plan: the
   same arguments Workflow.plan() would pass, from ``Pegasus.client._client``.
+- **The planner's output in a file.** Workflow.plan() streams every planner line to the
+  terminal through the ``pegasus.client`` logger's own console handler (it does not
+  propagate); ``planner_output_to`` swaps that handler for a file while planning.
 
 If a Pegasus upgrade changes one of these, this module is the one to fix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import logging
 from pathlib import Path
 
 from Pegasus.api import Workflow
@@ -77,3 +82,25 @@ def planner_arguments(**options) -> list[str]:
     from Pegasus.client._client import get_planner_args
 
     return get_planner_args(**options)
+
+
+@contextlib.contextmanager
+def planner_output_to(path: Path):
+    """While planning, write what Pegasus.api would print (the planner's output) to *path* instead."""
+    logger = logging.getLogger("pegasus.client")
+    saved, saved_level = list(logger.handlers), logger.level
+    logger.setLevel(logging.DEBUG)  # the whole output, whatever the terminal's level was
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(path, mode="w", encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(message)s"))
+    for handler in saved:
+        logger.removeHandler(handler)
+    logger.addHandler(to_file)
+    try:
+        yield path
+    finally:
+        logger.removeHandler(to_file)
+        to_file.close()
+        for handler in saved:
+            logger.addHandler(handler)
+        logger.setLevel(saved_level)
