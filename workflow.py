@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from Pegasus.api import (Container, File, Job, Properties, ReplicaCatalog, SiteCatalog, Transformation,
-                         TransformationCatalog, Workflow)
+                         TransformationCatalog, TransformationSite, Workflow)
 
 from utils.atomic import write_text
 from utils.pegasus import driver, pegasus_api
@@ -60,9 +60,9 @@ JOB_SCRIPTS = {
 # profiles (cores, memory, runtime in seconds; HTCondor derives request_cpus and
 # request_memory from them). "gpus" marks kinds that use a GPU when --gpus N > 0
 # asks for GPUs: those jobs then request N. checkpoint_time / max_walltime
-# (minutes) apply to the checkpointing kinds: at checkpoint.time the job gets
-# SIGTERM and saves its checkpoint; at maxwalltime it is killed and retried from
-# the checkpoint (pegasus-kickstart semantics; utils/pegasus/executor.py does the same).
+# (minutes) apply to the checkpointing kinds: at checkpoint.time the job gets SIGTERM, stops
+# after its step and exits 143 (utils/stop.py); at maxwalltime it is killed; either way it is
+# retried from its checkpoint (kickstart semantics; utils/pegasus/executor.py does the same).
 RESOURCES = {
     "plot_class_distribution": {"cores": 1, "memory": "1 GB", "runtime": 300, "gpus": 0},
     "preprocess": {"cores": 1, "memory": "2 GB", "runtime": 900, "gpus": 0},
@@ -145,10 +145,17 @@ class MaskDetectionWorkflow:
             container = Container(CONTAINER_NAME, CONTAINER_TYPES[config.container_type],
                                   image=config.container_image)
             tc.add_containers(container)
+        # Staged scripts import `utils` from the image (PYTHONPATH=/app). Without a container they are installed,
+        # run in place from the project folder as each site sees it, that folder on PYTHONPATH: a staged script
+        # would land in a scratch folder with no `utils` beside it. ("local": the submit host, for Shell runs.)
+        installed = {config.execution_site: config.software_dir(), "local": config.project_root.resolve()}
         for kind, script in JOB_SCRIPTS.items():
             resources = RESOURCES[kind]
-            transformation = Transformation(kind, site="local", pfn=(config.project_root / script).resolve(),
-                                             is_stageable=True, container=container)
+            transformation = (Transformation(kind, site="local", pfn=(config.project_root / script).resolve(),
+                                             is_stageable=True, container=container) if container is not None else
+                              Transformation(kind).add_sites(*(TransformationSite(site, str(folder / script))
+                                                               .add_env(PYTHONPATH=str(folder))
+                                                               for site, folder in installed.items())))
             transformation.add_pegasus_profile(cores=resources["cores"], memory=resources["memory"],
                                                runtime=str(resources["runtime"]))
             self.transformations[kind] = transformation
@@ -376,8 +383,7 @@ class MaskDetectionWorkflow:
         buffer = io.StringIO()
         self.props.write(buffer)
         write_text(self.paths["properties"], buffer.getvalue())
-        written = {key: self.paths[key] for key in ("workflow", "sites", "transformations", "replicas",
-                                                    "properties")}
+        written = {key: self.paths[key] for key in ("workflow", "sites", "transformations", "replicas", "properties")}
         if graph:
             written.update(write_graph(self.wf, len(self.config.entries), self.paths["dot"], self.paths["png"]))
         return written

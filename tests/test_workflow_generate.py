@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 from pathlib import Path
 
@@ -325,3 +326,30 @@ def test_the_planner_output_goes_to_a_log_file_and_submit_prints_a_short_summary
 def test_properties_are_for_a_production_pool(run_dir):
     properties = read_properties(run_dir / "pegasus.properties")
     assert properties["pegasus.mode"] == "production" and int(properties["dagman.retry"]) >= 3
+
+
+def test_without_a_container_the_jobs_run_the_installed_project_with_it_on_pythonpath(sample_dir, tmp_path, root):
+    run_dir = tmp_path / "installed"
+    assert generate(run_dir, sample_dir, "--container-type", "none", "--hpo-jobs", "1", "--trials", "1") == 0
+    for transformation in load(run_dir, "transformations.yml")["transformations"]:
+        # installed on the execution site (and the submit host, for Shell runs), not staged into a scratch
+        # folder where `utils` would be missing
+        assert [site["name"] for site in transformation["sites"]] == ["condorpool", "local"]
+        for site in transformation["sites"]:
+            assert site["type"] == "installed"
+            assert Path(site["pfn"]) == (root / generator.JOB_SCRIPTS[transformation["name"]]).resolve()
+            assert site["profiles"]["env"]["PYTHONPATH"] == str(root.resolve())
+            assert os.access(site["pfn"], os.X_OK)  # an installed transformation is executed as it is
+
+    sites = tmp_path / "sites.yml"
+    sites.write_text((root / "sites.yml").read_text().replace(
+        "    # software_dir: /cvmfs/example.org/mask-detection-workflow",
+        "    software_dir: /cvmfs/example.org/mask-detection-workflow"))
+    assert generate(tmp_path / "cvmfs", sample_dir, "--container-type", "none", "--sites-config", str(sites),
+                    "--hpo-jobs", "1", "--trials", "1") == 0
+    (train,) = [t for t in load(tmp_path / "cvmfs", "transformations.yml")["transformations"]
+                if t["name"] == "train"]
+    pool, local = train["sites"]
+    assert pool["pfn"] == "/cvmfs/example.org/mask-detection-workflow/bin/train.py"
+    assert pool["profiles"]["env"]["PYTHONPATH"] == "/cvmfs/example.org/mask-detection-workflow"
+    assert local["pfn"] == str((root / "bin" / "train.py").resolve())

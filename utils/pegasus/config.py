@@ -7,7 +7,7 @@ Everything here is checked before a catalog is built, and a problem is one line
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import yaml
 from Pegasus.api import Namespace
@@ -175,8 +175,21 @@ class WorkflowConfig:
                               f"(known: {', '.join(sorted(known_sites))})")
 
     def execution_site_config(self) -> dict:
-        """The sites.yml entry of the execution site ({} for local)."""
+        """The sites.yml entry of the execution site (the local: entry for local)."""
+        if self.execution_site == "local":
+            return self.sites_config.get("local", {})
         return self.sites_config.get("sites", {}).get(self.execution_site, {})
+
+    def software_dir(self) -> PurePosixPath:
+        """Where the execution site's nodes find this project, for --container-type none: sites.yml
+        software_dir, else this project folder (right on a shared file system)."""
+        configured = self.execution_site_config().get("software_dir")
+        if configured is None:
+            return PurePosixPath(Path(self.project_root).resolve().as_posix())
+        if not str(configured).startswith("/"):
+            raise ConfigError(f"sites.yml: software_dir {configured!r} of site {self.execution_site!r} must be "
+                              "an absolute path on that site's nodes")
+        return PurePosixPath(str(configured))
 
 
 def config_from_args(args, project_root: Path, entries: list[SplitEntry], split_csv: Path,
