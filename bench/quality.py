@@ -128,6 +128,8 @@ def run_one(name, images, annotations, args, device, limit=None, recipe=None):
               f"{row.images_per_s:.2f} images/s, {row.seconds:.0f} s", flush=True)
     train_s = time.perf_counter() - started
     model = trainer.eval_model
+    steps = trainer.scheduler.last_epoch  # optimizer steps taken
+    epochs_trained = steps / len(trainer.train_loader)
 
     started = time.perf_counter()
     workers = max(args.workers, 0)
@@ -141,7 +143,8 @@ def run_one(name, images, annotations, args, device, limit=None, recipe=None):
     eval_s = time.perf_counter() - started
     per_class = {cls: {"ap": v.get("ap"), "ap_50": v.get("ap_50")} for cls, v in metrics["per_class"].items()}
     result = {"data": name, "recipe": describe(params), "params": params.to_dict(), **summary, "train_images": len(train), "test_images": len(test),
-              "epochs": epochs, "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
+              "epochs": epochs, "steps": steps, "epochs_trained": round(epochs_trained, 2),
+              "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
               "map": metrics["map"], "map_50": metrics["map_50"], "map_75": metrics["map_75"],
               "per_class": per_class, "val_images": len(val), "score_threshold": chosen["score_threshold"],
               "val_f1": chosen["f1"], "val_candidates": chosen["candidates"], "compliance": compliance,
@@ -171,7 +174,7 @@ def ablation_table(rows) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         c = r["compliance"]
-        cells = [r["row"], str(len(r["epochs"])), fmt(r["map"]), fmt(r["map_50"]),
+        cells = [r["row"], f"{r['epochs_trained']:.1f}", fmt(r["map"]), fmt(r["map_50"]),
                  *[fmt(r["per_class"][cls]["ap_50"]) for cls in classes], f"{r['score_threshold']:.2f}",
                  fmt_points(c["error_points"]), fmt_points(c["per_image_mae_points"], signed=False),
                  f"{r['train_s'] / 60:.1f}"]

@@ -25,6 +25,7 @@ from utils.detection.engine import resolve_device
 from utils.detection.hpo import OBJECTIVES, HpoConfig, SearchSpace, run_study
 from utils.detection.model import BACKBONES
 from utils.provenance import write_run_record
+from utils.stop import stop_on_sigterm
 
 
 def _spaced(values) -> str:
@@ -97,6 +98,7 @@ def get_args_parser():
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("optuna").setLevel(logging.WARNING)
+    stop_on_sigterm()  # a pool's SIGTERM stops the running trial, which is enqueued again for the retry
     space = SearchSpace(lr_min=args.lr_range[0], lr_max=args.lr_range[1],
                         momentum_min=args.momentum_range[0], momentum_max=args.momentum_range[1],
                         weight_decay_min=args.weight_decay_range[0], weight_decay_max=args.weight_decay_range[1],

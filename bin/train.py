@@ -29,6 +29,7 @@ from utils.detection.recipe import describe, gpu_recipe
 from utils.detection.training import (Trainer, TrainingDataError, open_pairs, plot_loss_curve, read_params_file,
                                       resolve_params, write_metrics_csv)
 from utils.provenance import inputs_sha256, package_versions, write_run_record
+from utils.stop import stop_on_sigterm
 
 log = logging.getLogger("train")
 
@@ -86,9 +87,13 @@ def get_args_parser():
     opt.add_argument("--hflip", type=float, default=None,
                      help=f"probability of a horizontal flip per training image (default: {D.HFLIP})")
     opt.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
-                     help="fit the epochs and the cosine length to this many minutes of training and "
-                          "validation, after timing the first steps; replaces --epochs (the plan is recorded "
-                          "in the model file; --epochs N replays it) (default: none, --epochs)")
+                     help="fit the training steps (and so the epochs, the last one cut short) and the cosine "
+                          "length to this many minutes of training and validation, after timing the first "
+                          "steps; replaces --epochs (default: none, --epochs)")
+    opt.add_argument("--max-steps", type=int, default=None,
+                     help="training steps in all, the last epoch cut short where they end; what a --time-budget "
+                          "run plans and records (training.max_steps in the model file), so this replays it "
+                          "(default: --epochs whole epochs)")
     recipe = p.add_argument_group("recipe levers (bench/quality.py ablates them)")
     recipe.add_argument("--photometric", type=float, default=None,
                         help=f"probability of a photometric distortion per training image (default: {D.PHOTOMETRIC})")
@@ -155,6 +160,7 @@ def choose_threshold_on_validation(trainer, has_val: bool) -> dict:
 
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    stop_on_sigterm()  # a pool's SIGTERM stops after the current step; the last epoch's checkpoint is kept
     label_map = LabelMap.parse(args.label_map)
     params_file = read_params_file(args.params) if args.params else {}
     params = resolve_params(vars(args), params_file)
@@ -165,6 +171,8 @@ def main(args) -> int:
     print_values("train", "params", params.to_dict())
     if params.epochs < 1:
         raise TrainingDataError(f"--epochs must be at least 1, got {params.epochs}")
+    if params.max_steps is not None and params.max_steps < 1:
+        raise TrainingDataError(f"--max-steps must be at least 1, got {params.max_steps}")
     if params.time_budget is not None and params.time_budget <= 0:
         raise TrainingDataError(f"--time-budget must be a positive number of minutes, got {params.time_budget}")
     if args.val_images and not args.val_annotations:

@@ -106,7 +106,7 @@ def test_ema_follows_the_model_with_a_ramped_decay():
     assert build_ema(model, 0) is None
 
 
-def test_time_budget_fits_the_epochs_to_the_timed_steps(monkeypatch):
+def test_time_budget_fits_the_steps_to_the_timed_steps(monkeypatch):
     now = {"t": 0.0}
     monkeypatch.setattr(recipe.time, "perf_counter", lambda: now["t"])
     # 60 s budget, 10 steps per epoch at 1 s each, 5 validation batches twice per epoch at 0.4 s each
@@ -116,34 +116,41 @@ def test_time_budget_fits_the_epochs_to_the_timed_steps(monkeypatch):
     for iteration in range(10):
         now["t"] += 1.0
         plan = budget.fit_after_step(iteration) if plan is None else plan
-    # epoch: 10 s of steps + 2 x 2 s of validation = 14 s; (60 - 2 s for the threshold choice) // 14 = 4
-    assert plan == 4
-    now["t"] += 4.0  # the first epoch's validation
-    assert budget.fit_after_epoch(epoch_s=14.0, val_batches_s=4.0) == 1 + int((60 - 14 - 2) // 14)
-    now["t"] += 40.0  # a machine that slowed down: the budget is spent after the first epoch
-    assert budget.fit_after_epoch(epoch_s=14.0, val_batches_s=4.0) == 1
+    # after 5 steps (5 s): 60 - 5 - 2 s for the threshold choice = 53 s left, each step costs 1 s + 4 s / 10
+    assert plan == 5 + int(53 // 1.4)
+    now["t"] += 4.0  # the first epoch's validation: 14 s in all
+    assert budget.fit_after_epoch(steps_done=10, train_s=10.0, validation_s=4.0) == 10 + int((60 - 14 - 2) // 1.4)
+    now["t"] += 50.0  # a machine that slowed down: the budget is spent after the first epoch
+    assert budget.fit_after_epoch(steps_done=10, train_s=10.0, validation_s=4.0) == 10
 
 
 def test_trainer_with_a_time_budget_records_its_plan_and_a_resumed_run_keeps_it(tiny_dir, tmp_path):
     pairs = pair_folders(tiny_dir / "images", tiny_dir / "annotations").pairs
-    params = TrainParams(**{**TINY, "epochs": 50, "time_budget": 0.05, "ema_decay": 0.9, "multiscale": 0.25,
-                            "photometric": 0.5, "repeat_threshold": 0.5})
-    trainer = Trainer(params, pairs, torch.device("cpu"), val_pairs=pairs[:2], progress=False)
+    levers = {**TINY, "epochs": 50, "time_budget": 0.05, "ema_decay": 0.9, "multiscale": 0.25,
+              "photometric": 0.5, "repeat_threshold": 0.5}
+    trainer = Trainer(TrainParams(**levers), pairs, torch.device("cpu"), val_pairs=pairs[:2], progress=False)
     trainer.run_epoch()
-    planned = trainer.params.epochs
-    assert 1 <= planned < 50  # 3 seconds hold a few epochs of 6 tiny images, not 50
-    assert trainer.scheduler.lr_lambdas[0].total_iters == planned * len(trainer.train_loader)
+    steps, epochs = trainer.params.max_steps, trainer.params.epochs
+    assert len(trainer.train_loader) <= steps < 50 * len(trainer.train_loader)  # 3 s: a few epochs, not 50
+    assert epochs == math.ceil(steps / len(trainer.train_loader))
+    assert trainer.scheduler.lr_lambdas[0].total_iters == steps
     trainer.checkpoint(tmp_path / "checkpoint.pt", {})
     saved = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert saved["args"]["params"]["epochs"] == planned and saved["extra"]["ema"] is not None
+    assert saved["args"]["params"]["max_steps"] == steps and saved["extra"]["ema"] is not None
 
-    again = Trainer(TrainParams(**{**TINY, "epochs": 50, "time_budget": 0.05, "ema_decay": 0.9,
-                                   "multiscale": 0.25, "photometric": 0.5, "repeat_threshold": 0.5}),
-                    pairs, torch.device("cpu"), val_pairs=pairs[:2], progress=False)
+    again = Trainer(TrainParams(**levers), pairs, torch.device("cpu"), val_pairs=pairs[:2], progress=False)
     assert again.resume(tmp_path / "checkpoint.pt") == 1
-    assert again.params.epochs == planned and again.budget is None
+    assert (again.params.max_steps, again.params.epochs) == (steps, epochs) and again.budget is None
     for name, tensor in again.ema.module.state_dict().items():
         assert torch.equal(tensor, trainer.ema.module.state_dict()[name]), name
+
+
+def test_max_steps_cuts_the_last_epoch_short(tiny_dir):
+    pairs = pair_folders(tiny_dir / "images", tiny_dir / "annotations").pairs  # 6 images: 3 steps of 2
+    trainer = Trainer(TrainParams(**{**TINY, "max_steps": 4}), pairs, torch.device("cpu"), progress=False)
+    assert trainer.params.epochs == 2
+    first, second = (trainer.run_epoch(validate_loss=False) for _ in range(2))
+    assert trainer.completed_epochs == 2 and trainer.scheduler.last_epoch == 4  # 3 steps, then 1
 
 
 def test_gpu_recipe_changes_only_what_was_not_given(monkeypatch, tmp_path):

@@ -8,7 +8,9 @@ parses the flags, prints the resolved arguments as the job's first line and runs
 - exit 2: bad input or arguments: argparse's own exit on a bad flag, a
   utils.errors.InputError, or an OSError (missing, unreadable, wrong kind of file);
   stderr gets one line ``<job>: error: <file>: <problem>``, never a traceback;
-- exit 1: anything else is a bug: the same one line, then the traceback.
+- exit 1: anything else is a bug: the same one line, then the traceback;
+- exit 143: a job that checkpoints (train, hpo) stopped on SIGTERM (utils.stop); stderr
+  says what was abandoned and which checkpoint a retry resumes from.
 
 Standard output: ``<job>: args: {...}`` (JSON, keys sorted, paths as strings) first.
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 from . import defaults as D
 from .classes import CLASSES
 from .errors import InputError
+from .stop import EXIT_STOPPED, StopRequested
 
 EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -59,6 +62,9 @@ def run_job(main, parser, argv=None, job: str | None = None) -> int:
     print_values(job, "args", vars(args))
     try:
         return main(args)
+    except StopRequested as stop:
+        print(f"{job}: stopped: {stop}", file=sys.stderr)
+        return EXIT_STOPPED
     except (InputError, OSError) as error:
         print(f"{job}: error: {error_message(error)}", file=sys.stderr)
         return EXIT_BAD_INPUT

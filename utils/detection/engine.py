@@ -158,12 +158,14 @@ def make_grad_scaler(device: torch.device, amp: bool):
 
 def train_one_epoch(model, optimizer, loader, device, epoch: int, scheduler=None, scaler=None,
                     clip_grad: float | None = 10.0, amp: bool = True, progress: bool = True,
-                    description: str = "train", after_step=None) -> dict:
+                    description: str = "train", after_step=None, max_iterations=None) -> dict:
     """One pass over *loader*; returns mean losses per image, images, seconds and images/s.
 
     *scheduler* is stepped every iteration. Mixed precision is used on CUDA only
     (CPU autocast to bfloat16 is slower than float32 on most CPUs). *after_step(iteration)*,
     when given, runs after every optimizer step (weight EMA, timing for a time budget).
+    *max_iterations*, a callable, is asked before every step how many steps this epoch may
+    take (None: all); a time-budget plan cuts the last epoch short, and may change mid-epoch.
     """
     from tqdm import tqdm
 
@@ -173,7 +175,11 @@ def train_one_epoch(model, optimizer, loader, device, epoch: int, scheduler=None
     started = time.perf_counter()
     bar = tqdm(loader, desc=f"{description} epoch {epoch + 1}", unit="batch", disable=not progress,
                leave=False, dynamic_ncols=True)
+    steps = 0
     for iteration, (images, targets) in enumerate(bar):
+        limit = max_iterations() if max_iterations is not None else None
+        if limit is not None and iteration >= limit:
+            break
         images, targets = to_device(images, targets, device)
         with _autocast(device, amp):
             loss_dict = model(images, targets)
@@ -201,6 +207,7 @@ def train_one_epoch(model, optimizer, loader, device, epoch: int, scheduler=None
         if after_step is not None:
             after_step(iteration)
         batch = len(images)
+        steps += 1
         images_seen += batch
         sums["loss"] += loss.item() * batch
         for key, value in loss_dict.items():
@@ -208,7 +215,7 @@ def train_one_epoch(model, optimizer, loader, device, epoch: int, scheduler=None
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     seconds = time.perf_counter() - started
     result = {key: value / max(images_seen, 1) for key, value in sums.items()}
-    result.update(images=images_seen, seconds=seconds, images_per_s=images_seen / seconds if seconds else 0.0,
+    result.update(images=images_seen, steps=steps, seconds=seconds, images_per_s=images_seen / seconds if seconds else 0.0,
                   lr=optimizer.param_groups[0]["lr"])
     return result
 

@@ -43,6 +43,7 @@ from optuna.trial import TrialState
 from .. import defaults as D
 from ..classes import NO_LABEL_MAP, LabelMap
 from ..errors import InputError, read_json
+from ..stop import StopRequested
 from .compliance import compliance_error
 from .engine import NonFiniteLossError
 from .training import Trainer, TrainParams, open_pairs
@@ -133,19 +134,23 @@ def open_study(journal, study_name: str, seed: int, pruner_startup_trials: int =
     return study, storage
 
 
+def requeue(study: optuna.Study, trial, why: str) -> None:
+    """Enqueue an interrupted trial's parameters again (at most MAX_REQUEUES times)."""
+    requeues = int(trial.user_attrs.get("requeues", 0))
+    if requeues >= MAX_REQUEUES:
+        log.warning("trial %d was interrupted %d times; not enqueued again", trial.number, requeues + 1)
+        return
+    study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number, "requeues": requeues + 1})
+    log.info("trial %d %s: marked failed, parameters %s enqueued again", trial.number, why, trial.params)
+
+
 def recover_stale_trials(study: optuna.Study, storage) -> list[int]:
     """Fail trials left RUNNING by a killed job and enqueue their parameters again; returns their numbers."""
     recovered = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-        requeues = int(trial.user_attrs.get("requeues", 0))
         recovered.append(trial.number)
-        if requeues >= MAX_REQUEUES:
-            log.warning("trial %d was interrupted %d times; not enqueued again", trial.number, requeues + 1)
-            continue
-        study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number, "requeues": requeues + 1})
-        log.info("trial %d was left running by an interrupted job: marked failed, parameters %s enqueued again",
-                 trial.number, trial.params)
+        requeue(study, trial, "was left running by an interrupted job")
     return recovered
 
 
@@ -259,7 +264,13 @@ def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotat
                  worker_space.lr_min, worker_space.lr_max)
         if remaining > 0:
             objective = make_objective(config, worker_space, train_pairs, val_pairs, device)
-            study.optimize(objective, n_trials=remaining, timeout=timeout, gc_after_trial=True)
+            try:
+                study.optimize(objective, n_trials=remaining, timeout=timeout, gc_after_trial=True)
+            except StopRequested:
+                # Optuna has marked the interrupted trial failed; the retry runs its parameters again.
+                interrupted = study.get_trials(deepcopy=False)[-1]
+                requeue(study, interrupted, "was interrupted by SIGTERM")
+                raise
     counts = trial_counts(study)
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     best = max(complete, key=lambda t: t.value) if complete else None

@@ -159,16 +159,19 @@ EVAL_STEP_FRACTION = 0.4
 
 
 class TimeBudget:
-    """Fits the epochs to ``minutes`` of training, validation and threshold choice.
+    """Fits the number of training steps to ``minutes`` of training, validation and threshold choice.
 
     ``steps_timed`` training steps (after ``steps_skipped`` warm-up steps whose time includes
-    one-off allocations) give the seconds per step; the plan is
+    one-off allocations) give the seconds per step, and each step is charged its share of
+    the per-epoch validation:
 
-        epochs = (budget - elapsed - final) / (steps per epoch * s/step + validation per epoch)
+        steps = steps done + (budget - elapsed - final) / (s/step + validation per epoch / steps per epoch)
 
-    and once the first epoch has really been timed, it is fitted again with that epoch's
-    measured time. The plan can differ between two runs of the same seed (it depends on the
-    machine's speed); the model file records it, and --epochs N replays it exactly.
+    Once the first epoch has really been timed (validation included), the plan is fitted
+    again from that epoch. The plan is in steps, not whole epochs, so the budget is used
+    to the step: the last epoch is cut short where the plan ends. The plan can differ
+    between two runs of the same seed (it depends on the machine's speed); the checkpoint
+    and the model file record it (``max_steps``), and --max-steps replays it exactly.
     """
 
     def __init__(self, minutes: float, steps_per_epoch: int, val_batches: int, validations_per_epoch: int,
@@ -186,31 +189,31 @@ class TimeBudget:
         return time.perf_counter() - self.started
 
     def fit_after_step(self, iteration: int) -> int | None:
-        """Call after every step of the first epoch; returns the epochs once the timed steps are done."""
+        """Call after every step of the first epoch; returns the planned steps once the timed steps are done."""
         if iteration == self.steps_skipped - 1 or (self.steps_skipped == 0 and iteration == 0):
             self._timer_start = time.perf_counter()
         if self._timer_start is None or iteration != self.steps_skipped - 1 + self.steps_timed:
             return None
         step_s = (time.perf_counter() - self._timer_start) / self.steps_timed
-        eval_s = self.val_batches * step_s * EVAL_STEP_FRACTION
-        epoch_s = self.steps_per_epoch * step_s + eval_s * self.validations_per_epoch
-        remaining = self.budget_s - self.elapsed() + (iteration + 1) * step_s  # this epoch's steps so far count
-        epochs = self._epochs(remaining - eval_s, epoch_s)
-        log.info("time budget %.0f min: %.2f s per training step, about %.1f min per epoch with validation: "
-                 "%d epochs", self.budget_s / 60, step_s, epoch_s / 60, epochs)
-        return epochs
+        validation_s = self.val_batches * step_s * EVAL_STEP_FRACTION * self.validations_per_epoch
+        final_s = self.val_batches * step_s * EVAL_STEP_FRACTION  # the threshold choice: one inference pass
+        steps = self._steps(iteration + 1, self.budget_s - self.elapsed() - final_s, step_s, validation_s)
+        log.info("time budget %.0f min: %.2f s per training step, %.1f min of validation per epoch: %d steps "
+                 "(%.1f epochs)", self.budget_s / 60, step_s, validation_s / 60, steps, steps / self.steps_per_epoch)
+        return steps
 
-    def fit_after_epoch(self, epoch_s: float, val_batches_s: float) -> int:
-        """Epochs in all, from the first epoch's measured time (training and validation)."""
-        final_s = val_batches_s / max(self.validations_per_epoch, 1)  # the threshold choice: one inference pass
-        epochs = 1 + self._epochs(self.budget_s - self.elapsed() - final_s, epoch_s, minimum=0)
-        log.info("time budget %.0f min: the first epoch took %.1f min: %d epochs", self.budget_s / 60,
-                 epoch_s / 60, epochs)
-        return epochs
+    def fit_after_epoch(self, steps_done: int, train_s: float, validation_s: float) -> int:
+        """Planned steps in all, from the first epoch's measured training and validation time."""
+        final_s = validation_s / max(self.validations_per_epoch, 1)
+        steps = self._steps(steps_done, self.budget_s - self.elapsed() - final_s, train_s / max(steps_done, 1),
+                            validation_s)
+        log.info("time budget %.0f min: the first epoch took %.1f min with validation: %d steps (%.1f epochs)",
+                 self.budget_s / 60, (train_s + validation_s) / 60, steps, steps / self.steps_per_epoch)
+        return steps
 
-    @staticmethod
-    def _epochs(seconds: float, epoch_s: float, minimum: int = 1) -> int:
-        return max(minimum, int(seconds // max(epoch_s, 1e-9)))
+    def _steps(self, steps_done: int, seconds_left: float, step_s: float, validation_s: float) -> int:
+        per_step = step_s + validation_s / max(self.steps_per_epoch, 1)
+        return steps_done + max(0, int(seconds_left // max(per_step, 1e-9)))
 
 
 # ----------------------------------------------------------------------------- GPU recipe

@@ -31,6 +31,7 @@ from .recipe import (RepeatFactorSampler, TimeBudget, build_ema, multiscale_size
 from ..data.pairs import open_folder, pair_folders
 from ..data.voc import VocError, parse_voc
 from ..errors import InputError, read_json
+from ..stop import check_stop
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ class TrainParams:
     multiscale: float = D.MULTISCALE
     repeat_threshold: float = D.REPEAT_THRESHOLD
     ema_decay: float = D.EMA_DECAY
-    time_budget: float | None = D.TIME_BUDGET  # minutes; when set, the epochs are fitted to it
+    time_budget: float | None = D.TIME_BUDGET  # minutes; when set, the steps (and epochs) are fitted to it
+    max_steps: int | None = None  # training steps in all, the last epoch cut short; None: epochs x steps per epoch
     amp: bool = D.AMP
     seed: int = D.SEED
 
@@ -235,6 +237,8 @@ class Trainer:
                                        label_map=label_map) if val_pairs else None)
         self.scheduler = build_scheduler(self.optimizer, total_iters=params.epochs * len(self.train_loader),
                                          warmup_iters=params.warmup_iters, schedule=params.lr_schedule)
+        if params.max_steps is not None:
+            self.set_plan(params.max_steps)
         self.scaler = make_grad_scaler(device, params.amp)
         self.completed_epochs = 0
         self.history: list[dict] = []
@@ -250,10 +254,18 @@ class Trainer:
         """What validation, the threshold choice and the model file use: the EMA weights when kept."""
         return self.ema.module if self.ema is not None else self.model
 
-    def set_epochs(self, epochs: int) -> None:
-        """A new plan: the epochs and the cosine length (the iterations already run keep their rates)."""
-        self.params.epochs = int(epochs)
-        self.scheduler.lr_lambdas[0].total_iters = self.params.epochs * len(self.train_loader)
+    def set_plan(self, steps: int) -> None:
+        """A new plan of *steps* training steps in all: the epochs (the last one cut short there) and the
+        cosine length (the steps already run keep their rates)."""
+        self.params.max_steps = max(1, int(steps))
+        self.params.epochs = math.ceil(self.params.max_steps / len(self.train_loader))
+        self.scheduler.lr_lambdas[0].total_iters = self.params.max_steps
+
+    def steps_left_in_epoch(self) -> int | None:
+        """The steps the current epoch may take under max_steps (None: the whole epoch)."""
+        if self.params.max_steps is None:
+            return None
+        return self.params.max_steps - self.completed_epochs * len(self.train_loader)
 
     def resume(self, checkpoint_path) -> int:
         payload = load_checkpoint(checkpoint_path)
@@ -267,8 +279,8 @@ class Trainer:
         extra = payload.get("extra") or {}
         if self.ema is not None and extra.get("ema") is not None:
             self.ema.load_state_dict(extra["ema"])
-        if self.budget is not None and "epochs" in saved:
-            self.set_epochs(saved["epochs"])  # the plan the interrupted run made
+        if self.budget is not None and saved.get("max_steps") is not None:
+            self.set_plan(saved["max_steps"])  # the plan the interrupted run made
             self.budget = None
         self.history = list(payload.get("history", []))
         return self.completed_epochs
@@ -280,15 +292,22 @@ class Trainer:
                         extra=extra)
 
     def _after_step(self, iteration: int) -> None:
+        check_stop(self._abandoned())
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         if self.budget is not None and self.completed_epochs == 0:
-            epochs = self.budget.fit_after_step(iteration)
-            if epochs is not None:
-                self.set_epochs(epochs)
+            steps = self.budget.fit_after_step(iteration)
+            if steps is not None:
+                self.set_plan(steps)
+
+    def _abandoned(self) -> str:
+        done = self.completed_epochs
+        return (f"epoch {done + 1} abandoned; the checkpoint holds {done} finished epoch(s)" if done else
+                "epoch 1 abandoned; no checkpoint yet, a retry starts afresh")
 
     def run_epoch(self, validate_map: bool = False, validate_loss: bool = True) -> EpochRow:
         epoch = self.completed_epochs
+        check_stop(self._abandoned())
         frozen = epoch < self.params.freeze_backbone_epochs
         if frozen:
             freeze_backbone(self.model)
@@ -298,7 +317,8 @@ class Trainer:
         self.generator.manual_seed(self.params.seed * 100_003 + epoch)
         stats = train_one_epoch(self.model, self.optimizer, self.train_loader, self.device, epoch,
                                 scheduler=self.scheduler, scaler=self.scaler, clip_grad=self.params.clip_grad,
-                                amp=self.params.amp, progress=self.progress, after_step=self._after_step)
+                                amp=self.params.amp, progress=self.progress, after_step=self._after_step,
+                                max_iterations=self.steps_left_in_epoch)
         row = EpochRow(epoch=epoch + 1, lr=stats["lr"], train_loss=stats["loss"],
                        loss_classifier=stats.get("loss_classifier", math.nan),
                        loss_box_reg=stats.get("loss_box_reg", math.nan),
@@ -315,7 +335,8 @@ class Trainer:
         validation_s = time.perf_counter() - validation_started
         self.completed_epochs = epoch + 1
         if self.budget is not None and self.completed_epochs == 1:
-            self.set_epochs(self.budget.fit_after_epoch(stats["seconds"] + validation_s, validation_s))
+            self.set_plan(self.budget.fit_after_epoch(stats["steps"], stats["seconds"],
+                                                      validation_s))
             self.budget = None
         self.history.append(row.flat())
         return row

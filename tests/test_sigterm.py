@@ -1,0 +1,84 @@
+"""A real SIGTERM in the middle of an epoch: train and hpo stop at the next step with exit 143 and one
+line, keep the last finished epoch's checkpoint (hpo: the interrupted trial enqueued again), and a rerun
+resumes from it."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+EXIT_STOPPED = 143
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from utils.data.sample_data import make_sample_dataset
+
+    out = tmp_path_factory.mktemp("sigterm")
+    make_sample_dataset(out, num_images=8, seed=5, image_size=(96, 96))
+    return out
+
+
+def wait_for(condition, process, seconds=240.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def train_command(root, tiny_dir, out, epochs):
+    return [sys.executable, str(root / "bin" / "train.py"), "--images", str(tiny_dir / "images"),
+            "--annotations", str(tiny_dir / "annotations"), "--epochs", str(epochs), "--image-size", "96",
+            "--batch-size", "2", "--workers", "0", "--weights", "none", "--warmup-iters", "1",
+            "--checkpoint", str(out / "checkpoint.pt"), "--output", str(out / "model.pt"), "--no-progress",
+            "--device", "cpu"]
+
+
+def test_train_stops_on_sigterm_mid_epoch_and_a_rerun_resumes(root, tiny_dir, tmp_path):
+    checkpoint = tmp_path / "checkpoint.pt"
+    process = subprocess.Popen(train_command(root, tiny_dir, tmp_path, epochs=40), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    wait_for(checkpoint.is_file, process)  # the first epoch is done: the second one is running
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == EXIT_STOPPED, stderr
+    assert time.monotonic() - started < 60
+    (line,) = [l for l in stderr.splitlines() if l.startswith("train: stopped:")]
+    done = torch.load(checkpoint, weights_only=True)["epoch"]
+    assert f"the checkpoint holds {done} finished epoch(s)" in line and "Traceback" not in stderr
+    assert 1 <= done < 40 and not (tmp_path / "model.pt").exists()
+
+    rerun = subprocess.run(train_command(root, tiny_dir, tmp_path, epochs=done + 1), capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"after epoch {done} of {done + 1}" in rerun.stderr and (tmp_path / "model.pt").is_file()
+
+
+def test_hpo_stops_on_sigterm_mid_trial_and_the_retry_runs_that_trial_again(root, tiny_dir, tmp_path):
+    from utils.detection.hpo import journal_trials
+
+    journal = tmp_path / "hpo.journal"
+    command = [sys.executable, str(root / "bin" / "hpo.py"), "--train-images", str(tiny_dir / "images"),
+               "--train-annotations", str(tiny_dir / "annotations"), "--val-images", str(tiny_dir / "images"),
+               "--val-annotations", str(tiny_dir / "annotations"), "--epochs", "30", "--n-trials", "1",
+               "--image-size", "96", "--batch-sizes", "1", "--workers", "0", "--weights", "none",
+               "--warmup-iters", "1", "--checkpoint", str(journal), "--output", str(tmp_path / "best.json"),
+               "--study-name", "stop", "--device", "cpu"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: journal.is_file() and any(t["state"] == "RUNNING" for t in journal_trials(journal)), process)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == EXIT_STOPPED, stderr
+    assert any(l.startswith("hpo: stopped: SIGTERM received") for l in stderr.splitlines())
+    states = [t["state"] for t in journal_trials(journal)]
+    assert states == ["FAIL", "WAITING"]  # the interrupted trial, and its parameters enqueued for the retry
+    assert not (tmp_path / "best.json").exists()
