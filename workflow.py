@@ -40,6 +40,7 @@ from utils.pegasus.config import (ConfigError, SplitEntry, WorkflowConfig, confi
                                   trials_per_worker)
 from utils.pegasus.graph import write_graph
 from utils.pegasus.inputs import find_images, read_split_csv, validate_and_split
+from utils.pegasus.runtimes import CHECKPOINTING, checkpoint_minutes, job_runtimes
 
 ROOT = Path(__file__).resolve().parent
 WORKFLOW_NAME = "mask-detection"
@@ -56,24 +57,21 @@ JOB_SCRIPTS = {
     "predict": "bin/predict.py",
 }
 
-# What each job kind asks of an execution node, in one place. Applied as pegasus
-# profiles (cores, memory, runtime in seconds; HTCondor derives request_cpus and
-# request_memory from them). "gpus" marks kinds that use a GPU when --gpus N > 0
-# asks for GPUs: those jobs then request N. checkpoint_time / max_walltime
-# (minutes) apply to the checkpointing kinds: at checkpoint.time the job gets SIGTERM, stops
-# after its step and exits 143 (utils/stop.py); at maxwalltime it is killed; either way it is
-# retried from its checkpoint (kickstart semantics; utils/pegasus/executor.py does the same).
+# What each job kind asks of an execution node, in one place. Applied as pegasus profiles
+# (cores, memory; HTCondor derives request_cpus and request_memory from them). "gpus" marks
+# kinds that use a GPU when --gpus N > 0 asks for GPUs: those jobs then request N. The time
+# limits (runtime; checkpoint.time and maxwalltime of hpo and train, which on SIGTERM stop after
+# a step, exit 143 and are retried from their checkpoint) come from each job's workload:
+# utils/pegasus/runtimes.py (the formula, and the sites.yml overrides).
 RESOURCES = {
-    "plot_class_distribution": {"cores": 1, "memory": "1 GB", "runtime": 300, "gpus": 0},
-    "preprocess": {"cores": 1, "memory": "2 GB", "runtime": 900, "gpus": 0},
-    "augment": {"cores": 1, "memory": "2 GB", "runtime": 1800, "gpus": 0},
-    "hpo": {"cores": 4, "memory": "8 GB", "runtime": 7200, "gpus": 1,
-            "checkpoint_time": 110, "max_walltime": 120},
-    "hpo_merge": {"cores": 1, "memory": "2 GB", "runtime": 300, "gpus": 0},
-    "train": {"cores": 4, "memory": "8 GB", "runtime": 7200, "gpus": 1,
-              "checkpoint_time": 110, "max_walltime": 120},
-    "evaluate": {"cores": 2, "memory": "4 GB", "runtime": 1800, "gpus": 1},
-    "predict": {"cores": 2, "memory": "4 GB", "runtime": 1800, "gpus": 1},
+    "plot_class_distribution": {"cores": 1, "memory": "1 GB", "gpus": 0},
+    "preprocess": {"cores": 1, "memory": "2 GB", "gpus": 0},
+    "augment": {"cores": 1, "memory": "2 GB", "gpus": 0},
+    "hpo": {"cores": 4, "memory": "8 GB", "gpus": 1},
+    "hpo_merge": {"cores": 1, "memory": "2 GB", "gpus": 0},
+    "train": {"cores": 4, "memory": "8 GB", "gpus": 1},
+    "evaluate": {"cores": 2, "memory": "4 GB", "gpus": 1},
+    "predict": {"cores": 2, "memory": "4 GB", "gpus": 1},
 }
 
 # Where the workflow departs from utils/defaults.py on purpose. Most entries size the
@@ -140,6 +138,7 @@ class MaskDetectionWorkflow:
     def create_transformation_catalog(self) -> TransformationCatalog:
         config = self.config
         tc = TransformationCatalog()
+        self.runtimes = job_runtimes(config)
         container = None
         if config.container_type != "none":
             container = Container(CONTAINER_NAME, CONTAINER_TYPES[config.container_type],
@@ -157,7 +156,7 @@ class MaskDetectionWorkflow:
                                                                .add_env(PYTHONPATH=str(folder))
                                                                for site, folder in installed.items())))
             transformation.add_pegasus_profile(cores=resources["cores"], memory=resources["memory"],
-                                               runtime=str(resources["runtime"]))
+                                               runtime=str(self.runtimes[kind]))
             self.transformations[kind] = transformation
             tc.add_transformations(transformation)
         self.tc = tc
@@ -235,9 +234,10 @@ class MaskDetectionWorkflow:
             if requirements:
                 job.add_condor_profile(requirements=requirements)
             # No container arguments: for a job with a gpus profile Pegasus itself adds --nv / --gpus all.
-        if "checkpoint_time" in resources:
-            job.add_pegasus_profile(checkpoint_time=resources["checkpoint_time"],
-                                    max_walltime=resources["max_walltime"])
+        if kind in CHECKPOINTING:
+            checkpoint_time, max_walltime = checkpoint_minutes(self.runtimes[kind],
+                                                               config.execution_site_config().get("max_job_minutes"))
+            job.add_pegasus_profile(checkpoint_time=checkpoint_time, max_walltime=max_walltime)
         self.wf.add_jobs(job)
         return job
 

@@ -1,0 +1,49 @@
+"""Job time limits from the workload (utils/pegasus/runtimes.py): large sets get long limits, a time
+budget bounds train, sites.yml overrides and caps them, bad entries are one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from utils.pegasus.config import ConfigError, SplitEntry
+from utils.pegasus.runtimes import (GRACE_MIN, MIN_RUNTIME_S, SAFETY, SECONDS_PER_IMAGE, checkpoint_minutes,
+                                    job_runtimes)
+
+
+def config(train=70, val=10, test=20, pred=20, site=None, **overrides):
+    entries = [SplitEntry(Path(f"{split}{i}.jpg"), Path(f"{split}{i}.xml"), split)
+               for split, n in (("train", train), ("val", val), ("test", test)) for i in range(n)]
+    values = dict(entries=entries, pred_images=[Path(f"p{i}.jpg") for i in range(pred)], gpus=0, image_size=512,
+                  augment_copies=0, rare_factor=0, trials=2, hpo_jobs=2, hpo_epochs=1, epochs=2, time_budget=None)
+    values.update(overrides)
+    return SimpleNamespace(**values, execution_site_config=lambda: site or {})
+
+
+def test_small_jobs_get_the_minimum_and_large_ones_grow_with_their_images():
+    runtimes = job_runtimes(config())
+    assert runtimes["hpo_merge"] == MIN_RUNTIME_S
+    big = job_runtimes(config(pred=100_000))
+    assert big["predict"] >= SAFETY * 100_000 * SECONDS_PER_IMAGE["cpu"]["infer"]  # ~3 days, not 25 minutes
+    assert job_runtimes(config(pred=100_000, gpus=1))["predict"] < big["predict"]
+    assert job_runtimes(config(epochs=20))["train"] > job_runtimes(config(epochs=2))["train"]
+    assert job_runtimes(config(image_size=1024))["train"] > job_runtimes(config(image_size=512))["train"]
+
+
+def test_a_time_budget_bounds_the_train_job():
+    runtimes = job_runtimes(config(train=5000, epochs=50, time_budget=60))
+    assert 60 * 60 < runtimes["train"] < 2 * 60 * 60
+
+
+def test_sites_yml_overrides_and_caps():
+    assert job_runtimes(config(site={"runtimes": {"train": 36000}}))["train"] == 36000
+    with pytest.raises(ConfigError, match="unknown job kind 'trian'"):
+        job_runtimes(config(site={"runtimes": {"trian": 36000}}))
+    with pytest.raises(ConfigError, match="train: '10h' is not a positive number of seconds"):
+        job_runtimes(config(site={"runtimes": {"train": "10h"}}))
+    assert checkpoint_minutes(7200) == (120, 120 + GRACE_MIN)
+    assert checkpoint_minutes(36000, max_job_minutes=120) == (120 - GRACE_MIN, 120)  # trained in pieces
+    with pytest.raises(ConfigError, match="max_job_minutes"):
+        checkpoint_minutes(7200, max_job_minutes=3)

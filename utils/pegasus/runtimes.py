@@ -1,0 +1,97 @@
+"""Each job's time limits, computed from its workload: the Pegasus ``runtime`` profile and, for the
+jobs that checkpoint (hpo, train), ``checkpoint.time`` and ``maxwalltime``.
+
+pegasus-kickstart kills a job at its limit (``-k runtime -K 300`` without maxwalltime), and a
+retry of a job killed for its size dies the same way, so a limit must come from the work:
+
+    work     = images x seconds per image (x epochs x trials), at 512 px, scaled by (size / 512)^2
+    runtime  = STARTUP_S + SAFETY x work               (at least MIN_RUNTIME_S)
+    train with --time-budget M:  runtime = STARTUP_S + BUDGET_SLACK x M min + SAFETY x (the threshold pass)
+    checkpoint.time = runtime in minutes; maxwalltime = checkpoint.time + GRACE_MIN
+
+so a healthy job never meets its own limit. Where a pool caps a job's wall time, sites.yml's
+``max_job_minutes`` of the site caps both: at checkpoint.time the job gets SIGTERM, keeps its
+checkpoint and is retried from it (dagman.retry), so a long training runs in pieces.
+``runtimes: {train: 36000, ...}`` (seconds) in a site's sites.yml entry overrides any kind.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .config import ConfigError, trials_per_worker
+
+# Seconds per image at 512 px on one node: a training step (forward and backward) and an inference
+# (bench/train_step.py and bench/predict.py: ~1.2 and ~1.2 images/s on 2 CPU cores), and the data jobs'
+# decode-transform-encode. GPU figures are for a modest card (a T4); faster cards only finish earlier.
+SECONDS_PER_IMAGE = {
+    "cpu": {"train": 0.85, "infer": 0.85, "data": 0.1},
+    "gpu": {"train": 0.1, "infer": 0.05, "data": 0.1},
+}
+SAFETY = 3.0          # slower or shared nodes, the first steps' allocations, validation passes
+STARTUP_S = 180       # image pull or start, Python and torch imports, staging, kickstart
+MIN_RUNTIME_S = 300
+BUDGET_SLACK = 1.25   # a --time-budget run overshoots by up to one step and the model's writing
+RARE_SHARE = 0.2      # images holding the rare class: 11 % of the real data; the augment job copies them
+GRACE_MIN = 5         # minutes from checkpoint.time's SIGTERM to maxwalltime's kill
+CHECKPOINTING = ("hpo", "train")
+
+
+class RuntimeConfigError(ConfigError):
+    """A runtimes / max_job_minutes entry of sites.yml cannot be used."""
+
+
+def _validation_pass_s(config) -> float:
+    """Seconds of one inference pass over the validation images."""
+    speed = SECONDS_PER_IMAGE["gpu" if config.gpus > 0 else "cpu"]
+    return sum(1 for entry in config.entries if entry.split == "val") * speed["infer"] * (config.image_size / 512) ** 2
+
+
+def workloads(config) -> dict[str, float]:
+    """Seconds of work per job kind (one job of it), before the safety factor."""
+    counts = {split: sum(1 for entry in config.entries if entry.split == split) for split in ("train", "val", "test")}
+    speed = SECONDS_PER_IMAGE["gpu" if config.gpus > 0 else "cpu"]
+    scale = (config.image_size / 512) ** 2
+    train_s, infer_s = speed["train"] * scale, speed["infer"] * scale
+    trained = counts["train"] * (1 + config.augment_copies + config.rare_factor * RARE_SHARE)
+    epoch_s = trained * train_s + counts["val"] * infer_s
+    trials = max(trials_per_worker(config.trials, config.hpo_jobs))
+    return {
+        "plot_class_distribution": len(config.entries) * speed["data"],
+        "preprocess": max(counts["val"], counts["test"]) * speed["data"],
+        "augment": trained * speed["data"],
+        "hpo": trials * config.hpo_epochs * epoch_s,
+        "hpo_merge": 0.0,
+        "train": config.epochs * (epoch_s + counts["val"] * infer_s) + counts["val"] * infer_s,
+        "evaluate": counts["test"] * infer_s,
+        "predict": len(config.pred_images) * infer_s,
+    }
+
+
+def job_runtimes(config) -> dict[str, int]:
+    """The runtime profile (seconds) of every job kind: from the workload, or the site's override."""
+    work = workloads(config)
+    runtimes = {kind: max(MIN_RUNTIME_S, math.ceil(STARTUP_S + SAFETY * seconds)) for kind, seconds in work.items()}
+    if config.time_budget is not None:
+        runtimes["train"] = max(MIN_RUNTIME_S, math.ceil(STARTUP_S + BUDGET_SLACK * config.time_budget * 60
+                                                         + SAFETY * _validation_pass_s(config)))
+    overrides = config.execution_site_config().get("runtimes") or {}
+    for kind, seconds in overrides.items():
+        if kind not in runtimes:
+            raise RuntimeConfigError(f"sites.yml: runtimes: unknown job kind {kind!r} "
+                                     f"(one of {', '.join(runtimes)})")
+        if not isinstance(seconds, int) or seconds <= 0:
+            raise RuntimeConfigError(f"sites.yml: runtimes: {kind}: {seconds!r} is not a positive number of seconds")
+        runtimes[kind] = seconds
+    return runtimes
+
+
+def checkpoint_minutes(runtime_s: int, max_job_minutes: int | None = None) -> tuple[int, int]:
+    """(checkpoint.time, maxwalltime) in minutes for a checkpointing job of *runtime_s* seconds."""
+    checkpoint_time = math.ceil(runtime_s / 60)
+    if max_job_minutes is not None:
+        if not isinstance(max_job_minutes, int) or max_job_minutes <= GRACE_MIN:
+            raise RuntimeConfigError(f"sites.yml: max_job_minutes {max_job_minutes!r} must be a whole number of "
+                                     f"minutes above {GRACE_MIN}")
+        checkpoint_time = min(checkpoint_time, max_job_minutes - GRACE_MIN)
+    return checkpoint_time, checkpoint_time + GRACE_MIN
