@@ -13,9 +13,11 @@ phase. Whatever comes out is reported as it is; the test split is only reported 
 
 The budget is set by flags: --time-budget MINUTES fits the epochs to the minutes as
 bin/train.py does (else --epochs), plus --image-size, --limit, --sample-images.
---ablation trains one model per row of ABLATION, each row adding one lever of the
-recipe to the row before (cumulative), each in the same --time-budget, on the real
-data only, and prints one table. Run it in the background:
+--ablation trains one model per row of ABLATION, each row adding one lever to the
+levers of the rows kept so far, each in the same --time-budget, on the real data only,
+and prints one table. A change is kept when it raises the validation F1 at the chosen
+threshold (the test split is only reported on). With --output, every finished row is
+saved and a rerun continues after the last one. Run it in the background:
   nohup .venv/bin/python bench/quality.py --output runs/bench/quality.json > runs/bench/quality.log 2>&1 &
   nohup .venv/bin/python bench/quality.py --ablation --time-budget 12 --output runs/bench/ablation.json \
         > runs/bench/ablation.log 2>&1 &
@@ -24,6 +26,7 @@ data only, and prints one table. Run it in the background:
 import argparse
 import contextlib
 import io
+import json
 import logging
 import platform
 import sys
@@ -169,17 +172,26 @@ def fmt_points(value, signed: bool = True):
 def ablation_table(rows) -> str:
     """A Markdown table: one row per cumulative recipe change, test-split figures."""
     classes = list(rows[0]["per_class"]) if rows else []
-    header = ["recipe (cumulative)", "epochs", "mAP", "mAP@0.5", *[f"AP50 {c}" for c in classes],
-              "threshold (val)", "compliance error", "per-image MAE", "train min"]
+    header = ["change (on the kept rows above)", "kept (val F1)", "epochs", "mAP", "mAP@0.5",
+              *[f"AP50 {c}" for c in classes], "threshold (val)", "compliance error", "per-image MAE", "train min"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         c = r["compliance"]
-        cells = [r["row"], f"{r['epochs_trained']:.1f}", fmt(r["map"]), fmt(r["map_50"]),
+        cells = [r["row"], f"{'yes' if r['kept'] else 'no'} ({r['val_f1']:.3f})", f"{r['epochs_trained']:.1f}", fmt(r["map"]), fmt(r["map_50"]),
                  *[fmt(r["per_class"][cls]["ap_50"]) for cls in classes], f"{r['score_threshold']:.2f}",
                  fmt_points(c["error_points"]), fmt_points(c["per_image_mae_points"], signed=False),
                  f"{r['train_s'] / 60:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def kept_recipe(rows) -> dict:
+    """The levers of the kept rows, in order: the recipe the next row adds its change to."""
+    recipe = {}
+    for row in rows:
+        if row["kept"]:
+            recipe.update(row["change"])
+    return recipe
 
 
 def run_ablation(args, device) -> int:
@@ -193,11 +205,17 @@ def run_ablation(args, device) -> int:
               + (f"time budget {args.time_budget:g} min" if args.time_budget else f"{args.epochs} epochs")
               + f" per row, batch {args.batch_size}, SGD lr {args.lr}, seed {args.seed}, device {device}, "
               f"host {platform.node()}")
-    recipe, rows = {}, []
-    for label, change in ABLATION[: args.rows]:
-        recipe = {**recipe, **change}
-        result = run_one("real", args.data / "images", args.data / "annotations", args, device, args.limit, recipe)
-        rows.append({"row": label, **result})
+    rows = []
+    if args.output and args.output.is_file():  # an interrupted ablation continues after its last row
+        rows = json.loads(args.output.read_text(encoding="utf-8")).get("ablation", [])
+        print(f"quality: {len(rows)} row(s) already in {args.output}; continuing", flush=True)
+    for label, change in ABLATION[len(rows): args.rows]:
+        base = kept_recipe(rows)
+        result = run_one("real", args.data / "images", args.data / "annotations", args, device, args.limit,
+                         {**base, **change})
+        best = max((r["val_f1"] for r in rows if r["kept"]), default=None)
+        # Keep a change only when it improves the validation split (the test split is only reported on).
+        rows.append({"row": label, "change": change, "kept": best is None or result["val_f1"] > best, **result})
         print(f"\n{ablation_table(rows)}\n", flush=True)
         if args.output:  # after every row: a long run keeps what it has measured
             write_json(args.output, {"budget": budget, "ablation": rows})

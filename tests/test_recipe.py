@@ -147,7 +147,8 @@ def test_trainer_with_a_time_budget_records_its_plan_and_a_resumed_run_keeps_it(
 
 def test_max_steps_cuts_the_last_epoch_short(tiny_dir):
     pairs = pair_folders(tiny_dir / "images", tiny_dir / "annotations").pairs  # 6 images: 3 steps of 2
-    trainer = Trainer(TrainParams(**{**TINY, "max_steps": 4}), pairs, torch.device("cpu"), progress=False)
+    trainer = Trainer(TrainParams(**{**TINY, "max_steps": 4, "repeat_threshold": 0.0}), pairs, torch.device("cpu"),
+                      progress=False)
     assert trainer.params.epochs == 2
     first, second = (trainer.run_epoch(validate_loss=False) for _ in range(2))
     assert trainer.completed_epochs == 2 and trainer.scheduler.last_epoch == 4  # 3 steps, then 1
