@@ -215,8 +215,8 @@ def train_one_epoch(model, optimizer, loader, device, epoch: int, scheduler=None
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     seconds = time.perf_counter() - started
     result = {key: value / max(images_seen, 1) for key, value in sums.items()}
-    result.update(images=images_seen, steps=steps, seconds=seconds, images_per_s=images_seen / seconds if seconds else 0.0,
-                  lr=optimizer.param_groups[0]["lr"])
+    result.update(images=images_seen, steps=steps, seconds=seconds,
+                  images_per_s=images_seen / seconds if seconds else 0.0, lr=optimizer.param_groups[0]["lr"])
     return result
 
 

@@ -180,7 +180,7 @@ class TimeBudget:
         self.steps_per_epoch = steps_per_epoch
         self.val_batches = val_batches
         self.validations_per_epoch = validations_per_epoch
-        self.steps_skipped = steps_skipped
+        self.steps_skipped = max(1, steps_skipped)  # the timer starts when a step ends: the first is never timed
         self.steps_timed = min(steps_timed, max(steps_per_epoch - steps_skipped, 1))
         self.started = time.perf_counter()
         self._timer_start = None
@@ -190,7 +190,7 @@ class TimeBudget:
 
     def fit_after_step(self, iteration: int) -> int | None:
         """Call after every step of the first epoch; returns the planned steps once the timed steps are done."""
-        if iteration == self.steps_skipped - 1 or (self.steps_skipped == 0 and iteration == 0):
+        if iteration == self.steps_skipped - 1:
             self._timer_start = time.perf_counter()
         if self._timer_start is None or iteration != self.steps_skipped - 1 + self.steps_timed:
             return None
@@ -250,13 +250,13 @@ def gpu_recipe(params, given: set[str], device) -> list[str]:
 def describe(params) -> str:
     """One line naming the recipe's levers as set, for logs and bench tables."""
     parts = [f"{params.backbone} {params.image_size}px"]
-    if getattr(params, "multiscale", 0):
+    if params.multiscale:
         parts.append(f"multi-scale ±{params.multiscale:.0%}")
-    if getattr(params, "photometric", 0):
+    if params.photometric:
         parts.append(f"photometric p={params.photometric:g}")
-    if getattr(params, "repeat_threshold", 0):
+    if params.repeat_threshold:
         parts.append(f"repeat-factor t={params.repeat_threshold:g}")
-    if getattr(params, "ema_decay", 0):
+    if params.ema_decay:
         parts.append(f"EMA {params.ema_decay:g}")
     return ", ".join(parts)
 

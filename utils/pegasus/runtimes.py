@@ -41,25 +41,29 @@ class RuntimeConfigError(ConfigError):
     """A runtimes / max_job_minutes entry of sites.yml cannot be used."""
 
 
+def _rates(config) -> tuple[float, float, float]:
+    """Seconds per image of (data work, a training step, an inference) for this device and image size."""
+    speed = SECONDS_PER_IMAGE["gpu" if config.gpus > 0 else "cpu"]
+    scale = (config.image_size / 512) ** 2
+    return speed["data"], speed["train"] * scale, speed["infer"] * scale
+
+
 def _validation_pass_s(config) -> float:
     """Seconds of one inference pass over the validation images."""
-    speed = SECONDS_PER_IMAGE["gpu" if config.gpus > 0 else "cpu"]
-    return sum(1 for entry in config.entries if entry.split == "val") * speed["infer"] * (config.image_size / 512) ** 2
+    return sum(1 for entry in config.entries if entry.split == "val") * _rates(config)[2]
 
 
 def workloads(config) -> dict[str, float]:
     """Seconds of work per job kind (one job of it), before the safety factor."""
     counts = {split: sum(1 for entry in config.entries if entry.split == split) for split in ("train", "val", "test")}
-    speed = SECONDS_PER_IMAGE["gpu" if config.gpus > 0 else "cpu"]
-    scale = (config.image_size / 512) ** 2
-    train_s, infer_s = speed["train"] * scale, speed["infer"] * scale
+    data_s, train_s, infer_s = _rates(config)
     trained = counts["train"] * (1 + config.augment_copies + config.rare_factor * RARE_SHARE)
     epoch_s = trained * train_s + counts["val"] * infer_s
     trials = max(trials_per_worker(config.trials, config.hpo_jobs))
     return {
-        "plot_class_distribution": len(config.entries) * speed["data"],
-        "preprocess": max(counts["val"], counts["test"]) * speed["data"],
-        "augment": trained * speed["data"],
+        "plot_class_distribution": len(config.entries) * data_s,
+        "preprocess": max(counts["val"], counts["test"]) * data_s,
+        "augment": trained * data_s,
         "hpo": trials * config.hpo_epochs * epoch_s,
         "hpo_merge": 0.0,
         "train": config.epochs * (epoch_s + counts["val"] * infer_s) + counts["val"] * infer_s,
