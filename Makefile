@@ -16,7 +16,7 @@ JOBS          ?= 2
 # Minutes of the train job (its epochs are fitted to them): make run ends in about 13 minutes on 2 cores.
 TRAIN_MINUTES ?= 8
 
-.PHONY: setup weights run test bench clean
+.PHONY: setup weights run test bench clean base-image image image-cpu image-check
 
 setup: $(STAMP) weights
 
@@ -49,6 +49,29 @@ bench: setup
 	$(PY) bench/train_step.py
 	$(PY) bench/predict.py
 	$(PY) bench/workflow.py
+
+# The image (README "The image"): podman or docker. BASE_IMAGE defaults to the Dockerfile's
+# python:3.11-slim; where Docker Hub is unreachable, `make base-image` builds a Debian base
+# from the Debian mirror and `make image BASE_IMAGE=localhost/debian-python:bookworm` uses it.
+ENGINE      ?= $(shell command -v podman >/dev/null 2>&1 && echo podman || echo docker)
+IMAGE       ?= mask-detection-workflow
+BASE_IMAGE  ?=
+COCO_WEIGHTS ?= 1
+IMAGE_BUILD_ARGS = $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) --build-arg COCO_WEIGHTS=$(COCO_WEIGHTS)
+
+base-image:
+	ENGINE=$(ENGINE) docker/make_base.sh
+
+image:
+	$(ENGINE) build $(IMAGE_BUILD_ARGS) -t $(IMAGE):cuda .
+
+# CPU-only torch from the PyTorch CPU index (not a package registry this machine reaches).
+image-cpu:
+	$(ENGINE) build $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) --build-arg COCO_WEIGHTS=0 \
+		--build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu -t $(IMAGE):cpu .
+
+image-check:
+	ENGINE=$(ENGINE) IMAGE=$(IMAGE):cuda BUILD_ARGS="$(IMAGE_BUILD_ARGS)" docker/check_image.sh
 
 clean:
 	rm -rf $(RUN_DIR) $(SAMPLE_DIR)

