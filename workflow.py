@@ -39,7 +39,7 @@ from utils.pegasus.catalogs import build_properties, build_site_catalog
 from utils.pegasus.config import (ConfigError, SplitEntry, WorkflowConfig, config_from_args, parse_label_map,
                                   trials_per_worker)
 from utils.pegasus.graph import write_graph
-from utils.pegasus.inputs import find_images, read_split_csv, validate_and_split
+from utils.pegasus.inputs import prediction_shards, read_split_csv, validate_and_split
 from utils.pegasus.runtimes import CHECKPOINTING, checkpoint_minutes, job_runtimes
 
 ROOT = Path(__file__).resolve().parent
@@ -55,6 +55,7 @@ JOB_SCRIPTS = {
     "train": "bin/train.py",
     "evaluate": "bin/evaluate.py",
     "predict": "bin/predict.py",
+    "merge_predictions": "bin/merge_predictions.py",
 }
 
 # What each job kind asks of an execution node, in one place. Applied as pegasus profiles
@@ -72,6 +73,7 @@ RESOURCES = {
     "train": {"cores": 4, "memory": "8 GB", "gpus": 1},
     "evaluate": {"cores": 2, "memory": "4 GB", "gpus": 1},
     "predict": {"cores": 2, "memory": "4 GB", "gpus": 1},
+    "merge_predictions": {"cores": 1, "memory": "4 GB", "gpus": 0},
 }
 
 # Where the workflow departs from utils/defaults.py on purpose. Most entries size the
@@ -163,9 +165,9 @@ class MaskDetectionWorkflow:
         return tc
 
     # -- replica catalog -----------------------------------------------------
-    def _input_file(self, path: Path) -> File:
-        """The File for an input, named by its file name (Pegasus stages files flat)."""
-        lfn = path.name
+    def _input_file(self, path: Path, lfn: str | None = None) -> File:
+        """The File for an input, named by its file name (Pegasus stages files flat) unless *lfn* is given."""
+        lfn = lfn or path.name
         known = self.files.get(lfn)
         if known is None:
             known = self.files[lfn] = File(lfn)
@@ -187,7 +189,8 @@ class MaskDetectionWorkflow:
             pair = (self._input_file(Path(os.path.abspath(entry.image))),
                     self._input_file(Path(os.path.abspath(entry.annotation))))
             self.split_files[entry.split].append(pair)
-        self.pred_files = [self._input_file(Path(os.path.abspath(path))) for path in config.pred_images]
+        # One replica per shard, never per image: the catalogs grow with the shards.
+        self.pred_files = [self._input_file(shard.path, f"pred_{shard.path.name}") for shard in config.pred_shards]
         self.weights = None
         if config.weights_file is not None:
             self.weights = self._input_file(Path(config.weights_file).resolve())
@@ -359,16 +362,30 @@ class MaskDetectionWorkflow:
                          "pr_curves.png", "evaluate_run.json")
 
     def _add_predict(self, model: File) -> None:
-        annotated = [f"annotated_{Path(f.lfn).stem}.jpg" for f in self.pred_files]
-        if len(set(annotated)) != len(annotated):
-            raise ConfigError("prediction images must have distinct file stems (the annotated copies "
-                              "are named annotated_<stem>.jpg)")
-        job = self._job("predict", "predict")
-        job.add_args("--images", *self.pred_files, "--model", model, "--output-dir", ".", "--annotated-dir", ".",
-                     *self._if_given("--score-threshold", self.config.score_threshold))
-        job.add_inputs(model, *self.pred_files)
-        self._stages_out(job, "predictions.json", "predictions.csv", "compliance.json", "predict_run.json",
-                         *annotated)
+        """One predict job per shard of the prediction set, then one merge into compliance.json."""
+        config, parts = self.config, []
+        shards = config.pred_shards
+        # --annotate-max spread over the shards: the first (annotate_max % shards) draw one more.
+        drawn = trials_per_worker(config.annotate_max, len(shards))
+        for shard, pred_file, annotate in zip(shards, self.pred_files, drawn):
+            job = self._job("predict", f"predict_{shard.tag}")
+            part, annotated = File(f"predictions_{shard.tag}.json"), File(f"annotated_{shard.tag}.tar")
+            job.add_args("--images", pred_file, "--model", model, "--output-dir", ".", "--output-tag", shard.tag,
+                         "--annotate-max", annotate, "--annotated-tar", annotated,
+                         *self._if_given("--score-threshold", config.score_threshold))
+            job.add_inputs(model, pred_file)
+            # The parts go to the merge and are kept too (every detection, image sizes); an annotated
+            # .tar is staged out only where images were drawn.
+            job.add_outputs(part, stage_out=True, register_replica=False)
+            self._stages_out(job, f"compliance_{shard.tag}.json", f"predict_{shard.tag}_run.json")
+            job.add_outputs(annotated, stage_out=annotate > 0, register_replica=False)
+            parts.append(part)
+        job = self._job("merge_predictions", "merge_predictions")
+        # The parts are found in the job's folder: its arguments do not grow with the shards.
+        job.add_args("--inputs-dir", ".", "--expected", len(parts), "--output-dir", ".")
+        job.add_inputs(*parts)
+        self._stages_out(job, "compliance.json", "predictions.csv", "compliance_histogram.png",
+                         "merge_predictions_run.json")
 
     # -- output --------------------------------------------------------------
     def write(self, graph: bool = True) -> dict[str, Path]:
@@ -412,9 +429,9 @@ def generate(args) -> tuple[MaskDetectionWorkflow, dict[str, Path], dict, list[S
     report, split_csv = validate_and_split(data_dir, run_dir, args.seed, tuple(args.fractions),
                                            args.near_duplicate_distance, parse_label_map(args.label_map))
     entries = read_split_csv(split_csv, data_dir)
-    pred_images = (find_images(args.pred_images.resolve()) if args.pred_images
-                   else [entry.image for entry in entries if entry.split == "test"])
-    generator = MaskDetectionWorkflow(config_from_args(args, ROOT, entries, split_csv, pred_images)).build()
+    pred_shards = prediction_shards(args.pred_images and args.pred_images.resolve(), entries, run_dir,
+                                    args.images_per_job)
+    generator = MaskDetectionWorkflow(config_from_args(args, ROOT, entries, split_csv, pred_shards)).build()
     written = generator.write()
     return generator, written, report, entries
 
@@ -432,7 +449,8 @@ def main(args) -> int:
     print(f"Validated {args.data.resolve()}: {report.get('images_usable', len(entries))} usable of "
           f"{report.get('images_total', '?')} images (report: {run_dir / 'validation_report.json'})")
     print(f"Split: train {counts['train']}, val {counts['val']}, test {counts['test']}; "
-          f"predicting on {len(config.pred_images)} images")
+          f"predicting on {sum(shard.images for shard in config.pred_shards)} images in "
+          f"{len(config.pred_shards)} shard(s)")
     print(f"Workflow: {len(generator.wf.jobs)} jobs ({config.hpo_jobs} HPO) written to {run_dir} "
           f"in {time.perf_counter() - started:.1f}s: " + ", ".join(path.name for path in written.values()))
 

@@ -85,7 +85,7 @@ GENERATOR_CHILD = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, sys.argv[1])
     import workflow as generator
-    from utils.pegasus.config import SplitEntry, WorkflowConfig, load_sites_config
+    from utils.pegasus.config import PredShard, SplitEntry, WorkflowConfig, load_sites_config
     data, run_dir = Path(sys.argv[2]), Path(sys.argv[3])
     baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     began = time.perf_counter()
@@ -99,7 +99,7 @@ GENERATOR_CHILD = textwrap.dedent("""
     split_csv.write_text("image,annotation,split\\n" + "".join(f"{e.image},{e.annotation},{e.split}\\n" for e in entries))
     config = WorkflowConfig(
         run_dir=run_dir, split_csv=split_csv, entries=entries,
-        pred_images=[e.image for e in entries if e.split == "test"],
+        pred_shards=[PredShard(data / f"shard-{i:06d}.tar", 1000) for i in range(max(1, len(images) // 5000))],
         sites_config=load_sites_config(Path(sys.argv[1]) / "sites.yml"),
         project_root=Path(sys.argv[1]), properties_file=Path(sys.argv[1]) / "properties.conf",
         hpo_jobs=2, trials=2)

@@ -9,7 +9,8 @@ masked, overall and per image), annotated images annotated_<stem>.jpg in
 Detections count from the model's operating score threshold (chosen by train on the
 validation split and stored in the model file) unless --score-threshold is given.
 A file that cannot be read is listed as skipped with its reason and the others
-still run. Exit 0 when at least one image was processed; 2 when none was or the model
+still run. With --output-tag TAG the files are predictions_TAG.json etc., for
+bin/merge_predictions.py. Exit 0 when at least one image was processed; 2 when none was or the model
 cannot be loaded (one line naming the file); 1 on a bug.
 """
 
@@ -24,7 +25,7 @@ from utils.detection.compliance import operating_threshold
 from utils.detection.engine import resolve_device
 from utils.detection.evaluation import check_model_classes
 from utils.detection.model import load_model_file
-from utils.detection.prediction import predict_images, summary_line
+from utils.detection.prediction import output_names, predict_images, summary_line
 from utils.errors import InputError
 from utils.provenance import write_run_record
 
@@ -40,12 +41,23 @@ def get_args_parser():
     parser.add_argument("--tta", action="store_true",
                         help="also run each image flipped left-right and merge both with NMS (about 2x slower)")
     parser.add_argument("--no-annotated", action="store_true", help="do not write annotated images")
+    parser.add_argument("--annotate-max", type=int, default=None,
+                        help="draw at most N images, spread evenly over the inputs (default: all)")
+    parser.add_argument("--annotated-tar", default=None,
+                        help="pack the annotated images into this .tar instead of --annotated-dir")
+    parser.add_argument("--output-tag", default=None,
+                        help="name the outputs predictions_TAG.json, compliance_TAG.json, ... (one predict job "
+                             "per shard of a workflow; bin/merge_predictions.py merges them) (default: none)")
     add_model_run_args(parser, "keep detections with at least this score")
     return parser
 
 
 def main(args) -> int:
     check_model_run_args(args)
+    if args.annotate_max is not None and args.annotate_max < 0:
+        raise InputError(f"--annotate-max must be 0 or more, got {args.annotate_max}")
+    if args.output_tag is not None and not args.output_tag.replace("-", "").replace("_", "").isalnum():
+        raise InputError(f"--output-tag {args.output_tag!r}: use letters, digits, '-' and '_' only")
     device = resolve_device(args.device)
     model, meta = load_model_file(args.model, device)
     check_model_classes(meta, args.model)
@@ -57,11 +69,12 @@ def main(args) -> int:
         run = predict_images(model, args.images, args.output_dir, annotated_dir=args.annotated_dir, device=device,
                              score_threshold=score_threshold, tta=args.tta, batch_size=args.batch_size,
                              num_workers=None if args.workers < 0 else args.workers,
-                             annotate=not args.no_annotated, progress=bar.update, settings=settings)
+                             annotate=not args.no_annotated, progress=bar.update, settings=settings,
+                             annotate_max=args.annotate_max, annotated_tar=args.annotated_tar, tag=args.output_tag)
     processed = [Path(args.model)]
     for given in map(Path, args.images):  # hash what was given: files and archives as such, folders' files
         processed += [given] if given.is_file() else sorted(p for p in given.rglob("*") if p.is_file())
-    write_run_record(Path(args.output_dir) / "predict_run.json", "predict",
+    write_run_record(Path(args.output_dir) / output_names(args.output_tag)["run_record"], "predict",
                      {**vars(args), "device": str(device)}, processed)
     for entry in run.skipped:
         print(f"skipped {entry['file']}: {entry['reason']}", file=sys.stderr)

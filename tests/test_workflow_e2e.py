@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import tarfile
 import time
 from pathlib import Path
 
@@ -40,19 +41,21 @@ def test_local_run_ends_with_evaluation_compliance_and_statistics(finished_run):
     assert status == 0 and not failed, failed
     outputs = run_dir / "outputs"
     for name in ("evaluation.json", "evaluation.txt", "confusion_matrix.png", "pr_curves.png",
-                 "class_distribution.png", "best_hpo_params.json", "model.pt", "predictions.json",
-                 "predictions.csv", "compliance.json", "optimization_history.png", "loss_curve.png"):
+                 "class_distribution.png", "best_hpo_params.json", "model.pt", "predictions_shard-000000.json",
+                 "predictions.csv", "compliance.json", "compliance_histogram.png", "optimization_history.png",
+                 "loss_curve.png"):
         assert (outputs / name).is_file() and (outputs / name).stat().st_size > 0, name
     evaluation = json.loads((outputs / "evaluation.json").read_text())
     assert isinstance(evaluation, dict) and evaluation
     compliance = json.loads((outputs / "compliance.json").read_text())
     assert isinstance(compliance, dict) and compliance
     test_images = sum(1 for line in (run_dir / "split.csv").read_text().splitlines() if line.endswith(",test"))
-    assert len(list(outputs.glob("annotated_*.jpg"))) == test_images
+    with tarfile.open(outputs / "annotated_shard-000000.tar") as annotated:
+        assert len(annotated.getnames()) == test_images == compliance["num_images"]
     # intermediate files stay in scratch
     assert not (outputs / "train_set.tar").exists() and (run_dir / "scratch" / "augment_train" / "train_set.tar").exists()
-    assert stats["totals"] == {**stats["totals"], "jobs": 9, "succeeded": 9, "failed": 0, "skipped": 0}
-    assert stats["critical_path"]["jobs"][-1] in ("evaluate", "predict")
+    assert stats["totals"] == {**stats["totals"], "jobs": 10, "succeeded": 10, "failed": 0, "skipped": 0}
+    assert stats["critical_path"]["jobs"][-1] in ("evaluate", "merge_predictions")
     assert "train" in stats["critical_path"]["jobs"]
     text = (run_dir / "statistics.txt").read_text()
     assert "Critical path" in text and "hpo_merge" in text
@@ -80,6 +83,6 @@ def test_rerun_reuses_every_finished_job(finished_run, sample_dir):
     assert generator.main(args) == 0
     assert time.time() - began < 30
     stats = json.loads((run_dir / "statistics.json").read_text())
-    assert stats["totals"]["reused"] == 9 and stats["totals"]["tries"] == 0
+    assert stats["totals"]["reused"] == 10 and stats["totals"]["tries"] == 0
     assert (run_dir / "scratch" / "train" / "model.pt").stat().st_mtime_ns <= before
     assert Path(run_dir / "outputs" / "model.pt").is_file()

@@ -6,6 +6,7 @@ import copy
 import math
 import os
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -73,8 +74,8 @@ def test_jobs_and_dependencies(run_dir):
     jobs = jobs_by_id(run_dir)
     hpo = [f"hpo_{i}" for i in range(HPO_JOBS)]
     assert set(jobs) == {"plot_class_distribution", "preprocess_val", "preprocess_test", "augment_train",
-                         *hpo, "hpo_merge", "train", "evaluate", "predict"}
-    assert len(jobs) == 8 + HPO_JOBS
+                         *hpo, "hpo_merge", "train", "evaluate", "predict_shard-000000", "merge_predictions"}
+    assert len(jobs) == 9 + HPO_JOBS
     assert {job["name"] for job in jobs.values()} == set(generator.JOB_SCRIPTS)
     parents = {job_id: spec.parents for job_id, spec in load_workflow(run_dir).jobs.items()}
     assert parents["plot_class_distribution"] == set()
@@ -83,7 +84,8 @@ def test_jobs_and_dependencies(run_dir):
     assert parents["hpo_merge"] == set(hpo)
     assert parents["train"] == {"augment_train", "preprocess_val", "hpo_merge"}
     assert parents["evaluate"] == {"preprocess_test", "train"}
-    assert parents["predict"] == {"train"}
+    assert parents["predict_shard-000000"] == {"train"}
+    assert parents["merge_predictions"] == {"predict_shard-000000"}
     # the explicit jobDependencies written by Pegasus.api say the same
     written = {}
     for dependency in load(run_dir, "workflow.yml")["jobDependencies"]:
@@ -127,14 +129,13 @@ def test_stage_out_only_final_outputs(run_dir):
             if use["type"] == "output":
                 stage_out[use["lfn"]] = use["stageOut"]
     for final in ("evaluation.json", "evaluation.txt", "confusion_matrix.png", "pr_curves.png",
-                  "class_distribution.png", "best_hpo_params.json", "model.pt", "predictions.json",
-                  "predictions.csv", "compliance.json"):
+                  "class_distribution.png", "best_hpo_params.json", "model.pt", "predictions_shard-000000.json",
+                  "predictions.csv", "compliance.json", "compliance_histogram.png", "annotated_shard-000000.tar"):
         assert stage_out[final] is True, final
     for intermediate in ("train_set.tar", "val_set.tar", "test_set.tar", "best_0.json"):
         assert stage_out[intermediate] is False, intermediate
-    annotated = [lfn for lfn in stage_out if lfn.startswith("annotated_")]
-    test_images = [line for line in (run_dir / "split.csv").read_text().splitlines() if line.endswith(",test")]
-    assert len(annotated) == len(test_images) > 0 and all(stage_out[lfn] for lfn in annotated)
+    # annotated images travel as one .tar per prediction shard, never one file per image
+    assert [lfn for lfn in stage_out if lfn.startswith("annotated_")] == ["annotated_shard-000000.tar"]
 
 
 def test_resources_are_transformation_profiles(run_dir):
@@ -221,7 +222,7 @@ def test_flags_change_properties_container_and_gpus(sample_dir, tmp_path):
     (container,) = load(run_dir, "transformations.yml")["containers"]
     assert container == {"name": generator.CONTAINER_NAME, "type": "docker", "image": "docker://someone/mask:1.2"}
     jobs = jobs_by_id(run_dir)
-    assert len(jobs) == 9
+    assert len(jobs) == 10
     for job_id, job in jobs.items():
         pegasus = job.get("profiles", {}).get("pegasus", {})
         if job["name"] in ("hpo", "train", "evaluate", "predict"):
@@ -264,10 +265,27 @@ def test_prediction_folder_and_clear_errors(sample_dir, tmp_path, capsys):
     for image in sorted((sample_dir / "images").iterdir())[:3]:
         shutil.copyfile(image, predict_dir / f"new_{image.name}")
     run_dir = tmp_path / "pred"
-    assert generate(run_dir, sample_dir, "--pred-images", str(predict_dir)) == 0
-    predict = jobs_by_id(run_dir)["predict"]
-    images = [a for a in map(str, predict["arguments"]) if a.startswith("new_")]
-    assert len(images) == 3
+    assert generate(run_dir, sample_dir, "--pred-images", str(predict_dir), "--images-per-job", "2",
+                    "--annotate-max", "1") == 0
+    jobs = jobs_by_id(run_dir)
+    # one predict job per shard of --images-per-job images, the images inside the shards
+    predict = {job_id: job for job_id, job in jobs.items() if job_id.startswith("predict_")}
+    assert sorted(predict) == ["predict_shard-000000", "predict_shard-000001"]
+    assert not any(str(a).startswith("new_") for job in jobs.values() for a in job["arguments"])
+    assert [u["lfn"] for u in predict["predict_shard-000001"]["uses"] if u["type"] == "input"] == \
+        ["model.pt", "pred_shard-000001.tar"]
+    assert sorted(tarfile.open(run_dir / "pred_shards" / "shard-000000.tar").getnames()) == \
+        sorted(p.name for p in predict_dir.iterdir())[:2]
+    merge = jobs["merge_predictions"]
+    assert [u["lfn"] for u in merge["uses"] if u["type"] == "input"] == \
+        ["predictions_shard-000000.json", "predictions_shard-000001.json"]
+    # --annotate-max 1 over two shards: only the first draws (and stages out) an annotated image
+    stage_out = [u["lfn"] for job in predict.values() for u in job["uses"] if u.get("stageOut")]
+    assert "annotated_shard-000000.tar" in stage_out and "annotated_shard-000001.tar" not in stage_out
+    # a shard folder of bin/make_shards.py is used as it is
+    assert generate(tmp_path / "sharded", sample_dir, "--pred-images", str(run_dir / "pred_shards")) == 0
+    replicas = (tmp_path / "sharded" / "replicas.yml").read_text()
+    assert str(run_dir / "pred_shards" / "shard-000001.tar") in replicas
     assert generate(tmp_path / "x", tmp_path / "nowhere") == 2
     assert "nowhere" in capsys.readouterr().err
     assert generate(tmp_path / "y", sample_dir, "--trials", "1", "--hpo-jobs", "2") == 2

@@ -72,6 +72,8 @@ HPO_PRUNER_STARTUP_TRIALS = 2  # completed trials before the MedianPruner prunes
 HPO_PRUNER_WARMUP_EPOCHS = 0
 
 # -- inference, evaluation and prediction -------------------------------------------------
+PREDICT_IMAGES_PER_JOB = 1000 # workflow: images per predict job (shard), ~20 min on 2 CPU cores, ~1 min on a GPU
+ANNOTATE_MAX = 500             # workflow: annotated images drawn over the whole prediction set, spread evenly
 SCORE_THRESHOLD = 0.5          # operating point: detections at or above it count as faces
 INFERENCE_BATCH_SIZE = 4       # images per model call
 DECODE_WORKERS = -1            # image-decoding processes; -1 picks a share of the CPUs

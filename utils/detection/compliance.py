@@ -34,12 +34,16 @@ def compliance(pred_labels) -> dict:
 
 
 def merge_compliance(parts) -> dict:
-    """Overall compliance from per-image compliance dicts."""
-    labels = []
+    """Overall compliance from per-image (or per-shard) compliance dicts: their counts summed."""
+    counts = {name: 0 for name in CLASSES}
     for part in parts:
         for name, count in part["counts"].items():
-            labels.extend([name] * count)
-    return compliance(labels)
+            if name not in counts:
+                raise ValueError(f"unknown class {name!r} in a compliance record: expected one of {list(CLASSES)}")
+            counts[name] += int(count)
+    faces = sum(counts.values())
+    percent = _percent(counts["with_mask"], faces)
+    return {"faces": faces, "counts": counts, "percent_properly_masked": None if percent is None else round(percent, 2)}
 
 
 def compliance_line(summary: dict) -> str:

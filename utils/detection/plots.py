@@ -193,3 +193,17 @@ def write_hpo_plots(results: list[dict], plots_dir, journals=()) -> dict:
             _note_figure(importance_path, "Hyperparameter importances",
                          f"Not computed: {notes['param_importances']}.")
     return notes
+
+
+def plot_compliance_histogram(percentages, path, overall: float | None, no_faces: int) -> None:
+    """Histogram of the per-image percent properly masked (images with at least one face)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    values = np.asarray(list(percentages), dtype=float)
+    ax.hist(values, bins=np.linspace(0, 100, 21), color=tuple(v / 255 for v in CLASS_COLOURS["with_mask"]), edgecolor="white")
+    if overall is not None:
+        ax.axvline(overall, color="black", linestyle="--", label=f"all faces pooled: {overall:.1f}%")
+        ax.legend(loc="upper center")
+    ax.set_xlabel("faces properly masked in the image (%)")
+    ax.set_ylabel("images")
+    ax.set_title(f"Per-image mask compliance ({len(values)} images with faces, {no_faces} without)")
+    _save(fig, path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from ..classes import NAME_OF
 from ..data.images import is_image_name
 from .inference import Detections, ImageItem, Skipped, detect_files
 from .compliance import compliance, compliance_line, merge_compliance
-from ..data.pairs import open_folder
+from ..data.pairs import open_folder, pack_folder
 from .plots import save_annotated
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -113,13 +114,32 @@ def _csv_text(images) -> str:
     return buffer.getvalue()
 
 
+def output_names(tag: str | None = None) -> dict[str, str]:
+    """The predict job's output file names; with a *tag* (a shard's name) they carry it, so that
+    the fanned-out jobs of one workflow write distinct files for the merge job."""
+    suffix = f"_{tag}" if tag else ""
+    return {"predictions_json": f"predictions{suffix}.json", "predictions_csv": f"predictions{suffix}.csv",
+            "compliance_json": f"compliance{suffix}.json", "run_record": f"predict{suffix}_run.json"}
+
+
+def annotation_sample(count: int, limit: int | None) -> set[int]:
+    """Indices of the images to draw: all, or *limit* spread evenly over the *count* inputs."""
+    if limit is None or limit >= count:
+        return set(range(count))
+    return {index * count // limit for index in range(limit)}
+
+
 def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", score_threshold: float = 0.5,
                    tta: bool = False, batch_size: int = 4, num_workers: int | None = None,
-                   annotate: bool = True, progress=None, settings: dict | None = None) -> PredictionRun:
+                   annotate: bool = True, progress=None, settings: dict | None = None,
+                   annotate_max: int | None = None, annotated_tar=None, tag: str | None = None) -> PredictionRun:
     """Run the predict job and write its outputs; returns what was written.
 
     *progress* is an optional callable taking the number of finished images (for a tqdm bar).
     *settings* is copied into predictions.json and compliance.json (model file, flags).
+    *annotate_max* draws only that many images, spread evenly; *annotated_tar* packs the drawn
+    images into one .tar instead of a folder (what a workflow stages out); *tag* names the outputs
+    (output_names).
     """
     output_dir = Path(output_dir)
     annotated_dir = Path(annotated_dir) if annotated_dir else output_dir / "annotated"
@@ -127,6 +147,9 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
     used_names: set[str] = set()
     with contextlib.ExitStack() as stack:
         items, run.skipped = collect_inputs(paths, stack)
+        drawn = {items[index].name for index in annotation_sample(len(items), annotate_max)} if annotate else set()
+        if annotated_tar is not None:
+            annotated_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="annotated.")))
         if annotate:
             annotated_dir.mkdir(parents=True, exist_ok=True)
         writer = stack.enter_context(ThreadPoolExecutor(max_workers=2, thread_name_prefix="annotate"))
@@ -137,7 +160,7 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
                 run.skipped.append({"file": result.item.name, "reason": result.reason})
                 continue
             annotated = None
-            if annotate:
+            if result.item.name in drawn:
                 annotated = _annotated_name(result.item, used_names)
                 pil = Image.fromarray(result.image.permute(1, 2, 0).numpy())
                 pending.append(writer.submit(save_annotated, pil, result.boxes, result.labels, result.scores,
@@ -150,6 +173,8 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
                 progress(1)
         for future in pending:
             future.result()  # re-raise a failed write (disk full) instead of losing it
+        if annotated_tar is not None:
+            pack_folder(annotated_dir, annotated_tar)  # always written: a workflow declares it as an output
     run.overall = merge_compliance(image["compliance"] for image in run.images)
     settings = dict(settings or {})
     settings.update({"score_threshold": score_threshold, "tta": tta})
@@ -160,14 +185,79 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
     compliance_report = {**settings, "num_images": run.num_images, "overall": run.overall,
                          "per_image": {i["file"]: i["compliance"] for i in run.images},
                          "skipped": run.skipped}
+    names = output_names(tag)
     run.outputs = {
-        "predictions_json": write_json(output_dir / "predictions.json", predictions),
-        "predictions_csv": write_text(output_dir / "predictions.csv", _csv_text(run.images)),
-        "compliance_json": write_json(output_dir / "compliance.json", compliance_report),
-        "annotated_dir": annotated_dir if annotate else None,
+        "predictions_json": write_json(output_dir / names["predictions_json"], predictions),
+        "predictions_csv": write_text(output_dir / names["predictions_csv"], _csv_text(run.images)),
+        "compliance_json": write_json(output_dir / names["compliance_json"], compliance_report),
+        "annotated_dir": annotated_dir if annotate and annotated_tar is None else None,
+        "annotated_tar": Path(annotated_tar) if annotated_tar is not None else None,
     }
     return run
 
 
 def summary_line(run: PredictionRun) -> str:
     return compliance_line(run.overall)
+
+
+def _tag_of(path: Path) -> str:
+    name = path.name
+    return name[len("predictions_"):-len(".json")] if name.startswith("predictions_") else path.stem
+
+
+def merge_predictions(parts, output_dir, histogram: str | None = "compliance_histogram.png") -> dict:
+    """Merge the predictions_<tag>.json of fanned-out predict jobs into one compliance.json (overall,
+    per shard, per image), one predictions.csv and a histogram of the per-image compliance.
+
+    Per-image figures are recomputed from the detections, exactly as a single predict job computes
+    them, so the merge of N shards equals one job over the same images. The parts must agree on the
+    model and the operating threshold (else InputError naming the part).
+    """
+    import json
+
+    from ..errors import InputError
+    from .plots import plot_compliance_histogram
+
+    output_dir = Path(output_dir)
+    parts = sorted(Path(p) for p in parts)
+    if not parts:
+        raise InputError("no predictions_<tag>.json to merge")
+    settings_keys = ("model", "backbone", "image_size", "score_threshold", "score_threshold_source", "tta")
+    settings, per_shard, per_image, skipped = None, {}, {}, []
+    csv_buffer = io.StringIO()
+    writer = csv.writer(csv_buffer, lineterminator="\n")
+    writer.writerow(PREDICTION_CSV_FIELDS)
+    for part in parts:
+        try:
+            data = json.loads(part.read_text(encoding="utf-8"))
+            images = data["images"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise InputError(f"{part}: not a predictions file of bin/predict.py ({error})") from None
+        these = {key: data.get(key) for key in settings_keys}
+        if settings is None:
+            settings = these
+        elif these != settings:
+            differing = [key for key in settings_keys if these[key] != settings[key]]
+            raise InputError(f"{part}: made with other settings than {parts[0].name} ({', '.join(differing)})")
+        records = []
+        for image in images:
+            if image["file"] in per_image:
+                raise InputError(f"{part}: image {image['file']} is also in another part")
+            per_image[image["file"]] = record = compliance([d["label"] for d in image["detections"]])
+            records.append(record)
+            for det in image["detections"]:
+                writer.writerow([image["file"], *det["box"], det["label"], det["score"]])
+        skipped += data.get("skipped", [])
+        per_shard[_tag_of(part)] = {"num_images": len(images), "skipped": len(data.get("skipped", [])),
+                                    **merge_compliance(records)}
+    overall = merge_compliance(per_image.values())
+    report = {**settings, "num_parts": len(parts), "num_images": len(per_image), "overall": overall,
+              "per_shard": per_shard, "per_image": per_image, "skipped": skipped}
+    outputs = {"compliance_json": write_json(output_dir / "compliance.json", report),
+               "predictions_csv": write_text(output_dir / "predictions.csv", csv_buffer.getvalue())}
+    if histogram:
+        percentages = [r["percent_properly_masked"] for r in per_image.values() if r["faces"]]
+        plot_compliance_histogram(percentages, output_dir / histogram, overall["percent_properly_masked"],
+                                  no_faces=len(per_image) - len(percentages))
+        outputs["histogram"] = output_dir / histogram
+    return {"report": report, "outputs": outputs}

@@ -108,6 +108,19 @@ class SplitEntry:
     split: str
 
 
+@dataclass(frozen=True)
+class PredShard:
+    """One shard of the prediction set (a .tar of images) and how many images it holds."""
+
+    path: Path
+    images: int
+
+    @property
+    def tag(self) -> str:
+        """Names the shard's predict job and its outputs (predictions_<tag>.json)."""
+        return self.path.stem
+
+
 @dataclass
 class WorkflowConfig:
     """Everything the generator needs; checked on creation. Defaults are utils/defaults.py's."""
@@ -115,7 +128,7 @@ class WorkflowConfig:
     run_dir: Path
     split_csv: Path
     entries: list[SplitEntry]
-    pred_images: list[Path]
+    pred_shards: list[PredShard]
     sites_config: dict
     project_root: Path
     properties_file: Path | None = None
@@ -135,6 +148,7 @@ class WorkflowConfig:
     rare_factor: int = D.RARE_FACTOR
     noise_std: float = D.NOISE_STD
     max_size: int | None = D.PREPROCESS_MAX_SIZE
+    annotate_max: int = D.ANNOTATE_MAX
     score_threshold: float | None = None  # None: the model's own, chosen by train on the validation split
     label_map: str = D.LABEL_MAP  # --label-map text, handed to the jobs that read XML when not empty
     weights_file: Path | None = None
@@ -157,6 +171,12 @@ class WorkflowConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.time_budget is not None and self.time_budget <= 0:
             raise ConfigError(f"--time-budget {self.time_budget:g}: must be a positive number of minutes")
+        if self.annotate_max < 0:
+            raise ConfigError(f"--annotate-max {self.annotate_max}: must be 0 or more")
+        if not self.pred_shards:
+            raise ConfigError("no images to predict on")
+        if len({shard.tag for shard in self.pred_shards}) != len(self.pred_shards):
+            raise ConfigError("prediction shards must have distinct file names")
         if self.gpus < 0:
             raise ConfigError("--gpus must be 0 or more")
         if self.container_type not in (*CONTAINER_KINDS, "none"):
@@ -193,7 +213,7 @@ class WorkflowConfig:
 
 
 def config_from_args(args, project_root: Path, entries: list[SplitEntry], split_csv: Path,
-                     pred_images: list[Path]) -> WorkflowConfig:
+                     pred_shards: list[PredShard]) -> WorkflowConfig:
     """The WorkflowConfig of workflow.py's flags; sites.yml fills what the flags leave open."""
     sites_config = load_sites_config(args.sites_config)
     container = sites_config.get("container", {})
@@ -203,7 +223,7 @@ def config_from_args(args, project_root: Path, entries: list[SplitEntry], split_
 
         weights_file = cached_weights()
     return WorkflowConfig(
-        run_dir=args.run_dir, split_csv=split_csv, entries=entries, pred_images=pred_images,
+        run_dir=args.run_dir, split_csv=split_csv, entries=entries, pred_shards=pred_shards,
         sites_config=sites_config, project_root=project_root,
         properties_file=args.properties if args.properties and args.properties.exists() else None,
         execution_site=args.execution_site or sites_config.get("execution_site", "condorpool"),
@@ -212,6 +232,6 @@ def config_from_args(args, project_root: Path, entries: list[SplitEntry], split_
         epochs=args.epochs, time_budget=args.time_budget, hpo_epochs=args.hpo_epochs, trials=args.trials, hpo_jobs=args.hpo_jobs,
         image_size=args.image_size, backbone=args.backbone, seed=args.seed, gpus=args.gpus,
         augment_copies=args.augment_copies, rare_factor=args.rare_factor, noise_std=args.noise_std,
-        max_size=args.max_size, score_threshold=args.score_threshold, label_map=args.label_map,
+        max_size=args.max_size, annotate_max=args.annotate_max, score_threshold=args.score_threshold, label_map=args.label_map,
         weights_file=weights_file, retries=args.retries, mode=args.mode, transfer_threads=args.transfer_threads,
     )

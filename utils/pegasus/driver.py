@@ -28,7 +28,14 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
     data.add_argument("--data", type=Path, default=root / "data" / "sample",
                       help="folder with images/ and annotations/ (Pascal VOC)")
     data.add_argument("--pred-images", type=Path, default=None,
-                      help="folder of images to predict on (default: the test split's images)")
+                      help="images to predict on: a folder of images, packed into shards of --images-per-job "
+                           "in RUN_DIR/pred_shards, or a shard folder of bin/make_shards.py, used as it is; one "
+                           "predict job per shard (default: the test split's images)")
+    data.add_argument("--images-per-job", type=int, default=D.PREDICT_IMAGES_PER_JOB,
+                      help="images per predict job (shard size) when --pred-images is a plain folder")
+    data.add_argument("--annotate-max", type=int, default=D.ANNOTATE_MAX,
+                      help="annotated images to draw over the whole prediction set, spread over the shards "
+                           "(0: none), so stage-out never carries every image")
     data.add_argument("--run-dir", type=Path, default=root / "runs" / "workflow",
                       help="where the workflow, catalogs, logs and outputs go")
     data.add_argument("--fractions", type=float, nargs=3, default=D.SPLIT_FRACTIONS,

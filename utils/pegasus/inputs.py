@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..atomic import write_text
 from ..classes import NO_LABEL_MAP, LabelMap
-from .config import ConfigError, SplitEntry
+from .config import ConfigError, PredShard, SplitEntry
 
 
 def read_split_csv(path: Path, data_dir: Path) -> list[SplitEntry]:
@@ -71,13 +71,52 @@ def validate_and_split(data_dir: Path, run_dir: Path, seed: int, fractions, near
     return result.report, split_path
 
 
-def find_images(folder: Path) -> list[Path]:
-    """The images directly in *folder* (the --pred-images set), sorted by name."""
-    from ..data.images import is_image_name
+def prediction_shards(pred_images: Path | None, entries: list[SplitEntry], run_dir: Path,
+                      images_per_job: int) -> list[PredShard]:
+    """The prediction set as shards, one predict job each.
 
-    if not folder.is_dir():
-        raise ConfigError(f"{folder}: --pred-images folder not found")
-    images = sorted(p for p in folder.iterdir() if p.is_file() and is_image_name(p))
-    if not images:
-        raise ConfigError(f"{folder}: no images to predict on")
-    return images
+    A shard folder (bin/make_shards.py) is used as it is; a plain folder of images, or by
+    default the test split's images, is packed into RUN_DIR/pred_shards with *images_per_job*
+    images per shard, and a rerun over the unchanged images (same names, sizes and times)
+    reuses those shards.
+    """
+    from ..data.shards import (check_shard_files, collect_images, is_shard_folder, read_index,
+                               source_signature, write_shards)
+    from ..errors import InputError
+
+    if images_per_job < 1:
+        raise ConfigError(f"--images-per-job {images_per_job}: must be at least 1")
+    try:
+        if pred_images is not None and is_shard_folder(pred_images):
+            index = read_index(pred_images)
+            check_shard_files(index)
+            return [PredShard(path.resolve(), shard.images) for path, shard in zip(index.paths(), index.shards)]
+        if pred_images is not None:
+            if not pred_images.is_dir():
+                raise ConfigError(f"{pred_images}: --pred-images folder not found")
+            items, skipped = collect_images(pred_images)
+            source = str(pred_images.resolve())
+        else:
+            items = sorted(((entry.image, None) for entry in entries if entry.split == "test"),
+                           key=lambda item: item[0].name)
+            skipped, source = [], "test split"
+        if not items:
+            raise ConfigError(f"{pred_images or 'the test split'}: no images to predict on")
+        out_dir, signature = run_dir / "pred_shards", source_signature(items)
+        previous = _index_json(out_dir)
+        if not (previous.get("source_signature") == signature and previous.get("shard_size") == images_per_job):
+            write_shards(items, out_dir, images_per_job, skipped=skipped,
+                         extra={"source": source, "source_signature": signature})
+        index = read_index(out_dir)
+    except InputError as error:
+        raise ConfigError(str(error)) from None
+    return [PredShard(path, shard.images) for path, shard in zip(index.paths(), index.shards)]
+
+
+def _index_json(folder: Path) -> dict:
+    import json
+
+    try:
+        return json.loads((folder / "index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}

@@ -28,6 +28,7 @@ SECONDS_PER_IMAGE = {
     "cpu": {"train": 0.85, "infer": 0.85, "data": 0.1},
     "gpu": {"train": 0.1, "infer": 0.05, "data": 0.1},
 }
+MERGE_S_PER_IMAGE = 1e-4  # reading one image's detections and writing its rows (merge_predictions)
 SAFETY = 3.0          # slower or shared nodes, the first steps' allocations, validation passes
 STARTUP_S = 180       # image pull or start, Python and torch imports, staging, kickstart
 MIN_RUNTIME_S = 300
@@ -68,7 +69,8 @@ def workloads(config) -> dict[str, float]:
         "hpo_merge": 0.0,
         "train": config.epochs * (epoch_s + counts["val"] * infer_s) + counts["val"] * infer_s,
         "evaluate": counts["test"] * infer_s,
-        "predict": len(config.pred_images) * infer_s,
+        "predict": max(shard.images for shard in config.pred_shards) * infer_s,
+        "merge_predictions": sum(shard.images for shard in config.pred_shards) * MERGE_S_PER_IMAGE,
     }
 
 

@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Pack a folder of images (with their VOC XML when given) into tar shards of N images each.
+
+    bin/make_shards.py --images photos/ --output shards/ --shard-size 1000
+    bin/make_shards.py --images DATA/images --annotations DATA/annotations --output shards/
+
+Writes OUTPUT/shard-000000.tar ... (WebDataset layout: <key>.<ext> members, an image's
+XML right after it), OUTPUT/index.json (shards with image and XML counts, bytes and
+sha256) and OUTPUT/index.csv (one row per image: name, shard, bytes, sha256, XML).
+workflow.py --pred-images OUTPUT then runs one predict job per shard. Files that are
+not images, and a second image with the same stem, are skipped, counted and listed
+in index.json. --verify re-reads an existing folder's shards against its index.
+Exit 0 on success, 2 on bad input (one line naming the file), 1 on a bug.
+"""
+
+import argparse
+import sys
+import time
+
+from tqdm import tqdm
+
+from utils.cli import run_job
+from utils.data.shards import INDEX_JSON, collect_images, read_index, source_signature, verify, write_shards
+from utils.errors import InputError
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", help="folder of images")
+    parser.add_argument("--annotations", default=None, help="folder of VOC XML files, paired by stem (optional)")
+    parser.add_argument("--output", required=True, help="shard folder to write (or, with --verify, to check)")
+    parser.add_argument("--shard-size", type=int, default=1000, help="images per shard (default: 1000)")
+    parser.add_argument("--workers", type=int, default=4, help="shards written at once (default: 4)")
+    parser.add_argument("--verify", action="store_true", help="check an existing shard folder's sha256 sums")
+    return parser
+
+
+def main(args) -> int:
+    if args.verify:
+        index = read_index(args.output)
+        bad = verify(index, args.workers)
+        if bad:
+            raise InputError(f"{args.output}: {len(bad)} shard(s) differ from {INDEX_JSON}: {', '.join(bad)}")
+        print(f"make_shards: {len(index.shards)} shards, {index.num_images} images, all match {INDEX_JSON}")
+        return 0
+    if not args.images:
+        raise InputError("--images is required (or --verify)")
+    started = time.perf_counter()
+    items, skipped = collect_images(args.images, args.annotations)
+    for entry in skipped:
+        print(f"skipped {entry['file']}: {entry['reason']}", file=sys.stderr)
+    with tqdm(total=len(items), desc="shards", unit="img", file=sys.stderr, disable=None) as bar:
+        index = write_shards(items, args.output, args.shard_size, args.workers, skipped, progress=bar.update,
+                             extra={"source": str(args.images), "source_signature": source_signature(items)})
+    with_xml = sum(shard.annotations for shard in index.shards)
+    print(f"make_shards: {index.num_images} images ({with_xml} with XML) in {len(index.shards)} shards of "
+          f"up to {args.shard_size} in {args.output}, {len(skipped)} skipped, {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(main, get_args_parser()))

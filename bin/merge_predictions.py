@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Merge the outputs of fanned-out predict jobs (one per shard) into the run's compliance figures.
+
+    bin/merge_predictions.py --inputs predictions_shard-*.json --output-dir .
+    bin/merge_predictions.py --inputs-dir DIR --expected 12 --output-dir .
+
+Reads each job's predictions_<TAG>.json and writes OUTPUT_DIR/compliance.json (overall,
+per shard and per image: faces per class and percent properly masked, with every
+skipped file and its reason), predictions.csv (file, xmin, ymin, xmax, ymax, label,
+score) and compliance_histogram.png (per-image compliance), plus its run record.
+Per-image figures are recomputed from the detections exactly as a single predict job
+computes them, so N shards merged equal one job over the same images. The parts must
+come from the same model and threshold. --expected N fails when a part is missing.
+Exit 0 on success, 2 on bad input (one line naming the file), 1 on a bug.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from utils.cli import run_job
+from utils.detection.compliance import compliance_line
+from utils.detection.prediction import merge_predictions
+from utils.errors import InputError
+from utils.provenance import write_run_record
+
+PART_PATTERN = "predictions_*.json"
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--inputs", nargs="+", type=Path, help="predictions_<TAG>.json files")
+    source.add_argument("--inputs-dir", type=Path,
+                        help=f"folder holding the parts ({PART_PATTERN}); a workflow stages them there, so its "
+                             "arguments never grow with the number of shards")
+    parser.add_argument("--expected", type=int, default=None, help="number of parts there must be (default: any)")
+    parser.add_argument("--output-dir", type=Path, required=True, help="folder for the merged files")
+    parser.add_argument("--histogram", default="compliance_histogram.png",
+                        help="file name of the per-image compliance histogram (default: compliance_histogram.png)")
+    return parser
+
+
+def main(args) -> int:
+    parts = args.inputs if args.inputs else sorted(args.inputs_dir.glob(PART_PATTERN))
+    missing = [str(part) for part in parts if not part.is_file()]
+    if missing:
+        raise InputError(f"{missing[0]}: not found" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if args.expected is not None and len(parts) != args.expected:
+        raise InputError(f"{args.inputs_dir or 'the inputs'}: {len(parts)} predictions part(s), expected {args.expected}")
+    merged = merge_predictions(parts, args.output_dir, args.histogram)
+    report = merged["report"]
+    write_run_record(args.output_dir / "merge_predictions_run.json", "merge_predictions", vars(args), parts)
+    for entry in report["skipped"]:
+        print(f"skipped {entry['file']}: {entry['reason']}", file=sys.stderr)
+    print(compliance_line(report["overall"]))
+    print(f"{report['num_images']} images from {report['num_parts']} part(s), {len(report['skipped'])} skipped; "
+          f"outputs in {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(main, get_args_parser()))

@@ -1,0 +1,101 @@
+"""Shards (bin/make_shards.py) and fanned-out prediction: N shards merged equal one predict job."""
+
+from __future__ import annotations
+
+import csv
+import json
+import tarfile
+
+from helpers import run_script
+from utils.data.shards import read_index, read_index_csv
+
+
+def make_photo_folder(sample_dir, folder, count):
+    folder.mkdir()
+    images = sorted((sample_dir / "images").glob("*.jpg"))[:count]
+    for image in images:
+        (folder / image.name).write_bytes(image.read_bytes())
+    return images
+
+
+def test_make_shards_packs_images_with_their_xml_in_webdataset_order(root, sample_dir, tmp_path, capsys):
+    out = tmp_path / "shards"
+    (tmp_path / "extra").mkdir()
+    images = make_photo_folder(sample_dir, tmp_path / "photos", 7)
+    (tmp_path / "photos" / "readme.txt").write_text("not an image")
+    (tmp_path / "photos" / f"{images[0].stem}.png").write_bytes(images[0].read_bytes())  # same stem, second file
+    rc = run_script(root, "make_shards", ["--images", tmp_path / "photos", "--annotations", sample_dir / "annotations",
+                                          "--output", out, "--shard-size", "3"])
+    assert rc == 0
+    assert "7 images (7 with XML) in 3 shards" in capsys.readouterr().out
+    index = read_index(out)
+    assert [shard.name for shard in index.shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert [shard.images for shard in index.shards] == [3, 3, 1] and index.num_images == 7
+    data = json.loads((out / "index.json").read_text())
+    assert {entry["file"].rsplit("/", 1)[-1] for entry in data["skipped"]} == {"readme.txt", f"{images[0].stem}.png"}
+    with tarfile.open(out / "shard-000000.tar") as tar:
+        members = tar.getnames()
+    # WebDataset layout: flat <key>.<ext> members, each image followed by its XML
+    expected = [name for image in images[:3] for name in (image.name, f"{image.stem}.xml")]
+    assert members == expected
+    rows = read_index_csv(out)
+    assert [row["name"] for row in rows] == [image.name for image in images]
+    assert rows[0]["shard"] == "shard-000000.tar" and rows[6]["shard"] == "shard-000002.tar"
+    assert rows[0]["annotation"] == f"{images[0].stem}.xml" and len(rows[0]["sha256"]) == 64
+
+    assert run_script(root, "make_shards", ["--output", out, "--verify"]) == 0
+    with open(out / "shard-000001.tar", "r+b") as handle:  # flip a byte inside a member
+        handle.seek(1024)
+        byte = handle.read(1)
+        handle.seek(1024)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    assert run_script(root, "make_shards", ["--output", out, "--verify"]) == 2
+    assert "shard-000001.tar" in capsys.readouterr().err
+
+
+def test_make_shards_rejects_a_missing_folder_in_one_line(root, tmp_path, capsys):
+    assert run_script(root, "make_shards", ["--images", tmp_path / "nope", "--output", tmp_path / "out"]) == 2
+    err = capsys.readouterr().err
+    assert "nope: folder not found" in err and "Traceback" not in err
+
+
+def test_sharded_prediction_merged_equals_one_job(root, sample_dir, tiny_model_file, tmp_path, capsys):
+    make_photo_folder(sample_dir, tmp_path / "photos", 7)
+    (tmp_path / "photos" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    shards = tmp_path / "shards"
+    assert run_script(root, "make_shards", ["--images", tmp_path / "photos", "--output", shards,
+                                            "--shard-size", "3"]) == 0
+    tars = sorted(shards.glob("shard-*.tar"))
+    # Batch size 1: a batch pads its images to one size, which moves scores slightly, so one job over
+    # all images and three jobs over thirds are compared image by image at the same batching.
+    common = ["--model", tiny_model_file, "--score-threshold", "0.05", "--device", "cpu", "--batch-size", "1",
+              "--workers", "0"]
+    single = tmp_path / "single"
+    assert run_script(root, "predict", ["--images", *tars, "--output-dir", single, "--no-annotated", *common]) == 0
+    parts = tmp_path / "parts"
+    for number, tar in enumerate(tars):
+        assert run_script(root, "predict", ["--images", tar, "--output-dir", parts, "--output-tag", tar.stem,
+                                            "--annotate-max", str(number % 2), "--annotated-tar",
+                                            parts / f"annotated_{tar.stem}.tar", *common]) == 0
+    merged = tmp_path / "merged"
+    assert run_script(root, "merge_predictions", ["--inputs-dir", parts, "--expected", "3",
+                                                  "--output-dir", merged]) == 0
+    one = json.loads((single / "compliance.json").read_text())
+    fan = json.loads((merged / "compliance.json").read_text())
+    assert fan["overall"] == one["overall"]
+    assert fan["per_image"] == one["per_image"] and len(fan["per_image"]) == 7
+    assert sorted(e["file"] for e in fan["skipped"]) == sorted(e["file"] for e in one["skipped"]) == \
+        ["shard-000000.tar:broken.jpg"]
+    assert set(fan["per_shard"]) == {"shard-000000", "shard-000001", "shard-000002"}
+    assert sum(part["faces"] for part in fan["per_shard"].values()) == fan["overall"]["faces"]
+    with open(single / "predictions.csv", newline="") as a, open(merged / "predictions.csv", newline="") as b:
+        assert sorted(csv.reader(a)) == sorted(csv.reader(b))
+    assert (merged / "compliance_histogram.png").stat().st_size > 0
+    # --annotate-max per job: shard 1 drew one image, shards 0 and 2 none (an empty tar is still written)
+    counts = [len(tarfile.open(parts / f"annotated_{tar.stem}.tar").getnames()) for tar in tars]
+    assert counts == [0, 1, 0]
+
+    capsys.readouterr()
+    assert run_script(root, "merge_predictions", ["--inputs-dir", parts, "--expected", "4",
+                                                  "--output-dir", merged]) == 2
+    assert "3 predictions part(s), expected 4" in capsys.readouterr().err

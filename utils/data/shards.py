@@ -1,0 +1,239 @@
+"""Shards: a large image collection packed into tar files of N images each, with an index.
+
+A shard folder holds
+
+    shard-000000.tar, shard-000001.tar, ...   the images (and their VOC XML, when given)
+    index.json                                 small: the shards with their counts, sizes and sha256
+    index.csv                                  one row per image: name, shard, bytes, sha256, annotation
+
+The tars follow WebDataset's layout: members are flat `<key>.<ext>` files in key order,
+an image's XML (`<key>.xml`) right after it, so `webdataset.WebDataset(".../shard-{000000..000009}.tar")`
+reads them as samples. The project does not depend on the `webdataset` package: its jobs
+need one shard as one file (a Pegasus replica, unpacked by utils.data.pairs.open_folder
+like any set that travels as a .tar) and an index the generator can read without opening
+a shard, not a streaming training loader. One caveat of the layout: WebDataset splits a
+sample key at the first dot, so an image named `a.b.jpg` is key `a`; our jobs use the
+full member names and are not affected.
+
+The workflow generator reads only index.json, so generating a workflow over a million
+images costs as much as over its shards (bench/workflow.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..atomic import atomic_path, write_json, write_text
+from ..errors import InputError
+from .images import is_image_name
+
+INDEX_JSON = "index.json"
+INDEX_CSV = "index.csv"
+FORMAT = "mask-detection shards 1 (webdataset layout)"
+SHARD_PATTERN = "shard-{:06d}.tar"
+INDEX_CSV_FIELDS = ("name", "shard", "bytes", "sha256", "annotation")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard as index.json lists it."""
+
+    name: str
+    images: int
+    annotations: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    folder: Path
+    shards: tuple[Shard, ...]
+    shard_size: int
+
+    @property
+    def num_images(self) -> int:
+        return sum(shard.images for shard in self.shards)
+
+    def paths(self) -> list[Path]:
+        return [self.folder / shard.name for shard in self.shards]
+
+
+def is_shard_folder(folder) -> bool:
+    return (Path(folder) / INDEX_JSON).is_file()
+
+
+def read_index(folder) -> ShardIndex:
+    """index.json of a shard folder, checked; InputError naming the file and the problem."""
+    folder = Path(folder)
+    path = folder / INDEX_JSON
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        shards = tuple(Shard(s["name"], int(s["images"]), int(s["annotations"]), int(s["bytes"]), s["sha256"])
+                       for s in data["shards"])
+        shard_size = int(data["shard_size"])
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found (a shard folder is made by bin/make_shards.py)") from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise InputError(f"{path}: not a shard index ({type(error).__name__}: {error})") from None
+    if data.get("format") != FORMAT:
+        raise InputError(f"{path}: unknown format {data.get('format')!r} (expected {FORMAT!r})")
+    names = [shard.name for shard in shards]
+    if not shards or len(set(names)) != len(names) or any("/" in name or not name.endswith(".tar")
+                                                           for name in names):
+        raise InputError(f"{path}: the shard list is empty, repeats a name or names a file outside the folder")
+    return ShardIndex(folder, shards, shard_size)
+
+
+def check_shard_files(index: ShardIndex) -> None:
+    """Every shard of the index is there with its recorded size (hashes are checked by `verify`)."""
+    for shard in index.shards:
+        path = index.folder / shard.name
+        if not path.is_file():
+            raise InputError(f"{path}: listed in {index.folder / INDEX_JSON} but missing")
+        if path.stat().st_size != shard.bytes:
+            raise InputError(f"{path}: {path.stat().st_size} bytes, {index.folder / INDEX_JSON} says {shard.bytes}")
+
+
+def verify(index: ShardIndex, workers: int = 4) -> list[str]:
+    """The shards whose sha256 differs from the index (reads every shard)."""
+    def bad(shard: Shard) -> str | None:
+        digest = hashlib.sha256()
+        with open(index.folder / shard.name, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return shard.name if digest.hexdigest() != shard.sha256 else None
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return [name for name in pool.map(bad, index.shards) if name]
+
+
+def collect_images(images_dir, annotations_dir=None) -> tuple[list[tuple[Path, Path | None]], list[dict]]:
+    """(image, its XML or None) for the images directly in *images_dir*, sorted; and the skipped files.
+
+    Skipped: files that are not images by name, and images whose stem another image
+    already has (one key per sample in a shard).
+    """
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise InputError(f"{images_dir}: folder not found")
+    annotations = {}
+    if annotations_dir is not None:
+        annotations_dir = Path(annotations_dir)
+        if not annotations_dir.is_dir():
+            raise InputError(f"{annotations_dir}: folder not found")
+        annotations = {p.stem: p for p in annotations_dir.iterdir() if p.suffix.lower() == ".xml" and p.is_file()}
+    items, skipped, stems = [], [], {}
+    for path in sorted(images_dir.iterdir()):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        if not is_image_name(path):
+            if path.suffix.lower() != ".xml":
+                skipped.append({"file": str(path), "reason": f"not an image file name (extension '{path.suffix}')"})
+            continue
+        if path.stem in stems:
+            skipped.append({"file": str(path), "reason": f"same stem as {stems[path.stem].name}: a shard holds "
+                                                         "one sample per key"})
+            continue
+        stems[path.stem] = path
+        items.append((path, annotations.get(path.stem)))
+    return items, skipped
+
+
+def _write_shard(path: Path, members: list[tuple[Path, Path | None]]) -> tuple[Shard, list[dict]]:
+    """Write one shard atomically; returns its index entry and its images' rows."""
+    rows, count_xml = [], 0
+    with atomic_path(path) as tmp:
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            for image, annotation in members:
+                row = {"name": image.name, "shard": path.name, "annotation": ""}
+                for file in (image, annotation):
+                    if file is None:
+                        continue
+                    data = file.read_bytes()
+                    info = tarfile.TarInfo(file.name)
+                    info.size, info.mode, info.mtime = len(data), 0o644, int(file.stat().st_mtime)
+                    tar.addfile(info, io.BytesIO(data))
+                    if file is image:
+                        row.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+                    else:
+                        row["annotation"] = file.name
+                        count_xml += 1
+                rows.append(row)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return Shard(path.name, len(members), count_xml, path.stat().st_size, digest.hexdigest()), rows
+
+
+def write_shards(items: list[tuple[Path, Path | None]], out_dir, shard_size: int, workers: int = 4,
+                 skipped: list[dict] | None = None, progress=None, extra: dict | None = None) -> ShardIndex:
+    """Pack *items* (image, XML or None) into shards of *shard_size* images in *out_dir*; write the index.
+
+    Shards are written in parallel (reading and hashing release the GIL), each one
+    atomically, and the index last: a folder with an index.json is complete. *extra*
+    goes into index.json as is (where the shards came from).
+    """
+    if shard_size < 1:
+        raise InputError(f"shard size {shard_size}: must be at least 1")
+    if not items:
+        raise InputError("no images to pack into shards")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / INDEX_JSON).unlink(missing_ok=True)  # an index names a complete folder: none while writing
+    groups = [items[start:start + shard_size] for start in range(0, len(items), shard_size)]
+    stale = {p.name for p in out_dir.glob("shard-*.tar")} - {SHARD_PATTERN.format(i) for i in range(len(groups))}
+    for name in stale:  # shards of an earlier, larger packing of this folder
+        (out_dir / name).unlink()
+
+    def one(number: int):
+        result = _write_shard(out_dir / SHARD_PATTERN.format(number), groups[number])
+        if progress is not None:
+            progress(len(groups[number]))
+        return result
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(pool.map(one, range(len(groups))))
+    shards = tuple(shard for shard, _ in results)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=INDEX_CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for _, rows in results:
+        writer.writerows(rows)
+    write_text(out_dir / INDEX_CSV, buffer.getvalue())
+    index = {"format": FORMAT, "shard_size": shard_size, "num_shards": len(shards),
+             "num_images": sum(s.images for s in shards), "num_annotations": sum(s.annotations for s in shards),
+             "bytes": sum(s.bytes for s in shards), **(extra or {}), "skipped": list(skipped or []),
+             "shards": [vars(shard) for shard in shards]}
+    write_json(out_dir / INDEX_JSON, index)
+    return ShardIndex(out_dir, shards, shard_size)
+
+
+def read_index_csv(folder) -> list[dict]:
+    """index.csv's rows (name, shard, bytes, sha256, annotation)."""
+    path = Path(folder) / INDEX_CSV
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found") from None
+
+
+def source_signature(items: list[tuple[Path, Path | None]]) -> str:
+    """A hash of the names, sizes and modification times of *items*: equal when a folder is unchanged
+    (cheap: no file is read), so that a rerun reuses the shards it made."""
+    digest = hashlib.sha256()
+    for image, annotation in items:
+        for file in (image, annotation):
+            if file is not None:
+                stat = file.stat()
+                digest.update(f"{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
