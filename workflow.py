@@ -34,12 +34,13 @@ from Pegasus.api import (Container, File, Job, Properties, ReplicaCatalog, SiteC
                          TransformationCatalog, TransformationSite, Workflow)
 
 from utils.atomic import write_text
+from utils.defaults import DATA_SHARD_IMAGES
 from utils.pegasus import driver, pegasus_api
 from utils.pegasus.catalogs import build_properties, build_site_catalog
 from utils.pegasus.config import (ConfigError, SplitEntry, WorkflowConfig, config_from_args, parse_label_map,
                                   trials_per_worker)
 from utils.pegasus.graph import write_graph
-from utils.pegasus.inputs import prediction_shards, read_split_csv, validate_and_split
+from utils.pegasus.inputs import data_shards, prediction_shards, read_split_csv, validate_and_split
 from utils.pegasus.runtimes import CHECKPOINTING, checkpoint_minutes, job_runtimes
 
 ROOT = Path(__file__).resolve().parent
@@ -181,14 +182,19 @@ class MaskDetectionWorkflow:
         """Every input with an absolute file:// URL on the submit host ("local")."""
         config = self.config
         self.split_file = self._input_file(config.split_csv.resolve())
-        self.split_files: dict[str, list[tuple[File, File]]] = {"train": [], "val": [], "test": []}
-        for entry in config.entries:
-            if entry.split not in self.split_files:
-                raise ConfigError(f"{config.split_csv}: unknown split {entry.split!r} for {entry.image}")
-            # abspath, not resolve(): one resolve() per image is slow at 100k images.
-            pair = (self._input_file(Path(os.path.abspath(entry.image))),
-                    self._input_file(Path(os.path.abspath(entry.annotation))))
-            self.split_files[entry.split].append(pair)
+        # What each split's jobs receive: its shards, or every image and annotation as its own file.
+        self.split_inputs: dict[str, list[File]] = {"train": [], "val": [], "test": []}
+        if config.data_shards is not None:
+            for split, shards in config.data_shards.items():
+                self.split_inputs[split] = [self._input_file(shard.path, f"{split}_{shard.path.name}")
+                                            for shard in shards]
+        else:
+            for entry in config.entries:
+                if entry.split not in self.split_inputs:
+                    raise ConfigError(f"{config.split_csv}: unknown split {entry.split!r} for {entry.image}")
+                # abspath, not resolve(): one resolve() per image is slow at 100k images.
+                self.split_inputs[entry.split] += [self._input_file(Path(os.path.abspath(entry.image))),
+                                                   self._input_file(Path(os.path.abspath(entry.annotation)))]
         # One replica per shard, never per image: the catalogs grow with the shards.
         self.pred_files = [self._input_file(shard.path, f"pred_{shard.path.name}") for shard in config.pred_shards]
         self.weights = None
@@ -209,8 +215,8 @@ class MaskDetectionWorkflow:
     # -- workflow: the spine ---------------------------------------------------
     def create_workflow(self) -> Workflow:
         """The DAG, top to bottom: each step adds its job(s) and returns the Files it hands on."""
-        for name, pairs in self.split_files.items():
-            if not pairs:
+        for name, files in self.split_inputs.items():
+            if not files:
                 raise ConfigError(f"{self.config.split_csv}: the {name} split is empty; "
                                   "add images or change --fractions")
         self.wf = Workflow(WORKFLOW_NAME, infer_dependencies=True)
@@ -265,23 +271,33 @@ class MaskDetectionWorkflow:
         workflow.yml stays the same as without the option."""
         return [flag, value] if value not in (None, "") else []
 
+    def _set_args(self, *splits: str, flag: str = "--images") -> tuple[list, list[File]]:
+        """(arguments, inputs) that hand *splits* to a job: their shards named after *flag*, or their files
+        staged into the job's folder ("."; the names come from split.csv, never from the arguments)."""
+        files = [f for split in splits for f in self.split_inputs[split]]
+        if self.config.data_shards is not None:
+            return [flag, *files], files
+        return ([flag, "."] if flag == "--annotations" else ["--images", ".", "--annotations", "."]), files
+
     def _add_class_distribution_plot(self) -> None:
-        annotations = [annotation for pairs in self.split_files.values() for _, annotation in pairs]
+        set_args, inputs = self._set_args("train", "val", "test", flag="--annotations")
+        if self.config.data_shards is None:
+            inputs = [f for f in inputs if f.lfn.lower().endswith(".xml")]
         job = self._job("plot_class_distribution", "plot_class_distribution")
-        job.add_args("--split-csv", self.split_file, "--annotations", ".",
+        job.add_args("--split-csv", self.split_file, *set_args,
                      "--output", "class_distribution.png", "--output-csv", "class_distribution.csv",
                      *self._if_given("--label-map", self.config.label_map))
-        job.add_inputs(self.split_file, *annotations)
+        job.add_inputs(self.split_file, *inputs)
         self._stages_out(job, "class_distribution.png", "class_distribution.csv", "class_distribution_run.json")
 
     def _add_preprocess(self, split: str) -> File:
         job = self._job("preprocess", f"preprocess_{split}")
         data_set, report = File(f"{split}_set.tar"), File(f"preprocess_{split}_report.json")
-        job.add_args("--images", ".", "--annotations", ".", "--split-csv", self.split_file, "--split", split,
-                     "--prefix", f"{split}_", *self._if_given("--max-size", self.config.max_size),
+        set_args, inputs = self._set_args(split)
+        job.add_args(*set_args, "--split-csv", self.split_file, "--split", split, "--prefix", f"{split}_", *self._if_given("--max-size", self.config.max_size),
                      "--output-tar", data_set, "--report", report,
                      *self._if_given("--label-map", self.config.label_map))
-        job.add_inputs(self.split_file, *(f for pair in self.split_files[split] for f in pair))
+        job.add_inputs(self.split_file, *inputs)
         self._hands_on(job, data_set)
         self._stages_out(job, report)
         return data_set
@@ -290,12 +306,13 @@ class MaskDetectionWorkflow:
         config = self.config
         job = self._job("augment", "augment_train")
         train_set, report = File("train_set.tar"), File("augment_train_report.json")
-        job.add_args("--images", ".", "--annotations", ".", "--split-csv", self.split_file, "--split", "train",
+        set_args, inputs = self._set_args("train")
+        job.add_args(*set_args, "--split-csv", self.split_file, "--split", "train",
                      "--copies", config.augment_copies, "--rare-factor", config.rare_factor,
                      "--noise-std", config.noise_std, "--seed", config.seed,
                      "--output-tar", train_set, "--report", report,
                      *self._if_given("--label-map", self.config.label_map))
-        job.add_inputs(self.split_file, *(f for pair in self.split_files["train"] for f in pair))
+        job.add_inputs(self.split_file, *inputs)
         self._hands_on(job, train_set)
         self._stages_out(job, report)
         return train_set
@@ -431,7 +448,8 @@ def generate(args) -> tuple[MaskDetectionWorkflow, dict[str, Path], dict, list[S
     entries = read_split_csv(split_csv, data_dir)
     pred_shards = prediction_shards(args.pred_images and args.pred_images.resolve(), entries, run_dir,
                                     args.images_per_job)
-    generator = MaskDetectionWorkflow(config_from_args(args, ROOT, entries, split_csv, pred_shards)).build()
+    shards = data_shards(entries, run_dir, DATA_SHARD_IMAGES) if len(entries) > args.shard_data_above else None
+    generator = MaskDetectionWorkflow(config_from_args(args, ROOT, entries, split_csv, pred_shards, shards)).build()
     written = generator.write()
     return generator, written, report, entries
 

@@ -5,12 +5,13 @@
    run by utils/pegasus/executor.py. Reported as workflow wall time / critical-path job time
    (goal <= 1.05): what the executor adds on top of the longest chain of jobs.
    --statistics RUN_DIR/statistics.json adds the same ratio for a real run.
-2. Generator: time and peak memory of workflow.py's generator (all catalogs, the DAG and
-   the files written) for 1,000, 10,000 and 100,000 images (empty placeholder files:
-   validation is not part of this measurement), each in a fresh process, and how they
-   grow per 10x images.
+2. Generator: time, peak memory and workflow.yml size of workflow.py's generator (all
+   catalogs, the DAG and the files written) for 1k, 10k, 100k and 1M images, sharded as a
+   large run is (data splits and the prediction set in shards of 1,000; placeholder names:
+   validation and packing are not part of this measurement), each in a fresh process.
+3. The real Pegasus planner on those workflows at 10k and 100k images (plan-check.sh).
 
-    .venv/bin/python bench/workflow.py [--sizes 1000 10000 100000] [--sleep 2.0] [--jobs 2]
+    .venv/bin/python bench/workflow.py [--sizes 1000 10000 100000 1000000] [--plan-sizes 10000 100000]
 """
 
 from __future__ import annotations
@@ -85,55 +86,87 @@ GENERATOR_CHILD = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, sys.argv[1])
     import workflow as generator
-    from utils.pegasus.config import PredShard, SplitEntry, WorkflowConfig, load_sites_config
-    data, run_dir = Path(sys.argv[2]), Path(sys.argv[3])
+    from utils.pegasus.config import ShardFile, SplitEntry, WorkflowConfig, load_sites_config
+    size, per_shard, run_dir = int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
     baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     began = time.perf_counter()
-    images = sorted((data / "images").iterdir())
+    data = run_dir / "data"
     entries = []
-    for index, image in enumerate(images):
+    for index in range(size):  # placeholder names: the generator never opens an image or a shard
         split = "train" if index % 10 < 7 else ("val" if index % 10 == 7 else "test")
-        entries.append(SplitEntry(image, data / "annotations" / (image.stem + ".xml"), split))
+        entries.append(SplitEntry(data / "images" / f"img_{index:07d}.jpg",
+                                  data / "annotations" / f"img_{index:07d}.xml", split))
     split_csv = run_dir / "split.csv"
     run_dir.mkdir(parents=True, exist_ok=True)
     split_csv.write_text("image,annotation,split\\n" + "".join(f"{e.image},{e.annotation},{e.split}\\n" for e in entries))
+    def shards(folder, count):
+        return [ShardFile(folder / f"shard-{i:06d}.tar", min(per_shard, count - i * per_shard))
+                for i in range(-(-count // per_shard))]
+    counts = {split: sum(1 for e in entries if e.split == split) for split in ("train", "val", "test")}
     config = WorkflowConfig(
         run_dir=run_dir, split_csv=split_csv, entries=entries,
-        pred_shards=[PredShard(data / f"shard-{i:06d}.tar", 1000) for i in range(max(1, len(images) // 5000))],
+        pred_shards=shards(run_dir / "pred_shards", size),  # predict on the whole collection
+        data_shards={split: shards(run_dir / "data_shards" / split, n) for split, n in counts.items()},
         sites_config=load_sites_config(Path(sys.argv[1]) / "sites.yml"),
         project_root=Path(sys.argv[1]), properties_file=Path(sys.argv[1]) / "properties.conf",
         hpo_jobs=2, trials=2)
     built = generator.MaskDetectionWorkflow(config).build()
     build_s = time.perf_counter() - began
-    built.write()
+    built.write(graph=False)
     total_s = time.perf_counter() - began
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"images": len(images), "jobs": len(built.wf.jobs), "replicas": len(built.rc.entries),
-                      "build_s": build_s, "total_s": total_s, "baseline_mb": baseline_kb / 1024,
-                      "peak_mb": peak_kb / 1024,
-                      "workflow_mb": (run_dir / "workflow.yml").stat().st_size / 2**20,
-                      "replicas_mb": (run_dir / "replicas.yml").stat().st_size / 2**20}))
+    print(json.dumps({"images": size, "per_shard": per_shard, "jobs": len(built.wf.jobs),
+                      "replicas": len(built.rc.entries), "build_s": build_s, "total_s": total_s,
+                      "baseline_mb": baseline_kb / 1024, "peak_mb": peak_kb / 1024,
+                      "workflow_kb": (run_dir / "workflow.yml").stat().st_size / 1024,
+                      "replicas_kb": (run_dir / "replicas.yml").stat().st_size / 1024}))
 """)
 
 
-def generator_scaling(size: int) -> dict:
+def generator_scaling(size: int, per_shard: int, keep: Path | None = None) -> dict:
+    """Generate a sharded workflow over *size* placeholder images in a fresh process; with *keep*, the
+    run dir is left there (for the planner)."""
     with tempfile.TemporaryDirectory(prefix=f"bench-generator-{size}.") as tmp:
-        tmp = Path(tmp)
-        (tmp / "data" / "images").mkdir(parents=True)
-        (tmp / "data" / "annotations").mkdir()
-        for index in range(size):  # placeholders: the generator never opens them
-            (tmp / "data" / "images" / f"img_{index:06d}.jpg").touch()
-            (tmp / "data" / "annotations" / f"img_{index:06d}.xml").touch()
-        child = subprocess.run([sys.executable, "-c", GENERATOR_CHILD, str(ROOT), str(tmp / "data"), str(tmp / "run")],
-                               capture_output=True, text=True, check=False)
+        run_dir = keep or Path(tmp) / "run"
+        child = subprocess.run([sys.executable, "-c", GENERATOR_CHILD, str(ROOT), str(size), str(per_shard),
+                                str(run_dir)], capture_output=True, text=True, check=False)
         if child.returncode != 0:
             raise SystemExit(f"generator failed for {size} images:\n{child.stderr[-2000:]}")
         return json.loads(child.stdout.strip().splitlines()[-1])
 
 
+def planning_time(size: int, per_shard: int) -> dict:
+    """The real Pegasus planner (../shared/pegasus/plan-check.sh, condor plan) on a generated
+    sharded workflow of *size* images; None when the planner or Java is absent."""
+    import re
+    import shutil
+    import time
+
+    plan_check = ROOT.parent / "shared" / "pegasus" / "plan-check.sh"
+    if not plan_check.is_file() or shutil.which("java") is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix=f"bench-plan-{size}.") as tmp:
+        run_dir = Path(tmp) / "run"
+        row = generator_scaling(size, per_shard, keep=run_dir)
+        began = time.perf_counter()
+        child = subprocess.run(["bash", str(plan_check), str(run_dir), "--work", str(Path(tmp) / "work")],
+                               capture_output=True, text=True, check=False)
+        seconds = time.perf_counter() - began
+        if child.returncode != 0:
+            raise SystemExit(f"planning failed for {size} images:\n{(child.stdout + child.stderr)[-2000:]}")
+        jobs = re.search(r"(\d+) jobs", child.stdout)
+        return {"images": size, "generated_jobs": row["jobs"], "planned_jobs": int(jobs.group(1)) if jobs else None,
+                "plan_s": seconds, "line": next((line.strip() for line in child.stdout.splitlines()
+                                                  if "plan OK" in line), child.stdout.strip().splitlines()[-1])}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000], help="image counts")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000, 1000000],
+                        help="image counts of the generator benchmark")
+    parser.add_argument("--per-shard", type=int, default=1000, help="images per shard (default: 1000)")
+    parser.add_argument("--plan-sizes", type=int, nargs="*", default=[10000, 100000],
+                        help="image counts to plan with the real planner (none: skip)")
     parser.add_argument("--sleep", type=float, default=2.0, help="seconds of the unit sleep job")
     parser.add_argument("--jobs", type=int, default=2, help="executor slots")
     parser.add_argument("--hpo-jobs", type=int, default=2, help="parallel HPO jobs in the sleep DAG")
@@ -159,21 +192,32 @@ def main() -> int:
         print()
 
     if not args.skip_generator:
-        print("Generator (workflow.py, placeholders, no validation; each size in a fresh process)")
-        print(f"  {'images':>8}{'jobs':>6}{'replicas':>10}{'build s':>9}{'total s':>9}{'us/image':>10}"
-              f"{'peak RSS MB':>13}{'over base':>11}{'workflow.yml MB':>17}{'time x':>8}{'mem x':>7}")
-        previous = None
-        for size in args.sizes:
-            row = generator_scaling(size)
-            extra = row["peak_mb"] - row["baseline_mb"]
-            growth_t = f"{row['total_s'] / previous['total_s']:.1f}" if previous else "-"
-            growth_m = (f"{extra / (previous['peak_mb'] - previous['baseline_mb']):.1f}"
-                        if previous and previous["peak_mb"] > previous["baseline_mb"] else "-")
-            print(f"  {row['images']:>8}{row['jobs']:>6}{row['replicas']:>10}{row['build_s']:>9.2f}"
-                  f"{row['total_s']:>9.2f}{row['total_s'] / row['images'] * 1e6:>10.0f}{row['peak_mb']:>13.0f}"
-                  f"{extra:>11.0f}{row['workflow_mb']:>17.1f}{growth_t:>8}{growth_m:>7}", flush=True)
-            previous = row
-        print("  time x / mem x: growth from the previous size (10x images -> ~10x means linear)")
+        print(f"Generator (workflow.py over placeholder images, sharded: data splits and prediction set in shards "
+              f"of {args.per_shard}, predicting on every image; each size in a fresh process)")
+        print(f"  {'images':>9}{'per shard':>10}{'jobs':>6}{'replicas':>10}{'build s':>9}{'total s':>9}"
+              f"{'peak RSS MB':>13}{'over base':>11}{'workflow.yml KB':>17}{'replicas KB':>13}")
+        rows = [(size, args.per_shard) for size in args.sizes]
+        # the same number of shards with 10x the images in each: workflow.yml must not grow
+        rows.append((args.sizes[0] * 10, args.per_shard * 10))
+        for size, per_shard in rows:
+            row = generator_scaling(size, per_shard)
+            print(f"  {row['images']:>9}{row['per_shard']:>10}{row['jobs']:>6}{row['replicas']:>10}"
+                  f"{row['build_s']:>9.2f}{row['total_s']:>9.2f}{row['peak_mb']:>13.0f}"
+                  f"{row['peak_mb'] - row['baseline_mb']:>11.0f}{row['workflow_kb']:>17.1f}"
+                  f"{row['replicas_kb']:>13.1f}", flush=True)
+        print("  goals: 100k images <= 10 s and <= 300 MB peak RSS; 1M <= 60 s; workflow.yml independent of "
+              "the images per shard (last row: the first size's shards, 10x the images in each)")
+        print()
+
+    if args.plan_sizes:
+        print("Real Pegasus planner (../shared/pegasus/plan-check.sh: pegasus-plan, condor code generator, condorpool)")
+        for size in args.plan_sizes:
+            result = planning_time(size, args.per_shard)
+            if result is None:
+                print("  skipped: ../shared/pegasus or java not found")
+                break
+            print(f"  {size:>9} images: {result['generated_jobs']} jobs generated, planned in "
+                  f"{result['plan_s']:.1f} s (goal at 100k <= 60 s): {result['line']}", flush=True)
     return 0
 
 

@@ -24,8 +24,9 @@ from utils.provenance import write_run_record
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--split-csv", required=True, help="split.csv from split_data.py")
-    parser.add_argument("--annotations", default=None,
-                        help="folder (or .tar) in which to find the annotations by file name "
+    parser.add_argument("--annotations", nargs="+", default=None,
+                        help="folder (or .tar, or several .tar shards, of which only the .xml members are read) "
+                             "in which to find the annotations by file name "
                              "(default: the paths written in the CSV, relative to it)")
     parser.add_argument("--output", default="class_distribution.png", help="PNG chart (default: class_distribution.png)")
     parser.add_argument("--output-csv", default="class_distribution.csv",
@@ -37,7 +38,7 @@ def get_args_parser():
 def main(args) -> int:
     label_map = LabelMap.parse(args.label_map)
     with contextlib.ExitStack() as stack:
-        annotations_dir = stack.enter_context(open_folder(args.annotations)) if args.annotations else None
+        annotations_dir = stack.enter_context(open_folder(args.annotations, suffixes=(".xml",))) if args.annotations else None
         counts, problems = count_objects(args.split_csv, annotations_dir=annotations_dir, label_map=label_map)
     for entry in problems:
         print(f"plot_class_distribution: warning: {entry['file']}: {entry['problem']}", file=sys.stderr)

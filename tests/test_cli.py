@@ -111,7 +111,7 @@ def test_a_real_script_on_a_missing_folder_exits_2_with_one_line_naming_it(root,
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [f"preprocess: error: {missing}: folder does not exist"]
     args = json.loads(proc.stdout.splitlines()[0].removeprefix("preprocess: args: "))
-    assert args["images"] == str(missing) and args["quality"] == D.JPEG_QUALITY
+    assert args["images"] == [str(missing)] and args["quality"] == D.JPEG_QUALITY
 
 
 def test_every_project_bad_input_error_is_an_input_error_and_keeps_its_old_base():

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from utils.pegasus.config import ConfigError, PredShard, SplitEntry
+from utils.pegasus.config import ConfigError, ShardFile, SplitEntry
 from utils.pegasus.runtimes import (GRACE_MIN, MIN_RUNTIME_S, SAFETY, SECONDS_PER_IMAGE, checkpoint_minutes,
                                     job_runtimes)
 
@@ -16,7 +16,7 @@ from utils.pegasus.runtimes import (GRACE_MIN, MIN_RUNTIME_S, SAFETY, SECONDS_PE
 def config(train=70, val=10, test=20, pred=20, site=None, **overrides):
     entries = [SplitEntry(Path(f"{split}{i}.jpg"), Path(f"{split}{i}.xml"), split)
                for split, n in (("train", train), ("val", val), ("test", test)) for i in range(n)]
-    values = dict(entries=entries, pred_shards=[PredShard(Path("pred.tar"), pred)], gpus=0, image_size=512,
+    values = dict(entries=entries, pred_shards=[ShardFile(Path("pred.tar"), pred)], gpus=0, image_size=512,
                   augment_copies=0, rare_factor=0, trials=2, hpo_jobs=2, hpo_epochs=1, epochs=2, time_budget=None)
     values.update(overrides)
     return SimpleNamespace(**values, execution_site_config=lambda: site or {})
@@ -29,7 +29,7 @@ def test_small_jobs_get_the_minimum_and_large_ones_grow_with_their_images():
     assert big["predict"] >= SAFETY * 100_000 * SECONDS_PER_IMAGE["cpu"]["infer"]  # ~3 days, not 25 minutes
     assert job_runtimes(config(pred=100_000, gpus=1))["predict"] < big["predict"]
     # fanned out, a predict job's limit follows its own shard, not the whole set
-    shards = [PredShard(Path(f"shard-{i}.tar"), 1000) for i in range(100)]
+    shards = [ShardFile(Path(f"shard-{i}.tar"), 1000) for i in range(100)]
     assert job_runtimes(config(pred_shards=shards))["predict"] < big["predict"] / 50
     assert job_runtimes(config(epochs=20))["train"] > job_runtimes(config(epochs=2))["train"]
     assert job_runtimes(config(image_size=1024))["train"] > job_runtimes(config(image_size=512))["train"]

@@ -99,3 +99,56 @@ def test_sharded_prediction_merged_equals_one_job(root, sample_dir, tiny_model_f
     assert run_script(root, "merge_predictions", ["--inputs-dir", parts, "--expected", "4",
                                                   "--output-dir", merged]) == 2
     assert "3 predictions part(s), expected 4" in capsys.readouterr().err
+
+
+def generate(run_dir, data, *extra) -> int:
+    import workflow as generator
+
+    args = generator.get_args_parser().parse_args(
+        ["--data", str(data), "--run-dir", str(run_dir), "--generate-only", *map(str, extra)])
+    return generator.main(args)
+
+
+def run_generated_job(root, run_dir, job_id, workdir, monkeypatch) -> int:
+    """Run one job of a generated workflow.yml by hand: its inputs linked into *workdir* from the
+    replica catalog, its script called with exactly the generated arguments, as Pegasus would."""
+    import yaml
+
+    workflow = yaml.safe_load((run_dir / "workflow.yml").read_text())
+    replicas = {r["lfn"]: r["pfns"][0]["pfn"].removeprefix("file://")
+                for r in yaml.safe_load((run_dir / "replicas.yml").read_text())["replicas"]}
+    job = next(job for job in workflow["jobs"] if job["id"] == job_id)
+    workdir.mkdir()
+    for use in job["uses"]:
+        if use["type"] == "input":
+            (workdir / use["lfn"]).symlink_to(replicas[use["lfn"]])
+    monkeypatch.chdir(workdir)
+    return run_script(root, job["name"], job["arguments"])
+
+
+def test_a_large_data_set_travels_in_shards_and_the_jobs_read_them(root, sample_dir, tmp_path, monkeypatch, capsys):
+    per_file, sharded = tmp_path / "per_file", tmp_path / "sharded"
+    assert generate(per_file, sample_dir) == 0
+    assert generate(sharded, sample_dir, "--shard-data-above", "10") == 0
+    import yaml
+
+    replicas = [r["lfn"] for r in yaml.safe_load((sharded / "replicas.yml").read_text())["replicas"]]
+    assert {"train_shard-000000.tar", "val_shard-000000.tar", "test_shard-000000.tar"} <= set(replicas)
+    assert not any(lfn.endswith((".jpg", ".xml")) for lfn in replicas)  # no image is its own replica
+    index = json.loads((sharded / "data_shards" / "train" / "index.json").read_text())
+    train_rows = sum(1 for line in (sharded / "split.csv").read_text().splitlines() if line.endswith(",train"))
+    assert index["num_images"] == index["num_annotations"] == train_rows
+    # the data jobs, run with the generated arguments, make the same sets from shards as from files
+    for job_id, output in (("preprocess_val", "val_set.tar"), ("plot_class_distribution", "class_distribution.csv")):
+        assert run_generated_job(root, per_file, job_id, tmp_path / f"a_{job_id}", monkeypatch) == 0
+        assert run_generated_job(root, sharded, job_id, tmp_path / f"b_{job_id}", monkeypatch) == 0
+        a, b = tmp_path / f"a_{job_id}" / output, tmp_path / f"b_{job_id}" / output
+        if output.endswith(".tar"):
+            assert sorted(tarfile.open(a).getnames()) == sorted(tarfile.open(b).getnames()) != []
+        else:
+            assert a.read_text() == b.read_text()
+    # two shards of one set may not both hold a name
+    shard = sharded / "data_shards" / "val" / "shard-000000.tar"
+    capsys.readouterr()
+    assert run_script(root, "preprocess", ["--images", shard, shard, "--output-tar", tmp_path / "x.tar"]) == 2
+    assert "is also in shard-000000.tar" in capsys.readouterr().err

@@ -79,9 +79,10 @@ def run_job(main, parser, argv=None, job: str | None = None) -> int:
 
 def add_set_input_args(parser, split_example: str) -> None:
     """--images/--annotations/--split-csv/--split of the jobs that read one set of VOC pairs."""
-    parser.add_argument("--images", type=Path, required=True, help="folder or .tar of images (required)")
-    parser.add_argument("--annotations", type=Path, default=None,
-                        help="folder or .tar of VOC .xml files (default: the --images path)")
+    parser.add_argument("--images", type=Path, nargs="+", required=True,
+                        help="folder or .tar of images, or several .tar shards of one set (required)")
+    parser.add_argument("--annotations", type=Path, nargs="+", default=None,
+                        help="folder or .tar(s) of VOC .xml files (default: the --images paths)")
     parser.add_argument("--split-csv", type=Path, default=None,
                         help="split.csv (image, annotation, split) selecting the pairs; names are looked up "
                              "inside --images/--annotations (default: pair every image with its .xml)")

@@ -21,6 +21,9 @@ PREPROCESS_MAX_SIZE = None     # longest side after preprocessing; None keeps th
 AUGMENT_COPIES = 2             # augmented copies per training image
 RARE_FACTOR = 2                # extra copies of each image holding mask_weared_incorrect (~3 % of real faces)
 NOISE_STD = 8.0                # Gaussian pixel noise of an augmented copy, in 8-bit units (0-255)
+SHARD_DATA_ABOVE = 2000        # workflow: above this many images the splits travel as .tar shards (one replica
+                               # per shard, not two per image); at or below, every file is its own replica
+DATA_SHARD_IMAGES = 1000       # images per shard of a sharded data set
 LABEL_MAP = ""                 # --label-map SOURCE=CLASS,...: other data sets' object names -> our classes; "" maps none
 
 # -- model -------------------------------------------------------------------------------

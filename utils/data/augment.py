@@ -31,7 +31,7 @@ from .. import defaults as D
 from ..classes import LABEL_OF, NAME_OF, NO_LABEL_MAP, RARE_CLASS, LabelMap
 from ..errors import InputError
 from .preprocess import (JobLog, NothingProcessedError, boxes_of, default_report_path, finish_report, load_pair,
-                         objects_from, open_inputs, output_folder, write_pair)
+                         display_paths, objects_from, open_inputs, output_folder, write_pair)
 from .voc import VocAnnotation
 
 ATTEMPTS_PER_COPY = 5
@@ -165,6 +165,6 @@ def augment_set(images, annotations, copies: int, rare_factor: int = 0, noise_st
                         log.extra["rare_extra_copies"] += 1
             if log.processed == 0:
                 finish_report(log, "augment", params, used_inputs, report, started)
-                raise NothingProcessedError(f"{images}: no image could be processed "
+                raise NothingProcessedError(f"{display_paths(images)}: no image could be processed "
                                             f"({len(log.skipped)} skipped; see {report})")
         return finish_report(log, "augment", params, used_inputs, report, started)

@@ -37,20 +37,48 @@ class Pairing:
     annotations_without_image: list[Path] = field(default_factory=list)
 
 
+def _extract(archive_path: Path, into: str, suffixes=None, seen: dict | None = None) -> None:
+    """Unpack *archive_path* into *into*: only members ending in *suffixes* when given; a name
+    that an earlier archive (in *seen*) already gave is an InputError naming both."""
+    try:
+        with tarfile.open(archive_path) as archive:
+            members = [m for m in archive.getmembers()
+                       if suffixes is None or m.name.lower().endswith(tuple(suffixes))]
+            if seen is not None:
+                for member in members:
+                    if member.name in seen:
+                        raise InputError(f"{archive_path}: {member.name} is also in {seen[member.name]}")
+                    seen[member.name] = archive_path.name
+            archive.extractall(into, members=members, filter="data")  # "data" refuses absolute paths, links out
+    except tarfile.TarError as error:
+        raise InputError(f"{archive_path}: damaged .tar archive ({error})") from None
+
+
 @contextlib.contextmanager
-def open_folder(path):
-    """Yield a folder for *path*: the folder itself, or a .tar unpacked to a temporary folder."""
-    path = Path(path)
+def open_folder(path, suffixes=None):
+    """Yield a folder for *path*: the folder itself, or a .tar unpacked to a temporary folder.
+
+    *path* may also be a list: one entry as above, several .tar shards (a sharded set)
+    unpacked into one temporary folder. *suffixes* (".xml",) unpacks only those members.
+    """
+    paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
+    if len(paths) > 1:
+        not_tar = [p for p in paths if not (p.is_file() and tarfile.is_tarfile(p))]
+        if not_tar:
+            raise InputError(f"{not_tar[0]}: several inputs must all be .tar shards")
+        with tempfile.TemporaryDirectory(prefix="shards.") as tmp:
+            seen: dict = {}
+            for shard in paths:
+                _extract(shard, tmp, suffixes, seen)
+            yield Path(tmp)
+        return
+    path = paths[0]
     if path.is_dir():
         yield path
         return
     if path.is_file() and tarfile.is_tarfile(path):
         with tempfile.TemporaryDirectory(prefix=f"{path.stem}.") as tmp:
-            try:
-                with tarfile.open(path) as archive:
-                    archive.extractall(tmp, filter="data")  # "data" refuses absolute paths and links out
-            except tarfile.TarError as error:
-                raise InputError(f"{path}: damaged .tar archive ({error})") from None
+            _extract(path, tmp, suffixes)
             yield Path(tmp)
         return
     if not path.exists():

@@ -69,9 +69,20 @@ class LoadedPair:
 # ---------------------------------------------------------------------------------------------
 # Inputs
 
+def _as_list(paths) -> list[Path]:
+    return [Path(p).resolve() for p in (paths if isinstance(paths, (list, tuple)) else [paths])]
+
+
+def display_paths(paths) -> str:
+    """A path, or several shards, as one short name for a message."""
+    paths = paths if isinstance(paths, (list, tuple)) else [paths]
+    return str(paths[0]) if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} more shards)"
+
+
 @contextlib.contextmanager
 def open_inputs(images, annotations, split_csv=None, split=None, log: JobLog | None = None):
-    """Yield the list of Pairs to process from folders or .tar archives (the same path may be both).
+    """Yield the list of Pairs to process from folders or .tar archives (the same path may be both);
+    *images* / *annotations* may also be lists of .tar shards (utils.data.pairs.open_folder).
 
     With *split_csv*, pairs come from the CSV (optionally only rows of *split*), names
     resolved inside the given folders; without it, images and XML are paired by stem.
@@ -80,7 +91,7 @@ def open_inputs(images, annotations, split_csv=None, split=None, log: JobLog | N
     log = log if log is not None else JobLog()
     with contextlib.ExitStack() as stack:
         images_dir = stack.enter_context(open_folder(images))
-        same = Path(annotations).resolve() == Path(images).resolve()
+        same = _as_list(annotations) == _as_list(images)
         annotations_dir = images_dir if same else stack.enter_context(open_folder(annotations))
         if split_csv is not None:
             rows = read_pairs_csv(split_csv, images_dir=images_dir, annotations_dir=annotations_dir, split=split)
@@ -247,6 +258,6 @@ def preprocess_set(images, annotations, prefix: str, output_dir=None, output_tar
                 used_inputs += [pair.image, pair.annotation]
             if log.processed == 0:
                 finish_report(log, "preprocess", params, used_inputs, report, started)
-                raise NothingProcessedError(f"{images}: no image could be processed "
+                raise NothingProcessedError(f"{display_paths(images)}: no image could be processed "
                                             f"({len(log.skipped)} skipped; see {report})")
         return finish_report(log, "preprocess", params, used_inputs, report, started)

@@ -109,15 +109,15 @@ class SplitEntry:
 
 
 @dataclass(frozen=True)
-class PredShard:
-    """One shard of the prediction set (a .tar of images) and how many images it holds."""
+class ShardFile:
+    """One shard (a .tar of images, with their XML for a data split) and how many images it holds."""
 
     path: Path
     images: int
 
     @property
     def tag(self) -> str:
-        """Names the shard's predict job and its outputs (predictions_<tag>.json)."""
+        """Names a prediction shard's predict job and its outputs (predictions_<tag>.json)."""
         return self.path.stem
 
 
@@ -128,10 +128,13 @@ class WorkflowConfig:
     run_dir: Path
     split_csv: Path
     entries: list[SplitEntry]
-    pred_shards: list[PredShard]
+    pred_shards: list[ShardFile]
     sites_config: dict
     project_root: Path
     properties_file: Path | None = None
+    # split -> its shards, when the data set is large enough to travel in shards (--shard-data-above);
+    # None: every image and annotation is its own replica
+    data_shards: dict[str, list[ShardFile]] | None = None
     execution_site: str = "condorpool"
     container_type: str = "singularity"
     container_image: str = DEFAULT_CONTAINER_IMAGE
@@ -213,7 +216,7 @@ class WorkflowConfig:
 
 
 def config_from_args(args, project_root: Path, entries: list[SplitEntry], split_csv: Path,
-                     pred_shards: list[PredShard]) -> WorkflowConfig:
+                     pred_shards: list[ShardFile], data_shards=None) -> WorkflowConfig:
     """The WorkflowConfig of workflow.py's flags; sites.yml fills what the flags leave open."""
     sites_config = load_sites_config(args.sites_config)
     container = sites_config.get("container", {})
@@ -223,7 +226,7 @@ def config_from_args(args, project_root: Path, entries: list[SplitEntry], split_
 
         weights_file = cached_weights()
     return WorkflowConfig(
-        run_dir=args.run_dir, split_csv=split_csv, entries=entries, pred_shards=pred_shards,
+        run_dir=args.run_dir, split_csv=split_csv, entries=entries, pred_shards=pred_shards, data_shards=data_shards,
         sites_config=sites_config, project_root=project_root,
         properties_file=args.properties if args.properties and args.properties.exists() else None,
         execution_site=args.execution_site or sites_config.get("execution_site", "condorpool"),

@@ -31,6 +31,9 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
                       help="images to predict on: a folder of images, packed into shards of --images-per-job "
                            "in RUN_DIR/pred_shards, or a shard folder of bin/make_shards.py, used as it is; one "
                            "predict job per shard (default: the test split's images)")
+    data.add_argument("--shard-data-above", type=int, default=D.SHARD_DATA_ABOVE,
+                      help=f"above this many usable images, each split travels as .tar shards of "
+                           f"{D.DATA_SHARD_IMAGES} images (RUN_DIR/data_shards), not as one replica per file")
     data.add_argument("--images-per-job", type=int, default=D.PREDICT_IMAGES_PER_JOB,
                       help="images per predict job (shard size) when --pred-images is a plain folder")
     data.add_argument("--annotate-max", type=int, default=D.ANNOTATE_MAX,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..atomic import write_text
 from ..classes import NO_LABEL_MAP, LabelMap
-from .config import ConfigError, PredShard, SplitEntry
+from .config import ConfigError, ShardFile, SplitEntry
 
 
 def read_split_csv(path: Path, data_dir: Path) -> list[SplitEntry]:
@@ -72,7 +72,7 @@ def validate_and_split(data_dir: Path, run_dir: Path, seed: int, fractions, near
 
 
 def prediction_shards(pred_images: Path | None, entries: list[SplitEntry], run_dir: Path,
-                      images_per_job: int) -> list[PredShard]:
+                      images_per_job: int) -> list[ShardFile]:
     """The prediction set as shards, one predict job each.
 
     A shard folder (bin/make_shards.py) is used as it is; a plain folder of images, or by
@@ -90,7 +90,7 @@ def prediction_shards(pred_images: Path | None, entries: list[SplitEntry], run_d
         if pred_images is not None and is_shard_folder(pred_images):
             index = read_index(pred_images)
             check_shard_files(index)
-            return [PredShard(path.resolve(), shard.images) for path, shard in zip(index.paths(), index.shards)]
+            return [ShardFile(path.resolve(), shard.images) for path, shard in zip(index.paths(), index.shards)]
         if pred_images is not None:
             if not pred_images.is_dir():
                 raise ConfigError(f"{pred_images}: --pred-images folder not found")
@@ -110,7 +110,29 @@ def prediction_shards(pred_images: Path | None, entries: list[SplitEntry], run_d
         index = read_index(out_dir)
     except InputError as error:
         raise ConfigError(str(error)) from None
-    return [PredShard(path, shard.images) for path, shard in zip(index.paths(), index.shards)]
+    return [ShardFile(path, shard.images) for path, shard in zip(index.paths(), index.shards)]
+
+
+def data_shards(entries: list[SplitEntry], run_dir: Path, images_per_shard: int) -> dict[str, list[ShardFile]]:
+    """Each split's clean pairs (image, annotations_clean/ XML) packed into RUN_DIR/data_shards/<split>/,
+    so that the workflow's replicas and file uses grow with the shards, not the images. A rerun over
+    unchanged pairs reuses the shards."""
+    from ..data.shards import read_index, source_signature, write_shards
+
+    shards = {}
+    for split in ("train", "val", "test"):
+        items = sorted(((entry.image, entry.annotation) for entry in entries if entry.split == split),
+                       key=lambda item: item[0].name)
+        if not items:
+            raise ConfigError(f"the {split} split is empty; add images or change --fractions")
+        out_dir, signature = run_dir / "data_shards" / split, source_signature(items)
+        previous = _index_json(out_dir)
+        if not (previous.get("source_signature") == signature and previous.get("shard_size") == images_per_shard):
+            write_shards(items, out_dir, images_per_shard, extra={"source": f"{split} split",
+                                                                  "source_signature": signature})
+        index = read_index(out_dir)
+        shards[split] = [ShardFile(path, shard.images) for path, shard in zip(index.paths(), index.shards)]
+    return shards
 
 
 def _index_json(folder: Path) -> dict:
