@@ -205,3 +205,23 @@ def test_sample_data_is_fully_usable(sample_dir):
     """The built-in sample must pass validation: no false duplicates among its generated images."""
     result = validate_dataset(sample_dir / "images", sample_dir / "annotations")
     assert result.report["images_usable"] == result.report["images_total"] == 24, result.report["problems"]
+
+
+@pytest.mark.parametrize("max_distance", [0, 4, 7])
+def test_near_duplicate_search_by_bands_finds_exactly_the_pairs_of_the_all_pairs_search(max_distance):
+    from utils.data.validation import _block_pairs, _hamming_pairs
+
+    rng = np.random.default_rng(max_distance)
+    n = 3000  # above the size where the band index is used
+    hashes = rng.integers(0, 2**63, n, dtype=np.uint64) | (rng.integers(0, 2, n, dtype=np.uint64) << np.uint64(63))
+    for _ in range(300):  # planted near duplicates at distances around the threshold
+        a, b = rng.integers(0, n, 2)
+        flipped = hashes[a]
+        for bit in rng.choice(64, int(rng.integers(0, max_distance + 3)), replace=False):
+            flipped ^= np.uint64(1) << np.uint64(int(bit))
+        hashes[b] = flipped
+    hashes[:40] = hashes[0]  # a crowd of identical images (blank frames)
+    banded = list(_hamming_pairs(hashes, max_distance))
+    assert len(banded) == len(set(banded))  # each pair once, though several bands may find it
+    assert sorted(banded) == sorted(_block_pairs(hashes, np.arange(n), max_distance))
+    assert len(banded) >= 40 * 39 // 2
