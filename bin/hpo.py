@@ -25,7 +25,7 @@ from utils.detection.engine import resolve_device
 from utils.detection.hpo import OBJECTIVES, HpoConfig, SearchSpace, run_study
 from utils.detection.model import BACKBONES
 from utils.provenance import write_run_record
-from utils.stop import stop_on_sigterm
+from utils.stop import declare_outputs, stop_on_sigterm
 
 
 def _spaced(values) -> str:
@@ -109,15 +109,16 @@ def main(args) -> int:
                        warmup_iters=args.warmup_iters, objective=args.objective, seed=args.seed,
                        label_map=LabelMap.parse(args.label_map))
     device = resolve_device(args.device)
+    output = Path(args.output)
+    record = Path(args.run_record) if args.run_record else output.with_name(f"{output.stem}_run.json")
+    declare_outputs(output, record, checkpoints=[args.checkpoint])  # stand-ins if SIGTERM stops it (utils/stop.py)
     result = run_study(config, space, args.train_images, args.train_annotations, args.val_images,
                        args.val_annotations, journal=args.checkpoint, n_trials=args.n_trials, device=device,
                        study_name=args.study_name, worker_index=args.worker_index,
                        num_workers=args.num_workers, timeout=args.timeout,
                        pruner_startup_trials=args.pruner_startup_trials,
                        pruner_warmup_epochs=args.pruner_warmup_epochs)
-    output = Path(args.output)
     write_json(output, result)
-    record = Path(args.run_record) if args.run_record else output.with_name(f"{output.stem}_run.json")
     write_run_record(record, "hpo", {**vars(args), "device": str(device),
                                      "trial_counts": result["trial_counts"], "best_value": result["best_value"]})
     counts = result["trial_counts"]

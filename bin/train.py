@@ -29,7 +29,7 @@ from utils.detection.recipe import describe, gpu_recipe
 from utils.detection.training import (Trainer, TrainingDataError, open_pairs, plot_loss_curve, read_params_file,
                                       resolve_params, write_metrics_csv)
 from utils.provenance import inputs_sha256, package_versions, write_run_record
-from utils.stop import stop_on_sigterm
+from utils.stop import declare_outputs, stop_on_sigterm
 
 log = logging.getLogger("train")
 
@@ -178,6 +178,8 @@ def main(args) -> int:
     if args.val_images and not args.val_annotations:
         raise TrainingDataError("--val-images needs --val-annotations")
     paths = output_paths(args)
+    declare_outputs(paths["output"], paths["metrics_csv"], paths["loss_plot"], paths["run_record"],
+                    checkpoints=[paths["checkpoint"]])  # stand-ins if SIGTERM stops this try (utils/stop.py)
 
     log.info("Loading data")
     with contextlib.ExitStack() as stack:

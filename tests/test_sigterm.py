@@ -12,6 +12,9 @@ import time
 import pytest
 import torch
 
+from utils.detection.model import ModelError, load_model_file
+from utils.stop import is_stand_in
+
 EXIT_STOPPED = 143
 
 
@@ -54,12 +57,19 @@ def test_train_stops_on_sigterm_mid_epoch_and_a_rerun_resumes(root, tiny_dir, tm
     (line,) = [l for l in stderr.splitlines() if l.startswith("train: stopped:")]
     done = torch.load(checkpoint, weights_only=True)["epoch"]
     assert f"the checkpoint holds {done} finished epoch(s)" in line and "Traceback" not in stderr
-    assert 1 <= done < 40 and not (tmp_path / "model.pt").exists()
+    assert 1 <= done < 40
+    # every declared output exists (HTCondor holds a job whose transfer_output_files are missing): the
+    # model is a stand-in that says so, and loading it fails with one clear line
+    assert "stand-ins for the outputs not written yet: model.pt" in line
+    assert is_stand_in(tmp_path / "model.pt") and (tmp_path / "model_run.json").is_file()
+    with pytest.raises(ModelError, match="a stand-in, not a model file"):
+        load_model_file(tmp_path / "model.pt")
 
     rerun = subprocess.run(train_command(root, tiny_dir, tmp_path, epochs=done + 1), capture_output=True,
                            text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    assert f"after epoch {done} of {done + 1}" in rerun.stderr and (tmp_path / "model.pt").is_file()
+    assert f"after epoch {done} of {done + 1}" in rerun.stderr and not is_stand_in(tmp_path / "model.pt")
+    assert load_model_file(tmp_path / "model.pt")[1]["backbone"]
 
 
 def test_hpo_stops_on_sigterm_mid_trial_and_the_retry_runs_that_trial_again(root, tiny_dir, tmp_path):
@@ -81,4 +91,4 @@ def test_hpo_stops_on_sigterm_mid_trial_and_the_retry_runs_that_trial_again(root
     assert any(l.startswith("hpo: stopped: SIGTERM received") for l in stderr.splitlines())
     states = [t["state"] for t in journal_trials(journal)]
     assert states == ["FAIL", "WAITING"]  # the interrupted trial, and its parameters enqueued for the retry
-    assert not (tmp_path / "best.json").exists()
+    assert is_stand_in(tmp_path / "best.json") and is_stand_in(tmp_path / "best_run.json")

@@ -26,7 +26,7 @@ from pathlib import Path
 from . import defaults as D
 from .classes import CLASSES
 from .errors import InputError
-from .stop import EXIT_STOPPED, StopRequested
+from .stop import EXIT_STOPPED, StopRequested, write_stand_ins
 
 EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -63,7 +63,9 @@ def run_job(main, parser, argv=None, job: str | None = None) -> int:
     try:
         return main(args)
     except StopRequested as stop:
-        print(f"{job}: stopped: {stop}", file=sys.stderr)
+        stand_ins = write_stand_ins(job, str(stop))
+        kept = f" (stand-ins for the outputs not written yet: {', '.join(p.name for p in stand_ins)})" if stand_ins else ""
+        print(f"{job}: stopped: {stop}{kept}", file=sys.stderr)
         return EXIT_STOPPED
     except (InputError, OSError) as error:
         print(f"{job}: error: {error_message(error)}", file=sys.stderr)

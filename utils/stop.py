@@ -8,16 +8,30 @@ epoch: the checkpoint on disk (written atomically after every finished epoch) is
 retry resumes from. ``utils.cli.run_job`` turns the exception into one line and exit
 code 143 (128 + SIGTERM, what a shell reports for a SIGTERM'd process), so DAGMan or
 the local executor retries the job.
+
+Before that exit, every output the job declared (:func:`declare_outputs`) that is not
+there yet gets a small *stand-in*: a JSON note that the try stopped before writing it.
+On a pool the job's outputs are in HTCondor's ``transfer_output_files`` (condorio), and
+a listed file missing at exit puts the job on hold (in production mode it is removed
+after 30 minutes, and only then retried); with every file present the exit is a plain
+failure that DAGMan retries at once. No later job reads a stand-in (a failed job has no
+children running), the retry overwrites it, and ``is_stand_in`` lets a loader refuse
+one with a clear message. A declared checkpoint that is missing becomes an empty file,
+which train and hpo read as "no checkpoint yet".
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
+from pathlib import Path
 
 EXIT_STOPPED = 128 + signal.SIGTERM
 
 _requested = threading.Event()
+_declared: dict[Path, bool] = {}  # output -> is a checkpoint (stand-in: an empty file)
+STAND_IN_KEY = "stand_in_for"
 
 
 class StopRequested(Exception):
@@ -42,3 +56,34 @@ def check_stop(what: str) -> None:
     """Raise StopRequested, saying *what* was abandoned, once SIGTERM has arrived."""
     if _requested.is_set():
         raise StopRequested(f"SIGTERM received; {what}")
+
+
+def declare_outputs(*paths, checkpoints=()) -> None:
+    """The files this job promises; on a stopped exit the missing ones get stand-ins (see above)."""
+    _declared.update({Path(p): False for p in paths if p is not None})
+    _declared.update({Path(p): True for p in checkpoints if p is not None})
+
+
+def write_stand_ins(job: str, reason: str) -> list[Path]:
+    """Write a stand-in for every declared output that does not exist; returns them."""
+    from .atomic import write_bytes
+
+    written = []
+    for path, is_checkpoint in _declared.items():
+        if path.exists():
+            continue
+        note = {STAND_IN_KEY: path.name, "job": job, "reason": reason,
+                "note": f"{job} stopped before writing {path.name}; the retry of the job writes the real file"}
+        write_bytes(path, b"" if is_checkpoint else (json.dumps(note) + "\n").encode())
+        written.append(path)
+    return written
+
+
+def is_stand_in(path) -> bool:
+    """True for a file written by :func:`write_stand_ins` in place of a real output."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(64)
+    except OSError:
+        return False
+    return head.startswith(b'{"' + STAND_IN_KEY.encode())

@@ -47,6 +47,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from ..atomic import atomic_path
 from ..classes import CLASSES, LABEL_OF, NUM_CLASSES
 from ..errors import InputError
+from ..stop import is_stand_in
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,9 @@ def _torch_load(path: Path, what: str):
     """torch.load on the CPU with weights_only=True; a missing or unreadable file is a one-line ModelError."""
     if not path.is_file():
         raise ModelError(f"{path}: {what} not found")
+    if is_stand_in(path):
+        raise ModelError(f"{path}: a stand-in, not a {what}: the job that writes it was stopped (SIGTERM) "
+                         "before it finished; rerun that job")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
