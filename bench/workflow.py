@@ -10,6 +10,9 @@
    large run is (data splits and the prediction set in shards of 1,000; placeholder names:
    validation and packing are not part of this measurement), each in a fresh process.
 3. The real Pegasus planner on those workflows at 10k and 100k images (plan-check.sh).
+4. With --fanout-model: a prediction over the sample as one predict job and as N (one per
+   shard), each merged by merge_predictions, through the local executor: wall time, wall /
+   critical path and the merged compliance of both.
 
     .venv/bin/python bench/workflow.py [--sizes 1000 10000 100000 1000000] [--plan-sizes 10000 100000]
 """
@@ -79,6 +82,58 @@ def executor_overhead(sleep: float, jobs: int, hpo_jobs: int) -> dict:
         if status != 0:
             raise SystemExit(f"sleep-job workflow failed (status {status}); see {run_dir}")
         return json.loads((run_dir / "statistics.json").read_text())
+
+
+def fanout_prediction(model: Path, images_dir: Path, shards: int, jobs: int) -> dict:
+    """One predict job over all images against one per shard (the workflow's fan-out), each followed by
+    merge_predictions, run by the local executor with *jobs* slots; returns the statistics of both."""
+    from Pegasus.api import File, Job, Properties, ReplicaCatalog, Transformation, TransformationCatalog, Workflow
+
+    from utils.data.shards import collect_images, write_shards
+    from utils.pegasus.executor import run_workflow
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench-fanout.") as tmp:
+        tmp = Path(tmp)
+        items, _ = collect_images(images_dir)
+        index = write_shards(items, tmp / "shards", -(-len(items) // shards))
+        for layout, groups in (("1 job", [index.paths()]), (f"{len(index.shards)} jobs", [[p] for p in index.paths()])):
+            run_dir = tmp / layout.replace(" ", "_")
+            run_dir.mkdir()
+            tc = TransformationCatalog()
+            for kind in ("predict", "merge_predictions"):
+                tc.add_transformations(Transformation(kind, site="local", pfn=ROOT / "bin" / f"{kind}.py",
+                                                      is_stageable=True))
+            rc = ReplicaCatalog().add_replica("local", "model.pt", model.resolve().as_uri())
+            wf, parts = Workflow("fanout"), []
+            for number, group in enumerate(groups):
+                inputs = [File(f"pred_{path.name}") for path in group]
+                for path, lfn in zip(group, inputs):
+                    rc.add_replica("local", lfn, path.as_uri())
+                part = File(f"predictions_part{number}.json")
+                job = Job("predict", _id=f"predict_{number}").add_args(
+                    "--images", *inputs, "--model", "model.pt", "--output-dir", ".", "--output-tag", f"part{number}",
+                    "--no-annotated", "--device", "cpu")
+                job.add_inputs(File("model.pt"), *inputs).add_outputs(part, stage_out=False)
+                wf.add_jobs(job)
+                parts.append(part)
+            merge = Job("merge_predictions", _id="merge").add_args("--inputs-dir", ".", "--expected", len(parts),
+                                                                    "--output-dir", ".")
+            merge.add_inputs(*parts).add_outputs(File("compliance.json"), stage_out=True)
+            wf.add_jobs(merge)
+            tc.write(str(run_dir / "transformations.yml"))
+            rc.write(str(run_dir / "replicas.yml"))
+            wf.write(str(run_dir / "workflow.yml"))
+            props = Properties()
+            props["dagman.retry"] = 0
+            props.write(str(run_dir / "pegasus.properties"))
+            with open(os.devnull, "w") as quiet:
+                if run_workflow(run_dir, jobs=jobs, out=quiet) != 0:
+                    raise SystemExit(f"fan-out benchmark ({layout}) failed; see {run_dir}/logs")
+            stats = json.loads((run_dir / "statistics.json").read_text())
+            overall = json.loads((run_dir / "outputs" / "compliance.json").read_text())["overall"]
+            results[layout] = {"images": len(items), "stats": stats, "overall": overall}
+    return results
 
 
 GENERATOR_CHILD = textwrap.dedent("""
@@ -165,6 +220,12 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000, 1000000],
                         help="image counts of the generator benchmark")
     parser.add_argument("--per-shard", type=int, default=1000, help="images per shard (default: 1000)")
+    parser.add_argument("--fanout-model", type=Path, default=None,
+                        help="model.pt for the fanned-out prediction benchmark (e.g. runs/sample/outputs/model.pt "
+                             "after make run; default: skip it)")
+    parser.add_argument("--fanout-images", type=Path, default=ROOT / "data" / "sample" / "images",
+                        help="images of the fanned-out prediction benchmark (default: the sample's)")
+    parser.add_argument("--fanout-shards", type=int, default=4, help="predict jobs of the fan-out (default: 4)")
     parser.add_argument("--plan-sizes", type=int, nargs="*", default=[10000, 100000],
                         help="image counts to plan with the real planner (none: skip)")
     parser.add_argument("--sleep", type=float, default=2.0, help="seconds of the unit sleep job")
@@ -207,6 +268,20 @@ def main() -> int:
                   f"{row['replicas_kb']:>13.1f}", flush=True)
         print("  goals: 100k images <= 10 s and <= 300 MB peak RSS; 1M <= 60 s; workflow.yml independent of "
               "the images per shard (last row: the first size's shards, 10x the images in each)")
+        print()
+
+    if args.fanout_model:
+        print(f"Fanned-out prediction, local executor with {args.jobs} slots ({args.fanout_images}, "
+              f"{args.fanout_shards} shards, model {args.fanout_model})")
+        results = fanout_prediction(args.fanout_model, args.fanout_images, args.fanout_shards, args.jobs)
+        single = results["1 job"]["stats"]["wall_time_s"]
+        for layout, result in results.items():
+            stats, cp = result["stats"], result["stats"]["critical_path"]
+            print(f"  {layout:<8} wall {stats['wall_time_s']:>7.1f} s, critical path {cp['job_time_s']:>7.1f} s "
+                  f"(wall / critical path {cp['wall_over_critical_path']:.3f}), {result['images'] / stats['wall_time_s']:.2f} "
+                  f"images/s, {single / stats['wall_time_s']:.2f}x the one-job wall time; "
+                  f"{result['overall']['faces']} faces, {result['overall']['percent_properly_masked']}% properly masked",
+                  flush=True)
         print()
 
     if args.plan_sizes:
