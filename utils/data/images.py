@@ -8,6 +8,7 @@ failure is an ImageError naming the file and the problem.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +57,17 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def load_rgb(path) -> Image.Image:
     """Decode *path* fully into an 8-bit RGB PIL image with EXIF orientation applied."""
     path = Path(path)
+    return _decode(path, path)
+
+
+def load_rgb_bytes(data: bytes, name: str) -> Image.Image:
+    """load_rgb for bytes held in memory (an upload), errors naming *name*; nothing touches the disk."""
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(source, path) -> Image.Image:
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()  # full decode now, so truncated files fail here and not later
             img = ImageOps.exif_transpose(img)
             return _to_rgb(img)

@@ -1,0 +1,167 @@
+"""The prediction service (utils/service/app.py, bin/serve.py) through FastAPI's TestClient: the answers,
+the 4xx for bad uploads, the token, and the bounded queue (503 with Retry-After)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import threading
+
+import pytest
+from PIL import Image
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from utils.service.app import ServiceConfig, create_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def client(tiny_model_file):
+    with TestClient(create_app(ServiceConfig(model_path=tiny_model_file, max_upload_mb=1, max_images=3))) as c:
+        yield c
+
+
+def jpeg(sample_dir, index=0) -> bytes:
+    return sorted((sample_dir / "images").glob("*.jpg"))[index].read_bytes()
+
+
+def test_health_model_and_openapi(client):
+    health = client.get("/api/health").json()
+    assert health["status"] == "ok" and health["queue"] == {"waiting": 0, "limit": 8}
+    info = client.get("/api/model").json()
+    assert info["classes"] == ["with_mask", "without_mask", "mask_weared_incorrect"]
+    assert info["backbone"] == "mobilenet_v2_fpn" and info["image_size"] == 128
+    assert 0 < info["score_threshold"] <= 1 and info["limits"] == {"max_upload_mb": 1, "max_images": 3}
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/api/health", "/api/model", "/api/predict"} <= set(paths)
+    params = {p["name"] for p in paths["/api/predict"]["post"]["parameters"]}
+    assert params == {"score_threshold", "tta", "annotated"}
+
+
+def test_predict_two_images_with_compliance_and_annotated_pictures(client, sample_dir):
+    files = [("files", ("a.jpg", jpeg(sample_dir, 0), "image/jpeg")),
+             ("files", ("b.png", _png(jpeg(sample_dir, 1)), "image/png"))]
+    answer = client.post("/api/predict?score_threshold=0.1&annotated=true", files=files)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert [image["file"] for image in body["images"]] == ["a.jpg", "b.png"]
+    assert body["score_threshold"] == 0.1 and body["score_threshold_source"] == "query"
+    for image in body["images"]:
+        assert (image["width"], image["height"]) == (320, 240) or image["width"] > 0
+        counted = [d for d in image["detections"] if d["score"] >= 0.1]
+        assert image["compliance"]["faces"] == len(counted)
+        assert all(d["score"] >= 0.05 for d in image["detections"])  # the floor, for client-side re-filtering
+        assert image["annotated"].startswith("data:image/jpeg;base64,")
+    assert body["overall"]["faces"] == sum(image["compliance"]["faces"] for image in body["images"])
+
+
+def _png(data: bytes) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("files, status, reason", [
+    ([("files", ("notes.txt", b"hello", "text/plain"))], 415, "notes.txt: unsupported type 'text/plain'"),
+    ([("files", ("fake.jpg", b"\xff\xd8 not a jpeg", "image/jpeg"))], 422, "fake.jpg: "),
+    ([("files", ("big.jpg", b"\xff" * (2**20 + 10), "image/jpeg"))], 413, "big.jpg: larger than 1 MB"),
+    ([("files", (f"{i}.jpg", b"x", "image/jpeg")) for i in range(4)], 413, "4 images in one request; at most 3"),
+])
+def test_bad_uploads_get_a_4xx_naming_the_problem(client, files, status, reason):
+    answer = client.post("/api/predict", files=files)
+    assert answer.status_code == status and reason in answer.json()["detail"]
+
+
+def test_truncated_image_and_bad_threshold(client, sample_dir):
+    data = jpeg(sample_dir)
+    answer = client.post("/api/predict", files=[("files", ("cut.jpg", data[: len(data) // 2], "image/jpeg"))])
+    assert answer.status_code == 422 and answer.json()["detail"].startswith("cut.jpg: ")
+    assert client.post("/api/predict?score_threshold=2", files=[("files", ("a.jpg", data, "image/jpeg"))]
+                       ).status_code == 422
+
+
+def test_token_required_when_set(tiny_model_file, sample_dir):
+    app = create_app(ServiceConfig(model_path=tiny_model_file, token="s3cret"))
+    with TestClient(app) as c:
+        files = [("files", ("a.jpg", jpeg(sample_dir), "image/jpeg"))]
+        assert c.get("/api/health").status_code == 200
+        assert c.get("/api/model").status_code == 401
+        assert c.post("/api/predict", files=files, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert c.post("/api/predict", files=files, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_a_full_queue_answers_503_with_retry_after(tiny_model_file, sample_dir, monkeypatch):
+    app = create_app(ServiceConfig(model_path=tiny_model_file, queue_size=1))
+    release = threading.Event()
+    import utils.service.app as service
+
+    real_detect = service.detect
+
+    def slow_detect(*args, **kwargs):
+        release.wait(30)
+        return real_detect(*args, **kwargs)
+
+    monkeypatch.setattr(service, "detect", slow_detect)
+    files = [("files", ("a.jpg", jpeg(sample_dir), "image/jpeg"))]
+    with TestClient(app) as c:
+        first = {}
+        worker = threading.Thread(target=lambda: first.update(answer=c.post("/api/predict", files=files)))
+        worker.start()
+        for _ in range(200):  # until the first request holds the only queue place
+            if c.get("/api/health").json()["queue"]["waiting"] == 1:
+                break
+            threading.Event().wait(0.05)
+        busy = c.post("/api/predict", files=files)
+        release.set()
+        worker.join(60)
+    assert busy.status_code == 503 and busy.headers["Retry-After"] == "2" and "busy" in busy.json()["detail"]
+    assert first["answer"].status_code == 200
+
+
+def test_serve_refuses_a_missing_model_in_one_line(root, tmp_path):
+    proc = subprocess.run([sys.executable, str(root / "bin" / "serve.py"), "--model", str(tmp_path / "none.pt")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == f"serve: error: {tmp_path / 'none.pt'}: model file not found"
+
+
+def test_the_page_in_a_real_browser_shows_boxes_and_compliance_and_refilters(tiny_model_file, sample_dir,
+                                                                            tmp_path):
+    from browser import chromium_session, serve_app
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    photo = sorted((sample_dir / "images").glob("*.jpg"))[0]
+    app = create_app(ServiceConfig(model_path=tiny_model_file))
+    with serve_app(app) as url, chromium_session(tmp_path) as browser:
+        browser.get(url)
+        wait = WebDriverWait(browser, 60)
+        wait.until(EC.text_to_be_present_in_element((By.ID, "model"), "mobilenet_v2_fpn"))
+        browser.find_element(By.ID, "files").send_keys(str(photo))
+        card = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, f".card[data-file='{photo.name}']")))
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, ".card img")))
+        wait.until(lambda b: b.execute_script("return document.querySelector('.card img').complete"))
+        assert "Overall:" in browser.find_element(By.ID, "overall").text
+        at_model_threshold = len(browser.find_elements(By.CSS_SELECTOR, ".box"))
+        # the slider re-filters in the page: no new request, more boxes at the lowest threshold
+        requests_before = browser.execute_script("return performance.getEntriesByType('resource').length")
+        browser.execute_script("const s = document.getElementById('threshold'); s.value = s.min;"
+                               "s.dispatchEvent(new Event('input'));")
+        at_floor = len(browser.find_elements(By.CSS_SELECTOR, ".box"))
+        assert at_floor >= at_model_threshold and at_floor > 0  # an untrained model: many low-score boxes
+        assert browser.find_element(By.ID, "threshold-value").text == "0.05"
+        card = browser.find_element(By.CSS_SELECTOR, ".card")
+        assert "face(s)" in card.text and len(card.find_elements(By.CSS_SELECTOR, "tbody tr")) == at_floor
+        assert browser.execute_script("return performance.getEntriesByType('resource').length") == requests_before
+        assert browser.save_screenshot(str(tmp_path / "page.png"))
+        # a bad upload is answered on the page with the service's reason
+        bad = tmp_path / "notes.txt"
+        bad.write_text("not an image")
+        browser.find_element(By.ID, "files").send_keys(str(bad))
+        wait.until(EC.text_to_be_present_in_element((By.ID, "status"), "Not processed"))
+        assert "notes.txt" in browser.find_element(By.ID, "status").text
+    assert (tmp_path / "page.png").stat().st_size > 10_000
