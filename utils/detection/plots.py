@@ -207,3 +207,20 @@ def plot_compliance_histogram(percentages, path, overall: float | None, no_faces
     ax.set_ylabel("images")
     ax.set_title(f"Per-image mask compliance ({len(values)} images with faces, {no_faces} without)")
     _save(fig, path)
+
+
+def plot_compliance_over_time(times, percentages, faces, path, source: str) -> None:
+    """Percent properly masked per processed frame (gaps where a frame has no face) and faces per frame."""
+    fig, ax = plt.subplots(figsize=(9, 4))
+    values = np.array([np.nan if p is None else p for p in percentages], dtype=float)
+    ax.plot(times, values, color=tuple(v / 255 for v in CLASS_COLOURS["with_mask"]), marker=".", linewidth=1.5)
+    ax.set_ylim(-2, 102)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("faces properly masked (%)")
+    twin = ax.twinx()
+    twin.bar(times, faces, width=(times[1] - times[0]) * 0.8 if len(times) > 1 else 0.5, color="grey", alpha=0.25)
+    twin.set_ylabel("faces in the frame")
+    ax.set_zorder(twin.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    ax.set_title(f"Mask compliance over time: {Path(source).name if '://' not in source else source}")
+    _save(fig, path)

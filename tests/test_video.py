@@ -1,0 +1,70 @@
+"""bin/predict_video.py on a short synthetic video written with OpenCV from sample images."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import run_script
+
+
+@pytest.fixture(scope="module")
+def clip(sample_dir, tmp_path_factory):
+    """12 frames at 6 fps (2 s): each of 4 sample images held for 3 frames."""
+    path = tmp_path_factory.mktemp("video") / "clip.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 6.0, (160, 120))
+    for image in sorted((sample_dir / "images").glob("*.jpg"))[:4]:
+        frame = cv2.cvtColor(np.asarray(Image.open(image).convert("RGB").resize((160, 120))), cv2.COLOR_RGB2BGR)
+        for _ in range(3):
+            writer.write(frame)
+    writer.release()
+    return path
+
+
+def test_video_gives_per_frame_csv_plot_summary_and_annotated_video(root, clip, tiny_model_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = run_script(root, "predict_video", ["--source", clip, "--model", tiny_model_file, "--output-dir", out,
+                                            "--output-video", out / "annotated.mp4", "--stride", "2",
+                                            "--score-threshold", "0.05", "--device", "cpu"])
+    assert rc == 0
+    assert "compliance:" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(out / "video_frames.csv")))
+    assert [int(r["frame"]) for r in rows] == [0, 2, 4, 6, 8, 10]
+    assert [float(r["time_s"]) for r in rows] == pytest.approx([0, 1 / 3, 2 / 3, 1, 4 / 3, 5 / 3], abs=1e-3)
+    for row in rows:
+        assert int(row["faces"]) == sum(int(row[c]) for c in ("with_mask", "without_mask", "mask_weared_incorrect"))
+    summary = json.loads((out / "video_summary.json").read_text())
+    assert summary["frames_read"] == 12 and summary["frames_processed"] == 6 and summary["fps"] == 6.0
+    assert summary["overall"]["faces"] == sum(int(r["faces"]) for r in rows)
+    assert (out / "compliance_over_time.png").stat().st_size > 0
+    video = cv2.VideoCapture(str(out / "annotated.mp4"))
+    assert video.get(cv2.CAP_PROP_FRAME_COUNT) == 6 and video.get(cv2.CAP_PROP_FPS) == 3.0
+    video.release()
+    assert (out / "predict_video_run.json").is_file()
+
+
+def test_max_frames_bounds_a_run(root, clip, tiny_model_file, tmp_path):
+    out = tmp_path / "out"
+    assert run_script(root, "predict_video", ["--source", clip, "--model", tiny_model_file, "--output-dir", out,
+                                              "--stride", "1", "--max-frames", "3", "--device", "cpu"]) == 0
+    assert json.loads((out / "video_summary.json").read_text())["frames_processed"] == 3
+    assert run_script(root, "predict_video", ["--source", clip, "--model", tiny_model_file, "--output-dir", out,
+                                              "--max-seconds", "0.5", "--stride", "1", "--device", "cpu"]) == 0
+    assert json.loads((out / "video_summary.json").read_text())["frames_processed"] == 3  # frames 0-2 at 6 fps
+
+
+@pytest.mark.parametrize("source, problem", [("missing.mp4", "video file not found"),
+                                             ("notes.mp4", "cannot open the file"),
+                                             ("99", "cannot open the camera")])
+def test_unreadable_sources_fail_with_one_line(root, tiny_model_file, tmp_path, capsys, source, problem):
+    (tmp_path / "notes.mp4").write_text("not a video")
+    given = source if source.isdigit() else str(tmp_path / source)
+    rc = run_script(root, "predict_video", ["--source", given, "--model", tiny_model_file,
+                                            "--output-dir", tmp_path / "out", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and problem in err and "Traceback" not in err

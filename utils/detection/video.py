@@ -1,0 +1,163 @@
+"""Mask compliance over a video, a stream or a webcam (bin/predict_video.py), with OpenCV.
+
+Every `stride`-th frame is run through the detector; per processed frame the counts per
+class and the percent properly masked go into a CSV; the processed frames, with their
+boxes drawn, into an annotated video (at fps / stride, so it plays at real speed); a
+plot shows compliance over time, and a summary JSON the whole run. `show` opens a live
+window (the webcam mode; q or Esc stops). Runs are bounded by max_frames / max_seconds
+(of video time), which a camera needs: it has no end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+from ..atomic import atomic_path, write_json, write_text
+from ..classes import CLASSES, NAME_OF
+from ..errors import InputError
+from .compliance import compliance, merge_compliance
+from .inference import detect, to_model_input
+from .plots import draw_detections
+
+CSV_FIELDS = ("frame", "time_s", "faces", *CLASSES, "percent_properly_masked")
+
+
+def open_source(source: str) -> tuple[cv2.VideoCapture, str]:
+    """(capture, kind) for a file, a URL (rtsp://, http://) or a camera index; InputError naming it."""
+    kind = "camera" if source.isdigit() else ("stream" if "://" in source else "file")
+    if kind == "file" and not Path(source).is_file():
+        raise InputError(f"{source}: video file not found")
+    capture = cv2.VideoCapture(int(source) if kind == "camera" else source)
+    if not capture.isOpened():
+        raise InputError(f"{source}: cannot open the {kind} (not a video OpenCV can read, or not reachable)")
+    ok, _ = capture.read()
+    if not ok:
+        capture.release()
+        raise InputError(f"{source}: the {kind} opened but gave no frame (empty, damaged or unsupported codec)")
+    if kind == "file":  # start again at frame 0 (reopening works where a backend cannot seek)
+        capture.release()
+        capture = cv2.VideoCapture(source)
+    return capture, kind
+
+
+@dataclass
+class VideoRun:
+    frames_read: int = 0
+    rows: list = field(default_factory=list)
+    per_frame: list = field(default_factory=list)
+
+
+def _annotate(frame_bgr: np.ndarray, out: dict) -> np.ndarray:
+    image = Image.fromarray(cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB))
+    drawn = draw_detections(image, out["boxes"], out["labels"], out["scores"])
+    return cv2.cvtColor(np.asarray(drawn), cv2.COLOR_RGB2BGR)
+
+
+def predict_video(model, device, source: str, output_dir, score_threshold: float, stride: int = 1,
+                  output_video=None, show: bool = False, max_frames: int | None = None,
+                  max_seconds: float | None = None, tta: bool = False, settings: dict | None = None,
+                  progress=None) -> dict:
+    """Run the detector over *source*; write the CSV, plot, summary (and video); return the summary."""
+    if stride < 1:
+        raise InputError(f"--stride must be at least 1, got {stride}")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    capture, kind = open_source(source)
+    fps = capture.get(cv2.CAP_PROP_FPS) or 0.0
+    fps = fps if 0 < fps < 1000 else 25.0  # cameras and some streams report 0
+    run, writer, writer_path, started = VideoRun(), None, None, time.perf_counter()
+    video_target = Path(output_video) if output_video else None
+    try:
+        with (atomic_path(video_target) if video_target else contextlib.nullcontext()) as tmp_video:
+            while True:
+                if max_frames is not None and len(run.rows) >= max_frames:
+                    break
+                ok, frame = capture.read()
+                if not ok:
+                    break
+                index, run.frames_read = run.frames_read, run.frames_read + 1
+                time_s = index / fps
+                if max_seconds is not None and time_s >= max_seconds:
+                    break
+                if index % stride:
+                    continue
+                rgb = torch.from_numpy(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)
+                (out,) = detect(model, [to_model_input(rgb, device)], tta=tta, score_threshold=score_threshold)
+                labels = [NAME_OF[int(label)] for label in out["labels"].tolist()]
+                figure = compliance(labels)
+                run.per_frame.append(figure)
+                run.rows.append({"frame": index, "time_s": round(time_s, 3), "faces": figure["faces"],
+                                 **figure["counts"], "percent_properly_masked": figure["percent_properly_masked"]})
+                if tmp_video is not None or show:
+                    drawn = _annotate(frame, out)
+                    if tmp_video is not None:
+                        if writer is None:
+                            height, width = drawn.shape[:2]
+                            writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"),
+                                                     max(fps / stride, 1.0), (width, height))
+                            if not writer.isOpened():
+                                raise InputError(f"{video_target}: OpenCV cannot write this video file")
+                        writer.write(drawn)
+                    if show and _show(drawn):
+                        break
+                if progress is not None:
+                    progress(1)
+            if writer is not None:
+                writer.release()
+                writer = None
+            writer_path = video_target if tmp_video is not None and run.rows else None
+    finally:
+        capture.release()
+        if writer is not None:
+            writer.release()
+        if show:
+            cv2.destroyAllWindows()
+    if not run.rows:
+        raise InputError(f"{source}: no frame was processed (check --max-frames/--max-seconds and the source)")
+    return _write_outputs(run, output_dir, source, kind, fps, stride, score_threshold, tta, settings, writer_path,
+                          time.perf_counter() - started)
+
+
+def _show(frame_bgr: np.ndarray) -> bool:
+    """Show one frame; True when the viewer pressed q or Esc. InputError where there is no display."""
+    try:
+        cv2.imshow("mask compliance (q: quit)", frame_bgr)
+        return cv2.waitKey(1) & 0xFF in (ord("q"), 27)
+    except cv2.error as error:
+        raise InputError(f"--show: cannot open a window here ({str(error).strip().splitlines()[-1]}); "
+                         "this OpenCV build or machine has no display") from None
+
+
+def _write_outputs(run: VideoRun, output_dir: Path, source, kind, fps, stride, threshold, tta, settings,
+                   video_path, seconds) -> dict:
+    from .plots import plot_compliance_over_time
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(run.rows)
+    csv_path = write_text(output_dir / "video_frames.csv", buffer.getvalue())
+    plot_path = output_dir / "compliance_over_time.png"
+    plot_compliance_over_time([r["time_s"] for r in run.rows], [r["percent_properly_masked"] for r in run.rows],
+                              [r["faces"] for r in run.rows], plot_path, source)
+    with_faces = [r["percent_properly_masked"] for r in run.rows if r["percent_properly_masked"] is not None]
+    summary = {**(settings or {}), "source": source, "kind": kind, "fps": round(fps, 3), "stride": stride,
+               "score_threshold": threshold, "tta": tta, "frames_read": run.frames_read,
+               "frames_processed": len(run.rows), "frames_with_faces": len(with_faces),
+               "video_seconds": round(run.frames_read / fps, 3), "processing_seconds": round(seconds, 2),
+               "overall": merge_compliance(run.per_frame),
+               "mean_percent_per_frame": round(sum(with_faces) / len(with_faces), 2) if with_faces else None,
+               "outputs": {"frames_csv": str(csv_path), "plot": str(plot_path),
+                           "video": str(video_path) if video_path else None}}
+    write_json(output_dir / "video_summary.json", summary)
+    return summary
