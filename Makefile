@@ -16,7 +16,7 @@ JOBS          ?= 2
 # Minutes of the train job (its epochs are fitted to them): make run ends in about 13 minutes on 2 cores.
 TRAIN_MINUTES ?= 8
 
-.PHONY: setup weights run test bench clean base-image image image-cpu image-check
+.PHONY: setup weights run serve test bench clean base-image image image-cpu image-check
 
 setup: $(STAMP) weights
 
@@ -39,6 +39,10 @@ $(SAMPLE_DIR)/images: | $(STAMP)
 
 run: setup $(SAMPLE_DIR)/images
 	$(PY) workflow.py --local --data $(SAMPLE_DIR) --run-dir $(RUN_DIR) --seed $(SEED) --jobs $(JOBS) --time-budget $(TRAIN_MINUTES)
+
+# The prediction service and its page on the make run model: http://127.0.0.1:8000/
+serve: setup
+	$(PY) bin/serve.py --model $(RUN_DIR)/outputs/model.pt
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -39,11 +39,25 @@ SLEEP_JOB = textwrap.dedent("""
 """)
 
 
-def executor_overhead(sleep: float, jobs: int, hpo_jobs: int) -> dict:
-    """Run a sleep-job copy of the workflow's DAG; return the executor's statistics."""
-    from Pegasus.api import File, Job, Properties, ReplicaCatalog, Transformation, TransformationCatalog, Workflow
+def write_and_run(run_dir: Path, tc, rc, wf, jobs: int) -> int:
+    """Write the catalogs and the workflow (no retries) into *run_dir* and run them with the local executor."""
+    from Pegasus.api import Properties
 
     from utils.pegasus.executor import run_workflow
+
+    tc.write(str(run_dir / "transformations.yml"))
+    rc.write(str(run_dir / "replicas.yml"))
+    wf.write(str(run_dir / "workflow.yml"))
+    props = Properties()
+    props["dagman.retry"] = 0
+    props.write(str(run_dir / "pegasus.properties"))
+    with open(os.devnull, "w") as quiet:
+        return run_workflow(run_dir, jobs=jobs, out=quiet)
+
+
+def executor_overhead(sleep: float, jobs: int, hpo_jobs: int) -> dict:
+    """Run a sleep-job copy of the workflow's DAG; return the executor's statistics."""
+    from Pegasus.api import File, Job, ReplicaCatalog, Transformation, TransformationCatalog, Workflow
 
     with tempfile.TemporaryDirectory(prefix="bench-executor.") as tmp:
         tmp = Path(tmp)
@@ -71,14 +85,7 @@ def executor_overhead(sleep: float, jobs: int, hpo_jobs: int) -> dict:
             job = Job("sleep", _id=job_id).add_args(f"{sleep * weight:.3f}", *outputs)
             job.add_inputs(*inputs).add_outputs(*(File(o) for o in outputs), stage_out=job_id in ("evaluate", "predict"))
             wf.add_jobs(job)
-        tc.write(str(run_dir / "transformations.yml"))
-        rc.write(str(run_dir / "replicas.yml"))
-        wf.write(str(run_dir / "workflow.yml"))
-        props = Properties()
-        props["dagman.retry"] = 0
-        props.write(str(run_dir / "pegasus.properties"))
-        with open(os.devnull, "w") as quiet:
-            status = run_workflow(run_dir, jobs=jobs, out=quiet)
+        status = write_and_run(run_dir, tc, rc, wf, jobs)
         if status != 0:
             raise SystemExit(f"sleep-job workflow failed (status {status}); see {run_dir}")
         return json.loads((run_dir / "statistics.json").read_text())
@@ -87,10 +94,9 @@ def executor_overhead(sleep: float, jobs: int, hpo_jobs: int) -> dict:
 def fanout_prediction(model: Path, images_dir: Path, shards: int, jobs: int) -> dict:
     """One predict job over all images against one per shard (the workflow's fan-out), each followed by
     merge_predictions, run by the local executor with *jobs* slots; returns the statistics of both."""
-    from Pegasus.api import File, Job, Properties, ReplicaCatalog, Transformation, TransformationCatalog, Workflow
+    from Pegasus.api import File, Job, ReplicaCatalog, Transformation, TransformationCatalog, Workflow
 
     from utils.data.shards import collect_images, write_shards
-    from utils.pegasus.executor import run_workflow
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-fanout.") as tmp:
@@ -121,14 +127,7 @@ def fanout_prediction(model: Path, images_dir: Path, shards: int, jobs: int) -> 
                                                                     "--output-dir", ".")
             merge.add_inputs(*parts).add_outputs(File("compliance.json"), stage_out=True)
             wf.add_jobs(merge)
-            tc.write(str(run_dir / "transformations.yml"))
-            rc.write(str(run_dir / "replicas.yml"))
-            wf.write(str(run_dir / "workflow.yml"))
-            props = Properties()
-            props["dagman.retry"] = 0
-            props.write(str(run_dir / "pegasus.properties"))
-            with open(os.devnull, "w") as quiet:
-                if run_workflow(run_dir, jobs=jobs, out=quiet) != 0:
+            if write_and_run(run_dir, tc, rc, wf, jobs) != 0:
                     raise SystemExit(f"fan-out benchmark ({layout}) failed; see {run_dir}/logs")
             stats = json.loads((run_dir / "statistics.json").read_text())
             overall = json.loads((run_dir / "outputs" / "compliance.json").read_text())["overall"]

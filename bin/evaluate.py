@@ -23,10 +23,8 @@ from pathlib import Path
 from utils.classes import LabelMap
 from utils.cli import add_label_map_arg, add_model_run_args, check_model_run_args, run_job
 from utils.data.pairs import open_folder
-from utils.detection.compliance import operating_threshold
 from utils.detection.engine import resolve_device
-from utils.detection.evaluation import check_model_classes, evaluate_model, format_report, labelled_pairs
-from utils.detection.model import load_model_file
+from utils.detection.evaluation import evaluate_model, format_report, labelled_pairs, load_trained_model
 from utils.provenance import write_run_record
 
 
@@ -48,9 +46,7 @@ def main(args) -> int:
     label_map = LabelMap.parse(args.label_map)
     output_dir = Path(args.output_dir)
     device = resolve_device(args.device)
-    model, meta = load_model_file(args.model, device)
-    check_model_classes(meta, args.model)
-    score_threshold, source = operating_threshold(meta, args.score_threshold)
+    model, meta, score_threshold, source = load_trained_model(args.model, device, args.score_threshold)
     print(f"evaluate: score threshold {score_threshold:g} ({source})")
     with contextlib.ExitStack() as stack:
         images_dir = stack.enter_context(open_folder(args.images))

@@ -21,10 +21,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from utils.cli import add_model_run_args, check_model_run_args, run_job
-from utils.detection.compliance import operating_threshold
 from utils.detection.engine import resolve_device
-from utils.detection.evaluation import check_model_classes
-from utils.detection.model import load_model_file
+from utils.detection.evaluation import load_trained_model
 from utils.detection.prediction import output_names, predict_images, summary_line
 from utils.errors import InputError
 from utils.provenance import write_run_record
@@ -59,9 +57,7 @@ def main(args) -> int:
     if args.output_tag is not None and not args.output_tag.replace("-", "").replace("_", "").isalnum():
         raise InputError(f"--output-tag {args.output_tag!r}: use letters, digits, '-' and '_' only")
     device = resolve_device(args.device)
-    model, meta = load_model_file(args.model, device)
-    check_model_classes(meta, args.model)
-    score_threshold, source = operating_threshold(meta, args.score_threshold)
+    model, meta, score_threshold, source = load_trained_model(args.model, device, args.score_threshold)
     print(f"predict: score threshold {score_threshold:g} ({source})")
     settings = {"model": str(args.model), "backbone": meta.get("backbone"), "image_size": meta.get("image_size"),
                 "score_threshold_source": source}

@@ -21,10 +21,9 @@ import sys
 from tqdm import tqdm
 
 from utils.cli import run_job
-from utils.detection.compliance import compliance_line, operating_threshold
+from utils.detection.compliance import compliance_line
 from utils.detection.engine import resolve_device
-from utils.detection.evaluation import check_model_classes
-from utils.detection.model import load_model_file
+from utils.detection.evaluation import load_trained_model
 from utils.detection.video import predict_video
 from utils.errors import InputError
 from utils.provenance import write_run_record
@@ -54,9 +53,7 @@ def main(args) -> int:
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise InputError(f"--{flag.replace('_', '-')} must be positive")
     device = resolve_device(args.device)
-    model, meta = load_model_file(args.model, device)
-    check_model_classes(meta, args.model)
-    threshold, source = operating_threshold(meta, args.score_threshold)
+    model, meta, threshold, source = load_trained_model(args.model, device, args.score_threshold)
     print(f"predict_video: score threshold {threshold:g} ({source})")
     with tqdm(desc="frames", unit="frame", file=sys.stderr, disable=None) as bar:
         summary = predict_video(model, device, args.source, args.output_dir, threshold, stride=args.stride,

@@ -20,10 +20,11 @@ from torch.utils.data import DataLoader
 from ..atomic import write_json, write_text
 from ..classes import CLASSES, NAME_OF, NO_LABEL_MAP, LabelMap
 from ..data.dataset import VocDetectionDataset, collate
-from .compliance import compliance_error, compliance_error_lines
+from .compliance import compliance_error, compliance_error_lines, operating_threshold
 from .engine import evaluate_loss, run_inference
 from ..data.images import ImageError, image_size
 from .inference import default_num_workers
+from .model import load_model_file
 from .metrics import compute_coco, detection_confusion_matrix, pr_curves
 from ..data.pairs import pair_folders
 from .plots import plot_confusion_matrix, plot_pr_curves
@@ -52,6 +53,16 @@ def labelled_pairs(images_dir, annotations_dir):
         where = "" if Path(annotations_dir) == Path(images_dir) else f" (annotations: {annotations_dir})"
         raise EvaluationInputError(f"{images_dir}: no image/annotation pairs found{where}")
     return pairing.pairs, skipped
+
+
+def load_trained_model(path, device, score_threshold: float | None = None):
+    """(model, meta, score threshold, where it comes from) for a job that runs a trained model: the
+    model file loaded and checked, the threshold given, else the one chosen on validation (ModelError
+    naming the file when it cannot be used)."""
+    model, meta = load_model_file(path, device)
+    check_model_classes(meta, path)
+    threshold, source = operating_threshold(meta, score_threshold)
+    return model, meta, threshold, source
 
 
 def check_model_classes(meta: dict, model_path) -> None:

@@ -37,10 +37,9 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from ..classes import CLASS_COLOURS, CLASSES, NAME_OF
 from ..data.images import ImageError, load_rgb_bytes
-from ..detection.compliance import compliance, merge_compliance, operating_threshold
-from ..detection.evaluation import check_model_classes
+from ..detection.compliance import compliance, merge_compliance
+from ..detection.evaluation import load_trained_model
 from ..detection.inference import detect, to_model_input
-from ..detection.model import load_model_file
 from ..detection.plots import draw_detections
 
 DETECTION_FLOOR = 0.05  # lowest score returned: below it a box is noise at any threshold a user would pick
@@ -94,9 +93,7 @@ def _annotated_jpeg(image, out: dict, threshold: float) -> str:
 
 def create_app(config: ServiceConfig) -> FastAPI:
     device = torch.device(config.device)
-    model, meta = load_model_file(config.model_path, device)
-    check_model_classes(meta, config.model_path)
-    default_threshold, threshold_source = operating_threshold(meta, None)
+    model, meta, default_threshold, threshold_source = load_trained_model(config.model_path, device)
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
     queue = _Queue(config.queue_size)
     max_bytes = int(config.max_upload_mb * 2**20)

@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""The prediction service and the video path against pure model inference, measured in one run.
+
+  pure     the model alone on one decoded 640 px image held as a float tensor (detect(), batch 1):
+           what the hardware can do, in images/s
+  served   bin/serve.py in its own process (uvicorn on loopback), POST /api/predict with that
+           image as a JPEG upload, from 1, 4 and 16 concurrent clients: requests/s, p50 and p95
+           latency; served images/s / pure images/s is the share of the model's speed the
+           service keeps (goal >= 0.85)
+  video    utils.detection.video.predict_video on a clip of that image (every frame processed,
+           no output video): frames/s / pure images/s at the same size (goal >= 0.9)
+
+Each level is bounded in requests (--requests) and time (--max-seconds). The model is
+--model (default: runs/sample/outputs/model.pt, the make run model).
+
+    .venv/bin/python bench/serve.py [--model runs/sample/outputs/model.pt] [--requests 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=ROOT / "runs" / "sample" / "outputs" / "model.pt")
+    p.add_argument("--image", type=Path, default=None,
+                   help="photo to send (default: the first sample image), resized to --size on its longer side")
+    p.add_argument("--size", type=int, default=640, help="longer side of the image in px (default: 640)")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrency levels (default: 1 4 16)")
+    p.add_argument("--requests", type=int, default=24, help="requests per level at most (default: 24)")
+    p.add_argument("--max-seconds", type=float, default=120, help="time per level at most (default: 120)")
+    p.add_argument("--video-frames", type=int, default=24, help="frames of the video clip (default: 24)")
+    return p
+
+
+def make_image(args):
+    from PIL import Image
+
+    source = args.image or sorted((ROOT / "data" / "sample" / "images").glob("*.jpg"))[0]
+    image = Image.open(source).convert("RGB")
+    scale = args.size / max(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=92)
+    return image, buffer.getvalue()
+
+
+def pure_rate(model_path: Path, image, seconds: float = 20.0) -> float:
+    import numpy as np
+    import torch
+
+    from utils.detection.inference import detect, to_model_input
+    from utils.detection.model import load_model_file
+
+    model, _ = load_model_file(model_path, "cpu")
+    tensor = to_model_input(torch.from_numpy(np.array(image)).permute(2, 0, 1), "cpu")
+    detect(model, [tensor], score_threshold=0.05)  # warm-up
+    count, began = 0, time.perf_counter()
+    while time.perf_counter() - began < seconds or count < 5:
+        detect(model, [tensor], score_threshold=0.05)
+        count += 1
+    return count / (time.perf_counter() - began)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def served(model_path: Path, jpeg: bytes, clients_levels, requests: int, max_seconds: float) -> list[dict]:
+    import httpx
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(ROOT / "bin" / "serve.py"), "--model", str(model_path),
+                               "--port", str(port), "--device", "cpu", "--queue-size", "64"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit("bench/serve.py: the service did not start")
+            time.sleep(0.3)
+        files = {"files": ("bench.jpg", jpeg, "image/jpeg")}
+        httpx.post(f"{url}/api/predict", files=files, timeout=120)  # warm-up
+        rows = []
+        for clients in clients_levels:
+            latencies, failures, lock = [], 0, threading.Lock()
+            remaining = [requests]
+            began = time.perf_counter()
+
+            def client():
+                nonlocal failures
+                with httpx.Client(timeout=300) as session:
+                    while True:
+                        with lock:
+                            if remaining[0] <= 0 or time.perf_counter() - began > max_seconds:
+                                return
+                            remaining[0] -= 1
+                        start = time.perf_counter()
+                        answer = session.post(f"{url}/api/predict", files=files)
+                        with lock:
+                            if answer.status_code == 200:
+                                latencies.append(time.perf_counter() - start)
+                            else:
+                                failures += 1
+
+            threads = [threading.Thread(target=client) for _ in range(clients)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            wall = time.perf_counter() - began
+            latencies.sort()
+            rows.append({"clients": clients, "ok": len(latencies), "failed": failures, "wall_s": wall,
+                         "rps": len(latencies) / wall, "p50_s": statistics.median(latencies),
+                         "p95_s": latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))]})
+        return rows
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def video_rate(model_path: Path, image, frames: int) -> float:
+    import cv2
+    import numpy as np
+
+    from utils.detection.model import load_model_file
+    from utils.detection.video import predict_video
+
+    model, _ = load_model_file(model_path, "cpu")
+    with tempfile.TemporaryDirectory(prefix="bench-video.") as tmp:
+        clip = Path(tmp) / "clip.mp4"
+        frame = cv2.cvtColor(np.array(image), cv2.COLOR_RGB2BGR)
+        writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (image.width, image.height))
+        for _ in range(frames):
+            writer.write(frame)
+        writer.release()
+        began = time.perf_counter()
+        summary = predict_video(model, "cpu", str(clip), Path(tmp) / "out", 0.05, stride=1)
+        return summary["frames_processed"] / (time.perf_counter() - began)
+
+
+def main(args) -> int:
+    if not args.model.is_file():
+        print(f"bench/serve.py: {args.model} not found (run `make run` first, or pass --model)")
+        return 0
+    image, jpeg = make_image(args)
+    print(f"Service benchmark: {args.model}, one {image.width}x{image.height} JPEG ({len(jpeg) // 1024} KB), "
+          f"{os.cpu_count()} CPUs, torch threads default")
+    pure = pure_rate(args.model, image)
+    print(f"  pure inference: {pure:.2f} images/s (detect(), batch 1, decoded tensor)", flush=True)
+    for row in served(args.model, jpeg, args.clients, args.requests, args.max_seconds):
+        print(f"  served, {row['clients']:>2} client(s): {row['rps']:.2f} requests/s, p50 {row['p50_s'] * 1000:.0f} ms, "
+              f"p95 {row['p95_s'] * 1000:.0f} ms, {row['ok']} ok, {row['failed']} failed; "
+              f"served / pure {row['rps'] / pure:.2f} (goal >= 0.85)", flush=True)
+    video = video_rate(args.model, image, args.video_frames)
+    print(f"  video: {video:.2f} frames/s at {image.width}x{image.height}; video / pure {video / pure:.2f} (goal >= 0.9)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
