@@ -40,7 +40,7 @@ from utils.pegasus.catalogs import build_properties, build_site_catalog
 from utils.pegasus.config import (ConfigError, SplitEntry, WorkflowConfig, config_from_args, parse_label_map,
                                   trials_per_worker)
 from utils.pegasus.graph import write_graph
-from utils.pegasus.inputs import data_shards, prediction_shards, read_split_csv, validate_and_split
+from utils.pegasus.inputs import data_shards, find_videos, prediction_shards, read_split_csv, validate_and_split
 from utils.pegasus.runtimes import CHECKPOINTING, checkpoint_minutes, job_runtimes
 
 ROOT = Path(__file__).resolve().parent
@@ -57,6 +57,7 @@ JOB_SCRIPTS = {
     "evaluate": "bin/evaluate.py",
     "predict": "bin/predict.py",
     "merge_predictions": "bin/merge_predictions.py",
+    "predict_video": "bin/predict_video.py",
 }
 
 # What each job kind asks of an execution node, in one place. Applied as pegasus profiles
@@ -75,6 +76,7 @@ RESOURCES = {
     "evaluate": {"cores": 2, "memory": "4 GB", "gpus": 1},
     "predict": {"cores": 2, "memory": "4 GB", "gpus": 1},
     "merge_predictions": {"cores": 1, "memory": "4 GB", "gpus": 0},
+    "predict_video": {"cores": 2, "memory": "4 GB", "gpus": 1},
 }
 
 # Where the workflow departs from utils/defaults.py on purpose. Most entries size the
@@ -197,6 +199,7 @@ class MaskDetectionWorkflow:
                                                    self._input_file(Path(os.path.abspath(entry.annotation)))]
         # One replica per shard, never per image: the catalogs grow with the shards.
         self.pred_files = [self._input_file(shard.path, f"pred_{shard.path.name}") for shard in config.pred_shards]
+        self.video_files = [self._input_file(video.path, f"video_{video.path.name}") for video in config.pred_videos]
         self.weights = None
         if config.weights_file is not None:
             self.weights = self._input_file(Path(config.weights_file).resolve())
@@ -229,6 +232,7 @@ class MaskDetectionWorkflow:
         model = self._add_train(train_set, val_set, best_params)
         self._add_evaluate(model, test_set)
         self._add_predict(model)
+        self._add_predict_videos(model)
         pegasus_api.make_deterministic(self.wf)
         return self.wf
 
@@ -404,6 +408,19 @@ class MaskDetectionWorkflow:
         self._stages_out(job, "compliance.json", "predictions.csv", "compliance_histogram.png",
                          "merge_predictions_run.json")
 
+    def _add_predict_videos(self, model: File) -> None:
+        """One predict_video job per video of --pred-videos (none without it)."""
+        for video, video_file in zip(self.config.pred_videos, self.video_files):
+            tag = video.tag
+            job = self._job("predict_video", f"predict_video_{tag}")
+            job.add_args("--source", video_file, "--model", model, "--output-dir", ".", "--output-tag", tag,
+                         "--stride", self.config.video_stride, "--output-video", f"annotated_{tag}.mp4",
+                         *self._if_given("--score-threshold", self.config.score_threshold))
+            job.add_inputs(model, video_file)
+            # the names bin/predict_video.py --output-tag gives its outputs (utils.detection.video.video_output_names)
+            self._stages_out(job, f"video_frames_{tag}.csv", f"compliance_over_time_{tag}.png",
+                             f"video_summary_{tag}.json", f"predict_video_{tag}_run.json", f"annotated_{tag}.mp4")
+
     # -- output --------------------------------------------------------------
     def write(self, graph: bool = True) -> dict[str, Path]:
         """Write the catalogs, the workflow and the properties (each atomically) into the run dir."""
@@ -449,7 +466,9 @@ def generate(args) -> tuple[MaskDetectionWorkflow, dict[str, Path], dict, list[S
     pred_shards = prediction_shards(args.pred_images and args.pred_images.resolve(), entries, run_dir,
                                     args.images_per_job)
     shards = data_shards(entries, run_dir, DATA_SHARD_IMAGES) if len(entries) > args.shard_data_above else None
-    generator = MaskDetectionWorkflow(config_from_args(args, ROOT, entries, split_csv, pred_shards, shards)).build()
+    videos = find_videos(args.pred_videos.resolve()) if args.pred_videos else []
+    generator = MaskDetectionWorkflow(config_from_args(args, ROOT, entries, split_csv, pred_shards, shards,
+                                                       videos)).build()
     written = generator.write()
     return generator, written, report, entries
 

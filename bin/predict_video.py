@@ -24,7 +24,7 @@ from utils.cli import run_job
 from utils.detection.compliance import compliance_line
 from utils.detection.engine import resolve_device
 from utils.detection.evaluation import load_trained_model
-from utils.detection.video import predict_video
+from utils.detection.video import predict_video, video_output_names
 from utils.errors import InputError
 from utils.provenance import write_run_record
 
@@ -42,6 +42,9 @@ def get_args_parser():
     parser.add_argument("--tta", action="store_true", help="also run each frame flipped and merge (about 2x slower)")
     parser.add_argument("--score-threshold", type=float, default=None,
                         help="count detections at or above this score (default: the model's operating threshold)")
+    parser.add_argument("--output-tag", default=None,
+                        help="name the outputs video_frames_TAG.csv, video_summary_TAG.json, ... (one job per video "
+                             "of a workflow) (default: none)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="(default: auto)")
     return parser
 
@@ -52,6 +55,8 @@ def main(args) -> int:
     for flag in ("max_frames", "max_seconds"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise InputError(f"--{flag.replace('_', '-')} must be positive")
+    if args.output_tag is not None and not args.output_tag.replace("-", "").replace("_", "").isalnum():
+        raise InputError(f"--output-tag {args.output_tag!r}: use letters, digits, '-' and '_' only")
     device = resolve_device(args.device)
     model, meta, threshold, source = load_trained_model(args.model, device, args.score_threshold)
     print(f"predict_video: score threshold {threshold:g} ({source})")
@@ -59,8 +64,9 @@ def main(args) -> int:
         summary = predict_video(model, device, args.source, args.output_dir, threshold, stride=args.stride,
                                 output_video=args.output_video, show=args.show, max_frames=args.max_frames,
                                 max_seconds=args.max_seconds, tta=args.tta, progress=bar.update,
-                                settings={"model": str(args.model), "score_threshold_source": source})
-    write_run_record(f"{args.output_dir}/predict_video_run.json", "predict_video", {**vars(args), "device": str(device)},
+                                settings={"model": str(args.model), "score_threshold_source": source},
+                                tag=args.output_tag)
+    write_run_record(f"{args.output_dir}/{video_output_names(args.output_tag)['run_record']}", "predict_video", {**vars(args), "device": str(device)},
                      [args.model] + ([args.source] if summary["kind"] == "file" else []))
     print(compliance_line(summary["overall"]) + f" (pooled over {summary['frames_processed']} frames; "
           f"mean per frame {summary['mean_percent_per_frame']})")

@@ -16,7 +16,8 @@ from utils.pegasus.runtimes import (GRACE_MIN, MIN_RUNTIME_S, SAFETY, SECONDS_PE
 def config(train=70, val=10, test=20, pred=20, site=None, **overrides):
     entries = [SplitEntry(Path(f"{split}{i}.jpg"), Path(f"{split}{i}.xml"), split)
                for split, n in (("train", train), ("val", val), ("test", test)) for i in range(n)]
-    values = dict(entries=entries, pred_shards=[ShardFile(Path("pred.tar"), pred)], gpus=0, image_size=512,
+    values = dict(entries=entries, pred_shards=[ShardFile(Path("pred.tar"), pred)], pred_videos=[], video_stride=5,
+                  gpus=0, image_size=512,
                   augment_copies=0, rare_factor=0, trials=2, hpo_jobs=2, hpo_epochs=1, epochs=2, time_budget=None)
     values.update(overrides)
     return SimpleNamespace(**values, execution_site_config=lambda: site or {})

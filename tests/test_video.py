@@ -68,3 +68,37 @@ def test_unreadable_sources_fail_with_one_line(root, tiny_model_file, tmp_path, 
                                             "--output-dir", tmp_path / "out", "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and problem in err and "Traceback" not in err
+
+
+def test_workflow_pred_videos_fans_out_one_job_per_video(root, sample_dir, clip, tmp_path):
+    import shutil
+
+    import yaml
+
+    import workflow as generator
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    shutil.copyfile(clip, videos / "gate a.mp4")
+    shutil.copyfile(clip, videos / "gate-b.mp4")
+    run_dir = tmp_path / "run"
+    args = generator.get_args_parser().parse_args(["--data", str(sample_dir), "--run-dir", str(run_dir),
+                                                   "--generate-only", "--pred-videos", str(videos),
+                                                   "--video-stride", "3"])
+    assert generator.main(args) == 0
+    jobs = {job["id"]: job for job in yaml.safe_load((run_dir / "workflow.yml").read_text())["jobs"]}
+    assert {"predict_video_gate_a", "predict_video_gate-b"} <= set(jobs)
+    job = jobs["predict_video_gate_a"]
+    assert job["arguments"][:2] == ["--source", "video_gate a.mp4"] and "--stride" in job["arguments"]
+    outputs = {use["lfn"] for use in job["uses"] if use["type"] == "output" and use["stageOut"]}
+    assert outputs == {"video_frames_gate_a.csv", "compliance_over_time_gate_a.png", "video_summary_gate_a.json",
+                       "predict_video_gate_a_run.json", "annotated_gate_a.mp4"}
+    # the declared outputs are the names bin/predict_video.py --output-tag gives its files
+    from utils.detection.video import video_output_names
+
+    assert outputs == {*video_output_names("gate_a").values(), "annotated_gate_a.mp4"}
+    # a video OpenCV cannot read stops the generator with one line
+    (videos / "notes.mp4").write_text("not a video")
+    args = generator.get_args_parser().parse_args(["--data", str(sample_dir), "--run-dir", str(tmp_path / "bad"),
+                                                   "--generate-only", "--pred-videos", str(videos)])
+    assert generator.main(args) == 2

@@ -76,6 +76,7 @@ HPO_PRUNER_WARMUP_EPOCHS = 0
 
 # -- inference, evaluation and prediction -------------------------------------------------
 PREDICT_IMAGES_PER_JOB = 1000 # workflow: images per predict job (shard), ~20 min on 2 CPU cores, ~1 min on a GPU
+VIDEO_STRIDE = 5               # predict_video / workflow --pred-videos: every 5th frame (5 a second at 25 fps)
 ANNOTATE_MAX = 500             # workflow: annotated images drawn over the whole prediction set, spread evenly
 SCORE_THRESHOLD = 0.5          # operating point: detections at or above it count as faces
 INFERENCE_BATCH_SIZE = 4       # images per model call

@@ -32,6 +32,13 @@ from .plots import draw_detections
 CSV_FIELDS = ("frame", "time_s", "faces", *CLASSES, "percent_properly_masked")
 
 
+def video_output_names(tag: str | None = None) -> dict[str, str]:
+    """File names of a video run's outputs; with a *tag* (a workflow's video) they carry it."""
+    suffix = f"_{tag}" if tag else ""
+    return {"frames_csv": f"video_frames{suffix}.csv", "plot": f"compliance_over_time{suffix}.png",
+            "summary": f"video_summary{suffix}.json", "run_record": f"predict_video{suffix}_run.json"}
+
+
 def open_source(source: str) -> tuple[cv2.VideoCapture, str]:
     """(capture, kind) for a file, a URL (rtsp://, http://) or a camera index; InputError naming it."""
     kind = "camera" if source.isdigit() else ("stream" if "://" in source else "file")
@@ -66,7 +73,7 @@ def _annotate(frame_bgr: np.ndarray, out: dict) -> np.ndarray:
 def predict_video(model, device, source: str, output_dir, score_threshold: float, stride: int = 1,
                   output_video=None, show: bool = False, max_frames: int | None = None,
                   max_seconds: float | None = None, tta: bool = False, settings: dict | None = None,
-                  progress=None) -> dict:
+                  progress=None, tag: str | None = None) -> dict:
     """Run the detector over *source*; write the CSV, plot, summary (and video); return the summary."""
     if stride < 1:
         raise InputError(f"--stride must be at least 1, got {stride}")
@@ -125,7 +132,7 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
     if not run.rows:
         raise InputError(f"{source}: no frame was processed (check --max-frames/--max-seconds and the source)")
     return _write_outputs(run, output_dir, source, kind, fps, stride, score_threshold, tta, settings, writer_path,
-                          time.perf_counter() - started)
+                          time.perf_counter() - started, video_output_names(tag))
 
 
 def _show(frame_bgr: np.ndarray) -> bool:
@@ -139,15 +146,15 @@ def _show(frame_bgr: np.ndarray) -> bool:
 
 
 def _write_outputs(run: VideoRun, output_dir: Path, source, kind, fps, stride, threshold, tta, settings,
-                   video_path, seconds) -> dict:
+                   video_path, seconds, names: dict) -> dict:
     from .plots import plot_compliance_over_time
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(run.rows)
-    csv_path = write_text(output_dir / "video_frames.csv", buffer.getvalue())
-    plot_path = output_dir / "compliance_over_time.png"
+    csv_path = write_text(output_dir / names["frames_csv"], buffer.getvalue())
+    plot_path = output_dir / names["plot"]
     plot_compliance_over_time([r["time_s"] for r in run.rows], [r["percent_properly_masked"] for r in run.rows],
                               [r["faces"] for r in run.rows], plot_path, source)
     with_faces = [r["percent_properly_masked"] for r in run.rows if r["percent_properly_masked"] is not None]
@@ -159,5 +166,5 @@ def _write_outputs(run: VideoRun, output_dir: Path, source, kind, fps, stride, t
                "mean_percent_per_frame": round(sum(with_faces) / len(with_faces), 2) if with_faces else None,
                "outputs": {"frames_csv": str(csv_path), "plot": str(plot_path),
                            "video": str(video_path) if video_path else None}}
-    write_json(output_dir / "video_summary.json", summary)
+    write_json(output_dir / names["summary"], summary)
     return summary

@@ -121,6 +121,19 @@ class ShardFile:
         return self.path.stem
 
 
+@dataclass(frozen=True)
+class VideoFile:
+    """One video of --pred-videos and its frame count (from its header)."""
+
+    path: Path
+    frames: int
+
+    @property
+    def tag(self) -> str:
+        """Names the video's job and outputs: the file stem, with anything but letters, digits, - and _ as _."""
+        return "".join(c if c.isalnum() or c in "-_" else "_" for c in self.path.stem)
+
+
 @dataclass
 class WorkflowConfig:
     """Everything the generator needs; checked on creation. Defaults are utils/defaults.py's."""
@@ -152,6 +165,8 @@ class WorkflowConfig:
     noise_std: float = D.NOISE_STD
     max_size: int | None = D.PREPROCESS_MAX_SIZE
     annotate_max: int = D.ANNOTATE_MAX
+    pred_videos: list[VideoFile] = field(default_factory=list)
+    video_stride: int = D.VIDEO_STRIDE
     score_threshold: float | None = None  # None: the model's own, chosen by train on the validation split
     label_map: str = D.LABEL_MAP  # --label-map text, handed to the jobs that read XML when not empty
     weights_file: Path | None = None
@@ -176,6 +191,10 @@ class WorkflowConfig:
             raise ConfigError(f"--time-budget {self.time_budget:g}: must be a positive number of minutes")
         if self.annotate_max < 0:
             raise ConfigError(f"--annotate-max {self.annotate_max}: must be 0 or more")
+        if self.video_stride < 1:
+            raise ConfigError(f"--video-stride {self.video_stride}: must be at least 1")
+        if len({video.tag for video in self.pred_videos}) != len(self.pred_videos):
+            raise ConfigError("--pred-videos: two videos have the same name once reduced to letters, digits, - and _")
         if not self.pred_shards:
             raise ConfigError("no images to predict on")
         if len({shard.tag for shard in self.pred_shards}) != len(self.pred_shards):
@@ -216,7 +235,7 @@ class WorkflowConfig:
 
 
 def config_from_args(args, project_root: Path, entries: list[SplitEntry], split_csv: Path,
-                     pred_shards: list[ShardFile], data_shards=None) -> WorkflowConfig:
+                     pred_shards: list[ShardFile], data_shards=None, pred_videos=()) -> WorkflowConfig:
     """The WorkflowConfig of workflow.py's flags; sites.yml fills what the flags leave open."""
     sites_config = load_sites_config(args.sites_config)
     container = sites_config.get("container", {})
@@ -227,6 +246,7 @@ def config_from_args(args, project_root: Path, entries: list[SplitEntry], split_
         weights_file = cached_weights()
     return WorkflowConfig(
         run_dir=args.run_dir, split_csv=split_csv, entries=entries, pred_shards=pred_shards, data_shards=data_shards,
+        pred_videos=list(pred_videos), video_stride=args.video_stride,
         sites_config=sites_config, project_root=project_root,
         properties_file=args.properties if args.properties and args.properties.exists() else None,
         execution_site=args.execution_site or sites_config.get("execution_site", "condorpool"),

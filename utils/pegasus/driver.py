@@ -31,6 +31,11 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
                       help="images to predict on: a folder of images, packed into shards of --images-per-job "
                            "in RUN_DIR/pred_shards, or a shard folder of bin/make_shards.py, used as it is; one "
                            "predict job per shard (default: the test split's images)")
+    data.add_argument("--pred-videos", type=Path, default=None,
+                      help="folder of videos: one predict_video job per video (per-frame CSV, plot, summary, "
+                           "annotated video) (default: none)")
+    data.add_argument("--video-stride", type=int, default=D.VIDEO_STRIDE,
+                      help="with --pred-videos: process every N-th frame")
     data.add_argument("--shard-data-above", type=int, default=D.SHARD_DATA_ABOVE,
                       help=f"above this many usable images, each split travels as .tar shards of "
                            f"{D.DATA_SHARD_IMAGES} images (RUN_DIR/data_shards), not as one replica per file")

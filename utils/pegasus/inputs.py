@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..atomic import write_text
 from ..classes import NO_LABEL_MAP, LabelMap
-from .config import ConfigError, ShardFile, SplitEntry
+from .config import ConfigError, ShardFile, SplitEntry, VideoFile
 
 
 def read_split_csv(path: Path, data_dir: Path) -> list[SplitEntry]:
@@ -142,3 +142,27 @@ def _index_json(folder: Path) -> dict:
         return json.loads((folder / "index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
+
+
+def find_videos(folder: Path) -> list[VideoFile]:
+    """The videos directly in *folder* (--pred-videos), with their frame counts read from the headers;
+    a video OpenCV cannot open is a ConfigError naming it (a job would only fail later)."""
+    import cv2
+
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: --pred-videos folder not found")
+    videos = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS):
+        capture = cv2.VideoCapture(str(path))
+        try:
+            if not capture.isOpened():
+                raise ConfigError(f"{path}: not a video OpenCV can read")
+            videos.append(VideoFile(path.resolve(), max(1, int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0))))
+        finally:
+            capture.release()
+    if not videos:
+        raise ConfigError(f"{folder}: no videos ({', '.join(VIDEO_EXTENSIONS)}) in --pred-videos")
+    return videos

@@ -71,6 +71,7 @@ def workloads(config) -> dict[str, float]:
         "evaluate": counts["test"] * infer_s,
         "predict": max(shard.images for shard in config.pred_shards) * infer_s,
         "merge_predictions": sum(shard.images for shard in config.pred_shards) * MERGE_S_PER_IMAGE,
+        "predict_video": max((video.frames for video in config.pred_videos), default=0) / config.video_stride * infer_s,
     }
 
 
