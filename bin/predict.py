@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from utils.cli import add_model_run_args, check_model_run_args, run_job
+from utils.cli import add_model_run_args, check_model_run_args, check_output_tag, run_job
 from utils.detection.engine import resolve_device
 from utils.detection.evaluation import load_trained_model
 from utils.detection.prediction import output_names, predict_images, summary_line
@@ -54,8 +54,7 @@ def main(args) -> int:
     check_model_run_args(args)
     if args.annotate_max is not None and args.annotate_max < 0:
         raise InputError(f"--annotate-max must be 0 or more, got {args.annotate_max}")
-    if args.output_tag is not None and not args.output_tag.replace("-", "").replace("_", "").isalnum():
-        raise InputError(f"--output-tag {args.output_tag!r}: use letters, digits, '-' and '_' only")
+    check_output_tag(args.output_tag)
     device = resolve_device(args.device)
     model, meta, score_threshold, source = load_trained_model(args.model, device, args.score_threshold)
     print(f"predict: score threshold {score_threshold:g} ({source})")

@@ -20,7 +20,8 @@ import sys
 
 from tqdm import tqdm
 
-from utils.cli import run_job
+from utils import defaults as D
+from utils.cli import check_output_tag, run_job
 from utils.detection.compliance import compliance_line
 from utils.detection.engine import resolve_device
 from utils.detection.evaluation import load_trained_model
@@ -35,7 +36,8 @@ def get_args_parser():
     parser.add_argument("--model", required=True, help="model file written by bin/train.py")
     parser.add_argument("--output-dir", required=True, help="folder for the CSV, plot and summary")
     parser.add_argument("--output-video", default=None, help="annotated video to write (.mp4) (default: none)")
-    parser.add_argument("--stride", type=int, default=5, help="process every N-th frame (default: 5)")
+    parser.add_argument("--stride", type=int, default=D.VIDEO_STRIDE,
+                        help=f"process every N-th frame (default: {D.VIDEO_STRIDE})")
     parser.add_argument("--max-frames", type=int, default=None, help="stop after N processed frames (default: none)")
     parser.add_argument("--max-seconds", type=float, default=None, help="stop at this video time (default: none)")
     parser.add_argument("--show", action="store_true", help="show the annotated frames in a window (webcam mode)")
@@ -55,8 +57,7 @@ def main(args) -> int:
     for flag in ("max_frames", "max_seconds"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise InputError(f"--{flag.replace('_', '-')} must be positive")
-    if args.output_tag is not None and not args.output_tag.replace("-", "").replace("_", "").isalnum():
-        raise InputError(f"--output-tag {args.output_tag!r}: use letters, digits, '-' and '_' only")
+    check_output_tag(args.output_tag)
     device = resolve_device(args.device)
     model, meta, threshold, source = load_trained_model(args.model, device, args.score_threshold)
     print(f"predict_video: score threshold {threshold:g} ({source})")

@@ -142,6 +142,12 @@ def add_model_run_args(parser, threshold_use: str) -> None:
                         help=f"where the model runs; auto uses CUDA when available (default: {D.DEVICE})")
 
 
+def check_output_tag(tag: str | None) -> None:
+    """--output-tag names output files (one job per shard or video): letters, digits, - and _ only."""
+    if tag is not None and not tag.replace("-", "").replace("_", "").isalnum():
+        raise InputError(f"--output-tag {tag!r}: use letters, digits, '-' and '_' only")
+
+
 def check_model_run_args(args) -> None:
     """Raise InputError naming the flag when --score-threshold or --batch-size cannot be used."""
     if args.score_threshold is not None and not 0.0 <= args.score_threshold <= 1.0:
