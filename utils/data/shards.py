@@ -32,6 +32,7 @@ from pathlib import Path
 
 from ..atomic import atomic_path, write_json, write_text
 from ..errors import InputError
+from ..provenance import file_sha256
 from .images import is_image_name
 
 INDEX_JSON = "index.json"
@@ -105,11 +106,7 @@ def check_shard_files(index: ShardIndex) -> None:
 def verify(index: ShardIndex, workers: int = 4) -> list[str]:
     """The shards whose sha256 differs from the index (reads every shard)."""
     def bad(shard: Shard) -> str | None:
-        digest = hashlib.sha256()
-        with open(index.folder / shard.name, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return shard.name if digest.hexdigest() != shard.sha256 else None
+        return shard.name if file_sha256(index.folder / shard.name) != shard.sha256 else None
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return [name for name in pool.map(bad, index.shards) if name]
@@ -167,11 +164,7 @@ def _write_shard(path: Path, members: list[tuple[Path, Path | None]]) -> tuple[S
                         row["annotation"] = file.name
                         count_xml += 1
                 rows.append(row)
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return Shard(path.name, len(members), count_xml, path.stat().st_size, digest.hexdigest()), rows
+    return Shard(path.name, len(members), count_xml, path.stat().st_size, file_sha256(path)), rows
 
 
 def write_shards(items: list[tuple[Path, Path | None]], out_dir, shard_size: int, workers: int = 4,
@@ -215,6 +208,22 @@ def write_shards(items: list[tuple[Path, Path | None]], out_dir, shard_size: int
              "shards": [vars(shard) for shard in shards]}
     write_json(out_dir / INDEX_JSON, index)
     return ShardIndex(out_dir, shards, shard_size)
+
+
+def pack_or_reuse(items: list[tuple[Path, Path | None]], out_dir, shard_size: int, source: str,
+                  skipped: list[dict] | None = None) -> ShardIndex:
+    """The shards of *items* in *out_dir*: the ones already there when they were packed from the same
+    files (names, sizes, times: source_signature) at the same size, else packed anew (write_shards)."""
+    out_dir = Path(out_dir)
+    signature = source_signature(items)
+    try:
+        previous = json.loads((out_dir / INDEX_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        previous = {}
+    if previous.get("source_signature") == signature and previous.get("shard_size") == shard_size:
+        return read_index(out_dir)
+    return write_shards(items, out_dir, shard_size, skipped=skipped,
+                        extra={"source": source, "source_signature": signature})
 
 
 def read_index_csv(folder) -> list[dict]:

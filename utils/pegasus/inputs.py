@@ -80,8 +80,7 @@ def prediction_shards(pred_images: Path | None, entries: list[SplitEntry], run_d
     images per shard, and a rerun over the unchanged images (same names, sizes and times)
     reuses those shards.
     """
-    from ..data.shards import (check_shard_files, collect_images, is_shard_folder, read_index,
-                               source_signature, write_shards)
+    from ..data.shards import check_shard_files, collect_images, is_shard_folder, pack_or_reuse, read_index
     from ..errors import InputError
 
     if images_per_job < 1:
@@ -90,7 +89,7 @@ def prediction_shards(pred_images: Path | None, entries: list[SplitEntry], run_d
         if pred_images is not None and is_shard_folder(pred_images):
             index = read_index(pred_images)
             check_shard_files(index)
-            return [ShardFile(path.resolve(), shard.images) for path, shard in zip(index.paths(), index.shards)]
+            return _shard_files(index, resolve=True)
         if pred_images is not None:
             if not pred_images.is_dir():
                 raise ConfigError(f"{pred_images}: --pred-images folder not found")
@@ -102,22 +101,17 @@ def prediction_shards(pred_images: Path | None, entries: list[SplitEntry], run_d
             skipped, source = [], "test split"
         if not items:
             raise ConfigError(f"{pred_images or 'the test split'}: no images to predict on")
-        out_dir, signature = run_dir / "pred_shards", source_signature(items)
-        previous = _index_json(out_dir)
-        if not (previous.get("source_signature") == signature and previous.get("shard_size") == images_per_job):
-            write_shards(items, out_dir, images_per_job, skipped=skipped,
-                         extra={"source": source, "source_signature": signature})
-        index = read_index(out_dir)
+        return _shard_files(pack_or_reuse(items, run_dir / "pred_shards", images_per_job, source, skipped))
     except InputError as error:
         raise ConfigError(str(error)) from None
-    return [ShardFile(path, shard.images) for path, shard in zip(index.paths(), index.shards)]
 
 
 def data_shards(entries: list[SplitEntry], run_dir: Path, images_per_shard: int) -> dict[str, list[ShardFile]]:
     """Each split's clean pairs (image, annotations_clean/ XML) packed into RUN_DIR/data_shards/<split>/,
     so that the workflow's replicas and file uses grow with the shards, not the images. A rerun over
     unchanged pairs reuses the shards."""
-    from ..data.shards import read_index, source_signature, write_shards
+    from ..data.shards import pack_or_reuse
+    from ..errors import InputError
 
     shards = {}
     for split in ("train", "val", "test"):
@@ -125,23 +119,18 @@ def data_shards(entries: list[SplitEntry], run_dir: Path, images_per_shard: int)
                        key=lambda item: item[0].name)
         if not items:
             raise ConfigError(f"the {split} split is empty; add images or change --fractions")
-        out_dir, signature = run_dir / "data_shards" / split, source_signature(items)
-        previous = _index_json(out_dir)
-        if not (previous.get("source_signature") == signature and previous.get("shard_size") == images_per_shard):
-            write_shards(items, out_dir, images_per_shard, extra={"source": f"{split} split",
-                                                                  "source_signature": signature})
-        index = read_index(out_dir)
-        shards[split] = [ShardFile(path, shard.images) for path, shard in zip(index.paths(), index.shards)]
+        try:
+            index = pack_or_reuse(items, run_dir / "data_shards" / split, images_per_shard, f"{split} split")
+        except InputError as error:
+            raise ConfigError(str(error)) from None
+        shards[split] = _shard_files(index)
     return shards
 
 
-def _index_json(folder: Path) -> dict:
-    import json
-
-    try:
-        return json.loads((folder / "index.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+def _shard_files(index, resolve: bool = False) -> list[ShardFile]:
+    """The shards of a ShardIndex as the generator's ShardFiles (path, images)."""
+    return [ShardFile(path.resolve() if resolve else path, shard.images)
+            for path, shard in zip(index.paths(), index.shards)]
 
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
