@@ -237,12 +237,14 @@ def read_index_csv(folder) -> list[dict]:
 
 
 def source_signature(items: list[tuple[Path, Path | None]]) -> str:
-    """A hash of the names, sizes and modification times of *items*: equal when a folder is unchanged
-    (cheap: no file is read), so that a rerun reuses the shards it made."""
+    """A hash of what *items* hold: each image's name, size and modification time (no image is read)
+    and each XML file's name and bytes. Equal when the files are unchanged, so that a rerun reuses
+    the shards it made; the XML is hashed by content because the generator rewrites
+    annotations_clean/ on every run (new times, same bytes), and XML files are small."""
     digest = hashlib.sha256()
     for image, annotation in items:
-        for file in (image, annotation):
-            if file is not None:
-                stat = file.stat()
-                digest.update(f"{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        stat = image.stat()
+        digest.update(f"{image.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        if annotation is not None:
+            digest.update(f"{annotation.name}\0".encode() + hashlib.sha256(annotation.read_bytes()).digest())
     return digest.hexdigest()
