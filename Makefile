@@ -22,9 +22,10 @@ setup: $(STAMP) weights
 
 # The project itself is installed editable (pyproject.toml), so that bin/, workflow.py,
 # tests and benchmarks import `utils` without sys.path edits.
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --disable-pip-version-check -q -r requirements-dev.txt
+	$(PIP) install --disable-pip-version-check -q --no-deps -r requirements-nodeps.txt
 	$(PIP) install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $@
 

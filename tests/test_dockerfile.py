@@ -43,15 +43,18 @@ def test_install_step_uses_the_project_requirements_file(root):
     for keyword, args in steps:
         if keyword == "COPY":
             *sources, destination = shlex.split(args)
-            for source in sources:
-                copies[destination] = source
+            for source in sources:  # COPY a b /dir/ puts /dir/a and /dir/b
+                copies[destination + source if destination.endswith("/") else destination] = source
     runs = [args for keyword, args in steps if keyword == "RUN"]
     installs = [install for run in runs for install in pip_installs(run)]
-    requirement_files = [install[install.index("-r") + 1] for install in installs if "-r" in install]
+    requirement_files = {install[install.index("-r") + 1]: install for install in installs if "-r" in install}
     assert requirement_files, "no `pip install -r` in the Dockerfile"
-    for path in requirement_files:
-        # the file pip reads is the project's requirements.txt, copied in as such
-        assert copies.get(path) == "requirements.txt", (path, copies)
+    # the files pip reads are the project's own, copied in as such: requirements.txt with its
+    # dependencies, requirements-nodeps.txt without them (as make setup installs them)
+    assert sorted(requirement_files) == ["/tmp/requirements-nodeps.txt", "/tmp/requirements.txt"]
+    assert all(copies.get(path) == path.rsplit("/", 1)[1] for path in requirement_files), copies
+    assert "--no-deps" in requirement_files[
+        "/tmp/requirements-nodeps.txt"] and "--no-deps" not in requirement_files["/tmp/requirements.txt"]
     # TORCH_INDEX (the CPU variant) installs torch and torchvision at the pins read from
     # that same file, and nothing else
     indexed = [install for install in installs if "--index-url" in install]
@@ -89,7 +92,7 @@ def test_dockerignore_keeps_environments_and_runs_out(root):
 
 
 def test_requirements_are_pinned(root):
-    for line in (root / "requirements.txt").read_text().splitlines():
+    for line in ((root / "requirements.txt").read_text() + (root / "requirements-nodeps.txt").read_text()).splitlines():
         line = line.split("#")[0].strip()
         if line:
             assert re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[^=\s]+", line), line

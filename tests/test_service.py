@@ -35,9 +35,10 @@ def test_health_model_and_openapi(client):
     assert info["backbone"] == "mobilenet_v2_fpn" and info["image_size"] == 128
     assert 0 < info["score_threshold"] <= 1 and info["limits"] == {"max_upload_mb": 1, "max_images": 3}
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/api/health", "/api/model", "/api/predict"} <= set(paths)
+    assert {"/api/health", "/api/model", "/api/predict", "/api/explain"} <= set(paths)
     params = {p["name"] for p in paths["/api/predict"]["post"]["parameters"]}
-    assert params == {"score_threshold", "tta", "annotated"}
+    assert params == {"score_threshold", "tta", "annotated", "explain"}
+    assert {p["name"] for p in paths["/api/explain"]["post"]["parameters"]} == {"box", "label", "method"}
 
 
 def test_predict_two_images_with_compliance_and_annotated_pictures(client, sample_dir):
@@ -157,6 +158,14 @@ def test_the_page_in_a_real_browser_shows_boxes_and_compliance_and_refilters(tin
         card = browser.find_element(By.CSS_SELECTOR, ".card")
         assert "face(s)" in card.text and len(card.find_elements(By.CSS_SELECTOR, "tbody tr")) == at_floor
         assert browser.execute_script("return performance.getEntriesByType('resource').length") == requests_before
+        # clicking a box asks /api/explain for that box and shows the heat map in its card
+        browser.find_elements(By.CSS_SELECTOR, ".box")[-1].click()  # the last drawn lies on top of the others
+        picture = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, ".card .explain img.explanation")))
+        wait.until(lambda b: b.execute_script("const i = document.querySelector('.explain img');"
+                                              "return i.complete && i.naturalWidth > 0"))
+        assert "of the heat lies inside the box" in browser.find_element(By.CSS_SELECTOR, ".explain").text
+        assert picture.get_attribute("src").startswith("data:image/jpeg;base64,")
+        assert len(browser.find_elements(By.CSS_SELECTOR, ".box.chosen")) == 1
         assert browser.save_screenshot(str(tmp_path / "page.png"))
         # a bad upload is answered on the page with the service's reason
         bad = tmp_path / "notes.txt"

@@ -25,6 +25,8 @@ SHARD_DATA_ABOVE = 2000        # workflow: above this many images the splits tra
                                # per shard, not two per image); at or below, every file is its own replica
 DATA_SHARD_IMAGES = 1000       # images per shard of a sharded data set
 LABEL_MAP = ""                 # --label-map SOURCE=CLASS,...: other data sets' object names -> our classes; "" maps none
+FOLDS = 0                      # workflow --folds K: K-fold cross-validation on the train+val pool (K train +
+                               # evaluate jobs, group-aware and stratified like the split); 0: none
 
 # -- model -------------------------------------------------------------------------------
 BACKBONE = "mobilenet_v2_fpn"  # the only backbone whose ImageNet weights are available offline here
@@ -56,6 +58,12 @@ REPEAT_THRESHOLD = 0.3         # repeat-factor sampling (LVIS): images of classe
 EMA_DECAY = 0.0                # exponential moving average of the weights (validation and the model file); 0 off
 TIME_BUDGET = None             # minutes of training (validation included); epochs are fitted to it. None: EPOCHS
 AMP = True                     # mixed precision on CUDA (never on a CPU)
+STAGES = None                  # --stages: staged training, e.g. [{epochs: 3, lr: 0.02, trainable_layers: 0},
+                               # {epochs: 10, lr: 0.005, trainable_layers: 5}]; each stage a fresh warm-up +
+                               # cosine and a new optimizer (utils/detection/stages.py). None: one stage of EPOCHS
+TENSORBOARD_DIR = None         # --tensorboard-dir of train and hpo; None writes no events (a hand run stays clean)
+TENSORBOARD_EVERY = 10         # train: the step losses and lr are written as means over this many steps
+TENSORBOARD_IMAGES = 4         # train: validation images with predicted boxes written each epoch (at most this)
 VAL_MODE = "monitor"           # monitor: val held out, logged every epoch and used to choose the score threshold;
                                # merge: train on train+val (no held-out images: the threshold stays the default)
 
@@ -79,6 +87,10 @@ PREDICT_IMAGES_PER_JOB = 1000 # workflow: images per predict job (shard), ~20 mi
 VIDEO_STRIDE = 5               # predict_video / workflow --pred-videos: every 5th frame (5 a second at 25 fps)
 ANNOTATE_MAX = 500             # workflow: annotated images drawn over the whole prediction set, spread evenly
 SCORE_THRESHOLD = 0.5          # operating point: detections at or above it count as faces
+ENSEMBLE_WBF_IOU = 0.55        # predict --model A B ...: boxes of several models overlapping more than this
+                               # are one face, fused by weighted box fusion (ensemble-boxes' default)
+EXPLAIN_METHOD = "hirescam"    # --explain: hirescam (per box, stays on the evidence the box used) | gradcam | eigencam
+EXPLAIN_MAX_BOXES = 5          # --explain: highest-scoring boxes explained per image (a backward pass each)
 INFERENCE_BATCH_SIZE = 4       # images per model call
 DECODE_WORKERS = -1            # image-decoding processes; -1 picks a share of the CPUs
 DEVICE = "auto"                # auto | cpu | cuda

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..atomic import write_json, write_text
+from ..atomic import atomic_path, write_json, write_text
 from ..classes import NAME_OF
 from ..data.images import is_image_name
 from .inference import Detections, ImageItem, Skipped, detect_files
@@ -132,14 +132,17 @@ def annotation_sample(count: int, limit: int | None) -> set[int]:
 def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", score_threshold: float = 0.5,
                    tta: bool = False, batch_size: int = 4, num_workers: int | None = None,
                    annotate: bool = True, progress=None, settings: dict | None = None,
-                   annotate_max: int | None = None, annotated_tar=None, tag: str | None = None) -> PredictionRun:
+                   annotate_max: int | None = None, annotated_tar=None, tag: str | None = None,
+                   explain: str | None = None, explain_max_boxes: int = 5) -> PredictionRun:
     """Run the predict job and write its outputs; returns what was written.
 
     *progress* is an optional callable taking the number of finished images (for a tqdm bar).
     *settings* is copied into predictions.json and compliance.json (model file, flags).
     *annotate_max* draws only that many images, spread evenly; *annotated_tar* packs the drawn
     images into one .tar instead of a folder (what a workflow stages out); *tag* names the outputs
-    (output_names).
+    (output_names). *explain* (a method of utils.detection.explain) also writes, for each drawn
+    image, an overlay of the class evidence of each of its *explain_max_boxes* best detections
+    (explain_<stem>_<k>.jpg beside the annotated image; k indexes the image's detections).
     """
     output_dir = Path(output_dir)
     annotated_dir = Path(annotated_dir) if annotated_dir else output_dir / "annotated"
@@ -160,8 +163,12 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
                 run.skipped.append({"file": result.item.name, "reason": result.reason})
                 continue
             annotated = None
+            explained = []
             if result.item.name in drawn:
                 annotated = _annotated_name(result.item, used_names)
+                if explain:
+                    explained = _write_explanations(model, result, device, explain, explain_max_boxes, annotated,
+                                                    annotated_dir, writer, pending)
                 pil = Image.fromarray(result.image.permute(1, 2, 0).numpy())
                 pending.append(writer.submit(save_annotated, pil, result.boxes, result.labels, result.scores,
                                              annotated_dir / annotated))
@@ -169,6 +176,8 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
                 if len(pending) > 4 * batch_size:  # bound the images held in memory by queued writes
                     pending.pop(0).result()
             run.images.append(_image_record(result, annotated))
+            if explain and annotated:
+                run.images[-1]["explanations"] = explained
             if progress is not None:
                 progress(1)
         for future in pending:
@@ -194,6 +203,27 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
         "annotated_tar": Path(annotated_tar) if annotated_tar is not None else None,
     }
     return run
+
+
+def _write_explanations(model, result: Detections, device, method: str, max_boxes: int, annotated: str,
+                        folder: Path, writer, pending: list) -> list[dict]:
+    """Explain one image's best detections (utils.detection.explain); overlays are written by *writer*."""
+    from .explain import explain_image
+
+    records = []
+    stem = annotated[len("annotated_"):-len(".jpg")]
+    for explanation in explain_image(model, result.image, result.boxes, result.labels, result.scores, device,
+                                     method, max_boxes):
+        name = f"explain_{stem}_{explanation.index}.jpg"
+        pending.append(writer.submit(_save_jpeg, explanation.overlay, folder / name))
+        records.append({"detection": explanation.index, "label": explanation.label, "score": explanation.score,
+                        "method": method, "file": name, "evidence_in_box": round(explanation.evidence_in_box, 4)})
+    return records
+
+
+def _save_jpeg(picture: Image.Image, path: Path, quality: int = 90) -> None:
+    with atomic_path(path) as tmp:
+        picture.save(tmp, format="JPEG", quality=quality)
 
 
 def summary_line(run: PredictionRun) -> str:

@@ -1,0 +1,153 @@
+"""Explanations of detections (utils/detection/explain.py, grad-cam package): the maps, predict --explain,
+and the service's explain endpoints. The page's click-to-explain is in tests/test_service.py's browser test."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("pytorch_grad_cam", reason="grad-cam not installed (make setup installs it)")
+
+from utils.detection.evaluation import load_trained_model  # noqa: E402
+from utils.detection.explain import crop_region, evidence_share, explain_image  # noqa: E402
+from utils.detection.inference import detect, to_model_input  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_and_image(tiny_model_file, sample_dir):
+    from PIL import Image
+
+    model, *_ = load_trained_model(tiny_model_file, "cpu")
+    path = sorted((sample_dir / "images").glob("*.jpg"))[0]
+    image = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    out = detect(model, [to_model_input(image, "cpu")], score_threshold=0.05)[0]
+    assert len(out["boxes"]) >= 2, "the untrained tiny model gives many low-score boxes"
+    return model, image, out
+
+
+def test_hirescam_maps_are_per_box_and_stay_on_the_box(model_and_image):
+    model, image, out = model_and_image
+    explanations = explain_image(model, image, out["boxes"], out["labels"], out["scores"], "cpu", "hirescam", 3)
+    assert [e.index for e in explanations] == torch.argsort(out["scores"], descending=True)[:3].tolist()
+    height, width = image.shape[-2:]
+    for e in explanations:
+        assert e.heatmap.shape == (height, width) and e.heatmap.dtype == np.float32
+        assert 0.0 <= e.heatmap.min() and e.heatmap.max() <= 1.0 + 1e-6 and e.heatmap.max() > 0.5
+        x0, y0, x1, y1 = e.box
+        area_share = (x1 - x0) * (y1 - y0) / (width * height)
+        # the box score's gradient reaches only the features RoIAlign sampled for the box
+        assert e.evidence_in_box > max(2 * area_share, 0.2), (e.evidence_in_box, area_share)
+        assert max(e.overlay.size) == 256 and e.overlay.mode == "RGB"
+    assert not np.allclose(explanations[0].heatmap, explanations[1].heatmap)  # one map per detection
+    # the model is left as it was: eval mode, the frozen layers still frozen, no gradients kept
+    assert not model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_eigencam_shares_one_map_between_the_boxes_of_an_image(model_and_image):
+    model, image, out = model_and_image
+    explanations = explain_image(model, image, out["boxes"], out["labels"], out["scores"], "cpu", "eigencam", 2)
+    assert len(explanations) == 2 and np.array_equal(explanations[0].heatmap, explanations[1].heatmap)
+
+
+def test_no_detections_no_explanations(model_and_image):
+    model, image, _ = model_and_image
+    assert explain_image(model, image, torch.zeros((0, 4)), torch.zeros(0), torch.zeros(0), "cpu") == []
+
+
+def test_evidence_share_and_crop_region():
+    heatmap = np.zeros((100, 200), np.float32)
+    heatmap[10:20, 30:40] = 1.0
+    heatmap[90, 190] = 100.0
+    assert evidence_share(heatmap, [30, 10, 40, 20]) == pytest.approx(100 / 200)
+    assert evidence_share(np.zeros((4, 4)), [0, 0, 2, 2]) == 0.0
+    # a box with one box size of context each side; a tiny box gets the minimum crop; crops stay inside
+    assert crop_region([50, 30, 80, 60], 200, 100) == (20, 0, 110, 90)
+    left, top, right, bottom = crop_region([0, 0, 4, 4], 200, 100)
+    assert (left, top) == (0, 0) and right - left == 64 and bottom - top == 64
+    assert crop_region([180, 80, 199, 99], 200, 100)[2:] == (200, 100)
+
+
+def test_predict_explain_writes_overlays_listed_in_predictions_json(root, tiny_model_file, sample_dir, tmp_path):
+    images = sorted((sample_dir / "images").glob("*.jpg"))[:2]
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(root / "bin/predict.py"), "--images", *map(str, images),
+                           "--model", str(tiny_model_file), "--output-dir", str(out), "--score-threshold", "0.05",
+                           "--explain", "--explain-max-boxes", "2", "--workers", "0"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads((out / "predictions.json").read_text())["images"]
+    for record in records:
+        listed = record["explanations"]
+        assert len(listed) == min(2, len(record["detections"])) and listed
+        for entry in listed:
+            detection = record["detections"][entry["detection"]]
+            assert (entry["label"], entry["score"]) == (detection["label"], detection["score"])
+            assert entry["method"] == "hirescam" and 0 < entry["evidence_in_box"] <= 1
+            assert (out / "annotated" / entry["file"]).stat().st_size > 1000
+
+
+def test_predict_explain_needs_annotated_images(root, tiny_model_file, sample_dir, tmp_path):
+    image = sorted((sample_dir / "images").glob("*.jpg"))[0]
+    proc = subprocess.run([sys.executable, str(root / "bin/predict.py"), "--images", str(image), "--model",
+                           str(tiny_model_file), "--output-dir", str(tmp_path), "--explain", "--no-annotated"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == ("predict: error: --explain explains the annotated images: drop "
+                                                    "--no-annotated (bound them with --annotate-max)")
+
+
+# ----------------------------------------------------------------------------- the service
+
+@pytest.fixture(scope="module")
+def client(tiny_model_file):
+    from fastapi.testclient import TestClient
+
+    from utils.service.app import ServiceConfig, create_app
+
+    with TestClient(create_app(ServiceConfig(model_path=tiny_model_file, explain_max_boxes=2))) as c:
+        yield c
+
+
+def _upload(sample_dir, field="files"):
+    path = sorted((sample_dir / "images").glob("*.jpg"))[0]
+    return [(field, (path.name, path.read_bytes(), "image/jpeg"))]
+
+
+def test_service_predict_with_explain_and_explain_one_box(client, sample_dir):
+    body = client.post("/api/predict?explain=true&score_threshold=0.05", files=_upload(sample_dir)).json()
+    detections = body["images"][0]["detections"]
+    explained = [d for d in detections if "explanation" in d]
+    assert len(explained) == 2  # explain_max_boxes, the best-scoring ones
+    assert {d["score"] for d in explained} == set(sorted((d["score"] for d in detections), reverse=True)[:2])
+    assert explained[0]["explanation"]["overlay"].startswith("data:image/jpeg;base64,")
+    target = detections[-1]
+    answer = client.post("/api/explain", params={"box": ",".join(map(str, target["box"])), "label": target["label"]},
+                         files=_upload(sample_dir, "file"))
+    assert answer.status_code == 200, answer.text
+    result = answer.json()
+    assert result["label"] == target["label"] and result["method"] == "hirescam"
+    assert result["score"] == pytest.approx(target["score"], abs=1e-3)
+    assert result["overlay"].startswith("data:image/jpeg;base64,") and 0 < result["evidence_in_box"] <= 1
+
+
+@pytest.mark.parametrize("params, reason", [
+    ({"box": "1,2,3", "label": "with_mask"}, "box '1,2,3': expected x1,y1,x2,y2"),
+    ({"box": "10,10,5,20", "label": "with_mask"}, "with x2 > x1 and y2 > y1"),
+    ({"box": "1,2,30,40", "label": "beard"}, "label 'beard': not one of with_mask"),
+    ({"box": "1,2,30,40", "label": "with_mask", "method": "magic"}, "method 'magic': not one of hirescam"),
+])
+def test_service_explain_refuses_bad_requests_with_a_reason(client, sample_dir, params, reason):
+    answer = client.post("/api/explain", params=params, files=_upload(sample_dir, "file"))
+    assert answer.status_code == 422 and reason in answer.json()["detail"]
+
+
+def test_service_explain_of_a_box_the_model_did_not_find_is_422(client, sample_dir):
+    answer = client.post("/api/explain", params={"box": "0,0,1,1", "label": "mask_weared_incorrect"},
+                         files=_upload(sample_dir, "file"))
+    assert answer.status_code == 422
+    assert "finds no mask_weared_incorrect detection overlapping box 0,0,1,1" in answer.json()["detail"]
