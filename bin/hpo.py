@@ -9,6 +9,8 @@ failed and their parameters enqueued again) and --n-trials is the total number
 of finished trials wanted, not the number of new ones. With --num-workers K,
 worker --worker-index I searches the I-th slice of the log learning-rate range
 with sampler seed --seed + I; bin/hpo_merge.py combines the workers' results.
+--tensorboard-dir writes each finished trial's objective and parameters as
+TensorBoard events (scalars per trial number and the HPARAMS tab).
 Exit 0 on success, 2 on bad input (one line naming the file or flag), 1 on a bug.
 """
 
@@ -24,6 +26,7 @@ from utils.cli import add_label_map_arg, run_job
 from utils.detection.engine import resolve_device
 from utils.detection.hpo import OBJECTIVES, HpoConfig, SearchSpace, run_study
 from utils.detection.model import BACKBONES
+from utils.detection.tensorboard_log import TensorBoardError, pack_events
 from utils.provenance import write_run_record
 from utils.stop import declare_outputs, stop_on_sigterm
 
@@ -92,6 +95,12 @@ def get_args_parser():
                    help=f"epochs of a trial before it can be pruned (default: {D.HPO_PRUNER_WARMUP_EPOCHS})")
     p.add_argument("--run-record", default=None,
                    help="run record JSON (default: <output stem>_run.json next to --output)")
+    p.add_argument("--tensorboard-dir", default=D.TENSORBOARD_DIR,
+                   help="write TensorBoard events here: per finished trial the objective, the parameters and "
+                        "the per-epoch objective; a continued study appends (default: none, no events)")
+    p.add_argument("--tensorboard-tar", default=None,
+                   help="pack --tensorboard-dir into this .tar at the end, as tensorboard/<folder name>/... "
+                        "(default: none)")
     return p
 
 
@@ -109,16 +118,21 @@ def main(args) -> int:
                        warmup_iters=args.warmup_iters, objective=args.objective, seed=args.seed,
                        label_map=LabelMap.parse(args.label_map))
     device = resolve_device(args.device)
+    if args.tensorboard_tar and not args.tensorboard_dir:
+        raise TensorBoardError("--tensorboard-tar needs --tensorboard-dir (the folder it packs)")
     output = Path(args.output)
     record = Path(args.run_record) if args.run_record else output.with_name(f"{output.stem}_run.json")
-    declare_outputs(output, record, checkpoints=[args.checkpoint])  # stand-ins if SIGTERM stops it (utils/stop.py)
+    # stand-ins if SIGTERM stops it (utils/stop.py)
+    declare_outputs(output, record, args.tensorboard_tar, checkpoints=[args.checkpoint])
     result = run_study(config, space, args.train_images, args.train_annotations, args.val_images,
                        args.val_annotations, journal=args.checkpoint, n_trials=args.n_trials, device=device,
                        study_name=args.study_name, worker_index=args.worker_index,
                        num_workers=args.num_workers, timeout=args.timeout,
                        pruner_startup_trials=args.pruner_startup_trials,
-                       pruner_warmup_epochs=args.pruner_warmup_epochs)
+                       pruner_warmup_epochs=args.pruner_warmup_epochs, tensorboard_dir=args.tensorboard_dir)
     write_json(output, result)
+    if args.tensorboard_tar:
+        pack_events(args.tensorboard_dir, args.tensorboard_tar)
     write_run_record(record, "hpo", {**vars(args), "device": str(device),
                                      "trial_counts": result["trial_counts"], "best_value": result["best_value"]})
     counts = result["trial_counts"]

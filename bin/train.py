@@ -7,9 +7,12 @@ at (best F1, then smallest compliance error, on the validation images) is chosen
 and stored in the model file, where predict and evaluate read it. With --val-mode
 merge the validation set is trained on too and the threshold stays the default.
 The checkpoint is written atomically after every epoch and, if it exists at
-start, training resumes from it. Hyperparameters: a flag given on the command
-line wins over the --params file (best_hpo_params.json), which wins over the
-defaults shown here (utils/defaults.py).
+start, training resumes from it (in the stage and epoch it stopped in). --stages
+trains in stages, each with its own epochs, learning rate and trainable layers
+(a fresh warm-up + cosine schedule and optimizer per stage). --tensorboard-dir
+writes TensorBoard events (losses, lr, validation mAP/F1, annotated images).
+Hyperparameters: a flag given on the command line wins over the --params file
+(best_hpo_params.json), which wins over the defaults shown here (utils/defaults.py).
 Exit 0 on success, 2 on bad input (one line naming the file), 1 on a bug.
 """
 
@@ -26,6 +29,8 @@ from utils.detection.compliance import choose_operating_threshold
 from utils.detection.engine import resolve_device
 from utils.detection.model import BACKBONES, save_model_file
 from utils.detection.recipe import describe, gpu_recipe
+from utils.detection.stages import parse_stages, total_epochs
+from utils.detection.tensorboard_log import TensorBoardError, TrainBoard, pack_events
 from utils.detection.training import (Trainer, TrainingDataError, open_pairs, plot_loss_curve, read_params_file,
                                       resolve_params, write_metrics_csv)
 from utils.provenance import inputs_sha256, package_versions, write_run_record
@@ -90,6 +95,14 @@ def get_args_parser():
                      help="fit the training steps (and so the epochs, the last one cut short) and the cosine "
                           "length to this many minutes of training and validation, after timing the first "
                           "steps; replaces --epochs (default: none, --epochs)")
+    opt.add_argument("--stages", default=None, metavar="SPEC",
+                     help="staged training: a JSON list, or a .json/.yml/.yaml file holding one, of stages "
+                          "{epochs, lr, trainable_layers (0 = backbone frozen), name}, e.g. "
+                          "'[{\"epochs\": 3, \"lr\": 0.02, \"trainable_layers\": 0}, {\"epochs\": 10, "
+                          "\"lr\": 0.005, \"trainable_layers\": 5}]'; lr and trainable_layers default to the "
+                          "run's; each stage gets a new optimizer and its own warm-up + cosine; replaces --epochs "
+                          "(with --time-budget the stages' epochs are scaled to fit) "
+                          "(default: one stage of --epochs)")
     opt.add_argument("--max-steps", type=int, default=None,
                      help="training steps in all, the last epoch cut short where they end; what a --time-budget "
                           "run plans and records (training.max_steps in the model file), so this replays it "
@@ -120,6 +133,15 @@ def get_args_parser():
     out.add_argument("--loss-plot", default=None, help="loss-curve PNG (default: loss_curve.png next to --output)")
     out.add_argument("--run-record", default=None,
                      help="run record JSON (default: <output stem>_run.json next to --output)")
+    out.add_argument("--tensorboard-dir", default=D.TENSORBOARD_DIR,
+                     help="write TensorBoard events here: step losses and lr, per epoch validation loss, mAP, F1 "
+                          "and a few validation images with their predicted boxes; a resumed run appends "
+                          "(default: none, no events)")
+    out.add_argument("--tensorboard-tar", default=None,
+                     help="pack --tensorboard-dir into this .tar at the end, as tensorboard/<folder name>/... "
+                          "(a workflow job's fixed output name) (default: none)")
+    out.add_argument("--tensorboard-every", type=int, default=D.TENSORBOARD_EVERY,
+                     help=f"steps per written step loss (their mean) (default: {D.TENSORBOARD_EVERY})")
     out.add_argument("--no-progress", action="store_true", help="no tqdm progress bar (default: shown)")
     return p
 
@@ -135,8 +157,10 @@ def output_paths(args) -> dict:
     }
 
 
-def epoch_line(row, epochs: int) -> str:
-    line = f"epoch {row.epoch}/{epochs}: loss {row.train_loss:.4f}, lr {row.lr:.2e}, {row.images_per_s:.2f} images/s"
+def epoch_line(row, epochs: int, stage_label: str = "") -> str:
+    stage = f" [{stage_label}]" if stage_label else ""
+    line = (f"epoch {row.epoch}/{epochs}{stage}: loss {row.train_loss:.4f}, lr {row.lr:.2e}, "
+            f"{row.images_per_s:.2f} images/s")
     if row.val_loss is not None:
         line += f", val loss {row.val_loss:.4f}"
     if row.val_map is not None:
@@ -163,7 +187,16 @@ def main(args) -> int:
     stop_on_sigterm()  # a pool's SIGTERM stops after the current step; the last epoch's checkpoint is kept
     label_map = LabelMap.parse(args.label_map)
     params_file = read_params_file(args.params) if args.params else {}
-    params = resolve_params(vars(args), params_file)
+    stages = parse_stages(args.stages, "--stages") if args.stages else None
+    params = resolve_params({**vars(args), "stages": [stage.to_dict() for stage in stages] if stages else None},
+                            params_file)
+    if stages:
+        if args.epochs is not None and args.epochs != total_epochs(stages):
+            log.info("--stages: %d epochs in %d stages replace --epochs %d", total_epochs(stages), len(stages),
+                     args.epochs)
+        params.epochs = total_epochs(stages)
+    if args.tensorboard_tar and not args.tensorboard_dir:
+        raise TensorBoardError("--tensorboard-tar needs --tensorboard-dir (the folder it packs)")
     device = resolve_device(args.device)
     given = {key for key, value in vars(args).items() if value is not None} | set(params_file)
     for change in gpu_recipe(params, given, device):
@@ -179,7 +212,7 @@ def main(args) -> int:
         raise TrainingDataError("--val-images needs --val-annotations")
     paths = output_paths(args)
     declare_outputs(paths["output"], paths["metrics_csv"], paths["loss_plot"], paths["run_record"],
-                    checkpoints=[paths["checkpoint"]])  # stand-ins if SIGTERM stops this try (utils/stop.py)
+                    args.tensorboard_tar, checkpoints=[paths["checkpoint"]])  # stand-ins if SIGTERM stops it
 
     log.info("Loading data")
     with contextlib.ExitStack() as stack:
@@ -207,6 +240,19 @@ def main(args) -> int:
         if paths["checkpoint"].is_file() and paths["checkpoint"].stat().st_size > 0:
             done = trainer.resume(paths["checkpoint"])
             log.info("resumed from %s after epoch %d of %d", paths["checkpoint"], done, params.epochs)
+        if trainer.stages is not None:
+            log.info("stages: %s", trainer.describe_stages())
+        if args.tensorboard_dir:
+            # purge_step: what an interrupted try logged past its checkpoint (or, for a fresh run, an earlier run
+            # in the same folder) is dropped; the events of the checkpoint's last epoch are at steps_done()
+            trainer.board = TrainBoard(args.tensorboard_dir, purge_step=trainer.steps_done() + 1,
+                                       every=args.tensorboard_every)
+            stack.callback(trainer.board.close)
+            if trainer.history and trainer.board.was_empty:  # resumed in a fresh folder (a pool job's retry)
+                replayed = trainer.board.replay_history(trainer.history, len(trainer.train_loader))
+                log.info("TensorBoard: %s held no events; wrote the %d epoch(s) of the checkpoint's history",
+                         args.tensorboard_dir, replayed)
+            log.info("TensorBoard events in %s", args.tensorboard_dir)
 
         log.info("Start training")
         checkpoint_args = {"images": str(args.images), "annotations": str(args.annotations),
@@ -217,7 +263,8 @@ def main(args) -> int:
             trainer.checkpoint(paths["checkpoint"], checkpoint_args)
             write_metrics_csv(paths["metrics_csv"], trainer.history)
             plot_loss_curve(paths["loss_plot"], trainer.history)
-            log.info(epoch_line(row, params.epochs))
+            stage_label = trainer.stages[row.stage - 1].label(row.stage) if trainer.stages is not None else ""
+            log.info(epoch_line(row, params.epochs, stage_label))
         if not trainer.history:
             raise TrainingDataError(f"{paths['checkpoint']}: holds no training history; delete it and rerun")
 
@@ -236,9 +283,18 @@ def main(args) -> int:
         if args.params:
             meta["params_file"] = str(args.params)
         meta["operating_threshold"] = operating
+        if trainer.stages is not None:
+            # training.stages holds the stages trained (a --time-budget run's fitted ones); these as asked for
+            meta["stages_requested"] = [stage.to_dict() for stage in trainer.requested_stages]
         save_model_file(paths["output"], trainer.eval_model, meta)
+        if trainer.board is not None:
+            trainer.board.close()
+            if args.tensorboard_tar:
+                pack_events(args.tensorboard_dir, args.tensorboard_tar)
+                log.info("TensorBoard events packed into %s", args.tensorboard_tar)
         summary = {"output": str(paths["output"]), "epochs": trainer.completed_epochs, "final_train_loss": final_loss,
-                   "weights": trainer.model.weights_report.message}
+                   "weights": trainer.model.weights_report.message,
+                   "stages": trainer.describe_stages() if trainer.stages is not None else None}
         write_run_record(paths["run_record"], "train", {**vars(args), "resolved": params.to_dict(),
                                                         "device": str(device), "summary": summary,
                                                         "skipped": skipped}, input_files)

@@ -162,8 +162,9 @@ def train_one_epoch(model, optimizer, loader, device, epoch: int, scheduler=None
     """One pass over *loader*; returns mean losses per image, images, seconds and images/s.
 
     *scheduler* is stepped every iteration. Mixed precision is used on CUDA only
-    (CPU autocast to bfloat16 is slower than float32 on most CPUs). *after_step(iteration)*,
-    when given, runs after every optimizer step (weight EMA, timing for a time budget).
+    (CPU autocast to bfloat16 is slower than float32 on most CPUs). *after_step(iteration, values)*,
+    when given, runs after every optimizer step (weight EMA, timing for a time budget, TensorBoard);
+    *values* holds the step's loss, its loss terms and the learning rate the step used ("lr").
     *max_iterations*, a callable, is asked before every step how many steps this epoch may
     take (None: all); a time-budget plan cuts the last epoch short, and may change mid-epoch.
     """
@@ -202,16 +203,17 @@ def train_one_epoch(model, optimizer, loader, device, epoch: int, scheduler=None
             if clip_grad:
                 nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
             optimizer.step()
+        step_lr = optimizer.param_groups[0]["lr"]
         if scheduler is not None:
             scheduler.step()
+        values = {"loss": loss.item(), **{key: value.item() for key, value in loss_dict.items()}}
         if after_step is not None:
-            after_step(iteration)
+            after_step(iteration, {**values, "lr": step_lr})
         batch = len(images)
         steps += 1
         images_seen += batch
-        sums["loss"] += loss.item() * batch
-        for key, value in loss_dict.items():
-            sums[key] = sums.get(key, 0.0) + value.item() * batch
+        for key, value in values.items():
+            sums[key] = sums.get(key, 0.0) + value * batch
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     seconds = time.perf_counter() - started
     result = {key: value / max(images_seen, 1) for key, value in sums.items()}

@@ -232,8 +232,11 @@ def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotat
               journal, n_trials: int, device, study_name: str | None = None, worker_index: int = 0,
               num_workers: int = D.HPO_NUM_WORKERS, timeout: float | None = None,
               pruner_startup_trials: int = D.HPO_PRUNER_STARTUP_TRIALS,
-              pruner_warmup_epochs: int = D.HPO_PRUNER_WARMUP_EPOCHS) -> dict:
-    """Run (or continue) this worker's study until it holds *n_trials* finished trials; returns best.json's dict."""
+              pruner_warmup_epochs: int = D.HPO_PRUNER_WARMUP_EPOCHS, tensorboard_dir=None) -> dict:
+    """Run (or continue) this worker's study until it holds *n_trials* finished trials; returns best.json's dict.
+
+    *tensorboard_dir*: write each finished trial's objective and parameters there as TensorBoard events
+    (utils.detection.tensorboard_log.HpoBoard)."""
     if config.objective not in OBJECTIVES:
         raise HpoError(f"unknown objective {config.objective!r}: use {' or '.join(OBJECTIVES)}")
     if n_trials < 1:
@@ -257,6 +260,18 @@ def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotat
             raise HpoError(f"{train_images}: no usable training pairs")
         if not val_pairs:
             raise HpoError(f"{val_images}: no usable validation pairs")
+        callbacks = []
+        if tensorboard_dir:
+            from .tensorboard_log import HpoBoard
+
+            board = HpoBoard(tensorboard_dir, config.objective)
+            stack.callback(board.close)
+            if board.was_empty:  # a rerun in a fresh folder (a pool job's retry): the journal's trials first
+                replayed = board.replay(study)
+                if replayed:
+                    log.info("TensorBoard: %s held no events; wrote the %d trial(s) the journal holds",
+                             tensorboard_dir, replayed)
+            callbacks.append(board)
         finished = trial_counts(study)["finished"]
         remaining = n_trials - finished
         log.info("study %s in %s: %d finished trial(s), %d to run (worker %d of %d, lr %.2e..%.2e)",
@@ -265,7 +280,8 @@ def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotat
         if remaining > 0:
             objective = make_objective(config, worker_space, train_pairs, val_pairs, device)
             try:
-                study.optimize(objective, n_trials=remaining, timeout=timeout, gc_after_trial=True)
+                study.optimize(objective, n_trials=remaining, timeout=timeout, gc_after_trial=True,
+                               callbacks=callbacks)
             except StopRequested:
                 # Optuna has marked the interrupted trial failed; the retry runs its parameters again.
                 interrupted = study.get_trials(deepcopy=False)[-1]

@@ -25,13 +25,14 @@ from ..data.dataset import VocDetectionDataset, collate
 from .engine import (build_optimizer, build_scheduler, evaluate_loss, load_checkpoint, make_grad_scaler,
                      restore_checkpoint, run_inference, save_checkpoint, seed_everything, train_one_epoch)
 from ..data.images import ImageError, image_size
-from .model import build_model, freeze_backbone, set_trainable_layers
+from .model import build_model, freeze_backbone, num_backbone_stages, set_trainable_layers
 from .recipe import (RepeatFactorSampler, TimeBudget, build_ema, multiscale_sizes, repeat_factors, set_train_sizes,
                      train_transforms)
 from ..data.pairs import open_folder, pair_folders
 from ..data.voc import VocError, parse_voc
 from ..errors import InputError, read_json
 from ..stop import check_stop
+from .stages import Stage, StagesError, parse_stages, scale_stages, stage_at, total_epochs
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ class TrainParams:
     ema_decay: float = D.EMA_DECAY
     time_budget: float | None = D.TIME_BUDGET  # minutes; when set, the steps (and epochs) are fitted to it
     max_steps: int | None = None  # training steps in all, the last epoch cut short; None: epochs x steps per epoch
+    # Staged training (utils.detection.stages): [{epochs, lr, trainable_layers, name}, ...]; replaces epochs and
+    # freeze_backbone_epochs; a --time-budget run records its fitted stages here. None: one stage of epochs.
+    stages: list[dict] | None = D.STAGES
     amp: bool = D.AMP
     seed: int = D.SEED
 
@@ -196,6 +200,7 @@ class EpochRow:
     val_loss: float | None = None
     val_map: float | None = None
     val_map_50: float | None = None
+    stage: int = 1  # 1-based stage of a staged run (--stages); 1 for a one-stage run
     extra: dict = field(default_factory=dict)
 
     def flat(self) -> dict:
@@ -211,6 +216,11 @@ class Trainer:
     The recipe's levers (utils.detection.recipe) are set by *params*: photometric augmentation,
     multi-scale training, repeat-factor sampling, weight EMA and a time budget. With a budget,
     ``params.epochs`` is replaced by the fitted plan (and recorded in the checkpoint).
+
+    Staged training (``params.stages``): each stage trains its own trainable layers with a new optimizer
+    over them, at its own lr, under a fresh warm-up + cosine schedule as long as the stage; the checkpoint
+    records the stage its optimizer belongs to, so a resumed run continues in the right stage and epoch.
+    ``board`` (a tensorboard_log.TrainBoard, set by the caller) receives the steps and epochs when set.
     """
 
     def __init__(self, params: TrainParams, train_pairs, device, val_pairs=None, progress: bool = True,
@@ -237,6 +247,13 @@ class Trainer:
                                        label_map=label_map) if val_pairs else None)
         self.scheduler = build_scheduler(self.optimizer, total_iters=params.epochs * len(self.train_loader),
                                          warmup_iters=params.warmup_iters, schedule=params.lr_schedule)
+        self.board = None
+        # The stages as asked for (a budget fits self.stages to it; a checkpoint must come from the same request).
+        self.requested_stages: list[Stage] | None = None
+        self.stages: list[Stage] | None = None
+        self.stage_index: int | None = None
+        if params.stages is not None:
+            self._plan_stages(parse_stages(params.stages, "stages"))
         if params.max_steps is not None:
             self.set_plan(params.max_steps)
         self.scaler = make_grad_scaler(device, params.amp)
@@ -254,9 +271,69 @@ class Trainer:
         """What validation, the threshold choice and the model file use: the EMA weights when kept."""
         return self.ema.module if self.ema is not None else self.model
 
+    # -- stages ------------------------------------------------------------------------------
+    def _plan_stages(self, stages: list[Stage]) -> None:
+        params = self.params
+        if params.freeze_backbone_epochs:
+            raise StagesError(f"--stages: cannot be combined with freeze_backbone_epochs="
+                              f"{params.freeze_backbone_epochs} (flag or params file); give a first stage "
+                              "with trainable_layers: 0 instead")
+        if params.max_steps is not None:
+            raise StagesError("--stages: cannot be combined with --max-steps; the stages' epochs are the plan "
+                              "(a --time-budget run records its fitted stages in the model file)")
+        available = num_backbone_stages(self.model)
+        for number, stage in enumerate(stages, start=1):
+            if stage.trainable_layers is not None and stage.trainable_layers > available:
+                raise StagesError(f"--stages: stage {number}: key 'trainable_layers' is {stage.trainable_layers}, "
+                                  f"but backbone {params.backbone} has {available} stages")
+        self.requested_stages = list(stages)
+        self._set_stages(stages)
+        self._enter_stage(0)
+
+    def _set_stages(self, stages: list[Stage]) -> None:
+        self.stages = list(stages)
+        self.params.stages = [stage.to_dict() for stage in self.stages]
+        self.params.epochs = total_epochs(self.stages)
+
+    def stage_layers(self, stage: Stage) -> int:
+        return self.params.trainable_layers if stage.trainable_layers is None else stage.trainable_layers
+
+    def _enter_stage(self, index: int) -> None:
+        """Stage *index* begins: its trainable layers, a new optimizer over them at its lr, a fresh schedule."""
+        params, stage = self.params, self.stages[index]
+        set_trainable_layers(self.model, self.stage_layers(stage))
+        lr = params.lr if stage.lr is None else stage.lr
+        self.optimizer = build_optimizer(self.model, params.optimizer, lr, params.momentum, params.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, total_iters=stage.epochs * len(self.train_loader),
+                                         warmup_iters=params.warmup_iters, schedule=params.lr_schedule)
+        self.stage_index = index
+
+    def describe_stages(self) -> str:
+        """'stage 1 (head): 3 epochs, lr 0.02, 0 trainable layers; stage 2: ...' for the log."""
+        return "; ".join(f"{stage.label(number)}: {stage.epochs} epoch(s), "
+                         f"lr {self.params.lr if stage.lr is None else stage.lr:g}, "
+                         f"{self.stage_layers(stage)} trainable layer(s)"
+                         for number, stage in enumerate(self.stages, start=1))
+
+    def steps_done(self) -> int:
+        """Training steps the finished epochs hold (the global step TensorBoard events are logged at)."""
+        steps = self.completed_epochs * len(self.train_loader)
+        return min(steps, self.params.max_steps) if self.params.max_steps is not None else steps
+
     def set_plan(self, steps: int) -> None:
         """A new plan of *steps* training steps in all: the epochs (the last one cut short there) and the
-        cosine length (the steps already run keep their rates)."""
+        cosine length (the steps already run keep their rates). A staged run scales its stages' epochs
+        instead, in whole epochs (at least one per stage), and the running stage's cosine with them."""
+        if self.stages is not None:
+            fitting = int(steps) // len(self.train_loader)
+            epochs = max(len(self.requested_stages), fitting)
+            self._set_stages(scale_stages(self.requested_stages, epochs))
+            self.scheduler.lr_lambdas[0].total_iters = self.stages[self.stage_index].epochs * len(self.train_loader)
+            kept = "" if epochs == fitting else f" (every stage keeps one: {epochs})"
+            log.info("time budget: %d steps fit %d whole epoch(s)%s; the stages' epochs fitted to it: %s", steps,
+                     fitting, kept, ", ".join(f"{new.label(number)} {old.epochs} -> {new.epochs}" for number, (old, new)
+                                              in enumerate(zip(self.requested_stages, self.stages), start=1)))
+            return
         self.params.max_steps = max(1, int(steps))
         self.params.epochs = math.ceil(self.params.max_steps / len(self.train_loader))
         self.scheduler.lr_lambdas[0].total_iters = self.params.max_steps
@@ -274,9 +351,17 @@ class Trainer:
             if key in saved and saved[key] != getattr(self.params, key):
                 raise TrainingDataError(f"{checkpoint_path}: written with {key}={saved[key]!r}, this run has "
                                         f"{getattr(self.params, key)!r}; delete the checkpoint or match the flags")
+        extra = payload.get("extra") or {}
+        asked = [stage.to_dict() for stage in self.requested_stages] if self.requested_stages is not None else None
+        if extra.get("stages_requested") != asked:
+            raise TrainingDataError(f"{checkpoint_path}: written with stages={extra.get('stages_requested')!r}, this "
+                                    f"run has {asked!r}; delete the checkpoint or match --stages")
+        if self.stages is not None:
+            self._set_stages(parse_stages(saved["stages"], f"{checkpoint_path}: stages"))  # a budget's fitted plan
+            self.budget = None
+            self._enter_stage(int(extra["stage_index"]))  # the optimizer and schedule in the file are this stage's
         self.completed_epochs = restore_checkpoint(payload, self.model, self.optimizer, self.scheduler,
                                                    self.scaler, path=checkpoint_path)
-        extra = payload.get("extra") or {}
         if self.ema is not None and extra.get("ema") is not None:
             self.ema.load_state_dict(extra["ema"])
         if self.budget is not None and saved.get("max_steps") is not None:
@@ -286,12 +371,16 @@ class Trainer:
         return self.completed_epochs
 
     def checkpoint(self, path, args: dict) -> None:
-        extra = {"ema": self.ema.state_dict() if self.ema is not None else None}
+        extra = {"ema": self.ema.state_dict() if self.ema is not None else None, "stage_index": self.stage_index,
+                 "stages_requested": ([stage.to_dict() for stage in self.requested_stages]
+                                      if self.requested_stages is not None else None)}
         save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.completed_epochs,
                         {**args, "params": self.params.to_dict()}, scaler=self.scaler, history=self.history,
                         extra=extra)
 
-    def _after_step(self, iteration: int) -> None:
+    def _after_step(self, iteration: int, values: dict) -> None:
+        if self.board is not None:
+            self.board.log_step(self.completed_epochs * len(self.train_loader) + iteration + 1, values)
         check_stop(self._abandoned())
         if self.ema is not None:
             self.ema.update_parameters(self.model)
@@ -308,11 +397,20 @@ class Trainer:
     def run_epoch(self, validate_map: bool = False, validate_loss: bool = True) -> EpochRow:
         epoch = self.completed_epochs
         check_stop(self._abandoned())
-        frozen = epoch < self.params.freeze_backbone_epochs
-        if frozen:
-            freeze_backbone(self.model)
+        stage_number = 1
+        if self.stages is not None:
+            index, _ = stage_at(self.stages, epoch)
+            if index != self.stage_index:
+                self._enter_stage(index)
+                log.info("%s begins at epoch %d", self.stages[index].label(index + 1), epoch + 1)
+            stage_number = index + 1
+            frozen = self.stage_layers(self.stages[index]) == 0
         else:
-            set_trainable_layers(self.model, self.params.trainable_layers)
+            frozen = epoch < self.params.freeze_backbone_epochs
+            if frozen:
+                freeze_backbone(self.model)
+            else:
+                set_trainable_layers(self.model, self.params.trainable_layers)
         # The shuffle order and augmentation seeds depend only on (seed, epoch): a resumed run sees the same batches.
         self.generator.manual_seed(self.params.seed * 100_003 + epoch)
         stats = train_one_epoch(self.model, self.optimizer, self.train_loader, self.device, epoch,
@@ -324,22 +422,39 @@ class Trainer:
                        loss_box_reg=stats.get("loss_box_reg", math.nan),
                        loss_objectness=stats.get("loss_objectness", math.nan),
                        loss_rpn_box_reg=stats.get("loss_rpn_box_reg", math.nan),
-                       images_per_s=stats["images_per_s"], seconds=stats["seconds"], backbone_frozen=frozen)
+                       images_per_s=stats["images_per_s"], seconds=stats["seconds"], backbone_frozen=frozen,
+                       stage=stage_number)
         validation_started = time.perf_counter()
         if self.val_loader is not None and validate_loss:
             row.val_loss = evaluate_loss(self.eval_model, self.val_loader, self.device).get("loss")
+        predictions = None
         if self.val_loader is not None:
             if validate_map:
-                summary = self.validation_map()
+                predictions = self.validation_predictions()
+                summary = self.validation_map(predictions)
                 row.val_map, row.val_map_50 = summary["map"], summary["map_50"]
         validation_s = time.perf_counter() - validation_started
         self.completed_epochs = epoch + 1
+        if self.board is not None:
+            self._log_epoch(row, predictions)
         if self.budget is not None and self.completed_epochs == 1:
             self.set_plan(self.budget.fit_after_epoch(stats["steps"], stats["seconds"],
                                                       validation_s))
             self.budget = None
         self.history.append(row.flat())
         return row
+
+    def _log_epoch(self, row: EpochRow, predictions: tuple[list[dict], list[dict]] | None) -> None:
+        """The epoch's row, validation F1 at the board's score threshold and a few annotated validation images."""
+        from .compliance import detection_f1
+
+        values = row.flat()
+        if predictions is not None:
+            values["val_f1"] = detection_f1(*predictions, score_threshold=self.board.score_threshold)["f1"]
+        step = self.steps_done()
+        self.board.log_epoch(step, values)
+        if predictions is not None:
+            self.board.log_validation_images(step, self.val_loader.dataset, *predictions)
 
     def validation_predictions(self) -> tuple[list[dict], list[dict]]:
         """(predictions made in eval mode, targets) over the validation loader."""
@@ -387,6 +502,12 @@ def plot_loss_curve(path, history: list[dict], title: str = "Training loss") -> 
     frozen = [row["epoch"] for row in history if row.get("backbone_frozen")]
     if frozen:
         ax.axvspan(min(frozen) - 0.5, max(frozen) + 0.5, color="grey", alpha=0.15, label="backbone frozen")
+    # A staged run (--stages): a dashed line where each later stage begins.
+    starts = [row["epoch"] for previous, row in zip(history, history[1:])
+              if row.get("stage") is not None and row.get("stage") != previous.get("stage")]
+    for number, epoch in enumerate(starts):
+        ax.axvline(epoch - 0.5, color="black", linestyle="--", linewidth=1,
+                   label="stage boundary" if number == 0 else None)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss per image")
     ax.set_title(title)

@@ -18,7 +18,9 @@ DAGMan would, without HTCondor:
   the job saves its checkpoint, SIGKILL at maxwalltime (pegasus-kickstart semantics);
 - when a job fails for good its dependents are skipped and everything else runs;
 - each final output (stageOut) is copied atomically to the output folder as soon
-  as its job succeeds;
+  as its job succeeds; at the end the TensorBoard archives among them
+  (tensorboard_*.tar, members tensorboard/<job>/...) are unpacked there, so that
+  ``tensorboard --logdir RUN_DIR/outputs/tensorboard`` shows train and every hpo job;
 - completed jobs are recorded in RUN_DIR/executor_state.json; a rerun skips them
   (like a rescue DAG) unless the job, its script or its input files changed;
 - a live status line (on a terminal; plain periodic lines otherwise) and, at the
@@ -38,8 +40,10 @@ import contextlib
 import fcntl
 import os
 import queue
+import shutil
 import signal
 import sys
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -143,6 +147,12 @@ class Executor:
         statistics_txt = self.report.write_statistics(stats)
         self.report.print(self.report.summary_line(stats))
         self.report.print(f"Statistics: {statistics_txt}")
+        unpacked, problems = unpack_tensorboard(self.wf.output_dir)
+        for problem in problems:
+            self.report.print(f"TensorBoard: {problem}")
+        if unpacked:
+            self.report.print(f"TensorBoard ({len(unpacked)} job(s)): tensorboard --logdir "
+                              f"{self.wf.output_dir / TENSORBOARD_FOLDER}")
         if self.stopping.is_set():
             return 130
         return 0 if all(r.status in ("succeeded", "reused") for r in self.results.values()) else 1
@@ -227,6 +237,36 @@ class Executor:
     def _restore_signal_handlers(previous) -> None:
         for sig, handler in (previous or {}).items():
             signal.signal(sig, handler)
+
+
+TENSORBOARD_FOLDER = "tensorboard"  # the top folder of every events .tar (utils/detection/tensorboard_log.py)
+
+
+def unpack_tensorboard(output_dir) -> tuple[list[str], list[str]]:
+    """Unpack each staged-out tensorboard_*.tar in *output_dir* into it, replacing the job folders it holds.
+
+    A Pegasus job must declare fixed output names and event file names hold the host and time, so train
+    and hpo stage their events out as one .tar each. Returns (the folders unpacked, problems: one line per
+    archive left packed)."""
+    output_dir = Path(output_dir)
+    unpacked, problems = [], []
+    for archive in sorted(output_dir.glob(f"{TENSORBOARD_FOLDER}_*.tar")):
+        try:
+            with tarfile.open(archive) as tar:
+                members = tar.getmembers()
+                folders = sorted({"/".join(m.name.split("/")[:2]) for m in members})
+                stray = [m.name for m in members if not m.name.startswith(f"{TENSORBOARD_FOLDER}/")
+                         or m.name.count("/") < 2]
+                if stray:
+                    problems.append(f"{archive}: {stray[0]} is not under {TENSORBOARD_FOLDER}/<job>/; left packed")
+                    continue
+                for folder in folders:  # a rerun's events replace the earlier run's
+                    shutil.rmtree(output_dir / folder, ignore_errors=True)
+                tar.extractall(output_dir, members=members, filter="data")
+                unpacked += folders
+        except (tarfile.TarError, OSError) as error:
+            problems.append(f"{archive}: cannot unpack ({error}); left packed")
+    return unpacked, problems
 
 
 @contextlib.contextmanager
