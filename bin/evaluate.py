@@ -6,11 +6,15 @@ Writes OUTPUT_DIR/evaluation.json (map, map_50, map_75, mar_100, per_class {clas
 test_loss, compliance {true, predicted, error_points, per_image_mae_points, ...},
 ...), evaluation.txt (the same for people), confusion_matrix.png and
 .csv (rows = true class, columns = predicted, with a background row and column),
-pr_curves.png and evaluate_run.json (run record). mAP comes from torchmetrics'
+pr_curves.png, evaluation_images.json (per image, worst first: correct, confused, missed
+and false boxes at the threshold, true and predicted percent properly masked; the run
+report's grid reads it) and evaluate_run.json (run record). mAP comes from torchmetrics'
 MeanAveragePrecision (faster-coco-eval backend). The model file carries its
 classes, backbone, image size and operating score threshold (chosen by train on the
 validation split), so no model flags are needed; the confusion matrix and the
 compliance error use that threshold unless --score-threshold is given.
+With --output-tag TAG every file name carries the tag (evaluation_TAG.json, ...,
+evaluate_TAG_run.json): one evaluate job per cross-validation fold.
 Exit 0 on success, 2 when the inputs or the model cannot be read (one line naming the
 file), 1 on a bug.
 """
@@ -21,10 +25,11 @@ import sys
 from pathlib import Path
 
 from utils.classes import LabelMap
-from utils.cli import add_label_map_arg, add_model_run_args, check_model_run_args, run_job
+from utils.cli import add_label_map_arg, add_model_run_args, check_model_run_args, check_output_tag, run_job
 from utils.data.pairs import open_folder
 from utils.detection.engine import resolve_device
-from utils.detection.evaluation import evaluate_model, format_report, labelled_pairs, load_trained_model
+from utils.detection.evaluation import (evaluate_model, evaluation_output_names, format_report, labelled_pairs,
+                                        load_trained_model)
 from utils.provenance import write_run_record
 
 
@@ -35,6 +40,9 @@ def get_args_parser():
                         help="folder (or flat .tar) of their VOC .xml files; may be the same path as --images")
     parser.add_argument("--model", required=True, help="model file written by bin/train.py")
     parser.add_argument("--output-dir", required=True, help="folder for the evaluation files")
+    parser.add_argument("--output-tag", default=None,
+                        help="name the outputs evaluation_TAG.json, pr_curves_TAG.png, evaluate_TAG_run.json, ... "
+                             "(one evaluate job per cross-validation fold of a workflow) (default: none)")
     add_model_run_args(parser, "detections at or above this score enter the confusion matrix and the "
                                "compliance error; mAP uses all")
     add_label_map_arg(parser)
@@ -43,6 +51,7 @@ def get_args_parser():
 
 def main(args) -> int:
     check_model_run_args(args)
+    check_output_tag(args.output_tag)
     label_map = LabelMap.parse(args.label_map)
     output_dir = Path(args.output_dir)
     device = resolve_device(args.device)
@@ -60,10 +69,10 @@ def main(args) -> int:
                                     score_threshold=score_threshold, batch_size=args.batch_size,
                                     num_workers=None if args.workers < 0 else args.workers,
                                     skipped=skipped, settings=settings, progress=sys.stderr.isatty(),
-                                    label_map=label_map)
+                                    label_map=label_map, tag=args.output_tag)
         inputs = [p.image for p in pairs] + [p.annotation for p in pairs] + [Path(args.model)]
-        write_run_record(output_dir / "evaluate_run.json", "evaluate", {**vars(args), "device": str(device)},
-                         inputs)
+        write_run_record(output_dir / evaluation_output_names(args.output_tag)["evaluate_run.json"], "evaluate",
+                         {**vars(args), "device": str(device)}, inputs)
     print(format_report(evaluation.report), end="")
     print(f"outputs in {output_dir}")
     return 0

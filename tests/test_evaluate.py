@@ -59,6 +59,14 @@ def test_evaluate_cli_writes_every_output(root, sample_dir, tiny_model_file, tmp
     assert report["compliance"]["true"]["faces"] == report["num_faces"]
     assert report["compliance"]["score_threshold"] == 0.05
     assert "mAP@[0.5:0.95]" in capsys.readouterr().out
+    # the per-image errors are the confusion matrix split by image, worst image first
+    images = json.loads((out / "evaluation_images.json").read_text())["images"]
+    assert len(images) == 8 and [e["errors"] for e in images] == sorted((e["errors"] for e in images), reverse=True)
+    cells = matrix["matrix"]
+    assert sum(e["missed"] for e in images) == sum(row[3] for row in cells[:3])
+    assert sum(e["false"] for e in images) == sum(cells[3][:3])
+    assert sum(e["correct"] for e in images) == sum(cells[i][i] for i in range(3))
+    assert sum(e["true_faces"] for e in images) == report["num_faces"]
 
 
 class OracleDetector(nn.Module):
@@ -108,6 +116,9 @@ def test_oracle_model_scores_perfectly(sample_dir, tmp_path):
     assert compliance["error_points"] == 0.0 and compliance["per_image_mae_points"] == 0.0
     assert compliance["images_compared"] == 8
     assert "error: +0.0 points" in (tmp_path / "evaluation.txt").read_text()
+    images = json.loads((tmp_path / "evaluation_images.json").read_text())["images"]
+    assert {e["image"] for e in images} == {pair.image.name for pair in pairs[:8]}
+    assert all(e["errors"] == 0 and e["correct"] == e["true_faces"] == e["detections"] for e in images)
 
 
 def test_evaluate_reports_bad_model_file(root, sample_dir, tmp_path, capsys):

@@ -145,11 +145,50 @@ def format_report(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def per_image_errors(preds, targets, pairs, score_threshold: float, iou_threshold: float = CONFUSION_IOU) -> list[dict]:
+    """Each image's detection errors at the operating threshold, worst first (evaluation_images.json).
+
+    The counts are that image's share of the confusion matrix (the same matching): correct
+    (right class), confused (a face found with the wrong class), missed (a face not found),
+    false (a box on no face, or a second box on one); errors = missed + false + confused.
+    """
+    images = []
+    for pred, target, pair in zip(preds, targets, pairs, strict=True):
+        matrix, labels = detection_confusion_matrix([pred], [target], iou_threshold=iou_threshold,
+                                                    score_threshold=score_threshold)
+        classes = len(labels) - 1  # the last row and column are the background
+        correct = sum(matrix[i][i] for i in range(classes))
+        found = sum(matrix[i][j] for i in range(classes) for j in range(classes))
+        missed = sum(matrix[i][classes] for i in range(classes))
+        false = sum(matrix[classes][j] for j in range(classes))
+        image_compliance = compliance_error([pred], [target], score_threshold)
+        truth, kept = image_compliance["true"], image_compliance["predicted"]
+        images.append({"image": pair.image.name, "annotation": pair.annotation.name,
+                       "true_faces": truth["faces"], "detections": kept["faces"], "correct": correct,
+                       "confused": found - correct, "missed": missed, "false": false,
+                       "errors": missed + false + found - correct,
+                       "true_percent": truth["percent_properly_masked"],
+                       "predicted_percent": kept["percent_properly_masked"]})
+    return sorted(images, key=lambda entry: (-entry["errors"], -entry["missed"], entry["image"]))
+
+
+def evaluation_output_names(tag: str | None = None) -> dict[str, str]:
+    """The evaluate job's file names; with a *tag* (e.g. fold0) each carries it before its extension
+    (evaluation_fold0.json), so that several evaluate jobs of one workflow write distinct files."""
+    files = ("evaluation.json", "evaluation.txt", "confusion_matrix.csv", "confusion_matrix.png",
+             "evaluation_images.json", "pr_curves.png", "evaluate_run.json")
+    if not tag:
+        return {name: name for name in files}
+    return {name: name.replace("_run.json", f"_{tag}_run.json") if name.endswith("_run.json")
+            else f"{Path(name).stem}_{tag}{Path(name).suffix}" for name in files}
+
+
 def evaluate_model(model, pairs, output_dir, device="cpu", score_threshold: float = 0.5, batch_size: int = 4,
                    num_workers: int | None = None, skipped=(), settings: dict | None = None,
-                   progress: bool = False, label_map: LabelMap = NO_LABEL_MAP) -> Evaluation:
+                   progress: bool = False, label_map: LabelMap = NO_LABEL_MAP, tag: str | None = None) -> Evaluation:
     """Evaluate *model* on *pairs* and write evaluation.json/.txt, confusion_matrix.png/.csv, pr_curves.png."""
     output_dir = Path(output_dir)
+    names = evaluation_output_names(tag)
     device = torch.device(device)
     loader = evaluation_loader(pairs, batch_size=batch_size, num_workers=num_workers, device=device,
                                label_map=label_map)
@@ -191,13 +230,16 @@ def evaluate_model(model, pairs, output_dir, device="cpu", score_threshold: floa
         "objects_dropped": object_problems,
     }
     outputs = {
-        "evaluation_json": write_json(output_dir / "evaluation.json", report),
-        "evaluation_txt": write_text(output_dir / "evaluation.txt", format_report(report)),
-        "confusion_matrix_csv": write_text(output_dir / "confusion_matrix.csv", _confusion_csv(matrix, labels)),
+        "evaluation_json": write_json(output_dir / names["evaluation.json"], report),
+        "evaluation_txt": write_text(output_dir / names["evaluation.txt"], format_report(report)),
+        "confusion_matrix_csv": write_text(output_dir / names["confusion_matrix.csv"], _confusion_csv(matrix, labels)),
+        "evaluation_images_json": write_json(output_dir / names["evaluation_images.json"], {
+            "score_threshold": score_threshold, "iou_threshold": CONFUSION_IOU,
+            "order": "most errors first", "images": per_image_errors(preds, targets, pairs, score_threshold)}),
     }
-    plot_confusion_matrix(matrix, labels, output_dir / "confusion_matrix.png",
+    plot_confusion_matrix(matrix, labels, output_dir / names["confusion_matrix.png"],
                           title=f"Detection confusion matrix (IoU {CONFUSION_IOU}, score >= {score_threshold})")
-    outputs["confusion_matrix_png"] = output_dir / "confusion_matrix.png"
-    plot_pr_curves(curves, summary["per_class"], output_dir / "pr_curves.png")
-    outputs["pr_curves_png"] = output_dir / "pr_curves.png"
+    outputs["confusion_matrix_png"] = output_dir / names["confusion_matrix.png"]
+    plot_pr_curves(curves, summary["per_class"], output_dir / names["pr_curves.png"])
+    outputs["pr_curves_png"] = output_dir / names["pr_curves.png"]
     return Evaluation(report, outputs)

@@ -1,0 +1,105 @@
+"""bin/compare_runs.py on three small run folders whose configs differ in two keys."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+
+from helpers import run_script
+from run_folders import make_run_folder
+from utils.reporting.compare import METRICS
+
+BASE = {"epochs": 2, "image_size": 256, "train_stages": [{"epochs": 1, "lr": 0.02}, {"epochs": 3, "lr": 0.005}]}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("runs")
+    small = make_run_folder(folder / "small", map_50=0.40, compliance_error=-3.0, config=BASE, wall_time_s=50,
+                            figures=False)
+    large = make_run_folder(folder / "large", map_50=0.60, compliance_error=1.0, wall_time_s=300, figures=False,
+                            config={**BASE, "image_size": 512})
+    slow_lr = make_run_folder(folder / "slow_lr", map_50=0.50, compliance_error=4.5, wall_time_s=120, figures=False,
+                              config={**BASE, "train_stages": [BASE["train_stages"][0], {"epochs": 3, "lr": 0.001}]})
+    return small, large, slow_lr
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines if not line.startswith("| ---")]
+
+
+def test_only_the_differing_settings_become_columns_sorted_by_the_metric(root, runs, capsys):
+    assert run_script(root, "compare_runs", runs) == 0
+    header, *rows = table_rows(capsys.readouterr().out)
+    assert header == ["run", "status", "image_size", "train_stages.1.lr", *METRICS]
+    assert [row[0] for row in rows] == ["large", "slow_lr", "small"]  # map_50 descending
+    by_run = {row[0]: dict(zip(header, row)) for row in rows}
+    assert by_run["large"]["image_size"] == "512" and by_run["slow_lr"]["train_stages.1.lr"] == "0.001"
+    assert by_run["small"]["map_50"] == "0.4000" and by_run["small"]["compliance_error"] == "-3.00"
+    assert by_run["large"]["wall_time_s"] == "300" and by_run["large"]["status"] == "finished"
+
+
+def test_sort_order_and_every_output_format(root, runs, tmp_path, capsys):
+    assert run_script(root, "compare_runs", [*runs, "--sort-by", "compliance_error", "--ascending",
+                                             "--output", tmp_path / "runs.csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "runs.csv").read_text())))
+    assert [row["run"] for row in rows] == ["small", "large", "slow_lr"]
+    assert float(rows[0]["compliance_error"]) == -3.0 and rows[1]["image_size"] == "512"
+    capsys.readouterr()
+    assert run_script(root, "compare_runs", [*runs, "--sort-by", "wall_time_s", "--output", tmp_path / "runs.md",
+                                             "--plot", tmp_path / "wall.png"]) == 0
+    printed = capsys.readouterr().out
+    markdown = (tmp_path / "runs.md").read_text()
+    assert [row[0] for row in table_rows(markdown)[1:]] == ["large", "slow_lr", "small"]
+    assert table_rows(markdown) == table_rows(printed)
+    assert f"plot of wall_time_s: {tmp_path / 'wall.png'}" in printed
+    assert (tmp_path / "wall.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert run_script(root, "compare_runs", [*runs, "--output", tmp_path / "runs.html"]) == 0
+    page = (tmp_path / "runs.html").read_text()
+    assert page.count("<tr>") == 4 and "<th>train_stages.1.lr</th>" in page
+
+
+def test_missing_and_unfinished_runs_are_warned_and_said_in_their_row(root, runs, tmp_path, capsys):
+    unfinished = make_run_folder(tmp_path / "unfinished", evaluation=False, statistics=False, figures=False, config=BASE)
+    no_config = make_run_folder(tmp_path / "no_config", figures=False)
+    assert run_script(root, "compare_runs", [*runs, unfinished, tmp_path / "gone", no_config]) == 0
+    captured = capsys.readouterr()
+    warnings = captured.err.splitlines()
+    assert f"compare_runs: warning: {tmp_path / 'gone'}: run folder not found" in warnings
+    assert (f"compare_runs: warning: {unfinished}: unfinished run (missing evaluation.json, statistics.json)"
+            in warnings)
+    header, *rows = table_rows(captured.out)
+    by_run = {row[0]: dict(zip(header, row)) for row in rows}
+    assert by_run["gone"]["status"] == "run folder not found" and by_run["gone"]["map_50"] == ""
+    assert by_run["unfinished"]["status"] == "missing evaluation.json, statistics.json"
+    assert [row[0] for row in rows][-2:] == ["unfinished", "gone"]  # no map_50: last
+    assert "- no config.yml (settings rebuilt from the run records' params): no_config" in captured.out
+
+
+def test_bad_input_is_one_line(root, runs, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert run_script(root, "compare_runs", [tmp_path / "gone", tmp_path / "empty"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("compare_runs: error: no usable run among the 2 given") and err.count("\n") == 1
+    assert run_script(root, "compare_runs", [*runs, "--sort-by", "accuracy"]) == 2
+    assert capsys.readouterr().err.startswith("compare_runs: error: --sort-by 'accuracy': not a column")
+    assert run_script(root, "compare_runs", [*runs, "--output", tmp_path / "runs.xlsx"]) == 2
+    assert capsys.readouterr().err.startswith("compare_runs: error: --output")
+    assert run_script(root, "compare_runs", [*runs, "--plot", tmp_path / "p.png", "--metric", "image_size"]) == 2
+    assert "not a metric" in capsys.readouterr().err
+
+
+def test_settings_a_run_record_carries_are_the_runs_configuration(tmp_path):
+    import json
+
+    from utils.reporting.run_folder import read_run_folder
+
+    run_dir = make_run_folder(tmp_path / "carried", figures=False)
+    record_file = run_dir / "outputs" / "model_run.json"
+    record = json.loads(record_file.read_text())
+    record_file.write_text(json.dumps({**record, "experiment_config": {**BASE, "image_size": 640}}))
+    run = read_run_folder(run_dir)
+    assert run.has_config_file and run.config_source == "model_run.json" and run.config["image_size"] == 640

@@ -1,0 +1,73 @@
+"""bin/report.py: one self-contained page per run, checked in headless Chromium (skipped when absent)."""
+
+from __future__ import annotations
+
+import re
+
+from helpers import run_script
+from run_folders import FIGURE_NAMES, image_errors, make_run_folder
+
+SECTIONS = ("summary", "data", "hpo", "training", "evaluation", "predictions", "timings", "provenance")
+
+
+def build(root, run_dir, capsys) -> str:
+    assert run_script(root, "report", [run_dir]) == 0
+    out = capsys.readouterr().out
+    assert f"report: {run_dir / 'outputs' / 'report.html'}" in out
+    return (run_dir / "outputs" / "report.html").read_text()
+
+
+def test_the_report_renders_offline_in_a_browser(root, tmp_path, capsys):
+    from browser import chromium_session, require_chromium
+
+    require_chromium()
+    run_dir = make_run_folder(tmp_path / "run", config={"image_size": 128, "train_stages": [{"lr": 0.02}]},
+                              num_images=30)
+    page = build(root, run_dir, capsys)
+    assert (run_dir / "outputs" / "report_run.json").is_file()
+    # self-contained: nothing but data: URIs, no script at all
+    assert not re.search(r"""(src|href)=["'](?!data:|#)""", page) and "<script" not in page
+    with chromium_session(tmp_path) as browser:
+        browser.get((run_dir / "outputs" / "report.html").as_uri())
+        for section in SECTIONS:
+            assert browser.find_element("id", section).is_displayed(), section
+        nav = [link.get_attribute("href").rsplit("#", 1)[-1] for link in browser.find_elements("css selector", "nav a")]
+        assert nav == list(SECTIONS)
+        images = browser.execute_script(
+            "return [...document.images].map(i => [i.alt, i.complete && i.naturalWidth > 0])")
+        assert len(images) == len(FIGURE_NAMES) + 24  # every figure, and the grid capped at 24 of 30 images
+        assert all(rendered for _, rendered in images), [alt for alt, rendered in images if not rendered]
+        # the worst images first: the grid follows evaluation_images.json's order
+        names = [element.text for element in browser.find_elements("css selector", ".tile .name")]
+        worst = [entry["image"].removeprefix("test_").removesuffix(".jpg") for entry in image_errors(30)]
+        assert names == worst[:24]
+        first = browser.find_element("css selector", ".tile").text
+        assert "3 missed" in first and "1 false" in first
+        summary = browser.find_element("id", "summary").text
+        assert "0.500" in summary and "+2.0 pts" in summary and "mask_weared_incorrect" in summary
+        assert "statistics.json" in browser.find_element("id", "timings").text
+        assert "config.yml" in browser.find_element("id", "provenance").text
+        requests = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        assert [url for url in requests if not url.startswith("data:")] == []
+        assert browser.save_screenshot(str(tmp_path / "report.png"))
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_a_run_lacking_pieces_gets_a_page_that_says_so(root, tmp_path, capsys):
+    run_dir = make_run_folder(tmp_path / "partial", hpo=False, statistics=False, figures=False)
+    page = build(root, run_dir, capsys)
+    assert "no hyperparameter search ran" in page
+    assert "no <code>statistics.json</code> yet" in page and "evaluate_run.json" in page
+    assert "no <code>loss_curve.png</code> in this run (the train job writes it)" in page
+    assert "no <code>config.yml</code> in this run" in page
+    assert page.count('class="tile"') == 6
+
+
+def test_bad_run_folders_are_one_line_errors(root, tmp_path, capsys):
+    assert run_script(root, "report", [tmp_path / "nowhere"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"report: error: {tmp_path / 'nowhere'}: run folder not found\n"
+    (tmp_path / "empty").mkdir()
+    assert run_script(root, "report", [tmp_path / "empty"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"report: error: {tmp_path / 'empty'}: no run outputs found") and err.count("\n") == 1

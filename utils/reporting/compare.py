@@ -1,0 +1,218 @@
+"""The table of runs: one row per run, the settings that differ between the runs, then the metrics.
+
+Settings come from each run's effective configuration (RUN_DIR/config.yml; else one a run record
+carries; else every run record's params), flattened to dotted keys (train_stages.0.lr) and kept
+only where the runs differ: a key some runs lack counts as differing, shown as "-" there.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..classes import CLASSES
+from ..errors import InputError
+from .run_folder import RunFolder, RunFolderError, flatten, read_run_folder
+
+ABSENT = "-"
+# The metric columns, in table order (metric_values gives them).
+METRICS = ("map", "map_50", *(f"ap50_{name}" for name in CLASSES), "compliance_true", "compliance_predicted",
+           "compliance_error", "mae", "wall_time_s")
+
+
+def metric_values(run: RunFolder) -> dict[str, object]:
+    """The metrics of one run, by column name (None where the run lacks the figure)."""
+    evaluation = run.evaluation or {}
+    compliance = evaluation.get("compliance") or {}
+    per_class = evaluation.get("per_class") or {}
+    values: dict[str, object] = {"map": evaluation.get("map"), "map_50": evaluation.get("map_50")}
+    for name in CLASSES:
+        values[f"ap50_{name}"] = (per_class.get(name) or {}).get("ap_50")
+    values.update({
+        "compliance_true": (compliance.get("true") or {}).get("percent_properly_masked"),
+        "compliance_predicted": (compliance.get("predicted") or {}).get("percent_properly_masked"),
+        "compliance_error": compliance.get("error_points"),
+        "mae": compliance.get("per_image_mae_points"),
+        "wall_time_s": (run.statistics or {}).get("wall_time_s"),
+    })
+    return values
+
+
+
+
+@dataclass
+class Comparison:
+    columns: list[str]                       # run, status, the differing settings, then METRICS
+    rows: list[dict]                         # column -> value (None: no value)
+    settings: list[str]                      # the differing setting columns
+    without_config_file: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    sort_by: str = "map_50"
+    ascending: bool = False
+
+
+def _label_runs(paths: list[Path]) -> list[str]:
+    """Folder names; the path as given where two runs share a folder name."""
+    names = [path.resolve().name or str(path) for path in paths]
+    return [str(path) if names.count(name) > 1 else name for path, name in zip(paths, names)]
+
+
+def _status(run: RunFolder) -> str:
+    lacking = run.unfinished + (["statistics.json"] if "statistics.json" in run.missing else [])
+    return "finished" if not lacking else "missing " + ", ".join(lacking)
+
+
+def differing_settings(configs: list[dict[str, object]]) -> list[str]:
+    """The flattened keys whose value is not the same in every config (absent counts as a value)."""
+    keys = list(dict.fromkeys(key for config in configs for key in config))
+    return [key for key in keys if len({repr(config.get(key, ABSENT)) for config in configs}) > 1]
+
+
+def compare_runs(paths, sort_by: str = "map_50", ascending: bool = False) -> Comparison:
+    """The comparison of the run folders *paths*; InputError when none of them can be used or
+    *sort_by* is no column. Unusable folders become warnings and rows that say what is wrong."""
+    paths = [Path(path) for path in paths]
+    labels = _label_runs(paths)
+    runs: list[tuple[str, RunFolder | None, str]] = []
+    warnings = []
+    for label, path in zip(labels, paths):
+        try:
+            run = read_run_folder(path)
+        except RunFolderError as error:
+            warnings.append(str(error))
+            runs.append((label, None, str(error).removeprefix(f"{path}: ")))
+            continue
+        status = _status(run)
+        if run.unfinished:
+            warnings.append(f"{path}: unfinished run ({status})")
+        warnings += [f"{problem}" for problem in run.problems]
+        runs.append((label, run, status))
+    usable = [run for _, run, _ in runs if run is not None and run.evaluation is not None]
+    if not usable:
+        raise InputError(f"no usable run among the {len(paths)} given (each needs outputs/evaluation.json): "
+                         + "; ".join(f"{label}: {status}" for label, _, status in runs))
+    flat = {label: flatten(run.config or {}) for label, run, _ in runs if run is not None}
+    settings = differing_settings(list(flat.values())) if len(flat) > 1 else []
+    rows = []
+    for label, run, status in runs:
+        row: dict[str, object] = {"run": label, "status": status}
+        for key in settings:
+            row[key] = flat[label].get(key, ABSENT) if run is not None else ""
+        row.update(metric_values(run) if run is not None else dict.fromkeys(METRICS))
+        rows.append(row)
+    columns = ["run", "status", *settings, *METRICS]
+    if sort_by not in columns:
+        raise InputError(f"--sort-by {sort_by!r}: not a column (one of {', '.join(METRICS)}, or a differing "
+                         f"setting: {', '.join(settings) or 'none'})")
+    with_value = [row for row in rows if row[sort_by] not in (None, ABSENT, "")]
+    without_value = [row for row in rows if row[sort_by] in (None, ABSENT, "")]
+    with_value.sort(key=lambda row: _sort_key(row[sort_by]), reverse=not ascending)
+    without_config = [label for label, run, _ in runs if run is not None and not run.has_config_file]
+    return Comparison(columns, with_value + without_value, settings, without_config, warnings, sort_by, ascending)
+
+
+def _sort_key(value):
+    """Numbers by value, before anything else by its text (a setting column may mix them)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (1, float(value), "")
+    return (0, 0.0, str(value))
+
+
+# ----------------------------------------------------------------------------- formats
+
+def cell_text(value, column: str = "") -> str:
+    if value is None:  # a metric the run lacks is empty; a setting that is None says so
+        return "" if column in METRICS else "None"
+    if isinstance(value, float):
+        if column in ("map", "map_50") or column.startswith("ap50_"):
+            return f"{value:.4f}"
+        if column == "wall_time_s":
+            return f"{value:.0f}"
+        return f"{value:.4g}" if column not in METRICS else f"{value:.2f}"
+    return str(value)
+
+
+def notes(comparison: Comparison) -> list[str]:
+    order = "ascending" if comparison.ascending else "descending"
+    lines = [f"sorted by {comparison.sort_by} ({order}; runs without it last)"]
+    if comparison.settings:
+        lines.append(f"{len(comparison.settings)} setting(s) differ between the runs")
+    else:
+        lines.append("no setting differs between the runs")
+    if comparison.without_config_file:
+        lines.append("no config.yml (settings rebuilt from the run records' params): "
+                     + ", ".join(comparison.without_config_file))
+    return lines
+
+
+def to_markdown(comparison: Comparison) -> str:
+    def escape(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    header = "| " + " | ".join(map(escape, comparison.columns)) + " |"
+    rule = "| " + " | ".join("---" if column in ("run", "status") or column in comparison.settings else "---:"
+                             for column in comparison.columns) + " |"
+    body = ["| " + " | ".join(escape(cell_text(row[c], c)) for c in comparison.columns) + " |" for row in comparison.rows]
+    return "\n".join([header, rule, *body, "", *(f"- {line}" for line in notes(comparison))]) + "\n"
+
+
+def to_csv(comparison: Comparison) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(comparison.columns)
+    for row in comparison.rows:
+        writer.writerow(["" if row[c] is None else row[c] for c in comparison.columns])
+    return buffer.getvalue()
+
+
+def to_html(comparison: Comparison) -> str:
+    esc = html.escape
+    head = "".join(f"<th>{esc(c)}</th>" for c in comparison.columns)
+    body = "".join("<tr>" + "".join(f"<td>{esc(cell_text(row[c], c))}</td>" for c in comparison.columns) + "</tr>"
+                   for row in comparison.rows)
+    items = "".join(f"<li>{esc(line)}</li>" for line in notes(comparison))
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Runs compared</title>
+<style>body{{font:14px/1.5 system-ui,sans-serif;margin:24px;color:#1c2230}}
+table{{border-collapse:collapse;font-variant-numeric:tabular-nums}}
+th,td{{padding:5px 10px;border-bottom:1px solid #e2e5eb;text-align:right;white-space:nowrap}}
+th{{position:sticky;top:0;background:#f5f6f8;font-size:.8rem}}td:first-child,th:first-child,td:nth-child(2){{text-align:left}}
+</style></head><body><h1>Runs compared</h1><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+<ul>{items}</ul></body></html>
+"""
+
+
+FORMATS = {".csv": to_csv, ".md": to_markdown, ".html": to_html}
+
+
+def write_plot(comparison: Comparison, metric: str, path) -> list[str]:
+    """A bar chart of *metric* across the runs (in table order); returns the runs without a value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..atomic import atomic_path
+
+    if metric not in METRICS:
+        raise InputError(f"--metric {metric!r}: not a metric (one of {', '.join(METRICS)})")
+    plotted = [(row["run"], float(row[metric])) for row in comparison.rows if row[metric] is not None]
+    without = [row["run"] for row in comparison.rows if row[metric] is None]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(plotted) + 2), 4.2), layout="constrained")
+    bars = ax.bar([name for name, _ in plotted], [value for _, value in plotted], color="#2a62c9")
+    ax.bar_label(bars, fmt="%.3g", padding=2)
+    ax.margins(y=0.12)  # room for the labels above the tallest bar
+    ax.set_ylabel(metric)
+    title = f"{metric} per run"
+    if without:
+        title += f"\n(no value: {', '.join(without)})"
+    ax.set_title(title)
+    ax.tick_params(axis="x", labelrotation=20 if len(plotted) > 3 else 0)
+    ax.axhline(0, color="black", linewidth=0.8)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return without

@@ -1,0 +1,520 @@
+"""One self-contained HTML page per run: every figure embedded as a data: URI, CSS inline, no script,
+nothing fetched. Plain string building with html.escape (no template engine is a dependency).
+
+Sections: summary, data, HPO, training, evaluation, predictions (a grid of annotated images,
+worst first, with their errors against the ground truth), job timings, provenance. A piece the
+run lacks (no HPO, no statistics yet) is said where it would be, never an error. The page stays
+small: figures are downscaled and the grid holds at most GRID_IMAGES images.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import subprocess
+import time
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from ..classes import CLASSES
+from .run_folder import FIGURES, RunFolder, image_errors_by_stem, predicted_by_stem
+
+GRID_IMAGES = 24          # annotated images on the page at most
+FIGURE_MAX_PX = 1100      # widest embedded figure (laptop screens show ~1200 px of content)
+THUMBNAIL_MAX_PX = 440    # annotated images in the grid
+THUMBNAIL_QUALITY = 80
+TRAIN_ROWS = 30           # epochs listed in full; longer runs show the first and last half of that
+TRAIN_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_map", "val_map_50", "seconds", "backbone_frozen")
+
+CSS = """
+:root{--fg:#1c2230;--muted:#5d6676;--line:#e2e5eb;--bg:#f5f6f8;--card:#fff;--accent:#2a62c9;--bad:#b4362b;
+--good:#1c7f52;--warn:#fff7e0;--warnline:#d99a00}
+*{box-sizing:border-box}
+body{margin:0;font:15px/1.55 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;
+color:var(--fg);background:var(--bg)}
+header{background:#1c2230;color:#fff;padding:20px 32px 18px}
+header h1{margin:0;font-size:1.5rem;font-weight:650;letter-spacing:-.01em}
+header p{margin:4px 0 0;color:#b9c1cf;font-size:.9rem}
+nav{position:sticky;top:0;z-index:10;display:flex;gap:2px;overflow-x:auto;padding:0 24px;
+background:rgba(255,255,255,.96);border-bottom:1px solid var(--line);box-shadow:0 1px 3px rgba(0,0,0,.04)}
+nav a{padding:11px 12px;color:var(--muted);text-decoration:none;white-space:nowrap;font-weight:550;font-size:.92rem;
+border-bottom:2px solid transparent}
+nav a:hover{color:var(--accent);border-bottom-color:var(--accent)}
+main{max-width:1280px;margin:0 auto;padding:4px 32px 64px}
+section{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:20px 26px 12px;
+margin:22px 0;scroll-margin-top:58px}
+h2{margin:0 0 14px;font-size:1.3rem;font-weight:650}
+h3{margin:18px 0 8px;font-size:1rem;font-weight:650}
+p{margin:6px 0 12px}
+.muted{color:var(--muted)}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(175px,1fr));gap:12px;margin-bottom:16px}
+.card{border:1px solid var(--line);border-radius:8px;padding:12px 14px;background:#fbfcfd}
+.card .value{font-size:1.6rem;font-weight:650;font-variant-numeric:tabular-nums;line-height:1.2}
+.card .label{color:var(--muted);font-size:.82rem}
+.card .sub{color:var(--muted);font-size:.8rem}
+.bad{color:var(--bad)}.good{color:var(--good)}
+.table-wrap{overflow-x:auto}
+table{border-collapse:collapse;font-variant-numeric:tabular-nums;margin:6px 0 16px;font-size:.92rem}
+th,td{padding:5px 12px;border-bottom:1px solid var(--line);text-align:right;vertical-align:top}
+th:first-child,td:first-child{text-align:left}
+thead th{font-size:.76rem;text-transform:uppercase;letter-spacing:.04em;color:var(--muted);font-weight:600}
+td.text,th.text{text-align:left}
+code,pre{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.84rem}
+pre{background:#f3f4f7;border-radius:6px;padding:12px 14px;overflow:auto;max-height:460px}
+.figures{display:grid;grid-template-columns:repeat(auto-fit,minmax(440px,1fr));gap:16px;margin:8px 0 16px}
+.figures.single{grid-template-columns:minmax(0,780px)}
+figure{margin:0;border:1px solid var(--line);border-radius:8px;padding:10px;background:#fff}
+figure img{width:100%;height:auto;display:block}
+figcaption{color:var(--muted);font-size:.84rem;margin-top:6px}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(220px,1fr));gap:12px;margin:8px 0 16px}
+.tile{border:1px solid var(--line);border-radius:8px;overflow:hidden;background:#fff}
+.tile img{width:100%;aspect-ratio:4/3;object-fit:contain;display:block;background:#20252f}
+.tile .caption{padding:6px 10px 8px;font-size:.8rem}
+.tile .name{font-weight:600;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.pill{display:inline-block;padding:0 7px;border-radius:9px;font-size:.76rem;margin:2px 3px 0 0;background:#eef0f3}
+.pill.err{background:#fbe4e1;color:var(--bad)}
+.note{background:var(--warn);border-left:4px solid var(--warnline);border-radius:4px;padding:8px 12px;margin:8px 0 14px;
+font-size:.9rem}
+.bar{height:10px;background:var(--accent);border-radius:5px;min-width:2px}
+td.barcell{width:38%;text-align:left}
+footer{color:var(--muted);font-size:.8rem;text-align:center;padding:12px}
+"""
+
+
+# ----------------------------------------------------------------------------- small builders
+
+def esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def number(value, digits: int = 3) -> str:
+    if value is None or value == "":
+        return "n/a"
+    try:
+        return f"{float(value):.{digits}f}"
+    except (TypeError, ValueError):
+        return esc(value)
+
+
+def setting(value) -> str:
+    """A parameter's value: floats to 4 significant digits, anything else as it is."""
+    return f"{value:.4g}" if isinstance(value, float) else esc(value)
+
+
+def percent(value) -> str:
+    return "n/a" if value is None else f"{float(value):.1f}%"
+
+
+def seconds_text(value) -> str:
+    if value is None:
+        return "n/a"
+    value = float(value)
+    if value < 60:
+        return f"{value:.1f} s"
+    minutes, secs = divmod(int(round(value)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def note(text: str) -> str:
+    return f'<div class="note">{text}</div>'
+
+
+def table(headers, rows, text_columns=(0,), classes=None) -> str:
+    """An HTML table; cells are already-escaped HTML. *text_columns* are left-aligned; *classes* gives
+    columns (by index) another CSS class."""
+    def css(i):
+        name = (classes or {}).get(i) or ("text" if i in text_columns else "")
+        return f' class="{name}"' if name else ""
+
+    head = "".join(f"<th{css(i)}>{h}</th>" for i, h in enumerate(headers))
+    body = "".join("<tr>" + "".join(f"<td{css(i)}>{c}</td>" for i, c in enumerate(row)) + "</tr>" for row in rows)
+    return f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def card(label: str, value: str, sub: str = "", css: str = "") -> str:
+    sub_html = f'<div class="sub">{sub}</div>' if sub else ""
+    return f'<div class="card"><div class="label">{esc(label)}</div><div class="value {css}">{value}</div>{sub_html}</div>'
+
+
+def image_data_uri(data: bytes, max_px: int, jpeg_quality: int | None = None) -> str:
+    """The image downscaled to at most *max_px* wide (and tall, for thumbnails), as a data: URI;
+    JPEG when *jpeg_quality* is given (photos), else PNG (plots keep their sharp lines)."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        bound = (max_px, max_px) if jpeg_quality else (max_px, max_px * 4)
+        image.thumbnail(bound, Image.Resampling.LANCZOS)
+        buffer = io.BytesIO()
+        if jpeg_quality:
+            image.convert("RGB").save(buffer, "JPEG", quality=jpeg_quality, optimize=True)
+            mime = "image/jpeg"
+        else:
+            image.save(buffer, "PNG", optimize=True)
+            mime = "image/png"
+    return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
+
+
+class Page:
+    """Collects the sections, and the images that could not be embedded (said on the page)."""
+
+    def __init__(self, run: RunFolder):
+        self.run = run
+        self.sections: list[tuple[str, str, str]] = []
+        self.unreadable: list[str] = []
+
+    def add(self, section_id: str, title: str, body: str) -> None:
+        self.sections.append((section_id, title, body))
+
+    def figure(self, name: str) -> str:
+        path = self.run.figures.get(name)
+        title, job = FIGURES[name]
+        if path is None:
+            return note(f"<b>{esc(title)}</b>: no <code>{esc(name)}</code> in this run (the {esc(job)} job writes it).")
+        try:
+            uri = image_data_uri(path.read_bytes(), FIGURE_MAX_PX)
+        except (OSError, UnidentifiedImageError) as error:
+            self.unreadable.append(f"{path}: {error}")
+            return note(f"<code>{esc(path)}</code> cannot be read as an image ({esc(error)}).")
+        return (f'<figure><img src="{uri}" alt="{esc(title)}"><figcaption>{esc(title)} '
+                f'<span class="muted">({esc(name)})</span></figcaption></figure>')
+
+    def figures(self, *names: str) -> str:
+        single = " single" if len(names) == 1 else ""
+        return f'<div class="figures{single}">' + "".join(self.figure(name) for name in names) + "</div>"
+
+
+# ----------------------------------------------------------------------------- sections
+
+def summary_section(page: Page) -> None:
+    run, evaluation = page.run, page.run.evaluation
+    parts = []
+    if evaluation:
+        compliance = evaluation.get("compliance") or {}
+        true, predicted = compliance.get("true") or {}, compliance.get("predicted") or {}
+        error = compliance.get("error_points")
+        parts.append('<div class="cards">' + "".join([
+            card("mAP@[0.5:0.95]", number(evaluation.get("map")), "test set"),
+            card("mAP@0.5", number(evaluation.get("map_50")), f"mAP@0.75 {number(evaluation.get('map_75'))}"),
+            card("Properly masked (true)", percent(true.get("percent_properly_masked")),
+                 f"{true.get('faces', 'n/a')} labelled faces"),
+            card("Properly masked (predicted)", percent(predicted.get("percent_properly_masked")),
+                 f"{predicted.get('faces', 'n/a')} faces kept at score &ge; {number(compliance.get('score_threshold'), 2)}"),
+            card("Compliance error", "n/a" if error is None else f"{error:+.1f} pts",
+                 "predicted &minus; true", "bad" if error is not None and abs(error) >= 5 else "good"),
+            card("Per-image MAE", "n/a" if compliance.get("per_image_mae_points") is None
+                 else f"{compliance['per_image_mae_points']:.1f} pts",
+                 f"over {compliance.get('images_compared', 'n/a')} images"),
+        ]) + "</div>")
+        per_class = evaluation.get("per_class") or {}
+        faces = evaluation.get("faces_per_class") or {}
+        rows = [[esc(name), esc(faces.get(name, "n/a")), number(entry.get("ap")), number(entry.get("ap_50")),
+                 number(entry.get("ap_75")), number(entry.get("recall")),
+                 esc((true.get("counts") or {}).get(name, "n/a")), esc((predicted.get("counts") or {}).get(name, "n/a"))]
+                for name, entry in ((name, per_class.get(name) or {}) for name in CLASSES)]
+        parts.append("<h3>Per class (test set)</h3>" + table(
+            ["class", "faces", "AP", "AP50", "AP75", "recall", "true count", "predicted count"], rows))
+        parts.append(f'<p class="muted">{esc(evaluation.get("num_images", "n/a"))} test images, model '
+                     f'<code>{esc(evaluation.get("model", "n/a"))}</code> ({esc(evaluation.get("backbone", "n/a"))}, '
+                     f'{esc(evaluation.get("image_size", "n/a"))} px), mean test loss {number(evaluation.get("test_loss"))}. '
+                     f'Counts at the operating score threshold {number(compliance.get("score_threshold"), 2)}; '
+                     f'mAP uses every detection.</p>')
+    else:
+        parts.append(note("No <code>evaluation.json</code> in this run: the evaluate job has not finished."))
+    if run.compliance:
+        overall = run.compliance.get("overall") or {}
+        counts = overall.get("counts") or {}
+        parts.append("<h3>Prediction set</h3>" + f"<p>{esc(run.compliance.get('num_images', 'n/a'))} images in "
+                     f"{esc(run.compliance.get('num_parts', 1))} part(s): {esc(overall.get('faces', 'n/a'))} faces ("
+                     + ", ".join(f"{esc(counts.get(name, 0))} {esc(name)}" for name in CLASSES)
+                     + f"), <b>{percent(overall.get('percent_properly_masked'))}</b> properly masked; "
+                     f"{len(run.compliance.get('skipped') or [])} file(s) skipped.</p>")
+    else:
+        parts.append(note("No <code>compliance.json</code> in this run: the merge_predictions job has not finished."))
+    absent = [name for name in run.missing]
+    if absent or run.problems or page.unreadable:
+        items = "".join(f"<li><code>{esc(name)}</code> not in this run</li>" for name in absent)
+        items += "".join(f"<li>{esc(problem)}</li>" for problem in run.problems)
+        parts.append(f"<details><summary>{len(absent)} file(s) missing, {len(run.problems)} unreadable</summary>"
+                     f"<ul>{items}</ul></details>")
+    page.add("summary", "Summary", "".join(parts))
+
+
+def data_section(page: Page) -> None:
+    run, parts = page.run, []
+    if run.validation:
+        validation = run.validation
+        parts.append(f"<p>Data: <code>{esc(validation.get('images_dir', 'n/a'))}</code>: "
+                     f"{esc(validation.get('images_usable', 'n/a'))} usable of {esc(validation.get('images_total', 'n/a'))} "
+                     f"images ({len(validation.get('images_excluded') or [])} excluded), "
+                     f"{esc(validation.get('objects_kept', 'n/a'))} objects kept.</p>")
+    if run.split_counts:
+        parts.append("<p>Split: " + ", ".join(f"{esc(split)} {count}" for split, count in run.split_counts.items())
+                     + " images.</p>")
+    parts.append(page.figures("class_distribution.png"))
+    if run.class_distribution:
+        splits = list(dict.fromkeys(row.get("split", "?") for row in run.class_distribution))
+        cells = {(row.get("split"), row.get("class")): row for row in run.class_distribution}
+        rows = [[esc(name)] + [f"{esc(cells.get((split, name), {}).get('objects', 0))} "
+                               f"<span class='muted'>({esc(cells.get((split, name), {}).get('images', 0))} img)</span>"
+                               for split in splits] for name in CLASSES]
+        parts.append("<h3>Objects per class (images holding the class)</h3>"
+                     + table(["class", *map(esc, splits)], rows))
+    page.add("data", "Data", "".join(parts))
+
+
+def hpo_section(page: Page) -> None:
+    run, hpo, parts = page.run, page.run.hpo, []
+    if not hpo:
+        page.add("hpo", "HPO", note("This run has no <code>best_hpo_params.json</code>: no hyperparameter search "
+                                    "ran, or it has not finished."))
+        return
+    params = hpo.get("params") or {}
+    parts.append(f"<p>Best trial: {esc(hpo.get('objective', 'objective'))} = <b>{number(hpo.get('value'), 4)}</b> "
+                 f"(worker {esc(hpo.get('worker_index', 'n/a'))}, trial {esc(hpo.get('trial', 'n/a'))}); "
+                 f"{esc(hpo.get('objective_description', ''))}.</p>")
+    parts.append('<div class="figures"><div>' + "<h3>Best parameters</h3>"
+                 + table(["parameter", "value"], [[esc(k), setting(v)] for k, v in params.items()])
+                 + "<h3>Its validation metrics</h3>"
+                 + table(["metric", "value"], [[esc(k), number(v, 4)] for k, v in (hpo.get("metrics") or {}).items()])
+                 + "</div><div>")
+    workers = hpo.get("workers") or []
+    if workers:
+        parts.append("<h3>Workers</h3>" + table(
+            ["result", "best value", "complete", "pruned", "failed"],
+            [[esc(w.get("file", "?")), number(w.get("best_value"), 4), esc((w.get("trial_counts") or {}).get("complete", "n/a")),
+              esc((w.get("trial_counts") or {}).get("pruned", "n/a")), esc((w.get("trial_counts") or {}).get("fail", "n/a"))]
+             for w in workers]))
+    fixed = hpo.get("fixed_params") or {}
+    if fixed:
+        parts.append("<h3>Fixed during the search</h3>" + table(["setting", "value"],
+                                                               [[esc(k), esc(v)] for k, v in fixed.items()]))
+    parts.append("</div></div>")
+    for name, text in (hpo.get("plot_notes") or {}).items():
+        parts.append(note(f"<code>{esc(name)}</code>: {esc(text)}"))
+    parts.append(page.figures("optimization_history.png", "param_importances.png"))
+    page.add("hpo", "HPO", "".join(parts))
+
+
+def training_section(page: Page) -> None:
+    run, parts = page.run, []
+    parts.append(page.figures("loss_curve.png"))
+    metrics = run.train_metrics
+    if metrics:
+        columns = [c for c in TRAIN_COLUMNS if c in metrics[0]]
+        shown = metrics if len(metrics) <= TRAIN_ROWS else metrics[:TRAIN_ROWS // 2] + metrics[-TRAIN_ROWS // 2:]
+        rows = [[esc(row.get(c, "")) if c in ("epoch", "backbone_frozen") else number(row.get(c), 4) for c in columns]
+                for row in shown]
+        left_out = len(metrics) - len(shown)
+        parts.append(f"<h3>Per epoch ({len(metrics)} epochs"
+                     + (f"; {left_out} in the middle not listed" if left_out else "") + ")</h3>"
+                     + table(columns, rows))
+    else:
+        parts.append(note("No <code>train_metrics.csv</code> in this run: the train job has not finished."))
+    page.add("training", "Training", "".join(parts))
+
+
+def evaluation_section(page: Page) -> None:
+    evaluation, parts = page.run.evaluation, []
+    matrix = (evaluation or {}).get("confusion_matrix")
+    if matrix and matrix.get("matrix"):
+        labels, cells = matrix["labels"], matrix["matrix"]
+        biggest = max(max(row) for row in cells) or 1
+        rows = [[f"<b>{esc(label)}</b>"] + [
+            f'<span style="display:inline-block;min-width:3em;padding:1px 6px;border-radius:4px;'
+            f'background:rgba(42,98,201,{0.08 + 0.6 * value / biggest:.2f})">{value}</span>' for value in row]
+            for label, row in zip(labels, cells)]
+        parts.append(f"<h3>Confusion matrix (rows true, columns predicted; IoU &ge; {esc(matrix.get('iou_threshold'))}, "
+                     f"score &ge; {number(matrix.get('score_threshold'), 2)})</h3>"
+                     + table(["true \\ predicted", *map(esc, labels)], rows)
+                     + '<p class="muted">A missed face counts in the background column, a spurious or duplicate box '
+                       "in the background row.</p>")
+    parts.append(page.figures("confusion_matrix.png", "pr_curves.png", "compliance_histogram.png"))
+    if evaluation:
+        skipped, dropped = evaluation.get("skipped") or [], evaluation.get("objects_dropped") or []
+        if skipped or dropped:
+            items = "".join(f"<li><code>{esc(e.get('file'))}</code>: {esc(e.get('reason'))}</li>" for e in skipped + dropped)
+            parts.append(f"<details><summary>{len(skipped)} file(s) skipped, {len(dropped)} annotation(s) with "
+                         f"objects left out</summary><ul>{items}</ul></details>")
+    page.add("evaluation", "Evaluation", "".join(parts))
+
+
+def predictions_section(page: Page) -> None:
+    run, parts = page.run, []
+    if not run.annotated:
+        page.add("predictions", "Predictions", note("No annotated images in this run (predict draws them with "
+                                                    "--annotate-max; none, or the predict jobs have not finished)."))
+        return
+    errors = image_errors_by_stem(run)
+    predicted = predicted_by_stem(run)
+    by_stem = {image.stem: image for image in run.annotated}
+    if errors:
+        ranked = [(by_stem[stem], entry) for stem, entry in
+                  sorted(errors.items(), key=lambda item: (-item[1].get("errors", 0), -item[1].get("missed", 0), item[0]))
+                  if stem in by_stem]
+        unmatched = len(run.annotated) - len(ranked)
+        threshold = (run.evaluation_images or {}).get("score_threshold")
+        parts.append(f"<p>{len(run.annotated)} annotated images in this run; {len(ranked)} of them are test images "
+                     f"with per-image errors (evaluation_images.json, score &ge; {number(threshold, 2)}). "
+                     f"The {min(GRID_IMAGES, len(ranked))} with the most errors are shown, worst first. The boxes drawn "
+                     "are the model's predictions; the counts compare them with the ground truth.</p>")
+        if unmatched:
+            parts.append(note(f"{unmatched} annotated image(s) are not among the evaluated test images "
+                              "(prediction on other images) and are not ranked."))
+        chosen = ranked[:GRID_IMAGES]
+    else:
+        why = ("this run has no evaluation_images.json (evaluate writes it; runs made before it existed lack it)"
+               if "evaluation_images.json" in run.missing else "no annotated image is a test image")
+        parts.append(note(f"Per-image errors are not available: {esc(why)}. Shown: the first {min(GRID_IMAGES, len(run.annotated))} "
+                          f"of {len(run.annotated)} annotated images with their predicted counts."))
+        chosen = [(image, None) for image in run.annotated[:GRID_IMAGES]]
+    tiles = []
+    for image, entry in chosen:
+        try:
+            uri = image_data_uri(image.read_bytes(), THUMBNAIL_MAX_PX, THUMBNAIL_QUALITY)
+            img = f'<img src="{uri}" alt="{esc(image.name)}" loading="eager">'
+        except (OSError, UnidentifiedImageError) as error:
+            page.unreadable.append(f"{image.source}:{image.member or ''}: {error}")
+            img = note(f"cannot be read ({esc(error)})")
+        if entry is not None:
+            pills = "".join(f'<span class="pill{" err" if entry.get(key) else ""}">{entry.get(key, 0)} {label}</span>'
+                            for key, label in (("missed", "missed"), ("false", "false"), ("confused", "confused")))
+            detail = (f"{entry.get('true_faces', '?')} faces, {entry.get('detections', '?')} kept, "
+                      f"{entry.get('correct', '?')} correct; masked {percent(entry.get('true_percent'))} true, "
+                      f"{percent(entry.get('predicted_percent'))} predicted")
+        else:
+            figures = predicted.get(image.stem) or {}
+            pills = f'<span class="pill">{esc(figures.get("faces", "?"))} face(s)</span>'
+            detail = f"{percent(figures.get('percent_properly_masked'))} properly masked (predicted)"
+        source = image.source.name + (f" : {image.member}" if image.member else "")
+        tiles.append(f'<div class="tile">{img}<div class="caption"><div class="name" title="{esc(source)}">'
+                     f'{esc(image.stem)}</div>{pills}<div class="muted">{detail}</div></div></div>')
+    parts.append('<div class="grid">' + "".join(tiles) + "</div>")
+    page.add("predictions", "Predictions", "".join(parts))
+
+
+def timings_section(page: Page) -> None:
+    run, stats = page.run, page.run.statistics
+    if stats:
+        jobs = stats.get("jobs") or []
+        longest = max((job.get("wall_time_s") or 0 for job in jobs), default=0) or 1
+        totals, critical = stats.get("totals") or {}, stats.get("critical_path") or {}
+        parts = [f"<p>From <code>statistics.json</code> (the local executor's measurements): started "
+                 f"{esc(stats.get('started', 'n/a'))}, workflow wall time <b>{seconds_text(stats.get('wall_time_s'))}</b>, "
+                 f"cumulative job time {seconds_text(totals.get('cumulative_job_wall_time_s'))}, "
+                 f"{esc(totals.get('succeeded', 'n/a'))} of {esc(totals.get('jobs', 'n/a'))} jobs succeeded "
+                 f"({esc(totals.get('failed', 0))} failed, {esc(totals.get('reused', 0))} reused), up to "
+                 f"{esc(stats.get('slots', 'n/a'))} at once. Critical path: "
+                 f"{esc(' → '.join(critical.get('jobs') or []))} ({seconds_text(critical.get('job_time_s'))}).</p>"]
+        rows = [[esc(job.get("id")), esc(job.get("transformation")), esc(job.get("status")), esc(job.get("tries")),
+                 seconds_text(job.get("wall_time_s")),
+                 f'<div class="bar" style="width:{100 * (job.get("wall_time_s") or 0) / longest:.1f}%"></div>']
+                for job in jobs]
+        parts.append(table(["job", "transformation", "status", "tries", "wall time", ""], rows, text_columns=(0, 1, 2),
+                           classes={5: "barcell"}))
+        page.add("timings", "Job timings", "".join(parts))
+        return
+    records = sorted(run.run_records.items(), key=lambda item: str(item[1].get("time", "")))
+    duration_keys = ("wall_time_s", "duration_s", "seconds")
+    rows = []
+    for name, record in records:
+        duration = next((record[key] for key in duration_keys if record.get(key) is not None), None)
+        rows.append([esc(f"{name}_run.json"), esc(record.get("job", "?")), esc(record.get("time", "n/a")),
+                     seconds_text(duration) if duration is not None else "n/a", esc(record.get("host", "n/a"))])
+    text = ("This run has no <code>statistics.json</code> yet: the executor writes it after the last job, so a page "
+            "made inside the workflow cannot show measured job times. Listed instead: when each job finished, from "
+            "its run record" + (", with its duration where the record holds one" if any(r[3] != "n/a" for r in rows)
+                                else " (the records hold no durations)")
+            + ". Run <code>bin/report.py RUN_DIR</code> after the run for the executor's timings.")
+    page.add("timings", "Job timings", note(text) + (table(["run record", "job", "finished", "duration", "host"], rows,
+                                                            text_columns=(0, 1, 2, 4)) if rows else ""))
+
+
+def project_commit(root: Path) -> str | None:
+    """The git commit of the project folder the report runs from (None without git or a checkout)."""
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    dirty = " with uncommitted changes" if status.returncode == 0 and status.stdout.strip() else ""
+    return head.stdout.strip() + dirty
+
+
+def provenance_section(page: Page, commit: str | None) -> None:
+    import yaml
+
+    run, parts = page.run, []
+    recorded = next((value for source in ([run.config or {}] + list(run.run_records.values()))
+                     for key in ("git_commit", "commit") if isinstance(value := source.get(key), str)), None)
+    if recorded:
+        parts.append(f"<p>Git commit of the run: <code>{esc(recorded)}</code>.</p>")
+    elif commit:
+        parts.append(f"<p>Git commit: <code>{esc(commit)}</code> <span class='muted'>(the project folder when this "
+                     "page was made; the run's records hold no commit)</span>.</p>")
+    else:
+        parts.append(note("Git commit unknown: the run's records hold none and the report ran outside a git checkout."))
+    packages = run.packages()
+    differing = run.package_differences()
+    if packages:
+        rows = [[esc(name), esc(version if version is not None else "not installed")
+                 + (f" <span class='bad'>(jobs differ: {esc(', '.join(sorted(map(str, differing[name]))))})</span>"
+                    if name in differing else "")] for name, version in packages.items()]
+        parts.append("<h3>Package versions (from the run records)</h3>" + table(["package", "version"], rows))
+    if run.run_records:
+        rows = [[esc(f"{name}_run.json"), esc(record.get("job", "?")), esc(record.get("time", "n/a")),
+                 esc(record.get("num_inputs", "n/a")),
+                 f"<code title='{esc(record.get('inputs_sha256') or '')}'>{esc((record.get('inputs_sha256') or 'n/a')[:16])}</code>"]
+                for name, record in sorted(run.run_records.items())]
+        parts.append("<h3>Inputs of each job (SHA-256 over the input files; hover for the full hash)</h3>"
+                     + table(["run record", "job", "written", "inputs", "inputs SHA-256"], rows, text_columns=(0, 1, 2, 4)))
+    else:
+        parts.append(note("No run records (<code>*_run.json</code>) in this run."))
+    if run.config is not None:
+        if not run.has_config_file:
+            source = ("no <code>config.yml</code> in this run: the settings each kind of job ran with, rebuilt "
+                      "from the run records' params")
+        else:
+            source = f"the run's effective configuration, <code>{esc(run.config_source)}</code>"
+        dumped = yaml.safe_dump(run.config, sort_keys=False, default_flow_style=False, allow_unicode=True)
+        parts.append(f"<h3>Configuration</h3><p class='muted'>From {source}.</p><pre>{esc(dumped)}</pre>")
+    else:
+        parts.append(note("No configuration: no <code>config.yml</code> and no run records."))
+    page.add("provenance", "Provenance", "".join(parts))
+
+
+def build_report(run: RunFolder, commit: str | None = None, made_where: str = "by hand") -> tuple[str, list[str]]:
+    """(the page's HTML, lines naming what could not be embedded)."""
+    page = Page(run)
+    for section in (data_section, hpo_section, training_section, evaluation_section, predictions_section,
+                    timings_section):
+        section(page)
+    provenance_section(page, commit)
+    summary_section(page)  # last, so that it lists the images that could not be embedded too
+    page.sections.insert(0, page.sections.pop())
+    nav = "".join(f'<a href="#{sid}">{esc(title)}</a>' for sid, title, _ in page.sections)
+    body = "".join(f'<section id="{sid}"><h2>{esc(title)}</h2>{content}</section>' for sid, title, content in page.sections)
+    made = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    evaluation = run.evaluation or {}
+    headline = (f"mAP@0.5 {number(evaluation.get('map_50'))} · "
+                f"{percent(((evaluation.get('compliance') or {}).get('predicted') or {}).get('percent_properly_masked'))} "
+                "predicted properly masked") if evaluation else "unfinished run"
+    document = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
+<title>Run report: {esc(run.name)}</title>
+<style>{CSS}</style></head>
+<body>
+<header><h1>Mask detection run <code>{esc(run.name)}</code></h1>
+<p>{headline} · <code>{esc(run.path)}</code> · page made {esc(made)} ({esc(made_where)})</p></header>
+<nav>{nav}</nav>
+<main>{body}</main>
+<footer>Self-contained page written by bin/report.py: figures embedded, no scripts, nothing fetched.</footer>
+</body></html>
+"""
+    return document, page.unreadable

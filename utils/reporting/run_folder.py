@@ -1,0 +1,315 @@
+"""A run folder read into one structure: what the report page and the comparison of runs show.
+
+A run folder is what `workflow.py --local` leaves (RUN_DIR with outputs/, statistics.json,
+split.csv, config.yml) or the flat folder of the workflow's report job, where every input is
+staged side by side. Missing pieces are recorded in ``missing`` (the page and the table say
+so); files that are there but cannot be read go to ``problems``, one line each naming the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InputError
+
+# The figures the jobs write, in the order the page shows them, with the job that writes each.
+FIGURES = {
+    "class_distribution.png": ("Objects per class and split", "plot_class_distribution"),
+    "optimization_history.png": ("HPO: objective per trial", "hpo_merge"),
+    "param_importances.png": ("HPO: parameter importances", "hpo_merge"),
+    "loss_curve.png": ("Training and validation loss", "train"),
+    "confusion_matrix.png": ("Detection confusion matrix", "evaluate"),
+    "pr_curves.png": ("Precision-recall curves (IoU 0.5)", "evaluate"),
+    "compliance_histogram.png": ("Per-image compliance of the prediction set", "merge_predictions"),
+}
+# The data files the report reads, with the job that writes each (missing ones are named on the page).
+DATA_FILES = {
+    "evaluation.json": "evaluate",
+    "evaluation_images.json": "evaluate",
+    "compliance.json": "merge_predictions",
+    "best_hpo_params.json": "hpo_merge",
+    "train_metrics.csv": "train",
+    "class_distribution.csv": "plot_class_distribution",
+    "preprocess_test_report.json": "preprocess",
+}
+RUN_RECORD_SUFFIX = "_run.json"
+ANNOTATED_PREFIX = "annotated_"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# A run that lacks one of these is unfinished (the comparison says which it lacks).
+FINISHED_MARKERS = ("evaluation.json", "compliance.json")
+
+
+class RunFolderError(InputError):
+    """A run folder that cannot be read at all (not a folder, or no run output in it)."""
+
+
+def is_report_input(name: str) -> bool:
+    """Whether the report reads an output file of this name: the workflow hands the report job these."""
+    return (name in FIGURES or name in DATA_FILES or name.endswith(RUN_RECORD_SUFFIX)
+            or (name.startswith(ANNOTATED_PREFIX) and name.endswith((".tar", *IMAGE_SUFFIXES))))
+
+
+@dataclass
+class AnnotatedImage:
+    """An annotated prediction image: a file of the outputs or a member of an annotated_<shard>.tar."""
+    name: str
+    source: Path
+    member: str | None = None
+
+    @property
+    def stem(self) -> str:
+        """The predicted image's stem: the name without "annotated_" and the extension."""
+        return Path(self.name).stem.removeprefix(ANNOTATED_PREFIX)
+
+    def read_bytes(self) -> bytes:
+        if self.member is None:
+            return self.source.read_bytes()
+        with tarfile.open(self.source) as archive:
+            handle = archive.extractfile(self.member)
+            if handle is None:
+                raise InputError(f"{self.source}: {self.member} is not a file")
+            return handle.read()
+
+
+@dataclass
+class RunFolder:
+    path: Path
+    outputs: Path
+    evaluation: dict | None = None
+    evaluation_images: dict | None = None
+    compliance: dict | None = None
+    hpo: dict | None = None
+    preprocess_test: dict | None = None
+    train_metrics: list[dict] = field(default_factory=list)
+    class_distribution: list[dict] = field(default_factory=list)
+    figures: dict[str, Path] = field(default_factory=dict)
+    run_records: dict[str, dict] = field(default_factory=dict)
+    statistics: dict | None = None
+    validation: dict | None = None
+    config: dict | None = None
+    config_source: str = ""
+    split_counts: dict[str, int] = field(default_factory=dict)
+    annotated: list[AnnotatedImage] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def has_config_file(self) -> bool:
+        """Whether the settings are the run's own configuration (not rebuilt from the run records' params)."""
+        return bool(self.config_source) and self.config_source != REBUILT_CONFIG
+
+    @property
+    def unfinished(self) -> list[str]:
+        """The outputs of a finished run this one lacks (empty for a finished run)."""
+        return [name for name in FINISHED_MARKERS if name in self.missing]
+
+    def packages(self) -> dict[str, str | None]:
+        """Package versions from the run records (the first record that has them)."""
+        for record in self.run_records.values():
+            if isinstance(record.get("packages"), dict):
+                return record["packages"]
+        return {}
+
+    def package_differences(self) -> dict[str, set]:
+        """Packages whose version differs between the run's records (jobs run in different environments)."""
+        versions: dict[str, set] = {}
+        for record in self.run_records.values():
+            for package, version in (record.get("packages") or {}).items():
+                versions.setdefault(package, set()).add(version)
+        return {package: found for package, found in versions.items() if len(found) > 1}
+
+
+def _read_json(path: Path, run: RunFolder, what: str) -> dict | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        run.missing.append(path.name)
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        run.problems.append(f"{path}: {what} cannot be read ({error})")
+        return None
+    if not isinstance(value, dict):
+        run.problems.append(f"{path}: {what} is not a JSON object")
+        return None
+    return value
+
+
+def _read_csv(path: Path, run: RunFolder, what: str) -> list[dict]:
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+    except FileNotFoundError:
+        run.missing.append(path.name)
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        run.problems.append(f"{path}: {what} cannot be read ({error})")
+    return []
+
+
+# The effective configuration: the driver's RUN_DIR/config.yml; the jobs' copy of it (the workflow
+# stages it into every job's folder, the report job's too), which each run record also carries.
+CONFIG_FILES = ("config.yml", "experiment_config.yml")
+RECORD_CONFIG_KEYS = ("experiment_config", "config")
+
+
+def _read_config(run: RunFolder) -> None:
+    """The effective configuration: a CONFIG_FILES file, else one a run record carries, else the
+    settings rebuilt from the run records' params."""
+    import yaml
+
+    for config_file in (run.path / name for name in CONFIG_FILES):
+        if not config_file.is_file():
+            continue
+        try:
+            config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            run.problems.append(f"{config_file}: configuration cannot be read ({' '.join(str(error).split())})")
+            continue
+        if isinstance(config, dict):
+            run.config, run.config_source = config, config_file.name
+            return
+        run.problems.append(f"{config_file}: configuration is not a mapping of settings")
+    for name, record in sorted(run.run_records.items()):
+        for key in RECORD_CONFIG_KEYS:
+            if isinstance(record.get(key), dict):
+                run.config, run.config_source = record[key], f"{name}{RUN_RECORD_SUFFIX}"
+                return
+    if run.run_records:
+        run.config = settings_from_run_records(run.run_records)
+        run.config_source = REBUILT_CONFIG
+
+
+REBUILT_CONFIG = "run records' params"
+# What a job's run record params hold besides its settings: results and files (not settings to compare).
+RECORD_RESULTS = {"summary", "skipped", "problems", "trial_counts", "best_value", "run_record"}
+FILE_SUFFIXES = {".tar", ".json", ".pt", ".pth", ".csv", ".png", ".jpg", ".txt", ".journal", ".yml", ".mp4", ".xml"}
+
+
+def _names_a_file(value) -> bool:
+    return isinstance(value, str) and (value == "." or "/" in value or Path(value).suffix.lower() in FILE_SUFFIXES)
+
+
+def settings_from_run_records(records: dict[str, dict]) -> dict[str, dict]:
+    """A configuration rebuilt from the run records, for runs without config.yml: per job kind, the
+    params every job of that kind ran with (train's resolved values over its flags), without the
+    files a job read or wrote and without the results some records carry."""
+    by_kind: dict[str, list[dict]] = {}
+    for name, record in sorted(records.items()):
+        if record.get("job") == "report":  # where a page of the run went: not how the run was made
+            continue
+        params = dict(record.get("params") or {})
+        if isinstance(params.get("resolved"), dict):
+            params.update(params.pop("resolved"))
+        flat = {key: value for key, value in flatten(params).items()
+                if key.split(".")[0] not in RECORD_RESULTS and not _names_a_file(value)}
+        by_kind.setdefault(str(record.get("job") or name), []).append(flat)
+    config = {}
+    for kind, flats in by_kind.items():
+        shared = {key: value for key, value in flats[0].items()
+                  if all(key in other and other[key] == value for other in flats[1:])}
+        config[kind] = shared
+    return config
+
+
+def _split_counts(path: Path, run: RunFolder) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for row in _read_csv(path, run, "split table"):
+        counts[row.get("split") or "?"] = counts.get(row.get("split") or "?", 0) + 1
+    return counts
+
+
+def _annotated_images(outputs: Path, run: RunFolder) -> list[AnnotatedImage]:
+    images = [AnnotatedImage(path.name, path) for path in sorted(outputs.glob(f"{ANNOTATED_PREFIX}*"))
+              if path.suffix.lower() in IMAGE_SUFFIXES]
+    for archive in sorted(outputs.glob(f"{ANNOTATED_PREFIX}*.tar")):
+        try:
+            with tarfile.open(archive) as handle:
+                members = [m.name for m in handle.getmembers()
+                           if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES]
+        except (OSError, tarfile.TarError) as error:
+            run.problems.append(f"{archive}: annotated images cannot be read ({error})")
+            continue
+        images += [AnnotatedImage(Path(member).name, archive, member) for member in sorted(members)]
+    return images
+
+
+def read_run_folder(path) -> RunFolder:
+    """Read a run folder; RunFolderError when it is not a folder or holds no run output at all."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RunFolderError(f"{path}: run folder not found" if not path.exists() else f"{path}: not a folder")
+    outputs = path / "outputs" if (path / "outputs").is_dir() else path
+    run = RunFolder(path=path.resolve(), outputs=outputs)
+    run.evaluation = _read_json(outputs / "evaluation.json", run, "evaluation")
+    run.evaluation_images = _read_json(outputs / "evaluation_images.json", run, "per-image evaluation")
+    run.compliance = _read_json(outputs / "compliance.json", run, "compliance summary")
+    run.hpo = _read_json(outputs / "best_hpo_params.json", run, "HPO result")
+    run.preprocess_test = _read_json(outputs / "preprocess_test_report.json", run, "test set preprocess report")
+    run.train_metrics = _read_csv(outputs / "train_metrics.csv", run, "training metrics")
+    run.class_distribution = _read_csv(outputs / "class_distribution.csv", run, "class distribution")
+    for name in FIGURES:
+        if (outputs / name).is_file():
+            run.figures[name] = outputs / name
+        else:
+            run.missing.append(name)
+    for record_file in sorted(outputs.glob(f"*{RUN_RECORD_SUFFIX}")):
+        record = _read_json(record_file, run, "run record")
+        if record is not None:
+            run.run_records[record_file.name.removesuffix(RUN_RECORD_SUFFIX)] = record
+    stats_file = path / "statistics.json"
+    if stats_file.is_file():
+        run.statistics = _read_json(stats_file, run, "workflow statistics")
+    else:
+        run.missing.append("statistics.json")
+    if (path / "validation_report.json").is_file():  # the driver writes it; a report job's folder has none
+        run.validation = _read_json(path / "validation_report.json", run, "data validation report")
+    split_file = path / "split.csv" if (path / "split.csv").is_file() else outputs / "split.csv"
+    run.split_counts = _split_counts(split_file, run)
+    _read_config(run)
+    run.annotated = _annotated_images(outputs, run)
+    if not (run.evaluation or run.compliance or run.run_records or run.figures or run.statistics):
+        raise RunFolderError(f"{path}: no run outputs found (no evaluation.json, compliance.json, *_run.json, "
+                             "figures or statistics.json in it or in its outputs/)")
+    return run
+
+
+def flatten(value, prefix: str = "") -> dict[str, object]:
+    """Nested mappings and lists as one level: {"train_stages": [{"lr": 0.1}]} -> {"train_stages.0.lr": 0.1}."""
+    if isinstance(value, dict) and value:
+        flat = {}
+        for key, item in value.items():
+            flat.update(flatten(item, f"{prefix}{key}."))
+        return flat
+    if isinstance(value, list) and value:
+        flat = {}
+        for index, item in enumerate(value):
+            flat.update(flatten(item, f"{prefix}{index}."))
+        return flat
+    return {prefix.removesuffix("."): value}
+
+
+def prefix_of_test_names(run: RunFolder) -> str:
+    """The prefix preprocess put before the test images' names (evaluate sees those names, predict the originals)."""
+    params = ((run.preprocess_test or {}).get("run_record") or {}).get("params") or {}
+    return str(params.get("prefix") or "")
+
+
+def image_errors_by_stem(run: RunFolder) -> dict[str, dict]:
+    """evaluation_images.json's entries keyed by the original image stem (the annotated images' names)."""
+    prefix = prefix_of_test_names(run)
+    entries = (run.evaluation_images or {}).get("images") or []
+    return {Path(entry["image"]).stem.removeprefix(prefix): entry for entry in entries
+            if isinstance(entry, dict) and "image" in entry}
+
+
+def predicted_by_stem(run: RunFolder) -> dict[str, dict]:
+    """compliance.json's per-image figures keyed by image stem ("pred_shard.tar:name.jpg" -> "name")."""
+    per_image = (run.compliance or {}).get("per_image") or {}
+    return {Path(key.rsplit(":", 1)[-1]).stem: value for key, value in per_image.items()}
