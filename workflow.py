@@ -35,13 +35,16 @@ from Pegasus.api import (Container, File, Job, Properties, ReplicaCatalog, SiteC
 
 from utils.atomic import write_text
 from utils.defaults import DATA_SHARD_IMAGES
-from utils.pegasus import driver, pegasus_api
+from utils.detection.stages import stages_to_json
+from utils.pegasus import driver, experiment, pegasus_api
 from utils.pegasus.catalogs import build_properties, build_site_catalog
 from utils.pegasus.config import (ConfigError, SplitEntry, WorkflowConfig, config_from_args, parse_label_map,
                                   trials_per_worker)
 from utils.pegasus.graph import write_graph
-from utils.pegasus.inputs import data_shards, find_videos, prediction_shards, read_split_csv, validate_and_split
+from utils.pegasus.inputs import (data_shards, find_videos, prediction_shards, read_split_csv, validate_and_split,
+                                  write_folds)
 from utils.pegasus.runtimes import CHECKPOINTING, checkpoint_minutes, job_runtimes
+from utils.provenance import EXPERIMENT_CONFIG_FILE
 
 ROOT = Path(__file__).resolve().parent
 WORKFLOW_NAME = "mask-detection"
@@ -58,6 +61,9 @@ JOB_SCRIPTS = {
     "predict": "bin/predict.py",
     "merge_predictions": "bin/merge_predictions.py",
     "predict_video": "bin/predict_video.py",
+    "make_fold": "bin/make_fold.py",
+    "aggregate_folds": "bin/aggregate_folds.py",
+    "report": "bin/report.py",
 }
 
 # What each job kind asks of an execution node, in one place. Applied as pegasus profiles
@@ -77,6 +83,9 @@ RESOURCES = {
     "predict": {"cores": 2, "memory": "4 GB", "gpus": 1},
     "merge_predictions": {"cores": 1, "memory": "4 GB", "gpus": 0},
     "predict_video": {"cores": 2, "memory": "4 GB", "gpus": 1},
+    "make_fold": {"cores": 1, "memory": "2 GB", "gpus": 0},
+    "aggregate_folds": {"cores": 1, "memory": "1 GB", "gpus": 0},
+    "report": {"cores": 1, "memory": "2 GB", "gpus": 0},
 }
 
 # Where the workflow departs from utils/defaults.py on purpose. Most entries size the
@@ -93,6 +102,7 @@ WORKFLOW_OVERRIDES = {
 }
 
 CONTAINER_TYPES = {"singularity": Container.SINGULARITY, "docker": Container.DOCKER}
+STAGES_FILE = "train_stages.json"  # RUN_DIR/train_stages.json: --train-stages as the train jobs get it
 CONTAINER_NAME = "mask-detection"
 
 
@@ -111,6 +121,8 @@ class MaskDetectionWorkflow:
         self.files: dict[str, File] = {}
         self.replica_paths: dict[str, Path] = {}
         self.initial_checkpoints: dict[str, Path] = {}
+        self.experiment_config: File | None = None  # the run's settings, an input of every job (when given)
+        self.stages_file: File | None = None  # --train-stages as JSON, an input of the train jobs (when given)
 
     def build(self) -> "MaskDetectionWorkflow":
         self.create_properties()
@@ -206,10 +218,15 @@ class MaskDetectionWorkflow:
         # condorio transfers a checkpoint file in with the job, so it must exist before
         # the first try: an empty file, which hpo and train read as "no checkpoint yet".
         checkpoint_names = [f"hpo_{i}.journal" for i in range(config.hpo_jobs)] + ["train_checkpoint.pt"]
+        checkpoint_names += [f"train_fold{fold}_checkpoint.pt" for fold in range(config.folds)]
+        self.folds_file = self._input_file(config.folds_csv.resolve()) if config.folds else None
         self.initial_checkpoints = {lfn: self.checkpoint_dir / lfn for lfn in checkpoint_names}
         for lfn, path in self.initial_checkpoints.items():
             self.files[lfn] = File(lfn)
             self.replica_paths[lfn] = path
+        if config.experiment_settings is not None:
+            self.experiment_config = self._input_file(self.run_dir / EXPERIMENT_CONFIG_FILE)
+        self.stages_file = self._input_file(self.run_dir / STAGES_FILE) if config.train_stages else None
         self.rc = ReplicaCatalog()
         for lfn, path in self.replica_paths.items():
             self.rc.add_replica("local", self.files[lfn], path.as_uri())
@@ -231,8 +248,11 @@ class MaskDetectionWorkflow:
         best_params = self._add_hpo_merge(worker_results)
         model = self._add_train(train_set, val_set, best_params)
         self._add_evaluate(model, test_set)
-        self._add_predict(model)
+        fold_models = self._add_folds(train_set, val_set)
+        # --fold-ensemble: the K fold models predict as one ensemble, in place of the final model.
+        self._add_predict(*(fold_models if self.config.fold_ensemble else [model]))
         self._add_predict_videos(model)
+        self._add_report()
         pegasus_api.make_deterministic(self.wf)
         return self.wf
 
@@ -251,6 +271,9 @@ class MaskDetectionWorkflow:
             checkpoint_time, max_walltime = checkpoint_minutes(self.runtimes[kind],
                                                                config.execution_site_config().get("max_job_minutes"))
             job.add_pegasus_profile(checkpoint_time=checkpoint_time, max_walltime=max_walltime)
+        if self.experiment_config is not None:
+            # Staged into the job's folder, where utils.provenance.run_record finds it for the run record.
+            job.add_inputs(self.experiment_config)
         self.wf.add_jobs(job)
         return job
 
@@ -268,6 +291,12 @@ class MaskDetectionWorkflow:
     def _weights(self) -> tuple[list, list[File]]:
         """(--weights-file arguments, inputs) of the jobs that build a model; empty without cached weights."""
         return (["--weights-file", self.weights], [self.weights]) if self.weights is not None else ([], [])
+
+    def _stages(self) -> tuple[list, list[File]]:
+        """(--stages arguments, inputs) of a staged training (--train-stages): the stages' JSON as a file, since
+        a JSON text's quotes do not survive every way Pegasus passes arguments (its Shell code generator drops
+        them); empty for one stage of --epochs."""
+        return (["--stages", self.stages_file], [self.stages_file]) if self.stages_file is not None else ([], [])
 
     @staticmethod
     def _if_given(flag: str, value) -> list:
@@ -335,11 +364,15 @@ class MaskDetectionWorkflow:
                          "--n-trials", n_trials, "--seed", config.seed,
                          "--worker-index", index, "--num-workers", config.hpo_jobs,
                          "--study-name", WORKFLOW_NAME, "--backbone", config.backbone,
-                         *weights_args, "--checkpoint", journal, "--output", best)
+                         *weights_args, "--checkpoint", journal, "--output", best,
+                         # events in a folder of the job, staged out as one .tar of a fixed name (the executor
+                         # unpacks it to outputs/tensorboard/hpo_<i>)
+                         "--tensorboard-dir", f"tensorboard/hpo_{index}",
+                         "--tensorboard-tar", f"tensorboard_hpo_{index}.tar")
             job.add_inputs(train_set, val_set, *weights_inputs)
             job.add_checkpoint(journal, stage_out=False, register_replica=False)
             self._hands_on(job, best)
-            self._stages_out(job, f"best_{index}_run.json")
+            self._stages_out(job, f"best_{index}_run.json", f"tensorboard_hpo_{index}.tar")
             results.append(best)
         return results
 
@@ -358,19 +391,22 @@ class MaskDetectionWorkflow:
     def _add_train(self, train_set: File, val_set: File, best_params: File) -> File:
         config = self.config
         weights_args, weights_inputs = self._weights()
+        stages_args, stages_inputs = self._stages()
         job = self._job("train", "train")
         model, checkpoint = File("model.pt"), self.files["train_checkpoint.pt"]
         job.add_args("--images", train_set, "--annotations", train_set,
                      "--val-images", val_set, "--val-annotations", val_set,
                      "--params", best_params, "--epochs", config.epochs,
                      *self._if_given("--time-budget", config.time_budget),
+                     *stages_args,
                      "--image-size", config.image_size, "--backbone", config.backbone,
                      *weights_args, "--checkpoint", checkpoint, "--output", model,
                      "--metrics-csv", "train_metrics.csv", "--loss-plot", "loss_curve.png", "--seed", config.seed,
-                     *self._if_given("--label-map", self.config.label_map))
-        job.add_inputs(train_set, val_set, best_params, *weights_inputs)
+                     *self._if_given("--label-map", self.config.label_map),
+                     "--tensorboard-dir", "tensorboard/train", "--tensorboard-tar", "tensorboard_train.tar")
+        job.add_inputs(train_set, val_set, best_params, *weights_inputs, *stages_inputs)
         job.add_checkpoint(checkpoint, stage_out=False, register_replica=False)
-        self._stages_out(job, model, "model_run.json", "train_metrics.csv", "loss_curve.png")
+        self._stages_out(job, model, "model_run.json", "train_metrics.csv", "loss_curve.png", "tensorboard_train.tar")
         return model
 
     def _add_evaluate(self, model: File, test_set: File) -> None:
@@ -380,10 +416,108 @@ class MaskDetectionWorkflow:
                      *self._if_given("--score-threshold", self.config.score_threshold))
         job.add_inputs(test_set, model)
         self._stages_out(job, "evaluation.json", "evaluation.txt", "confusion_matrix.png", "confusion_matrix.csv",
-                         "pr_curves.png", "evaluate_run.json")
+                         "pr_curves.png", "evaluation_images.json", "evaluate_run.json")
 
-    def _add_predict(self, model: File) -> None:
-        """One predict job per shard of the prediction set, then one merge into compliance.json."""
+    def _add_folds(self, train_set: File, val_set: File) -> list[File]:
+        """--folds K: per fold, make_fold cuts the fold's training and held-out sets out of the preprocessed
+        train and val sets (RUN_DIR/folds.csv, written at generation), train_fold<i> trains with the final
+        model's settings (best HPO parameters, --epochs or --time-budget) validated on the held-out fold
+        (so its threshold is chosen there too: kfold_summary says so), evaluate_fold<i> evaluates it on
+        that fold; aggregate_folds writes mean ± std over the folds. Returns the fold models."""
+        from utils.detection.evaluation import evaluation_output_names
+
+        config = self.config
+        if not config.folds:
+            return []
+        models, evaluations = [], []
+        for fold in range(config.folds):
+            tag = f"fold{fold}"
+            job = self._job("make_fold", f"make_{tag}")
+            fold_train, fold_val = File(f"{tag}_train.tar"), File(f"{tag}_val.tar")
+            job.add_args("--train-set", train_set, "--val-set", val_set, "--folds-csv", self.folds_file,
+                         "--fold", fold, "--output-train", fold_train, "--output-val", fold_val,
+                         "--report", f"make_{tag}_report.json")
+            job.add_inputs(train_set, val_set, self.folds_file)
+            self._hands_on(job, fold_train, fold_val)
+            self._stages_out(job, f"make_{tag}_report.json")
+
+            # The final train job repeated on the fold's sets: the final model's settings, whatever they are.
+            model = self._add_fold_train(fold, {train_set.lfn: fold_train, val_set.lfn: fold_val})
+            models.append(model)
+
+            job = self._job("evaluate", f"evaluate_{tag}")
+            names = evaluation_output_names(tag)
+            evaluation = File(names["evaluation.json"])
+            job.add_args("--images", fold_val, "--annotations", fold_val, "--model", model, "--output-dir", ".",
+                         "--output-tag", tag, *self._if_given("--score-threshold", config.score_threshold))
+            job.add_inputs(fold_val, model)
+            self._sized_as(job, "evaluate_fold")
+            self._stages_out(job, evaluation, *(name for key, name in names.items() if key != "evaluation.json"))
+            evaluations.append(evaluation)
+        job = self._job("aggregate_folds", "aggregate_folds")
+        job.add_args("--inputs", *evaluations, "--output-dir", ".")
+        job.add_inputs(*evaluations)
+        self._stages_out(job, "kfold_summary.json", "kfold_summary.txt", "kfold_folds.png", "aggregate_folds_run.json")
+        return models
+
+    @staticmethod
+    def _fold_name(name: str, tag: str) -> str:
+        """model.pt -> model_fold0.pt, model_run.json -> model_fold0_run.json (train names its run record
+        after --output), train_checkpoint.pt -> train_fold0_checkpoint.pt."""
+        for suffix in ("_run.json", "_checkpoint.pt"):
+            if name.endswith(suffix):
+                return f"{name[:-len(suffix)]}_{tag}{suffix}"
+        path = Path(name)
+        return f"{path.stem}_{tag}{path.suffix}"
+
+    def _add_fold_train(self, fold: int, fold_sets: dict[str, File]) -> File:
+        """train_fold<i>: the final train job (added by _add_train) repeated on the fold's sets, so that a
+        fold model gets the final model's settings whatever flags train is given: its arguments, with the
+        train and val sets replaced by *fold_sets* (lfn -> File) and its outputs, checkpoint and folders
+        (values of --*-dir flags) renamed for the fold (_fold_name). Returns the fold's model File."""
+        final, tag = self.wf.get_job("train"), f"fold{fold}"
+        renamed: dict[str, File] = dict(fold_sets)
+        for use in final.uses:
+            if use._type in ("output", "checkpoint"):
+                lfn = self._fold_name(use.file.lfn, tag)
+                renamed[use.file.lfn] = self.files[lfn] if use._type == "checkpoint" else File(lfn)
+        job = self._job("train", f"train_{tag}")
+        args, previous = [], None
+        for arg in final.args:
+            name = arg.lfn if isinstance(arg, File) else arg
+            if isinstance(name, str) and name in renamed:
+                arg = renamed[name]
+            elif isinstance(arg, str) and isinstance(previous, str) and previous.endswith("-dir"):
+                arg = f"{arg}_{tag}"  # a folder in the job's directory (packed into a renamed output)
+            args.append(arg)
+            previous = arg
+        job.add_args(*args)
+        given = {use.file.lfn for use in job.uses}  # what _job gives every job already
+        for use in final.uses:
+            file = renamed.get(use.file.lfn, use.file)
+            if file.lfn in given:
+                continue
+            if use._type == "input":
+                job.add_inputs(file)
+            elif use._type == "checkpoint":
+                job.add_checkpoint(file, stage_out=use.stage_out, register_replica=use.register_replica)
+            else:
+                job.add_outputs(file, stage_out=use.stage_out, register_replica=use.register_replica)
+        self._sized_as(job, "train_fold")
+        return renamed["model.pt"]
+
+    def _sized_as(self, job: Job, workload: str) -> None:
+        """Job-level time limits from *workload* (runtimes.py), over those of the job's transformation."""
+        runtime = self.runtimes[workload]
+        job.add_pegasus_profile(runtime=str(runtime))
+        if job.transformation in CHECKPOINTING:
+            checkpoint_time, max_walltime = checkpoint_minutes(
+                runtime, self.config.execution_site_config().get("max_job_minutes"))
+            job.add_pegasus_profile(checkpoint_time=checkpoint_time, max_walltime=max_walltime)
+
+    def _add_predict(self, *models: File) -> None:
+        """One predict job per shard of the prediction set, then one merge into compliance.json; several
+        *models* (the fold models of --fold-ensemble) predict as one ensemble (weighted box fusion)."""
         config, parts = self.config, []
         shards = config.pred_shards
         # --annotate-max spread over the shards: the first (annotate_max % shards) draw one more.
@@ -391,10 +525,10 @@ class MaskDetectionWorkflow:
         for shard, pred_file, annotate in zip(shards, self.pred_files, drawn):
             job = self._job("predict", f"predict_{shard.tag}")
             part, annotated = File(f"predictions_{shard.tag}.json"), File(f"annotated_{shard.tag}.tar")
-            job.add_args("--images", pred_file, "--model", model, "--output-dir", ".", "--output-tag", shard.tag,
+            job.add_args("--images", pred_file, "--model", *models, "--output-dir", ".", "--output-tag", shard.tag,
                          "--annotate-max", annotate, "--annotated-tar", annotated,
                          *self._if_given("--score-threshold", config.score_threshold))
-            job.add_inputs(model, pred_file)
+            job.add_inputs(*models, pred_file)
             # The parts go to the merge and are kept too (every detection, image sizes); an annotated
             # .tar is staged out only where images were drawn.
             job.add_outputs(part, stage_out=True, register_replica=False)
@@ -421,6 +555,18 @@ class MaskDetectionWorkflow:
             self._stages_out(job, f"video_frames_{tag}.csv", f"compliance_over_time_{tag}.png",
                              f"video_summary_{tag}.json", f"predict_video_{tag}_run.json", f"annotated_{tag}.mp4")
 
+    def _add_report(self) -> None:
+        """The run's report page, last: its inputs are the staged-out outputs of the jobs before it
+        that the page shows (utils.reporting.run_folder.is_report_input), staged side by side."""
+        from utils.reporting.run_folder import is_report_input
+
+        shown = {use.file.lfn: use.file for job in self.wf.jobs.values() for use in job.uses
+                 if pegasus_api.use_type(use) == "output" and use.stage_out and is_report_input(use.file.lfn)}
+        job = self._job("report", "report")
+        job.add_args(".", "--output", "report.html", "--run-record", "report_run.json")
+        job.add_inputs(self.split_file, *(shown[lfn] for lfn in sorted(shown)))
+        self._stages_out(job, "report.html", "report_run.json")
+
     # -- output --------------------------------------------------------------
     def write(self, graph: bool = True) -> dict[str, Path]:
         """Write the catalogs, the workflow and the properties (each atomically) into the run dir."""
@@ -429,12 +575,20 @@ class MaskDetectionWorkflow:
         for path in self.initial_checkpoints.values():
             if not path.exists():
                 path.touch()
+        job_settings = None
+        if self.experiment_config is not None:
+            job_settings = experiment.write_job_settings(self.replica_paths[self.experiment_config.lfn],
+                                                         self.config.experiment_settings)
+        if self.stages_file is not None:
+            write_text(self.replica_paths[self.stages_file.lfn], stages_to_json(self.config.train_stages) + "\n")
         pegasus_api.write_catalogs({self.paths[key]: catalog for key, catalog in (
             ("sites", self.sc), ("transformations", self.tc), ("replicas", self.rc), ("workflow", self.wf))})
         buffer = io.StringIO()
         self.props.write(buffer)
         write_text(self.paths["properties"], buffer.getvalue())
         written = {key: self.paths[key] for key in ("workflow", "sites", "transformations", "replicas", "properties")}
+        if job_settings is not None:
+            written["experiment_config"] = job_settings
         if graph:
             written.update(write_graph(self.wf, len(self.config.entries), self.paths["dot"], self.paths["png"]))
         return written
@@ -467,13 +621,28 @@ def generate(args) -> tuple[MaskDetectionWorkflow, dict[str, Path], dict, list[S
                                     args.images_per_job)
     shards = data_shards(entries, run_dir, DATA_SHARD_IMAGES) if len(entries) > args.shard_data_above else None
     videos = find_videos(args.pred_videos.resolve()) if args.pred_videos else []
-    generator = MaskDetectionWorkflow(config_from_args(args, ROOT, entries, split_csv, pred_shards, shards,
-                                                       videos)).build()
+    # Folds, like the split, are fixed at generation: the fold jobs' inputs must be known to plan.
+    folds_csv = (write_folds(run_dir, entries, report, args.folds, args.seed, parse_label_map(args.label_map))
+                 if args.folds else None)
+    config = config_from_args(args, ROOT, entries, split_csv, pred_shards, shards, videos, folds_csv=folds_csv)
+    # Every setting as the run uses it: what sites.yml chose for an unset flag, the parsed stages.
+    settings = experiment.effective_settings(get_args_parser(), args, resolved={
+        "execution_site": config.execution_site, "container_type": config.container_type,
+        "container_image": config.container_image, "jobs": driver.local_jobs(args.jobs),
+        "train_stages": config.train_stages and [stage.to_dict() for stage in config.train_stages]})
+    config.experiment_settings = experiment.job_settings(settings)
+    generator = MaskDetectionWorkflow(config).build()
     written = generator.write()
+    written["config"] = experiment.write_effective_config(run_dir / experiment.CONFIG_FILE, settings,
+                                                          getattr(args, "experiment", None))
     return generator, written, report, entries
 
 
 def main(args) -> int:
+    if args.write_default_config is not None:
+        path = experiment.write_default_config(get_args_parser(), args.write_default_config)
+        print(f"Every setting with its default: {path}")
+        return 0
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     started = time.perf_counter()
     try:
@@ -498,7 +667,7 @@ def main(args) -> int:
         print(f"To plan and submit:\n  {shlex.join(generator.plan_command())}")
         return 0
 
-    return driver.run_locally(run_dir, generator.output_dir(), args.jobs)
+    return driver.run_locally(run_dir, generator.output_dir(), driver.local_jobs(args.jobs))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,13 @@ Detections count from the model's operating score threshold (chosen by train on 
 validation split and stored in the model file) unless --score-threshold is given.
 A file that cannot be read is listed as skipped with its reason and the others
 still run. With --output-tag TAG the files are predictions_TAG.json etc., for
-bin/merge_predictions.py. Exit 0 when at least one image was processed; 2 when none was or the model
+bin/merge_predictions.py. Several --model files run as one ensemble (utils/detection/ensemble.py:
+weighted box fusion; --tta adds each model's flipped pass to the fusion; threshold: the mean
+of the models' own). With --explain, each annotated image also gets, for each of its
+best --explain-max-boxes detections, explain_<stem>_<k>.jpg: the evidence for the box's
+class (HiResCAM by default, grad-cam package) over a crop around the box; the image's
+entry in predictions.json lists them (detection index k, evidence share inside the box).
+Exit 0 when at least one image was processed; 2 when none was or the model
 cannot be loaded (one line naming the file); 1 on a bug.
 """
 
@@ -20,9 +26,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from utils import defaults as D
 from utils.cli import add_model_run_args, check_model_run_args, check_output_tag, run_job
 from utils.detection.engine import resolve_device
+from utils.detection.ensemble import load_ensemble
 from utils.detection.evaluation import load_trained_model
+from utils.detection.explain import EXPLAIN_METHODS
 from utils.detection.prediction import output_names, predict_images, summary_line
 from utils.errors import InputError
 from utils.provenance import write_run_record
@@ -32,7 +41,9 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", nargs="+", required=True,
                         help="image files, folders of images, or .tar archives of images")
-    parser.add_argument("--model", required=True, help="model file written by bin/train.py")
+    parser.add_argument("--model", nargs="+", required=True,
+                        help="model file written by bin/train.py; several (e.g. the fold models of a cross-validation) "
+                             "run as one ensemble, their boxes merged by weighted box fusion")
     parser.add_argument("--output-dir", required=True, help="folder for predictions and compliance files")
     parser.add_argument("--annotated-dir", default=None,
                         help="folder for annotated images (default: OUTPUT_DIR/annotated)")
@@ -46,6 +57,14 @@ def get_args_parser():
     parser.add_argument("--output-tag", default=None,
                         help="name the outputs predictions_TAG.json, compliance_TAG.json, ... (one predict job "
                              "per shard of a workflow; bin/merge_predictions.py merges them) (default: none)")
+    parser.add_argument("--explain", action="store_true",
+                        help="write a heat map of the class evidence for the best detections of every annotated "
+                             "image (a forward and backward pass per box: bound it with --annotate-max)")
+    parser.add_argument("--explain-method", choices=EXPLAIN_METHODS, default=D.EXPLAIN_METHOD,
+                        help="hirescam: per box, on the features the box used; gradcam: per box, channel-weighted; "
+                             "eigencam: one class-agnostic map per image, no backward pass")
+    parser.add_argument("--explain-max-boxes", type=int, default=D.EXPLAIN_MAX_BOXES,
+                        help="highest-scoring detections explained per image")
     add_model_run_args(parser, "keep detections with at least this score")
     return parser
 
@@ -55,18 +74,30 @@ def main(args) -> int:
     if args.annotate_max is not None and args.annotate_max < 0:
         raise InputError(f"--annotate-max must be 0 or more, got {args.annotate_max}")
     check_output_tag(args.output_tag)
+    if args.explain and args.no_annotated:
+        raise InputError("--explain explains the annotated images: drop --no-annotated (bound them with --annotate-max)")
+    if args.explain_max_boxes < 1:
+        raise InputError(f"--explain-max-boxes must be at least 1, got {args.explain_max_boxes}")
     device = resolve_device(args.device)
-    model, meta, score_threshold, source = load_trained_model(args.model, device, args.score_threshold)
+    if len(args.model) > 1:
+        if args.explain:
+            raise InputError("--explain explains one model's boxes: give one --model, not an ensemble")
+        model, meta, score_threshold, source = load_ensemble(args.model, device, args.score_threshold)
+    else:
+        model, meta, score_threshold, source = load_trained_model(args.model[0], device, args.score_threshold)
     print(f"predict: score threshold {score_threshold:g} ({source})")
-    settings = {"model": str(args.model), "backbone": meta.get("backbone"), "image_size": meta.get("image_size"),
+    settings = {"model": str(args.model[0]) if len(args.model) == 1 else list(map(str, args.model)),
+                "backbone": meta.get("backbone"), "image_size": meta.get("image_size"),
                 "score_threshold_source": source}
     with tqdm(desc="predict", unit="img", file=sys.stderr, disable=None) as bar:
         run = predict_images(model, args.images, args.output_dir, annotated_dir=args.annotated_dir, device=device,
                              score_threshold=score_threshold, tta=args.tta, batch_size=args.batch_size,
                              num_workers=None if args.workers < 0 else args.workers,
                              annotate=not args.no_annotated, progress=bar.update, settings=settings,
-                             annotate_max=args.annotate_max, annotated_tar=args.annotated_tar, tag=args.output_tag)
-    processed = [Path(args.model)]
+                             annotate_max=args.annotate_max, annotated_tar=args.annotated_tar, tag=args.output_tag,
+                             explain=args.explain_method if args.explain else None,
+                             explain_max_boxes=args.explain_max_boxes)
+    processed = [Path(path) for path in args.model]
     for given in map(Path, args.images):  # hash what was given: files and archives as such, folders' files
         processed += [given] if given.is_file() else sorted(p for p in given.rglob("*") if p.is_file())
     write_run_record(Path(args.output_dir) / output_names(args.output_tag)["run_record"], "predict",

@@ -43,7 +43,7 @@ def test_local_run_ends_with_evaluation_compliance_and_statistics(finished_run):
     for name in ("evaluation.json", "evaluation.txt", "confusion_matrix.png", "pr_curves.png",
                  "class_distribution.png", "best_hpo_params.json", "model.pt", "predictions_shard-000000.json",
                  "predictions.csv", "compliance.json", "compliance_histogram.png", "optimization_history.png",
-                 "loss_curve.png"):
+                 "loss_curve.png", "evaluation_images.json", "report.html", "report_run.json"):
         assert (outputs / name).is_file() and (outputs / name).stat().st_size > 0, name
     evaluation = json.loads((outputs / "evaluation.json").read_text())
     assert isinstance(evaluation, dict) and evaluation
@@ -54,8 +54,14 @@ def test_local_run_ends_with_evaluation_compliance_and_statistics(finished_run):
         assert len(annotated.getnames()) == test_images == compliance["num_images"]
     # intermediate files stay in scratch
     assert not (outputs / "train_set.tar").exists() and (run_dir / "scratch" / "augment_train" / "train_set.tar").exists()
-    assert stats["totals"] == {**stats["totals"], "jobs": 10, "succeeded": 10, "failed": 0, "skipped": 0}
-    assert stats["critical_path"]["jobs"][-1] in ("evaluate", "merge_predictions")
+    assert stats["totals"] == {**stats["totals"], "jobs": 11, "succeeded": 11, "failed": 0, "skipped": 0}
+    assert stats["critical_path"]["jobs"][-1] == "report"
+    # the report job's page: every section, the worst test images with their errors, timings from the run records
+    page = (outputs / "report.html").read_text()
+    for section in ("summary", "data", "hpo", "training", "evaluation", "predictions", "timings", "provenance"):
+        assert f'<section id="{section}">' in page, section
+    assert page.count('class="tile"') == min(24, test_images) and "most errors are shown, worst first" in page
+    assert "no <code>statistics.json</code> yet" in page and "http://" not in page and "https://" not in page
     assert "train" in stats["critical_path"]["jobs"]
     text = (run_dir / "statistics.txt").read_text()
     assert "Critical path" in text and "hpo_merge" in text
@@ -83,6 +89,6 @@ def test_rerun_reuses_every_finished_job(finished_run, sample_dir):
     assert generator.main(args) == 0
     assert time.time() - began < 30
     stats = json.loads((run_dir / "statistics.json").read_text())
-    assert stats["totals"]["reused"] == 10 and stats["totals"]["tries"] == 0
+    assert stats["totals"]["reused"] == 11 and stats["totals"]["tries"] == 0
     assert (run_dir / "scratch" / "train" / "model.pt").stat().st_mtime_ns <= before
     assert Path(run_dir / "outputs" / "model.pt").is_file()

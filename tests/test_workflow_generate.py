@@ -74,9 +74,10 @@ def test_jobs_and_dependencies(run_dir):
     jobs = jobs_by_id(run_dir)
     hpo = [f"hpo_{i}" for i in range(HPO_JOBS)]
     assert set(jobs) == {"plot_class_distribution", "preprocess_val", "preprocess_test", "augment_train",
-                         *hpo, "hpo_merge", "train", "evaluate", "predict_shard-000000", "merge_predictions"}
-    assert len(jobs) == 9 + HPO_JOBS
-    assert {job["name"] for job in jobs.values()} == set(generator.JOB_SCRIPTS) - {"predict_video"}  # no videos
+                         *hpo, "hpo_merge", "train", "evaluate", "predict_shard-000000", "merge_predictions", "report"}
+    assert len(jobs) == 10 + HPO_JOBS
+    assert {job["name"] for job in jobs.values()} == set(generator.JOB_SCRIPTS) - {
+        "predict_video", "make_fold", "aggregate_folds"}  # no videos, no --folds
     parents = {job_id: spec.parents for job_id, spec in load_workflow(run_dir).jobs.items()}
     assert parents["plot_class_distribution"] == set()
     for job_id in hpo:
@@ -86,6 +87,11 @@ def test_jobs_and_dependencies(run_dir):
     assert parents["evaluate"] == {"preprocess_test", "train"}
     assert parents["predict_shard-000000"] == {"train"}
     assert parents["merge_predictions"] == {"predict_shard-000000"}
+    # the report comes last: it reads what the jobs showing figures and figures' data stage out
+    assert {"evaluate", "merge_predictions", "hpo_merge", "train", "plot_class_distribution"} <= parents["report"]
+    report_uses = {use["lfn"]: use["type"] for use in jobs["report"]["uses"]}
+    assert report_uses["evaluation_images.json"] == report_uses["annotated_shard-000000.tar"] == "input"
+    assert report_uses["report.html"] == "output" and "model.pt" not in report_uses
     # the explicit jobDependencies written by Pegasus.api say the same
     written = {}
     for dependency in load(run_dir, "workflow.yml")["jobDependencies"]:
@@ -222,7 +228,7 @@ def test_flags_change_properties_container_and_gpus(sample_dir, tmp_path):
     (container,) = load(run_dir, "transformations.yml")["containers"]
     assert container == {"name": generator.CONTAINER_NAME, "type": "docker", "image": "docker://someone/mask:1.2"}
     jobs = jobs_by_id(run_dir)
-    assert len(jobs) == 10
+    assert len(jobs) == 11
     for job_id, job in jobs.items():
         pegasus = job.get("profiles", {}).get("pegasus", {})
         if job["name"] in ("hpo", "train", "evaluate", "predict"):
@@ -272,13 +278,14 @@ def test_prediction_folder_and_clear_errors(sample_dir, tmp_path, capsys):
     predict = {job_id: job for job_id, job in jobs.items() if job_id.startswith("predict_")}
     assert sorted(predict) == ["predict_shard-000000", "predict_shard-000001"]
     assert not any(str(a).startswith("new_") for job in jobs.values() for a in job["arguments"])
+    # (experiment_config.yml: every job's copy of the run's settings, for its run record)
     assert [u["lfn"] for u in predict["predict_shard-000001"]["uses"] if u["type"] == "input"] == \
-        ["model.pt", "pred_shard-000001.tar"]
+        ["experiment_config.yml", "model.pt", "pred_shard-000001.tar"]
     assert sorted(tarfile.open(run_dir / "pred_shards" / "shard-000000.tar").getnames()) == \
         sorted(p.name for p in predict_dir.iterdir())[:2]
     merge = jobs["merge_predictions"]
     assert [u["lfn"] for u in merge["uses"] if u["type"] == "input"] == \
-        ["predictions_shard-000000.json", "predictions_shard-000001.json"]
+        ["experiment_config.yml", "predictions_shard-000000.json", "predictions_shard-000001.json"]
     # --annotate-max 1 over two shards: only the first draws (and stages out) an annotated image
     stage_out = [u["lfn"] for job in predict.values() for u in job["uses"] if u.get("stageOut")]
     assert "annotated_shard-000000.tar" in stage_out and "annotated_shard-000001.tar" not in stage_out

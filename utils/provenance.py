@@ -10,10 +10,13 @@ from importlib import metadata
 from pathlib import Path
 
 from .atomic import write_json
+from .errors import InputError
 
 TRACKED_PACKAGES = ("torch", "torchvision", "torchmetrics", "faster-coco-eval", "optuna", "numpy", "pandas",
                     "Pillow", "lxml", "opencv-python", "matplotlib", "scikit-learn", "ImageHash",
                     "pegasus-wms.api")
+# A workflow hands every job its run's settings under this name (utils/pegasus/experiment.py writes it).
+EXPERIMENT_CONFIG_FILE = "experiment_config.yml"
 
 
 def file_sha256(path, chunk: int = 1 << 20) -> str:
@@ -44,9 +47,26 @@ def package_versions(names=TRACKED_PACKAGES) -> dict[str, str | None]:
     return versions
 
 
+def experiment_config(folder=".") -> dict | None:
+    """The workflow run's settings when the job was handed them (EXPERIMENT_CONFIG_FILE in its working
+    directory: the local executor and Pegasus both stage inputs there), else None (a by-hand run)."""
+    path = Path(folder) / EXPERIMENT_CONFIG_FILE
+    if not path.is_file():
+        return None
+    import yaml
+
+    try:
+        settings = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: the workflow's settings are not valid YAML ({' '.join(str(error).split())})") from None
+    if not isinstance(settings, dict):
+        raise InputError(f"{path}: the workflow's settings must be a mapping, got {type(settings).__name__}")
+    return settings
+
+
 def run_record(job: str, params: dict, inputs=()) -> dict:
     inputs = [Path(p) for p in inputs]
-    return {
+    record = {
         "job": job,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "host": platform.node(),
@@ -55,6 +75,10 @@ def run_record(job: str, params: dict, inputs=()) -> dict:
         "num_inputs": len(inputs),
         "inputs_sha256": inputs_sha256(inputs) if inputs else None,
     }
+    settings = experiment_config()
+    if settings is not None:
+        record["experiment_config"] = settings
+    return record
 
 
 def write_run_record(path, job: str, params: dict, inputs=()) -> dict:

@@ -115,10 +115,14 @@ def detect(model, images: list[torch.Tensor], tta: bool = False, score_threshold
     """
     if not images:
         return []
-    batch = list(images)
-    if tta:
-        batch += [torch.flip(image, dims=[-1]) for image in images]
-    outputs = model(batch)
+    if tta and hasattr(model, "detect_with_flips"):
+        # An ensemble (utils.detection.ensemble) fuses the flipped passes with its own box fusion.
+        outputs, tta = model.detect_with_flips(images), False
+    else:
+        batch = list(images)
+        if tta:
+            batch += [torch.flip(image, dims=[-1]) for image in images]
+        outputs = model(batch)
     results = []
     for i, image in enumerate(images):
         out = {k: outputs[i][k].detach() for k in ("boxes", "labels", "scores")}

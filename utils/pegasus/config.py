@@ -14,6 +14,7 @@ from Pegasus.api import Namespace
 
 from .. import defaults as D
 from ..classes import LabelMap, LabelMapError
+from ..detection.stages import Stage, StagesError, parse_stages, total_epochs
 from ..errors import InputError
 
 CONTAINER_KINDS = ("singularity", "docker")
@@ -153,6 +154,9 @@ class WorkflowConfig:
     container_image: str = DEFAULT_CONTAINER_IMAGE
     epochs: int = D.EPOCHS
     time_budget: float | None = D.TIME_BUDGET  # minutes of the train job; replaces epochs when set
+    # Staged training of the train job: a list of mappings, JSON text or a .json/.yml path (--train-stages),
+    # parsed into Stages (utils.detection.stages); replaces epochs. None: one stage of epochs.
+    train_stages: list[Stage] | list[dict] | str | None = D.STAGES
     hpo_epochs: int = D.HPO_EPOCHS
     trials: int = D.HPO_TRIALS
     hpo_jobs: int = D.HPO_JOBS
@@ -174,25 +178,45 @@ class WorkflowConfig:
     mode: str | None = None
     transfer_threads: int | None = None
     property_overrides: dict = field(default_factory=dict)
+    # Setting -> the experiment file that gave it (workflow.py --config): errors name "FILE: setting:" for
+    # these, the flag for the others.
+    setting_sources: dict[str, str] = field(default_factory=dict)
+    # The run's settings every job receives as experiment_config.yml and records in its run record
+    # (utils/pegasus/experiment.py); None: the jobs get no such file.
+    experiment_settings: dict | None = None
+    folds: int = D.FOLDS  # k-fold cross-validation on the train+val pool; 0: none
+    folds_csv: Path | None = None  # RUN_DIR/folds.csv (image, fold), written at generation time
+    fold_ensemble: bool = False  # the predict jobs use the fold models as one ensemble (weighted box fusion)
 
     def __post_init__(self):
         self.run_dir = Path(self.run_dir).resolve()
         # Checked, and written one way (no spaces around "=" and ","), as the jobs' arguments get it.
         self.label_map = str(parse_label_map(self.label_map))
         if self.hpo_jobs < 1:
-            raise ConfigError(f"--hpo-jobs {self.hpo_jobs}: need at least one HPO job")
+            raise ConfigError(f"{self.label('hpo_jobs')} {self.hpo_jobs}: need at least one HPO job")
+        if self.folds == 1 or self.folds < 0:
+            raise ConfigError(f"{self.label('folds')} {self.folds}: use 0 (no cross-validation) or 2 or more folds")
+        if self.folds and self.folds_csv is None:
+            raise ConfigError(f"--folds {self.folds}: no folds.csv was written (a bug in the generator)")
+        if self.fold_ensemble and not self.folds:
+            raise ConfigError("--fold-ensemble predicts with the fold models: add --folds K (K >= 2)")
         if self.trials < self.hpo_jobs:
-            raise ConfigError(f"--trials {self.trials} is fewer than --hpo-jobs {self.hpo_jobs}: "
-                              "every HPO job needs at least one trial")
+            raise ConfigError(f"{self.label('trials')} {self.trials} is fewer than {self.key('hpo_jobs')} "
+                              f"{self.hpo_jobs}: every HPO job needs at least one trial")
         for name in ("epochs", "hpo_epochs", "image_size"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+                raise ConfigError(f"{self.label(name)} {getattr(self, name)}: must be at least 1")
         if self.time_budget is not None and self.time_budget <= 0:
-            raise ConfigError(f"--time-budget {self.time_budget:g}: must be a positive number of minutes")
+            raise ConfigError(f"{self.label('time_budget')} {self.time_budget:g}: must be a positive number of minutes")
+        if self.train_stages is not None:
+            try:
+                self.train_stages = parse_stages(self.train_stages, self.key("train_stages"))
+            except StagesError as error:
+                raise ConfigError(str(error)) from None
         if self.annotate_max < 0:
-            raise ConfigError(f"--annotate-max {self.annotate_max}: must be 0 or more")
+            raise ConfigError(f"{self.label('annotate_max')} {self.annotate_max}: must be 0 or more")
         if self.video_stride < 1:
-            raise ConfigError(f"--video-stride {self.video_stride}: must be at least 1")
+            raise ConfigError(f"{self.label('video_stride')} {self.video_stride}: must be at least 1")
         if len({video.tag for video in self.pred_videos}) != len(self.pred_videos):
             raise ConfigError("--pred-videos: two videos have the same name once reduced to letters, digits, - and _")
         if not self.pred_shards:
@@ -200,9 +224,10 @@ class WorkflowConfig:
         if len({shard.tag for shard in self.pred_shards}) != len(self.pred_shards):
             raise ConfigError("prediction shards must have distinct file names")
         if self.gpus < 0:
-            raise ConfigError("--gpus must be 0 or more")
+            raise ConfigError(f"{self.label('gpus')} {self.gpus}: must be 0 or more")
         if self.container_type not in (*CONTAINER_KINDS, "none"):
-            raise ConfigError(f"--container-type {self.container_type!r}: choose singularity, docker or none")
+            raise ConfigError(f"{self.label('container_type')} {self.container_type!r}: "
+                              "choose singularity, docker or none")
         if self.container_type != "none":
             validate_container_image(self.container_image)
         if self.execution_site == "local" and self.container_type != "none":
@@ -213,8 +238,23 @@ class WorkflowConfig:
                               f"{self.container_type}")
         known_sites = {"local", *self.sites_config.get("sites", {})}
         if self.execution_site not in known_sites:
-            raise ConfigError(f"--execution-site {self.execution_site!r}: not in sites.yml "
+            raise ConfigError(f"{self.label('execution_site')} {self.execution_site!r}: not in sites.yml "
                               f"(known: {', '.join(sorted(known_sites))})")
+
+    def key(self, name: str) -> str:
+        """How an error names setting *name*: its key where an experiment file gave it, else its flag."""
+        return name if name in self.setting_sources else f"--{name.replace('_', '-')}"
+
+    def label(self, name: str) -> str:
+        """What an error about setting *name* starts with: "FILE: name:" where an experiment file gave
+        it, else the flag ("--name")."""
+        source = self.setting_sources.get(name)
+        return f"{source}: {name}:" if source else self.key(name)
+
+    @property
+    def train_epochs(self) -> int:
+        """Epochs of the train job: the stages' total when staged, else epochs."""
+        return total_epochs(self.train_stages) if self.train_stages else self.epochs
 
     def execution_site_config(self) -> dict:
         """The sites.yml entry of the execution site (the local: entry for local)."""
@@ -235,10 +275,14 @@ class WorkflowConfig:
 
 
 def config_from_args(args, project_root: Path, entries: list[SplitEntry], split_csv: Path,
-                     pred_shards: list[ShardFile], data_shards=None, pred_videos=()) -> WorkflowConfig:
+                     pred_shards: list[ShardFile], data_shards=None, pred_videos=(),
+                     folds_csv: Path | None = None) -> WorkflowConfig:
     """The WorkflowConfig of workflow.py's flags; sites.yml fills what the flags leave open."""
     sites_config = load_sites_config(args.sites_config)
     container = sites_config.get("container", {})
+    # Which settings an experiment file gave (ExperimentArgumentParser): their errors name the file and key.
+    source = getattr(args, "experiment", None)
+    setting_sources = source.setting_sources() if source is not None else {}
     weights_file = None
     if not args.no_pretrained:
         from ..detection.weights import cached_weights
@@ -253,8 +297,11 @@ def config_from_args(args, project_root: Path, entries: list[SplitEntry], split_
         container_type=args.container_type or container.get("type", "singularity"),
         container_image=args.container_image or container.get("image", DEFAULT_CONTAINER_IMAGE),
         epochs=args.epochs, time_budget=args.time_budget, hpo_epochs=args.hpo_epochs, trials=args.trials, hpo_jobs=args.hpo_jobs,
+        train_stages=args.train_stages,
         image_size=args.image_size, backbone=args.backbone, seed=args.seed, gpus=args.gpus,
         augment_copies=args.augment_copies, rare_factor=args.rare_factor, noise_std=args.noise_std,
         max_size=args.max_size, annotate_max=args.annotate_max, score_threshold=args.score_threshold, label_map=args.label_map,
         weights_file=weights_file, retries=args.retries, mode=args.mode, transfer_threads=args.transfer_threads,
+        setting_sources=setting_sources,
+        folds=args.folds, folds_csv=folds_csv, fold_ensemble=args.fold_ensemble,
     )

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .. import defaults as D
 from .config import CONTAINER_KINDS
+from .experiment import ExperimentArgumentParser
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -23,7 +24,15 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 def workflow_args_parser(description: str, root: Path, overrides: dict) -> argparse.ArgumentParser:
     """workflow.py's flags; defaults from utils/defaults.py except the workflow's named *overrides*."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+    # prog: errors read "workflow.py: ..." however the parser is reached (python workflow.py, tests).
+    parser = ExperimentArgumentParser(prog="workflow.py", description=description, formatter_class=_HelpFormatter)
+    parser.add_argument("--config", type=Path, default=None, metavar="EXPERIMENT.yml",
+                        help="experiment file: any of the flags below as YAML keys with underscores "
+                             "(image_size: 512); flags given here override it; relative paths in it are "
+                             "relative to its folder (every key: experiments/default.yml)")
+    parser.add_argument("--write-default-config", type=Path, default=None, metavar="PATH",
+                        help="write every setting with its default and help as a commented experiment file "
+                             "(experiments/default.yml) and exit")
     data = parser.add_argument_group("data")
     data.add_argument("--data", type=Path, default=root / "data" / "sample",
                       help="folder with images/ and annotations/ (Pascal VOC)")
@@ -79,8 +88,21 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
     model.add_argument("--score-threshold", type=float, default=None,
                        help="detection score threshold for evaluation and prediction (default: the one train "
                             "chooses on the validation split and stores in model.pt)")
+    model.add_argument("--train-stages", default=D.STAGES, metavar="JSON|FILE",
+                       help="train in stages, each with its own epochs, lr and trainable backbone layers "
+                            "(0: backbone frozen), e.g. '[{\"epochs\": 3, \"lr\": 0.02, \"trainable_layers\": 0}, "
+                            "{\"epochs\": 10, \"lr\": 0.005, \"trainable_layers\": 5}]', or a .json/.yml file of "
+                            "that list; in an experiment file a YAML list of mappings; replaces --epochs, and "
+                            "--time-budget scales the stages to its minutes (default: one stage of --epochs)")
     model.add_argument("--no-pretrained", action="store_true",
                        help="do not pass the cached ImageNet MobileNetV2 weights to hpo/train")
+    model.add_argument("--folds", type=int, default=D.FOLDS, metavar="K",
+                       help="k-fold cross-validation on the train+val pool: K train + evaluate jobs (folds "
+                            "group-aware and stratified like the split, RUN_DIR/folds.csv) and an aggregate job "
+                            "writing kfold_summary.json/.txt (mean ± std per metric and class); 0: none")
+    model.add_argument("--fold-ensemble", action="store_true",
+                       help="with --folds: the predict jobs use the K fold models as one ensemble (boxes merged "
+                            "by weighted box fusion) instead of the final model")
     pegasus = parser.add_argument_group("Pegasus")
     pegasus.add_argument("--gpus", type=int, default=0, help="GPUs per hpo/train/evaluate/predict job (0: CPU only)")
     pegasus.add_argument("--container-type", choices=[*CONTAINER_KINDS, "none"], default=None,
@@ -103,9 +125,16 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
                           "(default when pegasus-plan is not installed)")
     how.add_argument("--submit", action="store_true", help="plan and submit with pegasus-plan")
     how.add_argument("--generate-only", action="store_true", help="write the workflow and catalogs, run nothing")
-    run.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="local executor: jobs at once")
+    run.add_argument("--jobs", type=int, default=None,
+                     help="local executor: jobs at once (None: min(4, CPUs))")
     run.add_argument("-v", "--verbose", action="store_true", help="log more")
     return parser
+
+
+def local_jobs(jobs: int | None) -> int:
+    """--jobs, or min(4, CPUs) when not given (left open in the flags so that experiments/default.yml
+    holds no machine's CPU count)."""
+    return jobs if jobs is not None else min(4, os.cpu_count() or 1)
 
 
 def submit(generator, has_planner: bool) -> int:
@@ -166,6 +195,10 @@ def print_summary(run_dir: Path, output_dir: Path) -> None:
             print(text_summary.read_text(encoding="utf-8").rstrip())
         else:
             print(json.dumps(json.loads(evaluation.read_text(encoding="utf-8")), indent=2)[:2000])
+    kfold = output_dir / "kfold_summary.txt"
+    if kfold.is_file():
+        print("\n== Cross-validation (train+val pool) ==")
+        print(kfold.read_text(encoding="utf-8").rstrip())
     if compliance.is_file():
         from ..detection.compliance import compliance_line
 

@@ -155,3 +155,20 @@ def find_videos(folder: Path) -> list[VideoFile]:
     if not videos:
         raise ConfigError(f"{folder}: no videos ({', '.join(VIDEO_EXTENSIONS)}) in --pred-videos")
     return videos
+
+
+def write_folds(run_dir: Path, entries: list[SplitEntry], report: dict, folds: int, seed: int,
+                label_map: LabelMap = NO_LABEL_MAP) -> Path:
+    """Assign the train+val pool to *folds* cross-validation folds (utils.data.folds: the split's
+    near-duplicate groups stay together, stratified on the rare class) and write RUN_DIR/folds.csv."""
+    from ..data.folds import FoldError, assign_folds, folds_csv_text
+    from ..data.voc import VocError
+
+    pool = [entry for entry in entries if entry.split in ("train", "val")]
+    try:
+        assignment = assign_folds(pool, folds, report.get("duplicate_groups", []), seed, label_map=label_map)
+    except (FoldError, VocError) as error:
+        raise ConfigError(str(error)) from None
+    path = run_dir / "folds.csv"
+    write_if_changed(path, folds_csv_text(assignment))
+    return path

@@ -54,6 +54,12 @@ def _validation_pass_s(config) -> float:
     return sum(1 for entry in config.entries if entry.split == "val") * _rates(config)[2]
 
 
+def _train_epochs(config) -> int:
+    """Epochs of a train job: the stages' total with --train-stages (WorkflowConfig.train_epochs), else epochs
+    (a stand-in config without the property, test_runtimes, has no stages)."""
+    return getattr(config, "train_epochs", config.epochs)
+
+
 def workloads(config) -> dict[str, float]:
     """Seconds of work per job kind (one job of it), before the safety factor."""
     counts = {split: sum(1 for entry in config.entries if entry.split == split) for split in ("train", "val", "test")}
@@ -67,11 +73,30 @@ def workloads(config) -> dict[str, float]:
         "augment": trained * data_s,
         "hpo": trials * config.hpo_epochs * epoch_s,
         "hpo_merge": 0.0,
-        "train": config.epochs * (epoch_s + counts["val"] * infer_s) + counts["val"] * infer_s,
+        "train": _train_epochs(config) * (epoch_s + counts["val"] * infer_s) + counts["val"] * infer_s,
         "evaluate": counts["test"] * infer_s,
         "predict": max(shard.images for shard in config.pred_shards) * infer_s,
         "merge_predictions": sum(shard.images for shard in config.pred_shards) * MERGE_S_PER_IMAGE,
         "predict_video": max((video.frames for video in config.pred_videos), default=0) / config.video_stride * infer_s,
+        "report": 0.0,  # reads the outputs and downscales at most 24 images: the startup allowance covers it
+        "make_fold": (trained + counts["val"]) * data_s,
+        "aggregate_folds": 0.0,
+        **_fold_workloads(config, counts, trained, train_s, infer_s),
+    }
+
+
+def _fold_workloads(config, counts, trained, train_s, infer_s) -> dict[str, float]:
+    """With --folds K: a fold trains on (K-1)/K of the train+val pool (only the train split's images
+    have augmented copies) and validates, then is evaluated, on the other 1/K. The fold jobs reuse
+    the train and evaluate transformations; their job-level profiles carry these figures."""
+    folds = getattr(config, "folds", 0)  # 0 for a stand-in config without the field (test_runtimes)
+    if not folds:
+        return {}
+    held_out = (counts["train"] + counts["val"]) / folds
+    fold_trained = (trained + counts["val"]) * (folds - 1) / folds
+    return {
+        "train_fold": _train_epochs(config) * (fold_trained * train_s + 2 * held_out * infer_s) + held_out * infer_s,
+        "evaluate_fold": held_out * infer_s,
     }
 
 
@@ -82,6 +107,11 @@ def job_runtimes(config) -> dict[str, int]:
     if config.time_budget is not None:
         runtimes["train"] = max(MIN_RUNTIME_S, math.ceil(STARTUP_S + BUDGET_SLACK * config.time_budget * 60
                                                          + SAFETY * _validation_pass_s(config)))
+        if "train_fold" in runtimes:  # the same budget; the validation pass is over a held-out fold
+            pool = sum(1 for entry in config.entries if entry.split in ("train", "val"))
+            held_out_s = pool / config.folds * _rates(config)[2]
+            runtimes["train_fold"] = max(MIN_RUNTIME_S, math.ceil(STARTUP_S + BUDGET_SLACK * config.time_budget * 60
+                                                                  + SAFETY * held_out_s))
     overrides = config.execution_site_config().get("runtimes") or {}
     for kind, seconds in overrides.items():
         if kind not in runtimes:

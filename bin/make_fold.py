@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Cut one cross-validation fold out of the workflow's preprocessed train and val sets.
+
+Reads the train set (bin/augment.py: originals train_<stem>, copies aug<k>_<stem>) and the
+val set (bin/preprocess.py: val_<stem>), both flat .tar files or folders, and folds.csv
+(image, fold; written by workflow.py --folds K at generation time). Writes:
+
+  --output-val    the originals of the images in fold --fold (the held-out fold)
+  --output-train  every file of the other folds: originals and their augmented copies
+                  (images that came from the val split have no copies: augment saw only train)
+  --report        JSON: counts per output, the augmented copies of held-out images left out,
+                  and the pool images found in neither set (augment or preprocess skipped them)
+
+Files are copied member by member (images stay encoded as they were). Exit 0 when both
+outputs hold at least one image, 2 on bad input (one line naming the file), 1 on a bug.
+"""
+
+import argparse
+import contextlib
+import sys
+import tarfile
+from pathlib import Path
+
+from utils.atomic import atomic_path, write_json
+from utils.cli import run_job
+from utils.data.folds import FoldError, fold_of_stems, read_folds_csv, source_stem
+from utils.data.images import is_image_name
+from utils.data.pairs import open_folder
+
+LISTED = 20  # names shown on the console per problem; the report lists them all
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-set", type=Path, required=True, help="the augmented train set (.tar or folder)")
+    parser.add_argument("--val-set", type=Path, required=True, help="the preprocessed val set (.tar or folder)")
+    parser.add_argument("--folds-csv", type=Path, required=True, help="folds.csv (image, fold)")
+    parser.add_argument("--fold", type=int, required=True, help="the held-out fold, 0..K-1")
+    parser.add_argument("--output-train", type=Path, required=True, help="the fold's training set (.tar)")
+    parser.add_argument("--output-val", type=Path, required=True, help="the fold's held-out set (.tar)")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="JSON report (default: <output-val stem>.report.json next to --output-val)")
+    return parser
+
+
+def _set_files(folder: Path, fold_of_stem: dict[str, int], where: Path) -> list[tuple[Path, str, int, bool]]:
+    """(file, original stem, fold, is a copy) for every file of a set; a name that is not the
+    workflow's, or an image outside the pool, is a FoldError naming the set."""
+    files, unknown, outside = [], [], []
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        source = source_stem(path.stem)
+        if source is None:
+            unknown.append(path.name)
+            continue
+        stem, is_copy = source
+        if stem not in fold_of_stem:
+            outside.append(path.name)
+            continue
+        files.append((path, stem, fold_of_stem[stem], is_copy))
+    if unknown:
+        raise FoldError(f"{where}: {len(unknown)} file(s) not named like the workflow's sets (train_, val_ or "
+                        f"aug<k>_ prefix): {', '.join(unknown[:5])}")
+    if outside:
+        raise FoldError(f"{where}: {len(outside)} file(s) of images not in the folds file: {', '.join(outside[:5])}")
+    return files
+
+
+def _pack(files: list[Path], archive: Path) -> None:
+    with atomic_path(archive) as tmp, tarfile.open(tmp, "w") as tar:
+        for path in files:
+            tar.add(path, arcname=path.name)
+
+
+def main(args) -> int:
+    assignment = read_folds_csv(args.folds_csv)
+    folds = max(assignment.values()) + 1
+    if not 0 <= args.fold < folds:
+        raise FoldError(f"--fold {args.fold}: {args.folds_csv} has folds 0..{folds - 1}")
+    fold_of_stem = fold_of_stems(assignment, str(args.folds_csv))
+    with contextlib.ExitStack() as stack:
+        files = []
+        for given in (args.train_set, args.val_set):
+            files += _set_files(stack.enter_context(open_folder(given)), fold_of_stem, given)
+        train = [path for path, _, fold, _ in files if fold != args.fold]
+        val = [path for path, _, fold, is_copy in files if fold == args.fold and not is_copy]
+        left_out = sorted(path.name for path, _, fold, is_copy in files if fold == args.fold and is_copy)
+        found = {stem for _, stem, _, is_copy in files if not is_copy}
+        missing = sorted(name for name in assignment if Path(name).stem not in found)
+        counts = {name: sum(1 for p in paths if is_image_name(p)) for name, paths in (("train", train), ("val", val))}
+        for name, count in counts.items():
+            if count == 0:
+                raise FoldError(f"{args.folds_csv}: fold {args.fold} leaves no {name} images "
+                                f"(sets {args.train_set}, {args.val_set})")
+        _pack(train, args.output_train)
+        _pack(val, args.output_val)
+    report = {"fold": args.fold, "folds": folds, "train_images": counts["train"], "val_images": counts["val"],
+              "train_files": len(train), "val_files": len(val),
+              "copies_of_held_out_images_left_out": left_out,
+              "pool_images_in_neither_set": missing,
+              "inputs": {"train_set": str(args.train_set), "val_set": str(args.val_set),
+                         "folds_csv": str(args.folds_csv)}}
+    report_path = args.report or args.output_val.with_name(f"{args.output_val.stem}.report.json")
+    write_json(report_path, report)
+    print(f"make_fold: fold {args.fold} of {folds}: {counts['train']} training images -> {args.output_train}, "
+          f"{counts['val']} held-out images -> {args.output_val}; {len(left_out)} augmented copies of held-out "
+          f"images left out")
+    if missing:
+        print(f"make_fold: {len(missing)} pool image(s) are in neither set (skipped by augment or preprocess; "
+              f"see their reports): {', '.join(missing[:LISTED])}{' ...' if len(missing) > LISTED else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(main, get_args_parser()))

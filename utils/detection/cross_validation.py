@@ -1,0 +1,154 @@
+"""k-fold cross-validation: the mean and spread of every evaluation metric over the fold models.
+
+Each fold model is evaluated (bin/evaluate.py) on its held-out fold; this module reads those
+evaluation_fold<i>.json files and writes kfold_summary.json, kfold_summary.txt and a plot of
+the per-fold values. The spread is the sample standard deviation over the folds (ddof=1);
+a metric a fold cannot define (a class absent from its held-out images: AP None) is left
+out of that metric's mean, and ``n`` says over how many folds it was taken.
+
+The held-out fold is also the fold model's validation set: train monitors it and chooses
+the operating score threshold on it. mAP, AP and recall use every detection and do not
+depend on that threshold; the confusion matrix and the compliance error do, so they are a
+little optimistic, as in any cross-validated model selection.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ..atomic import write_json, write_text
+from ..classes import CLASSES
+from ..errors import InputError
+
+# (key in kfold_summary.json, how to read it from an evaluation.json, label in the text and plot)
+OVERALL_METRICS = (
+    ("map", lambda e: e["map"], "mAP@[0.5:0.95]"),
+    ("map_50", lambda e: e["map_50"], "mAP@0.5"),
+    ("map_75", lambda e: e["map_75"], "mAP@0.75"),
+    ("mar_100", lambda e: e["mar_100"], "mAR@100"),
+    ("held_out_loss", lambda e: e["test_loss"], "held-out loss"),
+    ("compliance_error_points", lambda e: e["compliance"]["error_points"], "compliance error (points)"),
+    ("compliance_abs_error_points", lambda e: _abs(e["compliance"]["error_points"]), "|compliance error| (points)"),
+    ("per_image_mae_points", lambda e: e["compliance"]["per_image_mae_points"], "per-image MAE (points)"),
+    ("score_threshold", lambda e: e["confusion_matrix"]["score_threshold"], "score threshold"),
+)
+PER_CLASS_METRICS = ("ap", "ap_50", "ap_75", "recall")
+THRESHOLD_NOTE = ("Each fold model was validated on its own held-out fold (train monitors it and chooses the "
+                  "operating score threshold there); mAP, AP and recall do not depend on that threshold, the "
+                  "confusion matrix and the compliance figures do and are slightly optimistic.")
+
+
+class FoldSummaryError(InputError):
+    """An evaluation file of a fold cannot be used; str() names it."""
+
+
+def _abs(value):
+    return None if value is None else abs(value)
+
+
+def mean_std(values) -> dict:
+    """{mean, std, n, values}: over the defined values (None left out); std is the sample std (ddof=1),
+    None below two values."""
+    defined = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    n = len(defined)
+    mean = sum(defined) / n if n else None
+    std = math.sqrt(sum((v - mean) ** 2 for v in defined) / (n - 1)) if n > 1 else None
+    return {"mean": mean, "std": std, "n": n, "values": [None if v is None else float(v) for v in values]}
+
+
+def read_evaluations(paths) -> list[dict]:
+    """The evaluation.json of every fold, in the order given; FoldSummaryError naming a bad file."""
+    evaluations = []
+    for path in map(Path, paths):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            for _, read, _ in OVERALL_METRICS:
+                read(data)
+            for name in CLASSES:
+                for key in PER_CLASS_METRICS:
+                    data["per_class"][name][key]
+        except FileNotFoundError:
+            raise FoldSummaryError(f"{path}: evaluation file not found") from None
+        except (ValueError, KeyError, TypeError) as error:
+            raise FoldSummaryError(f"{path}: not an evaluation.json of bin/evaluate.py ({error!r} missing or "
+                                   "unreadable)") from None
+        evaluations.append(data)
+    return evaluations
+
+
+def summarise_folds(evaluations: list[dict], names: list[str]) -> dict:
+    """kfold_summary.json: mean and std of every metric over the folds, overall and per class."""
+    if len(evaluations) < 2:
+        raise FoldSummaryError(f"{len(evaluations)} evaluation file(s): a cross-validation summary needs 2 or more")
+    return {
+        "folds": len(evaluations),
+        "evaluations": names,
+        "images_per_fold": [e.get("num_images") for e in evaluations],
+        "faces_per_fold": [e.get("num_faces") for e in evaluations],
+        "spread": "sample standard deviation over the folds (ddof=1); n = folds where the metric is defined",
+        "metrics": {key: mean_std([read(e) for e in evaluations]) for key, read, _ in OVERALL_METRICS},
+        "per_class": {name: {key: mean_std([e["per_class"][name][key] for e in evaluations])
+                             for key in PER_CLASS_METRICS} for name in CLASSES},
+        "note": THRESHOLD_NOTE,
+    }
+
+
+def _pm(stats: dict, digits: int = 4) -> str:
+    if stats["mean"] is None:
+        return "n/a"
+    spread = "n/a" if stats["std"] is None else f"{stats['std']:.{digits}f}"
+    missing = f" (n={stats['n']})" if stats["n"] < len(stats["values"]) else ""
+    return f"{stats['mean']:.{digits}f} ± {spread}{missing}"
+
+
+def format_summary(summary: dict) -> str:
+    """kfold_summary.txt: mean ± std per metric and class."""
+    lines = [f"{summary['folds']}-fold cross-validation on the train+val pool "
+             f"(held-out images per fold: {', '.join(str(n) for n in summary['images_per_fold'])})",
+             "mean ± sample std over the folds", ""]
+    for key, _, label in OVERALL_METRICS:
+        digits = 2 if "points" in key else 4
+        lines.append(f"{label:<30}{_pm(summary['metrics'][key], digits)}")
+    lines += ["", f"{'class':<24}" + "".join(f"{key:>26}" for key in PER_CLASS_METRICS)]
+    for name in CLASSES:
+        lines.append(f"{name:<24}" + "".join(f"{_pm(summary['per_class'][name][key]):>26}"
+                                             for key in PER_CLASS_METRICS))
+    lines += ["", summary["note"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot_folds(summary: dict, path) -> None:
+    """Per-fold values (dots) with mean ± std (bar and whisker) of mAP, mAP@0.5 and each class's AP@0.5."""
+    from .plots import _save, plt
+
+    series = [("mAP", summary["metrics"]["map"]), ("mAP@0.5", summary["metrics"]["map_50"])]
+    series += [(f"AP50\n{name}", summary["per_class"][name]["ap_50"]) for name in CLASSES]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for x, (label, stats) in enumerate(series):
+        if stats["mean"] is not None:
+            ax.bar(x, stats["mean"], color="#9ecae1", width=0.6,
+                   yerr=stats["std"] or 0.0, capsize=6, ecolor="#08519c")
+        for fold, value in enumerate(stats["values"]):
+            if value is not None:
+                ax.plot(x + (fold - (len(stats["values"]) - 1) / 2) * 0.08, value, "o", color="#e6550d",
+                        markersize=4, label="one fold" if x == 0 and fold == 0 else None)
+    ax.set_xticks(range(len(series)), [label for label, _ in series], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("held-out value")
+    ax.set_title(f"{summary['folds']}-fold cross-validation: mean ± std (bars) and each fold (dots)")
+    ax.legend(loc="upper right", fontsize=8)
+    _save(fig, path)
+
+
+def write_summary(evaluation_paths, output_dir, plot: str | None = "kfold_folds.png") -> dict:
+    """Read the folds' evaluation files, write kfold_summary.json/.txt (and the plot); returns the summary."""
+    output_dir = Path(output_dir)
+    paths = [Path(p) for p in evaluation_paths]
+    summary = summarise_folds(read_evaluations(paths), [p.name for p in paths])
+    write_json(output_dir / "kfold_summary.json", summary)
+    write_text(output_dir / "kfold_summary.txt", format_summary(summary))
+    if plot:
+        plot_folds(summary, output_dir / plot)
+    return summary

@@ -1,0 +1,129 @@
+"""Several trained detectors used as one: boxes merged across models with weighted box fusion.
+
+:class:`BoxFusionEnsemble` is called like a torchvision detection model in eval mode (a list
+of float CxHxW images in, one dict of boxes, labels and scores per image out, in the image's
+pixel coordinates), so utils.detection.inference and the predict job use it unchanged. Each
+member runs on every image; the members' boxes are fused per class with weighted box fusion
+(``ensemble_boxes.weighted_boxes_fusion``, Solovyev et al. 2021): boxes of one face from
+different models are averaged, weighted by score, instead of one being kept and the rest
+dropped as NMS does. With flip TTA every member also sees the image flipped left-right, and
+those passes join the fusion as further members (``detect_with_flips``, which
+inference.detect calls when TTA is asked for).
+
+Scores: ``conf_type="avg"`` gives a fused box the mean score of its cluster, scaled down when
+fewer members found it, so a face found by one model in K scores about 1/K of its score.
+The operating threshold of the ensemble is the mean of the members' own thresholds (each
+chosen on its validation images) unless one is given.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import defaults as D
+from ..errors import InputError
+from .evaluation import load_trained_model
+
+
+class EnsembleError(InputError):
+    """The models cannot be used together; str() names the file."""
+
+
+def _max_detections(model) -> int:
+    return int(getattr(getattr(model, "roi_heads", None), "detections_per_img", 100))
+
+
+def _unflip(boxes: torch.Tensor, width: int) -> torch.Tensor:
+    unflipped = boxes.clone()
+    unflipped[:, 0] = width - boxes[:, 2]
+    unflipped[:, 2] = width - boxes[:, 0]
+    return unflipped
+
+
+class BoxFusionEnsemble:
+    """Detectors whose boxes are fused with weighted box fusion; called like one detection model."""
+
+    def __init__(self, models, iou_threshold: float = D.ENSEMBLE_WBF_IOU, skip_score: float = 0.0):
+        self.models = list(models)
+        if not self.models:
+            raise EnsembleError("an ensemble needs at least one model")
+        self.iou_threshold = iou_threshold
+        self.skip_score = skip_score  # each member already drops boxes under its own score floor
+        self.max_detections = max(_max_detections(model) for model in self.models)
+
+    def eval(self) -> "BoxFusionEnsemble":
+        for model in self.models:
+            model.eval()
+        return self
+
+    def to(self, device) -> "BoxFusionEnsemble":
+        self.models = [model.to(device) for model in self.models]
+        return self
+
+    @torch.inference_mode()
+    def __call__(self, images: list[torch.Tensor]) -> list[dict]:
+        return self._fused(images, flips=False)
+
+    @torch.inference_mode()
+    def detect_with_flips(self, images: list[torch.Tensor]) -> list[dict]:
+        """Like calling the ensemble, with each image also run flipped: 2K members' boxes fused."""
+        return self._fused(images, flips=True)
+
+    def _fused(self, images: list[torch.Tensor], flips: bool) -> list[dict]:
+        if not images:
+            return []
+        batch = list(images) + ([torch.flip(image, dims=[-1]) for image in images] if flips else [])
+        per_model = [model(batch) for model in self.models]
+        results = []
+        for i, image in enumerate(images):
+            height, width = int(image.shape[-2]), int(image.shape[-1])
+            members = [outputs[i] for outputs in per_model]
+            if flips:
+                members += [{**outputs[len(images) + i],
+                             "boxes": _unflip(outputs[len(images) + i]["boxes"], width)} for outputs in per_model]
+            results.append(self._fuse(members, width, height, image.device))
+        return results
+
+    def _fuse(self, members: list[dict], width: int, height: int, device) -> dict:
+        from ensemble_boxes import weighted_boxes_fusion
+
+        scale = np.array([width, height, width, height], dtype=np.float64)
+        boxes = [np.clip(m["boxes"].detach().cpu().double().numpy() / scale, 0.0, 1.0) for m in members]
+        scores = [m["scores"].detach().cpu().double().numpy() for m in members]
+        labels = [m["labels"].detach().cpu().numpy() for m in members]
+        if sum(len(s) for s in scores) == 0:
+            return {"boxes": torch.zeros((0, 4), device=device),
+                    "labels": torch.zeros(0, dtype=torch.int64, device=device), "scores": torch.zeros(0, device=device)}
+        fused_boxes, fused_scores, fused_labels = weighted_boxes_fusion(
+            boxes, scores, labels, iou_thr=self.iou_threshold, skip_box_thr=self.skip_score, conf_type="avg")
+        order = np.argsort(-fused_scores, kind="stable")[: self.max_detections]
+        return {"boxes": torch.as_tensor(fused_boxes[order] * scale, dtype=torch.float32, device=device),
+                "labels": torch.as_tensor(fused_labels[order].astype(np.int64), device=device),
+                "scores": torch.as_tensor(fused_scores[order], dtype=torch.float32, device=device)}
+
+
+def load_ensemble(paths, device, score_threshold: float | None = None):
+    """(ensemble, meta, score threshold, where it comes from) for the model files *paths*: each loaded
+    and checked as a single model is (ModelError naming the file); the threshold given, else the mean
+    of the members' own."""
+    models, metas, thresholds = [], [], []
+    for path in paths:
+        model, meta, threshold, _ = load_trained_model(path, device, None)
+        models.append(model)
+        metas.append(meta)
+        thresholds.append(threshold)
+    if score_threshold is not None:
+        threshold, source = score_threshold, "--score-threshold"
+    else:
+        threshold = round(sum(thresholds) / len(thresholds), 4)
+        source = (f"the mean of the {len(paths)} models' own thresholds "
+                  f"({', '.join(f'{t:g}' for t in thresholds)})")
+
+    def common(key):
+        values = {str(meta.get(key)) for meta in metas}
+        return metas[0].get(key) if len(values) == 1 else "mixed: " + ", ".join(str(m.get(key)) for m in metas)
+
+    meta = {"ensemble": "weighted box fusion", "models": [str(p) for p in paths], "backbone": common("backbone"),
+            "image_size": common("image_size"), "member_thresholds": thresholds}
+    return BoxFusionEnsemble(models).eval(), meta, threshold, source
