@@ -22,3 +22,13 @@ def run_script(root, name, argv) -> int:
 
     script = load_script(root, name)
     return run_job(script.main, script.get_args_parser(), [str(arg) for arg in argv])
+
+
+def make_train_val(root, num_train: int = 4, num_val: int = 3, size: int = 96):
+    """root/train and root/val of tiny synthetic images (seeds 21 and 22): the small sets of the hpo and
+    train tests; returns *root*."""
+    from utils.data.sample_data import make_sample_dataset
+
+    make_sample_dataset(root / "train", num_images=num_train, seed=21, image_size=(size, size))
+    make_sample_dataset(root / "val", num_images=num_val, seed=22, image_size=(size, size))
+    return root

@@ -22,12 +22,9 @@ SPACE = SearchSpace(batch_sizes=(2,))
 @pytest.fixture(scope="module")
 def hpo_data(tmp_path_factory):
     """4 training and 3 validation images of 96x96."""
-    from utils.data.sample_data import make_sample_dataset
+    from helpers import make_train_val
 
-    root = tmp_path_factory.mktemp("hpo")
-    make_sample_dataset(root / "train", num_images=4, seed=21, image_size=(96, 96))
-    make_sample_dataset(root / "val", num_images=3, seed=22, image_size=(96, 96))
-    return root
+    return make_train_val(tmp_path_factory.mktemp("hpo"), num_train=4, num_val=3)
 
 
 def study_run(hpo_data, journal, n_trials, **kwargs):

@@ -27,12 +27,9 @@ STAGES = '[{"epochs": 1, "lr": 0.02, "trainable_layers": 0, "name": "head"}, {"e
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from utils.data.sample_data import make_sample_dataset
+    from helpers import make_train_val
 
-    out = tmp_path_factory.mktemp("tensorboard")
-    make_sample_dataset(out / "train", num_images=4, seed=21, image_size=(96, 96))
-    make_sample_dataset(out / "val", num_images=2, seed=22, image_size=(96, 96))
-    return out
+    return make_train_val(tmp_path_factory.mktemp("tensorboard"), num_train=4, num_val=2)
 
 
 def accumulate(log_dir) -> EventAccumulator:
