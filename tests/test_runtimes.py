@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from utils.pegasus.config import ConfigError, ShardFile, SplitEntry
-from utils.pegasus.runtimes import (GRACE_MIN, MIN_RUNTIME_S, SAFETY, SECONDS_PER_IMAGE, checkpoint_minutes,
-                                    job_runtimes)
+from utils.pegasus.runtimes import (GRACE_MIN, MIN_RUNTIME_S, SAFETY, SECONDS_PER_IMAGE, STARTUP_S,
+                                    checkpoint_minutes, job_runtimes)
 
 
 def config(train=70, val=10, test=20, pred=20, site=None, **overrides):
@@ -39,6 +39,18 @@ def test_small_jobs_get_the_minimum_and_large_ones_grow_with_their_images():
 def test_a_time_budget_bounds_the_train_job():
     runtimes = job_runtimes(config(train=5000, epochs=50, time_budget=60))
     assert 60 * 60 < runtimes["train"] < 2 * 60 * 60
+
+
+def test_a_staged_budget_run_gets_at_least_one_epoch_per_stage():
+    from utils.detection.stages import parse_stages
+
+    stages = parse_stages([{"epochs": 1, "trainable_layers": 0}, {"epochs": 3}])
+    # an 8-minute budget on 469 training images at 512 px: each stage still trains one whole epoch
+    staged = job_runtimes(config(train=469, val=67, time_budget=8, train_stages=stages, train_epochs=4))
+    plain = job_runtimes(config(train=469, val=67, time_budget=8))
+    one_epoch = job_runtimes(config(train=469, val=67, epochs=1))["train"]
+    # (the one-epoch job also holds the final threshold pass, counted once per job)
+    assert plain["train"] < staged["train"] and staged["train"] - STARTUP_S > 1.8 * (one_epoch - STARTUP_S)
 
 
 def test_sites_yml_overrides_and_caps():

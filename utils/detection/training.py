@@ -329,7 +329,8 @@ class Trainer:
             epochs = max(len(self.requested_stages), fitting)
             self._set_stages(scale_stages(self.requested_stages, epochs))
             self.scheduler.lr_lambdas[0].total_iters = self.stages[self.stage_index].epochs * len(self.train_loader)
-            kept = "" if epochs == fitting else f" (every stage keeps one: {epochs})"
+            kept = "" if epochs == fitting else (f" (every stage keeps one whole epoch: {epochs}, so this run "
+                                                 f"outlasts its budget)")
             log.info("time budget: %d steps fit %d whole epoch(s)%s; the stages' epochs fitted to it: %s", steps,
                      fitting, kept, ", ".join(f"{new.label(number)} {old.epochs} -> {new.epochs}" for number, (old, new)
                                               in enumerate(zip(self.requested_stages, self.stages), start=1)))

@@ -112,6 +112,13 @@ def job_runtimes(config) -> dict[str, int]:
             held_out_s = pool / config.folds * _rates(config)[2]
             runtimes["train_fold"] = max(MIN_RUNTIME_S, math.ceil(STARTUP_S + BUDGET_SLACK * config.time_budget * 60
                                                                   + SAFETY * held_out_s))
+        # A staged run keeps at least one whole epoch per stage (utils.detection.stages.scale_stages), which a
+        # short budget does not cover: the limit must, or every try dies at the same point.
+        stages = len(getattr(config, "train_stages", None) or [])
+        for kind in ("train", "train_fold"):
+            if stages and kind in runtimes:
+                per_epoch = work[kind] / max(1, _train_epochs(config))
+                runtimes[kind] = max(runtimes[kind], math.ceil(STARTUP_S + SAFETY * stages * per_epoch))
     overrides = config.execution_site_config().get("runtimes") or {}
     for kind, seconds in overrides.items():
         if kind not in runtimes:
