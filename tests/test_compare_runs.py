@@ -76,7 +76,7 @@ def test_missing_and_unfinished_runs_are_warned_and_said_in_their_row(root, runs
     assert by_run["gone"]["status"] == "run folder not found" and by_run["gone"]["map_50"] == ""
     assert by_run["unfinished"]["status"] == "missing evaluation.json, statistics.json"
     assert [row[0] for row in rows][-2:] == ["unfinished", "gone"]  # no map_50: last
-    assert "- no config.yml (settings rebuilt from the run records' params): no_config" in captured.out
+    assert "- no config.yml: no_config; so every run's settings are rebuilt from its run records' params" in captured.out
 
 
 def test_bad_input_is_one_line(root, runs, tmp_path, capsys):
@@ -103,3 +103,19 @@ def test_settings_a_run_record_carries_are_the_runs_configuration(tmp_path):
     record_file.write_text(json.dumps({**record, "experiment_config": {**BASE, "image_size": 640}}))
     run = read_run_folder(run_dir)
     assert run.has_config_file and run.config_source == "model_run.json" and run.config["image_size"] == 640
+
+
+def test_a_run_without_config_yml_is_compared_on_run_record_settings_for_every_run(root, runs, tmp_path, capsys):
+    """config.yml keys and rebuilt keys differ in kind: mixing them would make every key 'differ'."""
+    import json
+
+    bare = make_run_folder(tmp_path / "bare", map_50=0.45, figures=False)
+    record_file = bare / "outputs" / "model_run.json"
+    record = json.loads(record_file.read_text())
+    record_file.write_text(json.dumps({**record, "params": {**record["params"], "image_size": 640}}))
+    assert run_script(root, "compare_runs", [runs[0], bare]) == 0
+    out = capsys.readouterr().out
+    header = table_rows(out)[0]
+    # only the train job's image size differs between the two runs' records
+    assert header == ["run", "status", "train.image_size", *METRICS]
+    assert "no config.yml: bare; so every run's settings are rebuilt from its run records' params" in out

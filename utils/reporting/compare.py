@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..classes import CLASSES
 from ..errors import InputError
-from .run_folder import RunFolder, RunFolderError, flatten, read_run_folder
+from .run_folder import RunFolder, RunFolderError, flatten, read_run_folder, settings_from_run_records
 
 ABSENT = "-"
 # The metric columns, in table order (metric_values gives them).
@@ -65,6 +65,10 @@ def _status(run: RunFolder) -> str:
     return "finished" if not lacking else "missing " + ", ".join(lacking)
 
 
+# Keys that name the run rather than configure it: they differ between any two runs.
+RUN_IDENTITY = {"run_dir"}
+
+
 def differing_settings(configs: list[dict[str, object]]) -> list[str]:
     """The flattened keys whose value is not the same in every config (absent counts as a value)."""
     keys = list(dict.fromkeys(key for config in configs for key in config))
@@ -94,7 +98,14 @@ def compare_runs(paths, sort_by: str = "map_50", ascending: bool = False) -> Com
     if not usable:
         raise InputError(f"no usable run among the {len(paths)} given (each needs outputs/evaluation.json): "
                          + "; ".join(f"{label}: {status}" for label, _, status in runs))
-    flat = {label: flatten(run.config or {}) for label, run, _ in runs if run is not None}
+    present = [run for _, run, _ in runs if run is not None]
+    # Like is compared with like: a config.yml and settings rebuilt from run records name their keys
+    # differently, so when any run lacks config.yml every run's settings are rebuilt from its records.
+    mixed = len({run.has_config_file for run in present}) > 1
+    flat = {label: {key: value for key, value in flatten(
+                settings_from_run_records(run.run_records) if mixed else (run.config or {})).items()
+                    if key not in RUN_IDENTITY}
+            for label, run, _ in runs if run is not None}
     settings = differing_settings(list(flat.values())) if len(flat) > 1 else []
     rows = []
     for label, run, status in runs:
@@ -143,8 +154,8 @@ def notes(comparison: Comparison) -> list[str]:
     else:
         lines.append("no setting differs between the runs")
     if comparison.without_config_file:
-        lines.append("no config.yml (settings rebuilt from the run records' params): "
-                     + ", ".join(comparison.without_config_file))
+        lines.append("no config.yml: " + ", ".join(comparison.without_config_file) + "; so every run's settings "
+                     "are rebuilt from its run records' params (one kind of key for all)")
     return lines
 
 
