@@ -478,9 +478,10 @@ class MaskDetectionWorkflow:
         final, tag = self.wf.get_job("train"), f"fold{fold}"
         renamed: dict[str, File] = dict(fold_sets)
         for use in final.uses:
-            if use._type in ("output", "checkpoint"):
+            kind = pegasus_api.use_type(use)
+            if kind in ("output", "checkpoint"):
                 lfn = self._fold_name(use.file.lfn, tag)
-                renamed[use.file.lfn] = self.files[lfn] if use._type == "checkpoint" else File(lfn)
+                renamed[use.file.lfn] = self.files[lfn] if kind == "checkpoint" else File(lfn)
         job = self._job("train", f"train_{tag}")
         args, previous = [], None
         for arg in final.args:
@@ -497,9 +498,10 @@ class MaskDetectionWorkflow:
             file = renamed.get(use.file.lfn, use.file)
             if file.lfn in given:
                 continue
-            if use._type == "input":
+            kind = pegasus_api.use_type(use)
+            if kind == "input":
                 job.add_inputs(file)
-            elif use._type == "checkpoint":
+            elif kind == "checkpoint":
                 job.add_checkpoint(file, stage_out=use.stage_out, register_replica=use.register_replica)
             else:
                 job.add_outputs(file, stage_out=use.stage_out, register_replica=use.register_replica)
