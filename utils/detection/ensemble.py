@@ -24,21 +24,11 @@ import torch
 from .. import defaults as D
 from ..errors import InputError
 from .evaluation import load_trained_model
+from .inference import max_detections, unflip_boxes
 
 
 class EnsembleError(InputError):
     """The models cannot be used together; str() names the file."""
-
-
-def _max_detections(model) -> int:
-    return int(getattr(getattr(model, "roi_heads", None), "detections_per_img", 100))
-
-
-def _unflip(boxes: torch.Tensor, width: int) -> torch.Tensor:
-    unflipped = boxes.clone()
-    unflipped[:, 0] = width - boxes[:, 2]
-    unflipped[:, 2] = width - boxes[:, 0]
-    return unflipped
 
 
 class BoxFusionEnsemble:
@@ -50,7 +40,7 @@ class BoxFusionEnsemble:
             raise EnsembleError("an ensemble needs at least one model")
         self.iou_threshold = iou_threshold
         self.skip_score = skip_score  # each member already drops boxes under its own score floor
-        self.max_detections = max(_max_detections(model) for model in self.models)
+        self.max_detections = max(max_detections(model) for model in self.models)
 
     def eval(self) -> "BoxFusionEnsemble":
         for model in self.models:
@@ -81,7 +71,7 @@ class BoxFusionEnsemble:
             members = [outputs[i] for outputs in per_model]
             if flips:
                 members += [{**outputs[len(images) + i],
-                             "boxes": _unflip(outputs[len(images) + i]["boxes"], width)} for outputs in per_model]
+                             "boxes": unflip_boxes(outputs[len(images) + i]["boxes"], width)} for outputs in per_model]
             results.append(self._fuse(members, width, height, image.device))
         return results
 

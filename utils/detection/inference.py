@@ -91,7 +91,7 @@ def image_loader(items, batch_size: int = 4, num_workers: int | None = None, pin
                       prefetch_factor=4 if num_workers > 0 else None, persistent_workers=False)
 
 
-def _unflip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
+def unflip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
     """Boxes found on a horizontally flipped image, mapped back to the original."""
     unflipped = boxes.clone()
     unflipped[:, 0] = width - boxes[:, 2]
@@ -99,7 +99,7 @@ def _unflip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
     return unflipped
 
 
-def _max_detections(model) -> int:
+def max_detections(model) -> int:
     roi_heads = getattr(model, "roi_heads", None)
     return int(getattr(roi_heads, "detections_per_img", 100))
 
@@ -129,10 +129,10 @@ def detect(model, images: list[torch.Tensor], tta: bool = False, score_threshold
         if tta:
             flipped = outputs[len(images) + i]
             width = image.shape[-1]
-            boxes = torch.cat([out["boxes"], _unflip_boxes(flipped["boxes"].detach(), width)])
+            boxes = torch.cat([out["boxes"], unflip_boxes(flipped["boxes"].detach(), width)])
             scores = torch.cat([out["scores"], flipped["scores"].detach()])
             labels = torch.cat([out["labels"], flipped["labels"].detach()])
-            keep = batched_nms(boxes, scores, labels, TTA_NMS_IOU)[: _max_detections(model)]
+            keep = batched_nms(boxes, scores, labels, TTA_NMS_IOU)[: max_detections(model)]
             out = {"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep]}
         keep = out["scores"] >= score_threshold
         results.append({k: v[keep].cpu() for k, v in out.items()})
