@@ -36,6 +36,7 @@ from Pegasus.api import (Container, File, Job, Properties, ReplicaCatalog, SiteC
 from utils.atomic import write_text
 from utils.defaults import DATA_SHARD_IMAGES
 from utils.detection.stages import stages_to_json
+from utils.naming import tagged_name
 from utils.pegasus import driver, experiment, pegasus_api
 from utils.pegasus.catalogs import build_properties, build_site_catalog
 from utils.pegasus.config import (ConfigError, SplitEntry, WorkflowConfig, config_from_args, parse_label_map,
@@ -460,27 +461,17 @@ class MaskDetectionWorkflow:
         self._stages_out(job, "kfold_summary.json", "kfold_summary.txt", "kfold_folds.png", "aggregate_folds_run.json")
         return models
 
-    @staticmethod
-    def _fold_name(name: str, tag: str) -> str:
-        """model.pt -> model_fold0.pt, model_run.json -> model_fold0_run.json (train names its run record
-        after --output), train_checkpoint.pt -> train_fold0_checkpoint.pt."""
-        for suffix in ("_run.json", "_checkpoint.pt"):
-            if name.endswith(suffix):
-                return f"{name[:-len(suffix)]}_{tag}{suffix}"
-        path = Path(name)
-        return f"{path.stem}_{tag}{path.suffix}"
-
     def _add_fold_train(self, fold: int, fold_sets: dict[str, File]) -> File:
         """train_fold<i>: the final train job (added by _add_train) repeated on the fold's sets, so that a
         fold model gets the final model's settings whatever flags train is given: its arguments, with the
         train and val sets replaced by *fold_sets* (lfn -> File) and its outputs, checkpoint and folders
-        (values of --*-dir flags) renamed for the fold (_fold_name). Returns the fold's model File."""
+        (values of --*-dir flags) renamed for the fold (utils.naming.tagged_name). Returns the fold's model File."""
         final, tag = self.wf.get_job("train"), f"fold{fold}"
         renamed: dict[str, File] = dict(fold_sets)
         for use in final.uses:
             kind = pegasus_api.use_type(use)
             if kind in ("output", "checkpoint"):
-                lfn = self._fold_name(use.file.lfn, tag)
+                lfn = tagged_name(use.file.lfn, tag)
                 renamed[use.file.lfn] = self.files[lfn] if kind == "checkpoint" else File(lfn)
         job = self._job("train", f"train_{tag}")
         args, previous = [], None

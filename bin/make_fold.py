@@ -18,14 +18,13 @@ outputs hold at least one image, 2 on bad input (one line naming the file), 1 on
 import argparse
 import contextlib
 import sys
-import tarfile
 from pathlib import Path
 
-from utils.atomic import atomic_path, write_json
+from utils.atomic import write_json
 from utils.cli import run_job
 from utils.data.folds import FoldError, fold_of_stems, read_folds_csv, source_stem
 from utils.data.images import is_image_name
-from utils.data.pairs import open_folder
+from utils.data.pairs import open_folder, pack_files
 
 LISTED = 20  # names shown on the console per problem; the report lists them all
 
@@ -65,12 +64,6 @@ def _set_files(folder: Path, fold_of_stem: dict[str, int], where: Path) -> list[
     return files
 
 
-def _pack(files: list[Path], archive: Path) -> None:
-    with atomic_path(archive) as tmp, tarfile.open(tmp, "w") as tar:
-        for path in files:
-            tar.add(path, arcname=path.name)
-
-
 def main(args) -> int:
     assignment = read_folds_csv(args.folds_csv)
     folds = max(assignment.values()) + 1
@@ -91,8 +84,8 @@ def main(args) -> int:
             if count == 0:
                 raise FoldError(f"{args.folds_csv}: fold {args.fold} leaves no {name} images "
                                 f"(sets {args.train_set}, {args.val_set})")
-        _pack(train, args.output_train)
-        _pack(val, args.output_val)
+        pack_files(((path, path.name) for path in train), args.output_train)
+        pack_files(((path, path.name) for path in val), args.output_val)
     report = {"fold": args.fold, "folds": folds, "train_images": counts["train"], "val_images": counts["val"],
               "train_files": len(train), "val_files": len(val),
               "copies_of_held_out_images_left_out": left_out,

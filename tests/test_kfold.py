@@ -23,6 +23,7 @@ from utils.data.pairs import Pair
 from utils.detection.cross_validation import mean_std, summarise_folds
 from utils.detection.ensemble import BoxFusionEnsemble
 from utils.detection.inference import detect
+from utils.naming import tagged_name
 
 
 def make_pairs(n, rare_every=0):
@@ -258,7 +259,7 @@ def test_generated_dag_fans_out_the_folds_and_predicts_with_their_ensemble(sampl
     assert len(fold_args) == len(final_args)
     for fold_arg, final_arg in zip(fold_args, final_args):
         assert fold_arg in (final_arg, sets.get(final_arg), f"{final_arg}_fold0",
-                            generator.MaskDetectionWorkflow._fold_name(str(final_arg), "fold0")), (fold_arg, final_arg)
+                            tagged_name(str(final_arg), "fold0")), (fold_arg, final_arg)
     for flag, value in (("--output", "model_fold0.pt"), ("--checkpoint", "train_fold0_checkpoint.pt"),
                         ("--images", "fold0_train.tar"), ("--val-images", "fold0_val.tar"),
                         ("--params", "best_hpo_params.json")):

@@ -86,14 +86,20 @@ def open_folder(path, suffixes=None):
     raise NotADirectoryError(f"{path}: neither a folder nor a .tar archive")
 
 
-def pack_folder(folder, archive) -> Path:
-    """Pack the files of *folder* (flat, sorted) into the .tar *archive*, atomically."""
-    folder = Path(folder)
+def pack_files(members, archive) -> Path:
+    """Pack *members*, (file, name in the archive) pairs in the order given, into the .tar *archive*, atomically."""
     with atomic_path(archive) as tmp:
         with tarfile.open(tmp, "w") as tar:
-            for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-                tar.add(file, arcname=str(file.relative_to(folder)))
+            for file, name in members:
+                tar.add(file, arcname=name)
     return Path(archive)
+
+
+def pack_folder(folder, archive, prefix: str = "") -> Path:
+    """Pack the files of *folder* (sorted, by their path in it after *prefix*) into the .tar *archive*, atomically."""
+    folder = Path(folder)
+    return pack_files(((file, f"{prefix}{file.relative_to(folder).as_posix()}")
+                       for file in sorted(p for p in folder.rglob("*") if p.is_file())), archive)
 
 
 def pair_folders(images_dir, annotations_dir) -> Pairing:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 from ..atomic import write_json, write_text
@@ -53,8 +54,8 @@ def mean_std(values) -> dict:
     None below two values."""
     defined = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     n = len(defined)
-    mean = sum(defined) / n if n else None
-    std = math.sqrt(sum((v - mean) ** 2 for v in defined) / (n - 1)) if n > 1 else None
+    mean = statistics.fmean(defined) if n else None
+    std = statistics.stdev(defined) if n > 1 else None
     return {"mean": mean, "std": std, "n": n, "values": [None if v is None else float(v) for v in values]}
 
 

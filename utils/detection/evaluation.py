@@ -24,6 +24,7 @@ from .compliance import compliance_error, compliance_error_lines, operating_thre
 from .engine import evaluate_loss, run_inference
 from ..data.images import ImageError, image_size
 from .inference import default_num_workers
+from ..naming import tagged_name
 from .model import load_model_file
 from .metrics import compute_coco, detection_confusion_matrix, pr_curves
 from ..data.pairs import pair_folders
@@ -177,10 +178,7 @@ def evaluation_output_names(tag: str | None = None) -> dict[str, str]:
     (evaluation_fold0.json), so that several evaluate jobs of one workflow write distinct files."""
     files = ("evaluation.json", "evaluation.txt", "confusion_matrix.csv", "confusion_matrix.png",
              "evaluation_images.json", "pr_curves.png", "evaluate_run.json")
-    if not tag:
-        return {name: name for name in files}
-    return {name: name.replace("_run.json", f"_{tag}_run.json") if name.endswith("_run.json")
-            else f"{Path(name).stem}_{tag}{Path(name).suffix}" for name in files}
+    return {name: tagged_name(name, tag) for name in files}
 
 
 def evaluate_model(model, pairs, output_dir, device="cpu", score_threshold: float = 0.5, batch_size: int = 4,

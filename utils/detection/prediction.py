@@ -24,6 +24,7 @@ from PIL import Image
 from ..atomic import atomic_path, write_json, write_text
 from ..classes import NAME_OF
 from ..data.images import is_image_name
+from ..naming import tagged_name
 from .inference import Detections, ImageItem, Skipped, detect_files
 from .compliance import compliance, compliance_line, merge_compliance
 from ..data.pairs import open_folder, pack_folder
@@ -117,9 +118,9 @@ def _csv_text(images) -> str:
 def output_names(tag: str | None = None) -> dict[str, str]:
     """The predict job's output file names; with a *tag* (a shard's name) they carry it, so that
     the fanned-out jobs of one workflow write distinct files for the merge job."""
-    suffix = f"_{tag}" if tag else ""
-    return {"predictions_json": f"predictions{suffix}.json", "predictions_csv": f"predictions{suffix}.csv",
-            "compliance_json": f"compliance{suffix}.json", "run_record": f"predict{suffix}_run.json"}
+    names = {"predictions_json": "predictions.json", "predictions_csv": "predictions.csv",
+             "compliance_json": "compliance.json", "run_record": "predict_run.json"}
+    return {key: tagged_name(name, tag) for key, name in names.items()}
 
 
 def annotation_sample(count: int, limit: int | None) -> set[int]:

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import logging
 import math
-import tarfile
 from pathlib import Path
 
 from .. import defaults as D
-from ..atomic import atomic_path
 from ..classes import CLASS_COLOURS, NAME_OF
+from ..data.pairs import pack_folder
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -199,8 +198,4 @@ def pack_events(log_dir, archive) -> Path:
     log_dir = Path(log_dir)
     if not log_dir.is_dir():
         raise TensorBoardError(f"--tensorboard-tar {archive}: {log_dir} holds no events")
-    with atomic_path(archive) as tmp:
-        with tarfile.open(tmp, "w") as tar:
-            for file in sorted(p for p in log_dir.rglob("*") if p.is_file()):
-                tar.add(file, arcname=f"{ARCHIVE_ROOT}/{log_dir.name}/{file.relative_to(log_dir).as_posix()}")
-    return Path(archive)
+    return pack_folder(log_dir, archive, prefix=f"{ARCHIVE_ROOT}/{log_dir.name}/")

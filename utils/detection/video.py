@@ -25,6 +25,7 @@ from PIL import Image
 from ..atomic import atomic_path, write_json, write_text
 from ..classes import CLASSES, NAME_OF
 from ..errors import InputError
+from ..naming import tagged_name
 from .compliance import compliance, merge_compliance
 from .inference import detect, to_model_input
 from .plots import draw_detections
@@ -34,9 +35,9 @@ CSV_FIELDS = ("frame", "time_s", "faces", *CLASSES, "percent_properly_masked")
 
 def video_output_names(tag: str | None = None) -> dict[str, str]:
     """File names of a video run's outputs; with a *tag* (a workflow's video) they carry it."""
-    suffix = f"_{tag}" if tag else ""
-    return {"frames_csv": f"video_frames{suffix}.csv", "plot": f"compliance_over_time{suffix}.png",
-            "summary": f"video_summary{suffix}.json", "run_record": f"predict_video{suffix}_run.json"}
+    names = {"frames_csv": "video_frames.csv", "plot": "compliance_over_time.png", "summary": "video_summary.json",
+             "run_record": "predict_video_run.json"}
+    return {key: tagged_name(name, tag) for key, name in names.items()}
 
 
 def open_source(source: str) -> tuple[cv2.VideoCapture, str]:

@@ -48,6 +48,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..detection.tensorboard_log import ARCHIVE_ROOT as TENSORBOARD_ARCHIVE_ROOT
 from .job_try import JobRunner
 from .loading import LoadedWorkflow, WorkflowError, load_workflow, read_properties
 from .reporting import JobResult, Reporter
@@ -239,7 +240,8 @@ class Executor:
             signal.signal(sig, handler)
 
 
-TENSORBOARD_FOLDER = "tensorboard"  # the top folder of every events .tar (utils/detection/tensorboard_log.py)
+# the top folder of every events .tar train and hpo stage out (utils/detection/tensorboard_log.py)
+TENSORBOARD_FOLDER = TENSORBOARD_ARCHIVE_ROOT
 
 
 def unpack_tensorboard(output_dir) -> tuple[list[str], list[str]]:
