@@ -46,6 +46,7 @@ ABLATION = (
     ("+ photometric distortion p=0.5", {"photometric": 0.5}),
     ("+ multi-scale training ±25 %", {"multiscale": 0.25}),
     ("+ weight EMA 0.998", {"ema_decay": 0.998}),
+    ("+ 128 RoIs/image in the box loss", {"roi_batch_size": 128}),
 )
 
 
@@ -114,10 +115,11 @@ def run_one(name, images, annotations, args, device, limit=None, recipe=None):
     summary["prepare_s"] = round(time.perf_counter() - started, 1)
     print(f"[{name}] {summary}", flush=True)
 
-    params = TrainParams(backbone="mobilenet_v2_fpn", weights="imagenet", image_size=args.image_size,
-                         epochs=args.epochs, batch_size=args.batch_size, workers=args.workers, lr=args.lr,
-                         trainable_layers=args.trainable_layers, seed=args.seed, time_budget=args.time_budget,
-                         **(recipe or {}))
+    # a row's change may set any TrainParams field, the flags' ones included (e.g. lr)
+    params = TrainParams(**{"backbone": "mobilenet_v2_fpn", "weights": "imagenet", "image_size": args.image_size,
+                            "epochs": args.epochs, "batch_size": args.batch_size, "workers": args.workers,
+                            "lr": args.lr, "trainable_layers": args.trainable_layers, "seed": args.seed,
+                            "time_budget": args.time_budget, **(recipe or {})})
     print(f"[{name}] recipe: {describe(params)}", flush=True)
     started = time.perf_counter()
     # No per-epoch validation here: the budget is all training (the threshold is chosen after it).

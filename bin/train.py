@@ -39,6 +39,9 @@ from utils.stop import declare_outputs, stop_on_sigterm
 log = logging.getLogger("train")
 
 
+ROI_BATCH_SIZE_OWN = "the architecture's own, 256 for mobilenet_v2_fpn"
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
@@ -119,6 +122,10 @@ def get_args_parser():
     recipe.add_argument("--ema-decay", type=float, default=None,
                         help="exponential moving average of the weights, used for validation and the model "
                              f"file; 0 off (default: {D.EMA_DECAY})")
+    recipe.add_argument("--roi-batch-size", type=int, default=None,
+                        help="region proposals sampled per image for the box head's loss (at most a quarter of "
+                             "them faces); fewer make a CPU step cheaper (default: "
+                             f"{D.ROI_BATCH_SIZE or ROI_BATCH_SIZE_OWN})")
     opt.add_argument("--no-amp", dest="amp", action="store_const", const=False, default=None,
                      help="disable mixed precision on CUDA (default: AMP on CUDA, never on CPU)")
     opt.add_argument("--seed", type=int, default=None, help=f"random seed (default: {D.SEED})")

@@ -26,8 +26,8 @@ from .engine import (build_optimizer, build_scheduler, evaluate_loss, load_check
                      restore_checkpoint, run_inference, save_checkpoint, seed_everything, train_one_epoch)
 from ..data.images import ImageError, image_size
 from .model import build_model, freeze_backbone, num_backbone_stages, set_trainable_layers
-from .recipe import (RepeatFactorSampler, TimeBudget, build_ema, multiscale_sizes, repeat_factors, set_train_sizes,
-                     train_transforms)
+from .recipe import (RepeatFactorSampler, TimeBudget, build_ema, multiscale_sizes, repeat_factors,
+                     set_roi_batch_size, set_train_sizes, train_transforms)
 from ..data.pairs import open_folder, pair_folders
 from ..data.voc import VocError, parse_voc
 from ..errors import InputError, read_json
@@ -62,6 +62,7 @@ class TrainParams:
     multiscale: float = D.MULTISCALE
     repeat_threshold: float = D.REPEAT_THRESHOLD
     ema_decay: float = D.EMA_DECAY
+    roi_batch_size: int | None = D.ROI_BATCH_SIZE  # proposals per image in the box head's loss; None: the model's
     time_budget: float | None = D.TIME_BUDGET  # minutes; when set, the steps (and epochs) are fitted to it
     max_steps: int | None = None  # training steps in all, the last epoch cut short; None: epochs x steps per epoch
     # Staged training (utils.detection.stages): [{epochs, lr, trainable_layers, name}, ...]; replaces epochs and
@@ -89,7 +90,7 @@ def resolve_params(flag_values: dict, params_file_values: dict) -> TrainParams:
 # Keys a --params file (best_hpo_params.json) may set.
 PARAMS_FILE_KEYS = ("lr", "momentum", "weight_decay", "trainable_layers", "optimizer", "batch_size",
                     "lr_schedule", "warmup_iters", "clip_grad", "freeze_backbone_epochs", "hflip", "image_size",
-                    "backbone", "photometric", "multiscale", "repeat_threshold", "ema_decay")
+                    "backbone", "photometric", "multiscale", "repeat_threshold", "ema_decay", "roi_batch_size")
 
 
 def auto_workers(device) -> int:
@@ -232,6 +233,7 @@ class Trainer:
         self.model = build_model(params.backbone, weights=params.weights, weights_file=params.weights_file,
                                  trainable_layers=params.trainable_layers, image_size=params.image_size)
         set_train_sizes(self.model, multiscale_sizes(params.image_size, params.multiscale))
+        set_roi_batch_size(self.model, params.roi_batch_size)
         self.model.to(device)
         self.ema = build_ema(self.model, params.ema_decay)
         self.optimizer = build_optimizer(self.model, params.optimizer, params.lr, params.momentum,
