@@ -12,7 +12,7 @@ from utils.data.pairs import pair_folders
 from utils.detection import recipe
 from utils.detection.model import build_model
 from utils.detection.recipe import (RepeatFactorSampler, TimeBudget, build_ema, gpu_recipe, multiscale_sizes,
-                                    repeat_factors, set_train_sizes, train_transforms)
+                                    repeat_factors, set_roi_batch_size, set_train_sizes, train_transforms)
 from utils.detection.training import Trainer, TrainParams, load_checkpoint
 
 TINY = dict(image_size=128, batch_size=2, workers=0, epochs=2, warmup_iters=2, trainable_layers=2, seed=3,
@@ -106,6 +106,24 @@ def test_ema_follows_the_model_with_a_ramped_decay():
     assert build_ema(model, 0) is None
 
 
+def test_roi_batch_size_sets_the_box_heads_sampler_and_only_when_given(tiny_dir):
+    model = build_model(weights="none", image_size=128)
+    own = model.roi_heads.fg_bg_sampler.batch_size_per_image
+    set_roi_batch_size(model, None)
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == own == 256
+    with pytest.raises(ValueError, match="at least 4"):
+        set_roi_batch_size(model, 2)
+    trainer = Trainer(TrainParams(**{**TINY, "roi_batch_size": 32}), pair_folders(tiny_dir / "images",
+                      tiny_dir / "annotations").pairs, torch.device("cpu"), progress=False)
+    assert trainer.model.roi_heads.fg_bg_sampler.batch_size_per_image == 32
+    # the box head sees at most this many proposals per image in a training step
+    seen = []
+    trainer.model.roi_heads.box_head.register_forward_hook(lambda module, inputs, output: seen.append(len(output)))
+    trainer.run_epoch()
+    assert seen and max(seen) <= 32 * TINY["batch_size"]
+    assert "32 RoIs/image" in recipe.describe(trainer.params)
+
+
 def test_time_budget_fits_the_steps_to_the_timed_steps(monkeypatch):
     now = {"t": 0.0}
     monkeypatch.setattr(recipe.time, "perf_counter", lambda: now["t"])
@@ -163,10 +181,12 @@ def test_gpu_recipe_changes_only_what_was_not_given(monkeypatch, tmp_path):
     params = TrainParams()
     changes = gpu_recipe(params, set(), torch.device("cuda"))
     assert params.backbone == "resnet50_fpn_v2" and params.weights == "coco" and params.batch_size == 8
-    assert params.lr == pytest.approx(TrainParams().lr * 8 / TrainParams().batch_size) and len(changes) == 4
-    given = TrainParams(backbone="mobilenet_v2_fpn", batch_size=2)
-    gpu_recipe(given, {"backbone", "batch_size"}, torch.device("cuda"))
+    assert params.lr == pytest.approx(TrainParams().lr * 8 / TrainParams().batch_size) and len(changes) == 5
+    assert TrainParams().roi_batch_size == 128 and params.roi_batch_size is None  # the architecture's own
+    given = TrainParams(backbone="mobilenet_v2_fpn", batch_size=2, roi_batch_size=64)
+    gpu_recipe(given, {"backbone", "batch_size", "roi_batch_size"}, torch.device("cuda"))
     assert given.backbone == "mobilenet_v2_fpn" and given.batch_size == 2 and given.lr == TrainParams().lr
+    assert given.roi_batch_size == 64
     monkeypatch.setattr(weights, "cached_coco_weights", lambda backbone="resnet50_fpn_v2", directory=None: None)
     uncached = TrainParams()
     gpu_recipe(uncached, set(), torch.device("cuda"))

@@ -240,8 +240,10 @@ GPU_BATCH_SIZE = 8  # 8 images of 512-800 px fit in 16 GB with AMP; the lr is sc
 def gpu_recipe(params, given: set[str], device) -> list[str]:
     """On CUDA, what a GPU affords, for every hyperparameter the user did not set (*given*):
     resnet50_fpn_v2 with COCO detector weights when they are in the torch cache (never a
-    download), 8 images per batch with the learning rate scaled by 8 / batch size, and the
-    image size 640. AMP is already on for CUDA. Returns the changes, for the log."""
+    download), 8 images per batch with the learning rate scaled by 8 / batch size, the
+    image size 640, and the architecture's own proposals per image in the box loss (the CPU
+    default samples fewer to save time a GPU does not need to save). AMP is already on for
+    CUDA. Returns the changes, for the log."""
     if torch.device(device).type != "cuda":
         return []
     changes = []
@@ -259,6 +261,9 @@ def gpu_recipe(params, given: set[str], device) -> list[str]:
     if "image_size" not in given and params.image_size < 640:
         params.image_size = 640
         changes.append("image size 640")
+    if "roi_batch_size" not in given and params.roi_batch_size is not None:
+        params.roi_batch_size = None
+        changes.append("the architecture's own RoIs per image in the box loss")
     return changes
 
 
