@@ -41,7 +41,8 @@ DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "face-mask"
 # The ablation's rows: each adds one lever (TrainParams fields) to the row above it. The first row is
 # the recipe before issue #9 (horizontal flips only); the levers are utils.detection.recipe's.
 ABLATION = (
-    ("baseline: flips only", {"photometric": 0.0, "multiscale": 0.0, "repeat_threshold": 0.0, "ema_decay": 0.0}),
+    ("baseline: flips only", {"photometric": 0.0, "multiscale": 0.0, "repeat_threshold": 0.0, "ema_decay": 0.0,
+                              "roi_batch_size": None}),
     ("+ repeat-factor sampling t=0.3", {"repeat_threshold": 0.3}),
     ("+ photometric distortion p=0.5", {"photometric": 0.5}),
     ("+ multi-scale training ±25 %", {"multiscale": 0.25}),

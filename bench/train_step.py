@@ -9,7 +9,9 @@ optimizer and scheduler step):
   end-to-end  the training DataLoader of utils.detection.training (decoding JPEGs, parsing VOC XML,
               random horizontal flip, collation) with --workers processes
 The ratio end-to-end / pure is the share of the model's training speed the data
-pipeline keeps (goal >= 0.95). After a warm-up pass the two paths are timed
+pipeline keeps (goal >= 0.95). --roi-batch-sizes times the pure path again at each
+number of proposals per image in the box head's loss (bin/train.py --roi-batch-size), as
+a ratio to the first. After a warm-up pass the two paths are timed
 alternately --repeats times and the fastest pass of each counts, so that load
 from other processes on a shared machine hits both alike. As a cross-check that
 does not depend on such load, the share of the end-to-end wall time spent waiting
@@ -42,6 +44,9 @@ def get_args_parser():
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2],
                    help="DataLoader worker counts to time, each against the same pure figure; bin/train.py uses "
                         "0 on a CPU (default: 0 2)")
+    p.add_argument("--roi-batch-sizes", type=int, nargs="*", default=[256, 128],
+                   help="proposals per image in the box loss (bin/train.py --roi-batch-size) to time on the pure "
+                        "path, alternating; each is reported against the first; none: skip (default: 256 128)")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed passes per path, alternating; the fastest counts (default: 3)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="(default: auto)")
@@ -93,11 +98,16 @@ def main(args) -> int:
 
     import torch
 
+    from utils import defaults as D
     from utils.detection.engine import build_optimizer, resolve_device, train_one_epoch
     from utils.detection.model import build_model
+    from utils.detection.recipe import set_roi_batch_size
     from utils.detection.training import make_loader
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if any(size < 4 for size in args.roi_batch_sizes):
+        print(f"train_step: --roi-batch-sizes must be at least 4 each, got {args.roi_batch_sizes}")
+        return 2
     device = resolve_device(args.device)
     with contextlib.ExitStack() as stack:
         pairs, source = pick_pairs(args, stack)
@@ -107,6 +117,7 @@ def main(args) -> int:
         print(f"train_step: {source}; image size {args.image_size}, batch {args.batch_size}, device {device}, "
               f"{torch.get_num_threads()} torch threads")
         model = build_model("mobilenet_v2_fpn", weights="imagenet", image_size=args.image_size).to(device)
+        set_roi_batch_size(model, D.ROI_BATCH_SIZE)  # what bin/train.py trains with
         optimizer = build_optimizer(model, "sgd", lr=0.002, momentum=0.9, weight_decay=1e-4)
 
         # The pure path: the same images, decoded once by the same dataset, held as tensors.
@@ -137,6 +148,13 @@ def main(args) -> int:
                 started = time.perf_counter()
                 e2e[workers].append(timed(None, timed_loader))
                 wait_share[workers].append(timed_loader.wait_s / (time.perf_counter() - started))
+        # The box head's share of a step: the pure path at each proposal count, alternating.
+        by_roi = {size: [] for size in args.roi_batch_sizes}
+        for _ in range(args.repeats if by_roi else 0):
+            for size in by_roi:
+                set_roi_batch_size(model, size)
+                by_roi[size].append(timed(batches))
+        set_roi_batch_size(model, D.ROI_BATCH_SIZE)
 
     best_pure = max(pure)
     result = {"source": source, "device": str(device), "host": platform.node(), "images": len(pairs),
@@ -154,6 +172,15 @@ def main(args) -> int:
         print(f"end-to-end, {workers} workers: {best:.3f} images/s  (passes: "
               f"{', '.join(f'{v:.3f}' for v in e2e[workers])}); ratio {ratio:.3f} ({verdict} the 0.95 goal); "
               f"time waiting for data {100 * share:.1f}%")
+    if by_roi:
+        first = args.roi_batch_sizes[0]
+        result["roi_batch_sizes"] = {str(size): {"images_per_s": max(v), "all": v,
+                                                 "ratio_to_first": max(v) / max(by_roi[first])}
+                                     for size, v in by_roi.items()}
+        for size, values in by_roi.items():
+            print(f"pure, {size} RoIs per image in the box loss: {max(values):.3f} images/s  (passes: "
+                  f"{', '.join(f'{v:.3f}' for v in values)}); {max(values) / max(by_roi[first]):.2f}x the "
+                  f"speed at {first}")
     if args.output:
         from utils.atomic import write_json
 

@@ -39,9 +39,6 @@ from utils.stop import declare_outputs, stop_on_sigterm
 log = logging.getLogger("train")
 
 
-ROI_BATCH_SIZE_OWN = "the architecture's own, 256 for mobilenet_v2_fpn"
-
-
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = p.add_argument_group("data")
@@ -124,8 +121,8 @@ def get_args_parser():
                              f"file; 0 off (default: {D.EMA_DECAY})")
     recipe.add_argument("--roi-batch-size", type=int, default=None,
                         help="region proposals sampled per image for the box head's loss (at most a quarter of "
-                             "them faces); fewer make a CPU step cheaper (default: "
-                             f"{D.ROI_BATCH_SIZE or ROI_BATCH_SIZE_OWN})")
+                             f"them faces); fewer make a CPU step cheaper (default: {D.ROI_BATCH_SIZE} on a CPU, "
+                             "the architecture's own on a GPU)")
     opt.add_argument("--no-amp", dest="amp", action="store_const", const=False, default=None,
                      help="disable mixed precision on CUDA (default: AMP on CUDA, never on CPU)")
     opt.add_argument("--seed", type=int, default=None, help=f"random seed (default: {D.SEED})")

@@ -122,6 +122,10 @@ def test_roi_batch_size_sets_the_box_heads_sampler_and_only_when_given(tiny_dir)
     trainer.run_epoch()
     assert seen and max(seen) <= 32 * TINY["batch_size"]
     assert "32 RoIs/image" in recipe.describe(trainer.params)
+    # None keeps the architecture's own, and the run records the number it trained with
+    own_run = Trainer(TrainParams(**{**TINY, "roi_batch_size": None}), pair_folders(tiny_dir / "images",
+                      tiny_dir / "annotations").pairs, torch.device("cpu"), progress=False)
+    assert own_run.params.roi_batch_size == own_run.model.roi_heads.fg_bg_sampler.batch_size_per_image == 256
 
 
 def test_time_budget_fits_the_steps_to_the_timed_steps(monkeypatch):

@@ -10,11 +10,14 @@
   images of the real data set.
 - ``ModelEma``: an exponential moving average of the weights (torch's AveragedModel),
   what validation, the threshold choice and the model file use.
+- ``set_roi_batch_size``: fewer region proposals per image in the box head's loss, a
+  cheaper CPU step (mostly background proposals are dropped).
 - ``TimeBudget``: --time-budget MINUTES; the number of epochs and the cosine length
   are fitted to the budget after timing the first training steps, and once more after
   the first epoch (validation included).
 - ``gpu_recipe``: on CUDA, larger batches and resnet50_fpn_v2 from COCO when its
-  weights are in the torch cache (the Docker image fetches them at build time).
+  weights are in the torch cache (the Docker image fetches them at build time), and the
+  architecture's own proposals per image in the box loss.
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ def set_roi_batch_size(model, per_image: int | None) -> None:
     """Sample *per_image* proposals per image for the box head's loss (None keeps the model's own).
 
     On a CPU the box head's RoIAlign backward and its two 1024-wide layers cost about a quarter
-    of a 512 px mobilenet_v2_fpn step at 256 proposals (bench/train_step.py --roi-batch-size);
+    of a 512 px mobilenet_v2_fpn step at 256 proposals (bench/train_step.py --roi-batch-sizes);
     the sampler keeps at most a quarter of them as faces, so halving it mostly drops background
     proposals. Only training is affected: inference scores every proposal.
     """

@@ -234,6 +234,8 @@ class Trainer:
                                  trainable_layers=params.trainable_layers, image_size=params.image_size)
         set_train_sizes(self.model, multiscale_sizes(params.image_size, params.multiscale))
         set_roi_batch_size(self.model, params.roi_batch_size)
+        # recorded as trained: None (the architecture's own) becomes its number
+        params.roi_batch_size = self.model.roi_heads.fg_bg_sampler.batch_size_per_image
         self.model.to(device)
         self.ema = build_ema(self.model, params.ema_decay)
         self.optimizer = build_optimizer(self.model, params.optimizer, params.lr, params.momentum,
@@ -350,7 +352,7 @@ class Trainer:
     def resume(self, checkpoint_path) -> int:
         payload = load_checkpoint(checkpoint_path)
         saved = payload.get("args", {}).get("params", {})
-        for key in ("backbone", "image_size", "optimizer", "batch_size", "ema_decay"):
+        for key in ("backbone", "image_size", "optimizer", "batch_size", "ema_decay", "roi_batch_size"):
             if key in saved and saved[key] != getattr(self.params, key):
                 raise TrainingDataError(f"{checkpoint_path}: written with {key}={saved[key]!r}, this run has "
                                         f"{getattr(self.params, key)!r}; delete the checkpoint or match the flags")
