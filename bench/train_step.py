@@ -101,12 +101,12 @@ def main(args) -> int:
     from utils import defaults as D
     from utils.detection.engine import build_optimizer, resolve_device, train_one_epoch
     from utils.detection.model import build_model
-    from utils.detection.recipe import set_roi_batch_size
+    from utils.detection.recipe import MIN_ROI_BATCH_SIZE, set_roi_batch_size
     from utils.detection.training import make_loader
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    if any(size < 4 for size in args.roi_batch_sizes):
-        print(f"train_step: --roi-batch-sizes must be at least 4 each, got {args.roi_batch_sizes}")
+    if any(size < MIN_ROI_BATCH_SIZE for size in args.roi_batch_sizes):
+        print(f"train_step: --roi-batch-sizes must be at least {MIN_ROI_BATCH_SIZE} each, got {args.roi_batch_sizes}")
         return 2
     device = resolve_device(args.device)
     with contextlib.ExitStack() as stack:
@@ -150,11 +150,10 @@ def main(args) -> int:
                 wait_share[workers].append(timed_loader.wait_s / (time.perf_counter() - started))
         # The box head's share of a step: the pure path at each proposal count, alternating.
         by_roi = {size: [] for size in args.roi_batch_sizes}
-        for _ in range(args.repeats if by_roi else 0):
+        for _ in range(args.repeats):
             for size in by_roi:
                 set_roi_batch_size(model, size)
                 by_roi[size].append(timed(batches))
-        set_roi_batch_size(model, D.ROI_BATCH_SIZE)
 
     best_pure = max(pure)
     result = {"source": source, "device": str(device), "host": platform.node(), "images": len(pairs),

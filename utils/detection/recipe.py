@@ -92,19 +92,25 @@ def set_train_sizes(model, sizes: tuple[int, ...]) -> None:
     model.transform = new
 
 
-def set_roi_batch_size(model, per_image: int | None) -> None:
-    """Sample *per_image* proposals per image for the box head's loss (None keeps the model's own).
+MIN_ROI_BATCH_SIZE = 4  # proposals per image: a quarter (the faces at most) must still be one
+
+
+def set_roi_batch_size(model, per_image: int | None) -> int:
+    """Sample *per_image* proposals per image for the box head's loss (None keeps the model's own);
+    returns the number the model now samples.
 
     On a CPU the box head's RoIAlign backward and its two 1024-wide layers cost about a quarter
     of a 512 px mobilenet_v2_fpn step at 256 proposals (bench/train_step.py --roi-batch-sizes);
     the sampler keeps at most a quarter of them as faces, so halving it mostly drops background
     proposals. Only training is affected: inference scores every proposal.
     """
-    if per_image is None:
-        return
-    if int(per_image) < 4:
-        raise ValueError(f"roi_batch_size must be at least 4 proposals per image, got {per_image}")
-    model.roi_heads.fg_bg_sampler.batch_size_per_image = int(per_image)
+    sampler = model.roi_heads.fg_bg_sampler
+    if per_image is not None:
+        if int(per_image) < MIN_ROI_BATCH_SIZE:
+            raise ValueError(f"roi_batch_size must be at least {MIN_ROI_BATCH_SIZE} proposals per image, "
+                             f"got {per_image}")
+        sampler.batch_size_per_image = int(per_image)
+    return sampler.batch_size_per_image
 
 
 # ----------------------------------------------------------------------------- repeat-factor sampling

@@ -233,9 +233,8 @@ class Trainer:
         self.model = build_model(params.backbone, weights=params.weights, weights_file=params.weights_file,
                                  trainable_layers=params.trainable_layers, image_size=params.image_size)
         set_train_sizes(self.model, multiscale_sizes(params.image_size, params.multiscale))
-        set_roi_batch_size(self.model, params.roi_batch_size)
         # recorded as trained: None (the architecture's own) becomes its number
-        params.roi_batch_size = self.model.roi_heads.fg_bg_sampler.batch_size_per_image
+        params.roi_batch_size = set_roi_batch_size(self.model, params.roi_batch_size)
         self.model.to(device)
         self.ema = build_ema(self.model, params.ema_decay)
         self.optimizer = build_optimizer(self.model, params.optimizer, params.lr, params.momentum,
