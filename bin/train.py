@@ -28,11 +28,12 @@ from utils.cli import add_label_map_arg, print_values, run_job
 from utils.detection.compliance import choose_operating_threshold
 from utils.detection.engine import resolve_device
 from utils.detection.model import BACKBONES, save_model_file
-from utils.detection.recipe import describe, gpu_recipe
+from utils.detection.recipe import check_budget_plan, describe, gpu_recipe
 from utils.detection.stages import parse_stages, total_epochs
 from utils.detection.tensorboard_log import TensorBoardError, TrainBoard, pack_events
 from utils.detection.training import (Trainer, TrainingDataError, open_pairs, plot_loss_curve, read_params_file,
                                       resolve_params, write_metrics_csv)
+from utils.errors import InputError
 from utils.provenance import inputs_sha256, package_versions, write_run_record
 from utils.stop import declare_outputs, stop_on_sigterm
 
@@ -104,9 +105,14 @@ def get_args_parser():
                           "(with --time-budget the stages' epochs are scaled to fit) "
                           "(default: one stage of --epochs)")
     opt.add_argument("--max-steps", type=int, default=None,
-                     help="training steps in all, the last epoch cut short where they end; what a --time-budget "
-                          "run plans and records (training.max_steps in the model file), so this replays it "
+                     help="training steps in all, the last epoch cut short where they end "
                           "(default: --epochs whole epochs)")
+    opt.add_argument("--budget-plan", type=budget_plan_arg, default=None, metavar="FIRST,FINAL",
+                     help="replay a --time-budget run: the steps it planned after timing its first steps and "
+                          "after its first epoch, as its log's last line and the model file "
+                          "(training.budget_plan) give them (FIRST may be 'none'); the same command with this "
+                          "flag gives the same weights on a CPU, whatever the machine's speed "
+                          "(default: the clock plans)")
     recipe = p.add_argument_group("recipe levers (bench/quality.py ablates them)")
     recipe.add_argument("--photometric", type=float, default=None,
                         help=f"probability of a photometric distortion per training image (default: {D.PHOTOMETRIC})")
@@ -184,6 +190,19 @@ def choose_threshold_on_validation(trainer, has_val: bool) -> dict:
              choice["score_threshold"], choice["f1"], choice["compliance_error_points"], choice["images"],
              choice["criterion"])
     return {**choice, "chosen_on": "validation"}
+
+
+def budget_plan_arg(text: str) -> list:
+    """'1509,1402' or 'none,40' -> [first, final] (argparse type)."""
+    parts = [part.strip().lower() for part in text.split(",")]
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        plan = [None if parts[0] == "none" else int(parts[0]), int(parts[1])]
+        return check_budget_plan(plan, "--budget-plan")
+    except (ValueError, InputError) as error:
+        raise argparse.ArgumentTypeError(str(error) if isinstance(error, InputError) else
+                                         f"expected FIRST,FINAL steps (FIRST may be 'none'), got {text!r}")
 
 
 def main(args) -> int:
@@ -302,6 +321,9 @@ def main(args) -> int:
         write_run_record(paths["run_record"], "train", {**vars(args), "resolved": params.to_dict(),
                                                         "device": str(device), "summary": summary,
                                                         "skipped": skipped}, input_files)
+    if params.budget_plan is not None:
+        first, final = params.budget_plan
+        log.info("time budget plan: --budget-plan %s,%d replays it", "none" if first is None else first, final)
     print(f"train: {trainer.completed_epochs} epochs, final loss {final_loss:.4f}, {len(skipped)} inputs skipped; "
           f"model written to {paths['output']}")
     return 0

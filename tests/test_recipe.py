@@ -159,10 +159,12 @@ def test_trainer_with_a_time_budget_records_its_plan_and_a_resumed_run_keeps_it(
     trainer.checkpoint(tmp_path / "checkpoint.pt", {})
     saved = load_checkpoint(tmp_path / "checkpoint.pt")
     assert saved["args"]["params"]["max_steps"] == steps and saved["extra"]["ema"] is not None
+    assert saved["args"]["params"]["budget_plan"] == trainer.params.budget_plan and trainer.params.budget_plan[1] == steps
 
     again = Trainer(TrainParams(**levers), pairs, torch.device("cpu"), val_pairs=pairs[:2], progress=False)
     assert again.resume(tmp_path / "checkpoint.pt") == 1
     assert (again.params.max_steps, again.params.epochs) == (steps, epochs) and again.budget is None
+    assert again.params.budget_plan == trainer.params.budget_plan  # the model file will record both plans
     for name, tensor in again.ema.module.state_dict().items():
         assert torch.equal(tensor, trainer.ema.module.state_dict()[name]), name
 
@@ -199,7 +201,7 @@ def test_gpu_recipe_changes_only_what_was_not_given(monkeypatch, tmp_path):
 
 def test_the_same_seed_twice_trains_the_same_weights_with_every_lever_on(tiny_dir):
     """CPU training is bitwise repeatable at a fixed number of epochs (the time budget's plan is the part
-    that depends on the machine's speed, and is recorded so that --epochs replays it)."""
+    that depends on the machine's speed; the next test replays a recorded one)."""
     pairs = pair_folders(tiny_dir / "images", tiny_dir / "annotations").pairs
     levers = {**TINY, "epochs": 1, "ema_decay": 0.9, "multiscale": 0.25, "photometric": 0.5,
               "repeat_threshold": 0.5}
@@ -211,3 +213,67 @@ def test_the_same_seed_twice_trains_the_same_weights_with_every_lever_on(tiny_di
     assert states[0].keys() == states[1].keys()
     for name in states[0]:
         assert torch.equal(states[0][name], states[1][name]), name
+
+
+def train_to_the_end(trainer):
+    while trainer.completed_epochs < trainer.params.epochs:
+        trainer.run_epoch(validate_loss=False)
+    return trainer
+
+
+def test_a_recorded_budget_plan_replays_the_budget_run_bit_for_bit(tmp_path, monkeypatch):
+    """The budget's first plan sets the cosine's length for the rest of the first epoch, so a replay needs
+    both plans; given them, it ignores the clock and trains the budget run's weights."""
+    from utils.data.sample_data import make_sample_dataset
+
+    make_sample_dataset(tmp_path, num_images=16, seed=5, image_size=(64, 64))
+    pairs = pair_folders(tmp_path / "images", tmp_path / "annotations").pairs  # 16 steps of 1: planned at step 12
+    # a clock that moves 4 s per reading: the budget plans 76 steps after timing, 20 after the first epoch
+    levers = {**TINY, "batch_size": 1, "image_size": 64, "epochs": 1, "time_budget": 0.7, "repeat_threshold": 0.0}
+    clock = {"t": 0.0}
+
+    def ticking(seconds):
+        def perf_counter():
+            clock["t"] += seconds
+            return clock["t"]
+        return perf_counter
+
+    monkeypatch.setattr(recipe.time, "perf_counter", ticking(4.0))
+    budget_run = train_to_the_end(Trainer(TrainParams(**levers), pairs, torch.device("cpu"), progress=False))
+    first, final = budget_run.params.budget_plan
+    assert first > len(budget_run.train_loader) < final == budget_run.params.max_steps < 4 * len(budget_run.train_loader)
+    assert budget_run.completed_epochs == budget_run.params.epochs > 1
+    expected = budget_run.model.state_dict()
+
+    monkeypatch.setattr(recipe.time, "perf_counter", ticking(100.0))  # a far slower machine: its clock plans 1 step
+    replay = train_to_the_end(Trainer(TrainParams(**{**levers, "budget_plan": [first, final]}), pairs,
+                                      torch.device("cpu"), progress=False))
+    assert replay.params.budget_plan == [first, final] and replay.params.max_steps == final
+    assert replay.scheduler.last_epoch == budget_run.scheduler.last_epoch == final
+    for name, tensor in replay.model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    # --max-steps FINAL alone trains the same number of steps, but the first epoch's tail at another rate
+    final_only = train_to_the_end(Trainer(TrainParams(**{**levers, "time_budget": None, "max_steps": final}),
+                                          pairs, torch.device("cpu"), progress=False))
+    assert final_only.scheduler.last_epoch == final
+    assert not all(torch.equal(tensor, expected[name]) for name, tensor in final_only.model.state_dict().items())
+
+
+def test_a_budget_plan_is_checked(tiny_dir, tmp_path):
+    from utils.detection.recipe import check_budget_plan
+    from utils.errors import InputError
+
+    assert check_budget_plan([None, 40]) == [None, 40]
+    for bad in ([0, 40], [10], [10, "40"], "10,40", [10, None]):
+        with pytest.raises(InputError, match="budget_plan"):
+            check_budget_plan(bad)
+    pairs = pair_folders(tiny_dir / "images", tiny_dir / "annotations").pairs
+    with pytest.raises(InputError, match="--max-steps and --budget-plan"):
+        Trainer(TrainParams(**{**TINY, "max_steps": 4, "budget_plan": [2, 4]}), pairs, torch.device("cpu"),
+                progress=False)
+    trainer = Trainer(TrainParams(**TINY), pairs, torch.device("cpu"), progress=False)
+    trainer.run_epoch(validate_loss=False)
+    trainer.checkpoint(tmp_path / "checkpoint.pt", {})
+    replay = Trainer(TrainParams(**{**TINY, "budget_plan": [2, 6]}), pairs, torch.device("cpu"), progress=False)
+    with pytest.raises(InputError, match="budget_plan=None"):
+        replay.resume(tmp_path / "checkpoint.pt")  # another run's checkpoint is not resumed into a replay

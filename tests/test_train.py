@@ -76,6 +76,22 @@ def test_train_cli_one_epoch_writes_loadable_outputs(tiny_dir, tmp_path, root):
     assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in model.state_dict().items())
 
 
+def test_train_cli_replays_a_budget_plan_and_records_it(tiny_dir, tmp_path, root):
+    out = tmp_path / "run"
+    command = [sys.executable, str(root / "bin" / "train.py"), "--images", str(tiny_dir / "images"),
+               "--annotations", str(tiny_dir / "annotations"), "--epochs", "9", "--image-size", "96",
+               "--batch-size", "2", "--workers", "0", "--checkpoint", str(out / "checkpoint.pt"),
+               "--output", str(out / "model.pt"), "--no-progress", "--device", "cpu"]
+    bad = subprocess.run(command + ["--budget-plan", "4"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--budget-plan: expected FIRST,FINAL" in bad.stderr.splitlines()[-1]
+    result = subprocess.run(command + ["--budget-plan", "none,4"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "time budget plan: --budget-plan none,4 replays it" in result.stderr
+    _, meta = load_model_file(out / "model.pt")
+    assert meta["training"]["budget_plan"] == [None, 4] and meta["training"]["max_steps"] == 4
+    assert meta["epochs_completed"] == 2  # 3 steps, then 1: the recorded plan, not --epochs 9
+
+
 def test_training_with_held_out_validation_images_chooses_and_stores_the_operating_threshold(tiny_dir, tmp_path,
                                                                                               root):
     out = tmp_path / "run"

@@ -31,6 +31,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from ..classes import CLASSES, NO_LABEL_MAP, LabelMap
 from ..data.voc import parse_voc
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +195,10 @@ class TimeBudget:
     Once the first epoch has really been timed (validation included), the plan is fitted
     again from that epoch. The plan is in steps, not whole epochs, so the budget is used
     to the step: the last epoch is cut short where the plan ends. The plan can differ
-    between two runs of the same seed (it depends on the machine's speed); the checkpoint
-    and the model file record it (``max_steps``), and --max-steps replays it exactly.
+    between two runs of the same seed (it depends on the machine's speed). Both plans are
+    recorded (``budget_plan``: [first, final]; ``max_steps`` is the final one), and
+    :class:`RecordedPlan` replays them: --max-steps alone would not, because the first
+    plan set the cosine's length for the rest of the first epoch.
     """
 
     def __init__(self, minutes: float, steps_per_epoch: int, val_batches: int, validations_per_epoch: int,
@@ -206,6 +209,8 @@ class TimeBudget:
         self.validations_per_epoch = validations_per_epoch
         self.steps_skipped = max(1, steps_skipped)  # the timer starts when a step ends: the first is never timed
         self.steps_timed = min(steps_timed, max(steps_per_epoch - steps_skipped, 1))
+        # The first-epoch iteration after which the first plan is made (never, in an epoch this short or shorter).
+        self.plan_iteration = self.steps_skipped - 1 + self.steps_timed
         self.started = time.perf_counter()
         self._timer_start = None
 
@@ -216,7 +221,7 @@ class TimeBudget:
         """Call after every step of the first epoch; returns the planned steps once the timed steps are done."""
         if iteration == self.steps_skipped - 1:
             self._timer_start = time.perf_counter()
-        if self._timer_start is None or iteration != self.steps_skipped - 1 + self.steps_timed:
+        if self._timer_start is None or iteration != self.plan_iteration:
             return None
         step_s = (time.perf_counter() - self._timer_start) / self.steps_timed
         validation_s = self.val_batches * step_s * EVAL_STEP_FRACTION * self.validations_per_epoch
@@ -238,6 +243,43 @@ class TimeBudget:
     def _steps(self, steps_done: int, seconds_left: float, step_s: float, validation_s: float) -> int:
         per_step = step_s + validation_s / max(self.steps_per_epoch, 1)
         return steps_done + max(0, int(seconds_left // max(per_step, 1e-9)))
+
+
+class RecordedPlan(TimeBudget):
+    """A --time-budget run's two plans, ``[first, final]`` as its model file records them (``budget_plan``),
+    replayed instead of the clock: the same numbers at the same points of the first epoch, so the
+    learning rate of every step, the epochs and the cut-short last epoch are the budget run's, and
+    a CPU replay gives its weights bit for bit. *first* is None where the budget run's first epoch
+    was too short to time steps in."""
+
+    def __init__(self, plan, steps_per_epoch: int):
+        super().__init__(0.0, steps_per_epoch, val_batches=0, validations_per_epoch=0)
+        self.first, self.final = plan
+
+    def fit_after_step(self, iteration: int) -> int | None:
+        if iteration != self.plan_iteration or self.first is None:
+            return None
+        log.info("time budget: the recorded first plan, %d steps (%.1f epochs)", self.first,
+                 self.first / self.steps_per_epoch)
+        return self.first
+
+    def fit_after_epoch(self, steps_done: int, train_s: float, validation_s: float) -> int:
+        log.info("time budget: the recorded final plan, %d steps (%.1f epochs)", self.final,
+                 self.final / self.steps_per_epoch)
+        return self.final
+
+
+def check_budget_plan(plan, where: str = "budget_plan") -> list:
+    """*plan* as ``[first or None, final]`` of positive step counts, or an InputError naming *where*."""
+    if not isinstance(plan, (list, tuple)) or len(plan) != 2:
+        raise InputError(f"{where}: expected [first, final] steps of a --time-budget run, got {plan!r}")
+    first, final = plan
+    for name, value in (("first", first), ("final", final)):
+        if value is None and name == "first":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{where}: the {name} plan must be a positive number of steps, got {value!r}")
+    return [first, final]
 
 
 # ----------------------------------------------------------------------------- GPU recipe

@@ -26,8 +26,8 @@ from .engine import (build_optimizer, build_scheduler, evaluate_loss, load_check
                      restore_checkpoint, run_inference, save_checkpoint, seed_everything, train_one_epoch)
 from ..data.images import ImageError, image_size
 from .model import build_model, freeze_backbone, num_backbone_stages, set_trainable_layers
-from .recipe import (RepeatFactorSampler, TimeBudget, build_ema, multiscale_sizes, repeat_factors,
-                     set_roi_batch_size, set_train_sizes, train_transforms)
+from .recipe import (RecordedPlan, RepeatFactorSampler, TimeBudget, build_ema, check_budget_plan, multiscale_sizes,
+                     repeat_factors, set_roi_batch_size, set_train_sizes, train_transforms)
 from ..data.pairs import open_folder, pair_folders
 from ..data.voc import VocError, parse_voc
 from ..errors import InputError, read_json
@@ -65,6 +65,9 @@ class TrainParams:
     roi_batch_size: int | None = D.ROI_BATCH_SIZE  # proposals per image in the box head's loss; None: the model's
     time_budget: float | None = D.TIME_BUDGET  # minutes; when set, the steps (and epochs) are fitted to it
     max_steps: int | None = None  # training steps in all, the last epoch cut short; None: epochs x steps per epoch
+    # A --time-budget run's [first, final] plans in steps (recipe.TimeBudget); given, they are replayed
+    # instead of the clock (recipe.RecordedPlan). None: a budget run records its own here.
+    budget_plan: list | None = None
     # Staged training (utils.detection.stages): [{epochs, lr, trainable_layers, name}, ...]; replaces epochs and
     # freeze_backbone_epochs; a --time-budget run records its fitted stages here. None: one stage of epochs.
     stages: list[dict] | None = D.STAGES
@@ -257,14 +260,21 @@ class Trainer:
         self.stage_index: int | None = None
         if params.stages is not None:
             self._plan_stages(parse_stages(params.stages, "stages"))
+        if params.max_steps is not None and params.budget_plan is not None:
+            raise InputError("--max-steps and --budget-plan: give one (the budget plan's final number is the "
+                             "steps in all)")
         if params.max_steps is not None:
             self.set_plan(params.max_steps)
         self.scaler = make_grad_scaler(device, params.amp)
         self.completed_epochs = 0
         self.history: list[dict] = []
-        # With --time-budget the plan is made during the first epoch; a resumed run keeps its plan.
+        # With --time-budget the plan is made during the first epoch (a resumed run keeps its plan); a recorded
+        # budget plan is replayed at the same points instead.
         self.budget = None
-        if params.time_budget:
+        self._plans = [None, None]  # [first, final] as made in this run's first epoch
+        if params.budget_plan is not None:
+            self.budget = RecordedPlan(check_budget_plan(params.budget_plan), len(self.train_loader))
+        elif params.time_budget:
             val_batches = len(self.val_loader) if self.val_loader is not None else 0
             self.budget = TimeBudget(params.time_budget, len(self.train_loader), val_batches,
                                      validations_per_epoch=2 if val_batches else 0)
@@ -355,6 +365,10 @@ class Trainer:
             if key in saved and saved[key] != getattr(self.params, key):
                 raise TrainingDataError(f"{checkpoint_path}: written with {key}={saved[key]!r}, this run has "
                                         f"{getattr(self.params, key)!r}; delete the checkpoint or match the flags")
+        if self.params.budget_plan is not None and saved.get("budget_plan") != list(self.params.budget_plan):
+            raise TrainingDataError(f"{checkpoint_path}: written with budget_plan={saved.get('budget_plan')!r}, this "
+                                    f"run has {list(self.params.budget_plan)!r}; delete the checkpoint or match "
+                                    "--budget-plan")
         extra = payload.get("extra") or {}
         asked = [stage.to_dict() for stage in self.requested_stages] if self.requested_stages is not None else None
         if extra.get("stages_requested") != asked:
@@ -362,6 +376,8 @@ class Trainer:
                                     f"run has {asked!r}; delete the checkpoint or match --stages")
         if self.stages is not None:
             self._set_stages(parse_stages(saved["stages"], f"{checkpoint_path}: stages"))  # a budget's fitted plan
+            if self.budget is not None:
+                self.params.budget_plan = saved.get("budget_plan")
             self.budget = None
             self._enter_stage(int(extra["stage_index"]))  # the optimizer and schedule in the file are this stage's
         self.completed_epochs = restore_checkpoint(payload, self.model, self.optimizer, self.scheduler,
@@ -370,6 +386,7 @@ class Trainer:
             self.ema.load_state_dict(extra["ema"])
         if self.budget is not None and saved.get("max_steps") is not None:
             self.set_plan(saved["max_steps"])  # the plan the interrupted run made
+            self.params.budget_plan = saved.get("budget_plan")
             self.budget = None
         self.history = list(payload.get("history", []))
         return self.completed_epochs
@@ -391,6 +408,7 @@ class Trainer:
         if self.budget is not None and self.completed_epochs == 0:
             steps = self.budget.fit_after_step(iteration)
             if steps is not None:
+                self._plans[0] = steps
                 self.set_plan(steps)
 
     def _abandoned(self) -> str:
@@ -442,8 +460,9 @@ class Trainer:
         if self.board is not None:
             self._log_epoch(row, predictions)
         if self.budget is not None and self.completed_epochs == 1:
-            self.set_plan(self.budget.fit_after_epoch(stats["steps"], stats["seconds"],
-                                                      validation_s))
+            self._plans[1] = self.budget.fit_after_epoch(stats["steps"], stats["seconds"], validation_s)
+            self.set_plan(self._plans[1])
+            self.params.budget_plan = list(self._plans)  # what --budget-plan replays
             self.budget = None
         self.history.append(row.flat())
         return row
