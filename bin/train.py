@@ -194,15 +194,15 @@ def choose_threshold_on_validation(trainer, has_val: bool) -> dict:
 
 def budget_plan_arg(text: str) -> list:
     """'1509,1402' or 'none,40' -> [first, final] (argparse type)."""
-    parts = [part.strip().lower() for part in text.split(",")]
     try:
-        if len(parts) != 2:
-            raise ValueError
-        plan = [None if parts[0] == "none" else int(parts[0]), int(parts[1])]
+        first, final = (part.strip().lower() for part in text.split(","))
+        plan = [None if first == "none" else int(first), int(final)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FIRST,FINAL steps (FIRST may be 'none'), got {text!r}") from None
+    try:
         return check_budget_plan(plan, "--budget-plan")
-    except (ValueError, InputError) as error:
-        raise argparse.ArgumentTypeError(str(error) if isinstance(error, InputError) else
-                                         f"expected FIRST,FINAL steps (FIRST may be 'none'), got {text!r}")
+    except InputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def main(args) -> int:

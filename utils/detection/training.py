@@ -374,10 +374,10 @@ class Trainer:
         if extra.get("stages_requested") != asked:
             raise TrainingDataError(f"{checkpoint_path}: written with stages={extra.get('stages_requested')!r}, this "
                                     f"run has {asked!r}; delete the checkpoint or match --stages")
+        if self.budget is not None:
+            self.params.budget_plan = saved.get("budget_plan")  # both plans, as the interrupted run made them
         if self.stages is not None:
             self._set_stages(parse_stages(saved["stages"], f"{checkpoint_path}: stages"))  # a budget's fitted plan
-            if self.budget is not None:
-                self.params.budget_plan = saved.get("budget_plan")
             self.budget = None
             self._enter_stage(int(extra["stage_index"]))  # the optimizer and schedule in the file are this stage's
         self.completed_epochs = restore_checkpoint(payload, self.model, self.optimizer, self.scheduler,
@@ -386,7 +386,6 @@ class Trainer:
             self.ema.load_state_dict(extra["ema"])
         if self.budget is not None and saved.get("max_steps") is not None:
             self.set_plan(saved["max_steps"])  # the plan the interrupted run made
-            self.params.budget_plan = saved.get("budget_plan")
             self.budget = None
         self.history = list(payload.get("history", []))
         return self.completed_epochs
