@@ -10,12 +10,21 @@ Backbones (chosen by name):
   was left out on purpose: on a CPU its 3x3 FPN and RPN convolutions would cost
   more than the whole backbone, and a 16 px anchor on the stride-8 grid still
   overlaps every face by IoU > 0.5 somewhere.
+- ``retinaface_mnet025``: a face-pretrained first stage. The backbone is RetinaFace
+  MobileNet-0.25's trunk with its FPN and SSH maps (64 channels at strides 8, 16, 32),
+  the RPN is its face/background and box heads (its anchors, centred on the cells, and
+  box coder weights 10, 10, 5, 5), all from WIDER FACE (utils/detection/retinaface.py);
+  the RoI heads learn the three mask states and refine the boxes. Its weights are the
+  converted file ``weights provision`` caches; when that file is absent the factory
+  says so in one line and builds ``mobilenet_v2_fpn`` with ImageNet weights instead.
 - ``mobilenet_v3_large_fpn``, ``resnet50_fpn``, ``resnet50_fpn_v2``: torchvision's
   own builders.
 
 Weights (``weights=``): ``none``; ``imagenet`` (backbone only); ``coco`` (the
 whole detector, box predictor replaced for our 4 classes; MobileNetV2 has no
-COCO detector, so it uses ImageNet); or a PATH to a weight file. Pretrained
+COCO detector, so it uses ImageNet); ``widerface`` (RetinaFace's backbone and RPN;
+the one pretrained kind of ``retinaface_mnet025``, which any kind but ``none``
+gives); or a PATH to a weight file. Pretrained
 weights come from ``weights_file`` when given (workflow workers have no
 internet, so weights reach jobs as input files), else from torchvision's cache
 or a download. When what was asked for cannot be had, the factory falls back
@@ -51,9 +60,12 @@ from ..stop import is_stand_in
 
 log = logging.getLogger(__name__)
 
-BACKBONES = ("mobilenet_v2_fpn", "mobilenet_v3_large_fpn", "resnet50_fpn", "resnet50_fpn_v2")
+RETINAFACE_BACKBONE = "retinaface_mnet025"
+BACKBONES = ("mobilenet_v2_fpn", RETINAFACE_BACKBONE, "mobilenet_v3_large_fpn", "resnet50_fpn", "resnet50_fpn_v2")
 DEFAULT_BACKBONE = "mobilenet_v2_fpn"
-WEIGHT_KINDS = ("none", "imagenet", "coco")
+# The backbone a retinaface_mnet025 request falls back to when its converted weights are not cached.
+RETINAFACE_FALLBACK = ("mobilenet_v2_fpn", "imagenet")
+WEIGHT_KINDS = ("none", "imagenet", "coco", "widerface")
 MODEL_FILE_FORMAT = 1
 
 # MobileNetV2 feature stages used by the pyramid: (node name, channels, stride).
@@ -74,7 +86,7 @@ class WeightsReport:
     """What was actually loaded, for logs and the model file's metadata."""
 
     requested: str
-    loaded: str  # "none" | "imagenet" | "coco" | "file"
+    loaded: str  # "none" | "imagenet" | "coco" | "widerface" | "file"
     source: str | None
     message: str
 
@@ -91,6 +103,7 @@ def _torchvision_weights(backbone: str):
                                    MobileNet_V3_Large_Weights.IMAGENET1K_V1),
         "resnet50_fpn": (detection.FasterRCNN_ResNet50_FPN_Weights.COCO_V1, ResNet50_Weights.IMAGENET1K_V1),
         "resnet50_fpn_v2": (detection.FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1, ResNet50_Weights.IMAGENET1K_V1),
+        RETINAFACE_BACKBONE: (None, None),  # its pretrained weights are WIDER FACE's (weights.py)
     }[backbone]
 
 
@@ -240,6 +253,38 @@ class _BodyWithFPN(nn.Module):
         return self.fpn(self.body(x))
 
 
+def _retinaface_detector(num_classes: int, transform_kwargs: dict):
+    """Faster R-CNN over RetinaFace's backbone, with its heads as the RPN (module docstring)."""
+    from torchvision.models.detection._utils import BoxCoder
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from . import retinaface
+
+    model = detection.FasterRCNN(
+        retinaface.RetinaFaceBackbone(), num_classes=num_classes,
+        rpn_anchor_generator=retinaface.anchor_generator(), rpn_head=retinaface.RetinaFaceRPNHead(),
+        box_roi_pool=MultiScaleRoIAlign(featmap_names=["0", "1", "2"], output_size=7, sampling_ratio=2),
+        box_detections_per_img=200, box_batch_size_per_image=256,
+        rpn_pre_nms_top_n_test=1000, rpn_post_nms_top_n_test=500,
+        **retinaface.TRANSFORM_NORMALISATION, **transform_kwargs)
+    # The pretrained box head predicts offsets scaled by RetinaFace's variances (0.1, 0.2).
+    model.rpn.box_coder = BoxCoder(retinaface.BOX_CODER_WEIGHTS)
+    return model, [list(stage) for stage in retinaface.BODY_STAGES]
+
+
+def _load_retinaface_state(model: nn.Module, path: Path) -> None:
+    """The converted WIDER FACE RetinaFace into the detector's backbone and RPN head, shapes checked."""
+    from . import retinaface
+
+    state = _torch_load(path, "RetinaFace weight file")
+    try:
+        retinaface.check_state(state, str(path))
+    except retinaface.ConversionError as error:
+        raise ModelError(f"{error}; delete it and run: python -m utils.detection.weights provision") from None
+    model.backbone.load_state_dict(retinaface.backbone_state(state))
+    model.rpn.head.load_state_dict(retinaface.rpn_head_state(state))
+
+
 def _torchvision_detector(backbone: str, num_classes: int, frozen_bn: bool, transform_kwargs: dict):
     builder = {
         "mobilenet_v3_large_fpn": detection.fasterrcnn_mobilenet_v3_large_fpn,
@@ -302,6 +347,22 @@ def freeze_backbone(model: nn.Module) -> None:
     set_trainable_layers(model, 0)
 
 
+def _retinaface_weights(weights: str, notes: list) -> tuple[str, str, Path | None]:
+    """(backbone, weights, cached file) for a pretrained retinaface_mnet025 request: the converted
+    WIDER FACE file, else the ImageNet fallback (file None); *notes* gets what was substituted."""
+    from .weights import cached_retinaface
+
+    cached = cached_retinaface()
+    if cached is None:
+        backbone, weights = RETINAFACE_FALLBACK
+        notes.append(f"{RETINAFACE_BACKBONE} weights are not provisioned (python -m utils.detection.weights "
+                     f"provision), so {backbone} with {weights} weights is used")
+        return backbone, weights, None
+    if weights != "widerface":
+        notes.append(f"{weights} asked for; {RETINAFACE_BACKBONE}'s pretrained weights are WIDER FACE's")
+    return RETINAFACE_BACKBONE, "widerface", cached
+
+
 def build_model(backbone: str = DEFAULT_BACKBONE, num_classes: int = NUM_CLASSES, weights: str = "imagenet",
                 weights_file=None, trainable_layers: int = 3, image_size: int = 512,
                 _frozen_bn: bool | None = None) -> nn.Module:
@@ -315,7 +376,6 @@ def build_model(backbone: str = DEFAULT_BACKBONE, num_classes: int = NUM_CLASSES
     if weights not in WEIGHT_KINDS:
         weights_file, weights = weights, "file"  # --weights PATH
     transform_kwargs = transform_sizes(image_size)
-    coco_enum, imagenet_enum = _torchvision_weights(backbone)
 
     # Decide which weights to load before building: pretrained backbones use frozen BatchNorm.
     state, kind, source, notes = None, "none", None, []
@@ -324,10 +384,17 @@ def build_model(backbone: str = DEFAULT_BACKBONE, num_classes: int = NUM_CLASSES
     if weights == "none" and weights_file is not None:
         notes.append(f"weights=none given, so {weights_file} is not used")
         weights_file = None
+    if backbone == RETINAFACE_BACKBONE and weights != "none" and weights_file is None:
+        backbone, weights, source = _retinaface_weights(weights, notes)
+        kind = "widerface" if source is not None else "none"
+    elif weights == "widerface":
+        notes.append(f"WIDER FACE weights exist for {RETINAFACE_BACKBONE} only")
+        weights = "imagenet"
+    coco_enum, imagenet_enum = _torchvision_weights(backbone)
     if weights_file is not None:
         state = read_weight_file(weights_file)
         kind, source = ("coco" if _is_detector_state(state) else "imagenet"), str(weights_file)
-    elif weights == "coco":
+    elif weights == "coco" and kind == "none":
         if coco_enum is None:
             notes.append(f"no COCO detector exists for {backbone}")
         else:
@@ -336,21 +403,26 @@ def build_model(backbone: str = DEFAULT_BACKBONE, num_classes: int = NUM_CLASSES
                 notes.append(f"COCO weights unavailable: {reason}")
             else:
                 kind, source = "coco", reason
-    if state is None and weights in ("coco", "imagenet"):
+    if kind == "none" and weights in ("coco", "imagenet"):
         state, reason = _fetch_torchvision_state(imagenet_enum)
         if state is None:
             notes.append(f"ImageNet weights unavailable: {reason}")
         else:
             kind, source = "imagenet", reason
 
-    frozen_bn = (kind != "none") if _frozen_bn is None else _frozen_bn
+    # RetinaFace's batch norm is folded into its convolutions: it has none to freeze.
+    frozen_bn = (kind not in ("none", "widerface")) if _frozen_bn is None else _frozen_bn
     if backbone == "mobilenet_v2_fpn":
         model, stages = _mobilenet_v2_fpn(num_classes, frozen_bn, MOBILENET_V2_FPN_CHANNELS, transform_kwargs)
+    elif backbone == RETINAFACE_BACKBONE:
+        model, stages = _retinaface_detector(num_classes, transform_kwargs)
     else:
         model, stages = _torchvision_detector(backbone, num_classes, frozen_bn, transform_kwargs)
     model.backbone_stages = stages
 
-    if kind == "coco":
+    if kind == "widerface":
+        _load_retinaface_state(model, source)
+    elif kind == "coco":
         _load_detector_state(model, state, source)
     elif kind == "imagenet":
         _load_backbone_state(model, backbone, state, source)
@@ -361,7 +433,9 @@ def build_model(backbone: str = DEFAULT_BACKBONE, num_classes: int = NUM_CLASSES
             message = f"{backbone}: no pretrained weights ({why}); training from scratch"
         else:
             what = {"coco": "COCO detector weights (box predictor re-initialised for "
-                            f"{num_classes} classes)", "imagenet": "ImageNet backbone weights"}[kind]
+                            f"{num_classes} classes)", "imagenet": "ImageNet backbone weights",
+                    "widerface": "WIDER FACE RetinaFace backbone and RPN (RoI heads initialised for "
+                                 f"{num_classes} classes)"}[kind]
             fallback = f" ({'; '.join(notes)})" if notes else ""
             message = f"{backbone}: {what} from {source}{fallback}"
         (log.warning if notes else log.info)(message)
@@ -374,10 +448,20 @@ def build_model(backbone: str = DEFAULT_BACKBONE, num_classes: int = NUM_CLASSES
         "image_size": int(image_size),
         "trainable_layers": int(trainable_layers),
         "frozen_bn": bool(frozen_bn),
-        "anchor_sizes": [list(s) for s in FACE_ANCHOR_SIZES] if backbone == "mobilenet_v2_fpn" else None,
-        "aspect_ratios": list(FACE_ASPECT_RATIOS) if backbone == "mobilenet_v2_fpn" else None,
+        **_anchor_metadata(backbone),
     }
     return model
+
+
+def _anchor_metadata(backbone: str) -> dict:
+    """The anchors the project chose for *backbone* (None where torchvision's builder chose them)."""
+    if backbone == "mobilenet_v2_fpn":
+        return {"anchor_sizes": [list(s) for s in FACE_ANCHOR_SIZES], "aspect_ratios": list(FACE_ASPECT_RATIOS)}
+    if backbone == RETINAFACE_BACKBONE:
+        from . import retinaface
+
+        return {"anchor_sizes": [list(s) for s in retinaface.ANCHOR_SIZES], "aspect_ratios": [1.0]}
+    return {"anchor_sizes": None, "aspect_ratios": None}
 
 
 # ----------------------------------------------------------------------------- model files

