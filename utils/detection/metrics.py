@@ -213,3 +213,26 @@ def detection_confusion_matrix(preds, targets, iou_threshold: float = 0.5, score
         for j in torch.nonzero(~matched).reshape(-1).tolist():
             matrix[index_of[int(true_labels[j])], background] += 1
     return matrix.tolist(), list(CONFUSION_LABELS)
+
+
+def soft_confusion(pred, target, iou_threshold: float = 0.5, floor: float = 0.05) -> list[list[float]]:
+    """Score sums of one image's detections, rows = true class of the face each overlaps most (IoU >=
+    *iou_threshold*; last row: none, background), columns = the detection's class.
+
+    Every detection scoring at least *floor* counts with its score. Unlike the confusion matrix,
+    matching is many-to-one: torchvision emits one box per class above its score floor for the same
+    proposal, and the probabilistic count sums all of them, so the rates that correct it must too.
+    """
+    pred, target = _clean_pred(pred), _clean_target(target)
+    keep = pred["scores"] >= floor
+    boxes, scores, labels = pred["boxes"][keep], pred["scores"][keep], pred["labels"][keep]
+    index_of = {LABEL_OF[name]: i for i, name in enumerate(CLASSES)}
+    sums = np.zeros((len(CLASSES) + 1, len(CLASSES)), dtype=np.float64)
+    rows = np.full(len(boxes), len(CLASSES))
+    if len(boxes) and len(target["boxes"]):
+        best, face = box_iou(boxes, target["boxes"]).max(dim=1)
+        matched = best >= iou_threshold
+        rows[matched.numpy()] = [index_of[int(label)] for label in target["labels"][face[matched]]]
+    for row, label, score in zip(rows.tolist(), labels.tolist(), scores.tolist()):
+        sums[row, index_of[int(label)]] += score
+    return sums.tolist()

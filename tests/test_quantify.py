@@ -1,0 +1,145 @@
+"""The compliance figure as an estimate with an interval (utils/detection/quantify.py), on synthetic
+per-image data whose true rates are known."""
+
+import numpy as np
+import pytest
+import torch
+
+from utils.detection.quantify import (Calibration, Units, calibration_image, calibration_problem, estimate,
+                                      image_units, interval_text, prediction_estimates, set_estimates)
+
+# P(a true face of class i, row, is kept and labelled j, column); the rest of each row is missed.
+# with_mask is found more often than the others, and incorrectly worn masks are mostly called with_mask:
+# the pattern that makes counting over-state compliance on the real data.
+RATES = np.array([[0.70, 0.05, 0.00], [0.10, 0.55, 0.00], [0.35, 0.10, 0.20]])
+FALSE_BOXES = (0.3, 0.1, 0.02)  # mean spurious boxes per image, per predicted class
+SHARES = (0.5, 0.4, 0.1)        # true class mix: 50 % properly masked
+
+
+def simulate(rng, images: int, shares=SHARES) -> list[dict]:
+    """Labelled image records as quantify.calibration_image writes them, drawn from RATES."""
+    records = []
+    for _ in range(images):
+        truth_classes = rng.choice(3, size=int(rng.integers(1, 7)), p=shares)
+        confusion, soft = np.zeros((4, 4), dtype=int), np.zeros((4, 3))
+        for true in truth_classes:
+            outcome = rng.choice(4, p=[*RATES[true], 1 - RATES[true].sum()])
+            confusion[true][outcome] += 1
+            soft[true] += rng.dirichlet(1 + 6 * np.append(RATES[true], 1 - RATES[true].sum()))[:3]
+        for predicted, mean in enumerate(FALSE_BOXES):
+            spurious = rng.poisson(mean)
+            confusion[3][predicted] += spurious
+            soft[3][predicted] += 0.6 * spurious
+        records.append({"truth": np.bincount(truth_classes, minlength=3).tolist(), "confusion": confusion.tolist(),
+                        "soft": soft.tolist()})
+    return records
+
+
+def labelled(records) -> Calibration:
+    return Calibration.from_record({"images": records})
+
+
+def test_adjusted_count_recovers_the_truth_where_classify_and_count_is_biased():
+    rng = np.random.default_rng(1)
+    calibration, target = labelled(simulate(rng, 400)), labelled(simulate(rng, 400))
+    truth = 100 * target.truth[:, 0].sum() / target.truth.sum()
+    units = Units.from_calibration(target)
+    cc = estimate(units, "cc", replicates=200)
+    acc = estimate(units, "acc", calibration, replicates=200)
+    pacc = estimate(units, "pacc", calibration, replicates=200)
+    assert cc["percent"] - truth > 8  # counting over-states compliance, and its interval misses the truth
+    assert not cc["low"] <= truth <= cc["high"]
+    for adjusted in (acc, pacc):  # inverting the rates removes the bias (and widens the interval)
+        assert abs(adjusted["percent"] - truth) < 0.4 * abs(cc["percent"] - truth)
+        assert adjusted["low"] <= truth <= adjusted["high"]
+        assert adjusted["high"] - adjusted["low"] > cc["high"] - cc["low"]
+    assert acc["calibration_images"] == 400 and cc["calibration_images"] is None
+    assert acc["faces_found"] == cc["faces_found"] == int(units.counts.sum())
+
+
+def test_the_adjusted_interval_covers_the_truth_in_most_simulations():
+    """A real coverage check: new calibration and target images every time, the truth of each target."""
+    covered, runs = 0, 40
+    for run in range(runs):
+        rng = np.random.default_rng(100 + run)
+        calibration, target = labelled(simulate(rng, 80)), labelled(simulate(rng, 80))
+        truth = 100 * target.truth[:, 0].sum() / target.truth.sum()
+        result = estimate(Units.from_calibration(target), "acc", calibration, replicates=300, seed=run)
+        covered += result["low"] <= truth <= result["high"]
+    assert covered >= 0.85 * runs, f"the 95 % interval covered the truth in {covered} of {runs} runs"
+
+
+def test_same_seed_same_interval_and_another_seed_another():
+    rng = np.random.default_rng(3)
+    calibration, units = labelled(simulate(rng, 30)), Units.from_calibration(labelled(simulate(rng, 30)))
+    first = estimate(units, "acc", calibration, replicates=200, seed=5)
+    assert estimate(units, "acc", calibration, replicates=200, seed=5) == first
+    other = estimate(units, "acc", calibration, replicates=200, seed=6)
+    assert (other["low"], other["high"]) != (first["low"], first["high"])
+    assert other["percent"] == first["percent"]
+    assert first["low"] <= first["percent"] <= first["high"]
+
+
+def test_no_images_no_faces_and_one_image_give_n_a_not_a_crash():
+    empty = estimate(Units.of(np.zeros((0, 3)), np.zeros((0, 3))), "pcc")
+    assert empty["percent"] is None and empty["low"] is None and empty["note"] == "no images"
+    faceless = estimate(Units.of(np.zeros((4, 3)), np.zeros((4, 3))), "cc")
+    assert faceless["percent"] is None and faceless["note"] == "no faces found"
+    assert "no figure (no faces found" in interval_text(faceless)
+    single = estimate(Units.of([[2, 1, 0]]), "cc")
+    assert single["percent"] == pytest.approx(66.67) and single["low"] is None
+    assert "no interval" in interval_text(single)
+    # rates from calibration images without a face of some class: that class is estimated as 0, not a crash
+    record = {"truth": [2, 0, 0], "confusion": [[2, 0, 0, 0], [0] * 4, [0] * 4, [0] * 4], "soft": [[1.5, 0, 0]] + [[0] * 3] * 3}
+    result = estimate(Units.of([[1, 1, 0], [2, 0, 0]], [[1, 1, 0], [2, 0, 0]]), "acc", labelled([record]))
+    assert result["percent"] == 100.0
+
+
+def test_a_missing_calibration_falls_back_and_says_why():
+    units = Units.of([[3, 1, 0], [1, 1, 1]])
+    report = set_estimates(units, None, calibration_problem(None, 0.5), method="acc", replicates=20)
+    assert report["estimate"]["method"] == "cc"
+    assert "validation rates" in report["estimate"]["fallback"]
+    assert set(report["estimates"]) == {"cc"}
+    assert set(report["unavailable"]) == {"pcc", "acc", "pacc"}
+    record = {"images": simulate(np.random.default_rng(0), 3), "score_threshold": 0.6,
+              "classes": ["with_mask", "without_mask", "mask_weared_incorrect"]}
+    assert "measured at score >= 0.6" in calibration_problem(record, 0.5)
+    assert "--tta" in calibration_problem(record, 0.6, tta=True)
+    assert calibration_problem(record, 0.6) is None
+
+
+def test_video_frames_resample_in_blocks():
+    units = Units.of(np.arange(21).reshape(7, 3), np.ones((7, 3)))
+    blocks = units.blocks(3)
+    assert len(blocks) == 3 and blocks.counts.sum() == units.counts.sum()
+    assert blocks.counts[-1].tolist() == [18, 19, 20] and blocks.soft[0].tolist() == [3, 3, 3]
+
+
+def test_one_figure_per_folder_in_file_order():
+    images = [{"file": f"{folder}/{k}.jpg", "folder": folder, "detections": [{"label": label, "score": 0.9}],
+               "soft_counts": {"with_mask": 0.9 * (label == "with_mask"), "without_mask": 0.9 * (label != "with_mask"),
+                               "mask_weared_incorrect": 0.0}}
+              for folder, label in (("site-a", "with_mask"), ("site-b", "without_mask")) for k in range(3)]
+    report = prediction_estimates(images, None, 0.5, replicates=50)
+    assert set(report["per_folder"]) == {"site-a", "site-b"}
+    assert report["per_folder"]["site-a"]["percent"] == 100.0 and report["per_folder"]["site-b"]["percent"] == 0.0
+    assert report["per_folder"]["site-a"]["units"] == 3
+    assert report["estimate"]["percent"] == 50.0 and report["calibration"]["used"] is False
+    # the order images come in does not move the interval: a merge of shards equals one job
+    assert prediction_estimates(images[::-1], None, 0.5, replicates=50) == report
+    flat = prediction_estimates([{**image, "folder": ""} for image in images], None, 0.5, replicates=50)
+    assert "per_folder" not in flat
+    assert image_units(images).soft is not None
+    assert image_units([{**images[0], "soft_counts": None}]).soft is None
+
+
+def test_calibration_image_counts_a_labelled_image():
+    target = {"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]]), "labels": torch.tensor([1, 2])}
+    pred = {"boxes": torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10], [50, 50, 60, 60]]),
+            "labels": torch.tensor([1, 2, 1]), "scores": torch.tensor([0.9, 0.08, 0.7])}
+    record = calibration_image(pred, target, score_threshold=0.5)
+    assert record["truth"] == [1, 1, 0]
+    assert record["confusion"][0][0] == 1 and record["confusion"][1][3] == 1 and record["confusion"][3][0] == 1
+    # the low without_mask box on the with_mask face counts in the soft sums only, on that face's row
+    assert record["soft"][0] == pytest.approx([0.9, 0.08, 0.0]) and record["soft"][3] == pytest.approx([0.7, 0, 0])

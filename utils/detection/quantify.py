@@ -1,0 +1,404 @@
+"""The compliance figure as an estimate of a proportion, with a 95 % interval.
+
+p, the share of the true faces in a set of photos that are properly masked (with_mask), is a
+prevalence to estimate. Counting the faces a detector keeps at its threshold is one estimator
+of it, biased whenever recall or confusion differ by class (on the real test split with_mask
+faces are found more often than the others, so the count over-states compliance). The
+estimators (the quantification literature's classify-and-count family):
+
+  cc    classify and count: the faces kept at the operating threshold, per class.
+  pcc   probabilistic count: per class, the sum of the scores of every detection at or above the
+        detection floor. torchvision emits, per proposal, one box per class whose softmax score
+        passes its floor, so the sums estimate how many faces of each class were found.
+  acc   adjusted count: the kept counts corrected with the detector's rates on the validation
+        images at the same threshold. M[i][j] = P(a true face of class i is kept, labelled j) (a
+        missed face leaves its row short of 1), b[j] = share of kept class-j boxes on no face;
+        C_j (1 - b_j) = sum_i T_i M[i][j] is solved for T >= 0 (non-negative least squares).
+  pacc  the same correction of the score sums, with the validation images' score-sum rates.
+
+Every estimate has a seeded percentile bootstrap interval: each replicate resamples the target
+images (a video: blocks of consecutive frames) and, for acc and pacc, the calibration images
+too, so the interval covers both the sampling of images and the error of the estimated rates.
+cc and pcc have no rates to resample: their interval covers image sampling only, not their
+bias, which the evaluation's error against the truth (and the fold summary) measures.
+
+Everything works from plain numbers that JSON and torch.load(weights_only=True) can hold:
+  a target image: counts[3] (kept at the threshold) and soft[3] (score sums above the floor);
+  a calibration image: truth[3], confusion[4][4] (metrics.detection_confusion_matrix: rows true
+  class + background, columns predicted + background) and soft[4][3] (metrics.soft_confusion).
+Classes are in utils.classes.CLASSES order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import numpy as np
+from scipy.optimize import nnls
+
+from .. import defaults as D
+from ..classes import CLASSES, NAME_OF
+
+METHODS = ("cc", "pcc", "acc", "pacc")
+METHOD_NAMES = {"cc": "classify and count", "pcc": "probabilistic count (score sums)",
+                "acc": "adjusted count (validation rates)", "pacc": "adjusted probabilistic count"}
+CALIBRATED = ("acc", "pacc")  # the estimators that need the model's calibration (validation) images
+FALLBACK = {"acc": "cc", "pacc": "pcc", "pcc": "cc"}  # what stands in when an estimator cannot be computed
+CONFIDENCE = 0.95
+CALIBRATION_IOU = 0.5  # the confusion matrix's own matching
+WITH_MASK = CLASSES.index("with_mask")
+K = len(CLASSES)
+
+
+# ----------------------------------------------------------------------------- per-image records
+
+def class_sums(labels, scores=None, floor: float = 0.0) -> list[float]:
+    """Per class (CLASSES order): how many *labels* (ints 1..3 or names), or the sum of their *scores*
+    at or above *floor*."""
+    sums = [0.0] * K
+    for k, label in enumerate(labels):
+        name = label if isinstance(label, str) else NAME_OF[int(label)]
+        if scores is None:
+            sums[CLASSES.index(name)] += 1
+        elif scores[k] >= floor:
+            sums[CLASSES.index(name)] += float(scores[k])
+    return sums
+
+
+def soft_counts(labels, scores, floor: float = D.DETECTION_FLOOR) -> dict:
+    """{class: sum of the scores of its detections at or above *floor*}: one image's probabilistic count."""
+    return {name: round(value, 4) for name, value in zip(CLASSES, class_sums(labels, list(scores), floor))}
+
+
+def calibration_image(pred: dict, target: dict, score_threshold: float, floor: float = D.DETECTION_FLOOR) -> dict:
+    """One labelled image's record: its true faces per class, its confusion matrix at *score_threshold*
+    and its score sums by true and predicted class (detections at or above *floor*)."""
+    from .metrics import detection_confusion_matrix, soft_confusion
+
+    matrix, _ = detection_confusion_matrix([pred], [target], iou_threshold=CALIBRATION_IOU,
+                                           score_threshold=score_threshold)
+    truth = [0] * K
+    for label in target["labels"].tolist():
+        truth[CLASSES.index(NAME_OF[int(label)])] += 1
+    soft = soft_confusion(pred, target, iou_threshold=CALIBRATION_IOU, floor=floor)
+    return {"truth": truth, "confusion": matrix, "soft": [[round(v, 4) for v in row] for row in soft]}
+
+
+def calibration_record(preds, targets, score_threshold: float, chosen_on: str = "validation",
+                       floor: float = D.DETECTION_FLOOR) -> dict:
+    """What acc and pacc need from the labelled images a model's threshold was chosen on, per image,
+    so that a bootstrap can resample them (stored in the model file's meta as "quantification")."""
+    return {"chosen_on": chosen_on, "score_threshold": score_threshold, "floor": floor,
+            "iou_threshold": CALIBRATION_IOU, "classes": list(CLASSES),
+            "images": [calibration_image(p, t, score_threshold, floor) for p, t in zip(preds, targets, strict=True)]}
+
+
+def calibration_problem(calibration: dict | None, score_threshold: float, tta: bool = False) -> str | None:
+    """Why the model's calibration record cannot correct counts made at *score_threshold* (None: it can)."""
+    if not calibration:
+        return "the model file holds no validation rates (trained before they were stored, or without validation)"
+    if not calibration.get("images"):
+        return "the model's validation rates rest on no image"
+    if list(calibration.get("classes", [])) != list(CLASSES):
+        return f"the model's validation rates are for classes {calibration.get('classes')}"
+    if not math.isclose(float(calibration["score_threshold"]), float(score_threshold)):
+        return (f"the validation rates were measured at score >= {calibration['score_threshold']:g}, "
+                f"the counts are made at {score_threshold:g}")
+    if tta:
+        return "the validation rates were measured without --tta"
+    return None
+
+
+@dataclass
+class Calibration:
+    """A calibration record as arrays: truth (m, K), confusion (m, K+1, K+1), soft (m, K+1, K)."""
+
+    truth: np.ndarray
+    confusion: np.ndarray
+    soft: np.ndarray
+
+    @classmethod
+    def from_record(cls, record: dict) -> Calibration:
+        """ValueError saying what is wrong when the record is not one calibration_record wrote."""
+        images = record["images"]
+        truth = np.asarray([image["truth"] for image in images], dtype=np.float64).reshape(len(images), -1)
+        confusion = np.asarray([image["confusion"] for image in images], dtype=np.float64)
+        soft = np.asarray([image["soft"] for image in images], dtype=np.float64)
+        if truth.shape[1:] != (K,) or confusion.shape[1:] != (K + 1, K + 1) or soft.shape[1:] != (K + 1, K):
+            raise ValueError(f"calibration images of shapes {truth.shape}, {confusion.shape}, {soft.shape}")
+        return cls(truth, confusion, soft)
+
+    def __len__(self) -> int:
+        return len(self.truth)
+
+
+@dataclass
+class Units:
+    """The target's resampling units: kept counts (n, K) and score sums (n, K; None where not recorded)."""
+
+    counts: np.ndarray
+    soft: np.ndarray | None
+
+    @classmethod
+    def of(cls, counts, soft=None) -> Units:
+        counts = np.asarray(counts, dtype=np.float64).reshape(-1, K)
+        soft = None if soft is None else np.asarray(soft, dtype=np.float64).reshape(-1, K)
+        return cls(counts, soft)
+
+    @classmethod
+    def from_calibration(cls, calibration: Calibration) -> Units:
+        """Labelled images seen as targets: kept = column sums of the confusion matrix (no background
+        column), score sums = column sums of the soft matrix."""
+        return cls(calibration.confusion[:, :, :K].sum(axis=1), calibration.soft.sum(axis=1))
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def blocks(self, size: int) -> Units:
+        """Consecutive units summed in blocks of *size* (the last may be shorter): a block bootstrap's units."""
+        if not len(self):
+            return self
+        starts = np.arange(0, len(self), max(1, size))
+        return Units(np.add.reduceat(self.counts, starts),
+                     None if self.soft is None else np.add.reduceat(self.soft, starts))
+
+
+# ----------------------------------------------------------------------------- the estimators
+
+def _share(sums: np.ndarray) -> float:
+    total = float(sums.sum())
+    return float(sums[WITH_MASK]) / total if total > 0 else math.nan
+
+
+def _adjusted(observed: np.ndarray, rates: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """(share with_mask, estimated faces) of the true counts T >= 0 that best explain *observed*.
+
+    rates (K+1, K): what the calibration faces of each true class (last row: no face) produced per
+    predicted class; truth (K): calibration faces per class. A class without calibration faces has
+    no rates: its column of the system is zero and its estimate 0.
+    """
+    per_face = np.divide(rates[:K], truth[:, None], out=np.zeros((K, K)), where=truth[:, None] > 0)
+    produced = rates.sum(axis=0)
+    false_share = np.divide(rates[K], produced, out=np.zeros(K), where=produced > 0)
+    estimated, _ = nnls(per_face.T, observed * (1.0 - false_share))
+    total = float(estimated.sum())
+    return (float(estimated[WITH_MASK]) / total if total > 0 else math.nan), total
+
+
+def point_estimate(method: str, counts: np.ndarray, soft: np.ndarray | None,
+                   calibration: tuple | None = None) -> tuple[float, float]:
+    """(share with_mask, faces it counts) from summed kept *counts* and score sums *soft* of a target;
+    *calibration* is (confusion sums (K+1, K+1), soft sums (K+1, K), truth sums (K)) for acc and pacc."""
+    if method == "cc":
+        return _share(counts), float(counts.sum())
+    if method == "pcc":
+        return _share(soft), float(soft.sum())
+    confusion, soft_rates, truth = calibration
+    if method == "acc":
+        return _adjusted(counts, confusion[:, :K], truth)
+    if method == "pacc":
+        return _adjusted(soft, soft_rates, truth)
+    raise ValueError(f"unknown estimator {method!r}: expected one of {', '.join(METHODS)}")
+
+
+def _resample_weights(rng: np.random.Generator, n: int) -> np.ndarray:
+    """How often each of *n* units is drawn in one bootstrap replicate (n draws with replacement)."""
+    return np.bincount(rng.integers(0, n, size=n), minlength=n).astype(np.float64)
+
+
+def _rounded(value: float | None, digits: int = 2):
+    return None if value is None or not math.isfinite(value) else round(value, digits)
+
+
+def estimate(units: Units, method: str, calibration: Calibration | None = None, unit: str = "image",
+             replicates: int = D.BOOTSTRAP_REPLICATES, seed: int = D.SEED, confidence: float = CONFIDENCE) -> dict:
+    """The percent properly masked by *method*, with its seeded percentile bootstrap interval.
+
+    Each replicate draws the target *units* with replacement and, for acc and pacc, the calibration
+    images too. Replicates in which no face is found are left out (replicates_defined says how many
+    remain). Percent, low and high are None (and `note` says why) when no face is found, and the
+    interval is None below two units: one image says nothing about how much images vary.
+    """
+    if method in CALIBRATED and calibration is None:
+        raise ValueError(f"{method} needs the model's calibration images")
+    if method in ("pcc", "pacc") and units.soft is None:
+        raise ValueError(f"{method} needs the score sums of every image")
+    n = len(units)
+
+    def one(weights, calibration_weights):
+        counts = weights @ units.counts if n else np.zeros(K)
+        soft = None if units.soft is None else (weights @ units.soft if n else np.zeros(K))
+        sums = None
+        if calibration is not None and method in CALIBRATED:
+            sums = (np.tensordot(calibration_weights, calibration.confusion, axes=1),
+                    np.tensordot(calibration_weights, calibration.soft, axes=1),
+                    calibration_weights @ calibration.truth)
+        return point_estimate(method, counts, soft, sums)
+
+    share, faces = one(np.ones(n), None if calibration is None else np.ones(len(calibration)))
+    result = {"method": method, "estimator": METHOD_NAMES[method], "percent": _rounded(100 * share),
+              "low": None, "high": None, "confidence": confidence, "units": n, "unit": unit,
+              "faces_found": int(units.counts.sum()), "faces_estimated": _rounded(faces, 1),
+              "replicates": replicates, "replicates_defined": 0, "seed": seed,
+              "calibration_images": len(calibration) if method in CALIBRATED else None,
+              "resampled": f"{unit}s and the calibration images" if method in CALIBRATED else f"{unit}s"}
+    if not math.isfinite(share):
+        return {**result, "note": "no faces found" if n else f"no {unit}s"}
+    if n < 2:
+        return {**result, "note": f"one {unit}: no interval"}
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(replicates):
+        weights = _resample_weights(rng, n)
+        calibration_weights = _resample_weights(rng, len(calibration)) if method in CALIBRATED else None
+        values.append(one(weights, calibration_weights)[0])
+    values = np.asarray(values)
+    values = values[np.isfinite(values)]
+    result["replicates_defined"] = int(len(values))
+    if len(values):
+        tail = 100 * (1 - confidence) / 2
+        result["low"], result["high"] = (_rounded(100 * float(v)) for v in np.percentile(values, [tail, 100 - tail]))
+    return result
+
+
+# ----------------------------------------------------------------------------- sets of images
+
+def available_methods(units: Units, calibration: Calibration | None, calibration_note: str | None) -> dict:
+    """{method: None if it can be computed, else why not}."""
+    no_soft = "the score sums of the detections were not recorded (predictions made before they were)"
+    return {"cc": None, "pcc": no_soft if units.soft is None else None,
+            "acc": calibration_note if calibration is None else None,
+            "pacc": (calibration_note if calibration is None else None) or (no_soft if units.soft is None else None)}
+
+
+def chosen_method(method: str, available: dict) -> tuple[str, str | None]:
+    """(the estimator to report, why it stands in for *method*, or None when it is *method*)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown estimator {method!r}: expected one of {', '.join(METHODS)}")
+    wanted = method
+    while available[method] is not None:
+        method = FALLBACK[method]
+    return method, None if method == wanted else f"{method} instead of {wanted}: {available[wanted]}"
+
+
+def set_estimates(units: Units, calibration: Calibration | None, calibration_note: str | None = None,
+                  method: str = D.COMPLIANCE_ESTIMATOR, unit: str = "image", **bootstrap) -> dict:
+    """{"estimate": the headline (method, or its fallback, said so), "estimates": every estimator that
+    can be computed, "unavailable": {estimator: why}}."""
+    available = available_methods(units, calibration, calibration_note)
+    chosen, fallback = chosen_method(method, available)
+    estimates = {m: estimate(units, m, calibration, unit=unit, **bootstrap)
+                 for m in METHODS if available[m] is None}
+    headline = dict(estimates[chosen])
+    if fallback:
+        headline["fallback"] = fallback
+    return {"estimate": headline, "estimates": estimates,
+            "unavailable": {m: why for m, why in available.items() if why is not None}}
+
+
+def image_units(images: list[dict]) -> Units:
+    """Units of prediction records ({file, detections [{label, score}], soft_counts}), in file-name order,
+    so that one predict job and a merge of its shards draw the same replicates."""
+    images = sorted(images, key=lambda image: image["file"])
+    counts = [class_sums([d["label"] for d in image["detections"]]) for image in images]
+    if any(image.get("soft_counts") is None for image in images):
+        return Units.of(counts, None)
+    return Units.of(counts, [[image["soft_counts"][name] for name in CLASSES] for image in images])
+
+
+def folder_of(name: str) -> str:
+    """The folder an input image sits in, relative to what was given: 'site-a' for
+    'photos/site-a/x.jpg' given as the folder 'photos' (recorded by predict as the image's "folder")."""
+    parent = PurePosixPath(name).parent.as_posix()
+    return "" if parent == "." else parent
+
+
+def prediction_estimates(images: list[dict], calibration_record_: dict | None, score_threshold: float,
+                         tta: bool = False, method: str = D.COMPLIANCE_ESTIMATOR, **bootstrap) -> dict:
+    """compliance.json's estimates for prediction records: overall, and per folder when the images
+    sit in two or more folders ("per_folder": {folder: headline estimate}; "" is the top level)."""
+    note = calibration_problem(calibration_record_, score_threshold, tta)
+    calibration = None if note else Calibration.from_record(calibration_record_)
+    report = set_estimates(image_units(images), calibration, note, method, **bootstrap)
+    folders = sorted({image.get("folder", "") for image in images})
+    if len(folders) > 1:
+        report["per_folder"] = {
+            folder: set_estimates(image_units([i for i in images if i.get("folder", "") == folder]), calibration,
+                                  note, method, **bootstrap)["estimate"] for folder in folders}
+    report["calibration"] = calibration_summary(calibration_record_, note)
+    return report
+
+
+def calibration_summary(record: dict | None, note: str | None) -> dict:
+    """What the adjusted estimators rest on, for the outputs (not the per-image record itself)."""
+    if note:
+        return {"used": False, "why_not": note}
+    return {"used": True, "chosen_on": record.get("chosen_on"), "images": len(record["images"]),
+            "faces": int(sum(sum(image["truth"]) for image in record["images"])),
+            "score_threshold": record["score_threshold"], "floor": record["floor"]}
+
+
+# ----------------------------------------------------------------------------- against the truth
+
+def true_percent(calibration: Calibration) -> float | None:
+    total = float(calibration.truth.sum())
+    return 100 * float(calibration.truth[:, WITH_MASK].sum()) / total if total else None
+
+
+def evaluation_estimates(preds, targets, score_threshold: float, model_calibration: dict | None,
+                         method: str = D.COMPLIANCE_ESTIMATOR, floor: float = D.DETECTION_FLOOR, **bootstrap) -> dict:
+    """Every estimator on a labelled set against its true percent: estimate, interval, error in
+    points and whether the truth lies inside the interval (evaluation.json's "quantification")."""
+    labelled = Calibration.from_record(calibration_record(preds, targets, score_threshold, "evaluated", floor))
+    note = calibration_problem(model_calibration, score_threshold)
+    calibration = None if note else Calibration.from_record(model_calibration)
+    report = set_estimates(Units.from_calibration(labelled), calibration, note, method, **bootstrap)
+    truth = true_percent(labelled)
+    for result in (report["estimate"], *report["estimates"].values()):
+        percent = result["percent"]
+        result["error_points"] = None if truth is None or percent is None else round(percent - truth, 2)
+        result["truth_inside"] = (None if truth is None or result["low"] is None
+                                  else bool(result["low"] <= round(truth, 2) <= result["high"]))
+    report["true_percent"] = _rounded(truth)
+    report["true_faces"] = int(labelled.truth.sum())
+    report["calibration"] = calibration_summary(model_calibration, note)
+    return report
+
+
+# ----------------------------------------------------------------------------- words
+
+def interval_text(result: dict) -> str:
+    """'53.2% properly masked (95% interval 44.0-61.5%, 24 images; cc)', or why there is no figure."""
+    if result["percent"] is None:
+        return f"no figure ({result.get('note', 'no faces found')}; {result['units']} {result['unit']}s)"
+    unit = f"{result['units']} {result['unit']}{'s' if result['units'] != 1 else ''}"
+    if result["low"] is None:
+        spread = f"no interval: {result.get('note', 'no defined replicate')}"
+    else:
+        spread = f"{round(100 * result['confidence'])}% interval {result['low']:.1f}-{result['high']:.1f}%"
+    return f"{result['percent']:.1f}% properly masked ({spread}, {unit}; {result['method']})"
+
+
+def estimate_lines(report: dict) -> list[str]:
+    """evaluation.txt's block: every estimator against the truth."""
+    truth = report["true_percent"]
+    lines = [f"Percent properly masked as an estimate (true: {'n/a' if truth is None else f'{truth:.1f}%'} of "
+             f"{report['true_faces']} faces; 95% bootstrap intervals, {report['estimate']['replicates']} replicates, "
+             f"seed {report['estimate']['seed']}):",
+             f"{'estimator':<10}{'percent':>9}{'interval':>17}{'error':>9}{'truth inside':>14}"]
+    for method, result in report["estimates"].items():
+        interval = "n/a" if result["low"] is None else f"{result['low']:.1f}-{result['high']:.1f}"
+        error = "n/a" if result["error_points"] is None else f"{result['error_points']:+.1f}"
+        inside = {True: "yes", False: "no", None: "n/a"}[result["truth_inside"]]
+        percent = "n/a" if result["percent"] is None else f"{result['percent']:.1f}"
+        lines.append(f"{method:<10}{percent:>9}{interval:>17}{error:>9}{inside:>14}")
+    for method, why in report["unavailable"].items():
+        lines.append(f"{method:<10}not computed: {why}")
+    headline = report["estimate"]
+    lines.append(f"headline estimator: {headline['method']}" + (f" ({headline['fallback']})" if "fallback" in headline
+                                                                 else ""))
+    lines.append("cc and pcc intervals cover the sampling of images only; acc and pacc also resample the "
+                 "validation images their rates come from.")
+    return lines
