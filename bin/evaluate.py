@@ -4,6 +4,8 @@
 Writes OUTPUT_DIR/evaluation.json (map, map_50, map_75, mar_100, per_class {class:
 {ap, ap_50, ap_75, recall}}, confusion_matrix {labels, matrix}, num_images,
 test_loss, compliance {true, predicted, error_points, per_image_mae_points, ...},
+quantification {estimate, estimates {cc, pcc, acc, pacc: percent, low, high (95 % bootstrap
+interval), units, error_points, truth_inside}, true_percent, ...},
 ...), evaluation.txt (the same for people), confusion_matrix.png and
 .csv (rows = true class, columns = predicted, with a background row and column),
 pr_curves.png, evaluation_images.json (per image, worst first: correct, confused, missed
@@ -69,7 +71,8 @@ def main(args) -> int:
                                     score_threshold=score_threshold, batch_size=args.batch_size,
                                     num_workers=None if args.workers < 0 else args.workers,
                                     skipped=skipped, settings=settings, progress=sys.stderr.isatty(),
-                                    label_map=label_map, tag=args.output_tag)
+                                    label_map=label_map, tag=args.output_tag,
+                                    calibration=meta.get("quantification"))
         inputs = [p.image for p in pairs] + [p.annotation for p in pairs] + [Path(args.model)]
         write_run_record(output_dir / evaluation_output_names(args.output_tag)["evaluate_run.json"], "evaluate",
                          {**vars(args), "device": str(device)}, inputs)

@@ -26,6 +26,7 @@ from utils import defaults as D
 from utils.classes import LabelMap
 from utils.cli import add_label_map_arg, print_values, run_job
 from utils.detection.compliance import choose_operating_threshold
+from utils.detection.quantify import calibration_record
 from utils.detection.engine import resolve_device
 from utils.detection.model import BACKBONES, save_model_file
 from utils.detection.recipe import check_budget_plan, describe, gpu_recipe
@@ -178,18 +179,22 @@ def epoch_line(row, epochs: int, stage_label: str = "") -> str:
     return line
 
 
-def choose_threshold_on_validation(trainer, has_val: bool) -> dict:
-    """The score threshold predict and evaluate use this model at: chosen on the held-out validation
-    images when there are some (--val-mode monitor), else the default, said so."""
+def choose_threshold_on_validation(trainer, has_val: bool) -> tuple[dict, dict | None]:
+    """(the score threshold predict and evaluate use this model at, the validation record of the adjusted
+    compliance estimators or None): chosen on the held-out validation images when there are some
+    (--val-mode monitor), else the default, said so, and no record."""
     if not has_val:
         return {"score_threshold": D.SCORE_THRESHOLD, "chosen_on": None,
-                "criterion": "the default: no held-out validation images (--val-mode merge or no --val-images)"}
+                "criterion": "the default: no held-out validation images (--val-mode merge or no --val-images)"}, None
     log.info("Choosing the operating threshold on the validation images")
-    choice = choose_operating_threshold(*trainer.validation_predictions())
+    preds, targets = trainer.validation_predictions()
+    choice = choose_operating_threshold(preds, targets)
     log.info("score threshold %.2f: F1 %.3f, compliance error %s points on %d validation images (%s)",
              choice["score_threshold"], choice["f1"], choice["compliance_error_points"], choice["images"],
              choice["criterion"])
-    return {**choice, "chosen_on": "validation"}
+    # Per validation image, at the chosen threshold: what acc and pacc correct new counts with, kept per
+    # image so that an interval can resample these images too (utils/detection/quantify.py).
+    return {**choice, "chosen_on": "validation"}, calibration_record(preds, targets, choice["score_threshold"])
 
 
 def budget_plan_arg(text: str) -> list:
@@ -295,7 +300,7 @@ def main(args) -> int:
         write_metrics_csv(paths["metrics_csv"], trainer.history)  # also on a rerun that had nothing left to train
         plot_loss_curve(paths["loss_plot"], trainer.history)
         final_loss = trainer.history[-1]["train_loss"]
-        operating = choose_threshold_on_validation(trainer, bool(val_pairs))
+        operating, calibration = choose_threshold_on_validation(trainer, bool(val_pairs))
         # data_label_map: {object name in the data's XML: class} the data was read with ({}: names were the
         # classes); meta's "label_map" is another thing, class -> label number, set by the model file.
         meta = {"training": params.to_dict(), "data_label_map": label_map.as_dict(),
@@ -306,6 +311,8 @@ def main(args) -> int:
         if args.params:
             meta["params_file"] = str(args.params)
         meta["operating_threshold"] = operating
+        if calibration is not None:
+            meta["quantification"] = calibration
         if trainer.stages is not None:
             # training.stages holds the stages trained (a --time-budget run's fitted ones); these as asked for
             meta["stages_requested"] = [stage.to_dict() for stage in trainer.requested_stages]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import load_script, run_script
+from helpers import calibrated_model_file, load_script, run_script
 from utils.classes import CLASSES
 from utils.data.dataset import VocDetectionDataset
 from utils.detection.evaluation import evaluate_model, labelled_pairs
@@ -29,8 +29,10 @@ def test_evaluate_cli_writes_every_output(root, sample_dir, tiny_model_file, tmp
                 (flat / file.name).write_bytes(file.read_bytes())
     pack_folder(flat, archive)
     out = tmp_path / "eval"
+    # the model file holds validation rates at 0.05, the threshold this run counts at: acc and pacc are judged too
+    model_file = calibrated_model_file(tiny_model_file, tmp_path / "calibrated.pt", score_threshold=0.05)
     args = script.get_args_parser().parse_args(
-        ["--images", str(archive), "--annotations", str(archive), "--model", str(tiny_model_file),
+        ["--images", str(archive), "--annotations", str(archive), "--model", str(model_file),
          "--output-dir", str(out), "--score-threshold", "0.05", "--device", "cpu", "--batch-size", "4"])
     assert script.main(args) == 0
     for name in ("evaluation.json", "evaluation.txt", "confusion_matrix.png", "confusion_matrix.csv",
@@ -58,6 +60,21 @@ def test_evaluate_cli_writes_every_output(root, sample_dir, tiny_model_file, tmp
     assert "Compliance at score >= 0.05" in text and "per-image mean absolute error" in text
     assert report["compliance"]["true"]["faces"] == report["num_faces"]
     assert report["compliance"]["score_threshold"] == 0.05
+    # the figure as an estimate: every estimator with its interval, its error and whether it holds the truth
+    quantification = report["quantification"]
+    assert quantification["true_faces"] == report["num_faces"]
+    assert quantification["true_percent"] == report["compliance"]["true"]["percent_properly_masked"]
+    assert set(quantification["estimates"]) == {"cc", "pcc", "acc", "pacc"} and not quantification["unavailable"]
+    cc = quantification["estimates"]["cc"]
+    assert cc["percent"] == report["compliance"]["predicted"]["percent_properly_masked"]
+    assert cc["units"] == 8 and cc["unit"] == "image" and cc["seed"] == 42 and cc["replicates"] == 1000
+    for result in quantification["estimates"].values():
+        assert {"low", "high", "error_points", "truth_inside", "faces_found"} <= set(result)
+        if result["low"] is not None:
+            assert result["low"] <= result["percent"] <= result["high"]
+    assert quantification["estimates"]["acc"]["calibration_images"] == 20
+    assert quantification["calibration"]["used"] and quantification["estimate"]["method"] == "cc"
+    assert "Percent properly masked as an estimate" in text and "truth inside" in text
     assert "mAP@[0.5:0.95]" in capsys.readouterr().out
     # the per-image errors are the confusion matrix split by image, worst image first
     images = json.loads((out / "evaluation_images.json").read_text())["images"]

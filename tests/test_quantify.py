@@ -5,34 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import simulated_labelled_images as simulate
 from utils.detection.quantify import (Calibration, Units, calibration_image, calibration_problem, estimate,
                                       image_units, interval_text, prediction_estimates, set_estimates)
-
-# P(a true face of class i, row, is kept and labelled j, column); the rest of each row is missed.
-# with_mask is found more often than the others, and incorrectly worn masks are mostly called with_mask:
-# the pattern that makes counting over-state compliance on the real data.
-RATES = np.array([[0.70, 0.05, 0.00], [0.10, 0.55, 0.00], [0.35, 0.10, 0.20]])
-FALSE_BOXES = (0.3, 0.1, 0.02)  # mean spurious boxes per image, per predicted class
-SHARES = (0.5, 0.4, 0.1)        # true class mix: 50 % properly masked
-
-
-def simulate(rng, images: int, shares=SHARES) -> list[dict]:
-    """Labelled image records as quantify.calibration_image writes them, drawn from RATES."""
-    records = []
-    for _ in range(images):
-        truth_classes = rng.choice(3, size=int(rng.integers(1, 7)), p=shares)
-        confusion, soft = np.zeros((4, 4), dtype=int), np.zeros((4, 3))
-        for true in truth_classes:
-            outcome = rng.choice(4, p=[*RATES[true], 1 - RATES[true].sum()])
-            confusion[true][outcome] += 1
-            soft[true] += rng.dirichlet(1 + 6 * np.append(RATES[true], 1 - RATES[true].sum()))[:3]
-        for predicted, mean in enumerate(FALSE_BOXES):
-            spurious = rng.poisson(mean)
-            confusion[3][predicted] += spurious
-            soft[3][predicted] += 0.6 * spurious
-        records.append({"truth": np.bincount(truth_classes, minlength=3).tolist(), "confusion": confusion.tolist(),
-                        "soft": soft.tolist()})
-    return records
 
 
 def labelled(records) -> Calibration:

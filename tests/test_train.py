@@ -62,6 +62,7 @@ def test_train_cli_one_epoch_writes_loadable_outputs(tiny_dir, tmp_path, root):
     # without held-out images nothing can choose the threshold: the default, and the file says so
     assert meta["operating_threshold"]["score_threshold"] == D.SCORE_THRESHOLD
     assert meta["operating_threshold"]["chosen_on"] is None
+    assert "quantification" not in meta  # and no validation rates: the adjusted estimators fall back, said so
     with open(out / "training_metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 1 and float(rows[0]["train_loss"]) > 0
@@ -110,6 +111,13 @@ def test_training_with_held_out_validation_images_chooses_and_stores_the_operati
     assert chosen["score_threshold"] in [row["score_threshold"] for row in chosen["candidates"]]
     best_f1 = max(row["f1"] for row in chosen["candidates"])
     assert chosen["f1"] >= best_f1 - 0.01
+    # the adjusted compliance estimators' rates: per validation image, at the chosen threshold
+    record = meta["quantification"]
+    assert record["chosen_on"] == "validation" and record["score_threshold"] == chosen["score_threshold"]
+    assert len(record["images"]) == 6
+    for image in record["images"]:
+        assert len(image["truth"]) == 3 and len(image["confusion"]) == 4 and len(image["soft"]) == 4
+        assert [sum(row) for row in image["confusion"][:3]] == image["truth"]  # each face once: found or missed
 
 
 def test_resume_continues_at_next_epoch_with_same_state(tiny_dir, tmp_path):

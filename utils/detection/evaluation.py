@@ -21,6 +21,7 @@ from ..atomic import write_json, write_text
 from ..classes import CLASSES, NAME_OF, NO_LABEL_MAP, LabelMap
 from ..data.dataset import VocDetectionDataset, collate
 from .compliance import compliance_error, compliance_error_lines, operating_threshold
+from .quantify import estimate_lines, evaluation_estimates
 from .engine import evaluate_loss, run_inference
 from ..data.images import ImageError, image_size
 from .inference import default_num_workers
@@ -140,6 +141,8 @@ def format_report(report: dict) -> str:
     lines += ["", "A missed face counts in the background column, a spurious or duplicate box in the "
                   "background row."]
     lines += ["", *compliance_error_lines(report["compliance"])]
+    if report.get("quantification"):
+        lines += ["", *estimate_lines(report["quantification"])]
     if report["skipped"]:
         lines += ["", f"Skipped {len(report['skipped'])} files:"]
         lines += [f"  {entry['file']}: {entry['reason']}" for entry in report["skipped"]]
@@ -183,8 +186,13 @@ def evaluation_output_names(tag: str | None = None) -> dict[str, str]:
 
 def evaluate_model(model, pairs, output_dir, device="cpu", score_threshold: float = 0.5, batch_size: int = 4,
                    num_workers: int | None = None, skipped=(), settings: dict | None = None,
-                   progress: bool = False, label_map: LabelMap = NO_LABEL_MAP, tag: str | None = None) -> Evaluation:
-    """Evaluate *model* on *pairs* and write evaluation.json/.txt, confusion_matrix.png/.csv, pr_curves.png."""
+                   progress: bool = False, label_map: LabelMap = NO_LABEL_MAP, tag: str | None = None,
+                   calibration: dict | None = None) -> Evaluation:
+    """Evaluate *model* on *pairs* and write evaluation.json/.txt, confusion_matrix.png/.csv, pr_curves.png.
+
+    *calibration* is the model file's validation record (meta "quantification"): with it the adjusted
+    compliance estimators are judged too; without it (older model files) only cc and pcc, said so.
+    """
     output_dir = Path(output_dir)
     names = evaluation_output_names(tag)
     device = torch.device(device)
@@ -220,6 +228,7 @@ def evaluate_model(model, pairs, output_dir, device="cpu", score_threshold: floa
         "confusion_matrix": {"labels": labels, "matrix": matrix, "rows": "true", "columns": "predicted",
                              "iou_threshold": CONFUSION_IOU, "score_threshold": score_threshold},
         "compliance": compliance,
+        "quantification": evaluation_estimates(preds, targets, score_threshold, calibration),
         "num_images": len(pairs),
         "num_faces": sum(faces_per_class.values()),
         "faces_per_class": faces_per_class,
