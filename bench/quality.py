@@ -50,6 +50,21 @@ ABLATION = (
     ("+ 128 RoIs/image in the box loss", {"roi_batch_size": 128}),
 )
 
+# Side-by-side comparisons (--compare NAME): each row is one TrainParams change on today's defaults, trained in
+# the same --time-budget on the same split; unlike ABLATION's rows, none builds on another.
+COMPARISONS = {
+    # Issue #21: a face-pretrained first stage (utils/detection/retinaface.py) against today's ImageNet backbone.
+    "first-stage": (
+        ("today: mobilenet_v2_fpn, ImageNet backbone", {"backbone": "mobilenet_v2_fpn", "weights": "imagenet"}),
+        ("(a) retinaface_mnet025: WIDER FACE backbone + RPN", {"backbone": "retinaface_mnet025",
+                                                               "weights": "widerface"}),
+        ("(c) = (a), face trunk frozen for the first third", {
+            "backbone": "retinaface_mnet025", "weights": "widerface",
+            "stages": [{"epochs": 1, "trainable_layers": 0, "name": "frozen trunk"},
+                       {"epochs": 2, "trainable_layers": 3, "name": "fine-tune"}]}),
+    ),
+}
+
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,6 +80,9 @@ def get_args_parser():
                         "(default: none, --epochs)")
     p.add_argument("--ablation", action="store_true",
                    help="one row per cumulative recipe change (ABLATION), real data only (default: off)")
+    p.add_argument("--compare", choices=sorted(COMPARISONS), default=None,
+                   help="one row per setting of COMPARISONS[NAME], each on today's defaults, real data only "
+                        "(default: none)")
     p.add_argument("--rows", type=int, default=None,
                    help="with --ablation: only the first N rows (default: all)")
     p.add_argument("--image-size", type=int, default=512, help="longer image side in px (default: 512)")
@@ -148,10 +166,13 @@ def run_one(name, images, annotations, args, device, limit=None, recipe=None):
     compliance = compliance_error(preds, targets, chosen["score_threshold"])
     eval_s = time.perf_counter() - started
     per_class = {cls: {"ap": v.get("ap"), "ap_50": v.get("ap_50")} for cls, v in metrics["per_class"].items()}
+    # images/s over the whole training time, validation excluded (there is none here)
+    images_per_s = steps * params.batch_size / train_s if train_s else None
     result = {"data": name, "recipe": describe(params), "params": params.to_dict(), **summary, "train_images": len(train), "test_images": len(test),
               "epochs": epochs, "steps": steps, "epochs_trained": round(epochs_trained, 2),
-              "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
+              "train_s": round(train_s, 1), "eval_s": round(eval_s, 1), "images_per_s": images_per_s,
               "map": metrics["map"], "map_50": metrics["map_50"], "map_75": metrics["map_75"],
+              "mar_100": metrics["mar_100"],
               "per_class": per_class, "val_images": len(val), "score_threshold": chosen["score_threshold"],
               "val_f1": chosen["f1"], "val_candidates": chosen["candidates"], "compliance": compliance,
               "weights": trainer.model.weights_report.message,
@@ -197,6 +218,49 @@ def kept_recipe(rows) -> dict:
     return recipe
 
 
+def comparison_table(rows) -> str:
+    """A Markdown table: one row per setting, test-split figures, validation F1 and training speed."""
+    classes = list(rows[0]["per_class"]) if rows else []
+    header = ["setting", "val F1", "epochs", "mAP", "mAP@0.5", *[f"AP50 {c}" for c in classes], "mAR@100",
+              "threshold (val)", "compliance error", "per-image MAE", "train images/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        c = r["compliance"]
+        cells = [r["row"], f"{r['val_f1']:.3f}", f"{r['epochs_trained']:.1f}", fmt(r["map"]), fmt(r["map_50"]),
+                 *[fmt(r["per_class"][cls]["ap_50"]) for cls in classes], fmt(r["mar_100"]),
+                 f"{r['score_threshold']:.2f}", fmt_points(c["error_points"]),
+                 fmt_points(c["per_image_mae_points"], signed=False), f"{r['images_per_s']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_comparison(args, device) -> int:
+    """Train one model per row of COMPARISONS[args.compare], each on today's defaults, on the real data."""
+    from utils.atomic import write_json
+
+    if not (args.data / "images").is_dir():
+        print(f"quality: {args.data}/images is absent; the comparison needs the real data")
+        return 2
+    budget = (f"image size {args.image_size}, "
+              + (f"time budget {args.time_budget:g} min" if args.time_budget else f"{args.epochs} epochs")
+              + f" per row, batch {args.batch_size}, SGD lr {args.lr}, seed {args.seed}, device {device}, "
+              f"host {platform.node()}")
+    rows = []
+    if args.output and args.output.is_file():  # an interrupted comparison continues after its last row
+        rows = json.loads(args.output.read_text(encoding="utf-8")).get("comparison", [])
+        print(f"quality: {len(rows)} row(s) already in {args.output}; continuing", flush=True)
+    for label, change in COMPARISONS[args.compare][len(rows): args.rows]:
+        result = run_one("real", args.data / "images", args.data / "annotations", args, device, args.limit, change)
+        rows.append({"row": label, "change": change, **result})
+        print(f"\n{comparison_table(rows)}\n", flush=True)
+        if args.output:
+            write_json(args.output, {"budget": budget, "compare": args.compare, "comparison": rows})
+    print(f"quality comparison {args.compare}: {budget}; test split of {args.data}, threshold chosen on the "
+          "validation split")
+    print(comparison_table(rows))
+    return 0
+
+
 def run_ablation(args, device) -> int:
     """Train one model per ABLATION row (each adds one lever to the row above), on the real data."""
     from utils.atomic import write_json
@@ -234,6 +298,8 @@ def main(args) -> int:
     device = resolve_device(args.device)
     if args.ablation:
         return run_ablation(args, device)
+    if args.compare:
+        return run_comparison(args, device)
     results = []
     for name in args.sets:
         with contextlib.ExitStack() as stack:

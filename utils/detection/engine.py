@@ -3,7 +3,8 @@
 - ``train_one_epoch``: gradient clipping, mixed precision on CUDA only, a
   non-finite loss stops with :class:`NonFiniteLossError` naming the epoch,
   iteration and loss terms.
-- ``run_inference``: predictions in eval mode (what mAP must be measured on).
+- ``run_inference``: predictions in eval mode (what mAP must be measured on);
+  ``run_proposals``: the first stage's region proposals alone.
 - ``evaluate_loss``: the mean loss on a loader, computed correctly. torchvision's
   detection models return losses only in train mode, and train mode changes two
   things besides returning losses: BatchNorm layers would use (and update)
@@ -265,6 +266,26 @@ def run_inference(model, loader, device, progress: bool = False, description: st
             predictions.append({k: v.detach().cpu() for k, v in output.items()})
             all_targets.append({"boxes": _plain_tensor(target["boxes"]).cpu(), "labels": target["labels"].cpu()})
     return predictions, all_targets
+
+
+@torch.no_grad()
+def run_proposals(model, loader, device) -> tuple[list[torch.Tensor], list[dict]]:
+    """(region proposals per image, targets), both in original image coordinates, on the CPU.
+
+    The first stage alone (transform, backbone, RPN in eval mode): what the RoI heads get
+    to classify, so the faces it misses no training of the second stage can find.
+    """
+    model.eval()
+    proposals, all_targets = [], []
+    for images, targets in loader:
+        original_sizes = [tuple(image.shape[-2:]) for image in images]
+        batch, _ = model.transform([image.to(device) for image in images])
+        boxes, _ = model.rpn(batch, model.backbone(batch.tensors))
+        for found, resized, original, target in zip(boxes, batch.image_sizes, original_sizes, targets):
+            scale = torch.tensor([original[1] / resized[1], original[0] / resized[0]] * 2, device=found.device)
+            proposals.append((found * scale).cpu())
+            all_targets.append({"boxes": _plain_tensor(target["boxes"]).cpu(), "labels": target["labels"].cpu()})
+    return proposals, all_targets
 
 
 # ----------------------------------------------------------------------------- checkpoints

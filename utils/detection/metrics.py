@@ -236,3 +236,22 @@ def soft_confusion(pred, target, iou_threshold: float = 0.5, floor: float = 0.05
     for row, label, score in zip(rows.tolist(), labels.tolist(), scores.tolist()):
         sums[row, index_of[int(label)]] += score
     return sums.tolist()
+
+
+def proposal_recall(proposals, targets, iou_threshold: float = 0.5) -> dict:
+    """Share of the labelled faces that some region proposal overlaps by at least *iou_threshold*, overall
+    and per class: the most a detector's second stage can find (proposals from engine.run_proposals)."""
+    found = {name: 0 for name in CLASSES}
+    faces = {name: 0 for name in CLASSES}
+    for boxes, target in zip(proposals, targets, strict=True):
+        names = [NAME_OF[int(label)] for label in target["labels"]]
+        hit = (box_iou(target["boxes"], boxes).max(dim=1).values >= iou_threshold).tolist() if len(boxes) \
+            else [False] * len(names)
+        for name, is_found in zip(names, hit):
+            faces[name] += 1
+            found[name] += int(is_found)
+    total = sum(faces.values())
+    return {"recall": sum(found.values()) / total if total else None, "faces": total,
+            "per_class": {name: {"found": found[name], "faces": faces[name]} for name in CLASSES},
+            "iou_threshold": iou_threshold,
+            "proposals_per_image": sum(len(b) for b in proposals) / len(proposals) if proposals else 0.0}
