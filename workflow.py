@@ -533,7 +533,7 @@ class MaskDetectionWorkflow:
         job.add_args("--inputs-dir", ".", "--expected", len(parts), "--output-dir", ".")
         job.add_inputs(*parts)
         self._stages_out(job, "compliance.json", "predictions.csv", "compliance_histogram.png",
-                         "merge_predictions_run.json")
+                         "compliance_by_folder.png", "merge_predictions_run.json")
 
     def _add_predict_videos(self, model: File) -> None:
         """One predict_video job per video of --pred-videos (none without it)."""

@@ -7,7 +7,9 @@
 Reads each job's predictions_<TAG>.json and writes OUTPUT_DIR/compliance.json (overall,
 per shard and per image: faces per class and percent properly masked, with every
 skipped file and its reason), predictions.csv (file, xmin, ymin, xmax, ymax, label,
-score) and compliance_histogram.png (per-image compliance), plus its run record.
+score), compliance_histogram.png (per-image compliance) and compliance_by_folder.png (the
+figure with its 95 % interval per folder the images sit in), plus its run record. The overall
+figure is an estimate with its 95 % bootstrap interval (utils/detection/quantify.py).
 Per-image figures are recomputed from the detections exactly as a single predict job
 computes them, so N shards merged equal one job over the same images. The parts must
 come from the same model and threshold. --expected N fails when a part is missing.
@@ -38,6 +40,8 @@ def get_args_parser():
     parser.add_argument("--output-dir", type=Path, required=True, help="folder for the merged files")
     parser.add_argument("--histogram", default="compliance_histogram.png",
                         help="file name of the per-image compliance histogram (default: compliance_histogram.png)")
+    parser.add_argument("--folder-plot", default="compliance_by_folder.png",
+                        help="file name of the plot of the figure per folder (default: compliance_by_folder.png)")
     return parser
 
 
@@ -48,12 +52,12 @@ def main(args) -> int:
         raise InputError(f"{missing[0]}: not found" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if args.expected is not None and len(parts) != args.expected:
         raise InputError(f"{args.inputs_dir or 'the inputs'}: {len(parts)} predictions part(s), expected {args.expected}")
-    merged = merge_predictions(parts, args.output_dir, args.histogram)
+    merged = merge_predictions(parts, args.output_dir, args.histogram, args.folder_plot)
     report = merged["report"]
     write_run_record(args.output_dir / "merge_predictions_run.json", "merge_predictions", vars(args), parts)
     for entry in report["skipped"]:
         print(f"skipped {entry['file']}: {entry['reason']}", file=sys.stderr)
-    print(compliance_line(report["overall"]))
+    print(compliance_line(report["overall"], report["estimate"]))
     print(f"{report['num_images']} images from {report['num_parts']} part(s), {len(report['skipped'])} skipped; "
           f"outputs in {args.output_dir}")
     return 0

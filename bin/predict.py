@@ -4,8 +4,11 @@
 Inputs are image files, folders of images, or .tar archives of images (any size or
 colour mode). Writes OUTPUT_DIR/predictions.json, predictions.csv (file, xmin, ymin,
 xmax, ymax, label, score), compliance.json (faces per class and percent properly
-masked, overall and per image), annotated images annotated_<stem>.jpg in
---annotated-dir, and predict_run.json (run record). Prints the compliance line.
+masked, overall and per image; the overall figure as an estimate with its 95 % bootstrap
+interval and the images it rests on, by every estimator of utils/detection/quantify.py;
+per folder when the images sit in two or more folders, drawn in compliance_by_folder.png),
+annotated images annotated_<stem>.jpg in --annotated-dir, and predict_run.json (run
+record). Prints the compliance line with the interval.
 Detections count from the model's operating score threshold (chosen by train on the
 validation split and stored in the model file) unless --score-threshold is given.
 A file that cannot be read is listed as skipped with its reason and the others
@@ -96,7 +99,7 @@ def main(args) -> int:
                              annotate=not args.no_annotated, progress=bar.update, settings=settings,
                              annotate_max=args.annotate_max, annotated_tar=args.annotated_tar, tag=args.output_tag,
                              explain=args.explain_method if args.explain else None,
-                             explain_max_boxes=args.explain_max_boxes)
+                             explain_max_boxes=args.explain_max_boxes, calibration=meta.get("quantification"))
     processed = [Path(path) for path in args.model]
     for given in map(Path, args.images):  # hash what was given: files and archives as such, folders' files
         processed += [given] if given.is_file() else sorted(p for p in given.rglob("*") if p.is_file())

@@ -20,7 +20,8 @@ from utils.classes import CLASSES
 from utils.provenance import write_run_record
 
 FIGURE_NAMES = ("class_distribution.png", "optimization_history.png", "param_importances.png", "loss_curve.png",
-                "confusion_matrix.png", "pr_curves.png", "compliance_histogram.png")
+                "confusion_matrix.png", "pr_curves.png", "compliance_histogram.png",
+                "compliance_by_folder.png")
 
 
 def _figure(path: Path, title: str) -> None:
@@ -53,6 +54,16 @@ def image_errors(num_images: int) -> list[dict]:
     return sorted(entries, key=lambda e: (-e["errors"], -e["missed"], e["image"]))
 
 
+def estimate_record(method: str, value: float, low: float, high: float, units: int, truth: float | None = None) -> dict:
+    """One estimate as utils.detection.quantify writes it (with its error when *truth* is given)."""
+    record = {"method": method, "estimator": method, "percent": value, "low": low, "high": high, "confidence": 0.95,
+              "units": units, "unit": "image", "faces_found": 20, "faces_estimated": 20.0, "replicates": 1000,
+              "replicates_defined": 1000, "seed": 42, "calibration_images": None, "resampled": "images"}
+    if truth is not None:
+        record.update(error_points=round(value - truth, 2), truth_inside=low <= truth <= high)
+    return record
+
+
 def make_run_folder(run_dir: Path, *, map_50: float = 0.5, compliance_error: float = 2.0, config: dict | None = None,
                     num_images: int = 6, hpo: bool = True, statistics: bool = True, evaluation: bool = True,
                     figures: bool = True, wall_time_s: float = 100.0) -> Path:
@@ -77,6 +88,14 @@ def make_run_folder(run_dir: Path, *, map_50: float = 0.5, compliance_error: flo
                                          "percent_properly_masked": true_percent + compliance_error},
                            "error_points": compliance_error, "per_image_mae_points": 6.5, "images_compared": num_images,
                            "images_without_detections": 0, "images_without_faces": 0},
+            "quantification": {
+                "estimate": estimate_record("cc", true_percent + compliance_error, 60.0, 90.0, num_images, true_percent),
+                "estimates": {"cc": estimate_record("cc", true_percent + compliance_error, 60.0, 90.0, num_images,
+                                                    true_percent),
+                              "pcc": estimate_record("pcc", 90.0, 85.0, 95.0, num_images, true_percent)},
+                "unavailable": {"acc": "the model file holds no validation rates",
+                                "pacc": "the model file holds no validation rates"},
+                "true_percent": true_percent, "true_faces": 24, "calibration": {"used": False}},
             "num_images": num_images, "num_faces": 24, "faces_per_class": {"with_mask": 18, "without_mask": 4,
                                                                             "mask_weared_incorrect": 2},
             "num_detections": 30, "skipped": [], "objects_dropped": []}))
@@ -90,7 +109,8 @@ def make_run_folder(run_dir: Path, *, map_50: float = 0.5, compliance_error: flo
     (outputs / "compliance.json").write_text(json.dumps({
         "num_parts": 1, "num_images": num_images, "skipped": [], "per_image": per_image,
         "overall": {"faces": 4 * num_images, "counts": {"with_mask": 2 * num_images, "without_mask": 2 * num_images,
-                                                        "mask_weared_incorrect": 0}, "percent_properly_masked": 50.0}}))
+                                                        "mask_weared_incorrect": 0}, "percent_properly_masked": 50.0},
+        "estimate": estimate_record("cc", 50.0, 41.5, 58.5, num_images)}))
     write_run_record(outputs / "merge_predictions_run.json", "merge_predictions", {"expected": 1})
     with tarfile.open(outputs / "annotated_shard-000000.tar", "w") as archive:
         for i in range(num_images):

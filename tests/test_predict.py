@@ -8,11 +8,12 @@ import json
 import tarfile
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from torch import nn
 
-from helpers import run_script
+from helpers import calibrated_model_file, run_script
 from utils.detection.inference import detect
 from utils.detection.compliance import merge_compliance
 
@@ -25,8 +26,10 @@ def test_predict_survives_corrupt_files_and_odd_images(root, sample_dir, tiny_mo
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     good = sorted((sample_dir / "images").glob("*.jpg"))[:3]
-    for file in good:
+    for file in good[:2]:
         (inputs / file.name).write_bytes(file.read_bytes())
+    (inputs / "site-b").mkdir()  # photos in two folders: one figure per folder too
+    (inputs / "site-b" / good[2].name).write_bytes(good[2].read_bytes())
     (inputs / "broken.jpg").write_bytes(good[0].read_bytes()[:300])  # truncated JPEG
     (inputs / "notes.txt").write_text("not an image")
     Image.new("LA", (37, 300), (90, 128)).save(inputs / "tall_grey_alpha.png")  # odd size and mode
@@ -39,7 +42,7 @@ def test_predict_survives_corrupt_files_and_odd_images(root, sample_dir, tiny_mo
     assert rc == 0
     captured = capsys.readouterr()
     line = [text for text in captured.out.splitlines() if text.startswith("compliance:")]
-    assert len(line) == 1 and "faces" in line[0]
+    assert len(line) == 1 and "faces" in line[0] and "5 images; cc)" in line[0]
 
     predictions = json.loads((out / "predictions.json").read_text())
     assert predictions["num_images"] == 5
@@ -74,6 +77,19 @@ def test_predict_survives_corrupt_files_and_odd_images(root, sample_dir, tiny_mo
     assert compliance["overall"] == merge_compliance(compliance["per_image"].values())
     assert compliance["skipped"] == predictions["skipped"]
     assert (out / "predict_run.json").is_file()
+    # the figure as an estimate: the headline with its interval and the images it rests on
+    estimate = compliance["estimate"]
+    assert estimate["method"] == "cc" and estimate["units"] == 5 and estimate["seed"] == 42
+    assert estimate["percent"] == compliance["overall"]["percent_properly_masked"]
+    assert estimate["faces_found"] == compliance["overall"]["faces"]
+    assert set(compliance["estimates"]) == {"cc", "pcc"} and set(compliance["unavailable"]) == {"acc", "pacc"}
+    assert compliance["calibration"]["used"] is False  # an untrained model file holds no validation rates
+    for image in predictions["images"]:  # at the floor's threshold the score sums are those of the detections
+        assert sum(image["soft_counts"].values()) == pytest.approx(sum(d["score"] for d in image["detections"]),
+                                                                   rel=1e-3)  # scores rounded
+    assert {folder: entry["units"] for folder, entry in compliance["per_folder"].items()} == {"": 4, "site-b": 1}
+    assert by_file[f"{inputs}/site-b/{good[2].name}"]["folder"] == "site-b"
+    assert (out / "compliance_by_folder.png").is_file()
 
 
 def test_predict_tta_and_archive_input(root, sample_dir, tiny_model_file, tmp_path):
@@ -120,6 +136,18 @@ def test_predict_uses_the_models_operating_threshold_unless_told_otherwise(root,
     assert "predict: score threshold 0.8 (--score-threshold)" in capsys.readouterr().out
     assert run_predict(root, [*common, "--model", str(tiny_model_file)]) == 0
     assert "predict: score threshold 0.5 (the default" in capsys.readouterr().out
+    # validation rates measured at the model's threshold correct counts made there, and only there
+    calibrated = calibrated_model_file(chosen, tmp_path / "calibrated.pt", score_threshold=0.35)
+    assert run_predict(root, [*common, "--model", str(calibrated)]) == 0
+    compliance = json.loads((tmp_path / "out" / "compliance.json").read_text())
+    assert set(compliance["estimates"]) == {"cc", "pcc", "acc", "pacc"}
+    assert compliance["calibration"] == {"used": True, "chosen_on": "validation", "images": 20,
+                                         "faces": compliance["calibration"]["faces"], "score_threshold": 0.35,
+                                         "floor": 0.05}
+    assert json.loads((tmp_path / "out" / "predictions.json").read_text())["calibration"]["score_threshold"] == 0.35
+    assert run_predict(root, [*common, "--model", str(calibrated), "--score-threshold", "0.8"]) == 0
+    compliance = json.loads((tmp_path / "out" / "compliance.json").read_text())
+    assert "measured at score >= 0.35" in compliance["unavailable"]["acc"]
 
 
 class LeftHalfDetector(nn.Module):

@@ -61,6 +61,10 @@ def test_a_run_lacking_pieces_gets_a_page_that_says_so(root, tmp_path, capsys):
     assert "no <code>loss_curve.png</code> in this run (the train job writes it)" in page
     assert "no <code>config.yml</code> in this run" in page
     assert page.count('class="tile"') == 6
+    # the figure as an estimate: every estimator against the truth, and the prediction set's interval
+    assert "Percent properly masked as an estimate (test set)" in page and "truth inside" in page
+    assert "<b>no</b>" in page  # pcc's interval (85-95 %) misses the true 75 %
+    assert "95% interval 41.5&ndash;58.5%" in page and "not computed" in page
 
 
 def test_bad_run_folders_are_one_line_errors(root, tmp_path, capsys):

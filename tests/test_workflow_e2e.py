@@ -42,7 +42,8 @@ def test_local_run_ends_with_evaluation_compliance_and_statistics(finished_run):
     outputs = run_dir / "outputs"
     for name in ("evaluation.json", "evaluation.txt", "confusion_matrix.png", "pr_curves.png",
                  "class_distribution.png", "best_hpo_params.json", "model.pt", "predictions_shard-000000.json",
-                 "predictions.csv", "compliance.json", "compliance_histogram.png", "optimization_history.png",
+                 "predictions.csv", "compliance.json", "compliance_histogram.png", "compliance_by_folder.png",
+                 "optimization_history.png",
                  "loss_curve.png", "evaluation_images.json", "report.html", "report_run.json"):
         assert (outputs / name).is_file() and (outputs / name).stat().st_size > 0, name
     evaluation = json.loads((outputs / "evaluation.json").read_text())

@@ -136,7 +136,8 @@ def test_stage_out_only_final_outputs(run_dir):
                 stage_out[use["lfn"]] = use["stageOut"]
     for final in ("evaluation.json", "evaluation.txt", "confusion_matrix.png", "pr_curves.png",
                   "class_distribution.png", "best_hpo_params.json", "model.pt", "predictions_shard-000000.json",
-                  "predictions.csv", "compliance.json", "compliance_histogram.png", "annotated_shard-000000.tar"):
+                  "predictions.csv", "compliance.json", "compliance_histogram.png", "compliance_by_folder.png",
+                  "annotated_shard-000000.tar"):
         assert stage_out[final] is True, final
     for intermediate in ("train_set.tar", "val_set.tar", "test_set.tar", "best_0.json"):
         assert stage_out[intermediate] is False, intermediate

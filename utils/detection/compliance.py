@@ -14,6 +14,7 @@ import torch
 
 from .. import defaults as D
 from ..classes import CLASSES, NAME_OF
+from .quantify import interval_text
 
 
 def _percent(with_mask: int, faces: int) -> float | None:
@@ -46,11 +47,15 @@ def merge_compliance(parts) -> dict:
     return {"faces": faces, "counts": counts, "percent_properly_masked": None if percent is None else round(percent, 2)}
 
 
-def compliance_line(summary: dict) -> str:
-    """One printable line, e.g. 'compliance: 42 faces, 30 with_mask, ...: 71.4% properly masked'."""
+def compliance_line(summary: dict, estimate: dict | None = None) -> str:
+    """One printable line, e.g. 'compliance: 42 faces, 30 with_mask, ...: 71.4% properly masked'; with
+    the *estimate* of utils.detection.quantify, its figure, 95 % interval, images and estimator."""
     counts = ", ".join(f"{summary['counts'][name]} {name}" for name in CLASSES)
     percent = summary["percent_properly_masked"]
-    figure = "no faces found" if percent is None else f"{percent:.1f}% properly masked"
+    if estimate is not None:
+        figure = interval_text(estimate)
+    else:
+        figure = "no faces found" if percent is None else f"{percent:.1f}% properly masked"
     return f"compliance: {summary['faces']} faces, {counts}: {figure}"
 
 

@@ -31,10 +31,12 @@ TTA_NMS_IOU = 0.5
 
 @dataclass
 class ImageItem:
-    """One input file: the name shown in outputs and the path read."""
+    """One input file: the name shown in outputs, the path read, and the folder it sits in below the
+    folder or archive given ("" at its top or when the file was named itself): compliance per folder."""
 
     name: str
     path: Path
+    folder: str = ""
 
 
 @dataclass

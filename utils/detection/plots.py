@@ -224,3 +224,30 @@ def plot_compliance_over_time(times, percentages, faces, path, source: str) -> N
     ax.patch.set_visible(False)
     ax.set_title(f"Mask compliance over time: {Path(source).name if '://' not in source else source}")
     _save(fig, path)
+
+
+def plot_compliance_by_folder(per_folder: dict, overall: dict, path) -> None:
+    """Percent properly masked per folder with its 95 % interval (bars), and the overall figure (line);
+    *per_folder* maps a folder to a utils.detection.quantify estimate ({} draws the overall one alone)."""
+    rows = list(per_folder.items()) or [("all images", overall)]
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(rows)))
+    colour = tuple(v / 255 for v in CLASS_COLOURS["with_mask"])
+    for y, (folder, result) in enumerate(rows):
+        if result["percent"] is None:
+            ax.text(1, y, f"no figure ({result.get('note', 'no faces found')})", va="center", fontsize=8)
+            continue
+        low, high = result["low"], result["high"]
+        error = None if low is None else [[result["percent"] - low], [high - result["percent"]]]
+        ax.errorbar(result["percent"], y, xerr=error, fmt="o", color=colour, ecolor="black", capsize=4)
+        units = f"{result['units']} {result['unit']}{'' if result['units'] == 1 else 's'}"
+        ax.text(101, y, f"{units}, {result['faces_found']} faces found", va="center", fontsize=8)
+    if overall["percent"] is not None and per_folder:
+        ax.axvline(overall["percent"], color="grey", linestyle="--", label=f"all folders: {overall['percent']:.1f}%")
+        ax.legend(loc="lower left", fontsize=8)
+    ax.set_yticks(range(len(rows)), [folder or "(top level)" for folder, _ in rows], fontsize=8)
+    ax.set_ylim(len(rows) - 0.5, -0.5)  # the first folder on top
+    ax.set_xlim(0, 100)
+    ax.set_xlabel(f"faces properly masked (%), {overall['method']}, with the "
+                  f"{round(100 * overall['confidence'])}% bootstrap interval")
+    ax.set_title("Mask compliance per folder")
+    _save(fig, path)

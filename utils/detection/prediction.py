@@ -21,12 +21,14 @@ from pathlib import Path
 
 from PIL import Image
 
+from .. import defaults as D
 from ..atomic import atomic_path, write_json, write_text
 from ..classes import NAME_OF
 from ..data.images import is_image_name
 from ..naming import tagged_name
 from .inference import Detections, ImageItem, Skipped, detect_files
 from .compliance import compliance, compliance_line, merge_compliance
+from .quantify import prediction_estimates, soft_counts
 from ..data.pairs import open_folder, pack_folder
 from .plots import save_annotated
 
@@ -46,7 +48,8 @@ def _folder_items(folder: Path, prefix: str, skipped: list):
             continue  # hidden files (editor swap files, macOS metadata) are not inputs
         name = f"{prefix}{relative.as_posix()}"
         if is_image_name(path):
-            items.append(ImageItem(name, path))
+            parent = relative.parent.as_posix()
+            items.append(ImageItem(name, path, "" if parent == "." else parent))
         elif path.suffix.lower() != ".xml":  # annotations beside images are expected, not a problem
             skipped.append({"file": name, "reason": f"not an image file name (extension '{path.suffix}')"})
     return items
@@ -88,6 +91,7 @@ class PredictionRun:
     images: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
     overall: dict = field(default_factory=dict)
+    estimates: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)
 
     @property
@@ -95,13 +99,22 @@ class PredictionRun:
         return len(self.images)
 
 
-def _image_record(result: Detections, annotated: str | None) -> dict:
+def _keep_counted(result: Detections, score_threshold: float) -> dict:
+    """Reduce *result* to the detections counted at *score_threshold*; returns the score sums per class
+    of all it held (down to the detection floor), the image's probabilistic count."""
+    soft = soft_counts(result.labels.tolist(), result.scores.tolist())
+    keep = result.scores >= score_threshold
+    result.boxes, result.labels, result.scores = result.boxes[keep], result.labels[keep], result.scores[keep]
+    return soft
+
+
+def _image_record(result: Detections, annotated: str | None, soft: dict) -> dict:
     detections = [
         {"box": [round(v, 2) for v in box], "label": NAME_OF[int(label)], "score": round(float(score), 4)}
         for box, label, score in zip(result.boxes.tolist(), result.labels.tolist(), result.scores.tolist())
     ]
-    return {"file": result.item.name, "width": result.width, "height": result.height,
-            "annotated": annotated, "detections": detections,
+    return {"file": result.item.name, "folder": result.item.folder, "width": result.width, "height": result.height,
+            "annotated": annotated, "detections": detections, "soft_counts": soft,
             "compliance": compliance([d["label"] for d in detections])}
 
 
@@ -119,7 +132,8 @@ def output_names(tag: str | None = None) -> dict[str, str]:
     """The predict job's output file names; with a *tag* (a shard's name) they carry it, so that
     the fanned-out jobs of one workflow write distinct files for the merge job."""
     names = {"predictions_json": "predictions.json", "predictions_csv": "predictions.csv",
-             "compliance_json": "compliance.json", "run_record": "predict_run.json"}
+             "compliance_json": "compliance.json", "folder_plot": "compliance_by_folder.png",
+             "run_record": "predict_run.json"}
     return {key: tagged_name(name, tag) for key, name in names.items()}
 
 
@@ -134,7 +148,8 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
                    tta: bool = False, batch_size: int = 4, num_workers: int | None = None,
                    annotate: bool = True, progress=None, settings: dict | None = None,
                    annotate_max: int | None = None, annotated_tar=None, tag: str | None = None,
-                   explain: str | None = None, explain_max_boxes: int = 5) -> PredictionRun:
+                   explain: str | None = None, explain_max_boxes: int = 5, calibration: dict | None = None,
+                   estimator: str = D.COMPLIANCE_ESTIMATOR) -> PredictionRun:
     """Run the predict job and write its outputs; returns what was written.
 
     *progress* is an optional callable taking the number of finished images (for a tqdm bar).
@@ -144,6 +159,9 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
     (output_names). *explain* (a method of utils.detection.explain) also writes, for each drawn
     image, an overlay of the class evidence of each of its *explain_max_boxes* best detections
     (explain_<stem>_<k>.jpg beside the annotated image; k indexes the image's detections).
+    *calibration* (the model file's validation record) lets the adjusted estimators correct the counts;
+    *estimator* names the headline one (utils/detection/quantify.py). Images in two or more folders
+    also get one figure per folder and compliance_by_folder.png.
     """
     output_dir = Path(output_dir)
     annotated_dir = Path(annotated_dir) if annotated_dir else output_dir / "annotated"
@@ -158,11 +176,15 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
             annotated_dir.mkdir(parents=True, exist_ok=True)
         writer = stack.enter_context(ThreadPoolExecutor(max_workers=2, thread_name_prefix="annotate"))
         pending = []
-        for result in detect_files(model, items, device, batch_size=batch_size, score_threshold=score_threshold,
+        # Detections down to the floor feed the probabilistic count; only those at the threshold are counted,
+        # drawn and listed.
+        floor = min(D.DETECTION_FLOOR, score_threshold)
+        for result in detect_files(model, items, device, batch_size=batch_size, score_threshold=floor,
                                    tta=tta, num_workers=num_workers, keep_images=annotate):
             if isinstance(result, Skipped):
                 run.skipped.append({"file": result.item.name, "reason": result.reason})
                 continue
+            soft = _keep_counted(result, score_threshold)
             annotated = None
             explained = []
             if result.item.name in drawn:
@@ -176,7 +198,7 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
                 result.image = None
                 if len(pending) > 4 * batch_size:  # bound the images held in memory by queued writes
                     pending.pop(0).result()
-            run.images.append(_image_record(result, annotated))
+            run.images.append(_image_record(result, annotated, soft))
             if explain and annotated:
                 run.images[-1]["explanations"] = explained
             if progress is not None:
@@ -186,22 +208,30 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
         if annotated_tar is not None:
             pack_folder(annotated_dir, annotated_tar)  # always written: a workflow declares it as an output
     run.overall = merge_compliance(image["compliance"] for image in run.images)
+    run.estimates = prediction_estimates(run.images, calibration, score_threshold, tta, estimator)
     settings = dict(settings or {})
     settings.update({"score_threshold": score_threshold, "tta": tta})
-    predictions = {**settings, "num_images": run.num_images,
+    # The validation record travels with the detections: a merge of shards corrects the counts with it.
+    predictions = {**settings, "num_images": run.num_images, "detection_floor": D.DETECTION_FLOOR,
                    "num_detections": sum(len(i["detections"]) for i in run.images),
                    "images": [{k: v for k, v in i.items() if k != "compliance"} for i in run.images],
-                   "skipped": run.skipped}
-    compliance_report = {**settings, "num_images": run.num_images, "overall": run.overall,
+                   "calibration": calibration, "skipped": run.skipped}
+    compliance_report = {**settings, "num_images": run.num_images, "overall": run.overall, **run.estimates,
                          "per_image": {i["file"]: i["compliance"] for i in run.images},
                          "skipped": run.skipped}
     names = output_names(tag)
+    if "per_folder" in run.estimates:
+        from .plots import plot_compliance_by_folder
+
+        plot_compliance_by_folder(run.estimates["per_folder"], run.estimates["estimate"],
+                                  output_dir / names["folder_plot"])
     run.outputs = {
         "predictions_json": write_json(output_dir / names["predictions_json"], predictions),
         "predictions_csv": write_text(output_dir / names["predictions_csv"], _csv_text(run.images)),
         "compliance_json": write_json(output_dir / names["compliance_json"], compliance_report),
         "annotated_dir": annotated_dir if annotate and annotated_tar is None else None,
         "annotated_tar": Path(annotated_tar) if annotated_tar is not None else None,
+        "folder_plot": output_dir / names["folder_plot"] if "per_folder" in run.estimates else None,
     }
     return run
 
@@ -228,7 +258,7 @@ def _save_jpeg(picture: Image.Image, path: Path, quality: int = 90) -> None:
 
 
 def summary_line(run: PredictionRun) -> str:
-    return compliance_line(run.overall)
+    return compliance_line(run.overall, run.estimates.get("estimate"))
 
 
 def _tag_of(path: Path) -> str:
@@ -236,13 +266,18 @@ def _tag_of(path: Path) -> str:
     return name[len("predictions_"):-len(".json")] if name.startswith("predictions_") else path.stem
 
 
-def merge_predictions(parts, output_dir, histogram: str | None = "compliance_histogram.png") -> dict:
-    """Merge the predictions_<tag>.json of fanned-out predict jobs into one compliance.json (overall,
-    per shard, per image), one predictions.csv and a histogram of the per-image compliance.
+def merge_predictions(parts, output_dir, histogram: str | None = "compliance_histogram.png",
+                      folder_plot: str | None = "compliance_by_folder.png",
+                      estimator: str = D.COMPLIANCE_ESTIMATOR) -> dict:
+    """Merge the predictions_<tag>.json of fanned-out predict jobs into one compliance.json (overall with
+    its estimate and interval, per folder, per shard, per image), one predictions.csv, a histogram of the
+    per-image compliance and a plot of the per-folder figures (always drawn: a workflow declares it; one
+    bar when the images sit in one folder).
 
     Per-image figures are recomputed from the detections, exactly as a single predict job computes
-    them, so the merge of N shards equals one job over the same images. The parts must agree on the
-    model and the operating threshold (else InputError naming the part).
+    them, and the estimates from the per-image records in file-name order, so the merge of N shards
+    equals one job over the same images. The parts must agree on the model, the operating threshold and
+    the model's validation record (else InputError naming the part).
     """
     import json
 
@@ -254,7 +289,7 @@ def merge_predictions(parts, output_dir, histogram: str | None = "compliance_his
     if not parts:
         raise InputError("no predictions_<tag>.json to merge")
     settings_keys = ("model", "backbone", "image_size", "score_threshold", "score_threshold_source", "tta")
-    settings, per_shard, per_image, skipped = None, {}, {}, []
+    settings, per_shard, per_image, skipped, records_in, calibration = None, {}, {}, [], [], None
     csv_buffer = io.StringIO()
     writer = csv.writer(csv_buffer, lineterminator="\n")
     writer.writerow(PREDICTION_CSV_FIELDS)
@@ -270,6 +305,11 @@ def merge_predictions(parts, output_dir, histogram: str | None = "compliance_his
         elif these != settings:
             differing = [key for key in settings_keys if these[key] != settings[key]]
             raise InputError(f"{part}: made with other settings than {parts[0].name} ({', '.join(differing)})")
+        if part == parts[0]:
+            calibration = data.get("calibration")
+        elif data.get("calibration") != calibration:
+            raise InputError(f"{part}: holds other validation rates than {parts[0].name} (another model file?)")
+        records_in += images
         records = []
         for image in images:
             if image["file"] in per_image:
@@ -282,10 +322,17 @@ def merge_predictions(parts, output_dir, histogram: str | None = "compliance_his
         per_shard[_tag_of(part)] = {"num_images": len(images), "skipped": len(data.get("skipped", [])),
                                     **merge_compliance(records)}
     overall = merge_compliance(per_image.values())
-    report = {**settings, "num_parts": len(parts), "num_images": len(per_image), "overall": overall,
+    estimates = prediction_estimates(records_in, calibration, settings["score_threshold"], bool(settings["tta"]),
+                                     estimator)
+    report = {**settings, "num_parts": len(parts), "num_images": len(per_image), "overall": overall, **estimates,
               "per_shard": per_shard, "per_image": per_image, "skipped": skipped}
     outputs = {"compliance_json": write_json(output_dir / "compliance.json", report),
                "predictions_csv": write_text(output_dir / "predictions.csv", csv_buffer.getvalue())}
+    if folder_plot:
+        from .plots import plot_compliance_by_folder
+
+        plot_compliance_by_folder(estimates.get("per_folder", {}), estimates["estimate"], output_dir / folder_plot)
+        outputs["folder_plot"] = output_dir / folder_plot
     if histogram:
         percentages = [r["percent_properly_masked"] for r in per_image.values() if r["faces"]]
         plot_compliance_histogram(percentages, output_dir / histogram, overall["percent_properly_masked"],

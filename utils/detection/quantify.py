@@ -98,7 +98,8 @@ def calibration_record(preds, targets, score_threshold: float, chosen_on: str = 
 def calibration_problem(calibration: dict | None, score_threshold: float, tta: bool = False) -> str | None:
     """Why the model's calibration record cannot correct counts made at *score_threshold* (None: it can)."""
     if not calibration:
-        return "the model file holds no validation rates (trained before they were stored, or without validation)"
+        return ("the model file holds no validation rates (trained before they were stored, or without "
+                "validation images; an ensemble has none of its own)")
     if not calibration.get("images"):
         return "the model's validation rates rest on no image"
     if list(calibration.get("classes", [])) != list(CLASSES):

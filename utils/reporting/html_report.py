@@ -134,6 +134,36 @@ def table(headers, rows, text_columns=(0,), classes=None) -> str:
     return f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
+def interval(result: dict | None) -> str:
+    """'53.2% (95% interval 44.0&ndash;61.5%)' of a utils.detection.quantify estimate, or 'n/a'."""
+    if not result or result.get("percent") is None:
+        return "n/a"
+    if result.get("low") is None:
+        return f"{percent(result['percent'])} (no interval)"
+    return (f"{percent(result['percent'])} ({round(100 * result.get('confidence', 0.95))}% interval "
+            f"{result['low']:.1f}&ndash;{result['high']:.1f}%)")
+
+
+def estimates_table(quantification: dict) -> str:
+    """The compliance estimators on the test set against the truth (evaluation.json's quantification)."""
+    rows = []
+    for method, result in (quantification.get("estimates") or {}).items():
+        error, inside = result.get("error_points"), result.get("truth_inside")
+        rows.append([esc(method), esc(result.get("estimator", "")), interval(result),
+                     "n/a" if error is None else f"{error:+.1f} pts",
+                     {True: "yes", False: "<b>no</b>", None: "n/a"}[inside], esc(result.get("units", "n/a"))])
+    rows += [[esc(method), "not computed", esc(why), "", "", ""]
+             for method, why in (quantification.get("unavailable") or {}).items()]
+    headline = quantification.get("estimate") or {}
+    return ("<h3>Percent properly masked as an estimate (test set)</h3>"
+            + table(["estimator", "", "figure (95% interval)", "error", "truth inside", "images"], rows, (0, 1, 2))
+            + f'<p class="muted">True: {percent(quantification.get("true_percent"))} of '
+              f'{esc(quantification.get("true_faces", "n/a"))} faces. Headline estimator '
+              f'<b>{esc(headline.get("method", "n/a"))}</b>{esc(" (" + headline["fallback"] + ")") if headline.get("fallback") else ""}. '
+              "Seeded bootstrap intervals: cc and pcc resample the images only; acc and pacc also the validation "
+              "images their rates come from.</p>")
+
+
 def card(label: str, value: str, sub: str = "", css: str = "") -> str:
     sub_html = f'<div class="sub">{sub}</div>' if sub else ""
     return f'<div class="card"><div class="label">{esc(label)}</div><div class="value {css}">{value}</div>{sub_html}</div>'
@@ -193,6 +223,7 @@ def summary_section(page: Page) -> None:
     if evaluation:
         compliance = evaluation.get("compliance") or {}
         true, predicted = compliance.get("true") or {}, compliance.get("predicted") or {}
+        headline = (evaluation.get("quantification") or {}).get("estimate") or {}
         error = compliance.get("error_points")
         parts.append('<div class="cards">' + "".join([
             card("mAP@[0.5:0.95]", number(evaluation.get("map")), "test set"),
@@ -200,7 +231,9 @@ def summary_section(page: Page) -> None:
             card("Properly masked (true)", percent(true.get("percent_properly_masked")),
                  f"{true.get('faces', 'n/a')} labelled faces"),
             card("Properly masked (predicted)", percent(predicted.get("percent_properly_masked")),
-                 f"{predicted.get('faces', 'n/a')} faces kept at score &ge; {number(compliance.get('score_threshold'), 2)}"),
+                 f"{predicted.get('faces', 'n/a')} faces kept at score &ge; {number(compliance.get('score_threshold'), 2)}"
+                 + (f"; 95% interval {headline['low']:.1f}&ndash;{headline['high']:.1f}% ({esc(headline['method'])})"
+                    if headline.get("low") is not None else "")),
             card("Compliance error", "n/a" if error is None else f"{error:+.1f} pts",
                  "predicted &minus; true", "bad" if error is not None and abs(error) >= 5 else "good"),
             card("Per-image MAE", "n/a" if compliance.get("per_image_mae_points") is None
@@ -215,6 +248,8 @@ def summary_section(page: Page) -> None:
                 for name, entry in ((name, per_class.get(name) or {}) for name in CLASSES)]
         parts.append("<h3>Per class (test set)</h3>" + table(
             ["class", "faces", "AP", "AP50", "AP75", "recall", "true count", "predicted count"], rows))
+        if evaluation.get("quantification"):
+            parts.append(estimates_table(evaluation["quantification"]))
         parts.append(f'<p class="muted">{esc(evaluation.get("num_images", "n/a"))} test images, model '
                      f'<code>{esc(evaluation.get("model", "n/a"))}</code> ({esc(evaluation.get("backbone", "n/a"))}, '
                      f'{esc(evaluation.get("image_size", "n/a"))} px), mean test loss {number(evaluation.get("test_loss"))}. '
@@ -230,6 +265,11 @@ def summary_section(page: Page) -> None:
                      + ", ".join(f"{esc(counts.get(name, 0))} {esc(name)}" for name in CLASSES)
                      + f"), <b>{percent(overall.get('percent_properly_masked'))}</b> properly masked; "
                      f"{len(run.compliance.get('skipped') or [])} file(s) skipped.</p>")
+        estimate = run.compliance.get("estimate")
+        if estimate:
+            parts.append(f"<p>Estimate ({esc(estimate.get('method'))}): <b>{interval(estimate)}</b> over "
+                         f"{esc(estimate.get('units'))} images" + (f"; {esc(estimate['fallback'])}"
+                                                                  if estimate.get("fallback") else "") + ".</p>")
     else:
         parts.append(note("No <code>compliance.json</code> in this run: the merge_predictions job has not finished."))
     absent = [name for name in run.missing]
@@ -330,7 +370,8 @@ def evaluation_section(page: Page) -> None:
                      + table(["true \\ predicted", *map(esc, labels)], rows)
                      + '<p class="muted">A missed face counts in the background column, a spurious or duplicate box '
                        "in the background row.</p>")
-    parts.append(page.figures("confusion_matrix.png", "pr_curves.png", "compliance_histogram.png"))
+    parts.append(page.figures("confusion_matrix.png", "pr_curves.png", "compliance_histogram.png",
+                              "compliance_by_folder.png"))
     if evaluation:
         skipped, dropped = evaluation.get("skipped") or [], evaluation.get("objects_dropped") or []
         if skipped or dropped:

@@ -25,6 +25,8 @@ FIGURES = {
     "confusion_matrix.png": ("Detection confusion matrix", "evaluate"),
     "pr_curves.png": ("Precision-recall curves (IoU 0.5)", "evaluate"),
     "compliance_histogram.png": ("Per-image compliance of the prediction set", "merge_predictions"),
+    "compliance_by_folder.png": ("Compliance per folder of the prediction set, with 95 % intervals",
+                                 "merge_predictions"),
 }
 # The data files the report reads, with the job that writes each (missing ones are named on the page).
 DATA_FILES = {
