@@ -20,7 +20,7 @@ from helpers import run_script
 from utils.classes import CLASSES, LABEL_OF, RARE_CLASS
 from utils.data.folds import FoldError, assign_folds, folds_csv_text, read_folds_csv, source_stem
 from utils.data.pairs import Pair
-from utils.detection.cross_validation import mean_std, summarise_folds
+from utils.detection.cross_validation import format_summary, mean_std, summarise_folds
 from utils.detection.ensemble import BoxFusionEnsemble
 from utils.detection.inference import detect
 from utils.naming import tagged_name
@@ -151,6 +151,29 @@ def test_mean_and_sample_std_per_metric_and_class():
     assert summary["per_class"]["with_mask"]["ap_50"]["mean"] == pytest.approx(0.5)
     assert mean_std([0.3])["std"] is None and mean_std([None, None])["mean"] is None
     assert math.isclose(mean_std([1.0, 3.0])["std"], math.sqrt(2))
+
+
+def with_estimators(evaluation: dict, errors: dict, inside: dict) -> dict:
+    """*evaluation* with a quantification block: each estimator's error and whether the truth was inside."""
+    estimates = {method: {"error_points": error, "truth_inside": inside[method]} for method, error in errors.items()}
+    return {**evaluation, "quantification": {"estimates": estimates}}
+
+
+def test_the_compliance_estimators_are_ranked_by_their_error_across_folds():
+    folds = [with_estimators(fake_evaluation(0.3, 0.3), {"cc": 8.0, "pcc": -3.0, "acc": 1.0},
+                             {"cc": False, "pcc": True, "acc": True}),
+             with_estimators(fake_evaluation(0.5, 0.5), {"cc": 6.0, "pcc": 2.0, "acc": None},
+                             {"cc": False, "pcc": True, "acc": None})]
+    summary = summarise_folds(folds, ["evaluation_fold0.json", "evaluation_fold1.json"])
+    estimators = summary["compliance_estimators"]
+    assert estimators["estimators"]["cc"]["abs_error_points"]["mean"] == pytest.approx(7.0)
+    assert estimators["estimators"]["pcc"]["error_points"]["mean"] == pytest.approx(-0.5)
+    assert estimators["estimators"]["pcc"]["folds_covered"] == 2 and estimators["estimators"]["cc"]["folds_covered"] == 0
+    # acc is undefined on one fold: it cannot win on one fold's error
+    assert estimators["smallest_mean_abs_error"] == "pcc"
+    text = format_summary(summary)
+    assert "smallest mean |error| over every fold: pcc" in text and "2 of 2 folds" in text
+    assert summarise_folds([fake_evaluation(0.3, 0.3)] * 2, ["a", "b"])["compliance_estimators"] is None  # older files
 
 
 def test_aggregate_job_writes_the_summary_and_names_a_bad_file(tmp_path, root, capsys):

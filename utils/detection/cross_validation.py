@@ -22,6 +22,7 @@ from pathlib import Path
 from ..atomic import write_json, write_text
 from ..classes import CLASSES
 from ..errors import InputError
+from .quantify import METHODS
 
 # (key in kfold_summary.json, how to read it from an evaluation.json, label in the text and plot)
 OVERALL_METRICS = (
@@ -39,6 +40,11 @@ PER_CLASS_METRICS = ("ap", "ap_50", "ap_75", "recall")
 THRESHOLD_NOTE = ("Each fold model was validated on its own held-out fold (train monitors it and chooses the "
                   "operating score threshold there); mAP, AP and recall do not depend on that threshold, the "
                   "confusion matrix and the compliance figures do and are slightly optimistic.")
+ESTIMATOR_NOTE = ("Compliance estimators: the error is the estimate minus the true percent on the held-out fold; "
+                  "acc and pacc correct with rates measured on the fold model's validation images, here that same "
+                  "fold, so their error and coverage are optimistic; the default estimator "
+                  "(utils/defaults.py COMPLIANCE_ESTIMATOR) should be the one with the smallest mean |error| "
+                  "over folds of a run whose validation images are not its evaluation images.")
 
 
 class FoldSummaryError(InputError):
@@ -79,6 +85,26 @@ def read_evaluations(paths) -> list[dict]:
     return evaluations
 
 
+def estimator_errors(evaluations: list[dict]) -> dict | None:
+    """Per compliance estimator (evaluation.json's quantification) over the folds: the error on each
+    fold (mean ± std), the mean absolute error, whether the truth lay inside each fold's 95 % interval,
+    and the estimator with the smallest mean |error| among those defined on every fold. None when no
+    fold was evaluated with the estimators (evaluation files written before them)."""
+    if not any(e.get("quantification") for e in evaluations):
+        return None
+    per_method = {}
+    for method in METHODS:
+        results = [((e.get("quantification") or {}).get("estimates") or {}).get(method) or {} for e in evaluations]
+        errors = [result.get("error_points") for result in results]
+        inside = [result.get("truth_inside") for result in results]
+        per_method[method] = {"error_points": mean_std(errors), "abs_error_points": mean_std(map(_abs, errors)),
+                              "truth_inside": inside, "folds_covered": sum(value is True for value in inside),
+                              "folds_judged": sum(value is not None for value in inside)}
+    complete = {m: entry for m, entry in per_method.items() if entry["abs_error_points"]["n"] == len(evaluations)}
+    best = min(complete, key=lambda m: (complete[m]["abs_error_points"]["mean"], METHODS.index(m))) if complete else None
+    return {"estimators": per_method, "smallest_mean_abs_error": best, "note": ESTIMATOR_NOTE}
+
+
 def summarise_folds(evaluations: list[dict], names: list[str]) -> dict:
     """kfold_summary.json: mean and std of every metric over the folds, overall and per class."""
     if len(evaluations) < 2:
@@ -92,6 +118,7 @@ def summarise_folds(evaluations: list[dict], names: list[str]) -> dict:
         "metrics": {key: mean_std([read(e) for e in evaluations]) for key, read, _ in OVERALL_METRICS},
         "per_class": {name: {key: mean_std([e["per_class"][name][key] for e in evaluations])
                              for key in PER_CLASS_METRICS} for name in CLASSES},
+        "compliance_estimators": estimator_errors(evaluations),
         "note": THRESHOLD_NOTE,
     }
 
@@ -116,6 +143,17 @@ def format_summary(summary: dict) -> str:
     for name in CLASSES:
         lines.append(f"{name:<24}" + "".join(f"{_pm(summary['per_class'][name][key]):>26}"
                                              for key in PER_CLASS_METRICS))
+    estimators = summary.get("compliance_estimators")
+    if estimators:
+        lines += ["", "Percent properly masked, per estimator (error = estimate - truth on each held-out fold):",
+                  f"{'estimator':<10}{'error (points)':>22}{'mean |error|':>15}{'truth inside 95% interval':>28}"]
+        for method, entry in estimators["estimators"].items():
+            inside = f"{entry['folds_covered']} of {entry['folds_judged']} folds" if entry["folds_judged"] else "n/a"
+            mae = entry["abs_error_points"]
+            lines.append(f"{method:<10}{_pm(entry['error_points'], 2):>22}"
+                         f"{'n/a' if mae['mean'] is None else format(mae['mean'], '.2f'):>15}{inside:>28}")
+        lines.append(f"smallest mean |error| over every fold: {estimators['smallest_mean_abs_error'] or 'n/a'}")
+        lines.append(estimators["note"])
     lines += ["", summary["note"]]
     return "\n".join(lines) + "\n"
 
