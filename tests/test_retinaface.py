@@ -188,3 +188,24 @@ def test_a_train_step_moves_the_face_trunk_and_resume_continues_it(provisioned, 
     assert row_b.train_loss == pytest.approx(row_a.train_loss, rel=1e-4)
     for name, value in resumed.model.state_dict().items():
         assert torch.allclose(state_a[name], value, atol=1e-5), name
+
+
+def test_the_weight_file_a_workflow_job_gets_loads_like_the_cache(provisioned):
+    from utils.detection.model import ModelError
+
+    cached = build_model(RETINAFACE_BACKBONE, weights="widerface", image_size=128)
+    explicit = build_model(RETINAFACE_BACKBONE, weights_file=str(provisioned), image_size=128)
+    assert explicit.weights_report.loaded == "widerface" and explicit.weights_report.source == str(provisioned)
+    for name, value in cached.backbone.state_dict().items():
+        assert torch.equal(value, explicit.backbone.state_dict()[name]), name
+    assert torch.equal(cached.rpn.head.cls_logits[0].weight, explicit.rpn.head.cls_logits[0].weight)
+    with pytest.raises(ModelError, match="fit backbone retinaface_mnet025 only"):
+        build_model("mobilenet_v2_fpn", weights_file=str(provisioned), image_size=128)
+
+
+def test_workflow_jobs_get_the_backbones_own_file_or_the_fallback(provisioned, monkeypatch):
+    assert weights.job_weights(RETINAFACE_BACKBONE) == (RETINAFACE_BACKBONE, provisioned, None)
+    assert weights.job_weights("resnet50_fpn_v2") == ("resnet50_fpn_v2", None, None)
+    monkeypatch.setattr(weights, "cached_retinaface", lambda directory=None: None)
+    backbone, path, note = weights.job_weights(RETINAFACE_BACKBONE)
+    assert backbone == "mobilenet_v2_fpn" and path == weights.cached_weights() and "not provisioned" in note

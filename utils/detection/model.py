@@ -57,10 +57,10 @@ from ..atomic import atomic_path
 from ..classes import CLASSES, LABEL_OF, NUM_CLASSES
 from ..errors import InputError
 from ..stop import is_stand_in
+from .weights import RETINAFACE_BACKBONE
 
 log = logging.getLogger(__name__)
 
-RETINAFACE_BACKBONE = "retinaface_mnet025"
 BACKBONES = ("mobilenet_v2_fpn", RETINAFACE_BACKBONE, "mobilenet_v3_large_fpn", "resnet50_fpn", "resnet50_fpn_v2")
 DEFAULT_BACKBONE = "mobilenet_v2_fpn"
 # The backbone a retinaface_mnet025 request falls back to when its converted weights are not cached.
@@ -272,17 +272,20 @@ def _retinaface_detector(num_classes: int, transform_kwargs: dict):
     return model, [list(stage) for stage in retinaface.BODY_STAGES]
 
 
-def _load_retinaface_state(model: nn.Module, path: Path) -> None:
+def _load_retinaface_state(model: nn.Module, state: dict, source: str) -> None:
     """The converted WIDER FACE RetinaFace into the detector's backbone and RPN head, shapes checked."""
     from . import retinaface
 
-    state = _torch_load(path, "RetinaFace weight file")
     try:
-        retinaface.check_state(state, str(path))
+        retinaface.check_state(state, source)
     except retinaface.ConversionError as error:
         raise ModelError(f"{error}; delete it and run: python -m utils.detection.weights provision") from None
     model.backbone.load_state_dict(retinaface.backbone_state(state))
     model.rpn.head.load_state_dict(retinaface.rpn_head_state(state))
+
+
+def _is_retinaface_state(state: dict) -> bool:
+    return "class_head.0.weight" in state and any(key.startswith("backbone.fpn.layer_blocks.") for key in state)
 
 
 def _torchvision_detector(backbone: str, num_classes: int, frozen_bn: bool, transform_kwargs: dict):
@@ -385,15 +388,21 @@ def build_model(backbone: str = DEFAULT_BACKBONE, num_classes: int = NUM_CLASSES
         notes.append(f"weights=none given, so {weights_file} is not used")
         weights_file = None
     if backbone == RETINAFACE_BACKBONE and weights != "none" and weights_file is None:
-        backbone, weights, source = _retinaface_weights(weights, notes)
-        kind = "widerface" if source is not None else "none"
+        backbone, weights, weights_file = _retinaface_weights(weights, notes)
     elif weights == "widerface":
         notes.append(f"WIDER FACE weights exist for {RETINAFACE_BACKBONE} only")
         weights = "imagenet"
     coco_enum, imagenet_enum = _torchvision_weights(backbone)
     if weights_file is not None:
         state = read_weight_file(weights_file)
-        kind, source = ("coco" if _is_detector_state(state) else "imagenet"), str(weights_file)
+        source = str(weights_file)
+        if _is_retinaface_state(state):  # the converted file, handed to a workflow job as an input
+            if backbone != RETINAFACE_BACKBONE:
+                raise ModelError(f"{weights_file}: RetinaFace weights fit backbone {RETINAFACE_BACKBONE} only, "
+                                 f"not {backbone}")
+            kind = "widerface"
+        else:
+            kind = "coco" if _is_detector_state(state) else "imagenet"
     elif weights == "coco" and kind == "none":
         if coco_enum is None:
             notes.append(f"no COCO detector exists for {backbone}")
@@ -421,7 +430,7 @@ def build_model(backbone: str = DEFAULT_BACKBONE, num_classes: int = NUM_CLASSES
     model.backbone_stages = stages
 
     if kind == "widerface":
-        _load_retinaface_state(model, source)
+        _load_retinaface_state(model, state, source)
     elif kind == "coco":
         _load_detector_state(model, state, source)
     elif kind == "imagenet":

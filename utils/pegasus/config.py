@@ -6,6 +6,7 @@ Everything here is checked before a catalog is built, and a problem is one line
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -16,6 +17,8 @@ from .. import defaults as D
 from ..classes import LabelMap, LabelMapError
 from ..detection.stages import Stage, StagesError, parse_stages, total_epochs
 from ..errors import InputError
+
+log = logging.getLogger(__name__)
 
 CONTAINER_KINDS = ("singularity", "docker")
 DEFAULT_CONTAINER_IMAGE = "docker://maskdetection/mask-detection-workflow:latest"
@@ -283,11 +286,13 @@ def config_from_args(args, project_root: Path, entries: list[SplitEntry], split_
     # Which settings an experiment file gave (ExperimentArgumentParser): their errors name the file and key.
     source = getattr(args, "experiment", None)
     setting_sources = source.setting_sources() if source is not None else {}
-    weights_file = None
+    backbone, weights_file = args.backbone, None
     if not args.no_pretrained:
-        from ..detection.weights import cached_weights
+        from ..detection.weights import job_weights
 
-        weights_file = cached_weights()
+        backbone, weights_file, note = job_weights(args.backbone)
+        if note:
+            log.warning("workflow: %s", note)
     return WorkflowConfig(
         run_dir=args.run_dir, split_csv=split_csv, entries=entries, pred_shards=pred_shards, data_shards=data_shards,
         pred_videos=list(pred_videos), video_stride=args.video_stride,
@@ -298,7 +303,7 @@ def config_from_args(args, project_root: Path, entries: list[SplitEntry], split_
         container_image=args.container_image or container.get("image", DEFAULT_CONTAINER_IMAGE),
         epochs=args.epochs, time_budget=args.time_budget, hpo_epochs=args.hpo_epochs, trials=args.trials, hpo_jobs=args.hpo_jobs,
         train_stages=args.train_stages,
-        image_size=args.image_size, backbone=args.backbone, seed=args.seed, gpus=args.gpus,
+        image_size=args.image_size, backbone=backbone, seed=args.seed, gpus=args.gpus,
         augment_copies=args.augment_copies, rare_factor=args.rare_factor, noise_std=args.noise_std,
         max_size=args.max_size, annotate_max=args.annotate_max, score_threshold=args.score_threshold, label_map=args.label_map,
         weights_file=weights_file, retries=args.retries, mode=args.mode, transfer_threads=args.transfer_threads,

@@ -95,7 +95,8 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
                             "that list; in an experiment file a YAML list of mappings; replaces --epochs, and "
                             "--time-budget scales the stages to its minutes (default: one stage of --epochs)")
     model.add_argument("--no-pretrained", action="store_true",
-                       help="do not pass the cached ImageNet MobileNetV2 weights to hpo/train")
+                       help="do not pass the cached pretrained weights of --backbone (WIDER FACE RetinaFace, "
+                            "ImageNet MobileNetV2) to hpo/train")
     model.add_argument("--folds", type=int, default=D.FOLDS, metavar="K",
                        help="k-fold cross-validation on the train+val pool: K train + evaluate jobs (folds "
                             "group-aware and stratified like the split, RUN_DIR/folds.csv) and an aggregate job "
