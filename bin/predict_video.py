@@ -6,8 +6,9 @@
 
 Runs the detector on every --stride-th frame and writes OUTPUT_DIR/video_frames.csv (frame,
 time, faces per class, percent properly masked), compliance_over_time.png,
-video_summary.json (frames, the pooled figure over all processed frames, the mean of the
-per-frame figures) and, with --output-video, the processed frames with their boxes (mp4,
+video_summary.json (frames, the pooled figure over all processed frames as an estimate with
+its 95 % interval, resampled in blocks of consecutive frames since nearby frames are not
+independent, the mean of the per-frame figures) and, with --output-video, the processed frames with their boxes (mp4,
 at fps / stride, so it plays at real speed). --show opens a live window (q or Esc stops;
 needs a display and OpenCV's GUI build). --max-frames (processed frames) and
 --max-seconds (of video time) bound a run; a camera has no end without them.
@@ -66,11 +67,12 @@ def main(args) -> int:
                                 output_video=args.output_video, show=args.show, max_frames=args.max_frames,
                                 max_seconds=args.max_seconds, tta=args.tta, progress=bar.update,
                                 settings={"model": str(args.model), "score_threshold_source": source},
-                                tag=args.output_tag)
+                                tag=args.output_tag, calibration=meta.get("quantification"))
     write_run_record(f"{args.output_dir}/{video_output_names(args.output_tag)['run_record']}", "predict_video", {**vars(args), "device": str(device)},
                      [args.model] + ([args.source] if summary["kind"] == "file" else []))
-    print(compliance_line(summary["overall"]) + f" (pooled over {summary['frames_processed']} frames; "
-          f"mean per frame {summary['mean_percent_per_frame']})")
+    print(compliance_line(summary["overall"], summary["estimate"]) + f" (pooled over {summary['frames_processed']} "
+          f"frames, resampled in blocks of {summary['resampling']['block_frames']}; mean per frame "
+          f"{summary['mean_percent_per_frame']})")
     print(f"{summary['frames_processed']} of {summary['frames_read']} frames processed in "
           f"{summary['processing_seconds']} s; outputs in {args.output_dir}")
     return 0

@@ -41,6 +41,13 @@ def test_video_gives_per_frame_csv_plot_summary_and_annotated_video(root, clip, 
     summary = json.loads((out / "video_summary.json").read_text())
     assert summary["frames_read"] == 12 and summary["frames_processed"] == 6 and summary["fps"] == 6.0
     assert summary["overall"]["faces"] == sum(int(r["faces"]) for r in rows)
+    # frames are resampled in blocks of 10 s of video (30 processed frames at 6 fps / 2): this 2-second
+    # clip is one block, and one block gives a figure but no interval, said so
+    assert summary["resampling"]["block_frames"] == 30 and summary["resampling"]["blocks"] == 1
+    estimate = summary["estimate"]
+    assert estimate["unit"] == "block" and estimate["units"] == 1 and estimate["method"] == "cc"
+    assert estimate["percent"] == summary["overall"]["percent_properly_masked"] and estimate["low"] is None
+    assert set(summary["estimates"]) == {"cc", "pcc"} and summary["calibration"]["used"] is False
     assert (out / "compliance_over_time.png").stat().st_size > 0
     video = cv2.VideoCapture(str(out / "annotated.mp4"))
     assert video.get(cv2.CAP_PROP_FRAME_COUNT) == 6 and video.get(cv2.CAP_PROP_FPS) == 3.0

@@ -3,7 +3,10 @@
 Every `stride`-th frame is run through the detector; per processed frame the counts per
 class and the percent properly masked go into a CSV; the processed frames, with their
 boxes drawn, into an annotated video (at fps / stride, so it plays at real speed); a
-plot shows compliance over time, and a summary JSON the whole run. `show` opens a live
+plot shows compliance over time, and a summary JSON the whole run: the pooled figure as an
+estimate with its 95 % bootstrap interval (utils/detection/quantify.py). Nearby frames show the
+same faces, so they are not independent samples: the interval resamples blocks of consecutive
+processed frames (VIDEO_BLOCK_SECONDS of video each), not single frames. `show` opens a live
 window (the webcam mode; q or Esc stops). Runs are bounded by max_frames / max_seconds
 (of video time), which a camera needs: it has no end.
 """
@@ -22,12 +25,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .. import defaults as D
 from ..atomic import atomic_path, write_json, write_text
 from ..classes import CLASSES, NAME_OF
 from ..errors import InputError
 from ..naming import tagged_name
 from .compliance import compliance, merge_compliance
 from .inference import detect, to_model_input
+from .quantify import Calibration, Units, calibration_problem, calibration_summary, class_sums, set_estimates
 from .plots import draw_detections
 
 CSV_FIELDS = ("frame", "time_s", "faces", *CLASSES, "percent_properly_masked")
@@ -63,6 +68,7 @@ class VideoRun:
     frames_read: int = 0
     rows: list = field(default_factory=list)
     per_frame: list = field(default_factory=list)
+    soft: list = field(default_factory=list)  # per processed frame: score sums per class down to the floor
 
 
 def _annotate(frame_bgr: np.ndarray, out: dict) -> np.ndarray:
@@ -74,8 +80,9 @@ def _annotate(frame_bgr: np.ndarray, out: dict) -> np.ndarray:
 def predict_video(model, device, source: str, output_dir, score_threshold: float, stride: int = 1,
                   output_video=None, show: bool = False, max_frames: int | None = None,
                   max_seconds: float | None = None, tta: bool = False, settings: dict | None = None,
-                  progress=None, tag: str | None = None) -> dict:
-    """Run the detector over *source*; write the CSV, plot, summary (and video); return the summary."""
+                  progress=None, tag: str | None = None, calibration: dict | None = None) -> dict:
+    """Run the detector over *source*; write the CSV, plot, summary (and video); return the summary.
+    *calibration* is the model file's validation record, for the adjusted estimators."""
     if stride < 1:
         raise InputError(f"--stride must be at least 1, got {stride}")
     output_dir = Path(output_dir)
@@ -100,7 +107,11 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                 if index % stride:
                     continue
                 rgb = torch.from_numpy(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)
-                (out,) = detect(model, [to_model_input(rgb, device)], tta=tta, score_threshold=score_threshold)
+                (out,) = detect(model, [to_model_input(rgb, device)], tta=tta,
+                                score_threshold=min(D.DETECTION_FLOOR, score_threshold))
+                run.soft.append(class_sums(out["labels"].tolist(), out["scores"].tolist(), D.DETECTION_FLOOR))
+                keep = out["scores"] >= score_threshold  # counted, drawn and listed: those at the threshold
+                out = {key: value[keep] for key, value in out.items()}
                 labels = [NAME_OF[int(label)] for label in out["labels"].tolist()]
                 figure = compliance(labels)
                 run.per_frame.append(figure)
@@ -133,7 +144,23 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
     if not run.rows:
         raise InputError(f"{source}: no frame was processed (check --max-frames/--max-seconds and the source)")
     return _write_outputs(run, output_dir, source, kind, fps, stride, score_threshold, tta, settings, writer_path,
-                          time.perf_counter() - started, video_output_names(tag))
+                          time.perf_counter() - started, video_output_names(tag), calibration)
+
+
+def video_estimates(run: VideoRun, fps: float, stride: int, threshold: float, tta: bool,
+                    calibration: dict | None) -> dict:
+    """The pooled figure over the processed frames with its interval, resampling blocks of consecutive
+    frames ("units" are blocks; "resampling" says how many frames each holds)."""
+    block = max(1, round(D.VIDEO_BLOCK_SECONDS * fps / stride))
+    counts = [[figure["counts"][name] for name in CLASSES] for figure in run.per_frame]
+    note = calibration_problem(calibration, threshold, tta)
+    units = Units.of(counts, run.soft).blocks(block)
+    report = set_estimates(units, None if note else Calibration.from_record(calibration), note, unit="block")
+    report["calibration"] = calibration_summary(calibration, note)
+    report["resampling"] = {"frames": len(run.per_frame), "block_frames": block, "blocks": len(units),
+                            "why": f"blocks of {D.VIDEO_BLOCK_SECONDS:g} s of consecutive processed frames: nearby "
+                                   "frames show the same faces and are not independent samples"}
+    return report
 
 
 def _show(frame_bgr: np.ndarray) -> bool:
@@ -147,7 +174,7 @@ def _show(frame_bgr: np.ndarray) -> bool:
 
 
 def _write_outputs(run: VideoRun, output_dir: Path, source, kind, fps, stride, threshold, tta, settings,
-                   video_path, seconds, names: dict) -> dict:
+                   video_path, seconds, names: dict, calibration: dict | None = None) -> dict:
     from .plots import plot_compliance_over_time
 
     buffer = io.StringIO()
@@ -164,6 +191,7 @@ def _write_outputs(run: VideoRun, output_dir: Path, source, kind, fps, stride, t
                "frames_processed": len(run.rows), "frames_with_faces": len(with_faces),
                "video_seconds": round(run.frames_read / fps, 3), "processing_seconds": round(seconds, 2),
                "overall": merge_compliance(run.per_frame),
+               **video_estimates(run, fps, stride, threshold, tta, calibration),
                "mean_percent_per_frame": round(sum(with_faces) / len(with_faces), 2) if with_faces else None,
                "outputs": {"frames_csv": str(csv_path), "plot": str(plot_path),
                            "video": str(video_path) if video_path else None}}
