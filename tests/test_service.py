@@ -56,6 +56,11 @@ def test_predict_two_images_with_compliance_and_annotated_pictures(client, sampl
         assert all(d["score"] >= 0.05 for d in image["detections"])  # the floor, for client-side re-filtering
         assert image["annotated"].startswith("data:image/jpeg;base64,")
     assert body["overall"]["faces"] == sum(image["compliance"]["faces"] for image in body["images"])
+    # the overall figure as an estimate with its interval, over the images sent, at the request's threshold
+    assert body["estimate"]["method"] == "cc" and body["estimate"]["units"] == 2 and body["estimate"]["seed"] == 42
+    assert body["estimate"]["percent"] == body["overall"]["percent_properly_masked"]
+    assert body["estimate"]["faces_found"] == body["overall"]["faces"]
+    assert set(body["estimates"]) == {"cc", "pcc"} and "acc" in body["unavailable"]
 
 
 def _png(data: bytes) -> bytes:
@@ -147,6 +152,7 @@ def test_the_page_in_a_real_browser_shows_boxes_and_compliance_and_refilters(tin
         wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, ".card img")))
         wait.until(lambda b: b.execute_script("return document.querySelector('.card img').complete"))
         assert "Overall:" in browser.find_element(By.ID, "overall").text
+        assert "1 image" in browser.find_element(By.ID, "overall-interval").text  # the server's estimate, its images
         at_model_threshold = len(browser.find_elements(By.CSS_SELECTOR, ".box"))
         # the slider re-filters in the page: no new request, more boxes at the lowest threshold
         requests_before = browser.execute_script("return performance.getEntriesByType('resource').length")
@@ -155,6 +161,7 @@ def test_the_page_in_a_real_browser_shows_boxes_and_compliance_and_refilters(tin
         at_floor = len(browser.find_elements(By.CSS_SELECTOR, ".box"))
         assert at_floor >= at_model_threshold and at_floor > 0  # an untrained model: many low-score boxes
         assert browser.find_element(By.ID, "threshold-value").text == "0.05"
+        assert "at the request's threshold only" in browser.find_element(By.ID, "overall-interval").text
         card = browser.find_element(By.CSS_SELECTOR, ".card")
         assert "face(s)" in card.text and len(card.find_elements(By.CSS_SELECTOR, "tbody tr")) == at_floor
         assert browser.execute_script("return performance.getEntriesByType('resource').length") == requests_before

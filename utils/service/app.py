@@ -17,7 +17,9 @@ undecodable or truncated. With a token (--token or MASK_SERVICE_TOKEN), /api/mod
 Detections are returned down to `DETECTION_FLOOR`, each with its score, plus the
 operating threshold: the compliance figures count those at or above the threshold
 (the model's own, chosen on validation, unless `score_threshold` is given), and a client
-can re-filter at another threshold without a new request.
+can re-filter at another threshold without a new request. The overall figure is also given as
+an estimate with its 95 % bootstrap interval over the images sent (`estimate`, `estimates`:
+utils/detection/quantify.py), at the request's threshold.
 
 Explanations (utils.detection.explain, grad-cam package) cost a forward and a backward
 pass per box: /api/predict?explain=true explains the best `explain_max_boxes` counted
@@ -47,10 +49,11 @@ from .. import defaults as D
 from ..detection.evaluation import load_trained_model
 from ..detection.explain import EXPLAIN_METHODS, ExplainError, explain_image
 from ..detection.inference import detect, to_model_input
+from ..detection.quantify import prediction_estimates, soft_counts
 from ..detection.plots import draw_detections
 from torchvision.ops import box_iou
 
-DETECTION_FLOOR = 0.05  # lowest score returned: below it a box is noise at any threshold a user would pick
+DETECTION_FLOOR = D.DETECTION_FLOOR  # lowest score returned: below it a box is noise at any threshold a user would pick
 IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff"}
 RETRY_AFTER_S = 2
 MATCH_IOU = 0.5  # /api/explain: the detection explained is the model's box of that class overlapping the given one
@@ -239,7 +242,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         images = [await read_image(upload) for upload in files]
         outputs, explained = await in_worker(run_model, [image for _, image in images], tta,
                                              threshold if explain else None)
-        results = []
+        results, records = [], []
         for (name, image), out, explanations in zip(images, outputs, explained):
             detections = _detections(out)
             for index, explanation in explanations.items():
@@ -249,9 +252,16 @@ def create_app(config: ServiceConfig) -> FastAPI:
             if annotated:
                 record["annotated"] = _annotated_jpeg(image, out, threshold)
             results.append(record)
+            # numbered: two uploads may share a name, and the estimate's resampling order follows the names
+            records.append({"file": f"{len(records):04d}", "soft_counts": soft_counts(out["labels"].tolist(),
+                                                                                      out["scores"].tolist()),
+                            "detections": [d for d in detections if d["score"] >= threshold]})
+        # the bootstrap is CPU work: off the event loop, as inference is
+        estimates = await asyncio.to_thread(prediction_estimates, records, meta.get("quantification"), threshold, tta)
         return {"model": config.model_path.name, "score_threshold": threshold,
                 "score_threshold_source": "query" if score_threshold is not None else threshold_source,
-                "tta": tta, "images": results, "overall": merge_compliance(r["compliance"] for r in results)}
+                "tta": tta, "images": results, "overall": merge_compliance(r["compliance"] for r in results),
+                **estimates}
 
     @app.post("/api/explain", dependencies=[Depends(authorised)])
     async def explain_detection(file: UploadFile = File(..., description="the image (one)"),
