@@ -11,7 +11,8 @@ optimizer and scheduler step):
 The ratio end-to-end / pure is the share of the model's training speed the data
 pipeline keeps (goal >= 0.95). --roi-batch-sizes times the pure path again at each
 number of proposals per image in the box head's loss (bin/train.py --roi-batch-size), as
-a ratio to the first. After a warm-up pass the two paths are timed
+a ratio to the first, and --backbones times it for each backbone (the first stage of issue
+#21 against today's), as a ratio to the first. After a warm-up pass the two paths are timed
 alternately --repeats times and the fastest pass of each counts, so that load
 from other processes on a shared machine hits both alike. As a cross-check that
 does not depend on such load, the share of the end-to-end wall time spent waiting
@@ -47,6 +48,9 @@ def get_args_parser():
     p.add_argument("--roi-batch-sizes", type=int, nargs="*", default=[256, 128],
                    help="proposals per image in the box loss (bin/train.py --roi-batch-size) to time on the pure "
                         "path, alternating; each is reported against the first; none: skip (default: 256 128)")
+    p.add_argument("--backbones", nargs="*", default=["mobilenet_v2_fpn", "retinaface_mnet025"],
+                   help="time the pure path of each backbone (pretrained as bin/train.py builds it), alternating, "
+                        "as a ratio to the first (default: mobilenet_v2_fpn retinaface_mnet025)")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed passes per path, alternating; the fastest counts (default: 3)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="(default: auto)")
@@ -129,7 +133,7 @@ def main(args) -> int:
                                   generator=torch.Generator().manual_seed(0), pin_memory=device.type == "cuda")
                    for w in args.workers}
 
-        def timed(source_batches, timed_loader=None):
+        def timed(source_batches, timed_loader=None, model=model, optimizer=optimizer):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             started = time.perf_counter()
@@ -154,6 +158,17 @@ def main(args) -> int:
             for size in by_roi:
                 set_roi_batch_size(model, size)
                 by_roi[size].append(timed(batches))
+        # Each backbone's pure path, alternating, with the project's RoI default.
+        detectors = {}
+        for name in args.backbones:
+            detector = build_model(name, weights=D.WEIGHTS, image_size=args.image_size).to(device)
+            set_roi_batch_size(detector, D.ROI_BATCH_SIZE)
+            detectors[name] = (detector, build_optimizer(detector, "sgd", lr=0.002, momentum=0.9, weight_decay=1e-4))
+            timed(batches[:1], None, *detectors[name])
+        by_backbone = {name: [] for name in detectors}
+        for _ in range(args.repeats if detectors else 0):
+            for name, (detector, detector_optimizer) in detectors.items():
+                by_backbone[name].append(timed(batches, None, detector, detector_optimizer))
 
     best_pure = max(pure)
     result = {"source": source, "device": str(device), "host": platform.node(), "images": len(pairs),
@@ -180,6 +195,15 @@ def main(args) -> int:
             print(f"pure, {size} RoIs per image in the box loss: {max(values):.3f} images/s  (passes: "
                   f"{', '.join(f'{v:.3f}' for v in values)}); {max(values) / max(by_roi[first]):.2f}x the "
                   f"speed at {first}")
+    if by_backbone:
+        first = next(iter(by_backbone))
+        result["backbones"] = {name: {"images_per_s": max(v), "all": v, "ratio_to_first": max(v) / max(by_backbone[first]),
+                                      "built_as": detectors[name][0].architecture["backbone"]}
+                               for name, v in by_backbone.items()}
+        for name, values in by_backbone.items():
+            print(f"pure, backbone {name} (built as {detectors[name][0].architecture['backbone']}): "
+                  f"{max(values):.3f} images/s  (passes: {', '.join(f'{v:.3f}' for v in values)}); "
+                  f"{max(values) / max(by_backbone[first]):.2f}x the speed of {first}")
     if args.output:
         from utils.atomic import write_json
 

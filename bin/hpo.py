@@ -59,7 +59,8 @@ def get_args_parser():
     p.add_argument("--backbone", choices=BACKBONES, default=D.BACKBONE,
                    help=f"detector backbone (default: {D.BACKBONE})")
     p.add_argument("--weights", default=D.WEIGHTS,
-                   help=f"pretrained weights: none, imagenet, coco or a file PATH (default: {D.WEIGHTS})")
+                   help=f"pretrained weights: none, imagenet, coco, widerface or a file PATH (default: {D.WEIGHTS}; "
+                        "imagenet and widerface both mean retinaface_mnet025's WIDER FACE weights)")
     p.add_argument("--weights-file", default=None,
                    help="explicit pretrained weight file (default: torchvision's cache)")
     p.add_argument("--timeout", type=float, default=None,

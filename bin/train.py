@@ -59,10 +59,11 @@ def get_args_parser():
     model.add_argument("--backbone", choices=BACKBONES, default=None,
                        help=f"detector backbone (default: {D.BACKBONE})")
     model.add_argument("--weights", default=None,
-                       help=f"pretrained weights: none, imagenet, coco or a file PATH (default: {D.WEIGHTS}); "
+                       help=f"pretrained weights: none, imagenet, coco, widerface or a file PATH (default: {D.WEIGHTS}; "
+                            "imagenet and widerface both mean retinaface_mnet025's WIDER FACE weights); "
                             "falls back to what is available and says so")
     model.add_argument("--weights-file", default=None,
-                       help="explicit pretrained weight file (ImageNet backbone or detector state dict); "
+                       help="explicit pretrained weight file (ImageNet backbone, converted RetinaFace or detector state dict); "
                             "workflow workers have no internet (default: torchvision's cache)")
     model.add_argument("--image-size", type=int, default=None,
                        help=f"longer image side after resizing, in px (default: {D.IMAGE_SIZE})")

@@ -24,7 +24,8 @@ Weights (``weights=``): ``none``; ``imagenet`` (backbone only); ``coco`` (the
 whole detector, box predictor replaced for our 4 classes; MobileNetV2 has no
 COCO detector, so it uses ImageNet); ``widerface`` (RetinaFace's backbone and RPN;
 the one pretrained kind of ``retinaface_mnet025``, which any kind but ``none``
-gives); or a PATH to a weight file. Pretrained
+gives: for it ``imagenet``, the default, means its pretrained backbone too); or a
+PATH to a weight file. Pretrained
 weights come from ``weights_file`` when given (workflow workers have no
 internet, so weights reach jobs as input files), else from torchvision's cache
 or a download. When what was asked for cannot be had, the factory falls back
@@ -361,8 +362,8 @@ def _retinaface_weights(weights: str, notes: list) -> tuple[str, str, Path | Non
         notes.append(f"{RETINAFACE_BACKBONE} weights are not provisioned (python -m utils.detection.weights "
                      f"provision), so {backbone} with {weights} weights is used")
         return backbone, weights, None
-    if weights != "widerface":
-        notes.append(f"{weights} asked for; {RETINAFACE_BACKBONE}'s pretrained weights are WIDER FACE's")
+    if weights == "coco":  # imagenet means "the pretrained backbone": WIDER FACE's for this one, said in the message
+        notes.append(f"no COCO detector exists for {RETINAFACE_BACKBONE}")
     return RETINAFACE_BACKBONE, "widerface", cached
 
 
