@@ -16,11 +16,16 @@ bin/train.py does (else --epochs), plus --image-size, --limit, --sample-images.
 --ablation trains one model per row of ABLATION, each row adding one lever to the
 levers of the rows kept so far, each in the same --time-budget, on the real data only,
 and prints one table. A change is kept when it raises the validation F1 at the chosen
-threshold (the test split is only reported on). With --output, every finished row is
-saved and a rerun continues after the last one. Run it in the background:
+threshold (the test split is only reported on). --compare NAME trains one model per
+row of COMPARISONS[NAME], each a change on today's defaults (not cumulative), and adds
+mAR@100 and the training images/s to the table (--compare first-stage: the WIDER FACE
+RetinaFace first stage against the ImageNet MobileNetV2 one). With --output, every
+finished row is saved and a rerun continues after the last one. Run it in the background:
   nohup .venv/bin/python bench/quality.py --output runs/bench/quality.json > runs/bench/quality.log 2>&1 &
   nohup .venv/bin/python bench/quality.py --ablation --time-budget 12 --output runs/bench/ablation.json \
         > runs/bench/ablation.log 2>&1 &
+  nohup .venv/bin/python bench/quality.py --compare first-stage --time-budget 15 \
+        --output bench/results/first_stage.json > runs/bench/first_stage.log 2>&1 &
 """
 
 import argparse
@@ -152,7 +157,7 @@ def run_one(name, images, annotations, args, device, limit=None, recipe=None):
               f"{row.images_per_s:.2f} images/s, {row.seconds:.0f} s", flush=True)
     train_s = time.perf_counter() - started
     model = trainer.eval_model
-    steps = trainer.scheduler.last_epoch  # optimizer steps taken
+    steps = trainer.steps_done()  # optimizer steps taken, over every stage (each stage has its own scheduler)
     epochs_trained = steps / len(trainer.train_loader)
 
     started = time.perf_counter()
