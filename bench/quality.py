@@ -239,6 +239,23 @@ def comparison_table(rows) -> str:
     return "\n".join(lines)
 
 
+def rows_budget(args, device, model: str) -> str:
+    """The line that says what every row of an ablation or comparison was given."""
+    return (f"{model}image size {args.image_size}, "
+            + (f"time budget {args.time_budget:g} min" if args.time_budget else f"{args.epochs} epochs")
+            + f" per row, batch {args.batch_size}, SGD lr {args.lr}, seed {args.seed}, device {device}, "
+            f"host {platform.node()}")
+
+
+def finished_rows(args, key: str) -> list:
+    """The rows an interrupted run already saved in --output: a rerun continues after the last one."""
+    if not (args.output and args.output.is_file()):
+        return []
+    rows = json.loads(args.output.read_text(encoding="utf-8")).get(key, [])
+    print(f"quality: {len(rows)} row(s) already in {args.output}; continuing", flush=True)
+    return rows
+
+
 def run_comparison(args, device) -> int:
     """Train one model per row of COMPARISONS[args.compare], each on today's defaults, on the real data."""
     from utils.atomic import write_json
@@ -246,14 +263,8 @@ def run_comparison(args, device) -> int:
     if not (args.data / "images").is_dir():
         print(f"quality: {args.data}/images is absent; the comparison needs the real data")
         return 2
-    budget = (f"image size {args.image_size}, "
-              + (f"time budget {args.time_budget:g} min" if args.time_budget else f"{args.epochs} epochs")
-              + f" per row, batch {args.batch_size}, SGD lr {args.lr}, seed {args.seed}, device {device}, "
-              f"host {platform.node()}")
-    rows = []
-    if args.output and args.output.is_file():  # an interrupted comparison continues after its last row
-        rows = json.loads(args.output.read_text(encoding="utf-8")).get("comparison", [])
-        print(f"quality: {len(rows)} row(s) already in {args.output}; continuing", flush=True)
+    budget = rows_budget(args, device, "")
+    rows = finished_rows(args, "comparison")
     for label, change in COMPARISONS[args.compare][len(rows): args.rows]:
         result = run_one("real", args.data / "images", args.data / "annotations", args, device, args.limit, change)
         rows.append({"row": label, "change": change, **result})
@@ -273,14 +284,8 @@ def run_ablation(args, device) -> int:
     if not (args.data / "images").is_dir():
         print(f"quality: {args.data}/images is absent; the ablation needs the real data")
         return 2
-    budget = (f"mobilenet_v2_fpn (ImageNet backbone), image size {args.image_size}, "
-              + (f"time budget {args.time_budget:g} min" if args.time_budget else f"{args.epochs} epochs")
-              + f" per row, batch {args.batch_size}, SGD lr {args.lr}, seed {args.seed}, device {device}, "
-              f"host {platform.node()}")
-    rows = []
-    if args.output and args.output.is_file():  # an interrupted ablation continues after its last row
-        rows = json.loads(args.output.read_text(encoding="utf-8")).get("ablation", [])
-        print(f"quality: {len(rows)} row(s) already in {args.output}; continuing", flush=True)
+    budget = rows_budget(args, device, "mobilenet_v2_fpn (ImageNet backbone), ")
+    rows = finished_rows(args, "ablation")
     for label, change in ABLATION[len(rows): args.rows]:
         base = kept_recipe(rows)
         result = run_one("real", args.data / "images", args.data / "annotations", args, device, args.limit,
