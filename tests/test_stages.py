@@ -148,11 +148,12 @@ def test_stages_refuse_more_layers_than_the_backbone_has_and_a_freeze_schedule(p
     device = torch.device("cpu")
     with pytest.raises(StagesError, match="freeze_backbone_epochs=1"):
         Trainer(TrainParams(**TINY, freeze_backbone_epochs=1, stages=TWO_STAGES), pairs, device, progress=False)
-    # mobilenet_v2_fpn has 6 backbone stages (all of them: 6), the resnets 5
+    # mobilenet_v2_fpn has 6 backbone stages (all of them: 6), retinaface_mnet025 and the resnets 5
     whole_backbone = [{"epochs": 1, "trainable_layers": 6}]
-    assert Trainer(TrainParams(**TINY, stages=whole_backbone), pairs, device, progress=False).stage_layers(
-        Stage(epochs=1, trainable_layers=6)) == 6
-    with pytest.raises(StagesError, match=r"stage 1: key 'trainable_layers' is 6, but backbone resnet50_fpn has "
-                                          r"5 stages"):
-        Trainer(TrainParams(**{**TINY, "backbone": "resnet50_fpn"}, stages=whole_backbone), pairs, device,
-                progress=False)
+    assert Trainer(TrainParams(**{**TINY, "backbone": "mobilenet_v2_fpn"}, stages=whole_backbone), pairs, device,
+                   progress=False).stage_layers(Stage(epochs=1, trainable_layers=6)) == 6
+    for backbone in ("resnet50_fpn", "retinaface_mnet025"):
+        with pytest.raises(StagesError, match=rf"stage 1: key 'trainable_layers' is 6, but backbone {backbone} has "
+                                              r"5 stages"):
+            Trainer(TrainParams(**{**TINY, "backbone": backbone}, stages=whole_backbone), pairs, device,
+                    progress=False)

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 import workflow as generator
+from utils import defaults as D
 from pegasus_schemas import schema_errors, validate_run_dir
 from utils.pegasus.config import ConfigError, validate_container_image
 from utils.pegasus.executor import load_workflow, read_properties
@@ -183,15 +184,18 @@ def test_replicas_are_absolute_file_urls_of_existing_files(run_dir):
 
 
 def test_pretrained_weights_travel_as_an_input_when_cached(run_dir):
-    from utils.detection.weights import MOBILENET_V2_FILE, cached_weights
+    """The default backbone's own file (the converted RetinaFace), or the fallback's where it is absent."""
+    from utils.detection.weights import job_weights
 
+    backbone, cached, _ = job_weights(D.BACKBONE)
     jobs = jobs_by_id(run_dir)
     for job_id in ("hpo_0", "train"):
         lfns = {use["lfn"] for use in jobs[job_id]["uses"]}
-        assert (MOBILENET_V2_FILE in lfns) == (cached_weights() is not None)
-        if cached_weights() is not None:
-            arguments = jobs[job_id]["arguments"]
-            assert arguments[arguments.index("--weights-file") + 1] == MOBILENET_V2_FILE
+        arguments = jobs[job_id]["arguments"]
+        assert arguments[arguments.index("--backbone") + 1] == backbone
+        assert ("--weights-file" in arguments) == (cached is not None)
+        if cached is not None:
+            assert cached.name in lfns and arguments[arguments.index("--weights-file") + 1] == cached.name
 
 
 def test_properties(run_dir):
