@@ -206,7 +206,10 @@ def print_summary(run_dir: Path, output_dir: Path) -> None:
         data = json.loads(compliance.read_text(encoding="utf-8"))
         print("\n== Compliance (predicted images) ==")
         try:
-            print(f"{compliance_line(data['overall'])} ({data.get('num_images', '?')} images)")
+            # merge_predictions' line: the figure with its 95 % interval and the images it rests on
+            estimate = data.get("estimate")
+            line = compliance_line(data["overall"], estimate)
+            print(line if estimate else f"{line} ({data.get('num_images', '?')} images)")
         except (KeyError, TypeError):
             print(f"{compliance}: no overall summary in it")
     print(f"\nResults: {output_dir}")
