@@ -112,3 +112,13 @@ EXPLAIN_MAX_BOXES = 5          # --explain: highest-scoring boxes explained per 
 INFERENCE_BATCH_SIZE = 4       # images per model call
 DECODE_WORKERS = -1            # image-decoding processes; -1 picks a share of the CPUs
 DEVICE = "auto"                # auto | cpu | cuda
+
+# -- limits on untrusted input (issue #23: a hardened edge) -------------------------------
+IMAGE_MAX_PIXELS = 64_000_000  # width x height read from an image's header before decoding: above it the file is
+                               # refused, never decoded (a 12 KB PNG can claim 10000x10000 and take GBs to decode);
+                               # 64 M is above any phone or camera photo (48 MP is 8000x6000)
+MODEL_IMAGE_SIZE_MAX = 4096    # a model file's image size above this is refused: the detector's working size, so a
+                               # file claiming more would make every image cost far more memory than training did
+YAML_MAX_NODES = 100_000       # nodes a user's YAML (experiment, settings, sites) may hold once aliases are
+                               # expanded: a few hundred in practice; an alias bomb claims billions
+MESSAGE_VALUE_CHARS = 80       # an error message shows at most this much of a value it quotes
