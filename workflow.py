@@ -15,7 +15,7 @@ The driver validates the data and splits it into train/val/test at generation ti
     workflow.dot/.png     a picture of the DAG (PNG when graphviz `dot` exists)
     validation_report.json, clean_manifest.csv, annotations_clean/, split.csv
 
---local runs the workflow with utils/pegasus/executor.py on this machine (the default when
+--local runs the workflow with the local executor (utils/executor/) on this machine (the default when
 pegasus-plan is not installed); --submit plans and submits it with pegasus-plan.
 """
 

@@ -2,7 +2,7 @@
 """Benchmarks of the workflow machinery (not of the models).
 
 1. Local executor overhead: a DAG with the real workflow's shape whose jobs only sleep,
-   run by utils/pegasus/executor.py. Reported as workflow wall time / critical-path job time
+   run by the local executor (utils/executor/). Reported as workflow wall time / critical-path job time
    (goal <= 1.05): what the executor adds on top of the longest chain of jobs.
    --statistics RUN_DIR/statistics.json adds the same ratio for a real run.
 2. Generator: time, peak memory and workflow.yml size of workflow.py's generator (all
@@ -15,6 +15,7 @@
    critical path and the merged compliance of both.
 
     .venv/bin/python bench/workflow.py [--sizes 1000 10000 100000 1000000] [--plan-sizes 10000 100000]
+        [--output bench/results/workflow.json]
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def write_and_run(run_dir: Path, tc, rc, wf, jobs: int) -> int:
     """Write the catalogs and the workflow (no retries) into *run_dir* and run them with the local executor."""
     from Pegasus.api import Properties
 
-    from utils.pegasus.executor import run_workflow
+    from utils.executor import run_workflow
 
     tc.write(str(run_dir / "transformations.yml"))
     rc.write(str(run_dir / "replicas.yml"))
@@ -234,10 +235,15 @@ def main() -> int:
                         help="statistics.json of real runs to report the same ratio for")
     parser.add_argument("--skip-executor", action="store_true", help="only the generator benchmark")
     parser.add_argument("--skip-generator", action="store_true", help="only the executor benchmark")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="also write every figure as JSON here (atomically), e.g. bench/results/workflow.json")
     args = parser.parse_args()
+    figures = {"cpus": os.cpu_count(), "settings": {key: str(value) if isinstance(value, Path) else value
+                                                    for key, value in vars(args).items() if key != "output"}}
 
     if not args.skip_executor:
         stats = executor_overhead(args.sleep, args.jobs, args.hpo_jobs)
+        figures["executor_overhead"] = {"sleep_dag": stats, "real_runs": {}}
         cp = stats["critical_path"]
         print(f"Local executor overhead ({len(stats['jobs'])} sleep jobs, unit {args.sleep:g} s, {args.jobs} slots)")
         print(f"  {'run':<34}{'wall s':>9}{'critical path s':>17}{'ratio':>8}")
@@ -246,6 +252,7 @@ def main() -> int:
         print(f"  critical path: {' -> '.join(cp['jobs'])}")
         for path in args.statistics:
             real = json.loads(path.read_text())
+            figures["executor_overhead"]["real_runs"][str(path)] = real
             rcp = real["critical_path"]
             print(f"  {str(path.parent.name)[:34]:<34}{real['wall_time_s']:>9.2f}{rcp['job_time_s']:>17.2f}"
                   f"{rcp['wall_over_critical_path']:>8.3f}")
@@ -259,8 +266,10 @@ def main() -> int:
         rows = [(size, args.per_shard) for size in args.sizes]
         # the same number of shards with 10x the images in each: workflow.yml must not grow
         rows.append((args.sizes[0] * 10, args.per_shard * 10))
+        figures["generator"] = []
         for size, per_shard in rows:
             row = generator_scaling(size, per_shard)
+            figures["generator"].append(row)
             print(f"  {row['images']:>9}{row['per_shard']:>10}{row['jobs']:>6}{row['replicas']:>10}"
                   f"{row['build_s']:>9.2f}{row['total_s']:>9.2f}{row['peak_mb']:>13.0f}"
                   f"{row['peak_mb'] - row['baseline_mb']:>11.0f}{row['workflow_kb']:>17.1f}"
@@ -273,6 +282,7 @@ def main() -> int:
         print(f"Fanned-out prediction, local executor with {args.jobs} slots ({args.fanout_images}, "
               f"{args.fanout_shards} shards, model {args.fanout_model})")
         results = fanout_prediction(args.fanout_model, args.fanout_images, args.fanout_shards, args.jobs)
+        figures["fanout_prediction"] = results
         single = results["1 job"]["stats"]["wall_time_s"]
         for layout, result in results.items():
             stats, cp = result["stats"], result["stats"]["critical_path"]
@@ -285,13 +295,20 @@ def main() -> int:
 
     if args.plan_sizes:
         print("Real Pegasus planner (../shared/pegasus/plan-check.sh: pegasus-plan, condor code generator, condorpool)")
+        figures["planner"] = []
         for size in args.plan_sizes:
             result = planning_time(size, args.per_shard)
             if result is None:
                 print("  skipped: ../shared/pegasus or java not found")
                 break
+            figures["planner"].append(result)
             print(f"  {size:>9} images: {result['generated_jobs']} jobs generated, planned in "
                   f"{result['plan_s']:.1f} s (goal at 100k <= 60 s): {result['line']}", flush=True)
+    if args.output:
+        from utils.atomic import write_json
+
+        figures["load_average"] = os.getloadavg()
+        write_json(args.output, figures)
     return 0
 
 

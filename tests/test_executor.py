@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from Pegasus.api import File, Job, Properties, ReplicaCatalog, Transformation, TransformationCatalog, Workflow
 
-from utils.pegasus.executor import WorkflowError, load_workflow, run_workflow
+from utils.executor import WorkflowError, load_workflow, run_workflow
 
 # A fake job: records each start in a log outside the run dir, optionally fails its
 # first N tries, keeps a try counter in its checkpoint file, writes its outputs (its
@@ -281,7 +281,7 @@ def test_an_interrupt_stops_the_running_jobs_and_the_run_says_so(tmp_path):
     # a job without checkpoint.time or maxwalltime, far longer than the test waits for the executor
     run_dir = make_workflow(tmp_path, [{"id": "slow", "outputs": ["s.txt"], "sleep": 600},
                                        {"id": "after", "inputs": ["s.txt"], "outputs": ["t.txt"]}])
-    command = [sys.executable, "-m", "utils.pegasus.executor", str(run_dir)]
+    command = [sys.executable, "-m", "utils.executor", str(run_dir)]
     process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
                                text=True, start_new_session=True)
     try:
@@ -324,7 +324,7 @@ def test_a_run_killed_part_way_resumes_without_rerunning_finished_jobs(tmp_path)
             {"id": "last", "inputs": ["2.txt"], "outputs": ["3.txt"], "stage_out": True}]
     run_dir = make_workflow(tmp_path, jobs)
     root = Path(__file__).resolve().parents[1]
-    command = [sys.executable, "-m", "utils.pegasus.executor", str(run_dir), "--jobs", "2"]
+    command = [sys.executable, "-m", "utils.executor", str(run_dir), "--jobs", "2"]
     # a new session, so that killing its process group takes the running job down too (a crash)
     process = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)

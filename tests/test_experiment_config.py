@@ -13,7 +13,7 @@ import yaml
 
 import workflow as generator
 from utils.pegasus import experiment
-from utils.pegasus.executor import load_workflow
+from utils.executor import load_workflow
 from utils.provenance import EXPERIMENT_CONFIG_FILE, file_sha256, run_record
 
 STAGES = [{"epochs": 1, "lr": 0.02, "trainable_layers": 0, "name": "head"}, {"epochs": 3, "lr": 0.005}]

@@ -19,7 +19,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from utils.pegasus.executor import unpack_tensorboard
+from utils.executor import unpack_tensorboard
 
 EXIT_STOPPED = 143
 STAGES = '[{"epochs": 1, "lr": 0.02, "trainable_layers": 0, "name": "head"}, {"epochs": 1, "lr": 0.005}]'

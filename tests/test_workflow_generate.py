@@ -16,7 +16,7 @@ import workflow as generator
 from utils import defaults as D
 from pegasus_schemas import schema_errors, validate_run_dir
 from utils.pegasus.config import ConfigError, validate_container_image
-from utils.pegasus.executor import load_workflow, read_properties
+from utils.executor import load_workflow, read_properties
 from utils.pegasus.runtimes import GRACE_MIN, MIN_RUNTIME_S
 
 HPO_JOBS = 3

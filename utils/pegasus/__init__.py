@@ -1,4 +1,4 @@
-"""Workflow layer: the generator's configuration and Pegasus adapters, and the local executor.
+"""The workflow generator's layer: its configuration, experiment files, inputs, catalogs and Pegasus adapters.
 
-No job code: it only reads and writes workflow files and runs bin/ scripts as processes.
+No job code, and no running of jobs: the local executor that runs a generated workflow is utils/executor/.
 """

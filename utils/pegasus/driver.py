@@ -122,7 +122,7 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
     run = parser.add_argument_group("running")
     how = run.add_mutually_exclusive_group()
     how.add_argument("--local", action="store_true",
-                     help="run the workflow on this machine with utils/pegasus/executor.py "
+                     help="run the workflow on this machine with the local executor (utils/executor/) "
                           "(default when pegasus-plan is not installed)")
     how.add_argument("--submit", action="store_true", help="plan and submit with pegasus-plan")
     how.add_argument("--generate-only", action="store_true", help="write the workflow and catalogs, run nothing")
@@ -175,7 +175,7 @@ def submit_summary(submit_dir, log_path) -> str:
 
 def run_locally(run_dir: Path, output_dir: Path, jobs: int) -> int:
     """Run (or resume) the workflow with the local executor; print the results' summary when it succeeds."""
-    from .executor import run_workflow
+    from ..executor import run_workflow
 
     status = run_workflow(run_dir, jobs=jobs)
     if status == 0:

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..atomic import write_json
 from ..provenance import file_sha256
 from .loading import JobSpec, LoadedWorkflow
-from .reporting import JobResult, timestamp
+from .progress import JobResult, timestamp
 
 STATE_FILE = "executor_state.json"
 STATE_VERSION = 1

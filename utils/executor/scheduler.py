@@ -26,10 +26,10 @@ DAGMan would, without HTCondor:
 - a live status line (on a terminal; plain periodic lines otherwise) and, at the
   end, statistics.txt / statistics.json in the spirit of pegasus-statistics.
 
-    python -m utils.pegasus.executor RUN_DIR [--jobs N]
+    python -m utils.executor RUN_DIR [--jobs N]
 
 This module schedules; loading.py reads the run directory, job_try.py runs one try
-of a job, resume_state.py keeps executor_state.json, reporting.py prints and writes
+of a job, resume_state.py keeps executor_state.json, progress.py prints and writes
 the statistics.
 """
 
@@ -51,10 +51,10 @@ from pathlib import Path
 from ..detection.tensorboard_log import ARCHIVE_ROOT as TENSORBOARD_ARCHIVE_ROOT
 from .job_try import JobRunner
 from .loading import LoadedWorkflow, WorkflowError, load_workflow, read_properties
-from .reporting import JobResult, Reporter
+from .progress import JobResult, Reporter
 from .resume_state import ResumeState
 
-# workflow.py, the tests and bench/ import the run directory readers from here too.
+# The package (utils/executor/__init__.py) re-exports these for workflow.py, the tests and bench/.
 __all__ = ["Executor", "WorkflowError", "get_args_parser", "load_workflow", "main", "read_properties",
            "run_workflow"]
 
@@ -298,7 +298,8 @@ def run_workflow(run_dir, jobs: int = 2, retries: int | None = None, out=None,
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m utils.executor", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="run directory written by workflow.py")
     parser.add_argument("--jobs", type=int, default=2, help="jobs at once")
     parser.add_argument("--retries", type=int, default=None, help="override dagman.retry from pegasus.properties")
