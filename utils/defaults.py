@@ -122,3 +122,22 @@ MODEL_IMAGE_SIZE_MAX = 4096    # a model file's image size above this is refused
 YAML_MAX_NODES = 100_000       # nodes a user's YAML (experiment, settings, sites) may hold once aliases are
                                # expanded: a few hundred in practice; an alias bomb claims billions
 MESSAGE_VALUE_CHARS = 80       # an error message shows at most this much of a value it quotes
+
+# -- the prediction service (bin/serve.py, utils/service/; docs/service.md) ----------------
+SERVICE_MAX_UPLOAD_MB = 20.0         # largest image file accepted per upload
+SERVICE_MAX_IMAGES = 16              # images per request at most
+SERVICE_QUEUE_SIZE = 8               # requests admitted at once (decoding, waiting, in inference); one more: 503
+SERVICE_MAX_IMAGE_PIXELS = 25_000_000  # width x height of one upload, read from its header before decoding: above
+                                     # it 413, never decoded. Below IMAGE_MAX_PIXELS of the jobs because a server
+                                     # decodes many at once; 25 M passes a 6000x4000 (24 MP) camera photo
+SERVICE_PIXELS_IN_MEMORY = 100_000_000  # decoded pixels all requests together may hold (3 bytes each as uint8):
+                                     # a request waits until its images fit; one needing more alone gets 413.
+                                     # With the decode and model copies (docs/service.md) the server stays < 2 GB
+SERVICE_BATCH_SIZE = 4               # images of any requests run in one forward pass at most
+SERVICE_BATCH_MAX_PIXELS = 8_000_000 # ... and their pixels together at most (the model input is float: 12 bytes
+                                     # a pixel, twice over while normalised); a larger image runs alone
+SERVICE_BATCH_WAIT_MS = 5.0          # how long the worker waits for more images to join a batch it has begun
+SERVICE_DECODE_THREADS = None        # threads decoding uploads off the event loop; None: one per CPU core
+SERVICE_STOP_TIMEOUT_S = 30.0        # SIGTERM: seconds requests in flight get to finish before they are cancelled
+SERVICE_REQUEST_OVERHEAD_MB = 1.0    # a request body may exceed max_images x max_upload_mb by this (multipart
+                                     # headers, form fields); a larger body is refused before it is read

@@ -84,6 +84,34 @@ def _decode(source, path) -> Image.Image:
         raise ImageError(path, f"image too large: {exc}") from None
 
 
+def check_image_pixels(path_or_file, limit: int, name) -> tuple[int, int]:
+    """(width, height) of an image read from its header only; ImageError naming *name* when width x height
+    exceeds *limit*, before any pixel is decoded (a 12 KB PNG can claim 10000x10000 and take GBs to decode).
+
+    *path_or_file*: a path or a binary file object (left at its start). Pillow's own guard
+    (Image.MAX_IMAGE_PIXELS) is answered the same way: its DecompressionBombError always, and its
+    DecompressionBombWarning where a process has turned that warning into an error.
+    """
+    try:
+        with Image.open(path_or_file) as img:
+            width, height = img.size
+    except FileNotFoundError:
+        raise ImageError(name, "file does not exist") from None
+    except UnidentifiedImageError:
+        raise ImageError(name, "not an image file (format not recognised)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(name, f"too many pixels to decode safely ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(name, f"cannot read image header: {exc}") from None
+    finally:
+        if hasattr(path_or_file, "seek"):
+            path_or_file.seek(0)
+    if width * height > limit:
+        raise ImageError(name, f"{width}x{height} pixels ({width * height / 1e6:.1f} M) exceed the limit of "
+                               f"{limit / 1e6:g} M; not decoded")
+    return width, height
+
+
 def image_size(path) -> tuple[int, int]:
     """(width, height) as displayed, read from the header only (EXIF rotation applied)."""
     path = Path(path)
