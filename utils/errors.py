@@ -24,3 +24,21 @@ def read_json(path, what: str, error: type[InputError] = InputError):
         raise error(f"{path}: {what} not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as problem:
         raise error(f"{path}: {what} is not valid JSON ({problem})") from None
+
+
+def shown(value, limit: int | None = None) -> str:
+    """*value*'s repr for an error message, bounded: at most *limit* characters (default
+    defaults.MESSAGE_VALUE_CHARS), built without walking more than a few items and levels,
+    because a value read from a user can be huge (a YAML alias bomb expands to billions of items)."""
+    import reprlib
+
+    from .defaults import MESSAGE_VALUE_CHARS
+
+    limit = limit or MESSAGE_VALUE_CHARS
+    bounded = reprlib.Repr()  # attributes, not keywords: Python 3.11's Repr takes none
+    bounded.maxlevel = 3
+    bounded.maxtuple = bounded.maxlist = bounded.maxarray = bounded.maxdict = 4
+    bounded.maxset = bounded.maxfrozenset = bounded.maxdeque = 4
+    bounded.maxstring = bounded.maxlong = bounded.maxother = limit
+    text = bounded.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

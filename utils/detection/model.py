@@ -54,10 +54,9 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import FeaturePyramidNetwork, misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from ..atomic import atomic_path
-from ..classes import CLASSES, LABEL_OF, NUM_CLASSES
-from ..errors import InputError
-from ..stop import is_stand_in
+from ..classes import NUM_CLASSES
+from .model_file import MODEL_FILE_FORMAT, ModelError, model_metadata, read_model_payload, save_model_file  # noqa: F401
+from .model_file import torch_load as _torch_load  # reading, writing and checking model files live there
 from .weights import RETINAFACE_BACKBONE
 
 log = logging.getLogger(__name__)
@@ -65,7 +64,6 @@ log = logging.getLogger(__name__)
 BACKBONES = ("mobilenet_v2_fpn", RETINAFACE_BACKBONE, "mobilenet_v3_large_fpn", "resnet50_fpn", "resnet50_fpn_v2")
 DEFAULT_BACKBONE = "mobilenet_v2_fpn"
 WEIGHT_KINDS = ("none", "imagenet", "coco", "widerface")
-MODEL_FILE_FORMAT = 1
 
 # MobileNetV2 feature stages used by the pyramid: (node name, channels, stride).
 MOBILENET_V2_RETURN_NODES = (("features.6", 32, 8), ("features.13", 96, 16), ("features.18", 1280, 32))
@@ -74,10 +72,6 @@ FACE_ANCHOR_SIZES = ((16, 24), (32, 48), (64, 96), (128, 256))  # one tuple per 
 FACE_ASPECT_RATIOS = (0.75, 1.0, 1.33)  # height / width: faces are a little taller than wide
 # Download attempts must fail fast on machines without internet.
 DOWNLOAD_TIMEOUT_S = 20
-
-
-class ModelError(InputError):
-    """A model cannot be built or loaded; the message names the file and the problem."""
 
 
 @dataclass
@@ -125,19 +119,6 @@ def _fetch_torchvision_state(weights_enum) -> tuple[dict | None, str]:
     except Exception as error:  # offline (URLError, timeout), or a corrupt cached file
         return None, f"{filename} not cached and not downloadable ({type(error).__name__}: {error})"
     return state, filename
-
-
-def _torch_load(path: Path, what: str):
-    """torch.load on the CPU with weights_only=True; a missing or unreadable file is a one-line ModelError."""
-    if not path.is_file():
-        raise ModelError(f"{path}: {what} not found")
-    if is_stand_in(path):
-        raise ModelError(f"{path}: a stand-in, not a {what}: the job that writes it was stopped (SIGTERM) "
-                         "before it finished; rerun that job")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ModelError(f"{path}: not a readable {what} ({type(error).__name__}: {error})") from None
 
 
 def read_weight_file(path) -> dict:
@@ -472,57 +453,16 @@ def _anchor_metadata(backbone: str) -> dict:
 
 # ----------------------------------------------------------------------------- model files
 
-def _plain(value):
-    """Plain Python types only, so that torch.load(weights_only=True) accepts the file."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    return str(value)
-
-
-def model_metadata(model: nn.Module, extra: dict | None = None) -> dict:
-    meta = {
-        "format": MODEL_FILE_FORMAT,
-        **model.architecture,
-        "classes": list(CLASSES),
-        "label_map": dict(LABEL_OF),
-    }
-    report = getattr(model, "weights_report", None)
-    if report is not None:
-        meta["pretrained"] = {"requested": report.requested, "loaded": report.loaded, "source": report.source}
-    meta.update(extra or {})
-    return _plain(meta)
-
-
-def save_model_file(path, model: nn.Module, meta: dict | None = None) -> Path:
-    """Write ``{"model": state_dict, "meta": {...}}`` atomically; meta gets the architecture added."""
-    payload = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-               "meta": model_metadata(model, meta)}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return Path(path)
-
-
 def load_model_file(path, device="cpu") -> tuple[nn.Module, dict]:
-    """(model in eval mode on *device*, meta) from a file written by :func:`save_model_file`."""
+    """(model in eval mode on *device*, meta) from a file written by :func:`save_model_file`; what the file
+    claims is checked first (utils/detection/model_file.py), so a bad file is one ModelError naming it."""
     path = Path(path)
-    payload = _torch_load(path, "model file")
-    if not isinstance(payload, dict) or "model" not in payload or "meta" not in payload:
-        raise ModelError(f"{path}: not a model file (expected keys 'model' and 'meta')")
-    meta = payload["meta"]
-    for key in ("backbone", "num_classes", "image_size", "frozen_bn"):
-        if key not in meta:
-            raise ModelError(f"{path}: model metadata lacks {key!r}")
+    state, meta = read_model_payload(path, BACKBONES)
     model = build_model(meta["backbone"], num_classes=meta["num_classes"], weights="none",
                         trainable_layers=meta.get("trainable_layers", 0), image_size=meta["image_size"],
                         _frozen_bn=meta["frozen_bn"])
     try:
-        model.load_state_dict(payload["model"])
+        model.load_state_dict(state)
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[0]
         raise ModelError(f"{path}: weights do not match the {meta['backbone']} architecture ({first_line})") from None

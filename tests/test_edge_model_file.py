@@ -1,0 +1,133 @@
+"""A model file is user input: each bad claim in it is one line naming the file, exit 2, for predict and
+evaluate (issue #23), never a KeyError traceback at the first image or a silently empty answer."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import load_script
+from utils.classes import CLASSES
+from utils.cli import run_job
+from utils.detection.model import ModelError, load_model_file
+
+
+def rewrite(source, path, change):
+    """A copy of the model file *source* at *path* with change(payload) applied to its loaded payload."""
+    payload = torch.load(source, map_location="cpu", weights_only=True)
+    change(payload)
+    torch.save(payload, path)
+    return path
+
+
+def widen_to_six_classes(payload):
+    """The issue's case: the box predictor widened to 6 outputs (5 classes + background), meta saying so."""
+    state = payload["model"]
+    for name, rows in (("cls_score", 6), ("bbox_pred", 24)):
+        for kind in ("weight", "bias"):
+            key = f"roi_heads.box_predictor.{name}.{kind}"
+            state[key] = torch.zeros((rows, *state[key].shape[1:]))
+    payload["meta"]["num_classes"] = 6
+    payload["meta"]["classes"] = [*CLASSES, "face_shield", "scarf"]
+
+
+def widen_without_meta(payload):
+    """The predictor widened but the meta left at this project's classes: the shapes contradict it."""
+    state = payload["model"]
+    for name, rows in (("cls_score", 6), ("bbox_pred", 24)):
+        for kind in ("weight", "bias"):
+            key = f"roi_heads.box_predictor.{name}.{kind}"
+            state[key] = torch.zeros((rows, *state[key].shape[1:]))
+
+
+def set_meta(key, value):
+    def change(payload):
+        payload["meta"][key] = value
+    return change
+
+
+def replace_meta(value):
+    def change(payload):
+        payload["meta"] = value
+    return change
+
+
+def drop_meta(key):
+    def change(payload):
+        del payload["meta"][key]
+    return change
+
+
+CASES = {
+    "six_classes": (widen_to_six_classes, "model classes"),
+    "predictor_wider_than_meta": (widen_without_meta, "roi_heads.box_predictor.cls_score.weight has 6 outputs"),
+    "meta_is_5": (replace_meta(5), "model metadata must be a mapping, got int 5"),
+    "threshold_abc": (set_meta("operating_threshold", {"score_threshold": "abc", "chosen_on": "validation"}),
+                      "operating_threshold.score_threshold must be a number between 0 and 1, got 'abc'"),
+    "threshold_7": (set_meta("operating_threshold", {"score_threshold": 7.0, "chosen_on": "validation"}),
+                    "operating_threshold.score_threshold must be a number between 0 and 1, got 7.0"),
+    "missing_image_size": (drop_meta("image_size"), "model metadata lacks 'image_size'"),
+    "image_size_text": (set_meta("image_size", "512"), "image_size must be a whole number of pixels"),
+    "image_size_huge": (set_meta("image_size", 10 ** 9), "image_size must be a whole number of pixels"),
+    "num_classes_bool": (set_meta("num_classes", True), "num_classes must be 4"),
+    "unknown_backbone": (set_meta("backbone", "x" * 10_000), "is not one of"),
+    "frozen_bn_text": (set_meta("frozen_bn", "yes"), "frozen_bn must be true or false"),
+    "quantification_list": (set_meta("quantification", [1, 2]), "quantification must be a mapping"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_model_files(tiny_model_file, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad_models")
+    files = {name: rewrite(tiny_model_file, folder / f"{name}.pt", change) for name, (change, _) in CASES.items()}
+    truncated = folder / "truncated.pt"
+    truncated.write_bytes(tiny_model_file.read_bytes()[:5000])
+    files["truncated"] = truncated
+    return files
+
+
+EXPECTED = {**{name: expected for name, (_, expected) in CASES.items()}, "truncated": "not a readable model file"}
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED))
+def test_load_model_file_refuses_each_bad_claim_naming_the_file(bad_model_files, case):
+    with pytest.raises(ModelError) as caught:
+        load_model_file(bad_model_files[case])
+    message = str(caught.value)
+    assert message.startswith(f"{bad_model_files[case]}: ") and EXPECTED[case] in message
+    assert "\n" not in message and len(message) < 400  # a huge value is shown shortened
+
+
+@pytest.mark.parametrize("script", ["predict", "evaluate"])
+@pytest.mark.parametrize("case", ["six_classes", "meta_is_5", "threshold_abc", "threshold_7", "missing_image_size",
+                                  "truncated"])
+def test_predict_and_evaluate_exit_2_with_one_line_on_a_bad_model_file(root, bad_model_files, tmp_path, capsys,
+                                                                        script, case):
+    images = tmp_path / "images"
+    images.mkdir()
+    argv = ["--images", str(images), "--model", str(bad_model_files[case]), "--output-dir", str(tmp_path / "out"),
+            "--device", "cpu"]
+    if script == "evaluate":
+        argv += ["--annotations", str(images)]
+    module = load_script(root, script)
+    assert run_job(module.main, module.get_args_parser(), argv, job=script) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()] and err.startswith(f"{script}: error: {bad_model_files[case]}: ")
+    assert EXPECTED[case] in err and "Traceback" not in err
+
+
+def test_the_real_script_on_the_issues_six_class_file_exits_2_without_a_traceback(root, bad_model_files, tmp_path):
+    proc = subprocess.run([sys.executable, str(root / "bin" / "predict.py"), "--images", str(tmp_path),
+                           "--model", str(bad_model_files["six_classes"]), "--output-dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert "six_classes.pt: model classes" in proc.stderr
+
+
+def test_a_good_model_file_still_loads(tiny_model_file):
+    model, meta = load_model_file(tiny_model_file)
+    assert meta["classes"] == list(CLASSES) and not model.training

@@ -1,0 +1,186 @@
+"""Model files on disk: writing them, reading them, and checking what they claim before anything uses it.
+
+A model file holds ``{"model": state_dict, "meta": {...}}`` in plain types only, so
+``torch.load(weights_only=True)`` reads it. A model file is input a user hands to a job
+or to the service, so everything read from it is checked here, before a model is built
+from it: the metadata's types and ranges (meta a mapping; the classes this project's;
+num_classes one more than them; the image size a positive integer within
+defaults.MODEL_IMAGE_SIZE_MAX; thresholds numbers in [0, 1]) and the box predictor's
+shapes against the classes it declares. A problem is one :class:`ModelError` line naming
+the file, which the job runner turns into exit 2; a file that passes never reaches a
+KeyError, a float('abc') or a silently empty answer later.
+
+utils/detection/model.py builds the architecture; this module knows nothing of it
+except the backbone names it is handed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import defaults as D
+from ..atomic import atomic_path
+from ..classes import CLASSES, LABEL_OF, NUM_CLASSES
+from ..errors import InputError, shown
+from ..stop import is_stand_in
+
+MODEL_FILE_FORMAT = 1
+# The box predictor's tensors: the class scores have one row per class (background
+# included), the box regression four per class.
+CLASS_SCORE_ROWS = ("roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_score.bias")
+BOX_DELTA_ROWS = ("roi_heads.box_predictor.bbox_pred.weight", "roi_heads.box_predictor.bbox_pred.bias")
+REQUIRED_META = ("backbone", "num_classes", "image_size", "frozen_bn")
+
+
+class ModelError(InputError):
+    """A model cannot be built or loaded; the message names the file and the problem."""
+
+
+def torch_load(path: Path, what: str):
+    """torch.load on the CPU with weights_only=True; a missing or unreadable file is a one-line ModelError."""
+    if not path.is_file():
+        raise ModelError(f"{path}: {what} not found")
+    if is_stand_in(path):
+        raise ModelError(f"{path}: a stand-in, not a {what}: the job that writes it was stopped (SIGTERM) "
+                         "before it finished; rerun that job")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, not a torch file, or a pickle weights_only refuses
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        raise ModelError(f"{path}: not a readable {what} ({type(error).__name__}: {first_line})") from None
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _plain(value):
+    """Plain Python types only, so that torch.load(weights_only=True) accepts the file."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return str(value)
+
+
+def model_metadata(model: nn.Module, extra: dict | None = None) -> dict:
+    meta = {
+        "format": MODEL_FILE_FORMAT,
+        **model.architecture,
+        "classes": list(CLASSES),
+        "label_map": dict(LABEL_OF),
+    }
+    report = getattr(model, "weights_report", None)
+    if report is not None:
+        meta["pretrained"] = {"requested": report.requested, "loaded": report.loaded, "source": report.source}
+    meta.update(extra or {})
+    return _plain(meta)
+
+
+def save_model_file(path, model: nn.Module, meta: dict | None = None) -> Path:
+    """Write ``{"model": state_dict, "meta": {...}}`` atomically; meta gets the architecture added."""
+    payload = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+               "meta": model_metadata(model, meta)}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- reading and checking
+
+def read_model_payload(path, backbones) -> tuple[dict, dict]:
+    """(state dict, meta) of the model file *path*, every claim checked (module docstring);
+    *backbones*: the names utils/detection/model.py can build."""
+    path = Path(path)
+    payload = torch_load(path, "model file")
+    if not isinstance(payload, Mapping) or "model" not in payload or "meta" not in payload:
+        raise ModelError(f"{path}: not a model file (expected a mapping with keys 'model' and 'meta')")
+    meta, state = payload["meta"], payload["model"]
+    check_model_meta(meta, path, backbones)
+    check_state_shapes(state, meta["num_classes"], path)
+    return state, meta
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_threshold(value, where: str, path) -> None:
+    if not _is_number(value) or not 0.0 <= value <= 1.0:
+        raise ModelError(f"{path}: model metadata {where} must be a number between 0 and 1, got {shown(value)}")
+
+
+def check_model_meta(meta, path, backbones) -> None:
+    """ModelError naming *path* and the first claim of *meta* that is of the wrong type or out of range."""
+    if not isinstance(meta, Mapping):
+        raise ModelError(f"{path}: model metadata must be a mapping, got {type(meta).__name__} {shown(meta)}")
+    for key in REQUIRED_META:
+        if key not in meta:
+            raise ModelError(f"{path}: model metadata lacks {key!r}")
+    if meta.get("format", MODEL_FILE_FORMAT) != MODEL_FILE_FORMAT:
+        raise ModelError(f"{path}: model file format {shown(meta['format'])}; this version reads format "
+                         f"{MODEL_FILE_FORMAT}")
+    if meta["backbone"] not in backbones:
+        raise ModelError(f"{path}: model metadata backbone {shown(meta['backbone'])} is not one of "
+                         f"{', '.join(backbones)}")
+    classes = meta.get("classes", list(CLASSES))  # files from before classes were stored hold this project's
+    if not isinstance(classes, list) or classes != list(CLASSES):
+        raise ModelError(f"{path}: model classes {shown(classes)} differ from this project's {list(CLASSES)} "
+                         "(its label numbers would be misread)")
+    if not _is_int(meta["num_classes"]) or meta["num_classes"] != NUM_CLASSES:
+        raise ModelError(f"{path}: model metadata num_classes must be {NUM_CLASSES} (the {len(CLASSES)} classes "
+                         f"and background), got {shown(meta['num_classes'])}")
+    image_size = meta["image_size"]
+    if not _is_int(image_size) or not 32 <= image_size <= D.MODEL_IMAGE_SIZE_MAX:
+        raise ModelError(f"{path}: model metadata image_size must be a whole number of pixels from 32 to "
+                         f"{D.MODEL_IMAGE_SIZE_MAX}, got {shown(image_size)}")
+    if not isinstance(meta["frozen_bn"], bool):
+        raise ModelError(f"{path}: model metadata frozen_bn must be true or false, got {shown(meta['frozen_bn'])}")
+    trainable = meta.get("trainable_layers", 0)
+    if not _is_int(trainable) or trainable < 0:
+        raise ModelError(f"{path}: model metadata trainable_layers must be a whole number >= 0, got {shown(trainable)}")
+    _check_stored_threshold(meta.get("operating_threshold"), "operating_threshold", path)
+    _check_stored_threshold(meta.get("quantification"), "quantification", path)
+
+
+def _check_stored_threshold(record, key: str, path) -> None:
+    """The threshold records train stores (operating_threshold, quantification): a mapping or absent,
+    its score_threshold a number in [0, 1], its chosen_on text or absent."""
+    if record is None:
+        return
+    if not isinstance(record, Mapping):
+        raise ModelError(f"{path}: model metadata {key} must be a mapping, got {shown(record)}")
+    if record.get("score_threshold") is not None:
+        _check_threshold(record["score_threshold"], f"{key}.score_threshold", path)
+    if record.get("chosen_on") is not None and not isinstance(record["chosen_on"], str):
+        raise ModelError(f"{path}: model metadata {key}.chosen_on must be text, got {shown(record['chosen_on'])}")
+    if key == "quantification" and not isinstance(record.get("images", []), list):
+        raise ModelError(f"{path}: model metadata quantification.images must be a list, got {shown(record['images'])}")
+
+
+def check_state_shapes(state, num_classes: int, path) -> None:
+    """ModelError naming *path* unless *state* is a mapping of names to tensors whose box predictor has
+    *num_classes* class rows and 4 box rows per class (the classes the metadata declares)."""
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                 for k, v in state.items()):
+        raise ModelError(f"{path}: the model's weights are not a mapping of names to tensors")
+    for names, rows, what in ((CLASS_SCORE_ROWS, num_classes, "class score"),
+                              (BOX_DELTA_ROWS, 4 * num_classes, "box regression")):
+        for name in names:
+            if name not in state:
+                raise ModelError(f"{path}: the model's weights lack {name} (not a Faster R-CNN of this project)")
+            outputs = state[name].shape[0] if state[name].dim() else 0
+            if outputs != rows:
+                raise ModelError(f"{path}: {name} has {outputs} outputs, but the metadata declares "
+                                 f"{num_classes - 1} classes (+ background): the {what} needs {rows}")
