@@ -36,7 +36,8 @@ from Pegasus.api import (Container, File, Job, Properties, ReplicaCatalog, SiteC
 from utils.atomic import write_text
 from utils.defaults import DATA_SHARD_IMAGES
 from utils.detection.stages import stages_to_json
-from utils.naming import tagged_name
+from utils.naming import (TENSORBOARD_FOLDER, TRAIN_CHECKPOINT, evaluation_output_names, fold_set_names, fold_tag,
+                          job_id, output_names, report_name, tagged_name, tensorboard_folder, video_output_names)
 from utils.pegasus import driver, experiment, pegasus_api
 from utils.pegasus.catalogs import build_properties, build_site_catalog
 from utils.pegasus.config import (ConfigError, SplitEntry, WorkflowConfig, config_from_args, parse_label_map,
@@ -218,8 +219,8 @@ class MaskDetectionWorkflow:
             self.weights = self._input_file(Path(config.weights_file).resolve())
         # condorio transfers a checkpoint file in with the job, so it must exist before
         # the first try: an empty file, which hpo and train read as "no checkpoint yet".
-        checkpoint_names = [f"hpo_{i}.journal" for i in range(config.hpo_jobs)] + ["train_checkpoint.pt"]
-        checkpoint_names += [f"train_fold{fold}_checkpoint.pt" for fold in range(config.folds)]
+        checkpoint_names = [f"hpo_{i}.journal" for i in range(config.hpo_jobs)] + [TRAIN_CHECKPOINT]
+        checkpoint_names += [tagged_name(TRAIN_CHECKPOINT, fold_tag(fold)) for fold in range(config.folds)]
         self.folds_file = self._input_file(config.folds_csv.resolve()) if config.folds else None
         self.initial_checkpoints = {lfn: self.checkpoint_dir / lfn for lfn in checkpoint_names}
         for lfn, path in self.initial_checkpoints.items():
@@ -249,7 +250,7 @@ class MaskDetectionWorkflow:
         best_params = self._add_hpo_merge(worker_results)
         model = self._add_train(train_set, val_set, best_params)
         self._add_evaluate(model, test_set)
-        fold_models = self._add_folds(train_set, val_set)
+        fold_models = self._add_folds(train_set, val_set, best_params)
         # --fold-ensemble: the K fold models predict as one ensemble, in place of the final model.
         self._add_predict(*(fold_models if self.config.fold_ensemble else [model]))
         self._add_predict_videos(model)
@@ -318,17 +319,19 @@ class MaskDetectionWorkflow:
         if self.config.data_shards is None:
             inputs = [f for f in inputs if f.lfn.lower().endswith(".xml")]
         job = self._job("plot_class_distribution", "plot_class_distribution")
+        names = output_names("plot_class_distribution")  # the run record's name follows --output-csv
         job.add_args("--split-csv", self.split_file, *set_args,
-                     "--output", "class_distribution.png", "--output-csv", "class_distribution.csv",
+                     "--output", names["plot"], "--output-csv", names["counts_csv"],
                      *self._if_given("--label-map", self.config.label_map))
         job.add_inputs(self.split_file, *inputs)
-        self._stages_out(job, "class_distribution.png", "class_distribution.csv", "class_distribution_run.json")
+        self._stages_out(job, *names.values())
 
     def _add_preprocess(self, split: str) -> File:
         job = self._job("preprocess", f"preprocess_{split}")
-        data_set, report = File(f"{split}_set.tar"), File(f"preprocess_{split}_report.json")
+        data_set, report = File(f"{split}_set.tar"), File(report_name(f"preprocess_{split}"))
         set_args, inputs = self._set_args(split)
-        job.add_args(*set_args, "--split-csv", self.split_file, "--split", split, "--prefix", f"{split}_", *self._if_given("--max-size", self.config.max_size),
+        job.add_args(*set_args, "--split-csv", self.split_file, "--split", split, "--prefix", f"{split}_",
+                     *self._if_given("--max-size", self.config.max_size),
                      "--output-tar", data_set, "--report", report,
                      *self._if_given("--label-map", self.config.label_map))
         job.add_inputs(self.split_file, *inputs)
@@ -339,7 +342,7 @@ class MaskDetectionWorkflow:
     def _add_augment(self) -> File:
         config = self.config
         job = self._job("augment", "augment_train")
-        train_set, report = File("train_set.tar"), File("augment_train_report.json")
+        train_set, report = File("train_set.tar"), File(report_name("augment_train"))
         set_args, inputs = self._set_args("train")
         job.add_args(*set_args, "--split-csv", self.split_file, "--split", "train",
                      "--copies", config.augment_copies, "--rare-factor", config.rare_factor,
@@ -368,33 +371,36 @@ class MaskDetectionWorkflow:
                          *weights_args, "--checkpoint", journal, "--output", best,
                          # events in a folder of the job, staged out as one .tar of a fixed name (the executor
                          # unpacks it to outputs/tensorboard/hpo_<i>)
-                         "--tensorboard-dir", f"tensorboard/hpo_{index}",
-                         "--tensorboard-tar", f"tensorboard_hpo_{index}.tar")
+                         "--tensorboard-dir", tensorboard_folder("hpo", str(index)),
+                         "--tensorboard-tar", f"{TENSORBOARD_FOLDER}_hpo_{index}.tar")
             job.add_inputs(train_set, val_set, *weights_inputs)
             job.add_checkpoint(journal, stage_out=False, register_replica=False)
             self._hands_on(job, best)
-            self._stages_out(job, f"best_{index}_run.json", f"tensorboard_hpo_{index}.tar")
+            self._stages_out(job, f"best_{index}_run.json", f"{TENSORBOARD_FOLDER}_hpo_{index}.tar")
             results.append(best)
         return results
 
     def _add_hpo_merge(self, worker_results: list[File]) -> File:
         job = self._job("hpo_merge", "hpo_merge")
-        best_params, best_params_txt = File("best_hpo_params.json"), File("best_hpo_params.txt")
+        names = output_names("hpo_merge")  # the run record's name follows --output
+        best_params, best_params_txt = File(names["params"]), File(names["params_txt"])
         # The trials travel inside best_<i>.json: hpo_merge needs no journal, so no job reads
         # another job's checkpoint file (whose catalog entry is the empty initial file).
         job.add_args("--inputs", *worker_results,
                      "--output", best_params, "--output-txt", best_params_txt, "--plots-dir", ".")
         job.add_inputs(*worker_results)
-        self._stages_out(job, best_params, best_params_txt, "best_hpo_params_run.json",
-                         "optimization_history.png", "param_importances.png")
+        self._stages_out(job, best_params, best_params_txt, names["run_record"], names["history_plot"],
+                         names["importance_plot"])
         return best_params
 
-    def _add_train(self, train_set: File, val_set: File, best_params: File) -> File:
-        config = self.config
+    def _add_train(self, train_set: File, val_set: File, best_params: File, tag: str | None = None) -> File:
+        """train (the final model), or with *tag* a fold's train job: the same settings on the fold's sets,
+        every output, its checkpoint and its TensorBoard folder named for the fold. Returns the model File."""
+        config, names = self.config, output_names("train", tag)  # the run record's name follows --output
         weights_args, weights_inputs = self._weights()
         stages_args, stages_inputs = self._stages()
-        job = self._job("train", "train")
-        model, checkpoint = File("model.pt"), self.files["train_checkpoint.pt"]
+        job = self._job("train", job_id("train", tag))
+        model, checkpoint = File(names["model"]), self.files[tagged_name(TRAIN_CHECKPOINT, tag)]
         job.add_args("--images", train_set, "--annotations", train_set,
                      "--val-images", val_set, "--val-annotations", val_set,
                      "--params", best_params, "--epochs", config.epochs,
@@ -402,102 +408,65 @@ class MaskDetectionWorkflow:
                      *stages_args,
                      "--image-size", config.image_size, "--backbone", config.backbone,
                      *weights_args, "--checkpoint", checkpoint, "--output", model,
-                     "--metrics-csv", "train_metrics.csv", "--loss-plot", "loss_curve.png", "--seed", config.seed,
+                     "--metrics-csv", names["metrics_csv"], "--loss-plot", names["loss_plot"], "--seed", config.seed,
                      *self._if_given("--label-map", self.config.label_map),
-                     "--tensorboard-dir", "tensorboard/train", "--tensorboard-tar", "tensorboard_train.tar")
+                     "--tensorboard-dir", tensorboard_folder("train", tag),
+                     "--tensorboard-tar", names["tensorboard_tar"])
         job.add_inputs(train_set, val_set, best_params, *weights_inputs, *stages_inputs)
         job.add_checkpoint(checkpoint, stage_out=False, register_replica=False)
-        self._stages_out(job, model, "model_run.json", "train_metrics.csv", "loss_curve.png", "tensorboard_train.tar")
+        self._stages_out(job, model, names["run_record"], names["metrics_csv"], names["loss_plot"],
+                         names["tensorboard_tar"])
+        if tag:
+            self._sized_as(job, "train_fold")
         return model
 
-    def _add_evaluate(self, model: File, test_set: File) -> None:
-        job = self._job("evaluate", "evaluate")
+    def _add_evaluate(self, model: File, test_set: File, tag: str | None = None) -> File:
+        """evaluate (the final model on the test split), or with *tag* a fold model on its held-out fold.
+        Returns the evaluation.json File."""
+        names = evaluation_output_names(tag)
+        job = self._job("evaluate", job_id("evaluate", tag))
         # Without --score-threshold, evaluate and predict use the threshold train chose on validation.
         job.add_args("--images", test_set, "--annotations", test_set, "--model", model, "--output-dir", ".",
+                     *self._if_given("--output-tag", tag),
                      *self._if_given("--score-threshold", self.config.score_threshold))
         job.add_inputs(test_set, model)
-        self._stages_out(job, "evaluation.json", "evaluation.txt", "confusion_matrix.png", "confusion_matrix.csv",
-                         "pr_curves.png", "evaluation_images.json", "evaluate_run.json")
+        if tag:
+            self._sized_as(job, "evaluate_fold")
+        evaluation = File(names["evaluation.json"])
+        self._stages_out(job, evaluation, *(name for key, name in names.items() if key != "evaluation.json"))
+        return evaluation
 
-    def _add_folds(self, train_set: File, val_set: File) -> list[File]:
+    def _add_folds(self, train_set: File, val_set: File, best_params: File) -> list[File]:
         """--folds K: per fold, make_fold cuts the fold's training and held-out sets out of the preprocessed
         train and val sets (RUN_DIR/folds.csv, written at generation), train_fold<i> trains with the final
         model's settings (best HPO parameters, --epochs or --time-budget) validated on the held-out fold
         (so its threshold is chosen there too: kfold_summary says so), evaluate_fold<i> evaluates it on
         that fold; aggregate_folds writes mean ± std over the folds. Returns the fold models."""
-        from utils.detection.evaluation import evaluation_output_names
-
-        config = self.config
-        if not config.folds:
-            return []
         models, evaluations = [], []
-        for fold in range(config.folds):
-            tag = f"fold{fold}"
-            job = self._job("make_fold", f"make_{tag}")
-            fold_train, fold_val = File(f"{tag}_train.tar"), File(f"{tag}_val.tar")
-            job.add_args("--train-set", train_set, "--val-set", val_set, "--folds-csv", self.folds_file,
-                         "--fold", fold, "--output-train", fold_train, "--output-val", fold_val,
-                         "--report", f"make_{tag}_report.json")
-            job.add_inputs(train_set, val_set, self.folds_file)
-            self._hands_on(job, fold_train, fold_val)
-            self._stages_out(job, f"make_{tag}_report.json")
-
-            # The final train job repeated on the fold's sets: the final model's settings, whatever they are.
-            model = self._add_fold_train(fold, {train_set.lfn: fold_train, val_set.lfn: fold_val})
-            models.append(model)
-
-            job = self._job("evaluate", f"evaluate_{tag}")
-            names = evaluation_output_names(tag)
-            evaluation = File(names["evaluation.json"])
-            job.add_args("--images", fold_val, "--annotations", fold_val, "--model", model, "--output-dir", ".",
-                         "--output-tag", tag, *self._if_given("--score-threshold", config.score_threshold))
-            job.add_inputs(fold_val, model)
-            self._sized_as(job, "evaluate_fold")
-            self._stages_out(job, evaluation, *(name for key, name in names.items() if key != "evaluation.json"))
-            evaluations.append(evaluation)
-        job = self._job("aggregate_folds", "aggregate_folds")
-        job.add_args("--inputs", *evaluations, "--output-dir", ".")
-        job.add_inputs(*evaluations)
-        self._stages_out(job, "kfold_summary.json", "kfold_summary.txt", "kfold_folds.png", "aggregate_folds_run.json")
+        for fold in range(self.config.folds):
+            tag = fold_tag(fold)
+            fold_train, fold_val = self._add_make_fold(fold, train_set, val_set)
+            models.append(self._add_train(fold_train, fold_val, best_params, tag=tag))
+            evaluations.append(self._add_evaluate(models[-1], fold_val, tag=tag))
+        if models:
+            job = self._job("aggregate_folds", "aggregate_folds")
+            job.add_args("--inputs", *evaluations, "--output-dir", ".")
+            job.add_inputs(*evaluations)
+            self._stages_out(job, *output_names("aggregate_folds").values())
         return models
 
-    def _add_fold_train(self, fold: int, fold_sets: dict[str, File]) -> File:
-        """train_fold<i>: the final train job (added by _add_train) repeated on the fold's sets, so that a
-        fold model gets the final model's settings whatever flags train is given: its arguments, with the
-        train and val sets replaced by *fold_sets* (lfn -> File) and its outputs, checkpoint and folders
-        (values of --*-dir flags) renamed for the fold (utils.naming.tagged_name). Returns the fold's model File."""
-        final, tag = self.wf.get_job("train"), f"fold{fold}"
-        renamed: dict[str, File] = dict(fold_sets)
-        for use in final.uses:
-            kind = pegasus_api.use_type(use)
-            if kind in ("output", "checkpoint"):
-                lfn = tagged_name(use.file.lfn, tag)
-                renamed[use.file.lfn] = self.files[lfn] if kind == "checkpoint" else File(lfn)
-        job = self._job("train", f"train_{tag}")
-        args, previous = [], None
-        for arg in final.args:
-            name = arg.lfn if isinstance(arg, File) else arg
-            if isinstance(name, str) and name in renamed:
-                arg = renamed[name]
-            elif isinstance(arg, str) and isinstance(previous, str) and previous.endswith("-dir"):
-                arg = f"{arg}_{tag}"  # a folder in the job's directory (packed into a renamed output)
-            args.append(arg)
-            previous = arg
-        job.add_args(*args)
-        given = {use.file.lfn for use in job.uses}  # what _job gives every job already
-        for use in final.uses:
-            file = renamed.get(use.file.lfn, use.file)
-            if file.lfn in given:
-                continue
-            kind = pegasus_api.use_type(use)
-            if kind == "input":
-                job.add_inputs(file)
-            elif kind == "checkpoint":
-                job.add_checkpoint(file, stage_out=use.stage_out, register_replica=use.register_replica)
-            else:
-                job.add_outputs(file, stage_out=use.stage_out, register_replica=use.register_replica)
-        self._sized_as(job, "train_fold")
-        return renamed["model.pt"]
+    def _add_make_fold(self, fold: int, train_set: File, val_set: File) -> tuple[File, File]:
+        """make_fold<i>: the fold's training and held-out sets (Files handed on to its train and evaluate)."""
+        make_fold = job_id("make", fold_tag(fold))
+        job = self._job("make_fold", make_fold)
+        fold_train, fold_val = (File(name) for name in fold_set_names(fold_tag(fold)))
+        job.add_args("--train-set", train_set, "--val-set", val_set, "--folds-csv", self.folds_file,
+                     "--fold", fold, "--output-train", fold_train, "--output-val", fold_val,
+                     "--report", report_name(make_fold))
+        job.add_inputs(train_set, val_set, self.folds_file)
+        self._hands_on(job, fold_train, fold_val)
+        self._stages_out(job, report_name(make_fold))
+        return fold_train, fold_val
 
     def _sized_as(self, job: Job, workload: str) -> None:
         """Job-level time limits from *workload* (runtimes.py), over those of the job's transformation."""
@@ -517,7 +486,8 @@ class MaskDetectionWorkflow:
         drawn = trials_per_worker(config.annotate_max, len(shards))
         for shard, pred_file, annotate in zip(shards, self.pred_files, drawn):
             job = self._job("predict", f"predict_{shard.tag}")
-            part, annotated = File(f"predictions_{shard.tag}.json"), File(f"annotated_{shard.tag}.tar")
+            names = output_names("predict", shard.tag)
+            part, annotated = File(names["predictions_json"]), File(f"annotated_{shard.tag}.tar")
             job.add_args("--images", pred_file, "--model", *models, "--output-dir", ".", "--output-tag", shard.tag,
                          "--annotate-max", annotate, "--annotated-tar", annotated,
                          *self._if_given("--score-threshold", config.score_threshold))
@@ -525,15 +495,14 @@ class MaskDetectionWorkflow:
             # The parts go to the merge and are kept too (every detection, image sizes); an annotated
             # .tar is staged out only where images were drawn.
             job.add_outputs(part, stage_out=True, register_replica=False)
-            self._stages_out(job, f"compliance_{shard.tag}.json", f"predict_{shard.tag}_run.json")
+            self._stages_out(job, names["compliance_json"], names["run_record"])
             job.add_outputs(annotated, stage_out=annotate > 0, register_replica=False)
             parts.append(part)
         job = self._job("merge_predictions", "merge_predictions")
         # The parts are found in the job's folder: its arguments do not grow with the shards.
         job.add_args("--inputs-dir", ".", "--expected", len(parts), "--output-dir", ".")
         job.add_inputs(*parts)
-        self._stages_out(job, "compliance.json", "predictions.csv", "compliance_histogram.png",
-                         "compliance_by_folder.png", "merge_predictions_run.json")
+        self._stages_out(job, *output_names("merge_predictions").values())
 
     def _add_predict_videos(self, model: File) -> None:
         """One predict_video job per video of --pred-videos (none without it)."""
@@ -544,9 +513,7 @@ class MaskDetectionWorkflow:
                          "--stride", self.config.video_stride, "--output-video", f"annotated_{tag}.mp4",
                          *self._if_given("--score-threshold", self.config.score_threshold))
             job.add_inputs(model, video_file)
-            # the names bin/predict_video.py --output-tag gives its outputs (utils.detection.video.video_output_names)
-            self._stages_out(job, f"video_frames_{tag}.csv", f"compliance_over_time_{tag}.png",
-                             f"video_summary_{tag}.json", f"predict_video_{tag}_run.json", f"annotated_{tag}.mp4")
+            self._stages_out(job, *video_output_names(tag).values(), f"annotated_{tag}.mp4")
 
     def _add_report(self) -> None:
         """The run's report page, last: its inputs are the staged-out outputs of the jobs before it

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from utils.cli import run_job
 from utils.detection.cross_validation import format_summary, write_summary
+from utils.naming import output_names
 from utils.provenance import write_run_record
 
 
@@ -35,8 +36,9 @@ def get_args_parser():
 
 
 def main(args) -> int:
-    summary = write_summary(args.inputs, args.output_dir, plot=None if args.no_plot else "kfold_folds.png")
-    write_run_record(args.output_dir / "aggregate_folds_run.json", "aggregate_folds", vars(args), args.inputs)
+    names = output_names("aggregate_folds")
+    summary = write_summary(args.inputs, args.output_dir, plot=None if args.no_plot else names["plot"])
+    write_run_record(args.output_dir / names["run_record"], "aggregate_folds", vars(args), args.inputs)
     print(format_summary(summary), end="")
     print(f"outputs in {args.output_dir}")
     return 0

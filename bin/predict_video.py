@@ -26,8 +26,9 @@ from utils.cli import check_output_tag, run_job
 from utils.detection.compliance import compliance_line
 from utils.detection.engine import resolve_device
 from utils.detection.evaluation import load_trained_model
-from utils.detection.video import predict_video, video_output_names
+from utils.detection.video import predict_video
 from utils.errors import InputError
+from utils.naming import video_output_names
 from utils.provenance import write_run_record
 
 
@@ -68,7 +69,8 @@ def main(args) -> int:
                                 max_seconds=args.max_seconds, tta=args.tta, progress=bar.update,
                                 settings={"model": str(args.model), "score_threshold_source": source},
                                 tag=args.output_tag, calibration=meta.get("quantification"))
-    write_run_record(f"{args.output_dir}/{video_output_names(args.output_tag)['run_record']}", "predict_video", {**vars(args), "device": str(device)},
+    write_run_record(f"{args.output_dir}/{video_output_names(args.output_tag)['run_record']}", "predict_video",
+                     {**vars(args), "device": str(device)},
                      [args.model] + ([args.source] if summary["kind"] == "file" else []))
     print(compliance_line(summary["overall"], summary["estimate"]) + f" (pooled over {summary['frames_processed']} "
           f"frames, resampled in blocks of {summary['resampling']['block_frames']}; mean per frame "

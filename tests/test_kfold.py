@@ -70,7 +70,7 @@ def test_bad_fold_counts_fail_with_one_line(tmp_path):
 
 
 def test_evaluate_output_tag_names_every_file():
-    from utils.detection.evaluation import evaluation_output_names
+    from utils.naming import evaluation_output_names
 
     names = evaluation_output_names("fold0")
     assert names["evaluation.json"] == "evaluation_fold0.json" and names["pr_curves.png"] == "pr_curves_fold0.png"

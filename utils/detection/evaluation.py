@@ -25,7 +25,7 @@ from .quantify import estimate_lines, evaluation_estimates
 from .engine import evaluate_loss, run_inference
 from ..data.images import ImageError, image_size
 from .inference import default_num_workers
-from ..naming import tagged_name
+from ..naming import evaluation_output_names
 from .model import load_model_file
 from .metrics import compute_coco, detection_confusion_matrix, pr_curves
 from ..data.pairs import pair_folders
@@ -174,14 +174,6 @@ def per_image_errors(preds, targets, pairs, score_threshold: float, iou_threshol
                        "true_percent": truth["percent_properly_masked"],
                        "predicted_percent": kept["percent_properly_masked"]})
     return sorted(images, key=lambda entry: (-entry["errors"], -entry["missed"], entry["image"]))
-
-
-def evaluation_output_names(tag: str | None = None) -> dict[str, str]:
-    """The evaluate job's file names; with a *tag* (e.g. fold0) each carries it before its extension
-    (evaluation_fold0.json), so that several evaluate jobs of one workflow write distinct files."""
-    files = ("evaluation.json", "evaluation.txt", "confusion_matrix.csv", "confusion_matrix.png",
-             "evaluation_images.json", "pr_curves.png", "evaluate_run.json")
-    return {name: tagged_name(name, tag) for name in files}
 
 
 def evaluate_model(model, pairs, output_dir, device="cpu", score_threshold: float = 0.5, batch_size: int = 4,

@@ -25,7 +25,7 @@ from .. import defaults as D
 from ..atomic import atomic_path, write_json, write_text
 from ..classes import NAME_OF
 from ..data.images import is_image_name
-from ..naming import tagged_name
+from ..naming import output_names as job_output_names
 from .inference import Detections, ImageItem, Skipped, detect_files
 from .compliance import compliance, compliance_line, merge_compliance
 from .quantify import prediction_estimates, soft_counts
@@ -131,10 +131,7 @@ def _csv_text(images) -> str:
 def output_names(tag: str | None = None) -> dict[str, str]:
     """The predict job's output file names; with a *tag* (a shard's name) they carry it, so that
     the fanned-out jobs of one workflow write distinct files for the merge job."""
-    names = {"predictions_json": "predictions.json", "predictions_csv": "predictions.csv",
-             "compliance_json": "compliance.json", "folder_plot": "compliance_by_folder.png",
-             "run_record": "predict_run.json"}
-    return {key: tagged_name(name, tag) for key, name in names.items()}
+    return job_output_names("predict", tag)
 
 
 def annotation_sample(count: int, limit: int | None) -> set[int]:

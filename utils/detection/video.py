@@ -29,20 +29,13 @@ from .. import defaults as D
 from ..atomic import atomic_path, write_json, write_text
 from ..classes import CLASSES, NAME_OF
 from ..errors import InputError
-from ..naming import tagged_name
+from ..naming import video_output_names
 from .compliance import compliance, merge_compliance
 from .inference import detect, to_model_input
 from .quantify import Calibration, Units, calibration_problem, calibration_summary, class_sums, set_estimates
 from .plots import draw_detections
 
 CSV_FIELDS = ("frame", "time_s", "faces", *CLASSES, "percent_properly_masked")
-
-
-def video_output_names(tag: str | None = None) -> dict[str, str]:
-    """File names of a video run's outputs; with a *tag* (a workflow's video) they carry it."""
-    names = {"frames_csv": "video_frames.csv", "plot": "compliance_over_time.png", "summary": "video_summary.json",
-             "run_record": "predict_video_run.json"}
-    return {key: tagged_name(name, tag) for key, name in names.items()}
 
 
 def open_source(source: str) -> tuple[cv2.VideoCapture, str]:

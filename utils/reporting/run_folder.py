@@ -15,29 +15,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
+from ..naming import output_names, report_name
+
+
+def _made_by(kind: str, role: str) -> str:
+    """The file name of job *kind*'s output *role* (utils/naming.py: the names the jobs write)."""
+    return output_names(kind)[role]
+
 
 # The figures the jobs write, in the order the page shows them, with the job that writes each.
-FIGURES = {
-    "class_distribution.png": ("Objects per class and split", "plot_class_distribution"),
-    "optimization_history.png": ("HPO: objective per trial", "hpo_merge"),
-    "param_importances.png": ("HPO: parameter importances", "hpo_merge"),
-    "loss_curve.png": ("Training and validation loss", "train"),
-    "confusion_matrix.png": ("Detection confusion matrix", "evaluate"),
-    "pr_curves.png": ("Precision-recall curves (IoU 0.5)", "evaluate"),
-    "compliance_histogram.png": ("Per-image compliance of the prediction set", "merge_predictions"),
-    "compliance_by_folder.png": ("Compliance per folder of the prediction set, with 95 % intervals",
-                                 "merge_predictions"),
-}
+FIGURES = {_made_by(kind, role): (title, kind) for kind, role, title in (
+    ("plot_class_distribution", "plot", "Objects per class and split"),
+    ("hpo_merge", "history_plot", "HPO: objective per trial"),
+    ("hpo_merge", "importance_plot", "HPO: parameter importances"),
+    ("train", "loss_plot", "Training and validation loss"),
+    ("evaluate", "confusion_matrix.png", "Detection confusion matrix"),
+    ("evaluate", "pr_curves.png", "Precision-recall curves (IoU 0.5)"),
+    ("merge_predictions", "histogram", "Per-image compliance of the prediction set"),
+    ("merge_predictions", "folder_plot", "Compliance per folder of the prediction set, with 95 % intervals"),
+)}
 # The data files the report reads, with the job that writes each (missing ones are named on the page).
-DATA_FILES = {
-    "evaluation.json": "evaluate",
-    "evaluation_images.json": "evaluate",
-    "compliance.json": "merge_predictions",
-    "best_hpo_params.json": "hpo_merge",
-    "train_metrics.csv": "train",
-    "class_distribution.csv": "plot_class_distribution",
-    "preprocess_test_report.json": "preprocess",
-}
+DATA_FILES = {_made_by(kind, role): kind for kind, role in (
+    ("evaluate", "evaluation.json"),
+    ("evaluate", "evaluation_images.json"),
+    ("merge_predictions", "compliance"),
+    ("hpo_merge", "params"),
+    ("train", "metrics_csv"),
+    ("plot_class_distribution", "counts_csv"),
+)}
+DATA_FILES[report_name("preprocess_test")] = "preprocess"
 RUN_RECORD_SUFFIX = "_run.json"
 ANNOTATED_PREFIX = "annotated_"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
