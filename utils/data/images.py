@@ -4,17 +4,29 @@ RGBA, LA and palette images (with transparency) are composited on white, 16-bit
 and 32-bit greyscale is scaled to 8 bits, CMYK and grey JPEGs become RGB, and the
 EXIF orientation is applied so that pixels match what annotators saw. Every
 failure is an ImageError naming the file and the problem.
+
+No image is decoded whose header claims more than defaults.IMAGE_MAX_PIXELS pixels
+(check_image_pixels): a 12 KB PNG can claim 10000x10000 and take gigabytes to decode.
+Pillow's own guard (Image.MAX_IMAGE_PIXELS) is set to the same limit and its
+DecompressionBombWarning made an error, so code that opens an image without this module
+is refused above it too (Pillow alone only warns up to 179 M pixels).
 """
 
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .. import defaults as D
 from ..errors import InputError
+
+Image.MAX_IMAGE_PIXELS = D.IMAGE_MAX_PIXELS
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+TOO_LARGE = (Image.DecompressionBombError, Image.DecompressionBombWarning)  # Pillow's guard, raised by Image.open
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -54,6 +66,45 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+class PixelLimitError(ImageError):
+    """An image whose header claims more pixels than the limit (the service answers it 413, other bad images 422)."""
+
+
+def check_image_pixels(source, limit: int = D.IMAGE_MAX_PIXELS, name=None) -> tuple[int, int]:
+    """(width, height) of the image *source* (a path, an open binary file or bytes) read from its header,
+    nothing decoded; PixelLimitError naming *name* (default: the path) when width x height exceeds *limit*,
+    ImageError when the header cannot be read.
+    An open file is left at the position it was given at."""
+    name = name if name is not None else source
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    start = source.tell() if hasattr(source, "tell") else None
+    try:
+        with Image.open(source) as img:
+            _check_pixels(img, limit, name)
+            return img.size
+    except ImageError:
+        raise
+    except TOO_LARGE as exc:
+        raise PixelLimitError(name, f"image too large: {exc} (not decoded)") from None
+    except FileNotFoundError:
+        raise ImageError(name, "file does not exist") from None
+    except UnidentifiedImageError:
+        raise ImageError(name, "not an image file (format not recognised)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(name, f"cannot read image header: {exc}") from None
+    finally:
+        if start is not None:
+            source.seek(start)
+
+
+def _check_pixels(img: Image.Image, limit: int, name) -> None:
+    width, height = img.size
+    if width * height > limit:
+        raise PixelLimitError(name, f"image too large: {width}x{height} = {width * height:,} pixels, over the "
+                                    f"limit of {limit:,} (not decoded)")
+
+
 def load_rgb(path) -> Image.Image:
     """Decode *path* fully into an 8-bit RGB PIL image with EXIF orientation applied."""
     path = Path(path)
@@ -68,9 +119,14 @@ def load_rgb_bytes(data: bytes, name: str) -> Image.Image:
 def _decode(source, path) -> Image.Image:
     try:
         with Image.open(source) as img:
+            _check_pixels(img, D.IMAGE_MAX_PIXELS, path)  # from the header: a bomb is never decoded
             img.load()  # full decode now, so truncated files fail here and not later
             img = ImageOps.exif_transpose(img)
             return _to_rgb(img)
+    except ImageError:
+        raise
+    except TOO_LARGE as exc:
+        raise PixelLimitError(path, f"image too large: {exc} (not decoded)") from None
     except FileNotFoundError:
         raise ImageError(path, "file does not exist") from None
     except UnidentifiedImageError:
@@ -80,36 +136,6 @@ def _decode(source, path) -> Image.Image:
         if "truncated" in message.lower():
             message = f"truncated image file ({message})"
         raise ImageError(path, f"cannot decode image: {message}") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageError(path, f"image too large: {exc}") from None
-
-
-def check_image_pixels(path_or_file, limit: int, name) -> tuple[int, int]:
-    """(width, height) of an image read from its header only; ImageError naming *name* when width x height
-    exceeds *limit*, before any pixel is decoded (a 12 KB PNG can claim 10000x10000 and take GBs to decode).
-
-    *path_or_file*: a path or a binary file object (left at its start). Pillow's own guard
-    (Image.MAX_IMAGE_PIXELS) is answered the same way: its DecompressionBombError always, and its
-    DecompressionBombWarning where a process has turned that warning into an error.
-    """
-    try:
-        with Image.open(path_or_file) as img:
-            width, height = img.size
-    except FileNotFoundError:
-        raise ImageError(name, "file does not exist") from None
-    except UnidentifiedImageError:
-        raise ImageError(name, "not an image file (format not recognised)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(name, f"too many pixels to decode safely ({exc})") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(name, f"cannot read image header: {exc}") from None
-    finally:
-        if hasattr(path_or_file, "seek"):
-            path_or_file.seek(0)
-    if width * height > limit:
-        raise ImageError(name, f"{width}x{height} pixels ({width * height / 1e6:.1f} M) exceed the limit of "
-                               f"{limit / 1e6:g} M; not decoded")
-    return width, height
 
 
 def image_size(path) -> tuple[int, int]:
@@ -117,8 +143,11 @@ def image_size(path) -> tuple[int, int]:
     path = Path(path)
     try:
         with Image.open(path) as img:
+            _check_pixels(img, D.IMAGE_MAX_PIXELS, path)  # a size the decode would refuse is refused here too
             width, height = img.size
             orientation = img.getexif().get(0x0112, 1)
+    except TOO_LARGE as exc:
+        raise PixelLimitError(path, f"image too large: {exc} (not decoded)") from None
     except FileNotFoundError:
         raise ImageError(path, "file does not exist") from None
     except UnidentifiedImageError:
