@@ -9,16 +9,30 @@ query score_threshold, tta, annotated, explain): per image the detections with s
 the compliance figure (faces per class, percent properly masked), and overall; POST
 /api/explain (one `file`; query box, label, method): a heat map of one detection's class
 evidence (HiResCAM, grad-cam package) — the page shows it when a box is clicked. The OpenAPI
-page is /docs. The model is loaded once; inference runs in one worker thread with at
-most --queue-size requests waiting (then 503 with Retry-After). Bad uploads get a 4xx
-naming the file: 413 too large (--max-upload-mb) or too many (--max-images), 415 not
-an image type, 422 undecodable. Binds 127.0.0.1 unless --host says otherwise; with
---token (or MASK_SERVICE_TOKEN) the API needs `Authorization: Bearer <token>`.
-Exit 2 with one line when the model cannot be loaded or a flag is bad.
+page is /docs. Probes: GET /livez (the process answers), GET /readyz (model loaded, queue not
+full, not stopping); GET /metrics in Prometheus text format; one access-log line per request
+with its id (X-Request-ID) and its decode / queue / inference times.
+
+The model is loaded once; one inference thread puts up to --batch-size images of the same
+size from any requests into one forward pass; at most --queue-size requests are in flight
+(then 503 with Retry-After). Bad uploads get a 4xx naming the file: 413 too large
+(--max-upload-mb, --max-image-pixels, checked from the header before decoding) or too many
+(--max-images), 415 not an image type, 422 undecodable. A body over the request limit, and
+with --token (or MASK_SERVICE_TOKEN) a request without `Authorization: Bearer <token>`, is
+refused before it is read. Binds 127.0.0.1 unless --host says otherwise.
+
+SIGTERM (or Ctrl-C) stops taking requests, lets those in flight finish (at most
+--stop-timeout seconds) and exits 0. Exit 2 with one line when the model cannot be loaded,
+the address cannot be bound or a flag is bad.
 """
 
 import argparse
+import contextlib
+import logging
+import math
 import os
+import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -28,22 +42,76 @@ from utils.detection.engine import resolve_device
 from utils.errors import InputError
 
 TOKEN_ENV = "MASK_SERVICE_TOKEN"
+JOB = "serve"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (no usage block) and exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{JOB}: error: {message} (see --help)\n")
+
+
+def port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:20]!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
+    return port
+
+
+def at_least(minimum, kind=int):
+    """An argparse type: a finite *kind* (int or float) >= *minimum*."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:20]!r} is not {'an integer' if kind is int else 'a number'}") \
+                from None
+        if not math.isfinite(value) or value < minimum:
+            raise argparse.ArgumentTypeError(f"{text[:20]} is not a number >= {minimum}")
+        return value
+    return parse
+
+
+def positive_number(text: str) -> float:
+    value = at_least(0.0, float)(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text[:20]} is not a positive number")
+    return value
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog=JOB, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="model file written by bin/train.py")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it: "
                              "set --token then)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest image accepted (default: 20)")
-    parser.add_argument("--max-images", type=int, default=16, help="most images per request (default: 16)")
-    parser.add_argument("--explain-max-boxes", type=int, default=D.EXPLAIN_MAX_BOXES,
+    parser.add_argument("--port", type=port_number, default=8000, help="port, 1-65535 (default: 8000)")
+    parser.add_argument("--max-upload-mb", type=positive_number, default=D.SERVICE_MAX_UPLOAD_MB,
+                        help=f"largest image file accepted (default: {D.SERVICE_MAX_UPLOAD_MB:g})")
+    parser.add_argument("--max-images", type=at_least(1), default=D.SERVICE_MAX_IMAGES,
+                        help=f"most images per request (default: {D.SERVICE_MAX_IMAGES})")
+    parser.add_argument("--max-image-pixels", type=at_least(1), default=D.SERVICE_MAX_IMAGE_PIXELS,
+                        help="largest width x height of an upload, read from its header before decoding "
+                             f"(default: {D.SERVICE_MAX_IMAGE_PIXELS:,})")
+    parser.add_argument("--explain-max-boxes", type=at_least(1), default=D.EXPLAIN_MAX_BOXES,
                         help="/api/predict?explain=true: best detections explained per image (a backward pass "
                              f"each) (default: {D.EXPLAIN_MAX_BOXES})")
-    parser.add_argument("--queue-size", type=int, default=8,
-                        help="requests that may wait for the model; one more gets 503 (default: 8)")
+    parser.add_argument("--queue-size", type=at_least(1), default=D.SERVICE_QUEUE_SIZE,
+                        help=f"requests in flight at most; one more gets 503 (default: {D.SERVICE_QUEUE_SIZE})")
+    parser.add_argument("--batch-size", type=at_least(1), default=D.SERVICE_BATCH_SIZE,
+                        help=f"images of any requests in one forward pass (default: {D.SERVICE_BATCH_SIZE})")
+    parser.add_argument("--batch-wait-ms", type=at_least(0.0, float), default=D.SERVICE_BATCH_WAIT_MS,
+                        help="how long a begun batch waits for images still being decoded "
+                             f"(default: {D.SERVICE_BATCH_WAIT_MS:g})")
+    parser.add_argument("--decode-threads", type=at_least(1), default=D.SERVICE_DECODE_THREADS,
+                        help="threads decoding uploads (default: one per CPU core)")
+    parser.add_argument("--stop-timeout", type=at_least(0.0, float), default=D.SERVICE_STOP_TIMEOUT_S,
+                        help="SIGTERM: seconds requests in flight get to finish (default: "
+                             f"{D.SERVICE_STOP_TIMEOUT_S:g})")
     parser.add_argument("--token", default=None,
                         help=f"require `Authorization: Bearer TOKEN` (default: ${TOKEN_ENV} when set, else none)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
@@ -51,23 +119,71 @@ def get_args_parser():
     return parser
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a bad address is one line (InputError), not a server log."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as error:
+        raise InputError(f"--host {host[:80]!r}: not an address of this machine ({error})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as error:
+        sock.close()
+        raise InputError(f"--host {host} --port {port}: cannot listen there ({error.strerror or error})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def access_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s access: %(message)s"))
+    logger = logging.getLogger("mask_service.access")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main(args) -> int:
-    if args.max_upload_mb <= 0 or args.max_images < 1 or args.queue_size < 1 or args.explain_max_boxes < 1:
-        raise InputError("--max-upload-mb must be positive, --max-images, --queue-size and --explain-max-boxes "
-                         "at least 1")
     import uvicorn
 
     from utils.service.app import ServiceConfig, create_app
 
     token = args.token or os.environ.get(TOKEN_ENV) or None
+    sock = bind(args.host, args.port)  # before the model loads: a bad address costs no model load
     if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
-        print(f"serve: warning: {args.host} exposes the API to the network without a token (--token)", file=sys.stderr)
+        print(f"{JOB}: warning: {args.host} exposes the API to the network without a token (--token)", file=sys.stderr)
     app = create_app(ServiceConfig(model_path=args.model, device=str(resolve_device(args.device)),
                                    max_upload_mb=args.max_upload_mb, max_images=args.max_images,
-                                   queue_size=args.queue_size, token=token,
-                                   explain_max_boxes=args.explain_max_boxes))
-    print(f"serve: {args.model} on http://{args.host}:{args.port} (API docs: /docs)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+                                   max_image_pixels=args.max_image_pixels, queue_size=args.queue_size,
+                                   token=token, explain_max_boxes=args.explain_max_boxes,
+                                   batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms,
+                                   decode_threads=args.decode_threads))
+    access_logging()
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, but a SIGTERM or SIGINT ends in exit 0 after the graceful stop, where uvicorn
+        re-raises the signal (exit 143): a stop asked for and done is a success."""
+
+        def handle_exit(self, sig, frame):
+            app.state.stopping = True  # /readyz answers 503 at once
+            super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    config = uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=args.stop_timeout)
+    print(f"{JOB}: {args.model} on http://{args.host}:{args.port} (API docs: /docs)", flush=True)
+    Server(config).run(sockets=[sock])
+    print(f"{JOB}: stopped", flush=True)
     return 0
 
 

@@ -1,18 +1,27 @@
 """The prediction service: a trained model.pt behind a small HTTP API (FastAPI), for bin/serve.py.
 
-    GET  /api/health    liveness and the inference queue
+    GET  /api/health    the model file and the admission queue
+    GET  /livez         liveness: the process answers
+    GET  /readyz        readiness: the model is loaded, the queue has room, the server is not stopping (else 503)
+    GET  /metrics       Prometheus text format (utils/service/metrics.py)
     GET  /api/model     classes, backbone, image size, operating threshold, what the model file records
     POST /api/predict   multipart field `files` (repeatable): detections and compliance per image, overall
     POST /api/explain   one image `file` and one detection (`box`, `label`): a heat map of its class evidence
     GET  /              a web page over the API (utils/service/page.html; works offline)
 
-The model is loaded once. Inference runs in one worker thread, off the event loop, and
-at most `queue_size` requests may wait for it: one more is answered 503 with Retry-After,
-so a burst never becomes an unbounded backlog. Uploads are read into memory and decoded
-there (nothing a client sends becomes a path on disk); every bad request gets a 4xx with
-a reason naming the file: 413 too large or too many files, 415 not an image type, 422
-undecodable or truncated. With a token (--token or MASK_SERVICE_TOKEN), /api/model and
-/api/predict need `Authorization: Bearer <token>`.
+The edge (utils/service/edge.py, plain ASGI) refuses a request without the token (--token) and
+a body over the size limit before reading it, gives every request an id and one access-log line
+with its decode / queue / inference times, and counts requests for /metrics.
+
+A prediction request is admitted if fewer than `queue_size` are in flight (else 503 with
+Retry-After). Each upload's width x height is read from its header before anything is decoded:
+above `max_image_pixels` it is answered 413 and never decoded; the request then waits until its
+decoded pixels fit under `pixels_in_memory` (all requests together; more than that alone: 413),
+so no request can make the server swell. Uploads are decoded in memory (nothing a client sends
+becomes a path on disk) on a pool of threads, one per core, off the event loop. The model runs
+on one thread (utils/service/batching.py) that puts images of the same size from any requests
+into one forward pass. Every bad request gets a 4xx with a reason naming the file: 413 too large
+or too many, 415 not an image type, 422 undecodable or truncated.
 
 Detections are returned down to `DETECTION_FLOOR`, each with its score, plus the
 operating threshold: the compliance figures count those at or above the threshold
@@ -31,49 +40,71 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import secrets
+import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
+from torchvision.ops import box_iou
 
-from ..classes import CLASS_COLOURS, CLASSES, LABEL_OF, NAME_OF
-from ..data.images import ImageError, load_rgb_bytes
-from ..detection.compliance import compliance, merge_compliance
 from .. import defaults as D
+from ..classes import CLASS_COLOURS, CLASSES, LABEL_OF, NAME_OF
+from ..data.images import ImageError, PixelLimitError, check_image_pixels, load_rgb_bytes
+from ..detection.compliance import compliance, merge_compliance
 from ..detection.evaluation import load_trained_model
 from ..detection.explain import EXPLAIN_METHODS, ExplainError, explain_image
 from ..detection.inference import detect, to_model_input
-from ..detection.quantify import prediction_estimates, soft_counts
 from ..detection.plots import draw_detections
-from torchvision.ops import box_iou
+from ..detection.quantify import prediction_estimates, soft_counts
+from .batching import BatchWorker
+from .edge import EdgeMiddleware
+from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 
 DETECTION_FLOOR = D.DETECTION_FLOOR  # lowest score returned: below it a box is noise at any threshold a user would pick
 IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff"}
 RETRY_AFTER_S = 2
 MATCH_IOU = 0.5  # /api/explain: the detection explained is the model's box of that class overlapping the given one
 PAGE = Path(__file__).with_name("page.html")  # the web page at /: plain HTML and JS, no build step, no CDN
+PROTECTED = ("/api/model", "/api/predict", "/api/explain")  # need the token when one is set; probes never do
 
 
 @dataclass
 class ServiceConfig:
     model_path: Path
     device: str = "cpu"
-    max_upload_mb: float = 20.0
-    max_images: int = 16
-    queue_size: int = 8
+    max_upload_mb: float = D.SERVICE_MAX_UPLOAD_MB
+    max_images: int = D.SERVICE_MAX_IMAGES
+    queue_size: int = D.SERVICE_QUEUE_SIZE
     token: str | None = None
     explain_max_boxes: int = D.EXPLAIN_MAX_BOXES
+    max_image_pixels: int = D.SERVICE_MAX_IMAGE_PIXELS
+    pixels_in_memory: int = D.SERVICE_PIXELS_IN_MEMORY
+    batch_size: int = D.SERVICE_BATCH_SIZE
+    batch_max_pixels: int = D.SERVICE_BATCH_MAX_PIXELS
+    batch_wait_ms: float = D.SERVICE_BATCH_WAIT_MS
+    decode_threads: int | None = D.SERVICE_DECODE_THREADS
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest request body: every image at its largest, plus the multipart framing."""
+        return int((self.max_images * self.max_upload_mb + D.SERVICE_REQUEST_OVERHEAD_MB) * 2**20)
+
+
+def default_decode_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @dataclass
 class _Queue:
-    """Requests waiting for or in inference; bounded by ServiceConfig.queue_size."""
+    """Prediction and explanation requests in flight (decoding, waiting, in inference); at most `limit`."""
 
     limit: int
     waiting: int = 0
@@ -91,6 +122,32 @@ class _Queue:
             self.waiting -= 1
 
 
+class _PixelBudget:
+    """Decoded pixels held by all requests together; a request waits until its own fit."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+        self._changed = asyncio.Condition()  # made in the lifespan: bound to the server's event loop
+
+    async def acquire(self, pixels: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.held + pixels <= self.limit)
+            self.held += pixels
+
+    async def release(self, pixels: int) -> None:
+        async with self._changed:
+            self.held -= pixels
+            self._changed.notify_all()
+
+
+@dataclass
+class _Upload:
+    name: str
+    data: bytes
+    width: int = 0
+    height: int = 0
+
+
 def _detections(out: dict) -> list[dict]:
     return [{"box": [round(v, 1) for v in box], "label": NAME_OF[int(label)], "score": round(float(score), 4)}
             for box, label, score in zip(out["boxes"].tolist(), out["labels"].tolist(), out["scores"].tolist())]
@@ -102,9 +159,14 @@ def _jpeg_data_url(picture) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _annotated_jpeg(image, out: dict, threshold: float) -> str:
+def _as_picture(tensor: torch.Tensor) -> Image.Image:
+    return Image.fromarray(tensor.permute(1, 2, 0).numpy())
+
+
+def _annotated_jpeg(tensor: torch.Tensor, out: dict, threshold: float) -> str:
     keep = out["scores"] >= threshold
-    return _jpeg_data_url(draw_detections(image.copy(), out["boxes"][keep], out["labels"][keep], out["scores"][keep]))
+    return _jpeg_data_url(draw_detections(_as_picture(tensor), out["boxes"][keep], out["labels"][keep],
+                                          out["scores"][keep]))
 
 
 def _explanation_record(explanation, method: str) -> dict:
@@ -112,37 +174,64 @@ def _explanation_record(explanation, method: str) -> dict:
             "overlay": _jpeg_data_url(explanation.overlay)}
 
 
+def _quoted(text: str) -> str:
+    """A client's value in a message, bounded: a message never renders an unbounded value."""
+    return repr(text if len(text) <= D.MESSAGE_VALUE_CHARS else text[:D.MESSAGE_VALUE_CHARS] + "...")
+
+
 def parse_box(text: str) -> list[float]:
     """`x1,y1,x2,y2` in pixels, x2 > x1 and y2 > y1 (HTTPException 422 otherwise)."""
     try:
-        box = [float(v) for v in text.split(",")]
+        box = [float(v) for v in text.split(",")] if len(text) <= 200 else []
     except ValueError:
         box = []
     if len(box) != 4 or not all(np.isfinite(box)) or box[2] <= box[0] or box[3] <= box[1]:
-        raise HTTPException(422, f"box {text!r}: expected x1,y1,x2,y2 in pixels with x2 > x1 and y2 > y1")
+        raise HTTPException(422, f"box {_quoted(text)}: expected x1,y1,x2,y2 in pixels with x2 > x1 and y2 > y1")
     return box
+
+
+def decode_to_tensor(data: bytes, name: str) -> torch.Tensor:
+    """The upload as a uint8 CxHxW tensor (3 bytes a pixel; the PIL image, 4 a pixel, is dropped at once)."""
+    return torch.from_numpy(np.array(load_rgb_bytes(data, name))).permute(2, 0, 1)
 
 
 def create_app(config: ServiceConfig) -> FastAPI:
     device = torch.device(config.device)
     model, meta, default_threshold, threshold_source = load_trained_model(config.model_path, device)
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
     queue = _Queue(config.queue_size)
     max_bytes = int(config.max_upload_mb * 2**20)
+    metrics = ServiceMetrics()
+    decode_threads = config.decode_threads or default_decode_threads()
+
+    def run_batch(tensors: list[torch.Tensor], tta: bool) -> list[dict]:
+        """The model on images of one size (batching.py), on the inference thread."""
+        return detect(model, [to_model_input(t, device) for t in tensors], tta=tta, score_threshold=DETECTION_FLOOR)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.worker = BatchWorker(run_batch, config.batch_size, config.batch_max_pixels,
+                                       config.batch_wait_ms / 1000, on_batch=metrics.batch_images.observe)
+        app.state.decoder = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode")
+        app.state.budget = _PixelBudget(config.pixels_in_memory)
+        metrics.queue_images.set_function(app.state.worker.depth)
+        metrics.pixels_held.set_function(lambda: app.state.budget.held)
+        try:
+            yield
+        finally:
+            # uvicorn has waited for the requests in flight (bounded by its graceful timeout): what is
+            # still queued is finished, then the threads stop
+            app.state.worker.close(D.SERVICE_STOP_TIMEOUT_S)
+            app.state.decoder.shutdown(wait=True, cancel_futures=True)
 
     app = FastAPI(title="mask-detection service",
                   description="Face-mask detection and the share of faces properly masked, from a model.pt "
                               "trained by the mask-detection workflow.",
-                  version="1.0")
-    app.state.config, app.state.queue = config, queue
-
-    def authorised(request: Request) -> None:
-        if config.token is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {config.token}".encode()):
-            raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
-                                headers={"WWW-Authenticate": "Bearer"})
+                  version="1.0", lifespan=lifespan)
+    app.state.config, app.state.queue, app.state.metrics = config, queue, metrics
+    app.state.stopping = False  # set by bin/serve.py on SIGTERM: /readyz turns 503 while requests finish
+    metrics.requests_admitted.set_function(lambda: queue.waiting)
+    app.add_middleware(EdgeMiddleware, token=config.token, protected=PROTECTED, max_body_bytes=config.max_body_bytes,
+                       metrics=metrics)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
@@ -151,11 +240,35 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     @app.get("/api/health")
     def health() -> dict:
-        """Liveness, the model file and the inference queue."""
+        """The model file and the admission queue."""
         return {"status": "ok", "model": config.model_path.name, "device": str(device),
                 "queue": {"waiting": queue.waiting, "limit": queue.limit}}
 
-    @app.get("/api/model", dependencies=[Depends(authorised)])
+    @app.get("/livez")
+    def livez() -> dict:
+        """Liveness: the process answers (a restart is only needed when this fails)."""
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    def readyz(request: Request):
+        """Readiness: model loaded, queue not full, not stopping; 503 with the reasons otherwise."""
+        worker = getattr(request.app.state, "worker", None)
+        reasons = []
+        if worker is None or not worker.alive():
+            reasons.append("the model's worker is not running")
+        if queue.waiting >= queue.limit:
+            reasons.append(f"queue full ({queue.waiting} of {queue.limit} requests in flight)")
+        if request.app.state.stopping:
+            reasons.append("stopping (SIGTERM): finishing the requests in flight")
+        body = {"status": "not ready" if reasons else "ready", "reasons": reasons,
+                "queue": {"waiting": queue.waiting, "limit": queue.limit}}
+        return JSONResponse(body, status_code=503 if reasons else 200)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics_page() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/api/model")
     def model_info() -> dict:
         """What the model is: classes, backbone, image size, operating threshold, training record."""
         return {"classes": list(CLASSES), "colours": {name: "#%02x%02x%02x" % rgb for name, rgb in CLASS_COLOURS.items()},
@@ -166,50 +279,86 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 "num_train_images": meta.get("num_train_images"), "num_val_images": meta.get("num_val_images"),
                 "limits": {"max_upload_mb": config.max_upload_mb, "max_images": config.max_images}}
 
-    async def read_image(upload: UploadFile):
-        """(name, PIL image) of one upload, decoded in memory; 413/415/422 naming the file otherwise."""
+    def admit(request: Request) -> None:
+        if request.app.state.stopping:
+            raise HTTPException(503, "stopping: not taking new requests", headers={"Retry-After": str(RETRY_AFTER_S)})
+        if not queue.enter():
+            raise HTTPException(503, f"busy: {queue.limit} requests already wait for the model; retry shortly",
+                                headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    async def read_upload(request: Request, upload: UploadFile) -> _Upload:
+        """The upload's bytes and its size from the header, nothing decoded; 413/415/422 naming the file."""
         name = upload.filename or "upload"
         if upload.content_type not in IMAGE_TYPES:
-            raise HTTPException(415, f"{name}: unsupported type {upload.content_type!r}; "
+            raise HTTPException(415, f"{name}: unsupported type {_quoted(str(upload.content_type))}; "
                                      f"send one of {', '.join(sorted(IMAGE_TYPES))}")
         data = await upload.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise HTTPException(413, f"{name}: larger than {config.max_upload_mb:g} MB (--max-upload-mb)")
         try:
-            return name, load_rgb_bytes(data, name)
+            # on the pool too: a header is small, but some formats make Pillow read (and inflate) chunks first
+            width, height = await asyncio.get_running_loop().run_in_executor(
+                request.app.state.decoder, check_image_pixels, data, config.max_image_pixels, name)
+        except PixelLimitError as error:
+            raise HTTPException(413, str(error)) from None
         except ImageError as error:
             raise HTTPException(422, str(error)) from None
+        return _Upload(name, data, width, height)
 
-    async def in_worker(function, *args):
-        """*function* on the inference thread, if the bounded queue has room (503 with Retry-After if not)."""
-        if not queue.enter():
-            raise HTTPException(503, f"busy: {queue.limit} requests already wait for the model; retry shortly",
-                                headers={"Retry-After": str(RETRY_AFTER_S)})
+    async def decode_all(request: Request, uploads: list[_Upload], announce: bool) -> list[torch.Tensor]:
+        """The uploads as uint8 tensors, decoded on the pool in parallel; 422 naming the first bad one."""
+        loop = asyncio.get_running_loop()
+        decoder, worker = request.app.state.decoder, request.app.state.worker
+        if announce:
+            worker.expect(len(uploads))
+        results = await asyncio.gather(*(loop.run_in_executor(decoder, decode_to_tensor, u.data, u.name)
+                                         for u in uploads), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                if announce:
+                    worker.expect(-len(uploads))
+                if isinstance(result, ImageError):
+                    raise HTTPException(413 if isinstance(result, PixelLimitError) else 422, str(result)) from None
+                raise result
+        return list(results)
+
+    async def holding_pixels(request: Request, uploads: list[_Upload], work):
+        """await work() while the uploads' decoded pixels are counted against pixels_in_memory."""
+        pixels = sum(u.width * u.height for u in uploads)
+        if pixels > config.pixels_in_memory:
+            raise HTTPException(413, f"{request.method} {request.url.path}: {len(uploads)} images of "
+                                     f"{pixels / 1e6:.1f} M pixels in one request; at most "
+                                     f"{config.pixels_in_memory / 1e6:g} M: send fewer or smaller images")
+        budget = request.app.state.budget
+        await budget.acquire(pixels)
         try:
-            return await asyncio.get_running_loop().run_in_executor(worker, function, *args)
+            return await work()
         finally:
-            queue.leave()
+            await budget.release(pixels)
 
-    def as_uint8(image) -> torch.Tensor:
-        return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    def record_timings(request: Request, decode_s: float, timings: list, images: int) -> None:
+        queue_s = min(t.started for t in timings) - min(t.queued for t in timings)
+        inference_s = max(t.finished for t in timings) - min(t.started for t in timings)
+        request.state.timings.update(decode=decode_s, queue=queue_s, inference=inference_s, images=images)
+        metrics.stage.labels("decode").observe(decode_s)
+        metrics.stage.labels("queue").observe(queue_s)
+        metrics.stage.labels("inference").observe(inference_s)
 
-    def run_model(images: list, tta: bool, explain_threshold: float | None = None):
-        """(detections per image, {detection index: explanation} per image; empty unless explaining)."""
-        tensors = [as_uint8(image) for image in images]
-        outputs = detect(model, [to_model_input(t, device) for t in tensors], tta=tta, score_threshold=DETECTION_FLOOR)
-        explained = [{} for _ in images]
-        if explain_threshold is not None:
-            for tensor, out, found in zip(tensors, outputs, explained):
-                counted = (out["scores"] >= explain_threshold).nonzero().flatten()
-                for explanation in explain_image(model, tensor, out["boxes"][counted], out["labels"][counted],
-                                                 out["scores"][counted], device, D.EXPLAIN_METHOD,
-                                                 config.explain_max_boxes):
-                    found[int(counted[explanation.index])] = _explanation_record(explanation, D.EXPLAIN_METHOD)
+    def explain_all(tensors: list[torch.Tensor], tta: bool, explain_threshold: float):
+        """(detections, {detection index: explanation}) per image: one call on the model's thread."""
+        outputs = run_batch(tensors, tta) if len({t.shape for t in tensors}) == 1 else \
+            [run_batch([t], tta)[0] for t in tensors]
+        explained = [{} for _ in tensors]
+        for tensor, out, found in zip(tensors, outputs, explained):
+            counted = (out["scores"] >= explain_threshold).nonzero().flatten()
+            for explanation in explain_image(model, tensor, out["boxes"][counted], out["labels"][counted],
+                                             out["scores"][counted], device, D.EXPLAIN_METHOD,
+                                             config.explain_max_boxes):
+                found[int(counted[explanation.index])] = _explanation_record(explanation, D.EXPLAIN_METHOD)
         return outputs, explained
 
-    def explain_box(image, box: list[float], label: int, method: str):
+    def explain_box(tensor: torch.Tensor, box: list[float], label: int, method: str):
         """The explanation of the model's detection of class *label* at *box*, or None if it finds none there."""
-        tensor = as_uint8(image)
         out = detect(model, [to_model_input(tensor, device)], score_threshold=DETECTION_FLOOR)[0]
         candidates = (out["labels"] == label).nonzero().flatten()
         if len(candidates) == 0:
@@ -222,8 +371,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return explain_image(model, tensor, out["boxes"][index], out["labels"][index], out["scores"][index],
                              device, method, 1)[0]
 
-    @app.post("/api/predict", dependencies=[Depends(authorised)])
-    async def predict(files: list[UploadFile] = File(..., description="one or more images (field `files`, repeatable)"),
+    @app.post("/api/predict")
+    async def predict(request: Request,
+                      files: list[UploadFile] = File(..., description="one or more images (field `files`, repeatable)"),
                       score_threshold: float | None = Query(None, ge=0.0, le=1.0,
                                                             description="count detections at or above this score "
                                                                         "(default: the model's operating threshold)"),
@@ -239,23 +389,47 @@ def create_app(config: ServiceConfig) -> FastAPI:
         if len(files) > config.max_images:
             raise HTTPException(413, f"{len(files)} images in one request; at most {config.max_images} (--max-images)")
         threshold = default_threshold if score_threshold is None else score_threshold
-        images = [await read_image(upload) for upload in files]
-        outputs, explained = await in_worker(run_model, [image for _, image in images], tta,
-                                             threshold if explain else None)
+        admit(request)
+        try:
+            uploads = [await read_upload(request, upload) for upload in files]
+            worker = request.app.state.worker
+
+            async def decode_and_detect():
+                began = time.perf_counter()
+                tensors = await decode_all(request, uploads, announce=not explain)
+                decoded = time.perf_counter()
+                if explain:
+                    future, timing = worker.submit_call(explain_all, tensors, tta, threshold)
+                    outputs, explained = await asyncio.wrap_future(future)
+                    timings = [timing]
+                else:
+                    submitted = [worker.submit_image(tensor, tta) for tensor in tensors]
+                    outputs = list(await asyncio.gather(*(asyncio.wrap_future(f) for f, _ in submitted)))
+                    explained, timings = [{} for _ in tensors], [t for _, t in submitted]
+                record_timings(request, decoded - began, timings, len(tensors))
+                return tensors, outputs, explained
+
+            tensors, outputs, explained = await holding_pixels(request, uploads, decode_and_detect)
+        finally:
+            queue.leave()
         results, records = [], []
-        for (name, image), out, explanations in zip(images, outputs, explained):
+        for upload, tensor, out, explanations in zip(uploads, tensors, outputs, explained):
             detections = _detections(out)
             for index, explanation in explanations.items():
                 detections[index]["explanation"] = explanation
-            record = {"file": name, "width": image.width, "height": image.height, "detections": detections,
-                      "compliance": compliance([d["label"] for d in detections if d["score"] >= threshold])}
+            counted = [d for d in detections if d["score"] >= threshold]
+            record = {"file": upload.name, "width": int(tensor.shape[-1]), "height": int(tensor.shape[-2]),
+                      "detections": detections, "compliance": compliance([d["label"] for d in counted])}
             if annotated:
-                record["annotated"] = _annotated_jpeg(image, out, threshold)
+                record["annotated"] = _annotated_jpeg(tensor, out, threshold)
             results.append(record)
+            for d in counted:
+                metrics.faces.labels(d["label"]).inc()
             # numbered: two uploads may share a name, and the estimate's resampling order follows the names
             records.append({"file": f"{len(records):04d}", "soft_counts": soft_counts(out["labels"].tolist(),
                                                                                       out["scores"].tolist()),
-                            "detections": [d for d in detections if d["score"] >= threshold]})
+                            "detections": counted})
+        metrics.images.inc(len(results))
         # the bootstrap is CPU work: off the event loop, as inference is
         estimates = await asyncio.to_thread(prediction_estimates, records, meta.get("quantification"), threshold, tta)
         return {"model": config.model_path.name, "score_threshold": threshold,
@@ -263,8 +437,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 "tta": tta, "images": results, "overall": merge_compliance(r["compliance"] for r in results),
                 **estimates}
 
-    @app.post("/api/explain", dependencies=[Depends(authorised)])
-    async def explain_detection(file: UploadFile = File(..., description="the image (one)"),
+    @app.post("/api/explain")
+    async def explain_detection(request: Request,
+                                file: UploadFile = File(..., description="the image (one)"),
                                 box: str = Query(..., description="the detection's box: x1,y1,x2,y2 in pixels, as "
                                                                   "/api/predict returned it"),
                                 label: str = Query(..., description=f"its class: {', '.join(CLASSES)}"),
@@ -275,18 +450,34 @@ def create_app(config: ServiceConfig) -> FastAPI:
         and the share of the map inside the box. 422 when the model finds no such detection there."""
         coordinates = parse_box(box)
         if label not in CLASSES:
-            raise HTTPException(422, f"label {label!r}: not one of {', '.join(CLASSES)}")
+            raise HTTPException(422, f"label {_quoted(label)}: not one of {', '.join(CLASSES)}")
         if method not in EXPLAIN_METHODS:
-            raise HTTPException(422, f"method {method!r}: not one of {', '.join(EXPLAIN_METHODS)}")
-        name, image = await read_image(file)
+            raise HTTPException(422, f"method {_quoted(method)}: not one of {', '.join(EXPLAIN_METHODS)}")
+        admit(request)
         try:
-            explanation = await in_worker(explain_box, image, coordinates, LABEL_OF[label], method)
+            upload = await read_upload(request, file)
+
+            async def decode_and_explain():
+                began = time.perf_counter()
+                tensor = (await decode_all(request, [upload], announce=False))[0]
+                decoded = time.perf_counter()
+                future, timing = request.app.state.worker.submit_call(explain_box, tensor, coordinates,
+                                                                      LABEL_OF[label], method)
+                try:
+                    found = await asyncio.wrap_future(future)
+                finally:
+                    record_timings(request, decoded - began, [timing], 1)
+                return found
+
+            explanation = await holding_pixels(request, [upload], decode_and_explain)
         except ExplainError as error:
             raise HTTPException(422, f"{config.model_path.name}: {error}") from None
+        finally:
+            queue.leave()
         if explanation is None:
-            raise HTTPException(422, f"{name}: the model finds no {label} detection overlapping box {box} "
+            raise HTTPException(422, f"{upload.name}: the model finds no {label} detection overlapping box {box} "
                                      f"(IoU > {MATCH_IOU}); send a box /api/predict returned")
-        return {"file": name, "label": label, "box": explanation.box, "score": explanation.score,
+        return {"file": upload.name, "label": label, "box": explanation.box, "score": explanation.score,
                 **_explanation_record(explanation, method)}
 
     @app.exception_handler(HTTPException)

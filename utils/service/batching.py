@@ -1,0 +1,151 @@
+"""The inference worker of the service: one thread that runs the model on batches of images from any requests.
+
+Requests submit their decoded images one by one (``submit_image``) and wait on a future each.
+The worker takes the oldest waiting image and adds up to ``batch_size - 1`` more that can share
+its forward pass, then runs them together:
+
+- only images of the same height and width and the same TTA flag share a batch: torchvision pads
+  a batch to its largest image, and padding changes the features near the border of a smaller
+  one, so images of other sizes would get (slightly) other answers than alone;
+- their pixels together stay under ``batch_max_pixels`` (the model's float input costs 12 bytes a
+  pixel, twice while normalised), so one large image runs alone;
+- it waits at most ``wait_s`` for more, and only while a request has announced images that are
+  still being decoded (``expect``): a lone request never pays the wait.
+
+Work that must run alone on the model's thread (explanations: a backward pass per box) is
+submitted with ``submit_call`` and keeps its place in the order.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass
+class Timing:
+    """When an image (or call) was queued, started and finished on the worker (time.perf_counter)."""
+
+    queued: float
+    started: float = 0.0
+    finished: float = 0.0
+    batch_images: int = 1
+
+
+@dataclass
+class _Job:
+    key: tuple | None  # (height, width, tta) of an image; None: a call that runs alone
+    payload: Any
+    pixels: int
+    future: Future = field(default_factory=Future)
+    timing: Timing = field(default_factory=lambda: Timing(time.perf_counter()))
+
+
+class BatchWorker:
+    """run_batch(list of uint8 CxHxW tensors, tta) -> one answer per tensor, called on the worker thread."""
+
+    def __init__(self, run_batch: Callable[[list, bool], list], batch_size: int, batch_max_pixels: int,
+                 wait_s: float, on_batch: Callable[[int], None] | None = None):
+        self._run_batch, self._on_batch = run_batch, on_batch
+        self.batch_size, self.batch_max_pixels, self.wait_s = batch_size, batch_max_pixels, wait_s
+        self._jobs: deque[_Job] = deque()
+        self._expected = 0  # images announced by admitted requests and not submitted yet
+        self._condition = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
+        self._thread.start()
+
+    # -- the requests' side
+    def depth(self) -> int:
+        """Images (and calls) waiting for the model."""
+        with self._condition:
+            return len(self._jobs)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._closing
+
+    def expect(self, count: int) -> None:
+        """*count* images are being decoded and will be submitted (or withdrawn with expect(-n))."""
+        with self._condition:
+            self._expected = max(0, self._expected + count)
+            self._condition.notify_all()
+
+    def submit_image(self, tensor, tta: bool) -> tuple[Future, Timing]:
+        height, width = tensor.shape[-2:]
+        return self._submit(_Job((int(height), int(width), bool(tta)), tensor, int(height) * int(width)), expected=1)
+
+    def submit_call(self, function: Callable, *args) -> tuple[Future, Timing]:
+        return self._submit(_Job(None, (function, args), 0), expected=0)
+
+    def _submit(self, job: _Job, expected: int) -> tuple[Future, Timing]:
+        with self._condition:
+            if self._closing:
+                raise RuntimeError("the inference worker has stopped")
+            self._jobs.append(job)
+            self._expected = max(0, self._expected - expected)
+            self._condition.notify_all()
+        return job.future, job.timing
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish what is queued, then stop the thread."""
+        with self._condition:
+            self._closing = True
+            self._condition.notify_all()
+        self._thread.join(timeout)
+
+    # -- the worker's side
+    def _loop(self) -> None:
+        while True:
+            with self._condition:
+                while not self._jobs and not self._closing:
+                    self._condition.wait()
+                if not self._jobs:
+                    return
+                first = self._jobs.popleft()
+                batch = [first] if first.key is None else self._gather(first)
+            self._run(batch)
+
+    def _gather(self, first: _Job) -> list[_Job]:
+        """*first* and the waiting images that may share its pass; called holding the condition."""
+        batch, pixels = [first], first.pixels
+        deadline = time.perf_counter() + self.wait_s
+        while len(batch) < self.batch_size:
+            for job in list(self._jobs):
+                if len(batch) >= self.batch_size:
+                    break
+                if job.key == first.key and pixels + job.pixels <= self.batch_max_pixels:
+                    self._jobs.remove(job)
+                    batch.append(job)
+                    pixels += job.pixels
+            remaining = deadline - time.perf_counter()
+            if len(batch) >= self.batch_size or self._expected == 0 or remaining <= 0 or self._closing:
+                break
+            self._condition.wait(remaining)
+        return batch
+
+    def _run(self, batch: list[_Job]) -> None:
+        started = time.perf_counter()
+        for job in batch:
+            job.timing.started, job.timing.batch_images = started, len(batch)
+        try:
+            if batch[0].key is None:
+                function, args = batch[0].payload
+                answers = [function(*args)]
+            else:
+                answers = self._run_batch([job.payload for job in batch], batch[0].key[2])
+                if self._on_batch is not None:
+                    self._on_batch(len(batch))
+        except Exception as error:  # every waiting request must hear of it, and the thread lives on
+            finished = time.perf_counter()
+            for job in batch:
+                job.timing.finished = finished
+                job.future.set_exception(error)
+            return
+        finished = time.perf_counter()
+        for job, answer in zip(batch, answers):
+            job.timing.finished = finished
+            job.future.set_result(answer)

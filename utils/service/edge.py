@@ -1,0 +1,132 @@
+"""The service's edge: a pure ASGI middleware that sees every request before the app does.
+
+- Credentials: with a token, a request to a protected path without `Authorization: Bearer <token>`
+  is answered 401 before one byte of its body is received.
+- Size: a Content-Length above the limit is answered 413 before the body is received; a body
+  without one (chunked) is counted as it streams and cut off at the limit with 413. The app
+  never holds more than the limit of one request's body.
+- Every request gets an id (the client's X-Request-ID when it is a short plain token, else a new
+  one), returned as X-Request-ID, and one access-log line with its timings: the app writes
+  decode / queue / inference times into ``scope["state"]["timings"]``.
+- Requests by route and status and their latency go to the metrics.
+
+It is plain ASGI (no BaseHTTPMiddleware) so that it can answer before the body is read and
+never buffers a body itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import time
+import uuid
+
+from .metrics import ServiceMetrics
+
+ACCESS_LOG = logging.getLogger("mask_service.access")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+class _BodyTooLarge:
+    """Marks a request whose body passed the limit while streaming."""
+
+    def __init__(self):
+        self.hit = False
+
+
+async def answer(send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+    """A JSON error answer {"detail": ...}, as the app's own 4xx are."""
+    body = json.dumps({"detail": detail}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+           (b"connection", b"close")]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class EdgeMiddleware:
+    def __init__(self, app, *, token: str | None, protected: tuple[str, ...], max_body_bytes: int,
+                 metrics: ServiceMetrics):
+        self.app, self.token, self.protected = app, token, protected
+        self.max_body_bytes, self.metrics = max_body_bytes, metrics
+
+    def _authorised(self, headers: dict[bytes, bytes]) -> bool:
+        given = headers.get(b"authorization", b"")
+        return secrets.compare_digest(given, f"Bearer {self.token}".encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        began = time.perf_counter()
+        headers = dict(scope.get("headers") or [])
+        given_id = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given_id if REQUEST_ID.fullmatch(given_id) else uuid.uuid4().hex[:16]
+        state = scope.setdefault("state", {})
+        state["request_id"], state["timings"] = request_id, {}
+        path, method = scope.get("path", ""), scope.get("method", "")
+        status = [500]
+        too_large = _BodyTooLarge()
+        limit_mb = f"{self.max_body_bytes / 2**20:g} MB"
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        async def send_or_413(message):
+            # The app answers a body cut off at the limit with its own error (a parse error, 400):
+            # the client is told the real reason instead, and the app's answer is dropped.
+            if too_large.hit:
+                if message["type"] == "http.response.start":
+                    await answer(send_with_id, 413, f"{method} {path}: request body larger than {limit_mb}")
+                return
+            await send_with_id(message)
+
+        received = [0]
+
+        async def counted_receive():
+            message = await receive()
+            if message["type"] == "http.request":
+                received[0] += len(message.get("body", b""))
+                if received[0] > self.max_body_bytes:
+                    too_large.hit = True
+                    return {"type": "http.disconnect"}  # the app stops reading; nothing more is buffered
+            return message
+
+        try:
+            if self.token is not None and path.startswith(self.protected) and not self._authorised(headers):
+                await answer(send_with_id, 401, f"{method} {path}: missing or wrong bearer token "
+                                                "(Authorization: Bearer <token>)", {"WWW-Authenticate": "Bearer"})
+                return
+            length = headers.get(b"content-length")
+            if length is not None:
+                if not length.isdigit():
+                    await answer(send_with_id, 400, f"{method} {path}: Content-Length {length[:32]!r} is not a "
+                                                    "number")
+                    return
+                if int(length) > self.max_body_bytes:
+                    await answer(send_with_id, 413, f"{method} {path}: request body of {int(length)} bytes; at most "
+                                                    f"{limit_mb}")
+                    return
+            try:
+                await self.app(scope, counted_receive, send_or_413)
+            except Exception:
+                if not too_large.hit:
+                    raise
+            if too_large.hit and status[0] != 413:
+                await answer(send_with_id, 413, f"{method} {path}: request body larger than {limit_mb}")
+        finally:
+            seconds = time.perf_counter() - began
+            self.metrics.observe_request(path, status[0], seconds)
+            timings = state.get("timings") or {}
+            stages = "".join(f" {name}_ms={timings[name] * 1000:.1f}" for name in ("decode", "queue", "inference")
+                             if name in timings)
+            images = f" images={timings['images']}" if "images" in timings else ""
+            client = scope.get("client") or ("-", 0)
+            ACCESS_LOG.info("id=%s %s %s %s %d total_ms=%.1f%s%s client=%s", request_id, method, path,
+                            scope.get("http_version", "1.1"), status[0], seconds * 1000, stages, images, client[0])
