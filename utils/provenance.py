@@ -9,6 +9,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from . import safe_yaml
 from .atomic import write_json
 from .errors import InputError
 
@@ -56,7 +57,7 @@ def experiment_config(folder=".") -> dict | None:
     import yaml
 
     try:
-        settings = yaml.safe_load(path.read_text(encoding="utf-8"))
+        settings = safe_yaml.load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise InputError(f"{path}: the workflow's settings are not valid YAML ({' '.join(str(error).split())})") from None
     if not isinstance(settings, dict):

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import safe_yaml
 from ..errors import InputError
 
 # The most backbone stages any of our backbones has (mobilenet_v2_fpn: 6, the resnets: 5); the backbone's
@@ -64,7 +65,7 @@ def _read_spec_file(path: Path, where: str):
     except (OSError, UnicodeDecodeError) as problem:
         raise StagesError(f"{where}: cannot read stages file {path} ({problem})") from None
     try:
-        return json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        return json.loads(text) if path.suffix.lower() == ".json" else safe_yaml.load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as problem:
         detail = " ".join(str(problem).split())
         raise StagesError(f"{where}: stages file {path} does not parse ({detail})") from None

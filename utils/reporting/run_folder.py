@@ -14,6 +14,7 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import safe_yaml
 from ..errors import InputError
 from ..naming import output_names, report_name
 
@@ -176,7 +177,7 @@ def _read_config(run: RunFolder) -> None:
         if not config_file.is_file():
             continue
         try:
-            config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+            config = safe_yaml.load(config_file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
             run.problems.append(f"{config_file}: configuration cannot be read ({' '.join(str(error).split())})")
             continue

@@ -1,0 +1,93 @@
+"""YAML read from users is bounded (utils/safe_yaml.py): the issue's alias bomb under a known key is refused
+in well under a second with one line, exit 2, wherever such YAML is read; ordinary anchors still load; a value
+quoted in a message is shortened (utils.errors.shown) (issue #23)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from utils import defaults as D, safe_yaml
+from utils.errors import InputError, shown
+
+
+def alias_bomb(key: str, levels: int = 9) -> str:
+    """Nine levels of nine aliases each: 9**9 (387 M) strings once expanded, 800 bytes on disk."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level in range(1, levels):
+        lines.append(f"l{level}: &l{level} [" + ", ".join([f"*l{level - 1}"] * 9) + "]")
+    return f"{key}:\n" + "\n".join("  " + line for line in lines) + "\n"
+
+
+def test_the_bomb_is_refused_in_milliseconds_with_one_line():
+    started = time.perf_counter()
+    with pytest.raises(yaml.YAMLError, match=f"expands to more than {D.YAML_MAX_NODES:,} values") as caught:
+        safe_yaml.load(alias_bomb("fractions"))
+    assert time.perf_counter() - started < 0.5 and "\n" not in str(caught.value)
+
+
+def test_merge_key_bombs_recursive_aliases_and_deep_nesting_are_refused():
+    merges = "m0: &m0 {a: 1, b: 2, c: 3}\n" + "".join(
+        f"m{i}: &m{i}\n  <<: [{', '.join([f'*m{i - 1}'] * 9)}]\n  k{i}: 1\n" for i in range(1, 9))
+    for text, words in ((merges, "expands to more than"), ("a: &a [1, *a]\n", "recursive alias"),
+                        ("[" * 100_000 + "]" * 100_000, "nested more than 100 deep"),
+                        ("a:\n" + "".join(" " * level + "- \n" for level in range(1, 1500)), "nested too deeply")):
+        started = time.perf_counter()
+        with pytest.raises(safe_yaml.YamlTooLarge, match=words):
+            safe_yaml.load(text)
+        assert time.perf_counter() - started < 1.0
+
+
+def test_ordinary_anchors_and_merge_keys_still_load():
+    text = "base: &base {epochs: 2, lr: 0.01}\nfirst:\n  <<: *base\n  name: a\nsecond: [*base, *base]\n"
+    assert safe_yaml.load(text) == {"base": {"epochs": 2, "lr": 0.01}, "first": {"epochs": 2, "lr": 0.01, "name": "a"},
+                                    "second": [{"epochs": 2, "lr": 0.01}] * 2}
+    with pytest.raises(TypeError):
+        safe_yaml.load("a: 1", Loader=yaml.UnsafeLoader)
+
+
+def test_workflow_refuses_an_experiment_file_holding_the_bomb_under_a_known_key(root, tmp_path):
+    import workflow
+
+    path = tmp_path / "bomb.yml"
+    path.write_text("epochs: 2\n" + alias_bomb("fractions"))
+    started = time.perf_counter()
+    with pytest.raises(SystemExit) as stopped:
+        workflow.get_args_parser().parse_args(["--config", str(path)])
+    assert stopped.value.code == 2 and time.perf_counter() - started < 1.0
+    proc = subprocess.run([sys.executable, "workflow.py", "--config", str(path)], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith(f"workflow.py: {path}: not valid YAML (the value starting at line")
+
+
+def test_sites_stages_and_job_settings_files_are_bounded_too(tmp_path):
+    from utils.detection.stages import StagesError, parse_stages
+    from utils.pegasus.config import ConfigError, load_sites_config
+    from utils.provenance import EXPERIMENT_CONFIG_FILE, experiment_config
+
+    sites = tmp_path / "sites.yml"
+    sites.write_text(alias_bomb("sites"))
+    stages = tmp_path / "stages.yml"
+    stages.write_text(alias_bomb("stages"))
+    (tmp_path / EXPERIMENT_CONFIG_FILE).write_text(alias_bomb("epochs"))
+    for read, error in ((lambda: load_sites_config(sites), ConfigError), (lambda: parse_stages(str(stages)), StagesError),
+                        (lambda: experiment_config(tmp_path), InputError)):
+        started = time.perf_counter()
+        with pytest.raises(error, match="expands to more than") as caught:
+            read()
+        assert time.perf_counter() - started < 1.0 and "\n" not in str(caught.value)
+
+
+def test_a_value_quoted_in_a_message_is_bounded_however_large():
+    huge = [[["lol"] * 1000] * 1000] * 1000  # a billion items, shared, as an alias bomb builds them
+    started = time.perf_counter()
+    text = shown(huge)
+    assert len(text) <= 80 and text.startswith("[[[") and time.perf_counter() - started < 0.1
+    assert shown("x" * 10_000).endswith("...'") or len(shown("x" * 10_000)) <= 80
+    assert shown(7.0) == "7.0" and shown("abc") == "'abc'"
