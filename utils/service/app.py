@@ -326,9 +326,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
         """await work() while the uploads' decoded pixels are counted against pixels_in_memory."""
         pixels = sum(u.width * u.height for u in uploads)
         if pixels > config.pixels_in_memory:
-            raise HTTPException(413, f"{request.method} {request.url.path}: {len(uploads)} images of "
-                                     f"{pixels / 1e6:.1f} M pixels in one request; at most "
-                                     f"{config.pixels_in_memory / 1e6:g} M: send fewer or smaller images")
+            raise HTTPException(413, f"{request.method} {request.url.path}: {len(uploads)} images of {pixels:,} "
+                                     f"pixels in one request; at most {config.pixels_in_memory:,}: send fewer or "
+                                     "smaller images")
         budget = request.app.state.budget
         await budget.acquire(pixels)
         try:

@@ -1,0 +1,134 @@
+"""The service's hardened edge, one test per kind of bad input: decompression bombs (pixels from the header,
+never decoded), bodies over the limit and missing credentials refused before the body is read (Content-Length
+and streamed), a request's pixels over the memory budget, and bin/serve.py's bad flags (one line, exit 2)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+import utils.service.app as service  # noqa: E402
+from utils.service.app import ServiceConfig, create_app  # noqa: E402
+
+
+def bomb_png() -> bytes:
+    """The issue's decompression bomb: a 10000x10000 1-bit PNG of ~12 KB that decodes to gigabytes."""
+    buffer = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bomb() -> bytes:
+    return bomb_png()
+
+
+def test_decompression_bombs_are_refused_from_the_header_and_never_decoded(tiny_model_file, bomb, monkeypatch):
+    decoded = []
+    real_decode = service.decode_to_tensor
+    monkeypatch.setattr(service, "decode_to_tensor", lambda data, name: decoded.append(name) or real_decode(data, name))
+    assert len(bomb) < 20_000
+    app = create_app(ServiceConfig(model_path=tiny_model_file, max_images=4))
+    with TestClient(app) as client:
+        began = time.perf_counter()
+        answer = client.post("/api/predict", files=[("files", (f"bomb{i}.png", bomb, "image/png")) for i in range(4)])
+        seconds = time.perf_counter() - began
+    assert answer.status_code == 413, answer.text
+    assert answer.json()["detail"].startswith("bomb0.png: image too large")
+    assert seconds < 5 and decoded == []
+
+
+def _raw_request(app, path: str, headers: list[tuple[bytes, bytes]]):
+    """Run one HTTP request through the ASGI app whose body must never be read; (status, body, reads)."""
+    reads, sent = [], []
+
+    async def receive():
+        reads.append(1)
+        return {"type": "http.request", "body": b"x" * 1024, "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000)}
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], body.decode(), len(reads)
+
+
+def test_missing_token_and_oversized_body_are_refused_before_the_body_is_read(tiny_model_file):
+    app = create_app(ServiceConfig(model_path=tiny_model_file, token="s3cret", max_upload_mb=1, max_images=2))
+    form = [(b"content-type", b"multipart/form-data; boundary=x")]
+    status, body, reads = _raw_request(app, "/api/predict", form + [(b"content-length", b"314572800")])
+    assert (status, reads) == (401, 0) and "missing or wrong bearer token" in body
+    authorised = form + [(b"authorization", b"Bearer s3cret")]
+    status, body, reads = _raw_request(app, "/api/predict", authorised + [(b"content-length", b"314572800")])
+    assert (status, reads) == (413, 0) and "POST /api/predict: request body of 314572800 bytes; at most 3 MB" in body
+
+
+def test_a_streamed_body_is_cut_off_at_the_limit(tiny_model_file):
+    app = create_app(ServiceConfig(model_path=tiny_model_file, max_upload_mb=1, max_images=1))
+    def chunks():  # no Content-Length: the edge counts what streams in
+        for _ in range(64):
+            yield b"\0" * 65536
+
+    with TestClient(app) as client:
+        answer = client.post("/api/predict", content=chunks(),
+                             headers={"content-type": "multipart/form-data; boundary=x"})
+    assert answer.status_code == 413 and "request body larger than 2 MB" in answer.json()["detail"]
+    assert answer.headers["x-request-id"]
+
+
+def test_a_request_over_the_pixel_budget_is_refused_before_decoding(tiny_model_file, sample_dir):
+    photos = sorted((sample_dir / "images").glob("*.jpg"))[:2]  # 160x120 each
+    app = create_app(ServiceConfig(model_path=tiny_model_file, pixels_in_memory=30_000))
+    with TestClient(app) as client:
+        one = client.post("/api/predict", files=[("files", ("a.jpg", photos[0].read_bytes(), "image/jpeg"))])
+        both = client.post("/api/predict", files=[("files", (p.name, p.read_bytes(), "image/jpeg")) for p in photos])
+    assert one.status_code == 200
+    assert both.status_code == 413
+    assert both.json()["detail"] == ("POST /api/predict: 2 images of 38,400 pixels in one request; at most 30,000: "
+                                     "send fewer or smaller images")
+
+
+def _listening_port() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--port", "99999"], "argument --port: 99999 is not a port number (1-65535)"),
+    (["--queue-size", "0"], "argument --queue-size: 0 is not a number >= 1"),
+    (["--decode-threads", "two"], "argument --decode-threads: 'two' is not an integer"),
+    (["--max-upload-mb", "nan"], "argument --max-upload-mb: nan is not a number >= 0.0"),
+    (["--host", "no.such.host.invalid"], "--host 'no.such.host.invalid': not an address of this machine"),
+    (["--port", "IN_USE"], "cannot listen there (Address already in use)"),
+    (["--model", "MISSING"], "none.pt: model file not found"),
+])
+def test_serve_bad_flags_are_one_line_and_exit_2(root, tiny_model_file, tmp_path, flags, message):
+    with _listening_port() as busy:
+        flags = [str(busy.getsockname()[1]) if f == "IN_USE" else str(tmp_path / "none.pt") if f == "MISSING" else f
+                 for f in flags]
+        model = [] if "--model" in flags else ["--model", str(tiny_model_file)]
+        free = _listening_port()
+        free_port = str(free.getsockname()[1])
+        free.close()
+        proc = subprocess.run([sys.executable, str(root / "bin" / "serve.py"), *model, "--port", free_port, *flags],
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("serve: error: ") and message in lines[0], lines
