@@ -16,7 +16,7 @@ JOBS          ?= 2
 # Minutes of the train job (its epochs are fitted to them): make run ends in about 13 minutes on 2 cores.
 TRAIN_MINUTES ?= 8
 
-.PHONY: setup weights run serve test bench clean base-image image image-cpu image-check
+.PHONY: setup weights run serve test test-fast lint bench clean base-image image image-cpu image-check
 
 setup: $(STAMP) weights
 
@@ -50,6 +50,16 @@ serve: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The edit loop: every test but the slow kinds (end-to-end runs, the real planner, the browser,
+# training for whole epochs; markers in pyproject.toml). CI runs `make test`, the whole suite.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
+# pyflakes, pycodestyle and bugbear, configured in pyproject.toml. Only needs the venv (ruff is
+# pinned in requirements-dev.txt), not the weights.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 # The quick benchmarks; bench/quality.py (a training run per data set) is run by hand.
 bench: setup

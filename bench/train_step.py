@@ -197,7 +197,8 @@ def main(args) -> int:
                   f"speed at {first}")
     if by_backbone:
         first = next(iter(by_backbone))
-        result["backbones"] = {name: {"images_per_s": max(v), "all": v, "ratio_to_first": max(v) / max(by_backbone[first]),
+        result["backbones"] = {name: {"images_per_s": max(v), "all": v,
+                                      "ratio_to_first": max(v) / max(by_backbone[first]),
                                       "built_as": detectors[name][0].architecture["backbone"]}
                                for name, v in by_backbone.items()}
         for name, values in by_backbone.items():

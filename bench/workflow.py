@@ -84,7 +84,8 @@ def executor_overhead(sleep: float, jobs: int, hpo_jobs: int) -> dict:
                   ("predict", 0.5, ["model.pt"], ["predictions.json"])]
         for job_id, weight, inputs, outputs in shape:
             job = Job("sleep", _id=job_id).add_args(f"{sleep * weight:.3f}", *outputs)
-            job.add_inputs(*inputs).add_outputs(*(File(o) for o in outputs), stage_out=job_id in ("evaluate", "predict"))
+            job.add_inputs(*inputs).add_outputs(*(File(o) for o in outputs),
+                                                stage_out=job_id in ("evaluate", "predict"))
             wf.add_jobs(job)
         status = write_and_run(run_dir, tc, rc, wf, jobs)
         if status != 0:
@@ -153,7 +154,8 @@ GENERATOR_CHILD = textwrap.dedent("""
                                   data / "annotations" / f"img_{index:07d}.xml", split))
     split_csv = run_dir / "split.csv"
     run_dir.mkdir(parents=True, exist_ok=True)
-    split_csv.write_text("image,annotation,split\\n" + "".join(f"{e.image},{e.annotation},{e.split}\\n" for e in entries))
+    split_csv.write_text("image,annotation,split\\n"
+                         + "".join(f"{e.image},{e.annotation},{e.split}\\n" for e in entries))
     def shards(folder, count):
         return [ShardFile(folder / f"shard-{i:06d}.tar", min(per_shard, count - i * per_shard))
                 for i in range(-(-count // per_shard))]
@@ -285,12 +287,12 @@ def main() -> int:
         figures["fanout_prediction"] = results
         single = results["1 job"]["stats"]["wall_time_s"]
         for layout, result in results.items():
-            stats, cp = result["stats"], result["stats"]["critical_path"]
+            stats, cp, overall = result["stats"], result["stats"]["critical_path"], result["overall"]
             print(f"  {layout:<8} wall {stats['wall_time_s']:>7.1f} s, critical path {cp['job_time_s']:>7.1f} s "
-                  f"(wall / critical path {cp['wall_over_critical_path']:.3f}), {result['images'] / stats['wall_time_s']:.2f} "
-                  f"images/s, {single / stats['wall_time_s']:.2f}x the one-job wall time; "
-                  f"{result['overall']['faces']} faces, {result['overall']['percent_properly_masked']}% properly masked",
-                  flush=True)
+                  f"(wall / critical path {cp['wall_over_critical_path']:.3f}), "
+                  f"{result['images'] / stats['wall_time_s']:.2f} images/s, "
+                  f"{single / stats['wall_time_s']:.2f}x the one-job wall time; "
+                  f"{overall['faces']} faces, {overall['percent_properly_masked']}% properly masked", flush=True)
         print()
 
     if args.plan_sizes:

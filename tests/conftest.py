@@ -11,6 +11,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # Tests run on the CPU and must never wait for a download.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+# The kinds of slow test (registered in pyproject.toml); each also counts as `slow`, so that
+# `make test-fast` (-m "not slow") leaves out every kind, including one added later.
+SLOW_KINDS = ("e2e", "planner", "browser", "training")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(item.get_closest_marker(kind) for kind in SLOW_KINDS):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def root() -> Path:

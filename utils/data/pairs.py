@@ -149,7 +149,8 @@ def read_pairs_csv(csv_path, images_dir=None, annotations_dir=None, split: str |
         if split is not None and row.get("split") != split:
             continue
         image, annotation = Path(row["image"]), Path(row["annotation"])
-        image = Path(images_dir) / image.name if images_dir else (image if image.is_absolute() else csv_path.parent / image)
+        image = (Path(images_dir) / image.name if images_dir
+                 else (image if image.is_absolute() else csv_path.parent / image))
         annotation = (Path(annotations_dir) / annotation.name if annotations_dir
                       else (annotation if annotation.is_absolute() else csv_path.parent / annotation))
         pairs.append(Pair(image, annotation))

@@ -83,6 +83,15 @@ def _text(element, tag: str, file, required: bool = True, where: str = ""):
     return child.text.strip()
 
 
+def _flag(element, tag: str, file) -> int:
+    """A 0/1 flag such as <difficult>; absent or unreadable counts as 0, as in the VOC tools."""
+    raw = _text(element, tag, file, required=False)
+    try:
+        return int(float(raw)) if raw else 0
+    except ValueError:
+        return 0
+
+
 def _number(element, tag: str, file, where: str = "") -> float:
     raw = _text(element, tag, file, where=where)
     try:
@@ -131,17 +140,10 @@ def parse_voc(path, label_map: LabelMap = NO_LABEL_MAP) -> VocAnnotation:
         if bndbox is None:
             raise VocError(path, f"missing required field <bndbox>{where} ({name})")
         coords = [_number(bndbox, tag, path, f"{where} ({name})") for tag in ("xmin", "ymin", "xmax", "ymax")]
-
-        def flag(tag):
-            raw = _text(obj, tag, path, required=False)
-            try:
-                return int(float(raw)) if raw else 0
-            except ValueError:
-                return 0
-
         class_name = label_map.class_name(name)
         objects.append(
-            VocObject(class_name, *coords, difficult=flag("difficult"), truncated=flag("truncated"),
+            VocObject(class_name, *coords, difficult=_flag(obj, "difficult", path),
+                      truncated=_flag(obj, "truncated", path),
                       pose=_text(obj, "pose", path, required=False) or "Unspecified",
                       source_name=name if class_name != name else None)
         )

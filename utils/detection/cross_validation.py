@@ -101,7 +101,8 @@ def estimator_errors(evaluations: list[dict]) -> dict | None:
                               "truth_inside": inside, "folds_covered": sum(value is True for value in inside),
                               "folds_judged": sum(value is not None for value in inside)}
     complete = {m: entry for m, entry in per_method.items() if entry["abs_error_points"]["n"] == len(evaluations)}
-    best = min(complete, key=lambda m: (complete[m]["abs_error_points"]["mean"], METHODS.index(m))) if complete else None
+    best = (min(complete, key=lambda m: (complete[m]["abs_error_points"]["mean"], METHODS.index(m)))
+            if complete else None)
     return {"estimators": per_method, "smallest_mean_abs_error": best, "note": ESTIMATOR_NOTE}
 
 
@@ -165,7 +166,7 @@ def plot_folds(summary: dict, path) -> None:
     series = [("mAP", summary["metrics"]["map"]), ("mAP@0.5", summary["metrics"]["map_50"])]
     series += [(f"AP50\n{name}", summary["per_class"][name]["ap_50"]) for name in CLASSES]
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    for x, (label, stats) in enumerate(series):
+    for x, (_label, stats) in enumerate(series):
         if stats["mean"] is not None:
             ax.bar(x, stats["mean"], color="#9ecae1", width=0.6,
                    yerr=stats["std"] or 0.0, capsize=6, ecolor="#08519c")

@@ -199,7 +199,8 @@ def plot_compliance_histogram(percentages, path, overall: float | None, no_faces
     """Histogram of the per-image percent properly masked (images with at least one face)."""
     fig, ax = plt.subplots(figsize=(7, 4))
     values = np.asarray(list(percentages), dtype=float)
-    ax.hist(values, bins=np.linspace(0, 100, 21), color=tuple(v / 255 for v in CLASS_COLOURS["with_mask"]), edgecolor="white")
+    ax.hist(values, bins=np.linspace(0, 100, 21), color=tuple(v / 255 for v in CLASS_COLOURS["with_mask"]),
+            edgecolor="white")
     if overall is not None:
         ax.axvline(overall, color="black", linestyle="--", label=f"all faces pooled: {overall:.1f}%")
         ax.legend(loc="upper center")
@@ -232,7 +233,7 @@ def plot_compliance_by_folder(per_folder: dict, overall: dict, path) -> None:
     rows = list(per_folder.items()) or [("all images", overall)]
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(rows)))
     colour = tuple(v / 255 for v in CLASS_COLOURS["with_mask"])
-    for y, (folder, result) in enumerate(rows):
+    for y, (_folder, result) in enumerate(rows):
         if result["percent"] is None:
             ax.text(1, y, f"no figure ({result.get('note', 'no faces found')})", va="center", fontsize=8)
             continue
