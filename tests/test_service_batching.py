@@ -1,0 +1,113 @@
+"""Batched inference (utils/service/batching.py) gives the answers single images get, and the service is
+observable: /metrics in Prometheus text format, /livez and /readyz, one access-log line per request."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from utils.classes import LABEL_OF  # noqa: E402
+from utils.detection.evaluation import load_trained_model  # noqa: E402
+from utils.detection.inference import detect, to_model_input  # noqa: E402
+from utils.service.app import DETECTION_FLOOR, ServiceConfig, create_app  # noqa: E402
+from utils.service.batching import BatchWorker  # noqa: E402
+
+
+def as_tensor(path) -> torch.Tensor:
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+
+
+def test_images_from_several_submitters_share_a_pass_and_get_their_single_answers(tiny_model_file, sample_dir):
+    model, *_ = load_trained_model(tiny_model_file, "cpu")
+    tensors = [as_tensor(p) for p in sorted((sample_dir / "images").glob("*.jpg"))[:4]]  # all 160x120
+    odd = tensors[0][:, :100, :150].contiguous()  # another size: never in their batch (padding would change it)
+
+    def run_batch(batch, tta):
+        return detect(model, [to_model_input(t, "cpu") for t in batch], tta=tta, score_threshold=DETECTION_FLOOR)
+
+    worker = BatchWorker(run_batch, batch_size=4, batch_max_pixels=10**8, wait_s=0.005)
+    release = threading.Event()
+    try:
+        blocker, _ = worker.submit_call(release.wait, 30)  # holds the worker while everything queues up
+        submitted = [worker.submit_image(t, False) for t in tensors] + [worker.submit_image(odd, False)]
+        release.set()
+        answers = [future.result(60) for future, _ in submitted]
+        blocker.result(60)
+    finally:
+        worker.close(60)
+    assert [timing.batch_images for _, timing in submitted] == [4, 4, 4, 4, 1]
+    singles = [run_batch([t], False)[0] for t in tensors + [odd]]
+    for batched, single in zip(answers, singles):
+        assert_same_detections(batched, single)
+
+
+def assert_same_detections(a: dict, b: dict, box_tol: float = 1e-2, score_tol: float = 1e-4) -> None:
+    """Equal up to float noise; the order of near-tied scores may differ, so each box is matched."""
+    assert len(a["scores"]) == len(b["scores"])
+    torch.testing.assert_close(a["scores"].sort().values, b["scores"].sort().values, atol=score_tol, rtol=0)
+    for box, label, score in zip(a["boxes"], a["labels"], a["scores"]):
+        same = (b["labels"] == label) & ((b["scores"] - score).abs() <= score_tol)
+        assert same.any() and float((b["boxes"][same] - box).abs().max(dim=1).values.min()) <= box_tol
+
+
+@pytest.fixture(scope="module")
+def client(tiny_model_file):
+    with TestClient(create_app(ServiceConfig(model_path=tiny_model_file))) as c:
+        yield c
+
+
+def test_one_request_of_several_images_answers_as_single_requests(client, sample_dir):
+    photos = sorted((sample_dir / "images").glob("*.jpg"))[:3]
+    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in photos]
+    together = client.post("/api/predict?score_threshold=0.05", files=files).json()["images"]
+    alone = [client.post("/api/predict?score_threshold=0.05", files=[f]).json()["images"][0] for f in files]
+    for a, b in zip(together, alone):
+        assert_same_detections(*({"boxes": torch.tensor([d["box"] for d in image["detections"]]).reshape(-1, 4),
+                                  "labels": torch.tensor([LABEL_OF[d["label"]] for d in image["detections"]]),
+                                  "scores": torch.tensor([d["score"] for d in image["detections"]])}
+                                 for image in (a, b)), box_tol=0.2, score_tol=2e-4)
+
+
+def test_metrics_probes_and_one_access_line_per_request(client, sample_dir, caplog):
+    photo = sorted((sample_dir / "images").glob("*.jpg"))[0]
+    with caplog.at_level(logging.INFO, logger="mask_service.access"):
+        answer = client.post("/api/predict?score_threshold=0", headers={"X-Request-ID": "req-42"},
+                             files=[("files", ("a.jpg", photo.read_bytes(), "image/jpeg"))])
+    assert answer.status_code == 200 and answer.headers["x-request-id"] == "req-42"
+    faces = {}
+    for d in answer.json()["images"][0]["detections"]:
+        faces[d["label"]] = faces.get(d["label"], 0) + 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "mask_service.access"]
+    assert len(lines) == 1 and lines[0].startswith("id=req-42 POST /api/predict 1.1 200 total_ms=")
+    assert all(f" {stage}_ms=" in lines[0] for stage in ("decode", "queue", "inference")) and " images=1 " in lines[0]
+
+    assert client.get("/livez").json() == {"status": "alive"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    scraped = client.get("/metrics")
+    assert scraped.headers["content-type"].startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(scraped.text) for s in family.samples}
+    assert samples[("mask_service_requests_total", (("route", "/api/predict"), ("status", "200")))] >= 1
+    assert samples[("mask_service_requests_total", (("route", "/livez"), ("status", "200")))] >= 1
+    assert samples[("mask_service_request_duration_seconds_count", (("route", "/api/predict"),))] >= 1
+    assert ("mask_service_stage_seconds_count", (("stage", "inference"),)) in samples
+    assert samples[("mask_service_queue_images", ())] == 0
+    assert samples[("mask_service_images_total", ())] >= 1
+    for name in ("with_mask", "without_mask", "mask_weared_incorrect"):
+        assert samples[("mask_service_faces_total", (("class", name),))] >= faces.get(name, 0)
+    assert sum(v for (n, _), v in samples.items() if n == "mask_service_faces_total") >= sum(faces.values())
+    client.get("/no/such/page")
+    again = client.get("/metrics").text
+    assert 'route="other",status="404"' in again and "/no/such/page" not in again
