@@ -280,8 +280,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 "limits": {"max_upload_mb": config.max_upload_mb, "max_images": config.max_images}}
 
     def admit(request: Request) -> None:
-        if request.app.state.stopping:
-            raise HTTPException(503, "stopping: not taking new requests", headers={"Retry-After": str(RETRY_AFTER_S)})
+        # no refusal when stopping: uvicorn takes no new connections then, and a request already
+        # received (its body may still be arriving) is one in flight, to be finished
         if not queue.enter():
             raise HTTPException(503, f"busy: {queue.limit} requests already wait for the model; retry shortly",
                                 headers={"Retry-After": str(RETRY_AFTER_S)})
