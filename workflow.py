@@ -23,90 +23,32 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import shlex
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from Pegasus.api import (Container, File, Job, Properties, ReplicaCatalog, SiteCatalog, Transformation,
-                         TransformationCatalog, TransformationSite, Workflow)
+from Pegasus.api import (File, Job, Properties, ReplicaCatalog, SiteCatalog, Transformation, TransformationCatalog,
+                         Workflow)
 
 from utils.atomic import write_text
-from utils.defaults import DATA_SHARD_IMAGES
+from utils.defaults import DATA_SHARD_IMAGES, WORKFLOW_OVERRIDES
 from utils.detection.stages import stages_to_json
 from utils.naming import (TENSORBOARD_FOLDER, TRAIN_CHECKPOINT, evaluation_output_names, fold_set_names, fold_tag,
                           job_id, output_names, report_name, tagged_name, tensorboard_folder, video_output_names)
 from utils.pegasus import driver, experiment, pegasus_api
-from utils.pegasus.catalogs import build_properties, build_site_catalog
-from utils.pegasus.config import (ConfigError, SplitEntry, WorkflowConfig, config_from_args, parse_label_map,
+from utils.pegasus.catalogs import RESOURCES, build_properties, build_site_catalog, build_transformation_catalog
+from utils.pegasus.config import (ConfigError, SplitEntry, WorkflowConfig, parse_label_map, settings_from_args,
                                   trials_per_worker)
 from utils.pegasus.graph import write_graph
+from utils.pegasus.replicas import WorkflowInputs
 from utils.pegasus.inputs import (data_shards, find_videos, prediction_shards, read_split_csv, validate_and_split,
                                   write_folds)
 from utils.pegasus.runtimes import CHECKPOINTING, checkpoint_minutes, job_runtimes
-from utils.provenance import EXPERIMENT_CONFIG_FILE
 
 ROOT = Path(__file__).resolve().parent
 WORKFLOW_NAME = "mask-detection"
-
-# Job kind -> script. Every kind is one stageable transformation of the same name.
-JOB_SCRIPTS = {
-    "plot_class_distribution": "bin/plot_class_distribution.py",
-    "preprocess": "bin/preprocess.py",
-    "augment": "bin/augment.py",
-    "hpo": "bin/hpo.py",
-    "hpo_merge": "bin/hpo_merge.py",
-    "train": "bin/train.py",
-    "evaluate": "bin/evaluate.py",
-    "predict": "bin/predict.py",
-    "merge_predictions": "bin/merge_predictions.py",
-    "predict_video": "bin/predict_video.py",
-    "make_fold": "bin/make_fold.py",
-    "aggregate_folds": "bin/aggregate_folds.py",
-    "report": "bin/report.py",
-}
-
-# What each job kind asks of an execution node, in one place. Applied as pegasus profiles
-# (cores, memory; HTCondor derives request_cpus and request_memory from them). "gpus" marks
-# kinds that use a GPU when --gpus N > 0 asks for GPUs: those jobs then request N. The time
-# limits (runtime; checkpoint.time and maxwalltime of hpo and train, which on SIGTERM stop after
-# a step, exit 143 and are retried from their checkpoint) come from each job's workload:
-# utils/pegasus/runtimes.py (the formula, and the sites.yml overrides).
-RESOURCES = {
-    "plot_class_distribution": {"cores": 1, "memory": "1 GB", "gpus": 0},
-    "preprocess": {"cores": 1, "memory": "2 GB", "gpus": 0},
-    "augment": {"cores": 1, "memory": "2 GB", "gpus": 0},
-    "hpo": {"cores": 4, "memory": "8 GB", "gpus": 1},
-    "hpo_merge": {"cores": 1, "memory": "2 GB", "gpus": 0},
-    "train": {"cores": 4, "memory": "8 GB", "gpus": 1},
-    "evaluate": {"cores": 2, "memory": "4 GB", "gpus": 1},
-    "predict": {"cores": 2, "memory": "4 GB", "gpus": 1},
-    "merge_predictions": {"cores": 1, "memory": "4 GB", "gpus": 0},
-    "predict_video": {"cores": 2, "memory": "4 GB", "gpus": 1},
-    "make_fold": {"cores": 1, "memory": "2 GB", "gpus": 0},
-    "aggregate_folds": {"cores": 1, "memory": "1 GB", "gpus": 0},
-    "report": {"cores": 1, "memory": "2 GB", "gpus": 0},
-}
-
-# Where the workflow departs from utils/defaults.py on purpose. Most entries size the
-# default run for `make run` (120 synthetic images, 2 CPU cores, about ten minutes);
-# raise them by flag for real data (README: "Running on HTCondor / ACCESS").
-WORKFLOW_OVERRIDES = {
-    "epochs": 2,          # make run budget (the Makefile passes --time-budget, which replaces it)
-    "hpo_epochs": 1,      # make run budget
-    "trials": 2,          # make run budget: one trial per HPO job
-    "image_size": 256,    # make run budget: the sample's images are 320x240
-    "augment_copies": 1,  # make run budget
-    "rare_factor": 1,     # make run budget
-    "max_size": 640,      # smaller sets to stage; the detector works at 640 px or less anyway
-}
-
-CONTAINER_TYPES = {"singularity": Container.SINGULARITY, "docker": Container.DOCKER}
-STAGES_FILE = "train_stages.json"  # RUN_DIR/train_stages.json: --train-stages as the train jobs get it
-CONTAINER_NAME = "mask-detection"
-
 
 class MaskDetectionWorkflow:
     """Builds the properties, the three catalogs and the DAG with Pegasus.api."""
@@ -120,11 +62,6 @@ class MaskDetectionWorkflow:
             ("png", "workflow.png"))}
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.transformations: dict[str, Transformation] = {}
-        self.files: dict[str, File] = {}
-        self.replica_paths: dict[str, Path] = {}
-        self.initial_checkpoints: dict[str, Path] = {}
-        self.experiment_config: File | None = None  # the run's settings, an input of every job (when given)
-        self.stages_file: File | None = None  # --train-stages as JSON, an input of the train jobs (when given)
 
     def build(self) -> "MaskDetectionWorkflow":
         self.create_properties()
@@ -155,89 +92,20 @@ class MaskDetectionWorkflow:
 
     # -- transformation catalog ----------------------------------------------
     def create_transformation_catalog(self) -> TransformationCatalog:
-        config = self.config
-        tc = TransformationCatalog()
-        self.runtimes = job_runtimes(config)
-        container = None
-        if config.container_type != "none":
-            container = Container(CONTAINER_NAME, CONTAINER_TYPES[config.container_type],
-                                  image=config.container_image)
-            tc.add_containers(container)
-        # Staged scripts import `utils` from the image (PYTHONPATH=/app). Without a container they are installed,
-        # run in place from the project folder as each site sees it, that folder on PYTHONPATH: a staged script
-        # would land in a scratch folder with no `utils` beside it. ("local": the submit host, for Shell runs.)
-        installed = {config.execution_site: config.software_dir(), "local": config.project_root.resolve()}
-        for kind, script in JOB_SCRIPTS.items():
-            resources = RESOURCES[kind]
-            transformation = (Transformation(kind, site="local", pfn=(config.project_root / script).resolve(),
-                                             is_stageable=True, container=container) if container is not None else
-                              Transformation(kind).add_sites(*(TransformationSite(site, str(folder / script))
-                                                               .add_env(PYTHONPATH=str(folder))
-                                                               for site, folder in installed.items())))
-            transformation.add_pegasus_profile(cores=resources["cores"], memory=resources["memory"],
-                                               runtime=str(self.runtimes[kind]))
-            self.transformations[kind] = transformation
-            tc.add_transformations(transformation)
-        self.tc = tc
-        return tc
+        self.runtimes = job_runtimes(self.config)
+        self.tc, self.transformations = build_transformation_catalog(self.config, self.runtimes)
+        return self.tc
 
     # -- replica catalog -----------------------------------------------------
-    def _input_file(self, path: Path, lfn: str | None = None) -> File:
-        """The File for an input, named by its file name (Pegasus stages files flat) unless *lfn* is given."""
-        lfn = lfn or path.name
-        known = self.files.get(lfn)
-        if known is None:
-            known = self.files[lfn] = File(lfn)
-            self.replica_paths[lfn] = path
-        elif self.replica_paths.get(lfn) != path:
-            raise ConfigError(f"{path}: has the same file name as {self.replica_paths.get(lfn)}; "
-                              "Pegasus stages files by name, so input file names must be unique")
-        return known
-
     def create_replica_catalog(self) -> ReplicaCatalog:
-        """Every input with an absolute file:// URL on the submit host ("local")."""
-        config = self.config
-        self.split_file = self._input_file(config.split_csv.resolve())
-        # What each split's jobs receive: its shards, or every image and annotation as its own file.
-        self.split_inputs: dict[str, list[File]] = {"train": [], "val": [], "test": []}
-        if config.data_shards is not None:
-            for split, shards in config.data_shards.items():
-                self.split_inputs[split] = [self._input_file(shard.path, f"{split}_{shard.path.name}")
-                                            for shard in shards]
-        else:
-            for entry in config.entries:
-                if entry.split not in self.split_inputs:
-                    raise ConfigError(f"{config.split_csv}: unknown split {entry.split!r} for {entry.image}")
-                # abspath, not resolve(): one resolve() per image is slow at 100k images.
-                self.split_inputs[entry.split] += [self._input_file(Path(os.path.abspath(entry.image))),
-                                                   self._input_file(Path(os.path.abspath(entry.annotation)))]
-        # One replica per shard, never per image: the catalogs grow with the shards.
-        self.pred_files = [self._input_file(shard.path, f"pred_{shard.path.name}") for shard in config.pred_shards]
-        self.video_files = [self._input_file(video.path, f"video_{video.path.name}") for video in config.pred_videos]
-        self.weights = None
-        if config.weights_file is not None:
-            self.weights = self._input_file(Path(config.weights_file).resolve())
-        # condorio transfers a checkpoint file in with the job, so it must exist before
-        # the first try: an empty file, which hpo and train read as "no checkpoint yet".
-        checkpoint_names = [f"hpo_{i}.journal" for i in range(config.hpo_jobs)] + [TRAIN_CHECKPOINT]
-        checkpoint_names += [tagged_name(TRAIN_CHECKPOINT, fold_tag(fold)) for fold in range(config.folds)]
-        self.folds_file = self._input_file(config.folds_csv.resolve()) if config.folds else None
-        self.initial_checkpoints = {lfn: self.checkpoint_dir / lfn for lfn in checkpoint_names}
-        for lfn, path in self.initial_checkpoints.items():
-            self.files[lfn] = File(lfn)
-            self.replica_paths[lfn] = path
-        if config.experiment_settings is not None:
-            self.experiment_config = self._input_file(self.run_dir / EXPERIMENT_CONFIG_FILE)
-        self.stages_file = self._input_file(self.run_dir / STAGES_FILE) if config.train_stages else None
-        self.rc = ReplicaCatalog()
-        for lfn, path in self.replica_paths.items():
-            self.rc.add_replica("local", self.files[lfn], path.as_uri())
+        self.inputs = WorkflowInputs(self.config, self.checkpoint_dir)
+        self.rc = self.inputs.catalog()
         return self.rc
 
     # -- workflow: the spine ---------------------------------------------------
     def create_workflow(self) -> Workflow:
         """The DAG, top to bottom: each step adds its job(s) and returns the Files it hands on."""
-        for name, files in self.split_inputs.items():
+        for name, files in self.inputs.split_inputs.items():
             if not files:
                 raise ConfigError(f"{self.config.split_csv}: the {name} split is empty; "
                                   "add images or change --fractions")
@@ -273,9 +141,9 @@ class MaskDetectionWorkflow:
             checkpoint_time, max_walltime = checkpoint_minutes(self.runtimes[kind],
                                                                config.execution_site_config().get("max_job_minutes"))
             job.add_pegasus_profile(checkpoint_time=checkpoint_time, max_walltime=max_walltime)
-        if self.experiment_config is not None:
+        if self.inputs.experiment_config is not None:
             # Staged into the job's folder, where utils.provenance.run_record finds it for the run record.
-            job.add_inputs(self.experiment_config)
+            job.add_inputs(self.inputs.experiment_config)
         self.wf.add_jobs(job)
         return job
 
@@ -290,16 +158,6 @@ class MaskDetectionWorkflow:
         job.add_outputs(*(name if isinstance(name, File) else File(name) for name in names),
                         stage_out=True, register_replica=False)
 
-    def _weights(self) -> tuple[list, list[File]]:
-        """(--weights-file arguments, inputs) of the jobs that build a model; empty without cached weights."""
-        return (["--weights-file", self.weights], [self.weights]) if self.weights is not None else ([], [])
-
-    def _stages(self) -> tuple[list, list[File]]:
-        """(--stages arguments, inputs) of a staged training (--train-stages): the stages' JSON as a file, since
-        a JSON text's quotes do not survive every way Pegasus passes arguments (its Shell code generator drops
-        them); empty for one stage of --epochs."""
-        return (["--stages", self.stages_file], [self.stages_file]) if self.stages_file is not None else ([], [])
-
     @staticmethod
     def _if_given(flag: str, value) -> list:
         """[flag, value], or nothing when the value is unset: the job's own default applies and
@@ -309,7 +167,7 @@ class MaskDetectionWorkflow:
     def _set_args(self, *splits: str, flag: str = "--images") -> tuple[list, list[File]]:
         """(arguments, inputs) that hand *splits* to a job: their shards named after *flag*, or their files
         staged into the job's folder ("."; the names come from split.csv, never from the arguments)."""
-        files = [f for split in splits for f in self.split_inputs[split]]
+        files = [f for split in splits for f in self.inputs.split_inputs[split]]
         if self.config.data_shards is not None:
             return [flag, *files], files
         return ([flag, "."] if flag == "--annotations" else ["--images", ".", "--annotations", "."]), files
@@ -320,21 +178,21 @@ class MaskDetectionWorkflow:
             inputs = [f for f in inputs if f.lfn.lower().endswith(".xml")]
         job = self._job("plot_class_distribution", "plot_class_distribution")
         names = output_names("plot_class_distribution")  # the run record's name follows --output-csv
-        job.add_args("--split-csv", self.split_file, *set_args,
+        job.add_args("--split-csv", self.inputs.split_file, *set_args,
                      "--output", names["plot"], "--output-csv", names["counts_csv"],
                      *self._if_given("--label-map", self.config.label_map))
-        job.add_inputs(self.split_file, *inputs)
+        job.add_inputs(self.inputs.split_file, *inputs)
         self._stages_out(job, *names.values())
 
     def _add_preprocess(self, split: str) -> File:
         job = self._job("preprocess", f"preprocess_{split}")
         data_set, report = File(f"{split}_set.tar"), File(report_name(f"preprocess_{split}"))
         set_args, inputs = self._set_args(split)
-        job.add_args(*set_args, "--split-csv", self.split_file, "--split", split, "--prefix", f"{split}_",
+        job.add_args(*set_args, "--split-csv", self.inputs.split_file, "--split", split, "--prefix", f"{split}_",
                      *self._if_given("--max-size", self.config.max_size),
                      "--output-tar", data_set, "--report", report,
                      *self._if_given("--label-map", self.config.label_map))
-        job.add_inputs(self.split_file, *inputs)
+        job.add_inputs(self.inputs.split_file, *inputs)
         self._hands_on(job, data_set)
         self._stages_out(job, report)
         return data_set
@@ -344,12 +202,12 @@ class MaskDetectionWorkflow:
         job = self._job("augment", "augment_train")
         train_set, report = File("train_set.tar"), File(report_name("augment_train"))
         set_args, inputs = self._set_args("train")
-        job.add_args(*set_args, "--split-csv", self.split_file, "--split", "train",
+        job.add_args(*set_args, "--split-csv", self.inputs.split_file, "--split", "train",
                      "--copies", config.augment_copies, "--rare-factor", config.rare_factor,
                      "--noise-std", config.noise_std, "--seed", config.seed,
                      "--output-tar", train_set, "--report", report,
                      *self._if_given("--label-map", self.config.label_map))
-        job.add_inputs(self.split_file, *inputs)
+        job.add_inputs(self.inputs.split_file, *inputs)
         self._hands_on(job, train_set)
         self._stages_out(job, report)
         return train_set
@@ -357,11 +215,11 @@ class MaskDetectionWorkflow:
     def _add_hpo(self, train_set: File, val_set: File) -> list[File]:
         """K search jobs, each with its own Optuna journal as checkpoint; returns their best_<i>.json."""
         config = self.config
-        weights_args, weights_inputs = self._weights()
+        weights_args, weights_inputs = self.inputs.weights_args()
         results = []
         for index, n_trials in enumerate(trials_per_worker(config.trials, config.hpo_jobs)):
             job = self._job("hpo", f"hpo_{index}")
-            best, journal = File(f"best_{index}.json"), self.files[f"hpo_{index}.journal"]
+            best, journal = File(f"best_{index}.json"), self.inputs.files[f"hpo_{index}.journal"]
             job.add_args("--train-images", train_set, "--train-annotations", train_set,
                          "--val-images", val_set, "--val-annotations", val_set,
                          "--epochs", config.hpo_epochs, "--image-size", config.image_size,
@@ -397,10 +255,10 @@ class MaskDetectionWorkflow:
         """train (the final model), or with *tag* a fold's train job: the same settings on the fold's sets,
         every output, its checkpoint and its TensorBoard folder named for the fold. Returns the model File."""
         config, names = self.config, output_names("train", tag)  # the run record's name follows --output
-        weights_args, weights_inputs = self._weights()
-        stages_args, stages_inputs = self._stages()
+        weights_args, weights_inputs = self.inputs.weights_args()
+        stages_args, stages_inputs = self.inputs.stages_args()
         job = self._job("train", job_id("train", tag))
-        model, checkpoint = File(names["model"]), self.files[tagged_name(TRAIN_CHECKPOINT, tag)]
+        model, checkpoint = File(names["model"]), self.inputs.files[tagged_name(TRAIN_CHECKPOINT, tag)]
         job.add_args("--images", train_set, "--annotations", train_set,
                      "--val-images", val_set, "--val-annotations", val_set,
                      "--params", best_params, "--epochs", config.epochs,
@@ -460,10 +318,10 @@ class MaskDetectionWorkflow:
         make_fold = job_id("make", fold_tag(fold))
         job = self._job("make_fold", make_fold)
         fold_train, fold_val = (File(name) for name in fold_set_names(fold_tag(fold)))
-        job.add_args("--train-set", train_set, "--val-set", val_set, "--folds-csv", self.folds_file,
+        job.add_args("--train-set", train_set, "--val-set", val_set, "--folds-csv", self.inputs.folds_file,
                      "--fold", fold, "--output-train", fold_train, "--output-val", fold_val,
                      "--report", report_name(make_fold))
-        job.add_inputs(train_set, val_set, self.folds_file)
+        job.add_inputs(train_set, val_set, self.inputs.folds_file)
         self._hands_on(job, fold_train, fold_val)
         self._stages_out(job, report_name(make_fold))
         return fold_train, fold_val
@@ -484,7 +342,7 @@ class MaskDetectionWorkflow:
         shards = config.pred_shards
         # --annotate-max spread over the shards: the first (annotate_max % shards) draw one more.
         drawn = trials_per_worker(config.annotate_max, len(shards))
-        for shard, pred_file, annotate in zip(shards, self.pred_files, drawn):
+        for shard, pred_file, annotate in zip(shards, self.inputs.pred_files, drawn):
             job = self._job("predict", f"predict_{shard.tag}")
             names = output_names("predict", shard.tag)
             part, annotated = File(names["predictions_json"]), File(f"annotated_{shard.tag}.tar")
@@ -506,7 +364,7 @@ class MaskDetectionWorkflow:
 
     def _add_predict_videos(self, model: File) -> None:
         """One predict_video job per video of --pred-videos (none without it)."""
-        for video, video_file in zip(self.config.pred_videos, self.video_files):
+        for video, video_file in zip(self.config.pred_videos, self.inputs.video_files):
             tag = video.tag
             job = self._job("predict_video", f"predict_video_{tag}")
             job.add_args("--source", video_file, "--model", model, "--output-dir", ".", "--output-tag", tag,
@@ -524,7 +382,7 @@ class MaskDetectionWorkflow:
                  if pegasus_api.use_type(use) == "output" and use.stage_out and is_report_input(use.file.lfn)}
         job = self._job("report", "report")
         job.add_args(".", "--output", "report.html", "--run-record", "report_run.json")
-        job.add_inputs(self.split_file, *(shown[lfn] for lfn in sorted(shown)))
+        job.add_inputs(self.inputs.split_file, *(shown[lfn] for lfn in sorted(shown)))
         self._stages_out(job, "report.html", "report_run.json")
 
     # -- output --------------------------------------------------------------
@@ -532,15 +390,15 @@ class MaskDetectionWorkflow:
         """Write the catalogs, the workflow and the properties (each atomically) into the run dir."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        for path in self.initial_checkpoints.values():
+        for path in self.inputs.initial_checkpoints.values():
             if not path.exists():
                 path.touch()
         job_settings = None
-        if self.experiment_config is not None:
-            job_settings = experiment.write_job_settings(self.replica_paths[self.experiment_config.lfn],
+        if self.inputs.experiment_config is not None:
+            job_settings = experiment.write_job_settings(self.inputs.paths[self.inputs.experiment_config.lfn],
                                                          self.config.experiment_settings)
-        if self.stages_file is not None:
-            write_text(self.replica_paths[self.stages_file.lfn], stages_to_json(self.config.train_stages) + "\n")
+        if self.inputs.stages_file is not None:
+            write_text(self.inputs.paths[self.inputs.stages_file.lfn], stages_to_json(self.config.train_stages) + "\n")
         pegasus_api.write_catalogs({self.paths[key]: catalog for key, catalog in (
             ("sites", self.sc), ("transformations", self.tc), ("replicas", self.rc), ("workflow", self.wf))})
         buffer = io.StringIO()
@@ -571,29 +429,32 @@ def get_args_parser():
 
 
 def generate(args) -> tuple[MaskDetectionWorkflow, dict[str, Path], dict, list[SplitEntry]]:
-    """Validate and split the data, build the catalogs and the DAG, write them. Raises ConfigError."""
-    run_dir, data_dir = args.run_dir.resolve(), args.data.resolve()
+    """The settings checked and resolved (before anything is written), then the data validated and split, the
+    catalogs and the DAG built and written, and the settings recorded. Raises ConfigError."""
+    settings = settings_from_args(args, ROOT)
+    run_dir, data_dir, label_map = args.run_dir.resolve(), args.data.resolve(), parse_label_map(settings.label_map)
     run_dir.mkdir(parents=True, exist_ok=True)
     report, split_csv = validate_and_split(data_dir, run_dir, args.seed, tuple(args.fractions),
-                                           args.near_duplicate_distance, parse_label_map(args.label_map))
+                                           args.near_duplicate_distance, label_map)
     entries = read_split_csv(split_csv, data_dir)
     pred_shards = prediction_shards(args.pred_images and args.pred_images.resolve(), entries, run_dir,
                                     args.images_per_job)
     shards = data_shards(entries, run_dir, DATA_SHARD_IMAGES) if len(entries) > args.shard_data_above else None
     videos = find_videos(args.pred_videos.resolve()) if args.pred_videos else []
     # Folds, like the split, are fixed at generation: the fold jobs' inputs must be known to plan.
-    folds_csv = (write_folds(run_dir, entries, report, args.folds, args.seed, parse_label_map(args.label_map))
-                 if args.folds else None)
-    config = config_from_args(args, ROOT, entries, split_csv, pred_shards, shards, videos, folds_csv=folds_csv)
+    folds_csv = write_folds(run_dir, entries, report, args.folds, args.seed, label_map) if args.folds else None
     # Every setting as the run uses it: what sites.yml chose for an unset flag, the parsed stages.
-    settings = experiment.effective_settings(get_args_parser(), args, resolved={
-        "execution_site": config.execution_site, "container_type": config.container_type,
-        "container_image": config.container_image, "jobs": driver.local_jobs(args.jobs),
-        "train_stages": config.train_stages and [stage.to_dict() for stage in config.train_stages]})
-    config.experiment_settings = experiment.job_settings(settings)
+    recorded = experiment.effective_settings(args, resolved={
+        "execution_site": settings.execution_site, "container_type": settings.container_type,
+        "container_image": settings.container_image, "jobs": driver.local_jobs(args.jobs),
+        "train_stages": settings.train_stages and [stage.to_dict() for stage in settings.train_stages]})
+    config = WorkflowConfig.from_settings(
+        settings, run_dir=args.run_dir, split_csv=split_csv, entries=entries, pred_shards=pred_shards,
+        data_shards=shards, pred_videos=videos, folds_csv=folds_csv,
+        experiment_settings=experiment.job_settings(recorded))
     generator = MaskDetectionWorkflow(config).build()
     written = generator.write()
-    written["config"] = experiment.write_effective_config(run_dir / experiment.CONFIG_FILE, settings,
+    written["config"] = experiment.write_effective_config(run_dir / experiment.CONFIG_FILE, recorded,
                                                           getattr(args, "experiment", None))
     return generator, written, report, entries
 

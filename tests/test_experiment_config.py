@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import workflow as generator
-from utils.pegasus import experiment
+from utils.pegasus import experiment, replicas
 from utils.executor import load_workflow
 from utils.provenance import EXPERIMENT_CONFIG_FILE, file_sha256, run_record
 
@@ -142,10 +142,10 @@ def test_every_job_receives_the_settings_and_the_train_job_its_stages(experiment
     assert all(EXPERIMENT_CONFIG_FILE in spec.inputs for spec in loaded.jobs.values())
     # the stages travel as a file: a JSON text's quotes do not survive Pegasus' Shell code generator
     arguments = jobs["train"]["arguments"]
-    assert arguments[arguments.index("--stages") + 1] == generator.STAGES_FILE
-    assert generator.STAGES_FILE in [use["lfn"] for use in jobs["train"]["uses"] if use["type"] == "input"]
-    assert loaded.replicas[generator.STAGES_FILE] == (run_dir / generator.STAGES_FILE).resolve()
-    assert json.loads((run_dir / generator.STAGES_FILE).read_text()) == [
+    assert arguments[arguments.index("--stages") + 1] == replicas.STAGES_FILE
+    assert replicas.STAGES_FILE in [use["lfn"] for use in jobs["train"]["uses"] if use["type"] == "input"]
+    assert loaded.replicas[replicas.STAGES_FILE] == (run_dir / replicas.STAGES_FILE).resolve()
+    assert json.loads((run_dir / replicas.STAGES_FILE).read_text()) == [
         {"epochs": 1, "lr": 0.02, "name": "head", "trainable_layers": 0}, {"epochs": 3, "lr": 0.005}]
     assert "--stages" not in jobs["hpo_0"]["arguments"]
 
@@ -186,9 +186,9 @@ def test_stages_from_the_command_line_as_json_or_a_file_and_their_epochs_size_th
         assert generator.main(parse("--data", sample_dir, "--run-dir", runs[name], "--generate-only",
                                     "--no-pretrained", *extra)) == 0
     train = {name: jobs_by_id(run_dir)["train"]["arguments"] for name, run_dir in runs.items()}
-    assert "--stages" not in train["plain"] and not (runs["plain"] / generator.STAGES_FILE).exists()
+    assert "--stages" not in train["plain"] and not (runs["plain"] / replicas.STAGES_FILE).exists()
     assert "--stages" in train["file"]
-    assert json.loads((runs["file"] / generator.STAGES_FILE).read_text()) == [
+    assert json.loads((runs["file"] / replicas.STAGES_FILE).read_text()) == [
         {"epochs": 4, "trainable_layers": 0}, {"epochs": 6, "lr": 0.001}]
     assert load(runs["file"], "config.yml")["train_stages"] == [{"epochs": 4, "trainable_layers": 0},
                                                                 {"epochs": 6, "lr": 0.001}]
@@ -255,12 +255,17 @@ def test_a_file_that_is_not_a_mapping_of_settings_is_one_line(text, expected, tm
     ({"annotate_max": -5}, "annotate_max: -5: must be 0 or more"),
     ({"gpus": -1}, "gpus: -1: must be 0 or more"),
     ({"time_budget": 0}, "time_budget: 0: must be a positive number of minutes"),
+    ({"folds": 1}, "folds: 1: use 0 (no cross-validation) or 2 or more folds"),
+    ({"images_per_job": 0}, "images_per_job: 0: must be at least 1"),
+    ({"near_duplicate_distance": -1}, "near_duplicate_distance: -1: must be at least 0"),
+    ({"jobs": 0}, "jobs: 0: must be at least 1"),
 ])
 def test_values_the_workflow_refuses_name_the_file_and_key(settings, expected, sample_dir, tmp_path, capsys):
     path = write_experiment(tmp_path / "range.yml", {"data": str(sample_dir), "run_dir": "run", **settings})
     assert generator.main(parse("--config", path, "--generate-only", "--no-pretrained")) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"workflow.py: {path}: {expected}") and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()  # refused before the split (or anything else) was written
     # the same values given as flags: the error names the flag
     flags = [f"--{key.replace('_', '-')}" for key in settings]
     args = [item for key, flag in zip(settings, flags) for item in (flag, settings[key])]
@@ -268,7 +273,17 @@ def test_values_the_workflow_refuses_name_the_file_and_key(settings, expected, s
     assert capsys.readouterr().err.startswith(f"workflow.py: {flags[0]} ")
 
 
+def test_split_fractions_are_checked_before_the_data_is_read(sample_dir, tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    assert generator.main(parse("--data", sample_dir, "--run-dir", run_dir, "--generate-only", "--no-pretrained",
+                                "--fractions", "0.7", "-0.1", "0.4")) == 2
+    assert capsys.readouterr().err == ("workflow.py: --fractions 0.7 -0.1 0.4: must be non-negative with a "
+                                       "positive sum\n")
+    assert not run_dir.exists()
+
+
 def test_a_bad_train_stages_flag_names_the_flag(sample_dir, tmp_path, capsys):
     assert generator.main(parse("--data", sample_dir, "--run-dir", tmp_path / "r", "--generate-only",
                                 "--no-pretrained", "--train-stages", '[{"epochs": 2, "trainable_layers": 9}]')) == 2
     assert capsys.readouterr().err.startswith("workflow.py: --train-stages: stage 1: key 'trainable_layers' must be")
+    assert not (tmp_path / "r").exists()

@@ -15,6 +15,7 @@ import yaml
 import workflow as generator
 from utils import defaults as D
 from pegasus_schemas import schema_errors, validate_run_dir
+from utils.pegasus import catalogs
 from utils.pegasus.config import ConfigError, validate_container_image
 from utils.executor import load_workflow, read_properties
 from utils.pegasus.runtimes import GRACE_MIN, MIN_RUNTIME_S
@@ -77,7 +78,7 @@ def test_jobs_and_dependencies(run_dir):
     assert set(jobs) == {"plot_class_distribution", "preprocess_val", "preprocess_test", "augment_train",
                          *hpo, "hpo_merge", "train", "evaluate", "predict_shard-000000", "merge_predictions", "report"}
     assert len(jobs) == 10 + HPO_JOBS
-    assert {job["name"] for job in jobs.values()} == set(generator.JOB_SCRIPTS) - {
+    assert {job["name"] for job in jobs.values()} == set(catalogs.JOB_SCRIPTS) - {
         "predict_video", "make_fold", "aggregate_folds"}  # no videos, no --folds
     parents = {job_id: spec.parents for job_id, spec in load_workflow(run_dir).jobs.items()}
     assert parents["plot_class_distribution"] == set()
@@ -149,14 +150,14 @@ def test_stage_out_only_final_outputs(run_dir):
 def test_resources_are_transformation_profiles(run_dir):
     tc = load(run_dir, "transformations.yml")
     transformations = {t["name"]: t for t in tc["transformations"]}
-    assert set(transformations) == set(generator.JOB_SCRIPTS)
+    assert set(transformations) == set(catalogs.JOB_SCRIPTS)
     for kind, transformation in transformations.items():
         site = transformation["sites"][0]
         assert site["type"] == "stageable"
-        assert Path(site["pfn"]) == (generator.ROOT / generator.JOB_SCRIPTS[kind]).resolve()
-        assert site["container"] == generator.CONTAINER_NAME
+        assert Path(site["pfn"]) == (generator.ROOT / catalogs.JOB_SCRIPTS[kind]).resolve()
+        assert site["container"] == catalogs.CONTAINER_NAME
         profile = transformation["profiles"]["pegasus"]
-        resources = generator.RESOURCES[kind]
+        resources = catalogs.RESOURCES[kind]
         assert profile["cores"] == resources["cores"]
         assert profile["memory"] == int(resources["memory"].split()[0]) * 1024
         assert int(profile["runtime"]) >= MIN_RUNTIME_S
@@ -231,7 +232,7 @@ def test_flags_change_properties_container_and_gpus(sample_dir, tmp_path):
     assert properties["pegasus.transfer.threads"] == "8"
     assert properties["pegasus.data.configuration"] == "condorio"
     (container,) = load(run_dir, "transformations.yml")["containers"]
-    assert container == {"name": generator.CONTAINER_NAME, "type": "docker", "image": "docker://someone/mask:1.2"}
+    assert container == {"name": catalogs.CONTAINER_NAME, "type": "docker", "image": "docker://someone/mask:1.2"}
     jobs = jobs_by_id(run_dir)
     assert len(jobs) == 11
     for job_id, job in jobs.items():
@@ -374,7 +375,7 @@ def test_without_a_container_the_jobs_run_the_installed_project_with_it_on_pytho
         assert [site["name"] for site in transformation["sites"]] == ["condorpool", "local"]
         for site in transformation["sites"]:
             assert site["type"] == "installed"
-            assert Path(site["pfn"]) == (root / generator.JOB_SCRIPTS[transformation["name"]]).resolve()
+            assert Path(site["pfn"]) == (root / catalogs.JOB_SCRIPTS[transformation["name"]]).resolve()
             assert site["profiles"]["env"]["PYTHONPATH"] == str(root.resolve())
             assert os.access(site["pfn"], os.X_OK)  # an installed transformation is executed as it is
 
@@ -390,3 +391,25 @@ def test_without_a_container_the_jobs_run_the_installed_project_with_it_on_pytho
     assert pool["pfn"] == "/cvmfs/example.org/mask-detection-workflow/bin/train.py"
     assert pool["profiles"]["env"]["PYTHONPATH"] == "/cvmfs/example.org/mask-detection-workflow"
     assert local["pfn"] == str((root / "bin" / "train.py").resolve())
+
+
+# -- the generated DAG, pinned -------------------------------------------------------------------------------
+
+GOLDEN_FOLDS = Path(__file__).parent / "golden" / "workflow_folds.yml"
+
+
+def test_the_folds_workflow_is_the_pinned_one_byte_for_byte(sample_dir, tmp_path):
+    """workflow.yml of --folds 2 --fold-ensemble (every job kind but predict_video), less its x-pegasus header
+    (who generated it and when), against tests/golden/workflow_folds.yml. A refactoring of the generator must
+    leave it unchanged; a change meant to alter the DAG rewrites the file with UPDATE_GOLDEN=1 and shows the
+    difference in its commit."""
+    run_dir = tmp_path / "folds"
+    assert generate(run_dir, sample_dir, "--folds", "2", "--fold-ensemble", "--no-pretrained") == 0
+    text = (run_dir / "workflow.yml").read_text()
+    header, _, body = text.partition("\npegasus: ")
+    assert header.startswith("x-pegasus:") and "\n  createdOn: " in header
+    generated = f"pegasus: {body}"
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN_FOLDS.parent.mkdir(exist_ok=True)
+        GOLDEN_FOLDS.write_text(generated)
+    assert generated == GOLDEN_FOLDS.read_text(), "workflow.yml changed: see the test's docstring"

@@ -1,8 +1,9 @@
 """Every default of the project, in one commented table.
 
 TrainParams, HpoConfig and SearchSpace, the bin/ argparse defaults and workflow.py read
-their defaults from here, so a default lives in one place. workflow.py deliberately
-overrides a few for the small budget of `make run`; it names them WORKFLOW_OVERRIDES.
+their defaults from here, so a default lives in one place. The workflow deliberately
+overrides a few for the small budget of `make run` (WORKFLOW_OVERRIDES, at the end). The
+values that live elsewhere, and why, are listed at the end too.
 """
 
 # -- reproducibility ---------------------------------------------------------------------
@@ -24,7 +25,8 @@ NOISE_STD = 8.0                # Gaussian pixel noise of an augmented copy, in 8
 SHARD_DATA_ABOVE = 2000        # workflow: above this many images the splits travel as .tar shards (one replica
                                # per shard, not two per image); at or below, every file is its own replica
 DATA_SHARD_IMAGES = 1000       # images per shard of a sharded data set
-LABEL_MAP = ""                 # --label-map SOURCE=CLASS,...: other data sets' object names -> our classes; "" maps none
+LABEL_MAP = ""                 # --label-map SOURCE=CLASS,...: other data sets' object names -> our classes;
+                               # "" maps none
 FOLDS = 0                      # workflow --folds K: K-fold cross-validation on the train+val pool (K train +
                                # evaluate jobs, group-aware and stratified like the split); 0: none
 
@@ -119,8 +121,8 @@ IMAGE_MAX_PIXELS = 64_000_000  # width x height read from an image's header befo
                                # 64 M is above any phone or camera photo (48 MP is 8000x6000)
 MODEL_IMAGE_SIZE_MAX = 4096    # a model file's image size above this is refused: the detector's working size, so a
                                # file claiming more would make every image cost far more memory than training did
-YAML_MAX_NODES = 100_000       # nodes a user's YAML (experiment, settings, sites) may hold once aliases are
-                               # expanded: a few hundred in practice; an alias bomb claims billions
+YAML_MAX_NODES = 10_000        # values a user's YAML (experiment, sites, stages, settings) may hold once its
+                               # aliases are expanded: a few hundred in practice; an alias bomb claims billions
 MESSAGE_VALUE_CHARS = 80       # an error message shows at most this much of a value it quotes
 
 # -- the prediction service (bin/serve.py, utils/service/; docs/service.md) ----------------
@@ -141,3 +143,36 @@ SERVICE_DECODE_THREADS = None        # threads decoding uploads off the event lo
 SERVICE_STOP_TIMEOUT_S = 30.0        # SIGTERM: seconds requests in flight get to finish before they are cancelled
 SERVICE_REQUEST_OVERHEAD_MB = 1.0    # a request body may exceed max_images x max_upload_mb by this (multipart
                                      # headers, form fields); a larger body is refused before it is read
+
+# -- the workflow (workflow.py) ---------------------------------------------------------------------
+GPUS = 0                       # workflow --gpus: GPUs per hpo/train/evaluate/predict job; 0: CPU only
+# Used where sites.yml names none (sites.yml's execution_site and container: win over these):
+EXECUTION_SITE = "condorpool"
+CONTAINER_TYPE = "singularity"
+CONTAINER_IMAGE = "docker://maskdetection/mask-detection-workflow:latest"
+LOCAL_JOBS_MAX = 4             # workflow --local without --jobs: min(this, CPUs) jobs at once (experiments/
+                               # default.yml leaves --jobs null so that it holds no machine's CPU count)
+EXECUTOR_JOBS = 2              # python -m utils.executor RUN_DIR without --jobs
+
+# Where the workflow departs from the defaults above on purpose. Most entries size the default run for
+# `make run` (120 synthetic images, 2 CPU cores, about ten minutes); raise them by flag for real data.
+WORKFLOW_OVERRIDES = {
+    "epochs": 2,          # make run budget (the Makefile passes --time-budget, which replaces it)
+    "hpo_epochs": 1,      # make run budget
+    "trials": 2,          # make run budget: one trial per HPO job
+    "image_size": 256,    # make run budget: the sample's images are 320x240
+    "augment_copies": 1,  # make run budget
+    "rare_factor": 1,     # make run budget
+    "max_size": 640,      # smaller sets to stage; the detector works at 640 px or less anyway
+}
+
+# -- defaults that live elsewhere, and why ----------------------------------------------------------
+# utils/detection/recipe.py   GPU_BACKBONE, GPU_BATCH_SIZE: what the GPU recipe picks on CUDA for every
+#                             setting the user left at its default above; they apply only there.
+# utils/pegasus/runtimes.py   SECONDS_PER_IMAGE, SAFETY, STARTUP_S, MIN_RUNTIME_S, GRACE_MIN, ...: measured
+#                             constants of the job time-limit formula, beside the formula they feed; sites.yml
+#                             overrides them per site.
+# utils/pegasus/catalogs.py   RESOURCES: cores and memory each job kind asks of a node, beside the job table.
+# utils/executor/job_try.py   TERM_GRACE_S: how long the local executor waits after SIGTERM before SIGKILL.
+# properties.conf             dagman.retry, pegasus.mode, transfer threads: Pegasus properties, kept in
+#                             Pegasus' own file so that pegasus-plan reads them as they are.

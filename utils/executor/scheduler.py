@@ -48,6 +48,7 @@ import threading
 import time
 from pathlib import Path
 
+from .. import defaults as D
 from ..detection.tensorboard_log import ARCHIVE_ROOT as TENSORBOARD_ARCHIVE_ROOT
 from .job_try import JobRunner
 from .loading import LoadedWorkflow, WorkflowError, load_workflow, read_properties
@@ -62,7 +63,7 @@ __all__ = ["Executor", "WorkflowError", "get_args_parser", "load_workflow", "mai
 class Executor:
     """Schedules the jobs of a loaded workflow onto up to *jobs* slots and sees the run through."""
 
-    def __init__(self, workflow: LoadedWorkflow, jobs: int = 2, retries: int | None = None,
+    def __init__(self, workflow: LoadedWorkflow, jobs: int = D.EXECUTOR_JOBS, retries: int | None = None,
                  status_interval: float | None = None, out=None, python: str = sys.executable,
                  cpu_count: int | None = None):
         self.wf = workflow
@@ -283,7 +284,7 @@ def _run_lock(run_dir: Path):
         yield
 
 
-def run_workflow(run_dir, jobs: int = 2, retries: int | None = None, out=None,
+def run_workflow(run_dir, jobs: int = D.EXECUTOR_JOBS, retries: int | None = None, out=None,
                  status_interval: float | None = None) -> int:
     """Run (or resume) the workflow in *run_dir*. Returns 0 when every job succeeded."""
     run_dir = Path(run_dir).resolve()
@@ -301,7 +302,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m utils.executor", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="run directory written by workflow.py")
-    parser.add_argument("--jobs", type=int, default=2, help="jobs at once")
+    parser.add_argument("--jobs", type=int, default=D.EXECUTOR_JOBS, help="jobs at once")
     parser.add_argument("--retries", type=int, default=None, help="override dagman.retry from pegasus.properties")
     parser.add_argument("--status-interval", type=float, default=None,
                         help="seconds between status lines (default: 0.5 on a terminal, 30 otherwise)")

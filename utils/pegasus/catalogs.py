@@ -1,16 +1,60 @@
-"""The properties and the site catalog, translated from properties.conf, the flags and sites.yml.
+"""The properties, the site catalog and the transformation catalog: from properties.conf, the flags,
+sites.yml and the job table (JOB_SCRIPTS, RESOURCES) below.
 
-The transformation and replica catalogs and the DAG are built in workflow.py, next to
-the job table they come from.
+The replica catalog and the DAG are built in workflow.py, from the data and the jobs it adds.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from Pegasus.api import OS, Arch, Directory, FileServer, Namespace, Operation, Properties, Site, SiteCatalog
+from Pegasus.api import (OS, Arch, Container, Directory, FileServer, Namespace, Operation, Properties, Site,
+                         SiteCatalog, Transformation, TransformationCatalog, TransformationSite)
 
 from .config import ConfigError, WorkflowConfig, enum_value
+
+# Job kind -> script. Every kind is one stageable transformation of the same name.
+JOB_SCRIPTS = {
+    "plot_class_distribution": "bin/plot_class_distribution.py",
+    "preprocess": "bin/preprocess.py",
+    "augment": "bin/augment.py",
+    "hpo": "bin/hpo.py",
+    "hpo_merge": "bin/hpo_merge.py",
+    "train": "bin/train.py",
+    "evaluate": "bin/evaluate.py",
+    "predict": "bin/predict.py",
+    "merge_predictions": "bin/merge_predictions.py",
+    "predict_video": "bin/predict_video.py",
+    "make_fold": "bin/make_fold.py",
+    "aggregate_folds": "bin/aggregate_folds.py",
+    "report": "bin/report.py",
+}
+
+# What each job kind asks of an execution node, in one place. Applied as pegasus profiles
+# (cores, memory; HTCondor derives request_cpus and request_memory from them). "gpus" marks
+# kinds that use a GPU when --gpus N > 0 asks for GPUs: those jobs then request N. The time
+# limits (runtime; checkpoint.time and maxwalltime of hpo and train, which on SIGTERM stop after
+# a step, exit 143 and are retried from their checkpoint) come from each job's workload:
+# utils/pegasus/runtimes.py (the formula, and the sites.yml overrides).
+RESOURCES = {
+    "plot_class_distribution": {"cores": 1, "memory": "1 GB", "gpus": 0},
+    "preprocess": {"cores": 1, "memory": "2 GB", "gpus": 0},
+    "augment": {"cores": 1, "memory": "2 GB", "gpus": 0},
+    "hpo": {"cores": 4, "memory": "8 GB", "gpus": 1},
+    "hpo_merge": {"cores": 1, "memory": "2 GB", "gpus": 0},
+    "train": {"cores": 4, "memory": "8 GB", "gpus": 1},
+    "evaluate": {"cores": 2, "memory": "4 GB", "gpus": 1},
+    "predict": {"cores": 2, "memory": "4 GB", "gpus": 1},
+    "merge_predictions": {"cores": 1, "memory": "4 GB", "gpus": 0},
+    "predict_video": {"cores": 2, "memory": "4 GB", "gpus": 1},
+    "make_fold": {"cores": 1, "memory": "2 GB", "gpus": 0},
+    "aggregate_folds": {"cores": 1, "memory": "1 GB", "gpus": 0},
+    "report": {"cores": 1, "memory": "2 GB", "gpus": 0},
+}
+
+CONTAINER_TYPES = {"singularity": Container.SINGULARITY, "docker": Container.DOCKER}
+CONTAINER_NAME = "mask-detection"
+
 
 
 def build_properties(config: WorkflowConfig, catalog_files: dict[str, Path]) -> Properties:
@@ -65,3 +109,30 @@ def build_site_catalog(sites_config: dict, shared_scratch: Path, local_storage: 
                 site.add_profiles(Namespace(namespace), key=str(key), value=value)
         sites.append(site)
     return SiteCatalog().add_sites(*sites)
+
+
+def build_transformation_catalog(config, runtimes: dict) -> tuple[TransformationCatalog, dict[str, Transformation]]:
+    """One container (unless --container-type none) and one transformation per job kind, with its resources
+    and its runtime (*runtimes*: utils/pegasus/runtimes.py). Returns the catalog and kind -> transformation."""
+    tc, transformations = TransformationCatalog(), {}
+    container = None
+    if config.container_type != "none":
+        container = Container(CONTAINER_NAME, CONTAINER_TYPES[config.container_type],
+                              image=config.container_image)
+        tc.add_containers(container)
+    # Staged scripts import `utils` from the image (PYTHONPATH=/app). Without a container they are installed,
+    # run in place from the project folder as each site sees it, that folder on PYTHONPATH: a staged script
+    # would land in a scratch folder with no `utils` beside it. ("local": the submit host, for Shell runs.)
+    installed = {config.execution_site: config.software_dir(), "local": config.project_root.resolve()}
+    for kind, script in JOB_SCRIPTS.items():
+        resources = RESOURCES[kind]
+        transformation = (Transformation(kind, site="local", pfn=(config.project_root / script).resolve(),
+                                         is_stageable=True, container=container) if container is not None else
+                          Transformation(kind).add_sites(*(TransformationSite(site, str(folder / script))
+                                                           .add_env(PYTHONPATH=str(folder))
+                                                           for site, folder in installed.items())))
+        transformation.add_pegasus_profile(cores=resources["cores"], memory=resources["memory"],
+                                           runtime=str(runtimes[kind]))
+        transformations[kind] = transformation
+        tc.add_transformations(transformation)
+    return tc, transformations

@@ -7,13 +7,13 @@ Everything here is checked before a catalog is built, and a problem is one line
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 
 import yaml
 from Pegasus.api import Namespace
 
-from .. import defaults as D
+from .. import defaults as D, safe_yaml
 from ..classes import LabelMap, LabelMapError
 from ..detection.stages import Stage, StagesError, parse_stages, total_epochs
 from ..errors import InputError
@@ -21,7 +21,7 @@ from ..errors import InputError
 log = logging.getLogger(__name__)
 
 CONTAINER_KINDS = ("singularity", "docker")
-DEFAULT_CONTAINER_IMAGE = "docker://maskdetection/mask-detection-workflow:latest"
+DEFAULT_CONTAINER_IMAGE = D.CONTAINER_IMAGE
 
 
 class ConfigError(InputError):
@@ -57,7 +57,7 @@ def parse_label_map(text: str) -> LabelMap:
 def load_sites_config(path: Path) -> dict:
     """Read the user-editable sites.yml (not a Pegasus catalog) and check its shape."""
     try:
-        config = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        config = safe_yaml.load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: sites configuration not found") from None
     except yaml.YAMLError as error:
@@ -138,22 +138,17 @@ class VideoFile:
         return "".join(c if c.isalnum() or c in "-_" else "_" for c in self.path.stem)
 
 
-@dataclass
-class WorkflowConfig:
-    """Everything the generator needs; checked on creation. Defaults are utils/defaults.py's."""
+@dataclass(kw_only=True)
+class WorkflowSettings:
+    """The run's settings, resolved (sites.yml's choices, the stages parsed, the cached weights) and checked
+    on creation: every check that needs no data, so that a bad value stops the run before a file is written.
+    Defaults are utils/defaults.py's."""
 
-    run_dir: Path
-    split_csv: Path
-    entries: list[SplitEntry]
-    pred_shards: list[ShardFile]
     sites_config: dict
     project_root: Path
     properties_file: Path | None = None
-    # split -> its shards, when the data set is large enough to travel in shards (--shard-data-above);
-    # None: every image and annotation is its own replica
-    data_shards: dict[str, list[ShardFile]] | None = None
-    execution_site: str = "condorpool"
-    container_type: str = "singularity"
+    execution_site: str = D.EXECUTION_SITE
+    container_type: str = D.CONTAINER_TYPE
     container_image: str = DEFAULT_CONTAINER_IMAGE
     epochs: int = D.EPOCHS
     time_budget: float | None = D.TIME_BUDGET  # minutes of the train job; replaces epochs when set
@@ -166,13 +161,12 @@ class WorkflowConfig:
     image_size: int = D.IMAGE_SIZE
     backbone: str = D.BACKBONE
     seed: int = D.SEED
-    gpus: int = 0
+    gpus: int = D.GPUS
     augment_copies: int = D.AUGMENT_COPIES
     rare_factor: int = D.RARE_FACTOR
     noise_std: float = D.NOISE_STD
     max_size: int | None = D.PREPROCESS_MAX_SIZE
     annotate_max: int = D.ANNOTATE_MAX
-    pred_videos: list[VideoFile] = field(default_factory=list)
     video_stride: int = D.VIDEO_STRIDE
     score_threshold: float | None = None  # None: the model's own, chosen by train on the validation split
     label_map: str = D.LABEL_MAP  # --label-map text, handed to the jobs that read XML when not empty
@@ -184,23 +178,16 @@ class WorkflowConfig:
     # Setting -> the experiment file that gave it (workflow.py --config): errors name "FILE: setting:" for
     # these, the flag for the others.
     setting_sources: dict[str, str] = field(default_factory=dict)
-    # The run's settings every job receives as experiment_config.yml and records in its run record
-    # (utils/pegasus/experiment.py); None: the jobs get no such file.
-    experiment_settings: dict | None = None
     folds: int = D.FOLDS  # k-fold cross-validation on the train+val pool; 0: none
-    folds_csv: Path | None = None  # RUN_DIR/folds.csv (image, fold), written at generation time
     fold_ensemble: bool = False  # the predict jobs use the fold models as one ensemble (weighted box fusion)
 
     def __post_init__(self):
-        self.run_dir = Path(self.run_dir).resolve()
         # Checked, and written one way (no spaces around "=" and ","), as the jobs' arguments get it.
         self.label_map = str(parse_label_map(self.label_map))
         if self.hpo_jobs < 1:
             raise ConfigError(f"{self.label('hpo_jobs')} {self.hpo_jobs}: need at least one HPO job")
         if self.folds == 1 or self.folds < 0:
             raise ConfigError(f"{self.label('folds')} {self.folds}: use 0 (no cross-validation) or 2 or more folds")
-        if self.folds and self.folds_csv is None:
-            raise ConfigError(f"--folds {self.folds}: no folds.csv was written (a bug in the generator)")
         if self.fold_ensemble and not self.folds:
             raise ConfigError("--fold-ensemble predicts with the fold models: add --folds K (K >= 2)")
         if self.trials < self.hpo_jobs:
@@ -211,7 +198,7 @@ class WorkflowConfig:
                 raise ConfigError(f"{self.label(name)} {getattr(self, name)}: must be at least 1")
         if self.time_budget is not None and self.time_budget <= 0:
             raise ConfigError(f"{self.label('time_budget')} {self.time_budget:g}: must be a positive number of minutes")
-        if self.train_stages is not None:
+        if self.train_stages is not None and not all(isinstance(stage, Stage) for stage in self.train_stages):
             try:
                 self.train_stages = parse_stages(self.train_stages, self.key("train_stages"))
             except StagesError as error:
@@ -220,12 +207,6 @@ class WorkflowConfig:
             raise ConfigError(f"{self.label('annotate_max')} {self.annotate_max}: must be 0 or more")
         if self.video_stride < 1:
             raise ConfigError(f"{self.label('video_stride')} {self.video_stride}: must be at least 1")
-        if len({video.tag for video in self.pred_videos}) != len(self.pred_videos):
-            raise ConfigError("--pred-videos: two videos have the same name once reduced to letters, digits, - and _")
-        if not self.pred_shards:
-            raise ConfigError("no images to predict on")
-        if len({shard.tag for shard in self.pred_shards}) != len(self.pred_shards):
-            raise ConfigError("prediction shards must have distinct file names")
         if self.gpus < 0:
             raise ConfigError(f"{self.label('gpus')} {self.gpus}: must be 0 or more")
         if self.container_type not in (*CONTAINER_KINDS, "none"):
@@ -277,36 +258,85 @@ class WorkflowConfig:
         return PurePosixPath(str(configured))
 
 
-def config_from_args(args, project_root: Path, entries: list[SplitEntry], split_csv: Path,
-                     pred_shards: list[ShardFile], data_shards=None, pred_videos=(),
-                     folds_csv: Path | None = None) -> WorkflowConfig:
-    """The WorkflowConfig of workflow.py's flags; sites.yml fills what the flags leave open."""
+@dataclass(kw_only=True)
+class WorkflowConfig(WorkflowSettings):
+    """Everything the generator needs: the settings and the data they were applied to (the split, the
+    shards, the videos, the folds), checked on creation."""
+
+    run_dir: Path
+    split_csv: Path
+    entries: list[SplitEntry]
+    pred_shards: list[ShardFile]
+    # split -> its shards, when the data set is large enough to travel in shards (--shard-data-above);
+    # None: every image and annotation is its own replica
+    data_shards: dict[str, list[ShardFile]] | None = None
+    pred_videos: list[VideoFile] = field(default_factory=list)
+    folds_csv: Path | None = None  # RUN_DIR/folds.csv (image, fold), written at generation time
+    # The run's settings every job receives as experiment_config.yml and records in its run record
+    # (utils/pegasus/experiment.py); None: the jobs get no such file.
+    experiment_settings: dict | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.run_dir = Path(self.run_dir).resolve()
+        if self.folds and self.folds_csv is None:
+            raise ConfigError(f"--folds {self.folds}: no folds.csv was written (a bug in the generator)")
+        if len({video.tag for video in self.pred_videos}) != len(self.pred_videos):
+            raise ConfigError("--pred-videos: two videos have the same name once reduced to letters, digits, - and _")
+        if not self.pred_shards:
+            raise ConfigError("no images to predict on")
+        if len({shard.tag for shard in self.pred_shards}) != len(self.pred_shards):
+            raise ConfigError("prediction shards must have distinct file names")
+
+    @classmethod
+    def from_settings(cls, settings: WorkflowSettings, **data) -> WorkflowConfig:
+        """The config of *settings* applied to *data* (run_dir, split_csv, entries, pred_shards, ...)."""
+        return cls(**{item.name: getattr(settings, item.name) for item in fields(WorkflowSettings)}, **data)
+
+
+def check_data_flags(args, label) -> None:
+    """The checks of workflow.py's flags that only the driver reads (the split, the shards, the local jobs);
+    *label* names a setting as WorkflowSettings.label does."""
+    from ..data.split import SplitError, check_fractions
+
+    try:
+        check_fractions(args.fractions)
+    except SplitError:
+        raise ConfigError(f"{label('fractions')} {' '.join(f'{value:g}' for value in args.fractions)}: "
+                          "must be non-negative with a positive sum") from None
+    for name, least in (("images_per_job", 1), ("near_duplicate_distance", 0), ("shard_data_above", 0)):
+        if getattr(args, name) < least:
+            raise ConfigError(f"{label(name)} {getattr(args, name)}: must be at least {least}")
+    if args.jobs is not None and args.jobs < 1:
+        raise ConfigError(f"{label('jobs')} {args.jobs}: must be at least 1")
+
+
+def settings_from_args(args, project_root: Path) -> WorkflowSettings:
+    """workflow.py's flags resolved (sites.yml fills what they leave open, the backbone's cached weights) and
+    checked: every check that needs no data runs here, before the generator writes anything."""
     sites_config = load_sites_config(args.sites_config)
     container = sites_config.get("container", {})
     # Which settings an experiment file gave (ExperimentArgumentParser): their errors name the file and key.
     source = getattr(args, "experiment", None)
     setting_sources = source.setting_sources() if source is not None else {}
-    backbone, weights_file = args.backbone, None
+    settings = WorkflowSettings(
+        sites_config=sites_config, project_root=project_root,
+        properties_file=args.properties if args.properties and args.properties.exists() else None,
+        execution_site=args.execution_site or sites_config.get("execution_site", D.EXECUTION_SITE),
+        container_type=args.container_type or container.get("type", D.CONTAINER_TYPE),
+        container_image=args.container_image or container.get("image", DEFAULT_CONTAINER_IMAGE),
+        epochs=args.epochs, time_budget=args.time_budget, hpo_epochs=args.hpo_epochs, trials=args.trials,
+        hpo_jobs=args.hpo_jobs, train_stages=args.train_stages, image_size=args.image_size, backbone=args.backbone,
+        seed=args.seed, gpus=args.gpus, augment_copies=args.augment_copies, rare_factor=args.rare_factor,
+        noise_std=args.noise_std, max_size=args.max_size, annotate_max=args.annotate_max,
+        video_stride=args.video_stride, score_threshold=args.score_threshold, label_map=args.label_map,
+        retries=args.retries, mode=args.mode, transfer_threads=args.transfer_threads,
+        setting_sources=setting_sources, folds=args.folds, fold_ensemble=args.fold_ensemble)
+    check_data_flags(args, settings.label)
     if not args.no_pretrained:
         from ..detection.weights import job_weights
 
-        backbone, weights_file, note = job_weights(args.backbone)
+        settings.backbone, settings.weights_file, note = job_weights(args.backbone)
         if note:
             log.warning("workflow: %s", note)
-    return WorkflowConfig(
-        run_dir=args.run_dir, split_csv=split_csv, entries=entries, pred_shards=pred_shards, data_shards=data_shards,
-        pred_videos=list(pred_videos), video_stride=args.video_stride,
-        sites_config=sites_config, project_root=project_root,
-        properties_file=args.properties if args.properties and args.properties.exists() else None,
-        execution_site=args.execution_site or sites_config.get("execution_site", "condorpool"),
-        container_type=args.container_type or container.get("type", "singularity"),
-        container_image=args.container_image or container.get("image", DEFAULT_CONTAINER_IMAGE),
-        epochs=args.epochs, time_budget=args.time_budget, hpo_epochs=args.hpo_epochs, trials=args.trials, hpo_jobs=args.hpo_jobs,
-        train_stages=args.train_stages,
-        image_size=args.image_size, backbone=backbone, seed=args.seed, gpus=args.gpus,
-        augment_copies=args.augment_copies, rare_factor=args.rare_factor, noise_std=args.noise_std,
-        max_size=args.max_size, annotate_max=args.annotate_max, score_threshold=args.score_threshold, label_map=args.label_map,
-        weights_file=weights_file, retries=args.retries, mode=args.mode, transfer_threads=args.transfer_threads,
-        setting_sources=setting_sources,
-        folds=args.folds, folds_csv=folds_csv, fold_ensemble=args.fold_ensemble,
-    )
+    return settings

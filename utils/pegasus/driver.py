@@ -33,7 +33,7 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
     parser.add_argument("--write-default-config", type=Path, default=None, metavar="PATH",
                         help="write every setting with its default and help as a commented experiment file "
                              "(experiments/default.yml) and exit")
-    data = parser.add_argument_group("data")
+    data = parser.add_setting_group("data")
     data.add_argument("--data", type=Path, default=root / "data" / "sample",
                       help="folder with images/ and annotations/ (Pascal VOC)")
     data.add_argument("--pred-images", type=Path, default=None,
@@ -64,8 +64,8 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
                       help="read these object names of another data set as classes, e.g. "
                            "'with_incorrect_mask=mask_weared_incorrect, mask=with_mask, no_mask=without_mask'; "
                            "validation, the split and the jobs that read XML apply it")
-    model = parser.add_argument_group("model and training (defaults: utils/defaults.py, except "
-                                      "workflow.py's WORKFLOW_OVERRIDES for make run's budget)")
+    model = parser.add_setting_group("model and training (defaults: utils/defaults.py, except "
+                                      "its WORKFLOW_OVERRIDES for make run's budget)")
     model.add_argument("--epochs", type=int, default=overrides["epochs"], help="training epochs of the final model")
     model.add_argument("--time-budget", type=float, default=D.TIME_BUDGET, metavar="MINUTES",
                        help="minutes of training (validation included) for the train job, which fits its epochs "
@@ -104,8 +104,9 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
     model.add_argument("--fold-ensemble", action="store_true",
                        help="with --folds: the predict jobs use the K fold models as one ensemble (boxes merged "
                             "by weighted box fusion) instead of the final model")
-    pegasus = parser.add_argument_group("Pegasus")
-    pegasus.add_argument("--gpus", type=int, default=0, help="GPUs per hpo/train/evaluate/predict job (0: CPU only)")
+    pegasus = parser.add_setting_group("Pegasus")
+    pegasus.add_argument("--gpus", type=int, default=D.GPUS,
+                         help="GPUs per hpo/train/evaluate/predict job (0: CPU only)")
     pegasus.add_argument("--container-type", choices=[*CONTAINER_KINDS, "none"], default=None,
                          help="container for every job (default: sites.yml container.type)")
     pegasus.add_argument("--container-image", default=None,
@@ -119,7 +120,7 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
     pegasus.add_argument("--mode", default=None, help="pegasus.mode (default: properties.conf)")
     pegasus.add_argument("--transfer-threads", type=int, default=None,
                          help="pegasus.transfer.threads (default: properties.conf)")
-    run = parser.add_argument_group("running")
+    run = parser.add_setting_group("running")
     how = run.add_mutually_exclusive_group()
     how.add_argument("--local", action="store_true",
                      help="run the workflow on this machine with the local executor (utils/executor/) "
@@ -135,7 +136,7 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
 def local_jobs(jobs: int | None) -> int:
     """--jobs, or min(4, CPUs) when not given (left open in the flags so that experiments/default.yml
     holds no machine's CPU count)."""
-    return jobs if jobs is not None else min(4, os.cpu_count() or 1)
+    return jobs if jobs is not None else min(D.LOCAL_JOBS_MAX, os.cpu_count() or 1)
 
 
 def submit(generator, has_planner: bool) -> int:

@@ -5,7 +5,7 @@
 An experiment file is a mapping of workflow.py's flags named with underscores: ``hpo_jobs: 2``,
 ``image_size: 512``, ``fractions: [0.7, 0.1, 0.2]``, ``local: true``, ``train_stages: [{epochs: 3,
 lr: 0.02, trainable_layers: 0}, {epochs: 10, lr: 0.005}]``. What wins: a flag given on the command
-line, then the file, then the default (utils/defaults.py and workflow.py's WORKFLOW_OVERRIDES).
+line, then the file, then the default (utils/defaults.py and its WORKFLOW_OVERRIDES).
 **Relative paths in a file are relative to the file's own folder**, so an experiment names the same
 data and run folder from any working directory.
 
@@ -37,10 +37,11 @@ from pathlib import Path
 
 import yaml
 
+from .. import safe_yaml
 from ..atomic import write_text
 from ..classes import LabelMap, LabelMapError
 from ..detection.stages import StagesError, parse_stages
-from ..provenance import EXPERIMENT_CONFIG_FILE, file_sha256
+from ..provenance import file_sha256
 from .config import ConfigError
 
 CONFIG_FILE = "config.yml"  # RUN_DIR/config.yml: every effective setting, with the command line in its header
@@ -62,16 +63,16 @@ class ExperimentSource:
     path: Path | None = None          # the experiment file as given on the command line
     sha256: str | None = None
     from_file: frozenset = field(default_factory=frozenset)  # settings the file gave and no flag overrode
+    settings: tuple[str, ...] = ()    # every setting's name, in the parser's order (config.yml's order)
 
     def setting_sources(self) -> dict[str, str]:
         """Setting -> the file that gave it (what WorkflowConfig's errors name instead of the flag)."""
         return {name: str(self.path) for name in self.from_file}
 
 
-def setting_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+def setting_actions(parser: ExperimentArgumentParser) -> dict[str, argparse.Action]:
     """Every setting of *parser* (its dest) and the action that parses it, in the parser's order."""
-    return {action.dest: action for action in parser._actions
-            if action.dest not in NOT_SETTINGS and action.dest != argparse.SUPPRESS}
+    return {dest: action for dest, action in parser.flags.items() if dest not in NOT_SETTINGS}
 
 
 # -- reading an experiment file ------------------------------------------------------------------------------
@@ -110,9 +111,10 @@ def read_experiment_file(path: Path) -> dict:
     except FileNotFoundError:
         raise ConfigError(f"{path}: experiment file not found") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: cannot read the experiment file ({_one_line(getattr(error, 'strerror', None) or error)})") from None
+        reason = _one_line(getattr(error, 'strerror', None) or error)
+        raise ConfigError(f"{path}: cannot read the experiment file ({reason})") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
+        data = safe_yaml.load(text, Loader=_UniqueKeyLoader)  # aliases bounded: an alias bomb is refused
     except _DuplicateKey as duplicate:
         raise ConfigError(f"{path}: {duplicate.key}: given twice (lines {duplicate.first_line} and "
                           f"{duplicate.second_line})") from None
@@ -221,7 +223,7 @@ def convert_setting(action: argparse.Action, value, where: str, base_dir: Path):
     return converted
 
 
-def load_settings(parser: argparse.ArgumentParser, path: Path) -> dict:
+def load_settings(parser: ExperimentArgumentParser, path: Path) -> dict:
     """The settings an experiment file gives (setting -> value as the flag would give it), all checked."""
     data = read_experiment_file(path)
     actions = setting_actions(parser)
@@ -237,12 +239,34 @@ def load_settings(parser: argparse.ArgumentParser, path: Path) -> dict:
             hint = f" (did you mean {guess[0]}?)" if guess else " (see experiments/default.yml)"
             raise ConfigError(f"{where}: unknown setting{hint}")
         settings[key] = convert_setting(action, value, where, base_dir)
-    for group in parser._mutually_exclusive_groups:
-        chosen = [action.dest for action in group._group_actions if settings.get(action.dest)]
+    for members in parser.exclusive:
+        chosen = [name for name in members if settings.get(name)]
         if len(chosen) > 1:
             raise ConfigError(f"{path}: {chosen[1]}: cannot be true together with {chosen[0]} (choose one of "
-                              f"{', '.join(action.dest for action in group._group_actions)})")
+                              f"{', '.join(members)})")
     return settings
+
+
+class SettingGroup:
+    """A titled group of flags in --help and in experiments/default.yml, recorded by the parser as they are
+    added (so that experiment files read the parser's own record, not argparse's private lists)."""
+
+    def __init__(self, parser: ExperimentArgumentParser, title: str, container, members: list[str] | None = None):
+        self.parser, self.title, self.container, self.members = parser, title, container, members
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        action = self.container.add_argument(*args, **kwargs)
+        self.parser.flags[action.dest] = action
+        self.parser.groups[self.title].append(action.dest)
+        if self.members is not None:
+            self.members.append(action.dest)
+        return action
+
+    def add_mutually_exclusive_group(self) -> SettingGroup:
+        """Switches of which an experiment file or the command line may turn on one (--local, --submit, ...)."""
+        members: list[str] = []
+        self.parser.exclusive.append(members)
+        return SettingGroup(self.parser, self.title, self.container.add_mutually_exclusive_group(), members)
 
 
 class ExperimentArgumentParser(argparse.ArgumentParser):
@@ -252,19 +276,38 @@ class ExperimentArgumentParser(argparse.ArgumentParser):
     (every setting starts as a marker, so a flag given with its default value still counts as given),
     then for real, with the file's settings in place of the defaults. The result carries
     ``experiment`` (ExperimentSource): the command line, the file, its sha256 and the settings it gave.
+
+    Add settings through add_setting_group(title).add_argument(...): the parser records every flag
+    (``flags``), the groups (``groups``: title -> settings) and the exclusive switches (``exclusive``).
     """
+
+    def __init__(self, *args, **kwargs):
+        self.flags: dict[str, argparse.Action] = {}  # dest -> action of every flag but --help, in order
+        self.groups: dict[str, list[str]] = {}       # title -> the settings of that group, in order
+        self.exclusive: list[list[str]] = []         # the settings of each mutually exclusive group
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        if action.dest != "help":
+            self.flags[action.dest] = action
+        return action
+
+    def add_setting_group(self, title: str) -> SettingGroup:
+        self.groups[title] = []
+        return SettingGroup(self, title, self.add_argument_group(title))
 
     def parse_known_args(self, args=None, namespace=None):
         if namespace is not None:  # a caller's own namespace: plain argparse
             return super().parse_known_args(args, namespace)
         argv = tuple(sys.argv[1:] if args is None else (str(arg) for arg in args))
         probe, _ = super().parse_known_args(list(argv), argparse.Namespace(
-            **{action.dest: _UNSET for action in self._actions if action.dest != argparse.SUPPRESS}))
+            **{dest: _UNSET for dest in self.flags}))
         given = {dest for dest, value in vars(probe).items() if value is not _UNSET}
         config = probe.config if "config" in given else None
         if config is None:
             parsed, extras = super().parse_known_args(list(argv))
-            parsed.experiment = ExperimentSource(argv=argv)
+            parsed.experiment = ExperimentSource(argv=argv, settings=tuple(setting_actions(self)))
             return parsed, extras
         try:
             from_file = load_settings(self, config)
@@ -273,14 +316,13 @@ class ExperimentArgumentParser(argparse.ArgumentParser):
         # A flag on the command line wins; one of a mutually exclusive group (--local, --submit,
         # --generate-only) also replaces the file's choice among them.
         overridden = set(given)
-        for group in self._mutually_exclusive_groups:
-            members = {action.dest for action in group._group_actions}
-            if members & given:
-                overridden |= members
+        for members in self.exclusive:
+            if given.intersection(members):
+                overridden.update(members)
         kept = {name: value for name, value in from_file.items() if name not in overridden}
         parsed, extras = super().parse_known_args(list(argv), argparse.Namespace(**kept))
         parsed.experiment = ExperimentSource(argv=argv, path=Path(config), sha256=file_sha256(config),
-                                             from_file=frozenset(kept))
+                                             from_file=frozenset(kept), settings=tuple(setting_actions(self)))
         return parsed, extras
 
 
@@ -298,17 +340,12 @@ def plain_value(value, relative_to: Path | None = None):
     return value
 
 
-def effective_settings(parser: argparse.ArgumentParser, args, resolved: dict | None = None) -> dict:
-    """Every setting of the run, in the parser's order: the parsed flags, with *resolved* (values the
-    generator settled, e.g. the execution site sites.yml chose for an unset flag) in their place."""
-    resolved = resolved or {}
-    settings = {}
-    for name, action in setting_actions(parser).items():
-        value = resolved[name] if name in resolved else getattr(args, name, action.default)
-        if name == STAGES_SETTING and value is not None and not isinstance(value, list):
-            value = _stages(value, f"--{name.replace('_', '-')}", Path.cwd())
-        settings[name] = plain_value(value)
-    return settings
+def effective_settings(args, resolved: dict) -> dict:
+    """Every setting of the run, in the parser's order (args.experiment.settings): the parsed flags, with
+    *resolved* (values the generator settled: the execution site sites.yml chose for an unset flag, the
+    stages as mappings) in their place."""
+    return {name: plain_value(resolved[name] if name in resolved else getattr(args, name))
+            for name in args.experiment.settings}
 
 
 def job_settings(settings: dict) -> dict:
@@ -368,7 +405,7 @@ def _comment(text: str, width: int = 110) -> list[str]:
     return textwrap.wrap(_one_line(text), width=width, initial_indent="# ", subsequent_indent="# ") or ["#"]
 
 
-def _help_text(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
+def _help_text(parser: ExperimentArgumentParser, action: argparse.Action) -> str:
     text = action.help or ""
     if "%(" in text:
         text = text % {**vars(action), "prog": parser.prog}
@@ -377,22 +414,21 @@ def _help_text(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
     return text
 
 
-def default_config_text(parser: argparse.ArgumentParser, folder: Path) -> str:
+def default_config_text(parser: ExperimentArgumentParser, folder: Path) -> str:
     """experiments/default.yml for a file in *folder*: every setting, grouped as in --help, each with its
     help as a comment and its default (paths relative to *folder*)."""
     lines = [DEFAULT_CONFIG_HEADER.rstrip("\n")]
-    for group in parser._action_groups:
-        actions = [action for action in group._group_actions
-                   if action.dest not in NOT_SETTINGS and action.dest != argparse.SUPPRESS]
+    for title, names in parser.groups.items():
+        actions = [parser.flags[name] for name in names if name not in NOT_SETTINGS]
         if not actions:
             continue
-        lines += ["", *_comment(f"-- {group.title} --")]
+        lines += ["", *_comment(f"-- {title} --")]
         for action in actions:
             lines += _comment(_help_text(parser, action))
             lines.append(_dump({action.dest: plain_value(action.default, relative_to=folder)}).rstrip("\n"))
     return "\n".join(lines) + "\n"
 
 
-def write_default_config(parser: argparse.ArgumentParser, path: Path) -> Path:
+def write_default_config(parser: ExperimentArgumentParser, path: Path) -> Path:
     path = Path(path)
     return write_text(path, default_config_text(parser, path.expanduser().absolute().parent))
