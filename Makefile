@@ -13,7 +13,7 @@ SAMPLE_IMAGES ?= 120
 SEED          ?= 42
 RUN_DIR       ?= runs/sample
 JOBS          ?= 2
-# Minutes of the train job (its epochs are fitted to them): make run ends in about 13 minutes on 2 cores.
+# Minutes of the train job (its epochs are fitted to them); README gives make run's whole time.
 TRAIN_MINUTES ?= 8
 
 .PHONY: setup weights run serve test test-fast lint bench clean base-image image image-cpu image-check
