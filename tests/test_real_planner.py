@@ -17,7 +17,7 @@ PEGASUS = Path(__file__).resolve().parents[2] / "shared" / "pegasus"
 PLAN_CHECK = PEGASUS / "plan-check.sh"
 SKIP_REASON = (f"real planner absent ({PLAN_CHECK})" if not PLAN_CHECK.is_file() else
                "java absent (apt-get install -y default-jre-headless)" if shutil.which("java") is None else None)
-pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
+pytestmark = [pytest.mark.planner, pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")]
 
 SMALL = ["--hpo-jobs", "1", "--trials", "1", "--hpo-epochs", "1", "--epochs", "1", "--image-size", "64",
          "--augment-copies", "0", "--rare-factor", "1", "--max-size", "160", "--retries", "0"]

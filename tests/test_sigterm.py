@@ -15,6 +15,8 @@ import torch
 from utils.detection.model import ModelError, load_model_file
 from utils.stop import is_stand_in
 
+pytestmark = pytest.mark.training
+
 EXIT_STOPPED = 143
 
 
@@ -54,7 +56,7 @@ def test_train_stops_on_sigterm_mid_epoch_and_a_rerun_resumes(root, tiny_dir, tm
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == EXIT_STOPPED, stderr
     assert time.monotonic() - started < 60
-    (line,) = [l for l in stderr.splitlines() if l.startswith("train: stopped:")]
+    (line,) = [text for text in stderr.splitlines() if text.startswith("train: stopped:")]
     done = torch.load(checkpoint, weights_only=True)["epoch"]
     assert f"the checkpoint holds {done} finished epoch(s)" in line and "Traceback" not in stderr
     assert 1 <= done < 40
@@ -88,7 +90,7 @@ def test_hpo_stops_on_sigterm_mid_trial_and_the_retry_runs_that_trial_again(root
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == EXIT_STOPPED, stderr
-    assert any(l.startswith("hpo: stopped: SIGTERM received") for l in stderr.splitlines())
+    assert any(text.startswith("hpo: stopped: SIGTERM received") for text in stderr.splitlines())
     states = [t["state"] for t in journal_trials(journal)]
     assert states == ["FAIL", "WAITING"]  # the interrupted trial, and its parameters enqueued for the retry
     assert is_stand_in(tmp_path / "best.json") and is_stand_in(tmp_path / "best_run.json")
