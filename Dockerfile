@@ -6,7 +6,15 @@
 #   make image                       # CUDA-capable image (podman or docker), tag mask-detection-workflow:cuda
 #   make image-cpu                   # CPU-only torch from the PyTorch CPU index, no COCO weights
 #   make base-image                  # machines without Docker Hub: a local Debian base (docker/make_base.sh)
-#   make image-check                 # build, then validate / 1-epoch train / predict inside, network off
+#   make image-check                 # build, then validate / 1-epoch train / predict inside, network off,
+#                                    # and serve: /livez, /api/predict, SIGTERM exit 0
+#
+# The prediction service from the image, with a model mounted read-only (port 8000; --host
+# 0.0.0.0 because the container's loopback is not the host's; set --token beyond a trusted host):
+#   podman run --rm -p 8000:8000 -v $PWD/runs/sample/outputs:/models:ro IMAGE \
+#          python bin/serve.py --model /models/model.pt --host 0.0.0.0
+# `podman stop -t 40` sends SIGTERM: requests in flight finish (--stop-timeout, 30 s), then exit 0
+# (podman's and docker's own default waits only 10 s before SIGKILL).
 #
 # By hand, the same builds:
 #   docker build -t OWNER/mask-detection-workflow:1.0 .
@@ -86,5 +94,8 @@ RUN pip install --no-deps --no-build-isolation -e /app \
     fi \
  && chmod -R a+rX /opt/torch \
  && chmod a+x /app/bin/*.py
+
+# bin/serve.py's default port (the service is one command of the image, not its default)
+EXPOSE 8000
 
 CMD ["python", "workflow.py", "--help"]

@@ -109,3 +109,20 @@ def test_image_is_lean_headless_opencv_and_no_system_gui_libraries(root):
     # no GL/X11 stack from the system packages
     assert "libgl1" not in runs and "libglib" not in runs
     assert ("ARG", 'TORCH_INDEX=""') in steps and ("ARG", "COCO_WEIGHTS=1") in steps
+
+
+def test_the_image_serves_the_api_as_documented(root):
+    """The service from the image: its port exposed, /metrics' package in the pinned requirements, the
+    documented command in the Dockerfile, and the image check starting it, probing it and stopping it."""
+    dockerfile = root / "Dockerfile"
+    steps = instructions(dockerfile)
+    assert ("EXPOSE", "8000") in steps
+    text = dockerfile.read_text()
+    assert "-v $PWD/runs/sample/outputs:/models:ro IMAGE" in text
+    assert "python bin/serve.py --model /models/model.pt --host 0.0.0.0" in text
+    pins = (root / "requirements.txt").read_text().split()
+    assert any(re.fullmatch(r"prometheus-client==[\d.]+", pin) for pin in pins)
+    check = (root / "docker" / "check_image.sh").read_text()
+    for piece in ('-v "$work/models:/models:ro"', "python bin/serve.py --model /models/model.pt --host 0.0.0.0",
+                  "/livez", "/readyz", "/api/predict", "/metrics", '"$ENGINE" stop', 'test "$served_exit" = 0'):
+        assert piece in check, piece
