@@ -3,6 +3,7 @@ observable: /metrics in Prometheus text format, /livez and /readyz, one access-l
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 
@@ -74,6 +75,26 @@ def test_one_request_of_several_images_answers_as_single_requests(client, sample
                                   "labels": torch.tensor([LABEL_OF[d["label"]] for d in image["detections"]]),
                                   "scores": torch.tensor([d["score"] for d in image["detections"]])}
                                  for image in (a, b)), box_tol=0.2, score_tol=2e-4)
+
+
+def test_a_photo_larger_than_the_model_works_at_answers_as_the_model_alone(client, tiny_model_file, sample_dir):
+    """The service shrinks a photo to the model's working size before the model would (less memory): the
+    answer is the model's own on the full photo, boxes in the photo's pixels."""
+    photo = sorted((sample_dir / "images").glob("*.jpg"))[1]
+    picture = Image.open(photo).convert("RGB").resize((640, 480))  # 5x the tiny model's 128 px
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    served = client.post("/api/predict", files=[("files", ("big.png", buffer.getvalue(), "image/png"))]).json()
+    model, *_ = load_trained_model(tiny_model_file, "cpu")
+    alone = detect(model, [to_model_input(as_tensor(io.BytesIO(buffer.getvalue())), "cpu")],
+                   score_threshold=DETECTION_FLOOR)[0]
+    detections = served["images"][0]["detections"]
+    assert detections and (served["images"][0]["width"], served["images"][0]["height"]) == (640, 480)
+    assert_same_detections({"boxes": torch.tensor([d["box"] for d in detections]),
+                            "labels": torch.tensor([LABEL_OF[d["label"]] for d in detections]),
+                            "scores": torch.tensor([d["score"] for d in detections])},
+                           {k: v if k != "scores" else v.round(decimals=4) for k, v in alone.items()},
+                           box_tol=0.2, score_tol=2e-4)
 
 
 def test_metrics_probes_and_one_access_line_per_request(client, sample_dir, caplog):

@@ -132,9 +132,9 @@ SERVICE_QUEUE_SIZE = 8               # requests admitted at once (decoding, wait
 SERVICE_MAX_IMAGE_PIXELS = 25_000_000  # width x height of one upload, read from its header before decoding: above
                                      # it 413, never decoded. Below IMAGE_MAX_PIXELS of the jobs because a server
                                      # decodes many at once; 25 M passes a 6000x4000 (24 MP) camera photo
-SERVICE_PIXELS_IN_MEMORY = 100_000_000  # decoded pixels all requests together may hold (3 bytes each as uint8):
+SERVICE_PIXELS_IN_MEMORY = 64_000_000  # decoded pixels all requests together may hold (3 bytes each as uint8):
                                      # a request waits until its images fit; one needing more alone gets 413.
-                                     # With the decode and model copies (docs/service.md) the server stays < 2 GB
+                                     # Peak measured 1.66 GB with one request at it (docs/service.md): < 2 GB
 SERVICE_BATCH_SIZE = 4               # images of any requests run in one forward pass at most
 SERVICE_BATCH_MAX_PIXELS = 8_000_000 # ... and their pixels together at most (the model input is float: 12 bytes
                                      # a pixel, twice over while normalised); a larger image runs alone

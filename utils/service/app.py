@@ -53,6 +53,7 @@ import torch
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, _resize_image_and_masks
 from torchvision.ops import box_iou
 
 from .. import defaults as D
@@ -190,6 +191,23 @@ def parse_box(text: str) -> list[float]:
     return box
 
 
+def model_sized_input(model, tensor: torch.Tensor, device) -> tuple[torch.Tensor, tuple[float, float] | None]:
+    """The float input of *tensor* at the size the detector's own transform would resize it to, and the
+    (x, y) factors that map boxes back; None when it would not shrink. The model would do the same
+    resize after normalising: bilinear resizing and per-channel normalising commute, so the answers
+    are the same up to float rounding, but a large photo costs the model's normalised copies at its
+    working size instead of at full size (25 M pixels: ~0.6 GB less at the peak)."""
+    image = to_model_input(tensor, device)
+    transform = getattr(model, "transform", None)
+    if not isinstance(transform, GeneralizedRCNNTransform) or transform.fixed_size is not None:
+        return image, None
+    height, width = image.shape[-2:]
+    if min(transform.min_size[-1] / min(height, width), transform.max_size / max(height, width)) >= 1:
+        return image, None
+    small, _ = _resize_image_and_masks(image, transform.min_size[-1], transform.max_size, None, None)
+    return small, (width / small.shape[-1], height / small.shape[-2])
+
+
 def decode_to_tensor(data: bytes, name: str) -> torch.Tensor:
     """The upload as a uint8 CxHxW tensor (3 bytes a pixel; the PIL image, 4 a pixel, is dropped at once)."""
     return torch.from_numpy(np.array(load_rgb_bytes(data, name))).permute(2, 0, 1)
@@ -204,8 +222,13 @@ def create_app(config: ServiceConfig) -> FastAPI:
     decode_threads = config.decode_threads or default_decode_threads()
 
     def run_batch(tensors: list[torch.Tensor], tta: bool) -> list[dict]:
-        """The model on images of one size (batching.py), on the inference thread."""
-        return detect(model, [to_model_input(t, device) for t in tensors], tta=tta, score_threshold=DETECTION_FLOOR)
+        """The model on images of one size (batching.py), on the inference thread; boxes in their pixels."""
+        inputs = [model_sized_input(model, t, device) for t in tensors]
+        outputs = detect(model, [image for image, _ in inputs], tta=tta, score_threshold=DETECTION_FLOOR)
+        for out, (_, back) in zip(outputs, inputs):
+            if back is not None:
+                out["boxes"] = out["boxes"] * torch.tensor([back[0], back[1], back[0], back[1]])
+        return outputs
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -412,8 +435,14 @@ def create_app(config: ServiceConfig) -> FastAPI:
             tensors, outputs, explained = await holding_pixels(request, uploads, decode_and_detect)
         finally:
             queue.leave()
+        pictures = [None] * len(tensors)
+        if annotated:  # drawing and JPEG-encoding a large photo takes a while: not on the event loop
+            loop = asyncio.get_running_loop()
+            pictures = await asyncio.gather(*(loop.run_in_executor(request.app.state.decoder, _annotated_jpeg,
+                                                                   tensor, out, threshold)
+                                              for tensor, out in zip(tensors, outputs)))
         results, records = [], []
-        for upload, tensor, out, explanations in zip(uploads, tensors, outputs, explained):
+        for upload, tensor, out, explanations, picture in zip(uploads, tensors, outputs, explained, pictures):
             detections = _detections(out)
             for index, explanation in explanations.items():
                 detections[index]["explanation"] = explanation
@@ -421,7 +450,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             record = {"file": upload.name, "width": int(tensor.shape[-1]), "height": int(tensor.shape[-2]),
                       "detections": detections, "compliance": compliance([d["label"] for d in counted])}
             if annotated:
-                record["annotated"] = _annotated_jpeg(tensor, out, threshold)
+                record["annotated"] = picture
             results.append(record)
             for d in counted:
                 metrics.faces.labels(d["label"]).inc()
