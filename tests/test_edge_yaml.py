@@ -76,7 +76,8 @@ def test_sites_stages_and_job_settings_files_are_bounded_too(tmp_path):
     stages = tmp_path / "stages.yml"
     stages.write_text(alias_bomb("stages"))
     (tmp_path / EXPERIMENT_CONFIG_FILE).write_text(alias_bomb("epochs"))
-    for read, error in ((lambda: load_sites_config(sites), ConfigError), (lambda: parse_stages(str(stages)), StagesError),
+    for read, error in ((lambda: load_sites_config(sites), ConfigError),
+                        (lambda: parse_stages(str(stages)), StagesError),
                         (lambda: experiment_config(tmp_path), InputError)):
         started = time.perf_counter()
         with pytest.raises(error, match="expands to more than") as caught:
