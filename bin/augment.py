@@ -17,21 +17,22 @@ import sys
 
 from utils import defaults as D
 from utils.classes import LabelMap
-from utils.cli import add_label_map_arg, add_set_input_args, add_set_output_args, check_set_args, run_job
+from utils.cli import (add_label_map_arg, add_set_input_args, add_set_output_args, check_set_args,
+                       non_negative_float, non_negative_int, run_job)
 from utils.data.augment import augment_set
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_set_input_args(parser, split_example="train")
-    parser.add_argument("--copies", type=int, default=D.AUGMENT_COPIES,
+    parser.add_argument("--copies", type=non_negative_int, default=D.AUGMENT_COPIES,
                         help=f"augmented copies per image (default: {D.AUGMENT_COPIES})")
-    parser.add_argument("--rare-factor", type=int, default=D.RARE_FACTOR,
+    parser.add_argument("--rare-factor", type=non_negative_int, default=D.RARE_FACTOR,
                         help=f"extra copies of each image containing mask_weared_incorrect (default: {D.RARE_FACTOR})")
-    parser.add_argument("--noise-std", type=float, default=D.NOISE_STD,
+    parser.add_argument("--noise-std", type=non_negative_float, default=D.NOISE_STD,
                         help="standard deviation of the Gaussian pixel noise, in 8-bit units 0-255; 0 turns it "
                              f"off (default: {D.NOISE_STD})")
-    parser.add_argument("--seed", type=int, default=D.SEED,
+    parser.add_argument("--seed", type=non_negative_int, default=D.SEED,
                         help=f"random seed; the same seed gives the same files (default: {D.SEED})")
     add_label_map_arg(parser, writes_canonical=True)
     add_set_output_args(parser, report_contents="counts, skipped files, object problems and copies without boxes")

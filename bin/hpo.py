@@ -22,11 +22,13 @@ from pathlib import Path
 from utils import defaults as D
 from utils.atomic import write_json
 from utils.classes import LabelMap
-from utils.cli import add_label_map_arg, run_job
+from utils.cli import (add_label_map_arg, fraction, image_size_px, non_negative_int, positive_float, positive_int,
+                       run_job)
 from utils.detection.engine import resolve_device
 from utils.detection.hpo import OBJECTIVES, HpoConfig, SearchSpace, run_study
 from utils.detection.model import BACKBONES
 from utils.detection.tensorboard_log import TensorBoardError, pack_events
+from utils.errors import InputError
 from utils.provenance import write_run_record
 from utils.stop import declare_outputs, stop_on_sigterm
 
@@ -42,19 +44,21 @@ def get_args_parser():
     p.add_argument("--val-images", required=True, help="validation images: folder or .tar")
     p.add_argument("--val-annotations", required=True, help="validation VOC annotations: folder or .tar")
     add_label_map_arg(p)
-    p.add_argument("--epochs", type=int, default=D.HPO_EPOCHS, help=f"epochs per trial (default: {D.HPO_EPOCHS})")
-    p.add_argument("--image-size", type=int, default=D.IMAGE_SIZE,
+    p.add_argument("--epochs", type=positive_int, default=D.HPO_EPOCHS,
+                   help=f"epochs per trial (default: {D.HPO_EPOCHS})")
+    p.add_argument("--image-size", type=image_size_px, default=D.IMAGE_SIZE,
                    help=f"longer image side in px (default: {D.IMAGE_SIZE})")
-    p.add_argument("--n-trials", type=int, default=D.HPO_TRIALS,
+    p.add_argument("--n-trials", type=positive_int, default=D.HPO_TRIALS,
                    help="finished (complete + pruned) trials this worker's study should hold in total "
                         f"(default: {D.HPO_TRIALS})")
-    p.add_argument("--seed", type=int, default=D.SEED,
+    p.add_argument("--seed", type=non_negative_int, default=D.SEED,
                    help=f"training seed; the sampler uses seed + worker index (default: {D.SEED})")
     p.add_argument("--checkpoint", default="hpo.journal",
                    help="Optuna journal file; an existing one is continued (default: hpo.journal)")
     p.add_argument("--output", default="best.json", help="this worker's result (default: best.json)")
-    p.add_argument("--worker-index", type=int, default=0, help="this worker's index I in 0..K-1 (default: 0)")
-    p.add_argument("--num-workers", type=int, default=D.HPO_NUM_WORKERS,
+    p.add_argument("--worker-index", type=non_negative_int, default=0,
+                   help="this worker's index I in 0..K-1 (default: 0)")
+    p.add_argument("--num-workers", type=positive_int, default=D.HPO_NUM_WORKERS,
                    help=f"number of HPO workers K (default: {D.HPO_NUM_WORKERS})")
     p.add_argument("--backbone", choices=BACKBONES, default=D.BACKBONE,
                    help=f"detector backbone (default: {D.BACKBONE})")
@@ -63,7 +67,7 @@ def get_args_parser():
                         "imagenet and widerface both mean retinaface_mnet025's WIDER FACE weights)")
     p.add_argument("--weights-file", default=None,
                    help="explicit pretrained weight file (default: torchvision's cache)")
-    p.add_argument("--timeout", type=float, default=None,
+    p.add_argument("--timeout", type=positive_float, default=None,
                    help="stop starting new trials after this many seconds (default: no limit)")
     p.add_argument("--study-name", default=None,
                    help="Optuna study name (default: mask-hpo-worker<I>of<K>)")
@@ -72,27 +76,27 @@ def get_args_parser():
                    help=f"fitness = 0.1*mAP50 + 0.9*mAP50-95, or map = mAP50-95 (default: {D.HPO_OBJECTIVE})")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default=D.OPTIMIZER,
                    help=f"optimizer of every trial (default: {D.OPTIMIZER})")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=list(D.HPO_BATCH_SIZES),
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=list(D.HPO_BATCH_SIZES),
                    help=f"batch size, or several to search among (default: {_spaced(D.HPO_BATCH_SIZES)})")
-    p.add_argument("--workers", type=int, default=D.LOADER_WORKERS,
+    p.add_argument("--workers", type=non_negative_int, default=D.LOADER_WORKERS,
                    help=f"data-loading worker processes; -1: none on a CPU, a few on a GPU "
                         f"(default: {D.LOADER_WORKERS})")
-    p.add_argument("--warmup-iters", type=int, default=D.HPO_WARMUP_ITERS,
+    p.add_argument("--warmup-iters", type=non_negative_int, default=D.HPO_WARMUP_ITERS,
                    help=f"learning-rate warm-up iterations per trial (default: {D.HPO_WARMUP_ITERS})")
-    p.add_argument("--lr-range", type=float, nargs=2, default=list(D.HPO_LR_RANGE), metavar=("MIN", "MAX"),
+    p.add_argument("--lr-range", type=positive_float, nargs=2, default=list(D.HPO_LR_RANGE), metavar=("MIN", "MAX"),
                    help=f"whole learning-rate range, log scale, split between workers "
                         f"(default: {_spaced(D.HPO_LR_RANGE)})")
-    p.add_argument("--momentum-range", type=float, nargs=2, default=list(D.HPO_MOMENTUM_RANGE),
+    p.add_argument("--momentum-range", type=fraction, nargs=2, default=list(D.HPO_MOMENTUM_RANGE),
                    metavar=("MIN", "MAX"), help=f"momentum range (default: {_spaced(D.HPO_MOMENTUM_RANGE)})")
-    p.add_argument("--weight-decay-range", type=float, nargs=2, metavar=("MIN", "MAX"),
+    p.add_argument("--weight-decay-range", type=positive_float, nargs=2, metavar=("MIN", "MAX"),
                    default=list(D.HPO_WEIGHT_DECAY_RANGE),
                    help=f"weight-decay range, log scale (default: {_spaced(D.HPO_WEIGHT_DECAY_RANGE)})")
-    p.add_argument("--trainable-layers-range", type=int, nargs=2, metavar=("MIN", "MAX"),
+    p.add_argument("--trainable-layers-range", type=non_negative_int, nargs=2, metavar=("MIN", "MAX"),
                    default=list(D.HPO_TRAINABLE_LAYERS_RANGE),
                    help=f"trainable backbone stages range (default: {_spaced(D.HPO_TRAINABLE_LAYERS_RANGE)})")
-    p.add_argument("--pruner-startup-trials", type=int, default=D.HPO_PRUNER_STARTUP_TRIALS,
+    p.add_argument("--pruner-startup-trials", type=non_negative_int, default=D.HPO_PRUNER_STARTUP_TRIALS,
                    help=f"completed trials before the MedianPruner prunes (default: {D.HPO_PRUNER_STARTUP_TRIALS})")
-    p.add_argument("--pruner-warmup-epochs", type=int, default=D.HPO_PRUNER_WARMUP_EPOCHS,
+    p.add_argument("--pruner-warmup-epochs", type=non_negative_int, default=D.HPO_PRUNER_WARMUP_EPOCHS,
                    help=f"epochs of a trial before it can be pruned (default: {D.HPO_PRUNER_WARMUP_EPOCHS})")
     p.add_argument("--run-record", default=None,
                    help="run record JSON (default: <output stem>_run.json next to --output)")
@@ -109,6 +113,10 @@ def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("optuna").setLevel(logging.WARNING)
     stop_on_sigterm()  # a pool's SIGTERM stops the running trial, which is enqueued again for the retry
+    for flag in ("lr_range", "momentum_range", "weight_decay_range", "trainable_layers_range"):
+        low, high = getattr(args, flag)
+        if low > high:
+            raise InputError(f"--{flag.replace('_', '-')}: MIN {low:g} is above MAX {high:g}")
     space = SearchSpace(lr_min=args.lr_range[0], lr_max=args.lr_range[1],
                         momentum_min=args.momentum_range[0], momentum_max=args.momentum_range[1],
                         weight_decay_min=args.weight_decay_range[0], weight_decay_max=args.weight_decay_range[1],

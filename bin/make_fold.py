@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from utils.atomic import write_json
-from utils.cli import run_job
+from utils.cli import non_negative_int, run_job
 from utils.data.folds import FoldError, fold_of_stems, read_folds_csv, source_stem
 from utils.data.images import is_image_name
 from utils.data.pairs import open_folder, pack_files
@@ -34,7 +34,7 @@ def get_args_parser():
     parser.add_argument("--train-set", type=Path, required=True, help="the augmented train set (.tar or folder)")
     parser.add_argument("--val-set", type=Path, required=True, help="the preprocessed val set (.tar or folder)")
     parser.add_argument("--folds-csv", type=Path, required=True, help="folds.csv (image, fold)")
-    parser.add_argument("--fold", type=int, required=True, help="the held-out fold, 0..K-1")
+    parser.add_argument("--fold", type=non_negative_int, required=True, help="the held-out fold, 0..K-1")
     parser.add_argument("--output-train", type=Path, required=True, help="the fold's training set (.tar)")
     parser.add_argument("--output-val", type=Path, required=True, help="the fold's held-out set (.tar)")
     parser.add_argument("--report", type=Path, default=None,

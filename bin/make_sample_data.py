@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from utils import defaults as D
-from utils.cli import run_job
+from utils.cli import int_at_least, non_negative_int, positive_int, run_job
 from utils.data.sample_data import make_sample_dataset
 from utils.provenance import write_run_record
 
@@ -20,15 +20,15 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("data/sample"),
                         help="output folder; images/ and annotations/ are created inside (default: data/sample)")
-    parser.add_argument("--num-images", type=int, default=D.SAMPLE_IMAGES,
+    parser.add_argument("--num-images", type=positive_int, default=D.SAMPLE_IMAGES,
                         help=f"number of images to draw (default: {D.SAMPLE_IMAGES})")
-    parser.add_argument("--seed", type=int, default=D.SEED,
+    parser.add_argument("--seed", type=non_negative_int, default=D.SEED,
                         help=f"random seed; the same seed gives the same files (default: {D.SEED})")
-    parser.add_argument("--image-size", type=int, nargs=2, metavar=("W", "H"), default=D.SAMPLE_IMAGE_SIZE,
+    parser.add_argument("--image-size", type=int_at_least(32), nargs=2, metavar=("W", "H"), default=D.SAMPLE_IMAGE_SIZE,
                         help="image width and height in pixels (default: {} {})".format(*D.SAMPLE_IMAGE_SIZE))
-    parser.add_argument("--min-faces", type=int, default=D.SAMPLE_FACES[0],
+    parser.add_argument("--min-faces", type=positive_int, default=D.SAMPLE_FACES[0],
                         help=f"fewest faces per image (default: {D.SAMPLE_FACES[0]})")
-    parser.add_argument("--max-faces", type=int, default=D.SAMPLE_FACES[1],
+    parser.add_argument("--max-faces", type=positive_int, default=D.SAMPLE_FACES[1],
                         help=f"most faces per image (default: {D.SAMPLE_FACES[1]})")
     return parser
 

@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from utils.cli import run_job
+from utils.cli import positive_int, run_job
 from utils.detection.compliance import compliance_line
 from utils.detection.prediction import merge_predictions
 from utils.errors import InputError
@@ -36,7 +36,8 @@ def get_args_parser():
     source.add_argument("--inputs-dir", type=Path,
                         help=f"folder holding the parts ({PART_PATTERN}); a workflow stages them there, so its "
                              "arguments never grow with the number of shards")
-    parser.add_argument("--expected", type=int, default=None, help="number of parts there must be (default: any)")
+    parser.add_argument("--expected", type=positive_int, default=None,
+                        help="number of parts there must be (default: any)")
     parser.add_argument("--output-dir", type=Path, required=True, help="folder for the merged files")
     parser.add_argument("--histogram", default="compliance_histogram.png",
                         help="file name of the per-image compliance histogram (default: compliance_histogram.png)")

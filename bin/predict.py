@@ -30,7 +30,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from utils import defaults as D
-from utils.cli import add_model_run_args, check_model_run_args, check_output_tag, run_job
+from utils.cli import (add_model_run_args, check_model_run_args, check_output_tag, non_negative_int,
+                       positive_int, run_job)
 from utils.detection.engine import resolve_device
 from utils.detection.ensemble import load_ensemble
 from utils.detection.evaluation import load_trained_model
@@ -53,7 +54,7 @@ def get_args_parser():
     parser.add_argument("--tta", action="store_true",
                         help="also run each image flipped left-right and merge both with NMS (about 2x slower)")
     parser.add_argument("--no-annotated", action="store_true", help="do not write annotated images")
-    parser.add_argument("--annotate-max", type=int, default=None,
+    parser.add_argument("--annotate-max", type=non_negative_int, default=None,
                         help="draw at most N images, spread evenly over the inputs (default: all)")
     parser.add_argument("--annotated-tar", default=None,
                         help="pack the annotated images into this .tar instead of --annotated-dir")
@@ -66,7 +67,7 @@ def get_args_parser():
     parser.add_argument("--explain-method", choices=EXPLAIN_METHODS, default=D.EXPLAIN_METHOD,
                         help="hirescam: per box, on the features the box used; gradcam: per box, channel-weighted; "
                              "eigencam: one class-agnostic map per image, no backward pass")
-    parser.add_argument("--explain-max-boxes", type=int, default=D.EXPLAIN_MAX_BOXES,
+    parser.add_argument("--explain-max-boxes", type=positive_int, default=D.EXPLAIN_MAX_BOXES,
                         help="highest-scoring detections explained per image")
     add_model_run_args(parser, "keep detections with at least this score")
     return parser
@@ -74,13 +75,12 @@ def get_args_parser():
 
 def main(args) -> int:
     check_model_run_args(args)
-    if args.annotate_max is not None and args.annotate_max < 0:
-        raise InputError(f"--annotate-max must be 0 or more, got {args.annotate_max}")
     check_output_tag(args.output_tag)
     if args.explain and args.no_annotated:
         raise InputError("--explain explains the annotated images: drop --no-annotated (bound them with --annotate-max)")
-    if args.explain_max_boxes < 1:
-        raise InputError(f"--explain-max-boxes must be at least 1, got {args.explain_max_boxes}")
+    if not any(Path(given).exists() for given in args.images):  # one missing among others is a listed skip
+        others = f" (nor do the other {len(args.images) - 1} --images paths)" if len(args.images) > 1 else ""
+        raise InputError(f"{args.images[0]}: no such file or folder{others}")
     device = resolve_device(args.device)
     if len(args.model) > 1:
         if args.explain:

@@ -22,12 +22,11 @@ import sys
 from tqdm import tqdm
 
 from utils import defaults as D
-from utils.cli import check_output_tag, run_job
+from utils.cli import check_output_tag, fraction, positive_float, positive_int, run_job
 from utils.detection.compliance import compliance_line
 from utils.detection.engine import resolve_device
 from utils.detection.evaluation import load_trained_model
 from utils.detection.video import predict_video
-from utils.errors import InputError
 from utils.naming import video_output_names
 from utils.provenance import write_run_record
 
@@ -38,13 +37,15 @@ def get_args_parser():
     parser.add_argument("--model", required=True, help="model file written by bin/train.py")
     parser.add_argument("--output-dir", required=True, help="folder for the CSV, plot and summary")
     parser.add_argument("--output-video", default=None, help="annotated video to write (.mp4) (default: none)")
-    parser.add_argument("--stride", type=int, default=D.VIDEO_STRIDE,
+    parser.add_argument("--stride", type=positive_int, default=D.VIDEO_STRIDE,
                         help=f"process every N-th frame (default: {D.VIDEO_STRIDE})")
-    parser.add_argument("--max-frames", type=int, default=None, help="stop after N processed frames (default: none)")
-    parser.add_argument("--max-seconds", type=float, default=None, help="stop at this video time (default: none)")
+    parser.add_argument("--max-frames", type=positive_int, default=None,
+                        help="stop after N processed frames (default: none)")
+    parser.add_argument("--max-seconds", type=positive_float, default=None,
+                        help="stop at this video time (default: none)")
     parser.add_argument("--show", action="store_true", help="show the annotated frames in a window (webcam mode)")
     parser.add_argument("--tta", action="store_true", help="also run each frame flipped and merge (about 2x slower)")
-    parser.add_argument("--score-threshold", type=float, default=None,
+    parser.add_argument("--score-threshold", type=fraction, default=None,
                         help="count detections at or above this score (default: the model's operating threshold)")
     parser.add_argument("--output-tag", default=None,
                         help="name the outputs video_frames_TAG.csv, video_summary_TAG.json, ... (one job per video "
@@ -54,11 +55,6 @@ def get_args_parser():
 
 
 def main(args) -> int:
-    if args.score_threshold is not None and not 0.0 <= args.score_threshold <= 1.0:
-        raise InputError(f"--score-threshold must be between 0 and 1, got {args.score_threshold}")
-    for flag in ("max_frames", "max_seconds"):
-        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            raise InputError(f"--{flag.replace('_', '-')} must be positive")
     check_output_tag(args.output_tag)
     device = resolve_device(args.device)
     model, meta, threshold, source = load_trained_model(args.model, device, args.score_threshold)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from utils import defaults as D
 from utils.classes import LabelMap
-from utils.cli import add_label_map_arg, run_job
+from utils.cli import add_label_map_arg, non_negative_int, run_job
 from utils.data.pairs import open_folder, pack_folder
 from utils.data.validation import ValidationInputError, format_summary, validate_dataset, write_clean_outputs
 from utils.provenance import write_run_record
@@ -33,7 +33,7 @@ def get_args_parser():
                              f"negative turns near-duplicate search off (default: {D.NEAR_DUPLICATE_DISTANCE})")
     parser.add_argument("--clean-annotations-tar", default=None,
                         help="also pack annotations_clean/ into this flat .tar (for workflow staging; default: none)")
-    parser.add_argument("--workers", type=int, default=D.VALIDATE_WORKERS,
+    parser.add_argument("--workers", type=non_negative_int, default=D.VALIDATE_WORKERS,
                         help=f"decoding threads; 0 means min(8, CPUs) (default: {D.VALIDATE_WORKERS})")
     add_label_map_arg(parser, writes_canonical=True)
     return parser

@@ -17,15 +17,17 @@ Standard output: ``<job>: args: {...}`` (JSON, keys sorted, paths as strings) fi
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
+import math
 import sys
 import traceback
 from pathlib import Path
 
 from . import defaults as D
 from .classes import CLASSES
-from .errors import InputError
+from .errors import InputError, shown
 from .stop import EXIT_STOPPED, StopRequested, write_stand_ins
 
 EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT = 0, 1, 2
@@ -77,6 +79,95 @@ def run_job(main, parser, argv=None, job: str | None = None) -> int:
         return EXIT_BUG
 
 
+# ----------------------------------------------------------------------------- flag value types
+# argparse `type=` functions: a value out of range is refused while the flags are parsed, as
+# argparse's own "usage: ... error: argument --x: ..." and exit 2, before any work starts, and
+# the same rule holds for every script that has the flag.
+
+def _number(text: str, kind, what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {shown(text)}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {shown(text)}")
+    return value
+
+
+def int_at_least(minimum: int, what: str | None = None):
+    """A type for whole numbers >= *minimum* (*what* names them in the message)."""
+    def parse(text: str) -> int:
+        value = _number(text, int, what or f"a whole number of at least {minimum}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what or f'a whole number of at least {minimum}'}, got {value}")
+        return value
+    parse.__name__ = f"int_at_least_{minimum}"
+    return parse
+
+
+def int_between(low: int, high: int):
+    """A type for whole numbers from *low* to *high*."""
+    def parse(text: str) -> int:
+        value = _number(text, int, f"a whole number from {low} to {high}")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}, got {value}")
+        return value
+    parse.__name__ = f"int_between_{low}_{high}"
+    return parse
+
+
+positive_int = int_at_least(1)
+# --image-size of the jobs that build a model: what a model file may then hold (utils/detection/model_file.py)
+image_size_px = int_between(32, D.MODEL_IMAGE_SIZE_MAX)
+non_negative_int = int_at_least(0)
+# --workers of the jobs that decode in processes: -1 picks a share of the CPUs, 0 the main process
+worker_count = int_at_least(-1, "a number of processes (0 or more, or -1 for a share of the CPUs)")
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float, "a finite number above 0")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number above 0, got {value:g}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _number(text, float, "a finite number of 0 or more")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number of 0 or more, got {value:g}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number from 0 to 1 (a score threshold, a split fraction)."""
+    value = _number(text, float, "a number from 0 to 1")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {value:g}")
+    return value
+
+
+def existing_path(text: str) -> Path:
+    """A file or folder that exists (an input named on the command line)."""
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file or folder")
+    return path
+
+
+def existing_file(text: str) -> Path:
+    path = existing_path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: not a file")
+    return path
+
+
+def existing_dir(text: str) -> Path:
+    path = existing_path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: not a folder")
+    return path
+
+
 # ----------------------------------------------------------------------------- shared argument groups
 
 def add_set_input_args(parser, split_example: str) -> None:
@@ -107,7 +198,7 @@ def add_label_map_arg(parser, writes_canonical: bool = False) -> None:
 
 def add_set_output_args(parser, report_contents: str) -> None:
     """--quality, --output-dir | --output-tar, --report, --no-progress of the jobs that write a set."""
-    parser.add_argument("--quality", type=int, default=D.JPEG_QUALITY,
+    parser.add_argument("--quality", type=int_between(1, 100), default=D.JPEG_QUALITY,
                         help=f"JPEG quality 1-100 (default: {D.JPEG_QUALITY})")
     output = parser.add_mutually_exclusive_group(required=True)
     output.add_argument("--output-dir", type=Path, default=None, help="folder to write the pairs into")
@@ -130,12 +221,12 @@ def add_model_run_args(parser, threshold_use: str) -> None:
 
     *threshold_use* says what the threshold decides in this job (its --help).
     """
-    parser.add_argument("--score-threshold", type=float, default=None,
+    parser.add_argument("--score-threshold", type=fraction, default=None,
                         help=f"{threshold_use} (default: the model's operating threshold, chosen on the "
                              f"validation images when it was trained; {D.SCORE_THRESHOLD} for a model without one)")
-    parser.add_argument("--batch-size", type=int, default=D.INFERENCE_BATCH_SIZE,
+    parser.add_argument("--batch-size", type=positive_int, default=D.INFERENCE_BATCH_SIZE,
                         help=f"images per model call (default: {D.INFERENCE_BATCH_SIZE})")
-    parser.add_argument("--workers", type=int, default=D.DECODE_WORKERS,
+    parser.add_argument("--workers", type=worker_count, default=D.DECODE_WORKERS,
                         help="image decoding processes; -1 picks a share of the CPUs, 0 decodes in the main "
                              f"process (default: {D.DECODE_WORKERS})")
     parser.add_argument("--device", default=D.DEVICE, choices=("auto", "cpu", "cuda"),
