@@ -146,28 +146,6 @@ def fraction(text: str) -> float:
     return value
 
 
-def existing_path(text: str) -> Path:
-    """A file or folder that exists (an input named on the command line)."""
-    path = Path(text)
-    if not path.exists():
-        raise argparse.ArgumentTypeError(f"{text}: no such file or folder")
-    return path
-
-
-def existing_file(text: str) -> Path:
-    path = existing_path(text)
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{text}: not a file")
-    return path
-
-
-def existing_dir(text: str) -> Path:
-    path = existing_path(text)
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: not a folder")
-    return path
-
-
 # ----------------------------------------------------------------------------- shared argument groups
 
 def add_set_input_args(parser, split_example: str) -> None:
