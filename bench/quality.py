@@ -149,11 +149,11 @@ def run_one(name, images, annotations, args, device, limit=None, recipe=None):
     # No per-epoch validation here: the budget is all training (the threshold is chosen after it).
     trainer = Trainer(params, train, device, progress=False)
     epochs = []
-    while trainer.completed_epochs < params.epochs:
+    while not trainer.finished:  # a time budget fits the plan's epochs in the first one
         row = trainer.run_epoch()
         epochs.append({"epoch": row.epoch, "train_loss": round(row.train_loss, 4),
                        "images_per_s": round(row.images_per_s, 3), "seconds": round(row.seconds, 1)})
-        print(f"[{name}] epoch {row.epoch}/{params.epochs}: loss {row.train_loss:.4f}, "
+        print(f"[{name}] epoch {row.epoch}/{trainer.plan.epochs}: loss {row.train_loss:.4f}, "
               f"{row.images_per_s:.2f} images/s, {row.seconds:.0f} s", flush=True)
     train_s = time.perf_counter() - started
     model = trainer.eval_model

@@ -24,18 +24,17 @@ from pathlib import Path
 
 from utils import defaults as D
 from utils.classes import LabelMap
-from utils.cli import add_label_map_arg, print_values, run_job
-from utils.detection.compliance import choose_operating_threshold
-from utils.detection.quantify import calibration_record
+from utils.cli import (add_label_map_arg, fraction, non_negative_float, non_negative_int, positive_float, positive_int,
+                       run_job)
 from utils.detection.engine import resolve_device
 from utils.detection.model import BACKBONES, save_model_file
-from utils.detection.recipe import check_budget_plan, describe, gpu_recipe
-from utils.detection.stages import parse_stages, total_epochs
-from utils.detection.tensorboard_log import TensorBoardError, TrainBoard, pack_events
-from utils.detection.training import (Trainer, TrainingDataError, open_pairs, plot_loss_curve, read_params_file,
-                                      resolve_params, write_metrics_csv)
+from utils.detection.recipe import check_budget_plan, describe
+from utils.detection.tensorboard_log import TensorBoardError, pack_events
+from utils.detection.training import Trainer, TrainingDataError
+from utils.detection.training_run import (choose_threshold_on_validation, open_training_data, resolve_training,
+                                          resume_and_watch, train_epochs)
 from utils.errors import InputError
-from utils.provenance import inputs_sha256, package_versions, write_run_record
+from utils.provenance import package_versions, write_run_record
 from utils.stop import declare_outputs, stop_on_sigterm
 
 log = logging.getLogger("train")
@@ -76,25 +75,25 @@ def get_args_parser():
     opt.add_argument("--params", default=None, help="JSON file of hyperparameters, e.g. best_hpo_params.json "
                      "(default: none)")
     opt.add_argument("--epochs", type=int, default=None, help=f"epochs (default: {D.EPOCHS})")
-    opt.add_argument("--batch-size", type=int, default=None, help=f"images per batch (default: {D.BATCH_SIZE})")
-    opt.add_argument("--workers", type=int, default=None,
+    opt.add_argument("--batch-size", type=positive_int, default=None, help=f"images per batch (default: {D.BATCH_SIZE})")
+    opt.add_argument("--workers", type=non_negative_int, default=None,
                      help="data-loading worker processes; -1: none on a CPU (decoding is <1%% of a CPU "
                           f"training step), a few on a GPU (default: {D.LOADER_WORKERS})")
     opt.add_argument("--optimizer", choices=["sgd", "adamw"], default=None,
                      help=f"optimizer (default: {D.OPTIMIZER})")
-    opt.add_argument("--lr", type=float, default=None, help=f"base learning rate (default: {D.LR})")
-    opt.add_argument("--momentum", type=float, default=None,
+    opt.add_argument("--lr", type=positive_float, default=None, help=f"base learning rate (default: {D.LR})")
+    opt.add_argument("--momentum", type=non_negative_float, default=None,
                      help=f"SGD momentum, AdamW beta1 (default: {D.MOMENTUM})")
-    opt.add_argument("--weight-decay", type=float, default=None, help=f"weight decay (default: {D.WEIGHT_DECAY})")
+    opt.add_argument("--weight-decay", type=non_negative_float, default=None, help=f"weight decay (default: {D.WEIGHT_DECAY})")
     opt.add_argument("--lr-schedule", choices=["cosine", "step"], default=None,
                      help=f"decay after warm-up (default: {D.LR_SCHEDULE})")
-    opt.add_argument("--warmup-iters", type=int, default=None,
+    opt.add_argument("--warmup-iters", type=non_negative_int, default=None,
                      help=f"linear warm-up iterations (default: {D.WARMUP_ITERS})")
     opt.add_argument("--clip-grad", type=float, default=None,
                      help=f"gradient-norm clipping, 0 disables (default: {D.CLIP_GRAD})")
-    opt.add_argument("--hflip", type=float, default=None,
+    opt.add_argument("--hflip", type=fraction, default=None,
                      help=f"probability of a horizontal flip per training image (default: {D.HFLIP})")
-    opt.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+    opt.add_argument("--time-budget", type=positive_float, default=None, metavar="MINUTES",
                      help="fit the training steps (and so the epochs, the last one cut short) and the cosine "
                           "length to this many minutes of training and validation, after timing the first "
                           "steps; replaces --epochs (default: none, --epochs)")
@@ -169,35 +168,6 @@ def output_paths(args) -> dict:
     }
 
 
-def epoch_line(row, epochs: int, stage_label: str = "") -> str:
-    stage = f" [{stage_label}]" if stage_label else ""
-    line = (f"epoch {row.epoch}/{epochs}{stage}: loss {row.train_loss:.4f}, lr {row.lr:.2e}, "
-            f"{row.images_per_s:.2f} images/s")
-    if row.val_loss is not None:
-        line += f", val loss {row.val_loss:.4f}"
-    if row.val_map is not None:
-        line += f", val mAP {row.val_map:.4f}, mAP@0.5 {row.val_map_50:.4f}"
-    return line
-
-
-def choose_threshold_on_validation(trainer, has_val: bool) -> tuple[dict, dict | None]:
-    """(the score threshold predict and evaluate use this model at, the validation record of the adjusted
-    compliance estimators or None): chosen on the held-out validation images when there are some
-    (--val-mode monitor), else the default, said so, and no record."""
-    if not has_val:
-        return {"score_threshold": D.SCORE_THRESHOLD, "chosen_on": None,
-                "criterion": "the default: no held-out validation images (--val-mode merge or no --val-images)"}, None
-    log.info("Choosing the operating threshold on the validation images")
-    preds, targets = trainer.validation_predictions()
-    choice = choose_operating_threshold(preds, targets)
-    log.info("score threshold %.2f: F1 %.3f, compliance error %s points on %d validation images (%s)",
-             choice["score_threshold"], choice["f1"], choice["compliance_error_points"], choice["images"],
-             choice["criterion"])
-    # Per validation image, at the chosen threshold: what acc and pacc correct new counts with, kept per
-    # image so that an interval can resample these images too (utils/detection/quantify.py).
-    return {**choice, "chosen_on": "validation"}, calibration_record(preds, targets, choice["score_threshold"])
-
-
 def budget_plan_arg(text: str) -> list:
     """'1509,1402' or 'none,40' -> [first, final] (argparse type)."""
     try:
@@ -214,109 +184,52 @@ def budget_plan_arg(text: str) -> list:
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     stop_on_sigterm()  # a pool's SIGTERM stops after the current step; the last epoch's checkpoint is kept
-    label_map = LabelMap.parse(args.label_map)
-    params_file = read_params_file(args.params) if args.params else {}
-    stages = parse_stages(args.stages, "--stages") if args.stages else None
-    params = resolve_params({**vars(args), "stages": [stage.to_dict() for stage in stages] if stages else None},
-                            params_file)
-    if stages:
-        if args.epochs is not None and args.epochs != total_epochs(stages):
-            log.info("--stages: %d epochs in %d stages replace --epochs %d", total_epochs(stages), len(stages),
-                     args.epochs)
-        params.epochs = total_epochs(stages)
     if args.tensorboard_tar and not args.tensorboard_dir:
         raise TensorBoardError("--tensorboard-tar needs --tensorboard-dir (the folder it packs)")
-    device = resolve_device(args.device)
-    given = {key for key, value in vars(args).items() if value is not None} | set(params_file)
-    for change in gpu_recipe(params, given, device):
-        log.info("GPU recipe: %s", change)
-    print_values("train", "params", params.to_dict())
-    if params.epochs < 1:
-        raise TrainingDataError(f"--epochs must be at least 1, got {params.epochs}")
-    if params.max_steps is not None and params.max_steps < 1:
-        raise TrainingDataError(f"--max-steps must be at least 1, got {params.max_steps}")
-    if params.time_budget is not None and params.time_budget <= 0:
-        raise TrainingDataError(f"--time-budget must be a positive number of minutes, got {params.time_budget}")
     if args.val_images and not args.val_annotations:
         raise TrainingDataError("--val-images needs --val-annotations")
+    label_map = LabelMap.parse(args.label_map)
+    device = resolve_device(args.device)
+    params, plan = resolve_training(args, device)  # every check of the schedule's flags, in the plan
     paths = output_paths(args)
     declare_outputs(paths["output"], paths["metrics_csv"], paths["loss_plot"], paths["run_record"],
                     args.tensorboard_tar, checkpoints=[paths["checkpoint"]])  # stand-ins if SIGTERM stops it
 
-    log.info("Loading data")
     with contextlib.ExitStack() as stack:
-        train_pairs, skipped = stack.enter_context(open_pairs(args.images, args.annotations))
-        val_pairs = []
-        if args.val_images:
-            val_pairs, val_skipped = stack.enter_context(open_pairs(args.val_images, args.val_annotations))
-            skipped += val_skipped
-        for item in skipped:
-            log.warning("skipped %s: %s", item["file"], item["problem"])
-        if args.val_mode == "merge":
-            train_pairs, val_pairs = train_pairs + val_pairs, []
-        if not train_pairs:
-            raise TrainingDataError(f"{args.images}: no usable image/annotation pairs ({len(skipped)} skipped)")
-        input_files = [p for pair in train_pairs + val_pairs for p in (pair.image, pair.annotation)]
-        input_hash = inputs_sha256(input_files)
-        log.info("training on %d images%s (%d skipped), device %s", len(train_pairs),
-                 f", monitoring {len(val_pairs)} validation images" if val_pairs else "", len(skipped), device)
+        log.info("Loading data")
+        data = stack.enter_context(open_training_data(args, device))
 
         log.info("Creating model")
         log.info("recipe: %s", describe(params))
-        trainer = Trainer(params, train_pairs, device, val_pairs=val_pairs or None, progress=not args.no_progress,
-                          label_map=label_map)
-        # An empty file is "no checkpoint yet": Pegasus stages an empty initial checkpoint file.
-        if paths["checkpoint"].is_file() and paths["checkpoint"].stat().st_size > 0:
-            done = trainer.resume(paths["checkpoint"])
-            log.info("resumed from %s after epoch %d of %d", paths["checkpoint"], done, params.epochs)
-        if trainer.stages is not None:
-            log.info("stages: %s", trainer.describe_stages())
-        if args.tensorboard_dir:
-            # purge_step: what an interrupted try logged past its checkpoint (or, for a fresh run, an earlier run
-            # in the same folder) is dropped; the events of the checkpoint's last epoch are at steps_done()
-            trainer.board = TrainBoard(args.tensorboard_dir, purge_step=trainer.steps_done() + 1,
-                                       every=args.tensorboard_every)
-            stack.callback(trainer.board.close)
-            if trainer.history and trainer.board.was_empty:  # resumed in a fresh folder (a pool job's retry)
-                replayed = trainer.board.replay_history(trainer.history, len(trainer.train_loader))
-                log.info("TensorBoard: %s held no events; wrote the %d epoch(s) of the checkpoint's history",
-                         args.tensorboard_dir, replayed)
-            log.info("TensorBoard events in %s", args.tensorboard_dir)
+        trainer = Trainer(params, data.train_pairs, device, val_pairs=data.val_pairs or None, plan=plan,
+                          progress=not args.no_progress, label_map=label_map)
+        resume_and_watch(trainer, paths["checkpoint"], args, stack)
 
         log.info("Start training")
         checkpoint_args = {"images": str(args.images), "annotations": str(args.annotations),
                            "val_images": str(args.val_images) if args.val_images else None,
-                           "val_mode": args.val_mode, "inputs_sha256": input_hash}
-        while trainer.completed_epochs < params.epochs:
-            row = trainer.run_epoch(validate_map=bool(val_pairs))
-            trainer.checkpoint(paths["checkpoint"], checkpoint_args)
-            write_metrics_csv(paths["metrics_csv"], trainer.history)
-            plot_loss_curve(paths["loss_plot"], trainer.history)
-            stage_label = trainer.stages[row.stage - 1].label(row.stage) if trainer.stages is not None else ""
-            log.info(epoch_line(row, params.epochs, stage_label))
-        if not trainer.history:
-            raise TrainingDataError(f"{paths['checkpoint']}: holds no training history; delete it and rerun")
+                           "val_mode": args.val_mode, "inputs_sha256": data.inputs_sha256}
+        record = train_epochs(trainer, paths, checkpoint_args, validate_map=bool(data.val_pairs))
 
         log.info("Writing the model")
-        write_metrics_csv(paths["metrics_csv"], trainer.history)  # also on a rerun that had nothing left to train
-        plot_loss_curve(paths["loss_plot"], trainer.history)
-        final_loss = trainer.history[-1]["train_loss"]
-        operating, calibration = choose_threshold_on_validation(trainer, bool(val_pairs))
+        operating, calibration = choose_threshold_on_validation(trainer, bool(data.val_pairs))
+        trained = trainer.params.to_dict()  # the plan as trained: a budget's fitted epochs, stages and steps
+        final_loss = record.history[-1]["train_loss"]
         # data_label_map: {object name in the data's XML: class} the data was read with ({}: names were the
         # classes); meta's "label_map" is another thing, class -> label number, set by the model file.
-        meta = {"training": params.to_dict(), "data_label_map": label_map.as_dict(),
+        meta = {"training": trained, "data_label_map": label_map.as_dict(),
                 "epochs_completed": trainer.completed_epochs,
-                "num_train_images": len(train_pairs), "num_val_images": len(val_pairs),
-                "val_mode": args.val_mode if args.val_images else None, "skipped_inputs": len(skipped),
-                "inputs_sha256": input_hash, "final_train_loss": final_loss, "packages": package_versions()}
+                "num_train_images": len(data.train_pairs), "num_val_images": len(data.val_pairs),
+                "val_mode": args.val_mode if args.val_images else None, "skipped_inputs": len(data.skipped),
+                "inputs_sha256": data.inputs_sha256, "final_train_loss": final_loss, "packages": package_versions()}
         if args.params:
             meta["params_file"] = str(args.params)
         meta["operating_threshold"] = operating
         if calibration is not None:
             meta["quantification"] = calibration
-        if trainer.stages is not None:
+        if record.plan.staged:
             # training.stages holds the stages trained (a --time-budget run's fitted ones); these as asked for
-            meta["stages_requested"] = [stage.to_dict() for stage in trainer.requested_stages]
+            meta["stages_requested"] = record.plan.requested_record()
         save_model_file(paths["output"], trainer.eval_model, meta)
         if trainer.board is not None:
             trainer.board.close()
@@ -325,17 +238,15 @@ def main(args) -> int:
                 log.info("TensorBoard events packed into %s", args.tensorboard_tar)
         summary = {"output": str(paths["output"]), "epochs": trainer.completed_epochs, "final_train_loss": final_loss,
                    "weights": trainer.model.weights_report.message,
-                   "stages": trainer.describe_stages() if trainer.stages is not None else None}
-        write_run_record(paths["run_record"], "train", {**vars(args), "resolved": params.to_dict(),
-                                                        "device": str(device), "summary": summary,
-                                                        "skipped": skipped}, input_files)
-    if params.budget_plan is not None:
-        first, final = params.budget_plan
+                   "stages": trainer.describe_stages() if record.plan.staged else None}
+        write_run_record(paths["run_record"], "train", {**vars(args), "resolved": trained, "device": str(device),
+                                                        "summary": summary, "skipped": data.skipped}, data.input_files)
+    if record.budget_plan is not None:
+        first, final = record.budget_plan
         log.info("time budget plan: --budget-plan %s,%d replays it", "none" if first is None else first, final)
-    print(f"train: {trainer.completed_epochs} epochs, final loss {final_loss:.4f}, {len(skipped)} inputs skipped; "
-          f"model written to {paths['output']}")
+    print(f"train: {trainer.completed_epochs} epochs, final loss {final_loss:.4f}, {len(data.skipped)} inputs "
+          f"skipped; model written to {paths['output']}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(run_job(main, get_args_parser()))

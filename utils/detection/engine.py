@@ -140,9 +140,19 @@ class LrSchedule:
 
 def build_scheduler(optimizer, total_iters: int, warmup_iters: int = 100, schedule: str = "cosine",
                     steps=(0.67, 0.89), gamma: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-iteration LambdaLR over an :class:`LrSchedule` (``scheduler.lr_lambdas[0]``)."""
+    """A per-iteration LambdaLR over an :class:`LrSchedule` (its length changed by set_schedule_length)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, LrSchedule(total_iters, warmup_iters, schedule,
                                                                    steps=steps, gamma=gamma))
+
+
+def set_schedule_length(scheduler: torch.optim.lr_scheduler.LambdaLR, total_iters: int) -> None:
+    """Give *scheduler*'s :class:`LrSchedule` a new length, through LambdaLR's own state_dict (which holds the
+    schedule's fields): the iterations already run keep their rates, and so does the next one, whose rate
+    the last ``step()`` has already set. A time budget's plan changes the length mid-run."""
+    state = scheduler.state_dict()
+    for schedule in state["lr_lambdas"]:  # one per parameter group, all the same LrSchedule
+        schedule["total_iters"] = int(total_iters)
+    scheduler.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------- loops

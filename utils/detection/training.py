@@ -1,38 +1,39 @@
-"""Training: hyperparameters, the data helpers, the Trainer, and the metrics CSV and loss plot.
+"""Training: hyperparameters, the data helpers and the Trainer.
 
-bin/train.py runs the job over these (whole runs, resumable from a checkpoint); the
-HPO objective runs one short Trainer per trial, reporting after every epoch.
+bin/train.py runs the job over these through utils.detection.training_run (whole runs, resumable from a
+checkpoint; the metrics CSV and loss plot); the HPO objective runs one short Trainer per trial, reporting
+after every epoch. The schedule is a utils.detection.training_plan.TrainingPlan.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 
 from .. import defaults as D
-from ..atomic import write_text
 from ..classes import NO_LABEL_MAP, LabelMap
 from ..data.dataset import VocDetectionDataset, collate
 from .engine import (build_optimizer, build_scheduler, evaluate_loss, load_checkpoint, make_grad_scaler,
-                     restore_checkpoint, run_inference, save_checkpoint, seed_everything, train_one_epoch)
+                     restore_checkpoint, run_inference, save_checkpoint, seed_everything, set_schedule_length,
+                     train_one_epoch)
 from ..data.images import ImageError, image_size
 from .model import build_model, freeze_backbone, num_backbone_stages, set_trainable_layers
-from .recipe import (RecordedPlan, RepeatFactorSampler, TimeBudget, build_ema, check_budget_plan, multiscale_sizes,
-                     repeat_factors, set_roi_batch_size, set_train_sizes, train_transforms)
+from .recipe import (RecordedPlan, RepeatFactorSampler, TimeBudget, build_ema, multiscale_sizes, repeat_factors,
+                     set_roi_batch_size, set_train_sizes, train_transforms)
 from ..data.pairs import open_folder, pair_folders
 from ..data.voc import VocError, parse_voc
 from ..errors import InputError, read_json
 from ..stop import check_stop
-from .stages import Stage, StagesError, parse_stages, scale_stages, stage_at, total_epochs
+from .stages import Stage
+from .training_plan import TrainingPlan, make_plan
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,12 @@ class TrainParams:
     time_budget: float | None = D.TIME_BUDGET  # minutes; when set, the steps (and epochs) are fitted to it
     max_steps: int | None = None  # training steps in all, the last epoch cut short; None: epochs x steps per epoch
     # A --time-budget run's [first, final] plans in steps (recipe.TimeBudget); given, they are replayed
-    # instead of the clock (recipe.RecordedPlan). None: a budget run records its own here.
+    # instead of the clock (recipe.RecordedPlan). None: a budget run's Trainer.params record its own here.
     budget_plan: list | None = None
-    # Staged training (utils.detection.stages): [{epochs, lr, trainable_layers, name}, ...]; replaces epochs and
-    # freeze_backbone_epochs; a --time-budget run records its fitted stages here. None: one stage of epochs.
-    stages: list[dict] | None = D.STAGES
+    # Staged training (utils.detection.stages): Stage objects, or their mappings {epochs, lr, trainable_layers,
+    # name}; replaces epochs and freeze_backbone_epochs (training_plan.make_plan checks the schedule's flags);
+    # a --time-budget run's Trainer.params record its fitted stages here. None: one stage of epochs.
+    stages: list | tuple | None = D.STAGES
     amp: bool = D.AMP
     seed: int = D.SEED
 
@@ -213,35 +215,47 @@ class EpochRow:
         return row
 
 
+@dataclass(frozen=True)
+class TrainingRecord:
+    """What a run trained: its plan (a budget's fitted one), the budget plan --budget-plan replays, the RoI
+    batch size the box head sampled and the per-epoch history."""
+
+    plan: TrainingPlan
+    budget_plan: tuple[int | None, int] | None
+    roi_batch_size: int
+    history: tuple[dict, ...]
+
+
 class Trainer:
     """Model, optimizer and schedule for one run; ``run_epoch`` trains one epoch and can be checkpointed.
 
-    label_map: how the annotations' object names become classes (another data set's names).
+    *params* are read, never written (the Trainer keeps its own copy); *plan* (training_plan.make_plan of
+    them when not given) is the schedule. label_map: how the annotations' object names become classes.
     The recipe's levers (utils.detection.recipe) are set by *params*: photometric augmentation,
-    multi-scale training, repeat-factor sampling, weight EMA and a time budget. With a budget,
-    ``params.epochs`` is replaced by the fitted plan (and recorded in the checkpoint).
+    multi-scale training, repeat-factor sampling and weight EMA. A time budget, or a recorded budget plan,
+    fits the plan during the first epoch: the Trainer then follows the new plan the old one returns.
 
-    Staged training (``params.stages``): each stage trains its own trainable layers with a new optimizer
+    Staged training (``plan.stages``): each stage trains its own trainable layers with a new optimizer
     over them, at its own lr, under a fresh warm-up + cosine schedule as long as the stage; the checkpoint
     records the stage its optimizer belongs to, so a resumed run continues in the right stage and epoch.
     ``board`` (a tensorboard_log.TrainBoard, set by the caller) receives the steps and epochs when set.
     """
 
     def __init__(self, params: TrainParams, train_pairs, device, val_pairs=None, progress: bool = True,
-                 label_map: LabelMap = NO_LABEL_MAP):
-        self.params = params
+                 label_map: LabelMap = NO_LABEL_MAP, plan: TrainingPlan | None = None):
+        self.settings = replace(params)
+        self.plan = plan if plan is not None else make_plan(params)
         self.device = device
         self.progress = progress
         seed_everything(params.seed)
         self.model = build_model(params.backbone, weights=params.weights, weights_file=params.weights_file,
                                  trainable_layers=params.trainable_layers, image_size=params.image_size)
+        self.plan.check_backbone(params.backbone, num_backbone_stages(self.model))
         set_train_sizes(self.model, multiscale_sizes(params.image_size, params.multiscale))
         # recorded as trained: None (the architecture's own) becomes its number
-        params.roi_batch_size = set_roi_batch_size(self.model, params.roi_batch_size)
+        self.roi_batch_size = set_roi_batch_size(self.model, params.roi_batch_size)
         self.model.to(device)
         self.ema = build_ema(self.model, params.ema_decay)
-        self.optimizer = build_optimizer(self.model, params.optimizer, params.lr, params.momentum,
-                                         params.weight_decay)
         self.generator = torch.Generator()
         pin = device.type == "cuda"
         workers = params.workers if params.workers >= 0 else auto_workers(device)
@@ -251,113 +265,105 @@ class Trainer:
                                         repeat_threshold=params.repeat_threshold)
         self.val_loader = (make_loader(val_pairs, params.batch_size, workers, shuffle=False, pin_memory=pin,
                                        label_map=label_map) if val_pairs else None)
-        self.scheduler = build_scheduler(self.optimizer, total_iters=params.epochs * len(self.train_loader),
-                                         warmup_iters=params.warmup_iters, schedule=params.lr_schedule)
+        self.steps_per_epoch = len(self.train_loader)
+        self.stage_index: int | None = None  # a staged run's running stage
+        if self.plan.staged:
+            self._enter_stage(0)
+        else:
+            self.optimizer = build_optimizer(self.model, params.optimizer, params.lr, params.momentum,
+                                             params.weight_decay)
+            # The cosine starts as long as the epochs and is then cut to max_steps, as a budget's plan cuts
+            # it: the first step's rate is that of the whole epochs' schedule (what earlier runs trained).
+            self.scheduler = build_scheduler(self.optimizer, total_iters=self.plan.epochs * self.steps_per_epoch,
+                                             warmup_iters=params.warmup_iters, schedule=params.lr_schedule)
+            if self.plan.max_steps is not None:
+                self._follow(self.plan.with_steps(self.plan.max_steps, self.steps_per_epoch))
         self.board = None
-        # The stages as asked for (a budget fits self.stages to it; a checkpoint must come from the same request).
-        self.requested_stages: list[Stage] | None = None
-        self.stages: list[Stage] | None = None
-        self.stage_index: int | None = None
-        if params.stages is not None:
-            self._plan_stages(parse_stages(params.stages, "stages"))
-        if params.max_steps is not None and params.budget_plan is not None:
-            raise InputError("--max-steps and --budget-plan: give one (the budget plan's final number is the "
-                             "steps in all)")
-        if params.max_steps is not None:
-            self.set_plan(params.max_steps)
         self.scaler = make_grad_scaler(device, params.amp)
         self.completed_epochs = 0
         self.history: list[dict] = []
-        # With --time-budget the plan is made during the first epoch (a resumed run keeps its plan); a recorded
-        # budget plan is replayed at the same points instead.
-        self.budget = None
-        self._plans = [None, None]  # [first, final] as made in this run's first epoch
-        if params.budget_plan is not None:
-            self.budget = RecordedPlan(check_budget_plan(params.budget_plan), len(self.train_loader))
-        elif params.time_budget:
+        # The budget's clock (or the recorded budget plan replayed at the same points) while the plan is fitting.
+        self._first_fit: int | None = None
+        self._planner = None
+        if self.plan.budget_plan is not None and self.plan.fitting:
+            self._planner = RecordedPlan(list(self.plan.budget_plan), self.steps_per_epoch)
+        elif self.plan.fitting:
             val_batches = len(self.val_loader) if self.val_loader is not None else 0
-            self.budget = TimeBudget(params.time_budget, len(self.train_loader), val_batches,
-                                     validations_per_epoch=2 if val_batches else 0)
+            self._planner = TimeBudget(self.plan.time_budget, self.steps_per_epoch, val_batches,
+                                       validations_per_epoch=2 if val_batches else 0)
 
     @property
     def eval_model(self):
         """What validation, the threshold choice and the model file use: the EMA weights when kept."""
         return self.ema.module if self.ema is not None else self.model
 
-    # -- stages ------------------------------------------------------------------------------
-    def _plan_stages(self, stages: list[Stage]) -> None:
-        params = self.params
-        if params.freeze_backbone_epochs:
-            raise StagesError(f"--stages: cannot be combined with freeze_backbone_epochs="
-                              f"{params.freeze_backbone_epochs} (flag or params file); give a first stage "
-                              "with trainable_layers: 0 instead")
-        if params.max_steps is not None:
-            raise StagesError("--stages: cannot be combined with --max-steps; the stages' epochs are the plan "
-                              "(a --time-budget run records its fitted stages in the model file)")
-        available = num_backbone_stages(self.model)
-        for number, stage in enumerate(stages, start=1):
-            if stage.trainable_layers is not None and stage.trainable_layers > available:
-                raise StagesError(f"--stages: stage {number}: key 'trainable_layers' is {stage.trainable_layers}, "
-                                  f"but backbone {params.backbone} has {available} stages")
-        self.requested_stages = list(stages)
-        self._set_stages(stages)
-        self._enter_stage(0)
+    @property
+    def params(self) -> TrainParams:
+        """The parameters as trained, for records: the plan's epochs, stages, steps and budget plan and the
+        RoI batch size the model samples in place of the requested ones."""
+        return replace(self.settings, **self.plan.as_record(), roi_batch_size=self.roi_batch_size)
 
-    def _set_stages(self, stages: list[Stage]) -> None:
-        self.stages = list(stages)
-        self.params.stages = [stage.to_dict() for stage in self.stages]
-        self.params.epochs = total_epochs(self.stages)
+    @property
+    def budget(self):
+        """The time budget (or recorded budget plan) still fitting the plan; None once the plan is fixed."""
+        return self._planner if self.plan.fitting else None
+
+    @property
+    def stages(self) -> tuple[Stage, ...] | None:
+        return self.plan.stages
+
+    @property
+    def requested_stages(self) -> tuple[Stage, ...] | None:
+        return self.plan.requested_stages
+
+    def record(self) -> TrainingRecord:
+        return TrainingRecord(self.plan, self.plan.budget_plan, self.roi_batch_size, tuple(self.history))
+
+    # -- the plan ----------------------------------------------------------------------------
+    def _follow(self, plan: TrainingPlan) -> None:
+        """Train to *plan* from now on: the running schedule takes its length (the steps already run keep
+        their rates, and so does the next one, whose rate is already set)."""
+        self.plan = plan
+        set_schedule_length(self.scheduler, plan.schedule_steps(self.stage_index or 0, self.steps_per_epoch))
+
+    def set_plan(self, steps: int) -> None:
+        """Follow this plan fitted to *steps* training steps in all (what the time budget returns)."""
+        self._follow(self.plan.with_steps(steps, self.steps_per_epoch))
 
     def stage_layers(self, stage: Stage) -> int:
-        return self.params.trainable_layers if stage.trainable_layers is None else stage.trainable_layers
+        return self.settings.trainable_layers if stage.trainable_layers is None else stage.trainable_layers
 
     def _enter_stage(self, index: int) -> None:
         """Stage *index* begins: its trainable layers, a new optimizer over them at its lr, a fresh schedule."""
-        params, stage = self.params, self.stages[index]
+        params, stage = self.settings, self.plan.stages[index]
         set_trainable_layers(self.model, self.stage_layers(stage))
         lr = params.lr if stage.lr is None else stage.lr
         self.optimizer = build_optimizer(self.model, params.optimizer, lr, params.momentum, params.weight_decay)
-        self.scheduler = build_scheduler(self.optimizer, total_iters=stage.epochs * len(self.train_loader),
+        self.scheduler = build_scheduler(self.optimizer, total_iters=self.plan.schedule_steps(index,
+                                                                                             self.steps_per_epoch),
                                          warmup_iters=params.warmup_iters, schedule=params.lr_schedule)
         self.stage_index = index
 
     def describe_stages(self) -> str:
         """'stage 1 (head): 3 epochs, lr 0.02, 0 trainable layers; stage 2: ...' for the log."""
         return "; ".join(f"{stage.label(number)}: {stage.epochs} epoch(s), "
-                         f"lr {self.params.lr if stage.lr is None else stage.lr:g}, "
+                         f"lr {self.settings.lr if stage.lr is None else stage.lr:g}, "
                          f"{self.stage_layers(stage)} trainable layer(s)"
-                         for number, stage in enumerate(self.stages, start=1))
+                         for number, stage in enumerate(self.plan.stages, start=1))
 
     def steps_done(self) -> int:
         """Training steps the finished epochs hold (the global step TensorBoard events are logged at)."""
-        steps = self.completed_epochs * len(self.train_loader)
-        return min(steps, self.params.max_steps) if self.params.max_steps is not None else steps
-
-    def set_plan(self, steps: int) -> None:
-        """A new plan of *steps* training steps in all: the epochs (the last one cut short there) and the
-        cosine length (the steps already run keep their rates). A staged run scales its stages' epochs
-        instead, in whole epochs (at least one per stage), and the running stage's cosine with them."""
-        if self.stages is not None:
-            fitting = int(steps) // len(self.train_loader)
-            epochs = max(len(self.requested_stages), fitting)
-            self._set_stages(scale_stages(self.requested_stages, epochs))
-            self.scheduler.lr_lambdas[0].total_iters = self.stages[self.stage_index].epochs * len(self.train_loader)
-            kept = "" if epochs == fitting else (f" (every stage keeps one whole epoch: {epochs}, so this run "
-                                                 f"outlasts its budget)")
-            log.info("time budget: %d steps fit %d whole epoch(s)%s; the stages' epochs fitted to it: %s", steps,
-                     fitting, kept, ", ".join(f"{new.label(number)} {old.epochs} -> {new.epochs}" for number, (old, new)
-                                              in enumerate(zip(self.requested_stages, self.stages), start=1)))
-            return
-        self.params.max_steps = max(1, int(steps))
-        self.params.epochs = math.ceil(self.params.max_steps / len(self.train_loader))
-        self.scheduler.lr_lambdas[0].total_iters = self.params.max_steps
+        return self.plan.steps_done(self.completed_epochs, self.steps_per_epoch)
 
     def steps_left_in_epoch(self) -> int | None:
         """The steps the current epoch may take under max_steps (None: the whole epoch)."""
-        if self.params.max_steps is None:
-            return None
-        return self.params.max_steps - self.completed_epochs * len(self.train_loader)
+        return self.plan.steps_left_in_epoch(self.completed_epochs, self.steps_per_epoch)
 
+    @property
+    def finished(self) -> bool:
+        return self.completed_epochs >= self.plan.epochs
+
+    # -- checkpoints -------------------------------------------------------------------------
     def resume(self, checkpoint_path) -> int:
         payload = load_checkpoint(checkpoint_path)
         saved = payload.get("args", {}).get("params", {})
@@ -365,49 +371,44 @@ class Trainer:
             if key in saved and saved[key] != getattr(self.params, key):
                 raise TrainingDataError(f"{checkpoint_path}: written with {key}={saved[key]!r}, this run has "
                                         f"{getattr(self.params, key)!r}; delete the checkpoint or match the flags")
-        if self.params.budget_plan is not None and saved.get("budget_plan") != list(self.params.budget_plan):
+        asked = self.plan.as_record()["budget_plan"]
+        if asked is not None and saved.get("budget_plan") != asked:
             raise TrainingDataError(f"{checkpoint_path}: written with budget_plan={saved.get('budget_plan')!r}, this "
-                                    f"run has {list(self.params.budget_plan)!r}; delete the checkpoint or match "
-                                    "--budget-plan")
+                                    f"run has {asked!r}; delete the checkpoint or match --budget-plan")
         extra = payload.get("extra") or {}
-        asked = [stage.to_dict() for stage in self.requested_stages] if self.requested_stages is not None else None
+        asked = self.plan.requested_record()
         if extra.get("stages_requested") != asked:
             raise TrainingDataError(f"{checkpoint_path}: written with stages={extra.get('stages_requested')!r}, this "
                                     f"run has {asked!r}; delete the checkpoint or match --stages")
-        if self.budget is not None:
-            self.params.budget_plan = saved.get("budget_plan")  # both plans, as the interrupted run made them
-        if self.stages is not None:
-            self._set_stages(parse_stages(saved["stages"], f"{checkpoint_path}: stages"))  # a budget's fitted plan
-            self.budget = None
+        # A budget run's plan as the interrupted run fitted it (the scheduler's length comes with its state).
+        self.plan = self.plan.resumed(saved, self.steps_per_epoch, str(checkpoint_path))
+        if self.plan.staged:
             self._enter_stage(int(extra["stage_index"]))  # the optimizer and schedule in the file are this stage's
         self.completed_epochs = restore_checkpoint(payload, self.model, self.optimizer, self.scheduler,
                                                    self.scaler, path=checkpoint_path)
         if self.ema is not None and extra.get("ema") is not None:
             self.ema.load_state_dict(extra["ema"])
-        if self.budget is not None and saved.get("max_steps") is not None:
-            self.set_plan(saved["max_steps"])  # the plan the interrupted run made
-            self.budget = None
         self.history = list(payload.get("history", []))
         return self.completed_epochs
 
     def checkpoint(self, path, args: dict) -> None:
         extra = {"ema": self.ema.state_dict() if self.ema is not None else None, "stage_index": self.stage_index,
-                 "stages_requested": ([stage.to_dict() for stage in self.requested_stages]
-                                      if self.requested_stages is not None else None)}
+                 "stages_requested": self.plan.requested_record()}
         save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.completed_epochs,
                         {**args, "params": self.params.to_dict()}, scaler=self.scaler, history=self.history,
                         extra=extra)
 
+    # -- the loop ----------------------------------------------------------------------------
     def _after_step(self, iteration: int, values: dict) -> None:
         if self.board is not None:
-            self.board.log_step(self.completed_epochs * len(self.train_loader) + iteration + 1, values)
+            self.board.log_step(self.completed_epochs * self.steps_per_epoch + iteration + 1, values)
         check_stop(self._abandoned())
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         if self.budget is not None and self.completed_epochs == 0:
             steps = self.budget.fit_after_step(iteration)
             if steps is not None:
-                self._plans[0] = steps
+                self._first_fit = steps
                 self.set_plan(steps)
 
     def _abandoned(self) -> str:
@@ -419,24 +420,24 @@ class Trainer:
         epoch = self.completed_epochs
         check_stop(self._abandoned())
         stage_number = 1
-        if self.stages is not None:
-            index, _ = stage_at(self.stages, epoch)
+        if self.plan.staged:
+            index = self.plan.stage_at(epoch)
             if index != self.stage_index:
                 self._enter_stage(index)
-                log.info("%s begins at epoch %d", self.stages[index].label(index + 1), epoch + 1)
+                log.info("%s begins at epoch %d", self.plan.stages[index].label(index + 1), epoch + 1)
             stage_number = index + 1
-            frozen = self.stage_layers(self.stages[index]) == 0
+            frozen = self.stage_layers(self.plan.stages[index]) == 0
         else:
-            frozen = epoch < self.params.freeze_backbone_epochs
+            frozen = epoch < self.plan.freeze_backbone_epochs
             if frozen:
                 freeze_backbone(self.model)
             else:
-                set_trainable_layers(self.model, self.params.trainable_layers)
+                set_trainable_layers(self.model, self.settings.trainable_layers)
         # The shuffle order and augmentation seeds depend only on (seed, epoch): a resumed run sees the same batches.
-        self.generator.manual_seed(self.params.seed * 100_003 + epoch)
+        self.generator.manual_seed(self.settings.seed * 100_003 + epoch)
         stats = train_one_epoch(self.model, self.optimizer, self.train_loader, self.device, epoch,
-                                scheduler=self.scheduler, scaler=self.scaler, clip_grad=self.params.clip_grad,
-                                amp=self.params.amp, progress=self.progress, after_step=self._after_step,
+                                scheduler=self.scheduler, scaler=self.scaler, clip_grad=self.settings.clip_grad,
+                                amp=self.settings.amp, progress=self.progress, after_step=self._after_step,
                                 max_iterations=self.steps_left_in_epoch)
         row = EpochRow(epoch=epoch + 1, lr=stats["lr"], train_loss=stats["loss"],
                        loss_classifier=stats.get("loss_classifier", math.nan),
@@ -449,20 +450,17 @@ class Trainer:
         if self.val_loader is not None and validate_loss:
             row.val_loss = evaluate_loss(self.eval_model, self.val_loader, self.device).get("loss")
         predictions = None
-        if self.val_loader is not None:
-            if validate_map:
-                predictions = self.validation_predictions()
-                summary = self.validation_map(predictions)
-                row.val_map, row.val_map_50 = summary["map"], summary["map_50"]
+        if self.val_loader is not None and validate_map:
+            predictions = self.validation_predictions()
+            summary = self.validation_map(predictions)
+            row.val_map, row.val_map_50 = summary["map"], summary["map_50"]
         validation_s = time.perf_counter() - validation_started
         self.completed_epochs = epoch + 1
         if self.board is not None:
             self._log_epoch(row, predictions)
         if self.budget is not None and self.completed_epochs == 1:
-            self._plans[1] = self.budget.fit_after_epoch(stats["steps"], stats["seconds"], validation_s)
-            self.set_plan(self._plans[1])
-            self.params.budget_plan = list(self._plans)  # what --budget-plan replays
-            self.budget = None
+            final = self.budget.fit_after_epoch(stats["steps"], stats["seconds"], validation_s)
+            self._follow(self.plan.fitted(self._first_fit, final, self.steps_per_epoch))
         self.history.append(row.flat())
         return row
 
@@ -489,56 +487,3 @@ class Trainer:
         preds, targets = predictions if predictions is not None else self.validation_predictions()
         with contextlib.redirect_stdout(io.StringIO()):  # the COCO evaluator prints its tables
             return coco_map(preds, targets)
-
-
-# ----------------------------------------------------------------------------- outputs
-
-def write_metrics_csv(path, history: list[dict]) -> None:
-    if not history:
-        return
-    columns = list(dict.fromkeys(key for row in history for key in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
-    write_text(path, buffer.getvalue())
-
-
-def plot_loss_curve(path, history: list[dict], title: str = "Training loss") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..atomic import atomic_path
-
-    epochs = [row["epoch"] for row in history]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(epochs, [row["train_loss"] for row in history], marker="o", label="train loss")
-    for key in ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"):
-        ax.plot(epochs, [row.get(key) for row in history], linestyle=":", linewidth=1, label=key)
-    val = [(row["epoch"], row["val_loss"]) for row in history if row.get("val_loss") is not None]
-    if val:
-        ax.plot(*zip(*val), marker="s", label="validation loss")
-    frozen = [row["epoch"] for row in history if row.get("backbone_frozen")]
-    if frozen:
-        ax.axvspan(min(frozen) - 0.5, max(frozen) + 0.5, color="grey", alpha=0.15, label="backbone frozen")
-    # A staged run (--stages): a dashed line where each later stage begins.
-    starts = [row["epoch"] for previous, row in zip(history, history[1:])
-              if row.get("stage") is not None and row.get("stage") != previous.get("stage")]
-    for number, epoch in enumerate(starts):
-        ax.axvline(epoch - 0.5, color="black", linestyle="--", linewidth=1,
-                   label="stage boundary" if number == 0 else None)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss per image")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)

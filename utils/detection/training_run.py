@@ -1,0 +1,187 @@
+"""The steps of the train job (bin/train.py), one call each: settings, data, resume, epochs, threshold, outputs.
+
+``resolve_training`` turns the flags into parameters and the one training plan (training_plan.make_plan,
+every exclusion checked there) before anything is read or written; ``train_epochs`` trains to the plan,
+writing the checkpoint, the metrics CSV and the loss plot after every epoch, and returns the record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import defaults as D
+from ..atomic import atomic_path, write_text
+from ..cli import print_values
+from ..provenance import inputs_sha256
+from .compliance import choose_operating_threshold
+from .quantify import calibration_record
+from .recipe import gpu_recipe
+from .stages import parse_stages
+from .tensorboard_log import TrainBoard
+from .training import Trainer, TrainingDataError, TrainingRecord, open_pairs, read_params_file, resolve_params
+from .training_plan import TrainingPlan, make_plan
+
+log = logging.getLogger("train")
+
+
+def resolve_training(args, device) -> tuple:
+    """(TrainParams, TrainingPlan) of the flags: a flag wins over the --params file, which wins over the
+    defaults; on CUDA the GPU recipe fills what neither set. Prints the parameters as the plan sets them."""
+    params_file = read_params_file(args.params) if args.params else {}
+    stages = parse_stages(args.stages, "--stages") if args.stages else None  # the flag: a file boundary
+    params = resolve_params({**vars(args), "stages": stages}, params_file)
+    plan = make_plan(params)
+    given = {key for key, value in vars(args).items() if value is not None} | set(params_file)
+    for change in gpu_recipe(params, given, device):
+        log.info("GPU recipe: %s", change)
+    print_values("train", "params", {**params.to_dict(), **plan.as_record()})
+    return params, plan
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    train_pairs: list
+    val_pairs: list
+    skipped: list[dict]
+    input_files: list
+    inputs_sha256: str
+
+
+@contextlib.contextmanager
+def open_training_data(args, device):
+    """The usable training (and held-out validation) pairs of the flags; --val-mode merge trains on both."""
+    with contextlib.ExitStack() as stack:
+        train_pairs, skipped = stack.enter_context(open_pairs(args.images, args.annotations))
+        val_pairs = []
+        if args.val_images:
+            val_pairs, val_skipped = stack.enter_context(open_pairs(args.val_images, args.val_annotations))
+            skipped += val_skipped
+        for item in skipped:
+            log.warning("skipped %s: %s", item["file"], item["problem"])
+        if args.val_mode == "merge":
+            train_pairs, val_pairs = train_pairs + val_pairs, []
+        if not train_pairs:
+            raise TrainingDataError(f"{args.images}: no usable image/annotation pairs ({len(skipped)} skipped)")
+        input_files = [p for pair in train_pairs + val_pairs for p in (pair.image, pair.annotation)]
+        data = TrainingData(train_pairs, val_pairs, skipped, input_files, inputs_sha256(input_files))
+        log.info("training on %d images%s (%d skipped), device %s", len(train_pairs),
+                 f", monitoring {len(val_pairs)} validation images" if val_pairs else "", len(skipped), device)
+        yield data
+
+
+def resume_and_watch(trainer: Trainer, checkpoint: Path, args, stack: contextlib.ExitStack) -> None:
+    """Resume from *checkpoint* when it holds a run (an empty file, as Pegasus stages the initial one, does
+    not), then open the TensorBoard events when asked for."""
+    if checkpoint.is_file() and checkpoint.stat().st_size > 0:
+        done = trainer.resume(checkpoint)
+        log.info("resumed from %s after epoch %d of %d", checkpoint, done, trainer.plan.epochs)
+    if trainer.plan.staged:
+        log.info("stages: %s", trainer.describe_stages())
+    if not args.tensorboard_dir:
+        return
+    # purge_step: what an interrupted try logged past its checkpoint (or, for a fresh run, an earlier run
+    # in the same folder) is dropped; the events of the checkpoint's last epoch are at steps_done()
+    trainer.board = TrainBoard(args.tensorboard_dir, purge_step=trainer.steps_done() + 1, every=args.tensorboard_every)
+    stack.callback(trainer.board.close)
+    if trainer.history and trainer.board.was_empty:  # resumed in a fresh folder (a pool job's retry)
+        replayed = trainer.board.replay_history(trainer.history, trainer.steps_per_epoch)
+        log.info("TensorBoard: %s held no events; wrote the %d epoch(s) of the checkpoint's history",
+                 args.tensorboard_dir, replayed)
+    log.info("TensorBoard events in %s", args.tensorboard_dir)
+
+
+def epoch_line(row, plan: TrainingPlan) -> str:
+    stage = f" [{plan.stages[row.stage - 1].label(row.stage)}]" if plan.staged else ""
+    line = (f"epoch {row.epoch}/{plan.epochs}{stage}: loss {row.train_loss:.4f}, lr {row.lr:.2e}, "
+            f"{row.images_per_s:.2f} images/s")
+    if row.val_loss is not None:
+        line += f", val loss {row.val_loss:.4f}"
+    if row.val_map is not None:
+        line += f", val mAP {row.val_map:.4f}, mAP@0.5 {row.val_map_50:.4f}"
+    return line
+
+
+def train_epochs(trainer: Trainer, paths: dict, checkpoint_args: dict, validate_map: bool) -> TrainingRecord:
+    """Train to the plan; after every epoch the checkpoint, the metrics CSV and the loss plot are written."""
+    while not trainer.finished:
+        row = trainer.run_epoch(validate_map=validate_map)
+        trainer.checkpoint(paths["checkpoint"], checkpoint_args)
+        write_metrics_csv(paths["metrics_csv"], trainer.history)
+        plot_loss_curve(paths["loss_plot"], trainer.history)
+        log.info(epoch_line(row, trainer.plan))
+    if not trainer.history:
+        raise TrainingDataError(f"{paths['checkpoint']}: holds no training history; delete it and rerun")
+    write_metrics_csv(paths["metrics_csv"], trainer.history)  # also on a rerun that had nothing left to train
+    plot_loss_curve(paths["loss_plot"], trainer.history)
+    return trainer.record()
+
+
+def choose_threshold_on_validation(trainer: Trainer, has_val: bool) -> tuple[dict, dict | None]:
+    """(the score threshold predict and evaluate use this model at, the validation record of the adjusted
+    compliance estimators or None): chosen on the held-out validation images when there are some
+    (--val-mode monitor), else the default, said so, and no record."""
+    if not has_val:
+        return {"score_threshold": D.SCORE_THRESHOLD, "chosen_on": None,
+                "criterion": "the default: no held-out validation images (--val-mode merge or no --val-images)"}, None
+    log.info("Choosing the operating threshold on the validation images")
+    preds, targets = trainer.validation_predictions()
+    choice = choose_operating_threshold(preds, targets)
+    log.info("score threshold %.2f: F1 %.3f, compliance error %s points on %d validation images (%s)",
+             choice["score_threshold"], choice["f1"], choice["compliance_error_points"], choice["images"],
+             choice["criterion"])
+    # Per validation image, at the chosen threshold: what acc and pacc correct new counts with, kept per
+    # image so that an interval can resample these images too (utils/detection/quantify.py).
+    return {**choice, "chosen_on": "validation"}, calibration_record(preds, targets, choice["score_threshold"])
+
+
+def write_metrics_csv(path, history: list[dict]) -> None:
+    if not history:
+        return
+    columns = list(dict.fromkeys(key for row in history for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    write_text(path, buffer.getvalue())
+
+
+def plot_loss_curve(path, history: list[dict], title: str = "Training loss") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [row["epoch"] for row in history]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(epochs, [row["train_loss"] for row in history], marker="o", label="train loss")
+    for key in ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"):
+        ax.plot(epochs, [row.get(key) for row in history], linestyle=":", linewidth=1, label=key)
+    val = [(row["epoch"], row["val_loss"]) for row in history if row.get("val_loss") is not None]
+    if val:
+        ax.plot(*zip(*val), marker="s", label="validation loss")
+    frozen = [row["epoch"] for row in history if row.get("backbone_frozen")]
+    if frozen:
+        ax.axvspan(min(frozen) - 0.5, max(frozen) + 0.5, color="grey", alpha=0.15, label="backbone frozen")
+    # A staged run (--stages): a dashed line where each later stage begins.
+    starts = [row["epoch"] for previous, row in zip(history, history[1:])
+              if row.get("stage") is not None and row.get("stage") != previous.get("stage")]
+    for number, epoch in enumerate(starts):
+        ax.axvline(epoch - 0.5, color="black", linestyle="--", linewidth=1,
+                   label="stage boundary" if number == 0 else None)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss per image")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
