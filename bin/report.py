@@ -3,6 +3,7 @@
 
     bin/report.py runs/sample                       # -> runs/sample/outputs/report.html
     bin/report.py runs/sample --output /tmp/sample.html
+    bin/report.py . --run-name sample               # a flat folder of outputs, titled by the run's name
 
 RUN_DIR is a run folder (workflow.py --local leaves RUN_DIR/outputs, statistics.json,
 split.csv, config.yml) or a flat folder holding the outputs themselves (the workflow's
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from utils.atomic import write_text
 from utils.cli import run_job
+from utils.errors import InputError
 from utils.provenance import write_run_record
 from utils.reporting.html_report import build_report, project_commit
 from utils.reporting.run_folder import is_report_input, read_run_folder
@@ -35,6 +37,9 @@ def get_args_parser():
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run folder, or a flat folder of its outputs")
     parser.add_argument("--output", type=Path, default=None,
                         help="the page to write (default: report.html in RUN_DIR/outputs, or in RUN_DIR when flat)")
+    parser.add_argument("--run-name", default=None,
+                        help="the run's name, which titles the page (default: RUN_DIR's folder name; the workflow "
+                             "passes its run folder's name, since its report job runs in a scratch folder)")
     parser.add_argument("--run-record", type=Path, default=None,
                         help="run record to write (default: report_run.json next to --output)")
     return parser
@@ -43,7 +48,9 @@ def get_args_parser():
 def main(args) -> int:
     run = read_run_folder(args.run_dir)
     output = args.output or run.outputs / "report.html"
-    page, unreadable = build_report(run, commit=project_commit(PROJECT_ROOT))
+    if args.run_name is not None and not args.run_name.strip():
+        raise InputError("--run-name is empty; give the run's name or leave the flag out")
+    page, unreadable = build_report(run, commit=project_commit(PROJECT_ROOT), run_name=args.run_name)
     write_text(output, page)
     inputs = [path for path in run.outputs.iterdir() if path.is_file() and is_report_input(path.name)]
     inputs += [path for path in (run.path / "statistics.json", run.path / "config.yml", run.path / "split.csv")

@@ -75,3 +75,39 @@ def test_bad_run_folders_are_one_line_errors(root, tmp_path, capsys):
     assert run_script(root, "report", [tmp_path / "empty"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"report: error: {tmp_path / 'empty'}: no run outputs found") and err.count("\n") == 1
+
+
+def test_the_page_is_titled_by_the_runs_name_not_the_jobs_scratch_folder(root, tmp_path, capsys):
+    run_dir = make_run_folder(tmp_path / "report", hpo=False, statistics=False, figures=False)
+    page = build(root, run_dir, capsys)  # by hand: the folder's name
+    assert "<title>Run report: report</title>" in page
+    assert run_script(root, "report", [run_dir, "--run-name", "mask-run-7"]) == 0
+    page = (run_dir / "outputs" / "report.html").read_text()
+    assert "<title>Run report: mask-run-7</title>" in page and "run <code>mask-run-7</code>" in page
+    capsys.readouterr()
+    assert run_script(root, "report", [run_dir, "--run-name", " "]) == 2
+    assert capsys.readouterr().err == "report: error: --run-name is empty; give the run's name or leave the flag out\n"
+
+
+def test_a_decompression_bomb_among_the_outputs_is_said_on_the_page_not_decoded(root, tmp_path, capsys):
+    from PIL import Image
+
+    run_dir = make_run_folder(tmp_path / "run", hpo=False, statistics=False, figures=False)
+    Image.new("1", (10_000, 10_000)).save(run_dir / "outputs" / "loss_curve.png")
+    page = build(root, run_dir, capsys)
+    assert "cannot be read as an image" in page and "image too large" in page
+
+
+def test_the_workflows_report_job_passes_the_run_folders_name(sample_dir, tmp_path):
+    import yaml
+
+    import workflow
+
+    run_dir = tmp_path / "mask-run-7"
+    args = workflow.get_args_parser().parse_args(["--data", str(sample_dir), "--run-dir", str(run_dir),
+                                                  "--generate-only"])
+    assert workflow.main(args) == 0
+    jobs = yaml.safe_load((run_dir / "workflow.yml").read_text())["jobs"]
+    report = next(job for job in jobs if job["name"] == "report")
+    arguments = [str(argument) for argument in report["arguments"]]
+    assert arguments[arguments.index("--run-name") + 1] == "mask-run-7"

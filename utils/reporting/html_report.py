@@ -9,16 +9,13 @@ small: figures are downscaled and the grid holds at most GRID_IMAGES images.
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import subprocess
 import time
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
 from ..classes import CLASSES
+from .html_parts import (CSS, IMAGE_READ_ERRORS, card, esc, estimates_table, image_data_uri, interval, note, number,
+                         percent, seconds_text, setting, table)
 from .run_folder import FIGURES, RunFolder, image_errors_by_stem, predicted_by_stem
 
 GRID_IMAGES = 24          # annotated images on the page at most
@@ -27,163 +24,6 @@ THUMBNAIL_MAX_PX = 440    # annotated images in the grid
 THUMBNAIL_QUALITY = 80
 TRAIN_ROWS = 30           # epochs listed in full; longer runs show the first and last half of that
 TRAIN_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_map", "val_map_50", "seconds", "backbone_frozen")
-
-CSS = """
-:root{--fg:#1c2230;--muted:#5d6676;--line:#e2e5eb;--bg:#f5f6f8;--card:#fff;--accent:#2a62c9;--bad:#b4362b;
---good:#1c7f52;--warn:#fff7e0;--warnline:#d99a00}
-*{box-sizing:border-box}
-body{margin:0;font:15px/1.55 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;
-color:var(--fg);background:var(--bg)}
-header{background:#1c2230;color:#fff;padding:20px 32px 18px}
-header h1{margin:0;font-size:1.5rem;font-weight:650;letter-spacing:-.01em}
-header p{margin:4px 0 0;color:#b9c1cf;font-size:.9rem}
-nav{position:sticky;top:0;z-index:10;display:flex;gap:2px;overflow-x:auto;padding:0 24px;
-background:rgba(255,255,255,.96);border-bottom:1px solid var(--line);box-shadow:0 1px 3px rgba(0,0,0,.04)}
-nav a{padding:11px 12px;color:var(--muted);text-decoration:none;white-space:nowrap;font-weight:550;font-size:.92rem;
-border-bottom:2px solid transparent}
-nav a:hover{color:var(--accent);border-bottom-color:var(--accent)}
-main{max-width:1280px;margin:0 auto;padding:4px 32px 64px}
-section{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:20px 26px 12px;
-margin:22px 0;scroll-margin-top:58px}
-h2{margin:0 0 14px;font-size:1.3rem;font-weight:650}
-h3{margin:18px 0 8px;font-size:1rem;font-weight:650}
-p{margin:6px 0 12px}
-.muted{color:var(--muted)}
-.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(175px,1fr));gap:12px;margin-bottom:16px}
-.card{border:1px solid var(--line);border-radius:8px;padding:12px 14px;background:#fbfcfd}
-.card .value{font-size:1.6rem;font-weight:650;font-variant-numeric:tabular-nums;line-height:1.2}
-.card .label{color:var(--muted);font-size:.82rem}
-.card .sub{color:var(--muted);font-size:.8rem}
-.bad{color:var(--bad)}.good{color:var(--good)}
-.table-wrap{overflow-x:auto}
-table{border-collapse:collapse;font-variant-numeric:tabular-nums;margin:6px 0 16px;font-size:.92rem}
-th,td{padding:5px 12px;border-bottom:1px solid var(--line);text-align:right;vertical-align:top}
-th:first-child,td:first-child{text-align:left}
-thead th{font-size:.76rem;text-transform:uppercase;letter-spacing:.04em;color:var(--muted);font-weight:600}
-td.text,th.text{text-align:left}
-code,pre{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.84rem}
-pre{background:#f3f4f7;border-radius:6px;padding:12px 14px;overflow:auto;max-height:460px}
-.figures{display:grid;grid-template-columns:repeat(auto-fit,minmax(440px,1fr));gap:16px;margin:8px 0 16px}
-.figures.single{grid-template-columns:minmax(0,780px)}
-figure{margin:0;border:1px solid var(--line);border-radius:8px;padding:10px;background:#fff}
-figure img{width:100%;height:auto;display:block}
-figcaption{color:var(--muted);font-size:.84rem;margin-top:6px}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(220px,1fr));gap:12px;margin:8px 0 16px}
-.tile{border:1px solid var(--line);border-radius:8px;overflow:hidden;background:#fff}
-.tile img{width:100%;aspect-ratio:4/3;object-fit:contain;display:block;background:#20252f}
-.tile .caption{padding:6px 10px 8px;font-size:.8rem}
-.tile .name{font-weight:600;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
-.pill{display:inline-block;padding:0 7px;border-radius:9px;font-size:.76rem;margin:2px 3px 0 0;background:#eef0f3}
-.pill.err{background:#fbe4e1;color:var(--bad)}
-.note{background:var(--warn);border-left:4px solid var(--warnline);border-radius:4px;padding:8px 12px;margin:8px 0 14px;
-font-size:.9rem}
-.bar{height:10px;background:var(--accent);border-radius:5px;min-width:2px}
-td.barcell{width:38%;text-align:left}
-footer{color:var(--muted);font-size:.8rem;text-align:center;padding:12px}
-"""
-
-
-# ----------------------------------------------------------------------------- small builders
-
-def esc(value) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def number(value, digits: int = 3) -> str:
-    if value is None or value == "":
-        return "n/a"
-    try:
-        return f"{float(value):.{digits}f}"
-    except (TypeError, ValueError):
-        return esc(value)
-
-
-def setting(value) -> str:
-    """A parameter's value: floats to 4 significant digits, anything else as it is."""
-    return f"{value:.4g}" if isinstance(value, float) else esc(value)
-
-
-def percent(value) -> str:
-    return "n/a" if value is None else f"{float(value):.1f}%"
-
-
-def seconds_text(value) -> str:
-    if value is None:
-        return "n/a"
-    value = float(value)
-    if value < 60:
-        return f"{value:.1f} s"
-    minutes, secs = divmod(int(round(value)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
-
-
-def note(text: str) -> str:
-    return f'<div class="note">{text}</div>'
-
-
-def table(headers, rows, text_columns=(0,), classes=None) -> str:
-    """An HTML table; cells are already-escaped HTML. *text_columns* are left-aligned; *classes* gives
-    columns (by index) another CSS class."""
-    def css(i):
-        name = (classes or {}).get(i) or ("text" if i in text_columns else "")
-        return f' class="{name}"' if name else ""
-
-    head = "".join(f"<th{css(i)}>{h}</th>" for i, h in enumerate(headers))
-    body = "".join("<tr>" + "".join(f"<td{css(i)}>{c}</td>" for i, c in enumerate(row)) + "</tr>" for row in rows)
-    return f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
-
-
-def interval(result: dict | None) -> str:
-    """'53.2% (95% interval 44.0&ndash;61.5%)' of a utils.detection.quantify estimate, or 'n/a'."""
-    if not result or result.get("percent") is None:
-        return "n/a"
-    if result.get("low") is None:
-        return f"{percent(result['percent'])} (no interval)"
-    return (f"{percent(result['percent'])} ({round(100 * result.get('confidence', 0.95))}% interval "
-            f"{result['low']:.1f}&ndash;{result['high']:.1f}%)")
-
-
-def estimates_table(quantification: dict) -> str:
-    """The compliance estimators on the test set against the truth (evaluation.json's quantification)."""
-    rows = []
-    for method, result in (quantification.get("estimates") or {}).items():
-        error, inside = result.get("error_points"), result.get("truth_inside")
-        rows.append([esc(method), esc(result.get("estimator", "")), interval(result),
-                     "n/a" if error is None else f"{error:+.1f} pts",
-                     {True: "yes", False: "<b>no</b>", None: "n/a"}[inside], esc(result.get("units", "n/a"))])
-    rows += [[esc(method), "not computed", esc(why), "", "", ""]
-             for method, why in (quantification.get("unavailable") or {}).items()]
-    headline = quantification.get("estimate") or {}
-    return ("<h3>Percent properly masked as an estimate (test set)</h3>"
-            + table(["estimator", "", "figure (95% interval)", "error", "truth inside", "images"], rows, (0, 1, 2))
-            + f'<p class="muted">True: {percent(quantification.get("true_percent"))} of '
-              f'{esc(quantification.get("true_faces", "n/a"))} faces. Headline estimator '
-              f'<b>{esc(headline.get("method", "n/a"))}</b>{esc(" (" + headline["fallback"] + ")") if headline.get("fallback") else ""}. '
-              "Seeded bootstrap intervals: cc and pcc resample the images only; acc and pacc also the validation "
-              "images their rates come from.</p>")
-
-
-def card(label: str, value: str, sub: str = "", css: str = "") -> str:
-    sub_html = f'<div class="sub">{sub}</div>' if sub else ""
-    return f'<div class="card"><div class="label">{esc(label)}</div><div class="value {css}">{value}</div>{sub_html}</div>'
-
-
-def image_data_uri(data: bytes, max_px: int, jpeg_quality: int | None = None) -> str:
-    """The image downscaled to at most *max_px* wide (and tall, for thumbnails), as a data: URI;
-    JPEG when *jpeg_quality* is given (photos), else PNG (plots keep their sharp lines)."""
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        bound = (max_px, max_px) if jpeg_quality else (max_px, max_px * 4)
-        image.thumbnail(bound, Image.Resampling.LANCZOS)
-        buffer = io.BytesIO()
-        if jpeg_quality:
-            image.convert("RGB").save(buffer, "JPEG", quality=jpeg_quality, optimize=True)
-            mime = "image/jpeg"
-        else:
-            image.save(buffer, "PNG", optimize=True)
-            mime = "image/png"
-    return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
 
 
 class Page:
@@ -204,7 +44,7 @@ class Page:
             return note(f"<b>{esc(title)}</b>: no <code>{esc(name)}</code> in this run (the {esc(job)} job writes it).")
         try:
             uri = image_data_uri(path.read_bytes(), FIGURE_MAX_PX)
-        except (OSError, UnidentifiedImageError) as error:
+        except IMAGE_READ_ERRORS as error:
             self.unreadable.append(f"{path}: {error}")
             return note(f"<code>{esc(path)}</code> cannot be read as an image ({esc(error)}).")
         return (f'<figure><img src="{uri}" alt="{esc(title)}"><figcaption>{esc(title)} '
@@ -415,7 +255,7 @@ def predictions_section(page: Page) -> None:
         try:
             uri = image_data_uri(image.read_bytes(), THUMBNAIL_MAX_PX, THUMBNAIL_QUALITY)
             img = f'<img src="{uri}" alt="{esc(image.name)}" loading="eager">'
-        except (OSError, UnidentifiedImageError) as error:
+        except IMAGE_READ_ERRORS as error:
             page.unreadable.append(f"{image.source}:{image.member or ''}: {error}")
             img = note(f"cannot be read ({esc(error)})")
         if entry is not None:
@@ -528,8 +368,11 @@ def provenance_section(page: Page, commit: str | None) -> None:
     page.add("provenance", "Provenance", "".join(parts))
 
 
-def build_report(run: RunFolder, commit: str | None = None, made_where: str = "by hand") -> tuple[str, list[str]]:
-    """(the page's HTML, lines naming what could not be embedded)."""
+def build_report(run: RunFolder, commit: str | None = None, made_where: str = "by hand",
+                 run_name: str | None = None) -> tuple[str, list[str]]:
+    """(the page's HTML, lines naming what could not be embedded). *run_name* titles the page (default: the
+    folder's name; the workflow's report job runs in a scratch folder, so it passes the run's)."""
+    name = run_name or run.name
     page = Page(run)
     for section in (data_section, hpo_section, training_section, evaluation_section, predictions_section,
                     timings_section):
@@ -548,10 +391,10 @@ def build_report(run: RunFolder, commit: str | None = None, made_where: str = "b
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
-<title>Run report: {esc(run.name)}</title>
+<title>Run report: {esc(name)}</title>
 <style>{CSS}</style></head>
 <body>
-<header><h1>Mask detection run <code>{esc(run.name)}</code></h1>
+<header><h1>Mask detection run <code>{esc(name)}</code></h1>
 <p>{headline} · <code>{esc(run.path)}</code> · page made {esc(made)} ({esc(made_where)})</p></header>
 <nav>{nav}</nav>
 <main>{body}</main>
