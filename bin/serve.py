@@ -109,6 +109,9 @@ def get_args_parser():
                              f"(default: {D.SERVICE_BATCH_WAIT_MS:g})")
     parser.add_argument("--decode-threads", type=at_least(1), default=D.SERVICE_DECODE_THREADS,
                         help="threads decoding uploads (default: one per CPU core)")
+    parser.add_argument("--max-connections", type=at_least(1), default=D.SERVICE_MAX_CONNECTIONS,
+                        help="connections served at once; more get 503 (default: "
+                             f"{D.SERVICE_MAX_CONNECTIONS})")
     parser.add_argument("--stop-timeout", type=at_least(0.0, float), default=D.SERVICE_STOP_TIMEOUT_S,
                         help="SIGTERM: seconds requests in flight get to finish (default: "
                              f"{D.SERVICE_STOP_TIMEOUT_S:g})")
@@ -180,7 +183,8 @@ def main(args) -> int:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
-    config = uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=args.stop_timeout)
+    config = uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=args.stop_timeout,
+                            limit_concurrency=args.max_connections)
     print(f"{JOB}: {args.model} on http://{args.host}:{args.port} (API docs: /docs)", flush=True)
     Server(config).run(sockets=[sock])
     print(f"{JOB}: stopped", flush=True)

@@ -140,6 +140,9 @@ SERVICE_BATCH_MAX_PIXELS = 8_000_000 # ... and their pixels together at most (th
                                      # a pixel, twice over while normalised); a larger image runs alone
 SERVICE_BATCH_WAIT_MS = 5.0          # how long the worker waits for more images to join a batch it has begun
 SERVICE_DECODE_THREADS = None        # threads decoding uploads off the event loop; None: one per CPU core
+SERVICE_MAX_CONNECTIONS = 32         # connections served at once; more are answered 503 by uvicorn. Each may hold
+                                     # up to 1 MB of every upload in memory while its body arrives (the multipart
+                                     # parser spools the rest to an unnamed temporary file): 32 x 16 images x 1 MB
 SERVICE_STOP_TIMEOUT_S = 30.0        # SIGTERM: seconds requests in flight get to finish before they are cancelled
 SERVICE_REQUEST_OVERHEAD_MB = 1.0    # a request body may exceed max_images x max_upload_mb by this (multipart
                                      # headers, form fields); a larger body is refused before it is read

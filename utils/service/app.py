@@ -47,6 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,6 +75,7 @@ IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff
 RETRY_AFTER_S = 2
 MATCH_IOU = 0.5  # /api/explain: the detection explained is the model's box of that class overlapping the given one
 PAGE = Path(__file__).with_name("page.html")  # the web page at /: plain HTML and JS, no build step, no CDN
+MAX_NAME_CHARS = 255  # an upload's name as echoed (a file system's longest name); a longer one is cut
 PROTECTED = ("/api/model", "/api/predict", "/api/explain")  # need the token when one is set; probes never do
 
 
@@ -143,8 +145,11 @@ class _PixelBudget:
 
 @dataclass
 class _Upload:
+    """An upload as the multipart parser spooled it (in memory below 1 MB, else an unnamed temporary
+    file): its bytes are read only on a decode thread, so a request never holds them all at once."""
+
     name: str
-    data: bytes
+    file: Any
     width: int = 0
     height: int = 0
 
@@ -208,9 +213,17 @@ def model_sized_input(model, tensor: torch.Tensor, device) -> tuple[torch.Tensor
     return small, (width / small.shape[-1], height / small.shape[-2])
 
 
-def decode_to_tensor(data: bytes, name: str) -> torch.Tensor:
-    """The upload as a uint8 CxHxW tensor (3 bytes a pixel; the PIL image, 4 a pixel, is dropped at once)."""
-    return torch.from_numpy(np.array(load_rgb_bytes(data, name))).permute(2, 0, 1)
+def decode_to_tensor(file, name: str) -> torch.Tensor:
+    """The upload as a uint8 CxHxW tensor (3 bytes a pixel; its file's bytes and the PIL image, 4 bytes a
+    pixel, live only during this call)."""
+    file.seek(0)
+    return torch.from_numpy(np.array(load_rgb_bytes(file.read(), name))).permute(2, 0, 1)
+
+
+def upload_name(upload: UploadFile) -> str:
+    """The file name a client gave, bounded: it is echoed in answers and messages."""
+    name = upload.filename or "upload"
+    return name if len(name) <= MAX_NAME_CHARS else name[:MAX_NAME_CHARS] + "..."
 
 
 def create_app(config: ServiceConfig) -> FastAPI:
@@ -310,23 +323,24 @@ def create_app(config: ServiceConfig) -> FastAPI:
                                 headers={"Retry-After": str(RETRY_AFTER_S)})
 
     async def read_upload(request: Request, upload: UploadFile) -> _Upload:
-        """The upload's bytes and its size from the header, nothing decoded; 413/415/422 naming the file."""
-        name = upload.filename or "upload"
+        """The upload and its size from the header, nothing decoded; 413/415/422 naming the file."""
+        name = upload_name(upload)
         if upload.content_type not in IMAGE_TYPES:
             raise HTTPException(415, f"{name}: unsupported type {_quoted(str(upload.content_type))}; "
                                      f"send one of {', '.join(sorted(IMAGE_TYPES))}")
-        data = await upload.read(max_bytes + 1)
-        if len(data) > max_bytes:
+        size = upload.size if upload.size is not None else upload.file.seek(0, io.SEEK_END)
+        if size > max_bytes:
             raise HTTPException(413, f"{name}: larger than {config.max_upload_mb:g} MB (--max-upload-mb)")
         try:
             # on the pool too: a header is small, but some formats make Pillow read (and inflate) chunks first
             width, height = await asyncio.get_running_loop().run_in_executor(
-                request.app.state.decoder, check_image_pixels, data, config.max_image_pixels, name)
+                request.app.state.decoder, check_image_pixels, upload.file, config.max_image_pixels, name)
         except PixelLimitError as error:
             raise HTTPException(413, str(error)) from None
         except ImageError as error:
             raise HTTPException(422, str(error)) from None
-        return _Upload(name, data, width, height)
+        upload.file.seek(0)
+        return _Upload(name, upload.file, width, height)
 
     async def decode_all(request: Request, uploads: list[_Upload], announce: bool) -> list[torch.Tensor]:
         """The uploads as uint8 tensors, decoded on the pool in parallel; 422 naming the first bad one."""
@@ -334,7 +348,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         decoder, worker = request.app.state.decoder, request.app.state.worker
         if announce:
             worker.expect(len(uploads))
-        results = await asyncio.gather(*(loop.run_in_executor(decoder, decode_to_tensor, u.data, u.name)
+        results = await asyncio.gather(*(loop.run_in_executor(decoder, decode_to_tensor, u.file, u.name)
                                          for u in uploads), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
