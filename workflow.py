@@ -37,6 +37,7 @@ from utils.defaults import DATA_SHARD_IMAGES, WORKFLOW_OVERRIDES
 from utils.detection.stages import stages_to_json
 from utils.naming import (TENSORBOARD_FOLDER, TRAIN_CHECKPOINT, evaluation_output_names, fold_set_names, fold_tag,
                           job_id, output_names, report_name, tagged_name, tensorboard_folder, video_output_names)
+from utils.cli import error_message
 from utils.pegasus import driver, experiment, pegasus_api
 from utils.pegasus.catalogs import RESOURCES, build_properties, build_site_catalog, build_transformation_catalog
 from utils.pegasus.config import (ConfigError, SplitEntry, WorkflowConfig, parse_label_map, settings_from_args,
@@ -381,7 +382,7 @@ class MaskDetectionWorkflow:
         shown = {use.file.lfn: use.file for job in self.wf.jobs.values() for use in job.uses
                  if pegasus_api.use_type(use) == "output" and use.stage_out and is_report_input(use.file.lfn)}
         job = self._job("report", "report")
-        job.add_args(".", "--output", "report.html", "--run-record", "report_run.json")
+        job.add_args(".", "--output", "report.html", "--run-record", "report_run.json", "--run-name", self.run_dir.name)
         job.add_inputs(self.inputs.split_file, *(shown[lfn] for lfn in sorted(shown)))
         self._stages_out(job, "report.html", "report_run.json")
 
@@ -468,8 +469,8 @@ def main(args) -> int:
     started = time.perf_counter()
     try:
         generator, written, report, entries = generate(args)
-    except ConfigError as error:
-        print(f"workflow.py: {error}", file=sys.stderr)
+    except (ConfigError, OSError) as error:  # an unreadable --sites-config or --properties too: one line
+        print(f"workflow.py: {error_message(error)}", file=sys.stderr)
         return 2
     run_dir, config = generator.run_dir, generator.config
     counts = {name: sum(1 for e in entries if e.split == name) for name in ("train", "val", "test")}

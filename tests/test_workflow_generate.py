@@ -263,7 +263,7 @@ def test_bad_container_images_are_refused(image, sample_dir, tmp_path, capsys):
 
 
 def test_generation_is_deterministic(sample_dir, tmp_path, run_dir):
-    again = tmp_path / "again"
+    again = tmp_path / run_dir.name  # the same run's name (the report job is given it), in another place
     assert generate(again, sample_dir, "--hpo-jobs", str(HPO_JOBS), "--trials", "5") == 0
     strip = lambda text: [line for line in text.replace(str(again.resolve()), "RUN").replace(  # noqa: E731
         str(run_dir.resolve()), "RUN").splitlines() if "createdOn" not in line]

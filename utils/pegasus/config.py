@@ -196,7 +196,7 @@ class WorkflowSettings:
         for name in ("epochs", "hpo_epochs", "image_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{self.label(name)} {getattr(self, name)}: must be at least 1")
-        if self.time_budget is not None and self.time_budget <= 0:
+        if self.time_budget is not None and not self.time_budget > 0:  # nan too
             raise ConfigError(f"{self.label('time_budget')} {self.time_budget:g}: must be a positive number of minutes")
         if self.train_stages is not None and not all(isinstance(stage, Stage) for stage in self.train_stages):
             try:
