@@ -204,8 +204,10 @@ def test_stages_from_the_command_line_as_json_or_a_file_and_their_epochs_size_th
 # -- errors: one line naming the file and the key ------------------------------------------------------------
 
 @pytest.mark.parametrize(("text", "expected"), [
-    ("image_size: big\n", "image_size: 'big' is not an integer"),
-    ("image_size: 512.5\n", "image_size: 512.5 is not an integer"),
+    ("epochs: big\n", "epochs: 'big' is not an integer"),
+    ("epochs: 2.5\n", "epochs: 2.5 is not an integer"),
+    ("image_size: 512.5\n", "image_size: 512.5: expected a whole number from 32 to 4096, got '512.5'"),
+    ("image_size: 8\n", "image_size: 8: expected a whole number from 32 to 4096, got 8"),
     ("image_sise: 512\n", "image_sise: unknown setting (did you mean image_size?)"),
     ("hpo-jobs: 2\n", "hpo-jobs: unknown setting (did you mean hpo_jobs?)"),
     ("local: 'yes please'\n", "local: 'yes please' is not true or false"),
