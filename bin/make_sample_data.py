@@ -20,7 +20,7 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("data/sample"),
                         help="output folder; images/ and annotations/ are created inside (default: data/sample)")
-    parser.add_argument("--num-images", type=positive_int, default=D.SAMPLE_IMAGES,
+    parser.add_argument("--num-images", type=int, default=D.SAMPLE_IMAGES,
                         help=f"number of images to draw (default: {D.SAMPLE_IMAGES})")
     parser.add_argument("--seed", type=non_negative_int, default=D.SEED,
                         help=f"random seed; the same seed gives the same files (default: {D.SEED})")

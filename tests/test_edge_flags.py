@@ -67,7 +67,7 @@ CASES = [
                    "--output-train", "OUT", "--output-val", "OUT"], "--fold"),
     ("make_fold", ["--train-set", "I", "--val-set", "I", "--folds-csv", "TXT", "--fold", "0",
                    "--output-train", "OUT", "--output-val", "OUT"], "missing column"),
-    ("make_sample_data", ["--out", "OUT", "--num-images", "-3"], "--num-images"),
+    ("make_sample_data", ["--out", "OUT", "--num-images", "-3"], "num_images must be at least 1"),
     ("make_sample_data", ["--out", "OUT", "--image-size", "0", "-5"], "--image-size"),
     ("make_sample_data", ["--out", "OUT", "--min-faces", "5", "--max-faces", "2"], "min_faces"),
     ("make_shards", ["--images", "I", "--output", "OUT", "--workers", "-2"], "--workers"),
