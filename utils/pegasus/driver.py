@@ -78,12 +78,14 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
     model.add_argument("--backbone", default=D.BACKBONE, help="detector backbone (see bin/train.py)")
     model.add_argument("--image-size", type=image_size_px, default=overrides["image_size"],
                        help="longest image side the detector works at")
-    model.add_argument("--seed", type=non_negative_int, default=D.SEED, help="seed for split, augmentation, HPO, training")
+    model.add_argument("--seed", type=non_negative_int, default=D.SEED,
+                       help="seed for split, augmentation, HPO, training")
     model.add_argument("--augment-copies", type=non_negative_int, default=overrides["augment_copies"],
                        help="augmented copies per training image")
     model.add_argument("--rare-factor", type=non_negative_int, default=overrides["rare_factor"],
                        help="extra augmented copies of each image with the rare class (mask_weared_incorrect)")
-    model.add_argument("--noise-std", type=non_negative_float, default=D.NOISE_STD, help="Gaussian noise std (0-255 scale)")
+    model.add_argument("--noise-std", type=non_negative_float, default=D.NOISE_STD,
+                       help="Gaussian noise std (0-255 scale)")
     model.add_argument("--max-size", type=int_at_least(16), default=overrides["max_size"],
                        help="preprocess: longest side in pixels")
     model.add_argument("--score-threshold", type=fraction, default=None,
@@ -117,7 +119,8 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
                          help="user-editable site configuration")
     pegasus.add_argument("--properties", type=Path, default=root / "properties.conf",
                          help="Pegasus properties merged with the flags")
-    pegasus.add_argument("--retries", type=non_negative_int, default=None, help="dagman.retry (default: properties.conf)")
+    pegasus.add_argument("--retries", type=non_negative_int, default=None,
+                         help="dagman.retry (default: properties.conf)")
     pegasus.add_argument("--mode", default=None, help="pegasus.mode (default: properties.conf)")
     pegasus.add_argument("--transfer-threads", type=positive_int, default=None,
                          help="pegasus.transfer.threads (default: properties.conf)")
