@@ -2,7 +2,8 @@
 """The prediction service and the video path against pure model inference, measured in one run.
 
   pure     the model alone on one decoded 640 px image held as a float tensor (detect(), batch 1):
-           what the hardware can do, in images/s
+           what the hardware can do, in images/s: the better of the main thread and a thread of its
+           own (as the service runs the model), measured right before each served level
   served   bin/serve.py in its own process (uvicorn on loopback), POST /api/predict with that
            image as a JPEG upload, from 1, 4 and 16 concurrent clients: requests/s, p50 and p95
            latency; served images/s / pure images/s is the share of the model's speed the
@@ -75,12 +76,24 @@ def pure_meter(model_path: Path, image):
     tensor = to_model_input(torch.from_numpy(np.array(image)).permute(2, 0, 1), "cpu")
     detect(model, [tensor], score_threshold=0.05)  # warm-up
 
-    def measure(seconds: float) -> float:
+    def rate(seconds: float, found: dict, key: str) -> None:
         count, began = 0, time.perf_counter()
         while time.perf_counter() - began < seconds or count < 5:
             detect(model, [tensor], score_threshold=0.05)
             count += 1
-        return count / (time.perf_counter() - began)
+        found[key] = count / (time.perf_counter() - began)
+
+    def measure(seconds: float) -> dict:
+        """Half the time on the main thread, half on a thread of its own as the service's model runs: on a
+        machine with more runnable threads than cores the two differ several-fold (OpenMP's team on the
+        main thread waits for descheduled threads), and the model's best is the fair baseline."""
+        found = {}
+        rate(seconds / 2, found, "main_thread")
+        worker = threading.Thread(target=rate, args=(seconds / 2, found, "own_thread"))
+        worker.start()
+        worker.join()
+        found["best"] = max(found["main_thread"], found["own_thread"])
+        return found
 
     return measure
 
@@ -144,7 +157,7 @@ def served(model_path: Path, jpeg: bytes, clients_levels, requests: int, max_sec
                 thread.join()
             wall = time.perf_counter() - began
             latencies.sort()
-            rows.append({"clients": clients, "pure_images_per_s": pure_rate, "ok": len(latencies), "failed": failures,
+            rows.append({"clients": clients, "pure_images_per_s": pure_rate["best"], "pure_detail": pure_rate, "ok": len(latencies), "failed": failures,
                          "wall_s": wall,
                          "rps": len(latencies) / wall, "p50_s": statistics.median(latencies),
                          "p95_s": latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))]})
@@ -190,7 +203,7 @@ def main(args) -> int:
               f"p95 {row['p95_s'] * 1000:.0f} ms, {row['ok']} ok, {row['failed']} failed; pure just before "
               f"{row['pure_images_per_s']:.2f} images/s; served / pure {row['served_over_pure']:.2f} (goal >= 0.9)",
               flush=True)
-    pure_after = pure(PURE_SECONDS)
+    pure_after = pure(PURE_SECONDS)["best"]
     video = video_rate(args.model, image, args.video_frames)
     print(f"  video: {video:.2f} frames/s at {image.width}x{image.height}; video / pure {video / pure_after:.2f} "
           "(goal >= 0.9)")
