@@ -24,9 +24,11 @@ from utils.cli import positive_int, run_job
 from utils.detection.compliance import compliance_line
 from utils.detection.prediction import merge_predictions
 from utils.errors import InputError
+from utils.naming import output_names
 from utils.provenance import write_run_record
 
 PART_PATTERN = "predictions_*.json"
+OUTPUTS = output_names("merge_predictions")  # the names the workflow declares for this job
 
 
 def get_args_parser():
@@ -39,10 +41,10 @@ def get_args_parser():
     parser.add_argument("--expected", type=positive_int, default=None,
                         help="number of parts there must be (default: any)")
     parser.add_argument("--output-dir", type=Path, required=True, help="folder for the merged files")
-    parser.add_argument("--histogram", default="compliance_histogram.png",
-                        help="file name of the per-image compliance histogram (default: compliance_histogram.png)")
-    parser.add_argument("--folder-plot", default="compliance_by_folder.png",
-                        help="file name of the plot of the figure per folder (default: compliance_by_folder.png)")
+    parser.add_argument("--histogram", default=OUTPUTS["histogram"],
+                        help=f"file name of the per-image compliance histogram (default: {OUTPUTS['histogram']})")
+    parser.add_argument("--folder-plot", default=OUTPUTS["folder_plot"],
+                        help=f"file name of the plot of the figure per folder (default: {OUTPUTS['folder_plot']})")
     return parser
 
 
@@ -55,7 +57,7 @@ def main(args) -> int:
         raise InputError(f"{args.inputs_dir or 'the inputs'}: {len(parts)} predictions part(s), expected {args.expected}")
     merged = merge_predictions(parts, args.output_dir, args.histogram, args.folder_plot)
     report = merged["report"]
-    write_run_record(args.output_dir / "merge_predictions_run.json", "merge_predictions", vars(args), parts)
+    write_run_record(args.output_dir / OUTPUTS["run_record"], "merge_predictions", vars(args), parts)
     for entry in report["skipped"]:
         print(f"skipped {entry['file']}: {entry['reason']}", file=sys.stderr)
     print(compliance_line(report["overall"], report["estimate"]))

@@ -22,6 +22,7 @@ from pathlib import Path
 from ..atomic import write_json, write_text
 from ..classes import CLASSES
 from ..errors import InputError
+from ..naming import output_names
 from .quantify import METHODS
 
 # (key in kfold_summary.json, how to read it from an evaluation.json, label in the text and plot)
@@ -182,13 +183,14 @@ def plot_folds(summary: dict, path) -> None:
     _save(fig, path)
 
 
-def write_summary(evaluation_paths, output_dir, plot: str | None = "kfold_folds.png") -> dict:
+def write_summary(evaluation_paths, output_dir, plot: str | None = output_names("aggregate_folds")["plot"]) -> dict:
     """Read the folds' evaluation files, write kfold_summary.json/.txt (and the plot); returns the summary."""
     output_dir = Path(output_dir)
     paths = [Path(p) for p in evaluation_paths]
     summary = summarise_folds(read_evaluations(paths), [p.name for p in paths])
-    write_json(output_dir / "kfold_summary.json", summary)
-    write_text(output_dir / "kfold_summary.txt", format_summary(summary))
+    names = output_names("aggregate_folds")
+    write_json(output_dir / names["summary"], summary)
+    write_text(output_dir / names["summary_txt"], format_summary(summary))
     if plot:
         plot_folds(summary, output_dir / plot)
     return summary
