@@ -76,6 +76,9 @@ CASES = {
     "unknown_backbone": (set_meta("backbone", "x" * 10_000), "is not one of"),
     "frozen_bn_text": (set_meta("frozen_bn", "yes"), "frozen_bn must be true or false"),
     "quantification_list": (set_meta("quantification", [1, 2]), "quantification must be a mapping"),
+    "quantification_junk": (set_meta("quantification", {"score_threshold": 0.5, "chosen_on": "validation",
+                                                         "classes": list(CLASSES), "images": [1, 2, 3]}),
+                            "quantification is not a calibration record"),
 }
 
 

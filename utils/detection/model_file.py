@@ -165,8 +165,20 @@ def _check_stored_threshold(record, key: str, path) -> None:
         _check_threshold(record["score_threshold"], f"{key}.score_threshold", path)
     if record.get("chosen_on") is not None and not isinstance(record["chosen_on"], str):
         raise ModelError(f"{path}: model metadata {key}.chosen_on must be text, got {shown(record['chosen_on'])}")
-    if key == "quantification" and not isinstance(record.get("images", []), list):
-        raise ModelError(f"{path}: model metadata quantification.images must be a list, got {shown(record['images'])}")
+    if key == "quantification" and record.get("images"):
+        _check_calibration(record, path)
+
+
+def _check_calibration(record: Mapping, path) -> None:
+    """The validation rates train stores (quantify.calibration_record): read as predict and evaluate will,
+    so that a malformed record is refused here and not after every image has run."""
+    from .quantify import Calibration
+
+    try:
+        Calibration.from_record(record)
+    except (KeyError, TypeError, ValueError) as problem:
+        raise ModelError(f"{path}: model metadata quantification is not a calibration record "
+                         f"({type(problem).__name__}: {shown(str(problem))})") from None
 
 
 def check_state_shapes(state, num_classes: int, path) -> None:
