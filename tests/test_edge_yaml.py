@@ -92,3 +92,28 @@ def test_a_value_quoted_in_a_message_is_bounded_however_large():
     assert len(text) <= 80 and text.startswith("[[[") and time.perf_counter() - started < 0.1
     assert shown("x" * 10_000).endswith("...'") or len(shown("x" * 10_000)) <= 80
     assert shown(7.0) == "7.0" and shown("abc") == "'abc'"
+
+
+@pytest.mark.parametrize(("script", "argv", "words"), [
+    ("aggregate_folds", ["--inputs", "DEEP", "--output-dir", "OUT"], "not an evaluation.json"),
+    ("hpo_merge", ["--inputs", "DEEP"], "HPO result is nested too deeply to read"),
+    ("merge_predictions", ["--inputs", "DEEP", "--output-dir", "OUT"], "not a predictions file"),
+    ("make_shards", ["--verify", "--output", "SHARDS"], "not a shard index"),
+    ("train", ["--images", "OUT", "--annotations", "OUT", "--output", "OUT/m.pt", "--stages", "DEEP"],
+     "does not parse"),
+])
+def test_json_nested_deeper_than_pythons_stack_is_one_line_too(root, tmp_path, capsys, script, argv, words):
+    """json's decoder recurses once per bracket: 100 000 of them end in a RecursionError, said as bad input."""
+    from helpers import load_script
+    from utils.cli import run_job
+
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "index.json").write_text(deep.read_text())
+    replace = {"DEEP": str(deep), "OUT": str(tmp_path), "OUT/m.pt": str(tmp_path / "m.pt"),
+               "SHARDS": str(tmp_path / "shards")}
+    module = load_script(root, script)
+    assert run_job(module.main, module.get_args_parser(), [replace.get(a, a) for a in argv], job=script) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err and "Traceback" not in err, err

@@ -24,6 +24,8 @@ def read_json(path, what: str, error: type[InputError] = InputError):
         raise error(f"{path}: {what} not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as problem:
         raise error(f"{path}: {what} is not valid JSON ({problem})") from None
+    except RecursionError:  # json's decoder recurses once per [ or {: a file can nest deeper than Python's stack
+        raise error(f"{path}: {what} is nested too deeply to read") from None
 
 
 def shown(value, limit: int | None = None) -> str:

@@ -82,7 +82,7 @@ def read_index(folder) -> ShardIndex:
         shard_size = int(data["shard_size"])
     except FileNotFoundError:
         raise InputError(f"{path}: not found (a shard folder is made by bin/make_shards.py)") from None
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:  # Recursion: nested too deep
         raise InputError(f"{path}: not a shard index ({type(error).__name__}: {error})") from None
     if data.get("format") != FORMAT:
         raise InputError(f"{path}: unknown format {data.get('format')!r} (expected {FORMAT!r})")

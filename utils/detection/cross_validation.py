@@ -79,7 +79,7 @@ def read_evaluations(paths) -> list[dict]:
                     data["per_class"][name][key]
         except FileNotFoundError:
             raise FoldSummaryError(f"{path}: evaluation file not found") from None
-        except (ValueError, KeyError, TypeError) as error:
+        except (ValueError, KeyError, TypeError, RecursionError) as error:  # RecursionError: nested too deep
             raise FoldSummaryError(f"{path}: not an evaluation.json of bin/evaluate.py ({error!r} missing or "
                                    "unreadable)") from None
         evaluations.append(data)

@@ -294,7 +294,7 @@ def merge_predictions(parts, output_dir, histogram: str | None = "compliance_his
         try:
             data = json.loads(part.read_text(encoding="utf-8"))
             images = data["images"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:  # Recursion: nested too deep
             raise InputError(f"{part}: not a predictions file of bin/predict.py ({error})") from None
         these = {key: data.get(key) for key in settings_keys}
         if settings is None:

@@ -142,7 +142,7 @@ def _read_json(path: Path, run: RunFolder, what: str) -> dict | None:
     except FileNotFoundError:
         run.missing.append(path.name)
         return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:  # Recursion: too deep
         run.problems.append(f"{path}: {what} cannot be read ({error})")
         return None
     if not isinstance(value, dict):
