@@ -36,7 +36,8 @@ an error (:class:`ModelError`), because the user asked for that file.
 Model files (``save_model_file``/``load_model_file``) hold
 ``{"model": state_dict, "meta": {...}}`` with plain types only, so
 ``torch.load(weights_only=True)`` reads them, and ``meta`` holds everything
-needed to rebuild the architecture without any pretrained weights.
+needed to rebuild the architecture without any pretrained weights. Their reading,
+writing and the checks of what a file claims live in utils/detection/model_file.py.
 """
 
 from __future__ import annotations
