@@ -41,7 +41,7 @@ OUTPUTS: dict[str, dict[str, str]] = {
 # Files a train job keeps between its own tries (never staged out): its checkpoint, and the folder its
 # TensorBoard events are written to before they are packed into the tensorboard_tar output.
 TRAIN_CHECKPOINT = "train_checkpoint.pt"
-TENSORBOARD_FOLDER = "tensorboard"  # the events of job J are under tensorboard/J (utils/detection/tensorboard_log.py)
+TENSORBOARD_FOLDER = "tensorboard"  # the events of job J are under tensorboard/J, in its folder and its .tar
 
 
 def tagged_name(name: str, tag: str | None) -> str:

@@ -31,10 +31,11 @@ from .. import defaults as D
 from ..classes import CLASS_COLOURS, NAME_OF
 from ..data.pairs import pack_folder
 from ..errors import InputError
+from ..naming import TENSORBOARD_FOLDER
 
 log = logging.getLogger(__name__)
 
-ARCHIVE_ROOT = "tensorboard"  # the top folder inside every events .tar
+ARCHIVE_ROOT = TENSORBOARD_FOLDER  # the top folder inside every events .tar (the jobs' folder of events)
 EVENT_FILE_GLOB = "events.out.tfevents.*"
 
 

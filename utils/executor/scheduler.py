@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 
 from .. import defaults as D
-from ..detection.tensorboard_log import ARCHIVE_ROOT as TENSORBOARD_ARCHIVE_ROOT
+from ..naming import TENSORBOARD_FOLDER
 from .job_try import JobRunner
 from .loading import LoadedWorkflow, WorkflowError, load_workflow, read_properties
 from .progress import JobResult, Reporter
@@ -239,10 +239,6 @@ class Executor:
     def _restore_signal_handlers(previous) -> None:
         for sig, handler in (previous or {}).items():
             signal.signal(sig, handler)
-
-
-# the top folder of every events .tar train and hpo stage out (utils/detection/tensorboard_log.py)
-TENSORBOARD_FOLDER = TENSORBOARD_ARCHIVE_ROOT
 
 
 def unpack_tensorboard(output_dir) -> tuple[list[str], list[str]]:
