@@ -235,6 +235,15 @@ def test_a_bad_key_or_value_is_one_line_naming_the_file_and_the_key(text, expect
     assert err.startswith(f"workflow.py: {path}: {expected}") and err.count("\n") == 1, err
 
 
+def test_a_huge_bad_value_is_shown_shortened(tmp_path, capsys):
+    path = write_experiment(tmp_path / "big.yml", "backbone: [" + ", ".join(["x" * 50] * 5000) + "]\n")
+    with pytest.raises(SystemExit):
+        parse("--config", path)
+    err = capsys.readouterr().err
+    assert err.startswith(f"workflow.py: {path}: backbone: ['xxx") and err.endswith(" is not text\n"), err
+    assert err.count("\n") == 1 and len(err) < len(str(path)) + 200
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     ("- image_size: 512\n", "expected a mapping of settings (key: value) at the top level, got list"),
     ("image_size: [512\n", "not valid YAML"),

@@ -40,6 +40,7 @@ import yaml
 from .. import safe_yaml
 from ..atomic import write_text
 from ..classes import LabelMap, LabelMapError
+from ..errors import shown
 from ..detection.stages import StagesError, parse_stages
 from ..provenance import file_sha256
 from .config import ConfigError
@@ -127,7 +128,7 @@ def read_experiment_file(path: Path) -> dict:
                           f"got {type(data).__name__}")
     for key in data:
         if not isinstance(key, str):
-            raise ConfigError(f"{path}: {key!r}: a setting's name must be text (the flag with underscores)")
+            raise ConfigError(f"{path}: {shown(key)}: a setting's name must be text (the flag with underscores)")
     return data
 
 
@@ -141,11 +142,11 @@ def _scalar(action: argparse.Action, value, where: str, base_dir: Path):
     kind = action.type
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: {value!r} is not an integer")
+            raise ConfigError(f"{where}: {shown(value)} is not an integer")
         return value
     if kind is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{where}: {value!r} is not a number")
+            raise ConfigError(f"{where}: {shown(value)} is not a number")
         if isinstance(value, (int, float)):
             return float(value)
         if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as text
@@ -153,20 +154,20 @@ def _scalar(action: argparse.Action, value, where: str, base_dir: Path):
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: {value!r} is not a number")
+        raise ConfigError(f"{where}: {shown(value)} is not a number")
     if kind is Path:
         if not isinstance(value, str) or not value.strip():
-            raise ConfigError(f"{where}: {value!r} is not a path")
+            raise ConfigError(f"{where}: {shown(value)} is not a path")
         path = Path(value).expanduser()
         return path if path.is_absolute() else base_dir / path
     if kind is None:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: {value!r} is not text")
+            raise ConfigError(f"{where}: {shown(value)} is not text")
         return value
     try:  # any other type function: as argparse would call it on the text
         return kind(value if isinstance(value, str) else str(value))
     except (TypeError, ValueError, argparse.ArgumentTypeError) as error:
-        raise ConfigError(f"{where}: {value!r}: {_one_line(error)}") from None
+        raise ConfigError(f"{where}: {shown(value)}: {_one_line(error)}") from None
 
 
 def _label_map_text(value, where: str) -> str:
@@ -174,7 +175,7 @@ def _label_map_text(value, where: str) -> str:
     if isinstance(value, dict):
         value = ",".join(f"{source}={target}" for source, target in value.items())
     if not isinstance(value, str):
-        raise ConfigError(f"{where}: {value!r} is neither SOURCE=CLASS,... text nor a mapping of source: class")
+        raise ConfigError(f"{where}: {shown(value)} is neither SOURCE=CLASS,... text nor a mapping of source: class")
     try:
         LabelMap.parse(value, flag=where)
     except LabelMapError as error:
@@ -205,21 +206,21 @@ def convert_setting(action: argparse.Action, value, where: str, base_dir: Path):
         return _label_map_text(value, where)
     if _is_switch(action):
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: {value!r} is not true or false")
+            raise ConfigError(f"{where}: {shown(value)} is not true or false")
         return value
     if isinstance(action.nargs, int) or action.nargs in ("+", "*"):
         count = action.nargs
         if not isinstance(value, list) or (isinstance(count, int) and len(value) != count) or (
                 count == "+" and not value):
             wanted = f"a list of {count} values" if isinstance(count, int) else "a list of values"
-            raise ConfigError(f"{where}: expected {wanted}, got {value!r}")
+            raise ConfigError(f"{where}: expected {wanted}, got {shown(value)}")
         converted = [_scalar(action, item, where, base_dir) for item in value]
     else:
         converted = _scalar(action, value, where, base_dir)
     if action.choices is not None:
         for item in converted if isinstance(converted, list) else [converted]:
             if item not in action.choices:
-                raise ConfigError(f"{where}: {item!r} is not one of {', '.join(map(str, action.choices))}")
+                raise ConfigError(f"{where}: {shown(item)} is not one of {', '.join(map(str, action.choices))}")
     return converted
 
 
