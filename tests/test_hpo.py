@@ -37,6 +37,7 @@ def finished(trials):
     return [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
 
 
+@pytest.mark.training
 def test_killed_study_resumes_and_counts_the_total(hpo_data, tmp_path):
     journal = tmp_path / "hpo.journal"
     journal.touch()  # the workflow's initial checkpoint is an empty file

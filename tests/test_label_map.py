@@ -180,6 +180,7 @@ def test_the_dataset_gives_mapped_names_their_class_labels(data_sets):
     assert unmapped[0][1]["labels"].tolist() == [] and "unknown class name" in str(unmapped.object_problems)
 
 
+@pytest.mark.training
 def test_train_records_the_label_map_in_the_model_file_and_its_run_record(root, data_sets, tmp_path):
     _, foreign, _ = data_sets
     assert run_script(root, "train", ["--images", foreign / "images", "--annotations", foreign / "annotations",

@@ -106,6 +106,7 @@ def test_ema_follows_the_model_with_a_ramped_decay():
     assert build_ema(model, 0) is None
 
 
+@pytest.mark.training
 def test_roi_batch_size_sets_the_box_heads_sampler_and_only_when_given(tiny_dir):
     model = build_model(weights="none", image_size=128)
     own = model.roi_heads.fg_bg_sampler.batch_size_per_image
@@ -146,6 +147,7 @@ def test_time_budget_fits_the_steps_to_the_timed_steps(monkeypatch):
     assert budget.fit_after_epoch(steps_done=10, train_s=10.0, validation_s=4.0) == 10
 
 
+@pytest.mark.training
 def test_trainer_with_a_time_budget_records_its_plan_and_a_resumed_run_keeps_it(tiny_dir, tmp_path):
     pairs = pair_folders(tiny_dir / "images", tiny_dir / "annotations").pairs
     levers = {**TINY, "epochs": 50, "time_budget": 0.05, "ema_decay": 0.9, "multiscale": 0.25,
@@ -169,6 +171,7 @@ def test_trainer_with_a_time_budget_records_its_plan_and_a_resumed_run_keeps_it(
         assert torch.equal(tensor, trainer.ema.module.state_dict()[name]), name
 
 
+@pytest.mark.training
 def test_max_steps_cuts_the_last_epoch_short(tiny_dir):
     pairs = pair_folders(tiny_dir / "images", tiny_dir / "annotations").pairs  # 6 images: 3 steps of 2
     trainer = Trainer(TrainParams(**{**TINY, "max_steps": 4, "repeat_threshold": 0.0}), pairs, torch.device("cpu"),
@@ -199,6 +202,7 @@ def test_gpu_recipe_changes_only_what_was_not_given(monkeypatch, tmp_path):
     assert uncached.backbone == TrainParams().backbone  # no download: the COCO weights are not cached
 
 
+@pytest.mark.training
 def test_the_same_seed_twice_trains_the_same_weights_with_every_lever_on(tiny_dir):
     """CPU training is bitwise repeatable at a fixed number of epochs (the time budget's plan is the part
     that depends on the machine's speed; the next test replays a recorded one)."""
@@ -221,6 +225,7 @@ def train_to_the_end(trainer):
     return trainer
 
 
+@pytest.mark.training
 def test_a_recorded_budget_plan_replays_the_budget_run_bit_for_bit(tmp_path, monkeypatch):
     """The budget's first plan sets the cosine's length for the rest of the first epoch, so a replay needs
     both plans; given them, it ignores the clock and trains the budget run's weights."""
@@ -259,6 +264,7 @@ def test_a_recorded_budget_plan_replays_the_budget_run_bit_for_bit(tmp_path, mon
     assert not all(torch.equal(tensor, expected[name]) for name, tensor in final_only.model.state_dict().items())
 
 
+@pytest.mark.training
 def test_a_budget_plan_is_checked(tiny_dir, tmp_path):
     from utils.detection.recipe import check_budget_plan
     from utils.errors import InputError

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from helpers import run_script
 from run_folders import FIGURE_NAMES, image_errors, make_run_folder
 
@@ -17,6 +19,7 @@ def build(root, run_dir, capsys) -> str:
     return (run_dir / "outputs" / "report.html").read_text()
 
 
+@pytest.mark.browser
 def test_the_report_renders_offline_in_a_browser(root, tmp_path, capsys):
     from browser import chromium_session, require_chromium
 

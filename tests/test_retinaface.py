@@ -168,6 +168,7 @@ def test_model_file_round_trip_rebuilds_without_the_weights(provisioned, tmp_pat
     torch.testing.assert_close(a["scores"], b["scores"])
 
 
+@pytest.mark.training
 def test_a_train_step_moves_the_face_trunk_and_resume_continues_it(provisioned, tiny_pairs, tmp_path):
     device = torch.device("cpu")
     params = TrainParams(**TINY)

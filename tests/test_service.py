@@ -133,6 +133,7 @@ def test_serve_refuses_a_missing_model_in_one_line(root, tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == f"serve: error: {tmp_path / 'none.pt'}: model file not found"
 
 
+@pytest.mark.browser
 def test_the_page_in_a_real_browser_shows_boxes_and_compliance_and_refilters(tiny_model_file, sample_dir,
                                                                             tmp_path):
     from browser import chromium_session, serve_app

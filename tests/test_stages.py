@@ -98,6 +98,7 @@ def backbone_body(model) -> dict:
     return {name: value.detach().clone() for name, value in model.backbone.body.named_parameters()}
 
 
+@pytest.mark.training
 def test_stages_train_their_own_layers_and_a_resume_after_stage_1_continues_in_stage_2(pairs, tmp_path):
     device = torch.device("cpu")
     checkpoint = tmp_path / "checkpoint.pt"

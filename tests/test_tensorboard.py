@@ -42,6 +42,7 @@ def steps(events, tag) -> list[int]:
     return [event.step for event in events.Scalars(tag)]
 
 
+@pytest.mark.training
 def test_staged_train_run_stopped_and_resumed_writes_each_step_once(root, data, tmp_path):
     out, log_dir = tmp_path / "run", tmp_path / "run" / "tensorboard" / "train"
     command = [sys.executable, str(root / "bin" / "train.py"), "--images", str(data / "train" / "images"),
@@ -101,6 +102,7 @@ def test_staged_train_run_stopped_and_resumed_writes_each_step_once(root, data, 
     assert steps(accumulate(outputs / "tensorboard" / "train"), "val/map") == [2, 4]
 
 
+@pytest.mark.training
 def test_hpo_writes_each_trial_objective_and_parameters(data, tmp_path):
     from utils.detection.hpo import HpoConfig, SearchSpace, run_study
 

@@ -36,6 +36,7 @@ def tiny_pairs(tiny_dir):
     return pair_folders(tiny_dir / "images", tiny_dir / "annotations").pairs
 
 
+@pytest.mark.training
 def test_train_cli_one_epoch_writes_loadable_outputs(tiny_dir, tmp_path, root):
     out = tmp_path / "run"
     command = [sys.executable, str(root / "bin" / "train.py"), "--images", str(tiny_dir / "images"),
@@ -79,6 +80,7 @@ def test_train_cli_one_epoch_writes_loadable_outputs(tiny_dir, tmp_path, root):
     assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.training
 def test_train_cli_replays_a_budget_plan_and_records_it(tiny_dir, tmp_path, root):
     out = tmp_path / "run"
     command = [sys.executable, str(root / "bin" / "train.py"), "--images", str(tiny_dir / "images"),
@@ -95,6 +97,7 @@ def test_train_cli_replays_a_budget_plan_and_records_it(tiny_dir, tmp_path, root
     assert meta["epochs_completed"] == 2  # 3 steps, then 1: the recorded plan, not --epochs 9
 
 
+@pytest.mark.training
 def test_training_with_held_out_validation_images_chooses_and_stores_the_operating_threshold(tiny_dir, tmp_path,
                                                                                               root):
     out = tmp_path / "run"
@@ -122,6 +125,7 @@ def test_training_with_held_out_validation_images_chooses_and_stores_the_operati
         assert [sum(row) for row in image["confusion"][:3]] == image["truth"]  # each face once: found or missed
 
 
+@pytest.mark.training
 def test_resume_continues_at_next_epoch_with_same_state(tiny_dir, tmp_path):
     pairs = tiny_pairs(tiny_dir)
     device = torch.device("cpu")
@@ -156,6 +160,7 @@ def test_resume_continues_at_next_epoch_with_same_state(tiny_dir, tmp_path):
     assert [r["epoch"] for r in resumed.history] == [1, 2]
 
 
+@pytest.mark.training
 def test_checkpoint_of_another_backbone_is_refused(tiny_dir, tmp_path):
     pairs = tiny_pairs(tiny_dir)
     trainer = Trainer(TrainParams(**{**TINY, "epochs": 1}), pairs, torch.device("cpu"), progress=False)
