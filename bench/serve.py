@@ -47,6 +47,7 @@ def get_args_parser():
     p.add_argument("--requests", type=int, default=32, help="requests per level at most (default: 32)")
     p.add_argument("--max-seconds", type=float, default=120, help="time per level at most (default: 120)")
     p.add_argument("--video-frames", type=int, default=24, help="frames of the video clip (default: 24)")
+    p.add_argument("--server-args", default="", help="more flags for bin/serve.py, e.g. \"--batch-size 1\"")
     p.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "serve.json",
                    help="JSON of the figures (default: bench/results/serve.json)")
     return p
@@ -104,14 +105,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def served(model_path: Path, jpeg: bytes, clients_levels, requests: int, max_seconds: float, pure) -> list[dict]:
+def served(model_path: Path, jpeg: bytes, clients_levels, requests: int, max_seconds: float, pure,
+           server_args: tuple = ()) -> list[dict]:
     """Each level right after a pure measurement of the same length: the machine's load changes over minutes
     (other work shares it), and a ratio of two figures taken far apart would measure that change."""
     import httpx
 
     port = free_port()
     server = subprocess.Popen([sys.executable, str(ROOT / "bin" / "serve.py"), "--model", str(model_path),
-                               "--port", str(port), "--device", "cpu", "--queue-size", "64"],
+                               "--port", str(port), "--device", "cpu", "--queue-size", "64", *server_args],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -196,7 +198,7 @@ def main(args) -> int:
     print(f"Service benchmark: {args.model}, one {image.width}x{image.height} JPEG ({len(jpeg) // 1024} KB), "
           f"{os.cpu_count()} CPUs, torch threads default")
     pure = pure_meter(args.model, image)
-    rows = served(args.model, jpeg, args.clients, args.requests, args.max_seconds, pure)
+    rows = served(args.model, jpeg, args.clients, args.requests, args.max_seconds, pure, tuple(args.server_args.split()))
     for row in rows:
         row["served_over_pure"] = row["rps"] / row["pure_images_per_s"]
         print(f"  served, {row['clients']:>2} client(s): {row['rps']:.2f} requests/s, p50 {row['p50_s'] * 1000:.0f} ms, "
@@ -212,7 +214,7 @@ def main(args) -> int:
           f"{', '.join(f'{v:.2f}' for v in load_after)} on {os.cpu_count()} CPUs")
     from utils.atomic import write_json
 
-    write_json(args.output, {"model": str(args.model), "image": {"width": image.width, "height": image.height,
+    write_json(args.output, {"model": str(args.model), "server_args": args.server_args, "image": {"width": image.width, "height": image.height,
                                                                  "jpeg_bytes": len(jpeg)},
                              "cpus": os.cpu_count(), "load_average_before": load_before,
                              "load_average_after": load_after, "served": rows, "pure_images_per_s_before_video": pure_after,

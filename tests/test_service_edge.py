@@ -103,6 +103,22 @@ def test_a_request_over_the_pixel_budget_is_refused_before_decoding(tiny_model_f
                                      "send fewer or smaller images")
 
 
+def test_bad_query_values_are_one_bounded_line(tiny_model_file, sample_dir):
+    photo = sorted((sample_dir / "images").glob("*.jpg"))[0]
+    app = create_app(ServiceConfig(model_path=tiny_model_file))
+    with TestClient(app) as client:
+        answer = client.post("/api/predict?score_threshold=" + "9" * 5000,
+                             files=[("files", ("a.jpg", photo.read_bytes(), "image/jpeg"))])
+        missing = client.post("/api/predict")
+        box = client.post("/api/explain?label=with_mask&box=" + "1," * 3000,
+                          files=[("file", ("a.jpg", photo.read_bytes(), "image/jpeg"))])
+    assert answer.status_code == 422
+    detail = answer.json()["detail"]
+    assert detail.startswith("POST /api/predict: query score_threshold: ") and len(detail) < 300
+    assert missing.status_code == 422 and missing.json()["detail"].startswith("POST /api/predict: body files: ")
+    assert box.status_code == 422 and box.json()["detail"].startswith("box '1,1,") and len(box.json()["detail"]) < 300
+
+
 def _listening_port() -> socket.socket:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, _resize_image_and_masks
@@ -526,5 +527,17 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def one_line_errors(request: Request, error: HTTPException):
         return JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def one_line_validation_errors(request: Request, error: RequestValidationError):
+        """FastAPI's own answer is a list that echoes each bad value whole: one line, values bounded."""
+        problems = []
+        for problem in error.errors()[:3]:
+            where = " ".join(str(part) for part in problem.get("loc", ()))
+            given = problem.get("input")
+            shown = f" (got {_quoted(str(given))})" if isinstance(given, (str, int, float)) else ""
+            problems.append(f"{where}: {problem.get('msg', 'invalid')}{shown}")
+        return JSONResponse({"detail": f"{request.method} {request.url.path}: {'; '.join(problems)}"},
+                            status_code=422)
 
     return app
