@@ -72,6 +72,7 @@ def test_evidence_share_and_crop_region():
     assert crop_region([180, 80, 199, 99], 200, 100)[2:] == (200, 100)
 
 
+@pytest.mark.slow
 def test_predict_explain_writes_overlays_listed_in_predictions_json(root, tiny_model_file, sample_dir, tmp_path):
     images = sorted((sample_dir / "images").glob("*.jpg"))[:2]
     out = tmp_path / "out"

@@ -6,6 +6,8 @@ import csv
 import json
 import tarfile
 
+import pytest
+
 from helpers import run_script
 from utils.data.shards import read_index, read_index_csv
 
@@ -59,6 +61,7 @@ def test_make_shards_rejects_a_missing_folder_in_one_line(root, tmp_path, capsys
     assert "nope: folder not found" in err and "Traceback" not in err
 
 
+@pytest.mark.e2e
 def test_sharded_prediction_merged_equals_one_job(root, sample_dir, tiny_model_file, tmp_path, capsys):
     make_photo_folder(sample_dir, tmp_path / "photos", 7)
     (tmp_path / "photos" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
