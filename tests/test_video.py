@@ -26,6 +26,7 @@ def clip(sample_dir, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_video_gives_per_frame_csv_plot_summary_and_annotated_video(root, clip, tiny_model_file, tmp_path, capsys):
     out = tmp_path / "out"
     rc = run_script(root, "predict_video", ["--source", clip, "--model", tiny_model_file, "--output-dir", out,
@@ -55,6 +56,7 @@ def test_video_gives_per_frame_csv_plot_summary_and_annotated_video(root, clip, 
     assert (out / "predict_video_run.json").is_file()
 
 
+@pytest.mark.slow
 def test_max_frames_bounds_a_run(root, clip, tiny_model_file, tmp_path):
     out = tmp_path / "out"
     assert run_script(root, "predict_video", ["--source", clip, "--model", tiny_model_file, "--output-dir", out,
