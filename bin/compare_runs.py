@@ -38,7 +38,8 @@ def get_args_parser():
                         help=f"also write the table to this file; the format follows its extension "
                              f"({', '.join(FORMATS)}) (default: stdout only)")
     parser.add_argument("--plot", type=Path, default=None, help="bar chart (.png) of --metric across the runs")
-    parser.add_argument("--metric", default=None, help="metric of --plot (default: --sort-by when a metric, else map_50)")
+    parser.add_argument("--metric", default=None,
+                        help="metric of --plot (default: --sort-by when a metric, else map_50)")
     return parser
 
 

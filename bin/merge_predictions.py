@@ -54,7 +54,8 @@ def main(args) -> int:
     if missing:
         raise InputError(f"{missing[0]}: not found" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if args.expected is not None and len(parts) != args.expected:
-        raise InputError(f"{args.inputs_dir or 'the inputs'}: {len(parts)} predictions part(s), expected {args.expected}")
+        raise InputError(f"{args.inputs_dir or 'the inputs'}: {len(parts)} predictions part(s), "
+                         f"expected {args.expected}")
     merged = merge_predictions(parts, args.output_dir, args.histogram, args.folder_plot)
     report = merged["report"]
     write_run_record(args.output_dir / OUTPUTS["run_record"], "merge_predictions", vars(args), parts)

@@ -28,7 +28,8 @@ def get_args_parser():
                         help="folder (or .tar, or several .tar shards, of which only the .xml members are read) "
                              "in which to find the annotations by file name "
                              "(default: the paths written in the CSV, relative to it)")
-    parser.add_argument("--output", default="class_distribution.png", help="PNG chart (default: class_distribution.png)")
+    parser.add_argument("--output", default="class_distribution.png",
+                        help="PNG chart (default: class_distribution.png)")
     parser.add_argument("--output-csv", default="class_distribution.csv",
                         help="CSV of counts: split, class, objects, images (default: class_distribution.csv)")
     add_label_map_arg(parser)
@@ -38,7 +39,8 @@ def get_args_parser():
 def main(args) -> int:
     label_map = LabelMap.parse(args.label_map)
     with contextlib.ExitStack() as stack:
-        annotations_dir = stack.enter_context(open_folder(args.annotations, suffixes=(".xml",))) if args.annotations else None
+        annotations_dir = (stack.enter_context(open_folder(args.annotations, suffixes=(".xml",)))
+                           if args.annotations else None)
         counts, problems = count_objects(args.split_csv, annotations_dir=annotations_dir, label_map=label_map)
     for entry in problems:
         print(f"plot_class_distribution: warning: {entry['file']}: {entry['problem']}", file=sys.stderr)

@@ -77,7 +77,8 @@ def main(args) -> int:
     check_model_run_args(args)
     check_output_tag(args.output_tag)
     if args.explain and args.no_annotated:
-        raise InputError("--explain explains the annotated images: drop --no-annotated (bound them with --annotate-max)")
+        raise InputError("--explain explains the annotated images: drop --no-annotated "
+                         "(bound them with --annotate-max)")
     if not any(Path(given).exists() for given in args.images):  # one missing among others is a listed skip
         others = f" (nor do the other {len(args.images) - 1} --images paths)" if len(args.images) > 1 else ""
         raise InputError(f"{args.images[0]}: no such file or folder{others}")

@@ -34,7 +34,8 @@ def get_args_parser():
                         metavar=("TRAIN", "VAL", "TEST"),
                         help="split fractions, normalised to sum 1 (default: {} {} {})".format(*D.SPLIT_FRACTIONS))
     parser.add_argument("--images", default=None,
-                        help="folder (or .tar) in which to find the manifest's images by name (default: paths as written)")
+                        help="folder (or .tar) in which to find the manifest's images by name "
+                             "(default: paths as written)")
     parser.add_argument("--annotations", default=None,
                         help="folder (or .tar) in which to find the manifest's annotations by name "
                              "(default: paths as written, relative to the manifest)")

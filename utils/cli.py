@@ -66,7 +66,8 @@ def run_job(main, parser, argv=None, job: str | None = None) -> int:
         return main(args)
     except StopRequested as stop:
         stand_ins = write_stand_ins(job, str(stop))
-        kept = f" (stand-ins for the outputs not written yet: {', '.join(p.name for p in stand_ins)})" if stand_ins else ""
+        names = ", ".join(p.name for p in stand_ins)
+        kept = f" (stand-ins for the outputs not written yet: {names})" if stand_ins else ""
         print(f"{job}: stopped: {stop}{kept}", file=sys.stderr)
         return EXIT_STOPPED
     except (InputError, OSError) as error:

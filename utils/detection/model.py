@@ -6,7 +6,8 @@ Backbones (chosen by name):
   weights, a feature pyramid built with ``create_feature_extractor`` over the
   stride-8, 16 and 32 stages (plus a max-pooled stride-64 level), and anchors
   sized for faces that are often 15-60 px: two sizes per level, (16, 24) px
-  on stride 8, (32, 48) on 16, (64, 96) on 32, (128, 256) on the pool level, aspect ratios (height/width) 0.75, 1.0 and 1.33. A stride-4 level
+  on stride 8, (32, 48) on 16, (64, 96) on 32, (128, 256) on the pool level, aspect ratios
+  (height/width) 0.75, 1.0 and 1.33. A stride-4 level
   was left out on purpose: on a CPU its 3x3 FPN and RPN convolutions would cost
   more than the whole backbone, and a 16 px anchor on the stride-8 grid still
   overlaps every face by IoU > 0.5 somewhere.

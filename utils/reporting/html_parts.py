@@ -147,18 +147,20 @@ def estimates_table(quantification: dict) -> str:
     rows += [[esc(method), "not computed", esc(why), "", "", ""]
              for method, why in (quantification.get("unavailable") or {}).items()]
     headline = quantification.get("estimate") or {}
+    fallback = esc(f" ({headline['fallback']})") if headline.get("fallback") else ""
     return ("<h3>Percent properly masked as an estimate (test set)</h3>"
             + table(["estimator", "", "figure (95% interval)", "error", "truth inside", "images"], rows, (0, 1, 2))
             + f'<p class="muted">True: {percent(quantification.get("true_percent"))} of '
               f'{esc(quantification.get("true_faces", "n/a"))} faces. Headline estimator '
-              f'<b>{esc(headline.get("method", "n/a"))}</b>{esc(" (" + headline["fallback"] + ")") if headline.get("fallback") else ""}. '
+              f'<b>{esc(headline.get("method", "n/a"))}</b>{fallback}. '
               "Seeded bootstrap intervals: cc and pcc resample the images only; acc and pacc also the validation "
               "images their rates come from.</p>")
 
 
 def card(label: str, value: str, sub: str = "", css: str = "") -> str:
     sub_html = f'<div class="sub">{sub}</div>' if sub else ""
-    return f'<div class="card"><div class="label">{esc(label)}</div><div class="value {css}">{value}</div>{sub_html}</div>'
+    return (f'<div class="card"><div class="label">{esc(label)}</div><div class="value {css}">{value}</div>'
+            f'{sub_html}</div>')
 
 
 def image_data_uri(data: bytes, max_px: int, jpeg_quality: int | None = None) -> str:

@@ -71,7 +71,8 @@ def summary_section(page: Page) -> None:
             card("Properly masked (true)", percent(true.get("percent_properly_masked")),
                  f"{true.get('faces', 'n/a')} labelled faces"),
             card("Properly masked (predicted)", percent(predicted.get("percent_properly_masked")),
-                 f"{predicted.get('faces', 'n/a')} faces kept at score &ge; {number(compliance.get('score_threshold'), 2)}"
+                 f"{predicted.get('faces', 'n/a')} faces kept at score &ge; "
+                 f"{number(compliance.get('score_threshold'), 2)}"
                  + (f"; 95% interval {headline['low']:.1f}&ndash;{headline['high']:.1f}% ({esc(headline['method'])})"
                     if headline.get("low") is not None else "")),
             card("Compliance error", "n/a" if error is None else f"{error:+.1f} pts",
@@ -84,7 +85,8 @@ def summary_section(page: Page) -> None:
         faces = evaluation.get("faces_per_class") or {}
         rows = [[esc(name), esc(faces.get(name, "n/a")), number(entry.get("ap")), number(entry.get("ap_50")),
                  number(entry.get("ap_75")), number(entry.get("recall")),
-                 esc((true.get("counts") or {}).get(name, "n/a")), esc((predicted.get("counts") or {}).get(name, "n/a"))]
+                 esc((true.get("counts") or {}).get(name, "n/a")),
+                 esc((predicted.get("counts") or {}).get(name, "n/a"))]
                 for name, entry in ((name, per_class.get(name) or {}) for name in CLASSES)]
         parts.append("<h3>Per class (test set)</h3>" + table(
             ["class", "faces", "AP", "AP50", "AP75", "recall", "true count", "predicted count"], rows))
@@ -92,7 +94,8 @@ def summary_section(page: Page) -> None:
             parts.append(estimates_table(evaluation["quantification"]))
         parts.append(f'<p class="muted">{esc(evaluation.get("num_images", "n/a"))} test images, model '
                      f'<code>{esc(evaluation.get("model", "n/a"))}</code> ({esc(evaluation.get("backbone", "n/a"))}, '
-                     f'{esc(evaluation.get("image_size", "n/a"))} px), mean test loss {number(evaluation.get("test_loss"))}. '
+                     f'{esc(evaluation.get("image_size", "n/a"))} px), '
+                     f'mean test loss {number(evaluation.get("test_loss"))}. '
                      f'Counts at the operating score threshold {number(compliance.get("score_threshold"), 2)}; '
                      f'mAP uses every detection.</p>')
     else:
@@ -126,7 +129,8 @@ def data_section(page: Page) -> None:
     if run.validation:
         validation = run.validation
         parts.append(f"<p>Data: <code>{esc(validation.get('images_dir', 'n/a'))}</code>: "
-                     f"{esc(validation.get('images_usable', 'n/a'))} usable of {esc(validation.get('images_total', 'n/a'))} "
+                     f"{esc(validation.get('images_usable', 'n/a'))} usable of "
+                     f"{esc(validation.get('images_total', 'n/a'))} "
                      f"images ({len(validation.get('images_excluded') or [])} excluded), "
                      f"{esc(validation.get('objects_kept', 'n/a'))} objects kept.</p>")
     if run.split_counts:
@@ -145,7 +149,7 @@ def data_section(page: Page) -> None:
 
 
 def hpo_section(page: Page) -> None:
-    run, hpo, parts = page.run, page.run.hpo, []
+    hpo, parts = page.run.hpo, []
     if not hpo:
         page.add("hpo", "HPO", note("This run has no <code>best_hpo_params.json</code>: no hyperparameter search "
                                     "ran, or it has not finished."))
@@ -163,8 +167,8 @@ def hpo_section(page: Page) -> None:
     if workers:
         parts.append("<h3>Workers</h3>" + table(
             ["result", "best value", "complete", "pruned", "failed"],
-            [[esc(w.get("file", "?")), number(w.get("best_value"), 4), esc((w.get("trial_counts") or {}).get("complete", "n/a")),
-              esc((w.get("trial_counts") or {}).get("pruned", "n/a")), esc((w.get("trial_counts") or {}).get("fail", "n/a"))]
+            [[esc(w.get("file", "?")), number(w.get("best_value"), 4),
+              *(esc((w.get("trial_counts") or {}).get(state, "n/a")) for state in ("complete", "pruned", "fail"))]
              for w in workers]))
     fixed = hpo.get("fixed_params") or {}
     if fixed:
@@ -205,7 +209,8 @@ def evaluation_section(page: Page) -> None:
             f'<span style="display:inline-block;min-width:3em;padding:1px 6px;border-radius:4px;'
             f'background:rgba(42,98,201,{0.08 + 0.6 * value / biggest:.2f})">{value}</span>' for value in row]
             for label, row in zip(labels, cells)]
-        parts.append(f"<h3>Confusion matrix (rows true, columns predicted; IoU &ge; {esc(matrix.get('iou_threshold'))}, "
+        parts.append("<h3>Confusion matrix (rows true, columns predicted; "
+                     f"IoU &ge; {esc(matrix.get('iou_threshold'))}, "
                      f"score &ge; {number(matrix.get('score_threshold'), 2)})</h3>"
                      + table(["true \\ predicted", *map(esc, labels)], rows)
                      + '<p class="muted">A missed face counts in the background column, a spurious or duplicate box '
@@ -215,7 +220,8 @@ def evaluation_section(page: Page) -> None:
     if evaluation:
         skipped, dropped = evaluation.get("skipped") or [], evaluation.get("objects_dropped") or []
         if skipped or dropped:
-            items = "".join(f"<li><code>{esc(e.get('file'))}</code>: {esc(e.get('reason'))}</li>" for e in skipped + dropped)
+            items = "".join(f"<li><code>{esc(e.get('file'))}</code>: {esc(e.get('reason'))}</li>"
+                            for e in skipped + dropped)
             parts.append(f"<details><summary>{len(skipped)} file(s) skipped, {len(dropped)} annotation(s) with "
                          f"objects left out</summary><ul>{items}</ul></details>")
     page.add("evaluation", "Evaluation", "".join(parts))
@@ -232,13 +238,15 @@ def predictions_section(page: Page) -> None:
     by_stem = {image.stem: image for image in run.annotated}
     if errors:
         ranked = [(by_stem[stem], entry) for stem, entry in
-                  sorted(errors.items(), key=lambda item: (-item[1].get("errors", 0), -item[1].get("missed", 0), item[0]))
+                  sorted(errors.items(),
+                         key=lambda item: (-item[1].get("errors", 0), -item[1].get("missed", 0), item[0]))
                   if stem in by_stem]
         unmatched = len(run.annotated) - len(ranked)
         threshold = (run.evaluation_images or {}).get("score_threshold")
         parts.append(f"<p>{len(run.annotated)} annotated images in this run; {len(ranked)} of them are test images "
                      f"with per-image errors (evaluation_images.json, score &ge; {number(threshold, 2)}). "
-                     f"The {min(GRID_IMAGES, len(ranked))} with the most errors are shown, worst first. The boxes drawn "
+                     f"The {min(GRID_IMAGES, len(ranked))} with the most errors are shown, worst first. "
+                     "The boxes drawn "
                      "are the model's predictions; the counts compare them with the ground truth.</p>")
         if unmatched:
             parts.append(note(f"{unmatched} annotated image(s) are not among the evaluated test images "
@@ -247,7 +255,8 @@ def predictions_section(page: Page) -> None:
     else:
         why = ("this run has no evaluation_images.json (evaluate writes it; runs made before it existed lack it)"
                if "evaluation_images.json" in run.missing else "no annotated image is a test image")
-        parts.append(note(f"Per-image errors are not available: {esc(why)}. Shown: the first {min(GRID_IMAGES, len(run.annotated))} "
+        parts.append(note(f"Per-image errors are not available: {esc(why)}. "
+                          f"Shown: the first {min(GRID_IMAGES, len(run.annotated))} "
                           f"of {len(run.annotated)} annotated images with their predicted counts."))
         chosen = [(image, None) for image in run.annotated[:GRID_IMAGES]]
     tiles = []
@@ -282,7 +291,8 @@ def timings_section(page: Page) -> None:
         longest = max((job.get("wall_time_s") or 0 for job in jobs), default=0) or 1
         totals, critical = stats.get("totals") or {}, stats.get("critical_path") or {}
         parts = [f"<p>From <code>statistics.json</code> (the local executor's measurements): started "
-                 f"{esc(stats.get('started', 'n/a'))}, workflow wall time <b>{seconds_text(stats.get('wall_time_s'))}</b>, "
+                 f"{esc(stats.get('started', 'n/a'))}, "
+                 f"workflow wall time <b>{seconds_text(stats.get('wall_time_s'))}</b>, "
                  f"cumulative job time {seconds_text(totals.get('cumulative_job_wall_time_s'))}, "
                  f"{esc(totals.get('succeeded', 'n/a'))} of {esc(totals.get('jobs', 'n/a'))} jobs succeeded "
                  f"({esc(totals.get('failed', 0))} failed, {esc(totals.get('reused', 0))} reused), up to "
@@ -349,10 +359,12 @@ def provenance_section(page: Page, commit: str | None) -> None:
     if run.run_records:
         rows = [[esc(f"{name}_run.json"), esc(record.get("job", "?")), esc(record.get("time", "n/a")),
                  esc(record.get("num_inputs", "n/a")),
-                 f"<code title='{esc(record.get('inputs_sha256') or '')}'>{esc((record.get('inputs_sha256') or 'n/a')[:16])}</code>"]
+                 f"<code title='{esc(record.get('inputs_sha256') or '')}'>"
+                 f"{esc((record.get('inputs_sha256') or 'n/a')[:16])}</code>"]
                 for name, record in sorted(run.run_records.items())]
         parts.append("<h3>Inputs of each job (SHA-256 over the input files; hover for the full hash)</h3>"
-                     + table(["run record", "job", "written", "inputs", "inputs SHA-256"], rows, text_columns=(0, 1, 2, 4)))
+                     + table(["run record", "job", "written", "inputs", "inputs SHA-256"], rows,
+                             text_columns=(0, 1, 2, 4)))
     else:
         parts.append(note("No run records (<code>*_run.json</code>) in this run."))
     if run.config is not None:
@@ -381,11 +393,13 @@ def build_report(run: RunFolder, commit: str | None = None, made_where: str = "b
     summary_section(page)  # last, so that it lists the images that could not be embedded too
     page.sections.insert(0, page.sections.pop())
     nav = "".join(f'<a href="#{sid}">{esc(title)}</a>' for sid, title, _ in page.sections)
-    body = "".join(f'<section id="{sid}"><h2>{esc(title)}</h2>{content}</section>' for sid, title, content in page.sections)
+    body = "".join(f'<section id="{sid}"><h2>{esc(title)}</h2>{content}</section>'
+                   for sid, title, content in page.sections)
     made = time.strftime("%Y-%m-%d %H:%M:%S %z")
     evaluation = run.evaluation or {}
+    predicted_percent = ((evaluation.get("compliance") or {}).get("predicted") or {}).get("percent_properly_masked")
     headline = (f"mAP@0.5 {number(evaluation.get('map_50'))} · "
-                f"{percent(((evaluation.get('compliance') or {}).get('predicted') or {}).get('percent_properly_masked'))} "
+                f"{percent(predicted_percent)} "
                 "predicted properly masked") if evaluation else "unfinished run"
     document = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
