@@ -29,7 +29,6 @@ the address cannot be bound or a flag is bad.
 import argparse
 import contextlib
 import logging
-import math
 import os
 import signal
 import socket
@@ -37,7 +36,7 @@ import sys
 from pathlib import Path
 
 from utils import defaults as D
-from utils.cli import run_job
+from utils.cli import int_between, non_negative_float, positive_float, positive_int, run_job
 from utils.detection.engine import resolve_device
 from utils.errors import InputError
 
@@ -52,35 +51,7 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{JOB}: error: {message} (see --help)\n")
 
 
-def port_number(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text[:20]!r} is not a port number") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
-    return port
-
-
-def at_least(minimum, kind=int):
-    """An argparse type: a finite *kind* (int or float) >= *minimum*."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text[:20]!r} is not {'an integer' if kind is int else 'a number'}") \
-                from None
-        if not math.isfinite(value) or value < minimum:
-            raise argparse.ArgumentTypeError(f"{text[:20]} is not a number >= {minimum}")
-        return value
-    return parse
-
-
-def positive_number(text: str) -> float:
-    value = at_least(0.0, float)(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text[:20]} is not a positive number")
-    return value
+port_number = int_between(1, 65535)
 
 
 def get_args_parser():
@@ -90,29 +61,29 @@ def get_args_parser():
                         help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it: "
                              "set --token then)")
     parser.add_argument("--port", type=port_number, default=8000, help="port, 1-65535 (default: 8000)")
-    parser.add_argument("--max-upload-mb", type=positive_number, default=D.SERVICE_MAX_UPLOAD_MB,
+    parser.add_argument("--max-upload-mb", type=positive_float, default=D.SERVICE_MAX_UPLOAD_MB,
                         help=f"largest image file accepted (default: {D.SERVICE_MAX_UPLOAD_MB:g})")
-    parser.add_argument("--max-images", type=at_least(1), default=D.SERVICE_MAX_IMAGES,
+    parser.add_argument("--max-images", type=positive_int, default=D.SERVICE_MAX_IMAGES,
                         help=f"most images per request (default: {D.SERVICE_MAX_IMAGES})")
-    parser.add_argument("--max-image-pixels", type=at_least(1), default=D.SERVICE_MAX_IMAGE_PIXELS,
+    parser.add_argument("--max-image-pixels", type=positive_int, default=D.SERVICE_MAX_IMAGE_PIXELS,
                         help="largest width x height of an upload, read from its header before decoding "
                              f"(default: {D.SERVICE_MAX_IMAGE_PIXELS:,})")
-    parser.add_argument("--explain-max-boxes", type=at_least(1), default=D.EXPLAIN_MAX_BOXES,
+    parser.add_argument("--explain-max-boxes", type=positive_int, default=D.EXPLAIN_MAX_BOXES,
                         help="/api/predict?explain=true: best detections explained per image (a backward pass "
                              f"each) (default: {D.EXPLAIN_MAX_BOXES})")
-    parser.add_argument("--queue-size", type=at_least(1), default=D.SERVICE_QUEUE_SIZE,
+    parser.add_argument("--queue-size", type=positive_int, default=D.SERVICE_QUEUE_SIZE,
                         help=f"requests in flight at most; one more gets 503 (default: {D.SERVICE_QUEUE_SIZE})")
-    parser.add_argument("--batch-size", type=at_least(1), default=D.SERVICE_BATCH_SIZE,
+    parser.add_argument("--batch-size", type=positive_int, default=D.SERVICE_BATCH_SIZE,
                         help=f"images of any requests in one forward pass (default: {D.SERVICE_BATCH_SIZE})")
-    parser.add_argument("--batch-wait-ms", type=at_least(0.0, float), default=D.SERVICE_BATCH_WAIT_MS,
+    parser.add_argument("--batch-wait-ms", type=non_negative_float, default=D.SERVICE_BATCH_WAIT_MS,
                         help="how long a begun batch waits for images still being decoded "
                              f"(default: {D.SERVICE_BATCH_WAIT_MS:g})")
-    parser.add_argument("--decode-threads", type=at_least(1), default=D.SERVICE_DECODE_THREADS,
+    parser.add_argument("--decode-threads", type=positive_int, default=D.SERVICE_DECODE_THREADS,
                         help="threads decoding uploads (default: one per CPU core)")
-    parser.add_argument("--max-connections", type=at_least(1), default=D.SERVICE_MAX_CONNECTIONS,
+    parser.add_argument("--max-connections", type=positive_int, default=D.SERVICE_MAX_CONNECTIONS,
                         help="connections served at once; more get 503 (default: "
                              f"{D.SERVICE_MAX_CONNECTIONS})")
-    parser.add_argument("--stop-timeout", type=at_least(0.0, float), default=D.SERVICE_STOP_TIMEOUT_S,
+    parser.add_argument("--stop-timeout", type=non_negative_float, default=D.SERVICE_STOP_TIMEOUT_S,
                         help="SIGTERM: seconds requests in flight get to finish (default: "
                              f"{D.SERVICE_STOP_TIMEOUT_S:g})")
     parser.add_argument("--token", default=None,

@@ -127,10 +127,11 @@ def _listening_port() -> socket.socket:
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--port", "99999"], "argument --port: 99999 is not a port number (1-65535)"),
-    (["--queue-size", "0"], "argument --queue-size: 0 is not a number >= 1"),
-    (["--decode-threads", "two"], "argument --decode-threads: 'two' is not an integer"),
-    (["--max-upload-mb", "nan"], "argument --max-upload-mb: nan is not a number >= 0.0"),
+    (["--port", "99999"], "argument --port: expected a whole number from 1 to 65535, got 99999"),
+    (["--queue-size", "0"], "argument --queue-size: expected a whole number of at least 1, got 0"),
+    (["--decode-threads", "two"], "argument --decode-threads: expected a whole number of at least 1, got 'two'"),
+    (["--max-upload-mb", "nan"], "argument --max-upload-mb: expected a finite number above 0, got 'nan'"),
+    (["--stop-timeout", "-1"], "argument --stop-timeout: expected a finite number of 0 or more, got -1"),
     (["--host", "no.such.host.invalid"], "--host 'no.such.host.invalid': not an address of this machine"),
     (["--port", "IN_USE"], "cannot listen there (Address already in use)"),
     (["--model", "MISSING"], "none.pt: model file not found"),
