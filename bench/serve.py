@@ -105,6 +105,41 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def level(url: str, files: dict, clients: int, requests: int, max_seconds: float) -> dict:
+    """*clients* threads posting *files* until *requests* are sent or *max_seconds* pass."""
+    import httpx
+
+    latencies, failures, lock = [], [0], threading.Lock()
+    remaining = [requests]
+    began = time.perf_counter()
+
+    def client():
+        with httpx.Client(timeout=300) as session:
+            while True:
+                with lock:
+                    if remaining[0] <= 0 or time.perf_counter() - began > max_seconds:
+                        return
+                    remaining[0] -= 1
+                start = time.perf_counter()
+                answer = session.post(f"{url}/api/predict", files=files)
+                with lock:
+                    if answer.status_code == 200:
+                        latencies.append(time.perf_counter() - start)
+                    else:
+                        failures[0] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - began
+    latencies.sort()
+    return {"ok": len(latencies), "failed": failures[0], "wall_s": wall, "rps": len(latencies) / wall,
+            "p50_s": statistics.median(latencies),
+            "p95_s": latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))]}
+
+
 def served(model_path: Path, jpeg: bytes, clients_levels, requests: int, max_seconds: float, pure,
            server_args: tuple = ()) -> list[dict]:
     """Each level right after a pure measurement of the same length: the machine's load changes over minutes
@@ -132,37 +167,9 @@ def served(model_path: Path, jpeg: bytes, clients_levels, requests: int, max_sec
         rows = []
         for clients in clients_levels:
             pure_rate = pure(PURE_SECONDS)
-            latencies, failures, lock = [], 0, threading.Lock()
-            remaining = [requests]
-            began = time.perf_counter()
-
-            def client():
-                nonlocal failures
-                with httpx.Client(timeout=300) as session:
-                    while True:
-                        with lock:
-                            if remaining[0] <= 0 or time.perf_counter() - began > max_seconds:
-                                return
-                            remaining[0] -= 1
-                        start = time.perf_counter()
-                        answer = session.post(f"{url}/api/predict", files=files)
-                        with lock:
-                            if answer.status_code == 200:
-                                latencies.append(time.perf_counter() - start)
-                            else:
-                                failures += 1
-
-            threads = [threading.Thread(target=client) for _ in range(clients)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            wall = time.perf_counter() - began
-            latencies.sort()
-            rows.append({"clients": clients, "pure_images_per_s": pure_rate["best"], "pure_detail": pure_rate, "ok": len(latencies), "failed": failures,
-                         "wall_s": wall,
-                         "rps": len(latencies) / wall, "p50_s": statistics.median(latencies),
-                         "p95_s": latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))]})
+            row = level(url, files, clients, requests, max_seconds)
+            rows.append({"clients": clients, "pure_images_per_s": pure_rate["best"], "pure_detail": pure_rate,
+                         **row})
         return rows
     finally:
         server.terminate()
@@ -198,11 +205,13 @@ def main(args) -> int:
     print(f"Service benchmark: {args.model}, one {image.width}x{image.height} JPEG ({len(jpeg) // 1024} KB), "
           f"{os.cpu_count()} CPUs, torch threads default")
     pure = pure_meter(args.model, image)
-    rows = served(args.model, jpeg, args.clients, args.requests, args.max_seconds, pure, tuple(args.server_args.split()))
+    rows = served(args.model, jpeg, args.clients, args.requests, args.max_seconds, pure,
+                  tuple(args.server_args.split()))
     for row in rows:
         row["served_over_pure"] = row["rps"] / row["pure_images_per_s"]
-        print(f"  served, {row['clients']:>2} client(s): {row['rps']:.2f} requests/s, p50 {row['p50_s'] * 1000:.0f} ms, "
-              f"p95 {row['p95_s'] * 1000:.0f} ms, {row['ok']} ok, {row['failed']} failed; pure just before "
+        print(f"  served, {row['clients']:>2} client(s): {row['rps']:.2f} requests/s, "
+              f"p50 {row['p50_s'] * 1000:.0f} ms, p95 {row['p95_s'] * 1000:.0f} ms, {row['ok']} ok, "
+              f"{row['failed']} failed; pure just before "
               f"{row['pure_images_per_s']:.2f} images/s; served / pure {row['served_over_pure']:.2f} (goal >= 0.9)",
               flush=True)
     pure_after = pure(PURE_SECONDS)["best"]
@@ -218,11 +227,12 @@ def main(args) -> int:
           f"{', '.join(f'{v:.2f}' for v in load_after)} on {os.cpu_count()} CPUs")
     from utils.atomic import write_json
 
-    write_json(args.output, {"model": str(args.model), "server_args": args.server_args, "image": {"width": image.width, "height": image.height,
-                                                                 "jpeg_bytes": len(jpeg)},
+    write_json(args.output, {"model": str(args.model), "server_args": args.server_args,
+                             "image": {"width": image.width, "height": image.height, "jpeg_bytes": len(jpeg)},
                              "cpus": os.cpu_count(), "load_average_before": load_before,
-                             "load_average_after": load_after, "served": rows, "pure_images_per_s_before_video": pure_after,
-                             "video_frames_per_s": video, "video_over_pure": video / pure_after,
+                             "load_average_after": load_after, "served": rows,
+                             "pure_images_per_s_before_video": pure_after, "video_frames_per_s": video,
+                             "video_over_pure": video / pure_after,
                              "goal_served_over_pure": 0.9,
                              "goal_met": all(r["served_over_pure"] >= 0.9 and r["failed"] == 0 for r in rows)})
     print(f"  written: {args.output}")

@@ -308,7 +308,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.get("/api/model")
     def model_info() -> dict:
         """What the model is: classes, backbone, image size, operating threshold, training record."""
-        return {"classes": list(CLASSES), "colours": {name: "#%02x%02x%02x" % rgb for name, rgb in CLASS_COLOURS.items()},
+        colours = {name: "#%02x%02x%02x" % rgb for name, rgb in CLASS_COLOURS.items()}
+        return {"classes": list(CLASSES), "colours": colours,
                 "backbone": meta.get("backbone"), "image_size": meta.get("image_size"),
                 "score_threshold": default_threshold, "score_threshold_source": threshold_source,
                 "operating_threshold": meta.get("operating_threshold"), "detection_floor": DETECTION_FLOOR,
