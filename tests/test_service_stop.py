@@ -35,6 +35,7 @@ def multipart(name: str, data: bytes, boundary: str = "stopboundary") -> bytes:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for the server's peak memory")
+@pytest.mark.slow
 def test_bombs_keep_memory_low_and_sigterm_finishes_the_request_in_flight(root, tiny_model_file, sample_dir):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
