@@ -81,7 +81,8 @@ def make_run_folder(run_dir: Path, *, map_50: float = 0.5, compliance_error: flo
                                  "matrix": [[10, 1, 0, 2], [0, 5, 0, 1], [1, 0, 2, 1], [3, 1, 0, 0]],
                                  "rows": "true", "columns": "predicted", "iou_threshold": 0.5, "score_threshold": 0.5},
             "compliance": {"score_threshold": 0.5,
-                           "true": {"faces": 24, "counts": {"with_mask": 18, "without_mask": 4, "mask_weared_incorrect": 2},
+                           "true": {"faces": 24,
+                                    "counts": {"with_mask": 18, "without_mask": 4, "mask_weared_incorrect": 2},
                                     "percent_properly_masked": true_percent},
                            "predicted": {"faces": 20, "counts": {"with_mask": 15, "without_mask": 4,
                                                                  "mask_weared_incorrect": 1},
@@ -89,7 +90,8 @@ def make_run_folder(run_dir: Path, *, map_50: float = 0.5, compliance_error: flo
                            "error_points": compliance_error, "per_image_mae_points": 6.5, "images_compared": num_images,
                            "images_without_detections": 0, "images_without_faces": 0},
             "quantification": {
-                "estimate": estimate_record("cc", true_percent + compliance_error, 60.0, 90.0, num_images, true_percent),
+                "estimate": estimate_record("cc", true_percent + compliance_error, 60.0, 90.0, num_images,
+                                            true_percent),
                 "estimates": {"cc": estimate_record("cc", true_percent + compliance_error, 60.0, 90.0, num_images,
                                                     true_percent),
                               "pcc": estimate_record("pcc", 90.0, 85.0, 95.0, num_images, true_percent)},
@@ -126,7 +128,8 @@ def make_run_folder(run_dir: Path, *, map_50: float = 0.5, compliance_error: flo
             "params": {"lr": 0.01, "momentum": 0.9}, "value": 0.2, "objective": "fitness",
             "objective_description": "0.1 * mAP@0.5 + 0.9 * mAP@0.5:0.95", "metrics": {"map": 0.2, "map_50": 0.4},
             "worker_index": 0, "trial": 1, "fixed_params": {"epochs": 1},
-            "workers": [{"file": "best_0.json", "best_value": 0.2, "trial_counts": {"complete": 2, "pruned": 0, "fail": 0}}],
+            "workers": [{"file": "best_0.json", "best_value": 0.2,
+                         "trial_counts": {"complete": 2, "pruned": 0, "fail": 0}}],
             "plot_notes": {}}))
         write_run_record(outputs / "best_0_run.json", "hpo", {"epochs": 1, "n_trials": 2})
     with open(outputs / "train_metrics.csv", "w", newline="") as handle:

@@ -82,7 +82,8 @@ def test_unreadable_annotation_unknown_class_and_split_are_reported(tmp_path):
 def test_cli(tmp_path, root):
     split_csv = make_split(tmp_path, annotation_entry=lambda stem: f"{stem}.xml")
     script = str(root / "bin" / "plot_class_distribution.py")
-    proc = subprocess.run([sys.executable, script, "--split-csv", str(split_csv), "--annotations", str(tmp_path / "ann"),
+    proc = subprocess.run([sys.executable, script, "--split-csv", str(split_csv),
+                           "--annotations", str(tmp_path / "ann"),
                            "--output", str(tmp_path / "out" / "class_distribution.png"),
                            "--output-csv", str(tmp_path / "out" / "class_distribution.csv")],
                           capture_output=True, text=True, timeout=120)

@@ -63,7 +63,8 @@ def test_sort_order_and_every_output_format(root, runs, tmp_path, capsys):
 
 
 def test_missing_and_unfinished_runs_are_warned_and_said_in_their_row(root, runs, tmp_path, capsys):
-    unfinished = make_run_folder(tmp_path / "unfinished", evaluation=False, statistics=False, figures=False, config=BASE)
+    unfinished = make_run_folder(tmp_path / "unfinished", evaluation=False, statistics=False, figures=False,
+                                 config=BASE)
     no_config = make_run_folder(tmp_path / "no_config", figures=False)
     assert run_script(root, "compare_runs", [*runs, unfinished, tmp_path / "gone", no_config]) == 0
     captured = capsys.readouterr()
@@ -76,7 +77,8 @@ def test_missing_and_unfinished_runs_are_warned_and_said_in_their_row(root, runs
     assert by_run["gone"]["status"] == "run folder not found" and by_run["gone"]["map_50"] == ""
     assert by_run["unfinished"]["status"] == "missing evaluation.json, statistics.json"
     assert [row[0] for row in rows][-2:] == ["unfinished", "gone"]  # no map_50: last
-    assert "- no config.yml: no_config; so every run's settings are rebuilt from its run records' params" in captured.out
+    assert ("- no config.yml: no_config; so every run's settings are rebuilt from its run records' params"
+            in captured.out)
 
 
 def test_bad_input_is_one_line(root, runs, tmp_path, capsys):

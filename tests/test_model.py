@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from utils.classes import CLASSES, LABEL_OF, NUM_CLASSES
-from utils.detection.model import (BACKBONES, ModelError, build_model, freeze_backbone, load_model_file, save_model_file,
-                         set_trainable_layers)
+from utils.detection.model import (BACKBONES, ModelError, build_model, freeze_backbone, load_model_file,
+                                   save_model_file, set_trainable_layers)
 
 
 def body_trainable(model) -> int:

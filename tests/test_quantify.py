@@ -65,7 +65,8 @@ def test_no_images_no_faces_and_one_image_give_n_a_not_a_crash():
     assert single["percent"] == pytest.approx(66.67) and single["low"] is None
     assert "no interval" in interval_text(single)
     # rates from calibration images without a face of some class: that class is estimated as 0, not a crash
-    record = {"truth": [2, 0, 0], "confusion": [[2, 0, 0, 0], [0] * 4, [0] * 4, [0] * 4], "soft": [[1.5, 0, 0]] + [[0] * 3] * 3}
+    record = {"truth": [2, 0, 0], "confusion": [[2, 0, 0, 0], [0] * 4, [0] * 4, [0] * 4],
+              "soft": [[1.5, 0, 0]] + [[0] * 3] * 3}
     result = estimate(Units.of([[1, 1, 0], [2, 0, 0]], [[1, 1, 0], [2, 0, 0]]), "acc", labelled([record]))
     assert result["percent"] == 100.0
 
