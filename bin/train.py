@@ -27,14 +27,13 @@ from utils.classes import LabelMap
 from utils.cli import (add_label_map_arg, fraction, non_negative_float, non_negative_int, positive_float, positive_int,
                        run_job)
 from utils.detection.engine import resolve_device
-from utils.detection.model import BACKBONES, save_model_file
+from utils.detection.model import BACKBONES
 from utils.detection.recipe import check_budget_plan, describe
-from utils.detection.tensorboard_log import TensorBoardError, pack_events
+from utils.detection.tensorboard_log import TensorBoardError
 from utils.detection.training import Trainer, TrainingDataError
-from utils.detection.training_run import (choose_threshold_on_validation, open_training_data, resolve_training,
-                                          resume_and_watch, train_epochs)
+from utils.detection.training_run import (open_training_data, resolve_training, resume_and_watch, train_epochs,
+                                          write_model_outputs)
 from utils.errors import InputError
-from utils.provenance import package_versions, write_run_record
 from utils.stop import declare_outputs, stop_on_sigterm
 
 log = logging.getLogger("train")
@@ -212,41 +211,14 @@ def main(args) -> int:
         record = train_epochs(trainer, paths, checkpoint_args, validate_map=bool(data.val_pairs))
 
         log.info("Writing the model")
-        operating, calibration = choose_threshold_on_validation(trainer, bool(data.val_pairs))
-        trained = trainer.params.to_dict()  # the plan as trained: a budget's fitted epochs, stages and steps
-        final_loss = record.history[-1]["train_loss"]
-        # data_label_map: {object name in the data's XML: class} the data was read with ({}: names were the
-        # classes); meta's "label_map" is another thing, class -> label number, set by the model file.
-        meta = {"training": trained, "data_label_map": label_map.as_dict(),
-                "epochs_completed": trainer.completed_epochs,
-                "num_train_images": len(data.train_pairs), "num_val_images": len(data.val_pairs),
-                "val_mode": args.val_mode if args.val_images else None, "skipped_inputs": len(data.skipped),
-                "inputs_sha256": data.inputs_sha256, "final_train_loss": final_loss, "packages": package_versions()}
-        if args.params:
-            meta["params_file"] = str(args.params)
-        meta["operating_threshold"] = operating
-        if calibration is not None:
-            meta["quantification"] = calibration
-        if record.plan.staged:
-            # training.stages holds the stages trained (a --time-budget run's fitted ones); these as asked for
-            meta["stages_requested"] = record.plan.requested_record()
-        save_model_file(paths["output"], trainer.eval_model, meta)
-        if trainer.board is not None:
-            trainer.board.close()
-            if args.tensorboard_tar:
-                pack_events(args.tensorboard_dir, args.tensorboard_tar)
-                log.info("TensorBoard events packed into %s", args.tensorboard_tar)
-        summary = {"output": str(paths["output"]), "epochs": trainer.completed_epochs, "final_train_loss": final_loss,
-                   "weights": trainer.model.weights_report.message,
-                   "stages": trainer.describe_stages() if record.plan.staged else None}
-        write_run_record(paths["run_record"], "train", {**vars(args), "resolved": trained, "device": str(device),
-                                                        "summary": summary, "skipped": data.skipped}, data.input_files)
+        final_loss = write_model_outputs(trainer, record, data, args, paths, label_map, device)
     if record.budget_plan is not None:
         first, final = record.budget_plan
         log.info("time budget plan: --budget-plan %s,%d replays it", "none" if first is None else first, final)
     print(f"train: {trainer.completed_epochs} epochs, final loss {final_loss:.4f}, {len(data.skipped)} inputs "
           f"skipped; model written to {paths['output']}")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(run_job(main, get_args_parser()))

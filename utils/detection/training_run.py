@@ -17,12 +17,13 @@ from pathlib import Path
 from .. import defaults as D
 from ..atomic import atomic_path, write_text
 from ..cli import print_values
-from ..provenance import inputs_sha256
+from ..provenance import inputs_sha256, package_versions, write_run_record
 from .compliance import choose_operating_threshold
 from .quantify import calibration_record
 from .recipe import gpu_recipe
 from .stages import parse_stages
-from .tensorboard_log import TrainBoard
+from .model_file import save_model_file
+from .tensorboard_log import TrainBoard, pack_events
 from .training import Trainer, TrainingDataError, TrainingRecord, open_pairs, read_params_file, resolve_params
 from .training_plan import TrainingPlan, make_plan
 
@@ -137,6 +138,41 @@ def choose_threshold_on_validation(trainer: Trainer, has_val: bool) -> tuple[dic
     # Per validation image, at the chosen threshold: what acc and pacc correct new counts with, kept per
     # image so that an interval can resample these images too (utils/detection/quantify.py).
     return {**choice, "chosen_on": "validation"}, calibration_record(preds, targets, choice["score_threshold"])
+
+
+def write_model_outputs(trainer: Trainer, record: TrainingRecord, data: TrainingData, args, paths: dict,
+                        label_map, device) -> float:
+    """The model file (the EMA weights when kept, the operating threshold, the parameters as trained), the
+    packed TensorBoard events and the run record; returns the final training loss."""
+    operating, calibration = choose_threshold_on_validation(trainer, bool(data.val_pairs))
+    trained = trainer.params.to_dict()  # the plan as trained: a budget's fitted epochs, stages and steps
+    final_loss = record.history[-1]["train_loss"]
+    # data_label_map: {object name in the data's XML: class} the data was read with ({}: names were the
+    # classes); meta's "label_map" is another thing, class -> label number, set by the model file.
+    meta = {"training": trained, "data_label_map": label_map.as_dict(), "epochs_completed": trainer.completed_epochs,
+            "num_train_images": len(data.train_pairs), "num_val_images": len(data.val_pairs),
+            "val_mode": args.val_mode if args.val_images else None, "skipped_inputs": len(data.skipped),
+            "inputs_sha256": data.inputs_sha256, "final_train_loss": final_loss, "packages": package_versions()}
+    if args.params:
+        meta["params_file"] = str(args.params)
+    meta["operating_threshold"] = operating
+    if calibration is not None:
+        meta["quantification"] = calibration
+    if record.plan.staged:
+        # training.stages holds the stages trained (a --time-budget run's fitted ones); these as asked for
+        meta["stages_requested"] = record.plan.requested_record()
+    save_model_file(paths["output"], trainer.eval_model, meta)
+    if trainer.board is not None:
+        trainer.board.close()
+        if args.tensorboard_tar:
+            pack_events(args.tensorboard_dir, args.tensorboard_tar)
+            log.info("TensorBoard events packed into %s", args.tensorboard_tar)
+    summary = {"output": str(paths["output"]), "epochs": trainer.completed_epochs, "final_train_loss": final_loss,
+               "weights": trainer.model.weights_report.message,
+               "stages": trainer.describe_stages() if record.plan.staged else None}
+    write_run_record(paths["run_record"], "train", {**vars(args), "resolved": trained, "device": str(device),
+                                                    "summary": summary, "skipped": data.skipped}, data.input_files)
+    return final_loss
 
 
 def write_metrics_csv(path, history: list[dict]) -> None:
