@@ -57,12 +57,13 @@ def get_args_parser():
     model.add_argument("--backbone", choices=BACKBONES, default=None,
                        help=f"detector backbone (default: {D.BACKBONE})")
     model.add_argument("--weights", default=None,
-                       help=f"pretrained weights: none, imagenet, coco, widerface or a file PATH (default: {D.WEIGHTS}; "
-                            "imagenet and widerface both mean retinaface_mnet025's WIDER FACE weights); "
+                       help="pretrained weights: none, imagenet, coco, widerface or a file PATH "
+                            f"(default: {D.WEIGHTS}; imagenet and widerface both mean retinaface_mnet025's WIDER "
+                            "FACE weights); "
                             "falls back to what is available and says so")
     model.add_argument("--weights-file", default=None,
-                       help="explicit pretrained weight file (ImageNet backbone, converted RetinaFace or detector state dict); "
-                            "workflow workers have no internet (default: torchvision's cache)")
+                       help="explicit pretrained weight file (ImageNet backbone, converted RetinaFace or detector "
+                            "state dict); workflow workers have no internet (default: torchvision's cache)")
     model.add_argument("--image-size", type=int, default=None,
                        help=f"longer image side after resizing, in px (default: {D.IMAGE_SIZE})")
     model.add_argument("--trainable-layers", type=int, default=None,
@@ -74,7 +75,8 @@ def get_args_parser():
     opt.add_argument("--params", default=None, help="JSON file of hyperparameters, e.g. best_hpo_params.json "
                      "(default: none)")
     opt.add_argument("--epochs", type=int, default=None, help=f"epochs (default: {D.EPOCHS})")
-    opt.add_argument("--batch-size", type=positive_int, default=None, help=f"images per batch (default: {D.BATCH_SIZE})")
+    opt.add_argument("--batch-size", type=positive_int, default=None,
+                     help=f"images per batch (default: {D.BATCH_SIZE})")
     opt.add_argument("--workers", type=non_negative_int, default=None,
                      help="data-loading worker processes; -1: none on a CPU (decoding is <1%% of a CPU "
                           f"training step), a few on a GPU (default: {D.LOADER_WORKERS})")
@@ -83,7 +85,8 @@ def get_args_parser():
     opt.add_argument("--lr", type=positive_float, default=None, help=f"base learning rate (default: {D.LR})")
     opt.add_argument("--momentum", type=non_negative_float, default=None,
                      help=f"SGD momentum, AdamW beta1 (default: {D.MOMENTUM})")
-    opt.add_argument("--weight-decay", type=non_negative_float, default=None, help=f"weight decay (default: {D.WEIGHT_DECAY})")
+    opt.add_argument("--weight-decay", type=non_negative_float, default=None,
+                     help=f"weight decay (default: {D.WEIGHT_DECAY})")
     opt.add_argument("--lr-schedule", choices=["cosine", "step"], default=None,
                      help=f"decay after warm-up (default: {D.LR_SCHEDULE})")
     opt.add_argument("--warmup-iters", type=non_negative_int, default=None,
