@@ -11,7 +11,7 @@ Keys per stage: ``epochs`` (int >= 1, required), ``lr`` (float > 0; default: the
 ``trainable_layers`` (backbone stages trained from the top: 0 = whole backbone frozen, at most 6 for
 mobilenet_v2_fpn and 5 for the resnets; default: the run's trainable layers) and ``name``.
 Each stage gets a fresh warm-up + cosine schedule of its own length and a new optimizer over the
-parameters it trains (utils.detection.training.Trainer).
+parameters it trains (utils.detection.training.Trainer, following a training_plan.TrainingPlan).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .. import safe_yaml
 from ..errors import InputError
 
 # The most backbone stages any of our backbones has (mobilenet_v2_fpn: 6, the resnets: 5); the backbone's
-# own limit is checked before training (utils.detection.training.Trainer, model.num_backbone_stages).
+# own limit is checked before training (training_plan.TrainingPlan.check_backbone, model.num_backbone_stages).
 MAX_TRAINABLE_LAYERS = 6
 STAGE_KEYS = ("epochs", "lr", "trainable_layers", "name")
 STAGE_FILE_SUFFIXES = (".json", ".yml", ".yaml")
