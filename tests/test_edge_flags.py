@@ -157,6 +157,7 @@ def test_workflow_refuses_a_bad_value_in_one_line(sample_dir, tmp_path, capsys, 
     assert words in one_error_line(err)
 
 
+@pytest.mark.slow
 def test_the_real_scripts_exit_2_in_one_line(paths):
     for script, argv in (("predict", [*PREDICT, "--workers", "-7"]), ("train", [*TRAIN, "--lr", "nan"])):
         proc = subprocess.run([sys.executable, str(ROOT / "bin" / f"{script}.py"), *fill(argv, paths)],

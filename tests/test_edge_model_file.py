@@ -122,6 +122,7 @@ def test_predict_and_evaluate_exit_2_with_one_line_on_a_bad_model_file(root, bad
     assert EXPECTED[case] in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_the_real_script_on_the_issues_six_class_file_exits_2_without_a_traceback(root, bad_model_files, tmp_path):
     proc = subprocess.run([sys.executable, str(root / "bin" / "predict.py"), "--images", str(tmp_path),
                            "--model", str(bad_model_files["six_classes"]), "--output-dir", str(tmp_path / "out")],

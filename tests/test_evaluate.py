@@ -16,6 +16,7 @@ from utils.detection.evaluation import evaluate_model, labelled_pairs
 from utils.data.pairs import pack_folder
 
 
+@pytest.mark.slow
 def test_evaluate_cli_writes_every_output(root, sample_dir, tiny_model_file, tmp_path, capsys):
     script = load_script(root, "evaluate")
     # A flat .tar of images and XML files given as both --images and --annotations, as the workflow stages it.

@@ -30,6 +30,7 @@ def model_and_image(tiny_model_file, sample_dir):
     return model, image, out
 
 
+@pytest.mark.slow
 def test_hirescam_maps_are_per_box_and_stay_on_the_box(model_and_image):
     model, image, out = model_and_image
     explanations = explain_image(model, image, out["boxes"], out["labels"], out["scores"], "cpu", "hirescam", 3)
@@ -92,6 +93,7 @@ def test_predict_explain_writes_overlays_listed_in_predictions_json(root, tiny_m
             assert (out / "annotated" / entry["file"]).stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_predict_explain_needs_annotated_images(root, tiny_model_file, sample_dir, tmp_path):
     image = sorted((sample_dir / "images").glob("*.jpg"))[0]
     proc = subprocess.run([sys.executable, str(root / "bin/predict.py"), "--images", str(image), "--model",

@@ -195,6 +195,7 @@ def test_train_records_the_label_map_in_the_model_file_and_its_run_record(root, 
     assert record["params"]["label_map"] == MAP_TEXT
 
 
+@pytest.mark.slow
 def test_evaluate_reads_mapped_names(root, data_sets, tiny_model_file, tmp_path):
     _, foreign, objects = data_sets
     out = tmp_path / "eval"

@@ -22,6 +22,7 @@ def run_predict(root, argv):
     return run_script(root, "predict", argv)
 
 
+@pytest.mark.slow
 def test_predict_survives_corrupt_files_and_odd_images(root, sample_dir, tiny_model_file, tmp_path, capsys):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
@@ -121,6 +122,7 @@ def test_predict_fails_when_nothing_is_readable(root, tiny_model_file, tmp_path,
     assert compliance["skipped"][0]["file"] == str(bad)
 
 
+@pytest.mark.slow
 def test_predict_uses_the_models_operating_threshold_unless_told_otherwise(root, sample_dir, tiny_model_file,
                                                                           tmp_path, capsys):
     from utils.detection.model import load_model_file, save_model_file

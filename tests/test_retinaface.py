@@ -134,6 +134,7 @@ def test_absent_weights_fall_back_to_the_imagenet_backbone_in_one_line(monkeypat
     assert len(warnings) == 1 and "not provisioned" in warnings[0]
 
 
+@pytest.mark.slow
 def test_pretrained_first_stage_finds_synthetic_faces_zero_shot(provisioned, sample_dir):
     """Before any training the RPN's 50 best proposals hold most faces; random weights hold none.
 

@@ -126,6 +126,7 @@ def test_a_full_queue_answers_503_with_retry_after(tiny_model_file, sample_dir, 
     assert first["answer"].status_code == 200
 
 
+@pytest.mark.slow
 def test_serve_refuses_a_missing_model_in_one_line(root, tmp_path):
     proc = subprocess.run([sys.executable, str(root / "bin" / "serve.py"), "--model", str(tmp_path / "none.pt")],
                           capture_output=True, text=True, timeout=120)

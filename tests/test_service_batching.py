@@ -26,6 +26,7 @@ def as_tensor(path) -> torch.Tensor:
     return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
 
 
+@pytest.mark.slow
 def test_images_from_several_submitters_share_a_pass_and_get_their_single_answers(tiny_model_file, sample_dir):
     model, *_ = load_trained_model(tiny_model_file, "cpu")
     tensors = [as_tensor(p) for p in sorted((sample_dir / "images").glob("*.jpg"))[:4]]  # all 160x120

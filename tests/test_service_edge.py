@@ -136,6 +136,7 @@ def _listening_port() -> socket.socket:
     (["--port", "IN_USE"], "cannot listen there (Address already in use)"),
     (["--model", "MISSING"], "none.pt: model file not found"),
 ])
+@pytest.mark.slow
 def test_serve_bad_flags_are_one_line_and_exit_2(root, tiny_model_file, tmp_path, flags, message):
     with _listening_port() as busy:
         flags = [str(busy.getsockname()[1]) if f == "IN_USE" else str(tmp_path / "none.pt") if f == "MISSING" else f

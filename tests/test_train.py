@@ -193,6 +193,7 @@ def test_non_finite_loss_is_a_clear_error(tiny_dir):
         train_one_epoch(model, optimizer, loader, torch.device("cpu"), epoch=3, progress=False)
 
 
+@pytest.mark.slow
 def test_evaluate_loss_changes_nothing(tiny_dir):
     params = TrainParams(**{**TINY, "weights": "none"})  # plain BatchNorm: the case where train mode would update
     trainer = Trainer(params, tiny_pairs(tiny_dir), torch.device("cpu"), progress=False)
