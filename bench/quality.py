@@ -173,7 +173,8 @@ def run_one(name, images, annotations, args, device, limit=None, recipe=None):
     per_class = {cls: {"ap": v.get("ap"), "ap_50": v.get("ap_50")} for cls, v in metrics["per_class"].items()}
     # images/s over the whole training time, validation excluded (there is none here)
     images_per_s = steps * params.batch_size / train_s if train_s else None
-    result = {"data": name, "recipe": describe(params), "params": params.to_dict(), **summary, "train_images": len(train), "test_images": len(test),
+    result = {"data": name, "recipe": describe(params), "params": params.to_dict(), **summary,
+              "train_images": len(train), "test_images": len(test),
               "epochs": epochs, "steps": steps, "epochs_trained": round(epochs_trained, 2),
               "train_s": round(train_s, 1), "eval_s": round(eval_s, 1), "images_per_s": images_per_s,
               "map": metrics["map"], "map_50": metrics["map_50"], "map_75": metrics["map_75"],
@@ -206,7 +207,8 @@ def ablation_table(rows) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         c = r["compliance"]
-        cells = [r["row"], f"{'yes' if r['kept'] else 'no'} ({r['val_f1']:.3f})", f"{r['epochs_trained']:.1f}", fmt(r["map"]), fmt(r["map_50"]),
+        cells = [r["row"], f"{'yes' if r['kept'] else 'no'} ({r['val_f1']:.3f})", f"{r['epochs_trained']:.1f}",
+                 fmt(r["map"]), fmt(r["map_50"]),
                  *[fmt(r["per_class"][cls]["ap_50"]) for cls in classes], f"{r['score_threshold']:.2f}",
                  fmt_points(c["error_points"]), fmt_points(c["per_image_mae_points"], signed=False),
                  f"{r['train_s'] / 60:.1f}"]

@@ -161,7 +161,8 @@ def test_trainer_with_a_time_budget_records_its_plan_and_a_resumed_run_keeps_it(
     trainer.checkpoint(tmp_path / "checkpoint.pt", {})
     saved = load_checkpoint(tmp_path / "checkpoint.pt")
     assert saved["args"]["params"]["max_steps"] == steps and saved["extra"]["ema"] is not None
-    assert saved["args"]["params"]["budget_plan"] == trainer.params.budget_plan and trainer.params.budget_plan[1] == steps
+    assert (saved["args"]["params"]["budget_plan"] == trainer.params.budget_plan
+            and trainer.params.budget_plan[1] == steps)
 
     again = Trainer(TrainParams(**levers), pairs, torch.device("cpu"), val_pairs=pairs[:2], progress=False)
     assert again.resume(tmp_path / "checkpoint.pt") == 1
@@ -246,7 +247,8 @@ def test_a_recorded_budget_plan_replays_the_budget_run_bit_for_bit(tmp_path, mon
     monkeypatch.setattr(recipe.time, "perf_counter", ticking(4.0))
     budget_run = train_to_the_end(Trainer(TrainParams(**levers), pairs, torch.device("cpu"), progress=False))
     first, final = budget_run.params.budget_plan
-    assert first > len(budget_run.train_loader) < final == budget_run.params.max_steps < 4 * len(budget_run.train_loader)
+    assert (first > len(budget_run.train_loader) < final == budget_run.params.max_steps
+            < 4 * len(budget_run.train_loader))
     assert budget_run.completed_epochs == budget_run.params.epochs > 1
     expected = budget_run.model.state_dict()
 

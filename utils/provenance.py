@@ -59,7 +59,8 @@ def experiment_config(folder=".") -> dict | None:
     try:
         settings = safe_yaml.load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise InputError(f"{path}: the workflow's settings are not valid YAML ({' '.join(str(error).split())})") from None
+        reason = " ".join(str(error).split())
+        raise InputError(f"{path}: the workflow's settings are not valid YAML ({reason})") from None
     if not isinstance(settings, dict):
         raise InputError(f"{path}: the workflow's settings must be a mapping, got {type(settings).__name__}")
     return settings

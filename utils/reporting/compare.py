@@ -166,7 +166,8 @@ def to_markdown(comparison: Comparison) -> str:
     header = "| " + " | ".join(map(escape, comparison.columns)) + " |"
     rule = "| " + " | ".join("---" if column in ("run", "status") or column in comparison.settings else "---:"
                              for column in comparison.columns) + " |"
-    body = ["| " + " | ".join(escape(cell_text(row[c], c)) for c in comparison.columns) + " |" for row in comparison.rows]
+    body = ["| " + " | ".join(escape(cell_text(row[c], c)) for c in comparison.columns) + " |"
+            for row in comparison.rows]
     return "\n".join([header, rule, *body, "", *(f"- {line}" for line in notes(comparison))]) + "\n"
 
 

@@ -38,45 +38,38 @@ detections of each image; the page asks /api/explain for the one box a user clic
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
-import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image
-from torchvision.models.detection.transform import GeneralizedRCNNTransform, _resize_image_and_masks
 from torchvision.ops import box_iou
 
 from .. import defaults as D
-from ..classes import CLASS_COLOURS, CLASSES, LABEL_OF, NAME_OF
-from ..data.images import ImageError, PixelLimitError, check_image_pixels, load_rgb_bytes
+from ..classes import CLASS_COLOURS, CLASSES, LABEL_OF
+from ..data.images import ImageError, PixelLimitError, check_image_pixels
 from ..detection.compliance import compliance, merge_compliance
 from ..detection.evaluation import load_trained_model
 from ..detection.explain import EXPLAIN_METHODS, ExplainError, explain_image
 from ..detection.inference import detect, to_model_input
-from ..detection.plots import draw_detections
 from ..detection.quantify import prediction_estimates, soft_counts
 from .batching import BatchWorker
 from .edge import EdgeMiddleware
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
+from .uploads import (AdmissionQueue, PixelBudget, Upload, annotated_jpeg, decode_to_tensor, default_decode_threads,
+                      detection_records, explanation_record, model_sized_input, parse_box, quoted, upload_name)
 
 DETECTION_FLOOR = D.DETECTION_FLOOR  # lowest score returned: below it a box is noise at any threshold a user would pick
 IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff"}
 RETRY_AFTER_S = 2
 MATCH_IOU = 0.5  # /api/explain: the detection explained is the model's box of that class overlapping the given one
 PAGE = Path(__file__).with_name("page.html")  # the web page at /: plain HTML and JS, no build step, no CDN
-MAX_NAME_CHARS = 255  # an upload's name as echoed (a file system's longest name); a longer one is cut
 PROTECTED = ("/api/model", "/api/predict", "/api/explain")  # need the token when one is set; probes never do
 
 
@@ -102,135 +95,10 @@ class ServiceConfig:
         return int((self.max_images * self.max_upload_mb + D.SERVICE_REQUEST_OVERHEAD_MB) * 2**20)
 
 
-def default_decode_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-@dataclass
-class _Queue:
-    """Prediction and explanation requests in flight (decoding, waiting, in inference); at most `limit`."""
-
-    limit: int
-    waiting: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def enter(self) -> bool:
-        with self.lock:
-            if self.waiting >= self.limit:
-                return False
-            self.waiting += 1
-            return True
-
-    def leave(self) -> None:
-        with self.lock:
-            self.waiting -= 1
-
-
-class _PixelBudget:
-    """Decoded pixels held by all requests together; a request waits until its own fit."""
-
-    def __init__(self, limit: int):
-        self.limit, self.held = limit, 0
-        self._changed = asyncio.Condition()  # made in the lifespan: bound to the server's event loop
-
-    async def acquire(self, pixels: int) -> None:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.held + pixels <= self.limit)
-            self.held += pixels
-
-    async def release(self, pixels: int) -> None:
-        async with self._changed:
-            self.held -= pixels
-            self._changed.notify_all()
-
-
-@dataclass
-class _Upload:
-    """An upload as the multipart parser spooled it (in memory below 1 MB, else an unnamed temporary
-    file): its bytes are read only on a decode thread, so a request never holds them all at once."""
-
-    name: str
-    file: Any
-    width: int = 0
-    height: int = 0
-
-
-def _detections(out: dict) -> list[dict]:
-    return [{"box": [round(v, 1) for v in box], "label": NAME_OF[int(label)], "score": round(float(score), 4)}
-            for box, label, score in zip(out["boxes"].tolist(), out["labels"].tolist(), out["scores"].tolist())]
-
-
-def _jpeg_data_url(picture) -> str:
-    buffer = io.BytesIO()
-    picture.save(buffer, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def _as_picture(tensor: torch.Tensor) -> Image.Image:
-    return Image.fromarray(tensor.permute(1, 2, 0).numpy())
-
-
-def _annotated_jpeg(tensor: torch.Tensor, out: dict, threshold: float) -> str:
-    keep = out["scores"] >= threshold
-    return _jpeg_data_url(draw_detections(_as_picture(tensor), out["boxes"][keep], out["labels"][keep],
-                                          out["scores"][keep]))
-
-
-def _explanation_record(explanation, method: str) -> dict:
-    return {"method": method, "evidence_in_box": round(explanation.evidence_in_box, 4),
-            "overlay": _jpeg_data_url(explanation.overlay)}
-
-
-def _quoted(text: str) -> str:
-    """A client's value in a message, bounded: a message never renders an unbounded value."""
-    return repr(text if len(text) <= D.MESSAGE_VALUE_CHARS else text[:D.MESSAGE_VALUE_CHARS] + "...")
-
-
-def parse_box(text: str) -> list[float]:
-    """`x1,y1,x2,y2` in pixels, x2 > x1 and y2 > y1 (HTTPException 422 otherwise)."""
-    try:
-        box = [float(v) for v in text.split(",")] if len(text) <= 200 else []
-    except ValueError:
-        box = []
-    if len(box) != 4 or not all(np.isfinite(box)) or box[2] <= box[0] or box[3] <= box[1]:
-        raise HTTPException(422, f"box {_quoted(text)}: expected x1,y1,x2,y2 in pixels with x2 > x1 and y2 > y1")
-    return box
-
-
-def model_sized_input(model, tensor: torch.Tensor, device) -> tuple[torch.Tensor, tuple[float, float] | None]:
-    """The float input of *tensor* at the size the detector's own transform would resize it to, and the
-    (x, y) factors that map boxes back; None when it would not shrink. The model would do the same
-    resize after normalising: bilinear resizing and per-channel normalising commute, so the answers
-    are the same up to float rounding, but a large photo costs the model's normalised copies at its
-    working size instead of at full size (25 M pixels: ~0.6 GB less at the peak)."""
-    image = to_model_input(tensor, device)
-    transform = getattr(model, "transform", None)
-    if not isinstance(transform, GeneralizedRCNNTransform) or transform.fixed_size is not None:
-        return image, None
-    height, width = image.shape[-2:]
-    if min(transform.min_size[-1] / min(height, width), transform.max_size / max(height, width)) >= 1:
-        return image, None
-    small, _ = _resize_image_and_masks(image, transform.min_size[-1], transform.max_size, None, None)
-    return small, (width / small.shape[-1], height / small.shape[-2])
-
-
-def decode_to_tensor(file, name: str) -> torch.Tensor:
-    """The upload as a uint8 CxHxW tensor (3 bytes a pixel; its file's bytes and the PIL image, 4 bytes a
-    pixel, live only during this call)."""
-    file.seek(0)
-    return torch.from_numpy(np.array(load_rgb_bytes(file.read(), name))).permute(2, 0, 1)
-
-
-def upload_name(upload: UploadFile) -> str:
-    """The file name a client gave, bounded: it is echoed in answers and messages."""
-    name = upload.filename or "upload"
-    return name if len(name) <= MAX_NAME_CHARS else name[:MAX_NAME_CHARS] + "..."
-
-
 def create_app(config: ServiceConfig) -> FastAPI:
     device = torch.device(config.device)
     model, meta, default_threshold, threshold_source = load_trained_model(config.model_path, device)
-    queue = _Queue(config.queue_size)
+    queue = AdmissionQueue(config.queue_size)
     max_bytes = int(config.max_upload_mb * 2**20)
     metrics = ServiceMetrics()
     decode_threads = config.decode_threads or default_decode_threads()
@@ -249,7 +117,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         app.state.worker = BatchWorker(run_batch, config.batch_size, config.batch_max_pixels,
                                        config.batch_wait_ms / 1000, on_batch=metrics.batch_images.observe)
         app.state.decoder = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode")
-        app.state.budget = _PixelBudget(config.pixels_in_memory)
+        app.state.budget = PixelBudget(config.pixels_in_memory)
         metrics.queue_images.set_function(app.state.worker.depth)
         metrics.pixels_held.set_function(lambda: app.state.budget.held)
         try:
@@ -324,11 +192,11 @@ def create_app(config: ServiceConfig) -> FastAPI:
             raise HTTPException(503, f"busy: {queue.limit} requests already wait for the model; retry shortly",
                                 headers={"Retry-After": str(RETRY_AFTER_S)})
 
-    async def read_upload(request: Request, upload: UploadFile) -> _Upload:
+    async def read_upload(request: Request, upload: UploadFile) -> Upload:
         """The upload and its size from the header, nothing decoded; 413/415/422 naming the file."""
         name = upload_name(upload)
         if upload.content_type not in IMAGE_TYPES:
-            raise HTTPException(415, f"{name}: unsupported type {_quoted(str(upload.content_type))}; "
+            raise HTTPException(415, f"{name}: unsupported type {quoted(str(upload.content_type))}; "
                                      f"send one of {', '.join(sorted(IMAGE_TYPES))}")
         size = upload.size if upload.size is not None else upload.file.seek(0, io.SEEK_END)
         if size > max_bytes:
@@ -342,9 +210,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
         except ImageError as error:
             raise HTTPException(422, str(error)) from None
         upload.file.seek(0)
-        return _Upload(name, upload.file, width, height)
+        return Upload(name, upload.file, width, height)
 
-    async def decode_all(request: Request, uploads: list[_Upload], announce: bool) -> list[torch.Tensor]:
+    async def decode_all(request: Request, uploads: list[Upload], announce: bool) -> list[torch.Tensor]:
         """The uploads as uint8 tensors, decoded on the pool in parallel; 422 naming the first bad one."""
         loop = asyncio.get_running_loop()
         decoder, worker = request.app.state.decoder, request.app.state.worker
@@ -361,7 +229,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 raise result
         return list(results)
 
-    async def holding_pixels(request: Request, uploads: list[_Upload], work):
+    async def holding_pixels(request: Request, uploads: list[Upload], work):
         """await work() while the uploads' decoded pixels are counted against pixels_in_memory."""
         pixels = sum(u.width * u.height for u in uploads)
         if pixels > config.pixels_in_memory:
@@ -393,7 +261,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             for explanation in explain_image(model, tensor, out["boxes"][counted], out["labels"][counted],
                                              out["scores"][counted], device, D.EXPLAIN_METHOD,
                                              config.explain_max_boxes):
-                found[int(counted[explanation.index])] = _explanation_record(explanation, D.EXPLAIN_METHOD)
+                found[int(counted[explanation.index])] = explanation_record(explanation, D.EXPLAIN_METHOD)
         return outputs, explained
 
     def explain_box(tensor: torch.Tensor, box: list[float], label: int, method: str):
@@ -454,12 +322,12 @@ def create_app(config: ServiceConfig) -> FastAPI:
         pictures = [None] * len(tensors)
         if annotated:  # drawing and JPEG-encoding a large photo takes a while: not on the event loop
             loop = asyncio.get_running_loop()
-            pictures = await asyncio.gather(*(loop.run_in_executor(request.app.state.decoder, _annotated_jpeg,
+            pictures = await asyncio.gather(*(loop.run_in_executor(request.app.state.decoder, annotated_jpeg,
                                                                    tensor, out, threshold)
                                               for tensor, out in zip(tensors, outputs)))
         results, records = [], []
         for upload, tensor, out, explanations, picture in zip(uploads, tensors, outputs, explained, pictures):
-            detections = _detections(out)
+            detections = detection_records(out)
             for index, explanation in explanations.items():
                 detections[index]["explanation"] = explanation
             counted = [d for d in detections if d["score"] >= threshold]
@@ -495,9 +363,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
         and the share of the map inside the box. 422 when the model finds no such detection there."""
         coordinates = parse_box(box)
         if label not in CLASSES:
-            raise HTTPException(422, f"label {_quoted(label)}: not one of {', '.join(CLASSES)}")
+            raise HTTPException(422, f"label {quoted(label)}: not one of {', '.join(CLASSES)}")
         if method not in EXPLAIN_METHODS:
-            raise HTTPException(422, f"method {_quoted(method)}: not one of {', '.join(EXPLAIN_METHODS)}")
+            raise HTTPException(422, f"method {quoted(method)}: not one of {', '.join(EXPLAIN_METHODS)}")
         admit(request)
         try:
             upload = await read_upload(request, file)
@@ -523,7 +391,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             raise HTTPException(422, f"{upload.name}: the model finds no {label} detection overlapping box {box} "
                                      f"(IoU > {MATCH_IOU}); send a box /api/predict returned")
         return {"file": upload.name, "label": label, "box": explanation.box, "score": explanation.score,
-                **_explanation_record(explanation, method)}
+                **explanation_record(explanation, method)}
 
     @app.exception_handler(HTTPException)
     async def one_line_errors(request: Request, error: HTTPException):
@@ -536,7 +404,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         for problem in error.errors()[:3]:
             where = " ".join(str(part) for part in problem.get("loc", ()))
             given = problem.get("input")
-            shown = f" (got {_quoted(str(given))})" if isinstance(given, (str, int, float)) else ""
+            shown = f" (got {quoted(str(given))})" if isinstance(given, (str, int, float)) else ""
             problems.append(f"{where}: {problem.get('msg', 'invalid')}{shown}")
         return JSONResponse({"detail": f"{request.method} {request.url.path}: {'; '.join(problems)}"},
                             status_code=422)

@@ -1,0 +1,152 @@
+"""What the service does with one request's uploads and answers, outside the app's routes: admission (the
+queue of requests in flight and the budget of decoded pixels), uploads decoded from memory at the model's
+working size, and the pieces of an answer (detections, annotated pictures, explanations)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import HTTPException, UploadFile
+from PIL import Image
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, _resize_image_and_masks
+
+from .. import defaults as D
+from ..classes import NAME_OF
+from ..data.images import load_rgb_bytes
+from ..detection.inference import to_model_input
+from ..detection.plots import draw_detections
+
+MAX_NAME_CHARS = 255  # an upload's name as echoed (a file system's longest name); a longer one is cut
+
+
+def default_decode_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@dataclass
+class AdmissionQueue:
+    """Prediction and explanation requests in flight (decoding, waiting, in inference); at most `limit`."""
+
+    limit: int
+    waiting: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def enter(self) -> bool:
+        with self.lock:
+            if self.waiting >= self.limit:
+                return False
+            self.waiting += 1
+            return True
+
+    def leave(self) -> None:
+        with self.lock:
+            self.waiting -= 1
+
+
+class PixelBudget:
+    """Decoded pixels held by all requests together; a request waits until its own fit."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+        self._changed = asyncio.Condition()  # made in the lifespan: bound to the server's event loop
+
+    async def acquire(self, pixels: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.held + pixels <= self.limit)
+            self.held += pixels
+
+    async def release(self, pixels: int) -> None:
+        async with self._changed:
+            self.held -= pixels
+            self._changed.notify_all()
+
+
+@dataclass
+class Upload:
+    """An upload as the multipart parser spooled it (in memory below 1 MB, else an unnamed temporary
+    file): its bytes are read only on a decode thread, so a request never holds them all at once."""
+
+    name: str
+    file: Any
+    width: int = 0
+    height: int = 0
+
+
+def detection_records(out: dict) -> list[dict]:
+    return [{"box": [round(v, 1) for v in box], "label": NAME_OF[int(label)], "score": round(float(score), 4)}
+            for box, label, score in zip(out["boxes"].tolist(), out["labels"].tolist(), out["scores"].tolist())]
+
+
+def jpeg_data_url(picture) -> str:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def as_picture(tensor: torch.Tensor) -> Image.Image:
+    return Image.fromarray(tensor.permute(1, 2, 0).numpy())
+
+
+def annotated_jpeg(tensor: torch.Tensor, out: dict, threshold: float) -> str:
+    keep = out["scores"] >= threshold
+    return jpeg_data_url(draw_detections(as_picture(tensor), out["boxes"][keep], out["labels"][keep],
+                                          out["scores"][keep]))
+
+
+def explanation_record(explanation, method: str) -> dict:
+    return {"method": method, "evidence_in_box": round(explanation.evidence_in_box, 4),
+            "overlay": jpeg_data_url(explanation.overlay)}
+
+
+def quoted(text: str) -> str:
+    """A client's value in a message, bounded: a message never renders an unbounded value."""
+    return repr(text if len(text) <= D.MESSAGE_VALUE_CHARS else text[:D.MESSAGE_VALUE_CHARS] + "...")
+
+
+def parse_box(text: str) -> list[float]:
+    """`x1,y1,x2,y2` in pixels, x2 > x1 and y2 > y1 (HTTPException 422 otherwise)."""
+    try:
+        box = [float(v) for v in text.split(",")] if len(text) <= 200 else []
+    except ValueError:
+        box = []
+    if len(box) != 4 or not all(np.isfinite(box)) or box[2] <= box[0] or box[3] <= box[1]:
+        raise HTTPException(422, f"box {quoted(text)}: expected x1,y1,x2,y2 in pixels with x2 > x1 and y2 > y1")
+    return box
+
+
+def model_sized_input(model, tensor: torch.Tensor, device) -> tuple[torch.Tensor, tuple[float, float] | None]:
+    """The float input of *tensor* at the size the detector's own transform would resize it to, and the
+    (x, y) factors that map boxes back; None when it would not shrink. The model would do the same
+    resize after normalising: bilinear resizing and per-channel normalising commute, so the answers
+    are the same up to float rounding, but a large photo costs the model's normalised copies at its
+    working size instead of at full size (25 M pixels: ~0.6 GB less at the peak)."""
+    image = to_model_input(tensor, device)
+    transform = getattr(model, "transform", None)
+    if not isinstance(transform, GeneralizedRCNNTransform) or transform.fixed_size is not None:
+        return image, None
+    height, width = image.shape[-2:]
+    if min(transform.min_size[-1] / min(height, width), transform.max_size / max(height, width)) >= 1:
+        return image, None
+    small, _ = _resize_image_and_masks(image, transform.min_size[-1], transform.max_size, None, None)
+    return small, (width / small.shape[-1], height / small.shape[-2])
+
+
+def decode_to_tensor(file, name: str) -> torch.Tensor:
+    """The upload as a uint8 CxHxW tensor (3 bytes a pixel; its file's bytes and the PIL image, 4 bytes a
+    pixel, live only during this call)."""
+    file.seek(0)
+    return torch.from_numpy(np.array(load_rgb_bytes(file.read(), name))).permute(2, 0, 1)
+
+
+def upload_name(upload: UploadFile) -> str:
+    """The file name a client gave, bounded: it is echoed in answers and messages."""
+    name = upload.filename or "upload"
+    return name if len(name) <= MAX_NAME_CHARS else name[:MAX_NAME_CHARS] + "..."
