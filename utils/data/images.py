@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -80,19 +81,9 @@ def check_image_pixels(source, limit: int = D.IMAGE_MAX_PIXELS, name=None) -> tu
         source = io.BytesIO(source)
     start = source.tell() if hasattr(source, "tell") else None
     try:
-        with Image.open(source) as img:
+        with _pillow_errors(name, "read image header"), Image.open(source) as img:
             _check_pixels(img, limit, name)
             return img.size
-    except ImageError:
-        raise
-    except TOO_LARGE as exc:
-        raise PixelLimitError(name, f"image too large: {exc} (not decoded)") from None
-    except FileNotFoundError:
-        raise ImageError(name, "file does not exist") from None
-    except UnidentifiedImageError:
-        raise ImageError(name, "not an image file (format not recognised)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(name, f"cannot read image header: {exc}") from None
     finally:
         if start is not None:
             source.seek(start)
@@ -117,25 +108,31 @@ def load_rgb_bytes(data: bytes, name: str) -> Image.Image:
 
 
 def _decode(source, path) -> Image.Image:
+    with _pillow_errors(path, "decode image"), Image.open(source) as img:
+        _check_pixels(img, D.IMAGE_MAX_PIXELS, path)  # from the header: a bomb is never decoded
+        img.load()  # full decode now, so truncated files fail here and not later
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+
+
+@contextmanager
+def _pillow_errors(name, action: str):
+    """What Pillow and the OS raise while reading *name*, as one ImageError line naming it."""
     try:
-        with Image.open(source) as img:
-            _check_pixels(img, D.IMAGE_MAX_PIXELS, path)  # from the header: a bomb is never decoded
-            img.load()  # full decode now, so truncated files fail here and not later
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+        yield
     except ImageError:
         raise
     except TOO_LARGE as exc:
-        raise PixelLimitError(path, f"image too large: {exc} (not decoded)") from None
+        raise PixelLimitError(name, f"image too large: {exc} (not decoded)") from None
     except FileNotFoundError:
-        raise ImageError(path, "file does not exist") from None
+        raise ImageError(name, "file does not exist") from None
     except UnidentifiedImageError:
-        raise ImageError(path, "not an image file (format not recognised)") from None
+        raise ImageError(name, "not an image file (format not recognised)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         message = str(exc) or exc.__class__.__name__
         if "truncated" in message.lower():
             message = f"truncated image file ({message})"
-        raise ImageError(path, f"cannot decode image: {message}") from None
+        raise ImageError(name, f"cannot {action}: {message}") from None
 
 
 def image_size(path) -> tuple[int, int]:
