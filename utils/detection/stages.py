@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import safe_yaml
-from ..errors import InputError
+from ..errors import InputError, shown
 
 # The most backbone stages any of our backbones has (mobilenet_v2_fpn: 6, the resnets: 5); the backbone's
 # own limit is checked before training (training_plan.TrainingPlan.check_backbone, model.num_backbone_stages).
@@ -108,28 +108,28 @@ def _parse_stage(entry, number: int, where: str) -> Stage:
         raise StagesError(f"{at}: expected a mapping of {', '.join(STAGE_KEYS)}, got {type(entry).__name__}")
     unknown = sorted(str(key) for key in entry if key not in STAGE_KEYS)
     if unknown:
-        raise StagesError(f"{at}: unknown key {unknown[0]!r} (known: {', '.join(STAGE_KEYS)})")
+        raise StagesError(f"{at}: unknown key {shown(unknown[0])} (known: {', '.join(STAGE_KEYS)})")
     if "epochs" not in entry:
         raise StagesError(f"{at}: key 'epochs' is required")
     epochs = entry["epochs"]
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise StagesError(f"{at}: key 'epochs' must be an integer >= 1, got {epochs!r}")
+        raise StagesError(f"{at}: key 'epochs' must be an integer >= 1, got {shown(epochs)}")
     lr = entry.get("lr")
     if lr is not None:
         number_lr = _number(lr)
         if number_lr is None or not math.isfinite(number_lr) or number_lr <= 0:
-            raise StagesError(f"{at}: key 'lr' must be a number > 0, got {lr!r}")
+            raise StagesError(f"{at}: key 'lr' must be a number > 0, got {shown(lr)}")
         lr = number_lr
     layers = entry.get("trainable_layers")
     if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int)
                                or not 0 <= layers <= MAX_TRAINABLE_LAYERS):
         raise StagesError(f"{at}: key 'trainable_layers' must be an integer 0..{MAX_TRAINABLE_LAYERS} "
-                          f"(0 freezes the whole backbone), got {layers!r}")
+                          f"(0 freezes the whole backbone), got {shown(layers)}")
     name = entry.get("name")
     if name is None:
         name = ""
     elif not isinstance(name, str):
-        raise StagesError(f"{at}: key 'name' must be text, got {name!r}")
+        raise StagesError(f"{at}: key 'name' must be text, got {shown(name)}")
     return Stage(epochs=epochs, lr=lr, trainable_layers=layers, name=name.strip())
 
 

@@ -16,7 +16,7 @@ from Pegasus.api import Namespace
 from .. import defaults as D, safe_yaml
 from ..classes import LabelMap, LabelMapError
 from ..detection.stages import Stage, StagesError, parse_stages, total_epochs
-from ..errors import InputError
+from ..errors import InputError, shown
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +32,17 @@ def validate_container_image(image: str) -> str:
     """Accept docker://OWNER/NAME:TAG (the planner needs the slash after docker://)."""
     prefix = "docker://"
     if not image.startswith(prefix):
-        raise ConfigError(f"--container-image {image!r}: must start with docker:// (docker://OWNER/NAME:TAG)")
+        raise ConfigError(f"--container-image {shown(image)}: must start with docker:// (docker://OWNER/NAME:TAG)")
     rest = image[len(prefix):]
     if rest.startswith("/"):
-        raise ConfigError(f"--container-image {image!r}: write docker://OWNER/NAME:TAG, not docker:///...")
+        raise ConfigError(f"--container-image {shown(image)}: write docker://OWNER/NAME:TAG, not docker:///...")
     name, _, tag = rest.rpartition(":")
     if "/" not in rest or not name or "/" not in name or not tag or "/" in tag:
-        raise ConfigError(f"--container-image {image!r}: expected docker://OWNER/NAME:TAG "
+        raise ConfigError(f"--container-image {shown(image)}: expected docker://OWNER/NAME:TAG "
                           "(owner, a slash, the image name and a tag)")
     owner, _, repo = name.partition("/")
     if not owner or not repo:
-        raise ConfigError(f"--container-image {image!r}: expected docker://OWNER/NAME:TAG")
+        raise ConfigError(f"--container-image {shown(image)}: expected docker://OWNER/NAME:TAG")
     return image
 
 
@@ -74,15 +74,15 @@ def load_sites_config(path: Path) -> dict:
         if name == "local":
             raise ConfigError(f"{path}: 'local' is the submit host; configure it under 'local:'")
         if not isinstance(site, dict):
-            raise ConfigError(f"{path}: site '{name}' must be a mapping")
+            raise ConfigError(f"{path}: site {shown(name)} must be a mapping")
         profiles = site.get("profiles") or {}
         if not isinstance(profiles, dict) or any(not isinstance(v, dict) for v in profiles.values()):
-            raise ConfigError(f"{path}: site '{name}': profiles must map namespace -> key -> value")
+            raise ConfigError(f"{path}: site {shown(name)}: profiles must map namespace -> key -> value")
         try:
             for namespace in profiles:
                 Namespace(namespace)
         except ValueError:
-            raise ConfigError(f"{path}: site '{name}': unknown profile namespace {namespace!r}") from None
+            raise ConfigError(f"{path}: site {shown(name)}: unknown profile namespace {shown(namespace)}") from None
     return config
 
 
@@ -94,7 +94,7 @@ def enum_value(enum_type, value, where: str):
         return enum_type(str(value).lower())
     except ValueError:
         choices = ", ".join(member.value for member in enum_type)
-        raise ConfigError(f"{where}: {value!r} is not one of {choices}") from None
+        raise ConfigError(f"{where}: {shown(value)} is not one of {choices}") from None
 
 
 def trials_per_worker(trials: int, workers: int) -> list[int]:
@@ -185,17 +185,18 @@ class WorkflowSettings:
         # Checked, and written one way (no spaces around "=" and ","), as the jobs' arguments get it.
         self.label_map = str(parse_label_map(self.label_map))
         if self.hpo_jobs < 1:
-            raise ConfigError(f"{self.label('hpo_jobs')} {self.hpo_jobs}: need at least one HPO job")
+            raise ConfigError(f"{self.label('hpo_jobs')} {shown(self.hpo_jobs)}: need at least one HPO job")
         if self.folds == 1 or self.folds < 0:
-            raise ConfigError(f"{self.label('folds')} {self.folds}: use 0 (no cross-validation) or 2 or more folds")
+            raise ConfigError(f"{self.label('folds')} {shown(self.folds)}: use 0 (no cross-validation) "
+                              "or 2 or more folds")
         if self.fold_ensemble and not self.folds:
             raise ConfigError("--fold-ensemble predicts with the fold models: add --folds K (K >= 2)")
         if self.trials < self.hpo_jobs:
-            raise ConfigError(f"{self.label('trials')} {self.trials} is fewer than {self.key('hpo_jobs')} "
-                              f"{self.hpo_jobs}: every HPO job needs at least one trial")
+            raise ConfigError(f"{self.label('trials')} {shown(self.trials)} is fewer than {self.key('hpo_jobs')} "
+                              f"{shown(self.hpo_jobs)}: every HPO job needs at least one trial")
         for name in ("epochs", "hpo_epochs", "image_size"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{self.label(name)} {getattr(self, name)}: must be at least 1")
+                raise ConfigError(f"{self.label(name)} {shown(getattr(self, name))}: must be at least 1")
         if self.time_budget is not None and not self.time_budget > 0:  # nan too
             raise ConfigError(f"{self.label('time_budget')} {self.time_budget:g}: must be a positive number of minutes")
         if self.train_stages is not None and not all(isinstance(stage, Stage) for stage in self.train_stages):
@@ -204,13 +205,13 @@ class WorkflowSettings:
             except StagesError as error:
                 raise ConfigError(str(error)) from None
         if self.annotate_max < 0:
-            raise ConfigError(f"{self.label('annotate_max')} {self.annotate_max}: must be 0 or more")
+            raise ConfigError(f"{self.label('annotate_max')} {shown(self.annotate_max)}: must be 0 or more")
         if self.video_stride < 1:
-            raise ConfigError(f"{self.label('video_stride')} {self.video_stride}: must be at least 1")
+            raise ConfigError(f"{self.label('video_stride')} {shown(self.video_stride)}: must be at least 1")
         if self.gpus < 0:
-            raise ConfigError(f"{self.label('gpus')} {self.gpus}: must be 0 or more")
+            raise ConfigError(f"{self.label('gpus')} {shown(self.gpus)}: must be 0 or more")
         if self.container_type not in (*CONTAINER_KINDS, "none"):
-            raise ConfigError(f"{self.label('container_type')} {self.container_type!r}: "
+            raise ConfigError(f"{self.label('container_type')} {shown(self.container_type)}: "
                               "choose singularity, docker or none")
         if self.container_type != "none":
             validate_container_image(self.container_image)
@@ -222,7 +223,7 @@ class WorkflowSettings:
                               f"{self.container_type}")
         known_sites = {"local", *self.sites_config.get("sites", {})}
         if self.execution_site not in known_sites:
-            raise ConfigError(f"{self.label('execution_site')} {self.execution_site!r}: not in sites.yml "
+            raise ConfigError(f"{self.label('execution_site')} {shown(self.execution_site)}: not in sites.yml "
                               f"(known: {', '.join(sorted(known_sites))})")
 
     def key(self, name: str) -> str:
@@ -253,8 +254,8 @@ class WorkflowSettings:
         if configured is None:
             return PurePosixPath(Path(self.project_root).resolve().as_posix())
         if not str(configured).startswith("/"):
-            raise ConfigError(f"sites.yml: software_dir {configured!r} of site {self.execution_site!r} must be "
-                              "an absolute path on that site's nodes")
+            raise ConfigError(f"sites.yml: software_dir {shown(configured)} of site {shown(self.execution_site)} "
+                              "must be an absolute path on that site's nodes")
         return PurePosixPath(str(configured))
 
 
@@ -306,9 +307,9 @@ def check_data_flags(args, label) -> None:
                           "must be non-negative with a positive sum") from None
     for name, least in (("images_per_job", 1), ("near_duplicate_distance", 0), ("shard_data_above", 0)):
         if getattr(args, name) < least:
-            raise ConfigError(f"{label(name)} {getattr(args, name)}: must be at least {least}")
+            raise ConfigError(f"{label(name)} {shown(getattr(args, name))}: must be at least {least}")
     if args.jobs is not None and args.jobs < 1:
-        raise ConfigError(f"{label('jobs')} {args.jobs}: must be at least 1")
+        raise ConfigError(f"{label('jobs')} {shown(args.jobs)}: must be at least 1")
 
 
 def settings_from_args(args, project_root: Path) -> WorkflowSettings:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+from ..errors import shown
 from .config import ConfigError, trials_per_worker
 
 # Seconds per image at 512 px on one node: a training step (forward and backward) and an inference
@@ -122,10 +123,11 @@ def job_runtimes(config) -> dict[str, int]:
     overrides = config.execution_site_config().get("runtimes") or {}
     for kind, seconds in overrides.items():
         if kind not in runtimes:
-            raise RuntimeConfigError(f"sites.yml: runtimes: unknown job kind {kind!r} "
+            raise RuntimeConfigError(f"sites.yml: runtimes: unknown job kind {shown(kind)} "
                                      f"(one of {', '.join(runtimes)})")
         if not isinstance(seconds, int) or seconds <= 0:
-            raise RuntimeConfigError(f"sites.yml: runtimes: {kind}: {seconds!r} is not a positive number of seconds")
+            raise RuntimeConfigError(f"sites.yml: runtimes: {kind}: {shown(seconds)} is not a positive number "
+                                     "of seconds")
         runtimes[kind] = seconds
     return runtimes
 
@@ -135,7 +137,7 @@ def checkpoint_minutes(runtime_s: int, max_job_minutes: int | None = None) -> tu
     checkpoint_time = math.ceil(runtime_s / 60)
     if max_job_minutes is not None:
         if not isinstance(max_job_minutes, int) or max_job_minutes <= GRACE_MIN:
-            raise RuntimeConfigError(f"sites.yml: max_job_minutes {max_job_minutes!r} must be a whole number of "
+            raise RuntimeConfigError(f"sites.yml: max_job_minutes {shown(max_job_minutes)} must be a whole number of "
                                      f"minutes above {GRACE_MIN}")
         checkpoint_time = min(checkpoint_time, max_job_minutes - GRACE_MIN)
     return checkpoint_time, checkpoint_time + GRACE_MIN
