@@ -42,6 +42,29 @@ def test_merge_key_bombs_recursive_aliases_and_deep_nesting_are_refused():
         assert time.perf_counter() - started < 1.0
 
 
+
+def test_a_long_string_aliased_thousands_of_times_is_refused_by_its_characters():
+    """9000 aliases of one 100 KB string are 9000 values, under the node limit, but ~1 GB of text once expanded:
+    the character budget refuses it as composed; a few aliases of it (300 KB) still load."""
+    long_string = '"' + "x" * 100_000 + '"'
+    text = f"a: &x {long_string}\nb: [" + ", ".join(["*x"] * 9000) + "]\n"
+    assert 9000 < D.YAML_MAX_NODES and 9000 * 100_000 > D.YAML_MAX_CHARS
+    started = time.perf_counter()
+    with pytest.raises(safe_yaml.YamlTooLarge, match=f"more than {D.YAML_MAX_CHARS:,} characters") as caught:
+        safe_yaml.load(text)
+    assert time.perf_counter() - started < 1.0 and "\n" not in str(caught.value)
+    assert safe_yaml.load(f"a: &x {long_string}\nb: [*x, *x]\n")["b"] == ["x" * 100_000] * 2
+
+
+def test_generated_files_load_at_any_written_size_but_not_beyond_by_aliases():
+    """generated=True (a workflow's catalogs, which list every input) lifts both bounds to the text's own length."""
+    written_out = "files:\n" + "".join(f"  - {{lfn: f{index}.jpg, pfn: /data/f{index}.jpg}}\n" for index in range(5000))
+    with pytest.raises(safe_yaml.YamlTooLarge):
+        safe_yaml.load(written_out)  # 25,000 values: over the limit of a user's file
+    assert len(safe_yaml.load(written_out, generated=True)["files"]) == 5000
+    with pytest.raises(safe_yaml.YamlTooLarge, match="values once its aliases"):
+        safe_yaml.load(written_out + alias_bomb("bomb"), generated=True)
+
 def test_ordinary_anchors_and_merge_keys_still_load():
     text = "base: &base {epochs: 2, lr: 0.01}\nfirst:\n  <<: *base\n  name: a\nsecond: [*base, *base]\n"
     assert safe_yaml.load(text) == {"base": {"epochs": 2, "lr": 0.01}, "first": {"epochs": 2, "lr": 0.01, "name": "a"},
@@ -93,6 +116,31 @@ def test_a_value_quoted_in_a_message_is_bounded_however_large():
     assert shown("x" * 10_000).endswith("...'") or len(shown("x" * 10_000)) <= 80
     assert shown(7.0) == "7.0" and shown("abc") == "'abc'"
 
+
+
+def test_messages_about_stages_sites_and_runtimes_quote_values_bounded(tmp_path):
+    """A stages file with epochs as a 5000-item list once gave a 28,951-character message: every value a user
+    gave is quoted through shown(), in the stages, sites.yml, --container-image and runtime checks alike."""
+    from utils.detection.stages import StagesError, parse_stages
+    from utils.pegasus.config import ConfigError, enum_value, load_sites_config, validate_container_image
+    from utils.pegasus.runtimes import checkpoint_minutes
+
+    long_text = "z" * 5000
+    stages = [{"epochs": list(range(5000))}, {"epochs": 1, "lr": [0.1] * 5000}, {"epochs": 1, "name": [1] * 5000},
+              {"epochs": 1, "trainable_layers": "9" * 5000}, {"epochs": 1, long_text: 1}]
+    sites = tmp_path / "sites.yml"
+    long_key = long_text[:1000]  # YAML's longest plain key
+    sites.write_text(f"sites:\n  {long_key}:\n    profiles:\n      {long_key}: {{a: 1}}\n")
+    from Pegasus.api import Arch
+    checks = [*((lambda stage=stage: parse_stages([stage]), StagesError) for stage in stages),
+              (lambda: load_sites_config(sites), ConfigError),
+              (lambda: validate_container_image("docker://" + long_text), ConfigError),
+              (lambda: enum_value(Arch, long_text, "sites.yml: arch"), ConfigError),
+              (lambda: checkpoint_minutes(600, [1] * 5000), ConfigError)]
+    for check, error in checks:
+        with pytest.raises(error) as caught:
+            check()
+        assert len(str(caught.value)) < 300 and "\n" not in str(caught.value), str(caught.value)[:300]
 
 @pytest.mark.parametrize(("script", "argv", "words"), [
     ("aggregate_folds", ["--inputs", "DEEP", "--output-dir", "OUT"], "not an evaluation.json"),

@@ -161,6 +161,28 @@ def test_an_input_nobody_provides_is_a_clear_error(tmp_path):
     assert run_workflow(run_dir, out=io.StringIO()) == 2
 
 
+
+def test_a_user_edited_workflow_yml_is_read_bounded(tmp_path):
+    """The run directory's YAML is user-editable: an alias bomb, a 100 KB string aliased thousands of times and
+    brackets nested 100,000 deep are one-line WorkflowErrors in well under a second (libyaml's loader expanded
+    the first two and crashed the process on the third); the catalogs as written still load."""
+    run_dir = make_workflow(tmp_path, DIAMOND, inputs={"in.txt": "IN;"})
+    workflow_file = run_dir / "workflow.yml"
+    written = workflow_file.read_text()
+    bomb = "x0: &x0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+        f"x{level}: &x{level} [{', '.join([f'*x{level - 1}'] * 9)}]\n" for level in range(1, 9))
+    long_text = 'long: &long "' + "y" * 100_000 + '"\nmany: [' + ", ".join(["*long"] * 9000) + "]\n"
+    for extra, words in ((bomb, "values once its aliases"), (long_text, "characters once its aliases"),
+                         ("deep: " + "[" * 100_000 + "]" * 100_000 + "\n", "nested more than")):
+        workflow_file.write_text(written + extra)
+        started = time.perf_counter()
+        with pytest.raises(WorkflowError, match=words) as caught:
+            load_workflow(run_dir)
+        assert time.perf_counter() - started < 2.0 and "\n" not in str(caught.value)
+        assert str(caught.value).startswith(f"{workflow_file}: not valid YAML (")
+    workflow_file.write_text(written)
+    assert set(load_workflow(run_dir).jobs) == {"a", "b", "c", "d"}
+
 # -- scheduling ----------------------------------------------------------------
 
 def test_jobs_run_in_dependency_order_and_only_final_outputs_are_staged_out(tmp_path):

@@ -123,6 +123,9 @@ MODEL_IMAGE_SIZE_MAX = 4096    # a model file's image size above this is refused
                                # file claiming more would make every image cost far more memory than training did
 YAML_MAX_NODES = 10_000        # values a user's YAML (experiment, sites, stages, settings) may hold once its
                                # aliases are expanded: a few hundred in practice; an alias bomb claims billions
+YAML_MAX_CHARS = 1_000_000     # characters of text (every scalar's length, keys too) the same YAML may hold once
+                               # its aliases are expanded: a few KB in practice; one 100 KB string aliased 9000
+                               # times is 9000 values but a gigabyte to copy, dump or quote
 MESSAGE_VALUE_CHARS = 80       # an error message shows at most this much of a value it quotes
 
 # -- the prediction service (bin/serve.py, utils/service/; docs/service.md) ----------------

@@ -6,11 +6,13 @@ or merge keys ``<<: [*a, *a]`` that copy whole mappings. Parsing keeps them shar
 fast; what comes after (a message's repr, a deepcopy, a JSON dump, merging) walks every
 copy, and took 40 s and 3 GB before a MemoryError in the issue that found it (#23).
 
-So the document is measured as composed, before any value is built: its node count with
-every alias counted as the whole subtree it stands for. Above defaults.YAML_MAX_NODES,
-or an alias inside the node it names, or brackets nested over MAX_FLOW_DEPTH deep, or block
-nesting deeper than Python's recursion allows,
-is a :class:`YamlTooLarge` (a yaml.YAMLError, so the callers' ``except yaml.YAMLError``
+So the document is measured as composed, before any value is built: its node count and its
+characters (every scalar weighs its length, keys included), with every alias counted as the
+whole subtree it stands for. Counting nodes alone lets one 100 KB string aliased 9000 times
+(``b: [*x, *x, ...]``) pass as 9000 values and expand to a gigabyte. Above
+defaults.YAML_MAX_NODES values or defaults.YAML_MAX_CHARS characters, or an alias inside the
+node it names, or brackets nested over MAX_FLOW_DEPTH deep, or block nesting deeper than
+Python's recursion allows, is a :class:`YamlTooLarge` (a yaml.YAMLError, so the callers' ``except yaml.YAMLError``
 already turns it into their one-line "not valid YAML" message). Ordinary anchors and
 aliases (a shared block reused a few times) still load.
 """
@@ -34,13 +36,14 @@ def _children(node) -> list:
     return []
 
 
-def check_expanded_size(root, limit: int) -> int:
-    """The nodes *root* stands for with every alias expanded; YamlTooLarge above *limit* or on a cycle.
+def check_expanded_size(root, limit: int, char_limit: int | None = None) -> int:
+    """The nodes *root* stands for with every alias expanded; YamlTooLarge above *limit* nodes, above
+    *char_limit* characters of scalars (None: no character bound) or on a cycle.
 
     Shared nodes (aliases) are measured once and counted at each use, so the walk costs the
     document's own size, not the expansion's; iterative, so deep nesting cannot overflow the stack.
     """
-    sizes: dict[int, int] = {}
+    sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (nodes, characters) once expanded
     on_path: set[int] = set()
     stack = [(root, False)]
     while stack:
@@ -48,12 +51,16 @@ def check_expanded_size(root, limit: int) -> int:
         key = id(node)
         if children_done:
             on_path.discard(key)
-            size = 1 + sum(sizes[id(child)] for child in _children(node))
+            children = [sizes[id(child)] for child in _children(node)]
+            size = 1 + sum(nodes for nodes, _ in children)
+            chars = len(node.value) if isinstance(node, yaml.ScalarNode) else sum(chars for _, chars in children)
             if size > limit:
-                line = node.start_mark.line + 1 if node.start_mark else "?"
-                raise YamlTooLarge(f"the value starting at line {line} expands to more than {limit:,} values once "
-                                   "its aliases (*name) are expanded; write the values out instead")
-            sizes[key] = size
+                raise YamlTooLarge(f"the value starting at line {_line(node)} expands to more than {limit:,} values "
+                                   "once its aliases (*name) are expanded; write the values out instead")
+            if char_limit is not None and chars > char_limit:
+                raise YamlTooLarge(f"the value starting at line {_line(node)} expands to more than {char_limit:,} "
+                                   "characters once its aliases (*name) are expanded; write the values out instead")
+            sizes[key] = (size, chars)
             continue
         if key in sizes:
             continue
@@ -61,11 +68,15 @@ def check_expanded_size(root, limit: int) -> int:
         stack.append((node, True))
         for child in _children(node):
             if id(child) in on_path:
-                line = child.start_mark.line + 1 if child.start_mark else "?"
-                raise YamlTooLarge(f"the alias at line {line} refers to a value that contains it (a recursive alias)")
+                raise YamlTooLarge(f"the alias at line {_line(child)} refers to a value that contains it "
+                                   "(a recursive alias)")
             if id(child) not in sizes:
                 stack.append((child, False))
-    return sizes[id(root)]
+    return sizes[id(root)][0]
+
+
+def _line(node) -> int | str:
+    return node.start_mark.line + 1 if node.start_mark else "?"
 
 
 # Brackets nested deeper than this are refused as they are scanned: PyYAML's scanner does work in
@@ -79,6 +90,7 @@ class BoundedMixin:
     and the nesting of [ ] and { } as they are scanned."""
 
     max_nodes = D.YAML_MAX_NODES
+    max_chars = D.YAML_MAX_CHARS
 
     def fetch_flow_collection_start(self, TokenClass):
         if self.flow_level >= MAX_FLOW_DEPTH:
@@ -88,7 +100,7 @@ class BoundedMixin:
     def compose_document(self):
         node = super().compose_document()
         if node is not None:
-            check_expanded_size(node, self.max_nodes)
+            check_expanded_size(node, self.max_nodes, self.max_chars)
         return node
 
 
@@ -96,13 +108,21 @@ class BoundedSafeLoader(BoundedMixin, yaml.SafeLoader):
     """yaml.SafeLoader with the expanded-size bound."""
 
 
-def load(text, Loader=BoundedSafeLoader):
+def load(text, Loader=BoundedSafeLoader, *, generated: bool = False):
     """The one YAML document in *text*, as yaml.load with *Loader* (any SafeLoader subclass; given one
-    without the bound, e.g. a loader that refuses duplicate keys, it gets the bound added)."""
+    without the bound, e.g. a loader that refuses duplicate keys, it gets the bound added).
+
+    *generated*: *text* is a file a program wrote that grows with the data (a workflow's catalogs
+    list every input file), so the bounds are at least its own length: any size written out loads,
+    but aliases still cannot expand it beyond what its text holds.
+    """
     if not issubclass(Loader, yaml.SafeLoader):
         raise TypeError(f"{Loader.__name__} is not a yaml.SafeLoader: it could build arbitrary objects")
     if not issubclass(Loader, BoundedMixin):
         Loader = type(f"Bounded{Loader.__name__}", (BoundedMixin, Loader), {})
+    if generated:
+        Loader = type(Loader.__name__, (Loader,), {"max_nodes": max(Loader.max_nodes, len(text)),
+                                                    "max_chars": max(Loader.max_chars, len(text))})
     try:
         return yaml.load(text, Loader=Loader)  # noqa: S506 - Loader is a SafeLoader subclass (module docstring)
     except RecursionError:

@@ -15,6 +15,8 @@ from urllib.parse import unquote, urlparse
 
 import yaml
 
+from .. import safe_yaml
+
 
 class WorkflowError(ValueError):
     """The run directory does not hold a workflow the executor can run (one-line message)."""
@@ -90,7 +92,11 @@ def _load_yaml(path: Path, what: str) -> dict:
     if not path.is_file():
         raise WorkflowError(f"{path}: {what} not found (run workflow.py first)")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        # Bounded like every YAML a user can edit (utils/safe_yaml.py), not libyaml's CSafeLoader: that one
+        # crashes the process on brackets nested 100,000 deep and expands alias bombs unchecked.
+        data = safe_yaml.load(path.read_text(encoding="utf-8"), generated=True)
+    except UnicodeDecodeError as error:
+        raise WorkflowError(f"{path}: not UTF-8 text ({error})") from None
     except yaml.YAMLError as error:
         raise WorkflowError(f"{path}: not valid YAML ({error})") from None
     if not isinstance(data, dict):
