@@ -23,7 +23,7 @@ from utils import defaults as D
 from utils.atomic import write_json
 from utils.classes import LabelMap
 from utils.cli import (add_label_map_arg, fraction, image_size_px, non_negative_int, positive_float, positive_int,
-                       run_job)
+                       run_job, worker_count)
 from utils.detection.engine import resolve_device
 from utils.detection.hpo import OBJECTIVES, HpoConfig, SearchSpace, run_study
 from utils.detection.model import BACKBONES
@@ -78,7 +78,7 @@ def get_args_parser():
                    help=f"optimizer of every trial (default: {D.OPTIMIZER})")
     p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=list(D.HPO_BATCH_SIZES),
                    help=f"batch size, or several to search among (default: {_spaced(D.HPO_BATCH_SIZES)})")
-    p.add_argument("--workers", type=non_negative_int, default=D.LOADER_WORKERS,
+    p.add_argument("--workers", type=worker_count, default=D.LOADER_WORKERS,
                    help=f"data-loading worker processes; -1: none on a CPU, a few on a GPU "
                         f"(default: {D.LOADER_WORKERS})")
     p.add_argument("--warmup-iters", type=non_negative_int, default=D.HPO_WARMUP_ITERS,

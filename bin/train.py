@@ -24,13 +24,12 @@ from pathlib import Path
 
 from utils import defaults as D
 from utils.classes import LabelMap
-from utils.cli import (add_label_map_arg, fraction, non_negative_float, non_negative_int, positive_float, positive_int,
-                       run_job)
+from utils.cli import add_label_map_arg, positive_float, positive_int, random_seed, run_job, worker_count
 from utils.detection.engine import resolve_device
 from utils.detection.model import BACKBONES
 from utils.detection.recipe import check_budget_plan, describe
 from utils.detection.tensorboard_log import TensorBoardError
-from utils.detection.training import Trainer, TrainingDataError
+from utils.detection.training import PARAM_TYPES, Trainer, TrainingDataError
 from utils.detection.training_run import (open_training_data, resolve_training, resume_and_watch, train_epochs,
                                           write_model_outputs)
 from utils.errors import InputError
@@ -52,7 +51,8 @@ def get_args_parser():
                            "score threshold on val; merge: train on train+val (default: "
                            f"{D.VAL_MODE})")
     add_label_map_arg(data)
-    # Hyperparameter flags default to None ("not given") so that a --params file can set them.
+    # Hyperparameter flags default to None ("not given") so that a --params file can set them; a flag the file may
+    # also set takes its type from PARAM_TYPES, so both are refused alike.
     model = p.add_argument_group("model")
     model.add_argument("--backbone", choices=BACKBONES, default=None,
                        help=f"detector backbone (default: {D.BACKBONE})")
@@ -64,36 +64,36 @@ def get_args_parser():
     model.add_argument("--weights-file", default=None,
                        help="explicit pretrained weight file (ImageNet backbone, converted RetinaFace or detector "
                             "state dict); workflow workers have no internet (default: torchvision's cache)")
-    model.add_argument("--image-size", type=int, default=None,
+    model.add_argument("--image-size", type=PARAM_TYPES["image_size"], default=None,
                        help=f"longer image side after resizing, in px (default: {D.IMAGE_SIZE})")
-    model.add_argument("--trainable-layers", type=int, default=None,
+    model.add_argument("--trainable-layers", type=PARAM_TYPES["trainable_layers"], default=None,
                        help=f"trainable backbone stages counted from the top (default: {D.TRAINABLE_LAYERS})")
-    model.add_argument("--freeze-backbone-epochs", type=int, default=None,
+    model.add_argument("--freeze-backbone-epochs", type=PARAM_TYPES["freeze_backbone_epochs"], default=None,
                        help="two-stage schedule: backbone frozen for the first N epochs, then "
                             f"--trainable-layers (default: {D.FREEZE_BACKBONE_EPOCHS})")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--params", default=None, help="JSON file of hyperparameters, e.g. best_hpo_params.json "
                      "(default: none)")
-    opt.add_argument("--epochs", type=int, default=None, help=f"epochs (default: {D.EPOCHS})")
-    opt.add_argument("--batch-size", type=positive_int, default=None,
+    opt.add_argument("--epochs", type=positive_int, default=None, help=f"epochs (default: {D.EPOCHS})")
+    opt.add_argument("--batch-size", type=PARAM_TYPES["batch_size"], default=None,
                      help=f"images per batch (default: {D.BATCH_SIZE})")
-    opt.add_argument("--workers", type=non_negative_int, default=None,
+    opt.add_argument("--workers", type=worker_count, default=None,
                      help="data-loading worker processes; -1: none on a CPU (decoding is <1%% of a CPU "
                           f"training step), a few on a GPU (default: {D.LOADER_WORKERS})")
     opt.add_argument("--optimizer", choices=["sgd", "adamw"], default=None,
                      help=f"optimizer (default: {D.OPTIMIZER})")
-    opt.add_argument("--lr", type=positive_float, default=None, help=f"base learning rate (default: {D.LR})")
-    opt.add_argument("--momentum", type=non_negative_float, default=None,
+    opt.add_argument("--lr", type=PARAM_TYPES["lr"], default=None, help=f"base learning rate (default: {D.LR})")
+    opt.add_argument("--momentum", type=PARAM_TYPES["momentum"], default=None,
                      help=f"SGD momentum, AdamW beta1 (default: {D.MOMENTUM})")
-    opt.add_argument("--weight-decay", type=non_negative_float, default=None,
+    opt.add_argument("--weight-decay", type=PARAM_TYPES["weight_decay"], default=None,
                      help=f"weight decay (default: {D.WEIGHT_DECAY})")
     opt.add_argument("--lr-schedule", choices=["cosine", "step"], default=None,
                      help=f"decay after warm-up (default: {D.LR_SCHEDULE})")
-    opt.add_argument("--warmup-iters", type=non_negative_int, default=None,
+    opt.add_argument("--warmup-iters", type=PARAM_TYPES["warmup_iters"], default=None,
                      help=f"linear warm-up iterations (default: {D.WARMUP_ITERS})")
-    opt.add_argument("--clip-grad", type=float, default=None,
+    opt.add_argument("--clip-grad", type=PARAM_TYPES["clip_grad"], default=None,
                      help=f"gradient-norm clipping, 0 disables (default: {D.CLIP_GRAD})")
-    opt.add_argument("--hflip", type=fraction, default=None,
+    opt.add_argument("--hflip", type=PARAM_TYPES["hflip"], default=None,
                      help=f"probability of a horizontal flip per training image (default: {D.HFLIP})")
     opt.add_argument("--time-budget", type=positive_float, default=None, metavar="MINUTES",
                      help="fit the training steps (and so the epochs, the last one cut short) and the cosine "
@@ -107,7 +107,7 @@ def get_args_parser():
                           "run's; each stage gets a new optimizer and its own warm-up + cosine; replaces --epochs "
                           "(with --time-budget the stages' epochs are scaled to fit) "
                           "(default: one stage of --epochs)")
-    opt.add_argument("--max-steps", type=int, default=None,
+    opt.add_argument("--max-steps", type=positive_int, default=None,
                      help="training steps in all, the last epoch cut short where they end "
                           "(default: --epochs whole epochs)")
     opt.add_argument("--budget-plan", type=budget_plan_arg, default=None, metavar="FIRST,FINAL",
@@ -117,24 +117,24 @@ def get_args_parser():
                           "flag gives the same weights on a CPU, whatever the machine's speed "
                           "(default: the clock plans)")
     recipe = p.add_argument_group("recipe levers (bench/quality.py ablates them)")
-    recipe.add_argument("--photometric", type=float, default=None,
+    recipe.add_argument("--photometric", type=PARAM_TYPES["photometric"], default=None,
                         help=f"probability of a photometric distortion per training image (default: {D.PHOTOMETRIC})")
-    recipe.add_argument("--multiscale", type=float, default=None,
+    recipe.add_argument("--multiscale", type=PARAM_TYPES["multiscale"], default=None,
                         help="multi-scale training: longer sides --image-size*(1 +- this) in 32 px steps; 0 off "
                              f"(default: {D.MULTISCALE})")
-    recipe.add_argument("--repeat-threshold", type=float, default=None,
+    recipe.add_argument("--repeat-threshold", type=PARAM_TYPES["repeat_threshold"], default=None,
                         help="repeat-factor sampling: images of classes present in fewer than this fraction of "
                              f"the images repeat sqrt(t/f) times per epoch; 0 off (default: {D.REPEAT_THRESHOLD})")
-    recipe.add_argument("--ema-decay", type=float, default=None,
+    recipe.add_argument("--ema-decay", type=PARAM_TYPES["ema_decay"], default=None,
                         help="exponential moving average of the weights, used for validation and the model "
                              f"file; 0 off (default: {D.EMA_DECAY})")
-    recipe.add_argument("--roi-batch-size", type=int, default=None,
+    recipe.add_argument("--roi-batch-size", type=PARAM_TYPES["roi_batch_size"], default=None,
                         help="region proposals sampled per image for the box head's loss (at most a quarter of "
                              f"them faces); fewer make a CPU step cheaper (default: {D.ROI_BATCH_SIZE} on a CPU, "
                              "the architecture's own on a GPU)")
     opt.add_argument("--no-amp", dest="amp", action="store_const", const=False, default=None,
                      help="disable mixed precision on CUDA (default: AMP on CUDA, never on CPU)")
-    opt.add_argument("--seed", type=int, default=None, help=f"random seed (default: {D.SEED})")
+    opt.add_argument("--seed", type=random_seed, default=None, help=f"random seed (default: {D.SEED})")
     opt.add_argument("--device", default=D.DEVICE, help=f"auto, cpu or cuda (default: {D.DEVICE})")
     out = p.add_argument_group("outputs")
     out.add_argument("--checkpoint", default="checkpoint.pt",
@@ -153,7 +153,7 @@ def get_args_parser():
     out.add_argument("--tensorboard-tar", default=None,
                      help="pack --tensorboard-dir into this .tar at the end, as tensorboard/<folder name>/... "
                           "(a workflow job's fixed output name) (default: none)")
-    out.add_argument("--tensorboard-every", type=int, default=D.TENSORBOARD_EVERY,
+    out.add_argument("--tensorboard-every", type=positive_int, default=D.TENSORBOARD_EVERY,
                      help=f"steps per written step loss (their mean) (default: {D.TENSORBOARD_EVERY})")
     out.add_argument("--no-progress", action="store_true", help="no tqdm progress bar (default: shown)")
     return p

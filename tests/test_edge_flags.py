@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from helpers import load_script
-from utils.cli import fraction, image_size_px, non_negative_float, positive_int, run_job, worker_count
+from utils.cli import (fraction, fraction_below_one, image_size_px, non_negative_float, positive_int, random_seed,
+                       run_job, worker_count)
+from utils.detection.training import PARAM_TYPES, TrainingDataError, read_params_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.stem for p in (ROOT / "bin").glob("*.py") if p.stem != "serve")
@@ -28,7 +30,10 @@ def paths(sample_dir, tiny_model_file, tmp_path_factory):
     manifest = folder / "manifest.csv"
     images = sorted((sample_dir / "images").iterdir())
     manifest.write_text("image,annotation\n" + "".join(f"{p.name},{p.stem}.xml\n" for p in images))
-    return {"I": str(sample_dir / "images"), "A": str(sample_dir / "annotations"), "MODEL": str(tiny_model_file),
+    bad_params = folder / "bad_params.json"
+    bad_params.write_text('{"best_params": {"lr": 0.01, "batch_size": Infinity}}')
+    return {"PARAMS": str(bad_params),
+            "I": str(sample_dir / "images"), "A": str(sample_dir / "annotations"), "MODEL": str(tiny_model_file),
             "OUT": str(folder / "out"), "TXT": str(notes), "CSV": str(manifest)}
 
 
@@ -62,6 +67,7 @@ CASES = [
     ("hpo", [*HPO, "--batch-sizes", "4", "0"], "--batch-sizes"),
     ("hpo", [*HPO, "--timeout", "-1"], "--timeout"),
     ("hpo", [*HPO, "--image-size", "100000"], "--image-size"),
+    ("hpo", [*HPO, "--workers", "-2"], "--workers"),
     ("hpo_merge", ["--inputs", "TXT"], "not valid JSON"),
     ("make_fold", ["--train-set", "I", "--val-set", "I", "--folds-csv", "TXT", "--fold", "-1",
                    "--output-train", "OUT", "--output-val", "OUT"], "--fold"),
@@ -102,6 +108,23 @@ CASES = [
     ("train", [*TRAIN, "--time-budget", "nan"], "--time-budget"),
     ("train", [*TRAIN, "--hflip", "2"], "--hflip"),
     ("train", [*TRAIN, "--warmup-iters", "-2"], "--warmup-iters"),
+    ("train", [*TRAIN, "--image-size", "100000"], "--image-size"),
+    ("train", [*TRAIN, "--trainable-layers", "-1"], "--trainable-layers"),
+    ("train", [*TRAIN, "--freeze-backbone-epochs", "-1"], "--freeze-backbone-epochs"),
+    ("train", [*TRAIN, "--epochs", "0"], "--epochs"),
+    ("train", [*TRAIN, "--clip-grad", "nan"], "--clip-grad"),
+    ("train", [*TRAIN, "--max-steps", "0"], "--max-steps"),
+    ("train", [*TRAIN, "--photometric", "1.5"], "--photometric"),
+    ("train", [*TRAIN, "--multiscale", "-0.5"], "--multiscale"),
+    ("train", [*TRAIN, "--repeat-threshold", "inf"], "--repeat-threshold"),
+    ("train", [*TRAIN, "--ema-decay", "5"], "--ema-decay"),
+    ("train", [*TRAIN, "--ema-decay", "1"], "--ema-decay"),
+    ("train", [*TRAIN, "--roi-batch-size", "-4"], "--roi-batch-size"),
+    ("train", [*TRAIN, "--roi-batch-size", "2"], "--roi-batch-size"),
+    ("train", [*TRAIN, "--seed", "-1"], "--seed"),
+    ("train", [*TRAIN, "--seed", str(2**64)], "--seed"),
+    ("train", [*TRAIN, "--tensorboard-every", "0"], "--tensorboard-every"),
+    ("train", [*TRAIN, "--params", "PARAMS"], "bad_params.json: batch_size: expected a whole number of at least 1"),
     ("train", ["--images", MISSING, "--annotations", "A", "--output", "OUT"], "folder does not exist"),
 ]
 
@@ -168,15 +191,76 @@ def test_the_real_scripts_exit_2_in_one_line(paths):
 
 @pytest.mark.parametrize(("kind", "text", "value"), [
     (positive_int, "3", 3), (worker_count, "-1", -1), (fraction, "0.25", 0.25), (non_negative_float, "0", 0.0),
-    (image_size_px, "512", 512)])
+    (image_size_px, "512", 512), (fraction_below_one, "0.998", 0.998), (fraction_below_one, "0", 0.0),
+    (random_seed, "42", 42), (random_seed, str(2**32 - 1), 2**32 - 1)])
 def test_the_types_accept_what_they_should(kind, text, value):
     assert kind(text) == value
 
 
 @pytest.mark.parametrize(("kind", "text"), [
     (positive_int, "0"), (positive_int, "1.5"), (positive_int, "x" * 10_000), (worker_count, "-2"),
-    (fraction, "nan"), (fraction, "-0.1"), (non_negative_float, "inf"), (image_size_px, "31")])
+    (fraction, "nan"), (fraction, "-0.1"), (non_negative_float, "inf"), (image_size_px, "31"),
+    (positive_int, "-" + "9" * 4000), (image_size_px, "9" * 4000), (worker_count, "-" + "9" * 4000),
+    (fraction_below_one, "1"), (random_seed, str(2**32))])
 def test_the_types_refuse_with_a_short_message(kind, text):
     with pytest.raises(argparse.ArgumentTypeError) as refused:
         kind(text)
     assert len(str(refused.value)) < 160  # the value quoted shortened (utils.errors.shown)
+
+
+def test_workers_minus_one_picks_a_share_as_documented():
+    """--workers -1 is the documented default of train and hpo (defaults.LOADER_WORKERS), so it is accepted."""
+    for script, argv in (("train", TRAIN), ("hpo", HPO)):
+        args = load_script(ROOT, script).get_args_parser().parse_args([*argv, "--workers", "-1"])
+        assert args.workers == -1
+
+
+def test_train_and_hpo_check_every_number_they_are_given():
+    """No numeric flag of train or hpo is a plain int or float (which let nan, inf and negatives through); the
+    flags a --params file may also set take the file's type, so both refuse the same values."""
+    for script in ("train", "hpo"):
+        actions = load_script(ROOT, script).get_args_parser()._actions
+        assert all(action.type not in (int, float) for action in actions), script
+    flags = {action.dest: action.type for action in load_script(ROOT, "train").get_args_parser()._actions}
+    assert {key: flags[key] for key in PARAM_TYPES} == PARAM_TYPES
+
+
+# (the params file's text, what the one line says after the file name)
+BAD_PARAMS = [
+    ('{"lr": -5}', "lr: expected a finite number above 0, got -5"),
+    ('{"image_size": 100000}', "image_size: expected a whole number from 32 to"),
+    ('{"params": {"batch_size": 0}}', "batch_size: expected a whole number of at least 1, got 0"),
+    ('{"clip_grad": NaN}', "clip_grad: expected a finite number of 0 or more"),
+    ('{"batch_size": Infinity}', "batch_size: expected a whole number of at least 1"),
+    ('{"batch_size": 7.5}', "batch_size: expected a whole number of at least 1"),
+    ('{"batch_size": true}', "batch_size must be a number, got True"),
+    ('{"ema_decay": 5}', "ema_decay: expected a number from 0 to below 1"),
+    ('{"roi_batch_size": 2}', "roi_batch_size: expected a whole number of at least 4"),
+    ('{"hflip": "often"}', "hflip: expected a number from 0 to 1, got 'often'"),
+    ('{"optimizer": "adam"}', "optimizer must be one of sgd, adamw, got 'adam'"),
+    ('{"lr": [' + ", ".join(["1"] * 5000) + "]}", "lr must be a number, got [1, 1, 1, 1, ...]"),
+    ('{"warmup_iters": -' + "9" * 4000 + "}", "warmup_iters: expected a whole number of at least 0"),
+    ('{"batch_size": ' + "9" * 5000 + "}", "params file is not valid JSON"),
+]
+
+
+@pytest.mark.parametrize(("text", "words"), BAD_PARAMS, ids=[words.split(":")[0][:30] for _, words in BAD_PARAMS])
+def test_a_params_file_value_is_refused_as_its_flag_would_be(tmp_path, text, words):
+    path = tmp_path / "best_hpo_params.json"
+    path.write_text(text)
+    with pytest.raises(TrainingDataError) as refused:
+        read_params_file(path)
+    message = str(refused.value)
+    assert message.startswith(f"{path}: ") and words in message, message
+    assert "\n" not in message and len(message) < 300  # a huge value is shown shortened
+
+
+def test_a_params_file_with_good_values_reads_them_as_the_flags_would(tmp_path):
+    path = tmp_path / "best_hpo_params.json"
+    path.write_text('{"best_params": {"lr": 0.0123, "batch_size": 8.0, "image_size": 320, "optimizer": "adamw", '
+                    '"ema_decay": 0.998, "roi_batch_size": 64, "momentum": "0.9", "trainable_layers": 0, '
+                    '"best_value": 0.5}}')
+    params = read_params_file(path)
+    assert params == {"lr": 0.0123, "batch_size": 8, "image_size": 320, "optimizer": "adamw", "ema_decay": 0.998,
+                      "roi_batch_size": 64, "momentum": 0.9, "trainable_layers": 0}
+    assert type(params["batch_size"]) is int and type(params["lr"]) is float

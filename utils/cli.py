@@ -88,7 +88,7 @@ def run_job(main, parser, argv=None, job: str | None = None) -> int:
 def _number(text: str, kind, what: str):
     try:
         value = kind(text)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: int() of an infinite float, from a --params file
         raise argparse.ArgumentTypeError(f"expected {what}, got {shown(text)}") from None
     if isinstance(value, float) and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected {what}, got {shown(text)}")
@@ -100,7 +100,8 @@ def int_at_least(minimum: int, what: str | None = None):
     def parse(text: str) -> int:
         value = _number(text, int, what or f"a whole number of at least {minimum}")
         if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected {what or f'a whole number of at least {minimum}'}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {what or f'a whole number of at least {minimum}'}, "
+                                             f"got {shown(value)}")
         return value
     parse.__name__ = f"int_at_least_{minimum}"
     return parse
@@ -111,7 +112,7 @@ def int_between(low: int, high: int):
     def parse(text: str) -> int:
         value = _number(text, int, f"a whole number from {low} to {high}")
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}, got {shown(value)}")
         return value
     parse.__name__ = f"int_between_{low}_{high}"
     return parse
@@ -123,6 +124,9 @@ image_size_px = int_between(32, D.MODEL_IMAGE_SIZE_MAX)
 non_negative_int = int_at_least(0)
 # --workers of the jobs that decode in processes: -1 picks a share of the CPUs, 0 the main process
 worker_count = int_at_least(-1, "a number of processes (0 or more, or -1 for a share of the CPUs)")
+# --seed of train: numpy's seed range; torch refuses seeds above 2**64 - 1, and train seeds each epoch's
+# shuffle with seed * 100_003 + epoch
+random_seed = int_between(0, 2**32 - 1)
 
 
 def positive_float(text: str) -> float:
@@ -136,6 +140,14 @@ def non_negative_float(text: str) -> float:
     value = _number(text, float, "a finite number of 0 or more")
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a finite number of 0 or more, got {value:g}")
+    return value
+
+
+def fraction_below_one(text: str) -> float:
+    """A number from 0 up to, not including, 1 (a decay rate: at 1 nothing would ever be averaged in)."""
+    value = _number(text, float, "a number from 0 to below 1")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to below 1, got {value:g}")
     return value
 
 

@@ -22,7 +22,7 @@ def read_json(path, what: str, error: type[InputError] = InputError):
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise error(f"{path}: {what} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as problem:
+    except ValueError as problem:  # JSONDecodeError, UnicodeDecodeError, and an integer over Python's 4300 digits
         raise error(f"{path}: {what} is not valid JSON ({problem})") from None
     except RecursionError:  # json's decoder recurses once per [ or {: a file can nest deeper than Python's stack
         raise error(f"{path}: {what} is nested too deeply to read") from None
