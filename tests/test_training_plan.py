@@ -33,6 +33,15 @@ def test_each_exclusion_is_one_line_from_make_plan(flags, error, message):
     assert message in str(raised.value) and "\n" not in str(raised.value)
 
 
+@pytest.mark.parametrize("flags", [{"epochs": -10 ** 4000}, {"max_steps": -10 ** 4000},
+                                   {"stages": TWO_STAGES, "freeze_backbone_epochs": 10 ** 4000}])
+def test_a_huge_value_is_quoted_shortened(flags):
+    """A value from code or a params file is not bounded by a flag's type here: the message shows it cut."""
+    with pytest.raises(InputError) as raised:
+        make_plan(TrainParams(**flags))
+    assert len(str(raised.value)) < 300 and "..." in str(raised.value)
+
+
 def test_more_trainable_layers_than_the_backbone_has_are_refused():
     plan = make_plan(TrainParams(stages=[{"epochs": 1, "trainable_layers": 6}]))
     plan.check_backbone("mobilenet_v2_fpn", 6)

@@ -16,7 +16,7 @@ import logging
 import math
 from dataclasses import dataclass, replace
 
-from ..errors import InputError
+from ..errors import InputError, shown
 from .recipe import check_budget_plan
 from .stages import Stage, StagesError, parse_stages, scale_stages, stage_at, total_epochs
 
@@ -113,8 +113,8 @@ class TrainingPlan:
         """Every stage's trainable layers exist in *backbone* (which has *available* backbone stages)."""
         for number, stage in enumerate(self.stages or (), start=1):
             if stage.trainable_layers is not None and stage.trainable_layers > available:
-                raise StagesError(f"--stages: stage {number}: key 'trainable_layers' is {stage.trainable_layers}, "
-                                  f"but backbone {backbone} has {available} stages")
+                raise StagesError(f"--stages: stage {number}: key 'trainable_layers' is "
+                                  f"{shown(stage.trainable_layers)}, but backbone {backbone} has {available} stages")
 
     def as_record(self) -> dict:
         """The plan's values as TrainParams names them, for a checkpoint, a model file or a run record."""
@@ -136,7 +136,7 @@ def make_plan(params) -> TrainingPlan:
     if stages is not None:
         if params.freeze_backbone_epochs:
             raise StagesError(f"--stages: cannot be combined with freeze_backbone_epochs="
-                              f"{params.freeze_backbone_epochs} (flag or params file); give a first stage "
+                              f"{shown(params.freeze_backbone_epochs)} (flag or params file); give a first stage "
                               "with trainable_layers: 0 instead")
         if params.max_steps is not None:
             raise StagesError("--stages: cannot be combined with --max-steps; the stages' epochs are the plan "
@@ -145,11 +145,11 @@ def make_plan(params) -> TrainingPlan:
             log.info("--stages: %d epochs in %d stages replace --epochs %d", total_epochs(stages), len(stages),
                      params.epochs)
     elif params.epochs < 1:
-        raise PlanError(f"--epochs must be at least 1, got {params.epochs}")
+        raise PlanError(f"--epochs must be at least 1, got {shown(params.epochs)}")
     if params.max_steps is not None and params.max_steps < 1:
-        raise PlanError(f"--max-steps must be at least 1, got {params.max_steps}")
+        raise PlanError(f"--max-steps must be at least 1, got {shown(params.max_steps)}")
     if params.time_budget is not None and params.time_budget <= 0:
-        raise PlanError(f"--time-budget must be a positive number of minutes, got {params.time_budget}")
+        raise PlanError(f"--time-budget must be a positive number of minutes, got {shown(params.time_budget)}")
     if params.max_steps is not None and params.budget_plan is not None:
         raise PlanError("--max-steps and --budget-plan: give one (the budget plan's final number is the "
                         "steps in all)")
