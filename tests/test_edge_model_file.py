@@ -75,6 +75,8 @@ CASES = {
     "num_classes_bool": (set_meta("num_classes", True), "num_classes must be 4"),
     "unknown_backbone": (set_meta("backbone", "x" * 10_000), "is not one of"),
     "frozen_bn_text": (set_meta("frozen_bn", "yes"), "frozen_bn must be true or false"),
+    # more than the backbone has: only building it tells (the tiny model's mobilenet_v2_fpn has 5)
+    "trainable_layers_99": (set_meta("trainable_layers", 99), "model metadata: trainable layers must be between 0"),
     "quantification_list": (set_meta("quantification", [1, 2]), "quantification must be a mapping"),
     "quantification_junk": (set_meta("quantification", {"score_threshold": 0.5, "chosen_on": "validation",
                                                          "classes": list(CLASSES), "images": [1, 2, 3]}),
@@ -106,7 +108,7 @@ def test_load_model_file_refuses_each_bad_claim_naming_the_file(bad_model_files,
 
 @pytest.mark.parametrize("script", ["predict", "evaluate"])
 @pytest.mark.parametrize("case", ["six_classes", "meta_is_5", "threshold_abc", "threshold_7", "missing_image_size",
-                                  "truncated"])
+                                  "trainable_layers_99", "truncated"])
 def test_predict_and_evaluate_exit_2_with_one_line_on_a_bad_model_file(root, bad_model_files, tmp_path, capsys,
                                                                         script, case):
     images = tmp_path / "images"

@@ -460,9 +460,12 @@ def load_model_file(path, device="cpu") -> tuple[nn.Module, dict]:
     claims is checked first (utils/detection/model_file.py), so a bad file is one ModelError naming it."""
     path = Path(path)
     state, meta = read_model_payload(path, BACKBONES)
-    model = build_model(meta["backbone"], num_classes=meta["num_classes"], weights="none",
-                        trainable_layers=meta.get("trainable_layers", 0), image_size=meta["image_size"],
-                        _frozen_bn=meta["frozen_bn"])
+    try:
+        model = build_model(meta["backbone"], num_classes=meta["num_classes"], weights="none",
+                            trainable_layers=meta.get("trainable_layers", 0), image_size=meta["image_size"],
+                            _frozen_bn=meta["frozen_bn"])
+    except ModelError as error:  # a claim only the architecture checks: trainable_layers above its stage count
+        raise ModelError(f"{path}: model metadata: {error}") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
