@@ -103,3 +103,43 @@ def test_predict_skips_the_bomb_and_lists_it(root, tiny_model_file, bomb, tmp_pa
     err = capsys.readouterr().err
     assert f"skipped {images / 'bomb.png'}: image too large" in err or "bomb.png: image too large" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("mode", ["F", "I", "I;16"])
+def test_high_bit_depth_images_convert_in_bands_not_whole_image_float_copies(tmp_path, mode):
+    """A float or 32-bit TIFF (an allowed upload) was scaled through whole-image float64 copies, ~25 bytes a
+    pixel past the service's 3-bytes-a-pixel budget; now numpy holds the 1-byte result and one band of rows.
+    The scaling is unchanged: 16-bit by 257 rounded, 32-bit and float by the image's own range, truncated."""
+    import tracemalloc
+
+    import numpy as np
+
+    from utils.data.images import CONVERT_BAND_PIXELS, _to_rgb
+
+    width, height = 1500, 1400  # 2.1 M pixels: several bands
+    ramp = (np.arange(width * height, dtype=np.float64).reshape(height, width) % 65_536) - 1000.0
+    if mode == "I;16":
+        values = (ramp + 1000.0).astype(np.uint16)
+        image = Image.fromarray(values)
+        expected = np.clip(np.round(values.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+    else:
+        values = ramp.astype(np.float32 if mode == "F" else np.int32)
+        image = Image.fromarray(values)
+        low, high = float(values.min()), float(values.max())
+        expected = ((values.astype(np.float64) - low) / (high - low) * 255.0).clip(0, 255).astype(np.uint8)
+    path = tmp_path / "deep.tif"
+    image.save(path)
+    loaded = Image.open(path)
+    loaded.load()  # decoded outside the measure: Pillow's reading buffers are not the conversion's
+    assert loaded.mode == mode
+    tracemalloc.start()
+    try:
+        rgb = _to_rgb(loaded)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert rgb.mode == "RGB" and rgb.size == (width, height)
+    got = np.asarray(rgb)[:, :, 0].astype(int)
+    assert np.abs(got - expected.astype(int)).max() <= 1  # float32 against float64 arithmetic at a .0 boundary
+    # The 1-byte result and one band's three copies (bytes, array, float32), with room to spare; not 25 B/pixel.
+    assert peak < width * height + CONVERT_BAND_PIXELS * 16 + 1_000_000, f"{peak:,} bytes traced"
