@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from helpers import run_script
+from utils.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +112,20 @@ def test_workflow_pred_videos_fans_out_one_job_per_video(root, sample_dir, clip,
     args = generator.get_args_parser().parse_args(["--data", str(sample_dir), "--run-dir", str(tmp_path / "bad"),
                                                    "--generate-only", "--pred-videos", str(videos)])
     assert generator.main(args) == 2
+
+
+def test_frames_over_the_pixel_limit_are_refused_in_one_line_naming_the_source(root, clip, tiny_model_file,
+                                                                                 tmp_path, capsys, monkeypatch):
+    """Video frames have the images' pixel limit (defaults.IMAGE_MAX_PIXELS), read from the header on opening."""
+    from utils import defaults as D
+    from utils.detection.video import open_source
+
+    capture, kind = open_source(str(clip))  # 160 x 120: under the limit
+    capture.release()
+    monkeypatch.setattr(D, "IMAGE_MAX_PIXELS", 160 * 120 - 1)
+    with pytest.raises(InputError, match=r"clip\.mp4: the file's frames are 160x120 = 19,200 pixels, over the limit"):
+        open_source(str(clip))
+    rc = run_script(root, "predict_video", ["--source", clip, "--model", tiny_model_file,
+                                            "--output-dir", tmp_path / "out", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "19,200 pixels, over the limit of 19,199" in err, err

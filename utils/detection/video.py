@@ -46,14 +46,29 @@ def open_source(source: str) -> tuple[cv2.VideoCapture, str]:
     capture = cv2.VideoCapture(int(source) if kind == "camera" else source)
     if not capture.isOpened():
         raise InputError(f"{source}: cannot open the {kind} (not a video OpenCV can read, or not reachable)")
-    ok, _ = capture.read()
-    if not ok:
+    # From the container's header, before any frame is decoded (cameras and some streams say 0 until then).
+    width, height = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    try:
+        check_frame_pixels(width, height, source, kind)
+        ok, frame = capture.read()
+        if not ok:
+            raise InputError(f"{source}: the {kind} opened but gave no frame (empty, damaged or unsupported codec)")
+        check_frame_pixels(frame.shape[1], frame.shape[0], source, kind)
+    except InputError:
         capture.release()
-        raise InputError(f"{source}: the {kind} opened but gave no frame (empty, damaged or unsupported codec)")
+        raise
     if kind == "file":  # start again at frame 0 (reopening works where a backend cannot seek)
         capture.release()
         capture = cv2.VideoCapture(source)
     return capture, kind
+
+
+def check_frame_pixels(width: int, height: int, source: str, kind: str = "video") -> None:
+    """InputError naming *source* when a frame of width x height is over defaults.IMAGE_MAX_PIXELS, the limit
+    of every image the jobs read: a frame becomes a float tensor of 12 bytes a pixel for the detector."""
+    if width * height > D.IMAGE_MAX_PIXELS:
+        raise InputError(f"{source}: the {kind}'s frames are {width}x{height} = {width * height:,} pixels, over the "
+                         f"limit of {D.IMAGE_MAX_PIXELS:,}")
 
 
 @dataclass
@@ -93,6 +108,7 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                 ok, frame = capture.read()
                 if not ok:
                     break
+                check_frame_pixels(frame.shape[1], frame.shape[0], source, kind)  # a stream may change size
                 index, run.frames_read = run.frames_read, run.frames_read + 1
                 time_s = index / fps
                 if max_seconds is not None and time_s >= max_seconds:
