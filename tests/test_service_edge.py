@@ -91,6 +91,29 @@ def test_a_streamed_body_is_cut_off_at_the_limit(tiny_model_file):
     assert answer.headers["x-request-id"]
 
 
+
+def test_content_length_and_path_are_bounded_in_answers_and_the_access_log(tiny_model_file, caplog):
+    """A 5000-digit Content-Length is 413 (int() of it raised ValueError, a 500); a non-number is 400 with the value
+    cut; a long path with a line break (uvicorn percent-decodes %0A) is quoted and cut in the answer and in the
+    one access-log line."""
+    import json
+    import logging
+
+    app = create_app(ServiceConfig(model_path=tiny_model_file, token="s3cret", max_upload_mb=1))
+    authorised = [(b"content-type", b"multipart/form-data; boundary=x"), (b"authorization", b"Bearer s3cret")]
+    status, body, reads = _raw_request(app, "/api/predict", authorised + [(b"content-length", b"9" * 5000)])
+    assert (status, reads) == (413, 0) and "request body of over 10**18 bytes" in body and len(body) < 300
+    status, body, reads = _raw_request(app, "/api/predict", authorised + [(b"content-length", b"12x" * 3000)])
+    assert (status, reads) == (400, 0) and "is not a number" in body and len(body) < 300
+    odd_path = "/api/predict/" + "a" * 5000 + "\ninjected line"
+    with caplog.at_level(logging.INFO, logger="mask_service.access"):
+        status, body, reads = _raw_request(app, odd_path, [(b"content-length", b"10")])
+    detail = json.loads(body)["detail"]
+    assert (status, reads) == (401, 0) and detail.startswith("POST '/api/predict/aaa") and "\n" not in detail
+    assert len(detail) < 300
+    lines = [r.getMessage() for r in caplog.records if r.name == "mask_service.access"]
+    assert len(lines) == 1 and "\n" not in lines[0] and len(lines[0]) < 300
+
 def test_a_request_over_the_pixel_budget_is_refused_before_decoding(tiny_model_file, sample_dir):
     photos = sorted((sample_dir / "images").glob("*.jpg"))[:2]  # 160x120 each
     app = create_app(ServiceConfig(model_path=tiny_model_file, pixels_in_memory=30_000))

@@ -60,7 +60,7 @@ from ..detection.explain import EXPLAIN_METHODS, ExplainError, explain_image
 from ..detection.inference import detect, to_model_input
 from ..detection.quantify import prediction_estimates, soft_counts
 from .batching import BatchWorker
-from .edge import EdgeMiddleware
+from .edge import EdgeMiddleware, shown_path
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from .uploads import (AdmissionQueue, PixelBudget, Upload, annotated_jpeg, decode_to_tensor, default_decode_threads,
                       detection_records, explanation_record, model_sized_input, parse_box, quoted, upload_name)
@@ -233,9 +233,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
         """await work() while the uploads' decoded pixels are counted against pixels_in_memory."""
         pixels = sum(u.width * u.height for u in uploads)
         if pixels > config.pixels_in_memory:
-            raise HTTPException(413, f"{request.method} {request.url.path}: {len(uploads)} images of {pixels:,} "
-                                     f"pixels in one request; at most {config.pixels_in_memory:,}: send fewer or "
-                                     "smaller images")
+            raise HTTPException(413, f"{request.method} {shown_path(request.url.path)}: {len(uploads)} images of "
+                                     f"{pixels:,} pixels in one request; at most {config.pixels_in_memory:,}: send "
+                                     "fewer or smaller images")
         budget = request.app.state.budget
         await budget.acquire(pixels)
         try:
@@ -406,7 +406,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             given = problem.get("input")
             shown = f" (got {quoted(str(given))})" if isinstance(given, (str, int, float)) else ""
             problems.append(f"{where}: {problem.get('msg', 'invalid')}{shown}")
-        return JSONResponse({"detail": f"{request.method} {request.url.path}: {'; '.join(problems)}"},
+        return JSONResponse({"detail": f"{request.method} {shown_path(request.url.path)}: {'; '.join(problems)}"},
                             status_code=422)
 
     return app

@@ -23,10 +23,23 @@ import secrets
 import time
 import uuid
 
+from .. import defaults as D
+from ..errors import shown
 from .metrics import ServiceMetrics
 
 ACCESS_LOG = logging.getLogger("mask_service.access")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+PLAIN_PATH = re.compile(rf"/[\x21-\x7e]{{0,{D.MESSAGE_VALUE_CHARS - 1}}}")  # printable ASCII, no spaces
+# Digits of a Content-Length read as a number at most: Python refuses to convert over 4300 (a ValueError,
+# answered 500), and any length past 18 digits is an exabyte, over every limit anyway.
+LENGTH_DIGITS = 18
+
+
+def shown_path(path: str) -> str:
+    """The request path for an answer or the access log: as sent when it is short printable ASCII without spaces,
+    else its repr, cut (utils.errors.shown). The server percent-decodes paths, so %0A would put a line break into
+    the one-line log, and a path can be as long as the server's header limit."""
+    return path if PLAIN_PATH.fullmatch(path) else shown(path)
 
 
 class _BodyTooLarge:
@@ -67,6 +80,7 @@ class EdgeMiddleware:
         state = scope.setdefault("state", {})
         state["request_id"], state["timings"] = request_id, {}
         path, method = scope.get("path", ""), scope.get("method", "")
+        where = f"{method} {shown_path(path)}"  # method: uvicorn accepts only a token of letters
         status = [500]
         too_large = _BodyTooLarge()
         limit_mb = f"{self.max_body_bytes / 2**20:g} MB"
@@ -83,7 +97,7 @@ class EdgeMiddleware:
             # the client is told the real reason instead, and the app's answer is dropped.
             if too_large.hit:
                 if message["type"] == "http.response.start":
-                    await answer(send_with_id, 413, f"{method} {path}: request body larger than {limit_mb}")
+                    await answer(send_with_id, 413, f"{where}: request body larger than {limit_mb}")
                 return
             await send_with_id(message)
 
@@ -100,18 +114,18 @@ class EdgeMiddleware:
 
         try:
             if self.token is not None and path.startswith(self.protected) and not self._authorised(headers):
-                await answer(send_with_id, 401, f"{method} {path}: missing or wrong bearer token "
+                await answer(send_with_id, 401, f"{where}: missing or wrong bearer token "
                                                 "(Authorization: Bearer <token>)", {"WWW-Authenticate": "Bearer"})
                 return
             length = headers.get(b"content-length")
             if length is not None:
                 if not length.isdigit():
-                    await answer(send_with_id, 400, f"{method} {path}: Content-Length {length[:32]!r} is not a "
-                                                    "number")
+                    await answer(send_with_id, 400, f"{where}: Content-Length {shown(length.decode('latin-1'))} "
+                                                    "is not a number")
                     return
-                if int(length) > self.max_body_bytes:
-                    await answer(send_with_id, 413, f"{method} {path}: request body of {int(length)} bytes; at most "
-                                                    f"{limit_mb}")
+                if len(length.lstrip(b"0")) > LENGTH_DIGITS or int(length) > self.max_body_bytes:
+                    declared = str(int(length)) if len(length.lstrip(b"0")) <= LENGTH_DIGITS else "over 10**18"
+                    await answer(send_with_id, 413, f"{where}: request body of {declared} bytes; at most {limit_mb}")
                     return
             try:
                 await self.app(scope, counted_receive, send_or_413)
@@ -119,7 +133,7 @@ class EdgeMiddleware:
                 if not too_large.hit:
                     raise
             if too_large.hit and status[0] != 413:
-                await answer(send_with_id, 413, f"{method} {path}: request body larger than {limit_mb}")
+                await answer(send_with_id, 413, f"{where}: request body larger than {limit_mb}")
         finally:
             seconds = time.perf_counter() - began
             self.metrics.observe_request(path, status[0], seconds)
@@ -128,5 +142,5 @@ class EdgeMiddleware:
                              if name in timings)
             images = f" images={timings['images']}" if "images" in timings else ""
             client = scope.get("client") or ("-", 0)
-            ACCESS_LOG.info("id=%s %s %s %s %d total_ms=%.1f%s%s client=%s", request_id, method, path,
+            ACCESS_LOG.info("id=%s %s %s %d total_ms=%.1f%s%s client=%s", request_id, where,
                             scope.get("http_version", "1.1"), status[0], seconds * 1000, stages, images, client[0])
