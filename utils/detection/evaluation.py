@@ -61,17 +61,9 @@ def load_trained_model(path, device, score_threshold: float | None = None):
     """(model, meta, score threshold, where it comes from) for a job that runs a trained model: the
     model file loaded and checked, the threshold given, else the one chosen on validation (ModelError
     naming the file when it cannot be used)."""
-    model, meta = load_model_file(path, device)
-    check_model_classes(meta, path)
+    model, meta = load_model_file(path, device)  # refuses a file of other classes (model_file.check_model_meta)
     threshold, source = operating_threshold(meta, score_threshold)
     return model, meta, threshold, source
-
-
-def check_model_classes(meta: dict, model_path) -> None:
-    """Refuse a model whose classes are not this project's: its label numbers would be misread."""
-    classes = meta.get("classes")
-    if classes is not None and list(classes) != list(CLASSES):
-        raise EvaluationInputError(f"{model_path}: model classes {list(classes)} differ from {list(CLASSES)}")
 
 
 def dropped_objects(pairs, label_map: LabelMap = NO_LABEL_MAP) -> list[dict]:
