@@ -16,6 +16,7 @@ from urllib.parse import unquote, urlparse
 import yaml
 
 from .. import safe_yaml
+from ..errors import shown
 
 
 class WorkflowError(ValueError):
@@ -145,7 +146,7 @@ def load_workflow(run_dir, workflow_file: str = "workflow.yml") -> LoadedWorkflo
         sites = transformation.get("sites", [])
         chosen = next((s for s in sites if s.get("name") == "local"), sites[0] if sites else None)
         if not chosen:
-            raise WorkflowError(f"{tc_path}: transformation {transformation.get('name')} has no site")
+            raise WorkflowError(f"{tc_path}: transformation {shown(transformation.get('name'))} has no site")
         transformations[transformation["name"]] = url_to_path(chosen["pfn"])
         tc_profiles[transformation["name"]] = _merge_profiles(transformation.get("profiles"),
                                                               chosen.get("profiles"))
@@ -162,11 +163,11 @@ def load_workflow(run_dir, workflow_file: str = "workflow.yml") -> LoadedWorkflo
     jobs: dict[str, JobSpec] = {}
     for job in wf.get("jobs", []):
         if job.get("type", "job") != "job":
-            raise WorkflowError(f"{run_dir / workflow_file}: job {job.get('id')}: "
-                                f"type {job.get('type')} is not supported locally")
+            raise WorkflowError(f"{run_dir / workflow_file}: job {shown(job.get('id'))}: "
+                                f"type {shown(job.get('type'))} is not supported locally")
         name = job["name"]
         if name not in transformations:
-            raise WorkflowError(f"{run_dir / workflow_file}: job {job['id']} uses transformation {name!r}, "
+            raise WorkflowError(f"{run_dir / workflow_file}: job {shown(job['id'])} uses transformation {shown(name)}, "
                                 f"which is not in {tc_path}")
         uses = job.get("uses", [])
         spec = JobSpec(
@@ -181,7 +182,7 @@ def load_workflow(run_dir, workflow_file: str = "workflow.yml") -> LoadedWorkflo
                 "uses": sorted(uses, key=lambda u: (u.get("type", ""), u["lfn"]))},
         )
         if spec.id in jobs:
-            raise WorkflowError(f"{run_dir / workflow_file}: duplicate job id {spec.id}")
+            raise WorkflowError(f"{run_dir / workflow_file}: duplicate job id {shown(spec.id)}")
         jobs[spec.id] = spec
 
     # Dependencies: the explicit ones plus producer -> consumer from the files.
@@ -189,14 +190,15 @@ def load_workflow(run_dir, workflow_file: str = "workflow.yml") -> LoadedWorkflo
     for spec in jobs.values():
         for lfn, _ in spec.outputs + spec.checkpoints:
             if producers.get(lfn, spec.id) != spec.id:
-                raise WorkflowError(f"{run_dir / workflow_file}: {lfn} is produced by both "
-                                    f"{producers[lfn]} and {spec.id}")
+                raise WorkflowError(f"{run_dir / workflow_file}: {shown(lfn)} is produced by both "
+                                    f"{shown(producers[lfn])} and {shown(spec.id)}")
             producers.setdefault(lfn, spec.id)
     for dependency in wf.get("jobDependencies", []):
         parent = dependency["id"]
         for child in dependency.get("children", []):
             if parent not in jobs or child not in jobs:
-                raise WorkflowError(f"{run_dir / workflow_file}: dependency {parent} -> {child} names an unknown job")
+                raise WorkflowError(f"{run_dir / workflow_file}: dependency {shown(parent)} -> {shown(child)} "
+                                    "names an unknown job")
             jobs[child].parents.add(parent)
             jobs[parent].children.add(child)
     for spec in jobs.values():
@@ -206,7 +208,7 @@ def load_workflow(run_dir, workflow_file: str = "workflow.yml") -> LoadedWorkflo
                 spec.parents.add(producer)
                 jobs[producer].children.add(spec.id)
             elif producer is None and lfn not in replicas:
-                raise WorkflowError(f"job {spec.id}: input {lfn} is neither in the replica catalog "
+                raise WorkflowError(f"job {shown(spec.id)}: input {shown(lfn)} is neither in the replica catalog "
                                     "nor produced by a job")
 
     return LoadedWorkflow(name=wf.get("name", "workflow"), run_dir=run_dir, jobs=jobs, replicas=replicas,
@@ -227,5 +229,5 @@ def _topological_order(jobs: dict[str, JobSpec]) -> list[str]:
                 ready.append(child)
     if len(order) != len(jobs):
         cycle = sorted(set(jobs) - set(order))
-        raise WorkflowError(f"the workflow has a dependency cycle among: {', '.join(cycle)}")
+        raise WorkflowError(f"the workflow has a dependency cycle among {len(cycle)} jobs: {shown(cycle)}")
     return order
