@@ -65,6 +65,22 @@ def test_generated_files_load_at_any_written_size_but_not_beyond_by_aliases():
     with pytest.raises(safe_yaml.YamlTooLarge, match="values once its aliases"):
         safe_yaml.load(written_out + alias_bomb("bomb"), generated=True)
 
+
+def test_values_pyyaml_cannot_construct_are_yaml_errors_not_tracebacks(tmp_path):
+    """A 5000-digit integer (over Python's 4300-digit conversion limit) or a date like 2024-13-45 made PyYAML
+    raise a plain ValueError, past every caller's `except yaml.YAMLError`; the same integer in JSON too."""
+    from utils.detection.stages import StagesError, parse_stages
+
+    for text, words in ((f"epochs: {'9' * 5000}\n", "4300 digits"), ("when: 2024-13-45\n", "month must be")):
+        with pytest.raises(safe_yaml.YamlValueError, match=words):
+            safe_yaml.load(text)
+    stages = tmp_path / "stages.yml"
+    stages.write_text(f"- epochs: {'9' * 5000}\n")
+    for given in (str(stages), f"[{{\"epochs\": {'9' * 5000}}}]"):
+        with pytest.raises(StagesError, match="4300 digits") as caught:
+            parse_stages(given)
+        assert "\n" not in str(caught.value) and len(str(caught.value)) < 400
+
 def test_ordinary_anchors_and_merge_keys_still_load():
     text = "base: &base {epochs: 2, lr: 0.01}\nfirst:\n  <<: *base\n  name: a\nsecond: [*base, *base]\n"
     assert safe_yaml.load(text) == {"base": {"epochs": 2, "lr": 0.01}, "first": {"epochs": 2, "lr": 0.01, "name": "a"},

@@ -28,6 +28,12 @@ class YamlTooLarge(yaml.YAMLError):
     """A YAML document that expands beyond the node limit, refers to itself, or nests too deeply."""
 
 
+class YamlValueError(yaml.YAMLError):
+    """A scalar PyYAML's constructors cannot turn into a value: an integer of more than 4300 digits (Python's
+    limit on converting text to int) or a date such as 2024-13-45. They raise a plain ValueError, which the
+    callers' ``except yaml.YAMLError`` would not catch."""
+
+
 def _children(node) -> list:
     if isinstance(node, yaml.SequenceNode):
         return list(node.value)
@@ -127,3 +133,5 @@ def load(text, Loader=BoundedSafeLoader, *, generated: bool = False):
         return yaml.load(text, Loader=Loader)  # noqa: S506 - Loader is a SafeLoader subclass (module docstring)
     except RecursionError:
         raise YamlTooLarge("nested too deeply to be read (lists or mappings hundreds of levels deep)") from None
+    except ValueError as problem:
+        raise YamlValueError(f"a value cannot be read: {problem}") from None

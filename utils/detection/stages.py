@@ -66,7 +66,8 @@ def _read_spec_file(path: Path, where: str):
         raise StagesError(f"{where}: cannot read stages file {path} ({problem})") from None
     try:
         return json.loads(text) if path.suffix.lower() == ".json" else safe_yaml.load(text)
-    except (json.JSONDecodeError, yaml.YAMLError, RecursionError) as problem:  # Recursion: JSON nested too deep
+    # Recursion: JSON nested too deep; ValueError: besides JSONDecodeError, an integer over 4300 digits
+    except (ValueError, yaml.YAMLError, RecursionError) as problem:
         detail = " ".join(str(problem).split())
         raise StagesError(f"{where}: stages file {path} does not parse ({detail})") from None
 
@@ -80,7 +81,7 @@ def _load_spec(value, where: str) -> tuple[object, str]:
     if isinstance(value, str):
         try:
             return json.loads(value), where
-        except (json.JSONDecodeError, RecursionError) as problem:
+        except (ValueError, RecursionError) as problem:  # ValueError: JSONDecodeError, or an int over 4300 digits
             raise StagesError(f"{where}: neither a .json/.yml/.yaml file nor a JSON list of stages "
                               f"({problem})") from None
     return value, where
