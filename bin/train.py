@@ -29,7 +29,8 @@ from utils.detection.engine import resolve_device
 from utils.detection.model import BACKBONES
 from utils.detection.recipe import check_budget_plan, describe
 from utils.detection.tensorboard_log import TensorBoardError
-from utils.detection.training import PARAM_TYPES, Trainer, TrainingDataError
+from utils.detection.params_file import PARAM_TYPES
+from utils.detection.training import Trainer, TrainingDataError
 from utils.detection.training_run import (open_training_data, resolve_training, resume_and_watch, train_epochs,
                                           write_model_outputs)
 from utils.errors import InputError

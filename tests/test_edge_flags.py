@@ -15,7 +15,7 @@ import pytest
 from helpers import load_script
 from utils.cli import (fraction, fraction_below_one, image_size_px, non_negative_float, positive_int, random_seed,
                        run_job, worker_count)
-from utils.detection.training import PARAM_TYPES, TrainingDataError, read_params_file
+from utils.detection.params_file import PARAM_TYPES, ParamsFileError, read_params_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.stem for p in (ROOT / "bin").glob("*.py") if p.stem != "serve")
@@ -248,7 +248,7 @@ BAD_PARAMS = [
 def test_a_params_file_value_is_refused_as_its_flag_would_be(tmp_path, text, words):
     path = tmp_path / "best_hpo_params.json"
     path.write_text(text)
-    with pytest.raises(TrainingDataError) as refused:
+    with pytest.raises(ParamsFileError) as refused:
         read_params_file(path)
     message = str(refused.value)
     assert message.startswith(f"{path}: ") and words in message, message

@@ -7,33 +7,32 @@ after every epoch. The schedule is a utils.detection.training_plan.TrainingPlan.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from .. import defaults as D
 from ..classes import NO_LABEL_MAP, LabelMap
-from ..cli import (fraction, fraction_below_one, image_size_px, int_at_least, non_negative_float, non_negative_int,
-                   positive_float, positive_int)
 from ..data.dataset import VocDetectionDataset, collate
 from .engine import (build_optimizer, build_scheduler, evaluate_loss, load_checkpoint, make_grad_scaler,
                      restore_checkpoint, run_inference, save_checkpoint, seed_everything, set_schedule_length,
                      train_one_epoch)
 from ..data.images import ImageError, image_size
-from .model import BACKBONES, build_model, freeze_backbone, num_backbone_stages, set_trainable_layers
-from .recipe import (MIN_ROI_BATCH_SIZE, RecordedPlan, RepeatFactorSampler, TimeBudget, build_ema, multiscale_sizes,
-                     repeat_factors, set_roi_batch_size, set_train_sizes, train_transforms)
+# read_params_file lives in params_file.py; training_run and the tests import it from here
+from .params_file import PARAM_TYPES, PARAMS_FILE_KEYS, ParamsFileError, read_params_file  # noqa: F401
+from .model import build_model, freeze_backbone, num_backbone_stages, set_trainable_layers
+from .recipe import (RecordedPlan, RepeatFactorSampler, TimeBudget, build_ema, multiscale_sizes, repeat_factors,
+                     set_roi_batch_size, set_train_sizes, train_transforms)
 from ..data.pairs import open_folder, pair_folders
 from ..data.voc import VocError, parse_voc
-from ..errors import InputError, read_json, shown
+from ..errors import InputError
 from ..stop import check_stop
 from .stages import Stage
 from .training_plan import TrainingPlan, make_plan
@@ -95,22 +94,6 @@ def resolve_params(flag_values: dict, params_file_values: dict) -> TrainParams:
     return TrainParams(**values)
 
 
-# The numbers a --params file (best_hpo_params.json) may set, each with the argparse type of its bin/train.py
-# flag (which takes it from here), so that a value is refused the same way from the file as from the command line.
-PARAM_TYPES = {
-    "lr": positive_float, "momentum": non_negative_float, "weight_decay": non_negative_float,
-    "trainable_layers": non_negative_int, "batch_size": positive_int, "warmup_iters": non_negative_int,
-    "clip_grad": non_negative_float, "freeze_backbone_epochs": non_negative_int, "hflip": fraction,
-    "image_size": image_size_px, "photometric": fraction, "multiscale": fraction, "repeat_threshold": fraction,
-    "ema_decay": fraction_below_one,
-    "roi_batch_size": int_at_least(MIN_ROI_BATCH_SIZE, f"a whole number of at least {MIN_ROI_BATCH_SIZE} "
-                                                       "(proposals per image, a quarter of them faces)"),
-}
-# The words a --params file may set: the choices of their bin/train.py flags.
-PARAM_CHOICES = {"optimizer": ("sgd", "adamw"), "lr_schedule": ("cosine", "step"), "backbone": BACKBONES}
-PARAMS_FILE_KEYS = (*PARAM_TYPES, *PARAM_CHOICES)
-
-
 def auto_workers(device) -> int:
     """DataLoader processes for training: none on a CPU, a few on a GPU.
 
@@ -126,48 +109,7 @@ def auto_workers(device) -> int:
 
 
 class TrainingDataError(InputError):
-    """No usable training data, or an unreadable params file."""
-
-
-def read_params_file(path) -> dict:
-    """Hyperparameters from a JSON file: {"params": {...}}, {"best_params": {...}} or a flat dict.
-
-    Each number passes the type of its flag (PARAM_TYPES), each word must be one of its flag's choices
-    (PARAM_CHOICES); the first that does not is one TrainingDataError line naming the file and the key."""
-    path = Path(path)
-    data = read_json(path, "params file", TrainingDataError)
-    if isinstance(data, dict):
-        data = data.get("params", data.get("best_params", data))
-    if not isinstance(data, dict):
-        raise TrainingDataError(f"{path}: expected a JSON object of hyperparameters")
-    params, ignored = {}, []
-    for key, value in data.items():
-        if key in PARAM_TYPES:
-            params[key] = _file_number(path, key, value)
-        elif key in PARAM_CHOICES:
-            if not isinstance(value, str) or value not in PARAM_CHOICES[key]:
-                raise TrainingDataError(f"{path}: {key} must be one of {', '.join(PARAM_CHOICES[key])}, "
-                                        f"got {shown(value)}")
-            params[key] = value
-        else:
-            ignored.append(shown(key))
-    if ignored:
-        log.info("%s: ignoring keys %s", path, ", ".join(sorted(ignored)))
-    return params
-
-
-def _file_number(path: Path, key: str, value):
-    """*value* of *key* in the params file *path*, passed through its flag's type as the flag's text would be."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise TrainingDataError(f"{path}: {key} must be a number, got {shown(value)}")
-    whole = "int" in next(f.type for f in fields(TrainParams) if f.name == key)
-    if whole and isinstance(value, float) and value.is_integer():
-        value = int(value)  # 8.0, as a JSON writer may put a whole number
-    text = value if isinstance(value, str) else repr(value)
-    try:
-        return PARAM_TYPES[key](text)
-    except argparse.ArgumentTypeError as problem:
-        raise TrainingDataError(f"{path}: {key}: {problem}") from None
+    """No usable training data (an unreadable --params file is a params_file.ParamsFileError)."""
 
 
 # ----------------------------------------------------------------------------- data
