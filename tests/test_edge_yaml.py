@@ -131,7 +131,9 @@ def test_a_value_quoted_in_a_message_is_bounded_however_large():
     assert len(text) <= 80 and text.startswith("[[[") and time.perf_counter() - started < 0.1
     assert shown("x" * 10_000).endswith("...'") or len(shown("x" * 10_000)) <= 80
     assert shown(7.0) == "7.0" and shown("abc") == "'abc'"
-
+    # an integer over Python's 4300 digits has no repr at all: its size is shown, alone or inside a value
+    assert shown(10**5000) == "<an integer of 4153 hex digits>"
+    assert shown({"epochs": [10**5000, 2]}) == "{'epochs': [<an integer of 4153 hex digits>, 2]}"
 
 
 def test_messages_about_stages_sites_and_runtimes_quote_values_bounded(tmp_path):

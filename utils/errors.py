@@ -37,7 +37,14 @@ def shown(value, limit: int | None = None) -> str:
     from .defaults import MESSAGE_VALUE_CHARS
 
     limit = limit or MESSAGE_VALUE_CHARS
-    bounded = reprlib.Repr()  # attributes, not keywords: Python 3.11's Repr takes none
+    class BoundedRepr(reprlib.Repr):
+        def repr_int(self, x, level):  # an integer over Python's 4300 digits has no repr: say its size
+            try:
+                return super().repr_int(x, level)
+            except ValueError:
+                return f"<an integer of {len(hex(x)) - 2} hex digits>"
+
+    bounded = BoundedRepr()  # attributes, not keywords: Python 3.11's Repr takes none
     bounded.maxlevel = 3
     bounded.maxtuple = bounded.maxlist = bounded.maxarray = bounded.maxdict = 4
     bounded.maxset = bounded.maxfrozenset = bounded.maxdeque = 4
