@@ -18,7 +18,7 @@ import sys
 from utils import defaults as D
 from utils.classes import LabelMap
 from utils.cli import (add_label_map_arg, add_set_input_args, add_set_output_args, check_set_args,
-                       non_negative_float, non_negative_int, run_job)
+                       non_negative_float, non_negative_int, random_seed, run_job)
 from utils.data.augment import augment_set
 
 
@@ -32,7 +32,7 @@ def get_args_parser():
     parser.add_argument("--noise-std", type=non_negative_float, default=D.NOISE_STD,
                         help="standard deviation of the Gaussian pixel noise, in 8-bit units 0-255; 0 turns it "
                              f"off (default: {D.NOISE_STD})")
-    parser.add_argument("--seed", type=non_negative_int, default=D.SEED,
+    parser.add_argument("--seed", type=random_seed, default=D.SEED,
                         help=f"random seed; the same seed gives the same files (default: {D.SEED})")
     add_label_map_arg(parser, writes_canonical=True)
     add_set_output_args(parser, report_contents="counts, skipped files, object problems and copies without boxes")

@@ -23,7 +23,7 @@ from utils import defaults as D
 from utils.atomic import write_json
 from utils.classes import LabelMap
 from utils.cli import (add_label_map_arg, fraction, image_size_px, non_negative_int, positive_float, positive_int,
-                       run_job, worker_count)
+                       random_seed, run_job, worker_count)
 from utils.detection.engine import resolve_device
 from utils.detection.hpo import OBJECTIVES, HpoConfig, SearchSpace, run_study
 from utils.detection.model import BACKBONES
@@ -51,7 +51,7 @@ def get_args_parser():
     p.add_argument("--n-trials", type=positive_int, default=D.HPO_TRIALS,
                    help="finished (complete + pruned) trials this worker's study should hold in total "
                         f"(default: {D.HPO_TRIALS})")
-    p.add_argument("--seed", type=non_negative_int, default=D.SEED,
+    p.add_argument("--seed", type=random_seed, default=D.SEED,
                    help=f"training seed; the sampler uses seed + worker index (default: {D.SEED})")
     p.add_argument("--checkpoint", default="hpo.journal",
                    help="Optuna journal file; an existing one is continued (default: hpo.journal)")

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from utils import defaults as D
-from utils.cli import int_at_least, non_negative_int, positive_int, run_job
+from utils.cli import int_at_least, positive_int, random_seed, run_job
 from utils.data.sample_data import make_sample_dataset
 from utils.provenance import write_run_record
 
@@ -22,7 +22,7 @@ def get_args_parser():
                         help="output folder; images/ and annotations/ are created inside (default: data/sample)")
     parser.add_argument("--num-images", type=int, default=D.SAMPLE_IMAGES,
                         help=f"number of images to draw (default: {D.SAMPLE_IMAGES})")
-    parser.add_argument("--seed", type=non_negative_int, default=D.SEED,
+    parser.add_argument("--seed", type=random_seed, default=D.SEED,
                         help=f"random seed; the same seed gives the same files (default: {D.SEED})")
     parser.add_argument("--image-size", type=int_at_least(32), nargs=2, metavar=("W", "H"), default=D.SAMPLE_IMAGE_SIZE,
                         help="image width and height in pixels (default: {} {})".format(*D.SAMPLE_IMAGE_SIZE))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from utils import defaults as D
 from utils.classes import LabelMap
-from utils.cli import add_label_map_arg, fraction, non_negative_int, run_job
+from utils.cli import add_label_map_arg, fraction, random_seed, run_job
 from utils.data.pairs import open_folder, read_pairs_csv, write_pairs_csv
 from utils.data.split import SplitError, image_classes, read_duplicate_groups, split_pairs, split_summary
 from utils.data.validation import csv_entry
@@ -29,7 +29,7 @@ def get_args_parser():
                         help="validation_report.json whose duplicate_groups must not straddle splits "
                              "(default: none, every image is its own group)")
     parser.add_argument("--output", default="split.csv", help="split CSV to write (default: split.csv)")
-    parser.add_argument("--seed", type=non_negative_int, default=D.SEED, help=f"random seed (default: {D.SEED})")
+    parser.add_argument("--seed", type=random_seed, default=D.SEED, help=f"random seed (default: {D.SEED})")
     parser.add_argument("--fractions", type=fraction, nargs=3, default=list(D.SPLIT_FRACTIONS),
                         metavar=("TRAIN", "VAL", "TEST"),
                         help="split fractions, normalised to sum 1 (default: {} {} {})".format(*D.SPLIT_FRACTIONS))

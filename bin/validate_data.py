@@ -28,7 +28,7 @@ def get_args_parser():
     parser.add_argument("--annotations", required=True,
                         help="folder (or flat .tar) of VOC .xml files; may be the same path as --images")
     parser.add_argument("--output-dir", required=True, help="folder for the report, manifest and clean annotations")
-    parser.add_argument("--near-duplicate-distance", type=int, default=D.NEAR_DUPLICATE_DISTANCE,
+    parser.add_argument("--near-duplicate-distance", type=non_negative_int, default=D.NEAR_DUPLICATE_DISTANCE,
                         help="largest perceptual-hash Hamming distance (of 64 bits) counted as a near duplicate; "
                              f"negative turns near-duplicate search off (default: {D.NEAR_DUPLICATE_DISTANCE})")
     parser.add_argument("--clean-annotations-tar", default=None,

@@ -161,6 +161,8 @@ WORKFLOW_CASES = [
     (["--augment-copies", "-1"], "--augment-copies"), (["--retries", "-1"], "--retries"),
     (["--time-budget", "nan"], "--time-budget"), (["--epochs", "0"], "--epochs"),
     (["--sites-config", "SITES_DIR"], "Is a directory"), (["--data", MISSING], "not found"),
+    (["--seed", "4294967296"], "0 to 4294967295"),  # Optuna's sampler and numpy take 32-bit seeds only
+    (["--near-duplicate-distance", "-1"], "--near-duplicate-distance"),
 ]
 
 

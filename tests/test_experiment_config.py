@@ -268,7 +268,7 @@ def test_a_file_that_is_not_a_mapping_of_settings_is_one_line(text, expected, tm
     ({"time_budget": 0}, "time_budget: 0: must be a positive number of minutes"),
     ({"folds": 1}, "folds: 1: use 0 (no cross-validation) or 2 or more folds"),
     ({"images_per_job": 0}, "images_per_job: 0: must be at least 1"),
-    ({"near_duplicate_distance": -1}, "near_duplicate_distance: -1: must be at least 0"),
+    ({"near_duplicate_distance": -1}, "near_duplicate_distance: -1: expected a whole number of at least 0"),
     ({"jobs": 0}, "jobs: 0: must be at least 1"),
 ])
 def test_values_the_workflow_refuses_name_the_file_and_key(settings, expected, sample_dir, tmp_path, capsys):

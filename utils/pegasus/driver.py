@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from .. import defaults as D
-from ..cli import fraction, image_size_px, int_at_least, non_negative_float, non_negative_int, positive_int
+from ..cli import (fraction, image_size_px, int_at_least, non_negative_float, non_negative_int, positive_int,
+                   random_seed)
 from .config import CONTAINER_KINDS
 from .experiment import ExperimentArgumentParser
 
@@ -58,7 +59,7 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
                       help="where the workflow, catalogs, logs and outputs go")
     data.add_argument("--fractions", type=float, nargs=3, default=D.SPLIT_FRACTIONS,
                       metavar=("TRAIN", "VAL", "TEST"), help="split fractions")
-    data.add_argument("--near-duplicate-distance", type=int, default=D.NEAR_DUPLICATE_DISTANCE,
+    data.add_argument("--near-duplicate-distance", type=non_negative_int, default=D.NEAR_DUPLICATE_DISTANCE,
                       help="perceptual-hash distance under which images count as near duplicates "
                            "(kept in one split)")
     data.add_argument("--label-map", default=D.LABEL_MAP, metavar="SOURCE=CLASS,...",
@@ -78,7 +79,7 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
     model.add_argument("--backbone", default=D.BACKBONE, help="detector backbone (see bin/train.py)")
     model.add_argument("--image-size", type=image_size_px, default=overrides["image_size"],
                        help="longest image side the detector works at")
-    model.add_argument("--seed", type=non_negative_int, default=D.SEED,
+    model.add_argument("--seed", type=random_seed, default=D.SEED,
                        help="seed for split, augmentation, HPO, training")
     model.add_argument("--augment-copies", type=non_negative_int, default=overrides["augment_copies"],
                        help="augmented copies per training image")
