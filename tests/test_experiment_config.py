@@ -208,6 +208,7 @@ def test_stages_from_the_command_line_as_json_or_a_file_and_their_epochs_size_th
     ("epochs: 2.5\n", "epochs: 2.5 is not an integer"),
     ("image_size: 512.5\n", "image_size: 512.5: expected a whole number from 32 to 4096, got '512.5'"),
     ("image_size: 8\n", "image_size: 8: expected a whole number from 32 to 4096, got 8"),
+    ("near_duplicate_distance: -1\n", "near_duplicate_distance: -1: expected a whole number of at least 0, got -1"),
     ("image_sise: 512\n", "image_sise: unknown setting (did you mean image_size?)"),
     ("hpo-jobs: 2\n", "hpo-jobs: unknown setting (did you mean hpo_jobs?)"),
     ("local: 'yes please'\n", "local: 'yes please' is not true or false"),
@@ -268,7 +269,6 @@ def test_a_file_that_is_not_a_mapping_of_settings_is_one_line(text, expected, tm
     ({"time_budget": 0}, "time_budget: 0: must be a positive number of minutes"),
     ({"folds": 1}, "folds: 1: use 0 (no cross-validation) or 2 or more folds"),
     ({"images_per_job": 0}, "images_per_job: 0: must be at least 1"),
-    ({"near_duplicate_distance": -1}, "near_duplicate_distance: -1: expected a whole number of at least 0"),
     ({"jobs": 0}, "jobs: 0: must be at least 1"),
 ])
 def test_values_the_workflow_refuses_name_the_file_and_key(settings, expected, sample_dir, tmp_path, capsys):
