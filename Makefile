@@ -61,7 +61,9 @@ test-fast: setup
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# The quick benchmarks; bench/quality.py (a training run per data set) is run by hand.
+# The quick benchmarks, printed; bench/quality.py (a training run per data set) is run by hand.
+# The figures in bench/RESULTS.md come from the commands written beside each table, with --output
+# bench/results/NAME.json (some need a finished run folder), so this target does not overwrite them.
 bench: setup
 	$(PY) bench/data_pipeline.py
 	$(PY) bench/train_step.py
