@@ -27,6 +27,7 @@ from utils.cli import (add_label_map_arg, fraction, image_size_px, non_negative_
 from utils.detection.engine import resolve_device
 from utils.detection.hpo import OBJECTIVES, HpoConfig, SearchSpace, run_study
 from utils.detection.model import BACKBONES
+from utils.detection.params_file import PARAM_CHOICES
 from utils.detection.tensorboard_log import TensorBoardError, pack_events
 from utils.errors import InputError
 from utils.provenance import write_run_record
@@ -74,7 +75,7 @@ def get_args_parser():
     p.add_argument("--device", default=D.DEVICE, help=f"auto, cpu or cuda (default: {D.DEVICE})")
     p.add_argument("--objective", choices=sorted(OBJECTIVES), default=D.HPO_OBJECTIVE,
                    help=f"fitness = 0.1*mAP50 + 0.9*mAP50-95, or map = mAP50-95 (default: {D.HPO_OBJECTIVE})")
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default=D.OPTIMIZER,
+    p.add_argument("--optimizer", choices=PARAM_CHOICES["optimizer"], default=D.OPTIMIZER,
                    help=f"optimizer of every trial (default: {D.OPTIMIZER})")
     p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=list(D.HPO_BATCH_SIZES),
                    help=f"batch size, or several to search among (default: {_spaced(D.HPO_BATCH_SIZES)})")

@@ -29,7 +29,7 @@ from utils.detection.engine import resolve_device
 from utils.detection.model import BACKBONES
 from utils.detection.recipe import check_budget_plan, describe
 from utils.detection.tensorboard_log import TensorBoardError
-from utils.detection.params_file import PARAM_TYPES
+from utils.detection.params_file import PARAM_CHOICES, PARAM_TYPES
 from utils.detection.training import Trainer, TrainingDataError
 from utils.detection.training_run import (open_training_data, resolve_training, resume_and_watch, train_epochs,
                                           write_model_outputs)
@@ -81,14 +81,14 @@ def get_args_parser():
     opt.add_argument("--workers", type=worker_count, default=None,
                      help="data-loading worker processes; -1: none on a CPU (decoding is <1%% of a CPU "
                           f"training step), a few on a GPU (default: {D.LOADER_WORKERS})")
-    opt.add_argument("--optimizer", choices=["sgd", "adamw"], default=None,
+    opt.add_argument("--optimizer", choices=PARAM_CHOICES["optimizer"], default=None,
                      help=f"optimizer (default: {D.OPTIMIZER})")
     opt.add_argument("--lr", type=PARAM_TYPES["lr"], default=None, help=f"base learning rate (default: {D.LR})")
     opt.add_argument("--momentum", type=PARAM_TYPES["momentum"], default=None,
                      help=f"SGD momentum, AdamW beta1 (default: {D.MOMENTUM})")
     opt.add_argument("--weight-decay", type=PARAM_TYPES["weight_decay"], default=None,
                      help=f"weight decay (default: {D.WEIGHT_DECAY})")
-    opt.add_argument("--lr-schedule", choices=["cosine", "step"], default=None,
+    opt.add_argument("--lr-schedule", choices=PARAM_CHOICES["lr_schedule"], default=None,
                      help=f"decay after warm-up (default: {D.LR_SCHEDULE})")
     opt.add_argument("--warmup-iters", type=PARAM_TYPES["warmup_iters"], default=None,
                      help=f"linear warm-up iterations (default: {D.WARMUP_ITERS})")

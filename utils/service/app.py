@@ -52,6 +52,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from torchvision.ops import box_iou
 
 from .. import defaults as D
+from .. import errors
 from ..classes import CLASS_COLOURS, CLASSES, LABEL_OF
 from ..data.images import ImageError, PixelLimitError, check_image_pixels
 from ..detection.compliance import compliance, merge_compliance
@@ -63,7 +64,7 @@ from .batching import BatchWorker
 from .edge import EdgeMiddleware, shown_path
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from .uploads import (AdmissionQueue, PixelBudget, Upload, annotated_jpeg, decode_to_tensor, default_decode_threads,
-                      detection_records, explanation_record, model_sized_input, parse_box, quoted, upload_name)
+                      detection_records, explanation_record, model_sized_input, parse_box, upload_name)
 
 DETECTION_FLOOR = D.DETECTION_FLOOR  # lowest score returned: below it a box is noise at any threshold a user would pick
 IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff"}
@@ -196,7 +197,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         """The upload and its size from the header, nothing decoded; 413/415/422 naming the file."""
         name = upload_name(upload)
         if upload.content_type not in IMAGE_TYPES:
-            raise HTTPException(415, f"{name}: unsupported type {quoted(str(upload.content_type))}; "
+            raise HTTPException(415, f"{name}: unsupported type {errors.shown(str(upload.content_type))}; "
                                      f"send one of {', '.join(sorted(IMAGE_TYPES))}")
         size = upload.size if upload.size is not None else upload.file.seek(0, io.SEEK_END)
         if size > max_bytes:
@@ -363,9 +364,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
         and the share of the map inside the box. 422 when the model finds no such detection there."""
         coordinates = parse_box(box)
         if label not in CLASSES:
-            raise HTTPException(422, f"label {quoted(label)}: not one of {', '.join(CLASSES)}")
+            raise HTTPException(422, f"label {errors.shown(label)}: not one of {', '.join(CLASSES)}")
         if method not in EXPLAIN_METHODS:
-            raise HTTPException(422, f"method {quoted(method)}: not one of {', '.join(EXPLAIN_METHODS)}")
+            raise HTTPException(422, f"method {errors.shown(method)}: not one of {', '.join(EXPLAIN_METHODS)}")
         admit(request)
         try:
             upload = await read_upload(request, file)
@@ -404,7 +405,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         for problem in error.errors()[:3]:
             where = " ".join(str(part) for part in problem.get("loc", ()))
             given = problem.get("input")
-            shown = f" (got {quoted(str(given))})" if isinstance(given, (str, int, float)) else ""
+            shown = f" (got {errors.shown(str(given))})" if isinstance(given, (str, int, float)) else ""
             problems.append(f"{where}: {problem.get('msg', 'invalid')}{shown}")
         return JSONResponse({"detail": f"{request.method} {shown_path(request.url.path)}: {'; '.join(problems)}"},
                             status_code=422)

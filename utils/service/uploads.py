@@ -18,9 +18,9 @@ from fastapi import HTTPException, UploadFile
 from PIL import Image
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, _resize_image_and_masks
 
-from .. import defaults as D
 from ..classes import NAME_OF
 from ..data.images import load_rgb_bytes
+from ..errors import shown
 from ..detection.inference import to_model_input
 from ..detection.plots import draw_detections
 
@@ -106,11 +106,6 @@ def explanation_record(explanation, method: str) -> dict:
             "overlay": jpeg_data_url(explanation.overlay)}
 
 
-def quoted(text: str) -> str:
-    """A client's value in a message, bounded: a message never renders an unbounded value."""
-    return repr(text if len(text) <= D.MESSAGE_VALUE_CHARS else text[:D.MESSAGE_VALUE_CHARS] + "...")
-
-
 def parse_box(text: str) -> list[float]:
     """`x1,y1,x2,y2` in pixels, x2 > x1 and y2 > y1 (HTTPException 422 otherwise)."""
     try:
@@ -118,7 +113,7 @@ def parse_box(text: str) -> list[float]:
     except ValueError:
         box = []
     if len(box) != 4 or not all(np.isfinite(box)) or box[2] <= box[0] or box[3] <= box[1]:
-        raise HTTPException(422, f"box {quoted(text)}: expected x1,y1,x2,y2 in pixels with x2 > x1 and y2 > y1")
+        raise HTTPException(422, f"box {shown(text)}: expected x1,y1,x2,y2 in pixels with x2 > x1 and y2 > y1")
     return box
 
 
