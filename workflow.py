@@ -298,15 +298,16 @@ class MaskDetectionWorkflow:
     def _add_folds(self, train_set: File, val_set: File, best_params: File) -> list[File]:
         """--folds K: per fold, make_fold cuts the fold's training and held-out sets out of the preprocessed
         train and val sets (RUN_DIR/folds.csv, written at generation), train_fold<i> trains with the final
-        model's settings (best HPO parameters, --epochs or --time-budget) validated on the held-out fold
-        (so its threshold is chosen there too: kfold_summary says so), evaluate_fold<i> evaluates it on
-        that fold; aggregate_folds writes mean ± std over the folds. Returns the fold models."""
+        model's settings (best HPO parameters, --epochs or --time-budget) on the train-split images of the
+        other folds, validated (threshold, the estimators' rates) on their val-split images, and
+        evaluate_fold<i> evaluates it on the held-out fold, which it never saw; aggregate_folds writes
+        mean ± std over the folds. Returns the fold models."""
         models, evaluations = [], []
         for fold in range(self.config.folds):
             tag = fold_tag(fold)
-            fold_train, fold_val = self._add_make_fold(fold, train_set, val_set)
+            fold_train, fold_val, fold_held_out = self._add_make_fold(fold, train_set, val_set)
             models.append(self._add_train(fold_train, fold_val, best_params, tag=tag))
-            evaluations.append(self._add_evaluate(models[-1], fold_val, tag=tag))
+            evaluations.append(self._add_evaluate(models[-1], fold_held_out, tag=tag))
         if models:
             job = self._job("aggregate_folds", "aggregate_folds")
             job.add_args("--inputs", *evaluations, "--output-dir", ".")
@@ -314,18 +315,19 @@ class MaskDetectionWorkflow:
             self._stages_out(job, *output_names("aggregate_folds").values())
         return models
 
-    def _add_make_fold(self, fold: int, train_set: File, val_set: File) -> tuple[File, File]:
-        """make_fold<i>: the fold's training and held-out sets (Files handed on to its train and evaluate)."""
+    def _add_make_fold(self, fold: int, train_set: File, val_set: File) -> tuple[File, File, File]:
+        """make_fold<i>: the fold's training, validation and held-out sets (Files handed on to its train
+        and evaluate)."""
         make_fold = job_id("make", fold_tag(fold))
         job = self._job("make_fold", make_fold)
-        fold_train, fold_val = (File(name) for name in fold_set_names(fold_tag(fold)))
+        fold_train, fold_val, fold_held_out = (File(name) for name in fold_set_names(fold_tag(fold)))
         job.add_args("--train-set", train_set, "--val-set", val_set, "--folds-csv", self.inputs.folds_file,
                      "--fold", fold, "--output-train", fold_train, "--output-val", fold_val,
-                     "--report", report_name(make_fold))
+                     "--output-held-out", fold_held_out, "--report", report_name(make_fold))
         job.add_inputs(train_set, val_set, self.inputs.folds_file)
-        self._hands_on(job, fold_train, fold_val)
+        self._hands_on(job, fold_train, fold_val, fold_held_out)
         self._stages_out(job, report_name(make_fold))
-        return fold_train, fold_val
+        return fold_train, fold_val, fold_held_out
 
     def _sized_as(self, job: Job, workload: str) -> None:
         """Job-level time limits from *workload* (runtimes.py), over those of the job's transformation."""

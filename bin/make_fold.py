@@ -3,13 +3,18 @@
 
 Reads the train set (bin/augment.py: originals train_<stem>, copies aug<k>_<stem>) and the
 val set (bin/preprocess.py: val_<stem>), both flat .tar files or folders, and folds.csv
-(image, fold; written by workflow.py --folds K at generation time). Writes:
+(image, fold; written by workflow.py --folds K at generation time). Writes, like the final
+model's train / val / test sets but within the train+val pool:
 
-  --output-val    the originals of the images in fold --fold (the held-out fold)
-  --output-train  every file of the other folds: originals and their augmented copies
-                  (images that came from the val split have no copies: augment saw only train)
-  --report        JSON: counts per output, the augmented copies of held-out images left out,
-                  and the pool images found in neither set (augment or preprocess skipped them)
+  --output-train     the train-split files of the other folds: originals and their augmented copies
+  --output-val       the val-split images of the other folds: the fold model's validation set, where
+                     train chooses its score threshold and measures the rates the adjusted compliance
+                     estimators correct with; never an image of the held-out fold, so the fold's
+                     evaluation does not grade a model on the images it was tuned on
+  --output-held-out  the originals of the images in fold --fold, from either split: the images the
+                     fold model is evaluated on
+  --report           JSON: counts per output, the augmented copies of held-out images left out,
+                     and the pool images found in neither set (augment or preprocess skipped them)
 
 Files are copied member by member (images stay encoded as they were). Exit 0 when both
 outputs hold at least one image, 2 on bad input (one line naming the file), 1 on a bug.
@@ -36,9 +41,10 @@ def get_args_parser():
     parser.add_argument("--folds-csv", type=Path, required=True, help="folds.csv (image, fold)")
     parser.add_argument("--fold", type=non_negative_int, required=True, help="the held-out fold, 0..K-1")
     parser.add_argument("--output-train", type=Path, required=True, help="the fold's training set (.tar)")
-    parser.add_argument("--output-val", type=Path, required=True, help="the fold's held-out set (.tar)")
+    parser.add_argument("--output-val", type=Path, required=True, help="the fold model's validation set (.tar)")
+    parser.add_argument("--output-held-out", type=Path, required=True, help="the fold's held-out set (.tar)")
     parser.add_argument("--report", type=Path, default=None,
-                        help="JSON report (default: <output-val stem>.report.json next to --output-val)")
+                        help="JSON report (default: <output-held-out stem>.report.json next to --output-held-out)")
     return parser
 
 
@@ -71,32 +77,36 @@ def main(args) -> int:
         raise FoldError(f"--fold {args.fold}: {args.folds_csv} has folds 0..{folds - 1}")
     fold_of_stem = fold_of_stems(assignment, str(args.folds_csv))
     with contextlib.ExitStack() as stack:
-        files = []
-        for given in (args.train_set, args.val_set):
-            files += _set_files(stack.enter_context(open_folder(given)), fold_of_stem, given)
-        train = [path for path, _, fold, _ in files if fold != args.fold]
-        val = [path for path, _, fold, is_copy in files if fold == args.fold and not is_copy]
+        train_files = _set_files(stack.enter_context(open_folder(args.train_set)), fold_of_stem, args.train_set)
+        val_files = _set_files(stack.enter_context(open_folder(args.val_set)), fold_of_stem, args.val_set)
+        files = train_files + val_files
+        sets = {"train": [path for path, _, fold, _ in train_files if fold != args.fold],
+                "val": [path for path, _, fold, _ in val_files if fold != args.fold],
+                "held_out": [path for path, _, fold, is_copy in files if fold == args.fold and not is_copy]}
         left_out = sorted(path.name for path, _, fold, is_copy in files if fold == args.fold and is_copy)
         found = {stem for _, stem, _, is_copy in files if not is_copy}
         missing = sorted(name for name in assignment if Path(name).stem not in found)
-        counts = {name: sum(1 for p in paths if is_image_name(p)) for name, paths in (("train", train), ("val", val))}
+        counts = {name: sum(1 for path in paths if is_image_name(path)) for name, paths in sets.items()}
         for name, count in counts.items():
             if count == 0:
-                raise FoldError(f"{args.folds_csv}: fold {args.fold} leaves no {name} images "
-                                f"(sets {args.train_set}, {args.val_set})")
-        pack_files(((path, path.name) for path in train), args.output_train)
-        pack_files(((path, path.name) for path in val), args.output_val)
-    report = {"fold": args.fold, "folds": folds, "train_images": counts["train"], "val_images": counts["val"],
-              "train_files": len(train), "val_files": len(val),
+                where = "(val-split images outside it) " if name == "val" else ""
+                raise FoldError(f"{args.folds_csv}: fold {args.fold} leaves no {name.replace('_', '-')} images "
+                                f"{where}(sets {args.train_set}, {args.val_set}); use fewer folds or more images")
+        outputs = {"train": args.output_train, "val": args.output_val, "held_out": args.output_held_out}
+        for name, paths in sets.items():
+            pack_files(((path, path.name) for path in paths), outputs[name])
+    report = {"fold": args.fold, "folds": folds,
+              **{f"{name}_images": count for name, count in counts.items()},
+              **{f"{name}_files": len(paths) for name, paths in sets.items()},
               "copies_of_held_out_images_left_out": left_out,
               "pool_images_in_neither_set": missing,
               "inputs": {"train_set": str(args.train_set), "val_set": str(args.val_set),
                          "folds_csv": str(args.folds_csv)}}
-    report_path = args.report or args.output_val.with_name(f"{args.output_val.stem}.report.json")
+    report_path = args.report or args.output_held_out.with_name(f"{args.output_held_out.stem}.report.json")
     write_json(report_path, report)
     print(f"make_fold: fold {args.fold} of {folds}: {counts['train']} training images -> {args.output_train}, "
-          f"{counts['val']} held-out images -> {args.output_val}; {len(left_out)} augmented copies of held-out "
-          f"images left out")
+          f"{counts['val']} validation images -> {args.output_val}, {counts['held_out']} held-out images -> "
+          f"{args.output_held_out}; {len(left_out)} augmented copies of held-out images left out")
     if missing:
         print(f"make_fold: {len(missing)} pool image(s) are in neither set (skipped by augment or preprocess; "
               f"see their reports): {', '.join(missing[:LISTED])}{' ...' if len(missing) > LISTED else ''}")

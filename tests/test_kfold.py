@@ -103,17 +103,36 @@ def test_make_fold_cuts_the_held_out_fold_and_drops_its_copies(tmp_path, root):
     val = _tar(tmp_path / "val_set.tar", [f"val_{s}.{e}" for s in ("d", "e") for e in ("png", "xml")])
     folds = tmp_path / "folds.csv"
     folds.write_text(folds_csv_text({"a.jpg": 0, "b.jpg": 1, "c.jpg": 1, "d.png": 0, "e.png": 1, "f.jpg": 1}))
-    out_train, out_val = tmp_path / "fold0_train.tar", tmp_path / "fold0_val.tar"
+    out = {name: tmp_path / f"fold0_{name}.tar" for name in ("train", "val", "held_out")}
     assert run_script(root, "make_fold", ["--train-set", train, "--val-set", val, "--folds-csv", folds, "--fold", 0,
-                                          "--output-train", out_train, "--output-val", out_val]) == 0
-    with tarfile.open(out_val) as tar:
-        assert sorted(tar.getnames()) == ["train_a.jpg", "train_a.xml", "val_d.png", "val_d.xml"]
-    with tarfile.open(out_train) as tar:
-        assert sorted(tar.getnames()) == sorted([f"{p}{s}.{e}" for s in ("b", "c") for p in ("train_", "aug1_")
-                                                 for e in ("jpg", "xml")] + ["val_e.png", "val_e.xml"])
-    report = json.loads((tmp_path / "fold0_val.report.json").read_text())
+                                          "--output-train", out["train"], "--output-val", out["val"],
+                                          "--output-held-out", out["held_out"]]) == 0
+    names = {}
+    for name, path in out.items():
+        with tarfile.open(path) as tar:
+            names[name] = sorted(tar.getnames())
+    # The held-out fold: its originals from both splits, never a copy; nothing else sees them.
+    assert names["held_out"] == ["train_a.jpg", "train_a.xml", "val_d.png", "val_d.xml"]
+    # The fold model trains on the other folds' train split (with copies) and validates on their val split.
+    assert names["train"] == sorted(f"{p}{s}.{e}" for s in ("b", "c") for p in ("train_", "aug1_") for e in ("jpg", "xml"))
+    assert names["val"] == ["val_e.png", "val_e.xml"]
+    assert not set(names["held_out"]) & (set(names["train"]) | set(names["val"]))
+    report = json.loads((tmp_path / "fold0_held_out.report.json").read_text())
     assert report["copies_of_held_out_images_left_out"] == ["aug1_a.jpg", "aug1_a.xml"]
-    assert report["pool_images_in_neither_set"] == ["f.jpg"] and report["val_images"] == 2
+    assert report["pool_images_in_neither_set"] == ["f.jpg"]
+    assert (report["train_images"], report["val_images"], report["held_out_images"]) == (4, 1, 2)
+
+
+def test_make_fold_refuses_a_fold_without_validation_images(tmp_path, root, capsys):
+    train = _tar(tmp_path / "train_set.tar", ["train_a.jpg", "train_b.jpg"])
+    val = _tar(tmp_path / "val_set.tar", ["val_c.jpg"])
+    folds = tmp_path / "folds.csv"
+    folds.write_text(folds_csv_text({"a.jpg": 0, "b.jpg": 1, "c.jpg": 0}))
+    assert run_script(root, "make_fold", ["--train-set", train, "--val-set", val, "--folds-csv", folds, "--fold", 0,
+                                          "--output-train", tmp_path / "t.tar", "--output-val", tmp_path / "v.tar",
+                                          "--output-held-out", tmp_path / "h.tar"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "fold 0 leaves no val images" in error and "\n" not in error and not (tmp_path / "t.tar").exists()
 
 
 def test_make_fold_refuses_files_it_cannot_place(tmp_path, root, capsys):
@@ -122,7 +141,8 @@ def test_make_fold_refuses_files_it_cannot_place(tmp_path, root, capsys):
     folds = tmp_path / "folds.csv"
     folds.write_text(folds_csv_text({"a.jpg": 0, "b.jpg": 1}))
     argv = ["--train-set", train, "--val-set", val, "--folds-csv", folds, "--fold", 0,
-            "--output-train", tmp_path / "t.tar", "--output-val", tmp_path / "v.tar"]
+            "--output-train", tmp_path / "t.tar", "--output-val", tmp_path / "v.tar",
+            "--output-held-out", tmp_path / "h.tar"]
     assert run_script(root, "make_fold", argv) == 2
     error = capsys.readouterr().err.strip()
     assert "stray.jpg" in error and "\n" not in error and "Traceback" not in error

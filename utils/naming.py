@@ -91,6 +91,7 @@ def fold_tag(fold: int) -> str:
     return f"fold{fold}"
 
 
-def fold_set_names(tag: str) -> tuple[str, str]:
-    """The training and held-out sets make_fold cuts for fold *tag*: fold0_train.tar, fold0_val.tar."""
-    return f"{tag}_train.tar", f"{tag}_val.tar"
+def fold_set_names(tag: str) -> tuple[str, str, str]:
+    """The training, validation and held-out sets make_fold cuts for fold *tag*: fold0_train.tar,
+    fold0_val.tar, fold0_held_out.tar."""
+    return f"{tag}_train.tar", f"{tag}_val.tar", f"{tag}_held_out.tar"

@@ -6,10 +6,12 @@ the per-fold values. The spread is the sample standard deviation over the folds 
 a metric a fold cannot define (a class absent from its held-out images: AP None) is left
 out of that metric's mean, and ``n`` says over how many folds it was taken.
 
-The held-out fold is also the fold model's validation set: train monitors it and chooses
-the operating score threshold on it. mAP, AP and recall use every detection and do not
-depend on that threshold; the confusion matrix and the compliance error do, so they are a
-little optimistic, as in any cross-validated model selection.
+A fold model never sees its held-out fold: bin/make_fold.py gives it the train-split images
+of the other folds to train on and their val-split images to validate on (where train chooses
+the score threshold and measures the rates the adjusted compliance estimators correct with),
+as the final model has train and val. So every figure here, the compliance estimators'
+errors and interval coverage included, is measured on images nothing was tuned on, and the
+estimators can be compared by them.
 """
 
 from __future__ import annotations
@@ -38,14 +40,13 @@ OVERALL_METRICS = (
     ("score_threshold", lambda e: e["confusion_matrix"]["score_threshold"], "score threshold"),
 )
 PER_CLASS_METRICS = ("ap", "ap_50", "ap_75", "recall")
-THRESHOLD_NOTE = ("Each fold model was validated on its own held-out fold (train monitors it and chooses the "
-                  "operating score threshold there); mAP, AP and recall do not depend on that threshold, the "
-                  "confusion matrix and the compliance figures do and are slightly optimistic.")
+THRESHOLD_NOTE = ("Each fold model was trained on the train-split images of the other folds and validated on "
+                  "their val-split images (its score threshold and the adjusted estimators' rates come from "
+                  "there); its held-out fold, where every figure here is measured, was never seen.")
 ESTIMATOR_NOTE = ("Compliance estimators: the error is the estimate minus the true percent on the held-out fold; "
-                  "acc and pacc correct with rates measured on the fold model's validation images, here that same "
-                  "fold, so their error and coverage are optimistic; the default estimator "
-                  "(utils/defaults.py COMPLIANCE_ESTIMATOR) should be the one with the smallest mean |error| "
-                  "over folds of a run whose validation images are not its evaluation images.")
+                  "acc and pacc correct with rates measured on the fold model's validation images, which are "
+                  "not in that fold; the default estimator (utils/defaults.py COMPLIANCE_ESTIMATOR) should be "
+                  "the one with the smallest mean |error| over the folds.")
 
 
 class FoldSummaryError(InputError):

@@ -87,16 +87,18 @@ def workloads(config) -> dict[str, float]:
 
 
 def _fold_workloads(config, counts, trained, train_s, infer_s) -> dict[str, float]:
-    """With --folds K: a fold trains on (K-1)/K of the train+val pool (only the train split's images
-    have augmented copies) and validates, then is evaluated, on the other 1/K. The fold jobs reuse
-    the train and evaluate transformations; their job-level profiles carry these figures."""
+    """With --folds K: a fold trains on the train split's images (with their augmented copies) of the
+    other K-1 folds, validates on their val-split images, and is evaluated on the held-out 1/K of the
+    train+val pool. The fold jobs reuse the train and evaluate transformations; their job-level
+    profiles carry these figures."""
     folds = getattr(config, "folds", 0)  # 0 for a stand-in config without the field (test_runtimes)
     if not folds:
         return {}
     held_out = (counts["train"] + counts["val"]) / folds
-    fold_trained = (trained + counts["val"]) * (folds - 1) / folds
+    fold_trained = trained * (folds - 1) / folds
+    fold_val = counts["val"] * (folds - 1) / folds
     return {
-        "train_fold": _train_epochs(config) * (fold_trained * train_s + 2 * held_out * infer_s) + held_out * infer_s,
+        "train_fold": _train_epochs(config) * (fold_trained * train_s + 2 * fold_val * infer_s) + fold_val * infer_s,
         "evaluate_fold": held_out * infer_s,
     }
 
@@ -108,11 +110,11 @@ def job_runtimes(config) -> dict[str, int]:
     if config.time_budget is not None:
         runtimes["train"] = max(MIN_RUNTIME_S, math.ceil(STARTUP_S + BUDGET_SLACK * config.time_budget * 60
                                                          + SAFETY * _validation_pass_s(config)))
-        if "train_fold" in runtimes:  # the same budget; the validation pass is over a held-out fold
-            pool = sum(1 for entry in config.entries if entry.split in ("train", "val"))
-            held_out_s = pool / config.folds * _rates(config)[2]
+        if "train_fold" in runtimes:  # the same budget; the validation pass is over the other folds' val images
+            val = sum(1 for entry in config.entries if entry.split == "val")
+            fold_val_s = val * (config.folds - 1) / config.folds * _rates(config)[2]
             runtimes["train_fold"] = max(MIN_RUNTIME_S, math.ceil(STARTUP_S + BUDGET_SLACK * config.time_budget * 60
-                                                                  + SAFETY * held_out_s))
+                                                                  + SAFETY * fold_val_s))
         # A staged run keeps at least one whole epoch per stage (utils.detection.stages.scale_stages), which a
         # short budget does not cover: the limit must, or every try dies at the same point.
         stages = len(getattr(config, "train_stages", None) or [])
