@@ -114,7 +114,8 @@ def test_make_fold_cuts_the_held_out_fold_and_drops_its_copies(tmp_path, root):
     # The held-out fold: its originals from both splits, never a copy; nothing else sees them.
     assert names["held_out"] == ["train_a.jpg", "train_a.xml", "val_d.png", "val_d.xml"]
     # The fold model trains on the other folds' train split (with copies) and validates on their val split.
-    assert names["train"] == sorted(f"{p}{s}.{e}" for s in ("b", "c") for p in ("train_", "aug1_") for e in ("jpg", "xml"))
+    assert names["train"] == sorted(f"{prefix}{stem}.{ext}" for stem in ("b", "c") for prefix in ("train_", "aug1_")
+                                    for ext in ("jpg", "xml"))
     assert names["val"] == ["val_e.png", "val_e.xml"]
     assert not set(names["held_out"]) & (set(names["train"]) | set(names["val"]))
     report = json.loads((tmp_path / "fold0_held_out.report.json").read_text())
