@@ -87,7 +87,9 @@ def pure_meter(model_path: Path, image):
     def measure(seconds: float) -> dict:
         """Half the time on the main thread, half on a thread of its own as the service's model runs: on a
         machine with more runnable threads than cores the two differ several-fold (OpenMP's team on the
-        main thread waits for descheduled threads), and the model's best is the fair baseline."""
+        main thread waits for descheduled threads), and the model's best is the fair baseline. On an idle
+        machine the main thread is the faster: the thread of its own is a second OpenMP team in this
+        process, which on 2 cores stops idle team threads spinning (utils/service/batching.py)."""
         found = {}
         rate(seconds / 2, found, "main_thread")
         worker = threading.Thread(target=rate, args=(seconds / 2, found, "own_thread"))
@@ -215,11 +217,9 @@ def main(args) -> int:
               f"{row['pure_images_per_s']:.2f} images/s; served / pure {row['served_over_pure']:.2f} (goal >= 0.9)",
               flush=True)
     pure_after = pure(PURE_SECONDS)["best"]
-    found = {}  # on a thread of its own, as the pure figure it is divided by (see pure_meter)
-    video_thread = threading.Thread(target=lambda: found.update(rate=video_rate(args.model, image, args.video_frames)))
-    video_thread.start()
-    video_thread.join()
-    video = found["rate"]
+    # On the main thread, as bin/predict_video.py runs it: this process's main thread already has an OpenMP
+    # team (pure_meter), so a thread of its own would be slowed by the teams' count (utils/service/batching.py).
+    video = video_rate(args.model, image, args.video_frames)
     print(f"  video: {video:.2f} frames/s at {image.width}x{image.height}; video / pure {video / pure_after:.2f} "
           "(goal >= 0.9)")
     load_after = os.getloadavg()

@@ -60,7 +60,7 @@ from ..detection.evaluation import load_trained_model
 from ..detection.explain import EXPLAIN_METHODS, ExplainError, explain_image
 from ..detection.inference import detect, to_model_input
 from ..detection.quantify import prediction_estimates, soft_counts
-from .batching import BatchWorker
+from .batching import BatchWorker, on_a_passing_thread
 from .edge import EdgeMiddleware, shown_path
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from .uploads import (AdmissionQueue, PixelBudget, Upload, annotated_jpeg, decode_to_tensor, default_decode_threads,
@@ -98,7 +98,9 @@ class ServiceConfig:
 
 def create_app(config: ServiceConfig) -> FastAPI:
     device = torch.device(config.device)
-    model, meta, default_threshold, threshold_source = load_trained_model(config.model_path, device)
+    # Not on this (the main) thread: see batching.py on OpenMP teams.
+    model, meta, default_threshold, threshold_source = on_a_passing_thread(load_trained_model, config.model_path,
+                                                                            device)
     queue = AdmissionQueue(config.queue_size)
     max_bytes = int(config.max_upload_mb * 2**20)
     metrics = ServiceMetrics()

@@ -14,6 +14,15 @@ its forward pass, then runs them together:
 
 Work that must run alone on the model's thread (explanations: a backward pass per box) is
 submitted with ``submit_call`` and keeps its place in the order.
+
+Only that thread should run torch's parallel ops for the life of the server. torch's CPU ops run
+on OpenMP (libgomp), which gives every thread that ever enters a parallel region a team of its
+own for as long as that thread lives, and lets idle team threads spin between regions only while
+the process has no more OpenMP threads than cores; past that they sleep and are woken for every
+op. On 2 cores a model loaded on the main thread (a team that lives as long as the server) was
+enough to slow the inference thread's model from 13-15 to 9-10 images/s. So the model is loaded
+on a passing thread (``on_a_passing_thread``), whose team ends with it, and the decoding threads
+only wrap numpy arrays.
 """
 
 from __future__ import annotations
@@ -43,6 +52,25 @@ class _Job:
     pixels: int
     future: Future = field(default_factory=Future)
     timing: Timing = field(default_factory=lambda: Timing(time.perf_counter()))
+
+
+def on_a_passing_thread(function: Callable, *args):
+    """function(*args) on a thread that ends when it returns; its result, or its exception raised here.
+    For torch work (loading a model) that must leave no OpenMP team behind on the calling thread."""
+    found: dict = {}
+
+    def run():
+        try:
+            found["result"] = function(*args)
+        except BaseException as error:  # handed to the caller, in its thread
+            found["error"] = error
+
+    thread = threading.Thread(target=run, name="passing")
+    thread.start()
+    thread.join()
+    if "error" in found:
+        raise found["error"]
+    return found["result"]
 
 
 class BatchWorker:
