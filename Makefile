@@ -48,8 +48,11 @@ run: setup $(SAMPLE_DIR)/images
 serve: setup
 	$(PY) bin/serve.py --model $(RUN_DIR)/outputs/model.pt
 
+# The whole suite, shared out over TEST_WORKERS processes (pytest-xdist; the longest tests are
+# handed out first, tests/conftest.py). TEST_WORKERS=0 runs it in this one process.
+TEST_WORKERS ?= auto
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 # The edit loop: every test but the slow kinds (end-to-end runs, the real planner, the browser,
 # training for whole epochs; markers in pyproject.toml). CI runs `make test`, the whole suite.

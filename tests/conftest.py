@@ -16,10 +16,18 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 SLOW_KINDS = ("e2e", "planner", "browser", "training")
 
 
+# The longest kinds first: `make test` shares the tests out over pytest-xdist workers, and a
+# several-minute planner run handed out last would leave the other workers idle at the end.
+LONGEST_FIRST = ("planner", "e2e")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if any(item.get_closest_marker(kind) for kind in SLOW_KINDS):
             item.add_marker(pytest.mark.slow)
+    rank = {kind: index for index, kind in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: min((rank[kind] for kind in LONGEST_FIRST if item.get_closest_marker(kind)),
+                                    default=len(LONGEST_FIRST)))
 
 
 @pytest.fixture(scope="session")

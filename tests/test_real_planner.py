@@ -35,6 +35,14 @@ def plan_check(run_dir: Path, *options: str, timeout: int = 600) -> subprocess.C
                           timeout=timeout, env=env)
 
 
+def test_a_shell_run_without_a_container_runs_every_job(sample_dir, tmp_path, root):
+    generate(tmp_path / "run", sample_dir, "--container-type", "none")
+    result = plan_check(tmp_path / "run", "--shell-run", "--job-python", str(root / ".venv" / "bin" / "python"),
+                        "--work", str(tmp_path / "work"), timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    assert "ModuleNotFoundError" not in result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("variant", [[], ["--container-type", "none"], ["--container-type", "docker"],
                                      ["--gpus", "1"]], ids=["singularity", "none", "docker", "gpus"])
 def test_every_variant_plans_for_the_condor_pool(variant, sample_dir, tmp_path):
@@ -43,11 +51,3 @@ def test_every_variant_plans_for_the_condor_pool(variant, sample_dir, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "condor plan OK" in result.stdout
     assert "--nv --nv" not in result.stdout and "--gpus all --gpus all" not in result.stdout
-
-
-def test_a_shell_run_without_a_container_runs_every_job(sample_dir, tmp_path, root):
-    generate(tmp_path / "run", sample_dir, "--container-type", "none")
-    result = plan_check(tmp_path / "run", "--shell-run", "--job-python", str(root / ".venv" / "bin" / "python"),
-                        "--work", str(tmp_path / "work"), timeout=900)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
-    assert "ModuleNotFoundError" not in result.stdout + result.stderr
