@@ -171,6 +171,7 @@ def test_mean_and_sample_std_per_metric_and_class():
     assert rare["n"] == 2 and rare["mean"] == pytest.approx(0.5) and rare["values"] == [0.4, None, 0.6]
     assert summary["per_class"]["with_mask"]["ap_50"]["mean"] == pytest.approx(0.5)
     assert mean_std([0.3])["std"] is None and mean_std([None, None])["mean"] is None
+    assert mean_std(abs(v) for v in (-1.0, 3.0))["values"] == [1.0, 3.0]  # an iterator keeps its values
     assert math.isclose(mean_std([1.0, 3.0])["std"], math.sqrt(2))
 
 

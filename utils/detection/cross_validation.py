@@ -60,6 +60,7 @@ def _abs(value):
 def mean_std(values) -> dict:
     """{mean, std, n, values}: over the defined values (None left out); std is the sample std (ddof=1),
     None below two values."""
+    values = list(values)  # read twice below: an iterator would leave "values" empty
     defined = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     n = len(defined)
     mean = statistics.fmean(defined) if n else None
