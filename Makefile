@@ -48,11 +48,12 @@ run: setup $(SAMPLE_DIR)/images
 serve: setup
 	$(PY) bin/serve.py --model $(RUN_DIR)/outputs/model.pt
 
-# The whole suite, shared out over TEST_WORKERS processes (pytest-xdist; the longest tests are
-# handed out first, tests/conftest.py). TEST_WORKERS=0 runs it in this one process.
+# The whole suite, shared out over TEST_WORKERS processes (pytest-xdist), a test file at a time so
+# that a module's fixtures are made once, the longest files first in the order tests/conftest.py
+# sorts them. TEST_WORKERS=0 runs it in this one process.
 TEST_WORKERS ?= auto
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # The edit loop: every test but the slow kinds (end-to-end runs, the real planner, the browser,
 # training for whole epochs; markers in pyproject.toml). CI runs `make test`, the whole suite.

@@ -16,8 +16,8 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 SLOW_KINDS = ("e2e", "planner", "browser", "training")
 
 
-# The longest kinds first: `make test` shares the tests out over pytest-xdist workers, and a
-# several-minute planner run handed out last would leave the other workers idle at the end.
+# The longest kinds first: `make test` hands the test files out to pytest-xdist workers in this
+# order, and a several-minute planner run handed out last would leave the other workers idle at the end.
 LONGEST_FIRST = ("planner", "e2e")
 
 

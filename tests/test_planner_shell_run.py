@@ -1,0 +1,17 @@
+"""A Shell run by the real Pegasus 5.1 planner that really runs every job of a --container-type none workflow
+with no hand-set PYTHONPATH. Skipped when the planner or Java is absent (tests/real_planner.py). A file of
+its own: it is the suite's longest test, and make test hands each file to one worker, and this one first (by its name and the planner marker)."""
+
+from __future__ import annotations
+
+from real_planner import PLANNER_TESTS, generate, plan_check
+
+pytestmark = PLANNER_TESTS
+
+
+def test_a_shell_run_without_a_container_runs_every_job(sample_dir, tmp_path, root):
+    generate(tmp_path / "run", sample_dir, "--container-type", "none")
+    result = plan_check(tmp_path / "run", "--shell-run", "--job-python", str(root / ".venv" / "bin" / "python"),
+                        "--work", str(tmp_path / "work"), timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    assert "ModuleNotFoundError" not in result.stdout + result.stderr
