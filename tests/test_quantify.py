@@ -44,6 +44,36 @@ def test_the_adjusted_interval_covers_the_truth_in_most_simulations():
     assert covered >= 0.85 * runs, f"the 95 % interval covered the truth in {covered} of {runs} runs"
 
 
+def test_the_counts_interval_spans_their_error_on_the_calibration_images():
+    """cc and pcc keep their plain point estimate; given calibration images, their interval also spans
+    the estimate less their error there, so it reaches the truth that the plain interval misses."""
+    rng = np.random.default_rng(1)
+    calibration, target = labelled(simulate(rng, 400)), labelled(simulate(rng, 400))
+    truth = 100 * target.truth[:, 0].sum() / target.truth.sum()
+    units = Units.from_calibration(target)
+    for method in ("cc", "pcc"):
+        plain = estimate(units, method, replicates=200)
+        widened = estimate(units, method, calibration, replicates=200)
+        assert widened["percent"] == plain["percent"] and widened["calibration_images"] == 400
+        assert widened["low"] <= plain["low"] <= plain["high"] <= widened["high"]
+        assert widened["low"] <= widened["percent"] <= widened["high"]
+        if not plain["low"] <= truth <= plain["high"]:  # cc's bias: outside plainly, inside widened
+            assert widened["low"] <= truth <= widened["high"]
+    cc = estimate(units, "cc", calibration, replicates=200)
+    assert cc["calibration_error_points"] > 8 and cc["resampled"] == "images and the calibration images"
+
+
+def test_the_widened_count_interval_covers_the_truth_in_most_simulations():
+    covered, runs = 0, 40
+    for run in range(runs):
+        rng = np.random.default_rng(200 + run)
+        calibration, target = labelled(simulate(rng, 80)), labelled(simulate(rng, 80))
+        truth = 100 * target.truth[:, 0].sum() / target.truth.sum()
+        result = estimate(Units.from_calibration(target), "cc", calibration, replicates=300, seed=run)
+        covered += result["low"] <= truth <= result["high"]
+    assert covered >= 0.85 * runs, f"the 95 % interval covered the truth in {covered} of {runs} runs"
+
+
 def test_same_seed_same_interval_and_another_seed_another():
     rng = np.random.default_rng(3)
     calibration, units = labelled(simulate(rng, 30)), Units.from_calibration(labelled(simulate(rng, 30)))

@@ -17,10 +17,18 @@ estimators (the quantification literature's classify-and-count family):
   pacc  the same correction of the score sums, with the validation images' score-sum rates.
 
 Every estimate has a seeded percentile bootstrap interval: each replicate resamples the target
-images (a video: blocks of consecutive frames) and, for acc and pacc, the calibration images
-too, so the interval covers both the sampling of images and the error of the estimated rates.
-cc and pcc have no rates to resample: their interval covers image sampling only, not their
-bias, which the evaluation's error against the truth (and the fold summary) measures.
+images (a video: blocks of consecutive frames) and, given the calibration images, those too, so
+the interval covers both the sampling of images and the estimator's own error:
+
+  acc, pacc  the rates they correct with are re-estimated from each replicate's calibration images;
+  cc, pcc    they have no rates, but their error on the calibration images (estimate minus the true
+             share there) is their own bias as far as labelled images can say: each replicate also
+             gives the estimate less that error, and the interval spans the percentiles of both the
+             estimate and the corrected estimate. The point estimate stays the plain count; the
+             interval stretches towards where the validation images say the truth lies.
+
+Without calibration images (a model file from before they were recorded, a threshold other than
+the one they were measured at) cc and pcc intervals cover image sampling only, and say so.
 
 Everything works from plain numbers that JSON and torch.load(weights_only=True) can hold:
   a target image: counts[3] (kept at the threshold) and soft[3] (score sums above the floor);
@@ -45,6 +53,8 @@ METHODS = ("cc", "pcc", "acc", "pacc")
 METHOD_NAMES = {"cc": "classify and count", "pcc": "probabilistic count (score sums)",
                 "acc": "adjusted count (validation rates)", "pacc": "adjusted probabilistic count"}
 CALIBRATED = ("acc", "pacc")  # the estimators that need the model's calibration (validation) images
+BOOTSTRAP_CHUNK_DRAWS = 1_000_000  # draw counts per matrix of replicates (8 MB): memory stays flat in n
+UNADJUSTED = ("cc", "pcc")   # the estimators whose interval the calibration images widen by their error there
 FALLBACK = {"acc": "cc", "pacc": "pcc", "pcc": "cc"}  # what stands in when an estimator cannot be computed
 CONFIDENCE = 0.95
 CALIBRATION_IOU = 0.5  # the confusion matrix's own matching
@@ -204,9 +214,32 @@ def point_estimate(method: str, counts: np.ndarray, soft: np.ndarray | None,
     raise ValueError(f"unknown estimator {method!r}: expected one of {', '.join(METHODS)}")
 
 
-def _resample_weights(rng: np.random.Generator, n: int) -> np.ndarray:
-    """How often each of *n* units is drawn in one bootstrap replicate (n draws with replacement)."""
-    return np.bincount(rng.integers(0, n, size=n), minlength=n).astype(np.float64)
+def _draw_counts(rng: np.random.Generator, replicates: int, n: int) -> np.ndarray:
+    """How often each of *n* units is drawn in each of *replicates* bootstrap replicates (replicates x n;
+    n draws with replacement per row)."""
+    drawn = rng.integers(0, n, size=(replicates, n)) + n * np.arange(replicates)[:, None]
+    return np.bincount(drawn.ravel(), minlength=replicates * n).reshape(replicates, n).astype(np.float64)
+
+
+def _shares(sums: np.ndarray) -> np.ndarray:
+    """_share of every row of *sums* (replicates x K); NaN where a row has no face."""
+    total = sums.sum(axis=1)
+    return np.divide(sums[:, WITH_MASK], total, out=np.full(len(total), math.nan), where=total > 0)
+
+
+def _replicate_shares(method: str, counts: np.ndarray, soft: np.ndarray | None, calibration: Calibration | None,
+                      calibration_weights: np.ndarray | None) -> np.ndarray:
+    """point_estimate's share for every replicate: *counts* and *soft* are the target's sums per replicate
+    (replicates x K), *calibration_weights* the calibration images' draw counts (replicates x images)."""
+    if method == "cc":
+        return _shares(counts)
+    if method == "pcc":
+        return _shares(soft)
+    confusion = np.tensordot(calibration_weights, calibration.confusion, axes=1)
+    soft_rates = np.tensordot(calibration_weights, calibration.soft, axes=1)
+    truth = calibration_weights @ calibration.truth
+    return np.asarray([point_estimate(method, counts[r], None if soft is None else soft[r],
+                                      (confusion[r], soft_rates[r], truth[r]))[0] for r in range(len(counts))])
 
 
 def _rounded(value: float | None, digits: int = 2):
@@ -217,9 +250,10 @@ def estimate(units: Units, method: str, calibration: Calibration | None = None, 
              replicates: int = D.BOOTSTRAP_REPLICATES, seed: int = D.SEED, confidence: float = CONFIDENCE) -> dict:
     """The percent properly masked by *method*, with its seeded percentile bootstrap interval.
 
-    Each replicate draws the target *units* with replacement and, for acc and pacc, the calibration
-    images too. Replicates in which no face is found are left out (replicates_defined says how many
-    remain). Percent, low and high are None (and `note` says why) when no face is found, and the
+    Each replicate draws the target *units* with replacement and, given *calibration*, the calibration
+    images too (acc and pacc: their rates; cc and pcc: their error there, which widens the interval;
+    see the module docstring). Replicates in which no face is found are left out (replicates_defined
+    says how many remain). Percent, low and high are None (and `note` says why) when no face is found, and the
     interval is None below two units: one image says nothing about how much images vary.
     """
     if method in CALIBRATED and calibration is None:
@@ -227,6 +261,9 @@ def estimate(units: Units, method: str, calibration: Calibration | None = None, 
     if method in ("pcc", "pacc") and units.soft is None:
         raise ValueError(f"{method} needs the score sums of every image")
     n = len(units)
+    # cc and pcc measured against the truth on the calibration images: their own error (module docstring)
+    own_error = method in UNADJUSTED and calibration is not None and len(calibration) > 0
+    labelled = Units.from_calibration(calibration) if own_error else None
 
     def one(weights, calibration_weights):
         counts = weights @ units.counts if n else np.zeros(K)
@@ -238,29 +275,56 @@ def estimate(units: Units, method: str, calibration: Calibration | None = None, 
                     calibration_weights @ calibration.truth)
         return point_estimate(method, counts, soft, sums)
 
+    def error_on_calibration(calibration_weights) -> float:
+        """The estimator's share minus the true share on the (reweighted) calibration images."""
+        found = point_estimate(method, calibration_weights @ labelled.counts,
+                               None if labelled.soft is None else calibration_weights @ labelled.soft)[0]
+        return found - _share(calibration_weights @ calibration.truth)
+
+    resamples_calibration = method in CALIBRATED or own_error
     share, faces = one(np.ones(n), None if calibration is None else np.ones(len(calibration)))
     result = {"method": method, "estimator": METHOD_NAMES[method], "percent": _rounded(100 * share),
               "low": None, "high": None, "confidence": confidence, "units": n, "unit": unit,
               "faces_found": int(units.counts.sum()), "faces_estimated": _rounded(faces, 1),
               "replicates": replicates, "replicates_defined": 0, "seed": seed,
-              "calibration_images": len(calibration) if method in CALIBRATED else None,
-              "resampled": f"{unit}s and the calibration images" if method in CALIBRATED else f"{unit}s"}
+              "calibration_images": len(calibration) if resamples_calibration else None,
+              "resampled": f"{unit}s and the calibration images" if resamples_calibration else f"{unit}s"}
+    if own_error:
+        result["calibration_error_points"] = _rounded(100 * error_on_calibration(np.ones(len(calibration))))
     if not math.isfinite(share):
         return {**result, "note": "no faces found" if n else f"no {unit}s"}
     if n < 2:
         return {**result, "note": f"one {unit}: no interval"}
     rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(replicates):
-        weights = _resample_weights(rng, n)
-        calibration_weights = _resample_weights(rng, len(calibration)) if method in CALIBRATED else None
-        values.append(one(weights, calibration_weights)[0])
-    values = np.asarray(values)
-    values = values[np.isfinite(values)]
+    # The replicates' draw counts as rows of a matrix and the estimators on all rows at once (a request of
+    # a few images to the service costs milliseconds), in chunks of at most BOOTSTRAP_CHUNK_DRAWS counts
+    # per matrix (a collection of 100k images must not hold replicates x images numbers).
+    widest = max(n, len(calibration) if resamples_calibration else 0)
+    chunk = max(1, min(replicates, BOOTSTRAP_CHUNK_DRAWS // widest))
+    values, corrected = [], []
+    for start in range(0, replicates, chunk):
+        rows = min(chunk, replicates - start)
+        weights = _draw_counts(rng, rows, n)
+        calibration_weights = _draw_counts(rng, rows, len(calibration)) if resamples_calibration else None
+        shares = _replicate_shares(method, weights @ units.counts,
+                                   None if units.soft is None else weights @ units.soft, calibration,
+                                   calibration_weights)
+        values.append(shares)
+        if own_error:  # less the estimator's error on the same replicate's calibration images
+            found = _shares(calibration_weights @ (labelled.counts if method == "cc" else labelled.soft))
+            truth = _shares(calibration_weights @ calibration.truth)
+            corrected.append(np.clip(shares - (found - truth), 0.0, 1.0))
+    values = np.concatenate(values)
+    corrected = np.concatenate(corrected) if corrected else np.zeros(0)
+    values, corrected = values[np.isfinite(values)], corrected[np.isfinite(corrected)]
     result["replicates_defined"] = int(len(values))
     if len(values):
         tail = 100 * (1 - confidence) / 2
-        result["low"], result["high"] = (_rounded(100 * float(v)) for v in np.percentile(values, [tail, 100 - tail]))
+        low, high = np.percentile(values, [tail, 100 - tail])
+        if len(corrected):
+            corrected_low, corrected_high = np.percentile(corrected, [tail, 100 - tail])
+            low, high = min(low, corrected_low), max(high, corrected_high)
+        result["low"], result["high"] = _rounded(100 * float(low)), _rounded(100 * float(high))
     return result
 
 
@@ -400,6 +464,10 @@ def estimate_lines(report: dict) -> list[str]:
     headline = report["estimate"]
     lines.append(f"headline estimator: {headline['method']}" + (f" ({headline['fallback']})" if "fallback" in headline
                                                                  else ""))
-    lines.append("cc and pcc intervals cover the sampling of images only; acc and pacc also resample the "
-                 "validation images their rates come from.")
+    if (report.get("calibration") or {}).get("used"):
+        lines.append("Every interval also resamples the validation images: acc and pacc re-estimate their rates "
+                     "there, cc and pcc span their estimate less their error there as well.")
+    else:
+        lines.append("Without the model's validation images the cc and pcc intervals cover the sampling of images "
+                     "only.")
     return lines
