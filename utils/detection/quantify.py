@@ -253,8 +253,8 @@ def estimate(units: Units, method: str, calibration: Calibration | None = None, 
     Each replicate draws the target *units* with replacement and, given *calibration*, the calibration
     images too (acc and pacc: their rates; cc and pcc: their error there, which widens the interval;
     see the module docstring). Replicates in which no face is found are left out (replicates_defined
-    says how many remain). Percent, low and high are None (and `note` says why) when no face is found, and the
-    interval is None below two units: one image says nothing about how much images vary.
+    says how many remain). Percent, low and high are None (and `note` says why) when no face is found,
+    and the interval is None below two units: one image says nothing about how much images vary.
     """
     if method in CALIBRATED and calibration is None:
         raise ValueError(f"{method} needs the model's calibration images")
@@ -275,11 +275,11 @@ def estimate(units: Units, method: str, calibration: Calibration | None = None, 
                     calibration_weights @ calibration.truth)
         return point_estimate(method, counts, soft, sums)
 
-    def error_on_calibration(calibration_weights) -> float:
-        """The estimator's share minus the true share on the (reweighted) calibration images."""
-        found = point_estimate(method, calibration_weights @ labelled.counts,
-                               None if labelled.soft is None else calibration_weights @ labelled.soft)[0]
-        return found - _share(calibration_weights @ calibration.truth)
+    def errors_on_calibration(calibration_weights: np.ndarray) -> np.ndarray:
+        """Per row of draw counts (replicates x calibration images): the estimator's share minus the true
+        share on the calibration images so weighted."""
+        found = _shares(calibration_weights @ (labelled.counts if method == "cc" else labelled.soft))
+        return found - _shares(calibration_weights @ calibration.truth)
 
     resamples_calibration = method in CALIBRATED or own_error
     share, faces = one(np.ones(n), None if calibration is None else np.ones(len(calibration)))
@@ -290,7 +290,8 @@ def estimate(units: Units, method: str, calibration: Calibration | None = None, 
               "calibration_images": len(calibration) if resamples_calibration else None,
               "resampled": f"{unit}s and the calibration images" if resamples_calibration else f"{unit}s"}
     if own_error:
-        result["calibration_error_points"] = _rounded(100 * error_on_calibration(np.ones(len(calibration))))
+        own = errors_on_calibration(np.ones((1, len(calibration))))[0]
+        result["calibration_error_points"] = _rounded(100 * float(own))
     if not math.isfinite(share):
         return {**result, "note": "no faces found" if n else f"no {unit}s"}
     if n < 2:
@@ -311,9 +312,7 @@ def estimate(units: Units, method: str, calibration: Calibration | None = None, 
                                    calibration_weights)
         values.append(shares)
         if own_error:  # less the estimator's error on the same replicate's calibration images
-            found = _shares(calibration_weights @ (labelled.counts if method == "cc" else labelled.soft))
-            truth = _shares(calibration_weights @ calibration.truth)
-            corrected.append(np.clip(shares - (found - truth), 0.0, 1.0))
+            corrected.append(np.clip(shares - errors_on_calibration(calibration_weights), 0.0, 1.0))
     values = np.concatenate(values)
     corrected = np.concatenate(corrected) if corrected else np.zeros(0)
     values, corrected = values[np.isfinite(values)], corrected[np.isfinite(corrected)]
