@@ -1,6 +1,7 @@
-"""A Shell run by the real Pegasus 5.1 planner that really runs every job of a --container-type none workflow
-with no hand-set PYTHONPATH. Skipped when the planner or Java is absent (tests/real_planner.py). A file of
-its own: it is the suite's longest test, and make test hands each file to one worker, and this one first (by its name and the planner marker)."""
+"""A Shell run by the real Pegasus 5.1 planner that really runs every job of a --container-type none
+workflow with no hand-set PYTHONPATH. Skipped when the planner or Java is absent (tests/real_planner.py).
+A file of its own: it is the suite's longest test, make test hands each file to one worker, and this
+one first (by its name and the planner marker)."""
 
 from __future__ import annotations
 
