@@ -74,6 +74,33 @@ def test_the_widened_count_interval_covers_the_truth_in_most_simulations():
     assert covered >= 0.85 * runs, f"the 95 % interval covered the truth in {covered} of {runs} runs"
 
 
+def test_the_replicates_do_not_depend_on_chunks_or_on_the_calibration_draws(monkeypatch):
+    """The same seed gives the same interval in one chunk or many, and a widened count interval holds the
+    plain one: the target's draws have a stream of their own."""
+    from utils.detection import quantify
+
+    rng = np.random.default_rng(4)
+    calibration, units = labelled(simulate(rng, 60)), Units.from_calibration(labelled(simulate(rng, 50)))
+    whole = {m: estimate(units, m, calibration, replicates=150, seed=9) for m in ("cc", "pcc", "acc")}
+    plain = estimate(units, "cc", replicates=150, seed=9)
+    monkeypatch.setattr(quantify, "BOOTSTRAP_CHUNK_DRAWS", 130)  # 2 rows a chunk
+    assert {m: estimate(units, m, calibration, replicates=150, seed=9) for m in whole} == whole
+    assert estimate(units, "cc", replicates=150, seed=9) == plain
+    assert whole["cc"]["low"] <= plain["low"] <= plain["high"] <= whole["cc"]["high"]
+
+
+def test_calibration_images_without_a_face_leave_the_count_interval_plain_and_say_so():
+    rng = np.random.default_rng(5)
+    units = Units.from_calibration(labelled(simulate(rng, 40)))
+    faceless = labelled([{"truth": [0, 0, 0], "confusion": [[0] * 4] * 3 + [[1, 0, 0, 0]],
+                          "soft": [[0] * 3] * 3 + [[0.9, 0, 0]]}] * 5)
+    plain, given = estimate(units, "cc", replicates=100), estimate(units, "cc", faceless, replicates=100)
+    assert (given["low"], given["high"]) == (plain["low"], plain["high"])
+    assert given["calibration_images"] is None and "calibration_error_points" not in given
+    assert "sampling of images only" in given["not_widened"]
+    assert estimate(units, "cc", faceless, replicates=0)["low"] is None  # no replicate, no interval, no crash
+
+
 def test_same_seed_same_interval_and_another_seed_another():
     rng = np.random.default_rng(3)
     calibration, units = labelled(simulate(rng, 30)), Units.from_calibration(labelled(simulate(rng, 30)))

@@ -133,3 +133,14 @@ def test_metrics_probes_and_one_access_line_per_request(client, sample_dir, capl
     client.get("/no/such/page")
     again = client.get("/metrics").text
     assert 'route="other",status="404"' in again and "/no/such/page" not in again
+
+
+def test_a_passing_thread_returns_the_result_and_raises_the_error_in_the_caller():
+    import threading
+
+    from utils.service.batching import on_a_passing_thread
+
+    assert on_a_passing_thread(lambda: threading.current_thread() is threading.main_thread()) is False
+    assert on_a_passing_thread(lambda a, b: a + b, 2, 3) == 5
+    with pytest.raises(KeyError, match="missing"):
+        on_a_passing_thread(lambda: {}["missing"])

@@ -179,8 +179,7 @@ class Units:
 # ----------------------------------------------------------------------------- the estimators
 
 def _share(sums: np.ndarray) -> float:
-    total = float(sums.sum())
-    return float(sums[WITH_MASK]) / total if total > 0 else math.nan
+    return float(_shares(np.asarray(sums, dtype=np.float64)[None])[0])
 
 
 def _adjusted(observed: np.ndarray, rates: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
@@ -216,8 +215,9 @@ def point_estimate(method: str, counts: np.ndarray, soft: np.ndarray | None,
 
 def _draw_counts(rng: np.random.Generator, replicates: int, n: int) -> np.ndarray:
     """How often each of *n* units is drawn in each of *replicates* bootstrap replicates (replicates x n;
-    n draws with replacement per row)."""
-    drawn = rng.integers(0, n, size=(replicates, n)) + n * np.arange(replicates)[:, None]
+    n draws with replacement per row). Drawn from doubles, which a generator gives one per element with
+    nothing carried between calls: the rows are the same whatever chunks they are drawn in."""
+    drawn = np.floor(rng.random((replicates, n)) * n).astype(np.int64) + n * np.arange(replicates)[:, None]
     return np.bincount(drawn.ravel(), minlength=replicates * n).reshape(replicates, n).astype(np.float64)
 
 
@@ -261,9 +261,7 @@ def estimate(units: Units, method: str, calibration: Calibration | None = None, 
     if method in ("pcc", "pacc") and units.soft is None:
         raise ValueError(f"{method} needs the score sums of every image")
     n = len(units)
-    # cc and pcc measured against the truth on the calibration images: their own error (module docstring)
-    own_error = method in UNADJUSTED and calibration is not None and len(calibration) > 0
-    labelled = Units.from_calibration(calibration) if own_error else None
+    labelled = Units.from_calibration(calibration) if calibration is not None else None
 
     def one(weights, calibration_weights):
         counts = weights @ units.counts if n else np.zeros(K)
@@ -281,6 +279,11 @@ def estimate(units: Units, method: str, calibration: Calibration | None = None, 
         found = _shares(calibration_weights @ (labelled.counts if method == "cc" else labelled.soft))
         return found - _shares(calibration_weights @ calibration.truth)
 
+    # cc and pcc measured against the truth on the calibration images: their own error (module docstring).
+    # Undefined when those images hold no face, or the estimator finds none there: then not widened.
+    own = (float(errors_on_calibration(np.ones((1, len(calibration))))[0])
+           if method in UNADJUSTED and calibration is not None and len(calibration) else math.nan)
+    own_error = math.isfinite(own)
     resamples_calibration = method in CALIBRATED or own_error
     share, faces = one(np.ones(n), None if calibration is None else np.ones(len(calibration)))
     result = {"method": method, "estimator": METHOD_NAMES[method], "percent": _rounded(100 * share),
@@ -290,31 +293,34 @@ def estimate(units: Units, method: str, calibration: Calibration | None = None, 
               "calibration_images": len(calibration) if resamples_calibration else None,
               "resampled": f"{unit}s and the calibration images" if resamples_calibration else f"{unit}s"}
     if own_error:
-        own = errors_on_calibration(np.ones((1, len(calibration))))[0]
-        result["calibration_error_points"] = _rounded(100 * float(own))
+        result["calibration_error_points"] = _rounded(100 * own)
+    elif method in UNADJUSTED and calibration is not None:
+        result["not_widened"] = ("the validation images hold no face, or none was found there: the interval "
+                                 "covers the sampling of images only")
     if not math.isfinite(share):
         return {**result, "note": "no faces found" if n else f"no {unit}s"}
     if n < 2:
         return {**result, "note": f"one {unit}: no interval"}
-    rng = np.random.default_rng(seed)
+    # One stream for the target's draws and one for the calibration images', so that the target's replicates
+    # are the same whether or not the calibration images are drawn too (a widened interval holds the plain one).
+    target_rng, calibration_rng = (np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(2))
     # The replicates' draw counts as rows of a matrix and the estimators on all rows at once (a request of
     # a few images to the service costs milliseconds), in chunks of at most BOOTSTRAP_CHUNK_DRAWS counts
     # per matrix (a collection of 100k images must not hold replicates x images numbers).
     widest = max(n, len(calibration) if resamples_calibration else 0)
     chunk = max(1, min(replicates, BOOTSTRAP_CHUNK_DRAWS // widest))
-    values, corrected = [], []
+    values, corrected = [np.zeros(0)], [np.zeros(0)]
     for start in range(0, replicates, chunk):
         rows = min(chunk, replicates - start)
-        weights = _draw_counts(rng, rows, n)
-        calibration_weights = _draw_counts(rng, rows, len(calibration)) if resamples_calibration else None
+        weights = _draw_counts(target_rng, rows, n)
+        calibration_weights = _draw_counts(calibration_rng, rows, len(calibration)) if resamples_calibration else None
         shares = _replicate_shares(method, weights @ units.counts,
                                    None if units.soft is None else weights @ units.soft, calibration,
                                    calibration_weights)
         values.append(shares)
         if own_error:  # less the estimator's error on the same replicate's calibration images
             corrected.append(np.clip(shares - errors_on_calibration(calibration_weights), 0.0, 1.0))
-    values = np.concatenate(values)
-    corrected = np.concatenate(corrected) if corrected else np.zeros(0)
+    values, corrected = np.concatenate(values), np.concatenate(corrected)
     values, corrected = values[np.isfinite(values)], corrected[np.isfinite(corrected)]
     result["replicates_defined"] = int(len(values))
     if len(values):
@@ -463,10 +469,10 @@ def estimate_lines(report: dict) -> list[str]:
     headline = report["estimate"]
     lines.append(f"headline estimator: {headline['method']}" + (f" ({headline['fallback']})" if "fallback" in headline
                                                                  else ""))
-    if (report.get("calibration") or {}).get("used"):
-        lines.append("Every interval also resamples the validation images: acc and pacc re-estimate their rates "
-                     "there, cc and pcc span their estimate less their error there as well.")
+    widened = [m for m in UNADJUSTED if report["estimates"].get(m, {}).get("calibration_error_points") is not None]
+    if widened:
+        lines.append(f"{' and '.join(widened)} intervals also span the estimate less its error on the validation "
+                     "images; acc and pacc re-estimate their rates from resamples of them.")
     else:
-        lines.append("Without the model's validation images the cc and pcc intervals cover the sampling of images "
-                     "only.")
+        lines.append("The cc and pcc intervals cover the sampling of images only (no usable validation images).")
     return lines
