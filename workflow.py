@@ -296,12 +296,12 @@ class MaskDetectionWorkflow:
         return evaluation
 
     def _add_folds(self, train_set: File, val_set: File, best_params: File) -> list[File]:
-        """--folds K: per fold, make_fold cuts the fold's training and held-out sets out of the preprocessed
-        train and val sets (RUN_DIR/folds.csv, written at generation), train_fold<i> trains with the final
-        model's settings (best HPO parameters, --epochs or --time-budget) on the train-split images of the
-        other folds, validated (threshold, the estimators' rates) on their val-split images, and
-        evaluate_fold<i> evaluates it on the held-out fold, which it never saw; aggregate_folds writes
-        mean ± std over the folds. Returns the fold models."""
+        """--folds K: per fold, make_fold cuts the fold's training, validation and held-out sets out of the
+        preprocessed train and val sets (RUN_DIR/folds.csv, written at generation); train_fold<i> trains with
+        the final model's settings (best HPO parameters, --epochs or --time-budget) on the train-split images
+        of the other folds, validated (threshold, the estimators' rates) on their val-split images; and
+        evaluate_fold<i> evaluates it on the held-out fold, which it never trained or validated on.
+        aggregate_folds writes mean ± std over the folds. Returns the fold models."""
         models, evaluations = [], []
         for fold in range(self.config.folds):
             tag = fold_tag(fold)

@@ -16,7 +16,7 @@ model's train / val / test sets but within the train+val pool:
   --report           JSON: counts per output, the augmented copies of held-out images left out,
                      and the pool images found in neither set (augment or preprocess skipped them)
 
-Files are copied member by member (images stay encoded as they were). Exit 0 when both
+Files are copied member by member (images stay encoded as they were). Exit 0 when all three
 outputs hold at least one image, 2 on bad input (one line naming the file), 1 on a bug.
 """
 

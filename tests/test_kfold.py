@@ -136,6 +136,20 @@ def test_make_fold_refuses_a_fold_without_validation_images(tmp_path, root, caps
     assert "fold 0 leaves no val images" in error and "\n" not in error and not (tmp_path / "t.tar").exists()
 
 
+def test_folds_that_leave_a_fold_model_nothing_to_validate_on_fail_at_generation(sample_dir, tmp_path):
+    """One val-split image: the fold holding it leaves its model no validation image, which make_fold would
+    find only after preprocessing, augmentation and HPO; the generator says so before any job runs."""
+    from utils.pegasus.config import ConfigError, SplitEntry
+    from utils.pegasus.inputs import write_folds
+
+    images = sorted((sample_dir / "images").glob("*.jpg"))[:12]
+    entries = [SplitEntry(image, sample_dir / "annotations" / f"{image.stem}.xml", "val" if i == 0 else "train")
+               for i, image in enumerate(images)]
+    with pytest.raises(ConfigError, match="leaves no val-split image in the other folds"):
+        write_folds(tmp_path, entries, {}, 2, 0)
+    assert not (tmp_path / "folds.csv").exists()
+
+
 def test_make_fold_refuses_files_it_cannot_place(tmp_path, root, capsys):
     train = _tar(tmp_path / "train_set.tar", ["train_a.jpg", "stray.jpg"])
     val = _tar(tmp_path / "val_set.tar", ["val_b.jpg"])

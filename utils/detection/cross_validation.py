@@ -6,12 +6,13 @@ the per-fold values. The spread is the sample standard deviation over the folds 
 a metric a fold cannot define (a class absent from its held-out images: AP None) is left
 out of that metric's mean, and ``n`` says over how many folds it was taken.
 
-A fold model never sees its held-out fold: bin/make_fold.py gives it the train-split images
-of the other folds to train on and their val-split images to validate on (where train chooses
-the score threshold and measures the rates the adjusted compliance estimators correct with),
-as the final model has train and val. So every figure here, the compliance estimators'
-errors and interval coverage included, is measured on images nothing was tuned on, and the
-estimators can be compared by them.
+A fold model never trains or validates on its held-out fold: bin/make_fold.py gives it the
+train-split images of the other folds to train on and their val-split images to validate on
+(where train chooses the score threshold and measures the rates the adjusted compliance
+estimators correct with), as the final model has train and val. So the compliance estimators'
+errors and interval coverage are not measured on the images their rates came from. One thing
+is shared: every fold model trains with the HPO job's best parameters, chosen on the whole val
+split, about 1/K of which lies in each held-out fold.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ OVERALL_METRICS = (
 PER_CLASS_METRICS = ("ap", "ap_50", "ap_75", "recall")
 THRESHOLD_NOTE = ("Each fold model was trained on the train-split images of the other folds and validated on "
                   "their val-split images (its score threshold and the adjusted estimators' rates come from "
-                  "there); its held-out fold, where every figure here is measured, was never seen.")
+                  "there), never on its held-out fold, where every figure here is measured; the HPO parameters "
+                  "all fold models share were chosen on the whole val split.")
 ESTIMATOR_NOTE = ("Compliance estimators: the error is the estimate minus the true percent on the held-out fold; "
                   "acc and pacc correct with rates measured on the fold model's validation images, which are "
                   "not in that fold; the default estimator (utils/defaults.py COMPLIANCE_ESTIMATOR) should be "

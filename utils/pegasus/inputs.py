@@ -169,6 +169,16 @@ def write_folds(run_dir: Path, entries: list[SplitEntry], report: dict, folds: i
         assignment = assign_folds(pool, folds, report.get("duplicate_groups", []), seed, label_map=label_map)
     except (FoldError, VocError) as error:
         raise ConfigError(str(error)) from None
+    # make_fold<i> trains on the train split and validates on the val split of the other folds: a fold that
+    # leaves either empty would fail only after preprocessing, augmentation and HPO, so it fails here.
+    split_of = {entry.image.name: entry.split for entry in pool}
+    for fold in range(folds):
+        outside = {split_of[name] for name, its_fold in assignment.items() if its_fold != fold}
+        for split in ("train", "val"):
+            if split not in outside:
+                raise ConfigError(f"--folds {folds}: fold {fold} leaves no {split}-split image in the other folds "
+                                  f"to {'train' if split == 'train' else 'validate'} its model on; use fewer folds "
+                                  "or more images")
     path = run_dir / "folds.csv"
     write_if_changed(path, folds_csv_text(assignment))
     return path
