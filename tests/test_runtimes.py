@@ -53,6 +53,18 @@ def test_a_staged_budget_run_gets_at_least_one_epoch_per_stage():
     assert plain["train"] < staged["train"] and staged["train"] - STARTUP_S > 1.8 * (one_epoch - STARTUP_S)
 
 
+def test_fold_jobs_train_on_the_other_folds_train_split_and_validate_on_their_val_split():
+    plain = job_runtimes(config(train=3000, val=600, test=20, epochs=4))
+    folds = job_runtimes(config(train=3000, val=600, test=20, epochs=4, folds=3))
+    assert "train_fold" not in plain and folds["train"] == plain["train"]
+    # 2/3 of the train split to train on and 2/3 of the val split to validate on: less than the final model
+    assert MIN_RUNTIME_S < folds["train_fold"] < folds["train"]
+    # the held-out third of the 3,600-image pool is what a fold's evaluation reads
+    assert folds["evaluate_fold"] > folds["evaluate"]
+    budget = job_runtimes(config(train=3000, val=600, test=20, time_budget=30, folds=3))
+    assert 30 * 60 < budget["train_fold"] <= budget["train"]
+
+
 def test_sites_yml_overrides_and_caps():
     assert job_runtimes(config(site={"runtimes": {"train": 36000}}))["train"] == 36000
     with pytest.raises(ConfigError, match="unknown job kind 'trian'"):
