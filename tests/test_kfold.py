@@ -136,18 +136,25 @@ def test_make_fold_refuses_a_fold_without_validation_images(tmp_path, root, caps
     assert "fold 0 leaves no val images" in error and "\n" not in error and not (tmp_path / "t.tar").exists()
 
 
-def test_folds_that_leave_a_fold_model_nothing_to_validate_on_fail_at_generation(sample_dir, tmp_path):
-    """One val-split image: the fold holding it leaves its model no validation image, which make_fold would
-    find only after preprocessing, augmentation and HPO; the generator says so before any job runs."""
+def test_each_split_is_spread_over_the_folds_so_every_fold_model_has_validation_images(sample_dir, tmp_path):
+    """The train and val splits are assigned to the folds each on its own: two val images, one of them with
+    the rare class, land in two folds (stratifying the pool as one put both in one fold, leaving that fold's
+    model nothing to validate on); a val split smaller than the folds fails at generation."""
     from utils.pegasus.config import ConfigError, SplitEntry
     from utils.pegasus.inputs import write_folds
 
-    images = sorted((sample_dir / "images").glob("*.jpg"))[:12]
-    entries = [SplitEntry(image, sample_dir / "annotations" / f"{image.stem}.xml", "val" if i == 0 else "train")
-               for i, image in enumerate(images)]
-    with pytest.raises(ConfigError, match="leaves no val-split image in the other folds"):
-        write_folds(tmp_path, entries, {}, 2, 0)
-    assert not (tmp_path / "folds.csv").exists()
+    images = sorted((sample_dir / "images").glob("*.jpg"))[:16]
+    rare = [image for image in images if RARE_CLASS in (sample_dir / "annotations" / f"{image.stem}.xml").read_text()]
+    plain = [image for image in images if image not in rare]
+    val = {rare[0].name, plain[0].name}
+    entries = [SplitEntry(image, sample_dir / "annotations" / f"{image.stem}.xml",
+                          "val" if image.name in val else "train") for image in images]
+    for seed in range(5):
+        folds = read_folds_csv(write_folds(tmp_path, entries, {}, 2, seed))
+        assert sorted(folds[name] for name in val) == [0, 1]
+        assert sorted(Counter(fold for name, fold in folds.items() if name not in val).values()) == [7, 7]
+    with pytest.raises(ConfigError, match="the val split has only 2 groups of images"):
+        write_folds(tmp_path, entries, {}, 3, 0)
 
 
 def test_make_fold_refuses_files_it_cannot_place(tmp_path, root, capsys):
@@ -303,7 +310,8 @@ def test_generated_dag_fans_out_the_folds_and_predicts_with_their_ensemble(sampl
     from pegasus_schemas import validate_run_dir
 
     run_dir = tmp_path / "run"
-    assert _generate(run_dir, sample_dir, "--folds", "3", "--fold-ensemble") == 0
+    # a val split of 5 images: every one of the 3 fold models needs some in the other folds to validate on
+    assert _generate(run_dir, sample_dir, "--folds", "3", "--fold-ensemble", "--fractions", "0.6", "0.2", "0.2") == 0
     workflow = yaml.safe_load((run_dir / "workflow.yml").read_text())
     jobs = {job["id"]: job for job in workflow["jobs"]}
     children = {entry["id"]: set(entry["children"]) for entry in workflow["jobDependencies"]}

@@ -6,7 +6,10 @@ Folds are group-aware and stratified exactly like the train/val/test split
 group) are the groups, so a group never straddles two folds, and the label stratified on is
 "the image holds the rare class" (mask_weared_incorrect). scikit-learn's StratifiedGroupKFold
 (shuffled with the seed) spreads the units over the folds; the assignment depends on the
-seed and the images, not on their order.
+seed and the images, not on their order. The workflow spreads the train split and the val split
+each on its own (``split_of``): a fold model trains on the other folds' train images and validates
+on their val images (bin/make_fold.py), so every fold needs some of both. A split with fewer
+images than folds of either class is spread without stratifying.
 
 The workflow's sets name their files ``<prefix><stem>.<ext>``: ``train_<stem>`` and
 ``val_<stem>`` (originals, from augment and preprocess) and ``aug<k>_<stem>`` (augmented
@@ -37,15 +40,15 @@ class FoldError(InputError):
 
 def assign_folds(pairs, folds: int, duplicate_groups=(), seed: int = 0,
                  classes_of: dict[str, set[str]] | None = None, rare_class: str = RARE_CLASS,
-                 label_map: LabelMap = NO_LABEL_MAP) -> dict[str, int]:
+                 label_map: LabelMap = NO_LABEL_MAP, split_of: dict[str, str] | None = None) -> dict[str, int]:
     """{image file name: fold 0..folds-1} for *pairs* (objects with .image and .annotation paths).
 
     duplicate_groups: lists of image file names that must share a fold (the validation report's).
     classes_of: class names per image file name; read from the annotations when omitted.
+    split_of: the split (train / val) per image file name. When given, each split is spread over the
+    folds on its own (the split keeps near-duplicates in one split, so no group straddles two), so that
+    every fold model finds training and validation images in the other folds (bin/make_fold.py).
     """
-    import numpy as np
-    from sklearn.model_selection import StratifiedGroupKFold
-
     pairs = list(pairs)
     if folds < 2:
         raise FoldError(f"--folds {folds}: cross-validation needs at least 2 folds")
@@ -54,15 +57,32 @@ def assign_folds(pairs, folds: int, duplicate_groups=(), seed: int = 0,
         raise FoldError("image file names must be unique to assign folds")
     if classes_of is None:
         classes_of = image_classes(pairs, label_map)
+    if split_of is None:
+        return _assign(pairs, folds, duplicate_groups, seed, classes_of, rare_class, "the train+val pool")
+    assignment = {}
+    for split in sorted({split_of[name] for name in names}):
+        assignment.update(_assign([pair for pair in pairs if split_of[pair.image.name] == split], folds,
+                                  duplicate_groups, seed, classes_of, rare_class, f"the {split} split"))
+    return {name: assignment[name] for name in names}
+
+
+def _assign(pairs: list, folds: int, duplicate_groups, seed: int, classes_of: dict, rare_class: str,
+            what: str) -> dict[str, int]:
+    import numpy as np
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    names = [pair.image.name for pair in pairs]
     units = _units(pairs, duplicate_groups)
     if len(units) < folds:
-        raise FoldError(f"--folds {folds}: the train+val pool has only {len(units)} groups of images "
+        raise FoldError(f"--folds {folds}: {what} has only {len(units)} groups of images "
                         f"({len(pairs)} images); every fold needs at least one")
     unit_of = {pair.image.name: index for index, unit in enumerate(units) for pair in unit}
     order = sorted(names)  # input order must not matter
     groups = np.array([unit_of[name] for name in order])
     # Each image's own label: the splitter balances the rare images per fold, moving whole groups.
     labels = np.array([int(rare_class in classes_of.get(name, ())) for name in order])
+    if np.bincount(labels).max() < folds:  # too few images to stratify (a small val split): spread them only
+        labels = np.zeros_like(labels)
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         # "The least populated class in y has only n members": fewer rare images than folds is
@@ -75,7 +95,7 @@ def assign_folds(pairs, folds: int, duplicate_groups=(), seed: int = 0,
                     assignment[order[index]] = fold
         except ValueError as error:  # scikit-learn's own check of the counts, in its words
             raise FoldError(f"--folds {folds}: {error}") from None
-    return {name: assignment[name] for name in names}
+    return assignment
 
 
 def folds_csv_text(assignment: dict[str, int]) -> str:
