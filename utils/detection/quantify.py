@@ -261,17 +261,7 @@ def estimate(units: Units, method: str, calibration: Calibration | None = None, 
     if method in ("pcc", "pacc") and units.soft is None:
         raise ValueError(f"{method} needs the score sums of every image")
     n = len(units)
-    labelled = Units.from_calibration(calibration) if calibration is not None else None
-
-    def one(weights, calibration_weights):
-        counts = weights @ units.counts if n else np.zeros(K)
-        soft = None if units.soft is None else (weights @ units.soft if n else np.zeros(K))
-        sums = None
-        if calibration is not None and method in CALIBRATED:
-            sums = (np.tensordot(calibration_weights, calibration.confusion, axes=1),
-                    np.tensordot(calibration_weights, calibration.soft, axes=1),
-                    calibration_weights @ calibration.truth)
-        return point_estimate(method, counts, soft, sums)
+    labelled = Units.from_calibration(calibration) if calibration is not None and method in UNADJUSTED else None
 
     def errors_on_calibration(calibration_weights: np.ndarray) -> np.ndarray:
         """Per row of draw counts (replicates x calibration images): the estimator's share minus the true
@@ -285,7 +275,10 @@ def estimate(units: Units, method: str, calibration: Calibration | None = None, 
            if method in UNADJUSTED and calibration is not None and len(calibration) else math.nan)
     own_error = math.isfinite(own)
     resamples_calibration = method in CALIBRATED or own_error
-    share, faces = one(np.ones(n), None if calibration is None else np.ones(len(calibration)))
+    calibration_sums = ((calibration.confusion.sum(axis=0), calibration.soft.sum(axis=0), calibration.truth.sum(axis=0))
+                        if method in CALIBRATED else None)
+    share, faces = point_estimate(method, units.counts.sum(axis=0),
+                                  None if units.soft is None else units.soft.sum(axis=0), calibration_sums)
     result = {"method": method, "estimator": METHOD_NAMES[method], "percent": _rounded(100 * share),
               "low": None, "high": None, "confidence": confidence, "units": n, "unit": unit,
               "faces_found": int(units.counts.sum()), "faces_estimated": _rounded(faces, 1),
