@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from helpers import calibrated_model_file, load_script, run_script
+from utils import defaults as D
 from utils.classes import CLASSES
 from utils.data.dataset import VocDetectionDataset
 from utils.detection.evaluation import evaluate_model, labelled_pairs
@@ -74,7 +75,7 @@ def test_evaluate_cli_writes_every_output(root, sample_dir, tiny_model_file, tmp
         if result["low"] is not None:
             assert result["low"] <= result["percent"] <= result["high"]
     assert quantification["estimates"]["acc"]["calibration_images"] == 20
-    assert quantification["calibration"]["used"] and quantification["estimate"]["method"] == "cc"
+    assert quantification["calibration"]["used"] and quantification["estimate"]["method"] == D.COMPLIANCE_ESTIMATOR
     assert "Percent properly masked as an estimate" in text and "truth inside" in text
     assert "mAP@[0.5:0.95]" in capsys.readouterr().out
     # the per-image errors are the confusion matrix split by image, worst image first
