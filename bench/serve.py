@@ -186,7 +186,6 @@ def served(model_path: Path, jpeg: bytes, clients_levels, requests: int, max_sec
             time.sleep(0.3)
         files = {"files": ("bench.jpg", jpeg, "image/jpeg")}
         httpx.post(f"{url}/api/predict", files=files, timeout=120)  # warm-up
-        rows = []
         return [{"clients": clients, **interleaved(url, files, clients, requests, max_seconds, pure)}
                 for clients in clients_levels]
     finally:
@@ -229,8 +228,8 @@ def main(args) -> int:
         row["served_over_pure"] = row["rps"] / row["pure_images_per_s"]
         print(f"  served, {row['clients']:>2} client(s): {row['rps']:.2f} requests/s, "
               f"p50 {row['p50_s'] * 1000:.0f} ms, p95 {row['p95_s'] * 1000:.0f} ms, {row['ok']} ok, "
-              f"{row['failed']} failed; pure between its "
-              f"rounds {row['pure_images_per_s']:.2f} images/s; served / pure {row['served_over_pure']:.2f} (goal >= 0.9)",
+              f"{row['failed']} failed; pure between its rounds {row['pure_images_per_s']:.2f} images/s; "
+              f"served / pure {row['served_over_pure']:.2f} (goal >= 0.9)",
               flush=True)
     pure_after = pure(PURE_SECONDS)["best"]
     # On the main thread, as bin/predict_video.py runs it: this process's main thread already has an OpenMP
