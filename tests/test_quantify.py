@@ -126,6 +126,11 @@ def test_a_missing_calibration_falls_back_and_says_why():
     assert "validation rates" in report["estimate"]["fallback"]
     assert set(report["estimates"]) == {"cc"}
     assert set(report["unavailable"]) == {"pcc", "acc", "pacc"}
+    # the default, pacc, stands in with cc even where pcc could be computed (pcc erred more over the folds)
+    with_soft = Units.of([[3, 1, 0], [1, 1, 1]], [[2.5, 1.2, 0.1], [0.9, 1.1, 0.8]])
+    report = set_estimates(with_soft, None, calibration_problem(None, 0.5), method="pacc", replicates=20)
+    assert report["estimate"]["method"] == "cc" and report["estimate"]["fallback"].startswith("cc instead of pacc")
+    assert set(report["estimates"]) == {"cc", "pcc"}
     record = {"images": simulate(np.random.default_rng(0), 3), "score_threshold": 0.6,
               "classes": ["with_mask", "without_mask", "mask_weared_incorrect"]}
     assert "measured at score >= 0.6" in calibration_problem(record, 0.5)
