@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from helpers import simulated_labelled_images as simulate
+from utils import defaults as D
 from utils.detection.quantify import (Calibration, Units, calibration_image, calibration_problem, estimate,
                                       image_units, interval_text, prediction_estimates, set_estimates)
 
@@ -131,6 +132,14 @@ def test_a_missing_calibration_falls_back_and_says_why():
     report = set_estimates(with_soft, None, calibration_problem(None, 0.5), method="pacc", replicates=20)
     assert report["estimate"]["method"] == "cc" and report["estimate"]["fallback"].startswith("cc instead of pacc")
     assert set(report["estimates"]) == {"cc", "pcc"}
+    # rates from too few labelled faces: every estimator is still computed, but cc is the headline
+    few, enough = labelled(simulate(np.random.default_rng(2), 8)), labelled(simulate(np.random.default_rng(2), 60))
+    assert few.truth.sum() < D.CALIBRATION_MIN_FACES <= enough.truth.sum()
+    report = set_estimates(with_soft, few, method="pacc", replicates=20)
+    assert report["estimate"]["method"] == "cc" and "labelled faces" in report["estimate"]["fallback"]
+    assert set(report["estimates"]) == {"cc", "pcc", "acc", "pacc"} and not report["unavailable"]
+    report = set_estimates(with_soft, enough, method="pacc", replicates=20)
+    assert report["estimate"]["method"] == "pacc" and "fallback" not in report["estimate"]
     record = {"images": simulate(np.random.default_rng(0), 3), "score_threshold": 0.6,
               "classes": ["with_mask", "without_mask", "mask_weared_incorrect"]}
     assert "measured at score >= 0.6" in calibration_problem(record, 0.5)
