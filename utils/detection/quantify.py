@@ -343,8 +343,7 @@ def headline_problems(available: dict, calibration: Calibration | None) -> dict:
     their rates rest on fewer than CALIBRATION_MIN_FACES labelled faces: the rates of a class seen a few
     times are noisy, and correcting a count by them can err more than not correcting it (the make run
     sample's 40 validation faces put pacc 22 points off where cc was 14)."""
-    faces = 0 if calibration is None else int(calibration.truth.sum())
-    if calibration is None or faces >= D.CALIBRATION_MIN_FACES:
+    if calibration is None or (faces := int(calibration.truth.sum())) >= D.CALIBRATION_MIN_FACES:
         return available
     few = (f"its validation rates rest on {faces} labelled faces, fewer than the {D.CALIBRATION_MIN_FACES} "
            "an adjusted headline needs (utils/defaults.py CALIBRATION_MIN_FACES)")
