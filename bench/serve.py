@@ -2,12 +2,16 @@
 """The prediction service and the video path against pure model inference, measured in one run.
 
   pure     the model alone on one decoded 640 px image held as a float tensor (detect(), batch 1):
-           what the hardware can do, in images/s: the better of the main thread and a thread of its
-           own (as the service runs the model), measured in 4 slices between the rounds of each served level
+           what the hardware can do, in images/s, on the bench's main thread, the only thread of
+           this process that runs torch (so the process has one OpenMP team, as the service does:
+           utils/service/batching.py), measured in 4 slices between the rounds of each served level
   served   bin/serve.py in its own process (uvicorn on loopback), POST /api/predict with that
            image as a JPEG upload, from 1, 4 and 16 concurrent clients: requests/s, p50 and p95
            latency; served images/s / pure images/s is the share of the model's speed the
-           service keeps (goal >= 0.9 at every level, no failed request)
+           service keeps (goal >= 0.9 at every level, no failed request). The clients are a light
+           load generator (http.client on kept-alive connections, the multipart body built once),
+           alive for the whole level and paused during the pure slices, so that the bench's own
+           HTTP work takes as little as it can of the cores the server runs on
   video    utils.detection.video.predict_video on a clip of that image (every frame processed,
            no output video): frames/s / pure images/s at the same size (goal >= 0.9)
 
@@ -22,6 +26,7 @@ are written to --output (default: bench/results/serve.json, written atomically).
 from __future__ import annotations
 
 import argparse
+import http.client
 import io
 import os
 import socket
@@ -31,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +77,9 @@ def make_image(args):
 
 
 def pure_meter(model_path: Path, image):
-    """A function measuring pure inference for *seconds*: images/s of detect() on the decoded image, batch 1."""
+    """A function measuring pure inference for *seconds*: images/s of detect() on the decoded image, batch 1,
+    on this (the main) thread. No other thread of the bench runs torch: a second thread running it would
+    give the process a second OpenMP team, which on 2 cores slows both (utils/service/batching.py)."""
     import numpy as np
     import torch
 
@@ -82,26 +90,12 @@ def pure_meter(model_path: Path, image):
     tensor = to_model_input(torch.from_numpy(np.array(image)).permute(2, 0, 1), "cpu")
     detect(model, [tensor], score_threshold=0.05)  # warm-up
 
-    def rate(seconds: float, found: dict, key: str) -> None:
+    def measure(seconds: float) -> float:
         count, began = 0, time.perf_counter()
         while time.perf_counter() - began < seconds or count < 5:
             detect(model, [tensor], score_threshold=0.05)
             count += 1
-        found[key] = count / (time.perf_counter() - began)
-
-    def measure(seconds: float) -> dict:
-        """Half the time on the main thread, half on a thread of its own as the service's model runs: on a
-        machine with more runnable threads than cores the two differ several-fold (OpenMP's team on the
-        main thread waits for descheduled threads), and the model's best is the fair baseline. On an idle
-        machine the main thread is the faster: the thread of its own is a second OpenMP team in this
-        process, which on 2 cores stops idle team threads spinning (utils/service/batching.py)."""
-        found = {}
-        rate(seconds / 2, found, "main_thread")
-        worker = threading.Thread(target=rate, args=(seconds / 2, found, "own_thread"))
-        worker.start()
-        worker.join()
-        found["best"] = max(found["main_thread"], found["own_thread"])
-        return found
+        return count / (time.perf_counter() - began)
 
     return measure
 
@@ -112,52 +106,99 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def level(url: str, files: dict, clients: int, requests: int, max_seconds: float) -> dict:
-    """*clients* threads posting *files* until *requests* are sent or *max_seconds* pass: latencies (s),
-    failures and wall time."""
-    import httpx
+def multipart_body(jpeg: bytes) -> tuple[bytes, dict]:
+    """The request body of one upload in field `files`, and its headers, built once for every request."""
+    boundary = uuid.uuid4().hex
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="bench.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n").encode() + jpeg + f"\r\n--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
-    latencies, failures, lock = [], [0], threading.Lock()
-    remaining = [requests]
-    began = time.perf_counter()
 
-    def client():
-        with httpx.Client(timeout=300) as session:
-            while True:
-                with lock:
-                    if remaining[0] <= 0 or time.perf_counter() - began > max_seconds:
-                        return
-                    remaining[0] -= 1
+class Clients:
+    """*count* client threads, each on one kept-alive connection, posting *body* when a round runs."""
+
+    def __init__(self, port: int, body: bytes, headers: dict, count: int):
+        self.port, self.body, self.headers = port, body, headers
+        self.lock, self.round_started, self.round_done = threading.Lock(), threading.Condition(), threading.Event()
+        self.remaining, self.in_round, self.round_id, self.closing = 0, 0, 0, False
+        self.latencies: list[float] = []
+        self.failed = 0
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(count)]
+        for thread in self.threads:
+            thread.start()
+
+    def run_round(self, requests: int, max_seconds: float) -> float:
+        """Post *requests* from all clients (at most *max_seconds*); the round's wall time."""
+        self.round_done.clear()
+        with self.round_started:
+            self.remaining, self.deadline = requests, time.perf_counter() + max_seconds
+            self.in_round, self.round_id = len(self.threads), self.round_id + 1
+            began = time.perf_counter()
+            self.round_started.notify_all()
+        self.round_done.wait()
+        return time.perf_counter() - began
+
+    def close(self) -> None:
+        with self.round_started:
+            self.closing = True
+            self.round_started.notify_all()
+        for thread in self.threads:
+            thread.join(30)
+
+    def _take(self) -> bool:
+        with self.lock:
+            if self.remaining <= 0 or time.perf_counter() > self.deadline:
+                return False
+            self.remaining -= 1
+            return True
+
+    def _client(self) -> None:
+        connection, seen = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300), 0
+        while True:
+            with self.round_started:
+                self.round_started.wait_for(lambda last=seen: self.closing or self.round_id > last)
+                if self.closing:
+                    connection.close()
+                    return
+                seen = self.round_id
+            # a fresh connection each round: the server closes one left idle (uvicorn: after 5 s) during a pure slice
+            connection.close()
+            while self._take():
                 start = time.perf_counter()
-                answer = session.post(f"{url}/api/predict", files=files)
-                with lock:
-                    if answer.status_code == 200:
-                        latencies.append(time.perf_counter() - start)
+                try:
+                    connection.request("POST", "/api/predict", body=self.body, headers=self.headers)
+                    answer = connection.getresponse()
+                    answer.read()
+                    ok = answer.status == 200
+                except (OSError, http.client.HTTPException):
+                    connection.close()  # reconnects on the next request
+                    ok = False
+                with self.lock:
+                    if ok:
+                        self.latencies.append(time.perf_counter() - start)
                     else:
-                        failures[0] += 1
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return {"latencies": latencies, "failed": failures[0], "wall_s": time.perf_counter() - began}
+                        self.failed += 1
+            with self.lock:
+                self.in_round -= 1
+                if self.in_round == 0:
+                    self.round_done.set()
 
 
-def interleaved(url: str, files: dict, clients: int, requests: int, max_seconds: float, pure) -> dict:
+def interleaved(port: int, jpeg: bytes, clients: int, requests: int, max_seconds: float, pure) -> dict:
     """One level in ROUNDS rounds of pure inference then served requests, so that both figures see the
     same minutes of the machine: on this shared 2-core machine pure inference alone moves by 20-40 %
     within minutes, and one pure figure taken before a whole level measured that drift, not the service."""
-    latencies, failed, served_s, pure_rates = [], 0, 0.0, []
-    for round_ in range(ROUNDS):
-        pure_rates.append(pure(PURE_SECONDS / ROUNDS)["best"])
-        row = level(url, files, clients, requests // ROUNDS + (round_ < requests % ROUNDS),
-                    max_seconds / ROUNDS)
-        latencies += row["latencies"]
-        failed += row["failed"]
-        served_s += row["wall_s"]
-    latencies.sort()
-    return {"ok": len(latencies), "failed": failed, "wall_s": served_s, "rps": len(latencies) / served_s,
+    body, headers = multipart_body(jpeg)
+    pool = Clients(port, body, headers, clients)
+    served_s, pure_rates = 0.0, []
+    try:
+        for round_ in range(ROUNDS):
+            pure_rates.append(pure(PURE_SECONDS / ROUNDS))
+            served_s += pool.run_round(requests // ROUNDS + (round_ < requests % ROUNDS), max_seconds / ROUNDS)
+    finally:
+        pool.close()
+    latencies = sorted(pool.latencies)
+    return {"ok": len(latencies), "failed": pool.failed, "wall_s": served_s, "rps": len(latencies) / served_s,
             "pure_images_per_s": statistics.fmean(pure_rates), "pure_per_round": pure_rates,
             "p50_s": statistics.median(latencies),
             "p95_s": latencies[min(len(latencies) - 1, int(round(0.95 * (len(latencies) - 1))))]}
@@ -184,9 +225,8 @@ def served(model_path: Path, jpeg: bytes, clients_levels, requests: int, max_sec
             if time.monotonic() > deadline or server.poll() is not None:
                 raise SystemExit("bench/serve.py: the service did not start")
             time.sleep(0.3)
-        files = {"files": ("bench.jpg", jpeg, "image/jpeg")}
-        httpx.post(f"{url}/api/predict", files=files, timeout=120)  # warm-up
-        return [{"clients": clients, **interleaved(url, files, clients, requests, max_seconds, pure)}
+        httpx.post(f"{url}/api/predict", files={"files": ("bench.jpg", jpeg, "image/jpeg")}, timeout=120)  # warm-up
+        return [{"clients": clients, **interleaved(port, jpeg, clients, requests, max_seconds, pure)}
                 for clients in clients_levels]
     finally:
         server.terminate()
@@ -231,7 +271,7 @@ def main(args) -> int:
               f"{row['failed']} failed; pure between its rounds {row['pure_images_per_s']:.2f} images/s; "
               f"served / pure {row['served_over_pure']:.2f} (goal >= 0.9)",
               flush=True)
-    pure_after = pure(PURE_SECONDS)["best"]
+    pure_after = pure(PURE_SECONDS)
     # On the main thread, as bin/predict_video.py runs it: this process's main thread already has an OpenMP
     # team (pure_meter), so a thread of its own would be slowed by the teams' count (utils/service/batching.py).
     video = video_rate(args.model, image, args.video_frames)
@@ -242,7 +282,10 @@ def main(args) -> int:
           f"{', '.join(f'{v:.2f}' for v in load_after)} on {os.cpu_count()} CPUs")
     from utils.atomic import write_json
 
+    from utils import defaults
+
     write_json(args.output, {"model": str(args.model), "server_args": args.server_args,
+                             "server_gil_switch_s": defaults.SERVICE_GIL_SWITCH_S,
                              "image": {"width": image.width, "height": image.height, "jpeg_bytes": len(jpeg)},
                              "cpus": os.cpu_count(), "load_average_before": load_before,
                              "load_average_after": load_after, "served": rows,

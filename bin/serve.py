@@ -136,6 +136,9 @@ def main(args) -> int:
                                    batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms,
                                    decode_threads=args.decode_threads))
     access_logging()
+    # The model's thread takes the GIL back between its ops; Python's default lets the event loop keep it
+    # for up to 5 ms while it parses a request (defaults.SERVICE_GIL_SWITCH_S)
+    sys.setswitchinterval(D.SERVICE_GIL_SWITCH_S)
 
     class Server(uvicorn.Server):
         """uvicorn's server, but a SIGTERM or SIGINT ends in exit 0 after the graceful stop, where uvicorn

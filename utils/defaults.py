@@ -146,6 +146,10 @@ SERVICE_BATCH_MAX_PIXELS = 8_000_000 # ... and their pixels together at most (th
                                      # a pixel, twice over while normalised); a larger image runs alone
 SERVICE_BATCH_WAIT_MS = 5.0          # how long the worker waits for more images to join a batch it has begun
 SERVICE_DECODE_THREADS = None        # threads decoding uploads off the event loop; None: one per CPU core
+SERVICE_GIL_SWITCH_S = 0.0005       # bin/serve.py: how long a thread may hold the GIL while another waits for it
+                                     # (Python's default 0.005): the model's forward pass needs the GIL between its
+                                     # ops and waited up to 5 ms each time the event loop parsed a request; 0.5 ms
+                                     # served 2-4 % more requests/s at 1 and 16 clients (docs/service.md)
 SERVICE_MAX_CONNECTIONS = 32         # connections served at once; more are answered 503 by uvicorn. Each may hold
                                      # up to 1 MB of every upload in memory while its body arrives (the multipart
                                      # parser spools the rest to an unnamed temporary file): 32 x 16 images x 1 MB
