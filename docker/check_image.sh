@@ -20,6 +20,10 @@ if ! command -v "$ENGINE" >/dev/null 2>&1; then
     echo "image check skipped: $ENGINE is not installed (apt-get install -y podman runc; see README 'The image')"
     exit 0
 fi
+if ! "$ENGINE" info >/dev/null 2>&1; then
+    echo "image check skipped: $ENGINE is installed but cannot run containers here ($ENGINE info fails: for docker, is its daemon running?)"
+    exit 0
+fi
 
 stamp() { date +%s; }
 started=$(stamp)
