@@ -280,9 +280,8 @@ def main(args) -> int:
     load_after = os.getloadavg()
     print(f"  load average (1, 5, 15 min) before {', '.join(f'{v:.2f}' for v in load_before)}, after "
           f"{', '.join(f'{v:.2f}' for v in load_after)} on {os.cpu_count()} CPUs")
-    from utils.atomic import write_json
-
     from utils import defaults
+    from utils.atomic import write_json
 
     write_json(args.output, {"model": str(args.model), "server_args": args.server_args,
                              "server_gil_switch_s": defaults.SERVICE_GIL_SWITCH_S,
