@@ -4,7 +4,7 @@
 # must be enough) and as a non-root user (the files one job writes must be readable by
 # the next, whoever it runs as); then serve that model from the image as the Dockerfile
 # documents (curl /livez, /readyz, /api/predict, /metrics; SIGTERM must end in exit 0). Run by hand or with `make image-check`; not in CI (a
-# build downloads ~3 GB of wheels). Skips with one line when the engine is absent.
+# build downloads ~3 GB of wheels). Skips with one line when the engine is absent or cannot run containers.
 #
 #   docker/check_image.sh                             # podman, mask-detection-workflow:cuda
 #   ENGINE=docker IMAGE=me/mdw:1.0 SKIP_BUILD=1 docker/check_image.sh
