@@ -75,7 +75,7 @@ def seconds(function):
 def main(args) -> int:
     import torch
 
-    from utils.detection.engine import resolve_device
+    from utils.detection.device import resolve_device
     from utils.data.images import is_image_name, load_rgb
     import utils.detection.inference as inference
     from utils.detection.inference import default_num_workers, detect, to_model_input

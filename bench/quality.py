@@ -143,7 +143,9 @@ def run_one(name, images, annotations, args, device, limit=None, recipe=None):
     from utils.detection.engine import run_inference
     from utils.detection.metrics import coco_map
     from utils.detection.recipe import describe
-    from utils.detection.training import Trainer, TrainParams, make_loader
+    from utils.detection.params import TrainParams
+    from utils.detection.recipe import make_loader
+    from utils.detection.training import Trainer
 
     started = time.perf_counter()
     train, val, test, summary = split_folder(images, annotations, args.seed)
@@ -320,7 +322,7 @@ def run_ablation(args, device) -> int:
 
 def main(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from utils.detection.engine import resolve_device
+    from utils.detection.device import resolve_device
 
     device = resolve_device(args.device)
     if args.ablation:

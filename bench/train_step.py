@@ -103,10 +103,12 @@ def main(args) -> int:
     import torch
 
     from utils import defaults as D
-    from utils.detection.engine import build_optimizer, resolve_device, train_one_epoch
+    from utils.detection.device import resolve_device
+    from utils.detection.engine import train_one_epoch
+    from utils.detection.optim import build_optimizer
     from utils.detection.model import build_model
     from utils.detection.recipe import MIN_ROI_BATCH_SIZE, set_roi_batch_size
-    from utils.detection.training import make_loader
+    from utils.detection.recipe import make_loader
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if any(size < MIN_ROI_BATCH_SIZE for size in args.roi_batch_sizes):

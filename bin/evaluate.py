@@ -29,7 +29,7 @@ from pathlib import Path
 from utils.classes import LabelMap
 from utils.cli import add_label_map_arg, add_model_run_args, check_model_run_args, check_output_tag, run_job
 from utils.data.pairs import open_folder
-from utils.detection.engine import resolve_device
+from utils.detection.device import resolve_device
 from utils.detection.evaluation import evaluate_model, format_report, labelled_pairs, load_trained_model
 from utils.naming import evaluation_output_names
 from utils.provenance import write_run_record

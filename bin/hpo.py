@@ -24,10 +24,10 @@ from utils.atomic import write_json
 from utils.classes import LabelMap
 from utils.cli import (add_label_map_arg, fraction, image_size_px, non_negative_int, positive_float, positive_int,
                        random_seed, run_job, worker_count)
-from utils.detection.engine import resolve_device
+from utils.detection.device import resolve_device
 from utils.detection.hpo import OBJECTIVES, HpoConfig, SearchSpace, run_study
 from utils.detection.model import BACKBONES
-from utils.detection.params_file import PARAM_CHOICES
+from utils.detection.params import PARAM_CHOICES
 from utils.detection.tensorboard_log import TensorBoardError, pack_events
 from utils.errors import InputError
 from utils.provenance import write_run_record

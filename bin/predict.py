@@ -32,7 +32,7 @@ from tqdm import tqdm
 from utils import defaults as D
 from utils.cli import (add_model_run_args, check_model_run_args, check_output_tag, non_negative_int,
                        positive_int, run_job)
-from utils.detection.engine import resolve_device
+from utils.detection.device import resolve_device
 from utils.detection.ensemble import load_ensemble
 from utils.detection.evaluation import load_trained_model
 from utils.detection.explain import EXPLAIN_METHODS

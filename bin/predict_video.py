@@ -24,7 +24,7 @@ from tqdm import tqdm
 from utils import defaults as D
 from utils.cli import check_output_tag, fraction, positive_float, positive_int, run_job
 from utils.detection.compliance import compliance_line
-from utils.detection.engine import resolve_device
+from utils.detection.device import resolve_device
 from utils.detection.evaluation import load_trained_model
 from utils.detection.video import predict_video
 from utils.naming import video_output_names

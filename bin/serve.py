@@ -37,7 +37,7 @@ from pathlib import Path
 
 from utils import defaults as D
 from utils.cli import int_between, non_negative_float, positive_float, positive_int, run_job
-from utils.detection.engine import resolve_device
+from utils.detection.device import resolve_device
 from utils.errors import InputError
 
 TOKEN_ENV = "MASK_SERVICE_TOKEN"

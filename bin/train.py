@@ -25,11 +25,11 @@ from pathlib import Path
 from utils import defaults as D
 from utils.classes import LabelMap
 from utils.cli import add_label_map_arg, positive_float, positive_int, random_seed, run_job, worker_count
-from utils.detection.engine import resolve_device
+from utils.detection.device import resolve_device
 from utils.detection.model import BACKBONES
-from utils.detection.recipe import check_budget_plan, describe
+from utils.detection.recipe import check_budget_plan
 from utils.detection.tensorboard_log import TensorBoardError
-from utils.detection.params_file import PARAM_CHOICES, PARAM_TYPES
+from utils.detection.params import PARAM_CHOICES, PARAM_TYPES
 from utils.detection.training import Trainer, TrainingDataError
 from utils.detection.training_run import (open_training_data, resolve_training, resume_and_watch, train_epochs,
                                           write_model_outputs)
@@ -186,7 +186,10 @@ def budget_plan_arg(text: str) -> list:
 
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    paths = output_paths(args)
     stop_on_sigterm()  # a pool's SIGTERM stops after the current step; the last epoch's checkpoint is kept
+    declare_outputs(paths["output"], paths["metrics_csv"], paths["loss_plot"], paths["run_record"],
+                    args.tensorboard_tar, checkpoints=[paths["checkpoint"]])  # stand-ins if SIGTERM stops it
     if args.tensorboard_tar and not args.tensorboard_dir:
         raise TensorBoardError("--tensorboard-tar needs --tensorboard-dir (the folder it packs)")
     if args.val_images and not args.val_annotations:
@@ -194,16 +197,12 @@ def main(args) -> int:
     label_map = LabelMap.parse(args.label_map)
     device = resolve_device(args.device)
     params, plan = resolve_training(args, device)  # every check of the schedule's flags, in the plan
-    paths = output_paths(args)
-    declare_outputs(paths["output"], paths["metrics_csv"], paths["loss_plot"], paths["run_record"],
-                    args.tensorboard_tar, checkpoints=[paths["checkpoint"]])  # stand-ins if SIGTERM stops it
 
     with contextlib.ExitStack() as stack:
         log.info("Loading data")
         data = stack.enter_context(open_training_data(args, device))
 
         log.info("Creating model")
-        log.info("recipe: %s", describe(params))
         trainer = Trainer(params, data.train_pairs, device, val_pairs=data.val_pairs or None, plan=plan,
                           progress=not args.no_progress, label_map=label_map)
         resume_and_watch(trainer, paths["checkpoint"], args, stack)

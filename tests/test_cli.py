@@ -120,7 +120,9 @@ def test_every_project_bad_input_error_is_an_input_error_and_keeps_its_old_base(
     from utils.data.split import SplitError
     from utils.data.validation import ValidationInputError
     from utils.data.voc import VocError
-    from utils.detection.engine import CheckpointError, DeviceError, NonFiniteLossError, resolve_device
+    from utils.detection.checkpoint import CheckpointError
+    from utils.detection.device import DeviceError, resolve_device
+    from utils.detection.engine import NonFiniteLossError
     from utils.detection.evaluation import EvaluationInputError
     from utils.detection.hpo import HpoError
     from utils.detection.model import ModelError
@@ -146,7 +148,7 @@ def test_every_script_runs_through_the_job_runner_without_path_hacks(root, name)
 
 def test_defaults_come_from_the_one_table(root):
     from utils.detection.hpo import HpoConfig, SearchSpace
-    from utils.detection.training import TrainParams
+    from utils.detection.params import TrainParams
 
     def defaults(name):
         parser = load_script(root, name).get_args_parser()

@@ -15,7 +15,7 @@ import pytest
 from helpers import load_script
 from utils.cli import (fraction, fraction_below_one, image_size_px, non_negative_float, positive_int, random_seed,
                        run_job, worker_count)
-from utils.detection.params_file import PARAM_TYPES, ParamsFileError, read_params_file
+from utils.detection.params import PARAM_TYPES, ParamsFileError, read_params_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.stem for p in (ROOT / "bin").glob("*.py") if p.stem != "serve")

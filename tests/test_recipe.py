@@ -13,7 +13,9 @@ from utils.detection import recipe
 from utils.detection.model import build_model
 from utils.detection.recipe import (RepeatFactorSampler, TimeBudget, build_ema, gpu_recipe, multiscale_sizes,
                                     repeat_factors, set_roi_batch_size, set_train_sizes, train_transforms)
-from utils.detection.training import Trainer, TrainParams, load_checkpoint
+from utils.detection.params import TrainParams
+from utils.detection.checkpoint import load_checkpoint
+from utils.detection.training import Trainer
 
 TINY = dict(image_size=128, batch_size=2, workers=0, epochs=2, warmup_iters=2, trainable_layers=2, seed=3,
             weights="none")
@@ -183,23 +185,24 @@ def test_max_steps_cuts_the_last_epoch_short(tiny_dir):
 
 
 def test_gpu_recipe_changes_only_what_was_not_given(monkeypatch, tmp_path):
-    assert gpu_recipe(TrainParams(), set(), torch.device("cpu")) == []
+    cpu_params = TrainParams()
+    assert gpu_recipe(cpu_params, set(), torch.device("cpu")) == (cpu_params, [])
     import utils.detection.weights as weights
 
     monkeypatch.setattr(weights, "cached_coco_weights", lambda backbone="resnet50_fpn_v2", directory=None:
                         tmp_path / "w.pth")
-    params = TrainParams()
-    changes = gpu_recipe(params, set(), torch.device("cuda"))
+    asked = TrainParams()
+    params, changes = gpu_recipe(asked, set(), torch.device("cuda"))
+    assert asked == TrainParams()  # a new value: the parameters given are never written
     assert params.backbone == "resnet50_fpn_v2" and params.weights == "coco" and params.batch_size == 8
     assert params.lr == pytest.approx(TrainParams().lr * 8 / TrainParams().batch_size) and len(changes) == 5
     assert TrainParams().roi_batch_size == 128 and params.roi_batch_size is None  # the architecture's own
-    given = TrainParams(backbone="mobilenet_v2_fpn", batch_size=2, roi_batch_size=64)
-    gpu_recipe(given, {"backbone", "batch_size", "roi_batch_size"}, torch.device("cuda"))
+    given, _ = gpu_recipe(TrainParams(backbone="mobilenet_v2_fpn", batch_size=2, roi_batch_size=64),
+                          {"backbone", "batch_size", "roi_batch_size"}, torch.device("cuda"))
     assert given.backbone == "mobilenet_v2_fpn" and given.batch_size == 2 and given.lr == TrainParams().lr
     assert given.roi_batch_size == 64
     monkeypatch.setattr(weights, "cached_coco_weights", lambda backbone="resnet50_fpn_v2", directory=None: None)
-    uncached = TrainParams()
-    gpu_recipe(uncached, set(), torch.device("cuda"))
+    uncached, _ = gpu_recipe(TrainParams(), set(), torch.device("cuda"))
     assert uncached.backbone == TrainParams().backbone  # no download: the COCO weights are not cached
 
 

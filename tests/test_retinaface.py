@@ -15,7 +15,9 @@ from utils.detection import retinaface, weights
 from utils.detection.engine import run_proposals
 from utils.detection.metrics import proposal_recall
 from utils.detection.model import RETINAFACE_BACKBONE, build_model, load_model_file, save_model_file
-from utils.detection.training import Trainer, TrainParams, make_loader
+from utils.detection.params import TrainParams
+from utils.detection.recipe import make_loader
+from utils.detection.training import Trainer
 
 TINY = dict(backbone=RETINAFACE_BACKBONE, weights="widerface", image_size=128, batch_size=2, workers=0, epochs=2,
             warmup_iters=2, trainable_layers=2, seed=3)

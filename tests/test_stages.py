@@ -11,7 +11,8 @@ import torch
 from helpers import run_script
 from utils.data.pairs import pair_folders
 from utils.detection.stages import Stage, StagesError, parse_stages, scale_stages, stage_at, stages_to_json
-from utils.detection.training import Trainer, TrainingDataError, TrainParams
+from utils.detection.params import TrainParams
+from utils.detection.training import Trainer, TrainingDataError
 
 TWO_STAGES = [{"epochs": 1, "lr": 0.02, "trainable_layers": 0, "name": "head"},
               {"epochs": 1, "lr": 0.004, "trainable_layers": 2}]

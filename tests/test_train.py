@@ -13,10 +13,13 @@ import pytest
 import torch
 
 from utils import defaults as D
-from utils.detection.engine import NonFiniteLossError, evaluate_loss, lr_factor, train_one_epoch
+from utils.detection.engine import NonFiniteLossError, evaluate_loss, train_one_epoch
+from utils.detection.optim import lr_factor
 from utils.detection.model import load_model_file
 from utils.data.pairs import pair_folders
-from utils.detection.training import Trainer, TrainParams, make_loader, read_params_file, resolve_params
+from utils.detection.params import TrainParams, read_params_file, resolve_params
+from utils.detection.recipe import make_loader
+from utils.detection.training import Trainer
 from utils.detection.weights import job_weights
 
 TINY = dict(image_size=128, batch_size=2, workers=0, epochs=2, warmup_iters=2, trainable_layers=2, seed=3)

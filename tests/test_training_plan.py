@@ -7,8 +7,9 @@ import dataclasses
 
 import pytest
 
+from utils.detection.model import BACKBONE_STAGES, BACKBONES, build_model
 from utils.detection.stages import Stage, StagesError
-from utils.detection.training import TrainParams
+from utils.detection.params import TrainParams
 from utils.detection.training_plan import PlanError, make_plan
 from utils.errors import InputError
 
@@ -43,10 +44,16 @@ def test_a_huge_value_is_quoted_shortened(flags):
 
 
 def test_more_trainable_layers_than_the_backbone_has_are_refused():
-    plan = make_plan(TrainParams(stages=[{"epochs": 1, "trainable_layers": 6}]))
-    plan.check_backbone("mobilenet_v2_fpn", 6)
+    """Checked in make_plan with the other flags, from the table of each backbone's stages: before a model is built."""
+    make_plan(TrainParams(backbone="mobilenet_v2_fpn", stages=[{"epochs": 1, "trainable_layers": 6}]))
     with pytest.raises(StagesError, match="stage 1: key 'trainable_layers' is 6, but backbone resnet50_fpn has 5"):
-        plan.check_backbone("resnet50_fpn", 5)
+        make_plan(TrainParams(backbone="resnet50_fpn", stages=[{"epochs": 1, "trainable_layers": 6}]))
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_the_table_of_backbone_stages_is_what_build_model_builds(backbone):
+    model = build_model(backbone, weights="none", trainable_layers=0)
+    assert len(model.backbone_stages) == BACKBONE_STAGES[backbone]
 
 
 def test_the_plan_is_frozen_and_a_fit_returns_a_new_plan():

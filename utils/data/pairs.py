@@ -17,7 +17,8 @@ from pathlib import Path
 
 from ..atomic import atomic_path
 from ..errors import InputError
-from .images import is_image_name
+from .images import ImageError, image_size, is_image_name
+from .voc import VocError, parse_voc
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,39 @@ def pair_folders(images_dir, annotations_dir) -> Pairing:
                 pairing.images_without_annotation.append(path)
     pairing.annotations_without_image = [p for stem, p in annotations.items() if stem not in images]
     return pairing
+
+
+def scan_pairs(pairs) -> tuple[list, list[dict]]:
+    """Pairs whose annotation parses and whose image header reads; the rest as [{file, problem}]."""
+    usable, skipped = [], []
+    for pair in pairs:
+        try:
+            parse_voc(pair.annotation)
+            image_size(pair.image)
+        except (VocError, ImageError) as error:
+            skipped.append({"file": str(getattr(error, "file", pair.image)), "problem": str(error)})
+            continue
+        except OSError as error:
+            skipped.append({"file": str(pair.image), "problem": f"unreadable ({error})"})
+            continue
+        usable.append(pair)
+    return usable, skipped
+
+
+@contextlib.contextmanager
+def open_pairs(images, annotations):
+    """Yield (usable pairs, skipped [{file, problem}]) for a folder or .tar of each kind (the same path allowed)."""
+    with contextlib.ExitStack() as stack:
+        images_dir = stack.enter_context(open_folder(images))
+        annotations_dir = (images_dir if Path(annotations) == Path(images)
+                           else stack.enter_context(open_folder(annotations)))
+        pairing = pair_folders(images_dir, annotations_dir)
+        usable, skipped = scan_pairs(pairing.pairs)
+        skipped += [{"file": str(p), "problem": "image without annotation"}
+                    for p in pairing.images_without_annotation]
+        skipped += [{"file": str(p), "problem": "annotation without image"}
+                    for p in pairing.annotations_without_image]
+        yield usable, skipped
 
 
 def read_csv_rows(csv_path, required=("image", "annotation")) -> list[dict]:

@@ -13,23 +13,19 @@
   (running statistics, no updates; pretrained backbones use FrozenBatchNorm2d
   anyway), gradients are off, and the global RNG is forked and seeded so that
   the sampling is repeatable and does not disturb the training RNG stream.
-- optimizer / scheduler builders, checkpoints with RNG states stored as
-  tensors and lists (``torch.load(weights_only=True)`` reads them), seeding.
+
+The optimizer and its schedule are utils.detection.optim's, the checkpoint dict
+utils.detection.checkpoint's and the device utils.detection.device's: this file holds only loops.
 """
 
 from __future__ import annotations
 
-import math
-import random
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..atomic import atomic_path
 from ..errors import InputError
 
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
@@ -39,31 +35,7 @@ class NonFiniteLossError(InputError, RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-class CheckpointError(InputError, RuntimeError):
-    """A checkpoint cannot be read or does not fit the run."""
-
-
-class DeviceError(InputError, RuntimeError):
-    """The --device asked for is unknown or not available here."""
-
-
-# ----------------------------------------------------------------------------- devices, seeds, batches
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("--device cuda was asked for but no CUDA device is available")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise DeviceError(f"unknown device {name!r}: use auto, cpu or cuda")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
+# ----------------------------------------------------------------------------- batches
 
 def _plain_tensor(value):
     return value.as_subclass(torch.Tensor) if isinstance(value, torch.Tensor) else value
@@ -77,94 +49,12 @@ def to_device(images, targets, device):
     return images, targets
 
 
-# ----------------------------------------------------------------------------- optimizer and schedule
-
-def build_optimizer(model: nn.Module, name: str = "sgd", lr: float = 0.01, momentum: float = 0.9,
-                    weight_decay: float = 1e-4) -> torch.optim.Optimizer:
-    """SGD with momentum, or AdamW, over every parameter that may train.
-
-    Parameters frozen only for the first epochs of a two-stage schedule are
-    included: they get no gradient while frozen, and both optimizers skip
-    parameters without one. Biases and normalisation weights get no decay.
-    """
-    decay, no_decay = [], []
-    for parameter in model.parameters():
-        if not parameter.requires_grad:
-            continue
-        (decay if parameter.ndim > 1 else no_decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
-    if name == "adamw":
-        # momentum plays beta1 so that one search space serves both optimizers
-        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
-    raise InputError(f"unknown optimizer {name!r}: use sgd or adamw")
-
-
-def lr_factor(iteration: int, total_iters: int, warmup_iters: int, schedule: str = "cosine",
-              warmup_factor: float = 0.001, steps=(0.67, 0.89), gamma: float = 0.1,
-              min_factor: float = 0.01) -> float:
-    """Multiplier of the base learning rate at *iteration* (0-based): linear warm-up, then cosine or steps."""
-    warmup_iters = min(warmup_iters, max(total_iters - 1, 0))
-    if iteration < warmup_iters:
-        alpha = iteration / warmup_iters
-        return warmup_factor * (1 - alpha) + alpha
-    if schedule == "cosine":
-        span = max(total_iters - warmup_iters, 1)
-        progress = min((iteration - warmup_iters) / span, 1.0)
-        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
-    if schedule == "step":
-        passed = sum(iteration >= int(step * total_iters) for step in steps)
-        return gamma ** passed
-    raise InputError(f"unknown learning-rate schedule {schedule!r}: use cosine or step")
-
-
-class LrSchedule:
-    """The learning-rate factor per iteration, as a callable object so that LambdaLR's state_dict keeps its
-    fields (plain numbers) and ``total_iters`` can be changed mid-run: a --time-budget run sets the
-    schedule's length only after timing its first steps."""
-
-    def __init__(self, total_iters: int, warmup_iters: int = 100, schedule: str = "cosine",
-                 steps=(0.67, 0.89), gamma: float = 0.1):
-        lr_factor(0, total_iters, warmup_iters, schedule)  # validates the schedule name now
-        self.total_iters = int(total_iters)
-        self.warmup_iters = int(warmup_iters)
-        self.schedule = schedule
-        self.steps = list(steps)
-        self.gamma = float(gamma)
-
-    def __call__(self, iteration: int) -> float:
-        return lr_factor(iteration, self.total_iters, self.warmup_iters, self.schedule, steps=self.steps,
-                         gamma=self.gamma)
-
-
-def build_scheduler(optimizer, total_iters: int, warmup_iters: int = 100, schedule: str = "cosine",
-                    steps=(0.67, 0.89), gamma: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-iteration LambdaLR over an :class:`LrSchedule` (its length changed by set_schedule_length)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, LrSchedule(total_iters, warmup_iters, schedule,
-                                                                   steps=steps, gamma=gamma))
-
-
-def set_schedule_length(scheduler: torch.optim.lr_scheduler.LambdaLR, total_iters: int) -> None:
-    """Give *scheduler*'s :class:`LrSchedule` a new length, through LambdaLR's own state_dict (which holds the
-    schedule's fields): the iterations already run keep their rates, and so does the next one, whose rate
-    the last ``step()`` has already set. A time budget's plan changes the length mid-run."""
-    state = scheduler.state_dict()
-    for schedule in state["lr_lambdas"]:  # one per parameter group, all the same LrSchedule
-        schedule["total_iters"] = int(total_iters)
-    scheduler.load_state_dict(state)
-
-
 # ----------------------------------------------------------------------------- loops
 
 def _autocast(device: torch.device, amp: bool):
     if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
     return nullcontext()
-
-
-def make_grad_scaler(device: torch.device, amp: bool):
-    return torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
 
 
 def train_one_epoch(model, optimizer, loader, device, epoch: int, scheduler=None, scaler=None,
@@ -296,77 +186,3 @@ def run_proposals(model, loader, device) -> tuple[list[torch.Tensor], list[dict]
             proposals.append((found * scale).cpu())
             all_targets.append({"boxes": _plain_tensor(target["boxes"]).cpu(), "labels": target["labels"].cpu()})
     return proposals, all_targets
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def rng_state() -> dict:
-    """Python, NumPy, torch and CUDA RNG states as lists and tensors (weights_only-loadable)."""
-    version, internal, gauss = random.getstate()
-    name, keys, position, has_gauss, cached = np.random.get_state(legacy=True)
-    return {
-        "python": [version, list(internal), gauss],
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    numpy_state = state["numpy"]
-    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32),
-                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path, model, optimizer, scheduler, epoch: int, args: dict, scaler=None,
-                    history=None, extra=None) -> Path:
-    """Write the training state after *epoch* completed epochs, atomically."""
-    payload = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "epoch": int(epoch),
-        "args": args,
-        "rng": rng_state(),
-        "history": list(history or []),
-        "extra": extra or {},
-    }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return Path(path)
-
-
-def load_checkpoint(path) -> dict:
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error}); "
-                              "delete it to start afresh") from None
-    missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "args", "rng") if k not in payload]
-    if missing:
-        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
-    return payload
-
-
-def restore_checkpoint(payload: dict, model, optimizer, scheduler=None, scaler=None, path="checkpoint") -> int:
-    """Load a checkpoint's states into the given objects; returns the number of completed epochs."""
-    try:
-        model.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: does not fit this model/optimizer ({first_line}); "
-                              "was it written with another --backbone or --optimizer?") from None
-    if scheduler is not None and payload.get("scheduler") is not None:
-        scheduler.load_state_dict(payload["scheduler"])
-    if scaler is not None and payload.get("scaler") is not None:
-        scaler.load_state_dict(payload["scaler"])
-    set_rng_state(payload["rng"])
-    return int(payload["epoch"])

@@ -46,7 +46,10 @@ from ..errors import InputError, read_json
 from ..stop import StopRequested
 from .compliance import compliance_error
 from .engine import NonFiniteLossError
-from .training import Trainer, TrainParams, open_pairs
+from .metrics import coco_map
+from ..data.pairs import open_pairs
+from .params import TrainParams
+from .training import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +210,7 @@ def make_objective(config: HpoConfig, space: SearchSpace, train_pairs, val_pairs
                 trial.report(0.0, epoch)
                 raise optuna.TrialPruned(f"diverged at epoch {epoch + 1}") from None
             predictions = trainer.validation_predictions()
-            summary = trainer.validation_map(predictions)
+            summary = coco_map(*predictions)
             compliance = compliance_error(*predictions, score_threshold=config.score_threshold)
             value = fitness(summary, config.objective)
             trial.set_user_attr(f"epoch_{epoch + 1}", {"map": summary["map"], "map_50": summary["map_50"],

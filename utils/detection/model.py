@@ -65,6 +65,11 @@ log = logging.getLogger(__name__)
 
 BACKBONES = ("mobilenet_v2_fpn", RETINAFACE_BACKBONE, "mobilenet_v3_large_fpn", "resnet50_fpn", "resnet50_fpn_v2")
 DEFAULT_BACKBONE = "mobilenet_v2_fpn"
+# Backbone stages that --trainable-layers and a stage's trainable_layers count in: known before the model
+# is built, so that training_plan.make_plan checks a plan against them with every other flag, before any file
+# is read or written (build_model checks that the stages it builds are as many).
+BACKBONE_STAGES = {"mobilenet_v2_fpn": 6, RETINAFACE_BACKBONE: 5, "mobilenet_v3_large_fpn": 6, "resnet50_fpn": 5,
+                   "resnet50_fpn_v2": 5}
 WEIGHT_KINDS = ("none", "imagenet", "coco", "widerface")
 
 # MobileNetV2 feature stages used by the pyramid: (node name, channels, stride).
@@ -309,10 +314,6 @@ def transform_sizes(image_size: int) -> dict:
     return {"min_size": int(image_size), "max_size": int(image_size)}
 
 
-def num_backbone_stages(model: nn.Module) -> int:
-    return len(model.backbone_stages)
-
-
 def set_trainable_layers(model: nn.Module, trainable_layers: int) -> None:
     """Train the last *trainable_layers* backbone stages (0 freezes the whole backbone body).
 
@@ -408,6 +409,9 @@ def build_model(backbone: str = DEFAULT_BACKBONE, num_classes: int = NUM_CLASSES
     else:
         model, stages = _torchvision_detector(backbone, num_classes, frozen_bn, transform_kwargs)
     model.backbone_stages = stages
+    if len(stages) != BACKBONE_STAGES[backbone]:  # a bug: the table above is out of date
+        raise RuntimeError(f"{backbone} built {len(stages)} backbone stages, BACKBONE_STAGES says "
+                           f"{BACKBONE_STAGES[backbone]}")
 
     if kind == "widerface":
         _load_retinaface_state(model, state, source)

@@ -8,7 +8,8 @@
 - ``RepeatFactorSampler``: repeat-factor sampling (LVIS, Gupta et al. 2019) of the images
   holding a rare class: ``mask_weared_incorrect`` is 3 % of the faces and in 11 % of the
   images of the real data set.
-- ``ModelEma``: an exponential moving average of the weights (torch's AveragedModel),
+- ``make_loader``: the training DataLoader with the augmentation and the sampler above.
+- ``build_ema``: an exponential moving average of the weights (torch's AveragedModel),
   what validation, the threshold choice and the model file use.
 - ``set_roi_batch_size``: fewer region proposals per image in the box head's loss, a
   cheaper CPU step (mostly background proposals are dropped).
@@ -25,11 +26,13 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import replace
 
 import torch
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from ..classes import CLASSES, NO_LABEL_MAP, LabelMap
+from ..data.dataset import VocDetectionDataset, collate
 from ..data.voc import parse_voc
 from ..errors import InputError
 
@@ -152,6 +155,22 @@ class RepeatFactorSampler(torch.utils.data.Sampler):
         indices = torch.repeat_interleave(torch.arange(len(self.factors)), copies)
         order = torch.randperm(len(indices), generator=self.generator)
         return iter(indices[order].tolist())
+
+
+# ----------------------------------------------------------------------------- the training loader
+
+def make_loader(pairs, batch_size: int, workers: int, shuffle: bool, hflip: float = 0.0,
+                generator: torch.Generator | None = None, pin_memory: bool = False,
+                label_map: LabelMap = NO_LABEL_MAP, photometric: float = 0.0, repeat_threshold: float = 0.0):
+    """A detection DataLoader; with *repeat_threshold* > 0 the images of rare classes are repeated (shuffled)."""
+    dataset = VocDetectionDataset(pairs, transforms=train_transforms(hflip, photometric), label_map=label_map)
+    sampler = None
+    if repeat_threshold > 0:
+        sampler = RepeatFactorSampler(repeat_factors(pairs, repeat_threshold, label_map), generator)
+        shuffle = False  # the sampler shuffles
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers, collate_fn=collate,
+        generator=generator, pin_memory=pin_memory, persistent_workers=False)
 
 
 # ----------------------------------------------------------------------------- weight EMA
@@ -288,34 +307,35 @@ GPU_BACKBONE = "resnet50_fpn_v2"
 GPU_BATCH_SIZE = 8  # 8 images of 512-800 px fit in 16 GB with AMP; the lr is scaled linearly with it
 
 
-def gpu_recipe(params, given: set[str], device) -> list[str]:
-    """On CUDA, what a GPU affords, for every hyperparameter the user did not set (*given*):
-    resnet50_fpn_v2 with COCO detector weights when they are in the torch cache (never a
-    download), 8 images per batch with the learning rate scaled by 8 / batch size, the
-    image size 640, and the architecture's own proposals per image in the box loss (the CPU
-    default samples fewer to save time a GPU does not need to save). AMP is already on for
-    CUDA. Returns the changes, for the log."""
+def gpu_recipe(params, given: set[str], device) -> tuple:
+    """(*params* as a GPU affords them, the changes for the log): on CUDA, for every hyperparameter the
+    user did not set (*given*): resnet50_fpn_v2 with COCO detector weights when they are in the torch
+    cache (never a download), 8 images per batch with the learning rate scaled by 8 / batch size, the
+    image size 640, and the architecture's own proposals per image in the box loss (the CPU default
+    samples fewer to save time a GPU does not need to save). AMP is already on for CUDA. Elsewhere
+    *params* come back unchanged. *params* (frozen TrainParams) are never written: the changes are a
+    new value."""
     if torch.device(device).type != "cuda":
-        return []
-    changes = []
+        return params, []
+    changed, changes = {}, []
     from .weights import cached_coco_weights
 
     if "backbone" not in given and "weights" not in given and cached_coco_weights(GPU_BACKBONE) is not None:
-        params.backbone, params.weights = GPU_BACKBONE, "coco"
+        changed.update(backbone=GPU_BACKBONE, weights="coco")
         changes.append(f"backbone {GPU_BACKBONE} with COCO weights (cached)")
     if "batch_size" not in given:
         if "lr" not in given:
-            params.lr = params.lr * GPU_BATCH_SIZE / params.batch_size
-            changes.append(f"lr {params.lr:g} (linear scaling)")
-        params.batch_size = GPU_BATCH_SIZE
+            changed["lr"] = params.lr * GPU_BATCH_SIZE / params.batch_size
+            changes.append(f"lr {changed['lr']:g} (linear scaling)")
+        changed["batch_size"] = GPU_BATCH_SIZE
         changes.append(f"batch size {GPU_BATCH_SIZE}")
     if "image_size" not in given and params.image_size < 640:
-        params.image_size = 640
+        changed["image_size"] = 640
         changes.append("image size 640")
     if "roi_batch_size" not in given and params.roi_batch_size is not None:
-        params.roi_batch_size = None
+        changed["roi_batch_size"] = None
         changes.append("the architecture's own RoIs per image in the box loss")
-    return changes
+    return replace(params, **changed), changes
 
 
 def describe(params) -> str:

@@ -25,7 +25,7 @@ from .. import safe_yaml
 from ..errors import InputError, shown
 
 # The most backbone stages any of our backbones has (mobilenet_v2_fpn: 6, the resnets: 5); the backbone's
-# own limit is checked before training (training_plan.TrainingPlan.check_backbone, model.num_backbone_stages).
+# own limit is checked before training (training_plan.make_plan, model.BACKBONE_STAGES).
 MAX_TRAINABLE_LAYERS = 6
 STAGE_KEYS = ("epochs", "lr", "trainable_layers", "name")
 STAGE_FILE_SUFFIXES = (".json", ".yml", ".yaml")

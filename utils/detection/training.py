@@ -1,4 +1,4 @@
-"""Training: hyperparameters, the data helpers and the Trainer.
+"""Training: hyperparameters, the training loader and the Trainer.
 
 bin/train.py runs the job over these through utils.detection.training_run (whole runs, resumable from a
 checkpoint; the metrics CSV and loss plot); the HPO objective runs one short Trainer per trial, reporting
@@ -7,91 +7,28 @@ after every epoch. The schedule is a utils.detection.training_plan.TrainingPlan.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import torch
 
-from .. import defaults as D
 from ..classes import NO_LABEL_MAP, LabelMap
-from ..data.dataset import VocDetectionDataset, collate
-from .engine import (build_optimizer, build_scheduler, evaluate_loss, load_checkpoint, make_grad_scaler,
-                     restore_checkpoint, run_inference, save_checkpoint, seed_everything, set_schedule_length,
-                     train_one_epoch)
-from ..data.images import ImageError, image_size
-# read_params_file lives in params_file.py; training_run and the tests import it from here
-from .params_file import PARAM_TYPES, PARAMS_FILE_KEYS, ParamsFileError, read_params_file  # noqa: F401
-from .model import build_model, freeze_backbone, num_backbone_stages, set_trainable_layers
-from .recipe import (RecordedPlan, RepeatFactorSampler, TimeBudget, build_ema, multiscale_sizes, repeat_factors,
-                     set_roi_batch_size, set_train_sizes, train_transforms)
-from ..data.pairs import open_folder, pair_folders
-from ..data.voc import VocError, parse_voc
+from .checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint, seed_everything
+from .engine import evaluate_loss, run_inference, train_one_epoch
+from .optim import build_optimizer, build_scheduler, make_grad_scaler, set_schedule_length
+from .params import TrainParams
+from .model import build_model, freeze_backbone, set_trainable_layers
+from .recipe import (RecordedPlan, TimeBudget, build_ema, make_loader, multiscale_sizes, set_roi_batch_size,
+                     set_train_sizes)
 from ..errors import InputError
 from ..stop import check_stop
 from .stages import Stage
 from .training_plan import TrainingPlan, make_plan
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainParams:
-    """Every hyperparameter of a training run (what --params files and HPO trials set); defaults: utils.defaults."""
-
-    backbone: str = D.BACKBONE
-    weights: str = D.WEIGHTS
-    weights_file: str | None = None
-    image_size: int = D.IMAGE_SIZE
-    epochs: int = D.EPOCHS
-    batch_size: int = D.BATCH_SIZE
-    workers: int = D.LOADER_WORKERS  # -1: auto_workers(device)
-    optimizer: str = D.OPTIMIZER
-    lr: float = D.LR
-    momentum: float = D.MOMENTUM
-    weight_decay: float = D.WEIGHT_DECAY
-    lr_schedule: str = D.LR_SCHEDULE
-    warmup_iters: int = D.WARMUP_ITERS
-    clip_grad: float = D.CLIP_GRAD
-    trainable_layers: int = D.TRAINABLE_LAYERS
-    freeze_backbone_epochs: int = D.FREEZE_BACKBONE_EPOCHS
-    hflip: float = D.HFLIP
-    photometric: float = D.PHOTOMETRIC
-    multiscale: float = D.MULTISCALE
-    repeat_threshold: float = D.REPEAT_THRESHOLD
-    ema_decay: float = D.EMA_DECAY
-    roi_batch_size: int | None = D.ROI_BATCH_SIZE  # proposals per image in the box head's loss; None: the model's
-    time_budget: float | None = D.TIME_BUDGET  # minutes; when set, the steps (and epochs) are fitted to it
-    max_steps: int | None = None  # training steps in all, the last epoch cut short; None: epochs x steps per epoch
-    # A --time-budget run's [first, final] plans in steps (recipe.TimeBudget); given, they are replayed
-    # instead of the clock (recipe.RecordedPlan). None: a budget run's Trainer.params record its own here.
-    budget_plan: list | None = None
-    # Staged training (utils.detection.stages): Stage objects, or their mappings {epochs, lr, trainable_layers,
-    # name}; replaces epochs and freeze_backbone_epochs (training_plan.make_plan checks the schedule's flags);
-    # a --time-budget run's Trainer.params record its fitted stages here. None: one stage of epochs.
-    stages: list | tuple | None = D.STAGES
-    amp: bool = D.AMP
-    seed: int = D.SEED
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def resolve_params(flag_values: dict, params_file_values: dict) -> TrainParams:
-    """Flags win over the params file, which wins over TrainParams' defaults.
-
-    A flag value of None means "not given"; keys that are no TrainParams field are
-    ignored, so *flag_values* may be ``vars(args)``.
-    """
-    values = TrainParams().to_dict()
-    values.update(params_file_values)
-    values.update({key: value for key, value in flag_values.items() if key in values and value is not None})
-    return TrainParams(**values)
 
 
 def auto_workers(device) -> int:
@@ -109,56 +46,7 @@ def auto_workers(device) -> int:
 
 
 class TrainingDataError(InputError):
-    """No usable training data (an unreadable --params file is a params_file.ParamsFileError)."""
-
-
-# ----------------------------------------------------------------------------- data
-
-def scan_pairs(pairs) -> tuple[list, list[dict]]:
-    """Pairs whose annotation parses and whose image header reads; the rest as [{file, problem}]."""
-    usable, skipped = [], []
-    for pair in pairs:
-        try:
-            parse_voc(pair.annotation)
-            image_size(pair.image)
-        except (VocError, ImageError) as error:
-            skipped.append({"file": str(getattr(error, "file", pair.image)), "problem": str(error)})
-            continue
-        except OSError as error:
-            skipped.append({"file": str(pair.image), "problem": f"unreadable ({error})"})
-            continue
-        usable.append(pair)
-    return usable, skipped
-
-
-@contextlib.contextmanager
-def open_pairs(images, annotations):
-    """Yield (usable pairs, skipped [{file, problem}]) for a folder or .tar of each kind (the same path allowed)."""
-    with contextlib.ExitStack() as stack:
-        images_dir = stack.enter_context(open_folder(images))
-        annotations_dir = (images_dir if Path(annotations) == Path(images)
-                           else stack.enter_context(open_folder(annotations)))
-        pairing = pair_folders(images_dir, annotations_dir)
-        usable, skipped = scan_pairs(pairing.pairs)
-        skipped += [{"file": str(p), "problem": "image without annotation"}
-                    for p in pairing.images_without_annotation]
-        skipped += [{"file": str(p), "problem": "annotation without image"}
-                    for p in pairing.annotations_without_image]
-        yield usable, skipped
-
-
-def make_loader(pairs, batch_size: int, workers: int, shuffle: bool, hflip: float = 0.0,
-                generator: torch.Generator | None = None, pin_memory: bool = False,
-                label_map: LabelMap = NO_LABEL_MAP, photometric: float = 0.0, repeat_threshold: float = 0.0):
-    """A detection DataLoader; with *repeat_threshold* > 0 the images of rare classes are repeated (shuffled)."""
-    dataset = VocDetectionDataset(pairs, transforms=train_transforms(hflip, photometric), label_map=label_map)
-    sampler = None
-    if repeat_threshold > 0:
-        sampler = RepeatFactorSampler(repeat_factors(pairs, repeat_threshold, label_map), generator)
-        shuffle = False  # the sampler shuffles
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers, collate_fn=collate,
-        generator=generator, pin_memory=pin_memory, persistent_workers=False)
+    """No usable training data (an unreadable --params file is a params.ParamsFileError)."""
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -201,7 +89,7 @@ class TrainingRecord:
 class Trainer:
     """Model, optimizer and schedule for one run; ``run_epoch`` trains one epoch and can be checkpointed.
 
-    *params* are read, never written (the Trainer keeps its own copy); *plan* (training_plan.make_plan of
+    *params* (frozen) are read, never written; *plan* (training_plan.make_plan of
     them when not given) is the schedule. label_map: how the annotations' object names become classes.
     The recipe's levers (utils.detection.recipe) are set by *params*: photometric augmentation,
     multi-scale training, repeat-factor sampling and weight EMA. A time budget, or a recorded budget plan,
@@ -215,14 +103,13 @@ class Trainer:
 
     def __init__(self, params: TrainParams, train_pairs, device, val_pairs=None, progress: bool = True,
                  label_map: LabelMap = NO_LABEL_MAP, plan: TrainingPlan | None = None):
-        self.settings = replace(params)
+        self.settings = params  # frozen: never written, here or by the caller
         self.plan = plan if plan is not None else make_plan(params)
         self.device = device
         self.progress = progress
         seed_everything(params.seed)
         self.model = build_model(params.backbone, weights=params.weights, weights_file=params.weights_file,
                                  trainable_layers=params.trainable_layers, image_size=params.image_size)
-        self.plan.check_backbone(params.backbone, num_backbone_stages(self.model))
         set_train_sizes(self.model, multiscale_sizes(params.image_size, params.multiscale))
         # recorded as trained: None (the architecture's own) becomes its number
         self.roi_batch_size = set_roi_batch_size(self.model, params.roi_batch_size)
@@ -364,11 +251,11 @@ class Trainer:
         return self.completed_epochs
 
     def checkpoint(self, path, args: dict) -> None:
+        args = {**args, "params": self.params.to_dict()}  # as trained
         extra = {"ema": self.ema.state_dict() if self.ema is not None else None, "stage_index": self.stage_index,
                  "stages_requested": self.plan.requested_record()}
-        save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.completed_epochs,
-                        {**args, "params": self.params.to_dict()}, scaler=self.scaler, history=self.history,
-                        extra=extra)
+        save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.completed_epochs, args,
+                        scaler=self.scaler, history=self.history, extra=extra)
 
     # -- the loop ----------------------------------------------------------------------------
     def _after_step(self, iteration: int, values: dict) -> None:
@@ -423,8 +310,10 @@ class Trainer:
             row.val_loss = evaluate_loss(self.eval_model, self.val_loader, self.device).get("loss")
         predictions = None
         if self.val_loader is not None and validate_map:
+            from .metrics import coco_map  # torchmetrics: imported when a run validates its mAP
+
             predictions = self.validation_predictions()
-            summary = self.validation_map(predictions)
+            summary = coco_map(*predictions)
             row.val_map, row.val_map_50 = summary["map"], summary["map_50"]
         validation_s = time.perf_counter() - validation_started
         self.completed_epochs = epoch + 1
@@ -451,11 +340,3 @@ class Trainer:
     def validation_predictions(self) -> tuple[list[dict], list[dict]]:
         """(predictions made in eval mode, targets) over the validation loader."""
         return run_inference(self.eval_model, self.val_loader, self.device)
-
-    def validation_map(self, predictions: tuple[list[dict], list[dict]] | None = None) -> dict:
-        """COCO mAP on the validation loader (of *predictions* when already made)."""
-        from .metrics import coco_map
-
-        preds, targets = predictions if predictions is not None else self.validation_predictions()
-        with contextlib.redirect_stdout(io.StringIO()):  # the COCO evaluator prints its tables
-            return coco_map(preds, targets)

@@ -1,7 +1,8 @@
 """One training plan: the epochs, stages, step limit and time budget of a run, made once from the flags.
 
 ``make_plan(params)`` is the one place where the schedule's flags are checked against each other
-(--epochs, --stages, --freeze-backbone-epochs, --max-steps, --time-budget, --budget-plan); it
+(--epochs, --stages, --freeze-backbone-epochs, --max-steps, --time-budget, --budget-plan) and the
+stages' trainable layers against the backbone's (model.BACKBONE_STAGES); it
 returns a frozen :class:`TrainingPlan`. Nothing sets a flag afterwards: a time budget fitting the
 plan, a recorded budget plan replayed, or a checkpoint's plan resumed each return a new plan
 (``with_steps``, ``fitted``, ``resumed``), which the Trainer puts in place of the old one.
@@ -17,6 +18,7 @@ import math
 from dataclasses import dataclass, replace
 
 from ..errors import InputError, shown
+from .model import BACKBONE_STAGES
 from .recipe import check_budget_plan
 from .stages import Stage, StagesError, parse_stages, scale_stages, stage_at, total_epochs
 
@@ -109,13 +111,6 @@ class TrainingPlan:
             return replace(plan.with_steps(saved["max_steps"], steps_per_epoch), fitting=False)
         return plan
 
-    def check_backbone(self, backbone: str, available: int) -> None:
-        """Every stage's trainable layers exist in *backbone* (which has *available* backbone stages)."""
-        for number, stage in enumerate(self.stages or (), start=1):
-            if stage.trainable_layers is not None and stage.trainable_layers > available:
-                raise StagesError(f"--stages: stage {number}: key 'trainable_layers' is "
-                                  f"{shown(stage.trainable_layers)}, but backbone {backbone} has {available} stages")
-
     def as_record(self) -> dict:
         """The plan's values as TrainParams names them, for a checkpoint, a model file or a run record."""
         return {"epochs": self.epochs, "max_steps": self.max_steps,
@@ -127,10 +122,12 @@ class TrainingPlan:
 
 
 def make_plan(params) -> TrainingPlan:
-    """The plan of *params* (TrainParams, or anything with its schedule fields), every exclusion checked here.
+    """The plan of *params* (TrainParams, or anything with its schedule fields and backbone), every exclusion
+    checked here.
 
-    --stages replace --epochs and exclude --freeze-backbone-epochs and --max-steps; --max-steps excludes
-    --budget-plan (whose final number is the steps in all). Raises PlanError or StagesError in one line.
+    --stages replace --epochs and exclude --freeze-backbone-epochs and --max-steps, and no stage trains more
+    layers than the backbone has stages; --max-steps excludes --budget-plan (whose final number is the steps in
+    all). Raises PlanError or StagesError in one line.
     """
     stages = tuple(parse_stages(params.stages, "--stages")) if params.stages is not None else None
     if stages is not None:
@@ -153,6 +150,11 @@ def make_plan(params) -> TrainingPlan:
     if params.max_steps is not None and params.budget_plan is not None:
         raise PlanError("--max-steps and --budget-plan: give one (the budget plan's final number is the "
                         "steps in all)")
+    available = BACKBONE_STAGES.get(params.backbone)  # an unknown backbone is build_model's one line
+    for number, stage in enumerate(stages or (), start=1):
+        if available is not None and stage.trainable_layers is not None and stage.trainable_layers > available:
+            raise StagesError(f"--stages: stage {number}: key 'trainable_layers' is {shown(stage.trainable_layers)}, "
+                              f"but backbone {params.backbone} has {available} stages")
     budget_plan = (tuple(check_budget_plan(params.budget_plan, "--budget-plan"))
                    if params.budget_plan is not None else None)
     return TrainingPlan(epochs=total_epochs(stages) if stages is not None else params.epochs, stages=stages,

@@ -20,11 +20,13 @@ from ..cli import print_values
 from ..provenance import inputs_sha256, package_versions, write_run_record
 from .compliance import choose_operating_threshold
 from .quantify import calibration_record
-from .recipe import gpu_recipe
+from .recipe import describe, gpu_recipe
 from .stages import parse_stages
 from .model_file import save_model_file
 from .tensorboard_log import TrainBoard, pack_events
-from .training import Trainer, TrainingDataError, TrainingRecord, open_pairs, read_params_file, resolve_params
+from ..data.pairs import open_pairs
+from .params import read_params_file, resolve_params
+from .training import Trainer, TrainingDataError, TrainingRecord
 from .training_plan import TrainingPlan, make_plan
 
 log = logging.getLogger("train")
@@ -32,14 +34,17 @@ log = logging.getLogger("train")
 
 def resolve_training(args, device) -> tuple:
     """(TrainParams, TrainingPlan) of the flags: a flag wins over the --params file, which wins over the
-    defaults; on CUDA the GPU recipe fills what neither set. Prints the parameters as the plan sets them."""
+    defaults; on CUDA the GPU recipe fills what neither set. Logs the recipe and prints the parameters as the
+    plan sets them."""
     params_file = read_params_file(args.params) if args.params else {}
     stages = parse_stages(args.stages, "--stages") if args.stages else None  # the flag: a file boundary
     params = resolve_params({**vars(args), "stages": stages}, params_file)
-    plan = make_plan(params)
     given = {key for key, value in vars(args).items() if value is not None} | set(params_file)
-    for change in gpu_recipe(params, given, device):
+    params, changes = gpu_recipe(params, given, device)
+    for change in changes:
         log.info("GPU recipe: %s", change)
+    log.info("recipe: %s", describe(params))
+    plan = make_plan(params)
     print_values("train", "params", {**params.to_dict(), **plan.as_record()})
     return params, plan
 

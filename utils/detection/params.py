@@ -1,4 +1,7 @@
-"""train's --params file (best_hpo_params.json): each value is checked as its bin/train.py flag checks it.
+"""The hyperparameters of a training run (TrainParams) and train's --params file (best_hpo_params.json).
+
+``resolve_params`` puts them together: a flag wins over the file, which wins over TrainParams' defaults
+(utils/defaults.py). Each value of the file is checked as its bin/train.py flag checks it.
 
 PARAM_TYPES holds the argparse type (utils/cli.py) of every number the file may set, and bin/train.py's flags
 take their type from it, so a value the command line refuses (nan, inf, a negative count, an image size of
@@ -9,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .. import defaults as D
 from ..cli import (fraction, fraction_below_one, image_size_px, int_at_least, non_negative_float, non_negative_int,
                    positive_float, positive_int)
 from ..errors import InputError, read_json, shown
@@ -76,3 +81,59 @@ def _file_number(path: Path, key: str, value):
         return PARAM_TYPES[key](text)
     except argparse.ArgumentTypeError as problem:
         raise ParamsFileError(f"{path}: {key}: {problem}") from None
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Every hyperparameter of a training run (what --params files and HPO trials set); defaults: utils.defaults.
+
+    Frozen: a change (the GPU recipe, a plan as trained) is a new value made with dataclasses.replace."""
+
+    backbone: str = D.BACKBONE
+    weights: str = D.WEIGHTS
+    weights_file: str | None = None
+    image_size: int = D.IMAGE_SIZE
+    epochs: int = D.EPOCHS
+    batch_size: int = D.BATCH_SIZE
+    workers: int = D.LOADER_WORKERS  # -1: auto_workers(device)
+    optimizer: str = D.OPTIMIZER
+    lr: float = D.LR
+    momentum: float = D.MOMENTUM
+    weight_decay: float = D.WEIGHT_DECAY
+    lr_schedule: str = D.LR_SCHEDULE
+    warmup_iters: int = D.WARMUP_ITERS
+    clip_grad: float = D.CLIP_GRAD
+    trainable_layers: int = D.TRAINABLE_LAYERS
+    freeze_backbone_epochs: int = D.FREEZE_BACKBONE_EPOCHS
+    hflip: float = D.HFLIP
+    photometric: float = D.PHOTOMETRIC
+    multiscale: float = D.MULTISCALE
+    repeat_threshold: float = D.REPEAT_THRESHOLD
+    ema_decay: float = D.EMA_DECAY
+    roi_batch_size: int | None = D.ROI_BATCH_SIZE  # proposals per image in the box head's loss; None: the model's
+    time_budget: float | None = D.TIME_BUDGET  # minutes; when set, the steps (and epochs) are fitted to it
+    max_steps: int | None = None  # training steps in all, the last epoch cut short; None: epochs x steps per epoch
+    # A --time-budget run's [first, final] plans in steps (recipe.TimeBudget); given, they are replayed
+    # instead of the clock (recipe.RecordedPlan). None: a budget run's Trainer.params record its own here.
+    budget_plan: list | None = None
+    # Staged training (utils.detection.stages): Stage objects, or their mappings {epochs, lr, trainable_layers,
+    # name}; replaces epochs and freeze_backbone_epochs (training_plan.make_plan checks the schedule's flags);
+    # a --time-budget run's Trainer.params record its fitted stages here. None: one stage of epochs.
+    stages: list | tuple | None = D.STAGES
+    amp: bool = D.AMP
+    seed: int = D.SEED
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_params(flag_values: dict, params_file_values: dict) -> TrainParams:
+    """Flags win over the params file, which wins over TrainParams' defaults.
+
+    A flag value of None means "not given"; keys that are no TrainParams field are
+    ignored, so *flag_values* may be ``vars(args)``.
+    """
+    values = TrainParams().to_dict()
+    values.update(params_file_values)
+    values.update({key: value for key, value in flag_values.items() if key in values and value is not None})
+    return TrainParams(**values)

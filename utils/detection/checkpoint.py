@@ -1,0 +1,98 @@
+"""Seeding, and the checkpoint: one dict of the training state written atomically after every epoch.
+
+RNG states are stored as tensors and lists, so that ``torch.load(weights_only=True)`` reads the whole file
+(no pickle of arbitrary objects); a resumed run restores them and draws the same batches and samples.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_path
+from ..errors import InputError
+
+
+class CheckpointError(InputError, RuntimeError):
+    """A checkpoint cannot be read or does not fit the run."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch and CUDA RNG states as lists and tensors (weights_only-loadable)."""
+    version, internal, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state(legacy=True)
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, model, optimizer, scheduler, epoch: int, args: dict, scaler=None,
+                    history=None, extra=None) -> Path:
+    """Write the training state after *epoch* completed epochs, atomically."""
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": int(epoch),
+        "args": args,
+        "rng": rng_state(),
+        "history": list(history or []),
+        "extra": extra or {},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path) -> dict:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error}); "
+                              "delete it to start afresh") from None
+    missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "args", "rng") if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    return payload
+
+
+def restore_checkpoint(payload: dict, model, optimizer, scheduler=None, scaler=None, path="checkpoint") -> int:
+    """Load a checkpoint's states into the given objects; returns the number of completed epochs."""
+    try:
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: does not fit this model/optimizer ({first_line}); "
+                              "was it written with another --backbone or --optimizer?") from None
+    if scheduler is not None and payload.get("scheduler") is not None:
+        scheduler.load_state_dict(payload["scheduler"])
+    if scaler is not None and payload.get("scaler") is not None:
+        scaler.load_state_dict(payload["scaler"])
+    set_rng_state(payload["rng"])
+    return int(payload["epoch"])
