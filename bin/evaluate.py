@@ -57,15 +57,18 @@ def main(args) -> int:
     label_map = LabelMap.parse(args.label_map)
     output_dir = Path(args.output_dir)
     device = resolve_device(args.device)
-    model, meta, score_threshold, source = load_trained_model(args.model, device, args.score_threshold)
-    print(f"evaluate: score threshold {score_threshold:g} ({source})")
+    model, meta, score_threshold, source = load_trained_model(args.model, device, args.score_threshold,
+                                                              args.image_size)
+    print(f"evaluate: score threshold {score_threshold:g} ({source}); working size {meta['working_size']} px "
+          f"({meta['working_size_source']})")
     with contextlib.ExitStack() as stack:
         images_dir = stack.enter_context(open_folder(args.images))
         same = Path(args.images).resolve() == Path(args.annotations).resolve()
         annotations_dir = images_dir if same else stack.enter_context(open_folder(args.annotations))
         pairs, skipped = labelled_pairs(images_dir, annotations_dir)
         settings = {"model": str(args.model), "backbone": meta.get("backbone"),
-                    "image_size": meta.get("image_size"), "images": str(args.images),
+                    "image_size": meta.get("image_size"), "working_size": meta["working_size"],
+                    "working_size_source": meta["working_size_source"], "images": str(args.images),
                     "annotations": str(args.annotations)}
         evaluation = evaluate_model(model, pairs, output_dir, device=device,
                                     score_threshold=score_threshold, batch_size=args.batch_size,

@@ -86,13 +86,16 @@ def main(args) -> int:
     if len(args.model) > 1:
         if args.explain:
             raise InputError("--explain explains one model's boxes: give one --model, not an ensemble")
-        model, meta, score_threshold, source = load_ensemble(args.model, device, args.score_threshold)
+        model, meta, score_threshold, source = load_ensemble(args.model, device, args.score_threshold,
+                                                             args.image_size)
     else:
-        model, meta, score_threshold, source = load_trained_model(args.model[0], device, args.score_threshold)
-    print(f"predict: score threshold {score_threshold:g} ({source})")
+        model, meta, score_threshold, source = load_trained_model(args.model[0], device, args.score_threshold,
+                                                                  args.image_size)
+    print(f"predict: score threshold {score_threshold:g} ({source}); working size {meta['working_size']} px "
+          f"({meta['working_size_source']})")
     settings = {"model": str(args.model[0]) if len(args.model) == 1 else list(map(str, args.model)),
                 "backbone": meta.get("backbone"), "image_size": meta.get("image_size"),
-                "score_threshold_source": source}
+                "working_size": meta["working_size"], "score_threshold_source": source}
     with tqdm(desc="predict", unit="img", file=sys.stderr, disable=None) as bar:
         run = predict_images(model, args.images, args.output_dir, annotated_dir=args.annotated_dir, device=device,
                              score_threshold=score_threshold, tta=args.tta, batch_size=args.batch_size,

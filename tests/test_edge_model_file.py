@@ -78,6 +78,11 @@ CASES = {
     # more than the backbone has: only building it tells (the tiny model's mobilenet_v2_fpn has 5)
     "trainable_layers_99": (set_meta("trainable_layers", 99), "model metadata: trainable layers must be between 0"),
     "quantification_list": (set_meta("quantification", [1, 2]), "quantification must be a mapping"),
+    "inference_size_list": (set_meta("inference_size", [640]), "inference_size must be a mapping"),
+    "inference_size_huge": (set_meta("inference_size", {"image_size": 10 ** 6, "chosen_on": "validation"}),
+                            "inference_size.image_size must be a whole number of pixels from 32 to"),
+    "inference_size_text": (set_meta("inference_size", {"image_size": "800", "chosen_on": "validation"}),
+                            "inference_size.image_size must be a whole number of pixels"),
     "quantification_junk": (set_meta("quantification", {"score_threshold": 0.5, "chosen_on": "validation",
                                                          "classes": list(CLASSES), "images": [1, 2, 3]}),
                             "quantification is not a calibration record"),

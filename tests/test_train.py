@@ -14,6 +14,7 @@ import torch
 
 from utils import defaults as D
 from utils.detection.engine import NonFiniteLossError, evaluate_loss, train_one_epoch
+from utils.detection.evaluation import load_trained_model
 from utils.detection.optim import lr_factor
 from utils.detection.model import load_model_file
 from utils.data.pairs import pair_folders
@@ -112,7 +113,20 @@ def test_training_with_held_out_validation_images_chooses_and_stores_the_operati
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "Choosing the operating threshold on the validation images" in result.stderr
-    _, meta = load_model_file(out / "model.pt")
+    model, meta = load_model_file(out / "model.pt")
+    # the working size: tried at 1x-2x the training size on the validation images, the chosen one stored
+    size = meta["inference_size"]
+    assert size["chosen_on"] == "validation" and size["images"] == 6
+    assert [row["image_size"] for row in size["candidates"]] == [128, 160, 192, 224, 256]
+    best = max(row["fitness"] for row in size["candidates"])
+    within = [row["image_size"] for row in size["candidates"] if row["fitness"] >= best - D.INFERENCE_SIZE_TOLERANCE]
+    assert size["image_size"] == min(within)
+    assert model.transform.max_size == 128  # the file rebuilds at the training size; the jobs set the chosen one
+    _, loaded, _, _ = load_trained_model(out / "model.pt", torch.device("cpu"))
+    assert (loaded["working_size"], loaded["working_size_source"]) == (size["image_size"],
+                                                                       "the model's, chosen on its validation images")
+    _, given, _, _ = load_trained_model(out / "model.pt", torch.device("cpu"), working_size=96)
+    assert (given["working_size"], given["working_size_source"]) == (96, "--image-size")
     assert meta["val_mode"] == "monitor" and meta["num_val_images"] == 6  # held out, not trained on
     chosen = meta["operating_threshold"]
     assert chosen["chosen_on"] == "validation" and chosen["images"] == 6

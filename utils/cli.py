@@ -208,13 +208,18 @@ def check_set_args(args) -> None:
 
 
 def add_model_run_args(parser, threshold_use: str) -> None:
-    """--score-threshold, --batch-size, --workers, --device of the jobs that run a trained model over images.
+    """--score-threshold, --image-size, --batch-size, --workers, --device of the jobs that run a trained model
+    over images.
 
     *threshold_use* says what the threshold decides in this job (its --help).
     """
     parser.add_argument("--score-threshold", type=fraction, default=None,
                         help=f"{threshold_use} (default: the model's operating threshold, chosen on the "
                              f"validation images when it was trained; {D.SCORE_THRESHOLD} for a model without one)")
+    parser.add_argument("--image-size", type=image_size_px, default=None, metavar="PX",
+                        help="working size the model runs at: each image's longer side is resized to it "
+                             "(default: the model's, chosen on the validation images when it was trained; the "
+                             "size it was trained at for a model without one)")
     parser.add_argument("--batch-size", type=positive_int, default=D.INFERENCE_BATCH_SIZE,
                         help=f"images per model call (default: {D.INFERENCE_BATCH_SIZE})")
     parser.add_argument("--workers", type=worker_count, default=D.DECODE_WORKERS,

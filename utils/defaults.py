@@ -97,6 +97,12 @@ HPO_PRUNER_WARMUP_EPOCHS = 0
 PREDICT_IMAGES_PER_JOB = 1000 # workflow: images per predict job (shard), ~20 min on 2 CPU cores, ~1 min on a GPU
 VIDEO_STRIDE = 5               # predict_video / workflow --pred-videos: every 5th frame (5 a second at 25 fps)
 ANNOTATE_MAX = 500             # workflow: annotated images drawn over the whole prediction set, spread evenly
+INFERENCE_SCALES = (1.0, 1.25, 1.5, 1.75, 2.0)  # working sizes tried after training, times --image-size: the
+                               # model runs at the one that scores best on the validation images (issue #21:
+                               # faces are small: the 60-minute 512 px model's validation mAP@0.5 went from
+                               # 0.555 at 512 px to 0.643 at 800 px). Cost per image grows with the size squared
+INFERENCE_SIZE_MAX = 1280      # the largest working size tried (CPU cost; the photos are mostly 400 px wide)
+INFERENCE_SIZE_TOLERANCE = 0.005  # fitness within this of the best: the smallest such size is kept (speed)
 SCORE_THRESHOLD = 0.5          # operating point: detections at or above it count as faces
 DETECTION_FLOOR = 0.05         # lowest score kept for the probabilistic counts and the service's boxes: torchvision's
                                # own box_score_thresh, below which Faster R-CNN emits no box anyway

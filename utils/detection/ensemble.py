@@ -93,13 +93,13 @@ class BoxFusionEnsemble:
                 "scores": torch.as_tensor(fused_scores[order], dtype=torch.float32, device=device)}
 
 
-def load_ensemble(paths, device, score_threshold: float | None = None):
+def load_ensemble(paths, device, score_threshold: float | None = None, working_size: int | None = None):
     """(ensemble, meta, score threshold, where it comes from) for the model files *paths*: each loaded
-    and checked as a single model is (ModelError naming the file); the threshold given, else the mean
-    of the members' own."""
+    and checked as a single model is (ModelError naming the file), each at *working_size* when given, else
+    at its own; the threshold given, else the mean of the members' own."""
     models, metas, thresholds = [], [], []
     for path in paths:
-        model, meta, threshold, _ = load_trained_model(path, device, None)
+        model, meta, threshold, _ = load_trained_model(path, device, None, working_size)
         models.append(model)
         metas.append(meta)
         thresholds.append(threshold)
@@ -115,5 +115,6 @@ def load_ensemble(paths, device, score_threshold: float | None = None):
         return metas[0].get(key) if len(values) == 1 else "mixed: " + ", ".join(str(m.get(key)) for m in metas)
 
     meta = {"ensemble": "weighted box fusion", "models": [str(p) for p in paths], "backbone": common("backbone"),
-            "image_size": common("image_size"), "member_thresholds": thresholds}
+            "image_size": common("image_size"), "working_size": common("working_size"),
+            "working_size_source": common("working_size_source"), "member_thresholds": thresholds}
     return BoxFusionEnsemble(models).eval(), meta, threshold, source

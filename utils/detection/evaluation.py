@@ -26,6 +26,7 @@ from .engine import evaluate_loss, run_inference
 from ..data.images import ImageError, image_size
 from .inference import default_num_workers
 from ..naming import evaluation_output_names
+from .inference_size import inference_size, set_inference_size
 from .model import load_model_file
 from .metrics import compute_coco, detection_confusion_matrix, pr_curves
 from ..data.pairs import pair_folders
@@ -57,13 +58,16 @@ def labelled_pairs(images_dir, annotations_dir):
     return pairing.pairs, skipped
 
 
-def load_trained_model(path, device, score_threshold: float | None = None):
+def load_trained_model(path, device, score_threshold: float | None = None, working_size: int | None = None):
     """(model, meta, score threshold, where it comes from) for a job that runs a trained model: the
     model file loaded and checked, the threshold given, else the one chosen on validation (ModelError
-    naming the file when it cannot be used)."""
+    naming the file when it cannot be used). The model runs at the working size given, else the one
+    chosen on validation (utils/detection/inference_size.py); meta["working_size"] says which, and why."""
     model, meta = load_model_file(path, device)  # refuses a file of other classes (model_file.check_model_meta)
     threshold, source = operating_threshold(meta, score_threshold)
-    return model, meta, threshold, source
+    size, size_source = inference_size(meta, working_size)
+    set_inference_size(model, size)
+    return model, {**meta, "working_size": size, "working_size_source": size_source}, threshold, source
 
 
 def dropped_objects(pairs, label_map: LabelMap = NO_LABEL_MAP) -> list[dict]:

@@ -47,6 +47,7 @@ from ..stop import StopRequested
 from .compliance import compliance_error
 from .engine import NonFiniteLossError
 from .metrics import coco_map
+from .metrics import fitness as coco_fitness
 from ..data.pairs import open_pairs
 from .params import TrainParams
 from .training import Trainer
@@ -115,11 +116,10 @@ class SearchSpace:
 
 
 def fitness(summary: dict, objective: str = "fitness") -> float:
-    if summary.get("map") is None or summary.get("map_50") is None:
+    value = coco_fitness(summary)
+    if value is None:
         raise HpoError("validation mAP is undefined: the validation set has no labelled faces")
-    if objective == "map":
-        return float(summary["map"])
-    return 0.1 * float(summary["map_50"]) + 0.9 * float(summary["map"])
+    return float(summary["map"]) if objective == "map" else value
 
 
 # ----------------------------------------------------------------------------- study handling

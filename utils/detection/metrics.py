@@ -146,6 +146,14 @@ def coco_map(preds, targets) -> dict:
     return compute_coco(preds, targets).summary
 
 
+def fitness(summary: dict) -> float | None:
+    """Ultralytics' fitness, 0.1 mAP@0.5 + 0.9 mAP@0.5:0.95, of a :func:`coco_map` summary: what the HPO
+    and the choice of a model's working size maximise. None when undefined (no labelled faces)."""
+    if summary.get("map") is None or summary.get("map_50") is None:
+        return None
+    return 0.1 * float(summary["map_50"]) + 0.9 * float(summary["map"])
+
+
 def pr_curves(result: CocoResult, iou_threshold: float = 0.5) -> dict:
     """Per-class precision at COCO's 101 recall thresholds, at *iou_threshold*.
 

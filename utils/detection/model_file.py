@@ -152,6 +152,7 @@ def check_model_meta(meta, path, backbones) -> None:
         raise ModelError(f"{path}: model metadata trainable_layers must be a whole number >= 0, got {shown(trainable)}")
     _check_stored_threshold(meta.get("operating_threshold"), "operating_threshold", path)
     _check_stored_threshold(meta.get("quantification"), "quantification", path)
+    _check_inference_size(meta.get("inference_size"), path)
 
 
 def _check_stored_threshold(record, key: str, path) -> None:
@@ -167,6 +168,22 @@ def _check_stored_threshold(record, key: str, path) -> None:
         raise ModelError(f"{path}: model metadata {key}.chosen_on must be text, got {shown(record['chosen_on'])}")
     if key == "quantification" and record.get("images"):
         _check_calibration(record, path)
+
+
+def _check_inference_size(record, path) -> None:
+    """The working size train chose on validation (inference_size.choose_inference_size): a mapping or absent,
+    its image_size whole pixels within the limit a model file's image_size has (every image is resized to it)."""
+    if record is None:
+        return
+    if not isinstance(record, Mapping):
+        raise ModelError(f"{path}: model metadata inference_size must be a mapping, got {shown(record)}")
+    size = record.get("image_size")
+    if size is not None and (not _is_int(size) or not 32 <= size <= D.MODEL_IMAGE_SIZE_MAX):
+        raise ModelError(f"{path}: model metadata inference_size.image_size must be a whole number of pixels from "
+                         f"32 to {D.MODEL_IMAGE_SIZE_MAX}, got {shown(size)}")
+    if record.get("chosen_on") is not None and not isinstance(record["chosen_on"], str):
+        raise ModelError(f"{path}: model metadata inference_size.chosen_on must be text, "
+                         f"got {shown(record['chosen_on'])}")
 
 
 def _check_calibration(record: Mapping, path) -> None:

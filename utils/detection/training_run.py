@@ -1,4 +1,5 @@
-"""The steps of the train job (bin/train.py), one call each: settings, data, resume, epochs, threshold, outputs.
+"""The steps of the train job (bin/train.py), one call each: settings, data, resume, epochs, the working size
+and threshold chosen on validation, outputs.
 
 ``resolve_training`` turns the flags into parameters and the one training plan (training_plan.make_plan,
 every exclusion checked there) before anything is read or written; ``train_epochs`` trains to the plan,
@@ -19,6 +20,7 @@ from ..atomic import atomic_path, write_text
 from ..cli import print_values
 from ..provenance import inputs_sha256, package_versions, write_run_record
 from .compliance import choose_operating_threshold
+from .inference_size import choose_inference_size
 from .quantify import calibration_record
 from .recipe import describe, gpu_recipe
 from .stages import parse_stages
@@ -127,29 +129,37 @@ def train_epochs(trainer: Trainer, paths: dict, checkpoint_args: dict, validate_
     return trainer.record()
 
 
-def choose_threshold_on_validation(trainer: Trainer, has_val: bool) -> tuple[dict, dict | None]:
-    """(the score threshold predict and evaluate use this model at, the validation record of the adjusted
-    compliance estimators or None): chosen on the held-out validation images when there are some
-    (--val-mode monitor), else the default, said so, and no record."""
+def choose_on_validation(trainer: Trainer, has_val: bool) -> tuple[dict | None, dict, dict | None]:
+    """(the working size the model runs at, the score threshold predict and evaluate use it at, the
+    validation record of the adjusted compliance estimators), each chosen on the held-out validation
+    images when there are some (--val-mode monitor); else no size (the training size stands), the default
+    threshold, said so, and no record. The threshold is chosen at the chosen size."""
     if not has_val:
-        return {"score_threshold": D.SCORE_THRESHOLD, "chosen_on": None,
-                "criterion": "the default: no held-out validation images (--val-mode merge or no --val-images)"}, None
+        return None, {"score_threshold": D.SCORE_THRESHOLD, "chosen_on": None,
+                      "criterion": "the default: no held-out validation images (--val-mode merge or no "
+                                   "--val-images)"}, None
+    log.info("Choosing the working size on the validation images")
+    size, (preds, targets) = choose_inference_size(trainer.eval_model, trainer.validation_predictions,
+                                                   trainer.params.image_size)
+    log.info("working size %d px: %s (%s)", size["image_size"], ", ".join(
+        f"{row['image_size']} px mAP@0.5 {row['map_50']:.3f}" for row in size["candidates"]
+        if row["map_50"] is not None), size["criterion"])
     log.info("Choosing the operating threshold on the validation images")
-    preds, targets = trainer.validation_predictions()
     choice = choose_operating_threshold(preds, targets)
     log.info("score threshold %.2f: F1 %.3f, compliance error %s points on %d validation images (%s)",
              choice["score_threshold"], choice["f1"], choice["compliance_error_points"], choice["images"],
              choice["criterion"])
     # Per validation image, at the chosen threshold: what acc and pacc correct new counts with, kept per
     # image so that an interval can resample these images too (utils/detection/quantify.py).
-    return {**choice, "chosen_on": "validation"}, calibration_record(preds, targets, choice["score_threshold"])
+    return (size, {**choice, "chosen_on": "validation"},
+            calibration_record(preds, targets, choice["score_threshold"]))
 
 
 def write_model_outputs(trainer: Trainer, record: TrainingRecord, data: TrainingData, args, paths: dict,
                         label_map, device) -> float:
     """The model file (the EMA weights when kept, the operating threshold, the parameters as trained), the
     packed TensorBoard events and the run record; returns the final training loss."""
-    operating, calibration = choose_threshold_on_validation(trainer, bool(data.val_pairs))
+    size, operating, calibration = choose_on_validation(trainer, bool(data.val_pairs))
     trained = trainer.params.to_dict()  # the plan as trained: a budget's fitted epochs, stages and steps
     final_loss = record.history[-1]["train_loss"]
     # data_label_map: {object name in the data's XML: class} the data was read with ({}: names were the
@@ -160,6 +170,8 @@ def write_model_outputs(trainer: Trainer, record: TrainingRecord, data: Training
             "inputs_sha256": data.inputs_sha256, "final_train_loss": final_loss, "packages": package_versions()}
     if args.params:
         meta["params_file"] = str(args.params)
+    if size is not None:
+        meta["inference_size"] = size
     meta["operating_threshold"] = operating
     if calibration is not None:
         meta["quantification"] = calibration
@@ -173,6 +185,7 @@ def write_model_outputs(trainer: Trainer, record: TrainingRecord, data: Training
             pack_events(args.tensorboard_dir, args.tensorboard_tar)
             log.info("TensorBoard events packed into %s", args.tensorboard_tar)
     summary = {"output": str(paths["output"]), "epochs": trainer.completed_epochs, "final_train_loss": final_loss,
+               "working_size": size["image_size"] if size is not None else trainer.params.image_size,
                "weights": trainer.model.weights_report.message,
                "stages": trainer.describe_stages() if record.plan.staged else None}
     write_run_record(paths["run_record"], "train", {**vars(args), "resolved": trained, "device": str(device),

@@ -182,6 +182,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         colours = {name: "#%02x%02x%02x" % rgb for name, rgb in CLASS_COLOURS.items()}
         return {"classes": list(CLASSES), "colours": colours,
                 "backbone": meta.get("backbone"), "image_size": meta.get("image_size"),
+                "working_size": meta.get("working_size"), "working_size_source": meta.get("working_size_source"),
                 "score_threshold": default_threshold, "score_threshold_source": threshold_source,
                 "operating_threshold": meta.get("operating_threshold"), "detection_floor": DETECTION_FLOOR,
                 "epochs_completed": meta.get("epochs_completed"), "training": meta.get("training"),

@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""A trained model at its training size against the working size chosen on validation (issue #21).
+
+For each --model (a model file bin/train.py wrote, with its own held-out validation set and test set):
+do what bin/train.py now does after training, on the validation images only: try the working sizes of
+utils.detection.inference_size (1x-2x the training size), keep the smallest within the tolerance of the
+best fitness, and choose the score threshold and the compliance estimators' rates again at that size.
+Then evaluate the test images with the job's own code (utils.detection.evaluation.evaluate_model), once
+as the model file was (its training size, its stored threshold and rates) and once as chosen, and print
+one table: mAP, mAP@0.5, AP50 per class, mAR@100, the compliance error at the threshold, the headline
+estimate with its interval and error, per-image MAE, and test images/s of the inference pass. The test
+split is only reported on. With --output the rows are saved as JSON.
+
+  .venv/bin/python bench/inference_size.py --model runs/real60_rf/outputs/model.pt \
+      --val runs/real60_rf/scratch/preprocess_val/val_set.tar \
+      --test runs/real60_rf/scratch/preprocess_test/test_set.tar --output bench/results/inference_size.json
+"""
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def evaluate(model, pairs, threshold, calibration, folder):
+    import torch
+
+    from utils.detection.evaluation import evaluate_model
+
+    started = time.perf_counter()
+    result = evaluate_model(model, pairs, folder, device=torch.device("cpu"), score_threshold=threshold,
+                            num_workers=0, calibration=calibration)
+    seconds = time.perf_counter() - started
+    report = result.report
+    estimate = report["quantification"]["estimate"]
+    return {"map": report["map"], "map_50": report["map_50"], "mar_100": report["mar_100"],
+            "ap50_per_class": {name: entry["ap_50"] for name, entry in report["per_class"].items()},
+            "score_threshold": threshold, "compliance_error_points": report["compliance"]["error_points"],
+            "per_image_mae_points": report["compliance"]["per_image_mae_points"],
+            "headline": {key: estimate.get(key) for key in ("method", "percent", "low", "high", "error_points",
+                                                            "truth_inside", "units")},
+            "evaluate_s": round(seconds, 1)}
+
+
+def measure(model_path: Path, val: Path, test: Path) -> dict:
+    import torch
+
+    from utils.data.pairs import open_folder
+    from utils.detection.compliance import choose_operating_threshold
+    from utils.detection.engine import run_inference
+    from utils.detection.evaluation import evaluation_loader, labelled_pairs, load_trained_model
+    from utils.detection.inference_size import choose_inference_size, set_inference_size
+    from utils.detection.quantify import calibration_record
+
+    device = torch.device("cpu")
+    model, meta, stored_threshold, _ = load_trained_model(model_path, device, working_size=meta_size(model_path))
+    trained_size = meta["image_size"]
+    with open_folder(val) as val_dir, open_folder(test) as test_dir, tempfile.TemporaryDirectory() as scratch:
+        val_pairs, _ = labelled_pairs(val_dir, val_dir)
+        test_pairs, _ = labelled_pairs(test_dir, test_dir)
+        print(f"{model_path}: trained at {trained_size} px; {len(val_pairs)} validation, {len(test_pairs)} test "
+              "images", flush=True)
+        before = evaluate(model, test_pairs, stored_threshold, meta.get("quantification"), Path(scratch) / "before")
+        print(f"  as stored: {json.dumps(before)}", flush=True)
+        val_loader = evaluation_loader(val_pairs, num_workers=0)
+        started = time.perf_counter()
+        size, (preds, targets) = choose_inference_size(model, lambda: run_inference(model, val_loader, device),
+                                                       trained_size)
+        choice = choose_operating_threshold(preds, targets)
+        calibration = calibration_record(preds, targets, choice["score_threshold"])
+        choose_s = time.perf_counter() - started
+        print(f"  chosen on validation in {choose_s:.0f} s: {size['image_size']} px, threshold "
+              f"{choice['score_threshold']:g}; {json.dumps(size['candidates'])}", flush=True)
+        after = evaluate(model, test_pairs, choice["score_threshold"], calibration, Path(scratch) / "after")
+        print(f"  as chosen: {json.dumps(after)}", flush=True)
+        set_inference_size(model, trained_size)
+    return {"model": str(model_path), "trained_size": trained_size, "val_images": len(val_pairs),
+            "test_images": len(test_pairs), "chosen": size, "threshold_choice": choice["score_threshold"],
+            "choose_s": round(choose_s, 1), "stored": before, "chosen_on_validation": after}
+
+
+def meta_size(model_path: Path) -> int:
+    """The training size of a model file (older files hold no chosen working size: this is what they ran at)."""
+    from utils.detection.model_file import read_model_payload
+    from utils.detection.model import BACKBONES
+
+    return read_model_payload(model_path, BACKBONES)[1]["image_size"]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, nargs="+", required=True, help="model files written by bin/train.py")
+    p.add_argument("--val", type=Path, nargs="+", required=True, help="each model's validation set (folder or .tar)")
+    p.add_argument("--test", type=Path, nargs="+", required=True, help="each model's test set (folder or .tar)")
+    p.add_argument("--output", type=Path, default=None, help="JSON file for the rows (default: printed only)")
+    args = p.parse_args()
+    if not len(args.model) == len(args.val) == len(args.test):
+        p.error("give one --val and one --test per --model")
+    import torch
+
+    rows = [measure(model, val, test) for model, val, test in zip(args.model, args.val, args.test)]
+    print("\n| model | working size | threshold | mAP | mAP@0.5 | AP50 with / without / incorrect | mAR@100 | "
+          "compliance error | headline (interval) | per-image MAE |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        for label, figures, size in (("as stored", row["stored"], row["trained_size"]),
+                                     ("chosen on validation", row["chosen_on_validation"],
+                                      row["chosen"]["image_size"])):
+            ap = figures["ap50_per_class"]
+            head = figures["headline"]
+            print(f"| {Path(row['model']).parent.parent.name} {label} | {size} px | {figures['score_threshold']:g} | "
+                  f"{figures['map']:.3f} | {figures['map_50']:.3f} | {ap['with_mask']:.3f} / "
+                  f"{ap['without_mask']:.3f} / {ap['mask_weared_incorrect']:.3f} | {figures['mar_100']:.3f} | "
+                  f"{figures['compliance_error_points']:+.1f} | {head['method']} {head['percent']:.1f} "
+                  f"({head['low']:.1f}-{head['high']:.1f}), {head['error_points']:+.1f}, "
+                  f"{'inside' if head['truth_inside'] else 'OUTSIDE'} | {figures['per_image_mae_points']:.1f} |")
+    if args.output:
+        from utils.atomic import write_json
+
+        write_json(args.output, {"rows": rows, "torch": torch.__version__, "python": platform.python_version(),
+                                 "cpus": torch.get_num_threads()})
+        print(f"written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

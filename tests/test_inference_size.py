@@ -1,0 +1,79 @@
+"""The working size a trained model runs at (utils/detection/inference_size.py): tried on the validation
+images after training, the smallest size scoring within the tolerance of the best kept, and given to every job
+that loads the model unless --image-size says otherwise."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from utils import defaults as D
+from utils.detection.inference_size import (candidate_sizes, choose_inference_size, inference_size,
+                                            set_inference_size, working_size)
+
+TARGET = {"boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0], [50.0, 50.0, 70.0, 70.0]]), "labels": torch.tensor([1, 2])}
+
+
+def fake_model(size: int = 512):
+    return SimpleNamespace(transform=SimpleNamespace(min_size=(size,), max_size=size))
+
+
+def predictions_by_size(model, found_from: int, shifted_below: int = 0):
+    """A stand-in for a validation pass: both faces found from *found_from* px on, one of them with a box
+    a few pixels off below *shifted_below* px; below *found_from* only one face is found."""
+    def predict():
+        size = working_size(model)
+        boxes = TARGET["boxes"].clone()
+        if size < shifted_below:
+            boxes[1] += 3.0
+        keep = slice(None) if size >= found_from else slice(0, 1)
+        pred = {"boxes": boxes[keep], "labels": TARGET["labels"][keep], "scores": torch.tensor([0.9, 0.8])[keep]}
+        return [pred], [TARGET]
+    return predict
+
+
+def test_candidates_are_multiples_of_32_from_the_training_size_up_to_the_cap():
+    assert candidate_sizes(512) == [512, 640, 768, 896, 1024]
+    assert candidate_sizes(640) == [640, 800, 960, 1120, 1280]
+    assert candidate_sizes(800) == [800, 992, 1216]  # 1000 and 1200 to multiples of 32; 1400 and 1600 over the cap
+    assert candidate_sizes(2000) == [2000]  # the training size itself, even over the cap
+
+
+def test_the_smallest_size_within_the_tolerance_of_the_best_is_chosen_and_set():
+    model = fake_model(512)
+    record, (preds, targets) = choose_inference_size(model, predictions_by_size(model, found_from=768), 512)
+    assert record["image_size"] == 768 and working_size(model) == 768  # 896 and 1024 score the same: not taken
+    assert [row["image_size"] for row in record["candidates"]] == [512, 640, 768, 896, 1024]
+    assert record["chosen_on"] == "validation" and record["images"] == 1 and len(preds[0]["boxes"]) == 2
+    fitness = {row["image_size"]: row["fitness"] for row in record["candidates"]}
+    assert fitness[512] < fitness[768] == pytest.approx(1.0) == fitness[1024]
+
+
+def test_a_gain_below_the_tolerance_does_not_buy_a_larger_size():
+    model = fake_model(512)
+    predict = predictions_by_size(model, found_from=0, shifted_below=640)  # 512 px: one box 3 px off
+    record, _ = choose_inference_size(model, predict, 512, tolerance=1.0)
+    assert record["image_size"] == 512
+    record, _ = choose_inference_size(model, predict, 512, tolerance=D.INFERENCE_SIZE_TOLERANCE)
+    assert record["image_size"] == 640
+
+
+def test_without_labelled_faces_the_training_size_stands():
+    model = fake_model(512)
+    record, _ = choose_inference_size(model, lambda: ([{"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0),
+                                                        "scores": torch.zeros(0)}],
+                                                      [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0)}]), 512)
+    assert record["image_size"] == 512 and "no labelled face" in record["criterion"]
+    assert working_size(model) == 512
+
+
+def test_a_job_runs_at_the_flag_else_the_stored_choice_else_the_training_size():
+    stored = {"image_size": 512, "inference_size": {"image_size": 768, "chosen_on": "validation"}}
+    assert inference_size(stored, 640) == (640, "--image-size")
+    assert inference_size(stored, None) == (768, "the model's, chosen on its validation images")
+    assert inference_size({"image_size": 512}, None)[0] == 512
+    model = fake_model(512)
+    set_inference_size(model, 768)
+    assert model.transform.min_size == (768,) and model.transform.max_size == 768

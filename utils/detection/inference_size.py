@@ -1,0 +1,82 @@
+"""The working size a trained model runs at, chosen on its validation images after training.
+
+A detector here resizes every photo so that its longer side is the working size (``--image-size`` while
+training). Faces in these photos are small, and a model trained at one size finds more of them, and
+places their boxes better, when it runs at a larger one: on the real data's validation split the
+60-minute 512 px model's mAP@0.5 went from 0.555 at 512 px to 0.643 at 800 px (bench/RESULTS.md).
+
+``choose_inference_size`` tries ``defaults.INFERENCE_SCALES`` times the training size (at most
+``INFERENCE_SIZE_MAX``) on the held-out validation images and keeps the smallest size whose fitness
+(0.1 mAP@0.5 + 0.9 mAP, what the HPO maximises) is within ``INFERENCE_SIZE_TOLERANCE`` of the best:
+a larger size costs time on every photo, so it has to earn it. bin/train.py stores the choice in the
+model file; ``inference_size`` gives every job that loads the model (evaluate, predict, the service,
+video) the size to run at, ``--image-size`` on those jobs overriding it.
+"""
+
+from __future__ import annotations
+
+from .. import defaults as D
+from .metrics import coco_map, fitness
+from .model import transform_sizes
+
+
+def candidate_sizes(image_size: int, scales=D.INFERENCE_SCALES, largest: int = D.INFERENCE_SIZE_MAX) -> list[int]:
+    """The working sizes tried for a model trained at *image_size*: multiples of 32 px, the training size
+    itself always among them, none above *largest* (unless the training size is)."""
+    sizes = {int(image_size)}
+    for scale in scales:
+        size = int(round(image_size * scale / 32)) * 32
+        if 32 <= size <= largest:
+            sizes.add(size)
+    return sorted(sizes)
+
+
+def set_inference_size(model, size: int) -> None:
+    """Run *model* at working size *size*: its transform fits each image's longer side to it."""
+    sizes = transform_sizes(size)
+    model.transform.min_size = (sizes["min_size"],)
+    model.transform.max_size = sizes["max_size"]
+
+
+def working_size(model) -> int:
+    """The working size *model* runs at now."""
+    return int(model.transform.max_size)
+
+
+def choose_inference_size(model, predict, image_size: int, candidates=None,
+                          tolerance: float = D.INFERENCE_SIZE_TOLERANCE) -> tuple[dict, tuple]:
+    """(the record stored in the model file, the (predictions, targets) at the chosen size).
+
+    *predict* () -> (predictions, targets) runs *model* over the validation images; it is called once per
+    candidate size, and *model* is left at the chosen size.
+    """
+    rows, predictions = [], {}
+    for size in candidates or candidate_sizes(image_size):
+        set_inference_size(model, size)
+        predictions[size] = predict()
+        summary = coco_map(*predictions[size])
+        rows.append({"image_size": size, "fitness": fitness(summary), "map": summary["map"],
+                     "map_50": summary["map_50"], "mar_100": summary["mar_100"]})
+    defined = [row for row in rows if row["fitness"] is not None]
+    if not defined:  # no labelled face among the validation images: nothing to choose by
+        chosen, criterion = image_size, "the training size: the validation images hold no labelled face"
+    else:
+        best = max(row["fitness"] for row in defined)
+        chosen = min(row["image_size"] for row in defined if row["fitness"] >= best - tolerance)
+        criterion = (f"the smallest size with fitness (0.1 mAP@0.5 + 0.9 mAP) within {tolerance:g} of the best, "
+                     f"of {len(rows)} from {rows[0]['image_size']} to {rows[-1]['image_size']} px")
+    set_inference_size(model, chosen)
+    record = {"image_size": chosen, "chosen_on": "validation", "criterion": criterion,
+              "images": len(predictions[chosen][1]), "candidates": rows}
+    return record, predictions[chosen]
+
+
+def inference_size(model_meta: dict, given: int | None) -> tuple[int, str]:
+    """(working size, where it comes from) for a job running a model: the flag when given, else the size
+    chosen on validation and stored in the model file, else the size it was trained at."""
+    if given is not None:
+        return int(given), "--image-size"
+    stored = model_meta.get("inference_size") or {}
+    if stored.get("image_size") is not None and stored.get("chosen_on"):
+        return int(stored["image_size"]), f"the model's, chosen on its {stored['chosen_on']} images"
+    return int(model_meta["image_size"]), "the size it was trained at: the model file holds no chosen size"
