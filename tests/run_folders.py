@@ -72,7 +72,7 @@ def make_run_folder(run_dir: Path, *, map_50: float = 0.5, compliance_error: flo
     true_percent = 75.0
     if evaluation:
         (outputs / "evaluation.json").write_text(json.dumps({
-            "model": "model.pt", "backbone": "mobilenet_v2_fpn", "image_size": 128,
+            "model": "model.pt", "backbone": "mobilenet_v2_fpn", "image_size": 128, "working_size": 160,
             "map": map_50 / 2, "map_50": map_50, "map_75": map_50 / 3, "mar_100": 0.4,
             "per_class": {name: {"ap": map_50 / 2, "ap_50": map_50 - 0.1 * i, "ap_75": 0.1, "recall": 0.5}
                           for i, name in enumerate(CLASSES)},

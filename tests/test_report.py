@@ -48,6 +48,7 @@ def test_the_report_renders_offline_in_a_browser(root, tmp_path, capsys):
         assert "3 missed" in first and "1 false" in first
         summary = browser.find_element("id", "summary").text
         assert "0.500" in summary and "+2.0 pts" in summary and "mask_weared_incorrect" in summary
+        assert "trained at 128 px, run at 160 px" in summary  # the size its figures were measured at
         assert "statistics.json" in browser.find_element("id", "timings").text
         assert "config.yml" in browser.find_element("id", "provenance").text
         requests = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")

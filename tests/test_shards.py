@@ -86,6 +86,7 @@ def test_sharded_prediction_merged_equals_one_job(root, sample_dir, tiny_model_f
     one = json.loads((single / "compliance.json").read_text())
     fan = json.loads((merged / "compliance.json").read_text())
     assert fan["overall"] == one["overall"]
+    assert fan["working_size"] == one["working_size"] is not None  # the size the parts ran at, not only the trained one
     assert fan["per_image"] == one["per_image"] and len(fan["per_image"]) == 7
     assert sorted(e["file"] for e in fan["skipped"]) == sorted(e["file"] for e in one["skipped"]) == \
         ["shard-000000.tar:broken.jpg"]

@@ -285,7 +285,8 @@ def merge_predictions(parts, output_dir, histogram: str | None = "compliance_his
     parts = sorted(Path(p) for p in parts)
     if not parts:
         raise InputError("no predictions_<tag>.json to merge")
-    settings_keys = ("model", "backbone", "image_size", "score_threshold", "score_threshold_source", "tta")
+    settings_keys = ("model", "backbone", "image_size", "working_size", "score_threshold", "score_threshold_source",
+                     "tta")
     settings, per_shard, per_image, skipped, records_in, calibration = None, {}, {}, [], [], None
     csv_buffer = io.StringIO()
     writer = csv.writer(csv_buffer, lineterminator="\n")
