@@ -7,7 +7,8 @@ import torch
 
 from helpers import simulated_labelled_images as simulate
 from utils import defaults as D
-from utils.detection.quantify import (Calibration, Units, calibration_image, calibration_problem, estimate,
+from utils.detection.quantify import (Calibration, Units, adjusted_counts, calibration_image, calibration_problem,
+                                      estimate,
                                       image_units, interval_text, prediction_estimates, set_estimates)
 
 
@@ -31,6 +32,17 @@ def test_adjusted_count_recovers_the_truth_where_classify_and_count_is_biased():
         assert adjusted["high"] - adjusted["low"] > cc["high"] - cc["low"]
     assert acc["calibration_images"] == 400 and cc["calibration_images"] is None
     assert acc["faces_found"] == cc["faces_found"] == int(units.counts.sum())
+
+
+def test_a_sets_own_rates_give_back_its_true_faces_per_class():
+    # bench/calibration_rates.py reads an adjusted estimate's error as its rates' error: that holds only
+    # because the set's own rates solve back to exactly its faces per class, for counts and score sums
+    target = labelled(simulate(np.random.default_rng(3), 60))
+    units = Units.from_calibration(target)
+    truth = target.truth.sum(axis=0)
+    for observed, rates in ((units.counts.sum(axis=0), target.confusion.sum(axis=0)[:, :3]),
+                            (units.soft.sum(axis=0), target.soft.sum(axis=0))):
+        np.testing.assert_allclose(adjusted_counts(observed, rates, truth), truth, atol=1e-6)
 
 
 @pytest.mark.parametrize("method, first_seed", [("acc", 100), ("cc", 200)])

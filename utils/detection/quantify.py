@@ -184,8 +184,8 @@ def _share(sums: np.ndarray) -> float:
     return float(_shares(np.asarray(sums, dtype=np.float64)[None])[0])
 
 
-def _adjusted(observed: np.ndarray, rates: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
-    """(share with_mask, estimated faces) of the true counts T >= 0 that best explain *observed*.
+def adjusted_counts(observed: np.ndarray, rates: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """The true faces per class T >= 0 (K) that best explain *observed* (K, per predicted class).
 
     rates (K+1, K): what the calibration faces of each true class (last row: no face) produced per
     predicted class; truth (K): calibration faces per class. A class without calibration faces has
@@ -194,7 +194,12 @@ def _adjusted(observed: np.ndarray, rates: np.ndarray, truth: np.ndarray) -> tup
     per_face = np.divide(rates[:K], truth[:, None], out=np.zeros((K, K)), where=truth[:, None] > 0)
     produced = rates.sum(axis=0)
     false_share = np.divide(rates[K], produced, out=np.zeros(K), where=produced > 0)
-    estimated, _ = nnls(per_face.T, observed * (1.0 - false_share))
+    return nnls(per_face.T, observed * (1.0 - false_share))[0]
+
+
+def _adjusted(observed: np.ndarray, rates: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """(share with_mask, estimated faces) of adjusted_counts."""
+    estimated = adjusted_counts(observed, rates, truth)
     total = float(estimated.sum())
     return (float(estimated[WITH_MASK]) / total if total > 0 else math.nan), total
 
