@@ -29,12 +29,13 @@ def rates(calibration) -> tuple:
     return calibration.confusion.sum(axis=0), calibration.soft.sum(axis=0), calibration.truth.sum(axis=0)
 
 
-def per_face(soft_sums: np.ndarray, truth: np.ndarray, K: int) -> dict:
-    """pacc's rates in words: per true face the score mass per predicted class, and the share of each
-    predicted class's mass on no face."""
-    produced = soft_sums.sum(axis=0)
-    return {"per_true_face": np.round(soft_sums[:K] / np.maximum(truth[:, None], 1), 4).tolist(),
-            "on_no_face_share": np.round(soft_sums[K] / np.maximum(produced, 1e-9), 4).tolist()}
+def per_face(rates_sums: np.ndarray, truth: np.ndarray) -> dict:
+    """pacc's rates in words (quantify.rates_per_face): per true face the score mass per predicted class,
+    and the share of each predicted class's mass on no face."""
+    from utils.detection.quantify import rates_per_face
+
+    fitted, false_share = rates_per_face(rates_sums, truth)
+    return {"per_true_face": np.round(fitted, 4).tolist(), "on_no_face_share": np.round(false_share, 4).tolist()}
 
 
 def main() -> int:
@@ -55,8 +56,9 @@ def main() -> int:
 
     K = len(CLASSES)
     model, meta, threshold, _ = load_trained_model(args.model, torch.device("cpu"))
-    if Q.calibration_problem(meta.get("quantification"), threshold):
-        p.error(f"--model {args.model}: {Q.calibration_problem(meta.get('quantification'), threshold)}")
+    problem = Q.calibration_problem(meta.get("quantification"), threshold)
+    if problem:
+        p.error(f"--model {args.model}: {problem}")
     with contextlib.ExitStack() as stack:
         folder = stack.enter_context(open_folder(args.test))
         pairs, _ = labelled_pairs(folder, folder)
@@ -78,10 +80,11 @@ def main() -> int:
         for name, calibration in (("validation", stored), ("the set's", own)):
             if method in Q.UNADJUSTED and name != "validation":
                 continue  # cc and pcc use no rates
-            share, faces = Q.point_estimate(method, counts, soft, rates(calibration))
+            sums = rates(calibration)
+            share, faces = Q.point_estimate(method, counts, soft, sums)
             solved = None
             if method in Q.CALIBRATED:
-                confusion, soft_rates, faces_per_class = rates(calibration)
+                confusion, soft_rates, faces_per_class = sums
                 solved = np.round(Q.adjusted_counts(counts if method == "acc" else soft,
                                                     confusion[:, :K] if method == "acc" else soft_rates,
                                                     faces_per_class), 1).tolist()
@@ -91,8 +94,9 @@ def main() -> int:
             print(f"{method:<10}{name if method in Q.CALIBRATED else '-':<12}{100 * share:>8.2f}"
                   f"{100 * share - true_percent:>+8.2f}{faces:>8.1f}  {solved if solved else ''}")
     print(f"true faces per class: {truth.astype(int).tolist()}")
-    figures = {"pacc_rates": {"validation": per_face(stored.soft.sum(axis=0), stored.truth.sum(axis=0), K),
-                              "the set's": per_face(own.soft.sum(axis=0), truth, K)}}
+    figures = {"pacc_rates": {name: per_face(soft_sums, faces_per_class)
+                              for name, (_, soft_sums, faces_per_class) in (("validation", rates(stored)),
+                                                                            ("the set's", rates(own)))}}
     for name, entry in figures["pacc_rates"].items():
         print(f"pacc rates, {name}: per true face {entry['per_true_face']}; on no face {entry['on_no_face_share']}")
     if args.output:

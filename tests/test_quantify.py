@@ -8,8 +8,7 @@ import torch
 from helpers import simulated_labelled_images as simulate
 from utils import defaults as D
 from utils.detection.quantify import (Calibration, Units, adjusted_counts, calibration_image, calibration_problem,
-                                      estimate,
-                                      image_units, interval_text, prediction_estimates, set_estimates)
+                                      estimate, image_units, interval_text, prediction_estimates, set_estimates)
 
 
 def labelled(records) -> Calibration:

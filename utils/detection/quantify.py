@@ -184,16 +184,21 @@ def _share(sums: np.ndarray) -> float:
     return float(_shares(np.asarray(sums, dtype=np.float64)[None])[0])
 
 
-def adjusted_counts(observed: np.ndarray, rates: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """The true faces per class T >= 0 (K) that best explain *observed* (K, per predicted class).
-
-    rates (K+1, K): what the calibration faces of each true class (last row: no face) produced per
-    predicted class; truth (K): calibration faces per class. A class without calibration faces has
-    no rates: its column of the system is zero and its estimate 0.
-    """
+def rates_per_face(rates: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(per_face (K, K), false_share (K)) from summed *rates* (K+1, K): what the calibration faces of
+    each true class (last row: no face) produced per predicted class; truth (K): calibration faces per
+    class. per_face[i][j]: what one true class-i face produces as class j (a row of zeros for a class
+    without calibration faces); false_share[j]: the share of class j's production on no face."""
     per_face = np.divide(rates[:K], truth[:, None], out=np.zeros((K, K)), where=truth[:, None] > 0)
     produced = rates.sum(axis=0)
-    false_share = np.divide(rates[K], produced, out=np.zeros(K), where=produced > 0)
+    return per_face, np.divide(rates[K], produced, out=np.zeros(K), where=produced > 0)
+
+
+def adjusted_counts(observed: np.ndarray, rates: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """The true faces per class T >= 0 (K) that best explain *observed* (K, per predicted class), with
+    the rates of rates_per_face. A class without calibration faces has no rates: its column of the
+    system is zero and its estimate 0."""
+    per_face, false_share = rates_per_face(rates, truth)
     return nnls(per_face.T, observed * (1.0 - false_share))[0]
 
 
