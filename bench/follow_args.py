@@ -3,12 +3,15 @@
 
 Runs one tiny training (synthetic sample data, CPU, two epochs, held-out validation images) under
 sys.settrace and reads the project functions it calls in the order they are first called, as a
-depth-first read of the code from main would meet them. A *return* is a function in a file already
-left earlier; a *climb* is a call against the import direction (the callee's module imports the
-caller's, e.g. a callback from engine.py into training.py) or up a layer (utils into bin,
-utils/detection into utils/pegasus). --max-depth limits the read to the calls within that many
-project frames of main (main's own calls are depth 1). Prints one line; --list prints the read.
-Exit 0, 2 on a bad flag.
+depth-first read of the code from main would meet them. A *stop* is a move to another file; a
+*return* a move to a file already left earlier; a *climb* a move up a layer (bin > utils/{pegasus,
+service,reporting} > utils/detection > utils/data > utils), from the file last read to the next
+function, e.g. from utils/atomic.py, having read write_text, back up to the next function of
+utils/detection/training_run.py. Read so, 414ebed (the code issue #22 measured: 75 stops, 60 returns,
+14 climbs) gives 67 stops, 50 returns and 14 climbs. Also counted: calls against the import direction
+(the callee's module imports the caller's: a callback, e.g. from engine.py into training.py).
+--max-depth limits the read to the calls within that many project frames of main (main's own calls
+are depth 1). Prints one line; --list prints the read. Exit 0, 2 on a bad flag.
 """
 
 import argparse
@@ -143,20 +146,21 @@ def main() -> int:
                             "--workers", "0", "--weights", "none", "--epochs", "2", "--no-progress", "--device",
                             "cpu", "--checkpoint", str(out / "checkpoint.pt"), "--output", str(out / "model.pt")],
                            args.max_depth)
-    closure, left, current, returns, climbs = {}, set(), "bin/train.py", 0, 0
+    closure, left, current, stops, returns, climbs, against = {}, set(), "bin/train.py", 0, 0, 0, 0
     for (caller_file, caller), (callee_file, callee) in calls:
-        climb = callee_file != caller_file and (layer(callee_file) > layer(caller_file)
-                                                or caller_file in import_closure(callee_file, closure))
-        back = callee_file != current and callee_file in left
-        if callee_file != current:
+        backwards = callee_file != caller_file and (layer(callee_file) > layer(caller_file)
+                                                    or caller_file in import_closure(callee_file, closure))
+        moved = callee_file != current
+        back, climb = moved and callee_file in left, moved and layer(callee_file) > layer(current)
+        if moved:
             left.add(current)
             current = callee_file
-        climbs += climb
-        returns += back
+        stops, returns, climbs, against = stops + moved, returns + back, climbs + climb, against + backwards
         if args.list:
             print(f"{caller_file}:{caller} -> {callee_file}:{callee}{'  RETURN' if back else ''}"
-                  f"{'  CLIMB' if climb else ''}", file=sys.stderr)
-    print(f"follow_args: max depth {args.max_depth}: {len(calls)} functions, {returns} returns, {climbs} climbs")
+                  f"{'  CLIMB' if climb else ''}{'  AGAINST-IMPORTS' if backwards else ''}", file=sys.stderr)
+    print(f"follow_args: max depth {args.max_depth}: {len(calls)} functions, {stops} stops, {returns} returns, "
+          f"{climbs} climbs ({against} calls against the import direction)")
     return 0
 
 
