@@ -118,8 +118,8 @@ class MaskDetectionWorkflow:
         worker_results = self._add_hpo(train_set, val_set)
         best_params = self._add_hpo_merge(worker_results)
         model = self._add_train(train_set, val_set, best_params)
-        evaluation = self._add_evaluate(model, test_set)
-        fold_models = self._add_folds(train_set, val_set, best_params, evaluation)
+        self._add_evaluate(model, test_set)
+        fold_models = self._add_folds(train_set, val_set, best_params)
         # --fold-ensemble: the K fold models predict as one ensemble, in place of the final model.
         self._add_predict(*(fold_models if self.config.fold_ensemble else [model]))
         self._add_predict_videos(model)
@@ -295,14 +295,13 @@ class MaskDetectionWorkflow:
         self._stages_out(job, evaluation, *(name for key, name in names.items() if key != "evaluation.json"))
         return evaluation
 
-    def _add_folds(self, train_set: File, val_set: File, best_params: File, final_evaluation: File) -> list[File]:
+    def _add_folds(self, train_set: File, val_set: File, best_params: File) -> list[File]:
         """--folds K: per fold, make_fold cuts the fold's training, validation and held-out sets out of the
         preprocessed train and val sets (RUN_DIR/folds.csv, written at generation); train_fold<i> trains with
         the final model's settings (best HPO parameters, --epochs or --time-budget) on the train-split images
         of the other folds, validated (threshold, the estimators' rates) on their val-split images; and
         evaluate_fold<i> evaluates it on the held-out fold, which it never trained or validated on.
-        aggregate_folds writes mean ± std over the folds and the cross-fitted compliance figures (the final
-        model's too, from *final_evaluation*). Returns the fold models."""
+        aggregate_folds writes mean ± std over the folds. Returns the fold models."""
         models, evaluations = [], []
         for fold in range(self.config.folds):
             tag = fold_tag(fold)
@@ -311,8 +310,8 @@ class MaskDetectionWorkflow:
             evaluations.append(self._add_evaluate(models[-1], fold_held_out, tag=tag))
         if models:
             job = self._job("aggregate_folds", "aggregate_folds")
-            job.add_args("--inputs", *evaluations, "--final-evaluation", final_evaluation, "--output-dir", ".")
-            job.add_inputs(*evaluations, final_evaluation)
+            job.add_args("--inputs", *evaluations, "--output-dir", ".")
+            job.add_inputs(*evaluations)
             self._stages_out(job, *output_names("aggregate_folds").values())
         return models
 

@@ -10,9 +10,7 @@ and the per-image MAE of the percent properly masked, the operating score thresh
 per class AP, AP50, AP75 and recall. Per compliance estimator (cc, pcc, acc, pacc:
 utils/detection/quantify.py) the error on each fold, the mean absolute error across folds,
 on how many folds the truth lay inside its 95 % interval, and the estimator with the smallest
-mean |error| (what the default estimator should be chosen by, not one split); and pacc with
-cross-fitted rates: each fold corrected with the rates the other fold models had on their held-out
-folds, and (--final-evaluation) the final model's test figure corrected with every fold's. The held-out
+mean |error| (what the default estimator should be chosen by, not one split). The held-out
 fold was also each fold model's validation set (the threshold and acc's rates come from
 there); the summary says so.
 Exit 0 on success, 2 when an evaluation file cannot be used (one line naming it), 1 on a bug.
@@ -32,9 +30,6 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--inputs", type=Path, nargs="+", required=True,
                         help="evaluation_fold<i>.json of every fold (two or more)")
-    parser.add_argument("--final-evaluation", type=Path, default=None,
-                        help="the final model's evaluation.json on the test split: its compliance figure is also "
-                             "corrected with the folds' cross-fitted rates (default: none)")
     parser.add_argument("--output-dir", type=Path, required=True, help="folder for the kfold_summary files")
     parser.add_argument("--no-plot", action="store_true", help="do not draw kfold_folds.png (default: drawn)")
     return parser
@@ -42,10 +37,8 @@ def get_args_parser():
 
 def main(args) -> int:
     names = output_names("aggregate_folds")
-    summary = write_summary(args.inputs, args.output_dir, plot=None if args.no_plot else names["plot"],
-                            final_evaluation=args.final_evaluation)
-    inputs = [*args.inputs, *([args.final_evaluation] if args.final_evaluation else [])]
-    write_run_record(args.output_dir / names["run_record"], "aggregate_folds", vars(args), inputs)
+    summary = write_summary(args.inputs, args.output_dir, plot=None if args.no_plot else names["plot"])
+    write_run_record(args.output_dir / names["run_record"], "aggregate_folds", vars(args), args.inputs)
     print(format_summary(summary), end="")
     print(f"outputs in {args.output_dir}")
     return 0

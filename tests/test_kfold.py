@@ -20,7 +20,7 @@ from helpers import run_script
 from utils.classes import CLASSES, LABEL_OF, RARE_CLASS
 from utils.data.folds import FoldError, assign_folds, folds_csv_text, read_folds_csv, source_stem
 from utils.data.pairs import Pair
-from utils.detection.cross_validation import FoldSummaryError, format_summary, mean_std, summarise_folds
+from utils.detection.cross_validation import format_summary, mean_std, summarise_folds
 from utils.detection.ensemble import BoxFusionEnsemble
 from utils.detection.inference import detect
 from utils.naming import tagged_name
@@ -220,63 +220,6 @@ def test_the_compliance_estimators_are_ranked_by_their_error_across_folds():
     assert summarise_folds([fake_evaluation(0.3, 0.3)] * 2, ["a", "b"])["compliance_estimators"] is None  # older files
 
 
-def held_out_record(truths: list[list[int]], per_face: list[list[float]], false_per_image=(0.2, 0.1, 0.0),
-                    floor: float = 0.05) -> dict:
-    """A held-out set's record (quantify.calibration_record's form) from a detector whose every true face of
-    class i puts per_face[i][j] of score on class j, plus *false_per_image* on no face in each image."""
-    images = [{"truth": truth, "confusion": [[0] * 4 for _ in range(4)],
-               "soft": [[count * rate for rate in per_face[i]] for i, count in enumerate(truth)]
-               + [list(false_per_image)]} for truth in truths]
-    return {"chosen_on": "held-out", "score_threshold": 0.5, "floor": floor, "iou_threshold": 0.5,
-            "classes": list(CLASSES), "images": images}
-
-
-def with_held_out(evaluation: dict, record: dict, pacc_percent: float | None = None) -> dict:
-    estimates = {} if pacc_percent is None else {"pacc": {"percent": pacc_percent, "low": 1.0, "high": 99.0,
-                                                          "error_points": 3.0, "truth_inside": True}}
-    return {**evaluation, "quantification": {"estimates": estimates, "held_out_record": record}}
-
-
-RATES = [[0.8, 0.1, 0.05], [0.15, 0.6, 0.05], [0.2, 0.2, 0.4]]  # rows: true class, columns: predicted
-
-
-def test_cross_fitted_pacc_corrects_each_fold_with_the_other_folds_rates():
-    # three folds of different class mixes, one detector (no false boxes, whose share of a class's score would
-    # change with the mix): rates measured on the other folds fit each fold exactly
-    mixes = ([[3, 1, 0], [2, 0, 1], [4, 2, 0]], [[1, 2, 0], [0, 3, 1], [2, 2, 0], [1, 1, 1]], [[5, 0, 0], [3, 1, 1]])
-    folds = [with_held_out(fake_evaluation(0.3, 0.3), held_out_record(mix, RATES, (0, 0, 0))) for mix in mixes]
-    final = with_held_out(fake_evaluation(0.3, 0.3),
-                          held_out_record([[2, 1, 0], [1, 1, 1], [4, 0, 0]], RATES, (0, 0, 0)), 61.0)
-    entry = summarise_folds(folds, ["f0", "f1", "f2"], final)["cross_fitted"]
-    for fold, (mix, result) in enumerate(zip(mixes, entry["per_fold"])):
-        truth = 100 * sum(row[0] for row in mix) / sum(map(sum, mix))
-        assert result["true_percent"] == pytest.approx(truth, abs=0.01)
-        assert result["error_points"] == pytest.approx(0.0, abs=0.02), fold
-        assert result["truth_inside"] is True and result["low"] < result["high"]
-        assert result["calibration_images"] == sum(len(m) for f, m in enumerate(mixes) if f != fold)
-    assert entry["folds_covered"] == 3 and entry["abs_error_points"]["mean"] == pytest.approx(0.0, abs=0.02)
-    test = entry["final_model_on_test"]
-    assert test["error_points"] == pytest.approx(0.0, abs=0.02) and test["calibration_images"] == 9
-    assert test["with_validation_rates"]["percent"] == 61.0
-    text = format_summary(summarise_folds(folds, ["f0", "f1", "f2"], final))
-    assert "cross-fitted rates" in text and "truth inside 3 of 3 folds" in text and "rates of every fold" in text
-
-
-def test_cross_fitted_rates_differ_from_a_fold_models_own():
-    # fold 0's detector finds half as many without_mask faces as the others': corrected with their rates,
-    # its without_mask faces are under-counted, so its percent properly masked reads high
-    half = [RATES[0], [r / 2 for r in RATES[1]], RATES[2]]
-    folds = [with_held_out(fake_evaluation(0.3, 0.3), held_out_record([[2, 2, 0]] * 3, rates))
-             for rates in (half, RATES, RATES)]
-    entry = summarise_folds(folds, ["f0", "f1", "f2"])["cross_fitted"]
-    assert entry["per_fold"][0]["error_points"] > 5 and "final_model_on_test" not in entry
-    # files without the record (written before it) have no cross-fitted figure; mixed floors do not pool
-    assert summarise_folds([fake_evaluation(0.3, 0.3)] * 2, ["a", "b"])["cross_fitted"] is None
-    other_floor = with_held_out(fake_evaluation(0.3, 0.3), held_out_record([[1, 1, 0]], RATES, floor=0.001))
-    with pytest.raises(FoldSummaryError, match="floor"):
-        summarise_folds([folds[0], other_floor], ["evaluation_fold0.json", "evaluation_fold1.json"])
-
-
 def test_aggregate_job_writes_the_summary_and_names_a_bad_file(tmp_path, root, capsys):
     inputs = []
     for fold, value in enumerate((0.3, 0.5)):
@@ -288,14 +231,6 @@ def test_aggregate_job_writes_the_summary_and_names_a_bad_file(tmp_path, root, c
     text = (tmp_path / "out" / "kfold_summary.txt").read_text()
     assert "mAP@0.5" in text and "0.5000 ± 0.1414" in text and "held-out fold" in text
     assert (tmp_path / "out" / "kfold_folds.png").stat().st_size > 0
-    # with the folds' and the final model's held-out records: the cross-fitted figures
-    for path, mix in zip([*inputs, tmp_path / "evaluation.json"], ([[2, 1, 0]], [[1, 1, 1]], [[3, 0, 1]])):
-        path.write_text(json.dumps(with_held_out(fake_evaluation(0.3, 0.3), held_out_record(mix * 2, RATES))))
-    assert run_script(root, "aggregate_folds", ["--inputs", *inputs, "--final-evaluation", tmp_path / "evaluation.json",
-                                                "--output-dir", tmp_path / "cf", "--no-plot"]) == 0
-    summary = json.loads((tmp_path / "cf" / "kfold_summary.json").read_text())
-    assert summary["cross_fitted"]["final_model_on_test"]["calibration_images"] == 4
-    assert "final model on the test split" in (tmp_path / "cf" / "kfold_summary.txt").read_text()
     broken = tmp_path / "evaluation_fold9.json"
     broken.write_text(json.dumps({"map": 0.1}))
     capsys.readouterr()
@@ -386,7 +321,6 @@ def test_generated_dag_fans_out_the_folds_and_predicts_with_their_ensemble(sampl
         assert f"evaluate_fold{fold}" in children[f"train_fold{fold}"]
         assert "aggregate_folds" in children[f"evaluate_fold{fold}"]
         assert f"train_fold{fold}" in children["hpo_merge"]
-    assert "aggregate_folds" in children["evaluate"]  # the final model's figure, corrected with the folds' rates
     # same settings as the final model: its arguments, with the fold's sets and renamed outputs
     fold_args, final_args = jobs["train_fold0"]["arguments"], jobs["train"]["arguments"]
     sets = {"train_set.tar": "fold0_train.tar", "val_set.tar": "fold0_val.tar"}

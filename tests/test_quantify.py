@@ -192,3 +192,23 @@ def test_calibration_image_counts_a_labelled_image():
     assert record["confusion"][0][0] == 1 and record["confusion"][1][3] == 1 and record["confusion"][3][0] == 1
     # the low without_mask box on the with_mask face counts in the soft sums only, on that face's row
     assert record["soft"][0] == pytest.approx([0.9, 0.08, 0.0]) and record["soft"][3] == pytest.approx([0.7, 0, 0])
+
+
+def test_cross_fitted_rates_bench_pools_the_other_folds_rate_images():
+    # bench/cross_fitted_rates.py: one detector's folds, each corrected with the others' pooled images
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "cross_fitted_rates", Path(__file__).resolve().parents[1] / "bench" / "cross_fitted_rates.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(5)
+    folds = [{"images": simulate(rng, 300)} for _ in range(3)]  # random folds of one pool of images
+    for i, fold in enumerate(folds):
+        result = bench.against_truth(fold, bench.pooled(folds[:i] + folds[i + 1:]))
+        assert result["rate_images"] == 600 and result["images"] == 300
+        # the other folds' rates are the same detector's, measured on other images: off by sampling only
+        assert abs(result["error_points"]) < 5 and result["truth_inside"]
+        assert result["percent"] - result["error_points"] == pytest.approx(result["true_percent"], abs=0.02)
+        assert bench.against_truth(fold, fold)["error_points"] == pytest.approx(0.0, abs=0.02)  # own rates: exact

@@ -26,7 +26,7 @@ from ..atomic import write_json, write_text
 from ..classes import CLASSES
 from ..errors import InputError
 from ..naming import output_names
-from .quantify import METHODS, Calibration, Units, estimate, true_percent
+from .quantify import METHODS
 
 # (key in kfold_summary.json, how to read it from an evaluation.json, label in the text and plot)
 OVERALL_METRICS = (
@@ -111,80 +111,8 @@ def estimator_errors(evaluations: list[dict]) -> dict | None:
     return {"estimators": per_method, "smallest_mean_abs_error": best, "note": ESTIMATOR_NOTE}
 
 
-def _held_out_record(evaluation: dict) -> dict | None:
-    return (evaluation.get("quantification") or {}).get("held_out_record")
-
-
-def pooled_record(records: list[dict]) -> dict:
-    """One calibration record of the images of *records* (each a held-out set's, quantify.calibration_record's
-    form); ValueError when they were not measured alike (classes, floor, matching IoU)."""
-    first = records[0]
-    for record in records[1:]:
-        for key in ("classes", "floor", "iou_threshold"):
-            if record.get(key) != first.get(key):
-                raise ValueError(f"held-out records measured with different {key}: {first.get(key)} and "
-                                 f"{record.get(key)}")
-    return {**first, "chosen_on": "the held-out folds", "score_threshold": None,
-            "images": [image for record in records for image in record["images"]]}
-
-
-def cross_fitted_estimate(held_out: dict, rates: dict) -> dict:
-    """pacc on the labelled set *held_out* (a record) with the rates of the images of *rates* (a record of
-    other images, other models of the same recipe), against the set's truth: the estimate with its
-    interval (the bootstrap resamples both sets of images), its error in points and whether the truth
-    lies inside."""
-    labelled = Calibration.from_record(held_out)
-    result = estimate(Units.from_calibration(labelled), "pacc", Calibration.from_record(rates))
-    truth = true_percent(labelled)
-    result["error_points"] = None if truth is None or result["percent"] is None else round(result["percent"] - truth, 2)
-    result["truth_inside"] = (None if truth is None or result["low"] is None
-                              else bool(result["low"] <= round(truth, 2) <= result["high"]))
-    result["true_percent"] = None if truth is None else round(truth, 2)
-    return result
-
-
-def cross_fitted(evaluations: list[dict], final: dict | None = None, names: list[str] | None = None) -> dict | None:
-    """pacc with cross-fitted rates, the quantification literature's way of measuring a classifier's
-    rates (Forman 2008): each fold's held-out images corrected with the rates the other fold models had
-    on their own held-out folds (about (K-1)/K of the train+val pool, against the 1/10 that is the
-    validation split), and, given the final model's evaluation (*final*), the test split corrected with
-    the rates of every fold. None when a fold's evaluation holds no held-out record (written before them).
-    acc is left out: each fold model counts at its own threshold, so their confusion rates do not pool."""
-    records = [_held_out_record(e) for e in evaluations]
-    if any(record is None for record in records):
-        return None
-    names = names or [f"fold {i}" for i in range(len(records))]
-    for name, record in zip([*names, "the final evaluation"], [*records, final and _held_out_record(final)]):
-        try:
-            if record is not None:
-                Calibration.from_record(record)
-        except (ValueError, KeyError, TypeError) as error:
-            raise FoldSummaryError(f"{name}: its held_out_record cannot be read ({error})") from None
-    try:
-        pooled_record(records)
-    except ValueError as error:
-        raise FoldSummaryError(f"{', '.join(names)}: {error}") from None
-    per_fold = [cross_fitted_estimate(record, pooled_record(records[:i] + records[i + 1:]))
-                for i, record in enumerate(records)]
-    errors = [result["error_points"] for result in per_fold]
-    inside = [result["truth_inside"] for result in per_fold]
-    summary = {"method": "pacc", "rates": "the other folds' held-out images, each measured with its own fold model",
-               "per_fold": per_fold, "error_points": mean_std(errors), "abs_error_points": mean_std(map(_abs, errors)),
-               "truth_inside": inside, "folds_covered": sum(value is True for value in inside),
-               "folds_judged": sum(value is not None for value in inside)}
-    final_record = None if final is None else _held_out_record(final)
-    if final_record is not None:
-        summary["final_model_on_test"] = cross_fitted_estimate(final_record, pooled_record(records))
-        with_validation_rates = ((final.get("quantification") or {}).get("estimates") or {}).get("pacc") or {}
-        summary["final_model_on_test"]["with_validation_rates"] = {
-            key: with_validation_rates.get(key) for key in ("percent", "low", "high", "error_points", "truth_inside")}
-    return summary
-
-
-def summarise_folds(evaluations: list[dict], names: list[str], final: dict | None = None) -> dict:
-    """kfold_summary.json: mean and std of every metric over the folds, overall and per class, and the
-    compliance estimators' errors; *final*: the final model's evaluation on the test split, which the
-    cross-fitted estimate corrects with the rates of every fold."""
+def summarise_folds(evaluations: list[dict], names: list[str]) -> dict:
+    """kfold_summary.json: mean and std of every metric over the folds, overall and per class."""
     if len(evaluations) < 2:
         raise FoldSummaryError(f"{len(evaluations)} evaluation file(s): a cross-validation summary needs 2 or more")
     return {
@@ -197,7 +125,6 @@ def summarise_folds(evaluations: list[dict], names: list[str], final: dict | Non
         "per_class": {name: {key: mean_std([e["per_class"][name][key] for e in evaluations])
                              for key in PER_CLASS_METRICS} for name in CLASSES},
         "compliance_estimators": estimator_errors(evaluations),
-        "cross_fitted": cross_fitted(evaluations, final, names),
         "note": THRESHOLD_NOTE,
     }
 
@@ -233,32 +160,8 @@ def format_summary(summary: dict) -> str:
                          f"{'n/a' if mae['mean'] is None else format(mae['mean'], '.2f'):>15}{inside:>28}")
         lines.append(f"smallest mean |error| over every fold: {estimators['smallest_mean_abs_error'] or 'n/a'}")
         lines.append(estimators["note"])
-    lines += _cross_fitted_lines(summary.get("cross_fitted"))
     lines += ["", summary["note"]]
     return "\n".join(lines) + "\n"
-
-
-def _cross_fitted_lines(entry: dict | None) -> list[str]:
-    if not entry:
-        return []
-    def one(result: dict) -> str:
-        if result.get("percent") is None:
-            return "n/a"
-        interval = "" if result.get("low") is None else f" ({result['low']:.1f}-{result['high']:.1f})"
-        error = "" if result.get("error_points") is None else f", error {result['error_points']:+.1f}"
-        inside = {True: ", truth inside", False: ", truth outside", None: ""}[result.get("truth_inside")]
-        return f"{result['percent']:.1f}%{interval}{error}{inside}"
-
-    mae = entry["abs_error_points"]["mean"]
-    lines = ["", "pacc with cross-fitted rates (each fold corrected with the other folds' held-out rates):"]
-    lines += [f"  fold {fold}: {one(result)}" for fold, result in enumerate(entry["per_fold"])]
-    lines.append(f"  mean |error| {'n/a' if mae is None else format(mae, '.2f')} points; truth inside "
-                 f"{entry['folds_covered']} of {entry['folds_judged']} folds")
-    if "final_model_on_test" in entry:
-        final = entry["final_model_on_test"]
-        lines.append(f"  final model on the test split, rates of every fold: {one(final)}")
-        lines.append(f"  the same with its validation rates (its headline):  {one(final['with_validation_rates'])}")
-    return lines
 
 
 def plot_folds(summary: dict, path) -> None:
@@ -284,14 +187,11 @@ def plot_folds(summary: dict, path) -> None:
     _save(fig, path)
 
 
-def write_summary(evaluation_paths, output_dir, plot: str | None = output_names("aggregate_folds")["plot"],
-                  final_evaluation=None) -> dict:
-    """Read the folds' evaluation files (and the final model's, when given), write kfold_summary.json/.txt
-    (and the plot); returns the summary."""
+def write_summary(evaluation_paths, output_dir, plot: str | None = output_names("aggregate_folds")["plot"]) -> dict:
+    """Read the folds' evaluation files, write kfold_summary.json/.txt (and the plot); returns the summary."""
     output_dir = Path(output_dir)
     paths = [Path(p) for p in evaluation_paths]
-    final = None if final_evaluation is None else read_evaluations([final_evaluation])[0]
-    summary = summarise_folds(read_evaluations(paths), [p.name for p in paths], final)
+    summary = summarise_folds(read_evaluations(paths), [p.name for p in paths])
     names = output_names("aggregate_folds")
     write_json(output_dir / names["summary"], summary)
     write_text(output_dir / names["summary_txt"], format_summary(summary))

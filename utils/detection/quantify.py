@@ -437,10 +437,8 @@ def true_percent(calibration: Calibration) -> float | None:
 def evaluation_estimates(preds, targets, score_threshold: float, model_calibration: dict | None,
                          method: str = D.COMPLIANCE_ESTIMATOR, floor: float = D.DETECTION_FLOOR, **bootstrap) -> dict:
     """Every estimator on a labelled set against its true percent: estimate, interval, error in
-    points and whether the truth lies inside the interval (evaluation.json's "quantification"), and the
-    set's own per-image record ("held_out_record": what aggregate_folds pools into cross-fitted rates)."""
-    held_out_record = calibration_record(preds, targets, score_threshold, "held-out", floor)
-    labelled = Calibration.from_record(held_out_record)
+    points and whether the truth lies inside the interval (evaluation.json's "quantification")."""
+    labelled = Calibration.from_record(calibration_record(preds, targets, score_threshold, "evaluated", floor))
     note = calibration_problem(model_calibration, score_threshold)
     calibration = None if note else Calibration.from_record(model_calibration)
     report = set_estimates(Units.from_calibration(labelled), calibration, note, method, **bootstrap)
@@ -453,7 +451,6 @@ def evaluation_estimates(preds, targets, score_threshold: float, model_calibrati
     report["true_percent"] = _rounded(truth)
     report["true_faces"] = int(labelled.truth.sum())
     report["calibration"] = calibration_summary(model_calibration, note)
-    report["held_out_record"] = held_out_record
     return report
 
 
