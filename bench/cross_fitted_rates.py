@@ -14,7 +14,8 @@ computes, against each set's truth:
               and the test split with the rates of every fold (other models of the same recipe).
 
 Each figure has pacc's seeded bootstrap interval (target images and rate images resampled). Prints a
-table; --output writes the figures as JSON. Exit 0, 2 on a bad flag or a model without rates.
+table; --output writes the figures as JSON. Exit 0; 2 on a bad flag or a model without rates; 1 (one
+line) when a set holds no labelled face or no figure.
 
   .venv/bin/python bench/cross_fitted_rates.py \\
       --fold runs/X/scratch/train_fold0/model_fold0.pt runs/X/scratch/make_fold0/fold0_held_out.tar ... \\
@@ -63,6 +64,9 @@ def against_truth(record: dict, rates: dict) -> dict:
     labelled = Q.Calibration.from_record(record)
     result = Q.estimate(Q.Units.from_calibration(labelled), "pacc", Q.Calibration.from_record(rates))
     truth = Q.true_percent(labelled)
+    if truth is None or result["percent"] is None or result["low"] is None:
+        raise SystemExit(f"cross_fitted_rates: no figure on {record.get('chosen_on', 'a set')} "
+                         f"({result.get('note', 'no labelled face')})")
     return {"percent": result["percent"], "low": result["low"], "high": result["high"],
             "error_points": round(result["percent"] - truth, 2), "true_percent": round(truth, 2),
             "truth_inside": bool(result["low"] <= round(truth, 2) <= result["high"]),
