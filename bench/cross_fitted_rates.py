@@ -14,8 +14,8 @@ computes, against each set's truth:
               and the test split with the rates of every fold (other models of the same recipe).
 
 Each figure has pacc's seeded bootstrap interval (target images and rate images resampled). Prints a
-table; --output writes the figures as JSON. Exit 0; 2 on a bad flag or a model without rates; 1 (one
-line) when a set holds no labelled face or no figure.
+table; --output writes the figures as JSON. Exit 0; 2 (one line) on a bad flag, a file that cannot be
+read or a model without rates; 1 (one line) when a set gives no figure.
 
   .venv/bin/python bench/cross_fitted_rates.py \\
       --fold runs/X/scratch/train_fold0/model_fold0.pt runs/X/scratch/make_fold0/fold0_held_out.tar ... \\
@@ -32,23 +32,38 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def held_out_record(model_path: Path, labelled: Path) -> tuple[dict, dict | None]:
-    """(the labelled set's per-image record under the model, the model's stored validation record)."""
+def load_with_rates(model_path: Path):
+    """(model, threshold, its stored validation record); ValueError saying why the model cannot be used."""
+    import torch
+
+    from utils.detection import quantify as Q
+    from utils.detection.evaluation import load_trained_model
+
+    model, meta, threshold, _ = load_trained_model(model_path, torch.device("cpu"))
+    stored = meta.get("quantification")
+    problem = Q.calibration_problem(stored, threshold)
+    if problem:
+        raise ValueError(f"{model_path}: {problem}")
+    return model, threshold, stored
+
+
+def held_out_record(loaded: tuple, labelled: Path) -> dict:
+    """The labelled set's per-image record (quantify.calibration_record) under a model of load_with_rates."""
     import torch
 
     from utils.data.pairs import open_folder
     from utils.detection import quantify as Q
     from utils.detection.engine import run_inference
-    from utils.detection.evaluation import evaluation_loader, labelled_pairs, load_trained_model
+    from utils.detection.evaluation import evaluation_loader, labelled_pairs
 
-    model, meta, threshold, _ = load_trained_model(model_path, torch.device("cpu"))
+    model, threshold, _ = loaded
     with contextlib.ExitStack() as stack:
         folder = stack.enter_context(open_folder(labelled))
         pairs, _ = labelled_pairs(folder, folder)
+        if not pairs:
+            raise ValueError(f"{labelled}: no labelled image")
         preds, targets = run_inference(model, evaluation_loader(pairs, num_workers=0), torch.device("cpu"))
-    stored = meta.get("quantification")
-    return Q.calibration_record(preds, targets, threshold, chosen_on=str(labelled)), (
-        None if Q.calibration_problem(stored, threshold) else stored)
+    return Q.calibration_record(preds, targets, threshold, chosen_on=str(labelled))
 
 
 def pooled(records: list[dict]) -> dict:
@@ -95,14 +110,17 @@ def main() -> int:
 
     from utils.atomic import write_json
 
-    folds = [held_out_record(model, labelled) for model, labelled in args.fold]
-    for (model, _), (_, stored) in zip(args.fold, folds):
-        if stored is None:
-            p.error(f"--fold {model}: the model file holds no usable validation rates")
-    records = [record for record, _ in folds]
+    pairs = [*args.fold, *([args.final] if args.final else [])]
+    try:  # every model's rates are checked before any inference runs
+        loaded = [load_with_rates(model) for model, _ in pairs]
+        records = [held_out_record(model, labelled) for model, (_, labelled) in zip(loaded, pairs)]
+    except (ValueError, OSError) as error:  # InputError is a ValueError: a missing or unreadable file, no rates
+        p.error(str(error))
+    final_record = records.pop() if args.final else None
+    stored_rates = [stored for _, _, stored in loaded]
     rows = {"folds": [], "final": None}
     print(f"{'pacc':<24}{'percent':>8}  {'interval':<13}{'error':>8}{'true':>8}  {'truth':<8}{'rate images':>6}")
-    for i, (record, stored) in enumerate(folds):
+    for i, (record, stored) in enumerate(zip(records, stored_rates)):
         own = against_truth(record, stored)
         cross = against_truth(record, pooled(records[:i] + records[i + 1:]))
         rows["folds"].append({"own_validation_rates": own, "cross_fitted_rates": cross})
@@ -115,17 +133,14 @@ def main() -> int:
         print(f"{key.replace('_', ' ')}: mean |error| over the folds {rows[f'{key}_mean_abs_error']:.2f} points, "
               f"truth inside {rows[f'{key}_truth_inside']} of {len(errors)}")
     if args.final:
-        record, stored = held_out_record(*args.final)
-        if stored is None:
-            p.error(f"--final {args.final[0]}: the model file holds no usable validation rates")
-        rows["final"] = {"own_validation_rates": against_truth(record, stored),
-                         "cross_fitted_rates": against_truth(record, pooled(records))}
+        rows["final"] = {"own_validation_rates": against_truth(final_record, stored_rates[-1]),
+                         "cross_fitted_rates": against_truth(final_record, pooled(records))}
         print(line("test, own rates", rows["final"]["own_validation_rates"]))
         print(line("test, every fold's rates", rows["final"]["cross_fitted_rates"]))
     if args.output:
-        write_json(args.output, {"folds": [[str(m), str(s)] for m, s in args.fold],
-                                 "final": None if not args.final else [str(x) for x in args.final],
-                                 **rows, "host": platform.node(), "torch": torch.__version__})
+        inputs = {"folds": [[str(m), str(s)] for m, s in args.fold],
+                  "final": None if not args.final else [str(x) for x in args.final]}
+        write_json(args.output, {"inputs": inputs, **rows, "host": platform.node(), "torch": torch.__version__})
         print(f"written: {args.output}")
     return 0
 

@@ -212,3 +212,36 @@ def test_cross_fitted_rates_bench_pools_the_other_folds_rate_images():
         assert abs(result["error_points"]) < 5 and result["truth_inside"]
         assert result["percent"] - result["error_points"] == pytest.approx(result["true_percent"], abs=0.02)
         assert bench.against_truth(fold, fold)["error_points"] == pytest.approx(0.0, abs=0.02)  # own rates: exact
+
+
+def test_cross_fitted_rates_bench_runs_fold_models_and_writes_its_inputs(tiny_model_file, sample_dir, tmp_path):
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import calibrated_model_file
+
+    root = Path(__file__).resolve().parents[1]
+    # rates at the model's own threshold (the default 0.5: the file records no operating threshold)
+    model = calibrated_model_file(tiny_model_file, tmp_path / "calibrated.pt", score_threshold=0.5)
+    held_out = tmp_path / "held_out"  # one flat folder of images and their VOC files, as make_fold writes
+    held_out.mkdir()
+    for path in [*sorted((sample_dir / "images").iterdir())[:6], *sorted((sample_dir / "annotations").iterdir())[:6]]:
+        shutil.copy(path, held_out / path.name)
+    out = tmp_path / "cross_fitted.json"
+    command = [sys.executable, str(root / "bench" / "cross_fitted_rates.py"), "--fold", str(model), str(held_out),
+               "--fold", str(model), str(held_out), "--final", str(model), str(held_out), "--output", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=root, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    assert figures["inputs"]["folds"] == [[str(model), str(held_out)]] * 2
+    assert figures["inputs"]["final"] == [str(model), str(held_out)]
+    assert len(figures["folds"]) == 2 and figures["final"]["cross_fitted_rates"]["rate_images"] == 12
+    # the same model on the same images twice: each fold is corrected with the other's identical record
+    assert figures["folds"][0]["cross_fitted_rates"] == figures["folds"][1]["cross_fitted_rates"]
+    assert figures["folds"][0]["cross_fitted_rates"]["rate_images"] == 6
+    missing = subprocess.run([*command[:3], str(tmp_path / "none.pt"), *command[4:]], capture_output=True, text=True,
+                             cwd=root, timeout=300)
+    assert missing.returncode == 2 and "none.pt: model file not found" in missing.stderr
