@@ -16,7 +16,6 @@ The set is only reported on.
 """
 
 import argparse
-import contextlib
 import platform
 import sys
 from pathlib import Path
@@ -47,23 +46,19 @@ def main() -> int:
 
     import torch
 
+    from cross_fitted_rates import held_out_record, load_with_rates  # this folder's: the same model run
     from utils.atomic import write_json
     from utils.classes import CLASSES
-    from utils.data.pairs import open_folder
     from utils.detection import quantify as Q
-    from utils.detection.engine import run_inference
-    from utils.detection.evaluation import evaluation_loader, labelled_pairs, load_trained_model
 
     K = len(CLASSES)
-    model, meta, threshold, _ = load_trained_model(args.model, torch.device("cpu"))
-    problem = Q.calibration_problem(meta.get("quantification"), threshold)
-    if problem:
-        p.error(f"--model {args.model}: {problem}")
-    with contextlib.ExitStack() as stack:
-        folder = stack.enter_context(open_folder(args.test))
-        pairs, _ = labelled_pairs(folder, folder)
-        preds, targets = run_inference(model, evaluation_loader(pairs, num_workers=0), torch.device("cpu"))
-    own = Q.Calibration.from_record(Q.calibration_record(preds, targets, threshold, chosen_on="the set itself"))
+    try:
+        loaded = load_with_rates(args.model)
+        record = held_out_record(loaded, args.test)
+    except (ValueError, OSError) as error:  # InputError is a ValueError: a missing or unreadable file, no rates
+        p.error(str(error))
+    _, meta, threshold = loaded
+    own = Q.Calibration.from_record(record)  # the set's own rates: the oracle
     stored = Q.Calibration.from_record(meta["quantification"])
     observed = Q.Units.from_calibration(own)
     counts, soft = observed.counts.sum(axis=0), observed.soft.sum(axis=0)

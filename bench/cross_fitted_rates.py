@@ -28,12 +28,11 @@ import platform
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 
 def load_with_rates(model_path: Path):
-    """(model, threshold, its stored validation record); ValueError saying why the model cannot be used."""
+    """(model, meta, threshold) of a model file whose stored validation record (meta["quantification"])
+    can correct counts at its threshold; ValueError saying why the model cannot be used. Also used by
+    bench/calibration_rates.py."""
     import torch
 
     from utils.detection import quantify as Q
@@ -44,7 +43,7 @@ def load_with_rates(model_path: Path):
     problem = Q.calibration_problem(stored, threshold)
     if problem:
         raise ValueError(f"{model_path}: {problem}")
-    return model, threshold, stored
+    return model, meta, threshold
 
 
 def held_out_record(loaded: tuple, labelled: Path) -> dict:
@@ -56,7 +55,7 @@ def held_out_record(loaded: tuple, labelled: Path) -> dict:
     from utils.detection.engine import run_inference
     from utils.detection.evaluation import evaluation_loader, labelled_pairs
 
-    model, threshold, _ = loaded
+    model, _, threshold = loaded
     with contextlib.ExitStack() as stack:
         folder = stack.enter_context(open_folder(labelled))
         pairs, _ = labelled_pairs(folder, folder)
@@ -117,7 +116,7 @@ def main() -> int:
     except (ValueError, OSError) as error:  # InputError is a ValueError: a missing or unreadable file, no rates
         p.error(str(error))
     final_record = records.pop() if args.final else None
-    stored_rates = [stored for _, _, stored in loaded]
+    stored_rates = [meta["quantification"] for _, meta, _ in loaded]
     rows = {"folds": [], "final": None}
     print(f"{'pacc':<24}{'percent':>8}  {'interval':<13}{'error':>8}{'true':>8}  {'truth':<8}{'rate images':>6}")
     for i, (record, stored) in enumerate(zip(records, stored_rates)):
