@@ -78,13 +78,14 @@ def against_truth(record: dict, rates: dict) -> dict:
     labelled = Q.Calibration.from_record(record)
     result = Q.estimate(Q.Units.from_calibration(labelled), "pacc", Q.Calibration.from_record(rates))
     truth = Q.true_percent(labelled)
-    if truth is None or result["percent"] is None or result["low"] is None:
+    Q.judge(result, truth)  # the evaluate job's error and "truth inside"
+    if result["truth_inside"] is None:
         raise SystemExit(f"cross_fitted_rates: no figure on {record.get('chosen_on', 'a set')} "
                          f"({result.get('note', 'no labelled face')})")
     return {"percent": result["percent"], "low": result["low"], "high": result["high"],
-            "error_points": round(result["percent"] - truth, 2), "true_percent": round(truth, 2),
-            "truth_inside": bool(result["low"] <= round(truth, 2) <= result["high"]),
-            "images": len(labelled), "rate_images": result["calibration_images"]}
+            "error_points": result["error_points"], "true_percent": round(truth, 2),
+            "truth_inside": result["truth_inside"], "images": len(labelled),
+            "rate_images": result["calibration_images"]}
 
 
 def line(name: str, result: dict) -> str:

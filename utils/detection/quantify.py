@@ -434,6 +434,14 @@ def true_percent(calibration: Calibration) -> float | None:
     return 100 * float(calibration.truth[:, WITH_MASK].sum()) / total if total else None
 
 
+def judge(result: dict, truth: float | None) -> None:
+    """Set an estimate's error against the true percent *truth* and whether *truth* is inside its interval."""
+    percent = result["percent"]
+    result["error_points"] = None if truth is None or percent is None else round(percent - truth, 2)
+    result["truth_inside"] = (None if truth is None or result["low"] is None
+                              else bool(result["low"] <= round(truth, 2) <= result["high"]))
+
+
 def evaluation_estimates(preds, targets, score_threshold: float, model_calibration: dict | None,
                          method: str = D.COMPLIANCE_ESTIMATOR, floor: float = D.DETECTION_FLOOR, **bootstrap) -> dict:
     """Every estimator on a labelled set against its true percent: estimate, interval, error in
@@ -444,10 +452,7 @@ def evaluation_estimates(preds, targets, score_threshold: float, model_calibrati
     report = set_estimates(Units.from_calibration(labelled), calibration, note, method, **bootstrap)
     truth = true_percent(labelled)
     for result in (report["estimate"], *report["estimates"].values()):
-        percent = result["percent"]
-        result["error_points"] = None if truth is None or percent is None else round(percent - truth, 2)
-        result["truth_inside"] = (None if truth is None or result["low"] is None
-                                  else bool(result["low"] <= round(truth, 2) <= result["high"]))
+        judge(result, truth)
     report["true_percent"] = _rounded(truth)
     report["true_faces"] = int(labelled.truth.sum())
     report["calibration"] = calibration_summary(model_calibration, note)
