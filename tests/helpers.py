@@ -41,12 +41,12 @@ DETECTOR_RATES = ((0.70, 0.05, 0.00), (0.10, 0.55, 0.00), (0.35, 0.10, 0.20))
 FALSE_BOXES = (0.3, 0.1, 0.02)  # mean spurious boxes per image, per predicted class
 
 
-def simulated_labelled_images(rng, images: int, shares=(0.5, 0.4, 0.1)) -> list[dict]:
+def simulated_labelled_images(rng, images: int, shares=(0.5, 0.4, 0.1), rates=DETECTOR_RATES) -> list[dict]:
     """Labelled image records as utils.detection.quantify.calibration_image writes them, drawn from a
-    detector with DETECTOR_RATES and FALSE_BOXES on faces of the true class mix *shares*."""
+    detector with *rates* (DETECTOR_RATES' form) and FALSE_BOXES on faces of the true class mix *shares*."""
     import numpy as np
 
-    rates = np.asarray(DETECTOR_RATES)
+    rates = np.asarray(rates)
     records = []
     for _ in range(images):
         truth_classes = rng.choice(3, size=int(rng.integers(1, 7)), p=shares)

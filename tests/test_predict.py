@@ -83,7 +83,7 @@ def test_predict_survives_corrupt_files_and_odd_images(root, sample_dir, tiny_mo
     assert estimate["method"] == "cc" and estimate["units"] == 5 and estimate["seed"] == 42
     assert estimate["percent"] == compliance["overall"]["percent_properly_masked"]
     assert estimate["faces_found"] == compliance["overall"]["faces"]
-    assert set(compliance["estimates"]) == {"cc", "pcc"} and set(compliance["unavailable"]) == {"acc", "pacc"}
+    assert set(compliance["estimates"]) == {"cc", "pcc"} and set(compliance["unavailable"]) == {"acc", "pacc", "pacc2"}
     assert compliance["calibration"]["used"] is False  # an untrained model file holds no validation rates
     for image in predictions["images"]:  # at the floor's threshold the score sums are those of the detections
         assert sum(image["soft_counts"].values()) == pytest.approx(sum(d["score"] for d in image["detections"]),
@@ -142,7 +142,7 @@ def test_predict_uses_the_models_operating_threshold_unless_told_otherwise(root,
     calibrated = calibrated_model_file(chosen, tmp_path / "calibrated.pt", score_threshold=0.35)
     assert run_predict(root, [*common, "--model", str(calibrated)]) == 0
     compliance = json.loads((tmp_path / "out" / "compliance.json").read_text())
-    assert set(compliance["estimates"]) == {"cc", "pcc", "acc", "pacc"}
+    assert set(compliance["estimates"]) == {"cc", "pcc", "acc", "pacc", "pacc2"}
     assert compliance["calibration"] == {"used": True, "chosen_on": "validation", "images": 20,
                                          "faces": compliance["calibration"]["faces"], "score_threshold": 0.35,
                                          "floor": 0.05}

@@ -110,7 +110,7 @@ COMPLIANCE_ESTIMATOR = "pacc"  # the headline percent properly masked (utils/det
                                # pacc. pacc had the smallest mean |error| over the held-out folds of a 3-fold run on
                                # the real data with 20-minute fold models (3.3 points; cc 5.1, pcc 10.5, acc 29.0:
                                # bench/RESULTS.md); without the model's validation rates it falls back to cc
-CALIBRATION_MIN_FACES = 100    # labelled validation faces an adjusted headline (acc, pacc) needs, else cc stands in
+CALIBRATION_MIN_FACES = 100    # labelled validation faces an adjusted headline (acc, pacc*) needs, else cc stands in
                                # (and says why): the make run sample's 40 put pacc 22 points off; the real data's
                                # val split has 387, each fold model of a 3-fold run 223-300
 BOOTSTRAP_REPLICATES = 1000    # resamples behind each 95 % interval of the compliance figure (seeded with SEED)

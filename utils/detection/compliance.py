@@ -14,7 +14,6 @@ import torch
 
 from .. import defaults as D
 from ..classes import CLASSES, NAME_OF
-from .quantify import interval_text
 
 
 def _percent(with_mask: int, faces: int) -> float | None:
@@ -45,6 +44,18 @@ def merge_compliance(parts) -> dict:
     faces = sum(counts.values())
     percent = _percent(counts["with_mask"], faces)
     return {"faces": faces, "counts": counts, "percent_properly_masked": None if percent is None else round(percent, 2)}
+
+
+def interval_text(result: dict) -> str:
+    """'53.2% properly masked (95% interval 44.0-61.5%, 24 images; cc)', or why there is no figure."""
+    if result["percent"] is None:
+        return f"no figure ({result.get('note', 'no faces found')}; {result['units']} {result['unit']}s)"
+    unit = f"{result['units']} {result['unit']}{'s' if result['units'] != 1 else ''}"
+    if result["low"] is None:
+        spread = f"no interval: {result.get('note', 'no defined replicate')}"
+    else:
+        spread = f"{round(100 * result['confidence'])}% interval {result['low']:.1f}-{result['high']:.1f}%"
+    return f"{result['percent']:.1f}% properly masked ({spread}, {unit}; {result['method']})"
 
 
 def compliance_line(summary: dict, estimate: dict | None = None) -> str:

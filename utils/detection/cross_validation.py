@@ -46,7 +46,7 @@ THRESHOLD_NOTE = ("Each fold model was trained on the train-split images of the 
                   "there), never on its held-out fold, where every figure here is measured; the HPO parameters "
                   "all fold models share were chosen on the whole val split.")
 ESTIMATOR_NOTE = ("Compliance estimators: the error is the estimate minus the true percent on the held-out fold; "
-                  "acc and pacc correct with rates measured on the fold model's validation images, which are "
+                  "acc, pacc and pacc2 correct with rates measured on the fold model's validation images, which are "
                   "not in that fold; the default estimator (utils/defaults.py COMPLIANCE_ESTIMATOR) should be "
                   "the one with the smallest mean |error| over the folds.")
 

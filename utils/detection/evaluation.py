@@ -21,7 +21,7 @@ from ..atomic import write_json, write_text
 from ..classes import CLASSES, NAME_OF, NO_LABEL_MAP, LabelMap
 from ..data.dataset import VocDetectionDataset, collate
 from .compliance import compliance_error, compliance_error_lines, operating_threshold
-from .quantify import estimate_lines, evaluation_estimates
+from .quantify import UNADJUSTED, evaluation_estimates
 from .engine import evaluate_loss, run_inference
 from ..data.images import ImageError, image_size
 from .inference import default_num_workers
@@ -143,6 +143,33 @@ def format_report(report: dict) -> str:
         lines += ["", f"Skipped {len(report['skipped'])} files:"]
         lines += [f"  {entry['file']}: {entry['reason']}" for entry in report["skipped"]]
     return "\n".join(lines) + "\n"
+
+
+def estimate_lines(report: dict) -> list[str]:
+    """evaluation.txt's block: every estimator against the truth."""
+    truth = report["true_percent"]
+    lines = [f"Percent properly masked as an estimate (true: {'n/a' if truth is None else f'{truth:.1f}%'} of "
+             f"{report['true_faces']} faces; 95% bootstrap intervals, {report['estimate']['replicates']} replicates, "
+             f"seed {report['estimate']['seed']}):",
+             f"{'estimator':<10}{'percent':>9}{'interval':>17}{'error':>9}{'truth inside':>14}"]
+    for method, result in report["estimates"].items():
+        interval = "n/a" if result["low"] is None else f"{result['low']:.1f}-{result['high']:.1f}"
+        error = "n/a" if result["error_points"] is None else f"{result['error_points']:+.1f}"
+        inside = {True: "yes", False: "no", None: "n/a"}[result["truth_inside"]]
+        percent = "n/a" if result["percent"] is None else f"{result['percent']:.1f}"
+        lines.append(f"{method:<10}{percent:>9}{interval:>17}{error:>9}{inside:>14}")
+    for method, why in report["unavailable"].items():
+        lines.append(f"{method:<10}not computed: {why}")
+    headline = report["estimate"]
+    lines.append(f"headline estimator: {headline['method']}" + (f" ({headline['fallback']})" if "fallback" in headline
+                                                                 else ""))
+    widened = [m for m in UNADJUSTED if report["estimates"].get(m, {}).get("calibration_error_points") is not None]
+    if widened:
+        lines.append(f"{' and '.join(widened)} intervals also span the estimate less its error on the validation "
+                     "images; acc, pacc and pacc2 re-estimate their rates from resamples of them.")
+    else:
+        lines.append("The cc and pcc intervals cover the sampling of images only (no usable validation images).")
+    return lines
 
 
 def per_image_errors(preds, targets, pairs, score_threshold: float, iou_threshold: float = CONFUSION_IOU) -> list[dict]:

@@ -15,12 +15,17 @@ estimators (the quantification literature's classify-and-count family):
         missed face leaves its row short of 1), b[j] = share of kept class-j boxes on no face;
         C_j (1 - b_j) = sum_i T_i M[i][j] is solved for T >= 0 (non-negative least squares).
   pacc  the same correction of the score sums, with the validation images' score-sum rates.
+  pacc2 pacc for two classes, properly masked or not: the two other classes' faces, rates and sums
+        pooled. The quantity is binary, and the rates of a class seen a few times (13 mask_weared_incorrect
+        faces on a split's validation images) barely differ from with_mask's, which lets the three-class
+        solve trade one for the other; pooled, the system stays well conditioned. The price: the pooled
+        row assumes the validation images' mix of without_mask and mask_weared_incorrect.
 
 Every estimate has a seeded percentile bootstrap interval: each replicate resamples the target
 images (a video: blocks of consecutive frames) and, given the calibration images, those too, so
 the interval covers both the sampling of images and the estimator's own error:
 
-  acc, pacc  the rates they correct with are re-estimated from each replicate's calibration images;
+  acc, pacc, pacc2  their rates are re-estimated from each replicate's calibration images;
   cc, pcc    they have no rates, but their error on the calibration images (estimate minus the true
              share there) is their own bias as far as labelled images can say: each replicate also
              gives the estimate less that error, and the interval spans the percentiles of both the
@@ -49,15 +54,16 @@ from scipy.optimize import nnls
 from .. import defaults as D
 from ..classes import CLASSES, NAME_OF
 
-METHODS = ("cc", "pcc", "acc", "pacc")
+METHODS = ("cc", "pcc", "acc", "pacc", "pacc2")
 METHOD_NAMES = {"cc": "classify and count", "pcc": "probabilistic count (score sums)",
-                "acc": "adjusted count (validation rates)", "pacc": "adjusted probabilistic count"}
-CALIBRATED = ("acc", "pacc")  # the estimators that need the model's calibration (validation) images
+                "acc": "adjusted count (validation rates)", "pacc": "adjusted probabilistic count",
+                "pacc2": "adjusted probabilistic count, masked or not"}
+CALIBRATED = ("acc", "pacc", "pacc2")  # the estimators that need the model's calibration (validation) images
 BOOTSTRAP_CHUNK_DRAWS = 1_000_000  # draw counts per matrix of replicates (8 MB): memory stays flat in n
 UNADJUSTED = ("cc", "pcc")   # the estimators whose interval the calibration images widen by their error there
 # what stands in when an estimator cannot be computed: cc for both adjusted ones, because over the folds of
 # the real data (bench/RESULTS.md) pcc erred twice as much as cc (its score sums lean away from with_mask)
-FALLBACK = {"acc": "cc", "pacc": "cc", "pcc": "cc"}
+FALLBACK = {"acc": "cc", "pacc": "cc", "pacc2": "cc", "pcc": "cc"}
 CONFIDENCE = 0.95
 CALIBRATION_IOU = 0.5  # the confusion matrix's own matching
 WITH_MASK = CLASSES.index("with_mask")
@@ -100,7 +106,7 @@ def calibration_image(pred: dict, target: dict, score_threshold: float, floor: f
 
 def calibration_record(preds, targets, score_threshold: float, chosen_on: str = "validation",
                        floor: float = D.DETECTION_FLOOR) -> dict:
-    """What acc and pacc need from the labelled images a model's threshold was chosen on, per image,
+    """What the adjusted estimators need from the labelled images a model's threshold was chosen on, per image,
     so that a bootstrap can resample them (stored in the model file's meta as "quantification")."""
     return {"chosen_on": chosen_on, "score_threshold": score_threshold, "floor": floor,
             "iou_threshold": CALIBRATION_IOU, "classes": list(CLASSES),
@@ -185,13 +191,24 @@ def _share(sums: np.ndarray) -> float:
 
 
 def rates_per_face(rates: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(per_face (K, K), false_share (K)) from summed *rates* (K+1, K): what the calibration faces of
-    each true class (last row: no face) produced per predicted class; truth (K): calibration faces per
+    """(per_face (k, k), false_share (k)) from summed *rates* (k+1, k): what the calibration faces of
+    each true class (last row: no face) produced per predicted class; truth (k): calibration faces per
     class. per_face[i][j]: what one true class-i face produces as class j (a row of zeros for a class
     without calibration faces); false_share[j]: the share of class j's production on no face."""
-    per_face = np.divide(rates[:K], truth[:, None], out=np.zeros((K, K)), where=truth[:, None] > 0)
+    k = len(truth)
+    per_face = np.divide(rates[:k], truth[:, None], out=np.zeros((k, k)), where=truth[:, None] > 0)
     produced = rates.sum(axis=0)
-    return per_face, np.divide(rates[K], produced, out=np.zeros(K), where=produced > 0)
+    return per_face, np.divide(rates[k], produced, out=np.zeros(k), where=produced > 0)
+
+
+def masked_or_not(observed: np.ndarray, rates: np.ndarray, truth: np.ndarray) -> tuple:
+    """*observed* (K), *rates* (K+1, K) and *truth* (K) with the classes other than with_mask pooled:
+    (2), (3, 2) and (2), with_mask first (pacc2)."""
+    other = [k for k in range(K) if k != WITH_MASK]
+    rows = np.vstack([rates[WITH_MASK], rates[other].sum(axis=0), rates[K]])
+    return (np.array([observed[WITH_MASK], observed[other].sum()]),
+            np.column_stack([rows[:, WITH_MASK], rows[:, other].sum(axis=1)]),
+            np.array([truth[WITH_MASK], truth[other].sum()]))
 
 
 def adjusted_counts(observed: np.ndarray, rates: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -202,17 +219,19 @@ def adjusted_counts(observed: np.ndarray, rates: np.ndarray, truth: np.ndarray) 
     return nnls(per_face.T, observed * (1.0 - false_share))[0]
 
 
-def _adjusted(observed: np.ndarray, rates: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
-    """(share with_mask, estimated faces) of adjusted_counts."""
-    estimated = adjusted_counts(observed, rates, truth)
+def _adjusted(observed: np.ndarray, rates: np.ndarray, truth: np.ndarray, pooled: bool = False) -> tuple[float, float]:
+    """(share with_mask, estimated faces) of adjusted_counts, over the K classes or, *pooled*, over
+    masked_or_not's two (with_mask first)."""
+    estimated = adjusted_counts(*masked_or_not(observed, rates, truth)) if pooled else adjusted_counts(
+        observed, rates, truth)
     total = float(estimated.sum())
-    return (float(estimated[WITH_MASK]) / total if total > 0 else math.nan), total
+    return (float(estimated[0 if pooled else WITH_MASK]) / total if total > 0 else math.nan), total
 
 
 def point_estimate(method: str, counts: np.ndarray, soft: np.ndarray | None,
                    calibration: tuple | None = None) -> tuple[float, float]:
     """(share with_mask, faces it counts) from summed kept *counts* and score sums *soft* of a target;
-    *calibration* is (confusion sums (K+1, K+1), soft sums (K+1, K), truth sums (K)) for acc and pacc."""
+    *calibration* is (confusion sums (K+1, K+1), soft sums (K+1, K), truth sums (K)) for the adjusted estimators."""
     if method == "cc":
         return _share(counts), float(counts.sum())
     if method == "pcc":
@@ -220,8 +239,8 @@ def point_estimate(method: str, counts: np.ndarray, soft: np.ndarray | None,
     confusion, soft_rates, truth = calibration
     if method == "acc":
         return _adjusted(counts, confusion[:, :K], truth)
-    if method == "pacc":
-        return _adjusted(soft, soft_rates, truth)
+    if method in ("pacc", "pacc2"):
+        return _adjusted(soft, soft_rates, truth, pooled=method == "pacc2")
     raise ValueError(f"unknown estimator {method!r}: expected one of {', '.join(METHODS)}")
 
 
@@ -263,14 +282,14 @@ def estimate(units: Units, method: str, calibration: Calibration | None = None, 
     """The percent properly masked by *method*, with its seeded percentile bootstrap interval.
 
     Each replicate draws the target *units* with replacement and, given *calibration*, the calibration
-    images too (acc and pacc: their rates; cc and pcc: their error there, which widens the interval;
+    images too (acc, pacc, pacc2: their rates; cc and pcc: their error there, which widens the interval;
     see the module docstring). Replicates in which no face is found are left out (replicates_defined
     says how many remain). Percent, low and high are None (and `note` says why) when no face is found,
     and the interval is None below two units: one image says nothing about how much images vary.
     """
     if method in CALIBRATED and calibration is None:
         raise ValueError(f"{method} needs the model's calibration images")
-    if method in ("pcc", "pacc") and units.soft is None:
+    if method in ("pcc", "pacc", "pacc2") and units.soft is None:
         raise ValueError(f"{method} needs the score sums of every image")
     n = len(units)
     labelled = Units.from_calibration(calibration) if calibration is not None and method in UNADJUSTED else None
@@ -345,7 +364,8 @@ def available_methods(units: Units, calibration: Calibration | None, calibration
     no_soft = "the score sums of the detections were not recorded (predictions made before they were)"
     return {"cc": None, "pcc": no_soft if units.soft is None else None,
             "acc": calibration_note if calibration is None else None,
-            "pacc": (calibration_note if calibration is None else None) or (no_soft if units.soft is None else None)}
+            **{m: (calibration_note if calibration is None else None) or (no_soft if units.soft is None else None)
+               for m in ("pacc", "pacc2")}}
 
 
 def headline_problems(available: dict, calibration: Calibration | None) -> dict:
@@ -457,44 +477,3 @@ def evaluation_estimates(preds, targets, score_threshold: float, model_calibrati
     report["true_faces"] = int(labelled.truth.sum())
     report["calibration"] = calibration_summary(model_calibration, note)
     return report
-
-
-# ----------------------------------------------------------------------------- words
-
-def interval_text(result: dict) -> str:
-    """'53.2% properly masked (95% interval 44.0-61.5%, 24 images; cc)', or why there is no figure."""
-    if result["percent"] is None:
-        return f"no figure ({result.get('note', 'no faces found')}; {result['units']} {result['unit']}s)"
-    unit = f"{result['units']} {result['unit']}{'s' if result['units'] != 1 else ''}"
-    if result["low"] is None:
-        spread = f"no interval: {result.get('note', 'no defined replicate')}"
-    else:
-        spread = f"{round(100 * result['confidence'])}% interval {result['low']:.1f}-{result['high']:.1f}%"
-    return f"{result['percent']:.1f}% properly masked ({spread}, {unit}; {result['method']})"
-
-
-def estimate_lines(report: dict) -> list[str]:
-    """evaluation.txt's block: every estimator against the truth."""
-    truth = report["true_percent"]
-    lines = [f"Percent properly masked as an estimate (true: {'n/a' if truth is None else f'{truth:.1f}%'} of "
-             f"{report['true_faces']} faces; 95% bootstrap intervals, {report['estimate']['replicates']} replicates, "
-             f"seed {report['estimate']['seed']}):",
-             f"{'estimator':<10}{'percent':>9}{'interval':>17}{'error':>9}{'truth inside':>14}"]
-    for method, result in report["estimates"].items():
-        interval = "n/a" if result["low"] is None else f"{result['low']:.1f}-{result['high']:.1f}"
-        error = "n/a" if result["error_points"] is None else f"{result['error_points']:+.1f}"
-        inside = {True: "yes", False: "no", None: "n/a"}[result["truth_inside"]]
-        percent = "n/a" if result["percent"] is None else f"{result['percent']:.1f}"
-        lines.append(f"{method:<10}{percent:>9}{interval:>17}{error:>9}{inside:>14}")
-    for method, why in report["unavailable"].items():
-        lines.append(f"{method:<10}not computed: {why}")
-    headline = report["estimate"]
-    lines.append(f"headline estimator: {headline['method']}" + (f" ({headline['fallback']})" if "fallback" in headline
-                                                                 else ""))
-    widened = [m for m in UNADJUSTED if report["estimates"].get(m, {}).get("calibration_error_points") is not None]
-    if widened:
-        lines.append(f"{' and '.join(widened)} intervals also span the estimate less its error on the validation "
-                     "images; acc and pacc re-estimate their rates from resamples of them.")
-    else:
-        lines.append("The cc and pcc intervals cover the sampling of images only (no usable validation images).")
-    return lines

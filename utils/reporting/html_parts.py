@@ -153,8 +153,8 @@ def estimates_table(quantification: dict) -> str:
             + f'<p class="muted">True: {percent(quantification.get("true_percent"))} of '
               f'{esc(quantification.get("true_faces", "n/a"))} faces. Headline estimator '
               f'<b>{esc(headline.get("method", "n/a"))}</b>{fallback}. '
-              "Seeded bootstrap intervals: cc and pcc resample the images only; acc and pacc also the validation "
-              "images their rates come from.</p>")
+              "Seeded bootstrap intervals: cc and pcc resample the images only; acc, pacc and pacc2 also the "
+              "validation images their rates come from.</p>")
 
 
 def card(label: str, value: str, sub: str = "", css: str = "") -> str:
