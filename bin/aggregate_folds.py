@@ -7,7 +7,7 @@ the folds it is defined on, the per-fold values), kfold_summary.txt (the same fo
 kfold_folds.png (per-fold values with mean ± std) and aggregate_folds_run.json (run
 record). Metrics: mAP, mAP@0.5, mAP@0.75, mAR@100, the held-out loss, the compliance error
 and the per-image MAE of the percent properly masked, the operating score threshold, and
-per class AP, AP50, AP75 and recall. Per compliance estimator (cc, pcc, acc, pacc:
+per class AP, AP50, AP75 and recall. Per compliance estimator (cc, pcc, acc, pacc, pacc2:
 utils/detection/quantify.py) the error on each fold, the mean absolute error across folds,
 on how many folds the truth lay inside its 95 % interval, and the estimator with the smallest
 mean |error| (what the default estimator should be chosen by, not one split). The held-out

@@ -4,7 +4,7 @@
 Writes OUTPUT_DIR/evaluation.json (map, map_50, map_75, mar_100, per_class {class:
 {ap, ap_50, ap_75, recall}}, confusion_matrix {labels, matrix}, num_images,
 test_loss, compliance {true, predicted, error_points, per_image_mae_points, ...},
-quantification {estimate, estimates {cc, pcc, acc, pacc: percent, low, high (95 % bootstrap
+quantification {estimate, estimates {cc, pcc, acc, pacc, pacc2: percent, low, high (95 % bootstrap
 interval), units, error_points, truth_inside}, true_percent, ...},
 ...), evaluation.txt (the same for people), confusion_matrix.png and
 .csv (rows = true class, columns = predicted, with a background row and column),

@@ -185,7 +185,7 @@ def test_a_missing_calibration_falls_back_and_says_why():
     assert "validation rates" in report["estimate"]["fallback"]
     assert set(report["estimates"]) == {"cc"}
     assert set(report["unavailable"]) == {"pcc", "acc", "pacc", "pacc2"}
-    # the default, pacc, stands in with cc even where pcc could be computed (pcc erred more over the folds)
+    # an adjusted estimator stands in with cc even where pcc could be computed (pcc erred more over the folds)
     with_soft = Units.of([[3, 1, 0], [1, 1, 1]], [[2.5, 1.2, 0.1], [0.9, 1.1, 0.8]])
     report = set_estimates(with_soft, None, calibration_problem(None, 0.5), method="pacc", replicates=20)
     assert report["estimate"]["method"] == "cc" and report["estimate"]["fallback"].startswith("cc instead of pacc")

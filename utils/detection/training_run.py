@@ -149,7 +149,7 @@ def choose_on_validation(trainer: Trainer, has_val: bool) -> tuple[dict | None, 
     log.info("score threshold %.2f: F1 %.3f, compliance error %s points on %d validation images (%s)",
              choice["score_threshold"], choice["f1"], choice["compliance_error_points"], choice["images"],
              choice["criterion"])
-    # Per validation image, at the chosen threshold: what acc and pacc correct new counts with, kept per
+    # Per validation image, at the chosen threshold: what the adjusted estimators correct new counts with, kept per
     # image so that an interval can resample these images too (utils/detection/quantify.py).
     return (size, {**choice, "chosen_on": "validation"},
             calibration_record(preds, targets, choice["score_threshold"]))
