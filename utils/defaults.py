@@ -108,7 +108,7 @@ DETECTION_FLOOR = 0.05         # lowest score kept for the probabilistic counts 
                                # own box_score_thresh, below which Faster R-CNN emits no box anyway
 COMPLIANCE_ESTIMATOR = "pacc2"  # the headline percent properly masked (utils/detection/quantify.py): cc | pcc | acc
                                # | pacc | pacc2. pacc2 had the smallest mean |error| over the held-out folds of 3-fold
-                               # runs on two splits of the real data (bench/RESULTS.md, "Pooling the unmasked
+                               # runs on three splits of the real data (bench/RESULTS.md, "Pooling the unmasked
                                # classes"), with intervals half as wide as pacc's; without the model's validation
                                # rates it falls back to cc
 CALIBRATION_MIN_FACES = 100    # labelled validation faces an adjusted headline (acc, pacc*) needs, else cc stands in
