@@ -125,9 +125,9 @@ def main() -> int:
         pairs = [*args.fold, *([args.final] if args.final else [])]
         try:  # every model's rates are checked before any inference runs
             loaded = [load_with_rates(model) for model, _ in pairs]
-            sets = [{"model": str(model), "images": str(images), "rates": meta["quantification"],
+            sets = [{"model": str(model), "images": str(images), "rates": model_tuple[1]["quantification"],
                      "held_out": held_out_record(model_tuple, images)}
-                    for model_tuple, (model, images), (_, meta, _) in zip(loaded, pairs, loaded)]
+                    for model_tuple, (model, images) in zip(loaded, pairs)]
         except (ValueError, OSError) as error:  # InputError is a ValueError: a missing or unreadable file, no rates
             p.error(str(error))
         final = sets.pop() if args.final else None

@@ -61,6 +61,7 @@ METHOD_NAMES = {"cc": "classify and count", "pcc": "probabilistic count (score s
 CALIBRATED = ("acc", "pacc", "pacc2")  # the estimators that need the model's calibration (validation) images
 BOOTSTRAP_CHUNK_DRAWS = 1_000_000  # draw counts per matrix of replicates (8 MB): memory stays flat in n
 UNADJUSTED = ("cc", "pcc")   # the estimators whose interval the calibration images widen by their error there
+SCORE_SUMS = ("pcc", "pacc", "pacc2")  # the estimators that read the score sums, not the kept counts
 # what stands in when an estimator cannot be computed: cc for both adjusted ones, because over the folds of
 # the real data (bench/RESULTS.md) pcc erred twice as much as cc (its score sums lean away from with_mask)
 FALLBACK = {"acc": "cc", "pacc": "cc", "pacc2": "cc", "pcc": "cc"}
@@ -219,13 +220,12 @@ def adjusted_counts(observed: np.ndarray, rates: np.ndarray, truth: np.ndarray) 
     return nnls(per_face.T, observed * (1.0 - false_share))[0]
 
 
-def _adjusted(observed: np.ndarray, rates: np.ndarray, truth: np.ndarray, pooled: bool = False) -> tuple[float, float]:
-    """(share with_mask, estimated faces) of adjusted_counts, over the K classes or, *pooled*, over
-    masked_or_not's two (with_mask first)."""
-    estimated = adjusted_counts(*masked_or_not(observed, rates, truth)) if pooled else adjusted_counts(
-        observed, rates, truth)
+def _adjusted(observed: np.ndarray, rates: np.ndarray, truth: np.ndarray, with_mask: int = WITH_MASK) -> tuple:
+    """(share with_mask, estimated faces) of adjusted_counts; *with_mask* is that class's index (0 after
+    masked_or_not)."""
+    estimated = adjusted_counts(observed, rates, truth)
     total = float(estimated.sum())
-    return (float(estimated[0 if pooled else WITH_MASK]) / total if total > 0 else math.nan), total
+    return (float(estimated[with_mask]) / total if total > 0 else math.nan), total
 
 
 def point_estimate(method: str, counts: np.ndarray, soft: np.ndarray | None,
@@ -239,8 +239,10 @@ def point_estimate(method: str, counts: np.ndarray, soft: np.ndarray | None,
     confusion, soft_rates, truth = calibration
     if method == "acc":
         return _adjusted(counts, confusion[:, :K], truth)
-    if method in ("pacc", "pacc2"):
-        return _adjusted(soft, soft_rates, truth, pooled=method == "pacc2")
+    if method == "pacc":
+        return _adjusted(soft, soft_rates, truth)
+    if method == "pacc2":
+        return _adjusted(*masked_or_not(soft, soft_rates, truth), with_mask=0)
     raise ValueError(f"unknown estimator {method!r}: expected one of {', '.join(METHODS)}")
 
 
@@ -289,7 +291,7 @@ def estimate(units: Units, method: str, calibration: Calibration | None = None, 
     """
     if method in CALIBRATED and calibration is None:
         raise ValueError(f"{method} needs the model's calibration images")
-    if method in ("pcc", "pacc", "pacc2") and units.soft is None:
+    if method in SCORE_SUMS and units.soft is None:
         raise ValueError(f"{method} needs the score sums of every image")
     n = len(units)
     labelled = Units.from_calibration(calibration) if calibration is not None and method in UNADJUSTED else None
@@ -362,10 +364,8 @@ def estimate(units: Units, method: str, calibration: Calibration | None = None, 
 def available_methods(units: Units, calibration: Calibration | None, calibration_note: str | None) -> dict:
     """{method: None if it can be computed, else why not}."""
     no_soft = "the score sums of the detections were not recorded (predictions made before they were)"
-    return {"cc": None, "pcc": no_soft if units.soft is None else None,
-            "acc": calibration_note if calibration is None else None,
-            **{m: (calibration_note if calibration is None else None) or (no_soft if units.soft is None else None)
-               for m in ("pacc", "pacc2")}}
+    return {m: ((calibration_note if m in CALIBRATED and calibration is None else None)
+                or (no_soft if m in SCORE_SUMS and units.soft is None else None)) for m in METHODS}
 
 
 def headline_problems(available: dict, calibration: Calibration | None) -> dict:
