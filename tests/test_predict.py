@@ -187,16 +187,39 @@ def test_tta_maps_flipped_boxes_back_and_merges_them():
     plain = detect(LeftHalfDetector(), [image])[0]
     assert plain["boxes"].tolist() == [[10.0, 5.0, 30.0, 25.0]]
     for result in detect(LeftHalfDetector(), [image, image], tta=True):
-        boxes = sorted(result["boxes"].tolist())
+        found = sorted(zip(result["boxes"].tolist(), result["scores"].tolist()))
         # The flipped pass finds the right face, mapped back exactly; a wrong un-flip would put it elsewhere.
-        assert boxes == [[10.0, 5.0, 30.0, 25.0], [60.0, 15.0, 80.0, 35.0]]
+        assert sum((box for box, _ in found), []) == pytest.approx([10.0, 5.0, 30.0, 25.0, 60.0, 15.0, 80.0, 35.0])
+        # Fused by weighted box fusion: a face only one of the two passes found keeps half its score.
+        assert [score for _, score in found] == pytest.approx([0.45, 0.45])
 
 
 def test_tta_merges_the_same_face_found_twice():
     image = torch.zeros(3, 40, 100)
     image[:, 5:25, 42:56] = 1.0  # starts left of centre in both the image and its mirror: both passes see it
     result = detect(LeftHalfDetector(), [image], tta=True)[0]
-    assert result["boxes"].tolist() == [[42.0, 5.0, 56.0, 25.0]]  # found twice, one box after NMS
+    assert result["boxes"].reshape(-1).tolist() == pytest.approx([42.0, 5.0, 56.0, 25.0])  # found twice, one fused box
+    assert result["scores"].tolist() == pytest.approx([0.9])
+
+
+class RightBiasedDetector(LeftHalfDetector):
+    """Places every box 2 px right of the rectangle: a left-right bias that the flipped pass mirrors."""
+
+    def forward(self, images):
+        outputs = super().forward(images)
+        for output in outputs:
+            output["boxes"] = output["boxes"] + torch.tensor([2.0, 0.0, 2.0, 0.0])
+        return outputs
+
+
+def test_tta_averages_the_two_passes_boxes():
+    image = torch.zeros(3, 40, 100)
+    image[:, 5:25, 42:56] = 1.0
+    assert detect(RightBiasedDetector(), [image])[0]["boxes"].tolist() == [[44.0, 5.0, 58.0, 25.0]]
+    # The flipped pass puts it 2 px to the left once mapped back; fusing the two (NMS would keep one of
+    # them) averages the bias away.
+    result = detect(RightBiasedDetector(), [image], tta=True)[0]
+    assert result["boxes"].reshape(-1).tolist() == pytest.approx([42.0, 5.0, 56.0, 25.0])
 
 
 def test_detect_applies_the_score_threshold():

@@ -117,8 +117,9 @@ CALIBRATION_MIN_FACES = 100    # labelled validation faces an adjusted headline 
 BOOTSTRAP_REPLICATES = 1000    # resamples behind each 95 % interval of the compliance figure (seeded with SEED)
 VIDEO_BLOCK_SECONDS = 10.0     # a video's interval resamples blocks of this much consecutive video: nearby
                                # frames show the same faces, so single frames are not independent samples
-ENSEMBLE_WBF_IOU = 0.55        # predict --model A B ...: boxes of several models overlapping more than this
-                               # are one face, fused by weighted box fusion (ensemble-boxes' default)
+WBF_IOU = 0.55                 # predict --model A B ... and --tta: boxes of several models (or of the plain and
+                               # the flipped pass) overlapping more than this are one face, fused by weighted
+                               # box fusion (ensemble-boxes' default)
 EXPLAIN_METHOD = "hirescam"    # --explain: hirescam (per box, stays on the evidence the box used) | gradcam | eigencam
 EXPLAIN_MAX_BOXES = 5          # --explain: highest-scoring boxes explained per image (a backward pass each)
 INFERENCE_BATCH_SIZE = 4       # images per model call

@@ -4,11 +4,10 @@
 of float CxHxW images in, one dict of boxes, labels and scores per image out, in the image's
 pixel coordinates), so utils.detection.inference and the predict job use it unchanged. Each
 member runs on every image; the members' boxes are fused per class with weighted box fusion
-(``ensemble_boxes.weighted_boxes_fusion``, Solovyev et al. 2021): boxes of one face from
-different models are averaged, weighted by score, instead of one being kept and the rest
-dropped as NMS does. With flip TTA every member also sees the image flipped left-right, and
-those passes join the fusion as further members (``detect_with_flips``, which
-inference.detect calls when TTA is asked for).
+(utils.detection.inference.fuse_boxes): boxes of one face from different models are averaged,
+weighted by score, instead of one being kept and the rest dropped as NMS does. With flip TTA
+every member also sees the image flipped left-right, and those passes join the fusion as
+further members (``detect_with_flips``, which inference.detect calls when TTA is asked for).
 
 Scores: ``conf_type="avg"`` gives a fused box the mean score of its cluster, scaled down when
 fewer members found it, so a face found by one model in K scores about 1/K of its score.
@@ -18,13 +17,12 @@ chosen on its validation images) unless one is given.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from .. import defaults as D
 from ..errors import InputError
 from .evaluation import load_trained_model
-from .inference import max_detections, unflip_boxes
+from .inference import fuse_boxes, max_detections, unflip_boxes
 
 
 class EnsembleError(InputError):
@@ -34,7 +32,7 @@ class EnsembleError(InputError):
 class BoxFusionEnsemble:
     """Detectors whose boxes are fused with weighted box fusion; called like one detection model."""
 
-    def __init__(self, models, iou_threshold: float = D.ENSEMBLE_WBF_IOU, skip_score: float = 0.0):
+    def __init__(self, models, iou_threshold: float = D.WBF_IOU, skip_score: float = 0.0):
         self.models = list(models)
         if not self.models:
             raise EnsembleError("an ensemble needs at least one model")
@@ -76,21 +74,7 @@ class BoxFusionEnsemble:
         return results
 
     def _fuse(self, members: list[dict], width: int, height: int, device) -> dict:
-        from ensemble_boxes import weighted_boxes_fusion
-
-        scale = np.array([width, height, width, height], dtype=np.float64)
-        boxes = [np.clip(m["boxes"].detach().cpu().double().numpy() / scale, 0.0, 1.0) for m in members]
-        scores = [m["scores"].detach().cpu().double().numpy() for m in members]
-        labels = [m["labels"].detach().cpu().numpy() for m in members]
-        if sum(len(s) for s in scores) == 0:
-            return {"boxes": torch.zeros((0, 4), device=device),
-                    "labels": torch.zeros(0, dtype=torch.int64, device=device), "scores": torch.zeros(0, device=device)}
-        fused_boxes, fused_scores, fused_labels = weighted_boxes_fusion(
-            boxes, scores, labels, iou_thr=self.iou_threshold, skip_box_thr=self.skip_score, conf_type="avg")
-        order = np.argsort(-fused_scores, kind="stable")[: self.max_detections]
-        return {"boxes": torch.as_tensor(fused_boxes[order] * scale, dtype=torch.float32, device=device),
-                "labels": torch.as_tensor(fused_labels[order].astype(np.int64), device=device),
-                "scores": torch.as_tensor(fused_scores[order], dtype=torch.float32, device=device)}
+        return fuse_boxes(members, width, height, device, self.max_detections, self.iou_threshold, self.skip_score)
 
 
 def load_ensemble(paths, device, score_threshold: float | None = None, working_size: int | None = None):
