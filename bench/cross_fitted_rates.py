@@ -40,7 +40,7 @@ def load_with_rates(model_path: Path):
 
     model, meta, threshold, _ = load_trained_model(model_path, torch.device("cpu"))
     stored = meta.get("quantification")
-    problem = Q.calibration_problem(stored, threshold)
+    problem = Q.calibration_problem(stored, threshold, meta["tta"])
     if problem:
         raise ValueError(f"{model_path}: {problem}")
     return model, meta, threshold
@@ -55,14 +55,16 @@ def held_out_record(loaded: tuple, labelled: Path) -> dict:
     from utils.detection.engine import run_inference
     from utils.detection.evaluation import evaluation_loader, labelled_pairs
 
-    model, _, threshold = loaded
+    model, meta, threshold = loaded
     with contextlib.ExitStack() as stack:
         folder = stack.enter_context(open_folder(labelled))
         pairs, _ = labelled_pairs(folder, folder)
         if not pairs:
             raise ValueError(f"{labelled}: no labelled image")
-        preds, targets = run_inference(model, evaluation_loader(pairs, num_workers=0), torch.device("cpu"))
-    return Q.calibration_record(preds, targets, threshold, chosen_on=str(labelled))
+        # run as the jobs run it: at its working size, with flip TTA when it chose it on validation
+        preds, targets = run_inference(model, evaluation_loader(pairs, num_workers=0), torch.device("cpu"),
+                                       tta=meta["tta"])
+    return Q.calibration_record(preds, targets, threshold, chosen_on=str(labelled), tta=meta["tta"])
 
 
 def pooled(records: list[dict]) -> dict:

@@ -4,7 +4,9 @@
 For each --model (a model file bin/train.py wrote, with its own held-out validation set and test set):
 do what bin/train.py now does after training, on the validation images only: try the working sizes of
 utils.detection.inference_size (1x-2x the training size), keep the smallest within the tolerance of the
-best fitness, and choose the score threshold and the compliance estimators' rates again at that size.
+best fitness, then at that size keep flip TTA if it beats the plain pass by more than the same tolerance
+(--no-tta-choice: not tried, as before 2026-12-05), and choose the score threshold and the compliance
+estimators' rates again the way the model will run.
 Then evaluate the test images with the job's own code (utils.detection.evaluation.evaluate_model), once
 as the model file was (its training size, its stored threshold and rates) and once as chosen, and print
 one table: mAP, mAP@0.5, AP50 per class, mAR@100, the compliance error at the threshold, the headline
@@ -28,14 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def evaluate(model, pairs, threshold, calibration, folder):
+def evaluate(model, pairs, threshold, calibration, folder, tta=False):
     import torch
 
     from utils.detection.evaluation import evaluate_model
 
     started = time.perf_counter()
     result = evaluate_model(model, pairs, folder, device=torch.device("cpu"), score_threshold=threshold,
-                            num_workers=0, calibration=calibration)
+                            num_workers=0, calibration=calibration, tta=tta)
     seconds = time.perf_counter() - started
     report = result.report
     estimate = report["quantification"]["estimate"]
@@ -48,14 +50,14 @@ def evaluate(model, pairs, threshold, calibration, folder):
             "evaluate_s": round(seconds, 1)}
 
 
-def measure(model_path: Path, val: Path, test: Path) -> dict:
+def measure(model_path: Path, val: Path, test: Path, tta_choice: bool = True) -> dict:
     import torch
 
     from utils.data.pairs import open_folder
     from utils.detection.compliance import choose_operating_threshold
     from utils.detection.engine import run_inference
     from utils.detection.evaluation import evaluation_loader, labelled_pairs, load_trained_model
-    from utils.detection.inference_size import choose_inference_size, set_inference_size
+    from utils.detection.inference_size import choose_inference_size, choose_tta, set_inference_size
     from utils.detection.quantify import calibration_record
 
     device = torch.device("cpu")
@@ -72,12 +74,18 @@ def measure(model_path: Path, val: Path, test: Path) -> dict:
         started = time.perf_counter()
         size, (preds, targets) = choose_inference_size(model, lambda: run_inference(model, val_loader, device),
                                                        trained_size)
+        if tta_choice:
+            tta, (preds, targets) = choose_tta(lambda: run_inference(model, val_loader, device, tta=True),
+                                               (preds, targets))
+            size = {**size, **tta}
         choice = choose_operating_threshold(preds, targets)
-        calibration = calibration_record(preds, targets, choice["score_threshold"])
+        calibration = calibration_record(preds, targets, choice["score_threshold"], tta=size.get("tta", False))
         choose_s = time.perf_counter() - started
-        print(f"  chosen on validation in {choose_s:.0f} s: {size['image_size']} px, threshold "
-              f"{choice['score_threshold']:g}; {json.dumps(size['candidates'])}", flush=True)
-        after = evaluate(model, test_pairs, choice["score_threshold"], calibration, Path(scratch) / "after")
+        print(f"  chosen on validation in {choose_s:.0f} s: {size['image_size']} px, flip TTA "
+              f"{size.get('tta_fitness', 'not tried')}, threshold {choice['score_threshold']:g}; "
+              f"{json.dumps(size['candidates'])}", flush=True)
+        after = evaluate(model, test_pairs, choice["score_threshold"], calibration, Path(scratch) / "after",
+                         tta=size.get("tta", False))
         print(f"  as chosen: {json.dumps(after)}", flush=True)
         set_inference_size(model, trained_size)
     return {"model": str(model_path), "trained_size": trained_size, "val_images": len(val_pairs),
@@ -99,12 +107,15 @@ def main() -> int:
     p.add_argument("--val", type=Path, nargs="+", required=True, help="each model's validation set (folder or .tar)")
     p.add_argument("--test", type=Path, nargs="+", required=True, help="each model's test set (folder or .tar)")
     p.add_argument("--output", type=Path, default=None, help="JSON file for the rows (default: printed only)")
+    p.add_argument("--no-tta-choice", dest="tta_choice", action="store_false",
+                   help="choose the working size only, as bin/train.py did before 2026-12-05 (what "
+                        "bench/results/inference_size.json was written with) (default: the size, then flip TTA)")
     args = p.parse_args()
     if not len(args.model) == len(args.val) == len(args.test):
         p.error("give one --val and one --test per --model")
     import torch
 
-    rows = [measure(model, val, test) for model, val, test in zip(args.model, args.val, args.test)]
+    rows = [measure(model, val, test, args.tta_choice) for model, val, test in zip(args.model, args.val, args.test)]
     print("\n| model | working size | threshold | mAP | mAP@0.5 | AP50 with / without / incorrect | mAR@100 | "
           "compliance error | headline (interval) | per-image MAE |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -58,9 +58,9 @@ def main(args) -> int:
     output_dir = Path(args.output_dir)
     device = resolve_device(args.device)
     model, meta, score_threshold, source = load_trained_model(args.model, device, args.score_threshold,
-                                                              args.image_size)
+                                                              args.image_size, args.tta)
     print(f"evaluate: score threshold {score_threshold:g} ({source}); working size {meta['working_size']} px "
-          f"({meta['working_size_source']})")
+          f"({meta['working_size_source']}); flip TTA {'on' if meta['tta'] else 'off'} ({meta['tta_source']})")
     with contextlib.ExitStack() as stack:
         images_dir = stack.enter_context(open_folder(args.images))
         same = Path(args.images).resolve() == Path(args.annotations).resolve()
@@ -68,14 +68,15 @@ def main(args) -> int:
         pairs, skipped = labelled_pairs(images_dir, annotations_dir)
         settings = {"model": str(args.model), "backbone": meta.get("backbone"),
                     "image_size": meta.get("image_size"), "working_size": meta["working_size"],
-                    "working_size_source": meta["working_size_source"], "images": str(args.images),
+                    "working_size_source": meta["working_size_source"], "tta": meta["tta"],
+                    "tta_source": meta["tta_source"], "images": str(args.images),
                     "annotations": str(args.annotations)}
         evaluation = evaluate_model(model, pairs, output_dir, device=device,
                                     score_threshold=score_threshold, batch_size=args.batch_size,
                                     num_workers=None if args.workers < 0 else args.workers,
                                     skipped=skipped, settings=settings, progress=sys.stderr.isatty(),
                                     label_map=label_map, tag=args.output_tag,
-                                    calibration=meta.get("quantification"))
+                                    calibration=meta.get("quantification"), tta=meta["tta"])
         inputs = [p.image for p in pairs] + [p.annotation for p in pairs] + [Path(args.model)]
         write_run_record(output_dir / evaluation_output_names(args.output_tag)["evaluate_run.json"], "evaluate",
                          {**vars(args), "device": str(device)}, inputs)

@@ -51,9 +51,6 @@ def get_args_parser():
     parser.add_argument("--output-dir", required=True, help="folder for predictions and compliance files")
     parser.add_argument("--annotated-dir", default=None,
                         help="folder for annotated images (default: OUTPUT_DIR/annotated)")
-    parser.add_argument("--tta", action="store_true",
-                        help="also run each image flipped left-right and fuse both passes' boxes with weighted "
-                             "box fusion (about 2x slower; the threshold and the rates were chosen without it)")
     parser.add_argument("--no-annotated", action="store_true", help="do not write annotated images")
     parser.add_argument("--annotate-max", type=non_negative_int, default=None,
                         help="draw at most N images, spread evenly over the inputs (default: all)")
@@ -89,17 +86,19 @@ def main(args) -> int:
             raise InputError("--explain explains one model's boxes: give one --model, not an ensemble")
         model, meta, score_threshold, source = load_ensemble(args.model, device, args.score_threshold,
                                                              args.image_size)
+        tta, tta_source = bool(args.tta), "--tta" if args.tta else "off: an ensemble makes no choice of its own"
     else:
         model, meta, score_threshold, source = load_trained_model(args.model[0], device, args.score_threshold,
-                                                                  args.image_size)
+                                                                  args.image_size, args.tta)
+        tta, tta_source = meta["tta"], meta["tta_source"]
     print(f"predict: score threshold {score_threshold:g} ({source}); working size {meta['working_size']} px "
-          f"({meta['working_size_source']})")
+          f"({meta['working_size_source']}); flip TTA {'on' if tta else 'off'} ({tta_source})")
     settings = {"model": str(args.model[0]) if len(args.model) == 1 else list(map(str, args.model)),
                 "backbone": meta.get("backbone"), "image_size": meta.get("image_size"),
                 "working_size": meta["working_size"], "score_threshold_source": source}
     with tqdm(desc="predict", unit="img", file=sys.stderr, disable=None) as bar:
         run = predict_images(model, args.images, args.output_dir, annotated_dir=args.annotated_dir, device=device,
-                             score_threshold=score_threshold, tta=args.tta, batch_size=args.batch_size,
+                             score_threshold=score_threshold, tta=tta, batch_size=args.batch_size,
                              num_workers=None if args.workers < 0 else args.workers,
                              annotate=not args.no_annotated, progress=bar.update, settings=settings,
                              annotate_max=args.annotate_max, annotated_tar=args.annotated_tar, tag=args.output_tag,

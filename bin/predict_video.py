@@ -22,7 +22,7 @@ import sys
 from tqdm import tqdm
 
 from utils import defaults as D
-from utils.cli import check_output_tag, fraction, positive_float, positive_int, run_job
+from utils.cli import add_tta_arg, check_output_tag, fraction, positive_float, positive_int, run_job
 from utils.detection.compliance import compliance_line
 from utils.detection.device import resolve_device
 from utils.detection.evaluation import load_trained_model
@@ -44,7 +44,7 @@ def get_args_parser():
     parser.add_argument("--max-seconds", type=positive_float, default=None,
                         help="stop at this video time (default: none)")
     parser.add_argument("--show", action="store_true", help="show the annotated frames in a window (webcam mode)")
-    parser.add_argument("--tta", action="store_true", help="also run each frame flipped and merge (about 2x slower)")
+    add_tta_arg(parser, "frame")
     parser.add_argument("--score-threshold", type=fraction, default=None,
                         help="count detections at or above this score (default: the model's operating threshold)")
     parser.add_argument("--output-tag", default=None,
@@ -57,12 +57,13 @@ def get_args_parser():
 def main(args) -> int:
     check_output_tag(args.output_tag)
     device = resolve_device(args.device)
-    model, meta, threshold, source = load_trained_model(args.model, device, args.score_threshold)
-    print(f"predict_video: score threshold {threshold:g} ({source})")
+    model, meta, threshold, source = load_trained_model(args.model, device, args.score_threshold, tta=args.tta)
+    print(f"predict_video: score threshold {threshold:g} ({source}); flip TTA {'on' if meta['tta'] else 'off'} "
+          f"({meta['tta_source']})")
     with tqdm(desc="frames", unit="frame", file=sys.stderr, disable=None) as bar:
         summary = predict_video(model, device, args.source, args.output_dir, threshold, stride=args.stride,
                                 output_video=args.output_video, show=args.show, max_frames=args.max_frames,
-                                max_seconds=args.max_seconds, tta=args.tta, progress=bar.update,
+                                max_seconds=args.max_seconds, tta=meta["tta"], progress=bar.update,
                                 settings={"model": str(args.model), "score_threshold_source": source},
                                 tag=args.output_tag, calibration=meta.get("quantification"))
     write_run_record(f"{args.output_dir}/{video_output_names(args.output_tag)['run_record']}", "predict_video",

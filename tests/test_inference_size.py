@@ -1,6 +1,6 @@
 """The working size a trained model runs at (utils/detection/inference_size.py): tried on the validation
 images after training, the smallest size scoring within the tolerance of the best kept, and given to every job
-that loads the model unless --image-size says otherwise."""
+that loads the model unless --image-size says otherwise; flip TTA likewise, kept when it earns its time."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from utils import defaults as D
-from utils.detection.inference_size import (candidate_sizes, choose_inference_size, inference_size,
-                                            set_inference_size, working_size)
+from utils.detection.inference_size import (candidate_sizes, choose_inference_size, choose_tta, inference_size,
+                                            inference_tta, set_inference_size, working_size)
 
 TARGET = {"boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0], [50.0, 50.0, 70.0, 70.0]]), "labels": torch.tensor([1, 2])}
 
@@ -77,3 +77,31 @@ def test_a_job_runs_at_the_flag_else_the_stored_choice_else_the_training_size():
     model = fake_model(512)
     set_inference_size(model, 768)
     assert model.transform.min_size == (768,) and model.transform.max_size == 768
+
+
+def one_pass(shift: float, found: int = 2):
+    """A validation pass whose second box is *shift* px off, finding the first *found* faces."""
+    boxes = TARGET["boxes"].clone()
+    boxes[1] += shift
+    pred = {"boxes": boxes[:found], "labels": TARGET["labels"][:found], "scores": torch.tensor([0.9, 0.8])[:found]}
+    return [pred], [TARGET]
+
+
+def test_flip_tta_is_kept_only_when_it_beats_the_plain_pass_by_more_than_the_tolerance():
+    plain = one_pass(shift=3.0)
+    record, (preds, _) = choose_tta(lambda: one_pass(shift=0.0), plain)
+    assert record["tta"] is True and preds[0]["boxes"][1].tolist() == TARGET["boxes"][1].tolist()
+    assert record["tta_fitness"]["flip"] == pytest.approx(1.0)
+    assert record["tta_fitness"]["plain"] < record["tta_fitness"]["flip"] - D.INFERENCE_SIZE_TOLERANCE
+    record, (preds, _) = choose_tta(lambda: one_pass(shift=0.0), plain, tolerance=1.0)  # not worth twice the time
+    assert record["tta"] is False and preds is plain[0]
+    record, _ = choose_tta(lambda: one_pass(shift=3.0, found=1), plain)  # worse with it
+    assert record["tta"] is False
+
+
+def test_a_job_uses_tta_as_flagged_else_as_the_model_chose_else_not():
+    chose = {"inference_size": {"image_size": 768, "chosen_on": "validation", "tta": True}}
+    assert inference_tta(chose, None) == (True, "the model's, chosen on its validation images")
+    assert inference_tta(chose, False) == (False, "--no-tta")
+    assert inference_tta({"inference_size": {"image_size": 768, "tta": False}}, True) == (True, "--tta")
+    assert inference_tta({"image_size": 512}, None)[0] is False  # a model file from before the choice

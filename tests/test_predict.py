@@ -110,6 +110,25 @@ def test_predict_tta_and_archive_input(root, sample_dir, tiny_model_file, tmp_pa
     assert len(list(annotated_dir.glob("annotated_*.jpg"))) == 2
 
 
+@pytest.mark.slow
+def test_predict_uses_flip_tta_as_the_model_chose_unless_told_otherwise(root, sample_dir, tiny_model_file, tmp_path,
+                                                                        capsys):
+    from utils.detection.model import load_model_file, save_model_file
+
+    model, meta = load_model_file(tiny_model_file)
+    chose = save_model_file(tmp_path / "chose.pt", model, {
+        **meta, "inference_size": {"image_size": meta["image_size"], "chosen_on": "validation", "tta": True}})
+    image = sorted((sample_dir / "images").iterdir())[0]
+    common = ["--images", str(image), "--output-dir", str(tmp_path / "out"), "--device", "cpu", "--no-annotated",
+              "--workers", "0"]
+    for flags, expected in (([], True), (["--no-tta"], False)):
+        assert run_predict(root, [*common, "--model", str(chose), *flags]) == 0
+        assert json.loads((tmp_path / "out" / "predictions.json").read_text())["tta"] is expected
+    assert "flip TTA off (--no-tta)" in capsys.readouterr().out
+    assert run_predict(root, [*common, "--model", str(tiny_model_file)]) == 0  # a file without the choice: off
+    assert json.loads((tmp_path / "out" / "predictions.json").read_text())["tta"] is False
+
+
 def test_predict_fails_when_nothing_is_readable(root, tiny_model_file, tmp_path, capsys):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")

@@ -203,6 +203,10 @@ def test_a_missing_calibration_falls_back_and_says_why():
     assert "measured at score >= 0.6" in calibration_problem(record, 0.5)
     assert "--tta" in calibration_problem(record, 0.6, tta=True)
     assert calibration_problem(record, 0.6) is None
+    # rates measured with flip TTA (the model chose it on validation) hold for counts made with it only
+    with_tta = {**record, "tta": True}
+    assert calibration_problem(with_tta, 0.6, tta=True) is None
+    assert "--no-tta" in calibration_problem(with_tta, 0.6)
 
 
 def test_video_frames_resample_in_blocks():

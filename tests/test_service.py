@@ -34,6 +34,7 @@ def test_health_model_and_openapi(client):
     assert info["classes"] == ["with_mask", "without_mask", "mask_weared_incorrect"]
     assert info["backbone"] == "mobilenet_v2_fpn" and info["image_size"] == 128
     assert 0 < info["score_threshold"] <= 1 and info["limits"] == {"max_upload_mb": 1, "max_images": 3}
+    assert info["tta"] is False and "holds no choice" in info["tta_source"]  # each request's default
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/api/health", "/api/model", "/api/predict", "/api/explain"} <= set(paths)
     params = {p["name"] for p in paths["/api/predict"]["post"]["parameters"]}
@@ -48,6 +49,7 @@ def test_predict_two_images_with_compliance_and_annotated_pictures(client, sampl
     assert answer.status_code == 200, answer.text
     body = answer.json()
     assert [image["file"] for image in body["images"]] == ["a.jpg", "b.png"]
+    assert body["tta"] is False  # not asked for: the model's choice (none in this file)
     assert body["score_threshold"] == 0.1 and body["score_threshold_source"] == "query"
     for image in body["images"]:
         assert (image["width"], image["height"]) == (320, 240) or image["width"] > 0

@@ -127,6 +127,12 @@ def test_training_with_held_out_validation_images_chooses_and_stores_the_operati
                                                                        "the model's, chosen on its validation images")
     _, given, _, _ = load_trained_model(out / "model.pt", torch.device("cpu"), working_size=96)
     assert (given["working_size"], given["working_size_source"]) == (96, "--image-size")
+    # flip TTA: tried at the chosen size, kept only when it beats the plain pass by more than the tolerance;
+    # the threshold and the estimators' rates are measured the way the model will run
+    plain, flip = size["tta_fitness"]["plain"], size["tta_fitness"]["flip"]
+    assert size["tta"] == (flip > plain + D.INFERENCE_SIZE_TOLERANCE)
+    assert meta["quantification"]["tta"] == size["tta"] and loaded["tta"] == size["tta"]
+    assert "flip TTA" in result.stderr
     assert meta["val_mode"] == "monitor" and meta["num_val_images"] == 6  # held out, not trained on
     chosen = meta["operating_threshold"]
     assert chosen["chosen_on"] == "validation" and chosen["images"] == 6

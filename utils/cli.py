@@ -227,6 +227,15 @@ def add_model_run_args(parser, threshold_use: str) -> None:
                              f"process (default: {D.DECODE_WORKERS})")
     parser.add_argument("--device", default=D.DEVICE, choices=("auto", "cpu", "cuda"),
                         help=f"where the model runs; auto uses CUDA when available (default: {D.DEVICE})")
+    add_tta_arg(parser, "image")
+
+
+def add_tta_arg(parser, unit: str) -> None:
+    """--tta / --no-tta: flip test-time augmentation, None when neither is given (the model's choice)."""
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"also run each {unit} flipped left-right and fuse both passes' boxes with weighted box "
+                             "fusion (about 2x slower) (default: the model's choice, made on the validation images "
+                             "when it was trained; off for a model without one or an ensemble)")
 
 
 def check_output_tag(tag: str | None) -> None:

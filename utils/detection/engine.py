@@ -154,14 +154,18 @@ def evaluate_loss(model, loader, device, seed: int = 0, progress: bool = False) 
 
 
 @torch.no_grad()
-def run_inference(model, loader, device, progress: bool = False, description: str = "predict"):
-    """(predictions, targets) in original image coordinates, on the CPU, with the model in eval mode."""
+def run_inference(model, loader, device, progress: bool = False, description: str = "predict", tta: bool = False):
+    """(predictions, targets) in original image coordinates, on the CPU, with the model in eval mode; with *tta*
+    each image's plain and flipped passes fused (utils.detection.inference.detect)."""
     from tqdm import tqdm
+
+    from .inference import detect
 
     model.eval()
     predictions, all_targets = [], []
     for images, targets in tqdm(loader, desc=description, unit="batch", disable=not progress, leave=False):
-        outputs = model([image.to(device, non_blocking=True) for image in images])
+        images = [image.to(device, non_blocking=True) for image in images]
+        outputs = detect(model, images, tta=True) if tta else model(images)
         for output, target in zip(outputs, targets):
             predictions.append({k: v.detach().cpu() for k, v in output.items()})
             all_targets.append({"boxes": _plain_tensor(target["boxes"]).cpu(), "labels": target["labels"].cpu()})

@@ -26,7 +26,7 @@ from .engine import evaluate_loss, run_inference
 from ..data.images import ImageError, image_size
 from .inference import default_num_workers
 from ..naming import evaluation_output_names
-from .inference_size import inference_size, set_inference_size
+from .inference_size import inference_size, inference_tta, set_inference_size
 from .model import load_model_file
 from .metrics import compute_coco, detection_confusion_matrix, pr_curves
 from ..data.pairs import pair_folders
@@ -58,16 +58,20 @@ def labelled_pairs(images_dir, annotations_dir):
     return pairing.pairs, skipped
 
 
-def load_trained_model(path, device, score_threshold: float | None = None, working_size: int | None = None):
+def load_trained_model(path, device, score_threshold: float | None = None, working_size: int | None = None,
+                       tta: bool | None = None):
     """(model, meta, score threshold, where it comes from) for a job that runs a trained model: the
     model file loaded and checked, the threshold given, else the one chosen on validation (ModelError
     naming the file when it cannot be used). The model runs at the working size given, else the one
-    chosen on validation (utils/detection/inference_size.py); meta["working_size"] says which, and why."""
+    chosen on validation (utils/detection/inference_size.py); meta["working_size"] says which, and why.
+    meta["tta"] likewise: flip TTA as given, else as chosen on validation."""
     model, meta = load_model_file(path, device)  # refuses a file of other classes (model_file.check_model_meta)
     threshold, source = operating_threshold(meta, score_threshold)
     size, size_source = inference_size(meta, working_size)
     set_inference_size(model, size)
-    return model, {**meta, "working_size": size, "working_size_source": size_source}, threshold, source
+    use_tta, tta_source = inference_tta(meta, tta)
+    return model, {**meta, "working_size": size, "working_size_source": size_source, "tta": use_tta,
+                   "tta_source": tta_source}, threshold, source
 
 
 def dropped_objects(pairs, label_map: LabelMap = NO_LABEL_MAP) -> list[dict]:
@@ -202,18 +206,19 @@ def per_image_errors(preds, targets, pairs, score_threshold: float, iou_threshol
 def evaluate_model(model, pairs, output_dir, device="cpu", score_threshold: float = 0.5, batch_size: int = 4,
                    num_workers: int | None = None, skipped=(), settings: dict | None = None,
                    progress: bool = False, label_map: LabelMap = NO_LABEL_MAP, tag: str | None = None,
-                   calibration: dict | None = None) -> Evaluation:
+                   calibration: dict | None = None, tta: bool = False) -> Evaluation:
     """Evaluate *model* on *pairs* and write evaluation.json/.txt, confusion_matrix.png/.csv, pr_curves.png.
 
     *calibration* is the model file's validation record (meta "quantification"): with it the adjusted
     compliance estimators are judged too; without it (older model files) only cc and pcc, said so.
+    *tta*: flip test-time augmentation (the test loss is the plain model's).
     """
     output_dir = Path(output_dir)
     names = evaluation_output_names(tag)
     device = torch.device(device)
     loader = evaluation_loader(pairs, batch_size=batch_size, num_workers=num_workers, device=device,
                                label_map=label_map)
-    preds, targets = run_inference(model, loader, device, progress=progress, description="evaluate")
+    preds, targets = run_inference(model, loader, device, progress=progress, description="evaluate", tta=tta)
     # torchvision returns losses only in train mode: evaluate_loss runs train mode with BatchNorm kept in
     # eval, no gradients and a fixed sampler seed, so the figure is a true held-out loss.
     losses = evaluate_loss(model, loader, device, progress=progress)
@@ -243,7 +248,7 @@ def evaluate_model(model, pairs, output_dir, device="cpu", score_threshold: floa
         "confusion_matrix": {"labels": labels, "matrix": matrix, "rows": "true", "columns": "predicted",
                              "iou_threshold": CONFUSION_IOU, "score_threshold": score_threshold},
         "compliance": compliance,
-        "quantification": evaluation_estimates(preds, targets, score_threshold, calibration),
+        "quantification": evaluation_estimates(preds, targets, score_threshold, calibration, tta=tta),
         "num_images": len(pairs),
         "num_faces": sum(faces_per_class.values()),
         "faces_per_class": faces_per_class,

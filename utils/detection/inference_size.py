@@ -11,6 +11,10 @@ places their boxes better, when it runs at a larger one: on the real data's vali
 a larger size costs time on every photo, so it has to earn it. bin/train.py stores the choice in the
 model file; ``inference_size`` gives every job that loads the model (evaluate, predict, the service,
 video) the size to run at, ``--image-size`` on those jobs overriding it.
+
+At that size ``choose_tta`` then decides flip test-time augmentation the same way (kept only when it
+earns its doubled time), and ``inference_tta`` gives the jobs the choice, ``--tta``/``--no-tta`` overriding
+it. On the 60-minute model of bench/RESULTS.md it raised validation fitness by 0.015.
 """
 
 from __future__ import annotations
@@ -69,6 +73,30 @@ def choose_inference_size(model, predict, image_size: int, candidates=None,
     record = {"image_size": chosen, "chosen_on": "validation", "criterion": criterion,
               "images": len(predictions[chosen][1]), "candidates": rows}
     return record, predictions[chosen]
+
+
+def choose_tta(predict_flipped, plain: tuple, tolerance: float = D.INFERENCE_SIZE_TOLERANCE) -> tuple[dict, tuple]:
+    """(the record's TTA fields, the (predictions, targets) of the choice): flip TTA (each image also run
+    flipped left-right, the two passes' boxes fused, twice the time) is kept when its fitness on the
+    validation images beats the plain pass's, *plain*, by more than *tolerance*, the rule the working size
+    is chosen by. *predict_flipped* () -> (predictions, targets) runs the model with it."""
+    flipped = predict_flipped()
+    fitness_plain, fitness_flip = fitness(coco_map(*plain)), fitness(coco_map(*flipped))
+    chosen = fitness_plain is not None and fitness_flip is not None and fitness_flip > fitness_plain + tolerance
+    record = {"tta": chosen, "tta_fitness": {"plain": fitness_plain, "flip": fitness_flip},
+              "tta_criterion": f"flip TTA when its fitness beats the plain pass's by more than {tolerance:g}"}
+    return record, (flipped if chosen else plain)
+
+
+def inference_tta(model_meta: dict, given: bool | None) -> tuple[bool, str]:
+    """(flip TTA or not, where it comes from) for a job running a model: the flag when given, else the choice
+    made on validation and stored in the model file, else none."""
+    if given is not None:
+        return bool(given), "--tta" if given else "--no-tta"
+    stored = (model_meta.get("inference_size") or {}).get("tta")
+    if stored is not None:
+        return bool(stored), "the model's, chosen on its validation images"
+    return False, "none: the model file holds no choice (trained before 2026-12-05)"
 
 
 def inference_size(model_meta: dict, given: int | None) -> tuple[int, str]:

@@ -172,7 +172,8 @@ def _check_stored_threshold(record, key: str, path) -> None:
 
 def _check_inference_size(record, path) -> None:
     """The working size train chose on validation (inference_size.choose_inference_size): a mapping or absent,
-    its image_size whole pixels within the limit a model file's image_size has (every image is resized to it)."""
+    its image_size whole pixels within the limit a model file's image_size has (every image is resized to it),
+    its flip TTA choice true or false."""
     if record is None:
         return
     if not isinstance(record, Mapping):
@@ -184,6 +185,8 @@ def _check_inference_size(record, path) -> None:
     if record.get("chosen_on") is not None and not isinstance(record["chosen_on"], str):
         raise ModelError(f"{path}: model metadata inference_size.chosen_on must be text, "
                          f"got {shown(record['chosen_on'])}")
+    if record.get("tta") is not None and not isinstance(record["tta"], bool):  # inference_size.choose_tta
+        raise ModelError(f"{path}: model metadata inference_size.tta must be true or false, got {shown(record['tta'])}")
 
 
 def _check_calibration(record: Mapping, path) -> None:

@@ -106,10 +106,11 @@ def calibration_image(pred: dict, target: dict, score_threshold: float, floor: f
 
 
 def calibration_record(preds, targets, score_threshold: float, chosen_on: str = "validation",
-                       floor: float = D.DETECTION_FLOOR) -> dict:
+                       floor: float = D.DETECTION_FLOOR, tta: bool = False) -> dict:
     """What the adjusted estimators need from the labelled images a model's threshold was chosen on, per image,
-    so that a bootstrap can resample them (stored in the model file's meta as "quantification")."""
-    return {"chosen_on": chosen_on, "score_threshold": score_threshold, "floor": floor,
+    so that a bootstrap can resample them (stored in the model file's meta as "quantification"). *tta*: the
+    predictions were made with flip TTA, so the rates hold only for counts made with it."""
+    return {"chosen_on": chosen_on, "score_threshold": score_threshold, "floor": floor, "tta": bool(tta),
             "iou_threshold": CALIBRATION_IOU, "classes": list(CLASSES),
             "images": [calibration_image(p, t, score_threshold, floor) for p, t in zip(preds, targets, strict=True)]}
 
@@ -126,8 +127,10 @@ def calibration_problem(calibration: dict | None, score_threshold: float, tta: b
     if not math.isclose(float(calibration["score_threshold"]), float(score_threshold)):
         return (f"the validation rates were measured at score >= {calibration['score_threshold']:g}, "
                 f"the counts are made at {score_threshold:g}")
-    if tta:
-        return "the validation rates were measured without --tta"
+    measured = bool(calibration.get("tta", False))  # records from before 2026-12-05 hold no key: without TTA
+    if bool(tta) != measured:
+        return ("the validation rates were measured with flip TTA, these counts without it (--no-tta)" if measured
+                else "the validation rates were measured without flip TTA, these counts with it (--tta)")
     return None
 
 
@@ -463,11 +466,12 @@ def judge(result: dict, truth: float | None) -> None:
 
 
 def evaluation_estimates(preds, targets, score_threshold: float, model_calibration: dict | None,
-                         method: str = D.COMPLIANCE_ESTIMATOR, floor: float = D.DETECTION_FLOOR, **bootstrap) -> dict:
+                         method: str = D.COMPLIANCE_ESTIMATOR, floor: float = D.DETECTION_FLOOR, tta: bool = False,
+                         **bootstrap) -> dict:
     """Every estimator on a labelled set against its true percent: estimate, interval, error in
     points and whether the truth lies inside the interval (evaluation.json's "quantification")."""
-    labelled = Calibration.from_record(calibration_record(preds, targets, score_threshold, "evaluated", floor))
-    note = calibration_problem(model_calibration, score_threshold)
+    labelled = Calibration.from_record(calibration_record(preds, targets, score_threshold, "evaluated", floor, tta))
+    note = calibration_problem(model_calibration, score_threshold, tta)
     calibration = None if note else Calibration.from_record(model_calibration)
     report = set_estimates(Units.from_calibration(labelled), calibration, note, method, **bootstrap)
     truth = true_percent(labelled)

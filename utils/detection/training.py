@@ -337,6 +337,6 @@ class Trainer:
         if predictions is not None:
             self.board.log_validation_images(step, self.val_loader.dataset, *predictions)
 
-    def validation_predictions(self) -> tuple[list[dict], list[dict]]:
-        """(predictions made in eval mode, targets) over the validation loader."""
-        return run_inference(self.eval_model, self.val_loader, self.device)
+    def validation_predictions(self, tta: bool = False) -> tuple[list[dict], list[dict]]:
+        """(predictions made in eval mode, with flip TTA when asked, targets) over the validation loader."""
+        return run_inference(self.eval_model, self.val_loader, self.device, tta=tta)

@@ -20,7 +20,7 @@ from ..atomic import atomic_path, write_text
 from ..cli import print_values
 from ..provenance import inputs_sha256, package_versions, write_run_record
 from .compliance import choose_operating_threshold
-from .inference_size import choose_inference_size
+from .inference_size import choose_inference_size, choose_tta
 from .quantify import calibration_record
 from .recipe import describe, gpu_recipe
 from .stages import parse_stages
@@ -130,20 +130,25 @@ def train_epochs(trainer: Trainer, paths: dict, checkpoint_args: dict, validate_
 
 
 def choose_on_validation(trainer: Trainer, has_val: bool) -> tuple[dict | None, dict, dict | None]:
-    """(the working size the model runs at, the score threshold predict and evaluate use it at, the
-    validation record of the adjusted compliance estimators), each chosen on the held-out validation
-    images when there are some (--val-mode monitor); else no size (the training size stands), the default
-    threshold, said so, and no record. The threshold is chosen at the chosen size."""
+    """(the working size the model runs at and whether with flip TTA, the score threshold predict and evaluate
+    use it at, the validation record of the adjusted compliance estimators), each chosen on the held-out
+    validation images when there are some (--val-mode monitor); else no size (the training size stands, no
+    TTA), the default threshold, said so, and no record. The threshold is chosen at the chosen size and TTA."""
     if not has_val:
         return None, {"score_threshold": D.SCORE_THRESHOLD, "chosen_on": None,
                       "criterion": "the default: no held-out validation images (--val-mode merge or no "
                                    "--val-images)"}, None
-    log.info("Choosing the working size on the validation images")
+    log.info("Choosing the working size and test-time augmentation on the validation images")
     size, (preds, targets) = choose_inference_size(trainer.eval_model, trainer.validation_predictions,
                                                    trainer.params.image_size)
     log.info("working size %d px: %s (%s)", size["image_size"], ", ".join(
         f"{row['image_size']} px mAP@0.5 {row['map_50']:.3f}" for row in size["candidates"]
         if row["map_50"] is not None), size["criterion"])
+    tta, (preds, targets) = choose_tta(lambda: trainer.validation_predictions(tta=True), (preds, targets))
+    size = {**size, **tta}
+    log.info("flip TTA %s: fitness %s plain, %s flipped (%s)", "on" if tta["tta"] else "off",
+             *(f"{value:.4f}" if value is not None else "undefined" for value in tta["tta_fitness"].values()),
+             tta["tta_criterion"])
     log.info("Choosing the operating threshold on the validation images")
     choice = choose_operating_threshold(preds, targets)
     log.info("score threshold %.2f: F1 %.3f, compliance error %s points on %d validation images (%s)",
@@ -152,7 +157,7 @@ def choose_on_validation(trainer: Trainer, has_val: bool) -> tuple[dict | None, 
     # Per validation image, at the chosen threshold: what the adjusted estimators correct new counts with, kept per
     # image so that an interval can resample these images too (utils/detection/quantify.py).
     return (size, {**choice, "chosen_on": "validation"},
-            calibration_record(preds, targets, choice["score_threshold"]))
+            calibration_record(preds, targets, choice["score_threshold"], tta=size["tta"]))
 
 
 def write_model_outputs(trainer: Trainer, record: TrainingRecord, data: TrainingData, args, paths: dict,

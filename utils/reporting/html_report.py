@@ -95,7 +95,8 @@ def summary_section(page: Page) -> None:
         parts.append(f'<p class="muted">{esc(evaluation.get("num_images", "n/a"))} test images, model '
                      f'<code>{esc(evaluation.get("model", "n/a"))}</code> ({esc(evaluation.get("backbone", "n/a"))}, '
                      f'trained at {esc(evaluation.get("image_size", "n/a"))} px, '
-                     f'run at {esc(evaluation.get("working_size", evaluation.get("image_size", "n/a")))} px), '
+                     f'run at {esc(evaluation.get("working_size", evaluation.get("image_size", "n/a")))} px'
+                     f'{" with flip TTA" if evaluation.get("tta") else ""}), '
                      f'mean test loss {number(evaluation.get("test_loss"))}. '
                      f'Counts at the operating score threshold {number(compliance.get("score_threshold"), 2)}; '
                      f'mAP uses every detection.</p>')

@@ -183,6 +183,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return {"classes": list(CLASSES), "colours": colours,
                 "backbone": meta.get("backbone"), "image_size": meta.get("image_size"),
                 "working_size": meta.get("working_size"), "working_size_source": meta.get("working_size_source"),
+                "tta": meta.get("tta"), "tta_source": meta.get("tta_source"),
                 "score_threshold": default_threshold, "score_threshold_source": threshold_source,
                 "operating_threshold": meta.get("operating_threshold"), "detection_floor": DETECTION_FLOOR,
                 "epochs_completed": meta.get("epochs_completed"), "training": meta.get("training"),
@@ -288,7 +289,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
                       score_threshold: float | None = Query(None, ge=0.0, le=1.0,
                                                             description="count detections at or above this score "
                                                                         "(default: the model's operating threshold)"),
-                      tta: bool = Query(False, description="also run each image flipped and merge (about 2x slower)"),
+                      tta: bool | None = Query(None, description="also run each image flipped and fuse both "
+                                                                 "passes' boxes (about 2x slower) (default: the "
+                                                                 "model's choice, made on its validation images)"),
                       annotated: bool = Query(False, description="include each image with its boxes drawn, "
                                                                  "as a JPEG data URL"),
                       explain: bool = Query(False, description="add to each of the best counted detections of "
@@ -300,6 +303,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         if len(files) > config.max_images:
             raise HTTPException(413, f"{len(files)} images in one request; at most {config.max_images} (--max-images)")
         threshold = default_threshold if score_threshold is None else score_threshold
+        tta = meta["tta"] if tta is None else tta
         admit(request)
         try:
             uploads = [await read_upload(request, upload) for upload in files]
