@@ -116,7 +116,8 @@ def calibration_record(preds, targets, score_threshold: float, chosen_on: str = 
 
 
 def calibration_problem(calibration: dict | None, score_threshold: float, tta: bool = False) -> str | None:
-    """Why the model's calibration record cannot correct counts made at *score_threshold* (None: it can)."""
+    """Why the model's calibration record cannot correct counts made at *score_threshold*, with flip TTA or
+    not as *tta* says (None: it can)."""
     if not calibration:
         return ("the model file holds no validation rates (trained before they were stored, or without "
                 "validation images; an ensemble has none of its own)")
