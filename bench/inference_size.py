@@ -75,8 +75,7 @@ def measure(model_path: Path, val: Path, test: Path, tta_choice: bool = True) ->
         size, (preds, targets) = choose_inference_size(model, lambda: run_inference(model, val_loader, device),
                                                        trained_size)
         if tta_choice:
-            tta, (preds, targets) = choose_tta(lambda: run_inference(model, val_loader, device, tta=True),
-                                               (preds, targets))
+            tta, (preds, targets) = choose_tta((preds, targets), run_inference(model, val_loader, device, tta=True))
             size = {**size, **tta}
         choice = choose_operating_threshold(preds, targets)
         calibration = calibration_record(preds, targets, choice["score_threshold"], tta=size.get("tta", False))

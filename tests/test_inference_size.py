@@ -89,13 +89,13 @@ def one_pass(shift: float, found: int = 2):
 
 def test_flip_tta_is_kept_only_when_it_beats_the_plain_pass_by_more_than_the_tolerance():
     plain = one_pass(shift=3.0)
-    record, (preds, _) = choose_tta(lambda: one_pass(shift=0.0), plain)
+    record, (preds, _) = choose_tta(plain, one_pass(shift=0.0))
     assert record["tta"] is True and preds[0]["boxes"][1].tolist() == TARGET["boxes"][1].tolist()
     assert record["tta_fitness"]["flip"] == pytest.approx(1.0)
     assert record["tta_fitness"]["plain"] < record["tta_fitness"]["flip"] - D.INFERENCE_SIZE_TOLERANCE
-    record, (preds, _) = choose_tta(lambda: one_pass(shift=0.0), plain, tolerance=1.0)  # not worth twice the time
+    record, (preds, _) = choose_tta(plain, one_pass(shift=0.0), tolerance=1.0)  # not worth twice the time
     assert record["tta"] is False and preds is plain[0]
-    record, _ = choose_tta(lambda: one_pass(shift=3.0, found=1), plain)  # worse with it
+    record, _ = choose_tta(plain, one_pass(shift=3.0, found=1))  # worse with it
     assert record["tta"] is False
 
 

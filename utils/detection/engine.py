@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from .inference import detect
 
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
 
@@ -158,8 +159,6 @@ def run_inference(model, loader, device, progress: bool = False, description: st
     """(predictions, targets) in original image coordinates, on the CPU, with the model in eval mode; with *tta*
     each image's plain and flipped passes fused (utils.detection.inference.detect)."""
     from tqdm import tqdm
-
-    from .inference import detect
 
     model.eval()
     predictions, all_targets = [], []

@@ -75,12 +75,11 @@ def choose_inference_size(model, predict, image_size: int, candidates=None,
     return record, predictions[chosen]
 
 
-def choose_tta(predict_flipped, plain: tuple, tolerance: float = D.INFERENCE_SIZE_TOLERANCE) -> tuple[dict, tuple]:
+def choose_tta(plain: tuple, flipped: tuple, tolerance: float = D.INFERENCE_SIZE_TOLERANCE) -> tuple[dict, tuple]:
     """(the record's TTA fields, the (predictions, targets) of the choice): flip TTA (each image also run
     flipped left-right, the two passes' boxes fused, twice the time) is kept when its fitness on the
-    validation images beats the plain pass's, *plain*, by more than *tolerance*, the rule the working size
-    is chosen by. *predict_flipped* () -> (predictions, targets) runs the model with it."""
-    flipped = predict_flipped()
+    validation images, *flipped* (predictions, targets), beats the plain pass's, *plain*, by more than
+    *tolerance*, the rule the working size is chosen by."""
     fitness_plain, fitness_flip = fitness(coco_map(*plain)), fitness(coco_map(*flipped))
     chosen = fitness_plain is not None and fitness_flip is not None and fitness_flip > fitness_plain + tolerance
     record = {"tta": chosen, "tta_fitness": {"plain": fitness_plain, "flip": fitness_flip},

@@ -144,7 +144,7 @@ def choose_on_validation(trainer: Trainer, has_val: bool) -> tuple[dict | None, 
     log.info("working size %d px: %s (%s)", size["image_size"], ", ".join(
         f"{row['image_size']} px mAP@0.5 {row['map_50']:.3f}" for row in size["candidates"]
         if row["map_50"] is not None), size["criterion"])
-    tta_choice, (preds, targets) = choose_tta(lambda: trainer.validation_predictions(tta=True), (preds, targets))
+    tta_choice, (preds, targets) = choose_tta((preds, targets), trainer.validation_predictions(tta=True))
     size = {**size, **tta_choice}  # stored with the size: both say how the model runs
     log.info("flip TTA %s: fitness %s plain, %s flipped (%s)", "on" if size["tta"] else "off",
              *(f"{value:.4f}" if value is not None else "undefined" for value in size["tta_fitness"].values()),
