@@ -70,6 +70,8 @@ def held_out_record(loaded: tuple, labelled: Path) -> dict:
 def pooled(records: list[dict]) -> dict:
     """One record of the images of *records* (pacc reads only their truth and score sums, which pool;
     the confusion matrices were counted at each model's own threshold, so acc is not computed)."""
+    if len({bool(record.get("tta", False)) for record in records}) > 1:
+        raise ValueError("the records were made with and without flip TTA: their rates do not pool")
     return {**records[0], "chosen_on": "pooled", "images": [image for record in records for image in record["images"]]}
 
 

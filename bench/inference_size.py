@@ -68,7 +68,8 @@ def measure(model_path: Path, val: Path, test: Path, tta_choice: bool = True) ->
         test_pairs, _ = labelled_pairs(test_dir, test_dir)
         print(f"{model_path}: trained at {trained_size} px; {len(val_pairs)} validation, {len(test_pairs)} test "
               "images", flush=True)
-        before = evaluate(model, test_pairs, stored_threshold, meta.get("quantification"), Path(scratch) / "before")
+        before = evaluate(model, test_pairs, stored_threshold, meta.get("quantification"), Path(scratch) / "before",
+                          tta=meta["tta"])
         print(f"  as stored: {json.dumps(before)}", flush=True)
         val_loader = evaluation_loader(val_pairs, num_workers=0)
         started = time.perf_counter()

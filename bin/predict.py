@@ -86,7 +86,8 @@ def main(args) -> int:
             raise InputError("--explain explains one model's boxes: give one --model, not an ensemble")
         model, meta, score_threshold, source = load_ensemble(args.model, device, args.score_threshold,
                                                              args.image_size)
-        tta, tta_source = bool(args.tta), "--tta" if args.tta else "off: an ensemble makes no choice of its own"
+        tta = bool(args.tta)
+        tta_source = {True: "--tta", False: "--no-tta", None: "an ensemble makes no choice of its own"}[args.tta]
     else:
         model, meta, score_threshold, source = load_trained_model(args.model[0], device, args.score_threshold,
                                                                   args.image_size, args.tta)

@@ -154,3 +154,26 @@ def test_service_explain_of_a_box_the_model_did_not_find_is_422(client, sample_d
                          files=_upload(sample_dir, "file"))
     assert answer.status_code == 422
     assert "finds no mask_weared_incorrect detection overlapping box 0,0,1,1" in answer.json()["detail"]
+
+
+def test_a_model_that_chose_tta_is_run_with_it_and_its_boxes_explained(tiny_model_file, sample_dir, tmp_path):
+    """The service follows the model's flip TTA choice (a request's tta overrides it), and /api/explain finds
+    each box /api/predict returned, fused ones included."""
+    from fastapi.testclient import TestClient
+
+    from utils.detection.model import load_model_file, save_model_file
+    from utils.service.app import ServiceConfig, create_app
+
+    model, meta = load_model_file(tiny_model_file)
+    chose = save_model_file(tmp_path / "chose.pt", model, {
+        **meta, "inference_size": {"image_size": meta["image_size"], "chosen_on": "validation", "tta": True}})
+    with TestClient(create_app(ServiceConfig(model_path=chose))) as client:
+        assert client.get("/api/model").json()["tta"] is True
+        body = client.post("/api/predict?score_threshold=0.05", files=_upload(sample_dir)).json()
+        assert body["tta"] is True
+        assert client.post("/api/predict?tta=false", files=_upload(sample_dir)).json()["tta"] is False
+        for target in body["images"][0]["detections"][:3]:
+            answer = client.post("/api/explain", files=_upload(sample_dir, "file"),
+                                 params={"box": ",".join(map(str, target["box"])), "label": target["label"]})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["box"] == pytest.approx(target["box"], abs=0.06)  # predict rounds to 0.1 px

@@ -95,7 +95,7 @@ def inference_tta(model_meta: dict, given: bool | None) -> tuple[bool, str]:
     stored = (model_meta.get("inference_size") or {}).get("tta")
     if stored is not None:
         return bool(stored), "the model's, chosen on its validation images"
-    return False, "none: the model file holds no choice (trained before 2026-12-05)"
+    return False, "none: the model file holds no choice (trained before 2026-12-05, or without validation images)"
 
 
 def inference_size(model_meta: dict, given: int | None) -> tuple[int, str]:

@@ -270,8 +270,10 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return outputs, explained
 
     def explain_box(tensor: torch.Tensor, box: list[float], label: int, method: str):
-        """The explanation of the model's detection of class *label* at *box*, or None if it finds none there."""
-        out = detect(model, [to_model_input(tensor, device)], score_threshold=DETECTION_FLOOR)[0]
+        """The explanation of the model's detection of class *label* at *box*, or None if it finds none there.
+        The box is looked for among the detections /api/predict returns (with flip TTA when the model chose it);
+        the heat map is the plain pass's evidence for it."""
+        out = detect(model, [to_model_input(tensor, device)], tta=meta["tta"], score_threshold=DETECTION_FLOOR)[0]
         candidates = (out["labels"] == label).nonzero().flatten()
         if len(candidates) == 0:
             return None
