@@ -51,6 +51,10 @@ def get_args_parser():
                       help="monitor: train on train only, log val loss and mAP every epoch and choose the "
                            "score threshold on val; merge: train on train+val (default: "
                            f"{D.VAL_MODE})")
+    data.add_argument("--keep", choices=["best", "last"], default=D.KEEP_WEIGHTS,
+                      help="the weights the model file keeps: best, the epoch of the highest validation fitness "
+                           "(0.1 mAP@0.5 + 0.9 mAP, measured every epoch with --val-mode monitor; the last epoch "
+                           f"without validation images), or last (default: {D.KEEP_WEIGHTS})")
     add_label_map_arg(data)
     # Hyperparameter flags default to None ("not given") so that a --params file can set them; a flag the file may
     # also set takes its type from PARAM_TYPES, so both are refused alike.
@@ -204,7 +208,7 @@ def main(args) -> int:
 
         log.info("Creating model")
         trainer = Trainer(params, data.train_pairs, device, val_pairs=data.val_pairs or None, plan=plan,
-                          progress=not args.no_progress, label_map=label_map)
+                          progress=not args.no_progress, label_map=label_map, keep=args.keep)
         resume_and_watch(trainer, paths["checkpoint"], args, stack)
 
         log.info("Start training")
@@ -218,8 +222,9 @@ def main(args) -> int:
     if record.budget_plan is not None:
         first, final = record.budget_plan
         log.info("time budget plan: --budget-plan %s,%d replays it", "none" if first is None else first, final)
-    print(f"train: {trainer.completed_epochs} epochs, final loss {final_loss:.4f}, {len(data.skipped)} inputs "
-          f"skipped; model written to {paths['output']}")
+    print(f"train: {trainer.completed_epochs} epochs, final loss {final_loss:.4f}, weights of epoch "
+          f"{record.kept['epoch']} kept ({record.kept['rule']}), {len(data.skipped)} inputs skipped; model written "
+          f"to {paths['output']}")
     return 0
 
 

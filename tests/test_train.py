@@ -134,6 +134,8 @@ def test_training_with_held_out_validation_images_chooses_and_stores_the_operati
     assert meta["quantification"]["tta"] == size["tta"] and loaded["tta"] == size["tta"]
     assert "flip TTA" in result.stderr
     assert meta["val_mode"] == "monitor" and meta["num_val_images"] == 6  # held out, not trained on
+    assert (meta["kept_weights"]["rule"], meta["kept_weights"]["epoch"]) == ("best", 1)  # --keep best, one epoch
+    assert "weights of epoch 1 kept (best)" in result.stdout
     chosen = meta["operating_threshold"]
     assert chosen["chosen_on"] == "validation" and chosen["images"] == 6
     assert chosen["score_threshold"] in [row["score_threshold"] for row in chosen["candidates"]]
@@ -248,3 +250,56 @@ def test_params_file_then_flags_override(tmp_path):
     params = resolve_params(flags, values)
     assert (params.lr, params.momentum, params.trainable_layers) == (0.05, 0.85, 4)
     assert params.weight_decay == TrainParams().weight_decay
+
+
+@pytest.mark.training
+def test_keep_best_loads_the_epoch_of_the_highest_validation_fitness_and_a_resume_keeps_it(tiny_dir, tmp_path):
+    pairs = tiny_pairs(tiny_dir)
+    device = torch.device("cpu")
+    params = TrainParams(**{**TINY, "epochs": 4, "lr": 0.05})
+    checkpoint = tmp_path / "checkpoint.pt"
+    trainer = Trainer(params, pairs, device, val_pairs=pairs, progress=False, keep="best")
+    snapshots, fitnesses = [], []
+    while not trainer.finished:
+        row = trainer.run_epoch(validate_map=True)
+        snapshots.append(copy.deepcopy(trainer.eval_model.state_dict()))
+        fitnesses.append(row.val_fitness)
+        if row.epoch == 2:
+            trainer.checkpoint(checkpoint, {"test": True})
+    assert all(value is not None for value in fitnesses)
+    best_epoch = fitnesses.index(max(fitnesses)) + 1  # the first of equals: a later tie is no improvement
+    assert [row["val_fitness"] for row in trainer.history] == fitnesses
+
+    kept = trainer.load_kept_weights()
+    assert (kept["rule"], kept["epoch"], kept["last_epoch"]) == ("best", best_epoch, 4)
+    assert kept["val_fitness"] == max(fitnesses) and kept["last_val_fitness"] == fitnesses[-1]
+    for name, value in trainer.eval_model.state_dict().items():
+        assert torch.equal(value, snapshots[best_epoch - 1][name]), name
+    assert trainer.record().kept == kept
+    # whichever epoch the numbers made best here, an earlier best's weights replace the last ones
+    trainer.best = {"epoch": 1, "fitness": float("inf"), "model": snapshots[0]}
+    assert trainer.load_kept_weights()["epoch"] == 1
+    for name, value in trainer.eval_model.state_dict().items():
+        assert torch.equal(value, snapshots[0][name]), name
+
+    # the checkpoint carries the best so far: a resumed run keeps choosing among every epoch
+    resumed = Trainer(params, pairs, device, val_pairs=pairs, progress=False, keep="best")
+    assert resumed.resume(checkpoint) == 2
+    best_of_two = fitnesses[:2].index(max(fitnesses[:2])) + 1
+    assert resumed.best["epoch"] == best_of_two
+    for name, value in resumed.best["model"].items():
+        assert torch.equal(value, snapshots[best_of_two - 1][name]), name
+
+
+@pytest.mark.training
+def test_keep_best_without_validation_keeps_the_last_epoch_and_says_why(tiny_dir):
+    trainer = Trainer(TrainParams(**{**TINY, "epochs": 1}), tiny_pairs(tiny_dir), torch.device("cpu"),
+                      progress=False, keep="best")
+    trainer.run_epoch()
+    before = copy.deepcopy(trainer.eval_model.state_dict())
+    kept = trainer.load_kept_weights()
+    assert (kept["rule"], kept["epoch"]) == ("last", 1) and "no validation fitness" in kept["note"]
+    for name, value in trainer.eval_model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    with pytest.raises(ValueError, match="keep must be"):
+        Trainer(TrainParams(**TINY), tiny_pairs(tiny_dir), torch.device("cpu"), progress=False, keep="first")

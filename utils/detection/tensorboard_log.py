@@ -117,7 +117,7 @@ class TrainBoard:
         self._window = {}
 
     def log_epoch(self, step: int, row: dict) -> None:
-        """An epoch row (EpochRow.flat()) at the epoch's last global *step*."""
+        """An epoch row (an EpochRow as a dict) at the epoch's last global *step*."""
         self.flush_steps()  # the epoch's last steps, when they do not fill a window
         scalars = {"train/epoch_loss": row.get("train_loss"), "train/epoch": row.get("epoch"),
                    "train/stage": row.get("stage"), "train/images_per_s": row.get("images_per_s"),

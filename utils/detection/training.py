@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -67,23 +67,19 @@ class EpochRow:
     val_map: float | None = None
     val_map_50: float | None = None
     stage: int = 1  # 1-based stage of a staged run (--stages); 1 for a one-stage run
-    extra: dict = field(default_factory=dict)
-
-    def flat(self) -> dict:
-        row = asdict(self)
-        row.update(row.pop("extra"))
-        return row
+    val_fitness: float | None = None
 
 
 @dataclass(frozen=True)
 class TrainingRecord:
     """What a run trained: its plan (a budget's fitted one), the budget plan --budget-plan replays, the RoI
-    batch size the box head sampled and the per-epoch history."""
+    batch size the box head sampled, the per-epoch history and which epoch's weights it kept."""
 
     plan: TrainingPlan
     budget_plan: tuple[int | None, int] | None
     roi_batch_size: int
     history: tuple[dict, ...]
+    kept: dict
 
 
 class Trainer:
@@ -102,8 +98,13 @@ class Trainer:
     """
 
     def __init__(self, params: TrainParams, train_pairs, device, val_pairs=None, progress: bool = True,
-                 label_map: LabelMap = NO_LABEL_MAP, plan: TrainingPlan | None = None):
+                 label_map: LabelMap = NO_LABEL_MAP, plan: TrainingPlan | None = None, keep: str = "last"):
+        if keep not in ("best", "last"):
+            raise ValueError(f"keep must be 'best' or 'last', got {keep!r}")
         self.settings = params  # frozen: never written, here or by the caller
+        self.keep = keep
+        # keep="best": the epoch of the highest validation fitness so far, {epoch, fitness, model (CPU state)}
+        self.best: dict | None = None
         self.plan = plan if plan is not None else make_plan(params)
         self.device = device
         self.progress = progress
@@ -176,7 +177,29 @@ class Trainer:
         return self.plan.requested_stages
 
     def record(self) -> TrainingRecord:
-        return TrainingRecord(self.plan, self.plan.budget_plan, self.roi_batch_size, tuple(self.history))
+        return TrainingRecord(self.plan, self.plan.budget_plan, self.roi_batch_size, tuple(self.history),
+                              self.kept_weights())
+
+    def kept_weights(self) -> dict:
+        """Which epoch's weights eval_model holds for the model file: with keep="best" and a validated run, the
+        epoch of the highest validation fitness (its weights loaded here, once training is over); else the last."""
+        last = self.history[-1] if self.history else {}
+        kept = {"rule": self.keep, "epoch": self.completed_epochs, "val_fitness": last.get("val_fitness"),
+                "last_epoch": self.completed_epochs, "last_val_fitness": last.get("val_fitness")}
+        if self.keep == "best" and self.best is None:
+            return {**kept, "rule": "last", "note": "no validation fitness was measured (no held-out validation "
+                                                    "images): the last epoch's weights"}
+        if self.keep == "best":
+            kept.update(epoch=self.best["epoch"], val_fitness=self.best["fitness"])
+        return kept
+
+    def load_kept_weights(self) -> dict:
+        """After training: load the kept epoch's weights into eval_model (a no-op for the last); returns
+        :meth:`kept_weights`. The checkpoint keeps the last epoch's, so a resumed run trains on from there."""
+        kept = self.kept_weights()
+        if kept["epoch"] != self.completed_epochs:
+            self.eval_model.load_state_dict(self.best["model"])
+        return kept
 
     # -- the plan ----------------------------------------------------------------------------
     def _follow(self, plan: TrainingPlan) -> None:
@@ -248,12 +271,14 @@ class Trainer:
         if self.ema is not None and extra.get("ema") is not None:
             self.ema.load_state_dict(extra["ema"])
         self.history = list(payload.get("history", []))
+        if self.keep == "best":
+            self.best = extra.get("best")
         return self.completed_epochs
 
     def checkpoint(self, path, args: dict) -> None:
         args = {**args, "params": self.params.to_dict()}  # as trained
         extra = {"ema": self.ema.state_dict() if self.ema is not None else None, "stage_index": self.stage_index,
-                 "stages_requested": self.plan.requested_record()}
+                 "stages_requested": self.plan.requested_record(), "best": self.best}
         save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.completed_epochs, args,
                         scaler=self.scaler, history=self.history, extra=extra)
 
@@ -310,11 +335,16 @@ class Trainer:
             row.val_loss = evaluate_loss(self.eval_model, self.val_loader, self.device).get("loss")
         predictions = None
         if self.val_loader is not None and validate_map:
-            from .metrics import coco_map  # torchmetrics: imported when a run validates its mAP
+            from .metrics import coco_map, fitness  # torchmetrics: imported when a run validates its mAP
 
             predictions = self.validation_predictions()
             summary = coco_map(*predictions)
-            row.val_map, row.val_map_50 = summary["map"], summary["map_50"]
+            row.val_map, row.val_map_50, row.val_fitness = summary["map"], summary["map_50"], fitness(summary)
+            if self.keep == "best" and row.val_fitness is not None and (
+                    self.best is None or row.val_fitness > self.best["fitness"]):
+                self.best = {"epoch": epoch + 1, "fitness": row.val_fitness,
+                             "model": {key: value.detach().to("cpu", copy=True)
+                                       for key, value in self.eval_model.state_dict().items()}}
         validation_s = time.perf_counter() - validation_started
         self.completed_epochs = epoch + 1
         if self.board is not None:
@@ -322,14 +352,14 @@ class Trainer:
         if self.budget is not None and self.completed_epochs == 1:
             final = self.budget.fit_after_epoch(stats["steps"], stats["seconds"], validation_s)
             self._follow(self.plan.fitted(self._first_fit, final, self.steps_per_epoch))
-        self.history.append(row.flat())
+        self.history.append(asdict(row))
         return row
 
     def _log_epoch(self, row: EpochRow, predictions: tuple[list[dict], list[dict]] | None) -> None:
         """The epoch's row, validation F1 at the board's score threshold and a few annotated validation images."""
         from .compliance import detection_f1
 
-        values = row.flat()
+        values = asdict(row)
         if predictions is not None:
             values["val_f1"] = detection_f1(*predictions, score_threshold=self.board.score_threshold)["f1"]
         step = self.steps_done()

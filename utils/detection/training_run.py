@@ -115,7 +115,8 @@ def epoch_line(row, plan: TrainingPlan) -> str:
 
 
 def train_epochs(trainer: Trainer, paths: dict, checkpoint_args: dict, validate_map: bool) -> TrainingRecord:
-    """Train to the plan; after every epoch the checkpoint, the metrics CSV and the loss plot are written."""
+    """Train to the plan; after every epoch the checkpoint, the metrics CSV and the loss plot are written. Then
+    the kept epoch's weights (--keep) are loaded for the model file."""
     while not trainer.finished:
         row = trainer.run_epoch(validate_map=validate_map)
         trainer.checkpoint(paths["checkpoint"], checkpoint_args)
@@ -126,6 +127,13 @@ def train_epochs(trainer: Trainer, paths: dict, checkpoint_args: dict, validate_
         raise TrainingDataError(f"{paths['checkpoint']}: holds no training history; delete it and rerun")
     write_metrics_csv(paths["metrics_csv"], trainer.history)  # also on a rerun that had nothing left to train
     plot_loss_curve(paths["loss_plot"], trainer.history)
+    kept = trainer.load_kept_weights()
+    if kept["epoch"] != kept["last_epoch"]:
+        log.info("keeping epoch %d's weights: the best validation fitness, %.4f (the last epoch, %d, had %.4f)",
+                 kept["epoch"], kept["val_fitness"], kept["last_epoch"], kept["last_val_fitness"])
+    else:
+        log.info("keeping the last epoch's weights (%s)", kept.get("note") or (
+            f"--keep {kept['rule']}" if kept["rule"] == "last" else "it had the best validation fitness"))
     return trainer.record()
 
 
@@ -162,7 +170,7 @@ def choose_on_validation(trainer: Trainer, has_val: bool) -> tuple[dict | None, 
 
 def write_model_outputs(trainer: Trainer, record: TrainingRecord, data: TrainingData, args, paths: dict,
                         label_map, device) -> float:
-    """The model file (the EMA weights when kept, the operating threshold, the parameters as trained), the
+    """The model file (the kept epoch's weights, EMA when kept, the operating threshold, the parameters as trained), the
     packed TensorBoard events and the run record; returns the final training loss."""
     size, operating, calibration = choose_on_validation(trainer, bool(data.val_pairs))
     trained = trainer.params.to_dict()  # the plan as trained: a budget's fitted epochs, stages and steps
@@ -177,6 +185,7 @@ def write_model_outputs(trainer: Trainer, record: TrainingRecord, data: Training
         meta["params_file"] = str(args.params)
     if size is not None:
         meta["inference_size"] = size
+    meta["kept_weights"] = record.kept
     meta["operating_threshold"] = operating
     if calibration is not None:
         meta["quantification"] = calibration
@@ -190,6 +199,7 @@ def write_model_outputs(trainer: Trainer, record: TrainingRecord, data: Training
             pack_events(args.tensorboard_dir, args.tensorboard_tar)
             log.info("TensorBoard events packed into %s", args.tensorboard_tar)
     summary = {"output": str(paths["output"]), "epochs": trainer.completed_epochs, "final_train_loss": final_loss,
+               "kept_epoch": record.kept["epoch"],
                "working_size": size["image_size"] if size is not None else trainer.params.image_size,
                "weights": trainer.model.weights_report.message,
                "stages": trainer.describe_stages() if record.plan.staged else None}
