@@ -142,7 +142,7 @@ def run_one(name, images, annotations, args, device, limit=None, recipe=None):
     from utils.detection.compliance import choose_operating_threshold, compliance_error
     from utils.detection.engine import run_inference
     from utils.detection.metrics import coco_map
-    from utils.detection.recipe import describe
+    from utils.detection.params import describe
     from utils.detection.params import TrainParams
     from utils.detection.recipe import make_loader
     from utils.detection.training import Trainer

@@ -23,14 +23,11 @@ import sys
 from pathlib import Path
 
 from utils import defaults as D
-from utils.classes import LabelMap
 from utils.cli import add_label_map_arg, positive_float, positive_int, random_seed, run_job, worker_count
-from utils.detection.device import resolve_device
 from utils.detection.model import BACKBONES
 from utils.detection.recipe import check_budget_plan
-from utils.detection.tensorboard_log import TensorBoardError
 from utils.detection.params import PARAM_CHOICES, PARAM_TYPES
-from utils.detection.training import Trainer, TrainingDataError
+from utils.detection.training import Trainer
 from utils.detection.training_run import (open_training_data, resolve_training, resume_and_watch, train_epochs,
                                           write_model_outputs)
 from utils.errors import InputError
@@ -191,24 +188,19 @@ def budget_plan_arg(text: str) -> list:
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     paths = output_paths(args)
+    settings = resolve_training(args)  # every check of the flags, the schedule's in the plan
     stop_on_sigterm()  # a pool's SIGTERM stops after the current step; the last epoch's checkpoint is kept
     declare_outputs(paths["output"], paths["metrics_csv"], paths["loss_plot"], paths["run_record"],
                     args.tensorboard_tar, checkpoints=[paths["checkpoint"]])  # stand-ins if SIGTERM stops it
-    if args.tensorboard_tar and not args.tensorboard_dir:
-        raise TensorBoardError("--tensorboard-tar needs --tensorboard-dir (the folder it packs)")
-    if args.val_images and not args.val_annotations:
-        raise TrainingDataError("--val-images needs --val-annotations")
-    label_map = LabelMap.parse(args.label_map)
-    device = resolve_device(args.device)
-    params, plan = resolve_training(args, device)  # every check of the schedule's flags, in the plan
 
     with contextlib.ExitStack() as stack:
         log.info("Loading data")
-        data = stack.enter_context(open_training_data(args, device))
+        data = stack.enter_context(open_training_data(args, settings.device))
 
         log.info("Creating model")
-        trainer = Trainer(params, data.train_pairs, device, val_pairs=data.val_pairs or None, plan=plan,
-                          progress=not args.no_progress, label_map=label_map, keep=args.keep)
+        trainer = Trainer(settings.params, data.train_pairs, settings.device, val_pairs=data.val_pairs or None,
+                          plan=settings.plan, progress=not args.no_progress, label_map=settings.label_map,
+                          keep=args.keep)
         resume_and_watch(trainer, paths["checkpoint"], args, stack)
 
         log.info("Start training")
@@ -218,7 +210,7 @@ def main(args) -> int:
         record = train_epochs(trainer, paths, checkpoint_args, validate_map=bool(data.val_pairs))
 
         log.info("Writing the model")
-        final_loss = write_model_outputs(trainer, record, data, args, paths, label_map, device)
+        final_loss = write_model_outputs(trainer, record, data, args, paths, settings)
     if record.budget_plan is not None:
         first, final = record.budget_plan
         log.info("time budget plan: --budget-plan %s,%d replays it", "none" if first is None else first, final)

@@ -11,9 +11,9 @@ import torch
 from utils.data.pairs import pair_folders
 from utils.detection import recipe
 from utils.detection.model import build_model
-from utils.detection.recipe import (RepeatFactorSampler, TimeBudget, build_ema, gpu_recipe, multiscale_sizes,
-                                    repeat_factors, set_roi_batch_size, set_train_sizes, train_transforms)
-from utils.detection.params import TrainParams
+from utils.detection.recipe import (RepeatFactorSampler, TimeBudget, build_ema, multiscale_sizes, repeat_factors,
+                                    set_roi_batch_size, set_train_sizes, train_transforms)
+from utils.detection.params import TrainParams, describe, gpu_recipe
 from utils.detection.checkpoint import load_checkpoint
 from utils.detection.training import Trainer
 
@@ -124,7 +124,7 @@ def test_roi_batch_size_sets_the_box_heads_sampler_and_only_when_given(tiny_dir)
     trainer.model.roi_heads.box_head.register_forward_hook(lambda module, inputs, output: seen.append(len(output)))
     trainer.run_epoch()
     assert seen and max(seen) <= 32 * TINY["batch_size"]
-    assert "32 RoIs/image" in recipe.describe(trainer.params)
+    assert "32 RoIs/image" in describe(trainer.params)
     # None keeps the architecture's own, and the run records the number it trained with
     own_run = Trainer(TrainParams(**{**TINY, "roi_batch_size": None}), pair_folders(tiny_dir / "images",
                       tiny_dir / "annotations").pairs, torch.device("cpu"), progress=False)

@@ -140,13 +140,11 @@ def parse_voc(path, label_map: LabelMap = NO_LABEL_MAP) -> VocAnnotation:
         if bndbox is None:
             raise VocError(path, f"missing required field <bndbox>{where} ({name})")
         coords = [_number(bndbox, tag, path, f"{where} ({name})") for tag in ("xmin", "ymin", "xmax", "ymax")]
-        class_name = label_map.class_name(name)
-        objects.append(
-            VocObject(class_name, *coords, difficult=_flag(obj, "difficult", path),
-                      truncated=_flag(obj, "truncated", path),
-                      pose=_text(obj, "pose", path, required=False) or "Unspecified",
-                      source_name=name if class_name != name else None)
-        )
+        difficult, truncated = _flag(obj, "difficult", path), _flag(obj, "truncated", path)
+        pose = _text(obj, "pose", path, required=False) or "Unspecified"
+        class_name = label_map.class_name(name)  # every field read: the name as a class
+        objects.append(VocObject(class_name, *coords, difficult=difficult, truncated=truncated, pose=pose,
+                                 source_name=name if class_name != name else None))
     return VocAnnotation(filename=filename, width=int(round(width)), height=int(round(height)), depth=depth,
                          objects=objects, folder=_text(root, "folder", path, required=False) or "images",
                          path=_text(root, "path", path, required=False))

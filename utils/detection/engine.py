@@ -1,8 +1,10 @@
 """Training and inference loops for torchvision detection models.
 
-- ``train_one_epoch``: gradient clipping, mixed precision on CUDA only, a
-  non-finite loss stops with :class:`NonFiniteLossError` naming the epoch,
-  iteration and loss terms.
+- ``train_steps``: the training loop, a generator yielding after every optimizer
+  step (its caller does what follows a step and ends an epoch early, nothing is
+  called back); gradient clipping, mixed precision on CUDA only, a non-finite loss
+  stops with :class:`NonFiniteLossError` naming the epoch, iteration and loss terms.
+  ``train_one_epoch``: a whole pass of it.
 - ``run_inference``: predictions in eval mode (what mAP must be measured on);
   ``run_proposals``: the first stage's region proposals alone.
 - ``evaluate_loss``: the mean loss on a loader, computed correctly. torchvision's
@@ -21,6 +23,7 @@ utils.detection.checkpoint's and the device utils.detection.device's: this file 
 from __future__ import annotations
 
 import time
+from collections import deque
 from contextlib import nullcontext
 
 import torch
@@ -58,70 +61,73 @@ def _autocast(device: torch.device, amp: bool):
     return nullcontext()
 
 
-def train_one_epoch(model, optimizer, loader, device, epoch: int, scheduler=None, scaler=None,
-                    clip_grad: float | None = 10.0, amp: bool = True, progress: bool = True,
-                    description: str = "train", after_step=None, max_iterations=None) -> dict:
-    """One pass over *loader*; returns mean losses per image, images, seconds and images/s.
+def train_steps(model, optimizer, loader, device, epoch: int, scheduler=None, scaler=None,
+                clip_grad: float | None = 10.0, amp: bool = True, progress: bool = True, description: str = "train"):
+    """One optimizer step per batch of *loader*, yielding after each step (values, totals): the step's loss and
+    its terms with the learning rate it used ("lr"), and the epoch's so far (one dict, updated in place): mean
+    losses per image, images and steps; its seconds, images/s and the learning rate the next step would use
+    are added when the loop ends (the clock is read twice per epoch, as a time budget's tests count readings).
 
-    *scheduler* is stepped every iteration. Mixed precision is used on CUDA only
-    (CPU autocast to bfloat16 is slower than float32 on most CPUs). *after_step(iteration, values)*,
-    when given, runs after every optimizer step (weight EMA, timing for a time budget, TensorBoard);
-    *values* holds the step's loss, its loss terms and the learning rate the step used ("lr").
-    *max_iterations*, a callable, is asked before every step how many steps this epoch may
-    take (None: all); a time-budget plan cuts the last epoch short, and may change mid-epoch.
+    A generator, so that its caller runs what follows a step (weight EMA, a time budget's timing, TensorBoard)
+    and ends the epoch early by leaving the loop and closing it (a time-budget plan cuts the last epoch
+    short): the loop calls nothing back. *scheduler* is stepped every iteration. Mixed precision is used on
+    CUDA only (CPU autocast to bfloat16 is slower than float32 on most CPUs).
     """
     from tqdm import tqdm
 
     model.train()
     sums = {key: 0.0 for key in ("loss", *LOSS_KEYS)}
-    images_seen = 0
+    totals = {**sums, "images": 0, "steps": 0}
     started = time.perf_counter()
     bar = tqdm(loader, desc=f"{description} epoch {epoch + 1}", unit="batch", disable=not progress,
                leave=False, dynamic_ncols=True)
-    steps = 0
-    for iteration, (images, targets) in enumerate(bar):
-        limit = max_iterations() if max_iterations is not None else None
-        if limit is not None and iteration >= limit:
-            break
-        images, targets = to_device(images, targets, device)
-        with _autocast(device, amp):
-            loss_dict = model(images, targets)
-        loss = sum(loss_dict.values())
-        if not torch.isfinite(loss):
-            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in loss_dict.items())
-            raise NonFiniteLossError(
-                f"non-finite training loss {loss.item()} at epoch {epoch + 1}, iteration {iteration + 1} "
-                f"({terms}); lower the learning rate (--lr) or check the annotations of this batch")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            if clip_grad:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            optimizer.step()
-        step_lr = optimizer.param_groups[0]["lr"]
-        if scheduler is not None:
-            scheduler.step()
-        values = {"loss": loss.item(), **{key: value.item() for key, value in loss_dict.items()}}
-        if after_step is not None:
-            after_step(iteration, {**values, "lr": step_lr})
-        batch = len(images)
-        steps += 1
-        images_seen += batch
-        for key, value in values.items():
-            sums[key] = sums.get(key, 0.0) + value * batch
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-    seconds = time.perf_counter() - started
-    result = {key: value / max(images_seen, 1) for key, value in sums.items()}
-    result.update(images=images_seen, steps=steps, seconds=seconds,
-                  images_per_s=images_seen / seconds if seconds else 0.0, lr=optimizer.param_groups[0]["lr"])
-    return result
+    try:
+        for iteration, (images, targets) in enumerate(bar):
+            images, targets = to_device(images, targets, device)
+            with _autocast(device, amp):
+                loss_dict = model(images, targets)
+            loss = sum(loss_dict.values())
+            if not torch.isfinite(loss):
+                terms = ", ".join(f"{k}={v.item():.4g}" for k, v in loss_dict.items())
+                raise NonFiniteLossError(
+                    f"non-finite training loss {loss.item()} at epoch {epoch + 1}, iteration {iteration + 1} "
+                    f"({terms}); lower the learning rate (--lr) or check the annotations of this batch")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                if clip_grad:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                if clip_grad:
+                    nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+                optimizer.step()
+            step_lr = optimizer.param_groups[0]["lr"]
+            if scheduler is not None:
+                scheduler.step()
+            values = {"loss": loss.item(), **{key: value.item() for key, value in loss_dict.items()}}
+            totals["images"] += len(images)
+            totals["steps"] += 1
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0.0) + value * len(images)
+                totals[key] = sums[key] / totals["images"]
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            yield {**values, "lr": step_lr}, totals
+    finally:
+        bar.close()
+        seconds = time.perf_counter() - started
+        totals.update(seconds=seconds, images_per_s=totals["images"] / seconds if seconds else 0.0,
+                      lr=optimizer.param_groups[0]["lr"])
+
+
+def train_one_epoch(model, optimizer, loader, device, epoch: int, **options) -> dict:
+    """A whole pass of :func:`train_steps` (*options* are its keywords); returns the epoch's totals."""
+    steps = train_steps(model, optimizer, loader, device, epoch, **options)
+    last = deque(steps, maxlen=1)  # run to the end: the totals dict is complete once the loop has ended
+    return last[0][1] if last else {}
 
 
 def _set_batchnorm_eval(model: nn.Module) -> None:

@@ -27,6 +27,7 @@ from .. import defaults as D
 from ..atomic import atomic_path
 from ..classes import CLASSES, LABEL_OF, NUM_CLASSES
 from ..errors import InputError, shown
+from ..provenance import package_versions
 from ..stop import is_stand_in
 
 MODEL_FILE_FORMAT = 1
@@ -71,6 +72,8 @@ def _plain(value):
 
 
 def model_metadata(model: nn.Module, extra: dict | None = None) -> dict:
+    """The architecture, the classes, the pretrained weights and the package versions the file is written with,
+    then *extra*."""
     meta = {
         "format": MODEL_FILE_FORMAT,
         **model.architecture,
@@ -81,11 +84,11 @@ def model_metadata(model: nn.Module, extra: dict | None = None) -> dict:
     if report is not None:
         meta["pretrained"] = {"requested": report.requested, "loaded": report.loaded, "source": report.source}
     meta.update(extra or {})
-    return _plain(meta)
+    return {**_plain(meta), "packages": package_versions()}  # {name: version string}: plain already
 
 
 def save_model_file(path, model: nn.Module, meta: dict | None = None) -> Path:
-    """Write ``{"model": state_dict, "meta": {...}}`` atomically; meta gets the architecture added."""
+    """Write ``{"model": state_dict, "meta": {...}}`` atomically; meta gets :func:`model_metadata` added."""
     payload = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "meta": model_metadata(model, meta)}
     with atomic_path(path) as tmp:

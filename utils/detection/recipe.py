@@ -16,9 +16,9 @@
 - ``TimeBudget``: --time-budget MINUTES; the number of epochs and the cosine length
   are fitted to the budget after timing the first training steps, and once more after
   the first epoch (validation included).
-- ``gpu_recipe``: on CUDA, larger batches and resnet50_fpn_v2 from COCO when its
-  weights are in the torch cache (the Docker image fetches them at build time), and the
-  architecture's own proposals per image in the box loss.
+
+The GPU recipe (larger batches, COCO weights where cached) is a way of resolving the parameters:
+utils.detection.params.gpu_recipe.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import replace
 
 import torch
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
@@ -299,57 +298,3 @@ def check_budget_plan(plan, where: str = "budget_plan") -> list:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"{where}: the {name} plan must be a positive number of steps, got {value!r}")
     return [first, final]
-
-
-# ----------------------------------------------------------------------------- GPU recipe
-
-GPU_BACKBONE = "resnet50_fpn_v2"
-GPU_BATCH_SIZE = 8  # 8 images of 512-800 px fit in 16 GB with AMP; the lr is scaled linearly with it
-
-
-def gpu_recipe(params, given: set[str], device) -> tuple:
-    """(*params* as a GPU affords them, the changes for the log): on CUDA, for every hyperparameter the
-    user did not set (*given*): resnet50_fpn_v2 with COCO detector weights when they are in the torch
-    cache (never a download), 8 images per batch with the learning rate scaled by 8 / batch size, the
-    image size 640, and the architecture's own proposals per image in the box loss (the CPU default
-    samples fewer to save time a GPU does not need to save). AMP is already on for CUDA. Elsewhere
-    *params* come back unchanged. *params* (frozen TrainParams) are never written: the changes are a
-    new value."""
-    if torch.device(device).type != "cuda":
-        return params, []
-    changed, changes = {}, []
-    from .weights import cached_coco_weights
-
-    if "backbone" not in given and "weights" not in given and cached_coco_weights(GPU_BACKBONE) is not None:
-        changed.update(backbone=GPU_BACKBONE, weights="coco")
-        changes.append(f"backbone {GPU_BACKBONE} with COCO weights (cached)")
-    if "batch_size" not in given:
-        if "lr" not in given:
-            changed["lr"] = params.lr * GPU_BATCH_SIZE / params.batch_size
-            changes.append(f"lr {changed['lr']:g} (linear scaling)")
-        changed["batch_size"] = GPU_BATCH_SIZE
-        changes.append(f"batch size {GPU_BATCH_SIZE}")
-    if "image_size" not in given and params.image_size < 640:
-        changed["image_size"] = 640
-        changes.append("image size 640")
-    if "roi_batch_size" not in given and params.roi_batch_size is not None:
-        changed["roi_batch_size"] = None
-        changes.append("the architecture's own RoIs per image in the box loss")
-    return replace(params, **changed), changes
-
-
-def describe(params) -> str:
-    """One line naming the recipe's levers as set, for logs and bench tables."""
-    parts = [f"{params.backbone} {params.image_size}px"]
-    if params.multiscale:
-        parts.append(f"multi-scale ±{params.multiscale:.0%}")
-    if params.photometric:
-        parts.append(f"photometric p={params.photometric:g}")
-    if params.repeat_threshold:
-        parts.append(f"repeat-factor t={params.repeat_threshold:g}")
-    if params.ema_decay:
-        parts.append(f"EMA {params.ema_decay:g}")
-    if params.roi_batch_size is not None:
-        parts.append(f"{params.roi_batch_size} RoIs/image")
-    return ", ".join(parts)
-

@@ -17,7 +17,7 @@ import torch
 
 from ..classes import NO_LABEL_MAP, LabelMap
 from .checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint, seed_everything
-from .engine import evaluate_loss, run_inference, train_one_epoch
+from .engine import evaluate_loss, run_inference, train_steps
 from .optim import build_optimizer, build_scheduler, make_grad_scaler, set_schedule_length
 from .params import TrainParams
 from .model import build_model, freeze_backbone, set_trainable_layers
@@ -319,10 +319,17 @@ class Trainer:
                 set_trainable_layers(self.model, self.settings.trainable_layers)
         # The shuffle order and augmentation seeds depend only on (seed, epoch): a resumed run sees the same batches.
         self.generator.manual_seed(self.settings.seed * 100_003 + epoch)
-        stats = train_one_epoch(self.model, self.optimizer, self.train_loader, self.device, epoch,
-                                scheduler=self.scheduler, scaler=self.scaler, clip_grad=self.settings.clip_grad,
-                                amp=self.settings.amp, progress=self.progress, after_step=self._after_step,
-                                max_iterations=self.steps_left_in_epoch)
+        steps = train_steps(self.model, self.optimizer, self.train_loader, self.device, epoch,
+                            scheduler=self.scheduler, scaler=self.scaler, clip_grad=self.settings.clip_grad,
+                            amp=self.settings.amp, progress=self.progress)
+        for iteration, (values, totals) in enumerate(steps):
+            stats = totals  # the epoch's so far; complete once the loop is closed
+            self._after_step(iteration, values)
+            # max_steps, or a time budget's plan (which may change during epoch 1), may end this epoch here
+            left = self.steps_left_in_epoch()
+            if left is not None and iteration + 1 >= left:
+                break
+        steps.close()
         row = EpochRow(epoch=epoch + 1, lr=stats["lr"], train_loss=stats["loss"],
                        loss_classifier=stats.get("loss_classifier", math.nan),
                        loss_box_reg=stats.get("loss_box_reg", math.nan),

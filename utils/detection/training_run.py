@@ -1,9 +1,10 @@
 """The steps of the train job (bin/train.py), one call each: settings, data, resume, epochs, the working size
 and threshold chosen on validation, outputs.
 
-``resolve_training`` turns the flags into parameters and the one training plan (training_plan.make_plan,
-every exclusion checked there) before anything is read or written; ``train_epochs`` trains to the plan,
-writing the checkpoint, the metrics CSV and the loss plot after every epoch, and returns the record.
+``resolve_training`` turns the flags into the settings: the device, the label map, the parameters and the one
+training plan (training_plan.make_plan, every exclusion checked there), before anything is read or written;
+``train_epochs`` trains to the plan, writing the checkpoint, the metrics CSV and the loss plot after every epoch,
+and returns the record.
 """
 
 from __future__ import annotations
@@ -15,29 +16,47 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .. import defaults as D
 from ..atomic import atomic_path, write_text
+from ..classes import LabelMap
 from ..cli import print_values
-from ..provenance import inputs_sha256, package_versions, write_run_record
+from ..provenance import inputs_sha256, write_run_record
 from .compliance import choose_operating_threshold
 from .inference_size import choose_inference_size, choose_tta
 from .quantify import calibration_record
-from .recipe import describe, gpu_recipe
 from .stages import parse_stages
 from .model_file import save_model_file
-from .tensorboard_log import TrainBoard, pack_events
+from .tensorboard_log import TensorBoardError, TrainBoard, pack_events
 from ..data.pairs import open_pairs
-from .params import read_params_file, resolve_params
+from .device import resolve_device
+from .params import TrainParams, describe, gpu_recipe, read_params_file, resolve_params
 from .training import Trainer, TrainingDataError, TrainingRecord
 from .training_plan import TrainingPlan, make_plan
 
 log = logging.getLogger("train")
 
 
-def resolve_training(args, device) -> tuple:
-    """(TrainParams, TrainingPlan) of the flags: a flag wins over the --params file, which wins over the
-    defaults; on CUDA the GPU recipe fills what neither set. Logs the recipe and prints the parameters as the
-    plan sets them."""
+@dataclass(frozen=True)
+class TrainingSettings:
+    """Everything the flags resolve to, before anything is read or written."""
+
+    params: TrainParams
+    plan: TrainingPlan
+    device: torch.device
+    label_map: LabelMap
+
+
+def resolve_training(args) -> TrainingSettings:
+    """The settings of the flags, every cheap check first: a flag wins over the --params file, which wins over
+    the defaults; on CUDA the GPU recipe fills what neither set; the plan checks the schedule's flags. Logs the
+    recipe and prints the parameters as the plan sets them."""
+    if args.tensorboard_tar and not args.tensorboard_dir:
+        raise TensorBoardError("--tensorboard-tar needs --tensorboard-dir (the folder it packs)")
+    if args.val_images and not args.val_annotations:
+        raise TrainingDataError("--val-images needs --val-annotations")
+    device = resolve_device(args.device)
     params_file = read_params_file(args.params) if args.params else {}
     stages = parse_stages(args.stages, "--stages") if args.stages else None  # the flag: a file boundary
     params = resolve_params({**vars(args), "stages": stages}, params_file)
@@ -47,8 +66,10 @@ def resolve_training(args, device) -> tuple:
         log.info("GPU recipe: %s", change)
     log.info("recipe: %s", describe(params))
     plan = make_plan(params)
-    print_values("train", "params", {**params.to_dict(), **plan.as_record()})
-    return params, plan
+    values = {**params.to_dict(), **plan.as_record()}
+    label_map = LabelMap.parse(args.label_map)
+    print_values("train", "params", values)
+    return TrainingSettings(params, plan, device, label_map)
 
 
 @dataclass(frozen=True)
@@ -169,7 +190,7 @@ def choose_on_validation(trainer: Trainer, has_val: bool) -> tuple[dict | None, 
 
 
 def write_model_outputs(trainer: Trainer, record: TrainingRecord, data: TrainingData, args, paths: dict,
-                        label_map, device) -> float:
+                        settings: TrainingSettings) -> float:
     """The model file (the kept epoch's weights, EMA when kept, the operating threshold, the parameters as trained), the
     packed TensorBoard events and the run record; returns the final training loss."""
     size, operating, calibration = choose_on_validation(trainer, bool(data.val_pairs))
@@ -177,10 +198,10 @@ def write_model_outputs(trainer: Trainer, record: TrainingRecord, data: Training
     final_loss = record.history[-1]["train_loss"]
     # data_label_map: {object name in the data's XML: class} the data was read with ({}: names were the
     # classes); meta's "label_map" is another thing, class -> label number, set by the model file.
-    meta = {"training": trained, "data_label_map": label_map.as_dict(), "epochs_completed": trainer.completed_epochs,
-            "num_train_images": len(data.train_pairs), "num_val_images": len(data.val_pairs),
-            "val_mode": args.val_mode if args.val_images else None, "skipped_inputs": len(data.skipped),
-            "inputs_sha256": data.inputs_sha256, "final_train_loss": final_loss, "packages": package_versions()}
+    meta = {"training": trained, "data_label_map": settings.label_map.as_dict(),
+            "epochs_completed": trainer.completed_epochs, "num_train_images": len(data.train_pairs),
+            "num_val_images": len(data.val_pairs), "val_mode": args.val_mode if args.val_images else None,
+            "skipped_inputs": len(data.skipped), "inputs_sha256": data.inputs_sha256, "final_train_loss": final_loss}
     if args.params:
         meta["params_file"] = str(args.params)
     if size is not None:
@@ -203,7 +224,7 @@ def write_model_outputs(trainer: Trainer, record: TrainingRecord, data: Training
                "working_size": size["image_size"] if size is not None else trainer.params.image_size,
                "weights": trainer.model.weights_report.message,
                "stages": trainer.describe_stages() if record.plan.staged else None}
-    write_run_record(paths["run_record"], "train", {**vars(args), "resolved": trained, "device": str(device),
+    write_run_record(paths["run_record"], "train", {**vars(args), "resolved": trained, "device": str(settings.device),
                                                     "summary": summary, "skipped": data.skipped}, data.input_files)
     return final_loss
 
