@@ -7,6 +7,7 @@ utils.detection.inference_size (1x-2x the training size), keep the smallest with
 best fitness, then at that size keep flip TTA if it beats the plain pass by more than the same tolerance
 (--no-tta-choice: not tried, as before 2026-12-05), and choose the score threshold and the compliance
 estimators' rates again the way the model will run.
+With --checkpoint the run's last epoch is measured in place of the epoch the model file kept (--keep best).
 Then evaluate the test images with the job's own code (utils.detection.evaluation.evaluate_model), once
 as the model file was (its training size, its stored threshold and rates) and once as chosen, and print
 one table: mAP, mAP@0.5, AP50 per class, mAR@100, the compliance error at the threshold, the headline
@@ -50,7 +51,19 @@ def evaluate(model, pairs, threshold, calibration, folder, tta=False):
             "evaluate_s": round(seconds, 1)}
 
 
-def measure(model_path: Path, val: Path, test: Path, tta_choice: bool = True) -> dict:
+def last_epoch_state(checkpoint: Path) -> tuple[dict, int]:
+    """(the weights a model file of the checkpoint's last epoch would hold: the EMA's when it kept one, the epoch)."""
+    from utils.detection.checkpoint import load_checkpoint
+
+    payload = load_checkpoint(checkpoint)
+    ema = (payload.get("extra") or {}).get("ema")
+    if ema is not None:  # torch.optim.swa_utils.AveragedModel: the averaged copy under "module."
+        state = {key[len("module."):]: value for key, value in ema.items() if key.startswith("module.")}
+        return state, payload["epoch"]
+    return payload["model"], payload["epoch"]
+
+
+def measure(model_path: Path, val: Path, test: Path, tta_choice: bool = True, checkpoint: Path | None = None) -> dict:
     import torch
 
     from utils.data.pairs import open_folder
@@ -63,11 +76,16 @@ def measure(model_path: Path, val: Path, test: Path, tta_choice: bool = True) ->
     device = torch.device("cpu")
     model, meta, stored_threshold, _ = load_trained_model(model_path, device, working_size=meta_size(model_path))
     trained_size = meta["image_size"]
+    weights = f"kept epoch {meta.get('kept_weights', {}).get('epoch', 'last')}"
+    if checkpoint is not None:  # the run's last epoch instead of the weights the model file kept
+        state, epoch = last_epoch_state(checkpoint)
+        model.load_state_dict(state)
+        weights = f"last epoch {epoch} ({checkpoint.name})"
     with open_folder(val) as val_dir, open_folder(test) as test_dir, tempfile.TemporaryDirectory() as scratch:
         val_pairs, _ = labelled_pairs(val_dir, val_dir)
         test_pairs, _ = labelled_pairs(test_dir, test_dir)
-        print(f"{model_path}: trained at {trained_size} px; {len(val_pairs)} validation, {len(test_pairs)} test "
-              "images", flush=True)
+        print(f"{model_path}, {weights}: trained at {trained_size} px; {len(val_pairs)} validation, "
+              f"{len(test_pairs)} test images", flush=True)
         before = evaluate(model, test_pairs, stored_threshold, meta.get("quantification"), Path(scratch) / "before",
                           tta=meta["tta"])
         print(f"  as stored: {json.dumps(before)}", flush=True)
@@ -88,7 +106,7 @@ def measure(model_path: Path, val: Path, test: Path, tta_choice: bool = True) ->
                          tta=size.get("tta", False))
         print(f"  as chosen: {json.dumps(after)}", flush=True)
         set_inference_size(model, trained_size)
-    return {"model": str(model_path), "trained_size": trained_size, "val_images": len(val_pairs),
+    return {"model": str(model_path), "weights": weights, "trained_size": trained_size, "val_images": len(val_pairs),
             "test_images": len(test_pairs), "chosen": size, "threshold_choice": choice["score_threshold"],
             "choose_s": round(choose_s, 1), "stored": before, "chosen_on_validation": after}
 
@@ -106,6 +124,10 @@ def main() -> int:
     p.add_argument("--model", type=Path, nargs="+", required=True, help="model files written by bin/train.py")
     p.add_argument("--val", type=Path, nargs="+", required=True, help="each model's validation set (folder or .tar)")
     p.add_argument("--test", type=Path, nargs="+", required=True, help="each model's test set (folder or .tar)")
+    p.add_argument("--checkpoint", type=Path, nargs="+", default=None,
+                   help="per --model, its run's training checkpoint: measure the last epoch's weights (the EMA's "
+                        "when kept) instead of those the model file kept, e.g. against --keep best (default: the "
+                        "model file's)")
     p.add_argument("--output", type=Path, default=None, help="JSON file for the rows (default: printed only)")
     p.add_argument("--no-tta-choice", dest="tta_choice", action="store_false",
                    help="choose the working size only, as bin/train.py did before 2026-12-05 (what "
@@ -113,9 +135,13 @@ def main() -> int:
     args = p.parse_args()
     if not len(args.model) == len(args.val) == len(args.test):
         p.error("give one --val and one --test per --model")
+    if args.checkpoint is not None and len(args.checkpoint) != len(args.model):
+        p.error("give one --checkpoint per --model")
     import torch
 
-    rows = [measure(model, val, test, args.tta_choice) for model, val, test in zip(args.model, args.val, args.test)]
+    checkpoints = args.checkpoint or [None] * len(args.model)
+    rows = [measure(model, val, test, args.tta_choice, checkpoint)
+            for model, val, test, checkpoint in zip(args.model, args.val, args.test, checkpoints)]
     print("\n| model | working size | threshold | mAP | mAP@0.5 | AP50 with / without / incorrect | mAR@100 | "
           "compliance error | headline (interval) | per-image MAE |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -125,7 +151,8 @@ def main() -> int:
                                       row["chosen"]["image_size"])):
             ap = figures["ap50_per_class"]
             head = figures["headline"]
-            print(f"| {Path(row['model']).parent.parent.name} {label} | {size} px | {figures['score_threshold']:g} | "
+            print(f"| {Path(row['model']).parent.parent.name} {row['weights']} {label} | {size} px | "
+                  f"{figures['score_threshold']:g} | "
                   f"{figures['map']:.3f} | {figures['map_50']:.3f} | {ap['with_mask']:.3f} / "
                   f"{ap['without_mask']:.3f} / {ap['mask_weared_incorrect']:.3f} | {figures['mar_100']:.3f} | "
                   f"{figures['compliance_error_points']:+.1f} | {head['method']} {head['percent']:.1f} "

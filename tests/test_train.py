@@ -109,7 +109,7 @@ def test_training_with_held_out_validation_images_chooses_and_stores_the_operati
                "--annotations", str(tiny_dir / "annotations"), "--val-images", str(tiny_dir / "images"),
                "--val-annotations", str(tiny_dir / "annotations"), "--epochs", "1", "--image-size", "128",
                "--batch-size", "2", "--workers", "0", "--checkpoint", str(out / "checkpoint.pt"),
-               "--output", str(out / "model.pt"), "--seed", "1", "--no-progress", "--device", "cpu"]
+               "--output", str(out / "model.pt"), "--seed", "1", "--no-progress", "--device", "cpu", "--keep", "best"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "Choosing the operating threshold on the validation images" in result.stderr
@@ -134,7 +134,7 @@ def test_training_with_held_out_validation_images_chooses_and_stores_the_operati
     assert meta["quantification"]["tta"] == size["tta"] and loaded["tta"] == size["tta"]
     assert "flip TTA" in result.stderr
     assert meta["val_mode"] == "monitor" and meta["num_val_images"] == 6  # held out, not trained on
-    assert (meta["kept_weights"]["rule"], meta["kept_weights"]["epoch"]) == ("best", 1)  # --keep best, one epoch
+    assert (meta["kept_weights"]["rule"], meta["kept_weights"]["epoch"]) == ("best", 1)  # one epoch: the best
     assert "weights of epoch 1 kept (best)" in result.stdout
     chosen = meta["operating_threshold"]
     assert chosen["chosen_on"] == "validation" and chosen["images"] == 6

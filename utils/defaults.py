@@ -75,8 +75,9 @@ STAGES = None                  # --stages: staged training, e.g. [{epochs: 3, lr
 TENSORBOARD_DIR = None         # --tensorboard-dir of train and hpo; None writes no events (a hand run stays clean)
 TENSORBOARD_EVERY = 10         # train: the step losses and lr are written as means over this many steps
 TENSORBOARD_IMAGES = 4         # train: validation images with predicted boxes written each epoch (at most this)
-KEEP_WEIGHTS = "best"          # train: the weights the model file keeps: best (the epoch of the highest validation
-                               # fitness, as Ultralytics' best.pt; needs held-out validation images) or last
+KEEP_WEIGHTS = "last"          # train: the weights the model file keeps: last, or best (the epoch of the highest
+                               # validation fitness, as Ultralytics' best.pt). On the real data best won at the
+                               # training size but tied once the working size and TTA were chosen (bench/RESULTS.md)
 VAL_MODE = "monitor"           # monitor: val held out, logged every epoch and used to choose the score threshold;
                                # merge: train on train+val (no held-out images: the threshold stays the default)
 
