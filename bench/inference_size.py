@@ -7,7 +7,8 @@ utils.detection.inference_size (1x-2x the training size), keep the smallest with
 best fitness, then at that size keep flip TTA if it beats the plain pass by more than the same tolerance
 (--no-tta-choice: not tried, as before 2026-12-05), and choose the score threshold and the compliance
 estimators' rates again the way the model will run.
-With --checkpoint the run's last epoch is measured in place of the epoch the model file kept (--keep best).
+With --checkpoint the run's last epoch is measured in place of the epoch the model file kept (--keep best);
+its "as stored" row then runs with the kept epoch's stored threshold, rates and TTA setting.
 Then evaluate the test images with the job's own code (utils.detection.evaluation.evaluate_model), once
 as the model file was (its training size, its stored threshold and rates) and once as chosen, and print
 one table: mAP, mAP@0.5, AP50 per class, mAR@100, the compliance error at the threshold, the headline

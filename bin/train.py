@@ -188,8 +188,8 @@ def budget_plan_arg(text: str) -> list:
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     paths = output_paths(args)
-    settings = resolve_training(args)  # every check of the flags, the schedule's in the plan
     stop_on_sigterm()  # a pool's SIGTERM stops after the current step; the last epoch's checkpoint is kept
+    settings = resolve_training(args)  # every check of the flags, the schedule's in the plan
     declare_outputs(paths["output"], paths["metrics_csv"], paths["loss_plot"], paths["run_record"],
                     args.tensorboard_tar, checkpoints=[paths["checkpoint"]])  # stand-ins if SIGTERM stops it
 

@@ -303,3 +303,62 @@ def test_keep_best_without_validation_keeps_the_last_epoch_and_says_why(tiny_dir
         assert torch.equal(value, before[name]), name
     with pytest.raises(ValueError, match="keep must be"):
         Trainer(TrainParams(**TINY), tiny_pairs(tiny_dir), torch.device("cpu"), progress=False, keep="first")
+
+
+def test_train_steps_closed_early_draws_the_next_batch_as_the_loop_always_did():
+    """A cut epoch's loop drew the batch after its last step before it learnt the epoch had ended: the draw (and
+    the augmentation's global RNG draws with it) is kept, so that recorded --budget-plan runs replay."""
+    from utils.data.dataset import collate
+    from utils.detection.engine import train_steps
+
+    drawn = []
+
+    class Counting(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, index):
+            drawn.append(index)
+            return torch.zeros(3, 4, 4), {"boxes": torch.zeros(0, 4)}
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, images, targets):
+            return {"loss_classifier": self.weight.sum() * len(images)}
+
+    model = Tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(Counting(), batch_size=2, collate_fn=collate)
+    steps = train_steps(model, optimizer, loader, torch.device("cpu"), epoch=0, clip_grad=None, progress=False)
+    for iteration, (_, running) in enumerate(steps):
+        totals = running
+        if iteration + 1 >= 2:
+            break
+    steps.close()
+    assert len(drawn) == 6  # two batches trained, the third drawn and dropped
+    assert (totals["steps"], totals["images"]) == (2, 4) and totals["seconds"] >= 0 and "images_per_s" in totals
+    drawn.clear()
+    assert train_one_epoch(model, optimizer, loader, torch.device("cpu"), epoch=1, clip_grad=None,
+                           progress=False)["steps"] == 5
+    assert len(drawn) == 10  # a whole pass draws nothing more
+
+
+@pytest.mark.training
+def test_keep_best_resumed_from_a_keep_last_checkpoint_says_which_epochs_it_chose_among(tiny_dir, tmp_path):
+    pairs = tiny_pairs(tiny_dir)
+    params = TrainParams(**{**TINY, "epochs": 2})
+    checkpoint = tmp_path / "checkpoint.pt"
+    first = Trainer(params, pairs, torch.device("cpu"), val_pairs=pairs, progress=False)  # keep="last"
+    first.run_epoch(validate_map=True)
+    first.checkpoint(checkpoint, {"test": True})
+    done = Trainer(params, pairs, torch.device("cpu"), val_pairs=pairs, progress=False, keep="best")
+    done.resume(checkpoint)
+    kept = done.kept_weights()  # nothing trained since: the last epoch, and why
+    assert (kept["rule"], kept["epoch"]) == ("last", 1)
+    assert "resumed from a checkpoint that holds no best epoch" in kept["note"]
+    done.run_epoch(validate_map=True)
+    kept = done.kept_weights()
+    assert (kept["rule"], kept["epoch"], kept["chosen_from_epoch"]) == ("best", 2, 2)

@@ -69,9 +69,10 @@ def train_steps(model, optimizer, loader, device, epoch: int, scheduler=None, sc
     are added when the loop ends (the clock is read twice per epoch, as a time budget's tests count readings).
 
     A generator, so that its caller runs what follows a step (weight EMA, a time budget's timing, TensorBoard)
-    and ends the epoch early by leaving the loop and closing it (a time-budget plan cuts the last epoch
-    short): the loop calls nothing back. *scheduler* is stepped every iteration. Mixed precision is used on
-    CUDA only (CPU autocast to bfloat16 is slower than float32 on most CPUs).
+    and ends the epoch early by leaving the loop and closing it (a time-budget plan cuts an epoch short; closed
+    early, it draws the batch the next step would have had, see below): the loop calls nothing back.
+    *scheduler* is stepped every iteration. Mixed precision is used on CUDA only (CPU autocast to bfloat16 is
+    slower than float32 on most CPUs).
     """
     from tqdm import tqdm
 
@@ -81,8 +82,9 @@ def train_steps(model, optimizer, loader, device, epoch: int, scheduler=None, sc
     started = time.perf_counter()
     bar = tqdm(loader, desc=f"{description} epoch {epoch + 1}", unit="batch", disable=not progress,
                leave=False, dynamic_ncols=True)
+    batches = enumerate(bar)
     try:
-        for iteration, (images, targets) in enumerate(bar):
+        for iteration, (images, targets) in batches:
             images, targets = to_device(images, targets, device)
             with _autocast(device, amp):
                 loss_dict = model(images, targets)
@@ -116,6 +118,13 @@ def train_steps(model, optimizer, loader, device, epoch: int, scheduler=None, sc
                 totals[key] = sums[key] / totals["images"]
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
             yield {**values, "lr": step_lr}, totals
+    except GeneratorExit:
+        # Closed before the loader ended (the plan cut the epoch): draw the next batch and drop it, as the loop
+        # always did, asking for the step limit only once it held the batch. On a CPU the loader runs in this
+        # process and its augmentation draws from the global RNG, which the next epoch's sampling goes on from:
+        # a --budget-plan recorded earlier replays to the same weights only with that draw.
+        next(batches, None)
+        raise
     finally:
         bar.close()
         seconds = time.perf_counter() - started

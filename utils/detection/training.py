@@ -7,6 +7,7 @@ after every epoch. The schedule is a utils.detection.training_plan.TrainingPlan.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -103,8 +104,10 @@ class Trainer:
             raise ValueError(f"keep must be 'best' or 'last', got {keep!r}")
         self.settings = params  # frozen: never written, here or by the caller
         self.keep = keep
-        # keep="best": the epoch of the highest validation fitness so far, {epoch, fitness, model (CPU state)}
+        # keep="best": the epoch of the highest validation fitness so far, {epoch, fitness, model (CPU state)},
+        # chosen among the epochs from best_since on (later than 1 when resumed from a checkpoint without one)
         self.best: dict | None = None
+        self.best_since = 1
         self.plan = plan if plan is not None else make_plan(params)
         self.device = device
         self.progress = progress
@@ -181,16 +184,18 @@ class Trainer:
                               self.kept_weights())
 
     def kept_weights(self) -> dict:
-        """Which epoch's weights eval_model holds for the model file: with keep="best" and a validated run, the
-        epoch of the highest validation fitness (its weights loaded here, once training is over); else the last."""
+        """Which epoch's weights the model file keeps (:meth:`load_kept_weights` loads them): with keep="best" and
+        a validated run, the epoch of the highest validation fitness; else the last."""
         last = self.history[-1] if self.history else {}
         kept = {"rule": self.keep, "epoch": self.completed_epochs, "val_fitness": last.get("val_fitness"),
                 "last_epoch": self.completed_epochs, "last_val_fitness": last.get("val_fitness")}
         if self.keep == "best" and self.best is None:
-            return {**kept, "rule": "last", "note": "no validation fitness was measured (no held-out validation "
-                                                    "images): the last epoch's weights"}
+            why = ("no validation fitness was measured (no held-out validation images)" if self.best_since == 1 else
+                   "resumed from a checkpoint that holds no best epoch (written with --keep last), with no epoch "
+                   "trained since")
+            return {**kept, "rule": "last", "note": f"{why}: the last epoch's weights"}
         if self.keep == "best":
-            kept.update(epoch=self.best["epoch"], val_fitness=self.best["fitness"])
+            kept.update(epoch=self.best["epoch"], val_fitness=self.best["fitness"], chosen_from_epoch=self.best_since)
         return kept
 
     def load_kept_weights(self) -> dict:
@@ -273,6 +278,10 @@ class Trainer:
         self.history = list(payload.get("history", []))
         if self.keep == "best":
             self.best = extra.get("best")
+            if self.best is None and self.completed_epochs:
+                self.best_since = self.completed_epochs + 1
+                log.warning("%s holds no best epoch (written with --keep last): the best is chosen among epochs %d "
+                            "on", checkpoint_path, self.best_since)
         return self.completed_epochs
 
     def checkpoint(self, path, args: dict) -> None:
@@ -322,14 +331,14 @@ class Trainer:
         steps = train_steps(self.model, self.optimizer, self.train_loader, self.device, epoch,
                             scheduler=self.scheduler, scaler=self.scaler, clip_grad=self.settings.clip_grad,
                             amp=self.settings.amp, progress=self.progress)
-        for iteration, (values, totals) in enumerate(steps):
-            stats = totals  # the epoch's so far; complete once the loop is closed
-            self._after_step(iteration, values)
-            # max_steps, or a time budget's plan (which may change during epoch 1), may end this epoch here
-            left = self.steps_left_in_epoch()
-            if left is not None and iteration + 1 >= left:
-                break
-        steps.close()
+        with contextlib.closing(steps):  # also when a step's work raises (a SIGTERM stop)
+            for iteration, (values, totals) in enumerate(steps):
+                stats = totals  # the epoch's so far; complete once the loop is closed
+                self._after_step(iteration, values)
+                # max_steps, or a time budget's plan (which may change during epoch 1), may end this epoch here
+                left = self.steps_left_in_epoch()
+                if left is not None and iteration + 1 >= left:
+                    break
         row = EpochRow(epoch=epoch + 1, lr=stats["lr"], train_loss=stats["loss"],
                        loss_classifier=stats.get("loss_classifier", math.nan),
                        loss_box_reg=stats.get("loss_box_reg", math.nan),
