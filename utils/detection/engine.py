@@ -64,9 +64,9 @@ def _autocast(device: torch.device, amp: bool):
 def train_steps(model, optimizer, loader, device, epoch: int, scheduler=None, scaler=None,
                 clip_grad: float | None = 10.0, amp: bool = True, progress: bool = True, description: str = "train"):
     """One optimizer step per batch of *loader*, yielding after each step (values, totals): the step's loss and
-    its terms with the learning rate it used ("lr"), and the epoch's so far (one dict, updated in place): mean
-    losses per image, images and steps; its seconds, images/s and the learning rate the next step would use
-    are added when the loop ends (the clock is read twice per epoch, as a time budget's tests count readings).
+    its terms with the learning rate it used ("lr"), and the epoch's totals, one dict filled in when the loop
+    ends: mean losses per image, images, steps, seconds, images/s and the learning rate the next step would
+    use (the clock is read twice per epoch, as a time budget's tests count readings).
 
     A generator, so that its caller runs what follows a step (weight EMA, a time budget's timing, TensorBoard)
     and ends the epoch early by leaving the loop and closing it (a time-budget plan cuts an epoch short; closed
@@ -78,7 +78,7 @@ def train_steps(model, optimizer, loader, device, epoch: int, scheduler=None, sc
 
     model.train()
     sums = {key: 0.0 for key in ("loss", *LOSS_KEYS)}
-    totals = {**sums, "images": 0, "steps": 0}
+    totals, images_seen, steps = {}, 0, 0
     started = time.perf_counter()
     bar = tqdm(loader, desc=f"{description} epoch {epoch + 1}", unit="batch", disable=not progress,
                leave=False, dynamic_ncols=True)
@@ -111,11 +111,10 @@ def train_steps(model, optimizer, loader, device, epoch: int, scheduler=None, sc
             if scheduler is not None:
                 scheduler.step()
             values = {"loss": loss.item(), **{key: value.item() for key, value in loss_dict.items()}}
-            totals["images"] += len(images)
-            totals["steps"] += 1
+            images_seen += len(images)
+            steps += 1
             for key, value in values.items():
                 sums[key] = sums.get(key, 0.0) + value * len(images)
-                totals[key] = sums[key] / totals["images"]
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
             yield {**values, "lr": step_lr}, totals
     except GeneratorExit:
@@ -128,14 +127,15 @@ def train_steps(model, optimizer, loader, device, epoch: int, scheduler=None, sc
     finally:
         bar.close()
         seconds = time.perf_counter() - started
-        totals.update(seconds=seconds, images_per_s=totals["images"] / seconds if seconds else 0.0,
-                      lr=optimizer.param_groups[0]["lr"])
+        totals.update({key: value / max(images_seen, 1) for key, value in sums.items()})
+        totals.update(images=images_seen, steps=steps, seconds=seconds,
+                      images_per_s=images_seen / seconds if seconds else 0.0, lr=optimizer.param_groups[0]["lr"])
 
 
 def train_one_epoch(model, optimizer, loader, device, epoch: int, **options) -> dict:
     """A whole pass of :func:`train_steps` (*options* are its keywords); returns the epoch's totals."""
     steps = train_steps(model, optimizer, loader, device, epoch, **options)
-    last = deque(steps, maxlen=1)  # run to the end: the totals dict is complete once the loop has ended
+    last = deque(steps, maxlen=1)  # run to the end: the totals dict is filled in once the loop has ended
     return last[0][1] if last else {}
 
 

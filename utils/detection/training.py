@@ -333,7 +333,7 @@ class Trainer:
                             amp=self.settings.amp, progress=self.progress)
         with contextlib.closing(steps):  # also when a step's work raises (a SIGTERM stop)
             for iteration, (values, totals) in enumerate(steps):
-                stats = totals  # the epoch's so far; complete once the loop is closed
+                stats = totals  # filled in when the loop is closed
                 self._after_step(iteration, values)
                 # max_steps, or a time budget's plan (which may change during epoch 1), may end this epoch here
                 left = self.steps_left_in_epoch()
