@@ -17,8 +17,8 @@ bin/train.py does (else --epochs), plus --image-size, --limit, --sample-images.
 levers of the rows kept so far, each in the same --time-budget, on the real data only,
 and prints one table. A change is kept when it raises the validation F1 at the chosen
 threshold (the test split is only reported on). --compare NAME trains one model per
-row of COMPARISONS[NAME], each a change on today's defaults (not cumulative), and adds
-mAR@100 and the training images/s to the table (--compare first-stage: the WIDER FACE
+row of COMPARISONS[NAME], each a change on the defaults it was measured with (not
+cumulative), and adds mAR@100 and the training images/s to the table (--compare first-stage: the WIDER FACE
 RetinaFace first stage against the ImageNet MobileNetV2 one). With --output, every
 finished row is saved and a rerun continues after the last one. Run it in the background:
   nohup .venv/bin/python bench/quality.py --output runs/bench/quality.json > runs/bench/quality.log 2>&1 &
@@ -55,8 +55,12 @@ ABLATION = (
     ("+ 128 RoIs/image in the box loss", {"roi_batch_size": 128}),
 )
 
-# Side-by-side comparisons (--compare NAME): each row is one TrainParams change on today's defaults, trained in
-# the same --time-budget on the same split; unlike ABLATION's rows, none builds on another.
+# Side-by-side comparisons (--compare NAME): each row is one TrainParams change on the defaults of the day it was
+# measured, trained in the same --time-budget on the same split; unlike ABLATION's rows, none builds on another.
+# They predate multi-scale training as a default (2026-12-05, bench/RESULTS.md "Multi-scale training at 60
+# minutes"), so every row runs with it off (AS_MEASURED), as recorded.
+AS_MEASURED = {"multiscale": 0.0}
+
 COMPARISONS = {
     # Issue #21: a face-pretrained first stage (utils/detection/retinaface.py) against today's ImageNet backbone.
     "first-stage": (
@@ -101,8 +105,8 @@ def get_args_parser():
     p.add_argument("--ablation", action="store_true",
                    help="one row per cumulative recipe change (ABLATION), real data only (default: off)")
     p.add_argument("--compare", choices=sorted(COMPARISONS), default=None,
-                   help="one row per setting of COMPARISONS[NAME], each on today's defaults, real data only "
-                        "(default: none)")
+                   help="one row per setting of COMPARISONS[NAME], each on the defaults it was measured with, "
+                        "real data only (default: none)")
     p.add_argument("--rows", type=int, default=None,
                    help="with --ablation: only the first N rows (default: all)")
     p.add_argument("--image-size", type=int, default=512, help="longer image side in px (default: 512)")
@@ -276,7 +280,8 @@ def finished_rows(args, key: str) -> list:
 
 
 def run_comparison(args, device) -> int:
-    """Train one model per row of COMPARISONS[args.compare], each on today's defaults, on the real data."""
+    """Train one model per row of COMPARISONS[args.compare], each on the defaults it was measured with
+    (AS_MEASURED), on the real data."""
     from utils.atomic import write_json
 
     if not (args.data / "images").is_dir():
@@ -285,7 +290,8 @@ def run_comparison(args, device) -> int:
     budget = rows_budget(args, device, "")
     rows = finished_rows(args, "comparison")
     for label, change in COMPARISONS[args.compare][len(rows): args.rows]:
-        result = run_one("real", args.data / "images", args.data / "annotations", args, device, args.limit, change)
+        result = run_one("real", args.data / "images", args.data / "annotations", args, device, args.limit,
+                         {**AS_MEASURED, **change})
         rows.append({"row": label, "change": change, **result})
         print(f"\n{comparison_table(rows)}\n", flush=True)
         if args.output:

@@ -57,7 +57,10 @@ HFLIP = 0.5                    # probability of a horizontal flip per training i
 # (README "Quality") and kept those that raised the validation F1.
 PHOTOMETRIC = 0.0              # probability of torchvision's RandomPhotometricDistort per training image; off:
                                # it cost 22 % of the CPU throughput and lowered the validation F1 (0.661 -> 0.580)
-MULTISCALE = 0.0               # multi-scale training: longer sides IMAGE_SIZE*(1 +- this), steps of 32 px; 0 off
+MULTISCALE = 0.5               # multi-scale training: longer sides IMAGE_SIZE*(1 +- this), steps of 32 px; 0 off.
+                               # Rejected at 15 minutes (2-3 epochs); at 60 minutes on the real data it stopped the
+                               # over-fitting of the later epochs (val fitness 0.396 at the end, not 0.352) and
+                               # raised test mAP@0.5 0.688 -> 0.809 (bench/RESULTS.md, "Multi-scale training")
 REPEAT_THRESHOLD = 0.3         # repeat-factor sampling (LVIS): images of classes in fewer than this fraction of
                                # the images are repeated sqrt(t/f) times per epoch (mask_weared_incorrect: 11 % of
                                # the real images, so ~1.6x); raised the validation F1 0.606 -> 0.661; 0 off
