@@ -4,7 +4,8 @@
 For each data set (the real face-mask data at --data, and synthetic sample data
 made by utils.data.sample_data): validate it (utils.data.validation), split it 70/10/20 with
 near-duplicates kept together (utils.data.split), train mobilenet_v2_fpn with ImageNet
-weights on the train split only for --epochs epochs at --image-size, then report
+weights on the train split only for --epochs epochs around --image-size (today's recipe: each image's
+longer side drawn from 0.5 to 1.5 times it), then report
 COCO mAP (0.5:0.95), mAP@0.5, mAP@0.75 and AP per class on the test split
 (predictions in eval mode, torchmetrics/faster-coco-eval via utils.detection.metrics), and
 the compliance error on the test split at the score threshold chosen on the validation
