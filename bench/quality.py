@@ -88,6 +88,13 @@ COMPARISONS = {
                                           "trainable_layers": 5}),
         ("+ 640 px", {"backbone": "retinaface_mnet025", "weights": "widerface", "image_size": 640}),
     ),
+    # Multi-scale training won at 60 minutes and became the default (2026-12-05); does it cost at a short budget,
+    # where it lost before (±25 %, 12 minutes)?
+    "multiscale": (
+        ("one size", {"backbone": "retinaface_mnet025", "weights": "widerface", "multiscale": 0.0}),
+        ("multi-scale ±50 % (the default)", {"backbone": "retinaface_mnet025", "weights": "widerface",
+                                             "multiscale": 0.5}),
+    ),
 }
 
 
