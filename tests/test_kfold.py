@@ -196,6 +196,16 @@ def test_mean_and_sample_std_per_metric_and_class():
     assert math.isclose(mean_std([1.0, 3.0])["std"], math.sqrt(2))
 
 
+def test_the_summary_says_how_each_fold_model_ran():
+    folds = [{**fake_evaluation(0.3), "working_size": 768, "tta": True}, {**fake_evaluation(0.4), "working_size": 640,
+                                                                         "tta": False}, fake_evaluation(0.5)]
+    summary = summarise_folds(folds, ["a", "b", "c"])
+    assert summary["inference_per_fold"] == [{"working_size": 768, "tta": True},
+                                             {"working_size": 640, "tta": False},
+                                             {"working_size": None, "tta": None}]
+    assert "ran at (its own choice on its validation images): 768 px + flip TTA, 640 px, n/a" in format_summary(summary)
+
+
 def with_estimators(evaluation: dict, errors: dict, inside: dict) -> dict:
     """*evaluation* with a quantification block: each estimator's error and whether the truth was inside."""
     estimates = {method: {"error_points": error, "truth_inside": inside[method]} for method, error in errors.items()}

@@ -120,6 +120,8 @@ def summarise_folds(evaluations: list[dict], names: list[str]) -> dict:
         "evaluations": names,
         "images_per_fold": [e.get("num_images") for e in evaluations],
         "faces_per_fold": [e.get("num_faces") for e in evaluations],
+        # how each fold model ran, as it chose on its own validation images (None: an older evaluation file)
+        "inference_per_fold": [{"working_size": e.get("working_size"), "tta": e.get("tta")} for e in evaluations],
         "spread": "sample standard deviation over the folds (ddof=1); n = folds where the metric is defined",
         "metrics": {key: mean_std([read(e) for e in evaluations]) for key, read, _ in OVERALL_METRICS},
         "per_class": {name: {key: mean_std([e["per_class"][name][key] for e in evaluations])
@@ -137,11 +139,22 @@ def _pm(stats: dict, digits: int = 4) -> str:
     return f"{stats['mean']:.{digits}f} ± {spread}{missing}"
 
 
+def _inference_label(entry: dict) -> str:
+    """'768 px + flip TTA', '512 px' or 'n/a' (an evaluation file that does not say)."""
+    if entry.get("working_size") is None:
+        return "n/a"
+    return f"{entry['working_size']} px" + (" + flip TTA" if entry.get("tta") else "")
+
+
 def format_summary(summary: dict) -> str:
     """kfold_summary.txt: mean ± std per metric and class."""
     lines = [f"{summary['folds']}-fold cross-validation on the train+val pool "
              f"(held-out images per fold: {', '.join(str(n) for n in summary['images_per_fold'])})",
-             "mean ± sample std over the folds", ""]
+             "mean ± sample std over the folds"]
+    runs = [_inference_label(entry) for entry in summary.get("inference_per_fold") or []]
+    if runs:
+        lines.append(f"each fold model ran at (its own choice on its validation images): {', '.join(runs)}")
+    lines.append("")
     for key, _, label in OVERALL_METRICS:
         digits = 2 if "points" in key else 4
         lines.append(f"{label:<30}{_pm(summary['metrics'][key], digits)}")
