@@ -138,7 +138,13 @@ def test_oracle_model_scores_perfectly(sample_dir, tmp_path):
     assert compliance["true"]["counts"] == report["faces_per_class"]
     assert compliance["error_points"] == 0.0 and compliance["per_image_mae_points"] == 0.0
     assert compliance["images_compared"] == 8
-    assert "error: +0.0 points" in (tmp_path / "evaluation.txt").read_text()
+    text = (tmp_path / "evaluation.txt").read_text()
+    assert "error: +0.0 points" in text
+    # every face found, whatever the IoU asked, and in the text as one row per class and one for any class
+    recall = report["recall_by_iou"]
+    assert recall["any_class"] == pytest.approx([1.0] * 10) and recall["any_class_mar_100"] == pytest.approx(1.0)
+    assert all(row == pytest.approx([1.0] * 10) for row in recall["per_class"].values())
+    assert "Faces found by IoU threshold" in text and "any class: mAP 1.0000" in text
     images = json.loads((tmp_path / "evaluation_images.json").read_text())["images"]
     assert {e["image"] for e in images} == {pair.image.name for pair in pairs[:8]}
     assert all(e["errors"] == 0 and e["correct"] == e["true_faces"] == e["detections"] for e in images)

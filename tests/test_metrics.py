@@ -8,7 +8,8 @@ import torch
 from utils.classes import LABEL_OF
 from utils.detection.compliance import (choose_operating_threshold, compliance, compliance_error, compliance_line,
                                         detection_f1, merge_compliance)
-from utils.detection.metrics import CONFUSION_LABELS, coco_map, compute_coco, detection_confusion_matrix, pr_curves
+from utils.detection.metrics import (CONFUSION_LABELS, coco_map, compute_coco, detection_confusion_matrix, pr_curves,
+                                    recall_by_iou)
 
 WITH, WITHOUT, INCORRECT = LABEL_OF["with_mask"], LABEL_OF["without_mask"], LABEL_OF["mask_weared_incorrect"]
 BG = CONFUSION_LABELS.index("background")
@@ -77,6 +78,36 @@ def test_half_overlap_counts_at_050_not_at_075():
     assert result["per_class"]["with_mask"]["ap_50"] == pytest.approx(1.0)
     assert result["per_class"]["with_mask"]["ap_75"] == 0.0
     assert 0.0 < result["map"] < 1.0
+
+
+def test_recall_by_iou_tells_loose_boxes_and_wrong_classes_from_missed_faces():
+    # with_mask: one box exact, one at IoU 0.62 (found up to the 0.6 threshold); without_mask: its face boxed
+    # exactly but called with_mask; mask_weared_incorrect: missed.
+    targets = [target([[0, 0, 100, 100], [200, 0, 300, 100], [400, 0, 500, 100], [600, 0, 700, 100]],
+                      [WITH, WITH, WITHOUT, INCORRECT])]
+    preds = [pred([[0, 0, 100, 100], [200, 0, 300, 62], [400, 0, 500, 100]], [WITH, WITH, WITH], [0.9, 0.8, 0.7])]
+    result = compute_coco(preds, targets)
+    recall = recall_by_iou(preds, targets, result)
+    assert recall["iou_thresholds"][0] == 0.5 and recall["iou_thresholds"][-1] == 0.95
+    at = {t: i for i, t in enumerate(recall["iou_thresholds"])}
+    with_mask = recall["per_class"]["with_mask"]
+    assert with_mask[at[0.5]] == with_mask[at[0.6]] == pytest.approx(1.0)
+    assert with_mask[at[0.65]] == with_mask[at[0.95]] == pytest.approx(0.5)
+    assert sum(with_mask) / len(with_mask) == pytest.approx(result.summary["per_class"]["with_mask"]["recall"])
+    assert recall["per_class"]["without_mask"] == [0.0] * 10  # boxed, but as the wrong class
+    assert recall["per_class"]["mask_weared_incorrect"] == [0.0] * 10
+    # Whatever the class: three of four faces at IoU 0.5, two of four above 0.6.
+    assert recall["any_class"][at[0.5]] == pytest.approx(0.75)
+    assert recall["any_class"][at[0.95]] == pytest.approx(0.5)
+    assert recall["any_class_mar_100"] == pytest.approx(sum(recall["any_class"]) / 10)
+
+
+def test_recall_by_iou_leaves_out_classes_without_faces_and_copes_with_no_detections():
+    targets = [target([[0, 0, 100, 100]], [WITH])]
+    recall = recall_by_iou([no_pred()], targets, compute_coco([no_pred()], targets))
+    assert set(recall["per_class"]) == {"with_mask"}
+    assert recall["per_class"]["with_mask"] == [0.0] * 10
+    assert recall["any_class"] == [0.0] * 10
 
 
 def test_per_class_ap_50_agrees_with_torchmetrics_single_threshold():

@@ -28,7 +28,7 @@ from .inference import default_num_workers
 from ..naming import evaluation_output_names
 from .inference_size import inference_size, inference_tta, set_inference_size
 from .model import load_model_file
-from .metrics import compute_coco, detection_confusion_matrix, pr_curves
+from .metrics import compute_coco, detection_confusion_matrix, pr_curves, recall_by_iou
 from ..data.pairs import pair_folders
 from .plots import plot_confusion_matrix, plot_pr_curves
 from ..data.voc import VocError, clean_objects, parse_voc
@@ -131,6 +131,7 @@ def format_report(report: dict) -> str:
         entry = report["per_class"][name]
         lines.append(f"{name:<24}{report['faces_per_class'][name]:>7}{_fmt(entry['ap']):>9}"
                      f"{_fmt(entry['ap_50']):>9}{_fmt(entry['ap_75']):>9}{_fmt(entry['recall']):>9}")
+    lines += recall_lines(report.get("recall_by_iou"))
     cm = report["confusion_matrix"]
     lines += ["", f"Confusion matrix (rows = true, columns = predicted; IoU >= {cm['iou_threshold']}, "
                   f"score >= {cm['score_threshold']}):"]
@@ -147,6 +148,21 @@ def format_report(report: dict) -> str:
         lines += ["", f"Skipped {len(report['skipped'])} files:"]
         lines += [f"  {entry['file']}: {entry['reason']}" for entry in report["skipped"]]
     return "\n".join(lines) + "\n"
+
+
+def recall_lines(recall: dict | None) -> list[str]:
+    """evaluation.txt's block: the share of the faces found at each IoU threshold, per class and for any class."""
+    if not recall or not (recall["per_class"] or recall["any_class"]):
+        return []
+    rows = [*recall["per_class"].items(), ("any class", recall["any_class"])]
+    lines = ["", "Faces found by IoU threshold (100 detections per image; mAR@100 is a row's mean;",
+             "'any class' counts a face found whatever class its box says):",
+             f"{'IoU':<24}" + "".join(f"{t:>7.2f}" for t in recall["iou_thresholds"])]
+    lines += [f"{name:<24}" + "".join("    n/a" if v is None else f"{v:>7.3f}" for v in values)
+              for name, values in rows if values]
+    lines.append(f"any class: mAP {_fmt(recall['any_class_map'])}, mAP@0.5 {_fmt(recall['any_class_map_50'])}, "
+                 f"mAR@100 {_fmt(recall['any_class_mar_100'])}")
+    return lines
 
 
 def estimate_lines(report: dict) -> list[str]:
@@ -243,6 +259,7 @@ def evaluate_model(model, pairs, output_dir, device="cpu", score_threshold: floa
         "map_medium": summary["map_medium"],
         "map_large": summary["map_large"],
         "per_class": summary["per_class"],
+        "recall_by_iou": recall_by_iou(preds, targets, coco),
         "test_loss": losses.get("loss"),
         "test_loss_terms": {k: v for k, v in losses.items() if k != "loss"},
         "confusion_matrix": {"labels": labels, "matrix": matrix, "rows": "true", "columns": "predicted",

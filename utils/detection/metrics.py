@@ -73,6 +73,7 @@ class CocoResult:
     precision: np.ndarray | None  # T x R x K x A x M, -1 where undefined
     iou_thresholds: list[float]
     class_labels: list[int]  # label of each K index
+    recall: np.ndarray | None = None  # T x K x A x M, -1 where undefined
 
 
 def compute_coco(preds, targets) -> CocoResult:
@@ -127,7 +128,7 @@ def compute_coco(preds, targets) -> CocoResult:
         "mar_100": _value(raw["mar_100"]),
         "per_class": per_class,
     }
-    return CocoResult(summary, precision, iou_thresholds, class_labels)
+    return CocoResult(summary, precision, iou_thresholds, class_labels, recall)
 
 
 def _empty_summary() -> dict:
@@ -152,6 +153,31 @@ def fitness(summary: dict) -> float | None:
     if summary.get("map") is None or summary.get("map_50") is None:
         return None
     return 0.1 * float(summary["map_50"]) + 0.9 * float(summary["map"])
+
+
+def recall_by_iou(preds, targets, result: CocoResult) -> dict:
+    """The share of the faces found at each IoU threshold, at COCO's 100 detections per image: per class
+    (from *result*, the COCO run of :func:`compute_coco`), and for faces whatever their class (a second
+    COCO run with every label made one). mAR@100 is the mean of a class's row, so the rows say whether
+    it is faces missed (low already at IoU 0.5) or boxes placed loosely (a row falling towards 0.95);
+    the class-free row separates finding faces from telling their mask state apart."""
+    def row(values):
+        return [_value(v) for v in values]
+
+    per_class = {}
+    k_of = {label: k for k, label in enumerate(result.class_labels)}
+    for name in CLASSES:
+        k = k_of.get(LABEL_OF[name])
+        if result.recall is not None and k is not None and result.summary["per_class"][name]["ap"] is not None:
+            per_class[name] = row(result.recall[:, k, _AREA_ALL, _MAXDET_LAST])
+    one = [{**pred, "labels": torch.ones_like(torch.as_tensor(pred["labels"]))} for pred in preds]
+    faces = [{**target, "labels": torch.ones_like(torch.as_tensor(target["labels"]))} for target in targets]
+    anyclass = compute_coco(one, faces)
+    any_row = (row(anyclass.recall[:, 0, _AREA_ALL, _MAXDET_LAST])
+               if anyclass.recall is not None and anyclass.class_labels else None)
+    return {"iou_thresholds": result.iou_thresholds, "per_class": per_class, "any_class": any_row,
+            "any_class_mar_100": anyclass.summary["mar_100"], "any_class_map": anyclass.summary["map"],
+            "any_class_map_50": anyclass.summary["map_50"]}
 
 
 def pr_curves(result: CocoResult, iou_threshold: float = 0.5) -> dict:
