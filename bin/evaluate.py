@@ -4,7 +4,8 @@
 Writes OUTPUT_DIR/evaluation.json (map, map_50, map_75, mar_100, per_class {class:
 {ap, ap_50, ap_75, recall}}, recall_by_iou {per_class, any_class: the share of the faces
 found at each IoU threshold 0.5-0.95, mAR@100 being a row's mean; any_class counts a face
-found whatever class its box says}, confusion_matrix {labels, matrix}, num_images,
+found whatever class its box says, at up to 100 boxes per image and class as the class
+rows}, confusion_matrix {labels, matrix}, num_images,
 test_loss, compliance {true, predicted, error_points, per_image_mae_points, ...},
 quantification {estimate, estimates {cc, pcc, acc, pacc, pacc2: percent, low, high (95 % bootstrap
 interval), units, error_points, truth_inside}, true_percent, ...},

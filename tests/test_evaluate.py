@@ -142,7 +142,7 @@ def test_oracle_model_scores_perfectly(sample_dir, tmp_path):
     assert "error: +0.0 points" in text
     # every face found, whatever the IoU asked, and in the text as one row per class and one for any class
     recall = report["recall_by_iou"]
-    assert recall["any_class"] == pytest.approx([1.0] * 10) and recall["any_class_mar_100"] == pytest.approx(1.0)
+    assert recall["any_class"] == pytest.approx([1.0] * 10) and recall["any_class_mar"] == pytest.approx(1.0)
     assert all(row == pytest.approx([1.0] * 10) for row in recall["per_class"].values())
     assert "Faces found by IoU threshold" in text and "any class: mAP 1.0000" in text
     images = json.loads((tmp_path / "evaluation_images.json").read_text())["images"]

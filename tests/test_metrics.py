@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from utils.classes import LABEL_OF
+from utils.detection.evaluation import recall_lines
 from utils.detection.compliance import (choose_operating_threshold, compliance, compliance_error, compliance_line,
                                         detection_f1, merge_compliance)
 from utils.detection.metrics import (CONFUSION_LABELS, coco_map, compute_coco, detection_confusion_matrix, pr_curves,
@@ -81,25 +82,26 @@ def test_half_overlap_counts_at_050_not_at_075():
 
 
 def test_recall_by_iou_tells_loose_boxes_and_wrong_classes_from_missed_faces():
-    # with_mask: one box exact, one at IoU 0.62 (found up to the 0.6 threshold); without_mask: its face boxed
-    # exactly but called with_mask; mask_weared_incorrect: missed.
-    targets = [target([[0, 0, 100, 100], [200, 0, 300, 100], [400, 0, 500, 100], [600, 0, 700, 100]],
-                      [WITH, WITH, WITHOUT, INCORRECT])]
-    preds = [pred([[0, 0, 100, 100], [200, 0, 300, 62], [400, 0, 500, 100]], [WITH, WITH, WITH], [0.9, 0.8, 0.7])]
+    # with_mask: a large and a small (20 px: COCO's "small" area) box exact, one at IoU 0.62 (found up to the 0.6
+    # threshold); without_mask: its face boxed exactly but called with_mask; mask_weared_incorrect: missed.
+    targets = [target([[0, 0, 100, 100], [800, 0, 820, 20], [200, 0, 300, 100], [400, 0, 500, 100],
+                       [600, 0, 700, 100]], [WITH, WITH, WITH, WITHOUT, INCORRECT])]
+    preds = [pred([[0, 0, 100, 100], [800, 0, 820, 20], [200, 0, 300, 62], [400, 0, 500, 100]],
+                  [WITH, WITH, WITH, WITH], [0.9, 0.85, 0.8, 0.7])]
     result = compute_coco(preds, targets)
     recall = recall_by_iou(preds, targets, result)
     assert recall["iou_thresholds"][0] == 0.5 and recall["iou_thresholds"][-1] == 0.95
     at = {t: i for i, t in enumerate(recall["iou_thresholds"])}
     with_mask = recall["per_class"]["with_mask"]
     assert with_mask[at[0.5]] == with_mask[at[0.6]] == pytest.approx(1.0)
-    assert with_mask[at[0.65]] == with_mask[at[0.95]] == pytest.approx(0.5)
+    assert with_mask[at[0.65]] == with_mask[at[0.95]] == pytest.approx(2 / 3)
     assert sum(with_mask) / len(with_mask) == pytest.approx(result.summary["per_class"]["with_mask"]["recall"])
     assert recall["per_class"]["without_mask"] == [0.0] * 10  # boxed, but as the wrong class
     assert recall["per_class"]["mask_weared_incorrect"] == [0.0] * 10
-    # Whatever the class: three of four faces at IoU 0.5, two of four above 0.6.
-    assert recall["any_class"][at[0.5]] == pytest.approx(0.75)
-    assert recall["any_class"][at[0.95]] == pytest.approx(0.5)
-    assert recall["any_class_mar_100"] == pytest.approx(sum(recall["any_class"]) / 10)
+    # Whatever the class: four of five faces at IoU 0.5, three of five above 0.6.
+    assert recall["any_class"][at[0.5]] == pytest.approx(0.8)
+    assert recall["any_class"][at[0.95]] == pytest.approx(0.6)
+    assert recall["any_class_mar"] == pytest.approx(sum(recall["any_class"]) / 10)
 
 
 def test_recall_by_iou_leaves_out_classes_without_faces_and_copes_with_no_detections():
@@ -108,6 +110,28 @@ def test_recall_by_iou_leaves_out_classes_without_faces_and_copes_with_no_detect
     assert set(recall["per_class"]) == {"with_mask"}
     assert recall["per_class"]["with_mask"] == [0.0] * 10
     assert recall["any_class"] == [0.0] * 10
+    # a box of a class no face has: that class gets no row (its recall is undefined, not 0)
+    preds = [pred([[300, 300, 400, 400]], [INCORRECT], [0.9])]
+    recall = recall_by_iou(preds, targets, compute_coco(preds, targets))
+    assert set(recall["per_class"]) == {"with_mask"} and recall["any_class"] == [0.0] * 10
+    # boxes but no labelled face at all: nothing to report, and evaluation.txt prints no block
+    empty = [target([], [])]
+    recall = recall_by_iou(preds, empty, compute_coco(preds, empty))
+    assert recall["per_class"] == {} and recall["any_class"] is None and recall["any_class_mar"] is None
+    assert recall_lines(recall) == [] and recall_lines(None) == []
+
+
+def test_the_class_free_row_counts_every_face_a_box_of_its_class_found():
+    # 80 with_mask and 40 without_mask faces in one photo, each boxed exactly: 120 boxes, over COCO's 100 per
+    # image, but within 100 per class; the class-free row must find all 120, as the class rows do.
+    boxes = [[30 * i, 30 * j, 30 * i + 20, 30 * j + 20] for i in range(12) for j in range(10)]
+    labels = [WITH] * 80 + [WITHOUT] * 40
+    targets = [target(boxes, labels)]
+    preds = [pred(boxes, labels, [0.9 - 0.001 * k for k in range(120)])]
+    recall = recall_by_iou(preds, targets, compute_coco(preds, targets))
+    assert recall["per_class"]["with_mask"] == pytest.approx([1.0] * 10)
+    assert recall["per_class"]["without_mask"] == pytest.approx([1.0] * 10)
+    assert recall["any_class"] == pytest.approx([1.0] * 10) and recall["any_class_mar"] == pytest.approx(1.0)
 
 
 def test_per_class_ap_50_agrees_with_torchmetrics_single_threshold():

@@ -155,13 +155,13 @@ def recall_lines(recall: dict | None) -> list[str]:
     if not recall or not (recall["per_class"] or recall["any_class"]):
         return []
     rows = [*recall["per_class"].items(), ("any class", recall["any_class"])]
-    lines = ["", "Faces found by IoU threshold (100 detections per image; mAR@100 is a row's mean;",
+    lines = ["", "Faces found by IoU threshold (100 detections per image and class; mAR@100 is a row's mean;",
              "'any class' counts a face found whatever class its box says):",
              f"{'IoU':<24}" + "".join(f"{t:>7.2f}" for t in recall["iou_thresholds"])]
     lines += [f"{name:<24}" + "".join("    n/a" if v is None else f"{v:>7.3f}" for v in values)
               for name, values in rows if values]
     lines.append(f"any class: mAP {_fmt(recall['any_class_map'])}, mAP@0.5 {_fmt(recall['any_class_map_50'])}, "
-                 f"mAR@100 {_fmt(recall['any_class_mar_100'])}")
+                 f"mAR {_fmt(recall['any_class_mar'])}")
     return lines
 
 

@@ -76,8 +76,9 @@ class CocoResult:
     recall: np.ndarray | None = None  # T x K x A x M, -1 where undefined
 
 
-def compute_coco(preds, targets) -> CocoResult:
-    """Run COCO evaluation once and return both the summary and the precision array."""
+def compute_coco(preds, targets, max_detections: int = 100) -> CocoResult:
+    """Run COCO evaluation once and return both the summary and the precision array. *max_detections*: COCO's
+    cap per image (its "mar_100" in the summary is recall at that cap)."""
     preds = [_clean_pred(p) for p in preds]
     targets = [_clean_target(t) for t in targets]
     if len(preds) != len(targets):
@@ -86,7 +87,7 @@ def compute_coco(preds, targets) -> CocoResult:
     # ones; the model may return more (up to 200), and COCO simply ranks and cuts them, so the warning
     # torchmetrics gives for it is noise here.
     metric = MeanAveragePrecision(backend="faster_coco_eval", iou_type="bbox", class_metrics=True,
-                                  extended_summary=True)
+                                  extended_summary=True, max_detection_thresholds=[1, 10, max_detections])
     metric.warn_on_many_detections = False
     iou_thresholds = [round(float(t), 2) for t in (metric.iou_thresholds or np.linspace(0.5, 0.95, 10))]
     if not preds:
@@ -97,7 +98,7 @@ def compute_coco(preds, targets) -> CocoResult:
     precision = _plain(raw["precision"]).numpy() if "precision" in raw else None
     recall = _plain(raw["recall"]).numpy() if "recall" in raw else None
     map_per_class = _plain(raw["map_per_class"]).reshape(-1).tolist()
-    mar_per_class = _plain(raw["mar_100_per_class"]).reshape(-1).tolist()
+    mar_per_class = _plain(raw[f"mar_{max_detections}_per_class"]).reshape(-1).tolist()
     k_of = {label: k for k, label in enumerate(class_labels)}
     t50 = iou_thresholds.index(0.5) if 0.5 in iou_thresholds else None
     per_class = {}
@@ -125,7 +126,7 @@ def compute_coco(preds, targets) -> CocoResult:
         "map_large": _value(raw["map_large"]),
         "mar_1": _value(raw["mar_1"]),
         "mar_10": _value(raw["mar_10"]),
-        "mar_100": _value(raw["mar_100"]),
+        "mar_100": _value(raw[f"mar_{max_detections}"]),
         "per_class": per_class,
     }
     return CocoResult(summary, precision, iou_thresholds, class_labels, recall)
@@ -156,10 +157,11 @@ def fitness(summary: dict) -> float | None:
 
 
 def recall_by_iou(preds, targets, result: CocoResult) -> dict:
-    """The share of the faces found at each IoU threshold, at COCO's 100 detections per image: per class
-    (from *result*, the COCO run of :func:`compute_coco`), and for faces whatever their class (a second
-    COCO run with every label made one). mAR@100 is the mean of a class's row, so the rows say whether
-    it is faces missed (low already at IoU 0.5) or boxes placed loosely (a row falling towards 0.95);
+    """The share of the faces found at each IoU threshold: per class at COCO's 100 detections per image and
+    class (from *result*, the COCO run of :func:`compute_coco`), and for faces whatever their class (a second
+    COCO run with every label made one, capped at 100 per image and class too: 300 in all, so a face a box
+    of its own class found counts here as well). mAR@100 is the mean of a class's row, so the rows say
+    whether it is faces missed (low already at IoU 0.5) or boxes placed loosely (a row falling towards 0.95);
     the class-free row separates finding faces from telling their mask state apart."""
     def row(values):
         return [_value(v) for v in values]
@@ -172,12 +174,12 @@ def recall_by_iou(preds, targets, result: CocoResult) -> dict:
             per_class[name] = row(result.recall[:, k, _AREA_ALL, _MAXDET_LAST])
     one = [{**pred, "labels": torch.ones_like(torch.as_tensor(pred["labels"]))} for pred in preds]
     faces = [{**target, "labels": torch.ones_like(torch.as_tensor(target["labels"]))} for target in targets]
-    anyclass = compute_coco(one, faces)
+    anyclass = compute_coco(one, faces, max_detections=100 * len(CLASSES))
     any_row = (row(anyclass.recall[:, 0, _AREA_ALL, _MAXDET_LAST])
-               if anyclass.recall is not None and anyclass.class_labels else None)
+               if anyclass.recall is not None and anyclass.summary["mar_100"] is not None else None)  # no faces: None
     return {"iou_thresholds": result.iou_thresholds, "per_class": per_class, "any_class": any_row,
-            "any_class_mar_100": anyclass.summary["mar_100"], "any_class_map": anyclass.summary["map"],
-            "any_class_map_50": anyclass.summary["map_50"]}
+            "any_class_max_detections": 100 * len(CLASSES), "any_class_mar": anyclass.summary["mar_100"],
+            "any_class_map": anyclass.summary["map"], "any_class_map_50": anyclass.summary["map_50"]}
 
 
 def pr_curves(result: CocoResult, iou_threshold: float = 0.5) -> dict:
