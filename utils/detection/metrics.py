@@ -174,11 +174,12 @@ def recall_by_iou(preds, targets, result: CocoResult) -> dict:
             per_class[name] = row(result.recall[:, k, _AREA_ALL, _MAXDET_LAST])
     one = [{**pred, "labels": torch.ones_like(torch.as_tensor(pred["labels"]))} for pred in preds]
     faces = [{**target, "labels": torch.ones_like(torch.as_tensor(target["labels"]))} for target in targets]
-    anyclass = compute_coco(one, faces, max_detections=100 * len(CLASSES))
+    cap = 100 * len(CLASSES)  # the class rows' 100 per image and class, in all
+    anyclass = compute_coco(one, faces, max_detections=cap)
     any_row = (row(anyclass.recall[:, 0, _AREA_ALL, _MAXDET_LAST])
                if anyclass.recall is not None and anyclass.summary["mar_100"] is not None else None)  # no faces: None
     return {"iou_thresholds": result.iou_thresholds, "per_class": per_class, "any_class": any_row,
-            "any_class_max_detections": 100 * len(CLASSES), "any_class_mar": anyclass.summary["mar_100"],
+            "any_class_max_detections": cap, "any_class_mar": anyclass.summary["mar_100"],
             "any_class_map": anyclass.summary["map"], "any_class_map_50": anyclass.summary["map_50"]}
 
 
