@@ -40,7 +40,7 @@ def load_with_rates(model_path: Path):
 
     model, meta, threshold, _ = load_trained_model(model_path, torch.device("cpu"))
     stored = meta.get("quantification")
-    problem = Q.calibration_problem(stored, threshold, meta["tta"])
+    problem = Q.calibration_problem(stored, threshold, meta["tta"], meta["working_size"])
     if problem:
         raise ValueError(f"{model_path}: {problem}")
     return model, meta, threshold
@@ -64,7 +64,8 @@ def held_out_record(loaded: tuple, labelled: Path) -> dict:
         # run as the jobs run it: at its working size, with flip TTA when it chose it on validation
         preds, targets = run_inference(model, evaluation_loader(pairs, num_workers=0), torch.device("cpu"),
                                        tta=meta["tta"])
-    return Q.calibration_record(preds, targets, threshold, chosen_on=str(labelled), tta=meta["tta"])
+    return Q.calibration_record(preds, targets, threshold, chosen_on=str(labelled), tta=meta["tta"],
+                                working_size=meta["working_size"])
 
 
 def pooled(records: list[dict]) -> dict:
@@ -72,6 +73,8 @@ def pooled(records: list[dict]) -> dict:
     the confusion matrices were counted at each model's own threshold, so acc is not computed)."""
     if len({bool(record.get("tta", False)) for record in records}) > 1:
         raise ValueError("the records were made with and without flip TTA: their rates do not pool")
+    if len({record.get("working_size") for record in records} - {None}) > 1:
+        raise ValueError("the records were made at different working sizes: their rates do not pool")
     return {**records[0], "chosen_on": "pooled", "images": [image for record in records for image in record["images"]]}
 
 

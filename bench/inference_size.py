@@ -98,7 +98,8 @@ def measure(model_path: Path, val: Path, test: Path, tta_choice: bool = True, ch
             tta, (preds, targets) = choose_tta((preds, targets), run_inference(model, val_loader, device, tta=True))
             size = {**size, **tta}
         choice = choose_operating_threshold(preds, targets)
-        calibration = calibration_record(preds, targets, choice["score_threshold"], tta=size.get("tta", False))
+        calibration = calibration_record(preds, targets, choice["score_threshold"], tta=size.get("tta", False),
+                                         working_size=size["image_size"])
         choose_s = time.perf_counter() - started
         print(f"  chosen on validation in {choose_s:.0f} s: {size['image_size']} px, flip TTA "
               f"{size.get('tta_fitness', 'not tried')}, threshold {choice['score_threshold']:g}; "

@@ -129,6 +129,35 @@ def test_predict_uses_flip_tta_as_the_model_chose_unless_told_otherwise(root, sa
     assert json.loads((tmp_path / "out" / "predictions.json").read_text())["tta"] is False
 
 
+@pytest.mark.slow
+def test_predict_corrects_counts_only_at_the_working_size_the_rates_were_measured_at(root, sample_dir,
+                                                                                    tiny_model_file, tmp_path):
+    """The model's validation rates (meta "quantification") hold at the size they were measured at: predicting at
+    another --image-size must not correct the counts with them, and says why."""
+    from utils.detection.model import load_model_file, save_model_file
+    from utils.detection.quantify import calibration_record
+
+    model, meta = load_model_file(tiny_model_file)
+    one_face = {"boxes": torch.tensor([[10.0, 10.0, 40.0, 40.0]]), "labels": torch.tensor([1])}
+    record = calibration_record([{**one_face, "scores": torch.tensor([0.9])}] * 3, [one_face] * 3, 0.5,
+                                working_size=160)
+    chose = save_model_file(tmp_path / "chose.pt", model, {
+        **meta, "inference_size": {"image_size": 160, "chosen_on": "validation", "tta": False},
+        "quantification": record})
+    image = sorted((sample_dir / "images").iterdir())[0]
+    common = ["--images", str(image), "--model", str(chose), "--score-threshold", "0.5", "--device", "cpu",
+              "--no-annotated", "--workers", "0"]
+    for flags, used in (([], True), (["--image-size", "128"], False)):
+        out = tmp_path / f"out_{used}"
+        assert run_predict(root, [*common, "--output-dir", str(out), *flags]) == 0
+        compliance = json.loads((out / "compliance.json").read_text())
+        assert compliance["working_size"] == (160 if used else 128)
+        assert compliance["calibration"]["used"] is used
+    assert compliance["calibration"]["why_not"] == ("the validation rates were measured at a working size of 160 px, "
+                                                    "these counts at 128 px (--image-size)")
+    assert compliance["estimate"]["method"] == "cc"
+
+
 def test_predict_fails_when_nothing_is_readable(root, tiny_model_file, tmp_path, capsys):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
@@ -164,7 +193,7 @@ def test_predict_uses_the_models_operating_threshold_unless_told_otherwise(root,
     assert set(compliance["estimates"]) == {"cc", "pcc", "acc", "pacc", "pacc2"}
     assert compliance["calibration"] == {"used": True, "chosen_on": "validation", "images": 20,
                                          "faces": compliance["calibration"]["faces"], "score_threshold": 0.35,
-                                         "floor": 0.05}
+                                         "floor": 0.05, "tta": False, "working_size": None}
     assert json.loads((tmp_path / "out" / "predictions.json").read_text())["calibration"]["score_threshold"] == 0.35
     assert run_predict(root, [*common, "--model", str(calibrated), "--score-threshold", "0.8"]) == 0
     compliance = json.loads((tmp_path / "out" / "compliance.json").read_text())

@@ -207,6 +207,12 @@ def test_a_missing_calibration_falls_back_and_says_why():
     with_tta = {**record, "tta": True}
     assert calibration_problem(with_tta, 0.6, tta=True) is None
     assert "--no-tta" in calibration_problem(with_tta, 0.6)
+    # and at the working size they were measured at: a model chosen at 768 px counts differently at 512 px
+    at_768 = {**record, "working_size": 768}
+    assert calibration_problem(at_768, 0.6, working_size=768) is None
+    assert "working size of 768 px, these counts at 512 px" in calibration_problem(at_768, 0.6, working_size=512)
+    assert calibration_problem(at_768, 0.6) is None  # a caller that does not know its size is not held to one
+    assert calibration_problem(record, 0.6, working_size=512) is None  # nor a record from before the size was kept
 
 
 def test_video_frames_resample_in_blocks():

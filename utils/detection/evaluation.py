@@ -26,7 +26,7 @@ from .engine import evaluate_loss, run_inference
 from ..data.images import ImageError, image_size
 from .inference import default_num_workers
 from ..naming import evaluation_output_names
-from .inference_size import inference_size, inference_tta, set_inference_size
+from .inference_size import inference_size, inference_tta, set_inference_size, working_size
 from .model import load_model_file
 from .metrics import compute_coco, detection_confusion_matrix, pr_curves, recall_by_iou
 from ..data.pairs import pair_folders
@@ -265,7 +265,8 @@ def evaluate_model(model, pairs, output_dir, device="cpu", score_threshold: floa
         "confusion_matrix": {"labels": labels, "matrix": matrix, "rows": "true", "columns": "predicted",
                              "iou_threshold": CONFUSION_IOU, "score_threshold": score_threshold},
         "compliance": compliance,
-        "quantification": evaluation_estimates(preds, targets, score_threshold, calibration, tta=tta),
+        "quantification": evaluation_estimates(preds, targets, score_threshold, calibration, tta=tta,
+                                               working_size=working_size(model)),
         "num_images": len(pairs),
         "num_faces": sum(faces_per_class.values()),
         "faces_per_class": faces_per_class,

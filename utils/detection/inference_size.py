@@ -42,9 +42,11 @@ def set_inference_size(model, size: int) -> None:
     model.transform.max_size = sizes["max_size"]
 
 
-def working_size(model) -> int:
-    """The working size *model* runs at now."""
-    return int(model.transform.max_size)
+def working_size(model) -> int | None:
+    """The working size *model* runs at now; None for one without a single size (an ensemble of model files,
+    each member at its own)."""
+    transform = getattr(model, "transform", None)
+    return None if transform is None else int(transform.max_size)
 
 
 def choose_inference_size(model, predict, image_size: int, candidates=None,

@@ -27,6 +27,7 @@ from ..classes import NAME_OF
 from ..data.images import is_image_name
 from ..naming import output_names as job_output_names
 from .inference import Detections, ImageItem, Skipped, detect_files
+from .inference_size import working_size
 from .compliance import compliance, compliance_line, merge_compliance
 from .quantify import prediction_estimates, soft_counts
 from ..data.pairs import open_folder, pack_folder
@@ -205,8 +206,9 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
         if annotated_tar is not None:
             pack_folder(annotated_dir, annotated_tar)  # always written: a workflow declares it as an output
     run.overall = merge_compliance(image["compliance"] for image in run.images)
-    run.estimates = prediction_estimates(run.images, calibration, score_threshold, tta, estimator)
-    settings = dict(settings or {})
+    size = working_size(model)
+    run.estimates = prediction_estimates(run.images, calibration, score_threshold, tta, estimator, size)
+    settings = {"working_size": size, **(settings or {})}  # an ensemble's caller names its members' sizes
     settings.update({"score_threshold": score_threshold, "tta": tta})
     # The validation record travels with the detections: a merge of shards corrects the counts with it.
     predictions = {**settings, "num_images": run.num_images, "detection_floor": D.DETECTION_FLOOR,
@@ -321,7 +323,7 @@ def merge_predictions(parts, output_dir, histogram: str | None = "compliance_his
                                     **merge_compliance(records)}
     overall = merge_compliance(per_image.values())
     estimates = prediction_estimates(records_in, calibration, settings["score_threshold"], bool(settings["tta"]),
-                                     estimator)
+                                     estimator, settings["working_size"])
     report = {**settings, "num_parts": len(parts), "num_images": len(per_image), "overall": overall, **estimates,
               "per_shard": per_shard, "per_image": per_image, "skipped": skipped}
     outputs = {"compliance_json": write_json(output_dir / "compliance.json", report),

@@ -106,18 +106,22 @@ def calibration_image(pred: dict, target: dict, score_threshold: float, floor: f
 
 
 def calibration_record(preds, targets, score_threshold: float, chosen_on: str = "validation",
-                       floor: float = D.DETECTION_FLOOR, tta: bool = False) -> dict:
+                       floor: float = D.DETECTION_FLOOR, tta: bool = False, working_size: int | None = None) -> dict:
     """What the adjusted estimators need from the labelled images a model's threshold was chosen on, per image,
-    so that a bootstrap can resample them (stored in the model file's meta as "quantification"). *tta*: the
-    predictions were made with flip TTA, so the rates hold only for counts made with it."""
+    so that a bootstrap can resample them (stored in the model file's meta as "quantification"). *tta* and
+    *working_size* say how the predictions were made (flip TTA or not, the longer side in px): a detector's
+    rates change with both, so they hold only for counts made the same way."""
     return {"chosen_on": chosen_on, "score_threshold": score_threshold, "floor": floor, "tta": bool(tta),
+            "working_size": None if working_size is None else int(working_size),
             "iou_threshold": CALIBRATION_IOU, "classes": list(CLASSES),
             "images": [calibration_image(p, t, score_threshold, floor) for p, t in zip(preds, targets, strict=True)]}
 
 
-def calibration_problem(calibration: dict | None, score_threshold: float, tta: bool = False) -> str | None:
+def calibration_problem(calibration: dict | None, score_threshold: float, tta: bool = False,
+                        working_size: int | None = None) -> str | None:
     """Why the model's calibration record cannot correct counts made at *score_threshold*, with flip TTA or
-    not as *tta* says (None: it can)."""
+    not as *tta* says, at *working_size* px (None: it can). A record or a caller that does not know its
+    working size (records from before 2026-12-06) is not held to one."""
     if not calibration:
         return ("the model file holds no validation rates (trained before they were stored, or without "
                 "validation images; an ensemble has none of its own)")
@@ -132,6 +136,10 @@ def calibration_problem(calibration: dict | None, score_threshold: float, tta: b
     if bool(tta) != measured:
         return ("the validation rates were measured with flip TTA, these counts without it (--no-tta)" if measured
                 else "the validation rates were measured without flip TTA, these counts with it (--tta)")
+    measured_size = calibration.get("working_size")
+    if measured_size is not None and working_size is not None and int(measured_size) != int(working_size):
+        return (f"the validation rates were measured at a working size of {int(measured_size)} px, these counts "
+                f"at {int(working_size)} px (--image-size)")
     return None
 
 
@@ -427,10 +435,12 @@ def folder_of(name: str) -> str:
 
 
 def prediction_estimates(images: list[dict], calibration_record_: dict | None, score_threshold: float,
-                         tta: bool = False, method: str = D.COMPLIANCE_ESTIMATOR, **bootstrap) -> dict:
-    """compliance.json's estimates for prediction records: overall, and per folder when the images
-    sit in two or more folders ("per_folder": {folder: headline estimate}; "" is the top level)."""
-    note = calibration_problem(calibration_record_, score_threshold, tta)
+                         tta: bool = False, method: str = D.COMPLIANCE_ESTIMATOR, working_size: int | None = None,
+                         **bootstrap) -> dict:
+    """compliance.json's estimates for prediction records made at *score_threshold*, with flip TTA or not, at
+    *working_size* px: overall, and per folder when the images sit in two or more folders ("per_folder":
+    {folder: headline estimate}; "" is the top level)."""
+    note = calibration_problem(calibration_record_, score_threshold, tta, working_size)
     calibration = None if note else Calibration.from_record(calibration_record_)
     report = set_estimates(image_units(images), calibration, note, method, **bootstrap)
     folders = sorted({image.get("folder", "") for image in images})
@@ -448,7 +458,8 @@ def calibration_summary(record: dict | None, note: str | None) -> dict:
         return {"used": False, "why_not": note}
     return {"used": True, "chosen_on": record.get("chosen_on"), "images": len(record["images"]),
             "faces": int(sum(sum(image["truth"]) for image in record["images"])),
-            "score_threshold": record["score_threshold"], "floor": record["floor"]}
+            "score_threshold": record["score_threshold"], "floor": record["floor"], "tta": bool(record.get("tta")),
+            "working_size": record.get("working_size")}
 
 
 # ----------------------------------------------------------------------------- against the truth
@@ -468,11 +479,13 @@ def judge(result: dict, truth: float | None) -> None:
 
 def evaluation_estimates(preds, targets, score_threshold: float, model_calibration: dict | None,
                          method: str = D.COMPLIANCE_ESTIMATOR, floor: float = D.DETECTION_FLOOR, tta: bool = False,
-                         **bootstrap) -> dict:
+                         working_size: int | None = None, **bootstrap) -> dict:
     """Every estimator on a labelled set against its true percent: estimate, interval, error in
-    points and whether the truth lies inside the interval (evaluation.json's "quantification")."""
-    labelled = Calibration.from_record(calibration_record(preds, targets, score_threshold, "evaluated", floor, tta))
-    note = calibration_problem(model_calibration, score_threshold, tta)
+    points and whether the truth lies inside the interval (evaluation.json's "quantification").
+    *tta* and *working_size* say how *preds* were made."""
+    labelled = Calibration.from_record(calibration_record(preds, targets, score_threshold, "evaluated", floor, tta,
+                                                          working_size))
+    note = calibration_problem(model_calibration, score_threshold, tta, working_size)
     calibration = None if note else Calibration.from_record(model_calibration)
     report = set_estimates(Units.from_calibration(labelled), calibration, note, method, **bootstrap)
     truth = true_percent(labelled)

@@ -186,7 +186,8 @@ def choose_on_validation(trainer: Trainer, has_val: bool) -> tuple[dict | None, 
     # Per validation image, at the chosen threshold: what the adjusted estimators correct new counts with, kept per
     # image so that an interval can resample these images too (utils/detection/quantify.py).
     return (size, {**choice, "chosen_on": "validation"},
-            calibration_record(preds, targets, choice["score_threshold"], tta=size["tta"]))
+            calibration_record(preds, targets, choice["score_threshold"], tta=size["tta"],
+                               working_size=size["image_size"]))
 
 
 def write_model_outputs(trainer: Trainer, record: TrainingRecord, data: TrainingData, args, paths: dict,

@@ -32,6 +32,7 @@ from ..errors import InputError
 from ..naming import video_output_names
 from .compliance import compliance, merge_compliance
 from .inference import detect, to_model_input
+from .inference_size import working_size
 from .quantify import Calibration, Units, calibration_problem, calibration_summary, class_sums, set_estimates
 from .plots import draw_detections
 
@@ -99,6 +100,7 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
     fps = capture.get(cv2.CAP_PROP_FPS) or 0.0
     fps = fps if 0 < fps < 1000 else 25.0  # cameras and some streams report 0
     run, writer, writer_path, started = VideoRun(), None, None, time.perf_counter()
+    settings = {**(settings or {}), "working_size": working_size(model)}  # said in the summary; the rates need it
     video_target = Path(output_video) if output_video else None
     try:
         with (atomic_path(video_target) if video_target else contextlib.nullcontext()) as tmp_video:
@@ -157,12 +159,13 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
 
 
 def video_estimates(run: VideoRun, fps: float, stride: int, threshold: float, tta: bool,
-                    calibration: dict | None) -> dict:
-    """The pooled figure over the processed frames with its interval, resampling blocks of consecutive
-    frames ("units" are blocks; "resampling" says how many frames each holds)."""
+                    calibration: dict | None, size: int | None = None) -> dict:
+    """The pooled figure over the processed frames (detected at *threshold*, flip TTA or not, at working size
+    *size* px) with its interval, resampling blocks of consecutive frames ("units" are blocks;
+    "resampling" says how many frames each holds)."""
     block = max(1, round(D.VIDEO_BLOCK_SECONDS * fps / stride))
     counts = [[figure["counts"][name] for name in CLASSES] for figure in run.per_frame]
-    note = calibration_problem(calibration, threshold, tta)
+    note = calibration_problem(calibration, threshold, tta, size)
     units = Units.of(counts, run.soft).blocks(block)
     report = set_estimates(units, None if note else Calibration.from_record(calibration), note, unit="block")
     report["calibration"] = calibration_summary(calibration, note)
@@ -200,7 +203,7 @@ def _write_outputs(run: VideoRun, output_dir: Path, source, kind, fps, stride, t
                "frames_processed": len(run.rows), "frames_with_faces": len(with_faces),
                "video_seconds": round(run.frames_read / fps, 3), "processing_seconds": round(seconds, 2),
                "overall": merge_compliance(run.per_frame),
-               **video_estimates(run, fps, stride, threshold, tta, calibration),
+               **video_estimates(run, fps, stride, threshold, tta, calibration, settings.get("working_size")),
                "mean_percent_per_frame": round(sum(with_faces) / len(with_faces), 2) if with_faces else None,
                "outputs": {"frames_csv": str(csv_path), "plot": str(plot_path),
                            "video": str(video_path) if video_path else None}}

@@ -354,7 +354,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
                             "detections": counted})
         metrics.images.inc(len(results))
         # the bootstrap is CPU work: off the event loop, as inference is
-        estimates = await asyncio.to_thread(prediction_estimates, records, meta.get("quantification"), threshold, tta)
+        estimates = await asyncio.to_thread(prediction_estimates, records, meta.get("quantification"), threshold, tta,
+                                            working_size=meta.get("working_size"))
         return {"model": config.model_path.name, "score_threshold": threshold,
                 "score_threshold_source": "query" if score_threshold is not None else threshold_source,
                 "tta": tta, "images": results, "overall": merge_compliance(r["compliance"] for r in results),
