@@ -20,8 +20,9 @@ it. On the 60-minute model of bench/RESULTS.md it raised validation fitness by 0
 from __future__ import annotations
 
 from .. import defaults as D
-from .metrics import coco_map, fitness
-from .model import transform_sizes
+
+# torch (metrics, model) is imported where it is used: the workflow generator reads candidate_sizes and
+# choice_passes to size the train job's time limit on a submit host that may have no torch.
 
 
 def candidate_sizes(image_size: int, scales=D.INFERENCE_SCALES, largest: int = D.INFERENCE_SIZE_MAX) -> list[int]:
@@ -35,8 +36,19 @@ def candidate_sizes(image_size: int, scales=D.INFERENCE_SCALES, largest: int = D
     return sorted(sizes)
 
 
+def choice_passes(image_size: int) -> float:
+    """What choosing the working size and flip TTA after training costs, in inference passes over the
+    validation images at the training size *image_size*: one pass per candidate size, each (size /
+    image_size)^2 as dear, and a pass with flip TTA (plain and flipped) at the chosen size, at most the
+    largest. About 20 passes with the default scales."""
+    relative = [(size / image_size) ** 2 for size in candidate_sizes(image_size)]
+    return sum(relative) + 2 * max(relative)
+
+
 def set_inference_size(model, size: int) -> None:
     """Run *model* at working size *size*: its transform fits each image's longer side to it."""
+    from .model import transform_sizes
+
     sizes = transform_sizes(size)
     model.transform.min_size = (sizes["min_size"],)
     model.transform.max_size = sizes["max_size"]
@@ -56,6 +68,8 @@ def choose_inference_size(model, predict, image_size: int, candidates=None,
     *predict* () -> (predictions, targets) runs *model* over the validation images; it is called once per
     candidate size, and *model* is left at the chosen size.
     """
+    from .metrics import coco_map, fitness
+
     rows, predictions = [], {}
     for size in candidates or candidate_sizes(image_size):
         set_inference_size(model, size)
@@ -82,6 +96,8 @@ def choose_tta(plain: tuple, flipped: tuple, tolerance: float = D.INFERENCE_SIZE
     flipped left-right, the two passes' boxes fused, twice the time) is kept when its fitness on the
     validation images, *flipped* (predictions, targets), beats the plain pass's, *plain*, by more than
     *tolerance*, the rule the working size is chosen by."""
+    from .metrics import coco_map, fitness
+
     fitness_plain, fitness_flip = fitness(coco_map(*plain)), fitness(coco_map(*flipped))
     chosen = fitness_plain is not None and fitness_flip is not None and fitness_flip > fitness_plain + tolerance
     record = {"tta": chosen, "tta_fitness": {"plain": fitness_plain, "flip": fitness_flip},

@@ -6,10 +6,13 @@ retry of a job killed for its size dies the same way, so a limit must come from 
 
     work     = images x seconds per image (x epochs x trials), at 512 px, scaled by (size / 512)^2
     runtime  = STARTUP_S + SAFETY x work               (at least MIN_RUNTIME_S)
-    train with --time-budget M:  runtime = STARTUP_S + BUDGET_SLACK x M min + SAFETY x (the threshold pass)
+    train with --time-budget M:  runtime = STARTUP_S + BUDGET_SLACK x M min + SAFETY x (the choice passes)
     checkpoint.time = runtime in minutes; maxwalltime = checkpoint.time + GRACE_MIN
 
-so a healthy job never meets its own limit. Where a pool caps a job's wall time, sites.yml's
+A train job ends by choosing its working size, flip TTA and score threshold on the validation images
+(utils/detection/inference_size.py): about 20 inference passes over them at the training size, which
+the train limits count (``_choice_s``); on a large validation split they outlast the epochs' own.
+So a healthy job never meets its own limit. Where a pool caps a job's wall time, sites.yml's
 ``max_job_minutes`` of the site caps both: at checkpoint.time the job gets SIGTERM, keeps its
 checkpoint and is retried from it (dagman.retry), so a long training runs in pieces.
 ``runtimes: {train: 36000, ...}`` (seconds) in a site's sites.yml entry overrides any kind.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+from ..detection.inference_size import choice_passes
 from ..errors import shown
 from .config import ConfigError, trials_per_worker
 
@@ -50,9 +54,9 @@ def _rates(config) -> tuple[float, float, float]:
     return speed["data"], speed["train"] * scale, speed["infer"] * scale
 
 
-def _validation_pass_s(config) -> float:
-    """Seconds of one inference pass over the validation images."""
-    return sum(1 for entry in config.entries if entry.split == "val") * _rates(config)[2]
+def _choice_s(config, val_images: float) -> float:
+    """Seconds of the working size, flip TTA and threshold choice at the end of a train job over *val_images*."""
+    return val_images * _rates(config)[2] * choice_passes(config.image_size)
 
 
 def _train_epochs(config) -> int:
@@ -74,7 +78,7 @@ def workloads(config) -> dict[str, float]:
         "augment": trained * data_s,
         "hpo": trials * config.hpo_epochs * epoch_s,
         "hpo_merge": 0.0,
-        "train": _train_epochs(config) * (epoch_s + counts["val"] * infer_s) + counts["val"] * infer_s,
+        "train": _train_epochs(config) * (epoch_s + counts["val"] * infer_s) + _choice_s(config, counts["val"]),
         "evaluate": counts["test"] * infer_s,
         "predict": max(shard.images for shard in config.pred_shards) * infer_s,
         "merge_predictions": sum(shard.images for shard in config.pred_shards) * MERGE_S_PER_IMAGE,
@@ -98,7 +102,8 @@ def _fold_workloads(config, counts, trained, train_s, infer_s) -> dict[str, floa
     fold_trained = trained * (folds - 1) / folds
     fold_val = counts["val"] * (folds - 1) / folds
     return {
-        "train_fold": _train_epochs(config) * (fold_trained * train_s + 2 * fold_val * infer_s) + fold_val * infer_s,
+        "train_fold": (_train_epochs(config) * (fold_trained * train_s + 2 * fold_val * infer_s)
+                       + _choice_s(config, fold_val)),
         "evaluate_fold": held_out * infer_s,
     }
 
@@ -108,20 +113,21 @@ def job_runtimes(config) -> dict[str, int]:
     work = workloads(config)
     runtimes = {kind: max(MIN_RUNTIME_S, math.ceil(STARTUP_S + SAFETY * seconds)) for kind, seconds in work.items()}
     if config.time_budget is not None:
-        runtimes["train"] = max(MIN_RUNTIME_S, math.ceil(STARTUP_S + BUDGET_SLACK * config.time_budget * 60
-                                                         + SAFETY * _validation_pass_s(config)))
-        if "train_fold" in runtimes:  # the same budget; the validation pass is over the other folds' val images
-            val = sum(1 for entry in config.entries if entry.split == "val")
-            fold_val_s = val * (config.folds - 1) / config.folds * _rates(config)[2]
-            runtimes["train_fold"] = max(MIN_RUNTIME_S, math.ceil(STARTUP_S + BUDGET_SLACK * config.time_budget * 60
-                                                                  + SAFETY * fold_val_s))
+        val = sum(1 for entry in config.entries if entry.split == "val")
+        folds = getattr(config, "folds", 0)  # a fold's choice is made on the other folds' val images
+        choice = {"train": _choice_s(config, val), "train_fold": _choice_s(config, val * (folds - 1) / max(1, folds))}
+        for kind in ("train", "train_fold"):
+            if kind in runtimes:
+                runtimes[kind] = max(MIN_RUNTIME_S, math.ceil(STARTUP_S + BUDGET_SLACK * config.time_budget * 60
+                                                              + SAFETY * choice[kind]))
         # A staged run keeps at least one whole epoch per stage (utils.detection.stages.scale_stages), which a
         # short budget does not cover: the limit must, or every try dies at the same point.
         stages = len(getattr(config, "train_stages", None) or [])
         for kind in ("train", "train_fold"):
             if stages and kind in runtimes:
-                per_epoch = work[kind] / max(1, _train_epochs(config))
-                runtimes[kind] = max(runtimes[kind], math.ceil(STARTUP_S + SAFETY * stages * per_epoch))
+                per_epoch = (work[kind] - choice[kind]) / max(1, _train_epochs(config))
+                runtimes[kind] = max(runtimes[kind],
+                                     math.ceil(STARTUP_S + SAFETY * (stages * per_epoch + choice[kind])))
     overrides = config.execution_site_config().get("runtimes") or {}
     for kind, seconds in overrides.items():
         if kind not in runtimes:
