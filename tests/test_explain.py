@@ -49,6 +49,31 @@ def test_hirescam_maps_are_per_box_and_stay_on_the_box(model_and_image):
     assert not model.training and all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.slow
+def test_under_flip_tta_a_map_holds_both_passes_evidence(model_and_image):
+    """Flip TTA fuses each box from the plain and the mirrored image's passes, so its map is the mean of both
+    passes' evidence: the same picture mirrored then gives the same maps mirrored, which one pass does not."""
+    from utils.detection.explain import heatmaps
+    from utils.detection.inference import unflip_boxes
+
+    model, image, out = model_and_image
+    order = torch.argsort(out["scores"], descending=True)[:2]
+    boxes, labels = out["boxes"][order], out["labels"][order]
+    picture, width = image.float().div(255.0), image.shape[-1]
+    fused = heatmaps(model, picture, boxes, labels, "hirescam", tta=True)
+    of_mirror = heatmaps(model, picture.flip(-1), unflip_boxes(boxes, width), labels, "hirescam", tta=True)
+    plain = heatmaps(model, picture, boxes, labels, "hirescam")
+    plain_of_mirror = heatmaps(model, picture.flip(-1), unflip_boxes(boxes, width), labels, "hirescam")
+    for one, mirrored, alone, alone_mirrored in zip(fused, of_mirror, plain, plain_of_mirror):
+        assert one.shape == alone.shape and one.dtype == np.float32
+        assert one.min() >= 0 and one.max() == pytest.approx(1.0)
+        np.testing.assert_allclose(one, mirrored[:, ::-1], atol=1e-4)
+        assert not np.allclose(alone, alone_mirrored[:, ::-1], atol=1e-2)  # one pass alone is not symmetric
+    # explain_image passes tta on
+    explained = explain_image(model, image, boxes, labels, out["scores"][order], "cpu", "hirescam", 2, tta=True)
+    np.testing.assert_allclose(explained[0].heatmap, fused[0], atol=1e-6)
+
+
 def test_eigencam_shares_one_map_between_the_boxes_of_an_image(model_and_image):
     model, image, out = model_and_image
     explanations = explain_image(model, image, out["boxes"], out["labels"], out["scores"], "cpu", "eigencam", 2)

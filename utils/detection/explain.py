@@ -29,6 +29,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..classes import CLASS_COLOURS, NAME_OF
+from .inference import unflip_boxes
 
 EXPLAIN_METHODS = ("hirescam", "gradcam", "eigencam")  # defaults: utils/defaults.py EXPLAIN_*
 CROP_CONTEXT = 1.0      # context around a box on each side, in box sizes: a face with its surroundings
@@ -91,15 +92,38 @@ def _cam(model, method: str):
     return cam_class(model=model, target_layers=feature_layers(model))
 
 
-def heatmaps(model, image: torch.Tensor, boxes, labels, method: str = "hirescam") -> list[np.ndarray]:
+def heatmaps(model, image: torch.Tensor, boxes, labels, method: str = "hirescam",
+             tta: bool = False) -> list[np.ndarray]:
     """One map (HxW float32 in [0, 1], the image's size) per detection *boxes*/*labels* of *image*
-    (float CxHxW in [0, 1] on the model's device)."""
-    from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget
+    (float CxHxW in [0, 1] on the model's device).
 
+    *tta*: the boxes came from flip TTA, each fused from the plain and the mirrored image's passes
+    (utils/detection/inference.py), so each map is the mean of both passes' evidence: the plain image's
+    map and the mirrored image's map mirrored back, scaled to a peak of 1 again. A box one pass alone
+    found gets that pass's map, which the plain pass alone would have left blank.
+    """
     boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
     if len(boxes) == 0:
         return []
+    plain = _pass_heatmaps(model, image, boxes, labels, method)
+    if not tta:
+        return plain
+    # unflip_boxes maps boxes between an image and its mirror either way
+    mirrored = _pass_heatmaps(model, image.flip(-1), unflip_boxes(boxes, image.shape[-1]), labels, method)
+    fused = []
+    for one, other in zip(plain, mirrored):
+        mean = (one + other[:, ::-1]) / 2
+        peak = float(mean.max())
+        fused.append((mean / peak if peak > 0 else mean).astype(np.float32))
+    return fused
+
+
+def _pass_heatmaps(model, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
+                   method: str) -> list[np.ndarray]:
+    """heatmaps of one pass of the model over *image* as given."""
+    from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget
+
     was_training = model.training
     model.eval()
     layers = feature_layers(model)
@@ -163,8 +187,9 @@ def overlay(image_rgb: np.ndarray, heatmap: np.ndarray, box, label: str) -> Imag
 
 
 def explain_image(model, image_uint8: torch.Tensor, boxes, labels, scores, device, method: str = "hirescam",
-                  max_boxes: int = 5) -> list[Explanation]:
-    """Explanations of the *max_boxes* highest-scoring detections of one image (uint8 CxHxW)."""
+                  max_boxes: int = 5, tta: bool = False) -> list[Explanation]:
+    """Explanations of the *max_boxes* highest-scoring detections of one image (uint8 CxHxW); *tta*: the
+    detections came from flip TTA, so the maps hold both passes' evidence (:func:`heatmaps`)."""
     scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
     order = torch.argsort(scores, descending=True)[: max(0, max_boxes)].tolist()
     if not order:
@@ -172,7 +197,7 @@ def explain_image(model, image_uint8: torch.Tensor, boxes, labels, scores, devic
     boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
     image = image_uint8.to(device).float().div(255.0)
-    maps = heatmaps(model, image, boxes[order], labels[order], method)
+    maps = heatmaps(model, image, boxes[order], labels[order], method, tta)
     rgb = image_uint8.permute(1, 2, 0).cpu().numpy()
     explanations = []
     for index, heatmap in zip(order, maps):

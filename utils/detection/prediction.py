@@ -189,7 +189,7 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
                 annotated = _annotated_name(result.item, used_names)
                 if explain:
                     explained = _write_explanations(model, result, device, explain, explain_max_boxes, annotated,
-                                                    annotated_dir, writer, pending)
+                                                    annotated_dir, writer, pending, tta)
                 pil = Image.fromarray(result.image.permute(1, 2, 0).numpy())
                 pending.append(writer.submit(save_annotated, pil, result.boxes, result.labels, result.scores,
                                              annotated_dir / annotated))
@@ -236,14 +236,15 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
 
 
 def _write_explanations(model, result: Detections, device, method: str, max_boxes: int, annotated: str,
-                        folder: Path, writer, pending: list) -> list[dict]:
-    """Explain one image's best detections (utils.detection.explain); overlays are written by *writer*."""
+                        folder: Path, writer, pending: list, tta: bool) -> list[dict]:
+    """Explain one image's best detections (utils.detection.explain), made with flip TTA or not as *tta* says;
+    overlays are written by *writer*."""
     from .explain import explain_image
 
     records = []
     stem = annotated[len("annotated_"):-len(".jpg")]
     for explanation in explain_image(model, result.image, result.boxes, result.labels, result.scores, device,
-                                     method, max_boxes):
+                                     method, max_boxes, tta):
         name = f"explain_{stem}_{explanation.index}.jpg"
         pending.append(writer.submit(_save_jpeg, explanation.overlay, folder / name))
         records.append({"detection": explanation.index, "label": explanation.label, "score": explanation.score,

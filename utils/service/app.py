@@ -265,14 +265,14 @@ def create_app(config: ServiceConfig) -> FastAPI:
             counted = (out["scores"] >= explain_threshold).nonzero().flatten()
             for explanation in explain_image(model, tensor, out["boxes"][counted], out["labels"][counted],
                                              out["scores"][counted], device, D.EXPLAIN_METHOD,
-                                             config.explain_max_boxes):
+                                             config.explain_max_boxes, tta):
                 found[int(counted[explanation.index])] = explanation_record(explanation, D.EXPLAIN_METHOD)
         return outputs, explained
 
     def explain_box(tensor: torch.Tensor, box: list[float], label: int, method: str):
         """The explanation of the model's detection of class *label* at *box*, or None if it finds none there.
         The box is looked for among the detections /api/predict returns (with flip TTA when the model chose it);
-        the heat map is the plain pass's evidence for it."""
+        the heat map is the evidence of the passes that made it (both, under flip TTA)."""
         out = detect(model, [to_model_input(tensor, device)], tta=meta["tta"], score_threshold=DETECTION_FLOOR)[0]
         candidates = (out["labels"] == label).nonzero().flatten()
         if len(candidates) == 0:
@@ -283,7 +283,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             return None
         index = candidates[best: best + 1]
         return explain_image(model, tensor, out["boxes"][index], out["labels"][index], out["scores"][index],
-                             device, method, 1)[0]
+                             device, method, 1, meta["tta"])[0]
 
     @app.post("/api/predict")
     async def predict(request: Request,
