@@ -134,6 +134,12 @@ def get_args_parser():
                         help="region proposals sampled per image for the box head's loss (at most a quarter of "
                              f"them faces); fewer make a CPU step cheaper (default: {D.ROI_BATCH_SIZE} on a CPU, "
                              "the architecture's own on a GPU)")
+    recipe.add_argument("--box-loss", choices=PARAM_CHOICES["box_loss"], default=None,
+                        help="the box head's regression loss: smooth_l1 (torchvision's, on the encoded offsets) or "
+                             f"giou (the generalised IoU of the decoded boxes) (default: {D.BOX_LOSS})")
+    recipe.add_argument("--roi-fg-iou", type=PARAM_TYPES["roi_fg_iou"], default=None,
+                        help="IoU with a face from which a sampled proposal trains the box head as that face, "
+                             f"below it as background (default: {D.ROI_FG_IOU})")
     opt.add_argument("--no-amp", dest="amp", action="store_const", const=False, default=None,
                      help="disable mixed precision on CUDA (default: AMP on CUDA, never on CPU)")
     opt.add_argument("--seed", type=random_seed, default=None, help=f"random seed (default: {D.SEED})")

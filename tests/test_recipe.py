@@ -131,6 +131,60 @@ def test_roi_batch_size_sets_the_box_heads_sampler_and_only_when_given(tiny_dir)
     assert own_run.params.roi_batch_size == own_run.model.roi_heads.fg_bg_sampler.batch_size_per_image == 256
 
 
+def test_the_giou_loss_of_offsets_decoded_on_a_unit_box_is_that_of_the_boxes_themselves():
+    """giou_box_losses decodes offsets against a unit box, not each proposal: IoU and GIoU do not change under the
+    shift and per-axis scaling that tells the two apart, so the loss is that of the real boxes."""
+    from torchvision.models.detection._utils import BoxCoder
+    from torchvision.ops import generalized_box_iou_loss
+
+    generator = torch.Generator().manual_seed(0)
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    corners = torch.rand(6, 2, generator=generator) * 300
+    proposals = torch.cat([corners, corners + 8 + torch.rand(6, 2, generator=generator) * 120], dim=1)
+    faces = proposals + torch.randn(6, 4, generator=generator) * 6
+    targets = coder.encode_single(faces, proposals)
+    labels = torch.tensor([1, 2, 3, 0, 1, 0])  # two background proposals: no box loss
+    regression = torch.randn(6, 4 * 4, generator=generator) * 0.3
+    regression.view(6, 4, 4)[torch.arange(6), labels] += targets  # near each face's own box, for its class
+    losses = recipe.giou_box_losses(torch.zeros(6, 4), regression, [labels[:4], labels[4:]], [targets[:4],
+                                                                                             targets[4:]], coder)
+    kept = labels > 0
+    predicted = coder.decode_single(regression.view(6, 4, 4)[torch.arange(6), labels][kept], proposals[kept])
+    expected = generalized_box_iou_loss(predicted, faces[kept], reduction="sum") * recipe.GIOU_LOSS_WEIGHT / 6
+    assert float(losses["loss_box_reg"]) == pytest.approx(float(expected), rel=1e-4)
+    assert 0 < float(losses["loss_box_reg"]) and float(losses["loss_classifier"]) == pytest.approx(math.log(4))
+
+
+def test_the_box_head_trains_from_the_iou_and_with_the_loss_given(tiny_dir):
+    from torchvision.models.detection.roi_heads import RoIHeads
+
+    model = build_model(weights="none", image_size=128)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    recipe.set_box_head_training(model, "giou", 0.6)
+    matcher = model.roi_heads.proposal_matcher
+    assert (matcher.high_threshold, matcher.low_threshold) == (0.6, 0.6)
+    assert isinstance(model.roi_heads, recipe.GIoURoIHeads)
+    assert model.state_dict().keys() == before.keys()  # the model file is the same either way
+    with pytest.raises(ValueError, match="choose one of smooth_l1, giou"):
+        recipe.set_box_head_training(model, "l2", 0.5)
+    recipe.set_box_head_training(model, "smooth_l1", 0.5)
+    assert type(model.roi_heads) is RoIHeads and model.roi_heads.proposal_matcher.high_threshold == 0.5
+    trainer = Trainer(TrainParams(**{**TINY, "box_loss": "giou", "roi_fg_iou": 0.6}),
+                      pair_folders(tiny_dir / "images", tiny_dir / "annotations").pairs, torch.device("cpu"),
+                      progress=False)
+    assert isinstance(trainer.model.roi_heads, recipe.GIoURoIHeads)
+    assert "box loss giou from IoU 0.6" in describe(trainer.params)
+    box_head = trainer.model.roi_heads.box_predictor.bbox_pred.weight
+    start = box_head.detach().clone()
+    row = trainer.run_epoch()
+    assert math.isfinite(row.train_loss) and not torch.equal(start, box_head.detach())
+    # inference is torchvision's: detections, not losses
+    trainer.model.eval()
+    with torch.no_grad():
+        (out,) = trainer.model([torch.rand(3, 96, 96)])
+    assert set(out) == {"boxes", "labels", "scores"}
+
+
 def test_time_budget_fits_the_steps_to_the_timed_steps(monkeypatch):
     now = {"t": 0.0}
     monkeypatch.setattr(recipe.time, "perf_counter", lambda: now["t"])

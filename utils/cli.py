@@ -151,6 +151,14 @@ def fraction_below_one(text: str) -> float:
     return value
 
 
+def open_fraction(text: str) -> float:
+    """A number above 0 and below 1 (an IoU threshold that some boxes must pass and some fail)."""
+    value = _number(text, float, "a number above 0 and below 1")
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0 and below 1, got {value:g}")
+    return value
+
+
 def fraction(text: str) -> float:
     """A number from 0 to 1 (a score threshold, a split fraction)."""
     value = _number(text, float, "a number from 0 to 1")

@@ -69,6 +69,10 @@ ROI_BATCH_SIZE = 128           # region proposals sampled per image for the box 
                                # architecture's own (256 for mobilenet_v2_fpn, 512 for torchvision's builders).
                                # 128 made a CPU step ~25 % cheaper and raised the validation F1 0.661 -> 0.677
                                # in the same 15 minutes; a GPU run keeps the architecture's own unless given
+BOX_LOSS = "smooth_l1"         # the box head's regression loss: smooth_l1 (torchvision's, on the encoded offsets) or
+                               # giou (the generalised IoU of the decoded boxes); recipe.set_box_head_training
+ROI_FG_IOU = 0.5               # IoU with a face from which a sampled proposal trains the box head as that face, and
+                               # below which as background (torchvision's 0.5; Cascade R-CNN's later stages 0.6-0.7)
 EMA_DECAY = 0.0                # exponential moving average of the weights (validation and the model file); 0 off
 TIME_BUDGET = None             # minutes of training (validation included); epochs are fitted to it. None: EPOCHS
 AMP = True                     # mixed precision on CUDA (never on a CPU)

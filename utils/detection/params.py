@@ -20,10 +20,10 @@ from pathlib import Path
 
 from .. import defaults as D
 from ..cli import (fraction, fraction_below_one, image_size_px, int_at_least, non_negative_float, non_negative_int,
-                   positive_float, positive_int)
+                   open_fraction, positive_float, positive_int)
 from ..errors import InputError, read_json, shown
 from .model import BACKBONES
-from .recipe import MIN_ROI_BATCH_SIZE
+from .recipe import BOX_LOSSES, MIN_ROI_BATCH_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,11 @@ PARAM_TYPES = {
     "ema_decay": fraction_below_one,
     "roi_batch_size": int_at_least(MIN_ROI_BATCH_SIZE, f"a whole number of at least {MIN_ROI_BATCH_SIZE} "
                                                        "(proposals per image, a quarter of them faces)"),
+    "roi_fg_iou": open_fraction,
 }
 # The words the file may set: the choices of their bin/train.py flags.
-PARAM_CHOICES = {"optimizer": ("sgd", "adamw"), "lr_schedule": ("cosine", "step"), "backbone": BACKBONES}
+PARAM_CHOICES = {"optimizer": ("sgd", "adamw"), "lr_schedule": ("cosine", "step"), "backbone": BACKBONES,
+                 "box_loss": BOX_LOSSES}
 PARAMS_FILE_KEYS = (*PARAM_TYPES, *PARAM_CHOICES)
 
 
@@ -114,6 +116,8 @@ class TrainParams:
     repeat_threshold: float = D.REPEAT_THRESHOLD
     ema_decay: float = D.EMA_DECAY
     roi_batch_size: int | None = D.ROI_BATCH_SIZE  # proposals per image in the box head's loss; None: the model's
+    box_loss: str = D.BOX_LOSS     # the box head's regression loss (recipe.BOX_LOSSES)
+    roi_fg_iou: float = D.ROI_FG_IOU  # IoU from which a sampled proposal trains the box head as a face
     time_budget: float | None = D.TIME_BUDGET  # minutes; when set, the steps (and epochs) are fitted to it
     max_steps: int | None = None  # training steps in all, the last epoch cut short; None: epochs x steps per epoch
     # A --time-budget run's [first, final] plans in steps (recipe.TimeBudget); given, they are replayed
@@ -194,5 +198,7 @@ def describe(params) -> str:
         parts.append(f"EMA {params.ema_decay:g}")
     if params.roi_batch_size is not None:
         parts.append(f"{params.roi_batch_size} RoIs/image")
+    if params.box_loss != "smooth_l1" or params.roi_fg_iou != 0.5:
+        parts.append(f"box loss {params.box_loss} from IoU {params.roi_fg_iou:g}")
     return ", ".join(parts)
 

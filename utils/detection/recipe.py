@@ -13,6 +13,9 @@
   what validation, the threshold choice and the model file use.
 - ``set_roi_batch_size``: fewer region proposals per image in the box head's loss, a
   cheaper CPU step (mostly background proposals are dropped).
+- ``set_box_head_training``: what the box head learns its boxes from: the IoU from which a
+  proposal counts as a face (Cascade R-CNN's u), and the box loss (torchvision's smooth L1 on
+  the encoded offsets, or the generalised IoU of the decoded boxes, Rezatofighi et al. 2019).
 - ``TimeBudget``: --time-budget MINUTES; the number of epochs and the cosine length
   are fitted to the budget after timing the first training steps, and once more after
   the first epoch (validation included).
@@ -28,7 +31,11 @@ import math
 import time
 
 import torch
+import torch.nn.functional as F
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import generalized_box_iou_loss
 
 from ..classes import CLASSES, NO_LABEL_MAP, LabelMap
 from ..data.dataset import VocDetectionDataset, collate
@@ -114,6 +121,59 @@ def set_roi_batch_size(model, per_image: int | None) -> int:
                              f"got {per_image}")
         sampler.batch_size_per_image = int(per_image)
     return sampler.batch_size_per_image
+
+
+# ----------------------------------------------------------------------------- the box head's loss
+
+BOX_LOSSES = ("smooth_l1", "giou")
+GIOU_LOSS_WEIGHT = 10.0  # 1 - GIoU is about a tenth of the smooth L1 of the same offset; mmdetection's weight
+
+
+class GIoURoIHeads(RoIHeads):
+    """torchvision's RoIHeads, training its box regression on the generalised IoU of the decoded boxes
+    instead of a smooth L1 on the encoded offsets; inference and the weights are torchvision's."""
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if not self.training:
+            return super().forward(features, proposals, image_shapes, targets)
+        proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+        return [], giou_box_losses(class_logits, box_regression, labels, regression_targets, self.box_coder)
+
+
+def giou_box_losses(class_logits, box_regression, labels, regression_targets, box_coder) -> dict:
+    """torchvision's fastrcnn_loss with GIOU_LOSS_WEIGHT x (1 - GIoU) of each face proposal's box for its class,
+    summed and divided by the sampled proposals, as torchvision divides its smooth L1.
+
+    Both the predicted and the target offsets are decoded against one unit box rather than each proposal:
+    decoding against a proposal shifts and scales both boxes alike along each axis, which leaves IoU and
+    GIoU unchanged, so the proposals need not be carried here."""
+    labels = torch.cat(labels, dim=0)
+    regression_targets = torch.cat(regression_targets, dim=0)
+    classification = F.cross_entropy(class_logits, labels)
+    faces = torch.where(labels > 0)[0]
+    per_class = box_regression.reshape(len(labels), -1, 4)[faces, labels[faces]]
+    unit = per_class.new_tensor([[0.0, 0.0, 1.0, 1.0]]).expand(len(faces), 4)
+    predicted = box_coder.decode_single(per_class.float(), unit)
+    target = box_coder.decode_single(regression_targets[faces].float(), unit)
+    box = GIOU_LOSS_WEIGHT * generalized_box_iou_loss(predicted, target, reduction="sum") / max(1, labels.numel())
+    return {"loss_classifier": classification, "loss_box_reg": box}
+
+
+def set_box_head_training(model, box_loss: str, fg_iou: float) -> None:
+    """Train *model*'s box head with *box_loss* (BOX_LOSSES), counting a sampled proposal as a face from IoU
+    *fg_iou* with it and as background below (torchvision: 0.5 for both; Cascade R-CNN's later stages
+    0.6 and 0.7, for boxes that fit more tightly). Only training changes."""
+    if box_loss not in BOX_LOSSES:
+        raise ValueError(f"box_loss {box_loss!r}: choose one of {', '.join(BOX_LOSSES)}")
+    heads = model.roi_heads
+    heads.proposal_matcher = det_utils.Matcher(fg_iou, fg_iou, allow_low_quality_matches=False)
+    # the same module with another training forward: its state dict, and so the model file, are unchanged
+    if box_loss == "giou":
+        heads.__class__ = GIoURoIHeads
+    elif isinstance(heads, GIoURoIHeads):
+        heads.__class__ = RoIHeads
 
 
 # ----------------------------------------------------------------------------- repeat-factor sampling

@@ -22,8 +22,8 @@ from .engine import evaluate_loss, run_inference, train_steps
 from .optim import build_optimizer, build_scheduler, make_grad_scaler, set_schedule_length
 from .params import TrainParams
 from .model import build_model, freeze_backbone, set_trainable_layers
-from .recipe import (RecordedPlan, TimeBudget, build_ema, make_loader, multiscale_sizes, set_roi_batch_size,
-                     set_train_sizes)
+from .recipe import (RecordedPlan, TimeBudget, build_ema, make_loader, multiscale_sizes, set_box_head_training,
+                     set_roi_batch_size, set_train_sizes)
 from ..errors import InputError
 from ..stop import check_stop
 from .stages import Stage
@@ -117,6 +117,7 @@ class Trainer:
         set_train_sizes(self.model, multiscale_sizes(params.image_size, params.multiscale))
         # recorded as trained: None (the architecture's own) becomes its number
         self.roi_batch_size = set_roi_batch_size(self.model, params.roi_batch_size)
+        set_box_head_training(self.model, params.box_loss, params.roi_fg_iou)
         self.model.to(device)
         self.ema = build_ema(self.model, params.ema_decay)
         self.generator = torch.Generator()
@@ -254,7 +255,8 @@ class Trainer:
     def resume(self, checkpoint_path) -> int:
         payload = load_checkpoint(checkpoint_path)
         saved = payload.get("args", {}).get("params", {})
-        for key in ("backbone", "image_size", "optimizer", "batch_size", "ema_decay", "roi_batch_size"):
+        for key in ("backbone", "image_size", "optimizer", "batch_size", "ema_decay", "roi_batch_size", "box_loss",
+                    "roi_fg_iou"):
             if key in saved and saved[key] != getattr(self.params, key):
                 raise TrainingDataError(f"{checkpoint_path}: written with {key}={saved[key]!r}, this run has "
                                         f"{getattr(self.params, key)!r}; delete the checkpoint or match the flags")
