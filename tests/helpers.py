@@ -64,9 +64,11 @@ def simulated_labelled_images(rng, images: int, shares=(0.5, 0.4, 0.1), rates=DE
     return records
 
 
-def calibrated_model_file(model_file, path, score_threshold: float, images: int = 20) -> Path:
+def calibrated_model_file(model_file, path, score_threshold: float, images: int = 20, working_size=None,
+                          chosen_size=None) -> Path:
     """A copy of *model_file* whose meta holds a validation record (quantify.calibration_record's form,
-    from simulated_labelled_images) at *score_threshold*, as bin/train.py stores it."""
+    from simulated_labelled_images) at *score_threshold*, as bin/train.py stores it; measured at *working_size*
+    px (None: a record from before the size was kept) after choosing *chosen_size* px (None: no choice)."""
     import numpy as np
 
     from utils.classes import CLASSES
@@ -75,4 +77,8 @@ def calibrated_model_file(model_file, path, score_threshold: float, images: int 
     model, meta = load_model_file(model_file)
     record = {"chosen_on": "validation", "score_threshold": score_threshold, "floor": 0.05, "iou_threshold": 0.5,
               "classes": list(CLASSES), "images": simulated_labelled_images(np.random.default_rng(0), images)}
+    if working_size is not None:
+        record["working_size"] = working_size
+    if chosen_size is not None:
+        meta = {**meta, "inference_size": {"image_size": chosen_size, "chosen_on": "validation", "tta": False}}
     return save_model_file(path, model, {**meta, "quantification": record})

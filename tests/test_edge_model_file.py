@@ -61,6 +61,11 @@ def drop_meta(key):
     return change
 
 
+# a well-formed validation record of one image with one face (quantify.calibration_record's form)
+ONE_IMAGE_RATES = {"score_threshold": 0.5, "chosen_on": "validation", "classes": list(CLASSES),
+                   "images": [{"truth": [1, 0, 0], "confusion": [[1, 0, 0, 0]] + [[0] * 4] * 3,
+                               "soft": [[0.9, 0, 0]] + [[0] * 3] * 3}]}
+
 CASES = {
     "six_classes": (widen_to_six_classes, "model classes"),
     "predictor_wider_than_meta": (widen_without_meta, "roi_heads.box_predictor.cls_score.weight has 6 outputs"),
@@ -86,6 +91,10 @@ CASES = {
     "inference_size_tta_text": (set_meta("inference_size", {"image_size": 800, "chosen_on": "validation",
                                                              "tta": "no"}),
                                 "inference_size.tta must be true or false"),
+    "quantification_size_text": (set_meta("quantification", {**ONE_IMAGE_RATES, "working_size": "768"}),
+                                 "quantification.working_size must be a whole number of pixels"),
+    "quantification_tta_text": (set_meta("quantification", {**ONE_IMAGE_RATES, "tta": "yes"}),
+                                "quantification.tta must be true or false"),
     "quantification_junk": (set_meta("quantification", {"score_threshold": 0.5, "chosen_on": "validation",
                                                          "classes": list(CLASSES), "images": [1, 2, 3]}),
                             "quantification is not a calibration record"),

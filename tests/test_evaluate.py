@@ -150,6 +150,27 @@ def test_oracle_model_scores_perfectly(sample_dir, tmp_path):
     assert all(e["errors"] == 0 and e["correct"] == e["true_faces"] == e["detections"] for e in images)
 
 
+@pytest.mark.slow
+def test_evaluate_judges_the_adjusted_estimators_only_at_the_size_their_rates_were_measured_at(
+        root, sample_dir, tiny_model_file, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for stem in sorted(p.stem for p in (sample_dir / "images").iterdir())[:3]:
+        for folder, suffix in (("images", ".jpg"), ("annotations", ".xml")):
+            (flat / f"{stem}{suffix}").write_bytes((sample_dir / folder / f"{stem}{suffix}").read_bytes())
+    model_file = calibrated_model_file(tiny_model_file, tmp_path / "calibrated.pt", 0.05, working_size=128)
+    for flags, used in (([], True), (["--image-size", "96"], False)):
+        out = tmp_path / f"eval_{used}"
+        argv = ["--images", flat, "--annotations", flat, "--model", model_file, "--output-dir", out,
+                "--score-threshold", "0.05", "--device", "cpu", *flags]
+        assert run_script(root, "evaluate", argv) == 0
+        quantification = json.loads((out / "evaluation.json").read_text())["quantification"]
+        assert quantification["calibration"]["used"] is used
+        assert ("acc" in quantification["estimates"]) is used
+    assert quantification["calibration"]["why_not"] == ("the validation rates were measured at a working size of "
+                                                        "128 px, these counts at 96 px (--image-size)")
+
+
 def test_evaluate_reports_bad_model_file(root, sample_dir, tmp_path, capsys):
     bogus = tmp_path / "model.pt"
     bogus.write_bytes(b"not a model")

@@ -74,6 +74,32 @@ def test_under_flip_tta_a_map_holds_both_passes_evidence(model_and_image):
     np.testing.assert_allclose(explained[0].heatmap, fused[0], atol=1e-6)
 
 
+@pytest.mark.slow
+def test_a_box_one_pass_alone_found_gets_that_pass_map_and_no_error(model_and_image):
+    """Where a pass finds no box of the label at IoU > 0.5, grad-cam's target scores a constant 0: the map of that
+    pass is blank (not a backward() error), and under flip TTA the box keeps the other pass's map."""
+    from torchvision.ops import box_iou
+
+    from utils.detection.explain import heatmaps
+    from utils.detection.inference import unflip_boxes
+
+    model, image, _ = model_and_image
+    picture, width = image.float().div(255.0), image.shape[-1]
+    with torch.no_grad():
+        plain, mirrored = model([picture])[0], model([picture.flip(-1)])[0]
+    found = unflip_boxes(mirrored["boxes"], width)
+    matched = (box_iou(found, plain["boxes"]) > 0.5) & (mirrored["labels"][:, None] == plain["labels"][None, :])
+    alone = (~matched.any(dim=1)).nonzero().flatten()
+    assert len(alone), "the untrained tiny model finds some boxes in the mirrored pass only"
+    box, label = found[alone[:1]], mirrored["labels"][alone[:1]]
+    (blank,) = heatmaps(model, picture, box, label)
+    assert not blank.any()
+    (mirror_map,) = heatmaps(model, picture.flip(-1), unflip_boxes(box, width), label)
+    assert mirror_map.max() > 0.5
+    (fused,) = heatmaps(model, picture, box, label, tta=True)
+    np.testing.assert_allclose(fused, mirror_map[:, ::-1] / mirror_map.max(), atol=1e-5)
+
+
 def test_eigencam_shares_one_map_between_the_boxes_of_an_image(model_and_image):
     model, image, out = model_and_image
     explanations = explain_image(model, image, out["boxes"], out["labels"], out["scores"], "cpu", "eigencam", 2)

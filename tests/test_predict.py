@@ -133,29 +133,29 @@ def test_predict_uses_flip_tta_as_the_model_chose_unless_told_otherwise(root, sa
 def test_predict_corrects_counts_only_at_the_working_size_the_rates_were_measured_at(root, sample_dir,
                                                                                     tiny_model_file, tmp_path):
     """The model's validation rates (meta "quantification") hold at the size they were measured at: predicting at
-    another --image-size must not correct the counts with them, and says why."""
-    from utils.detection.model import load_model_file, save_model_file
-    from utils.detection.quantify import calibration_record
-
-    model, meta = load_model_file(tiny_model_file)
-    one_face = {"boxes": torch.tensor([[10.0, 10.0, 40.0, 40.0]]), "labels": torch.tensor([1])}
-    record = calibration_record([{**one_face, "scores": torch.tensor([0.9])}] * 3, [one_face] * 3, 0.5,
-                                working_size=160)
-    chose = save_model_file(tmp_path / "chose.pt", model, {
-        **meta, "inference_size": {"image_size": 160, "chosen_on": "validation", "tta": False},
-        "quantification": record})
+    another --image-size must not correct the counts with them, and says why; so must a merge of such shards. A
+    record from before the size was kept holds at the size the model chose (or trained at, before choosing)."""
+    measured = calibrated_model_file(tiny_model_file, tmp_path / "measured.pt", 0.5, working_size=160,
+                                     chosen_size=160)
+    legacy = calibrated_model_file(tiny_model_file, tmp_path / "legacy.pt", 0.5, chosen_size=160)
     image = sorted((sample_dir / "images").iterdir())[0]
-    common = ["--images", str(image), "--model", str(chose), "--score-threshold", "0.5", "--device", "cpu",
-              "--no-annotated", "--workers", "0"]
-    for flags, used in (([], True), (["--image-size", "128"], False)):
-        out = tmp_path / f"out_{used}"
-        assert run_predict(root, [*common, "--output-dir", str(out), *flags]) == 0
-        compliance = json.loads((out / "compliance.json").read_text())
-        assert compliance["working_size"] == (160 if used else 128)
-        assert compliance["calibration"]["used"] is used
-    assert compliance["calibration"]["why_not"] == ("the validation rates were measured at a working size of 160 px, "
-                                                    "these counts at 128 px (--image-size)")
-    assert compliance["estimate"]["method"] == "cc"
+    common = ["--images", str(image), "--score-threshold", "0.5", "--device", "cpu", "--no-annotated",
+              "--workers", "0"]
+    why = "the validation rates were measured at a working size of 160 px, these counts at 128 px (--image-size)"
+    for model in (measured, legacy):
+        for flags, used in (([], True), (["--image-size", "128"], False)):
+            out = tmp_path / f"{model.stem}_{used}"
+            assert run_predict(root, [*common, "--model", str(model), "--output-dir", str(out), *flags]) == 0
+            compliance = json.loads((out / "compliance.json").read_text())
+            assert compliance["working_size"] == (160 if used else 128)
+            assert compliance["calibration"]["used"] is used, model.stem
+            assert compliance["calibration"].get("why_not") == (None if used else why)
+    # a merge of shards made at 128 px corrects nothing either
+    merged = tmp_path / "merged"
+    assert run_script(root, "merge_predictions", ["--inputs", tmp_path / "legacy_False" / "predictions.json",
+                                                  "--output-dir", merged]) == 0
+    compliance = json.loads((merged / "compliance.json").read_text())
+    assert compliance["calibration"] == {"used": False, "why_not": why}
 
 
 def test_predict_fails_when_nothing_is_readable(root, tiny_model_file, tmp_path, capsys):
@@ -193,7 +193,7 @@ def test_predict_uses_the_models_operating_threshold_unless_told_otherwise(root,
     assert set(compliance["estimates"]) == {"cc", "pcc", "acc", "pacc", "pacc2"}
     assert compliance["calibration"] == {"used": True, "chosen_on": "validation", "images": 20,
                                          "faces": compliance["calibration"]["faces"], "score_threshold": 0.35,
-                                         "floor": 0.05, "tta": False, "working_size": None}
+                                         "floor": 0.05, "tta": False, "working_size": 128}
     assert json.loads((tmp_path / "out" / "predictions.json").read_text())["calibration"]["score_threshold"] == 0.35
     assert run_predict(root, [*common, "--model", str(calibrated), "--score-threshold", "0.8"]) == 0
     compliance = json.loads((tmp_path / "out" / "compliance.json").read_text())

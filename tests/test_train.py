@@ -132,6 +132,7 @@ def test_training_with_held_out_validation_images_chooses_and_stores_the_operati
     plain, flip = size["tta_fitness"]["plain"], size["tta_fitness"]["flip"]
     assert size["tta"] == (flip > plain + D.INFERENCE_SIZE_TOLERANCE)
     assert meta["quantification"]["tta"] == size["tta"] and loaded["tta"] == size["tta"]
+    assert meta["quantification"]["working_size"] == size["image_size"]
     assert "flip TTA" in result.stderr
     assert meta["val_mode"] == "monitor" and meta["num_val_images"] == 6  # held out, not trained on
     assert (meta["kept_weights"]["rule"], meta["kept_weights"]["epoch"]) == ("best", 1)  # one epoch: the best

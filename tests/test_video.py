@@ -68,6 +68,25 @@ def test_max_frames_bounds_a_run(root, clip, tiny_model_file, tmp_path):
     assert json.loads((out / "video_summary.json").read_text())["frames_processed"] == 3  # frames 0-2 at 6 fps
 
 
+@pytest.mark.slow
+def test_video_counts_are_corrected_only_at_the_size_the_rates_were_measured_at(clip, tiny_model_file, tmp_path):
+    import torch
+
+    from helpers import calibrated_model_file
+    from utils.detection.evaluation import load_trained_model
+    from utils.detection.inference_size import set_inference_size
+    from utils.detection.video import predict_video
+
+    model, meta, _, _ = load_trained_model(calibrated_model_file(tiny_model_file, tmp_path / "calibrated.pt", 0.05,
+                                                                 working_size=128), torch.device("cpu"))
+    for size, used in ((128, True), (96, False)):
+        set_inference_size(model, size)
+        summary = predict_video(model, torch.device("cpu"), str(clip), tmp_path / f"out_{size}", 0.05,
+                                max_frames=2, calibration=meta["quantification"])
+        assert summary["working_size"] == size and summary["calibration"]["used"] is used
+    assert "measured at a working size of 128 px, these counts at 96 px" in summary["calibration"]["why_not"]
+
+
 @pytest.mark.parametrize("source, problem", [("missing.mp4", "video file not found"),
                                              ("notes.mp4", "cannot open the file"),
                                              ("99", "cannot open the camera")])

@@ -66,6 +66,11 @@ def load_trained_model(path, device, score_threshold: float | None = None, worki
     chosen on validation (utils/detection/inference_size.py); meta["working_size"] says which, and why.
     meta["tta"] likewise: flip TTA as given, else as chosen on validation."""
     model, meta = load_model_file(path, device)  # refuses a file of other classes (model_file.check_model_meta)
+    record = meta.get("quantification")
+    if record and record.get("working_size") is None:
+        # files from before 2026-12-05 do not say where their rates were measured: at the size chosen on
+        # validation, or, before that choice was made, at the training size: what inference_size gives unasked
+        meta = {**meta, "quantification": {**record, "working_size": inference_size(meta, None)[0]}}
     threshold, source = operating_threshold(meta, score_threshold)
     size, size_source = inference_size(meta, working_size)
     set_inference_size(model, size)

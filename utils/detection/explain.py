@@ -100,7 +100,7 @@ def heatmaps(model, image: torch.Tensor, boxes, labels, method: str = "hirescam"
     *tta*: the boxes came from flip TTA, each fused from the plain and the mirrored image's passes
     (utils/detection/inference.py), so each map is the mean of both passes' evidence: the plain image's
     map and the mirrored image's map mirrored back, scaled to a peak of 1 again. A box one pass alone
-    found gets that pass's map, which the plain pass alone would have left blank.
+    found gets that pass's map; a pass that finds no box of the label there adds a blank map.
     """
     boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
@@ -119,11 +119,23 @@ def heatmaps(model, image: torch.Tensor, boxes, labels, method: str = "hirescam"
     return fused
 
 
+def _box_score(labels: list[int], boxes: np.ndarray):
+    """grad-cam's FasterRCNNBoxScoreTarget (IoU with the box + class score of the pass's best match), kept on the
+    autograd graph: where the pass finds no box of the label at IoU > 0.5, grad-cam's score is a constant 0 and
+    its backward() fails; plus 0 x the pass's scores it is a 0 that depends on them, and the map comes out blank."""
+    from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget
+
+    target = FasterRCNNBoxScoreTarget(labels=labels, bounding_boxes=boxes)
+
+    def score(outputs: dict) -> torch.Tensor:
+        return target(outputs) + outputs["scores"].sum() * 0
+
+    return score
+
+
 def _pass_heatmaps(model, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
                    method: str) -> list[np.ndarray]:
     """heatmaps of one pass of the model over *image* as given."""
-    from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget
-
     was_training = model.training
     model.eval()
     layers = feature_layers(model)
@@ -133,13 +145,11 @@ def _pass_heatmaps(model, image: torch.Tensor, boxes: torch.Tensor, labels: torc
         with _gradients_on(layers):
             if method == "eigencam":
                 # class-agnostic: one map for the image, shown for each of its boxes
-                target = FasterRCNNBoxScoreTarget(labels=labels.tolist(), bounding_boxes=boxes.numpy())
-                shared = cam(batch, targets=[target])[0]
+                shared = cam(batch, targets=[_box_score(labels.tolist(), boxes.numpy())])[0]
                 return [shared.astype(np.float32)] * len(boxes)
             maps = []
             for box, label in zip(boxes, labels):
-                target = FasterRCNNBoxScoreTarget(labels=[int(label)], bounding_boxes=box[None].numpy())
-                maps.append(cam(batch, targets=[target])[0].astype(np.float32))
+                maps.append(cam(batch, targets=[_box_score([int(label)], box[None].numpy())])[0].astype(np.float32))
             return maps
     finally:
         cam.activations_and_grads.release()

@@ -40,7 +40,8 @@ def choice_passes(image_size: int) -> float:
     """What choosing the working size and flip TTA after training costs, in inference passes over the
     validation images at the training size *image_size*: one pass per candidate size, each (size /
     image_size)^2 as dear, and a pass with flip TTA (plain and flipped) at the chosen size, at most the
-    largest. About 20 passes with the default scales."""
+    largest. About 20 passes with the default scales up to a training size of 640 px; fewer above, where
+    INFERENCE_SIZE_MAX caps the sizes tried (about 10 at 800 px)."""
     relative = [(size / image_size) ** 2 for size in candidate_sizes(image_size)]
     return sum(relative) + 2 * max(relative)
 

@@ -202,6 +202,12 @@ def _check_calibration(record: Mapping, path) -> None:
     except (KeyError, TypeError, ValueError) as problem:
         raise ModelError(f"{path}: model metadata quantification is not a calibration record "
                          f"({type(problem).__name__}: {shown(str(problem))})") from None
+    size = record.get("working_size")  # absent in files from before 2026-12-05
+    if size is not None and (not _is_int(size) or not 32 <= size <= D.MODEL_IMAGE_SIZE_MAX):
+        raise ModelError(f"{path}: model metadata quantification.working_size must be a whole number of pixels "
+                         f"from 32 to {D.MODEL_IMAGE_SIZE_MAX}, got {shown(size)}")
+    if record.get("tta") is not None and not isinstance(record["tta"], bool):
+        raise ModelError(f"{path}: model metadata quantification.tta must be true or false, got {shown(record['tta'])}")
 
 
 def check_state_shapes(state, num_classes: int, path) -> None:

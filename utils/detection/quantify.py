@@ -121,7 +121,8 @@ def calibration_problem(calibration: dict | None, score_threshold: float, tta: b
                         working_size: int | None = None) -> str | None:
     """Why the model's calibration record cannot correct counts made at *score_threshold*, with flip TTA or
     not as *tta* says, at *working_size* px (None: it can). A record or a caller that does not know its
-    working size (records from before 2026-12-06) is not held to one."""
+    working size is not held to one (evaluation.load_trained_model fills it in for model files from before
+    2026-12-05, which do not record it)."""
     if not calibration:
         return ("the model file holds no validation rates (trained before they were stored, or without "
                 "validation images; an ensemble has none of its own)")

@@ -10,7 +10,8 @@ retry of a job killed for its size dies the same way, so a limit must come from 
     checkpoint.time = runtime in minutes; maxwalltime = checkpoint.time + GRACE_MIN
 
 A train job ends by choosing its working size, flip TTA and score threshold on the validation images
-(utils/detection/inference_size.py): about 20 inference passes over them at the training size, which
+(utils/detection/inference_size.py): about 20 inference passes over them at a training size up to 640 px
+(fewer above, where the largest sizes tried are capped at 1280 px), which
 the train limits count (``_choice_s``); on a large validation split they outlast the epochs' own.
 So a healthy job never meets its own limit. Where a pool caps a job's wall time, sites.yml's
 ``max_job_minutes`` of the site caps both: at checkpoint.time the job gets SIGTERM, keeps its
@@ -114,8 +115,10 @@ def job_runtimes(config) -> dict[str, int]:
     runtimes = {kind: max(MIN_RUNTIME_S, math.ceil(STARTUP_S + SAFETY * seconds)) for kind, seconds in work.items()}
     if config.time_budget is not None:
         val = sum(1 for entry in config.entries if entry.split == "val")
-        folds = getattr(config, "folds", 0)  # a fold's choice is made on the other folds' val images
-        choice = {"train": _choice_s(config, val), "train_fold": _choice_s(config, val * (folds - 1) / max(1, folds))}
+        choice = {"train": _choice_s(config, val)}
+        folds = getattr(config, "folds", 0)
+        if folds:  # a fold's choice is made on the other folds' val images
+            choice["train_fold"] = _choice_s(config, val * (folds - 1) / folds)
         for kind in ("train", "train_fold"):
             if kind in runtimes:
                 runtimes[kind] = max(MIN_RUNTIME_S, math.ceil(STARTUP_S + BUDGET_SLACK * config.time_budget * 60
