@@ -100,6 +100,22 @@ def test_a_box_one_pass_alone_found_gets_that_pass_map_and_no_error(model_and_im
     np.testing.assert_allclose(fused, mirror_map[:, ::-1] / mirror_map.max(), atol=1e-5)
 
 
+def test_a_pass_that_finds_no_box_at_all_gives_blank_maps_not_an_error(tiny_model_file, sample_dir):
+    from PIL import Image
+
+    from utils.detection.explain import heatmaps
+
+    model, *_ = load_trained_model(tiny_model_file, "cpu")
+    model.roi_heads.score_thresh = 1.01  # no detection passes: the target finds nothing to score
+    path = sorted((sample_dir / "images").glob("*.jpg"))[0]
+    picture = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float().div(255.0)
+    box, label = torch.tensor([[10.0, 10.0, 60.0, 70.0]]), torch.tensor([1])
+    for tta in (False, True):
+        for method in ("hirescam", "gradcam"):
+            (blank,) = heatmaps(model, picture, box, label, method, tta=tta)
+            assert blank.shape == picture.shape[-2:] and not blank.any()
+
+
 def test_eigencam_shares_one_map_between_the_boxes_of_an_image(model_and_image):
     model, image, out = model_and_image
     explanations = explain_image(model, image, out["boxes"], out["labels"], out["scores"], "cpu", "eigencam", 2)

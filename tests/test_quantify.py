@@ -269,6 +269,9 @@ def test_cross_fitted_rates_bench_pools_the_other_folds_rate_images():
         assert abs(result["error_points"]) < 5 and result["truth_inside"]
         assert result["percent"] - result["error_points"] == pytest.approx(result["true_percent"], abs=0.02)
         assert bench.against_truth(fold, fold)["error_points"] == pytest.approx(0.0, abs=0.02)  # own rates: exact
+    # fold models that chose different working sizes: applying one's rates to another is the bench's experiment
+    sized = [{**fold, "working_size": size} for fold, size in zip(folds, (512, 640, 768))]
+    assert len(bench.pooled(sized)["images"]) == 900 and bench.pooled(sized)["working_size"] is None
 
 
 def test_cross_fitted_rates_bench_runs_fold_models_and_writes_its_inputs(tiny_model_file, sample_dir, tmp_path):

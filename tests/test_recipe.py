@@ -185,6 +185,27 @@ def test_the_box_head_trains_from_the_iou_and_with_the_loss_given(tiny_dir):
     assert set(out) == {"boxes", "labels", "scores"}
 
 
+def test_a_checkpoint_resumes_only_with_the_box_head_it_was_trained_with(tiny_dir, tmp_path):
+    from utils.detection.training import TrainingDataError
+
+    pairs = pair_folders(tiny_dir / "images", tiny_dir / "annotations").pairs
+    trainer = Trainer(TrainParams(**{**TINY, "epochs": 1}), pairs, torch.device("cpu"), progress=False)
+    trainer.checkpoint(tmp_path / "checkpoint.pt", {})
+    giou = Trainer(TrainParams(**{**TINY, "epochs": 1, "box_loss": "giou"}), pairs, torch.device("cpu"),
+                   progress=False)
+    with pytest.raises(TrainingDataError, match="written with box_loss='smooth_l1', this run has 'giou'"):
+        giou.resume(tmp_path / "checkpoint.pt")
+    # a checkpoint from before the levers existed trained with their defaults: held to them too
+    payload = load_checkpoint(tmp_path / "checkpoint.pt")
+    for key in ("box_loss", "roi_fg_iou"):
+        del payload["args"]["params"][key]
+    torch.save(payload, tmp_path / "older.pt")
+    with pytest.raises(TrainingDataError, match="written with box_loss='smooth_l1'"):
+        giou.resume(tmp_path / "older.pt")
+    assert Trainer(TrainParams(**{**TINY, "epochs": 1}), pairs, torch.device("cpu"),
+                   progress=False).resume(tmp_path / "older.pt") == 0
+
+
 def test_time_budget_fits_the_steps_to_the_timed_steps(monkeypatch):
     now = {"t": 0.0}
     monkeypatch.setattr(recipe.time, "perf_counter", lambda: now["t"])

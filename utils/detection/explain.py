@@ -100,7 +100,8 @@ def heatmaps(model, image: torch.Tensor, boxes, labels, method: str = "hirescam"
     *tta*: the boxes came from flip TTA, each fused from the plain and the mirrored image's passes
     (utils/detection/inference.py), so each map is the mean of both passes' evidence: the plain image's
     map and the mirrored image's map mirrored back, scaled to a peak of 1 again. A box one pass alone
-    found gets that pass's map; a pass that finds no box of the label there adds a blank map.
+    found gets that pass's map; a pass that finds no box of the label there adds a blank map (hirescam,
+    gradcam: eigencam's map is the features' and does not depend on the box).
     """
     boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)

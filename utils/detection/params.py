@@ -198,7 +198,7 @@ def describe(params) -> str:
         parts.append(f"EMA {params.ema_decay:g}")
     if params.roi_batch_size is not None:
         parts.append(f"{params.roi_batch_size} RoIs/image")
-    if params.box_loss != "smooth_l1" or params.roi_fg_iou != 0.5:
+    if params.box_loss != D.BOX_LOSS or params.roi_fg_iou != D.ROI_FG_IOU:
         parts.append(f"box loss {params.box_loss} from IoU {params.roi_fg_iou:g}")
     return ", ".join(parts)
 

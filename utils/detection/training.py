@@ -255,6 +255,9 @@ class Trainer:
     def resume(self, checkpoint_path) -> int:
         payload = load_checkpoint(checkpoint_path)
         saved = payload.get("args", {}).get("params", {})
+        # checkpoints from before the box head's levers existed trained with their defaults
+        defaults = TrainParams()
+        saved = {"box_loss": defaults.box_loss, "roi_fg_iou": defaults.roi_fg_iou, **saved}
         for key in ("backbone", "image_size", "optimizer", "batch_size", "ema_decay", "roi_batch_size", "box_loss",
                     "roi_fg_iou"):
             if key in saved and saved[key] != getattr(self.params, key):
