@@ -55,9 +55,13 @@ def _rates(config) -> tuple[float, float, float]:
     return speed["data"], speed["train"] * scale, speed["infer"] * scale
 
 
-def _choice_s(config, val_images: float) -> float:
-    """Seconds of the working size, flip TTA and threshold choice at the end of a train job over *val_images*."""
-    return val_images * _rates(config)[2] * choice_passes(config.image_size)
+def _choice_s(config) -> dict[str, float]:
+    """Seconds of the working size, flip TTA and threshold choice that ends a train job, per job kind: over the
+    val images, and for a fold (--folds K) over the other K-1 folds' share of them."""
+    val = sum(1 for entry in config.entries if entry.split == "val")
+    seconds = val * _rates(config)[2] * choice_passes(config.image_size)
+    folds = getattr(config, "folds", 0)  # 0 for a stand-in config without the field (test_runtimes)
+    return {"train": seconds, **({"train_fold": seconds * (folds - 1) / folds} if folds else {})}
 
 
 def _train_epochs(config) -> int:
@@ -73,13 +77,14 @@ def workloads(config) -> dict[str, float]:
     trained = counts["train"] * (1 + config.augment_copies + config.rare_factor * RARE_SHARE)
     epoch_s = trained * train_s + counts["val"] * infer_s
     trials = max(trials_per_worker(config.trials, config.hpo_jobs))
+    choice = _choice_s(config)
     return {
         "plot_class_distribution": len(config.entries) * data_s,
         "preprocess": max(counts["val"], counts["test"]) * data_s,
         "augment": trained * data_s,
         "hpo": trials * config.hpo_epochs * epoch_s,
         "hpo_merge": 0.0,
-        "train": _train_epochs(config) * (epoch_s + counts["val"] * infer_s) + _choice_s(config, counts["val"]),
+        "train": _train_epochs(config) * (epoch_s + counts["val"] * infer_s) + choice["train"],
         "evaluate": counts["test"] * infer_s,
         "predict": max(shard.images for shard in config.pred_shards) * infer_s,
         "merge_predictions": sum(shard.images for shard in config.pred_shards) * MERGE_S_PER_IMAGE,
@@ -87,11 +92,11 @@ def workloads(config) -> dict[str, float]:
         "report": 0.0,  # reads the outputs and downscales at most 24 images: the startup allowance covers it
         "make_fold": (trained + counts["val"]) * data_s,
         "aggregate_folds": 0.0,
-        **_fold_workloads(config, counts, trained, train_s, infer_s),
+        **_fold_workloads(config, counts, trained, train_s, infer_s, choice),
     }
 
 
-def _fold_workloads(config, counts, trained, train_s, infer_s) -> dict[str, float]:
+def _fold_workloads(config, counts, trained, train_s, infer_s, choice) -> dict[str, float]:
     """With --folds K: a fold trains on the train split's images (with their augmented copies) of the
     other K-1 folds, validates on their val-split images, and is evaluated on the held-out 1/K of the
     train+val pool. The fold jobs reuse the train and evaluate transformations; their job-level
@@ -104,7 +109,7 @@ def _fold_workloads(config, counts, trained, train_s, infer_s) -> dict[str, floa
     fold_val = counts["val"] * (folds - 1) / folds
     return {
         "train_fold": (_train_epochs(config) * (fold_trained * train_s + 2 * fold_val * infer_s)
-                       + _choice_s(config, fold_val)),
+                       + choice["train_fold"]),
         "evaluate_fold": held_out * infer_s,
     }
 
@@ -114,11 +119,7 @@ def job_runtimes(config) -> dict[str, int]:
     work = workloads(config)
     runtimes = {kind: max(MIN_RUNTIME_S, math.ceil(STARTUP_S + SAFETY * seconds)) for kind, seconds in work.items()}
     if config.time_budget is not None:
-        val = sum(1 for entry in config.entries if entry.split == "val")
-        choice = {"train": _choice_s(config, val)}
-        folds = getattr(config, "folds", 0)
-        if folds:  # a fold's choice is made on the other folds' val images
-            choice["train_fold"] = _choice_s(config, val * (folds - 1) / folds)
+        choice = _choice_s(config)
         for kind in ("train", "train_fold"):
             if kind in runtimes:
                 runtimes[kind] = max(MIN_RUNTIME_S, math.ceil(STARTUP_S + BUDGET_SLACK * config.time_budget * 60
