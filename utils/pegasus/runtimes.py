@@ -5,6 +5,7 @@ pegasus-kickstart kills a job at its limit (``-k runtime -K 300`` without maxwal
 retry of a job killed for its size dies the same way, so a limit must come from the work:
 
     work     = images x seconds per image (x epochs x trials), at 512 px, scaled by (size / 512)^2
+               (x chosen_pass_cost for the jobs that run the trained model: evaluate, predict, video)
     runtime  = STARTUP_S + SAFETY x work               (at least MIN_RUNTIME_S)
     train with --time-budget M:  runtime = STARTUP_S + BUDGET_SLACK x M min + SAFETY x (the choice passes)
     checkpoint.time = runtime in minutes; maxwalltime = checkpoint.time + GRACE_MIN
@@ -13,6 +14,9 @@ A train job ends by choosing its working size, flip TTA and score threshold on t
 (utils/detection/inference_size.py): about 20 inference passes over them at a training size up to 640 px
 (fewer above, where the largest sizes tried are capped at 1280 px), which
 the train limits count (``_choice_s``); on a large validation split they outlast the epochs' own.
+The jobs after it run at whatever was chosen, which the plan cannot know: their limits count the dearest
+choice, the largest size tried with flip TTA (``chosen_pass_cost``: 8 plain passes at 512 px), since a limit
+too short kills every retry the same way and one too long only reports a hung job late.
 So a healthy job never meets its own limit. Where a pool caps a job's wall time, sites.yml's
 ``max_job_minutes`` of the site caps both: at checkpoint.time the job gets SIGTERM, keeps its
 checkpoint and is retried from it (dagman.retry), so a long training runs in pieces.
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import math
 
-from ..detection.inference_size import choice_passes
+from ..detection.inference_size import choice_passes, chosen_pass_cost
 from ..errors import shown
 from .config import ConfigError, trials_per_worker
 
@@ -55,6 +59,11 @@ def _rates(config) -> tuple[float, float, float]:
     return speed["data"], speed["train"] * scale, speed["infer"] * scale
 
 
+def _chosen_s(config) -> float:
+    """Seconds per image of the trained model's inference at the dearest working size and TTA it may choose."""
+    return _rates(config)[2] * chosen_pass_cost(config.image_size)
+
+
 def _choice_s(config) -> dict[str, float]:
     """Seconds of the working size, flip TTA and threshold choice that ends a train job, per job kind: over the
     val images, and for a fold (--folds K) over the other K-1 folds' share of them."""
@@ -77,7 +86,7 @@ def workloads(config) -> dict[str, float]:
     trained = counts["train"] * (1 + config.augment_copies + config.rare_factor * RARE_SHARE)
     epoch_s = trained * train_s + counts["val"] * infer_s
     trials = max(trials_per_worker(config.trials, config.hpo_jobs))
-    choice = _choice_s(config)
+    choice, chosen_s = _choice_s(config), _chosen_s(config)
     return {
         "plot_class_distribution": len(config.entries) * data_s,
         "preprocess": max(counts["val"], counts["test"]) * data_s,
@@ -85,18 +94,19 @@ def workloads(config) -> dict[str, float]:
         "hpo": trials * config.hpo_epochs * epoch_s,
         "hpo_merge": 0.0,
         "train": _train_epochs(config) * (epoch_s + counts["val"] * infer_s) + choice["train"],
-        "evaluate": counts["test"] * infer_s,
-        "predict": max(shard.images for shard in config.pred_shards) * infer_s,
+        "evaluate": counts["test"] * chosen_s,
+        "predict": max(shard.images for shard in config.pred_shards) * chosen_s,
         "merge_predictions": sum(shard.images for shard in config.pred_shards) * MERGE_S_PER_IMAGE,
-        "predict_video": max((video.frames for video in config.pred_videos), default=0) / config.video_stride * infer_s,
+        "predict_video": (max((video.frames for video in config.pred_videos), default=0) / config.video_stride
+                          * chosen_s),
         "report": 0.0,  # reads the outputs and downscales at most 24 images: the startup allowance covers it
         "make_fold": (trained + counts["val"]) * data_s,
         "aggregate_folds": 0.0,
-        **_fold_workloads(config, counts, trained, train_s, infer_s, choice),
+        **_fold_workloads(config, counts, trained, train_s, infer_s, choice, chosen_s),
     }
 
 
-def _fold_workloads(config, counts, trained, train_s, infer_s, choice) -> dict[str, float]:
+def _fold_workloads(config, counts, trained, train_s, infer_s, choice, chosen_s) -> dict[str, float]:
     """With --folds K: a fold trains on the train split's images (with their augmented copies) of the
     other K-1 folds, validates on their val-split images, and is evaluated on the held-out 1/K of the
     train+val pool. The fold jobs reuse the train and evaluate transformations; their job-level
@@ -110,7 +120,7 @@ def _fold_workloads(config, counts, trained, train_s, infer_s, choice) -> dict[s
     return {
         "train_fold": (_train_epochs(config) * (fold_trained * train_s + 2 * fold_val * infer_s)
                        + choice["train_fold"]),
-        "evaluate_fold": held_out * infer_s,
+        "evaluate_fold": held_out * chosen_s,
     }
 
 
