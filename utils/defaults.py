@@ -56,7 +56,9 @@ HFLIP = 0.5                    # probability of a horizontal flip per training i
 # The recipe's levers; bench/quality.py --ablation measured each in a 15-minute CPU budget on the real data
 # (README "Quality") and kept those that raised the validation F1.
 PHOTOMETRIC = 0.0              # probability of torchvision's RandomPhotometricDistort per training image; off:
-                               # it cost 22 % of the CPU throughput and lowered the validation F1 (0.661 -> 0.580)
+                               # it lowered the validation F1 at 15 minutes with the ImageNet backbone (0.661 ->
+                               # 0.580) and at 25 minutes with the face-pretrained one (0.780 -> 0.715,
+                               # bench/RESULTS.md "Photometric distortion on the face-pretrained recipe")
 MULTISCALE = 0.5               # multi-scale training: longer sides IMAGE_SIZE*(1 +- this), steps of 32 px; 0 off.
                                # Rejected at 15 minutes (2-3 epochs); at 60 minutes on the real data it stopped the
                                # over-fitting of the later epochs (val fitness 0.396 at the end, not 0.352) and
