@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from utils.detection.inference_size import candidate_sizes, choice_passes, chosen_pass_cost
+from utils.detection.inference_size import candidate_sizes, choice_passes, largest_size_cost
 from utils.pegasus.config import ConfigError, ShardFile, SplitEntry
 from utils.pegasus.runtimes import (GRACE_MIN, MIN_RUNTIME_S, SAFETY, SECONDS_PER_IMAGE, STARTUP_S,
                                     checkpoint_minutes, job_runtimes)
@@ -71,15 +71,26 @@ def test_the_train_limit_counts_the_choice_made_after_training():
 
 def test_jobs_running_the_trained_model_count_the_dearest_working_size_and_tta_it_may_choose():
     """evaluate, predict and video run at the working size and flip TTA chosen after training, unknown when the
-    workflow is planned: the largest size tried (1,024 px for a 512 px model, 4x the pixels) with flip (2 passes)."""
-    assert candidate_sizes(512)[-1] == 1024 and chosen_pass_cost(512) == pytest.approx(8.0)
-    assert chosen_pass_cost(1024) == pytest.approx(2 * (1280 / 1024) ** 2)  # sizes tried stop at 1,280 px
+    workflow is planned: the largest size tried (1,024 px for a 512 px model, 4x the pixels), each image twice
+    (flip), and evaluate once more for its test loss."""
+    assert candidate_sizes(512)[-1] == 1024 and largest_size_cost(512) == pytest.approx(4.0)
+    assert largest_size_cost(1024) == pytest.approx((1280 / 1024) ** 2)  # the sizes tried stop at 1,280 px
     infer = SECONDS_PER_IMAGE["gpu"]["infer"]
     runtimes = job_runtimes(config(pred=10_000, test=5_000, gpus=1))
-    assert runtimes["predict"] == pytest.approx(STARTUP_S + SAFETY * 10_000 * infer * 8, abs=1)
-    assert runtimes["evaluate"] == pytest.approx(STARTUP_S + SAFETY * 5_000 * infer * 8, abs=1)
+    assert runtimes["predict"] == pytest.approx(STARTUP_S + SAFETY * 10_000 * infer * 4 * 2, abs=1)
+    assert runtimes["evaluate"] == pytest.approx(STARTUP_S + SAFETY * 5_000 * infer * 4 * 3, abs=1)
     # the epochs' own validation passes run at the training size, plain: the train limit does not grow with it
     assert job_runtimes(config(pred=10, epochs=3))["train"] == job_runtimes(config(pred=10_000, epochs=3))["train"]
+
+
+def test_a_fold_ensemble_predict_job_counts_one_pass_per_fold_model():
+    """--fold-ensemble: every predict job runs the K fold models on each image, each at its own working size
+    (the workflow gives the ensemble no --tta), so ten folds cost five times the final model's two passes."""
+    infer = SECONDS_PER_IMAGE["cpu"]["infer"]
+    single = job_runtimes(config(pred=10_000, folds=10))["predict"]
+    ensemble = job_runtimes(config(pred=10_000, folds=10, fold_ensemble=True))["predict"]
+    assert single == pytest.approx(STARTUP_S + SAFETY * 10_000 * infer * 4 * 2, abs=1)
+    assert ensemble == pytest.approx(STARTUP_S + SAFETY * 10_000 * infer * 4 * 10, abs=1)
 
 
 def test_fold_jobs_train_on_the_other_folds_train_split_and_validate_on_their_val_split():

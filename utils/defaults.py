@@ -107,6 +107,7 @@ HPO_PRUNER_WARMUP_EPOCHS = 0
 
 # -- inference, evaluation and prediction -------------------------------------------------
 PREDICT_IMAGES_PER_JOB = 1000 # workflow: images per predict job (shard), ~20 min on 2 CPU cores, ~1 min on a GPU
+                              # (plain passes at 512 px; a model that chose 768 px and flip TTA takes ~4.5 times)
 VIDEO_STRIDE = 5               # predict_video / workflow --pred-videos: every 5th frame (5 a second at 25 fps)
 ANNOTATE_MAX = 500             # workflow: annotated images drawn over the whole prediction set, spread evenly
 INFERENCE_SCALES = (1.0, 1.25, 1.5, 1.75, 2.0)  # working sizes tried after training, times --image-size: the

@@ -42,15 +42,15 @@ def choice_passes(image_size: int) -> float:
     image_size)^2 as dear, and a pass with flip TTA (plain and flipped) at the chosen size, at most the
     largest. About 20 passes with the default scales up to a training size of 640 px; fewer above, where
     INFERENCE_SIZE_MAX caps the sizes tried (about 10 at 800 px)."""
-    return sum((size / image_size) ** 2 for size in candidate_sizes(image_size)) + chosen_pass_cost(image_size)
+    return sum((size / image_size) ** 2 for size in candidate_sizes(image_size)) + 2 * largest_size_cost(image_size)
 
 
-def chosen_pass_cost(image_size: int) -> float:
-    """The most one inference pass of a model trained at *image_size* can cost once its working size and flip
-    TTA are chosen, in plain passes at the training size: the largest size tried, with flip TTA (two passes).
-    8 with the default scales below a training size of 640 px. The jobs that run the trained model (evaluate,
-    predict, video) are planned before it is chosen, so their time limits count this much."""
-    return 2 * max((size / image_size) ** 2 for size in candidate_sizes(image_size))
+def largest_size_cost(image_size: int) -> float:
+    """What one plain inference pass at the largest working size tried for a model trained at *image_size* costs,
+    in plain passes at the training size: 4 with the default scales up to a training size of 640 px, less above,
+    where INFERENCE_SIZE_MAX caps the sizes tried. The jobs that run the trained model (evaluate, predict, video)
+    are planned before its size is chosen, so their time limits count this much (utils/pegasus/runtimes.py)."""
+    return max((size / image_size) ** 2 for size in candidate_sizes(image_size))
 
 
 def set_inference_size(model, size: int) -> None:

@@ -5,7 +5,7 @@ pegasus-kickstart kills a job at its limit (``-k runtime -K 300`` without maxwal
 retry of a job killed for its size dies the same way, so a limit must come from the work:
 
     work     = images x seconds per image (x epochs x trials), at 512 px, scaled by (size / 512)^2
-               (x chosen_pass_cost for the jobs that run the trained model: evaluate, predict, video)
+               (x largest_size_cost x passes for the jobs that run the trained model: evaluate, predict, video)
     runtime  = STARTUP_S + SAFETY x work               (at least MIN_RUNTIME_S)
     train with --time-budget M:  runtime = STARTUP_S + BUDGET_SLACK x M min + SAFETY x (the choice passes)
     checkpoint.time = runtime in minutes; maxwalltime = checkpoint.time + GRACE_MIN
@@ -15,8 +15,9 @@ A train job ends by choosing its working size, flip TTA and score threshold on t
 (fewer above, where the largest sizes tried are capped at 1280 px), which
 the train limits count (``_choice_s``); on a large validation split they outlast the epochs' own.
 The jobs after it run at whatever was chosen, which the plan cannot know: their limits count the dearest
-choice, the largest size tried with flip TTA (``chosen_pass_cost``: 8 plain passes at 512 px), since a limit
-too short kills every retry the same way and one too long only reports a hung job late.
+choice, the largest size tried (``largest_size_cost``: 4 times the pixels up to a training size of 640 px),
+with flip TTA (``MODEL_PASSES``), since a limit too short kills every retry the same way and one too long only
+reports a hung job late.
 So a healthy job never meets its own limit. Where a pool caps a job's wall time, sites.yml's
 ``max_job_minutes`` of the site caps both: at checkpoint.time the job gets SIGTERM, keeps its
 checkpoint and is retried from it (dagman.retry), so a long training runs in pieces.
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import math
 
-from ..detection.inference_size import choice_passes, chosen_pass_cost
+from ..detection.inference_size import choice_passes, largest_size_cost
 from ..errors import shown
 from .config import ConfigError, trials_per_worker
 
@@ -46,6 +47,10 @@ BUDGET_SLACK = 1.25   # a --time-budget run overshoots by up to one step and the
 RARE_SHARE = 0.2      # images holding the rare class: 11 % of the real data; the augment job copies them
 GRACE_MIN = 5         # minutes from checkpoint.time's SIGTERM to maxwalltime's kill
 CHECKPOINTING = ("hpo", "train")
+# Passes per image at the working size chosen after training, for the jobs that run the trained model: flip TTA
+# runs each image twice, and evaluate adds its test-loss pass (utils/detection/evaluation.evaluate_model).
+# A --fold-ensemble predict job runs each of the K fold models once instead (_predict_passes).
+MODEL_PASSES = {"evaluate": 3, "evaluate_fold": 3, "predict": 2, "predict_video": 2}
 
 
 class RuntimeConfigError(ConfigError):
@@ -59,9 +64,15 @@ def _rates(config) -> tuple[float, float, float]:
     return speed["data"], speed["train"] * scale, speed["infer"] * scale
 
 
-def _chosen_s(config) -> float:
-    """Seconds per image of the trained model's inference at the dearest working size and TTA it may choose."""
-    return _rates(config)[2] * chosen_pass_cost(config.image_size)
+def _sized_s(config) -> float:
+    """Seconds of one plain inference pass per image at the largest working size the trained model may choose."""
+    return _rates(config)[2] * largest_size_cost(config.image_size)
+
+
+def _predict_passes(config) -> int:
+    """Passes per image of a predict job: the final model's, or with --fold-ensemble one per fold model (the
+    workflow gives the ensemble no --tta)."""
+    return config.folds if getattr(config, "fold_ensemble", False) else MODEL_PASSES["predict"]
 
 
 def _choice_s(config) -> dict[str, float]:
@@ -86,7 +97,7 @@ def workloads(config) -> dict[str, float]:
     trained = counts["train"] * (1 + config.augment_copies + config.rare_factor * RARE_SHARE)
     epoch_s = trained * train_s + counts["val"] * infer_s
     trials = max(trials_per_worker(config.trials, config.hpo_jobs))
-    choice, chosen_s = _choice_s(config), _chosen_s(config)
+    choice, sized_s = _choice_s(config), _sized_s(config)
     return {
         "plot_class_distribution": len(config.entries) * data_s,
         "preprocess": max(counts["val"], counts["test"]) * data_s,
@@ -94,19 +105,19 @@ def workloads(config) -> dict[str, float]:
         "hpo": trials * config.hpo_epochs * epoch_s,
         "hpo_merge": 0.0,
         "train": _train_epochs(config) * (epoch_s + counts["val"] * infer_s) + choice["train"],
-        "evaluate": counts["test"] * chosen_s,
-        "predict": max(shard.images for shard in config.pred_shards) * chosen_s,
+        "evaluate": counts["test"] * sized_s * MODEL_PASSES["evaluate"],
+        "predict": max(shard.images for shard in config.pred_shards) * sized_s * _predict_passes(config),
         "merge_predictions": sum(shard.images for shard in config.pred_shards) * MERGE_S_PER_IMAGE,
         "predict_video": (max((video.frames for video in config.pred_videos), default=0) / config.video_stride
-                          * chosen_s),
+                          * sized_s * MODEL_PASSES["predict_video"]),
         "report": 0.0,  # reads the outputs and downscales at most 24 images: the startup allowance covers it
         "make_fold": (trained + counts["val"]) * data_s,
         "aggregate_folds": 0.0,
-        **_fold_workloads(config, counts, trained, train_s, infer_s, choice, chosen_s),
+        **_fold_workloads(config, counts, trained, train_s, infer_s, choice, sized_s),
     }
 
 
-def _fold_workloads(config, counts, trained, train_s, infer_s, choice, chosen_s) -> dict[str, float]:
+def _fold_workloads(config, counts, trained, train_s, infer_s, choice, sized_s) -> dict[str, float]:
     """With --folds K: a fold trains on the train split's images (with their augmented copies) of the
     other K-1 folds, validates on their val-split images, and is evaluated on the held-out 1/K of the
     train+val pool. The fold jobs reuse the train and evaluate transformations; their job-level
@@ -120,7 +131,7 @@ def _fold_workloads(config, counts, trained, train_s, infer_s, choice, chosen_s)
     return {
         "train_fold": (_train_epochs(config) * (fold_trained * train_s + 2 * fold_val * infer_s)
                        + choice["train_fold"]),
-        "evaluate_fold": held_out * chosen_s,
+        "evaluate_fold": held_out * sized_s * MODEL_PASSES["evaluate_fold"],
     }
 
 
