@@ -140,6 +140,9 @@ def get_args_parser():
     recipe.add_argument("--roi-fg-iou", type=PARAM_TYPES["roi_fg_iou"], default=None,
                         help="IoU with a face from which a sampled proposal trains the box head as that face, "
                              f"below it as background (default: {D.ROI_FG_IOU})")
+    recipe.add_argument("--roi-bg-iou", type=PARAM_TYPES["roi_bg_iou"], default=None,
+                        help="IoU below which a sampled proposal trains the box head as background; those between "
+                             "it and --roi-fg-iou are left out of the box head's loss (default: --roi-fg-iou)")
     opt.add_argument("--no-amp", dest="amp", action="store_const", const=False, default=None,
                      help="disable mixed precision on CUDA (default: AMP on CUDA, never on CPU)")
     opt.add_argument("--seed", type=random_seed, default=None, help=f"random seed (default: {D.SEED})")

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torchvision.models.detection import _utils as det_utils
 
 from utils.data.pairs import pair_folders
 from utils.detection import recipe
@@ -16,6 +17,7 @@ from utils.detection.recipe import (RepeatFactorSampler, TimeBudget, build_ema, 
 from utils.detection.params import TrainParams, describe, gpu_recipe
 from utils.detection.checkpoint import load_checkpoint
 from utils.detection.training import Trainer
+from utils.detection.training_plan import PlanError, make_plan
 
 TINY = dict(image_size=128, batch_size=2, workers=0, epochs=2, warmup_iters=2, trainable_layers=2, seed=3,
             weights="none")
@@ -169,11 +171,22 @@ def test_the_box_head_trains_from_the_iou_and_with_the_loss_given(tiny_dir):
         recipe.set_box_head_training(model, "l2", 0.5)
     recipe.set_box_head_training(model, "smooth_l1", 0.5)
     assert type(model.roi_heads) is RoIHeads and model.roi_heads.proposal_matcher.high_threshold == 0.5
+    # an ignore band: faces from 0.6, background below 0.5; torchvision's sampler leaves the proposals between out
+    recipe.set_box_head_training(model, "smooth_l1", 0.6, 0.5)
+    matcher = model.roi_heads.proposal_matcher
+    assert (matcher.high_threshold, matcher.low_threshold) == (0.6, 0.5)
+    matched = matcher(torch.tensor([[0.55, 0.65, 0.3]]))  # IoU of one face (row) with three proposals
+    assert matched.tolist() == [det_utils.Matcher.BETWEEN_THRESHOLDS, 0, det_utils.Matcher.BELOW_LOW_THRESHOLD]
+    with pytest.raises(ValueError, match="roi_bg_iou 0.7 is above roi_fg_iou 0.6"):
+        recipe.set_box_head_training(model, "smooth_l1", 0.6, 0.7)
     trainer = Trainer(TrainParams(**{**TINY, "box_loss": "giou", "roi_fg_iou": 0.6}),
                       pair_folders(tiny_dir / "images", tiny_dir / "annotations").pairs, torch.device("cpu"),
                       progress=False)
     assert isinstance(trainer.model.roi_heads, recipe.GIoURoIHeads)
     assert "box loss giou from IoU 0.6" in describe(trainer.params)
+    assert "from IoU 0.6, background below 0.5" in describe(TrainParams(roi_fg_iou=0.6, roi_bg_iou=0.5))
+    with pytest.raises(PlanError, match="--roi-bg-iou 0.7 is above --roi-fg-iou 0.6"):
+        make_plan(TrainParams(roi_fg_iou=0.6, roi_bg_iou=0.7))
     box_head = trainer.model.roi_heads.box_predictor.bbox_pred.weight
     start = box_head.detach().clone()
     row = trainer.run_epoch()
@@ -197,7 +210,7 @@ def test_a_checkpoint_resumes_only_with_the_box_head_it_was_trained_with(tiny_di
         giou.resume(tmp_path / "checkpoint.pt")
     # a checkpoint from before the levers existed trained with their defaults: held to them too
     payload = load_checkpoint(tmp_path / "checkpoint.pt")
-    for key in ("box_loss", "roi_fg_iou"):
+    for key in ("box_loss", "roi_fg_iou", "roi_bg_iou"):
         del payload["args"]["params"][key]
     torch.save(payload, tmp_path / "older.pt")
     with pytest.raises(TrainingDataError, match="written with box_loss='smooth_l1'"):

@@ -35,12 +35,15 @@ PARAM_TYPES = {
     "ema_decay": fraction_below_one,
     "roi_batch_size": int_at_least(MIN_ROI_BATCH_SIZE, f"a whole number of at least {MIN_ROI_BATCH_SIZE} "
                                                        "(proposals per image, a quarter of them faces)"),
-    "roi_fg_iou": open_fraction,
+    "roi_fg_iou": open_fraction, "roi_bg_iou": open_fraction,
 }
 # The words the file may set: the choices of their bin/train.py flags.
 PARAM_CHOICES = {"optimizer": ("sgd", "adamw"), "lr_schedule": ("cosine", "step"), "backbone": BACKBONES,
                  "box_loss": BOX_LOSSES}
 PARAMS_FILE_KEYS = (*PARAM_TYPES, *PARAM_CHOICES)
+# Numbers the file may also give as null, as a run's record writes them: the architecture's own proposals per
+# image, and no ignore band.
+NULLABLE_PARAMS = ("roi_batch_size", "roi_bg_iou")
 
 
 class ParamsFileError(InputError):
@@ -62,7 +65,7 @@ def read_params_file(path) -> dict:
     params, ignored = {}, []
     for key, value in data.items():
         if key in PARAM_TYPES:
-            params[key] = _file_number(path, key, value)
+            params[key] = None if value is None and key in NULLABLE_PARAMS else _file_number(path, key, value)
         elif key in PARAM_CHOICES:
             if not isinstance(value, str) or value not in PARAM_CHOICES[key]:
                 raise ParamsFileError(f"{path}: {key} must be one of {', '.join(PARAM_CHOICES[key])}, "
@@ -118,6 +121,7 @@ class TrainParams:
     roi_batch_size: int | None = D.ROI_BATCH_SIZE  # proposals per image in the box head's loss; None: the model's
     box_loss: str = D.BOX_LOSS     # the box head's regression loss (recipe.BOX_LOSSES)
     roi_fg_iou: float = D.ROI_FG_IOU  # IoU from which a sampled proposal trains the box head as a face
+    roi_bg_iou: float | None = D.ROI_BG_IOU  # IoU below which as background; None: roi_fg_iou (no ignore band)
     time_budget: float | None = D.TIME_BUDGET  # minutes; when set, the steps (and epochs) are fitted to it
     max_steps: int | None = None  # training steps in all, the last epoch cut short; None: epochs x steps per epoch
     # A --time-budget run's [first, final] plans in steps (recipe.TimeBudget); given, they are replayed
@@ -198,7 +202,8 @@ def describe(params) -> str:
         parts.append(f"EMA {params.ema_decay:g}")
     if params.roi_batch_size is not None:
         parts.append(f"{params.roi_batch_size} RoIs/image")
-    if params.box_loss != D.BOX_LOSS or params.roi_fg_iou != D.ROI_FG_IOU:
-        parts.append(f"box loss {params.box_loss} from IoU {params.roi_fg_iou:g}")
+    if params.box_loss != D.BOX_LOSS or params.roi_fg_iou != D.ROI_FG_IOU or params.roi_bg_iou is not None:
+        band = "" if params.roi_bg_iou is None else f", background below {params.roi_bg_iou:g}"
+        parts.append(f"box loss {params.box_loss} from IoU {params.roi_fg_iou:g}{band}")
     return ", ".join(parts)
 

@@ -161,14 +161,18 @@ def giou_box_losses(class_logits, box_regression, labels, regression_targets, bo
     return {"loss_classifier": classification, "loss_box_reg": box}
 
 
-def set_box_head_training(model, box_loss: str, fg_iou: float) -> None:
+def set_box_head_training(model, box_loss: str, fg_iou: float, bg_iou: float | None = None) -> None:
     """Train *model*'s box head with *box_loss* (BOX_LOSSES), counting a sampled proposal as a face from IoU
-    *fg_iou* with it and as background below (torchvision: 0.5 for both; Cascade R-CNN's later stages
-    0.6 and 0.7, for boxes that fit more tightly). Only training changes."""
+    *fg_iou* with it and as background below *bg_iou* (None: below *fg_iou*; torchvision: 0.5 for both;
+    Cascade R-CNN's later stages 0.6 and 0.7, for boxes that fit more tightly). torchvision's sampler leaves
+    the proposals between the two out of the loss. Only training changes."""
     if box_loss not in BOX_LOSSES:
         raise ValueError(f"box_loss {box_loss!r}: choose one of {', '.join(BOX_LOSSES)}")
+    bg_iou = fg_iou if bg_iou is None else bg_iou
+    if bg_iou > fg_iou:
+        raise ValueError(f"roi_bg_iou {bg_iou:g} is above roi_fg_iou {fg_iou:g}: a proposal would be both")
     heads = model.roi_heads
-    heads.proposal_matcher = det_utils.Matcher(fg_iou, fg_iou, allow_low_quality_matches=False)
+    heads.proposal_matcher = det_utils.Matcher(fg_iou, bg_iou, allow_low_quality_matches=False)
     # the same module with another training forward: its state dict, and so the model file, are unchanged
     if box_loss == "giou":
         heads.__class__ = GIoURoIHeads

@@ -117,7 +117,7 @@ class Trainer:
         set_train_sizes(self.model, multiscale_sizes(params.image_size, params.multiscale))
         # recorded as trained: None (the architecture's own) becomes its number
         self.roi_batch_size = set_roi_batch_size(self.model, params.roi_batch_size)
-        set_box_head_training(self.model, params.box_loss, params.roi_fg_iou)
+        set_box_head_training(self.model, params.box_loss, params.roi_fg_iou, params.roi_bg_iou)
         self.model.to(device)
         self.ema = build_ema(self.model, params.ema_decay)
         self.generator = torch.Generator()
@@ -257,9 +257,9 @@ class Trainer:
         saved = payload.get("args", {}).get("params", {})
         # checkpoints from before the box head's levers existed trained with their defaults
         defaults = TrainParams()
-        saved = {"box_loss": defaults.box_loss, "roi_fg_iou": defaults.roi_fg_iou, **saved}
+        saved = {"box_loss": defaults.box_loss, "roi_fg_iou": defaults.roi_fg_iou, "roi_bg_iou": None, **saved}
         for key in ("backbone", "image_size", "optimizer", "batch_size", "ema_decay", "roi_batch_size", "box_loss",
-                    "roi_fg_iou"):
+                    "roi_fg_iou", "roi_bg_iou"):
             if key in saved and saved[key] != getattr(self.params, key):
                 raise TrainingDataError(f"{checkpoint_path}: written with {key}={saved[key]!r}, this run has "
                                         f"{getattr(self.params, key)!r}; delete the checkpoint or match the flags")

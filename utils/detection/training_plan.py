@@ -147,6 +147,10 @@ def make_plan(params) -> TrainingPlan:
         raise PlanError(f"--max-steps must be at least 1, got {shown(params.max_steps)}")
     if params.time_budget is not None and params.time_budget <= 0:
         raise PlanError(f"--time-budget must be a positive number of minutes, got {shown(params.time_budget)}")
+    fg_iou, bg_iou = getattr(params, "roi_fg_iou", None), getattr(params, "roi_bg_iou", None)
+    if fg_iou is not None and bg_iou is not None and bg_iou > fg_iou:
+        raise PlanError(f"--roi-bg-iou {shown(bg_iou)} is above --roi-fg-iou {shown(fg_iou)}: a proposal would count "
+                        "as a face and as background")
     if params.max_steps is not None and params.budget_plan is not None:
         raise PlanError("--max-steps and --budget-plan: give one (the budget plan's final number is the "
                         "steps in all)")
