@@ -127,7 +127,7 @@ def make_plan(params) -> TrainingPlan:
 
     --stages replace --epochs and exclude --freeze-backbone-epochs and --max-steps, and no stage trains more
     layers than the backbone has stages; --max-steps excludes --budget-plan (whose final number is the steps in
-    all). Raises PlanError or StagesError in one line.
+    all); --roi-bg-iou is at most --roi-fg-iou. Raises PlanError or StagesError in one line.
     """
     stages = tuple(parse_stages(params.stages, "--stages")) if params.stages is not None else None
     if stages is not None:
