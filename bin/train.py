@@ -139,7 +139,7 @@ def get_args_parser():
                              f"giou (the generalised IoU of the decoded boxes) (default: {D.BOX_LOSS})")
     recipe.add_argument("--roi-fg-iou", type=PARAM_TYPES["roi_fg_iou"], default=None,
                         help="IoU with a face from which a sampled proposal trains the box head as that face, "
-                             f"below it as background (default: {D.ROI_FG_IOU})")
+                             f"below it (or below --roi-bg-iou when given) as background (default: {D.ROI_FG_IOU})")
     recipe.add_argument("--roi-bg-iou", type=PARAM_TYPES["roi_bg_iou"], default=None,
                         help="IoU below which a sampled proposal trains the box head as background; those between "
                              "it and --roi-fg-iou are left out of the box head's loss (default: --roi-fg-iou)")

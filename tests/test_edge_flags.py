@@ -271,7 +271,8 @@ def test_a_params_file_with_good_values_reads_them_as_the_flags_would(tmp_path):
     assert params == {"lr": 0.0123, "batch_size": 8, "image_size": 320, "optimizer": "adamw", "ema_decay": 0.998,
                       "roi_batch_size": 64, "momentum": 0.9, "trainable_layers": 0}
     assert type(params["batch_size"]) is int and type(params["lr"]) is float
-    # a run's record gives no ignore band and the architecture's own proposals per image as null
+    # a TrainParams dump (a bench row's params, a run record's resolved ones) gives no ignore band and the
+    # architecture's own proposals per image as null
     path.write_text('{"params": {"roi_batch_size": null, "roi_bg_iou": null, "roi_fg_iou": 0.6}}')
     assert read_params_file(path) == {"roi_batch_size": None, "roi_bg_iou": None, "roi_fg_iou": 0.6}
     path.write_text('{"params": {"lr": null}}')

@@ -185,6 +185,12 @@ def test_the_box_head_trains_from_the_iou_and_with_the_loss_given(tiny_dir):
     assert isinstance(trainer.model.roi_heads, recipe.GIoURoIHeads)
     assert "box loss giou from IoU 0.6" in describe(trainer.params)
     assert "from IoU 0.6, background below 0.5" in describe(TrainParams(roi_fg_iou=0.6, roi_bg_iou=0.5))
+    assert "background" not in describe(TrainParams(roi_fg_iou=0.6, roi_bg_iou=0.6))  # no band
+    banded = Trainer(TrainParams(**{**TINY, "roi_fg_iou": 0.6, "roi_bg_iou": 0.5}),
+                     pair_folders(tiny_dir / "images", tiny_dir / "annotations").pairs, torch.device("cpu"),
+                     progress=False)
+    banded_matcher = banded.model.roi_heads.proposal_matcher
+    assert (banded_matcher.high_threshold, banded_matcher.low_threshold) == (0.6, 0.5)
     with pytest.raises(PlanError, match="--roi-bg-iou 0.7 is above --roi-fg-iou 0.6"):
         make_plan(TrainParams(roi_fg_iou=0.6, roi_bg_iou=0.7))
     box_head = trainer.model.roi_heads.box_predictor.bbox_pred.weight
@@ -215,6 +221,11 @@ def test_a_checkpoint_resumes_only_with_the_box_head_it_was_trained_with(tiny_di
     torch.save(payload, tmp_path / "older.pt")
     with pytest.raises(TrainingDataError, match="written with box_loss='smooth_l1'"):
         giou.resume(tmp_path / "older.pt")
+    banded = Trainer(TrainParams(**{**TINY, "epochs": 1, "roi_bg_iou": 0.4}), pairs, torch.device("cpu"),
+                     progress=False)
+    for checkpoint in ("checkpoint.pt", "older.pt"):
+        with pytest.raises(TrainingDataError, match="written with roi_bg_iou=None, this run has 0.4"):
+            banded.resume(tmp_path / checkpoint)
     assert Trainer(TrainParams(**{**TINY, "epochs": 1}), pairs, torch.device("cpu"),
                    progress=False).resume(tmp_path / "older.pt") == 0
 

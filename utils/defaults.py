@@ -74,7 +74,8 @@ ROI_BATCH_SIZE = 128           # region proposals sampled per image for the box 
 BOX_LOSS = "smooth_l1"         # the box head's regression loss: smooth_l1 (torchvision's, on the encoded offsets) or
                                # giou (the generalised IoU of the decoded boxes); recipe.set_box_head_training
 ROI_FG_IOU = 0.5               # IoU with a face from which a sampled proposal trains the box head as that face, and
-                               # below which as background (torchvision's 0.5; Cascade R-CNN's later stages 0.6-0.7)
+                               # below which (or below ROI_BG_IOU) as background (torchvision's 0.5; Cascade R-CNN's
+                               # later stages 0.6-0.7)
 ROI_BG_IOU = None              # IoU below which a sampled proposal trains the box head as background; those between it
                                # and ROI_FG_IOU are left out of the loss (an ignore band). None: ROI_FG_IOU, no band
 EMA_DECAY = 0.0                # exponential moving average of the weights (validation and the model file); 0 off

@@ -203,7 +203,8 @@ def describe(params) -> str:
     if params.roi_batch_size is not None:
         parts.append(f"{params.roi_batch_size} RoIs/image")
     if params.box_loss != D.BOX_LOSS or params.roi_fg_iou != D.ROI_FG_IOU or params.roi_bg_iou is not None:
-        band = "" if params.roi_bg_iou is None else f", background below {params.roi_bg_iou:g}"
+        band = ("" if params.roi_bg_iou in (None, params.roi_fg_iou)
+                else f", background below {params.roi_bg_iou:g}")
         parts.append(f"box loss {params.box_loss} from IoU {params.roi_fg_iou:g}{band}")
     return ", ".join(parts)
 
