@@ -41,8 +41,8 @@ PARAM_TYPES = {
 PARAM_CHOICES = {"optimizer": ("sgd", "adamw"), "lr_schedule": ("cosine", "step"), "backbone": BACKBONES,
                  "box_loss": BOX_LOSSES}
 PARAMS_FILE_KEYS = (*PARAM_TYPES, *PARAM_CHOICES)
-# Numbers the file may also give as null, as a run's record writes them: the architecture's own proposals per
-# image, and no ignore band.
+# Numbers the file may also give as null, as a TrainParams dump writes them (a bench row's params, a run record's
+# resolved ones): the architecture's own proposals per image, and no ignore band.
 NULLABLE_PARAMS = ("roi_batch_size", "roi_bg_iou")
 
 
