@@ -228,6 +228,11 @@ def test_a_checkpoint_resumes_only_with_the_box_head_it_was_trained_with(tiny_di
             banded.resume(tmp_path / checkpoint)
     assert Trainer(TrainParams(**{**TINY, "epochs": 1}), pairs, torch.device("cpu"),
                    progress=False).resume(tmp_path / "older.pt") == 0
+    # a background bound equal to the face bound is no band: it resumes a checkpoint written without one
+    no_band = Trainer(TrainParams(**{**TINY, "epochs": 1, "roi_bg_iou": TrainParams().roi_fg_iou}), pairs,
+                      torch.device("cpu"), progress=False)
+    for checkpoint in ("checkpoint.pt", "older.pt"):
+        assert no_band.resume(tmp_path / checkpoint) == 0
 
 
 def test_time_budget_fits_the_steps_to_the_timed_steps(monkeypatch):

@@ -258,11 +258,17 @@ class Trainer:
         # checkpoints from before the box head's levers existed trained with their defaults
         defaults = TrainParams()
         saved = {"box_loss": defaults.box_loss, "roi_fg_iou": defaults.roi_fg_iou, "roi_bg_iou": None, **saved}
-        for key in ("backbone", "image_size", "optimizer", "batch_size", "ema_decay", "roi_batch_size", "box_loss",
-                    "roi_fg_iou", "roi_bg_iou"):
-            if key in saved and saved[key] != getattr(self.params, key):
+        keys = ("backbone", "image_size", "optimizer", "batch_size", "ema_decay", "roi_batch_size", "box_loss",
+                "roi_fg_iou", "roi_bg_iou")
+        ours = {key: getattr(self.params, key) for key in keys}
+        # a background bound equal to the face bound is no band, as None is: both trained the same
+        for values in (saved, ours):
+            if values.get("roi_bg_iou") is not None and values["roi_bg_iou"] == values.get("roi_fg_iou"):
+                values["roi_bg_iou"] = None
+        for key in keys:
+            if key in saved and saved[key] != ours[key]:
                 raise TrainingDataError(f"{checkpoint_path}: written with {key}={saved[key]!r}, this run has "
-                                        f"{getattr(self.params, key)!r}; delete the checkpoint or match the flags")
+                                        f"{ours[key]!r}; delete the checkpoint or match the flags")
         asked = self.plan.as_record()["budget_plan"]
         if asked is not None and saved.get("budget_plan") != asked:
             raise TrainingDataError(f"{checkpoint_path}: written with budget_plan={saved.get('budget_plan')!r}, this "
