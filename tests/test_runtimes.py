@@ -115,3 +115,32 @@ def test_sites_yml_overrides_and_caps():
     assert checkpoint_minutes(36000, max_job_minutes=120) == (120 - GRACE_MIN, 120)  # trained in pieces
     with pytest.raises(ConfigError, match="max_job_minutes"):
         checkpoint_minutes(7200, max_job_minutes=3)
+
+
+def test_jobs_that_cannot_resume_warn_when_their_limit_passes_the_pool_cap(caplog):
+    """hpo and train run in pieces under max_job_minutes; predict, evaluate and video jobs cannot, so a limit
+    above the cap gets a warning, with the --images-per-job or --video-stride that fits."""
+    from utils.pegasus.config import VideoFile
+    from utils.pegasus.runtimes import over_site_cap
+
+    site = {"max_job_minutes": 120}
+    big = config(pred=5000, test=2000, train=5000, site=site, pred_videos=[VideoFile(Path("v.mp4"), 90_000)])
+    lines = over_site_cap(big, job_runtimes(big))
+    kinds = sorted(line.split(":")[0] for line in lines)
+    assert kinds == ["evaluate", "predict", "predict_video"]  # not hpo or train: they checkpoint
+    def suggested(kind, flag):
+        return int(next(line for line in lines if line.startswith(kind + ":")).split(flag + " ")[1].split()[0])
+
+    fits = suggested("predict", "--images-per-job")
+    assert job_runtimes(config(pred=fits, site=site))["predict"] <= 120 * 60 < job_runtimes(
+        config(pred=fits + 1, site=site))["predict"]
+    stride = suggested("predict_video", "--video-stride")
+    assert job_runtimes(config(site=site, video_stride=stride, pred_videos=[VideoFile(Path("v.mp4"), 90_000)]))[
+        "predict_video"] <= 120 * 60
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="utils.pegasus.runtimes"):
+        job_runtimes(big)  # workflow.py's logging shows them
+    assert sum("above the site's max_job_minutes 120" in r.message for r in caplog.records) == 3
+    # no cap, or every job within it: nothing to say
+    assert over_site_cap(config(pred=5000), job_runtimes(config(pred=5000))) == []
+    assert over_site_cap(config(site=site), job_runtimes(config(site=site))) == []

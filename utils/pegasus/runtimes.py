@@ -26,6 +26,7 @@ checkpoint and is retried from it (dagman.retry), so a long training runs in pie
 
 from __future__ import annotations
 
+import logging
 import math
 
 from ..detection.inference_size import choice_passes, largest_size_cost
@@ -51,6 +52,8 @@ CHECKPOINTING = ("hpo", "train")
 # runs each image twice, and evaluate adds its test-loss pass (utils/detection/evaluation.evaluate_model).
 # A --fold-ensemble predict job runs each of the K fold models once instead (_predict_passes).
 MODEL_PASSES = {"evaluate": 3, "evaluate_fold": 3, "predict": 2, "predict_video": 2}
+
+log = logging.getLogger(__name__)
 
 
 class RuntimeConfigError(ConfigError):
@@ -162,7 +165,35 @@ def job_runtimes(config) -> dict[str, int]:
             raise RuntimeConfigError(f"sites.yml: runtimes: {kind}: {shown(seconds)} is not a positive number "
                                      "of seconds")
         runtimes[kind] = seconds
+    for line in over_site_cap(config, runtimes):
+        log.warning(line)
     return runtimes
+
+
+def over_site_cap(config, runtimes: dict[str, int]) -> list[str]:
+    """A warning per job kind that does not checkpoint and whose limit passes sites.yml's max_job_minutes: the
+    pool stops such a job at its cap on every retry, where hpo and train resume in pieces. The predict and
+    video lines say which --images-per-job or --video-stride fits (their limits count the dearest working size
+    and TTA, so the real time is often far below them)."""
+    cap = config.execution_site_config().get("max_job_minutes")
+    if not isinstance(cap, int) or cap <= GRACE_MIN:  # checkpoint_minutes refuses it in one line
+        return []
+    lines = []
+    for kind, seconds in runtimes.items():
+        if kind in CHECKPOINTING or kind == "train_fold" or seconds <= cap * 60:
+            continue
+        line = (f"{kind}: a job may run up to {math.ceil(seconds / 60)} minutes (its time limit), above the "
+                f"site's max_job_minutes {cap}; the pool would stop it at the cap on every retry")
+        if kind == "predict":
+            per_image = SAFETY * _sized_s(config) * _predict_passes(config)
+            fits = max(1, math.floor((cap * 60 - STARTUP_S) / per_image))
+            line += f": give --images-per-job {fits} or fewer"
+        elif kind == "predict_video":
+            frames = max(video.frames for video in config.pred_videos)
+            per_frame = SAFETY * _sized_s(config) * MODEL_PASSES["predict_video"]
+            line += f": give --video-stride {math.ceil(frames * per_frame / max(1, cap * 60 - STARTUP_S))} or more"
+        lines.append(line)
+    return lines
 
 
 def checkpoint_minutes(runtime_s: int, max_job_minutes: int | None = None) -> tuple[int, int]:
