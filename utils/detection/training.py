@@ -261,12 +261,14 @@ class Trainer:
         keys = ("backbone", "image_size", "optimizer", "batch_size", "ema_decay", "roi_batch_size", "box_loss",
                 "roi_fg_iou", "roi_bg_iou")
         ours = {key: getattr(self.params, key) for key in keys}
-        # a background bound equal to the face bound is no band, as None is: both trained the same
-        for values in (saved, ours):
-            if values.get("roi_bg_iou") is not None and values["roi_bg_iou"] == values.get("roi_fg_iou"):
-                values["roi_bg_iou"] = None
+
+        def trained_as(values, key):  # a background bound equal to the face bound is no band, as None is
+            if key == "roi_bg_iou" and values.get(key) is not None and values[key] == values.get("roi_fg_iou"):
+                return None
+            return values.get(key)
+
         for key in keys:
-            if key in saved and saved[key] != ours[key]:
+            if key in saved and trained_as(saved, key) != trained_as(ours, key):
                 raise TrainingDataError(f"{checkpoint_path}: written with {key}={saved[key]!r}, this run has "
                                         f"{ours[key]!r}; delete the checkpoint or match the flags")
         asked = self.plan.as_record()["budget_plan"]
