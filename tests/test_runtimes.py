@@ -141,6 +141,16 @@ def test_jobs_that_cannot_resume_warn_when_their_limit_passes_the_pool_cap(caplo
     with caplog.at_level("WARNING", logger="utils.pegasus.runtimes"):
         job_runtimes(big)  # workflow.py's logging shows them
     assert sum("above the site's max_job_minutes 120" in r.message for r in caplog.records) == 3
+    # a limit set in sites.yml is lowered there; kinds the workflow does not build say nothing (no videos, no
+    # folds: make_fold is sized from the training images all the same)
+    overridden = {"max_job_minutes": 120, "runtimes": {"predict_video": 99_999, "evaluate": 99_999}}
+    lines = over_site_cap(config(train=500_000, site=overridden), job_runtimes(config(train=500_000, site=overridden)))
+    said = {line.split(":")[0]: line for line in lines}
+    assert not {"make_fold", "evaluate_fold", "predict_video"} & set(said)
+    assert said["evaluate"].endswith("lower sites.yml's runtimes: evaluate, or raise max_job_minutes")
+    assert said["augment"].endswith("raise max_job_minutes")  # a data job: one job, whatever the flags
+    tiny_cap = config(pred=10, site={"max_job_minutes": 6}, folds=20, fold_ensemble=True, image_size=1024)
+    assert any("not even one image fits" in line for line in over_site_cap(tiny_cap, job_runtimes(tiny_cap)))
     # no cap, or every job within it: nothing to say
     assert over_site_cap(config(pred=5000), job_runtimes(config(pred=5000))) == []
     assert over_site_cap(config(site=site), job_runtimes(config(site=site))) == []

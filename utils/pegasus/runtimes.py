@@ -171,27 +171,37 @@ def job_runtimes(config) -> dict[str, int]:
 
 
 def over_site_cap(config, runtimes: dict[str, int]) -> list[str]:
-    """A warning per job kind that does not checkpoint and whose limit passes sites.yml's max_job_minutes: the
-    pool stops such a job at its cap on every retry, where hpo and train resume in pieces. The predict and
-    video lines say which --images-per-job or --video-stride fits (their limits count the dearest working size
-    and TTA, so the real time is often far below them)."""
+    """A warning per job of the workflow that keeps no checkpoint and whose limit passes sites.yml's
+    max_job_minutes: the site stops such a job at its cap on every retry, where hpo and train resume in pieces.
+    Predict and video lines name the --images-per-job or --video-stride that fits (their limits count the
+    dearest working size and TTA, so the real time is often far below them); a kind whose limit is a
+    sites.yml ``runtimes:`` entry, or a data job, can only be given a higher cap."""
     cap = config.execution_site_config().get("max_job_minutes")
     if not isinstance(cap, int) or cap <= GRACE_MIN:  # checkpoint_minutes refuses it in one line
         return []
+    overridden = config.execution_site_config().get("runtimes") or {}
+    absent = {"predict_video"} if not config.pred_videos else set()
+    if not getattr(config, "folds", 0):  # workloads() sizes make_fold whether or not the workflow has folds
+        absent |= {"make_fold", "evaluate_fold"}
+    usable_s = cap * 60 - STARTUP_S  # above 0: a cap above GRACE_MIN minutes leaves more than STARTUP_S
     lines = []
     for kind, seconds in runtimes.items():
-        if kind in CHECKPOINTING or kind == "train_fold" or seconds <= cap * 60:
+        if kind in CHECKPOINTING or kind == "train_fold" or kind in absent or seconds <= cap * 60:
             continue
         line = (f"{kind}: a job may run up to {math.ceil(seconds / 60)} minutes (its time limit), above the "
-                f"site's max_job_minutes {cap}; the pool would stop it at the cap on every retry")
-        if kind == "predict":
-            per_image = SAFETY * _sized_s(config) * _predict_passes(config)
-            fits = max(1, math.floor((cap * 60 - STARTUP_S) / per_image))
-            line += f": give --images-per-job {fits} or fewer"
+                f"site's max_job_minutes {cap}, which would stop it on every retry")
+        if kind in overridden:
+            line += f": lower sites.yml's runtimes: {kind}, or raise max_job_minutes"
+        elif kind == "predict":
+            fits = math.floor(usable_s / (SAFETY * _sized_s(config) * _predict_passes(config)))
+            line += (f": give --images-per-job {fits} or fewer (or shards of at most {fits} images)" if fits else
+                     ": not even one image fits; raise max_job_minutes")
         elif kind == "predict_video":
             frames = max(video.frames for video in config.pred_videos)
             per_frame = SAFETY * _sized_s(config) * MODEL_PASSES["predict_video"]
-            line += f": give --video-stride {math.ceil(frames * per_frame / max(1, cap * 60 - STARTUP_S))} or more"
+            line += f": give --video-stride {math.ceil(frames * per_frame / usable_s)} or more"
+        else:
+            line += ": raise max_job_minutes"
         lines.append(line)
     return lines
 
