@@ -79,6 +79,7 @@ ROI_FG_IOU = 0.5               # IoU with a face from which a sampled proposal t
 ROI_BG_IOU = None              # IoU below which a sampled proposal trains the box head as background; those between it
                                # and ROI_FG_IOU are left out of the loss (an ignore band). None: ROI_FG_IOU, no band
 EMA_DECAY = 0.0                # exponential moving average of the weights (validation and the model file); 0 off
+                               # (0.998 at 12 minutes and 0.999 at 60 lowered the validation figures; bench/RESULTS.md)
 TIME_BUDGET = None             # minutes of training (validation included); epochs are fitted to it. None: EPOCHS
 AMP = True                     # mixed precision on CUDA (never on a CPU)
 STAGES = None                  # --stages: staged training, e.g. [{epochs: 3, lr: 0.02, trainable_layers: 0},
