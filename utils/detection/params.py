@@ -23,7 +23,7 @@ from ..cli import (fraction, fraction_below_one, image_size_px, int_at_least, no
                    open_fraction, positive_float, positive_int)
 from ..errors import InputError, read_json, shown
 from .model import BACKBONES
-from .recipe import BOX_LOSSES, MIN_ROI_BATCH_SIZE
+from .recipe import BOX_LOSSES, MIN_ROI_BATCH_SIZE, background_iou
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def describe(params) -> str:
     if params.roi_batch_size is not None:
         parts.append(f"{params.roi_batch_size} RoIs/image")
     if params.box_loss != D.BOX_LOSS or params.roi_fg_iou != D.ROI_FG_IOU or params.roi_bg_iou is not None:
-        band = ("" if params.roi_bg_iou in (None, params.roi_fg_iou)
+        band = ("" if background_iou(params.roi_fg_iou, params.roi_bg_iou) == params.roi_fg_iou
                 else f", background below {params.roi_bg_iou:g}")
         parts.append(f"box loss {params.box_loss} from IoU {params.roi_fg_iou:g}{band}")
     return ", ".join(parts)

@@ -161,6 +161,12 @@ def giou_box_losses(class_logits, box_regression, labels, regression_targets, bo
     return {"loss_classifier": classification, "loss_box_reg": box}
 
 
+def background_iou(fg_iou: float, bg_iou: float | None) -> float:
+    """The IoU below which a sampled proposal trains the box head as background: *bg_iou*, or *fg_iou* when it
+    is None (no ignore band). A bound equal to *fg_iou* is no band either."""
+    return fg_iou if bg_iou is None else bg_iou
+
+
 def set_box_head_training(model, box_loss: str, fg_iou: float, bg_iou: float | None = None) -> None:
     """Train *model*'s box head with *box_loss* (BOX_LOSSES), counting a sampled proposal as a face from IoU
     *fg_iou* with it and as background below *bg_iou* (None: below *fg_iou*; torchvision: 0.5 for both;
@@ -168,7 +174,7 @@ def set_box_head_training(model, box_loss: str, fg_iou: float, bg_iou: float | N
     the proposals between the two out of the loss. Only training changes."""
     if box_loss not in BOX_LOSSES:
         raise ValueError(f"box_loss {box_loss!r}: choose one of {', '.join(BOX_LOSSES)}")
-    bg_iou = fg_iou if bg_iou is None else bg_iou
+    bg_iou = background_iou(fg_iou, bg_iou)
     if bg_iou > fg_iou:
         raise ValueError(f"roi_bg_iou {bg_iou:g} is above roi_fg_iou {fg_iou:g}: a proposal would be both")
     heads = model.roi_heads

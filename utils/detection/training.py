@@ -22,8 +22,8 @@ from .engine import evaluate_loss, run_inference, train_steps
 from .optim import build_optimizer, build_scheduler, make_grad_scaler, set_schedule_length
 from .params import TrainParams
 from .model import build_model, freeze_backbone, set_trainable_layers
-from .recipe import (RecordedPlan, TimeBudget, build_ema, make_loader, multiscale_sizes, set_box_head_training,
-                     set_roi_batch_size, set_train_sizes)
+from .recipe import (RecordedPlan, TimeBudget, background_iou, build_ema, make_loader, multiscale_sizes,
+                     set_box_head_training, set_roi_batch_size, set_train_sizes)
 from ..errors import InputError
 from ..stop import check_stop
 from .stages import Stage
@@ -262,10 +262,8 @@ class Trainer:
                 "roi_fg_iou", "roi_bg_iou")
         ours = {key: getattr(self.params, key) for key in keys}
 
-        def trained_as(values, key):  # a background bound equal to the face bound is no band, as None is
-            if key == "roi_bg_iou" and values.get(key) is not None and values[key] == values.get("roi_fg_iou"):
-                return None
-            return values.get(key)
+        def trained_as(values, key):  # the background bound as trained: None is the face bound (no band)
+            return background_iou(values["roi_fg_iou"], values[key]) if key == "roi_bg_iou" else values.get(key)
 
         for key in keys:
             if key in saved and trained_as(saved, key) != trained_as(ours, key):
