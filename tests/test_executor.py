@@ -384,3 +384,59 @@ def test_statistics_count_the_jobs_and_name_the_critical_path(tmp_path):
     text = (run_dir / "statistics.txt").read_text()
     assert "Critical path" in text and "succeeded" in text
     assert "Workflow fake-wf: 4 succeeded of 4 jobs" in output
+
+
+def test_a_rerun_with_other_arguments_does_not_resume_the_old_checkpoint(tmp_path):
+    # A finished job's checkpoint, then the job's settings change: the rerun must start afresh (its
+    # checkpoint counted "1" and would read "2" if resumed), and the old checkpoint is kept aside.
+    run_dir = make_workflow(tmp_path, [{"id": "train", "outputs": ["model.pt"], "checkpoint": "ck"}])
+    assert run(run_dir)[0] == 0
+    assert (run_dir / "scratch" / "train" / "ck").read_text() == "1"
+    run_dir = make_workflow(tmp_path, [{"id": "train", "outputs": ["model.pt"], "checkpoint": "ck", "sleep": 0.01}])
+    status, output = run(run_dir)
+    assert status == 0, output
+    assert starts(tmp_path) == ["train", "train"]
+    assert (run_dir / "scratch" / "train" / "ck").read_text() == "1"
+    assert (run_dir / "scratch" / "train" / "ck.stale").read_text() == "1"
+    assert "train: its settings or inputs changed since its checkpoint was written; starting afresh" in output
+
+
+def test_a_rerun_after_a_parent_made_other_data_does_not_resume_the_old_checkpoint(tmp_path):
+    # The child's own definition is unchanged, but its parent reran on another input and made other data.
+    jobs = [{"id": "prep", "inputs": ["raw.txt"], "outputs": ["set.txt"]},
+            {"id": "train", "inputs": ["set.txt"], "outputs": ["model.pt"], "checkpoint": "ck"}]
+    run_dir = make_workflow(tmp_path, jobs, inputs={"raw.txt": "first"})
+    assert run(run_dir)[0] == 0
+    run_dir = make_workflow(tmp_path, jobs, inputs={"raw.txt": "second"})
+    status, output = run(run_dir)
+    assert status == 0, output
+    assert starts(tmp_path) == ["prep", "train", "prep", "train"]
+    assert (run_dir / "scratch" / "train" / "ck").read_text() == "1"
+    assert "starting afresh" in output
+
+
+def test_an_interrupted_job_rerun_unchanged_resumes_its_checkpoint(tmp_path):
+    # The first run fails the job once with no retries left; the rerun (same settings) resumes from it.
+    jobs = [{"id": "flaky", "outputs": ["f.txt"], "fail_tries": 1, "checkpoint": "flaky.ckpt"}]
+    run_dir = make_workflow(tmp_path, jobs, retries=0)
+    assert run(run_dir)[0] == 1
+    status, output = run(run_dir)
+    assert status == 0, output
+    assert (run_dir / "scratch" / "flaky" / "flaky.ckpt").read_text() == "2"
+    assert "starting afresh" not in output
+
+
+def test_the_run_settings_file_alone_reruns_nothing(tmp_path):
+    # experiment_config.yml is only copied into the jobs' run records: a setting that changes no job's
+    # arguments (e.g. --retries) must not rerun the workflow.
+    jobs = [{"id": "a", "inputs": ["experiment_config.yml"], "outputs": ["a.txt"]},
+            {"id": "b", "inputs": ["a.txt", "data.txt"], "outputs": ["b.txt"]}]
+    run_dir = make_workflow(tmp_path, jobs, inputs={"experiment_config.yml": "retries: 1\n", "data.txt": "x"})
+    assert run(run_dir)[0] == 0
+    run_dir = make_workflow(tmp_path, jobs, inputs={"experiment_config.yml": "retries: 5\n", "data.txt": "x"})
+    status, output = run(run_dir)
+    assert status == 0 and "Resuming: 2 of 2 jobs" in output, output
+    # while a changed data file reruns the job that reads it
+    run_dir = make_workflow(tmp_path, jobs, inputs={"experiment_config.yml": "retries: 5\n", "data.txt": "y"})
+    assert run(run_dir)[0] == 0
+    assert starts(tmp_path) == ["a", "b", "b"]

@@ -113,6 +113,19 @@ class JobRunner:
                 (job_dir / lfn).unlink()
         return None
 
+    def set_aside_checkpoints(self, spec: JobSpec) -> list[str]:
+        """Rename the job's checkpoints in its scratch directory to <lfn>.stale (one generation kept), so that the
+        next try is seeded with the initial checkpoint. Returns the paths set aside."""
+        moved = []
+        job_dir = self.wf.job_dir(spec.id)
+        for lfn, _ in spec.checkpoints:
+            target = job_dir / lfn
+            if target.is_file() and target.stat().st_size > 0:
+                stale = job_dir / f"{lfn}.stale"
+                os.replace(target, stale)
+                moved.append(str(stale))
+        return moved
+
     def job_variables(self, spec: JobSpec, threads: int) -> dict[str, str]:
         """The environment variables that change what the job does or whether it can run at all."""
         cores = spec.profile_number("pegasus", "cores")

@@ -3,6 +3,14 @@
 Like a rescue DAG, but checked: a finished job is reused only while its definition,
 its script and its input files from the replica catalog (by content) are unchanged,
 all its parents are reused too, and its outputs are still in its scratch directory.
+The run's settings file (experiment_config.yml) is left out of that check: jobs only copy it into their
+run records, and every setting that changes a job's work is in its arguments, so a changed setting
+reruns the jobs it reaches, not all of them.
+
+A job's checkpoint in its scratch directory belongs to the work it was written for: the job's
+signature and the content of every input it read, its parents' outputs too (``checkpoint_key``).
+A job about to run whose key has changed since its checkpoint was written (a setting or the data
+changed) must not resume from it: the scheduler sets it aside and the job starts afresh.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import threading
 from pathlib import Path
 
 from ..atomic import write_json
-from ..provenance import file_sha256
+from ..provenance import EXPERIMENT_CONFIG_FILE, file_sha256
 from .loading import JobSpec, LoadedWorkflow
 from .progress import JobResult, timestamp
 
@@ -50,10 +58,34 @@ class ResumeState:
         script = self.wf.transformations[spec.transformation]
         # Inputs made by other jobs are covered by those jobs' signatures (a rerun parent reruns its children).
         files = [script] + [self.wf.replicas[lfn] for lfn in spec.inputs
-                            if lfn in self.wf.replicas and lfn not in self.wf.producers]
+                            if lfn in self.wf.replicas and lfn not in self.wf.producers
+                            and lfn != EXPERIMENT_CONFIG_FILE]
         for path in files:
             digest.update(f"{path}|{self._content_hash(path)}\n".encode())
         return digest.hexdigest()
+
+    def checkpoint_key(self, spec: JobSpec) -> str:
+        """What a job's checkpoint was written for: its signature and the content of its inputs made by other
+        jobs (a parent that reran with other settings may have made other data)."""
+        digest = hashlib.sha256(self.signature(spec).encode())
+        for lfn in spec.inputs:
+            producer = self.wf.producers.get(lfn)
+            if producer is not None:
+                digest.update(f"{lfn}|{self._content_hash(self.wf.job_dir(producer) / lfn)}\n".encode())
+        return digest.hexdigest()
+
+    def stale_checkpoint(self, spec: JobSpec, key: str) -> bool:
+        """True when the job's checkpoint in scratch was written for other work than *key*. A checkpoint with no
+        key recorded (a state file from before keys were kept) is trusted, as it was then."""
+        with self._lock:
+            recorded = self.data.get("checkpoints", {}).get(spec.id)
+        return recorded is not None and recorded != key
+
+    def claim_checkpoint(self, spec: JobSpec, key: str) -> None:
+        """Record that the job's checkpoint from now on is written for *key*."""
+        with self._lock:
+            self.data.setdefault("checkpoints", {})[spec.id] = key
+        self.save()
 
     def _content_hash(self, path: Path) -> str:
         """sha256 of a file, cached in the state by (size, mtime) so that reruns hash only what changed."""

@@ -195,6 +195,8 @@ class Executor:
         result = self.results[job_id]
         tries_allowed = 1 + max(0, self._retries(job_id))
         try:
+            if spec.checkpoints:
+                self._own_checkpoint(spec)
             while result.tries < tries_allowed and not self.stopping.is_set():
                 attempt = result.tries
                 result.tries += 1
@@ -221,6 +223,17 @@ class Executor:
             except Exception as error:  # the scheduler must hear about the job whatever happens
                 result.status, result.message = "failed", f"executor error recording the job: {error!r}"
             self.events.put(job_id)
+
+    def _own_checkpoint(self, spec) -> None:
+        """Set aside a checkpoint left by an earlier run of the job for other work (a changed setting or other
+        data): resuming from it would finish the old work, or skip training as already done."""
+        key = self.state.checkpoint_key(spec)
+        if self.state.stale_checkpoint(spec, key):
+            moved = self.runner.set_aside_checkpoints(spec)
+            if moved:
+                self.report.print(f"{spec.id}: its settings or inputs changed since its checkpoint was written; "
+                                  f"starting afresh (the old checkpoint is kept as {', '.join(moved)})")
+        self.state.claim_checkpoint(spec, key)
 
     # -- interrupts ----------------------------------------------------------
     def _install_signal_handlers(self):
