@@ -275,3 +275,51 @@ def test_detect_applies_the_score_threshold():
     image[:, 2:8, 2:8] = 1.0
     assert len(detect(LeftHalfDetector(), [image], score_threshold=0.95)[0]["boxes"]) == 0
     assert len(detect(LeftHalfDetector(), [image], score_threshold=0.5)[0]["boxes"]) == 1
+
+
+@pytest.fixture(scope="module")
+def untrained_detector():
+    """An untrained detector at 128 px that keeps every box (score floor 0), so each image gets many."""
+    from utils.detection.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(backbone="mobilenet_v2_fpn", weights="none", image_size=128).eval()
+    model.roi_heads.score_thresh = 0.0
+    return model
+
+
+def test_an_images_detections_do_not_depend_on_its_batch_mates(untrained_detector):
+    # torchvision pads a batch to its largest image and the first stage ranks proposals over the padding:
+    # a landscape photo batched with a portrait one used to get other boxes and scores than alone, so
+    # a figure merged from shards depended on how the photos were sharded.
+    generator = torch.Generator().manual_seed(1)
+    landscape, portrait = torch.rand(3, 90, 160, generator=generator), torch.rand(3, 160, 70, generator=generator)
+    together = detect(untrained_detector, [landscape, portrait, landscape])
+    for image, batched in zip([landscape, portrait, landscape], together):
+        alone = detect(untrained_detector, [image])[0]
+        assert len(alone["boxes"]) > 0
+        # the same detections; two images of one size run together, whose scores may differ by float rounding
+        # (3e-8 here), which reorders the untrained model's tied scores: compared as sets
+        assert canonical(batched) == canonical(alone)
+
+
+def canonical(result: dict) -> list:
+    return sorted((round(score, 4), label, [round(v, 1) for v in box]) for score, label, box in
+                  zip(result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist()))
+
+
+def test_an_image_too_thin_for_the_model_is_a_listed_skip(untrained_detector, tmp_path):
+    from utils.detection.inference import ImageItem, Skipped, detect_files, too_thin
+
+    Image.new("RGB", (600, 1), (120, 80, 40)).save(tmp_path / "line.png")  # 1 px tall: 0.2 px at 128 px
+    Image.new("RGB", (2, 3000), (120, 80, 40)).save(tmp_path / "post.png")
+    Image.new("RGB", (160, 90), (120, 80, 40)).save(tmp_path / "photo.png")
+    items = [ImageItem(name, tmp_path / name) for name in ("line.png", "photo.png", "post.png")]
+    results = list(detect_files(untrained_detector, items, "cpu", batch_size=3, num_workers=0))
+    assert [type(result).__name__ for result in results] == ["Skipped", "Detections", "Skipped"]
+    for result in (results[0], results[2]):
+        assert isinstance(result, Skipped) and "too thin for the detector" in result.reason
+    assert "600x1 px" in results[0].reason
+    assert too_thin(untrained_detector, 90, 160) is None and too_thin(untrained_detector, 4, 400) is None
+    # called directly, the model gets no such image: no detections instead of an error for the batch
+    assert len(detect(untrained_detector, [torch.rand(3, 1, 600)])[0]["boxes"]) == 0

@@ -98,6 +98,36 @@ def unflip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
     return unflipped
 
 
+def _transforms(model) -> list:
+    """The resizing transforms *model* runs images through: its own, or each ensemble member's."""
+    return [member.transform for member in getattr(model, "models", [model]) if hasattr(member, "transform")]
+
+
+def too_thin(model, height: int, width: int) -> str | None:
+    """Why *model* cannot run on an image of this shape, or None. Its transform scales both sides by
+    min(min_size / shorter, max_size / longer) and floors them, so a very thin image (600x1 px at 512 px) would
+    shrink to no pixel row at all, which torchvision refuses for the whole batch."""
+    for transform in _transforms(model):
+        shorter, longer = min(height, width), max(height, width)
+        scale = min(float(transform.min_size[-1]) / shorter, float(transform.max_size) / longer)
+        if int(shorter * scale) < 1:
+            return (f"{width}x{height} px is too thin for the detector: at its working size "
+                    f"({int(transform.max_size)} px) the shorter side would shrink to {shorter * scale:.2g} px")
+    return None
+
+
+def _same_size_groups(images: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of *images* grouped by (height, width), in first-seen order."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault((int(image.shape[-2]), int(image.shape[-1])), []).append(index)
+    return list(groups.values())
+
+
+def _no_detections() -> dict:
+    return {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)}
+
+
 def max_detections(model) -> int:
     roi_heads = getattr(model, "roi_heads", None)
     return int(getattr(roi_heads, "detections_per_img", 100))
@@ -137,9 +167,23 @@ def detect(model, images: list[torch.Tensor], tta: bool = False, score_threshold
     detections-per-image cap: on the real data's validation split that raised a 60-minute model's
     mAP from 0.357 to 0.372, where merging the passes with NMS gave 0.363 (bench/RESULTS.md).
     Detections below *score_threshold* are dropped after fusing.
+
+    Images of different sizes run in separate calls: torchvision pads a batch to its largest image, and the
+    first stage then ranks proposals over the padding too, so an image's boxes and scores would depend on
+    which photos shared its batch (and a figure merged from shards on how the photos were sharded). An image
+    too thin for the model's transform (:func:`too_thin`) gets no detections instead of failing the batch.
     """
     if not images:
         return []
+    groups = _same_size_groups(images)
+    if len(groups) > 1:
+        results: list[dict] = [{} for _ in images]
+        for indices in groups:
+            for index, result in zip(indices, detect(model, [images[i] for i in indices], tta, score_threshold)):
+                results[index] = result
+        return results
+    if too_thin(model, int(images[0].shape[-2]), int(images[0].shape[-1])):
+        return [_no_detections() for _ in images]
     if tta and hasattr(model, "detect_with_flips"):
         # An ensemble (utils.detection.ensemble) fuses the flipped passes with its members'.
         outputs, tta = model.detect_with_flips(images), False
@@ -177,6 +221,8 @@ def detect_files(model, items, device, batch_size: int = 4, score_threshold: flo
     loader = image_loader(items, batch_size=batch_size, num_workers=num_workers,
                           pin_memory=device.type == "cuda")
     for batch in loader:
+        batch = [(index, image, problem or (image is not None and too_thin(model, *image.shape[-2:])) or None)
+                 for index, image, problem in batch]
         good = [(index, image) for index, image, problem in batch if problem is None]
         inputs = [to_model_input(image, device) for _, image in good]
         outputs = iter(detect(model, inputs, tta=tta, score_threshold=score_threshold))
