@@ -210,7 +210,7 @@ def main(args) -> int:
         trainer = Trainer(settings.params, data.train_pairs, settings.device, val_pairs=data.val_pairs or None,
                           plan=settings.plan, progress=not args.no_progress, label_map=settings.label_map,
                           keep=args.keep)
-        resume_and_watch(trainer, paths["checkpoint"], args, stack)
+        resume_and_watch(trainer, paths["checkpoint"], args, stack, data.inputs_sha256)
 
         log.info("Start training")
         checkpoint_args = {"images": str(args.images), "annotations": str(args.annotations),

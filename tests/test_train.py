@@ -197,6 +197,23 @@ def test_checkpoint_of_another_backbone_is_refused(tiny_dir, tmp_path):
         other.resume(tmp_path / "c.pt")
 
 
+@pytest.mark.training
+def test_checkpoint_of_other_data_or_another_learning_rate_is_refused(tiny_dir, tmp_path):
+    # A finished checkpoint resumed on other data, or with another learning rate, would hand back the old
+    # model as if it had been trained on this run's data and settings.
+    pairs = tiny_pairs(tiny_dir)
+    trainer = Trainer(TrainParams(**{**TINY, "epochs": 1}), pairs, torch.device("cpu"), progress=False)
+    trainer.checkpoint(tmp_path / "c.pt", {"inputs_sha256": "a" * 64})
+    again = Trainer(TrainParams(**{**TINY, "epochs": 1}), pairs, torch.device("cpu"), progress=False)
+    with pytest.raises(ValueError, match="written for other training data"):
+        again.resume(tmp_path / "c.pt", inputs_sha256="b" * 64)
+    assert again.resume(tmp_path / "c.pt", inputs_sha256="a" * 64) == 0  # the same data: resumed
+    faster = Trainer(TrainParams(**{**TINY, "epochs": 1, "lr": TrainParams().lr * 2}), pairs,
+                     torch.device("cpu"), progress=False)
+    with pytest.raises(ValueError, match="written with lr="):
+        faster.resume(tmp_path / "c.pt")
+
+
 class NaNDetector(torch.nn.Module):
     """Returns a NaN loss on the second batch, like a diverging detector."""
 

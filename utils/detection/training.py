@@ -252,14 +252,23 @@ class Trainer:
         return self.completed_epochs >= self.plan.epochs
 
     # -- checkpoints -------------------------------------------------------------------------
-    def resume(self, checkpoint_path) -> int:
+    def resume(self, checkpoint_path, inputs_sha256: str | None = None) -> int:
+        """Continue the run *checkpoint_path* holds; returns the epochs it finished. Refused (TrainingDataError)
+        when it was written for other work: other data (*inputs_sha256*, the hash of this run's input files,
+        against the one the checkpoint recorded), another recipe or another plan."""
         payload = load_checkpoint(checkpoint_path)
+        written_for = payload.get("args", {}).get("inputs_sha256")
+        if inputs_sha256 is not None and written_for is not None and written_for != inputs_sha256:
+            raise TrainingDataError(f"{checkpoint_path}: written for other training data (inputs sha256 "
+                                    f"{written_for[:12]}…, this run's {inputs_sha256[:12]}…); delete the checkpoint "
+                                    "or train on the data it was written for")
         saved = payload.get("args", {}).get("params", {})
         # checkpoints from before the box head's levers existed trained with their defaults
         defaults = TrainParams()
         saved = {"box_loss": defaults.box_loss, "roi_fg_iou": defaults.roi_fg_iou, "roi_bg_iou": None, **saved}
         keys = ("backbone", "image_size", "optimizer", "batch_size", "ema_decay", "roi_batch_size", "box_loss",
-                "roi_fg_iou", "roi_bg_iou")
+                "roi_fg_iou", "roi_bg_iou", "lr", "momentum", "weight_decay", "lr_schedule", "warmup_iters",
+                "clip_grad", "trainable_layers", "hflip", "photometric", "multiscale", "repeat_threshold", "seed")
         ours = {key: getattr(self.params, key) for key in keys}
 
         def trained_as(values, key):  # the background bound as trained: None is the face bound (no band)

@@ -103,11 +103,12 @@ def open_training_data(args, device):
         yield data
 
 
-def resume_and_watch(trainer: Trainer, checkpoint: Path, args, stack: contextlib.ExitStack) -> None:
+def resume_and_watch(trainer: Trainer, checkpoint: Path, args, stack: contextlib.ExitStack,
+                     inputs_sha256: str | None = None) -> None:
     """Resume from *checkpoint* when it holds a run (an empty file, as Pegasus stages the initial one, does
-    not), then open the TensorBoard events when asked for."""
+    not) for these inputs (*inputs_sha256*), then open the TensorBoard events when asked for."""
     if checkpoint.is_file() and checkpoint.stat().st_size > 0:
-        done = trainer.resume(checkpoint)
+        done = trainer.resume(checkpoint, inputs_sha256)
         log.info("resumed from %s after epoch %d of %d", checkpoint, done, trainer.plan.epochs)
     if trainer.plan.staged:
         log.info("stages: %s", trainer.describe_stages())
