@@ -88,7 +88,7 @@ class MaskDetectionWorkflow:
 
     def create_site_catalog(self) -> SiteCatalog:
         self.sc = build_site_catalog(self.config.sites_config, self._local_dir("shared_scratch", "pegasus/scratch"),
-                                     self.output_dir())
+                                     self.output_dir(), self.config.sites_file)
         return self.sc
 
     # -- transformation catalog ----------------------------------------------

@@ -164,7 +164,8 @@ WORKFLOW_CASES = [
     (["--seed", "-1"], "--seed"), (["--image-size", "5"], "--image-size"), (["--noise-std", "nan"], "--noise-std"),
     (["--max-size", "-1"], "--max-size"), (["--score-threshold", "3"], "--score-threshold"),
     (["--augment-copies", "-1"], "--augment-copies"), (["--retries", "-1"], "--retries"),
-    (["--time-budget", "nan"], "--time-budget"), (["--epochs", "0"], "--epochs"),
+    (["--time-budget", "nan"], "--time-budget"), (["--time-budget", "inf"], "--time-budget inf: must be a positive"),
+    (["--epochs", "0"], "--epochs"), (["--train-stages", ""], "--train-stages empty: give a JSON list"),
     (["--sites-config", "SITES_DIR"], "Is a directory"), (["--data", MISSING], "not found"),
     (["--seed", "4294967296"], "0 to 4294967295"),  # Optuna's sampler and numpy take 32-bit seeds only
     (["--near-duplicate-distance", "-1"], "--near-duplicate-distance"),

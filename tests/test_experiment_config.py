@@ -267,6 +267,7 @@ def test_a_file_that_is_not_a_mapping_of_settings_is_one_line(text, expected, tm
     ({"annotate_max": -5}, "annotate_max: -5: must be 0 or more"),
     ({"gpus": -1}, "gpus: -1: must be 0 or more"),
     ({"time_budget": 0}, "time_budget: 0: must be a positive number of minutes"),
+    ({"time_budget": float("inf")}, "time_budget: inf: must be a positive number of minutes"),
     ({"folds": 1}, "folds: 1: use 0 (no cross-validation) or 2 or more folds"),
     ({"images_per_job": 0}, "images_per_job: 0: must be at least 1"),
     ({"jobs": 0}, "jobs: 0: must be at least 1"),
@@ -282,6 +283,14 @@ def test_values_the_workflow_refuses_name_the_file_and_key(settings, expected, s
     args = [item for key, flag in zip(settings, flags) for item in (flag, settings[key])]
     assert generator.main(parse("--config", path, "--generate-only", "--no-pretrained", *args)) == 2
     assert capsys.readouterr().err.startswith(f"workflow.py: {flags[0]} ")
+
+
+def test_a_value_checked_against_another_names_the_file_that_gave_it(sample_dir, tmp_path, capsys):
+    path = write_experiment(tmp_path / "jobs.yml", {"data": str(sample_dir), "run_dir": "run", "hpo_jobs": 3})
+    assert generator.main(parse("--config", path, "--generate-only", "--no-pretrained", "--trials", "2")) == 2
+    assert capsys.readouterr().err == (f"workflow.py: --trials 2 is fewer than hpo_jobs 3 (from {path}): every HPO "
+                                       "job needs at least one trial\n")
+    assert not (tmp_path / "run").exists()
 
 
 def test_split_fractions_are_checked_before_the_data_is_read(sample_dir, tmp_path, capsys):

@@ -111,6 +111,12 @@ def test_sites_yml_overrides_and_caps():
         job_runtimes(config(site={"runtimes": {"trian": 36000}}))
     with pytest.raises(ConfigError, match="train: '10h' is not a positive number of seconds"):
         job_runtimes(config(site={"runtimes": {"train": "10h"}}))
+    # YAML's true is an int to Python, and a runtimes: that is no mapping was an AttributeError
+    for runtimes, words in ((True, "train: True is not"), ("36000", "runtimes: '36000' is not a mapping")):
+        with pytest.raises(ConfigError, match=words):
+            job_runtimes(config(site={"runtimes": {"train": runtimes} if runtimes is True else runtimes}))
+    with pytest.raises(ConfigError, match="runtimes: \\[36000\\] is not a mapping"):
+        job_runtimes(config(site={"runtimes": [36000]}))
     assert checkpoint_minutes(7200) == (120, 120 + GRACE_MIN)
     assert checkpoint_minutes(36000, max_job_minutes=120) == (120 - GRACE_MIN, 120)  # trained in pieces
     with pytest.raises(ConfigError, match="max_job_minutes"):

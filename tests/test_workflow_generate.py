@@ -393,6 +393,72 @@ def test_without_a_container_the_jobs_run_the_installed_project_with_it_on_pytho
     assert local["pfn"] == str((root / "bin" / "train.py").resolve())
 
 
+# -- sites.yml and the properties file: checked whole, before anything is written ---------------------------
+
+POOL = "sites:\n  condorpool:\n"
+# (sites.yml text after the project's execution_site/container lines, words of the one error line)
+BAD_SITES = [
+    (POOL + "    max_job_minute: 10\n", "sites.condorpool.max_job_minute: unknown key (did you mean max_job_minutes?)"),
+    ("local:\n  shared_scrach: /tmp\n", "local.shared_scrach: unknown key (did you mean shared_scratch?)"),
+    ("container:\n  tpye: docker\n", "container.tpye: unknown key (did you mean type?)"),
+    ("executon_site: condorpool\n", "executon_site: unknown key (did you mean execution_site?)"),
+    (POOL + "    runtimes: '36000'\n", "sites.condorpool: runtimes: '36000' is not a mapping of job kind -> seconds"),
+    (POOL + "    runtimes: [36000]\n", "sites.condorpool: runtimes: [36000] is not a mapping of job kind"),
+    (POOL + "    runtimes: {train: true}\n", "sites.condorpool: runtimes: train: True is not a positive number"),
+    (POOL + "    runtimes: {trian: 60}\n", "runtimes: unknown job kind 'trian'"),
+    (POOL + "    runtimes: {train_fold: 600}\n", "runtimes: unknown job kind 'train_fold'"),  # no --folds
+    (POOL + "    max_job_minutes: true\n", "sites.condorpool: max_job_minutes True must be a whole number"),
+    (POOL + "    data_configuration: magic\n",
+     "sites.condorpool.data_configuration: 'magic' is not one of sharedfs, nonsharedfs, condorio"),
+    (POOL + "    arch: z80\n", "sites.condorpool.arch: 'z80' is not one of"),
+    (POOL + "    software_dir: relative/dir\n", "sites.condorpool.software_dir: 'relative/dir' must be an absolute"),
+    ("local:\n  shared_scratch: 5\n", "local.shared_scratch: 5 is not text"),
+    ("container:\n  type: podman\n", "container.type: 'podman': choose singularity, docker or none"),
+    ("container:\n  image: maskdetection/x:1\n", "container.image: 'maskdetection/x:1': must start with docker://"),
+    ("execution_site: nowhere\n", "execution_site: 'nowhere': not a site of"),
+]
+
+
+@pytest.mark.parametrize(("text", "words"), BAD_SITES, ids=[words.split(":")[0] + str(i)
+                                                            for i, (_, words) in enumerate(BAD_SITES)])
+def test_a_bad_sites_yml_is_one_line_naming_it_and_nothing_is_written(text, words, sample_dir, tmp_path, capsys):
+    sites = tmp_path / "my-sites.yml"
+    sites.write_text(f"execution_site: condorpool\ncontainer: {{type: singularity, image: {D.CONTAINER_IMAGE}}}\n"
+                     f"sites: {{condorpool: {{arch: x86_64}}}}\n")
+    assert generate(tmp_path / "ok", sample_dir, "--sites-config", str(sites), "--no-pretrained") == 0
+    capsys.readouterr()
+    top = {key: value for key, value in yaml.safe_load(sites.read_text()).items()}
+    top.update(yaml.safe_load(text))
+    sites.write_text(yaml.safe_dump(top))
+    assert generate(tmp_path / "run", sample_dir, "--sites-config", str(sites), "--no-pretrained") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"workflow.py: {sites}: ") and words in err and err.count("\n") == 1, err
+    assert "--container" not in err and "--execution-site" not in err  # flags the user never gave
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_site_without_a_flag_or_file_is_read_as_text_and_unreadable_files_are_one_line(sample_dir, tmp_path,
+                                                                                        capsys):
+    binary = tmp_path / "binary.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    malformed = tmp_path / "malformed.conf"
+    malformed.write_text("dagman.retry = 3\njust some words\n")
+    bad_mode = tmp_path / "mode.conf"
+    bad_mode.write_text("pegasus.mode = fast\n")
+    for flags, words in ((["--sites-config", binary], f"{binary}: cannot read the sites configuration (not UTF-8"),
+                         (["--properties", binary], f"{binary}: cannot read the properties file (not UTF-8"),
+                         (["--properties", malformed], f"{malformed}: not a properties file of key = value lines"),
+                         (["--properties", tmp_path], f"{tmp_path}: cannot read the properties file (Is a directory"),
+                         (["--properties", tmp_path / "none.conf"], f"{tmp_path / 'none.conf'}: properties file not"),
+                         (["--properties", bad_mode], f"{bad_mode}: pegasus.mode 'fast': not one of production, "),
+                         (["--mode", "garbage"], "--mode 'garbage': not one of production, development")):
+        assert generate(tmp_path / "run", sample_dir, "--no-pretrained", *map(str, flags)) == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith(f"workflow.py: {words}") and err.count("\n") == 1, err
+        assert not (tmp_path / "run").exists()
+    assert generate(tmp_path / "run", sample_dir, "--no-pretrained", "--mode", "development") == 0
+
+
 # -- the generated DAG, pinned -------------------------------------------------------------------------------
 
 GOLDEN_FOLDS = Path(__file__).parent / "golden" / "workflow_folds.yml"

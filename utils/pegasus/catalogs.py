@@ -11,7 +11,7 @@ from pathlib import Path
 from Pegasus.api import (OS, Arch, Container, Directory, FileServer, Namespace, Operation, Properties, Site,
                          SiteCatalog, Transformation, TransformationCatalog, TransformationSite)
 
-from .config import ConfigError, WorkflowConfig, enum_value
+from .config import WorkflowConfig, enum_value, load_properties
 
 # Job kind -> script. Every kind is one stageable transformation of the same name.
 JOB_SCRIPTS = {
@@ -59,12 +59,7 @@ CONTAINER_NAME = "mask-detection"
 
 def build_properties(config: WorkflowConfig, catalog_files: dict[str, Path]) -> Properties:
     """properties.conf, then the flags; *catalog_files* maps site/transformation/replica to its file."""
-    props = Properties()
-    if config.properties_file is not None:
-        try:
-            props = Properties.load(config.properties_file)
-        except FileNotFoundError:
-            raise ConfigError(f"{config.properties_file}: properties file not found") from None
+    props = Properties() if config.properties_file is None else load_properties(config.properties_file)
     for key, value in (("dagman.retry", config.retries), ("pegasus.mode", config.mode),
                        ("pegasus.transfer.threads", config.transfer_threads)):
         if value is not None:
@@ -83,13 +78,15 @@ def build_properties(config: WorkflowConfig, catalog_files: dict[str, Path]) -> 
     return props
 
 
-def build_site_catalog(sites_config: dict, shared_scratch: Path, local_storage: Path) -> SiteCatalog:
-    """"local" (the submit host: scratch and output folders) plus every site of sites.yml."""
+def build_site_catalog(sites_config: dict, shared_scratch: Path, local_storage: Path,
+                       sites_file: str = "sites.yml") -> SiteCatalog:
+    """"local" (the submit host: scratch and output folders) plus every site of sites.yml (*sites_file*, which
+    load_sites_config checked)."""
     local_config = sites_config.get("local", {})
     local = Site(
         "local",
-        arch=enum_value(Arch, local_config.get("arch", "x86_64"), "sites.yml local.arch"),
-        os_type=enum_value(OS, local_config.get("os_type", "linux"), "sites.yml local.os_type"),
+        arch=enum_value(Arch, local_config.get("arch", "x86_64"), f"{sites_file}: local.arch"),
+        os_type=enum_value(OS, local_config.get("os_type", "linux"), f"{sites_file}: local.os_type"),
     ).add_directories(
         Directory(Directory.SHARED_SCRATCH, shared_scratch).add_file_servers(
             FileServer(shared_scratch.as_uri(), Operation.ALL)),
@@ -98,8 +95,8 @@ def build_site_catalog(sites_config: dict, shared_scratch: Path, local_storage: 
     )
     sites = [local]
     for name, site_config in sites_config.get("sites", {}).items():
-        site = Site(name, arch=enum_value(Arch, site_config.get("arch"), f"sites.yml sites.{name}.arch"),
-                    os_type=enum_value(OS, site_config.get("os_type"), f"sites.yml sites.{name}.os_type"))
+        site = Site(name, arch=enum_value(Arch, site_config.get("arch"), f"{sites_file}: sites.{name}.arch"),
+                    os_type=enum_value(OS, site_config.get("os_type"), f"{sites_file}: sites.{name}.os_type"))
         site.add_pegasus_profile(style="condor")
         site.add_condor_profile(universe="vanilla")
         if site_config.get("data_configuration"):

@@ -6,12 +6,15 @@ Everything here is checked before a catalog is built, and a problem is one line
 
 from __future__ import annotations
 
+import configparser
+import difflib
 import logging
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 
 import yaml
-from Pegasus.api import Namespace
+from Pegasus.api import OS, Arch, Namespace, Properties
 
 from .. import defaults as D, safe_yaml
 from ..classes import LabelMap, LabelMapError
@@ -22,28 +25,47 @@ log = logging.getLogger(__name__)
 
 CONTAINER_KINDS = ("singularity", "docker")
 DEFAULT_CONTAINER_IMAGE = D.CONTAINER_IMAGE
+# What Pegasus 5 accepts for pegasus.data.configuration (a site's data_configuration) and for pegasus.mode.
+DATA_CONFIGURATIONS = ("sharedfs", "nonsharedfs", "condorio")
+PEGASUS_MODES = ("production", "development", "tutorial", "debug")
+# The keys of the user's sites.yml: at the top, under local:, under each site of sites:, under container:.
+# local: holds what a site may hold for --execution-site local, but no data_configuration (local is sharedfs)
+# or profiles; it also names the submit host's scratch and output folders.
+SITE_KEYS = ("arch", "os_type", "data_configuration", "gpu_requirements", "software_dir", "runtimes",
+             "max_job_minutes", "profiles")
+SITES_KEYS = {"": ("execution_site", "local", "sites", "container"),
+              "local": ("shared_scratch", "local_storage", "arch", "os_type", "gpu_requirements", "software_dir",
+                        "runtimes", "max_job_minutes"),
+              "container": ("type", "image")}
 
 
 class ConfigError(InputError):
     """A bad flag or configuration file, reported as one line (no traceback)."""
 
 
-def validate_container_image(image: str) -> str:
-    """Accept docker://OWNER/NAME:TAG (the planner needs the slash after docker://)."""
+def validate_container_image(image: str, where: str = "--container-image") -> str:
+    """Accept docker://OWNER/NAME:TAG (the planner needs the slash after docker://); errors start with *where*."""
     prefix = "docker://"
-    if not image.startswith(prefix):
-        raise ConfigError(f"--container-image {shown(image)}: must start with docker:// (docker://OWNER/NAME:TAG)")
+    if not isinstance(image, str) or not image.startswith(prefix):
+        raise ConfigError(f"{where} {shown(image)}: must start with docker:// (docker://OWNER/NAME:TAG)")
     rest = image[len(prefix):]
     if rest.startswith("/"):
-        raise ConfigError(f"--container-image {shown(image)}: write docker://OWNER/NAME:TAG, not docker:///...")
+        raise ConfigError(f"{where} {shown(image)}: write docker://OWNER/NAME:TAG, not docker:///...")
     name, _, tag = rest.rpartition(":")
     if "/" not in rest or not name or "/" not in name or not tag or "/" in tag:
-        raise ConfigError(f"--container-image {shown(image)}: expected docker://OWNER/NAME:TAG "
+        raise ConfigError(f"{where} {shown(image)}: expected docker://OWNER/NAME:TAG "
                           "(owner, a slash, the image name and a tag)")
     owner, _, repo = name.partition("/")
     if not owner or not repo:
-        raise ConfigError(f"--container-image {shown(image)}: expected docker://OWNER/NAME:TAG")
+        raise ConfigError(f"{where} {shown(image)}: expected docker://OWNER/NAME:TAG")
     return image
+
+
+def did_you_mean(key: str, known, otherwise: str) -> str:
+    """" (did you mean KNOWN?)" for the known name closest to *key*, else " (*otherwise*)": the hint of an
+    unknown key in an experiment file or sites.yml."""
+    guess = difflib.get_close_matches(key.replace("-", "_"), list(known), n=1)
+    return f" (did you mean {guess[0]}?)" if guess else f" ({otherwise})"
 
 
 def parse_label_map(text: str) -> LabelMap:
@@ -54,36 +76,109 @@ def parse_label_map(text: str) -> LabelMap:
         raise ConfigError(str(error)) from None
 
 
+def unreadable(error: OSError | UnicodeDecodeError) -> str:
+    """Why a file could not be read, in a few words ("Is a directory", "not UTF-8 text")."""
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 text: byte {error.start}"
+    return error.strerror or str(error)
+
+
+def _named(name) -> str:
+    """A sites.yml key or site name as an error shows it: as written when short text, else bounded (shown)."""
+    return name if isinstance(name, str) and 0 < len(name) <= 60 and name.isprintable() else shown(name)
+
+
+def _check_keys(path, mapping: dict, known, where: str) -> None:
+    """Every key of *mapping* (the entry *where*: "", "local", "sites.NAME", "container") is one of *known*:
+    a misspelt key (max_job_minute) must not be silently ignored."""
+    for key in mapping:
+        if key not in known:
+            hint = did_you_mean(str(key), known, "one of " + ", ".join(known))
+            raise ConfigError(f"{path}: {where + '.' if where else ''}{_named(key)}: unknown key{hint}")
+
+
+def _check_site(path, name: str, site: dict) -> None:
+    """The values of one site entry (or local:) that need no flag: arch, os_type, data_configuration, the text
+    values, the profiles, and the shape of runtimes: and max_job_minutes (utils/pegasus/runtimes.py)."""
+    from .runtimes import check_site_limits, job_kinds
+
+    where = f"{path}: {name}"
+    for key, kind in (("arch", Arch), ("os_type", OS)):
+        enum_value(kind, site.get(key), f"{where}.{key}")
+    configuration = site.get("data_configuration")
+    if configuration is not None and configuration not in DATA_CONFIGURATIONS:
+        raise ConfigError(f"{where}.data_configuration: {shown(configuration)} is not one of "
+                          f"{', '.join(DATA_CONFIGURATIONS)}")
+    for key in ("shared_scratch", "local_storage", "gpu_requirements", "software_dir"):
+        if site.get(key) is not None and not isinstance(site[key], str):
+            raise ConfigError(f"{where}.{key}: {shown(site[key])} is not text")
+    profiles = site.get("profiles") or {}
+    if not isinstance(profiles, dict) or any(not isinstance(v, dict) for v in profiles.values()):
+        raise ConfigError(f"{where}.profiles: must map namespace -> key -> value")
+    try:
+        for namespace in profiles:
+            Namespace(namespace)
+    except ValueError:
+        raise ConfigError(f"{where}.profiles: unknown profile namespace {shown(namespace)}") from None
+    check_site_limits(site, job_kinds(folds=2), where)  # the fold kinds need --folds: WorkflowSettings
+
+
 def load_sites_config(path: Path) -> dict:
-    """Read the user-editable sites.yml (not a Pegasus catalog) and check its shape."""
+    """Read the user-editable sites.yml (not a Pegasus catalog) and check its shape, its keys and every value
+    that needs no flag (a site's runtimes: kinds need --folds: WorkflowSettings checks them)."""
     try:
         config = safe_yaml.load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: sites configuration not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read the sites configuration ({unreadable(error)})") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error})") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    config.setdefault("local", {})
-    config.setdefault("sites", {})
-    config.setdefault("container", {})
+    _check_keys(path, config, SITES_KEYS[""], "")
     for key in ("local", "sites", "container"):
+        if config.get(key) is None:
+            config[key] = {}
         if not isinstance(config[key], dict):
             raise ConfigError(f"{path}: '{key}' must be a mapping")
+    for key in ("local", "container"):
+        _check_keys(path, config[key], SITES_KEYS[key], key)
     for name, site in config["sites"].items():
         if name == "local":
             raise ConfigError(f"{path}: 'local' is the submit host; configure it under 'local:'")
         if not isinstance(site, dict):
             raise ConfigError(f"{path}: site {shown(name)} must be a mapping")
-        profiles = site.get("profiles") or {}
-        if not isinstance(profiles, dict) or any(not isinstance(v, dict) for v in profiles.values()):
-            raise ConfigError(f"{path}: site {shown(name)}: profiles must map namespace -> key -> value")
-        try:
-            for namespace in profiles:
-                Namespace(namespace)
-        except ValueError:
-            raise ConfigError(f"{path}: site {shown(name)}: unknown profile namespace {shown(namespace)}") from None
+        _check_keys(path, site, SITE_KEYS, f"sites.{_named(name)}")
+        _check_site(path, f"sites.{_named(name)}", site)
+    _check_site(path, "local", config["local"])
     return config
+
+
+def load_properties(path: Path) -> Properties:
+    """A Pegasus properties file (--properties) as Pegasus.api reads it, with a pegasus.mode Pegasus knows;
+    ConfigError naming the file when it is missing, unreadable or not a properties file."""
+    try:
+        props = Properties.load(Path(path))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: properties file not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read the properties file ({unreadable(error)})") from None
+    except configparser.Error as error:
+        problem = " ".join(str(error).split())
+        raise ConfigError(f"{path}: not a properties file of key = value lines ({shown(problem)})") from None
+    try:
+        mode = props["pegasus.mode"]
+    except KeyError:
+        mode = None
+    check_mode(mode, f"{path}: pegasus.mode")
+    return props
+
+
+def check_mode(mode, where: str) -> None:
+    """A pegasus.mode value (None: not set) is one Pegasus 5 knows."""
+    if mode is not None and mode not in PEGASUS_MODES:
+        raise ConfigError(f"{where} {shown(mode)}: not one of {', '.join(PEGASUS_MODES)}")
 
 
 def enum_value(enum_type, value, where: str):
@@ -178,6 +273,10 @@ class WorkflowSettings:
     # Setting -> the experiment file that gave it (workflow.py --config): errors name "FILE: setting:" for
     # these, the flag for the others.
     setting_sources: dict[str, str] = field(default_factory=dict)
+    # The user's sites.yml (--sites-config), which its errors name, and setting -> its sites.yml key for the
+    # settings it gave (execution_site, container.type, container.image) where no flag or file did.
+    sites_file: str = "sites.yml"
+    site_sources: dict[str, str] = field(default_factory=dict)
     folds: int = D.FOLDS  # k-fold cross-validation on the train+val pool; 0: none
     fold_ensemble: bool = False  # the predict jobs use the fold models as one ensemble (weighted box fusion)
 
@@ -192,13 +291,20 @@ class WorkflowSettings:
         if self.fold_ensemble and not self.folds:
             raise ConfigError("--fold-ensemble predicts with the fold models: add --folds K (K >= 2)")
         if self.trials < self.hpo_jobs:
+            # hpo_jobs named with its file where another source than trials' gave it
+            source = self.setting_sources.get("hpo_jobs")
+            origin = f" (from {source})" if source and source != self.setting_sources.get("trials") else ""
             raise ConfigError(f"{self.label('trials')} {shown(self.trials)} is fewer than {self.key('hpo_jobs')} "
-                              f"{shown(self.hpo_jobs)}: every HPO job needs at least one trial")
+                              f"{shown(self.hpo_jobs)}{origin}: every HPO job needs at least one trial")
         for name in ("epochs", "hpo_epochs", "image_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{self.label(name)} {shown(getattr(self, name))}: must be at least 1")
-        if self.time_budget is not None and not self.time_budget > 0:  # nan too
+        if self.time_budget is not None and not (math.isfinite(self.time_budget) and self.time_budget > 0):
             raise ConfigError(f"{self.label('time_budget')} {self.time_budget:g}: must be a positive number of minutes")
+        if isinstance(self.train_stages, str) and not self.train_stages.strip():
+            # not "no stages": config.yml would record '' and could not be replayed
+            raise ConfigError(f"{self.label('train_stages')} empty: give a JSON list of stages or a .json/.yml "
+                              "file of them, or leave it out for one stage of --epochs")
         if self.train_stages is not None and not all(isinstance(stage, Stage) for stage in self.train_stages):
             try:
                 self.train_stages = parse_stages(self.train_stages, self.key("train_stages"))
@@ -214,17 +320,22 @@ class WorkflowSettings:
             raise ConfigError(f"{self.label('container_type')} {shown(self.container_type)}: "
                               "choose singularity, docker or none")
         if self.container_type != "none":
-            validate_container_image(self.container_image)
+            validate_container_image(self.container_image, self.label("container_image"))
         if self.execution_site == "local" and self.container_type != "none":
             # On the submit host Pegasus uses sharedfs and launches jobs with plain kickstart, not
             # PegasusLite, so the container would silently not be used.
-            raise ConfigError(f"--execution-site local runs jobs without a container (Pegasus' sharedfs mode); "
-                              f"add --container-type none, or choose a pool site for --container-type "
-                              f"{self.container_type}")
+            raise ConfigError(f"{self.label('execution_site')} local runs jobs without a container (Pegasus' "
+                              f"sharedfs mode); add --container-type none, or choose a pool site for "
+                              f"{self.label('container_type')} {self.container_type}")
         known_sites = {"local", *self.sites_config.get("sites", {})}
-        if self.execution_site not in known_sites:
-            raise ConfigError(f"{self.label('execution_site')} {shown(self.execution_site)}: not in sites.yml "
-                              f"(known: {', '.join(sorted(known_sites))})")
+        if not isinstance(self.execution_site, str) or self.execution_site not in known_sites:
+            raise ConfigError(f"{self.label('execution_site')} {shown(self.execution_site)}: not a site of "
+                              f"{self.sites_file} (known: {', '.join(sorted(known_sites))})")
+        check_mode(self.mode, self.label("mode"))
+        self.software_dir()
+        from .runtimes import check_site_limits, job_kinds
+
+        check_site_limits(self.execution_site_config(), job_kinds(self.folds), self.site_where())
 
     def key(self, name: str) -> str:
         """How an error names setting *name*: its key where an experiment file gave it, else its flag."""
@@ -232,9 +343,17 @@ class WorkflowSettings:
 
     def label(self, name: str) -> str:
         """What an error about setting *name* starts with: "FILE: name:" where an experiment file gave
-        it, else the flag ("--name")."""
+        it, "SITES: key:" where sites.yml did, else the flag ("--name")."""
         source = self.setting_sources.get(name)
-        return f"{source}: {name}:" if source else self.key(name)
+        if source:
+            return f"{source}: {name}:"
+        if name in self.site_sources:
+            return f"{self.sites_file}: {self.site_sources[name]}:"
+        return self.key(name)
+
+    def site_where(self) -> str:
+        """How errors name the execution site's entry of sites.yml: "SITES: sites.NAME" or "SITES: local"."""
+        return f"{self.sites_file}: " + ("local" if self.execution_site == "local" else f"sites.{self.execution_site}")
 
     @property
     def train_epochs(self) -> int:
@@ -254,8 +373,8 @@ class WorkflowSettings:
         if configured is None:
             return PurePosixPath(Path(self.project_root).resolve().as_posix())
         if not str(configured).startswith("/"):
-            raise ConfigError(f"sites.yml: software_dir {shown(configured)} of site {shown(self.execution_site)} "
-                              "must be an absolute path on that site's nodes")
+            raise ConfigError(f"{self.site_where()}.software_dir: {shown(configured)} must be an absolute path on "
+                              "that site's nodes")
         return PurePosixPath(str(configured))
 
 
@@ -317,12 +436,20 @@ def settings_from_args(args, project_root: Path) -> WorkflowSettings:
     checked: every check that needs no data runs here, before the generator writes anything."""
     sites_config = load_sites_config(args.sites_config)
     container = sites_config.get("container", {})
+    # A properties file is read whole now, the default one too: a missing one is refused, not skipped.
+    if args.properties is not None:
+        load_properties(args.properties)
     # Which settings an experiment file gave (ExperimentArgumentParser): their errors name the file and key.
     source = getattr(args, "experiment", None)
     setting_sources = source.setting_sources() if source is not None else {}
+    # ... and which sites.yml gave, for the flags left open
+    site_sources = {name: key for name, key, flag, given in (
+        ("execution_site", "execution_site", args.execution_site, "execution_site" in sites_config),
+        ("container_type", "container.type", args.container_type, "type" in container),
+        ("container_image", "container.image", args.container_image, "image" in container)) if given and not flag}
     settings = WorkflowSettings(
-        sites_config=sites_config, project_root=project_root,
-        properties_file=args.properties if args.properties and args.properties.exists() else None,
+        sites_config=sites_config, project_root=project_root, properties_file=args.properties,
+        sites_file=str(args.sites_config), site_sources=site_sources,
         execution_site=args.execution_site or sites_config.get("execution_site", D.EXECUTION_SITE),
         container_type=args.container_type or container.get("type", D.CONTAINER_TYPE),
         container_image=args.container_image or container.get("image", DEFAULT_CONTAINER_IMAGE),

@@ -27,7 +27,6 @@ experiments/default.yml lists every setting with its default and its help; it is
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import shlex
 import sys
@@ -43,7 +42,7 @@ from ..classes import LabelMap, LabelMapError
 from ..errors import shown
 from ..detection.stages import StagesError, parse_stages
 from ..provenance import file_sha256
-from .config import ConfigError
+from .config import ConfigError, did_you_mean
 
 CONFIG_FILE = "config.yml"  # RUN_DIR/config.yml: every effective setting, with the command line in its header
 # Flags that are not settings of an experiment: they act on the command itself.
@@ -236,9 +235,7 @@ def load_settings(parser: ExperimentArgumentParser, path: Path) -> dict:
             raise ConfigError(f"{where}: not a setting an experiment file can hold (it is a command-line flag only)")
         action = actions.get(key)
         if action is None:
-            guess = difflib.get_close_matches(key.replace("-", "_"), list(actions), n=1)
-            hint = f" (did you mean {guess[0]}?)" if guess else " (see experiments/default.yml)"
-            raise ConfigError(f"{where}: unknown setting{hint}")
+            raise ConfigError(f"{where}: unknown setting{did_you_mean(key, actions, 'see experiments/default.yml')}")
         settings[key] = convert_setting(action, value, where, base_dir)
     for members in parser.exclusive:
         chosen = [name for name in members if settings.get(name)]

@@ -156,15 +156,11 @@ def job_runtimes(config) -> dict[str, int]:
                 per_epoch = (work[kind] - choice[kind]) / max(1, _train_epochs(config))
                 runtimes[kind] = max(runtimes[kind],
                                      math.ceil(STARTUP_S + SAFETY * (stages * per_epoch + choice[kind])))
-    overrides = config.execution_site_config().get("runtimes") or {}
-    for kind, seconds in overrides.items():
-        if kind not in runtimes:
-            raise RuntimeConfigError(f"sites.yml: runtimes: unknown job kind {shown(kind)} "
-                                     f"(one of {', '.join(runtimes)})")
-        if not isinstance(seconds, int) or seconds <= 0:
-            raise RuntimeConfigError(f"sites.yml: runtimes: {kind}: {shown(seconds)} is not a positive number "
-                                     "of seconds")
-        runtimes[kind] = seconds
+    site = config.execution_site_config()
+    # a stand-in config (test_runtimes) has no sites_file or site_where()
+    where = config.site_where() if hasattr(config, "site_where") else "sites.yml"
+    check_site_limits(site, list(runtimes), where)
+    runtimes.update(site.get("runtimes") or {})
     for line in over_site_cap(config, runtimes):
         log.warning(line)
     return runtimes
@@ -206,12 +202,45 @@ def over_site_cap(config, runtimes: dict[str, int]) -> list[str]:
     return lines
 
 
+def job_kinds(folds: int) -> list[str]:
+    """The job kinds a sites.yml ``runtimes:`` entry may name: those workloads() sizes (the fold kinds only
+    with --folds K)."""
+    from .catalogs import JOB_SCRIPTS
+
+    return [*JOB_SCRIPTS, *(("train_fold", "evaluate_fold") if folds else ())]
+
+
+def _whole_positive(value) -> bool:
+    """An int above 0 that is not a bool (YAML's true is an int to Python)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def check_site_limits(site: dict, kinds: list[str], where: str) -> None:
+    """A sites.yml site entry's ``runtimes:`` (job kind -> seconds; *kinds*: the kinds it may name) and
+    ``max_job_minutes``; RuntimeConfigError naming *where* (the file and the site)."""
+    overrides = site.get("runtimes")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise RuntimeConfigError(f"{where}: runtimes: {shown(overrides)} is not a mapping of job kind -> seconds "
+                                 "(e.g. {train: 36000})")
+    for kind, seconds in (overrides or {}).items():
+        if kind not in kinds:
+            raise RuntimeConfigError(f"{where}: runtimes: unknown job kind {shown(kind)} (one of {', '.join(kinds)})")
+        if not _whole_positive(seconds):
+            raise RuntimeConfigError(f"{where}: runtimes: {kind}: {shown(seconds)} is not a positive number "
+                                     "of seconds")
+    _check_cap(site.get("max_job_minutes"), where)
+
+
+def _check_cap(max_job_minutes, where: str) -> None:
+    if max_job_minutes is not None and not (_whole_positive(max_job_minutes) and max_job_minutes > GRACE_MIN):
+        raise RuntimeConfigError(f"{where}: max_job_minutes {shown(max_job_minutes)} must be a whole number of "
+                                 f"minutes above {GRACE_MIN}")
+
+
 def checkpoint_minutes(runtime_s: int, max_job_minutes: int | None = None) -> tuple[int, int]:
     """(checkpoint.time, maxwalltime) in minutes for a checkpointing job of *runtime_s* seconds."""
     checkpoint_time = math.ceil(runtime_s / 60)
     if max_job_minutes is not None:
-        if not isinstance(max_job_minutes, int) or max_job_minutes <= GRACE_MIN:
-            raise RuntimeConfigError(f"sites.yml: max_job_minutes {shown(max_job_minutes)} must be a whole number of "
-                                     f"minutes above {GRACE_MIN}")
+        _check_cap(max_job_minutes, "sites.yml")  # checked with the file's name when it was read
         checkpoint_time = min(checkpoint_time, max_job_minutes - GRACE_MIN)
     return checkpoint_time, checkpoint_time + GRACE_MIN
