@@ -44,8 +44,7 @@ from utils.pegasus.config import (ConfigError, SplitEntry, WorkflowConfig, parse
                                   trials_per_worker)
 from utils.pegasus.graph import write_graph
 from utils.pegasus.replicas import WorkflowInputs
-from utils.pegasus.inputs import (data_shards, find_videos, prediction_shards, read_split_csv, validate_and_split,
-                                  write_folds)
+from utils.pegasus.inputs import check_pred_images, data_shards, find_videos, plan_data, prediction_shards, write_data
 from utils.pegasus.runtimes import CHECKPOINTING, checkpoint_minutes, job_runtimes
 
 ROOT = Path(__file__).resolve().parent
@@ -432,20 +431,20 @@ def get_args_parser():
 
 
 def generate(args) -> tuple[MaskDetectionWorkflow, dict[str, Path], dict, list[SplitEntry]]:
-    """The settings checked and resolved (before anything is written), then the data validated and split, the
-    catalogs and the DAG built and written, and the settings recorded. Raises ConfigError."""
+    """The settings, --pred-images and --pred-videos checked, the data validated and split (and the folds, fixed
+    at generation like the split: the fold jobs' inputs must be known to plan) in memory and checked, all before
+    anything is written; then the data files, the catalogs and the DAG written, and the settings recorded.
+    Raises ConfigError."""
     settings = settings_from_args(args, ROOT)
     run_dir, data_dir, label_map = args.run_dir.resolve(), args.data.resolve(), parse_label_map(settings.label_map)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    report, split_csv = validate_and_split(data_dir, run_dir, args.seed, tuple(args.fractions),
-                                           args.near_duplicate_distance, label_map)
-    entries = read_split_csv(split_csv, data_dir)
-    pred_shards = prediction_shards(args.pred_images and args.pred_images.resolve(), entries, run_dir,
-                                    args.images_per_job)
-    shards = data_shards(entries, run_dir, DATA_SHARD_IMAGES) if len(entries) > args.shard_data_above else None
+    pred_images = check_pred_images(args.pred_images and args.pred_images.resolve())
     videos = find_videos(args.pred_videos.resolve()) if args.pred_videos else []
-    # Folds, like the split, are fixed at generation: the fold jobs' inputs must be known to plan.
-    folds_csv = write_folds(run_dir, entries, report, args.folds, args.seed, label_map) if args.folds else None
+    data = plan_data(data_dir, run_dir, args.seed, tuple(args.fractions), args.near_duplicate_distance, label_map,
+                     args.folds, settings.label)
+    split_csv, folds_csv = write_data(data)  # the first file written into the run folder
+    report, entries = data.report, data.entries
+    pred_shards = prediction_shards(pred_images, entries, run_dir, args.images_per_job)
+    shards = data_shards(entries, run_dir, DATA_SHARD_IMAGES) if len(entries) > args.shard_data_above else None
     # Every setting as the run uses it: what sites.yml chose for an unset flag, the parsed stages.
     recorded = experiment.effective_settings(args, resolved={
         "execution_site": settings.execution_site, "container_type": settings.container_type,

@@ -126,11 +126,19 @@ def test_workflow_pred_videos_fans_out_one_job_per_video(root, sample_dir, clip,
     from utils.detection.video import video_output_names
 
     assert outputs == {*video_output_names("gate_a").values(), "annotated_gate_a.mp4"}
+    # two videos whose names reduce to one tag: refused before the run folder is touched
+    shutil.copyfile(clip, videos / "gate_a.mp4")
+    before = {path: path.stat().st_mtime_ns for path in run_dir.rglob("*") if path.is_file()}
+    args = generator.get_args_parser().parse_args(["--data", str(sample_dir), "--run-dir", str(run_dir),
+                                                   "--generate-only", "--pred-videos", str(videos), "--seed", "7"])
+    assert generator.main(args) == 2
+    assert {path: path.stat().st_mtime_ns for path in run_dir.rglob("*") if path.is_file()} == before
+    (videos / "gate_a.mp4").unlink()
     # a video OpenCV cannot read stops the generator with one line
     (videos / "notes.mp4").write_text("not a video")
     args = generator.get_args_parser().parse_args(["--data", str(sample_dir), "--run-dir", str(tmp_path / "bad"),
                                                    "--generate-only", "--pred-videos", str(videos)])
-    assert generator.main(args) == 2
+    assert generator.main(args) == 2 and not (tmp_path / "bad").exists()
 
 
 def test_frames_over_the_pixel_limit_are_refused_in_one_line_naming_the_source(root, clip, tiny_model_file,

@@ -393,6 +393,56 @@ def test_without_a_container_the_jobs_run_the_installed_project_with_it_on_pytho
     assert local["pfn"] == str((root / "bin" / "train.py").resolve())
 
 
+# -- a refused (re)generation writes nothing -----------------------------------------------------------------
+
+def snapshot(folder: Path) -> dict:
+    return {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def generated_once(sample_dir, tmp_path_factory):
+    """A run folder generated with the defaults (seed 42), its files' bytes and times, and odd inputs."""
+    folder = tmp_path_factory.mktemp("regenerate")
+    assert generate(folder / "run", sample_dir, "--no-pretrained") == 0
+    (folder / "file.jpg").write_bytes((next((sample_dir / "images").iterdir())).read_bytes())
+    (folder / "empty").mkdir()
+    (folder / "shards").mkdir()
+    (folder / "shards" / "index.json").write_text("{}")
+    return folder, snapshot(folder / "run")
+
+
+REFUSED = [
+    (["--pred-images", "MISSING"], "{MISSING}: --pred-images folder not found"),
+    (["--pred-images", "FILE"], "{FILE}: not a folder (--pred-images takes a folder of images, or of shards"),
+    (["--pred-images", "EMPTY"], "{EMPTY}: no images to predict on"),
+    (["--pred-images", "SHARDS"], "index.json: not a shard index"),
+    (["--pred-videos", "MISSING"], "{MISSING}: --pred-videos folder not found"),
+    (["--pred-videos", "FILE"], "{FILE}: not a folder (--pred-videos takes a folder of videos)"),
+    (["--pred-videos", "EMPTY"], "{EMPTY}: no videos"),
+    (["--folds", "40"], "--folds 40: the train split has only"),
+    (["--fractions", "1", "0", "0"], "--fractions 1 0 0: the val split of the 24 usable images would be empty"),
+    (["--properties", "MISSING"], "{MISSING}: properties file not found"),
+    (["--data", "MISSING"], "not found (--data must contain images/ and annotations/)"),
+]
+
+
+@pytest.mark.parametrize(("flags", "words"), REFUSED, ids=[" ".join(flags) for flags, _ in REFUSED])
+def test_a_refused_regeneration_leaves_the_run_folder_as_it_was(generated_once, sample_dir, flags, words, capsys):
+    """Every check runs before the first file is written: once split.csv was rewritten for --seed 7 while
+    workflow.yml kept seed 42."""
+    folder, before = generated_once
+    paths = {"MISSING": folder / "missing", "FILE": folder / "file.jpg", "EMPTY": folder / "empty",
+             "SHARDS": folder / "shards"}
+    argv = [str(paths.get(flag, flag)) for flag in flags]
+    for run_dir in (folder / "run", folder / "fresh"):
+        assert generate(run_dir, sample_dir, "--no-pretrained", "--seed", "7", *argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("workflow.py: ") and words.format(**paths) in err and err.count("\n") == 1, err
+        assert "folder not found" not in err or "MISSING" in words
+    assert snapshot(folder / "run") == before
+    assert not (folder / "fresh").exists()
+
+
 # -- sites.yml and the properties file: checked whole, before anything is written ---------------------------
 
 POOL = "sites:\n  condorpool:\n"

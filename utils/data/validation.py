@@ -420,8 +420,21 @@ def write_clean_outputs(result: ValidationResult, output_dir, images_by_name: bo
     report_path = output_dir / REPORT_NAME
     write_json(report_path, {**result.report, "clean_annotations_dir": CLEAN_ANNOTATIONS_DIRNAME,
                              "clean_manifest": MANIFEST_NAME})
-    pairs = [Pair(pair.image, clean_dir / pair.annotation.name) for pair in result.clean_pairs]
-    return {"report": report_path, "manifest": manifest, "annotations_clean": clean_dir, "pairs": pairs}
+    return {"report": report_path, "manifest": manifest, "annotations_clean": clean_dir,
+            "pairs": clean_annotation_pairs(result, output_dir)}
+
+
+def clean_annotation_pairs(result: ValidationResult, output_dir) -> list[Pair]:
+    """The clean pairs with each annotation at its cleaned copy in *output_dir*/annotations_clean/, where
+    write_clean_outputs puts it (computed without writing)."""
+    clean_dir = Path(output_dir) / CLEAN_ANNOTATIONS_DIRNAME
+    return [Pair(pair.image, clean_dir / pair.annotation.name) for pair in result.clean_pairs]
+
+
+def annotation_classes(result: ValidationResult) -> dict[str, set[str]]:
+    """The class names in each usable image's cleaned annotation, by image file name: what
+    utils.data.split.image_classes reads back from annotations_clean/, without reading it."""
+    return {name: {obj.name for obj in annotation.objects} for name, annotation in result.annotations.items()}
 
 
 def format_summary(report: dict) -> str:

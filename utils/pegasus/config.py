@@ -233,6 +233,16 @@ class VideoFile:
         return "".join(c if c.isalnum() or c in "-_" else "_" for c in self.path.stem)
 
 
+def check_video_tags(videos: list[VideoFile]) -> None:
+    """Each video names its job and outputs by its tag: two videos of --pred-videos may not share one."""
+    seen: dict[str, Path] = {}
+    for video in videos:
+        if video.tag in seen:
+            raise ConfigError(f"--pred-videos: {seen[video.tag].name} and {video.path.name} have the same name once "
+                              f"reduced to letters, digits, - and _ ({video.tag})")
+        seen[video.tag] = video.path
+
+
 @dataclass(kw_only=True)
 class WorkflowSettings:
     """The run's settings, resolved (sites.yml's choices, the stages parsed, the cached weights) and checked
@@ -401,8 +411,7 @@ class WorkflowConfig(WorkflowSettings):
         self.run_dir = Path(self.run_dir).resolve()
         if self.folds and self.folds_csv is None:
             raise ConfigError(f"--folds {self.folds}: no folds.csv was written (a bug in the generator)")
-        if len({video.tag for video in self.pred_videos}) != len(self.pred_videos):
-            raise ConfigError("--pred-videos: two videos have the same name once reduced to letters, digits, - and _")
+        check_video_tags(self.pred_videos)
         if not self.pred_shards:
             raise ConfigError("no images to predict on")
         if len({shard.tag for shard in self.pred_shards}) != len(self.pred_shards):

@@ -2,31 +2,40 @@
 
 Pegasus needs every file name when the workflow is planned, so the validation and
 the split run here, before the catalogs are built, rather than as jobs.
+
+Everything is checked before the run folder is touched: check_pred_images and find_videos read
+--pred-images and --pred-videos, plan_data validates and splits the data (and assigns the folds) in
+memory and checks what needs the split; only then does write_data write the run folder's data files,
+so that a refused (re)generation leaves an existing run folder as it was.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import write_text
 from ..classes import NO_LABEL_MAP, LabelMap
-from .config import ConfigError, ShardFile, SplitEntry, VideoFile
+from .config import ConfigError, ShardFile, SplitEntry, VideoFile, check_video_tags
+
+
+def _split_entry(image: str, annotation: str, split: str, data_dir: Path) -> SplitEntry:
+    """A split.csv row as a SplitEntry: names without a folder are in data_dir/images and data_dir/annotations."""
+    image_path, annotation_path = Path(image), Path(annotation)
+    if not image_path.is_absolute():
+        image_path = data_dir / "images" / image_path.name
+    if not annotation_path.is_absolute():
+        annotation_path = data_dir / "annotations" / annotation_path.name
+    return SplitEntry(image_path, annotation_path, split)
 
 
 def read_split_csv(path: Path, data_dir: Path) -> list[SplitEntry]:
     """split.csv's rows; names without a folder are looked up in data_dir/images and data_dir/annotations."""
-    entries = []
     with open(path, newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            image, annotation = Path(row["image"]), Path(row["annotation"])
-            if not image.is_absolute():
-                image = data_dir / "images" / image.name
-            if not annotation.is_absolute():
-                annotation = data_dir / "annotations" / annotation.name
-            entries.append(SplitEntry(image, annotation, row["split"]))
-    return entries
+        return [_split_entry(row["image"], row["annotation"], row["split"], data_dir)
+                for row in csv.DictReader(handle)]
 
 
 def write_if_changed(path: Path, text: str) -> None:
@@ -36,16 +45,31 @@ def write_if_changed(path: Path, text: str) -> None:
     write_text(path, text)
 
 
-def validate_and_split(data_dir: Path, run_dir: Path, seed: int, fractions, near_duplicate_distance: int,
-                       label_map: LabelMap = NO_LABEL_MAP):
-    """Validate the data and split the clean pairs; returns (validation report, split.csv path).
+@dataclass
+class DataSplit:
+    """The data validated and split, and the folds assigned, in memory (plan_data); write_data writes them."""
 
-    Writes into the run dir: validation_report.json, clean_manifest.csv, annotations_clean/
-    (annotations with the fixable problems fixed and object names mapped through *label_map*
-    to class names, which the jobs get) and split.csv.
-    """
-    from ..data.split import SplitError, split_pairs
-    from ..data.validation import ValidationInputError, validate_dataset, write_clean_outputs
+    data_dir: Path
+    run_dir: Path
+    result: object  # utils.data.validation.ValidationResult
+    split_text: str  # split.csv
+    entries: list[SplitEntry]
+    folds_text: str | None = None  # folds.csv, with --folds
+
+    @property
+    def report(self) -> dict:
+        return self.result.report
+
+
+def plan_data(data_dir: Path, run_dir: Path, seed: int, fractions, near_duplicate_distance: int,
+              label_map: LabelMap = NO_LABEL_MAP, folds: int = 0, label=lambda name: f"--{name}") -> DataSplit:
+    """Validate the data and split the clean pairs (annotations at their cleaned copies in
+    RUN_DIR/annotations_clean/, object names mapped through *label_map*), with --folds assign the folds, and
+    check what needs the split: no split may be empty, every fold needs a group of images. Writes nothing;
+    *label* names a setting in errors (WorkflowSettings.label)."""
+    from ..data.split import SPLITS, SplitError, split_pairs
+    from ..data.validation import (ValidationInputError, annotation_classes, clean_annotation_pairs,
+                                   validate_dataset)
 
     images_dir, annotations_dir = data_dir / "images", data_dir / "annotations"
     for folder in (images_dir, annotations_dir):
@@ -54,10 +78,14 @@ def validate_and_split(data_dir: Path, run_dir: Path, seed: int, fractions, near
     try:
         result = validate_dataset(images_dir, annotations_dir, near_duplicate_distance=near_duplicate_distance,
                                   label_map=label_map)
-        clean = write_clean_outputs(result, run_dir)
-        if not clean["pairs"]:
-            raise ConfigError(f"{data_dir}: no usable image/annotation pairs (see {clean['report']})")
-        rows = split_pairs(clean["pairs"], result.duplicate_groups, fractions, seed, label_map=label_map)
+        if not result.clean_pairs:
+            counts = ", ".join(f"{kind}={count}" for kind, count in result.report["problem_counts"].items() if count)
+            raise ConfigError(f"{data_dir}: no usable image/annotation pairs among its "
+                              f"{result.report['images_total']} images ({counts or 'none found'}; "
+                              "bin/validate_data.py lists every problem)")
+        classes_of = annotation_classes(result)
+        rows = split_pairs(clean_annotation_pairs(result, run_dir), result.duplicate_groups, fractions, seed,
+                           classes_of=classes_of, label_map=label_map)
     except (ValidationInputError, SplitError) as error:
         raise ConfigError(str(error)) from None
     buffer = io.StringIO()
@@ -66,12 +94,71 @@ def validate_and_split(data_dir: Path, run_dir: Path, seed: int, fractions, near
     writer.writeheader()
     for row in rows:
         writer.writerow({key: str(value) if isinstance(value, Path) else value for key, value in row.items()})
-    split_path = run_dir / "split.csv"
-    write_if_changed(split_path, buffer.getvalue())
-    return result.report, split_path
+    entries = [_split_entry(str(row["image"]), str(row["annotation"]), row["split"], data_dir) for row in rows]
+    for split in SPLITS:
+        if not any(entry.split == split for entry in entries):
+            raise ConfigError(f"{label('fractions')} {' '.join(f'{value:g}' for value in fractions)}: the {split} "
+                              f"split of the {len(entries)} usable images would be empty; add images or change "
+                              "the fractions")
+    folds_text = (fold_assignment_text(entries, result.duplicate_groups, folds, seed, label_map, classes_of)
+                  if folds else None)
+    return DataSplit(data_dir, run_dir, result, buffer.getvalue(), entries, folds_text)
 
 
-def prediction_shards(pred_images: Path | None, entries: list[SplitEntry], run_dir: Path,
+def write_data(split: DataSplit) -> tuple[Path, Path | None]:
+    """Write the run folder's data files: validation_report.json, clean_manifest.csv, annotations_clean/
+    (annotations with the fixable problems fixed and object names mapped to class names, which the jobs get),
+    split.csv and, with --folds, folds.csv. Returns the paths of split.csv and folds.csv (None without)."""
+    from ..data.validation import write_clean_outputs
+
+    split.run_dir.mkdir(parents=True, exist_ok=True)
+    write_clean_outputs(split.result, split.run_dir)
+    split_path = split.run_dir / "split.csv"
+    write_if_changed(split_path, split.split_text)
+    folds_path = None
+    if split.folds_text is not None:
+        folds_path = split.run_dir / "folds.csv"
+        write_if_changed(folds_path, split.folds_text)
+    return split_path, folds_path
+
+
+@dataclass(frozen=True)
+class PredictionImages:
+    """--pred-images, checked (check_pred_images): a shard folder's index, or a plain folder's images."""
+
+    index: object | None = None  # utils.data.shards.ShardIndex of a shard folder
+    items: tuple = ()            # (image, None) of a plain folder, sorted
+    skipped: tuple = ()          # its files that are not images, and repeated stems
+    source: str = ""
+
+
+def check_pred_images(pred_images: Path | None) -> PredictionImages | None:
+    """--pred-images read and checked, writing nothing: a shard folder with a valid index and every shard, or a
+    folder holding images. None without the flag (the test split is predicted)."""
+    from ..data.shards import check_shard_files, collect_images, is_shard_folder, read_index
+    from ..errors import InputError
+
+    if pred_images is None:
+        return None
+    try:
+        if is_shard_folder(pred_images):
+            index = read_index(pred_images)
+            check_shard_files(index)
+            return PredictionImages(index=index)
+        if not pred_images.exists():
+            raise ConfigError(f"{pred_images}: --pred-images folder not found")
+        if not pred_images.is_dir():
+            raise ConfigError(f"{pred_images}: not a folder (--pred-images takes a folder of images, or of shards "
+                              "made by bin/make_shards.py)")
+        items, skipped = collect_images(pred_images)
+    except InputError as error:
+        raise ConfigError(str(error)) from None
+    if not items:
+        raise ConfigError(f"{pred_images}: no images to predict on")
+    return PredictionImages(items=tuple(items), skipped=tuple(skipped), source=str(pred_images.resolve()))
+
+
+def prediction_shards(pred_images: PredictionImages | None, entries: list[SplitEntry], run_dir: Path,
                       images_per_job: int) -> list[ShardFile]:
     """The prediction set as shards, one predict job each.
 
@@ -80,27 +167,22 @@ def prediction_shards(pred_images: Path | None, entries: list[SplitEntry], run_d
     images per shard, and a rerun over the unchanged images (same names, sizes and times)
     reuses those shards.
     """
-    from ..data.shards import check_shard_files, collect_images, is_shard_folder, pack_or_reuse, read_index
+    from ..data.shards import pack_or_reuse
     from ..errors import InputError
 
     if images_per_job < 1:
         raise ConfigError(f"--images-per-job {images_per_job}: must be at least 1")
+    if pred_images is not None and pred_images.index is not None:
+        return _shard_files(pred_images.index, resolve=True)
+    if pred_images is not None:
+        items, skipped, source = list(pred_images.items), list(pred_images.skipped), pred_images.source
+    else:
+        items = sorted(((entry.image, None) for entry in entries if entry.split == "test"),
+                       key=lambda item: item[0].name)
+        skipped, source = [], "test split"
+    if not items:
+        raise ConfigError(f"{source}: no images to predict on")
     try:
-        if pred_images is not None and is_shard_folder(pred_images):
-            index = read_index(pred_images)
-            check_shard_files(index)
-            return _shard_files(index, resolve=True)
-        if pred_images is not None:
-            if not pred_images.is_dir():
-                raise ConfigError(f"{pred_images}: --pred-images folder not found")
-            items, skipped = collect_images(pred_images)
-            source = str(pred_images.resolve())
-        else:
-            items = sorted(((entry.image, None) for entry in entries if entry.split == "test"),
-                           key=lambda item: item[0].name)
-            skipped, source = [], "test split"
-        if not items:
-            raise ConfigError(f"{pred_images or 'the test split'}: no images to predict on")
         return _shard_files(pack_or_reuse(items, run_dir / "pred_shards", images_per_job, source, skipped))
     except InputError as error:
         raise ConfigError(str(error)) from None
@@ -141,8 +223,10 @@ def find_videos(folder: Path) -> list[VideoFile]:
     a video OpenCV cannot open is a ConfigError naming it (a job would only fail later)."""
     import cv2
 
-    if not folder.is_dir():
+    if not folder.exists():
         raise ConfigError(f"{folder}: --pred-videos folder not found")
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: not a folder (--pred-videos takes a folder of videos)")
     videos = []
     for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS):
         capture = cv2.VideoCapture(str(path))
@@ -154,24 +238,32 @@ def find_videos(folder: Path) -> list[VideoFile]:
             capture.release()
     if not videos:
         raise ConfigError(f"{folder}: no videos ({', '.join(VIDEO_EXTENSIONS)}) in --pred-videos")
+    check_video_tags(videos)
     return videos
 
 
-def write_folds(run_dir: Path, entries: list[SplitEntry], report: dict, folds: int, seed: int,
-                label_map: LabelMap = NO_LABEL_MAP) -> Path:
-    """Assign the train+val pool to *folds* cross-validation folds (utils.data.folds: the split's
-    near-duplicate groups stay together, stratified on the rare class, each split spread over the folds
-    on its own so that every fold model has training and validation images) and write RUN_DIR/folds.csv."""
+def fold_assignment_text(entries: list[SplitEntry], duplicate_groups, folds: int, seed: int,
+                         label_map: LabelMap = NO_LABEL_MAP, classes_of: dict | None = None) -> str:
+    """folds.csv's text: the train+val pool assigned to *folds* cross-validation folds (utils.data.folds: the
+    split's near-duplicate groups stay together, stratified on the rare class, each split spread over the folds
+    on its own so that every fold model has training and validation images). *classes_of*: the class names
+    per image (read from the annotations when None)."""
     from ..data.folds import FoldError, assign_folds, folds_csv_text
     from ..data.voc import VocError
 
     pool = [entry for entry in entries if entry.split in ("train", "val")]
     split_of = {entry.image.name: entry.split for entry in pool}
     try:
-        assignment = assign_folds(pool, folds, report.get("duplicate_groups", []), seed, label_map=label_map,
+        assignment = assign_folds(pool, folds, duplicate_groups, seed, classes_of=classes_of, label_map=label_map,
                                   split_of=split_of)
     except (FoldError, VocError) as error:
         raise ConfigError(str(error)) from None
+    return folds_csv_text(assignment)
+
+
+def write_folds(run_dir: Path, entries: list[SplitEntry], report: dict, folds: int, seed: int,
+                label_map: LabelMap = NO_LABEL_MAP) -> Path:
+    """Assign the train+val pool to *folds* folds (fold_assignment_text) and write RUN_DIR/folds.csv."""
     path = run_dir / "folds.csv"
-    write_if_changed(path, folds_csv_text(assignment))
+    write_if_changed(path, fold_assignment_text(entries, report.get("duplicate_groups", []), folds, seed, label_map))
     return path
