@@ -462,15 +462,14 @@ def generate(args) -> tuple[MaskDetectionWorkflow, dict[str, Path], dict, list[S
 
 
 def main(args) -> int:
-    if args.write_default_config is not None:
-        path = experiment.write_default_config(get_args_parser(), args.write_default_config)
-        print(f"Every setting with its default: {path}")
-        return 0
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     started = time.perf_counter()
     try:
+        if args.write_default_config is not None:
+            path = experiment.write_default_config(get_args_parser(), args.write_default_config)
+            return print(f"Every setting with its default: {path}") or 0
         generator, written, report, entries = generate(args)
-    except (ConfigError, OSError) as error:  # an unreadable --sites-config or --properties too: one line
+    except (ConfigError, OSError) as error:  # a run folder or --write-default-config path not writable too
         print(f"workflow.py: {error_message(error)}", file=sys.stderr)
         return 2
     run_dir, config = generator.run_dir, generator.config

@@ -64,6 +64,10 @@ def test_write_default_config_writes_the_same_text_for_its_folder(tmp_path, caps
     assert generator.main(parse("--write-default-config", target)) == 0
     assert target.read_text() == experiment.default_config_text(generator.get_args_parser(), tmp_path / "sub")
     assert str(target) in capsys.readouterr().out and not (tmp_path / "sub" / "config.yml").exists()
+    # a folder is one line, exit 2 (an IsADirectoryError's traceback before)
+    assert generator.main(parse("--write-default-config", tmp_path)) == 2
+    assert capsys.readouterr().err == (f"workflow.py: {tmp_path}: cannot write the default settings "
+                                       "(Is a directory)\n")
 
 
 def test_the_example_experiments_load(root):

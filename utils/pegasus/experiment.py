@@ -429,4 +429,7 @@ def default_config_text(parser: ExperimentArgumentParser, folder: Path) -> str:
 
 def write_default_config(parser: ExperimentArgumentParser, path: Path) -> Path:
     path = Path(path)
-    return write_text(path, default_config_text(parser, path.expanduser().absolute().parent))
+    try:
+        return write_text(path, default_config_text(parser, path.expanduser().absolute().parent))
+    except OSError as error:  # a folder, a missing parent folder, no permission
+        raise ConfigError(f"{path}: cannot write the default settings ({error.strerror or error})") from None
