@@ -169,6 +169,7 @@ WORKFLOW_CASES = [
     (["--sites-config", "SITES_DIR"], "Is a directory"), (["--data", MISSING], "not found"),
     (["--seed", "4294967296"], "0 to 4294967295"),  # Optuna's sampler and numpy take 32-bit seeds only
     (["--near-duplicate-distance", "-1"], "--near-duplicate-distance"),
+    (["--backbone", "foo"], "argument --backbone: invalid choice: 'foo'"),  # hpo and train would refuse it later
 ]
 
 

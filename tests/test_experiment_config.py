@@ -223,6 +223,7 @@ def test_stages_from_the_command_line_as_json_or_a_file_and_their_epochs_size_th
     ("epochs: null\n", "epochs: null is not allowed here (the default is 2)"),
     ("data: 5\n", "data: 5 is not a path"),
     ("backbone: [a]\n", "backbone: ['a'] is not text"),
+    ("backbone: resnet\n", "backbone: 'resnet' is not one of mobilenet_v2_fpn, retinaface_mnet025"),
     ("train_stages: [{epochs: 0}]\n", "train_stages: stage 1: key 'epochs' must be an integer >= 1, got 0"),
     ("train_stages: [{epochs: 2, lr: -1}]\n", "train_stages: stage 1: key 'lr' must be a number > 0, got -1"),
     ("train_stages: [{epochs: 2, layers: 3}]\n", "train_stages: stage 1: unknown key 'layers'"),

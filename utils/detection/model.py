@@ -59,11 +59,10 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from ..classes import NUM_CLASSES
 from .model_file import MODEL_FILE_FORMAT, ModelError, model_metadata, read_model_payload, save_model_file  # noqa: F401
 from .model_file import torch_load as _torch_load  # reading, writing and checking model files live there
-from .weights import RETINAFACE_BACKBONE
+from .weights import BACKBONES, RETINAFACE_BACKBONE
 
 log = logging.getLogger(__name__)
 
-BACKBONES = ("mobilenet_v2_fpn", RETINAFACE_BACKBONE, "mobilenet_v3_large_fpn", "resnet50_fpn", "resnet50_fpn_v2")
 DEFAULT_BACKBONE = "mobilenet_v2_fpn"
 # Backbone stages that --trainable-layers and a stage's trainable_layers count in: known before the model
 # is built, so that training_plan.make_plan checks a plan against them with every other flag, before any file

