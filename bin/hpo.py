@@ -8,7 +8,7 @@ a MedianPruner stops poor trials early. The study lives in an Optuna journal at
 failed and their parameters enqueued again) and --n-trials is the total number
 of finished trials wanted, not the number of new ones. With --num-workers K,
 worker --worker-index I searches the I-th slice of the log learning-rate range
-with sampler seed --seed + I; bin/hpo_merge.py combines the workers' results.
+with sampler seed --seed + I (modulo 2**32); bin/hpo_merge.py combines the workers' results.
 --tensorboard-dir writes each finished trial's objective and parameters as
 TensorBoard events (scalars per trial number and the HPARAMS tab).
 Exit 0 on success, 2 on bad input (one line naming the file or flag), 1 on a bug.
@@ -53,7 +53,7 @@ def get_args_parser():
                    help="finished (complete + pruned) trials this worker's study should hold in total "
                         f"(default: {D.HPO_TRIALS})")
     p.add_argument("--seed", type=random_seed, default=D.SEED,
-                   help=f"training seed; the sampler uses seed + worker index (default: {D.SEED})")
+                   help=f"training seed; the sampler uses seed + worker index, modulo 2**32 (default: {D.SEED})")
     p.add_argument("--checkpoint", default="hpo.journal",
                    help="Optuna journal file; an existing one is continued (default: hpo.journal)")
     p.add_argument("--output", default="best.json", help="this worker's result (default: best.json)")

@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 
 from helpers import load_script
 from utils.detection.hpo import (HpoConfig, HpoError, SearchSpace, fitness, journal_trials, merge_results, open_study,
-                                 read_worker_results, run_study)
+                                 read_worker_results, run_study, worker_seed)
 from utils.detection.plots import write_hpo_plots
 
 CONFIG = HpoConfig(epochs=1, image_size=96, workers=0, warmup_iters=1, seed=5)
@@ -73,6 +73,16 @@ def test_killed_study_resumes_and_counts_the_total(hpo_data, tmp_path):
     # A third run with the total already reached runs nothing.
     third = study_run(hpo_data, journal, n_trials=3, study_name="resume")
     assert third["trial_counts"] == second["trial_counts"]
+
+
+def test_every_worker_of_any_accepted_seed_gets_a_seed_optuna_takes(tmp_path):
+    """--seed 4294967295 (the flag's largest) once gave worker 1 the seed 2**32, which Optuna's sampler refuses."""
+    assert [worker_seed(42, index) for index in range(3)] == [42, 43, 44]  # today's seeds unchanged
+    largest = 2**32 - 1
+    assert [worker_seed(largest, index) for index in range(3)] == [largest, 0, 1]
+    for index in range(3):
+        study, _ = open_study(tmp_path / f"w{index}.journal", f"w{index}", seed=worker_seed(largest, index))
+        study.ask()
 
 
 def test_workers_search_disjoint_slices_that_cover_the_range():

@@ -20,7 +20,7 @@ trials the study should hold, so a rerun only runs what is missing.
 
 Workers: with K workers, worker I searches the I-th of K equal slices of the
 log learning-rate range (disjoint, together the whole range) with its own
-TPE seed (seed + I); momentum, weight decay and trainable layers span their
+TPE seed (seed + I, modulo 2**32: worker_seed); momentum, weight decay and trainable layers span their
 full ranges in every worker. The learning rate matters most for detection
 fine-tuning, so slicing it spreads the K jobs over genuinely different
 regions instead of K samplers converging on the same one.
@@ -123,6 +123,12 @@ def fitness(summary: dict, objective: str = "fitness") -> float:
 
 
 # ----------------------------------------------------------------------------- study handling
+
+def worker_seed(seed: int, worker_index: int) -> int:
+    """Worker *worker_index*'s sampler seed: seed + index, wrapped into the 32 bits Optuna's sampler takes (so
+    that --seed 4294967295, the flag's largest, still gives every worker a seed of its own)."""
+    return (seed + worker_index) % 2**32
+
 
 def open_study(journal, study_name: str, seed: int, pruner_startup_trials: int = D.HPO_PRUNER_STARTUP_TRIALS,
                pruner_warmup_epochs: int = D.HPO_PRUNER_WARMUP_EPOCHS) -> tuple[optuna.Study, JournalStorage]:
@@ -248,7 +254,7 @@ def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotat
         raise HpoError("--epochs must be at least 1")
     worker_space = space.for_worker(worker_index, num_workers)
     study_name = study_name or f"mask-hpo-worker{worker_index}of{num_workers}"
-    study, storage = open_study(journal, study_name, seed=config.seed + worker_index,
+    study, storage = open_study(journal, study_name, seed=worker_seed(config.seed, worker_index),
                                 pruner_startup_trials=pruner_startup_trials,
                                 pruner_warmup_epochs=pruner_warmup_epochs)
     recovered = recover_stale_trials(study, storage)
