@@ -170,6 +170,9 @@ WORKFLOW_CASES = [
     (["--seed", "4294967296"], "0 to 4294967295"),  # Optuna's sampler and numpy take 32-bit seeds only
     (["--near-duplicate-distance", "-1"], "--near-duplicate-distance"),
     (["--backbone", "foo"], "argument --backbone: invalid choice: 'foo'"),  # hpo and train would refuse it later
+    # an empty path is not the current folder (which `.` says), as in an experiment file
+    *(([flag, ""], f"argument {flag}: expected a path, got an empty value") for flag in (
+        "--run-dir", "--data", "--pred-images", "--pred-videos", "--sites-config", "--properties", "--config")),
 ]
 
 

@@ -129,6 +129,14 @@ worker_count = int_at_least(-1, "a number of processes (0 or more, or -1 for a s
 random_seed = int_between(0, 2**32 - 1)
 
 
+def path_arg(text: str) -> Path:
+    """A file or folder flag: empty text, which Path reads as the current folder, is refused (write . for it),
+    as in an experiment file."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty value (write . for the current folder)")
+    return Path(text)
+
+
 def positive_float(text: str) -> float:
     value = _number(text, float, "a finite number above 0")
     if value <= 0:

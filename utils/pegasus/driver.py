@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .. import defaults as D
 from ..detection.weights import BACKBONES
-from ..cli import (fraction, image_size_px, int_at_least, non_negative_float, non_negative_int, positive_int,
+from ..cli import (fraction, image_size_px, int_at_least, non_negative_float, non_negative_int, path_arg, positive_int,
                    random_seed)
 from .config import CONTAINER_KINDS
 from .experiment import ExperimentArgumentParser
@@ -29,21 +29,21 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
     """workflow.py's flags; defaults from utils/defaults.py except the workflow's named *overrides*."""
     # prog: errors read "workflow.py: ..." however the parser is reached (python workflow.py, tests).
     parser = ExperimentArgumentParser(prog="workflow.py", description=description, formatter_class=_HelpFormatter)
-    parser.add_argument("--config", type=Path, default=None, metavar="EXPERIMENT.yml",
+    parser.add_argument("--config", type=path_arg, default=None, metavar="EXPERIMENT.yml",
                         help="experiment file: any of the flags below as YAML keys with underscores "
                              "(image_size: 512); flags given here override it; relative paths in it are "
                              "relative to its folder (every key: experiments/default.yml)")
-    parser.add_argument("--write-default-config", type=Path, default=None, metavar="PATH",
+    parser.add_argument("--write-default-config", type=path_arg, default=None, metavar="PATH",
                         help="write every setting with its default and help as a commented experiment file "
                              "(experiments/default.yml) and exit")
     data = parser.add_setting_group("data")
-    data.add_argument("--data", type=Path, default=root / "data" / "sample",
+    data.add_argument("--data", type=path_arg, default=root / "data" / "sample",
                       help="folder with images/ and annotations/ (Pascal VOC)")
-    data.add_argument("--pred-images", type=Path, default=None,
+    data.add_argument("--pred-images", type=path_arg, default=None,
                       help="images to predict on: a folder of images, packed into shards of --images-per-job "
                            "in RUN_DIR/pred_shards, or a shard folder of bin/make_shards.py, used as it is; one "
                            "predict job per shard (default: the test split's images)")
-    data.add_argument("--pred-videos", type=Path, default=None,
+    data.add_argument("--pred-videos", type=path_arg, default=None,
                       help="folder of videos: one predict_video job per video (per-frame CSV, plot, summary, "
                            "annotated video) (default: none)")
     data.add_argument("--video-stride", type=int, default=D.VIDEO_STRIDE,
@@ -56,7 +56,7 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
     data.add_argument("--annotate-max", type=int, default=D.ANNOTATE_MAX,
                       help="annotated images to draw over the whole prediction set, spread over the shards "
                            "(0: none), so stage-out never carries every image")
-    data.add_argument("--run-dir", type=Path, default=root / "runs" / "workflow",
+    data.add_argument("--run-dir", type=path_arg, default=root / "runs" / "workflow",
                       help="where the workflow, catalogs, logs and outputs go")
     data.add_argument("--fractions", type=float, nargs=3, default=D.SPLIT_FRACTIONS,
                       metavar=("TRAIN", "VAL", "TEST"), help="split fractions")
@@ -117,9 +117,9 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
     pegasus.add_argument("--container-image", default=None,
                          help="docker://OWNER/NAME:TAG (default: sites.yml container.image)")
     pegasus.add_argument("--execution-site", default=None, help="site the jobs run on (default: sites.yml)")
-    pegasus.add_argument("--sites-config", type=Path, default=root / "sites.yml",
+    pegasus.add_argument("--sites-config", type=path_arg, default=root / "sites.yml",
                          help="user-editable site configuration")
-    pegasus.add_argument("--properties", type=Path, default=root / "properties.conf",
+    pegasus.add_argument("--properties", type=path_arg, default=root / "properties.conf",
                          help="Pegasus properties merged with the flags")
     pegasus.add_argument("--retries", type=non_negative_int, default=None,
                          help="dagman.retry (default: properties.conf)")

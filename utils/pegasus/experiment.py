@@ -39,6 +39,7 @@ import yaml
 from .. import safe_yaml
 from ..atomic import write_text
 from ..classes import LabelMap, LabelMapError
+from ..cli import path_arg
 from ..errors import shown
 from ..detection.stages import StagesError, parse_stages
 from ..provenance import file_sha256
@@ -154,7 +155,7 @@ def _scalar(action: argparse.Action, value, where: str, base_dir: Path):
             except ValueError:
                 pass
         raise ConfigError(f"{where}: {shown(value)} is not a number")
-    if kind is Path:
+    if kind in (Path, path_arg):
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(f"{where}: {shown(value)} is not a path")
         path = Path(value).expanduser()
