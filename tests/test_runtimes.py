@@ -154,6 +154,9 @@ def test_jobs_that_cannot_resume_warn_when_their_limit_passes_the_pool_cap(caplo
     said = {line.split(":")[0]: line for line in lines}
     assert not {"make_fold", "evaluate_fold", "predict_video"} & set(said)
     assert said["evaluate"].endswith("lower sites.yml's runtimes: evaluate, or raise max_job_minutes")
+    named = config(train=500_000, site=overridden, sites_file="/pool/my-sites.yml")  # the --sites-config file
+    assert any(line.endswith("lower /pool/my-sites.yml's runtimes: evaluate, or raise max_job_minutes")
+               for line in over_site_cap(named, job_runtimes(named)))
     assert said["augment"].endswith("raise max_job_minutes")  # a data job: one job, whatever the flags
     tiny_cap = config(pred=10, site={"max_job_minutes": 6}, folds=20, fold_ensemble=True, image_size=1024)
     assert any("not even one image fits" in line for line in over_site_cap(tiny_cap, job_runtimes(tiny_cap)))

@@ -187,7 +187,7 @@ def over_site_cap(config, runtimes: dict[str, int]) -> list[str]:
         line = (f"{kind}: a job may run up to {math.ceil(seconds / 60)} minutes (its time limit), above the "
                 f"site's max_job_minutes {cap}, which would stop it on every retry")
         if kind in overridden:
-            line += f": lower sites.yml's runtimes: {kind}, or raise max_job_minutes"
+            line += f": lower {getattr(config, 'sites_file', 'sites.yml')}'s runtimes: {kind}, or raise max_job_minutes"
         elif kind == "predict":
             fits = math.floor(usable_s / (SAFETY * _sized_s(config) * _predict_passes(config)))
             line += (f": give --images-per-job {fits} or fewer (or shards of at most {fits} images)" if fits else
