@@ -225,3 +225,19 @@ def test_near_duplicate_search_by_bands_finds_exactly_the_pairs_of_the_all_pairs
     assert len(banded) == len(set(banded))  # each pair once, though several bands may find it
     assert sorted(banded) == sorted(_block_pairs(hashes, np.arange(n), max_distance))
     assert len(banded) >= 40 * 39 // 2
+
+
+def test_a_subfolder_of_images_is_reported_not_silently_skipped(tmp_path):
+    # The data set is flat; photos filed in a subfolder are not read, and the report must say so.
+    add_pair(tmp_path, "top", textured(40))
+    nested = tmp_path / "images" / "site-b"
+    nested.mkdir()
+    textured(41).save(nested / "hidden.jpg")
+    (tmp_path / "annotations" / "old").mkdir()
+    report = validate_dataset(tmp_path / "images", tmp_path / "annotations").report
+    check_nothing_unreported(report)
+    assert report["images_total"] == report["images_usable"] == 1
+    ignored = {p["file"]: p for p in report["problems"] if p["kind"] == "subfolder_ignored"}
+    assert set(ignored) == {"site-b/", "old/"} and report["problem_counts"]["subfolder_ignored"] == 2
+    assert "its 1 file(s) are not read" in ignored["site-b/"]["problem"]
+    assert ignored["site-b/"]["image"] is None and not ignored["site-b/"]["excluded"]

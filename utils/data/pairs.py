@@ -36,6 +36,7 @@ class Pairing:
     pairs: list[Pair] = field(default_factory=list)
     images_without_annotation: list[Path] = field(default_factory=list)
     annotations_without_image: list[Path] = field(default_factory=list)
+    folders: list[Path] = field(default_factory=list)  # subfolders of either folder, whose files are not read
 
 
 def _extract(archive_path: Path, into: str, suffixes=None, seen: dict | None = None) -> None:
@@ -120,6 +121,9 @@ def pair_folders(images_dir, annotations_dir) -> Pairing:
             else:
                 pairing.images_without_annotation.append(path)
     pairing.annotations_without_image = [p for stem, p in annotations.items() if stem not in images]
+    for folder in dict.fromkeys((images_dir, annotations_dir)):
+        if folder.is_dir():
+            pairing.folders += [p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")]
     return pairing
 
 

@@ -73,6 +73,7 @@ PROBLEM_KINDS = {
     "no_objects": True,               # nothing left to learn from
     "exact_duplicate": True,          # same bytes as the kept image of its group
     "near_duplicate": True,           # perceptual hash close to another image of its group
+    "subfolder_ignored": False,       # a folder inside images/ or annotations/: its files are not read
 }
 CLEAN_ANNOTATIONS_DIRNAME = "annotations_clean"
 REPORT_NAME = "validation_report.json"
@@ -231,6 +232,12 @@ def validate_dataset(images_dir, annotations_dir, near_duplicate_distance: int =
         problem(image, "missing_annotation", f"no annotation {image.stem}.xml in {annotations_dir}{what}")
     for annotation in pairing.annotations_without_image:
         problem(annotation, "missing_image", f"no image named {annotation.stem}.* in {images_dir}")
+    for folder in pairing.folders:  # the data set is flat: said, so that no photo is lost unreported
+        files = sum(1 for path in folder.rglob("*") if path.is_file())
+        problems.append({"file": f"{folder.name}/", "image": None, "kind": "subfolder_ignored",
+                         "problem": f"a folder inside {folder.parent}: its {files} file(s) are not read (the images "
+                                    "and annotations must sit in the folders themselves)",
+                         "excluded": PROBLEM_KINDS["subfolder_ignored"]})
 
     # Annotations are matched by stem: two images with one stem cannot both own the XML file.
     pairs, by_stem = [], {}
