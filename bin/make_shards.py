@@ -1,15 +1,21 @@
 #!/usr/bin/env python3
-"""Pack a folder of images (with their VOC XML when given) into tar shards of N images each.
+"""Pack a folder of images, subfolders included (with their VOC XML when given), into tar shards of N images each.
 
     bin/make_shards.py --images photos/ --output shards/ --shard-size 1000
     bin/make_shards.py --images DATA/images --annotations DATA/annotations --output shards/
 
 Writes OUTPUT/shard-000000.tar ... (WebDataset layout: <key>.<ext> members, an image's
-XML right after it), OUTPUT/index.json (shards with image and XML counts, bytes and
-sha256) and OUTPUT/index.csv (one row per image: name, shard, bytes, sha256, XML).
-workflow.py --pred-images OUTPUT then runs one predict job per shard. Files that are
-not images, and a second image with the same stem, are skipped, counted and listed
-in index.json. --verify re-reads an existing folder's shards against its index.
+XML right after it; the key is the image's path below --images, siteA/cam1/img for
+siteA/cam1/img.jpg, so that the predict jobs give a figure per subfolder as on the folder
+itself), OUTPUT/index.json (shards with image and XML counts, bytes and sha256) and
+OUTPUT/index.csv (one row per image: name, shard, bytes, sha256, XML). Symbolic links to
+files and folders are followed. An XML pairs with the image at its path below --annotations
+(siteA/img.xml with siteA/img.jpg). workflow.py --pred-images OUTPUT then runs one predict
+job per shard. Skipped, counted and listed in index.json with the reason: files that are not
+images, a second image with the key of another, both when an XML names a key two images share,
+XML without an image, links to nothing or back into their own folder (a loop), names that are
+not valid UTF-8, and a file reached twice through links. --verify re-reads an existing folder's
+shards against its index.
 Exit 0 on success, 2 on bad input (one line naming the file), 1 on a bug.
 """
 
@@ -26,8 +32,9 @@ from utils.errors import InputError
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", help="folder of images")
-    parser.add_argument("--annotations", default=None, help="folder of VOC XML files, paired by stem (optional)")
+    parser.add_argument("--images", help="folder of images (its subfolders too)")
+    parser.add_argument("--annotations", default=None,
+                        help="folder of VOC XML files, paired by path and stem (optional)")
     parser.add_argument("--output", required=True, help="shard folder to write (or, with --verify, to check)")
     parser.add_argument("--shard-size", type=positive_int, default=1000, help="images per shard (default: 1000)")
     parser.add_argument("--workers", type=positive_int, default=4, help="shards written at once (default: 4)")
@@ -49,6 +56,8 @@ def main(args) -> int:
     items, skipped = collect_images(args.images, args.annotations)
     for entry in skipped:
         print(f"skipped {entry['file']}: {entry['reason']}", file=sys.stderr)
+    if not items:
+        raise InputError(f"{args.images}: no images to pack into shards ({len(skipped)} files skipped, listed above)")
     with tqdm(total=len(items), desc="shards", unit="img", file=sys.stderr, disable=None) as bar:
         index = write_shards(items, args.output, args.shard_size, args.workers, skipped, progress=bar.update,
                              extra={"source": str(args.images), "source_signature": source_signature(items)})

@@ -25,7 +25,6 @@ def test_make_shards_packs_images_with_their_xml_in_webdataset_order(root, sampl
     (tmp_path / "extra").mkdir()
     images = make_photo_folder(sample_dir, tmp_path / "photos", 7)
     (tmp_path / "photos" / "readme.txt").write_text("not an image")
-    (tmp_path / "photos" / f"{images[0].stem}.png").write_bytes(images[0].read_bytes())  # same stem, second file
     rc = run_script(root, "make_shards", ["--images", tmp_path / "photos", "--annotations", sample_dir / "annotations",
                                           "--output", out, "--shard-size", "3"])
     assert rc == 0
@@ -34,7 +33,10 @@ def test_make_shards_packs_images_with_their_xml_in_webdataset_order(root, sampl
     assert [shard.name for shard in index.shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     assert [shard.images for shard in index.shards] == [3, 3, 1] and index.num_images == 7
     data = json.loads((out / "index.json").read_text())
-    assert {entry["file"].rsplit("/", 1)[-1] for entry in data["skipped"]} == {"readme.txt", f"{images[0].stem}.png"}
+    reasons = {entry["file"].rsplit("/", 1)[-1]: entry["reason"] for entry in data["skipped"]}
+    orphans = {f"{path.stem}.xml" for path in sorted((sample_dir / "images").glob("*.jpg"))[7:]}
+    assert set(reasons) == {"readme.txt", *orphans}  # the XML files of images not packed are listed too
+    assert all(reasons[name] == "annotation without image" for name in orphans)
     with tarfile.open(out / "shard-000000.tar") as tar:
         members = tar.getnames()
     # WebDataset layout: flat <key>.<ext> members, each image followed by its XML
@@ -59,6 +61,77 @@ def test_make_shards_rejects_a_missing_folder_in_one_line(root, tmp_path, capsys
     assert run_script(root, "make_shards", ["--images", tmp_path / "nope", "--output", tmp_path / "out"]) == 2
     err = capsys.readouterr().err
     assert "nope: folder not found" in err and "Traceback" not in err
+
+
+def make_site_folder(sample_dir, folder):
+    """*folder* with images in subfolders (the same file name in two of them), a link to a folder outside,
+    a link to nothing, a link back to itself and a name that is not UTF-8; returns the images it holds."""
+    images = sorted((sample_dir / "images").glob("*.jpg"))
+    layout = {"photos/top.jpg": images[0], "photos/siteA/img.jpg": images[1], "photos/siteB/img.jpg": images[2],
+              "photos/siteB/cam1/img.jpg": images[3], "outside/img.jpg": images[4]}
+    for name, image in layout.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(image.read_bytes())
+    photos = folder / "photos"
+    (photos / "siteC").symlink_to(folder / "outside")  # a linked folder is followed
+    (photos / "dangling.jpg").symlink_to(folder / "nowhere.jpg")
+    (photos / "siteA" / "loop").symlink_to(photos)
+    with open(bytes(photos / "siteA") + b"/caf\xe9.jpg", "wb") as handle:  # Latin-1 bytes: not UTF-8
+        handle.write(images[5].read_bytes())
+    return photos
+
+
+def test_make_shards_keeps_subfolders_follows_links_and_lists_what_it_leaves_out(root, sample_dir, tmp_path, capsys):
+    photos = make_site_folder(sample_dir, tmp_path)
+    out = tmp_path / "shards"
+    assert run_script(root, "make_shards", ["--images", photos, "--output", out, "--shard-size", "2"]) == 0
+    assert "5 images (0 with XML) in 3 shards" in capsys.readouterr().out
+    members = [name for shard in sorted(out.glob("shard-*.tar")) for name in tarfile.open(shard).getnames()]
+    assert members == ["siteA/img.jpg", "siteB/cam1/img.jpg", "siteB/img.jpg", "siteC/img.jpg", "top.jpg"]
+    assert [row["name"] for row in read_index_csv(out)] == members
+    data = json.loads((out / "index.json").read_text())
+    assert set(data) >= {"format", "shard_size", "num_shards", "num_images", "num_annotations", "bytes",
+                         "skipped", "shards", "source", "source_signature"}  # the fields the generator reads
+    reasons = {entry["file"]: entry["reason"] for entry in data["skipped"]}
+    assert set(reasons) == {f"{photos}/dangling.jpg", f"{photos}/siteA/loop", f"{photos}/siteA/caf\\xe9.jpg"}
+    assert "link to nothing" in reasons[f"{photos}/dangling.jpg"]
+    assert "a loop" in reasons[f"{photos}/siteA/loop"]
+    assert reasons[f"{photos}/siteA/caf\\xe9.jpg"] == "the name is not valid UTF-8"
+    assert read_index(out).num_images == 5
+
+
+def test_make_shards_pairs_xml_by_path_and_never_guesses(root, sample_dir, tmp_path):
+    images, annotations = tmp_path / "images", tmp_path / "annotations"
+    (images / "site").mkdir(parents=True)
+    (annotations / "site").mkdir(parents=True)
+    sample = sorted((sample_dir / "images").glob("*.jpg"))
+    for name, source in (("a.jpg", 0), ("a.png", 1), ("b.jpg", 2), ("site/b.jpg", 3)):
+        (images / name).write_bytes(sample[source].read_bytes())
+    for name in ("a.xml", "site/b.xml", "z.xml"):
+        (annotations / name).write_text("<annotation/>")
+    assert run_script(root, "make_shards", ["--images", images, "--annotations", annotations,
+                                            "--output", tmp_path / "out"]) == 0
+    rows = {row["name"]: row["annotation"] for row in read_index_csv(tmp_path / "out")}
+    assert rows == {"b.jpg": "", "site/b.jpg": "site/b.xml"}  # an XML pairs with the image at its own path
+    reasons = {entry["file"].removeprefix(f"{tmp_path}/"): entry["reason"]
+               for entry in json.loads((tmp_path / "out" / "index.json").read_text())["skipped"]}
+    assert set(reasons) == {"images/a.jpg", "images/a.png", "annotations/a.xml", "annotations/z.xml"}
+    assert "which one it describes is unknown" in reasons["images/a.png"]
+    assert reasons["annotations/z.xml"] == "annotation without image"
+    # without XML to pair, the first image of a key is packed and the second listed
+    assert run_script(root, "make_shards", ["--images", images, "--output", tmp_path / "flat"]) == 0
+    assert [row["name"] for row in read_index_csv(tmp_path / "flat")] == ["a.jpg", "b.jpg", "site/b.jpg"]
+
+
+def test_make_shards_names_the_folder_in_its_errors(root, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    assert run_script(root, "make_shards", ["--images", tmp_path / "empty", "--output", tmp_path / "out"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'empty'}: no images to pack into shards" in err and "Traceback" not in err
+    assert run_script(root, "make_shards", ["--images", tmp_path / "empty" / "notes.txt",
+                                            "--output", tmp_path / "out"]) == 2
+    assert "notes.txt: not a folder" in capsys.readouterr().err
 
 
 @pytest.mark.e2e
@@ -161,3 +234,4 @@ def test_a_large_data_set_travels_in_shards_and_the_jobs_read_them(root, sample_
     capsys.readouterr()
     assert run_script(root, "preprocess", ["--images", shard, shard, "--output-tar", tmp_path / "x.tar"]) == 2
     assert "is also in shard-000000.tar" in capsys.readouterr().err
+

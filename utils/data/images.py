@@ -15,8 +15,10 @@ is refused above it too (Pillow alone only warns up to 179 M pixels).
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -169,3 +171,88 @@ def image_size(path) -> tuple[int, int]:
         orientation = img.getexif().get(0x0112, 1)
     # Orientations 5-8 swap width and height.
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def escaped_name(name) -> str:
+    """*name* (a path or str) printable and encodable whatever bytes it was read from: bytes that are not
+    UTF-8 (kept by Python as surrogates) shown as \\xNN, e.g. 'caf\\xe9.jpg'."""
+    return os.fsencode(str(name)).decode("utf-8", "backslashreplace")
+
+
+def valid_utf8_name(name) -> bool:
+    """Whether *name* (a path or str read from the disk) is valid UTF-8, as JSON, CSV and tar members need."""
+    try:
+        str(name).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+NOT_UTF8 = "the name is not valid UTF-8"
+
+
+@dataclass(frozen=True)
+class ListedFile:
+    """A file found by list_files: the path to read, and its path below the folder listed (posix)."""
+
+    path: Path
+    relative: str
+
+
+def list_files(root, prefix: str = "", exclude=(), seen: dict | None = None) -> tuple[list[ListedFile], list[dict]]:
+    """Every regular file below the folder *root*, subfolders included, in path order; and what was left out,
+    [{file, reason}] with *file* named *prefix* + its path below *root*.
+
+    Symbolic links are followed, to files and to folders; a link back to a folder the walk is inside (a
+    loop) is left out with its reason, as are links to nothing, names that are not valid UTF-8, anything
+    that is not a file or folder, and the paths in *exclude* (a run's own outputs). A file already listed
+    (the same file once its links are resolved), here or in an earlier call given the same *seen*
+    ({resolved path: name}), is left out as a duplicate. Hidden names (a leading dot: editor swap files,
+    macOS metadata) are not inputs and are not listed.
+    """
+    root = Path(root)
+    excluded = {Path(path).resolve() for path in exclude}
+    seen = {} if seen is None else seen
+    files, skipped = [], []
+
+    def skip(relative: str, reason: str) -> None:
+        skipped.append({"file": escaped_name(f"{prefix}{relative}"), "reason": reason})
+
+    def walk(folder: Path, relative: str, inside: frozenset) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError as error:
+            skip(relative.rstrip("/") or ".", f"cannot list the folder ({error.strerror or error})")
+            return
+        for entry in entries:
+            name = f"{relative}{entry.name}"
+            if entry.name.startswith("."):
+                continue
+            if not valid_utf8_name(entry.name):
+                skip(name, NOT_UTF8)
+                continue
+            path = Path(entry.path)
+            try:
+                real = path.resolve(strict=True)
+            except (OSError, RuntimeError):  # RuntimeError: a loop of links (Python before 3.13)
+                target = os.readlink(path) if entry.is_symlink() else "?"
+                skip(name, f"a symbolic link to nothing (its target {escaped_name(target)} does not exist)")
+                continue
+            if real in excluded:
+                skip(name, "an output of this run, not an input")
+            elif real.is_dir():
+                if real in inside:
+                    skip(name, f"a symbolic link to a folder it is inside ({escaped_name(real)}): a loop, not followed")
+                else:
+                    walk(path, f"{name}/", inside | {real})
+            elif real.is_file():
+                if real in seen:
+                    skip(name, f"the same file as {seen[real]} (listed once)")
+                else:
+                    seen[real] = escaped_name(f"{prefix}{name}")
+                    files.append(ListedFile(path, name))
+            else:
+                skip(name, "not a regular file")
+
+    walk(root, "", frozenset({root.resolve()}))
+    return files, skipped

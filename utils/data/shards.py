@@ -6,14 +6,16 @@ A shard folder holds
     index.json                                 small: the shards with their counts, sizes and sha256
     index.csv                                  one row per image: name, shard, bytes, sha256, annotation
 
-The tars follow WebDataset's layout: members are flat `<key>.<ext>` files in key order,
-an image's XML (`<key>.xml`) right after it, so `webdataset.WebDataset(".../shard-{000000..000009}.tar")`
-reads them as samples. The project does not depend on the `webdataset` package: its jobs
-need one shard as one file (a Pegasus replica, unpacked by utils.data.pairs.open_folder
-like any set that travels as a .tar) and an index the generator can read without opening
-a shard, not a streaming training loader. One caveat of the layout: WebDataset splits a
-sample key at the first dot, so an image named `a.b.jpg` is key `a`; our jobs use the
-full member names and are not affected.
+The tars follow WebDataset's layout: members are `<key>.<ext>` files in key order, the key
+being the image's path below the folder packed without its extension (`siteA/cam1/img` for
+`siteA/cam1/img.jpg`: the folders travel with the images, for the figure per folder; a flat
+folder gives flat members), an image's XML (`<key>.xml`) right after it, so
+`webdataset.WebDataset(".../shard-{000000..000009}.tar")` reads them as samples. The project
+does not depend on the `webdataset` package: its jobs need one shard as one file (a Pegasus
+replica, unpacked by utils.data.pairs.open_folder like any set that travels as a .tar) and
+an index the generator can read without opening a shard, not a streaming training loader.
+One caveat of the layout: WebDataset splits a sample key at the first dot, so an image named
+`a.b.jpg` is key `a`; our jobs use the full member names and are not affected.
 
 The workflow generator reads only index.json, so generating a workflow over a million
 images costs as much as over its shards (bench/workflow.py).
@@ -28,12 +30,13 @@ import json
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 from ..atomic import atomic_path, write_json, write_text
 from ..errors import InputError
 from ..provenance import file_sha256
-from .images import is_image_name
+from .images import escaped_name, is_image_name, list_files
 
 INDEX_JSON = "index.json"
 INDEX_CSV = "index.csv"
@@ -112,64 +115,118 @@ def verify(index: ShardIndex, workers: int = 4) -> list[str]:
         return [name for name in pool.map(bad, index.shards) if name]
 
 
-def collect_images(images_dir, annotations_dir=None) -> tuple[list[tuple[Path, Path | None]], list[dict]]:
-    """(image, its XML or None) for the images directly in *images_dir*, sorted; and the skipped files.
+class ShardItem(NamedTuple):
+    """One image to pack: the file, its VOC XML or None, and its member name in the shard: its path
+    below the folder packed ('siteA/cam1/img.jpg'), so that the folders a collection's images sit in
+    travel with them (a figure per folder)."""
 
-    Skipped: files that are not images by name, and images whose stem another image
-    already has (one key per sample in a shard).
+    image: Path
+    annotation: Path | None
+    name: str
+
+
+def shard_item(item) -> ShardItem:
+    """*item* as a ShardItem: an (image, XML or None) pair packs flat, under the image's file name."""
+    return item if isinstance(item, ShardItem) else ShardItem(Path(item[0]), item[1], Path(item[0]).name)
+
+
+def _folder(path, what: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: folder not found")
+    if not path.is_dir():
+        raise InputError(f"{path}: not a folder ({what} is a folder; its subfolders are packed too)")
+    return path
+
+
+def _key(relative: str) -> str:
+    """A sample's key: its path below the folder without the extension ('siteA/img' for 'siteA/img.jpg')."""
+    return str(PurePosixPath(relative).with_suffix(""))
+
+
+def collect_images(images_dir, annotations_dir=None) -> tuple[list[ShardItem], list[dict]]:
+    """The images below *images_dir* (subfolders included, symbolic links followed), each with its XML
+    (the same path below *annotations_dir*, extension .xml) or None, in path order; and what was skipped,
+    [{file, reason}].
+
+    Skipped: what utils.data.images.list_files leaves out (links to nothing, names not valid UTF-8,
+    link loops, a file seen twice), files that are not images by name, a second image with the key
+    (path without extension) of another (a shard holds one sample per key), both images when an XML
+    names a key two images share (which one it describes is unknown), and XML files with no image.
+    XML beside the images, without --annotations, is not packed and not listed.
     """
-    images_dir = Path(images_dir)
-    if not images_dir.is_dir():
-        raise InputError(f"{images_dir}: folder not found")
+    images_dir = _folder(images_dir, "--images")
+    prefix = f"{images_dir.as_posix().rstrip('/')}/"
+    files, skipped = list_files(images_dir, prefix)
+    xml_files = [file for file in files if file.relative.lower().endswith(".xml")]
     annotations = {}
     if annotations_dir is not None:
-        annotations_dir = Path(annotations_dir)
-        if not annotations_dir.is_dir():
-            raise InputError(f"{annotations_dir}: folder not found")
-        annotations = {p.stem: p for p in annotations_dir.iterdir() if p.suffix.lower() == ".xml" and p.is_file()}
-    items, skipped, stems = [], [], {}
-    for path in sorted(images_dir.iterdir()):
-        if not path.is_file() or path.name.startswith("."):
+        annotations_dir = _folder(annotations_dir, "--annotations")
+        if annotations_dir.resolve() != images_dir.resolve():
+            xml_files, more = list_files(annotations_dir, f"{annotations_dir.as_posix().rstrip('/')}/")
+            skipped += more
+            xml_files = [file for file in xml_files if file.relative.lower().endswith(".xml")]
+            prefix = f"{annotations_dir.as_posix().rstrip('/')}/"
+        annotations = {_key(file.relative): file for file in xml_files}
+    by_key: dict[str, list] = {}
+    for file in files:
+        if is_image_name(file.relative):
+            by_key.setdefault(_key(file.relative), []).append(file)
+        elif not file.relative.lower().endswith(".xml"):
+            skipped.append({"file": escaped_name(file.path), "reason": "not an image file name (extension "
+                                                                      f"'{PurePosixPath(file.relative).suffix}')"})
+    items = []
+    for key, images in by_key.items():
+        xml = annotations.pop(key, None)
+        if len(images) > 1 and xml is not None:
+            names = " and ".join(PurePosixPath(image.relative).name for image in images)
+            skipped += [{"file": escaped_name(file.path), "reason": f"{names} share the stem of {xml.path}: which "
+                                                                    "one it describes is unknown (rename one)"}
+                        for file in (*images, xml)]
             continue
-        if not is_image_name(path):
-            if path.suffix.lower() != ".xml":
-                skipped.append({"file": str(path), "reason": f"not an image file name (extension '{path.suffix}')"})
-            continue
-        if path.stem in stems:
-            skipped.append({"file": str(path), "reason": f"same stem as {stems[path.stem].name}: a shard holds "
-                                                         "one sample per key"})
-            continue
-        stems[path.stem] = path
-        items.append((path, annotations.get(path.stem)))
+        first = PurePosixPath(images[0].relative).name
+        skipped += [{"file": escaped_name(image.path), "reason": f"same stem as {first}: a shard holds one sample "
+                                                                 "per key"} for image in images[1:]]
+        items.append(ShardItem(images[0].path, xml.path if xml else None, images[0].relative))
+    skipped += [{"file": escaped_name(f"{prefix}{file.relative}"), "reason": "annotation without image"}
+                for file in annotations.values()]
+    items.sort(key=lambda item: PurePosixPath(item.name).parts)
     return items, skipped
 
 
-def _write_shard(path: Path, members: list[tuple[Path, Path | None]]) -> tuple[Shard, list[dict]]:
+def _member(item: ShardItem, file: Path) -> str:
+    """The member name of *item*'s image or XML: beside each other, in the image's folder."""
+    folder = PurePosixPath(item.name).parent
+    return item.name if file is item.image else str(folder / file.name)
+
+
+def _write_shard(path: Path, members: list[ShardItem]) -> tuple[Shard, list[dict]]:
     """Write one shard atomically; returns its index entry and its images' rows."""
     rows, count_xml = [], 0
     with atomic_path(path) as tmp:
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-            for image, annotation in members:
-                row = {"name": image.name, "shard": path.name, "annotation": ""}
-                for file in (image, annotation):
+            for item in members:
+                row = {"name": item.name, "shard": path.name, "annotation": ""}
+                for file in (item.image, item.annotation):
                     if file is None:
                         continue
                     data = file.read_bytes()
-                    info = tarfile.TarInfo(file.name)
+                    info = tarfile.TarInfo(_member(item, file))
                     info.size, info.mode, info.mtime = len(data), 0o644, int(file.stat().st_mtime)
                     tar.addfile(info, io.BytesIO(data))
-                    if file is image:
+                    if file is item.image:
                         row.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
                     else:
-                        row["annotation"] = file.name
+                        row["annotation"] = info.name
                         count_xml += 1
                 rows.append(row)
     return Shard(path.name, len(members), count_xml, path.stat().st_size, file_sha256(path)), rows
 
 
-def write_shards(items: list[tuple[Path, Path | None]], out_dir, shard_size: int, workers: int = 4,
+def write_shards(items: list, out_dir, shard_size: int, workers: int = 4,
                  skipped: list[dict] | None = None, progress=None, extra: dict | None = None) -> ShardIndex:
-    """Pack *items* (image, XML or None) into shards of *shard_size* images in *out_dir*; write the index.
+    """Pack *items* (ShardItems, or (image, XML or None) pairs packed flat) into shards of *shard_size*
+    images in *out_dir*; write the index.
 
     Shards are written in parallel (reading and hashing release the GIL), each one
     atomically, and the index last: a folder with an index.json is complete. *extra*
@@ -177,9 +234,10 @@ def write_shards(items: list[tuple[Path, Path | None]], out_dir, shard_size: int
     """
     if shard_size < 1:
         raise InputError(f"shard size {shard_size}: must be at least 1")
-    if not items:
-        raise InputError("no images to pack into shards")
     out_dir = Path(out_dir)
+    if not items:
+        raise InputError(f"{(extra or {}).get('source', out_dir)}: no images to pack into shards")
+    items = [shard_item(item) for item in items]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / INDEX_JSON).unlink(missing_ok=True)  # an index names a complete folder: none while writing
     groups = [items[start:start + shard_size] for start in range(0, len(items), shard_size)]
@@ -210,7 +268,7 @@ def write_shards(items: list[tuple[Path, Path | None]], out_dir, shard_size: int
     return ShardIndex(out_dir, shards, shard_size)
 
 
-def pack_or_reuse(items: list[tuple[Path, Path | None]], out_dir, shard_size: int, source: str,
+def pack_or_reuse(items: list, out_dir, shard_size: int, source: str,
                   skipped: list[dict] | None = None) -> ShardIndex:
     """The shards of *items* in *out_dir*: the ones already there when they were packed from the same
     files (names, sizes, times: source_signature) at the same size, else packed anew (write_shards)."""
@@ -236,15 +294,16 @@ def read_index_csv(folder) -> list[dict]:
         raise InputError(f"{path}: not found") from None
 
 
-def source_signature(items: list[tuple[Path, Path | None]]) -> str:
-    """A hash of what *items* hold: each image's name, size and modification time (no image is read)
+def source_signature(items: list) -> str:
+    """A hash of what *items* hold: each image's member name, size and modification time (no image is read)
     and each XML file's name and bytes. Equal when the files are unchanged, so that a rerun reuses
     the shards it made; the XML is hashed by content because the generator rewrites
     annotations_clean/ on every run (new times, same bytes), and XML files are small."""
     digest = hashlib.sha256()
-    for image, annotation in items:
+    for image, annotation, name in map(shard_item, items):
         stat = image.stat()
-        digest.update(f"{image.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
         if annotation is not None:
-            digest.update(f"{annotation.name}\0".encode() + hashlib.sha256(annotation.read_bytes()).digest())
+            digest.update(f"{annotation.name}\0".encode("utf-8", "surrogateescape")
+                          + hashlib.sha256(annotation.read_bytes()).digest())
     return digest.hexdigest()
