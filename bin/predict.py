@@ -8,7 +8,16 @@ masked, overall and per image; the overall figure as an estimate with its 95 % b
 interval and the images it rests on, by every estimator of utils/detection/quantify.py;
 per folder when the images sit in two or more folders, drawn in compliance_by_folder.png),
 annotated images annotated_<stem>.jpg in --annotated-dir, and predict_run.json (run
-record). Prints the compliance line with the interval.
+record). Prints the compliance line with the interval. Folders are read with their
+subfolders, symbolic links followed; an image's folder is its path below the folder given
+or, when several folders are given, below the folder they are all in (in/siteA and
+in/siteB/cam1 give siteA and siteB/cam1); an archive's images keep the folders inside it,
+so the shards of bin/make_shards.py give the folder's figures. A file reached twice
+(overlapping folders, a folder and a file in it, one archive twice) is read once, the
+others listed as skipped; archives of one name are told apart by their folders
+(a/shard-000000.tar:x.jpg). OUTPUT_DIR and the annotated folder are never inputs, and a
+rerun replaces the last run's outputs there (no stale plot or annotated image is left);
+all the outputs are written, or none.
 Detections count from the model's operating score threshold (chosen by train on the
 validation split and stored in the model file) unless --score-threshold is given.
 A file that cannot be read is listed as skipped with its reason and the others
@@ -50,7 +59,8 @@ def get_args_parser():
                              "run as one ensemble, their boxes merged by weighted box fusion")
     parser.add_argument("--output-dir", required=True, help="folder for predictions and compliance files")
     parser.add_argument("--annotated-dir", default=None,
-                        help="folder for annotated images (default: OUTPUT_DIR/annotated)")
+                        help="folder for annotated images; a run replaces the annotated_*.jpg and explain_*.jpg "
+                             "there (default: OUTPUT_DIR/annotated)")
     parser.add_argument("--no-annotated", action="store_true", help="do not write annotated images")
     parser.add_argument("--annotate-max", type=non_negative_int, default=None,
                         help="draw at most N images, spread evenly over the inputs (default: all)")
@@ -105,9 +115,7 @@ def main(args) -> int:
                              annotate_max=args.annotate_max, annotated_tar=args.annotated_tar, tag=args.output_tag,
                              explain=args.explain_method if args.explain else None,
                              explain_max_boxes=args.explain_max_boxes, calibration=meta.get("quantification"))
-    processed = [Path(path) for path in args.model]
-    for given in map(Path, args.images):  # hash what was given: files and archives as such, folders' files
-        processed += [given] if given.is_file() else sorted(p for p in given.rglob("*") if p.is_file())
+    processed = [Path(path) for path in args.model] + run.inputs  # files and archives as such, folders' images
     write_run_record(Path(args.output_dir) / output_names(args.output_tag)["run_record"], "predict",
                      {**vars(args), "device": str(device)}, processed)
     for entry in run.skipped:

@@ -170,6 +170,99 @@ def test_predict_fails_when_nothing_is_readable(root, tiny_model_file, tmp_path,
     assert compliance["skipped"][0]["file"] == str(bad)
 
 
+def photo_folders(sample_dir, folder, layout=("siteA/a.jpg", "siteA/b.jpg", "siteB/cam1/c.jpg", "siteB/d.jpg")):
+    images = sorted((sample_dir / "images").glob("*.jpg"))
+    for name, image in zip(layout, images, strict=False):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(image.read_bytes())
+    return folder
+
+
+def predict_quick(root, model, images, out, *extra):
+    return run_predict(root, ["--images", *map(str, images), "--model", str(model), "--output-dir", str(out),
+                              "--score-threshold", "0.05", "--device", "cpu", "--workers", "0", *map(str, extra)])
+
+
+def test_predict_reads_each_image_once_and_tells_same_named_archives_apart(root, sample_dir, tiny_model_file,
+                                                                            tmp_path):
+    photos = photo_folders(sample_dir, tmp_path / "photos")
+    for site in ("a", "b"):  # two shard folders, each with a shard-000000.tar
+        (tmp_path / site).mkdir()
+        with tarfile.open(tmp_path / site / "shard-000000.tar", "w") as tar:
+            tar.add(photos / "siteA" / "a.jpg", arcname="x.jpg")
+    out = tmp_path / "out"
+    shard_a, shard_b = tmp_path / "a" / "shard-000000.tar", tmp_path / "b" / "shard-000000.tar"
+    assert predict_quick(root, tiny_model_file, [photos, f"{photos}/", photos / "siteA", photos / "siteA" / "a.jpg",
+                                                 shard_a, shard_b, shard_a], out, "--no-annotated") == 0
+    predictions = json.loads((out / "predictions.json").read_text())
+    files = [image["file"] for image in predictions["images"]]
+    assert sorted(files) == sorted([f"{photos}/siteA/a.jpg", f"{photos}/siteA/b.jpg", f"{photos}/siteB/cam1/c.jpg",
+                                    f"{photos}/siteB/d.jpg", "a/shard-000000.tar:x.jpg", "b/shard-000000.tar:x.jpg"])
+    compliance = json.loads((out / "compliance.json").read_text())
+    assert set(compliance["per_image"]) == set(files)
+    duplicates = [entry for entry in predictions["skipped"] if "the same file as" in entry["reason"]]
+    assert len(duplicates) == 4 + 2 + 1 + 1  # photos/ again, siteA's two again, a.jpg by name, the archive again
+    assert {"file": f"{photos}/siteA/a.jpg", "reason": f"the same file as {photos}/siteA/a.jpg (listed once)"} in \
+        duplicates
+    assert len(predictions["skipped"]) == len(duplicates)
+
+
+def test_predict_gives_a_figure_per_folder_given(root, sample_dir, tiny_model_file, tmp_path):
+    photos = photo_folders(sample_dir, tmp_path / "in")
+    out = tmp_path / "out"
+    assert predict_quick(root, tiny_model_file, [photos / "siteA", photos / "siteB" / "cam1"], out,
+                         "--no-annotated") == 0
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert {image["file"].removeprefix(f"{photos}/"): image["folder"] for image in predictions["images"]} == {
+        "siteA/a.jpg": "siteA", "siteA/b.jpg": "siteA", "siteB/cam1/c.jpg": "siteB/cam1"}
+    assert set(json.loads((out / "compliance.json").read_text())["per_folder"]) == {"siteA", "siteB/cam1"}
+
+
+def test_predict_rerun_into_a_folder_inside_its_input_reads_no_output_and_leaves_none_stale(
+        root, sample_dir, tiny_model_file, tmp_path):
+    photos = photo_folders(sample_dir, tmp_path / "photos")
+    out = photos / "results"
+    assert predict_quick(root, tiny_model_file, [photos], out) == 0
+    assert (out / "compliance_by_folder.png").is_file() and len(list((out / "annotated").iterdir())) == 4
+    assert predict_quick(root, tiny_model_file, [photos], out) == 0
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert predictions["num_images"] == 4  # not the first run's annotated images and plot
+    assert {entry["file"] for entry in predictions["skipped"]} == {f"{photos}/results"}
+    assert "an output of this run" in predictions["skipped"][0]["reason"]
+    # a rerun over one folder: no figure per folder, so the last run's plot goes, and its annotated images
+    assert predict_quick(root, tiny_model_file, [photos / "siteA"], out, "--annotate-max", "1") == 0
+    assert not (out / "compliance_by_folder.png").exists()
+    assert len(list((out / "annotated").iterdir())) == 1
+
+
+def test_predict_lists_a_name_that_is_not_utf8_and_writes_all_its_outputs(root, sample_dir, tiny_model_file,
+                                                                            tmp_path, capsys):
+    photos = photo_folders(sample_dir, tmp_path / "photos", ("a.jpg",))
+    with open(bytes(photos) + b"/caf\xe9.jpg", "wb") as handle:
+        handle.write((photos / "a.jpg").read_bytes())
+    out = tmp_path / "out"
+    assert predict_quick(root, tiny_model_file, [photos], out, "--no-annotated") == 0
+    compliance = json.loads((out / "compliance.json").read_text())
+    assert compliance["skipped"] == [{"file": f"{photos}/caf\\xe9.jpg", "reason": "the name is not valid UTF-8"}]
+    assert compliance["num_images"] == 1 and (out / "predictions.csv").is_file()
+    assert "caf\\xe9.jpg: the name is not valid UTF-8" in capsys.readouterr().err
+
+
+def test_predict_writes_all_of_its_outputs_or_none(root, sample_dir, tiny_model_file, tmp_path, monkeypatch):
+    from utils.detection import prediction
+
+    photos = photo_folders(sample_dir, tmp_path / "photos")
+    out = tmp_path / "out"
+    assert predict_quick(root, tiny_model_file, [photos], out, "--no-annotated") == 0
+
+    def broken(images):
+        raise UnicodeEncodeError("utf-8", "x", 0, 1, "a failure while the outputs are rendered")
+
+    monkeypatch.setattr(prediction, "_csv_text", broken)
+    assert predict_quick(root, tiny_model_file, [photos], out, "--no-annotated") == 1
+    assert sorted(path.name for path in out.iterdir()) == []  # no half set, and nothing of the last run
+
+
 @pytest.mark.slow
 def test_predict_uses_the_models_operating_threshold_unless_told_otherwise(root, sample_dir, tiny_model_file,
                                                                           tmp_path, capsys):

@@ -134,6 +134,24 @@ def test_make_shards_names_the_folder_in_its_errors(root, tmp_path, capsys):
     assert "notes.txt: not a folder" in capsys.readouterr().err
 
 
+def test_predict_on_shards_gives_the_figures_per_folder_of_the_folder(root, sample_dir, tiny_model_file, tmp_path):
+    photos = make_site_folder(sample_dir, tmp_path)
+    shards = tmp_path / "shards"
+    assert run_script(root, "make_shards", ["--images", photos, "--output", shards, "--shard-size", "2"]) == 0
+    common = ["--model", tiny_model_file, "--score-threshold", "0.05", "--device", "cpu", "--batch-size", "1",
+              "--workers", "0", "--no-annotated"]
+    assert run_script(root, "predict", ["--images", photos, "--output-dir", tmp_path / "a", *common]) == 0
+    assert run_script(root, "predict", ["--images", *sorted(shards.glob("*.tar")), "--output-dir", tmp_path / "b",
+                                        *common]) == 0
+    folder, sharded = (json.loads((tmp_path / name / "predictions.json").read_text()) for name in "ab")
+    assert sorted(i["folder"] for i in folder["images"]) == sorted(i["folder"] for i in sharded["images"]) == \
+        ["", "siteA", "siteB", "siteB/cam1", "siteC"]
+    one, other = (json.loads((tmp_path / name / "compliance.json").read_text()) for name in "ab")
+    assert one["per_folder"] == other["per_folder"] and set(one["per_folder"]) == {"", "siteA", "siteB",
+                                                                                      "siteB/cam1", "siteC"}
+    assert len(one["skipped"]) == 3  # the link to nothing, the loop, the name that is not UTF-8
+
+
 @pytest.mark.e2e
 def test_sharded_prediction_merged_equals_one_job(root, sample_dir, tiny_model_file, tmp_path, capsys):
     make_photo_folder(sample_dir, tmp_path / "photos", 7)

@@ -1,8 +1,9 @@
 """The predict job: detections, annotated images and the mask-compliance figure for image files.
 
 Inputs are image files, folders of images, or .tar archives of images, in any mix.
-Every file that cannot be used (missing, not an image, undecodable) is listed as
-skipped with its reason in predictions.json and compliance.json; the others still run.
+Every file that cannot be used (missing, not an image, undecodable, a link to nothing,
+a name that is not UTF-8, a file already read) is listed as skipped with its reason in
+predictions.json and compliance.json; the others still run.
 
 Pipeline: DataLoader workers decode ahead of the model (utils.detection.inference), and
 annotated copies are drawn and JPEG-encoded by a thread pool while the model works
@@ -13,18 +14,22 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import io
+import os
+import posixpath
+import re
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
 from .. import defaults as D
 from ..atomic import atomic_path, write_json, write_text
 from ..classes import NAME_OF
-from ..data.images import is_image_name
+from ..data.images import NOT_UTF8, escaped_name, is_image_name, list_files, valid_utf8_name
 from ..naming import output_names as job_output_names
 from .inference import Detections, ImageItem, Skipped, detect_files
 from .inference_size import working_size
@@ -41,40 +46,115 @@ def _is_archive(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def _folder_items(folder: Path, prefix: str, skipped: list):
+def _folder_items(folder: Path, prefix: str, skipped: list, seen: dict, exclude=(), root_folder: str = ""):
+    """The images below *folder* (utils.data.images.list_files: subfolders, links followed, duplicates of
+    *seen* and the paths in *exclude* left out and listed), named *prefix* + their path below it; each one's
+    folder is *root_folder* joined with its folder below *folder*."""
+    files, problems = list_files(folder, prefix, exclude, seen)
+    skipped += problems
     items = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        relative = path.relative_to(folder)
-        if any(part.startswith(".") for part in relative.parts):
-            continue  # hidden files (editor swap files, macOS metadata) are not inputs
-        name = f"{prefix}{relative.as_posix()}"
-        if is_image_name(path):
-            parent = relative.parent.as_posix()
-            items.append(ImageItem(name, path, "" if parent == "." else parent))
-        elif path.suffix.lower() != ".xml":  # annotations beside images are expected, not a problem
-            skipped.append({"file": name, "reason": f"not an image file name (extension '{path.suffix}')"})
+    for file in files:
+        name = f"{prefix}{file.relative}"
+        if is_image_name(file.relative):
+            parent = posixpath.dirname(file.relative)
+            items.append(ImageItem(name, file.path, "/".join(part for part in (root_folder, parent) if part)))
+        elif not file.relative.lower().endswith(".xml"):  # annotations beside images are expected, not a problem
+            skipped.append({"file": name, "reason": f"not an image file name (extension "
+                                                    f"'{posixpath.splitext(file.relative)[1]}')"})
     return items
 
 
-def collect_inputs(paths, stack: contextlib.ExitStack):
-    """(items, skipped): image files from files, folders and archives; skipped entries are {file, reason}."""
-    items, skipped = [], []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            items += _folder_items(path, f"{path.as_posix().rstrip('/')}/", skipped)
+def _root_folders(roots: list[Path]) -> dict[Path, str]:
+    """The folder each of the folders given stands for in the figures per folder: its path below the folder
+    all of them are in ('siteA' and 'siteB/cam1' for in/siteA and in/siteB/cam1); "" for one folder."""
+    absolute = {root: os.path.abspath(root) for root in roots}
+    if len(set(absolute.values())) < 2:
+        return dict.fromkeys(roots, "")
+    common = os.path.commonpath(list(absolute.values()))
+    return {root: "" if path == common else Path(os.path.relpath(path, common)).as_posix()
+            for root, path in absolute.items()}
+
+
+def _archive_names(archives: list[Path]) -> dict[Path, str]:
+    """The name each archive's images are prefixed with: its file name, or as many of its folders before it as
+    tell it from other archives of that name ('a/shard-000000.tar' and 'b/shard-000000.tar')."""
+    parts = {archive: Path(os.path.abspath(archive)).parts for archive in archives}
+    names = {}
+    for archive, own in parts.items():
+        for count in range(1, len(own) + 1):
+            tail = own[-count:]
+            if all(other[-count:] != tail for key, other in parts.items() if other != own):
+                break
+        names[archive] = PurePosixPath(*tail).as_posix()
+    return names
+
+
+def _same_file(path: Path, name: str, seen: dict) -> str | None:
+    """Why *path* is not read again: the same file (links resolved) as one already listed; None, recording it."""
+    real = path.resolve()
+    if real in seen:
+        return f"the same file as {seen[real]} (listed once)"
+    seen[real] = name
+    return None
+
+
+def collect_inputs(paths, stack: contextlib.ExitStack, exclude=(), read: list | None = None):
+    """(items, skipped): image files from files, folders and archives; skipped entries are {file, reason}.
+
+    A file reached twice (folders given that overlap, a folder and a file in it, the same archive twice)
+    is read once, the later ones listed as skipped; the paths in *exclude* (the run's own outputs, when
+    they sit inside a folder given) are not inputs. Each image's folder (the figure per folder) is its
+    folder below the folder given, prefixed, when several folders are given, with that folder's path
+    below the one they are all in; an archive's images keep the folders inside it (the shards of one
+    collection, bin/make_shards.py, give the figures the collection's folder gives). *read*, when given,
+    gets the files the items come from (an archive, not its members), for the run record.
+    """
+    items, skipped, seen = [], [], {}
+    read = [] if read is None else read
+    paths = [Path(raw) for raw in paths]
+    roots = _root_folders([path for path in paths if path.is_dir()])
+    archives = _archive_names(list({path.resolve(): path for path in reversed(paths) if _is_archive(path)}.values()))
+    for path in paths:
+        if not valid_utf8_name(path):
+            skipped.append({"file": escaped_name(path), "reason": NOT_UTF8})
+        elif path.is_dir():
+            found = _folder_items(path, f"{path.as_posix().rstrip('/')}/", skipped, seen, exclude, roots[path])
+            items += found
+            read += [item.path for item in found]
         elif _is_archive(path):
+            if reason := _same_file(path, str(path), seen):
+                skipped.append({"file": str(path), "reason": reason})
+                continue
             try:
                 folder = stack.enter_context(open_folder(path))
             except Exception as exc:  # a damaged archive is one skipped input, not a failed job
                 skipped.append({"file": str(path), "reason": f"cannot unpack archive: {exc}"})
                 continue
-            items += _folder_items(folder, f"{path.name}:", skipped)
+            items += _folder_items(folder, f"{archives[path]}:", skipped, seen)
+            read.append(path)
         elif path.is_file():
+            if reason := _same_file(path, str(path), seen):
+                skipped.append({"file": str(path), "reason": reason})
+                continue
             items.append(ImageItem(str(path), path))  # named explicitly: try it whatever its extension
+            read.append(path)
         else:
             skipped.append({"file": str(path), "reason": "file does not exist"})
     return items, skipped
+
+
+ANNOTATED_FILE = re.compile(r"(annotated|explain)_.+\.jpg")
+
+
+def remove_outputs(files, annotated_dir: Path) -> None:
+    """Remove a predict run's *files* and the annotated images (annotated_*.jpg, explain_*.jpg) in *annotated_dir*:
+    a rerun into the same folders leaves only its own outputs (no figure per folder of the last run's folders)."""
+    for file in files:
+        Path(file).unlink(missing_ok=True)
+    if annotated_dir.is_dir():
+        for file in annotated_dir.iterdir():
+            if ANNOTATED_FILE.fullmatch(file.name) and file.is_file() and not file.is_symlink():
+                file.unlink()
 
 
 def _annotated_name(item: ImageItem, used: set) -> str:
@@ -91,6 +171,7 @@ def _annotated_name(item: ImageItem, used: set) -> str:
 class PredictionRun:
     images: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
+    inputs: list = field(default_factory=list)  # the files read (an archive's members: the archive)
     overall: dict = field(default_factory=dict)
     estimates: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)
@@ -165,8 +246,11 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
     annotated_dir = Path(annotated_dir) if annotated_dir else output_dir / "annotated"
     run = PredictionRun()
     used_names: set[str] = set()
+    names = output_names(tag)
+    outputs = [output_dir / name for name in names.values()] + ([Path(annotated_tar)] if annotated_tar else [])
+    remove_outputs(outputs, annotated_dir)  # a rerun's files replace the last run's, none left over
     with contextlib.ExitStack() as stack:
-        items, run.skipped = collect_inputs(paths, stack)
+        items, run.skipped = collect_inputs(paths, stack, [output_dir, *outputs, annotated_dir], run.inputs)
         drawn = {items[index].name for index in annotation_sample(len(items), annotate_max)} if annotate else set()
         if annotated_tar is not None:
             annotated_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="annotated.")))
@@ -218,20 +302,23 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
     compliance_report = {**settings, "num_images": run.num_images, "overall": run.overall, **run.estimates,
                          "per_image": {i["file"]: i["compliance"] for i in run.images},
                          "skipped": run.skipped}
-    names = output_names(tag)
+    # Everything is rendered before the first file is written: a failure leaves no half of an output set.
+    texts = {"predictions_json": json.dumps(predictions, indent=2, default=str) + "\n",
+             "predictions_csv": _csv_text(run.images),
+             "compliance_json": json.dumps(compliance_report, indent=2, default=str) + "\n"}
+    for text in texts.values():
+        text.encode("utf-8")
     if "per_folder" in run.estimates:
         from .plots import plot_compliance_by_folder
 
         plot_compliance_by_folder(run.estimates["per_folder"], run.estimates["estimate"],
                                   output_dir / names["folder_plot"])
-    run.outputs = {
-        "predictions_json": write_json(output_dir / names["predictions_json"], predictions),
-        "predictions_csv": write_text(output_dir / names["predictions_csv"], _csv_text(run.images)),
-        "compliance_json": write_json(output_dir / names["compliance_json"], compliance_report),
+    run.outputs = {key: write_text(output_dir / names[key], text) for key, text in texts.items()}
+    run.outputs.update({
         "annotated_dir": annotated_dir if annotate and annotated_tar is None else None,
         "annotated_tar": Path(annotated_tar) if annotated_tar is not None else None,
         "folder_plot": output_dir / names["folder_plot"] if "per_folder" in run.estimates else None,
-    }
+    })
     return run
 
 
@@ -279,8 +366,6 @@ def merge_predictions(parts, output_dir, histogram: str | None = "compliance_his
     equals one job over the same images. The parts must agree on the model, the operating threshold and
     the model's validation record (else InputError naming the part).
     """
-    import json
-
     from ..errors import InputError
     from .plots import plot_compliance_histogram
 
