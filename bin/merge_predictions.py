@@ -12,7 +12,9 @@ figure with its 95 % interval per folder the images sit in), plus its run record
 figure is an estimate with its 95 % bootstrap interval (utils/detection/quantify.py).
 Per-image figures are recomputed from the detections exactly as a single predict job
 computes them, so N shards merged equal one job over the same images. The parts must
-come from the same model and threshold. --expected N fails when a part is missing.
+come from the same model and threshold, and each part's structure is checked (labels, boxes
+inside the image, scores from 0 to 1, the fields of a predictions file): a malformed part is one
+line naming the file and the field. --expected N fails when a part is missing.
 Exit 0 on success, 2 on bad input (one line naming the file), 1 on a bug.
 """
 
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from utils.cli import positive_int, run_job
 from utils.detection.compliance import compliance_line
-from utils.detection.prediction import merge_predictions
+from utils.detection.merge import merge_predictions
 from utils.errors import InputError
 from utils.naming import output_names
 from utils.provenance import write_run_record
@@ -49,6 +51,12 @@ def get_args_parser():
 
 
 def main(args) -> int:
+    if args.inputs_dir is not None and not args.inputs_dir.is_dir():
+        raise InputError(f"{args.inputs_dir}: --inputs-dir is not a folder")
+    folders = [str(part) for part in args.inputs or [] if part.is_dir()]
+    if folders:
+        raise InputError(f"{folders[0]}: a folder, not a predictions_<TAG>.json (give a folder of parts as "
+                         "--inputs-dir)")
     parts = args.inputs if args.inputs else sorted(args.inputs_dir.glob(PART_PATTERN))
     missing = [str(part) for part in parts if not part.is_file()]
     if missing:

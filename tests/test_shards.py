@@ -253,3 +253,66 @@ def test_a_large_data_set_travels_in_shards_and_the_jobs_read_them(root, sample_
     assert run_script(root, "preprocess", ["--images", shard, shard, "--output-tar", tmp_path / "x.tar"]) == 2
     assert "is also in shard-000000.tar" in capsys.readouterr().err
 
+
+def a_part() -> dict:
+    """A predictions part as bin/predict.py writes it, with one image and one detection."""
+    return {"model": "model.pt", "backbone": "mobilenet_v2_fpn", "image_size": 128, "working_size": 128,
+            "score_threshold": 0.5, "score_threshold_source": "--score-threshold", "tta": False, "num_images": 1,
+            "detection_floor": 0.05, "num_detections": 1, "calibration": None, "skipped": [],
+            "images": [{"file": "shard-000000.tar:a.jpg", "folder": "", "width": 100, "height": 80, "annotated": None,
+                        "detections": [{"box": [1.0, 2.0, 30.5, 40.0], "label": "with_mask", "score": 0.9}],
+                        "soft_counts": {"with_mask": 0.9, "without_mask": 0.0, "mask_weared_incorrect": 0.0}}]}
+
+
+def _set(path, value):
+    def change(part):
+        *keys, last = path
+        target = part
+        for key in keys:
+            target = target[key]
+        if value is KeyError:
+            del target[last]
+        else:
+            target[last] = value
+    return change
+
+
+DETECTION = ("images", 0, "detections", 0)
+
+
+@pytest.mark.parametrize("change, field", [
+    (_set((*DETECTION, "label"), "foo"), "images[0].detections[0].label: 'foo' is not one of"),
+    (_set(("images", 0, "detections"), KeyError), "images[0].detections: missing"),
+    (_set(("images",), {"a": 1}), "images: a dict, not a list"),
+    (_set(("score_threshold",), KeyError), "score_threshold: missing"),
+    (_set(("images", 0, "folder"), None), "images[0].folder: None is not a folder name"),
+    (_set(("images", 0, "file"), ["x"]), "images[0].file: ['x'] is not a file name"),
+    (_set(("images", 0, "soft_counts"), {"with_mask": 1}), "images[0].soft_counts:"),
+    (_set(("skipped",), "oops"), "skipped: a str, not a list"),
+    (_set((*DETECTION, "box"), "xx"), "images[0].detections[0].box: 'xx' is not"),
+    (_set((*DETECTION, "box"), [50, 2, 10, 40]), "images[0].detections[0].box:"),
+    (_set((*DETECTION, "box"), [1, 2, 300, 40]),
+     "images[0].detections[0].box: [1, 2, 300, 40] is not [xmin, ymin, xmax, ymax] inside the 100x80 image"),
+    (_set((*DETECTION, "score"), "high"), "images[0].detections[0].score: 'high' is not a number from 0 to 1"),
+    (_set((*DETECTION, "score"), 7), "images[0].detections[0].score: 7"),
+    (_set(("images", 0, "width"), -3), "images[0].width: -3"),
+    (_set(("tta",), "yes"), "tta: 'yes' is not true or false"),
+])
+def test_merge_predictions_names_the_file_and_field_of_a_malformed_part(root, tmp_path, capsys, change, field):
+    good, bad = tmp_path / "predictions_good.json", tmp_path / "predictions_bad.json"
+    good.write_text(json.dumps(a_part()))
+    assert run_script(root, "merge_predictions", ["--inputs", good, "--output-dir", tmp_path / "out"]) == 0
+    part = a_part()
+    change(part)
+    bad.write_text(json.dumps(part))
+    capsys.readouterr()
+    assert run_script(root, "merge_predictions", ["--inputs", bad, "--output-dir", tmp_path / "out"]) == 2
+    err = capsys.readouterr().err
+    assert f"merge_predictions: error: {bad}: {field}" in err and "Traceback" not in err
+
+
+def test_merge_predictions_tells_a_folder_from_a_part(root, tmp_path, capsys):
+    (tmp_path / "parts").mkdir()
+    assert run_script(root, "merge_predictions", ["--inputs", tmp_path / "parts", "--output-dir", tmp_path]) == 2
+    assert f"{tmp_path / 'parts'}: a folder, not a predictions_<TAG>.json (give a folder of parts as --inputs-dir)" \
+        in capsys.readouterr().err

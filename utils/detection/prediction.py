@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 
 from .. import defaults as D
-from ..atomic import atomic_path, write_json, write_text
+from ..atomic import atomic_path, write_text
 from ..classes import NAME_OF
 from ..data.images import NOT_UTF8, escaped_name, is_image_name, list_files, valid_utf8_name
 from ..naming import output_names as job_output_names
@@ -346,82 +346,3 @@ def _save_jpeg(picture: Image.Image, path: Path, quality: int = 90) -> None:
 
 def summary_line(run: PredictionRun) -> str:
     return compliance_line(run.overall, run.estimates.get("estimate"))
-
-
-def _tag_of(path: Path) -> str:
-    name = path.name
-    return name[len("predictions_"):-len(".json")] if name.startswith("predictions_") else path.stem
-
-
-def merge_predictions(parts, output_dir, histogram: str | None = "compliance_histogram.png",
-                      folder_plot: str | None = "compliance_by_folder.png",
-                      estimator: str = D.COMPLIANCE_ESTIMATOR) -> dict:
-    """Merge the predictions_<tag>.json of fanned-out predict jobs into one compliance.json (overall with
-    its estimate and interval, per folder, per shard, per image), one predictions.csv, a histogram of the
-    per-image compliance and a plot of the per-folder figures (always drawn: a workflow declares it; one
-    bar when the images sit in one folder).
-
-    Per-image figures are recomputed from the detections, exactly as a single predict job computes
-    them, and the estimates from the per-image records in file-name order, so the merge of N shards
-    equals one job over the same images. The parts must agree on the model, the operating threshold and
-    the model's validation record (else InputError naming the part).
-    """
-    from ..errors import InputError
-    from .plots import plot_compliance_histogram
-
-    output_dir = Path(output_dir)
-    parts = sorted(Path(p) for p in parts)
-    if not parts:
-        raise InputError("no predictions_<tag>.json to merge")
-    settings_keys = ("model", "backbone", "image_size", "working_size", "score_threshold", "score_threshold_source",
-                     "tta")
-    settings, per_shard, per_image, skipped, records_in, calibration = None, {}, {}, [], [], None
-    csv_buffer = io.StringIO()
-    writer = csv.writer(csv_buffer, lineterminator="\n")
-    writer.writerow(PREDICTION_CSV_FIELDS)
-    for part in parts:
-        try:
-            data = json.loads(part.read_text(encoding="utf-8"))
-            images = data["images"]
-        except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:  # Recursion: nested too deep
-            raise InputError(f"{part}: not a predictions file of bin/predict.py ({error})") from None
-        these = {key: data.get(key) for key in settings_keys}
-        if settings is None:
-            settings = these
-        elif these != settings:
-            differing = [key for key in settings_keys if these[key] != settings[key]]
-            raise InputError(f"{part}: made with other settings than {parts[0].name} ({', '.join(differing)})")
-        if part == parts[0]:
-            calibration = data.get("calibration")
-        elif data.get("calibration") != calibration:
-            raise InputError(f"{part}: holds other validation rates than {parts[0].name} (another model file?)")
-        records_in += images
-        records = []
-        for image in images:
-            if image["file"] in per_image:
-                raise InputError(f"{part}: image {image['file']} is also in another part")
-            per_image[image["file"]] = record = compliance([d["label"] for d in image["detections"]])
-            records.append(record)
-            for det in image["detections"]:
-                writer.writerow([image["file"], *det["box"], det["label"], det["score"]])
-        skipped += data.get("skipped", [])
-        per_shard[_tag_of(part)] = {"num_images": len(images), "skipped": len(data.get("skipped", [])),
-                                    **merge_compliance(records)}
-    overall = merge_compliance(per_image.values())
-    estimates = prediction_estimates(records_in, calibration, settings["score_threshold"], bool(settings["tta"]),
-                                     estimator, settings["working_size"])
-    report = {**settings, "num_parts": len(parts), "num_images": len(per_image), "overall": overall, **estimates,
-              "per_shard": per_shard, "per_image": per_image, "skipped": skipped}
-    outputs = {"compliance_json": write_json(output_dir / "compliance.json", report),
-               "predictions_csv": write_text(output_dir / "predictions.csv", csv_buffer.getvalue())}
-    if folder_plot:
-        from .plots import plot_compliance_by_folder
-
-        plot_compliance_by_folder(estimates.get("per_folder", {}), estimates["estimate"], output_dir / folder_plot)
-        outputs["folder_plot"] = output_dir / folder_plot
-    if histogram:
-        percentages = [r["percent_properly_masked"] for r in per_image.values() if r["faces"]]
-        plot_compliance_histogram(percentages, output_dir / histogram, overall["percent_properly_masked"],
-                                  no_faces=len(per_image) - len(percentages))
-        outputs["histogram"] = output_dir / histogram
-    return {"report": report, "outputs": outputs}
