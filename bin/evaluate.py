@@ -20,8 +20,10 @@ validation split), so no model flags are needed; the confusion matrix and the
 compliance error use that threshold unless --score-threshold is given.
 With --output-tag TAG every file name carries the tag (evaluation_TAG.json, ...,
 evaluate_TAG_run.json): one evaluate job per cross-validation fold.
-Exit 0 on success, 2 when the inputs or the model cannot be read (one line naming the
-file), 1 on a bug.
+An image that does not decode (empty, truncated) or an XML that does not parse is skipped,
+listed with its reason in evaluation.json and .txt, as are labelled faces left out (unknown
+class, box outside the image: "objects_dropped"). Exit 0 on success, 2 when no pair can be
+read or the model cannot be (one line naming the file), 1 on a bug.
 """
 
 import argparse
@@ -68,7 +70,7 @@ def main(args) -> int:
         images_dir = stack.enter_context(open_folder(args.images))
         same = Path(args.images).resolve() == Path(args.annotations).resolve()
         annotations_dir = images_dir if same else stack.enter_context(open_folder(args.annotations))
-        pairs, skipped = labelled_pairs(images_dir, annotations_dir)
+        pairs, skipped = labelled_pairs(images_dir, annotations_dir, label_map)
         settings = {"model": str(args.model), "backbone": meta.get("backbone"),
                     "image_size": meta.get("image_size"), "working_size": meta["working_size"],
                     "working_size_source": meta["working_size_source"], "tta": meta["tta"],

@@ -203,3 +203,34 @@ def test_dropped_objects_are_reported(sample_dir, tmp_path):
     write_voc(changed, ann)
     dropped = dropped_objects([type(pairs[0])(pairs[0].image, changed), *pairs[1:3]])
     assert len(dropped) == 1 and dropped[0]["file"] == str(changed) and "helmet" in dropped[0]["reason"]
+
+
+def test_evaluate_lists_unreadable_images_and_dropped_faces_and_goes_on(root, sample_dir, tiny_model_file, tmp_path,
+                                                                         capsys):
+    from utils.data.voc import VocObject, parse_voc, write_voc
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    stems = sorted(p.stem for p in (sample_dir / "images").iterdir())[:4]
+    for stem in stems:
+        (folder / f"{stem}.jpg").write_bytes((sample_dir / "images" / f"{stem}.jpg").read_bytes())
+        (folder / f"{stem}.xml").write_bytes((sample_dir / "annotations" / f"{stem}.xml").read_bytes())
+    data = (folder / f"{stems[0]}.jpg").read_bytes()
+    (folder / f"{stems[0]}.jpg").write_bytes(data[:len(data) // 2])  # truncated: its header still reads
+    (folder / f"{stems[1]}.jpg").write_bytes(b"")
+    annotation = parse_voc(folder / f"{stems[2]}.xml")
+    annotation.objects.append(VocObject("helmet", 1.0, 1.0, 20.0, 20.0))
+    write_voc(folder / f"{stems[2]}.xml", annotation)
+    out = tmp_path / "out"
+    assert run_script(root, "evaluate", ["--images", folder, "--annotations", folder, "--model", tiny_model_file,
+                                         "--output-dir", out, "--device", "cpu", "--workers", "0"]) == 0
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["num_images"] == 2
+    reasons = {entry["file"]: entry["reason"] for entry in report["skipped"]}
+    assert set(reasons) == {str(folder / f"{stems[0]}.jpg"), str(folder / f"{stems[1]}.jpg")}
+    assert "truncated" in reasons[str(folder / f"{stems[0]}.jpg")]
+    text = (out / "evaluation.txt").read_text()
+    assert "Skipped 2 files:" in text and "truncated" in text
+    assert "Labelled faces not evaluated as written, in 1 annotation files: 1 dropped" in text
+    assert f"{folder / stems[2]}.xml: object " in text and "'helmet'" in text
+    assert "'helmet'" in capsys.readouterr().out  # the report printed is the text file's

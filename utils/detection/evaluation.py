@@ -23,7 +23,7 @@ from ..data.dataset import VocDetectionDataset, collate
 from .compliance import compliance_error, compliance_error_lines, operating_threshold
 from .quantify import UNADJUSTED, evaluation_estimates
 from .engine import evaluate_loss, run_inference
-from ..data.images import ImageError, image_size
+from ..data.images import ImageError, image_size, load_rgb
 from .inference import default_num_workers
 from ..naming import evaluation_output_names
 from .inference_size import inference_size, inference_tta, set_inference_size, working_size
@@ -47,15 +47,32 @@ class Evaluation:
     outputs: dict
 
 
-def labelled_pairs(images_dir, annotations_dir):
-    """(pairs, skipped [{file, reason}]) for a folder of images and one of VOC files."""
+def labelled_pairs(images_dir, annotations_dir, label_map: LabelMap = NO_LABEL_MAP):
+    """(pairs, skipped [{file, reason}]) for a folder of images and one of VOC files.
+
+    Each pair is read in full first, its XML parsed and its image decoded: an XML that does not parse or
+    an image that does not decode (empty, truncated, not an image) is a listed skip, not a run stopped
+    half way by the loader; EvaluationInputError when no pair is left."""
     pairing = pair_folders(images_dir, annotations_dir)
     skipped = [{"file": str(p), "reason": "image without annotation"} for p in pairing.images_without_annotation]
     skipped += [{"file": str(p), "reason": "annotation without image"} for p in pairing.annotations_without_image]
+    pairs = []
+    for pair in pairing.pairs:
+        try:
+            parse_voc(pair.annotation, label_map)
+            load_rgb(pair.image)  # a full decode: a truncated file passes a header read
+        except (VocError, ImageError) as error:
+            skipped.append({"file": error.file, "reason": error.problem})
+            continue
+        pairs.append(pair)
+    where = "" if Path(annotations_dir) == Path(images_dir) else f" (annotations: {annotations_dir})"
     if not pairing.pairs:
-        where = "" if Path(annotations_dir) == Path(images_dir) else f" (annotations: {annotations_dir})"
         raise EvaluationInputError(f"{images_dir}: no image/annotation pairs found{where}")
-    return pairing.pairs, skipped
+    if not pairs:
+        first = skipped[len(skipped) - len(pairing.pairs)]
+        raise EvaluationInputError(f"{images_dir}: none of its {len(pairing.pairs)} image/annotation pairs can be "
+                                   f"read{where}, e.g. {first['file']}: {first['reason']}")
+    return pairs, skipped
 
 
 def load_trained_model(path, device, score_threshold: float | None = None, working_size: int | None = None,
@@ -152,6 +169,12 @@ def format_report(report: dict) -> str:
     if report["skipped"]:
         lines += ["", f"Skipped {len(report['skipped'])} files:"]
         lines += [f"  {entry['file']}: {entry['reason']}" for entry in report["skipped"]]
+    if report.get("objects_dropped"):
+        entries = report["objects_dropped"]
+        dropped = sum(entry["reason"].count("object dropped") for entry in entries)
+        lines += ["", f"Labelled faces not evaluated as written, in {len(entries)} annotation files: {dropped} "
+                      "dropped (unknown class, no area, outside the image), the others clipped to the image:"]
+        lines += [f"  {entry['file']}: {entry['reason']}" for entry in entries]
     return "\n".join(lines) + "\n"
 
 
