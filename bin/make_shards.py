@@ -14,8 +14,9 @@ files and folders are followed. An XML pairs with the image at its path below --
 job per shard. Skipped, counted and listed in index.json with the reason: files that are not
 images, a second image with the key of another, both when an XML names a key two images share,
 XML without an image, links to nothing or back into their own folder (a loop), names that are
-not valid UTF-8, and a file reached twice through links. --verify re-reads an existing folder's
-shards against its index.
+not valid UTF-8, and a file reached twice through links. XML files beside the images are
+packed only when --annotations names their folder (it may be the --images folder). --verify
+re-reads an existing folder's shards against its index.
 Exit 0 on success, 2 on bad input (one line naming the file), 1 on a bug.
 """
 
