@@ -83,7 +83,7 @@ def _archive_names(archives: list[Path]) -> dict[Path, str]:
     for archive, own in parts.items():
         for count in range(1, len(own) + 1):
             tail = own[-count:]
-            if all(other[-count:] != tail for key, other in parts.items() if other != own):
+            if all(other[-count:] != tail for other in parts.values() if other != own):
                 break
         names[archive] = PurePosixPath(*tail).as_posix()
     return names
