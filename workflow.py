@@ -437,7 +437,7 @@ def generate(args) -> tuple[MaskDetectionWorkflow, dict[str, Path], dict, list[S
     Raises ConfigError."""
     settings = settings_from_args(args, ROOT)
     run_dir, data_dir, label_map = args.run_dir.resolve(), args.data.resolve(), parse_label_map(settings.label_map)
-    pred_images = check_pred_images(args.pred_images and args.pred_images.resolve())
+    pred_images = check_pred_images(args.pred_images and args.pred_images.resolve(), run_dir)
     videos = find_videos(args.pred_videos.resolve()) if args.pred_videos else []
     data = plan_data(data_dir, run_dir, args.seed, tuple(args.fractions), args.near_duplicate_distance, label_map,
                      args.folds, settings.label)

@@ -54,7 +54,7 @@ def main(args) -> int:
     if not args.images:
         raise InputError("--images is required (or --verify)")
     started = time.perf_counter()
-    items, skipped = collect_images(args.images, args.annotations)
+    items, skipped = collect_images(args.images, args.annotations, exclude=[args.output])
     for entry in skipped:
         print(f"skipped {entry['file']}: {entry['reason']}", file=sys.stderr)
     if not items:

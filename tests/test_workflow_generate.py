@@ -305,6 +305,21 @@ def test_prediction_folder_and_clear_errors(sample_dir, tmp_path, capsys):
     assert "--trials" in capsys.readouterr().err
 
 
+def test_a_run_folder_inside_the_photos_folder_is_not_packed_as_photos(sample_dir, tmp_path):
+    # --pred-images is walked with its subfolders: the run's own outputs (plots, annotated images) must
+    # not become photos to predict on when the run folder sits inside it.
+    photos = tmp_path / "cams"
+    (photos / "siteA").mkdir(parents=True)
+    for image in sorted((sample_dir / "images").iterdir())[:2]:
+        shutil.copyfile(image, photos / "siteA" / image.name)
+    run_dir = photos / "run"
+    (run_dir / "outputs").mkdir(parents=True)
+    shutil.copyfile(sorted((sample_dir / "images").iterdir())[2], run_dir / "outputs" / "histogram.jpg")
+    assert generate(run_dir, sample_dir, "--pred-images", str(photos)) == 0
+    names = tarfile.open(run_dir / "pred_shards" / "shard-000000.tar").getnames()
+    assert names and all(name.startswith("siteA/") for name in names)
+
+
 def test_submit_without_pegasus_prints_the_plan_command(sample_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(generator.shutil, "which", lambda name: None)
     run_dir = tmp_path / "submit"

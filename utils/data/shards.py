@@ -144,10 +144,10 @@ def _key(relative: str) -> str:
     return str(PurePosixPath(relative).with_suffix(""))
 
 
-def collect_images(images_dir, annotations_dir=None) -> tuple[list[ShardItem], list[dict]]:
-    """The images below *images_dir* (subfolders included, symbolic links followed), each with its XML
-    (the same path below *annotations_dir*, extension .xml) or None, in path order; and what was skipped,
-    [{file, reason}].
+def collect_images(images_dir, annotations_dir=None, exclude=()) -> tuple[list[ShardItem], list[dict]]:
+    """The images below *images_dir* (subfolders included, symbolic links followed, the folders in *exclude*
+    left out: the shards' or the run's own folder), each with its XML (the same path below *annotations_dir*,
+    extension .xml) or None, in path order; and what was skipped, [{file, reason}].
 
     Skipped: what utils.data.images.list_files leaves out (links to nothing, names not valid UTF-8,
     link loops, a file seen twice), files that are not images by name, a second image with the key
@@ -157,13 +157,14 @@ def collect_images(images_dir, annotations_dir=None) -> tuple[list[ShardItem], l
     """
     images_dir = _folder(images_dir, "--images")
     prefix = f"{images_dir.as_posix().rstrip('/')}/"
-    files, skipped = list_files(images_dir, prefix)
+    files, skipped = list_files(images_dir, prefix, exclude=exclude)
     xml_files = [file for file in files if file.relative.lower().endswith(".xml")]
     annotations = {}
     if annotations_dir is not None:
         annotations_dir = _folder(annotations_dir, "--annotations")
         if annotations_dir.resolve() != images_dir.resolve():
-            xml_files, more = list_files(annotations_dir, f"{annotations_dir.as_posix().rstrip('/')}/")
+            xml_files, more = list_files(annotations_dir, f"{annotations_dir.as_posix().rstrip('/')}/",
+                                         exclude=exclude)
             skipped += more
             xml_files = [file for file in xml_files if file.relative.lower().endswith(".xml")]
             prefix = f"{annotations_dir.as_posix().rstrip('/')}/"

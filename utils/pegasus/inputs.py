@@ -132,9 +132,10 @@ class PredictionImages:
     source: str = ""
 
 
-def check_pred_images(pred_images: Path | None) -> PredictionImages | None:
+def check_pred_images(pred_images: Path | None, run_dir: Path | None = None) -> PredictionImages | None:
     """--pred-images read and checked, writing nothing: a shard folder with a valid index and every shard, or a
-    folder holding images. None without the flag (the test split is predicted)."""
+    folder holding images (below it, *run_dir* is left out: a run folder inside the photos' folder holds the
+    run's own pictures). None without the flag (the test split is predicted)."""
     from ..data.shards import check_shard_files, collect_images, is_shard_folder, read_index
     from ..errors import InputError
 
@@ -150,11 +151,13 @@ def check_pred_images(pred_images: Path | None) -> PredictionImages | None:
         if not pred_images.is_dir():
             raise ConfigError(f"{pred_images}: not a folder (--pred-images takes a folder of images, or of shards "
                               "made by bin/make_shards.py)")
-        items, skipped = collect_images(pred_images)
+        items, skipped = collect_images(pred_images, exclude=[run_dir] if run_dir is not None else [])
     except InputError as error:
         raise ConfigError(str(error)) from None
     if not items:
-        raise ConfigError(f"{pred_images}: no images to predict on")
+        left_out = f" ({len(skipped)} file(s) left out, first {skipped[0]['file']}: {skipped[0]['reason']})" \
+            if skipped else ""
+        raise ConfigError(f"{pred_images}: no images to predict on{left_out}")
     return PredictionImages(items=tuple(items), skipped=tuple(skipped), source=str(pred_images.resolve()))
 
 
