@@ -54,8 +54,10 @@ def test_predict_survives_corrupt_files_and_odd_images(root, sample_dir, tiny_mo
     assert "broken.jpg" in captured.err
 
     annotated = sorted(p.name for p in (out / "annotated").iterdir())
-    assert annotated == sorted(f"annotated_{p.stem}.jpg" for p in [*good, inputs / "tall_grey_alpha.png",
-                                                                    inputs / "palette.png"])
+    # a photo in a subfolder: its annotated copy's name carries the folder (naming.annotated_stem)
+    assert annotated == sorted([*(f"annotated_{p.stem}.jpg" for p in [*good[:2], inputs / "tall_grey_alpha.png",
+                                                                       inputs / "palette.png"]),
+                                f"annotated_site-b__{good[2].stem}.jpg"])
     with Image.open(out / "annotated" / "annotated_palette.jpg") as image:
         assert image.size == (700, 500) and image.mode == "RGB"  # annotated at the input's own size
 

@@ -115,3 +115,20 @@ def test_the_workflows_report_job_passes_the_run_folders_name(sample_dir, tmp_pa
     report = next(job for job in jobs if job["name"] == "report")
     arguments = [str(argument) for argument in report["arguments"]]
     assert arguments[arguments.index("--run-name") + 1] == "mask-run-7"
+
+
+def test_photos_of_one_name_in_two_folders_keep_their_own_figures():
+    # Shards keep subfolders: siteA/img.jpg and siteB/img.jpg are two photos, with two annotated copies,
+    # and the report must show each tile with its own photo's figures.
+    from pathlib import Path
+
+    from utils.naming import annotated_stem
+    from utils.reporting.run_folder import AnnotatedImage, RunFolder, predicted_by_stem
+
+    per_image = {"pred_shard-000000.tar:siteA/img.jpg": {"faces": 2}, "pred_shard-000001.tar:siteB/img.jpg":
+                 {"faces": 6}, "pred_shard-000001.tar:flat.jpg": {"faces": 1}}
+    run = RunFolder(path=Path("run"), outputs=Path("run/outputs"), compliance={"per_image": per_image})
+    figures = predicted_by_stem(run)
+    assert figures == {"siteA__img": {"faces": 2}, "siteB__img": {"faces": 6}, "flat": {"faces": 1}}
+    tile = AnnotatedImage(name=f"annotated_{annotated_stem('siteB/img.jpg')}.jpg", source=Path("x.tar"))
+    assert figures[tile.stem] == {"faces": 6}

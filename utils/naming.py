@@ -95,3 +95,12 @@ def fold_set_names(tag: str) -> tuple[str, str, str]:
     """The training, validation and held-out sets make_fold cuts for fold *tag*: fold0_train.tar,
     fold0_val.tar, fold0_held_out.tar."""
     return f"{tag}_train.tar", f"{tag}_val.tar", f"{tag}_held_out.tar"
+
+
+def annotated_stem(relative: str) -> str:
+    """The stem of an image's annotated copy (annotated_<stem>.jpg), from its path below the folder or inside the
+    archive it was read from: the subfolders joined with "__" ("siteA/cam1/img.jpg" -> "siteA__cam1__img"), so
+    that photos of one name in different folders get different annotated files, and the report (which finds a
+    photo's figures in compliance.json by the same stem) never shows one photo's figures under another."""
+    path = PurePosixPath(relative)
+    return "__".join([*path.parent.parts, path.stem]) if path.parent.parts else path.stem

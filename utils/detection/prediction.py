@@ -30,6 +30,7 @@ from .. import defaults as D
 from ..atomic import atomic_path, write_text
 from ..classes import NAME_OF
 from ..data.images import NOT_UTF8, escaped_name, is_image_name, list_files, valid_utf8_name
+from ..naming import annotated_stem
 from ..naming import output_names as job_output_names
 from .inference import Detections, ImageItem, Skipped, detect_files
 from .inference_size import working_size
@@ -158,7 +159,7 @@ def remove_outputs(files, annotated_dir: Path) -> None:
 
 
 def _annotated_name(item: ImageItem, used: set) -> str:
-    stem = Path(item.path).stem
+    stem = annotated_stem(f"{item.folder}/{Path(item.path).name}" if item.folder else Path(item.path).name)
     name, n = f"annotated_{stem}.jpg", 1
     while name in used:  # two inputs with the same stem (different folders) must not overwrite each other
         n += 1

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .. import safe_yaml
 from ..errors import InputError
-from ..naming import output_names, report_name
+from ..naming import annotated_stem, output_names, report_name
 
 
 def _made_by(kind: str, role: str) -> str:
@@ -319,6 +319,8 @@ def image_errors_by_stem(run: RunFolder) -> dict[str, dict]:
 
 
 def predicted_by_stem(run: RunFolder) -> dict[str, dict]:
-    """compliance.json's per-image figures keyed by image stem ("pred_shard.tar:name.jpg" -> "name")."""
+    """compliance.json's per-image figures keyed by the stem of their annotated copies (naming.annotated_stem:
+    "pred_shard.tar:name.jpg" -> "name", "pred_shard.tar:siteA/name.jpg" -> "siteA__name")."""
     per_image = (run.compliance or {}).get("per_image") or {}
-    return {Path(key.rsplit(":", 1)[-1]).stem: value for key, value in per_image.items()}
+    return {annotated_stem(key.rsplit(":", 1)[-1]) if ":" in key else Path(key).stem: value
+            for key, value in per_image.items()}
