@@ -33,6 +33,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 from utils import defaults as D
@@ -134,7 +135,7 @@ def main(args) -> int:
                                    max_image_pixels=args.max_image_pixels, queue_size=args.queue_size,
                                    token=token, explain_max_boxes=args.explain_max_boxes,
                                    batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms,
-                                   decode_threads=args.decode_threads))
+                                   decode_threads=args.decode_threads, stop_timeout=args.stop_timeout))
     access_logging()
     # The model's thread takes the GIL back between its ops; Python's default lets the event loop keep it
     # for up to 5 ms while it parses a request (defaults.SERVICE_GIL_SWITCH_S)
@@ -145,6 +146,8 @@ def main(args) -> int:
         re-raises the signal (exit 143): a stop asked for and done is a success."""
 
         def handle_exit(self, sig, frame):
+            if not app.state.stopping:
+                app.state.stop_deadline = time.monotonic() + args.stop_timeout
             app.state.stopping = True  # /readyz answers 503 at once
             super().handle_exit(sig, frame)
 
@@ -161,6 +164,14 @@ def main(args) -> int:
                             limit_concurrency=args.max_connections)
     print(f"{JOB}: {args.model} on http://{args.host}:{args.port} (API docs: /docs)", flush=True)
     Server(config).run(sockets=[sock])
+    worker = getattr(app.state, "worker", None)
+    if worker is not None and worker.busy_after_close():
+        # --stop-timeout passed with a job still on the model: the process ends without it. Python's own exit
+        # would end the interpreter under that thread's torch op, and the C++ runtime aborts (exit 134).
+        print(f"{JOB}: stopped; the model's last job was abandoned after --stop-timeout {args.stop_timeout:g} s",
+              flush=True)
+        sys.stderr.flush()
+        os._exit(0)
     print(f"{JOB}: stopped", flush=True)
     return 0
 

@@ -144,3 +144,24 @@ def test_a_passing_thread_returns_the_result_and_raises_the_error_in_the_caller(
     assert on_a_passing_thread(lambda a, b: a + b, 2, 3) == 5
     with pytest.raises(KeyError, match="missing"):
         on_a_passing_thread(lambda: {}["missing"])
+
+
+def test_a_request_that_stops_waiting_never_ends_the_worker_thread():
+    """A waiting request cancelled (the stop timeout, asyncio.wrap_future) cancels its job's future: the worker
+    drops that job and serves the next ones, where setting the cancelled future's result used to kill it."""
+    release = threading.Event()
+    worker = BatchWorker(lambda batch, tta: [t.shape[-1] for t in batch], batch_size=4, batch_max_pixels=10**8,
+                         wait_s=0.0)
+    try:
+        blocker, _ = worker.submit_call(release.wait, 30)
+        gone, _ = worker.submit_image(torch.zeros(3, 2, 5), False)
+        gone_call, _ = worker.submit_call(lambda: "never")
+        assert gone.cancel() and gone_call.cancel()  # pending: cancelled, as wrap_future does
+        release.set()
+        assert blocker.result(30) is True
+        later, _ = worker.submit_image(torch.zeros(3, 2, 7), False)
+        assert later.result(30) == 7  # the thread lives: the next request is answered, not left hanging
+        assert worker.alive()
+    finally:
+        release.set()
+        worker.close(30)

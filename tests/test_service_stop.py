@@ -94,3 +94,48 @@ def test_bombs_keep_memory_low_and_sigterm_finishes_the_request_in_flight(root, 
     assert answer["response"].json()["images"][0]["file"] == "slow.jpg"
     assert code == 0, stderr[-2000:]
     assert "POST /api/predict 1.1 200" in stderr and "POST /api/predict 1.1 413" in stderr
+
+
+def test_a_request_cut_off_at_the_stop_timeout_gets_503_and_the_model_thread_waits_stop_timeout(tiny_model_file,
+                                                                                             monkeypatch):
+    """uvicorn cancels the requests still in flight --stop-timeout after SIGTERM: each is answered 503 (uvicorn
+    alone sends a bare 500), and the lifespan then waits for the model's thread --stop-timeout, not 30 s."""
+    import asyncio
+
+    from utils.service.app import ServiceConfig, create_app
+    from utils.service.batching import BatchWorker
+    from utils.service.edge import EdgeMiddleware
+    from utils.service.metrics import ServiceMetrics
+
+    async def never_answers(scope, receive, send):
+        await asyncio.Event().wait()
+
+    edge = EdgeMiddleware(never_answers, token=None, protected=(), max_body_bytes=100, metrics=ServiceMetrics())
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def cut_off():
+        scope = {"type": "http", "method": "POST", "path": "/api/predict", "headers": [], "http_version": "1.1"}
+        task = asyncio.ensure_future(edge(scope, receive, send))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.wait([task], timeout=10)
+
+    asyncio.run(cut_off())
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 503 and b"stopping" in b"".join(m.get("body", b"") for m in sent)
+
+    waited = []
+    real_close = BatchWorker.close
+    monkeypatch.setattr(BatchWorker, "close", lambda self, timeout=None: (waited.append(timeout),
+                                                                          real_close(self, timeout)))
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(ServiceConfig(model_path=tiny_model_file, stop_timeout=1.5))) as client:
+        assert client.get("/livez").status_code == 200
+    assert waited == [1.5]

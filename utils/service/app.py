@@ -89,6 +89,7 @@ class ServiceConfig:
     batch_max_pixels: int = D.SERVICE_BATCH_MAX_PIXELS
     batch_wait_ms: float = D.SERVICE_BATCH_WAIT_MS
     decode_threads: int | None = D.SERVICE_DECODE_THREADS
+    stop_timeout: float = D.SERVICE_STOP_TIMEOUT_S
 
     @property
     def max_body_bytes(self) -> int:
@@ -126,10 +127,13 @@ def create_app(config: ServiceConfig) -> FastAPI:
         try:
             yield
         finally:
-            # uvicorn has waited for the requests in flight (bounded by its graceful timeout): what is
-            # still queued is finished, then the threads stop
-            app.state.worker.close(D.SERVICE_STOP_TIMEOUT_S)
-            app.state.decoder.shutdown(wait=True, cancel_futures=True)
+            # uvicorn has waited for the requests in flight (at most --stop-timeout), then cancelled the rest:
+            # their jobs are dropped, the one on the model finishes (waited for at most --stop-timeout again),
+            # then the threads stop. Off the event loop, so that the cut-off requests' 503s go out meanwhile.
+            deadline = app.state.stop_deadline  # bin/serve.py: SIGTERM's time + --stop-timeout
+            await asyncio.to_thread(app.state.worker.close, config.stop_timeout if deadline is None
+                                    else max(0.0, deadline - time.monotonic()))
+            await asyncio.to_thread(app.state.decoder.shutdown, wait=True, cancel_futures=True)
 
     app = FastAPI(title="mask-detection service",
                   description="Face-mask detection and the share of faces properly masked, from a model.pt "
@@ -137,6 +141,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
                   version="1.0", lifespan=lifespan)
     app.state.config, app.state.queue, app.state.metrics = config, queue, metrics
     app.state.stopping = False  # set by bin/serve.py on SIGTERM: /readyz turns 503 while requests finish
+    app.state.stop_deadline = None  # set with it: time.monotonic() by which the stop is to be done
     metrics.requests_admitted.set_function(lambda: queue.waiting)
     app.add_middleware(EdgeMiddleware, token=config.token, protected=PROTECTED, max_body_bytes=config.max_body_bytes,
                        metrics=metrics)

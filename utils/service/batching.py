@@ -30,7 +30,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -96,6 +96,10 @@ class BatchWorker:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._closing
 
+    def busy_after_close(self) -> bool:
+        """close() returned with a job still on the model (its timeout passed): the thread is still running."""
+        return self._closing and self._thread.is_alive()
+
     def expect(self, count: int) -> None:
         """*count* images are being decoded and will be submitted (or withdrawn with expect(-n))."""
         with self._condition:
@@ -111,7 +115,7 @@ class BatchWorker:
 
     def _submit(self, job: _Job, expected: int) -> tuple[Future, Timing]:
         with self._condition:
-            if self._closing:
+            if self._closing or not self._thread.is_alive():
                 raise RuntimeError("the inference worker has stopped")
             self._jobs.append(job)
             self._expected = max(0, self._expected - expected)
@@ -135,7 +139,13 @@ class BatchWorker:
                     return
                 first = self._jobs.popleft()
                 batch = [first] if first.key is None else self._gather(first)
-            self._run(batch)
+            # A request that stopped waiting (cancelled: the server's stop timeout, a client gone) has cancelled
+            # its future: its job is dropped here, and the others' futures are marked running, which no cancel
+            # can undo, so that setting their results below cannot fail (an InvalidStateError there would end
+            # this thread, and every later request would wait for ever).
+            batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
+            if batch:
+                self._run(batch)
 
     def _gather(self, first: _Job) -> list[_Job]:
         """*first* and the waiting images that may share its pass; called holding the condition."""
@@ -171,9 +181,20 @@ class BatchWorker:
             finished = time.perf_counter()
             for job in batch:
                 job.timing.finished = finished
-                job.future.set_exception(error)
+                _settle(job.future, error=error)
             return
         finished = time.perf_counter()
         for job, answer in zip(batch, answers):
             job.timing.finished = finished
-            job.future.set_result(answer)
+            _settle(job.future, answer)
+
+
+def _settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:
+    """The job's answer, which nothing may stop from reaching the others: never raises into the worker's loop."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:  # settled or cancelled already (set_running_or_notify_cancel makes this rare)
+        pass

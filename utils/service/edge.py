@@ -16,6 +16,7 @@ never buffers a body itself.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -85,9 +86,11 @@ class EdgeMiddleware:
         too_large = _BodyTooLarge()
         limit_mb = f"{self.max_body_bytes / 2**20:g} MB"
 
+        started = [False]
+
         async def send_with_id(message):
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                status[0], started[0] = message["status"], True
                 message = {**message, "headers": [*message.get("headers", []),
                                                   (b"x-request-id", request_id.encode())]}
             await send(message)
@@ -129,6 +132,14 @@ class EdgeMiddleware:
                     return
             try:
                 await self.app(scope, counted_receive, send_or_413)
+            except asyncio.CancelledError:
+                # uvicorn cancels the requests still in flight when --stop-timeout has passed after SIGTERM (it
+                # cancels for nothing else): the client is told so, not sent uvicorn's bare 500
+                if started[0]:
+                    raise
+                await answer(send_with_id, 503, f"{where}: the server is stopping and cut this request off; "
+                                                 "retry", {"Retry-After": "2"})
+                return
             except Exception:
                 if not too_large.hit:
                     raise
