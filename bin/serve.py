@@ -81,9 +81,17 @@ def get_args_parser():
                              f"(default: {D.SERVICE_BATCH_WAIT_MS:g})")
     parser.add_argument("--decode-threads", type=positive_int, default=D.SERVICE_DECODE_THREADS,
                         help="threads decoding uploads (default: one per CPU core)")
-    parser.add_argument("--max-connections", type=positive_int, default=D.SERVICE_MAX_CONNECTIONS,
-                        help="connections served at once; more get 503 (default: "
-                             f"{D.SERVICE_MAX_CONNECTIONS})")
+    parser.add_argument("--max-requests", "--max-connections", dest="max_requests", type=positive_int,
+                        default=D.SERVICE_MAX_REQUESTS,
+                        help="requests received or served at once; more get 503 (the probes /livez, /readyz, "
+                             "/api/health, /metrics excepted; open connections without a request do not count) "
+                             f"(default: {D.SERVICE_MAX_REQUESTS})")
+    parser.add_argument("--header-timeout", type=positive_float, default=D.SERVICE_HEADER_TIMEOUT_S,
+                        help="seconds a connection has to send a complete request line and headers, after "
+                             f"connecting or after its previous answer (default: {D.SERVICE_HEADER_TIMEOUT_S:g})")
+    parser.add_argument("--body-timeout", type=positive_float, default=D.SERVICE_BODY_TIMEOUT_S,
+                        help="seconds a request body may send nothing before it is cut off with 408 (default: "
+                             f"{D.SERVICE_BODY_TIMEOUT_S:g})")
     parser.add_argument("--stop-timeout", type=non_negative_float, default=D.SERVICE_STOP_TIMEOUT_S,
                         help="SIGTERM: seconds requests in flight get to finish (default: "
                              f"{D.SERVICE_STOP_TIMEOUT_S:g})")
@@ -125,6 +133,7 @@ def main(args) -> int:
     import uvicorn
 
     from utils.service.app import ServiceConfig, create_app
+    from utils.service.protocol import head_deadline_protocol
 
     token = args.token or os.environ.get(TOKEN_ENV) or None
     sock = bind(args.host, args.port)  # before the model loads: a bad address costs no model load
@@ -135,7 +144,8 @@ def main(args) -> int:
                                    max_image_pixels=args.max_image_pixels, queue_size=args.queue_size,
                                    token=token, explain_max_boxes=args.explain_max_boxes,
                                    batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms,
-                                   decode_threads=args.decode_threads, stop_timeout=args.stop_timeout))
+                                   decode_threads=args.decode_threads, stop_timeout=args.stop_timeout,
+                                   max_requests=args.max_requests, body_timeout=args.body_timeout))
     access_logging()
     # The model's thread takes the GIL back between its ops; Python's default lets the event loop keep it
     # for up to 5 ms while it parses a request (defaults.SERVICE_GIL_SWITCH_S)
@@ -160,8 +170,10 @@ def main(args) -> int:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
+    # No limit_concurrency: uvicorn counts open sockets with it, so a few silent connections answered everyone 503.
+    # The head deadline closes those (protocol.py); the edge bounds the requests in flight (--max-requests).
     config = uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=args.stop_timeout,
-                            limit_concurrency=args.max_connections)
+                            http=head_deadline_protocol(args.header_timeout))
     print(f"{JOB}: {args.model} on http://{args.host}:{args.port} (API docs: /docs)", flush=True)
     Server(config).run(sockets=[sock])
     worker = getattr(app.state, "worker", None)

@@ -175,9 +175,14 @@ SERVICE_GIL_SWITCH_S = 0.0005       # bin/serve.py: how long a thread may hold t
                                      # (Python's default 0.005): the model's forward pass needs the GIL between its
                                      # ops and waited up to 5 ms each time the event loop parsed a request; 0.5 ms
                                      # served 2-4 % more requests/s at 1 and 16 clients (docs/service.md)
-SERVICE_MAX_CONNECTIONS = 32         # connections served at once; more are answered 503 by uvicorn. Each may hold
-                                     # up to 1 MB of every upload in memory while its body arrives (the multipart
-                                     # parser spools the rest to an unnamed temporary file): 32 x 16 images x 1 MB
+SERVICE_MAX_REQUESTS = 32            # requests received or served at once (probes excepted); more are answered 503
+                                     # by the edge. Each may hold up to 1 MB of each of its at most --max-images
+                                     # file parts in memory while its body arrives (the multipart parser spools
+                                     # the rest to an unnamed temporary file): 32 x 16 x 1 MB. Open connections
+                                     # without a request do not count (SERVICE_HEADER_TIMEOUT_S closes them)
+SERVICE_HEADER_TIMEOUT_S = 10.0      # a connection must complete a request's line and headers this long after it
+                                     # connected or after its previous answer, else it is closed (slowloris)
+SERVICE_BODY_TIMEOUT_S = 30.0        # a request body that sends nothing this long is cut off (408)
 SERVICE_STOP_TIMEOUT_S = 30.0        # SIGTERM: seconds requests in flight get to finish before they are cancelled
 SERVICE_REQUEST_OVERHEAD_MB = 1.0    # a request body may exceed max_images x max_upload_mb by this (multipart
                                      # headers, form fields); a larger body is refused before it is read

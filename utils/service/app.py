@@ -72,6 +72,7 @@ RETRY_AFTER_S = 2
 MATCH_IOU = 0.5  # /api/explain: the detection explained is the model's box of that class overlapping the given one
 PAGE = Path(__file__).with_name("page.html")  # the web page at /: plain HTML and JS, no build step, no CDN
 PROTECTED = ("/api/model", "/api/predict", "/api/explain")  # need the token when one is set; probes never do
+PROBES = ("/livez", "/readyz", "/api/health", "/metrics")  # answered even when --max-requests are in flight
 
 
 @dataclass
@@ -90,6 +91,8 @@ class ServiceConfig:
     batch_wait_ms: float = D.SERVICE_BATCH_WAIT_MS
     decode_threads: int | None = D.SERVICE_DECODE_THREADS
     stop_timeout: float = D.SERVICE_STOP_TIMEOUT_S
+    max_requests: int = D.SERVICE_MAX_REQUESTS
+    body_timeout: float = D.SERVICE_BODY_TIMEOUT_S
 
     @property
     def max_body_bytes(self) -> int:
@@ -144,7 +147,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
     app.state.stop_deadline = None  # set with it: time.monotonic() by which the stop is to be done
     metrics.requests_admitted.set_function(lambda: queue.waiting)
     app.add_middleware(EdgeMiddleware, token=config.token, protected=PROTECTED, max_body_bytes=config.max_body_bytes,
-                       metrics=metrics)
+                       metrics=metrics, max_requests=config.max_requests, probes=PROBES,
+                       body_timeout=config.body_timeout)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:

@@ -43,11 +43,15 @@ def shown_path(path: str) -> str:
     return path if PLAIN_PATH.fullmatch(path) else shown(path)
 
 
-class _BodyTooLarge:
-    """Marks a request whose body passed the limit while streaming."""
+class _CutOff:
+    """Marks a request whose body the edge cut off while streaming: its answer's status and reason."""
 
     def __init__(self):
-        self.hit = False
+        self.status, self.detail = 0, ""
+
+    def cut(self, status: int, detail: str) -> dict:
+        self.status, self.detail = status, detail
+        return {"type": "http.disconnect"}  # the app stops reading; nothing more is buffered
 
 
 async def answer(send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
@@ -62,9 +66,13 @@ async def answer(send, status: int, detail: str, headers: dict[str, str] | None 
 
 class EdgeMiddleware:
     def __init__(self, app, *, token: str | None, protected: tuple[str, ...], max_body_bytes: int,
-                 metrics: ServiceMetrics):
+                 metrics: ServiceMetrics, max_requests: int | None = None, probes: tuple[str, ...] = (),
+                 body_timeout: float | None = None):
         self.app, self.token, self.protected = app, token, protected
         self.max_body_bytes, self.metrics = max_body_bytes, metrics
+        # requests in the app at once, probes excepted: what bodies arriving and answers being made may hold
+        self.max_requests, self.probes, self.active = max_requests, probes, 0
+        self.body_timeout = body_timeout
 
     def _authorised(self, headers: dict[bytes, bytes]) -> bool:
         given = headers.get(b"authorization", b"")
@@ -83,10 +91,10 @@ class EdgeMiddleware:
         path, method = scope.get("path", ""), scope.get("method", "")
         where = f"{method} {shown_path(path)}"  # method: uvicorn accepts only a token of letters
         status = [500]
-        too_large = _BodyTooLarge()
+        cut_off = _CutOff()
         limit_mb = f"{self.max_body_bytes / 2**20:g} MB"
 
-        started = [False]
+        started, counted = [False], False
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
@@ -95,24 +103,30 @@ class EdgeMiddleware:
                                                   (b"x-request-id", request_id.encode())]}
             await send(message)
 
-        async def send_or_413(message):
-            # The app answers a body cut off at the limit with its own error (a parse error, 400):
-            # the client is told the real reason instead, and the app's answer is dropped.
-            if too_large.hit:
+        async def send_or_cut(message):
+            # The app answers a body cut off (at the size limit, or stalled) with its own error (a parse error,
+            # 400): the client is told the real reason instead, and the app's answer is dropped.
+            if cut_off.status:
                 if message["type"] == "http.response.start":
-                    await answer(send_with_id, 413, f"{where}: request body larger than {limit_mb}")
+                    await answer(send_with_id, cut_off.status, cut_off.detail)
                 return
             await send_with_id(message)
 
-        received = [0]
+        received, body_done = [0], [False]
 
         async def counted_receive():
-            message = await receive()
+            if body_done[0] or self.body_timeout is None:
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), self.body_timeout)
+                except TimeoutError:  # a body that stalls would hold its place (and memory) for ever
+                    return cut_off.cut(408, f"{where}: no body bytes for {self.body_timeout:g} s; request cut off")
             if message["type"] == "http.request":
                 received[0] += len(message.get("body", b""))
+                body_done[0] = not message.get("more_body", False)
                 if received[0] > self.max_body_bytes:
-                    too_large.hit = True
-                    return {"type": "http.disconnect"}  # the app stops reading; nothing more is buffered
+                    return cut_off.cut(413, f"{where}: request body larger than {limit_mb}")
             return message
 
         try:
@@ -130,8 +144,15 @@ class EdgeMiddleware:
                     declared = str(int(length)) if len(length.lstrip(b"0")) <= LENGTH_DIGITS else "over 10**18"
                     await answer(send_with_id, 413, f"{where}: request body of {declared} bytes; at most {limit_mb}")
                     return
+            if path not in self.probes:
+                if self.max_requests is not None and self.active >= self.max_requests:
+                    await answer(send_with_id, 503, f"{where}: busy: {self.max_requests} requests are being received "
+                                                    "or served; retry shortly", {"Retry-After": "2"})
+                    return
+                self.active += 1
+                counted = True
             try:
-                await self.app(scope, counted_receive, send_or_413)
+                await self.app(scope, counted_receive, send_or_cut)
             except asyncio.CancelledError:
                 # uvicorn cancels the requests still in flight when --stop-timeout has passed after SIGTERM (it
                 # cancels for nothing else): the client is told so, not sent uvicorn's bare 500
@@ -141,11 +162,13 @@ class EdgeMiddleware:
                                                  "retry", {"Retry-After": "2"})
                 return
             except Exception:
-                if not too_large.hit:
+                if not cut_off.status:
                     raise
-            if too_large.hit and status[0] != 413:
-                await answer(send_with_id, 413, f"{where}: request body larger than {limit_mb}")
+            if cut_off.status and status[0] != cut_off.status:
+                await answer(send_with_id, cut_off.status, cut_off.detail)
         finally:
+            if counted:
+                self.active -= 1
             seconds = time.perf_counter() - began
             self.metrics.observe_request(path, status[0], seconds)
             timings = state.get("timings") or {}

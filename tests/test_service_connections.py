@@ -1,0 +1,141 @@
+"""Connections that send nothing, half a request or a stalled body cannot deny service: uvicorn's protocol with a
+head deadline (utils/service/protocol.py) closes the first two, and the edge (utils/service/edge.py) bounds the
+requests in flight (probes excepted) and cuts off a stalled body. No timings are asserted: the generous
+socket timeouts only turn a hang into a failure."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+
+import pytest
+
+uvicorn = pytest.importorskip("uvicorn")
+
+from utils.service.edge import EdgeMiddleware  # noqa: E402
+from utils.service.metrics import ServiceMetrics  # noqa: E402
+from utils.service.protocol import head_deadline_protocol  # noqa: E402
+
+HANG = 20  # seconds a socket read may wait before the test calls it a hang
+
+
+async def hello(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@contextlib.contextmanager
+def running(app, **config):
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", **config))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        for _ in range(400):
+            if server.started:
+                break
+            time.sleep(0.05)
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(HANG)
+
+
+def read_until_closed(conn: socket.socket) -> bytes:
+    """What the server sends until it closes the connection; socket.timeout if it keeps it open."""
+    conn.settimeout(HANG)
+    data = b""
+    while chunk := conn.recv(4096):
+        data += chunk
+    return data
+
+
+def test_silent_and_half_sent_connections_are_closed_at_the_head_deadline_and_requests_go_on():
+    with running(hello, http=head_deadline_protocol(0.5)) as port:
+        silent = socket.create_connection(("127.0.0.1", port))
+        half = socket.create_connection(("127.0.0.1", port))
+        half.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n")  # the head never ends
+        kept = socket.create_connection(("127.0.0.1", port))
+        kept.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        kept.settimeout(HANG)
+        first = b""
+        while not first.endswith(b"ok"):
+            first += kept.recv(4096)
+        assert first.startswith(b"HTTP/1.1 200")
+        kept.sendall(b"GET / HT")  # after an answer, half a request line: the deadline runs again
+        assert read_until_closed(silent) == b""
+        assert read_until_closed(half).startswith(b"HTTP/1.1 408")
+        assert read_until_closed(kept).startswith(b"HTTP/1.1 408")
+        with socket.create_connection(("127.0.0.1", port)) as fresh:  # the server still answers
+            fresh.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert read_until_closed(fresh).startswith(b"HTTP/1.1 200")
+
+
+def _edge(app, **limits) -> EdgeMiddleware:
+    return EdgeMiddleware(app, token=None, protected=(), max_body_bytes=10**6, metrics=ServiceMetrics(),
+                          probes=("/livez",), **limits)
+
+
+async def _call(edge, path: str, receive=None) -> tuple[int, bytes]:
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def complete_body():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": [], "http_version": "1.1"}
+    await edge(scope, receive or complete_body, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return start["status"], b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+def test_requests_in_flight_are_bounded_but_probes_still_answer():
+    release = asyncio.Event()
+
+    async def slow(scope, receive, send):
+        if scope["path"] == "/slow":
+            await release.wait()
+        await hello(scope, receive, send)
+
+    async def scenario():
+        edge = _edge(slow, max_requests=2)
+        held = [asyncio.ensure_future(_call(edge, "/slow")) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        refused = await _call(edge, "/api/predict")
+        probe = await _call(edge, "/livez")
+        release.set()
+        answered = await asyncio.wait_for(asyncio.gather(*held), HANG)
+        after = await _call(edge, "/api/predict")  # the places are given back
+        return refused, probe, answered, after
+
+    refused, probe, answered, after = asyncio.run(scenario())
+    assert refused[0] == 503 and b"busy" in refused[1]
+    assert probe[0] == 200 and [a[0] for a in answered] == [200, 200] and after[0] == 200
+
+
+def test_a_body_that_stalls_is_cut_off_with_408():
+    async def reads_the_body(scope, receive, send):
+        while (message := await receive())["type"] == "http.request" and message.get("more_body"):
+            pass
+        if message["type"] == "http.disconnect":
+            raise RuntimeError("client gone")  # as the multipart parser does, answered 400 by the app
+        await hello(scope, receive, send)
+
+    async def stalled():
+        stalled.calls += 1
+        if stalled.calls == 1:
+            return {"type": "http.request", "body": b"--A\r\n", "more_body": True}
+        await asyncio.Event().wait()  # never more
+
+    stalled.calls = 0
+    status, body = asyncio.run(asyncio.wait_for(_call(_edge(reads_the_body, body_timeout=0.2), "/api/predict",
+                                                      stalled), HANG))
+    assert status == 408 and b"no body bytes for 0.2 s" in body
