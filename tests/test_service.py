@@ -75,7 +75,8 @@ def _png(data: bytes) -> bytes:
     ([("files", ("notes.txt", b"hello", "text/plain"))], 415, "notes.txt: unsupported type 'text/plain'"),
     ([("files", ("fake.jpg", b"\xff\xd8 not a jpeg", "image/jpeg"))], 422, "fake.jpg: "),
     ([("files", ("big.jpg", b"\xff" * (2**20 + 10), "image/jpeg"))], 413, "big.jpg: larger than 1 MB"),
-    ([("files", (f"{i}.jpg", b"x", "image/jpeg")) for i in range(4)], 413, "4 images in one request; at most 3"),
+    ([("files", (f"{i}.jpg", b"x", "image/jpeg")) for i in range(4)], 413,
+     "more than 3 files in one request; at most 3"),
 ])
 def test_bad_uploads_get_a_4xx_naming_the_problem(client, files, status, reason):
     answer = client.post("/api/predict", files=files)

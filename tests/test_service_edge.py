@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import socket
 import subprocess
 import sys
@@ -173,3 +174,43 @@ def test_serve_bad_flags_are_one_line_and_exit_2(root, tiny_model_file, tmp_path
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("serve: error: ") and message in lines[0], lines
+
+
+def _streamed_parts(app, path: str, part: bytes, count: int):
+    """POST *count* multipart parts to the ASGI app, one per receive; (status, detail, parts the app read)."""
+    reads, sent = [0], []
+
+    async def receive():
+        reads[0] += 1
+        if reads[0] > count:
+            return {"type": "http.request", "body": b"--A--\r\n", "more_body": False}
+        return {"type": "http.request", "body": part, "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    target, _, query = path.partition("?")
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": target, "raw_path": target.encode(), "query_string": query.encode(), "root_path": "",
+             "headers": [(b"content-type", b"multipart/form-data; boundary=A")], "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 8000)}
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], json.loads(body)["detail"], reads[0]
+
+
+def test_parts_past_the_limits_are_refused_while_the_body_streams(tiny_model_file):
+    """Starlette's defaults let a request hold 1000 files and 1000 fields of 1 MB in memory before the route
+    counted them: more file parts than --max-images (one for /api/explain), or any text field, are refused as the
+    parser meets them, the rest of the body unread."""
+    app = create_app(ServiceConfig(model_path=tiny_model_file, max_images=3))
+    file_part = b'--A\r\nContent-Disposition: form-data; name="files"; filename="a.jpg"\r\n\r\n' + b"x" * 1000 + b"\r\n"
+    text_part = b'--A\r\nContent-Disposition: form-data; name="x"\r\n\r\n' + b"a" * 1000 + b"\r\n"
+    status, detail, reads = _streamed_parts(app, "/api/predict", file_part, 300)
+    assert status == 413 and "more than 3 files in one request; at most 3 (--max-images)" in detail and reads <= 5
+    status, detail, reads = _streamed_parts(app, "/api/predict", text_part, 300)
+    assert status == 422 and "a form field that is not a file" in detail and reads <= 2
+    explain_part = file_part.replace(b'name="files"', b'name="file"')
+    status, detail, reads = _streamed_parts(app, "/api/explain?box=1,1,5,5&label=with_mask", explain_part, 300)
+    assert status == 413 and "more than one file" in detail and reads <= 3

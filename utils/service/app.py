@@ -49,6 +49,7 @@ import torch
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from torchvision.ops import box_iou
 
 from .. import defaults as D
@@ -294,7 +295,10 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return explain_image(model, tensor, out["boxes"][index], out["labels"][index], out["scores"][index],
                              device, method, 1, meta["tta"])[0]
 
-    @app.post("/api/predict")
+    # The multipart parser refuses, while the body streams, a file part past the route's count and any text field
+    # (Starlette's defaults, 1000 files and 1000 fields of up to 1 MB each, let a request hold a GB before the
+    # route ran); one_line_errors below names the limit.
+    @app.post("/api/predict", form_limits={"max_files": config.max_images, "max_fields": 0, "max_part_size": 1024})
     async def predict(request: Request,
                       files: list[UploadFile] = File(..., description="one or more images (field `files`, repeatable)"),
                       score_threshold: float | None = Query(None, ge=0.0, le=1.0,
@@ -311,8 +315,6 @@ def create_app(config: ServiceConfig) -> FastAPI:
                                                                "evidence over a crop around it (JPEG data URL); "
                                                                "a backward pass per box")) -> dict:
         """Detections (down to the detection floor, with scores) and compliance per image and overall."""
-        if len(files) > config.max_images:
-            raise HTTPException(413, f"{len(files)} images in one request; at most {config.max_images} (--max-images)")
         threshold = default_threshold if score_threshold is None else score_threshold
         tta = meta["tta"] if tta is None else tta
         admit(request)
@@ -370,7 +372,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 "tta": tta, "images": results, "overall": merge_compliance(r["compliance"] for r in results),
                 **estimates}
 
-    @app.post("/api/explain")
+    @app.post("/api/explain", form_limits={"max_files": 1, "max_fields": 0, "max_part_size": 1024})
     async def explain_detection(request: Request,
                                 file: UploadFile = File(..., description="the image (one)"),
                                 box: str = Query(..., description="the detection's box: x1,y1,x2,y2 in pixels, as "
@@ -413,9 +415,18 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return {"file": upload.name, "label": label, "box": explanation.box, "score": explanation.score,
                 **explanation_record(explanation, method)}
 
-    @app.exception_handler(HTTPException)
-    async def one_line_errors(request: Request, error: HTTPException):
-        return JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=error.headers)
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException, and the multipart parser's
+    async def one_line_errors(request: Request, error: StarletteHTTPException):
+        status, detail = error.status_code, error.detail
+        where = f"{request.method} {shown_path(request.url.path)}"
+        if status == 400 and str(detail).startswith("Too many files"):
+            status, detail = 413, (f"{where}: more than {config.max_images} files in one request; at most "
+                                   f"{config.max_images} (--max-images)" if request.url.path == "/api/predict"
+                                   else f"{where}: more than one file; send one image (field `file`)")
+        elif status == 400 and str(detail).startswith("Too many fields"):
+            status, detail = 422, (f"{where}: a form field that is not a file; send only images, as file parts "
+                                   f"(field `{'files' if request.url.path == '/api/predict' else 'file'}`)")
+        return JSONResponse({"detail": detail}, status_code=status, headers=error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def one_line_validation_errors(request: Request, error: RequestValidationError):
