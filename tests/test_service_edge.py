@@ -136,11 +136,19 @@ def test_bad_query_values_are_one_bounded_line(tiny_model_file, sample_dir):
         missing = client.post("/api/predict")
         box = client.post("/api/explain?label=with_mask&box=" + "1," * 3000,
                           files=[("file", ("a.jpg", photo.read_bytes(), "image/jpeg"))])
+        float_box = {given: client.post(f"/api/explain?label=with_mask&box={given}",
+                                        files=[("file", ("a.jpg", photo.read_bytes(), "image/jpeg"))])
+                     for given in ("1e39,0,2e39,1", "0,0,1e-46,1", "nan,0,1,1")}
+        nan = client.post("/api/predict?score_threshold=nan", files=[("files", ("a.jpg", photo.read_bytes(),
+                                                                                "image/jpeg"))])
     assert answer.status_code == 422
     detail = answer.json()["detail"]
     assert detail.startswith("POST /api/predict: query score_threshold: ") and len(detail) < 300
     assert missing.status_code == 422 and missing.json()["detail"].startswith("POST /api/predict: body files: ")
     assert box.status_code == 422 and box.json()["detail"].startswith("box '1,1,") and len(box.json()["detail"]) < 300
+    for given in ("1e39,0,2e39,1", "0,0,1e-46,1", "nan,0,1,1"):  # inf, or x2 == x1, in the model's float32
+        assert float_box[given].status_code == 422 and float_box[given].json()["detail"].startswith(f"box '{given}'")
+    assert nan.status_code == 422 and "finite number" in nan.json()["detail"]
 
 
 def _listening_port() -> socket.socket:

@@ -289,7 +289,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             return None
         ious = box_iou(torch.tensor([box]), out["boxes"][candidates])[0]
         best = int(ious.argmax())
-        if float(ious[best]) <= MATCH_IOU:
+        if not float(ious[best]) > MATCH_IOU:  # NaN too: never explain a detection the box does not match
             return None
         index = candidates[best: best + 1]
         return explain_image(model, tensor, out["boxes"][index], out["labels"][index], out["scores"][index],
@@ -301,7 +301,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.post("/api/predict", form_limits={"max_files": config.max_images, "max_fields": 0, "max_part_size": 1024})
     async def predict(request: Request,
                       files: list[UploadFile] = File(..., description="one or more images (field `files`, repeatable)"),
-                      score_threshold: float | None = Query(None, ge=0.0, le=1.0,
+                      score_threshold: float | None = Query(None, ge=0.0, le=1.0, allow_inf_nan=False,
                                                             description="count detections at or above this score "
                                                                         "(default: the model's operating threshold)"),
                       tta: bool | None = Query(None, description="also run each image flipped and fuse both "
