@@ -165,3 +165,49 @@ def test_a_request_that_stops_waiting_never_ends_the_worker_thread():
     finally:
         release.set()
         worker.close(30)
+
+
+def test_an_explain_request_lets_other_requests_run_between_its_boxes(tiny_model_file, sample_dir, monkeypatch):
+    """explain=true costs a backward pass per box: its boxes are one job each, submitted one after another, so
+    another request's image queued meanwhile runs before the next box, where one call for all of them held the
+    model's thread (20+ s for 16 images) while every other client waited."""
+    import utils.service.app as service
+
+    order, first_box, release = [], threading.Event(), threading.Event()
+    real_explain, real_detect = service.explain_image, service.detect
+
+    def recorded_explain(*args, **kwargs):
+        order.append("explain")
+        if not first_box.is_set():
+            first_box.set()
+            release.wait(30)
+        return real_explain(*args, **kwargs)
+
+    def recorded_detect(*args, **kwargs):
+        order.append("detect")
+        return real_detect(*args, **kwargs)
+
+    monkeypatch.setattr(service, "explain_image", recorded_explain)
+    monkeypatch.setattr(service, "detect", recorded_detect)
+    photo = sorted((sample_dir / "images").glob("*.jpg"))[0].read_bytes()
+    app = create_app(ServiceConfig(model_path=tiny_model_file, explain_max_boxes=3))
+    answers = {}
+    with TestClient(app) as c:
+        explaining = threading.Thread(target=lambda: answers.update(explain=c.post(
+            "/api/predict?explain=true&score_threshold=0", files=[("files", ("e.jpg", photo, "image/jpeg"))])))
+        explaining.start()
+        assert first_box.wait(60)  # the explain request's first box is on the model's thread
+        other = threading.Thread(target=lambda: answers.update(other=c.post(
+            "/api/predict", files=[("files", ("o.jpg", photo, "image/jpeg"))])))
+        other.start()
+        for _ in range(600):  # until the other request's image waits for the model
+            if app.state.worker.depth() >= 1:
+                break
+            threading.Event().wait(0.05)
+        release.set()
+        explaining.join(120)
+        other.join(120)
+    assert answers["explain"].status_code == 200 and answers["other"].status_code == 200
+    explained = [d for d in answers["explain"].json()["images"][0]["detections"] if "explanation" in d]
+    assert len(explained) == 3 and order.count("explain") == 3
+    assert order[:3] == ["detect", "explain", "detect"], order  # the other request ran between the boxes

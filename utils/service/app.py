@@ -266,18 +266,29 @@ def create_app(config: ServiceConfig) -> FastAPI:
         metrics.stage.labels("queue").observe(queue_s)
         metrics.stage.labels("inference").observe(inference_s)
 
-    def explain_all(tensors: list[torch.Tensor], tta: bool, explain_threshold: float):
-        """(detections, {detection index: explanation}) per image: one call on the model's thread."""
-        outputs = run_batch(tensors, tta) if len({t.shape for t in tensors}) == 1 else \
-            [run_batch([t], tta)[0] for t in tensors]
+    def explain_one(tensor: torch.Tensor, out: dict, index: int, tta: bool) -> dict:
+        """The explanation record of detection *index* of one image (a forward and a backward pass, two under
+        TTA): one job on the model's thread, so that an explain=true request of 16 images never holds it for
+        all its boxes at once."""
+        one = slice(index, index + 1)
+        explanation = explain_image(model, tensor, out["boxes"][one], out["labels"][one], out["scores"][one],
+                                    device, D.EXPLAIN_METHOD, 1, tta)[0]
+        return explanation_record(explanation, D.EXPLAIN_METHOD)
+
+    async def explain_best(worker: BatchWorker, tensors: list, outputs: list, tta: bool, threshold: float,
+                           timings: list) -> list[dict]:
+        """{detection index: explanation} per image, for its best `explain_max_boxes` counted detections. The
+        jobs are submitted one at a time, each when the last is done: other requests' images queued meanwhile
+        run between them, where one call for all the boxes held every other client for its 20+ s."""
         explained = [{} for _ in tensors]
         for tensor, out, found in zip(tensors, outputs, explained):
-            counted = (out["scores"] >= explain_threshold).nonzero().flatten()
-            for explanation in explain_image(model, tensor, out["boxes"][counted], out["labels"][counted],
-                                             out["scores"][counted], device, D.EXPLAIN_METHOD,
-                                             config.explain_max_boxes, tta):
-                found[int(counted[explanation.index])] = explanation_record(explanation, D.EXPLAIN_METHOD)
-        return outputs, explained
+            counted = (out["scores"] >= threshold).nonzero().flatten()
+            best = counted[torch.argsort(out["scores"][counted], descending=True)][: config.explain_max_boxes]
+            for index in best.tolist():
+                future, timing = worker.submit_call(explain_one, tensor, out, index, tta)
+                timings.append(timing)
+                found[index] = await asyncio.wrap_future(future)
+        return explained
 
     def explain_box(tensor: torch.Tensor, box: list[float], label: int, method: str):
         """The explanation of the model's detection of class *label* at *box*, or None if it finds none there.
@@ -324,16 +335,13 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
             async def decode_and_detect():
                 began = time.perf_counter()
-                tensors = await decode_all(request, uploads, announce=not explain)
+                tensors = await decode_all(request, uploads, announce=True)
                 decoded = time.perf_counter()
+                submitted = [worker.submit_image(tensor, tta) for tensor in tensors]
+                outputs = list(await asyncio.gather(*(asyncio.wrap_future(f) for f, _ in submitted)))
+                explained, timings = [{} for _ in tensors], [t for _, t in submitted]
                 if explain:
-                    future, timing = worker.submit_call(explain_all, tensors, tta, threshold)
-                    outputs, explained = await asyncio.wrap_future(future)
-                    timings = [timing]
-                else:
-                    submitted = [worker.submit_image(tensor, tta) for tensor in tensors]
-                    outputs = list(await asyncio.gather(*(asyncio.wrap_future(f) for f, _ in submitted)))
-                    explained, timings = [{} for _ in tensors], [t for _, t in submitted]
+                    explained = await explain_best(worker, tensors, outputs, tta, threshold, timings)
                 record_timings(request, decoded - began, timings, len(tensors))
                 return tensors, outputs, explained
 
