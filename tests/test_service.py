@@ -71,9 +71,17 @@ def _png(data: bytes) -> bytes:
     return buffer.getvalue()
 
 
+def _ico() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buffer, format="ICO")
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize("files, status, reason", [
     ([("files", ("notes.txt", b"hello", "text/plain"))], 415, "notes.txt: unsupported type 'text/plain'"),
-    ([("files", ("fake.jpg", b"\xff\xd8 not a jpeg", "image/jpeg"))], 422, "fake.jpg: "),
+    ([("files", ("fake.jpg", b"\xff\xd8\xff not a jpeg", "image/jpeg"))], 415, "fake.jpg: not an image file"),
+    ([("files", ("text.jpg", b"hello", "image/jpeg"))], 415, "text.jpg: not an image file"),  # the bytes decide
+    ([("files", ("icon.png", _ico(), "image/png"))], 415, "icon.png: not an image file"),  # ICO: never opened
     ([("files", ("big.jpg", b"\xff" * (2**20 + 10), "image/jpeg"))], 413, "big.jpg: larger than 1 MB"),
     ([("files", (f"{i}.jpg", b"x", "image/jpeg")) for i in range(4)], 413,
      "more than 3 files in one request; at most 3"),
@@ -81,6 +89,12 @@ def _png(data: bytes) -> bytes:
 def test_bad_uploads_get_a_4xx_naming_the_problem(client, files, status, reason):
     answer = client.post("/api/predict", files=files)
     assert answer.status_code == status and reason in answer.json()["detail"]
+
+
+def test_the_declared_type_is_read_as_a_media_type(client, sample_dir):
+    for declared in ("IMAGE/JPEG", "image/jpeg; charset=x", " image/jpeg "):
+        answer = client.post("/api/predict", files=[("files", ("a.jpg", jpeg(sample_dir), declared))])
+        assert answer.status_code == 200, (declared, answer.text)
 
 
 def test_truncated_image_and_bad_threshold(client, sample_dir):

@@ -222,3 +222,21 @@ def test_parts_past_the_limits_are_refused_while_the_body_streams(tiny_model_fil
     explain_part = file_part.replace(b'name="files"', b'name="file"')
     status, detail, reads = _streamed_parts(app, "/api/explain?box=1,1,5,5&label=with_mask", explain_part, 300)
     assert status == 413 and "more than one file" in detail and reads <= 3
+
+
+def test_only_the_accepted_formats_are_ever_opened(tmp_path):
+    """Pillow left to itself tries every plugin, and its ICO plugin decodes the whole image on open: the header
+    check, the decode and the jobs' header read (utils/data/images.py) open JPEG, PNG, BMP, TIFF, WebP only."""
+    from utils.data.images import NotAnImageError, check_image_pixels, image_size, load_rgb, load_rgb_bytes
+
+    icon = tmp_path / "icon.jpg"
+    Image.new("RGB", (64, 64)).save(icon, format="ICO")
+    gif = tmp_path / "anim.png"
+    Image.new("RGB", (8, 8)).save(gif, format="GIF")
+    for path in (icon, gif):
+        for read in (check_image_pixels, image_size, load_rgb, lambda p: load_rgb_bytes(p.read_bytes(), str(p))):
+            with pytest.raises(NotAnImageError, match="not an image file"):
+                read(path)
+    webp = tmp_path / "a.webp"
+    Image.new("RGB", (8, 6)).save(webp, format="WEBP")
+    assert check_image_pixels(webp) == (8, 6) and load_rgb(webp).size == (8, 6)

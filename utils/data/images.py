@@ -32,6 +32,10 @@ warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 TOO_LARGE = (Image.DecompressionBombError, Image.DecompressionBombWarning)  # Pillow's guard, raised by Image.open
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# The formats of those extensions, the only ones Image.open may try: left to itself Pillow tries every plugin,
+# and some load the whole image on open (ICO: a 249 KB file holding an 8000x8000 PNG cost 400 MB and 0.8 s before
+# its size could be refused). A file of another format (GIF, ICO, text named .jpg) is "not an image file".
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
 
 
 class ImageError(InputError):
@@ -98,6 +102,10 @@ class PixelLimitError(ImageError):
     """An image whose header claims more pixels than the limit (the service answers it 413, other bad images 422)."""
 
 
+class NotAnImageError(ImageError):
+    """A file that is no image of IMAGE_FORMATS (the service answers it 415)."""
+
+
 def check_image_pixels(source, limit: int = D.IMAGE_MAX_PIXELS, name=None) -> tuple[int, int]:
     """(width, height) of the image *source* (a path, an open binary file or bytes) read from its header,
     nothing decoded; PixelLimitError naming *name* (default: the path) when width x height exceeds *limit*,
@@ -108,7 +116,7 @@ def check_image_pixels(source, limit: int = D.IMAGE_MAX_PIXELS, name=None) -> tu
         source = io.BytesIO(source)
     start = source.tell() if hasattr(source, "tell") else None
     try:
-        with _pillow_errors(name, "read image header"), Image.open(source) as img:
+        with _pillow_errors(name, "read image header"), Image.open(source, formats=IMAGE_FORMATS) as img:
             _check_pixels(img, limit, name)
             return img.size
     finally:
@@ -135,7 +143,7 @@ def load_rgb_bytes(data: bytes, name: str) -> Image.Image:
 
 
 def _decode(source, path) -> Image.Image:
-    with _pillow_errors(path, "decode image"), Image.open(source) as img:
+    with _pillow_errors(path, "decode image"), Image.open(source, formats=IMAGE_FORMATS) as img:
         _check_pixels(img, D.IMAGE_MAX_PIXELS, path)  # from the header: a bomb is never decoded
         img.load()  # full decode now, so truncated files fail here and not later
         img = ImageOps.exif_transpose(img)
@@ -154,7 +162,8 @@ def _pillow_errors(name, action: str):
     except FileNotFoundError:
         raise ImageError(name, "file does not exist") from None
     except UnidentifiedImageError:
-        raise ImageError(name, "not an image file (format not recognised)") from None
+        raise NotAnImageError(name, "not an image file (format not recognised; read here: "
+                                    f"{', '.join(IMAGE_FORMATS)})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         message = str(exc) or exc.__class__.__name__
         if "truncated" in message.lower():
@@ -165,7 +174,7 @@ def _pillow_errors(name, action: str):
 def image_size(path) -> tuple[int, int]:
     """(width, height) as displayed, read from the header only (EXIF rotation applied)."""
     path = Path(path)
-    with _pillow_errors(path, "read image header"), Image.open(path) as img:
+    with _pillow_errors(path, "read image header"), Image.open(path, formats=IMAGE_FORMATS) as img:
         _check_pixels(img, D.IMAGE_MAX_PIXELS, path)  # a size the decode would refuse is refused here too
         width, height = img.size
         orientation = img.getexif().get(0x0112, 1)

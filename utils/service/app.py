@@ -55,7 +55,7 @@ from torchvision.ops import box_iou
 from .. import defaults as D
 from .. import errors
 from ..classes import CLASS_COLOURS, CLASSES, LABEL_OF
-from ..data.images import ImageError, PixelLimitError, check_image_pixels
+from ..data.images import ImageError, NotAnImageError, PixelLimitError, check_image_pixels
 from ..detection.compliance import compliance, merge_compliance
 from ..detection.evaluation import load_trained_model
 from ..detection.explain import EXPLAIN_METHODS, ExplainError, explain_image
@@ -68,7 +68,7 @@ from .uploads import (AdmissionQueue, PixelBudget, Upload, annotated_jpeg, decod
                       detection_records, explanation_record, model_sized_input, parse_box, upload_name)
 
 DETECTION_FLOOR = D.DETECTION_FLOOR  # lowest score returned: below it a box is noise at any threshold a user would pick
-IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff"}
+IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff"}  # of data.images.IMAGE_FORMATS
 RETRY_AFTER_S = 2
 MATCH_IOU = 0.5  # /api/explain: the detection explained is the model's box of that class overlapping the given one
 PAGE = Path(__file__).with_name("page.html")  # the web page at /: plain HTML and JS, no build step, no CDN
@@ -210,7 +210,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
     async def read_upload(request: Request, upload: UploadFile) -> Upload:
         """The upload and its size from the header, nothing decoded; 413/415/422 naming the file."""
         name = upload_name(upload)
-        if upload.content_type not in IMAGE_TYPES:
+        declared = str(upload.content_type or "").split(";")[0].strip().lower()  # IMAGE/JPEG; charset=x: image/jpeg
+        if declared not in IMAGE_TYPES:
             raise HTTPException(415, f"{name}: unsupported type {errors.shown(str(upload.content_type))}; "
                                      f"send one of {', '.join(sorted(IMAGE_TYPES))}")
         size = upload.size if upload.size is not None else upload.file.seek(0, io.SEEK_END)
@@ -222,6 +223,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 request.app.state.decoder, check_image_pixels, upload.file, config.max_image_pixels, name)
         except PixelLimitError as error:
             raise HTTPException(413, str(error)) from None
+        except NotAnImageError as error:  # the type a client declares is not trusted: the bytes must be one
+            raise HTTPException(415, str(error)) from None
         except ImageError as error:
             raise HTTPException(422, str(error)) from None
         upload.file.seek(0)
