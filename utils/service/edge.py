@@ -30,6 +30,7 @@ from .metrics import ServiceMetrics
 
 ACCESS_LOG = logging.getLogger("mask_service.access")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+PLAIN_METHOD = re.compile(r"[A-Z]{1,16}")  # GET, POST, OPTIONS...; h11 takes any token (G'E|T~!) up to 16 KB
 PLAIN_PATH = re.compile(rf"/[\x21-\x7e]{{0,{D.MESSAGE_VALUE_CHARS - 1}}}")  # printable ASCII, no spaces
 # Digits of a Content-Length read as a number at most: Python refuses to convert over 4300 (a ValueError,
 # answered 500), and any length past 18 digits is an exabyte, over every limit anyway.
@@ -89,7 +90,7 @@ class EdgeMiddleware:
         state = scope.setdefault("state", {})
         state["request_id"], state["timings"] = request_id, {}
         path, method = scope.get("path", ""), scope.get("method", "")
-        where = f"{method} {shown_path(path)}"  # method: uvicorn accepts only a token of letters
+        where = f"{method if PLAIN_METHOD.fullmatch(method) else shown(method, 24)} {shown_path(path)}"
         status = [500]
         cut_off = _CutOff()
         limit_mb = f"{self.max_body_bytes / 2**20:g} MB"
