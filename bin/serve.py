@@ -14,16 +14,20 @@ full, not stopping); GET /metrics in Prometheus text format; one access-log line
 with its id (X-Request-ID) and its decode / queue / inference times.
 
 The model is loaded once; one inference thread puts up to --batch-size images of the same
-size from any requests into one forward pass; at most --queue-size requests are in flight
-(then 503 with Retry-After). Bad uploads get a 4xx naming the file: 413 too large
-(--max-upload-mb, --max-image-pixels, checked from the header before decoding) or too many
-(--max-images), 415 not an image type, 422 undecodable. A body over the request limit, and
-with --token (or MASK_SERVICE_TOKEN) a request without `Authorization: Bearer <token>`, is
-refused before it is read. Binds 127.0.0.1 unless --host says otherwise.
+size from any requests into one forward pass; at most --queue-size requests wait for it and at
+most --max-requests are received or served at once (then 503 with Retry-After; the probes
+always answer). A connection must send a complete request head within --header-timeout
+seconds of connecting or of its last answer, and a body may not stall for --body-timeout
+seconds (408). Bad uploads get a 4xx naming the file: 413 too large (--max-upload-mb,
+--max-image-pixels, checked from the header before decoding) or too many file parts
+(--max-images, refused as the body streams), 415 not a JPEG, PNG, BMP, TIFF or WebP image
+(by its bytes), 422 undecodable. A body over the request limit, and with --token (or
+MASK_SERVICE_TOKEN) a request without `Authorization: Bearer <token>`, is refused before it
+is read. Binds 127.0.0.1 unless --host says otherwise.
 
 SIGTERM (or Ctrl-C) stops taking requests, lets those in flight finish (at most
---stop-timeout seconds) and exits 0. Exit 2 with one line when the model cannot be loaded,
-the address cannot be bound or a flag is bad.
+--stop-timeout seconds; those still running then are answered 503) and exits 0. Exit 2 with
+one line when the model cannot be loaded, the address cannot be bound or a flag is bad.
 """
 
 import argparse

@@ -183,7 +183,8 @@ SERVICE_MAX_REQUESTS = 32            # requests received or served at once (prob
 SERVICE_HEADER_TIMEOUT_S = 10.0      # a connection must complete a request's line and headers this long after it
                                      # connected or after its previous answer, else it is closed (slowloris)
 SERVICE_BODY_TIMEOUT_S = 30.0        # a request body that sends nothing this long is cut off (408)
-SERVICE_STOP_TIMEOUT_S = 30.0        # SIGTERM: seconds requests in flight get to finish before they are cancelled
+SERVICE_STOP_TIMEOUT_S = 30.0        # SIGTERM: seconds requests in flight get to finish before they are cut off
+                                     # (503) and the model's job then running is abandoned (exit 0 either way)
 SERVICE_REQUEST_OVERHEAD_MB = 1.0    # a request body may exceed max_images x max_upload_mb by this (multipart
                                      # headers, form fields); a larger body is refused before it is read
 

@@ -21,7 +21,8 @@ so no request can make the server swell. Uploads are decoded in memory (nothing 
 becomes a path on disk) on a pool of threads, one per core, off the event loop. The model runs
 on one thread (utils/service/batching.py) that puts images of the same size from any requests
 into one forward pass. Every bad request gets a 4xx with a reason naming the file: 413 too large
-or too many, 415 not an image type, 422 undecodable or truncated.
+or too many, 415 not an image of a format read here (by its bytes, whatever type is declared),
+422 undecodable or truncated.
 
 Detections are returned down to `DETECTION_FLOOR`, each with its score, plus the
 operating threshold: the compliance figures count those at or above the threshold
