@@ -113,7 +113,8 @@ def parse_box(text: str) -> list[float]:
     except ValueError:
         box = []
     # checked as the model's float32 compares it: 1e39 is finite as a Python float but inf there (and its IoU NaN)
-    box32 = np.asarray(box if len(box) == 4 else [0.0] * 4, dtype=np.float64).astype(np.float32)
+    with np.errstate(over="ignore"):  # an overflow is the inf looked for, not a warning
+        box32 = np.asarray(box if len(box) == 4 else [0.0] * 4, dtype=np.float64).astype(np.float32)
     if len(box) != 4 or not np.isfinite(box32).all() or box32[2] <= box32[0] or box32[3] <= box32[1]:
         raise HTTPException(422, f"box {shown(text)}: expected x1,y1,x2,y2 in pixels with x2 > x1 and y2 > y1")
     return box
