@@ -320,6 +320,18 @@ def test_a_run_folder_inside_the_photos_folder_is_not_packed_as_photos(sample_di
     assert names and all(name.startswith("siteA/") for name in names)
 
 
+def test_files_left_out_of_the_prediction_shards_are_said_at_generation(sample_dir, tmp_path, caplog):
+    photos = tmp_path / "cams"
+    photos.mkdir()
+    shutil.copyfile(sorted((sample_dir / "images").iterdir())[0], photos / "a.jpg")
+    (photos / "notes.txt").write_text("not a photo")
+    (photos / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    with caplog.at_level("WARNING"):
+        assert generate(tmp_path / "run", sample_dir, "--pred-images", str(photos)) == 0
+    said = [record.getMessage() for record in caplog.records if "not packed for prediction" in record.getMessage()]
+    assert len(said) == 1 and "2 file(s)" in said[0] and str(tmp_path / "run" / "pred_shards" / "index.json") in said[0]
+
+
 def test_submit_without_pegasus_prints_the_plan_command(sample_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(generator.shutil, "which", lambda name: None)
     run_dir = tmp_path / "submit"

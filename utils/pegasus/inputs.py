@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import write_text
 from ..classes import NO_LABEL_MAP, LabelMap
 from .config import ConfigError, ShardFile, SplitEntry, VideoFile, check_video_tags
+
+log = logging.getLogger(__name__)
 
 
 def _split_entry(image: str, annotation: str, split: str, data_dir: Path) -> SplitEntry:
@@ -170,7 +173,7 @@ def prediction_shards(pred_images: PredictionImages | None, entries: list[SplitE
     images per shard, and a rerun over the unchanged images (same names, sizes and times)
     reuses those shards.
     """
-    from ..data.shards import pack_or_reuse
+    from ..data.shards import INDEX_JSON, pack_or_reuse
     from ..errors import InputError
 
     if images_per_job < 1:
@@ -186,9 +189,14 @@ def prediction_shards(pred_images: PredictionImages | None, entries: list[SplitE
     if not items:
         raise ConfigError(f"{source}: no images to predict on")
     try:
-        return _shard_files(pack_or_reuse(items, run_dir / "pred_shards", images_per_job, source, skipped))
+        index = pack_or_reuse(items, run_dir / "pred_shards", images_per_job, source, skipped)
     except InputError as error:
         raise ConfigError(str(error)) from None
+    if skipped:  # said where it is seen (generation's output), listed with the reasons in the shards' index
+        log.warning("%s: %d file(s) not packed for prediction (first: %s: %s); every one with its reason in %s",
+                    source, len(skipped), skipped[0]["file"], skipped[0]["reason"],
+                    run_dir / "pred_shards" / INDEX_JSON)
+    return _shard_files(index)
 
 
 def data_shards(entries: list[SplitEntry], run_dir: Path, images_per_shard: int) -> dict[str, list[ShardFile]]:
