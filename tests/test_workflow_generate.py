@@ -483,7 +483,6 @@ BAD_SITES = [
     (POOL + "    runtimes: [36000]\n", "sites.condorpool: runtimes: [36000] is not a mapping of job kind"),
     (POOL + "    runtimes: {train: true}\n", "sites.condorpool: runtimes: train: True is not a positive number"),
     (POOL + "    runtimes: {trian: 60}\n", "runtimes: unknown job kind 'trian'"),
-    (POOL + "    runtimes: {train_fold: 600}\n", "runtimes: unknown job kind 'train_fold'"),  # no --folds
     (POOL + "    max_job_minutes: true\n", "sites.condorpool: max_job_minutes True must be a whole number"),
     (POOL + "    data_configuration: magic\n",
      "sites.condorpool.data_configuration: 'magic' is not one of sharedfs, nonsharedfs, condorio"),
@@ -494,6 +493,27 @@ BAD_SITES = [
     ("container:\n  image: maskdetection/x:1\n", "container.image: 'maskdetection/x:1': must start with docker://"),
     ("execution_site: nowhere\n", "execution_site: 'nowhere': not a site of"),
 ]
+
+
+def test_one_sites_yml_serves_runs_with_and_without_folds(sample_dir, tmp_path):
+    # A runtimes: entry for the fold jobs is used with --folds and has no effect without (no job of that kind).
+    plain = tmp_path / "plain.yml"
+    plain.write_text(f"execution_site: condorpool\ncontainer: {{type: singularity, image: {D.CONTAINER_IMAGE}}}\n"
+                     "sites: {condorpool: {arch: x86_64}}\n")
+    sites = tmp_path / "folds.yml"
+    sites.write_text(plain.read_text().replace("{arch: x86_64}", "{arch: x86_64, runtimes: {train_fold: 4321}}"))
+    for where, config in (("a", plain), ("b", sites)):  # one run name in two places: the report job is given it
+        assert generate(tmp_path / where / "run", sample_dir, "--sites-config", str(config), "--no-pretrained") == 0
+
+    def lines(where: str, name: str) -> list[str]:
+        text = (tmp_path / where / "run" / name).read_text().replace(str((tmp_path / where).resolve()), "HERE")
+        return [line for line in text.splitlines() if "createdOn" not in line]
+
+    for name in ("workflow.yml", "transformations.yml"):
+        assert lines("a", name) == lines("b", name), name
+    assert generate(tmp_path / "c", sample_dir, "--sites-config", str(sites), "--no-pretrained", "--folds", "2") == 0
+    written = [(tmp_path / "c" / name).read_text() for name in ("workflow.yml", "transformations.yml")]
+    assert any("4321" in text for text in written)
 
 
 @pytest.mark.parametrize(("text", "words"), BAD_SITES, ids=[words.split(":")[0] + str(i)

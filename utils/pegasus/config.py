@@ -120,7 +120,7 @@ def _check_site(path, name: str, site: dict) -> None:
             Namespace(namespace)
     except ValueError:
         raise ConfigError(f"{where}.profiles: unknown profile namespace {shown(namespace)}") from None
-    check_site_limits(site, job_kinds(folds=2), where)  # the fold kinds need --folds: WorkflowSettings
+    check_site_limits(site, job_kinds(), where)
 
 
 def load_sites_config(path: Path) -> dict:
@@ -345,7 +345,7 @@ class WorkflowSettings:
         self.software_dir()
         from .runtimes import check_site_limits, job_kinds
 
-        check_site_limits(self.execution_site_config(), job_kinds(self.folds), self.site_where())
+        check_site_limits(self.execution_site_config(), job_kinds(), self.site_where())
 
     def key(self, name: str) -> str:
         """How an error names setting *name*: its key where an experiment file gave it, else its flag."""

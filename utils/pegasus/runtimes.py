@@ -159,7 +159,7 @@ def job_runtimes(config) -> dict[str, int]:
     site = config.execution_site_config()
     # a stand-in config (test_runtimes) has no sites_file or site_where()
     where = config.site_where() if hasattr(config, "site_where") else "sites.yml"
-    check_site_limits(site, list(runtimes), where)
+    check_site_limits(site, job_kinds(), where)
     runtimes.update(site.get("runtimes") or {})
     for line in over_site_cap(config, runtimes):
         log.warning(line)
@@ -202,12 +202,13 @@ def over_site_cap(config, runtimes: dict[str, int]) -> list[str]:
     return lines
 
 
-def job_kinds(folds: int) -> list[str]:
-    """The job kinds a sites.yml ``runtimes:`` entry may name: those workloads() sizes (the fold kinds only
-    with --folds K)."""
+def job_kinds() -> list[str]:
+    """The job kinds a sites.yml ``runtimes:`` entry may name: those workloads() sizes. The fold kinds are
+    among them with or without --folds, so that one sites.yml serves runs with and without folds (an entry
+    for a kind the run does not build is not used)."""
     from .catalogs import JOB_SCRIPTS
 
-    return [*JOB_SCRIPTS, *(("train_fold", "evaluate_fold") if folds else ())]
+    return [*JOB_SCRIPTS, "train_fold", "evaluate_fold"]
 
 
 def _whole_positive(value) -> bool:
