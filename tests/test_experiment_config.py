@@ -298,6 +298,14 @@ def test_a_value_checked_against_another_names_the_file_that_gave_it(sample_dir,
     assert not (tmp_path / "run").exists()
 
 
+def test_too_many_folds_from_a_file_names_the_file(sample_dir, tmp_path, capsys):
+    path = write_experiment(tmp_path / "cv.yml", {"data": str(sample_dir), "run_dir": "run", "folds": 40})
+    assert generator.main(parse("--config", path, "--generate-only", "--no-pretrained")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"workflow.py: {path}: folds: 40: the ") and "groups of images" in err, err
+    assert "--folds" not in err and not (tmp_path / "run").exists()
+
+
 def test_split_fractions_are_checked_before_the_data_is_read(sample_dir, tmp_path, capsys):
     run_dir = tmp_path / "r"
     assert generator.main(parse("--data", sample_dir, "--run-dir", run_dir, "--generate-only", "--no-pretrained",

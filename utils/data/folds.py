@@ -40,8 +40,10 @@ class FoldError(InputError):
 
 def assign_folds(pairs, folds: int, duplicate_groups=(), seed: int = 0,
                  classes_of: dict[str, set[str]] | None = None, rare_class: str = RARE_CLASS,
-                 label_map: LabelMap = NO_LABEL_MAP, split_of: dict[str, str] | None = None) -> dict[str, int]:
+                 label_map: LabelMap = NO_LABEL_MAP, split_of: dict[str, str] | None = None,
+                 setting: str = "--folds") -> dict[str, int]:
     """{image file name: fold 0..folds-1} for *pairs* (objects with .image and .annotation paths).
+    *setting*: how errors name the setting (an experiment file's key where one gave it).
 
     duplicate_groups: lists of image file names that must share a fold (the validation report's).
     classes_of: class names per image file name; read from the annotations when omitted.
@@ -51,30 +53,30 @@ def assign_folds(pairs, folds: int, duplicate_groups=(), seed: int = 0,
     """
     pairs = list(pairs)
     if folds < 2:
-        raise FoldError(f"--folds {folds}: cross-validation needs at least 2 folds")
+        raise FoldError(f"{setting} {folds}: cross-validation needs at least 2 folds")
     names = [pair.image.name for pair in pairs]
     if len(set(names)) != len(names):
         raise FoldError("image file names must be unique to assign folds")
     if classes_of is None:
         classes_of = image_classes(pairs, label_map)
     if split_of is None:
-        return _assign(pairs, folds, duplicate_groups, seed, classes_of, rare_class, "the train+val pool")
+        return _assign(pairs, folds, duplicate_groups, seed, classes_of, rare_class, "the train+val pool", setting)
     assignment = {}
     for split in sorted({split_of[name] for name in names}):
         assignment.update(_assign([pair for pair in pairs if split_of[pair.image.name] == split], folds,
-                                  duplicate_groups, seed, classes_of, rare_class, f"the {split} split"))
+                                  duplicate_groups, seed, classes_of, rare_class, f"the {split} split", setting))
     return {name: assignment[name] for name in names}
 
 
 def _assign(pairs: list, folds: int, duplicate_groups, seed: int, classes_of: dict, rare_class: str,
-            what: str) -> dict[str, int]:
+            what: str, setting: str) -> dict[str, int]:
     import numpy as np
     from sklearn.model_selection import StratifiedGroupKFold
 
     names = [pair.image.name for pair in pairs]
     units = _units(pairs, duplicate_groups)
     if len(units) < folds:
-        raise FoldError(f"--folds {folds}: {what} has only {len(units)} groups of images "
+        raise FoldError(f"{setting} {folds}: {what} has only {len(units)} groups of images "
                         f"({len(pairs)} images); every fold needs at least one")
     unit_of = {pair.image.name: index for index, unit in enumerate(units) for pair in unit}
     order = sorted(names)  # input order must not matter
@@ -94,7 +96,7 @@ def _assign(pairs: list, folds: int, duplicate_groups, seed: int, classes_of: di
                 for index in held_out:
                     assignment[order[index]] = fold
         except ValueError as error:  # scikit-learn's own check of the counts, in its words
-            raise FoldError(f"--folds {folds}: {error}") from None
+            raise FoldError(f"{setting} {folds}: {error}") from None
     return assignment
 
 

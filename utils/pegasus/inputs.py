@@ -103,7 +103,8 @@ def plan_data(data_dir: Path, run_dir: Path, seed: int, fractions, near_duplicat
             raise ConfigError(f"{label('fractions')} {' '.join(f'{value:g}' for value in fractions)}: the {split} "
                               f"split of the {len(entries)} usable images would be empty; add images or change "
                               "the fractions")
-    folds_text = (fold_assignment_text(entries, result.duplicate_groups, folds, seed, label_map, classes_of)
+    folds_text = (fold_assignment_text(entries, result.duplicate_groups, folds, seed, label_map, classes_of,
+                                       label("folds"))
                   if folds else None)
     return DataSplit(data_dir, run_dir, result, buffer.getvalue(), entries, folds_text)
 
@@ -254,7 +255,8 @@ def find_videos(folder: Path) -> list[VideoFile]:
 
 
 def fold_assignment_text(entries: list[SplitEntry], duplicate_groups, folds: int, seed: int,
-                         label_map: LabelMap = NO_LABEL_MAP, classes_of: dict | None = None) -> str:
+                         label_map: LabelMap = NO_LABEL_MAP, classes_of: dict | None = None,
+                         setting: str = "--folds") -> str:
     """folds.csv's text: the train+val pool assigned to *folds* cross-validation folds (utils.data.folds: the
     split's near-duplicate groups stay together, stratified on the rare class, each split spread over the folds
     on its own so that every fold model has training and validation images). *classes_of*: the class names
@@ -266,7 +268,7 @@ def fold_assignment_text(entries: list[SplitEntry], duplicate_groups, folds: int
     split_of = {entry.image.name: entry.split for entry in pool}
     try:
         assignment = assign_folds(pool, folds, duplicate_groups, seed, classes_of=classes_of, label_map=label_map,
-                                  split_of=split_of)
+                                  split_of=split_of, setting=setting)
     except (FoldError, VocError) as error:
         raise ConfigError(str(error)) from None
     return folds_csv_text(assignment)
