@@ -214,3 +214,24 @@ def test_run_record_hash_changes_with_content(tmp_path):
     second = run_record("job", {"seed": 1}, [a])
     assert first["inputs_sha256"] != second["inputs_sha256"] == inputs_sha256([a])
     assert first["packages"]["torch"] and first["params"] == {"seed": 1}
+
+
+@pytest.mark.parametrize("kind", ["parent", "absolute_link"])
+def test_a_tar_member_that_would_land_outside_is_refused_as_unsafe(tmp_path, kind):
+    from utils.errors import InputError
+
+    archive = tmp_path / "set.tar"
+    with tarfile.open(archive, "w") as tar:
+        if kind == "parent":
+            info = tarfile.TarInfo("../escaped.jpg")
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+        else:
+            info = tarfile.TarInfo("photo.jpg")
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+    with pytest.raises(InputError, match="unsafe member") as caught:
+        with open_folder(archive):
+            pass
+    assert "damaged" not in str(caught.value)
+    assert not (tmp_path / "escaped.jpg").exists()

@@ -52,6 +52,10 @@ def _extract(archive_path: Path, into: str, suffixes=None, seen: dict | None = N
                         raise InputError(f"{archive_path}: {member.name} is also in {seen[member.name]}")
                     seen[member.name] = archive_path.name
             archive.extractall(into, members=members, filter="data")  # "data" refuses absolute paths, links out
+    except tarfile.FilterError as error:  # a member that would land outside the folder: hostile, not damaged
+        member = getattr(getattr(error, "tarinfo", None), "name", "?")
+        raise InputError(f"{archive_path}: unsafe member {member!r} (it would be written outside the folder it "
+                         "is unpacked into: an absolute path, '..' or a link leading out); not unpacked") from None
     except tarfile.TarError as error:
         raise InputError(f"{archive_path}: damaged .tar archive ({error})") from None
 
