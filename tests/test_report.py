@@ -132,3 +132,113 @@ def test_photos_of_one_name_in_two_folders_keep_their_own_figures():
     assert figures == {"siteA__img": {"faces": 2}, "siteB__img": {"faces": 6}, "flat": {"faces": 1}}
     tile = AnnotatedImage(name=f"annotated_{annotated_stem('siteB/img.jpg')}.jpg", source=Path("x.tar"))
     assert figures[tile.stem] == {"faces": 6}
+
+
+# ----------------------------------------------------------------------------- damaged and hostile run files
+
+RUN_JSON = ("evaluation.json", "evaluation_images.json", "compliance.json", "best_hpo_params.json",
+            "preprocess_test_report.json", "evaluate_run.json", "model_run.json")
+
+
+def edit_json(path, change) -> None:
+    import json
+
+    document = json.loads(path.read_text())
+    change(document)
+    path.write_text(json.dumps(document))
+
+
+def tags_of(page: str) -> set[str]:
+    from html.parser import HTMLParser
+
+    class Tags(HTMLParser):
+        found: set[str] = set()
+
+        def handle_starttag(self, tag, attrs):
+            self.found.add(tag)
+
+    parser = Tags()
+    parser.feed(page)
+    return parser.found
+
+
+def test_markup_in_any_value_of_the_run_files_is_shown_as_text_never_rendered(root, tmp_path, capsys):
+    """A <meta http-equiv="refresh"> in evaluation_images.json's "false" redirected the page (no CSP stops it)."""
+    run_dir = make_run_folder(tmp_path / "run", hpo=True, figures=False)
+    outputs, markup = run_dir / "outputs", '<x-injected http-equiv="refresh" content="0;url=https://example.com">'
+
+    def every_value(value):
+        if isinstance(value, dict):
+            return {key: every_value(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [every_value(item) for item in value]
+        return markup
+
+    def keep_names(document):  # the images keep their names, so that the grid shows them with their entries
+        for entry in document["images"]:
+            entry.update({key: markup for key in entry if key != "image"})
+
+    edit_json(outputs / "evaluation_images.json", keep_names)
+    for name in RUN_JSON[2:]:
+        if name != "preprocess_test_report.json":  # its prefix names the test images: the grid's entries
+            edit_json(outputs / name, lambda document: document.update(every_value(document)))
+    edit_json(outputs / "evaluation.json", lambda document: document.update(
+        {key: every_value(value) for key, value in document.items() if key != "per_class"},
+        per_class={key: every_value(value) for key, value in document["per_class"].items()}))
+    edit_json(run_dir / "statistics.json", lambda document: document.update(every_value(document)))
+    page = build(root, run_dir, capsys)
+    assert "x-injected" not in tags_of(page) and "&lt;x-injected" in page
+    assert page.count('class="pill err"') >= 18  # every tile's counts: 3 pills of 6 tiles, each a marked n/a
+    assert '<span class="odd" title="not a number in the run file: ' in page
+    assert "value(s) in the run's files are not the numbers expected" in page
+
+
+def test_values_of_the_wrong_type_are_left_out_with_a_note_not_a_traceback(root, tmp_path, capsys):
+    run_dir = make_run_folder(tmp_path / "run", figures=False)
+    outputs = run_dir / "outputs"
+    edit_json(outputs / "evaluation.json", lambda d: (d["compliance"].update(error_points="big"),
+                                                      d["compliance"]["true"].update(percent_properly_masked="<b>x</b>"),
+                                                      d.update(confusion_matrix={"labels": "x", "matrix": [[1, "a"]]})))
+    edit_json(outputs / "evaluation_images.json", lambda d: d["images"][0].update(missed="3"))
+    edit_json(outputs / "best_hpo_params.json", lambda d: d.update(params=[1, 2], workers=["w"]))
+    edit_json(outputs / "model_run.json", lambda d: d.update(inputs_sha256=12345, packages=["torch"]))
+    edit_json(run_dir / "statistics.json", lambda d: d.update(jobs="x"))
+    page = build(root, run_dir, capsys)
+    for said in ("evaluation.json: compliance.error_points: &#x27;big&#x27; is not a number; left out",
+                 "best_hpo_params.json: params: [1, 2] is not a mapping; left out",
+                 "best_hpo_params.json: workers[]: &#x27;w&#x27; is not a mapping; left out",
+                 "statistics.json: jobs: &#x27;x&#x27; is not a list; left out"):
+        assert said in page
+    assert "&lt;b&gt;x&lt;/b&gt;" in page and "<b>x</b>" not in page
+    assert '<code title=\'12345\'>12345</code>' in page
+    (outputs / "evaluation.json").write_text('{"map": ' + "9" * 5000 + "}")  # over Python's int digit limit
+    page = build(root, run_dir, capsys)
+    assert "evaluation.json: evaluation is not valid JSON (Exceeds the limit" in page
+
+
+@pytest.mark.parametrize("replacement", ["x", [1], {"k": 1}, None, True, float("inf"), 10 ** 400],
+                         ids=["text", "list", "mapping", "null", "bool", "infinity", "huge-int"])
+def test_any_value_replaced_by_any_type_still_gives_a_page(tmp_path, replacement):
+    import json
+
+    from utils.reporting.html_report import build_report
+    from utils.reporting.run_folder import read_run_folder
+
+    run_dir = make_run_folder(tmp_path / "run", figures=False)
+
+    def replaced(value, depth):
+        if depth == 0:
+            return replacement
+        if isinstance(value, dict):
+            return {key: replaced(item, depth - 1) for key, item in value.items()}
+        if isinstance(value, list):
+            return [replaced(item, depth - 1) for item in value]
+        return value
+
+    files = [run_dir / "outputs" / name for name in RUN_JSON] + [run_dir / "statistics.json"]
+    originals = {path: json.loads(path.read_text()) for path in files}
+    for depth in range(1, 5):
+        for path, document in originals.items():
+            path.write_text(json.dumps(replaced(document, depth)))
+        page, _ = build_report(read_run_folder(run_dir))
+        assert "</html>" in page, depth

@@ -16,6 +16,8 @@ from PIL import Image, UnidentifiedImageError
 
 from .. import defaults as D
 from ..data.images import ImageError, check_image_pixels
+from ..errors import shown
+from .values import mapping, num, text
 
 # What embedding an image can raise for a file that is not a usable image: said on the page, not a crash.
 IMAGE_READ_ERRORS = (OSError, UnidentifiedImageError, ImageError)
@@ -69,6 +71,7 @@ figcaption{color:var(--muted);font-size:.84rem;margin-top:6px}
 .pill.err{background:#fbe4e1;color:var(--bad)}
 .note{background:var(--warn);border-left:4px solid var(--warnline);border-radius:4px;padding:8px 12px;margin:8px 0 14px;
 font-size:.9rem}
+.odd{color:var(--bad);border-bottom:1px dotted var(--bad);cursor:help}
 .bar{height:10px;background:var(--accent);border-radius:5px;min-width:2px}
 td.barcell{width:38%;text-align:left}
 footer{color:var(--muted);font-size:.8rem;text-align:center;padding:12px}
@@ -81,33 +84,52 @@ def esc(value) -> str:
     return html.escape(str(value), quote=True)
 
 
-def number(value, digits: int = 3) -> str:
+ODD_CLASS = "odd"  # a value of the wrong type in a run file, shown as a marked n/a
+
+
+def odd(value) -> str:
+    """A marked "n/a" for a value that is not the number expected (the value itself, bounded and escaped, on hover)."""
+    return f'<span class="{ODD_CLASS}" title="not a number in the run file: {esc(shown(value, 60))}">n/a</span>'
+
+
+def _formatted(value, form) -> str:
     if value is None or value == "":
         return "n/a"
-    try:
-        return f"{float(value):.{digits}f}"
-    except (TypeError, ValueError):
-        return esc(value)
+    found = num(value)
+    return odd(value) if found is None else form(found)
+
+
+def number(value, digits: int = 3) -> str:
+    return _formatted(value, lambda found: f"{found:.{digits}f}")
+
+
+def count(value) -> str:
+    """A count: an integer as it is, a float as read; anything else a marked n/a."""
+    return _formatted(value, lambda found: f"{found:.0f}" if found.is_integer() else f"{found:g}")
+
+
+def points(value, signed: bool = True) -> str:
+    return _formatted(value, lambda found: f"{found:+.1f} pts" if signed else f"{found:.1f} pts")
 
 
 def setting(value) -> str:
     """A parameter's value: floats to 4 significant digits, anything else as it is."""
-    return f"{value:.4g}" if isinstance(value, float) else esc(value)
+    return f"{value:.4g}" if isinstance(value, float) else esc(text(value, shown(value)))
 
 
 def percent(value) -> str:
-    return "n/a" if value is None else f"{float(value):.1f}%"
+    return _formatted(value, lambda found: f"{found:.1f}%")
 
 
 def seconds_text(value) -> str:
-    if value is None:
-        return "n/a"
-    value = float(value)
-    if value < 60:
-        return f"{value:.1f} s"
-    minutes, secs = divmod(int(round(value)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+    def form(found: float) -> str:
+        if found < 60:
+            return f"{found:.1f} s"
+        minutes, secs = divmod(int(round(found)), 60)
+        hours, minutes = divmod(minutes, 60)
+        return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+    return _formatted(value, form)
 
 
 def note(text: str) -> str:
@@ -126,33 +148,43 @@ def table(headers, rows, text_columns=(0,), classes=None) -> str:
     return f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
-def interval(result: dict | None) -> str:
+def interval(result) -> str:
     """'53.2% (95% interval 44.0&ndash;61.5%)' of a utils.detection.quantify estimate, or 'n/a'."""
-    if not result or result.get("percent") is None:
+    result = mapping(result)
+    if result.get("percent") is None:
         return "n/a"
     if result.get("low") is None:
         return f"{percent(result['percent'])} (no interval)"
-    return (f"{percent(result['percent'])} ({round(100 * result.get('confidence', 0.95))}% interval "
-            f"{result['low']:.1f}&ndash;{result['high']:.1f}%)")
+    confidence = num(result.get("confidence", 0.95))
+    level = "n/a" if confidence is None else f"{100 * confidence:.0f}"
+    low, high = num(result.get("low")), num(result.get("high"))
+    bounds = (f"{low:.1f}&ndash;{high:.1f}%" if low is not None and high is not None
+              else f"{percent(result.get('low'))}&ndash;{percent(result.get('high'))}")
+    return f"{percent(result['percent'])} ({level}% interval {bounds})"
 
 
-def estimates_table(quantification: dict) -> str:
+INSIDE = {True: "yes", False: "<b>no</b>"}
+
+
+def estimates_table(quantification) -> str:
     """The compliance estimators on the test set against the truth (evaluation.json's quantification)."""
-    rows = []
-    for method, result in (quantification.get("estimates") or {}).items():
-        error, inside = result.get("error_points"), result.get("truth_inside")
-        rows.append([esc(method), esc(result.get("estimator", "")), interval(result),
-                     "n/a" if error is None else f"{error:+.1f} pts",
-                     {True: "yes", False: "<b>no</b>", None: "n/a"}[inside], esc(result.get("units", "n/a"))])
-    rows += [[esc(method), "not computed", esc(why), "", "", ""]
-             for method, why in (quantification.get("unavailable") or {}).items()]
-    headline = quantification.get("estimate") or {}
-    fallback = esc(f" ({headline['fallback']})") if headline.get("fallback") else ""
+    quantification, rows = mapping(quantification), []
+    for method, result in mapping(quantification.get("estimates")).items():
+        result = mapping(result)
+        inside = result.get("truth_inside")
+        rows.append([esc(method), esc(text(result.get("estimator"), "")), interval(result),
+                     points(result.get("error_points")),
+                     INSIDE.get(inside, "n/a") if isinstance(inside, bool) or inside is None else odd(inside),
+                     count(result.get("units"))])
+    rows += [[esc(method), "not computed", esc(text(why)), "", "", ""]
+             for method, why in mapping(quantification.get("unavailable")).items()]
+    headline = mapping(quantification.get("estimate"))
+    fallback = esc(f" ({text(headline['fallback'])})") if headline.get("fallback") else ""
     return ("<h3>Percent properly masked as an estimate (test set)</h3>"
             + table(["estimator", "", "figure (95% interval)", "error", "truth inside", "images"], rows, (0, 1, 2))
             + f'<p class="muted">True: {percent(quantification.get("true_percent"))} of '
-              f'{esc(quantification.get("true_faces", "n/a"))} faces. Headline estimator '
-              f'<b>{esc(headline.get("method", "n/a"))}</b>{fallback}. '
+              f'{count(quantification.get("true_faces"))} faces. Headline estimator '
+              f'<b>{esc(text(headline.get("method")))}</b>{fallback}. '
               "Seeded bootstrap intervals: cc and pcc resample the images only; acc, pacc and pacc2 also the "
               "validation images their rates come from.</p>")
 

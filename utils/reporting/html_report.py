@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 
 from ..classes import CLASSES
-from .html_parts import (CSS, IMAGE_READ_ERRORS, card, esc, estimates_table, image_data_uri, interval, note, number,
-                         percent, seconds_text, setting, table)
+from .html_parts import (CSS, IMAGE_READ_ERRORS, ODD_CLASS, card, count, esc, estimates_table, image_data_uri,
+                         interval, note, number, percent, points, seconds_text, setting, table)
 from .run_folder import FIGURES, RunFolder, image_errors_by_stem, predicted_by_stem
+from .values import Fields, entries, mapping, num, num_text, text
 
 GRID_IMAGES = 24          # annotated images on the page at most
 FIGURE_MAX_PX = 1100      # widest embedded figure (laptop screens show ~1200 px of content)
@@ -33,6 +34,7 @@ class Page:
         self.run = run
         self.sections: list[tuple[str, str, str]] = []
         self.unreadable: list[str] = []
+        self.fields = Fields()  # its notes: values of the wrong type in the run's files, said on the page
 
     def add(self, section_id: str, title: str, body: str) -> None:
         self.sections.append((section_id, title, body))
@@ -58,92 +60,109 @@ class Page:
 # ----------------------------------------------------------------------------- sections
 
 def summary_section(page: Page) -> None:
-    run, evaluation = page.run, page.run.evaluation
+    run, evaluation, get = page.run, page.run.evaluation, page.fields
     parts = []
     if evaluation:
-        compliance = evaluation.get("compliance") or {}
-        true, predicted = compliance.get("true") or {}, compliance.get("predicted") or {}
-        headline = (evaluation.get("quantification") or {}).get("estimate") or {}
-        error = compliance.get("error_points")
+        compliance = get.dict(evaluation, "compliance", "evaluation.json: compliance")
+        true = get.dict(compliance, "true", "evaluation.json: compliance.true")
+        predicted = get.dict(compliance, "predicted", "evaluation.json: compliance.predicted")
+        quantification = get.dict(evaluation, "quantification", "evaluation.json: quantification")
+        headline = get.dict(quantification, "estimate", "evaluation.json: quantification.estimate")
+        low, high = num(headline.get("low")), num(headline.get("high"))
+        error = get.num(compliance, "error_points", "evaluation.json: compliance.error_points")
         parts.append('<div class="cards">' + "".join([
             card("mAP@[0.5:0.95]", number(evaluation.get("map")), "test set"),
             card("mAP@0.5", number(evaluation.get("map_50")), f"mAP@0.75 {number(evaluation.get('map_75'))}"),
             card("Properly masked (true)", percent(true.get("percent_properly_masked")),
-                 f"{true.get('faces', 'n/a')} labelled faces"),
+                 f"{count(true.get('faces'))} labelled faces"),
             card("Properly masked (predicted)", percent(predicted.get("percent_properly_masked")),
-                 f"{predicted.get('faces', 'n/a')} faces kept at score &ge; "
+                 f"{count(predicted.get('faces'))} faces kept at score &ge; "
                  f"{number(compliance.get('score_threshold'), 2)}"
-                 + (f"; 95% interval {headline['low']:.1f}&ndash;{headline['high']:.1f}% ({esc(headline['method'])})"
-                    if headline.get("low") is not None else "")),
-            card("Compliance error", "n/a" if error is None else f"{error:+.1f} pts",
+                 + (f"; 95% interval {low:.1f}&ndash;{high:.1f}% ({esc(text(headline.get('method')))})"
+                    if low is not None and high is not None else "")),
+            card("Compliance error", points(compliance.get("error_points")),
                  "predicted &minus; true", "bad" if error is not None and abs(error) >= 5 else "good"),
-            card("Per-image MAE", "n/a" if compliance.get("per_image_mae_points") is None
-                 else f"{compliance['per_image_mae_points']:.1f} pts",
-                 f"over {compliance.get('images_compared', 'n/a')} images"),
+            card("Per-image MAE", points(compliance.get("per_image_mae_points"), signed=False),
+                 f"over {count(compliance.get('images_compared'))} images"),
         ]) + "</div>")
-        per_class = evaluation.get("per_class") or {}
-        faces = evaluation.get("faces_per_class") or {}
-        rows = [[esc(name), esc(faces.get(name, "n/a")), number(entry.get("ap")), number(entry.get("ap_50")),
+        per_class = get.dict(evaluation, "per_class", "evaluation.json: per_class")
+        faces = get.dict(evaluation, "faces_per_class", "evaluation.json: faces_per_class")
+        true_counts = get.dict(true, "counts", "evaluation.json: compliance.true.counts")
+        predicted_counts = get.dict(predicted, "counts", "evaluation.json: compliance.predicted.counts")
+        rows = [[esc(name), count(faces.get(name)), number(entry.get("ap")), number(entry.get("ap_50")),
                  number(entry.get("ap_75")), number(entry.get("recall")),
-                 esc((true.get("counts") or {}).get(name, "n/a")),
-                 esc((predicted.get("counts") or {}).get(name, "n/a"))]
-                for name, entry in ((name, per_class.get(name) or {}) for name in CLASSES)]
+                 count(true_counts.get(name)), count(predicted_counts.get(name))]
+                for name, entry in ((name, get.dict(per_class, name, f"evaluation.json: per_class.{name}"))
+                                    for name in CLASSES)]
         parts.append("<h3>Per class (test set)</h3>" + table(
             ["class", "faces", "AP", "AP50", "AP75", "recall", "true count", "predicted count"], rows))
-        if evaluation.get("quantification"):
-            parts.append(estimates_table(evaluation["quantification"]))
-        parts.append(f'<p class="muted">{esc(evaluation.get("num_images", "n/a"))} test images, model '
-                     f'<code>{esc(evaluation.get("model", "n/a"))}</code> ({esc(evaluation.get("backbone", "n/a"))}, '
-                     f'trained at {esc(evaluation.get("image_size", "n/a"))} px, '
-                     f'run at {esc(evaluation.get("working_size", evaluation.get("image_size", "n/a")))} px'
-                     f'{" with flip TTA" if evaluation.get("tta") else ""}), '
+        if quantification:
+            parts.append(estimates_table(quantification))
+        parts.append(f'<p class="muted">{count(evaluation.get("num_images"))} test images, model '
+                     f'<code>{esc(text(evaluation.get("model")))}</code> ({esc(text(evaluation.get("backbone")))}, '
+                     f'trained at {count(evaluation.get("image_size"))} px, '
+                     f'run at {count(evaluation.get("working_size", evaluation.get("image_size")))} px'
+                     f'{" with flip TTA" if evaluation.get("tta") is True else ""}), '
                      f'mean test loss {number(evaluation.get("test_loss"))}. '
                      f'Counts at the operating score threshold {number(compliance.get("score_threshold"), 2)}; '
                      f'mAP uses every detection.</p>')
     else:
         parts.append(note("No <code>evaluation.json</code> in this run: the evaluate job has not finished."))
     if run.compliance:
-        overall = run.compliance.get("overall") or {}
-        counts = overall.get("counts") or {}
-        parts.append("<h3>Prediction set</h3>" + f"<p>{esc(run.compliance.get('num_images', 'n/a'))} images in "
-                     f"{esc(run.compliance.get('num_parts', 1))} part(s): {esc(overall.get('faces', 'n/a'))} faces ("
-                     + ", ".join(f"{esc(counts.get(name, 0))} {esc(name)}" for name in CLASSES)
+        overall = get.dict(run.compliance, "overall", "compliance.json: overall")
+        counts = get.dict(overall, "counts", "compliance.json: overall.counts")
+        skipped = get.list(run.compliance, "skipped", "compliance.json: skipped")
+        parts.append("<h3>Prediction set</h3>" + f"<p>{count(run.compliance.get('num_images'))} images in "
+                     f"{count(run.compliance.get('num_parts', 1))} part(s): {count(overall.get('faces'))} faces ("
+                     + ", ".join(f"{count(counts.get(name, 0))} {esc(name)}" for name in CLASSES)
                      + f"), <b>{percent(overall.get('percent_properly_masked'))}</b> properly masked; "
-                     f"{len(run.compliance.get('skipped') or [])} file(s) skipped.</p>")
-        estimate = run.compliance.get("estimate")
+                     f"{len(skipped)} file(s) skipped.</p>")
+        estimate = get.dict(run.compliance, "estimate", "compliance.json: estimate")
         if estimate:
-            parts.append(f"<p>Estimate ({esc(estimate.get('method'))}): <b>{interval(estimate)}</b> over "
-                         f"{esc(estimate.get('units'))} images" + (f"; {esc(estimate['fallback'])}"
-                                                                  if estimate.get("fallback") else "") + ".</p>")
+            parts.append(f"<p>Estimate ({esc(text(estimate.get('method')))}): <b>{interval(estimate)}</b> over "
+                         f"{count(estimate.get('units'))} images" + (f"; {esc(text(estimate['fallback']))}"
+                                                                     if estimate.get("fallback") else "") + ".</p>")
     else:
         parts.append(note("No <code>compliance.json</code> in this run: the merge_predictions job has not finished."))
-    absent = [name for name in run.missing]
-    if absent or run.problems or page.unreadable:
-        items = "".join(f"<li><code>{esc(name)}</code> not in this run</li>" for name in absent)
-        items += "".join(f"<li>{esc(problem)}</li>" for problem in run.problems)
-        parts.append(f"<details><summary>{len(absent)} file(s) missing, {len(run.problems)} unreadable</summary>"
-                     f"<ul>{items}</ul></details>")
     page.add("summary", "Summary", "".join(parts))
+
+
+def problems_list(page: Page, marked: int) -> str:
+    """What the run lacks, what could not be read, and the values of the wrong type (*marked* of them marked
+    n/a on the page), as one list at the top of the summary."""
+    run, absent, odd = page.run, page.run.missing, page.fields.notes
+    if not (absent or run.problems or page.unreadable or odd or marked):
+        return ""
+    items = "".join(f"<li><code>{esc(name)}</code> not in this run</li>" for name in absent)
+    items += "".join(f"<li>{esc(problem)}</li>" for problem in run.problems + page.unreadable + odd)
+    if marked:
+        items += (f'<li>{marked} value(s) in the run\'s files are not the numbers expected: each is shown as a marked '
+                  f'<span class="{ODD_CLASS}">n/a</span> (hover for the value)</li>')
+    wrong = f", {len(odd) + marked} value(s) of the wrong type" if odd or marked else ""
+    return (f"<details><summary>{len(absent)} file(s) missing, {len(run.problems) + len(page.unreadable)} "
+            f"unreadable{wrong}</summary><ul>{items}</ul></details>")
 
 
 def data_section(page: Page) -> None:
     run, parts = page.run, []
     if run.validation:
         validation = run.validation
-        parts.append(f"<p>Data: <code>{esc(validation.get('images_dir', 'n/a'))}</code>: "
-                     f"{esc(validation.get('images_usable', 'n/a'))} usable of "
-                     f"{esc(validation.get('images_total', 'n/a'))} "
-                     f"images ({len(validation.get('images_excluded') or [])} excluded), "
-                     f"{esc(validation.get('objects_kept', 'n/a'))} objects kept.</p>")
+        excluded = page.fields.list(validation, "images_excluded", "validation_report.json: images_excluded")
+        parts.append(f"<p>Data: <code>{esc(text(validation.get('images_dir')))}</code>: "
+                     f"{count(validation.get('images_usable'))} usable of "
+                     f"{count(validation.get('images_total'))} "
+                     f"images ({len(excluded)} excluded), "
+                     f"{count(validation.get('objects_kept'))} objects kept.</p>")
     if run.split_counts:
         parts.append("<p>Split: " + ", ".join(f"{esc(split)} {count}" for split, count in run.split_counts.items())
                      + " images.</p>")
     parts.append(page.figures("class_distribution.png"))
     if run.class_distribution:
-        splits = list(dict.fromkeys(row.get("split", "?") for row in run.class_distribution))
-        cells = {(row.get("split"), row.get("class")): row for row in run.class_distribution}
-        rows = [[esc(name)] + [f"{esc(cells.get((split, name), {}).get('objects', 0))} "
-                               f"<span class='muted'>({esc(cells.get((split, name), {}).get('images', 0))} img)</span>"
+        splits = list(dict.fromkeys(text(row.get("split"), "?") for row in run.class_distribution))
+        cells = {(text(row.get("split"), "?"), row.get("class")): row for row in run.class_distribution}
+        rows = [[esc(name)] + [f"{count(num_text(cells.get((split, name), {}).get('objects', 0)))} "
+                               f"<span class='muted'>({count(num_text(cells.get((split, name), {}).get('images', 0)))}"
+                               " img)</span>"
                                for split in splits] for name in CLASSES]
         parts.append("<h3>Objects per class (images holding the class)</h3>"
                      + table(["class", *map(esc, splits)], rows))
@@ -156,29 +175,33 @@ def hpo_section(page: Page) -> None:
         page.add("hpo", "HPO", note("This run has no <code>best_hpo_params.json</code>: no hyperparameter search "
                                     "ran, or it has not finished."))
         return
-    params = hpo.get("params") or {}
-    parts.append(f"<p>Best trial: {esc(hpo.get('objective', 'objective'))} = <b>{number(hpo.get('value'), 4)}</b> "
-                 f"(worker {esc(hpo.get('worker_index', 'n/a'))}, trial {esc(hpo.get('trial', 'n/a'))}); "
-                 f"{esc(hpo.get('objective_description', ''))}.</p>")
+    get, where = page.fields, "best_hpo_params.json"
+    params = get.dict(hpo, "params", f"{where}: params")
+    parts.append(f"<p>Best trial: {esc(text(hpo.get('objective'), 'objective'))} = "
+                 f"<b>{number(hpo.get('value'), 4)}</b> "
+                 f"(worker {count(hpo.get('worker_index'))}, trial {count(hpo.get('trial'))}); "
+                 f"{esc(text(hpo.get('objective_description'), ''))}.</p>")
+    metrics = get.dict(hpo, "metrics", f"{where}: metrics")
     parts.append('<div class="figures"><div>' + "<h3>Best parameters</h3>"
                  + table(["parameter", "value"], [[esc(k), setting(v)] for k, v in params.items()])
                  + "<h3>Its validation metrics</h3>"
-                 + table(["metric", "value"], [[esc(k), number(v, 4)] for k, v in (hpo.get("metrics") or {}).items()])
+                 + table(["metric", "value"], [[esc(k), number(v, 4)] for k, v in metrics.items()])
                  + "</div><div>")
-    workers = hpo.get("workers") or []
+    workers = get.dicts(hpo, "workers", f"{where}: workers")
     if workers:
         parts.append("<h3>Workers</h3>" + table(
             ["result", "best value", "complete", "pruned", "failed"],
-            [[esc(w.get("file", "?")), number(w.get("best_value"), 4),
-              *(esc((w.get("trial_counts") or {}).get(state, "n/a")) for state in ("complete", "pruned", "fail"))]
+            [[esc(text(w.get("file"), "?")), number(w.get("best_value"), 4),
+              *(count(get.dict(w, "trial_counts", f"{where}: workers[].trial_counts").get(state))
+                for state in ("complete", "pruned", "fail"))]
              for w in workers]))
-    fixed = hpo.get("fixed_params") or {}
+    fixed = get.dict(hpo, "fixed_params", f"{where}: fixed_params")
     if fixed:
         parts.append("<h3>Fixed during the search</h3>" + table(["setting", "value"],
-                                                               [[esc(k), esc(v)] for k, v in fixed.items()]))
+                                                               [[esc(k), setting(v)] for k, v in fixed.items()]))
     parts.append("</div></div>")
-    for name, text in (hpo.get("plot_notes") or {}).items():
-        parts.append(note(f"<code>{esc(name)}</code>: {esc(text)}"))
+    for name, said in get.dict(hpo, "plot_notes", f"{where}: plot_notes").items():
+        parts.append(note(f"<code>{esc(name)}</code>: {esc(text(said))}"))
     parts.append(page.figures("optimization_history.png", "param_importances.png"))
     page.add("hpo", "HPO", "".join(parts))
 
@@ -190,7 +213,8 @@ def training_section(page: Page) -> None:
     if metrics:
         columns = [c for c in TRAIN_COLUMNS if c in metrics[0]]
         shown = metrics if len(metrics) <= TRAIN_ROWS else metrics[:TRAIN_ROWS // 2] + metrics[-TRAIN_ROWS // 2:]
-        rows = [[esc(row.get(c, "")) if c in ("epoch", "backbone_frozen") else number(row.get(c), 4) for c in columns]
+        rows = [[esc(text(row.get(c), "")) if c in ("epoch", "backbone_frozen") else number(num_text(row.get(c)), 4)
+                 for c in columns]
                 for row in shown]
         left_out = len(metrics) - len(shown)
         parts.append(f"<h3>Per epoch ({len(metrics)} epochs"
@@ -203,16 +227,18 @@ def training_section(page: Page) -> None:
 
 def evaluation_section(page: Page) -> None:
     evaluation, parts = page.run.evaluation, []
-    matrix = (evaluation or {}).get("confusion_matrix")
-    if matrix and matrix.get("matrix"):
-        labels, cells = matrix["labels"], matrix["matrix"]
-        biggest = max(max(row) for row in cells) or 1
+    matrix = page.fields.dict(evaluation, "confusion_matrix", "evaluation.json: confusion_matrix")
+    cells = [entries(row) for row in page.fields.list(matrix, "matrix", "evaluation.json: confusion_matrix.matrix")]
+    if any(cells):
+        labels = [text(label, "?") for label in entries(matrix.get("labels"))]
+        labels += ["?"] * (len(cells) - len(labels))
+        biggest = max((abs(num(value) or 0) for row in cells for value in row), default=0) or 1
         rows = [[f"<b>{esc(label)}</b>"] + [
             f'<span style="display:inline-block;min-width:3em;padding:1px 6px;border-radius:4px;'
-            f'background:rgba(42,98,201,{0.08 + 0.6 * value / biggest:.2f})">{value}</span>' for value in row]
-            for label, row in zip(labels, cells)]
+            f'background:rgba(42,98,201,{0.08 + 0.6 * abs(num(value) or 0) / biggest:.2f})">{count(value)}</span>'
+            for value in row] for label, row in zip(labels, cells)]
         parts.append("<h3>Confusion matrix (rows true, columns predicted; "
-                     f"IoU &ge; {esc(matrix.get('iou_threshold'))}, "
+                     f"IoU &ge; {number(matrix.get('iou_threshold'), 2)}, "
                      f"score &ge; {number(matrix.get('score_threshold'), 2)})</h3>"
                      + table(["true \\ predicted", *map(esc, labels)], rows)
                      + '<p class="muted">A missed face counts in the background column, a spurious or duplicate box '
@@ -220,9 +246,10 @@ def evaluation_section(page: Page) -> None:
     parts.append(page.figures("confusion_matrix.png", "pr_curves.png", "compliance_histogram.png",
                               "compliance_by_folder.png"))
     if evaluation:
-        skipped, dropped = evaluation.get("skipped") or [], evaluation.get("objects_dropped") or []
+        skipped = page.fields.dicts(evaluation, "skipped", "evaluation.json: skipped")
+        dropped = page.fields.dicts(evaluation, "objects_dropped", "evaluation.json: objects_dropped")
         if skipped or dropped:
-            items = "".join(f"<li><code>{esc(e.get('file'))}</code>: {esc(e.get('reason'))}</li>"
+            items = "".join(f"<li><code>{esc(text(e.get('file')))}</code>: {esc(text(e.get('reason')))}</li>"
                             for e in skipped + dropped)
             parts.append(f"<details><summary>{len(skipped)} file(s) skipped, {len(dropped)} annotation(s) with "
                          f"objects left out</summary><ul>{items}</ul></details>")
@@ -241,10 +268,11 @@ def predictions_section(page: Page) -> None:
     if errors:
         ranked = [(by_stem[stem], entry) for stem, entry in
                   sorted(errors.items(),
-                         key=lambda item: (-item[1].get("errors", 0), -item[1].get("missed", 0), item[0]))
+                         key=lambda item: (-(num(item[1].get("errors")) or 0), -(num(item[1].get("missed")) or 0),
+                                           item[0]))
                   if stem in by_stem]
         unmatched = len(run.annotated) - len(ranked)
-        threshold = (run.evaluation_images or {}).get("score_threshold")
+        threshold = mapping(run.evaluation_images).get("score_threshold")
         parts.append(f"<p>{len(run.annotated)} annotated images in this run; {len(ranked)} of them are test images "
                      f"with per-image errors (evaluation_images.json, score &ge; {number(threshold, 2)}). "
                      f"The {min(GRID_IMAGES, len(ranked))} with the most errors are shown, worst first. "
@@ -270,14 +298,15 @@ def predictions_section(page: Page) -> None:
             page.unreadable.append(f"{image.source}:{image.member or ''}: {error}")
             img = note(f"cannot be read ({esc(error)})")
         if entry is not None:
-            pills = "".join(f'<span class="pill{" err" if entry.get(key) else ""}">{entry.get(key, 0)} {label}</span>'
+            pills = "".join(f'<span class="pill{" err" if entry.get(key) else ""}">{count(entry.get(key, 0))} '
+                            f'{label}</span>'
                             for key, label in (("missed", "missed"), ("false", "false"), ("confused", "confused")))
-            detail = (f"{entry.get('true_faces', '?')} faces, {entry.get('detections', '?')} kept, "
-                      f"{entry.get('correct', '?')} correct; masked {percent(entry.get('true_percent'))} true, "
+            detail = (f"{count(entry.get('true_faces'))} faces, {count(entry.get('detections'))} kept, "
+                      f"{count(entry.get('correct'))} correct; masked {percent(entry.get('true_percent'))} true, "
                       f"{percent(entry.get('predicted_percent'))} predicted")
         else:
-            figures = predicted.get(image.stem) or {}
-            pills = f'<span class="pill">{esc(figures.get("faces", "?"))} face(s)</span>'
+            figures = mapping(predicted.get(image.stem))
+            pills = f'<span class="pill">{count(figures.get("faces"))} face(s)</span>'
             detail = f"{percent(figures.get('percent_properly_masked'))} properly masked (predicted)"
         source = image.source.name + (f" : {image.member}" if image.member else "")
         tiles.append(f'<div class="tile">{img}<div class="caption"><div class="name" title="{esc(source)}">'
@@ -289,38 +318,43 @@ def predictions_section(page: Page) -> None:
 def timings_section(page: Page) -> None:
     run, stats = page.run, page.run.statistics
     if stats:
-        jobs = stats.get("jobs") or []
-        longest = max((job.get("wall_time_s") or 0 for job in jobs), default=0) or 1
-        totals, critical = stats.get("totals") or {}, stats.get("critical_path") or {}
+        get = page.fields
+        jobs = get.dicts(stats, "jobs", "statistics.json: jobs")
+        longest = max((num(job.get("wall_time_s")) or 0 for job in jobs), default=0) or 1
+        totals = get.dict(stats, "totals", "statistics.json: totals")
+        critical = get.dict(stats, "critical_path", "statistics.json: critical_path")
+        path = get.list(critical, "jobs", "statistics.json: critical_path.jobs")
         parts = [f"<p>From <code>statistics.json</code> (the local executor's measurements): started "
-                 f"{esc(stats.get('started', 'n/a'))}, "
+                 f"{esc(text(stats.get('started')))}, "
                  f"workflow wall time <b>{seconds_text(stats.get('wall_time_s'))}</b>, "
                  f"cumulative job time {seconds_text(totals.get('cumulative_job_wall_time_s'))}, "
-                 f"{esc(totals.get('succeeded', 'n/a'))} of {esc(totals.get('jobs', 'n/a'))} jobs succeeded "
-                 f"({esc(totals.get('failed', 0))} failed, {esc(totals.get('reused', 0))} reused), up to "
-                 f"{esc(stats.get('slots', 'n/a'))} at once. Critical path: "
-                 f"{esc(' → '.join(critical.get('jobs') or []))} ({seconds_text(critical.get('job_time_s'))}).</p>"]
-        rows = [[esc(job.get("id")), esc(job.get("transformation")), esc(job.get("status")), esc(job.get("tries")),
-                 seconds_text(job.get("wall_time_s")),
-                 f'<div class="bar" style="width:{100 * (job.get("wall_time_s") or 0) / longest:.1f}%"></div>']
+                 f"{count(totals.get('succeeded'))} of {count(totals.get('jobs'))} jobs succeeded "
+                 f"({count(totals.get('failed', 0))} failed, {count(totals.get('reused', 0))} reused), up to "
+                 f"{count(stats.get('slots'))} at once. Critical path: "
+                 f"{esc(' → '.join(text(job, '?') for job in path))} "
+                 f"({seconds_text(critical.get('job_time_s'))}).</p>"]
+        rows = [[esc(text(job.get("id"))), esc(text(job.get("transformation"))), esc(text(job.get("status"))),
+                 count(job.get("tries")), seconds_text(job.get("wall_time_s")),
+                 f'<div class="bar" style="width:{100 * max(num(job.get("wall_time_s")) or 0, 0) / longest:.1f}%">'
+                 "</div>"]
                 for job in jobs]
         parts.append(table(["job", "transformation", "status", "tries", "wall time", ""], rows, text_columns=(0, 1, 2),
                            classes={5: "barcell"}))
         page.add("timings", "Job timings", "".join(parts))
         return
-    records = sorted(run.run_records.items(), key=lambda item: str(item[1].get("time", "")))
+    records = sorted(run.run_records.items(), key=lambda item: text(item[1].get("time"), ""))
     duration_keys = ("wall_time_s", "duration_s", "seconds")
     rows = []
     for name, record in records:
         duration = next((record[key] for key in duration_keys if record.get(key) is not None), None)
-        rows.append([esc(f"{name}_run.json"), esc(record.get("job", "?")), esc(record.get("time", "n/a")),
-                     seconds_text(duration) if duration is not None else "n/a", esc(record.get("host", "n/a"))])
-    text = ("This run has no <code>statistics.json</code> yet: the executor writes it after the last job, so a page "
+        rows.append([esc(f"{name}_run.json"), esc(text(record.get("job"), "?")), esc(text(record.get("time"))),
+                     seconds_text(duration), esc(text(record.get("host")))])
+    said = ("This run has no <code>statistics.json</code> yet: the executor writes it after the last job, so a page "
             "made inside the workflow cannot show measured job times. Listed instead: when each job finished, from "
             "its run record" + (", with its duration where the record holds one" if any(r[3] != "n/a" for r in rows)
                                 else " (the records hold no durations)")
             + ". Run <code>bin/report.py RUN_DIR</code> after the run for the executor's timings.")
-    page.add("timings", "Job timings", note(text) + (table(["run record", "job", "finished", "duration", "host"], rows,
+    page.add("timings", "Job timings", note(said) + (table(["run record", "job", "finished", "duration", "host"], rows,
                                                             text_columns=(0, 1, 2, 4)) if rows else ""))
 
 
@@ -354,15 +388,15 @@ def provenance_section(page: Page, commit: str | None) -> None:
     packages = run.packages()
     differing = run.package_differences()
     if packages:
-        rows = [[esc(name), esc(version if version is not None else "not installed")
+        rows = [[esc(name), esc(text(version, "not installed") if version is not None else "not installed")
                  + (f" <span class='bad'>(jobs differ: {esc(', '.join(sorted(map(str, differing[name]))))})</span>"
                     if name in differing else "")] for name, version in packages.items()]
         parts.append("<h3>Package versions (from the run records)</h3>" + table(["package", "version"], rows))
     if run.run_records:
-        rows = [[esc(f"{name}_run.json"), esc(record.get("job", "?")), esc(record.get("time", "n/a")),
-                 esc(record.get("num_inputs", "n/a")),
-                 f"<code title='{esc(record.get('inputs_sha256') or '')}'>"
-                 f"{esc((record.get('inputs_sha256') or 'n/a')[:16])}</code>"]
+        rows = [[esc(f"{name}_run.json"), esc(text(record.get("job"), "?")), esc(text(record.get("time"))),
+                 count(record.get("num_inputs")),
+                 f"<code title='{esc(text(record.get('inputs_sha256'), ''))}'>"
+                 f"{esc(text(record.get('inputs_sha256') or None)[:16])}</code>"]
                 for name, record in sorted(run.run_records.items())]
         parts.append("<h3>Inputs of each job (SHA-256 over the input files; hover for the full hash)</h3>"
                      + table(["run record", "job", "written", "inputs", "inputs SHA-256"], rows,
@@ -394,19 +428,23 @@ def build_report(run: RunFolder, commit: str | None = None, made_where: str = "b
     provenance_section(page, commit)
     summary_section(page)  # last, so that it lists the images that could not be embedded too
     page.sections.insert(0, page.sections.pop())
+    marked = sum(content.count(f'class="{ODD_CLASS}"') for _, _, content in page.sections)
+    sid, title, content = page.sections[0]
+    page.sections[0] = (sid, title, content + problems_list(page, marked))
     nav = "".join(f'<a href="#{sid}">{esc(title)}</a>' for sid, title, _ in page.sections)
     body = "".join(f'<section id="{sid}"><h2>{esc(title)}</h2>{content}</section>'
                    for sid, title, content in page.sections)
     made = time.strftime("%Y-%m-%d %H:%M:%S %z")
     evaluation = run.evaluation or {}
-    predicted_percent = ((evaluation.get("compliance") or {}).get("predicted") or {}).get("percent_properly_masked")
+    predicted_percent = mapping(mapping(evaluation.get("compliance")).get("predicted")).get("percent_properly_masked")
     headline = (f"mAP@0.5 {number(evaluation.get('map_50'))} · "
                 f"{percent(predicted_percent)} "
                 "predicted properly masked") if evaluation else "unfinished run"
     document = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
+<meta http-equiv="Content-Security-Policy"
+ content="default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'">
 <title>Run report: {esc(name)}</title>
 <style>{CSS}</style></head>
 <body>
@@ -417,4 +455,6 @@ def build_report(run: RunFolder, commit: str | None = None, made_where: str = "b
 <footer>Self-contained page written by bin/report.py: figures embedded, no scripts, nothing fetched.</footer>
 </body></html>
 """
-    return document, page.unreadable
+    marked_line = ([f"{marked} value(s) in the run's files are not the numbers expected; shown as a marked n/a"]
+                   if marked else [])
+    return document, page.unreadable + page.fields.notes + marked_line

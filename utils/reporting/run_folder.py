@@ -9,14 +9,14 @@ so); files that are there but cannot be read go to ``problems``, one line each n
 from __future__ import annotations
 
 import csv
-import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import safe_yaml
-from ..errors import InputError
+from ..errors import InputError, read_json
 from ..naming import annotated_stem, output_names, report_name
+from .values import hashable, mapping, text
 
 
 def _made_by(kind: str, role: str) -> str:
@@ -131,18 +131,21 @@ class RunFolder:
         """Packages whose version differs between the run's records (jobs run in different environments)."""
         versions: dict[str, set] = {}
         for record in self.run_records.values():
-            for package, version in (record.get("packages") or {}).items():
-                versions.setdefault(package, set()).add(version)
+            for package, version in mapping(record.get("packages")).items():
+                versions.setdefault(package, set()).add(hashable(version))
         return {package: found for package, found in versions.items() if len(found) > 1}
 
 
 def _read_json(path: Path, run: RunFolder, what: str) -> dict | None:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not path.exists():
         run.missing.append(path.name)
         return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:  # Recursion: too deep
+    try:
+        value = read_json(path, what)  # undecodable, too deep, an integer over Python's digit limit: one line
+    except InputError as error:
+        run.problems.append(str(error))
+        return None
+    except OSError as error:
         run.problems.append(f"{path}: {what} cannot be read ({error})")
         return None
     if not isinstance(value, dict):
@@ -213,7 +216,7 @@ def settings_from_run_records(records: dict[str, dict]) -> dict[str, dict]:
     for name, record in sorted(records.items()):
         if record.get("job") == "report":  # where a page of the run went: not how the run was made
             continue
-        params = dict(record.get("params") or {})
+        params = dict(mapping(record.get("params")))
         if isinstance(params.get("resolved"), dict):
             params.update(params.pop("resolved"))
         flat = {key: value for key, value in flatten(params).items()
@@ -306,21 +309,22 @@ def flatten(value, prefix: str = "") -> dict[str, object]:
 
 def prefix_of_test_names(run: RunFolder) -> str:
     """The prefix preprocess put before the test images' names (evaluate sees those names, predict the originals)."""
-    params = ((run.preprocess_test or {}).get("run_record") or {}).get("params") or {}
-    return str(params.get("prefix") or "")
+    params = mapping(mapping(mapping(run.preprocess_test).get("run_record")).get("params"))
+    return text(params.get("prefix"), "")
 
 
 def image_errors_by_stem(run: RunFolder) -> dict[str, dict]:
     """evaluation_images.json's entries keyed by the original image stem (the annotated images' names)."""
     prefix = prefix_of_test_names(run)
-    entries = (run.evaluation_images or {}).get("images") or []
-    return {Path(entry["image"]).stem.removeprefix(prefix): entry for entry in entries
-            if isinstance(entry, dict) and "image" in entry}
+    entries = mapping(run.evaluation_images).get("images")
+    return {Path(entry["image"]).stem.removeprefix(prefix): entry for entry in (entries if isinstance(entries, list)
+                                                                                else [])
+            if isinstance(entry, dict) and isinstance(entry.get("image"), str)}
 
 
 def predicted_by_stem(run: RunFolder) -> dict[str, dict]:
     """compliance.json's per-image figures keyed by the stem of their annotated copies (naming.annotated_stem:
     "pred_shard.tar:name.jpg" -> "name", "pred_shard.tar:siteA/name.jpg" -> "siteA__name")."""
-    per_image = (run.compliance or {}).get("per_image") or {}
+    per_image = mapping(mapping(run.compliance).get("per_image"))
     return {annotated_stem(key.rsplit(":", 1)[-1]) if ":" in key else Path(key).stem: value
             for key, value in per_image.items()}
