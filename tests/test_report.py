@@ -242,3 +242,46 @@ def test_any_value_replaced_by_any_type_still_gives_a_page(tmp_path, replacement
             path.write_text(json.dumps(replaced(document, depth)))
         page, _ = build_report(read_run_folder(run_dir))
         assert "</html>" in page, depth
+
+
+def test_a_fifo_among_the_run_files_is_left_out_not_read(root, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    run_dir = make_run_folder(tmp_path / "run", figures=False)
+    for name in ("outputs/evaluation_images.json", "outputs/train_metrics.csv", "split.csv", "statistics.json"):
+        (run_dir / name).unlink()
+        os.mkfifo(run_dir / name)
+    os.mkfifo(run_dir / "outputs" / "annotated_fifo.jpg")
+    os.mkfifo(run_dir / "outputs" / "annotated_fifo.tar")
+    done = subprocess.run([sys.executable, root / "bin" / "report.py", run_dir], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr
+    for name, what in (("outputs/evaluation_images.json", "per-image evaluation"), ("split.csv", "split table"),
+                       ("statistics.json", "workflow statistics"),
+                       ("outputs/annotated_fifo.tar", "annotated image archive")):
+        assert f"{run_dir / name}: {what} is not a regular file; left out" in done.stderr
+
+
+def test_figures_over_the_size_limit_are_left_out_before_they_are_read(tmp_path, monkeypatch):
+    import tarfile
+    from pathlib import Path
+
+    from utils import defaults
+    from utils.reporting.html_report import build_report
+    from utils.reporting.run_folder import read_run_folder
+
+    run_dir = make_run_folder(tmp_path / "run")
+    monkeypatch.setattr(defaults, "REPORT_FIGURE_MAX_BYTES", 100)
+    run = read_run_folder(run_dir)
+
+    def never(*args, **kwargs):
+        raise AssertionError("read a file over the limit")
+
+    monkeypatch.setattr(Path, "read_bytes", never)
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", never)
+    page, unreadable = build_report(run)
+    assert len(unreadable) == len(FIGURE_NAMES) + 6, unreadable
+    assert all("file too large to embed (0 MB; the limit is 0 MB)" in line for line in unreadable)
+    assert "<img" not in page

@@ -155,6 +155,8 @@ YAML_MAX_CHARS = 1_000_000     # characters of text (every scalar's length, keys
                                # its aliases are expanded: a few KB in practice; one 100 KB string aliased 9000
                                # times is 9000 values but a gigabyte to copy, dump or quote
 MESSAGE_VALUE_CHARS = 80       # an error message shows at most this much of a value it quotes
+REPORT_FIGURE_MAX_BYTES = 50 * 2**20  # a figure or annotated image bin/report.py embeds: a larger file is left out
+                                      # (a note on the page) before it is read; the jobs' figures are a few 100 KB
 
 # -- the prediction service (bin/serve.py, utils/service/; docs/service.md) ----------------
 SERVICE_MAX_UPLOAD_MB = 20.0         # largest image file accepted per upload

@@ -13,10 +13,11 @@ import subprocess
 import time
 from pathlib import Path
 
+from .. import defaults as D
 from ..classes import CLASSES
 from .html_parts import (CSS, IMAGE_READ_ERRORS, ODD_CLASS, card, count, esc, estimates_table, image_data_uri,
                          interval, note, number, percent, points, seconds_text, setting, table)
-from .run_folder import FIGURES, RunFolder, image_errors_by_stem, predicted_by_stem
+from .run_folder import FIGURES, RunFolder, image_errors_by_stem, predicted_by_stem, read_bounded
 from .values import Fields, entries, mapping, num, num_text, text
 
 GRID_IMAGES = 24          # annotated images on the page at most
@@ -45,7 +46,7 @@ class Page:
         if path is None:
             return note(f"<b>{esc(title)}</b>: no <code>{esc(name)}</code> in this run (the {esc(job)} job writes it).")
         try:
-            uri = image_data_uri(path.read_bytes(), FIGURE_MAX_PX)
+            uri = image_data_uri(read_bounded(path, D.REPORT_FIGURE_MAX_BYTES), FIGURE_MAX_PX)
         except IMAGE_READ_ERRORS as error:
             self.unreadable.append(f"{path}: {error}")
             return note(f"<code>{esc(path)}</code> cannot be read as an image ({esc(error)}).")

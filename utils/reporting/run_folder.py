@@ -13,7 +13,9 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import defaults as D
 from .. import safe_yaml
+from ..data.images import ImageError
 from ..errors import InputError, read_json
 from ..naming import annotated_stem, output_names, report_name
 from .values import hashable, mapping, text
@@ -74,14 +76,36 @@ class AnnotatedImage:
         """The predicted image's stem: the name without "annotated_" and the extension."""
         return Path(self.name).stem.removeprefix(ANNOTATED_PREFIX)
 
-    def read_bytes(self) -> bytes:
+    def read_bytes(self, limit: int | None = None) -> bytes:
+        """The image file's bytes; ImageError, before reading, when it holds more than *limit* bytes
+        (default defaults.REPORT_FIGURE_MAX_BYTES) or is not a regular file."""
+        limit = limit or D.REPORT_FIGURE_MAX_BYTES
         if self.member is None:
-            return self.source.read_bytes()
+            return read_bounded(self.source, limit)
         with tarfile.open(self.source) as archive:
-            handle = archive.extractfile(self.member)
+            info = archive.getmember(self.member)
+            if not info.isfile():
+                raise ImageError(f"{self.source}:{self.member}", "not a file")
+            if info.size > limit:
+                raise ImageError(f"{self.source}:{self.member}", too_large(info.size, limit))
+            handle = archive.extractfile(info)
             if handle is None:
-                raise InputError(f"{self.source}: {self.member} is not a file")
+                raise ImageError(f"{self.source}:{self.member}", "not a file")
             return handle.read()
+
+
+def too_large(size: int, limit: int) -> str:
+    return f"file too large to embed ({size / 2**20:.0f} MB; the limit is {limit / 2**20:.0f} MB)"
+
+
+def read_bounded(path: Path, limit: int) -> bytes:
+    """*path*'s bytes; ImageError, before reading, when it is not a regular file or holds more than *limit*."""
+    if not path.is_file():
+        raise ImageError(path, "not a regular file")
+    size = path.stat().st_size
+    if size > limit:
+        raise ImageError(path, too_large(size, limit))
+    return path.read_bytes()
 
 
 @dataclass
@@ -136,9 +160,20 @@ class RunFolder:
         return {package: found for package, found in versions.items() if len(found) > 1}
 
 
-def _read_json(path: Path, run: RunFolder, what: str) -> dict | None:
+def _regular_file(path: Path, run: RunFolder, what: str) -> bool:
+    """Whether *path* is a regular file to read; a missing one is noted as missing, anything else (a FIFO,
+    which would block the read forever, a folder, a device) as a problem."""
     if not path.exists():
         run.missing.append(path.name)
+        return False
+    if not path.is_file():
+        run.problems.append(f"{path}: {what} is not a regular file; left out")
+        return False
+    return True
+
+
+def _read_json(path: Path, run: RunFolder, what: str) -> dict | None:
+    if not _regular_file(path, run, what):
         return None
     try:
         value = read_json(path, what)  # undecodable, too deep, an integer over Python's digit limit: one line
@@ -155,6 +190,8 @@ def _read_json(path: Path, run: RunFolder, what: str) -> dict | None:
 
 
 def _read_csv(path: Path, run: RunFolder, what: str) -> list[dict]:
+    if not _regular_file(path, run, what):
+        return []
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             return list(csv.DictReader(handle))
@@ -239,8 +276,11 @@ def _split_counts(path: Path, run: RunFolder) -> dict[str, int]:
 
 def _annotated_images(outputs: Path, run: RunFolder) -> list[AnnotatedImage]:
     images = [AnnotatedImage(path.name, path) for path in sorted(outputs.glob(f"{ANNOTATED_PREFIX}*"))
-              if path.suffix.lower() in IMAGE_SUFFIXES]
+              if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()]  # a FIFO would block the read
     for archive in sorted(outputs.glob(f"{ANNOTATED_PREFIX}*.tar")):
+        if not archive.is_file():
+            run.problems.append(f"{archive}: annotated image archive is not a regular file; left out")
+            continue
         try:
             with tarfile.open(archive) as handle:
                 members = [m.name for m in handle.getmembers()
@@ -275,14 +315,10 @@ def read_run_folder(path) -> RunFolder:
         record = _read_json(record_file, run, "run record")
         if record is not None:
             run.run_records[record_file.name.removesuffix(RUN_RECORD_SUFFIX)] = record
-    stats_file = path / "statistics.json"
-    if stats_file.is_file():
-        run.statistics = _read_json(stats_file, run, "workflow statistics")
-    else:
-        run.missing.append("statistics.json")
-    if (path / "validation_report.json").is_file():  # the driver writes it; a report job's folder has none
+    run.statistics = _read_json(path / "statistics.json", run, "workflow statistics")
+    if (path / "validation_report.json").exists():  # the driver writes it; a report job's folder has none
         run.validation = _read_json(path / "validation_report.json", run, "data validation report")
-    split_file = path / "split.csv" if (path / "split.csv").is_file() else outputs / "split.csv"
+    split_file = path / "split.csv" if (path / "split.csv").exists() else outputs / "split.csv"
     run.split_counts = _split_counts(split_file, run)
     _read_config(run)
     run.annotated = _annotated_images(outputs, run)
