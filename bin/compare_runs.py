@@ -14,7 +14,9 @@ points), wall_time_s (statistics.json). Rows are sorted by --sort-by (descending
 --ascending; runs without the value last). A Markdown table goes to stdout; --output writes
 .csv, .md or .html (by extension); --plot writes a bar chart of --metric across the runs.
 A missing or unfinished run folder is a one-line warning on stderr and its row says what it
-lacks. Exit 0 on success, 2 when no run is usable or a flag is wrong (one line), 1 on a bug.
+lacks; a metric its files hold as anything but a finite number (NaN, text) is missing there, with a
+warning; a run given twice is compared once. Exit 0 on success, 2 when no run is usable or a flag
+is wrong (one line), 1 on a bug.
 """
 
 import argparse
@@ -24,7 +26,7 @@ from pathlib import Path
 from utils.atomic import write_text
 from utils.cli import run_job
 from utils.errors import InputError
-from utils.reporting.compare import FORMATS, METRICS, compare_runs, to_markdown, write_plot
+from utils.reporting.compare import FORMATS, METRICS, PLOT_FORMATS, compare_runs, to_markdown, write_plot
 
 
 def get_args_parser():
@@ -37,7 +39,8 @@ def get_args_parser():
     parser.add_argument("--output", type=Path, default=None,
                         help=f"also write the table to this file; the format follows its extension "
                              f"({', '.join(FORMATS)}) (default: stdout only)")
-    parser.add_argument("--plot", type=Path, default=None, help="bar chart (.png) of --metric across the runs")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help=f"bar chart of --metric across the runs ({', '.join(PLOT_FORMATS)}, by extension)")
     parser.add_argument("--metric", default=None,
                         help="metric of --plot (default: --sort-by when a metric, else map_50)")
     return parser
@@ -47,8 +50,11 @@ def main(args) -> int:
     if args.output is not None and args.output.suffix.lower() not in FORMATS:
         raise InputError(f"--output {args.output}: unknown format {args.output.suffix or '(no extension)'!r} "
                          f"(use {', '.join(FORMATS)})")
+    if args.plot is not None and args.plot.suffix.lower() not in PLOT_FORMATS:
+        raise InputError(f"--plot {args.plot}: unknown format {args.plot.suffix or '(no extension)'!r} "
+                         f"(use {', '.join(PLOT_FORMATS)})")
     metric = args.metric or (args.sort_by if args.sort_by in METRICS else "map_50")
-    if args.plot is not None and metric not in METRICS:
+    if metric not in METRICS:
         raise InputError(f"--metric {metric!r}: not a metric (one of {', '.join(METRICS)})")
     comparison = compare_runs(args.run_dirs, args.sort_by, args.ascending)
     for warning in comparison.warnings:

@@ -121,3 +121,50 @@ def test_a_run_without_config_yml_is_compared_on_run_record_settings_for_every_r
     # only the train job's image size differs between the two runs' records
     assert header == ["run", "status", "train.image_size", *METRICS]
     assert "no config.yml: bare; so every run's settings are rebuilt from its run records' params" in out
+
+
+def test_nan_and_text_metrics_are_missing_and_sort_last_either_way(root, runs, tmp_path, capsys):
+    import json
+
+    def damaged(name, value, lr):
+        run_dir = make_run_folder(tmp_path / name, map_50=0.45, figures=False, config={**BASE, "image_size": lr})
+        evaluation = json.loads((run_dir / "outputs" / "evaluation.json").read_text())
+        (run_dir / "outputs" / "evaluation.json").write_text(json.dumps({**evaluation, "map_50": value}))
+        return run_dir
+
+    nan_run, text_run = damaged("nan_run", float("nan"), float("nan")), damaged("text_run", "0.9", 300)
+    for order in ([], ["--ascending"]):
+        assert run_script(root, "compare_runs", [runs[0], nan_run, *runs[1:], text_run, *order]) == 0
+        captured = capsys.readouterr()
+        names = [row[0] for row in table_rows(captured.out)[1:]]
+        expected = ["large", "slow_lr", "small"] if not order else ["small", "slow_lr", "large"]
+        assert names == [*expected, "nan_run", "text_run"], order
+        assert f"{text_run / 'outputs' / 'evaluation.json'}: map_50: '0.9' is not a number; left out" in captured.err
+        assert f"{nan_run / 'outputs' / 'evaluation.json'}: map_50: nan is not a number; left out" in captured.err
+    assert run_script(root, "compare_runs", [runs[0], nan_run, text_run, "--sort-by", "image_size",
+                                             "--plot", tmp_path / "map_50.png", "--metric", "map_50"]) == 0
+    out = capsys.readouterr().out
+    assert [row[0] for row in table_rows(out)[1:]] == ["text_run", "small", "nan_run"]  # a NaN setting: last
+    assert "(no value: text_run, nan_run)" in out
+
+
+def test_flags_are_checked_before_any_run_is_read(root, runs, tmp_path, capsys):
+    for flags, said in ((["--plot", tmp_path / "p.txt"], f"--plot {tmp_path / 'p.txt'}: unknown format '.txt'"),
+                        (["--plot", tmp_path / "noext"], f"--plot {tmp_path / 'noext'}: unknown format "
+                                                          "'(no extension)'"),
+                        (["--metric", "bogus"], "--metric 'bogus': not a metric")):
+        assert run_script(root, "compare_runs", [*runs, *flags]) == 2
+        captured = capsys.readouterr()
+        assert "| run |" not in captured.out and captured.err.startswith(f"compare_runs: error: {said}"), captured.err
+        assert captured.err.count("\n") == 1
+    assert not (tmp_path / "p.txt").exists() and not (tmp_path / "noext").exists()
+
+
+def test_a_run_given_twice_is_compared_once(root, runs, capsys):
+    small = runs[0]
+    again = small.parent / ".." / small.parent.name / small.name
+    assert run_script(root, "compare_runs", [small, runs[1], small, again]) == 0
+    captured = capsys.readouterr()
+    assert [row[0] for row in table_rows(captured.out)[1:]] == ["large", "small"]
+    assert f"compare_runs: warning: {small}: run given again; compared once" in captured.err
+    assert f"compare_runs: warning: {small}: run given again, as {again}; compared once" in captured.err

@@ -16,6 +16,7 @@ from pathlib import Path
 from ..classes import CLASSES
 from ..errors import InputError
 from .run_folder import RunFolder, RunFolderError, flatten, read_run_folder, settings_from_run_records
+from .values import Fields, num
 
 ABSENT = "-"
 # The metric columns, in table order (metric_values gives them).
@@ -23,21 +24,25 @@ METRICS = ("map", "map_50", *(f"ap50_{name}" for name in CLASSES), "compliance_t
            "compliance_error", "mae", "wall_time_s")
 
 
-def metric_values(run: RunFolder) -> dict[str, object]:
-    """The metrics of one run, by column name (None where the run lacks the figure)."""
-    evaluation = run.evaluation or {}
-    compliance = evaluation.get("compliance") or {}
-    per_class = evaluation.get("per_class") or {}
-    values: dict[str, object] = {"map": evaluation.get("map"), "map_50": evaluation.get("map_50")}
+def metric_values(run: RunFolder, notes: list[str] | None = None) -> dict[str, float | None]:
+    """The metrics of one run, by column name: None where the run lacks the figure or its file holds
+    something other than a finite number there (NaN, a string, a list), which *notes* then names."""
+    get = Fields(notes)
+    evaluation, where = run.evaluation or {}, f"{run.outputs / 'evaluation.json'}: "
+    compliance = get.dict(evaluation, "compliance", where + "compliance")
+    per_class = get.dict(evaluation, "per_class", where + "per_class")
+    values = {"map": get.num(evaluation, "map", where + "map"),
+              "map_50": get.num(evaluation, "map_50", where + "map_50")}
     for name in CLASSES:
-        values[f"ap50_{name}"] = (per_class.get(name) or {}).get("ap_50")
-    values.update({
-        "compliance_true": (compliance.get("true") or {}).get("percent_properly_masked"),
-        "compliance_predicted": (compliance.get("predicted") or {}).get("percent_properly_masked"),
-        "compliance_error": compliance.get("error_points"),
-        "mae": compliance.get("per_image_mae_points"),
-        "wall_time_s": (run.statistics or {}).get("wall_time_s"),
-    })
+        entry = get.dict(per_class, name, f"{where}per_class.{name}")
+        values[f"ap50_{name}"] = get.num(entry, "ap_50", f"{where}per_class.{name}.ap_50")
+    for column, part in (("compliance_true", "true"), ("compliance_predicted", "predicted")):
+        figures = get.dict(compliance, part, f"{where}compliance.{part}")
+        values[column] = get.num(figures, "percent_properly_masked",
+                                 f"{where}compliance.{part}.percent_properly_masked")
+    values["compliance_error"] = get.num(compliance, "error_points", where + "compliance.error_points")
+    values["mae"] = get.num(compliance, "per_image_mae_points", where + "compliance.per_image_mae_points")
+    values["wall_time_s"] = get.num(run.statistics, "wall_time_s", f"{run.path / 'statistics.json'}: wall_time_s")
     return values
 
 
@@ -78,10 +83,9 @@ def differing_settings(configs: list[dict[str, object]]) -> list[str]:
 def compare_runs(paths, sort_by: str = "map_50", ascending: bool = False) -> Comparison:
     """The comparison of the run folders *paths*; InputError when none of them can be used or
     *sort_by* is no column. Unusable folders become warnings and rows that say what is wrong."""
-    paths = [Path(path) for path in paths]
+    paths, warnings = _once_each([Path(path) for path in paths])
     labels = _label_runs(paths)
     runs: list[tuple[str, RunFolder | None, str]] = []
-    warnings = []
     for label, path in zip(labels, paths):
         try:
             run = read_run_folder(path)
@@ -112,17 +116,36 @@ def compare_runs(paths, sort_by: str = "map_50", ascending: bool = False) -> Com
         row: dict[str, object] = {"run": label, "status": status}
         for key in settings:
             row[key] = flat[label].get(key, ABSENT) if run is not None else ""
-        row.update(metric_values(run) if run is not None else dict.fromkeys(METRICS))
+        row.update(metric_values(run, warnings) if run is not None else dict.fromkeys(METRICS))
         rows.append(row)
     columns = ["run", "status", *settings, *METRICS]
     if sort_by not in columns:
         raise InputError(f"--sort-by {sort_by!r}: not a column (one of {', '.join(METRICS)}, or a differing "
                          f"setting: {', '.join(settings) or 'none'})")
-    with_value = [row for row in rows if row[sort_by] not in (None, ABSENT, "")]
-    without_value = [row for row in rows if row[sort_by] in (None, ABSENT, "")]
+    with_value = [row for row in rows if _has_value(row[sort_by])]
+    without_value = [row for row in rows if not _has_value(row[sort_by])]
     with_value.sort(key=lambda row: _sort_key(row[sort_by]), reverse=not ascending)
     without_config = [label for label, run, _ in runs if run is not None and not run.has_config_file]
     return Comparison(columns, with_value + without_value, settings, without_config, warnings, sort_by, ascending)
+
+
+def _once_each(paths: list[Path]) -> tuple[list[Path], list[str]]:
+    """*paths* without a run given again (the same folder by another path too), and a warning for each repeat."""
+    kept: dict[Path, Path] = {}
+    warnings = []
+    for path in paths:
+        first = kept.setdefault(path.resolve(), path)
+        if first is not path:
+            again = "again" if str(first) == str(path) else f"again, as {path}"
+            warnings.append(f"{first}: run given {again}; compared once")
+    return list(kept.values()), warnings
+
+
+def _has_value(value) -> bool:
+    """Whether a cell holds something to sort by: not missing, and not NaN (NaN orders with nothing)."""
+    if value is None or value is ABSENT or value == "":
+        return False
+    return not (isinstance(value, float) and value != value)
 
 
 def _sort_key(value):
@@ -198,6 +221,7 @@ th{{position:sticky;top:0;background:#f5f6f8;font-size:.8rem}}td:first-child,th:
 
 
 FORMATS = {".csv": to_csv, ".md": to_markdown, ".html": to_html}
+PLOT_FORMATS = (".png", ".svg", ".pdf")  # what --plot writes, by its extension
 
 
 def write_plot(comparison: Comparison, metric: str, path) -> list[str]:
@@ -211,8 +235,8 @@ def write_plot(comparison: Comparison, metric: str, path) -> list[str]:
 
     if metric not in METRICS:
         raise InputError(f"--metric {metric!r}: not a metric (one of {', '.join(METRICS)})")
-    plotted = [(row["run"], float(row[metric])) for row in comparison.rows if row[metric] is not None]
-    without = [row["run"] for row in comparison.rows if row[metric] is None]
+    plotted = [(row["run"], num(row[metric])) for row in comparison.rows if num(row[metric]) is not None]
+    without = [row["run"] for row in comparison.rows if num(row[metric]) is None]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(plotted) + 2), 4.2), layout="constrained")
     bars = ax.bar([name for name, _ in plotted], [value for _, value in plotted], color="#2a62c9")
     ax.bar_label(bars, fmt="%.3g", padding=2)
