@@ -193,6 +193,25 @@ def test_markup_in_any_value_of_the_run_files_is_shown_as_text_never_rendered(ro
     assert "value(s) in the run's files are not the numbers expected" in page
 
 
+@pytest.mark.browser
+def test_a_meta_refresh_in_a_per_image_value_does_not_redirect_the_page(root, tmp_path, capsys):
+    import time
+
+    from browser import chromium_session, require_chromium
+
+    require_chromium()
+    run_dir = make_run_folder(tmp_path / "run", figures=False)
+    (tmp_path / "pwned.html").write_text("<title>pwned</title>")
+    refresh = f'<meta http-equiv="refresh" content="0;url={(tmp_path / "pwned.html").as_uri()}">'
+    edit_json(run_dir / "outputs" / "evaluation_images.json", lambda d: d["images"][0].update(false=refresh))
+    build(root, run_dir, capsys)
+    with chromium_session(tmp_path) as browser:
+        browser.get((run_dir / "outputs" / "report.html").as_uri())
+        time.sleep(1.5)
+        assert browser.current_url.endswith("/report.html") and browser.title.startswith("Run report")
+        assert "n/a false" in browser.find_element("css selector", ".tile").text
+
+
 def test_values_of_the_wrong_type_are_left_out_with_a_note_not_a_traceback(root, tmp_path, capsys):
     run_dir = make_run_folder(tmp_path / "run", figures=False)
     outputs = run_dir / "outputs"
