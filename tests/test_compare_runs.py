@@ -168,3 +168,14 @@ def test_a_run_given_twice_is_compared_once(root, runs, capsys):
     assert [row[0] for row in table_rows(captured.out)[1:]] == ["large", "small"]
     assert f"compare_runs: warning: {small}: run given again; compared once" in captured.err
     assert f"compare_runs: warning: {small}: run given again, as {again}; compared once" in captured.err
+
+
+def test_a_run_name_with_dollar_signs_is_plotted_as_text(root, runs, tmp_path, capsys):
+    import shutil
+
+    odd = tmp_path / "r$\\frac{$"
+    shutil.copytree(runs[0], odd)
+    shutil.copytree(runs[1], tmp_path / "$x$")
+    (odd / "outputs" / "evaluation.json").unlink()  # no value: its name goes into the title
+    assert run_script(root, "compare_runs", [odd, tmp_path / "$x$", runs[2], "--plot", tmp_path / "p.png"]) == 0
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

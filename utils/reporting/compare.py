@@ -235,7 +235,10 @@ def write_plot(comparison: Comparison, metric: str, path) -> list[str]:
 
     if metric not in METRICS:
         raise InputError(f"--metric {metric!r}: not a metric (one of {', '.join(METRICS)})")
-    plotted = [(row["run"], num(row[metric])) for row in comparison.rows if num(row[metric]) is not None]
+    def label(name: str) -> str:  # a run's name as text: "$" would start matplotlib's math mode
+        return name.replace("$", r"\$")
+
+    plotted = [(label(row["run"]), num(row[metric])) for row in comparison.rows if num(row[metric]) is not None]
     without = [row["run"] for row in comparison.rows if num(row[metric]) is None]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(plotted) + 2), 4.2), layout="constrained")
     bars = ax.bar([name for name, _ in plotted], [value for _, value in plotted], color="#2a62c9")
@@ -244,7 +247,7 @@ def write_plot(comparison: Comparison, metric: str, path) -> list[str]:
     ax.set_ylabel(metric)
     title = f"{metric} per run"
     if without:
-        title += f"\n(no value: {', '.join(without)})"
+        title += f"\n(no value: {', '.join(map(label, without))})"
     ax.set_title(title)
     ax.tick_params(axis="x", labelrotation=20 if len(plotted) > 3 else 0)
     ax.axhline(0, color="black", linewidth=0.8)
