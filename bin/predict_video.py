@@ -13,10 +13,18 @@ at fps / stride, so it plays at real speed). --show opens a live window (q or Es
 needs a display and OpenCV's GUI build). --max-frames (processed frames) and
 --max-seconds (of video time) bound a run; a camera has no end without them.
 Detections count from the model's operating threshold unless --score-threshold is given.
-Exit 0 on success; 2 with one line naming the source when it cannot be read; 1 on a bug.
+Times are the file's frame timestamps (a variable frame rate stays true), else frame number / fps.
+
+Ctrl-C (the way to end a camera or stream run without --max-*) or SIGTERM stops the run at the next
+frame: the CSV, plot, summary and annotated video are written for the frames done, and the summary's
+"interrupted" names the signal (a second Ctrl-C stops at once, writing nothing). After Ctrl-C the exit is 0,
+as for q or Esc: the user ended the run. After SIGTERM it is 143, as for the workflow's other jobs
+(utils/stop.py): a pool stopped the job, which is retried; what was not written yet gets a stand-in.
+Exit 0 on success; 2 with one line naming the source (or flag) when it cannot be read or used; 1 on a bug.
 """
 
 import argparse
+import signal
 import sys
 
 from tqdm import tqdm
@@ -26,9 +34,10 @@ from utils.cli import add_tta_arg, check_output_tag, fraction, positive_float, p
 from utils.detection.compliance import compliance_line
 from utils.detection.device import resolve_device
 from utils.detection.evaluation import load_trained_model
-from utils.detection.video import predict_video
+from utils.detection.video import SIGTERM, predict_video, stop_on_sigint
 from utils.naming import video_output_names
 from utils.provenance import write_run_record
+from utils.stop import StopRequested, declare_outputs, stop_on_sigterm
 
 
 def get_args_parser():
@@ -55,7 +64,19 @@ def get_args_parser():
 
 
 def main(args) -> int:
+    stop_on_sigterm()  # SIGTERM and Ctrl-C stop at the next frame, the outputs written for the frames done
+    previous = signal.signal(signal.SIGINT, signal.getsignal(signal.SIGINT))
+    stop_on_sigint()
+    try:
+        return run(args)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run(args) -> int:
     check_output_tag(args.output_tag)
+    names = video_output_names(args.output_tag)
+    declare_outputs(*(f"{args.output_dir}/{name}" for name in names.values()), args.output_video)
     device = resolve_device(args.device)
     model, meta, threshold, source = load_trained_model(args.model, device, args.score_threshold, tta=args.tta)
     print(f"predict_video: score threshold {threshold:g} ({source}); flip TTA {'on' if meta['tta'] else 'off'} "
@@ -66,14 +87,19 @@ def main(args) -> int:
                                 max_seconds=args.max_seconds, tta=meta["tta"], progress=bar.update,
                                 settings={"model": str(args.model), "score_threshold_source": source},
                                 tag=args.output_tag, calibration=meta.get("quantification"))
-    write_run_record(f"{args.output_dir}/{video_output_names(args.output_tag)['run_record']}", "predict_video",
+    write_run_record(f"{args.output_dir}/{names['run_record']}", "predict_video",
                      {**vars(args), "device": str(device)},
                      [args.model] + ([args.source] if summary["kind"] == "file" else []))
+    for note in summary["notes"]:
+        print(f"predict_video: note: {note}", file=sys.stderr)
     print(compliance_line(summary["overall"], summary["estimate"]) + f" (pooled over {summary['frames_processed']} "
           f"frames, resampled in blocks of {summary['resampling']['block_frames']}; mean per frame "
           f"{summary['mean_percent_per_frame']})")
     print(f"{summary['frames_processed']} of {summary['frames_read']} frames processed in "
           f"{summary['processing_seconds']} s; outputs in {args.output_dir}")
+    if summary["interrupted"] == SIGTERM:
+        raise StopRequested(f"SIGTERM received; stopped after {summary['frames_processed']} processed frames, "
+                            "whose outputs are written (the summary says interrupted)")
     return 0
 
 

@@ -65,7 +65,11 @@ def test_max_frames_bounds_a_run(root, clip, tiny_model_file, tmp_path):
     assert json.loads((out / "video_summary.json").read_text())["frames_processed"] == 3
     assert run_script(root, "predict_video", ["--source", clip, "--model", tiny_model_file, "--output-dir", out,
                                               "--max-seconds", "0.5", "--stride", "1", "--device", "cpu"]) == 0
-    assert json.loads((out / "video_summary.json").read_text())["frames_processed"] == 3  # frames 0-2 at 6 fps
+    summary = json.loads((out / "video_summary.json").read_text())
+    assert summary["frames_processed"] == 3  # frames 0-2 at 6 fps
+    # frame 3 (at 0.5 s) is past the run: not read as part of it
+    assert summary["frames_read"] == 3 and summary["video_seconds"] == 0.5 and summary["ended"] == "--max-seconds"
+    assert summary["frame_times"] == "timestamps" and summary["fps_assumed"] is False and summary["notes"] == []
 
 
 @pytest.mark.slow
@@ -156,3 +160,160 @@ def test_frames_over_the_pixel_limit_are_refused_in_one_line_naming_the_source(r
                                             "--output-dir", tmp_path / "out", "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "19,200 pixels, over the limit of 19,199" in err, err
+
+
+def _signal_on_call(monkeypatch, module, name, signum, call):
+    """Patch module.name to send *signum* to this process on its *call*-th call (1-based)."""
+    import os
+
+    original, calls = getattr(module, name), []
+
+    def patched(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signum)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, patched)
+
+
+@pytest.fixture
+def restore_signals():
+    import signal
+
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signame, rc", [("SIGTERM", 143), ("SIGINT", 0)])
+def test_a_signal_stops_at_the_next_frame_and_keeps_the_frames_done(root, clip, tiny_model_file, tmp_path, capsys,
+                                                                     monkeypatch, restore_signals, signame, rc):
+    """SIGTERM (a pool stopping the job: 143, retried) or Ctrl-C (the user ending a run: 0) stops the run at the
+    next frame; the CSV, plot, summary and annotated video hold the frames done, the summary says interrupted."""
+    import signal
+
+    from utils.detection import video as video_module
+
+    out = tmp_path / "out"
+    argv = ["--source", clip, "--model", tiny_model_file, "--output-dir", out, "--output-video", out / "a.mp4",
+            "--stride", "1", "--device", "cpu"]
+    assert run_script(root, "predict_video", [*argv, "--max-frames", "1"]) == 0  # a previous run's outputs
+    _signal_on_call(monkeypatch, video_module, "detect", getattr(signal, signame), 3)
+    assert run_script(root, "predict_video", argv) == rc
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "interrupted by" in err
+    summary = json.loads((out / "video_summary.json").read_text())
+    assert summary["interrupted"] == ("SIGTERM" if signame == "SIGTERM" else "Ctrl-C (SIGINT)")
+    assert summary["frames_processed"] == 3 and summary["frames_read"] == 3  # the frame in progress is finished
+    assert len(list(csv.DictReader(open(out / "video_frames.csv")))) == 3
+    video = cv2.VideoCapture(str(out / "a.mp4"))
+    assert video.get(cv2.CAP_PROP_FRAME_COUNT) == 3
+    video.release()
+    assert sorted(p.name for p in out.iterdir()) == ["a.mp4", "compliance_over_time.png", "predict_video_run.json",
+                                                     "video_frames.csv", "video_summary.json"]  # no temp files
+
+
+@pytest.mark.slow
+def test_a_sigterm_before_the_first_frame_still_replaces_the_previous_outputs(root, clip, tiny_model_file, tmp_path,
+                                                                               monkeypatch, restore_signals):
+    import signal
+
+    from utils.detection import video as video_module
+
+    out = tmp_path / "out"
+    argv = ["--source", clip, "--model", tiny_model_file, "--output-dir", out, "--device", "cpu"]
+    assert run_script(root, "predict_video", [*argv, "--max-frames", "2"]) == 0
+    _signal_on_call(monkeypatch, video_module, "open_source", signal.SIGTERM, 1)
+    assert run_script(root, "predict_video", argv) == 143
+    summary = json.loads((out / "video_summary.json").read_text())
+    assert summary["interrupted"] == "SIGTERM" and summary["frames_processed"] == 0
+
+
+class _Capture:
+    """Stands in for a cv2.VideoCapture after a read: the timestamps of the frames, one per frame_time call."""
+
+    def __init__(self, msec):
+        self.msec = iter(msec)
+
+    def get(self, prop):
+        assert prop == cv2.CAP_PROP_POS_MSEC
+        return next(self.msec)
+
+
+def test_frame_times_are_the_timestamps_when_valid_else_the_one_before_plus_a_frame():
+    from utils.detection.video import VideoRun
+
+    run, times = VideoRun(), []
+    capture = _Capture([0, 50, 200, float("nan"), 100, 450])  # a variable rate; NaN and a step back: no time
+    for _ in range(6):
+        time_s, by_rate = run.frame_time(capture, fps=10.0, timestamps=True)
+        times.append((round(time_s, 3), by_rate))
+        run.last_time, run.frames_read, run.timed_by_rate = time_s, run.frames_read + 1, run.timed_by_rate + by_rate
+    assert times == [(0.0, False), (0.05, False), (0.2, False), (0.3, True), (0.4, True), (0.45, False)]
+    assert run.times_from() == "timestamps, 2 frames without one: by the frame rate"
+
+
+def test_only_whole_blocks_count_toward_an_interval():
+    """A clip of 1.5 blocks is one unit (no interval, as the README says); the frames after the last whole block
+    join it."""
+    from utils.detection.quantify import Units
+    from utils.detection.video import whole_blocks
+
+    def sizes(frames, block):
+        return whole_blocks(Units.of(np.ones((frames, 3))), block).counts[:, 0].tolist()
+
+    assert sizes(45, 30) == [45] and sizes(30, 30) == [30] and sizes(10, 30) == [10] and sizes(0, 30) == []
+    assert sizes(60, 30) == [30, 30] and sizes(65, 30) == [30, 35]
+
+
+@pytest.mark.slow
+def test_annotated_video_plays_at_real_speed_when_the_stride_exceeds_the_frame_rate(root, clip, tiny_model_file,
+                                                                                     tmp_path):
+    out = tmp_path / "out"
+    assert run_script(root, "predict_video", ["--source", clip, "--model", tiny_model_file, "--output-dir", out,
+                                              "--output-video", out / "a.mp4", "--stride", "12",
+                                              "--device", "cpu"]) == 0
+    video = cv2.VideoCapture(str(out / "a.mp4"))
+    assert video.get(cv2.CAP_PROP_FPS) == 0.5  # 6 fps / 12: one frame for 2 s of video
+    video.release()
+
+
+@pytest.mark.slow
+def test_an_assumed_frame_rate_and_a_file_shorter_than_its_header_are_said(root, sample_dir, tiny_model_file,
+                                                                           tmp_path, capsys, monkeypatch):
+    from utils.detection import video as video_module
+
+    path = tmp_path / "cut.avi"  # Motion JPEG: 20 frames declared, the file cut in half
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (160, 120))
+    images = sorted((sample_dir / "images").glob("*.jpg"))[:4]
+    for index in range(20):
+        image = Image.open(images[index % 4]).convert("RGB").resize((160, 120))
+        writer.write(cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR))
+    writer.release()
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    out = tmp_path / "out"
+    argv = ["--source", path, "--model", tiny_model_file, "--output-dir", out, "--stride", "4", "--device", "cpu"]
+    assert run_script(root, "predict_video", argv) == 0
+    summary = json.loads((out / "video_summary.json").read_text())
+    assert summary["frames_declared"] == 20 and 0 < summary["frames_read"] < 20
+    assert "frames its header declares" in capsys.readouterr().err
+
+    class NoRate:  # a source that says 0 fps
+        def __init__(self, capture):
+            self.capture = capture
+
+        def get(self, prop):
+            return 0.0 if prop == cv2.CAP_PROP_FPS else self.capture.get(prop)
+
+        def __getattr__(self, name):
+            return getattr(self.capture, name)
+
+    original = video_module.open_source
+    monkeypatch.setattr(video_module, "open_source", lambda source: (NoRate(original(source)[0]), "file"))
+    assert run_script(root, "predict_video", argv) == 0
+    summary = json.loads((out / "video_summary.json").read_text())
+    assert summary["fps_assumed"] is True and summary["fps"] == 25.0 and summary["fps_reported"] == 0.0
+    assert "gives no usable frame rate (0); 25 fps assumed" in capsys.readouterr().err

@@ -16,6 +16,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +33,7 @@ from ..atomic import atomic_path, write_json, write_text
 from ..classes import CLASSES, NAME_OF
 from ..errors import InputError
 from ..naming import video_output_names
+from ..stop import stop_requested
 from .compliance import compliance, merge_compliance
 from .inference import detect, to_model_input
 from .inference_size import working_size
@@ -37,6 +41,27 @@ from .quantify import Calibration, Units, calibration_problem, calibration_summa
 from .plots import draw_detections
 
 CSV_FIELDS = ("frame", "time_s", "faces", *CLASSES, "percent_properly_masked")
+ASSUMED_FPS = 25.0  # where the source gives no usable frame rate (0, NaN, 1000 or more), said in the summary
+SIGTERM, SIGINT = "SIGTERM", "Ctrl-C (SIGINT)"  # what stopped an interrupted run (the summary's "interrupted")
+_sigint = threading.Event()
+
+
+def _on_sigint(signum, frame) -> None:
+    if _sigint.is_set():  # a second Ctrl-C: the run did not stop at its frame (a stalled stream), so at once
+        raise KeyboardInterrupt
+    _sigint.set()
+
+
+def stop_on_sigint() -> None:
+    """From now on, a Ctrl-C (SIGINT) stops a run at the next frame, its outputs written for the frames done;
+    a second one interrupts at once (main thread only). SIGTERM: utils.stop.stop_on_sigterm."""
+    _sigint.clear()
+    signal.signal(signal.SIGINT, _on_sigint)
+
+
+def stop_reason() -> str | None:
+    """SIGTERM or SIGINT when one asked the run to stop (with their handlers installed), else None."""
+    return SIGTERM if stop_requested() else SIGINT if _sigint.is_set() else None
 
 
 def open_source(source: str) -> tuple[cv2.VideoCapture, str]:
@@ -78,6 +103,24 @@ class VideoRun:
     rows: list = field(default_factory=list)
     per_frame: list = field(default_factory=list)
     soft: list = field(default_factory=list)  # per processed frame: score sums per class down to the floor
+    last_time: float | None = None  # the time of the last frame read (s)
+    timed_by_rate: int = 0  # frames read whose time is the one before + 1 / fps (no valid timestamp)
+    ended: str | None = None  # what ended the run: the end of the source, a bound, the viewer, a signal
+
+    def frame_time(self, capture, fps: float, timestamps: bool) -> tuple[float, bool]:
+        """(time, by the rate) of the frame just read: a file's timestamp for it when valid (finite, after the
+        one before; a variable frame rate stays true), else the time before + 1 / fps (from 0)."""
+        if timestamps:
+            seconds = capture.get(cv2.CAP_PROP_POS_MSEC) / 1000
+            if math.isfinite(seconds) and (seconds > self.last_time if self.last_time is not None else seconds >= 0):
+                return seconds, False
+        return (0.0 if self.last_time is None else self.last_time + 1 / fps), True
+
+    def times_from(self) -> str:
+        if not self.timed_by_rate:
+            return "timestamps"
+        return "frame rate" if self.timed_by_rate >= self.frames_read else (
+            f"timestamps, {self.timed_by_rate} frames without one: by the frame rate")
 
 
 def _annotate(frame_bgr: np.ndarray, out: dict) -> np.ndarray:
@@ -91,40 +134,53 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                   max_seconds: float | None = None, tta: bool = False, settings: dict | None = None,
                   progress=None, tag: str | None = None, calibration: dict | None = None) -> dict:
     """Run the detector over *source*; write the CSV, plot, summary (and video); return the summary.
-    *calibration* is the model file's validation record, for the adjusted estimators."""
+    *calibration* is the model file's validation record, for the adjusted estimators. A SIGTERM (with
+    utils.stop.stop_on_sigterm) or a Ctrl-C (with stop_on_sigint) stops it at the next frame: the outputs
+    are written for the frames done and the summary's "interrupted" names the signal."""
     if stride < 1:
         raise InputError(f"--stride must be at least 1, got {stride}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     capture, kind = open_source(source)
-    fps = capture.get(cv2.CAP_PROP_FPS) or 0.0
-    fps = fps if 0 < fps < 1000 else 25.0  # cameras and some streams report 0
+    reported_fps = capture.get(cv2.CAP_PROP_FPS)
+    fps_assumed = not (math.isfinite(reported_fps) and 0 < reported_fps < 1000)  # cameras, some streams: 0
+    fps = ASSUMED_FPS if fps_assumed else reported_fps
+    declared = capture.get(cv2.CAP_PROP_FRAME_COUNT) if kind == "file" else math.nan
+    declared = int(declared) if math.isfinite(declared) and 0 < declared < 2 ** 31 else None
     run, writer, writer_path, started = VideoRun(), None, None, time.perf_counter()
     settings = {**(settings or {}), "working_size": working_size(model)}  # said in the summary; the rates need it
     video_target = Path(output_video) if output_video else None
     try:
         with (atomic_path(video_target) if video_target else contextlib.nullcontext()) as tmp_video:
             while True:
+                run.ended = stop_reason()
+                if run.ended:
+                    break
                 if max_frames is not None and len(run.rows) >= max_frames:
+                    run.ended = "--max-frames"
                     break
                 ok, frame = capture.read()
                 if not ok:
+                    run.ended = "the end of the source"
                     break
                 check_frame_pixels(frame.shape[1], frame.shape[0], source, kind)  # a stream may change size
-                index, run.frames_read = run.frames_read, run.frames_read + 1
-                time_s = index / fps
+                time_s, by_rate = run.frame_time(capture, fps, timestamps=kind == "file")
                 if max_seconds is not None and time_s >= max_seconds:
+                    run.ended = "--max-seconds"  # this frame is past the run: not counted as read
                     break
+                index, run.frames_read, run.last_time = run.frames_read, run.frames_read + 1, time_s
+                run.timed_by_rate += by_rate
                 if index % stride:
                     continue
                 rgb = torch.from_numpy(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)
                 (out,) = detect(model, [to_model_input(rgb, device)], tta=tta,
                                 score_threshold=min(D.DETECTION_FLOOR, score_threshold))
-                run.soft.append(class_sums(out["labels"].tolist(), out["scores"].tolist(), D.DETECTION_FLOOR))
+                soft = class_sums(out["labels"].tolist(), out["scores"].tolist(), D.DETECTION_FLOOR)
                 keep = out["scores"] >= score_threshold  # counted, drawn and listed: those at the threshold
                 out = {key: value[keep] for key, value in out.items()}
                 labels = [NAME_OF[int(label)] for label in out["labels"].tolist()]
                 figure = compliance(labels)
+                run.soft.append(soft)
                 run.per_frame.append(figure)
                 run.rows.append({"frame": index, "time_s": round(time_s, 3), "faces": figure["faces"],
                                  **figure["counts"], "percent_properly_masked": figure["percent_properly_masked"]})
@@ -133,12 +189,14 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                     if tmp_video is not None:
                         if writer is None:
                             height, width = drawn.shape[:2]
+                            # at fps / stride, so that it plays at real speed (under 1 frame a second too)
                             writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"),
-                                                     max(fps / stride, 1.0), (width, height))
+                                                     fps / stride, (width, height))
                             if not writer.isOpened():
                                 raise InputError(f"{video_target}: OpenCV cannot write this video file")
                         writer.write(drawn)
                     if show and _show(drawn):
+                        run.ended = "the viewer (q or Esc)"
                         break
                 if progress is not None:
                     progress(1)
@@ -152,27 +210,52 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
             writer.release()
         if show:
             cv2.destroyAllWindows()
-    if not run.rows:
+    interrupted = run.ended if run.ended in (SIGTERM, SIGINT) else None
+    if not run.rows and not interrupted:
         raise InputError(f"{source}: no frame was processed (check --max-frames/--max-seconds and the source)")
+    notes = []
+    if fps_assumed:
+        notes.append(f"the {kind} gives no usable frame rate ({reported_fps:g}); {fps:g} fps assumed for the "
+                     "annotated video, the resampling blocks" + (" and the frames without a timestamp"
+                                                                 if kind == "file" else " and the frame times"))
+    if run.ended == "the end of the source" and declared is not None and run.frames_read < declared:
+        notes.append(f"the file ended after {run.frames_read} of the {declared} frames its header declares "
+                     "(truncated or damaged?)")
+    if interrupted:
+        notes.append(f"interrupted by {interrupted} after {run.frames_read} frames read: the outputs hold the "
+                     f"{len(run.rows)} processed frames")
+    video = {"fps": round(fps, 3), "fps_reported": reported_fps if math.isfinite(reported_fps) else None,
+             "fps_assumed": fps_assumed, "frames_declared": declared, "ended": run.ended,
+             "interrupted": interrupted, "frame_times": run.times_from(), "notes": notes}
     return _write_outputs(run, output_dir, source, kind, fps, stride, score_threshold, tta, settings, writer_path,
-                          time.perf_counter() - started, video_output_names(tag), calibration)
+                          time.perf_counter() - started, video_output_names(tag), calibration, video)
 
 
 def video_estimates(run: VideoRun, fps: float, stride: int, threshold: float, tta: bool,
                     calibration: dict | None, size: int | None = None) -> dict:
     """The pooled figure over the processed frames (detected at *threshold*, flip TTA or not, at working size
     *size* px) with its interval, resampling blocks of consecutive frames ("units" are blocks;
-    "resampling" says how many frames each holds)."""
+    "resampling" says how many frames each holds). Only whole blocks count: the frames after the last
+    whole one join it, so a clip shorter than two blocks is one unit and gets no interval."""
     block = max(1, round(D.VIDEO_BLOCK_SECONDS * fps / stride))
     counts = [[figure["counts"][name] for name in CLASSES] for figure in run.per_frame]
     note = calibration_problem(calibration, threshold, tta, size)
-    units = Units.of(counts, run.soft).blocks(block)
+    units = whole_blocks(Units.of(counts, run.soft), block)
     report = set_estimates(units, None if note else Calibration.from_record(calibration), note, unit="block")
     report["calibration"] = calibration_summary(calibration, note)
     report["resampling"] = {"frames": len(run.per_frame), "block_frames": block, "blocks": len(units),
                             "why": f"blocks of {D.VIDEO_BLOCK_SECONDS:g} s of consecutive processed frames: nearby "
                                    "frames show the same faces and are not independent samples"}
     return report
+
+
+def whole_blocks(units: Units, size: int) -> Units:
+    """Consecutive *units* summed in blocks of at least *size*: a last, shorter block joins the one before."""
+    if len(units) <= size:
+        return units.blocks(size)
+    starts = np.arange(0, len(units) - size + 1, size)  # each start with a whole block after it
+    return Units(np.add.reduceat(units.counts, starts),
+                 None if units.soft is None else np.add.reduceat(units.soft, starts))
 
 
 def _show(frame_bgr: np.ndarray) -> bool:
@@ -186,7 +269,7 @@ def _show(frame_bgr: np.ndarray) -> bool:
 
 
 def _write_outputs(run: VideoRun, output_dir: Path, source, kind, fps, stride, threshold, tta, settings,
-                   video_path, seconds, names: dict, calibration: dict | None = None) -> dict:
+                   video_path, seconds, names: dict, calibration: dict | None, video: dict) -> dict:
     from .plots import plot_compliance_over_time
 
     buffer = io.StringIO()
@@ -198,10 +281,12 @@ def _write_outputs(run: VideoRun, output_dir: Path, source, kind, fps, stride, t
     plot_compliance_over_time([r["time_s"] for r in run.rows], [r["percent_properly_masked"] for r in run.rows],
                               [r["faces"] for r in run.rows], plot_path, source)
     with_faces = [r["percent_properly_masked"] for r in run.rows if r["percent_properly_masked"] is not None]
-    summary = {**(settings or {}), "source": source, "kind": kind, "fps": round(fps, 3), "stride": stride,
+    # the video covered: up to the last frame read, and that frame's duration at the frame rate
+    covered = 0.0 if run.last_time is None else run.last_time + 1 / fps
+    summary = {**(settings or {}), "source": source, "kind": kind, **video, "stride": stride,
                "score_threshold": threshold, "tta": tta, "frames_read": run.frames_read,
                "frames_processed": len(run.rows), "frames_with_faces": len(with_faces),
-               "video_seconds": round(run.frames_read / fps, 3), "processing_seconds": round(seconds, 2),
+               "video_seconds": round(covered, 3), "processing_seconds": round(seconds, 2),
                "overall": merge_compliance(run.per_frame),
                **video_estimates(run, fps, stride, threshold, tta, calibration, settings.get("working_size")),
                "mean_percent_per_frame": round(sum(with_faces) / len(with_faces), 2) if with_faces else None,
