@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import cv2
 import numpy as np
@@ -122,7 +123,12 @@ def test_workflow_pred_videos_fans_out_one_job_per_video(root, sample_dir, clip,
     jobs = {job["id"]: job for job in yaml.safe_load((run_dir / "workflow.yml").read_text())["jobs"]}
     assert {"predict_video_gate_a", "predict_video_gate-b"} <= set(jobs)
     job = jobs["predict_video_gate_a"]
-    assert job["arguments"][:2] == ["--source", "video_gate a.mp4"] and "--stride" in job["arguments"]
+    # the input is named by the tag (no space in a job argument); the replica keeps the real path
+    assert job["arguments"][:2] == ["--source", "video_gate_a.mp4"] and "--stride" in job["arguments"]
+    replicas = {entry["lfn"]: entry["pfns"][0]["pfn"]
+                for entry in yaml.safe_load((run_dir / "replicas.yml").read_text())["replicas"]}
+    assert replicas["video_gate_a.mp4"] == (videos / "gate a.mp4").resolve().as_uri()
+    assert replicas["video_gate-b.mp4"] == (videos / "gate-b.mp4").resolve().as_uri()
     outputs = {use["lfn"] for use in job["uses"] if use["type"] == "output" and use["stageOut"]}
     assert outputs == {"video_frames_gate_a.csv", "compliance_over_time_gate_a.png", "video_summary_gate_a.json",
                        "predict_video_gate_a_run.json", "annotated_gate_a.mp4"}
@@ -317,3 +323,41 @@ def test_an_assumed_frame_rate_and_a_file_shorter_than_its_header_are_said(root,
     summary = json.loads((out / "video_summary.json").read_text())
     assert summary["fps_assumed"] is True and summary["fps"] == 25.0 and summary["fps_reported"] == 0.0
     assert "gives no usable frame rate (0); 25 fps assumed" in capsys.readouterr().err
+
+
+def test_pred_videos_counts_frames_the_header_cannot_tell_refuses_frameless_videos_and_names_what_it_skips(
+        clip, tmp_path, caplog):
+    import logging
+
+    from utils.pegasus.config import ConfigError
+    from utils.pegasus.inputs import find_videos
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    # an MKV without its Duration element: OpenCV's frame count is negative; the frames are counted instead
+    writer = cv2.VideoWriter(str(tmp_path / "full.mkv"), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (160, 120))
+    for index in range(30):
+        writer.write(np.full((120, 160, 3), index * 8, np.uint8))
+    writer.release()
+    data = bytearray((tmp_path / "full.mkv").read_bytes())
+    at = data.find(bytes([0x44, 0x89]))  # Duration: ID, size (1 byte), value; overwritten by a Void element
+    size = data[at + 2] & 0x7F
+    data[at:at + 3 + size] = bytes([0xEC, 0x80 | (size + 1)]) + bytes(size + 1)
+    (videos / "nodur.mkv").write_bytes(data)
+    cv2_capture = cv2.VideoCapture(str(videos / "nodur.mkv"))
+    assert not cv2_capture.get(cv2.CAP_PROP_FRAME_COUNT) > 0  # what this test is about
+    cv2_capture.release()
+    shutil.copyfile(clip, videos / "clip.mp4")
+    (videos / "notes.txt").write_text("not a video")
+    (videos / "more").mkdir()
+    with caplog.at_level(logging.WARNING):
+        found = {video.path.name: video.frames for video in find_videos(videos)}
+    assert found == {"nodur.mkv": 30, "clip.mp4": 12}
+    assert "2 entries not taken as videos" in caplog.text and "more/, notes.txt" in caplog.text
+    # a video that opens but gives no frame is refused at generation, not at run time
+    y4m = b"YUV4MPEG2 W160 H120 F10:1 Ip A1:1 C420jpeg\n"
+    (videos / "header_only.y4m").write_bytes(y4m)
+    with pytest.raises(ConfigError, match=r"header_only\.y4m: the video opened but gave no frame"):
+        find_videos(videos)
+    (videos / "header_only.y4m").write_bytes(y4m + b"FRAME\n" + bytes(160 * 120 * 3 // 2))  # now one frame
+    assert {video.path.name: video.frames for video in find_videos(videos)}["header_only.y4m"] == 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,31 +228,56 @@ def _shard_files(index, resolve: bool = False) -> list[ShardFile]:
             for path, shard in zip(index.paths(), index.shards)]
 
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".mjpeg", ".y4m",
+                    ".3gp")
+SKIPPED_LISTED = 20  # the files of --pred-videos not taken that the warning names
 
 
 def find_videos(folder: Path) -> list[VideoFile]:
-    """The videos directly in *folder* (--pred-videos), with their frame counts read from the headers;
-    a video OpenCV cannot open is a ConfigError naming it (a job would only fail later)."""
-    import cv2
-
+    """The videos directly in *folder* (--pred-videos), each with its frame count (its job's time limit);
+    a video OpenCV cannot open, or that gives no frame, is a ConfigError naming it (a job would only fail
+    later). What is not taken (other extensions, folders) is warned about, counted and named."""
     if not folder.exists():
         raise ConfigError(f"{folder}: --pred-videos folder not found")
     if not folder.is_dir():
         raise ConfigError(f"{folder}: not a folder (--pred-videos takes a folder of videos)")
-    videos = []
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS):
-        capture = cv2.VideoCapture(str(path))
-        try:
-            if not capture.isOpened():
-                raise ConfigError(f"{path}: not a video OpenCV can read")
-            videos.append(VideoFile(path.resolve(), max(1, int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0))))
-        finally:
-            capture.release()
+    entries = sorted(folder.iterdir())
+    taken = [p for p in entries if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS]
+    skipped = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in taken]
+    if skipped:
+        shown = ", ".join(skipped[:SKIPPED_LISTED]) + (f", and {len(skipped) - SKIPPED_LISTED} more"
+                                                       if len(skipped) > SKIPPED_LISTED else "")
+        log.warning("%s: %d entr%s not taken as videos (not a file with one of the extensions %s): %s", folder,
+                    len(skipped), "y" if len(skipped) == 1 else "ies", " ".join(VIDEO_EXTENSIONS), shown)
+    videos = [VideoFile(path.resolve(), video_frames(path)) for path in taken]
     if not videos:
         raise ConfigError(f"{folder}: no videos ({', '.join(VIDEO_EXTENSIONS)}) in --pred-videos")
     check_video_tags(videos)
     return videos
+
+
+def video_frames(path: Path) -> int:
+    """The frame count of the video at *path*, from its header, or, where the header gives none that can be
+    believed (negative, 0, absurd: an MKV without its duration, raw Motion JPEG), by stepping through its
+    frames; ConfigError when OpenCV cannot open it or it gives no frame."""
+    import cv2
+
+    capture = cv2.VideoCapture(str(path))
+    try:
+        if not capture.isOpened():
+            raise ConfigError(f"{path}: not a video OpenCV can read")
+        if not capture.grab():
+            raise ConfigError(f"{path}: the video opened but gave no frame (empty, damaged or unsupported codec)")
+        frames = capture.get(cv2.CAP_PROP_FRAME_COUNT)
+        if math.isfinite(frames) and 0 < frames < 2 ** 31:
+            return int(frames)
+        log.info("%s: its header gives no frame count (%g); counting its frames", path, frames)
+        counted = 1
+        while capture.grab():
+            counted += 1
+        return counted
+    finally:
+        capture.release()
 
 
 def fold_assignment_text(entries: list[SplitEntry], duplicate_groups, folds: int, seed: int,

@@ -39,7 +39,10 @@ class WorkflowInputs:
                                                    self.add(Path(os.path.abspath(entry.annotation)))]
         # One replica per shard, never per image: the catalogs grow with the shards.
         self.pred_files = [self.add(shard.path, f"pred_{shard.path.name}") for shard in config.pred_shards]
-        self.video_files = [self.add(video.path, f"video_{video.path.name}") for video in config.pred_videos]
+        # Named by the video's tag (letters, digits, - and _), not its file name: a name with spaces, quotes or
+        # shell characters would become a job argument; the real path stays the replica's URL.
+        self.video_files = [self.add(video.path, f"video_{video.tag}{video.path.suffix}")
+                            for video in config.pred_videos]
         self.weights = None
         if config.weights_file is not None:
             self.weights = self.add(Path(config.weights_file).resolve())
