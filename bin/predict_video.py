@@ -34,10 +34,15 @@ from utils.cli import add_tta_arg, check_output_tag, fraction, positive_float, p
 from utils.detection.compliance import compliance_line
 from utils.detection.device import resolve_device
 from utils.detection.evaluation import load_trained_model
-from utils.detection.video import SIGTERM, predict_video, stop_on_sigint
+from utils.detection.video import (SIGTERM, WRITER_EXTENSIONS, annotated_video_path, check_display, open_source,
+                                   predict_video, stop_on_sigint)
+from utils.errors import InputError
 from utils.naming import video_output_names
 from utils.provenance import write_run_record
 from utils.stop import StopRequested, declare_outputs, stop_on_sigterm
+
+NAME_MAX = 255  # bytes of a file name (Linux, macOS)
+TEMP_NAME_EXTRA = 14  # what utils.atomic's temporary name adds: "." + name + ".XXXXXXXX.tmp"
 
 
 def get_args_parser():
@@ -45,7 +50,8 @@ def get_args_parser():
     parser.add_argument("--source", required=True, help="video file, stream URL (rtsp://, http://) or camera index")
     parser.add_argument("--model", required=True, help="model file written by bin/train.py")
     parser.add_argument("--output-dir", required=True, help="folder for the CSV, plot and summary")
-    parser.add_argument("--output-video", default=None, help="annotated video to write (.mp4) (default: none)")
+    parser.add_argument("--output-video", type=annotated_video_path, default=None,
+                        help=f"annotated video to write ({', '.join(WRITER_EXTENSIONS)}) (default: none)")
     parser.add_argument("--stride", type=positive_int, default=D.VIDEO_STRIDE,
                         help=f"process every N-th frame (default: {D.VIDEO_STRIDE})")
     parser.add_argument("--max-frames", type=positive_int, default=None,
@@ -76,9 +82,21 @@ def main(args) -> int:
 def run(args) -> int:
     check_output_tag(args.output_tag)
     names = video_output_names(args.output_tag)
+    longest = max(names.values(), key=lambda name: len(name.encode()))
+    if len(longest.encode()) + TEMP_NAME_EXTRA > NAME_MAX:  # checked now, not when the outputs are written
+        raise InputError(f"--output-tag: too long: it makes the file name {longest[:40]}... of "
+                         f"{len(longest.encode())} bytes, over the {NAME_MAX - TEMP_NAME_EXTRA} this job's names "
+                         "(with their temporary names) may have")
+    if args.show:
+        check_display()
     declare_outputs(*(f"{args.output_dir}/{name}" for name in names.values()), args.output_video)
     device = resolve_device(args.device)
-    model, meta, threshold, source = load_trained_model(args.model, device, args.score_threshold, tta=args.tta)
+    opened = open_source(args.source)  # before the model loads: a bad source is refused at once
+    try:
+        model, meta, threshold, source = load_trained_model(args.model, device, args.score_threshold, tta=args.tta)
+    except BaseException:
+        opened[0].release()
+        raise
     print(f"predict_video: score threshold {threshold:g} ({source}); flip TTA {'on' if meta['tta'] else 'off'} "
           f"({meta['tta_source']})")
     with tqdm(desc="frames", unit="frame", file=sys.stderr, disable=None) as bar:
@@ -86,7 +104,7 @@ def run(args) -> int:
                                 output_video=args.output_video, show=args.show, max_frames=args.max_frames,
                                 max_seconds=args.max_seconds, tta=meta["tta"], progress=bar.update,
                                 settings={"model": str(args.model), "score_threshold_source": source},
-                                tag=args.output_tag, calibration=meta.get("quantification"))
+                                tag=args.output_tag, calibration=meta.get("quantification"), opened=opened)
     write_run_record(f"{args.output_dir}/{names['run_record']}", "predict_video",
                      {**vars(args), "device": str(device)},
                      [args.model] + ([args.source] if summary["kind"] == "file" else []))

@@ -361,3 +361,31 @@ def test_pred_videos_counts_frames_the_header_cannot_tell_refuses_frameless_vide
         find_videos(videos)
     (videos / "header_only.y4m").write_bytes(y4m + b"FRAME\n" + bytes(160 * 120 * 3 // 2))  # now one frame
     assert {video.path.name: video.frames for video in find_videos(videos)}["header_only.y4m"] == 1
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["--show"], "--show: no display here"),
+    (["--source", "²"], "²: video file not found"),  # a digit to str.isdigit(), no camera number
+    (["--output-tag", "t" * 250], "--output-tag: too long"),
+])
+def test_flags_that_cannot_work_are_refused_in_one_line_before_the_model_loads(root, clip, tmp_path, capsys,
+                                                                               monkeypatch, argv, problem):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.setattr("sys.platform", "linux")
+    given = ["--source", str(clip), *argv] if argv[0] != "--source" else argv
+    rc = run_script(root, "predict_video", [*given, "--model", tmp_path / "no_model.pt",  # never read
+                                            "--output-dir", tmp_path / "out", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and problem in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["a.gif", "a.png", "a.txt", "a", "a.webm"])
+def test_output_video_takes_only_the_containers_the_writer_fills(root, clip, tmp_path, capsys, name):
+    with pytest.raises(SystemExit) as stopped:
+        run_script(root, "predict_video", ["--source", clip, "--model", tmp_path / "no_model.pt", "--output-dir",
+                                           tmp_path / "out", "--output-video", tmp_path / name])
+    assert stopped.value.code == 2 and "--output-video: expected a video file name ending .mp4" in \
+        capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

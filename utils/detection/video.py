@@ -66,7 +66,8 @@ def stop_reason() -> str | None:
 
 def open_source(source: str) -> tuple[cv2.VideoCapture, str]:
     """(capture, kind) for a file, a URL (rtsp://, http://) or a camera index; InputError naming it."""
-    kind = "camera" if source.isdigit() else ("stream" if "://" in source else "file")
+    # ASCII digits only: '²' is a digit to str.isdigit() but no number to int()
+    kind = "camera" if source.isascii() and source.isdigit() else ("stream" if "://" in source else "file")
     if kind == "file" and not Path(source).is_file():
         raise InputError(f"{source}: video file not found")
     capture = cv2.VideoCapture(int(source) if kind == "camera" else source)
@@ -87,6 +88,31 @@ def open_source(source: str) -> tuple[cv2.VideoCapture, str]:
         capture.release()
         capture = cv2.VideoCapture(source)
     return capture, kind
+
+
+WRITER_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov")  # the containers the annotated video's writer (mp4v) fills
+
+
+def annotated_video_path(text: str) -> str:
+    """argparse type of --output-video: a file name with one of WRITER_EXTENSIONS (another would give a broken
+    file, or fail only after the model loaded)."""
+    import argparse
+
+    if Path(text).suffix.lower() not in WRITER_EXTENSIONS:
+        raise argparse.ArgumentTypeError(f"expected a video file name ending {', '.join(WRITER_EXTENSIONS)}, "
+                                         f"got {text!r}")
+    return text
+
+
+def check_display() -> None:
+    """InputError for --show where no window can open: on Linux without DISPLAY or WAYLAND_DISPLAY, where
+    OpenCV's Qt would abort the whole process instead of raising."""
+    import os
+    import sys
+
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        raise InputError("--show: no display here (neither DISPLAY nor WAYLAND_DISPLAY is set); run without --show, "
+                         "the outputs are written all the same")
 
 
 def check_frame_pixels(width: int, height: int, source: str, kind: str = "video") -> None:
@@ -132,16 +158,24 @@ def _annotate(frame_bgr: np.ndarray, out: dict) -> np.ndarray:
 def predict_video(model, device, source: str, output_dir, score_threshold: float, stride: int = 1,
                   output_video=None, show: bool = False, max_frames: int | None = None,
                   max_seconds: float | None = None, tta: bool = False, settings: dict | None = None,
-                  progress=None, tag: str | None = None, calibration: dict | None = None) -> dict:
+                  progress=None, tag: str | None = None, calibration: dict | None = None,
+                  opened: tuple | None = None) -> dict:
     """Run the detector over *source*; write the CSV, plot, summary (and video); return the summary.
     *calibration* is the model file's validation record, for the adjusted estimators. A SIGTERM (with
     utils.stop.stop_on_sigterm) or a Ctrl-C (with stop_on_sigint) stops it at the next frame: the outputs
-    are written for the frames done and the summary's "interrupted" names the signal."""
+    are written for the frames done and the summary's "interrupted" names the signal. *opened*: open_source's
+    (capture, kind) of *source*, opened by the caller (released here)."""
     if stride < 1:
+        if opened:
+            opened[0].release()
         raise InputError(f"--stride must be at least 1, got {stride}")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    capture, kind = open_source(source)
+    capture, kind = opened or open_source(source)
+    try:
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        capture.release()
+        raise
     reported_fps = capture.get(cv2.CAP_PROP_FPS)
     fps_assumed = not (math.isfinite(reported_fps) and 0 < reported_fps < 1000)  # cameras, some streams: 0
     fps = ASSUMED_FPS if fps_assumed else reported_fps
