@@ -170,21 +170,17 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
             opened[0].release()
         raise InputError(f"--stride must be at least 1, got {stride}")
     capture, kind = opened or open_source(source)
-    try:
+    run, writer, writer_path, started = VideoRun(), None, None, time.perf_counter()
+    try:  # the capture is released whatever happens
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        capture.release()
-        raise
-    reported_fps = capture.get(cv2.CAP_PROP_FPS)
-    fps_assumed = not (math.isfinite(reported_fps) and 0 < reported_fps < 1000)  # cameras, some streams: 0
-    fps = ASSUMED_FPS if fps_assumed else reported_fps
-    declared = capture.get(cv2.CAP_PROP_FRAME_COUNT) if kind == "file" else math.nan
-    declared = int(declared) if math.isfinite(declared) and 0 < declared < 2 ** 31 else None
-    run, writer, writer_path, started = VideoRun(), None, None, time.perf_counter()
-    settings = {**(settings or {}), "working_size": working_size(model)}  # said in the summary; the rates need it
-    video_target = Path(output_video) if output_video else None
-    try:
+        reported_fps = capture.get(cv2.CAP_PROP_FPS)
+        fps_assumed = not (math.isfinite(reported_fps) and 0 < reported_fps < 1000)  # cameras, some streams: 0
+        fps = ASSUMED_FPS if fps_assumed else reported_fps
+        declared = capture.get(cv2.CAP_PROP_FRAME_COUNT) if kind == "file" else math.nan
+        declared = int(declared) if math.isfinite(declared) and 0 < declared < 2 ** 31 else None
+        settings = {**(settings or {}), "working_size": working_size(model)}  # in the summary; the rates need it
+        video_target = Path(output_video) if output_video else None
         with (atomic_path(video_target) if video_target else contextlib.nullcontext()) as tmp_video:
             while True:
                 run.ended = stop_reason()
