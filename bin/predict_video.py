@@ -8,12 +8,14 @@ Runs the detector on every --stride-th frame and writes OUTPUT_DIR/video_frames.
 time, faces per class, percent properly masked), compliance_over_time.png,
 video_summary.json (frames, the pooled figure over all processed frames as an estimate with
 its 95 % interval, resampled in blocks of consecutive frames since nearby frames are not
-independent, the mean of the per-frame figures) and, with --output-video, the processed frames with their boxes (mp4,
-at fps / stride, so it plays at real speed). --show opens a live window (q or Esc stops;
+independent, the mean of the per-frame figures) and, with --output-video, the processed frames with their boxes
+(.mp4, .avi, .mkv or .mov, at fps / stride, so it plays at real speed). --show opens a live window (q or Esc stops;
 needs a display and OpenCV's GUI build). --max-frames (processed frames) and
 --max-seconds (of video time) bound a run; a camera has no end without them.
 Detections count from the model's operating threshold unless --score-threshold is given.
-Times are the file's frame timestamps (a variable frame rate stays true), else frame number / fps.
+Times are the file's frame timestamps (a variable frame rate stays true), else frame number / fps;
+a rate the source does not give (0, NaN, 1000 or more) is taken as 25 fps, and said, as is a file that
+ends before the frame count its header declares (the summary's "notes", one line each).
 
 Ctrl-C (the way to end a camera or stream run without --max-*) or SIGTERM stops the run at the next
 frame: the CSV, plot, summary and annotated video are written for the frames done, and the summary's
