@@ -147,3 +147,26 @@ def test_too_few_trials_for_importance_gives_a_note(tmp_path):
     assert (tmp_path / "plots" / "param_importances.png").is_file()
     with pytest.raises(HpoError, match="no worker finished"):
         merge_results(read_worker_results([fake_result(tmp_path / "none.json", 0, None, None, [])]))
+
+
+@pytest.mark.parametrize("text", [
+    "[c for c in ().__class__.__base__.__subclasses__()][0]",  # eval() with no builtins ran this
+    "FloatDistribution(low=().__class__, high=1.0)",
+    "__import__('os').system('true')",
+    "xyz",
+    "FloatDistribution(",
+])
+def test_a_search_space_from_a_result_file_is_never_evaluated(tmp_path, text):
+    path = fake_result(tmp_path / "best_0.json", 0, 0.3, {"lr": 0.002}, [trial(0, 0.3, 0.002)])
+    result = json.loads(path.read_text())
+    result["full_search_space"]["lr"] = text
+    path.write_text(json.dumps(result))
+    with pytest.raises(HpoError, match=r"best_0.json: full_search_space.lr: .* is not a search-space distribution"):
+        read_worker_results([path])
+
+
+def test_the_search_space_strings_read_back_as_the_distributions_written():
+    from utils.detection.hpo import parse_distribution
+
+    for name, distribution in SPACE.distributions().items():
+        assert parse_distribution(repr(distribution)) == distribution, name

@@ -42,7 +42,7 @@ from optuna.trial import TrialState
 
 from .. import defaults as D
 from ..classes import NO_LABEL_MAP, LabelMap
-from ..errors import InputError, read_json
+from ..errors import InputError, read_json, shown
 from ..stop import StopRequested
 from .compliance import compliance_error
 from .engine import NonFiniteLossError
@@ -330,11 +330,29 @@ def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotat
 
 # ----------------------------------------------------------------------------- merging workers
 
-def parse_distribution(text: str):
-    """Back from SearchSpace.describe()'s repr strings to Optuna distributions."""
-    namespace = {"FloatDistribution": FloatDistribution, "IntDistribution": IntDistribution,
+DISTRIBUTIONS = {"FloatDistribution": FloatDistribution, "IntDistribution": IntDistribution,
                  "CategoricalDistribution": CategoricalDistribution}
-    return eval(text, {"__builtins__": {}}, namespace)  # noqa: S307 - our own repr strings, no builtins
+
+
+def parse_distribution(text, where: str = "search space") -> object:
+    """Back from SearchSpace.describe()'s repr strings ("FloatDistribution(high=0.1, log=True, low=0.0001,
+    step=None)") to Optuna distributions. Read as a syntax tree, never evaluated: a result file is input, and
+    an eval() with no builtins still runs code reached through attributes. HpoError naming *where* when the
+    text is not one such call with literal keyword values."""
+    import ast
+
+    problem = None
+    try:
+        call = ast.parse(str(text), mode="eval").body
+        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id in DISTRIBUTIONS
+                and not call.args and all(keyword.arg for keyword in call.keywords)):
+            problem = "not an Optuna distribution"
+        else:
+            values = {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
+            return DISTRIBUTIONS[call.func.id](**values)
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError) as error:
+        problem = " ".join(str(error).split()) or type(error).__name__
+    raise HpoError(f"{where}: {shown(text)} is not a search-space distribution ({problem})")
 
 
 def read_worker_results(paths) -> list[dict]:
@@ -344,6 +362,12 @@ def read_worker_results(paths) -> list[dict]:
         data = read_json(path, "HPO result", HpoError)
         if not isinstance(data, dict) or "best_params" not in data:
             raise HpoError(f"{path}: not an HPO result (no best_params)")
+        for key in ("full_search_space", "search_space"):  # read here, so that a bad one names its file
+            space = data.get(key)
+            if space is not None and not isinstance(space, dict):
+                raise HpoError(f"{path}: {key}: {shown(space)} is not a mapping of parameter -> distribution")
+            for name, text in (space or {}).items():
+                parse_distribution(text, f"{path}: {key}.{name}")
         data["_file"] = str(path)
         results.append(data)
     return results

@@ -159,7 +159,7 @@ def write_hpo_plots(results: list[dict], plots_dir, journals=()) -> dict:
     full_space = {}
     for result in results:
         for name, text in (result.get("full_search_space") or result.get("search_space") or {}).items():
-            full_space.setdefault(name, parse_distribution(text))
+            full_space.setdefault(name, parse_distribution(text, f"{result.get('_file', 'HPO result')}: {name}"))
     direction = optuna.study.StudyDirection.MAXIMIZE
     studies, combined = [], optuna.create_study(direction=direction, study_name="all workers")
     for index, records in enumerate(per_worker):
