@@ -212,6 +212,12 @@ def test_checkpoint_of_other_data_or_another_learning_rate_is_refused(tiny_dir, 
                      torch.device("cpu"), progress=False)
     with pytest.raises(ValueError, match="written with lr="):
         faster.resume(tmp_path / "c.pt")
+    longer = Trainer(TrainParams(**{**TINY, "epochs": 3}), pairs, torch.device("cpu"), progress=False)
+    with pytest.raises(ValueError, match=r"written for 1 epochs \(0 done\), this run asks for 3"):
+        longer.resume(tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="written with val_mode='monitor', this run has 'merge'"):
+        trainer.checkpoint(tmp_path / "v.pt", {"val_mode": "monitor"})
+        again.resume(tmp_path / "v.pt", run_args={"val_mode": "merge"})
 
 
 class NaNDetector(torch.nn.Module):

@@ -252,16 +252,23 @@ class Trainer:
         return self.completed_epochs >= self.plan.epochs
 
     # -- checkpoints -------------------------------------------------------------------------
-    def resume(self, checkpoint_path, inputs_sha256: str | None = None) -> int:
+    def resume(self, checkpoint_path, inputs_sha256: str | None = None, run_args: dict | None = None) -> int:
         """Continue the run *checkpoint_path* holds; returns the epochs it finished. Refused (TrainingDataError)
         when it was written for other work: other data (*inputs_sha256*, the hash of this run's input files,
-        against the one the checkpoint recorded), another recipe or another plan."""
+        against the one the checkpoint recorded; *run_args*, such as val_mode, against the job arguments it
+        recorded), another recipe or another plan (epochs, steps, freeze epochs, time budget: a finished
+        3-epoch run resumed with --epochs 5 would train on at the old schedule's last learning rate)."""
         payload = load_checkpoint(checkpoint_path)
         written_for = payload.get("args", {}).get("inputs_sha256")
         if inputs_sha256 is not None and written_for is not None and written_for != inputs_sha256:
             raise TrainingDataError(f"{checkpoint_path}: written for other training data (inputs sha256 "
                                     f"{written_for[:12]}…, this run's {inputs_sha256[:12]}…); delete the checkpoint "
                                     "or train on the data it was written for")
+        for key, value in (run_args or {}).items():
+            written = payload.get("args", {}).get(key)
+            if written is not None and written != value:
+                raise TrainingDataError(f"{checkpoint_path}: written with {key}={written!r}, this run has {value!r}; "
+                                        "delete the checkpoint or match the flags")
         saved = payload.get("args", {}).get("params", {})
         # checkpoints from before the box head's levers existed trained with their defaults
         defaults = TrainParams()
@@ -269,6 +276,15 @@ class Trainer:
         keys = ("backbone", "image_size", "optimizer", "batch_size", "ema_decay", "roi_batch_size", "box_loss",
                 "roi_fg_iou", "roi_bg_iou", "lr", "momentum", "weight_decay", "lr_schedule", "warmup_iters",
                 "clip_grad", "trainable_layers", "hflip", "photometric", "multiscale", "repeat_threshold", "seed")
+        if saved.get("time_budget") is None and self.params.time_budget is None and not self.plan.staged:
+            keys += ("max_steps", "freeze_backbone_epochs")  # a budget run's are fitted, not asked for
+            done, planned = int(payload.get("epoch", 0)), saved.get("epochs")
+            if planned is not None and not done <= self.params.epochs <= planned:
+                # fewer epochs stop the run early; more would train on at the end of the schedule fitted to it
+                raise TrainingDataError(f"{checkpoint_path}: written for {planned} epochs ({done} done), this run "
+                                        f"asks for {self.params.epochs}; --epochs may stop it early (from {done} to "
+                                        f"{planned}); delete the checkpoint to train another length")
+        keys += ("time_budget",)
         ours = {key: getattr(self.params, key) for key in keys}
 
         def trained_as(values, key):  # the background bound as trained: None is the face bound (no band)

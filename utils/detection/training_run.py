@@ -108,7 +108,7 @@ def resume_and_watch(trainer: Trainer, checkpoint: Path, args, stack: contextlib
     """Resume from *checkpoint* when it holds a run (an empty file, as Pegasus stages the initial one, does
     not) for these inputs (*inputs_sha256*), then open the TensorBoard events when asked for."""
     if checkpoint.is_file() and checkpoint.stat().st_size > 0:
-        done = trainer.resume(checkpoint, inputs_sha256)
+        done = trainer.resume(checkpoint, inputs_sha256, {"val_mode": getattr(args, "val_mode", None)})
         log.info("resumed from %s after epoch %d of %d", checkpoint, done, trainer.plan.epochs)
     if trainer.plan.staged:
         log.info("stages: %s", trainer.describe_stages())
