@@ -235,3 +235,26 @@ def test_a_tar_member_that_would_land_outside_is_refused_as_unsafe(tmp_path, kin
             pass
     assert "damaged" not in str(caught.value)
     assert not (tmp_path / "escaped.jpg").exists()
+
+
+def test_training_inputs_are_decoded_in_full_and_subfolders_listed(tmp_path):
+    # A truncated JPEG passes a header read and then stopped a training run in its first epoch; photos in a
+    # subfolder were left out without a word.
+    from utils.data.pairs import open_pairs
+
+    xml = ("<annotation><filename>{}</filename><size><width>64</width><height>48</height><depth>3</depth></size>"
+           "<object><name>with_mask</name><bndbox><xmin>5</xmin><ymin>5</ymin><xmax>30</xmax><ymax>30</ymax>"
+           "</bndbox></object></annotation>")
+    for stem in ("good", "cut"):
+        Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(
+            tmp_path / f"{stem}.jpg", quality=95)
+        (tmp_path / f"{stem}.xml").write_text(xml.format(f"{stem}.jpg"))
+    data = (tmp_path / "cut.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    image_size(tmp_path / "cut.jpg")  # the header alone reads fine
+    (tmp_path / "site-b").mkdir()
+    with open_pairs(tmp_path, tmp_path) as (usable, skipped):
+        assert [pair.image.name for pair in usable] == ["good.jpg"]
+        problems = {entry["file"]: entry["problem"] for entry in skipped}
+        assert any(name.endswith("cut.jpg") for name in problems)
+        assert problems[f"{tmp_path}: site-b/"].startswith("a subfolder")
