@@ -170,3 +170,39 @@ def test_the_search_space_strings_read_back_as_the_distributions_written():
 
     for name, distribution in SPACE.distributions().items():
         assert parse_distribution(repr(distribution)) == distribution, name
+
+
+def test_a_journal_cut_mid_line_reads_again_and_a_damaged_one_is_one_error(tmp_path):
+    journal = tmp_path / "hpo.journal"
+    study, _ = open_study(journal, "cut", seed=1)
+    for value in (0.1, 0.2):
+        trial = study.ask()
+        SPACE.sample(trial)
+        study.tell(trial, value)
+    del study
+    whole = journal.read_bytes()
+    journal.write_bytes(whole[:-40])  # a kill in the middle of appending the last entry
+    assert [r["state"] for r in journal_trials(journal)].count("COMPLETE") == 1  # read-only: the file is kept
+    assert journal.read_bytes() == whole[:-40]
+    study, _ = open_study(journal, "cut", seed=1)  # the job's own journal: the half line is cut
+    assert len(study.get_trials()) == 2 and journal.read_bytes().endswith(b"\n")
+    for damage in (b"\x00\xff garbage\n", b'{"op_code": 99}\n'):
+        bad = tmp_path / f"bad{len(damage)}.journal"
+        bad.write_bytes(damage)
+        with pytest.raises(HpoError, match="not a readable Optuna journal"):
+            open_study(bad, "x", seed=1)
+        with pytest.raises(HpoError, match="not a readable Optuna journal"):
+            journal_trials(bad)
+
+
+def test_a_resumed_study_does_not_draw_its_first_trials_again(tmp_path):
+    # The sampler was seeded alike on every run: a search resumed after a kill drew the first run's
+    # parameters again (a wasted trial that duplicates trial 0).
+    journal = tmp_path / "hpo.journal"
+    study, _ = open_study(journal, "again", seed=3)
+    first = study.ask()
+    params = SPACE.sample(first)
+    study.tell(first, 0.5)
+    del study
+    resumed, _ = open_study(journal, "again", seed=3)
+    assert SPACE.sample(resumed.ask()) != params

@@ -134,13 +134,40 @@ def open_study(journal, study_name: str, seed: int, pruner_startup_trials: int =
                pruner_warmup_epochs: int = D.HPO_PRUNER_WARMUP_EPOCHS) -> tuple[optuna.Study, JournalStorage]:
     journal = Path(journal)
     journal.parent.mkdir(parents=True, exist_ok=True)
-    storage = JournalStorage(JournalFileBackend(str(journal)))
-    study = optuna.create_study(
-        study_name=study_name, storage=storage, direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=5),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials,
-                                           n_warmup_steps=pruner_warmup_epochs))
+    _trim_partial_line(journal)
+    try:
+        storage = JournalStorage(JournalFileBackend(str(journal)))
+        study = optuna.create_study(
+            study_name=study_name, storage=storage, direction="maximize", load_if_exists=True,
+            sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=5),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials,
+                                               n_warmup_steps=pruner_warmup_epochs))
+        done = len(study.get_trials(deepcopy=False))
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AssertionError) as error:  # Optuna's own words
+        raise HpoError(f"{journal}: not a readable Optuna journal ({type(error).__name__}: "
+                       f"{' '.join(str(error).split())[:200]}); move it away to start the search afresh") from None
+    if done:
+        # A resumed study's sampler must not replay the random draws of the first run (its first trials again):
+        # its seed moves on by the trials the journal holds, which a rerun of the same journal repeats.
+        study.sampler = optuna.samplers.TPESampler(seed=(seed + done) % 2**32, n_startup_trials=5)
     return study, storage
+
+
+def _trim_partial_line(journal: Path) -> None:
+    """Cut a last line a killed job left half written (every journal entry ends in a newline), so that the
+    journal reads again; the cut text is logged."""
+    if not journal.is_file() or journal.stat().st_size == 0:
+        return
+    with open(journal, "rb+") as handle:
+        handle.seek(-1, 2)
+        if handle.read(1) == b"\n":
+            return
+        handle.seek(0)
+        data = handle.read()
+        keep = data.rfind(b"\n") + 1
+        log.warning("%s: its last line was cut short (%d bytes, an interrupted write); removed", journal,
+                    len(data) - keep)
+        handle.truncate(keep)
 
 
 def requeue(study: optuna.Study, trial, why: str) -> None:
@@ -375,13 +402,25 @@ def read_worker_results(paths) -> list[dict]:
 
 def journal_trials(path) -> list[dict]:
     """Trial records of every study in a journal file (authoritative when best.json is stale)."""
+    import tempfile
+
     path = Path(path)
     if not path.is_file():
         raise HpoError(f"{path}: journal not found")
-    storage = JournalStorage(JournalFileBackend(str(path)))
-    records = []
-    for name in optuna.get_all_study_names(storage):
-        records += trial_records(optuna.load_study(study_name=name, storage=storage))
+    data = path.read_bytes()
+    complete = data[:data.rfind(b"\n") + 1]  # a last line a killed worker left half written is not read
+    with tempfile.TemporaryDirectory(prefix="journal.") as tmp:
+        readable = path if complete == data else Path(tmp) / path.name
+        if readable != path:
+            readable.write_bytes(complete)
+        try:
+            storage = JournalStorage(JournalFileBackend(str(readable)))
+            records = []
+            for name in optuna.get_all_study_names(storage):
+                records += trial_records(optuna.load_study(study_name=name, storage=storage))
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AssertionError) as error:
+            raise HpoError(f"{path}: not a readable Optuna journal ({type(error).__name__}: "
+                           f"{' '.join(str(error).split())[:200]})") from None
     return records
 
 
