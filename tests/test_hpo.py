@@ -206,3 +206,21 @@ def test_a_resumed_study_does_not_draw_its_first_trials_again(tmp_path):
     del study
     resumed, _ = open_study(journal, "again", seed=3)
     assert SPACE.sample(resumed.ask()) != params
+
+
+def test_a_study_is_not_continued_with_other_epochs_or_another_size(tmp_path):
+    from dataclasses import replace
+
+    from utils.detection.hpo import check_study_search
+
+    journal = tmp_path / "hpo.journal"
+    study, _ = open_study(journal, "fixed", seed=1)
+    check_study_search(study, journal, CONFIG, SPACE)  # a new study records what it searches
+    trial = study.ask()
+    SPACE.sample(trial)
+    study.tell(trial, 0.3)
+    again, _ = open_study(journal, "fixed", seed=1)
+    check_study_search(again, journal, CONFIG, SPACE)  # the same search continues
+    for changed in (replace(CONFIG, epochs=2), replace(CONFIG, image_size=128)):
+        with pytest.raises(HpoError, match="its study searched with (epochs=1|image_size=96), this run has"):
+            check_study_search(again, journal, changed, SPACE)

@@ -170,6 +170,26 @@ def _trim_partial_line(journal: Path) -> None:
         handle.truncate(keep)
 
 
+def check_study_search(study: optuna.Study, journal, config: HpoConfig, space: SearchSpace) -> None:
+    """Record what the study searches (the fixed training settings and the space) in a new study; refuse to
+    continue one that searched something else (HpoError): its trials' values would be compared with the new
+    ones, and the best could be a trial run at other epochs or another size."""
+    search = {"epochs": config.epochs, "image_size": config.image_size, "backbone": config.backbone,
+              "weights": config.weights, "optimizer": config.optimizer, "warmup_iters": config.warmup_iters,
+              "objective": config.objective, "seed": config.seed, "space": space.describe()}
+    recorded = study.user_attrs.get("search")
+    if recorded is None:
+        if not study.get_trials(deepcopy=False):  # a journal from before this record is trusted as it was
+            study.set_user_attr("search", search)
+        return
+    changed = sorted(key for key in search if recorded.get(key) != search[key])
+    if changed:
+        first = changed[0]
+        raise HpoError(f"{journal}: its study searched with {first}={shown(recorded.get(first))}, this run has "
+                       f"{shown(search[first])} ({', '.join(changed)} differ); move the journal away to start the "
+                       "search afresh, or match the flags")
+
+
 def requeue(study: optuna.Study, trial, why: str) -> None:
     """Enqueue an interrupted trial's parameters again (at most MAX_REQUEUES times)."""
     requeues = int(trial.user_attrs.get("requeues", 0))
@@ -284,6 +304,7 @@ def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotat
     study, storage = open_study(journal, study_name, seed=worker_seed(config.seed, worker_index),
                                 pruner_startup_trials=pruner_startup_trials,
                                 pruner_warmup_epochs=pruner_warmup_epochs)
+    check_study_search(study, journal, config, worker_space)
     recovered = recover_stale_trials(study, storage)
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
