@@ -17,7 +17,7 @@ from pathlib import Path
 
 from utils.atomic import write_json, write_text
 from utils.cli import run_job
-from utils.detection.hpo import merge_results, merged_text, read_worker_results
+from utils.detection.hpo_results import merge_results, merged_text, read_worker_results
 from utils.detection.plots import write_hpo_plots
 from utils.provenance import write_run_record
 

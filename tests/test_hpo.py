@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 
 import optuna
@@ -11,8 +12,8 @@ import torch
 from optuna.trial import TrialState
 
 from helpers import load_script
-from utils.detection.hpo import (HpoConfig, HpoError, SearchSpace, fitness, journal_trials, merge_results, open_study,
-                                 read_worker_results, run_study, worker_seed)
+from utils.detection.hpo import HpoConfig, HpoError, SearchSpace, fitness, open_study, run_study, worker_seed
+from utils.detection.hpo_results import journal_trials, merge_results, read_worker_results
 from utils.detection.plots import write_hpo_plots
 
 CONFIG = HpoConfig(epochs=1, image_size=96, workers=0, warmup_iters=1, seed=5)
@@ -166,7 +167,7 @@ def test_a_search_space_from_a_result_file_is_never_evaluated(tmp_path, text):
 
 
 def test_the_search_space_strings_read_back_as_the_distributions_written():
-    from utils.detection.hpo import parse_distribution
+    from utils.detection.hpo_results import parse_distribution
 
     for name, distribution in SPACE.distributions().items():
         assert parse_distribution(repr(distribution)) == distribution, name
@@ -224,3 +225,33 @@ def test_a_study_is_not_continued_with_other_epochs_or_another_size(tmp_path):
     for changed in (replace(CONFIG, epochs=2), replace(CONFIG, image_size=128)):
         with pytest.raises(HpoError, match="its study searched with (epochs=1|image_size=96), this run has"):
             check_study_search(again, journal, changed, SPACE)
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"best_value": float("nan")}, "best_value: nan is not a finite number"),
+    ({"best_value": "abc"}, "best_value: 'abc' is not a finite number"),
+    ({"best_params": {"lr": [1]}}, "best_params.lr: [1] is not a number or a name"),
+    ({"search_space": "abc"}, "search_space: 'abc' is not a mapping"),
+    ({"trials": [{"number": 0}]}, "trials[0]: "),
+    ({"trials": "x"}, "trials: 'x' is not a list of trials"),
+    ({"worker_index": -1}, "worker_index: -1 is not a worker number"),
+])
+def test_a_malformed_worker_result_is_one_line_naming_the_field(tmp_path, change, words):
+    path = fake_result(tmp_path / "best_0.json", 0, 0.3, {"lr": 0.002}, [trial(0, 0.3, 0.002)])
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(HpoError, match=re.escape(f"{path}: {words}")):
+        read_worker_results([path])
+
+
+def test_workers_of_another_search_are_not_merged(tmp_path):
+    a = fake_result(tmp_path / "best_0.json", 0, 0.3, {"lr": 0.002}, [trial(0, 0.3, 0.002)])
+    b = fake_result(tmp_path / "best_1.json", 0, 0.4, {"lr": 0.02}, [trial(0, 0.4, 0.02)])
+    with pytest.raises(HpoError, match="worker_index 0 is also"):
+        read_worker_results([a, b])
+    b = fake_result(tmp_path / "best_1.json", 1, 0.4, {"lr": 0.02}, [trial(0, 0.4, 0.02)])
+    for path, size in ((a, 512), (b, 640)):
+        result = json.loads(path.read_text())
+        result["fixed_params"]["image_size"] = size
+        path.write_text(json.dumps(result))
+    with pytest.raises(HpoError, match="trained with image_size=640"):
+        read_worker_results([a, b])

@@ -75,7 +75,7 @@ def test_train_stops_on_sigterm_mid_epoch_and_a_rerun_resumes(root, tiny_dir, tm
 
 
 def test_hpo_stops_on_sigterm_mid_trial_and_the_retry_runs_that_trial_again(root, tiny_dir, tmp_path):
-    from utils.detection.hpo import journal_trials
+    from utils.detection.hpo_results import journal_trials
 
     journal = tmp_path / "hpo.journal"
     command = [sys.executable, str(root / "bin" / "hpo.py"), "--train-images", str(tiny_dir / "images"),

@@ -150,7 +150,7 @@ def write_hpo_plots(results: list[dict], plots_dir, journals=()) -> dict:
     from optuna.trial import TrialState
     from optuna.visualization import matplotlib as ovm
 
-    from .hpo import journal_trials, parse_distribution
+    from .hpo_results import journal_trials, parse_distribution
 
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
