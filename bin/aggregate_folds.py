@@ -10,9 +10,10 @@ and the per-image MAE of the percent properly masked, the operating score thresh
 per class AP, AP50, AP75 and recall. Per compliance estimator (cc, pcc, acc, pacc, pacc2:
 utils/detection/quantify.py) the error on each fold, the mean absolute error across folds,
 on how many folds the truth lay inside its 95 % interval, and the estimator with the smallest
-mean |error| (what the default estimator should be chosen by, not one split). The held-out
-fold was also each fold model's validation set (the threshold and acc's rates come from
-there); the summary says so.
+mean |error| (what the default estimator should be chosen by, not one split). Each fold model
+chose its score threshold and measured the adjusted estimators' rates on the other folds'
+val-split images, never on its held-out fold; the summary says so. The inputs must be
+distinct files and, when named evaluation_fold<i>.json, folds 0 to K-1.
 Exit 0 on success, 2 when an evaluation file cannot be used (one line naming it), 1 on a bug.
 """
 

@@ -363,3 +363,19 @@ def test_without_folds_there_are_no_fold_jobs_and_bad_flags_fail_in_one_line(sam
     assert "--folds 1" in capsys.readouterr().err
     assert _generate(tmp_path / "ens", sample_dir, "--fold-ensemble") == 2
     assert "add --folds" in capsys.readouterr().err
+
+
+def test_aggregate_refuses_a_missing_or_repeated_fold_and_non_numeric_metrics(tmp_path, root, capsys):
+    for fold in range(3):
+        (tmp_path / f"evaluation_fold{fold}.json").write_text(json.dumps(fake_evaluation(0.1 * (fold + 1))))
+    fold = [tmp_path / f"evaluation_fold{i}.json" for i in range(3)]
+    cases = [([fold[0], fold[2]], "the folds given are [0, 2], not 0 to 1 (missing [1])"),
+             ([fold[0], fold[0], fold[1]], "given twice")]
+    odd = tmp_path / "evaluation_fold1b.json"
+    odd.write_text(json.dumps({**fake_evaluation(0.2), "map": "abc"}))
+    cases.append(([fold[0], odd], "a metric holds 'abc', not a number"))
+    for inputs, words in cases:
+        capsys.readouterr()
+        assert run_script(root, "aggregate_folds", ["--inputs", *inputs, "--output-dir", tmp_path / "out"]) == 2
+        error = capsys.readouterr().err.strip()
+        assert words in error and "\n" not in error, error

@@ -70,23 +70,47 @@ def mean_std(values) -> dict:
     return {"mean": mean, "std": std, "n": n, "values": [None if v is None else float(v) for v in values]}
 
 
+def _metric(value) -> bool:
+    """A metric as evaluation.json holds one: a number (NaN allowed: undefined), or None."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
 def read_evaluations(paths) -> list[dict]:
-    """The evaluation.json of every fold, in the order given; FoldSummaryError naming a bad file."""
-    evaluations = []
+    """The evaluation.json of every fold, in the order given; FoldSummaryError naming a bad file, a file given
+    twice, or a fold missing or repeated among files named evaluation_fold<i>.json (as the workflow names them:
+    K files must be folds 0 to K-1, or the summary would call K-1 folds and a copy a K-fold run)."""
+    import re
+
+    evaluations, seen = [], {}
     for path in map(Path, paths):
+        key = path.resolve()
+        if key in seen:
+            raise FoldSummaryError(f"{path}: given twice (also as {seen[key]})")
+        seen[key] = path
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            for _, read, _ in OVERALL_METRICS:
-                read(data)
-            for name in CLASSES:
-                for key in PER_CLASS_METRICS:
-                    data["per_class"][name][key]
+            values = [read(data) for _, read, _ in OVERALL_METRICS]
+            values += [data["per_class"][name][key] for name in CLASSES for key in PER_CLASS_METRICS]
+            bad = next((value for value in values if not _metric(value)), "ok")
+            if bad != "ok":
+                raise TypeError(f"a metric holds {bad!r}, not a number")
+            if data.get("quantification") is not None and not isinstance(data["quantification"], dict):
+                raise TypeError("quantification is not a mapping")
         except FileNotFoundError:
             raise FoldSummaryError(f"{path}: evaluation file not found") from None
         except (ValueError, KeyError, TypeError, RecursionError) as error:  # RecursionError: nested too deep
             raise FoldSummaryError(f"{path}: not an evaluation.json of bin/evaluate.py ({error!r} missing or "
                                    "unreadable)") from None
         evaluations.append(data)
+    folds = [re.fullmatch(r"evaluation_fold(\d+)\.json", Path(path).name) for path in paths]
+    if all(folds):
+        numbers = sorted(int(match.group(1)) for match in folds)
+        if numbers != list(range(len(numbers))):
+            missing = sorted(set(range(max(numbers) + 1)) - set(numbers))
+            repeated = sorted({n for n in numbers if numbers.count(n) > 1})
+            raise FoldSummaryError(f"{paths[0]}: the folds given are {numbers}, not 0 to {len(numbers) - 1}"
+                                   + (f" (missing {missing})" if missing else "")
+                                   + (f" (repeated {repeated})" if repeated else ""))
     return evaluations
 
 
