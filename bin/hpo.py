@@ -22,8 +22,8 @@ from pathlib import Path
 from utils import defaults as D
 from utils.atomic import write_json
 from utils.classes import LabelMap
-from utils.cli import (add_label_map_arg, fraction, image_size_px, non_negative_int, positive_float, positive_int,
-                       random_seed, run_job, worker_count)
+from utils.cli import (add_label_map_arg, fraction_below_one, image_size_px, non_negative_int, positive_float,
+                       positive_int, random_seed, run_job, worker_count)
 from utils.detection.device import resolve_device
 from utils.detection.hpo import OBJECTIVES, HpoConfig, SearchSpace, run_study
 from utils.detection.model import BACKBONES
@@ -87,7 +87,7 @@ def get_args_parser():
     p.add_argument("--lr-range", type=positive_float, nargs=2, default=list(D.HPO_LR_RANGE), metavar=("MIN", "MAX"),
                    help=f"whole learning-rate range, log scale, split between workers "
                         f"(default: {_spaced(D.HPO_LR_RANGE)})")
-    p.add_argument("--momentum-range", type=fraction, nargs=2, default=list(D.HPO_MOMENTUM_RANGE),
+    p.add_argument("--momentum-range", type=fraction_below_one, nargs=2, default=list(D.HPO_MOMENTUM_RANGE),
                    metavar=("MIN", "MAX"), help=f"momentum range (default: {_spaced(D.HPO_MOMENTUM_RANGE)})")
     p.add_argument("--weight-decay-range", type=positive_float, nargs=2, metavar=("MIN", "MAX"),
                    default=list(D.HPO_WEIGHT_DECAY_RANGE),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from utils import defaults as D
 from utils.classes import LabelMap
-from utils.cli import add_label_map_arg, non_negative_int, run_job
+from utils.cli import add_label_map_arg, near_duplicate_bits, non_negative_int, run_job
 from utils.data.pairs import open_folder, pack_folder
 from utils.data.validation import ValidationInputError, format_summary, validate_dataset, write_clean_outputs
 from utils.provenance import write_run_record
@@ -28,9 +28,10 @@ def get_args_parser():
     parser.add_argument("--annotations", required=True,
                         help="folder (or flat .tar) of VOC .xml files; may be the same path as --images")
     parser.add_argument("--output-dir", required=True, help="folder for the report, manifest and clean annotations")
-    parser.add_argument("--near-duplicate-distance", type=non_negative_int, default=D.NEAR_DUPLICATE_DISTANCE,
-                        help="largest perceptual-hash Hamming distance (of 64 bits) counted as a near duplicate; "
-                             f"negative turns near-duplicate search off (default: {D.NEAR_DUPLICATE_DISTANCE})")
+    parser.add_argument("--near-duplicate-distance", type=near_duplicate_bits, default=D.NEAR_DUPLICATE_DISTANCE,
+                        help="largest perceptual-hash Hamming distance (of 64 bits) counted as a near duplicate, "
+                             "of which one is kept; -1 turns near-duplicate search off "
+                             f"(default: {D.NEAR_DUPLICATE_DISTANCE})")
     parser.add_argument("--clean-annotations-tar", default=None,
                         help="also pack annotations_clean/ into this flat .tar (for workflow staging; default: none)")
     parser.add_argument("--workers", type=non_negative_int, default=D.VALIDATE_WORKERS,

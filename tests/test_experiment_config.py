@@ -212,7 +212,7 @@ def test_stages_from_the_command_line_as_json_or_a_file_and_their_epochs_size_th
     ("epochs: 2.5\n", "epochs: 2.5 is not an integer"),
     ("image_size: 512.5\n", "image_size: 512.5: expected a whole number from 32 to 4096, got '512.5'"),
     ("image_size: 8\n", "image_size: 8: expected a whole number from 32 to 4096, got 8"),
-    ("near_duplicate_distance: -1\n", "near_duplicate_distance: -1: expected a whole number of at least 0, got -1"),
+    ("near_duplicate_distance: -2\n", "near_duplicate_distance: -2: expected a whole number from -1 to 64, got -2"),
     ("image_sise: 512\n", "image_sise: unknown setting (did you mean image_size?)"),
     ("hpo-jobs: 2\n", "hpo-jobs: unknown setting (did you mean hpo_jobs?)"),
     ("local: 'yes please'\n", "local: 'yes please' is not true or false"),

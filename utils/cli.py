@@ -127,6 +127,8 @@ worker_count = int_at_least(-1, "a number of processes (0 or more, or -1 for a s
 # --seed of train: numpy's seed range; torch refuses seeds above 2**64 - 1, and train seeds each epoch's
 # shuffle with seed * 100_003 + epoch
 random_seed = int_between(0, 2**32 - 1)
+# bits by which two 64-bit perceptual hashes may differ and the images still count as near duplicates; -1: no search
+near_duplicate_bits = int_between(-1, 64)
 
 
 def path_arg(text: str) -> Path:

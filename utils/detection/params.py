@@ -28,7 +28,7 @@ from .recipe import BOX_LOSSES, MIN_ROI_BATCH_SIZE, background_iou
 log = logging.getLogger(__name__)
 
 PARAM_TYPES = {
-    "lr": positive_float, "momentum": non_negative_float, "weight_decay": non_negative_float,
+    "lr": positive_float, "momentum": fraction_below_one, "weight_decay": non_negative_float,
     "trainable_layers": non_negative_int, "batch_size": positive_int, "warmup_iters": non_negative_int,
     "clip_grad": non_negative_float, "freeze_backbone_epochs": non_negative_int, "hflip": fraction,
     "image_size": image_size_px, "photometric": fraction, "multiscale": fraction, "repeat_threshold": fraction,

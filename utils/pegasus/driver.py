@@ -15,8 +15,8 @@ from pathlib import Path
 
 from .. import defaults as D
 from ..detection.weights import BACKBONES
-from ..cli import (fraction, image_size_px, int_at_least, non_negative_float, non_negative_int, path_arg, positive_int,
-                   random_seed)
+from ..cli import (fraction, image_size_px, int_at_least, near_duplicate_bits, non_negative_float, non_negative_int,
+                   path_arg, positive_int, random_seed)
 from .config import CONTAINER_KINDS
 from .experiment import ExperimentArgumentParser
 
@@ -60,9 +60,9 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
                       help="where the workflow, catalogs, logs and outputs go")
     data.add_argument("--fractions", type=float, nargs=3, default=D.SPLIT_FRACTIONS,
                       metavar=("TRAIN", "VAL", "TEST"), help="split fractions")
-    data.add_argument("--near-duplicate-distance", type=non_negative_int, default=D.NEAR_DUPLICATE_DISTANCE,
-                      help="perceptual-hash distance under which images count as near duplicates "
-                           "(kept in one split)")
+    data.add_argument("--near-duplicate-distance", type=near_duplicate_bits, default=D.NEAR_DUPLICATE_DISTANCE,
+                      help="perceptual-hash Hamming distance (of 64 bits) up to which images count as near "
+                           "duplicates, of which one is kept (validation_report.json lists the others); -1: no search")
     data.add_argument("--label-map", default=D.LABEL_MAP, metavar="SOURCE=CLASS,...",
                       help="read these object names of another data set as classes, e.g. "
                            "'with_incorrect_mask=mask_weared_incorrect, mask=with_mask, no_mask=without_mask'; "
