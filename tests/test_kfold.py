@@ -379,3 +379,15 @@ def test_aggregate_refuses_a_missing_or_repeated_fold_and_non_numeric_metrics(tm
         assert run_script(root, "aggregate_folds", ["--inputs", *inputs, "--output-dir", tmp_path / "out"]) == 2
         error = capsys.readouterr().err.strip()
         assert words in error and "\n" not in error, error
+
+
+def test_a_folds_csv_from_a_spreadsheet_or_of_binary_bytes(tmp_path):
+    from utils.data.folds import FoldError, read_folds_csv
+
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes("\ufeffimage,fold\na.jpg,0\nb.jpg,1\n".encode("utf-8"))  # a byte-order mark, as Excel writes
+    assert read_folds_csv(bom) == {"a.jpg": 0, "b.jpg": 1}
+    binary = tmp_path / "bin.csv"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(FoldError, match="not a readable folds CSV"):
+        read_folds_csv(binary)

@@ -114,7 +114,7 @@ def read_folds_csv(path) -> dict[str, int]:
     """{image file name: fold} of a folds.csv; FoldError naming the file and row when it cannot be used."""
     path = Path(path)
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's byte-order mark
             reader = csv.DictReader(handle)
             missing = [field for field in FOLDS_CSV_FIELDS if field not in (reader.fieldnames or ())]
             if missing:
@@ -133,6 +133,8 @@ def read_folds_csv(path) -> dict[str, int]:
                 assignment[name] = fold
     except FileNotFoundError:
         raise FoldError(f"{path}: folds file not found") from None
+    except (UnicodeDecodeError, csv.Error, IsADirectoryError) as error:
+        raise FoldError(f"{path}: not a readable folds CSV ({' '.join(str(error).split())[:120]})") from None
     if not assignment:
         raise FoldError(f"{path}: no images")
     return assignment

@@ -180,7 +180,7 @@ def open_pairs(images, annotations):
 def read_csv_rows(csv_path, required=("image", "annotation")) -> list[dict]:
     """The rows of a UTF-8 CSV with a header; InputError naming the file when a *required* column is missing."""
     try:
-        with open(csv_path, newline="", encoding="utf-8") as handle:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's byte-order mark
             reader = csv.DictReader(handle)
             columns = reader.fieldnames or []
             missing = [name for name in required if name not in columns]
