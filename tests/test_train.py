@@ -386,3 +386,15 @@ def test_keep_best_resumed_from_a_keep_last_checkpoint_says_which_epochs_it_chos
     done.run_epoch(validate_map=True)
     kept = done.kept_weights()
     assert (kept["rule"], kept["epoch"], kept["chosen_from_epoch"]) == ("best", 2, 2)
+
+
+def test_the_same_weights_make_the_same_model_file_bytes(tmp_path):
+    # A rerun that trains nothing new (or a resumed run ending where an uninterrupted one did) must give the
+    # same sha256: the file was named inside by its random temporary name.
+    from utils.detection.model import build_model, save_model_file
+
+    torch.manual_seed(0)
+    model = build_model(backbone="mobilenet_v2_fpn", weights="none", image_size=128)
+    meta = {"created": "fixed"}
+    first, second = save_model_file(tmp_path / "a.pt", model, meta), save_model_file(tmp_path / "b.pt", model, meta)
+    assert first.read_bytes() == second.read_bytes()

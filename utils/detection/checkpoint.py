@@ -64,8 +64,10 @@ def save_checkpoint(path, model, optimizer, scheduler, epoch: int, args: dict, s
         "history": list(history or []),
         "extra": extra or {},
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    # through an open file: torch.save names the archive's entries after a path's stem (the temporary file's
+    # random name), so the same weights gave files of other bytes; an open file's entries are "archive/..."
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(payload, handle)
     return Path(path)
 
 

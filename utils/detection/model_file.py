@@ -91,8 +91,10 @@ def save_model_file(path, model: nn.Module, meta: dict | None = None) -> Path:
     """Write ``{"model": state_dict, "meta": {...}}`` atomically; meta gets :func:`model_metadata` added."""
     payload = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "meta": model_metadata(model, meta)}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    # through an open file: torch.save names the archive's entries after a path's stem (the temporary file's
+    # random name), so the same weights gave files of other bytes; an open file's entries are "archive/..."
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(payload, handle)
     return Path(path)
 
 
