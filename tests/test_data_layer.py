@@ -258,3 +258,21 @@ def test_training_inputs_are_decoded_in_full_and_subfolders_listed(tmp_path):
         problems = {entry["file"]: entry["problem"] for entry in skipped}
         assert any(name.endswith("cut.jpg") for name in problems)
         assert problems[f"{tmp_path}: site-b/"].startswith("a subfolder")
+
+
+def test_objects_training_would_drop_are_listed(tmp_path):
+    from utils.classes import LabelMap
+    from utils.data.pairs import object_problems, object_problems_line
+
+    Image.new("RGB", (64, 48)).save(tmp_path / "a.jpg")
+    (tmp_path / "a.xml").write_text(
+        "<annotation><filename>a.jpg</filename><size><width>64</width><height>48</height><depth>3</depth></size>"
+        "<object><name>hat</name><bndbox><xmin>5</xmin><ymin>5</ymin><xmax>30</xmax><ymax>30</ymax></bndbox>"
+        "</object><object><name>mask</name><bndbox><xmin>5</xmin><ymin>5</ymin><xmax>30</xmax><ymax>30</ymax>"
+        "</bndbox></object></annotation>")
+    pair = Pair(tmp_path / "a.jpg", tmp_path / "a.xml")
+    problems = object_problems([pair])
+    assert len(problems) == 2 and all(item["file"] == str(tmp_path / "a.xml") for item in problems)
+    assert "2 object(s) in 1 annotation(s) dropped or clipped" in object_problems_line(problems)
+    assert len(object_problems([pair], LabelMap.parse("mask=with_mask"))) == 1  # read as the dataset reads them
+    assert object_problems_line([]) is None

@@ -157,6 +157,35 @@ def scan_pairs(pairs) -> tuple[list, list[dict]]:
     return usable, [problem for problem in problems if problem is not None]
 
 
+def object_problems(pairs, label_map=None) -> list[dict]:
+    """[{file, problem}] for every object of *pairs*' annotations that training or evaluation drops (unknown
+    class, box outside the image or of no area) or clips, read as the dataset reads them (utils.data.voc
+    clean_objects, object names through *label_map*): so that a run can say what it did not learn from."""
+    from ..classes import CLASSES, NO_LABEL_MAP
+    from .images import image_size
+    from .voc import clean_objects
+
+    problems = []
+    for pair in pairs:
+        try:
+            width, height = image_size(pair.image)
+            annotation = parse_voc(pair.annotation, label_map or NO_LABEL_MAP)
+        except (VocError, ImageError, OSError):
+            continue  # scan_pairs lists such pairs as skipped
+        problems += [{"file": str(pair.annotation), "problem": text}
+                     for text in clean_objects(annotation, width, height, known_classes=CLASSES)[1]]
+    return problems
+
+
+def object_problems_line(problems: list[dict]) -> str | None:
+    """One line for object_problems' list (None when empty): how many, in how many files, the first."""
+    if not problems:
+        return None
+    files = len({item["file"] for item in problems})
+    return (f"{len(problems)} object(s) in {files} annotation(s) dropped or clipped (first: {problems[0]['file']}: "
+            f"{problems[0]['problem']}); all in the run record")
+
+
 @contextlib.contextmanager
 def open_pairs(images, annotations):
     """Yield (usable pairs, skipped [{file, problem}]) for a folder or .tar of each kind (the same path allowed)."""

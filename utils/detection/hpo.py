@@ -48,7 +48,7 @@ from .compliance import compliance_error
 from .engine import NonFiniteLossError
 from .metrics import coco_map
 from .metrics import fitness as coco_fitness
-from ..data.pairs import open_pairs
+from ..data.pairs import object_problems, object_problems_line, open_pairs
 from .params import TrainParams
 from .training import Trainer
 
@@ -313,6 +313,9 @@ def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotat
         skipped = train_skipped + val_skipped
         for item in skipped:
             log.warning("skipped %s: %s", item["file"], item["problem"])
+        problems = object_problems(train_pairs + val_pairs, config.label_map)
+        if problems:
+            log.warning(object_problems_line(problems))
         if not train_pairs:
             raise HpoError(f"{train_images}: no usable training pairs")
         if not val_pairs:
@@ -371,6 +374,7 @@ def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotat
         "num_train_images": len(train_pairs),
         "num_val_images": len(val_pairs),
         "skipped_inputs": skipped,
+        "object_problems": problems,
         "seconds_this_run": round(time.monotonic() - started, 1),
         "trials": trial_records(study),
     }

@@ -29,7 +29,7 @@ from .quantify import calibration_record
 from .stages import parse_stages
 from .model_file import save_model_file
 from .tensorboard_log import TensorBoardError, TrainBoard, pack_events
-from ..data.pairs import open_pairs
+from ..data.pairs import object_problems, object_problems_line, open_pairs
 from .device import resolve_device
 from .params import TrainParams, describe, gpu_recipe, read_params_file, resolve_params
 from .training import Trainer, TrainingDataError, TrainingRecord
@@ -79,6 +79,7 @@ class TrainingData:
     skipped: list[dict]
     input_files: list
     inputs_sha256: str
+    object_problems: list[dict]  # objects dropped or clipped ([{file, problem}], pairs.object_problems)
 
 
 @contextlib.contextmanager
@@ -97,7 +98,10 @@ def open_training_data(args, device):
         if not train_pairs:
             raise TrainingDataError(f"{args.images}: no usable image/annotation pairs ({len(skipped)} skipped)")
         input_files = [p for pair in train_pairs + val_pairs for p in (pair.image, pair.annotation)]
-        data = TrainingData(train_pairs, val_pairs, skipped, input_files, inputs_sha256(input_files))
+        problems = object_problems(train_pairs + val_pairs, LabelMap.parse(getattr(args, "label_map", None)))
+        if problems:
+            log.warning(object_problems_line(problems))
+        data = TrainingData(train_pairs, val_pairs, skipped, input_files, inputs_sha256(input_files), problems)
         log.info("training on %d images%s (%d skipped), device %s", len(train_pairs),
                  f", monitoring {len(val_pairs)} validation images" if val_pairs else "", len(skipped), device)
         yield data
@@ -227,7 +231,8 @@ def write_model_outputs(trainer: Trainer, record: TrainingRecord, data: Training
                "weights": trainer.model.weights_report.message,
                "stages": trainer.describe_stages() if record.plan.staged else None}
     write_run_record(paths["run_record"], "train", {**vars(args), "resolved": trained, "device": str(settings.device),
-                                                    "summary": summary, "skipped": data.skipped}, data.input_files)
+                                                    "summary": summary, "skipped": data.skipped,
+                                                    "object_problems": data.object_problems}, data.input_files)
     return final_loss
 
 
