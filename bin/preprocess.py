@@ -16,14 +16,17 @@ import sys
 
 from utils import defaults as D
 from utils.classes import LabelMap
-from utils.cli import add_label_map_arg, add_set_input_args, add_set_output_args, check_set_args, int_at_least, run_job
+from utils.cli import (add_label_map_arg, add_set_input_args, add_set_output_args, check_set_args, file_name_part,
+                       int_at_least, run_job)
 from utils.data.preprocess import FORMATS, preprocess_set
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_set_input_args(parser, split_example="val or test")
-    parser.add_argument("--prefix", default="", help="prefix of output names, e.g. val_ or test_ (default: none)")
+    parser.add_argument("--prefix", type=file_name_part, default="",
+                        help="prefix of output names, e.g. val_ or test_: a plain file-name part (no '/', '\\', "
+                             "'..' or leading '.') (default: none)")
     parser.add_argument("--max-size", type=int_at_least(16), default=D.PREPROCESS_MAX_SIZE,
                         help="cap on the longest image side in pixels; larger images are shrunk, boxes "
                              f"scaled with them (default: {D.PREPROCESS_MAX_SIZE or 'no cap'})")

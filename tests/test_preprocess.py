@@ -15,6 +15,7 @@ from helpers import load_script, run_script
 from utils.data.pairs import pack_folder, pair_folders
 from utils.data.preprocess import NothingProcessedError, preprocess_set
 from utils.data.voc import VocAnnotation, VocObject, parse_voc, write_voc
+from utils.errors import InputError
 
 
 def flat_copy(sample_dir, dest, limit=None):
@@ -178,3 +179,32 @@ def test_nothing_usable_fails_with_one_line(tmp_path, root, capsys):
     assert run_script(root, "preprocess", ["--images", src, "--split-csv", bad_csv, "--split", "val",
                                            "--output-dir", tmp_path / "o"]) == 2
     assert "bad.csv: no 'image' column" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prefix", ["../escaped_", "sub/", "/abs_", "a\\b_", ".hidden_", "x..y_", "nul\0_"])
+def test_a_prefix_that_is_not_a_plain_name_part_is_refused_in_one_line(root, sample_dir, tmp_path, capsys, prefix):
+    """--prefix names files inside the output: a path part would write outside the folder (../) or make a tar
+    that is not flat (sub/), a leading dot hides the files from every reader. Refused before any work."""
+    out = tmp_path / "deep" / "out"
+    for output in (["--output-dir", out], ["--output-tar", out.with_suffix(".tar")]):
+        with pytest.raises(SystemExit) as stop:
+            run_script(root, "preprocess", ["--images", sample_dir / "images", "--annotations",
+                                            sample_dir / "annotations", "--prefix", prefix, *output, "--no-progress"])
+        assert stop.value.code == 2
+        lines = [line for line in capsys.readouterr().err.splitlines()
+                 if line.strip() and not line.startswith(("usage:", " "))]
+        assert len(lines) == 1 and "error: argument --prefix: expected a plain file-name part" in lines[0], lines
+    assert not (tmp_path / "deep").exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+    with pytest.raises(InputError, match="--prefix"):  # the library refuses it too
+        preprocess_set(sample_dir / "images", sample_dir / "annotations", prefix, output_tar=tmp_path / "v.tar",
+                       progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_plain_prefix_is_accepted(root, sample_dir, tmp_path):
+    assert run_script(root, "preprocess", ["--images", sample_dir / "images", "--annotations",
+                                           sample_dir / "annotations", "--prefix", "val-2024 a_", "--output-tar",
+                                           tmp_path / "v.tar", "--no-progress"]) == 0
+    with tarfile.open(tmp_path / "v.tar") as tar:
+        names = tar.getnames()
+    assert len(names) == 48 and all(n.startswith("val-2024 a_") and "/" not in n for n in names)

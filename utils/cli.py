@@ -28,6 +28,7 @@ from pathlib import Path
 from . import defaults as D
 from .classes import CLASSES
 from .errors import InputError, shown
+from .naming import name_part_problem
 from .stop import EXIT_STOPPED, StopRequested, write_stand_ins
 
 EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT = 0, 1, 2
@@ -137,6 +138,15 @@ def path_arg(text: str) -> Path:
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a path, got an empty value (write . for the current folder)")
     return Path(text)
+
+
+def file_name_part(text: str) -> str:
+    """A part of the output files' names (--prefix): no path separators, no '..', no leading dot
+    (utils.naming.name_part_problem), so every file stays flat in its folder or archive and visible."""
+    problem = name_part_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def positive_float(text: str) -> float:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
+from .errors import shown
+
 # Suffixes that say what a file is to its job: the tag goes before them, so that the file still ends in them.
 ROLE_SUFFIXES = ("_run.json", "_checkpoint.pt")
 
@@ -104,3 +106,14 @@ def annotated_stem(relative: str) -> str:
     photo's figures in compliance.json by the same stem) never shows one photo's figures under another."""
     path = PurePosixPath(relative)
     return "__".join([*path.parent.parts, path.stem]) if path.parent.parts else path.stem
+
+
+def name_part_problem(text: str) -> str | None:
+    """Why *text* cannot be put in front of an output file's name (preprocess --prefix), or None: a path
+    separator or '..' would put the file in another folder (outside the output folder, or a subfolder of an
+    archive that the jobs reading it leave out), a leading dot would hide it from them, a NUL byte is no name."""
+    if any(part in text for part in ("/", "\\", "..", "\0")):
+        return f"expected a plain file-name part (no '/', '\\', '..' or NUL), got {shown(text)}"
+    if text.startswith("."):
+        return f"expected a plain file-name part (no leading '.', which hides the files), got {shown(text)}"
+    return None

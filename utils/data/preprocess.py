@@ -27,6 +27,7 @@ from ..atomic import atomic_path, write_json
 from .. import defaults as D
 from ..classes import CLASSES, NO_LABEL_MAP, LabelMap
 from ..errors import InputError
+from ..naming import name_part_problem
 from .images import ImageError, load_rgb
 from .pairs import Pair, open_folder, pack_folder, pair_folders, read_pairs_csv
 from ..provenance import run_record
@@ -233,6 +234,9 @@ def preprocess_set(images, annotations, prefix: str, output_dir=None, output_tar
         raise InputError(f"unknown image format {image_format!r} (choose from {', '.join(FORMATS)})")
     if max_size is not None and max_size < 16:
         raise InputError(f"--max-size must be at least 16 px, got {max_size}")
+    prefix_problem = name_part_problem(prefix or "")
+    if prefix_problem:
+        raise InputError(f"--prefix: {prefix_problem}")
     started = time.perf_counter()
     report = Path(report) if report else default_report_path(output_dir, output_tar)
     params = {"images": images, "annotations": annotations, "prefix": prefix, "split_csv": split_csv,
