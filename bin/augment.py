@@ -7,7 +7,9 @@ pixels through torchvision.transforms.v2. Images containing mask_weared_incorrec
 get --rare-factor extra copies. The same --seed gives the same files. Object names
 renamed by --label-map are written as the class names, so later jobs read the set
 without a map. Unreadable inputs and copies that lost all their boxes are listed in
-the report.
+the report. --output-dir is replaced whole once the new set is complete, so no file of
+an earlier run (its copies) lingers; a folder holding files no earlier preprocess or
+augment run wrote there is refused.
 Exit 0 when at least one image was written, 2 on bad input (none usable, unreadable
 folder, bad flag; one line naming the file), 1 on a bug.
 """

@@ -4,7 +4,10 @@
 Boxes follow the pixels (torchvision.transforms.v2); objects with unknown classes or
 boxes outside the image are dropped or clipped and reported. Outputs are named
 <prefix><stem>.<format> and <prefix><stem>.xml, side by side in --output-dir or
-packed flat into --output-tar. Object names renamed by --label-map are written as
+packed flat into --output-tar (--prefix: a plain file-name part, no '/', '..' or leading
+'.'). --output-dir is replaced whole once the new set is complete, so no old file lingers;
+a folder holding files no earlier preprocess or augment run wrote there is refused.
+Object names renamed by --label-map are written as
 the class names, so later jobs read the set without a map. Unreadable inputs are
 skipped and listed in the report; the job fails only when no image could be processed.
 Exit 0 when at least one image was written, 2 on bad input (none usable, unreadable

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from helpers import load_script
+from helpers import load_script, run_script
 from utils.data.augment import augment_copy, augment_set, build_transform, torch_threads
 from utils.classes import CLASSES, RARE_CLASS
 from utils.data.dataset import VocDetectionDataset
@@ -189,3 +189,21 @@ def test_bad_arguments(sample_dir, tmp_path):
     with pytest.raises(ValueError, match="noise"):
         augment_set(sample_dir / "images", sample_dir / "annotations", copies=1, noise_std=-2,
                     output_dir=tmp_path / "o")
+
+
+def test_copies_0_after_copies_1_into_one_folder_leaves_no_old_copy(root, sample_dir, tmp_path):
+    """The set replaces the output folder whole: the copies of a --copies 1 run do not linger after a --copies 0
+    run into the same folder (its report says 0 copies, and a later train --images would have used them)."""
+    out = tmp_path / "augd"
+    argv = ["--images", sample_dir / "images", "--annotations", sample_dir / "annotations", "--rare-factor", "0",
+            "--output-dir", out, "--no-progress"]
+    assert run_script(root, "augment", [*argv, "--copies", "1"]) == 0
+    assert len(list(out.glob("aug1_*"))) == 2 * 24
+    assert run_script(root, "augment", [*argv, "--copies", "0"]) == 0
+    report = json.loads((tmp_path / "augd.report.json").read_text())
+    assert report["copies"] == 0 and report["originals"] == report["files_written"] // 2 == 24
+    pairs = pair_folders(out, out).pairs
+    assert len(pairs) == 24 and all(pair.stem.startswith("train_") for pair in pairs)
+    assert sorted(p.name for p in out.iterdir()) == sorted([".set_files.json", *(
+        path.name for pair in pairs for path in (pair.image, pair.annotation))])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["augd", "augd.report.json"]  # no hidden folder left

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import tarfile
 
@@ -62,7 +63,11 @@ def test_no_cap_keeps_size_and_boxes_and_never_enlarges(sample_dir, tmp_path):
             assert img.size == (160, 120)
     # The report goes next to the output folder, never inside it.
     assert (tmp_path / "out.report.json").is_file()
-    assert sorted({p.suffix for p in (tmp_path / "out").iterdir()}) == [".jpg", ".xml"]
+    # Inside it: the pairs, and (hidden from every reader) the list of them that the next run may replace.
+    shown = [p for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")]
+    assert sorted({p.suffix for p in shown}) == [".jpg", ".xml"]
+    assert sorted(json.loads((tmp_path / "out" / ".set_files.json").read_text())["files"]) == sorted(
+        p.name for p in shown)
 
 
 def test_modes_become_rgb_jpeg(tmp_path):
@@ -208,3 +213,74 @@ def test_a_plain_prefix_is_accepted(root, sample_dir, tmp_path):
     with tarfile.open(tmp_path / "v.tar") as tar:
         names = tar.getnames()
     assert len(names) == 48 and all(n.startswith("val-2024 a_") and "/" not in n for n in names)
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() if p.is_file() else "folder" for p in folder.iterdir()}
+
+
+def test_a_rerun_replaces_the_set_whole_and_an_interrupted_one_leaves_the_old(sample_dir, tmp_path, monkeypatch):
+    """--output-dir is written in a hidden folder beside it and swapped in when complete: while the job runs and
+    after it fails the folder is the previous set, untouched; after it, exactly the new set (no file of the old
+    one lingers for a later job to read)."""
+    out = tmp_path / "out"
+    preprocess_set(sample_dir / "images", sample_dir / "annotations", "val_", output_dir=out, progress=False)
+    before = snapshot(out)
+    assert len(before) == 2 * 24 + 1
+    import utils.data.preprocess as module
+
+    real_write_pair, calls = module.write_pair, []
+
+    def write_then_stop(folder, stem, *args, **kwargs):
+        calls.append(stem)
+        assert snapshot(out) == before  # readers see the old set while the job runs
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # as a stop mid-set
+        return real_write_pair(folder, stem, *args, **kwargs)
+
+    monkeypatch.setattr(module, "write_pair", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_set(sample_dir / "images", sample_dir / "annotations", "test_", output_dir=out, progress=False)
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.report.json"]  # no staging folder left
+    monkeypatch.undo()
+    previous = os.umask(0o022)  # the set folder gets the umask's mode, as a plain mkdir would give it
+    try:
+        report = preprocess_set(sample_dir / "images", sample_dir / "annotations", "test_", output_dir=out,
+                                max_size=100, progress=False)
+    finally:
+        os.umask(previous)
+    after = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert len(after) == 48 == report["files_written"] and all(name.startswith("test_") for name in after)
+    assert (out.stat().st_mode & 0o777) == 0o755 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "out", "out.report.json"]
+
+
+def test_an_output_folder_holding_other_files_is_refused_in_one_line(root, sample_dir, tmp_path, capsys):
+    """The new set replaces the folder whole, so a folder holding anything no earlier set run wrote there (the
+    owner's files, the inputs) is refused before any work, naming the folder and a file, and left as it is."""
+    src = flat_copy(sample_dir, tmp_path / "src", limit=2)
+    inputs = ["--images", sample_dir / "images", "--annotations", sample_dir / "annotations", "--no-progress"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    used = tmp_path / "used"
+    assert run_script(root, "preprocess", [*inputs, "--output-dir", used]) == 0
+    (used / "added.jpg").write_bytes(b"not the set's")
+    (used / "sub").mkdir()
+    (tmp_path / "file").write_text("x")
+    cases = [("preprocess", [*inputs, "--output-dir", mine], f"{mine}: holds 'notes.txt', which no earlier"),
+             ("augment", [*inputs, "--output-dir", mine], f"{mine}: holds 'notes.txt', which no earlier"),
+             ("preprocess", [*inputs, "--output-dir", used], f"{used}: holds 'added.jpg' (and 1 more)"),
+             ("augment", ["--images", src, "--output-dir", src], f"{src}: the output folder is also an input"),
+             ("preprocess", [*inputs, "--output-dir", tmp_path / "file"], "the output folder is not a folder")]
+    for job, argv, words in cases:
+        kept = {folder: snapshot(folder) for folder in (mine, used, src)}
+        assert run_script(root, job, argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"{job}: error: ") and words in err and len(err.strip().splitlines()) == 1, err
+        assert {folder: snapshot(folder) for folder in (mine, used, src)} == kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "mine", "src", "used", "used.report.json"]
+    (mine / "notes.txt").unlink()  # an empty folder is taken
+    assert run_script(root, "augment", [*inputs, "--copies", "0", "--rare-factor", "0", "--output-dir", mine]) == 0
+    assert len(pair_folders(mine, mine).pairs) == 24

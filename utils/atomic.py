@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -70,3 +71,28 @@ def write_text(target, text: str) -> Path:
 
 def write_json(target, obj, indent: int = 2) -> Path:
     return write_text(target, json.dumps(obj, indent=indent, sort_keys=False, default=str) + "\n")
+
+
+def replace_folder(staged, target) -> Path:
+    """Put the complete folder *staged* (in *target*'s folder, so on the same file system) at *target*, replacing
+    the folder there: the old one is renamed aside, the new one renamed in, then the old one removed.
+
+    A reader sees the old folder or the new one (for a moment between the two renames, none), never a mix of
+    both; a job killed in that moment leaves no folder at *target* and the old one in a hidden
+    ``.<name>.old.*`` folder beside it.
+    """
+    staged, target = Path(staged), Path(target)
+    aside = None
+    if target.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        os.replace(target, aside / target.name)
+    try:
+        os.replace(staged, target)
+    except BaseException:
+        if aside is not None:
+            os.replace(aside / target.name, target)
+            aside.rmdir()
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    return target

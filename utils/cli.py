@@ -220,7 +220,9 @@ def add_set_output_args(parser, report_contents: str) -> None:
     parser.add_argument("--quality", type=int_between(1, 100), default=D.JPEG_QUALITY,
                         help=f"JPEG quality 1-100 (default: {D.JPEG_QUALITY})")
     output = parser.add_mutually_exclusive_group(required=True)
-    output.add_argument("--output-dir", type=Path, default=None, help="folder to write the pairs into")
+    output.add_argument("--output-dir", type=Path, default=None,
+                        help="folder of the pairs, replaced whole by the new set once it is complete; a folder "
+                             "holding files no earlier preprocess or augment run wrote there is refused")
     output.add_argument("--output-tar", type=Path, default=None, help="flat .tar to pack the pairs into")
     parser.add_argument("--report", type=Path, default=None,
                         help=f"JSON report of {report_contents} (default: <output>.report.json next to the output)")

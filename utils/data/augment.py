@@ -30,8 +30,9 @@ from tqdm import tqdm
 from .. import defaults as D
 from ..classes import LABEL_OF, NAME_OF, NO_LABEL_MAP, RARE_CLASS, LabelMap
 from ..errors import InputError
-from .preprocess import (JobLog, NothingProcessedError, boxes_of, default_report_path, finish_report, load_pair,
-                         display_paths, objects_from, open_inputs, output_folder, write_pair)
+from .preprocess import (JobLog, NothingProcessedError, boxes_of, check_output_dir, default_report_path,
+                         display_paths, finish_report, load_pair, objects_from, open_inputs, output_folder,
+                         write_pair)
 from .voc import VocAnnotation
 
 ATTEMPTS_PER_COPY = 5
@@ -114,6 +115,7 @@ def augment_set(images, annotations, copies: int, rare_factor: int = 0, noise_st
         raise InputError(f"--copies and --rare-factor must not be negative, got {copies} and {rare_factor}")
     if noise_std < 0:
         raise InputError(f"--noise-std must not be negative, got {noise_std}")
+    check_output_dir(output_dir, images, annotations)
     started = time.perf_counter()
     report = Path(report) if report else default_report_path(output_dir, output_tar)
     params = {"images": images, "annotations": annotations, "split_csv": split_csv, "split": split,
@@ -125,7 +127,7 @@ def augment_set(images, annotations, copies: int, rare_factor: int = 0, noise_st
                  "copies_without_boxes": [], "objects_removed_by_transforms": 0}
     used_inputs, produced = [], set()
     with open_inputs(images, annotations, split_csv, split, log) as pairs, torch_threads(1):
-        with output_folder(output_dir, output_tar) as folder:
+        with output_folder(output_dir, output_tar, job="augment") as folder:
             for pair in tqdm(pairs, desc="augment", unit="img", disable=not progress):
                 if pair.stem in produced:
                     log.skip(pair.image.name, f"another input already produced {original_prefix}{pair.stem} "

@@ -4,7 +4,13 @@ Every image becomes 8-bit RGB in one format (JPEG by default), optionally with i
 longest side capped; its VOC annotation is carried along with the objects cleaned
 (utils.data.voc.clean_objects) and the boxes moved by torchvision.transforms.v2 with the
 pixels. Outputs are flat folders (image and XML side by side, which
-utils.data.pairs.pair_folders reads back) or a flat .tar, named <prefix><stem>.<ext>.
+utils.data.pairs.pair_folders reads back) or a flat .tar, named <prefix><stem>.<ext>
+(the prefix a plain file-name part, utils.naming.name_part_problem).
+
+Both are written whole or not at all: the .tar from a temporary folder, the output folder
+in a hidden folder beside it that replaces it once complete (output_folder), so no file of
+an earlier set lingers. The output folder lists its files in a hidden SET_FILES_NAME; a
+folder holding anything else is refused (check_output_dir), never replaced.
 
 Unreadable inputs are skipped, and every skipped file and dropped or clipped
 object is listed in the job report; the job fails only when nothing was processed.
@@ -13,6 +19,9 @@ object is listed in the job report; the job fails only when nothing was processe
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -23,10 +32,10 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
-from ..atomic import atomic_path, write_json
+from ..atomic import atomic_path, follow_umask, replace_folder, write_json
 from .. import defaults as D
 from ..classes import CLASSES, NO_LABEL_MAP, LabelMap
-from ..errors import InputError
+from ..errors import InputError, shown
 from ..naming import name_part_problem
 from .images import ImageError, load_rgb
 from .pairs import Pair, open_folder, pack_folder, pair_folders, read_pairs_csv
@@ -164,14 +173,66 @@ def objects_from(boxes, names, template: list[VocObject] | None = None) -> list[
 # ---------------------------------------------------------------------------------------------
 # Outputs
 
+# A set written with --output-dir is staged in a hidden folder beside the output folder and renamed into its place
+# when complete; the hidden list SET_FILES_NAME inside it names the set's files, so that the next run into the
+# folder knows what it may replace (the whole folder, as validate_data's annotations_clean/) and what it must not.
+SET_FILES_NAME = ".set_files.json"
+
+
+def _set_files(folder: Path) -> set[str]:
+    """The file names an earlier run listed in *folder*'s SET_FILES_NAME; none when it is missing or unreadable."""
+    try:
+        listed = json.loads((folder / SET_FILES_NAME).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {name for name in listed if isinstance(name, str)} if isinstance(listed, list) else set()
+
+
+def check_output_dir(output_dir, *inputs) -> None:
+    """Raise InputError (one line naming the folder) unless the set may replace *output_dir* whole: the folder is
+    new, or holds nothing but the files an earlier preprocess or augment run listed in it (an older set, never
+    anything of its owner's), and it is none of the *inputs* (paths, or lists of them) and does not hold the working
+    directory."""
+    if output_dir is None:
+        return
+    given, folder = Path(output_dir), Path(output_dir).resolve()
+    if folder in {path for paths in inputs for path in _as_list(paths)}:
+        raise InputError(f"{given}: the output folder is also an input; write the set to another folder")
+    if Path.cwd().resolve().is_relative_to(folder):
+        raise InputError(f"{given}: the output folder holds the working directory; write the set to another folder")
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise InputError(f"{given}: the output folder is not a folder")
+    listed = _set_files(folder)
+    others = sorted(entry.name for entry in os.scandir(folder) if entry.name != SET_FILES_NAME
+                    and not (entry.name in listed and entry.is_file(follow_symlinks=False)))
+    if others:
+        more = f" (and {len(others) - 1} more)" if len(others) > 1 else ""
+        raise InputError(f"{given}: holds {shown(others[0])}{more}, which no earlier preprocess or augment run "
+                         "wrote there; the new set replaces the output folder whole, so give a new or empty folder")
+
+
 @contextlib.contextmanager
-def output_folder(output_dir=None, output_tar=None):
-    """Yield the folder to write into: *output_dir* itself, or a temporary one packed into *output_tar*."""
+def output_folder(output_dir=None, output_tar=None, job: str = "preprocess"):
+    """Yield the folder to write into: a hidden one beside *output_dir* that replaces it when the block ends
+    (check_output_dir first), or a temporary one packed into *output_tar*. On an error nothing is replaced."""
     if (output_dir is None) == (output_tar is None):
         raise ValueError("give exactly one of output_dir and output_tar")
     if output_dir is not None:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        yield Path(output_dir)
+        target = Path(output_dir).resolve()
+        check_output_dir(output_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        follow_umask(staging, folder=True)  # it becomes the set folder, which later jobs (maybe other users) read
+        try:
+            yield staging
+            write_json(staging / SET_FILES_NAME, {"written_by": job,
+                                                  "files": sorted(p.name for p in staging.iterdir())})
+            check_output_dir(output_dir)  # again: files put there while the job ran are not removed either
+            replace_folder(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # left only by an error
         return
     output_tar = Path(output_tar)
     output_tar.parent.mkdir(parents=True, exist_ok=True)
@@ -237,6 +298,7 @@ def preprocess_set(images, annotations, prefix: str, output_dir=None, output_tar
     prefix_problem = name_part_problem(prefix or "")
     if prefix_problem:
         raise InputError(f"--prefix: {prefix_problem}")
+    check_output_dir(output_dir, images, annotations)
     started = time.perf_counter()
     report = Path(report) if report else default_report_path(output_dir, output_tar)
     params = {"images": images, "annotations": annotations, "prefix": prefix, "split_csv": split_csv,
