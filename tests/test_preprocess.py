@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -284,3 +285,27 @@ def test_an_output_folder_holding_other_files_is_refused_in_one_line(root, sampl
     (mine / "notes.txt").unlink()  # an empty folder is taken
     assert run_script(root, "augment", [*inputs, "--copies", "0", "--rare-factor", "0", "--output-dir", mine]) == 0
     assert len(pair_folders(mine, mine).pairs) == 24
+
+
+def test_replace_folder_puts_the_old_folder_back_when_the_new_one_cannot_go_in(tmp_path, monkeypatch):
+    from utils import atomic
+
+    target, staged = tmp_path / "set", tmp_path / ".set.new"
+    for folder, name in ((target, "old.xml"), (staged, "new.xml")):
+        folder.mkdir()
+        (folder / name).write_text(name)
+    real_replace = os.replace
+
+    def refuse_the_new_one(source, destination):
+        if Path(source) == staged:
+            raise PermissionError(13, "Permission denied", str(destination))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(atomic.os, "replace", refuse_the_new_one)
+    with pytest.raises(PermissionError):
+        atomic.replace_folder(staged, target)
+    assert [p.name for p in target.iterdir()] == ["old.xml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".set.new", "set"]  # no .set.old.* folder left
+    monkeypatch.undo()
+    atomic.replace_folder(staged, target)
+    assert [p.name for p in target.iterdir()] == ["new.xml"] and sorted(p.name for p in tmp_path.iterdir()) == ["set"]
