@@ -50,7 +50,7 @@ import imagehash
 import numpy as np
 from tqdm import tqdm
 
-from ..atomic import follow_umask, write_json
+from ..atomic import follow_umask, replace_folder, write_json
 from .. import defaults as D
 from ..classes import CLASSES, NO_LABEL_MAP, LabelMap
 from ..errors import InputError
@@ -409,13 +409,7 @@ def write_clean_outputs(result: ValidationResult, output_dir, images_by_name: bo
                 write_voc(target, result.annotations[pair.image.name])
             else:
                 shutil.copyfile(pair.annotation, target)
-        old = None
-        if clean_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{CLEAN_ANNOTATIONS_DIRNAME}.old.", dir=output_dir))
-            os.replace(clean_dir, old / CLEAN_ANNOTATIONS_DIRNAME)
-        os.replace(staging, clean_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_folder(staging, clean_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
