@@ -190,6 +190,23 @@ def check_study_search(study: optuna.Study, journal, config: HpoConfig, space: S
                        "search afresh, or match the flags")
 
 
+@contextlib.contextmanager
+def _quiet_about_stops():
+    """Optuna logs every trial that raises with its traceback; a SIGTERM's stop is not a failure to show so
+    (the job says it in one line), while other failures keep theirs."""
+    def not_a_stop(record) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], StopRequested))
+
+    handlers = logging.getLogger("optuna").handlers
+    for handler in handlers:
+        handler.addFilter(not_a_stop)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(not_a_stop)
+
+
 def requeue(study: optuna.Study, trial, why: str) -> None:
     """Enqueue an interrupted trial's parameters again (at most MAX_REQUEUES times)."""
     requeues = int(trial.user_attrs.get("requeues", 0))
@@ -340,13 +357,16 @@ def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotat
         if remaining > 0:
             objective = make_objective(config, worker_space, train_pairs, val_pairs, device)
             try:
-                study.optimize(objective, n_trials=remaining, timeout=timeout, gc_after_trial=True,
-                               callbacks=callbacks)
+                with _quiet_about_stops():
+                    study.optimize(objective, n_trials=remaining, timeout=timeout, gc_after_trial=True,
+                                   callbacks=callbacks)
             except StopRequested:
                 # Optuna has marked the interrupted trial failed; the retry runs its parameters again.
                 interrupted = study.get_trials(deepcopy=False)[-1]
                 requeue(study, interrupted, "was interrupted by SIGTERM")
-                raise
+                done = trial_counts(study)["finished"]
+                raise StopRequested(f"SIGTERM received; trial {interrupted.number} abandoned (its parameters run "
+                                    f"again on the retry); the journal holds {done} finished trial(s)") from None
     counts = trial_counts(study)
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     best = max(complete, key=lambda t: t.value) if complete else None
