@@ -135,6 +135,13 @@ def test_every_project_bad_input_error_is_an_input_error_and_keeps_its_old_base(
         assert issubclass(error, RuntimeError), error
     with pytest.raises(DeviceError, match="unknown device 'tpu'"):
         resolve_device("tpu")
+    import torch
+
+    beyond = torch.cuda.device_count()  # a CUDA index this machine does not have (any on a CPU-only one)
+    with pytest.raises(DeviceError, match=f"--device cuda:{beyond}: no such CUDA device here"):
+        resolve_device(f"cuda:{beyond}")
+    with pytest.raises(DeviceError, match="no such CUDA device"):
+        resolve_device("cuda:x")
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

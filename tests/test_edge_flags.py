@@ -107,6 +107,7 @@ CASES = [
     ("train", [*TRAIN, "--batch-size", "0"], "--batch-size"),
     ("train", [*TRAIN, "--momentum", "-3"], "--momentum"),
     ("train", [*TRAIN, "--momentum", "5"], "--momentum: expected a number from 0 to below 1"),  # AdamW's beta1
+    ("train", [*TRAIN, "--val-annotations", "A"], "--val-annotations needs --val-images"),
     ("train", [*TRAIN, "--weight-decay", "nan"], "--weight-decay"),
     ("train", [*TRAIN, "--workers", "-3"], "--workers"),
     ("train", [*TRAIN, "--time-budget", "nan"], "--time-budget"),

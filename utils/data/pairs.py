@@ -137,8 +137,8 @@ def _read_problem(pair) -> dict | None:
     try:
         parse_voc(pair.annotation)
         load_rgb(pair.image)
-    except (VocError, ImageError) as error:
-        return {"file": str(getattr(error, "file", pair.image)), "problem": str(error)}
+    except (VocError, ImageError) as error:  # the file once: str(error) starts with it too
+        return {"file": str(getattr(error, "file", pair.image)), "problem": getattr(error, "problem", str(error))}
     except OSError as error:
         return {"file": str(pair.image), "problem": f"unreadable ({error})"}
     return None

@@ -18,4 +18,10 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise DeviceError("--device cuda was asked for but no CUDA device is available")
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise DeviceError(f"unknown device {name!r}: use auto, cpu or cuda")
+    if name.startswith("cuda:"):
+        index = name.partition(":")[2]
+        count = torch.cuda.device_count()
+        if not index.isdigit() or int(index) >= count:
+            raise DeviceError(f"--device {name}: no such CUDA device here ({count} available"
+                              + (f": cuda:0 to cuda:{count - 1})" if count else ")"))
     return torch.device(name)

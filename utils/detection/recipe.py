@@ -315,7 +315,7 @@ class TimeBudget:
         validation_s = self.val_batches * step_s * EVAL_STEP_FRACTION * self.validations_per_epoch
         final_s = self.val_batches * step_s * EVAL_STEP_FRACTION  # the threshold choice: one inference pass
         steps = self._steps(iteration + 1, self.budget_s - self.elapsed() - final_s, step_s, validation_s)
-        log.info("time budget %.0f min: %.2f s per training step, %.1f min of validation per epoch: %d steps "
+        log.info("time budget %.3g min: %.2f s per training step, %.1f min of validation per epoch: %d steps "
                  "(%.1f epochs)", self.budget_s / 60, step_s, validation_s / 60, steps, steps / self.steps_per_epoch)
         return steps
 
@@ -324,7 +324,7 @@ class TimeBudget:
         final_s = validation_s / max(self.validations_per_epoch, 1)
         steps = self._steps(steps_done, self.budget_s - self.elapsed() - final_s, train_s / max(steps_done, 1),
                             validation_s)
-        log.info("time budget %.0f min: the first epoch took %.1f min with validation: %d steps (%.1f epochs)",
+        log.info("time budget %.3g min: the first epoch took %.1f min with validation: %d steps (%.1f epochs)",
                  self.budget_s / 60, (train_s + validation_s) / 60, steps, steps / self.steps_per_epoch)
         return steps
 

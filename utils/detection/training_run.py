@@ -56,6 +56,8 @@ def resolve_training(args) -> TrainingSettings:
         raise TensorBoardError("--tensorboard-tar needs --tensorboard-dir (the folder it packs)")
     if args.val_images and not args.val_annotations:
         raise TrainingDataError("--val-images needs --val-annotations")
+    if args.val_annotations and not args.val_images:  # else they were ignored: no validation, without a word
+        raise TrainingDataError("--val-annotations needs --val-images")
     device = resolve_device(args.device)
     params_file = read_params_file(args.params) if args.params else {}
     stages = parse_stages(args.stages, "--stages") if args.stages else None  # the flag: a file boundary
