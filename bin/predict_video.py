@@ -32,6 +32,7 @@ import sys
 from tqdm import tqdm
 
 from utils import defaults as D
+from utils.atomic import TEMP_NAME_EXTRA
 from utils.cli import add_tta_arg, check_output_tag, fraction, positive_float, positive_int, run_job
 from utils.detection.compliance import compliance_line
 from utils.detection.device import resolve_device
@@ -44,7 +45,6 @@ from utils.provenance import write_run_record
 from utils.stop import StopRequested, declare_outputs, stop_on_sigterm
 
 NAME_MAX = 255  # bytes of a file name (Linux, macOS)
-TEMP_NAME_EXTRA = 14  # what utils.atomic's temporary name adds: "." + name + ".XXXXXXXX.tmp"
 
 
 def get_args_parser():

@@ -36,6 +36,11 @@ def follow_umask(path: str | os.PathLike, folder: bool = False) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
 
 
+# What atomic_path's temporary name adds to a file name: "." + stem + "." + mkstemp's 8 random characters + ".tmp"
+# + suffix; a job whose output names are near the file system's limit checks them with it before it works.
+TEMP_NAME_EXTRA = len(".") + len(".") + 8 + len(".tmp")
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike):
     """Yield a temporary path next to *target*; rename it onto *target* on success.
