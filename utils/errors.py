@@ -8,8 +8,22 @@ traceback; anything else is a bug and exits 1.
 """
 
 
+import math
+
+
 class InputError(ValueError):
     """Bad input or arguments, described in one line that names the file (or flag) and the problem."""
+
+
+def is_finite_number(value) -> bool:
+    """Whether a value read from JSON is a number (not a bool) that is finite as a float: NaN, infinities and
+    integers too large for a float (json reads up to 4,300 digits; math.isfinite raises OverflowError) are not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def read_json(path, what: str, error: type[InputError] = InputError):

@@ -7,7 +7,6 @@ and a value of the wrong kind is one line naming the file and the field (HpoErro
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import optuna
@@ -15,7 +14,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
-from ..errors import read_json, shown
+from ..errors import is_finite_number, read_json, shown
 from .hpo import HpoError, trial_records
 
 DISTRIBUTIONS = {"FloatDistribution": FloatDistribution, "IntDistribution": IntDistribution,
@@ -57,10 +56,6 @@ def read_worker_results(paths) -> list[dict]:
     return results
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def check_worker_result(data: dict, path) -> None:
     """A worker's best_<i>.json as bin/hpo.py writes it, field by field (HpoError naming the file and field): the
     merge, its plots and the train job that reads the best parameters must not meet a value of another kind."""
@@ -71,14 +66,14 @@ def check_worker_result(data: dict, path) -> None:
                                                      and not isinstance(data["worker_index"], bool)
                                                      and data["worker_index"] >= 0):
         bad("worker_index", data["worker_index"], "a worker number")
-    if data.get("best_value") is not None and not _number(data["best_value"]):
+    if data.get("best_value") is not None and not is_finite_number(data["best_value"]):
         bad("best_value", data["best_value"], "a finite number")
     params = data.get("best_params")
     if data.get("best_value") is not None or params is not None:
         if not isinstance(params, dict):
             bad("best_params", params, "a mapping of parameter -> value")
         for name, value in params.items():
-            if not (_number(value) or isinstance(value, str)):
+            if not (is_finite_number(value) or isinstance(value, str)):
                 bad(f"best_params.{name}", value, "a number or a name")
     for key in ("fixed_params", "trial_counts"):
         if data.get(key) is not None and not isinstance(data[key], dict):
@@ -98,13 +93,13 @@ def check_worker_result(data: dict, path) -> None:
             bad(where, trial, "a trial record")
         if not isinstance(trial.get("number"), int) or trial.get("state") not in TrialState.__members__:
             bad(where, {key: trial.get(key) for key in ("number", "state")}, "a trial number and state")
-        if trial.get("value") is not None and not _number(trial["value"]):
+        if trial.get("value") is not None and not is_finite_number(trial["value"]):
             bad(f"{where}.value", trial["value"], "a finite number")
         if not isinstance(trial.get("params", {}), dict) or not all(
-                _number(v) or isinstance(v, str) for v in trial.get("params", {}).values()):
+                is_finite_number(v) or isinstance(v, str) for v in trial.get("params", {}).values()):
             bad(f"{where}.params", trial.get("params"), "a mapping of parameter -> value")
         steps = trial.get("intermediate_values") or {}
-        if not isinstance(steps, dict) or not all(str(k).isdigit() and _number(v) for k, v in steps.items()):
+        if not isinstance(steps, dict) or not all(str(k).isdigit() and is_finite_number(v) for k, v in steps.items()):
             bad(f"{where}.intermediate_values", steps, "a mapping of epoch -> finite value")
 
 

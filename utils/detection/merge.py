@@ -6,23 +6,18 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from pathlib import Path
 
 from .. import defaults as D
 from ..atomic import write_json, write_text
 from ..classes import CLASSES
-from ..errors import InputError
+from ..errors import InputError, is_finite_number
 from .compliance import compliance, merge_compliance
 from .prediction import PREDICTION_CSV_FIELDS
 from .quantify import prediction_estimates
 
 SETTINGS_KEYS = ("model", "backbone", "image_size", "working_size", "score_threshold", "score_threshold_source", "tta")
 BOX_TOLERANCE = 0.01  # boxes are written rounded to 2 decimals
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _positive_int(value) -> bool:
@@ -42,7 +37,7 @@ def check_part(part: Path, data) -> list[dict]:
     for key in ("images", "skipped", "score_threshold", "tta"):
         if key not in data:
             fail(key, "missing")
-    if not _number(data["score_threshold"]) or not 0 <= data["score_threshold"] <= 1:
+    if not is_finite_number(data["score_threshold"]) or not 0 <= data["score_threshold"] <= 1:
         fail("score_threshold", f"{data['score_threshold']!r} is not a number from 0 to 1")
     if not isinstance(data["tta"], bool):
         fail("tta", f"{data['tta']!r} is not true or false")
@@ -78,7 +73,7 @@ def check_part(part: Path, data) -> list[dict]:
         _check_detections(image, where, fail)
         soft = image.get("soft_counts")
         if soft is not None and not (isinstance(soft, dict) and set(soft) == set(CLASSES)
-                                     and all(_number(value) and value >= 0 for value in soft.values())):
+                                     and all(is_finite_number(value) and value >= 0 for value in soft.values())):
             fail(f"{where}.soft_counts", f"{soft!r} is not a non-negative number for each of {', '.join(CLASSES)}")
     return data["images"]
 
@@ -94,10 +89,10 @@ def _check_detections(image: dict, where: str, fail) -> None:
         if detection.get("label") not in CLASSES:
             fail(f"{field}.label", f"{detection.get('label')!r} is not one of {', '.join(CLASSES)}")
         score = detection.get("score")
-        if not _number(score) or not 0 <= score <= 1:
+        if not is_finite_number(score) or not 0 <= score <= 1:
             fail(f"{field}.score", f"{score!r} is not a number from 0 to 1")
         box = detection.get("box")
-        if not (isinstance(box, list) and len(box) == 4 and all(map(_number, box))
+        if not (isinstance(box, list) and len(box) == 4 and all(map(is_finite_number, box))
                 and 0 <= box[0] <= box[2] <= width and 0 <= box[1] <= box[3] <= height):
             fail(f"{field}.box", f"{box!r} is not [xmin, ymin, xmax, ymax] inside the "
                                  f"{image['width']}x{image['height']} image")

@@ -16,7 +16,6 @@ except the backbone names it is handed.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from torch import nn
 from .. import defaults as D
 from ..atomic import atomic_path
 from ..classes import CLASSES, LABEL_OF, NUM_CLASSES
-from ..errors import InputError, shown
+from ..errors import InputError, is_finite_number, shown
 from ..provenance import package_versions
 from ..stop import is_stand_in
 
@@ -113,16 +112,12 @@ def read_model_payload(path, backbones) -> tuple[dict, dict]:
     return state, meta
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_threshold(value, where: str, path) -> None:
-    if not _is_number(value) or not 0.0 <= value <= 1.0:
+    if not is_finite_number(value) or not 0.0 <= value <= 1.0:
         raise ModelError(f"{path}: model metadata {where} must be a number between 0 and 1, got {shown(value)}")
 
 

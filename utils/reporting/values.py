@@ -10,19 +10,13 @@ from __future__ import annotations
 
 import math
 
-from ..errors import shown
+from ..errors import is_finite_number, shown
 
 
 def num(value) -> float | None:
     """*value* as a finite float when it is a JSON number (not a bool), else None (an integer too
     large for a float, NaN and infinities included)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
+    return float(value) if is_finite_number(value) else None
 
 
 def num_text(value) -> float | str | None:
