@@ -389,3 +389,32 @@ def test_output_video_takes_only_the_containers_the_writer_fills(root, clip, tmp
     assert stopped.value.code == 2 and "--output-video: expected a video file name ending .mp4" in \
         capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_video_tag_is_ascii_and_never_reads_as_a_flag():
+    # The job gets --output-tag TAG: "-intro" would be read by argparse as a flag, on every try.
+    from pathlib import Path
+
+    from utils.pegasus.config import VideoFile
+
+    assert VideoFile(Path("-intro.mp4"), 10).tag == "_intro"
+    assert VideoFile(Path("café entrée.mp4"), 10).tag == "caf__entr_e"
+    assert VideoFile(Path("cam-2_day.mp4"), 10).tag == "cam-2_day"  # ordinary names unchanged
+
+
+@pytest.mark.slow
+def test_a_run_that_draws_no_frame_keeps_the_earlier_annotated_video(clip, tiny_model_file, tmp_path,
+                                                                       monkeypatch):
+    # Stopped before its first frame (a Ctrl-C while the model loaded), the run committed an empty annotated
+    # video over the last run's.
+    from utils.detection import video as video_module
+    from utils.detection.evaluation import load_trained_model
+
+    model = load_trained_model(tiny_model_file, "cpu")[0]
+    out, annotated = tmp_path / "out", tmp_path / "annotated.mp4"
+    annotated.write_bytes(b"an earlier run's video")
+    monkeypatch.setattr(video_module, "stop_reason", lambda: video_module.SIGINT)
+    summary = video_module.predict_video(model, "cpu", str(clip), out, 0.5, output_video=annotated)
+    assert summary["frames_processed"] == 0 and summary["interrupted"]
+    assert annotated.read_bytes() == b"an earlier run's video"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".annotated.")]  # no temporary file left

@@ -46,6 +46,9 @@ SIGTERM, SIGINT = "SIGTERM", "Ctrl-C (SIGINT)"  # what stopped an interrupted ru
 _sigint = threading.Event()
 
 
+class _NoVideo(Exception):
+    """No frame was drawn: the annotated video's temporary file is dropped, not moved onto --output-video."""
+
 def _on_sigint(signum, frame) -> None:
     if _sigint.is_set():  # a second Ctrl-C: the run did not stop at its frame (a stalled stream), so at once
         raise KeyboardInterrupt
@@ -181,7 +184,9 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
         declared = int(declared) if math.isfinite(declared) and 0 < declared < 2 ** 31 else None
         settings = {**(settings or {}), "working_size": working_size(model)}  # in the summary; the rates need it
         video_target = Path(output_video) if output_video else None
-        with (atomic_path(video_target) if video_target else contextlib.nullcontext()) as tmp_video:
+        # _NoVideo leaves atomic_path without committing: no frame drawn must not replace an earlier video
+        with contextlib.suppress(_NoVideo), \
+                (atomic_path(video_target) if video_target else contextlib.nullcontext()) as tmp_video:
             while True:
                 run.ended = stop_reason()
                 if run.ended:
@@ -234,6 +239,8 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                 writer.release()
                 writer = None
             writer_path = video_target if tmp_video is not None and run.rows else None
+            if tmp_video is not None and writer_path is None:
+                raise _NoVideo
     finally:
         capture.release()
         if writer is not None:
@@ -248,7 +255,10 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
         notes.append(f"the {kind} gives no usable frame rate ({reported_fps:g}); {fps:g} fps assumed for the "
                      "annotated video, the resampling blocks" + (" and the frames without a timestamp"
                                                                  if kind == "file" else " and the frame times"))
-    if run.ended == "the end of the source" and declared is not None and run.frames_read < declared:
+    # Containers whose count is duration x fps (.ts, .mkv, .webm, variable-rate mp4) often end a frame or two
+    # short: only a larger gap is said
+    if (run.ended == "the end of the source" and declared is not None
+            and declared - run.frames_read > max(2, declared // 100)):
         notes.append(f"the file ended after {run.frames_read} of the {declared} frames its header declares "
                      "(truncated or damaged?)")
     if interrupted:

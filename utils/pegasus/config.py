@@ -229,8 +229,10 @@ class VideoFile:
 
     @property
     def tag(self) -> str:
-        """Names the video's job and outputs: the file stem, with anything but letters, digits, - and _ as _."""
-        return "".join(c if c.isalnum() or c in "-_" else "_" for c in self.path.stem)
+        """Names the video's job and outputs: the file stem, with anything but ASCII letters, digits, - and _ as _,
+        and a leading - as _ (the job gets --output-tag TAG, which argparse would read as a flag)."""
+        tag = "".join(c if (c.isascii() and c.isalnum()) or c in "-_" else "_" for c in self.path.stem)
+        return "_" + tag[1:] if tag.startswith("-") else tag
 
 
 def check_video_tags(videos: list[VideoFile]) -> None:
