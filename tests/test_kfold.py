@@ -141,7 +141,12 @@ def test_each_split_is_spread_over_the_folds_so_every_fold_model_has_validation_
     the rare class, land in two folds (stratifying the pool as one put both in one fold, leaving that fold's
     model nothing to validate on); a val split smaller than the folds fails at generation."""
     from utils.pegasus.config import ConfigError, SplitEntry
-    from utils.pegasus.inputs import write_folds
+    from utils.pegasus.inputs import fold_assignment_text
+
+    def write_folds(folder, entries, report, folds, seed):  # what the generator writes as folds.csv
+        path = folder / "folds.csv"
+        path.write_text(fold_assignment_text(entries, report.get("duplicate_groups", []), folds, seed))
+        return path
 
     images = sorted((sample_dir / "images").glob("*.jpg"))[:16]
     rare = [image for image in images if RARE_CLASS in (sample_dir / "annotations" / f"{image.stem}.xml").read_text()]

@@ -35,13 +35,6 @@ def _split_entry(image: str, annotation: str, split: str, data_dir: Path) -> Spl
     return SplitEntry(image_path, annotation_path, split)
 
 
-def read_split_csv(path: Path, data_dir: Path) -> list[SplitEntry]:
-    """split.csv's rows; names without a folder are looked up in data_dir/images and data_dir/annotations."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        return [_split_entry(row["image"], row["annotation"], row["split"], data_dir)
-                for row in csv.DictReader(handle)]
-
-
 def write_if_changed(path: Path, text: str) -> None:
     """Rewrite only on change, so that an unchanged split keeps its file (and mtime) as it was."""
     if path.is_file() and path.read_text(encoding="utf-8") == text:
@@ -298,11 +291,3 @@ def fold_assignment_text(entries: list[SplitEntry], duplicate_groups, folds: int
     except (FoldError, VocError) as error:
         raise ConfigError(str(error)) from None
     return folds_csv_text(assignment)
-
-
-def write_folds(run_dir: Path, entries: list[SplitEntry], report: dict, folds: int, seed: int,
-                label_map: LabelMap = NO_LABEL_MAP) -> Path:
-    """Assign the train+val pool to *folds* folds (fold_assignment_text) and write RUN_DIR/folds.csv."""
-    path = run_dir / "folds.csv"
-    write_if_changed(path, fold_assignment_text(entries, report.get("duplicate_groups", []), folds, seed, label_map))
-    return path
