@@ -70,7 +70,7 @@ def main(args) -> int:
         images_dir = stack.enter_context(open_folder(args.images))
         same = Path(args.images).resolve() == Path(args.annotations).resolve()
         annotations_dir = images_dir if same else stack.enter_context(open_folder(args.annotations))
-        pairs, skipped = labelled_pairs(images_dir, annotations_dir, label_map)
+        pairs, skipped = labelled_pairs(images_dir, annotations_dir)
         settings = {"model": str(args.model), "backbone": meta.get("backbone"),
                     "image_size": meta.get("image_size"), "working_size": meta["working_size"],
                     "working_size_source": meta["working_size_source"], "tta": meta["tta"],

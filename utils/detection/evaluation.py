@@ -23,13 +23,13 @@ from ..data.dataset import VocDetectionDataset, collate
 from .compliance import compliance_error, compliance_error_lines, operating_threshold
 from .quantify import UNADJUSTED, evaluation_estimates
 from .engine import evaluate_loss, run_inference
-from ..data.images import ImageError, image_size, load_rgb
+from ..data.images import ImageError, image_size
 from .inference import default_num_workers
 from ..naming import evaluation_output_names
 from .inference_size import inference_size, inference_tta, set_inference_size, working_size
 from .model import load_model_file
 from .metrics import compute_coco, detection_confusion_matrix, pr_curves, recall_by_iou
-from ..data.pairs import pair_folders
+from ..data.pairs import pair_folders, scan_pairs
 from .plots import plot_confusion_matrix, plot_pr_curves
 from ..data.voc import VocError, clean_objects, parse_voc
 from ..errors import InputError
@@ -47,7 +47,7 @@ class Evaluation:
     outputs: dict
 
 
-def labelled_pairs(images_dir, annotations_dir, label_map: LabelMap = NO_LABEL_MAP):
+def labelled_pairs(images_dir, annotations_dir):
     """(pairs, skipped [{file, reason}]) for a folder of images and one of VOC files.
 
     Each pair is read in full first, its XML parsed and its image decoded: an XML that does not parse or
@@ -56,15 +56,8 @@ def labelled_pairs(images_dir, annotations_dir, label_map: LabelMap = NO_LABEL_M
     pairing = pair_folders(images_dir, annotations_dir)
     skipped = [{"file": str(p), "reason": "image without annotation"} for p in pairing.images_without_annotation]
     skipped += [{"file": str(p), "reason": "annotation without image"} for p in pairing.annotations_without_image]
-    pairs = []
-    for pair in pairing.pairs:
-        try:
-            parse_voc(pair.annotation, label_map)
-            load_rgb(pair.image)  # a full decode: a truncated file passes a header read
-        except (VocError, ImageError) as error:
-            skipped.append({"file": error.file, "reason": error.problem})
-            continue
-        pairs.append(pair)
+    pairs, problems = scan_pairs(pairing.pairs)  # a full decode: a truncated file passes a header read
+    skipped += [{"file": item["file"], "reason": item["problem"]} for item in problems]
     where = "" if Path(annotations_dir) == Path(images_dir) else f" (annotations: {annotations_dir})"
     if not pairing.pairs:
         raise EvaluationInputError(f"{images_dir}: no image/annotation pairs found{where}")
