@@ -55,3 +55,21 @@ def tiny_model_file(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = build_model(backbone="mobilenet_v2_fpn", weights="none", image_size=128)
     return save_model_file(tmp_path_factory.mktemp("model") / "model.pt", model)
+
+
+@pytest.fixture(autouse=True)
+def _no_stop_left_over():
+    """A job stopped in-process (a SIGTERM or Ctrl-C test) leaves the process-wide stop request set, which made
+    the next in-process training or study in the same worker stop at once: each test starts and ends clean."""
+    import signal
+
+    from utils import stop
+    from utils.detection import video
+
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    stop._requested.clear()
+    stop._declared.clear()
+    video._sigint.clear()
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)

@@ -43,8 +43,11 @@ def _on_sigterm(signum, frame) -> None:
 
 
 def stop_on_sigterm() -> None:
-    """From now on, SIGTERM requests a stop instead of killing the process (main thread only)."""
+    """From now on, SIGTERM requests a stop instead of killing the process (main thread only). A job calls it
+    first: the outputs declared afterwards are this job's alone (jobs run in one process, as the tests run them,
+    must not get stand-ins for another job's files, e.g. a checkpoint.pt in the working folder)."""
     _requested.clear()
+    _declared.clear()
     signal.signal(signal.SIGTERM, _on_sigterm)
 
 
