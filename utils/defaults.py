@@ -185,6 +185,9 @@ SERVICE_MAX_REQUESTS = 32            # requests received or served at once (prob
 SERVICE_HEADER_TIMEOUT_S = 10.0      # a connection must complete a request's line and headers this long after it
                                      # connected or after its previous answer, else it is closed (slowloris)
 SERVICE_BODY_TIMEOUT_S = 30.0        # a request body that sends nothing this long is cut off (408)
+SERVICE_MIN_BODY_RATE_KBS = 32.0     # ... and one that, after its first SERVICE_BODY_TIMEOUT_S, has come slower than
+                                     # this on average (KB/s; a 20 MB photo in 11 minutes): a byte every 29 s kept
+                                     # its request slot for as long as the client liked. 0: no minimum rate
 SERVICE_STOP_TIMEOUT_S = 30.0        # SIGTERM: seconds requests in flight get to finish before they are cut off
                                      # (503) and the model's job then running is abandoned (exit 0 either way)
 SERVICE_REQUEST_OVERHEAD_MB = 1.0    # a request body may exceed max_images x max_upload_mb by this (multipart

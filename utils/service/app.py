@@ -62,11 +62,12 @@ from ..detection.evaluation import load_trained_model
 from ..detection.explain import EXPLAIN_METHODS, ExplainError, explain_image
 from ..detection.inference import detect, to_model_input
 from ..detection.quantify import prediction_estimates, soft_counts
-from .batching import BatchWorker, on_a_passing_thread
+from .batching import BatchWorker, on_a_passing_thread, results_of
 from .edge import EdgeMiddleware, shown_path
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from .uploads import (AdmissionQueue, PixelBudget, Upload, annotated_jpeg, decode_to_tensor, default_decode_threads,
-                      detection_records, explanation_record, model_sized_input, parse_box, upload_name)
+                      detection_records, explanation_record, model_sized_input, parse_box, until_disconnected,
+                      upload_name)
 
 DETECTION_FLOOR = D.DETECTION_FLOOR  # lowest score returned: below it a box is noise at any threshold a user would pick
 IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff"}  # of data.images.IMAGE_FORMATS
@@ -95,6 +96,7 @@ class ServiceConfig:
     stop_timeout: float = D.SERVICE_STOP_TIMEOUT_S
     max_requests: int = D.SERVICE_MAX_REQUESTS
     body_timeout: float = D.SERVICE_BODY_TIMEOUT_S
+    min_body_rate_kbs: float = D.SERVICE_MIN_BODY_RATE_KBS
 
     @property
     def max_body_bytes(self) -> int:
@@ -150,7 +152,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     metrics.requests_admitted.set_function(lambda: queue.waiting)
     app.add_middleware(EdgeMiddleware, token=config.token, protected=PROTECTED, max_body_bytes=config.max_body_bytes,
                        metrics=metrics, max_requests=config.max_requests, probes=PROBES,
-                       body_timeout=config.body_timeout)
+                       body_timeout=config.body_timeout, min_body_rate=config.min_body_rate_kbs * 1024)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
@@ -237,16 +239,24 @@ def create_app(config: ServiceConfig) -> FastAPI:
         decoder, worker = request.app.state.decoder, request.app.state.worker
         if announce:
             worker.expect(len(uploads))
-        results = await asyncio.gather(*(loop.run_in_executor(decoder, decode_to_tensor, u.file, u.name)
-                                         for u in uploads), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                if announce:
-                    worker.expect(-len(uploads))
-                if isinstance(result, ImageError):
-                    raise HTTPException(413 if isinstance(result, PixelLimitError) else 422, str(result)) from None
-                raise result
-        return list(results)
+        jobs = [loop.run_in_executor(decoder, decode_to_tensor, u.file, u.name) for u in uploads]
+        decoded = False
+        try:
+            await asyncio.wait(jobs, return_when=asyncio.FIRST_EXCEPTION)
+            failed = next((job for job in jobs if job.done() and not job.cancelled() and job.exception()), None)
+            if failed is not None:
+                error = failed.exception()
+                if isinstance(error, ImageError):
+                    raise HTTPException(413 if isinstance(error, PixelLimitError) else 422, str(error)) from None
+                raise error
+            tensors = [job.result() for job in jobs]
+            decoded = True
+            return tensors
+        finally:
+            for job in jobs:  # one bad upload (or the request cancelled): the decodes not begun never begin
+                job.cancel()
+            if announce and not decoded:  # the worker no longer waits for these images to join its batches
+                worker.expect(-len(uploads))
 
     async def holding_pixels(request: Request, uploads: list[Upload], work):
         """await work() while the uploads' decoded pixels are counted against pixels_in_memory."""
@@ -291,7 +301,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             for index in best.tolist():
                 future, timing = worker.submit_call(explain_one, tensor, out, index, tta)
                 timings.append(timing)
-                found[index] = await asyncio.wrap_future(future)
+                found[index] = (await results_of([future]))[0]
         return explained
 
     def explain_box(tensor: torch.Tensor, box: list[float], label: int, method: str):
@@ -337,34 +347,37 @@ def create_app(config: ServiceConfig) -> FastAPI:
             uploads = [await read_upload(request, upload) for upload in files]
             worker = request.app.state.worker
 
-            async def decode_and_detect():
+            async def decode_detect_and_draw():
+                # Everything that holds the decoded pixels happens in here, while they count against the budget
+                # and the request holds its place in the queue; only sizes, boxes and JPEG text leave.
                 began = time.perf_counter()
                 tensors = await decode_all(request, uploads, announce=True)
                 decoded = time.perf_counter()
                 submitted = [worker.submit_image(tensor, tta) for tensor in tensors]
-                outputs = list(await asyncio.gather(*(asyncio.wrap_future(f) for f, _ in submitted)))
-                explained, timings = [{} for _ in tensors], [t for _, t in submitted]
+                outputs = await results_of([future for future, _ in submitted])
+                explained, timings = [{} for _ in tensors], [timing for _, timing in submitted]
                 if explain:
                     explained = await explain_best(worker, tensors, outputs, tta, threshold, timings)
                 record_timings(request, decoded - began, timings, len(tensors))
-                return tensors, outputs, explained
+                pictures = [None] * len(tensors)
+                if annotated:  # drawing and JPEG-encoding a large photo takes a while: not on the event loop
+                    loop = asyncio.get_running_loop()
+                    pictures = await asyncio.gather(*(loop.run_in_executor(request.app.state.decoder, annotated_jpeg,
+                                                                           tensor, out, threshold)
+                                                      for tensor, out in zip(tensors, outputs)))
+                return [tuple(tensor.shape[-2:]) for tensor in tensors], outputs, explained, pictures
 
-            tensors, outputs, explained = await holding_pixels(request, uploads, decode_and_detect)
+            sizes, outputs, explained, pictures = await until_disconnected(
+                request, holding_pixels(request, uploads, decode_detect_and_draw))
         finally:
             queue.leave()
-        pictures = [None] * len(tensors)
-        if annotated:  # drawing and JPEG-encoding a large photo takes a while: not on the event loop
-            loop = asyncio.get_running_loop()
-            pictures = await asyncio.gather(*(loop.run_in_executor(request.app.state.decoder, annotated_jpeg,
-                                                                   tensor, out, threshold)
-                                              for tensor, out in zip(tensors, outputs)))
         results, records = [], []
-        for upload, tensor, out, explanations, picture in zip(uploads, tensors, outputs, explained, pictures):
+        for upload, (height, width), out, explanations, picture in zip(uploads, sizes, outputs, explained, pictures):
             detections = detection_records(out)
             for index, explanation in explanations.items():
                 detections[index]["explanation"] = explanation
             counted = [d for d in detections if d["score"] >= threshold]
-            record = {"file": upload.name, "width": int(tensor.shape[-1]), "height": int(tensor.shape[-2]),
+            record = {"file": upload.name, "width": int(width), "height": int(height),
                       "detections": detections, "compliance": compliance([d["label"] for d in counted])}
             if annotated:
                 record["annotated"] = picture
@@ -411,12 +424,12 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 future, timing = request.app.state.worker.submit_call(explain_box, tensor, coordinates,
                                                                       LABEL_OF[label], method)
                 try:
-                    found = await asyncio.wrap_future(future)
+                    found = (await results_of([future]))[0]
                 finally:
                     record_timings(request, decoded - began, [timing], 1)
                 return found
 
-            explanation = await holding_pixels(request, [upload], decode_and_explain)
+            explanation = await until_disconnected(request, holding_pixels(request, [upload], decode_and_explain))
         except ExplainError as error:
             raise HTTPException(422, f"{config.model_path.name}: {error}") from None
         finally:

@@ -27,6 +27,7 @@ only wrap numpy arrays.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import deque
@@ -84,6 +85,8 @@ class BatchWorker:
         self._expected = 0  # images announced by admitted requests and not submitted yet
         self._condition = threading.Condition()
         self._closing = False
+        self._abandoned = False  # close()'s timeout passed: no job starts any more
+        self._busy = False  # a job is on the model now
         self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
         self._thread.start()
 
@@ -97,8 +100,9 @@ class BatchWorker:
         return self._thread.is_alive() and not self._closing
 
     def busy_after_close(self) -> bool:
-        """close() returned with a job still on the model (its timeout passed): the thread is still running."""
-        return self._closing and self._thread.is_alive()
+        """close() returned with a job still on the model (its timeout passed): the thread is still running it."""
+        with self._condition:
+            return self._abandoned and self._busy and self._thread.is_alive()
 
     def expect(self, count: int) -> None:
         """*count* images are being decoded and will be submitted (or withdrawn with expect(-n))."""
@@ -123,11 +127,20 @@ class BatchWorker:
         return job.future, job.timing
 
     def close(self, timeout: float | None = None) -> None:
-        """Finish what is queued, then stop the thread."""
+        """Finish what is queued, then stop the thread. When *timeout* passes first, no further job starts (those
+        still queued are answered with an error) and the thread ends after the job on the model, if any: only
+        then is one reported abandoned (busy_after_close), not when the thread was merely on its way out."""
         with self._condition:
             self._closing = True
             self._condition.notify_all()
         self._thread.join(timeout)
+        with self._condition:
+            self._abandoned = True
+            busy = self._busy
+            self._drop_all()  # answered now, not after the job on the model
+            self._condition.notify_all()
+        if not busy:  # between jobs: it sees _abandoned at once and returns
+            self._thread.join()
 
     # -- the worker's side
     def _loop(self) -> None:
@@ -137,15 +150,33 @@ class BatchWorker:
                     self._condition.wait()
                 if not self._jobs:
                     return
+                if self._abandoned:
+                    self._drop_all()
+                    return
                 first = self._jobs.popleft()
-                batch = [first] if first.key is None else self._gather(first)
+                batch = [first] if first.key is None else self._gather(first)  # may wait: releases the condition
+                if self._abandoned:  # close()'s timeout passed meanwhile: this batch does not start either
+                    self._jobs.extendleft(reversed(batch))
+                    self._drop_all()
+                    return
+                self._busy = True
             # A request that stopped waiting (cancelled: the server's stop timeout, a client gone) has cancelled
             # its future: its job is dropped here, and the others' futures are marked running, which no cancel
             # can undo, so that setting their results below cannot fail (an InvalidStateError there would end
             # this thread, and every later request would wait for ever).
             batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
-            if batch:
-                self._run(batch)
+            try:
+                if batch:
+                    self._run(batch)
+            finally:
+                with self._condition:
+                    self._busy = False
+
+    def _drop_all(self) -> None:
+        """Every queued job answered with an error; called holding the condition."""
+        for job in self._jobs:
+            _settle(job.future, error=RuntimeError("the server stopped before this image was run"))
+        self._jobs.clear()
 
     def _gather(self, first: _Job) -> list[_Job]:
         """*first* and the waiting images that may share its pass; called holding the condition."""
@@ -187,6 +218,18 @@ class BatchWorker:
         for job, answer in zip(batch, answers):
             job.timing.finished = finished
             _settle(job.future, answer)
+
+
+async def results_of(futures: list[Future]) -> list:
+    """The worker's answers to one request's jobs, in order. When one of them fails, or the request stops waiting
+    (cancelled: its client left, the server's stop timeout), its other jobs still queued are withdrawn (the worker
+    drops a cancelled job), so that the model does no work whose answer nobody reads."""
+    try:
+        return list(await asyncio.gather(*(asyncio.wrap_future(future) for future in futures)))
+    except BaseException:
+        for future in futures:
+            future.cancel()  # a job already on the model cannot be: it finishes, and its answer is dropped
+        raise
 
 
 def _settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:

@@ -2,6 +2,8 @@
 
 - Credentials: with a token, a request to a protected path without `Authorization: Bearer <token>`
   is answered 401 before one byte of its body is received.
+- Time: a body that pauses for body_timeout seconds, or arrives slower than min_body_rate on average
+  after its first body_timeout seconds, is cut off with 408.
 - Size: a Content-Length above the limit is answered 413 before the body is received; a body
   without one (chunked) is counted as it streams and cut off at the limit with 413. The app
   never holds more than the limit of one request's body.
@@ -68,12 +70,15 @@ async def answer(send, status: int, detail: str, headers: dict[str, str] | None 
 class EdgeMiddleware:
     def __init__(self, app, *, token: str | None, protected: tuple[str, ...], max_body_bytes: int,
                  metrics: ServiceMetrics, max_requests: int | None = None, probes: tuple[str, ...] = (),
-                 body_timeout: float | None = None):
+                 body_timeout: float | None = None, min_body_rate: float = 0.0):
         self.app, self.token, self.protected = app, token, protected
         self.max_body_bytes, self.metrics = max_body_bytes, metrics
         # requests in the app at once, probes excepted: what bodies arriving and answers being made may hold
         self.max_requests, self.probes, self.active = max_requests, probes, 0
-        self.body_timeout = body_timeout
+        # A body may pause for at most body_timeout seconds, and once that long has passed since it began it must
+        # have come at min_body_rate bytes/s on average: a client that trickles a byte at a time stays under any
+        # pause limit and would hold its request slot (and, with --max-requests of them, the whole server) for hours
+        self.body_timeout, self.min_body_rate = body_timeout, min_body_rate
 
     def _authorised(self, headers: dict[bytes, bytes]) -> bool:
         given = headers.get(b"authorization", b"")
@@ -113,15 +118,25 @@ class EdgeMiddleware:
                 return
             await send_with_id(message)
 
-        received, body_done = [0], [False]
+        received, body_done, body_began = [0], [False], [0.0]
 
         async def counted_receive():
             if body_done[0] or self.body_timeout is None:
                 message = await receive()
             else:
+                now = time.monotonic()
+                body_began[0] = body_began[0] or now
+                wait, slow = self.body_timeout, False
+                if self.min_body_rate > 0:  # the time the bytes so far have earned, after the first body_timeout
+                    earned = body_began[0] + self.body_timeout + received[0] / self.min_body_rate - now
+                    wait, slow = min(wait, max(earned, 0.0)), earned < wait
                 try:
-                    message = await asyncio.wait_for(receive(), self.body_timeout)
-                except TimeoutError:  # a body that stalls would hold its place (and memory) for ever
+                    message = await asyncio.wait_for(receive(), wait)
+                except TimeoutError:  # a body that stalls or trickles would hold its place (and memory) for ever
+                    if slow:
+                        seconds = time.monotonic() - body_began[0]
+                        return cut_off.cut(408, f"{where}: body arriving at under {self.min_body_rate / 1024:g} KB/s "
+                                                f"({received[0]:,} bytes in {seconds:.0f} s); request cut off")
                     return cut_off.cut(408, f"{where}: no body bytes for {self.body_timeout:g} s; request cut off")
             if message["type"] == "http.request":
                 received[0] += len(message.get("body", b""))

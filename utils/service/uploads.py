@@ -9,6 +9,7 @@ import base64
 import io
 import os
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,16 +53,25 @@ class AdmissionQueue:
 
 
 class PixelBudget:
-    """Decoded pixels held by all requests together; a request waits until its own fit."""
+    """Decoded pixels held by all requests together; a request waits until its own fit, in the order the
+    requests came: a large one waits only for those ahead of it, never for a stream of smaller ones that
+    would each fit before it (that wait had no end while small requests kept coming)."""
 
     def __init__(self, limit: int):
         self.limit, self.held = limit, 0
         self._changed = asyncio.Condition()  # made in the lifespan: bound to the server's event loop
+        self._line: deque[object] = deque()  # one ticket per waiting request, the oldest first
 
     async def acquire(self, pixels: int) -> None:
+        ticket = object()
         async with self._changed:
-            await self._changed.wait_for(lambda: self.held + pixels <= self.limit)
-            self.held += pixels
+            self._line.append(ticket)
+            try:
+                await self._changed.wait_for(lambda: self._line[0] is ticket and self.held + pixels <= self.limit)
+                self.held += pixels
+            finally:  # acquired, or cancelled while waiting (a client gone, the server stopping): the next one's turn
+                self._line.remove(ticket)
+                self._changed.notify_all()
 
     async def release(self, pixels: int) -> None:
         async with self._changed:
@@ -142,6 +152,37 @@ def decode_to_tensor(file, name: str) -> torch.Tensor:
     pixel, live only during this call)."""
     file.seek(0)
     return torch.from_numpy(np.array(load_rgb_bytes(file.read(), name))).permute(2, 0, 1)
+
+
+CLIENT_CLOSED = 499  # the status proxies log for a request whose client closed the connection before its answer
+
+
+async def until_disconnected(request, work):
+    """await *work* (a coroutine) unless the client leaves first: then the work is cancelled (its images still
+    queued for the model are withdrawn, its pixels given back) and the request ends with 499, which only the
+    access log and the metrics see. Called once the body has been read: a receive then returns only when the
+    client disconnects (or the answer is complete)."""
+    task = asyncio.ensure_future(work)
+
+    async def client_gone() -> None:
+        try:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # a receive that fails says nothing about the client: the work goes on
+            await asyncio.Event().wait()
+
+    watcher = asyncio.ensure_future(client_gone())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this request itself is cancelled (the server's stop timeout)
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})  # its clean-up (the budget's release) runs before the answer
+    if task.cancelled() and watcher.done() and not watcher.cancelled():
+        raise HTTPException(CLIENT_CLOSED, f"{request.method} {shown(request.url.path)}: the client closed the "
+                                           "connection before the answer; its work was stopped")
+    return task.result()
 
 
 def upload_name(upload: UploadFile) -> str:

@@ -1,0 +1,220 @@
+"""No request can hold the service's places for longer than its work, nor leave work behind it: a trickling
+body is cut off (the edge's minimum rate), waiters for the pixel budget are served in order, a request's
+pixels stay counted until its annotated pictures are drawn, a request that fails or whose client leaves
+withdraws its images still queued for the model, and a stop reports an abandoned model job only when one
+was running. No timings are asserted: generous timeouts only turn a hang into a failure."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import Future
+
+import pytest
+import torch
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi import HTTPException  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from utils.service.app import ServiceConfig, create_app  # noqa: E402
+from utils.service.batching import BatchWorker, results_of  # noqa: E402
+from utils.service.edge import EdgeMiddleware  # noqa: E402
+from utils.service.metrics import ServiceMetrics  # noqa: E402
+from utils.service.uploads import CLIENT_CLOSED, PixelBudget, until_disconnected  # noqa: E402
+
+HANG = 20  # seconds before a wait is called a hang
+
+
+async def _reads_the_body_then_answers(scope, receive, send):
+    while (message := await receive())["type"] == "http.request" and message.get("more_body"):
+        pass
+    if message["type"] == "http.disconnect":
+        raise RuntimeError("client gone")  # as the multipart parser does
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def _post_with_body(chunk: bytes, pause_s: float, chunks: int, **limits) -> tuple[int, bytes]:
+    """POST a body of *chunks* chunks sent *pause_s* apart through the edge; its status and answer."""
+    sent, count = [], [0]
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        count[0] += 1
+        if count[0] > 1:
+            await asyncio.sleep(pause_s)
+        return {"type": "http.request", "body": chunk, "more_body": count[0] < chunks}
+
+    edge = EdgeMiddleware(_reads_the_body_then_answers, token=None, protected=(), max_body_bytes=10**6,
+                          metrics=ServiceMetrics(), **limits)
+    scope = {"type": "http", "method": "POST", "path": "/api/predict", "headers": [], "http_version": "1.1"}
+    asyncio.run(asyncio.wait_for(edge(scope, receive, send), HANG))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return start["status"], b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+def test_a_body_that_trickles_under_the_minimum_rate_is_cut_off_and_a_steady_one_is_not():
+    """One byte every 20 ms never pauses for body_timeout, so it used to hold its place for as long as the
+    client liked; after the first body_timeout it must average min_body_rate."""
+    status, answer = _post_with_body(b"x", 0.02, 10**6, body_timeout=0.2, min_body_rate=1024)
+    assert status == 408 and b"under 1 KB/s" in answer and b"request cut off" in answer
+    status, answer = _post_with_body(b"x" * 2048, 0.02, 30, body_timeout=0.2, min_body_rate=1024)  # ~100 KB/s
+    assert (status, answer) == (200, b"ok")
+    status, answer = _post_with_body(b"x", 0.02, 30, body_timeout=0.2, min_body_rate=0)  # no minimum rate
+    assert (status, answer) == (200, b"ok")
+
+
+def test_the_pixel_budget_serves_waiters_in_order_and_a_cancelled_waiter_gives_its_turn_away():
+    async def scenario():
+        budget, order = PixelBudget(10), []
+
+        async def take(name, pixels):
+            await budget.acquire(pixels)
+            order.append(name)
+
+        await budget.acquire(6)
+        large = asyncio.ensure_future(take("large", 10))
+        await asyncio.sleep(0.01)
+        small = asyncio.ensure_future(take("small", 3))  # fits beside the 6 held, but the large one came first
+        await asyncio.sleep(0.05)
+        waiting_before_release = list(order)
+        await budget.release(6)
+        await asyncio.wait_for(large, HANG)
+        after_release = list(order)
+        await budget.release(10)
+        await asyncio.wait_for(small, HANG)
+        await budget.release(3)
+
+        await budget.acquire(6)  # a waiter cancelled at the head of the line lets the next one in
+        stuck = asyncio.ensure_future(take("stuck", 10))
+        await asyncio.sleep(0.01)
+        behind = asyncio.ensure_future(take("behind", 3))
+        await asyncio.sleep(0.01)
+        stuck.cancel()
+        await asyncio.wait_for(behind, HANG)
+        return waiting_before_release, after_release, order, budget.held
+
+    waiting, after_release, order, held = asyncio.run(scenario())
+    assert waiting == [] and after_release == ["large"]
+    assert order == ["large", "small", "behind"] and held == 6 + 3
+
+
+def test_a_failed_job_withdraws_its_siblings_still_queued():
+    async def scenario():
+        failed, queued = Future(), Future()
+        failed.set_exception(RuntimeError("the model failed on this image"))
+        with pytest.raises(RuntimeError, match="model failed"):
+            await results_of([failed, queued])
+        return queued
+
+    assert asyncio.run(scenario()).cancelled()  # the worker drops it instead of running it for nobody
+
+
+class _Request:
+    """What until_disconnected reads of a request: its method, path and receive."""
+
+    def __init__(self, receive):
+        self.method, self.receive = "POST", receive
+        self.url = type("URL", (), {"path": "/api/predict"})()
+
+
+def test_a_client_that_leaves_stops_its_work_and_one_that_stays_gets_the_answer():
+    async def scenario():
+        queued = Future()
+
+        async def gone_soon():
+            await asyncio.sleep(0.05)
+            return {"type": "http.disconnect"}
+
+        with pytest.raises(HTTPException) as left:
+            await asyncio.wait_for(until_disconnected(_Request(gone_soon), results_of([queued])), HANG)
+
+        async def stays():
+            await asyncio.Event().wait()
+
+        async def work():
+            await asyncio.sleep(0.01)
+            return "answer"
+
+        answer = await asyncio.wait_for(until_disconnected(_Request(stays), work()), HANG)
+        return left.value, queued, answer
+
+    left, queued, answer = asyncio.run(scenario())
+    assert left.status_code == CLIENT_CLOSED and "closed the connection" in left.detail
+    assert queued.cancelled() and answer == "answer"
+
+
+def test_a_stop_reports_an_abandoned_job_only_when_one_is_on_the_model():
+    idle = BatchWorker(lambda batch, tta: [0 for _ in batch], batch_size=1, batch_max_pixels=10**8, wait_s=0.0)
+    idle.close(0)  # no time at all: the idle thread is on its way out, not abandoned
+    assert not idle.busy_after_close()
+
+    release = threading.Event()
+    busy = BatchWorker(lambda batch, tta: [0 for _ in batch], batch_size=1, batch_max_pixels=10**8, wait_s=0.0)
+    try:
+        running, _ = busy.submit_call(release.wait, HANG)
+        for _ in range(400):  # until the call is on the model
+            if running.running():
+                break
+            threading.Event().wait(0.01)
+        queued, _ = busy.submit_image(torch.zeros(3, 2, 2), False)
+        busy.close(0)
+        assert busy.busy_after_close()
+        with pytest.raises(RuntimeError, match="stopped before this image"):
+            queued.result(HANG)  # answered, never left waiting
+    finally:
+        release.set()
+    assert running.result(HANG) is True
+
+
+def test_a_request_keeps_its_pixels_counted_until_its_annotated_pictures_are_drawn(tiny_model_file, sample_dir,
+                                                                                   monkeypatch):
+    """Annotated pictures are drawn from the decoded pixels: those used to be given back to the budget (and the
+    request's queue place freed) before the drawing, so requests beyond the budget could hold decoded photos."""
+    import utils.service.app as service
+
+    real_annotated, held = service.annotated_jpeg, []
+    app = create_app(ServiceConfig(model_path=tiny_model_file))
+
+    def recorded_annotated(tensor, out, threshold):
+        held.append((app.state.budget.held, app.state.queue.waiting))
+        return real_annotated(tensor, out, threshold)
+
+    monkeypatch.setattr(service, "annotated_jpeg", recorded_annotated)
+    photo = sorted((sample_dir / "images").glob("*.jpg"))[0].read_bytes()
+    with TestClient(app) as client:
+        answer = client.post("/api/predict?annotated=true", files=[("files", ("a.jpg", photo, "image/jpeg"))])
+        after = (app.state.budget.held, app.state.queue.waiting)
+    assert answer.status_code == 200, answer.text
+    width, height = answer.json()["images"][0]["width"], answer.json()["images"][0]["height"]
+    assert held == [(width * height, 1)] and after == (0, 0)
+
+
+def test_a_bad_upload_stops_the_decodes_of_its_request_not_yet_begun(tiny_model_file, sample_dir, monkeypatch):
+    """The first upload is cut short: its 422 comes without decoding the other 15 (one decode thread, so those
+    wait in the pool's queue), where every upload of the request used to be decoded for nothing. A good decode
+    is held until the answer has come, so the one the thread took next is the only other decoded."""
+    import utils.service.app as service
+
+    real_decode, decoded, answered = service.decode_to_tensor, [], threading.Event()
+
+    def recorded_decode(file, name):
+        decoded.append(name)
+        if name != "cut.jpg":
+            answered.wait(HANG)
+        return real_decode(file, name)
+
+    monkeypatch.setattr(service, "decode_to_tensor", recorded_decode)
+    photo = sorted((sample_dir / "images").glob("*.jpg"))[0].read_bytes()
+    files = [("files", ("cut.jpg", photo[: len(photo) // 2], "image/jpeg"))]
+    files += [("files", (f"{i}.jpg", photo, "image/jpeg")) for i in range(15)]
+    app = create_app(ServiceConfig(model_path=tiny_model_file, decode_threads=1, max_images=16))
+    with TestClient(app) as client:
+        answer = client.post("/api/predict", files=files)
+        answered.set()
+        assert answer.status_code == 422 and answer.json()["detail"].startswith("cut.jpg: ")
+        assert client.post("/api/predict", files=files[1:2]).status_code == 200  # the server goes on
+    assert decoded == ["cut.jpg", "0.jpg", "0.jpg"], decoded  # the bad one, the one begun, the next request's
