@@ -255,11 +255,40 @@ def test_frame_times_are_the_timestamps_when_valid_else_the_one_before_plus_a_fr
     run, times = VideoRun(), []
     capture = _Capture([0, 50, 200, float("nan"), 100, 450])  # a variable rate; NaN and a step back: no time
     for _ in range(6):
-        time_s, by_rate = run.frame_time(capture, fps=10.0, timestamps=True)
+        time_s, by_rate = run.frame_time(capture, fps=10.0)
         times.append((round(time_s, 3), by_rate))
         run.last_time, run.frames_read, run.timed_by_rate = time_s, run.frames_read + 1, run.timed_by_rate + by_rate
     assert times == [(0.0, False), (0.05, False), (0.2, False), (0.3, True), (0.4, True), (0.45, False)]
-    assert run.times_from() == "timestamps, 2 frames without one: by the frame rate"
+    assert run.times_from("file") == "timestamps, 2 frames without one: by the frame rate"
+
+
+@pytest.mark.slow
+def test_a_live_sources_frame_times_are_the_wall_clock_and_max_seconds_bounds_wall_time(clip, tiny_model_file,
+                                                                                      tmp_path, monkeypatch):
+    """A camera or stream whose frames come faster than the detector takes them: its frames / fps lagged the
+    clock, and --max-seconds ran long (a 6 fps camera, 0.5 s a frame: --max-seconds 1 took 6 frames, 3 s)."""
+    import torch
+
+    from utils.detection import video as video_module
+    from utils.detection.evaluation import load_trained_model
+
+    model = load_trained_model(tiny_model_file, "cpu")[0]
+    clock = [100.0]  # a fake wall clock that only the detector moves on: no test timing
+    monkeypatch.setattr(video_module, "wall_clock", lambda: clock[0])
+    detect = video_module.detect
+
+    def slow_detect(*args, **kwargs):
+        clock[0] += 0.5
+        return detect(*args, **kwargs)
+
+    monkeypatch.setattr(video_module, "detect", slow_detect)
+    camera = (cv2.VideoCapture(str(clip)), "camera")  # the 6 fps clip, read as a camera gives its frames
+    summary = video_module.predict_video(model, torch.device("cpu"), "0", tmp_path / "out", 0.5, max_seconds=1,
+                                         opened=camera)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "video_frames.csv")))
+    assert [float(r["time_s"]) for r in rows] == [0.0, 0.5]  # the frame read at 1.0 s is past the run
+    assert summary["ended"] == "--max-seconds" and summary["frame_times"] == "wall clock"
+    assert summary["frames_read"] == 2
 
 
 def test_only_whole_blocks_count_toward_an_interval():

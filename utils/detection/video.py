@@ -7,8 +7,11 @@ plot shows compliance over time, and a summary JSON the whole run: the pooled fi
 estimate with its 95 % bootstrap interval (utils/detection/quantify.py). Nearby frames show the
 same faces, so they are not independent samples: the interval resamples blocks of consecutive
 processed frames (VIDEO_BLOCK_SECONDS of video each), not single frames. `show` opens a live
-window (the webcam mode; q or Esc stops). Runs are bounded by max_frames / max_seconds
-(of video time), which a camera needs: it has no end.
+window (the webcam mode; q or Esc stops). Runs are bounded by max_frames / max_seconds, which a
+camera needs: it has no end. A file's frame times are its timestamps (video time); a camera's or
+stream's are the wall-clock time since its first frame was read, so max_seconds bounds the wall
+time there: a detector slower than the camera reads fewer frames a second than its fps, and a
+count of frames / fps would lag the clock and run long.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ from .plots import draw_detections
 CSV_FIELDS = ("frame", "time_s", "faces", *CLASSES, "percent_properly_masked")
 ASSUMED_FPS = 25.0  # where the source gives no usable frame rate (0, NaN, 1000 or more), said in the summary
 SIGTERM, SIGINT = "SIGTERM", "Ctrl-C (SIGINT)"  # what stopped an interrupted run (the summary's "interrupted")
+LIVE_TIMES = "wall clock"  # the summary's frame_times for a camera or stream
+wall_clock = time.monotonic  # a live source's frame times; a module name, so that a test can give it a fake clock
 _sigint = threading.Event()
 
 
@@ -135,17 +140,27 @@ class VideoRun:
     last_time: float | None = None  # the time of the last frame read (s)
     timed_by_rate: int = 0  # frames read whose time is the one before + 1 / fps (no valid timestamp)
     ended: str | None = None  # what ended the run: the end of the source, a bound, the viewer, a signal
+    live_start: float | None = None  # a live source: wall_clock() when its first frame was read
 
-    def frame_time(self, capture, fps: float, timestamps: bool) -> tuple[float, bool]:
-        """(time, by the rate) of the frame just read: a file's timestamp for it when valid (finite, after the
-        one before; a variable frame rate stays true), else the time before + 1 / fps (from 0)."""
-        if timestamps:
-            seconds = capture.get(cv2.CAP_PROP_POS_MSEC) / 1000
-            if math.isfinite(seconds) and (seconds > self.last_time if self.last_time is not None else seconds >= 0):
-                return seconds, False
+    def frame_time(self, capture, fps: float) -> tuple[float, bool]:
+        """(time, by the rate) of a file's frame just read: its timestamp when valid (finite, after the one
+        before; a variable frame rate stays true), else the time before + 1 / fps (from 0)."""
+        seconds = capture.get(cv2.CAP_PROP_POS_MSEC) / 1000
+        if math.isfinite(seconds) and (seconds > self.last_time if self.last_time is not None else seconds >= 0):
+            return seconds, False
         return (0.0 if self.last_time is None else self.last_time + 1 / fps), True
 
-    def times_from(self) -> str:
+    def live_time(self) -> float:
+        """The time of a camera's or stream's frame just read: the wall-clock seconds since its first frame
+        was read (0 for that one). Its frames / fps would lag the clock when the detector is the slower."""
+        now = wall_clock()
+        if self.live_start is None:
+            self.live_start = now
+        return now - self.live_start
+
+    def times_from(self, kind: str) -> str:
+        if kind != "file":
+            return LIVE_TIMES
         if not self.timed_by_rate:
             return "timestamps"
         return "frame rate" if self.timed_by_rate >= self.frames_read else (
@@ -199,7 +214,7 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                     run.ended = "the end of the source"
                     break
                 check_frame_pixels(frame.shape[1], frame.shape[0], source, kind)  # a stream may change size
-                time_s, by_rate = run.frame_time(capture, fps, timestamps=kind == "file")
+                time_s, by_rate = run.frame_time(capture, fps) if kind == "file" else (run.live_time(), False)
                 if max_seconds is not None and time_s >= max_seconds:
                     run.ended = "--max-seconds"  # this frame is past the run: not counted as read
                     break
@@ -252,9 +267,9 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
         raise InputError(f"{source}: no frame was processed (check --max-frames/--max-seconds and the source)")
     notes = []
     if fps_assumed:
-        notes.append(f"the {kind} gives no usable frame rate ({reported_fps:g}); {fps:g} fps assumed for the "
-                     "annotated video, the resampling blocks" + (" and the frames without a timestamp"
-                                                                 if kind == "file" else " and the frame times"))
+        uses = ("the annotated video, the resampling blocks and the frames without a timestamp" if kind == "file"
+                else "the annotated video and the resampling blocks")  # a live source's times are the clock's
+        notes.append(f"the {kind} gives no usable frame rate ({reported_fps:g}); {fps:g} fps assumed for {uses}")
     # Containers whose count is duration x fps (.ts, .mkv, .webm, variable-rate mp4) often end a frame or two
     # short: only a larger gap is said
     if (run.ended == "the end of the source" and declared is not None
@@ -266,7 +281,7 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                      f"{len(run.rows)} processed frames")
     video = {"fps": round(fps, 3), "fps_reported": reported_fps if math.isfinite(reported_fps) else None,
              "fps_assumed": fps_assumed, "frames_declared": declared, "ended": run.ended,
-             "interrupted": interrupted, "frame_times": run.times_from(), "notes": notes}
+             "interrupted": interrupted, "frame_times": run.times_from(kind), "notes": notes}
     return _write_outputs(run, output_dir, source, kind, fps, stride, score_threshold, tta, settings, writer_path,
                           time.perf_counter() - started, video_output_names(tag), calibration, video)
 
