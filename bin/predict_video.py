@@ -21,7 +21,10 @@ ends before the frame count its header declares (the summary's "notes", one line
 
 Ctrl-C (the way to end a camera or stream run without --max-*) or SIGTERM stops the run at the next
 frame: the CSV, plot, summary and annotated video are written for the frames done, and the summary's
-"interrupted" names the signal (a second Ctrl-C stops at once, writing nothing). After Ctrl-C the exit is 0,
+"interrupted" names the signal. A second Ctrl-C stops at once, writing nothing: the outputs (the run record
+too) are made at temporary names and replace the last run's all together once complete (utils.atomic.atomic_files),
+so a second Ctrl-C before that leaves the last run's as they were, and one (or a SIGTERM) during the renames waits
+until they are done. After Ctrl-C the exit is 0,
 as for q or Esc: the user ended the run. After SIGTERM it is 143, as for the workflow's other jobs
 (utils/stop.py): a pool stopped the job, which is retried; what was not written yet gets a stand-in.
 Exit 0 on success; 2 with one line naming the source (or flag) when it cannot be read or used; 1 on a bug.
@@ -43,7 +46,7 @@ from utils.detection.video import (SIGTERM, WRITER_EXTENSIONS, annotated_video_p
                                    predict_video, stop_on_sigint)
 from utils.errors import InputError
 from utils.naming import video_output_names
-from utils.provenance import write_run_record
+from utils.provenance import run_record
 from utils.stop import StopRequested, declare_outputs, stop_on_sigterm
 
 NAME_MAX = 255  # bytes of a file name (Linux, macOS)
@@ -104,15 +107,18 @@ def run(args) -> int:
         raise
     print(f"predict_video: score threshold {threshold:g} ({source}); flip TTA {'on' if meta['tta'] else 'off'} "
           f"({meta['tta_source']})")
+    inputs = [args.model] + ([args.source] if opened[1] == "file" else [])
+
+    def record():  # written with the other outputs, as one set
+        return run_record("predict_video", {**vars(args), "device": str(device)}, inputs)
+
     with tqdm(desc="frames", unit="frame", file=sys.stderr, disable=None) as bar:
         summary = predict_video(model, device, args.source, args.output_dir, threshold, stride=args.stride,
                                 output_video=args.output_video, show=args.show, max_frames=args.max_frames,
                                 max_seconds=args.max_seconds, tta=meta["tta"], progress=bar.update,
                                 settings={"model": str(args.model), "score_threshold_source": source},
-                                tag=args.output_tag, calibration=meta.get("quantification"), opened=opened)
-    write_run_record(f"{args.output_dir}/{names['run_record']}", "predict_video",
-                     {**vars(args), "device": str(device)},
-                     [args.model] + ([args.source] if summary["kind"] == "file" else []))
+                                tag=args.output_tag, calibration=meta.get("quantification"), opened=opened,
+                                record=record)
     for note in summary["notes"]:
         print(f"predict_video: note: {note}", file=sys.stderr)
     print(compliance_line(summary["overall"], summary["estimate"]) + f" (pooled over {summary['frames_processed']} "

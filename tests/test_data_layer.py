@@ -206,6 +206,41 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     assert target.read_text().strip().startswith("{") and list(tmp_path.iterdir()) == [target]
 
 
+def test_a_file_set_is_renamed_in_together_or_not_at_all_and_a_signal_waits_for_its_renames(tmp_path,
+                                                                                              monkeypatch):
+    import os
+    import signal
+
+    from utils.atomic import atomic_files
+
+    targets = [tmp_path / "a.csv", tmp_path / "b.json", tmp_path / "c.png"]
+    for target in targets:
+        target.write_text("old")
+    with pytest.raises(RuntimeError):  # an error (or a second Ctrl-C) while the set is made: none goes in
+        with atomic_files() as files:
+            for target in targets:
+                files.path(target).write_text("new")
+            raise RuntimeError("stopped")
+    assert [t.read_text() for t in targets] == ["old"] * 3 and sorted(tmp_path.iterdir()) == targets
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises KeyboardInterrupt (the autouse
+    replace, renamed = os.replace, []  # fixture puts the handler back)
+
+    def replace_after_ctrl_c(source, target):
+        if not renamed:
+            os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C after the first rename began
+        replace(source, target)
+        renamed.append(target)
+
+    monkeypatch.setattr(os, "replace", replace_after_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):  # delivered once the last file is in
+        with atomic_files() as files:
+            for target in targets:
+                files.path(target).write_text("new")
+            files.drop(targets[2])  # left out: stays as it was
+    assert len(renamed) == 2 and [t.read_text() for t in targets] == ["new", "new", "old"]
+    assert sorted(tmp_path.iterdir()) == targets
+
+
 def test_run_record_hash_changes_with_content(tmp_path):
     a = tmp_path / "a.txt"
     a.write_text("1")

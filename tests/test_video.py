@@ -238,6 +238,30 @@ def test_a_sigterm_before_the_first_frame_still_replaces_the_previous_outputs(ro
     assert summary["interrupted"] == "SIGTERM" and summary["frames_processed"] == 0
 
 
+@pytest.mark.slow
+def test_a_second_ctrl_c_while_the_outputs_are_written_leaves_the_last_runs_outputs(root, clip, tiny_model_file,
+                                                                                    tmp_path, monkeypatch,
+                                                                                    restore_signals):
+    """The first Ctrl-C stops the run, the second comes while its outputs are written: the annotated video and CSV
+    were new, the plot, summary and run record the last run's. Now all stay the last run's, with no temporary."""
+    import hashlib
+    import signal
+
+    from utils.detection import plots
+    from utils.detection import video as video_module
+
+    out = tmp_path / "out"
+    argv = ["--source", clip, "--model", tiny_model_file, "--output-dir", out, "--output-video", out / "a.mp4",
+            "--stride", "1", "--device", "cpu"]
+    assert run_script(root, "predict_video", [*argv, "--max-frames", "1"]) == 0  # the last run's outputs
+    before = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in out.iterdir()}
+    _signal_on_call(monkeypatch, video_module, "detect", signal.SIGINT, 3)
+    _signal_on_call(monkeypatch, plots, "plot_compliance_over_time", signal.SIGINT, 1)
+    with pytest.raises(KeyboardInterrupt):
+        run_script(root, "predict_video", argv)
+    assert {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in out.iterdir()} == before
+
+
 class _Capture:
     """Stands in for a cv2.VideoCapture after a read: the timestamps of the frames, one per frame_time call."""
 

@@ -2,6 +2,8 @@
 
 Every output is written to a temporary file in the target's folder (same file
 system, so os.replace is atomic) and renamed over the target once complete.
+Files that belong together (a job's outputs) are written as one set
+(atomic_files): all renamed at the end, or none.
 The file gets the mode a plain open() would give it (0666 less the umask), not
 mkstemp's 0600: the next job of a workflow may run as another user (Apptainer on
 shared storage, a container started with --user) and must be able to read it.
@@ -41,20 +43,26 @@ def follow_umask(path: str | os.PathLike, folder: bool = False) -> None:
 TEMP_NAME_EXTRA = len(".") + len(".") + 8 + len(".tmp")
 
 
-@contextlib.contextmanager
-def atomic_path(target: str | os.PathLike):
-    """Yield a temporary path next to *target*; rename it onto *target* on success.
+def _temporary_beside(target: Path) -> Path:
+    """A new empty file next to *target* (the same file system, so os.replace is atomic), named after it.
 
     The temporary name keeps the target's suffix so that libraries choosing a
-    format from the extension (matplotlib, PIL, torch) still do the right thing.
+    format from the extension (matplotlib, PIL, torch, OpenCV) still do the right thing.
     """
-    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
     os.close(fd)
     follow_umask(tmp)
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike):
+    """Yield a temporary path next to *target*; rename it onto *target* on success."""
+    target = Path(target)
+    tmp = _temporary_beside(target)
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -74,8 +82,67 @@ def write_text(target, text: str) -> Path:
     return Path(target)
 
 
+def json_text(obj, indent: int = 2) -> str:
+    """The text of the JSON files the jobs write."""
+    return json.dumps(obj, indent=indent, sort_keys=False, default=str) + "\n"
+
+
 def write_json(target, obj, indent: int = 2) -> Path:
-    return write_text(target, json.dumps(obj, indent=indent, sort_keys=False, default=str) + "\n")
+    return write_text(target, json_text(obj, indent))
+
+
+class FileSet:
+    """Files that belong together (a job's outputs): each is written at a temporary path beside its target
+    (:meth:`path`), and atomic_files renames them all onto their targets at the end, or removes them all."""
+
+    def __init__(self):
+        self._temporaries: dict[Path, Path] = {}  # target -> its temporary file, in the order asked for
+
+    def path(self, target) -> Path:
+        """The temporary path to write *target* at, written as it is (not through atomic_path: a temporary name
+        of a temporary name could pass the file system's limit, TEMP_NAME_EXTRA)."""
+        target = Path(target)
+        self.drop(target)
+        self._temporaries[target] = _temporary_beside(target)
+        return self._temporaries[target]
+
+    def drop(self, target) -> None:
+        """Leave *target* out of the set: its temporary file goes, and the file at *target* stays as it was."""
+        tmp = self._temporaries.pop(Path(target), None)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def _discard(self) -> None:
+        for target in list(self._temporaries):
+            self.drop(target)
+
+    def _commit(self) -> None:
+        from .stop import deferred_signals
+
+        with deferred_signals():  # a stop request, or a second Ctrl-C, waits until the last file is in place
+            try:
+                for target, tmp in list(self._temporaries.items()):
+                    os.replace(tmp, target)
+                    del self._temporaries[target]
+            finally:
+                self._discard()  # after a rename that failed: the temporaries not renamed
+
+
+@contextlib.contextmanager
+def atomic_files():
+    """Yield a FileSet. When the block ends, each of its files is renamed onto its target, with SIGINT and
+    SIGTERM held off until the last one is (utils.stop.deferred_signals); when it raises (a second Ctrl-C
+    while the files are made), they are all removed. So a job stopped at any signal leaves the last run's set
+    or its own complete set, never some of each (short of a SIGKILL in the instant of the renames, or a
+    rename that fails: a target turned into a folder)."""
+    files = FileSet()
+    try:
+        yield files
+    except BaseException:
+        files._discard()
+        raise
+    files._commit()
 
 
 def replace_folder(staged, target) -> Path:

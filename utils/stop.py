@@ -22,6 +22,7 @@ which train and hpo read as "no checkpoint yet".
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
@@ -53,6 +54,29 @@ def stop_on_sigterm() -> None:
 
 def stop_requested() -> bool:
     return _requested.is_set()
+
+
+@contextlib.contextmanager
+def deferred_signals(signums=(signal.SIGINT, signal.SIGTERM)):
+    """SIGINT and SIGTERM that arrive in the block reach their handlers when it ends, so that neither a stop
+    request nor a second Ctrl-C's KeyboardInterrupt falls between steps that must all happen: the renames of a
+    set of outputs (utils.atomic.atomic_files). Python runs signal handlers in the main thread only (blocking the
+    signal there would not do: another thread may take it), so in another thread the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    # None: a handler set outside Python, which signal.signal could not put back
+    held = {signum: handler for signum in signums if (handler := signal.getsignal(signum)) is not None}
+    for signum in held:
+        signal.signal(signum, lambda number, frame: arrived.append(number))
+    try:
+        yield
+    finally:
+        for signum, handler in held.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(arrived):
+            signal.raise_signal(signum)  # to the handler held off: it runs now, in this thread
 
 
 def check_stop(what: str) -> None:

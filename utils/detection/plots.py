@@ -18,7 +18,11 @@ from ..classes import CLASS_COLOURS, CLASSES, NAME_OF  # noqa: E402
 
 def _save(fig, path) -> None:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        _write_figure(fig, tmp)
+
+
+def _write_figure(fig, path) -> None:
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -211,7 +215,8 @@ def plot_compliance_histogram(percentages, path, overall: float | None, no_faces
 
 
 def plot_compliance_over_time(times, percentages, faces, path, source: str) -> None:
-    """Percent properly masked per processed frame (gaps where a frame has no face) and faces per frame."""
+    """Percent properly masked per processed frame (gaps where a frame has no face) and faces per frame, written
+    at *path* as it is: the temporary path of one of predict_video's outputs (utils.atomic.atomic_files)."""
     fig, ax = plt.subplots(figsize=(9, 4))
     values = np.array([np.nan if p is None else p for p in percentages], dtype=float)
     ax.plot(times, values, color=tuple(v / 255 for v in CLASS_COLOURS["with_mask"]), marker=".", linewidth=1.5)
@@ -224,7 +229,7 @@ def plot_compliance_over_time(times, percentages, faces, path, source: str) -> N
     ax.set_zorder(twin.get_zorder() + 1)
     ax.patch.set_visible(False)
     ax.set_title(f"Mask compliance over time: {Path(source).name if '://' not in source else source}")
-    _save(fig, path)
+    _write_figure(fig, path)
 
 
 def plot_compliance_by_folder(per_folder: dict, overall: dict, path) -> None:

@@ -16,7 +16,6 @@ count of frames / fps would lag the clock and run long.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import math
@@ -32,7 +31,7 @@ import torch
 from PIL import Image
 
 from .. import defaults as D
-from ..atomic import atomic_path, write_json, write_text
+from ..atomic import FileSet, atomic_files, json_text
 from ..classes import CLASSES, NAME_OF
 from ..errors import InputError
 from ..naming import video_output_names
@@ -50,9 +49,6 @@ LIVE_TIMES = "wall clock"  # the summary's frame_times for a camera or stream
 wall_clock = time.monotonic  # a live source's frame times; a module name, so that a test can give it a fake clock
 _sigint = threading.Event()
 
-
-class _NoVideo(Exception):
-    """No frame was drawn: the annotated video's temporary file is dropped, not moved onto --output-video."""
 
 def _on_sigint(signum, frame) -> None:
     if _sigint.is_set():  # a second Ctrl-C: the run did not stop at its frame (a stalled stream), so at once
@@ -177,8 +173,9 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                   output_video=None, show: bool = False, max_frames: int | None = None,
                   max_seconds: float | None = None, tta: bool = False, settings: dict | None = None,
                   progress=None, tag: str | None = None, calibration: dict | None = None,
-                  opened: tuple | None = None) -> dict:
-    """Run the detector over *source*; write the CSV, plot, summary (and video); return the summary.
+                  opened: tuple | None = None, record=None) -> dict:
+    """Run the detector over *source*; write the CSV, plot, summary (and video, and the run record *record()*
+    gives) as one set that replaces the last run's (utils.atomic.atomic_files); return the summary.
     *calibration* is the model file's validation record, for the adjusted estimators. A SIGTERM (with
     utils.stop.stop_on_sigterm) or a Ctrl-C (with stop_on_sigint) stops it at the next frame: the outputs
     are written for the frames done and the summary's "interrupted" names the signal. *opened*: open_source's
@@ -188,20 +185,21 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
             opened[0].release()
         raise InputError(f"--stride must be at least 1, got {stride}")
     capture, kind = opened or open_source(source)
-    run, writer, writer_path, started = VideoRun(), None, None, time.perf_counter()
-    try:  # the capture is released whatever happens
-        output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        reported_fps = capture.get(cv2.CAP_PROP_FPS)
-        fps_assumed = not (math.isfinite(reported_fps) and 0 < reported_fps < 1000)  # cameras, some streams: 0
-        fps = ASSUMED_FPS if fps_assumed else reported_fps
-        declared = capture.get(cv2.CAP_PROP_FRAME_COUNT) if kind == "file" else math.nan
-        declared = int(declared) if math.isfinite(declared) and 0 < declared < 2 ** 31 else None
-        settings = {**(settings or {}), "working_size": working_size(model)}  # in the summary; the rates need it
-        video_target = Path(output_video) if output_video else None
-        # _NoVideo leaves atomic_path without committing: no frame drawn must not replace an earlier video
-        with contextlib.suppress(_NoVideo), \
-                (atomic_path(video_target) if video_target else contextlib.nullcontext()) as tmp_video:
+    run, writer, started = VideoRun(), None, time.perf_counter()
+    video_target = Path(output_video) if output_video else None
+    # the outputs replace the last run's all together at the end of the block, or none does (a second Ctrl-C
+    # while they are written, an error)
+    with atomic_files() as outputs:
+        try:  # the capture is released whatever happens, and the writer before its file is renamed
+            output_dir = Path(output_dir)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            reported_fps = capture.get(cv2.CAP_PROP_FPS)
+            fps_assumed = not (math.isfinite(reported_fps) and 0 < reported_fps < 1000)  # cameras, some streams: 0
+            fps = ASSUMED_FPS if fps_assumed else reported_fps
+            declared = capture.get(cv2.CAP_PROP_FRAME_COUNT) if kind == "file" else math.nan
+            declared = int(declared) if math.isfinite(declared) and 0 < declared < 2 ** 31 else None
+            settings = {**(settings or {}), "working_size": working_size(model)}  # in the summary; the rates need it
+            tmp_video = outputs.path(video_target) if video_target else None
             while True:
                 run.ended = stop_reason()
                 if run.ended:
@@ -250,40 +248,37 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                         break
                 if progress is not None:
                     progress(1)
+        finally:
+            capture.release()
             if writer is not None:
                 writer.release()
-                writer = None
-            writer_path = video_target if tmp_video is not None and run.rows else None
-            if tmp_video is not None and writer_path is None:
-                raise _NoVideo
-    finally:
-        capture.release()
-        if writer is not None:
-            writer.release()
-        if show:
-            cv2.destroyAllWindows()
-    interrupted = run.ended if run.ended in (SIGTERM, SIGINT) else None
-    if not run.rows and not interrupted:
-        raise InputError(f"{source}: no frame was processed (check --max-frames/--max-seconds and the source)")
-    notes = []
-    if fps_assumed:
-        uses = ("the annotated video, the resampling blocks and the frames without a timestamp" if kind == "file"
-                else "the annotated video and the resampling blocks")  # a live source's times are the clock's
-        notes.append(f"the {kind} gives no usable frame rate ({reported_fps:g}); {fps:g} fps assumed for {uses}")
-    # Containers whose count is duration x fps (.ts, .mkv, .webm, variable-rate mp4) often end a frame or two
-    # short: only a larger gap is said
-    if (run.ended == "the end of the source" and declared is not None
-            and declared - run.frames_read > max(2, declared // 100)):
-        notes.append(f"the file ended after {run.frames_read} of the {declared} frames its header declares "
-                     "(truncated or damaged?)")
-    if interrupted:
-        notes.append(f"interrupted by {interrupted} after {run.frames_read} frames read: the outputs hold the "
-                     f"{len(run.rows)} processed frames")
-    video = {"fps": round(fps, 3), "fps_reported": reported_fps if math.isfinite(reported_fps) else None,
-             "fps_assumed": fps_assumed, "frames_declared": declared, "ended": run.ended,
-             "interrupted": interrupted, "frame_times": run.times_from(kind), "notes": notes}
-    return _write_outputs(run, output_dir, source, kind, fps, stride, score_threshold, tta, settings, writer_path,
-                          time.perf_counter() - started, video_output_names(tag), calibration, video)
+            if show:
+                cv2.destroyAllWindows()
+        if video_target and not run.rows:
+            outputs.drop(video_target)  # no frame drawn: the last run's video stays, not an empty one
+        interrupted = run.ended if run.ended in (SIGTERM, SIGINT) else None
+        if not run.rows and not interrupted:
+            raise InputError(f"{source}: no frame was processed (check --max-frames/--max-seconds and the source)")
+        notes = []
+        if fps_assumed:
+            uses = ("the annotated video, the resampling blocks and the frames without a timestamp" if kind == "file"
+                    else "the annotated video and the resampling blocks")  # a live source's times are the clock's
+            notes.append(f"the {kind} gives no usable frame rate ({reported_fps:g}); {fps:g} fps assumed for {uses}")
+        # Containers whose count is duration x fps (.ts, .mkv, .webm, variable-rate mp4) often end a frame or two
+        # short: only a larger gap is said
+        if (run.ended == "the end of the source" and declared is not None
+                and declared - run.frames_read > max(2, declared // 100)):
+            notes.append(f"the file ended after {run.frames_read} of the {declared} frames its header declares "
+                         "(truncated or damaged?)")
+        if interrupted:
+            notes.append(f"interrupted by {interrupted} after {run.frames_read} frames read: the outputs hold the "
+                         f"{len(run.rows)} processed frames")
+        video = {"fps": round(fps, 3), "fps_reported": reported_fps if math.isfinite(reported_fps) else None,
+                 "fps_assumed": fps_assumed, "frames_declared": declared, "ended": run.ended,
+                 "interrupted": interrupted, "frame_times": run.times_from(kind), "notes": notes}
+        return _write_outputs(run, outputs, output_dir, source, kind, fps, stride, score_threshold, tta, settings,
+                              video_target if run.rows else None, time.perf_counter() - started,
+                              video_output_names(tag), calibration, video, record)
 
 
 def video_estimates(run: VideoRun, fps: float, stride: int, threshold: float, tta: bool,
@@ -323,18 +318,19 @@ def _show(frame_bgr: np.ndarray) -> bool:
                          "this OpenCV build or machine has no display") from None
 
 
-def _write_outputs(run: VideoRun, output_dir: Path, source, kind, fps, stride, threshold, tta, settings,
-                   video_path, seconds, names: dict, calibration: dict | None, video: dict) -> dict:
+def _write_outputs(run: VideoRun, outputs: FileSet, output_dir: Path, source, kind, fps, stride, threshold, tta,
+                   settings, video_path, seconds, names: dict, calibration: dict | None, video: dict, record) -> dict:
+    """Write the CSV, plot, summary and run record at their temporary paths in *outputs*; return the summary."""
     from .plots import plot_compliance_over_time
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(run.rows)
-    csv_path = write_text(output_dir / names["frames_csv"], buffer.getvalue())
-    plot_path = output_dir / names["plot"]
+    csv_path, plot_path = output_dir / names["frames_csv"], output_dir / names["plot"]
+    outputs.path(csv_path).write_text(buffer.getvalue(), encoding="utf-8")
     plot_compliance_over_time([r["time_s"] for r in run.rows], [r["percent_properly_masked"] for r in run.rows],
-                              [r["faces"] for r in run.rows], plot_path, source)
+                              [r["faces"] for r in run.rows], outputs.path(plot_path), source)
     with_faces = [r["percent_properly_masked"] for r in run.rows if r["percent_properly_masked"] is not None]
     # the video covered: up to the last frame read, and that frame's duration at the frame rate
     covered = 0.0 if run.last_time is None else run.last_time + 1 / fps
@@ -347,5 +343,7 @@ def _write_outputs(run: VideoRun, output_dir: Path, source, kind, fps, stride, t
                "mean_percent_per_frame": round(sum(with_faces) / len(with_faces), 2) if with_faces else None,
                "outputs": {"frames_csv": str(csv_path), "plot": str(plot_path),
                            "video": str(video_path) if video_path else None}}
-    write_json(output_dir / names["summary"], summary)
+    outputs.path(output_dir / names["summary"]).write_text(json_text(summary), encoding="utf-8")
+    if record is not None:
+        outputs.path(output_dir / names["run_record"]).write_text(json_text(record()), encoding="utf-8")
     return summary
