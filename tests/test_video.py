@@ -416,6 +416,45 @@ def test_pred_videos_counts_frames_the_header_cannot_tell_refuses_frameless_vide
     assert {video.path.name: video.frames for video in find_videos(videos)}["header_only.y4m"] == 1
 
 
+def test_a_long_video_without_a_frame_count_is_sized_from_a_bounded_scan_not_decoded_in_full(tmp_path, caplog,
+                                                                                            monkeypatch):
+    """Raw Motion JPEG has no header to count: every frame was decoded (an hour took minutes). Now its packets
+    are counted in its first VIDEO_SCAN_BYTES, undecoded, and the rest estimated at the same bytes a frame."""
+    import logging
+    import re
+
+    from utils.pegasus import inputs
+
+    rng = np.random.default_rng(3)
+    path = tmp_path / "door.mjpeg"
+    with open(path, "wb") as handle:  # 200 JPEGs of noise, about the same size each
+        for _ in range(200):
+            handle.write(cv2.imencode(".jpg", rng.integers(0, 256, (72, 96, 3), np.uint8))[1].tobytes())
+    capture = cv2.VideoCapture(str(path))
+    assert not capture.get(cv2.CAP_PROP_FRAME_COUNT) > 0  # what this test is about
+    capture.release()
+    monkeypatch.setattr(inputs, "VIDEO_SCAN_BYTES", path.stat().st_size // 10)
+    grabs, video_capture = [], cv2.VideoCapture
+
+    class CountingCapture:  # a wrapper: a Python subclass of cv2.VideoCapture crashed the interpreter's last GC
+        def __init__(self, *args):
+            self.capture = video_capture(*args)
+
+        def grab(self):
+            grabs.append(1)
+            return self.capture.grab()
+
+        def __getattr__(self, name):
+            return getattr(self.capture, name)
+
+    monkeypatch.setattr(cv2, "VideoCapture", CountingCapture)
+    with caplog.at_level(logging.INFO):
+        frames = inputs.video_frames(path)
+    assert 190 <= frames <= 210 and len(grabs) < 40  # about a tenth read: 1 + 20 or so
+    assert re.search(rf"door\.mjpeg: its header gives no frame count \(\S+\); {frames} frames assumed for its job's "
+                     r"time limit: \d+ frames in its first [\d.]+ MB, and the rest of its [\d.]+ MB", caplog.text)
+
+
 @pytest.mark.parametrize("argv, problem", [
     (["--show"], "--show: no display here"),
     (["--source", "²"], "²: video file not found"),  # a digit to str.isdigit(), no camera number

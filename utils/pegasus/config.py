@@ -222,7 +222,8 @@ class ShardFile:
 
 @dataclass(frozen=True)
 class VideoFile:
-    """One video of --pred-videos and its frame count (from its header)."""
+    """One video of --pred-videos and its frame count (from its header, else utils.pegasus.inputs.video_frames's
+    count or estimate)."""
 
     path: Path
     frames: int

@@ -249,10 +249,16 @@ def find_videos(folder: Path) -> list[VideoFile]:
     return videos
 
 
+# Of a video whose header gives no frame count: its packets (frames, not decoded) are counted in up to this much of
+# it, and the rest is estimated at the same bytes a frame; decoding every frame of an hour of Motion JPEG took
+# minutes. A byte bound, not a time one, so that the same video always gives the same time limit.
+VIDEO_SCAN_BYTES = 256 << 20
+
+
 def video_frames(path: Path) -> int:
     """The frame count of the video at *path*, from its header, or, where the header gives none that can be
-    believed (negative, 0, absurd: an MKV without its duration, raw Motion JPEG), by stepping through its
-    frames; ConfigError when OpenCV cannot open it or it gives no frame."""
+    believed (negative, 0, absurd: an MKV without its duration, raw Motion JPEG), from its packets
+    (frames_without_count); ConfigError when OpenCV cannot open it or it gives no frame."""
     import cv2
 
     capture = cv2.VideoCapture(str(path))
@@ -264,13 +270,41 @@ def video_frames(path: Path) -> int:
         frames = capture.get(cv2.CAP_PROP_FRAME_COUNT)
         if math.isfinite(frames) and 0 < frames < 2 ** 31:
             return int(frames)
-        log.info("%s: its header gives no frame count (%g); counting its frames", path, frames)
-        counted = 1
-        while capture.grab():
-            counted += 1
-        return counted
     finally:
         capture.release()
+    return frames_without_count(path, f"its header gives no frame count ({frames:g})")
+
+
+def frames_without_count(path: Path, why: str) -> int:
+    """The frames of the video at *path*, whose header cannot tell (*why*): its packets counted without decoding
+    them (OpenCV's raw mode), all of them in a file of up to VIDEO_SCAN_BYTES, else in its first VIDEO_SCAN_BYTES
+    with the rest taken at the same bytes a frame, said in a warning. The container's own bytes count as frames'
+    there, so frames of even size are estimated a little long; a start of larger frames than the rest's gives too
+    few, which the time limit's SAFETY margin (runtimes.py) absorbs. Where the OpenCV backend has no raw mode
+    (not FFmpeg), every frame is decoded and counted."""
+    import cv2
+
+    capture = cv2.VideoCapture(str(path))
+    try:
+        raw = capture.set(cv2.CAP_PROP_FORMAT, -1)  # grab() reads a packet, and retrieve() gives its bytes
+        counted = packet_bytes = 0
+        while (packet_bytes < VIDEO_SCAN_BYTES or not raw) and capture.grab():
+            counted += 1
+            if raw:
+                ok, packet = capture.retrieve()
+                packet_bytes += packet.size if ok and packet is not None else 0
+    finally:
+        capture.release()
+    if packet_bytes < VIDEO_SCAN_BYTES:  # the file ended first: every frame counted
+        log.info("%s: %s; its %d frames counted%s", path, why, counted,
+                 "" if raw else " by decoding them (this OpenCV backend has no raw mode)")
+        return max(counted, 1)  # video_frames decoded one
+    size = path.stat().st_size
+    estimate = math.ceil(counted * size / packet_bytes)
+    log.warning("%s: %s; %d frames assumed for its job's time limit: %d frames in its first %s MB, and the rest "
+                "of its %s MB taken at the same bytes a frame", path, why, estimate, counted,
+                f"{packet_bytes / 1e6:,.1f}", f"{size / 1e6:,.1f}")
+    return estimate
 
 
 def fold_assignment_text(entries: list[SplitEntry], duplicate_groups, folds: int, seed: int,
