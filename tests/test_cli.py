@@ -54,6 +54,15 @@ def test_bad_input_exits_2_with_one_line_naming_the_file_and_no_traceback(capsys
     assert out.startswith("fake: args: ")
 
 
+def test_ctrl_c_exits_130_with_one_line_and_no_traceback(capsys):
+    def main(args):
+        raise KeyboardInterrupt  # a Ctrl-C in a job without a handler of its own, or a second one while it stops
+
+    code, out, err = run_fake(main, capsys)
+    assert code == 130 and "Traceback" not in err
+    assert err.startswith("fake: interrupted (Ctrl-C)") and err.count("\n") == 1
+
+
 def test_a_missing_file_exits_2_with_one_line_naming_the_file(tmp_path, capsys):
     missing = tmp_path / "nope.csv"
 

@@ -32,6 +32,7 @@ from .naming import name_part_problem
 from .stop import EXIT_STOPPED, StopRequested, write_stand_ins
 
 EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_INTERRUPTED = 128 + 2  # what a shell reports for a process ended by SIGINT
 
 
 def values_line(job: str, label: str, values: dict) -> str:
@@ -74,6 +75,10 @@ def run_job(main, parser, argv=None, job: str | None = None) -> int:
     except (InputError, OSError) as error:
         print(f"{job}: error: {error_message(error)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # Ctrl-C where the job has no handler of its own, or a second one: not a bug
+        print(f"{job}: interrupted (Ctrl-C); every file it writes is complete or not there (written atomically)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as error:  # a bug: what a developer needs is the traceback
         print(f"{job}: error: unexpected {type(error).__name__}: {error_message(error)} (a bug; traceback follows)",
               file=sys.stderr)
