@@ -179,3 +179,15 @@ def test_a_run_name_with_dollar_signs_is_plotted_as_text(root, runs, tmp_path, c
     (odd / "outputs" / "evaluation.json").unlink()  # no value: its name goes into the title
     assert run_script(root, "compare_runs", [odd, tmp_path / "$x$", runs[2], "--plot", tmp_path / "p.png"]) == 0
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_setting_with_a_line_break_or_a_pipe_stays_in_its_markdown_cell(tmp_path, capsys, root):
+    """A YAML string may hold a line break: it ended the table row, where now it is shown as an escape."""
+    plain = make_run_folder(tmp_path / "plain", map_50=0.4, config={**BASE, "note": "a"}, figures=False)
+    odd = make_run_folder(tmp_path / "odd", map_50=0.5, config={**BASE, "note": "two\nlines | a\\|b"}, figures=False)
+    assert run_script(root, "compare_runs", [plain, odd]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert len(table) == 4 and all(line.endswith(" |") for line in table)  # header, rule, two rows
+    header = table[0].split(" | ")
+    assert "note" in table[0] and len(table[2].split(" | ")) == len(header)
+    assert "two\\nlines \\| a\\\\\\|b" in table[2]

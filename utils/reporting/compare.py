@@ -182,16 +182,21 @@ def notes(comparison: Comparison) -> list[str]:
     return lines
 
 
-def to_markdown(comparison: Comparison) -> str:
-    def escape(text: str) -> str:
-        return text.replace("|", "\\|")
+def _markdown_cell(text: str) -> str:
+    """*text* on one line of a Markdown table: a line break or other control character in a run's name or a
+    setting (a YAML string may hold one) would end the row, and a `|` would split the cell; shown as escapes."""
+    text = text.replace("\\", "\\\\").replace("|", "\\|")
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
+
+def to_markdown(comparison: Comparison) -> str:
+    escape = _markdown_cell
     header = "| " + " | ".join(map(escape, comparison.columns)) + " |"
     rule = "| " + " | ".join("---" if column in ("run", "status") or column in comparison.settings else "---:"
                              for column in comparison.columns) + " |"
     body = ["| " + " | ".join(escape(cell_text(row[c], c)) for c in comparison.columns) + " |"
             for row in comparison.rows]
-    return "\n".join([header, rule, *body, "", *(f"- {line}" for line in notes(comparison))]) + "\n"
+    return "\n".join([header, rule, *body, "", *(f"- {escape(line)}" for line in notes(comparison))]) + "\n"
 
 
 def to_csv(comparison: Comparison) -> str:
