@@ -304,3 +304,25 @@ def test_figures_over_the_size_limit_are_left_out_before_they_are_read(tmp_path,
     assert len(unreadable) == len(FIGURE_NAMES) + 6, unreadable
     assert all("file too large to embed (0 MB; the limit is 0 MB)" in line for line in unreadable)
     assert "<img" not in page
+
+
+def test_run_files_over_the_data_size_limit_are_left_out_before_they_are_read(tmp_path, monkeypatch):
+    """A JSON, CSV or YAML run file larger than any job writes is a problem line, not a multi-GB json.load."""
+    import json
+
+    from utils import defaults
+    from utils.reporting.run_folder import read_run_folder
+
+    run_dir = make_run_folder(tmp_path / "run", figures=False)
+    (run_dir / "config.yml").write_text("epochs: 2\n# " + "x" * 5000 + "\n")
+    evaluation = run_dir / "outputs" / "evaluation.json"
+    evaluation.write_text(json.dumps({**json.loads(evaluation.read_text()), "padding": "x" * 5000}))
+    monkeypatch.setattr(defaults, "REPORT_DATA_MAX_BYTES", 4096)
+    run = read_run_folder(run_dir)
+    assert run.evaluation is None and run.config_source != "config.yml"
+    left_out = [p for p in run.problems if "read at most; left out" in p]
+    assert any(p.startswith(f"{evaluation}: evaluation of 0 MB, over the 0 MB") for p in left_out), run.problems
+    assert any(p.startswith(f"{run_dir / 'config.yml'}: configuration of") for p in left_out), run.problems
+    monkeypatch.setattr(defaults, "REPORT_DATA_MAX_BYTES", 10**6)
+    again = read_run_folder(run_dir)
+    assert again.evaluation["padding"] == "x" * 5000 and again.config_source == "config.yml"

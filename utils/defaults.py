@@ -156,6 +156,9 @@ YAML_MAX_CHARS = 1_000_000     # characters of text (every scalar's length, keys
                                # times is 9000 values but a gigabyte to copy, dump or quote
 MESSAGE_VALUE_CHARS = 80       # an error message shows at most this much of a value it quotes
 REPORT_FIGURE_MAX_BYTES = 50 * 2**20  # a figure or annotated image bin/report.py embeds: a larger file is left out
+REPORT_DATA_MAX_BYTES = 256 * 2**20  # a JSON, CSV or YAML file bin/report.py and compare_runs read: a larger one
+                                     # is left out with a problem line (the jobs write a few MB at 100k photos;
+                                     # json.load of a GB file takes ~10 GB of memory)
                                       # (a note on the page) before it is read; the jobs' figures are a few 100 KB
 
 # -- the prediction service (bin/serve.py, utils/service/; docs/service.md) ----------------

@@ -162,12 +162,16 @@ class RunFolder:
 
 def _regular_file(path: Path, run: RunFolder, what: str) -> bool:
     """Whether *path* is a regular file to read; a missing one is noted as missing, anything else (a FIFO,
-    which would block the read forever, a folder, a device) as a problem."""
+    which would block the read forever, a folder, a device, a file larger than any job writes) as a problem."""
     if not path.exists():
         run.missing.append(path.name)
         return False
     if not path.is_file():
         run.problems.append(f"{path}: {what} is not a regular file; left out")
+        return False
+    if (size := path.stat().st_size) > D.REPORT_DATA_MAX_BYTES:
+        run.problems.append(f"{path}: {what} of {size / 2**20:,.0f} MB, over the {D.REPORT_DATA_MAX_BYTES / 2**20:.0f} "
+                            "MB read at most; left out")
         return False
     return True
 
@@ -214,7 +218,7 @@ def _read_config(run: RunFolder) -> None:
     import yaml
 
     for config_file in (run.path / name for name in CONFIG_FILES):
-        if not config_file.is_file():
+        if not config_file.is_file() or not _regular_file(config_file, run, "configuration"):
             continue
         try:
             config = safe_yaml.load(config_file.read_text(encoding="utf-8"))
