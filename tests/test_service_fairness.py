@@ -21,7 +21,7 @@ from utils.service.app import ServiceConfig, create_app  # noqa: E402
 from utils.service.batching import BatchWorker, results_of  # noqa: E402
 from utils.service.edge import EdgeMiddleware  # noqa: E402
 from utils.service.metrics import ServiceMetrics  # noqa: E402
-from utils.service.uploads import CLIENT_CLOSED, PixelBudget, until_disconnected  # noqa: E402
+from utils.service.uploads import CLIENT_CLOSED, PixelBudget, on_pool, until_disconnected  # noqa: E402
 
 HANG = 20  # seconds before a wait is called a hang
 
@@ -196,15 +196,17 @@ def test_a_request_keeps_its_pixels_counted_until_its_annotated_pictures_are_dra
 def test_a_bad_upload_stops_the_decodes_of_its_request_not_yet_begun(tiny_model_file, sample_dir, monkeypatch):
     """The first upload is cut short: its 422 comes without decoding the other 15 (one decode thread, so those
     wait in the pool's queue), where every upload of the request used to be decoded for nothing. A good decode
-    is held until the answer has come, so the one the thread took next is the only other decoded."""
+    takes a second here, so at most the one the thread took next has begun by the time the rest are withdrawn."""
+    import time
+
     import utils.service.app as service
 
-    real_decode, decoded, answered = service.decode_to_tensor, [], threading.Event()
+    real_decode, decoded = service.decode_to_tensor, []
 
     def recorded_decode(file, name):
         decoded.append(name)
         if name != "cut.jpg":
-            answered.wait(HANG)
+            time.sleep(1.0)
         return real_decode(file, name)
 
     monkeypatch.setattr(service, "decode_to_tensor", recorded_decode)
@@ -214,7 +216,35 @@ def test_a_bad_upload_stops_the_decodes_of_its_request_not_yet_begun(tiny_model_
     app = create_app(ServiceConfig(model_path=tiny_model_file, decode_threads=1, max_images=16))
     with TestClient(app) as client:
         answer = client.post("/api/predict", files=files)
-        answered.set()
+        first_request = list(decoded)
         assert answer.status_code == 422 and answer.json()["detail"].startswith("cut.jpg: ")
         assert client.post("/api/predict", files=files[1:2]).status_code == 200  # the server goes on
-    assert decoded == ["cut.jpg", "0.jpg", "0.jpg"], decoded  # the bad one, the one begun, the next request's
+    assert first_request in (["cut.jpg"], ["cut.jpg", "0.jpg"]), first_request
+
+
+def test_on_pool_waits_for_the_calls_running_and_raises_the_first_failure_in_call_order():
+    """Calls already running when one fails hold decoded pixels: they are waited for before the request gives its
+    pixels back. The failure raised is the first in call order, not whichever failed first in time."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    finished = []
+
+    def call(name, seconds, fails):
+        time.sleep(seconds)
+        finished.append(name)
+        if fails:
+            raise ValueError(name)
+
+    async def scenario():
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            with pytest.raises(ValueError) as raised:
+                await on_pool(pool, call, [("slow", 0.5, True), ("fast", 0.0, True)])
+            seen = list(finished)
+            with pytest.raises(ValueError):
+                await on_pool(pool, call, [("bad", 0.0, True), ("running", 0.5, False)])
+            return str(raised.value), seen, list(finished)
+
+    first, seen, after = asyncio.run(asyncio.wait_for(scenario(), HANG))
+    assert first == "slow" and sorted(seen) == ["fast", "slow"]
+    assert after[2:] == ["bad", "running"]  # "running" finished before on_pool raised

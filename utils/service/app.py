@@ -66,8 +66,8 @@ from .batching import BatchWorker, on_a_passing_thread, results_of
 from .edge import EdgeMiddleware, shown_path
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from .uploads import (AdmissionQueue, PixelBudget, Upload, annotated_jpeg, decode_to_tensor, default_decode_threads,
-                      detection_records, explanation_record, model_sized_input, parse_box, until_disconnected,
-                      upload_name)
+                      detection_records, explanation_record, model_sized_input, on_pool, parse_box,
+                      until_disconnected, upload_name)
 
 DETECTION_FLOOR = D.DETECTION_FLOOR  # lowest score returned: below it a box is noise at any threshold a user would pick
 IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff"}  # of data.images.IMAGE_FORMATS
@@ -234,27 +234,20 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return Upload(name, upload.file, width, height)
 
     async def decode_all(request: Request, uploads: list[Upload], announce: bool) -> list[torch.Tensor]:
-        """The uploads as uint8 tensors, decoded on the pool in parallel; 422 naming the first bad one."""
-        loop = asyncio.get_running_loop()
-        decoder, worker = request.app.state.decoder, request.app.state.worker
+        """The uploads as uint8 tensors, decoded on the pool in parallel; at the first bad one the decodes not
+        begun are not begun, and the answer (422, or 413 for pixels) names the first bad one in upload order of
+        those decoded."""
+        worker = request.app.state.worker
         if announce:
             worker.expect(len(uploads))
-        jobs = [loop.run_in_executor(decoder, decode_to_tensor, u.file, u.name) for u in uploads]
         decoded = False
         try:
-            await asyncio.wait(jobs, return_when=asyncio.FIRST_EXCEPTION)
-            failed = next((job for job in jobs if job.done() and not job.cancelled() and job.exception()), None)
-            if failed is not None:
-                error = failed.exception()
-                if isinstance(error, ImageError):
-                    raise HTTPException(413 if isinstance(error, PixelLimitError) else 422, str(error)) from None
-                raise error
-            tensors = [job.result() for job in jobs]
+            tensors = await on_pool(request.app.state.decoder, decode_to_tensor, [(u.file, u.name) for u in uploads])
             decoded = True
             return tensors
+        except ImageError as error:
+            raise HTTPException(413 if isinstance(error, PixelLimitError) else 422, str(error)) from None
         finally:
-            for job in jobs:  # one bad upload (or the request cancelled): the decodes not begun never begin
-                job.cancel()
             if announce and not decoded:  # the worker no longer waits for these images to join its batches
                 worker.expect(-len(uploads))
 
@@ -273,6 +266,11 @@ def create_app(config: ServiceConfig) -> FastAPI:
             await budget.release(pixels)
 
     def record_timings(request: Request, decode_s: float, timings: list, images: int) -> None:
+        timings = [t for t in timings if t.finished]  # not a job never begun or left running (its client left)
+        if not timings:
+            request.state.timings.update(decode=decode_s, images=images)
+            metrics.stage.labels("decode").observe(decode_s)
+            return
         queue_s = min(t.started for t in timings) - min(t.queued for t in timings)
         inference_s = max(t.finished for t in timings) - min(t.started for t in timings)
         request.state.timings.update(decode=decode_s, queue=queue_s, inference=inference_s, images=images)
@@ -361,10 +359,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 record_timings(request, decoded - began, timings, len(tensors))
                 pictures = [None] * len(tensors)
                 if annotated:  # drawing and JPEG-encoding a large photo takes a while: not on the event loop
-                    loop = asyncio.get_running_loop()
-                    pictures = await asyncio.gather(*(loop.run_in_executor(request.app.state.decoder, annotated_jpeg,
-                                                                           tensor, out, threshold)
-                                                      for tensor, out in zip(tensors, outputs)))
+                    pictures = await on_pool(request.app.state.decoder, annotated_jpeg,
+                                             [(tensor, out, threshold) for tensor, out in zip(tensors, outputs)])
                 return [tuple(tensor.shape[-2:]) for tensor in tensors], outputs, explained, pictures
 
             sizes, outputs, explained, pictures = await until_disconnected(
