@@ -8,14 +8,16 @@ Runs the detector on every --stride-th frame and writes OUTPUT_DIR/video_frames.
 time, faces per class, percent properly masked), compliance_over_time.png,
 video_summary.json (frames, the pooled figure over all processed frames as an estimate with
 its 95 % interval, resampled in blocks of consecutive frames since nearby frames are not
-independent, the mean of the per-frame figures) and, with --output-video, the processed frames with their boxes
-(.mp4, .avi, .mkv or .mov, at fps / stride, so it plays at real speed). --show opens a live window (q or Esc stops;
-needs a display and OpenCV's GUI build). --max-frames (processed frames) and
---max-seconds bound a run; a camera has no end without them.
+independent, the mean of the per-frame figures) and, with --output-video, the processed frames with
+their boxes (.mp4, .avi, .mkv or .mov, at fps / stride, so a file's plays at real speed). --show opens
+a live window (q or Esc stops; needs a display and OpenCV's GUI build). --max-frames (processed
+frames) and --max-seconds bound a run; a camera has no end without them.
 Detections count from the model's operating threshold unless --score-threshold is given.
 A file's frame times are its frame timestamps (a variable frame rate stays true), else frame number / fps,
-and --max-seconds is of video time; a camera's or stream's are the wall-clock time since its first frame,
-and --max-seconds is of wall time (a detector slower than the camera reads fewer frames a second than its fps);
+and --max-seconds is of video time, as for a stream with a length (a recorded video at a URL); a camera's or
+a live stream's (no length) are the wall-clock time since its first frame, and --max-seconds is of wall time (a
+detector slower than the camera reads fewer frames a second than its fps; the notes say when the annotated
+video therefore plays faster than real time);
 a rate the source does not give (0, NaN, 1000 or more) is taken as 25 fps, and said, as is a file that
 ends before the frame count its header declares (the summary's "notes", one line each).
 
@@ -64,8 +66,8 @@ def get_args_parser():
     parser.add_argument("--max-frames", type=positive_int, default=None,
                         help="stop after N processed frames (default: none)")
     parser.add_argument("--max-seconds", type=positive_float, default=None,
-                        help="stop at this time: a file's video time, a camera's or stream's wall-clock time "
-                             "since its first frame (default: none)")
+                        help="stop at this time: a file's (or recorded stream's) video time, a camera's or live "
+                             "stream's wall-clock time since its first frame (default: none)")
     parser.add_argument("--show", action="store_true", help="show the annotated frames in a window (webcam mode)")
     add_tta_arg(parser, "frame")
     parser.add_argument("--score-threshold", type=fraction, default=None,

@@ -257,8 +257,7 @@ def test_a_second_ctrl_c_while_the_outputs_are_written_leaves_the_last_runs_outp
     before = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in out.iterdir()}
     _signal_on_call(monkeypatch, video_module, "detect", signal.SIGINT, 3)
     _signal_on_call(monkeypatch, plots, "plot_compliance_over_time", signal.SIGINT, 1)
-    with pytest.raises(KeyboardInterrupt):
-        run_script(root, "predict_video", argv)
+    assert run_script(root, "predict_video", argv) == 130  # one line, no traceback (utils.cli.run_job)
     assert {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in out.iterdir()} == before
 
 
@@ -283,7 +282,7 @@ def test_frame_times_are_the_timestamps_when_valid_else_the_one_before_plus_a_fr
         times.append((round(time_s, 3), by_rate))
         run.last_time, run.frames_read, run.timed_by_rate = time_s, run.frames_read + 1, run.timed_by_rate + by_rate
     assert times == [(0.0, False), (0.05, False), (0.2, False), (0.3, True), (0.4, True), (0.45, False)]
-    assert run.times_from("file") == "timestamps, 2 frames without one: by the frame rate"
+    assert run.times_from(False) == "timestamps, 2 frames without one: by the frame rate"
 
 
 @pytest.mark.slow
@@ -308,11 +307,22 @@ def test_a_live_sources_frame_times_are_the_wall_clock_and_max_seconds_bounds_wa
     monkeypatch.setattr(video_module, "detect", slow_detect)
     camera = (cv2.VideoCapture(str(clip)), "camera")  # the 6 fps clip, read as a camera gives its frames
     summary = video_module.predict_video(model, torch.device("cpu"), "0", tmp_path / "out", 0.5, max_seconds=1,
-                                         opened=camera)
+                                         opened=camera, output_video=tmp_path / "out" / "a.mp4")
     rows = list(csv.DictReader(open(tmp_path / "out" / "video_frames.csv")))
     assert [float(r["time_s"]) for r in rows] == [0.0, 0.5]  # the frame read at 1.0 s is past the run
     assert summary["ended"] == "--max-seconds" and summary["frame_times"] == "wall clock"
     assert summary["frames_read"] == 2
+    # 2 frames processed a second of wall time, not the camera's 6: blocks of 10 s hold 20 of them, not 60
+    assert summary["processed_per_second"] == 2.0 and summary["resampling"]["block_frames"] == 20
+    assert any("plays at 6 frames a second, faster than the 2 processed" in note for note in summary["notes"])
+
+    # a recorded video at a URL has a length: it keeps its video time, however slow the detector
+    url = video_module.open_source(f"file://{clip}")
+    assert url[1] == "stream"
+    summary = video_module.predict_video(model, torch.device("cpu"), f"file://{clip}", tmp_path / "url", 0.5,
+                                         max_seconds=0.4, opened=url)
+    rows = list(csv.DictReader(open(tmp_path / "url" / "video_frames.csv")))
+    assert summary["frame_times"] == "timestamps" and [float(r["time_s"]) for r in rows] == [0.0, 0.167, 0.333]
 
 
 def test_only_whole_blocks_count_toward_an_interval():

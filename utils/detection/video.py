@@ -2,16 +2,17 @@
 
 Every `stride`-th frame is run through the detector; per processed frame the counts per
 class and the percent properly masked go into a CSV; the processed frames, with their
-boxes drawn, into an annotated video (at fps / stride, so it plays at real speed); a
+boxes drawn, into an annotated video (at fps / stride, so a file's plays at real speed); a
 plot shows compliance over time, and a summary JSON the whole run: the pooled figure as an
 estimate with its 95 % bootstrap interval (utils/detection/quantify.py). Nearby frames show the
 same faces, so they are not independent samples: the interval resamples blocks of consecutive
 processed frames (VIDEO_BLOCK_SECONDS of video each), not single frames. `show` opens a live
 window (the webcam mode; q or Esc stops). Runs are bounded by max_frames / max_seconds, which a
-camera needs: it has no end. A file's frame times are its timestamps (video time); a camera's or
-stream's are the wall-clock time since its first frame was read, so max_seconds bounds the wall
-time there: a detector slower than the camera reads fewer frames a second than its fps, and a
-count of frames / fps would lag the clock and run long.
+camera needs: it has no end. A file's frame times are its timestamps (video time), and so are a
+stream's with a length (a recorded video at a URL); a camera's or a live stream's (no length) are
+the wall-clock time since its first frame was read, so max_seconds bounds the wall time there: a
+detector slower than the camera reads fewer frames a second than its fps, and a count of
+frames / fps would lag the clock and run long. Its resampling blocks are then 10 s of wall time.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from .plots import draw_detections
 CSV_FIELDS = ("frame", "time_s", "faces", *CLASSES, "percent_properly_masked")
 ASSUMED_FPS = 25.0  # where the source gives no usable frame rate (0, NaN, 1000 or more), said in the summary
 SIGTERM, SIGINT = "SIGTERM", "Ctrl-C (SIGINT)"  # what stopped an interrupted run (the summary's "interrupted")
-LIVE_TIMES = "wall clock"  # the summary's frame_times for a camera or stream
+LIVE_TIMES = "wall clock"  # the summary's frame_times for a camera or a live stream
 wall_clock = time.monotonic  # a live source's frame times; a module name, so that a test can give it a fake clock
 _sigint = threading.Event()
 
@@ -88,10 +89,18 @@ def open_source(source: str) -> tuple[cv2.VideoCapture, str]:
     except InputError:
         capture.release()
         raise
-    if kind == "file":  # start again at frame 0 (reopening works where a backend cannot seek)
+    # A file, or a recorded video at a URL (it has a length), starts again at frame 0 (reopening works where a
+    # backend cannot seek); a camera or a live stream goes on from here
+    if kind == "file" or (kind == "stream" and has_length(capture)):
         capture.release()
         capture = cv2.VideoCapture(source)
     return capture, kind
+
+
+def has_length(capture: cv2.VideoCapture) -> bool:
+    """Whether the source's header gives a frame count: a file or a recorded video at a URL, not a live stream."""
+    count = capture.get(cv2.CAP_PROP_FRAME_COUNT)
+    return math.isfinite(count) and 0 < count < 2 ** 31
 
 
 WRITER_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov")  # the containers the annotated video's writer (mp4v) fills
@@ -147,15 +156,15 @@ class VideoRun:
         return (0.0 if self.last_time is None else self.last_time + 1 / fps), True
 
     def live_time(self) -> float:
-        """The time of a camera's or stream's frame just read: the wall-clock seconds since its first frame
+        """The time of a camera's or live stream's frame just read: the wall-clock seconds since its first frame
         was read (0 for that one). Its frames / fps would lag the clock when the detector is the slower."""
         now = wall_clock()
         if self.live_start is None:
             self.live_start = now
         return now - self.live_start
 
-    def times_from(self, kind: str) -> str:
-        if kind != "file":
+    def times_from(self, live: bool) -> str:
+        if live:
             return LIVE_TIMES
         if not self.timed_by_rate:
             return "timestamps"
@@ -196,8 +205,10 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
             reported_fps = capture.get(cv2.CAP_PROP_FPS)
             fps_assumed = not (math.isfinite(reported_fps) and 0 < reported_fps < 1000)  # cameras, some streams: 0
             fps = ASSUMED_FPS if fps_assumed else reported_fps
-            declared = capture.get(cv2.CAP_PROP_FRAME_COUNT) if kind == "file" else math.nan
-            declared = int(declared) if math.isfinite(declared) and 0 < declared < 2 ** 31 else None
+            declared = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if kind != "camera" and has_length(capture) else None
+            # A camera, or a stream without a length (a live one), is timed by the wall clock; a file, or a stream
+            # with a length (a recorded video at a URL), by its timestamps: its video time, however slow the detector
+            live = kind == "camera" or (kind == "stream" and declared is None)
             settings = {**(settings or {}), "working_size": working_size(model)}  # in the summary; the rates need it
             tmp_video = outputs.path(video_target) if video_target else None
             while True:
@@ -212,7 +223,7 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                     run.ended = "the end of the source"
                     break
                 check_frame_pixels(frame.shape[1], frame.shape[0], source, kind)  # a stream may change size
-                time_s, by_rate = run.frame_time(capture, fps) if kind == "file" else (run.live_time(), False)
+                time_s, by_rate = (run.live_time(), False) if live else run.frame_time(capture, fps)
                 if max_seconds is not None and time_s >= max_seconds:
                     run.ended = "--max-seconds"  # this frame is past the run: not counted as read
                     break
@@ -237,7 +248,7 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                     if tmp_video is not None:
                         if writer is None:
                             height, width = drawn.shape[:2]
-                            # at fps / stride, so that it plays at real speed (under 1 frame a second too)
+                            # at fps / stride, so that a file's plays at real speed (under 1 frame a second too)
                             writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"),
                                                      fps / stride, (width, height))
                             if not writer.isOpened():
@@ -261,33 +272,46 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
             raise InputError(f"{source}: no frame was processed (check --max-frames/--max-seconds and the source)")
         notes = []
         if fps_assumed:
-            uses = ("the annotated video, the resampling blocks and the frames without a timestamp" if kind == "file"
-                    else "the annotated video and the resampling blocks")  # a live source's times are the clock's
+            uses = ("the annotated video, the resampling blocks and the frames without a timestamp" if not live
+                    else "the annotated video")  # a live source's times and blocks are the clock's
             notes.append(f"the {kind} gives no usable frame rate ({reported_fps:g}); {fps:g} fps assumed for {uses}")
         # Containers whose count is duration x fps (.ts, .mkv, .webm, variable-rate mp4) often end a frame or two
         # short: only a larger gap is said
         if (run.ended == "the end of the source" and declared is not None
                 and declared - run.frames_read > max(2, declared // 100)):
-            notes.append(f"the file ended after {run.frames_read} of the {declared} frames its header declares "
+            notes.append(f"the {kind} ended after {run.frames_read} of the {declared} frames its header declares "
                          "(truncated or damaged?)")
         if interrupted:
             notes.append(f"interrupted by {interrupted} after {run.frames_read} frames read: the outputs hold the "
                          f"{len(run.rows)} processed frames")
         video = {"fps": round(fps, 3), "fps_reported": reported_fps if math.isfinite(reported_fps) else None,
                  "fps_assumed": fps_assumed, "frames_declared": declared, "ended": run.ended,
-                 "interrupted": interrupted, "frame_times": run.times_from(kind), "notes": notes}
+                 "interrupted": interrupted, "frame_times": run.times_from(live),
+                 "processed_per_second": round(processed_rate(run, fps, stride, live), 3), "notes": notes}
+        if live and tmp_video is not None and run.rows and video["processed_per_second"] < fps / stride * 0.9:
+            notes.append(f"the annotated video plays at {fps / stride:g} frames a second, faster than the "
+                         f"{video['processed_per_second']:g} processed a second here (a detector slower than the "
+                         f"{kind}): {D.VIDEO_BLOCK_SECONDS:g} s of it hold more than that of wall time")
         return _write_outputs(run, outputs, output_dir, source, kind, fps, stride, score_threshold, tta, settings,
                               video_target if run.rows else None, time.perf_counter() - started,
                               video_output_names(tag), calibration, video, record)
 
 
-def video_estimates(run: VideoRun, fps: float, stride: int, threshold: float, tta: bool,
+def processed_rate(run: VideoRun, fps: float, stride: int, live: bool) -> float:
+    """Processed frames a second of the run's time: fps / stride where the times are the source's; for a live
+    source the rate its frames' clock times show (a detector slower than the camera takes fewer)."""
+    if live and len(run.rows) > 1 and (span := run.rows[-1]["time_s"] - run.rows[0]["time_s"]) > 0:
+        return (len(run.rows) - 1) / span
+    return fps / stride
+
+
+def video_estimates(run: VideoRun, per_second: float, threshold: float, tta: bool,
                     calibration: dict | None, size: int | None = None) -> dict:
     """The pooled figure over the processed frames (detected at *threshold*, flip TTA or not, at working size
     *size* px) with its interval, resampling blocks of consecutive frames ("units" are blocks;
     "resampling" says how many frames each holds). Only whole blocks count: the frames after the last
     whole one join it, so a clip shorter than two blocks is one unit and gets no interval."""
-    block = max(1, round(D.VIDEO_BLOCK_SECONDS * fps / stride))
+    block = max(1, round(D.VIDEO_BLOCK_SECONDS * per_second))  # *per_second*: processed frames a second
     counts = [[figure["counts"][name] for name in CLASSES] for figure in run.per_frame]
     note = calibration_problem(calibration, threshold, tta, size)
     units = whole_blocks(Units.of(counts, run.soft), block)
@@ -339,7 +363,8 @@ def _write_outputs(run: VideoRun, outputs: FileSet, output_dir: Path, source, ki
                "frames_processed": len(run.rows), "frames_with_faces": len(with_faces),
                "video_seconds": round(covered, 3), "processing_seconds": round(seconds, 2),
                "overall": merge_compliance(run.per_frame),
-               **video_estimates(run, fps, stride, threshold, tta, calibration, settings.get("working_size")),
+               **video_estimates(run, video["processed_per_second"], threshold, tta, calibration,
+                                 settings.get("working_size")),
                "mean_percent_per_frame": round(sum(with_faces) / len(with_faces), 2) if with_faces else None,
                "outputs": {"frames_csv": str(csv_path), "plot": str(plot_path),
                            "video": str(video_path) if video_path else None}}
