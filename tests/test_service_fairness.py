@@ -18,7 +18,7 @@ from fastapi import HTTPException  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from utils.service.app import ServiceConfig, create_app  # noqa: E402
-from utils.service.batching import BatchWorker, results_of  # noqa: E402
+from utils.service.batching import BatchWorker, Timing, results_of, stage_seconds  # noqa: E402
 from utils.service.edge import EdgeMiddleware  # noqa: E402
 from utils.service.metrics import ServiceMetrics  # noqa: E402
 from utils.service.uploads import CLIENT_CLOSED, PixelBudget, on_pool, until_disconnected  # noqa: E402
@@ -248,3 +248,12 @@ def test_on_pool_waits_for_the_calls_running_and_raises_the_first_failure_in_cal
     first, seen, after = asyncio.run(asyncio.wait_for(scenario(), HANG))
     assert first == "slow" and sorted(seen) == ["fast", "slow"]
     assert after[2:] == ["bad", "running"]  # "running" finished before on_pool raised
+
+
+def test_stage_times_leave_out_jobs_that_never_finished():
+    """A request whose client left, or whose jobs the stop dropped, has timings never started: its queue time read
+    minus the clock's reading (-38,000 s in the access log and the metrics)."""
+    begun = Timing(queued=100.0, started=101.0, finished=103.0)
+    never = Timing(queued=100.5)  # withdrawn before it began
+    assert stage_seconds([begun, never]) == {"queue": 1.0, "inference": 2.0}
+    assert stage_seconds([never]) == {}

@@ -62,7 +62,7 @@ from ..detection.evaluation import load_trained_model
 from ..detection.explain import EXPLAIN_METHODS, ExplainError, explain_image
 from ..detection.inference import detect, to_model_input
 from ..detection.quantify import prediction_estimates, soft_counts
-from .batching import BatchWorker, on_a_passing_thread, results_of
+from .batching import BatchWorker, on_a_passing_thread, results_of, stage_seconds
 from .edge import EdgeMiddleware, shown_path
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from .uploads import (AdmissionQueue, PixelBudget, Upload, annotated_jpeg, decode_to_tensor, default_decode_threads,
@@ -266,17 +266,10 @@ def create_app(config: ServiceConfig) -> FastAPI:
             await budget.release(pixels)
 
     def record_timings(request: Request, decode_s: float, timings: list, images: int) -> None:
-        timings = [t for t in timings if t.finished]  # not a job never begun or left running (its client left)
-        if not timings:
-            request.state.timings.update(decode=decode_s, images=images)
-            metrics.stage.labels("decode").observe(decode_s)
-            return
-        queue_s = min(t.started for t in timings) - min(t.queued for t in timings)
-        inference_s = max(t.finished for t in timings) - min(t.started for t in timings)
-        request.state.timings.update(decode=decode_s, queue=queue_s, inference=inference_s, images=images)
-        metrics.stage.labels("decode").observe(decode_s)
-        metrics.stage.labels("queue").observe(queue_s)
-        metrics.stage.labels("inference").observe(inference_s)
+        stages = {"decode": decode_s, **stage_seconds(timings)}
+        request.state.timings.update(**stages, images=images)
+        for stage, seconds in stages.items():
+            metrics.stage.labels(stage).observe(seconds)
 
     def explain_one(tensor: torch.Tensor, out: dict, index: int, tta: bool) -> dict:
         """The explanation record of detection *index* of one image (a forward and a backward pass, two under

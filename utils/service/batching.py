@@ -220,6 +220,17 @@ class BatchWorker:
             _settle(job.future, answer)
 
 
+def stage_seconds(timings: list[Timing]) -> dict[str, float]:
+    """{"queue": s, "inference": s} of one request's jobs: from the first queued to the first started, and from
+    then to the last finished. Jobs that never finished (never begun: the client left or the server stopped; or
+    left running) are not counted: their zero times gave a queue time of minus the clock's reading."""
+    done = [t for t in timings if t.finished]
+    if not done:
+        return {}
+    started = min(t.started for t in done)
+    return {"queue": started - min(t.queued for t in done), "inference": max(t.finished for t in done) - started}
+
+
 async def results_of(futures: list[Future]) -> list:
     """The worker's answers to one request's jobs, in order. When one of them fails, or the request stops waiting
     (cancelled: its client left, the server's stop timeout), its other jobs still queued are withdrawn (the worker
