@@ -30,6 +30,7 @@ until they are done. After Ctrl-C the exit is 0,
 as for q or Esc: the user ended the run. After SIGTERM it is 143, as for the workflow's other jobs
 (utils/stop.py): a pool stopped the job, which is retried; what was not written yet gets a stand-in.
 Exit 0 on success; 2 with one line naming the source (or flag) when it cannot be read or used; 1 on a bug.
+A stream URL's password (rtsp://user:password@camera/...) is shown as *** in every line and output file.
 """
 
 import argparse
@@ -46,7 +47,7 @@ from utils.detection.device import resolve_device
 from utils.detection.evaluation import load_trained_model
 from utils.detection.video import (SIGTERM, WRITER_EXTENSIONS, annotated_video_path, check_display, open_source,
                                    predict_video, stop_on_sigint)
-from utils.errors import InputError
+from utils.errors import InputError, without_password
 from utils.naming import video_output_names
 from utils.provenance import run_record
 from utils.stop import StopRequested, declare_outputs, stop_on_sigterm
@@ -112,7 +113,9 @@ def run(args) -> int:
     inputs = [args.model] + ([args.source] if opened[1] == "file" else [])
 
     def record():  # written with the other outputs, as one set
-        return run_record("predict_video", {**vars(args), "device": str(device)}, inputs)
+        # the source as shown everywhere: a stream URL's password is not kept in the record
+        return run_record("predict_video", {**vars(args), "source": without_password(args.source),
+                                            "device": str(device)}, inputs)
 
     with tqdm(desc="frames", unit="frame", file=sys.stderr, disable=None) as bar:
         summary = predict_video(model, device, args.source, args.output_dir, threshold, stride=args.stride,

@@ -104,6 +104,22 @@ def test_unreadable_sources_fail_with_one_line(root, tiny_model_file, tmp_path, 
     assert rc == 2 and problem in err and "Traceback" not in err
 
 
+def test_a_stream_urls_password_is_never_shown(root, tiny_model_file, tmp_path, capsys):
+    """rtsp://user:password@camera: the args line, the error and (when it runs) the summary and run record are
+    read and kept by others than the camera's owner; the password is shown as ***."""
+    from utils.errors import without_password
+
+    assert without_password("rtsp://admin:p@ss:w0rd@10.0.0.5:554/live") == "rtsp://admin:***@10.0.0.5:554/live"
+    assert without_password('{"a": "rtsp://cam/live", "b": "me@home"}') == '{"a": "rtsp://cam/live", "b": "me@home"}'
+    url = "http://admin:s3cret@127.0.0.1:1/live.mp4"  # nothing listens on port 1: refused at once
+    rc = run_script(root, "predict_video", ["--source", url, "--model", tiny_model_file,
+                                            "--output-dir", tmp_path / "out", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert rc == 2 and "http://admin:***@127.0.0.1:1/live.mp4: cannot open the stream" in captured.err
+    assert '"source": "http://admin:***@127.0.0.1:1/live.mp4"' in captured.out  # the args line
+    assert "s3cret" not in captured.out + captured.err
+
+
 def test_workflow_pred_videos_fans_out_one_job_per_video(root, sample_dir, clip, tmp_path):
     import shutil
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import defaults as D
 from .classes import CLASSES
-from .errors import InputError, shown
+from .errors import InputError, shown, without_password
 from .naming import name_part_problem
 from .stop import EXIT_STOPPED, StopRequested, write_stand_ins
 
@@ -36,8 +36,9 @@ EXIT_INTERRUPTED = 128 + 2  # what a shell reports for a process ended by SIGINT
 
 
 def values_line(job: str, label: str, values: dict) -> str:
-    """``<job>: <label>: {...}``: one line of JSON, keys sorted, paths and other objects as strings."""
-    return f"{job}: {label}: {json.dumps(values, sort_keys=True, default=str)}"
+    """``<job>: <label>: {...}``: one line of JSON, keys sorted, paths and other objects as strings; a URL's
+    password (a camera's rtsp://user:password@...) shown as ***."""
+    return without_password(f"{job}: {label}: {json.dumps(values, sort_keys=True, default=str)}")
 
 
 def print_values(job: str, label: str, values: dict) -> None:

@@ -9,10 +9,22 @@ traceback; anything else is a bug and exits 1.
 
 
 import math
+import re
 
 
 class InputError(ValueError):
     """Bad input or arguments, described in one line that names the file (or flag) and the problem."""
+
+
+# scheme://user:password@host: the password of a camera's or stream's URL (rtsp://admin:secret@10.0.0.5/live)
+# (up to the authority's last @: a password often holds an unencoded @, which ffmpeg accepts)
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/:@\"']*):[^\s/\"']*@")
+
+
+def without_password(text: str) -> str:
+    """*text* with the password of any URL in it replaced by ***, for every line, file and message that shows
+    it: the args line, logs and run records are read and kept by others than the camera's owner."""
+    return _URL_PASSWORD.sub(r"\g<head>:***@", text)
 
 
 def is_finite_number(value) -> bool:

@@ -34,7 +34,7 @@ from PIL import Image
 from .. import defaults as D
 from ..atomic import FileSet, atomic_files, json_text
 from ..classes import CLASSES, NAME_OF
-from ..errors import InputError
+from ..errors import InputError, without_password
 from ..naming import video_output_names
 from ..stop import stop_requested
 from .compliance import compliance, merge_compliance
@@ -73,19 +73,20 @@ def open_source(source: str) -> tuple[cv2.VideoCapture, str]:
     """(capture, kind) for a file, a URL (rtsp://, http://) or a camera index; InputError naming it."""
     # ASCII digits only: '²' is a digit to str.isdigit() but no number to int()
     kind = "camera" if source.isascii() and source.isdigit() else ("stream" if "://" in source else "file")
+    name = without_password(source)  # as messages show it
     if kind == "file" and not Path(source).is_file():
-        raise InputError(f"{source}: video file not found")
+        raise InputError(f"{name}: video file not found")
     capture = cv2.VideoCapture(int(source) if kind == "camera" else source)
     if not capture.isOpened():
-        raise InputError(f"{source}: cannot open the {kind} (not a video OpenCV can read, or not reachable)")
+        raise InputError(f"{name}: cannot open the {kind} (not a video OpenCV can read, or not reachable)")
     # From the container's header, before any frame is decoded (cameras and some streams say 0 until then).
     width, height = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
     try:
-        check_frame_pixels(width, height, source, kind)
+        check_frame_pixels(width, height, name, kind)
         ok, frame = capture.read()
         if not ok:
-            raise InputError(f"{source}: the {kind} opened but gave no frame (empty, damaged or unsupported codec)")
-        check_frame_pixels(frame.shape[1], frame.shape[0], source, kind)
+            raise InputError(f"{name}: the {kind} opened but gave no frame (empty, damaged or unsupported codec)")
+        check_frame_pixels(frame.shape[1], frame.shape[0], name, kind)
     except InputError:
         capture.release()
         raise
@@ -194,6 +195,7 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
             opened[0].release()
         raise InputError(f"--stride must be at least 1, got {stride}")
     capture, kind = opened or open_source(source)
+    name = without_password(source)  # as the messages, the summary and the plot show it
     run, writer, started = VideoRun(), None, time.perf_counter()
     video_target = Path(output_video) if output_video else None
     # the outputs replace the last run's all together at the end of the block, or none does (a second Ctrl-C
@@ -222,7 +224,7 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                 if not ok:
                     run.ended = "the end of the source"
                     break
-                check_frame_pixels(frame.shape[1], frame.shape[0], source, kind)  # a stream may change size
+                check_frame_pixels(frame.shape[1], frame.shape[0], name, kind)  # a stream may change size
                 time_s, by_rate = (run.live_time(), False) if live else run.frame_time(capture, fps)
                 if max_seconds is not None and time_s >= max_seconds:
                     run.ended = "--max-seconds"  # this frame is past the run: not counted as read
@@ -269,7 +271,7 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
             outputs.drop(video_target)  # no frame drawn: the last run's video stays, not an empty one
         interrupted = run.ended if run.ended in (SIGTERM, SIGINT) else None
         if not run.rows and not interrupted:
-            raise InputError(f"{source}: no frame was processed (check --max-frames/--max-seconds and the source)")
+            raise InputError(f"{name}: no frame was processed (check --max-frames/--max-seconds and the source)")
         notes = []
         if fps_assumed:
             uses = ("the annotated video, the resampling blocks and the frames without a timestamp" if not live
@@ -292,7 +294,7 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
             notes.append(f"the annotated video plays at {fps / stride:g} frames a second, faster than the "
                          f"{video['processed_per_second']:g} processed a second here (a detector slower than the "
                          f"{kind}): {D.VIDEO_BLOCK_SECONDS:g} s of it hold more than that of wall time")
-        return _write_outputs(run, outputs, output_dir, source, kind, fps, stride, score_threshold, tta, settings,
+        return _write_outputs(run, outputs, output_dir, name, kind, fps, stride, score_threshold, tta, settings,
                               video_target if run.rows else None, time.perf_counter() - started,
                               video_output_names(tag), calibration, video, record)
 
