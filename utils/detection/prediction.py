@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import io
 import os
 import posixpath
@@ -27,7 +26,7 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 
 from .. import defaults as D
-from ..atomic import atomic_path, write_text
+from ..atomic import atomic_path, json_text, write_text
 from ..classes import NAME_OF
 from ..data.images import NOT_UTF8, escaped_name, is_image_name, list_files, valid_utf8_name
 from ..naming import annotated_stem
@@ -304,9 +303,8 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
                          "per_image": {i["file"]: i["compliance"] for i in run.images},
                          "skipped": run.skipped}
     # Everything is rendered before the first file is written: a failure leaves no half of an output set.
-    texts = {"predictions_json": json.dumps(predictions, indent=2, default=str) + "\n",
-             "predictions_csv": _csv_text(run.images),
-             "compliance_json": json.dumps(compliance_report, indent=2, default=str) + "\n"}
+    texts = {"predictions_json": json_text(predictions), "predictions_csv": _csv_text(run.images),
+             "compliance_json": json_text(compliance_report)}
     for text in texts.values():
         text.encode("utf-8")
     if "per_folder" in run.estimates:
