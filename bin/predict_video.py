@@ -27,8 +27,8 @@ frame: the CSV, plot, summary and annotated video are written for the frames don
 too) are made at temporary names and replace the last run's all together once complete (utils.atomic.atomic_files),
 so a second Ctrl-C before that leaves the last run's as they were, and one (or a SIGTERM) during the renames waits
 until they are done. After Ctrl-C the exit is 0,
-as for q or Esc: the user ended the run. After SIGTERM it is 143, as for the workflow's other jobs
-(utils/stop.py): a pool stopped the job, which is retried; what was not written yet gets a stand-in.
+as for q or Esc: the user ended the run. After SIGTERM (even one after a Ctrl-C) it is 143, as for the workflow's
+other jobs (utils/stop.py): a pool stopped the job, which is retried; what was not written yet gets a stand-in.
 Exit 0 on success; 2 with one line naming the source (or flag) when it cannot be read or used; 1 on a bug.
 A stream URL's password (rtsp://user:password@camera/...) is shown as *** in every line and output file.
 """
@@ -50,7 +50,7 @@ from utils.detection.video import (SIGTERM, WRITER_EXTENSIONS, annotated_video_p
 from utils.errors import InputError, without_password
 from utils.naming import video_output_names
 from utils.provenance import run_record
-from utils.stop import StopRequested, declare_outputs, stop_on_sigterm
+from utils.stop import StopRequested, declare_outputs, stop_on_sigterm, stop_requested
 
 NAME_MAX = 255  # bytes of a file name (Linux, macOS)
 
@@ -131,8 +131,9 @@ def run(args) -> int:
           f"{summary['mean_percent_per_frame']})")
     print(f"{summary['frames_processed']} of {summary['frames_read']} frames processed in "
           f"{summary['processing_seconds']} s; outputs in {args.output_dir}")
-    if summary["interrupted"] == SIGTERM:
-        raise StopRequested(f"SIGTERM received; stopped after {summary['frames_processed']} processed frames, "
+    if stop_requested():  # also one that came after a Ctrl-C had stopped the run: a pool's stop is never a success
+        after = "" if summary["interrupted"] == SIGTERM else f" after {summary['interrupted']} had stopped the run"
+        raise StopRequested(f"SIGTERM received{after}; stopped after {summary['frames_processed']} processed frames, "
                             "whose outputs are written (the summary says interrupted)")
     return 0
 

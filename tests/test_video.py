@@ -277,6 +277,25 @@ def test_a_second_ctrl_c_while_the_outputs_are_written_leaves_the_last_runs_outp
     assert {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in out.iterdir()} == before
 
 
+@pytest.mark.slow
+def test_a_sigterm_after_ctrl_c_still_exits_143(root, clip, tiny_model_file, tmp_path, monkeypatch, restore_signals):
+    """Ctrl-C stopped the run, then a pool's SIGTERM came while the outputs were written: the outputs are written
+    for the frames done (the summary names the Ctrl-C that stopped the run), and the exit is 143, as after any
+    SIGTERM (it was 0: the pool read a job it had stopped as done)."""
+    import signal
+
+    from utils.detection import plots
+    from utils.detection import video as video_module
+
+    out = tmp_path / "out"
+    argv = ["--source", clip, "--model", tiny_model_file, "--output-dir", out, "--stride", "1", "--device", "cpu"]
+    _signal_on_call(monkeypatch, video_module, "detect", signal.SIGINT, 2)
+    _signal_on_call(monkeypatch, plots, "plot_compliance_over_time", signal.SIGTERM, 1)
+    assert run_script(root, "predict_video", argv) == 143
+    summary = json.loads((out / "video_summary.json").read_text())
+    assert summary["interrupted"] == "Ctrl-C (SIGINT)" and summary["frames_processed"] == 2
+
+
 class _Capture:
     """Stands in for a cv2.VideoCapture after a read: the timestamps of the frames, one per frame_time call."""
 
