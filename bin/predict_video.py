@@ -16,8 +16,8 @@ Detections count from the model's operating threshold unless --score-threshold i
 A file's frame times are its frame timestamps (a variable frame rate stays true), else frame number / fps,
 and --max-seconds is of video time, as for a stream with a length (a recorded video at a URL); a camera's or
 a live stream's (no length) are the wall-clock time since its first frame, and --max-seconds is of wall time (a
-detector slower than the camera reads fewer frames a second than its fps; the notes say when the annotated
-video therefore plays faster than real time);
+detector slower than the camera reads fewer frames a second than its fps; the annotated video holds each frame
+until the next one's time, so it plays at real speed too);
 a rate the source does not give (0, NaN, 1000 or more) is taken as 25 fps, and said, as is a file that
 ends before the frame count its header declares (the summary's "notes", one line each).
 

@@ -349,7 +349,12 @@ def test_a_live_sources_frame_times_are_the_wall_clock_and_max_seconds_bounds_wa
     assert summary["frames_read"] == 2
     # 2 frames processed a second of wall time, not the camera's 6: blocks of 10 s hold 20 of them, not 60
     assert summary["processed_per_second"] == 2.0 and summary["resampling"]["block_frames"] == 20
-    assert any("plays at 6 frames a second, faster than the 2 processed" in note for note in summary["notes"])
+    # the annotated video at 6 fps holds the first frame until the second's time, 0.5 s: it plays at real speed
+    # (it held 2 frames in 2, playing 3 times too fast)
+    assert summary["annotated_video"] == {"fps": 6.0, "frames": 4, "frames_held": 2}
+    video = cv2.VideoCapture(str(tmp_path / "out" / "a.mp4"))
+    assert video.get(cv2.CAP_PROP_FRAME_COUNT) == 4
+    video.release()
 
     # a recorded video at a URL has a length: it keeps its video time, however slow the detector
     url = video_module.open_source(f"file://{clip}")
