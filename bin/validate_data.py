@@ -17,6 +17,7 @@ from pathlib import Path
 from utils import defaults as D
 from utils.classes import LabelMap
 from utils.cli import add_label_map_arg, near_duplicate_bits, non_negative_int, run_job
+from utils.data.images import valid_utf8_name
 from utils.data.pairs import open_folder, pack_folder
 from utils.data.validation import ValidationInputError, format_summary, validate_dataset, write_clean_outputs
 from utils.provenance import write_run_record
@@ -41,7 +42,8 @@ def get_args_parser():
 
 
 def _files(folder: Path):
-    return [p for p in folder.iterdir() if p.is_file()]
+    # A name that is not valid UTF-8 is not read (the report says so) and cannot be named in the JSON record.
+    return [p for p in folder.iterdir() if p.is_file() and valid_utf8_name(p.name)]
 
 
 def main(args) -> int:

@@ -309,3 +309,28 @@ def test_replace_folder_puts_the_old_folder_back_when_the_new_one_cannot_go_in(t
     monkeypatch.undo()
     atomic.replace_folder(staged, target)
     assert [p.name for p in target.iterdir()] == ["new.xml"] and sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+
+
+@pytest.mark.parametrize("job", ["preprocess", "augment"])
+def test_unreadable_names_links_and_subfolders_are_skipped_and_listed(root, sample_dir, tmp_path, capsys, job):
+    # A name that is not UTF-8 stopped the job with a traceback (it cannot be written into an XML file or the
+    # report); a link to nothing and a subfolder of photos were passed over without a word.
+    src = flat_copy(sample_dir, tmp_path / "src", limit=2)
+    good = sorted(src.glob("*.jpg"))[0]
+    shutil.copy(good, os.fsencode(src) + b"/caf\xe9.jpg")
+    shutil.copy(good.with_suffix(".xml"), os.fsencode(src) + b"/caf\xe9.xml")
+    os.symlink("loop_b.jpg", src / "loop_a.jpg")
+    os.symlink("loop_a.jpg", src / "loop_b.jpg")
+    (src / "site-b").mkdir()
+    shutil.copy(good, src / "site-b" / "x.jpg")
+    cli = load_script(root, job)
+    report_path = tmp_path / "report.json"
+    args = cli.get_args_parser().parse_args(["--images", str(src), "--output-dir", str(tmp_path / "out"),
+                                             "--report", str(report_path), "--no-progress"])
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    skipped = {item["file"]: item["problem"] for item in json.loads(report_path.read_text())["skipped"]}
+    assert set(skipped) == {"caf\\xe9.jpg", "caf\\xe9.xml", "loop_a.jpg", "loop_b.jpg", "site-b/"}
+    assert "not valid UTF-8" in skipped["caf\\xe9.jpg"] and "link to nothing" in skipped["loop_a.jpg"]
+    assert "subfolder" in skipped["site-b/"]
+    assert all(name in out for name in skipped)

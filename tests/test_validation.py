@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import json
 import subprocess
 import sys
@@ -241,3 +242,27 @@ def test_a_subfolder_of_images_is_reported_not_silently_skipped(tmp_path):
     assert set(ignored) == {"site-b/", "old/"} and report["problem_counts"]["subfolder_ignored"] == 2
     assert "its 1 file(s) are not read" in ignored["site-b/"]["problem"]
     assert ignored["site-b/"]["image"] is None and not ignored["site-b/"]["excluded"]
+
+
+def test_names_not_utf8_and_links_to_nothing_are_reported_not_fatal_or_lost(root, tmp_path):
+    # A name of bytes that are not UTF-8 cannot go into the manifest, the report or an XML file: it crashed the
+    # job with a traceback. A link to nothing (or a loop of links) named like an image vanished unreported.
+    add_pair(tmp_path, "good", textured(50))
+    images, annotations = tmp_path / "images", tmp_path / "annotations"
+    textured(51).save(os.fsencode(images) + b"/caf\xe9.jpg", format="JPEG")
+    with open(os.fsencode(annotations) + b"/caf\xe9.xml", "w") as handle:
+        handle.write(voc_xml(GOOD_OBJECTS))
+    os.symlink("loop_b.jpg", images / "loop_a.jpg")
+    os.symlink("loop_a.jpg", images / "loop_b.jpg")
+    os.symlink("gone.xml", annotations / "gone.xml")
+    report = validate_dataset(images, annotations).report
+    check_nothing_unreported(report)
+    assert report["images_usable"] == 1
+    not_read = {p["file"]: p["problem"] for p in report["problems"] if p["kind"] == "file_not_read"}
+    assert set(not_read) == {"caf\\xe9.jpg", "caf\\xe9.xml", "loop_a.jpg", "loop_b.jpg", "gone.xml"}
+    assert "not valid UTF-8" in not_read["caf\\xe9.jpg"] and "link to nothing" in not_read["loop_a.jpg"]
+    out = tmp_path / "out"
+    proc = run_cli(root, "--images", images, "--annotations", annotations, "--output-dir", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "file_not_read=5" in proc.stdout
+    assert [row["image"] for row in csv.DictReader(open(out / "clean_manifest.csv"))] == [str(images / "good.jpg")]

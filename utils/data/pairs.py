@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..atomic import atomic_path
 from ..errors import InputError
-from .images import ImageError, is_image_name, load_rgb
+from .images import NOT_UTF8, ImageError, escaped_name, is_image_name, load_rgb, valid_utf8_name
 from .voc import VocError, parse_voc
 
 
@@ -37,6 +37,24 @@ class Pairing:
     images_without_annotation: list[Path] = field(default_factory=list)
     annotations_without_image: list[Path] = field(default_factory=list)
     folders: list[Path] = field(default_factory=list)  # subfolders of either folder, whose files are not read
+    # Entries of either folder that cannot be an input, [{file, reason}]: names that are not valid UTF-8 (no JSON,
+    # CSV, XML or tar member can hold them), links to nothing (or a loop of links), anything not a file or folder.
+    left_out: list[dict] = field(default_factory=list)
+
+
+def _entry_problem(path: Path) -> str | None:
+    """Why the folder entry *path* cannot be read as an input file, or None (a file, or a folder)."""
+    if not valid_utf8_name(path.name):
+        return NOT_UTF8
+    if path.is_file() or path.is_dir():
+        return None
+    if path.is_symlink():
+        try:
+            target = escaped_name(path.readlink())
+        except OSError:
+            target = "?"
+        return f"a symbolic link to nothing (its target {target} does not exist, or the links form a loop)"
+    return "not a regular file" if path.exists() else "no longer there"
 
 
 def _extract(archive_path: Path, into: str, suffixes=None, seen: dict | None = None) -> None:
@@ -111,13 +129,23 @@ def pack_folder(folder, archive, prefix: str = "") -> Path:
 def pair_folders(images_dir, annotations_dir) -> Pairing:
     """Pair images and XML files by file stem; report the unmatched on both sides."""
     images_dir, annotations_dir = Path(images_dir), Path(annotations_dir)
-    images = {}
-    for path in sorted(images_dir.iterdir()) if images_dir.is_dir() else []:
-        if path.is_file() and not path.name.startswith("."):
-            if is_image_name(path) or path.suffix.lower() != ".xml":
-                images.setdefault(path.stem, []).append(path)
-    annotations = {p.stem: p for p in sorted(annotations_dir.glob("*.xml"))} if annotations_dir.is_dir() else {}
     pairing = Pairing()
+    entries = {}  # folder -> its usable entries; the others are left out, said once each
+    for folder in dict.fromkeys((images_dir, annotations_dir)):
+        entries[folder] = []
+        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if path.name.startswith("."):
+                continue
+            problem = _entry_problem(path)
+            if problem:
+                pairing.left_out.append({"file": escaped_name(path), "reason": problem})
+            else:
+                entries[folder].append(path)
+    images = {}
+    for path in entries[images_dir]:
+        if path.is_file() and (is_image_name(path) or path.suffix.lower() != ".xml"):
+            images.setdefault(path.stem, []).append(path)
+    annotations = {p.stem: p for p in entries[annotations_dir] if p.is_file() and p.suffix.lower() == ".xml"}
     for stem, paths in images.items():
         for path in paths:
             if stem in annotations:
@@ -125,9 +153,7 @@ def pair_folders(images_dir, annotations_dir) -> Pairing:
             else:
                 pairing.images_without_annotation.append(path)
     pairing.annotations_without_image = [p for stem, p in annotations.items() if stem not in images]
-    for folder in dict.fromkeys((images_dir, annotations_dir)):
-        if folder.is_dir():
-            pairing.folders += [p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    pairing.folders = [path for paths in entries.values() for path in paths if path.is_dir()]
     return pairing
 
 
@@ -203,6 +229,7 @@ def open_pairs(images, annotations):
         skipped += [{"file": f"{images if folder.parent == images_dir else annotations}: {folder.name}/",
                      "problem": "a subfolder: its files are not read (the images and annotations must sit in the "
                                 "folder or archive itself)"} for folder in pairing.folders]
+        skipped += [{"file": item["file"], "problem": item["reason"]} for item in pairing.left_out]
         yield usable, skipped
 
 

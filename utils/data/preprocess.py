@@ -122,6 +122,11 @@ def open_inputs(images, annotations, split_csv=None, split=None, log: JobLog | N
                 log.skip(path.name, "image has no annotation file (no .xml with the same stem)")
             for path in pairing.annotations_without_image:
                 log.skip(path.name, "annotation has no image with the same stem")
+            for folder in pairing.folders:
+                log.skip(f"{folder.name}/", "a subfolder: its files are not read (the images and annotations must "
+                                            "sit in the folder or archive itself)")
+            for item in pairing.left_out:
+                log.skip(Path(item["file"]).name, f"not read: {item['reason']}")
         log.inputs = len(pairs) + len(log.skipped)
         yield pairs
 

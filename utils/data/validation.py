@@ -7,8 +7,9 @@ without image; "excluded": whether the image leaves the clean set), so that noth
 leaves the data set unreported: ``images_total == images_usable + len(images_excluded)``
 and every excluded image is the "image" of at least one excluding problem.
 
-Checks: image without annotation and the reverse; images sharing one name stem
-(annotations are matched by stem, so they are ambiguous); unreadable, truncated or
+Checks: entries that cannot be read as files (a name not valid UTF-8, a link to nothing,
+not a regular file; utils.data.pairs.pair_folders); image without annotation and the
+reverse; images sharing one name stem (annotations are matched by stem, so they are ambiguous); unreadable, truncated or
 non-image files (full decode with utils.data.images.load_rgb); XML that is not well-formed
 or lacks required fields (utils.data.voc.parse_voc); unknown class names, boxes outside the
 image, zero- or negative-area boxes (utils.data.voc.clean_objects: overshoots of at most
@@ -74,6 +75,7 @@ PROBLEM_KINDS = {
     "exact_duplicate": True,          # same bytes as the kept image of its group
     "near_duplicate": True,           # perceptual hash close to another image of its group
     "subfolder_ignored": False,       # a folder inside images/ or annotations/: its files are not read
+    "file_not_read": False,           # a name not valid UTF-8, a link to nothing, not a regular file
 }
 CLEAN_ANNOTATIONS_DIRNAME = "annotations_clean"
 REPORT_NAME = "validation_report.json"
@@ -238,6 +240,10 @@ def validate_dataset(images_dir, annotations_dir, near_duplicate_distance: int =
                          "problem": f"a folder inside {folder.parent}: its {files} file(s) are not read (the images "
                                     "and annotations must sit in the folders themselves)",
                          "excluded": PROBLEM_KINDS["subfolder_ignored"]})
+
+    for item in pairing.left_out:  # never an image of the set: the name or the link is what fails
+        problems.append({"file": Path(item["file"]).name, "image": None, "kind": "file_not_read",
+                         "problem": f"not read: {item['reason']}", "excluded": PROBLEM_KINDS["file_not_read"]})
 
     # Annotations are matched by stem: two images with one stem cannot both own the XML file.
     pairs, by_stem = [], {}
