@@ -11,7 +11,8 @@ the report. --output-dir is replaced whole once the new set is complete, so no f
 an earlier run (its copies) lingers; a folder holding files no earlier preprocess or
 augment run wrote there is refused.
 Exit 0 when at least one image was written, 2 on bad input (none usable, unreadable
-folder, bad flag; one line naming the file), 1 on a bug.
+folder, bad flag; one line naming the file), 143 on SIGTERM (stopped before the next
+image; the partial set removed, an earlier one left as it was), 1 on a bug.
 """
 
 import argparse
@@ -22,6 +23,7 @@ from utils.classes import LabelMap
 from utils.cli import (add_label_map_arg, add_set_input_args, add_set_output_args, check_set_args,
                        non_negative_float, non_negative_int, random_seed, run_job)
 from utils.data.augment import augment_set
+from utils.stop import stop_on_sigterm
 
 
 def get_args_parser():
@@ -42,6 +44,7 @@ def get_args_parser():
 
 
 def main(args) -> int:
+    stop_on_sigterm()  # a SIGTERM stops at the next image and removes the partial set, leaving the old one
     check_set_args(args)
     label_map = LabelMap.parse(args.label_map)
     report = augment_set(args.images, args.annotations or args.images, copies=args.copies,

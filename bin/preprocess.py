@@ -11,7 +11,8 @@ Object names renamed by --label-map are written as
 the class names, so later jobs read the set without a map. Unreadable inputs are
 skipped and listed in the report; the job fails only when no image could be processed.
 Exit 0 when at least one image was written, 2 on bad input (none usable, unreadable
-folder, bad flag; one line naming the file), 1 on a bug.
+folder, bad flag; one line naming the file), 143 on SIGTERM (stopped before the next
+image; the partial set removed, an earlier one left as it was), 1 on a bug.
 """
 
 import argparse
@@ -22,6 +23,7 @@ from utils.classes import LabelMap
 from utils.cli import (add_label_map_arg, add_set_input_args, add_set_output_args, check_set_args, file_name_part,
                        int_at_least, run_job)
 from utils.data.preprocess import FORMATS, preprocess_set
+from utils.stop import stop_on_sigterm
 
 
 def get_args_parser():
@@ -41,6 +43,7 @@ def get_args_parser():
 
 
 def main(args) -> int:
+    stop_on_sigterm()  # a SIGTERM stops at the next image and removes the partial set, leaving the old one
     check_set_args(args)
     label_map = LabelMap.parse(args.label_map)
     report = preprocess_set(args.images, args.annotations or args.images, args.prefix,

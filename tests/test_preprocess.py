@@ -334,3 +334,48 @@ def test_unreadable_names_links_and_subfolders_are_skipped_and_listed(root, samp
     assert "not valid UTF-8" in skipped["caf\\xe9.jpg"] and "link to nothing" in skipped["loop_a.jpg"]
     assert "subfolder" in skipped["site-b/"]
     assert all(name in out for name in skipped)
+
+
+# Runs a job script with every image's load slowed down, so that a SIGTERM lands in the middle of the set.
+SLOW_JOB = """
+import runpy, sys, time
+import utils.data.preprocess as preprocess, utils.data.augment as augment
+real = preprocess.load_pair
+def slow(*args, **kwargs):
+    time.sleep(0.3)
+    return real(*args, **kwargs)
+preprocess.load_pair = augment.load_pair = slow
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("job,output", [("preprocess", "--output-dir"), ("augment", "--output-tar")])
+def test_a_sigterm_mid_set_exits_143_removes_the_partial_set_and_a_rerun_writes_it(root, sample_dir, tmp_path, job,
+                                                                                    output):
+    # A SIGTERM (a pool's eviction, pegasus-kickstart's checkpoint time, the local executor's stop) killed the job
+    # outright: no line said so, and the hidden staging folder, a partial copy of the set, stayed beside the output.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / ("set" if output == "--output-dir" else "set.tar")
+    command = [sys.executable, "-c", SLOW_JOB, str(root / "bin" / f"{job}.py"), "--images",
+               str(sample_dir / "images"), "--annotations", str(sample_dir / "annotations"), output, str(out),
+               "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not any(any(folder.iterdir()) for folder in tmp_path.glob(".set*") if folder.is_dir()):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the job wrote nothing"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert stderr.count("\n") == 1 and f"{job}: stopped: SIGTERM received" in stderr, stderr
+    assert os.listdir(tmp_path) == [], "the partial set or a staging folder is left"
+    rerun = subprocess.run(command[:1] + command[3:], capture_output=True, text=True, env=env, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

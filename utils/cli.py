@@ -10,7 +10,8 @@ parses the flags, prints the resolved arguments as the job's first line and runs
   stderr gets one line ``<job>: error: <file>: <problem>``, never a traceback;
 - exit 1: anything else is a bug: the same one line, then the traceback;
 - exit 143: a job that checkpoints (train, hpo) stopped on SIGTERM (utils.stop); stderr
-  says what was abandoned and which checkpoint a retry resumes from.
+  says what was abandoned and which checkpoint a retry resumes from. preprocess and augment
+  stop the same way before their next image, their partial set removed.
 
 Standard output: ``<job>: args: {...}`` (JSON, keys sorted, paths as strings) first.
 """

@@ -30,7 +30,8 @@ from tqdm import tqdm
 from .. import defaults as D
 from ..classes import LABEL_OF, NAME_OF, NO_LABEL_MAP, RARE_CLASS, LabelMap
 from ..errors import InputError
-from .preprocess import (JobLog, NothingProcessedError, boxes_of, check_output_dir, default_report_path,
+from ..stop import check_stop
+from .preprocess import (STOPPED, JobLog, NothingProcessedError, boxes_of, check_output_dir, default_report_path,
                          display_paths, finish_report, load_pair, objects_from, open_inputs, output_folder,
                          write_pair)
 from .voc import VocAnnotation
@@ -129,6 +130,7 @@ def augment_set(images, annotations, copies: int, rare_factor: int = 0, noise_st
     with open_inputs(images, annotations, split_csv, split, log) as pairs, torch_threads(1):
         with output_folder(output_dir, output_tar, job="augment") as folder:
             for pair in tqdm(pairs, desc="augment", unit="img", disable=not progress):
+                check_stop(STOPPED)
                 if pair.stem in produced:
                     log.skip(pair.image.name, f"another input already produced {original_prefix}{pair.stem} "
                                               "(two images with the same stem)")

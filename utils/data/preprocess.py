@@ -40,6 +40,7 @@ from ..naming import name_part_problem
 from .images import ImageError, load_rgb
 from .pairs import Pair, open_folder, pack_folder, pair_folders, read_pairs_csv
 from ..provenance import run_record
+from ..stop import check_stop
 from .voc import VocAnnotation, VocError, VocObject, clean_objects, parse_voc, write_voc
 
 FORMATS = {"jpg": "JPEG", "png": "PNG"}
@@ -246,6 +247,11 @@ def output_folder(output_dir=None, output_tar=None, job: str = "preprocess"):
         pack_folder(tmp, output_tar)
 
 
+# What a job stopped by SIGTERM (utils.stop) says: output_folder's cleanup has run by the time it is printed.
+STOPPED = ("stopped before the set was complete; the partial set is removed, an earlier set in the output folder is "
+           "left as it was, and a rerun writes the whole set")
+
+
 def default_report_path(output_dir=None, output_tar=None) -> Path:
     """The report goes next to the output, never inside it (a set folder holds only pairs)."""
     target = Path(output_dir if output_dir is not None else output_tar)
@@ -314,6 +320,7 @@ def preprocess_set(images, annotations, prefix: str, output_dir=None, output_tar
     with open_inputs(images, annotations, split_csv, split, log) as pairs:
         with output_folder(output_dir, output_tar) as folder:
             for pair in tqdm(pairs, desc=f"preprocess {prefix or ''}".strip(), unit="img", disable=not progress):
+                check_stop(STOPPED)
                 stem = f"{prefix}{pair.stem}"
                 if stem in produced:
                     log.skip(pair.image.name, f"another input already produced {stem}.{image_format} "
