@@ -266,3 +266,36 @@ def test_names_not_utf8_and_links_to_nothing_are_reported_not_fatal_or_lost(root
     assert proc.returncode == 0, proc.stderr
     assert "file_not_read=5" in proc.stdout
     assert [row["image"] for row in csv.DictReader(open(out / "clean_manifest.csv"))] == [str(images / "good.jpg")]
+
+
+@pytest.mark.parametrize("orientation", [5, 6, 7, 8])
+def test_boxes_drawn_on_the_stored_pixels_of_an_exif_turned_image_are_turned_with_them(root, tmp_path, orientation):
+    # A tool that ignores EXIF (LabelImg) writes the stored size and boxes on the stored pixels. The image is read
+    # turned, so the boxes were checked against the turned size: some dropped as outside, the rest kept in the
+    # wrong place with only "size mismatch; the real size is used" said.
+    stored = Image.new("RGB", (160, 90), (255, 255, 255))
+    ImageDraw.Draw(stored).rectangle((100, 10, 149, 39), fill=(255, 0, 0))  # the face: 50x30 px, red
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    (tmp_path / "images").mkdir()
+    (tmp_path / "annotations").mkdir()
+    stored.save(tmp_path / "images" / "turned.jpg", exif=exif, quality=95)
+    (tmp_path / "annotations" / "turned.xml").write_text(
+        voc_xml([("with_mask", (100, 10, 150, 40))], 160, 90, "turned.jpg"))
+    result = validate_dataset(tmp_path / "images", tmp_path / "annotations")
+    report = result.report
+    check_nothing_unreported(report)
+    assert report["problem_counts"]["boxes_turned"] == 1 and report["objects_dropped"] == 0
+    assert report["problem_counts"]["size_mismatch"] == 0
+    ann = result.annotations["turned.jpg"]
+    from utils.data.images import load_rgb
+
+    shown_image = np.asarray(load_rgb(tmp_path / "images" / "turned.jpg"))
+    assert (ann.width, ann.height) == (90, 160) == shown_image.shape[1::-1]
+    (box,) = [o.box for o in ann.objects]
+    x0, y0, x1, y1 = map(int, box)
+    assert (x1 - x0, y1 - y0) == (30, 50)
+    inside = shown_image[y0 + 2:y1 - 2, x0 + 2:x1 - 2].reshape(-1, 3)
+    assert (inside[:, 0] > 200).all() and (inside[:, 1] < 60).all()  # the box is on the red face, turned
+    outputs = write_clean_outputs(result, tmp_path / "out")
+    assert parse_voc(outputs["annotations_clean"] / "turned.xml").objects == ann.objects

@@ -171,6 +171,15 @@ def _pillow_errors(name, action: str):
         raise ImageError(name, f"cannot {action}: {message}") from None
 
 
+def stored_size_and_orientation(path) -> tuple[tuple[int, int], int]:
+    """((width, height) as stored, before the EXIF orientation turns it; the EXIF orientation, 1 when none),
+    read from the header only."""
+    path = Path(path)
+    with _pillow_errors(path, "read image header"), Image.open(path, formats=IMAGE_FORMATS) as img:
+        orientation = img.getexif().get(0x0112, 1)
+        return img.size, orientation if orientation in range(1, 9) else 1
+
+
 def image_size(path) -> tuple[int, int]:
     """(width, height) as displayed, read from the header only (EXIF rotation applied)."""
     path = Path(path)

@@ -14,7 +14,8 @@ non-image files (full decode with utils.data.images.load_rgb); XML that is not w
 or lacks required fields (utils.data.voc.parse_voc); unknown class names, boxes outside the
 image, zero- or negative-area boxes (utils.data.voc.clean_objects: overshoots of at most
 CLIP_TOLERANCE_PX are clipped, anything else drops the object); an XML <size> that
-differs from the decoded image (reported; the real size is used); images left with no
+differs from the decoded image (reported; the real size is used; where it is the stored size of
+an image its EXIF orientation turns, the boxes are turned with the pixels); images left with no
 objects; exact duplicates (sha256 of the file) and near duplicates (perceptual hash,
 Hamming distance <= near_duplicate_distance), of which one per group is kept.
 
@@ -55,9 +56,10 @@ from ..atomic import follow_umask, replace_folder, write_json
 from .. import defaults as D
 from ..classes import CLASSES, NO_LABEL_MAP, LabelMap
 from ..errors import InputError
-from .images import ImageError, is_image_name, load_rgb
+from .images import ImageError, is_image_name, load_rgb, stored_size_and_orientation
 from .pairs import Pair, pair_folders, write_pairs_csv
-from .voc import CLIP_TOLERANCE_PX, VocAnnotation, VocError, clean_objects, parse_voc, write_voc
+from .voc import (CLIP_TOLERANCE_PX, VocAnnotation, VocError, boxes_on_stored_pixels, clean_objects, parse_voc,
+                  turn_boxes, write_voc)
 
 # Problem kinds and whether they take the image out of the clean set.
 PROBLEM_KINDS = {
@@ -71,6 +73,7 @@ PROBLEM_KINDS = {
     "box_clipped": False,             # object kept, box clipped to the image
     "zero_area_box": False,           # object dropped
     "size_mismatch": False,           # XML <size> differs from the image; real size used
+    "boxes_turned": False,            # boxes drawn on the stored pixels of an EXIF-turned image, turned with them
     "no_objects": True,               # nothing left to learn from
     "exact_duplicate": True,          # same bytes as the kept image of its group
     "near_duplicate": True,           # perceptual hash close to another image of its group
@@ -107,6 +110,8 @@ class _ImageFacts:
     size: tuple[int, int] | None = None
     phash: int | None = None
     error: str | None = None
+    stored_size: tuple[int, int] | None = None  # before the EXIF orientation turns it
+    orientation: int = 1
 
 
 def _inspect_image(path: Path) -> _ImageFacts:
@@ -120,8 +125,9 @@ def _inspect_image(path: Path) -> _ImageFacts:
     except ImageError as exc:
         return _ImageFacts(sha256=hashlib.sha256(data).hexdigest(), error=exc.problem)
     bits = imagehash.phash(image).hash.flatten()
+    stored_size, orientation = stored_size_and_orientation(path)
     return _ImageFacts(sha256=hashlib.sha256(data).hexdigest(), size=image.size,
-                       phash=int(np.packbits(bits).view(">u8")[0]))
+                       phash=int(np.packbits(bits).view(">u8")[0]), stored_size=stored_size, orientation=orientation)
 
 
 def _object_problem_kind(message: str) -> str:
@@ -280,6 +286,10 @@ def validate_dataset(images_dir, annotations_dir, near_duplicate_distance: int =
         for renaming in renamed:
             labels_mapped[renaming] = labels_mapped.get(renaming, 0) + 1
         changed = bool(renamed)  # the cleaned copy must hold the class names, not the file's
+        turned = boxes_on_stored_pixels(ann, fact.orientation, fact.stored_size)
+        if turned:
+            problem(pair.annotation, "boxes_turned", turned, image=pair.image)
+            ann, changed = turn_boxes(ann, fact.orientation), True
         if (ann.width, ann.height) != (width, height):
             problem(pair.annotation, "size_mismatch",
                     f"<size> says {ann.width}x{ann.height} but {pair.image.name} is {width}x{height}; "

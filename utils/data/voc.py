@@ -217,5 +217,43 @@ def clean_objects(ann: VocAnnotation, width: int | None = None, height: int | No
     return kept, problems
 
 
+# Where each EXIF orientation's turn (PIL's ImageOps.exif_transpose) moves the stored pixel (x, y) of a W x H
+# image; the turns of 5-8 swap width and height.
+_ORIENTED = {
+    2: lambda x, y, w, h: (w - x, y), 3: lambda x, y, w, h: (w - x, h - y), 4: lambda x, y, w, h: (x, h - y),
+    5: lambda x, y, w, h: (y, x), 6: lambda x, y, w, h: (h - y, x), 7: lambda x, y, w, h: (h - y, w - x),
+    8: lambda x, y, w, h: (y, w - x),
+}
+
+
+def boxes_on_stored_pixels(ann: VocAnnotation, orientation: int, stored_size) -> str | None:
+    """Why *ann*'s boxes are on the image's stored pixels, before its EXIF *orientation* turns them, or None.
+
+    Only a turn that swaps width and height (orientations 5-8) of a non-square image leaves a trace: an XML <size>
+    that is the stored size, not the displayed one (an annotation tool that ignores EXIF, as LabelImg does)."""
+    width, height = stored_size
+    if orientation not in (5, 6, 7, 8) or width == height or (ann.width, ann.height) != (width, height):
+        return None
+    return (f"<size> {width}x{height} is the stored size of an image its EXIF orientation {orientation} turns to "
+            f"{height}x{width}: the boxes were drawn on the stored pixels and are turned with them")
+
+
+def turn_boxes(ann: VocAnnotation, orientation: int) -> VocAnnotation:
+    """*ann* (boxes on the stored pixels, <size> the stored size) with its boxes where the EXIF *orientation*'s
+    turn puts them, and the displayed size."""
+    move, (w, h) = _ORIENTED.get(orientation), (ann.width, ann.height)
+    if move is None:
+        return ann
+    objects = []
+    for obj in ann.objects:
+        if obj.xmax <= obj.xmin or obj.ymax <= obj.ymin:  # dropped by clean_objects as it stands
+            objects.append(obj)
+            continue
+        (ax, ay), (bx, by) = move(obj.xmin, obj.ymin, w, h), move(obj.xmax, obj.ymax, w, h)
+        objects.append(replace(obj, xmin=min(ax, bx), ymin=min(ay, by), xmax=max(ax, bx), ymax=max(ay, by)))
+    width, height = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    return replace(ann, width=width, height=height, objects=objects)
+
+
 def _fmt(box) -> str:
     return "(" + ", ".join(f"{v:g}" for v in box) + ")"
