@@ -5,8 +5,8 @@ Writes OUTPUT_DIR/validation_report.json, OUTPUT_DIR/clean_manifest.csv,
 OUTPUT_DIR/annotations_clean/ (the annotation of every usable pair, cleaned where
 needed; object names renamed by --label-map are written as the class names) and
 OUTPUT_DIR/validate_run.json (run record). Prints a summary of counts.
-Exit 0 when at least one image is usable; 2 when none is or the inputs cannot be read
-(one line naming the folder and the reason); 1 on a bug.
+Exit 0 when at least one image is usable; 2 when none is, the inputs cannot be read or the output
+folder is one of them (one line naming the folder and the reason); 1 on a bug.
 """
 
 import argparse
@@ -49,6 +49,10 @@ def _files(folder: Path):
 def main(args) -> int:
     label_map = LabelMap.parse(args.label_map)
     output_dir = Path(args.output_dir)
+    for role in ("images", "annotations"):  # its outputs would be read back as inputs by the next run
+        if output_dir.resolve() == Path(getattr(args, role)).resolve():
+            raise ValidationInputError(f"{output_dir}: the output folder is also the --{role} folder; write the "
+                                       "report, manifest and clean annotations to another folder")
     with contextlib.ExitStack() as stack:
         images_dir = stack.enter_context(open_folder(args.images))
         same = Path(args.images).resolve() == Path(args.annotations).resolve()

@@ -299,3 +299,17 @@ def test_boxes_drawn_on_the_stored_pixels_of_an_exif_turned_image_are_turned_wit
     assert (inside[:, 0] > 200).all() and (inside[:, 1] < 60).all()  # the box is on the red face, turned
     outputs = write_clean_outputs(result, tmp_path / "out")
     assert parse_voc(outputs["annotations_clean"] / "turned.xml").objects == ann.objects
+
+
+def test_an_output_folder_that_is_an_input_folder_is_refused_in_one_line(root, tmp_path):
+    # The report, manifest, run record and annotations_clean/ went into the data folder, and the next run read
+    # them back as 3 images without annotation and a subfolder.
+    add_pair(tmp_path, "good", textured(60))
+    for role in ("images", "annotations"):
+        proc = run_cli(root, "--images", tmp_path / "images", "--annotations", tmp_path / "annotations",
+                       "--output-dir", tmp_path / role)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip() == (f"validate_data: error: {tmp_path / role}: the output folder is also the "
+                                       f"--{role} folder; write the report, manifest and clean annotations to "
+                                       "another folder")
+        assert sorted(p.name for p in (tmp_path / role).iterdir()) == [f"good.{'jpg' if role == 'images' else 'xml'}"]
