@@ -23,7 +23,7 @@ from utils.classes import LabelMap
 from utils.cli import (add_label_map_arg, add_set_input_args, add_set_output_args, check_set_args,
                        non_negative_float, non_negative_int, random_seed, run_job)
 from utils.data.augment import augment_set
-from utils.stop import stop_on_sigterm
+from utils.stop import declare_outputs, stop_on_sigterm
 
 
 def get_args_parser():
@@ -46,6 +46,8 @@ def get_args_parser():
 def main(args) -> int:
     stop_on_sigterm()  # a SIGTERM stops at the next image and removes the partial set, leaving the old one
     check_set_args(args)
+    # a stopped try leaves stand-ins for the files (not a folder): on a pool a missing one holds the job
+    declare_outputs(args.output_tar, args.report)
     label_map = LabelMap.parse(args.label_map)
     report = augment_set(args.images, args.annotations or args.images, copies=args.copies,
                          rare_factor=args.rare_factor, noise_std=args.noise_std, seed=args.seed,

@@ -23,7 +23,7 @@ from utils.classes import LabelMap
 from utils.cli import (add_label_map_arg, add_set_input_args, add_set_output_args, check_set_args, file_name_part,
                        int_at_least, run_job)
 from utils.data.preprocess import FORMATS, preprocess_set
-from utils.stop import stop_on_sigterm
+from utils.stop import declare_outputs, stop_on_sigterm
 
 
 def get_args_parser():
@@ -45,6 +45,8 @@ def get_args_parser():
 def main(args) -> int:
     stop_on_sigterm()  # a SIGTERM stops at the next image and removes the partial set, leaving the old one
     check_set_args(args)
+    # a stopped try leaves stand-ins for the files (not a folder): on a pool a missing one holds the job
+    declare_outputs(args.output_tar, args.report)
     label_map = LabelMap.parse(args.label_map)
     report = preprocess_set(args.images, args.annotations or args.images, args.prefix,
                             output_dir=args.output_dir, output_tar=args.output_tar, split_csv=args.split_csv,
