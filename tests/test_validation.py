@@ -313,3 +313,21 @@ def test_an_output_folder_that_is_an_input_folder_is_refused_in_one_line(root, t
                                        f"--{role} folder; write the report, manifest and clean annotations to "
                                        "another folder")
         assert sorted(p.name for p in (tmp_path / role).iterdir()) == [f"good.{'jpg' if role == 'images' else 'xml'}"]
+
+
+def test_the_clean_copy_of_an_xml_with_a_doctype_leaves_the_doctype_out(tmp_path):
+    # An unchanged XML was copied byte for byte, its DOCTYPE too: never read here, but a SYSTEM entity (a local
+    # file, a URL) went on to any tool that reads "annotations_clean/" with entities on (lxml's default).
+    add_pair(tmp_path, "dtd", textured(1))
+    add_pair(tmp_path, "plain", textured(2))
+    xml = tmp_path / "annotations" / "dtd.xml"
+    xml.write_text('<!DOCTYPE annotation [<!ENTITY secret SYSTEM "file:///etc/hostname">]>\n' + xml.read_text())
+    result = validate_dataset(tmp_path / "images", tmp_path / "annotations", progress=False)
+    check_nothing_unreported(result.report)
+    assert [(p["file"], p["kind"], p["excluded"]) for p in result.report["problems"]] == [
+        ("dtd.xml", "doctype_dropped", False)]
+    assert result.report["images_usable"] == 2 and result.changed == {"dtd.jpg"}
+    outputs = write_clean_outputs(result, tmp_path / "out")
+    cleaned = (outputs["annotations_clean"] / "dtd.xml").read_bytes()
+    assert b"DOCTYPE" not in cleaned and b"ENTITY" not in cleaned
+    assert parse_voc(outputs["annotations_clean"] / "dtd.xml") == parse_voc(xml)  # the same boxes and classes

@@ -79,6 +79,7 @@ PROBLEM_KINDS = {
     "near_duplicate": True,           # perceptual hash close to another image of its group
     "subfolder_ignored": False,       # a folder inside images/ or annotations/: its files are not read
     "file_not_read": False,           # a name not valid UTF-8, a link to nothing, not a regular file
+    "doctype_dropped": False,         # the clean copy is written without the file's <!DOCTYPE> (and its entities)
 }
 CLEAN_ANNOTATIONS_DIRNAME = "annotations_clean"
 REPORT_NAME = "validation_report.json"
@@ -286,6 +287,10 @@ def validate_dataset(images_dir, annotations_dir, near_duplicate_distance: int =
         for renaming in renamed:
             labels_mapped[renaming] = labels_mapped.get(renaming, 0) + 1
         changed = bool(renamed)  # the cleaned copy must hold the class names, not the file's
+        if ann.doctype:  # a byte copy would hand its DTD and entities (a SYSTEM file, a URL) to the next reader
+            problem(pair.annotation, "doctype_dropped", f"{ann.doctype[:80]} is not kept in the clean copy "
+                    "(never read here: entities are not expanded, DTDs not loaded)", image=pair.image)
+            changed = True
         turned = boxes_on_stored_pixels(ann, fact.orientation, fact.stored_size)
         if turned:
             problem(pair.annotation, "boxes_turned", turned, image=pair.image)

@@ -68,6 +68,9 @@ class VocAnnotation:
     objects: list[VocObject] = field(default_factory=list)
     folder: str = "images"
     path: str | None = None
+    # The file's <!DOCTYPE ...> ("" when none): never read here (_PARSER), but a copy would hand it, and any
+    # SYSTEM entity it names, to the next tool that reads the file; not part of equality
+    doctype: str = field(default="", compare=False)
 
 
 # A parser that never fetches entities or DTDs: annotation files come from outside.
@@ -147,7 +150,8 @@ def parse_voc(path, label_map: LabelMap = NO_LABEL_MAP) -> VocAnnotation:
                                  source_name=name if class_name != name else None))
     return VocAnnotation(filename=filename, width=int(round(width)), height=int(round(height)), depth=depth,
                          objects=objects, folder=_text(root, "folder", path, required=False) or "images",
-                         path=_text(root, "path", path, required=False))
+                         path=_text(root, "path", path, required=False),
+                         doctype=root.getroottree().docinfo.doctype or "")
 
 
 def to_xml_bytes(ann: VocAnnotation) -> bytes:
