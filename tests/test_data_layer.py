@@ -311,3 +311,24 @@ def test_objects_training_would_drop_are_listed(tmp_path):
     assert "2 object(s) in 1 annotation(s) dropped or clipped" in object_problems_line(problems)
     assert len(object_problems([pair], LabelMap.parse("mask=with_mask"))) == 1  # read as the dataset reads them
     assert object_problems_line([]) is None
+
+
+def test_training_and_evaluation_read_boxes_on_an_exif_turned_images_stored_pixels_as_preprocess_does(tmp_path):
+    # An EXIF-ignoring tool's XML (the stored size, a box on the stored pixels) given to train or evaluate by hand:
+    # preprocess turned its boxes with the pixels, the dataset checked them against the turned image unturned.
+    from utils.data.pairs import object_problems
+
+    stored = Image.new("RGB", (160, 90), (255, 255, 255))
+    stored.paste((255, 0, 0), (100, 10, 150, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise: 90x160
+    stored.save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    write_voc(tmp_path / "turned.xml", VocAnnotation("turned.jpg", 160, 90,
+                                                     objects=[VocObject("with_mask", 100, 10, 150, 40)]))
+    pair = Pair(tmp_path / "turned.jpg", tmp_path / "turned.xml")
+    image, target = VocDetectionDataset([pair])[0]
+    assert tuple(image.shape) == (3, 160, 90)
+    assert target["boxes"].tolist() == [[50.0, 100.0, 80.0, 150.0]]  # on the red patch, as shown
+    red = image[0, 100:150, 50:80]
+    assert float(red.mean()) > 0.9 and float(image[1, 100:150, 50:80].mean()) < 0.1
+    assert object_problems([pair]) == []  # nothing dropped: it was checked against the turned size

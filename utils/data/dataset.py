@@ -8,7 +8,7 @@ from torchvision.transforms import v2 as T
 
 from ..classes import CLASSES, LABEL_OF, NO_LABEL_MAP, LabelMap
 from .images import load_rgb
-from .voc import clean_objects, parse_voc
+from .voc import clean_objects, parse_voc_for_image
 
 
 class VocDetectionDataset(torch.utils.data.Dataset):
@@ -33,7 +33,7 @@ class VocDetectionDataset(torch.utils.data.Dataset):
 
     def load_target(self, index, width, height):
         pair = self.pairs[index]
-        ann = parse_voc(pair.annotation, self.label_map)
+        ann, _ = parse_voc_for_image(pair.annotation, pair.image, (width, height), self.label_map)
         objects, problems = clean_objects(ann, width, height, known_classes=CLASSES)
         if problems:
             self.object_problems[str(pair.annotation)] = problems

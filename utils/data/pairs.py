@@ -189,13 +189,14 @@ def object_problems(pairs, label_map=None) -> list[dict]:
     clean_objects, object names through *label_map*): so that a run can say what it did not learn from."""
     from ..classes import CLASSES, NO_LABEL_MAP
     from .images import image_size
-    from .voc import clean_objects
+    from .voc import clean_objects, parse_voc_for_image
 
     problems = []
     for pair in pairs:
         try:
             width, height = image_size(pair.image)
-            annotation = parse_voc(pair.annotation, label_map or NO_LABEL_MAP)
+            annotation, _ = parse_voc_for_image(pair.annotation, pair.image, (width, height),
+                                                label_map or NO_LABEL_MAP)
         except (VocError, ImageError, OSError):
             continue  # scan_pairs lists such pairs as skipped
         problems += [{"file": str(pair.annotation), "problem": text}

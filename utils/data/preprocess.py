@@ -37,12 +37,11 @@ from .. import defaults as D
 from ..classes import CLASSES, NO_LABEL_MAP, LabelMap
 from ..errors import InputError, shown
 from ..naming import name_part_problem
-from .images import ImageError, load_rgb, stored_size_and_orientation
+from .images import ImageError, load_rgb
 from .pairs import Pair, open_folder, pack_folder, pair_folders, read_pairs_csv
 from ..provenance import run_record
 from ..stop import check_stop
-from .voc import (VocAnnotation, VocError, VocObject, boxes_on_stored_pixels, clean_objects, parse_voc, turn_boxes,
-                  write_voc)
+from .voc import VocAnnotation, VocError, VocObject, clean_objects, parse_voc_for_image, write_voc
 
 FORMATS = {"jpg": "JPEG", "png": "PNG"}
 
@@ -142,15 +141,12 @@ def load_pair(pair: Pair, log: JobLog, label_map: LabelMap = NO_LABEL_MAP) -> Lo
         log.skip(pair.image.name, exc.problem)
         return None
     try:
-        ann = parse_voc(pair.annotation, label_map)
+        ann, turned = parse_voc_for_image(pair.annotation, pair.image, image.size, label_map)
     except VocError as exc:
         log.skip(pair.annotation.name, exc.problem)
         return None
-    stored_size, orientation = stored_size_and_orientation(pair.image)
-    turned = boxes_on_stored_pixels(ann, orientation, stored_size)
     if turned:
         log.object_problems.append({"file": pair.annotation.name, "problem": turned})
-        ann = turn_boxes(ann, orientation)
     if (ann.width, ann.height) != image.size:
         log.object_problems.append({"file": pair.annotation.name, "problem": (
             f"size in XML {ann.width}x{ann.height} differs from the image's {image.width}x{image.height}; "

@@ -259,5 +259,20 @@ def turn_boxes(ann: VocAnnotation, orientation: int) -> VocAnnotation:
     return replace(ann, width=width, height=height, objects=objects)
 
 
+def parse_voc_for_image(path, image, displayed_size=None, label_map: LabelMap = NO_LABEL_MAP
+                        ) -> tuple[VocAnnotation, str | None]:
+    """(parse_voc of *path*, with its boxes turned with *image*'s pixels when they were drawn on its stored ones;
+    why they were turned, or None): the annotation as every reader of a raw pair sees it. *displayed_size*, the
+    image's (width, height) when the caller has it, spares the header read where the <size> already matches."""
+    from .images import stored_size_and_orientation
+
+    ann = parse_voc(path, label_map)
+    if displayed_size is not None and (ann.width, ann.height) == tuple(displayed_size):
+        return ann, None  # boxes on the stored pixels of a turned image come with the stored size: not these
+    stored_size, orientation = stored_size_and_orientation(image)
+    turned = boxes_on_stored_pixels(ann, orientation, stored_size)
+    return (turn_boxes(ann, orientation), turned) if turned else (ann, None)
+
+
 def _fmt(box) -> str:
     return "(" + ", ".join(f"{v:g}" for v in box) + ")"
