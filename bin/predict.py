@@ -28,8 +28,13 @@ of the models' own). With --explain, each annotated image also gets, for each of
 best --explain-max-boxes detections, explain_<stem>_<k>.jpg: the evidence for the box's
 class (HiResCAM by default, grad-cam package) over a crop around the box; the image's
 entry in predictions.json lists them (detection index k, evidence share inside the box).
+A run stopped part way (Ctrl-C, SIGTERM, a kill) keeps the records of the images done in
+OUTPUT_DIR/.predictions.json.progress.jsonl (and, with --annotated-tar, the images drawn beside it);
+run again with the same model files, settings and inputs it reads only the images not done, and its
+outputs are those of a run never stopped. Another model, setting or input set starts afresh.
 Exit 0 when at least one image was processed; 2 when none was or the model
-cannot be loaded (one line naming the file); 1 on a bug.
+cannot be loaded (one line naming the file); 143 after SIGTERM (what was not written yet
+gets a stand-in, utils/stop.py); 130 after Ctrl-C; 1 on a bug.
 """
 
 import argparse
@@ -47,7 +52,8 @@ from utils.detection.evaluation import load_trained_model
 from utils.detection.explain import EXPLAIN_METHODS
 from utils.detection.prediction import output_names, predict_images, summary_line
 from utils.errors import InputError
-from utils.provenance import write_run_record
+from utils.provenance import file_sha256, write_run_record
+from utils.stop import declare_outputs, stop_on_sigterm
 
 
 def get_args_parser():
@@ -82,8 +88,13 @@ def get_args_parser():
 
 
 def main(args) -> int:
+    stop_on_sigterm()  # SIGTERM stops after the image in hand; the rerun resumes from the progress file
     check_model_run_args(args)
     check_output_tag(args.output_tag)
+    names = output_names(args.output_tag)
+    declare_outputs(*(Path(args.output_dir) / names[key] for key in ("predictions_json", "predictions_csv",
+                                                                      "compliance_json", "run_record")),
+                    args.annotated_tar)
     if args.explain and args.no_annotated:
         raise InputError("--explain explains the annotated images: drop --no-annotated "
                          "(bound them with --annotate-max)")
@@ -114,9 +125,10 @@ def main(args) -> int:
                              annotate=not args.no_annotated, progress=bar.update, settings=settings,
                              annotate_max=args.annotate_max, annotated_tar=args.annotated_tar, tag=args.output_tag,
                              explain=args.explain_method if args.explain else None,
-                             explain_max_boxes=args.explain_max_boxes, calibration=meta.get("quantification"))
+                             explain_max_boxes=args.explain_max_boxes, calibration=meta.get("quantification"),
+                             resume={"models": [file_sha256(path) for path in args.model]})
     processed = [Path(path) for path in args.model] + run.inputs  # files and archives as such, folders' images
-    write_run_record(Path(args.output_dir) / output_names(args.output_tag)["run_record"], "predict",
+    write_run_record(Path(args.output_dir) / names["run_record"], "predict",
                      {**vars(args), "device": str(device)}, processed)
     for entry in run.skipped:
         print(f"skipped {entry['file']}: {entry['reason']}", file=sys.stderr)

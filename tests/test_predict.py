@@ -262,7 +262,96 @@ def test_predict_writes_all_of_its_outputs_or_none(root, sample_dir, tiny_model_
 
     monkeypatch.setattr(prediction, "_csv_text", broken)
     assert predict_quick(root, tiny_model_file, [photos], out, "--no-annotated") == 1
-    assert sorted(path.name for path in out.iterdir()) == []  # no half set, and nothing of the last run
+    # no half set, and nothing of the last run: only the progress of the images done, for the rerun
+    assert sorted(path.name for path in out.iterdir()) == [".predictions.json.progress.jsonl"]
+
+
+def _stop_after(monkeypatch, images: int, stop):
+    """Make prediction's journal call *stop* after *images* records; returns the list of images the model read."""
+    from utils.detection import prediction_progress
+
+    read = []
+    add = prediction_progress.PredictionProgress.add
+
+    def counting_add(self, record):
+        add(self, record)
+        read.append(record["file"])
+        if len(read) == images:
+            stop()
+
+    monkeypatch.setattr(prediction_progress.PredictionProgress, "add", counting_add)
+    return read
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_a_stopped_predict_run_resumes_and_writes_what_a_run_never_stopped_writes(root, sample_dir, tiny_model_file,
+                                                                                  tmp_path, monkeypatch, capsys, how):
+    # A run over a large collection stopped part way (Ctrl-C, a pool's SIGTERM) lost every image it had done.
+    import os
+    import signal
+
+    photos = photo_folders(sample_dir, tmp_path / "photos")
+    args = ["--annotate-max", "3", "--annotated-tar", tmp_path / "drawn.tar"]
+    assert predict_quick(root, tiny_model_file, [photos], tmp_path / "whole", *args[:2], "--annotated-tar",
+                         tmp_path / "whole.tar") == 0
+    out = tmp_path / "out"
+
+    def stop():
+        if how == "ctrl-c":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)  # the job's handler: it stops after this image
+
+    saved = signal.getsignal(signal.SIGTERM)
+    try:
+        with monkeypatch.context() as patch:
+            first = _stop_after(patch, 2, stop)
+            assert predict_quick(root, tiny_model_file, [photos], out, *args) == (130 if how == "ctrl-c" else 143)
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+    assert len(first) == 2 and (out / ".predictions.json.progress.jsonl").is_file()
+    if how == "sigterm":  # the outputs not written yet got stand-ins, as train's do
+        from utils.stop import is_stand_in
+
+        assert is_stand_in(out / "predictions.json") and is_stand_in(tmp_path / "drawn.tar")
+    capsys.readouterr()
+    second = _stop_after(monkeypatch, 99, lambda: None)
+    assert predict_quick(root, tiny_model_file, [photos], out, *args) == 0
+    assert "resuming a stopped run: 2 of 4 images done" in capsys.readouterr().out
+    assert len(second) == 2 and not set(first) & set(second)  # only the images not done were read
+    for name in ("predictions.json", "predictions.csv", "compliance.json"):
+        assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    with tarfile.open(tmp_path / "drawn.tar") as drawn, tarfile.open(tmp_path / "whole.tar") as whole:
+        assert sorted(drawn.getnames()) == sorted(whole.getnames()) and len(drawn.getnames()) == 3
+    assert not [path.name for path in out.iterdir() if path.name.startswith(".")]  # progress and staging gone
+
+
+def test_a_stopped_predict_runs_progress_is_not_used_for_another_model_setting_or_input(root, sample_dir,
+                                                                                      tiny_model_file, tmp_path,
+                                                                                      monkeypatch, capsys):
+    photos = photo_folders(sample_dir, tmp_path / "photos")
+    out = tmp_path / "out"
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        _stop_after(patch, 2, interrupt)
+        assert predict_quick(root, tiny_model_file, [photos], out, "--no-annotated") == 130
+    (photos / "siteB" / "d.jpg").unlink()  # an input gone: the records may not be of these inputs
+    capsys.readouterr()
+    read = _stop_after(monkeypatch, 99, lambda: None)
+    assert predict_quick(root, tiny_model_file, [photos], out, "--no-annotated") == 0
+    assert "another model, setting or input set; starting afresh" in capsys.readouterr().out and len(read) == 3
+    # a kill that cut the last record short: the records before it are kept, the cut one read again
+    with monkeypatch.context() as patch:
+        _stop_after(patch, 2, interrupt)
+        assert predict_quick(root, tiny_model_file, [photos], out, "--no-annotated", "--score-threshold", "0.1") == 130
+    progress = out / ".predictions.json.progress.jsonl"
+    progress.write_bytes(progress.read_bytes()[:-20])
+    read.clear()
+    assert predict_quick(root, tiny_model_file, [photos], out, "--no-annotated", "--score-threshold", "0.1") == 0
+    assert "resuming a stopped run: 1 of 3 images done" in capsys.readouterr().out and len(read) == 2
 
 
 @pytest.mark.slow

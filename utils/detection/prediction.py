@@ -18,6 +18,7 @@ import io
 import os
 import posixpath
 import re
+import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from .compliance import compliance, compliance_line, merge_compliance
 from .quantify import prediction_estimates, soft_counts
 from ..data.pairs import open_folder, pack_folder
 from .plots import save_annotated
+from .prediction_progress import PredictionProgress, inputs_fingerprint, progress_path
+from ..stop import check_stop
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PREDICTION_CSV_FIELDS = ("file", "xmin", "ymin", "xmax", "ymax", "label", "score")
@@ -146,15 +149,24 @@ def collect_inputs(paths, stack: contextlib.ExitStack, exclude=(), read: list | 
 ANNOTATED_FILE = re.compile(r"(annotated|explain)_.+\.jpg")
 
 
-def remove_outputs(files, annotated_dir: Path) -> None:
-    """Remove a predict run's *files* and the annotated images (annotated_*.jpg, explain_*.jpg) in *annotated_dir*:
-    a rerun into the same folders leaves only its own outputs (no figure per folder of the last run's folders)."""
+def remove_outputs(files, annotated_dir: Path, keep=frozenset()) -> None:
+    """Remove a predict run's *files* and the annotated images (annotated_*.jpg, explain_*.jpg) in *annotated_dir*
+    but those named in *keep* (a resumed run's): a rerun into the same folders leaves only its own outputs (no
+    figure per folder of the last run's folders)."""
     for file in files:
         Path(file).unlink(missing_ok=True)
     if annotated_dir.is_dir():
         for file in annotated_dir.iterdir():
-            if ANNOTATED_FILE.fullmatch(file.name) and file.is_file() and not file.is_symlink():
+            if (ANNOTATED_FILE.fullmatch(file.name) and file.name not in keep and file.is_file()
+                    and not file.is_symlink()):
                 file.unlink()
+
+
+def _drawn_files(record: dict) -> list[str]:
+    """The annotated and explanation images of an image's record."""
+    if not record.get("annotated"):
+        return []
+    return [record["annotated"], *(explained["file"] for explained in record.get("explanations", []))]
 
 
 def _annotated_name(item: ImageItem, used: set) -> str:
@@ -228,7 +240,7 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
                    annotate: bool = True, progress=None, settings: dict | None = None,
                    annotate_max: int | None = None, annotated_tar=None, tag: str | None = None,
                    explain: str | None = None, explain_max_boxes: int = 5, calibration: dict | None = None,
-                   estimator: str = D.COMPLIANCE_ESTIMATOR) -> PredictionRun:
+                   estimator: str = D.COMPLIANCE_ESTIMATOR, resume: dict | None = None) -> PredictionRun:
     """Run the predict job and write its outputs; returns what was written.
 
     *progress* is an optional callable taking the number of finished images (for a tqdm bar).
@@ -240,28 +252,60 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
     (explain_<stem>_<k>.jpg beside the annotated image; k indexes the image's detections).
     *calibration* (the model file's validation record) lets the adjusted estimators correct the counts;
     *estimator* names the headline one (utils/detection/quantify.py). Images in two or more folders
-    also get one figure per folder and compliance_by_folder.png.
+    also get one figure per folder and compliance_by_folder.png. With *resume* (the caller's part of the run's
+    key: its model files' hashes), the records of the images done are kept in a progress file as they finish, and
+    a run stopped part way, started again with the same key, reads only the others (prediction_progress.py).
     """
     output_dir = Path(output_dir)
     annotated_dir = Path(annotated_dir) if annotated_dir else output_dir / "annotated"
     run = PredictionRun()
-    used_names: set[str] = set()
     names = output_names(tag)
     outputs = [output_dir / name for name in names.values()] + ([Path(annotated_tar)] if annotated_tar else [])
-    remove_outputs(outputs, annotated_dir)  # a rerun's files replace the last run's, none left over
+    floor = min(D.DETECTION_FLOOR, score_threshold)
     with contextlib.ExitStack() as stack:
         items, run.skipped = collect_inputs(paths, stack, [output_dir, *outputs, annotated_dir], run.inputs)
         drawn = {items[index].name for index in annotation_sample(len(items), annotate_max)} if annotate else set()
-        if annotated_tar is not None:
-            annotated_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="annotated.")))
+        used_names: set[str] = set()  # the drawn images' names, fixed by the input order (a resumed run's too)
+        annotated_names = {item.name: _annotated_name(item, used_names) for item in items if item.name in drawn}
+        journal = None
+        if resume is not None:
+            key = {**resume, "score_threshold": score_threshold, "floor": floor, "tta": tta,
+                   "working_size": working_size(model), "drawn": sorted(annotated_names.items()),
+                   "explain": [explain, explain_max_boxes], "annotated": str(annotated_tar or annotated_dir),
+                   "inputs": inputs_fingerprint(items, run.inputs)}
+            journal = PredictionProgress(progress_path(output_dir, names["predictions_json"]), key)
+            stack.callback(journal.close)
+            if journal.stale:
+                print(f"predict: {journal.path.name}: a stopped run's progress with another model, setting or "
+                      "input set; starting afresh")
+        staging = None
+        if annotated_tar is not None:  # drawn into a folder, then packed; a resumable run's outlives a kill
+            remove_outputs((), annotated_dir)  # the folder named (or the default): not drawn into this time
+            if journal is None:
+                annotated_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="annotated.")))
+            else:
+                annotated_dir = staging = journal.path.with_suffix(".annotated")
+        done = {}
+        if journal is not None:
+            for name, record in list(journal.done.items()):  # an image whose drawings are lost is read again
+                if not all((annotated_dir / file).is_file() for file in _drawn_files(record)):
+                    journal.forget(name)
+            done = journal.done
+            if done:
+                print(f"predict: resuming a stopped run: {len(done)} of {len(items)} images done "
+                      f"({journal.path.name}), {len(items) - len(done)} to read")
+        # a rerun's files replace the last run's, none left over; a resumed run keeps the images it drew
+        remove_outputs(outputs, annotated_dir, {file for record in done.values() for file in _drawn_files(record)})
         if annotate:
             annotated_dir.mkdir(parents=True, exist_ok=True)
         writer = stack.enter_context(ThreadPoolExecutor(max_workers=2, thread_name_prefix="annotate"))
-        pending = []
+        pending, records = [], dict(done)
+        if progress is not None and done:
+            progress(len(done))  # the bar counts the run's images, the resumed ones too
         # Detections down to the floor feed the probabilistic count; only those at the threshold are counted,
         # drawn and listed.
-        floor = min(D.DETECTION_FLOOR, score_threshold)
-        for result in detect_files(model, items, device, batch_size=batch_size, score_threshold=floor,
+        todo = [item for item in items if item.name not in done]
+        for result in detect_files(model, todo, device, batch_size=batch_size, score_threshold=floor,
                                    tta=tta, num_workers=num_workers, keep_images=annotate):
             if isinstance(result, Skipped):
                 run.skipped.append({"file": result.item.name, "reason": result.reason})
@@ -270,7 +314,7 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
             annotated = None
             explained = []
             if result.item.name in drawn:
-                annotated = _annotated_name(result.item, used_names)
+                annotated = annotated_names[result.item.name]
                 if explain:
                     explained = _write_explanations(model, result, device, explain, explain_max_boxes, annotated,
                                                     annotated_dir, writer, pending, tta)
@@ -280,15 +324,21 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
                 result.image = None
                 if len(pending) > 4 * batch_size:  # bound the images held in memory by queued writes
                     pending.pop(0).result()
-            run.images.append(_image_record(result, annotated, soft))
+            record = _image_record(result, annotated, soft)
             if explain and annotated:
-                run.images[-1]["explanations"] = explained
+                record["explanations"] = explained
+            records[result.item.name] = record
+            if journal is not None:
+                journal.add(record)
+                check_stop(f"{len(records)} of {len(items)} images done, kept in {journal.path} for the rerun "
+                           "to resume from")
             if progress is not None:
                 progress(1)
         for future in pending:
             future.result()  # re-raise a failed write (disk full) instead of losing it
         if annotated_tar is not None:
             pack_folder(annotated_dir, annotated_tar)  # always written: a workflow declares it as an output
+    run.images = [records[item.name] for item in items if item.name in records]  # in input order, resumed or not
     run.overall = merge_compliance(image["compliance"] for image in run.images)
     size = working_size(model)
     run.estimates = prediction_estimates(run.images, calibration, score_threshold, tta, estimator, size)
@@ -318,6 +368,10 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
         "annotated_tar": Path(annotated_tar) if annotated_tar is not None else None,
         "folder_plot": output_dir / names["folder_plot"] if "per_folder" in run.estimates else None,
     })
+    if journal is not None:  # the outputs are written: nothing left to resume
+        journal.finish()
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return run
 
 
