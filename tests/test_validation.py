@@ -331,3 +331,14 @@ def test_the_clean_copy_of_an_xml_with_a_doctype_leaves_the_doctype_out(tmp_path
     cleaned = (outputs["annotations_clean"] / "dtd.xml").read_bytes()
     assert b"DOCTYPE" not in cleaned and b"ENTITY" not in cleaned
     assert parse_voc(outputs["annotations_clean"] / "dtd.xml") == parse_voc(xml)  # the same boxes and classes
+
+
+def test_an_entity_reference_in_a_field_is_named_not_read_as_a_missing_field(tmp_path):
+    # <name>&mask;</name> read as "missing required field <name>"; ab&x;cd as "ab", silently
+    from utils.data.voc import VocError
+
+    xml = tmp_path / "a.xml"
+    xml.write_text('<!DOCTYPE annotation [<!ENTITY mask "with_mask">]>\n'
+                   + voc_xml(GOOD_OBJECTS).replace("<name>with_mask</name>", "<name>&mask;</name>"))
+    with pytest.raises(VocError, match=r"field <name> in object 0 holds the entity reference &mask;"):
+        parse_voc(xml)

@@ -79,6 +79,10 @@ _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=Fals
 
 def _text(element, tag: str, file, required: bool = True, where: str = ""):
     child = element.find(tag)
+    if child is not None and (entities := [node.text for node in child if isinstance(node, etree._Entity)]):
+        # not expanded (_PARSER): the field would read as missing or as part of its text
+        raise VocError(file, f"field <{tag}>{where} holds the entity reference {entities[0]}; entities are not "
+                             "expanded here: write the value itself")
     if child is None or child.text is None or not child.text.strip():
         if required:
             raise VocError(file, f"missing required field <{tag}>{where}")
