@@ -54,8 +54,9 @@ def main(args) -> int:
                             quality=args.quality, report=args.report, progress=not args.no_progress,
                             label_map=label_map)
     output = args.output_dir or args.output_tar
-    print(f"preprocess: {report['images_processed']} of {report['inputs']} images written to {output} "
-          f"({report['images_skipped']} skipped, {len(report['object_problems'])} object problems)")
+    # inputs: the pairs and every entry skipped (a subfolder, a file without a partner), not only images
+    print(f"preprocess: {report['images_processed']} images written to {output} ({report['inputs']} inputs, "
+          f"{report['images_skipped']} skipped; {len(report['object_problems'])} object problems)")
     for item in report["skipped"]:
         print(f"  skipped {item['file']}: {item['problem']}")
     return 0
