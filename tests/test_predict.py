@@ -292,10 +292,12 @@ def test_a_stopped_predict_run_resumes_and_writes_what_a_run_never_stopped_write
     import signal
 
     photos = photo_folders(sample_dir, tmp_path / "photos")
-    args = ["--annotate-max", "3", "--annotated-tar", tmp_path / "drawn.tar"]
-    assert predict_quick(root, tiny_model_file, [photos], tmp_path / "whole", *args[:2], "--annotated-tar",
+    (photos / "siteB" / "broken.jpg").write_bytes(b"not a JPEG")  # a skipped input, recorded as such
+    args = ["--annotate-max", "3", "--batch-size", "2"]
+    assert predict_quick(root, tiny_model_file, [photos], tmp_path / "whole", *args, "--annotated-tar",
                          tmp_path / "whole.tar") == 0
     out = tmp_path / "out"
+    args += ["--annotated-tar", tmp_path / "drawn.tar"]
 
     def stop():
         if how == "ctrl-c":
@@ -305,53 +307,106 @@ def test_a_stopped_predict_run_resumes_and_writes_what_a_run_never_stopped_write
     saved = signal.getsignal(signal.SIGTERM)
     try:
         with monkeypatch.context() as patch:
-            first = _stop_after(patch, 2, stop)
+            first = _stop_after(patch, 3, stop)
             assert predict_quick(root, tiny_model_file, [photos], out, *args) == (130 if how == "ctrl-c" else 143)
     finally:
         signal.signal(signal.SIGTERM, saved)
-    assert len(first) == 2 and (out / ".predictions.json.progress.jsonl").is_file()
+    assert len(first) == 3 and (out / ".predictions.json.progress.jsonl").is_file()
     if how == "sigterm":  # the outputs not written yet got stand-ins, as train's do
         from utils.stop import is_stand_in
 
         assert is_stand_in(out / "predictions.json") and is_stand_in(tmp_path / "drawn.tar")
+    # a drawing a kill cut short (utils.atomic's temporary) is not packed with the others
+    (out / ".predictions.json.progress.annotated" / ".annotated_x.k3j2l1q0.tmp.jpg").write_bytes(b"half")
     capsys.readouterr()
     second = _stop_after(monkeypatch, 99, lambda: None)
     assert predict_quick(root, tiny_model_file, [photos], out, *args) == 0
-    assert "resuming a stopped run: 2 of 4 images done" in capsys.readouterr().out
-    assert len(second) == 2 and not set(first) & set(second)  # only the images not done were read
+    # the whole batch done is kept, the batch stopped in is read again as a whole: the same batches as unstopped
+    assert "resuming a stopped run: 2 of 5 inputs done" in capsys.readouterr().out
+    assert second == first[2:3] + second[1:] and len(second) == 3
     for name in ("predictions.json", "predictions.csv", "compliance.json"):
         assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
     with tarfile.open(tmp_path / "drawn.tar") as drawn, tarfile.open(tmp_path / "whole.tar") as whole:
         assert sorted(drawn.getnames()) == sorted(whole.getnames()) and len(drawn.getnames()) == 3
-    assert not [path.name for path in out.iterdir() if path.name.startswith(".")]  # progress and staging gone
+        for name in whole.getnames():
+            assert drawn.extractfile(name).read() == whole.extractfile(name).read(), name
+    assert not [path.name for path in out.iterdir() if path.name.startswith(".")]  # progress and drawings gone
 
 
+@pytest.mark.slow
 def test_a_stopped_predict_runs_progress_is_not_used_for_another_model_setting_or_input(root, sample_dir,
                                                                                       tiny_model_file, tmp_path,
                                                                                       monkeypatch, capsys):
     photos = photo_folders(sample_dir, tmp_path / "photos")
     out = tmp_path / "out"
+    args = ["--batch-size", "1"]
 
     def interrupt():
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
         _stop_after(patch, 2, interrupt)
-        assert predict_quick(root, tiny_model_file, [photos], out, "--no-annotated") == 130
+        assert predict_quick(root, tiny_model_file, [photos], out, *args) == 130
     (photos / "siteB" / "d.jpg").unlink()  # an input gone: the records may not be of these inputs
     capsys.readouterr()
     read = _stop_after(monkeypatch, 99, lambda: None)
-    assert predict_quick(root, tiny_model_file, [photos], out, "--no-annotated") == 0
-    assert "another model, setting or input set; starting afresh" in capsys.readouterr().out and len(read) == 3
+    assert predict_quick(root, tiny_model_file, [photos], out, *args) == 0
+    assert "input set (or unreadable); starting afresh" in capsys.readouterr().out and len(read) == 3
     # a kill that cut the last record short: the records before it are kept, the cut one read again
     with monkeypatch.context() as patch:
         _stop_after(patch, 2, interrupt)
-        assert predict_quick(root, tiny_model_file, [photos], out, "--no-annotated", "--score-threshold", "0.1") == 130
+        assert predict_quick(root, tiny_model_file, [photos], out, *args, "--score-threshold", "0.1") == 130
     progress = out / ".predictions.json.progress.jsonl"
     progress.write_bytes(progress.read_bytes()[:-20])
     read.clear()
-    assert predict_quick(root, tiny_model_file, [photos], out, "--no-annotated", "--score-threshold", "0.1") == 0
-    assert "resuming a stopped run: 1 of 3 images done" in capsys.readouterr().out and len(read) == 2
+    assert predict_quick(root, tiny_model_file, [photos], out, *args, "--score-threshold", "0.1") == 0
+    assert "resuming a stopped run: 1 of 3 inputs done" in capsys.readouterr().out and len(read) == 2
+    # a progress file that is not one (deeply nested JSON, not UTF-8): one line, and a run from the start
+    for junk in (b"[" * 100000, b"\xff\xfe" * 10, b'{"predict_progress": 1}\n{"file": [1]}\n'):
+        with monkeypatch.context() as patch:
+            _stop_after(patch, 1, interrupt)
+            assert predict_quick(root, tiny_model_file, [photos], out, *args) == 130
+        progress.write_bytes(junk)
+        read.clear()
+        capsys.readouterr()
+        assert predict_quick(root, tiny_model_file, [photos], out, *args) == 0
+        assert "starting afresh" in capsys.readouterr().out and len(read) == 3
+
+
+@pytest.mark.slow
+def test_a_resumed_run_with_a_tag_keeps_its_own_drawings_not_another_tags(root, sample_dir, tiny_model_file,
+                                                                          tmp_path, monkeypatch):
+    # Two tags drawing into one folder: a resumed run took the other tag's drawings of the same names for its own.
+    import hashlib
+
+    photos = photo_folders(sample_dir, tmp_path / "photos")
+    shared = ["--annotated-dir", tmp_path / "drawn", "--batch-size", "1"]
+    digests = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+                       for p in (tmp_path / "drawn").iterdir()}
+    assert predict_quick(root, tiny_model_file, [photos], tmp_path / "whole", *shared) == 0
+    whole = digests()
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        _stop_after(patch, 2, interrupt)
+        assert predict_quick(root, tiny_model_file, [photos], tmp_path / "a", *shared, "--output-tag", "a") == 130
+    assert predict_quick(root, tiny_model_file, [photos], tmp_path / "a", *shared, "--output-tag", "b",
+                         "--score-threshold", "0.5") == 0
+    assert predict_quick(root, tiny_model_file, [photos], tmp_path / "a", *shared, "--output-tag", "a") == 0
+    assert digests() == whole  # tag a's drawings, at its threshold, as a run never stopped drew them
+
+
+def test_annotated_names_go_in_input_order_to_the_images_read(root, sample_dir, tiny_model_file, tmp_path):
+    # Two inputs of one stem, the first unreadable: the one read is annotated_x.jpg, as before the resume work.
+    image = next(iter(sorted((sample_dir / "images").glob("*.jpg"))))
+    for folder, data in (("a", b"not a JPEG"), ("b", image.read_bytes())):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.jpg").write_bytes(data)
+    assert predict_quick(root, tiny_model_file, [tmp_path / "a" / "x.jpg", tmp_path / "b" / "x.jpg"],
+                         tmp_path / "out") == 0
+    assert [p.name for p in (tmp_path / "out" / "annotated").iterdir()] == ["annotated_x.jpg"]
 
 
 @pytest.mark.slow

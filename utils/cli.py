@@ -11,7 +11,9 @@ parses the flags, prints the resolved arguments as the job's first line and runs
 - exit 1: anything else is a bug: the same one line, then the traceback;
 - exit 143: a job that checkpoints (train, hpo) stopped on SIGTERM (utils.stop); stderr
   says what was abandoned and which checkpoint a retry resumes from. preprocess and augment
-  stop the same way before their next image, their partial set removed.
+  stop the same way before their next image, their partial set removed; predict after the
+  image in hand, its progress file kept for the rerun; predict_video at its next frame;
+- exit 130: a Ctrl-C the job does not handle itself, one line, no traceback.
 
 Standard output: ``<job>: args: {...}`` (JSON, keys sorted, paths as strings) first.
 """

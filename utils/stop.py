@@ -1,4 +1,6 @@
-"""SIGTERM as a request to stop at the next safe point, for the jobs that checkpoint (train, hpo).
+"""SIGTERM as a request to stop at the next safe point: train and hpo (a training step, then their checkpoint),
+preprocess and augment (an image, the partial set removed), predict (an image, its progress file kept for the
+rerun) and predict_video (a frame, the outputs written for the frames done).
 
 A pool sends SIGTERM before it kills: HTCondor when it evicts a job, pegasus-kickstart
 at the job's ``checkpoint.time``. The default action would kill the process mid-step.

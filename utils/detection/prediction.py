@@ -38,7 +38,7 @@ from .compliance import compliance, compliance_line, merge_compliance
 from .quantify import prediction_estimates, soft_counts
 from ..data.pairs import open_folder, pack_folder
 from .plots import save_annotated
-from .prediction_progress import PredictionProgress, inputs_fingerprint, progress_path
+from .prediction_progress import PredictionProgress, drawn_files, inputs_fingerprint, progress_path
 from ..stop import check_stop
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -146,27 +146,20 @@ def collect_inputs(paths, stack: contextlib.ExitStack, exclude=(), read: list | 
     return items, skipped
 
 
-ANNOTATED_FILE = re.compile(r"(annotated|explain)_.+\.jpg")
+ANNOTATED_FILE = re.compile(r"\.?(annotated|explain)_.+\.jpg")  # a leading dot: utils.atomic's temporary
 
 
-def remove_outputs(files, annotated_dir: Path, keep=frozenset()) -> None:
-    """Remove a predict run's *files* and the annotated images (annotated_*.jpg, explain_*.jpg) in *annotated_dir*
-    but those named in *keep* (a resumed run's): a rerun into the same folders leaves only its own outputs (no
-    figure per folder of the last run's folders)."""
+def remove_outputs(files, annotated_dir: Path) -> None:
+    """Remove a predict run's *files* and the annotated images (annotated_*.jpg, explain_*.jpg, and such a write
+    a kill cut short) in *annotated_dir*: a rerun into the same folders leaves only its own outputs (no figure per
+    folder of the last run's folders)."""
     for file in files:
         Path(file).unlink(missing_ok=True)
     if annotated_dir.is_dir():
         for file in annotated_dir.iterdir():
-            if (ANNOTATED_FILE.fullmatch(file.name) and file.name not in keep and file.is_file()
-                    and not file.is_symlink()):
+            if ANNOTATED_FILE.fullmatch(file.name) and file.is_file() and not file.is_symlink():
                 file.unlink()
 
-
-def _drawn_files(record: dict) -> list[str]:
-    """The annotated and explanation images of an image's record."""
-    if not record.get("annotated"):
-        return []
-    return [record["annotated"], *(explained["file"] for explained in record.get("explanations", []))]
 
 
 def _annotated_name(item: ImageItem, used: set) -> str:
@@ -262,65 +255,66 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
     names = output_names(tag)
     outputs = [output_dir / name for name in names.values()] + ([Path(annotated_tar)] if annotated_tar else [])
     floor = min(D.DETECTION_FLOOR, score_threshold)
+    records: dict[str, dict] = {}  # image name -> record
     with contextlib.ExitStack() as stack:
         items, run.skipped = collect_inputs(paths, stack, [output_dir, *outputs, annotated_dir], run.inputs)
         drawn = {items[index].name for index in annotation_sample(len(items), annotate_max)} if annotate else set()
-        used_names: set[str] = set()  # the drawn images' names, fixed by the input order (a resumed run's too)
-        annotated_names = {item.name: _annotated_name(item, used_names) for item in items if item.name in drawn}
         journal = None
         if resume is not None:
             key = {**resume, "score_threshold": score_threshold, "floor": floor, "tta": tta,
-                   "working_size": working_size(model), "drawn": sorted(annotated_names.items()),
-                   "explain": [explain, explain_max_boxes], "annotated": str(annotated_tar or annotated_dir),
-                   "inputs": inputs_fingerprint(items, run.inputs)}
-            journal = PredictionProgress(progress_path(output_dir, names["predictions_json"]), key)
+                   "working_size": working_size(model), "drawn": sorted(drawn), "explain": [explain, explain_max_boxes],
+                   "annotated": str(annotated_tar or annotated_dir), "inputs": inputs_fingerprint(items, run.inputs)}
+            journal = PredictionProgress(progress_path(output_dir, names["predictions_json"]), key,
+                                         [item.name for item in items], batch_size)
             stack.callback(journal.close)
             if journal.stale:
-                print(f"predict: {journal.path.name}: a stopped run's progress with another model, setting or "
-                      "input set; starting afresh")
-        staging = None
-        if annotated_tar is not None:  # drawn into a folder, then packed; a resumable run's outlives a kill
-            remove_outputs((), annotated_dir)  # the folder named (or the default): not drawn into this time
-            if journal is None:
-                annotated_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="annotated.")))
-            else:
-                annotated_dir = staging = journal.path.with_suffix(".annotated")
-        done = {}
-        if journal is not None:
-            for name, record in list(journal.done.items()):  # an image whose drawings are lost is read again
-                if not all((annotated_dir / file).is_file() for file in _drawn_files(record)):
-                    journal.forget(name)
-            done = journal.done
-            if done:
-                print(f"predict: resuming a stopped run: {len(done)} of {len(items)} images done "
-                      f"({journal.path.name}), {len(items) - len(done)} to read")
-        # a rerun's files replace the last run's, none left over; a resumed run keeps the images it drew
-        remove_outputs(outputs, annotated_dir, {file for record in done.values() for file in _drawn_files(record)})
+                print(f"predict: {journal.path.name}: the progress of a stopped run with another model, setting or "
+                      "input set (or unreadable); starting afresh")
+        done = journal.done if journal is not None else []
+        remove_outputs(outputs, annotated_dir)  # a rerun's files replace the last run's, none left over
+        if journal is not None:  # drawn beside the progress file, moved in (or packed) once the run is done
+            drawing_dir = journal.drawings
+        elif annotated_tar is not None:  # drawn into a folder, then packed
+            drawing_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="annotated.")))
+        else:
+            drawing_dir = annotated_dir
         if annotate:
-            annotated_dir.mkdir(parents=True, exist_ok=True)
+            drawing_dir.mkdir(parents=True, exist_ok=True)
+        used_names: set[str] = set()  # annotated names in input order, a resumed run's as a run never stopped
+        for record in done:
+            if "skipped" in record:
+                run.skipped.append({"file": record["file"], "reason": record["skipped"]})
+            else:
+                records[record["file"]] = record
+                used_names.update(drawn_files(record)[:1])
+        if done:
+            print(f"predict: resuming a stopped run: {len(done)} of {len(items)} inputs done "
+                  f"({journal.path.name}), {len(items) - len(done)} to read")
+            if progress is not None:
+                progress(len(records))  # the bar counts the run's images, the resumed ones too
         writer = stack.enter_context(ThreadPoolExecutor(max_workers=2, thread_name_prefix="annotate"))
-        pending, records = [], dict(done)
-        if progress is not None and done:
-            progress(len(done))  # the bar counts the run's images, the resumed ones too
+        pending = []
         # Detections down to the floor feed the probabilistic count; only those at the threshold are counted,
         # drawn and listed.
-        todo = [item for item in items if item.name not in done]
-        for result in detect_files(model, todo, device, batch_size=batch_size, score_threshold=floor,
+        for result in detect_files(model, items[len(done):], device, batch_size=batch_size, score_threshold=floor,
                                    tta=tta, num_workers=num_workers, keep_images=annotate):
             if isinstance(result, Skipped):
                 run.skipped.append({"file": result.item.name, "reason": result.reason})
+                if journal is not None:
+                    journal.add({"file": result.item.name, "skipped": result.reason})
+                    check_stop(journal.stopped_at(len(records), len(items)))
                 continue
             soft = _keep_counted(result, score_threshold)
             annotated = None
             explained = []
             if result.item.name in drawn:
-                annotated = annotated_names[result.item.name]
+                annotated = _annotated_name(result.item, used_names)
                 if explain:
                     explained = _write_explanations(model, result, device, explain, explain_max_boxes, annotated,
-                                                    annotated_dir, writer, pending, tta)
+                                                    drawing_dir, writer, pending, tta)
                 pil = Image.fromarray(result.image.permute(1, 2, 0).numpy())
                 pending.append(writer.submit(save_annotated, pil, result.boxes, result.labels, result.scores,
-                                             annotated_dir / annotated))
+                                             drawing_dir / annotated))
                 result.image = None
                 if len(pending) > 4 * batch_size:  # bound the images held in memory by queued writes
                     pending.pop(0).result()
@@ -330,14 +324,13 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
             records[result.item.name] = record
             if journal is not None:
                 journal.add(record)
-                check_stop(f"{len(records)} of {len(items)} images done, kept in {journal.path} for the rerun "
-                           "to resume from")
+                check_stop(journal.stopped_at(len(records), len(items)))
             if progress is not None:
                 progress(1)
         for future in pending:
             future.result()  # re-raise a failed write (disk full) instead of losing it
         if annotated_tar is not None:
-            pack_folder(annotated_dir, annotated_tar)  # always written: a workflow declares it as an output
+            pack_folder(drawing_dir, annotated_tar)  # always written: a workflow declares it as an output
     run.images = [records[item.name] for item in items if item.name in records]  # in input order, resumed or not
     run.overall = merge_compliance(image["compliance"] for image in run.images)
     size = working_size(model)
@@ -368,10 +361,13 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
         "annotated_tar": Path(annotated_tar) if annotated_tar is not None else None,
         "folder_plot": output_dir / names["folder_plot"] if "per_folder" in run.estimates else None,
     })
-    if journal is not None:  # the outputs are written: nothing left to resume
+    if journal is not None:  # the outputs are written: the drawings join them, and nothing is left to resume
+        if annotate and annotated_tar is None:
+            annotated_dir.mkdir(parents=True, exist_ok=True)
+            for record in run.images:
+                for file in drawn_files(record):
+                    shutil.move(journal.drawings / file, annotated_dir / file)
         journal.finish()
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
     return run
 
 

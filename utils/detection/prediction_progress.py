@@ -2,24 +2,30 @@
 SIGTERM, a kill, a lost machine) and started again reads only the images it had not done.
 
 The file (``.<predictions file>.progress.jsonl`` in the output folder) holds a header line, the *key* of the run
-(the model files' sha256, every setting that changes a record, and the name, size and modification time of every
-input file), then one JSON line per image done, appended and flushed as each is finished. A rerun whose key is the
-same takes the records whose annotated and explanation images are still there and reads the other images; one
-whose key differs (another model, setting or input) starts afresh. A last line cut short by the kill is dropped.
-The file goes once the outputs are written. Detections do not depend on an image's batch mates, so the outputs
-of a resumed run are those of a run never stopped.
+(the model files' sha256, the package versions and device, every setting that changes a record, the batch size,
+and the name, size and modification time of every input file), then one JSON line per input in input order, an
+image's record or a skipped file's reason, appended and flushed as each is finished. The drawings wait in a folder
+beside it (``.<predictions file>.progress.annotated``) until the run's outputs are written.
+
+A rerun whose key is the same keeps the records of the whole batches done, whose drawings are all there, and reads
+the inputs from the first batch that is not: the batches it runs are those of a run never stopped, so are its
+detections (on a CPU a convolution's last bits depend on the batch size, and near ties can change which boxes
+are kept). A key that differs (another model, setting or input) or a file that cannot be read starts afresh;
+a last line cut short by a kill is dropped. The file and the folder go once the outputs are written.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from ..atomic import write_text
 
-FORMAT = 1
+FORMAT = 2
 FSYNC_EVERY = 64  # records: flushed each one (a killed process loses none), synced to disk now and then
+RECORD_KEYS = ("file", "folder", "width", "height", "annotated", "detections", "soft_counts", "compliance")
 
 
 def progress_path(output_dir: Path, predictions_name: str) -> Path:
@@ -40,48 +46,87 @@ def inputs_fingerprint(items, read) -> list:
     return [[item.name for item in items], files]
 
 
-class PredictionProgress:
-    """Open with the run's *key*; ``done`` maps image names to the records a stopped run left (empty when none or
-    when its key differs); ``add`` appends a record; ``finish`` removes the file."""
+def drawn_files(record: dict) -> list[str]:
+    """The annotated and explanation images of an image's record."""
+    if not record.get("annotated"):
+        return []
+    return [record["annotated"], *(explained["file"] for explained in record.get("explanations", []))]
 
-    def __init__(self, path: Path, key: dict):
+
+def _is_record(entry, name: str) -> bool:
+    """Whether *entry*, read back, is the record of the input *name*: an image's or a skipped file's."""
+    if not isinstance(entry, dict) or entry.get("file") != name:
+        return False
+    if "skipped" in entry:
+        return isinstance(entry["skipped"], str)
+    return all(key in entry for key in RECORD_KEYS) and all(isinstance(file, str) for file in drawn_files(entry))
+
+
+class PredictionProgress:
+    """Opened with the run's *key*, its input *names* in order and *batch_size*: ``done`` holds the records kept
+    (a prefix of whole batches, in input order), ``drawings`` the folder their drawings are in; ``add`` appends
+    a record; ``finish`` removes the file and the folder."""
+
+    def __init__(self, path: Path, key: dict, names: list[str], batch_size: int):
         self.path = Path(path)
-        self.key = {"format": FORMAT, **key}
-        self.done: dict[str, dict] = {}
-        self.stale = False  # a progress file of another model, setting or input set was found and dropped
-        kept = self._read()
-        header = json.dumps({"predict_progress": self.key}, sort_keys=True)
-        # the header and the good records, rewritten whole: a cut last line is not appended to
-        write_text(self.path, "".join(line + "\n" for line in [header, *kept]))
+        self.drawings = self.path.with_suffix(".annotated")
+        self.key = json.loads(json.dumps({"format": FORMAT, "batch_size": batch_size, **key}))  # as read back
+        self.done: list[dict] = []
+        self.stale = False  # a progress file of another run (or unreadable) was found and dropped
+        end = self._read(names, batch_size)
+        if end is None:  # none, another key's, unreadable: a new file and an empty drawings folder
+            shutil.rmtree(self.drawings, ignore_errors=True)
+            write_text(self.path, json.dumps({"predict_progress": self.key}, sort_keys=True) + "\n")
+        else:
+            with open(self.path, "r+b") as handle:  # the records after the batches kept are read again
+                handle.truncate(end)
+        kept = {file for record in self.done for file in drawn_files(record)}
+        if self.drawings.is_dir():  # drawings of the inputs read again, a write a kill cut short
+            for file in self.drawings.iterdir():
+                if file.name not in kept:
+                    file.unlink() if not file.is_dir() or file.is_symlink() else shutil.rmtree(file)
         self._handle = open(self.path, "a", encoding="utf-8")
         self._unsynced = 0
 
-    def _read(self) -> list[str]:
+    def _read(self, names: list[str], batch_size: int) -> int | None:
+        """Read the records of the whole batches done into ``done``; the byte offset after them, or None when the
+        file is absent or of another run."""
         try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError):
-            return []
-        try:
-            header = json.loads(lines[0])["predict_progress"] if lines else None
-        except (ValueError, KeyError, TypeError):
-            header = None
-        if header != json.loads(json.dumps(self.key)):  # compared as read back: tuples are lists there
-            self.stale = bool(lines)
-            return []
-        kept = []
-        for line in lines[1:]:
+            handle = open(self.path, "rb")
+        except FileNotFoundError:
+            return None
+        except OSError:
+            self.stale = True
+            return None
+        records, ends = [], []
+        with handle:
             try:
-                record = json.loads(line)
-                name = record["file"]
-            except (ValueError, KeyError, TypeError):
-                break  # the line a kill cut short: it and anything after it are read again
-            self.done[name] = record
-            kept.append(line)
-        return kept
-
-    def forget(self, name: str) -> None:
-        """Read *name* again (its annotated image is gone): its record stays in the file, the new one follows."""
-        self.done.pop(name, None)
+                header = json.loads(handle.readline().decode("utf-8"))["predict_progress"]
+            except (ValueError, KeyError, TypeError, RecursionError):  # not UTF-8, not JSON, too deep, no header
+                header = None
+            if header != self.key:
+                self.stale = handle.tell() > 0
+                return None
+            ends.append(handle.tell())
+            for line in handle:
+                if len(records) == len(names) or not line.endswith(b"\n"):
+                    break  # a line a kill cut short
+                try:
+                    entry = json.loads(line.decode("utf-8"))
+                except (ValueError, RecursionError):
+                    break
+                if not _is_record(entry, names[len(records)]):
+                    break
+                records.append(entry)
+                ends.append(handle.tell())
+        whole = len(records) if len(records) == len(names) else len(records) - len(records) % batch_size
+        for start in range(0, whole, batch_size):  # a batch with a drawing gone is read again, and all after it
+            batch = records[start:start + batch_size]
+            if not all((self.drawings / file).is_file() for record in batch for file in drawn_files(record)):
+                whole = start
+                break
+        self.done = records[:whole]
+        return ends[whole]
 
     def add(self, record: dict) -> None:
         self._handle.write(json.dumps(record, separators=(",", ":")) + "\n")
@@ -91,11 +136,15 @@ class PredictionProgress:
             os.fsync(self._handle.fileno())
             self._unsynced = 0
 
+    def stopped_at(self, done: int, images: int) -> str:
+        """What a stop leaves, for its one line."""
+        return f"{done} of {images} images done, kept in {self.path} for the rerun to resume from"
+
     def close(self) -> None:
         if not self._handle.closed:
-            self._handle.flush()
             self._handle.close()
 
     def finish(self) -> None:
         self.close()
         self.path.unlink(missing_ok=True)
+        shutil.rmtree(self.drawings, ignore_errors=True)
