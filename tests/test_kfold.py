@@ -396,3 +396,21 @@ def test_a_folds_csv_from_a_spreadsheet_or_of_binary_bytes(tmp_path):
     binary.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(FoldError, match="not a readable folds CSV"):
         read_folds_csv(binary)
+
+
+@pytest.mark.parametrize("estimates, said", [
+    (["cc"], "quantification.estimates is not a mapping"),
+    ({"cc": "7.5"}, "quantification.estimates.cc is not a mapping"),
+    ({"pacc2": {"error_points": "7", "truth_inside": True}}, "quantification.estimates.pacc2.error_points holds '7'"),
+    ({"cc": {"error_points": 1.0, "truth_inside": "yes"}}, "quantification.estimates.cc.truth_inside holds 'yes'"),
+])
+def test_aggregate_job_names_a_fold_whose_estimators_are_malformed(tmp_path, root, capsys, estimates, said):
+    good = tmp_path / "evaluation_fold0.json"
+    good.write_text(json.dumps(with_estimators(fake_evaluation(0.3, 0.3), {"cc": 1.0}, {"cc": True})))
+    bad = tmp_path / "evaluation_fold1.json"
+    bad.write_text(json.dumps({**fake_evaluation(0.5, 0.5), "quantification": {"estimates": estimates}}))
+    capsys.readouterr()
+    assert run_script(root, "aggregate_folds", ["--inputs", good, bad, "--output-dir", tmp_path / "out"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"aggregate_folds: error: {bad}: ") and said in error and "Traceback" not in error
+    assert not (tmp_path / "out" / "kfold_summary.json").exists()

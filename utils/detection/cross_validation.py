@@ -75,6 +75,28 @@ def _metric(value) -> bool:
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
+def _check_estimates(quantification) -> None:
+    """TypeError saying what is wrong when evaluation.json's quantification is not of the shape estimator_errors
+    reads (an estimator's entry not a mapping, its error not a number, truth_inside not true, false or null)."""
+    if quantification is None:
+        return
+    if not isinstance(quantification, dict):
+        raise TypeError("quantification is not a mapping")
+    estimates = quantification.get("estimates") or {}
+    if not isinstance(estimates, dict):
+        raise TypeError("quantification.estimates is not a mapping")
+    for method in METHODS:
+        result = estimates.get(method) or {}
+        if not isinstance(result, dict):
+            raise TypeError(f"quantification.estimates.{method} is not a mapping")
+        if not _metric(result.get("error_points")):
+            raise TypeError(f"quantification.estimates.{method}.error_points holds {result['error_points']!r}, "
+                            "not a number")
+        if result.get("truth_inside") not in (True, False, None):
+            raise TypeError(f"quantification.estimates.{method}.truth_inside holds {result['truth_inside']!r}, "
+                            "not true, false or null")
+
+
 def read_evaluations(paths) -> list[dict]:
     """The evaluation.json of every fold, in the order given; FoldSummaryError naming a bad file, a file given
     twice, or a fold missing or repeated among files named evaluation_fold<i>.json (as the workflow names them:
@@ -94,8 +116,7 @@ def read_evaluations(paths) -> list[dict]:
             bad = next((value for value in values if not _metric(value)), "ok")
             if bad != "ok":
                 raise TypeError(f"a metric holds {bad!r}, not a number")
-            if data.get("quantification") is not None and not isinstance(data["quantification"], dict):
-                raise TypeError("quantification is not a mapping")
+            _check_estimates(data.get("quantification"))
         except FileNotFoundError:
             raise FoldSummaryError(f"{path}: evaluation file not found") from None
         except (ValueError, KeyError, TypeError, RecursionError) as error:  # RecursionError: nested too deep
