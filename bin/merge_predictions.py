@@ -14,7 +14,9 @@ Per-image figures are recomputed from the detections exactly as a single predict
 computes them, so N shards merged equal one job over the same images. The parts must
 come from the same model and threshold, and each part's structure is checked (labels, boxes
 inside the image, scores from 0 to 1, the fields of a predictions file): a malformed part is one
-line naming the file and the field. --expected N fails when a part is missing.
+line naming the file and the field. Each shard comes once (two parts of one tag, from two runs, are
+refused) and a file sits in one part only, read or skipped (else the shards overlap: refused).
+--expected N fails when a part is missing.
 Exit 0 on success, 2 on bad input (one line naming the file), 1 on a bug.
 """
 

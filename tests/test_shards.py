@@ -316,3 +316,38 @@ def test_merge_predictions_tells_a_folder_from_a_part(root, tmp_path, capsys):
     assert run_script(root, "merge_predictions", ["--inputs", tmp_path / "parts", "--output-dir", tmp_path]) == 2
     assert f"{tmp_path / 'parts'}: a folder, not a predictions_<TAG>.json (give a folder of parts as --inputs-dir)" \
         in capsys.readouterr().err
+
+
+def _other_image(part: dict, name: str) -> dict:
+    return {**part, "images": [{**part["images"][0], "file": f"shard-000001.tar:{name}"}]}
+
+
+def test_merge_predictions_refuses_a_shard_twice_and_shards_that_overlap(root, tmp_path, capsys):
+    # two parts of one tag (shard-000000 of two runs): the per-shard figures kept only the second part's
+    for folder, part in (("a", a_part()), ("b", _other_image(a_part(), "b.jpg"))):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "predictions_shard-000000.json").write_text(json.dumps(part))
+    first, again = tmp_path / "a" / "predictions_shard-000000.json", tmp_path / "b" / "predictions_shard-000000.json"
+    capsys.readouterr()
+    assert run_script(root, "merge_predictions", ["--inputs", first, again, "--output-dir", tmp_path / "out"]) == 2
+    err = capsys.readouterr().err
+    assert f"merge_predictions: error: {again}: shard shard-000000 again (also {first})" in err
+    assert not (tmp_path / "out" / "compliance.json").exists()
+    # a file one part read and another skipped: the shards overlap (it was counted as read and as skipped)
+    skipping = {**_other_image(a_part(), "b.jpg"),
+                "skipped": [{"file": "shard-000000.tar:a.jpg", "reason": "cannot decode image: truncated"}]}
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    (parts / "predictions_s0.json").write_text(json.dumps(a_part()))
+    (parts / "predictions_s1.json").write_text(json.dumps(skipping))
+    assert run_script(root, "merge_predictions", ["--inputs-dir", parts, "--output-dir", tmp_path / "out"]) == 2
+    err = capsys.readouterr().err
+    assert (f"{parts / 'predictions_s1.json'}: shard-000000.tar:a.jpg (skipped here) is also in "
+            f"{parts / 'predictions_s0.json'} (read there): the shards overlap") in err
+    # a file skipped by two parts, likewise; a part that lists a skip twice is one part and merges
+    (parts / "predictions_s0.json").write_text(json.dumps({**a_part(), "skipped": skipping["skipped"] * 2,
+                                                           "images": []}))
+    assert run_script(root, "merge_predictions", ["--inputs", parts / "predictions_s0.json",
+                                                  "--output-dir", tmp_path / "out"]) == 0
+    assert run_script(root, "merge_predictions", ["--inputs-dir", parts, "--output-dir", tmp_path / "out"]) == 2
+    assert "(skipped there): the shards overlap" in capsys.readouterr().err

@@ -114,7 +114,8 @@ def merge_predictions(parts, output_dir, histogram: str | None = "compliance_his
     Per-image figures are recomputed from the detections, exactly as a single predict job computes
     them, and the estimates from the per-image records in file-name order, so the merge of N shards
     equals one job over the same images. The parts must agree on the model, the operating threshold and
-    the model's validation record (else InputError naming the part).
+    the model's validation record, each shard tag come once and each file, read or skipped, sit in one part
+    only (else InputError naming the part).
     """
     from .plots import plot_compliance_histogram
 
@@ -127,7 +128,12 @@ def merge_predictions(parts, output_dir, histogram: str | None = "compliance_his
     csv_buffer = io.StringIO()
     writer = csv.writer(csv_buffer, lineterminator="\n")
     writer.writerow(PREDICTION_CSV_FIELDS)
+    part_of_tag, part_of_file = {}, {}  # a shard's tag and a file to the part that holds it: each in one part only
     for part in parts:
+        if (tag := _tag_of(part)) in part_of_tag:
+            raise InputError(f"{part}: shard {tag} again (also {part_of_tag[tag]}): the parts of one merge are one "
+                             "run's shards, each once")
+        part_of_tag[tag] = part
         try:
             data = json.loads(part.read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError) as error:  # Recursion: nested too deep
@@ -145,9 +151,12 @@ def merge_predictions(parts, output_dir, histogram: str | None = "compliance_his
             raise InputError(f"{part}: holds other validation rates than {parts[0].name} (another model file?)")
         records_in += images
         records = []
+        held = {**{e["file"]: "skipped" for e in data["skipped"]}, **{image["file"]: "read" for image in images}}
+        for file, role in held.items():
+            if (other := part_of_file.setdefault(file, (part, role)))[0] != part:
+                raise InputError(f"{part}: {file} ({role} here) is also in {other[0]} ({other[1]} there): "
+                                 "the shards overlap")
         for image in images:
-            if image["file"] in per_image:
-                raise InputError(f"{part}: image {image['file']} is also in another part")
             per_image[image["file"]] = record = compliance([d["label"] for d in image["detections"]])
             records.append(record)
             for det in image["detections"]:
