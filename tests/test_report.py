@@ -326,3 +326,21 @@ def test_run_files_over_the_data_size_limit_are_left_out_before_they_are_read(tm
     monkeypatch.setattr(defaults, "REPORT_DATA_MAX_BYTES", 10**6)
     again = read_run_folder(run_dir)
     assert again.evaluation["padding"] == "x" * 5000 and again.config_source == "config.yml"
+
+
+def test_csv_files_without_their_columns_or_rows_are_said_not_shown_as_zeros(root, tmp_path, capsys):
+    run_dir = make_run_folder(tmp_path / "run", figures=False)
+    outputs = run_dir / "outputs"
+    (outputs / "class_distribution.csv").write_text("a,b\n1,2\n")  # the table showed 0 faces of every class
+    (outputs / "train_metrics.csv").write_text("epoch,lr,train_loss\n")  # the page said train had not finished
+    (run_dir / "split.csv").write_text("garbage\nx\n")  # the split line was left out, unsaid
+    assert run_script(root, "report", [run_dir]) == 0
+    err = capsys.readouterr().err
+    page = (outputs / "report.html").read_text()
+    for said in (f"{outputs / 'class_distribution.csv'}: class distribution lacks column(s) split, class, objects, "
+                 "images (its header: a,b); left out",
+                 f"{outputs / 'train_metrics.csv'}: training metrics holds no rows; left out",
+                 f"{run_dir / 'split.csv'}: split table lacks column(s) split (its header: garbage); left out"):
+        assert f"report: warning: {said}" in err and said in page
+    assert "Objects per class (images holding the class)" not in page
+    assert "the train job has not finished" not in page and "cannot be used: see the problems" in page

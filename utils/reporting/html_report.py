@@ -222,7 +222,9 @@ def training_section(page: Page) -> None:
                      + (f"; {left_out} in the middle not listed" if left_out else "") + ")</h3>"
                      + table(columns, rows))
     else:
-        parts.append(note("No <code>train_metrics.csv</code> in this run: the train job has not finished."))
+        parts.append(note("No <code>train_metrics.csv</code> in this run: the train job has not finished."
+                          if "train_metrics.csv" in run.missing else
+                          "<code>train_metrics.csv</code> cannot be used: see the problems listed at the top."))
     page.add("training", "Training", "".join(parts))
 
 

@@ -193,17 +193,29 @@ def _read_json(path: Path, run: RunFolder, what: str) -> dict | None:
     return value
 
 
-def _read_csv(path: Path, run: RunFolder, what: str) -> list[dict]:
+def _read_csv(path: Path, run: RunFolder, what: str, columns: tuple[str, ...]) -> list[dict]:
+    """The rows of a CSV file that has the *columns* the page reads; a file without them, or without a row, is a
+    problem said (its table would show zeros, or say the file is not in the run), not a silent empty table."""
     if not _regular_file(path, run, what):
         return []
     try:
         with open(path, newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle))
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            header = reader.fieldnames or []
     except FileNotFoundError:
         run.missing.append(path.name)
+        return []
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         run.problems.append(f"{path}: {what} cannot be read ({error})")
-    return []
+        return []
+    if lacking := [column for column in columns if column not in header]:
+        run.problems.append(f"{path}: {what} lacks column(s) {', '.join(lacking)} (its header: "
+                            f"{','.join(header)[:200] or 'none'}); left out")
+        return []
+    if not rows:
+        run.problems.append(f"{path}: {what} holds no rows; left out")
+    return rows
 
 
 # The effective configuration: the driver's RUN_DIR/config.yml; the jobs' copy of it (the workflow
@@ -273,7 +285,7 @@ def settings_from_run_records(records: dict[str, dict]) -> dict[str, dict]:
 
 def _split_counts(path: Path, run: RunFolder) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for row in _read_csv(path, run, "split table"):
+    for row in _read_csv(path, run, "split table", ("split",)):
         counts[row.get("split") or "?"] = counts.get(row.get("split") or "?", 0) + 1
     return counts
 
@@ -308,8 +320,9 @@ def read_run_folder(path) -> RunFolder:
     run.compliance = _read_json(outputs / "compliance.json", run, "compliance summary")
     run.hpo = _read_json(outputs / "best_hpo_params.json", run, "HPO result")
     run.preprocess_test = _read_json(outputs / "preprocess_test_report.json", run, "test set preprocess report")
-    run.train_metrics = _read_csv(outputs / "train_metrics.csv", run, "training metrics")
-    run.class_distribution = _read_csv(outputs / "class_distribution.csv", run, "class distribution")
+    run.train_metrics = _read_csv(outputs / "train_metrics.csv", run, "training metrics", ("epoch",))
+    run.class_distribution = _read_csv(outputs / "class_distribution.csv", run, "class distribution",
+                                       ("split", "class", "objects", "images"))
     for name in FIGURES:
         if (outputs / name).is_file():
             run.figures[name] = outputs / name
