@@ -17,7 +17,7 @@ from pathlib import Path
 
 from utils.atomic import write_json, write_text
 from utils.cli import run_job
-from utils.detection.hpo_results import merge_results, merged_text, read_worker_results
+from utils.detection.hpo_results import HpoError, merge_results, merged_text, read_worker_results
 from utils.detection.plots import write_hpo_plots
 from utils.provenance import write_run_record
 
@@ -26,7 +26,8 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--inputs", nargs="+", required=True, help="the workers' best.json files")
     p.add_argument("--journals", nargs="*", default=[],
-                   help="the workers' Optuna journals, for the plots (default: the trials inside --inputs)")
+                   help="the workers' Optuna journals, for the plots: one per --inputs file, in the same order "
+                        "(default: the trials inside --inputs)")
     p.add_argument("--output", default="best_hpo_params.json", help="merged result (default: best_hpo_params.json)")
     p.add_argument("--output-txt", default="best_hpo_params.txt",
                    help="human-readable summary (default: best_hpo_params.txt)")
@@ -39,6 +40,9 @@ def get_args_parser():
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("optuna").setLevel(logging.WARNING)
+    if args.journals and len(args.journals) != len(args.inputs):
+        raise HpoError(f"--journals: {len(args.journals)} journal(s) for {len(args.inputs)} worker result(s) "
+                       "(--inputs): give one per worker, in the same order, or none")
     results = read_worker_results(args.inputs)
     merged = merge_results(results)
     notes = write_hpo_plots(results, args.plots_dir, journals=args.journals)

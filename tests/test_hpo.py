@@ -9,9 +9,11 @@ import math
 import optuna
 import pytest
 import torch
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from helpers import load_script
+from helpers import load_script, run_script
 from utils.detection.hpo import HpoConfig, HpoError, SearchSpace, fitness, open_study, run_study, worker_seed
 from utils.detection.hpo_results import journal_trials, merge_results, read_worker_results
 from utils.detection.plots import write_hpo_plots
@@ -255,3 +257,38 @@ def test_workers_of_another_search_are_not_merged(tmp_path):
         path.write_text(json.dumps(result))
     with pytest.raises(HpoError, match="trained with image_size=640"):
         read_worker_results([a, b])
+
+
+def test_merge_refuses_journals_that_are_not_one_per_worker_or_not_journals(tmp_path, root, capsys):
+    a = fake_result(tmp_path / "best_0.json", 0, 0.30, {"lr": 0.002}, [trial(0, 0.30, 0.002)])
+    b = fake_result(tmp_path / "best_1.json", 1, 0.42, {"lr": 0.02}, [trial(0, 0.42, 0.02)])
+    outputs = ["--output", tmp_path / "out" / "best.json", "--output-txt", tmp_path / "out" / "best.txt",
+               "--plots-dir", tmp_path / "out"]
+    journal = tmp_path / "hpo_0.journal"
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    study = optuna.create_study(study_name="mask-detection", storage=storage, direction="maximize")
+    study.add_trial(optuna.trial.create_trial(params={"lr": 0.01}, value=0.3,
+                                              distributions={"lr": optuna.distributions.FloatDistribution(1e-3, 1.0)}))
+    # one journal for two workers: worker 1's trials were left out of the plots, unsaid
+    capsys.readouterr()
+    assert run_script(root, "hpo_merge", ["--inputs", a, b, "--journals", journal, *outputs]) == 2
+    assert ("hpo_merge: error: --journals: 1 journal(s) for 2 worker result(s) (--inputs): give one per worker"
+            in capsys.readouterr().err)
+    # a file that is no journal read as an empty one: "no completed trial"
+    for text in ("garbage\n", ""):
+        other = tmp_path / "hpo_1.journal"
+        other.write_text(text)
+        assert run_script(root, "hpo_merge", ["--inputs", a, b, "--journals", journal, other, *outputs]) == 2
+        err = capsys.readouterr().err
+        assert f"hpo_merge: error: {other}: holds no Optuna study (not a journal of bin/hpo.py)" in err
+    assert not (tmp_path / "out" / "best.json").exists()
+    other.write_bytes(journal.read_bytes())
+    assert run_script(root, "hpo_merge", ["--inputs", a, b, "--journals", journal, other, *outputs]) == 0
+    # a journal of another search, whose trial lies outside the workers' space: a ValueError traceback, exit 1
+    study.add_trial(optuna.trial.create_trial(params={"lr": 0.9}, value=0.5,
+                                              distributions={"lr": optuna.distributions.FloatDistribution(1e-3, 1.0)}))
+    capsys.readouterr()
+    assert run_script(root, "hpo_merge", ["--inputs", a, b, "--journals", journal, other, *outputs]) == 2
+    err = capsys.readouterr().err
+    assert f"hpo_merge: error: {journal}: a trial does not fit the search space of the --inputs files" in err
+    assert "Traceback" not in err

@@ -135,12 +135,14 @@ def journal_trials(path) -> list[dict]:
             readable.write_bytes(complete)
         try:
             storage = JournalStorage(JournalFileBackend(str(readable)))
-            records = []
-            for name in optuna.get_all_study_names(storage):
+            records, names = [], optuna.get_all_study_names(storage)
+            for name in names:
                 records += trial_records(optuna.load_study(study_name=name, storage=storage))
         except (ValueError, UnicodeDecodeError, KeyError, TypeError, AssertionError) as error:
             raise HpoError(f"{path}: not a readable Optuna journal ({type(error).__name__}: "
                            f"{' '.join(str(error).split())[:200]})") from None
+    if not names:  # Optuna reads a file of lines that are not its records as an empty journal
+        raise HpoError(f"{path}: holds no Optuna study (not a journal of bin/hpo.py)")
     return records
 
 

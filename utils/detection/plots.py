@@ -154,6 +154,7 @@ def write_hpo_plots(results: list[dict], plots_dir, journals=()) -> dict:
     from optuna.trial import TrialState
     from optuna.visualization import matplotlib as ovm
 
+    from .hpo import HpoError
     from .hpo_results import journal_trials, parse_distribution
 
     plots_dir = Path(plots_dir)
@@ -166,8 +167,13 @@ def write_hpo_plots(results: list[dict], plots_dir, journals=()) -> dict:
             full_space.setdefault(name, parse_distribution(text, f"{result.get('_file', 'HPO result')}: {name}"))
     direction = optuna.study.StudyDirection.MAXIMIZE
     studies, combined = [], optuna.create_study(direction=direction, study_name="all workers")
+    sources = list(journals) if journals else [r.get("_file", f"HPO result {i}") for i, r in enumerate(results)]
     for index, records in enumerate(per_worker):
-        trials = _frozen_trials(records, full_space)
+        try:
+            trials = _frozen_trials(records, full_space)
+        except ValueError as error:  # a trial's value outside the workers' search space: another search's file
+            raise HpoError(f"{sources[index]}: a trial does not fit the search space of the --inputs files "
+                           f"({' '.join(str(error).split())[:300]})") from None
         worker = optuna.create_study(direction=direction, study_name=f"worker {index}")
         worker.add_trials(trials)
         combined.add_trials(trials)
