@@ -344,3 +344,26 @@ def test_csv_files_without_their_columns_or_rows_are_said_not_shown_as_zeros(roo
         assert f"report: warning: {said}" in err and said in page
     assert "Objects per class (images holding the class)" not in page
     assert "the train job has not finished" not in page and "cannot be used: see the problems" in page
+
+
+def test_an_output_that_is_a_folder_or_under_a_file_names_that_path_not_a_temporary_file(root, tmp_path, capsys):
+    from utils.atomic import write_text
+
+    run_dir = make_run_folder(tmp_path / "run", figures=False)
+    folder, file = tmp_path / "taken", tmp_path / "file.txt"
+    folder.mkdir()
+    file.write_text("x")
+    with pytest.raises(IsADirectoryError, match="a folder, not a file to write") as caught:
+        write_text(folder, "page")
+    assert caught.value.filename == str(folder)
+    with pytest.raises(NotADirectoryError, match="a file, not a folder to write page.html in") as caught:
+        write_text(file / "sub" / "page.html", "page")
+    assert caught.value.filename == str(file)
+    capsys.readouterr()
+    assert run_script(root, "report", [run_dir, "--output", folder]) == 2  # said: .taken.x1y2z3a4.tmp: Is a directory
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"report: error: {folder}: a folder, not a file to write"
+    # it said: file.txt: File exists
+    assert run_script(root, "compare_runs", [run_dir, "--output", file / "runs.csv"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"compare_runs: error: {file}: a file, not a folder to write runs.csv in"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -12,6 +12,7 @@ shared storage, a container started with --user) and must be able to read it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -49,7 +50,15 @@ def _temporary_beside(target: Path) -> Path:
     The temporary name keeps the target's suffix so that libraries choosing a
     format from the extension (matplotlib, PIL, torch, OpenCV) still do the right thing.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_dir():  # else the error named the temporary file, a name the user never gave
+        raise IsADirectoryError(errno.EISDIR, "a folder, not a file to write", str(target))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a file where a folder of the path should be
+        blocking = next((folder for folder in reversed(target.parents) if folder.exists() and not folder.is_dir()),
+                        target.parent)
+        raise NotADirectoryError(errno.ENOTDIR, f"a file, not a folder to write {target.name} in",
+                                 str(blocking)) from None
     fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
     os.close(fd)
     follow_umask(tmp)
