@@ -98,6 +98,13 @@ CASES = {
     "quantification_junk": (set_meta("quantification", {"score_threshold": 0.5, "chosen_on": "validation",
                                                          "classes": list(CLASSES), "images": [1, 2, 3]}),
                             "quantification is not a calibration record"),
+    # a NaN score sum passed the shape check and stopped evaluate after every image had run (a traceback)
+    "quantification_nan": (set_meta("quantification", {**ONE_IMAGE_RATES, "images": [
+        {**ONE_IMAGE_RATES["images"][0], "soft": [[float("nan"), 0, 0]] + [[0] * 3] * 3}]}),
+        "calibration counts or scores that are negative, NaN or infinite"),
+    "quantification_negative": (set_meta("quantification", {**ONE_IMAGE_RATES, "images": [
+        {**ONE_IMAGE_RATES["images"][0], "truth": [-1, 0, 0]}]}),
+        "calibration counts or scores that are negative, NaN or infinite"),
 }
 
 

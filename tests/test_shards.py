@@ -297,6 +297,11 @@ DETECTION = ("images", 0, "detections", 0)
     (_set((*DETECTION, "score"), 7), "images[0].detections[0].score: 7"),
     (_set(("images", 0, "width"), -3), "images[0].width: -3"),
     (_set(("tta",), "yes"), "tta: 'yes' is not true or false"),
+    # a calibration record the estimates cannot read was a traceback, exit 1
+    (_set(("calibration",), {"images": [1, 2]}), "calibration: not the model's validation record (TypeError"),
+    (_set(("calibration",), {"images": [{"truth": [1, 0, 0], "confusion": [[1, 0, 0, 0]] + [[0] * 4] * 3,
+                                         "soft": [[float("nan"), 0, 0]] + [[0] * 3] * 3}]}),
+     "calibration: not the model's validation record (ValueError: 'calibration counts or scores that are negative"),
 ])
 def test_merge_predictions_names_the_file_and_field_of_a_malformed_part(root, tmp_path, capsys, change, field):
     good, bad = tmp_path / "predictions_good.json", tmp_path / "predictions_bad.json"

@@ -11,10 +11,10 @@ from pathlib import Path
 from .. import defaults as D
 from ..atomic import write_json, write_text
 from ..classes import CLASSES
-from ..errors import InputError, is_finite_number
+from ..errors import InputError, is_finite_number, shown
 from .compliance import compliance, merge_compliance
 from .prediction import PREDICTION_CSV_FIELDS
-from .quantify import prediction_estimates
+from .quantify import Calibration, prediction_estimates
 
 SETTINGS_KEYS = ("model", "backbone", "image_size", "working_size", "score_threshold", "score_threshold_source", "tta")
 BOX_TOLERANCE = 0.01  # boxes are written rounded to 2 decimals
@@ -45,6 +45,11 @@ def check_part(part: Path, data) -> list[dict]:
         fail("working_size", f"{data['working_size']!r} is not a positive whole number")
     if data.get("calibration") is not None and not isinstance(data["calibration"], dict):
         fail("calibration", f"a {type(data['calibration']).__name__}, not an object or null")
+    if data.get("calibration") is not None:
+        try:  # read as the estimates will read it: a malformed one was a traceback after every part was read
+            Calibration.from_record(data["calibration"])
+        except (KeyError, TypeError, ValueError) as problem:
+            fail("calibration", f"not the model's validation record ({type(problem).__name__}: {shown(str(problem))})")
     if not isinstance(data["skipped"], list):
         fail("skipped", f"a {type(data['skipped']).__name__}, not a list")
     for number, entry in enumerate(data["skipped"]):

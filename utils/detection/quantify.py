@@ -161,6 +161,8 @@ class Calibration:
         soft = np.asarray([image["soft"] for image in images], dtype=np.float64)
         if truth.shape[1:] != (K,) or confusion.shape[1:] != (K + 1, K + 1) or soft.shape[1:] != (K + 1, K):
             raise ValueError(f"calibration images of shapes {truth.shape}, {confusion.shape}, {soft.shape}")
+        if not all(np.isfinite(a).all() and (a >= 0).all() for a in (truth, confusion, soft)):  # NaN: a traceback
+            raise ValueError("calibration counts or scores that are negative, NaN or infinite")
         return cls(truth, confusion, soft)
 
     def __len__(self) -> int:
