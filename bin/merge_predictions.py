@@ -60,6 +60,8 @@ def main(args) -> int:
         raise InputError(f"{folders[0]}: a folder, not a predictions_<TAG>.json (give a folder of parts as "
                          "--inputs-dir)")
     parts = args.inputs if args.inputs else sorted(args.inputs_dir.glob(PART_PATTERN))
+    if not parts:
+        raise InputError(f"{args.inputs_dir}: no {PART_PATTERN} in it to merge")
     missing = [str(part) for part in parts if not part.is_file()]
     if missing:
         raise InputError(f"{missing[0]}: not found" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))

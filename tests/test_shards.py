@@ -321,6 +321,10 @@ def test_merge_predictions_tells_a_folder_from_a_part(root, tmp_path, capsys):
     assert run_script(root, "merge_predictions", ["--inputs", tmp_path / "parts", "--output-dir", tmp_path]) == 2
     assert f"{tmp_path / 'parts'}: a folder, not a predictions_<TAG>.json (give a folder of parts as --inputs-dir)" \
         in capsys.readouterr().err
+    # a folder without parts is named (it said only: no predictions_<tag>.json to merge)
+    assert run_script(root, "merge_predictions", ["--inputs-dir", tmp_path / "parts", "--output-dir", tmp_path]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"merge_predictions: error: {tmp_path / 'parts'}: no predictions_*.json in it to merge"
 
 
 def _other_image(part: dict, name: str) -> dict:
