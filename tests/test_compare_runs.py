@@ -81,6 +81,19 @@ def test_missing_and_unfinished_runs_are_warned_and_said_in_their_row(root, runs
             in captured.out)
 
 
+def test_a_run_whose_result_files_cannot_be_read_says_so_in_its_row(root, runs, tmp_path, capsys):
+    broken = make_run_folder(tmp_path / "broken", figures=False, config=BASE)
+    (broken / "outputs" / "evaluation.json").write_text('{"map": ')
+    (broken / "statistics.json").write_text("[1, 2]")
+    assert run_script(root, "compare_runs", [*runs, broken]) == 0
+    captured = capsys.readouterr()
+    header, *rows = table_rows(captured.out)
+    row = dict(zip(header, next(row for row in rows if row[0] == "broken")))
+    assert row["status"] == "unreadable evaluation.json, statistics.json"  # it said "finished", every metric blank
+    assert row["map_50"] == "" and f"{broken / 'outputs' / 'evaluation.json'}: evaluation is not valid JSON" \
+        in captured.err
+
+
 def test_bad_input_is_one_line(root, runs, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert run_script(root, "compare_runs", [tmp_path / "gone", tmp_path / "empty"]) == 2

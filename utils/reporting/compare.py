@@ -66,8 +66,15 @@ def _label_runs(paths: list[Path]) -> list[str]:
 
 
 def _status(run: RunFolder) -> str:
+    """"finished", or what the run lacks and which of its result files are there but cannot be read (a row of
+    blank metrics said "finished")."""
     lacking = run.unfinished + (["statistics.json"] if "statistics.json" in run.missing else [])
-    return "finished" if not lacking else "missing " + ", ".join(lacking)
+    unreadable = [name for name, value in (("evaluation.json", run.evaluation), ("compliance.json", run.compliance),
+                                           ("statistics.json", run.statistics))
+                  if value is None and name not in run.missing]
+    said = ([f"missing {', '.join(lacking)}"] if lacking else []) + (
+        [f"unreadable {', '.join(unreadable)}"] if unreadable else [])
+    return "; ".join(said) or "finished"
 
 
 # Keys that name the run rather than configure it: they differ between any two runs.
