@@ -36,6 +36,7 @@ from utils.cli import add_label_map_arg, add_model_run_args, check_model_run_arg
 from utils.data.pairs import open_folder
 from utils.detection.device import resolve_device
 from utils.detection.evaluation import evaluate_model, format_report, labelled_pairs, load_trained_model
+from utils.errors import InputError
 from utils.naming import evaluation_output_names
 from utils.provenance import write_run_record
 
@@ -61,6 +62,9 @@ def main(args) -> int:
     check_output_tag(args.output_tag)
     label_map = LabelMap.parse(args.label_map)
     output_dir = Path(args.output_dir)
+    if blocking := next((p for p in (output_dir, *output_dir.parents) if p.exists() and not p.is_dir()), None):
+        # said now, not after every image has run
+        raise InputError(f"{blocking}: a file, not a folder (--output-dir {output_dir})")
     device = resolve_device(args.device)
     model, meta, score_threshold, source = load_trained_model(args.model, device, args.score_threshold,
                                                               args.image_size, args.tta)

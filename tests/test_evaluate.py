@@ -261,3 +261,16 @@ def test_detections_and_loss_decode_each_image_once_with_the_figures_of_two_pass
         assert len(ours) == len(theirs) == 5
         assert all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(ours, theirs))
     assert not model.training
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_any_image_runs(root, tiny_model_file, sample_dir, tmp_path,
+                                                                        capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    for out in (taken, taken / "sub"):
+        argv = ["--images", sample_dir / "images", "--annotations", sample_dir / "annotations",
+                "--model", tiny_model_file, "--output-dir", out, "--device", "cpu"]
+        assert run_script(root, "evaluate", argv) == 2
+        captured = capsys.readouterr()
+        assert captured.err.strip() == f"evaluate: error: {taken}: a file, not a folder (--output-dir {out})"
+        assert "score threshold" not in captured.out  # the model was not even loaded (it ran every image first)
