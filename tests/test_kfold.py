@@ -414,3 +414,20 @@ def test_aggregate_job_names_a_fold_whose_estimators_are_malformed(tmp_path, roo
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith(f"aggregate_folds: error: {bad}: ") and said in error and "Traceback" not in error
     assert not (tmp_path / "out" / "kfold_summary.json").exists()
+
+
+def test_the_fold_plot_of_folds_without_labelled_faces_says_so_without_a_matplotlib_warning(tmp_path):
+    import warnings
+
+    from utils.detection.cross_validation import plot_folds
+
+    empty = fake_evaluation(0.0, None)
+    for key in ("map", "map_50", "map_75", "mar_100"):
+        empty[key] = None
+    empty["per_class"] = {name: dict.fromkeys(("ap", "ap_50", "ap_75", "recall")) for name in CLASSES}
+    partial = {**fake_evaluation(0.4, 0.4), "map": None}  # fold 0's mAP undefined: the legend came from it
+    for folds in ([empty, empty], [partial, fake_evaluation(0.5, 0.5)]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # it printed "No artists with labels found to put in legend"
+            plot_folds(summarise_folds(folds, ["a", "b"]), tmp_path / "folds.png")
+        assert (tmp_path / "folds.png").stat().st_size > 0

@@ -229,19 +229,25 @@ def plot_folds(summary: dict, path) -> None:
     series = [("mAP", summary["metrics"]["map"]), ("mAP@0.5", summary["metrics"]["map_50"])]
     series += [(f"AP50\n{name}", summary["per_class"][name]["ap_50"]) for name in CLASSES]
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    labelled = False  # the first dot drawn carries the legend's label (fold 0's mAP may be undefined)
     for x, (_label, stats) in enumerate(series):
         if stats["mean"] is not None:
             ax.bar(x, stats["mean"], color="#9ecae1", width=0.6,
                    yerr=stats["std"] or 0.0, capsize=6, ecolor="#08519c")
         for fold, value in enumerate(stats["values"]):
-            if value is not None:
+            if value is not None and math.isfinite(value):
                 ax.plot(x + (fold - (len(stats["values"]) - 1) / 2) * 0.08, value, "o", color="#e6550d",
-                        markersize=4, label="one fold" if x == 0 and fold == 0 else None)
+                        markersize=4, label=None if labelled else "one fold")
+                labelled = True
     ax.set_xticks(range(len(series)), [label for label, _ in series], fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("held-out value")
     ax.set_title(f"{summary['folds']}-fold cross-validation: mean ± std (bars) and each fold (dots)")
-    ax.legend(loc="upper right", fontsize=8)
+    if labelled:  # else matplotlib warns on stderr that there is nothing to put in a legend
+        ax.legend(loc="upper right", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no fold defines these metrics (no labelled faces)", ha="center", va="center",
+                transform=ax.transAxes)
     _save(fig, path)
 
 
