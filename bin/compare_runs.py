@@ -14,8 +14,9 @@ points), wall_time_s (statistics.json). Rows are sorted by --sort-by (descending
 --ascending; runs without the value last). A Markdown table goes to stdout; --output writes
 .csv, .md or .html (by extension); --plot writes a bar chart of --metric across the runs.
 A missing or unfinished run folder is a one-line warning on stderr and its row says what it
-lacks, or which result files it holds but cannot read ("unreadable evaluation.json"); a metric its files hold as anything but a finite number (NaN, text) is missing there, with a
-warning; a run given twice is compared once. Exit 0 on success, 2 when no run is usable or a flag
+lacks, or which result files it holds but cannot read ("unreadable evaluation.json"); a metric
+its files hold as anything but a finite number (NaN, text) is missing there, with a warning;
+a run given twice is compared once. Exit 0 on success, 2 when no run is usable or a flag
 is wrong (one line), 1 on a bug.
 """
 
