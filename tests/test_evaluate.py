@@ -236,33 +236,6 @@ def test_evaluate_lists_unreadable_images_and_dropped_faces_and_goes_on(root, sa
     assert "'helmet'" in capsys.readouterr().out  # the report printed is the text file's
 
 
-@pytest.mark.parametrize("tta", [False, True])
-def test_detections_and_loss_decode_each_image_once_with_the_figures_of_two_passes(sample_dir, tiny_model_file,
-                                                                                   monkeypatch, tta):
-    import utils.data.dataset as dataset_module
-    from utils.detection.engine import evaluate_loss, run_inference
-    from utils.detection.evaluation import detections_and_loss, evaluation_loader
-    from utils.detection.model import load_model_file
-
-    pairs, _ = labelled_pairs(sample_dir / "images", sample_dir / "annotations")
-    pairs = pairs[:5]
-    model, _ = load_model_file(tiny_model_file, "cpu")
-    loader = evaluation_loader(pairs, batch_size=2, num_workers=0)
-    device = torch.device("cpu")
-    preds, targets = run_inference(model, loader, device, tta=tta)
-    losses = evaluate_loss(model, loader, device)
-    decoded = []
-    real_load = dataset_module.load_rgb
-    monkeypatch.setattr(dataset_module, "load_rgb", lambda path: decoded.append(path) or real_load(path))
-    shared_preds, shared_targets, shared_losses = detections_and_loss(model, loader, device, tta=tta)
-    assert sorted(decoded) == sorted(pair.image for pair in pairs)  # once each, not once per pass
-    assert shared_losses == losses and set(losses) > {"loss"}
-    for ours, theirs in ((shared_preds, preds), (shared_targets, targets)):
-        assert len(ours) == len(theirs) == 5
-        assert all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(ours, theirs))
-    assert not model.training
-
-
 def test_an_output_dir_that_is_a_file_is_refused_before_any_image_runs(root, tiny_model_file, sample_dir, tmp_path,
                                                                         capsys):
     taken = tmp_path / "taken"

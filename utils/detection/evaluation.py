@@ -22,9 +22,9 @@ from ..classes import CLASSES, NAME_OF, NO_LABEL_MAP, LabelMap
 from ..data.dataset import VocDetectionDataset, collate
 from .compliance import compliance_error, compliance_error_lines, operating_threshold
 from .quantify import UNADJUSTED, evaluation_estimates
-from .engine import _plain_tensor, _set_batchnorm_eval, to_device
+from .engine import evaluate_loss, run_inference
 from ..data.images import ImageError, image_size
-from .inference import default_num_workers, detect
+from .inference import default_num_workers
 from ..naming import evaluation_output_names
 from .inference_size import inference_size, inference_tta, set_inference_size, working_size
 from .model import load_model_file
@@ -240,40 +240,6 @@ def per_image_errors(preds, targets, pairs, score_threshold: float, iou_threshol
     return sorted(images, key=lambda entry: (-entry["errors"], -entry["missed"], entry["image"]))
 
 
-@torch.no_grad()
-def detections_and_loss(model, loader, device, tta: bool = False, seed: int = 0, progress: bool = False):
-    """(predictions, targets, mean losses per image) from one pass over *loader*: each batch is decoded once and
-    run twice, in eval mode for the detections (engine.run_inference's, flip TTA fused with *tta*) and in train
-    mode for the test loss (engine.evaluate_loss's: BatchNorm kept in eval, no gradients, the RNG forked and
-    seeded, as torchvision returns losses only in train mode). The figures are those two functions' exactly:
-    eval mode draws no random numbers, so the loss's samplers see the same stream (the loader's own draw for
-    its seed first, then each batch's sampling in order); a second loader pass decoded every image again.
-    """
-    from tqdm import tqdm
-
-    predictions, all_targets, sums, images_seen = [], [], {}, 0
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for images, targets in tqdm(loader, desc="evaluate", unit="batch", disable=not progress, leave=False):
-            images, device_targets = to_device(images, targets, device)
-            model.eval()
-            outputs = detect(model, images, tta=True) if tta else model(images)
-            for output, target in zip(outputs, targets):
-                predictions.append({k: v.detach().cpu() for k, v in output.items()})
-                all_targets.append({"boxes": _plain_tensor(target["boxes"]).cpu(), "labels": target["labels"].cpu()})
-            model.train()
-            _set_batchnorm_eval(model)
-            loss_dict = model(images, device_targets)
-            images_seen += len(images)
-            sums["loss"] = sums.get("loss", 0.0) + float(sum(loss_dict.values())) * len(images)
-            for key, value in loss_dict.items():
-                sums[key] = sums.get(key, 0.0) + float(value) * len(images)
-    model.eval()
-    losses = {key: value / images_seen for key, value in sums.items()} if images_seen else {}
-    return predictions, all_targets, losses
-
-
 def evaluate_model(model, pairs, output_dir, device="cpu", score_threshold: float = 0.5, batch_size: int = 4,
                    num_workers: int | None = None, skipped=(), settings: dict | None = None,
                    progress: bool = False, label_map: LabelMap = NO_LABEL_MAP, tag: str | None = None,
@@ -289,7 +255,10 @@ def evaluate_model(model, pairs, output_dir, device="cpu", score_threshold: floa
     device = torch.device(device)
     loader = evaluation_loader(pairs, batch_size=batch_size, num_workers=num_workers, device=device,
                                label_map=label_map)
-    preds, targets, losses = detections_and_loss(model, loader, device, progress=progress, tta=tta)
+    preds, targets = run_inference(model, loader, device, progress=progress, description="evaluate", tta=tta)
+    # torchvision returns losses only in train mode: evaluate_loss runs train mode with BatchNorm kept in
+    # eval, no gradients and a fixed sampler seed, so the figure is a true held-out loss.
+    losses = evaluate_loss(model, loader, device, progress=progress)
     coco = compute_coco(preds, targets)
     matrix, labels = detection_confusion_matrix(preds, targets, iou_threshold=CONFUSION_IOU,
                                                 score_threshold=score_threshold)
