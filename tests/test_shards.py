@@ -360,3 +360,16 @@ def test_merge_predictions_refuses_a_shard_twice_and_shards_that_overlap(root, t
                                                   "--output-dir", tmp_path / "out"]) == 0
     assert run_script(root, "merge_predictions", ["--inputs-dir", parts, "--output-dir", tmp_path / "out"]) == 2
     assert "(skipped there): the shards overlap" in capsys.readouterr().err
+
+
+def test_merge_predictions_refuses_a_stopped_predict_jobs_stand_in_naming_it(root, tmp_path, capsys):
+    # It said "images: missing (not a predictions file of bin/predict.py?)" of the JSON note a stopped job leaves.
+    from utils.stop import declare_outputs, stop_on_sigterm, write_stand_ins
+
+    part = tmp_path / "predictions_shard-000000.json"
+    stop_on_sigterm()
+    declare_outputs(part)
+    assert write_stand_ins("predict", "SIGTERM received") == [part]
+    assert run_script(root, "merge_predictions", ["--inputs", part, "--output-dir", tmp_path / "out"]) == 2
+    assert f"{part}: a stand-in, not a predictions file: the predict job that writes it was stopped" in \
+        capsys.readouterr().err

@@ -12,6 +12,7 @@ from .. import defaults as D
 from ..atomic import write_json, write_text
 from ..classes import CLASSES
 from ..errors import InputError, is_finite_number, shown
+from ..stop import is_stand_in
 from .compliance import compliance, merge_compliance
 from .prediction import PREDICTION_CSV_FIELDS
 from .quantify import Calibration, prediction_estimates
@@ -139,6 +140,9 @@ def merge_predictions(parts, output_dir, histogram: str | None = "compliance_his
             raise InputError(f"{part}: shard {tag} again (also {part_of_tag[tag]}): the parts of one merge are one "
                              "run's shards, each once")
         part_of_tag[tag] = part
+        if is_stand_in(part):
+            raise InputError(f"{part}: a stand-in, not a predictions file: the predict job that writes it was stopped "
+                             "(SIGTERM) before it finished; rerun that job (it resumes from its progress file)")
         try:
             data = json.loads(part.read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError) as error:  # Recursion: nested too deep
