@@ -27,8 +27,9 @@ frame: the CSV, plot, summary and annotated video are written for the frames don
 too) are made at temporary names and replace the last run's all together once complete (utils.atomic.atomic_files),
 so a second Ctrl-C before that leaves the last run's as they were, and one (or a SIGTERM) during the renames waits
 until they are done. After Ctrl-C the exit is 0,
-as for q or Esc: the user ended the run. After SIGTERM (even one after a Ctrl-C) it is 143, as for the workflow's
-other jobs (utils/stop.py): a pool stopped the job, which is retried; what was not written yet gets a stand-in.
+as for q or Esc: the user ended the run. After SIGTERM (even one after a Ctrl-C; not one that comes once the run
+has ended of itself, while its outputs are written) it is 143, as for the workflow's other jobs (utils/stop.py):
+a pool stopped the job, which is retried; what was not written yet gets a stand-in.
 Exit 0 on success; 2 with one line naming the source (or flag) when it cannot be read or used; 1 on a bug.
 A stream URL's password (rtsp://user:password@camera/...) is shown as *** in every line and output file.
 """
@@ -131,10 +132,13 @@ def run(args) -> int:
           f"{summary['mean_percent_per_frame']})")
     print(f"{summary['frames_processed']} of {summary['frames_read']} frames processed in "
           f"{summary['processing_seconds']} s; outputs in {args.output_dir}")
-    if stop_requested():  # also one that came after a Ctrl-C had stopped the run: a pool's stop is never a success
+    if stop_requested() and summary["interrupted"]:  # also one after a Ctrl-C had stopped the run: not all done
         after = "" if summary["interrupted"] == SIGTERM else f" after {summary['interrupted']} had stopped the run"
         raise StopRequested(f"SIGTERM received{after}; stopped after {summary['frames_processed']} processed frames, "
                             "whose outputs are written (the summary says interrupted)")
+    if stop_requested():  # while a run that had ended of itself wrote its outputs: they are all there
+        print(f"predict_video: note: SIGTERM received once the run had ended ({summary['ended']}); its outputs "
+              "are complete", file=sys.stderr)
     return 0
 
 

@@ -278,7 +278,8 @@ def test_a_second_ctrl_c_while_the_outputs_are_written_leaves_the_last_runs_outp
 
 
 @pytest.mark.slow
-def test_a_sigterm_after_ctrl_c_still_exits_143(root, clip, tiny_model_file, tmp_path, monkeypatch, restore_signals):
+def test_a_sigterm_after_ctrl_c_still_exits_143(root, clip, tiny_model_file, tmp_path, monkeypatch, restore_signals,
+                                                capsys):
     """Ctrl-C stopped the run, then a pool's SIGTERM came while the outputs were written: the outputs are written
     for the frames done (the summary names the Ctrl-C that stopped the run), and the exit is 143, as after any
     SIGTERM (it was 0: the pool read a job it had stopped as done)."""
@@ -294,6 +295,13 @@ def test_a_sigterm_after_ctrl_c_still_exits_143(root, clip, tiny_model_file, tmp
     assert run_script(root, "predict_video", argv) == 143
     summary = json.loads((out / "video_summary.json").read_text())
     assert summary["interrupted"] == "Ctrl-C (SIGINT)" and summary["frames_processed"] == 2
+    # one that comes once the run ended of itself: its outputs are whole, exit 0 (a retry would redo the video)
+    monkeypatch.undo()
+    _signal_on_call(monkeypatch, plots, "plot_compliance_over_time", signal.SIGTERM, 1)
+    assert run_script(root, "predict_video", [*argv, "--max-frames", "2"]) == 0
+    assert "SIGTERM received once the run had ended (--max-frames); its outputs are complete" in \
+        capsys.readouterr().err
+    assert json.loads((out / "video_summary.json").read_text())["interrupted"] is None
 
 
 class _Capture:
@@ -351,7 +359,8 @@ def test_a_live_sources_frame_times_are_the_wall_clock_and_max_seconds_bounds_wa
     assert summary["processed_per_second"] == 2.0 and summary["resampling"]["block_frames"] == 20
     # the annotated video at 6 fps holds the first frame until the second's time, 0.5 s: it plays at real speed
     # (it held 2 frames in 2, playing 3 times too fast)
-    assert summary["annotated_video"] == {"fps": 6.0, "frames": 4, "frames_held": 2}
+    assert summary["annotated_video"] == {"fps": 6.0, "frames": 4, "frames_held": 2, "frames_dropped": 0,
+                                          "pauses_shortened": 0}
     video = cv2.VideoCapture(str(tmp_path / "out" / "a.mp4"))
     assert video.get(cv2.CAP_PROP_FRAME_COUNT) == 4
     video.release()
@@ -363,6 +372,40 @@ def test_a_live_sources_frame_times_are_the_wall_clock_and_max_seconds_bounds_wa
                                          max_seconds=0.4, opened=url)
     rows = list(csv.DictReader(open(tmp_path / "url" / "video_frames.csv")))
     assert summary["frame_times"] == "timestamps" and [float(r["time_s"]) for r in rows] == [0.0, 0.167, 0.333]
+
+
+class _Writer:
+    def __init__(self):
+        self.frames = []
+
+    def write(self, frame):
+        self.frames.append(int(frame[0, 0, 0]))
+
+
+def test_a_live_sources_video_holds_frames_to_the_clock_shortens_long_pauses_and_drops_frames_ahead_of_it(
+        monkeypatch):
+    # A stalled stream's hour was 90,000 copies of one frame (minutes of encoding before a stop could end the run),
+    # and a camera faster than the rate it gives made the video play slow.
+    from utils import defaults as D
+    from utils.detection import video as video_module
+
+    frame = lambda value: np.full((2, 2, 3), value, np.uint8)  # noqa: E731
+    run, writer = video_module.VideoRun(), _Writer()
+    monkeypatch.setattr(D, "VIDEO_HOLD_MAX_SECONDS", 1.0)
+    for value, time_s in ((1, 0.0), (2, 0.5), (3, 10.5), (4, 11.0)):  # 4 fps: a pause of 10 s before frame 3
+        run.write_live(writer, frame(value), time_s, 4.0)
+    # frame 1 until 0.5 s, frame 2 held 1 s (not 10), frame 3 until 11.0 s on the video's shifted clock
+    assert writer.frames == [1, 1, 2, 2, 2, 2, 3, 3, 4] and run.pauses_shortened == 1
+    run, writer = video_module.VideoRun(), _Writer()
+    for value in range(1, 6):  # five frames at one clock time: the video may run one frame ahead, not more
+        run.write_live(writer, frame(value), 0.0, 4.0)
+    assert writer.frames == [1, 2] and run.frames_dropped == 3
+    # a stop during a long hold is not kept waiting by its copies
+    run, writer = video_module.VideoRun(), _Writer()
+    monkeypatch.setattr(video_module, "stop_reason", lambda: "SIGTERM")
+    run.write_live(writer, frame(1), 0.0, 4.0)
+    run.write_live(writer, frame(2), 0.9, 4.0)
+    assert writer.frames == [1, 2]
 
 
 def test_only_whole_blocks_count_toward_an_interval():

@@ -134,6 +134,9 @@ CALIBRATION_MIN_FACES = 100    # labelled validation faces an adjusted headline 
 BOOTSTRAP_REPLICATES = 1000    # resamples behind each 95 % interval of the compliance figure (seeded with SEED)
 VIDEO_BLOCK_SECONDS = 10.0     # a video's interval resamples blocks of this much consecutive video: nearby
                                # frames show the same faces, so single frames are not independent samples
+VIDEO_HOLD_MAX_SECONDS = 5.0   # a live source's annotated video holds a frame until the next one's clock time
+                               # (real speed), but at most this long: a stalled stream's hour would be 90,000
+                               # copies of one frame, minutes of encoding before a stop, gigabytes at 1080p
 WBF_IOU = 0.55                 # predict --model A B ... and --tta: boxes of several models (or of the plain and
                                # the flipped pass) overlapping more than this are one face, fused by weighted
                                # box fusion (ensemble-boxes' default)

@@ -150,6 +150,9 @@ class VideoRun:
     live_start: float | None = None  # a live source: wall_clock() when its first frame was read
     frames_written: int = 0  # to the annotated video: a live source's held frames too
     last_drawn: np.ndarray | None = None  # a live source: the frame held in the annotated video until the next
+    frames_dropped: int = 0  # a live source's frames that came while the video was ahead of the clock
+    pauses_shortened: int = 0  # a live source's pauses over VIDEO_HOLD_MAX_SECONDS, held only that long
+    slots_skipped: int = 0  # the video frames those pauses did not get: the video's clock runs that much behind
 
     def frame_time(self, capture, fps: float) -> tuple[float, bool]:
         """(time, by the rate) of a file's frame just read: its timestamp when valid (finite, after the one
@@ -166,6 +169,31 @@ class VideoRun:
         if self.live_start is None:
             self.live_start = now
         return now - self.live_start
+
+    def write_live(self, writer, drawn: np.ndarray, time_s: float, video_fps: float) -> None:
+        """Write a live source's processed frame at its clock time *time_s* into a video of *video_fps*: the frame
+        before is held until then (a detector slower than the camera: the video still plays at real speed), at
+        most VIDEO_HOLD_MAX_SECONDS (a stalled stream), and a frame that comes while the video is more than a
+        frame ahead of the clock (a camera faster than the rate it gives) is left out of the video (not the CSV)."""
+        slot = round(time_s * video_fps) - self.slots_skipped  # the video frame this one's time falls in
+        if self.last_drawn is not None:
+            held = slot - self.frames_written
+            most = max(0, round(D.VIDEO_HOLD_MAX_SECONDS * video_fps) - 1)  # copies: the frame's own slot is one
+            if held > most:
+                self.pauses_shortened += 1
+                self.slots_skipped += held - most
+                held = most
+            for _ in range(held):
+                if stop_reason():  # a stop is not kept waiting by the copies of a long pause
+                    break
+                writer.write(self.last_drawn)
+                self.frames_written += 1
+            if self.frames_written > slot + 1:
+                self.frames_dropped += 1
+                return
+        writer.write(drawn)
+        self.frames_written += 1
+        self.last_drawn = drawn
 
     def times_from(self, live: bool) -> str:
         if live:
@@ -258,15 +286,11 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                                                      fps / stride, (width, height))
                             if not writer.isOpened():
                                 raise InputError(f"{video_target}: OpenCV cannot write this video file")
-                        if live and run.last_drawn is not None:
-                            # a live source's frames come as slowly as the detector takes them: the last one is
-                            # held until this one's clock time, so that the video plays at real speed too
-                            for _ in range(round(time_s * fps / stride) - run.frames_written):
-                                writer.write(run.last_drawn)
-                                run.frames_written += 1
-                        writer.write(drawn)
-                        run.frames_written += 1
-                        run.last_drawn = drawn if live else None
+                        if live:
+                            run.write_live(writer, drawn, time_s, fps / stride)
+                        else:
+                            writer.write(drawn)
+                            run.frames_written += 1
                     if show and _show(drawn):
                         run.ended = "the viewer (q or Esc)"
                         break
@@ -303,7 +327,16 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                  "processed_per_second": round(processed_rate(run, fps, stride, live), 3), "notes": notes}
         if video_target and run.rows:
             video["annotated_video"] = {"fps": round(fps / stride, 3), "frames": run.frames_written,
-                                        "frames_held": run.frames_written - len(run.rows)}
+                                        "frames_held": run.frames_written - len(run.rows) + run.frames_dropped,
+                                        "frames_dropped": run.frames_dropped,
+                                        "pauses_shortened": run.pauses_shortened}
+            if run.pauses_shortened:
+                notes.append(f"{run.pauses_shortened} pause(s) of the {kind} over {D.VIDEO_HOLD_MAX_SECONDS:g} s "
+                             f"are {D.VIDEO_HOLD_MAX_SECONDS:g} s in the annotated video; the CSV keeps their times")
+            if run.frames_dropped:
+                notes.append(f"{run.frames_dropped} processed frame(s) came while the annotated video was ahead of "
+                             f"the clock (a {kind} faster than the {fps:g} fps taken) and are not in it; the CSV "
+                             "lists them")
         return _write_outputs(run, outputs, output_dir, name, kind, fps, stride, score_threshold, tta, settings,
                               video_target if run.rows else None, time.perf_counter() - started,
                               video_output_names(tag), calibration, video, record)
