@@ -57,3 +57,20 @@ def test_a_jobs_outputs_are_readable_by_other_users_under_umask_022(root, sample
     with tarfile.open(tmp_path / "set.tar") as archive:
         private = [m.name for m in archive.getmembers() if m.mode & 0o044 != 0o044]
     assert not private
+
+
+def test_a_folder_the_job_may_not_write_in_is_named_not_the_temporary_file(tmp_path, monkeypatch):
+    # It said "[Errno 13] Permission denied: '.../.predictions.x8k2l1q0.tmp.json'", a name the user never gave.
+    import errno
+    import tempfile
+
+    from utils.atomic import write_text
+    from utils.cli import error_message
+
+    def refused(prefix, suffix, dir):
+        raise PermissionError(errno.EACCES, "Permission denied", f"{dir}/{prefix}x8k2l1q0{suffix}")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    with pytest.raises(PermissionError) as caught:
+        write_text(tmp_path / "predictions.json", "{}")
+    assert error_message(caught.value) == f"{tmp_path}: cannot write predictions.json here (Permission denied)"

@@ -59,7 +59,11 @@ def _temporary_beside(target: Path) -> Path:
                         target.parent)
         raise NotADirectoryError(errno.ENOTDIR, f"a file, not a folder to write {target.name} in",
                                  str(blocking)) from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
+    except PermissionError as error:  # a folder the job may not write in: named, not the temporary file's name
+        raise PermissionError(error.errno, f"cannot write {target.name} here ({error.strerror})",
+                              str(target.parent)) from None
     os.close(fd)
     follow_umask(tmp)
     return Path(tmp)
