@@ -67,7 +67,7 @@ def test_write_default_config_writes_the_same_text_for_its_folder(tmp_path, caps
     # a folder is one line, exit 2 (an IsADirectoryError's traceback before)
     assert generator.main(parse("--write-default-config", tmp_path)) == 2
     assert capsys.readouterr().err == (f"workflow.py: {tmp_path}: cannot write the default settings "
-                                       "(Is a directory)\n")
+                                       "(a folder, not a file to write)\n")
 
 
 def test_the_example_experiments_load(root):
