@@ -82,3 +82,23 @@ def calibrated_model_file(model_file, path, score_threshold: float, images: int 
     if chosen_size is not None:
         meta = {**meta, "inference_size": {"image_size": chosen_size, "chosen_on": "validation", "tta": False}}
     return save_model_file(path, model, {**meta, "quantification": record})
+
+
+def write_exif_turned_pair(images, annotations, orientation: int = 6, stem: str = "turned"):
+    """A 160x90 photo stored with EXIF *orientation* (6: shown turned 90 degrees clockwise, 90x160) whose red
+    face fills (100, 10, 150, 40) of the stored pixels, and the XML an EXIF-ignoring tool (LabelImg) writes for
+    it: the stored size and that box. Returns (image path, XML path)."""
+    from PIL import Image, ImageDraw
+
+    from utils.data.voc import VocAnnotation, VocObject, write_voc
+
+    stored = Image.new("RGB", (160, 90), (255, 255, 255))
+    ImageDraw.Draw(stored).rectangle((100, 10, 149, 39), fill=(255, 0, 0))  # the face: 50x30 px, red
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Path(images).mkdir(parents=True, exist_ok=True)
+    Path(annotations).mkdir(parents=True, exist_ok=True)
+    image, xml = Path(images) / f"{stem}.jpg", Path(annotations) / f"{stem}.xml"
+    stored.save(image, exif=exif, quality=95)
+    write_voc(xml, VocAnnotation(image.name, 160, 90, objects=[VocObject("with_mask", 100, 10, 150, 40)]))
+    return image, xml

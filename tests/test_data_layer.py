@@ -318,14 +318,9 @@ def test_training_and_evaluation_read_boxes_on_an_exif_turned_images_stored_pixe
     # preprocess turned its boxes with the pixels, the dataset checked them against the turned image unturned.
     from utils.data.pairs import object_problems
 
-    stored = Image.new("RGB", (160, 90), (255, 255, 255))
-    stored.paste((255, 0, 0), (100, 10, 150, 40))
-    exif = Image.Exif()
-    exif[0x0112] = 6  # shown turned 90 degrees clockwise: 90x160
-    stored.save(tmp_path / "turned.jpg", exif=exif, quality=95)
-    write_voc(tmp_path / "turned.xml", VocAnnotation("turned.jpg", 160, 90,
-                                                     objects=[VocObject("with_mask", 100, 10, 150, 40)]))
-    pair = Pair(tmp_path / "turned.jpg", tmp_path / "turned.xml")
+    from helpers import write_exif_turned_pair
+
+    pair = Pair(*write_exif_turned_pair(tmp_path, tmp_path))
     image, target = VocDetectionDataset([pair])[0]
     assert tuple(image.shape) == (3, 160, 90)
     assert target["boxes"].tolist() == [[50.0, 100.0, 80.0, 150.0]]  # on the red patch, as shown

@@ -388,15 +388,10 @@ def test_a_sigterm_mid_set_exits_143_removes_the_partial_set_and_a_rerun_writes_
 
 def test_preprocess_turns_boxes_drawn_on_the_stored_pixels_of_an_exif_turned_image(tmp_path):
     # The XML of an EXIF-ignoring tool: the stored size (160x90) and a box on the stored pixels.
+    from helpers import write_exif_turned_pair
+
     src = tmp_path / "src"
-    src.mkdir()
-    stored = Image.new("RGB", (160, 90), (255, 255, 255))
-    stored.paste((255, 0, 0), (100, 10, 150, 40))
-    exif = Image.Exif()
-    exif[0x0112] = 6  # shown turned 90 degrees clockwise: 90x160
-    stored.save(src / "turned.jpg", exif=exif, quality=95)
-    write_voc(src / "turned.xml", VocAnnotation("turned.jpg", 160, 90,
-                                                objects=[VocObject("with_mask", 100, 10, 150, 40)]))
+    write_exif_turned_pair(src, src)
     report = preprocess_set(src, src, "", output_dir=tmp_path / "out", progress=False)
     ann = parse_voc(tmp_path / "out" / "turned.xml")
     assert (ann.width, ann.height) == (90, 160) and [o.box for o in ann.objects] == [(50, 100, 80, 150)]

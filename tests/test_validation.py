@@ -273,15 +273,9 @@ def test_boxes_drawn_on_the_stored_pixels_of_an_exif_turned_image_are_turned_wit
     # A tool that ignores EXIF (LabelImg) writes the stored size and boxes on the stored pixels. The image is read
     # turned, so the boxes were checked against the turned size: some dropped as outside, the rest kept in the
     # wrong place with only "size mismatch; the real size is used" said.
-    stored = Image.new("RGB", (160, 90), (255, 255, 255))
-    ImageDraw.Draw(stored).rectangle((100, 10, 149, 39), fill=(255, 0, 0))  # the face: 50x30 px, red
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    (tmp_path / "images").mkdir()
-    (tmp_path / "annotations").mkdir()
-    stored.save(tmp_path / "images" / "turned.jpg", exif=exif, quality=95)
-    (tmp_path / "annotations" / "turned.xml").write_text(
-        voc_xml([("with_mask", (100, 10, 150, 40))], 160, 90, "turned.jpg"))
+    from helpers import write_exif_turned_pair
+
+    write_exif_turned_pair(tmp_path / "images", tmp_path / "annotations", orientation)
     result = validate_dataset(tmp_path / "images", tmp_path / "annotations")
     report = result.report
     check_nothing_unreported(report)
