@@ -262,8 +262,9 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
         journal = None
         if resume is not None:
             key = {**resume, "score_threshold": score_threshold, "floor": floor, "tta": tta,
-                   "working_size": working_size(model), "drawn": sorted(drawn), "explain": [explain, explain_max_boxes],
-                   "annotated": str(annotated_tar or annotated_dir), "inputs": inputs_fingerprint(items, run.inputs)}
+                   "working_size": working_size(model), "explain": [explain, explain_max_boxes],
+                   "annotated": str(annotated_tar or annotated_dir),
+                   "inputs": inputs_fingerprint(items, run.inputs, drawn)}
             journal = PredictionProgress(progress_path(output_dir, names["predictions_json"]), key,
                                          [item.name for item in items], batch_size)
             stack.callback(journal.close)

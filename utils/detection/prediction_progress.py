@@ -16,6 +16,7 @@ a last line cut short by a kill is dropped. The file and the folder go once the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -32,9 +33,11 @@ def progress_path(output_dir: Path, predictions_name: str) -> Path:
     return Path(output_dir) / f".{predictions_name}.progress.jsonl"
 
 
-def inputs_fingerprint(items, read) -> list:
-    """What the run reads: each item's name and every file read (an archive, not its members) by path, size and
-    modification time (a changed, added or removed file changes it; reading them all again would cost a run)."""
+def inputs_fingerprint(items, read, drawn) -> str:
+    """The sha256 of what the run reads and draws: each item's name, every file read (an archive, not its members)
+    by path, size and modification time (a changed, added or removed file changes it; hashing them all would
+    cost a read of the collection) and the names of the images drawn; a digest, not the lists, keeps the header
+    of a 100k-image run short."""
     files = []
     for path in read:
         try:
@@ -43,7 +46,8 @@ def inputs_fingerprint(items, read) -> list:
             files.append([str(path), None, None])
         else:
             files.append([str(path), stat.st_size, stat.st_mtime_ns])
-    return [[item.name for item in items], files]
+    text = json.dumps([[item.name for item in items], files, sorted(drawn)])
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def drawn_files(record: dict) -> list[str]:
