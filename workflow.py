@@ -21,6 +21,7 @@ pegasus-plan is not installed); --submit plans and submits it with pegasus-plan.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import shlex
@@ -430,7 +431,7 @@ def get_args_parser():
     return driver.workflow_args_parser(__doc__, ROOT, WORKFLOW_OVERRIDES)
 
 
-def generate(args) -> tuple[MaskDetectionWorkflow, dict[str, Path], dict, list[SplitEntry]]:
+def generate(args, held: contextlib.ExitStack) -> tuple[MaskDetectionWorkflow, dict[str, Path], dict, list[SplitEntry]]:
     """The settings, --pred-images and --pred-videos checked, the data validated and split (and the folds, fixed
     at generation like the split: the fold jobs' inputs must be known to plan) in memory and checked, all before
     anything is written; then the data files, the catalogs and the DAG written, and the settings recorded.
@@ -441,6 +442,7 @@ def generate(args) -> tuple[MaskDetectionWorkflow, dict[str, Path], dict, list[S
     videos = find_videos(args.pred_videos.resolve()) if args.pred_videos else []
     data = plan_data(data_dir, run_dir, args.seed, tuple(args.fractions), args.near_duplicate_distance, label_map,
                      args.folds, settings.label)
+    held.enter_context(driver.run_lock(run_dir))  # kept till the run ends: no other run writes here meanwhile
     split_csv, folds_csv = write_data(data)  # the first file written into the run folder
     report, entries = data.report, data.entries
     pred_shards = prediction_shards(pred_images, entries, run_dir, args.images_per_job)
@@ -464,32 +466,33 @@ def generate(args) -> tuple[MaskDetectionWorkflow, dict[str, Path], dict, list[S
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     started = time.perf_counter()
-    try:
-        if args.write_default_config is not None:
-            path = experiment.write_default_config(get_args_parser(), args.write_default_config)
-            return print(f"Every setting with its default: {path}") or 0
-        generator, written, report, entries = generate(args)
-    except (ConfigError, OSError) as error:  # a run folder or --write-default-config path not writable too
-        print(f"workflow.py: {error_message(error)}", file=sys.stderr)
-        return 2
-    run_dir, config = generator.run_dir, generator.config
-    counts = {name: sum(1 for e in entries if e.split == name) for name in ("train", "val", "test")}
-    print(f"Validated {args.data.resolve()}: {report.get('images_usable', len(entries))} usable of "
-          f"{report.get('images_total', '?')} images (report: {run_dir / 'validation_report.json'})")
-    print(f"Split: train {counts['train']}, val {counts['val']}, test {counts['test']}; "
-          f"predicting on {sum(shard.images for shard in config.pred_shards)} images in "
-          f"{len(config.pred_shards)} shard(s)")
-    print(f"Workflow: {len(generator.wf.jobs)} jobs ({config.hpo_jobs} HPO) written to {run_dir} "
-          f"in {time.perf_counter() - started:.1f}s: " + ", ".join(path.name for path in written.values()))
+    with contextlib.ExitStack() as held:  # the run folder's lock, which generate() takes
+        try:
+            if args.write_default_config is not None:
+                path = experiment.write_default_config(get_args_parser(), args.write_default_config)
+                return print(f"Every setting with its default: {path}") or 0
+            generator, written, report, entries = generate(args, held)
+        except (ConfigError, OSError) as error:  # a run folder or --write-default-config path not writable too
+            print(f"workflow.py: {error_message(error)}", file=sys.stderr)
+            return 2
+        run_dir, config = generator.run_dir, generator.config
+        counts = {name: sum(1 for e in entries if e.split == name) for name in ("train", "val", "test")}
+        print(f"Validated {args.data.resolve()}: {report.get('images_usable', len(entries))} usable of "
+              f"{report.get('images_total', '?')} images (report: {run_dir / 'validation_report.json'})")
+        print(f"Split: train {counts['train']}, val {counts['val']}, test {counts['test']}; "
+              f"predicting on {sum(shard.images for shard in config.pred_shards)} images in "
+              f"{len(config.pred_shards)} shard(s)")
+        print(f"Workflow: {len(generator.wf.jobs)} jobs ({config.hpo_jobs} HPO) written to {run_dir} "
+              f"in {time.perf_counter() - started:.1f}s: " + ", ".join(path.name for path in written.values()))
 
-    has_planner = shutil.which("pegasus-plan") is not None
-    if args.submit:
-        return driver.submit(generator, has_planner)
-    if args.generate_only or (has_planner and not args.local):
-        print(f"To plan and submit:\n  {shlex.join(generator.plan_command())}")
-        return 0
+        has_planner = shutil.which("pegasus-plan") is not None
+        if args.submit:
+            return driver.submit(generator, has_planner)
+        if args.generate_only or (has_planner and not args.local):
+            print(f"To plan and submit:\n  {shlex.join(generator.plan_command())}")
+            return 0
 
-    return driver.run_locally(run_dir, generator.output_dir(), driver.local_jobs(args.jobs))
+        return driver.run_locally(run_dir, generator.output_dir(), driver.local_jobs(args.jobs))
 
 
 if __name__ == "__main__":

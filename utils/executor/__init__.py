@@ -9,6 +9,7 @@ It only reads what the generator (workflow.py, utils/pegasus/) wrote: nothing he
 """
 
 from .loading import WorkflowError, load_workflow, read_properties
-from .scheduler import main, run_workflow, unpack_tensorboard
+from .scheduler import main, run_lock, run_workflow, unpack_tensorboard
 
-__all__ = ["WorkflowError", "load_workflow", "main", "read_properties", "run_workflow", "unpack_tensorboard"]
+__all__ = ["WorkflowError", "load_workflow", "main", "read_properties", "run_lock", "run_workflow",
+           "unpack_tensorboard"]

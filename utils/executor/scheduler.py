@@ -57,7 +57,7 @@ from .resume_state import ResumeState
 
 # The package (utils/executor/__init__.py) re-exports these for workflow.py, the tests and bench/.
 __all__ = ["Executor", "WorkflowError", "get_args_parser", "load_workflow", "main", "read_properties",
-           "run_workflow"]
+           "run_lock", "run_workflow"]
 
 
 class Executor:
@@ -281,16 +281,29 @@ def unpack_tensorboard(output_dir) -> tuple[list[str], list[str]]:
     return unpacked, problems
 
 
+_HELD: set[Path] = set()  # the run folders whose lock this process holds
+
+
 @contextlib.contextmanager
-def _run_lock(run_dir: Path):
-    """One executor per run directory at a time."""
+def run_lock(run_dir: Path):
+    """One run per run directory at a time: workflow.py holds the lock from its first write into the folder
+    to the run's end, the executor while it runs. Taken again by the process that holds it, it is a no-op."""
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _HELD:
+        yield
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / ".executor.lock", "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise WorkflowError(f"{run_dir}: another executor is running this workflow") from None
-        yield
+            raise WorkflowError(f"{run_dir}: another run is using this folder (workflow.py or python -m "
+                                "utils.executor); let it end, or choose another --run-dir") from None
+        _HELD.add(run_dir)
+        try:
+            yield
+        finally:
+            _HELD.discard(run_dir)
 
 
 def run_workflow(run_dir, jobs: int = D.EXECUTOR_JOBS, retries: int | None = None, out=None,
@@ -298,7 +311,7 @@ def run_workflow(run_dir, jobs: int = D.EXECUTOR_JOBS, retries: int | None = Non
     """Run (or resume) the workflow in *run_dir*. Returns 0 when every job succeeded."""
     run_dir = Path(run_dir).resolve()
     try:
-        with _run_lock(run_dir):
+        with run_lock(run_dir):
             workflow = load_workflow(run_dir)
             return Executor(workflow, jobs=jobs, retries=retries, out=out,
                             status_interval=status_interval).run()

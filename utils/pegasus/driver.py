@@ -7,6 +7,7 @@ the parts of the driver that do not change when the DAG does.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -17,7 +18,7 @@ from .. import defaults as D
 from ..detection.weights import BACKBONES
 from ..cli import (fraction, image_size_px, int_at_least, near_duplicate_bits, non_negative_float, non_negative_int,
                    path_arg, positive_int, random_seed)
-from .config import CONTAINER_KINDS
+from .config import CONTAINER_KINDS, ConfigError
 from .experiment import ExperimentArgumentParser
 
 
@@ -178,6 +179,18 @@ def submit_summary(submit_dir, log_path) -> str:
             f"  pegasus-analyzer {submit_dir}            # when a job fails\n"
             f"  pegasus-statistics -s all {submit_dir}   # when it is done\n"
             f"  pegasus-remove {submit_dir}              # to stop it")
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """The run folder's lock (utils.executor.run_lock); a folder in use is a ConfigError, one line."""
+    from ..executor import WorkflowError, run_lock as executor_lock
+
+    try:
+        with executor_lock(run_dir):
+            yield
+    except WorkflowError as error:
+        raise ConfigError(str(error)) from None
 
 
 def run_locally(run_dir: Path, output_dir: Path, jobs: int) -> int:
