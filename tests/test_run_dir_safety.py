@@ -6,7 +6,11 @@ from __future__ import annotations
 import fcntl
 from pathlib import Path
 
+import pytest
+
 import workflow as generator
+from test_executor import make_workflow, starts
+from utils.executor import main as executor_main, run_workflow
 
 
 def generate(run_dir: Path, data: Path, *extra: str) -> int:
@@ -31,3 +35,33 @@ def test_a_second_run_into_a_folder_in_use_is_refused_before_it_writes(sample_di
     assert {name: (run_dir / name).read_bytes() for name in before} == before
     # once the other run has ended, the folder is free again
     assert generate(run_dir, sample_dir, "--seed", "3") == 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--jobs", "0"], "argument --jobs: expected a whole number of at least 1, got 0"),
+    (["--retries", "-3"], "argument --retries: expected a whole number of at least 0, got -3"),
+    (["--status-interval", "-1"], "argument --status-interval: expected a finite number above 0, got -1"),
+    (["--status-interval", "nan"], "argument --status-interval: expected a finite number above 0, got 'nan'"),
+])
+def test_the_executors_nonsense_flags_are_refused_in_one_line(flags, message, tmp_path, capsys):
+    """--jobs 0 ran with one slot and --retries -3 printed 'retries: -3'; --status-interval -1 started the
+    jobs, then died with a traceback and left them running."""
+    run_dir = make_workflow(tmp_path, [{"id": "a", "outputs": ["a.txt"]}])
+    with pytest.raises(SystemExit) as stopped:
+        executor_main([str(run_dir), *flags])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"python -m utils.executor: error: {message}"
+    assert starts(tmp_path) == []
+
+
+def test_the_executor_names_a_run_folder_it_cannot_use_in_one_line(tmp_path, capsys):
+    """A run folder it could not write in (read-only, full; here its lock file cannot be opened) was a
+    traceback; a missing one was created, left holding nothing but the lock file."""
+    run_dir = make_workflow(tmp_path, [{"id": "a", "outputs": ["a.txt"]}])
+    (run_dir / ".executor.lock").mkdir()
+    assert run_workflow(run_dir) == 2
+    assert capsys.readouterr().err == f"executor: {run_dir / '.executor.lock'}: Is a directory\n"
+    assert run_workflow(tmp_path / "missing") == 2
+    assert capsys.readouterr().err == (f"executor: {tmp_path / 'missing' / 'workflow.yml'}: workflow not found "
+                                       "(run workflow.py first)\n")
+    assert not (tmp_path / "missing").exists()

@@ -49,6 +49,7 @@ import time
 from pathlib import Path
 
 from .. import defaults as D
+from ..cli import error_message, non_negative_int, positive_float, positive_int
 from ..naming import TENSORBOARD_FOLDER
 from .job_try import JobRunner
 from .loading import LoadedWorkflow, WorkflowError, load_workflow, read_properties
@@ -311,12 +312,14 @@ def run_workflow(run_dir, jobs: int = D.EXECUTOR_JOBS, retries: int | None = Non
     """Run (or resume) the workflow in *run_dir*. Returns 0 when every job succeeded."""
     run_dir = Path(run_dir).resolve()
     try:
+        if not (run_dir / "workflow.yml").is_file():  # said before the lock, which would create the folder
+            raise WorkflowError(f"{run_dir / 'workflow.yml'}: workflow not found (run workflow.py first)")
         with run_lock(run_dir):
             workflow = load_workflow(run_dir)
             return Executor(workflow, jobs=jobs, retries=retries, out=out,
                             status_interval=status_interval).run()
-    except WorkflowError as error:
-        print(f"executor: {error}", file=sys.stderr)
+    except (WorkflowError, OSError) as error:  # OSError: a run folder it cannot write (read-only, full)
+        print(f"executor: {error_message(error)}", file=sys.stderr)
         return 2
 
 
@@ -324,9 +327,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m utils.executor", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="run directory written by workflow.py")
-    parser.add_argument("--jobs", type=int, default=D.EXECUTOR_JOBS, help="jobs at once")
-    parser.add_argument("--retries", type=int, default=None, help="override dagman.retry from pegasus.properties")
-    parser.add_argument("--status-interval", type=float, default=None,
+    parser.add_argument("--jobs", type=positive_int, default=D.EXECUTOR_JOBS, help="jobs at once")
+    parser.add_argument("--retries", type=non_negative_int, default=None,
+                        help="override dagman.retry from pegasus.properties")
+    parser.add_argument("--status-interval", type=positive_float, default=None,
                         help="seconds between status lines (default: 0.5 on a terminal, 30 otherwise)")
     return parser
 
