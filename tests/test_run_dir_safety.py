@@ -4,12 +4,13 @@ cannot be written. Each test here failed on the code before its fix."""
 from __future__ import annotations
 
 import fcntl
+import io
 from pathlib import Path
 
 import pytest
 
 import workflow as generator
-from test_executor import make_workflow, starts
+from test_executor import job_stats, make_workflow, starts
 from utils.executor import main as executor_main, run_workflow
 
 
@@ -65,3 +66,16 @@ def test_the_executor_names_a_run_folder_it_cannot_use_in_one_line(tmp_path, cap
     assert capsys.readouterr().err == (f"executor: {tmp_path / 'missing' / 'workflow.yml'}: workflow not found "
                                        "(run workflow.py first)\n")
     assert not (tmp_path / "missing").exists()
+
+
+def test_a_rerun_keeps_the_logs_of_the_earlier_runs_tries(tmp_path):
+    """A rerun numbered its tries from .000 again and wrote over the logs of the run before: the failed or
+    interrupted try that a resume continues from lost its record."""
+    run_dir = make_workflow(tmp_path, [{"id": "a", "outputs": ["a.txt"], "fail_tries": 1, "checkpoint": "a.ckpt"}])
+    assert run_workflow(run_dir, out=io.StringIO()) == 1
+    assert run_workflow(run_dir, out=io.StringIO()) == 0
+    logs = run_dir / "logs"
+    assert sorted(path.name for path in logs.iterdir()) == ["a.err.000", "a.err.001", "a.out.000", "a.out.001"]
+    assert (logs / "a.err.000").read_text() == "failing on purpose, try 1\n"
+    assert (logs / "a.out.001").read_text().endswith("a wrote a.txt\n")
+    assert job_stats(run_dir)["a"]["log"] == str(logs / "a.err.001")

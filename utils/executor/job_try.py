@@ -5,8 +5,8 @@ name (from the replica catalog or from the job that produced them, as Pegasus
 stages files flat into a job's directory), the checkpoint is seeded from the
 replica catalog the first time and kept afterwards, and stale outputs of an
 earlier try are removed. Its stdout and stderr go to RUN_DIR/logs/<job>.out.NNN
-and .err.NNN; the .out log starts with a header whose "# rerun by hand:" line is
-one bash command that runs the same try again. pegasus checkpoint.time /
+and .err.NNN, numbered on after earlier runs' tries; the .out log starts with a
+header whose "# rerun by hand:" line is one bash command that runs the same try again. pegasus checkpoint.time /
 maxwalltime profiles (minutes) get pegasus-kickstart semantics: SIGTERM at
 checkpoint.time so that the job saves its checkpoint, SIGKILL at maxwalltime.
 """
@@ -14,6 +14,7 @@ checkpoint.time so that the job saves its checkpoint, SIGKILL at maxwalltime.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import re
 import shlex
@@ -63,8 +64,9 @@ class JobRunner:
             return TryOutcome(False, None, problem)
         variables = self.job_variables(spec, threads)
         command = self.command(spec)
-        out_path = self.wf.logs_dir / f"{spec.id}.out.{attempt:03d}"
-        err_path = self.wf.logs_dir / f"{spec.id}.err.{attempt:03d}"
+        number = self.next_log_number(spec.id)
+        out_path = self.wf.logs_dir / f"{spec.id}.out.{number:03d}"
+        err_path = self.wf.logs_dir / f"{spec.id}.err.{number:03d}"
         began = time.time()
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             # The header goes first; the job's stdout is appended after it through the same file.
@@ -85,6 +87,14 @@ class JobRunner:
                               **ran)
         self.stage_out(spec)
         return TryOutcome(True, exit_code, **ran)
+
+    def next_log_number(self, job_id: str) -> int:
+        """The number of a try's logs: after those of every earlier try, earlier runs' too, so that a rerun
+        keeps the record of the tries it resumes from."""
+        prefix = f"{job_id}.out."
+        taken = [int(path.name[len(prefix):]) for path in self.wf.logs_dir.glob(f"{glob.escape(prefix)}*")
+                 if path.name[len(prefix):].isdigit()]
+        return max(taken, default=-1) + 1
 
     def prepare(self, spec: JobSpec, job_dir: Path) -> str | None:
         """Link inputs, seed checkpoints, clear stale outputs. Returns an error message or None."""
