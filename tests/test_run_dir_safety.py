@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import fcntl
 import io
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,8 @@ import pytest
 import workflow as generator
 from test_executor import job_stats, make_workflow, starts
 from utils.executor import main as executor_main, run_workflow
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def generate(run_dir: Path, data: Path, *extra: str) -> int:
@@ -31,8 +36,8 @@ def test_a_second_run_into_a_folder_in_use_is_refused_before_it_writes(sample_di
         capsys.readouterr()
         assert generate(run_dir, sample_dir, "--seed", "3", "--epochs", "5") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"workflow.py: {run_dir}: another run is using this folder (workflow.py or python -m "
-                   "utils.executor); let it end, or choose another --run-dir"]
+    assert err == [f"workflow.py: {run_dir}: in use by another run (workflow.py or python -m utils.executor) or "
+                   "by the jobs of one that was killed; let them end, or choose another --run-dir"]
     assert {name: (run_dir / name).read_bytes() for name in before} == before
     # once the other run has ended, the folder is free again
     assert generate(run_dir, sample_dir, "--seed", "3") == 0
@@ -79,3 +84,22 @@ def test_a_rerun_keeps_the_logs_of_the_earlier_runs_tries(tmp_path):
     assert (logs / "a.err.000").read_text() == "failing on purpose, try 1\n"
     assert (logs / "a.out.001").read_text().endswith("a wrote a.txt\n")
     assert job_stats(run_dir)["a"]["log"] == str(logs / "a.err.001")
+
+
+def test_a_job_left_running_by_a_killed_executor_keeps_its_folder_locked(tmp_path, capsys):
+    """kill -9 of the executor (or of workflow.py) leaves its jobs running; a rerun started the same jobs again
+    in the same scratch folders beside them, both writing the same checkpoint and outputs."""
+    run_dir = make_workflow(tmp_path, [{"id": "a", "outputs": ["a.txt"], "sleep": "4"}])
+    executor = subprocess.Popen([sys.executable, "-m", "utils.executor", str(run_dir)], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while starts(tmp_path) != ["a"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    executor.kill()
+    executor.wait()
+    capsys.readouterr()
+    assert run_workflow(run_dir, out=io.StringIO()) == 2  # job a of the killed run is still running
+    assert "or by the jobs of one that was killed" in capsys.readouterr().err
+    while time.monotonic() < deadline and run_workflow(run_dir, out=io.StringIO()) == 2:
+        time.sleep(0.2)  # until the orphan ends and lets the folder go
+    assert starts(tmp_path) == ["a", "a"]  # the rerun ran it again once the first had ended, not beside it

@@ -48,10 +48,13 @@ class TryOutcome:
 class JobRunner:
     """Runs tries of the workflow's jobs, one per call, each in its own scratch directory."""
 
-    def __init__(self, workflow: LoadedWorkflow, python: str, stopping: threading.Event):
+    def __init__(self, workflow: LoadedWorkflow, python: str, stopping: threading.Event, lock: int | None = None):
         self.wf = workflow
         self.python = python
         self.stopping = stopping  # set on SIGINT/SIGTERM: running jobs are stopped
+        # The run folder's lock (scheduler.run_lock), inherited by every job: one that outlives a killed executor
+        # keeps the folder locked, so that no rerun starts the same job beside it.
+        self.lock = lock
 
     def run_try(self, spec: JobSpec, attempt: int, threads: int) -> TryOutcome:
         """Run try number *attempt* (0-based) of *spec* with *threads* threads; stage out on success."""
@@ -73,6 +76,7 @@ class JobRunner:
             out.write(log_header(spec.id, attempt, job_dir, variables, command).encode())
             out.flush()
             process = subprocess.Popen(command, cwd=job_dir, stdout=out, stderr=err,
+                                       pass_fds=() if self.lock is None else (self.lock,),
                                        env={**os.environ, **COSMETIC_VARIABLES, "PEGASUS_JOB_ID": spec.id,
                                             **variables})
             exit_code, reason = self._wait(process, spec)

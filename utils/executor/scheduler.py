@@ -66,7 +66,7 @@ class Executor:
 
     def __init__(self, workflow: LoadedWorkflow, jobs: int = D.EXECUTOR_JOBS, retries: int | None = None,
                  status_interval: float | None = None, out=None, python: str = sys.executable,
-                 cpu_count: int | None = None):
+                 cpu_count: int | None = None, lock: int | None = None):
         self.wf = workflow
         self.slots = max(1, int(jobs))
         self.default_retries = retries if retries is not None else int(workflow.properties.get("dagman.retry", 0) or 0)
@@ -81,7 +81,7 @@ class Executor:
         self.running: set[str] = set()            # touched by the scheduling thread only
         self.stopping = threading.Event()
         self.state = ResumeState(workflow)
-        self.runner = JobRunner(workflow, python, self.stopping)
+        self.runner = JobRunner(workflow, python, self.stopping, lock)
         self.priority = self._bottom_levels()
 
     def _bottom_levels(self) -> dict[str, float]:
@@ -282,29 +282,32 @@ def unpack_tensorboard(output_dir) -> tuple[list[str], list[str]]:
     return unpacked, problems
 
 
-_HELD: set[Path] = set()  # the run folders whose lock this process holds
+_HELD: dict[Path, int] = {}  # run folder -> the file descriptor of its lock, for the folders this process holds
 
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path):
     """One run per run directory at a time: workflow.py holds the lock from its first write into the folder
-    to the run's end, the executor while it runs. Taken again by the process that holds it, it is a no-op."""
+    to the run's end, the executor while it runs. Taken again by the process that holds it, it is a no-op.
+    Yields the lock's file descriptor: the executor hands it on to its jobs, so that a job left running by a
+    killed executor keeps the folder locked until it ends (a rerun beside it would share its scratch folder)."""
     run_dir = Path(run_dir).resolve()
     if run_dir in _HELD:
-        yield
+        yield _HELD[run_dir]
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / ".executor.lock", "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise WorkflowError(f"{run_dir}: another run is using this folder (workflow.py or python -m "
-                                "utils.executor); let it end, or choose another --run-dir") from None
-        _HELD.add(run_dir)
+            raise WorkflowError(f"{run_dir}: in use by another run (workflow.py or python -m utils.executor) or "
+                                "by the jobs of one that was killed; let them end, or choose another --run-dir"
+                                ) from None
+        _HELD[run_dir] = handle.fileno()
         try:
-            yield
+            yield handle.fileno()
         finally:
-            _HELD.discard(run_dir)
+            _HELD.pop(run_dir, None)
 
 
 def run_workflow(run_dir, jobs: int = D.EXECUTOR_JOBS, retries: int | None = None, out=None,
@@ -314,10 +317,10 @@ def run_workflow(run_dir, jobs: int = D.EXECUTOR_JOBS, retries: int | None = Non
     try:
         if not (run_dir / "workflow.yml").is_file():  # said before the lock, which would create the folder
             raise WorkflowError(f"{run_dir / 'workflow.yml'}: workflow not found (run workflow.py first)")
-        with run_lock(run_dir):
+        with run_lock(run_dir) as lock:
             workflow = load_workflow(run_dir)
             return Executor(workflow, jobs=jobs, retries=retries, out=out,
-                            status_interval=status_interval).run()
+                            status_interval=status_interval, lock=lock).run()
     except (WorkflowError, OSError) as error:  # OSError: a run folder it cannot write (read-only, full)
         print(f"executor: {error_message(error)}", file=sys.stderr)
         return 2
