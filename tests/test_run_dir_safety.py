@@ -103,3 +103,23 @@ def test_a_job_left_running_by_a_killed_executor_keeps_its_folder_locked(tmp_pat
     while time.monotonic() < deadline and run_workflow(run_dir, out=io.StringIO()) == 2:
         time.sleep(0.2)  # until the orphan ends and lets the folder go
     assert starts(tmp_path) == ["a", "a"]  # the rerun ran it again once the first had ended, not beside it
+
+
+def test_statistics_txt_counts_interrupted_jobs_as_interrupted(tmp_path):
+    """After Ctrl-C the totals table put the interrupted jobs, the one that ran for minutes too, under
+    'Skipped', while the run's last line said 'interrupted'."""
+    from utils.executor import load_workflow
+    from utils.executor.progress import JobResult, Reporter
+
+    run_dir = make_workflow(tmp_path, [{"id": "a", "outputs": ["a.txt"]},
+                                       {"id": "b", "inputs": ["a.txt"], "outputs": ["b.txt"]},
+                                       {"id": "c", "inputs": ["b.txt"], "outputs": ["c.txt"]}])
+    results = {"a": JobResult("a", "succeeded", tries=1, wall_time_s=2.0, exit_code=0),
+               "b": JobResult("b", "interrupted", tries=1, wall_time_s=90.0, exit_code=-15, message="interrupted"),
+               "c": JobResult("c", "interrupted")}
+    reporter = Reporter(load_workflow(run_dir), results, io.StringIO())
+    text = reporter.write_statistics(reporter.statistics(reporter.started + 92.0, 2)).read_text().splitlines()
+    header = text.index(next(line for line in text if line.startswith("Type")))
+    assert text[header].split() == ["Type", "Succeeded", "Failed", "Skipped", "Interrupted", "Reused", "Total",
+                                    "Tries", "Retries"]
+    assert text[header + 1].split() == ["Jobs", "1", "0", "0", "2", "0", "3", "2", "0"]

@@ -171,9 +171,9 @@ class Reporter:
             f"Workflow statistics: {stats['workflow']}  ({stats['run_dir']})",
             f"Started {stats['started']}, up to {stats['slots']} jobs at once",
             "",
-            f"{'Type':<8}{'Succeeded':>10}{'Failed':>8}{'Skipped':>9}{'Reused':>8}{'Total':>7}"
+            f"{'Type':<8}{'Succeeded':>10}{'Failed':>8}{'Skipped':>9}{'Interrupted':>13}{'Reused':>8}{'Total':>7}"
             f"{'Tries':>7}{'Retries':>9}",
-            f"{'Jobs':<8}{t['succeeded']:>10}{t['failed']:>8}{t['skipped'] + t['interrupted']:>9}"
+            f"{'Jobs':<8}{t['succeeded']:>10}{t['failed']:>8}{t['skipped']:>9}{t['interrupted']:>13}"
             f"{t['reused']:>8}{t['jobs']:>7}{t['tries']:>7}{t['retries']:>9}",
             "",
             f"Workflow wall time:        {format_duration(stats['wall_time_s'])} ({stats['wall_time_s']:.1f} s)",
