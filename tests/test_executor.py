@@ -8,6 +8,7 @@ earlier run, and the statistics it leaves behind.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import os
@@ -130,6 +131,20 @@ def rerun_line_in(log: Path) -> str:
     """The command under "# rerun by hand:" in a try's stdout log."""
     lines = log.read_text().splitlines()
     return lines[lines.index("# rerun by hand:") + 1]
+
+
+def wait_for_the_run_lock(run_dir: Path, timeout: float = 30.0) -> None:
+    """Until no process (the jobs of a killed executor) holds the run folder's lock."""
+    deadline = time.time() + timeout
+    with open(run_dir / ".executor.lock", "a") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                assert time.time() < deadline, "the run folder's lock was not released"
+                time.sleep(0.05)
 
 
 def job_stats(run_dir: Path) -> dict[str, dict]:
@@ -360,6 +375,7 @@ def test_a_run_killed_part_way_resumes_without_rerunning_finished_jobs(tmp_path)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    wait_for_the_run_lock(run_dir)  # the killed job holds the folder's lock until it is gone, a moment later
     # resume with a fast "slow" job: same job definition apart from the sleep, so edit only that
     workflow_yml = run_dir / "workflow.yml"
     workflow_yml.write_text(workflow_yml.read_text().replace("- '30'", "- '0'").replace("- 30\n", "- 0\n"))
