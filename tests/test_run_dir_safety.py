@@ -123,3 +123,19 @@ def test_statistics_txt_counts_interrupted_jobs_as_interrupted(tmp_path):
     assert text[header].split() == ["Type", "Succeeded", "Failed", "Skipped", "Interrupted", "Reused", "Total",
                                     "Tries", "Retries"]
     assert text[header + 1].split() == ["Jobs", "1", "0", "0", "2", "0", "3", "2", "0"]
+
+
+def test_a_job_rerun_by_hand_in_place_reruns_the_jobs_that_read_its_outputs(tmp_path):
+    """docs/troubleshooting.md: paste a log's rerun line, change a flag, and the job runs again in place. The
+    next run reused that job (right: its outputs are the new ones) and its children too, whose results came
+    from the old outputs: outputs/ then held a new a.txt beside a b.txt made from the old one."""
+    run_dir = make_workflow(tmp_path, [
+        {"id": "a", "outputs": ["a.txt"], "stage_out": True},
+        {"id": "b", "inputs": ["a.txt"], "outputs": ["b.txt"], "stage_out": True}])
+    assert run_workflow(run_dir, out=io.StringIO()) == 0
+    (run_dir / "scratch" / "a" / "a.txt").write_text("a, rerun by hand;")
+    assert run_workflow(run_dir, out=io.StringIO()) == 0
+    assert starts(tmp_path) == ["a", "b", "b"]
+    assert (run_dir / "outputs" / "b.txt").read_text() == "a, rerun by hand;b;"
+    assert run_workflow(run_dir, out=io.StringIO()) == 0  # and then nothing is left to do
+    assert starts(tmp_path) == ["a", "b", "b"]

@@ -2,7 +2,9 @@
 
 Like a rescue DAG, but checked: a finished job is reused only while its definition,
 its script and its input files from the replica catalog (by content) are unchanged,
-all its parents are reused too, and its outputs are still in its scratch directory.
+all its parents are reused too, the outputs of theirs it read are the ones it read (a
+parent rerun by hand in place has made others), and its outputs are still in its scratch
+directory.
 The run's settings file (experiment_config.yml) is left out of that check: jobs only copy it into their
 run records, and every setting that changes a job's work is in its arguments, so a changed setting
 reruns the jobs it reaches, not all of them.
@@ -64,14 +66,25 @@ class ResumeState:
             digest.update(f"{path}|{self._content_hash(path)}\n".encode())
         return digest.hexdigest()
 
+    def _made_inputs(self, spec: JobSpec) -> list[bytes]:
+        """One line per input made by another job: its name and the content of that job's output."""
+        return [f"{lfn}|{self._content_hash(self.wf.job_dir(self.wf.producers[lfn]) / lfn)}\n".encode()
+                for lfn in spec.inputs if lfn in self.wf.producers]
+
+    def made_inputs_key(self, spec: JobSpec) -> str:
+        """The content of the job's inputs made by other jobs, as it read them: a parent reused but rerun by hand
+        in place (docs/troubleshooting.md) has other outputs, and what the job made from the old ones is stale."""
+        digest = hashlib.sha256()
+        for line in self._made_inputs(spec):
+            digest.update(line)
+        return digest.hexdigest()
+
     def checkpoint_key(self, spec: JobSpec) -> str:
         """What a job's checkpoint was written for: its signature and the content of its inputs made by other
         jobs (a parent that reran with other settings may have made other data)."""
         digest = hashlib.sha256(self.signature(spec).encode())
-        for lfn in spec.inputs:
-            producer = self.wf.producers.get(lfn)
-            if producer is not None:
-                digest.update(f"{lfn}|{self._content_hash(self.wf.job_dir(producer) / lfn)}\n".encode())
+        for line in self._made_inputs(spec):
+            digest.update(line)
         return digest.hexdigest()
 
     def stale_checkpoint(self, spec: JobSpec, key: str) -> bool:
@@ -116,6 +129,9 @@ class ResumeState:
                 continue
             if not all(parent in reusable for parent in spec.parents):
                 continue
+            # A record from before this key was kept is trusted, as it was then.
+            if "made_inputs" in record and record["made_inputs"] != self.made_inputs_key(spec):
+                continue
             job_dir = self.wf.job_dir(job_id)
             if not all((job_dir / lfn).is_file() for lfn, _ in spec.outputs):
                 continue
@@ -132,7 +148,8 @@ class ResumeState:
     def record(self, spec: JobSpec, result: JobResult) -> None:
         """Remember a finished job (what a rerun may skip), or forget it when it did not succeed."""
         if result.status == "succeeded":
-            record = {"status": "succeeded", "signature": self.signature(spec), "tries": result.tries,
+            record = {"status": "succeeded", "signature": self.signature(spec),
+                      "made_inputs": self.made_inputs_key(spec), "tries": result.tries,
                       "wall_time_s": round(result.wall_time_s, 3), "exit_code": result.exit_code,
                       "finished": timestamp(result.finished)}
             with self._lock:
