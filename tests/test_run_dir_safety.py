@@ -139,3 +139,40 @@ def test_a_job_rerun_by_hand_in_place_reruns_the_jobs_that_read_its_outputs(tmp_
     assert (run_dir / "outputs" / "b.txt").read_text() == "a, rerun by hand;b;"
     assert run_workflow(run_dir, out=io.StringIO()) == 0  # and then nothing is left to do
     assert starts(tmp_path) == ["a", "b", "b"]
+
+
+class GoneAfterOneLine(io.StringIO):
+    """Standard output piped into `head -1`: the second line written raises BrokenPipeError."""
+
+    def write(self, text):
+        if self.getvalue():
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(text)
+
+
+def test_progress_output_that_goes_away_does_not_stop_the_run(tmp_path):
+    """`python -m utils.executor RUN_DIR | head -1`: the next progress line raised BrokenPipeError out of the
+    scheduler, which died with the jobs still running on their own, and wrote no statistics."""
+    run_dir = make_workflow(tmp_path, [{"id": "a", "outputs": ["a.txt"], "sleep": "1"},
+                                       {"id": "b", "inputs": ["a.txt"], "outputs": ["b.txt"]}])
+    assert run_workflow(run_dir, out=GoneAfterOneLine(), status_interval=0.2) == 0
+    assert {job_id: job["status"] for job_id, job in job_stats(run_dir).items()} == {"a": "succeeded",
+                                                                                      "b": "succeeded"}
+
+
+def test_an_executor_error_stops_the_running_jobs_before_it_ends(tmp_path, monkeypatch):
+    """An error in the scheduling loop (a bug) ended the executor and left its jobs running, unrecorded."""
+    from utils.executor.progress import Reporter
+
+    run_dir = make_workflow(tmp_path, [{"id": "a", "outputs": ["a.txt"], "sleep": "60"}])
+
+    def broken_status_line(self, running):
+        raise RuntimeError("a bug in the status line")
+
+    monkeypatch.setattr(Reporter, "status_line", broken_status_line)
+    began = time.monotonic()
+    with pytest.raises(RuntimeError, match="a bug in the status line"):
+        run_workflow(run_dir, out=io.StringIO(), status_interval=0.2)
+    assert time.monotonic() - began < 30
+    with open(run_dir / ".executor.lock", "a") as handle:  # no job of the run holds it any more
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

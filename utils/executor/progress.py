@@ -63,9 +63,20 @@ class Reporter:
         self.started = time.time()
 
     # -- while running -------------------------------------------------------
+    def _write(self, text: str) -> None:
+        """Progress is for watching: an output that has gone away (`| head`, a closed terminal) ends it, not the
+        run, whose record is statistics.txt and the logs."""
+        if self.out is None:
+            return
+        try:
+            self.out.write(text)
+            self.out.flush()
+        except (OSError, ValueError):  # ValueError: written to a closed file
+            self.out = None
+
     def print(self, message: str) -> None:
         self.clear_status()
-        print(message, file=self.out, flush=True)
+        self._write(message + "\n")
 
     def job_event(self, event: str, job_id: str, detail: str = "") -> None:
         """One line per job event, e.g. "[  1m05s] done   train in 58s"."""
@@ -95,16 +106,14 @@ class Reporter:
         if self.is_tty:
             width = shutil.get_terminal_size((120, 20)).columns - 1
             line = line[:width]
-            self.out.write("\r" + line.ljust(self._status_width))
-            self.out.flush()
+            self._write("\r" + line.ljust(self._status_width))
             self._status_width = len(line)
         else:
-            print(line, file=self.out, flush=True)
+            self._write(line + "\n")
 
     def clear_status(self) -> None:
         if self.is_tty and self._status_width:
-            self.out.write("\r" + " " * self._status_width + "\r")
-            self.out.flush()
+            self._write("\r" + " " * self._status_width + "\r")
             self._status_width = 0
 
     # -- at the end ----------------------------------------------------------

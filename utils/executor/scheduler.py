@@ -139,6 +139,11 @@ class Executor:
                 if now - last_status >= self.status_interval:
                     self.report.status_line(self.running)
                     last_status = now
+        except BaseException:  # a bug: stop the jobs and hear them end, rather than leave them running unrecorded
+            self.stopping.set()
+            while self.running:
+                self.running.discard(self.events.get())
+            raise
         finally:
             self._restore_signal_handlers(previous_handlers)
             self.report.clear_status()
