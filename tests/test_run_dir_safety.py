@@ -176,3 +176,14 @@ def test_an_executor_error_stops_the_running_jobs_before_it_ends(tmp_path, monke
     assert time.monotonic() - began < 30
     with open(run_dir / ".executor.lock", "a") as handle:  # no job of the run holds it any more
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_job_killed_by_a_signal_is_said_so(tmp_path):
+    """A job killed by a signal (the kernel's OOM killer, kill -9) read 'exit code -9', an exit status no
+    process can return."""
+    run_dir = make_workflow(tmp_path, [{"id": "a", "outputs": ["a.txt"]}])
+    (tmp_path / "fake_job.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    out = io.StringIO()
+    assert run_workflow(run_dir, out=out) == 1
+    assert job_stats(run_dir)["a"]["message"] == f"killed by SIGKILL (see {run_dir / 'logs' / 'a.err.000'})"
+    assert "FAILED a after 1 tries: killed by SIGKILL" in out.getvalue()

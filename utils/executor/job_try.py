@@ -19,6 +19,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -84,7 +85,7 @@ class JobRunner:
         if self.stopping.is_set():
             return TryOutcome(False, exit_code, "interrupted", retryable=False, **ran)
         if exit_code != 0:
-            return TryOutcome(False, exit_code, reason or f"exit code {exit_code} (see {err_path})", **ran)
+            return TryOutcome(False, exit_code, reason or f"{exit_description(exit_code)} (see {err_path})", **ran)
         missing = [lfn for lfn, _ in spec.outputs if not (job_dir / lfn).is_file()]
         if missing:
             return TryOutcome(False, exit_code, f"exit 0 but declared outputs missing: {', '.join(missing[:5])}",
@@ -196,6 +197,16 @@ class JobRunner:
             if stage_out and source.is_file():
                 with atomic_path(self.wf.output_dir / lfn) as tmp:
                     shutil.copyfile(source, tmp)
+
+
+def exit_description(exit_code: int) -> str:
+    """"exit code 3", or for a process killed by a signal (Popen's negative code) "killed by SIGKILL"."""
+    if exit_code >= 0:
+        return f"exit code {exit_code}"
+    try:
+        return f"killed by {signal.Signals(-exit_code).name}"
+    except ValueError:
+        return f"killed by signal {-exit_code}"
 
 
 def rerun_line(job_dir: Path, variables: dict[str, str], command: list[str]) -> str:
