@@ -220,6 +220,31 @@ def test_checkpoint_of_other_data_or_another_learning_rate_is_refused(tiny_dir, 
         again.resume(tmp_path / "v.pt", run_args={"val_mode": "merge"})
 
 
+@pytest.mark.training
+def test_checkpoint_of_other_pretrained_weights_or_another_label_map_is_refused(tiny_dir, tmp_path):
+    # Resumed with another --weights, the model file said it started from weights it never saw; with another
+    # --label-map, the same files' faces became other classes half way through, and nothing said so.
+    from utils.classes import LabelMap
+
+    pairs = tiny_pairs(tiny_dir)
+    cpu = torch.device("cpu")
+    scratch = Trainer(TrainParams(**{**TINY, "epochs": 1, "weights": "none"}), pairs, cpu, progress=False,
+                      label_map=LabelMap.parse("mask=with_mask"))
+    scratch.checkpoint(tmp_path / "c.pt", {})
+    pretrained = Trainer(TrainParams(**{**TINY, "epochs": 1, "weights": "widerface"}), pairs, cpu, progress=False,
+                         label_map=LabelMap.parse("mask=with_mask"))
+    with pytest.raises(ValueError, match="written with weights='none', this run has 'widerface'"):
+        pretrained.resume(tmp_path / "c.pt")
+    remapped = Trainer(TrainParams(**{**TINY, "epochs": 1, "weights": "none"}), pairs, cpu, progress=False,
+                       label_map=LabelMap.parse("mask=without_mask"))
+    with pytest.raises(ValueError, match=r"written with label_map=\{'mask': 'with_mask'\}, this run has "
+                                         r"\{'mask': 'without_mask'\}"):
+        remapped.resume(tmp_path / "c.pt")
+    same = Trainer(TrainParams(**{**TINY, "epochs": 1, "weights": "none"}), pairs, cpu, progress=False,
+                   label_map=LabelMap.parse("mask=with_mask"))
+    assert same.resume(tmp_path / "c.pt") == 0
+
+
 class NaNDetector(torch.nn.Module):
     """Returns a NaN loss on the second batch, like a diverging detector."""
 

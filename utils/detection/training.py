@@ -109,6 +109,7 @@ class Trainer:
         self.best: dict | None = None
         self.best_since = 1
         self.plan = plan if plan is not None else make_plan(params)
+        self.label_map = label_map
         self.device = device
         self.progress = progress
         seed_everything(params.seed)
@@ -256,15 +257,18 @@ class Trainer:
         """Continue the run *checkpoint_path* holds; returns the epochs it finished. Refused (TrainingDataError)
         when it was written for other work: other data (*inputs_sha256*, the hash of this run's input files,
         against the one the checkpoint recorded; *run_args*, such as val_mode, against the job arguments it
-        recorded), another recipe or another plan (epochs, steps, freeze epochs, time budget: a finished
-        3-epoch run resumed with --epochs 5 would train on at the old schedule's last learning rate)."""
+        recorded; the label map), other pretrained weights (--weights), another recipe or another plan (epochs,
+        steps, freeze epochs, time budget: a finished 3-epoch run resumed with --epochs 5 would train on at the
+        old schedule's last learning rate)."""
         payload = load_checkpoint(checkpoint_path)
         written_for = payload.get("args", {}).get("inputs_sha256")
         if inputs_sha256 is not None and written_for is not None and written_for != inputs_sha256:
             raise TrainingDataError(f"{checkpoint_path}: written for other training data (inputs sha256 "
                                     f"{written_for[:12]}…, this run's {inputs_sha256[:12]}…); delete the checkpoint "
                                     "or train on the data it was written for")
-        for key, value in (run_args or {}).items():
+        # the object names' classes: the same files read with another --label-map are other training data
+        run_args = {**(run_args or {}), "label_map": self.label_map.as_dict()}
+        for key, value in run_args.items():
             written = payload.get("args", {}).get(key)
             if written is not None and written != value:
                 raise TrainingDataError(f"{checkpoint_path}: written with {key}={written!r}, this run has {value!r}; "
@@ -273,9 +277,10 @@ class Trainer:
         # checkpoints from before the box head's levers existed trained with their defaults
         defaults = TrainParams()
         saved = {"box_loss": defaults.box_loss, "roi_fg_iou": defaults.roi_fg_iou, "roi_bg_iou": None, **saved}
-        keys = ("backbone", "image_size", "optimizer", "batch_size", "ema_decay", "roi_batch_size", "box_loss",
-                "roi_fg_iou", "roi_bg_iou", "lr", "momentum", "weight_decay", "lr_schedule", "warmup_iters",
-                "clip_grad", "trainable_layers", "hflip", "photometric", "multiscale", "repeat_threshold", "seed")
+        keys = ("backbone", "weights", "image_size", "optimizer", "batch_size", "ema_decay", "roi_batch_size",
+                "box_loss", "roi_fg_iou", "roi_bg_iou", "lr", "momentum", "weight_decay", "lr_schedule",
+                "warmup_iters", "clip_grad", "trainable_layers", "hflip", "photometric", "multiscale",
+                "repeat_threshold", "seed")
         if saved.get("time_budget") is None and self.params.time_budget is None and not self.plan.staged:
             keys += ("max_steps", "freeze_backbone_epochs")  # a budget run's are fitted, not asked for
             done, planned = int(payload.get("epoch", 0)), saved.get("epochs")
@@ -321,7 +326,7 @@ class Trainer:
         return self.completed_epochs
 
     def checkpoint(self, path, args: dict) -> None:
-        args = {**args, "params": self.params.to_dict()}  # as trained
+        args = {**args, "params": self.params.to_dict(), "label_map": self.label_map.as_dict()}  # as trained
         extra = {"ema": self.ema.state_dict() if self.ema is not None else None, "stage_index": self.stage_index,
                  "stages_requested": self.plan.requested_record(), "best": self.best}
         save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.completed_epochs, args,
