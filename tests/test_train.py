@@ -3,6 +3,7 @@ a non-finite loss stops with a clear error; the loss on a loader leaves the mode
 
 from __future__ import annotations
 
+import argparse
 import copy
 import csv
 import json
@@ -423,3 +424,30 @@ def test_the_same_weights_make_the_same_model_file_bytes(tmp_path):
     meta = {"created": "fixed"}
     first, second = save_model_file(tmp_path / "a.pt", model, meta), save_model_file(tmp_path / "b.pt", model, meta)
     assert first.read_bytes() == second.read_bytes()
+
+
+@pytest.mark.parametrize("case", ["tensor", "args_text", "epoch_text", "stand_in", "weights_only_refuses"])
+def test_a_checkpoint_that_is_not_trains_dict_is_one_line_naming_it(tmp_path, case):
+    # A tensor, or a checkpoint whose args were text, ended in a traceback ('Tensor.__contains__ only supports
+    # Tensor', "'str' object has no attribute 'get'"); a stand-in's line was torch's paragraph on weights_only.
+    from utils.detection.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    model = torch.nn.Linear(2, 1)
+    save_checkpoint(path, model, torch.optim.SGD(model.parameters(), lr=0.1), None, 1, {"val_mode": "monitor"})
+    payload = torch.load(path, weights_only=True)
+    if case == "tensor":
+        torch.save(torch.zeros(3), path)
+    elif case == "args_text":
+        torch.save({**payload, "args": "x"}, path)
+    elif case == "epoch_text":
+        torch.save({**payload, "epoch": "3"}, path)
+    elif case == "stand_in":
+        path.write_text('{"stand_in_for": "checkpoint.pt", "job": "train"}\n')
+    else:
+        torch.save({**payload, "extra": {"args": argparse.Namespace(x=1)}}, path)  # weights_only refuses it
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message and len(message) < 400, message
+    assert "weights_only` set to `False`" not in message and "delete it" in message

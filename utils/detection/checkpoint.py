@@ -14,6 +14,7 @@ import torch
 
 from ..atomic import atomic_path
 from ..errors import InputError
+from ..stop import is_stand_in
 
 
 class CheckpointError(InputError, RuntimeError):
@@ -71,15 +72,32 @@ def save_checkpoint(path, model, optimizer, scheduler, epoch: int, args: dict, s
     return Path(path)
 
 
+# The checkpoint's entries and the types a resume reads them as (None: absent or null is allowed).
+CHECKPOINT_TYPES = {"model": dict, "optimizer": dict, "scheduler": (dict, type(None)), "epoch": int, "args": dict,
+                    "rng": dict, "history": (list, type(None)), "extra": (dict, type(None))}
+
+
 def load_checkpoint(path) -> dict:
+    """The checkpoint at *path*, each entry of the type a resume reads; else one CheckpointError line."""
+    if is_stand_in(path):
+        raise CheckpointError(f"{path}: a stand-in, not a checkpoint (a stopped job's note); delete it to start "
+                              "afresh")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error}); "
+    except Exception as error:  # truncated, not a torch file, or a pickle weights_only refuses
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(error).__name__}: {first_line}); "
                               "delete it to start afresh") from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (holds a {type(payload).__name__}, not train's dict of "
+                              "the training state); delete it to start afresh")
     missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "args", "rng") if k not in payload]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    for key, kind in CHECKPOINT_TYPES.items():
+        if key in payload and (not isinstance(payload[key], kind) or isinstance(payload[key], bool)):
+            raise CheckpointError(f"{path}: checkpoint's {key} is a {type(payload[key]).__name__}, not what train "
+                                  "writes; delete it to start afresh")
     return payload
 
 
