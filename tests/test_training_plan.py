@@ -21,6 +21,8 @@ TWO_STAGES = [{"epochs": 1, "trainable_layers": 0}, {"epochs": 3}]
     ({"max_steps": 0}, PlanError, "--max-steps must be at least 1, got 0"),
     ({"time_budget": 0.0}, PlanError, "--time-budget must be a positive number of minutes, got 0.0"),
     ({"time_budget": -1.0}, PlanError, "--time-budget must be a positive number of minutes"),
+    ({"time_budget": float("nan")}, PlanError, "--time-budget must be a positive number of minutes, got nan"),
+    ({"time_budget": 1e308}, PlanError, "--time-budget must be at most 525600 minutes (365 days), got 1e+308"),
     ({"max_steps": 4, "budget_plan": [2, 4]}, PlanError, "--max-steps and --budget-plan: give one"),
     ({"budget_plan": [0, 4]}, InputError, "--budget-plan: the first plan must be a positive number of steps"),
     ({"stages": TWO_STAGES, "freeze_backbone_epochs": 1}, StagesError,

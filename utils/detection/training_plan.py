@@ -29,6 +29,8 @@ class PlanError(InputError):
     """Flags of the training schedule that are out of range or exclude each other."""
 
 
+MAX_TIME_BUDGET_MINUTES = 365 * 24 * 60  # a longer budget is a slip of the keyboard
+
 @dataclass(frozen=True)
 class TrainingPlan:
     """What a run trains, epoch by epoch; frozen: a change is a new plan.
@@ -145,8 +147,12 @@ def make_plan(params) -> TrainingPlan:
         raise PlanError(f"--epochs must be at least 1, got {shown(params.epochs)}")
     if params.max_steps is not None and params.max_steps < 1:
         raise PlanError(f"--max-steps must be at least 1, got {shown(params.max_steps)}")
-    if params.time_budget is not None and params.time_budget <= 0:
+    if params.time_budget is not None and not params.time_budget > 0:  # NaN too
         raise PlanError(f"--time-budget must be a positive number of minutes, got {shown(params.time_budget)}")
+    if params.time_budget is not None and params.time_budget > MAX_TIME_BUDGET_MINUTES:
+        # beyond ~1e306 the budget's seconds overflowed to inf and the fit of the plan failed mid-epoch (a traceback)
+        raise PlanError(f"--time-budget must be at most {MAX_TIME_BUDGET_MINUTES} minutes (365 days), got "
+                        f"{shown(params.time_budget)}")
     fg_iou, bg_iou = getattr(params, "roi_fg_iou", None), getattr(params, "roi_bg_iou", None)
     if fg_iou is not None and bg_iou is not None and bg_iou > fg_iou:
         raise PlanError(f"--roi-bg-iou {shown(bg_iou)} is above --roi-fg-iou {shown(fg_iou)}: a proposal would count "
