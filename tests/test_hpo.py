@@ -229,6 +229,46 @@ def test_a_study_is_not_continued_with_other_epochs_or_another_size(tmp_path):
             check_study_search(again, journal, changed, SPACE)
 
 
+def test_a_study_is_not_continued_on_other_data_or_with_another_label_map(tmp_path):
+    # A journal rerun on other images, or with another --label-map, went on: its trials' values, measured on
+    # the old data, were compared with the new ones and the best could be one of them.
+    from dataclasses import replace
+
+    from utils.classes import LabelMap
+    from utils.detection.hpo import check_study_search
+
+    journal = tmp_path / "hpo.journal"
+    study, _ = open_study(journal, "data", seed=1)
+    check_study_search(study, journal, CONFIG, SPACE, "a" * 64)
+    trial = study.ask()
+    SPACE.sample(trial)
+    study.tell(trial, 0.3)
+    again, _ = open_study(journal, "data", seed=1)
+    check_study_search(again, journal, CONFIG, SPACE, "a" * 64)  # the same data continues
+    with pytest.raises(HpoError, match=r"its study searched on other training or validation data \(inputs sha256 "
+                                       r"aaaaaaaaaaaa…, this run's bbbbbbbbbbbb…\)"):
+        check_study_search(again, journal, CONFIG, SPACE, "b" * 64)
+    remapped = replace(CONFIG, label_map=LabelMap.parse("mask=with_mask"))
+    with pytest.raises(HpoError, match=r"its study searched with label_map=\{\}, this run has \{'mask': 'with_mask'\}"):
+        check_study_search(again, journal, remapped, SPACE, "a" * 64)
+
+
+def test_a_journal_that_recorded_no_data_or_label_map_continues(tmp_path):
+    """Journals written before the search record held the data's hash and the label map are not refused."""
+    from utils.detection.hpo import check_study_search
+
+    journal = tmp_path / "hpo.journal"
+    study, _ = open_study(journal, "older", seed=1)
+    check_study_search(study, journal, CONFIG, SPACE)
+    recorded = dict(study.user_attrs["search"])
+    del recorded["label_map"]
+    study.set_user_attr("search", recorded)
+    trial = study.ask()
+    SPACE.sample(trial)
+    study.tell(trial, 0.3)
+    check_study_search(study, journal, CONFIG, SPACE, "c" * 64)
+
+
 @pytest.mark.parametrize(("change", "words"), [
     ({"best_value": float("nan")}, "best_value: nan is not a finite number"),
     ({"best_value": "abc"}, "best_value: 'abc' is not a finite number"),

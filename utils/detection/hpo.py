@@ -43,6 +43,7 @@ from optuna.trial import TrialState
 from .. import defaults as D
 from ..classes import NO_LABEL_MAP, LabelMap
 from ..errors import InputError, shown
+from ..provenance import inputs_sha256
 from ..stop import StopRequested
 from .compliance import compliance_error
 from .engine import NonFiniteLossError
@@ -170,19 +171,33 @@ def _trim_partial_line(journal: Path) -> None:
         handle.truncate(keep)
 
 
-def check_study_search(study: optuna.Study, journal, config: HpoConfig, space: SearchSpace) -> None:
-    """Record what the study searches (the fixed training settings and the space) in a new study; refuse to
-    continue one that searched something else (HpoError): its trials' values would be compared with the new
-    ones, and the best could be a trial run at other epochs or another size."""
+# What a study's search record holds since later versions: a journal that did not record one is not refused for it.
+LATER_SEARCH_KEYS = ("label_map", "inputs_sha256")
+
+
+def check_study_search(study: optuna.Study, journal, config: HpoConfig, space: SearchSpace,
+                       inputs_sha256: str | None = None) -> None:
+    """Record what the study searches (the fixed training settings, the label map, the space and the hash of
+    the training and validation files, *inputs_sha256*) in a new study; refuse to continue one that searched
+    something else (HpoError): its trials' values would be compared with the new ones, and the best could be
+    a trial run at other epochs, another size or on other data."""
     search = {"epochs": config.epochs, "image_size": config.image_size, "backbone": config.backbone,
               "weights": config.weights, "optimizer": config.optimizer, "warmup_iters": config.warmup_iters,
-              "objective": config.objective, "seed": config.seed, "space": space.describe()}
+              "objective": config.objective, "seed": config.seed, "space": space.describe(),
+              "label_map": config.label_map.as_dict()}
+    if inputs_sha256 is not None:
+        search["inputs_sha256"] = inputs_sha256
     recorded = study.user_attrs.get("search")
     if recorded is None:
         if not study.get_trials(deepcopy=False):  # a journal from before this record is trusted as it was
             study.set_user_attr("search", search)
         return
-    changed = sorted(key for key in search if recorded.get(key) != search[key])
+    changed = sorted(key for key in search if (key in recorded or key not in LATER_SEARCH_KEYS)
+                     and recorded.get(key) != search[key])
+    if "inputs_sha256" in changed:
+        raise HpoError(f"{journal}: its study searched on other training or validation data (inputs sha256 "
+                       f"{recorded['inputs_sha256'][:12]}…, this run's {inputs_sha256[:12]}…); move the journal "
+                       "away to start the search afresh, or search the data it was written for")
     if changed:
         first = changed[0]
         raise HpoError(f"{journal}: its study searched with {first}={shown(recorded.get(first))}, this run has "
@@ -321,8 +336,6 @@ def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotat
     study, storage = open_study(journal, study_name, seed=worker_seed(config.seed, worker_index),
                                 pruner_startup_trials=pruner_startup_trials,
                                 pruner_warmup_epochs=pruner_warmup_epochs)
-    check_study_search(study, journal, config, worker_space)
-    recovered = recover_stale_trials(study, storage)
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         train_pairs, train_skipped = stack.enter_context(open_pairs(train_images, train_annotations))
@@ -337,6 +350,9 @@ def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotat
             raise HpoError(f"{train_images}: no usable training pairs")
         if not val_pairs:
             raise HpoError(f"{val_images}: no usable validation pairs")
+        files = [path for pair in train_pairs + val_pairs for path in (pair.image, pair.annotation)]
+        check_study_search(study, journal, config, worker_space, inputs_sha256(files))  # before the journal changes
+        recovered = recover_stale_trials(study, storage)
         callbacks = []
         if tensorboard_dir:
             from .tensorboard_log import HpoBoard
