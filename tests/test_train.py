@@ -451,3 +451,30 @@ def test_a_checkpoint_that_is_not_trains_dict_is_one_line_naming_it(tmp_path, ca
     message = str(error.value)
     assert message.startswith(f"{path}: ") and "\n" not in message and len(message) < 400, message
     assert "weights_only` set to `False`" not in message and "delete it" in message
+
+
+def test_a_model_file_written_while_the_disk_fills_names_it_and_keeps_the_old_one(tmp_path, monkeypatch):
+    # The line was 'train: error: [Errno 28] No space left on device': no file named.
+    import errno
+
+    from utils.cli import error_message
+    from utils.detection.model_file import save_model_file
+
+    model = torch.nn.Linear(2, 1)
+    model.architecture = {}
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"the last run's model")
+    real_save = torch.save
+
+    def full_disk(obj, handle, *args, **kwargs):
+        handle.write(b"PK\x03\x04 half a model")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError) as raised:
+        save_model_file(path, model, {})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert error_message(raised.value) == (f"{path}: cannot write model.pt (No space left on device); the file "
+                                           "there, if any, is as it was")
+    assert raised.value.errno == errno.ENOSPC
+    assert path.read_bytes() == b"the last run's model" and [p.name for p in tmp_path.iterdir()] == ["model.pt"]

@@ -77,9 +77,14 @@ def atomic_path(target: str | os.PathLike):
     try:
         yield tmp
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(error, OSError) and error.errno is not None and error.filename in (None, str(tmp)):
+            # a write through an open file names no file (a full disk: '[Errno 28] No space left on device'),
+            # and one through the temporary path names a file the user never gave: name the target
+            raise OSError(error.errno, f"cannot write {target.name} ({error.strerror}); the file there, if any, "
+                                       "is as it was", str(target)) from None
         raise
 
 
