@@ -22,8 +22,8 @@ from pathlib import Path
 from utils import defaults as D
 from utils.atomic import write_json
 from utils.classes import LabelMap
-from utils.cli import (add_label_map_arg, fraction_below_one, image_size_px, non_negative_int, positive_float,
-                       positive_int, random_seed, run_job, worker_count)
+from utils.cli import (add_label_map_arg, check_distinct_outputs, fraction_below_one, image_size_px,
+                       non_negative_int, positive_float, positive_int, random_seed, run_job, worker_count)
 from utils.detection.device import resolve_device
 from utils.detection.hpo import OBJECTIVES, HpoConfig, SearchSpace, run_study
 from utils.detection.model import BACKBONES
@@ -132,6 +132,8 @@ def main(args) -> int:
         raise TensorBoardError("--tensorboard-tar needs --tensorboard-dir (the folder it packs)")
     output = Path(args.output)
     record = Path(args.run_record) if args.run_record else output.with_name(f"{output.stem}_run.json")
+    check_distinct_outputs({"--output": output, "--checkpoint": args.checkpoint, "--run-record": record,
+                            "--tensorboard-tar": args.tensorboard_tar, "--tensorboard-dir": args.tensorboard_dir})
     # stand-ins if SIGTERM stops it (utils/stop.py)
     declare_outputs(output, record, args.tensorboard_tar, checkpoints=[args.checkpoint])
     result = run_study(config, space, args.train_images, args.train_annotations, args.val_images,

@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 
 from utils import defaults as D
-from utils.cli import add_label_map_arg, positive_float, positive_int, random_seed, run_job, worker_count
+from utils.cli import (add_label_map_arg, check_distinct_outputs, positive_float, positive_int, random_seed, run_job,
+                       worker_count)
 from utils.detection.model import BACKBONES
 from utils.detection.recipe import check_budget_plan
 from utils.detection.params import PARAM_CHOICES, PARAM_TYPES
@@ -197,6 +198,10 @@ def budget_plan_arg(text: str) -> list:
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     paths = output_paths(args)
+    check_distinct_outputs({"--output": paths["output"], "--checkpoint": paths["checkpoint"],
+                            "--metrics-csv": paths["metrics_csv"], "--loss-plot": paths["loss_plot"],
+                            "--run-record": paths["run_record"], "--tensorboard-tar": args.tensorboard_tar,
+                            "--tensorboard-dir": args.tensorboard_dir})
     stop_on_sigterm()  # a pool's SIGTERM stops after the current step; the last epoch's checkpoint is kept
     settings = resolve_training(args)  # every check of the flags, the schedule's in the plan
     declare_outputs(paths["output"], paths["metrics_csv"], paths["loss_plot"], paths["run_record"],

@@ -478,3 +478,25 @@ def test_a_model_file_written_while_the_disk_fills_names_it_and_keeps_the_old_on
                                            "there, if any, is as it was")
     assert raised.value.errno == errno.ENOSPC
     assert path.read_bytes() == b"the last run's model" and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+@pytest.mark.parametrize(("script", "flags", "said"), [
+    ("train", ["--output", "{d}/checkpoint.pt"], "{d}/checkpoint.pt: given as --output and as --checkpoint"),
+    ("train", ["--metrics-csv", "{d}/model.pt"], "{d}/model.pt: given as --output and as --metrics-csv"),
+    ("hpo", ["--output", "{d}/hpo.journal"], "{d}/hpo.journal: given as --output and as --checkpoint"),
+])
+def test_two_outputs_named_alike_are_refused_before_anything_is_written(root, tmp_path, capsys, script, flags, said):
+    # --output naming the checkpoint trained, then wrote the model file over the checkpoint: the rerun said
+    # 'checkpoint lacks optimizer, ...' (hpo: the journal became best.json, 'not a readable Optuna journal').
+    from helpers import run_script
+
+    data = tmp_path / "nowhere"  # never read: the outputs are checked first
+    common = {"train": ["--images", data, "--annotations", data, "--checkpoint", tmp_path / "checkpoint.pt",
+                        "--output", tmp_path / "model.pt"],
+              "hpo": ["--train-images", data, "--train-annotations", data, "--val-images", data,
+                      "--val-annotations", data, "--checkpoint", tmp_path / "hpo.journal", "--device", "cpu"]}
+    argv = [*common[script], *(flag.format(d=tmp_path) for flag in flags)]
+    assert run_script(root, script, argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"{script}: error: {said.format(d=tmp_path)}; each " \
+                                                              "output needs a file of its own"
+    assert list(tmp_path.iterdir()) == []

@@ -289,3 +289,16 @@ def check_model_run_args(args) -> None:
         raise InputError(f"--score-threshold must be between 0 and 1, got {args.score_threshold}")
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+
+
+def check_distinct_outputs(outputs: dict) -> None:
+    """One InputError line when two of a job's output flags ({flag: path or None}) name the same file: the
+    later write replaced the earlier (train's model file its checkpoint, which a rerun then refused)."""
+    seen: dict[Path, str] = {}
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        where = Path(path).resolve()
+        if where in seen:
+            raise InputError(f"{path}: given as {seen[where]} and as {flag}; each output needs a file of its own")
+        seen[where] = flag
