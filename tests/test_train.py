@@ -500,3 +500,30 @@ def test_two_outputs_named_alike_are_refused_before_anything_is_written(root, tm
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"{script}: error: {said.format(d=tmp_path)}; each " \
                                                               "output needs a file of its own"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.training
+def test_validation_images_without_a_labelled_face_keep_the_default_threshold(tiny_dir, tmp_path, root):
+    # F1 was 0 and the compliance error undefined at every threshold, so the lowest, 0.05, was stored as chosen
+    # on validation, and predict and evaluate counted every faint box as a face.
+    import re
+    import shutil
+
+    from helpers import run_script
+
+    val = tmp_path / "val"
+    shutil.copytree(tiny_dir, val)
+    for xml in (val / "annotations").glob("*.xml"):
+        xml.write_text(re.sub(r"<object>.*?</object>", "", xml.read_text(), flags=re.S))
+    out = tmp_path / "run"
+    argv = ["--images", tiny_dir / "images", "--annotations", tiny_dir / "annotations", "--val-images",
+            val / "images", "--val-annotations", val / "annotations", "--epochs", "1", "--image-size", "96",
+            "--batch-size", "2", "--workers", "0", "--weights", "none", "--keep", "best", "--checkpoint",
+            out / "checkpoint.pt", "--output", out / "model.pt", "--no-progress", "--device", "cpu"]
+    assert run_script(root, "train", argv) == 0
+    meta = load_model_file(out / "model.pt")[1]
+    assert meta["operating_threshold"] == {"score_threshold": D.SCORE_THRESHOLD, "chosen_on": None,
+                                           "criterion": "the default: the validation images hold no labelled face"}
+    assert "quantification" not in meta
+    assert meta["kept_weights"]["note"].startswith("no validation fitness was measured (the validation images "
+                                                   "hold no labelled face)")

@@ -192,7 +192,9 @@ class Trainer:
         kept = {"rule": self.keep, "epoch": self.completed_epochs, "val_fitness": last.get("val_fitness"),
                 "last_epoch": self.completed_epochs, "last_val_fitness": last.get("val_fitness")}
         if self.keep == "best" and self.best is None:
-            why = ("no validation fitness was measured (no held-out validation images)" if self.best_since == 1 else
+            unmeasured = ("the validation images hold no labelled face" if self.val_loader is not None else
+                          "no held-out validation images")
+            why = (f"no validation fitness was measured ({unmeasured})" if self.best_since == 1 else
                    "resumed from a checkpoint that holds no best epoch (written with --keep last), with no epoch "
                    "trained since")
             return {**kept, "rule": "last", "note": f"{why}: the last epoch's weights"}

@@ -185,6 +185,12 @@ def choose_on_validation(trainer: Trainer, has_val: bool) -> tuple[dict | None, 
     log.info("flip TTA %s: fitness %s plain, %s flipped (%s)", "on" if size["tta"] else "off",
              *(f"{value:.4f}" if value is not None else "undefined" for value in size["tta_fitness"].values()),
              size["tta_criterion"])
+    if not any(len(target["labels"]) for target in targets):
+        # F1 is 0 and the compliance error undefined at every threshold: the lowest (0.05) won, and predict and
+        # evaluate counted every faint box as a face
+        log.info("score threshold: the default, %.2f: the validation images hold no labelled face", D.SCORE_THRESHOLD)
+        return size, {"score_threshold": D.SCORE_THRESHOLD, "chosen_on": None,
+                      "criterion": "the default: the validation images hold no labelled face"}, None
     log.info("Choosing the operating threshold on the validation images")
     choice = choose_operating_threshold(preds, targets)
     log.info("score threshold %.2f: F1 %.3f, compliance error %s points on %d validation images (%s)",
