@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from utils.atomic import write_json
-from utils.cli import non_negative_int, run_job
+from utils.cli import check_distinct_outputs, non_negative_int, run_job
 from utils.data.folds import FoldError, fold_of_stems, read_folds_csv, source_stem
 from utils.data.images import is_image_name
 from utils.data.pairs import open_folder, pack_files
@@ -71,6 +71,8 @@ def _set_files(folder: Path, fold_of_stem: dict[str, int], where: Path) -> list[
 
 
 def main(args) -> int:
+    check_distinct_outputs({"--output-train": args.output_train, "--output-val": args.output_val,
+                            "--output-held-out": args.output_held_out, "--report": args.report})
     assignment = read_folds_csv(args.folds_csv)
     folds = max(assignment.values()) + 1
     if not 0 <= args.fold < folds:

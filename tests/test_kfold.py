@@ -136,6 +136,22 @@ def test_make_fold_refuses_a_fold_without_validation_images(tmp_path, root, caps
     assert "fold 0 leaves no val images" in error and "\n" not in error and not (tmp_path / "t.tar").exists()
 
 
+def test_make_fold_refuses_two_outputs_of_one_name(tmp_path, root, capsys):
+    # --output-val naming the --output-train file wrote the val set over the train set: the fold model
+    # trained on its few validation images alone, and nothing said so.
+    train = _tar(tmp_path / "train_set.tar", ["train_a.jpg", "train_b.jpg"])
+    val = _tar(tmp_path / "val_set.tar", ["val_c.jpg", "val_d.jpg"])
+    folds = tmp_path / "folds.csv"
+    folds.write_text(folds_csv_text({"a.jpg": 0, "b.jpg": 1, "c.jpg": 0, "d.jpg": 1}))
+    assert run_script(root, "make_fold", ["--train-set", train, "--val-set", val, "--folds-csv", folds, "--fold", 0,
+                                          "--output-train", tmp_path / "t.tar", "--output-val", tmp_path / "t.tar",
+                                          "--output-held-out", tmp_path / "h.tar"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"make_fold: error: {tmp_path / 't.tar'}: given as --output-train and as --output-val; each output needs "
+        "a file of its own")
+    assert not (tmp_path / "t.tar").exists() and not (tmp_path / "h.tar").exists()
+
+
 def test_each_split_is_spread_over_the_folds_so_every_fold_model_has_validation_images(sample_dir, tmp_path):
     """The train and val splits are assigned to the folds each on its own: two val images, one of them with
     the rare class, land in two folds (stratifying the pool as one put both in one fold, leaving that fold's
