@@ -246,6 +246,22 @@ def test_checkpoint_of_other_pretrained_weights_or_another_label_map_is_refused(
     assert same.resume(tmp_path / "c.pt") == 0
 
 
+@pytest.mark.training
+def test_checkpoint_of_another_loader_worker_count_is_refused(tiny_dir, tmp_path):
+    # The loader's worker processes draw the augmentation (flips, sizes) from seeds of their own: a run resumed
+    # with another --workers trained weights that neither count gives. Compared as asked: -1 (a few on a GPU)
+    # means another count on a pool node with other cores, and a retry there must resume.
+    pairs = tiny_pairs(tiny_dir)
+    cpu = torch.device("cpu")
+    Trainer(TrainParams(**{**TINY, "epochs": 1, "workers": 0}), pairs, cpu, progress=False).checkpoint(
+        tmp_path / "c.pt", {})
+    with pytest.raises(ValueError, match="written with workers=0, this run has 2"):
+        Trainer(TrainParams(**{**TINY, "epochs": 1, "workers": 2}), pairs, cpu, progress=False).resume(
+            tmp_path / "c.pt")
+    assert Trainer(TrainParams(**{**TINY, "epochs": 1, "workers": 0}), pairs, cpu, progress=False).resume(
+        tmp_path / "c.pt") == 0
+
+
 class NaNDetector(torch.nn.Module):
     """Returns a NaN loss on the second batch, like a diverging detector."""
 

@@ -282,7 +282,7 @@ class Trainer:
         keys = ("backbone", "weights", "image_size", "optimizer", "batch_size", "ema_decay", "roi_batch_size",
                 "box_loss", "roi_fg_iou", "roi_bg_iou", "lr", "momentum", "weight_decay", "lr_schedule",
                 "warmup_iters", "clip_grad", "trainable_layers", "hflip", "photometric", "multiscale",
-                "repeat_threshold", "seed")
+                "repeat_threshold", "seed", "workers")  # workers as asked: -1's count differs between a pool's nodes
         if saved.get("time_budget") is None and self.params.time_budget is None and not self.plan.staged:
             keys += ("max_steps", "freeze_backbone_epochs")  # a budget run's are fitted, not asked for
             done, planned = int(payload.get("epoch", 0)), saved.get("epochs")
