@@ -71,12 +71,12 @@ def _set_files(folder: Path, fold_of_stem: dict[str, int], where: Path) -> list[
 
 
 def main(args) -> int:
-    check_distinct_outputs({"--output-train": args.output_train, "--output-val": args.output_val,
-                            "--output-held-out": args.output_held_out, "--report": args.report})
     assignment = read_folds_csv(args.folds_csv)
     folds = max(assignment.values()) + 1
     if not 0 <= args.fold < folds:
         raise FoldError(f"--fold {args.fold}: {args.folds_csv} has folds 0..{folds - 1}")
+    check_distinct_outputs({"--output-train": args.output_train, "--output-val": args.output_val,
+                            "--output-held-out": args.output_held_out, "--report": args.report})
     fold_of_stem = fold_of_stems(assignment, str(args.folds_csv))
     with contextlib.ExitStack() as stack:
         train_files = _set_files(stack.enter_context(open_folder(args.train_set)), fold_of_stem, args.train_set)
