@@ -96,3 +96,22 @@ def test_hpo_stops_on_sigterm_mid_trial_and_the_retry_runs_that_trial_again(root
     states = [t["state"] for t in journal_trials(journal)]
     assert states == ["FAIL", "WAITING"]  # the interrupted trial, and its parameters enqueued for the retry
     assert is_stand_in(tmp_path / "best.json") and is_stand_in(tmp_path / "best_run.json")
+
+
+def test_a_sigkilled_train_rerun_resumes_and_writes_the_uninterrupted_runs_model_bytes(root, tiny_dir, tmp_path):
+    """SIGKILL gives no chance to stop cleanly: the rerun resumes from the last epoch's checkpoint and its model
+    file is byte for byte the one an uninterrupted run writes (the SIGTERM test above checks only that it loads)."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(train_command(root, tiny_dir, whole, epochs=3), capture_output=True, text=True, timeout=300,
+                   check=True)
+    process = subprocess.Popen(train_command(root, tiny_dir, killed, epochs=3), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    wait_for(lambda: (killed / "checkpoint.pt").is_file(), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    done = torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"]
+    rerun = subprocess.run(train_command(root, tiny_dir, killed, epochs=3), capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resumed from {killed / 'checkpoint.pt'} after epoch {done} of 3" in rerun.stderr
+    assert (killed / "model.pt").read_bytes() == (whole / "model.pt").read_bytes()
