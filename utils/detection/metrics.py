@@ -13,6 +13,7 @@ IoU 0.5 and the PR curves are read from the precision array COCO accumulates
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,10 @@ from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import box_iou
 
 from ..classes import BACKGROUND, CLASSES, LABEL_OF, NAME_OF
+
+# faster-coco-eval logs its evaluation steps and summary table at INFO on every call, which the jobs' INFO logging
+# printed: 40 lines a validation, most of a train log. The figures it computes are the jobs' to report.
+logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
 
 # COCO's recall thresholds (0, 0.01, ..., 1): the x axis of every PR curve.
 RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
