@@ -350,6 +350,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.slow  # about 7 s each: a job process of its own, slowed so that the SIGTERM lands mid-set
 @pytest.mark.parametrize("job,output", [("preprocess", "--output-dir"), ("augment", "--output-tar")])
 def test_a_sigterm_mid_set_exits_143_removes_the_partial_set_and_a_rerun_writes_it(root, sample_dir, tmp_path, job,
                                                                                     output):

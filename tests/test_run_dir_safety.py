@@ -86,6 +86,7 @@ def test_a_rerun_keeps_the_logs_of_the_earlier_runs_tries(tmp_path):
     assert job_stats(run_dir)["a"]["log"] == str(logs / "a.err.001")
 
 
+@pytest.mark.slow  # about 8 s: a job of its own outlives its killed executor
 def test_a_job_left_running_by_a_killed_executor_keeps_its_folder_locked(tmp_path, capsys):
     """kill -9 of the executor (or of workflow.py) leaves its jobs running; a rerun started the same jobs again
     in the same scratch folders beside them, both writing the same checkpoint and outputs."""
