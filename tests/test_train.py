@@ -495,6 +495,19 @@ def test_a_model_file_written_while_the_disk_fills_names_it_and_keeps_the_old_on
     assert raised.value.errno == errno.ENOSPC
     assert path.read_bytes() == b"the last run's model" and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
 
+    # what torch really raises on a full disk (a 256 kB tmpfs): a RuntimeError, then a traceback and exit 1
+    def torch_full_disk(obj, handle, *args, **kwargs):
+        handle.write(b"PK\x03\x04 half a model")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", torch_full_disk)
+    with pytest.raises(OSError) as raised:
+        save_model_file(path, model, {})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert error_message(raised.value) == (f"{path}: cannot write model.pt (the write failed: a full disk?); the "
+                                           "file there, if any, is as it was")
+    assert path.read_bytes() == b"the last run's model" and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
 
 @pytest.mark.parametrize(("script", "flags", "said"), [
     ("train", ["--output", "{d}/checkpoint.pt"], "{d}/checkpoint.pt: given as --output and as --checkpoint"),

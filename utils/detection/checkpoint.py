@@ -6,6 +6,7 @@ RNG states are stored as tensors and lists, so that ``torch.load(weights_only=Tr
 
 from __future__ import annotations
 
+import errno
 import random
 from pathlib import Path
 
@@ -65,10 +66,22 @@ def save_checkpoint(path, model, optimizer, scheduler, epoch: int, args: dict, s
         "history": list(history or []),
         "extra": extra or {},
     }
-    # through an open file: torch.save names the archive's entries after a path's stem (the temporary file's
-    # random name), so the same weights gave files of other bytes; an open file's entries are "archive/..."
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        torch.save(payload, handle)
+    return save_torch_file(path, payload)
+
+
+def save_torch_file(path, payload) -> Path:
+    """torch.save *payload* to *path* atomically (the checkpoint, the model file). A write that fails (a full
+    disk) is an OSError naming the file: torch reports it as a RuntimeError ('unexpected pos 704 vs 598')."""
+    try:
+        # through an open file: torch.save names the archive's entries after a path's stem (the temporary file's
+        # random name), so the same weights gave files of other bytes; an open file's entries are "archive/..."
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            torch.save(payload, handle)
+    except RuntimeError as error:
+        if "unexpected pos" not in str(error) and "failed writing" not in str(error):
+            raise
+        raise OSError(errno.EIO, f"cannot write {Path(path).name} (the write failed: a full disk?); the file there, "
+                                 "if any, is as it was", str(path)) from None
     return Path(path)
 
 

@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from .. import defaults as D
-from ..atomic import atomic_path
 from ..classes import CLASSES, LABEL_OF, NUM_CLASSES
 from ..errors import InputError, is_finite_number, shown
 from ..provenance import package_versions
 from ..stop import is_stand_in
+from .checkpoint import save_torch_file
 
 MODEL_FILE_FORMAT = 1
 # The box predictor's tensors: the class scores have one row per class (background
@@ -90,11 +90,7 @@ def save_model_file(path, model: nn.Module, meta: dict | None = None) -> Path:
     """Write ``{"model": state_dict, "meta": {...}}`` atomically; meta gets :func:`model_metadata` added."""
     payload = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "meta": model_metadata(model, meta)}
-    # through an open file: torch.save names the archive's entries after a path's stem (the temporary file's
-    # random name), so the same weights gave files of other bytes; an open file's entries are "archive/..."
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        torch.save(payload, handle)
-    return Path(path)
+    return save_torch_file(path, payload)
 
 
 # ----------------------------------------------------------------------------- reading and checking
