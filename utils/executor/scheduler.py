@@ -79,6 +79,7 @@ class Executor:
             0.5 if self.report.is_tty else 30.0)
         self.events: queue.Queue = queue.Queue()  # ids of jobs whose thread has finished
         self.running: set[str] = set()            # touched by the scheduling thread only
+        self.threads: dict[str, threading.Thread] = {}  # each job's last try's thread
         self.stopping = threading.Event()
         self.state = ResumeState(workflow)
         self.runner = JobRunner(workflow, python, self.stopping, lock)
@@ -142,7 +143,10 @@ class Executor:
         except BaseException:  # a bug: stop the jobs and hear them end, rather than leave them running unrecorded
             self.stopping.set()
             while self.running:
-                self.running.discard(self.events.get())
+                try:
+                    self.running.discard(self.events.get(timeout=1))
+                except queue.Empty:  # a job thread that ended without its event (it died) is not waited for
+                    self.running = {job for job in self.running if self.threads[job].is_alive()}
             raise
         finally:
             self._restore_signal_handlers(previous_handlers)
@@ -166,11 +170,13 @@ class Executor:
         return 0 if all(r.status in ("succeeded", "reused") for r in self.results.values()) else 1
 
     def _launch(self, job_id: str, threads: int) -> None:
-        self.running.add(job_id)
         result = self.results[job_id]
         result.status = "running"
         result.started = time.time()
-        threading.Thread(target=self._run_job, args=(job_id, threads), name=f"job-{job_id}", daemon=True).start()
+        thread = threading.Thread(target=self._run_job, args=(job_id, threads), name=f"job-{job_id}", daemon=True)
+        self.threads[job_id] = thread
+        thread.start()  # a thread that cannot start ("can't start new thread") is not waited for below
+        self.running.add(job_id)
         self.report.job_event("start", job_id)
 
     def _skip_descendants(self, job_id: str) -> None:
