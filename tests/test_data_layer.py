@@ -327,3 +327,29 @@ def test_training_and_evaluation_read_boxes_on_an_exif_turned_images_stored_pixe
     red = image[0, 100:150, 50:80]
     assert float(red.mean()) > 0.9 and float(image[1, 100:150, 50:80].mean()) < 0.1
     assert object_problems([pair]) == []  # nothing dropped: it was checked against the turned size
+
+
+def test_the_training_data_hash_is_the_same_however_its_archives_unpack(tmp_path, sample_dir):
+    # train/set.tar and val/set.tar unpack into folders of random names "set.XXXX": one sort over both sets' full
+    # paths put their files in a random order, and a resumed train or hpo refused its own checkpoint or journal
+    # as "other training data" about half the time.
+    from utils.data.pairs import open_pairs
+    from utils.provenance import sets_sha256
+
+    images = sorted((sample_dir / "images").glob("*.jpg"))
+    for role, part in (("train", images[:2]), ("val", images[2:4])):
+        folder = tmp_path / f"{role}_files"
+        folder.mkdir()
+        for image in part:
+            (folder / image.name).write_bytes(image.read_bytes())
+            xml = sample_dir / "annotations" / f"{image.stem}.xml"
+            (folder / xml.name).write_bytes(xml.read_bytes())
+        (tmp_path / role).mkdir()
+        pack_folder(folder, tmp_path / role / "set.tar")
+    hashes = set()
+    for _ in range(8):
+        with open_pairs(tmp_path / "train" / "set.tar", tmp_path / "train" / "set.tar") as (train, _), \
+                open_pairs(tmp_path / "val" / "set.tar", tmp_path / "val" / "set.tar") as (val, _):
+            hashes.add(sets_sha256(*([p for pair in pairs for p in (pair.image, pair.annotation)]
+                                     for pairs in (train, val))))
+    assert len(hashes) == 1

@@ -38,6 +38,16 @@ def inputs_sha256(paths) -> str:
     return digest.hexdigest()
 
 
+def sets_sha256(*sets) -> str:
+    """One hash over sets of files in their roles' order (training, then validation), each set by inputs_sha256
+    (a set's files sit in one folder). The folders archives unpack into have random names, so one sort over two
+    sets' full paths put the files of two archives of one name (train/set.tar, val/set.tar) in a random order."""
+    digest = hashlib.sha256()
+    for files in sets:
+        digest.update(inputs_sha256(files).encode())
+    return digest.hexdigest()
+
+
 def package_versions(names=TRACKED_PACKAGES) -> dict[str, str | None]:
     versions = {"python": sys.version.split()[0]}
     for name in names:

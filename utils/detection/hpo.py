@@ -43,7 +43,7 @@ from optuna.trial import TrialState
 from .. import defaults as D
 from ..classes import NO_LABEL_MAP, LabelMap
 from ..errors import InputError, shown
-from ..provenance import inputs_sha256
+from ..provenance import sets_sha256
 from ..stop import StopRequested
 from .compliance import compliance_error
 from .engine import NonFiniteLossError
@@ -350,8 +350,9 @@ def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotat
             raise HpoError(f"{train_images}: no usable training pairs")
         if not val_pairs:
             raise HpoError(f"{val_images}: no usable validation pairs")
-        files = [path for pair in train_pairs + val_pairs for path in (pair.image, pair.annotation)]
-        check_study_search(study, journal, config, worker_space, inputs_sha256(files))  # before the journal changes
+        data_sha256 = sets_sha256(*([path for pair in pairs for path in (pair.image, pair.annotation)]
+                                    for pairs in (train_pairs, val_pairs)))
+        check_study_search(study, journal, config, worker_space, data_sha256)  # before the journal changes
         recovered = recover_stale_trials(study, storage)
         callbacks = []
         if tensorboard_dir:

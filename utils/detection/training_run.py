@@ -22,7 +22,7 @@ from .. import defaults as D
 from ..atomic import atomic_path, write_text
 from ..classes import LabelMap
 from ..cli import print_values
-from ..provenance import inputs_sha256, write_run_record
+from ..provenance import sets_sha256, write_run_record
 from .compliance import choose_operating_threshold
 from .inference_size import choose_inference_size, choose_tta
 from .quantify import calibration_record
@@ -103,7 +103,9 @@ def open_training_data(args, device):
         problems = object_problems(train_pairs + val_pairs, LabelMap.parse(getattr(args, "label_map", None)))
         if problems:
             log.warning(object_problems_line(problems))
-        data = TrainingData(train_pairs, val_pairs, skipped, input_files, inputs_sha256(input_files), problems)
+        data_sha256 = sets_sha256(*([p for pair in pairs for p in (pair.image, pair.annotation)]
+                                    for pairs in (train_pairs, val_pairs)))
+        data = TrainingData(train_pairs, val_pairs, skipped, input_files, data_sha256, problems)
         log.info("training on %d images%s (%d skipped), device %s", len(train_pairs),
                  f", monitoring {len(val_pairs)} validation images" if val_pairs else "", len(skipped), device)
         yield data
