@@ -227,3 +227,23 @@ def test_a_job_killed_by_a_signal_is_said_so(tmp_path):
     assert run_workflow(run_dir, out=out) == 1
     assert job_stats(run_dir)["a"]["message"] == f"killed by SIGKILL (see {run_dir / 'logs' / 'a.err.000'})"
     assert "FAILED a after 1 tries: killed by SIGKILL" in out.getvalue()
+
+
+def test_a_finished_runs_summary_with_no_reader_left_ends_quietly_with_the_runs_status(tmp_path):
+    """`workflow.py --local ... | head -1`: the run succeeded, then its summary met the closed pipe and ended in a
+    BrokenPipeError traceback, exit 1."""
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "import utils.executor as executor\n"
+        "from utils.pegasus import driver\n"
+        "executor.run_workflow = lambda run_dir, jobs: 0\n"
+        "driver.print_summary = lambda run_dir, output_dir: [print('summary line', i, flush=True) "
+        "for i in range(100000)]\n"
+        "sys.exit(driver.run_locally(Path('run'), Path('out'), 1))\n")
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "summary line 0\n"
+    process.stdout.close()
+    assert process.wait(timeout=60) == 0
+    assert "Traceback" not in process.stderr.read()

@@ -199,7 +199,10 @@ def run_locally(run_dir: Path, output_dir: Path, jobs: int) -> int:
 
     status = run_workflow(run_dir, jobs=jobs)
     if status == 0:
-        print_summary(run_dir, output_dir)
+        try:
+            print_summary(run_dir, output_dir)
+        except BrokenPipeError:  # `workflow.py ... | head`: no reader for the summary; the run itself succeeded
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush is quiet
     elif status != 2:
         print(f"\nThe workflow did not finish (see {run_dir / 'statistics.txt'} and the logs in "
               f"{run_dir / 'logs'}); run the same command again to resume it.", file=sys.stderr)
