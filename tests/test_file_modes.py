@@ -74,3 +74,21 @@ def test_a_folder_the_job_may_not_write_in_is_named_not_the_temporary_file(tmp_p
     with pytest.raises(PermissionError) as caught:
         write_text(tmp_path / "predictions.json", "{}")
     assert error_message(caught.value) == f"{tmp_path}: cannot write predictions.json here (Permission denied)"
+
+
+def test_an_error_inside_an_atomic_write_that_is_not_about_the_target_is_left_as_it_is(tmp_path):
+    # A failed read of an input or a process that could not start, raised inside the block, was relabelled
+    # "cannot write TARGET (Resource temporarily unavailable)".
+    import errno
+
+    from utils.atomic import atomic_path
+
+    for error in (OSError(errno.EAGAIN, "Resource temporarily unavailable"),
+                  OSError(errno.EISDIR, "Is a directory", str(tmp_path / "an input"))):
+        with pytest.raises(OSError) as caught, atomic_path(tmp_path / "graph.png"):
+            raise error
+        assert caught.value is error
+    with pytest.raises(OSError) as caught, atomic_path(tmp_path / "graph.png"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert caught.value.filename == str(tmp_path / "graph.png") and "cannot write graph.png" in str(caught.value)
+    assert list(tmp_path.iterdir()) == []

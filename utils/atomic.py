@@ -69,6 +69,11 @@ def _temporary_beside(target: Path) -> Path:
     return Path(tmp)
 
 
+# What a failed write through an open file raises with no file name: a full disk or quota, a file too large, a
+# read-only file system, an I/O error.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike):
     """Yield a temporary path next to *target*; rename it onto *target* on success."""
@@ -80,11 +85,13 @@ def atomic_path(target: str | os.PathLike):
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(error, OSError) and error.errno is not None and error.filename in (None, str(tmp)):
+        if isinstance(error, OSError) and (error.filename == str(tmp) or (
+                error.filename is None and error.errno in WRITE_ERRNOS)):
             # a write through an open file names no file (a full disk: '[Errno 28] No space left on device'),
-            # and one through the temporary path names a file the user never gave: name the target
+            # and one through the temporary path names a file the user never gave: name the target. Other errors
+            # in the block (reading an input, starting a process) are not about the target: as they are.
             raise OSError(error.errno, f"cannot write {target.name} ({error.strerror}); the file there, if any, "
-                                       "is as it was", str(target)) from None
+                                       "is as it was", str(target)) from error
         raise
 
 
