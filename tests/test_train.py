@@ -480,34 +480,22 @@ def test_a_model_file_written_while_the_disk_fills_names_it_and_keeps_the_old_on
     model.architecture = {}
     path = tmp_path / "model.pt"
     path.write_bytes(b"the last run's model")
-    real_save = torch.save
+    # an OSError, and what torch really raises on a full disk (a 256 kB tmpfs): a RuntimeError, which was a
+    # traceback and exit 1
+    for failure, said in ((OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+                          (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+                           "the write failed: a full disk?")):
+        def full_disk(obj, handle, *args, failure=failure, **kwargs):
+            handle.write(b"PK\x03\x04 half a model")
+            raise failure
 
-    def full_disk(obj, handle, *args, **kwargs):
-        handle.write(b"PK\x03\x04 half a model")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(OSError) as raised:
-        save_model_file(path, model, {})
-    monkeypatch.setattr(torch, "save", real_save)
-    assert error_message(raised.value) == (f"{path}: cannot write model.pt (No space left on device); the file "
-                                           "there, if any, is as it was")
-    assert raised.value.errno == errno.ENOSPC
-    assert path.read_bytes() == b"the last run's model" and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
-
-    # what torch really raises on a full disk (a 256 kB tmpfs): a RuntimeError, then a traceback and exit 1
-    def torch_full_disk(obj, handle, *args, **kwargs):
-        handle.write(b"PK\x03\x04 half a model")
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
-
-    monkeypatch.setattr(torch, "save", torch_full_disk)
-    with pytest.raises(OSError) as raised:
-        save_model_file(path, model, {})
-    monkeypatch.setattr(torch, "save", real_save)
-    assert error_message(raised.value) == (f"{path}: cannot write model.pt (the write failed: a full disk?); the "
-                                           "file there, if any, is as it was")
-    assert path.read_bytes() == b"the last run's model" and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
-
+        with monkeypatch.context() as patch, pytest.raises(OSError) as raised:
+            patch.setattr(torch, "save", full_disk)
+            save_model_file(path, model, {})
+        assert error_message(raised.value) == (f"{path}: cannot write model.pt ({said}); the file there, if any, "
+                                               "is as it was")
+        assert raised.value.errno == (errno.ENOSPC if isinstance(failure, OSError) else errno.EIO)
+        assert path.read_bytes() == b"the last run's model" and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
 
 @pytest.mark.parametrize(("script", "flags", "said"), [
     ("train", ["--output", "{d}/checkpoint.pt"], "{d}/checkpoint.pt: given as --output and as --checkpoint"),
