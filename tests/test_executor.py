@@ -36,11 +36,7 @@ FAKE_JOB = textwrap.dedent("""
     p.add_argument("--fail-tries", type=int, default=0); p.add_argument("--checkpoint")
     p.add_argument("--sleep", type=float, default=0.0); p.add_argument("--skip-output", action="store_true")
     p.add_argument("--until-term", action="store_true"); p.add_argument("--show-env", nargs="*", default=[])
-    p.add_argument("--leave-child", action="store_true")
     a = p.parse_args()
-    if a.leave_child and os.fork() == 0:  # a child that outlives the job (a killed job's DataLoader worker)
-        time.sleep(30)
-        os._exit(0)
     with open(a.log, "a") as log:
         log.write(a.name + "\\n")
     tries_so_far = 0
@@ -100,7 +96,7 @@ def make_workflow(tmp_path: Path, jobs: list[dict], retries: int = 0, inputs: di
         for flag in ("fail_tries", "sleep"):
             if spec.get(flag):
                 args += [f"--{flag.replace('_', '-')}", spec[flag]]
-        for flag in ("skip_output", "until_term", "leave_child"):
+        for flag in ("skip_output", "until_term"):
             if spec.get(flag):
                 args.append(f"--{flag.replace('_', '-')}")
         if spec.get("show_env"):

@@ -106,17 +106,6 @@ def test_a_job_left_running_by_a_killed_executor_keeps_its_folder_locked(tmp_pat
     assert starts(tmp_path) == ["a", "a"]  # the rerun ran it again once the first had ended, not beside it
 
 
-def test_what_a_failed_job_left_running_does_not_lock_out_the_rerun(tmp_path, capsys):
-    """A killed job's DataLoader workers outlive it for seconds and hold the run folder's lock it passed on: the
-    rerun the run asks for was refused as 'in use by ... the jobs of one that was killed'. A job's process group
-    now ends with it."""
-    run_dir = make_workflow(tmp_path, [{"id": "a", "outputs": ["a.txt"], "fail_tries": 1, "checkpoint": "a.ckpt",
-                                        "leave_child": True}])
-    assert run_workflow(run_dir, out=io.StringIO()) == 1
-    capsys.readouterr()
-    assert run_workflow(run_dir, out=io.StringIO()) == 0, capsys.readouterr().err
-
-
 def test_a_job_thread_that_cannot_start_ends_the_run_with_its_error_not_a_hang(tmp_path, monkeypatch):
     """The job joined the running set before its thread started; when the start failed ("can't start new
     thread", a process limit), the executor waited for that job's end for ever, Ctrl-C or not."""

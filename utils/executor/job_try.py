@@ -76,18 +76,11 @@ class JobRunner:
             # The header goes first; the job's stdout is appended after it through the same file.
             out.write(log_header(spec.id, attempt, job_dir, variables, command).encode())
             out.flush()
-            # A process group of its own: once the job has ended, what it left running (a killed job's DataLoader
-            # workers, which hold the run folder's lock it passed on) is ended with it, not left to lock out the
-            # rerun the run asks for. The executor stops its jobs itself on Ctrl-C (SIGTERM, then SIGKILL).
-            process = subprocess.Popen(command, cwd=job_dir, stdout=out, stderr=err, process_group=0,
+            process = subprocess.Popen(command, cwd=job_dir, stdout=out, stderr=err,
                                        pass_fds=() if self.lock is None else (self.lock,),
                                        env={**os.environ, **COSMETIC_VARIABLES, "PEGASUS_JOB_ID": spec.id,
                                             **variables})
-            try:
-                exit_code, reason = self._wait(process, spec)
-            finally:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(process.pid, signal.SIGKILL)
+            exit_code, reason = self._wait(process, spec)
         ran = {"wall_time_s": time.time() - began, "log": str(err_path)}
         if self.stopping.is_set():
             return TryOutcome(False, exit_code, "interrupted", retryable=False, **ran)
