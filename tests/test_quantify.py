@@ -274,6 +274,7 @@ def test_cross_fitted_rates_bench_pools_the_other_folds_rate_images():
     assert len(bench.pooled(sized)["images"]) == 900 and bench.pooled(sized)["working_size"] is None
 
 
+@pytest.mark.slow  # a bench script in a process of its own: imports torch, runs the model
 def test_cross_fitted_rates_bench_runs_fold_models_and_writes_its_inputs(tiny_model_file, sample_dir, tmp_path):
     import json
     import shutil
@@ -307,6 +308,7 @@ def test_cross_fitted_rates_bench_runs_fold_models_and_writes_its_inputs(tiny_mo
     assert missing.returncode == 2 and "none.pt: model file not found" in missing.stderr
 
 
+@pytest.mark.slow  # a bench script in a process of its own: imports torch, runs the model
 def test_class_mix_shift_bench_reads_back_the_records_it_wrote(tiny_model_file, sample_dir, tmp_path):
     # bench/class_mix_shift.py: the figures from the models and from the records they wrote are the same
     import json
