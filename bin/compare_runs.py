@@ -25,9 +25,9 @@ import sys
 from pathlib import Path
 
 from utils.atomic import write_text
-from utils.cli import run_job
+from utils.cli import PLOT_FORMATS, plot_path, run_job
 from utils.errors import InputError
-from utils.reporting.compare import FORMATS, METRICS, PLOT_FORMATS, compare_runs, to_markdown, write_plot
+from utils.reporting.compare import FORMATS, METRICS, compare_runs, to_markdown, write_plot
 
 
 def get_args_parser():
@@ -40,7 +40,7 @@ def get_args_parser():
     parser.add_argument("--output", type=Path, default=None,
                         help=f"also write the table to this file; the format follows its extension "
                              f"({', '.join(FORMATS)}) (default: stdout only)")
-    parser.add_argument("--plot", type=Path, default=None,
+    parser.add_argument("--plot", type=plot_path, default=None,
                         help=f"bar chart of --metric across the runs ({', '.join(PLOT_FORMATS)}, by extension)")
     parser.add_argument("--metric", default=None,
                         help="metric of --plot (default: --sort-by when a metric, else map_50)")
@@ -51,9 +51,6 @@ def main(args) -> int:
     if args.output is not None and args.output.suffix.lower() not in FORMATS:
         raise InputError(f"--output {args.output}: unknown format {args.output.suffix or '(no extension)'!r} "
                          f"(use {', '.join(FORMATS)})")
-    if args.plot is not None and args.plot.suffix.lower() not in PLOT_FORMATS:
-        raise InputError(f"--plot {args.plot}: unknown format {args.plot.suffix or '(no extension)'!r} "
-                         f"(use {', '.join(PLOT_FORMATS)})")
     metric = args.metric or (args.sort_by if args.sort_by in METRICS else "map_50")
     if metric not in METRICS:
         raise InputError(f"--metric {metric!r}: not a metric (one of {', '.join(METRICS)})")

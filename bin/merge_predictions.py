@@ -24,7 +24,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from utils.cli import positive_int, run_job
+from utils.cli import plot_file_name, positive_int, run_job
 from utils.detection.compliance import compliance_line
 from utils.detection.merge import merge_predictions
 from utils.errors import InputError
@@ -45,9 +45,9 @@ def get_args_parser():
     parser.add_argument("--expected", type=positive_int, default=None,
                         help="number of parts there must be (default: any)")
     parser.add_argument("--output-dir", type=Path, required=True, help="folder for the merged files")
-    parser.add_argument("--histogram", default=OUTPUTS["histogram"],
+    parser.add_argument("--histogram", type=plot_file_name, default=OUTPUTS["histogram"],
                         help=f"file name of the per-image compliance histogram (default: {OUTPUTS['histogram']})")
-    parser.add_argument("--folder-plot", default=OUTPUTS["folder_plot"],
+    parser.add_argument("--folder-plot", type=plot_file_name, default=OUTPUTS["folder_plot"],
                         help=f"file name of the plot of the figure per folder (default: {OUTPUTS['folder_plot']})")
     return parser
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from utils.classes import LabelMap
-from utils.cli import add_label_map_arg, run_job
+from utils.cli import add_label_map_arg, plot_path, run_job
 from utils.data.class_distribution import count_objects, plot_counts, write_counts_csv
 from utils.data.pairs import open_folder
 from utils.errors import InputError
@@ -28,7 +28,7 @@ def get_args_parser():
                         help="folder (or .tar, or several .tar shards, of which only the .xml members are read) "
                              "in which to find the annotations by file name "
                              "(default: the paths written in the CSV, relative to it)")
-    parser.add_argument("--output", default="class_distribution.png",
+    parser.add_argument("--output", type=plot_path, default="class_distribution.png",
                         help="PNG chart (default: class_distribution.png)")
     parser.add_argument("--output-csv", default="class_distribution.csv",
                         help="CSV of counts: split, class, objects, images (default: class_distribution.csv)")

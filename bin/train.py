@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 from utils import defaults as D
-from utils.cli import (add_label_map_arg, check_distinct_outputs, positive_float, positive_int, random_seed, run_job,
-                       worker_count)
+from utils.cli import (add_label_map_arg, check_distinct_outputs, plot_path, positive_float, positive_int, random_seed,
+                       run_job, worker_count)
 from utils.detection.model import BACKBONES
 from utils.detection.recipe import check_budget_plan
 from utils.detection.params import PARAM_CHOICES, PARAM_TYPES
@@ -155,7 +155,8 @@ def get_args_parser():
     out.add_argument("--output", default="model.pt", help="final model file with metadata (default: model.pt)")
     out.add_argument("--metrics-csv", default=None,
                      help="per-epoch metrics CSV (default: training_metrics.csv next to --output)")
-    out.add_argument("--loss-plot", default=None, help="loss-curve PNG (default: loss_curve.png next to --output)")
+    out.add_argument("--loss-plot", type=plot_path, default=None,
+                     help="loss-curve plot, .png, .svg or .pdf (default: loss_curve.png next to --output)")
     out.add_argument("--run-record", default=None,
                      help="run record JSON (default: <output stem>_run.json next to --output)")
     out.add_argument("--tensorboard-dir", default=D.TENSORBOARD_DIR,

@@ -181,3 +181,32 @@ def test_defaults_come_from_the_one_table(root):
     assert defaults("hpo")["epochs"] == HpoConfig().epochs == D.HPO_EPOCHS
     help_text = load_script(root, "evaluate").get_args_parser().format_help()
     assert f"{D.SCORE_THRESHOLD} for a model without one" in " ".join(help_text.split())
+
+
+@pytest.mark.parametrize("script, required, flag", [
+    ("train", ["--images", "i", "--annotations", "a"], "--loss-plot"),
+    ("plot_class_distribution", ["--split-csv", "split.csv"], "--output"),
+    ("merge_predictions", ["--inputs", "p.json", "--output-dir", "out"], "--histogram"),
+    ("merge_predictions", ["--inputs", "p.json", "--output-dir", "out"], "--folder-plot"),
+    ("compare_runs", ["run"], "--plot"),
+])
+def test_a_plot_flag_refuses_a_format_matplotlib_would_refuse_when_drawing(root, capsys, script, required, flag):
+    """matplotlib picks the format by the extension and raises only in savefig: for train that was after its first
+    epoch, a traceback. The flag's type refuses it before any work; the formats it takes are ones matplotlib writes."""
+    import matplotlib.figure
+
+    from utils.cli import PLOT_FORMATS
+
+    assert {suffix[1:] for suffix in PLOT_FORMATS} <= set(matplotlib.figure.Figure().canvas.get_supported_filetypes())
+    parser = load_script(root, script).get_args_parser()
+    for bad in ("plot.txt", "plot", "plot.jpg", ""):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*required, flag, bad])
+        assert f"argument {flag}: expected " in capsys.readouterr().err
+    for good in ("plot.png", "plot.SVG", "plot.pdf"):
+        parser.parse_args([*required, flag, good])
+    if script == "merge_predictions":  # a name in the output folder: a path elsewhere is refused
+        for elsewhere in ("../plot.png", "sub/plot.png", "/tmp/plot.png"):
+            with pytest.raises(SystemExit):
+                parser.parse_args([*required, flag, elsewhere])
+            assert "expected a plain file-name part" in capsys.readouterr().err

@@ -149,6 +149,27 @@ def path_arg(text: str) -> Path:
     return Path(text)
 
 
+# What a plot flag writes, by the file's extension: matplotlib's formats that a browser or a paper takes.
+PLOT_FORMATS = (".png", ".svg", ".pdf")
+
+
+def plot_path(text: str) -> Path:
+    """A plot file flag (train --loss-plot, plot_class_distribution --output, compare_runs --plot): matplotlib
+    picks the format by the extension, so one it does not write is refused here, not when the plot is drawn (after
+    an epoch of training, a traceback)."""
+    path = path_arg(text)
+    if path.suffix.lower() not in PLOT_FORMATS:
+        raise argparse.ArgumentTypeError(f"expected a plot file ending in {', '.join(PLOT_FORMATS)}, "
+                                         f"got {shown(text)}")
+    return path
+
+
+def plot_file_name(text: str) -> str:
+    """A plot written into the job's output folder under this name (merge_predictions --histogram): a plain name,
+    as file_name_part, with a plot's extension (plot_path)."""
+    return str(plot_path(file_name_part(text)))
+
+
 def file_name_part(text: str) -> str:
     """A part of the output files' names (--prefix): no path separators, no '..', no leading dot
     (utils.naming.name_part_problem), so every file stays flat in its folder or archive and visible."""

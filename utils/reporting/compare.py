@@ -233,7 +233,6 @@ th{{position:sticky;top:0;background:#f5f6f8;font-size:.8rem}}td:first-child,th:
 
 
 FORMATS = {".csv": to_csv, ".md": to_markdown, ".html": to_html}
-PLOT_FORMATS = (".png", ".svg", ".pdf")  # what --plot writes, by its extension
 
 
 def write_plot(comparison: Comparison, metric: str, path) -> list[str]:
