@@ -13,7 +13,7 @@ on how many folds the truth lay inside its 95 % interval, and the estimator with
 mean |error| (what the default estimator should be chosen by, not one split). Each fold model
 chose its score threshold and measured the adjusted estimators' rates on the other folds'
 val-split images, never on its held-out fold; the summary says so. The inputs must be
-distinct files and, when named evaluation_fold<i>.json, folds 0 to K-1.
+distinct files of different content and, when named evaluation_fold<i>.json, folds 0 to K-1.
 Exit 0 on success, 2 when an evaluation file cannot be used (one line naming it), 1 on a bug.
 """
 

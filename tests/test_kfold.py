@@ -392,6 +392,10 @@ def test_aggregate_refuses_a_missing_or_repeated_fold_and_non_numeric_metrics(tm
     fold = [tmp_path / f"evaluation_fold{i}.json" for i in range(3)]
     cases = [([fold[0], fold[2]], "the folds given are [0, 2], not 0 to 1 (missing [1])"),
              ([fold[0], fold[0], fold[1]], "given twice")]
+    copied = tmp_path / "copy" / "evaluation_fold1.json"  # fold 0's file under fold 1's name: one fold, not two
+    copied.parent.mkdir()
+    copied.write_bytes(fold[0].read_bytes())
+    cases.append(([fold[0], copied], f"{copied}: the same evaluation as {fold[0]} (a fold's file copied"))
     odd = tmp_path / "evaluation_fold1b.json"
     odd.write_text(json.dumps({**fake_evaluation(0.2), "map": "abc"}))
     cases.append(([fold[0], odd], "a metric holds 'abc', not a number"))

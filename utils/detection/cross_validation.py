@@ -99,8 +99,9 @@ def _check_estimates(quantification) -> None:
 
 def read_evaluations(paths) -> list[dict]:
     """The evaluation.json of every fold, in the order given; FoldSummaryError naming a bad file, a file given
-    twice, or a fold missing or repeated among files named evaluation_fold<i>.json (as the workflow names them:
-    K files must be folds 0 to K-1, or the summary would call K-1 folds and a copy a K-fold run)."""
+    twice or copied (the same content), or a fold missing or repeated among files named evaluation_fold<i>.json
+    (as the workflow names them: K files must be folds 0 to K-1, or the summary would call K-1 folds and a copy
+    a K-fold run)."""
     import re
 
     evaluations, seen = [], {}
@@ -122,6 +123,10 @@ def read_evaluations(paths) -> list[dict]:
         except (ValueError, KeyError, TypeError, RecursionError) as error:  # RecursionError: nested too deep
             raise FoldSummaryError(f"{path}: not an evaluation.json of bin/evaluate.py ({error!r} missing or "
                                    "unreadable)") from None
+        copied_from = next((paths[i] for i, earlier in enumerate(evaluations) if earlier == data), None)
+        if copied_from is not None:  # two folds' evaluations never agree in every figure: a file copied
+            raise FoldSummaryError(f"{path}: the same evaluation as {copied_from} (a fold's file copied: "
+                                   "K folds need K different evaluations)")
         evaluations.append(data)
     folds = [re.fullmatch(r"evaluation_fold(\d+)\.json", Path(path).name) for path in paths]
     if all(folds):
