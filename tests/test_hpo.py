@@ -332,3 +332,33 @@ def test_merge_refuses_journals_that_are_not_one_per_worker_or_not_journals(tmp_
     err = capsys.readouterr().err
     assert f"hpo_merge: error: {journal}: a trial does not fit the search space of the --inputs files" in err
     assert "Traceback" not in err
+
+
+def test_merge_refuses_journals_given_in_another_order_than_their_workers(tmp_path, root, capsys):
+    """Each best.json names its study (bin/hpo.py: mask-hpo-worker<i>of<n>); swapped journals drew each worker's
+    trials under the other's line, and a journal also holding another search's study mixed its trials in."""
+    space = {"lr": optuna.distributions.FloatDistribution(1e-3, 1.0)}
+    results, journals = [], []
+    for worker, lr in ((0, 0.01), (1, 0.02)):
+        path = fake_result(tmp_path / f"best_{worker}.json", worker, 0.3 + worker / 10, {"lr": lr}, [])
+        path.write_text(json.dumps({**json.loads(path.read_text()), "study_name": f"mask-hpo-worker{worker}of2"}))
+        journal = tmp_path / f"hpo_{worker}.journal"
+        storage = JournalStorage(JournalFileBackend(str(journal)))
+        study = optuna.create_study(study_name=f"mask-hpo-worker{worker}of2", storage=storage, direction="maximize")
+        study.add_trial(optuna.trial.create_trial(params={"lr": lr}, value=0.3 + worker / 10, distributions=space))
+        results.append(path)
+        journals.append(journal)
+    outputs = ["--output", tmp_path / "out" / "best.json", "--output-txt", tmp_path / "out" / "best.txt",
+               "--plots-dir", tmp_path / "out"]
+    capsys.readouterr()
+    assert run_script(root, "hpo_merge", ["--inputs", *results, "--journals", *journals[::-1], *outputs]) == 2
+    assert (f"hpo_merge: error: {journals[1]}: holds the study 'mask-hpo-worker1of2', not 'mask-hpo-worker0of2' of "
+            f"{results[0]}: give one journal per --inputs file, in the same order") in capsys.readouterr().err
+    assert not (tmp_path / "out" / "best.json").exists()
+    # another search's study in worker 0's journal: read for that worker's study only
+    other = optuna.create_study(study_name="another-search", direction="maximize",
+                                storage=JournalStorage(JournalFileBackend(str(journals[0]))))
+    other.add_trial(optuna.trial.create_trial(params={"lr": 0.5}, value=0.9, distributions=space))
+    assert [t["params"]["lr"] for t in journal_trials(journals[0], "mask-hpo-worker0of2")] == [0.01]
+    assert len(journal_trials(journals[0])) == 2  # no study named: every study, as before
+    assert run_script(root, "hpo_merge", ["--inputs", *results, "--journals", *journals, *outputs]) == 0

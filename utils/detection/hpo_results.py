@@ -75,6 +75,8 @@ def check_worker_result(data: dict, path) -> None:
         for name, value in params.items():
             if not (is_finite_number(value) or isinstance(value, str)):
                 bad(f"best_params.{name}", value, "a number or a name")
+    if data.get("study_name") is not None and not isinstance(data["study_name"], str):
+        bad("study_name", data["study_name"], "a study name")
     for key in ("fixed_params", "trial_counts"):
         if data.get(key) is not None and not isinstance(data[key], dict):
             bad(key, data[key], "a mapping")
@@ -120,8 +122,21 @@ def _check_workers_agree(results: list[dict]) -> None:
                                f"{shown(ours)}: not one search")
 
 
-def journal_trials(path) -> list[dict]:
-    """Trial records of every study in a journal file (authoritative when best.json is stale)."""
+class JournalOfAnotherWorker(Exception):
+    """Raised inside journal_trials' reading, whose ValueErrors mean an unreadable journal; said as an HpoError."""
+
+
+def worker_journal_trials(journals, results: list[dict]) -> list[list[dict]]:
+    """Each worker's trials from its journal (hpo_merge --journals, in the order of --inputs): the journal must hold
+    the study its worker's best.json names, so journals given in another order (the plots would put one worker's
+    trials under another's line) or from another search are refused, naming both files."""
+    return [journal_trials(journal, result.get("study_name"), result.get("_file"))
+            for journal, result in zip(journals, results)]
+
+
+def journal_trials(path, study_name: str | None = None, worker_file=None) -> list[dict]:
+    """Trial records of the study *study_name* (of the worker result *worker_file*) in a journal file, or of every
+    study in it when no name is given (authoritative when best.json is stale)."""
     import tempfile
 
     path = Path(path)
@@ -136,8 +151,16 @@ def journal_trials(path) -> list[dict]:
         try:
             storage = JournalStorage(JournalFileBackend(str(readable)))
             records, names = [], optuna.get_all_study_names(storage)
+            if study_name in names:  # its worker's study only: a journal reused by another search holds more
+                names = [study_name]
+            elif study_name is not None and names:
+                raise JournalOfAnotherWorker(f"{path}: holds the study {', '.join(map(shown, names))}, not "
+                                             f"{shown(study_name)} of {worker_file}: give one journal per --inputs "
+                                             "file, in the same order")
             for name in names:
                 records += trial_records(optuna.load_study(study_name=name, storage=storage))
+        except JournalOfAnotherWorker as error:
+            raise HpoError(str(error)) from None
         except (ValueError, UnicodeDecodeError, KeyError, TypeError, AssertionError) as error:
             raise HpoError(f"{path}: not a readable Optuna journal ({type(error).__name__}: "
                            f"{' '.join(str(error).split())[:200]})") from None

@@ -155,11 +155,11 @@ def write_hpo_plots(results: list[dict], plots_dir, journals=()) -> dict:
     from optuna.visualization import matplotlib as ovm
 
     from .hpo import HpoError
-    from .hpo_results import journal_trials, parse_distribution
+    from .hpo_results import parse_distribution, worker_journal_trials
 
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
-    per_worker = [journal_trials(j) for j in journals] if journals else [r.get("trials", []) for r in results]
+    per_worker = worker_journal_trials(journals, results) if journals else [r.get("trials", []) for r in results]
     # Every worker searched a slice of one space: give all trials the full space so that they combine.
     full_space = {}
     for result in results:
