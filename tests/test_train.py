@@ -188,6 +188,35 @@ def test_resume_continues_at_next_epoch_with_same_state(tiny_dir, tmp_path):
 
 
 @pytest.mark.training
+def test_a_resume_with_auto_workers_keeps_the_count_the_run_started_with(tiny_dir, tmp_path, monkeypatch):
+    """--workers -1 resolves per machine; each loader worker draws the flips of its own images, so a pool's retry
+    on a node where -1 gave another count trained on other draws than the run never stopped."""
+    import utils.detection.training as training
+
+    pairs = tiny_pairs(tiny_dir)
+    device = torch.device("cpu")
+    params = TrainParams(**{**TINY, "workers": -1, "hflip": 0.5})
+    monkeypatch.setattr(training, "auto_workers", lambda device: 2)  # the first node
+    first = Trainer(params, pairs, device, progress=False)
+    first.run_epoch(validate_loss=False)
+    first.checkpoint(tmp_path / "checkpoint.pt", {})
+    first.run_epoch(validate_loss=False)  # the run never stopped
+    monkeypatch.setattr(training, "auto_workers", lambda device: 0)  # the retry's node
+    resumed = Trainer(params, pairs, device, progress=False)
+    resumed.resume(tmp_path / "checkpoint.pt")
+    assert resumed.train_loader.num_workers == 2
+    resumed.run_epoch(validate_loss=False)
+    for (name, a), b in zip(first.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5), name
+    # a count asked for is kept as asked (the checkpoint's check refuses another one)
+    fixed = Trainer(TrainParams(**{**TINY, "workers": 0}), pairs, device, progress=False)
+    fixed.checkpoint(tmp_path / "fixed.pt", {})
+    again = Trainer(TrainParams(**{**TINY, "workers": 0}), pairs, device, progress=False)
+    again.resume(tmp_path / "fixed.pt")
+    assert again.train_loader.num_workers == 0
+
+
+@pytest.mark.training
 def test_checkpoint_of_another_backbone_is_refused(tiny_dir, tmp_path):
     pairs = tiny_pairs(tiny_dir)
     trainer = Trainer(TrainParams(**{**TINY, "epochs": 1}), pairs, torch.device("cpu"), progress=False)

@@ -124,10 +124,8 @@ class Trainer:
         self.generator = torch.Generator()
         pin = device.type == "cuda"
         workers = params.workers if params.workers >= 0 else auto_workers(device)
-        self.train_loader = make_loader(train_pairs, params.batch_size, workers, shuffle=True,
-                                        hflip=params.hflip, generator=self.generator, pin_memory=pin,
-                                        label_map=label_map, photometric=params.photometric,
-                                        repeat_threshold=params.repeat_threshold)
+        self.train_pairs = train_pairs
+        self._make_train_loader(workers)
         self.val_loader = (make_loader(val_pairs, params.batch_size, workers, shuffle=False, pin_memory=pin,
                                        label_map=label_map) if val_pairs else None)
         self.steps_per_epoch = len(self.train_loader)
@@ -255,6 +253,14 @@ class Trainer:
         return self.completed_epochs >= self.plan.epochs
 
     # -- checkpoints -------------------------------------------------------------------------
+    def _make_train_loader(self, workers: int) -> None:
+        params = self.settings
+        self.train_workers = workers  # recorded in the checkpoint: the augmentation draws follow the count
+        self.train_loader = make_loader(self.train_pairs, params.batch_size, workers, shuffle=True,
+                                        hflip=params.hflip, generator=self.generator,
+                                        pin_memory=self.device.type == "cuda", label_map=self.label_map,
+                                        photometric=params.photometric, repeat_threshold=params.repeat_threshold)
+
     def resume(self, checkpoint_path, inputs_sha256: str | None = None, run_args: dict | None = None) -> int:
         """Continue the run *checkpoint_path* holds; returns the epochs it finished. Refused (TrainingDataError)
         when it was written for other work: other data (*inputs_sha256*, the hash of this run's input files,
@@ -306,6 +312,13 @@ class Trainer:
             raise TrainingDataError(f"{checkpoint_path}: written with budget_plan={saved.get('budget_plan')!r}, this "
                                     f"run has {asked!r}; delete the checkpoint or match --budget-plan")
         extra = payload.get("extra") or {}
+        started_with = extra.get("train_workers")
+        if self.settings.workers < 0 and isinstance(started_with, int) and 0 <= started_with != self.train_workers:
+            # -1 resolves per machine (a pool's retry lands on another node); each worker process draws the flips
+            # and colours of its own images, so the run goes on with the count it started with
+            log.info("%s: resuming with the %d loader worker(s) the run started with (--workers -1 gives %d here)",
+                     checkpoint_path, started_with, self.train_workers)
+            self._make_train_loader(started_with)
         asked = self.plan.requested_record()
         if extra.get("stages_requested") != asked:
             raise TrainingDataError(f"{checkpoint_path}: written with stages={extra.get('stages_requested')!r}, this "
@@ -330,7 +343,8 @@ class Trainer:
     def checkpoint(self, path, args: dict) -> None:
         args = {**args, "params": self.params.to_dict(), "label_map": self.label_map.as_dict()}  # as trained
         extra = {"ema": self.ema.state_dict() if self.ema is not None else None, "stage_index": self.stage_index,
-                 "stages_requested": self.plan.requested_record(), "best": self.best}
+                 "stages_requested": self.plan.requested_record(), "best": self.best,
+                 "train_workers": self.train_workers}
         save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.completed_epochs, args,
                         scaler=self.scaler, history=self.history, extra=extra)
 
