@@ -106,6 +106,49 @@ def test_a_job_left_running_by_a_killed_executor_keeps_its_folder_locked(tmp_pat
     assert starts(tmp_path) == ["a", "a"]  # the rerun ran it again once the first had ended, not beside it
 
 
+# A job through the job runner (utils.cli.run_job) whose forked helper (a DataLoader worker) outlives it.
+FORKING_JOB = """
+import argparse, os, sys, time
+from utils.cli import run_job
+
+def main(args):
+    helper = os.fork()
+    if helper == 0:
+        time.sleep(30)
+        os._exit(0)
+    with open(args.log, "a") as log:
+        log.write(f"{helper}\\n")
+    for name in args.outputs:
+        with open(name, "w") as handle:
+            handle.write("done")
+    return 0
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--name"); parser.add_argument("--log"); parser.add_argument("--outputs", nargs="*", default=[])
+sys.exit(run_job(main, parser, job="forking"))
+"""
+
+
+def test_a_jobs_forked_helper_that_outlives_it_does_not_keep_the_folder_locked(tmp_path):
+    """Jobs inherit the run lock (so that a job of a killed executor keeps its folder); their DataLoader workers
+    inherited it too and, outliving a killed job by seconds, made an immediate rerun fail as 'in use'."""
+    import os
+    import signal
+
+    run_dir = make_workflow(tmp_path, [{"id": "a", "outputs": ["a.txt"]}])
+    (tmp_path / "fake_job.py").write_text(FORKING_JOB)
+    assert run_workflow(run_dir, out=io.StringIO()) == 0
+    helper = int((tmp_path / "starts.log").read_text())
+    try:
+        os.kill(helper, 0)  # still running, its job gone
+        with open(run_dir / ".executor.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError before the fix
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        assert run_workflow(run_dir, out=io.StringIO()) == 0  # the rerun reuses the job
+    finally:
+        os.kill(helper, signal.SIGKILL)
+
+
 def test_a_job_thread_that_cannot_start_ends_the_run_with_its_error_not_a_hang(tmp_path, monkeypatch):
     """The job joined the running set before its thread started; when the start failed ("can't start new
     thread", a process limit), the executor waited for that job's end for ever, Ctrl-C or not."""

@@ -21,9 +21,11 @@ Standard output: ``<job>: args: {...}`` (JSON, keys sorted, paths as strings) fi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import math
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -60,12 +62,38 @@ def error_message(error: BaseException) -> str:
     return "; ".join(part.strip() for part in message.splitlines() if part.strip())
 
 
+# The local executor hands each job the run folder's lock (utils.executor.run_lock) as an open file descriptor and
+# names it in this variable as "FD:PATH" of the lock file.
+RUN_LOCK_VARIABLE = "MASK_WORKFLOW_RUN_LOCK"
+
+
+def keep_the_run_lock_from_forked_helpers() -> None:
+    """The job holds the run folder's lock while it runs; its forked helpers (DataLoader workers) close their copy
+    when they start. They outlive a killed job by a few seconds, and a rerun meanwhile was refused as 'in use'.
+    The descriptor is closed only while it is still the lock file (a variable copied into a rerun by hand, or
+    inherited by a program the job runs, names a descriptor that is something else or nothing there)."""
+    fd_text, _, path = os.environ.get(RUN_LOCK_VARIABLE, "").partition(":")
+    try:
+        fd = int(fd_text)
+        if not os.path.samestat(os.fstat(fd), os.stat(path)):
+            return
+    except (ValueError, OSError):
+        return
+
+    def close_in_child():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+    os.register_at_fork(after_in_child=close_in_child)
+
+
 def run_job(main, parser, argv=None, job: str | None = None) -> int:
     """Parse *argv* (default: sys.argv), print the args line, run ``main(args)``; return the exit code.
 
     *job* names the job in every line (default: the file name of *main*'s script, e.g. "train").
     """
     job = job or Path(inspect.getfile(main)).stem
+    keep_the_run_lock_from_forked_helpers()
     args = parser.parse_args(argv)
     print_values(job, "args", vars(args))
     try:

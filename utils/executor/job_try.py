@@ -27,12 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import atomic_path
+from ..cli import RUN_LOCK_VARIABLE
 from .loading import JobSpec, LoadedWorkflow
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # on the jobs' PYTHONPATH: bin/ scripts import utils
 TERM_GRACE_S = 10.0  # after SIGTERM, how long a job may take to exit before SIGKILL
 # Set for every job but without effect on what it does, so the rerun line leaves them out.
 COSMETIC_VARIABLES = {"PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
+RUN_LOCK_FILE = ".executor.lock"  # in the run folder: scheduler.run_lock
 _SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -79,7 +81,7 @@ class JobRunner:
             process = subprocess.Popen(command, cwd=job_dir, stdout=out, stderr=err,
                                        pass_fds=() if self.lock is None else (self.lock,),
                                        env={**os.environ, **COSMETIC_VARIABLES, "PEGASUS_JOB_ID": spec.id,
-                                            **variables})
+                                            **self.lock_variable(), **variables})
             exit_code, reason = self._wait(process, spec)
         ran = {"wall_time_s": time.time() - began, "log": str(err_path)}
         if self.stopping.is_set():
@@ -92,6 +94,11 @@ class JobRunner:
                               **ran)
         self.stage_out(spec)
         return TryOutcome(True, exit_code, **ran)
+
+    def lock_variable(self) -> dict:
+        """The run lock handed on to the job (pass_fds), named for its forked helpers to close their copy
+        (utils.cli.keep_the_run_lock_from_forked_helpers)."""
+        return {} if self.lock is None else {RUN_LOCK_VARIABLE: f"{self.lock}:{self.wf.run_dir / RUN_LOCK_FILE}"}
 
     def next_log_number(self, job_id: str) -> int:
         """The number of a try's logs: after those of every earlier try, earlier runs' too, so that a rerun

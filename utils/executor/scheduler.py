@@ -51,7 +51,7 @@ from pathlib import Path
 from .. import defaults as D
 from ..cli import error_message, non_negative_int, positive_float, positive_int
 from ..naming import TENSORBOARD_FOLDER
-from .job_try import JobRunner
+from .job_try import RUN_LOCK_FILE, JobRunner
 from .loading import LoadedWorkflow, WorkflowError, load_workflow, read_properties
 from .progress import JobResult, Reporter
 from .resume_state import ResumeState
@@ -307,7 +307,7 @@ def run_lock(run_dir: Path):
         yield _HELD[run_dir]
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / ".executor.lock", "w") as handle:
+    with open(run_dir / RUN_LOCK_FILE, "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
