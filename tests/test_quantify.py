@@ -240,6 +240,36 @@ def test_one_figure_per_folder_in_file_order():
     assert image_units([{**images[0], "soft_counts": None}]).soft is None
 
 
+def test_the_figures_per_folder_cost_one_pass_over_the_images_and_one_bootstrap_each(monkeypatch):
+    """100k images in folders of ten: each image's folder read once (not once per folder: 10^9 reads), and only
+    the headline bootstrapped per folder (its other estimators were computed and thrown away)."""
+    import utils.detection.quantify as Q
+
+    class Image(dict):
+        folder_reads = 0
+
+        def get(self, key, default=None):
+            Image.folder_reads += key == "folder"
+            return super().get(key, default)
+
+    calls = []
+    real_estimate = Q.estimate
+    monkeypatch.setattr(Q, "estimate", lambda *args, **kw: calls.append(args[1]) or real_estimate(*args, **kw))
+    record = {"images": simulate(np.random.default_rng(2), 60), "score_threshold": 0.5, "floor": 0.05,
+              "classes": ["with_mask", "without_mask", "mask_weared_incorrect"]}
+    for count in (100, 400):
+        Image.folder_reads, calls[:] = 0, []
+        images = [Image({"file": f"f{k // 10}/{k}.jpg", "folder": f"f{k // 10}", "soft_counts": None,
+                         "detections": [{"label": ("with_mask", "without_mask")[k % 2], "score": 0.9}]})
+                  for k in range(count)]
+        report = prediction_estimates(images, record, 0.5, method="acc", replicates=5)
+        assert len(report["per_folder"]) == count // 10 and Image.folder_reads <= 2 * count
+        assert calls.count("acc") == 1 + count // 10 and len(calls) == 2 + count // 10  # overall: cc and acc
+        alone = set_estimates(image_units(images[:10]), Calibration.from_record(record), method="acc",
+                              replicates=5)["estimate"]
+        assert report["per_folder"]["f0"] == alone  # the headline per folder as when every estimator is run
+
+
 def test_calibration_image_counts_a_labelled_image():
     target = {"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]]), "labels": torch.tensor([1, 2])}
     pred = {"boxes": torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10], [50, 50, 60, 60]]),
