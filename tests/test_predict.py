@@ -257,13 +257,36 @@ def test_predict_writes_all_of_its_outputs_or_none(root, sample_dir, tiny_model_
     out = tmp_path / "out"
     assert predict_quick(root, tiny_model_file, [photos], out, "--no-annotated") == 0
 
-    def broken(images):
-        raise UnicodeEncodeError("utf-8", "x", 0, 1, "a failure while the outputs are rendered")
+    def broken(images, path):  # part of the CSV written, after predictions.json: neither is left
+        path.write_text("file,xmin\n")
+        raise UnicodeEncodeError("utf-8", "x", 0, 1, "a failure while the outputs are written")
 
-    monkeypatch.setattr(prediction, "_csv_text", broken)
+    monkeypatch.setattr(prediction, "_write_csv", broken)
     assert predict_quick(root, tiny_model_file, [photos], out, "--no-annotated") == 1
     # no half set, and nothing of the last run: only the progress of the images done, for the rerun
     assert sorted(path.name for path in out.iterdir()) == [".predictions.json.progress.jsonl"]
+
+
+def test_the_prediction_files_are_streamed_not_held_as_text(tmp_path):
+    # Rendered as strings first (json.dumps joins a list of every piece), 100k images' files held ~600 MB.
+    import tracemalloc
+
+    from utils.detection.prediction import PREDICTION_FILES, write_prediction_files
+
+    for count in (1000, 4000):
+        images = [{"file": f"photos/s{k % 9}/{k}.jpg", "folder": f"s{k % 9}", "width": 64, "height": 48,
+                   "detections": [{"box": [1.25, 2.5, 30.75, 40.0], "label": "with_mask", "score": 0.9132}] * 3,
+                   "compliance": {"faces": 3}} for k in range(count)]
+        targets = {key: tmp_path / f"{key}.out" for key in PREDICTION_FILES}
+        tracemalloc.start()
+        write_prediction_files(targets, {"images": images}, {"per_image": {i["file"]: i["compliance"] for i in images}},
+                               images, {}, tmp_path / "plot.png")
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        written = sum(path.stat().st_size for path in targets.values())
+        assert peak < written / 4, (count, peak, written)
+    assert json.loads(targets["predictions_json"].read_text())["images"] == images
+    assert len(targets["predictions_csv"].read_text().splitlines()) == 1 + 3 * count
 
 
 def _stop_after(monkeypatch, images: int, stop):

@@ -112,8 +112,18 @@ def json_text(obj, indent: int = 2) -> str:
     return json.dumps(obj, indent=indent, sort_keys=False, default=str) + "\n"
 
 
+def dump_json(obj, path, indent: int = 2) -> None:
+    """json_text's text written to *path* as it is encoded: json.dumps with an indent joins a list of every piece
+    of the text, which held ~3.5 times the records in memory for a predictions file of 100k images."""
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(obj, handle, indent=indent, sort_keys=False, default=str)
+        handle.write("\n")
+
+
 def write_json(target, obj, indent: int = 2) -> Path:
-    return write_text(target, json_text(obj, indent))
+    with atomic_path(target) as tmp:
+        dump_json(obj, tmp, indent)
+    return Path(target)
 
 
 class FileSet:
