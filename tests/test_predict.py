@@ -432,6 +432,31 @@ def test_annotated_names_go_in_input_order_to_the_images_read(root, sample_dir, 
     assert [p.name for p in (tmp_path / "out" / "annotated").iterdir()] == ["annotated_x.jpg"]
 
 
+def test_annotated_names_of_many_archives_of_one_set_of_names_cost_one_try_an_image():
+    # Camera dumps (IMG_0001.JPG, ... in every archive): each image tried every number its name had been given.
+    from pathlib import Path
+
+    from utils.detection.prediction import _annotated_name
+    from utils.detection.inference import ImageItem
+
+    class Used(set):
+        lookups = 0
+
+        def __contains__(self, name):
+            Used.lookups += 1
+            return super().__contains__(name)
+
+    for archives in (10, 40):
+        items = [ImageItem(f"cam{a}.tar:IMG_{k}.JPG", Path(f"/x/cam{a}/IMG_{k}.JPG")) for a in range(archives)
+                 for k in range(5)]
+        used, numbers, Used.lookups = Used({"annotated_IMG_0_3.jpg"}), {}, 0  # a name taken by another image
+        names = [_annotated_name(item, used, numbers) for item in items]
+        assert Used.lookups <= 2 * len(items)
+        given = [n for n in range(1, archives + 2) if n != 3][:archives]
+        assert names[::5] == [f"annotated_IMG_0{'' if n == 1 else f'_{n}'}.jpg" for n in given]
+        assert names[4::5] == [f"annotated_IMG_4{'' if n == 1 else f'_{n}'}.jpg" for n in range(1, archives + 1)]
+
+
 @pytest.mark.slow
 def test_predict_uses_the_models_operating_threshold_unless_told_otherwise(root, sample_dir, tiny_model_file,
                                                                           tmp_path, capsys):

@@ -161,13 +161,18 @@ def remove_outputs(files, annotated_dir: Path) -> None:
 
 
 
-def _annotated_name(item: ImageItem, used: set) -> str:
+def _annotated_name(item: ImageItem, used: set, next_number: dict) -> str:
+    """The first of annotated_<stem>.jpg, annotated_<stem>_2.jpg, ... not in *used*. *next_number* keeps, per stem,
+    the number to try from: names are only added to *used*, so those before it are taken, and 1000 archives of
+    the same file names cost one try an image instead of one per archive before it (quadratic)."""
     stem = annotated_stem(f"{item.folder}/{Path(item.path).name}" if item.folder else Path(item.path).name)
-    name, n = f"annotated_{stem}.jpg", 1
+    n = next_number.get(stem, 1)
+    name = f"annotated_{stem}.jpg" if n == 1 else f"annotated_{stem}_{n}.jpg"
     while name in used:  # two inputs with the same stem (different folders) must not overwrite each other
         n += 1
         name = f"annotated_{stem}_{n}.jpg"
     used.add(name)
+    next_number[stem] = n + 1
     return name
 
 
@@ -300,6 +305,7 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
         if annotate:
             drawing_dir.mkdir(parents=True, exist_ok=True)
         used_names: set[str] = set()  # annotated names in input order, a resumed run's as a run never stopped
+        next_number: dict[str, int] = {}
         for record in done:
             if "skipped" in record:
                 run.skipped.append({"file": record["file"], "reason": record["skipped"]})
@@ -327,7 +333,7 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
             annotated = None
             explained = []
             if result.item.name in drawn:
-                annotated = _annotated_name(result.item, used_names)
+                annotated = _annotated_name(result.item, used_names, next_number)
                 if explain:
                     explained = _write_explanations(model, result, device, explain, explain_max_boxes, annotated,
                                                     drawing_dir, writer, pending, tta)
