@@ -8,7 +8,7 @@ Reads each job's predictions_<TAG>.json and writes OUTPUT_DIR/compliance.json (o
 per shard and per image: faces per class and percent properly masked, with every
 skipped file and its reason), predictions.csv (file, xmin, ymin, xmax, ymax, label,
 score), compliance_histogram.png (per-image compliance) and compliance_by_folder.png (the
-figure with its 95 % interval per folder the images sit in), plus its run record. The overall
+figure with its 95 % interval per folder, the 40 largest at most), plus its run record. The overall
 figure is an estimate with its 95 % bootstrap interval (utils/detection/quantify.py).
 Per-image figures are recomputed from the detections exactly as a single predict job
 computes them, so N shards merged equal one job over the same images. The parts must

@@ -6,7 +6,7 @@ colour mode). Writes OUTPUT_DIR/predictions.json, predictions.csv (file, xmin, y
 xmax, ymax, label, score), compliance.json (faces per class and percent properly
 masked, overall and per image; the overall figure as an estimate with its 95 % bootstrap
 interval and the images it rests on, by every estimator of utils/detection/quantify.py;
-per folder when the images sit in two or more folders, drawn in compliance_by_folder.png),
+per folder when the images sit in two or more folders, drawn in compliance_by_folder.png (the 40 largest),
 annotated images annotated_<stem>.jpg in --annotated-dir, and predict_run.json (run
 record). Prints the compliance line with the interval. Folders are read with their
 subfolders, symbolic links followed; an image's folder is its path below the folder given

@@ -114,6 +114,8 @@ PREDICT_IMAGES_PER_JOB = 1000 # workflow: images per predict job (shard), ~20 mi
                               # (plain passes at 512 px; a model that chose 768 px and flip TTA takes ~4.5 times)
 VIDEO_STRIDE = 5               # predict_video / workflow --pred-videos: every 5th frame (5 a second at 25 fps)
 ANNOTATE_MAX = 500             # workflow: annotated images drawn over the whole prediction set, spread evenly
+FOLDER_PLOT_MAX = 40           # compliance_by_folder.png draws the folders with the most images, at most this many:
+                               # a row each made 3000 folders a 125,000-px-tall figure drawn in 1.4 GB
 INFERENCE_SCALES = (1.0, 1.25, 1.5, 1.75, 2.0)  # working sizes tried after training, times --image-size: the
                                # model runs at the one that scores best on the validation images (issue #21:
                                # faces are small: the 60-minute 512 px model's validation mAP@0.5 went from

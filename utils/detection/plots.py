@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
+from .. import defaults as D  # noqa: E402
 from ..atomic import atomic_path  # noqa: E402
 from ..classes import CLASS_COLOURS, CLASSES, NAME_OF  # noqa: E402
 
@@ -238,10 +239,16 @@ def plot_compliance_over_time(times, percentages, faces, path, source: str) -> N
     _write_figure(fig, path)
 
 
-def plot_compliance_by_folder(per_folder: dict, overall: dict, path) -> None:
+def plot_compliance_by_folder(per_folder: dict, overall: dict, path, limit: int = D.FOLDER_PLOT_MAX) -> None:
     """Percent properly masked per folder with its 95 % interval (bars), and the overall figure (line);
-    *per_folder* maps a folder to a utils.detection.quantify estimate ({} draws the overall one alone)."""
+    *per_folder* maps a folder to a utils.detection.quantify estimate ({} draws the overall one alone). At most
+    *limit* folders, those with the most images (the figure grows a row a folder; all are in compliance.json)."""
     rows = list(per_folder.items()) or [("all images", overall)]
+    title = "Mask compliance per folder"
+    if len(rows) > limit:
+        largest = {folder for folder, _ in sorted(rows, key=lambda row: (-row[1]["units"], row[0]))[:limit]}
+        title += f": the {limit} of {len(rows)} folders with the most images (all in the compliance JSON)"
+        rows = [row for row in rows if row[0] in largest]
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(rows)))
     colour = tuple(v / 255 for v in CLASS_COLOURS["with_mask"])
     for y, (_folder, result) in enumerate(rows):
@@ -261,5 +268,5 @@ def plot_compliance_by_folder(per_folder: dict, overall: dict, path) -> None:
     ax.set_xlim(0, 100)
     ax.set_xlabel(f"faces properly masked (%), {overall['method']}, with the "
                   f"{round(100 * overall['confidence'])}% bootstrap interval")
-    ax.set_title("Mask compliance per folder")
+    ax.set_title(title)
     _save(fig, path)
