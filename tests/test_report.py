@@ -134,6 +134,31 @@ def test_photos_of_one_name_in_two_folders_keep_their_own_figures():
     assert figures[tile.stem] == {"faces": 6}
 
 
+def test_the_grid_reads_an_archives_drawings_without_scanning_the_archive_again(tmp_path, monkeypatch):
+    # Each of the grid's images read every header of its annotated .tar (24 scans of 100k headers).
+    import io
+    import tarfile
+
+    from utils.reporting.run_folder import RunFolder, _annotated_images
+
+    headers, real_next = [], tarfile.TarFile.next
+    monkeypatch.setattr(tarfile.TarFile, "next", lambda self: headers.append(1) or real_next(self))
+    for count in (50, 200):
+        outputs = tmp_path / str(count)
+        outputs.mkdir()
+        with tarfile.open(outputs / "annotated_shard.tar", "w") as tar:
+            for k in range(count):
+                data = f"drawing {k}".encode()
+                info = tarfile.TarInfo(f"annotated_img{k:04d}.jpg")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        images = _annotated_images(outputs, RunFolder(path=outputs, outputs=outputs))
+        headers.clear()  # the listing reads each header once
+        assert [image.read_bytes() for image in images[-24:]] == [f"drawing {k}".encode()
+                                                                  for k in range(count - 24, count)]
+        assert len(headers) <= 10 * 24
+
+
 # ----------------------------------------------------------------------------- damaged and hostile run files
 
 RUN_JSON = ("evaluation.json", "evaluation_images.json", "compliance.json", "best_hpo_params.json",

@@ -70,6 +70,9 @@ class AnnotatedImage:
     name: str
     source: Path
     member: str | None = None
+    # The member's header as the listing read it: where its bytes start, so that a read seeks there instead of
+    # scanning the archive's headers again (getmember: each of the grid's 24 images read every header).
+    info: tarfile.TarInfo | None = field(default=None, repr=False, compare=False)
 
     @property
     def stem(self) -> str:
@@ -83,7 +86,7 @@ class AnnotatedImage:
         if self.member is None:
             return read_bounded(self.source, limit)
         with tarfile.open(self.source) as archive:
-            info = archive.getmember(self.member)
+            info = self.info or archive.getmember(self.member)
             if not info.isfile():
                 raise ImageError(f"{self.source}:{self.member}", "not a file")
             if info.size > limit:
@@ -299,12 +302,13 @@ def _annotated_images(outputs: Path, run: RunFolder) -> list[AnnotatedImage]:
             continue
         try:
             with tarfile.open(archive) as handle:
-                members = [m.name for m in handle.getmembers()
+                members = [m for m in handle.getmembers()
                            if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES]
         except (OSError, tarfile.TarError) as error:
             run.problems.append(f"{archive}: annotated images cannot be read ({error})")
             continue
-        images += [AnnotatedImage(Path(member).name, archive, member) for member in sorted(members)]
+        images += [AnnotatedImage(Path(member.name).name, archive, member.name, member)
+                   for member in sorted(members, key=lambda member: member.name)]
     return images
 
 
