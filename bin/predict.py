@@ -30,7 +30,7 @@ class (HiResCAM by default, grad-cam package) over a crop around the box; the im
 entry in predictions.json lists them (detection index k, evidence share inside the box).
 A run stopped part way (Ctrl-C, SIGTERM, a kill) keeps the records of the images done in
 OUTPUT_DIR/.predictions.json.progress.jsonl and their drawings beside it; run again with the same
-model files, settings, batch size, packages and inputs it reads only the batches not done, and its
+model files, settings, batch size, packages, code and inputs it reads only the batches not done, and its
 outputs are those of a run never stopped. Another model, setting or input set starts afresh.
 Exit 0 when at least one image was processed; 2 when none was or the model
 cannot be loaded (one line naming the file); 143 after SIGTERM (what was not written yet
@@ -52,7 +52,7 @@ from utils.detection.evaluation import load_trained_model
 from utils.detection.explain import EXPLAIN_METHODS
 from utils.detection.prediction import output_names, predict_images, summary_line
 from utils.errors import InputError
-from utils.provenance import file_sha256, package_versions, write_run_record
+from utils.provenance import code_version, file_sha256, package_versions, write_run_record
 from utils.stop import declare_outputs, stop_on_sigterm
 
 
@@ -127,7 +127,7 @@ def main(args) -> int:
                              explain=args.explain_method if args.explain else None,
                              explain_max_boxes=args.explain_max_boxes, calibration=meta.get("quantification"),
                              resume={"models": [file_sha256(path) for path in args.model], "device": device.type,
-                                     "packages": package_versions()})
+                                     "packages": package_versions(), "code": code_version()["sources_sha256"]})
     processed = [Path(path) for path in args.model] + run.inputs  # files and archives as such, folders' images
     write_run_record(Path(args.output_dir) / names["run_record"], "predict",
                      {**vars(args), "device": str(device)}, processed)

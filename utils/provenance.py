@@ -1,7 +1,9 @@
-"""Run records: every job writes its parameters, package versions and a hash of its inputs."""
+"""Run records: every job writes its parameters, package versions, the version of its own code and a hash of its
+inputs."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import platform
 import sys
@@ -48,6 +50,30 @@ def sets_sha256(*sets) -> str:
     return digest.hexdigest()
 
 
+# The project's own sources, wherever the code runs from (a checkout, the image's copy): workflow.py, bin/, utils/.
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+SOURCE_SUFFIXES = (".py", ".html")  # the service's page is code too
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> dict:
+    """The project's code as run: its package version and one sha256 over its sources (each file's path and
+    content), so two records say whether the same code made them; the version alone stays 0.1.0 through every
+    edit of a checkout."""
+    try:
+        version = metadata.version("mask-detection-workflow")
+    except metadata.PackageNotFoundError:  # run from a copy that was not installed
+        version = None
+    files = sorted(path for folder in ("bin", "utils") for path in (SOURCE_ROOT / folder).rglob("*")
+                   if path.suffix in SOURCE_SUFFIXES and "__pycache__" not in path.parts)
+    digest = hashlib.sha256()
+    for path in [SOURCE_ROOT / "workflow.py", *files]:
+        if path.is_file():
+            digest.update(path.relative_to(SOURCE_ROOT).as_posix().encode() + b"\0")
+            digest.update(hashlib.sha256(path.read_bytes()).hexdigest().encode())
+    return {"version": version, "sources_sha256": digest.hexdigest()}
+
+
 def package_versions(names=TRACKED_PACKAGES) -> dict[str, str | None]:
     versions = {"python": sys.version.split()[0]}
     for name in names:
@@ -84,6 +110,7 @@ def run_record(job: str, params: dict, inputs=()) -> dict:
         "host": platform.node(),
         "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in params.items()},
         "packages": package_versions(),
+        "code": code_version(),
         "num_inputs": len(inputs),
         "inputs_sha256": inputs_sha256(inputs) if inputs else None,
     }

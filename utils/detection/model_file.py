@@ -25,7 +25,7 @@ from torch import nn
 from .. import defaults as D
 from ..classes import CLASSES, LABEL_OF, NUM_CLASSES
 from ..errors import InputError, is_finite_number, shown
-from ..provenance import package_versions
+from ..provenance import code_version, package_versions
 from ..stop import is_stand_in
 from .checkpoint import save_torch_file
 
@@ -71,8 +71,8 @@ def _plain(value):
 
 
 def model_metadata(model: nn.Module, extra: dict | None = None) -> dict:
-    """The architecture, the classes, the pretrained weights and the package versions the file is written with,
-    then *extra*."""
+    """The architecture, the classes, the pretrained weights, and the package and code versions the file is written
+    with, then *extra*."""
     meta = {
         "format": MODEL_FILE_FORMAT,
         **model.architecture,
@@ -83,7 +83,7 @@ def model_metadata(model: nn.Module, extra: dict | None = None) -> dict:
     if report is not None:
         meta["pretrained"] = {"requested": report.requested, "loaded": report.loaded, "source": report.source}
     meta.update(extra or {})
-    return {**_plain(meta), "packages": package_versions()}  # {name: version string}: plain already
+    return {**_plain(meta), "packages": package_versions(), "code": code_version()}  # plain already
 
 
 def save_model_file(path, model: nn.Module, meta: dict | None = None) -> Path:
