@@ -244,3 +244,23 @@ def test_a_model_that_chose_tta_is_run_with_it_and_its_boxes_explained(tiny_mode
                                  params={"box": ",".join(map(str, target["box"])), "label": target["label"]})
             assert answer.status_code == 200, answer.text
             assert answer.json()["box"] == pytest.approx(target["box"], abs=0.06)  # predict rounds to 0.1 px
+
+
+def test_an_explanation_stops_before_its_next_pass_when_told(model_and_image):
+    """The service's explain=true runs an explanation as one job on the model's thread (a forward and a backward
+    pass per box, twice under TTA): when its client leaves, should_stop says so and no further pass begins."""
+    from utils.detection.explain import ExplainStopped, heatmaps
+
+    model, image, out = model_and_image
+    asked = []
+
+    def stop_after_the_first_pass():
+        asked.append(1)
+        return len(asked) > 1
+
+    picture = image.float().div(255.0)
+    with pytest.raises(ExplainStopped):
+        heatmaps(model, picture, out["boxes"][:1], out["labels"][:1], "hirescam", tta=True,
+                 should_stop=stop_after_the_first_pass)
+    assert len(asked) == 2  # asked before the plain pass and before the mirrored one, which never ran
+    assert not model.training and all(p.grad is None for p in model.parameters())  # left as it was

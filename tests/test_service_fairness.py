@@ -257,3 +257,75 @@ def test_stage_times_leave_out_jobs_that_never_finished():
     never = Timing(queued=100.5)  # withdrawn before it began
     assert stage_seconds([begun, never]) == {"queue": 1.0, "inference": 2.0}
     assert stage_seconds([never]) == {}
+
+
+def test_a_client_that_leaves_drops_its_explanation_and_queued_images_and_the_log_says_so(tiny_model_file, caplog,
+                                                                                            monkeypatch):
+    """A real server: the client closes its socket while its request's first model job runs. /api/explain's job
+    (a detection pass, then the explanation's passes) used to run its explanation to the end for nobody; it now
+    stops before its next pass. /api/predict's images still queued are dropped. The 499 access-log line says how
+    many model jobs were dropped unbegun."""
+    import io
+    import logging
+    import socket
+    import time
+
+    import uvicorn
+    from PIL import Image
+
+    import utils.service.app as service
+    from utils.classes import LABEL_OF
+
+    on_model, release, explained = threading.Event(), threading.Event(), []
+
+    def held_detect(model, images, **kwargs):  # one face per image, found once the test lets it go
+        on_model.set()
+        release.wait(HANG)
+        return [{"boxes": torch.tensor([[1.0, 1.0, 20.0, 20.0]]), "labels": torch.tensor([LABEL_OF["with_mask"]]),
+                 "scores": torch.tensor([0.9])} for _ in images]
+
+    monkeypatch.setattr(service, "detect", held_detect)
+    monkeypatch.setattr(service, "explain_image", lambda *args, **kwargs: explained.append(1))
+    app = create_app(ServiceConfig(model_path=tiny_model_file, batch_size=1))
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), "white").save(buffer, "JPEG")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+
+    def leave_while_on_the_model(path: str, field: str, images: int) -> None:
+        on_model.clear()
+        release.clear()
+        body = b"".join(b"--b\r\nContent-Disposition: form-data; name=\"%s\"; filename=\"%d.jpg\"\r\n"
+                        b"Content-Type: image/jpeg\r\n\r\n%s\r\n" % (field.encode(), i, buffer.getvalue())
+                        for i in range(images)) + b"--b--\r\n"
+        with socket.create_connection(sock.getsockname()) as client:
+            client.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body))
+            assert on_model.wait(HANG)
+        for _ in range(int(HANG / 0.01)):  # until the server has ended the request (its access-log line)
+            if any(" 499 " in r.getMessage() for r in caplog.records if r.name == "mask_service.access"):
+                break
+            time.sleep(0.01)
+        release.set()
+        after, _ = app.state.worker.submit_call(lambda: "idle")  # runs once the model's thread is done with it
+        assert after.result(HANG) == "idle"
+
+    try:
+        with caplog.at_level(logging.INFO, logger="mask_service.access"):
+            for _ in range(400):
+                if server.started:
+                    break
+                time.sleep(0.05)
+            leave_while_on_the_model("/api/explain?box=1,1,20,20&label=with_mask", "file", 1)
+            assert explained == []  # the explanation's passes never began
+            caplog.clear()
+            leave_while_on_the_model("/api/predict", "files", 3)
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(HANG)
+    lines = [r.getMessage() for r in caplog.records if r.name == "mask_service.access"]
+    assert any(" 499 " in line and "dropped=2" in line for line in lines), lines

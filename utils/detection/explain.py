@@ -42,6 +42,16 @@ class ExplainError(RuntimeError):
     """The model cannot be explained (no FPN to read the features from)."""
 
 
+class ExplainStopped(Exception):
+    """*should_stop* said yes between two passes: nobody waits for the maps any more (a service client left)."""
+
+
+def stop_point(should_stop) -> None:
+    """Raise ExplainStopped when *should_stop* (a callable, or None: never) says so; called before each pass."""
+    if should_stop is not None and should_stop():
+        raise ExplainStopped("stopped between passes: nobody waits for this explanation")
+
+
 @dataclass
 class Explanation:
     """One detection's heat map over the whole image (float32 HxW in [0, 1]) and its overlay crop."""
@@ -93,7 +103,7 @@ def _cam(model, method: str):
 
 
 def heatmaps(model, image: torch.Tensor, boxes, labels, method: str = "hirescam",
-             tta: bool = False) -> list[np.ndarray]:
+             tta: bool = False, should_stop=None) -> list[np.ndarray]:
     """One map (HxW float32 in [0, 1], the image's size) per detection *boxes*/*labels* of *image*
     (float CxHxW in [0, 1] on the model's device).
 
@@ -102,16 +112,19 @@ def heatmaps(model, image: torch.Tensor, boxes, labels, method: str = "hirescam"
     map and the mirrored image's map mirrored back, scaled to a peak of 1 again. A box one pass alone
     found gets that pass's map; a pass that finds no box of the label there adds a blank map (hirescam,
     gradcam: eigencam's map is the features' and does not depend on the box).
+
+    *should_stop* (a callable) is asked before each pass: yes raises ExplainStopped, the passes left undone.
     """
     boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
     if len(boxes) == 0:
         return []
-    plain = _pass_heatmaps(model, image, boxes, labels, method)
+    plain = _pass_heatmaps(model, image, boxes, labels, method, should_stop)
     if not tta:
         return plain
     # unflip_boxes maps boxes between an image and its mirror either way
-    mirrored = _pass_heatmaps(model, image.flip(-1), unflip_boxes(boxes, image.shape[-1]), labels, method)
+    mirrored = _pass_heatmaps(model, image.flip(-1), unflip_boxes(boxes, image.shape[-1]), labels, method,
+                              should_stop)
     fused = []
     for one, other in zip(plain, mirrored):
         mean = (one + other[:, ::-1]) / 2
@@ -135,7 +148,7 @@ def _box_score(labels: list[int], boxes: np.ndarray):
 
 
 def _pass_heatmaps(model, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
-                   method: str) -> list[np.ndarray]:
+                   method: str, should_stop=None) -> list[np.ndarray]:
     """heatmaps of one pass of the model over *image* as given."""
     was_training = model.training
     model.eval()
@@ -145,11 +158,13 @@ def _pass_heatmaps(model, image: torch.Tensor, boxes: torch.Tensor, labels: torc
     try:
         with _gradients_on(layers):
             if method == "eigencam":
+                stop_point(should_stop)
                 # class-agnostic: one map for the image, shown for each of its boxes
                 shared = cam(batch, targets=[_box_score(labels.tolist(), boxes.numpy())])[0]
                 return [shared.astype(np.float32)] * len(boxes)
             maps = []
             for box, label in zip(boxes, labels):
+                stop_point(should_stop)
                 maps.append(cam(batch, targets=[_box_score([int(label)], box[None].numpy())])[0].astype(np.float32))
             return maps
     finally:
@@ -198,9 +213,10 @@ def overlay(image_rgb: np.ndarray, heatmap: np.ndarray, box, label: str) -> Imag
 
 
 def explain_image(model, image_uint8: torch.Tensor, boxes, labels, scores, device, method: str = "hirescam",
-                  max_boxes: int = 5, tta: bool = False) -> list[Explanation]:
+                  max_boxes: int = 5, tta: bool = False, should_stop=None) -> list[Explanation]:
     """Explanations of the *max_boxes* highest-scoring detections of one image (uint8 CxHxW); *tta*: the
-    detections came from flip TTA, so the maps hold both passes' evidence (:func:`heatmaps`)."""
+    detections came from flip TTA, so the maps hold both passes' evidence (:func:`heatmaps`); *should_stop*:
+    asked before each pass (:func:`heatmaps`)."""
     scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
     order = torch.argsort(scores, descending=True)[: max(0, max_boxes)].tolist()
     if not order:
@@ -208,7 +224,7 @@ def explain_image(model, image_uint8: torch.Tensor, boxes, labels, scores, devic
     boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
     image = image_uint8.to(device).float().div(255.0)
-    maps = heatmaps(model, image, boxes[order], labels[order], method, tta)
+    maps = heatmaps(model, image, boxes[order], labels[order], method, tta, should_stop)
     rgb = image_uint8.permute(1, 2, 0).cpu().numpy()
     explanations = []
     for index, heatmap in zip(order, maps):

@@ -59,10 +59,10 @@ from ..classes import CLASS_COLOURS, CLASSES, LABEL_OF
 from ..data.images import ImageError, NotAnImageError, PixelLimitError, check_image_pixels
 from ..detection.compliance import compliance, merge_compliance
 from ..detection.evaluation import load_trained_model
-from ..detection.explain import EXPLAIN_METHODS, ExplainError, explain_image
+from ..detection.explain import EXPLAIN_METHODS, ExplainError, explain_image, stop_point
 from ..detection.inference import detect, to_model_input
 from ..detection.quantify import prediction_estimates, soft_counts
-from .batching import BatchWorker, on_a_passing_thread, results_of, stage_seconds
+from .batching import BatchWorker, Withdrawal, on_a_passing_thread, results_of, stage_seconds
 from .edge import EdgeMiddleware, shown_path
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from .uploads import (AdmissionQueue, PixelBudget, Upload, annotated_jpeg, decode_to_tensor, default_decode_threads,
@@ -271,17 +271,17 @@ def create_app(config: ServiceConfig) -> FastAPI:
         for stage, seconds in stages.items():
             metrics.stage.labels(stage).observe(seconds)
 
-    def explain_one(tensor: torch.Tensor, out: dict, index: int, tta: bool) -> dict:
+    def explain_one(tensor: torch.Tensor, out: dict, index: int, tta: bool, stop) -> dict:
         """The explanation record of detection *index* of one image (a forward and a backward pass, two under
         TTA): one job on the model's thread, so that an explain=true request of 16 images never holds it for
-        all its boxes at once."""
+        all its boxes at once. *stop* set (the request stopped waiting): no further pass begins."""
         one = slice(index, index + 1)
         explanation = explain_image(model, tensor, out["boxes"][one], out["labels"][one], out["scores"][one],
-                                    device, D.EXPLAIN_METHOD, 1, tta)[0]
+                                    device, D.EXPLAIN_METHOD, 1, tta, should_stop=stop.is_set)[0]
         return explanation_record(explanation, D.EXPLAIN_METHOD)
 
     async def explain_best(worker: BatchWorker, tensors: list, outputs: list, tta: bool, threshold: float,
-                           timings: list) -> list[dict]:
+                           timings: list, withdrawal: Withdrawal) -> list[dict]:
         """{detection index: explanation} per image, for its best `explain_max_boxes` counted detections. The
         jobs are submitted one at a time, each when the last is done: other requests' images queued meanwhile
         run between them, where one call for all the boxes held every other client for its 20+ s."""
@@ -290,16 +290,19 @@ def create_app(config: ServiceConfig) -> FastAPI:
             counted = (out["scores"] >= threshold).nonzero().flatten()
             best = counted[torch.argsort(out["scores"][counted], descending=True)][: config.explain_max_boxes]
             for index in best.tolist():
-                future, timing = worker.submit_call(explain_one, tensor, out, index, tta)
+                future, timing = worker.submit_call(explain_one, tensor, out, index, tta, withdrawal.stop)
                 timings.append(timing)
-                found[index] = (await results_of([future]))[0]
+                found[index] = (await results_of([future], withdrawal))[0]
         return explained
 
-    def explain_box(tensor: torch.Tensor, box: list[float], label: int, method: str):
+    def explain_box(tensor: torch.Tensor, box: list[float], label: int, method: str, stop):
         """The explanation of the model's detection of class *label* at *box*, or None if it finds none there.
         The box is looked for among the detections /api/predict returns (with flip TTA when the model chose it);
-        the heat map is the evidence of the passes that made it (both, under flip TTA)."""
+        the heat map is the evidence of the passes that made it (both, under flip TTA). *stop* set (the request
+        stopped waiting: its client left): no further pass begins (explain.ExplainStopped)."""
+        stop_point(stop.is_set)  # withdrawn as the worker took this job
         out = detect(model, [to_model_input(tensor, device)], tta=meta["tta"], score_threshold=DETECTION_FLOOR)[0]
+        stop_point(stop.is_set)  # the client left during the detection pass
         candidates = (out["labels"] == label).nonzero().flatten()
         if len(candidates) == 0:
             return None
@@ -309,7 +312,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             return None
         index = candidates[best: best + 1]
         return explain_image(model, tensor, out["boxes"][index], out["labels"][index], out["scores"][index],
-                             device, method, 1, meta["tta"])[0]
+                             device, method, 1, meta["tta"], should_stop=stop.is_set)[0]
 
     # The multipart parser refuses, while the body streams, a file part past the route's count and any text field
     # (Starlette's defaults, 1000 files and 1000 fields of up to 1 MB each, let a request hold a GB before the
@@ -334,6 +337,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         threshold = default_threshold if score_threshold is None else score_threshold
         tta = meta["tta"] if tta is None else tta
         admit(request)
+        withdrawal = Withdrawal()
         try:
             uploads = [await read_upload(request, upload) for upload in files]
             worker = request.app.state.worker
@@ -345,10 +349,10 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 tensors = await decode_all(request, uploads, announce=True)
                 decoded = time.perf_counter()
                 submitted = [worker.submit_image(tensor, tta) for tensor in tensors]
-                outputs = await results_of([future for future, _ in submitted])
+                outputs = await results_of([future for future, _ in submitted], withdrawal)
                 explained, timings = [{} for _ in tensors], [timing for _, timing in submitted]
                 if explain:
-                    explained = await explain_best(worker, tensors, outputs, tta, threshold, timings)
+                    explained = await explain_best(worker, tensors, outputs, tta, threshold, timings, withdrawal)
                 record_timings(request, decoded - began, timings, len(tensors))
                 pictures = [None] * len(tensors)
                 if annotated:  # drawing and JPEG-encoding a large photo takes a while: not on the event loop
@@ -357,7 +361,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 return [tuple(tensor.shape[-2:]) for tensor in tensors], outputs, explained, pictures
 
             sizes, outputs, explained, pictures = await until_disconnected(
-                request, holding_pixels(request, uploads, decode_detect_and_draw))
+                request, holding_pixels(request, uploads, decode_detect_and_draw), withdrawal)
         finally:
             queue.leave()
         results, records = [], []
@@ -403,6 +407,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         if method not in EXPLAIN_METHODS:
             raise HTTPException(422, f"method {errors.shown(method)}: not one of {', '.join(EXPLAIN_METHODS)}")
         admit(request)
+        withdrawal = Withdrawal()
         try:
             upload = await read_upload(request, file)
 
@@ -411,14 +416,15 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 tensor = (await decode_all(request, [upload], announce=False))[0]
                 decoded = time.perf_counter()
                 future, timing = request.app.state.worker.submit_call(explain_box, tensor, coordinates,
-                                                                      LABEL_OF[label], method)
+                                                                      LABEL_OF[label], method, withdrawal.stop)
                 try:
-                    found = (await results_of([future]))[0]
+                    found = (await results_of([future], withdrawal))[0]
                 finally:
                     record_timings(request, decoded - began, [timing], 1)
                 return found
 
-            explanation = await until_disconnected(request, holding_pixels(request, [upload], decode_and_explain))
+            explanation = await until_disconnected(request, holding_pixels(request, [upload], decode_and_explain),
+                                                   withdrawal)
         except ExplainError as error:
             raise HTTPException(422, f"{config.model_path.name}: {error}") from None
         finally:

@@ -55,6 +55,16 @@ class _Job:
     timing: Timing = field(default_factory=lambda: Timing(time.perf_counter()))
 
 
+@dataclass
+class Withdrawal:
+    """One request's say in its jobs: set when it stops waiting for them (its client left, the server's stop
+    timeout). A call already on the model asks ``stop`` between its passes (an explanation's forward and backward
+    passes, twice under TTA) and ends early; ``dropped`` counts the jobs withdrawn before they began."""
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    dropped: int = 0
+
+
 def on_a_passing_thread(function: Callable, *args):
     """function(*args) on a thread that ends when it returns; its result, or its exception raised here.
     For torch work (loading a model) that must leave no OpenMP team behind on the calling thread."""
@@ -231,15 +241,19 @@ def stage_seconds(timings: list[Timing]) -> dict[str, float]:
     return {"queue": started - min(t.queued for t in done), "inference": max(t.finished for t in done) - started}
 
 
-async def results_of(futures: list[Future]) -> list:
+async def results_of(futures: list[Future], withdrawal: Withdrawal | None = None) -> list:
     """The worker's answers to one request's jobs, in order. When one of them fails, or the request stops waiting
     (cancelled: its client left, the server's stop timeout), its other jobs still queued are withdrawn (the worker
-    drops a cancelled job), so that the model does no work whose answer nobody reads."""
+    drops a cancelled job), so that the model does no work whose answer nobody reads; a call already on the model
+    is told so through *withdrawal*, and stops at its next pass."""
     try:
         return list(await asyncio.gather(*(asyncio.wrap_future(future) for future in futures)))
     except BaseException:
         for future in futures:
-            future.cancel()  # a job already on the model cannot be: it finishes, and its answer is dropped
+            future.cancel()  # a job already on the model cannot be: a batch finishes, its answer dropped
+        if withdrawal is not None:  # (asyncio may have cancelled some already: counted by their state)
+            withdrawal.dropped += sum(future.cancelled() for future in futures)
+            withdrawal.stop.set()
         raise
 
 

@@ -9,7 +9,8 @@
   never holds more than the limit of one request's body.
 - Every request gets an id (the client's X-Request-ID when it is a short plain token, else a new
   one), returned as X-Request-ID, and one access-log line with its timings: the app writes
-  decode / queue / inference times into ``scope["state"]["timings"]``.
+  decode / queue / inference times into ``scope["state"]["timings"]`` (and, for a client gone, the
+  model's jobs dropped).
 - Requests by route and status and their latency go to the metrics.
 
 It is plain ASGI (no BaseHTTPMiddleware) so that it can answer before the body is read and
@@ -191,6 +192,8 @@ class EdgeMiddleware:
             stages = "".join(f" {name}_ms={timings[name] * 1000:.1f}" for name in ("decode", "queue", "inference")
                              if name in timings)
             images = f" images={timings['images']}" if "images" in timings else ""
+            if "dropped" in timings:  # a client gone (499): the model's jobs of its request withdrawn unbegun
+                images += f" dropped={timings['dropped']}"
             client = scope.get("client") or ("-", 0)
             ACCESS_LOG.info("id=%s %s %s %d total_ms=%.1f%s%s client=%s", request_id, where,
                             scope.get("http_version", "1.1"), status[0], seconds * 1000, stages, images, client[0])

@@ -177,11 +177,12 @@ async def on_pool(pool, function, calls: list[tuple]) -> list:
 CLIENT_CLOSED = 499  # the status proxies log for a request whose client closed the connection before its answer
 
 
-async def until_disconnected(request, work):
+async def until_disconnected(request, work, withdrawal=None):
     """await *work* (a coroutine) unless the client leaves first: then the work is cancelled (its images still
-    queued for the model are withdrawn, its pixels given back) and the request ends with 499, which only the
-    access log and the metrics see. Called once the body has been read: a receive then returns only when the
-    client disconnects (or the answer is complete)."""
+    queued for the model are withdrawn, an explanation on the model stops at its next pass through *withdrawal*
+    (batching.Withdrawal), its pixels given back) and the request ends with 499, which only the access log (with
+    the model's jobs dropped unbegun: dropped=N) and the metrics see. Called once the body has been read: a
+    receive then returns only when the client disconnects (or the answer is complete)."""
     task = asyncio.ensure_future(work)
 
     async def client_gone() -> None:
@@ -200,6 +201,9 @@ async def until_disconnected(request, work):
             task.cancel()
             await asyncio.wait({task})  # its clean-up (the budget's release) runs before the answer
     if task.cancelled() and watcher.done() and not watcher.cancelled():
+        timings = getattr(getattr(request, "state", None), "timings", None)
+        if withdrawal is not None and isinstance(timings, dict):
+            timings["dropped"] = withdrawal.dropped
         raise HTTPException(CLIENT_CLOSED, f"{request.method} {shown(request.url.path)}: the client closed the "
                                            "connection before the answer; its work was stopped")
     return task.result()
