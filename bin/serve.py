@@ -18,7 +18,8 @@ size from any requests into one forward pass; at most --queue-size requests wait
 most --max-requests are received or served at once (then 503 with Retry-After; the probes
 always answer). A connection must send a complete request head within --header-timeout
 seconds of connecting or of its last answer, and a body may not stall for --body-timeout
-seconds nor, after that long, average under --min-body-rate KB/s (408). Bad uploads get a
+seconds nor, after that long, average under --min-body-rate KB/s, nor take longer than
+--body-deadline seconds in all (408). Bad uploads get a
 4xx naming the file: 413 too large (--max-upload-mb, --max-image-pixels, checked from the
 header before decoding) or too many file parts (--max-images, refused as the body streams),
 415 not a JPEG, PNG, BMP, TIFF or WebP image (by its bytes), 422 undecodable. A body over
@@ -102,6 +103,9 @@ def get_args_parser():
                         help="KB/s a request body must average once --body-timeout seconds have passed since it "
                              f"began, else it is cut off with 408; 0: no minimum (default: "
                              f"{D.SERVICE_MIN_BODY_RATE_KBS:g})")
+    parser.add_argument("--body-deadline", type=non_negative_float, default=D.SERVICE_BODY_DEADLINE_S,
+                        help="seconds a whole request body may take, however steadily it comes, else it is cut off "
+                             f"with 408; 0: no deadline (default: {D.SERVICE_BODY_DEADLINE_S:g})")
     parser.add_argument("--stop-timeout", type=non_negative_float, default=D.SERVICE_STOP_TIMEOUT_S,
                         help="SIGTERM: seconds requests in flight get to finish (default: "
                              f"{D.SERVICE_STOP_TIMEOUT_S:g})")
@@ -156,7 +160,7 @@ def main(args) -> int:
                                    batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms,
                                    decode_threads=args.decode_threads, stop_timeout=args.stop_timeout,
                                    max_requests=args.max_requests, body_timeout=args.body_timeout,
-                                   min_body_rate_kbs=args.min_body_rate))
+                                   min_body_rate_kbs=args.min_body_rate, body_deadline=args.body_deadline))
     access_logging()
     # The model's thread takes the GIL back between its ops; Python's default lets the event loop keep it
     # for up to 5 ms while it parses a request (defaults.SERVICE_GIL_SWITCH_S)

@@ -1,8 +1,8 @@
 """No request can hold the service's places for longer than its work, nor leave work behind it: a trickling
-body is cut off (the edge's minimum rate), waiters for the pixel budget are served in order, a request's
-pixels stay counted until its annotated pictures are drawn, a request that fails or whose client leaves
-withdraws its images still queued for the model, and a stop reports an abandoned model job only when one
-was running. No timings are asserted: generous timeouts only turn a hang into a failure."""
+body is cut off (the edge's minimum rate), and a steady one at its deadline, waiters for the pixel budget are
+served in order, a request's pixels stay counted until its annotated pictures are drawn, a request that fails
+or whose client leaves withdraws its images still queued for the model, and a stop reports an abandoned model
+job only when one was running. No timings are asserted: generous timeouts only turn a hang into a failure."""
 
 from __future__ import annotations
 
@@ -64,6 +64,18 @@ def test_a_body_that_trickles_under_the_minimum_rate_is_cut_off_and_a_steady_one
     status, answer = _post_with_body(b"x" * 2048, 0.02, 30, body_timeout=0.2, min_body_rate=1024)  # ~100 KB/s
     assert (status, answer) == (200, b"ok")
     status, answer = _post_with_body(b"x", 0.02, 30, body_timeout=0.2, min_body_rate=0)  # no minimum rate
+    assert (status, answer) == (200, b"ok")
+
+
+def test_a_body_that_keeps_just_above_the_minimum_rate_is_cut_off_at_the_body_deadline():
+    """A body that never falls under the minimum rate used to be let in for as long as its bytes earned (the largest
+    body at 32 KB/s: 2.9 hours), so a few such clients held the request slots; the whole body now has a deadline.
+    This one comes at ~100 KB/s, well above the 1 KB/s minimum, and would go on for 10**6 chunks."""
+    status, answer = _post_with_body(b"x" * 2048, 0.02, 10**6, body_timeout=0.2, min_body_rate=1024,
+                                     body_deadline=0.5)
+    assert status == 408 and b"body not complete in 0.5 s" in answer and b"request cut off" in answer
+    status, answer = _post_with_body(b"x" * 2048, 0.02, 5, body_timeout=0.2, min_body_rate=1024,
+                                     body_deadline=HANG)  # a body done in time is not touched
     assert (status, answer) == (200, b"ok")
 
 

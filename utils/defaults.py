@@ -196,6 +196,9 @@ SERVICE_BODY_TIMEOUT_S = 30.0        # a request body that sends nothing this lo
 SERVICE_MIN_BODY_RATE_KBS = 32.0     # ... and one that, after its first SERVICE_BODY_TIMEOUT_S, has come slower than
                                      # this on average (KB/s; a 20 MB photo in 11 minutes): a byte every 29 s kept
                                      # its request slot for as long as the client liked. 0: no minimum rate
+SERVICE_BODY_DEADLINE_S = 300.0      # ... and one not complete this long after it began (408): just above the rate,
+                                     # the largest body (321 MB) held its slot 2.9 hours. Needs ~1.1 MB/s for that
+                                     # body, 70 KB/s for a 20 MB photo. 0: no deadline
 SERVICE_STOP_TIMEOUT_S = 30.0        # SIGTERM: seconds requests in flight get to finish before they are cut off
                                      # (503) and the model's job then running is abandoned (exit 0 either way)
 SERVICE_REQUEST_OVERHEAD_MB = 1.0    # a request body may exceed max_images x max_upload_mb by this (multipart

@@ -97,6 +97,7 @@ class ServiceConfig:
     max_requests: int = D.SERVICE_MAX_REQUESTS
     body_timeout: float = D.SERVICE_BODY_TIMEOUT_S
     min_body_rate_kbs: float = D.SERVICE_MIN_BODY_RATE_KBS
+    body_deadline: float = D.SERVICE_BODY_DEADLINE_S  # 0: none
 
     @property
     def max_body_bytes(self) -> int:
@@ -152,7 +153,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
     metrics.requests_admitted.set_function(lambda: queue.waiting)
     app.add_middleware(EdgeMiddleware, token=config.token, protected=PROTECTED, max_body_bytes=config.max_body_bytes,
                        metrics=metrics, max_requests=config.max_requests, probes=PROBES,
-                       body_timeout=config.body_timeout, min_body_rate=config.min_body_rate_kbs * 1024)
+                       body_timeout=config.body_timeout, min_body_rate=config.min_body_rate_kbs * 1024,
+                       body_deadline=config.body_deadline or None)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:

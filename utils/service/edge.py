@@ -3,7 +3,8 @@
 - Credentials: with a token, a request to a protected path without `Authorization: Bearer <token>`
   is answered 401 before one byte of its body is received.
 - Time: a body that pauses for body_timeout seconds, or arrives slower than min_body_rate on average
-  after its first body_timeout seconds, is cut off with 408.
+  after its first body_timeout seconds, or is not complete body_deadline seconds after it began, is
+  cut off with 408.
 - Size: a Content-Length above the limit is answered 413 before the body is received; a body
   without one (chunked) is counted as it streams and cut off at the limit with 413. The app
   never holds more than the limit of one request's body.
@@ -71,7 +72,7 @@ async def answer(send, status: int, detail: str, headers: dict[str, str] | None 
 class EdgeMiddleware:
     def __init__(self, app, *, token: str | None, protected: tuple[str, ...], max_body_bytes: int,
                  metrics: ServiceMetrics, max_requests: int | None = None, probes: tuple[str, ...] = (),
-                 body_timeout: float | None = None, min_body_rate: float = 0.0):
+                 body_timeout: float | None = None, min_body_rate: float = 0.0, body_deadline: float | None = None):
         self.app, self.token, self.protected = app, token, protected
         self.max_body_bytes, self.metrics = max_body_bytes, metrics
         # requests in the app at once, probes excepted: what bodies arriving and answers being made may hold
@@ -80,6 +81,9 @@ class EdgeMiddleware:
         # have come at min_body_rate bytes/s on average: a client that trickles a byte at a time stays under any
         # pause limit and would hold its request slot (and, with --max-requests of them, the whole server) for hours
         self.body_timeout, self.min_body_rate = body_timeout, min_body_rate
+        # ... and the whole body must have come within body_deadline seconds (None: no bound): the rate alone let a
+        # client that kept just above it hold a slot for as long as its bytes earned (the largest body: 2.9 hours)
+        self.body_deadline = body_deadline
 
     def _authorised(self, headers: dict[bytes, bytes]) -> bool:
         given = headers.get(b"authorization", b"")
@@ -120,22 +124,32 @@ class EdgeMiddleware:
             await send_with_id(message)
 
         received, body_done, body_began = [0], [False], [0.0]
+        length = headers.get(b"content-length")
 
         async def counted_receive():
-            if body_done[0] or self.body_timeout is None:
+            if body_done[0] or (self.body_timeout is None and self.body_deadline is None):
                 message = await receive()
             else:
                 now = time.monotonic()
                 body_began[0] = body_began[0] or now
-                wait, slow = self.body_timeout, False
-                if self.min_body_rate > 0:  # the time the bytes so far have earned, after the first body_timeout
-                    earned = body_began[0] + self.body_timeout + received[0] / self.min_body_rate - now
-                    wait, slow = min(wait, max(earned, 0.0)), earned < wait
+                waits = []  # (seconds left, why): the nearest limit is the one that cuts the body off
+                if self.body_timeout is not None:
+                    waits.append((self.body_timeout, "stalled"))
+                    if self.min_body_rate > 0:  # the time the bytes so far have earned, after the first body_timeout
+                        earned = body_began[0] + self.body_timeout + received[0] / self.min_body_rate - now
+                        waits.append((max(earned, 0.0), "slow"))
+                if self.body_deadline is not None:
+                    waits.append((max(body_began[0] + self.body_deadline - now, 0.0), "late"))
+                wait, why = min(waits, key=lambda limit: limit[0])
                 try:
                     message = await asyncio.wait_for(receive(), wait)
                 except TimeoutError:  # a body that stalls or trickles would hold its place (and memory) for ever
-                    if slow:
-                        seconds = time.monotonic() - body_began[0]
+                    seconds = time.monotonic() - body_began[0]
+                    if why == "late":
+                        of = f" of {int(length):,}" if length is not None and length.isdigit() else ""
+                        return cut_off.cut(408, f"{where}: body not complete in {self.body_deadline:g} s "
+                                                f"({received[0]:,}{of} bytes came); request cut off (body deadline)")
+                    if why == "slow":
                         return cut_off.cut(408, f"{where}: body arriving at under {self.min_body_rate / 1024:g} KB/s "
                                                 f"({received[0]:,} bytes in {seconds:.0f} s); request cut off")
                     return cut_off.cut(408, f"{where}: no body bytes for {self.body_timeout:g} s; request cut off")
@@ -151,7 +165,6 @@ class EdgeMiddleware:
                 await answer(send_with_id, 401, f"{where}: missing or wrong bearer token "
                                                 "(Authorization: Bearer <token>)", {"WWW-Authenticate": "Bearer"})
                 return
-            length = headers.get(b"content-length")
             if length is not None:
                 if not length.isdigit():
                     await answer(send_with_id, 400, f"{where}: Content-Length {shown(length.decode('latin-1'))} "
