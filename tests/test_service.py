@@ -91,6 +91,25 @@ def test_bad_uploads_get_a_4xx_naming_the_problem(client, files, status, reason)
     assert answer.status_code == status and reason in answer.json()["detail"]
 
 
+def test_an_image_too_thin_for_the_model_is_422_not_500(client):
+    """The tiny model resizes to at most 128 pixels on the long side: a 2x257 strip's short side comes out at 0
+    pixels, and torch's resize raised on the model's thread (500, with a traceback in the log); 2x256 is 1 pixel
+    wide there and is answered. /api/explain reads the upload the same way."""
+    def png(width, height) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (width, height)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    for size in ((2, 257), (257, 2)):
+        answer = client.post("/api/predict", files=[("files", ("strip.png", png(*size), "image/png"))])
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["detail"].startswith(f"strip.png: {size[0]}x{size[1]} pixels is too thin for the model")
+    answer = client.post("/api/explain?box=0,0,1,1&label=with_mask",
+                         files=[("file", ("strip.png", png(2, 257), "image/png"))])
+    assert answer.status_code == 422 and "too thin" in answer.json()["detail"]
+    assert client.post("/api/predict", files=[("files", ("s.png", png(2, 256), "image/png"))]).status_code == 200
+
+
 def test_the_declared_type_is_read_as_a_media_type(client, sample_dir):
     for declared in ("IMAGE/JPEG", "image/jpeg; charset=x", " image/jpeg "):
         answer = client.post("/api/predict", files=[("files", ("a.jpg", jpeg(sample_dir), declared))])

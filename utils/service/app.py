@@ -22,7 +22,7 @@ becomes a path on disk) on a pool of threads, one per core, off the event loop. 
 on one thread (utils/service/batching.py) that puts images of the same size from any requests
 into one forward pass. Every bad request gets a 4xx with a reason naming the file: 413 too large
 or too many, 415 not an image of a format read here (by its bytes, whatever type is declared),
-422 undecodable or truncated.
+422 undecodable, truncated or too thin for the model's working size.
 
 Detections are returned down to `DETECTION_FLOOR`, each with its score, plus the
 operating threshold: the compliance figures count those at or above the threshold
@@ -67,7 +67,7 @@ from .edge import EdgeMiddleware, shown_path
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from .uploads import (AdmissionQueue, PixelBudget, Upload, annotated_jpeg, decode_to_tensor, default_decode_threads,
                       detection_records, explanation_record, model_sized_input, on_pool, parse_box,
-                      until_disconnected, upload_name)
+                      resized_short_side, until_disconnected, upload_name)
 
 DETECTION_FLOOR = D.DETECTION_FLOOR  # lowest score returned: below it a box is noise at any threshold a user would pick
 IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff"}  # of data.images.IMAGE_FORMATS
@@ -232,6 +232,10 @@ def create_app(config: ServiceConfig) -> FastAPI:
             raise HTTPException(415, str(error)) from None
         except ImageError as error:
             raise HTTPException(422, str(error)) from None
+        if resized_short_side(model, width, height) == 0:  # checked from the header: nothing decoded for it
+            raise HTTPException(422, f"{name}: {width}x{height} pixels is too thin for the model, whose working size "
+                                     f"({model.transform.max_size} pixels on the long side at most) leaves its short "
+                                     "side under one pixel; crop or pad it to a less elongated shape")
         upload.file.seek(0)
         return Upload(name, upload.file, width, height)
 
