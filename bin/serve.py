@@ -19,7 +19,8 @@ most --max-requests are received or served at once (then 503 with Retry-After; t
 always answer). A connection must send a complete request head within --header-timeout
 seconds of connecting or of its last answer, and a body may not stall for --body-timeout
 seconds nor, after that long, average under --min-body-rate KB/s, nor take longer than
---body-deadline seconds in all (408). Bad uploads get a
+--body-deadline seconds in all (408); a client must take its answer within --send-timeout
+seconds plus its unsent bytes at --min-body-rate, else its connection is aborted. Bad uploads get a
 4xx naming the file: 413 too large (--max-upload-mb, --max-image-pixels, checked from the
 header before decoding) or too many file parts (--max-images, refused as the body streams),
 415 not a JPEG, PNG, BMP, TIFF or WebP image (by its bytes), 422 undecodable. A body over
@@ -106,6 +107,10 @@ def get_args_parser():
     parser.add_argument("--body-deadline", type=non_negative_float, default=D.SERVICE_BODY_DEADLINE_S,
                         help="seconds a whole request body may take, however steadily it comes, else it is cut off "
                              f"with 408; 0: no deadline (default: {D.SERVICE_BODY_DEADLINE_S:g})")
+    parser.add_argument("--send-timeout", type=positive_float, default=D.SERVICE_SEND_TIMEOUT_S,
+                        help="seconds a client has, plus its answer's unsent bytes at --min-body-rate, to take an "
+                             "answer waiting in the server's buffer, else the connection is aborted (default: "
+                             f"{D.SERVICE_SEND_TIMEOUT_S:g})")
     parser.add_argument("--stop-timeout", type=non_negative_float, default=D.SERVICE_STOP_TIMEOUT_S,
                         help="SIGTERM: seconds requests in flight get to finish (default: "
                              f"{D.SERVICE_STOP_TIMEOUT_S:g})")
@@ -188,7 +193,8 @@ def main(args) -> int:
     # No limit_concurrency: uvicorn counts open sockets with it, so a few silent connections answered everyone 503.
     # The head deadline closes those (protocol.py); the edge bounds the requests in flight (--max-requests).
     config = uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=args.stop_timeout,
-                            http=head_deadline_protocol(args.header_timeout))
+                            http=head_deadline_protocol(args.header_timeout, args.send_timeout,
+                                                        args.min_body_rate * 1024))
     print(f"{JOB}: {args.model} on http://{args.host}:{args.port} (API docs: /docs)", flush=True)
     Server(config).run(sockets=[sock])
     worker = getattr(app.state, "worker", None)

@@ -139,3 +139,46 @@ def test_a_body_that_stalls_is_cut_off_with_408():
     status, body = asyncio.run(asyncio.wait_for(_call(_edge(reads_the_body, body_timeout=0.2), "/api/predict",
                                                       stalled), HANG))
     assert status == 408 and b"no body bytes for 0.2 s" in body
+
+
+def test_a_client_that_never_reads_its_answer_is_aborted_and_one_that_reads_gets_it_all():
+    """An answer larger than the socket buffers waits in the server's write buffer until the client reads it;
+    a client that never did kept it there (tens of MB with annotated pictures) for as long as it held the socket:
+    the head deadline's close() waits for the buffer to drain. It now has send_timeout plus what is unsent at
+    min_send_rate (here about a second), else the connection is aborted."""
+    answer = b"x" * (8 * 2**20)
+    lost = threading.Event()
+
+    async def large(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(answer)).encode())]})
+        await send({"type": "http.response.body", "body": answer})
+
+    class Watched(head_deadline_protocol(0.5, 0.3, 8 * 2**20)):
+        def connection_lost(self, exc):
+            super().connection_lost(exc)
+            lost.set()
+
+    def ask(port: int, buffer: int | None = None) -> socket.socket:
+        conn = socket.create_connection(("127.0.0.1", port))
+        if buffer:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return conn
+
+    with running(large, http=Watched) as port:
+        with ask(port) as reader:  # reads at once: the whole answer
+            reader.settimeout(HANG)
+            chunks = []
+            while chunk := reader.recv(2**16):
+                chunks.append(chunk)
+            assert b"".join(chunks).endswith(b"\r\n\r\n" + answer)
+        lost.clear()
+        with ask(port, 4096) as idle:  # most of the answer stays on the server's side
+            assert lost.wait(HANG)  # aborted while it read nothing
+            received = b""
+            with contextlib.suppress(ConnectionResetError):
+                received = read_until_closed(idle)
+            assert len(received) < len(answer)

@@ -199,6 +199,9 @@ SERVICE_MIN_BODY_RATE_KBS = 32.0     # ... and one that, after its first SERVICE
 SERVICE_BODY_DEADLINE_S = 300.0      # ... and one not complete this long after it began (408): just above the rate,
                                      # the largest body (321 MB) held its slot 2.9 hours. Needs ~1.1 MB/s for that
                                      # body, 70 KB/s for a 20 MB photo. 0: no deadline
+SERVICE_SEND_TIMEOUT_S = 30.0        # an answer waiting for its client must be taken within this plus its unsent
+                                     # bytes at SERVICE_MIN_BODY_RATE_KBS, else the connection is aborted: a client
+                                     # that never read kept its whole answer (tens of MB when annotated) in memory
 SERVICE_STOP_TIMEOUT_S = 30.0        # SIGTERM: seconds requests in flight get to finish before they are cut off
                                      # (503) and the model's job then running is abandoned (exit 0 either way)
 SERVICE_REQUEST_OVERHEAD_MB = 1.0    # a request body may exceed max_images x max_upload_mb by this (multipart

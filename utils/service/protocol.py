@@ -8,11 +8,20 @@ everyone, /livez included. Here a connection must complete a request head within
 seconds of connecting or of its previous answer, else it is closed (a client that sent part of a
 head gets 408 first). A request whose head is complete is the app's: the edge
 (utils/service/edge.py) bounds requests in flight and how long a body may stall.
+
+An answer must be read, too: once more of it waits in the server's buffer than the transport's
+high-water mark (64 KB), the client has `send_timeout` seconds plus what is unsent (that buffer and
+the kernel's send buffer) at `min_send_rate` to take it below the low-water mark, else the
+connection is aborted. asyncio's close() waits for the buffer to drain, so a client that never
+read kept its whole answer (annotated pictures: tens of MB) in the server's memory for as long as
+it held the socket open, past the head deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -29,9 +38,12 @@ class HeadDeadlineProtocol(H11Protocol):
     connected or after its previous answer."""
 
     header_timeout: float = D.SERVICE_HEADER_TIMEOUT_S
+    send_timeout: float = D.SERVICE_SEND_TIMEOUT_S
+    min_send_rate: float = D.SERVICE_MIN_BODY_RATE_KBS * 1024
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_deadline: asyncio.TimerHandle | None = None
+        self._send_deadline: asyncio.TimerHandle | None = None
         self._head_bytes = False
         super().connection_made(transport)
         self._arm_head_deadline()
@@ -66,11 +78,51 @@ class HeadDeadlineProtocol(H11Protocol):
         if not self.transport.is_closing():
             self._arm_head_deadline()
 
+    # -- the answer must be read: the transport calls these at its high- and low-water marks
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.min_send_rate > 0:
+            # what is unsent: the transport's buffer and at most the kernel's send buffer, which a client empties
+            # first (the transport's own buffer does not shrink until then: it measures no progress on its own)
+            sock = self.transport.get_extra_info("socket")
+            in_kernel = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) if sock is not None else 0
+            unsent = self.transport.get_write_buffer_size() + in_kernel
+            self._disarm_send_deadline()
+            self._send_deadline = self.loop.call_later(self.send_timeout + unsent / self.min_send_rate,
+                                                       self._send_deadline_passed, unsent)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._disarm_send_deadline()
+
+    def _disarm_send_deadline(self) -> None:
+        if self._send_deadline is not None:
+            self._send_deadline.cancel()
+            self._send_deadline = None
+
+    def _send_deadline_passed(self, unsent: int) -> None:
+        self._send_deadline = None
+        # abort, not close: close() keeps the buffer until the client reads it; and with no linger, so that the
+        # kernel drops its send buffer too (a reset) instead of sending it on to the client for minutes
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.logger.warning("client %s: connection aborted: %d bytes of its answer not taken in %.0f s (at least "
+                            "%g KB/s after the first %g s)", self.client[0] if self.client else "-", unsent,
+                            self.send_timeout + unsent / self.min_send_rate, self.min_send_rate / 1024,
+                            self.send_timeout)
+        self.transport.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_deadline()
+        self._disarm_send_deadline()
         super().connection_lost(exc)
 
 
-def head_deadline_protocol(seconds: float) -> type[HeadDeadlineProtocol]:
-    """The protocol class for uvicorn.Config(http=...), with this head deadline."""
-    return type("HeadDeadlineProtocol", (HeadDeadlineProtocol,), {"header_timeout": seconds})
+def head_deadline_protocol(seconds: float, send_timeout: float = D.SERVICE_SEND_TIMEOUT_S,
+                           min_send_rate: float = D.SERVICE_MIN_BODY_RATE_KBS * 1024) -> type[HeadDeadlineProtocol]:
+    """The protocol class for uvicorn.Config(http=...), with this head deadline and answer-reading limits
+    (*min_send_rate* in bytes/s; 0: none)."""
+    return type("HeadDeadlineProtocol", (HeadDeadlineProtocol,), {"header_timeout": seconds,
+                                                                  "send_timeout": send_timeout,
+                                                                  "min_send_rate": min_send_rate})
