@@ -219,3 +219,42 @@ def test_the_page_in_a_real_browser_shows_boxes_and_compliance_and_refilters(tin
         wait.until(EC.text_to_be_present_in_element((By.ID, "status"), "Not processed"))
         assert "notes.txt" in browser.find_element(By.ID, "status").text
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+@pytest.mark.browser
+def test_the_page_pairs_each_answer_with_its_own_file_whatever_the_names(tiny_model_file, sample_dir, tmp_path):
+    """The page looked its previews and files up by name: two files of one name from two folders both showed the
+    last one's picture (and its box explained the wrong image), and a name with a quote (sent by the browser as
+    %22) found no preview at all and its box's explanation never came (a TypeError). Each answer is now paired
+    with the file at its place in the upload."""
+    from browser import chromium_session, serve_app
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    photos = sorted((sample_dir / "images").glob("*.jpg"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    paths = [tmp_path / "a" / "same.jpg", tmp_path / "b" / "same.jpg", tmp_path / 'q"<i>x&y.jpg']
+    paths[0].write_bytes(photos[0].read_bytes())
+    Image.open(photos[1]).resize((80, 60)).save(paths[1])
+    paths[2].write_bytes(photos[2].read_bytes())
+    app = create_app(ServiceConfig(model_path=tiny_model_file))
+    with serve_app(app) as url, chromium_session(tmp_path) as browser:
+        browser.get(url)
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: b.execute_script("return state.model !== null"))
+        browser.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in paths))
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".card")) == 3)
+        wait.until(lambda b: b.execute_script("return [...document.querySelectorAll('.card .frame img')]"
+                                              ".every((i) => i.complete)"))
+        shown = browser.execute_script("return [...document.querySelectorAll('.card .frame img')]"
+                                       ".map((i) => i.naturalWidth)")
+        assert shown == [160, 80, 160]  # each card shows its own picture
+        title = browser.find_elements(By.CSS_SELECTOR, ".card h3 span")[4].text  # cards' name and percent spans
+        assert "<i>x&y" in title  # the name as text, not markup
+        browser.execute_script("const s = document.getElementById('threshold'); s.value = s.min;"
+                               "s.dispatchEvent(new Event('input'));")
+        card = browser.find_elements(By.CSS_SELECTOR, ".card")[2]
+        card.find_elements(By.CSS_SELECTOR, ".box")[-1].click()
+        wait.until(lambda b: "Computing" not in b.find_elements(By.CSS_SELECTOR, ".card .explain")[2].text)
+        assert "of the heat lies inside the box" in browser.find_elements(By.CSS_SELECTOR, ".card .explain")[2].text
