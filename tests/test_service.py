@@ -103,7 +103,7 @@ def test_an_image_too_thin_for_the_model_is_422_not_500(client):
     for size in ((2, 257), (257, 2)):
         answer = client.post("/api/predict", files=[("files", ("strip.png", png(*size), "image/png"))])
         assert answer.status_code == 422, answer.text
-        assert answer.json()["detail"].startswith(f"strip.png: {size[0]}x{size[1]} pixels is too thin for the model")
+        assert answer.json()["detail"].startswith(f"strip.png: {size[0]}x{size[1]} px is too thin for the detector")
     answer = client.post("/api/explain?box=0,0,1,1&label=with_mask",
                          files=[("file", ("strip.png", png(2, 257), "image/png"))])
     assert answer.status_code == 422 and "too thin" in answer.json()["detail"]

@@ -60,14 +60,14 @@ from ..data.images import ImageError, NotAnImageError, PixelLimitError, check_im
 from ..detection.compliance import compliance, merge_compliance
 from ..detection.evaluation import load_trained_model
 from ..detection.explain import EXPLAIN_METHODS, ExplainError, explain_image, stop_point
-from ..detection.inference import detect, to_model_input
+from ..detection.inference import detect, to_model_input, too_thin
 from ..detection.quantify import prediction_estimates, soft_counts
 from .batching import BatchWorker, Withdrawal, on_a_passing_thread, results_of, stage_seconds
 from .edge import EdgeMiddleware, shown_path
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from .uploads import (AdmissionQueue, PixelBudget, Upload, annotated_jpeg, decode_to_tensor, default_decode_threads,
                       detection_records, explanation_record, model_sized_input, on_pool, parse_box,
-                      resized_short_side, until_disconnected, upload_name)
+                      until_disconnected, upload_name)
 
 DETECTION_FLOOR = D.DETECTION_FLOOR  # lowest score returned: below it a box is noise at any threshold a user would pick
 IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff"}  # of data.images.IMAGE_FORMATS
@@ -232,10 +232,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
             raise HTTPException(415, str(error)) from None
         except ImageError as error:
             raise HTTPException(422, str(error)) from None
-        if resized_short_side(model, width, height) == 0:  # checked from the header: nothing decoded for it
-            raise HTTPException(422, f"{name}: {width}x{height} pixels is too thin for the model, whose working size "
-                                     f"({model.transform.max_size} pixels on the long side at most) leaves its short "
-                                     "side under one pixel; crop or pad it to a less elongated shape")
+        thin = too_thin(model, height, width)  # from the header: nothing decoded for it
+        if thin:
+            raise HTTPException(422, f"{name}: {thin}; crop or pad it to a less elongated shape")
         upload.file.seek(0)
         return Upload(name, upload.file, width, height)
 

@@ -147,18 +147,6 @@ def model_sized_input(model, tensor: torch.Tensor, device) -> tuple[torch.Tensor
     return small, (width / small.shape[-1], height / small.shape[-2])
 
 
-def resized_short_side(model, width: int, height: int) -> int | None:
-    """The short side, in pixels, of a *width* x *height* image once the detector's transform has resized it
-    (torchvision's GeneralizedRCNNTransform: floor(side x scale), the scale fitting the short side to min_size
-    and the long side under max_size); None when the model resizes otherwise. 0 for a strip thinner than the
-    model can take (a 2x600 photo at a 128-pixel working size): torch refuses to resize it, a 500 before this."""
-    transform = getattr(model, "transform", None)
-    if not isinstance(transform, GeneralizedRCNNTransform) or transform.fixed_size is not None:
-        return None
-    short, long = min(width, height), max(width, height)
-    return int(short * min(transform.min_size[-1] / short, transform.max_size / long))
-
-
 def decode_to_tensor(file, name: str) -> torch.Tensor:
     """The upload as a uint8 CxHxW tensor (3 bytes a pixel; its file's bytes and the PIL image, 4 bytes a
     pixel, live only during this call)."""
