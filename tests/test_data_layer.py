@@ -396,3 +396,30 @@ def test_the_training_data_hash_is_the_same_however_its_archives_unpack(tmp_path
             hashes.add(sets_sha256(*([p for pair in pairs for p in (pair.image, pair.annotation)]
                                      for pairs in (train, val))))
     assert len(hashes) == 1
+
+
+def test_an_archive_without_room_in_the_temporary_folder_says_where_and_how_much(tmp_path, monkeypatch):
+    """A full disk names no file ('[Errno 28] No space left on device'): the folder a .tar is unpacked into is
+    tempfile's, which the user never named."""
+    import errno
+    import tempfile
+
+    from utils.errors import InputError
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.jpg")
+    archive = pack_folder(tmp_path / "images", tmp_path / "set.tar")
+    (tmp_path / "small").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "small"))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", full)
+    with pytest.raises(InputError) as raised:
+        with open_folder(archive):
+            pass
+    assert str(raised.value) == (f"{archive}: the temporary folder {tmp_path / 'small'} has no room for it (No space "
+                                 f"left on device; it needs about {archive.stat().st_size / 1e6:.1f} MB; point TMPDIR "
+                                 "at a disk with room)")
+    assert list((tmp_path / "small").iterdir()) == []  # the partial unpacking is gone

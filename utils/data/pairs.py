@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
+import os
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
@@ -76,6 +78,13 @@ def _extract(archive_path: Path, into: str, suffixes=None, seen: dict | None = N
                          "is unpacked into: an absolute path, '..' or a link leading out); not unpacked") from None
     except tarfile.TarError as error:
         raise InputError(f"{archive_path}: damaged .tar archive ({error})") from None
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # a write names no file ('[Errno 28] No space left on device'): say where, and how much it needs there
+        raise InputError(f"{archive_path}: the temporary folder {Path(into).parent} has no room for it "
+                         f"({os.strerror(error.errno)}; it needs about {archive_path.stat().st_size / 1e6:.1f} MB; "
+                         "point TMPDIR at a disk with room)") from None
 
 
 @contextlib.contextmanager

@@ -130,7 +130,8 @@ def collect_inputs(paths, stack: contextlib.ExitStack, exclude=(), read: list | 
             try:
                 folder = stack.enter_context(open_folder(path))
             except Exception as exc:  # a damaged archive is one skipped input, not a failed job
-                skipped.append({"file": str(path), "reason": f"cannot unpack archive: {exc}"})
+                problem = str(exc).removeprefix(f"{path}: ")  # the file is the entry's
+                skipped.append({"file": str(path), "reason": f"cannot unpack archive: {problem}"})
                 continue
             items += _folder_items(folder, f"{archives[path]}:", skipped, seen)
             read.append(path)
