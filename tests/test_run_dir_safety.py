@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import io
+import os
 import subprocess
 import sys
 import time
@@ -279,3 +280,44 @@ def test_a_finished_runs_summary_with_no_reader_left_ends_quietly_with_the_runs_
     process.stdout.close()
     assert process.wait(timeout=60) == 0
     assert "Traceback" not in process.stderr.read()
+
+
+# A job's helper (forked, its copy of the lock closed) that opens a file at the lock's old number and forks in turn.
+HELPER_OF_A_HELPER = """
+import os, sys
+from utils.cli import RUN_LOCK_VARIABLE, keep_the_run_lock_from_forked_helpers
+
+lock = os.open(sys.argv[1], os.O_RDWR)
+os.environ[RUN_LOCK_VARIABLE] = f"{lock}:{sys.argv[1]}"
+keep_the_run_lock_from_forked_helpers()
+helper = os.fork()
+if helper == 0:
+    try:
+        os.fstat(lock)
+        os._exit(4)  # the helper kept the lock
+    except OSError:
+        pass
+    os.dup2(os.open(sys.argv[2], os.O_RDONLY), lock)  # the number reused: a file the helper reads
+    inner = os.fork()
+    if inner == 0:
+        try:
+            os.fstat(lock)
+        except OSError:
+            os._exit(3)  # the helper's file closed under it
+        os._exit(0)
+    os._exit(os.waitstatus_to_exitcode(os.waitpid(inner, 0)[1]))
+os.fstat(lock)  # the job keeps its own
+sys.exit(os.waitstatus_to_exitcode(os.waitpid(helper, 0)[1]))
+"""
+
+
+def test_a_helper_of_a_helper_keeps_the_file_its_parent_opened_at_the_locks_old_number(tmp_path):
+    """The fork hook closed the lock's number in every process forked below the job: a helper that had closed its
+    copy and then opened a file at that number (the lowest free one) lost that file in its own forked children."""
+    (tmp_path / ".executor.lock").write_text("")
+    (tmp_path / "image.jpg").write_bytes(b"an image the helper reads")
+    (tmp_path / "helpers.py").write_text(HELPER_OF_A_HELPER)
+    done = subprocess.run([sys.executable, str(tmp_path / "helpers.py"), str(tmp_path / ".executor.lock"),
+                           str(tmp_path / "image.jpg")], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, (done.returncode, done.stderr)  # 3: the helper's file closed in its child

@@ -75,14 +75,19 @@ def keep_the_run_lock_from_forked_helpers() -> None:
     fd_text, _, path = os.environ.get(RUN_LOCK_VARIABLE, "").partition(":")
     try:
         fd = int(fd_text)
-        if not os.path.samestat(os.fstat(fd), os.stat(path)):
+        lock = os.fstat(fd)
+        if not os.path.samestat(lock, os.stat(path)):
             return
     except (ValueError, OSError):
         return
+    held = [fd]  # in the job; a forked helper empties its copy, so that its own forked children close nothing
 
     def close_in_child():
-        with contextlib.suppress(OSError):
-            os.close(fd)
+        # only the job's helpers hold the lock: below them the number may name a file a helper opened since
+        with contextlib.suppress(OSError, IndexError):
+            number = held.pop()
+            if os.path.samestat(os.fstat(number), lock):
+                os.close(number)
 
     os.register_at_fork(after_in_child=close_in_child)
 
