@@ -610,3 +610,31 @@ def test_an_image_too_thin_for_the_model_is_a_listed_skip(untrained_detector, tm
     assert too_thin(untrained_detector, 90, 160) is None and too_thin(untrained_detector, 4, 400) is None
     # called directly, the model gets no such image: no detections instead of an error for the batch
     assert len(detect(untrained_detector, [torch.rand(3, 1, 600)])[0]["boxes"]) == 0
+
+
+def test_a_prediction_file_written_while_the_disk_fills_names_it_and_keeps_the_last_set(tmp_path, monkeypatch):
+    # Through atomic_path (write_text) the line named the file; streamed through atomic_files it said
+    # 'predict: error: [Errno 28] No space left on device' and named nothing.
+    import errno
+
+    from utils.cli import error_message
+    from utils.detection import prediction
+
+    targets = {key: tmp_path / name for key, name in zip(prediction.PREDICTION_FILES,
+                                                          ("predictions.json", "predictions.csv", "compliance.json"))}
+    for target in targets.values():
+        target.write_text("the last run's")
+
+    def full_disk(images, path):
+        path.write_text("file,xmin\n")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(prediction, "_write_csv", full_disk)
+    with pytest.raises(OSError) as raised:
+        prediction.write_prediction_files(targets, {"images": []}, {}, [], {}, tmp_path / "plot.png")
+    csv_path = targets["predictions_csv"]
+    assert error_message(raised.value) == (f"{csv_path}: cannot write predictions.csv (No space left on device); "
+                                           "the file there, if any, is as it was")
+    assert raised.value.errno == errno.ENOSPC
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(target.name for target in targets.values())
+    assert all(target.read_text() == "the last run's" for target in targets.values())

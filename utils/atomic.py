@@ -85,14 +85,18 @@ def atomic_path(target: str | os.PathLike):
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(error, OSError) and (error.filename == str(tmp) or (
-                error.filename is None and error.errno in WRITE_ERRNOS)):
-            # a write through an open file names no file (a full disk: '[Errno 28] No space left on device'),
-            # and one through the temporary path names a file the user never gave: name the target. Other errors
-            # in the block (reading an input, starting a process) are not about the target: as they are.
-            raise OSError(error.errno, f"cannot write {target.name} ({error.strerror}); the file there, if any, "
-                                       "is as it was", str(target)) from error
+        _raise_naming_the_target(error, tmp, target)
         raise
+
+
+def _raise_naming_the_target(error: BaseException, tmp: Path, target: Path) -> None:
+    """A write through an open file names no file (a full disk: '[Errno 28] No space left on device'), and one
+    through the temporary path names a file the user never gave: raised again naming the target. Other errors in
+    the block (reading an input, starting a process) are not about the target: left as they are."""
+    if isinstance(error, OSError) and (error.filename == str(tmp) or (
+            error.filename is None and error.errno in WRITE_ERRNOS)):
+        raise OSError(error.errno, f"cannot write {target.name} ({error.strerror}); the file there, if any, "
+                                   "is as it was", str(target)) from error
 
 
 def write_bytes(target, data: bytes) -> Path:
@@ -140,6 +144,17 @@ class FileSet:
         self.drop(target)
         self._temporaries[target] = _temporary_beside(target)
         return self._temporaries[target]
+
+    @contextlib.contextmanager
+    def writing(self, target):
+        """:meth:`path` for a block that writes it: a failed write (a full disk) names *target*, as atomic_path's."""
+        target = Path(target)
+        tmp = self.path(target)
+        try:
+            yield tmp
+        except BaseException as error:
+            _raise_naming_the_target(error, tmp, target)
+            raise
 
     def drop(self, target) -> None:
         """Leave *target* out of the set: its temporary file goes, and the file at *target* stays as it was."""

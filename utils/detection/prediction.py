@@ -229,9 +229,12 @@ def write_prediction_files(targets: dict, predictions: dict, report: dict, image
     renamed in with the others (atomic_files): a failure leaves no half of the set, and no file's whole text is
     held (rendered as strings first, they held ~4 times the records: ~600 MB more at 100k images)."""
     with atomic_files() as files:
-        dump_json(predictions, files.path(targets["predictions_json"]))
-        _write_csv(images, files.path(targets["predictions_csv"]))
-        dump_json(report, files.path(targets["compliance_json"]))
+        with files.writing(targets["predictions_json"]) as tmp:  # a full disk's error names the file
+            dump_json(predictions, tmp)
+        with files.writing(targets["predictions_csv"]) as tmp:
+            _write_csv(images, tmp)
+        with files.writing(targets["compliance_json"]) as tmp:
+            dump_json(report, tmp)
         if "per_folder" in estimates:
             from .plots import plot_compliance_by_folder
 
