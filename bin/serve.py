@@ -23,8 +23,8 @@ seconds nor, after that long, average under --min-body-rate KB/s, nor take longe
 seconds plus its unsent bytes at --min-body-rate, else its connection is aborted. Bad uploads get a
 4xx naming the file: 413 too large (--max-upload-mb, --max-image-pixels, checked from the
 header before decoding) or too many file parts (--max-images, refused as the body streams),
-415 not a JPEG, PNG, BMP, TIFF or WebP image (by its bytes), 422 undecodable. A body over
-the request limit, and with --token (or MASK_SERVICE_TOKEN) a request without
+415 not a JPEG, PNG, BMP, TIFF or WebP image (by its bytes), 422 undecodable or too thin for the
+model's working size. A body over the request limit, and with --token (or MASK_SERVICE_TOKEN) a request without
 `Authorization: Bearer <token>`, is refused before it is read. A request whose client leaves
 before its answer is stopped (its images still queued for the model are withdrawn). Binds
 127.0.0.1 unless --host says otherwise.
