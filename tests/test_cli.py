@@ -183,6 +183,15 @@ def test_defaults_come_from_the_one_table(root):
     assert f"{D.SCORE_THRESHOLD} for a model without one" in " ".join(help_text.split())
 
 
+def test_every_plot_format_taken_is_one_matplotlib_draws_here(tmp_path):
+    from utils.cli import PLOT_FORMATS
+    from utils.detection.training_run import plot_loss_curve
+
+    for suffix in PLOT_FORMATS:
+        plot_loss_curve(tmp_path / f"loss{suffix}", [{"epoch": 1, "train_loss": 1.0, "val_loss": 0.9}])
+        assert (tmp_path / f"loss{suffix}").stat().st_size > 0
+
+
 @pytest.mark.parametrize("script, required, flag", [
     ("train", ["--images", "i", "--annotations", "a"], "--loss-plot"),
     ("plot_class_distribution", ["--split-csv", "split.csv"], "--output"),
@@ -199,11 +208,11 @@ def test_a_plot_flag_refuses_a_format_matplotlib_would_refuse_when_drawing(root,
 
     assert {suffix[1:] for suffix in PLOT_FORMATS} <= set(matplotlib.figure.Figure().canvas.get_supported_filetypes())
     parser = load_script(root, script).get_args_parser()
-    for bad in ("plot.txt", "plot", "plot.jpg", ""):
+    for bad in ("plot.txt", "plot", "plot.pgf", ""):
         with pytest.raises(SystemExit):
             parser.parse_args([*required, flag, bad])
         assert f"argument {flag}: expected " in capsys.readouterr().err
-    for good in ("plot.png", "plot.SVG", "plot.pdf"):
+    for good in ("plot.png", "plot.SVG", "plot.pdf", "plot.jpg", "plot.webp"):
         parser.parse_args([*required, flag, good])
     if script == "merge_predictions":  # a name in the output folder: a path elsewhere is refused
         for elsewhere in ("../plot.png", "sub/plot.png", "/tmp/plot.png"):

@@ -9,6 +9,7 @@ import pytest
 
 from helpers import run_script
 from run_folders import make_run_folder
+from utils.cli import PLOT_FORMATS
 from utils.reporting.compare import METRICS
 
 BASE = {"epochs": 2, "image_size": 256, "train_stages": [{"epochs": 1, "lr": 0.02}, {"epochs": 3, "lr": 0.005}]}
@@ -168,8 +169,9 @@ def test_flags_are_checked_before_any_run_is_read(root, runs, tmp_path, capsys):
         assert exit_info.value.code == 2
         captured = capsys.readouterr()
         assert "| run |" not in captured.out
-        assert captured.err.splitlines()[-1].endswith("error: argument --plot: expected a plot file ending "
-                                                 f"in .png, .svg, .pdf, got '{tmp_path / plot}'"), captured.err
+        formats = ", ".join(PLOT_FORMATS)
+        assert captured.err.splitlines()[-1].endswith(
+            f"error: argument --plot: expected a plot file ending in {formats}, got '{tmp_path / plot}'")
     assert run_script(root, "compare_runs", [*runs, "--metric", "bogus"]) == 2
     captured = capsys.readouterr()
     assert "| run |" not in captured.out

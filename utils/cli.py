@@ -182,8 +182,9 @@ def path_arg(text: str) -> Path:
     return Path(text)
 
 
-# What a plot flag writes, by the file's extension: matplotlib's formats that a browser or a paper takes.
-PLOT_FORMATS = (".png", ".svg", ".pdf")
+# What a plot flag writes, by the file's extension: the formats matplotlib writes by itself or through Pillow
+# (not .pgf, which needs LaTeX at drawing time, nor raw pixel buffers).
+PLOT_FORMATS = (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
 
 
 def plot_path(text: str) -> Path:
