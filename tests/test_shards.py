@@ -391,3 +391,30 @@ def test_merge_predictions_refuses_a_stopped_predict_jobs_stand_in_naming_it(roo
     assert run_script(root, "merge_predictions", ["--inputs", part, "--output-dir", tmp_path / "out"]) == 2
     assert f"{part}: a stand-in, not a predictions file: the predict job that writes it was stopped" in \
         capsys.readouterr().err
+
+
+def test_merge_predictions_writes_its_figures_and_csv_as_one_set(tmp_path, monkeypatch):
+    """compliance.json was written, then predictions.csv: a failure (a full disk) in between left this merge's
+    figures beside the last merge's detections."""
+    import errno
+
+    import utils.detection.merge as merge
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    (parts / "predictions_s0.json").write_text(json.dumps(a_part()))
+    out = tmp_path / "out"
+    merge.merge_predictions([parts / "predictions_s0.json"], out)
+    before = {name: (out / name).read_bytes() for name in ("compliance.json", "predictions.csv")}
+    (parts / "predictions_s0.json").write_text(json.dumps(_other_image(a_part(), "b.jpg")))
+
+    def full_disk(images, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(merge, "write_predictions_csv", full_disk)
+    with pytest.raises(OSError, match="predictions.csv"):  # named: a full disk's error names no file
+        merge.merge_predictions([parts / "predictions_s0.json"], out)
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert sorted(path.name for path in out.iterdir()) == sorted(["compliance.json", "predictions.csv",
+                                                                  "compliance_by_folder.png",
+                                                                  "compliance_histogram.png"])

@@ -3,18 +3,16 @@ compliance.json, predictions.csv and its plots; each part's structure checked fi
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 
 from .. import defaults as D
-from ..atomic import write_json, write_text
+from ..atomic import atomic_files, dump_json
 from ..classes import CLASSES
 from ..errors import InputError, is_finite_number, shown
 from ..stop import is_stand_in
 from .compliance import compliance, merge_compliance
-from .prediction import PREDICTION_CSV_FIELDS
+from .prediction import write_predictions_csv
 from .quantify import Calibration, prediction_estimates
 
 SETTINGS_KEYS = ("model", "backbone", "image_size", "working_size", "score_threshold", "score_threshold_source", "tta")
@@ -131,9 +129,6 @@ def merge_predictions(parts, output_dir, histogram: str | None = "compliance_his
         raise InputError("no predictions_<tag>.json to merge")
     settings_keys = SETTINGS_KEYS
     settings, per_shard, per_image, skipped, records_in, calibration = None, {}, {}, [], [], None
-    csv_buffer = io.StringIO()
-    writer = csv.writer(csv_buffer, lineterminator="\n")
-    writer.writerow(PREDICTION_CSV_FIELDS)
     part_of_tag, part_of_file = {}, {}  # a shard's tag and a file to the part that holds it: each in one part only
     for part in parts:
         if (tag := _tag_of(part)) in part_of_tag:
@@ -168,8 +163,6 @@ def merge_predictions(parts, output_dir, histogram: str | None = "compliance_his
         for image in images:
             per_image[image["file"]] = record = compliance([d["label"] for d in image["detections"]])
             records.append(record)
-            for det in image["detections"]:
-                writer.writerow([image["file"], *det["box"], det["label"], det["score"]])
         skipped += data["skipped"]
         per_shard[_tag_of(part)] = {"num_images": len(images), "skipped": len(data["skipped"]),
                                     **merge_compliance(records)}
@@ -178,16 +171,21 @@ def merge_predictions(parts, output_dir, histogram: str | None = "compliance_his
                                      estimator, settings["working_size"])
     report = {**settings, "num_parts": len(parts), "num_images": len(per_image), "overall": overall, **estimates,
               "per_shard": per_shard, "per_image": per_image, "skipped": skipped}
-    outputs = {"compliance_json": write_json(output_dir / "compliance.json", report),
-               "predictions_csv": write_text(output_dir / "predictions.csv", csv_buffer.getvalue())}
-    if folder_plot:
-        from .plots import plot_compliance_by_folder
+    outputs = {"compliance_json": output_dir / "compliance.json", "predictions_csv": output_dir / "predictions.csv"}
+    with atomic_files() as files:  # the two files as one set, streamed (the CSV of 100k images is not held)
+        with files.writing(outputs["compliance_json"]) as tmp:
+            dump_json(report, tmp)
+        with files.writing(outputs["predictions_csv"]) as tmp:
+            write_predictions_csv(records_in, tmp)
+        if folder_plot:
+            from .plots import plot_compliance_by_folder
 
-        plot_compliance_by_folder(estimates.get("per_folder", {}), estimates["estimate"], output_dir / folder_plot)
-        outputs["folder_plot"] = output_dir / folder_plot
-    if histogram:
-        percentages = [r["percent_properly_masked"] for r in per_image.values() if r["faces"]]
-        plot_compliance_histogram(percentages, output_dir / histogram, overall["percent_properly_masked"],
-                                  no_faces=len(per_image) - len(percentages))
-        outputs["histogram"] = output_dir / histogram
+            plot_compliance_by_folder(estimates.get("per_folder", {}), estimates["estimate"],
+                                      output_dir / folder_plot)
+            outputs["folder_plot"] = output_dir / folder_plot
+        if histogram:
+            percentages = [r["percent_properly_masked"] for r in per_image.values() if r["faces"]]
+            plot_compliance_histogram(percentages, output_dir / histogram, overall["percent_properly_masked"],
+                                      no_faces=len(per_image) - len(percentages))
+            outputs["histogram"] = output_dir / histogram
     return {"report": report, "outputs": outputs}

@@ -210,7 +210,9 @@ def _image_record(result: Detections, annotated: str | None, soft: dict) -> dict
             "compliance": compliance([d["label"] for d in detections])}
 
 
-def _write_csv(images, path: Path) -> None:
+def write_predictions_csv(images, path: Path) -> None:
+    """predictions.csv of image records (predict's, or merge_predictions' of every part), a row per detection,
+    streamed to *path*."""
     with open(path, "w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(PREDICTION_CSV_FIELDS)
@@ -232,7 +234,7 @@ def write_prediction_files(targets: dict, predictions: dict, report: dict, image
         with files.writing(targets["predictions_json"]) as tmp:  # a full disk's error names the file
             dump_json(predictions, tmp)
         with files.writing(targets["predictions_csv"]) as tmp:
-            _write_csv(images, tmp)
+            write_predictions_csv(images, tmp)
         with files.writing(targets["compliance_json"]) as tmp:
             dump_json(report, tmp)
         if "per_folder" in estimates:
