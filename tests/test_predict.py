@@ -261,7 +261,7 @@ def test_predict_writes_all_of_its_outputs_or_none(root, sample_dir, tiny_model_
         path.write_text("file,xmin\n")
         raise UnicodeEncodeError("utf-8", "x", 0, 1, "a failure while the outputs are written")
 
-    monkeypatch.setattr(prediction, "_write_csv", broken)
+    monkeypatch.setattr(prediction, "write_predictions_csv", broken)
     assert predict_quick(root, tiny_model_file, [photos], out, "--no-annotated") == 1
     # no half set, and nothing of the last run: only the progress of the images done, for the rerun
     assert sorted(path.name for path in out.iterdir()) == [".predictions.json.progress.jsonl"]
@@ -629,7 +629,7 @@ def test_a_prediction_file_written_while_the_disk_fills_names_it_and_keeps_the_l
         path.write_text("file,xmin\n")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(prediction, "_write_csv", full_disk)
+    monkeypatch.setattr(prediction, "write_predictions_csv", full_disk)
     with pytest.raises(OSError) as raised:
         prediction.write_prediction_files(targets, {"images": []}, {}, [], {}, tmp_path / "plot.png")
     csv_path = targets["predictions_csv"]
