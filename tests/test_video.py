@@ -603,3 +603,48 @@ def test_a_run_that_draws_no_frame_keeps_the_earlier_annotated_video(clip, tiny_
     assert summary["frames_processed"] == 0 and summary["interrupted"]
     assert annotated.read_bytes() == b"an earlier run's video"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".annotated.")]  # no temporary file left
+
+
+def _long_clip(folder, frames: int):
+    """A 16x16 MJPG clip of *frames* frames at 25 fps: cheap to decode, so a test can be hours long in frames."""
+    path = folder / f"long_{frames}.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, (16, 16))
+    for index in range(frames):
+        writer.write(np.full((16, 16, 3), index % 250, np.uint8))
+    writer.release()
+    return path
+
+
+def _three_faces(model, images, tta=False, score_threshold=0.0):
+    import torch
+
+    return [{"boxes": torch.tensor([[1.0, 1, 5, 5], [6, 6, 9, 9], [2, 2, 8, 8]]), "labels": torch.tensor([1, 2, 1]),
+             "scores": torch.tensor([0.9, 0.8, 0.3])}]
+
+
+def test_a_long_video_keeps_a_small_record_a_frame_and_writes_its_csv_as_it_goes(tmp_path, monkeypatch):
+    # Every processed frame kept its CSV row, its compliance dicts and its score sums (~1.1 kB) until the end, and
+    # the CSV was then rendered whole as one string: a camera's day at the default stride (432,000 frames) held
+    # ~0.5 GB for the summary. Now 8 numbers a frame stay (64 bytes) and each row goes to the file at once.
+    import tracemalloc
+    from types import SimpleNamespace
+
+    from utils.detection import plots
+    from utils.detection import video as video_module
+
+    monkeypatch.setattr(video_module, "detect", _three_faces)
+    monkeypatch.setattr(plots, "plot_compliance_over_time", lambda *args: args[3].write_bytes(b""))  # its own test
+    model = SimpleNamespace(transform=SimpleNamespace(max_size=64))
+    peaks = {}
+    for frames in (500, 2000):
+        clip = _long_clip(tmp_path, frames)
+        tracemalloc.start()
+        summary = video_module.predict_video(model, "cpu", str(clip), tmp_path / f"out{frames}", 0.5)
+        peaks[frames] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert summary["frames_processed"] == frames and summary["overall"]["faces"] == 2 * frames
+        with open(tmp_path / f"out{frames}" / "video_frames.csv") as handle:
+            rows = list(csv.DictReader(handle))
+        assert len(rows) == frames and rows[-1]["frame"] == str(frames - 1) and rows[-1]["faces"] == "2"
+    per_frame = (peaks[2000] - peaks[500]) / 1500
+    assert per_frame < 400, f"{per_frame:.0f} bytes a processed frame"  # the old code: ~1,100

@@ -19,11 +19,11 @@ frames / fps would lag the clock and run long. Its resampling blocks are then 10
 from __future__ import annotations
 
 import csv
-import io
 import math
 import signal
 import threading
 import time
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,9 +141,12 @@ def check_frame_pixels(width: int, height: int, source: str, kind: str = "video"
 @dataclass
 class VideoRun:
     frames_read: int = 0
-    rows: list = field(default_factory=list)
-    per_frame: list = field(default_factory=list)
-    soft: list = field(default_factory=list)  # per processed frame: score sums per class down to the floor
+    # Per processed frame, 8 numbers in arrays (64 bytes), not its CSV row and compliance dicts (~1.1 kB): a camera's
+    # hours are millions of frames. The CSV rows go to the file as the frames come (add_frame's caller).
+    times: array = field(default_factory=lambda: array("d"))  # its time_s, as the CSV has it
+    percents: array = field(default_factory=lambda: array("d"))  # percent properly masked, NaN: no face
+    counts: array = field(default_factory=lambda: array("q"))  # faces kept per class (CLASSES order), K a frame
+    soft: array = field(default_factory=lambda: array("d"))  # score sums per class down to the floor, K a frame
     last_time: float | None = None  # the time of the last frame read (s)
     timed_by_rate: int = 0  # frames read whose time is the one before + 1 / fps (no valid timestamp)
     ended: str | None = None  # what ended the run: the end of the source, a bound, the viewer, a signal
@@ -153,6 +156,26 @@ class VideoRun:
     frames_dropped: int = 0  # a live source's frames that came while the video was ahead of the clock
     pauses_shortened: int = 0  # a live source's pauses over VIDEO_HOLD_MAX_SECONDS, held only that long
     slots_skipped: int = 0  # the video frames those pauses did not get: the video's clock runs that much behind
+
+    @property
+    def processed(self) -> int:
+        return len(self.times)
+
+    def add_frame(self, time_s: float, figure: dict, soft) -> None:
+        """Record a processed frame: its rounded time, compliance() *figure* and class_sums *soft*."""
+        percent = figure["percent_properly_masked"]
+        self.times.append(time_s)
+        self.percents.append(math.nan if percent is None else percent)
+        self.counts.extend(figure["counts"][name] for name in CLASSES)
+        self.soft.extend(soft)
+
+    def percent_list(self) -> list:
+        """The frames' percent properly masked, None for a frame without faces (the CSV's empty cell)."""
+        return [None if math.isnan(percent) else percent for percent in self.percents]
+
+    def count_matrix(self) -> np.ndarray:
+        """Faces kept per class, one row a processed frame."""
+        return np.frombuffer(self.counts, dtype=np.int64).reshape(-1, len(CLASSES))
 
     def frame_time(self, capture, fps: float) -> tuple[float, bool]:
         """(time, by the rate) of a file's frame just read: its timestamp when valid (finite, after the one
@@ -227,7 +250,7 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
         raise InputError(f"--stride must be at least 1, got {stride}")
     capture, kind = opened or open_source(source)
     name = without_password(source)  # as the messages, the summary and the plot show it
-    run, writer, started = VideoRun(), None, time.perf_counter()
+    run, writer, csv_file, started = VideoRun(), None, None, time.perf_counter()
     video_target = Path(output_video) if output_video else None
     # the outputs replace the last run's all together at the end of the block, or none does (a second Ctrl-C
     # while they are written, an error)
@@ -244,11 +267,16 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
             live = kind == "camera" or (kind == "stream" and declared is None)
             settings = {**(settings or {}), "working_size": working_size(model)}  # in the summary; the rates need it
             tmp_video = outputs.path(video_target) if video_target else None
+            names = video_output_names(tag)
+            csv_path = output_dir / names["frames_csv"]
+            csv_file = open(outputs.path(csv_path), "w", encoding="utf-8")  # a row a frame, as the frames come
+            rows = csv.DictWriter(csv_file, fieldnames=CSV_FIELDS, lineterminator="\n")
+            rows.writeheader()
             while True:
                 run.ended = stop_reason()
                 if run.ended:
                     break
-                if max_frames is not None and len(run.rows) >= max_frames:
+                if max_frames is not None and run.processed >= max_frames:
                     run.ended = "--max-frames"
                     break
                 ok, frame = capture.read()
@@ -272,10 +300,9 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                 out = {key: value[keep] for key, value in out.items()}
                 labels = [NAME_OF[int(label)] for label in out["labels"].tolist()]
                 figure = compliance(labels)
-                run.soft.append(soft)
-                run.per_frame.append(figure)
-                run.rows.append({"frame": index, "time_s": round(time_s, 3), "faces": figure["faces"],
-                                 **figure["counts"], "percent_properly_masked": figure["percent_properly_masked"]})
+                run.add_frame(round(time_s, 3), figure, soft)
+                rows.writerow({"frame": index, "time_s": round(time_s, 3), "faces": figure["faces"],
+                               **figure["counts"], "percent_properly_masked": figure["percent_properly_masked"]})
                 if tmp_video is not None or show:
                     drawn = _annotate(frame, out)
                     if tmp_video is not None:
@@ -298,14 +325,16 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                     progress(1)
         finally:
             capture.release()
+            if csv_file is not None:
+                csv_file.close()
             if writer is not None:
                 writer.release()
             if show:
                 cv2.destroyAllWindows()
-        if video_target and not run.rows:
+        if video_target and not run.processed:
             outputs.drop(video_target)  # no frame drawn: the last run's video stays, not an empty one
         interrupted = run.ended if run.ended in (SIGTERM, SIGINT) else None
-        if not run.rows and not interrupted:
+        if not run.processed and not interrupted:
             raise InputError(f"{name}: no frame was processed (check --max-frames/--max-seconds and the source)")
         notes = []
         if fps_assumed:
@@ -320,14 +349,14 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                          "(truncated or damaged?)")
         if interrupted:
             notes.append(f"interrupted by {interrupted} after {run.frames_read} frames read: the outputs hold the "
-                         f"{len(run.rows)} processed frames")
+                         f"{run.processed} processed frames")
         video = {"fps": round(fps, 3), "fps_reported": reported_fps if math.isfinite(reported_fps) else None,
                  "fps_assumed": fps_assumed, "frames_declared": declared, "ended": run.ended,
                  "interrupted": interrupted, "frame_times": run.times_from(live),
                  "processed_per_second": round(processed_rate(run, fps, stride, live), 3), "notes": notes}
-        if video_target and run.rows:
+        if video_target and run.processed:
             video["annotated_video"] = {"fps": round(fps / stride, 3), "frames": run.frames_written,
-                                        "frames_held": run.frames_written - len(run.rows) + run.frames_dropped,
+                                        "frames_held": run.frames_written - run.processed + run.frames_dropped,
                                         "frames_dropped": run.frames_dropped,
                                         "pauses_shortened": run.pauses_shortened}
             if run.pauses_shortened:
@@ -338,15 +367,15 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                              f"the clock (a {kind} faster than the {fps:g} fps taken) and are not in it; the CSV "
                              "lists them")
         return _write_outputs(run, outputs, output_dir, name, kind, fps, stride, score_threshold, tta, settings,
-                              video_target if run.rows else None, time.perf_counter() - started,
-                              video_output_names(tag), calibration, video, record)
+                              video_target if run.processed else None, time.perf_counter() - started,
+                              names, csv_path, calibration, video, record)
 
 
 def processed_rate(run: VideoRun, fps: float, stride: int, live: bool) -> float:
     """Processed frames a second of the run's time: fps / stride where the times are the source's; for a live
     source the rate its frames' clock times show (a detector slower than the camera takes fewer)."""
-    if live and len(run.rows) > 1 and (span := run.rows[-1]["time_s"] - run.rows[0]["time_s"]) > 0:
-        return (len(run.rows) - 1) / span
+    if live and run.processed > 1 and (span := run.times[-1] - run.times[0]) > 0:
+        return (run.processed - 1) / span
     return fps / stride
 
 
@@ -357,12 +386,11 @@ def video_estimates(run: VideoRun, per_second: float, threshold: float, tta: boo
     "resampling" says how many frames each holds). Only whole blocks count: the frames after the last
     whole one join it, so a clip shorter than two blocks is one unit and gets no interval."""
     block = max(1, round(D.VIDEO_BLOCK_SECONDS * per_second))  # *per_second*: processed frames a second
-    counts = [[figure["counts"][name] for name in CLASSES] for figure in run.per_frame]
     note = calibration_problem(calibration, threshold, tta, size)
-    units = whole_blocks(Units.of(counts, run.soft), block)
+    units = whole_blocks(Units.of(run.count_matrix(), np.frombuffer(run.soft, dtype=np.float64)), block)
     report = set_estimates(units, None if note else Calibration.from_record(calibration), note, unit="block")
     report["calibration"] = calibration_summary(calibration, note)
-    report["resampling"] = {"frames": len(run.per_frame), "block_frames": block, "blocks": len(units),
+    report["resampling"] = {"frames": run.processed, "block_frames": block, "blocks": len(units),
                             "why": f"blocks of {D.VIDEO_BLOCK_SECONDS:g} s of consecutive processed frames: nearby "
                                    "frames show the same faces and are not independent samples"}
     return report
@@ -388,26 +416,24 @@ def _show(frame_bgr: np.ndarray) -> bool:
 
 
 def _write_outputs(run: VideoRun, outputs: FileSet, output_dir: Path, source, kind, fps, stride, threshold, tta,
-                   settings, video_path, seconds, names: dict, calibration: dict | None, video: dict, record) -> dict:
-    """Write the CSV, plot, summary and run record at their temporary paths in *outputs*; return the summary."""
+                   settings, video_path, seconds, names: dict, csv_path: Path, calibration: dict | None, video: dict,
+                   record) -> dict:
+    """Write the plot, summary and run record at their temporary paths in *outputs* (the CSV is written as the
+    frames come, at *csv_path*'s); return the summary."""
     from .plots import plot_compliance_over_time
 
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(run.rows)
-    csv_path, plot_path = output_dir / names["frames_csv"], output_dir / names["plot"]
-    outputs.path(csv_path).write_text(buffer.getvalue(), encoding="utf-8")
-    plot_compliance_over_time([r["time_s"] for r in run.rows], [r["percent_properly_masked"] for r in run.rows],
-                              [r["faces"] for r in run.rows], outputs.path(plot_path), source)
-    with_faces = [r["percent_properly_masked"] for r in run.rows if r["percent_properly_masked"] is not None]
+    plot_path = output_dir / names["plot"]
+    counts = run.count_matrix()
+    plot_compliance_over_time(run.times.tolist(), run.percent_list(), counts.sum(axis=1).tolist(),
+                              outputs.path(plot_path), source)
+    with_faces = [percent for percent in run.percents if not math.isnan(percent)]
     # the video covered: up to the last frame read, and that frame's duration at the frame rate
     covered = 0.0 if run.last_time is None else run.last_time + 1 / fps
     summary = {**(settings or {}), "source": source, "kind": kind, **video, "stride": stride,
                "score_threshold": threshold, "tta": tta, "frames_read": run.frames_read,
-               "frames_processed": len(run.rows), "frames_with_faces": len(with_faces),
+               "frames_processed": run.processed, "frames_with_faces": len(with_faces),
                "video_seconds": round(covered, 3), "processing_seconds": round(seconds, 2),
-               "overall": merge_compliance(run.per_frame),
+               "overall": merge_compliance([{"counts": dict(zip(CLASSES, counts.sum(axis=0).tolist()))}]),
                **video_estimates(run, video["processed_per_second"], threshold, tta, calibration,
                                  settings.get("working_size")),
                "mean_percent_per_frame": round(sum(with_faces) / len(with_faces), 2) if with_faces else None,
