@@ -633,7 +633,8 @@ def test_a_long_video_keeps_a_small_record_a_frame_and_writes_its_csv_as_it_goes
     from utils.detection import video as video_module
 
     monkeypatch.setattr(video_module, "detect", _three_faces)
-    monkeypatch.setattr(plots, "plot_compliance_over_time", lambda *args: args[3].write_bytes(b""))  # its own test
+    # the plot has its own test
+    monkeypatch.setattr(plots, "plot_compliance_over_time", lambda *args, **kwargs: args[3].write_bytes(b""))
     model = SimpleNamespace(transform=SimpleNamespace(max_size=64))
     peaks = {}
     for frames in (500, 2000):
@@ -648,3 +649,31 @@ def test_a_long_video_keeps_a_small_record_a_frame_and_writes_its_csv_as_it_goes
         assert len(rows) == frames and rows[-1]["frame"] == str(frames - 1) and rows[-1]["faces"] == "2"
     per_frame = (peaks[2000] - peaks[500]) / 1500
     assert per_frame < 400, f"{per_frame:.0f} bytes a processed frame"  # the old code: ~1,100
+
+
+def test_a_long_videos_plot_draws_a_bounded_number_of_points(tmp_path, monkeypatch):
+    # compliance_over_time.png drew a bar a processed frame: ~10 kB and ~2.4 ms each (a day of a camera at the
+    # default stride, 432,000 frames: ~4 GB and ~17 minutes). Past VIDEO_PLOT_MAX_POINTS frames a point is the
+    # pooled figure of that many consecutive frames.
+    from types import SimpleNamespace
+
+    from utils import defaults as D
+    from utils.detection import plots
+    from utils.detection import video as video_module
+
+    drawn, write_figure = [], plots._write_figure
+
+    def count(fig, path):
+        ax, twin = fig.axes
+        drawn.append((len(twin.patches), len(ax.lines[0].get_xdata()), ax.lines[0].get_ydata()[0]))
+        write_figure(fig, path)
+
+    monkeypatch.setattr(plots, "_write_figure", count)
+    monkeypatch.setattr(video_module, "detect", _three_faces)
+    monkeypatch.setattr(D, "VIDEO_PLOT_MAX_POINTS", 100)
+    model = SimpleNamespace(transform=SimpleNamespace(max_size=64))
+    for frames in (90, 500, 2000):
+        video_module.predict_video(model, "cpu", str(_long_clip(tmp_path, frames)), tmp_path / f"out{frames}", 0.5)
+    assert drawn[0] == (90, 90, 50.0)  # up to the limit, a bar and a point a frame, as before
+    assert [bars for bars, _, _ in drawn[1:]] == [100, 100] and [points for _, points, _ in drawn[1:]] == [100, 100]
+    assert drawn[2][2] == 50.0  # a point's percent is its frames' faces pooled: 1 of 2 properly masked

@@ -113,6 +113,8 @@ HPO_PRUNER_WARMUP_EPOCHS = 0
 PREDICT_IMAGES_PER_JOB = 1000 # workflow: images per predict job (shard), ~20 min on 2 CPU cores, ~1 min on a GPU
                               # (plain passes at 512 px; a model that chose 768 px and flip TTA takes ~4.5 times)
 VIDEO_STRIDE = 5               # predict_video / workflow --pred-videos: every 5th frame (5 a second at 25 fps)
+VIDEO_PLOT_MAX_POINTS = 2000   # compliance_over_time.png draws longer runs as this many means of consecutive frames:
+                               # a bar a frame took ~10 kB and ~2.4 ms each (a day at stride 5: 4 GB, 17 min)
 ANNOTATE_MAX = 500             # workflow: annotated images drawn over the whole prediction set, spread evenly
 FOLDER_PLOT_MAX = 40           # compliance_by_folder.png draws the folders with the most images, at most this many:
                                # a row each made 3000 folders a 125,000-px-tall figure drawn in 1.4 GB

@@ -221,18 +221,31 @@ def plot_compliance_histogram(percentages, path, overall: float | None, no_faces
     _save(fig, path)
 
 
-def plot_compliance_over_time(times, percentages, faces, path, source: str) -> None:
+def plot_compliance_over_time(times, percentages, faces, path, source: str, with_mask=None,
+                              limit: int | None = None) -> None:
     """Percent properly masked per processed frame (gaps where a frame has no face) and faces per frame, written
-    at *path* as it is: the temporary path of one of predict_video's outputs (utils.atomic.atomic_files)."""
+    at *path* as it is: the temporary path of one of predict_video's outputs (utils.atomic.atomic_files). Over
+    *limit* frames (defaults.VIDEO_PLOT_MAX_POINTS; with *with_mask*, the frames' with_mask faces), each point is
+    that many consecutive frames: their faces pooled, their mean faces a frame (a bar a frame grew the figure by
+    ~10 kB a frame, long past what its pixels can tell apart)."""
     fig, ax = plt.subplots(figsize=(9, 4))
     values = np.array([np.nan if p is None else p for p in percentages], dtype=float)
+    per, faces_label, limit = 1, "faces in the frame", limit or D.VIDEO_PLOT_MAX_POINTS
+    if with_mask is not None and len(times) > limit:
+        per = -(-len(times) // limit)
+        starts = np.arange(0, len(times), per)
+        sizes = np.diff(np.append(starts, len(times)))
+        found = np.add.reduceat(np.asarray(faces, dtype=float), starts)
+        masked = np.add.reduceat(np.asarray(with_mask, dtype=float), starts)
+        values = np.divide(100 * masked, found, out=np.full(len(starts), np.nan), where=found > 0)
+        times, faces, faces_label = np.asarray(times)[starts], found / sizes, f"faces a frame (mean of {per})"
     ax.plot(times, values, color=tuple(v / 255 for v in CLASS_COLOURS["with_mask"]), marker=".", linewidth=1.5)
     ax.set_ylim(-2, 102)
     ax.set_xlabel("time (s)")
-    ax.set_ylabel("faces properly masked (%)")
+    ax.set_ylabel("faces properly masked (%)" + (f", {per} frames pooled a point" if per > 1 else ""))
     twin = ax.twinx()
     twin.bar(times, faces, width=(times[1] - times[0]) * 0.8 if len(times) > 1 else 0.5, color="grey", alpha=0.25)
-    twin.set_ylabel("faces in the frame")
+    twin.set_ylabel(faces_label)
     ax.set_zorder(twin.get_zorder() + 1)
     ax.patch.set_visible(False)
     ax.set_title(f"Mask compliance over time: {Path(source).name if '://' not in source else source}")

@@ -169,10 +169,6 @@ class VideoRun:
         self.counts.extend(figure["counts"][name] for name in CLASSES)
         self.soft.extend(soft)
 
-    def percent_list(self) -> list:
-        """The frames' percent properly masked, None for a frame without faces (the CSV's empty cell)."""
-        return [None if math.isnan(percent) else percent for percent in self.percents]
-
     def count_matrix(self) -> np.ndarray:
         """Faces kept per class, one row a processed frame."""
         return np.frombuffer(self.counts, dtype=np.int64).reshape(-1, len(CLASSES))
@@ -424,8 +420,8 @@ def _write_outputs(run: VideoRun, outputs: FileSet, output_dir: Path, source, ki
 
     plot_path = output_dir / names["plot"]
     counts = run.count_matrix()
-    plot_compliance_over_time(run.times.tolist(), run.percent_list(), counts.sum(axis=1).tolist(),
-                              outputs.path(plot_path), source)
+    plot_compliance_over_time(np.frombuffer(run.times), np.frombuffer(run.percents), counts.sum(axis=1),
+                              outputs.path(plot_path), source, with_mask=counts[:, CLASSES.index("with_mask")])
     with_faces = [percent for percent in run.percents if not math.isnan(percent)]
     # the video covered: up to the last frame read, and that frame's duration at the frame rate
     covered = 0.0 if run.last_time is None else run.last_time + 1 / fps
