@@ -228,6 +228,35 @@ def test_near_duplicate_search_by_bands_finds_exactly_the_pairs_of_the_all_pairs
     assert len(banded) >= 40 * 39 // 2
 
 
+def test_a_long_chain_of_near_duplicates_names_each_ones_nearest_in_steps_linear_in_the_chain(tmp_path, monkeypatch):
+    # Each duplicate's nearest member was searched among all its group's members: a chain of burst photos (each near
+    # the next only) of 8,000 images took 64 million steps (26 s); 50,000 would take ~17 minutes.
+    from utils.data import validation
+
+    n = 400
+    for k in range(n):
+        add_pair(tmp_path, f"img{k:04d}", Image.new("RGB", (8, 8)))
+    monkeypatch.setattr(validation, "_inspect_image", lambda path: validation._ImageFacts(
+        sha256=path.stem, size=(128, 96), phash=0, stored_size=(128, 96)))
+    monkeypatch.setattr(validation, "_hamming_pairs", lambda hashes, distance: (
+        (k, k + 1, 1 + k % 3) for k in range(len(hashes) - 1)))  # image k near image k + 1 only
+    calls = []
+
+    def counting_min(*args, **kwargs):  # the search's step: a min() over a member's candidates, or within one
+        calls.append(1)
+        return min(*args, **kwargs)
+
+    monkeypatch.setattr(validation, "min", counting_min, raising=False)
+    result = validate_dataset(tmp_path / "images", tmp_path / "annotations", workers=1)
+    assert result.report["duplicate_groups"] == [[f"img{k:04d}.jpg" for k in range(n)]]
+    near = {item["file"]: item["problem"] for item in result.report["problems"] if item["kind"] == "near_duplicate"}
+    assert len(near) == n - 1
+    # its nearest: the neighbour at the smaller distance (1 + k % 3 between k and k + 1)
+    assert near["img0002.jpg"].startswith("near duplicate of img0001.jpg (perceptual hash distance 2")
+    assert near["img0003.jpg"].startswith("near duplicate of img0004.jpg (perceptual hash distance 1")
+    assert len(calls) < 4 * n, f"{len(calls)} steps for a chain of {n}"  # the old code: n^2 = 160,000
+
+
 def test_a_subfolder_of_images_is_reported_not_silently_skipped(tmp_path):
     # The data set is flat; photos filed in a subfolder are not read, and the report must say so.
     add_pair(tmp_path, "top", textured(40))
