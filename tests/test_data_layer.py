@@ -256,6 +256,46 @@ def test_write_json_streams_the_text_instead_of_holding_it(tmp_path):
     assert json.loads((tmp_path / "p.json").read_text()) == {"images": records}
 
 
+def test_pairs_are_read_with_a_bounded_number_in_flight(monkeypatch):
+    # scan_pairs (train, evaluate) and validate_data read a set's pairs with Executor.map, which submits every pair
+    # at once: a future of ~1.6 kB a pair until the end (128 MB for 80,000 pairs), for a result of 8 bytes.
+    import threading
+    import tracemalloc
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    from utils.data import pairs as pairs_module
+    from utils.parallel import ordered_map
+
+    monkeypatch.setattr(pairs_module, "_read_problem", lambda pair: None if pair.image.stem != "bad7" else
+                        {"file": str(pair.image), "problem": "truncated"})
+    peaks = {}
+    for n in (2000, 8000):
+        pairs = [Pair(Path(f"bad{k}.jpg"), Path(f"bad{k}.xml")) for k in range(n)]
+        tracemalloc.start()
+        usable, skipped = pairs_module.scan_pairs(pairs)
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert usable == pairs[:7] + pairs[8:] and skipped == [{"file": "bad7.jpg", "problem": "truncated"}]
+    per_pair = (peaks[8000] - peaks[2000]) / 6000
+    assert per_pair < 300, f"{per_pair:.0f} bytes a pair"  # the old code: ~1,600
+    in_flight, most, lock = [0], [0], threading.Lock()
+
+    def work(item):
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        return item * 2
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = []
+        for result in ordered_map(pool, work, range(1000), ahead=8):
+            with lock:
+                in_flight[0] -= 1
+            results.append(result)
+    assert results == [2 * k for k in range(1000)] and most[0] <= 8
+
+
 def test_run_record_hash_changes_with_content(tmp_path):
     a = tmp_path / "a.txt"
     a.write_text("1")

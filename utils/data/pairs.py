@@ -185,9 +185,12 @@ def scan_pairs(pairs) -> tuple[list, list[dict]]:
     import os
     from concurrent.futures import ThreadPoolExecutor
 
+    from ..parallel import ordered_map
+
     pairs = list(pairs)
-    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-        problems = list(pool.map(_read_problem, pairs))
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        problems = list(ordered_map(pool, _read_problem, pairs, ahead=4 * workers))
     usable = [pair for pair, problem in zip(pairs, problems) if problem is None]
     return usable, [problem for problem in problems if problem is not None]
 

@@ -56,6 +56,7 @@ from ..atomic import follow_umask, replace_folder, write_json
 from .. import defaults as D
 from ..classes import CLASSES, NO_LABEL_MAP, LabelMap
 from ..errors import InputError
+from ..parallel import ordered_map
 from .images import ImageError, is_image_name, load_rgb, stored_size_and_orientation
 from .pairs import Pair, pair_folders, write_pairs_csv
 from .voc import (CLIP_TOLERANCE_PX, VocAnnotation, VocError, boxes_on_stored_pixels, clean_objects, parse_voc,
@@ -265,8 +266,8 @@ def validate_dataset(images_dir, annotations_dir, near_duplicate_distance: int =
     workers = workers or min(8, os.cpu_count() or 1)
     show = sys.stderr.isatty() if progress is None else progress
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        facts = list(tqdm(pool.map(lambda p: _inspect_image(p.image), pairs), total=len(pairs),
-                          desc="validate", unit="img", disable=not show))
+        facts = list(tqdm(ordered_map(pool, lambda p: _inspect_image(p.image), pairs, ahead=4 * workers),
+                          total=len(pairs), desc="validate", unit="img", disable=not show))
 
     candidates = []  # (pair, facts, cleaned annotation, changed)
     objects_dropped = objects_clipped = 0
