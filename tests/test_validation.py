@@ -210,7 +210,7 @@ def test_sample_data_is_fully_usable(sample_dir):
 
 @pytest.mark.parametrize("max_distance", [0, 4, 7])
 def test_near_duplicate_search_by_bands_finds_exactly_the_pairs_of_the_all_pairs_search(max_distance):
-    from utils.data.validation import _block_pairs, _hamming_pairs
+    from utils.data.near_duplicates import _block_pairs, _hamming_pairs
 
     rng = np.random.default_rng(max_distance)
     n = 3000  # above the size where the band index is used
@@ -231,14 +231,14 @@ def test_near_duplicate_search_by_bands_finds_exactly_the_pairs_of_the_all_pairs
 def test_a_long_chain_of_near_duplicates_names_each_ones_nearest_in_steps_linear_in_the_chain(tmp_path, monkeypatch):
     # Each duplicate's nearest member was searched among all its group's members: a chain of burst photos (each near
     # the next only) of 8,000 images took 64 million steps (26 s); 50,000 would take ~17 minutes.
-    from utils.data import validation
+    from utils.data import near_duplicates, validation
 
     n = 400
     for k in range(n):
         add_pair(tmp_path, f"img{k:04d}", Image.new("RGB", (8, 8)))
     monkeypatch.setattr(validation, "_inspect_image", lambda path: validation._ImageFacts(
-        sha256=path.stem, size=(128, 96), phash=0, stored_size=(128, 96)))
-    monkeypatch.setattr(validation, "_hamming_pairs", lambda hashes, distance: (
+        sha256=path.stem, size=(128, 96), phash=int(path.stem[3:]), stored_size=(128, 96)))
+    monkeypatch.setattr(near_duplicates, "_hamming_pairs", lambda hashes, distance: (
         (k, k + 1, 1 + k % 3) for k in range(len(hashes) - 1)))  # image k near image k + 1 only
     calls = []
 
@@ -246,7 +246,8 @@ def test_a_long_chain_of_near_duplicates_names_each_ones_nearest_in_steps_linear
         calls.append(1)
         return min(*args, **kwargs)
 
-    monkeypatch.setattr(validation, "min", counting_min, raising=False)
+    for module in (validation, near_duplicates):
+        monkeypatch.setattr(module, "min", counting_min, raising=False)
     result = validate_dataset(tmp_path / "images", tmp_path / "annotations", workers=1)
     assert result.report["duplicate_groups"] == [[f"img{k:04d}.jpg" for k in range(n)]]
     near = {item["file"]: item["problem"] for item in result.report["problems"] if item["kind"] == "near_duplicate"}
@@ -255,6 +256,34 @@ def test_a_long_chain_of_near_duplicates_names_each_ones_nearest_in_steps_linear
     assert near["img0002.jpg"].startswith("near duplicate of img0001.jpg (perceptual hash distance 2")
     assert near["img0003.jpg"].startswith("near duplicate of img0004.jpg (perceptual hash distance 1")
     assert len(calls) < 4 * n, f"{len(calls)} steps for a chain of {n}"  # the old code: n^2 = 160,000
+
+
+def test_copies_of_one_picture_are_searched_as_one_hash(tmp_path, monkeypatch):
+    # Every pair of images of one perceptual hash was yielded by the search and kept in its set: a crowd of 4,000
+    # (a placeholder photo, blank frames) made 8 million pairs (54 s; 10,000 would be 50 million, ~6 GB).
+    from utils.data import near_duplicates, validation
+
+    crowd = 300
+    for k in range(crowd + 2):
+        add_pair(tmp_path, f"img{k:04d}", Image.new("RGB", (8, 8)))
+    hashes = {"img0300": 0b1, "img0301": (1 << 40) - 1}  # one bit from the crowd's hash, and far from it
+    monkeypatch.setattr(validation, "_inspect_image", lambda path: validation._ImageFacts(
+        sha256=path.stem, size=(128, 96), phash=hashes.get(path.stem, 0), stored_size=(128, 96)))
+    pairs, search = [], near_duplicates._hamming_pairs
+
+    def counted(values, distance):
+        for found in search(values, distance):
+            pairs.append(found)
+            yield found
+
+    monkeypatch.setattr(near_duplicates, "_hamming_pairs", counted)
+    result = validate_dataset(tmp_path / "images", tmp_path / "annotations", workers=1)
+    assert result.report["duplicate_groups"] == [[f"img{k:04d}.jpg" for k in range(crowd + 1)]]
+    near = {item["file"]: item["problem"] for item in result.report["problems"] if item["kind"] == "near_duplicate"}
+    assert len(near) == crowd and "img0301.jpg" not in near
+    assert near["img0001.jpg"].startswith("near duplicate of img0000.jpg (perceptual hash distance 0 <= 4)")
+    assert near["img0300.jpg"].startswith("near duplicate of img0000.jpg (perceptual hash distance 1 <= 4)")
+    assert len(pairs) == 1  # the crowd's hash and its neighbour's; the old search: 300 * 301 / 2 = 45,150 pairs
 
 
 def test_a_subfolder_of_images_is_reported_not_silently_skipped(tmp_path):

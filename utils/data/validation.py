@@ -58,6 +58,7 @@ from ..classes import CLASSES, NO_LABEL_MAP, LabelMap
 from ..errors import InputError
 from ..parallel import ordered_map
 from .images import ImageError, is_image_name, load_rgb, stored_size_and_orientation
+from .near_duplicates import near_duplicates
 from .pairs import Pair, pair_folders, write_pairs_csv
 from .voc import (CLIP_TOLERANCE_PX, VocAnnotation, VocError, boxes_on_stored_pixels, clean_objects, parse_voc,
                   turn_boxes, write_voc)
@@ -141,51 +142,6 @@ def _object_problem_kind(message: str) -> str:
     if message.endswith("clipped"):
         return "box_clipped"
     return "box_out_of_bounds"
-
-
-def _block_pairs(hashes: np.ndarray, index: np.ndarray, max_distance: int, max_cells: int = 1 << 22):
-    """(i, j, distance) for all pairs of *index* (positions into *hashes*) within *max_distance*, i < j,
-    comparing row blocks against the rest so that no block holds more than *max_cells* distances."""
-    sub = hashes[index]
-    n = len(sub)
-    block = max(1, max_cells // max(n, 1))
-    for start in range(0, n, block):
-        rows = sub[start:start + block]
-        distances = np.bitwise_count(rows[:, None] ^ sub[None, start:])  # only columns >= start
-        for r, c in zip(*np.nonzero(distances <= max_distance)):
-            a, b = start + int(r), start + int(c)
-            if a < b:
-                yield int(index[a]), int(index[b]), int(distances[r, c])
-
-
-def _hamming_pairs(hashes: np.ndarray, max_distance: int):
-    """Yield (i, j, distance) for i < j with Hamming distance <= max_distance, each pair once.
-
-    Multi-index hashing instead of all n^2 comparisons: the 64 bits are cut into
-    max_distance + 1 bands, and two hashes that differ in at most max_distance bits agree
-    exactly on at least one band (pigeonhole), so only hashes sharing a band value are
-    compared. Near-linear for photo collections (100k images: seconds, not n^2 = 10^10).
-    """
-    n = len(hashes)
-    if n < 2 or max_distance < 0:
-        return
-    if max_distance >= 16 or n <= 2048:  # bands too narrow to help, or too few hashes to bother
-        yield from _block_pairs(hashes, np.arange(n), max_distance)
-        return
-    bands = max_distance + 1
-    edges = [round(64 * b / bands) for b in range(bands + 1)]
-    seen = set()
-    for low, high in zip(edges, edges[1:]):
-        keys = (hashes >> np.uint64(low)) & np.uint64((1 << (high - low)) - 1)
-        order = np.argsort(keys, kind="stable")
-        boundaries = np.flatnonzero(np.diff(keys[order])) + 1
-        for group in np.split(order, boundaries):
-            if len(group) < 2:
-                continue
-            for i, j, distance in _block_pairs(hashes, np.sort(group), max_distance):
-                if (i, j) not in seen:
-                    seen.add((i, j))
-                    yield i, j, distance
 
 
 class _UnionFind:
@@ -321,18 +277,13 @@ def validate_dataset(images_dir, annotations_dir, near_duplicate_distance: int =
     first_with_sha = {}
     for index, (_, fact, _, _) in enumerate(candidates):
         union.union(first_with_sha.setdefault(fact.sha256, index), index)
-    # Each image's nearest near duplicate (distance, name; ties: first by name), kept as the pairs are found: a
-    # duplicate's message names it. Searching its group's members for it was quadratic in the group (a chain of
-    # 8,000 burst photos, each near the next: 64 million steps).
-    nearest: dict[int, tuple[int, str]] = {}
+    nearest: dict[int, tuple[int, str]] = {}  # each image's nearest near duplicate: a duplicate's message names it
     if near_duplicate_distance >= 0 and len(candidates) > 1:
         hashes = np.array([fact.phash for _, fact, _, _ in candidates], dtype=np.uint64)
-        for i, j, distance in _hamming_pairs(hashes, near_duplicate_distance):
+        links, nearest = near_duplicates(hashes, [pair.image.name for pair, _, _, _ in candidates],
+                                         near_duplicate_distance)
+        for i, j in links:
             union.union(i, j)
-            for image, other in ((i, j), (j, i)):
-                found = (distance, candidates[other][0].image.name)
-                if image not in nearest or found < nearest[image]:
-                    nearest[image] = found
     groups = {}
     for index in range(len(candidates)):
         groups.setdefault(union.find(index), []).append(index)
