@@ -1,0 +1,116 @@
+"""The percent properly masked for the same images and model through every path that gives it: predict, a merge
+of its shards, the service and predict_video, with a stand-in detector whose boxes follow from each image's
+pixels (an untrained model finds one class everywhere, which would hide a difference in the mix or the order)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import calibrated_model_file, run_script
+
+THRESHOLD = 0.3  # the calibration record's: the adjusted headline (pacc2) corrects the counts
+KEYS = ("method", "percent", "low", "high", "units", "faces_found", "faces_estimated", "calibration_images")
+
+
+def pixel_detector(model, images, tta=False, score_threshold=0.0):
+    """utils.detection.inference.detect's stand-in: 0-7 boxes per image, classes and scores (from 0.01) drawn
+    with a seed from the image's pixels, so any path that hands the model the same pixels gets the same boxes."""
+    results = []
+    for image in images:
+        pixels = (image * 255).round().to(torch.uint8).cpu().numpy().tobytes() + bytes([bool(tta)])
+        rng = np.random.default_rng(int.from_bytes(hashlib.sha256(pixels).digest()[:8], "little"))
+        count, (height, width) = int(rng.integers(0, 8)), image.shape[-2:]
+        x, y = rng.uniform(0, width / 2, count), rng.uniform(0, height / 2, count)
+        boxes = torch.tensor(np.stack([x, y, x + width / 4, y + height / 4], axis=1).reshape(-1, 4),
+                             dtype=torch.float32)
+        labels = torch.tensor(rng.choice([1, 1, 2, 3], count), dtype=torch.int64)
+        scores = torch.tensor(rng.uniform(0.01, 1.0, count), dtype=torch.float32)
+        keep = scores >= score_threshold
+        results.append({"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep]})
+    return results
+
+
+@pytest.fixture
+def detector(monkeypatch):
+    from utils.detection import inference, video
+
+    monkeypatch.setattr(inference, "detect", pixel_detector)
+    monkeypatch.setattr(video, "detect", pixel_detector)
+    try:
+        from utils.service import app
+    except ImportError:  # no fastapi: the service's tests skip
+        return
+    monkeypatch.setattr(app, "detect", pixel_detector)
+
+
+@pytest.fixture(scope="module")
+def calibrated_model(tiny_model_file, tmp_path_factory):
+    """The tiny model with a validation record at THRESHOLD on 60 simulated images (over 100 faces)."""
+    return calibrated_model_file(tiny_model_file, tmp_path_factory.mktemp("calibrated") / "model.pt", THRESHOLD,
+                                 images=60, working_size=128)
+
+
+@pytest.fixture(scope="module")
+def small_photos(tmp_path_factory):
+    """Photos of 96x96 px: under the model's working size, which the service would shrink a larger one to
+    before the model (utils.service.uploads.model_sized_input) and predict inside it (other pixels here)."""
+    from utils.data.sample_data import make_sample_dataset
+
+    out = tmp_path_factory.mktemp("small")
+    make_sample_dataset(out, num_images=6, seed=7, image_size=(96, 96))
+    return out
+
+
+def photo_folder(sample_dir, folder, count=5):
+    folder.mkdir(parents=True)
+    photos = sorted((sample_dir / "images").glob("*.jpg"))[:count]
+    for photo in photos:
+        shutil.copy(photo, folder / photo.name)
+    return sorted(folder.iterdir())
+
+
+def predict_args(model, threshold=THRESHOLD):
+    return ["--model", model, "--score-threshold", str(threshold), "--device", "cpu", "--batch-size", "1",
+            "--workers", "0", "--no-annotated"]
+
+
+def figure(estimate: dict) -> dict:
+    return {key: estimate.get(key) for key in KEYS}
+
+
+def service_answer(model, photos, threshold=THRESHOLD):
+    from fastapi.testclient import TestClient
+
+    from utils.service.app import ServiceConfig, create_app
+
+    files = [("files", (photo.name, photo.read_bytes(), "image/jpeg")) for photo in photos]
+    with TestClient(create_app(ServiceConfig(model_path=model, max_upload_mb=1, max_images=8))) as client:
+        answer = client.post(f"/api/predict?score_threshold={threshold}", files=files)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def test_the_service_gives_the_figure_predict_gives_whatever_order_the_photos_are_sent_in(
+        root, small_photos, calibrated_model, detector, tmp_path):
+    """The service numbered its images in the order sent, and the bootstrap draws images by position: the same
+    photos sent in another order got another interval than predict's (a high of 82.55 for 81.75 here)."""
+    pytest.importorskip("fastapi")
+    photos = photo_folder(small_photos, tmp_path / "photos")
+    assert run_script(root, "predict", ["--images", tmp_path / "photos", "--output-dir", tmp_path / "one",
+                                        *predict_args(calibrated_model)]) == 0
+    one = json.loads((tmp_path / "one" / "compliance.json").read_text())
+    assert one["estimate"]["method"] == "pacc2" and one["estimate"]["low"] is not None
+    for order in (photos, photos[::-1], photos[2:] + photos[:2]):
+        body = service_answer(calibrated_model, order)
+        assert body["overall"] == one["overall"]
+        assert {image["file"]: image["compliance"] for image in body["images"]} == \
+            {photo.name: one["per_image"][str(photo)] for photo in order}
+        assert figure(body["estimate"]) == figure(one["estimate"])
+        assert {m: figure(e) for m, e in body["estimates"].items()} == \
+            {m: figure(e) for m, e in one["estimates"].items()}
