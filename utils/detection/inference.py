@@ -205,6 +205,19 @@ def detect(model, images: list[torch.Tensor], tta: bool = False, score_threshold
     return results
 
 
+def detection_floor(score_threshold: float) -> float:
+    """The lowest score a job keeps (D.DETECTION_FLOOR: the probabilistic counts' floor, and the service's boxes),
+    or *score_threshold* when lower, so that every job counts the detections at a threshold under the floor
+    (flip TTA's and an ensemble's fused boxes can score under it) as predict does."""
+    return min(D.DETECTION_FLOOR, score_threshold)
+
+
+def above(out: dict, floor: float) -> dict:
+    """*out* (boxes, labels, scores) less its detections scoring under *floor*."""
+    keep = out["scores"] >= floor
+    return {key: value[keep] for key, value in out.items()}
+
+
 def to_model_input(image_uint8: torch.Tensor, device) -> torch.Tensor:
     return F.to_dtype(image_uint8.to(device, non_blocking=True), torch.float32, scale=True)
 

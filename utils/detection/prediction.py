@@ -31,7 +31,7 @@ from ..classes import NAME_OF
 from ..data.images import NOT_UTF8, escaped_name, is_image_name, list_files, valid_utf8_name
 from ..naming import annotated_stem
 from ..naming import output_names as job_output_names
-from .inference import Detections, ImageItem, Skipped, detect_files
+from .inference import Detections, ImageItem, Skipped, detect_files, detection_floor
 from .inference_size import working_size
 from .compliance import compliance, compliance_line, merge_compliance
 from .quantify import prediction_estimates, soft_counts
@@ -283,7 +283,7 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
     run = PredictionRun()
     names = output_names(tag)
     outputs = [output_dir / name for name in names.values()] + ([Path(annotated_tar)] if annotated_tar else [])
-    floor = min(D.DETECTION_FLOOR, score_threshold)
+    floor = detection_floor(score_threshold)
     records: dict[str, dict] = {}  # image name -> record
     with contextlib.ExitStack() as stack:
         items, run.skipped = collect_inputs(paths, stack, [output_dir, *outputs, annotated_dir], run.inputs)

@@ -39,7 +39,7 @@ from ..errors import InputError, without_password
 from ..naming import video_output_names
 from ..stop import stop_requested
 from .compliance import compliance, merge_compliance
-from .inference import detect, to_model_input
+from .inference import detect, detection_floor, to_model_input
 from .inference_size import working_size
 from .quantify import Calibration, Units, calibration_problem, calibration_summary, class_sums, set_estimates
 from .plots import draw_detections
@@ -290,7 +290,7 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                     continue
                 rgb = torch.from_numpy(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)
                 (out,) = detect(model, [to_model_input(rgb, device)], tta=tta,
-                                score_threshold=min(D.DETECTION_FLOOR, score_threshold))
+                                score_threshold=detection_floor(score_threshold))
                 soft = class_sums(out["labels"].tolist(), out["scores"].tolist(), D.DETECTION_FLOOR)
                 keep = out["scores"] >= score_threshold  # counted, drawn and listed: those at the threshold
                 out = {key: value[keep] for key, value in out.items()}

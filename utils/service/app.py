@@ -24,7 +24,7 @@ into one forward pass. Every bad request gets a 4xx with a reason naming the fil
 or too many, 415 not an image of a format read here (by its bytes, whatever type is declared),
 422 undecodable, truncated or too thin for the model's working size.
 
-Detections are returned down to `DETECTION_FLOOR`, each with its score, plus the
+Detections are returned down to `DETECTION_FLOOR` (the threshold, when lower), each with its score, plus the
 operating threshold: the compliance figures count those at or above the threshold
 (the model's own, chosen on validation, unless `score_threshold` is given), and a client
 can re-filter at another threshold without a new request. The overall figure is also given as
@@ -60,7 +60,7 @@ from ..data.images import ImageError, NotAnImageError, PixelLimitError, check_im
 from ..detection.compliance import compliance, merge_compliance
 from ..detection.evaluation import load_trained_model
 from ..detection.explain import EXPLAIN_METHODS, ExplainError, explain_image, stop_point
-from ..detection.inference import detect, to_model_input, too_thin
+from ..detection.inference import above, detect, detection_floor, to_model_input, too_thin
 from ..detection.quantify import prediction_estimates, soft_counts
 from .batching import BatchWorker, Withdrawal, on_a_passing_thread, results_of, stage_seconds
 from .edge import EdgeMiddleware, shown_path
@@ -118,7 +118,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
     def run_batch(tensors: list[torch.Tensor], tta: bool) -> list[dict]:
         """The model on images of one size (batching.py), on the inference thread; boxes in their pixels."""
         inputs = [model_sized_input(model, t, device) for t in tensors]
-        outputs = detect(model, [image for image, _ in inputs], tta=tta, score_threshold=DETECTION_FLOOR)
+        # down to any request's threshold: one under the floor counts the boxes predict counts there (flip TTA's
+        # fused boxes can score under it); each request keeps those down to its own (detection_floor)
+        outputs = detect(model, [image for image, _ in inputs], tta=tta, score_threshold=0.0)
         for out, (_, back) in zip(outputs, inputs):
             if back is not None:
                 out["boxes"] = out["boxes"] * torch.tensor([back[0], back[1], back[0], back[1]])
@@ -354,7 +356,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 tensors = await decode_all(request, uploads, announce=True)
                 decoded = time.perf_counter()
                 submitted = [worker.submit_image(tensor, tta) for tensor in tensors]
-                outputs = await results_of([future for future, _ in submitted], withdrawal)
+                outputs = [above(out, detection_floor(threshold))
+                           for out in await results_of([future for future, _ in submitted], withdrawal)]
                 explained, timings = [{} for _ in tensors], [timing for _, timing in submitted]
                 if explain:
                     explained = await explain_best(worker, tensors, outputs, tta, threshold, timings, withdrawal)
