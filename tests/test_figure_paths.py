@@ -172,3 +172,43 @@ def test_a_threshold_under_the_detection_floor_counts_the_same_faces_in_predict_
     assert figure(body["estimate"]) == figure(one["estimate"]) and body["estimate"]["method"] == "cc"
     video = video_summary(tiny_model_file, photos, tmp_path / "video", 0.02)
     assert video["overall"] == one["overall"] and figure(video["estimate"]) == figure(one["estimate"])
+
+
+def test_a_model_without_validation_rates_falls_back_and_every_path_says_so_in_its_line_and_file(
+        root, small_photos, tiny_model_file, detector, tmp_path, capsys):
+    """The headline is pacc2; a model file without validation rates (one from before they were stored) gives cc
+    instead, and the JSON said so ("fallback") while the printed lines of predict, merge_predictions and
+    predict_video named cc alone. Also pins that 2 shards merged give predict's figure and interval, and the
+    printed figure is the JSON's, rounded to one decimal."""
+    pytest.importorskip("fastapi")
+    from utils.detection.compliance import compliance_line
+
+    photos = photo_folder(small_photos, tmp_path / "photos")
+    capsys.readouterr()
+    assert run_script(root, "predict", ["--images", tmp_path / "photos", "--output-dir", tmp_path / "one",
+                                        *predict_args(tiny_model_file)]) == 0
+    printed = {"predict": capsys.readouterr().out}
+    one = json.loads((tmp_path / "one" / "compliance.json").read_text())
+    for tag, shard in (("s1", photos[:2]), ("s2", photos[2:])):
+        assert run_script(root, "predict", ["--images", *shard, "--output-dir", tmp_path / "parts",
+                                            "--output-tag", tag, *predict_args(tiny_model_file)]) == 0
+    capsys.readouterr()
+    assert run_script(root, "merge_predictions", ["--inputs-dir", tmp_path / "parts", "--output-dir",
+                                                  tmp_path / "merged"]) == 0
+    printed["merge"] = capsys.readouterr().out
+    merged = json.loads((tmp_path / "merged" / "compliance.json").read_text())
+    video = video_summary(tiny_model_file, photos, tmp_path / "video")
+    printed["video"] = compliance_line(video["overall"], video["estimate"])  # bin/predict_video.py's line
+    body = service_answer(tiny_model_file, photos)
+
+    headline = one["estimate"]
+    assert headline["method"] == "cc" and headline["fallback"].startswith(
+        "cc instead of pacc2: the model file holds no validation rates")
+    assert headline["low"] is not None and headline["percent"] == one["overall"]["percent_properly_masked"]
+    for estimate in (merged["estimate"], video["estimate"], body["estimate"]):
+        assert figure(estimate) == figure(headline) and estimate["fallback"] == headline["fallback"]
+    assert merged["estimates"] == one["estimates"] and merged["unavailable"] == one["unavailable"]
+    for job, text in printed.items():  # the video's units are blocks of frames (here a frame each)
+        assert (f"{headline['percent']:.1f}% properly masked (95% interval {headline['low']:.1f}-"
+                f"{headline['high']:.1f}%, 5 {'blocks' if job == 'video' else 'images'}; {headline['fallback']})"
+                in text), job

@@ -190,7 +190,10 @@ def test_the_page_in_a_real_browser_shows_boxes_and_compliance_and_refilters(tin
         wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, ".card img")))
         wait.until(lambda b: b.execute_script("return document.querySelector('.card img').complete"))
         assert "Overall:" in browser.find_element(By.ID, "overall").text
-        assert "1 image" in browser.find_element(By.ID, "overall-interval").text  # the server's estimate, its images
+        estimate_text = browser.find_element(By.ID, "overall-interval").text
+        assert "1 image" in estimate_text  # the server's estimate, its images
+        # a model file without validation rates: the headline is cc, standing in for pacc2, and the page says why
+        assert "cc instead of pacc2: the model file holds no validation rates" in estimate_text
         at_model_threshold = len(browser.find_elements(By.CSS_SELECTOR, ".box"))
         # the slider re-filters in the page: no new request, more boxes at the lowest threshold
         requests_before = browser.execute_script("return performance.getEntriesByType('resource').length")

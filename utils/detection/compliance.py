@@ -47,15 +47,17 @@ def merge_compliance(parts) -> dict:
 
 
 def interval_text(result: dict) -> str:
-    """'53.2% properly masked (95% interval 44.0-61.5%, 24 images; cc)', or why there is no figure."""
-    if result["percent"] is None:
-        return f"no figure ({result.get('note', 'no faces found')}; {result['units']} {result['unit']}s)"
+    """'53.2% properly masked (95% interval 44.0-61.5%, 24 images; pacc2)', or why there is no figure. A headline
+    that stands in for the estimator asked for says so: '...; cc instead of pacc2: <why>)'."""
+    estimator = result.get("fallback") or result["method"]
     unit = f"{result['units']} {result['unit']}{'s' if result['units'] != 1 else ''}"
-    if result["low"] is None:
-        spread = f"no interval: {result.get('note', 'no defined replicate')}"
+    if result["percent"] is None:
+        return f"no figure ({result.get('note', 'no faces found')}; {unit}; {estimator})"
+    if result["low"] is None:  # the note says why: 'one image: no interval'
+        spread = result.get("note") or "no interval: no replicate found a face"
     else:
         spread = f"{round(100 * result['confidence'])}% interval {result['low']:.1f}-{result['high']:.1f}%"
-    return f"{result['percent']:.1f}% properly masked ({spread}, {unit}; {result['method']})"
+    return f"{result['percent']:.1f}% properly masked ({spread}, {unit}; {estimator})"
 
 
 def compliance_line(summary: dict, estimate: dict | None = None) -> str:
