@@ -212,3 +212,26 @@ def test_a_model_without_validation_rates_falls_back_and_every_path_says_so_in_i
         assert (f"{headline['percent']:.1f}% properly masked (95% interval {headline['low']:.1f}-"
                 f"{headline['high']:.1f}%, 5 {'blocks' if job == 'video' else 'images'}; {headline['fallback']})"
                 in text), job
+
+
+def test_an_ensembles_shards_merged_give_its_one_jobs_figure_when_its_models_run_at_different_sizes(
+        root, small_photos, tiny_model_file, detector, tmp_path):
+    """Fold models each choose their working size on their own validation images; an ensemble of two that chose
+    differently writes working_size 'mixed: 128, 160', which merge_predictions refused as 'not a positive whole
+    number' in every part: the workflow's sharded ensemble prediction could not be merged at all."""
+    members = [calibrated_model_file(tiny_model_file, tmp_path / f"fold{size}.pt", THRESHOLD, working_size=size,
+                                     chosen_size=size) for size in (128, 160)]
+    photos = photo_folder(small_photos, tmp_path / "photos")
+    ensemble = ["--model", *members, *predict_args(members[0])[2:]]
+    assert run_script(root, "predict", ["--images", tmp_path / "photos", "--output-dir", tmp_path / "one",
+                                        *ensemble]) == 0
+    for tag, shard in (("s1", photos[:2]), ("s2", photos[2:])):
+        assert run_script(root, "predict", ["--images", *shard, "--output-dir", tmp_path / "parts",
+                                            "--output-tag", tag, *ensemble]) == 0
+    assert run_script(root, "merge_predictions", ["--inputs-dir", tmp_path / "parts", "--expected", "2",
+                                                  "--output-dir", tmp_path / "merged"]) == 0
+    one, merged = (json.loads((tmp_path / name / "compliance.json").read_text()) for name in ("one", "merged"))
+    assert merged["working_size"] == one["working_size"] == "mixed: 128, 160"
+    assert merged["overall"] == one["overall"] and merged["per_image"] == one["per_image"]
+    assert merged["estimate"] == one["estimate"] and merged["estimates"] == one["estimates"]
+    assert one["estimate"]["method"] == "cc" and "an ensemble has none of its own" in one["estimate"]["fallback"]

@@ -4,6 +4,7 @@ compliance.json, predictions.csv and its plots; each part's structure checked fi
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from .. import defaults as D
@@ -17,10 +18,17 @@ from .quantify import Calibration, prediction_estimates
 
 SETTINGS_KEYS = ("model", "backbone", "image_size", "working_size", "score_threshold", "score_threshold_source", "tta")
 BOX_TOLERANCE = 0.01  # boxes are written rounded to 2 decimals
+MIXED_SIZES = re.compile(r"mixed: [1-9][0-9]*(, [1-9][0-9]*)+")
 
 
 def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _mixed_sizes(value) -> bool:
+    """Whether *value* is an ensemble's working size when its members run at different ones (ensemble.load_ensemble
+    writes 'mixed: 128, 160'): fold models each choose theirs on their own validation images."""
+    return isinstance(value, str) and MIXED_SIZES.fullmatch(value) is not None
 
 
 def check_part(part: Path, data) -> list[dict]:
@@ -40,8 +48,10 @@ def check_part(part: Path, data) -> list[dict]:
         fail("score_threshold", f"{data['score_threshold']!r} is not a number from 0 to 1")
     if not isinstance(data["tta"], bool):
         fail("tta", f"{data['tta']!r} is not true or false")
-    if data.get("working_size") is not None and not _positive_int(data["working_size"]):
-        fail("working_size", f"{data['working_size']!r} is not a positive whole number")
+    if data.get("working_size") is not None and not (_positive_int(data["working_size"])
+                                                     or _mixed_sizes(data["working_size"])):
+        fail("working_size", f"{data['working_size']!r} is not a positive whole number (nor an ensemble's "
+                             "'mixed: 128, 160')")
     if data.get("calibration") is not None and not isinstance(data["calibration"], dict):
         fail("calibration", f"a {type(data['calibration']).__name__}, not an object or null")
     if data.get("calibration") is not None:
@@ -167,8 +177,9 @@ def merge_predictions(parts, output_dir, histogram: str | None = "compliance_his
         per_shard[_tag_of(part)] = {"num_images": len(images), "skipped": len(data["skipped"]),
                                     **merge_compliance(records)}
     overall = merge_compliance(per_image.values())
+    size = settings["working_size"] if _positive_int(settings["working_size"]) else None  # an ensemble's: no rates
     estimates = prediction_estimates(records_in, calibration, settings["score_threshold"], bool(settings["tta"]),
-                                     estimator, settings["working_size"])
+                                     estimator, size)
     report = {**settings, "num_parts": len(parts), "num_images": len(per_image), "overall": overall, **estimates,
               "per_shard": per_shard, "per_image": per_image, "skipped": skipped}
     outputs = {"compliance_json": output_dir / "compliance.json", "predictions_csv": output_dir / "predictions.csv"}
