@@ -235,3 +235,50 @@ def test_an_ensembles_shards_merged_give_its_one_jobs_figure_when_its_models_run
     assert merged["overall"] == one["overall"] and merged["per_image"] == one["per_image"]
     assert merged["estimate"] == one["estimate"] and merged["estimates"] == one["estimates"]
     assert one["estimate"]["method"] == "cc" and "an ensemble has none of its own" in one["estimate"]["fallback"]
+
+
+def test_each_folders_figure_is_the_figure_of_that_folder_alone_whatever_its_name(
+        root, small_photos, calibrated_model, detector, tmp_path):
+    """compliance.json's figure per folder is the headline predict gives that folder on its own (one image: the
+    figure, no interval, said so); a folder name matplotlib reads as math ('x$\\foo$') failed the whole job when
+    compliance_by_folder.png was drawn (ValueError, exit 1, no output), and '$5 and $6' was drawn as math."""
+    names = ["cost $5 and $6", "x$\\foo$", "solo"]
+    photos = sorted((small_photos / "images").glob("*.jpg"))
+    for name, group in zip(names, (photos[:2], photos[2:4], photos[4:5])):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        for photo in group:
+            shutil.copy(photo, tmp_path / "photos" / name / photo.name)
+    assert run_script(root, "predict", ["--images", tmp_path / "photos", "--output-dir", tmp_path / "all",
+                                        *predict_args(calibrated_model)]) == 0
+    report = json.loads((tmp_path / "all" / "compliance.json").read_text())
+    assert sorted(report["per_folder"]) == sorted(names)
+    assert (tmp_path / "all" / "compliance_by_folder.png").stat().st_size > 0
+    for number, name in enumerate(names):
+        out = tmp_path / f"alone{number}"
+        assert run_script(root, "predict", ["--images", tmp_path / "photos" / name, "--output-dir", out,
+                                            *predict_args(calibrated_model)]) == 0
+        alone = json.loads((out / "compliance.json").read_text())["estimate"]
+        assert report["per_folder"][name] == alone, name
+    solo = report["per_folder"]["solo"]
+    assert solo["units"] == 1 and solo["low"] is None and solo["note"] == "one image: no interval"
+
+
+def test_the_plot_per_folder_draws_folder_names_as_they_are(tmp_path, monkeypatch):
+    from utils.detection import plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.update(
+        labels=[label.get_text() for label in fig.axes[0].get_yticklabels()], fig=fig))
+    result = {"percent": 50.0, "low": 10.0, "high": 90.0, "units": 2, "unit": "image", "faces_found": 4,
+              "method": "cc", "confidence": 0.95}
+    plots.plot_compliance_by_folder({"cost $5 and $6": result, "x$\\foo$": result}, result, tmp_path / "f.png")
+    assert drawn["labels"] == ["cost $5 and $6", "x$\\foo$"]
+    drawn["fig"].canvas.draw()  # math would be parsed here: '$\\foo$' is no symbol it knows
+    assert not any(label.get_parse_math() for label in drawn["fig"].axes[0].get_yticklabels())
+
+
+def test_the_plot_over_time_draws_a_video_named_like_math(tmp_path):
+    from utils.detection.plots import plot_compliance_over_time
+
+    plot_compliance_over_time([0.0, 1.0], [50.0, None], [2, 0], tmp_path / "t.png", "clips/x$\\foo$.mp4")
+    assert (tmp_path / "t.png").stat().st_size > 0

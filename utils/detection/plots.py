@@ -248,7 +248,8 @@ def plot_compliance_over_time(times, percentages, faces, path, source: str, with
     twin.set_ylabel(faces_label)
     ax.set_zorder(twin.get_zorder() + 1)
     ax.patch.set_visible(False)
-    ax.set_title(f"Mask compliance over time: {Path(source).name if '://' not in source else source}")
+    ax.set_title(f"Mask compliance over time: {Path(source).name if '://' not in source else source}",
+                 parse_math=False)  # a file's name is text, not math ('$' in it)
     _write_figure(fig, path)
 
 
@@ -276,7 +277,8 @@ def plot_compliance_by_folder(per_folder: dict, overall: dict, path, limit: int 
     if overall["percent"] is not None and per_folder:
         ax.axvline(overall["percent"], color="grey", linestyle="--", label=f"all folders: {overall['percent']:.1f}%")
         ax.legend(loc="lower left", fontsize=8)
-    ax.set_yticks(range(len(rows)), [folder or "(top level)" for folder, _ in rows], fontsize=8)
+    # parse_math off: a folder's name is text ('x$\\foo$' failed the drawing, '$5 and $6' was drawn as math)
+    ax.set_yticks(range(len(rows)), [folder or "(top level)" for folder, _ in rows], fontsize=8, parse_math=False)
     ax.set_ylim(len(rows) - 0.5, -0.5)  # the first folder on top
     ax.set_xlim(0, 100)
     ax.set_xlabel(f"faces properly masked (%), {overall['method']}, with the "
