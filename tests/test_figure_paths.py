@@ -4,6 +4,7 @@ pixels (an untrained model finds one class everywhere, which would hide a differ
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import shutil
@@ -282,3 +283,56 @@ def test_the_plot_over_time_draws_a_video_named_like_math(tmp_path):
 
     plot_compliance_over_time([0.0, 1.0], [50.0, None], [2, 0], tmp_path / "t.png", "clips/x$\\foo$.mp4")
     assert (tmp_path / "t.png").stat().st_size > 0
+
+
+def test_the_report_shows_the_figures_of_the_compliance_json_it_reads(root, small_photos, tiny_model_file, detector,
+                                                                     tmp_path, capsys):
+    """The run report's prediction set: merge_predictions' compliance.json as written (a headline standing in for
+    pacc2), shown with the same overall percent, figure, interval, images and fallback (to one decimal)."""
+    from run_folders import make_run_folder
+
+    photo_folder(small_photos, tmp_path / "photos")
+    assert run_script(root, "predict", ["--images", tmp_path / "photos", "--output-dir", tmp_path / "parts",
+                                        "--output-tag", "shard-000000", *predict_args(tiny_model_file)]) == 0
+    run_dir = make_run_folder(tmp_path / "run")
+    assert run_script(root, "merge_predictions", ["--inputs-dir", tmp_path / "parts",
+                                                  "--output-dir", run_dir / "outputs"]) == 0
+    merged = json.loads((run_dir / "outputs" / "compliance.json").read_text())
+    capsys.readouterr()
+    assert run_script(root, "report", [run_dir]) == 0
+    page = (run_dir / "outputs" / "report.html").read_text()
+    overall, estimate = merged["overall"], merged["estimate"]
+    assert estimate["low"] is not None and estimate["method"] == "cc"
+    assert (f"{overall['faces']} faces (" + ", ".join(f"{overall['counts'][name]} {name}" for name in
+                                                       ("with_mask", "without_mask", "mask_weared_incorrect"))
+            + f"), <b>{overall['percent_properly_masked']:.1f}%</b> properly masked") in page
+    assert (f"Estimate (cc): <b>{estimate['percent']:.1f}% (95% interval {estimate['low']:.1f}&ndash;"
+            f"{estimate['high']:.1f}%)</b> over 5 images; cc instead of pacc2: the model file holds no validation "
+            "rates") in page
+
+
+def test_predict_two_shards_merged_and_the_video_path_give_one_adjusted_figure(
+        root, small_photos, calibrated_model, detector, tmp_path):
+    """With the model's validation rates (pacc2, the score sums corrected): the same per-image counts, overall,
+    headline and every estimator from predict, a merge of 2 shards and predict_video over the photos as frames
+    (one frame a block: the units predict resamples)."""
+    photos = photo_folder(small_photos, tmp_path / "photos")
+    assert run_script(root, "predict", ["--images", tmp_path / "photos", "--output-dir", tmp_path / "one",
+                                        *predict_args(calibrated_model)]) == 0
+    for tag, shard in (("s1", photos[3:]), ("s2", photos[:3])):
+        assert run_script(root, "predict", ["--images", *shard, "--output-dir", tmp_path / "parts",
+                                            "--output-tag", tag, *predict_args(calibrated_model)]) == 0
+    assert run_script(root, "merge_predictions", ["--inputs-dir", tmp_path / "parts", "--output-dir",
+                                                  tmp_path / "merged"]) == 0
+    one, merged = (json.loads((tmp_path / name / "compliance.json").read_text()) for name in ("one", "merged"))
+    video = video_summary(calibrated_model, photos, tmp_path / "video")
+    assert one["estimate"]["method"] == "pacc2" and "fallback" not in one["estimate"]
+    assert merged["per_image"] == {str(photo): one["per_image"][str(photo)] for photo in photos}
+    with open(tmp_path / "video" / "video_frames.csv", newline="") as frames:
+        assert [int(row["faces"]) for row in csv.DictReader(frames)] == [one["per_image"][str(p)]["faces"]
+                                                                         for p in photos]
+    for other in (merged, video):
+        assert other["overall"] == one["overall"] and other["calibration"] == one["calibration"]
+        assert figure(other["estimate"]) == figure(one["estimate"])
+        assert {m: figure(e) for m, e in other["estimates"].items()} == \
+            {m: figure(e) for m, e in one["estimates"].items()}
