@@ -336,3 +336,27 @@ def test_predict_two_shards_merged_and_the_video_path_give_one_adjusted_figure(
         assert figure(other["estimate"]) == figure(one["estimate"])
         assert {m: figure(e) for m, e in other["estimates"].items()} == \
             {m: figure(e) for m, e in one["estimates"].items()}
+
+
+TIES = (6.25, 0.25, 18.75, 28.15, 0.05, 99.95, 100.0, 0.0, 12.35, 43.75, 56.25, 81.25)
+
+
+def test_a_figure_reads_the_same_to_one_decimal_in_the_printed_line_the_report_and_the_page():
+    """1 face of 16 properly masked is 6.25 %: the printed line and the report showed 6.2 % (Python rounds a tie
+    to even), the service's page 6.3 % (toFixed rounds it up)."""
+    from utils.detection.compliance import interval_text
+    from utils.figures import one_decimal
+    from utils.reporting.html_parts import interval, percent
+
+    result = {"percent": 6.25, "low": 0.25, "high": 18.75, "confidence": 0.95, "units": 16, "unit": "image",
+              "method": "cc"}
+    assert interval_text(result) == "6.3% properly masked (95% interval 0.3-18.8%, 16 images; cc)"
+    assert percent(6.25) == "6.3%" and interval(result) == "6.3% (95% interval 0.3&ndash;18.8%)"
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node not installed: the page's rounding (toFixed) is not compared")
+    import subprocess
+
+    page = subprocess.run([node, "-e", f"console.log({list(TIES)}.map((v) => v.toFixed(1)).join(' '))"],
+                          capture_output=True, text=True, check=True, timeout=30).stdout.split()
+    assert [one_decimal(value) for value in TIES] == page

@@ -13,6 +13,7 @@ import math
 import torch
 
 from .. import defaults as D
+from ..figures import one_decimal
 from ..classes import CLASSES, NAME_OF
 
 
@@ -56,8 +57,9 @@ def interval_text(result: dict) -> str:
     if result["low"] is None:  # the note says why: 'one image: no interval'
         spread = result.get("note") or "no interval: no replicate found a face"
     else:
-        spread = f"{round(100 * result['confidence'])}% interval {result['low']:.1f}-{result['high']:.1f}%"
-    return f"{result['percent']:.1f}% properly masked ({spread}, {unit}; {estimator})"
+        spread = (f"{round(100 * result['confidence'])}% interval {one_decimal(result['low'])}-"
+                  f"{one_decimal(result['high'])}%")
+    return f"{one_decimal(result['percent'])}% properly masked ({spread}, {unit}; {estimator})"
 
 
 def compliance_line(summary: dict, estimate: dict | None = None) -> str:
@@ -68,7 +70,7 @@ def compliance_line(summary: dict, estimate: dict | None = None) -> str:
     if estimate is not None:
         figure = interval_text(estimate)
     else:
-        figure = "no faces found" if percent is None else f"{percent:.1f}% properly masked"
+        figure = "no faces found" if percent is None else f"{one_decimal(percent)}% properly masked"
     return f"compliance: {summary['faces']} faces, {counts}: {figure}"
 
 

@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from .. import defaults as D
 from ..data.images import ImageError, check_image_pixels
 from ..errors import shown
+from ..figures import one_decimal
 from .values import mapping, num, text
 
 # What embedding an image can raise for a file that is not a usable image: said on the page, not a crash.
@@ -118,7 +119,7 @@ def setting(value) -> str:
 
 
 def percent(value) -> str:
-    return _formatted(value, lambda found: f"{found:.1f}%")
+    return _formatted(value, lambda found: f"{one_decimal(found)}%")  # as the printed lines and the service's page
 
 
 def seconds_text(value) -> str:
@@ -158,7 +159,7 @@ def interval(result) -> str:
     confidence = num(result.get("confidence", 0.95))
     level = "n/a" if confidence is None else f"{100 * confidence:.0f}"
     low, high = num(result.get("low")), num(result.get("high"))
-    bounds = (f"{low:.1f}&ndash;{high:.1f}%" if low is not None and high is not None
+    bounds = (f"{one_decimal(low)}&ndash;{one_decimal(high)}%" if low is not None and high is not None
               else f"{percent(result.get('low'))}&ndash;{percent(result.get('high'))}")
     return f"{percent(result['percent'])} ({level}% interval {bounds})"
 

@@ -1,0 +1,16 @@
+"""How a percent is shown to people: one decimal, the same in every output that shows it.
+
+The outputs store the figure to two decimals (utils/detection/quantify.py); the lines the jobs print, the run
+report and the service's page show it to one. Python's format rounds a tie to even ('6.25' -> '6.2') where the
+page's JavaScript toFixed(1) rounds it up ('6.3'): the same figure read 6.2 % in the terminal and the report and
+6.3 % on the page. one_decimal is toFixed(1)'s rule (the float's exact value, a tie away from zero), so all agree.
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_UP, Decimal
+
+
+def one_decimal(value: float) -> str:
+    """*value* to one decimal as JavaScript's value.toFixed(1) writes it: one_decimal(6.25) == '6.3'."""
+    return str(Decimal(float(value)).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
