@@ -360,3 +360,20 @@ def test_a_figure_reads_the_same_to_one_decimal_in_the_printed_line_the_report_a
     page = subprocess.run([node, "-e", f"console.log({list(TIES)}.map((v) => v.toFixed(1)).join(' '))"],
                           capture_output=True, text=True, check=True, timeout=30).stdout.split()
     assert [one_decimal(value) for value in TIES] == page
+
+
+def test_evaluation_txt_shows_the_figures_to_one_decimal_as_the_report_does():
+    from utils.detection.compliance import compliance_error_lines
+    from utils.detection.evaluation import estimate_lines
+
+    result = {"method": "cc", "percent": 6.25, "low": 0.25, "high": 18.75, "error_points": -0.05,
+              "truth_inside": True, "replicates": 1000, "seed": 42}
+    lines = estimate_lines({"true_percent": 56.25, "true_faces": 16, "estimate": result, "estimates": {"cc": result},
+                            "unavailable": {}})
+    assert "(true: 56.3% of 16 faces" in lines[0] and lines[2].split()[:3] == ["cc", "6.3", "0.3-18.8"]
+    summary = {"faces": 16, "counts": {"with_mask": 1, "without_mask": 15, "mask_weared_incorrect": 0},
+               "percent_properly_masked": 6.25}
+    error = {"score_threshold": 0.5, "true": summary, "predicted": summary, "error_points": 0.0,
+             "per_image_mae_points": None, "images_compared": 0, "images_without_detections": 0,
+             "images_without_faces": 0}
+    assert any(line.split()[-2:] == ["6.3%", "6.3%"] for line in compliance_error_lines(error))

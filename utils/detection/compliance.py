@@ -128,7 +128,7 @@ def compliance_error_lines(error: dict) -> list[str]:
 
     def percent(summary):
         value = summary["percent_properly_masked"]
-        return "n/a" if value is None else f"{value:.1f}%"
+        return "n/a" if value is None else f"{one_decimal(value)}%"
 
     lines = [f"Compliance at score >= {error['score_threshold']:g} (the headline figure):",
              f"{'':<24}{'true':>9}{'predicted':>11}"]

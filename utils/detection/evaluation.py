@@ -33,6 +33,7 @@ from ..data.pairs import pair_folders, scan_pairs
 from .plots import plot_confusion_matrix, plot_pr_curves
 from ..data.voc import VocError, clean_objects, parse_voc
 from ..errors import InputError
+from ..figures import one_decimal
 
 CONFUSION_IOU = 0.5
 
@@ -189,15 +190,15 @@ def recall_lines(recall: dict | None) -> list[str]:
 def estimate_lines(report: dict) -> list[str]:
     """evaluation.txt's block: every estimator against the truth."""
     truth = report["true_percent"]
-    lines = [f"Percent properly masked as an estimate (true: {'n/a' if truth is None else f'{truth:.1f}%'} of "
+    lines = [f"Percent properly masked as an estimate (true: {'n/a' if truth is None else f'{one_decimal(truth)}%'} of "
              f"{report['true_faces']} faces; 95% bootstrap intervals, {report['estimate']['replicates']} replicates, "
              f"seed {report['estimate']['seed']}):",
              f"{'estimator':<10}{'percent':>9}{'interval':>17}{'error':>9}{'truth inside':>14}"]
     for method, result in report["estimates"].items():
-        interval = "n/a" if result["low"] is None else f"{result['low']:.1f}-{result['high']:.1f}"
+        interval = "n/a" if result["low"] is None else f"{one_decimal(result['low'])}-{one_decimal(result['high'])}"
         error = "n/a" if result["error_points"] is None else f"{result['error_points']:+.1f}"
         inside = {True: "yes", False: "no", None: "n/a"}[result["truth_inside"]]
-        percent = "n/a" if result["percent"] is None else f"{result['percent']:.1f}"
+        percent = "n/a" if result["percent"] is None else one_decimal(result["percent"])
         lines.append(f"{method:<10}{percent:>9}{interval:>17}{error:>9}{inside:>14}")
     for method, why in report["unavailable"].items():
         lines.append(f"{method:<10}not computed: {why}")
