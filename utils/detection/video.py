@@ -41,7 +41,7 @@ from ..stop import stop_requested
 from .compliance import compliance, merge_compliance
 from .inference import detect, detection_floor, to_model_input
 from .inference_size import working_size
-from .quantify import Calibration, Units, calibration_problem, calibration_summary, class_sums, set_estimates
+from .quantify import Calibration, Units, calibration_problem, calibration_summary, set_estimates, soft_counts
 from .plots import draw_detections
 
 CSV_FIELDS = ("frame", "time_s", "faces", *CLASSES, "percent_properly_masked")
@@ -291,7 +291,8 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                 rgb = torch.from_numpy(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)
                 (out,) = detect(model, [to_model_input(rgb, device)], tta=tta,
                                 score_threshold=detection_floor(score_threshold))
-                soft = class_sums(out["labels"].tolist(), out["scores"].tolist(), D.DETECTION_FLOOR)
+                # to 4 decimals, as predict (and so a merge) and the service keep them: the same sums, the same figure
+                soft = list(soft_counts(out["labels"].tolist(), out["scores"].tolist()).values())
                 keep = out["scores"] >= score_threshold  # counted, drawn and listed: those at the threshold
                 out = {key: value[keep] for key, value in out.items()}
                 labels = [NAME_OF[int(label)] for label in out["labels"].tolist()]
