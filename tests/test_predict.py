@@ -591,6 +591,21 @@ def test_an_images_detections_do_not_depend_on_its_batch_mates(untrained_detecto
         assert canonical(batched) == canonical(alone)
 
 
+def test_evaluation_and_validation_detect_each_image_as_predict_does(untrained_detector):
+    """engine.run_inference (evaluate, the validation choices, the estimators' rates) called the model on the loader's
+    batch, padded to its largest image: a photo's detections there were not the ones predict counts."""
+    from utils.detection.engine import run_inference
+
+    generator = torch.Generator().manual_seed(1)
+    landscape, portrait = torch.rand(3, 90, 160, generator=generator), torch.rand(3, 160, 70, generator=generator)
+    target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    loader = [([landscape, portrait], [target, target])]  # one batch of two sizes, as a DataLoader yields it
+    for tta in (False, True):
+        predictions, _ = run_inference(untrained_detector, loader, torch.device("cpu"), tta=tta)
+        for image, evaluated in zip([landscape, portrait], predictions):
+            assert canonical(evaluated) == canonical(detect(untrained_detector, [image], tta=tta)[0])
+
+
 def canonical(result: dict) -> list:
     return sorted((round(score, 4), label, [round(v, 1) for v in box]) for score, label, box in
                   zip(result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist()))

@@ -171,15 +171,18 @@ def evaluate_loss(model, loader, device, seed: int = 0, progress: bool = False) 
 
 @torch.no_grad()
 def run_inference(model, loader, device, progress: bool = False, description: str = "predict", tta: bool = False):
-    """(predictions, targets) in original image coordinates, on the CPU, with the model in eval mode; with *tta*
-    each image's plain and flipped passes fused (utils.detection.inference.detect)."""
+    """(predictions, targets) in original image coordinates, on the CPU, with the model in eval mode, each image's
+    detections as predict makes them (utils.detection.inference.detect: images of one size per forward pass; with
+    *tta* each image's plain and flipped passes fused). The model called on the loader's batch padded its images
+    to the largest, so evaluate's figures, the validation choices and the rates stored for the estimators came
+    from other detections than predict counts."""
     from tqdm import tqdm
 
     model.eval()
     predictions, all_targets = [], []
     for images, targets in tqdm(loader, desc=description, unit="batch", disable=not progress, leave=False):
         images = [image.to(device, non_blocking=True) for image in images]
-        outputs = detect(model, images, tta=True) if tta else model(images)
+        outputs = detect(model, images, tta=tta)
         for output, target in zip(outputs, targets):
             predictions.append({k: v.detach().cpu() for k, v in output.items()})
             all_targets.append({"boxes": _plain_tensor(target["boxes"]).cpu(), "labels": target["labels"].cpu()})
