@@ -200,8 +200,7 @@ def detect(model, images: list[torch.Tensor], tta: bool = False, score_threshold
             height, width = int(image.shape[-2]), int(image.shape[-1])
             out = fuse_boxes([out, {**flipped, "boxes": unflip_boxes(flipped["boxes"].detach(), width)}], width,
                              height, image.device, limit=max_detections(model))
-        keep = out["scores"] >= score_threshold
-        results.append({k: v[keep].cpu() for k, v in out.items()})
+        results.append({k: v.cpu() for k, v in above(out, score_threshold).items()})
     return results
 
 
