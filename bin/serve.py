@@ -16,9 +16,11 @@ with its id (X-Request-ID) and its decode / queue / inference times.
 The model is loaded once; one inference thread puts up to --batch-size images of the same
 size from any requests into one forward pass; at most --queue-size requests wait for it and at
 most --max-requests are received or served at once (then 503 with Retry-After; the probes
-always answer). A connection must send a complete request head within --header-timeout
-seconds of connecting or of its last answer, and a body may not stall for --body-timeout
-seconds nor, after that long, average under --min-body-rate KB/s, nor take longer than
+always answer), at most --max-requests-per-client of them from one client address (then 429;
+behind a reverse proxy, name it in --forwarded-allow-ips or pass 0: docs/service.md). A
+connection must send a complete request head within --header-timeout seconds of connecting
+or of its last answer, and a body may not stall for --body-timeout seconds nor, after that
+long, average under --min-body-rate KB/s, nor take longer than
 --body-deadline seconds in all (408); a client must take its answer within --send-timeout
 seconds plus its unsent bytes at --min-body-rate, else its connection is aborted. Bad uploads get a
 4xx naming the file: 413 too large (--max-upload-mb, --max-image-pixels, checked from the
@@ -45,7 +47,7 @@ import time
 from pathlib import Path
 
 from utils import defaults as D
-from utils.cli import int_between, non_negative_float, positive_float, positive_int, run_job
+from utils.cli import int_between, non_negative_float, non_negative_int, positive_float, positive_int, run_job
 from utils.detection.device import resolve_device
 from utils.errors import InputError
 
@@ -94,6 +96,16 @@ def get_args_parser():
                         help="requests received or served at once; more get 503 (the probes /livez, /readyz, "
                              "/api/health, /metrics excepted; open connections without a request do not count) "
                              f"(default: {D.SERVICE_MAX_REQUESTS})")
+    parser.add_argument("--max-requests-per-client", type=non_negative_int, default=None,
+                        help="of those, requests from one client address at once; more get 429. Behind a "
+                             "reverse proxy all requests come from its address: name it in --forwarded-allow-ips, "
+                             "or pass 0 (no per-client limit; leave it to the proxy) (default: a quarter of "
+                             f"--max-requests, {int(D.SERVICE_MAX_REQUESTS * D.SERVICE_CLIENT_SHARE_OF_REQUESTS)} "
+                             "at its default)")
+    parser.add_argument("--forwarded-allow-ips", default="",
+                        help="comma-separated addresses or networks of reverse proxies whose X-Forwarded-For "
+                             "header names the client (for --max-requests-per-client and the access log); no one "
+                             "else's is read (default: none)")
     parser.add_argument("--header-timeout", type=positive_float, default=D.SERVICE_HEADER_TIMEOUT_S,
                         help="seconds a connection has to send a complete request line and headers, after "
                              f"connecting or after its previous answer (default: {D.SERVICE_HEADER_TIMEOUT_S:g})")
@@ -139,6 +151,14 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def proxy_settings(forwarded_allow_ips: str) -> dict:
+    """uvicorn's settings that read X-Forwarded-For from the proxies named (comma-separated) and no one else.
+    uvicorn's own default trusts loopback (or $FORWARDED_ALLOW_IPS), and this server's clients are on loopback
+    unless --host says otherwise: any of them could have named itself anyone, past --max-requests-per-client."""
+    proxies = [address.strip() for address in forwarded_allow_ips.split(",") if address.strip()]
+    return {"proxy_headers": bool(proxies), "forwarded_allow_ips": proxies or None}
+
+
 def access_logging() -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s access: %(message)s"))
@@ -165,7 +185,8 @@ def main(args) -> int:
                                    batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms,
                                    decode_threads=args.decode_threads, stop_timeout=args.stop_timeout,
                                    max_requests=args.max_requests, body_timeout=args.body_timeout,
-                                   min_body_rate_kbs=args.min_body_rate, body_deadline=args.body_deadline))
+                                   min_body_rate_kbs=args.min_body_rate, body_deadline=args.body_deadline,
+                                   max_requests_per_client=args.max_requests_per_client))
     access_logging()
     # The model's thread takes the GIL back between its ops; Python's default lets the event loop keep it
     # for up to 5 ms while it parses a request (defaults.SERVICE_GIL_SWITCH_S)
@@ -193,6 +214,7 @@ def main(args) -> int:
     # No limit_concurrency: uvicorn counts open sockets with it, so a few silent connections answered everyone 503.
     # The head deadline closes those (protocol.py); the edge bounds the requests in flight (--max-requests).
     config = uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=args.stop_timeout,
+                            **proxy_settings(args.forwarded_allow_ips),
                             http=head_deadline_protocol(args.header_timeout, args.send_timeout,
                                                         args.min_body_rate * 1024))
     print(f"{JOB}: {args.model} on http://{args.host}:{args.port} (API docs: /docs)", flush=True)

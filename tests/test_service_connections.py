@@ -182,3 +182,99 @@ def test_a_client_that_never_reads_its_answer_is_aborted_and_one_that_reads_gets
             with contextlib.suppress(ConnectionResetError):
                 received = read_until_closed(idle)
             assert len(received) < len(answer)
+
+
+def _counting_app(entered: threading.Semaphore):
+    """An app that reads its body (a held request's never ends) and answers the client address it was given."""
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        entered.release()
+        while (message := await receive())["type"] == "http.request" and message.get("more_body"):
+            pass
+        if message["type"] == "http.disconnect":
+            return
+        body = scope["client"][0].encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+    return app
+
+
+def _hold(port: int, source: str, entered: threading.Semaphore, headers: bytes = b"") -> socket.socket:
+    """A request whose body is still arriving (5 of its 10 bytes), from *source*; returns once the app has it."""
+    conn = socket.create_connection(("127.0.0.1", port), source_address=(source, 0))
+    conn.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n" + headers + b"\r\n12345")
+    assert entered.acquire(timeout=HANG)
+    return conn
+
+
+def _ask(port: int, source: str, headers: bytes = b"") -> bytes:
+    with socket.create_connection(("127.0.0.1", port), source_address=(source, 0)) as conn:
+        conn.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n" + headers
+                     + b"\r\n")
+        return read_until_closed(conn)
+
+
+def test_one_client_cannot_hold_every_request_slot_and_others_still_get_in():
+    """A client keeping up the body rate on every slot (and reconnecting after each cut) held all --max-requests of
+    them; one address now holds at most max_requests_per_client, one more from it is answered 429 with a reason and
+    Retry-After before its body is read, and another address still gets in. Its places are given back."""
+    entered = threading.Semaphore(0)
+    edge = EdgeMiddleware(_counting_app(entered), token=None, protected=(), max_body_bytes=10**6,
+                          metrics=ServiceMetrics(), max_requests=4, max_requests_per_client=2)
+    with running(edge, proxy_headers=False) as port:
+        held = [_hold(port, "127.0.0.1", entered) for _ in range(2)]
+        refused = _ask(port, "127.0.0.1")
+        other = _ask(port, "127.0.0.2")  # loopback is 127/8 on Linux: another client address
+        for conn in held:
+            conn.close()
+        for _ in range(HANG * 20):  # the places come back once the app has seen its clients leave
+            if (after := _ask(port, "127.0.0.1")).startswith(b"HTTP/1.1 200"):
+                break
+            time.sleep(0.05)
+    assert refused.startswith(b"HTTP/1.1 429") and b"retry-after: 2" in refused.lower()
+    assert b"too many requests from '127.0.0.1': 2 are being received or served" in refused
+    assert b"--max-requests-per-client" in refused
+    assert other.startswith(b"HTTP/1.1 200") and other.endswith(b"127.0.0.2")
+    assert after.startswith(b"HTTP/1.1 200") and not edge.active_by_client
+
+
+def test_behind_a_named_proxy_clients_are_told_apart_by_x_forwarded_for_and_no_one_else_can_name_themselves(root):
+    """Behind a reverse proxy every request comes from its address, so the per-client limit bound all its clients
+    together; with bin/serve.py --forwarded-allow-ips naming the proxy, uvicorn reads the client from its
+    X-Forwarded-For. Without it (the default) no one's header is read: uvicorn's own default trusted loopback,
+    where this server's clients are unless --host says otherwise, so any client could have named itself anyone."""
+    from helpers import load_script
+
+    proxy_settings = load_script(root, "serve").proxy_settings
+    entered = threading.Semaphore(0)
+    edge = EdgeMiddleware(_counting_app(entered), token=None, protected=(), max_body_bytes=10**6,
+                          metrics=ServiceMetrics(), max_requests=8, max_requests_per_client=1)
+    alice, bob = b"X-Forwarded-For: 203.0.113.7\r\n", b"X-Forwarded-For: 198.51.100.9\r\n"
+    with running(edge, **proxy_settings("127.0.0.1")) as port:
+        held = _hold(port, "127.0.0.1", entered, alice)
+        alice_again, bob_too = _ask(port, "127.0.0.1", alice), _ask(port, "127.0.0.1", bob)
+        not_a_proxy = _ask(port, "127.0.0.2", bob)  # its header is not read: it is its own address
+        held.close()
+    with running(edge, **proxy_settings("")) as port:
+        held = _hold(port, "127.0.0.1", entered, alice)
+        spoofed = _ask(port, "127.0.0.1", bob)
+        held.close()
+    assert alice_again.startswith(b"HTTP/1.1 429") and b"'203.0.113.7'" in alice_again
+    assert bob_too.startswith(b"HTTP/1.1 200") and bob_too.endswith(b"198.51.100.9")
+    assert not_a_proxy.startswith(b"HTTP/1.1 200") and not_a_proxy.endswith(b"127.0.0.2")
+    assert spoofed.startswith(b"HTTP/1.1 429") and b"'127.0.0.1'" in spoofed
+
+
+def test_the_per_client_limit_defaults_to_a_share_of_max_requests_and_0_turns_it_off():
+    from pathlib import Path
+
+    from utils import defaults as D
+    from utils.service.app import ServiceConfig
+
+    assert ServiceConfig(Path("model.pt")).client_limit == int(D.SERVICE_MAX_REQUESTS
+                                                               * D.SERVICE_CLIENT_SHARE_OF_REQUESTS) == 8
+    assert ServiceConfig(Path("model.pt"), max_requests=2).client_limit == 1  # never none at all
+    assert ServiceConfig(Path("model.pt"), max_requests_per_client=3).client_limit == 3
+    assert ServiceConfig(Path("model.pt"), max_requests_per_client=0).client_limit is None

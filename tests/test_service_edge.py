@@ -170,6 +170,8 @@ def _listening_port() -> socket.socket:
     (["--queue-size", "0"], "argument --queue-size: expected a whole number of at least 1, got 0"),
     (["--decode-threads", "two"], "argument --decode-threads: expected a whole number of at least 1, got 'two'"),
     (["--max-upload-mb", "nan"], "argument --max-upload-mb: expected a finite number above 0, got 'nan'"),
+    (["--max-requests-per-client", "-1"], "argument --max-requests-per-client: expected a whole number of at least 0, "
+                                          "got -1"),
     (["--stop-timeout", "-1"], "argument --stop-timeout: expected a finite number of 0 or more, got -1"),
     (["--host", "no.such.host.invalid"], "--host 'no.such.host.invalid': not an address of this machine"),
     (["--port", "IN_USE"], "cannot listen there (Address already in use)"),

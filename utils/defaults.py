@@ -192,6 +192,11 @@ SERVICE_MAX_REQUESTS = 32            # requests received or served at once (prob
                                      # file parts in memory while its body arrives (the multipart parser spools
                                      # the rest to an unnamed temporary file): 32 x 16 x 1 MB. Open connections
                                      # without a request do not count (SERVICE_HEADER_TIMEOUT_S closes them)
+SERVICE_CLIENT_SHARE_OF_REQUESTS = 0.25  # the share of SERVICE_MAX_REQUESTS one client address may hold at once
+                                     # (--max-requests-per-client defaults to it: 8 of 32); more from it are answered
+                                     # 429. One client keeping up the minimum body rate on every slot, reconnecting
+                                     # after each cut, kept all of them busy; now it takes four addresses. Behind a
+                                     # reverse proxy all requests come from its address: docs/service.md, what to set
 SERVICE_HEADER_TIMEOUT_S = 10.0      # a connection must complete a request's line and headers this long after it
                                      # connected or after its previous answer, else it is closed (slowloris)
 SERVICE_BODY_TIMEOUT_S = 30.0        # a request body that sends nothing this long is cut off (408)

@@ -98,6 +98,14 @@ class ServiceConfig:
     body_timeout: float = D.SERVICE_BODY_TIMEOUT_S
     min_body_rate_kbs: float = D.SERVICE_MIN_BODY_RATE_KBS
     body_deadline: float = D.SERVICE_BODY_DEADLINE_S  # 0: none
+    max_requests_per_client: int | None = None  # None: SERVICE_CLIENT_SHARE_OF_REQUESTS of max_requests; 0: no limit
+
+    @property
+    def client_limit(self) -> int | None:
+        """Requests one client address may have in the app at once; None: no such limit."""
+        if self.max_requests_per_client is None:
+            return max(1, int(self.max_requests * D.SERVICE_CLIENT_SHARE_OF_REQUESTS))
+        return self.max_requests_per_client or None
 
     @property
     def max_body_bytes(self) -> int:
@@ -156,7 +164,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     app.add_middleware(EdgeMiddleware, token=config.token, protected=PROTECTED, max_body_bytes=config.max_body_bytes,
                        metrics=metrics, max_requests=config.max_requests, probes=PROBES,
                        body_timeout=config.body_timeout, min_body_rate=config.min_body_rate_kbs * 1024,
-                       body_deadline=config.body_deadline or None)
+                       body_deadline=config.body_deadline or None, max_requests_per_client=config.client_limit)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:

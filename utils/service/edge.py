@@ -8,6 +8,9 @@
 - Size: a Content-Length above the limit is answered 413 before the body is received; a body
   without one (chunked) is counted as it streams and cut off at the limit with 413. The app
   never holds more than the limit of one request's body.
+- Share: at most max_requests requests are in the app at once (probes excepted; more: 503), and at most
+  max_requests_per_client of them from one client address as uvicorn reports it (more: 429), so that one
+  client cannot hold every place.
 - Every request gets an id (the client's X-Request-ID when it is a short plain token, else a new
   one), returned as X-Request-ID, and one access-log line with its timings: the app writes
   decode / queue / inference times into ``scope["state"]["timings"]`` (and, for a client gone, the
@@ -72,11 +75,16 @@ async def answer(send, status: int, detail: str, headers: dict[str, str] | None 
 class EdgeMiddleware:
     def __init__(self, app, *, token: str | None, protected: tuple[str, ...], max_body_bytes: int,
                  metrics: ServiceMetrics, max_requests: int | None = None, probes: tuple[str, ...] = (),
-                 body_timeout: float | None = None, min_body_rate: float = 0.0, body_deadline: float | None = None):
+                 body_timeout: float | None = None, min_body_rate: float = 0.0, body_deadline: float | None = None,
+                 max_requests_per_client: int | None = None):
         self.app, self.token, self.protected = app, token, protected
         self.max_body_bytes, self.metrics = max_body_bytes, metrics
         # requests in the app at once, probes excepted: what bodies arriving and answers being made may hold
         self.max_requests, self.probes, self.active = max_requests, probes, 0
+        # ... and from one client address (None: no bound): one client keeping up the body rate on every slot, and
+        # reconnecting after each cut, held them all. The address is scope["client"], which uvicorn sets from
+        # X-Forwarded-For only for a proxy named in --forwarded-allow-ips; a request without one is not counted here
+        self.max_requests_per_client, self.active_by_client = max_requests_per_client, {}
         # A body may pause for at most body_timeout seconds, and once that long has passed since it began it must
         # have come at min_body_rate bytes/s on average: a client that trickles a byte at a time stays under any
         # pause limit and would hold its request slot (and, with --max-requests of them, the whole server) for hours
@@ -106,6 +114,7 @@ class EdgeMiddleware:
         limit_mb = f"{self.max_body_bytes / 2**20:g} MB"
 
         started, counted = [False], False
+        client = (scope.get("client") or (None, 0))[0]
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
@@ -175,11 +184,20 @@ class EdgeMiddleware:
                     await answer(send_with_id, 413, f"{where}: request body of {declared} bytes; at most {limit_mb}")
                     return
             if path not in self.probes:
+                limit, held = self.max_requests_per_client, self.active_by_client.get(client, 0)
+                if limit is not None and client is not None and held >= limit:
+                    await answer(send_with_id, 429, f"{where}: too many requests from {shown(client)}: {held} are "
+                                                    f"being received or served, at most {limit} from one client "
+                                                    "(--max-requests-per-client); retry when one is answered",
+                                 {"Retry-After": "2"})
+                    return
                 if self.max_requests is not None and self.active >= self.max_requests:
                     await answer(send_with_id, 503, f"{where}: busy: {self.max_requests} requests are being received "
                                                     "or served; retry shortly", {"Retry-After": "2"})
                     return
                 self.active += 1
+                if client is not None:
+                    self.active_by_client[client] = held + 1
                 counted = True
             try:
                 await self.app(scope, counted_receive, send_or_cut)
@@ -199,6 +217,10 @@ class EdgeMiddleware:
         finally:
             if counted:
                 self.active -= 1
+                if client is not None:
+                    left = self.active_by_client.pop(client) - 1
+                    if left:  # an address with nothing in flight leaves no entry behind
+                        self.active_by_client[client] = left
             seconds = time.perf_counter() - began
             self.metrics.observe_request(path, status[0], seconds)
             timings = state.get("timings") or {}
@@ -207,6 +229,5 @@ class EdgeMiddleware:
             images = f" images={timings['images']}" if "images" in timings else ""
             if "dropped" in timings:  # a client gone (499): the model's jobs of its request withdrawn unbegun
                 images += f" dropped={timings['dropped']}"
-            client = scope.get("client") or ("-", 0)
             ACCESS_LOG.info("id=%s %s %s %d total_ms=%.1f%s%s client=%s", request_id, where,
-                            scope.get("http_version", "1.1"), status[0], seconds * 1000, stages, images, client[0])
+                            scope.get("http_version", "1.1"), status[0], seconds * 1000, stages, images, client or "-")
