@@ -314,6 +314,26 @@ def test_checkpoint_time_sends_sigterm_and_the_retry_resumes(tmp_path):
     assert "retry  long: sent SIGTERM at checkpoint.time" in output  # not "killed at maxwalltime"
 
 
+def test_a_job_without_a_checkpoint_is_stopped_at_its_runtime_limit_and_told_how_to_lift_it(tmp_path):
+    """Only train and hpo (checkpoint.time, maxwalltime) had a time limit here; every other job carries its
+    runtime profile (seconds, utils/pegasus/runtimes.py), which kickstart holds it to on a pool, and a hung one
+    stalled a local run for ever. It now gets SIGTERM at it; --no-time-limits lifts every limit."""
+    run_dir = make_workflow(tmp_path, [{"id": "hung", "outputs": ["h.txt"], "sleep": 600,
+                                        "pegasus_profiles": {"runtime": 1}}])
+    status, output = run(run_dir)
+    assert status == 1, output
+    job = job_stats(run_dir)["hung"]
+    assert job["status"] == "failed"
+    assert "stopped (SIGTERM) at its time limit (1 s, the runtime profile" in job["message"]
+    assert "--no-time-limits" in job["message"] and "`runtimes:` entry in sites.yml" in job["message"]
+    assert "hung" in output and "at its time limit (1 s" in output
+
+    slow = make_workflow(tmp_path / "lifted", [{"id": "slow", "outputs": ["s.txt"], "sleep": 1.5,
+                                                "pegasus_profiles": {"runtime": 0.5}}])
+    assert run_workflow(slow, out=io.StringIO(), time_limits=False) == 0
+    assert job_stats(slow)["slow"]["status"] == "succeeded"
+
+
 def test_an_interrupt_stops_the_running_jobs_and_the_run_says_so(tmp_path):
     # a job without checkpoint.time or maxwalltime, far longer than the test waits for the executor
     run_dir = make_workflow(tmp_path, [{"id": "slow", "outputs": ["s.txt"], "sleep": 600},

@@ -8,7 +8,9 @@ earlier try are removed. Its stdout and stderr go to RUN_DIR/logs/<job>.out.NNN
 and .err.NNN, numbered on after earlier runs' tries; the .out log starts with a
 header whose "# rerun by hand:" line is one bash command that runs the same try again. pegasus checkpoint.time /
 maxwalltime profiles (minutes) get pegasus-kickstart semantics: SIGTERM at
-checkpoint.time so that the job saves its checkpoint, SIGKILL at maxwalltime.
+checkpoint.time so that the job saves its checkpoint, SIGKILL at maxwalltime. A job with neither (all but
+train and hpo) is held to its runtime profile (seconds) as kickstart holds it on a pool: SIGTERM at it,
+SIGKILL RUNTIME_KILL_AFTER_S later, so that a hung job cannot stall a local run for ever.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from .loading import JobSpec, LoadedWorkflow
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # on the jobs' PYTHONPATH: bin/ scripts import utils
 TERM_GRACE_S = 10.0  # after SIGTERM, how long a job may take to exit before SIGKILL
+RUNTIME_KILL_AFTER_S = 300.0  # after the SIGTERM at a job's runtime limit, SIGKILL (kickstart's -K 300)
+LIFT_LIMITS = "a `runtimes:` entry in sites.yml, or rerun with python -m utils.executor RUN_DIR --no-time-limits"
 # Set for every job but without effect on what it does, so the rerun line leaves them out.
 COSMETIC_VARIABLES = {"PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
 RUN_LOCK_FILE = ".executor.lock"  # in the run folder: scheduler.run_lock
@@ -51,8 +55,10 @@ class TryOutcome:
 class JobRunner:
     """Runs tries of the workflow's jobs, one per call, each in its own scratch directory."""
 
-    def __init__(self, workflow: LoadedWorkflow, python: str, stopping: threading.Event, lock: int | None = None):
+    def __init__(self, workflow: LoadedWorkflow, python: str, stopping: threading.Event, lock: int | None = None,
+                 time_limits: bool = True):
         self.wf = workflow
+        self.time_limits = time_limits  # False: no job is stopped for its time (--no-time-limits)
         self.python = python
         self.stopping = stopping  # set on SIGINT/SIGTERM: running jobs are stopped
         # The run folder's lock (scheduler.run_lock), inherited by every job: one that outlives a killed executor
@@ -165,9 +171,15 @@ class JobRunner:
         return [str(script), *spec.arguments]
 
     def _wait(self, process: subprocess.Popen, spec: JobSpec) -> tuple[int, str]:
-        """Wait for the job; SIGTERM at checkpoint.time, SIGKILL at maxwalltime or on interrupt."""
+        """Wait for the job; SIGTERM at checkpoint.time (else at its runtime), SIGKILL at maxwalltime (else
+        RUNTIME_KILL_AFTER_S after its runtime) or on interrupt."""
         checkpoint_s = (spec.profile_number("pegasus", "checkpoint.time") or 0) * 60 or None
         walltime_s = (spec.profile_number("pegasus", "maxwalltime") or 0) * 60 or None
+        runtime_s = None if checkpoint_s or walltime_s else spec.profile_number("pegasus", "runtime") or None
+        if runtime_s:  # no checkpoint to save: the SIGTERM lets it stop cleanly (a partial set removed, progress kept)
+            checkpoint_s, walltime_s = runtime_s, runtime_s + RUNTIME_KILL_AFTER_S
+        if not self.time_limits:
+            checkpoint_s = walltime_s = None
         began = time.monotonic()
         reason, termed = "", False
         while True:
@@ -190,11 +202,16 @@ class JobRunner:
                     return process.wait(), "interrupted"
             if walltime_s and now >= walltime_s:
                 process.kill()
+                if runtime_s:
+                    return process.wait(), (f"killed {RUNTIME_KILL_AFTER_S:g} s after its time limit ({runtime_s:g} s, "
+                                            f"the runtime profile), SIGTERM not heeded; to lift it: {LIFT_LIMITS}")
                 return process.wait(), f"killed at maxwalltime ({walltime_s / 60:g} min)"
             if checkpoint_s and not termed and now >= checkpoint_s:
                 process.terminate()
                 termed = True
-                reason = f"sent SIGTERM at checkpoint.time ({checkpoint_s / 60:g} min) to save a checkpoint"
+                reason = (f"stopped (SIGTERM) at its time limit ({runtime_s:g} s, the runtime profile: a hung job "
+                          f"would stall the run for ever); to lift it: {LIFT_LIMITS}" if runtime_s else
+                          f"sent SIGTERM at checkpoint.time ({checkpoint_s / 60:g} min) to save a checkpoint")
 
     def stage_out(self, spec: JobSpec) -> None:
         """Copy the job's final outputs (stageOut) into the output folder, each atomically."""

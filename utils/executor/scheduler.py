@@ -16,6 +16,8 @@ DAGMan would, without HTCondor:
   checkpoint files stay in the job's directory between tries and across reruns;
 - pegasus checkpoint.time / maxwalltime profiles: SIGTERM at checkpoint.time, so
   the job saves its checkpoint, SIGKILL at maxwalltime (pegasus-kickstart semantics);
+  a job with neither is stopped at its runtime profile (seconds) the same way, a hung
+  job with it (--no-time-limits: none is);
 - when a job fails for good its dependents are skipped and everything else runs;
 - each final output (stageOut) is copied atomically to the output folder as soon
   as its job succeeds; at the end the TensorBoard archives among them
@@ -66,7 +68,7 @@ class Executor:
 
     def __init__(self, workflow: LoadedWorkflow, jobs: int = D.EXECUTOR_JOBS, retries: int | None = None,
                  status_interval: float | None = None, out=None, python: str = sys.executable,
-                 cpu_count: int | None = None, lock: int | None = None):
+                 cpu_count: int | None = None, lock: int | None = None, time_limits: bool = True):
         self.wf = workflow
         self.slots = max(1, int(jobs))
         self.default_retries = retries if retries is not None else int(workflow.properties.get("dagman.retry", 0) or 0)
@@ -82,7 +84,7 @@ class Executor:
         self.threads: dict[str, threading.Thread] = {}  # each job's last try's thread
         self.stopping = threading.Event()
         self.state = ResumeState(workflow)
-        self.runner = JobRunner(workflow, python, self.stopping, lock)
+        self.runner = JobRunner(workflow, python, self.stopping, lock, time_limits)
         self.priority = self._bottom_levels()
 
     def _bottom_levels(self) -> dict[str, float]:
@@ -322,7 +324,7 @@ def run_lock(run_dir: Path):
 
 
 def run_workflow(run_dir, jobs: int = D.EXECUTOR_JOBS, retries: int | None = None, out=None,
-                 status_interval: float | None = None) -> int:
+                 status_interval: float | None = None, time_limits: bool = True) -> int:
     """Run (or resume) the workflow in *run_dir*. Returns 0 when every job succeeded."""
     run_dir = Path(run_dir).resolve()
     try:
@@ -331,7 +333,7 @@ def run_workflow(run_dir, jobs: int = D.EXECUTOR_JOBS, retries: int | None = Non
         with run_lock(run_dir) as lock:
             workflow = load_workflow(run_dir)
             return Executor(workflow, jobs=jobs, retries=retries, out=out,
-                            status_interval=status_interval, lock=lock).run()
+                            status_interval=status_interval, lock=lock, time_limits=time_limits).run()
     except (WorkflowError, OSError) as error:  # OSError: a run folder it cannot write (read-only, full)
         print(f"executor: {error_message(error)}", file=sys.stderr)
         return 2
@@ -344,6 +346,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs", type=positive_int, default=D.EXECUTOR_JOBS, help="jobs at once")
     parser.add_argument("--retries", type=non_negative_int, default=None,
                         help="override dagman.retry from pegasus.properties")
+    parser.add_argument("--no-time-limits", action="store_true",
+                        help="stop no job for its time (its runtime, checkpoint.time and maxwalltime profiles): for "
+                             "a machine slower than the limits assume")
     parser.add_argument("--status-interval", type=positive_float, default=None,
                         help="seconds between status lines (default: 0.5 on a terminal, 30 otherwise)")
     return parser
@@ -351,7 +356,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    return run_workflow(args.run_dir, jobs=args.jobs, retries=args.retries, status_interval=args.status_interval)
+    return run_workflow(args.run_dir, jobs=args.jobs, retries=args.retries, status_interval=args.status_interval,
+                        time_limits=not args.no_time_limits)
 
 
 if __name__ == "__main__":
