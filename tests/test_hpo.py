@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import math
+import re
 
 import optuna
 import pytest
@@ -14,7 +14,8 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from helpers import load_script, run_script
-from utils.detection.hpo import HpoConfig, HpoError, SearchSpace, fitness, open_study, run_study, worker_seed
+from utils.detection.hpo import (HpoConfig, HpoError, SearchSpace, fitness, open_study, recover_stale_trials,
+                                 run_study, worker_seed)
 from utils.detection.hpo_results import journal_trials, merge_results, read_worker_results
 from utils.detection.plots import write_hpo_plots
 
@@ -209,6 +210,43 @@ def test_a_resumed_study_does_not_draw_its_first_trials_again(tmp_path):
     del study
     resumed, _ = open_study(journal, "again", seed=3)
     assert SPACE.sample(resumed.ask()) != params
+
+
+def _stand_in(trial) -> float:
+    """A deterministic objective in place of training, peaked inside the space."""
+    params = SPACE.sample(trial)
+    return -(math.log10(params["lr"]) + 2.3) ** 2 - (params["momentum"] - 0.9) ** 2 - 0.01 * params["trainable_layers"]
+
+
+def _searched(journal, n_trials: int, seed: int = 7) -> list[dict]:
+    """A job of the search, as run_study runs it: open (or resume) the journal, fail and enqueue again a trial a
+    killed job left running, run until *n_trials* are complete; the complete trials' parameters, in order."""
+    study, storage = open_study(journal, "search", seed=seed)
+    recover_stale_trials(study, storage)
+    study.optimize(_stand_in, n_trials=n_trials - sum(t.state == TrialState.COMPLETE for t in study.trials))
+    return [t.params for t in study.trials if t.state == TrialState.COMPLETE]
+
+
+def test_a_search_stopped_or_killed_and_resumed_draws_what_an_uninterrupted_one_draws(tmp_path):
+    """TPE seeded once draws from one random stream across trials: a search resumed in a new process (seeded again,
+    or seeded past the trials done) drew other trials than an uninterrupted one with the same seed. Each trial's
+    draws now depend only on the seed, its place among the trials that did not fail, and the trials before it.
+    9 trials: past TPE's 5 random startup trials, so its model's draws are compared too."""
+    whole = _searched(tmp_path / "whole.journal", 9)
+    assert len(whole) == 9 and len({p["lr"] for p in whole}) == 9
+
+    stopped = tmp_path / "stopped.journal"  # a job that ended after 3 trials (its time), then its retry
+    assert _searched(stopped, 3) == whole[:3]
+    assert _searched(stopped, 9) == whole
+
+    killed = tmp_path / "killed.journal"  # a job killed in the middle of trial 6 (0-based), then its retry
+    _searched(killed, 6)
+    study, _ = open_study(killed, "search", seed=7)
+    assert SPACE.sample(study.ask()) == whole[6]  # left RUNNING in the journal
+    del study
+    assert _searched(killed, 9) == whole  # its parameters ran again (enqueued), then the search went on alike
+
+    assert _searched(tmp_path / "other.journal", 3, seed=8) != whole[:3]
 
 
 def test_a_study_is_not_continued_with_other_epochs_or_another_size(tmp_path):

@@ -18,6 +18,10 @@ it is marked FAIL and its parameters are enqueued again (at most
 MAX_REQUEUES times). ``n_trials`` is the total of finished (complete + pruned)
 trials the study should hold, so a rerun only runs what is missing.
 
+Sampling: TPE (``TrialSeededSampler``), seeded afresh for every trial from the worker's seed and the trial's
+place among the study's trials that did not fail, so that a search stopped or killed and resumed draws the
+trials an uninterrupted one with the same seed draws.
+
 Workers: with K workers, worker I searches the I-th of K equal slices of the
 log learning-rate range (disjoint, together the whole range) with its own
 TPE seed (seed + I, modulo 2**32: worker_seed); momentum, weight decay and trainable layers span their
@@ -35,6 +39,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import optuna
 from optuna.distributions import FloatDistribution, IntDistribution, CategoricalDistribution
 from optuna.storages.journal import JournalFileBackend, JournalStorage
@@ -56,6 +61,7 @@ from .training import Trainer
 log = logging.getLogger(__name__)
 
 MAX_REQUEUES = 2  # a trial that keeps killing its job is not retried for ever
+TPE_STARTUP_TRIALS = 5  # random trials before TPE models the search's results
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 OBJECTIVES = {
     "fitness": "0.1 * mAP@0.5 + 0.9 * mAP@0.5:0.95 on the validation set (eval mode)",
@@ -131,6 +137,43 @@ def worker_seed(seed: int, worker_index: int) -> int:
     return (seed + worker_index) % 2**32
 
 
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """Optuna's TPESampler, made anew for every trial with a seed of (the search's seed, the trial's place among
+    the study's trials that did not fail). A TPESampler seeded once draws every trial from one random stream, and
+    the stream does not survive the job: a search resumed in a new process drew other trials than one run through
+    with the same seed (seeding the resumed sampler past the trials done only kept it from drawing the first
+    run's again). Here a trial's draws depend only on the seed, its place and the trials before it (all that TPE
+    reads of the study, failed trials aside). An interrupted trial is marked failed and its parameters enqueued
+    again (``requeue``): it takes no place, so the trials after it draw what they would have drawn."""
+
+    def __init__(self, seed: int):
+        self._seed = seed
+        self._tpe = self._seeded(0)
+
+    def _seeded(self, place: int) -> optuna.samplers.TPESampler:
+        # SeedSequence mixes the pair: seed + place would give worker 0's second trial worker 1's first stream
+        trial_seed = int(np.random.SeedSequence((self._seed, place)).generate_state(1)[0])
+        return optuna.samplers.TPESampler(seed=trial_seed, n_startup_trials=TPE_STARTUP_TRIALS)
+
+    def before_trial(self, study: optuna.Study, trial) -> None:
+        place = sum(1 for earlier in study.get_trials(deepcopy=False)
+                    if earlier.number < trial.number and earlier.state != TrialState.FAIL)
+        self._tpe = self._seeded(place)
+        self._tpe.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._tpe.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._tpe.after_trial(study, trial, state, values)
+
+
 def open_study(journal, study_name: str, seed: int, pruner_startup_trials: int = D.HPO_PRUNER_STARTUP_TRIALS,
                pruner_warmup_epochs: int = D.HPO_PRUNER_WARMUP_EPOCHS) -> tuple[optuna.Study, JournalStorage]:
     journal = Path(journal)
@@ -140,17 +183,13 @@ def open_study(journal, study_name: str, seed: int, pruner_startup_trials: int =
         storage = JournalStorage(JournalFileBackend(str(journal)))
         study = optuna.create_study(
             study_name=study_name, storage=storage, direction="maximize", load_if_exists=True,
-            sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=5),
+            sampler=TrialSeededSampler(seed),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials,
                                                n_warmup_steps=pruner_warmup_epochs))
-        done = len(study.get_trials(deepcopy=False))
+        study.get_trials(deepcopy=False)  # reads the journal: a damaged one fails here, as one error
     except (ValueError, UnicodeDecodeError, KeyError, TypeError, AssertionError) as error:  # Optuna's own words
         raise HpoError(f"{journal}: not a readable Optuna journal ({type(error).__name__}: "
                        f"{' '.join(str(error).split())[:200]}); move it away to start the search afresh") from None
-    if done:
-        # A resumed study's sampler must not replay the random draws of the first run (its first trials again):
-        # its seed moves on by the trials the journal holds, which a rerun of the same journal repeats.
-        study.sampler = optuna.samplers.TPESampler(seed=(seed + done) % 2**32, n_startup_trials=5)
     return study, storage
 
 
