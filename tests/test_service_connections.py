@@ -248,16 +248,20 @@ def test_behind_a_named_proxy_clients_are_told_apart_by_x_forwarded_for_and_no_o
     from helpers import load_script
 
     proxy_settings = load_script(root, "serve").proxy_settings
-    entered = threading.Semaphore(0)
-    edge = EdgeMiddleware(_counting_app(entered), token=None, protected=(), max_body_bytes=10**6,
-                          metrics=ServiceMetrics(), max_requests=8, max_requests_per_client=1)
+
+    def one_per_client(entered):
+        return EdgeMiddleware(_counting_app(entered), token=None, protected=(), max_body_bytes=10**6,
+                              metrics=ServiceMetrics(), max_requests=8, max_requests_per_client=1)
+
     alice, bob = b"X-Forwarded-For: 203.0.113.7\r\n", b"X-Forwarded-For: 198.51.100.9\r\n"
-    with running(edge, **proxy_settings("127.0.0.1")) as port:
+    entered = threading.Semaphore(0)
+    with running(one_per_client(entered), **proxy_settings("127.0.0.1")) as port:
         held = _hold(port, "127.0.0.1", entered, alice)
         alice_again, bob_too = _ask(port, "127.0.0.1", alice), _ask(port, "127.0.0.1", bob)
         not_a_proxy = _ask(port, "127.0.0.2", bob)  # its header is not read: it is its own address
         held.close()
-    with running(edge, **proxy_settings("")) as port:
+    entered = threading.Semaphore(0)  # the answered requests above released it too
+    with running(one_per_client(entered), **proxy_settings("")) as port:
         held = _hold(port, "127.0.0.1", entered, alice)
         spoofed = _ask(port, "127.0.0.1", bob)
         held.close()
