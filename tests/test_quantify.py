@@ -9,8 +9,8 @@ from helpers import simulated_labelled_images as simulate
 from utils.detection.compliance import interval_text
 from utils import defaults as D
 from utils.detection.quantify import (Calibration, Units, adjusted_counts, calibration_image, calibration_problem,
-                                      estimate, image_units, masked_or_not, prediction_estimates,
-                                      set_estimates)
+                                      estimate, image_units, masked_or_not,
+                                      prediction_estimates, set_estimates, soft_counts)
 
 
 def labelled(records) -> Calibration:
@@ -376,3 +376,23 @@ def test_class_mix_shift_bench_reads_back_the_records_it_wrote(tiny_model_file, 
     bad = subprocess.run([*bench, "--from-records", str(records), "--fold", str(model), str(held_out)],
                          capture_output=True, text=True, cwd=root, timeout=300)
     assert bad.returncode == 2 and "either --fold" in bad.stderr
+
+
+def test_evaluate_sums_an_images_scores_as_predict_does_so_pcc_reads_the_same():
+    from utils.detection.evaluation import evaluation_estimates
+
+    # A column of the soft matrix spreads over its rows (the face each detection overlaps, or none); rounding each
+    # cell to 4 decimals and then summing gave 0.2000 where predict rounds the image's sum 0.20008 to 0.2001.
+    faces = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]])
+    pred = {"boxes": torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60], [20, 20, 30, 30]]),
+            "labels": torch.tensor([1, 1, 2]), "scores": torch.tensor([0.10004, 0.10004, 0.3])}
+    target = {"boxes": faces, "labels": torch.tensor([1, 2])}
+    preds, targets = [pred] * 4, [target] * 4
+    soft = soft_counts(pred["labels"].tolist(), pred["scores"].tolist())
+    records = [{"file": f"{i}.jpg", "soft_counts": soft,
+                "detections": [{"label": "with_mask"}, {"label": "with_mask"}, {"label": "without_mask"}]}
+               for i in range(4)]
+    evaluated = evaluation_estimates(preds, targets, 0.05, None, replicates=50)["estimates"]["pcc"]
+    predicted = prediction_estimates(records, None, 0.05, replicates=50)["estimates"]["pcc"]
+    assert image_units(records).soft[0].tolist() == [0.2001, 0.3, 0.0]
+    assert (evaluated["percent"], evaluated["faces_estimated"]) == (predicted["percent"], predicted["faces_estimated"])

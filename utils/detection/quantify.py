@@ -476,23 +476,3 @@ def judge(result: dict, truth: float | None) -> None:
     result["error_points"] = None if truth is None or percent is None else round(percent - truth, 2)
     result["truth_inside"] = (None if truth is None or result["low"] is None
                               else bool(result["low"] <= round(truth, 2) <= result["high"]))
-
-
-def evaluation_estimates(preds, targets, score_threshold: float, model_calibration: dict | None,
-                         method: str = D.COMPLIANCE_ESTIMATOR, floor: float = D.DETECTION_FLOOR, tta: bool = False,
-                         working_size: int | None = None, **bootstrap) -> dict:
-    """Every estimator on a labelled set against its true percent: estimate, interval, error in
-    points and whether the truth lies inside the interval (evaluation.json's "quantification").
-    *tta* and *working_size* say how *preds* were made."""
-    labelled = Calibration.from_record(calibration_record(preds, targets, score_threshold, "evaluated", floor, tta,
-                                                          working_size))
-    note = calibration_problem(model_calibration, score_threshold, tta, working_size)
-    calibration = None if note else Calibration.from_record(model_calibration)
-    report = set_estimates(Units.from_calibration(labelled), calibration, note, method, **bootstrap)
-    truth = true_percent(labelled)
-    for result in (report["estimate"], *report["estimates"].values()):
-        judge(result, truth)
-    report["true_percent"] = _rounded(truth)
-    report["true_faces"] = int(labelled.truth.sum())
-    report["calibration"] = calibration_summary(model_calibration, note)
-    return report
