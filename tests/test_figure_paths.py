@@ -364,6 +364,71 @@ def test_a_figure_reads_the_same_to_one_decimal_in_the_printed_line_the_report_a
         assert list(TO_FIXED) == page
 
 
+def page_functions(root, *names) -> str:
+    """The service page's own JavaScript functions *names* (those it has), to run in node."""
+    lines, found, inside = (root / "utils" / "service" / "page.html").read_text().splitlines(), [], False
+    for line in lines:
+        inside = inside or any(line.startswith(f"function {name}(") for name in names)
+        if inside:
+            found.append(line)
+            inside = not (line == "}" or line.startswith("function ") and line.endswith("}"))
+    return "\n".join(found)
+
+
+def test_a_percent_from_counts_reads_on_the_page_and_in_the_plots_as_its_stored_figure_in_the_report(
+        root, tmp_path, monkeypatch):
+    """7 of 13 faces properly masked is 53.846 %, stored 53.85: the printed line and the report show 53.9, the
+    page rounded the counts' own 53.846 to 53.8; the plots' legends rounded a tie to even (6.25 to 6.2)."""
+    import matplotlib.pyplot as plt
+
+    from utils.detection import plots
+    from utils.detection.compliance import compliance
+    from utils.reporting.html_parts import percent
+
+    stored = compliance(["with_mask"] * 7 + ["without_mask"] * 6)["percent_properly_masked"]
+    assert stored == 53.85 and percent(stored) == "53.9%"
+    legends = []
+
+    def legend_of(fig, path):
+        legends.extend(text.get_text() for text in fig.axes[0].get_legend().get_texts())
+        plt.close(fig)
+
+    monkeypatch.setattr(plots, "_save", legend_of)
+    result = {"percent": 6.25, "low": 0.25, "high": 18.75, "confidence": 0.95, "units": 16, "unit": "image",
+              "method": "cc", "faces_found": 16}
+    plots.plot_compliance_histogram([50.0, 0.0], tmp_path / "histogram.png", 6.25, 0)
+    plots.plot_compliance_by_folder({"a": result, "b": result}, result, tmp_path / "folders.png")
+    assert legends == ["all faces pooled: 6.3%", "all folders: 6.3%"]
+    page = (root / "utils" / "service" / "page.html").read_text()
+    assert page.count("toFixed(1)") == 1  # every one-decimal percent on the page goes through the one function
+    node = shutil.which("node")
+    if node is not None:  # the page's own functions, where a JavaScript engine is installed
+        import subprocess
+
+        from utils.classes import CLASSES
+
+        script = (f"const state = {{model: {{classes: {json.dumps(list(CLASSES))}}}}};\n"
+                  + page_functions(root, "oneDecimal", "compliance", "pct")
+                  + '\nconst d = (label, n) => Array.from({length: n}, () => ({label, score: 0.9}));'
+                  + '\nconsole.log(pct(compliance([...d("with_mask", 7), ...d("without_mask", 6)], 0.5)));')
+        shown = subprocess.run([node, "-e", script], capture_output=True, text=True, check=True, timeout=30).stdout
+        assert shown.strip() == "53.9% properly masked"
+
+
+def test_the_reports_summary_card_shows_the_evaluations_interval_to_one_decimal_as_every_output_does(
+        root, tmp_path, capsys):
+    from run_folders import make_run_folder
+
+    run_dir = make_run_folder(tmp_path / "run", hpo=False, statistics=False, figures=False)
+    path = run_dir / "outputs" / "evaluation.json"
+    evaluation = json.loads(path.read_text())
+    evaluation["quantification"]["estimate"].update(low=0.25, high=18.75)
+    path.write_text(json.dumps(evaluation))
+    assert run_script(root, "report", [run_dir]) == 0
+    capsys.readouterr()
+    assert "95% interval 0.3&ndash;18.8% (cc)" in (run_dir / "outputs" / "report.html").read_text()
+
+
 def test_evaluation_txt_shows_the_figures_to_one_decimal_as_the_report_does():
     from utils.detection.compliance import compliance_error_lines
     from utils.detection.evaluation import estimate_lines

@@ -4,6 +4,8 @@ The outputs store the figure to two decimals (utils/detection/quantify.py); the 
 report and the service's page show it to one. Python's format rounds a tie to even ('6.25' -> '6.2') where the
 page's JavaScript toFixed(1) rounds it up ('6.3'): the same figure read 6.2 % in the terminal and the report and
 6.3 % on the page. one_decimal is toFixed(1)'s rule (the float's exact value, a tie away from zero), so all agree.
+What is shown is the stored figure: the page rounds a percent it counts itself to two decimals first (oneDecimal
+in page.html), so 7 of 13 faces (53.846 %, stored 53.85) reads 53.9 % there as in the report.
 """
 
 from __future__ import annotations

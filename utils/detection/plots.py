@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from .. import defaults as D  # noqa: E402
 from ..atomic import atomic_path  # noqa: E402
 from ..classes import CLASS_COLOURS, CLASSES, NAME_OF  # noqa: E402
+from ..figures import one_decimal  # noqa: E402
 
 
 def _save(fig, path) -> None:
@@ -213,7 +214,7 @@ def plot_compliance_histogram(percentages, path, overall: float | None, no_faces
     ax.hist(values, bins=np.linspace(0, 100, 21), color=tuple(v / 255 for v in CLASS_COLOURS["with_mask"]),
             edgecolor="white")
     if overall is not None:
-        ax.axvline(overall, color="black", linestyle="--", label=f"all faces pooled: {overall:.1f}%")
+        ax.axvline(overall, color="black", linestyle="--", label=f"all faces pooled: {one_decimal(overall)}%")
         ax.legend(loc="upper center")
     ax.set_xlabel("faces properly masked in the image (%)")
     ax.set_ylabel("images")
@@ -275,7 +276,8 @@ def plot_compliance_by_folder(per_folder: dict, overall: dict, path, limit: int 
         units = f"{result['units']} {result['unit']}{'' if result['units'] == 1 else 's'}"
         ax.text(101, y, f"{units}, {result['faces_found']} faces found", va="center", fontsize=8)
     if overall["percent"] is not None and per_folder:
-        ax.axvline(overall["percent"], color="grey", linestyle="--", label=f"all folders: {overall['percent']:.1f}%")
+        ax.axvline(overall["percent"], color="grey", linestyle="--",
+                   label=f"all folders: {one_decimal(overall['percent'])}%")
         ax.legend(loc="lower left", fontsize=8)
     # parse_math off: a folder's name is text ('x$\\foo$' failed the drawing, '$5 and $6' was drawn as math)
     ax.set_yticks(range(len(rows)), [folder or "(top level)" for folder, _ in rows], fontsize=8, parse_math=False)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .. import defaults as D
 from ..classes import CLASSES
+from ..figures import one_decimal
 from .html_parts import (CSS, IMAGE_READ_ERRORS, ODD_CLASS, card, count, esc, estimates_table, image_data_uri,
                          interval, note, number, percent, points, seconds_text, setting, table)
 from .run_folder import FIGURES, RunFolder, image_errors_by_stem, predicted_by_stem, read_bounded
@@ -79,8 +80,8 @@ def summary_section(page: Page) -> None:
             card("Properly masked (predicted)", percent(predicted.get("percent_properly_masked")),
                  f"{count(predicted.get('faces'))} faces kept at score &ge; "
                  f"{number(compliance.get('score_threshold'), 2)}"
-                 + (f"; 95% interval {low:.1f}&ndash;{high:.1f}% ({esc(text(headline.get('method')))})"
-                    if low is not None and high is not None else "")),
+                 + (f"; 95% interval {one_decimal(low)}&ndash;{one_decimal(high)}% "
+                    f"({esc(text(headline.get('method')))})" if low is not None and high is not None else "")),
             card("Compliance error", points(compliance.get("error_points")),
                  "predicted &minus; true", "bad" if error is not None and abs(error) >= 5 else "good"),
             card("Per-image MAE", points(compliance.get("per_image_mae_points"), signed=False),
