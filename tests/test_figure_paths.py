@@ -429,6 +429,35 @@ def test_the_reports_summary_card_shows_the_evaluations_interval_to_one_decimal_
     assert "95% interval 0.3&ndash;18.8% (cc)" in (run_dir / "outputs" / "report.html").read_text()
 
 
+def test_a_figure_with_no_face_at_the_threshold_says_so_in_the_report_and_on_the_page(root, tmp_path, capsys):
+    """The score sums (pcc, pacc, pacc2) reach under the threshold: with no face at it, the report and the page
+    showed '0 faces ... n/a' beside 'Estimate 60.0%' as if the figure were of faces counted (the printed line:
+    tests/test_metrics.py)."""
+    from run_folders import estimate_record, make_run_folder
+
+    estimate = {**estimate_record("pcc", 60.0, 60.0, 60.0, 5), "faces_found": 0}
+    run_dir = make_run_folder(tmp_path / "run", hpo=False, statistics=False, figures=False)
+    path = run_dir / "outputs" / "compliance.json"
+    written = json.loads(path.read_text())
+    written["overall"] = {"faces": 0, "counts": {"with_mask": 0, "without_mask": 0, "mask_weared_incorrect": 0},
+                          "percent_properly_masked": None}
+    path.write_text(json.dumps({**written, "estimate": estimate}))
+    assert run_script(root, "report", [run_dir]) == 0
+    capsys.readouterr()
+    assert ("; no face at the score threshold: from the detections below it alone."
+            in (run_dir / "outputs" / "report.html").read_text())
+    node = shutil.which("node")
+    if node is not None:  # the page's own functions, where a JavaScript engine is installed
+        import subprocess
+
+        script = ("const esc = (text) => String(text);\n" + page_functions(root, "oneDecimal", "interval")
+                  + f"\nconst state = {{estimate: {{threshold: 0.5, figure: {json.dumps(estimate)}}}}};"
+                  + "\nconsole.log(interval(0.5));")
+        shown = subprocess.run([node, "-e", script], capture_output=True, text=True, check=True, timeout=30).stdout
+        assert shown.startswith("Estimate from the detections below the threshold alone (no face at it): 60.0% "
+                                "(95% interval 60.0–60.0%; 5 images; pcc)")
+
+
 def test_evaluation_txt_shows_the_figures_to_one_decimal_as_the_report_does():
     from utils.detection.compliance import compliance_error_lines
     from utils.detection.evaluation import estimate_lines

@@ -241,6 +241,24 @@ def test_compliance_merge_and_line():
                                         "4 mask_weared_incorrect: 71.4% properly masked")
 
 
+def test_a_figure_with_no_face_at_the_threshold_says_it_rests_on_the_detections_below_it():
+    """Every detection under the threshold: no face counted, yet the score sums (pcc, pacc, pacc2) give a figure;
+    the line read '0 faces, ...: 60.0% properly masked' as if it were of the faces counted."""
+    from utils.detection.quantify import prediction_estimates
+
+    soft = {"with_mask": 0.3, "without_mask": 0.2, "mask_weared_incorrect": 0.0}
+    records = [{"file": f"{i}.jpg", "detections": [], "soft_counts": soft} for i in range(5)]
+    estimate = prediction_estimates(records, None, 0.5, method="pcc", replicates=50)["estimate"]
+    assert estimate["percent"] == 60.0  # the estimator's figure stays as it is
+    assert compliance_line(compliance([]), estimate) == (
+        "compliance: 0 faces, 0 with_mask, 0 without_mask, 0 mask_weared_incorrect: no face at the score threshold; "
+        "from the detections below it alone (2.5 faces by the estimator): 60.0% properly masked "
+        "(95% interval 60.0-60.0%, 5 images; pcc)")
+    counted = compliance([WITH])
+    assert compliance_line(counted, {**estimate, "faces_found": 1}).endswith(": 60.0% properly masked "
+                                                                             "(95% interval 60.0-60.0%, 5 images; pcc)")
+
+
 def test_no_ground_truth_faces_gives_undefined_not_zero():
     empty_target = target([], [])
     result = compute_coco([pred([[1, 1, 10, 10]], [WITH], [0.9])], [empty_target])

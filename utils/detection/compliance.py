@@ -64,11 +64,16 @@ def interval_text(result: dict) -> str:
 
 def compliance_line(summary: dict, estimate: dict | None = None) -> str:
     """One printable line, e.g. 'compliance: 42 faces, 30 with_mask, ...: 71.4% properly masked'; with
-    the *estimate* of utils.detection.quantify, its figure, 95 % interval, images and estimator."""
+    the *estimate* of utils.detection.quantify, its figure, 95 % interval, images and estimator, said to rest on the
+    detections below the threshold alone when no face is counted at it (the score sums reach under it)."""
     counts = ", ".join(f"{summary['counts'][name]} {name}" for name in CLASSES)
     percent = summary["percent_properly_masked"]
     if estimate is not None:
         figure = interval_text(estimate)
+        if not summary["faces"] and estimate["percent"] is not None:
+            # beside "0 faces" the figure read as if it were of the faces counted
+            figure = (f"no face at the score threshold; from the detections below it alone "
+                      f"({estimate['faces_estimated']:g} faces by the estimator): {figure}")
     else:
         figure = "no faces found" if percent is None else f"{one_decimal(percent)}% properly masked"
     return f"compliance: {summary['faces']} faces, {counts}: {figure}"

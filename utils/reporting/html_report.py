@@ -121,9 +121,12 @@ def summary_section(page: Page) -> None:
                      f"{len(skipped)} file(s) skipped.</p>")
         estimate = get.dict(run.compliance, "estimate", "compliance.json: estimate")
         if estimate:
+            below = num(overall.get("faces")) == 0 and num(estimate.get("percent")) is not None  # as predict says
             parts.append(f"<p>Estimate ({esc(text(estimate.get('method')))}): <b>{interval(estimate)}</b> over "
                          f"{count(estimate.get('units'))} images" + (f"; {esc(text(estimate['fallback']))}"
-                                                                     if estimate.get("fallback") else "") + ".</p>")
+                                                                     if estimate.get("fallback") else "")
+                         + ("; no face at the score threshold: from the detections below it alone" if below else "")
+                         + ".</p>")
     else:
         parts.append(note("No <code>compliance.json</code> in this run: the merge_predictions job has not finished."))
     page.add("summary", "Summary", "".join(parts))
