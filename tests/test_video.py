@@ -677,3 +677,47 @@ def test_a_long_videos_plot_draws_a_bounded_number_of_points(tmp_path, monkeypat
     assert drawn[0] == (90, 90, 50.0)  # up to the limit, a bar and a point a frame, as before
     assert [bars for bars, _, _ in drawn[1:]] == [100, 100] and [points for _, points, _ in drawn[1:]] == [100, 100]
     assert drawn[2][2] == 50.0  # a point's percent is its frames' faces pooled: 1 of 2 properly masked
+
+
+@pytest.mark.parametrize("name", ["video_frames.csv", "video_summary.json", "predict_video_run.json",
+                                  "compliance_over_time.png"])
+def test_an_output_written_while_the_disk_fills_names_it_and_keeps_the_last_runs_set(clip, tiny_model_file, tmp_path,
+                                                                                  monkeypatch, name):
+    # Written through FileSet.path, a full disk's error reached the job's line as 'predict_video: error: [Errno 28]
+    # No space left on device', naming no file (predict's: d3ea379).
+    import errno
+    from pathlib import Path
+
+    from utils.cli import error_message
+    from utils.detection import plots
+    from utils.detection.evaluation import load_trained_model
+    from utils.detection.video import predict_video
+
+    model = load_trained_model(tiny_model_file, "cpu")[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_text("the last run's")
+    write_text, write_figure = Path.write_text, plots._write_figure
+
+    def fills(path) -> bool:  # the file of *name*'s write fills the disk, half written
+        if name.rsplit(".", 1)[0] not in Path(path).name:
+            return False
+        Path(path).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", lambda path, *args, **kwargs: fills(path) or write_text(path, *args,
+                                                                                                    **kwargs))
+    monkeypatch.setattr(plots, "_write_figure", lambda figure, path: fills(path) or write_figure(figure, path))
+    if name == "video_frames.csv":  # its rows are written a frame at a time, as the frames come
+        from utils.detection import video
+
+        class FullDisk(csv.DictWriter):
+            def writerow(self, row):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(video.csv, "DictWriter", FullDisk)
+    with pytest.raises(OSError) as raised:
+        predict_video(model, "cpu", str(clip), out, 0.5, max_frames=2, record=lambda: {"job": "predict_video"})
+    assert error_message(raised.value) == (f"{out / name}: cannot write {name} (No space left on device); "
+                                           "the file there, if any, is as it was")
+    assert [p.name for p in out.iterdir()] == [name] and (out / name).read_text() == "the last run's"

@@ -251,83 +251,89 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
     # the outputs replace the last run's all together at the end of the block, or none does (a second Ctrl-C
     # while they are written, an error)
     with atomic_files() as outputs:
-        try:  # the capture is released whatever happens, and the writer before its file is renamed
-            output_dir = Path(output_dir)
-            output_dir.mkdir(parents=True, exist_ok=True)
-            reported_fps = capture.get(cv2.CAP_PROP_FPS)
-            fps_assumed = not (math.isfinite(reported_fps) and 0 < reported_fps < 1000)  # cameras, some streams: 0
-            fps = ASSUMED_FPS if fps_assumed else reported_fps
-            declared = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if kind != "camera" and has_length(capture) else None
-            # A camera, or a stream without a length (a live one), is timed by the wall clock; a file, or a stream
-            # with a length (a recorded video at a URL), by its timestamps: its video time, however slow the detector
-            live = kind == "camera" or (kind == "stream" and declared is None)
-            settings = {**(settings or {}), "working_size": working_size(model)}  # in the summary; the rates need it
-            tmp_video = outputs.path(video_target) if video_target else None
-            names = video_output_names(tag)
-            csv_path = output_dir / names["frames_csv"]
-            csv_file = open(outputs.path(csv_path), "w", encoding="utf-8")  # a row a frame, as the frames come
-            rows = csv.DictWriter(csv_file, fieldnames=CSV_FIELDS, lineterminator="\n")
-            rows.writeheader()
-            while True:
-                run.ended = stop_reason()
-                if run.ended:
-                    break
-                if max_frames is not None and run.processed >= max_frames:
-                    run.ended = "--max-frames"
-                    break
-                ok, frame = capture.read()
-                if not ok:
-                    run.ended = "the end of the source"
-                    break
-                check_frame_pixels(frame.shape[1], frame.shape[0], name, kind)  # a stream may change size
-                time_s, by_rate = (run.live_time(), False) if live else run.frame_time(capture, fps)
-                if max_seconds is not None and time_s >= max_seconds:
-                    run.ended = "--max-seconds"  # this frame is past the run: not counted as read
-                    break
-                index, run.frames_read, run.last_time = run.frames_read, run.frames_read + 1, time_s
-                run.timed_by_rate += by_rate
-                if index % stride:
-                    continue
-                rgb = torch.from_numpy(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)
-                (out,) = detect(model, [to_model_input(rgb, device)], tta=tta,
-                                score_threshold=detection_floor(score_threshold))
-                # to 4 decimals, as predict (and so a merge) and the service keep them: the same sums, the same figure
-                soft = list(soft_counts(out["labels"].tolist(), out["scores"].tolist()).values())
-                keep = out["scores"] >= score_threshold  # counted, drawn and listed: those at the threshold
-                out = {key: value[keep] for key, value in out.items()}
-                labels = [NAME_OF[int(label)] for label in out["labels"].tolist()]
-                figure = compliance(labels)
-                run.add_frame(round(time_s, 3), figure, soft)
-                rows.writerow({"frame": index, "time_s": round(time_s, 3), "faces": figure["faces"],
-                               **figure["counts"], "percent_properly_masked": figure["percent_properly_masked"]})
-                if tmp_video is not None or show:
-                    drawn = _annotate(frame, out)
-                    if tmp_video is not None:
-                        if writer is None:
-                            height, width = drawn.shape[:2]
-                            # at fps / stride, so that a file's plays at real speed (under 1 frame a second too)
-                            writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"),
-                                                     fps / stride, (width, height))
-                            if not writer.isOpened():
-                                raise InputError(f"{video_target}: OpenCV cannot write this video file")
-                        if live:
-                            run.write_live(writer, drawn, time_s, fps / stride)
-                        else:
-                            writer.write(drawn)
-                            run.frames_written += 1
-                    if show and _show(drawn):
-                        run.ended = "the viewer (q or Esc)"
+        output_dir, names = Path(output_dir), video_output_names(tag)
+        csv_path = output_dir / names["frames_csv"]
+        # a full disk while the rows are written (a row a frame, as the frames come) names the file
+        with outputs.writing(csv_path) as csv_tmp:
+            try:  # the capture is released whatever happens, and the writer before its file is renamed
+                output_dir.mkdir(parents=True, exist_ok=True)
+                reported_fps = capture.get(cv2.CAP_PROP_FPS)
+                # cameras, some streams: 0
+                fps_assumed = not (math.isfinite(reported_fps) and 0 < reported_fps < 1000)
+                fps = ASSUMED_FPS if fps_assumed else reported_fps
+                declared = (int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if kind != "camera" and has_length(capture)
+                            else None)
+                # A camera, or a stream without a length (a live one), is timed by the wall clock; a file, or a
+                # stream with a length (a recorded video at a URL), by its timestamps: its video time, however slow
+                # the detector
+                live = kind == "camera" or (kind == "stream" and declared is None)
+                # in the summary; the rates need it
+                settings = {**(settings or {}), "working_size": working_size(model)}
+                tmp_video = outputs.path(video_target) if video_target else None
+                csv_file = open(csv_tmp, "w", encoding="utf-8")
+                rows = csv.DictWriter(csv_file, fieldnames=CSV_FIELDS, lineterminator="\n")
+                rows.writeheader()
+                while True:
+                    run.ended = stop_reason()
+                    if run.ended:
                         break
-                if progress is not None:
-                    progress(1)
-        finally:
-            capture.release()
-            if csv_file is not None:
-                csv_file.close()
-            if writer is not None:
-                writer.release()
-            if show:
-                cv2.destroyAllWindows()
+                    if max_frames is not None and run.processed >= max_frames:
+                        run.ended = "--max-frames"
+                        break
+                    ok, frame = capture.read()
+                    if not ok:
+                        run.ended = "the end of the source"
+                        break
+                    check_frame_pixels(frame.shape[1], frame.shape[0], name, kind)  # a stream may change size
+                    time_s, by_rate = (run.live_time(), False) if live else run.frame_time(capture, fps)
+                    if max_seconds is not None and time_s >= max_seconds:
+                        run.ended = "--max-seconds"  # this frame is past the run: not counted as read
+                        break
+                    index, run.frames_read, run.last_time = run.frames_read, run.frames_read + 1, time_s
+                    run.timed_by_rate += by_rate
+                    if index % stride:
+                        continue
+                    rgb = torch.from_numpy(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)
+                    (out,) = detect(model, [to_model_input(rgb, device)], tta=tta,
+                                    score_threshold=detection_floor(score_threshold))
+                    # to 4 decimals, as predict (and so a merge) and the service keep them: the same sums, the same
+                    # figure
+                    soft = list(soft_counts(out["labels"].tolist(), out["scores"].tolist()).values())
+                    keep = out["scores"] >= score_threshold  # counted, drawn and listed: those at the threshold
+                    out = {key: value[keep] for key, value in out.items()}
+                    labels = [NAME_OF[int(label)] for label in out["labels"].tolist()]
+                    figure = compliance(labels)
+                    run.add_frame(round(time_s, 3), figure, soft)
+                    rows.writerow({"frame": index, "time_s": round(time_s, 3), "faces": figure["faces"],
+                                   **figure["counts"], "percent_properly_masked": figure["percent_properly_masked"]})
+                    if tmp_video is not None or show:
+                        drawn = _annotate(frame, out)
+                        if tmp_video is not None:
+                            if writer is None:
+                                height, width = drawn.shape[:2]
+                                # at fps / stride, so that a file's plays at real speed (under 1 frame a second too)
+                                writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"),
+                                                         fps / stride, (width, height))
+                                if not writer.isOpened():
+                                    raise InputError(f"{video_target}: OpenCV cannot write this video file")
+                            if live:
+                                run.write_live(writer, drawn, time_s, fps / stride)
+                            else:
+                                writer.write(drawn)
+                                run.frames_written += 1
+                        if show and _show(drawn):
+                            run.ended = "the viewer (q or Esc)"
+                            break
+                    if progress is not None:
+                        progress(1)
+            finally:
+                capture.release()
+                if csv_file is not None:
+                    csv_file.close()
+                if writer is not None:
+                    writer.release()
+                if show:
+                    cv2.destroyAllWindows()
         if video_target and not run.processed:
             outputs.drop(video_target)  # no frame drawn: the last run's video stays, not an empty one
         interrupted = run.ended if run.ended in (SIGTERM, SIGINT) else None
@@ -421,8 +427,9 @@ def _write_outputs(run: VideoRun, outputs: FileSet, output_dir: Path, source, ki
 
     plot_path = output_dir / names["plot"]
     counts = run.count_matrix()
-    plot_compliance_over_time(np.frombuffer(run.times), np.frombuffer(run.percents), counts.sum(axis=1),
-                              outputs.path(plot_path), source, with_mask=counts[:, CLASSES.index("with_mask")])
+    with outputs.writing(plot_path) as tmp:  # a full disk's error names the file, as predict's (FileSet.writing)
+        plot_compliance_over_time(np.frombuffer(run.times), np.frombuffer(run.percents), counts.sum(axis=1), tmp,
+                                  source, with_mask=counts[:, CLASSES.index("with_mask")])
     with_faces = [percent for percent in run.percents if not math.isnan(percent)]
     # the video covered: up to the last frame read, and that frame's duration at the frame rate
     covered = 0.0 if run.last_time is None else run.last_time + 1 / fps
@@ -436,7 +443,9 @@ def _write_outputs(run: VideoRun, outputs: FileSet, output_dir: Path, source, ki
                "mean_percent_per_frame": round(sum(with_faces) / len(with_faces), 2) if with_faces else None,
                "outputs": {"frames_csv": str(csv_path), "plot": str(plot_path),
                            "video": str(video_path) if video_path else None}}
-    outputs.path(output_dir / names["summary"]).write_text(json_text(summary), encoding="utf-8")
+    with outputs.writing(output_dir / names["summary"]) as tmp:
+        tmp.write_text(json_text(summary), encoding="utf-8")
     if record is not None:
-        outputs.path(output_dir / names["run_record"]).write_text(json_text(record()), encoding="utf-8")
+        with outputs.writing(output_dir / names["run_record"]) as tmp:
+            tmp.write_text(json_text(record()), encoding="utf-8")
     return summary
