@@ -89,11 +89,12 @@ def build_broken_set(root):
     # Only unknown labels: nothing left, image excluded.
     picture(next(seed)).save(images / "only_unknown.jpg")
     xml("only_unknown", objects=[("person", (50, 50, 70, 70))])
-    # XML that is not well-formed, and XML lacking <size>.
+    # XML that is not well-formed; XML lacking <size> (the image's size stands in, reported).
     picture(next(seed)).save(images / "malformed.jpg")
     xml("malformed", text="<annotation><size><width>128</width><height>96</height></size><object>")
     picture(next(seed)).save(images / "no_size.jpg")
-    xml("no_size", text="<annotation><object><name>with_mask</name></object></annotation>")
+    xml("no_size", text=voc_xml(GOOD).replace(f"<size><width>{W}</width><height>{H}</height><depth>3</depth></size>",
+                                              ""))
     # Box far outside the image (dropped) next to a good one.
     picture(next(seed)).save(images / "outside.jpg")
     xml("outside", objects=GOOD + [("without_mask", (100, 60, 160, 140))])
@@ -132,7 +133,7 @@ EXPECTED = {
     "only_unknown.xml": ("unknown_class", False, "person"),
     "only_unknown.jpg": ("no_objects", True, "dropped"),
     "malformed.xml": ("bad_annotation", True, "not well-formed"),
-    "no_size.xml": ("bad_annotation", True, "<size>"),
+    "no_size.xml": ("size_missing", False, "no <size>: no_size.jpg's own"),
     "outside.xml": ("box_out_of_bounds", False, "outside"),
     "overshoot.xml": ("box_clipped", False, "clipped"),
     "zero_area.xml": ("zero_area_box", False, "zero or negative area"),
@@ -145,7 +146,7 @@ EXPECTED = {
     "twin.png": ("ambiguous_name", True, "twin.jpg"),
 }
 USABLE = {"good.jpg", "alpha.png", "grey16.png", "grey.jpg", "exif_rotated.jpg", "unknown_label.jpg",
-          "outside.jpg", "overshoot.jpg", "zero_area.jpg", "wrong_size.jpg", "twin.jpg"}
+          "outside.jpg", "overshoot.jpg", "zero_area.jpg", "wrong_size.jpg", "no_size.jpg", "twin.jpg"}
 
 
 @pytest.fixture(scope="module")

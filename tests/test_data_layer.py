@@ -48,7 +48,7 @@ def test_parse_and_write_roundtrip(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("<annotation><size><width>10</width>", "not well-formed"),
     ("", "empty"),
-    ("<annotation><filename>a</filename></annotation>", "<size>"),
+    ("<annotation><filename>a</filename><size><height>10</height></size></annotation>", "<width> in <size>"),
     ("<annotation><size><width>10</width><height>10</height></size>"
      "<object><name>with_mask</name></object></annotation>", "<bndbox>"),
     ("<annotation><size><width>10</width><height>10</height></size><object><name>with_mask</name>"

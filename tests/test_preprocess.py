@@ -400,3 +400,18 @@ def test_preprocess_turns_boxes_drawn_on_the_stored_pixels_of_an_exif_turned_ima
         "<size> 160x90 is the stored size of an image its EXIF orientation 6 turns to 90x160: the boxes were drawn "
         "on the stored pixels and are turned with them"]
     assert np.asarray(Image.open(tmp_path / "out" / "turned.jpg"))[110, 60, 0] > 200  # red under the box
+
+
+def test_an_annotation_without_size_is_processed_at_the_images_size_and_said(tmp_path):
+    # It was skipped ("missing required field <size>"); validation takes the image's size for it (size_missing).
+    from utils.data.pairs import Pair
+    from utils.data.preprocess import JobLog, load_pair
+
+    Image.new("RGB", (64, 48), (90, 120, 200)).save(tmp_path / "a.jpg")
+    (tmp_path / "a.xml").write_text("<annotation><object><name>with_mask</name><bndbox><xmin>4</xmin><ymin>4</ymin>"
+                                    "<xmax>30</xmax><ymax>30</ymax></bndbox></object></annotation>")
+    log = JobLog()
+    loaded = load_pair(Pair(tmp_path / "a.jpg", tmp_path / "a.xml"), log)
+    assert (loaded.annotation.width, loaded.annotation.height) == (64, 48) and len(loaded.annotation.objects) == 1
+    assert log.skipped == [] and log.object_problems == [
+        {"file": "a.xml", "problem": "no <size> in XML; boxes checked against the image"}]

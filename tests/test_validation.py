@@ -107,6 +107,29 @@ def test_clipped_box_and_size_mismatch_are_fixed_in_clean_annotation(tmp_path):
     assert sorted(p.name for p in outputs["annotations_clean"].iterdir()) == ["clip.xml", "size.xml"]
 
 
+def test_an_annotation_without_size_takes_the_images_size_counted_and_listed_as_a_wrong_one_is(tmp_path):
+    # VOC's <size> is often missing in real sets; the image's own size stands in for it, as for a wrong one.
+    # It excluded the image ("missing required field <size>") where a wrong <size> only took the real one.
+    from utils.data.voc import parse_voc_for_image
+
+    add_pair(tmp_path, "nosize", textured(4))
+    add_pair(tmp_path, "fine", textured(5))
+    xml = tmp_path / "annotations" / "nosize.xml"
+    xml.write_text(xml.read_text().replace("<size><width>128</width><height>96</height><depth>3</depth></size>", ""))
+    assert parse_voc(xml).width is None and len(parse_voc(xml).objects) == 2
+    ann, turned = parse_voc_for_image(xml, tmp_path / "images" / "nosize.jpg", (128, 96))  # training's reading
+    assert ann.width is None and turned is None
+    result = validate_dataset(tmp_path / "images", tmp_path / "annotations", progress=False)
+    assert result.report["images_usable"] == 2 and result.changed == {"nosize.jpg"}
+    assert result.report["problem_counts"]["size_missing"] == 1 and not PROBLEM_KINDS["size_missing"]
+    (listed,) = result.report["problems"]
+    assert (listed["file"], listed["kind"]) == ("nosize.xml", "size_missing")
+    assert listed["problem"] == "no <size>: nosize.jpg's own 128x96 is used"
+    outputs = write_clean_outputs(result, tmp_path / "out")
+    clean = parse_voc(outputs["annotations_clean"] / "nosize.xml")
+    assert (clean.width, clean.height) == (128, 96) and len(clean.objects) == 2
+
+
 def test_exact_and_near_duplicates_keep_one_per_group(tmp_path):
     base = textured(10, size=(160, 120))
     add_pair(tmp_path, "a_original", base)

@@ -148,9 +148,10 @@ def load_pair(pair: Pair, log: JobLog, label_map: LabelMap = NO_LABEL_MAP) -> Lo
     if turned:
         log.object_problems.append({"file": pair.annotation.name, "problem": turned})
     if (ann.width, ann.height) != image.size:
-        log.object_problems.append({"file": pair.annotation.name, "problem": (
-            f"size in XML {ann.width}x{ann.height} differs from the image's {image.width}x{image.height}; "
-            "boxes checked against the image")})
+        said = ("no <size> in XML" if ann.width is None
+                else f"size in XML {ann.width}x{ann.height} differs from the image's {image.width}x{image.height}")
+        log.object_problems.append({"file": pair.annotation.name,
+                                    "problem": f"{said}; boxes checked against the image"})
     kept, problems = clean_objects(ann, image.width, image.height, known_classes=CLASSES)
     log.object_problems.extend({"file": pair.annotation.name, "problem": p} for p in problems)
     ann = VocAnnotation(filename=ann.filename, width=image.width, height=image.height, depth=3, objects=kept,

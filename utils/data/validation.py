@@ -14,7 +14,7 @@ non-image files (full decode with utils.data.images.load_rgb); XML that is not w
 or lacks required fields (utils.data.voc.parse_voc); unknown class names, boxes outside the
 image, zero- or negative-area boxes (utils.data.voc.clean_objects: overshoots of at most
 CLIP_TOLERANCE_PX are clipped, anything else drops the object); an XML <size> that
-differs from the decoded image (reported; the real size is used; where it is the stored size of
+differs from the decoded image, or none (reported; the real size is used; where it is the stored size of
 an image its EXIF orientation turns, the boxes are turned with the pixels); images left with no
 objects; exact duplicates (sha256 of the file) and near duplicates (perceptual hash,
 Hamming distance <= near_duplicate_distance), of which one per group is kept.
@@ -75,6 +75,7 @@ PROBLEM_KINDS = {
     "box_clipped": False,             # object kept, box clipped to the image
     "zero_area_box": False,           # object dropped
     "size_mismatch": False,           # XML <size> differs from the image; real size used
+    "size_missing": False,            # XML without <size>; the image's size used
     "boxes_turned": False,            # boxes drawn on the stored pixels of an EXIF-turned image, turned with them
     "no_objects": True,               # nothing left to learn from
     "exact_duplicate": True,          # same bytes as the kept image of its group
@@ -252,7 +253,11 @@ def validate_dataset(images_dir, annotations_dir, near_duplicate_distance: int =
         if turned:
             problem(pair.annotation, "boxes_turned", turned, image=pair.image)
             ann, changed = turn_boxes(ann, fact.orientation), True
-        if (ann.width, ann.height) != (width, height):
+        if ann.width is None:
+            problem(pair.annotation, "size_missing", f"no <size>: {pair.image.name}'s own {width}x{height} is used",
+                    image=pair.image)
+            changed = True  # the clean copy holds the size
+        elif (ann.width, ann.height) != (width, height):
             problem(pair.annotation, "size_mismatch",
                     f"<size> says {ann.width}x{ann.height} but {pair.image.name} is {width}x{height}; "
                     f"the real size is used", image=pair.image)

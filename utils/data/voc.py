@@ -62,8 +62,8 @@ class VocObject:
 @dataclass
 class VocAnnotation:
     filename: str
-    width: int
-    height: int
+    width: int | None  # None: the file has no <size>
+    height: int | None
     depth: int = 3
     objects: list[VocObject] = field(default_factory=list)
     folder: str = "images"
@@ -128,17 +128,18 @@ def parse_voc(path, label_map: LabelMap = NO_LABEL_MAP) -> VocAnnotation:
         raise VocError(path, f"root element is <{root.tag}>, expected <annotation>")
     filename = _text(root, "filename", path, required=False) or ""
     size = root.find("size")
-    if size is None:
-        raise VocError(path, "missing required field <size>")
-    width = _number(size, "width", path, " in <size>")
-    height = _number(size, "height", path, " in <size>")
-    depth_raw = _text(size, "depth", path, required=False)
-    try:
-        depth = int(float(depth_raw)) if depth_raw else 3
-    except ValueError:
-        depth = 3
-    if width <= 0 or height <= 0:
-        raise VocError(path, f"image size in <size> is not positive: {width:g}x{height:g}")
+    width = height = None  # no <size>, as often in real sets: the image's own size stands in (validation says so)
+    depth = 3
+    if size is not None:
+        width = _number(size, "width", path, " in <size>")
+        height = _number(size, "height", path, " in <size>")
+        depth_raw = _text(size, "depth", path, required=False)
+        try:
+            depth = int(float(depth_raw)) if depth_raw else 3
+        except ValueError:
+            depth = 3
+        if width <= 0 or height <= 0:
+            raise VocError(path, f"image size in <size> is not positive: {width:g}x{height:g}")
     objects = []
     for index, obj in enumerate(root.iter("object")):
         where = f" in object {index}"
@@ -152,7 +153,8 @@ def parse_voc(path, label_map: LabelMap = NO_LABEL_MAP) -> VocAnnotation:
         class_name = label_map.class_name(name)  # every field read: the name as a class
         objects.append(VocObject(class_name, *coords, difficult=difficult, truncated=truncated, pose=pose,
                                  source_name=name if class_name != name else None))
-    return VocAnnotation(filename=filename, width=int(round(width)), height=int(round(height)), depth=depth,
+    return VocAnnotation(filename=filename, width=None if width is None else int(round(width)),
+                         height=None if height is None else int(round(height)), depth=depth,
                          objects=objects, folder=_text(root, "folder", path, required=False) or "images",
                          path=_text(root, "path", path, required=False),
                          doctype=root.getroottree().docinfo.doctype or "")
