@@ -133,7 +133,7 @@ EXPECTED = {
     "only_unknown.xml": ("unknown_class", False, "person"),
     "only_unknown.jpg": ("no_objects", True, "dropped"),
     "malformed.xml": ("bad_annotation", True, "not well-formed"),
-    "no_size.xml": ("size_missing", False, "no <size>: no_size.jpg's own"),
+    "no_size.xml": ("size_missing", False, "no <size> in the XML: no_size.jpg's own"),
     "outside.xml": ("box_out_of_bounds", False, "outside"),
     "overshoot.xml": ("box_clipped", False, "clipped"),
     "zero_area.xml": ("zero_area_box", False, "zero or negative area"),

@@ -54,7 +54,6 @@ def test_parse_and_write_roundtrip(tmp_path):
     ("<annotation><size><width>10</width><height>10</height></size><object><name>with_mask</name>"
      "<bndbox><xmin>a</xmin><ymin>1</ymin><xmax>2</xmax><ymax>3</ymax></bndbox></object></annotation>",
      "not a number"),
-    ("<annotation><size><width>0</width><height>10</height></size></annotation>", "not positive"),
     ("<root/>", "<annotation>"),
 ])
 def test_parse_errors_name_file_and_problem(tmp_path, text, message):
@@ -63,6 +62,22 @@ def test_parse_errors_name_file_and_problem(tmp_path, text, message):
     with pytest.raises(VocError) as info:
         parse_voc(path)
     assert str(path) in str(info.value) and message in str(info.value)
+
+
+@pytest.mark.parametrize("size, problem", [
+    ("", "no <size> in the XML"),
+    ("<size><width>0</width><height>0</height><depth>3</depth></size>", "<size> 0x0 in the XML is not positive"),
+    ("<size><width>640</width><height>-1</height></size>", "<size> 640x-1 in the XML is not positive"),
+])
+def test_an_annotation_without_a_usable_size_is_read_with_why_so_the_images_size_can_stand_in(tmp_path, size, problem):
+    # A 0x0 <size> (as some converters write) was refused as the whole file ("not positive"), its image excluded,
+    # where a missing or a wrong <size> only has the image's own size used: one kind, one treatment.
+    path = tmp_path / "a.xml"
+    path.write_text(f"<annotation>{size}<object><name>with_mask</name><bndbox><xmin>1</xmin><ymin>2</ymin>"
+                    "<xmax>30</xmax><ymax>40</ymax></bndbox></object></annotation>")
+    ann = parse_voc(path)
+    assert (ann.width, ann.height, ann.size_problem) == (None, None, problem)
+    assert [o.box for o in ann.objects] == [(1, 2, 30, 40)]
 
 
 def test_parse_refuses_external_entities(tmp_path):

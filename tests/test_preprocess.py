@@ -414,4 +414,4 @@ def test_an_annotation_without_size_is_processed_at_the_images_size_and_said(tmp
     loaded = load_pair(Pair(tmp_path / "a.jpg", tmp_path / "a.xml"), log)
     assert (loaded.annotation.width, loaded.annotation.height) == (64, 48) and len(loaded.annotation.objects) == 1
     assert log.skipped == [] and log.object_problems == [
-        {"file": "a.xml", "problem": "no <size> in XML; boxes checked against the image"}]
+        {"file": "a.xml", "problem": "no <size> in the XML; boxes checked against the image"}]

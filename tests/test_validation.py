@@ -124,7 +124,7 @@ def test_an_annotation_without_size_takes_the_images_size_counted_and_listed_as_
     assert result.report["problem_counts"]["size_missing"] == 1 and not PROBLEM_KINDS["size_missing"]
     (listed,) = result.report["problems"]
     assert (listed["file"], listed["kind"]) == ("nosize.xml", "size_missing")
-    assert listed["problem"] == "no <size>: nosize.jpg's own 128x96 is used"
+    assert listed["problem"] == "no <size> in the XML: nosize.jpg's own 128x96 is used"
     outputs = write_clean_outputs(result, tmp_path / "out")
     clean = parse_voc(outputs["annotations_clean"] / "nosize.xml")
     assert (clean.width, clean.height) == (128, 96) and len(clean.objects) == 2

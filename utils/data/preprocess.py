@@ -148,7 +148,7 @@ def load_pair(pair: Pair, log: JobLog, label_map: LabelMap = NO_LABEL_MAP) -> Lo
     if turned:
         log.object_problems.append({"file": pair.annotation.name, "problem": turned})
     if (ann.width, ann.height) != image.size:
-        said = ("no <size> in XML" if ann.width is None
+        said = (ann.size_problem if ann.width is None
                 else f"size in XML {ann.width}x{ann.height} differs from the image's {image.width}x{image.height}")
         log.object_problems.append({"file": pair.annotation.name,
                                     "problem": f"{said}; boxes checked against the image"})

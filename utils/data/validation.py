@@ -75,7 +75,7 @@ PROBLEM_KINDS = {
     "box_clipped": False,             # object kept, box clipped to the image
     "zero_area_box": False,           # object dropped
     "size_mismatch": False,           # XML <size> differs from the image; real size used
-    "size_missing": False,            # XML without <size>; the image's size used
+    "size_missing": False,            # XML without a usable <size> (none, or 0x0); the image's size used
     "boxes_turned": False,            # boxes drawn on the stored pixels of an EXIF-turned image, turned with them
     "no_objects": True,               # nothing left to learn from
     "exact_duplicate": True,          # same bytes as the kept image of its group
@@ -254,8 +254,8 @@ def validate_dataset(images_dir, annotations_dir, near_duplicate_distance: int =
             problem(pair.annotation, "boxes_turned", turned, image=pair.image)
             ann, changed = turn_boxes(ann, fact.orientation), True
         if ann.width is None:
-            problem(pair.annotation, "size_missing", f"no <size>: {pair.image.name}'s own {width}x{height} is used",
-                    image=pair.image)
+            problem(pair.annotation, "size_missing", f"{ann.size_problem}: {pair.image.name}'s own {width}x{height} "
+                    "is used", image=pair.image)
             changed = True  # the clean copy holds the size
         elif (ann.width, ann.height) != (width, height):
             problem(pair.annotation, "size_mismatch",
@@ -274,7 +274,7 @@ def validate_dataset(images_dir, annotations_dir, near_duplicate_distance: int =
                       else "the annotation has no objects")
             problem(pair.image, "no_objects", reason)
             continue
-        cleaned = replace(ann, width=width, height=height, objects=kept, filename=pair.image.name)
+        cleaned = replace(ann, width=width, height=height, objects=kept, filename=pair.image.name, size_problem=None)
         candidates.append((pair, fact, cleaned, changed))
 
     # Duplicates among otherwise usable images: exact (same sha256) and near (phash distance).

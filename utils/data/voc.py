@@ -62,7 +62,7 @@ class VocObject:
 @dataclass
 class VocAnnotation:
     filename: str
-    width: int | None  # None: the file has no <size>
+    width: int | None  # None: the file has no usable <size> (size_problem says why)
     height: int | None
     depth: int = 3
     objects: list[VocObject] = field(default_factory=list)
@@ -71,6 +71,9 @@ class VocAnnotation:
     # The file's <!DOCTYPE ...> ("" when none): never read here (_PARSER), but a copy would hand it, and any
     # SYSTEM entity it names, to the next tool that reads the file; not part of equality
     doctype: str = field(default="", compare=False)
+    # Why width and height are None ("no <size> in the XML", "<size> 0x0 in the XML is not positive"): the image's
+    # own size stands in, and validation and preprocess say so; None when the <size> was read
+    size_problem: str | None = field(default=None, compare=False)
 
 
 # A parser that never fetches entities or DTDs: annotation files come from outside.
@@ -128,8 +131,10 @@ def parse_voc(path, label_map: LabelMap = NO_LABEL_MAP) -> VocAnnotation:
         raise VocError(path, f"root element is <{root.tag}>, expected <annotation>")
     filename = _text(root, "filename", path, required=False) or ""
     size = root.find("size")
-    width = height = None  # no <size>, as often in real sets: the image's own size stands in (validation says so)
-    depth = 3
+    # No <size>, as often in real sets, or a 0x0 one, as some converters write: the image's own size stands in
+    # (validation and preprocess say so), as it does for a <size> that disagrees with the image.
+    width = height = None
+    size_problem, depth = "no <size> in the XML", 3
     if size is not None:
         width = _number(size, "width", path, " in <size>")
         height = _number(size, "height", path, " in <size>")
@@ -138,8 +143,10 @@ def parse_voc(path, label_map: LabelMap = NO_LABEL_MAP) -> VocAnnotation:
             depth = int(float(depth_raw)) if depth_raw else 3
         except ValueError:
             depth = 3
-        if width <= 0 or height <= 0:
-            raise VocError(path, f"image size in <size> is not positive: {width:g}x{height:g}")
+        size_problem = None
+        if width < 1 or height < 1:
+            size_problem = f"<size> {width:g}x{height:g} in the XML is not positive"
+            width = height = None
     objects = []
     for index, obj in enumerate(root.iter("object")):
         where = f" in object {index}"
@@ -157,7 +164,7 @@ def parse_voc(path, label_map: LabelMap = NO_LABEL_MAP) -> VocAnnotation:
                          height=None if height is None else int(round(height)), depth=depth,
                          objects=objects, folder=_text(root, "folder", path, required=False) or "images",
                          path=_text(root, "path", path, required=False),
-                         doctype=root.getroottree().docinfo.doctype or "")
+                         doctype=root.getroottree().docinfo.doctype or "", size_problem=size_problem)
 
 
 def to_xml_bytes(ann: VocAnnotation) -> bytes:
