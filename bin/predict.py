@@ -118,6 +118,7 @@ def main(args) -> int:
     settings = {"model": str(args.model[0]) if len(args.model) == 1 else list(map(str, args.model)),
                 "backbone": meta.get("backbone"), "image_size": meta.get("image_size"),
                 "working_size": meta["working_size"], "score_threshold_source": source}
+    model_sha256 = {Path(path): file_sha256(path) for path in args.model}  # the resume key's and the record's
     with tqdm(desc="predict", unit="img", file=sys.stderr, disable=None) as bar:
         run = predict_images(model, args.images, args.output_dir, annotated_dir=args.annotated_dir, device=device,
                              score_threshold=score_threshold, tta=tta, batch_size=args.batch_size,
@@ -126,11 +127,11 @@ def main(args) -> int:
                              annotate_max=args.annotate_max, annotated_tar=args.annotated_tar, tag=args.output_tag,
                              explain=args.explain_method if args.explain else None,
                              explain_max_boxes=args.explain_max_boxes, calibration=meta.get("quantification"),
-                             resume={"models": [file_sha256(path) for path in args.model], "device": device.type,
+                             resume={"models": [model_sha256[Path(path)] for path in args.model], "device": device.type,
                                      "packages": package_versions(), "code": code_version()["sources_sha256"]})
     processed = [Path(path) for path in args.model] + run.inputs  # files and archives as such, folders' images
     write_run_record(Path(args.output_dir) / names["run_record"], "predict",
-                     {**vars(args), "device": str(device)}, processed)
+                     {**vars(args), "device": str(device)}, processed, {**model_sha256, **run.inputs_sha256})
     for entry in run.skipped:
         print(f"skipped {entry['file']}: {entry['reason']}", file=sys.stderr)
     print(summary_line(run))

@@ -30,13 +30,15 @@ def file_sha256(path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def inputs_sha256(paths) -> str:
-    """One hash over many files: each file's name and content hash, in sorted name order."""
+def inputs_sha256(paths, known: dict | None = None) -> str:
+    """One hash over many files: each file's name and content hash, in sorted name order. *known* maps paths to
+    the file_sha256 a job took as it read them (predict's decode), so they are not read again."""
+    known = known or {}
     digest = hashlib.sha256()
     for path in sorted(Path(p) for p in paths):
         digest.update(path.name.encode())
         digest.update(b"\0")
-        digest.update(file_sha256(path).encode())
+        digest.update((known.get(path) or file_sha256(path)).encode())
     return digest.hexdigest()
 
 
@@ -102,7 +104,9 @@ def experiment_config(folder=".") -> dict | None:
     return settings
 
 
-def run_record(job: str, params: dict, inputs=()) -> dict:
+def run_record(job: str, params: dict, inputs=(), known_sha256: dict | None = None) -> dict:
+    """The record of a job run on *inputs*; *known_sha256*: the hashes of inputs the job took as it read them
+    (inputs_sha256)."""
     inputs = [Path(p) for p in inputs]
     record = {
         "job": job,
@@ -112,7 +116,7 @@ def run_record(job: str, params: dict, inputs=()) -> dict:
         "packages": package_versions(),
         "code": code_version(),
         "num_inputs": len(inputs),
-        "inputs_sha256": inputs_sha256(inputs) if inputs else None,
+        "inputs_sha256": inputs_sha256(inputs, known_sha256) if inputs else None,
     }
     settings = experiment_config()
     if settings is not None:
@@ -120,7 +124,7 @@ def run_record(job: str, params: dict, inputs=()) -> dict:
     return record
 
 
-def write_run_record(path, job: str, params: dict, inputs=()) -> dict:
-    record = run_record(job, params, inputs)
+def write_run_record(path, job: str, params: dict, inputs=(), known_sha256: dict | None = None) -> dict:
+    record = run_record(job, params, inputs, known_sha256)
     write_json(path, record)
     return record

@@ -14,6 +14,7 @@ is refused above it too (Pillow alone only warns up to 179 M pixels).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import warnings
@@ -135,6 +136,35 @@ def load_rgb(path) -> Image.Image:
     """Decode *path* fully into an 8-bit RGB PIL image with EXIF orientation applied."""
     path = Path(path)
     return _decode(path, path)
+
+
+def load_rgb_hashed(path) -> tuple[Image.Image | None, str | None, ImageError | None]:
+    """load_rgb of *path* with the file's sha256 (utils.provenance.file_sha256's value) from one open and one pass
+    over its bytes, so a job that records its inputs' hashes (predict's run record) does not read a collection
+    twice: (image, sha256, None), or (None, sha256, the ImageError load_rgb raises) for a file that is no usable
+    image, still an input read (sha256 None when it cannot be opened). The header is checked on the open file
+    first: a file that is no image, or claims too many pixels, is hashed in blocks and never held whole."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    try:
+        with _pillow_errors(path, "decode image"), open(path, "rb") as handle:
+            try:
+                with _pillow_errors(path, "decode image"), Image.open(handle, formats=IMAGE_FORMATS) as img:
+                    _check_pixels(img, D.IMAGE_MAX_PIXELS, path)
+            except ImageError as exc:
+                handle.seek(0)
+                while block := handle.read(1 << 20):
+                    digest.update(block)
+                return None, digest.hexdigest(), exc
+            handle.seek(0)
+            data = handle.read()
+    except ImageError as exc:
+        return None, None, exc
+    digest.update(data)
+    try:
+        return _decode(io.BytesIO(data), path), digest.hexdigest(), None
+    except ImageError as exc:
+        return None, digest.hexdigest(), exc
 
 
 def load_rgb_bytes(data: bytes, name: str) -> Image.Image:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as F
 
 from .. import defaults as D
-from ..data.images import ImageError, load_rgb
+from ..data.images import load_rgb_hashed
 
 
 @dataclass
@@ -47,12 +47,14 @@ class Detections:
     labels: torch.Tensor
     scores: torch.Tensor
     image: torch.Tensor | None = field(default=None, repr=False)  # uint8 CxHxW, kept when asked for (annotation)
+    sha256: str | None = None  # of the file, from the read that decoded it (predict's run record)
 
 
 @dataclass
 class Skipped:
     item: ImageItem
     reason: str
+    sha256: str | None = None  # of the file when it could be read: an input all the same
 
 
 def default_num_workers() -> int:
@@ -62,7 +64,7 @@ def default_num_workers() -> int:
 
 
 class ImageFileDataset(Dataset):
-    """Items are (index, uint8 CxHxW tensor or None, problem or None)."""
+    """Items are (index, uint8 CxHxW tensor or None, problem or None, the file's sha256 or None)."""
 
     def __init__(self, items: list[ImageItem]):
         self.items = list(items)
@@ -72,11 +74,10 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, index):
         item = self.items[index]
-        try:
-            pil = load_rgb(item.path)
-        except ImageError as exc:
-            return index, None, exc.problem
-        return index, F.pil_to_tensor(pil), None
+        pil, sha256, error = load_rgb_hashed(item.path)
+        if error is not None:
+            return index, None, error.problem, sha256
+        return index, F.pil_to_tensor(pil), None, sha256
 
 
 def _collate(batch):
@@ -233,16 +234,16 @@ def detect_files(model, items, device, batch_size: int = 4, score_threshold: flo
     loader = image_loader(items, batch_size=batch_size, num_workers=num_workers,
                           pin_memory=device.type == "cuda")
     for batch in loader:
-        batch = [(index, image, problem or (image is not None and too_thin(model, *image.shape[-2:])) or None)
-                 for index, image, problem in batch]
-        good = [(index, image) for index, image, problem in batch if problem is None]
+        batch = [(index, image, problem or (image is not None and too_thin(model, *image.shape[-2:])) or None,
+                  sha256) for index, image, problem, sha256 in batch]
+        good = [(index, image) for index, image, problem, _ in batch if problem is None]
         inputs = [to_model_input(image, device) for _, image in good]
         outputs = iter(detect(model, inputs, tta=tta, score_threshold=score_threshold))
-        for index, image, problem in batch:
+        for index, image, problem, sha256 in batch:
             item = loader.dataset.items[index]
             if problem is not None:
-                yield Skipped(item, problem)
+                yield Skipped(item, problem, sha256)
                 continue
             out = next(outputs)
             yield Detections(item, int(image.shape[-1]), int(image.shape[-2]), out["boxes"], out["labels"],
-                             out["scores"], image if keep_images else None)
+                             out["scores"], image if keep_images else None, sha256)

@@ -182,6 +182,7 @@ class PredictionRun:
     images: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
     inputs: list = field(default_factory=list)  # the files read (an archive's members: the archive)
+    inputs_sha256: dict = field(default_factory=dict)  # path -> sha256 of the files hashed as they were decoded
     overall: dict = field(default_factory=dict)
     estimates: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)
@@ -312,7 +313,10 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
             drawing_dir.mkdir(parents=True, exist_ok=True)
         used_names: set[str] = set()  # annotated names in input order, a resumed run's as a run never stopped
         next_number: dict[str, int] = {}
+        path_of = {item.name: item.path for item in items}
         for record in done:
+            if "sha256" in record:  # hashed by the run that decoded it, for the run record
+                run.inputs_sha256[path_of[record["file"]]] = record.pop("sha256")
             if "skipped" in record:
                 run.skipped.append({"file": record["file"], "reason": record["skipped"]})
             else:
@@ -329,10 +333,13 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
         # drawn and listed.
         for result in detect_files(model, items[len(done):], device, batch_size=batch_size, score_threshold=floor,
                                    tta=tta, num_workers=num_workers, keep_images=annotate):
+            hashed = {"sha256": result.sha256} if result.sha256 is not None else {}
+            if hashed:
+                run.inputs_sha256[result.item.path] = result.sha256
             if isinstance(result, Skipped):
                 run.skipped.append({"file": result.item.name, "reason": result.reason})
                 if journal is not None:
-                    journal.add({"file": result.item.name, "skipped": result.reason})
+                    journal.add({"file": result.item.name, "skipped": result.reason, **hashed})
                     check_stop(journal.stopped_at(len(records), len(items)))
                 continue
             soft = _keep_counted(result, score_threshold)
@@ -354,7 +361,7 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
                 record["explanations"] = explained
             records[result.item.name] = record
             if journal is not None:
-                journal.add(record)
+                journal.add({**record, **hashed})
                 check_stop(journal.stopped_at(len(records), len(items)))
             if progress is not None:
                 progress(1)

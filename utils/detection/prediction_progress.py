@@ -4,7 +4,8 @@ SIGTERM, a kill, a lost machine) and started again reads only the images it had 
 The file (``.<predictions file>.progress.jsonl`` in the output folder) holds a header line, the *key* of the run
 (the model files' sha256, the package versions, the code's sources and device, every setting that changes a
 record, the batch size, and the name, size and modification time of every input file), then one JSON line per
-input in input order, an image's record or a skipped file's reason, appended and flushed as each is finished.
+input in input order, an image's record or a skipped file's reason (with the sha256 its read took, for the run
+record), appended and flushed as each is finished.
 The drawings wait in a folder beside it (``.<predictions file>.progress.annotated``) until the run's outputs are
 written.
 
