@@ -24,6 +24,23 @@ def run_script(root, name, argv) -> int:
     return run_job(script.main, script.get_args_parser(), [str(arg) for arg in argv])
 
 
+def count_opens(monkeypatch, folder) -> dict:
+    """Count, per file below *folder*, the times the process opens it (builtins.open: Pillow's, torch.load's,
+    file_sha256's); returns the counts, filled as the files are opened."""
+    import builtins
+    import os
+
+    opens, real_open, inside = {}, builtins.open, os.path.abspath(folder) + os.sep
+
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.abspath(file).startswith(inside):
+            opens[os.path.abspath(file)] = opens.get(os.path.abspath(file), 0) + 1
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    return opens
+
+
 def make_train_val(root, num_train: int = 4, num_val: int = 3, size: int = 96):
     """root/train and root/val of tiny synthetic images (seeds 21 and 22): the small sets of the hpo and
     train tests; returns *root*."""

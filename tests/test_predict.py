@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from helpers import calibrated_model_file, run_script
+from helpers import calibrated_model_file, count_opens, run_script
 from utils.detection.inference import detect
 from utils.detection.compliance import merge_compliance
 
@@ -307,23 +307,6 @@ def _stop_after(monkeypatch, images: int, stop):
     return read
 
 
-def _count_opens(monkeypatch, folder) -> dict:
-    """Count, per file below *folder*, the times the process opens it (builtins.open: Pillow's, torch.load's,
-    file_sha256's); returns the counts, filled as the files are opened."""
-    import builtins
-    import os
-
-    opens, real_open, inside = {}, builtins.open, os.path.abspath(folder) + os.sep
-
-    def counting_open(file, *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)) and os.path.abspath(file).startswith(inside):
-            opens[os.path.abspath(file)] = opens.get(os.path.abspath(file), 0) + 1
-        return real_open(file, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", counting_open)
-    return opens
-
-
 def _hashed_inputs(tiny_model_file, sample_dir, tmp_path):
     """A model file and a folder of 4 images and a broken one, all below tmp_path/inputs: (model, photos, the
     images' paths, the inputs_sha256 of a fresh read of them all)."""
@@ -344,7 +327,7 @@ def test_predict_opens_each_image_once_and_its_run_record_hashes_what_it_read(ro
     # decode now hashes the bytes it reads, and the record's inputs_sha256 is the value a fresh read gives.
     model, photos, images, expected = _hashed_inputs(tiny_model_file, sample_dir, tmp_path)
     with monkeypatch.context() as patch:
-        opens = _count_opens(patch, tmp_path / "inputs")
+        opens = count_opens(patch, tmp_path / "inputs")
         assert predict_quick(root, model, [photos], tmp_path / "whole", "--no-annotated", "--batch-size", "2") == 0
     assert {path: opens.get(path, 0) for path in images} == dict.fromkeys(images, 1)
     assert opens[str(model)] == 3  # the stand-in check, the load, and one hash for the resume key and the record
@@ -359,7 +342,7 @@ def test_a_resumed_predict_run_records_the_hashes_of_the_images_it_did_not_read_
         _stop_after(patch, 3, lambda: (_ for _ in ()).throw(KeyboardInterrupt))
         assert predict_quick(root, model, [photos], tmp_path / "out", "--no-annotated", "--batch-size", "2") == 130
     with monkeypatch.context() as patch:
-        opens = _count_opens(patch, tmp_path / "inputs")
+        opens = count_opens(patch, tmp_path / "inputs")
         assert predict_quick(root, model, [photos], tmp_path / "out", "--no-annotated", "--batch-size", "2") == 0
     assert sorted(opens.get(path, 0) for path in images) == [0, 0, 1, 1, 1]  # the batch kept is not read again
     assert json.loads((tmp_path / "out" / "predict_run.json").read_text())["inputs_sha256"] == expected

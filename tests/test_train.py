@@ -336,6 +336,29 @@ def test_schedule_warms_up_then_decays():
     assert steps == pytest.approx([1.0, 1.0, 0.1, 0.01])
 
 
+def test_training_data_is_hashed_by_the_read_that_checks_it_and_its_run_record_reads_it_no_more(tiny_dir, tmp_path,
+                                                                                              monkeypatch):
+    # Before its epochs train read each image four times: the full decode that checks it (scan_pairs), a header
+    # read (object problems), the data hash and the run record's hash. The hash now comes from the decode's read
+    # and serves both, with the values a fresh read gives.
+    from helpers import count_opens
+    from utils.detection.training_run import open_training_data
+    from utils.provenance import inputs_sha256, sets_sha256, write_run_record
+
+    args = argparse.Namespace(images=tiny_dir / "images", annotations=tiny_dir / "annotations", val_images=None,
+                              val_annotations=None, val_mode="holdout", label_map=None)
+    images = sorted(str(path) for path in (tiny_dir / "images").glob("*.jpg"))
+    with monkeypatch.context() as patch:
+        opens = count_opens(patch, tiny_dir)
+        with open_training_data(args, "cpu") as data:
+            assert {image: opens.get(image, 0) for image in images} == dict.fromkeys(images, 2)  # decode, header
+            opens.clear()
+            record = write_run_record(tmp_path / "train_run.json", "train", {}, data.input_files, data.files_sha256)
+    assert not opens
+    assert data.inputs_sha256 == sets_sha256(data.input_files, [])
+    assert record["inputs_sha256"] == inputs_sha256(data.input_files)
+
+
 def test_params_file_then_flags_override(tmp_path):
     path = tmp_path / "best_hpo_params.json"
     path.write_text('{"params": {"lr": 0.003, "momentum": 0.85, "trainable_layers": 4, "unknown": 1}}')

@@ -42,13 +42,14 @@ def inputs_sha256(paths, known: dict | None = None) -> str:
     return digest.hexdigest()
 
 
-def sets_sha256(*sets) -> str:
+def sets_sha256(*sets, known: dict | None = None) -> str:
     """One hash over sets of files in their roles' order (training, then validation), each set by inputs_sha256
     (a set's files sit in one folder). The folders archives unpack into have random names, so one sort over two
-    sets' full paths put the files of two archives of one name (train/set.tar, val/set.tar) in a random order."""
+    sets' full paths put the files of two archives of one name (train/set.tar, val/set.tar) in a random order.
+    *known*: as inputs_sha256's."""
     digest = hashlib.sha256()
     for files in sets:
-        digest.update(inputs_sha256(files).encode())
+        digest.update(inputs_sha256(files, known).encode())
     return digest.hexdigest()
 
 

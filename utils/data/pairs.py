@@ -13,12 +13,13 @@ import errno
 import os
 import tarfile
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..atomic import atomic_path
 from ..errors import InputError
-from .images import NOT_UTF8, ImageError, escaped_name, is_image_name, load_rgb, valid_utf8_name
+from ..provenance import file_sha256, sets_sha256
+from .images import NOT_UTF8, ImageError, escaped_name, is_image_name, load_rgb_hashed, valid_utf8_name
 from .voc import VocError, parse_voc
 
 
@@ -26,6 +27,7 @@ from .voc import VocError, parse_voc
 class Pair:
     image: Path
     annotation: Path
+    image_sha256: str | None = field(default=None, compare=False)  # from the read scan_pairs decoded it with
 
     @property
     def stem(self) -> str:
@@ -165,22 +167,25 @@ def pair_folders(images_dir, annotations_dir) -> Pairing:
     return pairing
 
 
-def _read_problem(pair) -> dict | None:
-    """Why *pair* cannot be trained or evaluated on, or None: its XML parses and its image decodes in full (a
-    truncated file passes a header read, then stops a training run in its first epoch)."""
+def _read_problem(pair) -> tuple[dict | None, str | None]:
+    """(Why *pair* cannot be trained or evaluated on, or None: its XML parses and its image decodes in full (a
+    truncated file passes a header read, then stops a training run in its first epoch); its image's sha256)."""
     try:
         parse_voc(pair.annotation)
-        load_rgb(pair.image)
+        _, sha256, error = load_rgb_hashed(pair.image)
+        if error is not None:
+            raise error
     except (VocError, ImageError) as error:  # the file once: str(error) starts with it too
-        return {"file": str(getattr(error, "file", pair.image)), "problem": getattr(error, "problem", str(error))}
+        return {"file": str(getattr(error, "file", pair.image)), "problem": getattr(error, "problem", str(error))}, None
     except OSError as error:
-        return {"file": str(pair.image), "problem": f"unreadable ({error})"}
-    return None
+        return {"file": str(pair.image), "problem": f"unreadable ({error})"}, None
+    return None, sha256
 
 
 def scan_pairs(pairs) -> tuple[list, list[dict]]:
-    """Pairs whose annotation parses and whose image decodes; the rest as [{file, problem}]. Decoded on a few
-    threads (Pillow's decoders release the GIL), each image dropped once read."""
+    """Pairs whose annotation parses and whose image decodes, with the image's sha256 from that read (pairs_sha256);
+    the rest as [{file, problem}]. Decoded on a few threads (Pillow's decoders release the GIL), each image dropped
+    once read."""
     import os
     from concurrent.futures import ThreadPoolExecutor
 
@@ -189,9 +194,18 @@ def scan_pairs(pairs) -> tuple[list, list[dict]]:
     pairs = list(pairs)
     workers = max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        problems = list(ordered_map(pool, _read_problem, pairs, ahead=4 * workers))
-    usable = [pair for pair, problem in zip(pairs, problems) if problem is None]
-    return usable, [problem for problem in problems if problem is not None]
+        read = list(ordered_map(pool, _read_problem, pairs, ahead=4 * workers))
+    usable = [replace(pair, image_sha256=sha256) for pair, (problem, sha256) in zip(pairs, read) if problem is None]
+    return usable, [problem for problem, _ in read if problem is not None]
+
+
+def pairs_sha256(*sets) -> tuple[str, dict]:
+    """(sets_sha256 of sets of pairs, each pair's image and annotation; every file's sha256 by path, for the run
+    record): the images' hashes taken from scan_pairs' read, so a training set is not read again to hash it."""
+    files = {pair.image: pair.image_sha256 or file_sha256(pair.image) for pairs in sets for pair in pairs}
+    files.update({pair.annotation: file_sha256(pair.annotation) for pairs in sets for pair in pairs})
+    return sets_sha256(*([p for pair in pairs for p in (pair.image, pair.annotation)] for pairs in sets),
+                       known=files), files
 
 
 def object_problems(pairs, label_map=None) -> list[dict]:

@@ -48,13 +48,12 @@ from optuna.trial import TrialState
 from .. import defaults as D
 from ..classes import NO_LABEL_MAP, LabelMap
 from ..errors import InputError, shown
-from ..provenance import sets_sha256
 from ..stop import StopRequested
 from .compliance import compliance_error
 from .engine import NonFiniteLossError
 from .metrics import coco_map
 from .metrics import fitness as coco_fitness
-from ..data.pairs import object_problems, object_problems_line, open_pairs
+from ..data.pairs import object_problems, object_problems_line, open_pairs, pairs_sha256
 from .params import TrainParams
 from .training import Trainer
 
@@ -389,8 +388,7 @@ def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotat
             raise HpoError(f"{train_images}: no usable training pairs")
         if not val_pairs:
             raise HpoError(f"{val_images}: no usable validation pairs")
-        data_sha256 = sets_sha256(*([path for pair in pairs for path in (pair.image, pair.annotation)]
-                                    for pairs in (train_pairs, val_pairs)))
+        data_sha256 = pairs_sha256(train_pairs, val_pairs)[0]
         check_study_search(study, journal, config, worker_space, data_sha256)  # before the journal changes
         recovered = recover_stale_trials(study, storage)
         callbacks = []

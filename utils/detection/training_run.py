@@ -22,14 +22,14 @@ from .. import defaults as D
 from ..atomic import atomic_path, write_text
 from ..classes import LabelMap
 from ..cli import print_values
-from ..provenance import sets_sha256, write_run_record
+from ..provenance import write_run_record
 from .compliance import choose_operating_threshold
 from .inference_size import choose_inference_size, choose_tta
 from .quantify import calibration_record
 from .stages import parse_stages
 from .model_file import save_model_file
 from .tensorboard_log import TensorBoardError, TrainBoard, pack_events
-from ..data.pairs import object_problems, object_problems_line, open_pairs
+from ..data.pairs import object_problems, object_problems_line, open_pairs, pairs_sha256
 from .device import resolve_device
 from .params import TrainParams, describe, gpu_recipe, read_params_file, resolve_params
 from .training import Trainer, TrainingDataError, TrainingRecord
@@ -82,6 +82,7 @@ class TrainingData:
     input_files: list
     inputs_sha256: str
     object_problems: list[dict]  # objects dropped or clipped ([{file, problem}], pairs.object_problems)
+    files_sha256: dict  # every input file's sha256 by path, read once (pairs_sha256): the run record's too
 
 
 @contextlib.contextmanager
@@ -103,9 +104,8 @@ def open_training_data(args, device):
         problems = object_problems(train_pairs + val_pairs, LabelMap.parse(getattr(args, "label_map", None)))
         if problems:
             log.warning(object_problems_line(problems))
-        data_sha256 = sets_sha256(*([p for pair in pairs for p in (pair.image, pair.annotation)]
-                                    for pairs in (train_pairs, val_pairs)))
-        data = TrainingData(train_pairs, val_pairs, skipped, input_files, data_sha256, problems)
+        data_sha256, files_sha256 = pairs_sha256(train_pairs, val_pairs)
+        data = TrainingData(train_pairs, val_pairs, skipped, input_files, data_sha256, problems, files_sha256)
         log.info("training on %d images%s (%d skipped), device %s", len(train_pairs),
                  f", monitoring {len(val_pairs)} validation images" if val_pairs else "", len(skipped), device)
         yield data
@@ -242,7 +242,8 @@ def write_model_outputs(trainer: Trainer, record: TrainingRecord, data: Training
                "stages": trainer.describe_stages() if record.plan.staged else None}
     write_run_record(paths["run_record"], "train", {**vars(args), "resolved": trained, "device": str(settings.device),
                                                     "summary": summary, "skipped": data.skipped,
-                                                    "object_problems": data.object_problems}, data.input_files)
+                                                    "object_problems": data.object_problems}, data.input_files,
+                     data.files_sha256)
     return final_loss
 
 
