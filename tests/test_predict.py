@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -288,6 +289,50 @@ def test_the_prediction_files_are_streamed_not_held_as_text(tmp_path):
         assert peak < written / 4, (count, peak, written)
     assert json.loads(targets["predictions_json"].read_text())["images"] == images
     assert len(targets["predictions_csv"].read_text().splitlines()) == 1 + 3 * count
+
+
+def test_a_plain_tar_is_read_where_its_images_lie_not_unpacked_with_the_items_unpacking_gives(sample_dir, tmp_path,
+                                                                                              monkeypatch):
+    # A .tar given to predict was unpacked whole into the temporary folder before its first image ran: a user's
+    # own 50 GB archive needed 50 GB there first. A plain .tar is now read member by member where the bytes lie
+    # (a compressed one is still unpacked), with the names, folders, order, skips and pixels unpacking gives.
+    import contextlib
+
+    from utils.detection.inference import ImageFileDataset
+    from utils.detection.prediction import collect_inputs
+
+    photos = photo_folders(sample_dir, tmp_path / "photos")
+    (photos / "notes.txt").write_text("not an image")
+    (photos / "siteA" / ".hidden.jpg").write_bytes(b"hidden: not an input")
+    (photos / "siteB" / "broken.jpg").write_bytes(b"not a JPEG")
+    for name, mode in (("set.tar", "w"), ("set.tgz", "w:gz")):
+        with tarfile.open(tmp_path / name, mode) as tar:
+            for file in sorted(photos.rglob("*"), reverse=True):  # members out of path order
+                if file.is_file():
+                    tar.add(file, arcname=file.relative_to(photos).as_posix())
+    unpacked, extractall = [], tarfile.TarFile.extractall
+
+    def counted(self, *args, **kwargs):
+        unpacked.append(Path(self.name).name)
+        return extractall(self, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", counted)
+    with contextlib.ExitStack() as stack:
+        (plain, plain_skipped), (packed, packed_skipped) = (collect_inputs([tmp_path / name], stack)
+                                                            for name in ("set.tar", "set.tgz"))
+        assert unpacked == ["set.tgz"]
+        assert [item.name for item in plain] == ["set.tar:siteA/a.jpg", "set.tar:siteA/b.jpg",
+                                                 "set.tar:siteB/broken.jpg", "set.tar:siteB/cam1/c.jpg",
+                                                 "set.tar:siteB/d.jpg"]
+        assert [(item.name, item.folder, item.file_name) for item in plain] == \
+            [(item.name.replace("set.tgz", "set.tar"), item.folder, item.file_name) for item in packed]
+        assert plain_skipped == [{**entry, "file": entry["file"].replace("set.tgz", "set.tar")}
+                                 for entry in packed_skipped]
+        assert plain_skipped == [{"file": "set.tar:notes.txt", "reason": "not an image file name (extension '.txt')"}]
+        for (_, image, problem, _), (_, expected, expected_problem, _) in zip(ImageFileDataset(plain),
+                                                                              ImageFileDataset(packed)):
+            assert problem == expected_problem and (image is None) == (expected is None)
+            assert image is None or torch.equal(image, expected)
 
 
 def _stop_after(monkeypatch, images: int, stop):

@@ -167,6 +167,15 @@ def load_rgb_hashed(path) -> tuple[Image.Image | None, str | None, ImageError | 
         return None, digest.hexdigest(), exc
 
 
+def load_rgb_span(path, offset: int, size: int, name: str) -> Image.Image:
+    """load_rgb of the *size* bytes at *offset* in *path* (a member of an uncompressed .tar, read where it lies:
+    utils.data.pairs.members_in_place), errors naming *name*."""
+    with _pillow_errors(name, "decode image"), open(path, "rb") as handle:
+        handle.seek(offset)
+        data = handle.read(size)
+    return _decode(io.BytesIO(data), name)
+
+
 def load_rgb_bytes(data: bytes, name: str) -> Image.Image:
     """load_rgb for bytes held in memory (an upload), errors naming *name*; nothing touches the disk."""
     return _decode(io.BytesIO(data), name)

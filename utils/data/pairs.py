@@ -2,7 +2,8 @@
 
 Jobs exchange folders of VOC pairs (images/ + annotations/). In the Pegasus
 workflow a folder travels as one .tar of flat files, so every folder argument may
-also name a .tar archive, unpacked to a temporary folder for the job's lifetime.
+also name a .tar archive, unpacked to a temporary folder for the job's lifetime (predict reads a plain one
+where its files lie: members_in_place).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import tarfile
 import tempfile
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ..atomic import atomic_path
 from ..errors import InputError
@@ -86,6 +87,46 @@ def _extract(archive_path: Path, into: str, suffixes=None, seen: dict | None = N
         raise InputError(f"{archive_path}: the temporary folder {Path(into).parent} has no room for it "
                          f"({os.strerror(error.errno)}; it needs about {archive_path.stat().st_size / 1e6:.1f} MB; "
                          "point TMPDIR at a disk with room)") from None
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """A file of an uncompressed .tar read where it lies: its path in the archive and where its bytes are."""
+
+    relative: str
+    offset: int
+    size: int
+
+
+def members_in_place(archive_path) -> list[TarMember] | None:
+    """The files of the uncompressed .tar *archive_path* in the order list_files gives them once unpacked (path
+    order; hidden names left out), to be read where they lie: a 50 GB archive takes no room in the temporary
+    folder and its first image is read at once, not after the whole archive is unpacked. None when it is to be
+    unpacked (open_folder) for its files to read as a folder's, or to be refused with its reason: compressed or
+    no .tar, a link, a sparse or special file, a name given twice or that is a folder's too, a name that is not
+    UTF-8 or would leave the folder it unpacks into. Only the members' headers are read (seeks over the rest)."""
+    found, folders = {}, set()
+    try:
+        with tarfile.open(archive_path, "r:") as archive:
+            for info in archive:
+                name = PurePosixPath(info.name)
+                parts = [part for part in name.parts if part != "."]
+                if name.is_absolute() or ".." in parts or not valid_utf8_name(info.name):
+                    return None
+                if info.isdir():
+                    continue
+                relative = "/".join(parts)
+                if not info.isreg() or info.sparse is not None or not parts or relative in found:
+                    return None
+                folders.update("/".join(parts[:end]) for end in range(1, len(parts)))
+                found[relative] = TarMember(relative, info.offset_data, info.size)
+    except (tarfile.TarError, OSError):
+        return None
+    if folders & found.keys():
+        return None
+    return sorted((member for relative, member in found.items()
+                   if not any(part.startswith(".") for part in relative.split("/"))),
+                  key=lambda member: member.relative.split("/"))
 
 
 @contextlib.contextmanager

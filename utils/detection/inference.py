@@ -14,6 +14,7 @@ are converted to float on the device.
 from __future__ import annotations
 
 import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as F
 
 from .. import defaults as D
-from ..data.images import load_rgb_hashed
+from ..data.images import ImageError, load_rgb_hashed, load_rgb_span
 
 
 @dataclass
@@ -34,6 +35,11 @@ class ImageItem:
     name: str
     path: Path
     folder: str = ""
+    member: object = None  # a .tar member read where it lies (utils.data.pairs.TarMember): *path* is the archive
+
+    @property
+    def file_name(self) -> str:
+        return posixpath.basename(self.member.relative) if self.member is not None else Path(self.path).name
 
 
 @dataclass
@@ -74,6 +80,12 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, index):
         item = self.items[index]
+        if item.member is not None:  # the run record hashes its archive
+            try:
+                return index, F.pil_to_tensor(load_rgb_span(item.path, item.member.offset, item.member.size,
+                                                            item.name)), None, None
+            except ImageError as exc:
+                return index, None, exc.problem, None
         pil, sha256, error = load_rgb_hashed(item.path)
         if error is not None:
             return index, None, error.problem, sha256

@@ -35,7 +35,7 @@ from .inference import Detections, ImageItem, Skipped, detect_files, detection_f
 from .inference_size import working_size
 from .compliance import compliance, compliance_line, merge_compliance
 from .quantify import prediction_estimates, soft_counts
-from ..data.pairs import open_folder, pack_folder
+from ..data.pairs import members_in_place, open_folder, pack_folder
 from .plots import save_annotated
 from .prediction_progress import PredictionProgress, drawn_files, inputs_fingerprint, progress_path
 from ..stop import check_stop
@@ -48,22 +48,26 @@ def _is_archive(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
+def _image_item(name: str, relative: str, path: Path, root_folder: str, skipped: list, member=None):
+    """The item of the file *name* (*relative*: its path below the folder or archive listed), its folder
+    *root_folder* joined with the one below; None for a file that is not an image, its reason in *skipped*."""
+    if is_image_name(relative):
+        parent = posixpath.dirname(relative)
+        return ImageItem(name, path, "/".join(part for part in (root_folder, parent) if part), member)
+    if not relative.lower().endswith(".xml"):  # annotations beside images are expected, not a problem
+        skipped.append({"file": name, "reason": f"not an image file name (extension "
+                                                f"'{posixpath.splitext(relative)[1]}')"})
+    return None
+
+
 def _folder_items(folder: Path, prefix: str, skipped: list, seen: dict, exclude=(), root_folder: str = ""):
     """The images below *folder* (utils.data.images.list_files: subfolders, links followed, duplicates of
     *seen* and the paths in *exclude* left out and listed), named *prefix* + their path below it; each one's
     folder is *root_folder* joined with its folder below *folder*."""
     files, problems = list_files(folder, prefix, exclude, seen)
     skipped += problems
-    items = []
-    for file in files:
-        name = f"{prefix}{file.relative}"
-        if is_image_name(file.relative):
-            parent = posixpath.dirname(file.relative)
-            items.append(ImageItem(name, file.path, "/".join(part for part in (root_folder, parent) if part)))
-        elif not file.relative.lower().endswith(".xml"):  # annotations beside images are expected, not a problem
-            skipped.append({"file": name, "reason": f"not an image file name (extension "
-                                                    f"'{posixpath.splitext(file.relative)[1]}')"})
-    return items
+    items = (_image_item(f"{prefix}{file.relative}", file.relative, file.path, root_folder, skipped) for file in files)
+    return [item for item in items if item is not None]
 
 
 def _root_folders(roots: list[Path]) -> dict[Path, str]:
@@ -127,13 +131,19 @@ def collect_inputs(paths, stack: contextlib.ExitStack, exclude=(), read: list | 
             if reason := _same_file(path, str(path), seen):
                 skipped.append({"file": str(path), "reason": reason})
                 continue
-            try:
-                folder = stack.enter_context(open_folder(path))
-            except Exception as exc:  # a damaged archive is one skipped input, not a failed job
-                problem = str(exc).removeprefix(f"{path}: ")  # the file is the entry's
-                skipped.append({"file": str(path), "reason": f"cannot unpack archive: {problem}"})
-                continue
-            items += _folder_items(folder, f"{archives[path]}:", skipped, seen)
+            members = members_in_place(path)  # a plain .tar is read where its files lie, not unpacked
+            if members is None:
+                try:
+                    folder = stack.enter_context(open_folder(path))
+                except Exception as exc:  # a damaged archive is one skipped input, not a failed job
+                    problem = str(exc).removeprefix(f"{path}: ")  # the file is the entry's
+                    skipped.append({"file": str(path), "reason": f"cannot unpack archive: {problem}"})
+                    continue
+                items += _folder_items(folder, f"{archives[path]}:", skipped, seen)
+            else:
+                found = (_image_item(f"{archives[path]}:{member.relative}", member.relative, path, "", skipped, member)
+                         for member in members)
+                items += [item for item in found if item is not None]
             read.append(path)
         elif path.is_file():
             if reason := _same_file(path, str(path), seen):
@@ -166,7 +176,7 @@ def _annotated_name(item: ImageItem, used: set, next_number: dict) -> str:
     """The first of annotated_<stem>.jpg, annotated_<stem>_2.jpg, ... not in *used*. *next_number* keeps, per stem,
     the number to try from: names are only added to *used*, so those before it are taken, and 1000 archives of
     the same file names cost one try an image instead of one per archive before it (quadratic)."""
-    stem = annotated_stem(f"{item.folder}/{Path(item.path).name}" if item.folder else Path(item.path).name)
+    stem = annotated_stem(f"{item.folder}/{item.file_name}" if item.folder else item.file_name)
     n = next_number.get(stem, 1)
     name = f"annotated_{stem}.jpg" if n == 1 else f"annotated_{stem}_{n}.jpg"
     while name in used:  # two inputs with the same stem (different folders) must not overwrite each other
