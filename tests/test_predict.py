@@ -335,6 +335,30 @@ def test_a_plain_tar_is_read_where_its_images_lie_not_unpacked_with_the_items_un
             assert image is None or torch.equal(image, expected)
 
 
+def test_a_tar_member_is_decoded_where_it_lies_without_holding_a_large_one_that_is_no_image(sample_dir, tmp_path):
+    # Read where it lies, a member's bytes were read whole before its header was looked at: 8 MB held for an
+    # 8 MB member named .jpg that is no image (a 50 GB one, all of it). Now through a window on the archive.
+    import tracemalloc
+
+    from utils.data.images import ImageError, load_rgb, load_rgb_span
+    from utils.data.pairs import members_in_place
+
+    photo = sorted((sample_dir / "images").glob("*.jpg"))[0]
+    (tmp_path / "big.jpg").write_bytes(b"\0" * (8 << 20))
+    with tarfile.open(tmp_path / "set.tar", "w") as tar:
+        tar.add(tmp_path / "big.jpg", arcname="big.jpg")
+        tar.add(photo, arcname="photo.jpg")
+    big, image = members_in_place(tmp_path / "set.tar")
+    decoded = load_rgb_span(tmp_path / "set.tar", image.offset, image.size, "set.tar:photo.jpg")
+    assert np.array_equal(np.asarray(decoded), np.asarray(load_rgb(photo)))
+    tracemalloc.start()
+    with pytest.raises(ImageError, match="set.tar:big.jpg: not an image file"):
+        load_rgb_span(tmp_path / "set.tar", big.offset, big.size, "set.tar:big.jpg")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 << 20, f"{peak:,} bytes held"
+
+
 def _stop_after(monkeypatch, images: int, stop):
     """Make prediction's journal call *stop* after *images* records; returns the list of images the model read."""
     from utils.detection import prediction_progress

@@ -167,13 +167,41 @@ def load_rgb_hashed(path) -> tuple[Image.Image | None, str | None, ImageError | 
         return None, digest.hexdigest(), exc
 
 
+class _Span(io.RawIOBase):
+    """The *size* bytes at *offset* of the open binary file *handle*, as a file of their own (read-only)."""
+
+    def __init__(self, handle, offset: int, size: int):
+        super().__init__()
+        self._handle, self._offset, self._size, self._position = handle, offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, position: int, whence: int = io.SEEK_SET) -> int:
+        start = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        self._position = max(0, start + position)
+        return self._position
+
+    def readinto(self, buffer) -> int:
+        wanted = max(0, min(len(buffer), self._size - self._position))
+        self._handle.seek(self._offset + self._position)
+        got = self._handle.readinto(memoryview(buffer)[:wanted])
+        self._position += got
+        return got
+
+
 def load_rgb_span(path, offset: int, size: int, name: str) -> Image.Image:
     """load_rgb of the *size* bytes at *offset* in *path* (a member of an uncompressed .tar, read where it lies:
-    utils.data.pairs.members_in_place), errors naming *name*."""
+    utils.data.pairs.members_in_place), errors naming *name*. Read through a window on the file, as a file is:
+    the header is checked before the rest is read, and a large member that is no image is never held."""
     with _pillow_errors(name, "decode image"), open(path, "rb") as handle:
-        handle.seek(offset)
-        data = handle.read(size)
-    return _decode(io.BytesIO(data), name)
+        return _decode(io.BufferedReader(_Span(handle, offset, size)), name)
 
 
 def load_rgb_bytes(data: bytes, name: str) -> Image.Image:
