@@ -88,7 +88,8 @@ def main(args) -> int:
                                     calibration=meta.get("quantification"), tta=meta["tta"])
         inputs = [p.image for p in pairs] + [p.annotation for p in pairs] + [Path(args.model)]
         write_run_record(output_dir / evaluation_output_names(args.output_tag)["evaluate_run.json"], "evaluate",
-                         {**vars(args), "device": str(device)}, inputs)
+                         {**vars(args), "device": str(device)}, inputs,
+                         {pair.image: pair.image_sha256 for pair in pairs})  # hashed by the read that checked them
     print(format_report(evaluation.report), end="")
     print(f"outputs in {output_dir}")
     return 0

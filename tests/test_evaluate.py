@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,6 +235,28 @@ def test_evaluate_lists_unreadable_images_and_dropped_faces_and_goes_on(root, sa
     assert "Labelled faces not evaluated as written, in 1 annotation files: 1 dropped" in text
     assert f"{folder / stems[2]}.xml: object " in text and "'helmet'" in text
     assert "'helmet'" in capsys.readouterr().out  # the report printed is the text file's
+
+
+def test_evaluates_run_record_hashes_its_images_from_the_read_that_checked_them(root, sample_dir, tiny_model_file,
+                                                                                 tmp_path, monkeypatch):
+    # The run record read every test image once more to hash it, after the check's decode and the evaluation's.
+    from utils import provenance
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for stem in sorted(p.stem for p in (sample_dir / "images").iterdir())[:3]:
+        (folder / f"{stem}.jpg").write_bytes((sample_dir / "images" / f"{stem}.jpg").read_bytes())
+        (folder / f"{stem}.xml").write_bytes((sample_dir / "annotations" / f"{stem}.xml").read_bytes())
+    hashed, file_sha256 = [], provenance.file_sha256
+    monkeypatch.setattr(provenance, "file_sha256", lambda path, *args: hashed.append(Path(path).suffix)
+                        or file_sha256(path, *args))
+    assert run_script(root, "evaluate", ["--images", folder, "--annotations", folder, "--model", tiny_model_file,
+                                         "--output-dir", tmp_path / "out", "--device", "cpu", "--workers", "0"]) == 0
+    assert sorted(hashed) == [".pt", ".xml", ".xml", ".xml"]  # the images' hashes came from their decode
+    monkeypatch.undo()
+    inputs = [*sorted(folder.iterdir()), tiny_model_file]
+    record = json.loads((tmp_path / "out" / "evaluate_run.json").read_text())
+    assert record["inputs_sha256"] == provenance.inputs_sha256(inputs)
 
 
 def test_an_output_dir_that_is_a_file_is_refused_before_any_image_runs(root, tiny_model_file, sample_dir, tmp_path,
