@@ -65,7 +65,7 @@ def main(args) -> int:
         if args.clean_annotations_tar:
             pack_folder(outputs["annotations_clean"], args.clean_annotations_tar)
         inputs = _files(images_dir) + ([] if same else _files(annotations_dir))
-        write_run_record(output_dir / "validate_run.json", "validate_data", vars(args), inputs)
+        write_run_record(output_dir / "validate_run.json", "validate_data", vars(args), inputs, result.images_sha256)
     report = result.report
     print(format_summary(report))
     print(f"report: {outputs['report']}")

@@ -198,6 +198,25 @@ def test_cli_writes_report_manifest_and_run_record(tmp_path, root):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
+def test_the_run_record_hashes_the_images_from_the_read_that_checked_them(tmp_path, root, monkeypatch):
+    # The run record read every image once more to hash it, after validation had hashed its bytes.
+    from helpers import run_script
+    from utils import provenance
+
+    for k in range(3):
+        add_pair(tmp_path / "data", f"img{k}", textured(40 + k))
+    hashed, file_sha256 = [], provenance.file_sha256
+    monkeypatch.setattr(provenance, "file_sha256", lambda path, *args: hashed.append(os.path.splitext(path)[1])
+                        or file_sha256(path, *args))
+    assert run_script(root, "validate_data", ["--images", tmp_path / "data/images", "--annotations",
+                                              tmp_path / "data/annotations", "--output-dir", tmp_path / "out"]) == 0
+    assert hashed == [".xml"] * 3
+    monkeypatch.undo()
+    inputs = [*(tmp_path / "data/images").iterdir(), *(tmp_path / "data/annotations").iterdir()]
+    record = json.loads((tmp_path / "out" / "validate_run.json").read_text())
+    assert record["inputs_sha256"] == provenance.inputs_sha256(inputs)
+
+
 def test_cli_accepts_a_tar_holding_both_images_and_annotations(tmp_path, root):
     flat = tmp_path / "flat"
     for k in range(3):

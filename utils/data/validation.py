@@ -106,6 +106,8 @@ class ValidationResult:
     annotations: dict[str, VocAnnotation] = field(default_factory=dict)
     # Image file names whose annotation was changed by cleaning.
     changed: set[str] = field(default_factory=set)
+    # Image path -> sha256 of the bytes read to check it (the run record's: not read again).
+    images_sha256: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -356,7 +358,8 @@ def validate_dataset(images_dir, annotations_dir, near_duplicate_distance: int =
         "clip_tolerance_px": tolerance,
     }
     return ValidationResult(report=report, clean_pairs=clean_pairs, duplicate_groups=duplicate_groups,
-                            annotations=annotations, changed=changed)
+                            annotations=annotations, changed=changed,
+                            images_sha256={pair.image: fact.sha256 for pair, fact in zip(pairs, facts) if fact.sha256})
 
 
 def csv_entry(path: Path, csv_folder: Path, by_name: bool = False) -> str:
