@@ -25,9 +25,10 @@ def run_script(root, name, argv) -> int:
 
 
 def count_opens(monkeypatch, folder) -> dict:
-    """Count, per file below *folder*, the times the process opens it (builtins.open: Pillow's, torch.load's,
-    file_sha256's); returns the counts, filled as the files are opened."""
+    """Count, per file below *folder*, the times the process opens it (builtins.open and io.open: Pillow's,
+    torch.load's, file_sha256's, pathlib's); returns the counts, filled as the files are opened."""
     import builtins
+    import io
     import os
 
     opens, real_open, inside = {}, builtins.open, os.path.abspath(folder) + os.sep
@@ -38,6 +39,7 @@ def count_opens(monkeypatch, folder) -> dict:
         return real_open(file, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(io, "open", counting_open)
     return opens
 
 

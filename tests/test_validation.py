@@ -217,6 +217,19 @@ def test_the_run_record_hashes_the_images_from_the_read_that_checked_them(tmp_pa
     assert record["inputs_sha256"] == provenance.inputs_sha256(inputs)
 
 
+def test_validation_decodes_the_bytes_it_hashed_instead_of_reading_each_image_again(tmp_path, monkeypatch):
+    # Each image was read whole to hash it, then again to decode it (and its header once more for its EXIF).
+    from helpers import count_opens
+
+    for k in range(3):
+        add_pair(tmp_path / "data", f"img{k}", textured(50 + k))
+    images = sorted(str(path) for path in (tmp_path / "data/images").iterdir())
+    opens = count_opens(monkeypatch, tmp_path / "data/images")
+    result = validate_dataset(tmp_path / "data/images", tmp_path / "data/annotations", workers=1, progress=False)
+    assert {image: opens.get(image, 0) for image in images} == dict.fromkeys(images, 2)  # the bytes, the header
+    assert result.report["images_usable"] == 3
+
+
 def test_cli_accepts_a_tar_holding_both_images_and_annotations(tmp_path, root):
     flat = tmp_path / "flat"
     for k in range(3):

@@ -10,7 +10,7 @@ and every excluded image is the "image" of at least one excluding problem.
 Checks: entries that cannot be read as files (a name not valid UTF-8, a link to nothing,
 not a regular file; utils.data.pairs.pair_folders); image without annotation and the
 reverse; images sharing one name stem (annotations are matched by stem, so they are ambiguous); unreadable, truncated or
-non-image files (full decode with utils.data.images.load_rgb); XML that is not well-formed
+non-image files (full decode with utils.data.images.load_rgb_bytes, of the bytes hashed); XML that is not well-formed
 or lacks required fields (utils.data.voc.parse_voc); unknown class names, boxes outside the
 image, zero- or negative-area boxes (utils.data.voc.clean_objects: overshoots of at most
 CLIP_TOLERANCE_PX are clipped, anything else drops the object); an XML <size> that
@@ -57,7 +57,7 @@ from .. import defaults as D
 from ..classes import CLASSES, NO_LABEL_MAP, LabelMap
 from ..errors import InputError
 from ..parallel import ordered_map
-from .images import ImageError, is_image_name, load_rgb, stored_size_and_orientation
+from .images import ImageError, is_image_name, load_rgb_bytes, stored_size_and_orientation
 from .near_duplicates import near_duplicates
 from .pairs import Pair, pair_folders, write_pairs_csv
 from .voc import (CLIP_TOLERANCE_PX, VocAnnotation, VocError, boxes_on_stored_pixels, clean_objects, parse_voc,
@@ -127,7 +127,7 @@ def _inspect_image(path: Path) -> _ImageFacts:
     except OSError as exc:
         return _ImageFacts(error=f"cannot read file ({exc.strerror or exc})")
     try:
-        image = load_rgb(path)
+        image = load_rgb_bytes(data, path)  # the bytes just hashed: the file is read once
     except ImageError as exc:
         return _ImageFacts(sha256=hashlib.sha256(data).hexdigest(), error=exc.problem)
     bits = imagehash.phash(image).hash.flatten()
