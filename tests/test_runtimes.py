@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from utils.data.shards import INDEX_CSV, INDEX_CSV_FIELDS
 from utils.detection.inference_size import candidate_sizes, choice_passes, largest_size_cost
 from utils.pegasus.config import ConfigError, ShardFile, SplitEntry
 from utils.pegasus.runtimes import (GRACE_MIN, MIN_RUNTIME_S, SAFETY, SECONDS_PER_IMAGE, STARTUP_S,
@@ -37,6 +38,29 @@ def test_small_jobs_get_the_minimum_and_large_ones_grow_with_their_images():
     assert job_runtimes(config(pred_shards=shards))["predict"] < big["predict"] / 50
     assert job_runtimes(config(epochs=20))["train"] > job_runtimes(config(epochs=2))["train"]
     assert job_runtimes(config(image_size=1024))["train"] > job_runtimes(config(image_size=512))["train"]
+
+
+def _index_csv(folder: Path, names: list[str]) -> None:
+    """A shard folder's index.csv (bin/make_shards.py) naming *names*, its shards left out."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / INDEX_CSV).write_text(",".join(INDEX_CSV_FIELDS) + "\n"
+                                    + "".join(f"{name},shard-000000.tar,1,x,\n" for name in names))
+
+
+def test_the_merge_limit_counts_a_figure_per_folder_of_the_prediction_images(tmp_path):
+    # merge_predictions bootstraps every folder's figure (~0.14 s a folder, whatever its size): 100k images in
+    # 10k folders took the 300 s minimum (1e-4 s an image), about 25 minutes of work
+    images = 100_000
+    _index_csv(tmp_path / "sites", [f"site{i % 10_000:05d}/img{i:06d}.jpg" for i in range(images)])
+    _index_csv(tmp_path / "flat", [f"img{i:06d}.jpg" for i in range(images)])
+    shards = [ShardFile(tmp_path / "sites" / "shard-000000.tar", images)]
+    foldered = job_runtimes(config(pred_shards=shards))["merge_predictions"]
+    assert foldered >= STARTUP_S + SAFETY * 10_000 * 0.1
+    flat = job_runtimes(config(pred_shards=[ShardFile(tmp_path / "flat" / "shard-000000.tar", images)]))
+    assert flat["merge_predictions"] < foldered / 10  # one folder: one figure, no figure per folder
+    # a set without an index (each image may be in its own folder) is counted at its worst
+    unindexed = [ShardFile(tmp_path / "none" / "shard-000000.tar", 20_000)]
+    assert job_runtimes(config(pred_shards=unindexed))["merge_predictions"] >= SAFETY * 20_000 * 0.1
 
 
 def test_a_time_budget_bounds_the_train_job():

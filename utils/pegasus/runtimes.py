@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import posixpath
 
 from ..detection.inference_size import choice_passes, largest_size_cost
 from ..errors import shown
@@ -41,6 +42,10 @@ SECONDS_PER_IMAGE = {
     "gpu": {"train": 0.1, "infer": 0.05, "data": 0.1},
 }
 MERGE_S_PER_IMAGE = 1e-4  # reading one image's detections and writing its rows (merge_predictions)
+# merge_predictions bootstraps the headline figure of every folder the images sit in (1000 replicates, each an
+# NNLS solve for the adjusted estimators): ~0.14 s a folder on 2 CPU cores (/work/tmp/audit_e/merge_time.py),
+# whatever its size, so 100k images in 10k folders take ~25 minutes, not the 10 s their images cost
+MERGE_S_PER_FOLDER = 0.15
 SAFETY = 3.0          # slower or shared nodes, the first steps' allocations, validation passes
 STARTUP_S = 180       # image pull or start, Python and torch imports, staging, kickstart
 MIN_RUNTIME_S = 300
@@ -87,6 +92,21 @@ def _choice_s(config) -> dict[str, float]:
     return {"train": seconds, **({"train_fold": seconds * (folds - 1) / folds} if folds else {})}
 
 
+def _figures_per_folder(config) -> int:
+    """How many folders merge_predictions gives a figure of: the folders the prediction images sit in, from the
+    shards' index.csv (each image's path below the set), none for one folder; without an index, as many as the
+    images (each may sit in its own folder)."""
+    from ..data.shards import read_index_csv
+    from ..errors import InputError
+
+    try:
+        rows = read_index_csv(config.pred_shards[0].path.parent)  # a set's shards share one folder and index
+    except InputError:
+        return sum(shard.images for shard in config.pred_shards)
+    folders = len({posixpath.dirname(row.get("name") or "") for row in rows})
+    return folders if folders > 1 else 0
+
+
 def _train_epochs(config) -> int:
     """Epochs of a train job: the stages' total with --train-stages (WorkflowConfig.train_epochs), else epochs
     (a stand-in config without the property, test_runtimes, has no stages)."""
@@ -110,7 +130,8 @@ def workloads(config) -> dict[str, float]:
         "train": _train_epochs(config) * (epoch_s + counts["val"] * infer_s) + choice["train"],
         "evaluate": counts["test"] * sized_s * MODEL_PASSES["evaluate"],
         "predict": max(shard.images for shard in config.pred_shards) * sized_s * _predict_passes(config),
-        "merge_predictions": sum(shard.images for shard in config.pred_shards) * MERGE_S_PER_IMAGE,
+        "merge_predictions": (sum(shard.images for shard in config.pred_shards) * MERGE_S_PER_IMAGE
+                              + _figures_per_folder(config) * MERGE_S_PER_FOLDER),
         "predict_video": (max((video.frames for video in config.pred_videos), default=0) / config.video_stride
                           * sized_s * MODEL_PASSES["predict_video"]),
         "report": 0.0,  # reads the outputs and downscales at most 24 images: the startup allowance covers it
