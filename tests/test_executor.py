@@ -476,3 +476,19 @@ def test_the_run_settings_file_alone_reruns_nothing(tmp_path):
     run_dir = make_workflow(tmp_path, jobs, inputs={"experiment_config.yml": "retries: 5\n", "data.txt": "y"})
     assert run(run_dir)[0] == 0
     assert starts(tmp_path) == ["a", "b", "b"]
+
+
+def test_a_rerun_with_fewer_inputs_leaves_none_of_the_old_ones_in_the_jobs_folder(tmp_path):
+    # merge_predictions reads its folder's predictions_*.json and the report its *_run.json: a rerun with fewer
+    # shards (--images-per-job) left the earlier run's links to the dropped shards' parts there, beside the new
+    # ones (merge: '10 part(s), expected 6' on every retry; the report: the old shards' records and images)
+    parts = [{"id": f"p{i}", "outputs": [f"part_{i}.txt"]} for i in range(3)]
+    merge = {"id": "merge", "inputs": ["part_0.txt", "part_1.txt", "part_2.txt"], "outputs": ["all.txt"]}
+    run_dir = make_workflow(tmp_path, [*parts, merge])
+    assert run(run_dir)[0] == 0
+    merge_dir = run_dir / "scratch" / "merge"
+    assert sorted(path.name for path in merge_dir.glob("part_*")) == ["part_0.txt", "part_1.txt", "part_2.txt"]
+    make_workflow(tmp_path, [*parts[:2], {**merge, "inputs": ["part_0.txt", "part_1.txt"]}])
+    assert run(run_dir)[0] == 0
+    assert sorted(path.name for path in merge_dir.glob("part_*")) == ["part_0.txt", "part_1.txt"]
+    assert (run_dir / "scratch" / "p2" / "part_2.txt").exists()  # only the link in the merge's folder goes

@@ -117,6 +117,12 @@ class JobRunner:
     def prepare(self, spec: JobSpec, job_dir: Path) -> str | None:
         """Link inputs, seed checkpoints, clear stale outputs. Returns an error message or None."""
         job_dir.mkdir(parents=True, exist_ok=True)
+        # An earlier definition's input links go: jobs that read their folder (merge_predictions' parts, the
+        # report's run records) would take a dropped shard's files for this run's, as Pegasus never stages them.
+        declared = set(spec.inputs)
+        for entry in os.scandir(job_dir):
+            if entry.is_symlink() and entry.name not in declared:
+                os.unlink(entry.path)
         for lfn in spec.inputs:
             producer = self.wf.producers.get(lfn)
             source = (self.wf.job_dir(producer) / lfn) if producer else self.wf.replicas.get(lfn)
