@@ -31,6 +31,11 @@ STATE_FILE = "executor_state.json"
 STATE_VERSION = 1
 
 
+def staged_out(spec: JobSpec) -> list[str]:
+    """The names of the files the job copies into the output folder."""
+    return sorted(lfn for lfn, stage_out in spec.outputs + spec.checkpoints if stage_out)
+
+
 class ResumeState:
     def __init__(self, workflow: LoadedWorkflow):
         self.wf = workflow
@@ -138,6 +143,26 @@ class ResumeState:
             reusable.add(job_id)
         return reusable
 
+    def remove_dropped_outputs(self) -> list[str]:
+        """Remove from the output folder what earlier runs' jobs staged out there and no job of this workflow
+        stages out (the outputs of a shard, a fold or an HPO job that a rerun with other settings dropped), so
+        that the folder never holds two configurations' outputs; forget the jobs no longer in the workflow.
+        Returns the names removed. Records from before the staged-out names were kept name none."""
+        kept = {lfn for spec in self.wf.jobs.values() for lfn in staged_out(spec)}
+        removed = []
+        with self._lock:
+            jobs = self.data.setdefault("jobs", {})
+            for job_id in list(jobs):
+                for lfn in jobs[job_id].get("staged_out", []):
+                    path = self.wf.output_dir / lfn
+                    if lfn not in kept and lfn not in removed and path.is_file():
+                        path.unlink()
+                        removed.append(lfn)
+                if job_id not in self.wf.jobs:
+                    del jobs[job_id]
+        self.save()
+        return sorted(removed)
+
     def restore(self, result: JobResult) -> None:
         """Fill in a reused job's result from what the earlier run recorded."""
         record = self.data["jobs"][result.job_id]
@@ -149,7 +174,7 @@ class ResumeState:
         """Remember a finished job (what a rerun may skip), or forget it when it did not succeed."""
         if result.status == "succeeded":
             record = {"status": "succeeded", "signature": self.signature(spec),
-                      "made_inputs": self.made_inputs_key(spec), "tries": result.tries,
+                      "made_inputs": self.made_inputs_key(spec), "staged_out": staged_out(spec), "tries": result.tries,
                       "wall_time_s": round(result.wall_time_s, 3), "exit_code": result.exit_code,
                       "finished": timestamp(result.finished)}
             with self._lock:

@@ -100,6 +100,10 @@ class Executor:
         self.wf.logs_dir.mkdir(parents=True, exist_ok=True)
         self.wf.scratch_dir.mkdir(parents=True, exist_ok=True)
         self.report.start_clock()
+        dropped = self.state.remove_dropped_outputs()
+        if dropped:
+            self.report.print(f"Removed {len(dropped)} output(s) of an earlier run that this workflow no longer "
+                              f"makes from {self.wf.output_dir} (first: {dropped[0]})")
         reusable = self.state.reusable()
         for job_id in reusable:
             self.state.restore(self.results[job_id])
