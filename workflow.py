@@ -402,11 +402,11 @@ class MaskDetectionWorkflow:
                                                          self.config.experiment_settings)
         if self.inputs.stages_file is not None:
             write_text(self.inputs.paths[self.inputs.stages_file.lfn], stages_to_json(self.config.train_stages) + "\n")
-        pegasus_api.write_catalogs({self.paths[key]: catalog for key, catalog in (
-            ("sites", self.sc), ("transformations", self.tc), ("replicas", self.rc), ("workflow", self.wf))})
         buffer = io.StringIO()
         self.props.write(buffer)
         write_text(self.paths["properties"], buffer.getvalue())
+        pegasus_api.write_catalogs({self.paths[key]: catalog for key, catalog in (  # the DAG last (generate())
+            ("sites", self.sc), ("transformations", self.tc), ("replicas", self.rc), ("workflow", self.wf))})
         written = {key: self.paths[key] for key in ("workflow", "sites", "transformations", "replicas", "properties")}
         if job_settings is not None:
             written["experiment_config"] = job_settings
@@ -443,6 +443,7 @@ def generate(args, held: contextlib.ExitStack) -> tuple[MaskDetectionWorkflow, d
     data = plan_data(data_dir, run_dir, args.seed, tuple(args.fractions), args.near_duplicate_distance, label_map,
                      args.folds, settings.label)
     held.enter_context(driver.run_lock(run_dir))  # kept till the run ends: no other run writes here meanwhile
+    (run_dir / "workflow.yml").unlink(missing_ok=True)  # written last: a generation stopped part way runs nothing
     split_csv, folds_csv = write_data(data)  # the first file written into the run folder
     report, entries = data.report, data.entries
     pred_shards = prediction_shards(pred_images, entries, run_dir, args.images_per_job)

@@ -576,3 +576,28 @@ def test_the_folds_workflow_is_the_pinned_one_byte_for_byte(sample_dir, tmp_path
         GOLDEN_FOLDS.parent.mkdir(exist_ok=True)
         GOLDEN_FOLDS.write_text(generated)
     assert generated == GOLDEN_FOLDS.read_text(), "workflow.yml changed: see the test's docstring"
+
+
+def test_a_regeneration_stopped_part_way_leaves_no_dag_over_the_new_data(sample_dir, tmp_path, monkeypatch):
+    """Ctrl-C (or a full disk) while the shards are packed, after split.csv was rewritten for --seed 7: the last
+    workflow.yml (seed 42, the old shards) stayed, and python -m utils.executor RUN_DIR or the printed pegasus-plan
+    ran it over the new split. The DAG goes before the first data file is written and comes back last."""
+    from utils.executor import WorkflowError
+
+    run_dir = tmp_path / "run"
+    assert generate(run_dir, sample_dir, "--no-pretrained") == 0
+    load_workflow(run_dir)
+
+    def interrupted(*args, **kwargs):
+        assert (run_dir / "split.csv").is_file()  # the data files are being rewritten
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generator, "prediction_shards", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate(run_dir, sample_dir, "--no-pretrained", "--seed", "7")
+    assert not (run_dir / "workflow.yml").exists()
+    with pytest.raises(WorkflowError):
+        load_workflow(run_dir)
+    monkeypatch.undo()
+    assert generate(run_dir, sample_dir, "--no-pretrained", "--seed", "7") == 0
+    assert load_workflow(run_dir).jobs
