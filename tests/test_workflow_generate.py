@@ -486,6 +486,13 @@ BAD_SITES = [
     (POOL + "    max_job_minutes: true\n", "sites.condorpool: max_job_minutes True must be a whole number"),
     (POOL + "    data_configuration: magic\n",
      "sites.condorpool.data_configuration: 'magic' is not one of sharedfs, nonsharedfs, condorio"),
+    # a pool site gets no shared scratch or staging site in the catalog: the planner failed on both ('File Server
+    # not specified for shared-scratch filesystem for site: condorpool')
+    (POOL + "    data_configuration: sharedfs\n",
+     "sites.condorpool.data_configuration: 'sharedfs' needs a shared scratch folder"),
+    (POOL + "    data_configuration: nonsharedfs\n",
+     "sites.condorpool.data_configuration: 'nonsharedfs' needs a shared scratch folder (and for nonsharedfs a "
+     "staging site) that the generated site catalog does not give a pool site; use condorio"),
     (POOL + "    arch: z80\n", "sites.condorpool.arch: 'z80' is not one of"),
     (POOL + "    software_dir: relative/dir\n", "sites.condorpool.software_dir: 'relative/dir' must be an absolute"),
     ("local:\n  shared_scratch: 5\n", "local.shared_scratch: 5 is not text"),

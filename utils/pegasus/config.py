@@ -27,6 +27,8 @@ CONTAINER_KINDS = ("singularity", "docker")
 DEFAULT_CONTAINER_IMAGE = D.CONTAINER_IMAGE
 # What Pegasus 5 accepts for pegasus.data.configuration (a site's data_configuration) and for pegasus.mode.
 DATA_CONFIGURATIONS = ("sharedfs", "nonsharedfs", "condorio")
+# A pool site's catalog entry has no shared-scratch directory or staging site: these two cannot be planned there.
+SHARED_SCRATCH_CONFIGURATIONS = ("sharedfs", "nonsharedfs")
 PEGASUS_MODES = ("production", "development", "tutorial", "debug")
 # The keys of the user's sites.yml: at the top, under local:, under each site of sites:, under container:.
 # local: holds what a site may hold for --execution-site local, but no data_configuration (local is sharedfs)
@@ -109,6 +111,10 @@ def _check_site(path, name: str, site: dict) -> None:
     if configuration is not None and configuration not in DATA_CONFIGURATIONS:
         raise ConfigError(f"{where}.data_configuration: {shown(configuration)} is not one of "
                           f"{', '.join(DATA_CONFIGURATIONS)}")
+    if configuration in SHARED_SCRATCH_CONFIGURATIONS:  # the planner's 'File Server not specified' else
+        raise ConfigError(f"{where}.data_configuration: {shown(configuration)} needs a shared scratch folder (and for "
+                          "nonsharedfs a staging site) that the generated site catalog does not give a pool site; "
+                          "use condorio: HTCondor moves each job's files, no shared file system needed")
     for key in ("shared_scratch", "local_storage", "gpu_requirements", "software_dir"):
         if site.get(key) is not None and not isinstance(site[key], str):
             raise ConfigError(f"{where}.{key}: {shown(site[key])} is not text")
