@@ -332,6 +332,22 @@ def test_files_left_out_of_the_prediction_shards_are_said_at_generation(sample_d
     assert len(said) == 1 and "2 file(s)" in said[0] and str(tmp_path / "run" / "pred_shards" / "index.json") in said[0]
 
 
+def test_a_subfolder_of_the_data_that_is_not_read_is_said_at_generation(sample_dir, tmp_path, caplog):
+    # its images were in no count: 'Validated DATA: 4 usable of 4 images' with 20 more in images/a/ and no word
+    data = tmp_path / "data"
+    shutil.copytree(sample_dir, data)
+    for folder, suffix in (("images", ".jpg"), ("annotations", ".xml")):
+        (data / folder / "siteA").mkdir()
+        for path in sorted((data / folder).glob(f"*{suffix}"))[:12]:
+            path.rename(data / folder / "siteA" / path.name)
+    with caplog.at_level("WARNING"):
+        assert generate(tmp_path / "run", data, "--no-pretrained") == 0
+    said = [record.getMessage() for record in caplog.records if "subfolder(s) not read" in record.getMessage()]
+    assert said == [f"{data}: 2 subfolder(s) not read (the data set is flat; first: siteA/: a folder inside "
+                    f"{data / 'images'}: its 12 file(s) are not read (the images and annotations must sit in the "
+                    f"folders themselves)); every one in {tmp_path / 'run' / 'validation_report.json'}"]
+
+
 def test_submit_without_pegasus_prints_the_plan_command(sample_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(generator.shutil, "which", lambda name: None)
     run_dir = tmp_path / "submit"

@@ -85,6 +85,11 @@ def plan_data(data_dir: Path, run_dir: Path, seed: int, fractions, near_duplicat
                            classes_of=classes_of, label_map=label_map)
     except (ValidationInputError, SplitError) as error:
         raise ConfigError(str(error)) from None
+    # Said where it is seen: the images in them are in no count of the 'Validated' line.
+    ignored = [problem for problem in result.report["problems"] if problem["kind"] == "subfolder_ignored"]
+    if ignored:
+        log.warning("%s: %d subfolder(s) not read (the data set is flat; first: %s: %s); every one in %s", data_dir,
+                    len(ignored), ignored[0]["file"], ignored[0]["problem"], run_dir / "validation_report.json")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["image", "annotation", "split"], extrasaction="ignore",
                             lineterminator="\n")
