@@ -9,7 +9,8 @@ and .err.NNN, numbered on after earlier runs' tries; the .out log starts with a
 header whose "# rerun by hand:" line is one bash command that runs the same try again. pegasus checkpoint.time /
 maxwalltime profiles (minutes) get pegasus-kickstart semantics: SIGTERM at
 checkpoint.time so that the job saves its checkpoint, SIGKILL at maxwalltime. A job with neither (all but
-train and hpo) is held to its runtime profile (seconds) as kickstart holds it on a pool: SIGTERM at it,
+train and hpo) is held to its runtime profile (seconds), which on a pool only HTCondor sees (pegasus_job_runtime;
+kickstart gets -k 0, never, for such a job): SIGTERM at it,
 SIGKILL RUNTIME_KILL_AFTER_S later, so that a hung job cannot stall a local run for ever.
 """
 
@@ -34,7 +35,7 @@ from .loading import JobSpec, LoadedWorkflow
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # on the jobs' PYTHONPATH: bin/ scripts import utils
 TERM_GRACE_S = 10.0  # after SIGTERM, how long a job may take to exit before SIGKILL
-RUNTIME_KILL_AFTER_S = 300.0  # after the SIGTERM at a job's runtime limit, SIGKILL (kickstart's -K 300)
+RUNTIME_KILL_AFTER_S = 300.0  # after the SIGTERM at a job's runtime limit, SIGKILL (GRACE_MIN, as for train)
 LIFT_LIMITS = "a `runtimes:` entry in sites.yml, or rerun with python -m utils.executor RUN_DIR --no-time-limits"
 # Set for every job but without effect on what it does, so the rerun line leaves them out.
 COSMETIC_VARIABLES = {"PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}

@@ -1,8 +1,10 @@
 """Each job's time limits, computed from its workload: the Pegasus ``runtime`` profile and, for the
 jobs that checkpoint (hpo, train), ``checkpoint.time`` and ``maxwalltime``.
 
-pegasus-kickstart kills a job at its limit (``-k runtime -K 300`` without maxwalltime), and a
-retry of a job killed for its size dies the same way, so a limit must come from the work:
+On a pool pegasus-kickstart stops hpo and train at checkpoint.time (``-k``); for the other jobs it gets ``-k 0``
+(never: checked with plan-check.sh --details) and their ``runtime`` reaches HTCondor as ``pegasus_job_runtime``,
+for a pool's policy; the local executor stops them at it. A retry of a job stopped for its size dies the same
+way, so a limit must come from the work:
 
     work     = images x seconds per image (x epochs x trials), at 512 px, scaled by (size / 512)^2
                (x largest_size_cost x passes for the jobs that run the trained model: evaluate, predict, video)
