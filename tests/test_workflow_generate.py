@@ -579,6 +579,20 @@ def test_a_site_without_a_flag_or_file_is_read_as_text_and_unreadable_files_are_
     assert generate(tmp_path / "run", sample_dir, "--no-pretrained", "--mode", "development") == 0
 
 
+@pytest.mark.parametrize("line", ["dagman.retry = abc", "dagman.retry = -2", "pegasus.transfer.threads = 0"])
+def test_a_properties_count_that_is_not_a_whole_number_is_one_line(line, sample_dir, tmp_path, capsys):
+    # dagman.retry = abc was written into the DAG ('RETRY create_dir... abc', which DAGMan cannot parse) and the
+    # local executor ended in a traceback (int('abc'))
+    properties = tmp_path / "my.conf"
+    properties.write_text(f"pegasus.mode = production\n{line}\n")
+    assert generate(tmp_path / "run", sample_dir, "--no-pretrained", "--properties", str(properties)) == 2
+    err = capsys.readouterr().err
+    key, value = line.split(" = ")
+    least = 0 if key == "dagman.retry" else 1
+    assert err == f"workflow.py: {properties}: {key} '{value}': not a whole number of at least {least}\n"
+    assert not (tmp_path / "run").exists()
+
+
 # -- the generated DAG, pinned -------------------------------------------------------------------------------
 
 GOLDEN_FOLDS = Path(__file__).parent / "golden" / "workflow_folds.yml"

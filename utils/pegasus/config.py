@@ -178,6 +178,14 @@ def load_properties(path: Path) -> Properties:
     except KeyError:
         mode = None
     check_mode(mode, f"{path}: pegasus.mode")
+    # The values the flags set (--retries, --transfer-threads): DAGMan's RETRY and the local executor take a count
+    for key, least in (("dagman.retry", 0), ("pegasus.transfer.threads", 1)):
+        try:
+            value = props[key]
+        except KeyError:
+            continue
+        if not (str(value).strip().isdigit() and int(value) >= least):
+            raise ConfigError(f"{path}: {key} {shown(value)}: not a whole number of at least {least}")
     return props
 
 
