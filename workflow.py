@@ -46,7 +46,7 @@ from utils.pegasus.config import (ConfigError, SplitEntry, WorkflowConfig, parse
 from utils.pegasus.graph import write_graph
 from utils.pegasus.replicas import WorkflowInputs
 from utils.pegasus.inputs import check_pred_images, data_shards, find_videos, plan_data, prediction_shards, write_data
-from utils.pegasus.runtimes import CHECKPOINTING, checkpoint_minutes, job_runtimes
+from utils.pegasus.runtimes import CHECKPOINTING, checkpoint_limits, job_runtimes
 
 ROOT = Path(__file__).resolve().parent
 WORKFLOW_NAME = "mask-detection"
@@ -139,9 +139,8 @@ class MaskDetectionWorkflow:
                 job.add_condor_profile(requirements=requirements)
             # No container arguments: for a job with a gpus profile Pegasus itself adds --nv / --gpus all.
         if kind in CHECKPOINTING:
-            checkpoint_time, max_walltime = checkpoint_minutes(self.runtimes[kind],
-                                                               config.execution_site_config().get("max_job_minutes"))
-            job.add_pegasus_profile(checkpoint_time=checkpoint_time, max_walltime=max_walltime)
+            cap = config.execution_site_config().get("max_job_minutes")
+            checkpoint_limits(job, self.runtimes[kind], cap, self.props)
         if self.inputs.experiment_config is not None:
             # Staged into the job's folder, where utils.provenance.run_record finds it for the run record.
             job.add_inputs(self.inputs.experiment_config)
@@ -334,9 +333,7 @@ class MaskDetectionWorkflow:
         runtime = self.runtimes[workload]
         job.add_pegasus_profile(runtime=str(runtime))
         if job.transformation in CHECKPOINTING:
-            checkpoint_time, max_walltime = checkpoint_minutes(
-                runtime, self.config.execution_site_config().get("max_job_minutes"))
-            job.add_pegasus_profile(checkpoint_time=checkpoint_time, max_walltime=max_walltime)
+            checkpoint_limits(job, runtime, self.config.execution_site_config().get("max_job_minutes"), self.props)
 
     def _add_predict(self, *models: File) -> None:
         """One predict job per shard of the prediction set, then one merge into compliance.json; several

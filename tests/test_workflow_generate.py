@@ -130,6 +130,26 @@ def test_checkpoints_and_their_profiles(run_dir):
         assert checkpoint in jobs[job_id]["arguments"]
 
 
+def test_a_training_run_in_pieces_under_the_pools_cap_gets_a_retry_for_each_piece(sample_dir, tmp_path):
+    # under max_job_minutes a long train job is stopped at checkpoint.time and resumed in the next try, which
+    # DAGMan (and the local executor) counts as a retry: 100 epochs in 5-minute pieces had dagman.retry's 2
+    # retries, so the training failed for good after its third piece
+    sites = tmp_path / "sites.yml"
+    sites.write_text(f"execution_site: condorpool\ncontainer: {{type: singularity, image: {D.CONTAINER_IMAGE}}}\n"
+                     "sites: {condorpool: {arch: x86_64, max_job_minutes: 10}}\n")
+    run_dir = tmp_path / "run"
+    assert generate(run_dir, sample_dir, "--sites-config", str(sites), "--no-pretrained", "--retries", "2",
+                    "--epochs", "100", "--hpo-jobs", "1", "--trials", "1", "--hpo-epochs", "1") == 0
+    jobs, loaded = jobs_by_id(run_dir), load_workflow(run_dir)
+    runtime = int(transformations_by_name(run_dir)["train"]["profiles"]["pegasus"]["runtime"])
+    pieces = math.ceil(runtime / 60 / (10 - GRACE_MIN))
+    assert pieces > 3 and jobs["train"]["profiles"]["pegasus"]["checkpoint.time"] == 10 - GRACE_MIN
+    assert jobs["train"]["profiles"]["dagman"] == {"RETRY": 2 + pieces - 1}
+    assert loaded.jobs["train"].profile("dagman", "RETRY") == 2 + pieces - 1  # the local executor's tries too
+    # a job that fits in one piece keeps dagman.retry
+    assert "dagman" not in jobs["hpo_0"]["profiles"]
+
+
 def test_stage_out_only_final_outputs(run_dir):
     stage_out = {}
     for job in jobs_by_id(run_dir).values():

@@ -22,7 +22,8 @@ with flip TTA (``MODEL_PASSES``), since a limit too short kills every retry the 
 reports a hung job late.
 So a healthy job never meets its own limit. Where a pool caps a job's wall time, sites.yml's
 ``max_job_minutes`` of the site caps both: at checkpoint.time the job gets SIGTERM, keeps its
-checkpoint and is retried from it (dagman.retry), so a long training runs in pieces.
+checkpoint and is retried from it, so a long training runs in pieces (a retry each, on top of dagman.retry:
+checkpoint_limits).
 ``runtimes: {train: 36000, ...}`` (seconds) in a site's sites.yml entry overrides any kind.
 """
 
@@ -259,6 +260,21 @@ def _check_cap(max_job_minutes, where: str) -> None:
     if max_job_minutes is not None and not (_whole_positive(max_job_minutes) and max_job_minutes > GRACE_MIN):
         raise RuntimeConfigError(f"{where}: max_job_minutes {shown(max_job_minutes)} must be a whole number of "
                                  f"minutes above {GRACE_MIN}")
+
+
+def checkpoint_limits(job, runtime_s: int, max_job_minutes: int | None, properties) -> None:
+    """A checkpointing job's checkpoint.time and maxwalltime (checkpoint_minutes). Under a site's cap it runs in
+    pieces, a try each, that DAGMan counts as failures: its retries (a dagman profile) are the *properties*'
+    dagman.retry plus the pieces after the first, or a long training failed for good when the retries ran out."""
+    checkpoint_time, max_walltime = checkpoint_minutes(runtime_s, max_job_minutes)
+    job.add_pegasus_profile(checkpoint_time=checkpoint_time, max_walltime=max_walltime)
+    pieces = math.ceil(runtime_s / 60 / checkpoint_time)
+    if pieces > 1:
+        try:
+            retries = int(properties["dagman.retry"])
+        except KeyError:  # not set: DAGMan and the local executor retry no job
+            retries = 0
+        job.add_dagman_profile(retry=retries + pieces - 1)
 
 
 def checkpoint_minutes(runtime_s: int, max_job_minutes: int | None = None) -> tuple[int, int]:
