@@ -498,13 +498,18 @@ def test_a_rerun_removes_the_outputs_of_the_jobs_it_no_longer_has(tmp_path):
     # a rerun with fewer shards or folds left the dropped jobs' staged-out files in RUN_DIR/outputs beside the new
     # run's (bin/report.py RUN_DIR then showed both configurations' records and images)
     parts = [{"id": f"p{i}", "outputs": [f"part_{i}.txt"], "stage_out": True} for i in range(3)]
+    parts.append({"id": "hpo_3", "outputs": ["tensorboard_hpo_3.tar"], "stage_out": True})
     run_dir = make_workflow(tmp_path, parts)
     assert run(run_dir)[0] == 0
     (run_dir / "outputs" / "notes.txt").write_text("the user's own")
+    for job in ("hpo_3", "train"):  # what the tensorboard_<job>.tar unpacked (a text file here: left packed)
+        (run_dir / "outputs" / "tensorboard" / job).mkdir(parents=True)
     make_workflow(tmp_path, parts[:2])
     status, out = run(run_dir)
     assert status == 0
-    assert sorted(path.name for path in (run_dir / "outputs").iterdir()) == ["notes.txt", "part_0.txt", "part_1.txt"]
-    assert f"Removed 1 output(s) of an earlier run that this workflow no longer makes from {run_dir / 'outputs'}" \
+    assert sorted(path.name for path in (run_dir / "outputs").iterdir()) == ["notes.txt", "part_0.txt", "part_1.txt",
+                                                                             "tensorboard"]
+    assert [path.name for path in (run_dir / "outputs" / "tensorboard").iterdir()] == ["train"]
+    assert f"Removed 2 output(s) of an earlier run that this workflow no longer makes from {run_dir / 'outputs'}" \
            f" (first: part_2.txt)" in out
     assert "p2" not in json.loads((run_dir / "executor_state.json").read_text())["jobs"]

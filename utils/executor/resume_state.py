@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import threading
 from pathlib import Path
 
 from ..atomic import write_json
+from ..naming import TENSORBOARD_FOLDER
 from ..provenance import EXPERIMENT_CONFIG_FILE, file_sha256
 from .loading import JobSpec, LoadedWorkflow
 from .progress import JobResult, timestamp
@@ -158,6 +160,9 @@ class ResumeState:
                     if lfn not in kept and lfn not in removed and path.is_file():
                         path.unlink()
                         removed.append(lfn)
+                        if lfn.startswith(f"{TENSORBOARD_FOLDER}_") and lfn.endswith(".tar"):  # and what it unpacked
+                            shutil.rmtree(self.wf.output_dir / TENSORBOARD_FOLDER / lfn[len(TENSORBOARD_FOLDER) + 1:-4],
+                                          ignore_errors=True)
                 if job_id not in self.wf.jobs:
                     del jobs[job_id]
         self.save()
