@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import io
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import workflow as generator
-from test_executor import job_stats, make_workflow, starts
+from test_executor import job_stats, make_workflow, run, starts
 from utils.executor import main as executor_main, run_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -321,3 +322,40 @@ def test_a_helper_of_a_helper_keeps_the_file_its_parent_opened_at_the_locks_old_
                            str(tmp_path / "image.jpg")], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, (done.returncode, done.stderr)  # 3: the helper's file closed in its child
+
+
+def test_a_rerun_with_fewer_inputs_leaves_none_of_the_old_ones_in_the_jobs_folder(tmp_path):
+    # merge_predictions reads its folder's predictions_*.json and the report its *_run.json: a rerun with fewer
+    # shards (--images-per-job) left the earlier run's links to the dropped shards' parts there, beside the new
+    # ones (merge: '10 part(s), expected 6' on every retry; the report: the old shards' records and images)
+    parts = [{"id": f"p{i}", "outputs": [f"part_{i}.txt"]} for i in range(3)]
+    merge = {"id": "merge", "inputs": ["part_0.txt", "part_1.txt", "part_2.txt"], "outputs": ["all.txt"]}
+    run_dir = make_workflow(tmp_path, [*parts, merge])
+    assert run(run_dir)[0] == 0
+    merge_dir = run_dir / "scratch" / "merge"
+    assert sorted(path.name for path in merge_dir.glob("part_*")) == ["part_0.txt", "part_1.txt", "part_2.txt"]
+    make_workflow(tmp_path, [*parts[:2], {**merge, "inputs": ["part_0.txt", "part_1.txt"]}])
+    assert run(run_dir)[0] == 0
+    assert sorted(path.name for path in merge_dir.glob("part_*")) == ["part_0.txt", "part_1.txt"]
+    assert (run_dir / "scratch" / "p2" / "part_2.txt").exists()  # only the link in the merge's folder goes
+
+
+def test_a_rerun_removes_the_outputs_of_the_jobs_it_no_longer_has(tmp_path):
+    # a rerun with fewer shards or folds left the dropped jobs' staged-out files in RUN_DIR/outputs beside the new
+    # run's (bin/report.py RUN_DIR then showed both configurations' records and images)
+    parts = [{"id": f"p{i}", "outputs": [f"part_{i}.txt"], "stage_out": True} for i in range(3)]
+    parts.append({"id": "hpo_3", "outputs": ["tensorboard_hpo_3.tar"], "stage_out": True})
+    run_dir = make_workflow(tmp_path, parts)
+    assert run(run_dir)[0] == 0
+    (run_dir / "outputs" / "notes.txt").write_text("the user's own")
+    for job in ("hpo_3", "train"):  # what the tensorboard_<job>.tar unpacked (a text file here: left packed)
+        (run_dir / "outputs" / "tensorboard" / job).mkdir(parents=True)
+    make_workflow(tmp_path, parts[:2])
+    status, out = run(run_dir)
+    assert status == 0
+    assert sorted(path.name for path in (run_dir / "outputs").iterdir()) == ["notes.txt", "part_0.txt", "part_1.txt",
+                                                                             "tensorboard"]
+    assert [path.name for path in (run_dir / "outputs" / "tensorboard").iterdir()] == ["train"]
+    assert f"Removed 2 output(s) of an earlier run that this workflow no longer makes from {run_dir / 'outputs'}" \
+           f" (first: part_2.txt)" in out
+    assert "p2" not in json.loads((run_dir / "executor_state.json").read_text())["jobs"]
