@@ -264,3 +264,28 @@ def test_an_explanation_stops_before_its_next_pass_when_told(model_and_image):
                  should_stop=stop_after_the_first_pass)
     assert len(asked) == 2  # asked before the plain pass and before the mirrored one, which never ran
     assert not model.training and all(p.grad is None for p in model.parameters())  # left as it was
+
+
+@pytest.mark.parametrize("method", ["eigencam", pytest.param("hirescam", marks=pytest.mark.slow)])
+def test_a_map_lies_over_the_picture_not_over_the_models_padded_batch(tiny_model_file, method):
+    """The model pads a 128x98 picture (at size 128) to 128 rows: its feature maps hold 30 rows of padding,
+    which grad-cam stretched over the picture (a box near the bottom had 0.8 % of its map inside it). The
+    picture padded by hand with the model's mean colour (0 once normalised, as the model pads) gives the same
+    features with no padding to stretch: its map's top 98 rows are the picture's map."""
+    from utils.detection.explain import heatmaps
+
+    model, *_ = load_trained_model(tiny_model_file, "cpu")
+    picture = torch.rand((3, 98, 128), generator=torch.Generator().manual_seed(1))
+    padded = torch.tensor(model.transform.image_mean)[:, None, None].expand(3, 128, 128).clone()
+    padded[:, :98] = picture
+    with torch.no_grad():
+        out = model([picture])[0]
+    lowest = int(torch.argmax(out["boxes"][:, 1] * (out["boxes"][:, 3] < 96)))  # low, clear of the bottom edge
+    box, label = out["boxes"][lowest:lowest + 1], out["labels"][lowest:lowest + 1]
+    (of_picture,) = heatmaps(model, picture, box, label, method)
+    (of_padded,) = heatmaps(model, padded, box, label, method)
+    reference = of_padded[:98] / of_padded[:98].max()
+    assert of_picture.shape == (98, 128)
+    np.testing.assert_allclose(of_picture, reference, atol=1e-3)
+    if method == "hirescam":
+        assert evidence_share(of_picture, box[0]) == pytest.approx(evidence_share(reference, box[0]), abs=1e-3)

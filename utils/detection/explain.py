@@ -133,6 +133,34 @@ def heatmaps(model, image: torch.Tensor, boxes, labels, method: str = "hirescam"
     return fused
 
 
+def _model_frame(model, image: torch.Tensor) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(height, width) of the batch the model's transform makes of *image* and of the image inside it: the
+    transform resizes the image, then pads the batch's bottom and right to a multiple of size_divisible
+    (32), so its feature maps cover more than the picture."""
+    with torch.no_grad():
+        batch = model.transform([image])[0]
+    return tuple(batch.tensors.shape[-2:]), tuple(batch.image_sizes[0])
+
+
+def _cam_in_image_frame(cam, model, image: torch.Tensor):
+    """*cam*'s maps laid over *image*: grad-cam stretches each feature map, padding included, to the input's
+    size, which shifted a map by up to the padding's share of the image (a 128x98 picture at size 128 is
+    padded to 128 rows: a box near its bottom had 0.8 % of its map inside it, 58 % in this frame). The maps
+    are made in the padded batch's frame, then the picture's part of them is cropped and resized to the
+    image (min-max scaled, as grad-cam scales its maps)."""
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    (padded_h, padded_w), (inner_h, inner_w) = _model_frame(model, image)
+    cam.get_target_width_height = lambda _input: (padded_w, padded_h)
+    height, width = image.shape[-2:]
+
+    def run(batch, targets) -> np.ndarray:
+        framed = cam(batch, targets=targets)[0][:inner_h, :inner_w]
+        return scale_cam_image(framed[None], (width, height))[0].astype(np.float32)
+
+    return run
+
+
 def _box_score(labels: list[int], boxes: np.ndarray):
     """grad-cam's FasterRCNNBoxScoreTarget (IoU with the box + class score of the pass's best match), kept on the
     autograd graph: where the pass finds no box of the label at IoU > 0.5, grad-cam's score is a constant 0 and
@@ -156,16 +184,16 @@ def _pass_heatmaps(model, image: torch.Tensor, boxes: torch.Tensor, labels: torc
     cam = _cam(model, method)
     batch = image.unsqueeze(0)
     try:
+        framed_cam = _cam_in_image_frame(cam, model, image)
         with _gradients_on(layers):
             if method == "eigencam":
                 stop_point(should_stop)
                 # class-agnostic: one map for the image, shown for each of its boxes
-                shared = cam(batch, targets=[_box_score(labels.tolist(), boxes.numpy())])[0]
-                return [shared.astype(np.float32)] * len(boxes)
+                return [framed_cam(batch, [_box_score(labels.tolist(), boxes.numpy())])] * len(boxes)
             maps = []
             for box, label in zip(boxes, labels):
                 stop_point(should_stop)
-                maps.append(cam(batch, targets=[_box_score([int(label)], box[None].numpy())])[0].astype(np.float32))
+                maps.append(framed_cam(batch, [_box_score([int(label)], box[None].numpy())]))
             return maps
     finally:
         cam.activations_and_grads.release()
