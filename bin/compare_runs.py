@@ -16,7 +16,9 @@ points), wall_time_s (statistics.json). Rows are sorted by --sort-by (descending
 A missing or unfinished run folder is a one-line warning on stderr and its row says what it
 lacks, or which result files it holds but cannot read ("unreadable evaluation.json"); a metric
 its files hold as anything but a finite number (NaN, text) is missing there, with a warning;
-a run given twice is compared once. Exit 0 on success, 2 when no run is usable or a flag
+a run given twice is compared once. Runs whose evaluations counted other test sets (images and
+faces per class: another data set, split or label map) are compared, with a warning and a note
+naming each run's counts. Exit 0 on success, 2 when no run is usable or a flag
 is wrong (one line), 1 on a bug.
 """
 

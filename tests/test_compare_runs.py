@@ -211,3 +211,17 @@ def test_a_setting_with_a_line_break_or_a_pipe_stays_in_its_markdown_cell(tmp_pa
     header = table[0].split(" | ")
     assert "note" in table[0] and len(table[2].split(" | ")) == len(header)
     assert "two\\nlines \\| a\\\\\\|b" in table[2]
+
+
+def test_runs_evaluated_on_different_test_sets_are_said_to_be(root, runs, tmp_path, capsys):
+    """Another data set, split or label map gives another test set: the metrics then differ by it too, which the
+    table said nowhere (its settings columns may not show the data at all)."""
+    other = make_run_folder(tmp_path / "other_data", map_50=0.9, num_images=10, config=BASE, figures=False)
+    assert run_script(root, "compare_runs", [*runs, other, "--output", tmp_path / "runs.html"]) == 0
+    captured = capsys.readouterr()
+    said = "the runs were evaluated on different test sets"
+    assert f"compare_runs: warning: {said}" in captured.err
+    assert "other_data: 10 images" in captured.err and "small: 6 images" in captured.err
+    assert f"- {said}" in captured.out and said in (tmp_path / "runs.html").read_text()
+    assert run_script(root, "compare_runs", runs) == 0  # the same test set: nothing said
+    assert said not in capsys.readouterr().err

@@ -19,6 +19,8 @@ from .run_folder import RunFolder, RunFolderError, flatten, read_run_folder, set
 from .values import Fields, num
 
 ABSENT = "-"
+TEST_SETS_DIFFER = ("the runs were evaluated on different test sets (their evaluation.json counts differ): "
+                    "a metric's difference between them is not the settings' alone")
 # The metric columns, in table order (metric_values gives them).
 METRICS = ("map", "map_50", *(f"ap50_{name}" for name in CLASSES), "compliance_true", "compliance_predicted",
            "compliance_error", "mae", "wall_time_s")
@@ -57,6 +59,7 @@ class Comparison:
     warnings: list[str] = field(default_factory=list)
     sort_by: str = "map_50"
     ascending: bool = False
+    different_test_sets: str = ""            # the runs' test sets where they differ (their metrics do not compare)
 
 
 def _label_runs(paths: list[Path]) -> list[str]:
@@ -75,6 +78,28 @@ def _status(run: RunFolder) -> str:
     said = ([f"missing {', '.join(lacking)}"] if lacking else []) + (
         [f"unreadable {', '.join(unreadable)}"] if unreadable else [])
     return "; ".join(said) or "finished"
+
+
+def _test_set(run: RunFolder) -> tuple | None:
+    """What a run's metrics were measured on, as its evaluation.json counts it: (images, faces per class);
+    None where the file does not say (an older or broken one)."""
+    evaluation = run.evaluation or {}
+    images, faces = evaluation.get("num_images"), evaluation.get("faces_per_class")
+    if not isinstance(images, int) or not isinstance(faces, dict) or not all(
+            isinstance(count, int) for count in faces.values()):
+        return None
+    return images, tuple(sorted(faces.items()))
+
+
+def _different_test_sets(runs: list[tuple[str, RunFolder | None, str]]) -> str:
+    """'' when every run that says was evaluated on a test set of the same counts; else each run's counts
+    (another data set, split or label map: a run's figures then are not the others' on other settings)."""
+    counted = {label: _test_set(run) for label, run, _ in runs if run is not None}
+    counted = {label: test_set for label, test_set in counted.items() if test_set is not None}
+    if len(set(counted.values())) < 2:
+        return ""
+    return "; ".join(f"{label}: {images} images, " + ", ".join(f"{count} {name}" for name, count in faces)
+                     for label, (images, faces) in counted.items())
 
 
 # Keys that name the run rather than configure it: they differ between any two runs.
@@ -133,7 +158,11 @@ def compare_runs(paths, sort_by: str = "map_50", ascending: bool = False) -> Com
     without_value = [row for row in rows if not _has_value(row[sort_by])]
     with_value.sort(key=lambda row: _sort_key(row[sort_by]), reverse=not ascending)
     without_config = [label for label, run, _ in runs if run is not None and not run.has_config_file]
-    return Comparison(columns, with_value + without_value, settings, without_config, warnings, sort_by, ascending)
+    different_test_sets = _different_test_sets(runs)
+    if different_test_sets:
+        warnings.append(f"{TEST_SETS_DIFFER} ({different_test_sets})")
+    return Comparison(columns, with_value + without_value, settings, without_config, warnings, sort_by, ascending,
+                      different_test_sets)
 
 
 def _once_each(paths: list[Path]) -> tuple[list[Path], list[str]]:
@@ -183,6 +212,8 @@ def notes(comparison: Comparison) -> list[str]:
         lines.append(f"{len(comparison.settings)} setting(s) differ between the runs")
     else:
         lines.append("no setting differs between the runs")
+    if comparison.different_test_sets:
+        lines.append(f"{TEST_SETS_DIFFER}: {comparison.different_test_sets}")
     if comparison.without_config_file:
         lines.append("no config.yml: " + ", ".join(comparison.without_config_file) + "; so every run's settings "
                      "are rebuilt from its run records' params (one kind of key for all)")
