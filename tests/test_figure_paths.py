@@ -426,7 +426,30 @@ def test_the_reports_summary_card_shows_the_evaluations_interval_to_one_decimal_
     path.write_text(json.dumps(evaluation))
     assert run_script(root, "report", [run_dir]) == 0
     capsys.readouterr()
-    assert "95% interval 0.3&ndash;18.8% (cc)" in (run_dir / "outputs" / "report.html").read_text()
+    assert "cc estimate 77.0% (95% interval 0.3&ndash;18.8%)" in (run_dir / "outputs" / "report.html").read_text()
+
+
+def test_the_reports_predicted_card_gives_the_headline_estimators_interval_with_its_own_figure(
+        root, tmp_path, capsys):
+    """The card's figure is the count at the threshold (cc); the headline estimator (pacc2 by default) has its own
+    figure: its interval was put beside the count's ('60.0% ... 95% interval 70.1-78.3% (pacc2)'), which it need
+    not hold."""
+    from run_folders import estimate_record, make_run_folder
+
+    from utils.figures import one_decimal
+
+    run_dir = make_run_folder(tmp_path / "run", hpo=False, statistics=False, figures=False, compliance_error=-15.0)
+    path = run_dir / "outputs" / "evaluation.json"
+    evaluation = json.loads(path.read_text())
+    evaluation["quantification"]["estimate"] = estimate_record("pacc2", 74.2, 70.1, 78.3, 6)
+    path.write_text(json.dumps(evaluation))
+    assert run_script(root, "report", [run_dir]) == 0
+    capsys.readouterr()
+    page = (run_dir / "outputs" / "report.html").read_text()
+    card = page[page.index("Properly masked (predicted)"):page.index("Compliance error")]
+    counted = one_decimal(evaluation["compliance"]["predicted"]["percent_properly_masked"])
+    assert f">{counted}%<" in card and counted not in ("74.2", "70.1", "78.3")
+    assert "pacc2 estimate 74.2% (95% interval 70.1&ndash;78.3%)" in card
 
 
 def test_a_figure_with_no_face_at_the_threshold_says_so_in_the_report_and_on_the_page(root, tmp_path, capsys):

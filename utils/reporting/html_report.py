@@ -15,7 +15,6 @@ from pathlib import Path
 
 from .. import defaults as D
 from ..classes import CLASSES
-from ..figures import one_decimal
 from .html_parts import (CSS, IMAGE_READ_ERRORS, ODD_CLASS, card, count, esc, estimates_table, image_data_uri,
                          interval, note, number, percent, points, seconds_text, setting, table)
 from .run_folder import FIGURES, RunFolder, image_errors_by_stem, predicted_by_stem, read_bounded
@@ -70,7 +69,6 @@ def summary_section(page: Page) -> None:
         predicted = get.dict(compliance, "predicted", "evaluation.json: compliance.predicted")
         quantification = get.dict(evaluation, "quantification", "evaluation.json: quantification")
         headline = get.dict(quantification, "estimate", "evaluation.json: quantification.estimate")
-        low, high = num(headline.get("low")), num(headline.get("high"))
         error = get.num(compliance, "error_points", "evaluation.json: compliance.error_points")
         parts.append('<div class="cards">' + "".join([
             card("mAP@[0.5:0.95]", number(evaluation.get("map")), "test set"),
@@ -80,8 +78,10 @@ def summary_section(page: Page) -> None:
             card("Properly masked (predicted)", percent(predicted.get("percent_properly_masked")),
                  f"{count(predicted.get('faces'))} faces kept at score &ge; "
                  f"{number(compliance.get('score_threshold'), 2)}"
-                 + (f"; 95% interval {one_decimal(low)}&ndash;{one_decimal(high)}% "
-                    f"({esc(text(headline.get('method')))})" if low is not None and high is not None else "")),
+                 # the headline estimator's interval goes with its own figure: not the count's above (cc),
+                 # which pacc2's interval need not hold
+                 + (f"; {esc(text(headline.get('method')))} estimate {interval(headline)}"
+                    if headline.get("percent") is not None else "")),
             card("Compliance error", points(compliance.get("error_points")),
                  "predicted &minus; true", "bad" if error is not None and abs(error) >= 5 else "good"),
             card("Per-image MAE", points(compliance.get("per_image_mae_points"), signed=False),
