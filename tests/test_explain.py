@@ -289,3 +289,29 @@ def test_a_map_lies_over_the_picture_not_over_the_models_padded_batch(tiny_model
     np.testing.assert_allclose(of_picture, reference, atol=1e-3)
     if method == "hirescam":
         assert evidence_share(of_picture, box[0]) == pytest.approx(evidence_share(reference, box[0]), abs=1e-3)
+
+
+def test_a_box_is_scored_on_the_passs_detection_of_its_own_label():
+    """Faster R-CNN's NMS is per class, so a face can be boxed as two classes; grad-cam's target took the best IoU
+    over every label and scored 0 when that box's label differed, so the map of a box whose other-class twin
+    overlapped it more (under flip TTA: a fused box is no pass's own) came out blank."""
+    from utils.detection.explain import _box_score
+
+    scores = torch.tensor([0.6, 0.3], requires_grad=True)
+    outputs = {"boxes": torch.tensor([[10.0, 10.0, 50.0, 50.0], [12.0, 12.0, 52.0, 52.0]]),
+               "labels": torch.tensor([1, 2]), "scores": scores}
+    wanted = np.array([[11.0, 11.0, 51.0, 51.0]], dtype=np.float32)  # IoU 0.905 with each box
+    wanted_nearer_the_other = np.array([[11.5, 11.5, 51.5, 51.5]], dtype=np.float32)
+    score = _box_score([1], wanted_nearer_the_other)(outputs)
+    assert float(score) == pytest.approx(0.6 + float(torchvision_iou(wanted_nearer_the_other, outputs["boxes"][:1])))
+    score.backward()
+    assert scores.grad.tolist() == [1.0, 0.0]  # the evidence is the label-1 box's
+    assert float(_box_score([2], wanted)(outputs)) == pytest.approx(0.3 + float(torchvision_iou(wanted,
+                                                                                                outputs["boxes"][1:])))
+    assert float(_box_score([3], wanted)(outputs)) == 0.0  # no box of the label there: a blank map
+
+
+def torchvision_iou(box: np.ndarray, other: torch.Tensor) -> torch.Tensor:
+    from torchvision.ops import box_iou
+
+    return box_iou(torch.as_tensor(box), other)[0, 0]

@@ -164,13 +164,22 @@ def _cam_in_image_frame(cam, model, image: torch.Tensor):
 def _box_score(labels: list[int], boxes: np.ndarray):
     """grad-cam's FasterRCNNBoxScoreTarget (IoU with the box + class score of the pass's best match), kept on the
     autograd graph: where the pass finds no box of the label at IoU > 0.5, grad-cam's score is a constant 0 and
-    its backward() fails; plus 0 x the pass's scores it is a 0 that depends on them, and the map comes out blank."""
+    its backward() fails; plus 0 x the pass's scores it is a 0 that depends on them, and the map comes out blank.
+    Each box is matched among the pass's detections of its own label: grad-cam takes the best IoU over every
+    label, then scores 0 when that one's label differs, so a face the model also boxes as another class (two
+    classes at one face, kept apart by the per-class NMS) lost its map whenever that other box overlapped
+    more (under flip TTA, whose fused boxes are no pass's own)."""
     from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget
 
-    target = FasterRCNNBoxScoreTarget(labels=labels, bounding_boxes=boxes)
+    targets = [(label, FasterRCNNBoxScoreTarget(labels=[label], bounding_boxes=box[None]))
+               for label, box in zip(labels, boxes)]
 
     def score(outputs: dict) -> torch.Tensor:
-        return target(outputs) + outputs["scores"].sum() * 0
+        total = outputs["scores"].sum() * 0
+        for label, target in targets:
+            same = outputs["labels"] == label
+            total = total + target({key: value[same] for key, value in outputs.items()})
+        return total
 
     return score
 
