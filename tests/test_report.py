@@ -392,3 +392,22 @@ def test_an_output_that_is_a_folder_or_under_a_file_names_that_path_not_a_tempor
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         f"compare_runs: error: {file}: a file, not a folder to write runs.csv in"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_the_files_evaluation_skipped_are_listed_up_to_a_bound_with_the_rest_counted(root, tmp_path, capsys):
+    """Every skipped file and every annotation with objects dropped was a line of the page: 100k of each made a
+    12.7 MB page (/work/tmp/audit_d/report_size.py); the first few of each are listed, the rest counted."""
+    import json
+
+    run_dir = make_run_folder(tmp_path / "run", hpo=False, statistics=False, figures=False)
+    path = run_dir / "outputs" / "evaluation.json"
+    evaluation = json.loads(path.read_text())
+    evaluation["skipped"] = [{"file": f"img{i:04d}.jpg", "reason": "cannot be decoded"} for i in range(1000)]
+    evaluation["objects_dropped"] = [{"file": f"img{i:04d}.xml", "reason": "1 object dropped"} for i in range(700)]
+    path.write_text(json.dumps(evaluation))
+    page = build(root, run_dir, capsys)
+    assert "1000 file(s) skipped, 700 annotation(s) with objects left out" in page
+    listed = page.count("cannot be decoded"), page.count("1 object dropped")
+    assert 0 < listed[0] <= 100 and 0 < listed[1] <= 100
+    assert "<code>img0000.jpg</code>" in page and "<code>img0000.xml</code>" in page
+    assert f"and {1700 - sum(listed)} more: <code>evaluation.json</code> lists them all" in page
