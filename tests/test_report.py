@@ -411,3 +411,32 @@ def test_the_files_evaluation_skipped_are_listed_up_to_a_bound_with_the_rest_cou
     assert 0 < listed[0] <= 100 and 0 < listed[1] <= 100
     assert "<code>img0000.jpg</code>" in page and "<code>img0000.xml</code>" in page
     assert f"and {1700 - sum(listed)} more: <code>evaluation.json</code> lists them all" in page
+
+
+def test_drawings_of_images_outside_the_test_set_fill_the_grid_with_their_predicted_counts(root, tmp_path, capsys):
+    """predict on --pred-images draws no test image: with evaluation_images.json there (every finished run has it),
+    the grid ranked the drawings that are test images, found none, and showed no drawing at all ('The 0 with the
+    most errors are shown')."""
+    import io
+    import json
+    import tarfile
+
+    from run_folders import _jpeg
+
+    run_dir = make_run_folder(tmp_path / "run", hpo=False, statistics=False, figures=False)
+    outputs = run_dir / "outputs"
+    with tarfile.open(outputs / "annotated_shard-000000.tar", "w") as archive:
+        for i in range(3):
+            data = _jpeg((200, 120, 40))
+            info = tarfile.TarInfo(f"annotated_street{i}.jpg")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    written = json.loads((outputs / "compliance.json").read_text())
+    written["per_image"] = {f"pred_shard-000000.tar:street{i}.jpg": {"faces": 3 + i, "percent_properly_masked": 50.0}
+                            for i in range(3)}
+    (outputs / "compliance.json").write_text(json.dumps(written))
+    page = build(root, run_dir, capsys)
+    section = page[page.index('<section id="predictions">'):page.index('<section id="timings">')]
+    assert section.count('class="tile"') == 3
+    assert [f"{3 + i} face(s)" in section for i in range(3)] == [True] * 3
+    assert "no annotated image is a test image (predict ran on other images)" in section

@@ -277,12 +277,12 @@ def predictions_section(page: Page) -> None:
     errors = image_errors_by_stem(run)
     predicted = predicted_by_stem(run)
     by_stem = {image.stem: image for image in run.annotated}
-    if errors:
-        ranked = [(by_stem[stem], entry) for stem, entry in
-                  sorted(errors.items(),
-                         key=lambda item: (-(num(item[1].get("errors")) or 0), -(num(item[1].get("missed")) or 0),
-                                           item[0]))
-                  if stem in by_stem]
+    ranked = [(by_stem[stem], entry) for stem, entry in
+              sorted(errors.items(),
+                     key=lambda item: (-(num(item[1].get("errors")) or 0), -(num(item[1].get("missed")) or 0),
+                                       item[0]))
+              if stem in by_stem]
+    if ranked:
         unmatched = len(run.annotated) - len(ranked)
         threshold = mapping(run.evaluation_images).get("score_threshold")
         parts.append(f"<p>{len(run.annotated)} annotated images in this run; {len(ranked)} of them are test images "
@@ -295,8 +295,11 @@ def predictions_section(page: Page) -> None:
                               "(prediction on other images) and are not ranked."))
         chosen = ranked[:GRID_IMAGES]
     else:
+        # predict on --pred-images draws no test image: the grid showed none of its drawings
         why = ("this run has no evaluation_images.json (evaluate writes it; runs made before it existed lack it)"
-               if "evaluation_images.json" in run.missing else "no annotated image is a test image")
+               if "evaluation_images.json" in run.missing else
+               "no annotated image is a test image (predict ran on other images)" if errors else
+               "evaluation_images.json lists no image")
         parts.append(note(f"Per-image errors are not available: {esc(why)}. "
                           f"Shown: the first {min(GRID_IMAGES, len(run.annotated))} "
                           f"of {len(run.annotated)} annotated images with their predicted counts."))
