@@ -460,3 +460,18 @@ def test_the_split_table_is_counted_as_it_is_read_not_held(tmp_path):
         tracemalloc.stop()
         assert run.split_counts == {"train": -(-rows // 3), "val": (rows + 1) // 3, "test": rows // 3}
     assert peaks[1] - peaks[0] < 1_000_000, peaks  # 30k rows more: about 11 MB more when every row was held
+
+
+@pytest.mark.parametrize("name, said", [("evaluation.json", "the evaluate job has not finished"),
+                                        ("compliance.json", "the merge_predictions job has not finished"),
+                                        ("best_hpo_params.json", "no hyperparameter search ran")])
+def test_a_result_file_there_but_unusable_is_not_called_unfinished(root, tmp_path, capsys, name, said):
+    """A result file over the read limit or not JSON is listed among the problems, but its section said the job
+    that writes it had not finished, as for a file not there."""
+    run_dir = make_run_folder(tmp_path / "run", statistics=False, figures=False)
+    (run_dir / "outputs" / name).write_text('{"map": ')
+    page = build(root, run_dir, capsys)
+    assert said not in page
+    assert f"<code>{name}</code> cannot be used: see the problems listed at the top." in page
+    (run_dir / "outputs" / name).unlink()
+    assert f"No <code>{name}</code> in this run: {said}" in build(root, run_dir, capsys)

@@ -61,6 +61,14 @@ class Page:
 
 # ----------------------------------------------------------------------------- sections
 
+def not_in_run(run: RunFolder, name: str, why: str) -> str:
+    """The note where a run file's content would be: not in the run (*why*), or there but unusable (too large,
+    not JSON: the problems at the top say which), which the page called unfinished too."""
+    if name in run.missing:
+        return note(f"No <code>{esc(name)}</code> in this run: {why}.")
+    return note(f"<code>{esc(name)}</code> cannot be used: see the problems listed at the top.")
+
+
 def summary_section(page: Page) -> None:
     run, evaluation, get = page.run, page.run.evaluation, page.fields
     parts = []
@@ -110,7 +118,7 @@ def summary_section(page: Page) -> None:
                      f'Counts at the operating score threshold {number(compliance.get("score_threshold"), 2)}; '
                      f'mAP uses every detection.</p>')
     else:
-        parts.append(note("No <code>evaluation.json</code> in this run: the evaluate job has not finished."))
+        parts.append(not_in_run(page.run, "evaluation.json", "the evaluate job has not finished"))
     if run.compliance:
         overall = get.dict(run.compliance, "overall", "compliance.json: overall")
         counts = get.dict(overall, "counts", "compliance.json: overall.counts")
@@ -129,7 +137,7 @@ def summary_section(page: Page) -> None:
                          + ("; no face at the score threshold: from the detections below it alone" if below else "")
                          + ".</p>")
     else:
-        parts.append(note("No <code>compliance.json</code> in this run: the merge_predictions job has not finished."))
+        parts.append(not_in_run(run, "compliance.json", "the merge_predictions job has not finished"))
     page.add("summary", "Summary", "".join(parts))
 
 
@@ -178,8 +186,8 @@ def data_section(page: Page) -> None:
 def hpo_section(page: Page) -> None:
     hpo, parts = page.run.hpo, []
     if not hpo:
-        page.add("hpo", "HPO", note("This run has no <code>best_hpo_params.json</code>: no hyperparameter search "
-                                    "ran, or it has not finished."))
+        page.add("hpo", "HPO", not_in_run(page.run, "best_hpo_params.json",
+                                          "no hyperparameter search ran, or it has not finished"))
         return
     get, where = page.fields, "best_hpo_params.json"
     params = get.dict(hpo, "params", f"{where}: params")
@@ -227,9 +235,7 @@ def training_section(page: Page) -> None:
                      + (f"; {left_out} in the middle not listed" if left_out else "") + ")</h3>"
                      + table(columns, rows))
     else:
-        parts.append(note("No <code>train_metrics.csv</code> in this run: the train job has not finished."
-                          if "train_metrics.csv" in run.missing else
-                          "<code>train_metrics.csv</code> cannot be used: see the problems listed at the top."))
+        parts.append(not_in_run(run, "train_metrics.csv", "the train job has not finished"))
     page.add("training", "Training", "".join(parts))
 
 
