@@ -460,7 +460,8 @@ def build_report(run: RunFolder, commit: str | None = None, made_where: str = "b
     predicted_percent = mapping(mapping(evaluation.get("compliance")).get("predicted")).get("percent_properly_masked")
     headline = (f"mAP@0.5 {number(evaluation.get('map_50'))} · "
                 f"{percent(predicted_percent)} "
-                "predicted properly masked") if evaluation else "unfinished run"
+                "predicted properly masked") if evaluation else (
+        "unfinished run" if "evaluation.json" in run.missing else "evaluation.json cannot be used")
     document = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
