@@ -270,6 +270,33 @@ def test_aggregate_job_writes_the_summary_and_names_a_bad_file(tmp_path, root, c
     assert str(broken) in error and "\n" not in error
 
 
+def test_a_summary_whose_plot_cannot_be_written_leaves_the_last_runs_files_as_one_set(tmp_path, monkeypatch):
+    """The summary, its text and its plot were written one after the other: a plot that failed (a full disk) left
+    the new folds' summary beside the last run's plot of other folds."""
+    import errno
+
+    import matplotlib.figure
+
+    from utils.detection.cross_validation import write_summary
+
+    inputs = []
+    for fold, value in enumerate((0.3, 0.5)):
+        inputs.append(tmp_path / f"evaluation_fold{fold}.json")
+        inputs[-1].write_text(json.dumps(fake_evaluation(value, value)))
+    out = tmp_path / "out"
+    write_summary(inputs, out)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    inputs[1].write_text(json.dumps(fake_evaluation(0.7, 0.7)))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    with pytest.raises(OSError, match="kfold_folds.png"):
+        write_summary(inputs, out)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before  # no temporary file left either
+
+
 # -- the box-fusion ensemble -----------------------------------------------------------------------
 
 class FixedDetector:

@@ -22,7 +22,7 @@ import math
 import statistics
 from pathlib import Path
 
-from ..atomic import write_json, write_text
+from ..atomic import atomic_files, dump_json
 from ..classes import CLASSES
 from ..errors import InputError
 from ..naming import output_names
@@ -228,8 +228,9 @@ def format_summary(summary: dict) -> str:
 
 
 def plot_folds(summary: dict, path) -> None:
-    """Per-fold values (dots) with mean ± std (bar and whisker) of mAP, mAP@0.5 and each class's AP@0.5."""
-    from .plots import _save, plt
+    """Per-fold values (dots) with mean ± std (bar and whisker) of mAP, mAP@0.5 and each class's AP@0.5, written
+    at *path* as it is (write_summary's temporary path of it)."""
+    from .plots import _write_figure, plt
 
     series = [("mAP", summary["metrics"]["map"]), ("mAP@0.5", summary["metrics"]["map_50"])]
     series += [(f"AP50\n{name}", summary["per_class"][name]["ap_50"]) for name in CLASSES]
@@ -253,7 +254,7 @@ def plot_folds(summary: dict, path) -> None:
     else:
         ax.text(0.5, 0.5, "no fold defines these metrics (no labelled faces)", ha="center", va="center",
                 transform=ax.transAxes)
-    _save(fig, path)
+    _write_figure(fig, path)
 
 
 def write_summary(evaluation_paths, output_dir, plot: str | None = output_names("aggregate_folds")["plot"]) -> dict:
@@ -262,8 +263,13 @@ def write_summary(evaluation_paths, output_dir, plot: str | None = output_names(
     paths = [Path(p) for p in evaluation_paths]
     summary = summarise_folds(read_evaluations(paths), [p.name for p in paths])
     names = output_names("aggregate_folds")
-    write_json(output_dir / names["summary"], summary)
-    write_text(output_dir / names["summary_txt"], format_summary(summary))
-    if plot:
-        plot_folds(summary, output_dir / plot)
+    # one set: a plot that fails (a full disk) left the new summary beside the last run's plot of other folds
+    with atomic_files() as files:
+        with files.writing(output_dir / names["summary"]) as tmp:
+            dump_json(summary, tmp)
+        with files.writing(output_dir / names["summary_txt"]) as tmp:
+            tmp.write_text(format_summary(summary), encoding="utf-8")
+        if plot:
+            with files.writing(output_dir / plot) as tmp:
+                plot_folds(summary, tmp)
     return summary
