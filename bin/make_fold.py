@@ -16,7 +16,8 @@ model's train / val / test sets but within the train+val pool:
   --report           JSON: counts per output, the augmented copies of held-out images left out,
                      and the pool images found in neither set (augment or preprocess skipped them)
 
-Files are copied member by member (images stay encoded as they were). Exit 0 when all three
+Files are copied member by member (images stay encoded as they were); the three sets and the
+report are written as one set (a failure leaves the last run's four files as they were). Exit 0 when all three
 outputs hold at least one image, 2 on bad input (one line naming the file), 1 on a bug.
 """
 
@@ -25,11 +26,11 @@ import contextlib
 import sys
 from pathlib import Path
 
-from utils.atomic import write_json
+from utils.atomic import atomic_files, dump_json
 from utils.cli import check_distinct_outputs, non_negative_int, run_job
 from utils.data.folds import FoldError, fold_of_stems, read_folds_csv, source_stem
 from utils.data.images import is_image_name
-from utils.data.pairs import open_folder, pack_files
+from utils.data.pairs import open_folder, write_tar
 
 LISTED = 20  # names shown on the console per problem; the report lists them all
 
@@ -95,17 +96,21 @@ def main(args) -> int:
                 raise FoldError(f"{args.folds_csv}: fold {args.fold} leaves no {name.replace('_', '-')} images "
                                 f"{where}(sets {args.train_set}, {args.val_set}); use fewer folds or more images")
         outputs = {"train": args.output_train, "val": args.output_val, "held_out": args.output_held_out}
-        for name, paths in sets.items():
-            pack_files(((path, path.name) for path in paths), outputs[name])
-    report = {"fold": args.fold, "folds": folds,
-              **{f"{name}_images": count for name, count in counts.items()},
-              **{f"{name}_files": len(paths) for name, paths in sets.items()},
-              "copies_of_held_out_images_left_out": left_out,
-              "pool_images_in_neither_set": missing,
-              "inputs": {"train_set": str(args.train_set), "val_set": str(args.val_set),
-                         "folds_csv": str(args.folds_csv)}}
-    report_path = args.report or args.output_held_out.with_name(f"{args.output_held_out.stem}.report.json")
-    write_json(report_path, report)
+        report = {"fold": args.fold, "folds": folds,
+                  **{f"{name}_images": count for name, count in counts.items()},
+                  **{f"{name}_files": len(paths) for name, paths in sets.items()},
+                  "copies_of_held_out_images_left_out": left_out,
+                  "pool_images_in_neither_set": missing,
+                  "inputs": {"train_set": str(args.train_set), "val_set": str(args.val_set),
+                             "folds_csv": str(args.folds_csv)}}
+        report_path = args.report or args.output_held_out.with_name(f"{args.output_held_out.stem}.report.json")
+        # one set: a set that failed (a full disk) left this fold's train set beside another fold's held-out set
+        with atomic_files() as files:
+            for name, paths in sets.items():
+                with files.writing(outputs[name]) as tmp:
+                    write_tar(((path, path.name) for path in paths), tmp)
+            with files.writing(report_path) as tmp:
+                dump_json(report, tmp)
     print(f"make_fold: fold {args.fold} of {folds}: {counts['train']} training images -> {args.output_train}, "
           f"{counts['val']} validation images -> {args.output_val}, {counts['held_out']} held-out images -> "
           f"{args.output_held_out}; {len(left_out)} augmented copies of held-out images left out")

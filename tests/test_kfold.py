@@ -124,6 +124,39 @@ def test_make_fold_cuts_the_held_out_fold_and_drops_its_copies(tmp_path, root):
     assert (report["train_images"], report["val_images"], report["held_out_images"]) == (4, 1, 2)
 
 
+def test_make_fold_writes_its_sets_and_report_as_one_set(tmp_path, root, capsys, monkeypatch):
+    """The three sets and the report were written one after the other: a held-out set that could not be written
+    (a full disk) left the new fold's train and val sets beside the last run's held-out set of another fold."""
+    import errno
+
+    train = _tar(tmp_path / "train_set.tar", [f"train_{s}.{e}" for s in ("a", "b", "c") for e in ("jpg", "xml")])
+    val = _tar(tmp_path / "val_set.tar", [f"val_{s}.{e}" for s in ("d", "e") for e in ("png", "xml")])
+    folds = tmp_path / "folds.csv"
+    folds.write_text(folds_csv_text({"a.jpg": 0, "b.jpg": 1, "c.jpg": 1, "d.png": 0, "e.png": 1}))
+    out = {name: tmp_path / f"fold_{name}.tar" for name in ("train", "val", "held_out")}
+
+    def make_fold(fold: int) -> int:
+        return run_script(root, "make_fold", ["--train-set", train, "--val-set", val, "--folds-csv", folds,
+                                              "--fold", fold, "--output-train", out["train"], "--output-val",
+                                              out["val"], "--output-held-out", out["held_out"]])
+
+    assert make_fold(0) == 0
+    before = {path.name: path.read_bytes() for path in tmp_path.glob("fold_*")}
+    add = tarfile.TarFile.add
+
+    def held_out_on_a_full_disk(self, name, *args, **kwargs):
+        if ".fold_held_out." in str(self.name):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return add(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile.TarFile, "add", held_out_on_a_full_disk)
+    capsys.readouterr()
+    assert make_fold(1) == 2
+    assert "fold_held_out.tar: cannot write fold_held_out.tar (No space left on device)" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in tmp_path.glob("fold_*")} == before
+    assert not list(tmp_path.glob(".fold_*"))  # no temporary file left
+
+
 def test_make_fold_refuses_a_fold_without_validation_images(tmp_path, root, capsys):
     train = _tar(tmp_path / "train_set.tar", ["train_a.jpg", "train_b.jpg"])
     val = _tar(tmp_path / "val_set.tar", ["val_c.jpg"])

@@ -164,10 +164,15 @@ def open_folder(path, suffixes=None):
 def pack_files(members, archive) -> Path:
     """Pack *members*, (file, name in the archive) pairs in the order given, into the .tar *archive*, atomically."""
     with atomic_path(archive) as tmp:
-        with tarfile.open(tmp, "w") as tar:
-            for file, name in members:
-                tar.add(file, arcname=name)
+        write_tar(members, tmp)
     return Path(archive)
+
+
+def write_tar(members, path) -> None:
+    """Pack *members* (pack_files') into a .tar at *path* as it is (a temporary path of a set of files)."""
+    with tarfile.open(path, "w") as tar:
+        for file, name in members:
+            tar.add(file, arcname=name)
 
 
 def pack_folder(folder, archive, prefix: str = "") -> Path:
