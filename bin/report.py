@@ -9,7 +9,8 @@ RUN_DIR is a run folder (workflow.py --local leaves RUN_DIR/outputs, statistics.
 split.csv, config.yml) or a flat folder holding the outputs themselves (the workflow's
 report job, whose inputs are staged side by side). The page shows the summary (mAP, per-class
 AP, compliance true vs predicted and its error), the class distribution, the HPO history and
-importances, the loss curve, the confusion matrix, the PR curves, a grid of annotated
+importances, the loss curve, the confusion matrix, the PR curves, for a --folds run the
+cross-validation summary (aggregate_folds' text and plot), a grid of annotated
 predictions worst first with their errors (evaluation_images.json), the job timings
 (statistics.json when the run has finished, else the run records' times) and the provenance
 (git commit, package versions, input hashes, the effective configuration). Figures are

@@ -426,6 +426,9 @@ def test_generated_dag_fans_out_the_folds_and_predicts_with_their_ensemble(sampl
     outputs = {use["lfn"] for use in jobs["train_fold0"]["uses"] if use["type"] == "output"}
     assert {"model_fold0.pt", "model_fold0_run.json", "train_metrics_fold0.csv"} <= outputs
     assert "evaluation_fold2.json" in jobs["aggregate_folds"]["arguments"]
+    # the report page shows the cross-validation
+    assert {"kfold_summary.json", "kfold_folds.png"} <= {use["lfn"] for use in jobs["report"]["uses"]
+                                                        if use["type"] == "input"}
     predict = next(job for job in jobs.values() if job["id"].startswith("predict_shard"))
     assert [a for a in predict["arguments"] if str(a).startswith("model")] == [f"model_fold{f}.pt" for f in range(3)]
     # folds.csv covers exactly the train+val pool

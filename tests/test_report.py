@@ -475,3 +475,40 @@ def test_a_result_file_there_but_unusable_is_not_called_unfinished(root, tmp_pat
     assert f"<code>{name}</code> cannot be used: see the problems listed at the top." in page
     (run_dir / "outputs" / name).unlink()
     assert f"No <code>{name}</code> in this run: {said}" in build(root, run_dir, capsys)
+
+
+def test_a_folds_run_shows_its_cross_validation_as_aggregate_folds_wrote_it(root, tmp_path, capsys):
+    """A --folds run's cross-validation (kfold_summary.json, kfold_folds.png) was on no page: the report read
+    neither, and the workflow's report job was not handed them."""
+    import html
+    import json
+
+    from utils.classes import CLASSES
+    from utils.detection.cross_validation import format_summary, write_summary
+    from utils.reporting.run_folder import is_report_input
+
+    run_dir = make_run_folder(tmp_path / "run", hpo=False, statistics=False, figures=False)
+    plain = build(root, run_dir, capsys)
+    assert 'id="folds"' not in plain and "kfold" not in plain  # a run without folds lacks nothing
+    inputs = []
+    for fold, value in enumerate((0.31, 0.47, 0.52)):
+        per_class = {name: {"ap": value, "ap_50": value, "ap_75": value, "recall": value} for name in CLASSES}
+        inputs.append(tmp_path / f"evaluation_fold{fold}.json")
+        inputs[-1].write_text(json.dumps({
+            "map": value, "map_50": value + 0.1, "map_75": value, "mar_100": value, "test_loss": 1.0, "per_class":
+            per_class, "compliance": {"error_points": 2.0 - 4 * value, "per_image_mae_points": 9.0},
+            "confusion_matrix": {"score_threshold": 0.5}, "num_images": 10 + fold, "num_faces": 30}))
+    summary = write_summary(inputs, run_dir / "outputs")
+    page = build(root, run_dir, capsys)
+    section = page[page.index('<section id="folds">'):]
+    section = section[:section.index("</section>")]
+    assert f"<pre>{html.escape(format_summary(summary))}</pre>" in section
+    assert '<img src="data:image/png;base64,' in section and '<a href="#folds">Cross-validation</a>' in page
+    assert is_report_input("kfold_summary.json") and is_report_input("kfold_folds.png")
+    (run_dir / "outputs" / "kfold_summary.json").write_text(json.dumps({"folds": 3}))  # not aggregate_folds'
+    page = build(root, run_dir, capsys)
+    assert "kfold_summary.json</code> cannot be used: see the problems listed at the top." in page
+    assert "kfold_summary.json: not a summary of aggregate_folds (KeyError(" in page
+    (run_dir / "outputs" / "kfold_summary.json").unlink()
+    assert "No <code>kfold_summary.json</code> in this run: the aggregate_folds job has not finished" in build(
+        root, run_dir, capsys)

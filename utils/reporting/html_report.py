@@ -17,7 +17,8 @@ from .. import defaults as D
 from ..classes import CLASSES
 from .html_parts import (CSS, IMAGE_READ_ERRORS, ODD_CLASS, card, count, esc, estimates_table, image_data_uri,
                          interval, note, number, percent, points, seconds_text, setting, table)
-from .run_folder import FIGURES, RunFolder, image_errors_by_stem, predicted_by_stem, read_bounded
+from .run_folder import (FIGURES, FOLD_FIGURES, KFOLD_SUMMARY, RunFolder, image_errors_by_stem, predicted_by_stem,
+                         read_bounded)
 from .values import Fields, entries, mapping, num, num_text, text
 
 GRID_IMAGES = 24          # annotated images on the page at most
@@ -43,7 +44,7 @@ class Page:
 
     def figure(self, name: str) -> str:
         path = self.run.figures.get(name)
-        title, job = FIGURES[name]
+        title, job = {**FIGURES, **FOLD_FIGURES}[name]
         if path is None:
             return note(f"<b>{esc(title)}</b>: no <code>{esc(name)}</code> in this run (the {esc(job)} job writes it).")
         try:
@@ -274,6 +275,22 @@ def evaluation_section(page: Page) -> None:
     page.add("evaluation", "Evaluation", "".join(parts))
 
 
+def cross_validation_section(page: Page) -> None:
+    """A --folds run's cross-validation (aggregate_folds): kfold_summary.txt's text, made from kfold_summary.json
+    as aggregate_folds makes it, and the plot; a run without folds has no such section (the page left both out)."""
+    from ..detection.cross_validation import format_summary
+
+    run, said = page.run, ""
+    if not run.has_folds:
+        return
+    try:
+        said = f"<pre>{esc(format_summary(run.kfold))}</pre>" if run.kfold is not None else ""
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
+        page.unreadable.append(f"{run.outputs / KFOLD_SUMMARY}: not a summary of aggregate_folds ({error!r})")
+    said = said or not_in_run(run, KFOLD_SUMMARY, "the aggregate_folds job has not finished")
+    page.add("folds", "Cross-validation", said + page.figures(*FOLD_FIGURES))
+
+
 def predictions_section(page: Page) -> None:
     run, parts = page.run, []
     if not run.annotated:
@@ -443,8 +460,8 @@ def build_report(run: RunFolder, commit: str | None = None, made_where: str = "b
     folder's name; the workflow's report job runs in a scratch folder, so it passes the run's)."""
     name = run_name or run.name
     page = Page(run)
-    for section in (data_section, hpo_section, training_section, evaluation_section, predictions_section,
-                    timings_section):
+    for section in (data_section, hpo_section, training_section, evaluation_section, cross_validation_section,
+                    predictions_section, timings_section):
         section(page)
     provenance_section(page, commit)
     summary_section(page)  # last, so that it lists the images that could not be embedded too

@@ -47,6 +47,10 @@ DATA_FILES = {_made_by(kind, role): kind for kind, role in (
     ("plot_class_distribution", "counts_csv"),
 )}
 DATA_FILES[report_name("preprocess_test")] = "preprocess"
+# A --folds run's cross-validation (aggregate_folds): read where it is there; a run without folds lacks nothing.
+KFOLD_SUMMARY = _made_by("aggregate_folds", "summary")
+FOLD_FIGURES = {_made_by("aggregate_folds", "plot"): ("Cross-validation: each fold (dots) and mean ± std (bars)",
+                                                      "aggregate_folds")}
 RUN_RECORD_SUFFIX = "_run.json"
 ANNOTATED_PREFIX = "annotated_"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -60,7 +64,8 @@ class RunFolderError(InputError):
 
 def is_report_input(name: str) -> bool:
     """Whether the report reads an output file of this name: the workflow hands the report job these."""
-    return (name in FIGURES or name in DATA_FILES or name.endswith(RUN_RECORD_SUFFIX)
+    return (name in FIGURES or name in DATA_FILES or name in FOLD_FIGURES or name == KFOLD_SUMMARY
+            or name.endswith(RUN_RECORD_SUFFIX)
             or (name.startswith(ANNOTATED_PREFIX) and name.endswith((".tar", *IMAGE_SUFFIXES))))
 
 
@@ -126,6 +131,8 @@ class RunFolder:
     run_records: dict[str, dict] = field(default_factory=dict)
     statistics: dict | None = None
     validation: dict | None = None
+    kfold: dict | None = None            # kfold_summary.json of a --folds run
+    has_folds: bool = False              # a --folds run: its summary or plot is there
     config: dict | None = None
     config_source: str = ""
     split_counts: dict[str, int] = field(default_factory=dict)
@@ -336,6 +343,10 @@ def read_run_folder(path) -> RunFolder:
             run.figures[name] = outputs / name
         else:
             run.missing.append(name)
+    run.figures.update({name: outputs / name for name in FOLD_FIGURES if (outputs / name).is_file()})
+    run.has_folds = (outputs / KFOLD_SUMMARY).exists() or any(name in run.figures for name in FOLD_FIGURES)
+    if run.has_folds:  # a summary not there is missing then
+        run.kfold = _read_json(outputs / KFOLD_SUMMARY, run, "cross-validation summary")
     for record_file in sorted(outputs.glob(f"*{RUN_RECORD_SUFFIX}")):
         record = _read_json(record_file, run, "run record")
         if record is not None:
