@@ -250,6 +250,22 @@ def test_mean_and_sample_std_per_metric_and_class():
     assert math.isclose(mean_std([1.0, 3.0])["std"], math.sqrt(2))
 
 
+def test_an_undefined_metric_is_null_in_the_summary_not_nan(tmp_path):
+    """A fold's metric may be NaN (a diverged fold model's held-out loss): it was left out of the mean but kept in
+    the per-fold values as NaN, which json writes as a bare NaN token that strict readers (jq, JSON.parse) refuse."""
+    from utils.detection.cross_validation import write_summary
+
+    inputs = []
+    for fold, loss in enumerate((1.2, float("nan"), 1.4)):
+        inputs.append(tmp_path / f"evaluation_fold{fold}.json")
+        inputs[-1].write_text(json.dumps({**fake_evaluation(0.2 + fold / 10, 0.3), "test_loss": loss}))
+    write_summary(inputs, tmp_path / "out", plot=None)
+    text = (tmp_path / "out" / "kfold_summary.json").read_text()
+    summary = json.loads(text, parse_constant=lambda token: pytest.fail(f"{token} in kfold_summary.json"))
+    loss = summary["metrics"]["held_out_loss"]
+    assert loss["values"] == [1.2, None, 1.4] and loss["n"] == 2 and loss["mean"] == pytest.approx(1.3)
+
+
 def test_the_summary_says_how_each_fold_model_ran():
     folds = [{**fake_evaluation(0.3), "working_size": 768, "tta": True}, {**fake_evaluation(0.4), "working_size": 640,
                                                                          "tta": False}, fake_evaluation(0.5)]

@@ -60,14 +60,14 @@ def _abs(value):
 
 
 def mean_std(values) -> dict:
-    """{mean, std, n, values}: over the defined values (None left out); std is the sample std (ddof=1),
-    None below two values."""
-    values = list(values)  # read twice below: an iterator would leave "values" empty
-    defined = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    """{mean, std, n, values}: over the defined values (None and NaN left out, None in "values": a NaN there made
+    kfold_summary.json JSON that strict readers refuse); std is the sample std (ddof=1), None below two values."""
+    values = [None if v is None or not math.isfinite(float(v)) else float(v) for v in values]
+    defined = [v for v in values if v is not None]
     n = len(defined)
     mean = statistics.fmean(defined) if n else None
     std = statistics.stdev(defined) if n > 1 else None
-    return {"mean": mean, "std": std, "n": n, "values": [None if v is None else float(v) for v in values]}
+    return {"mean": mean, "std": std, "n": n, "values": values}
 
 
 def _metric(value) -> bool:
