@@ -46,8 +46,10 @@ SECONDS_PER_IMAGE = {
 }
 MERGE_S_PER_IMAGE = 1e-4  # reading one image's detections and writing its rows (merge_predictions)
 # merge_predictions bootstraps the headline figure of every folder the images sit in (1000 replicates, each an
-# NNLS solve for the adjusted estimators): ~0.14 s a folder on 2 CPU cores (/work/tmp/audit_e/merge_time.py),
-# whatever its size, so 100k images in 10k folders take ~25 minutes, not the 10 s their images cost
+# NNLS solve for the adjusted estimators), whatever the folder's size: 0.13-0.17 s a folder on 2 loaded CPU cores
+# before 11b7097 took every replicate's rates at once, 0.011-0.019 s after it (synthetic predictions, measured on
+# 2026-12-06). The limit keeps the older figure: a limit too long reports a hung job late, one too short kills
+# every retry of a healthy one (100k images in 10k folders: ~3 minutes of work, a limit of ~75 minutes)
 MERGE_S_PER_FOLDER = 0.15
 SAFETY = 3.0          # slower or shared nodes, the first steps' allocations, validation passes
 STARTUP_S = 180       # image pull or start, Python and torch imports, staging, kickstart
