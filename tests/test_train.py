@@ -596,3 +596,35 @@ def test_validation_images_without_a_labelled_face_keep_the_default_threshold(ti
     assert "quantification" not in meta
     assert meta["kept_weights"]["note"].startswith("no validation fitness was measured (the validation images "
                                                    "hold no labelled face)")
+
+
+def test_a_sigterm_while_the_working_size_tta_and_threshold_are_chosen_stops_at_the_next_validation_batch(
+        tiny_dir, monkeypatch):
+    # After the last epoch, bin/train.py runs about 20 inference passes over the validation images (a pass per
+    # candidate working size, then a flip TTA pass at up to 4 times the cost) before the model file exists. A
+    # SIGTERM there was only recorded: every pass still ran, so a pool's kill after its grace period found the job
+    # with no stand-ins (HTCondor holds it) and the retry made every pass again anyway.
+    import signal
+
+    import utils.detection.engine as engine
+    from utils.detection.training_run import choose_on_validation
+    from utils.stop import StopRequested, stop_on_sigterm
+
+    pairs = tiny_pairs(tiny_dir)
+    trainer = Trainer(TrainParams(**{**TINY, "weights": "none", "image_size": 64, "batch_size": 3}), pairs,
+                      torch.device("cpu"), val_pairs=pairs[:3], progress=False)
+    trainer.completed_epochs = 2  # as after training
+    batches, detect = [], engine.detect
+
+    def detect_then_sigterm(model, images, tta=False):
+        batches.append(len(images))
+        if len(batches) == 1:
+            signal.raise_signal(signal.SIGTERM)  # arrives during the first candidate size's pass
+        return detect(model, images, tta=tta)
+
+    monkeypatch.setattr(engine, "detect", detect_then_sigterm)
+    stop_on_sigterm()  # conftest puts the handler back and clears the request
+    with pytest.raises(StopRequested, match="working size, flip TTA and score threshold abandoned; the checkpoint "
+                                            "holds all 2 epochs"):
+        choose_on_validation(trainer, has_val=True)
+    assert batches == [3]  # the rest of the pass and the other sizes' passes were not run

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..stop import check_stop
 from .inference import detect
 
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
@@ -170,17 +171,21 @@ def evaluate_loss(model, loader, device, seed: int = 0, progress: bool = False) 
 
 
 @torch.no_grad()
-def run_inference(model, loader, device, progress: bool = False, description: str = "predict", tta: bool = False):
+def run_inference(model, loader, device, progress: bool = False, description: str = "predict", tta: bool = False,
+                  stop: str | None = None):
     """(predictions, targets) in original image coordinates, on the CPU, with the model in eval mode, each image's
     detections as predict makes them (utils.detection.inference.detect: images of one size per forward pass; with
     *tta* each image's plain and flipped passes fused). The model called on the loader's batch padded its images
     to the largest, so evaluate's figures, the validation choices and the rates stored for the estimators came
-    from other detections than predict counts."""
+    from other detections than predict counts. With *stop* (what a stop abandons), a SIGTERM stops it before the
+    next batch (utils.stop.check_stop)."""
     from tqdm import tqdm
 
     model.eval()
     predictions, all_targets = [], []
     for images, targets in tqdm(loader, desc=description, unit="batch", disable=not progress, leave=False):
+        if stop is not None:
+            check_stop(stop)
         images = [image.to(device, non_blocking=True) for image in images]
         outputs = detect(model, images, tta=tta)
         for output, target in zip(outputs, targets):

@@ -440,6 +440,7 @@ class Trainer:
         if predictions is not None:
             self.board.log_validation_images(step, self.val_loader.dataset, *predictions)
 
-    def validation_predictions(self, tta: bool = False) -> tuple[list[dict], list[dict]]:
-        """(predictions made in eval mode, with flip TTA when asked, targets) over the validation loader."""
-        return run_inference(self.eval_model, self.val_loader, self.device, tta=tta)
+    def validation_predictions(self, tta: bool = False, stop: str | None = None) -> tuple[list[dict], list[dict]]:
+        """(predictions made in eval mode, with flip TTA when asked, targets) over the validation loader; with *stop*
+        (what a stop abandons) a SIGTERM stops it at the next batch (an epoch's validation runs to its end)."""
+        return run_inference(self.eval_model, self.val_loader, self.device, tta=tta, stop=stop)

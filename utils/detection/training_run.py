@@ -177,12 +177,20 @@ def choose_on_validation(trainer: Trainer, has_val: bool) -> tuple[dict | None, 
                       "criterion": "the default: no held-out validation images (--val-mode merge or no "
                                    "--val-images)"}, None
     log.info("Choosing the working size and test-time augmentation on the validation images")
-    size, (preds, targets) = choose_inference_size(trainer.eval_model, trainer.validation_predictions,
-                                                   trainer.params.image_size)
+    # About 20 validation passes (inference_size.choice_passes) before the model file exists: a SIGTERM stops them
+    # at the next batch, so the job exits with its stand-ins before a pool's kill; the retry resumes after the
+    # last epoch and makes the choices again (inference in eval mode: the same choices)
+    stop = (f"the choice of working size, flip TTA and score threshold abandoned; the checkpoint holds all "
+            f"{trainer.completed_epochs} epochs, a retry makes only the choice")
+
+    def predict(tta: bool = False):
+        return trainer.validation_predictions(tta=tta, stop=stop)
+
+    size, (preds, targets) = choose_inference_size(trainer.eval_model, predict, trainer.params.image_size)
     log.info("working size %d px: %s (%s)", size["image_size"], ", ".join(
         f"{row['image_size']} px mAP@0.5 {row['map_50']:.3f}" for row in size["candidates"]
         if row["map_50"] is not None), size["criterion"])
-    tta_choice, (preds, targets) = choose_tta((preds, targets), trainer.validation_predictions(tta=True))
+    tta_choice, (preds, targets) = choose_tta((preds, targets), predict(tta=True))
     size = {**size, **tta_choice}  # stored with the size: both say how the model runs
     log.info("flip TTA %s: fitness %s plain, %s flipped (%s)", "on" if size["tta"] else "off",
              *(f"{value:.4f}" if value is not None else "undefined" for value in size["tta_fitness"].values()),
