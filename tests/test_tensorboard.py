@@ -5,6 +5,7 @@ stages out unpacks under outputs/tensorboard/<job>."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import signal
 import subprocess
@@ -140,3 +141,23 @@ def test_an_archive_outside_tensorboard_is_left_packed_and_said(tmp_path):
     assert unpacked == [] and len(problems) == 2
     assert "tensorboard_bad.tar: payload.txt is not under tensorboard/<job>/; left packed" in problems[0]
     assert "tensorboard_broken.tar: cannot unpack" in problems[1]
+
+
+def test_a_resume_in_an_empty_folder_writes_a_cut_short_last_epoch_at_the_step_it_ended(tmp_path):
+    # --max-steps 4 at 3 steps an epoch: epoch 2 ended at step 4, where the live run logged it; the replay of a
+    # resumed run's history (a pool's retry in a fresh folder) put it at 2 * 3 = 6, past the run's last step
+    from types import SimpleNamespace
+
+    from utils.detection.training_plan import TrainingPlan
+    from utils.detection.training_run import resume_and_watch
+
+    plan = TrainingPlan(epochs=2, max_steps=4)
+    trainer = SimpleNamespace(plan=plan, steps_per_epoch=3, board=None, completed_epochs=2,
+                              steps_done=lambda: plan.steps_done(2, 3),
+                              history=[{"epoch": 1, "train_loss": 1.0, "val_map": 0.1},
+                                       {"epoch": 2, "train_loss": 0.9, "val_map": 0.2}])
+    log_dir = tmp_path / "train"
+    args = SimpleNamespace(tensorboard_dir=str(log_dir), tensorboard_every=1, val_mode="monitor")
+    with contextlib.ExitStack() as stack:
+        resume_and_watch(trainer, tmp_path / "no_checkpoint.pt", args, stack)
+    assert steps(accumulate(log_dir), "val/map") == steps(accumulate(log_dir), "train/epoch_loss") == [3, 4]

@@ -138,10 +138,11 @@ class TrainBoard:
             self.writer.add_image(f"val/image_{index}", picture, step, dataformats="CHW")
         self.writer.flush()
 
-    def replay_history(self, history: list[dict], steps_per_epoch: int) -> int:
-        """Write the epoch rows of a checkpoint's *history* (a resumed run in an empty folder); returns how many."""
+    def replay_history(self, history: list[dict], epoch_step) -> int:
+        """Write the epoch rows of a checkpoint's *history* (a resumed run in an empty folder), each at the step
+        *epoch_step* (epochs done -> training steps) gives, where the run logged it; returns how many."""
         for row in history:
-            self.log_epoch(int(row["epoch"]) * steps_per_epoch, row)
+            self.log_epoch(epoch_step(int(row["epoch"])), row)
         return len(history)
 
     def close(self) -> None:

@@ -127,7 +127,9 @@ def resume_and_watch(trainer: Trainer, checkpoint: Path, args, stack: contextlib
     trainer.board = TrainBoard(args.tensorboard_dir, purge_step=trainer.steps_done() + 1, every=args.tensorboard_every)
     stack.callback(trainer.board.close)
     if trainer.history and trainer.board.was_empty:  # resumed in a fresh folder (a pool job's retry)
-        replayed = trainer.board.replay_history(trainer.history, trainer.steps_per_epoch)
+        # a step limit cuts the last epoch short: its events are at the limit (Trainer.steps_done)
+        replayed = trainer.board.replay_history(
+            trainer.history, lambda epochs: trainer.plan.steps_done(epochs, trainer.steps_per_epoch))
         log.info("TensorBoard: %s held no events; wrote the %d epoch(s) of the checkpoint's history",
                  args.tensorboard_dir, replayed)
     log.info("TensorBoard events in %s", args.tensorboard_dir)
