@@ -210,7 +210,7 @@ def main(args) -> int:
 
     with contextlib.ExitStack() as stack:
         log.info("Loading data")
-        data = stack.enter_context(open_training_data(args, settings.device))
+        data = stack.enter_context(open_training_data(args, settings))
 
         log.info("Creating model")
         trainer = Trainer(settings.params, data.train_pairs, settings.device, val_pairs=data.val_pairs or None,

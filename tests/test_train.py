@@ -628,3 +628,37 @@ def test_a_sigterm_while_the_working_size_tta_and_threshold_are_chosen_stops_at_
                                             "holds all 2 epochs"):
         choose_on_validation(trainer, has_val=True)
     assert batches == [3]  # the rest of the pass and the other sizes' passes were not run
+
+
+def test_an_image_too_thin_to_train_at_is_a_listed_skip_not_a_crash(tmp_path, root):
+    # A 200x2 px image at a 64 px training size shrinks to 0.64 px, floored to no pixel row: torchvision refused
+    # the whole batch (RuntimeError 'Input and output sizes should be greater than 0'), a traceback (exit 1) at
+    # whichever step drew it (with --multiscale, only when a small size was drawn). Inference already gave such an
+    # image no detections (inference.too_thin); training and its validation now skip it, listed as skipped.
+    import shutil
+
+    from PIL import Image
+
+    from helpers import run_script
+    from utils.data.sample_data import make_sample_dataset
+    from utils.data.voc import VocAnnotation, write_voc
+
+    data = tmp_path / "data"
+    make_sample_dataset(data, num_images=2, seed=11, image_size=(64, 64))
+    Image.new("RGB", (200, 2), (120, 90, 60)).save(data / "images" / "banner.png")
+    write_voc(data / "annotations" / "banner.xml", VocAnnotation(filename="banner.png", width=200, height=2))
+    val = tmp_path / "val"
+    shutil.copytree(data, val)
+    out = tmp_path / "run"
+    argv = ["--images", data / "images", "--annotations", data / "annotations", "--val-images", val / "images",
+            "--val-annotations", val / "annotations", "--val-mode", "merge", "--max-steps", "1",
+            "--image-size", "64", "--multiscale", "0", "--batch-size", "6", "--workers", "0", "--weights", "none",
+            "--checkpoint", out / "checkpoint.pt", "--output", out / "model.pt", "--no-progress", "--device", "cpu"]
+    assert run_script(root, "train", argv) == 0
+    meta = load_model_file(out / "model.pt")[1]
+    assert (meta["num_train_images"], meta["skipped_inputs"]) == (4, 2)  # --val-mode merge: val is trained on
+    skipped = json.loads((out / "model_run.json").read_text())["params"]["skipped"]
+    assert [item["file"] for item in skipped] == [str(data / "images" / "banner.png"),
+                                                  str(val / "images" / "banner.png")]
+    assert skipped[0]["problem"] == ("200x2 px is too thin to train on: at the smallest training size (64 px) the "
+                                     "shorter side would shrink to 0.64 px")

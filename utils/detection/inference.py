@@ -116,16 +116,22 @@ def _transforms(model) -> list:
     return [member.transform for member in getattr(model, "models", [model]) if hasattr(member, "transform")]
 
 
+def shrunk_shorter_side(height: int, width: int, min_size: float, max_size: float) -> float | None:
+    """The shorter side of an image of this shape after a detector's transform scales both sides by
+    min(min_size / shorter, max_size / longer) and floors them, when that leaves no pixel row at all (a very thin
+    image, 600x1 px at 512 px), which torchvision refuses for the whole batch; else None."""
+    shorter, longer = min(height, width), max(height, width)
+    shrunk = shorter * min(float(min_size) / shorter, float(max_size) / longer)
+    return shrunk if int(shrunk) < 1 else None
+
+
 def too_thin(model, height: int, width: int) -> str | None:
-    """Why *model* cannot run on an image of this shape, or None. Its transform scales both sides by
-    min(min_size / shorter, max_size / longer) and floors them, so a very thin image (600x1 px at 512 px) would
-    shrink to no pixel row at all, which torchvision refuses for the whole batch."""
+    """Why *model* cannot run on an image of this shape (:func:`shrunk_shorter_side`), or None."""
     for transform in _transforms(model):
-        shorter, longer = min(height, width), max(height, width)
-        scale = min(float(transform.min_size[-1]) / shorter, float(transform.max_size) / longer)
-        if int(shorter * scale) < 1:
+        shrunk = shrunk_shorter_side(height, width, transform.min_size[-1], transform.max_size)
+        if shrunk is not None:
             return (f"{width}x{height} px is too thin for the detector: at its working size "
-                    f"({int(transform.max_size)} px) the shorter side would shrink to {shorter * scale:.2g} px")
+                    f"({int(transform.max_size)} px) the shorter side would shrink to {shrunk:.2g} px")
     return None
 
 

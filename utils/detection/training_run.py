@@ -24,11 +24,14 @@ from ..classes import LabelMap
 from ..cli import print_values
 from ..provenance import write_run_record
 from .compliance import choose_operating_threshold
+from .inference import shrunk_shorter_side
 from .inference_size import choose_inference_size, choose_tta
 from .quantify import calibration_record
+from .recipe import multiscale_sizes
 from .stages import parse_stages
 from .model_file import save_model_file
 from .tensorboard_log import TensorBoardError, TrainBoard, pack_events
+from ..data.images import ImageError, image_size
 from ..data.pairs import object_problems, object_problems_line, open_pairs, pairs_sha256
 from .device import resolve_device
 from .params import TrainParams, describe, gpu_recipe, read_params_file, resolve_params
@@ -85,15 +88,38 @@ class TrainingData:
     files_sha256: dict  # every input file's sha256 by path, read once (pairs_sha256): the run record's too
 
 
+def too_thin_to_train(pairs, params: TrainParams) -> tuple[list, list[dict]]:
+    """(the *pairs* the model can train and validate on, [{file, problem}] of those whose image the smallest
+    training size, a --multiscale draw, shrinks to no pixel row: torchvision refuses the batch that holds one)."""
+    smallest = min(multiscale_sizes(params.image_size, params.multiscale) or (params.image_size,))
+    kept, skipped = [], []
+    for pair in pairs:
+        try:
+            width, height = image_size(pair.image)
+        except (ImageError, OSError):
+            kept.append(pair)  # the dataset reports an image it cannot read
+            continue
+        shrunk = shrunk_shorter_side(height, width, smallest, smallest)  # the longer side fit to the size
+        if shrunk is None:
+            kept.append(pair)
+        else:
+            skipped.append({"file": str(pair.image), "problem": f"{width}x{height} px is too thin to train on: at the "
+                            f"smallest training size ({smallest} px) the shorter side would shrink to {shrunk:.2g} px"})
+    return kept, skipped
+
+
 @contextlib.contextmanager
-def open_training_data(args, device):
+def open_training_data(args, settings: TrainingSettings):
     """The usable training (and held-out validation) pairs of the flags; --val-mode merge trains on both."""
     with contextlib.ExitStack() as stack:
         train_pairs, skipped = stack.enter_context(open_pairs(args.images, args.annotations))
+        train_pairs, thin = too_thin_to_train(train_pairs, settings.params)
+        skipped += thin
         val_pairs = []
         if args.val_images:
             val_pairs, val_skipped = stack.enter_context(open_pairs(args.val_images, args.val_annotations))
-            skipped += val_skipped
+            val_pairs, thin = too_thin_to_train(val_pairs, settings.params)
+            skipped += val_skipped + thin
         for item in skipped:
             log.warning("skipped %s: %s", item["file"], item["problem"])
         if args.val_mode == "merge":
@@ -107,7 +133,8 @@ def open_training_data(args, device):
         data_sha256, files_sha256 = pairs_sha256(train_pairs, val_pairs)
         data = TrainingData(train_pairs, val_pairs, skipped, input_files, data_sha256, problems, files_sha256)
         log.info("training on %d images%s (%d skipped), device %s", len(train_pairs),
-                 f", monitoring {len(val_pairs)} validation images" if val_pairs else "", len(skipped), device)
+                 f", monitoring {len(val_pairs)} validation images" if val_pairs else "", len(skipped),
+                 settings.device)
         yield data
 
 
