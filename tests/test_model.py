@@ -128,3 +128,19 @@ def test_trainable_layers_and_two_stage_freeze():
     assert body_trainable(model) == 0
     with pytest.raises(ModelError, match="between 0 and"):
         set_trainable_layers(model, 99)
+
+
+def test_a_pretrained_weight_file_given_by_path_is_recorded_with_its_sha256(tmp_path):
+    # The run record hashes the images and annotations only, and the model file named a --weights-file by its path:
+    # another file at that path (a retrained backbone, a newer conversion) trained another model, unrecorded.
+    # torchvision's and the provisioned RetinaFace files carry their sha256 in their names; a path given need not.
+    from utils.provenance import file_sha256
+
+    source = build_model("mobilenet_v2_fpn", weights="none", image_size=128)
+    path = save_model_file(tmp_path / "pretrained.pt", source)
+    model = build_model("mobilenet_v2_fpn", weights_file=str(path), image_size=128)
+    meta = torch.load(save_model_file(tmp_path / "model.pt", model), weights_only=True)["meta"]
+    assert meta["pretrained"] == {"requested": "imagenet", "loaded": "coco", "source": str(path),
+                                  "sha256": file_sha256(path)}
+    unpretrained = torch.load(save_model_file(tmp_path / "none.pt", source), weights_only=True)["meta"]
+    assert "sha256" not in unpretrained["pretrained"]  # nothing read: the file's metadata is as it was

@@ -57,6 +57,7 @@ from torchvision.ops import FeaturePyramidNetwork, misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..classes import NUM_CLASSES
+from ..provenance import file_sha256
 from .model_file import MODEL_FILE_FORMAT, ModelError, model_metadata, read_model_payload, save_model_file  # noqa: F401
 from .model_file import torch_load as _torch_load  # reading, writing and checking model files live there
 from .weights import BACKBONES, RETINAFACE_BACKBONE
@@ -88,6 +89,9 @@ class WeightsReport:
     loaded: str  # "none" | "imagenet" | "coco" | "widerface" | "file"
     source: str | None
     message: str
+    # of a file given by path (--weights-file, --weights PATH): what trained the model, whatever lies there later
+    # (torchvision's and the provisioned RetinaFace files carry theirs in their names)
+    sha256: str | None = None
 
 
 # ----------------------------------------------------------------------------- weights
@@ -361,7 +365,7 @@ def build_model(backbone: str = DEFAULT_BACKBONE, num_classes: int = NUM_CLASSES
     transform_kwargs = transform_sizes(image_size)
 
     # Decide which weights to load before building: pretrained backbones use frozen BatchNorm.
-    state, kind, source, notes = None, "none", None, []
+    state, kind, source, source_sha256, notes = None, "none", None, None, []
     if _frozen_bn is not None:  # rebuilding a saved model: its weights come later
         weights, weights_file = "none", None
     if weights == "none" and weights_file is not None:
@@ -375,7 +379,7 @@ def build_model(backbone: str = DEFAULT_BACKBONE, num_classes: int = NUM_CLASSES
     coco_enum, imagenet_enum = _torchvision_weights(backbone)
     if weights_file is not None:
         state = read_weight_file(weights_file)
-        source = str(weights_file)
+        source, source_sha256 = str(weights_file), file_sha256(weights_file)
         if _is_retinaface_state(state):  # the converted file, handed to a workflow job as an input
             if backbone != RETINAFACE_BACKBONE:
                 raise ModelError(f"{weights_file}: RetinaFace weights fit backbone {RETINAFACE_BACKBONE} only, "
@@ -432,7 +436,7 @@ def build_model(backbone: str = DEFAULT_BACKBONE, num_classes: int = NUM_CLASSES
             message = f"{backbone}: {what} from {source}{fallback}"
         (log.warning if notes else log.info)(message)
         model.weights_report = WeightsReport(weights if weights != "file" else str(weights_file),
-                                             kind, source, message)
+                                             kind, source, message, source_sha256)
     set_trainable_layers(model, trainable_layers)
     model.architecture = {
         "backbone": backbone,

@@ -82,6 +82,8 @@ def model_metadata(model: nn.Module, extra: dict | None = None) -> dict:
     report = getattr(model, "weights_report", None)
     if report is not None:
         meta["pretrained"] = {"requested": report.requested, "loaded": report.loaded, "source": report.source}
+        if report.sha256 is not None:  # a file given by path (utils.detection.model.WeightsReport)
+            meta["pretrained"]["sha256"] = report.sha256
     meta.update(extra or {})
     return {**_plain(meta), "packages": package_versions(), "code": code_version()}  # plain already
 
