@@ -400,3 +400,26 @@ def test_merge_refuses_journals_given_in_another_order_than_their_workers(tmp_pa
     assert [t["params"]["lr"] for t in journal_trials(journals[0], "mask-hpo-worker0of2")] == [0.01]
     assert len(journal_trials(journals[0])) == 2  # no study named: every study, as before
     assert run_script(root, "hpo_merge", ["--inputs", *results, "--journals", *journals, *outputs]) == 0
+
+
+@pytest.mark.training
+def test_a_training_image_too_thin_for_the_trials_sizes_is_a_listed_skip_not_a_crash(hpo_data, tmp_path):
+    # 300x2 px at the trials' training sizes (64 to 128 px: 96 px, the default --multiscale) shrinks to no pixel row:
+    # torchvision refused the trial's batch (RuntimeError), which ended the study with a traceback
+    import shutil
+
+    from PIL import Image
+
+    from utils.data.voc import VocAnnotation, write_voc
+
+    train = tmp_path / "train"
+    shutil.copytree(hpo_data / "train", train)
+    Image.new("RGB", (300, 2), (120, 90, 60)).save(train / "images" / "banner.png")
+    write_voc(train / "annotations" / "banner.xml", VocAnnotation(filename="banner.png", width=300, height=2))
+    result = run_study(CONFIG, SPACE, train / "images", train / "annotations", hpo_data / "val" / "images",
+                       hpo_data / "val" / "annotations", journal=tmp_path / "hpo.journal", n_trials=1,
+                       device=torch.device("cpu"), study_name="thin")
+    assert result["trial_counts"]["finished"] == 1 and result["num_train_images"] == 4
+    assert result["skipped_inputs"] == [{"file": str(train / "images" / "banner.png"), "problem": (
+        "300x2 px is too thin to train on: at the smallest training size (64 px) the shorter side would shrink to "
+        "0.43 px")}]

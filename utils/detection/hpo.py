@@ -55,6 +55,7 @@ from .metrics import coco_map
 from .metrics import fitness as coco_fitness
 from ..data.pairs import object_problems, object_problems_line, open_pairs, pairs_sha256
 from .params import TrainParams
+from .recipe import too_thin_to_train
 from .training import Trainer
 
 log = logging.getLogger(__name__)
@@ -377,8 +378,11 @@ def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotat
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         train_pairs, train_skipped = stack.enter_context(open_pairs(train_images, train_annotations))
+        # at the trials' training sizes (make_objective: config.image_size, the default --multiscale); the
+        # validation images only run through inference, which gives a thin one no detections
+        train_pairs, thin = too_thin_to_train(train_pairs, TrainParams(image_size=config.image_size))
         val_pairs, val_skipped = stack.enter_context(open_pairs(val_images, val_annotations))
-        skipped = train_skipped + val_skipped
+        skipped = train_skipped + thin + val_skipped
         for item in skipped:
             log.warning("skipped %s: %s", item["file"], item["problem"])
         problems = object_problems(train_pairs + val_pairs, config.label_map)

@@ -39,8 +39,10 @@ from torchvision.ops import generalized_box_iou_loss
 
 from ..classes import CLASSES, NO_LABEL_MAP, LabelMap
 from ..data.dataset import VocDetectionDataset, collate
+from ..data.images import ImageError, image_size
 from ..data.voc import parse_voc
 from ..errors import InputError
+from .inference import shrunk_shorter_side
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,27 @@ def multiscale_sizes(image_size: int, spread: float, step: int = 32) -> tuple[in
     low = max(step, int(round(image_size * (1 - spread) / step)) * step)
     high = int(round(image_size * (1 + spread) / step)) * step
     return tuple(range(low, high + 1, step))
+
+
+def too_thin_to_train(pairs, params) -> tuple[list, list[dict]]:
+    """(the *pairs* a model of *params* (TrainParams) can train and validate on, [{file, problem}] of those whose
+    image the smallest training size, a --multiscale draw, shrinks to no pixel row: torchvision refuses the batch
+    that holds one, and inference (inference.too_thin) gives it no detections)."""
+    smallest = min(multiscale_sizes(params.image_size, params.multiscale) or (params.image_size,))
+    kept, skipped = [], []
+    for pair in pairs:
+        try:
+            width, height = image_size(pair.image)
+        except (ImageError, OSError):
+            kept.append(pair)  # the dataset reports an image it cannot read
+            continue
+        shrunk = shrunk_shorter_side(height, width, smallest, smallest)  # the longer side fit to the size
+        if shrunk is None:
+            kept.append(pair)
+        else:
+            skipped.append({"file": str(pair.image), "problem": f"{width}x{height} px is too thin to train on: at the "
+                            f"smallest training size ({smallest} px) the shorter side would shrink to {shrunk:.2g} px"})
+    return kept, skipped
 
 
 def set_train_sizes(model, sizes: tuple[int, ...]) -> None:

@@ -24,14 +24,12 @@ from ..classes import LabelMap
 from ..cli import print_values
 from ..provenance import write_run_record
 from .compliance import choose_operating_threshold
-from .inference import shrunk_shorter_side
 from .inference_size import choose_inference_size, choose_tta
 from .quantify import calibration_record
-from .recipe import multiscale_sizes
+from .recipe import too_thin_to_train
 from .stages import parse_stages
 from .model_file import save_model_file
 from .tensorboard_log import TensorBoardError, TrainBoard, pack_events
-from ..data.images import ImageError, image_size
 from ..data.pairs import object_problems, object_problems_line, open_pairs, pairs_sha256
 from .device import resolve_device
 from .params import TrainParams, describe, gpu_recipe, read_params_file, resolve_params
@@ -86,26 +84,6 @@ class TrainingData:
     inputs_sha256: str
     object_problems: list[dict]  # objects dropped or clipped ([{file, problem}], pairs.object_problems)
     files_sha256: dict  # every input file's sha256 by path, read once (pairs_sha256): the run record's too
-
-
-def too_thin_to_train(pairs, params: TrainParams) -> tuple[list, list[dict]]:
-    """(the *pairs* the model can train and validate on, [{file, problem}] of those whose image the smallest
-    training size, a --multiscale draw, shrinks to no pixel row: torchvision refuses the batch that holds one)."""
-    smallest = min(multiscale_sizes(params.image_size, params.multiscale) or (params.image_size,))
-    kept, skipped = [], []
-    for pair in pairs:
-        try:
-            width, height = image_size(pair.image)
-        except (ImageError, OSError):
-            kept.append(pair)  # the dataset reports an image it cannot read
-            continue
-        shrunk = shrunk_shorter_side(height, width, smallest, smallest)  # the longer side fit to the size
-        if shrunk is None:
-            kept.append(pair)
-        else:
-            skipped.append({"file": str(pair.image), "problem": f"{width}x{height} px is too thin to train on: at the "
-                            f"smallest training size ({smallest} px) the shorter side would shrink to {shrunk:.2g} px"})
-    return kept, skipped
 
 
 @contextlib.contextmanager
