@@ -270,3 +270,31 @@ def test_an_output_dir_that_is_a_file_is_refused_before_any_image_runs(root, tin
         captured = capsys.readouterr()
         assert captured.err.strip() == f"evaluate: error: {taken}: a file, not a folder (--output-dir {out})"
         assert "score threshold" not in captured.out  # the model was not even loaded (it ran every image first)
+
+
+def test_the_test_loss_leaves_out_an_image_too_thin_for_the_model_as_inference_does(sample_dir, tiny_model_file,
+                                                                                     tmp_path):
+    # Inference gave a 300x1 px image no detections (inference.too_thin), but evaluate's test loss ran the model on
+    # it in train mode and torchvision refused the batch: 'unexpected RuntimeError: Input and output sizes should be
+    # greater than 0' (exit 1) after the whole inference pass. The loss now leaves it out, as inference does.
+    from PIL import Image
+
+    from utils.data.voc import VocAnnotation, write_voc
+    from utils.detection.engine import evaluate_loss
+    from utils.detection.evaluation import evaluation_loader
+    from utils.detection.model import load_model_file
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    Image.new("RGB", (300, 1), (120, 90, 60)).save(folder / "banner.png")
+    write_voc(folder / "banner.xml", VocAnnotation(filename="banner.png", width=300, height=1))
+    banner = labelled_pairs(folder, folder)[0]
+    pairs = labelled_pairs(sample_dir / "images", sample_dir / "annotations")[0][:1]
+    model, _ = load_model_file(tiny_model_file)
+    device = torch.device("cpu")
+
+    def loss(of):
+        return evaluate_loss(model, evaluation_loader(of, batch_size=3, num_workers=0, device=device), device)
+
+    assert loss(pairs + banner) == loss(pairs)  # the banner's batch mates' mean, as if it were not there
+    assert loss(banner) == {}  # no image the model can run: no loss, as for an empty set

@@ -14,7 +14,8 @@
   model is put in train mode with every BatchNorm module switched back to eval
   (running statistics, no updates; pretrained backbones use FrozenBatchNorm2d
   anyway), gradients are off, and the global RNG is forked and seeded so that
-  the sampling is repeatable and does not disturb the training RNG stream.
+  the sampling is repeatable and does not disturb the training RNG stream. An image too thin for the
+  model's transform (inference.too_thin) is left out of the mean.
 
 The optimizer and its schedule are utils.detection.optim's, the checkpoint dict
 utils.detection.checkpoint's and the device utils.detection.device's: this file holds only loops.
@@ -31,7 +32,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..stop import check_stop
-from .inference import detect
+from .inference import detect, too_thin
 
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
 
@@ -159,7 +160,12 @@ def evaluate_loss(model, loader, device, seed: int = 0, progress: bool = False) 
         model.train()
         _set_batchnorm_eval(model)
         for images, targets in tqdm(loader, desc="loss", unit="batch", disable=not progress, leave=False):
-            images, targets = to_device(images, targets, device)
+            # an image the transform would shrink to no pixel row fails the batch: left out, as inference gives it
+            # no detections (a training run leaves out those its smallest training size would: too_thin_to_train)
+            runnable = [i for i, image in enumerate(images) if not too_thin(model, *image.shape[-2:])]
+            if not runnable:
+                continue
+            images, targets = to_device([images[i] for i in runnable], [targets[i] for i in runnable], device)
             loss_dict = model(images, targets)
             batch = len(images)
             images_seen += batch
