@@ -662,3 +662,18 @@ def test_an_image_too_thin_to_train_at_is_a_listed_skip_not_a_crash(tmp_path, ro
                                                   str(val / "images" / "banner.png")]
     assert skipped[0]["problem"] == ("200x2 px is too thin to train on: at the smallest training size (64 px) the "
                                      "shorter side would shrink to 0.64 px")
+
+
+def test_the_model_file_records_the_loader_worker_count_the_run_trained_with(tiny_dir, tmp_path, root):
+    # --workers -1 (the default) resolves per machine (none on a CPU, up to 4 on a GPU by the CPUs there), and each
+    # worker process draws its own images' flips and colours: the model file recorded only the -1, so the same
+    # flags on another machine trained other weights with nothing recorded to tell which count made these.
+    from helpers import run_script
+
+    out = tmp_path / "run"
+    argv = ["--images", tiny_dir / "images", "--annotations", tiny_dir / "annotations", "--max-steps", "1",
+            "--image-size", "64", "--batch-size", "2", "--workers", "-1", "--weights", "none", "--checkpoint",
+            out / "checkpoint.pt", "--output", out / "model.pt", "--no-progress", "--device", "cpu"]
+    assert run_script(root, "train", argv) == 0
+    meta = load_model_file(out / "model.pt")[1]
+    assert meta["training"]["workers"] == -1 and meta["loader_workers"] == 0  # as asked, as resolved on a CPU

@@ -232,7 +232,9 @@ def write_model_outputs(trainer: Trainer, record: TrainingRecord, data: Training
     meta = {"training": trained, "data_label_map": settings.label_map.as_dict(),
             "epochs_completed": trainer.completed_epochs, "num_train_images": len(data.train_pairs),
             "num_val_images": len(data.val_pairs), "val_mode": args.val_mode if args.val_images else None,
-            "skipped_inputs": len(data.skipped), "inputs_sha256": data.inputs_sha256, "final_train_loss": final_loss}
+            "skipped_inputs": len(data.skipped), "inputs_sha256": data.inputs_sha256, "final_train_loss": final_loss,
+            # training.workers is as asked (-1: per machine); each loader worker draws its own images' augmentation
+            "loader_workers": trainer.train_workers}
     if args.params:
         meta["params_file"] = str(args.params)
     if size is not None:
