@@ -153,7 +153,7 @@ def test_a_resume_in_an_empty_folder_writes_a_cut_short_last_epoch_at_the_step_i
 
     plan = TrainingPlan(epochs=2, max_steps=4)
     trainer = SimpleNamespace(plan=plan, steps_per_epoch=3, board=None, completed_epochs=2,
-                              steps_done=lambda: plan.steps_done(2, 3),
+                              steps_done=lambda: plan.steps_done(2, 3), steps_taken=4,
                               history=[{"epoch": 1, "train_loss": 1.0, "val_map": 0.1},
                                        {"epoch": 2, "train_loss": 0.9, "val_map": 0.2}])
     log_dir = tmp_path / "train"
@@ -161,3 +161,42 @@ def test_a_resume_in_an_empty_folder_writes_a_cut_short_last_epoch_at_the_step_i
     with contextlib.ExitStack() as stack:
         resume_and_watch(trainer, tmp_path / "no_checkpoint.pt", args, stack)
     assert steps(accumulate(log_dir), "val/map") == steps(accumulate(log_dir), "train/epoch_loss") == [3, 4]
+
+
+@pytest.mark.training
+def test_an_epoch_longer_than_the_loaders_length_logs_each_step_once(tmp_path):
+    # Repeat-factor sampling (on by default) draws each rare-class image once or twice per epoch, so an epoch may
+    # hold a batch more than len(loader), the length steps were numbered by: epoch 1's last step and epoch 2's
+    # first were both logged at step 4, and the epoch's row at step 3, before its last step.
+    from PIL import Image
+
+    from utils.data.pairs import pair_folders
+    from utils.data.voc import VocAnnotation, VocObject, write_voc
+    from utils.detection.params import TrainParams
+    from utils.detection.tensorboard_log import TrainBoard
+    from utils.detection.training import Trainer
+
+    for folder in ("images", "annotations"):
+        (tmp_path / folder).mkdir()
+    for index in range(6):  # without_mask in 1 image of 6: repeated sqrt(0.3 / (1/6)) = 1.34 times
+        name = "without_mask" if index == 5 else "with_mask"
+        Image.new("RGB", (64, 64), (40 * index, 90, 60)).save(tmp_path / "images" / f"{index}.png")
+        write_voc(tmp_path / "annotations" / f"{index}.xml", VocAnnotation(
+            filename=f"{index}.png", width=64, height=64, objects=[VocObject(name, 10, 10, 40, 40)]))
+    pairs = pair_folders(tmp_path / "images", tmp_path / "annotations").pairs
+    params = TrainParams(image_size=64, batch_size=2, workers=0, epochs=2, warmup_iters=1, weights="none",
+                         repeat_threshold=0.3, seed=11)  # seed 11: 7 images in epoch 1 (4 batches), 6 in epoch 2
+    trainer = Trainer(params, pairs, torch.device("cpu"), progress=False)
+    assert trainer.steps_per_epoch == 3
+    trainer.board = TrainBoard(tmp_path / "events", purge_step=1, every=1)
+    trainer.run_epoch()
+    trainer.checkpoint(tmp_path / "checkpoint.pt", {})
+    trainer.run_epoch()
+    trainer.board.close()
+    events = accumulate(tmp_path / "events")
+    assert steps(events, "train/step_loss") == [1, 2, 3, 4, 5, 6, 7]
+    assert steps(events, "train/epoch_loss") == [4, 7]
+    assert [row["step"] for row in trainer.history] == [4, 7]  # the metrics CSV's step column, the replay's steps
+    resumed = Trainer(params, pairs, torch.device("cpu"), progress=False)
+    resumed.resume(tmp_path / "checkpoint.pt")
+    assert resumed.steps_taken == 4  # a resumed run logs on from step 5 (and purges what a stopped try logged)

@@ -140,9 +140,10 @@ class TrainBoard:
 
     def replay_history(self, history: list[dict], epoch_step) -> int:
         """Write the epoch rows of a checkpoint's *history* (a resumed run in an empty folder), each at the step
-        *epoch_step* (epochs done -> training steps) gives, where the run logged it; returns how many."""
+        the run logged it at: the row's own, else (a row from before rows held it) what *epoch_step* (epochs
+        done -> training steps) gives; returns how many."""
         for row in history:
-            self.log_epoch(epoch_step(int(row["epoch"])), row)
+            self.log_epoch(int(row["step"]) if row.get("step") is not None else epoch_step(int(row["epoch"])), row)
         return len(history)
 
     def close(self) -> None:

@@ -69,6 +69,7 @@ class EpochRow:
     val_map_50: float | None = None
     stage: int = 1  # 1-based stage of a staged run (--stages); 1 for a one-stage run
     val_fitness: float | None = None
+    step: int | None = None  # training steps taken by the epoch's end: the step its TensorBoard events are at
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,9 @@ class Trainer:
         self.board = None
         self.scaler = make_grad_scaler(device, params.amp)
         self.completed_epochs = 0
+        # The steps taken, the global step of TensorBoard's events: repeat-factor sampling draws a rare class's
+        # images once or twice, so an epoch may hold a batch more or fewer than steps_per_epoch (len(loader)).
+        self.steps_taken = 0
         self.history: list[dict] = []
         # The budget's clock (or the recorded budget plan replayed at the same points) while the plan is fitting.
         self._first_fit: int | None = None
@@ -332,6 +336,8 @@ class Trainer:
         if self.ema is not None and extra.get("ema") is not None:
             self.ema.load_state_dict(extra["ema"])
         self.history = list(payload.get("history", []))
+        # a checkpoint from before steps_taken: its events were numbered by the plan
+        self.steps_taken = int(extra.get("steps_taken", self.steps_done()))
         if self.keep == "best":
             self.best = extra.get("best")
             if self.best is None and self.completed_epochs:
@@ -344,14 +350,15 @@ class Trainer:
         args = {**args, "params": self.params.to_dict(), "label_map": self.label_map.as_dict()}  # as trained
         extra = {"ema": self.ema.state_dict() if self.ema is not None else None, "stage_index": self.stage_index,
                  "stages_requested": self.plan.requested_record(), "best": self.best,
-                 "train_workers": self.train_workers}
+                 "train_workers": self.train_workers, "steps_taken": self.steps_taken}
         save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.completed_epochs, args,
                         scaler=self.scaler, history=self.history, extra=extra)
 
     # -- the loop ----------------------------------------------------------------------------
     def _after_step(self, iteration: int, values: dict) -> None:
+        self.steps_taken += 1
         if self.board is not None:
-            self.board.log_step(self.completed_epochs * self.steps_per_epoch + iteration + 1, values)
+            self.board.log_step(self.steps_taken, values)
         check_stop(self._abandoned())
         if self.ema is not None:
             self.ema.update_parameters(self.model)
@@ -402,7 +409,7 @@ class Trainer:
                        loss_objectness=stats.get("loss_objectness", math.nan),
                        loss_rpn_box_reg=stats.get("loss_rpn_box_reg", math.nan),
                        images_per_s=stats["images_per_s"], seconds=stats["seconds"], backbone_frozen=frozen,
-                       stage=stage_number)
+                       stage=stage_number, step=self.steps_taken)
         validation_started = time.perf_counter()
         if self.val_loader is not None and validate_loss:
             row.val_loss = evaluate_loss(self.eval_model, self.val_loader, self.device).get("loss")
@@ -435,7 +442,7 @@ class Trainer:
         values = asdict(row)
         if predictions is not None:
             values["val_f1"] = detection_f1(*predictions, score_threshold=self.board.score_threshold)["f1"]
-        step = self.steps_done()
+        step = self.steps_taken
         self.board.log_epoch(step, values)
         if predictions is not None:
             self.board.log_validation_images(step, self.val_loader.dataset, *predictions)

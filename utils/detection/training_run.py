@@ -128,11 +128,12 @@ def resume_and_watch(trainer: Trainer, checkpoint: Path, args, stack: contextlib
     if not args.tensorboard_dir:
         return
     # purge_step: what an interrupted try logged past its checkpoint (or, for a fresh run, an earlier run
-    # in the same folder) is dropped; the events of the checkpoint's last epoch are at steps_done()
-    trainer.board = TrainBoard(args.tensorboard_dir, purge_step=trainer.steps_done() + 1, every=args.tensorboard_every)
+    # in the same folder) is dropped; the events of the checkpoint's last epoch are at steps_taken
+    trainer.board = TrainBoard(args.tensorboard_dir, purge_step=trainer.steps_taken + 1, every=args.tensorboard_every)
     stack.callback(trainer.board.close)
     if trainer.history and trainer.board.was_empty:  # resumed in a fresh folder (a pool job's retry)
-        # a step limit cuts the last epoch short: its events are at the limit (Trainer.steps_done)
+        # each epoch's row holds the step it ended at; a checkpoint's from before rows did: the plan's (a step
+        # limit cuts the last epoch short, its events at the limit)
         replayed = trainer.board.replay_history(
             trainer.history, lambda epochs: trainer.plan.steps_done(epochs, trainer.steps_per_epoch))
         log.info("TensorBoard: %s held no events; wrote the %d epoch(s) of the checkpoint's history",
