@@ -304,8 +304,9 @@ def test_pairs_are_read_with_a_bounded_number_in_flight(monkeypatch):
     from utils.data import pairs as pairs_module
     from utils.parallel import ordered_map
 
-    monkeypatch.setattr(pairs_module, "_read_problem", lambda pair: (None, "0" * 64) if pair.image.stem != "bad7"
-                        else ({"file": str(pair.image), "problem": "truncated"}, None))
+    monkeypatch.setattr(pairs_module, "_read_problem",
+                        lambda pair: (None, "0" * 64, (4, 3)) if pair.image.stem != "bad7"
+                        else ({"file": str(pair.image), "problem": "truncated"}, None, None))
     peaks = {}
     for n in (2000, 8000):
         pairs = [Pair(Path(f"bad{k}.jpg"), Path(f"bad{k}.xml")) for k in range(n)]

@@ -341,16 +341,19 @@ def test_training_data_is_hashed_by_the_read_that_checks_it_and_its_run_record_r
     # Before its epochs train read each image four times: the full decode that checks it (scan_pairs), a header
     # read (object problems), the data hash and the run record's hash. The hash now comes from the decode's read
     # and serves both, with the values a fresh read gives.
+    # The check that an image is not too thin to train on takes the size from that decode too.
     from helpers import count_opens
+    from utils.detection.params import TrainParams
     from utils.detection.training_run import open_training_data
     from utils.provenance import inputs_sha256, sets_sha256, write_run_record
 
     args = argparse.Namespace(images=tiny_dir / "images", annotations=tiny_dir / "annotations", val_images=None,
                               val_annotations=None, val_mode="holdout", label_map=None)
+    settings = argparse.Namespace(params=TrainParams(image_size=64, multiscale=0.5), device="cpu")
     images = sorted(str(path) for path in (tiny_dir / "images").glob("*.jpg"))
     with monkeypatch.context() as patch:
         opens = count_opens(patch, tiny_dir)
-        with open_training_data(args, "cpu") as data:
+        with open_training_data(args, settings) as data:
             assert {image: opens.get(image, 0) for image in images} == dict.fromkeys(images, 2)  # decode, header
             opens.clear()
             record = write_run_record(tmp_path / "train_run.json", "train", {}, data.input_files, data.files_sha256)

@@ -29,6 +29,7 @@ class Pair:
     image: Path
     annotation: Path
     image_sha256: str | None = field(default=None, compare=False)  # from the read scan_pairs decoded it with
+    image_size: tuple[int, int] | None = field(default=None, compare=False)  # (width, height) as displayed, ditto
 
     @property
     def stem(self) -> str:
@@ -213,23 +214,26 @@ def pair_folders(images_dir, annotations_dir) -> Pairing:
     return pairing
 
 
-def _read_problem(pair) -> tuple[dict | None, str | None]:
+def _read_problem(pair) -> tuple[dict | None, str | None, tuple[int, int] | None]:
     """(Why *pair* cannot be trained or evaluated on, or None: its XML parses and its image decodes in full (a
-    truncated file passes a header read, then stops a training run in its first epoch); its image's sha256)."""
+    truncated file passes a header read, then stops a training run in its first epoch); its image's sha256; its
+    displayed (width, height))."""
     try:
         parse_voc(pair.annotation)
-        _, sha256, error = load_rgb_hashed(pair.image)
+        image, sha256, error = load_rgb_hashed(pair.image)
         if error is not None:
             raise error
     except (VocError, ImageError) as error:  # the file once: str(error) starts with it too
-        return {"file": str(getattr(error, "file", pair.image)), "problem": getattr(error, "problem", str(error))}, None
+        problem = getattr(error, "problem", str(error))
+        return {"file": str(getattr(error, "file", pair.image)), "problem": problem}, None, None
     except OSError as error:
-        return {"file": str(pair.image), "problem": f"unreadable ({error})"}, None
-    return None, sha256
+        return {"file": str(pair.image), "problem": f"unreadable ({error})"}, None, None
+    return None, sha256, image.size
 
 
 def scan_pairs(pairs) -> tuple[list, list[dict]]:
-    """Pairs whose annotation parses and whose image decodes, with the image's sha256 from that read (pairs_sha256);
+    """Pairs whose annotation parses and whose image decodes, with the image's sha256 (pairs_sha256) and displayed
+    size (recipe.too_thin_to_train) from that read;
     the rest as [{file, problem}]. Decoded on a few threads (Pillow's decoders release the GIL), each image dropped
     once read."""
     import os
@@ -241,8 +245,9 @@ def scan_pairs(pairs) -> tuple[list, list[dict]]:
     workers = max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         read = list(ordered_map(pool, _read_problem, pairs, ahead=4 * workers))
-    usable = [replace(pair, image_sha256=sha256) for pair, (problem, sha256) in zip(pairs, read) if problem is None]
-    return usable, [problem for problem, _ in read if problem is not None]
+    usable = [replace(pair, image_sha256=sha256, image_size=size)
+              for pair, (problem, sha256, size) in zip(pairs, read) if problem is None]
+    return usable, [problem for problem, _, _ in read if problem is not None]
 
 
 def pairs_sha256(*sets) -> tuple[str, dict]:

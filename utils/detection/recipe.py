@@ -101,8 +101,8 @@ def too_thin_to_train(pairs, params) -> tuple[list, list[dict]]:
     smallest = min(multiscale_sizes(params.image_size, params.multiscale) or (params.image_size,))
     kept, skipped = [], []
     for pair in pairs:
-        try:
-            width, height = image_size(pair.image)
+        try:  # the size scan_pairs' decode saw, else the header's
+            width, height = pair.image_size or image_size(pair.image)
         except (ImageError, OSError):
             kept.append(pair)  # the dataset reports an image it cannot read
             continue
