@@ -359,6 +359,27 @@ def test_a_tar_member_is_decoded_where_it_lies_without_holding_a_large_one_that_
     assert peak < 1 << 20, f"{peak:,} bytes held"
 
 
+def test_a_tar_member_cut_off_by_a_truncated_archive_is_said_to_be_so_not_called_no_image(sample_dir, tmp_path):
+    # Read where it lies (members_in_place, then load_rgb_span at the listed offset), a member of an archive cut
+    # short after it was listed (a copy still being written, a partial download) read as fewer bytes: 'not an
+    # image file' or 'truncated image file', of a JPEG that is whole in the archive the user meant.
+    import os
+
+    from utils.data.images import ImageError, load_rgb_span
+    from utils.data.pairs import members_in_place
+
+    photo = sorted((sample_dir / "images").glob("*.jpg"))[0]
+    with tarfile.open(tmp_path / "set.tar", "w") as tar:
+        tar.add(photo, arcname="a.jpg")
+        tar.add(photo, arcname="b.jpg")
+    _, last = members_in_place(tmp_path / "set.tar")
+    for cut in (last.offset + last.size // 2, last.offset - 100):
+        os.truncate(tmp_path / "set.tar", cut)
+        with pytest.raises(ImageError, match=r"set.tar:b.jpg: cannot decode image: the archive set.tar ends at "
+                                             r"byte [\d,]+, before this member's last byte"):
+            load_rgb_span(tmp_path / "set.tar", last.offset, last.size, "set.tar:b.jpg")
+
+
 def _stop_after(monkeypatch, images: int, stop):
     """Make prediction's journal call *stop* after *images* records; returns the list of images the model read."""
     from utils.detection import prediction_progress

@@ -201,6 +201,11 @@ def load_rgb_span(path, offset: int, size: int, name: str) -> Image.Image:
     utils.data.pairs.members_in_place), errors naming *name*. Read through a window on the file, as a file is:
     the header is checked before the rest is read, and a large member that is no image is never held."""
     with _pillow_errors(name, "decode image"), open(path, "rb") as handle:
+        end = os.fstat(handle.fileno()).st_size
+        if end < offset + size:  # a short read would pass for a truncated or unknown image
+            raise ImageError(name, f"cannot decode image: the archive {Path(path).name} ends at byte {end:,}, "
+                                   f"before this member's last byte ({offset + size:,}): it was truncated or "
+                                   "changed after it was listed")
         return _decode(io.BufferedReader(_Span(handle, offset, size)), name)
 
 
