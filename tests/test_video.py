@@ -721,3 +721,24 @@ def test_an_output_written_while_the_disk_fills_names_it_and_keeps_the_last_runs
     assert error_message(raised.value) == (f"{out / name}: cannot write {name} (No space left on device); "
                                            "the file there, if any, is as it was")
     assert [p.name for p in out.iterdir()] == [name] and (out / name).read_text() == "the last run's"
+
+
+def test_an_error_of_the_frame_loop_is_not_taken_for_a_failed_write_of_the_frames_csv(clip, tiny_model_file, tmp_path):
+    # The frame loop ran inside the CSV's FileSet.writing block, so any OSError of the loop with no file name and a
+    # write errno (the progress bar's write to a stderr file on a full disk, EIO from a device) was told as
+    # 'video_frames.csv: cannot write video_frames.csv (...)'. Only the CSV's own writes name it.
+    import errno
+
+    from utils.cli import error_message
+    from utils.detection.evaluation import load_trained_model
+    from utils.detection.video import predict_video
+
+    model = load_trained_model(tiny_model_file, "cpu")[0]
+
+    def progress(_):  # tqdm's update, its stderr a file on a full disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as raised:
+        predict_video(model, "cpu", str(clip), tmp_path / "out", 0.5, max_frames=2, progress=progress)
+    assert "video_frames.csv" not in error_message(raised.value)
+    assert raised.value.errno == errno.ENOSPC and not list((tmp_path / "out").iterdir())

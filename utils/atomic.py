@@ -148,12 +148,19 @@ class FileSet:
     @contextlib.contextmanager
     def writing(self, target):
         """:meth:`path` for a block that writes it: a failed write (a full disk) names *target*, as atomic_path's."""
-        target = Path(target)
         tmp = self.path(target)
-        try:
+        with self.naming(target):
             yield tmp
+
+    @contextlib.contextmanager
+    def naming(self, target):
+        """A block that writes the file :meth:`path` gave for *target* (a file written a piece at a time between
+        other work, whose own errors must not be taken for its): a failed write names *target*."""
+        target = Path(target)
+        try:
+            yield
         except BaseException as error:
-            _raise_naming_the_target(error, tmp, target)
+            _raise_naming_the_target(error, self._temporaries.get(target), target)
             raise
 
     def drop(self, target) -> None:

@@ -253,87 +253,89 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
     with atomic_files() as outputs:
         output_dir, names = Path(output_dir), video_output_names(tag)
         csv_path = output_dir / names["frames_csv"]
-        # a full disk while the rows are written (a row a frame, as the frames come) names the file
-        with outputs.writing(csv_path) as csv_tmp:
-            try:  # the capture is released whatever happens, and the writer before its file is renamed
-                output_dir.mkdir(parents=True, exist_ok=True)
-                reported_fps = capture.get(cv2.CAP_PROP_FPS)
-                # cameras, some streams: 0
-                fps_assumed = not (math.isfinite(reported_fps) and 0 < reported_fps < 1000)
-                fps = ASSUMED_FPS if fps_assumed else reported_fps
-                declared = (int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if kind != "camera" and has_length(capture)
-                            else None)
-                # A camera, or a stream without a length (a live one), is timed by the wall clock; a file, or a
-                # stream with a length (a recorded video at a URL), by its timestamps: its video time, however slow
-                # the detector
-                live = kind == "camera" or (kind == "stream" and declared is None)
-                # in the summary; the rates need it
-                settings = {**(settings or {}), "working_size": working_size(model)}
-                tmp_video = outputs.path(video_target) if video_target else None
+        csv_tmp = outputs.path(csv_path)  # its writes name it (outputs.naming), not the frame loop's errors
+        try:  # the capture is released whatever happens, and the writer before its file is renamed
+            output_dir.mkdir(parents=True, exist_ok=True)
+            reported_fps = capture.get(cv2.CAP_PROP_FPS)
+            # cameras, some streams: 0
+            fps_assumed = not (math.isfinite(reported_fps) and 0 < reported_fps < 1000)
+            fps = ASSUMED_FPS if fps_assumed else reported_fps
+            declared = (int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if kind != "camera" and has_length(capture)
+                        else None)
+            # A camera, or a stream without a length (a live one), is timed by the wall clock; a file, or a
+            # stream with a length (a recorded video at a URL), by its timestamps: its video time, however slow
+            # the detector
+            live = kind == "camera" or (kind == "stream" and declared is None)
+            # in the summary; the rates need it
+            settings = {**(settings or {}), "working_size": working_size(model)}
+            tmp_video = outputs.path(video_target) if video_target else None
+            with outputs.naming(csv_path):  # a full disk while a row is written (a row a frame) names the file
                 csv_file = open(csv_tmp, "w", encoding="utf-8")
                 rows = csv.DictWriter(csv_file, fieldnames=CSV_FIELDS, lineterminator="\n")
                 rows.writeheader()
-                while True:
-                    run.ended = stop_reason()
-                    if run.ended:
-                        break
-                    if max_frames is not None and run.processed >= max_frames:
-                        run.ended = "--max-frames"
-                        break
-                    ok, frame = capture.read()
-                    if not ok:
-                        run.ended = "the end of the source"
-                        break
-                    check_frame_pixels(frame.shape[1], frame.shape[0], name, kind)  # a stream may change size
-                    time_s, by_rate = (run.live_time(), False) if live else run.frame_time(capture, fps)
-                    if max_seconds is not None and time_s >= max_seconds:
-                        run.ended = "--max-seconds"  # this frame is past the run: not counted as read
-                        break
-                    index, run.frames_read, run.last_time = run.frames_read, run.frames_read + 1, time_s
-                    run.timed_by_rate += by_rate
-                    if index % stride:
-                        continue
-                    rgb = torch.from_numpy(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)
-                    (out,) = detect(model, [to_model_input(rgb, device)], tta=tta,
-                                    score_threshold=detection_floor(score_threshold))
-                    # to 4 decimals, as predict (and so a merge) and the service keep them: the same sums, the same
-                    # figure
-                    soft = list(soft_counts(out["labels"].tolist(), out["scores"].tolist()).values())
-                    keep = out["scores"] >= score_threshold  # counted, drawn and listed: those at the threshold
-                    out = {key: value[keep] for key, value in out.items()}
-                    labels = [NAME_OF[int(label)] for label in out["labels"].tolist()]
-                    figure = compliance(labels)
-                    run.add_frame(round(time_s, 3), figure, soft)
+            while True:
+                run.ended = stop_reason()
+                if run.ended:
+                    break
+                if max_frames is not None and run.processed >= max_frames:
+                    run.ended = "--max-frames"
+                    break
+                ok, frame = capture.read()
+                if not ok:
+                    run.ended = "the end of the source"
+                    break
+                check_frame_pixels(frame.shape[1], frame.shape[0], name, kind)  # a stream may change size
+                time_s, by_rate = (run.live_time(), False) if live else run.frame_time(capture, fps)
+                if max_seconds is not None and time_s >= max_seconds:
+                    run.ended = "--max-seconds"  # this frame is past the run: not counted as read
+                    break
+                index, run.frames_read, run.last_time = run.frames_read, run.frames_read + 1, time_s
+                run.timed_by_rate += by_rate
+                if index % stride:
+                    continue
+                rgb = torch.from_numpy(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)
+                (out,) = detect(model, [to_model_input(rgb, device)], tta=tta,
+                                score_threshold=detection_floor(score_threshold))
+                # to 4 decimals, as predict (and so a merge) and the service keep them: the same sums, the same
+                # figure
+                soft = list(soft_counts(out["labels"].tolist(), out["scores"].tolist()).values())
+                keep = out["scores"] >= score_threshold  # counted, drawn and listed: those at the threshold
+                out = {key: value[keep] for key, value in out.items()}
+                labels = [NAME_OF[int(label)] for label in out["labels"].tolist()]
+                figure = compliance(labels)
+                run.add_frame(round(time_s, 3), figure, soft)
+                with outputs.naming(csv_path):
                     rows.writerow({"frame": index, "time_s": round(time_s, 3), "faces": figure["faces"],
                                    **figure["counts"], "percent_properly_masked": figure["percent_properly_masked"]})
-                    if tmp_video is not None or show:
-                        drawn = _annotate(frame, out)
-                        if tmp_video is not None:
-                            if writer is None:
-                                height, width = drawn.shape[:2]
-                                # at fps / stride, so that a file's plays at real speed (under 1 frame a second too)
-                                writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"),
-                                                         fps / stride, (width, height))
-                                if not writer.isOpened():
-                                    raise InputError(f"{video_target}: OpenCV cannot write this video file")
-                            if live:
-                                run.write_live(writer, drawn, time_s, fps / stride)
-                            else:
-                                writer.write(drawn)
-                                run.frames_written += 1
-                        if show and _show(drawn):
-                            run.ended = "the viewer (q or Esc)"
-                            break
-                    if progress is not None:
-                        progress(1)
-            finally:
-                capture.release()
-                if csv_file is not None:
+                if tmp_video is not None or show:
+                    drawn = _annotate(frame, out)
+                    if tmp_video is not None:
+                        if writer is None:
+                            height, width = drawn.shape[:2]
+                            # at fps / stride, so that a file's plays at real speed (under 1 frame a second too)
+                            writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"),
+                                                     fps / stride, (width, height))
+                            if not writer.isOpened():
+                                raise InputError(f"{video_target}: OpenCV cannot write this video file")
+                        if live:
+                            run.write_live(writer, drawn, time_s, fps / stride)
+                        else:
+                            writer.write(drawn)
+                            run.frames_written += 1
+                    if show and _show(drawn):
+                        run.ended = "the viewer (q or Esc)"
+                        break
+                if progress is not None:
+                    progress(1)
+        finally:
+            capture.release()
+            if csv_file is not None:
+                with outputs.naming(csv_path):  # the last rows' flush
                     csv_file.close()
-                if writer is not None:
-                    writer.release()
-                if show:
-                    cv2.destroyAllWindows()
+            if writer is not None:
+                writer.release()
+            if show:
+                cv2.destroyAllWindows()
         if video_target and not run.processed:
             outputs.drop(video_target)  # no frame drawn: the last run's video stays, not an empty one
         interrupted = run.ended if run.ended in (SIGTERM, SIGINT) else None
