@@ -359,6 +359,26 @@ def test_a_tar_member_is_decoded_where_it_lies_without_holding_a_large_one_that_
     assert peak < 1 << 20, f"{peak:,} bytes held"
 
 
+def test_an_image_is_hashed_and_decoded_without_holding_the_file_whole(tmp_path):
+    # load_rgb_hashed read the file whole to decode and hash it (predict's, training's and evaluation's scans): a
+    # small JPEG with 16 MB after it held ~32 MB where load_rgb holds nothing of it (8 decode threads, 8 times).
+    import tracemalloc
+
+    from utils.data.images import load_rgb, load_rgb_hashed
+    from utils.provenance import file_sha256
+
+    picture = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(picture, "JPEG")
+    (tmp_path / "tail.jpg").write_bytes(picture.getvalue() + b"\0" * (16 << 20))
+    tracemalloc.start()
+    image, sha256, error = load_rgb_hashed(tmp_path / "tail.jpg")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert error is None and sha256 == file_sha256(tmp_path / "tail.jpg")
+    assert np.array_equal(np.asarray(image), np.asarray(load_rgb(tmp_path / "tail.jpg")))
+    assert peak < 4 << 20, f"{peak:,} bytes held"
+
+
 def test_a_tar_member_cut_off_by_a_truncated_archive_is_said_to_be_so_not_called_no_image(sample_dir, tmp_path):
     # Read where it lies (members_in_place, then load_rgb_span at the listed offset), a member of an archive cut
     # short after it was listed (a copy still being written, a partial download) read as fewer bytes: 'not an
