@@ -230,6 +230,26 @@ def test_validation_decodes_the_bytes_it_hashed_instead_of_reading_each_image_ag
     assert result.report["images_usable"] == 3
 
 
+def test_validation_holds_no_file_whole_to_hash_and_decode_it(tmp_path):
+    # _inspect_image read each file whole (read_bytes) to hash and decode it: a 24 MB file named .jpg that is no
+    # image (a video, a disk image) held 24 MB a validation thread. Now load_rgb_hashed: the header first, the
+    # file hashed in blocks; an image decoded from the open file.
+    import hashlib
+    import tracemalloc
+
+    for k in range(2):
+        add_pair(tmp_path / "data", f"img{k}", textured(50 + k))
+    big = tmp_path / "data/images/img1.jpg"
+    big.write_bytes(b"\0" * (24 << 20))
+    tracemalloc.start()
+    result = validate_dataset(tmp_path / "data/images", tmp_path / "data/annotations", workers=1, progress=False)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak:,} bytes held"
+    assert result.report["images_usable"] == 1
+    assert result.images_sha256[big] == hashlib.sha256(big.read_bytes()).hexdigest()  # the run record's
+
+
 def test_cli_accepts_a_tar_holding_both_images_and_annotations(tmp_path, root):
     flat = tmp_path / "flat"
     for k in range(3):

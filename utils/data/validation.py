@@ -10,7 +10,7 @@ and every excluded image is the "image" of at least one excluding problem.
 Checks: entries that cannot be read as files (a name not valid UTF-8, a link to nothing,
 not a regular file; utils.data.pairs.pair_folders); image without annotation and the
 reverse; images sharing one name stem (annotations are matched by stem, so they are ambiguous); unreadable, truncated or
-non-image files (full decode with utils.data.images.load_rgb_bytes, of the bytes hashed); XML that is not well-formed
+non-image files (full decode with utils.data.images.load_rgb_hashed, which hashes the file too); XML that is not well-formed
 or lacks required fields (utils.data.voc.parse_voc); unknown class names, boxes outside the
 image, zero- or negative-area boxes (utils.data.voc.clean_objects: overshoots of at most
 CLIP_TOLERANCE_PX are clipped, anything else drops the object); an XML <size> that
@@ -39,7 +39,6 @@ must be resolved with ``--images``.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import sys
@@ -57,7 +56,7 @@ from .. import defaults as D
 from ..classes import CLASSES, NO_LABEL_MAP, LabelMap
 from ..errors import InputError
 from ..parallel import ordered_map
-from .images import ImageError, is_image_name, load_rgb_bytes, stored_size_and_orientation
+from .images import is_image_name, load_rgb_hashed, stored_size_and_orientation
 from .near_duplicates import near_duplicates
 from .pairs import Pair, pair_folders, write_pairs_csv
 from .voc import (CLIP_TOLERANCE_PX, VocAnnotation, VocError, boxes_on_stored_pixels, clean_objects, parse_voc,
@@ -122,17 +121,14 @@ class _ImageFacts:
 
 def _inspect_image(path: Path) -> _ImageFacts:
     """Hash the bytes, decode fully and take the perceptual hash of the decoded image."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return _ImageFacts(error=f"cannot read file ({exc.strerror or exc})")
-    try:
-        image = load_rgb_bytes(data, path)  # the bytes just hashed: the file is read once
-    except ImageError as exc:
-        return _ImageFacts(sha256=hashlib.sha256(data).hexdigest(), error=exc.problem)
+    # one open, decoded from the file and hashed in blocks (load_rgb_hashed): read whole, a file was held
+    # whole, one that is no image too (a 4 GB video named .jpg: 4 GB a validation thread)
+    image, sha256, error = load_rgb_hashed(path)
+    if error is not None:
+        return _ImageFacts(sha256=sha256, error=error.problem)
     bits = imagehash.phash(image).hash.flatten()
     stored_size, orientation = stored_size_and_orientation(path)
-    return _ImageFacts(sha256=hashlib.sha256(data).hexdigest(), size=image.size,
+    return _ImageFacts(sha256=sha256, size=image.size,
                        phash=int(np.packbits(bits).view(">u8")[0]), stored_size=stored_size, orientation=orientation)
 
 
