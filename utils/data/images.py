@@ -140,10 +140,11 @@ def load_rgb(path) -> Image.Image:
 
 def load_rgb_hashed(path) -> tuple[Image.Image | None, str | None, ImageError | None]:
     """load_rgb of *path* with the file's sha256 (utils.provenance.file_sha256's value) from one open (the hash
-    reads after the decode, from the page cache), so a job that records its inputs' hashes (predict's run record) does not read a collection
-    twice: (image, sha256, None), or (None, sha256, the ImageError load_rgb raises) for a file that is no usable
-    image, still an input read (sha256 None when it cannot be opened). The header is checked on the open file
-    first; the image is decoded from the open file, then the file hashed in blocks: no file is held whole."""
+    reads after the decode, from the page cache), so a job that records its inputs' hashes (predict's run record)
+    does not read a collection twice: (image, sha256, None), or (None, sha256, the ImageError load_rgb raises)
+    for a file that is no usable image, still an input read (sha256 None when it cannot be opened). The header is
+    checked on the open file first; the image is decoded from the open file, then the file hashed in blocks: no
+    file is held whole."""
     path = Path(path)
     try:
         with _pillow_errors(path, "decode image"), open(path, "rb") as handle:
