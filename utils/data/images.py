@@ -167,46 +167,21 @@ def load_rgb_hashed(path) -> tuple[Image.Image | None, str | None, ImageError | 
         return None, None, exc
 
 
-class _Span(io.RawIOBase):
-    """The *size* bytes at *offset* of the open binary file *handle*, as a file of their own (read-only)."""
-
-    def __init__(self, handle, offset: int, size: int):
-        super().__init__()
-        self._handle, self._offset, self._size, self._position = handle, offset, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._position
-
-    def seek(self, position: int, whence: int = io.SEEK_SET) -> int:
-        start = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
-        self._position = max(0, start + position)
-        return self._position
-
-    def readinto(self, buffer) -> int:
-        wanted = max(0, min(len(buffer), self._size - self._position))
-        self._handle.seek(self._offset + self._position)
-        got = self._handle.readinto(memoryview(buffer)[:wanted])
-        self._position += got
-        return got
-
-
 def load_rgb_span(path, offset: int, size: int, name: str) -> Image.Image:
     """load_rgb of the *size* bytes at *offset* in *path* (a member of an uncompressed .tar, read where it lies:
-    utils.data.pairs.members_in_place), errors naming *name*. Read through a window on the file, as a file is:
-    the header is checked before the rest is read, and a large member that is no image is never held."""
-    with _pillow_errors(name, "decode image"), open(path, "rb") as handle:
-        end = os.fstat(handle.fileno()).st_size
+    utils.data.pairs.members_in_place), errors naming *name*. Read through tarfile's window on the member, as a
+    file is: the header is checked before the rest is read, and a large member that is no image is never held."""
+    import tarfile
+
+    with _pillow_errors(name, "decode image"), tarfile.open(path, "r:") as archive:  # reads the first header only
+        end = os.fstat(archive.fileobj.fileno()).st_size
         if end < offset + size:  # a short read would pass for a truncated or unknown image
             raise ImageError(name, f"cannot decode image: the archive {Path(path).name} ends at byte {end:,}, "
                                    f"before this member's last byte ({offset + size:,}): it was truncated or "
                                    "changed after it was listed")
-        return _decode(io.BufferedReader(_Span(handle, offset, size)), name)
+        member = tarfile.TarInfo(name)  # a regular file's: its data where the listing found it
+        member.offset_data, member.size = offset, size
+        return _decode(archive.extractfile(member), name)
 
 
 def load_rgb_bytes(data: bytes, name: str) -> Image.Image:
