@@ -249,6 +249,28 @@ def test_a_search_stopped_or_killed_and_resumed_draws_what_an_uninterrupted_one_
     assert _searched(tmp_path / "other.journal", 3, seed=8) != whole[:3]
 
 
+def test_a_trial_whose_error_ended_the_job_is_not_drawn_again_by_the_retry(tmp_path):
+    """A trial that failed with an error (CUDA out of memory at its batch size) took no place in the per-trial
+    seeding, as an interrupted one does, so the retry drew its very parameters again from the same seed and
+    history, and failed the same way on every retry. Only an interrupted trial (enqueued again) gives up its place."""
+    journal = tmp_path / "hpo.journal"
+    study, _ = open_study(journal, "oom", seed=7)
+    study.optimize(_stand_in, n_trials=2)
+
+    def out_of_memory(trial):
+        SPACE.sample(trial)
+        raise RuntimeError("CUDA out of memory")
+
+    with pytest.raises(RuntimeError):
+        study.optimize(out_of_memory, n_trials=1)
+    failed = study.trials[-1]
+    assert failed.state == TrialState.FAIL
+    del study
+    retry, storage = open_study(journal, "oom", seed=7)  # the job's retry
+    recover_stale_trials(retry, storage)
+    assert SPACE.sample(retry.ask()) != failed.params
+
+
 def test_a_study_is_not_continued_with_other_epochs_or_another_size(tmp_path):
     from dataclasses import replace
 

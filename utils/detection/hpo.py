@@ -19,8 +19,8 @@ MAX_REQUEUES times). ``n_trials`` is the total of finished (complete + pruned)
 trials the study should hold, so a rerun only runs what is missing.
 
 Sampling: TPE (``TrialSeededSampler``), seeded afresh for every trial from the worker's seed and the trial's
-place among the study's trials that did not fail, so that a search stopped or killed and resumed draws the
-trials an uninterrupted one with the same seed draws.
+place among the study's trials that were not interrupted, so that a search stopped or killed and resumed draws
+the trials an uninterrupted one with the same seed draws.
 
 Workers: with K workers, worker I searches the I-th of K equal slices of the
 log learning-rate range (disjoint, together the whole range) with its own
@@ -139,12 +139,13 @@ def worker_seed(seed: int, worker_index: int) -> int:
 
 class TrialSeededSampler(optuna.samplers.BaseSampler):
     """Optuna's TPESampler, made anew for every trial with a seed of (the search's seed, the trial's place among
-    the study's trials that did not fail). A TPESampler seeded once draws every trial from one random stream, and
-    the stream does not survive the job: a search resumed in a new process drew other trials than one run through
-    with the same seed (seeding the resumed sampler past the trials done only kept it from drawing the first
-    run's again). Here a trial's draws depend only on the seed, its place and the trials before it (all that TPE
+    the study's trials that were not interrupted). A TPESampler seeded once draws every trial from one random
+    stream, and the stream does not survive the job: a search resumed in a new process drew other trials than one
+    run through with the same seed (seeding the resumed sampler past the trials done only kept it from drawing the
+    first run's again). Here a trial's draws depend only on the seed, its place and the trials before it (all that TPE
     reads of the study, failed trials aside). An interrupted trial is marked failed and its parameters enqueued
-    again (``requeue``): it takes no place, so the trials after it draw what they would have drawn."""
+    again (``requeue``): it takes no place, so the trials after it draw what they would have drawn. A trial that
+    failed otherwise (its exception ended the job) keeps its place, so the retry draws other parameters."""
 
     def __init__(self, seed: int):
         self._seed = seed
@@ -156,8 +157,13 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         return optuna.samplers.TPESampler(seed=trial_seed, n_startup_trials=TPE_STARTUP_TRIALS)
 
     def before_trial(self, study: optuna.Study, trial) -> None:
-        place = sum(1 for earlier in study.get_trials(deepcopy=False)
-                    if earlier.number < trial.number and earlier.state != TrialState.FAIL)
+        trials = study.get_trials(deepcopy=False)
+        # Only an interrupted trial (its parameters enqueued again: requeued_from) gives up its place. One that
+        # failed otherwise (an exception ended the job: CUDA out of memory at a large batch) keeps it, or the retry
+        # drew its very parameters again, from the same seed and history, and failed the same way every time.
+        requeued = {t.user_attrs.get("requeued_from") for t in trials}
+        place = sum(1 for earlier in trials if earlier.number < trial.number
+                    and not (earlier.state == TrialState.FAIL and earlier.number in requeued))
         self._tpe = self._seeded(place)
         self._tpe.before_trial(study, trial)
 
