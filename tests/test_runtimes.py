@@ -149,6 +149,23 @@ def test_sites_yml_overrides_and_caps():
         checkpoint_minutes(7200, max_job_minutes=3)
 
 
+def test_the_video_limit_counts_decoding_every_frame_not_only_the_strided_ones():
+    """predict_video decodes every frame (OpenCV's read()) and runs the model on every --video-stride-th: a limit
+    of the strided frames' inference alone stopped a long 4K video at a large stride (2 hours at 30 fps, stride
+    300, on a GPU: a limit of 1044 s, where reading its 216,000 frames takes ~2000 s at 9.2 ms a 4K frame)."""
+    from utils.pegasus.config import VideoFile
+    from utils.pegasus.runtimes import over_site_cap
+
+    frames = 2 * 3600 * 30
+    video = [VideoFile(Path("long.mp4"), frames)]
+    assert job_runtimes(config(gpus=1, video_stride=300, pred_videos=video))["predict_video"] > frames * 0.0092 * 1.5
+    # under a pool cap that reading alone passes, no stride fits: the warning says so instead of naming one
+    site = {"max_job_minutes": 60}
+    capped = config(gpus=1, video_stride=300, pred_videos=video, site=site)
+    line = next(line for line in over_site_cap(capped, job_runtimes(capped)) if line.startswith("predict_video"))
+    assert "raise max_job_minutes" in line and "--video-stride" not in line
+
+
 def test_jobs_that_cannot_resume_warn_when_their_limit_passes_the_pool_cap(caplog):
     """hpo and train run in pieces under max_job_minutes; predict, evaluate and video jobs cannot, so a limit
     above the cap gets a warning, with the --images-per-job or --video-stride that fits."""

@@ -7,7 +7,8 @@ for a pool's policy; the local executor stops them at it. A retry of a job stopp
 way, so a limit must come from the work:
 
     work     = images x seconds per image (x epochs x trials), at 512 px, scaled by (size / 512)^2
-               (x largest_size_cost x passes for the jobs that run the trained model: evaluate, predict, video)
+               (x largest_size_cost x passes for the jobs that run the trained model: evaluate, predict, video;
+               a video's frames / stride, plus the decoding of every frame)
     runtime  = STARTUP_S + SAFETY x work               (at least MIN_RUNTIME_S)
     train with --time-budget M:  runtime = STARTUP_S + BUDGET_SLACK x M min + SAFETY x (the choice passes)
     checkpoint.time = runtime in minutes; maxwalltime = checkpoint.time + GRACE_MIN
@@ -44,6 +45,10 @@ SECONDS_PER_IMAGE = {
     "cpu": {"train": 0.85, "infer": 0.85, "data": 0.1},
     "gpu": {"train": 0.1, "infer": 0.05, "data": 0.1},
 }
+# predict_video reads (decodes) every frame of a video, the --video-stride ones only are run through the model:
+# 2.4 ms a 1080p frame, 9.2 ms a 4K one (OpenCV's read() on 2 shared CPU cores, measured on 2026-12-06). A long 4K
+# video at a large stride spends longer decoding than on the model, and was stopped at a limit that counted the model
+VIDEO_DECODE_S_PER_FRAME = 0.01
 MERGE_S_PER_IMAGE = 1e-4  # reading one image's detections and writing its rows (merge_predictions)
 # merge_predictions bootstraps the headline figure of every folder the images sit in (1000 replicates, each an
 # NNLS solve for the adjusted estimators), whatever the folder's size: 0.13-0.17 s a folder on 2 loaded CPU cores
@@ -137,8 +142,8 @@ def workloads(config) -> dict[str, float]:
         "predict": max(shard.images for shard in config.pred_shards) * sized_s * _predict_passes(config),
         "merge_predictions": (sum(shard.images for shard in config.pred_shards) * MERGE_S_PER_IMAGE
                               + _figures_per_folder(config) * MERGE_S_PER_FOLDER),
-        "predict_video": (max((video.frames for video in config.pred_videos), default=0) / config.video_stride
-                          * sized_s * MODEL_PASSES["predict_video"]),
+        "predict_video": (max((video.frames for video in config.pred_videos), default=0)
+                          * (VIDEO_DECODE_S_PER_FRAME + sized_s * MODEL_PASSES["predict_video"] / config.video_stride)),
         "report": 0.0,  # reads the outputs and downscales at most 24 images: the startup allowance covers it
         "make_fold": (trained + counts["val"]) * data_s,
         "aggregate_folds": 0.0,
@@ -221,7 +226,9 @@ def over_site_cap(config, runtimes: dict[str, int]) -> list[str]:
         elif kind == "predict_video":
             frames = max(video.frames for video in config.pred_videos)
             per_frame = SAFETY * _sized_s(config) * MODEL_PASSES["predict_video"]
-            line += f": give --video-stride {math.ceil(frames * per_frame / usable_s)} or more"
+            left_s = usable_s - SAFETY * frames * VIDEO_DECODE_S_PER_FRAME  # every frame is decoded, at any stride
+            line += (f": give --video-stride {math.ceil(frames * per_frame / left_s)} or more" if left_s > 0 else
+                     ": reading its frames alone takes longer; raise max_job_minutes")
         else:
             line += ": raise max_job_minutes"
         lines.append(line)
