@@ -359,3 +359,21 @@ def test_a_rerun_removes_the_outputs_of_the_jobs_it_no_longer_has(tmp_path):
     assert f"Removed 2 output(s) of an earlier run that this workflow no longer makes from {run_dir / 'outputs'}" \
            f" (first: part_2.txt)" in out
     assert "p2" not in json.loads((run_dir / "executor_state.json").read_text())["jobs"]
+
+
+def test_a_rerun_into_another_output_folder_removes_nothing_of_what_is_there(tmp_path):
+    # the dropped jobs' names were removed from whatever folder the rerun delivers to: with sites.yml's
+    # local_storage moved to a folder of the user's (or another run's), their files of those names went
+    parts = [{"id": f"p{i}", "outputs": [f"part_{i}.txt"], "stage_out": True} for i in range(3)]
+    run_dir = make_workflow(tmp_path, parts)
+    assert run(run_dir)[0] == 0
+    elsewhere = tmp_path / "results"
+    elsewhere.mkdir()
+    (elsewhere / "part_2.txt").write_text("another run's")
+    make_workflow(tmp_path, parts[:2])
+    (run_dir / "sites.yml").write_text("sites:\n- name: local\n  directories:\n  - type: localStorage\n"
+                                       f"    path: {elsewhere}\n")
+    status, out = run(run_dir)
+    assert status == 0
+    assert (elsewhere / "part_2.txt").read_text() == "another run's"
+    assert "Removed" not in out

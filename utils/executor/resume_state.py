@@ -149,13 +149,16 @@ class ResumeState:
         """Remove from the output folder what earlier runs' jobs staged out there and no job of this workflow
         stages out (the outputs of a shard, a fold or an HPO job that a rerun with other settings dropped), so
         that the folder never holds two configurations' outputs; forget the jobs no longer in the workflow.
-        Returns the names removed. Records from before the staged-out names were kept name none."""
+        Returns the names removed. Records from before the staged-out names were kept name none. A job that
+        delivered into another folder (sites.yml's local_storage changed since) removes nothing: the files of its
+        names here are not its own (another run's outputs, the user's)."""
         kept = {lfn for spec in self.wf.jobs.values() for lfn in staged_out(spec)}
         removed = []
         with self._lock:
             jobs = self.data.setdefault("jobs", {})
             for job_id in list(jobs):
-                for lfn in jobs[job_id].get("staged_out", []):
+                delivered = jobs[job_id].get("output_dir", str(self.wf.output_dir))
+                for lfn in jobs[job_id].get("staged_out", []) if delivered == str(self.wf.output_dir) else []:
                     path = self.wf.output_dir / lfn
                     if lfn not in kept and lfn not in removed and path.is_file():
                         path.unlink()
@@ -179,7 +182,8 @@ class ResumeState:
         """Remember a finished job (what a rerun may skip), or forget it when it did not succeed."""
         if result.status == "succeeded":
             record = {"status": "succeeded", "signature": self.signature(spec),
-                      "made_inputs": self.made_inputs_key(spec), "staged_out": staged_out(spec), "tries": result.tries,
+                      "made_inputs": self.made_inputs_key(spec), "staged_out": staged_out(spec),
+                      "output_dir": str(self.wf.output_dir), "tries": result.tries,
                       "wall_time_s": round(result.wall_time_s, 3), "exit_code": result.exit_code,
                       "finished": timestamp(result.finished)}
             with self._lock:
