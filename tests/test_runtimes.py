@@ -166,6 +166,21 @@ def test_the_video_limit_counts_decoding_every_frame_not_only_the_strided_ones()
     assert "raise max_job_minutes" in line and "--video-stride" not in line
 
 
+def test_an_hpo_trial_longer_than_a_piece_under_the_pools_cap_is_warned_of(caplog):
+    """hpo runs in pieces under max_job_minutes, a retry each (79805d9), but a trial keeps no checkpoint: one longer
+    than a piece starts again on every try, none finishes, and the job burns all those retries with no word."""
+    from utils.pegasus.runtimes import trial_over_piece, workloads
+
+    long_trials = config(train=1000, gpus=1, hpo_epochs=3, site={"max_job_minutes": 10})
+    with caplog.at_level("WARNING", logger="utils.pegasus.runtimes"):
+        job_runtimes(long_trials)
+    said = [r.message for r in caplog.records if r.message.startswith("hpo: a trial may run up to")]
+    assert len(said) == 1 and "lower --hpo-epochs, or raise max_job_minutes" in said[0]
+    roomy = config(train=1000, gpus=1, hpo_epochs=3, site={"max_job_minutes": 120})
+    assert trial_over_piece(roomy, workloads(roomy)["hpo"]) == []
+    assert trial_over_piece(config(train=1000, gpus=1), workloads(config(train=1000, gpus=1))["hpo"]) == []  # no cap
+
+
 def test_jobs_that_cannot_resume_warn_when_their_limit_passes_the_pool_cap(caplog):
     """hpo and train run in pieces under max_job_minutes; predict, evaluate and video jobs cannot, so a limit
     above the cap gets a warning, with the --images-per-job or --video-stride that fits."""

@@ -192,9 +192,26 @@ def job_runtimes(config) -> dict[str, int]:
     where = config.site_where() if hasattr(config, "site_where") else "sites.yml"
     check_site_limits(site, job_kinds(), where)
     runtimes.update(site.get("runtimes") or {})
-    for line in over_site_cap(config, runtimes):
+    for line in over_site_cap(config, runtimes) + trial_over_piece(config, work["hpo"]):
         log.warning(line)
     return runtimes
+
+
+def trial_over_piece(config, hpo_s: float) -> list[str]:
+    """A warning where one HPO trial may outlast a piece under sites.yml's max_job_minutes (*hpo_s*: a worker's
+    work): a trial is not checkpointed, so one stopped at checkpoint.time starts again from scratch on the next
+    try, and after MAX_REQUEUES another takes its place, as long: no trial ever finishes, and the job burns every
+    retry its pieces give it (checkpoint_limits) before it fails."""
+    cap = config.execution_site_config().get("max_job_minutes")
+    trials = max(trials_per_worker(config.trials, config.hpo_jobs))
+    if not isinstance(cap, int) or cap <= GRACE_MIN or not trials:
+        return []
+    trial_s, piece_s = SAFETY * hpo_s / trials, (cap - GRACE_MIN) * 60 - STARTUP_S
+    if trial_s <= piece_s:
+        return []
+    return [f"hpo: a trial may run up to {math.ceil(trial_s / 60)} minutes, longer than a piece of the site's "
+            f"max_job_minutes {cap} ({cap - GRACE_MIN} minutes, its start included); a trial stopped at a piece's end "
+            "starts again from scratch, so none would finish: lower --hpo-epochs, or raise max_job_minutes"]
 
 
 def over_site_cap(config, runtimes: dict[str, int]) -> list[str]:
