@@ -17,7 +17,8 @@ The model is loaded once; one inference thread puts up to --batch-size images of
 size from any requests into one forward pass; at most --queue-size requests wait for it and at
 most --max-requests are received or served at once (then 503 with Retry-After; the probes
 always answer), at most --max-requests-per-client of them from one client address (then 429;
-behind a reverse proxy, name it in --forwarded-allow-ips or pass 0: docs/service.md). A
+behind a reverse proxy, name it in --forwarded-allow-ips or give --max-requests-per-client 0:
+docs/service.md). A
 connection must send a complete request head within --header-timeout seconds of connecting
 or of its last answer, and a body may not stall for --body-timeout seconds nor, after that
 long, average under --min-body-rate KB/s, nor take longer than
@@ -102,10 +103,11 @@ def get_args_parser():
                              "or pass 0 (no per-client limit; leave it to the proxy) (default: a quarter of "
                              f"--max-requests, {int(D.SERVICE_MAX_REQUESTS * D.SERVICE_CLIENT_SHARE_OF_REQUESTS)} "
                              "at its default)")
-    parser.add_argument("--forwarded-allow-ips", default="",
+    parser.add_argument("--forwarded-allow-ips", default=os.environ.get("FORWARDED_ALLOW_IPS", ""),
                         help="comma-separated addresses or networks of reverse proxies whose X-Forwarded-For "
                              "header names the client (for --max-requests-per-client and the access log); no one "
-                             "else's is read (default: none)")
+                             "else's is read (default: $FORWARDED_ALLOW_IPS, uvicorn's own setting, where it is "
+                             "set, else none)")
     parser.add_argument("--header-timeout", type=positive_float, default=D.SERVICE_HEADER_TIMEOUT_S,
                         help="seconds a connection has to send a complete request line and headers, after "
                              f"connecting or after its previous answer (default: {D.SERVICE_HEADER_TIMEOUT_S:g})")

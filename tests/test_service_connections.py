@@ -282,3 +282,19 @@ def test_the_per_client_limit_defaults_to_a_share_of_max_requests_and_0_turns_it
     assert ServiceConfig(Path("model.pt"), max_requests=2).client_limit == 1  # never none at all
     assert ServiceConfig(Path("model.pt"), max_requests_per_client=3).client_limit == 3
     assert ServiceConfig(Path("model.pt"), max_requests_per_client=0).client_limit is None
+
+
+def test_the_proxies_uvicorn_is_told_of_in_forwarded_allow_ips_are_still_trusted(root, monkeypatch):
+    """$FORWARDED_ALLOW_IPS is how uvicorn is told of its proxies; bin/serve.py turned proxy headers off unless
+    --forwarded-allow-ips was given, so a deployment that named its proxy there lost every client's address (all
+    of them one client for --max-requests-per-client, the proxy's address in the access log)."""
+    from helpers import load_script
+
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", "10.0.0.5")
+    serve = load_script(root, "serve")
+    args = serve.get_args_parser().parse_args(["--model", "model.pt"])
+    assert serve.proxy_settings(args.forwarded_allow_ips) == {"proxy_headers": True,
+                                                              "forwarded_allow_ips": ["10.0.0.5"]}
+    monkeypatch.delenv("FORWARDED_ALLOW_IPS")
+    args = serve.get_args_parser().parse_args(["--model", "model.pt"])
+    assert serve.proxy_settings(args.forwarded_allow_ips)["proxy_headers"] is False  # no one's, as before
