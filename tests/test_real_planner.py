@@ -40,3 +40,16 @@ def test_a_training_in_pieces_under_the_pools_cap_gets_its_retries_in_the_dag(sa
     dag = next((tmp_path / "work" / "submit-condor").rglob("*.dag")).read_text().splitlines()
     assert f"RETRY train_train {2 + math.ceil(runtime / 60 / 5) - 1}" in dag
     assert "RETRY hpo_merge_hpo_merge 2" in dag
+
+
+def test_a_sharedfs_site_that_is_not_the_execution_site_does_not_stop_generation(sample_dir, tmp_path):
+    """sharedfs / nonsharedfs cannot be planned on the execution site (3c42832 refuses them), but the planner plans
+    no other site: a sites.yml that also lists a site of another setup for other runs was refused whole."""
+    sites = tmp_path / "sites.yml"
+    sites.write_text("execution_site: condorpool\ncontainer: {type: singularity, image: "
+                     "'docker://maskdetection/mask-detection-workflow:latest'}\n"
+                     "sites:\n  condorpool: {arch: x86_64}\n  spare: {arch: x86_64, data_configuration: sharedfs}\n")
+    generate(tmp_path / "run", sample_dir, "--sites-config", str(sites))
+    result = plan_check(tmp_path / "run", "--work", str(tmp_path / "work"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "condor plan OK" in result.stdout

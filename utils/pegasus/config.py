@@ -111,10 +111,6 @@ def _check_site(path, name: str, site: dict) -> None:
     if configuration is not None and configuration not in DATA_CONFIGURATIONS:
         raise ConfigError(f"{where}.data_configuration: {shown(configuration)} is not one of "
                           f"{', '.join(DATA_CONFIGURATIONS)}")
-    if configuration in SHARED_SCRATCH_CONFIGURATIONS:  # the planner's 'File Server not specified' else
-        raise ConfigError(f"{where}.data_configuration: {shown(configuration)} needs a shared scratch folder (and for "
-                          "nonsharedfs a staging site) that the generated site catalog does not give a pool site; "
-                          "use condorio: HTCondor moves each job's files, no shared file system needed")
     for key in ("shared_scratch", "local_storage", "gpu_requirements", "software_dir"):
         if site.get(key) is not None and not isinstance(site[key], str):
             raise ConfigError(f"{where}.{key}: {shown(site[key])} is not text")
@@ -358,6 +354,13 @@ class WorkflowSettings:
         if not isinstance(self.execution_site, str) or self.execution_site not in known_sites:
             raise ConfigError(f"{self.label('execution_site')} {shown(self.execution_site)}: not a site of "
                               f"{self.sites_file} (known: {', '.join(sorted(known_sites))})")
+        configuration = self.execution_site_config().get("data_configuration")
+        if configuration in SHARED_SCRATCH_CONFIGURATIONS:  # the planner's 'File Server not specified' else
+            # the execution site's only: the planner plans no other, and a sites.yml may list sites for other runs
+            raise ConfigError(f"{self.site_where()}.data_configuration: {shown(configuration)} needs a shared scratch "
+                              "folder (and for nonsharedfs a staging site) that the generated site catalog does not "
+                              "give a pool site; use condorio: HTCondor moves each job's files, no shared file system "
+                              "needed")
         check_mode(self.mode, self.label("mode"))
         self.software_dir()
         from .runtimes import check_site_limits, job_kinds
