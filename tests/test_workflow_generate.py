@@ -599,7 +599,8 @@ def test_a_site_without_a_flag_or_file_is_read_as_text_and_unreadable_files_are_
     assert generate(tmp_path / "run", sample_dir, "--no-pretrained", "--mode", "development") == 0
 
 
-@pytest.mark.parametrize("line", ["dagman.retry = abc", "dagman.retry = -2", "pegasus.transfer.threads = 0"])
+@pytest.mark.parametrize("line", ["dagman.retry = abc", "dagman.retry = -2", "pegasus.transfer.threads = 0",
+                                  "dagman.retry = ²", "dagman.retry = ٣"])  # digits to str.isdigit, not to DAGMan
 def test_a_properties_count_that_is_not_a_whole_number_is_one_line(line, sample_dir, tmp_path, capsys):
     # dagman.retry = abc was written into the DAG ('RETRY create_dir... abc', which DAGMan cannot parse) and the
     # local executor ended in a traceback (int('abc'))

@@ -10,6 +10,7 @@ import configparser
 import difflib
 import logging
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 
@@ -180,7 +181,7 @@ def load_properties(path: Path) -> Properties:
             value = props[key]
         except KeyError:
             continue
-        if not (str(value).strip().isdigit() and int(value) >= least):
+        if not (re.fullmatch(r"[0-9]+", str(value).strip()) and int(value) >= least):  # ASCII: DAGMan reads it
             raise ConfigError(f"{path}: {key} {shown(value)}: not a whole number of at least {least}")
     return props
 
