@@ -36,7 +36,9 @@ from .loading import JobSpec, LoadedWorkflow
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # on the jobs' PYTHONPATH: bin/ scripts import utils
 TERM_GRACE_S = 10.0  # after SIGTERM, how long a job may take to exit before SIGKILL
 RUNTIME_KILL_AFTER_S = 300.0  # after the SIGTERM at a job's runtime limit, SIGKILL (GRACE_MIN, as for train)
-LIFT_LIMITS = "a `runtimes:` entry in sites.yml, or rerun with python -m utils.executor RUN_DIR --no-time-limits"
+# RUN_DIR/sites.yml is the generated site catalog: an entry there is never read, and the limits are set at generation
+LIFT_LIMITS = ("a `runtimes:` entry in the sites.yml given to workflow.py (--sites-config), then generate again, or "
+               "rerun with python -m utils.executor RUN_DIR --no-time-limits")
 # Set for every job but without effect on what it does, so the rerun line leaves them out.
 COSMETIC_VARIABLES = {"PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
 RUN_LOCK_FILE = ".executor.lock"  # in the run folder: scheduler.run_lock
