@@ -455,9 +455,11 @@ def generate(args, held: contextlib.ExitStack) -> tuple[MaskDetectionWorkflow, d
         data_shards=shards, pred_videos=videos, folds_csv=folds_csv,
         experiment_settings=experiment.job_settings(recorded))
     generator = MaskDetectionWorkflow(config).build()
+    # the settings' record (compare_runs and the report read it) before the DAG, which comes last
+    recorded_file = experiment.write_effective_config(run_dir / experiment.CONFIG_FILE, recorded,
+                                                      getattr(args, "experiment", None))
     written = generator.write()
-    written["config"] = experiment.write_effective_config(run_dir / experiment.CONFIG_FILE, recorded,
-                                                          getattr(args, "experiment", None))
+    written["config"] = recorded_file
     return generator, written, report, entries
 
 

@@ -657,5 +657,11 @@ def test_a_regeneration_stopped_part_way_leaves_no_dag_over_the_new_data(sample_
     with pytest.raises(WorkflowError):
         load_workflow(run_dir)
     monkeypatch.undo()
+    # nor over the last run's config.yml (the settings compare_runs and the report show), written after the DAG
+    monkeypatch.setattr(generator.experiment, "write_effective_config", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate(run_dir, sample_dir, "--no-pretrained", "--seed", "7")
+    assert not (run_dir / "workflow.yml").exists()
+    monkeypatch.undo()
     assert generate(run_dir, sample_dir, "--no-pretrained", "--seed", "7") == 0
     assert load_workflow(run_dir).jobs
