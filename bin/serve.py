@@ -17,8 +17,8 @@ The model is loaded once; one inference thread puts up to --batch-size images of
 size from any requests into one forward pass; at most --queue-size requests wait for it and at
 most --max-requests are received or served at once (then 503 with Retry-After; the probes
 always answer), at most --max-requests-per-client of them from one client address (then 429;
-behind a reverse proxy, name it in --forwarded-allow-ips or give --max-requests-per-client 0:
-docs/service.md). A
+behind a reverse proxy on another host, name it in --forwarded-allow-ips or give
+--max-requests-per-client 0: docs/service.md). A
 connection must send a complete request head within --header-timeout seconds of connecting
 or of its last answer, and a body may not stall for --body-timeout seconds nor, after that
 long, average under --min-body-rate KB/s, nor take longer than
@@ -103,11 +103,11 @@ def get_args_parser():
                              "or pass 0 (no per-client limit; leave it to the proxy) (default: a quarter of "
                              f"--max-requests, {int(D.SERVICE_MAX_REQUESTS * D.SERVICE_CLIENT_SHARE_OF_REQUESTS)} "
                              "at its default)")
-    parser.add_argument("--forwarded-allow-ips", default=os.environ.get("FORWARDED_ALLOW_IPS", ""),
+    parser.add_argument("--forwarded-allow-ips", default=os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1"),
                         help="comma-separated addresses or networks of reverse proxies whose X-Forwarded-For "
                              "header names the client (for --max-requests-per-client and the access log); no one "
-                             "else's is read (default: $FORWARDED_ALLOW_IPS, uvicorn's own setting, where it is "
-                             "set, else none)")
+                             "else's is read; '' reads no one's (default: $FORWARDED_ALLOW_IPS where it is set, "
+                             "else 127.0.0.1, as uvicorn's own: a reverse proxy on this host)")
     parser.add_argument("--header-timeout", type=positive_float, default=D.SERVICE_HEADER_TIMEOUT_S,
                         help="seconds a connection has to send a complete request line and headers, after "
                              f"connecting or after its previous answer (default: {D.SERVICE_HEADER_TIMEOUT_S:g})")
@@ -154,9 +154,10 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def proxy_settings(forwarded_allow_ips: str) -> dict:
-    """uvicorn's settings that read X-Forwarded-For from the proxies named (comma-separated) and no one else.
-    uvicorn's own default trusts loopback (or $FORWARDED_ALLOW_IPS), and this server's clients are on loopback
-    unless --host says otherwise: any of them could have named itself anyone, past --max-requests-per-client."""
+    """uvicorn's settings that read X-Forwarded-For from the proxies named (comma-separated) and no one else; none
+    named: no one's. The flag's default is uvicorn's own (loopback, or $FORWARDED_ALLOW_IPS): the usual way this
+    server, bound to loopback unless --host says otherwise, is exposed is a reverse proxy on the same host, whose
+    clients would otherwise all be one client to --max-requests-per-client."""
     proxies = [address.strip() for address in forwarded_allow_ips.split(",") if address.strip()]
     return {"proxy_headers": bool(proxies), "forwarded_allow_ips": proxies or None}
 

@@ -243,8 +243,7 @@ def test_one_client_cannot_hold_every_request_slot_and_others_still_get_in():
 def test_behind_a_named_proxy_clients_are_told_apart_by_x_forwarded_for_and_no_one_else_can_name_themselves(root):
     """Behind a reverse proxy every request comes from its address, so the per-client limit bound all its clients
     together; with bin/serve.py --forwarded-allow-ips naming the proxy, uvicorn reads the client from its
-    X-Forwarded-For. Without it (the default) no one's header is read: uvicorn's own default trusted loopback,
-    where this server's clients are unless --host says otherwise, so any client could have named itself anyone."""
+    X-Forwarded-For. No one else's header is read, and with '' no one's."""
     from helpers import load_script
 
     proxy_settings = load_script(root, "serve").proxy_settings
@@ -297,4 +296,9 @@ def test_the_proxies_uvicorn_is_told_of_in_forwarded_allow_ips_are_still_trusted
                                                               "forwarded_allow_ips": ["10.0.0.5"]}
     monkeypatch.delenv("FORWARDED_ALLOW_IPS")
     args = serve.get_args_parser().parse_args(["--model", "model.pt"])
-    assert serve.proxy_settings(args.forwarded_allow_ips)["proxy_headers"] is False  # no one's, as before
+    # unset: uvicorn's own default, loopback: a reverse proxy on this host, in front of the loopback binding,
+    # tells its clients apart (bin/serve.py read no one's header: all of them were one client, 8 requests at once)
+    assert serve.proxy_settings(args.forwarded_allow_ips) == {"proxy_headers": True,
+                                                              "forwarded_allow_ips": ["127.0.0.1"]}
+    args = serve.get_args_parser().parse_args(["--model", "model.pt", "--forwarded-allow-ips", ""])
+    assert serve.proxy_settings(args.forwarded_allow_ips)["proxy_headers"] is False  # no one's
