@@ -317,18 +317,23 @@ def test_checkpoint_time_sends_sigterm_and_the_retry_resumes(tmp_path):
 def test_a_job_without_a_checkpoint_is_stopped_at_its_runtime_limit_and_told_how_to_lift_it(tmp_path):
     """Only train and hpo (checkpoint.time, maxwalltime) had a time limit here; every other job carries its
     runtime profile (seconds, utils/pegasus/runtimes.py), which kickstart holds it to on a pool, and a hung one
-    stalled a local run for ever. It now gets SIGTERM at it; --no-time-limits lifts every limit."""
+    stalled a local run for ever. It now gets SIGTERM at 3 times it, taken for hung (a healthy job past its
+    runtime, slower than the limits assume, is let run: it would fail every retry); --no-time-limits lifts
+    every limit."""
     run_dir = make_workflow(tmp_path, [{"id": "hung", "outputs": ["h.txt"], "sleep": 600,
-                                        "pegasus_profiles": {"runtime": 1}}])
+                                        "pegasus_profiles": {"runtime": 0.5}},
+                                       {"id": "slower", "outputs": ["s.txt"], "sleep": 1.0,
+                                        "pegasus_profiles": {"runtime": 0.5}}])
     status, output = run(run_dir)
     assert status == 1, output
     job = job_stats(run_dir)["hung"]
     assert job["status"] == "failed"
-    assert "stopped (SIGTERM) at its time limit (1 s, the runtime profile" in job["message"]
+    assert "stopped (SIGTERM) at its time limit (1.5 s, 3 times the runtime profile" in job["message"]
     assert "--no-time-limits" in job["message"]
     # the sites.yml that sets the limits, not RUN_DIR/sites.yml (the generated catalog, whose entries are not read)
     assert "`runtimes:` entry in the sites.yml given to workflow.py (--sites-config), then generate" in job["message"]
-    assert "hung" in output and "at its time limit (1 s" in output
+    assert "hung" in output and "at its time limit (1.5 s" in output
+    assert job_stats(run_dir)["slower"]["status"] == "succeeded"  # twice its runtime profile
 
     slow = make_workflow(tmp_path / "lifted", [{"id": "slow", "outputs": ["s.txt"], "sleep": 1.5,
                                                 "pegasus_profiles": {"runtime": 0.5}}])

@@ -10,7 +10,7 @@ header whose "# rerun by hand:" line is one bash command that runs the same try 
 maxwalltime profiles (minutes) get pegasus-kickstart semantics: SIGTERM at
 checkpoint.time so that the job saves its checkpoint, SIGKILL at maxwalltime. A job with neither (all but
 train and hpo) is held to its runtime profile (seconds), which on a pool only HTCondor sees (pegasus_job_runtime;
-kickstart gets -k 0, never, for such a job): SIGTERM at it,
+kickstart gets -k 0, never, for such a job): SIGTERM at HUNG_AFTER_RUNTIMES times it,
 SIGKILL RUNTIME_KILL_AFTER_S later, so that a hung job cannot stall a local run for ever.
 """
 
@@ -35,6 +35,11 @@ from .loading import JobSpec, LoadedWorkflow
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # on the jobs' PYTHONPATH: bin/ scripts import utils
 TERM_GRACE_S = 10.0  # after SIGTERM, how long a job may take to exit before SIGKILL
+# A job without a checkpoint is taken for hung at this many times its runtime profile (itself 3 times the work
+# estimated from rates measured on 2 CPU cores): nothing stops it on a pool, and a healthy job stopped here only
+# fails again on retry, whereas a late stop of a hung one costs only time; slower machines, jobs sharing few
+# cores, or a workflow generated with --gpus run on a CPU need the room.
+HUNG_AFTER_RUNTIMES = 3
 RUNTIME_KILL_AFTER_S = 300.0  # after the SIGTERM at a job's runtime limit, SIGKILL (GRACE_MIN, as for train)
 # RUN_DIR/sites.yml is the generated site catalog: an entry there is never read, and the limits are set at generation
 LIFT_LIMITS = ("a `runtimes:` entry in the sites.yml given to workflow.py (--sites-config), then generate again, or "
@@ -184,7 +189,8 @@ class JobRunner:
         RUNTIME_KILL_AFTER_S after its runtime) or on interrupt."""
         checkpoint_s = (spec.profile_number("pegasus", "checkpoint.time") or 0) * 60 or None
         walltime_s = (spec.profile_number("pegasus", "maxwalltime") or 0) * 60 or None
-        runtime_s = None if checkpoint_s or walltime_s else spec.profile_number("pegasus", "runtime") or None
+        runtime = None if checkpoint_s or walltime_s else spec.profile_number("pegasus", "runtime") or None
+        runtime_s = runtime * HUNG_AFTER_RUNTIMES if runtime else None
         if runtime_s:  # no checkpoint to save: the SIGTERM lets it stop cleanly (a partial set removed, progress kept)
             checkpoint_s, walltime_s = runtime_s, runtime_s + RUNTIME_KILL_AFTER_S
         if not self.time_limits:
@@ -213,12 +219,14 @@ class JobRunner:
                 process.kill()
                 if runtime_s:
                     return process.wait(), (f"killed {RUNTIME_KILL_AFTER_S:g} s after its time limit ({runtime_s:g} s, "
-                                            f"the runtime profile), SIGTERM not heeded; to lift it: {LIFT_LIMITS}")
+                                            f"{HUNG_AFTER_RUNTIMES} times the runtime profile), SIGTERM not heeded; "
+                                            f"to lift it: {LIFT_LIMITS}")
                 return process.wait(), f"killed at maxwalltime ({walltime_s / 60:g} min)"
             if checkpoint_s and not termed and now >= checkpoint_s:
                 process.terminate()
                 termed = True
-                reason = (f"stopped (SIGTERM) at its time limit ({runtime_s:g} s, the runtime profile: a hung job "
+                reason = (f"stopped (SIGTERM) at its time limit ({runtime_s:g} s, {HUNG_AFTER_RUNTIMES} times the "
+                          "runtime profile: a hung job "
                           f"would stall the run for ever); to lift it: {LIFT_LIMITS}" if runtime_s else
                           f"sent SIGTERM at checkpoint.time ({checkpoint_s / 60:g} min) to save a checkpoint")
 
