@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import logging
 from dataclasses import dataclass
@@ -190,10 +191,7 @@ def choose_on_validation(trainer: Trainer, has_val: bool) -> tuple[dict | None, 
     # last epoch and makes the choices again (inference in eval mode: the same choices)
     stop = (f"the choice of working size, flip TTA and score threshold abandoned; the checkpoint holds all "
             f"{trainer.completed_epochs} epochs, a retry makes only the choice")
-
-    def predict(tta: bool = False):
-        return trainer.validation_predictions(tta=tta, stop=stop)
-
+    predict = functools.partial(trainer.validation_predictions, stop=stop)  # (tta=False) -> (preds, targets)
     size, (preds, targets) = choose_inference_size(trainer.eval_model, predict, trainer.params.image_size)
     log.info("working size %d px: %s (%s)", size["image_size"], ", ".join(
         f"{row['image_size']} px mAP@0.5 {row['map_50']:.3f}" for row in size["candidates"]
