@@ -22,12 +22,9 @@ TRACKED_PACKAGES = ("torch", "torchvision", "torchmetrics", "faster-coco-eval", 
 EXPERIMENT_CONFIG_FILE = "experiment_config.yml"
 
 
-def file_sha256(path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def file_sha256(path) -> str:
     with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()  # read in blocks, never held whole
 
 
 def inputs_sha256(paths, known: dict | None = None) -> str:
