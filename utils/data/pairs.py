@@ -233,9 +233,8 @@ def _read_problem(pair) -> tuple[dict | None, str | None, tuple[int, int] | None
 
 def scan_pairs(pairs) -> tuple[list, list[dict]]:
     """Pairs whose annotation parses and whose image decodes, with the image's sha256 (pairs_sha256) and displayed
-    size (recipe.too_thin_to_train) from that read;
-    the rest as [{file, problem}]. Decoded on a few threads (Pillow's decoders release the GIL), each image dropped
-    once read."""
+    size (recipe.too_thin_to_train) from that read; the rest as [{file, problem}]. Decoded on a few threads
+    (Pillow's decoders release the GIL), each image dropped once read."""
     import os
     from concurrent.futures import ThreadPoolExecutor
 
