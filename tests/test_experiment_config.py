@@ -320,3 +320,14 @@ def test_a_bad_train_stages_flag_names_the_flag(sample_dir, tmp_path, capsys):
                                 "--no-pretrained", "--train-stages", '[{"epochs": 2, "trainable_layers": 9}]')) == 2
     assert capsys.readouterr().err.startswith("workflow.py: --train-stages: stage 1: key 'trainable_layers' must be")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_run_record_names_an_input_gone_since_the_job_listed_it_instead_of_ending_in_a_traceback(tmp_path):
+    # An image deleted while predict ran was a listed skip, then the run record hashed every input again and the
+    # job, its outputs written, ended in FileNotFoundError (exit 1, no run record).
+    kept, gone = tmp_path / "a.jpg", tmp_path / "b.jpg"
+    kept.write_bytes(b"a")
+    record = run_record("predict", {}, [kept, gone])
+    assert record["num_inputs"] == 2 and len(record["inputs_sha256"]) == 64
+    assert record["inputs_unreadable"] == [{"file": str(gone), "problem": "No such file or directory"}]
+    assert "inputs_unreadable" not in run_record("predict", {}, [kept])

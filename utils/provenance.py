@@ -104,8 +104,18 @@ def experiment_config(folder=".") -> dict | None:
 
 def run_record(job: str, params: dict, inputs=(), known_sha256: dict | None = None) -> dict:
     """The record of a job run on *inputs*; *known_sha256*: the hashes of inputs the job took as it read them
-    (inputs_sha256)."""
+    (inputs_sha256). An input that cannot be read now (gone or unreadable since the job listed it: a listed skip)
+    is hashed as 'unreadable' and named in inputs_unreadable: the record of a job that has done its work never
+    ends it in a traceback."""
     inputs = [Path(p) for p in inputs]
+    known, unreadable = dict(known_sha256 or {}), []
+    for path in inputs:
+        if path not in known:
+            try:
+                known[path] = file_sha256(path)
+            except OSError as error:
+                known[path] = "unreadable"
+                unreadable.append({"file": str(path), "problem": error.strerror or str(error)})
     record = {
         "job": job,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -114,8 +124,10 @@ def run_record(job: str, params: dict, inputs=(), known_sha256: dict | None = No
         "packages": package_versions(),
         "code": code_version(),
         "num_inputs": len(inputs),
-        "inputs_sha256": inputs_sha256(inputs, known_sha256) if inputs else None,
+        "inputs_sha256": inputs_sha256(inputs, known) if inputs else None,
     }
+    if unreadable:
+        record["inputs_unreadable"] = unreadable
     settings = experiment_config()
     if settings is not None:
         record["experiment_config"] = settings
