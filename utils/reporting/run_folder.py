@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import tarfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -296,10 +297,7 @@ def settings_from_run_records(records: dict[str, dict]) -> dict[str, dict]:
 
 def _split_counts(path: Path, run: RunFolder) -> dict[str, int]:
     def count(rows) -> dict[str, int]:  # as the rows are read: a list of a split.csv of 1M images held 368 MB
-        counts: dict[str, int] = {}
-        for row in rows:
-            counts[row.get("split") or "?"] = counts.get(row.get("split") or "?", 0) + 1
-        return counts
+        return dict(Counter(row.get("split") or "?" for row in rows))
 
     return _read_csv(path, run, "split table", ("split",), count)
 
