@@ -257,17 +257,13 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
         try:  # the capture is released whatever happens, and the writer before its file is renamed
             output_dir.mkdir(parents=True, exist_ok=True)
             reported_fps = capture.get(cv2.CAP_PROP_FPS)
-            # cameras, some streams: 0
-            fps_assumed = not (math.isfinite(reported_fps) and 0 < reported_fps < 1000)
+            fps_assumed = not (math.isfinite(reported_fps) and 0 < reported_fps < 1000)  # cameras, some streams: 0
             fps = ASSUMED_FPS if fps_assumed else reported_fps
-            declared = (int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if kind != "camera" and has_length(capture)
-                        else None)
-            # A camera, or a stream without a length (a live one), is timed by the wall clock; a file, or a
-            # stream with a length (a recorded video at a URL), by its timestamps: its video time, however slow
-            # the detector
+            declared = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if kind != "camera" and has_length(capture) else None
+            # A camera, or a stream without a length (a live one), is timed by the wall clock; a file, or a stream
+            # with a length (a recorded video at a URL), by its timestamps: its video time, however slow the detector
             live = kind == "camera" or (kind == "stream" and declared is None)
-            # in the summary; the rates need it
-            settings = {**(settings or {}), "working_size": working_size(model)}
+            settings = {**(settings or {}), "working_size": working_size(model)}  # in the summary; the rates need it
             tmp_video = outputs.path(video_target) if video_target else None
             with outputs.naming(csv_path):  # a full disk while a row is written (a row a frame) names the file
                 csv_file = open(csv_tmp, "w", encoding="utf-8")
@@ -296,8 +292,7 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                 rgb = torch.from_numpy(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)
                 (out,) = detect(model, [to_model_input(rgb, device)], tta=tta,
                                 score_threshold=detection_floor(score_threshold))
-                # to 4 decimals, as predict (and so a merge) and the service keep them: the same sums, the same
-                # figure
+                # to 4 decimals, as predict (and so a merge) and the service keep them: the same sums, the same figure
                 soft = list(soft_counts(out["labels"].tolist(), out["scores"].tolist()).values())
                 keep = out["scores"] >= score_threshold  # counted, drawn and listed: those at the threshold
                 out = {key: value[keep] for key, value in out.items()}
