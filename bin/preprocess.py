@@ -1,5 +1,9 @@
 #!/usr/bin/env python3
-"""Preprocess a val or test set: every image to 8-bit RGB in one format, optional longest-side cap.
+"""Preprocess a val or test set: checked pairs, optional longest-side cap, each photo kept as it is.
+
+With --format source (the default) a JPEG or PNG photo that is not shrunk is copied byte for
+byte and any other is written as lossless PNG, so the set decodes to the pixels predict reads
+from the photos; --format jpg or png re-encodes every image in 8-bit RGB.
 
 Boxes follow the pixels (torchvision.transforms.v2); objects with unknown classes or
 boxes outside the image are dropped or clipped and reported. Outputs are named
@@ -22,7 +26,7 @@ from utils import defaults as D
 from utils.classes import LabelMap
 from utils.cli import (add_label_map_arg, add_set_input_args, add_set_output_args, check_set_args, file_name_part,
                        int_at_least, run_job)
-from utils.data.preprocess import FORMATS, preprocess_set
+from utils.data.preprocess import FORMATS, SOURCE, preprocess_set
 from utils.stop import declare_outputs, stop_on_sigterm
 
 
@@ -35,8 +39,10 @@ def get_args_parser():
     parser.add_argument("--max-size", type=int_at_least(16), default=D.PREPROCESS_MAX_SIZE,
                         help="cap on the longest image side in pixels; larger images are shrunk, boxes "
                              f"scaled with them (default: {D.PREPROCESS_MAX_SIZE or 'no cap'})")
-    parser.add_argument("--format", dest="image_format", choices=sorted(FORMATS), default=D.PREPROCESS_FORMAT,
-                        help=f"output image format (default: {D.PREPROCESS_FORMAT})")
+    parser.add_argument("--format", dest="image_format", choices=[SOURCE, *sorted(FORMATS)],
+                        default=D.PREPROCESS_FORMAT,
+                        help=f"output images: {SOURCE} keeps a JPEG or PNG photo's own bytes, else PNG; jpg "
+                             f"(quality --quality) or png re-encode every one (default: {D.PREPROCESS_FORMAT})")
     add_label_map_arg(parser, writes_canonical=True)
     add_set_output_args(parser, report_contents="counts, skipped files and object problems")
     return parser

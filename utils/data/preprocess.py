@@ -37,13 +37,18 @@ from .. import defaults as D
 from ..classes import CLASSES, NO_LABEL_MAP, LabelMap
 from ..errors import InputError, shown
 from ..naming import name_part_problem
-from .images import ImageError, load_rgb
+from .images import ImageError, load_rgb, upright_encoding
 from .pairs import Pair, open_folder, pack_folder, pair_folders, read_pairs_csv
 from ..provenance import run_record
 from ..stop import check_stop
 from .voc import VocAnnotation, VocError, VocObject, clean_objects, parse_voc_for_image, write_voc
 
 FORMATS = {"jpg": "JPEG", "png": "PNG"}
+# --format source: a JPEG or PNG photo that needs no resizing goes into the set byte for byte, any other as lossless
+# PNG; so a val or test image decodes to the very pixels predict reads from the photo (utils/defaults.py
+# PREPROCESS_FORMAT says why)
+SOURCE = "source"
+KEPT_ENCODINGS = {"JPEG": "jpg", "PNG": "png"}
 
 
 class NothingProcessedError(InputError, RuntimeError):
@@ -262,13 +267,17 @@ def default_report_path(output_dir=None, output_tar=None) -> Path:
     return target.with_name(f"{name}.report.json")
 
 
-def write_pair(folder: Path, stem: str, image, ann: VocAnnotation, image_format: str = D.PREPROCESS_FORMAT,
-               quality: int = D.JPEG_QUALITY) -> list[str]:
-    """Write <stem>.<ext> and <stem>.xml atomically into *folder*; return the file names."""
+def write_pair(folder: Path, stem: str, image, ann: VocAnnotation, image_format: str = "jpg",
+               quality: int = D.JPEG_QUALITY, copy_from: Path | None = None) -> list[str]:
+    """Write <stem>.<image_format> (*image* encoded, or the file *copy_from* as it is, whose decoded pixels
+    *image* are) and <stem>.xml atomically into *folder*; return the file names."""
     image_name = f"{stem}.{image_format}"
     with atomic_path(folder / image_name) as tmp:
-        options = {"quality": int(quality)} if image_format == "jpg" else {}
-        image.save(tmp, format=FORMATS[image_format], **options)
+        if copy_from is not None:
+            shutil.copyfile(copy_from, tmp)
+        else:
+            options = {"quality": int(quality)} if image_format == "jpg" else {}
+            image.save(tmp, format=FORMATS[image_format], **options)
     xml_name = f"{stem}.xml"
     write_voc(folder / xml_name, VocAnnotation(filename=image_name, width=image.width, height=image.height,
                                                depth=3, objects=ann.objects, folder=ann.folder))
@@ -284,6 +293,16 @@ def finish_report(log: JobLog, job: str, params: dict, inputs, report_path, star
 
 # ---------------------------------------------------------------------------------------------
 # Preprocessing
+
+def kept_encoding(path: Path) -> str | None:
+    """The extension under which --format source keeps the photo *path* as it is ("jpg", "png"), or None
+    when it is written as PNG: a format other than JPEG or PNG (TIFF, WebP, BMP), or stored turned (an EXIF
+    orientation other than 1), so that every set image is upright for tools that ignore EXIF too."""
+    try:
+        return KEPT_ENCODINGS.get(upright_encoding(path))
+    except ImageError:  # it decoded a moment ago; if its header cannot be read now, write its pixels as PNG
+        return None
+
 
 def resize_longest_side(image, ann: VocAnnotation, max_size: int | None):
     """Cap the longest side at *max_size* (never enlarge); boxes follow through transforms.v2.Resize."""
@@ -305,8 +324,8 @@ def preprocess_set(images, annotations, prefix: str, output_dir=None, output_tar
 
     Object names are read through *label_map* and written as the class names.
     """
-    if image_format not in FORMATS:
-        raise InputError(f"unknown image format {image_format!r} (choose from {', '.join(FORMATS)})")
+    if image_format not in (*FORMATS, SOURCE):
+        raise InputError(f"unknown image format {image_format!r} (choose from {', '.join((*FORMATS, SOURCE))})")
     if max_size is not None and max_size < 16:
         raise InputError(f"--max-size must be at least 16 px, got {max_size}")
     prefix_problem = name_part_problem(prefix or "")
@@ -326,14 +345,17 @@ def preprocess_set(images, annotations, prefix: str, output_dir=None, output_tar
                 check_stop(STOPPED)
                 stem = f"{prefix}{pair.stem}"
                 if stem in produced:
-                    log.skip(pair.image.name, f"another input already produced {stem}.{image_format} "
+                    log.skip(pair.image.name, f"another input already produced {stem} "
                                               "(two images with the same stem)")
                     continue
                 loaded = load_pair(pair, log, label_map)
                 if loaded is None:
                     continue
                 image, ann = resize_longest_side(loaded.image, loaded.annotation, max_size)
-                log.written += write_pair(folder, stem, image, ann, image_format, quality)
+                kept = image_format == SOURCE and image is loaded.image and kept_encoding(pair.image)
+                written_format = kept or ("png" if image_format == SOURCE else image_format)
+                log.written += write_pair(folder, stem, image, ann, written_format, quality,
+                                          copy_from=pair.image if kept else None)
                 produced.add(stem)
                 log.processed += 1
                 used_inputs += [pair.image, pair.annotation]

@@ -89,8 +89,10 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
                        help="extra augmented copies of each image with the rare class (mask_weared_incorrect)")
     model.add_argument("--noise-std", type=non_negative_float, default=D.NOISE_STD,
                        help="Gaussian noise std (0-255 scale)")
-    model.add_argument("--max-size", type=int_at_least(16), default=overrides["max_size"],
-                       help="preprocess: longest side in pixels")
+    model.add_argument("--max-size", type=int_at_least(16), default=D.PREPROCESS_MAX_SIZE,
+                       help="preprocess: cap the val and test images' longest side at this many pixels (default: "
+                            "their own size, as predict reads photos; a cap makes the choices made on validation "
+                            "and the test figures differ from what predict sees)")
     model.add_argument("--score-threshold", type=fraction, default=None,
                        help="detection score threshold for evaluation and prediction (default: the one train "
                             "chooses on the validation split and stores in model.pt)")
