@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Augment the training set: originals as train_<stem>, transformed copies as aug<k>_<stem> (.jpg/.xml).
+"""Augment the training set: originals as train_<stem> (the photo itself, or lossless PNG), transformed copies as
+aug<k>_<stem> (.jpg/.xml).
 
 A copy is a random horizontal flip, scale jitter (zoom out or IoU crop, then back to
 the original longest side), colour jitter and Gaussian pixel noise; boxes follow the

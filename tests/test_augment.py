@@ -33,6 +33,14 @@ def augmented(sample_dir, tmp_path_factory):
     return out, report
 
 
+def test_the_originals_are_the_photos_themselves(sample_dir, augmented):
+    """A k-fold's held-out fold is cut from these originals and evaluated: a second JPEG generation (quality 95)
+    made its figures those of other pixels than predict reads (utils/data/preprocess.py write_photo)."""
+    out, _ = augmented
+    for photo in (sample_dir / "images").glob("*.jpg"):
+        assert (out / f"train_{photo.name}").read_bytes() == photo.read_bytes(), photo.name
+
+
 def test_counts_and_names(sample_dir, augmented):
     out, report = augmented
     rare = rare_stems(sample_dir)

@@ -1,7 +1,8 @@
 """Augmentation of the training set with torchvision.transforms.v2 (boxes move with the pixels).
 
-Each input is written once as it is (``train_<stem>``, 8-bit RGB JPEG, cleaned
-annotation) and then ``--copies`` times transformed (``aug<k>_<stem>``, k from 1),
+Each input is written once as it is (``train_<stem>``: the photo's own file where
+preprocess --format source would keep it, else lossless PNG; cleaned annotation) and
+then ``--copies`` times transformed (``aug<k>_<stem>``, k from 1),
 plus ``--rare-factor`` further copies when it contains the rare class
 ``mask_weared_incorrect``. A copy is: horizontal flip, scale jitter (zoom out onto a
 filled canvas or an IoU-constrained crop, then back to the original longest side),
@@ -31,9 +32,9 @@ from .. import defaults as D
 from ..classes import LABEL_OF, NAME_OF, NO_LABEL_MAP, RARE_CLASS, LabelMap
 from ..errors import InputError
 from ..stop import check_stop
-from .preprocess import (STOPPED, JobLog, NothingProcessedError, boxes_of, check_output_dir, default_report_path,
-                         display_paths, finish_report, load_pair, objects_from, open_inputs, output_folder,
-                         write_pair)
+from .preprocess import (SOURCE, STOPPED, JobLog, NothingProcessedError, boxes_of, check_output_dir,
+                         default_report_path, display_paths, finish_report, load_pair, objects_from, open_inputs,
+                         output_folder, write_pair, write_photo)
 from .voc import VocAnnotation
 
 ATTEMPTS_PER_COPY = 5
@@ -140,7 +141,8 @@ def augment_set(images, annotations, copies: int, rare_factor: int = 0, noise_st
                     continue
                 produced.add(pair.stem)
                 image, ann = loaded.image, loaded.annotation
-                log.written += write_pair(folder, f"{original_prefix}{pair.stem}", image, ann, "jpg", quality)
+                # the photo as it is where it can be (write_photo): a k-fold's held-out fold is cut from these
+                log.written += write_photo(folder, f"{original_prefix}{pair.stem}", loaded, image, ann, SOURCE)
                 log.extra["originals"] += 1
                 log.processed += 1
                 used_inputs += [pair.image, pair.annotation]

@@ -304,6 +304,16 @@ def kept_encoding(path: Path) -> str | None:
         return None
 
 
+def write_photo(folder: Path, stem: str, loaded: LoadedPair, image, ann: VocAnnotation, image_format: str,
+                quality: int = D.JPEG_QUALITY) -> list[str]:
+    """write_pair for a photo *loaded* by load_pair: with SOURCE, the photo's own file when *image* is its decoded
+    pixels unchanged and kept_encoding keeps it, else lossless PNG; "jpg" or "png" re-encode it."""
+    kept = image_format == SOURCE and image is loaded.image and kept_encoding(loaded.pair.image)
+    written_format = kept or ("png" if image_format == SOURCE else image_format)
+    return write_pair(folder, stem, image, ann, written_format, quality,
+                      copy_from=loaded.pair.image if kept else None)
+
+
 def resize_longest_side(image, ann: VocAnnotation, max_size: int | None):
     """Cap the longest side at *max_size* (never enlarge); boxes follow through transforms.v2.Resize."""
     if not max_size or max(image.size) <= max_size:
@@ -352,10 +362,7 @@ def preprocess_set(images, annotations, prefix: str, output_dir=None, output_tar
                 if loaded is None:
                     continue
                 image, ann = resize_longest_side(loaded.image, loaded.annotation, max_size)
-                kept = image_format == SOURCE and image is loaded.image and kept_encoding(pair.image)
-                written_format = kept or ("png" if image_format == SOURCE else image_format)
-                log.written += write_pair(folder, stem, image, ann, written_format, quality,
-                                          copy_from=pair.image if kept else None)
+                log.written += write_photo(folder, stem, loaded, image, ann, image_format, quality)
                 produced.add(stem)
                 log.processed += 1
                 used_inputs += [pair.image, pair.annotation]
