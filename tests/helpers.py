@@ -121,3 +121,21 @@ def write_exif_turned_pair(images, annotations, orientation: int = 6, stem: str 
     stored.save(image, exif=exif, quality=95)
     write_voc(xml, VocAnnotation(image.name, 160, 90, objects=[VocObject("with_mask", 100, 10, 150, 40)]))
     return image, xml
+
+
+def photo_folders(sample_dir, folder, layout=("siteA/a.jpg", "siteA/b.jpg", "siteB/cam1/c.jpg", "siteB/d.jpg")):
+    """Copies of the sample images at *layout*'s paths below *folder* (photos in site folders, one nested): the
+    predict tests' input; returns *folder*."""
+    images = sorted((sample_dir / "images").glob("*.jpg"))
+    for name, image in zip(layout, images, strict=False):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(image.read_bytes())
+    return folder
+
+
+def predict_quick(root, model, images, out, *extra):
+    """Run bin/predict.py in-process on *images* with *model* into *out* (threshold 0.05, CPU, no loader workers)
+    and *extra* flags; return the exit code."""
+    return run_script(root, "predict", ["--images", *map(str, images), "--model", str(model), "--output-dir", str(out),
+                                        "--score-threshold", "0.05", "--device", "cpu", "--workers", "0",
+                                        *map(str, extra)])
