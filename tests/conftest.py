@@ -57,6 +57,24 @@ def tiny_model_file(tmp_path_factory) -> Path:
     return save_model_file(tmp_path_factory.mktemp("model") / "model.pt", model)
 
 
+@pytest.fixture(scope="module")
+def clip(sample_dir, tmp_path_factory):
+    """A video of the sample images, made once per test module: 12 frames at 6 fps (2 s), each of 4 sample
+    images held for 3 frames."""
+    import cv2
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("video") / "clip.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 6.0, (160, 120))
+    for image in sorted((sample_dir / "images").glob("*.jpg"))[:4]:
+        frame = cv2.cvtColor(np.asarray(Image.open(image).convert("RGB").resize((160, 120))), cv2.COLOR_RGB2BGR)
+        for _ in range(3):
+            writer.write(frame)
+    writer.release()
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _no_stop_left_over():
     """A job stopped in-process (a SIGTERM or Ctrl-C test) leaves the process-wide stop request set, which made
