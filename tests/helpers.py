@@ -139,3 +139,24 @@ def predict_quick(root, model, images, out, *extra):
     return run_script(root, "predict", ["--images", *map(str, images), "--model", str(model), "--output-dir", str(out),
                                         "--score-threshold", "0.05", "--device", "cpu", "--workers", "0",
                                         *map(str, extra)])
+
+
+def generate(run_dir: Path, data: Path, *extra: str) -> int:
+    """Run workflow.py --generate-only in-process on *data* into *run_dir* with *extra* flags; return the exit code."""
+    import workflow as generator
+
+    args = generator.get_args_parser().parse_args(
+        ["--data", str(data), "--run-dir", str(run_dir), "--generate-only", *extra])
+    return generator.main(args)
+
+
+def load(run_dir: Path, name: str) -> dict:
+    """The YAML file *name* of a generated run folder."""
+    import yaml
+
+    return yaml.safe_load((run_dir / name).read_text())
+
+
+def jobs_by_id(run_dir: Path) -> dict[str, dict]:
+    """The jobs of a generated run folder's workflow.yml by their id."""
+    return {job["id"]: job for job in load(run_dir, "workflow.yml")["jobs"]}

@@ -11,8 +11,7 @@ from collections import Counter
 import pytest
 import yaml
 
-from helpers import load_script, run_script
-from test_workflow_generate import generate, jobs_by_id
+from helpers import generate, jobs_by_id, load_script, run_script
 from utils import defaults as D
 from utils.classes import CLASSES, NO_LABEL_MAP, LabelMap, LabelMapError
 from utils.data.class_distribution import count_objects
