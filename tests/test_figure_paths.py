@@ -119,7 +119,6 @@ def test_the_service_gives_the_figure_predict_gives_whatever_order_the_photos_ar
             {m: figure(e) for m, e in one["estimates"].items()}
 
 
-
 class FrameCapture:
     """Stands in for an opened cv2.VideoCapture of a file whose frames are *frames* (BGR), 10 s apart: a block
     of the video's bootstrap (VIDEO_BLOCK_SECONDS) is one frame, as an image is one unit of predict's."""
@@ -264,27 +263,6 @@ def test_each_folders_figure_is_the_figure_of_that_folder_alone_whatever_its_nam
     assert solo["units"] == 1 and solo["low"] is None and solo["note"] == "one image: no interval"
 
 
-def test_the_plot_per_folder_draws_folder_names_as_they_are(tmp_path, monkeypatch):
-    from utils.detection import plots
-
-    drawn = {}
-    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.update(
-        labels=[label.get_text() for label in fig.axes[0].get_yticklabels()], fig=fig))
-    result = {"percent": 50.0, "low": 10.0, "high": 90.0, "units": 2, "unit": "image", "faces_found": 4,
-              "method": "cc", "confidence": 0.95}
-    plots.plot_compliance_by_folder({"cost $5 and $6": result, "x$\\foo$": result}, result, tmp_path / "f.png")
-    assert drawn["labels"] == ["cost $5 and $6", "x$\\foo$"]
-    drawn["fig"].canvas.draw()  # math would be parsed here: '$\\foo$' is no symbol it knows
-    assert not any(label.get_parse_math() for label in drawn["fig"].axes[0].get_yticklabels())
-
-
-def test_the_plot_over_time_draws_a_video_named_like_math(tmp_path):
-    from utils.detection.plots import plot_compliance_over_time
-
-    plot_compliance_over_time([0.0, 1.0], [50.0, None], [2, 0], tmp_path / "t.png", "clips/x$\\foo$.mp4")
-    assert (tmp_path / "t.png").stat().st_size > 0
-
-
 def test_the_report_shows_the_figures_of_the_compliance_json_it_reads(root, small_photos, tiny_model_file, detector,
                                                                      tmp_path, capsys):
     """The run report's prediction set: merge_predictions' compliance.json as written (a headline standing in for
@@ -336,166 +314,6 @@ def test_predict_two_shards_merged_and_the_video_path_give_one_adjusted_figure(
         assert figure(other["estimate"]) == figure(one["estimate"])
         assert {m: figure(e) for m, e in other["estimates"].items()} == \
             {m: figure(e) for m, e in one["estimates"].items()}
-
-
-TIES = (6.25, 0.25, 18.75, 28.15, 0.05, 99.95, 100.0, 0.0, 12.35, 43.75, 56.25, 81.25)
-# what node 20's value.toFixed(1) writes for them (a float's exact value: 28.15 is 28.149999..., so 28.1)
-TO_FIXED = ("6.3", "0.3", "18.8", "28.1", "0.1", "100.0", "100.0", "0.0", "12.3", "43.8", "56.3", "81.3")
-
-
-def test_a_figure_reads_the_same_to_one_decimal_in_the_printed_line_the_report_and_the_page():
-    """1 face of 16 properly masked is 6.25 %: the printed line and the report showed 6.2 % (Python rounds a tie
-    to even), the service's page 6.3 % (toFixed rounds it up)."""
-    from utils.detection.compliance import interval_text
-    from utils.figures import one_decimal
-    from utils.reporting.html_parts import interval, percent
-
-    result = {"percent": 6.25, "low": 0.25, "high": 18.75, "confidence": 0.95, "units": 16, "unit": "image",
-              "method": "cc"}
-    assert interval_text(result) == "6.3% properly masked (95% interval 0.3-18.8%, 16 images; cc)"
-    assert percent(6.25) == "6.3%" and interval(result) == "6.3% (95% interval 0.3&ndash;18.8%)"
-    assert tuple(one_decimal(value) for value in TIES) == TO_FIXED
-    node = shutil.which("node")
-    if node is not None:  # and against a JavaScript engine's own, where one is installed
-        import subprocess
-
-        page = subprocess.run([node, "-e", f"console.log({list(TIES)}.map((v) => v.toFixed(1)).join(' '))"],
-                              capture_output=True, text=True, check=True, timeout=30).stdout.split()
-        assert list(TO_FIXED) == page
-
-
-def page_functions(root, *names) -> str:
-    """The service page's own JavaScript functions *names* (those it has), to run in node."""
-    lines, found, inside = (root / "utils" / "service" / "page.html").read_text().splitlines(), [], False
-    for line in lines:
-        inside = inside or any(line.startswith(f"function {name}(") for name in names)
-        if inside:
-            found.append(line)
-            inside = not (line == "}" or line.startswith("function ") and line.endswith("}"))
-    return "\n".join(found)
-
-
-def test_a_percent_from_counts_reads_on_the_page_and_in_the_plots_as_its_stored_figure_in_the_report(
-        root, tmp_path, monkeypatch):
-    """7 of 13 faces properly masked is 53.846 %, stored 53.85: the printed line and the report show 53.9, the
-    page rounded the counts' own 53.846 to 53.8; the plots' legends rounded a tie to even (6.25 to 6.2)."""
-    import matplotlib.pyplot as plt
-
-    from utils.detection import plots
-    from utils.detection.compliance import compliance
-    from utils.reporting.html_parts import percent
-
-    stored = compliance(["with_mask"] * 7 + ["without_mask"] * 6)["percent_properly_masked"]
-    assert stored == 53.85 and percent(stored) == "53.9%"
-    legends = []
-
-    def legend_of(fig, path):
-        legends.extend(text.get_text() for text in fig.axes[0].get_legend().get_texts())
-        plt.close(fig)
-
-    monkeypatch.setattr(plots, "_save", legend_of)
-    result = {"percent": 6.25, "low": 0.25, "high": 18.75, "confidence": 0.95, "units": 16, "unit": "image",
-              "method": "cc", "faces_found": 16}
-    plots.plot_compliance_histogram([50.0, 0.0], tmp_path / "histogram.png", 6.25, 0)
-    plots.plot_compliance_by_folder({"a": result, "b": result}, result, tmp_path / "folders.png")
-    assert legends == ["all faces pooled: 6.3%", "all folders: 6.3%"]
-    page = (root / "utils" / "service" / "page.html").read_text()
-    assert page.count("toFixed(1)") == 1  # every one-decimal percent on the page goes through the one function
-    node = shutil.which("node")
-    if node is not None:  # the page's own functions, where a JavaScript engine is installed
-        import subprocess
-
-        from utils.classes import CLASSES
-
-        script = (f"const state = {{model: {{classes: {json.dumps(list(CLASSES))}}}}};\n"
-                  + page_functions(root, "oneDecimal", "compliance", "pct")
-                  + '\nconst d = (label, n) => Array.from({length: n}, () => ({label, score: 0.9}));'
-                  + '\nconsole.log(pct(compliance([...d("with_mask", 7), ...d("without_mask", 6)], 0.5)));')
-        shown = subprocess.run([node, "-e", script], capture_output=True, text=True, check=True, timeout=30).stdout
-        assert shown.strip() == "53.9% properly masked"
-
-
-def test_the_reports_summary_card_shows_the_evaluations_interval_to_one_decimal_as_every_output_does(
-        root, tmp_path, capsys):
-    from run_folders import make_run_folder
-
-    run_dir = make_run_folder(tmp_path / "run", hpo=False, statistics=False, figures=False)
-    path = run_dir / "outputs" / "evaluation.json"
-    evaluation = json.loads(path.read_text())
-    evaluation["quantification"]["estimate"].update(low=0.25, high=18.75)
-    path.write_text(json.dumps(evaluation))
-    assert run_script(root, "report", [run_dir]) == 0
-    capsys.readouterr()
-    assert "cc estimate 77.0% (95% interval 0.3&ndash;18.8%)" in (run_dir / "outputs" / "report.html").read_text()
-
-
-def test_the_reports_predicted_card_gives_the_headline_estimators_interval_with_its_own_figure(
-        root, tmp_path, capsys):
-    """The card's figure is the count at the threshold (cc); the headline estimator (pacc2 by default) has its own
-    figure: its interval was put beside the count's ('60.0% ... 95% interval 70.1-78.3% (pacc2)'), which it need
-    not hold."""
-    from run_folders import estimate_record, make_run_folder
-
-    from utils.figures import one_decimal
-
-    run_dir = make_run_folder(tmp_path / "run", hpo=False, statistics=False, figures=False, compliance_error=-15.0)
-    path = run_dir / "outputs" / "evaluation.json"
-    evaluation = json.loads(path.read_text())
-    evaluation["quantification"]["estimate"] = estimate_record("pacc2", 74.2, 70.1, 78.3, 6)
-    path.write_text(json.dumps(evaluation))
-    assert run_script(root, "report", [run_dir]) == 0
-    capsys.readouterr()
-    page = (run_dir / "outputs" / "report.html").read_text()
-    card = page[page.index("Properly masked (predicted)"):page.index("Compliance error")]
-    counted = one_decimal(evaluation["compliance"]["predicted"]["percent_properly_masked"])
-    assert f">{counted}%<" in card and counted not in ("74.2", "70.1", "78.3")
-    assert "pacc2 estimate 74.2% (95% interval 70.1&ndash;78.3%)" in card
-
-
-def test_a_figure_with_no_face_at_the_threshold_says_so_in_the_report_and_on_the_page(root, tmp_path, capsys):
-    """The score sums (pcc, pacc, pacc2) reach under the threshold: with no face at it, the report and the page
-    showed '0 faces ... n/a' beside 'Estimate 60.0%' as if the figure were of faces counted (the printed line:
-    tests/test_metrics.py)."""
-    from run_folders import estimate_record, make_run_folder
-
-    estimate = {**estimate_record("pcc", 60.0, 60.0, 60.0, 5), "faces_found": 0}
-    run_dir = make_run_folder(tmp_path / "run", hpo=False, statistics=False, figures=False)
-    path = run_dir / "outputs" / "compliance.json"
-    written = json.loads(path.read_text())
-    written["overall"] = {"faces": 0, "counts": {"with_mask": 0, "without_mask": 0, "mask_weared_incorrect": 0},
-                          "percent_properly_masked": None}
-    path.write_text(json.dumps({**written, "estimate": estimate}))
-    assert run_script(root, "report", [run_dir]) == 0
-    capsys.readouterr()
-    assert ("; no face at the score threshold: from the detections below it alone."
-            in (run_dir / "outputs" / "report.html").read_text())
-    node = shutil.which("node")
-    if node is not None:  # the page's own functions, where a JavaScript engine is installed
-        import subprocess
-
-        script = ("const esc = (text) => String(text);\n" + page_functions(root, "oneDecimal", "interval")
-                  + f"\nconst state = {{estimate: {{threshold: 0.5, figure: {json.dumps(estimate)}}}}};"
-                  + "\nconsole.log(interval(0.5));")
-        shown = subprocess.run([node, "-e", script], capture_output=True, text=True, check=True, timeout=30).stdout
-        assert shown.startswith("Estimate from the detections below the threshold alone (no face at it): 60.0% "
-                                "(95% interval 60.0–60.0%; 5 images; pcc)")
-
-
-def test_evaluation_txt_shows_the_figures_to_one_decimal_as_the_report_does():
-    from utils.detection.compliance import compliance_error_lines
-    from utils.detection.evaluation import estimate_lines
-
-    result = {"method": "cc", "percent": 6.25, "low": 0.25, "high": 18.75, "error_points": -0.05,
-              "truth_inside": True, "replicates": 1000, "seed": 42}
-    lines = estimate_lines({"true_percent": 56.25, "true_faces": 16, "estimate": result, "estimates": {"cc": result},
-                            "unavailable": {}})
-    assert "(true: 56.3% of 16 faces" in lines[0] and lines[2].split()[:3] == ["cc", "6.3", "0.3-18.8"]
-    summary = {"faces": 16, "counts": {"with_mask": 1, "without_mask": 15, "mask_weared_incorrect": 0},
-               "percent_properly_masked": 6.25}
-    error = {"score_threshold": 0.5, "true": summary, "predicted": summary, "error_points": 0.0,
-             "per_image_mae_points": None, "images_compared": 0, "images_without_detections": 0,
-             "images_without_faces": 0}
-    assert any(line.split()[-2:] == ["6.3%", "6.3%"] for line in compliance_error_lines(error))
 
 
 def test_the_video_path_sums_the_scores_as_predict_and_the_service_store_them(
