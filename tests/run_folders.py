@@ -2,7 +2,8 @@
 same names and structure, tiny (a few 160x120 images, small matplotlib figures), made in a second.
 
 make_run_folder(path, ...) writes RUN_DIR/outputs/... plus statistics.json, split.csv and,
-when given, config.yml; each piece can be left out to test a run that lacks it.
+when given, config.yml; each piece can be left out to test a run that lacks it. build(root, run_dir, capsys)
+runs bin/report.py on a run folder and returns its page.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
+from helpers import run_script
 from utils.classes import CLASSES
 from utils.provenance import write_run_record
 
@@ -158,3 +160,11 @@ def make_run_folder(run_dir: Path, *, map_50: float = 0.5, compliance_error: flo
     if config is not None:
         (run_dir / "config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
     return run_dir
+
+
+def build(root, run_dir, capsys) -> str:
+    """The report page bin/report.py writes for *run_dir*, after checking that it succeeded and printed its path."""
+    assert run_script(root, "report", [run_dir]) == 0
+    out = capsys.readouterr().out
+    assert f"report: {run_dir / 'outputs' / 'report.html'}" in out
+    return (run_dir / "outputs" / "report.html").read_text()
