@@ -1,4 +1,4 @@
-"""The VOC data layer: parsing, cleaning, image modes, pairing, tar folders and the Dataset."""
+"""The VOC data layer: parsing, cleaning, image modes, pairing, tar folders, the Dataset and the training inputs."""
 
 from __future__ import annotations
 
@@ -10,12 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.atomic import atomic_path, write_json
 from utils.classes import CLASSES, LABEL_OF, NUM_CLASSES
 from utils.data.dataset import VocDetectionDataset, collate
 from utils.data.images import ImageError, image_size, load_rgb
 from utils.data.pairs import Pair, open_folder, pack_folder, pair_folders, read_pairs_csv, write_pairs_csv
-from utils.provenance import inputs_sha256, run_record
 from utils.data.voc import VocAnnotation, VocError, VocObject, clean_objects, parse_voc, write_voc
 
 
@@ -212,87 +210,6 @@ def test_dataset_returns_torchvision_targets(tmp_path):
     assert len(images) == len(targets) == 2
 
 
-def test_atomic_write_leaves_old_file_on_failure(tmp_path):
-    target = write_json(tmp_path / "out.json", {"a": 1})
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("killed")
-    assert target.read_text().strip().startswith("{") and list(tmp_path.iterdir()) == [target]
-
-
-def test_a_file_set_is_renamed_in_together_or_not_at_all_and_a_signal_waits_for_its_renames(tmp_path,
-                                                                                              monkeypatch):
-    import os
-    import signal
-
-    from utils.atomic import atomic_files
-
-    targets = [tmp_path / "a.csv", tmp_path / "b.json", tmp_path / "c.png"]
-    for target in targets:
-        target.write_text("old")
-    with pytest.raises(RuntimeError):  # an error (or a second Ctrl-C) while the set is made: none goes in
-        with atomic_files() as files:
-            for target in targets:
-                files.path(target).write_text("new")
-            raise RuntimeError("stopped")
-    assert [t.read_text() for t in targets] == ["old"] * 3 and sorted(tmp_path.iterdir()) == targets
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises KeyboardInterrupt (the autouse
-    replace, renamed = os.replace, []  # fixture puts the handler back)
-
-    def replace_after_ctrl_c(source, target):
-        if not renamed:
-            os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C after the first rename began
-        replace(source, target)
-        renamed.append(target)
-
-    monkeypatch.setattr(os, "replace", replace_after_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):  # delivered once the last file is in
-        with atomic_files() as files:
-            for target in targets:
-                files.path(target).write_text("new")
-            files.drop(targets[2])  # left out: stays as it was
-    assert len(renamed) == 2 and [t.read_text() for t in targets] == ["new", "new", "old"]
-    assert sorted(tmp_path.iterdir()) == targets
-
-
-def test_write_json_streams_the_text_instead_of_holding_it(tmp_path):
-    # json.dumps with an indent joins a list of every piece of the text: ~6.6 times the file, held at once.
-    import json
-    import tracemalloc
-
-    records = [{"file": f"photos/{k}.jpg", "detections": [{"box": [1.25, 2.5, 3.75, 4.0], "score": 0.91}] * 3}
-               for k in range(5000)]
-    tracemalloc.start()
-    write_json(tmp_path / "p.json", {"images": records})
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    assert peak < (tmp_path / "p.json").stat().st_size / 4
-    assert json.loads((tmp_path / "p.json").read_text()) == {"images": records}
-
-
-def test_write_pairs_csv_streams_its_rows_instead_of_holding_the_text(tmp_path):
-    # split.csv and clean_manifest.csv were rendered whole in a StringIO and copied out of it (getvalue) before
-    # the write: about 2.7 times the file held at once, ~30-60 MB at 100k rows.
-    import tracemalloc
-
-    def rows(n):  # made as they are written: only the writer's own memory is measured (text: Path has a cache)
-        return ({"image": f"/data/set/images/photo_{k:06d}.jpg", "annotation": f"/data/set/annotations/"
-                 f"photo_{k:06d}.xml", "split": "train"} for k in range(n))
-
-    peaks, sizes = {}, {}
-    for n in (2000, 8000):
-        path = tmp_path / f"split_{n}.csv"
-        tracemalloc.start()
-        write_pairs_csv(path, rows(n), ("image", "annotation", "split"))
-        peaks[n] = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        sizes[n] = path.stat().st_size
-        assert read_pairs_csv(path)[-1].image.name == f"photo_{n - 1:06d}.jpg"
-    per_row = (peaks[8000] - peaks[2000]) / 6000
-    assert per_row < 5, f"{per_row:.0f} bytes a row; rows are {sizes[8000] / 8000:.0f} bytes"  # the old code: 212
-
-
 def test_pairs_are_read_with_a_bounded_number_in_flight(monkeypatch):
     # scan_pairs (train, evaluate) and validate_data read a set's pairs with Executor.map, which submits every pair
     # at once: a future of ~1.6 kB a pair until the end (128 MB for 80,000 pairs), for a result of 8 bytes.
@@ -332,44 +249,6 @@ def test_pairs_are_read_with_a_bounded_number_in_flight(monkeypatch):
                 in_flight[0] -= 1
             results.append(result)
     assert results == [2 * k for k in range(1000)] and most[0] <= 8
-
-
-def test_run_record_hash_changes_with_content(tmp_path):
-    a = tmp_path / "a.txt"
-    a.write_text("1")
-    first = run_record("job", {"seed": 1}, [a])
-    a.write_text("2")
-    second = run_record("job", {"seed": 1}, [a])
-    assert first["inputs_sha256"] != second["inputs_sha256"] == inputs_sha256([a])
-    assert first["packages"]["torch"] and first["params"] == {"seed": 1}
-
-
-def test_run_records_and_model_files_say_which_code_made_them(tmp_path, monkeypatch):
-    """The package version stays 0.1.0 through every edit of a checkout: one hash over the sources tells two
-    runs' code apart."""
-    import utils.provenance as provenance
-    from utils.detection.model import build_model
-    from utils.detection.model_file import model_metadata
-
-    record = run_record("job", {"seed": 1})
-    assert record["code"] == provenance.code_version() and record["code"]["version"] == "0.1.0"
-    assert len(record["code"]["sources_sha256"]) == 64
-    assert model_metadata(build_model("mobilenet_v2_fpn", weights="none", image_size=128))["code"] == record["code"]
-    for name, text in (("workflow.py", "w"), ("bin/job.py", "j"), ("utils/data/part.py", "p")):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
-    monkeypatch.setattr(provenance, "SOURCE_ROOT", tmp_path)
-    sources = provenance.code_version.__wrapped__  # uncached
-    first = sources()["sources_sha256"]
-    (tmp_path / "utils" / "__pycache__").mkdir()
-    (tmp_path / "utils" / "__pycache__" / "part.cpython-311.pyc").write_bytes(b"compiled")
-    (tmp_path / "README.md").write_text("not code")
-    assert sources()["sources_sha256"] == first
-    (tmp_path / "utils" / "data" / "part.py").write_text("p2")
-    assert sources()["sources_sha256"] != first
-    (tmp_path / "utils" / "data" / "part.py").write_text("p")
-    (tmp_path / "utils" / "data" / "part.py").rename(tmp_path / "utils" / "data" / "other.py")
-    assert sources()["sources_sha256"] != first
 
 
 @pytest.mark.parametrize("kind", ["parent", "absolute_link"])
