@@ -141,6 +141,17 @@ def predict_quick(root, model, images, out, *extra):
                                         *map(str, extra)])
 
 
+# The train tests' settings: a run on tiny_dir (tests/conftest.py) in seconds on two CPU cores.
+TINY = dict(image_size=128, batch_size=2, workers=0, epochs=2, warmup_iters=2, trainable_layers=2, seed=3)
+
+
+def tiny_pairs(tiny_dir):
+    """The image-annotation pairs of *tiny_dir*'s images/ and annotations/."""
+    from utils.data.pairs import pair_folders
+
+    return pair_folders(tiny_dir / "images", tiny_dir / "annotations").pairs
+
+
 def generate(run_dir: Path, data: Path, *extra: str) -> int:
     """Run workflow.py --generate-only in-process on *data* into *run_dir* with *extra* flags; return the exit code."""
     import workflow as generator
