@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 import workflow as generator
+from helpers import jobs_by_id, load
 from utils.pegasus import experiment, replicas
 from utils.executor import load_workflow
 from utils.provenance import EXPERIMENT_CONFIG_FILE, file_sha256, run_record
@@ -27,14 +28,6 @@ def write_experiment(path: Path, settings: dict | str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(settings if isinstance(settings, str) else yaml.safe_dump(settings, sort_keys=False))
     return path
-
-
-def load(run_dir: Path, name: str) -> dict:
-    return yaml.safe_load((run_dir / name).read_text())
-
-
-def jobs_by_id(run_dir: Path) -> dict[str, dict]:
-    return {job["id"]: job for job in load(run_dir, "workflow.yml")["jobs"]}
 
 
 # -- experiments/default.yml ---------------------------------------------------------------------------------

@@ -14,17 +14,11 @@ from pathlib import Path
 
 import pytest
 
-import workflow as generator
+from helpers import generate
 from test_executor import job_stats, make_workflow, run, starts
 from utils.executor import main as executor_main, run_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def generate(run_dir: Path, data: Path, *extra: str) -> int:
-    args = generator.get_args_parser().parse_args(
-        ["--data", str(data), "--run-dir", str(run_dir), "--generate-only", *extra])
-    return generator.main(args)
 
 
 def test_a_second_run_into_a_folder_in_use_is_refused_before_it_writes(sample_dir, tmp_path, capsys):
