@@ -74,7 +74,7 @@ bench: setup
 	$(PY) bench/predict.py
 	$(PY) bench/workflow.py
 
-# The image (README "The image"): podman or docker. BASE_IMAGE defaults to the Dockerfile's
+# The image (docs/image.md): podman or docker. BASE_IMAGE defaults to the Dockerfile's
 # python:3.11-slim; where Docker Hub is unreachable, `make base-image` builds a Debian base
 # from the Debian mirror and `make image BASE_IMAGE=localhost/debian-python:bookworm` uses it.
 ENGINE      ?= $(shell command -v podman >/dev/null 2>&1 && echo podman || echo docker)

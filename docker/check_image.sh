@@ -17,7 +17,7 @@ BUILD_ARGS=${BUILD_ARGS:-}
 root=$(cd "$(dirname "$0")/.." && pwd)
 
 if ! command -v "$ENGINE" >/dev/null 2>&1; then
-    echo "image check skipped: $ENGINE is not installed (apt-get install -y podman runc; see README 'The image')"
+    echo "image check skipped: $ENGINE is not installed (apt-get install -y podman runc; see docs/image.md)"
     exit 0
 fi
 if ! "$ENGINE" info >/dev/null 2>&1; then

@@ -115,7 +115,7 @@ def test_a_live_sources_video_holds_frames_to_the_clock_shortens_long_pauses_and
 
 
 def test_only_whole_blocks_count_toward_an_interval():
-    """A clip of 1.5 blocks is one unit (no interval, as the README says); the frames after the last whole block
+    """A clip of 1.5 blocks is one unit (no interval, as docs/design.md says); the frames after the last whole block
     join it."""
     from utils.detection.quantify import Units
     from utils.detection.video import whole_blocks

@@ -61,7 +61,7 @@ CLIP_GRAD = 10.0               # gradient-norm clipping; 0 turns it off
 FREEZE_BACKBONE_EPOCHS = 0     # epochs with the whole backbone frozen before TRAINABLE_LAYERS apply
 HFLIP = 0.5                    # probability of a horizontal flip per training image
 # The recipe's levers; bench/quality.py --ablation measured each in a 15-minute CPU budget on the real data
-# (README "Quality") and kept those that raised the validation F1.
+# (docs/recipe-history.md, "The recipe ablation") and kept those that raised the validation F1.
 PHOTOMETRIC = 0.0              # probability of torchvision's RandomPhotometricDistort per training image; off:
                                # it lowered the validation F1 at 15 minutes with the ImageNet backbone (0.661 ->
                                # 0.580) and at 25 minutes with the face-pretrained one (0.780 -> 0.715,
@@ -170,10 +170,10 @@ YAML_MAX_CHARS = 1_000_000     # characters of text (every scalar's length, keys
                                # times is 9000 values but a gigabyte to copy, dump or quote
 MESSAGE_VALUE_CHARS = 80       # an error message shows at most this much of a value it quotes
 REPORT_FIGURE_MAX_BYTES = 50 * 2**20  # a figure or annotated image bin/report.py embeds: a larger file is left out
+                                      # (a note on the page) before it is read; the jobs' figures are a few 100 KB
 REPORT_DATA_MAX_BYTES = 256 * 2**20  # a JSON, CSV or YAML file bin/report.py and compare_runs read: a larger one
                                      # is left out with a problem line (the jobs write a few MB at 100k photos;
                                      # json.load of a GB file takes ~10 GB of memory)
-                                      # (a note on the page) before it is read; the jobs' figures are a few 100 KB
 
 # -- the prediction service (bin/serve.py, utils/service/; docs/service.md) ----------------
 SERVICE_MAX_UPLOAD_MB = 20.0         # largest image file accepted per upload
