@@ -11,7 +11,8 @@ worker --worker-index I searches the I-th slice of the log learning-rate range
 with sampler seed --seed + I (modulo 2**32); bin/hpo_merge.py combines the workers' results.
 --tensorboard-dir writes each finished trial's objective and parameters as
 TensorBoard events (scalars per trial number and the HPARAMS tab).
-Exit 0 on success, 2 on bad input (one line naming the file or flag), 1 on a bug.
+Exit 0 on success, 2 on bad input (one line naming the file or flag), 143 on SIGTERM (the
+running trial stopped after its current step; a rerun runs its parameters again), 1 on a bug.
 """
 
 import argparse

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Plot objects per class per split (grouped bar PNG) and write the counts as CSV.
+"""Plot objects per class per split (a grouped bar chart, PNG by default) and write the counts as CSV.
 
 Reads split.csv (image, annotation, split). Annotations that cannot be read are
 skipped and listed on stderr and in the run record (<output-csv stem>_run.json);
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from utils.classes import LabelMap
-from utils.cli import add_label_map_arg, plot_path, run_job
+from utils.cli import PLOT_FORMATS, add_label_map_arg, plot_path, run_job
 from utils.data.class_distribution import count_objects, plot_counts, write_counts_csv
 from utils.data.pairs import open_folder
 from utils.errors import InputError
@@ -29,7 +29,7 @@ def get_args_parser():
                              "in which to find the annotations by file name "
                              "(default: the paths written in the CSV, relative to it)")
     parser.add_argument("--output", type=plot_path, default="class_distribution.png",
-                        help="PNG chart (default: class_distribution.png)")
+                        help=f"bar chart ({', '.join(PLOT_FORMATS)}, by extension) (default: class_distribution.png)")
     parser.add_argument("--output-csv", default="class_distribution.csv",
                         help="CSV of counts: split, class, objects, images (default: class_distribution.csv)")
     add_label_map_arg(parser)

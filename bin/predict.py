@@ -80,9 +80,10 @@ def get_args_parser():
                              "image (a forward and backward pass per box: bound it with --annotate-max)")
     parser.add_argument("--explain-method", choices=EXPLAIN_METHODS, default=D.EXPLAIN_METHOD,
                         help="hirescam: per box, on the features the box used; gradcam: per box, channel-weighted; "
-                             "eigencam: one class-agnostic map per image, no backward pass")
+                             "eigencam: one class-agnostic map per image, no backward pass "
+                             f"(default: {D.EXPLAIN_METHOD})")
     parser.add_argument("--explain-max-boxes", type=positive_int, default=D.EXPLAIN_MAX_BOXES,
-                        help="highest-scoring detections explained per image")
+                        help=f"highest-scoring detections explained per image (default: {D.EXPLAIN_MAX_BOXES})")
     add_model_run_args(parser, "keep detections with at least this score")
     return parser
 

@@ -12,8 +12,12 @@ trains in stages, each with its own epochs, learning rate and trainable layers
 (a fresh warm-up + cosine schedule and optimizer per stage). --tensorboard-dir
 writes TensorBoard events (losses, lr, validation mAP/F1, annotated images).
 Hyperparameters: a flag given on the command line wins over the --params file
-(best_hpo_params.json), which wins over the defaults shown here (utils/defaults.py).
-Exit 0 on success, 2 on bad input (one line naming the file), 1 on a bug.
+(best_hpo_params.json), which wins over the defaults shown here (utils/defaults.py);
+on CUDA what neither sets follows the GPU recipe instead (utils/detection/params.py:
+8 images per batch with the learning rate scaled to it, 640 px, the architecture's own
+RoIs per image, resnet50_fpn_v2 from COCO when its weights are in the torch cache).
+Exit 0 on success, 2 on bad input (one line naming the file), 143 on SIGTERM (stopped
+after the current step; a rerun resumes from the checkpoint), 1 on a bug.
 """
 
 import argparse
@@ -23,8 +27,8 @@ import sys
 from pathlib import Path
 
 from utils import defaults as D
-from utils.cli import (add_label_map_arg, check_distinct_outputs, plot_path, positive_float, positive_int, random_seed,
-                       run_job, worker_count)
+from utils.cli import (PLOT_FORMATS, add_label_map_arg, check_distinct_outputs, plot_path, positive_float, positive_int,
+                       random_seed, run_job, worker_count)
 from utils.detection.model import BACKBONES
 from utils.detection.recipe import check_budget_plan
 from utils.detection.params import PARAM_CHOICES, PARAM_TYPES
@@ -156,7 +160,8 @@ def get_args_parser():
     out.add_argument("--metrics-csv", default=None,
                      help="per-epoch metrics CSV (default: training_metrics.csv next to --output)")
     out.add_argument("--loss-plot", type=plot_path, default=None,
-                     help="loss-curve plot, .png, .svg or .pdf (default: loss_curve.png next to --output)")
+                     help=f"loss-curve plot ({', '.join(PLOT_FORMATS)}, by extension) (default: loss_curve.png next to "
+                          "--output)")
     out.add_argument("--run-record", default=None,
                      help="run record JSON (default: <output stem>_run.json next to --output)")
     out.add_argument("--tensorboard-dir", default=D.TENSORBOARD_DIR,

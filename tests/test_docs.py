@@ -1,11 +1,14 @@
 """What users read agrees with the code, where a claim can be checked by reading files: README's table of the
-jobs' outputs against the files the workflow declares. No job runs and nothing imports torch."""
+jobs' outputs against the files the workflow declares, and each bin/ script's --help exit codes against the
+SIGTERM handling it has. No job runs and nothing imports torch."""
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from utils.data.validation import MANIFEST_NAME, REPORT_NAME
@@ -61,3 +64,11 @@ def test_every_file_readmes_job_table_names_is_written():
     unknown = sorted(named_files(readme_job_table()) - written)
     assert not unknown, f"README's job table names files no job writes: {unknown}"
 
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "bin").glob("*.py")))
+def test_a_script_that_stops_on_sigterm_gives_its_exit_code_in_help(script):
+    """utils.cli.run_job exits 143 when SIGTERM stopped a job that stops on it (utils/stop.py); its --help (the
+    module docstring) lists the exit codes, and train's and hpo's left 143 out."""
+    source = (ROOT / "bin" / script).read_text(encoding="utf-8")
+    if "stop_on_sigterm()" in source:
+        assert "143" in ast.get_docstring(ast.parse(source)), f"bin/{script} --help does not say it exits 143"
