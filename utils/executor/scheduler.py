@@ -16,8 +16,8 @@ DAGMan would, without HTCondor:
   checkpoint files stay in the job's directory between tries and across reruns;
 - pegasus checkpoint.time / maxwalltime profiles: SIGTERM at checkpoint.time, so
   the job saves its checkpoint, SIGKILL at maxwalltime (pegasus-kickstart semantics);
-  a job with neither is stopped at its runtime profile (seconds) the same way, so that a
-  hung job cannot stall the run (--no-time-limits: no job is stopped for its time);
+  a job with neither is stopped at 3 times its runtime profile (seconds; job_try.HUNG_AFTER_RUNTIMES)
+  the same way, so that a hung job cannot stall the run (--no-time-limits: no job is stopped for its time);
 - when a job fails for good its dependents are skipped and everything else runs;
 - each final output (stageOut) is copied atomically to the output folder as soon
   as its job succeeds; at the end the TensorBoard archives among them
