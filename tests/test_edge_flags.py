@@ -173,7 +173,7 @@ WORKFLOW_CASES = [
     (["--epochs", "0"], "--epochs"), (["--train-stages", ""], "--train-stages empty: give a JSON list"),
     (["--sites-config", "SITES_DIR"], "Is a directory"), (["--data", MISSING], "not found"),
     (["--seed", "4294967296"], "0 to 4294967295"),  # Optuna's sampler and numpy take 32-bit seeds only
-    (["--near-duplicate-distance", "-1"], "--near-duplicate-distance"),
+    (["--near-duplicate-distance", "-2"], "--near-duplicate-distance: expected a whole number from -1 to 64"),
     (["--backbone", "foo"], "argument --backbone: invalid choice: 'foo'"),  # hpo and train would refuse it later
     # an empty path is not the current folder (which `.` says), as in an experiment file
     *(([flag, ""], f"argument {flag}: expected a path, got an empty value") for flag in (
@@ -195,6 +195,21 @@ def test_workflow_refuses_a_bad_value_in_one_line(sample_dir, tmp_path, capsys, 
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err
     assert words in one_error_line(err)
+
+
+def test_workflow_takes_near_duplicate_distance_minus_one_to_turn_the_search_off(sample_dir, tmp_path):
+    """-1: no near-duplicate search, as workflow.py --help, experiments/default.yml and bin/validate_data.py say and
+    the flag's type takes; the driver's own check refused it ('--near-duplicate-distance -1: must be at least 0')."""
+    import json
+
+    import workflow
+
+    run_dir = tmp_path / "run"
+    args = workflow.get_args_parser().parse_args(["--data", str(sample_dir), "--run-dir", str(run_dir),
+                                                  "--generate-only", "--no-pretrained",
+                                                  "--near-duplicate-distance", "-1"])
+    assert workflow.main(args) == 0
+    assert json.loads((run_dir / "validation_report.json").read_text())["near_duplicate_distance"] == -1
 
 
 @pytest.mark.slow

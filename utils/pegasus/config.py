@@ -454,7 +454,7 @@ def check_data_flags(args, label) -> None:
     except SplitError:
         raise ConfigError(f"{label('fractions')} {' '.join(f'{value:g}' for value in args.fractions)}: "
                           "must be non-negative with a positive sum") from None
-    for name, least in (("images_per_job", 1), ("near_duplicate_distance", 0), ("shard_data_above", 0)):
+    for name, least in (("images_per_job", 1), ("near_duplicate_distance", -1), ("shard_data_above", 0)):
         if getattr(args, name) < least:
             raise ConfigError(f"{label(name)} {shown(getattr(args, name))}: must be at least {least}")
     if args.jobs is not None and args.jobs < 1:
