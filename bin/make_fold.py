@@ -14,7 +14,8 @@ model's train / val / test sets but within the train+val pool:
   --output-held-out  the originals of the images in fold --fold, from either split: the images the
                      fold model is evaluated on
   --report           JSON: counts per output, the augmented copies of held-out images left out,
-                     and the pool images found in neither set (augment or preprocess skipped them)
+                     the pool images found in neither set (augment or preprocess skipped them),
+                     and the job's run record (parameters, versions, the sha256 of its inputs)
 
 Files are copied member by member (images stay encoded as they were); the three sets and the
 report are written as one set (a failure leaves the last run's four files as they were). Exit 0 when all three
@@ -31,6 +32,7 @@ from utils.cli import check_distinct_outputs, non_negative_int, run_job
 from utils.data.folds import FoldError, fold_of_stems, read_folds_csv, source_stem
 from utils.data.images import is_image_name
 from utils.data.pairs import open_folder, write_tar
+from utils.provenance import run_record
 
 LISTED = 20  # names shown on the console per problem; the report lists them all
 
@@ -71,6 +73,14 @@ def _set_files(folder: Path, fold_of_stem: dict[str, int], where: Path) -> list[
     return files
 
 
+def _as_given(data_set: Path) -> list[Path]:
+    """A set's files as the run record hashes them: its .tar, or the files of its folder that _set_files reads (not
+    the unpacked copies of an archive, whose folder has another name every run)."""
+    if data_set.is_file():
+        return [data_set]
+    return sorted(p for p in data_set.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
 def main(args) -> int:
     assignment = read_folds_csv(args.folds_csv)
     folds = max(assignment.values()) + 1
@@ -102,7 +112,9 @@ def main(args) -> int:
                   "copies_of_held_out_images_left_out": left_out,
                   "pool_images_in_neither_set": missing,
                   "inputs": {"train_set": str(args.train_set), "val_set": str(args.val_set),
-                             "folds_csv": str(args.folds_csv)}}
+                             "folds_csv": str(args.folds_csv)},
+                  "run_record": run_record("make_fold", vars(args),
+                                           [args.folds_csv, *_as_given(args.train_set), *_as_given(args.val_set)])}
         report_path = args.report or args.output_held_out.with_name(f"{args.output_held_out.stem}.report.json")
         # one set: a set that failed (a full disk) left this fold's train set beside another fold's held-out set
         with atomic_files() as files:

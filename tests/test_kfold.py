@@ -132,6 +132,9 @@ def test_make_fold_cuts_the_held_out_fold_and_drops_its_copies(tmp_path, root):
     assert report["copies_of_held_out_images_left_out"] == ["aug1_a.jpg", "aug1_a.xml"]
     assert report["pool_images_in_neither_set"] == ["f.jpg"]
     assert (report["train_images"], report["val_images"], report["held_out_images"]) == (4, 1, 2)
+    # its run record, as every job's (README): make_fold's report had none
+    assert report["run_record"]["job"] == "make_fold" and report["run_record"]["num_inputs"] == 3
+    assert report["run_record"]["params"]["fold"] == 0 and report["run_record"]["inputs_sha256"]
 
 
 def test_make_fold_writes_its_sets_and_report_as_one_set(tmp_path, root, capsys, monkeypatch):
