@@ -222,7 +222,7 @@ SERVICE_REQUEST_OVERHEAD_MB = 1.0    # a request body may exceed max_images x ma
                                      # headers, form fields); a larger body is refused before it is read
 
 # -- the workflow (workflow.py) ---------------------------------------------------------------------
-GPUS = 0                       # workflow --gpus: GPUs per hpo/train/evaluate/predict job; 0: CPU only
+GPUS = 0                       # workflow --gpus: GPUs per hpo/train/evaluate/predict(_video) job; 0: CPU only
 # Used where sites.yml names none (sites.yml's execution_site and container: win over these):
 EXECUTION_SITE = "condorpool"
 CONTAINER_TYPE = "singularity"

@@ -114,7 +114,7 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
                             "by weighted box fusion) instead of the final model")
     pegasus = parser.add_setting_group("Pegasus")
     pegasus.add_argument("--gpus", type=int, default=D.GPUS,
-                         help="GPUs per hpo/train/evaluate/predict job (0: CPU only)")
+                         help="GPUs per hpo/train/evaluate/predict/predict_video job (0: CPU only)")
     pegasus.add_argument("--container-type", choices=[*CONTAINER_KINDS, "none"], default=None,
                          help="container for every job (default: sites.yml container.type)")
     pegasus.add_argument("--container-image", default=None,
