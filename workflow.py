@@ -120,9 +120,10 @@ class MaskDetectionWorkflow:
         model = self._add_train(train_set, val_set, best_params)
         self._add_evaluate(model, test_set)
         fold_models = self._add_folds(train_set, val_set, best_params)
-        # --fold-ensemble: the K fold models predict as one ensemble, in place of the final model.
-        self._add_predict(*(fold_models if self.config.fold_ensemble else [model]))
-        self._add_predict_videos(model)
+        # --fold-ensemble: the K fold models predict as one ensemble, in place of the final model (photos and videos)
+        predicting = fold_models if self.config.fold_ensemble else [model]
+        self._add_predict(*predicting)
+        self._add_predict_videos(*predicting)
         self._add_report()
         pegasus_api.make_deterministic(self.wf)
         return self.wf
@@ -362,15 +363,15 @@ class MaskDetectionWorkflow:
         job.add_inputs(*parts)
         self._stages_out(job, *output_names("merge_predictions").values())
 
-    def _add_predict_videos(self, model: File) -> None:
-        """One predict_video job per video of --pred-videos (none without it)."""
+    def _add_predict_videos(self, *models: File) -> None:
+        """One predict_video job per video of --pred-videos (none without it), with the *models* predict has."""
         for video, video_file in zip(self.config.pred_videos, self.inputs.video_files):
             tag = video.tag
             job = self._job("predict_video", f"predict_video_{tag}")
-            job.add_args("--source", video_file, "--model", model, "--output-dir", ".", "--output-tag", tag,
+            job.add_args("--source", video_file, "--model", *models, "--output-dir", ".", "--output-tag", tag,
                          "--stride", self.config.video_stride, "--output-video", f"annotated_{tag}.mp4",
                          *self._if_given("--score-threshold", self.config.score_threshold))
-            job.add_inputs(model, video_file)
+            job.add_inputs(*models, video_file)
             self._stages_out(job, *video_output_names(tag).values(), f"annotated_{tag}.mp4")
 
     def _add_report(self) -> None:

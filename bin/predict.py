@@ -47,8 +47,7 @@ from utils import defaults as D
 from utils.cli import (add_model_run_args, check_model_run_args, check_output_tag, non_negative_int,
                        positive_int, run_job)
 from utils.detection.device import resolve_device
-from utils.detection.ensemble import load_ensemble
-from utils.detection.evaluation import load_trained_model
+from utils.detection.ensemble import load_models
 from utils.detection.explain import EXPLAIN_METHODS
 from utils.detection.prediction import output_names, predict_images, summary_line
 from utils.errors import InputError
@@ -103,17 +102,11 @@ def main(args) -> int:
         others = f" (nor do the other {len(args.images) - 1} --images paths)" if len(args.images) > 1 else ""
         raise InputError(f"{args.images[0]}: no such file or folder{others}")
     device = resolve_device(args.device)
-    if len(args.model) > 1:
-        if args.explain:
-            raise InputError("--explain explains one model's boxes: give one --model, not an ensemble")
-        model, meta, score_threshold, source = load_ensemble(args.model, device, args.score_threshold,
-                                                             args.image_size)
-        tta = bool(args.tta)
-        tta_source = {True: "--tta", False: "--no-tta", None: "an ensemble makes no choice of its own"}[args.tta]
-    else:
-        model, meta, score_threshold, source = load_trained_model(args.model[0], device, args.score_threshold,
-                                                                  args.image_size, args.tta)
-        tta, tta_source = meta["tta"], meta["tta_source"]
+    if len(args.model) > 1 and args.explain:
+        raise InputError("--explain explains one model's boxes: give one --model, not an ensemble")
+    model, meta, score_threshold, source = load_models(args.model, device, args.score_threshold, args.image_size,
+                                                       args.tta)
+    tta, tta_source = meta["tta"], meta["tta_source"]
     print(f"predict: score threshold {score_threshold:g} ({source}); working size {meta['working_size']} px "
           f"({meta['working_size_source']}); flip TTA {'on' if tta else 'off'} ({tta_source})")
     settings = {"model": str(args.model[0]) if len(args.model) == 1 else list(map(str, args.model)),

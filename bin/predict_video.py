@@ -12,7 +12,9 @@ independent, the mean of the per-frame figures) and, with --output-video, the pr
 their boxes (.mp4, .avi, .mkv or .mov, at fps / stride, so a file's plays at real speed). --show opens
 a live window (q or Esc stops; needs a display and OpenCV's GUI build). --max-frames (processed
 frames) and --max-seconds bound a run; a camera has no end without them.
-Detections count from the model's operating threshold unless --score-threshold is given.
+Detections count from the model's operating threshold unless --score-threshold is given. Several --model
+files run as one ensemble, as in bin/predict.py (--fold-ensemble gives a workflow's videos the fold models
+its photos get).
 A file's frame times are its frame timestamps (a variable frame rate stays true), else frame number / fps,
 and --max-seconds is of video time, as for a stream with a length (a recorded video at a URL); a camera's or
 a live stream's (no length) are the wall-clock time since its first frame, and --max-seconds is of wall time (a
@@ -45,7 +47,7 @@ from utils.atomic import TEMP_NAME_EXTRA
 from utils.cli import add_tta_arg, check_output_tag, fraction, positive_float, positive_int, run_job
 from utils.detection.compliance import compliance_line
 from utils.detection.device import resolve_device
-from utils.detection.evaluation import load_trained_model
+from utils.detection.ensemble import load_models
 from utils.detection.video import (SIGTERM, WRITER_EXTENSIONS, annotated_video_path, check_display, open_source,
                                    predict_video, stop_on_sigint)
 from utils.errors import InputError, without_password
@@ -59,7 +61,9 @@ NAME_MAX = 255  # bytes of a file name (Linux, macOS)
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", required=True, help="video file, stream URL (rtsp://, http://) or camera index")
-    parser.add_argument("--model", required=True, help="model file written by bin/train.py")
+    parser.add_argument("--model", nargs="+", required=True,
+                        help="model file written by bin/train.py; several (the fold models of --fold-ensemble) run as "
+                             "one ensemble, as in bin/predict.py")
     parser.add_argument("--output-dir", required=True, help="folder for the CSV, plot and summary")
     parser.add_argument("--output-video", type=annotated_video_path, default=None,
                         help=f"annotated video to write ({', '.join(WRITER_EXTENSIONS)}) (default: none)")
@@ -105,13 +109,13 @@ def run(args) -> int:
     device = resolve_device(args.device)
     opened = open_source(args.source)  # before the model loads: a bad source is refused at once
     try:
-        model, meta, threshold, source = load_trained_model(args.model, device, args.score_threshold, tta=args.tta)
+        model, meta, threshold, source = load_models(args.model, device, args.score_threshold, tta=args.tta)
     except BaseException:
         opened[0].release()
         raise
     print(f"predict_video: score threshold {threshold:g} ({source}); flip TTA {'on' if meta['tta'] else 'off'} "
           f"({meta['tta_source']})")
-    inputs = [args.model] + ([args.source] if opened[1] == "file" else [])
+    inputs = [*args.model] + ([args.source] if opened[1] == "file" else [])
 
     def record():  # written with the other outputs, as one set
         # the source as shown everywhere: a stream URL's password is not kept in the record
@@ -122,7 +126,8 @@ def run(args) -> int:
         summary = predict_video(model, device, args.source, args.output_dir, threshold, stride=args.stride,
                                 output_video=args.output_video, show=args.show, max_frames=args.max_frames,
                                 max_seconds=args.max_seconds, tta=meta["tta"], progress=bar.update,
-                                settings={"model": str(args.model), "score_threshold_source": source},
+                                settings={"model": args.model[0] if len(args.model) == 1 else args.model,
+                                          "score_threshold_source": source},
                                 tag=args.output_tag, calibration=meta.get("quantification"), opened=opened,
                                 record=record)
     for note in summary["notes"]:

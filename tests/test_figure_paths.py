@@ -237,6 +237,30 @@ def test_an_ensembles_shards_merged_give_its_one_jobs_figure_when_its_models_run
     assert one["estimate"]["method"] == "cc" and "an ensemble has none of its own" in one["estimate"]["fallback"]
 
 
+def test_a_video_run_with_the_fold_ensemble_gives_the_figure_and_estimator_its_photos_get(
+        root, small_photos, calibrated_model, detector, tmp_path, monkeypatch):
+    """--fold-ensemble ran the photos through the fold models as one ensemble and the videos through the final
+    model alone (bin/predict_video.py took one --model): a video's figure came from another model, and another
+    estimator (pacc2 on the final model's validation rates where the ensemble, which has none, gives cc)."""
+    from utils.detection import video
+
+    photos = photo_folder(small_photos, tmp_path / "photos")
+    ensemble = ["--model", calibrated_model, calibrated_model, "--score-threshold", str(THRESHOLD), "--device", "cpu"]
+    assert run_script(root, "predict", ["--images", tmp_path / "photos", "--output-dir", tmp_path / "one",
+                                        *ensemble, "--batch-size", "1", "--workers", "0", "--no-annotated"]) == 0
+    frames = [cv2.cvtColor(np.asarray(Image.open(photo).convert("RGB")), cv2.COLOR_RGB2BGR) for photo in photos]
+    monkeypatch.setattr(video, "open_source", lambda source: (FrameCapture(frames), "file"))  # the photos as frames
+    (tmp_path / "clip.mp4").write_bytes(b"")
+    assert run_script(root, "predict_video", ["--source", tmp_path / "clip.mp4", "--output-dir", tmp_path / "video",
+                                              "--stride", "1", *ensemble]) == 0
+    one = json.loads((tmp_path / "one" / "compliance.json").read_text())
+    summary = json.loads((tmp_path / "video" / "video_summary.json").read_text())
+    assert one["estimate"]["method"] == "cc" and "an ensemble has none of its own" in one["estimate"]["fallback"]
+    assert summary["model"] == [str(calibrated_model)] * 2 and summary["overall"] == one["overall"]
+    assert figure(summary["estimate"]) == figure(one["estimate"])
+    assert summary["estimate"]["fallback"] == one["estimate"]["fallback"]
+
+
 def test_each_folders_figure_is_the_figure_of_that_folder_alone_whatever_its_name(
         root, small_photos, calibrated_model, detector, tmp_path):
     """compliance.json's figure per folder is the headline predict gives that folder on its own (one image: the

@@ -347,6 +347,32 @@ def test_generated_dag_fans_out_the_folds_and_predicts_with_their_ensemble(sampl
     assert all(errors == [] for errors in validate_run_dir(run_dir).values())
 
 
+def test_the_videos_are_predicted_with_the_fold_ensemble_the_photos_are_predicted_with(sample_dir, tmp_path):
+    """--fold-ensemble gave the predict jobs the fold models and the predict_video jobs the final model: a video's
+    figure came from another model than the photos' (tests/test_figure_paths.py runs the two jobs)."""
+    import cv2
+    import numpy as np
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    writer = cv2.VideoWriter(str(videos / "gate.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 5.0, (64, 48))
+    for value in range(4):
+        writer.write(np.full((48, 64, 3), 60 * value, np.uint8))
+    writer.release()
+    run_dir = tmp_path / "run"
+    assert _generate(run_dir, sample_dir, "--folds", "2", "--fold-ensemble", "--pred-videos", str(videos)) == 0
+    jobs = {job["id"]: job for job in yaml.safe_load((run_dir / "workflow.yml").read_text())["jobs"]}
+    predict = next(job for job in jobs.values() if job["id"].startswith("predict_shard"))
+
+    def models(job, uses=False):
+        names = ([use["lfn"] for use in job["uses"] if use["type"] == "input"] if uses else job["arguments"])
+        return sorted(str(name) for name in names if str(name).startswith("model"))
+
+    fold_models = [f"model_fold{fold}.pt" for fold in range(2)]
+    assert models(predict) == models(jobs["predict_video_gate"]) == models(jobs["predict_video_gate"], True) == \
+        fold_models
+
+
 def test_without_folds_there_are_no_fold_jobs_and_bad_flags_fail_in_one_line(sample_dir, tmp_path, capsys):
     assert _generate(tmp_path / "plain", sample_dir) == 0
     ids = {job["id"] for job in yaml.safe_load((tmp_path / "plain" / "workflow.yml").read_text())["jobs"]}

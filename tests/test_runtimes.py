@@ -119,6 +119,21 @@ def test_a_fold_ensemble_predict_job_counts_one_pass_per_fold_model():
     assert ensemble == pytest.approx(STARTUP_S + SAFETY * 10_000 * infer * 4 * 10, abs=1)
 
 
+def test_a_fold_ensemble_video_job_counts_one_pass_per_fold_model_as_its_predict_job_does():
+    """--fold-ensemble runs the videos through the K fold models too: a processed frame costs K passes, where the
+    limit counted the final model's two."""
+    from utils.pegasus.config import VideoFile
+    from utils.pegasus.runtimes import VIDEO_DECODE_S_PER_FRAME
+
+    infer, video = SECONDS_PER_IMAGE["cpu"]["infer"], [VideoFile(Path("v.mp4"), 10_000)]
+    single = job_runtimes(config(folds=10, pred_videos=video))["predict_video"]
+    ensemble = job_runtimes(config(folds=10, fold_ensemble=True, pred_videos=video))["predict_video"]
+    assert single == pytest.approx(STARTUP_S + SAFETY * 10_000 * (VIDEO_DECODE_S_PER_FRAME + infer * 4 * 2 / 5),
+                                   abs=1)
+    assert ensemble == pytest.approx(STARTUP_S + SAFETY * 10_000 * (VIDEO_DECODE_S_PER_FRAME + infer * 4 * 10 / 5),
+                                     abs=1)
+
+
 def test_fold_jobs_train_on_the_other_folds_train_split_and_validate_on_their_val_split():
     plain = job_runtimes(config(train=3000, val=600, test=20, epochs=4))
     folds = job_runtimes(config(train=3000, val=600, test=20, epochs=4, folds=3))

@@ -102,3 +102,17 @@ def load_ensemble(paths, device, score_threshold: float | None = None, working_s
             "image_size": common("image_size"), "working_size": common("working_size"),
             "working_size_source": common("working_size_source"), "member_thresholds": thresholds}
     return BoxFusionEnsemble(models).eval(), meta, threshold, source
+
+
+def load_models(paths, device, score_threshold: float | None = None, working_size: int | None = None,
+                tta: bool | None = None):
+    """(model, meta, score threshold, where it comes from) for a job given one model file or several (the fold
+    models of --fold-ensemble): one as load_trained_model loads it, several as one ensemble (load_ensemble), so that
+    predict and predict_video run the same models the same way. meta["tta"] and meta["tta_source"] say whether flip
+    TTA runs: *tta* (--tta / --no-tta) when given, else a single model's choice on validation; an ensemble makes
+    no choice of its own, so it runs without."""
+    if len(paths) == 1:
+        return load_trained_model(paths[0], device, score_threshold, working_size, tta)
+    model, meta, threshold, source = load_ensemble(paths, device, score_threshold, working_size)
+    tta_source = {True: "--tta", False: "--no-tta", None: "an ensemble makes no choice of its own"}[tta]
+    return model, {**meta, "tta": bool(tta), "tta_source": tta_source}, threshold, source

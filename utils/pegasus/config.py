@@ -302,7 +302,7 @@ class WorkflowSettings:
     sites_file: str = "sites.yml"
     site_sources: dict[str, str] = field(default_factory=dict)
     folds: int = D.FOLDS  # k-fold cross-validation on the train+val pool; 0: none
-    fold_ensemble: bool = False  # the predict jobs use the fold models as one ensemble (weighted box fusion)
+    fold_ensemble: bool = False  # predict and predict_video use the fold models as one ensemble (box fusion)
 
     def __post_init__(self):
         # Checked, and written one way (no spaces around "=" and ","), as the jobs' arguments get it.

@@ -110,8 +110,9 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
                             "group-aware and stratified like the split, RUN_DIR/folds.csv) and an aggregate job "
                             "writing kfold_summary.json/.txt (mean ± std per metric and class); 0: none")
     model.add_argument("--fold-ensemble", action="store_true",
-                       help="with --folds: the predict jobs use the K fold models as one ensemble (boxes merged "
-                            "by weighted box fusion) instead of the final model")
+                       help="with --folds: the predict and predict_video jobs use the K fold models as one ensemble "
+                            "(boxes merged by weighted box fusion) instead of the final model; an ensemble has no "
+                            "validation rates, so its headline estimator is cc")
     pegasus = parser.add_setting_group("Pegasus")
     pegasus.add_argument("--gpus", type=int, default=D.GPUS,
                          help="GPUs per hpo/train/evaluate/predict/predict_video job (0: CPU only)")

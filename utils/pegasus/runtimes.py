@@ -65,7 +65,7 @@ GRACE_MIN = 5         # minutes from checkpoint.time's SIGTERM to maxwalltime's 
 CHECKPOINTING = ("hpo", "train")
 # Passes per image at the working size chosen after training, for the jobs that run the trained model: flip TTA
 # runs each image twice, and evaluate adds its test-loss pass (utils/detection/evaluation.evaluate_model).
-# A --fold-ensemble predict job runs each of the K fold models once instead (_predict_passes).
+# A --fold-ensemble predict or predict_video job runs each of the K fold models once instead (_predict_passes).
 MODEL_PASSES = {"evaluate": 3, "evaluate_fold": 3, "predict": 2, "predict_video": 2}
 
 log = logging.getLogger(__name__)
@@ -87,10 +87,10 @@ def _sized_s(config) -> float:
     return _rates(config)[2] * largest_size_cost(config.image_size)
 
 
-def _predict_passes(config) -> int:
-    """Passes per image of a predict job: the final model's, or with --fold-ensemble one per fold model (the
-    workflow gives the ensemble no --tta)."""
-    return config.folds if getattr(config, "fold_ensemble", False) else MODEL_PASSES["predict"]
+def _predict_passes(config, kind: str = "predict") -> int:
+    """Passes per image (a video's: per processed frame) of a predict or predict_video job: the final model's, or
+    with --fold-ensemble one per fold model (the workflow gives the ensemble no --tta)."""
+    return config.folds if getattr(config, "fold_ensemble", False) else MODEL_PASSES[kind]
 
 
 def _choice_s(config) -> dict[str, float]:
@@ -143,7 +143,8 @@ def workloads(config) -> dict[str, float]:
         "merge_predictions": (sum(shard.images for shard in config.pred_shards) * MERGE_S_PER_IMAGE
                               + _figures_per_folder(config) * MERGE_S_PER_FOLDER),
         "predict_video": (max((video.frames for video in config.pred_videos), default=0)
-                          * (VIDEO_DECODE_S_PER_FRAME + sized_s * MODEL_PASSES["predict_video"] / config.video_stride)),
+                          * (VIDEO_DECODE_S_PER_FRAME
+                             + sized_s * _predict_passes(config, "predict_video") / config.video_stride)),
         "report": 0.0,  # reads the outputs and downscales at most 24 images: the startup allowance covers it
         "make_fold": (trained + counts["val"]) * data_s,
         "aggregate_folds": 0.0,
@@ -242,7 +243,7 @@ def over_site_cap(config, runtimes: dict[str, int]) -> list[str]:
                      ": not even one image fits; raise max_job_minutes")
         elif kind == "predict_video":
             frames = max(video.frames for video in config.pred_videos)
-            per_frame = SAFETY * _sized_s(config) * MODEL_PASSES["predict_video"]
+            per_frame = SAFETY * _sized_s(config) * _predict_passes(config, "predict_video")
             left_s = usable_s - SAFETY * frames * VIDEO_DECODE_S_PER_FRAME  # every frame is decoded, at any stride
             line += (f": give --video-stride {math.ceil(frames * per_frame / left_s)} or more" if left_s > 0 else
                      ": reading its frames alone takes longer; raise max_job_minutes")
