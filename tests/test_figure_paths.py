@@ -360,3 +360,81 @@ def test_the_video_path_sums_the_scores_as_predict_and_the_service_store_them(
     summary = video_summary(tiny_model_file, photos, tmp_path / "video")
     assert one["estimates"]["pcc"]["percent"] == 55.24
     assert figure(summary["estimates"]["pcc"]) == figure(one["estimates"]["pcc"])
+
+
+def report_page(root, run_dir, capsys) -> str:
+    assert run_script(root, "report", [run_dir]) == 0
+    capsys.readouterr()
+    return (run_dir / "outputs" / "report.html").read_text()
+
+
+def test_the_report_gives_each_videos_figure_with_its_interval_blocks_estimator_and_plot(
+        root, small_photos, tiny_model_file, detector, tmp_path, capsys):
+    """A run with --pred-videos: the report showed none of predict_video's outputs (the workflow did not hand it the
+    summaries), so the videos' figures were on no page."""
+    from run_folders import make_run_folder
+
+    from utils.figures import one_decimal
+    from utils.naming import video_output_names
+    from utils.reporting.html_parts import esc
+    from utils.reporting.run_folder import is_report_input
+
+    summary = video_summary(tiny_model_file, photo_folder(small_photos, tmp_path / "photos"), tmp_path / "video")
+    run_dir, names = make_run_folder(tmp_path / "run", hpo=False, statistics=False), video_output_names("gate_a")
+    for role in ("summary", "plot"):  # as the workflow's report job gets them: tagged
+        assert is_report_input(names[role])
+        shutil.copy(tmp_path / "video" / video_output_names()[role], run_dir / "outputs" / names[role])
+    page = report_page(root, run_dir, capsys)
+    estimate = summary["estimate"]
+    assert estimate["low"] is not None and estimate["units"] == 5
+    assert (f"Estimate (cc): <b>{one_decimal(estimate['percent'])}% (95% interval {one_decimal(estimate['low'])}"
+            f"&ndash;{one_decimal(estimate['high'])}%)</b> over 5 blocks of 1 processed frame(s); "
+            f"{esc(estimate['fallback'])}.") in page
+    assert "Video <code>photos.mp4</code>" in page and f"({esc(names['plot'])})</span></figcaption>" in page
+
+
+def test_the_reports_header_gives_the_headline_estimate_with_its_interval_images_and_estimator(
+        root, tmp_path, capsys):
+    """The page's first line gave the count at the threshold alone ('77.0% predicted properly masked'): no interval,
+    no images, no estimator, and not the headline's figure where the headline is pacc2."""
+    from run_folders import estimate_record, make_run_folder
+
+    run_dir = make_run_folder(tmp_path / "run", hpo=False, statistics=False, figures=False)
+    path = run_dir / "outputs" / "evaluation.json"
+    evaluation = json.loads(path.read_text())
+    evaluation["quantification"]["estimate"] = estimate_record("pacc2", 74.2, 70.1, 78.3, 6)
+    path.write_text(json.dumps(evaluation))
+    page = report_page(root, run_dir, capsys)
+    header = page[page.index("<header>"):page.index("</header>")]
+    assert "74.2% (95% interval 70.1&ndash;78.3%) predicted properly masked on 6 test images (pacc2)" in header
+
+
+def test_the_report_says_why_there_is_no_figure_or_no_interval_as_the_line_and_the_page_do(root, tmp_path, capsys):
+    """A set where no face is found: the printed line says 'no figure (no faces found; ...)', the service's page
+    'No estimate: no faces found', the report said 'n/a' as for a file holding no figure; and '(no interval)'
+    where the others say why ('one image: no interval')."""
+    from run_folders import estimate_record, make_run_folder
+
+    run_dir = make_run_folder(tmp_path / "run", hpo=False, statistics=False, figures=False)
+    path = run_dir / "outputs" / "compliance.json"
+    written = json.loads(path.read_text())
+    for estimate, shown in (({"percent": None, "low": None, "high": None, "note": "no faces found"},
+                             "<b>no figure (no faces found)</b> over 6 images"),
+                            ({"low": None, "high": None, "units": 1, "note": "one image: no interval"},
+                             "<b>50.0% (one image: no interval)</b>")):
+        path.write_text(json.dumps({**written, "estimate": {**estimate_record("cc", 50.0, 41.5, 58.5, 6), **estimate}}))
+        assert shown in report_page(root, run_dir, capsys)
+
+
+@pytest.mark.parametrize("pred_images, fold_ensemble", [(None, False), (None, True), ("/data/cams", False)])
+def test_the_report_says_why_the_test_splits_photos_read_another_figure_as_the_prediction_set(
+        root, tmp_path, capsys, pred_images, fold_ensemble):
+    """Without --pred-images the prediction set is the test split's photos: the page gave them two figures (46.7 %
+    from evaluate and 46.6 % from merge_predictions in a make run) and did not say why."""
+    from run_folders import make_run_folder
+
+    run_dir = make_run_folder(tmp_path / "run", hpo=False, statistics=False, figures=False,
+                              config={"pred_images": pred_images, "fold_ensemble": fold_ensemble})
+    page = report_page(root, run_dir, capsys)
+    assert ("The prediction set is the test split's photos, predicted as they are" in page) == (pred_images is None)
+    assert ("by the fold models' ensemble (--fold-ensemble)" in page) == (pred_images is None and fold_ensemble)

@@ -42,6 +42,10 @@ def test_workflow_pred_videos_fans_out_one_job_per_video(root, sample_dir, clip,
     from utils.detection.video import video_output_names
 
     assert outputs == {*video_output_names("gate_a").values(), "annotated_gate_a.mp4"}
+    # the report page shows each video's figure and plot: the report job is handed them (not the annotated video)
+    shown = {use["lfn"] for use in jobs["report"]["uses"] if use["type"] == "input"}
+    assert {"video_summary_gate_a.json", "compliance_over_time_gate_a.png"} <= shown
+    assert "annotated_gate_a.mp4" not in shown and "video_frames_gate_a.csv" not in shown
     # two videos whose names reduce to one tag: refused before the run folder is touched
     shutil.copyfile(clip, videos / "gate_a.mp4")
     before = {path: path.stat().st_mtime_ns for path in run_dir.rglob("*") if path.is_file()}

@@ -15,10 +15,11 @@ from pathlib import Path
 
 from .. import defaults as D
 from ..classes import CLASSES
-from .html_parts import (CSS, IMAGE_READ_ERRORS, ODD_CLASS, card, count, esc, estimates_table, image_data_uri,
-                         interval, note, number, percent, points, seconds_text, setting, table)
-from .run_folder import (FIGURES, FOLD_FIGURES, KFOLD_SUMMARY, RunFolder, image_errors_by_stem, predicted_by_stem,
-                         read_bounded)
+from .html_parts import (CSS, IMAGE_READ_ERRORS, ODD_CLASS, card, count, esc, estimate_paragraph, estimates_table,
+                         image_data_uri, interval, note, number, percent, points, seconds_text, setting, table,
+                         test_split_predicted, video_paragraphs)
+from .run_folder import (FOLD_FIGURES, KFOLD_SUMMARY, RunFolder, figure_title, image_errors_by_stem, predicted_by_stem,
+                         read_bounded, video_plot_name)
 from .values import Fields, entries, mapping, num, num_text, text
 
 GRID_IMAGES = 24          # annotated images on the page at most
@@ -44,7 +45,7 @@ class Page:
 
     def figure(self, name: str) -> str:
         path = self.run.figures.get(name)
-        title, job = {**FIGURES, **FOLD_FIGURES}[name]
+        title, job = figure_title(name)
         if path is None:
             return note(f"<b>{esc(title)}</b>: no <code>{esc(name)}</code> in this run (the {esc(job)} job writes it).")
         try:
@@ -132,13 +133,13 @@ def summary_section(page: Page) -> None:
         estimate = get.dict(run.compliance, "estimate", "compliance.json: estimate")
         if estimate:
             below = num(overall.get("faces")) == 0 and num(estimate.get("percent")) is not None  # as predict says
-            parts.append(f"<p>Estimate ({esc(text(estimate.get('method')))}): <b>{interval(estimate)}</b> over "
-                         f"{count(estimate.get('units'))} images" + (f"; {esc(text(estimate['fallback']))}"
-                                                                     if estimate.get("fallback") else "")
-                         + ("; no face at the score threshold: from the detections below it alone" if below else "")
-                         + ".</p>")
+            parts.append(estimate_paragraph(estimate, f"{count(estimate.get('units'))} images", below))
+        if evaluation:  # the test split's photos again (no --pred-images): another figure, said why
+            parts.append(test_split_predicted(mapping(run.config)))
     else:
         parts.append(not_in_run(run, "compliance.json", "the merge_predictions job has not finished"))
+    for name, summary in run.videos.items():  # predict_video's, one a video of --pred-videos
+        parts.append(video_paragraphs(name, summary) + page.figures(video_plot_name(name)))
     page.add("summary", "Summary", "".join(parts))
 
 
@@ -474,11 +475,11 @@ def build_report(run: RunFolder, commit: str | None = None, made_where: str = "b
                    for sid, title, content in page.sections)
     made = time.strftime("%Y-%m-%d %H:%M:%S %z")
     evaluation = run.evaluation or {}
-    predicted_percent = mapping(mapping(evaluation.get("compliance")).get("predicted")).get("percent_properly_masked")
-    headline = (f"mAP@0.5 {number(evaluation.get('map_50'))} · "
-                f"{percent(predicted_percent)} "
-                "predicted properly masked") if evaluation else (
-        "unfinished run" if "evaluation.json" in run.missing else "evaluation.json cannot be used")
+    estimate = mapping(mapping(evaluation.get("quantification")).get("estimate"))  # with its interval as elsewhere
+    figure = (f"{interval(estimate)} predicted properly masked on {count(estimate.get('units'))} test images "
+              f"({esc(text(estimate.get('method')))})" if estimate else "no estimate in evaluation.json")
+    headline = (f"mAP@0.5 {number(evaluation.get('map_50'))} · {figure}" if evaluation else
+                "unfinished run" if "evaluation.json" in run.missing else "evaluation.json cannot be used")
     document = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">

@@ -18,7 +18,7 @@ from .. import defaults as D
 from .. import safe_yaml
 from ..data.images import ImageError
 from ..errors import InputError, read_json
-from ..naming import annotated_stem, output_names, report_name
+from ..naming import annotated_stem, output_names, report_name, video_output_names
 from .values import hashable, mapping, text
 
 
@@ -52,6 +52,9 @@ DATA_FILES[report_name("preprocess_test")] = "preprocess"
 KFOLD_SUMMARY = _made_by("aggregate_folds", "summary")
 FOLD_FIGURES = {_made_by("aggregate_folds", "plot"): ("Cross-validation: each fold (dots) and mean ± std (bars)",
                                                       "aggregate_folds")}
+# predict_video's summary and plot, one of each per video of --pred-videos (video_summary_<tag>.json), or untagged
+VIDEO_SUMMARY, VIDEO_PLOT = VIDEO_NAMES = _made_by("predict_video", "summary"), _made_by("predict_video", "plot")
+VIDEO_PLOT_TITLE = "Percent properly masked over the video's time, and faces per frame"
 RUN_RECORD_SUFFIX = "_run.json"
 ANNOTATED_PREFIX = "annotated_"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -63,10 +66,30 @@ class RunFolderError(InputError):
     """A run folder that cannot be read at all (not a folder, or no run output in it)."""
 
 
+def video_tag(name: str, untagged: str = VIDEO_SUMMARY) -> str | None:
+    """The video tag of a predict_video output named like *untagged* ('' for the untagged name itself), else None."""
+    stem, suffix = untagged.rsplit(".", 1)
+    if name == untagged:
+        return ""
+    tagged = name.startswith(f"{stem}_") and name.endswith(f".{suffix}") and len(name) > len(untagged) + 1
+    return name[len(stem) + 1:-len(suffix) - 1] if tagged else None
+
+
+def video_plot_name(summary_name: str) -> str:
+    """The plot predict_video writes beside the summary *summary_name*."""
+    return video_output_names(video_tag(summary_name) or None)["plot"]
+
+
+def figure_title(name: str) -> tuple[str, str]:
+    """(title, the job that writes it) of a figure the page shows."""
+    return (VIDEO_PLOT_TITLE, "predict_video") if video_tag(name, VIDEO_PLOT) is not None else \
+        {**FIGURES, **FOLD_FIGURES}[name]
+
+
 def is_report_input(name: str) -> bool:
     """Whether the report reads an output file of this name: the workflow hands the report job these."""
     return (name in FIGURES or name in DATA_FILES or name in FOLD_FIGURES or name == KFOLD_SUMMARY
-            or name.endswith(RUN_RECORD_SUFFIX)
+            or name.endswith(RUN_RECORD_SUFFIX) or any(video_tag(name, made) is not None for made in VIDEO_NAMES)
             or (name.startswith(ANNOTATED_PREFIX) and name.endswith((".tar", *IMAGE_SUFFIXES))))
 
 
@@ -133,6 +156,7 @@ class RunFolder:
     statistics: dict | None = None
     validation: dict | None = None
     kfold: dict | None = None            # kfold_summary.json of a --folds run
+    videos: dict[str, dict] = field(default_factory=dict)  # predict_video's summaries by file name
     has_folds: bool = False              # a --folds run: its summary or plot is there
     config: dict | None = None
     config_source: str = ""
@@ -345,6 +369,11 @@ def read_run_folder(path) -> RunFolder:
     run.has_folds = (outputs / KFOLD_SUMMARY).exists() or any(name in run.figures for name in FOLD_FIGURES)
     if run.has_folds:  # a summary not there is missing then
         run.kfold = _read_json(outputs / KFOLD_SUMMARY, run, "cross-validation summary")
+    for summary in sorted(outputs.glob("*.json")):  # every video's summary: the untagged name or a tagged one
+        if video_tag(summary.name) is not None and (video := _read_json(summary, run, "video summary")) is not None:
+            run.videos[summary.name] = video
+            if (outputs / video_plot_name(summary.name)).is_file():
+                run.figures[video_plot_name(summary.name)] = outputs / video_plot_name(summary.name)
     for record_file in sorted(outputs.glob(f"*{RUN_RECORD_SUFFIX}")):
         record = _read_json(record_file, run, "run record")
         if record is not None:
