@@ -189,3 +189,16 @@ def test_evaluation_txt_shows_the_figures_to_one_decimal_as_the_report_does():
              "per_image_mae_points": None, "images_compared": 0, "images_without_detections": 0,
              "images_without_faces": 0}
     assert any(line.split()[-2:] == ["6.3%", "6.3%"] for line in compliance_error_lines(error))
+
+
+def test_evaluation_txt_does_not_call_the_count_the_headline_where_the_headline_is_another_estimator():
+    """evaluation.txt titled the count at the threshold (cc) 'the headline figure', above a table whose last line
+    reads 'headline estimator: pacc2' with another figure."""
+    from utils.detection.compliance import compliance_error_lines
+
+    summary = {"faces": 16, "counts": {"with_mask": 1, "without_mask": 15, "mask_weared_incorrect": 0},
+               "percent_properly_masked": 6.25}
+    title = compliance_error_lines({"score_threshold": 0.5, "true": summary, "predicted": summary, "error_points": 0.0,
+                                    "per_image_mae_points": None, "images_compared": 0,
+                                    "images_without_detections": 0, "images_without_faces": 0})[0]
+    assert "headline figure" not in title and "cc" in title

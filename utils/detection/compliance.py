@@ -135,7 +135,9 @@ def compliance_error_lines(error: dict) -> list[str]:
         value = summary["percent_properly_masked"]
         return "n/a" if value is None else f"{one_decimal(value)}%"
 
-    lines = [f"Compliance at score >= {error['score_threshold']:g} (the headline figure):",
+    # the count (cc), which the headline estimator (pacc2 by default, below) need not be: not called the headline
+    lines = [f"Compliance at score >= {error['score_threshold']:g} (the faces kept counted: cc; the headline "
+             "estimate, with its interval, is below):",
              f"{'':<24}{'true':>9}{'predicted':>11}"]
     lines += [f"{name:<24}{true['counts'][name]:>9}{predicted['counts'][name]:>11}" for name in CLASSES]
     lines += [f"{'faces':<24}{true['faces']:>9}{predicted['faces']:>11}",
