@@ -270,9 +270,12 @@ def plot_compliance_by_folder(per_folder: dict, overall: dict, path, limit: int 
         if result["percent"] is None:
             ax.text(1, y, f"no figure ({result.get('note', 'no faces found')})", va="center", fontsize=8)
             continue
-        low, high = result["low"], result["high"]
-        error = None if low is None else [[result["percent"] - low], [high - result["percent"]]]
-        ax.errorbar(result["percent"], y, xerr=error, fmt="o", color=colour, ecolor="black", capsize=4)
+        # the interval drawn from its ends, not as error bars about the figure: a percentile bootstrap interval need
+        # not hold its own estimate (acc read 99.59 % with 0.0-97.89 % on 2 random images), and matplotlib refuses a
+        # negative error bar, which failed the whole job
+        if result["low"] is not None:
+            ax.plot([result["low"], result["high"]], [y, y], color="black", marker="|", markersize=10)
+        ax.plot(result["percent"], y, "o", color=colour)
         units = f"{result['units']} {result['unit']}{'' if result['units'] == 1 else 's'}"
         ax.text(101, y, f"{units}, {result['faces_found']} faces found", va="center", fontsize=8)
     if overall["percent"] is not None and per_folder:
