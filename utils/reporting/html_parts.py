@@ -169,15 +169,25 @@ def interval(result) -> str:
 
 
 def test_split_predicted(config: dict) -> str:
-    """Why the prediction set's figure is not the test set's where both are of the test split's photos (a run without
-    --pred-images: 46.6 and 46.7 % in a make run, said nowhere); '' for another prediction set."""
+    """Whether the prediction set's figure is the test set's where both are of the test split's photos (a run without
+    --pred-images); '' for another prediction set. The same model on the same pixels gives the same figure: the val
+    and test sets keep each photo's own pixels (utils/defaults.py PREPROCESS_FORMAT); a --max-size cap on them, or
+    --fold-ensemble's models for the prediction set, make the two differ."""
     if "pred_images" not in config or config["pred_images"]:
         return ""
-    ensemble = (", by the fold models' ensemble (--fold-ensemble), not the final model, and with the estimator that "
-                "stands in for an ensemble, which has no validation rates" if config.get("fold_ensemble") else "")
-    return ('<p class="muted">The prediction set is the test split\'s photos, predicted as they are' + ensemble
-            + "; the test set's figures above are of the copies the preprocess job wrote of them (decoded and "
-            "encoded again), in which the model can find a face more or fewer: the two figures differ.</p>")
+    why = []
+    max_size = num(config.get("max_size"))
+    if max_size:
+        why.append(f"the test set's copies of them were shrunk to at most {max_size:g} px on their longer side "
+                   "(--max-size), so the model may find a face more or fewer in them")
+    if config.get("fold_ensemble"):
+        why.append("the fold models' ensemble (--fold-ensemble) predicts them, not the final model, with the estimator "
+                   "that stands in for an ensemble, which has no validation rates")
+    if not why:
+        return ('<p class="muted">The prediction set is the test split\'s photos: the same model on the same pixels '
+                "as the test set above, hence the same figure.</p>")
+    return ('<p class="muted">The prediction set is the test split\'s photos, but ' + "; and ".join(why)
+            + ": the two figures differ.</p>")
 
 
 def estimate_paragraph(estimate, units: str, below: bool = False) -> str:
