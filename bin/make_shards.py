@@ -26,6 +26,7 @@ import time
 
 from tqdm import tqdm
 
+from utils import defaults as D
 from utils.cli import positive_int, run_job
 from utils.data.shards import INDEX_JSON, collect_images, read_index, source_signature, verify, write_shards
 from utils.errors import InputError
@@ -37,8 +38,10 @@ def get_args_parser():
     parser.add_argument("--annotations", default=None,
                         help="folder of VOC XML files, paired by path and stem (optional)")
     parser.add_argument("--output", required=True, help="shard folder to write (or, with --verify, to check)")
-    parser.add_argument("--shard-size", type=positive_int, default=1000, help="images per shard (default: 1000)")
-    parser.add_argument("--workers", type=positive_int, default=4, help="shards written at once (default: 4)")
+    parser.add_argument("--shard-size", type=positive_int, default=D.DATA_SHARD_IMAGES,
+                        help=f"images per shard (default: {D.DATA_SHARD_IMAGES})")
+    parser.add_argument("--workers", type=positive_int, default=D.SHARD_WORKERS,
+                        help=f"shards written at once (default: {D.SHARD_WORKERS})")
     parser.add_argument("--verify", action="store_true", help="check an existing shard folder's sha256 sums")
     return parser
 

@@ -31,7 +31,9 @@ RARE_FACTOR = 2                # extra copies of each image holding mask_weared_
 NOISE_STD = 8.0                # Gaussian pixel noise of an augmented copy, in 8-bit units (0-255)
 SHARD_DATA_ABOVE = 2000        # workflow: above this many images the splits travel as .tar shards (one replica
                                # per shard, not two per image); at or below, every file is its own replica
-DATA_SHARD_IMAGES = 1000       # images per shard of a sharded data set
+DATA_SHARD_IMAGES = 1000       # images per shard of a sharded data set (bin/make_shards.py --shard-size too)
+SHARD_WORKERS = 4              # shards written, or verified, at once (bin/make_shards.py --workers): each a thread
+                               # that reads and hashes files, so a few keep a disk busy without holding the GIL
 LABEL_MAP = ""                 # --label-map SOURCE=CLASS,...: other data sets' object names -> our classes;
                                # "" maps none
 FOLDS = 0                      # workflow --folds K: K-fold cross-validation on the train+val pool (K train +

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
+from .. import defaults as D
 from ..atomic import atomic_path, write_json
 from ..errors import InputError
 from ..provenance import file_sha256
@@ -106,7 +107,7 @@ def check_shard_files(index: ShardIndex) -> None:
             raise InputError(f"{path}: {path.stat().st_size} bytes, {index.folder / INDEX_JSON} says {shard.bytes}")
 
 
-def verify(index: ShardIndex, workers: int = 4) -> list[str]:
+def verify(index: ShardIndex, workers: int = D.SHARD_WORKERS) -> list[str]:
     """The shards whose sha256 differs from the index (reads every shard)."""
     def bad(shard: Shard) -> str | None:
         return shard.name if file_sha256(index.folder / shard.name) != shard.sha256 else None
@@ -224,7 +225,7 @@ def _write_shard(path: Path, members: list[ShardItem]) -> tuple[Shard, list[dict
     return Shard(path.name, len(members), count_xml, path.stat().st_size, file_sha256(path)), rows
 
 
-def write_shards(items: list, out_dir, shard_size: int, workers: int = 4,
+def write_shards(items: list, out_dir, shard_size: int, workers: int = D.SHARD_WORKERS,
                  skipped: list[dict] | None = None, progress=None, extra: dict | None = None) -> ShardIndex:
     """Pack *items* (ShardItems, or (image, XML or None) pairs packed flat) into shards of *shard_size*
     images in *out_dir*; write the index.
