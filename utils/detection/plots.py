@@ -16,6 +16,7 @@ from .. import defaults as D  # noqa: E402
 from ..atomic import atomic_path  # noqa: E402
 from ..classes import CLASS_COLOURS, CLASSES, NAME_OF  # noqa: E402
 from ..figures import one_decimal  # noqa: E402
+from ..naming import OUTPUTS  # noqa: E402
 
 
 def _save(fig, path) -> None:
@@ -181,8 +182,8 @@ def write_hpo_plots(results: list[dict], plots_dir, journals=()) -> dict:
         combined.add_trials(trials)
         studies.append(worker)
     notes = {}
-    history_path = plots_dir / "optimization_history.png"
-    importance_path = plots_dir / "param_importances.png"
+    history_path = plots_dir / OUTPUTS["hpo_merge"]["history_plot"]
+    importance_path = plots_dir / OUTPUTS["hpo_merge"]["importance_plot"]
     completed = combined.get_trials(states=(TrialState.COMPLETE,))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

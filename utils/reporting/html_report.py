@@ -18,8 +18,8 @@ from ..classes import CLASSES
 from .html_parts import (CSS, IMAGE_READ_ERRORS, ODD_CLASS, card, count, esc, estimate_paragraph, estimates_table,
                          image_data_uri, interval, note, number, percent, points, seconds_text, setting, table,
                          test_split_predicted, video_paragraphs)
-from .run_folder import (FOLD_FIGURES, KFOLD_SUMMARY, RunFolder, figure_title, image_errors_by_stem, predicted_by_stem,
-                         read_bounded, video_plot_name)
+from .run_folder import (FIGURES, FOLD_FIGURES, KFOLD_SUMMARY, RunFolder, figure_title, image_errors_by_stem,
+                         predicted_by_stem, read_bounded, video_plot_name)
 from .values import Fields, entries, mapping, num, num_text, text
 
 GRID_IMAGES = 24          # annotated images on the page at most
@@ -218,7 +218,7 @@ def hpo_section(page: Page) -> None:
     parts.append("</div></div>")
     for name, said in get.dict(hpo, "plot_notes", f"{where}: plot_notes").items():
         parts.append(note(f"<code>{esc(name)}</code>: {esc(text(said))}"))
-    parts.append(page.figures("optimization_history.png", "param_importances.png"))
+    parts.append(page.figures(*(name for name, (_, kind) in FIGURES.items() if kind == "hpo_merge")))
     page.add("hpo", "HPO", "".join(parts))
 
 
