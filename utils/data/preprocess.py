@@ -48,7 +48,9 @@ FORMATS = {"jpg": "JPEG", "png": "PNG"}
 # PNG; so a val or test image decodes to the very pixels predict reads from the photo (utils/defaults.py
 # PREPROCESS_FORMAT says why)
 SOURCE = "source"
-KEPT_ENCODINGS = {"JPEG": "jpg", "PNG": "png"}
+# MPO: a JPEG with a multi-picture (MPF) preview, as many cameras and phones write; Pillow decodes its first
+# picture, the photo, from the copy as from the photo
+KEPT_ENCODINGS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png"}
 
 
 class NothingProcessedError(InputError, RuntimeError):
