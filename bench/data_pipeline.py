@@ -4,7 +4,7 @@
 Stages, all on the same files in one run:
   decode      plain PIL decode + convert("RGB") of every image (the reference)
   validate    utils.data.validation.validate_dataset (decode, checks, content and perceptual hashes)
-  preprocess  utils.data.preprocess.preprocess_set to RGB JPEG (optionally with --max-size)
+  preprocess  utils.data.preprocess.preprocess_set as the workflow runs it (--format source; optionally --max-size)
   augment     utils.data.augment.augment_set with --copies copies per image (input images per second;
               output images per second printed alongside)
   dataset     iterating utils.data.dataset.VocDetectionDataset (decode + XML + tensors), in this process,

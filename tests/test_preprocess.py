@@ -1,4 +1,4 @@
-"""utils.data.preprocess and bin/preprocess.py: RGB JPEG outputs, longest-side cap, prefixes, tar, split, bad input."""
+"""utils.data.preprocess and bin/preprocess.py: photos kept or re-encoded, size cap, prefixes, tar, split, bad input."""
 
 from __future__ import annotations
 

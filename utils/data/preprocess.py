@@ -1,7 +1,9 @@
 """Preprocessing of the val and test sets, and the input/output plumbing it shares with augmentation.
 
-Every image becomes 8-bit RGB in one format (JPEG by default), optionally with its
-longest side capped; its VOC annotation is carried along with the objects cleaned
+Every image is kept as it is where it can be (--format source, the default: a JPEG or PNG photo
+stored upright and not shrunk is copied byte for byte, any other written as lossless PNG) or
+re-encoded as 8-bit RGB JPEG or PNG, optionally with its longest side capped; its VOC
+annotation is carried along with the objects cleaned
 (utils.data.voc.clean_objects) and the boxes moved by torchvision.transforms.v2 with the
 pixels. Outputs are flat folders (image and XML side by side, which
 utils.data.pairs.pair_folders reads back) or a flat .tar, named <prefix><stem>.<ext>
