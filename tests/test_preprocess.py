@@ -399,15 +399,17 @@ def test_preprocess_turns_boxes_drawn_on_the_stored_pixels_of_an_exif_turned_ima
     assert [p["problem"] for p in report["object_problems"]] == [
         "<size> 160x90 is the stored size of an image its EXIF orientation 6 turns to 90x160: the boxes were drawn "
         "on the stored pixels and are turned with them"]
-    # Written upright (as PNG, not kept as it is: --format source keeps only photos stored upright)
-    assert np.asarray(Image.open(tmp_path / "out" / "turned.png"))[110, 60, 0] > 200  # red under the box
+    # kept as it is (--format source), its EXIF orientation with it: read as every reader reads the sets
+    from utils.data.images import load_rgb
+
+    assert np.asarray(load_rgb(tmp_path / "out" / "turned.jpg"))[110, 60, 0] > 200  # red under the box
 
 
 def test_the_default_set_holds_the_photos_pixels_kept_as_they_are_where_it_can(tmp_path):
     """--format source: the val and test sets must decode to the pixels predict reads from the photos (the
     working size, threshold and rates are chosen on them). A second JPEG generation moved the 60-minute model's
-    test figures (pacc2 error -4.9 against -3.7 points). An upright JPEG or PNG is copied byte for byte; any
-    other photo is written as lossless PNG, whatever its mode."""
+    test figures (pacc2 error -4.9 against -3.7 points). A JPEG or PNG is copied byte for byte, a turned one
+    with its EXIF orientation; any other photo is written as lossless PNG, whatever its mode."""
     from helpers import write_exif_turned_pair
 
     from utils.data.images import load_rgb
@@ -422,13 +424,13 @@ def test_the_default_set_holds_the_photos_pixels_kept_as_they_are_where_it_can(t
     write_exif_turned_pair(src, src)
     report = preprocess_set(src, src, "test_", output_dir=tmp_path / "out", progress=False)
     assert report["images_processed"] == 5 and report["run_record"]["params"]["format"] == "source"
-    kept = {"photo": ".jpg", "screen": ".png", "scan": ".png", "grey": ".png", "turned": ".png"}
+    kept = {"photo": ".jpg", "screen": ".png", "scan": ".png", "grey": ".png", "turned": ".jpg"}
     for stem, suffix in kept.items():
         original = next(src.glob(f"{stem}.*[!l]"))  # the image, not its .xml
         written = tmp_path / "out" / f"test_{stem}{suffix}"
         assert parse_voc(tmp_path / "out" / f"test_{stem}.xml").filename == written.name
         assert np.array_equal(np.asarray(load_rgb(written)), np.asarray(load_rgb(original))), stem
-        assert (written.read_bytes() == original.read_bytes()) == (stem in ("photo", "screen")), stem
+        assert (written.read_bytes() == original.read_bytes()) == (stem in ("photo", "screen", "turned")), stem
 
 
 def test_a_camera_jpeg_with_a_multi_picture_preview_is_kept_as_it_is(tmp_path):

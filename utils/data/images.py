@@ -224,12 +224,11 @@ def stored_size_and_orientation(path) -> tuple[tuple[int, int], int]:
         return img.size, orientation if orientation in range(1, 9) else 1
 
 
-def upright_encoding(path) -> str | None:
-    """The file's encoding (Pillow's format name: "JPEG", "PNG", ...) when its pixels are stored upright (no EXIF
-    orientation but 1), else None; read from the header only."""
+def file_encoding(path) -> str | None:
+    """The file's encoding, Pillow's format name ("JPEG", "MPO", "PNG", ...), read from the header only."""
     path = Path(path)
     with _pillow_errors(path, "read image header"), Image.open(path, formats=IMAGE_FORMATS) as img:
-        return img.format if img.getexif().get(0x0112, 1) == 1 else None
+        return img.format
 
 
 def image_size(path) -> tuple[int, int]:
