@@ -23,15 +23,6 @@ TINY = dict(image_size=128, batch_size=2, workers=0, epochs=2, warmup_iters=2, t
             weights="none")
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from utils.data.sample_data import make_sample_dataset
-
-    out = tmp_path_factory.mktemp("tiny_recipe")
-    make_sample_dataset(out, num_images=6, seed=11, image_size=(96, 96))
-    return out
-
-
 def write_voc(path, names):
     objects = "".join(f"<object><name>{n}</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>9</xmax>"
                       f"<ymax>9</ymax></bndbox></object>" for n in names)
