@@ -240,3 +240,24 @@ def test_an_output_that_is_a_folder_or_under_a_file_names_that_path_not_a_tempor
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         f"compare_runs: error: {file}: a file, not a folder to write runs.csv in"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_video_summary_whose_tag_ends_in_run_is_not_read_as_a_run_record(tmp_path):
+    """A video of --pred-videos named entrance_run.mp4 writes video_summary_entrance_run.json, which ends like a run
+    record: the page listed it among the jobs' records (job '?') and its rebuilt configuration gave it a job of
+    its own ('video_summary_entrance: ? ...')."""
+    import json
+
+    from utils.reporting.html_report import build_report
+    from utils.reporting.run_folder import read_run_folder
+
+    run_dir = make_run_folder(tmp_path / "run", figures=False)
+    summary = {"source": "entrance_run.mp4", "frames_read": 4, "frames_processed": 4,
+               "overall": {"faces": 2, "percent_properly_masked": 50.0}, "resampling": {"block_frames": 1},
+               "estimate": {"method": "cc", "percent": 50.0, "low": 0.0, "high": 100.0, "units": 4}}
+    (run_dir / "outputs" / "video_summary_entrance_run.json").write_text(json.dumps(summary))
+    run = read_run_folder(run_dir)
+    assert list(run.videos) == ["video_summary_entrance_run.json"]
+    assert not any(name.startswith("video_summary") for name in run.run_records), sorted(run.run_records)
+    page, _ = build_report(run)
+    assert "Video <code>entrance_run.mp4</code>" in page and "<td class=\"text\">video_summary_entrance_run" not in page

@@ -375,6 +375,8 @@ def read_run_folder(path) -> RunFolder:
             if (outputs / video_plot_name(summary.name)).is_file():
                 run.figures[video_plot_name(summary.name)] = outputs / video_plot_name(summary.name)
     for record_file in sorted(outputs.glob(f"*{RUN_RECORD_SUFFIX}")):
+        if video_tag(record_file.name) is not None:  # a video's summary whose tag ends in _run: read above
+            continue
         record = _read_json(record_file, run, "run record")
         if record is not None:
             run.run_records[record_file.name.removesuffix(RUN_RECORD_SUFFIX)] = record
