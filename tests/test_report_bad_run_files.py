@@ -261,3 +261,22 @@ def test_a_video_summary_whose_tag_ends_in_run_is_not_read_as_a_run_record(tmp_p
     assert not any(name.startswith("video_summary") for name in run.run_records), sorted(run.run_records)
     page, _ = build_report(run)
     assert "Video <code>entrance_run.mp4</code>" in page and "<td class=\"text\">video_summary_entrance_run" not in page
+
+
+def test_a_percent_too_large_for_one_decimal_still_gives_a_page(tmp_path):
+    """A finite percent of 1e28 or more (a damaged or hostile compliance.json, video summary, ...) ended bin/report.py
+    in decimal.InvalidOperation: one_decimal quantized it in Decimal's default 28-digit context."""
+    import json
+
+    from utils.figures import one_decimal
+    from utils.reporting.html_report import build_report
+    from utils.reporting.run_folder import read_run_folder
+
+    assert one_decimal(1e308) == f"{1e308:.1f}" and one_decimal(6.25) == "6.3"
+    run_dir = make_run_folder(tmp_path / "run", figures=False)
+    edit_json(run_dir / "outputs" / "compliance.json", lambda d: d["estimate"].update(percent=1e308))
+    (run_dir / "outputs" / "video_summary.json").write_text(json.dumps(
+        {"source": "gate.mp4", "overall": {"faces": 2, "percent_properly_masked": 1e300},
+         "estimate": {"method": "cc", "percent": 50.0, "low": 1e300, "high": 1e308, "units": 4}}))
+    page, _ = build_report(read_run_folder(run_dir))
+    assert "</html>" in page

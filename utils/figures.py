@@ -10,9 +10,13 @@ in page.html), so 7 of 13 faces (53.846 %, stored 53.85) reads 53.9 % there as i
 
 from __future__ import annotations
 
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Context, Decimal
+
+# Digits enough for any finite float to one decimal (1.8e308: 309 before the point); the default context's 28
+# refused a figure of 1e28 or more (decimal.InvalidOperation), which a damaged run file can hold.
+_EXACT = Context(prec=400)
 
 
 def one_decimal(value: float) -> str:
     """*value* to one decimal as JavaScript's value.toFixed(1) writes it: one_decimal(6.25) == '6.3'."""
-    return str(Decimal(float(value)).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
+    return str(Decimal(float(value)).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP, context=_EXACT))
