@@ -201,6 +201,21 @@ def test_calibration_images_without_a_face_leave_the_count_interval_plain_and_sa
     assert estimate(units, "cc", faceless, replicates=0)["low"] is None  # no replicate, no interval, no crash
 
 
+
+def test_an_adjusted_estimate_that_finds_no_face_where_faces_were_found_does_not_say_none_were_found():
+    """Validation rates under which every box of the classes detected was a false one (no true face of them in the
+    validation images) make acc, pacc and pacc2 estimate no face at all: their note said 'no faces found' beside
+    faces_found 5, and the printed line, the plot per folder and the report's estimates table repeated it."""
+    conf, soft = np.zeros((4, 4)), np.zeros((4, 3))
+    conf[0, 0], conf[3, 2], soft[0, 0], soft[3, 2] = 2, 1, 1.8, 0.9  # with_mask found; a background box as incorrect
+    calibration = Calibration(np.array([[2.0, 0, 0]] * 2), np.stack([conf, conf]), np.stack([soft, soft]))
+    units = Units.of([[0, 0, 3], [0, 0, 2]], [[0, 0, 2.7], [0, 0, 1.8]])
+    for method in ("acc", "pacc", "pacc2"):
+        result = estimate(units, method, calibration, replicates=50)
+        assert result["percent"] is None and result["faces_found"] == 5
+        assert result["note"] != "no faces found" and "false detections" in result["note"], method
+    assert estimate(units, "cc", calibration, replicates=50)["percent"] == 0.0
+
 def test_same_seed_same_interval_and_another_seed_another():
     rng = np.random.default_rng(3)
     calibration, units = labelled(simulate(rng, 30)), Units.from_calibration(labelled(simulate(rng, 30)))

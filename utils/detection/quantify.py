@@ -295,6 +295,10 @@ def _rounded(value: float | None, digits: int = 2):
     return None if value is None or not math.isfinite(value) else round(value, digits)
 
 
+# The note of an adjusted estimate that finds no face where faces were found (it said "no faces found").
+NONE_ESTIMATED = "no face estimated: the validation rates put every face found down to false detections"
+
+
 def estimate(units: Units, method: str, calibration: Calibration | None = None, unit: str = "image",
              replicates: int = D.BOOTSTRAP_REPLICATES, seed: int = D.SEED, confidence: float = CONFIDENCE) -> dict:
     """The percent properly masked by *method*, with its seeded percentile bootstrap interval.
@@ -339,8 +343,9 @@ def estimate(units: Units, method: str, calibration: Calibration | None = None, 
     elif method in UNADJUSTED and calibration is not None:
         result["not_widened"] = ("the validation images hold no face, or none was found there: the interval "
                                  "covers the sampling of images only")
-    if not math.isfinite(share):
-        return {**result, "note": "no faces found" if n else f"no {unit}s"}
+    if not math.isfinite(share):  # an adjusted estimator can also put every face found down to false detections
+        why = "no faces found" if not result["faces_found"] else NONE_ESTIMATED
+        return {**result, "note": why if n else f"no {unit}s"}
     if n < 2:
         return {**result, "note": f"one {unit}: no interval"}
     # One stream for the target's draws and one for the calibration images', so that the target's replicates
