@@ -178,8 +178,9 @@ def test_split_predicted(config: dict) -> str:
     why = []
     max_size = num(config.get("max_size"))
     if max_size:
-        why.append(f"the test set's copies of them were shrunk to at most {max_size:g} px on their longer side "
-                   "(--max-size), so the model may find a face more or fewer in them")
+        # the page cannot tell whether any photo was over the cap: with none, the figures are the same
+        why.append(f"the test set's copies of any of them over {max_size:g} px on their longer side were shrunk to it "
+                   "(--max-size), and the model may find a face more or fewer in those")
     if config.get("fold_ensemble"):
         why.append("the fold models' ensemble (--fold-ensemble) predicts them, not the final model, with the estimator "
                    "that stands in for an ensemble, which has no validation rates")
@@ -187,7 +188,7 @@ def test_split_predicted(config: dict) -> str:
         return ('<p class="muted">The prediction set is the test split\'s photos: the same model on the same pixels '
                 "as the test set above, hence the same figure.</p>")
     return ('<p class="muted">The prediction set is the test split\'s photos, but ' + "; and ".join(why)
-            + ": the two figures differ.</p>")
+            + ": the two figures can differ.</p>")
 
 
 def estimate_paragraph(estimate, units: str, below: bool = False) -> str:
