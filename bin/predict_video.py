@@ -127,7 +127,7 @@ def run(args) -> int:
                                 output_video=args.output_video, show=args.show, max_frames=args.max_frames,
                                 max_seconds=args.max_seconds, tta=meta["tta"], progress=bar.update,
                                 settings={"model": args.model[0] if len(args.model) == 1 else args.model,
-                                          "score_threshold_source": source},
+                                          "working_size": meta["working_size"], "score_threshold_source": source},
                                 tag=args.output_tag, calibration=meta.get("quantification"), opened=opened,
                                 record=record)
     for note in summary["notes"]:

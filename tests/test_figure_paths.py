@@ -259,6 +259,8 @@ def test_a_video_run_with_the_fold_ensemble_gives_the_figure_and_estimator_its_p
     assert summary["model"] == [str(calibrated_model)] * 2 and summary["overall"] == one["overall"]
     assert figure(summary["estimate"]) == figure(one["estimate"])
     assert summary["estimate"]["fallback"] == one["estimate"]["fallback"]
+    # and the working size its photos' compliance.json gives (the summary said null: an ensemble has no transform)
+    assert summary["working_size"] == one["working_size"] == 128
 
 
 def test_each_folders_figure_is_the_figure_of_that_folder_alone_whatever_its_name(

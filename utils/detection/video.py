@@ -263,7 +263,10 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
             # A camera, or a stream without a length (a live one), is timed by the wall clock; a file, or a stream
             # with a length (a recorded video at a URL), by its timestamps: its video time, however slow the detector
             live = kind == "camera" or (kind == "stream" and declared is None)
-            settings = {**(settings or {}), "working_size": working_size(model)}  # in the summary; the rates need it
+            # in the summary; the rates need it. The caller's when given: an ensemble's members each run at their own
+            # (working_size gives None), and predict's outputs give the size ensemble.load_ensemble says
+            settings = dict(settings or {})
+            settings["working_size"] = settings.pop("working_size", working_size(model))
             tmp_video = outputs.path(video_target) if video_target else None
             with outputs.naming(csv_path):  # a full disk while a row is written (a row a frame) names the file
                 csv_file = open(csv_tmp, "w", encoding="utf-8")
