@@ -432,8 +432,9 @@ def test_the_report_says_why_there_is_no_figure_or_no_interval_as_the_line_and_t
     (None, False, None, "the same model on the same pixels as the test set above, hence the same figure"),
     (None, True, None, "but the fold models' ensemble (--fold-ensemble) predicts them"),
     # --max-size shrinks only the photos over it: the page cannot say that any was, nor that the figures differ
-    (None, False, 640, "but the test set's copies of any of them over 640 px on their longer side were shrunk to it "
-                       "(--max-size), and the model may find a face more or fewer in those: the two figures can differ"),
+    (None, False, 640, "but the test set's copies of any of them over 640 px on their longer side were shrunk to "
+                       "it (--max-size), and the model may find a face more or fewer in those: the two figures can "
+                       "differ"),
     ("/data/cams", False, None, None)])
 def test_the_report_says_whether_the_test_splits_photos_read_the_figure_of_the_prediction_set(
         root, tmp_path, capsys, pred_images, fold_ensemble, max_size, said):
