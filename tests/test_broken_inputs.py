@@ -237,3 +237,22 @@ def test_cli_fails_clearly_without_usable_images(case, root, tmp_path):
     expected = {"empty folders": f"{images}: no images found", "missing folder": f"{images}: folder does not exist",
                 "only broken files": "none of the 1 images is usable"}[case]
     assert expected in line
+
+
+def test_of_two_images_sharing_a_stem_the_one_the_xml_names_keeps_it(tmp_path):
+    """twin.jpg and twin.png with a twin.xml drawn on twin.png: validation and preprocess kept the first by name,
+    twin.jpg, with twin.png's boxes (of the same size: nothing said it), and called twin.png the ambiguous one."""
+    from utils.data.preprocess import preprocess_set
+
+    images, annotations = tmp_path / "images", tmp_path / "annotations"
+    images.mkdir()
+    annotations.mkdir()
+    picture(1).save(images / "twin.jpg")
+    picture(2).save(images / "twin.png")
+    (annotations / "twin.xml").write_text(voc_xml(GOOD, filename="twin.png"))
+    result = validate_dataset(images, annotations, progress=False)
+    assert [p.image.name for p in result.clean_pairs] == ["twin.png"]
+    assert [(p["file"], p["kind"]) for p in result.report["problems"]] == [("twin.jpg", "ambiguous_name")]
+    report = preprocess_set(images, annotations, "val_", output_dir=tmp_path / "out", progress=False)
+    assert [s["file"] for s in report["skipped"]] == ["twin.jpg"]
+    assert (tmp_path / "out" / "val_twin.png").read_bytes() == (images / "twin.png").read_bytes()

@@ -204,6 +204,8 @@ def pair_folders(images_dir, annotations_dir) -> Pairing:
             images.setdefault(path.stem, []).append(path)
     annotations = {p.stem: p for p in entries[annotations_dir] if p.is_file() and p.suffix.lower() == ".xml"}
     for stem, paths in images.items():
+        if stem in annotations and len(paths) > 1:
+            paths = _named_image_first(paths, annotations[stem])
         for path in paths:
             if stem in annotations:
                 pairing.pairs.append(Pair(path, annotations[stem]))
@@ -212,6 +214,17 @@ def pair_folders(images_dir, annotations_dir) -> Pairing:
     pairing.annotations_without_image = [p for stem, p in annotations.items() if stem not in images]
     pairing.folders = [path for paths in entries.values() for path in paths if path.is_dir()]
     return pairing
+
+
+def _named_image_first(paths: list[Path], annotation: Path) -> list[Path]:
+    """*paths*, images sharing the stem of *annotation*, with the one its <filename> names first: its boxes are of
+    that image, and validation and preprocess keep the first of a stem (dup.jpg and dup.png with a dup.xml drawn on
+    dup.png kept dup.jpg with dup.png's boxes)."""
+    try:
+        named = PurePosixPath(parse_voc(annotation).filename.replace("\\", "/")).name
+    except VocError:  # validation says why the XML cannot be read; which image comes first does not matter
+        return paths
+    return sorted(paths, key=lambda path: path.name != named)  # stable: the others keep their order
 
 
 def _read_problem(pair) -> tuple[dict | None, str | None, tuple[int, int] | None]:

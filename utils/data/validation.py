@@ -9,8 +9,9 @@ and every excluded image is the "image" of at least one excluding problem.
 
 Checks: entries that cannot be read as files (a name not valid UTF-8, a link to nothing,
 not a regular file; utils.data.pairs.pair_folders); image without annotation and the
-reverse; images sharing one name stem (annotations are matched by stem, so they are ambiguous); unreadable, truncated or
-non-image files (full decode with utils.data.images.load_rgb_hashed, which hashes the file too); XML that is not
+reverse; images sharing one name stem (annotations are matched by stem, so they are ambiguous: the one the XML's
+<filename> names keeps it, utils.data.pairs.pair_folders); unreadable, truncated or non-image files (full
+decode with utils.data.images.load_rgb_hashed, which hashes the file too); XML that is not
 well-formed or lacks required fields (utils.data.voc.parse_voc); unknown class names, boxes outside the
 image, zero- or negative-area boxes (utils.data.voc.clean_objects: overshoots of at most
 CLIP_TOLERANCE_PX are clipped, anything else drops the object); an XML <size> that
