@@ -428,23 +428,31 @@ def test_the_report_says_why_there_is_no_figure_or_no_interval_as_the_line_and_t
         assert shown in report_page(root, run_dir, capsys)
 
 
-@pytest.mark.parametrize("pred_images, fold_ensemble, max_size, said", [
-    (None, False, None, "the same model on the same pixels as the test set above, hence the same figure"),
-    (None, True, None, "but the fold models' ensemble (--fold-ensemble) predicts them"),
-    # --max-size shrinks only the photos over it: the page cannot say that any was, nor that the figures differ
-    (None, False, 640, "but the test set's copies of any of them over 640 px on their longer side were shrunk to "
-                       "it (--max-size), and the model may find a face more or fewer in those: the two figures can "
-                       "differ"),
-    ("/data/cams", False, None, None)])
+SAME_FIGURE = "the same model on the same pixels as the test set above, hence the same figure"
+
+
+@pytest.mark.parametrize("pred_images, fold_ensemble, max_size, shrunk, said", [
+    (None, False, None, 0, SAME_FIGURE),
+    (None, True, None, 0, "but the fold models' ensemble (--fold-ensemble) predicts them"),
+    (None, False, 640, 3, "but 3 of the test set's copies of them were shrunk to at most 640 px"),
+    # a cap above every test photo's size (the mixed-dataset audit: --max-size 1024 on 320x240 photos) shrinks none
+    (None, False, 1024, 0, SAME_FIGURE),
+    (None, False, 640, None, "but the test set's copies of any of them over 640 px on their longer side were "
+                             "shrunk to it (--max-size)"),  # an older report: the page cannot count them
+    ("/data/cams", False, None, 0, None)])
 def test_the_report_says_whether_the_test_splits_photos_read_the_figure_of_the_prediction_set(
-        root, tmp_path, capsys, pred_images, fold_ensemble, max_size, said):
+        root, tmp_path, capsys, pred_images, fold_ensemble, max_size, shrunk, said):
     """Without --pred-images the prediction set is the test split's photos: the page gave them two figures (46.7 %
     from evaluate and 46.6 % from merge_predictions in a make run, from JPEG copies of the photos then) and did not
-    say why. The sets now keep the photos' own pixels: the figures agree unless --max-size or --fold-ensemble."""
+    say why. The sets now keep the photos' own pixels: the figures agree unless --max-size shrank some of them
+    (preprocess's images_shrunk) or --fold-ensemble."""
     from run_folders import make_run_folder
 
     run_dir = make_run_folder(tmp_path / "run", hpo=False, statistics=False, figures=False,
                               config={"pred_images": pred_images, "fold_ensemble": fold_ensemble, "max_size": max_size})
+    if shrunk is not None:
+        report = run_dir / "outputs" / "preprocess_test_report.json"
+        report.write_text(json.dumps({**json.loads(report.read_text()), "images_shrunk": shrunk}))
     page = report_page(root, run_dir, capsys)
     assert ("The prediction set is the test split's photos" in page) == (pred_images is None)
     assert said is None or said in page

@@ -40,7 +40,7 @@ def write_pair(folder, stem, image: Image.Image, suffix, boxes=((10, 10, 30, 40)
 def test_max_size_scales_image_and_boxes(sample_dir, tmp_path):
     report = preprocess_set(sample_dir / "images", sample_dir / "annotations", "val_", output_dir=tmp_path / "out",
                             max_size=80, progress=False)
-    assert report["images_processed"] == 24 and report["images_skipped"] == 0
+    assert report["images_processed"] == 24 and report["images_skipped"] == 0 and report["images_shrunk"] == 24
     for pair in pair_folders(sample_dir / "images", sample_dir / "annotations").pairs:
         out_image = tmp_path / "out" / f"val_{pair.stem}.png"  # shrunk: lossless PNG (--format source)
         with Image.open(out_image) as img:
@@ -424,6 +424,7 @@ def test_the_default_set_holds_the_photos_pixels_kept_as_they_are_where_it_can(t
     write_exif_turned_pair(src, src)
     report = preprocess_set(src, src, "test_", output_dir=tmp_path / "out", progress=False)
     assert report["images_processed"] == 5 and report["run_record"]["params"]["format"] == "source"
+    assert report["images_shrunk"] == 0
     kept = {"photo": ".jpg", "screen": ".png", "scan": ".png", "grey": ".png", "turned": ".jpg"}
     for stem, suffix in kept.items():
         original = next(src.glob(f"{stem}.*[!l]"))  # the image, not its .xml

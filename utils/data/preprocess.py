@@ -352,7 +352,9 @@ def preprocess_set(images, annotations, prefix: str, output_dir=None, output_tar
     params = {"images": images, "annotations": annotations, "prefix": prefix, "split_csv": split_csv,
               "split": split, "max_size": max_size, "format": image_format, "quality": quality,
               "output_dir": output_dir, "output_tar": output_tar, "label_map": str(label_map)}
-    log = JobLog()
+    # images_shrunk: how many --max-size changed, so that the report says whether the test set's figure can differ
+    # from the prediction set's on the same photos (utils/reporting/html_parts.test_split_predicted)
+    log = JobLog(extra={"images_shrunk": 0})
     used_inputs, produced = [], set()
     with open_inputs(images, annotations, split_csv, split, log) as pairs:
         with output_folder(output_dir, output_tar) as folder:
@@ -367,6 +369,7 @@ def preprocess_set(images, annotations, prefix: str, output_dir=None, output_tar
                 if loaded is None:
                     continue
                 image, ann = resize_longest_side(loaded.image, loaded.annotation, max_size)
+                log.extra["images_shrunk"] += image is not loaded.image
                 log.written += write_photo(folder, stem, loaded, image, ann, image_format, quality)
                 produced.add(stem)
                 log.processed += 1

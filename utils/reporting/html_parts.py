@@ -168,19 +168,23 @@ def interval(result) -> str:
     return f"{percent(result['percent'])} ({level}% interval {bounds})"
 
 
-def test_split_predicted(config: dict) -> str:
+def test_split_predicted(config: dict, shrunk=None) -> str:
     """Whether the prediction set's figure is the test set's where both are of the test split's photos (a run without
     --pred-images); '' for another prediction set. The same model on the same pixels gives the same figure: the val
-    and test sets keep each photo's own pixels (utils/defaults.py PREPROCESS_FORMAT); a --max-size cap on them, or
+    and test sets keep each photo's own pixels (utils/defaults.py PREPROCESS_FORMAT); a --max-size cap that shrank
+    some of them (*shrunk*: the test set preprocess report's images_shrunk; None from a report without it), or
     --fold-ensemble's models for the prediction set, make the two differ."""
     if "pred_images" not in config or config["pred_images"]:
         return ""
     why = []
-    max_size = num(config.get("max_size"))
-    if max_size:
-        # the page cannot tell whether any photo was over the cap: with none, the figures are the same
-        why.append(f"the test set's copies of any of them over {max_size:g} px on their longer side were shrunk to it "
-                   "(--max-size), and the model may find a face more or fewer in those")
+    max_size, shrunk = num(config.get("max_size")), num(shrunk)
+    if max_size and shrunk != 0:  # a cap above every photo's size changes no pixel
+        # an older preprocess report does not count them: the page cannot tell whether any photo was over the cap
+        which = (f"the test set's copies of any of them over {max_size:g} px on their longer side were shrunk to it"
+                 if shrunk is None else
+                 f"{shrunk:g} of the test set's copies of them were shrunk to at most {max_size:g} px on their longer "
+                 "side")
+        why.append(f"{which} (--max-size), and the model may find a face more or fewer in those")
     if config.get("fold_ensemble"):
         why.append("the fold models' ensemble (--fold-ensemble) predicts them, not the final model, with the estimator "
                    "that stands in for an ensemble, which has no validation rates")

@@ -135,7 +135,7 @@ def summary_section(page: Page) -> None:
             below = num(overall.get("faces")) == 0 and num(estimate.get("percent")) is not None  # as predict says
             parts.append(estimate_paragraph(estimate, f"{count(estimate.get('units'))} images", below))
         if evaluation:  # the test split's photos again (no --pred-images): another figure, said why
-            parts.append(test_split_predicted(mapping(run.config)))
+            parts.append(test_split_predicted(mapping(run.config), mapping(run.preprocess_test).get("images_shrunk")))
     else:
         parts.append(not_in_run(run, "compliance.json", "the merge_predictions job has not finished"))
     for name, summary in run.videos.items():  # predict_video's, one a video of --pred-videos
