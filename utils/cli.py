@@ -282,7 +282,8 @@ def add_label_map_arg(parser, writes_canonical: bool = False) -> None:
 def add_set_output_args(parser, report_contents: str) -> None:
     """--quality, --output-dir | --output-tar, --report, --no-progress of the jobs that write a set."""
     parser.add_argument("--quality", type=int_between(1, 100), default=D.JPEG_QUALITY,
-                        help=f"JPEG quality 1-100 (default: {D.JPEG_QUALITY})")
+                        help=f"JPEG quality 1-100 of the images it encodes as JPEG: augment's copies, preprocess "
+                             f"--format jpg; a photo kept as it is keeps its own (default: {D.JPEG_QUALITY})")
     output = parser.add_mutually_exclusive_group(required=True)
     output.add_argument("--output-dir", type=Path, default=None,
                         help="folder of the pairs, replaced whole by the new set once it is complete; a folder "
