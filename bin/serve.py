@@ -16,9 +16,9 @@ with its id (X-Request-ID) and its decode / queue / inference times.
 The model is loaded once; one inference thread puts up to --batch-size images of the same
 size from any requests into one forward pass; at most --queue-size requests wait for it and at
 most --max-requests are received or served at once (then 503 with Retry-After; the probes
-always answer), at most --max-requests-per-client of them from one client address (then 429;
-behind a reverse proxy on another host, name it in --forwarded-allow-ips or give
---max-requests-per-client 0: docs/service.md). A
+always answer), at most --max-requests-per-client of them (and the same share of --queue-size)
+from one client address (then 429; behind a reverse proxy on another host, name it in
+--forwarded-allow-ips or give --max-requests-per-client 0: docs/service.md). A
 connection must send a complete request head within --header-timeout seconds of connecting
 or of its last answer, and a body may not stall for --body-timeout seconds nor, after that
 long, average under --min-body-rate KB/s, nor take longer than
@@ -98,7 +98,8 @@ def get_args_parser():
                              "/api/health, /metrics excepted; open connections without a request do not count) "
                              f"(default: {D.SERVICE_MAX_REQUESTS})")
     parser.add_argument("--max-requests-per-client", type=non_negative_int, default=None,
-                        help="of those, requests from one client address at once; more get 429. Behind a "
+                        help="of those, requests from one client address at once, and the same share of "
+                             "--queue-size (at least 1); more get 429. Behind a "
                              "reverse proxy all requests come from its address: name it in --forwarded-allow-ips, "
                              "or pass 0 (no per-client limit; leave it to the proxy) (default: a quarter of "
                              f"--max-requests, {int(D.SERVICE_MAX_REQUESTS * D.SERVICE_CLIENT_SHARE_OF_REQUESTS)} "

@@ -162,6 +162,61 @@ def test_a_full_queue_answers_503_with_retry_after(tiny_model_file, sample_dir, 
     assert first["answer"].status_code == 200
 
 
+def test_one_client_cannot_hold_every_queue_place_and_another_still_gets_in(tiny_model_file, sample_dir, monkeypatch):
+    """One address with as many requests as --queue-size (a script with 8 workers) held every place, and every other
+    client was answered 503 for as long as it kept them up. A client now holds at most its share (its share of
+    --max-requests, of --queue-size: 2 of 8 by default); one more from it is 429 with the reason and Retry-After, and
+    another address still gets in."""
+    import utils.service.app as service
+
+    app = create_app(ServiceConfig(model_path=tiny_model_file, queue_size=4))  # a client's share: 8 of 32, 1 of 4
+    assert app.state.queue.per_client == 1
+    release, real_detect = threading.Event(), service.detect
+
+    def held_detect(*args, **kwargs):
+        release.wait(30)
+        return real_detect(*args, **kwargs)
+
+    monkeypatch.setattr(service, "detect", held_detect)
+
+    async def from_client(scope, receive, send):  # the client address as uvicorn would report it, from a header
+        if scope["type"] == "http":
+            scope["client"] = (dict(scope["headers"])[b"x-test-client"].decode(), 1)
+        await app(scope, receive, send)
+
+    files = [("files", ("a.jpg", jpeg(sample_dir), "image/jpeg"))]
+    answers = {}
+
+    def post(name, client):
+        answers[name] = c.post("/api/predict", files=files, headers={"x-test-client": client})
+
+    def queued(count):  # bounded: only a hang runs out
+        for _ in range(600):
+            if app.state.queue.waiting == count:
+                return True
+            threading.Event().wait(0.05)
+        return False
+
+    with TestClient(from_client) as c:
+        first = threading.Thread(target=post, args=("first", "10.0.0.1"))
+        first.start()
+        assert queued(1)
+        post("again", "10.0.0.1")  # the old code admitted it, and it waited for the model with the first
+        other = threading.Thread(target=post, args=("other", "10.0.0.2"))
+        other.start()
+        assert queued(2)
+        release.set()
+        first.join(60)
+        other.join(60)
+    again = answers["again"]
+    assert again.status_code == 429 and again.headers["Retry-After"] == "2", again.text
+    assert again.json()["detail"] == ("POST /api/predict: too many requests from '10.0.0.1' waiting for the model: 1 "
+                                      "of the 4 places (--queue-size); at most 1 from one client; retry when one is "
+                                      "answered")
+    assert answers["first"].status_code == 200 and answers["other"].status_code == 200
+    assert app.state.queue.waiting == 0 and app.state.queue.by_client == {}  # every place given back
+
+
 @pytest.mark.slow
 def test_serve_refuses_a_missing_model_in_one_line(root, tmp_path):
     proc = subprocess.run([sys.executable, str(root / "bin" / "serve.py"), "--model", str(tmp_path / "none.pt")],

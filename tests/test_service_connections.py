@@ -281,6 +281,10 @@ def test_the_per_client_limit_defaults_to_a_share_of_max_requests_and_0_turns_it
     assert ServiceConfig(Path("model.pt"), max_requests=2).client_limit == 1  # never none at all
     assert ServiceConfig(Path("model.pt"), max_requests_per_client=3).client_limit == 3
     assert ServiceConfig(Path("model.pt"), max_requests_per_client=0).client_limit is None
+    # ... and the same share of the queue for the model (--queue-size): 8 of 32 requests, 2 of 8 places
+    assert ServiceConfig(Path("model.pt")).client_queue_limit == 2
+    assert ServiceConfig(Path("model.pt"), queue_size=1).client_queue_limit == 1
+    assert ServiceConfig(Path("model.pt"), max_requests_per_client=0).client_queue_limit is None
 
 
 def test_the_proxies_uvicorn_is_told_of_in_forwarded_allow_ips_are_still_trusted(root, monkeypatch):

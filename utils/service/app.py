@@ -71,7 +71,6 @@ from .uploads import (AdmissionQueue, PixelBudget, Upload, annotated_jpeg, decod
 
 DETECTION_FLOOR = D.DETECTION_FLOOR  # lowest score returned: below it a box is noise at any threshold a user would pick
 IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff"}  # of data.images.IMAGE_FORMATS
-RETRY_AFTER_S = 2
 MATCH_IOU = 0.5  # /api/explain: the detection explained is the model's box of that class overlapping the given one
 PAGE = Path(__file__).with_name("page.html")  # the web page at /: plain HTML and JS, no build step, no CDN
 PROTECTED = ("/api/model", "/api/predict", "/api/explain")  # need the token when one is set; probes never do
@@ -108,6 +107,12 @@ class ServiceConfig:
         return self.max_requests_per_client or None
 
     @property
+    def client_queue_limit(self) -> int | None:
+        """Admitted requests one client address may hold at once: its share of max_requests, of queue_size."""
+        share = self.client_limit
+        return None if share is None else max(1, self.queue_size * min(share, self.max_requests) // self.max_requests)
+
+    @property
     def max_body_bytes(self) -> int:
         """The largest request body: every image at its largest, plus the multipart framing."""
         return int((self.max_images * self.max_upload_mb + D.SERVICE_REQUEST_OVERHEAD_MB) * 2**20)
@@ -118,7 +123,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     # Not on this (the main) thread: see batching.py on OpenMP teams.
     model, meta, default_threshold, threshold_source = on_a_passing_thread(load_trained_model, config.model_path,
                                                                             device)
-    queue = AdmissionQueue(config.queue_size)
+    queue = AdmissionQueue(config.queue_size, config.client_queue_limit)
     max_bytes = int(config.max_upload_mb * 2**20)
     metrics = ServiceMetrics()
     decode_threads = config.decode_threads or default_decode_threads()
@@ -215,12 +220,13 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 "num_train_images": meta.get("num_train_images"), "num_val_images": meta.get("num_val_images"),
                 "limits": {"max_upload_mb": config.max_upload_mb, "max_images": config.max_images}}
 
-    def admit(request: Request) -> None:
-        # no refusal when stopping: uvicorn takes no new connections then, and a request already
-        # received (its body may still be arriving) is one in flight, to be finished
-        if not queue.enter():
-            raise HTTPException(503, f"busy: {queue.limit} requests already wait for the model; retry shortly",
-                                headers={"Retry-After": str(RETRY_AFTER_S)})
+    def admit(request: Request) -> str | None:
+        """The request's client address once admitted (503 when the queue is full, 429 when the client holds its
+        share). No refusal when stopping: uvicorn takes no new connections then, and a request already received
+        (its body may still be arriving) is one in flight, to be finished."""
+        client = request.client.host if request.client else None  # the edge's address (X-Forwarded-For: bin/serve.py)
+        queue.enter(f"{request.method} {shown_path(request.url.path)}", client)
+        return client
 
     async def read_upload(request: Request, upload: UploadFile) -> Upload:
         """The upload and its size from the header, nothing decoded; 413/415/422 naming the file."""
@@ -351,7 +357,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         """Detections (down to the detection floor, with scores) and compliance per image and overall."""
         threshold = default_threshold if score_threshold is None else score_threshold
         tta = meta["tta"] if tta is None else tta
-        admit(request)
+        client = admit(request)
         withdrawal = Withdrawal()
         try:
             uploads = [await read_upload(request, upload) for upload in files]
@@ -379,7 +385,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             sizes, outputs, explained, pictures = await until_disconnected(
                 request, holding_pixels(request, uploads, decode_detect_and_draw), withdrawal)
         finally:
-            queue.leave()
+            queue.leave(client)
         results, records = [], []
         for upload, (height, width), out, explanations, picture in zip(uploads, sizes, outputs, explained, pictures):
             detections = detection_records(out)
@@ -426,7 +432,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             raise HTTPException(422, f"label {errors.shown(label)}: not one of {', '.join(CLASSES)}")
         if method not in EXPLAIN_METHODS:
             raise HTTPException(422, f"method {errors.shown(method)}: not one of {', '.join(EXPLAIN_METHODS)}")
-        admit(request)
+        client = admit(request)
         withdrawal = Withdrawal()
         try:
             upload = await read_upload(request, file)
@@ -448,7 +454,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         except ExplainError as error:
             raise HTTPException(422, f"{config.model_path.name}: {error}") from None
         finally:
-            queue.leave()
+            queue.leave(client)
         if explanation is None:
             raise HTTPException(422, f"{upload.name}: the model finds no {label} detection overlapping box {box} "
                                      f"(IoU > {MATCH_IOU}); send a box /api/predict returned")

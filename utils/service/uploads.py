@@ -25,6 +25,7 @@ from ..errors import shown
 from ..detection.inference import to_model_input
 from ..detection.plots import draw_detections
 
+RETRY_AFTER_S = 2  # seconds a client refused for being busy is told to wait
 MAX_NAME_CHARS = 255  # an upload's name as echoed (a file system's longest name); a longer one is cut
 
 
@@ -34,22 +35,41 @@ def default_decode_threads() -> int:
 
 @dataclass
 class AdmissionQueue:
-    """Prediction and explanation requests in flight (decoding, waiting, in inference); at most `limit`."""
+    """Prediction and explanation requests in flight (decoding, waiting, in inference); at most `limit`, and at most
+    `per_client` of them from one client address (None: no such bound). Without it one address (a script with as
+    many workers as --queue-size) held every place, and every other client was answered 503 while it kept them."""
 
     limit: int
+    per_client: int | None = None
     waiting: int = 0
+    by_client: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def enter(self) -> bool:
+    def enter(self, where: str, client: str | None = None) -> None:
+        """Admit a request of *client*, or raise: 503 when the queue is full, 429 when the client holds its share.
+        *where* ("POST /api/predict") names the request in the reason."""
+        retry = {"Retry-After": str(RETRY_AFTER_S)}
         with self.lock:
             if self.waiting >= self.limit:
-                return False
+                raise HTTPException(503, f"{where}: busy: {self.limit} requests already wait for the model; retry "
+                                         "shortly", headers=retry)
+            held = self.by_client.get(client, 0) if client is not None else 0
+            if self.per_client is not None and client is not None and held >= self.per_client:
+                raise HTTPException(429, f"{where}: too many requests from {shown(client)} waiting for the model: "
+                                         f"{held} of the {self.limit} places (--queue-size); at most "
+                                         f"{self.per_client} from one client; retry when one is answered",
+                                    headers=retry)
             self.waiting += 1
-            return True
+            if client is not None:
+                self.by_client[client] = held + 1
 
-    def leave(self) -> None:
+    def leave(self, client: str | None = None) -> None:
         with self.lock:
             self.waiting -= 1
+            if client is not None:
+                left = self.by_client.pop(client) - 1
+                if left:  # an address with nothing admitted leaves no entry behind
+                    self.by_client[client] = left
 
 
 class PixelBudget:
