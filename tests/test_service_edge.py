@@ -249,3 +249,29 @@ def test_only_the_accepted_formats_are_ever_opened(tmp_path):
     webp = tmp_path / "a.webp"
     Image.new("RGB", (8, 6)).save(webp, format="WEBP")
     assert check_image_pixels(webp) == (8, 6) and load_rgb(webp).size == (8, 6)
+
+
+def test_the_parsers_and_routers_own_refusals_name_the_request_and_what_it_takes(tiny_model_file):
+    """Starlette's multipart parser and router answered 'Missing boundary in multipart.', 'Invalid multipart data.'
+    (a part's header over python-multipart's 4 KB, say), 'Not Found' or 'Method Not Allowed' alone: no request
+    named, nothing said of what to send. The method named is bounded (h11 takes any token up to 16 KB)."""
+    app = create_app(ServiceConfig(model_path=tiny_model_file))
+    huge_header = (b'--A\r\nContent-Disposition: form-data; name="files"; filename="a.jpg"\r\nX-' + b"a" * 5000
+                   + b": b\r\n\r\nx\r\n--A--\r\n")
+    with TestClient(app) as client:
+        no_boundary = client.post("/api/predict", content=b"x", headers={"content-type": "multipart/form-data"})
+        bad_part = client.post("/api/explain?box=1,1,5,5&label=with_mask", content=huge_header,
+                               headers={"content-type": "multipart/form-data; boundary=A"})
+        wrong_method, nowhere = client.get("/api/predict"), client.get("/api/nowhere")
+    assert no_boundary.status_code == 400
+    assert no_boundary.json()["detail"] == ("POST /api/predict: not a multipart form read here (Missing boundary in "
+                                            "multipart); send the images as multipart/form-data file parts "
+                                            "(field `files`)")
+    assert bad_part.status_code == 400 and bad_part.json()["detail"].startswith(
+        "POST /api/explain: not a multipart form read here (Invalid multipart data); send the images as "
+        "multipart/form-data file parts (field `file`)")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert wrong_method.json()["detail"] == "GET /api/predict: method not allowed (this path takes POST)"
+    assert nowhere.status_code == 404 and nowhere.json()["detail"] == "GET /api/nowhere: not found"
+    status, body, _ = _raw_request(app, "/api/model", [], "G'E|T~!" * 2000)
+    assert status == 405 and json.loads(body)["detail"].startswith('"G\'E|T~!') and len(body) < 300

@@ -63,7 +63,7 @@ from ..detection.explain import EXPLAIN_METHODS, ExplainError, explain_image, st
 from ..detection.inference import above, detect, detection_floor, to_model_input, too_thin
 from ..detection.quantify import prediction_estimates, soft_counts
 from .batching import BatchWorker, Withdrawal, on_a_passing_thread, results_of, stage_seconds
-from .edge import EdgeMiddleware, shown_path
+from .edge import EdgeMiddleware, shown_path, shown_request
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from .uploads import (AdmissionQueue, PixelBudget, Upload, annotated_jpeg, decode_to_tensor, default_decode_threads,
                       detection_records, explanation_record, model_sized_input, on_pool, parse_box,
@@ -74,6 +74,7 @@ IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff
 MATCH_IOU = 0.5  # /api/explain: the detection explained is the model's box of that class overlapping the given one
 PAGE = Path(__file__).with_name("page.html")  # the web page at /: plain HTML and JS, no build step, no CDN
 PROTECTED = ("/api/model", "/api/predict", "/api/explain")  # need the token when one is set; probes never do
+FILE_FIELDS = {"/api/predict": "files", "/api/explain": "file"}  # each upload route's multipart field of images
 PROBES = ("/livez", "/readyz", "/api/health", "/metrics")  # answered even when --max-requests are in flight
 
 
@@ -464,14 +465,21 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException, and the multipart parser's
     async def one_line_errors(request: Request, error: StarletteHTTPException):
         status, detail = error.status_code, error.detail
-        where = f"{request.method} {shown_path(request.url.path)}"
+        where, field = shown_request(request.method, request.url.path), FILE_FIELDS.get(request.url.path, "files")
         if status == 400 and str(detail).startswith("Too many files"):
             status, detail = 413, (f"{where}: more than {config.max_images} files in one request; at most "
                                    f"{config.max_images} (--max-images)" if request.url.path == "/api/predict"
                                    else f"{where}: more than one file; send one image (field `file`)")
         elif status == 400 and str(detail).startswith("Too many fields"):
             status, detail = 422, (f"{where}: a form field that is not a file; send only images, as file parts "
-                                   f"(field `{'files' if request.url.path == '/api/predict' else 'file'}`)")
+                                   f"(field `{field}`)")
+        elif status == 400:  # the parser's own words ("Invalid multipart data.", "Missing boundary in multipart.", or
+            # FastAPI's "There was an error parsing the body") named neither the request nor what it reads
+            detail = (f"{where}: not a multipart form read here ({str(detail).rstrip('.')}); send the images as "
+                      f"multipart/form-data file parts (field `{field}`)")
+        elif status in (404, 405):  # the router's bare "Not Found" and "Method Not Allowed": of which request
+            allowed = (error.headers or {}).get("Allow")
+            detail = f"{where}: {str(detail).lower()}" + (f" (this path takes {allowed})" if allowed else "")
         return JSONResponse({"detail": detail}, status_code=status, headers=error.headers)
 
     @app.exception_handler(RequestValidationError)

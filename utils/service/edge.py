@@ -51,6 +51,12 @@ def shown_path(path: str) -> str:
     return path if PLAIN_PATH.fullmatch(path) else shown(path)
 
 
+def shown_request(method: str, path: str) -> str:
+    """'POST /api/predict': a request as answers and the access log name it, its method and path bounded (h11
+    takes any token up to 16 KB as a method; shown_path)."""
+    return f"{method if PLAIN_METHOD.fullmatch(method) else shown(method, 24)} {shown_path(path)}"
+
+
 class _CutOff:
     """Marks a request whose body the edge cut off while streaming: its answer's status and reason."""
 
@@ -108,7 +114,7 @@ class EdgeMiddleware:
         state = scope.setdefault("state", {})
         state["request_id"], state["timings"] = request_id, {}
         path, method = scope.get("path", ""), scope.get("method", "")
-        where = f"{method if PLAIN_METHOD.fullmatch(method) else shown(method, 24)} {shown_path(path)}"
+        where = shown_request(method, path)
         status = [500]
         cut_off = _CutOff()
         limit_mb = f"{self.max_body_bytes / 2**20:g} MB"
