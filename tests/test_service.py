@@ -316,3 +316,60 @@ def test_the_page_pairs_each_answer_with_its_own_file_whatever_the_names(tiny_mo
         card.find_elements(By.CSS_SELECTOR, ".box")[-1].click()
         wait.until(lambda b: "Computing" not in b.find_elements(By.CSS_SELECTOR, ".card .explain")[2].text)
         assert "of the heat lies inside the box" in browser.find_elements(By.CSS_SELECTOR, ".card .explain")[2].text
+
+
+@pytest.mark.browser
+def test_the_page_shows_every_refusal_with_its_status_and_reason(tiny_model_file, sample_dir, tmp_path):
+    """The page said only "model unavailable (401)" without a token (the service's reason, and how to give the
+    token, left out); read every error answer as JSON, so a reverse proxy's HTML page (nginx's 413 for a photo over
+    its 1 MB default) showed only the syntax error; and sent uploads the service refuses while they stream, whose
+    answer a browser can lose when the connection is closed under the upload. Now: the status and the reason (the
+    detail, or the page's text), and the service's limits (/api/model) checked before sending."""
+    from browser import chromium_session, serve_app
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    app = create_app(ServiceConfig(model_path=tiny_model_file, token="s3cret", max_images=2, max_upload_mb=1))
+    html_413 = (b"<html><head><title>413 Request Entity Too Large</title></head><body><center><h1>413 Request Entity "
+                b"Too Large</h1></center><hr><center>nginx</center></body></html>")
+
+    async def behind_a_proxy(scope, receive, send):  # a proxy refusing a request (marked ?big), as nginx words it
+        if scope["type"] == "http" and scope["path"] == "/api/predict" and b"big" in scope["query_string"]:
+            await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"text/html")]})
+            await send({"type": "http.response.body", "body": html_413})
+            return
+        await app(scope, receive, send)
+
+    photos = sorted((sample_dir / "images").glob("*.jpg"))[:3]
+    photo = photos[0]
+    large = tmp_path / "large.jpg"
+    large.write_bytes(photo.read_bytes() + b"\0" * 2**20)  # over --max-upload-mb 1
+    with serve_app(behind_a_proxy) as url, chromium_session(tmp_path) as browser:
+        wait = WebDriverWait(browser, 60)
+        browser.get(url)
+        wait.until(EC.text_to_be_present_in_element((By.ID, "model"), "unavailable"))
+        shown = browser.find_element(By.ID, "model").text
+        assert shown.startswith("Model unavailable: 401 ") and shown.endswith(
+            ": GET /api/model: missing or wrong bearer token (Authorization: Bearer <token>); open this page as "
+            "…/#token=THE_TOKEN")
+        browser.get(url + "#token=s3cret")
+        browser.refresh()
+        wait.until(lambda b: b.execute_script("return state.model !== null"))
+        requests_before = browser.execute_script("return performance.getEntriesByType('resource').length")
+        choose = browser.find_element(By.ID, "files")
+        choose.send_keys("\n".join(str(p) for p in photos))
+        wait.until(EC.text_to_be_present_in_element((By.ID, "status"), "Not sent"))
+        assert browser.find_element(By.ID, "status").text == "Not sent: 3 images; at most 2 in one request"
+        browser.execute_script("document.getElementById('files').value = ''")  # a new choice, not added to
+        choose.send_keys(str(large))
+        wait.until(EC.text_to_be_present_in_element((By.ID, "status"), "large.jpg"))
+        assert browser.find_element(By.ID, "status").text == "Not sent: large.jpg: larger than 1 MB"
+        assert browser.execute_script("return performance.getEntriesByType('resource').length") == requests_before
+        browser.execute_script("const send = window.fetch; window.fetch = (url, options) => "
+                               "send(String(url).replace('api/predict', 'api/predict?big'), options);")
+        browser.execute_script("document.getElementById('files').value = ''")
+        choose.send_keys(str(photo))
+        wait.until(EC.text_to_be_present_in_element((By.ID, "status"), "Not processed"))
+        shown = browser.find_element(By.ID, "status").text
+        assert shown.startswith("Not processed: 413 ") and "413 Request Entity Too Large nginx" in shown, shown
