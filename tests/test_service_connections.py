@@ -257,6 +257,9 @@ def test_behind_a_named_proxy_clients_are_told_apart_by_x_forwarded_for_and_no_o
     with running(one_per_client(entered), **proxy_settings("127.0.0.1")) as port:
         held = _hold(port, "127.0.0.1", entered, alice)
         alice_again, bob_too = _ask(port, "127.0.0.1", alice), _ask(port, "127.0.0.1", bob)
+        # alice naming herself bob, through a proxy that appends the address it saw (nginx's
+        # $proxy_add_x_forwarded_for): the last address not a proxy's is read, which the proxy wrote
+        alice_as_bob = _ask(port, "127.0.0.1", b"X-Forwarded-For: 198.51.100.9, 203.0.113.7\r\n")
         not_a_proxy = _ask(port, "127.0.0.2", bob)  # its header is not read: it is its own address
         held.close()
     entered = threading.Semaphore(0)  # the answered requests above released it too
@@ -265,6 +268,7 @@ def test_behind_a_named_proxy_clients_are_told_apart_by_x_forwarded_for_and_no_o
         spoofed = _ask(port, "127.0.0.1", bob)
         held.close()
     assert alice_again.startswith(b"HTTP/1.1 429") and b"'203.0.113.7'" in alice_again
+    assert alice_as_bob.startswith(b"HTTP/1.1 429") and b"'203.0.113.7'" in alice_as_bob
     assert bob_too.startswith(b"HTTP/1.1 200") and bob_too.endswith(b"198.51.100.9")
     assert not_a_proxy.startswith(b"HTTP/1.1 200") and not_a_proxy.endswith(b"127.0.0.2")
     assert spoofed.startswith(b"HTTP/1.1 429") and b"'127.0.0.1'" in spoofed
