@@ -275,3 +275,33 @@ def test_the_parsers_and_routers_own_refusals_name_the_request_and_what_it_takes
     assert nowhere.status_code == 404 and nowhere.json()["detail"] == "GET /api/nowhere: not found"
     status, body, _ = _raw_request(app, "/api/model", [], "G'E|T~!" * 2000)
     assert status == 405 and json.loads(body)["detail"].startswith('"G\'E|T~!') and len(body) < 300
+
+
+def test_annotated_pictures_are_shrunk_so_an_answer_stays_small_and_boxes_follow():
+    """?annotated=true drew each picture at full size: a request's pictures (up to 64 M pixels) made an answer of up
+    to tens of MB, held outside the pixel budget for as long as its client took to read it. Drawn now at most
+    SERVICE_ANNOTATED_MAX_SIDE pixels on the longer side, its boxes scaled with it."""
+    import base64
+
+    import numpy as np
+    import torch
+
+    from utils import defaults as D
+    from utils.classes import CLASS_COLOURS, LABEL_OF
+    from utils.service.uploads import annotated_jpeg
+
+    tensor = torch.zeros((3, 1200, 1600), dtype=torch.uint8)  # a black 1600x1200 photo
+    out = {"boxes": torch.tensor([[1000.0, 600.0, 1500.0, 1100.0]]), "labels": torch.tensor([LABEL_OF["with_mask"]]),
+           "scores": torch.tensor([0.9])}
+    url = annotated_jpeg(tensor, out, 0.5)
+    picture = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    scale = D.SERVICE_ANNOTATED_MAX_SIDE / 1600
+    assert picture.size == (D.SERVICE_ANNOTATED_MAX_SIDE, round(1200 * scale))
+    pixels = np.asarray(picture.convert("RGB"), dtype=int)
+    left, bottom = round(1000 * scale), round(1100 * scale)
+    colour = np.array(CLASS_COLOURS["with_mask"])
+    assert np.abs(pixels[(600 + 1100) // 2 * picture.height // 1200, left + 1] - colour).max() < 60  # its left edge
+    assert np.abs(pixels[bottom - 1, round(1250 * scale)] - colour).max() < 60  # its bottom edge
+    assert pixels[50, 50].max() < 30 and pixels[bottom + 20, left + 20].max() < 30  # black off the box
+    small = annotated_jpeg(torch.zeros((3, 120, 160), dtype=torch.uint8), out, 0.5)  # no larger than sent
+    assert Image.open(io.BytesIO(base64.b64decode(small.split(",", 1)[1]))).size == (160, 120)

@@ -222,6 +222,9 @@ SERVICE_SEND_TIMEOUT_S = 30.0        # an answer waiting for its client must be 
                                      # that never read kept its whole answer (tens of MB when annotated) in memory
 SERVICE_STOP_TIMEOUT_S = 30.0        # SIGTERM: seconds requests in flight get to finish before they are cut off
                                      # (503) and the model's job then running is abandoned (exit 0 either way)
+SERVICE_ANNOTATED_MAX_SIDE = 1280    # ?annotated=true: the drawn picture's longer side at most, in pixels (shrunk
+                                     # to it): at full size a request's pictures made an answer of tens of MB,
+                                     # held outside the pixel budget while a slow client read it
 SERVICE_REQUEST_OVERHEAD_MB = 1.0    # a request body may exceed max_images x max_upload_mb by this (multipart
                                      # headers, form fields); a larger body is refused before it is read
 

@@ -349,7 +349,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
                                                                  "passes' boxes (about 2x slower) (default: the "
                                                                  "model's choice, made on its validation images)"),
                       annotated: bool = Query(False, description="include each image with its boxes drawn, "
-                                                                 "as a JPEG data URL"),
+                                                                 "as a JPEG data URL (its longer side at most "
+                                                                 f"{D.SERVICE_ANNOTATED_MAX_SIDE} px)"),
                       explain: bool = Query(False, description="add to each of the best counted detections of "
                                                                "an image (at most --explain-max-boxes) an "
                                                                "`explanation`: a HiResCAM heat map of its class "

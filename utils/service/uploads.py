@@ -19,6 +19,7 @@ from fastapi import HTTPException, UploadFile
 from PIL import Image
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, _resize_image_and_masks
 
+from .. import defaults as D
 from ..classes import NAME_OF
 from ..data.images import load_rgb_bytes
 from ..errors import shown
@@ -125,10 +126,20 @@ def as_picture(tensor: torch.Tensor) -> Image.Image:
     return Image.fromarray(tensor.permute(1, 2, 0).numpy())
 
 
-def annotated_jpeg(tensor: torch.Tensor, out: dict, threshold: float) -> str:
+def annotated_jpeg(tensor: torch.Tensor, out: dict, threshold: float,
+                   max_side: int = D.SERVICE_ANNOTATED_MAX_SIDE) -> str:
+    """The picture with its counted boxes drawn, as a JPEG data URL, shrunk to at most *max_side* pixels on its
+    longer side first (boxes scaled with it). Drawn at full size, a request's pictures (up to 64 M pixels) made an
+    answer of tens of MB, held outside the pixel budget for as long as its client took to read it (32 slow
+    readers: a GB and more). The answer's boxes stay in the upload's own pixels."""
     keep = out["scores"] >= threshold
-    return jpeg_data_url(draw_detections(as_picture(tensor), out["boxes"][keep], out["labels"][keep],
-                                          out["scores"][keep]))
+    picture, boxes = as_picture(tensor), out["boxes"][keep]
+    scale = max_side / max(picture.size)
+    if scale < 1:
+        size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+        factors = torch.tensor([size[0] / picture.width, size[1] / picture.height] * 2)
+        picture, boxes = picture.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0), boxes * factors
+    return jpeg_data_url(draw_detections(picture, boxes, out["labels"][keep], out["scores"][keep]))
 
 
 def explanation_record(explanation, method: str) -> dict:
