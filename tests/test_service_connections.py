@@ -310,3 +310,21 @@ def test_the_proxies_uvicorn_is_told_of_in_forwarded_allow_ips_are_still_trusted
                                                               "forwarded_allow_ips": ["127.0.0.1"]}
     args = serve.get_args_parser().parse_args(["--model", "model.pt", "--forwarded-allow-ips", ""])
     assert serve.proxy_settings(args.forwarded_allow_ips)["proxy_headers"] is False  # no one's
+
+
+def test_an_answer_given_before_the_body_is_read_reaches_a_client_still_sending_it():
+    """The edge answers a body over the limit (and a missing token, 429, 503) before reading it. uvicorn then closed
+    the socket with the body's bytes unread, which sends a reset: a client still sending (http.client and requests
+    read nothing until the body is sent) got "connection reset by peer", never the 413 and its reason. The server
+    now sends the answer and a FIN, reads and drops the rest of the body (at most its linger time), then closes."""
+    import http.client
+
+    edge = EdgeMiddleware(hello, token=None, protected=(), max_body_bytes=1000, metrics=ServiceMetrics())
+    body = b"\0" * (64 * 2**20)  # far more than the two sockets' buffers hold: the client is still sending
+    with running(edge, http=head_deadline_protocol(HANG)) as port:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=HANG)
+        conn.request("POST", "/upload", body=body)
+        answer = conn.getresponse()
+        text = answer.read()
+        conn.close()
+    assert answer.status == 413 and b"POST /upload: request body of 67108864 bytes; at most" in text

@@ -220,6 +220,10 @@ SERVICE_BODY_DEADLINE_S = 300.0      # ... and one not complete this long after 
 SERVICE_SEND_TIMEOUT_S = 30.0        # an answer waiting for its client must be taken within this plus its unsent
                                      # bytes at SERVICE_MIN_BODY_RATE_KBS, else the connection is aborted: a client
                                      # that never read kept its whole answer (tens of MB when annotated) in memory
+SERVICE_LINGER_S = 30.0              # an answer given before its request's body was read (401, 413, 429, 503): the
+                                     # server reads and drops what the client still sends for at most this long
+                                     # before closing (nginx's lingering close): closed at once, the connection was
+                                     # reset under a client still sending, which then never read the answer
 SERVICE_STOP_TIMEOUT_S = 30.0        # SIGTERM: seconds requests in flight get to finish before they are cut off
                                      # (503) and the model's job then running is abandoned (exit 0 either way)
 SERVICE_ANNOTATED_MAX_SIDE = 1280    # ?annotated=true: the drawn picture's longer side at most, in pixels (shrunk

@@ -15,6 +15,12 @@ the kernel's send buffer) at `min_send_rate` to take it below the low-water mark
 connection is aborted. asyncio's close() waits for the buffer to drain, so a client that never
 read kept its whole answer (annotated pictures: tens of MB) in the server's memory for as long as
 it held the socket open, past the head deadline.
+
+An answer given before the request's body was read (401, 413, 429, 503, a body cut off) is followed by
+a lingering close, as nginx does: the server sends the answer and a FIN, then reads and drops what the
+client still sends, for at most `linger` seconds, before it closes. uvicorn closed the socket at once,
+and a close with unread bytes sends a reset: a client still sending its body (http.client, requests:
+they read nothing until it is sent) saw "connection reset by peer" instead of the answer and its reason.
 """
 
 from __future__ import annotations
@@ -33,6 +39,37 @@ TIMEOUT_ANSWER = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; ch
                   b"content-length: %d\r\n\r\n%s" % (len(_TIMEOUT_TEXT), _TIMEOUT_TEXT))
 
 
+class _LingeringClose:
+    """The transport uvicorn is given: its close() while the client is still sending the request's body lingers
+    (the module's docstring); everything else is the transport's own."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: HeadDeadlineProtocol):
+        self._transport, self._protocol = transport, protocol
+        self.lingering = False
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self.lingering or self._transport.is_closing():
+            return
+        if (self._protocol.linger > 0 and self._protocol.conn.their_state is h11.SEND_BODY
+                and self._transport.can_write_eof()):
+            self.lingering = True
+            self._transport.write_eof()  # the answer, then a FIN: the client may read it while it still sends
+            self._transport.resume_reading()  # uvicorn may have paused reading with a body's buffer full
+            self._protocol.linger_deadline = self._protocol.loop.call_later(self._protocol.linger,
+                                                                            self._transport.close)
+            return
+        self._transport.close()
+
+    def end_lingering(self) -> None:
+        self._transport.close()
+
+
 class HeadDeadlineProtocol(H11Protocol):
     """H11Protocol that closes a connection whose request head is not complete `header_timeout` s after it
     connected or after its previous answer."""
@@ -40,12 +77,14 @@ class HeadDeadlineProtocol(H11Protocol):
     header_timeout: float = D.SERVICE_HEADER_TIMEOUT_S
     send_timeout: float = D.SERVICE_SEND_TIMEOUT_S
     min_send_rate: float = D.SERVICE_MIN_BODY_RATE_KBS * 1024
+    linger: float = D.SERVICE_LINGER_S
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_deadline: asyncio.TimerHandle | None = None
         self._send_deadline: asyncio.TimerHandle | None = None
+        self.linger_deadline: asyncio.TimerHandle | None = None
         self._head_bytes = False
-        super().connection_made(transport)
+        super().connection_made(_LingeringClose(transport, self))  # type: ignore[arg-type]
         self._arm_head_deadline()
 
     def _arm_head_deadline(self) -> None:
@@ -69,6 +108,8 @@ class HeadDeadlineProtocol(H11Protocol):
         self.transport.close()
 
     def data_received(self, data: bytes) -> None:
+        if self.transport.lingering:  # the rest of a body no one reads: dropped
+            return
         if self.cycle is None or self.cycle.response_complete:
             self._head_bytes = self._head_bytes or bool(data)
         super().data_received(data)
@@ -113,16 +154,26 @@ class HeadDeadlineProtocol(H11Protocol):
                             self.send_timeout)
         self.transport.abort()
 
+    def shutdown(self) -> None:
+        if self.transport.lingering:  # the server is stopping: it waits for no body that no one reads
+            self.transport.end_lingering()
+            return
+        super().shutdown()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.linger_deadline is not None:
+            self.linger_deadline.cancel()
         self._disarm_head_deadline()
         self._disarm_send_deadline()
         super().connection_lost(exc)
 
 
 def head_deadline_protocol(seconds: float, send_timeout: float = D.SERVICE_SEND_TIMEOUT_S,
-                           min_send_rate: float = D.SERVICE_MIN_BODY_RATE_KBS * 1024) -> type[HeadDeadlineProtocol]:
-    """The protocol class for uvicorn.Config(http=...), with this head deadline and answer-reading limits
-    (*min_send_rate* in bytes/s; 0: none)."""
+                           min_send_rate: float = D.SERVICE_MIN_BODY_RATE_KBS * 1024,
+                           linger: float = D.SERVICE_LINGER_S) -> type[HeadDeadlineProtocol]:
+    """The protocol class for uvicorn.Config(http=...), with this head deadline, answer-reading limits
+    (*min_send_rate* in bytes/s; 0: none) and lingering close (*linger* seconds; 0: none)."""
     return type("HeadDeadlineProtocol", (HeadDeadlineProtocol,), {"header_timeout": seconds,
                                                                   "send_timeout": send_timeout,
-                                                                  "min_send_rate": min_send_rate})
+                                                                  "min_send_rate": min_send_rate,
+                                                                  "linger": linger})
