@@ -31,25 +31,31 @@ entry in predictions.json lists them (detection index k, evidence share inside t
 A run stopped part way (Ctrl-C, SIGTERM, a kill) keeps the records of the images done in
 OUTPUT_DIR/.predictions.json.progress.jsonl and their drawings beside it; run again with the same
 model files, settings, batch size, packages, code and inputs it reads only the batches not done, and its
-outputs are those of a run never stopped. Another model, setting or input set starts afresh.
+outputs are those of a run never stopped. Another model, setting or input set starts afresh. With --checkpoint
+FILE that progress also goes into one file (a .tar, saved as the run goes and when it stops, emptied once the
+outputs are written), which a run in a new folder (a pool's retry, which gets its checkpoint back but not its
+sandbox) resumes from: utils/detection/prediction_checkpoint.py.
 Exit 0 when at least one image was processed; 2 when none was or the model
 cannot be loaded (one line naming the file); 143 after SIGTERM (what was not written yet
 gets a stand-in, utils/stop.py); 130 after Ctrl-C; 1 on a bug.
 """
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
 from utils import defaults as D
-from utils.cli import (add_model_run_args, check_model_run_args, check_output_tag, non_negative_int,
-                       positive_int, run_job)
+from utils.cli import (add_model_run_args, check_distinct_outputs, check_model_run_args, check_output_tag,
+                       non_negative_int, positive_int, run_job)
 from utils.detection.device import resolve_device
 from utils.detection.ensemble import load_models
 from utils.detection.explain import EXPLAIN_METHODS
 from utils.detection.prediction import output_names, predict_images, summary_line
+from utils.detection.prediction_checkpoint import PredictionCheckpoint
+from utils.detection.prediction_progress import progress_path
 from utils.errors import InputError
 from utils.provenance import code_version, file_sha256, package_versions, write_run_record
 from utils.stop import declare_outputs, stop_on_sigterm
@@ -83,6 +89,10 @@ def get_args_parser():
                              f"(default: {D.EXPLAIN_METHOD})")
     parser.add_argument("--explain-max-boxes", type=positive_int, default=D.EXPLAIN_MAX_BOXES,
                         help=f"highest-scoring detections explained per image (default: {D.EXPLAIN_MAX_BOXES})")
+    parser.add_argument("--checkpoint", default=None,
+                        help="also keep the progress of a stopped run in this one file, which a run in another "
+                             "folder resumes from (the workflow's predict jobs: a pool retries a job in a new "
+                             "folder); an empty or missing file: nothing to resume (default: none)")
     add_model_run_args(parser, "keep detections with at least this score")
     return parser
 
@@ -92,9 +102,12 @@ def main(args) -> int:
     check_model_run_args(args)
     check_output_tag(args.output_tag)
     names = output_names(args.output_tag)
-    declare_outputs(*(Path(args.output_dir) / names[key] for key in ("predictions_json", "predictions_csv",
-                                                                      "compliance_json", "run_record")),
-                    args.annotated_tar)
+    files = [Path(args.output_dir) / names[key] for key in ("predictions_json", "predictions_csv", "compliance_json",
+                                                            "run_record")]
+    # a checkpoint in place of an output would be replaced by it (and removed as the last run's output)
+    check_distinct_outputs({**{f"--output-dir's {path.name}": path for path in files},
+                            "--annotated-tar": args.annotated_tar, "--checkpoint": args.checkpoint})
+    declare_outputs(*files, args.annotated_tar, checkpoints=[args.checkpoint])
     if args.explain and args.no_annotated:
         raise InputError("--explain explains the annotated images: drop --no-annotated "
                          "(bound them with --annotate-max)")
@@ -113,16 +126,38 @@ def main(args) -> int:
                 "backbone": meta.get("backbone"), "image_size": meta.get("image_size"),
                 "working_size": meta["working_size"], "score_threshold_source": source}
     model_sha256 = {Path(path): file_sha256(path) for path in args.model}  # the resume key's and the record's
+    checkpoint = None
+    if args.checkpoint is not None:
+        progress = progress_path(Path(args.output_dir), names["predictions_json"])
+        checkpoint = PredictionCheckpoint(args.checkpoint, progress)
+        if restored := checkpoint.restore():
+            print(f"predict: {restored}")
     with tqdm(desc="predict", unit="img", file=sys.stderr, disable=None) as bar:
-        run = predict_images(model, args.images, args.output_dir, annotated_dir=args.annotated_dir, device=device,
-                             score_threshold=score_threshold, tta=tta, batch_size=args.batch_size,
-                             num_workers=None if args.workers < 0 else args.workers,
-                             annotate=not args.no_annotated, progress=bar.update, settings=settings,
-                             annotate_max=args.annotate_max, annotated_tar=args.annotated_tar, tag=args.output_tag,
-                             explain=args.explain_method if args.explain else None,
-                             explain_max_boxes=args.explain_max_boxes, calibration=meta.get("quantification"),
-                             resume={"models": [model_sha256[Path(path)] for path in args.model], "device": device.type,
-                                     "packages": package_versions(), "code": code_version()["sources_sha256"]})
+        def advance(images: int) -> None:
+            bar.update(images)
+            if checkpoint is not None:
+                checkpoint.advance(images)
+
+        try:
+            run = predict_images(model, args.images, args.output_dir, annotated_dir=args.annotated_dir,
+                                 device=device, score_threshold=score_threshold, tta=tta, batch_size=args.batch_size,
+                                 num_workers=None if args.workers < 0 else args.workers,
+                                 annotate=not args.no_annotated, progress=advance, settings=settings,
+                                 annotate_max=args.annotate_max, annotated_tar=args.annotated_tar,
+                                 tag=args.output_tag, explain=args.explain_method if args.explain else None,
+                                 explain_max_boxes=args.explain_max_boxes, calibration=meta.get("quantification"),
+                                 resume={"models": [model_sha256[Path(path)] for path in args.model],
+                                         "device": device.type, "packages": package_versions(),
+                                         "code": code_version()["sources_sha256"],
+                                         # a checkpoint's inputs are new copies on the next try: keyed by content
+                                         **({"inputs_by_content": True} if checkpoint is not None else {})})
+        except BaseException:  # a stop (SIGTERM, Ctrl-C) or a failure: what was done goes with the checkpoint
+            if checkpoint is not None:
+                with contextlib.suppress(OSError):  # a full disk: the error to report is the run's (the last
+                    checkpoint.save()               # checkpoint saved is still there, written atomically)
+            raise
+    if checkpoint is not None:
+        checkpoint.clear()  # the outputs are written: nothing left to resume
     processed = [Path(path) for path in args.model] + run.inputs  # files and archives as such, folders' images
     write_run_record(Path(args.output_dir) / names["run_record"], "predict",
                      {**vars(args), "device": str(device)}, processed, {**model_sha256, **run.inputs_sha256})

@@ -287,7 +287,8 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
     *estimator* names the headline one (utils/detection/quantify.py). Images in two or more folders
     also get one figure per folder and compliance_by_folder.png. With *resume* (the caller's part of the run's
     key: its model files' hashes), the records of the images done are kept in a progress file as they finish, and
-    a run stopped part way, started again with the same key, reads only the others (prediction_progress.py).
+    a run stopped part way, started again with the same key, reads only the others (prediction_progress.py);
+    with resume["inputs_by_content"] the key holds the files read by content (a progress moved to another machine).
     """
     output_dir = Path(output_dir)
     annotated_dir = Path(annotated_dir) if annotated_dir else output_dir / "annotated"
@@ -304,7 +305,7 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
             key = {**resume, "score_threshold": score_threshold, "floor": floor, "tta": tta,
                    "working_size": working_size(model), "explain": [explain, explain_max_boxes],
                    "annotated": str(annotated_tar or annotated_dir),
-                   "inputs": inputs_fingerprint(items, run.inputs, drawn)}
+                   "inputs": inputs_fingerprint(items, run.inputs, drawn, bool(resume.get("inputs_by_content")))}
             journal = PredictionProgress(progress_path(output_dir, names["predictions_json"]), key,
                                          [item.name for item in items], batch_size)
             stack.callback(journal.close)

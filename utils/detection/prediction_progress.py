@@ -25,6 +25,7 @@ import shutil
 from pathlib import Path
 
 from ..atomic import write_text
+from ..provenance import file_sha256
 
 FORMAT = 2
 FSYNC_EVERY = 64  # records: flushed each one (a killed process loses none), synced to disk now and then
@@ -35,19 +36,19 @@ def progress_path(output_dir: Path, predictions_name: str) -> Path:
     return Path(output_dir) / f".{predictions_name}.progress.jsonl"
 
 
-def inputs_fingerprint(items, read, drawn) -> str:
+def inputs_fingerprint(items, read, drawn, by_content: bool = False) -> str:
     """The sha256 of what the run reads and draws: each item's name, every file read (an archive, not its members)
     by path, size and modification time (a changed, added or removed file changes it; hashing them all would
     cost a read of the collection) and the names of the images drawn; a digest, not the lists, keeps the header
-    of a 100k-image run short."""
+    of a 100k-image run short. *by_content*: each file by its sha256 in place of its modification time, for a
+    progress that travels to another machine (prediction_checkpoint.py), where the file is a new copy."""
     files = []
     for path in read:
         try:
             stat = os.stat(path)
+            files.append([str(path), stat.st_size, file_sha256(path) if by_content else stat.st_mtime_ns])
         except OSError:
             files.append([str(path), None, None])
-        else:
-            files.append([str(path), stat.st_size, stat.st_mtime_ns])
     text = json.dumps([[item.name for item in items], files, sorted(drawn)])
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 

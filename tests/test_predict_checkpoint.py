@@ -1,0 +1,185 @@
+"""bin/predict.py --checkpoint: a predict job's progress as one file, which a pool hands from a stopped try to the
+retry (a new folder, its inputs new copies); and the checkpoint file's own checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import tarfile
+
+import pytest
+
+from helpers import photo_folders, predict_quick
+
+TAG = "shard-000000"
+CHECKPOINT = f"predict_{TAG}_checkpoint.tar"
+OUTPUTS = (f"predictions_{TAG}.json", f"predictions_{TAG}.csv", f"compliance_{TAG}.json")
+PROGRESS = f".predictions_{TAG}.json.progress.jsonl"
+
+
+def _stop_after(monkeypatch, images: int, stop) -> list:
+    """Make the journal call *stop* after *images* records; returns the inputs the model read (test_predict_resume)."""
+    from utils.detection import prediction_progress
+
+    read, add = [], prediction_progress.PredictionProgress.add
+
+    def counting_add(self, record):
+        add(self, record)
+        read.append(record["file"])
+        if len(read) == images:
+            stop()
+
+    monkeypatch.setattr(prediction_progress.PredictionProgress, "add", counting_add)
+    return read
+
+
+@pytest.fixture
+def pool(sample_dir, tiny_model_file, tmp_path, monkeypatch):
+    """sandbox(name, checkpoint=None): a try's own folder, as a pool gives each try of a job: the shard and the model
+    staged in as new copies (other modification times), the checkpoint handed on by Pegasus (an empty file, the
+    catalog's initial one, on the first try); the working folder is set to it."""
+    from utils.data.pairs import pack_folder
+
+    photos = photo_folders(sample_dir, tmp_path / "photos")
+    (photos / "siteB" / "broken.jpg").write_bytes(b"not a JPEG")  # a skipped input: a record all the same
+    shard = pack_folder(photos, tmp_path / f"pred_{TAG}.tar")
+    tries = []
+
+    def sandbox(name, checkpoint=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        tries.append(folder)
+        shutil.copyfile(shard, folder / shard.name)
+        os.utime(folder / shard.name, ns=(len(tries), len(tries)))  # each try's copy has its own time
+        shutil.copyfile(tiny_model_file, folder / "model.pt")
+        (folder / CHECKPOINT).write_bytes(checkpoint.read_bytes() if checkpoint else b"")
+        monkeypatch.chdir(folder)
+        return folder
+
+    return sandbox
+
+
+def _predict(root, *extra) -> int:
+    """The workflow's predict job of one shard, in the working folder."""
+    return predict_quick(root, "model.pt", [f"pred_{TAG}.tar"], ".", "--output-tag", TAG, "--batch-size", "2",
+                         "--annotated-tar", f"annotated_{TAG}.tar", "--checkpoint", CHECKPOINT, *extra)
+
+
+def _same_outputs(folder, whole) -> None:
+    for name in OUTPUTS:
+        assert (folder / name).read_bytes() == (whole / name).read_bytes(), name
+    with tarfile.open(folder / f"annotated_{TAG}.tar") as drawn, tarfile.open(whole / f"annotated_{TAG}.tar") as ref:
+        assert [(m.name, drawn.extractfile(m).read()) for m in drawn.getmembers()] == \
+               [(m.name, ref.extractfile(m).read()) for m in ref.getmembers()]
+    assert (folder / CHECKPOINT).stat().st_size == 0  # emptied: nothing left to resume, little to transfer
+    assert not (folder / PROGRESS).exists()
+
+
+def test_a_predict_job_stopped_on_a_pool_resumes_in_the_retrys_new_folder(root, pool, monkeypatch, capsys):
+    # The progress file stayed in the stopped try's sandbox, which a pool's retry does not get back, and the retry
+    # read its whole shard (1000 photos by default) again. The checkpoint carries it; the inputs, new copies on
+    # the next node, are known by their content, not their modification time.
+    whole = pool("whole")
+    assert _predict(root, "--annotate-max", "3") == 0
+    first = pool("try1")
+    saved = signal.getsignal(signal.SIGTERM)
+    try:
+        with monkeypatch.context() as patch:  # kickstart's SIGTERM at checkpoint.time, an eviction
+            done = _stop_after(patch, 4, lambda: os.kill(os.getpid(), signal.SIGTERM))
+            assert _predict(root, "--annotate-max", "3") == 143
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+    assert len(done) == 4 and (first / CHECKPOINT).stat().st_size > 0
+    retry = pool("try2", checkpoint=first / CHECKPOINT)
+    capsys.readouterr()
+    read = _stop_after(monkeypatch, 99, lambda: None)
+    assert _predict(root, "--annotate-max", "3") == 0
+    said = capsys.readouterr().out
+    assert f"{CHECKPOINT}: the progress of an earlier try restored" in said
+    assert "resuming a stopped run: 4 of 5 inputs done" in said and read == [f"pred_{TAG}.tar:siteB/d.jpg"]
+    _same_outputs(retry, whole)
+
+
+def test_a_predict_job_killed_outright_resumes_from_its_last_save(root, pool, monkeypatch, capsys):
+    # A try killed with no time to save (SIGKILL at maxwalltime, a lost node) leaves the checkpoint saved as it
+    # went, every SAVE_EVERY images: the state the test keeps after each save is what such a kill leaves.
+    from utils.detection import prediction_checkpoint
+
+    whole = pool("whole")
+    assert _predict(root, "--annotate-max", "0") == 0  # no drawings: no drawing thread racing a save
+    first = pool("try1")
+    killed = first.parent / "killed.tar"
+    advance = prediction_checkpoint.PredictionCheckpoint.advance
+
+    def keeping(self, images):
+        advance(self, images)
+        shutil.copyfile(self.path, killed)  # what a kill right after this image leaves
+
+    with monkeypatch.context() as patch:
+        patch.setattr(prediction_checkpoint, "SAVE_EVERY", 2)
+        patch.setattr(prediction_checkpoint.PredictionCheckpoint, "advance", keeping)
+        _stop_after(patch, 4, lambda: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert _predict(root, "--annotate-max", "0") == 130
+    retry = pool("try2", checkpoint=killed)  # saved after 2 images: a whole batch
+    capsys.readouterr()
+    assert _predict(root, "--annotate-max", "0") == 0
+    assert "resuming a stopped run: 2 of 5 inputs done" in capsys.readouterr().out
+    _same_outputs(retry, whole)
+
+
+def test_a_rerun_in_its_own_folder_keeps_its_progress_file_not_an_older_checkpoint(root, pool, monkeypatch, capsys):
+    # The local executor reruns a job in the same folder: its progress file there (kept through a SIGKILL that
+    # left no time to save the checkpoint) is at least as new as the checkpoint, and is the one used.
+    folder = pool("try1")
+    with monkeypatch.context() as patch:
+        _stop_after(patch, 2, lambda: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert _predict(root, "--annotate-max", "0", "--batch-size", "1") == 130
+    older = (folder / CHECKPOINT).read_bytes()
+    with monkeypatch.context() as patch:
+        _stop_after(patch, 1, lambda: (_ for _ in ()).throw(KeyboardInterrupt))  # one more record, then stopped
+        assert _predict(root, "--annotate-max", "0", "--batch-size", "1") == 130
+    (folder / CHECKPOINT).write_bytes(older)  # as a kill before the save would have left it
+    capsys.readouterr()
+    assert _predict(root, "--annotate-max", "0", "--batch-size", "1") == 0
+    assert "resuming a stopped run: 3 of 5 inputs done" in capsys.readouterr().out
+
+
+def test_a_checkpoint_that_is_not_one_is_said_and_nothing_of_it_is_unpacked(tmp_path):
+    from utils.detection.prediction_checkpoint import PredictionCheckpoint
+
+    out = tmp_path / "out"
+    progress = out / PROGRESS
+    drawings = progress.with_suffix(".annotated")
+    checkpoint = PredictionCheckpoint(tmp_path / CHECKPOINT, progress)
+    assert checkpoint.restore() is None  # none given
+    checkpoint.path.write_bytes(b"")
+    assert checkpoint.restore() is None  # the initial, empty one
+    checkpoint.path.write_text(json.dumps({"stand_in_for": CHECKPOINT}) + "\n")
+    assert "not a checkpoint of a predict run" in checkpoint.restore() and not progress.exists()
+    header = tmp_path / "header.jsonl"
+    header.write_text('{"predict_progress": {}}\n')
+    for name in ("../escaped.jpg", f"{drawings.name}/../../escaped.jpg", f"{drawings.name}/sub/a.jpg", "other.txt"):
+        with tarfile.open(checkpoint.path, "w") as archive:
+            archive.add(header, arcname=progress.name)
+            archive.add(header, arcname=name)
+        assert checkpoint.restore() == f"{CHECKPOINT}: holds {name!r}, not a file of a predict run's progress; " \
+                                       "starting afresh"
+        assert not progress.exists() and not (tmp_path / "escaped.jpg").exists() and not (out / "escaped.jpg").exists()
+    with tarfile.open(checkpoint.path, "w") as archive:
+        archive.add(header, arcname=f"{drawings.name}/annotated_a.jpg")
+    assert checkpoint.restore() == f"{CHECKPOINT}: holds no {progress.name}; starting afresh"
+    # a good one: the progress file and the drawings; a save with no progress file keeps the last checkpoint
+    with tarfile.open(checkpoint.path, "w") as archive:
+        archive.add(header, arcname=f"{drawings.name}/annotated_a.jpg")
+        archive.add(header, arcname=progress.name)
+    kept = checkpoint.path.read_bytes()
+    checkpoint.save()
+    assert checkpoint.path.read_bytes() == kept
+    assert checkpoint.restore() == f"{CHECKPOINT}: the progress of an earlier try restored"
+    assert progress.read_text() == header.read_text() and (drawings / "annotated_a.jpg").is_file()
+    (drawings / ".annotated_b.x1y2z3w4.tmp.jpg").write_bytes(b"half")  # a drawing being written: not saved
+    checkpoint.save()
+    with tarfile.open(checkpoint.path) as archive:
+        assert sorted(archive.getnames()) == sorted([progress.name, drawings.name, f"{drawings.name}/annotated_a.jpg"])
