@@ -32,6 +32,10 @@ until they are done. After Ctrl-C the exit is 0,
 as for q or Esc: the user ended the run. After SIGTERM (even one after a Ctrl-C; not one that comes once the run
 has ended of itself, while its outputs are written) it is 143, as for the workflow's other jobs (utils/stop.py):
 a pool stopped the job, which is retried; what was not written yet gets a stand-in.
+A video file's run stopped part way (Ctrl-C, SIGTERM, a kill) keeps its processed frames' detections in
+OUTPUT_DIR/.video_frames.csv.progress.jsonl (or --checkpoint FILE, which a run in another folder resumes from);
+run again with the same model files, settings, packages, code and video, it reads the frames again but runs the
+model only on those not done, and its outputs are those of a run never stopped (utils/detection/video_progress.py).
 Exit 0 on success; 2 with one line naming the source (or flag) when it cannot be read or used; 1 on a bug.
 A stream URL's password (rtsp://user:password@camera/...) is shown as *** in every line and output file.
 """
@@ -39,17 +43,20 @@ A stream URL's password (rtsp://user:password@camera/...) is shown as *** in eve
 import argparse
 import signal
 import sys
+from pathlib import Path
 
 from tqdm import tqdm
 
 from utils import defaults as D
 from utils.atomic import TEMP_NAME_EXTRA
-from utils.cli import add_tta_arg, check_output_tag, fraction, positive_float, positive_int, run_job
+from utils.cli import (add_tta_arg, check_distinct_outputs, check_output_tag, fraction, positive_float, positive_int,
+                       run_job)
 from utils.detection.compliance import compliance_line
 from utils.detection.device import resolve_device
 from utils.detection.ensemble import load_models
 from utils.detection.video import (SIGTERM, WRITER_EXTENSIONS, annotated_video_path, check_display, open_source,
                                    predict_video, stop_on_sigint)
+from utils.detection.video_progress import VideoProgress, progress_path, run_key
 from utils.errors import InputError, without_password
 from utils.naming import video_output_names
 from utils.provenance import run_record
@@ -82,6 +89,10 @@ def get_args_parser():
                         help="name the outputs video_frames_TAG.csv, video_summary_TAG.json, ... (one job per video "
                              "of a workflow) (default: none)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="(default: auto)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="keep a video file's progress (its processed frames' detections) in this file, not in "
+                             "OUTPUT_DIR/.video_frames.csv.progress.jsonl: a run in another folder (a pool's retry) "
+                             "resumes from it; emptied once the outputs are written (default: none)")
     return parser
 
 
@@ -105,7 +116,10 @@ def run(args) -> int:
                          "(with their temporary names) may have")
     if args.show:
         check_display()
-    declare_outputs(*(f"{args.output_dir}/{name}" for name in names.values()), args.output_video)
+    outputs = [Path(args.output_dir) / name for name in names.values()]
+    check_distinct_outputs({**{f"--output-dir's {path.name}": path for path in outputs},
+                            "--output-video": args.output_video, "--checkpoint": args.checkpoint})
+    declare_outputs(*outputs, args.output_video, checkpoints=[args.checkpoint])
     device = resolve_device(args.device)
     opened = open_source(args.source)  # before the model loads: a bad source is refused at once
     try:
@@ -122,6 +136,22 @@ def run(args) -> int:
         return run_record("predict_video", {**vars(args), "source": without_password(args.source),
                                             "device": str(device)}, inputs)
 
+    journal = None
+    if opened[1] == "file":  # a camera's or a live stream's frames do not come again: no resume
+        try:
+            key = run_key(args.model, device.type, args.source, args.stride, threshold, meta["tta"],
+                          meta["working_size"], by_content=args.checkpoint is not None)
+            journal = VideoProgress(args.checkpoint or progress_path(args.output_dir, names["frames_csv"]), key,
+                                    checkpoint=args.checkpoint is not None)
+        except BaseException:
+            opened[0].release()
+            raise
+        if journal.stale:
+            print(f"predict_video: {journal.path.name}: the progress of a stopped run with another model, setting "
+                  "or video (or unreadable); starting afresh")
+        elif journal.done:
+            print(f"predict_video: resuming a stopped run: the detections of its {len(journal.done)} processed "
+                  f"frames are taken from {journal.path.name}; the frames are read again")
     with tqdm(desc="frames", unit="frame", file=sys.stderr, disable=None) as bar:
         summary = predict_video(model, device, args.source, args.output_dir, threshold, stride=args.stride,
                                 output_video=args.output_video, show=args.show, max_frames=args.max_frames,
@@ -129,7 +159,7 @@ def run(args) -> int:
                                 settings={"model": args.model[0] if len(args.model) == 1 else args.model,
                                           "working_size": meta["working_size"], "score_threshold_source": source},
                                 tag=args.output_tag, calibration=meta.get("quantification"), opened=opened,
-                                record=record)
+                                record=record, journal=journal)
     for note in summary["notes"]:
         print(f"predict_video: note: {note}", file=sys.stderr)
     print(compliance_line(summary["overall"], summary["estimate"]) + f" (pooled over {summary['frames_processed']} "

@@ -62,7 +62,8 @@ def test_a_signal_stops_at_the_next_frame_and_keeps_the_frames_done(root, clip, 
     video = cv2.VideoCapture(str(out / "a.mp4"))
     assert video.get(cv2.CAP_PROP_FRAME_COUNT) == 3
     video.release()
-    assert sorted(p.name for p in out.iterdir()) == ["a.mp4", "compliance_over_time.png", "predict_video_run.json",
+    assert sorted(p.name for p in out.iterdir()) == [".video_frames.csv.progress.jsonl",  # for a rerun to resume
+                                                     "a.mp4", "compliance_over_time.png", "predict_video_run.json",
                                                      "video_frames.csv", "video_summary.json"]  # no temp files
 
 
@@ -102,7 +103,10 @@ def test_a_second_ctrl_c_while_the_outputs_are_written_leaves_the_last_runs_outp
     _signal_on_call(monkeypatch, video_module, "detect", signal.SIGINT, 3)
     _signal_on_call(monkeypatch, plots, "plot_compliance_over_time", signal.SIGINT, 1)
     assert run_script(root, "predict_video", argv) == 130  # one line, no traceback (utils.cli.run_job)
-    assert {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in out.iterdir()} == before
+    progress = out / ".video_frames.csv.progress.jsonl"  # the frames done, kept for a rerun to resume
+    assert progress.is_file() and progress.name not in before
+    assert {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in out.iterdir()
+            if path != progress} == before
 
 
 @pytest.mark.slow

@@ -233,13 +233,15 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                   output_video=None, show: bool = False, max_frames: int | None = None,
                   max_seconds: float | None = None, tta: bool = False, settings: dict | None = None,
                   progress=None, tag: str | None = None, calibration: dict | None = None,
-                  opened: tuple | None = None, record=None) -> dict:
+                  opened: tuple | None = None, record=None, journal=None) -> dict:
     """Run the detector over *source*; write the CSV, plot, summary (and video, and the run record *record()*
     gives) as one set that replaces the last run's (utils.atomic.atomic_files); return the summary.
     *calibration* is the model file's validation record, for the adjusted estimators. A SIGTERM (with
     utils.stop.stop_on_sigterm) or a Ctrl-C (with stop_on_sigint) stops it at the next frame: the outputs
     are written for the frames done and the summary's "interrupted" names the signal. *opened*: open_source's
-    (capture, kind) of *source*, opened by the caller (released here)."""
+    (capture, kind) of *source*, opened by the caller (released here). *journal* (a video_progress.VideoProgress,
+    closed here) gives the frames an earlier, stopped run processed and keeps this run's; it is finished (nothing
+    left to resume) once the outputs of a run that was not stopped are written."""
     if stride < 1:
         if opened:
             opened[0].release()
@@ -292,13 +294,19 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                 run.timed_by_rate += by_rate
                 if index % stride:
                     continue
-                rgb = torch.from_numpy(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)
-                (out,) = detect(model, [to_model_input(rgb, device)], tta=tta,
-                                score_threshold=detection_floor(score_threshold))
-                # to 4 decimals, as predict (and so a merge) and the service keep them: the same sums, the same figure
-                soft = list(soft_counts(out["labels"].tolist(), out["scores"].tolist()).values())
-                keep = out["scores"] >= score_threshold  # counted, drawn and listed: those at the threshold
-                out = {key: value[keep] for key, value in out.items()}
+                done = journal.detections(index) if journal is not None else None
+                if done is not None:  # found by the stopped run this one resumes
+                    out, soft = done
+                else:
+                    rgb = torch.from_numpy(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)
+                    (out,) = detect(model, [to_model_input(rgb, device)], tta=tta,
+                                    score_threshold=detection_floor(score_threshold))
+                    # to 4 decimals, as predict (so a merge) and the service keep them: the same sums, the same figure
+                    soft = list(soft_counts(out["labels"].tolist(), out["scores"].tolist()).values())
+                    keep = out["scores"] >= score_threshold  # counted, drawn and listed: those at the threshold
+                    out = {key: value[keep] for key, value in out.items()}
+                    if journal is not None:
+                        journal.add(index, out, soft)
                 labels = [NAME_OF[int(label)] for label in out["labels"].tolist()]
                 figure = compliance(labels)
                 run.add_frame(round(time_s, 3), figure, soft)
@@ -327,6 +335,8 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                     progress(1)
         finally:
             capture.release()
+            if journal is not None:
+                journal.close()
             if csv_file is not None:
                 with outputs.naming(csv_path):  # the last rows' flush
                     csv_file.close()
@@ -369,9 +379,12 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                 notes.append(f"{run.frames_dropped} processed frame(s) came while the annotated video was ahead of "
                              f"the clock (a {kind} faster than the {fps:g} fps taken) and are not in it; the CSV "
                              "lists them")
-        return _write_outputs(run, outputs, output_dir, name, kind, fps, stride, score_threshold, tta, settings,
-                              video_target if run.processed else None, time.perf_counter() - started,
-                              names, csv_path, calibration, video, record)
+        summary = _write_outputs(run, outputs, output_dir, name, kind, fps, stride, score_threshold, tta, settings,
+                                 video_target if run.processed else None, time.perf_counter() - started,
+                                 names, csv_path, calibration, video, record)
+    if journal is not None and not interrupted:  # the whole run's outputs are in place: nothing to resume
+        journal.finish()
+    return summary
 
 
 def processed_rate(run: VideoRun, fps: float, stride: int, live: bool) -> float:
