@@ -347,12 +347,12 @@ class MaskDetectionWorkflow:
             job = self._job("predict", f"predict_{shard.tag}")
             names = output_names("predict", shard.tag)
             part, annotated = File(names["predictions_json"]), File(f"annotated_{shard.tag}.tar")
+            resume = self.inputs.checkpoint_args(job, "predict", shard.tag)  # its progress kept between tries
             job.add_args("--images", pred_file, "--model", *models, "--output-dir", ".", "--output-tag", shard.tag,
-                         "--annotate-max", annotate, "--annotated-tar", annotated,
+                         "--annotate-max", annotate, "--annotated-tar", annotated, *resume,
                          *self._if_given("--score-threshold", config.score_threshold))
             job.add_inputs(*models, pred_file)
-            # The parts go to the merge and are kept too (every detection, image sizes); an annotated
-            # .tar is staged out only where images were drawn.
+            # The parts go to the merge and are kept too; an annotated .tar is staged out where images were drawn.
             job.add_outputs(part, stage_out=True, register_replica=False)
             self._stages_out(job, names["compliance_json"], names["run_record"])
             job.add_outputs(annotated, stage_out=annotate > 0, register_replica=False)
@@ -366,11 +366,11 @@ class MaskDetectionWorkflow:
     def _add_predict_videos(self, *models: File) -> None:
         """One predict_video job per video of --pred-videos (none without it), with the *models* predict has."""
         for video, video_file in zip(self.config.pred_videos, self.inputs.video_files):
-            tag = video.tag
-            job = self._job("predict_video", f"predict_video_{tag}")
+            job = self._job("predict_video", f"predict_video_{video.tag}")
+            tag, resume = video.tag, self.inputs.checkpoint_args(job, "predict_video", video.tag)
             job.add_args("--source", video_file, "--model", *models, "--output-dir", ".", "--output-tag", tag,
                          "--stride", self.config.video_stride, "--output-video", f"annotated_{tag}.mp4",
-                         *self._if_given("--score-threshold", self.config.score_threshold))
+                         *self._if_given("--score-threshold", self.config.score_threshold), *resume)
             job.add_inputs(*models, video_file)
             self._stages_out(job, *video_output_names(tag).values(), f"annotated_{tag}.mp4")
 

@@ -4,6 +4,7 @@ bounded scan) for its time limit, what is not taken as a video named, and job ta
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -42,6 +43,13 @@ def test_workflow_pred_videos_fans_out_one_job_per_video(root, sample_dir, clip,
     from utils.detection.video import video_output_names
 
     assert outputs == {*video_output_names("gate_a").values(), "annotated_gate_a.mp4"}
+    # its progress is its checkpoint, which Pegasus hands to a retry (a pool's retry did the whole video again),
+    # an empty file in the catalog to start with, as train's
+    (checkpoint,) = [use for use in job["uses"] if use["type"] == "checkpoint"]
+    assert checkpoint["lfn"] == "predict_video_gate_a_checkpoint.jsonl" and checkpoint["stageOut"] is False
+    assert job["arguments"][job["arguments"].index("--checkpoint") + 1] == checkpoint["lfn"]
+    initial = Path(replicas[checkpoint["lfn"]][len("file://"):])
+    assert initial.parent.name == "checkpoints" and initial.is_file() and initial.stat().st_size == 0
     # the report page shows each video's figure and plot: the report job is handed them (not the annotated video)
     shown = {use["lfn"] for use in jobs["report"]["uses"] if use["type"] == "input"}
     assert {"video_summary_gate_a.json", "compliance_over_time_gate_a.png"} <= shown

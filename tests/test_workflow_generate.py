@@ -97,10 +97,15 @@ def test_trials_are_spread_over_the_hpo_jobs(run_dir):
 
 
 def test_checkpoints_and_their_profiles(run_dir):
+    # A predict job kept no checkpoint: retried on a pool (evicted, stopped at its limit) it read its whole shard
+    # again, its progress file left in the stopped try's sandbox. It hands it on as one file, as train does.
     jobs = jobs_by_id(run_dir)
     replicas = {entry["lfn"]: entry["pfns"][0]["pfn"] for entry in load(run_dir, "replicas.yml")["replicas"]}
+    predict_jobs = [job_id for job_id in jobs if jobs[job_id]["name"] == "predict"]
+    assert predict_jobs == ["predict_shard-000000"]
     for job_id, checkpoint in [(f"hpo_{i}", f"hpo_{i}.journal") for i in range(HPO_JOBS)] + \
-                              [("train", "train_checkpoint.pt")]:
+                              [("train", "train_checkpoint.pt")] + \
+                              [(job_id, f"{job_id}_checkpoint.tar") for job_id in predict_jobs]:
         uses = {use["lfn"]: use for use in jobs[job_id]["uses"]}
         assert uses[checkpoint]["type"] == "checkpoint"
         assert uses[checkpoint]["stageOut"] is False
@@ -113,7 +118,8 @@ def test_checkpoints_and_their_profiles(run_dir):
         # condorio needs the checkpoint to exist before the first try: an empty file in the catalog
         path = Path(replicas[checkpoint][len("file://"):])
         assert path.is_file() and path.stat().st_size == 0
-        assert checkpoint in jobs[job_id]["arguments"]
+        arguments = jobs[job_id]["arguments"]
+        assert arguments[arguments.index(checkpoint) - 1] == "--checkpoint"
 
 
 def test_a_training_run_in_pieces_under_the_pools_cap_gets_a_retry_for_each_piece(sample_dir, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import PurePosixPath
 from .errors import shown
 
 # Suffixes that say what a file is to its job: the tag goes before them, so that the file still ends in them.
-ROLE_SUFFIXES = ("_run.json", "_checkpoint.pt")
+ROLE_SUFFIXES = ("_run.json", "_checkpoint.pt", "_checkpoint.tar", "_checkpoint.jsonl")
 
 # The evaluate job's files, keyed by their untagged name (utils/detection/evaluation.py reads them so).
 _EVALUATE_FILES = ("evaluation.json", "evaluation.txt", "confusion_matrix.csv", "confusion_matrix.png",
@@ -43,6 +43,11 @@ OUTPUTS: dict[str, dict[str, str]] = {
 # Files a train job keeps between its own tries (never staged out): its checkpoint, and the folder its
 # TensorBoard events are written to before they are packed into the tensorboard_tar output.
 TRAIN_CHECKPOINT = "train_checkpoint.pt"
+# A predict job's progress, kept between its tries as one file (utils/detection/prediction_checkpoint.py), and a
+# predict_video job's (utils/detection/video_progress.py); tagged with the shard or the video:
+# predict_shard-000000_checkpoint.tar, predict_video_clip_checkpoint.jsonl.
+PREDICT_CHECKPOINT = "predict_checkpoint.tar"
+VIDEO_CHECKPOINT = "predict_video_checkpoint.jsonl"
 TENSORBOARD_FOLDER = "tensorboard"  # the events of job J are under tensorboard/J, in its folder and its .tar
 
 

@@ -9,7 +9,7 @@ and .err.NNN, numbered on after earlier runs' tries; the .out log starts with a
 header whose "# rerun by hand:" line is one bash command that runs the same try again. pegasus checkpoint.time /
 maxwalltime profiles (minutes) get pegasus-kickstart semantics: SIGTERM at
 checkpoint.time so that the job saves its checkpoint, SIGKILL at maxwalltime. A job with neither (all but
-train and hpo) is held to its runtime profile (seconds), which on a pool only HTCondor sees (pegasus_job_runtime;
+train, hpo, predict) is held to its runtime profile (seconds), which on a pool only HTCondor sees (pegasus_job_runtime;
 kickstart gets -k 0, never, for such a job): SIGTERM at HUNG_AFTER_RUNTIMES times it,
 SIGKILL RUNTIME_KILL_AFTER_S later, so that a hung job cannot stall a local run for ever.
 """

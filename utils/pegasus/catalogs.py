@@ -33,8 +33,8 @@ JOB_SCRIPTS = {
 # What each job kind asks of an execution node, in one place. Applied as pegasus profiles
 # (cores, memory; HTCondor derives request_cpus and request_memory from them). "gpus" marks
 # kinds that use a GPU when --gpus N > 0 asks for GPUs: those jobs then request N. The time
-# limits (runtime; checkpoint.time and maxwalltime of hpo and train, which on SIGTERM stop after
-# a step, exit 143 and are retried from their checkpoint) come from each job's workload:
+# limits (runtime; checkpoint.time and maxwalltime of hpo, train and predict, which on SIGTERM stop
+# after a step, exit 143 and are retried from their checkpoint) come from each job's workload:
 # utils/pegasus/runtimes.py (the formula, and the sites.yml overrides).
 RESOURCES = {
     "plot_class_distribution": {"cores": 1, "memory": "1 GB", "gpus": 0},

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from Pegasus.api import File, ReplicaCatalog
 
-from ..naming import TRAIN_CHECKPOINT, fold_tag, tagged_name
+from ..naming import PREDICT_CHECKPOINT, TRAIN_CHECKPOINT, VIDEO_CHECKPOINT, fold_tag, tagged_name
 from ..provenance import EXPERIMENT_CONFIG_FILE
 from .config import ConfigError, WorkflowConfig
 
@@ -50,6 +50,8 @@ class WorkflowInputs:
         # the first try: an empty file, which hpo and train read as "no checkpoint yet".
         checkpoint_names = [f"hpo_{i}.journal" for i in range(config.hpo_jobs)] + [TRAIN_CHECKPOINT]
         checkpoint_names += [tagged_name(TRAIN_CHECKPOINT, fold_tag(fold)) for fold in range(config.folds)]
+        checkpoint_names += [tagged_name(PREDICT_CHECKPOINT, shard.tag) for shard in config.pred_shards]
+        checkpoint_names += [tagged_name(VIDEO_CHECKPOINT, video.tag) for video in config.pred_videos]
         self.folds_file = self.add(config.folds_csv.resolve()) if config.folds else None
         self.initial_checkpoints = {lfn: checkpoint_dir / lfn for lfn in checkpoint_names}
         for lfn, path in self.initial_checkpoints.items():
@@ -81,6 +83,16 @@ class WorkflowInputs:
         a JSON text's quotes do not survive every way Pegasus passes arguments (its Shell code generator drops
         them); empty for one stage of --epochs."""
         return (["--stages", self.stages_file], [self.stages_file]) if self.stages_file is not None else ([], [])
+
+    def checkpoint_args(self, job, kind: str, tag: str) -> list:
+        """The --checkpoint arguments of the predict job of shard *tag* or the predict_video job (*kind*) of video
+        *tag*, the file declared its checkpoint: its progress as one file, which Pegasus hands from a stopped try
+        to the retry, as train's (without it a retried job on a pool did its whole shard or video again: its
+        progress file stayed in the stopped try's sandbox)."""
+        checkpoint = self.files[tagged_name({"predict": PREDICT_CHECKPOINT, "predict_video": VIDEO_CHECKPOINT}[kind],
+                                            tag)]
+        job.add_checkpoint(checkpoint, stage_out=False, register_replica=False)
+        return ["--checkpoint", checkpoint]
 
     def catalog(self) -> ReplicaCatalog:
         """Every input with an absolute file:// URL on the submit host ("local")."""

@@ -1,7 +1,7 @@
 """Each job's time limits, computed from its workload: the Pegasus ``runtime`` profile and, for the
-jobs that checkpoint (hpo, train), ``checkpoint.time`` and ``maxwalltime``.
+jobs that checkpoint (hpo, train, predict), ``checkpoint.time`` and ``maxwalltime``.
 
-On a pool pegasus-kickstart stops hpo and train at checkpoint.time (``-k``); for the other jobs it gets ``-k 0``
+On a pool pegasus-kickstart stops hpo, train and predict at checkpoint.time (``-k``); the others get ``-k 0``
 (never: checked with plan-check.sh --details) and their ``runtime`` reaches HTCondor as ``pegasus_job_runtime``,
 for a pool's policy; the local executor stops them at it. A retry of a job stopped for its size dies the same
 way, so a limit must come from the work:
@@ -23,8 +23,8 @@ with flip TTA (``MODEL_PASSES``), since a limit too short kills every retry the 
 reports a hung job late.
 So a healthy job never meets its own limit. Where a pool caps a job's wall time, sites.yml's
 ``max_job_minutes`` of the site caps both: at checkpoint.time the job gets SIGTERM, keeps its
-checkpoint and is retried from it, so a long training runs in pieces (a retry each, on top of dagman.retry:
-checkpoint_limits).
+checkpoint and is retried from it, so a long training (or a large shard's prediction) runs in pieces (a retry
+each, on top of dagman.retry: checkpoint_limits).
 ``runtimes: {train: 36000, ...}`` (seconds) in a site's sites.yml entry overrides any kind.
 """
 
@@ -62,7 +62,7 @@ MIN_RUNTIME_S = 300
 BUDGET_SLACK = 1.25   # a --time-budget run overshoots by up to one step and the model's writing
 RARE_SHARE = 0.2      # images holding the rare class: 11 % of the real data; the augment job copies them
 GRACE_MIN = 5         # minutes from checkpoint.time's SIGTERM to maxwalltime's kill
-CHECKPOINTING = ("hpo", "train")
+CHECKPOINTING = ("hpo", "train", "predict")  # predict: its progress file, as one .tar (bin/predict.py --checkpoint)
 # Passes per image at the working size chosen after training, for the jobs that run the trained model: flip TTA
 # runs each image twice, and evaluate adds its test-loss pass (utils/detection/evaluation.evaluate_model).
 # A --fold-ensemble predict or predict_video job runs each of the K fold models once instead (_predict_passes).
@@ -217,10 +217,10 @@ def trial_over_piece(config, hpo_s: float) -> list[str]:
 
 def over_site_cap(config, runtimes: dict[str, int]) -> list[str]:
     """A warning per job of the workflow that keeps no checkpoint and whose limit passes sites.yml's
-    max_job_minutes: the site stops such a job at its cap on every retry, where hpo and train resume in pieces.
-    Predict and video lines name the --images-per-job or --video-stride that fits (their limits count the
-    dearest working size and TTA, so the real time is often far below them); a kind whose limit is a
-    sites.yml ``runtimes:`` entry, or a data job, can only be given a higher cap."""
+    max_job_minutes: the site stops such a job at its cap on every retry, where hpo, train and predict resume in
+    pieces. A video line names the --video-stride that fits (its limit counts the dearest working size and TTA,
+    so the real time is often far below it); a kind whose limit is a sites.yml ``runtimes:`` entry, evaluate, or a
+    data job can only be given a higher cap."""
     cap = config.execution_site_config().get("max_job_minutes")
     if not isinstance(cap, int) or cap <= GRACE_MIN:  # checkpoint_minutes refuses it in one line
         return []
@@ -237,10 +237,6 @@ def over_site_cap(config, runtimes: dict[str, int]) -> list[str]:
                 f"site's max_job_minutes {cap}, which would stop it on every retry")
         if kind in overridden:
             line += f": lower {getattr(config, 'sites_file', 'sites.yml')}'s runtimes: {kind}, or raise max_job_minutes"
-        elif kind == "predict":
-            fits = math.floor(usable_s / (SAFETY * _sized_s(config) * _predict_passes(config)))
-            line += (f": give --images-per-job {fits} or fewer (or shards of at most {fits} images)" if fits else
-                     ": not even one image fits; raise max_job_minutes")
         elif kind == "predict_video":
             frames = max(video.frames for video in config.pred_videos)
             per_frame = SAFETY * _sized_s(config) * _predict_passes(config, "predict_video")
