@@ -298,3 +298,24 @@ def test_the_test_loss_leaves_out_an_image_too_thin_for_the_model_as_inference_d
 
     assert loss(pairs + banner) == loss(pairs)  # the banner's batch mates' mean, as if it were not there
     assert loss(banner) == {}  # no image the model can run: no loss, as for an empty set
+
+
+def test_evaluates_files_are_one_set_a_stop_while_they_are_written_leaves_the_last_runs(sample_dir, tmp_path,
+                                                                                        monkeypatch):
+    # evaluate wrote its files one after another: stopped between two (Ctrl-C, a kill), it left this run's
+    # evaluation.json beside the last run's figures and per-image errors, and nothing told them apart.
+    from utils.detection import evaluation as module
+
+    pairs, _ = labelled_pairs(sample_dir / "images", sample_dir / "annotations")
+    oracle = OracleDetector(VocDetectionDataset(pairs[:4]))
+    evaluate_model(oracle, pairs[:4], tmp_path, device="cpu", batch_size=2, num_workers=0)
+    last = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    assert len(last) == 6
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "plot_pr_curves", stopped)  # the last file of the set
+    with pytest.raises(KeyboardInterrupt):  # another threshold: other figures in every file
+        evaluate_model(oracle, pairs[:4], tmp_path, device="cpu", batch_size=2, num_workers=0, score_threshold=0.95)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == last  # no temporary left either

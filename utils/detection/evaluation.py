@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .. import defaults as D
-from ..atomic import write_json, write_text
+from ..atomic import atomic_files, dump_json
 from ..classes import CLASSES, NAME_OF, NO_LABEL_MAP, LabelMap
 from ..data.dataset import VocDetectionDataset, collate
 from .compliance import compliance_error, compliance_error_lines, operating_threshold
@@ -328,17 +328,23 @@ def evaluate_model(model, pairs, output_dir, device="cpu", score_threshold: floa
         "skipped": list(skipped),
         "objects_dropped": object_problems,
     }
-    outputs = {
-        "evaluation_json": write_json(output_dir / names["evaluation.json"], report),
-        "evaluation_txt": write_text(output_dir / names["evaluation.txt"], format_report(report)),
-        "confusion_matrix_csv": write_text(output_dir / names["confusion_matrix.csv"], _confusion_csv(matrix, labels)),
-        "evaluation_images_json": write_json(output_dir / names["evaluation_images.json"], {
-            "score_threshold": score_threshold, "iou_threshold": CONFUSION_IOU,
-            "order": "most errors first", "images": per_image_errors(preds, targets, pairs, score_threshold)}),
-    }
-    plot_confusion_matrix(matrix, labels, output_dir / names["confusion_matrix.png"],
-                          title=f"Detection confusion matrix (IoU {CONFUSION_IOU}, score >= {score_threshold})")
-    outputs["confusion_matrix_png"] = output_dir / names["confusion_matrix.png"]
-    plot_pr_curves(curves, summary["per_class"], output_dir / names["pr_curves.png"])
-    outputs["pr_curves_png"] = output_dir / names["pr_curves.png"]
+    outputs = {key: output_dir / names[name] for key, name in (
+        ("evaluation_json", "evaluation.json"), ("evaluation_txt", "evaluation.txt"),
+        ("confusion_matrix_csv", "confusion_matrix.csv"), ("evaluation_images_json", "evaluation_images.json"),
+        ("confusion_matrix_png", "confusion_matrix.png"), ("pr_curves_png", "pr_curves.png"))}
+    # One set, renamed in together (utils.atomic.atomic_files): a job stopped while writing them left this run's
+    # evaluation.json beside the last run's figures and per-image errors, which nothing told apart.
+    with atomic_files() as files:
+        with files.writing(outputs["evaluation_json"]) as tmp:
+            dump_json(report, tmp)
+        with files.writing(outputs["evaluation_txt"]) as tmp:
+            tmp.write_text(format_report(report), encoding="utf-8")
+        with files.writing(outputs["confusion_matrix_csv"]) as tmp:
+            tmp.write_text(_confusion_csv(matrix, labels), encoding="utf-8")
+        with files.writing(outputs["evaluation_images_json"]) as tmp:
+            dump_json({"score_threshold": score_threshold, "iou_threshold": CONFUSION_IOU, "order": "most errors first",
+                       "images": per_image_errors(preds, targets, pairs, score_threshold)}, tmp)
+        plot_confusion_matrix(matrix, labels, files.path(outputs["confusion_matrix_png"]),
+                              title=f"Detection confusion matrix (IoU {CONFUSION_IOU}, score >= {score_threshold})")
+        plot_pr_curves(curves, summary["per_class"], files.path(outputs["pr_curves_png"]))
     return Evaluation(report, outputs)
