@@ -77,6 +77,7 @@ def _same_outputs(folder, whole) -> None:
     assert not (folder / PROGRESS).exists()
 
 
+@pytest.mark.slow
 def test_a_predict_job_stopped_on_a_pool_resumes_in_the_retrys_new_folder(root, pool, monkeypatch, capsys):
     # The progress file stayed in the stopped try's sandbox, which a pool's retry does not get back, and the retry
     # read its whole shard (1000 photos by default) again. The checkpoint carries it; the inputs, new copies on
@@ -102,6 +103,7 @@ def test_a_predict_job_stopped_on_a_pool_resumes_in_the_retrys_new_folder(root, 
     _same_outputs(retry, whole)
 
 
+@pytest.mark.slow
 def test_a_predict_job_killed_outright_resumes_from_its_last_save(root, pool, monkeypatch, capsys):
     # A try killed with no time to save (SIGKILL at maxwalltime, a lost node) leaves the checkpoint saved as it
     # went, every SAVE_EVERY images: the state the test keeps after each save is what such a kill leaves.
@@ -129,6 +131,7 @@ def test_a_predict_job_killed_outright_resumes_from_its_last_save(root, pool, mo
     _same_outputs(retry, whole)
 
 
+@pytest.mark.slow
 def test_a_rerun_in_its_own_folder_keeps_its_progress_file_not_an_older_checkpoint(root, pool, monkeypatch, capsys):
     # The local executor reruns a job in the same folder: its progress file there (kept through a SIGKILL that
     # left no time to save the checkpoint) is at least as new as the checkpoint, and is the one used.
