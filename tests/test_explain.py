@@ -315,3 +315,60 @@ def torchvision_iou(box: np.ndarray, other: torch.Tensor) -> torch.Tensor:
     from torchvision.ops import box_iou
 
     return box_iou(torch.as_tensor(box), other)[0, 0]
+
+
+def test_a_large_photos_maps_cost_what_a_smaller_ones_do(model_and_image):
+    """The model sees a photo at its working size, but each map was kept at the photo's own size: a 12 MP
+    photo's held 48 MB apiece, three a box under flip TTA (~720 MB for 5 boxes), and a crop around a big face
+    was blended at its own size too. Maps now stop at EXPLAIN_MAP_MAX_SIDE a side and big crops are shrunk to it
+    first, so explaining 4 times the pixels (3200x2400 against 1600x1200) takes no more memory (tracemalloc
+    sees numpy's arrays; the model's tensors are torch's, and as large as for detection alone)."""
+    import tracemalloc
+
+    from utils import defaults as D
+
+    model, image, out = model_and_image
+    areas = (out["boxes"][:, 2] - out["boxes"][:, 0]) * (out["boxes"][:, 3] - out["boxes"][:, 1])
+    biggest = torch.argsort(areas, descending=True)[:2]  # crops over the bound at both sizes
+
+    def explained(factor: int):
+        large = image.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
+        tracemalloc.start()
+        try:
+            found = explain_image(model, large, out["boxes"][biggest] * factor, out["labels"][biggest],
+                                  out["scores"][biggest], "cpu", "hirescam", 2, tta=True)
+            return found, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    (smaller, smaller_peak), (larger, larger_peak) = explained(10), explained(20)
+    for explanation in larger:
+        assert explanation.image_size == (120 * 20, 160 * 20)
+        assert max(explanation.heatmap.shape) == D.EXPLAIN_MAP_MAX_SIDE and max(explanation.overlay.size) == 256
+        assert 0 <= explanation.evidence_in_box <= 1
+    assert larger_peak < 1.5 * smaller_peak, (smaller_peak, larger_peak)  # at the photo's size: ~4 times
+    for one, other in zip(smaller, larger):  # the same picture, the same maps
+        assert one.evidence_in_box == pytest.approx(other.evidence_in_box, abs=0.05)
+
+
+def test_a_smaller_maps_heat_is_read_where_the_box_lies_in_the_photo():
+    """A map smaller than its photo (map_size) is read in its own pixels: the share of heat in a box and the
+    overlay's crop are those of the box's place in the photo."""
+    from utils.detection.explain import Explanation, map_box, map_size, overlay
+
+    height, width = 3000, 4000
+    shape = map_size(height, width)
+    assert shape == (768, 1024) and map_size(120, 160, 128) == (120, 160) and map_size(3000, 4000, 2048) == (1536, 2048)
+    box = [2000.0, 1000.0, 2400.0, 1600.0]
+    heatmap = np.zeros(shape, np.float32)
+    x0, y0, x1, y1 = (int(round(v)) for v in map_box(box, (height, width), shape))
+    heatmap[y0:y1, x0:x1] = 1.0
+    explanation = Explanation(0, "with_mask", 0.9, box, heatmap, None, (height, width))
+    assert explanation.evidence_in_box == pytest.approx(1.0)
+    photo = np.zeros((height, width, 3), np.uint8)
+    picture = np.asarray(overlay(photo, heatmap, box, "with_mask")).astype(int)
+    # the crop holds the box with one box size around it: its middle third is hot (red in the jet colour map)
+    middle = picture[picture.shape[0] // 3 + 8:2 * picture.shape[0] // 3 - 8, picture.shape[1] // 3 + 8:
+                     2 * picture.shape[1] // 3 - 8]
+    corner = picture[:20, :20]
+    assert middle[..., 0].mean() > 100 > corner[..., 0].mean()

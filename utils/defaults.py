@@ -157,6 +157,9 @@ WBF_IOU = 0.55                 # predict --model A B ... and --tta: boxes of sev
                                # box fusion (ensemble-boxes' default)
 EXPLAIN_METHOD = "hirescam"    # --explain: hirescam (per box, stays on the evidence the box used) | gradcam | eigencam
 EXPLAIN_MAX_BOXES = 5          # --explain: highest-scoring boxes explained per image (a backward pass each)
+EXPLAIN_MAP_MAX_SIDE = 1024    # an explanation's heat map is kept at most this long a side (or the model's frame's):
+                               # its detail is the working size's; at a 12 MP photo's own size each box's
+                               # maps (3 under flip TTA) held 48 MB apiece, ~720 MB for 5 boxes
 INFERENCE_BATCH_SIZE = 4       # images per model call
 DECODE_WORKERS = -1            # image-decoding processes; -1 picks a share of the CPUs
 DEVICE = "auto"                # auto | cpu | cuda

@@ -15,7 +15,11 @@ image and averaged, as grad-cam does for several target layers.
 
 Each explanation is written as an overlay picture: a crop around the box (with context),
 the heat map blended over it and the box outlined, so that a 20-pixel face is still
-readable. HiResCAM/Grad-CAM cost a forward and a backward pass per detection (about 3x a
+readable. A map holds the detail of the model's working size, not the photo's: it is kept at
+the image's size up to EXPLAIN_MAP_MAX_SIDE px a side (or the model's frame's, when larger),
+and a larger photo's map at that size, so that a 12 MP photo's maps (48 MB each at its own
+size, three a box under flip TTA) cost what a 1 MP photo's do; a crop larger than that side
+is shrunk to it before the blend. HiResCAM/Grad-CAM cost a forward and a backward pass per detection (about 3x a
 plain prediction of the image), so callers bound how many images and boxes they explain.
 """
 
@@ -28,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .. import defaults as D
 from ..classes import CLASS_COLOURS, NAME_OF
 from .inference import unflip_boxes
 
@@ -54,19 +59,42 @@ def stop_point(should_stop) -> None:
 
 @dataclass
 class Explanation:
-    """One detection's heat map over the whole image (float32 HxW in [0, 1]) and its overlay crop."""
+    """One detection's heat map over the whole image (float32 in [0, 1], at the image's size or, for an image
+    over map_size's bound, smaller: *image_size* says the image's (height, width)) and its overlay crop."""
 
     index: int          # the detection's position in the image's detection list
     label: str
     score: float
-    box: list[float]
+    box: list[float]    # in the image's pixels
     heatmap: np.ndarray
     overlay: Image.Image
+    image_size: tuple[int, int] | None = None  # (height, width) of the image; None: the map's own
 
     @property
     def evidence_in_box(self) -> float:
         """Share of the map's total heat inside the box: near 1 when the class evidence is the face itself."""
-        return evidence_share(self.heatmap, self.box)
+        return evidence_share(self.heatmap, map_box(self.box, self.image_size or self.heatmap.shape,
+                                                    self.heatmap.shape))
+
+
+def map_size(height: int, width: int, frame_side: int = 0) -> tuple[int, int]:
+    """(height, width) of the heat maps of a *height* x *width* image that the model sees in a frame of
+    *frame_side* px on its longer side: the image's own up to EXPLAIN_MAP_MAX_SIDE (or *frame_side*, when
+    larger) on its longer side, else scaled down to that. The map's detail is the model's frame's, so more
+    pixels add memory (4 bytes each, a map a box and pass), not detail."""
+    side, longest = max(D.EXPLAIN_MAP_MAX_SIDE, frame_side), max(height, width)
+    if longest <= side:
+        return height, width
+    return max(1, round(height * side / longest)), max(1, round(width * side / longest))
+
+
+def map_box(box, image_size, map_shape) -> list[float]:
+    """*box* (XYXY in the pixels of an image of *image_size* (height, width)) in the pixels of a map of
+    *map_shape* (height, width) over the same picture."""
+    (height, width), (map_height, map_width) = image_size[:2], map_shape[:2]
+    sx, sy = map_width / width, map_height / height
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return [x0 * sx, y0 * sy, x1 * sx, y1 * sy]
 
 
 def feature_layers(model) -> list[torch.nn.Module]:
@@ -104,8 +132,8 @@ def _cam(model, method: str):
 
 def heatmaps(model, image: torch.Tensor, boxes, labels, method: str = "hirescam",
              tta: bool = False, should_stop=None) -> list[np.ndarray]:
-    """One map (HxW float32 in [0, 1], the image's size) per detection *boxes*/*labels* of *image*
-    (float CxHxW in [0, 1] on the model's device).
+    """One map (float32 in [0, 1], of map_size: the image's size up to its bound) per detection *boxes*/*labels*
+    of *image* (float CxHxW in [0, 1] on the model's device).
 
     *tta*: the boxes came from flip TTA, each fused from the plain and the mirrored image's passes
     (utils/detection/inference.py), so each map is the mean of both passes' evidence: the plain image's
@@ -147,12 +175,12 @@ def _cam_in_image_frame(cam, model, image: torch.Tensor):
     size, which shifted a map by up to the padding's share of the image (a 128x98 picture at size 128 is
     padded to 128 rows: a box near its bottom had 0.8 % of its map inside it, 58 % in this frame). The maps
     are made in the padded batch's frame, then the picture's part of them is cropped and resized to the
-    image (min-max scaled, as grad-cam scales its maps)."""
+    image's map_size (min-max scaled, as grad-cam scales its maps)."""
     from pytorch_grad_cam.utils.image import scale_cam_image
 
     (padded_h, padded_w), (inner_h, inner_w) = _model_frame(model, image)
     cam.get_target_width_height = lambda _input: (padded_w, padded_h)
-    height, width = image.shape[-2:]
+    height, width = map_size(*image.shape[-2:], max(inner_h, inner_w))
 
     def run(batch, targets) -> np.ndarray:
         framed = cam(batch, targets=targets)[0][:inner_h, :inner_w]
@@ -230,18 +258,40 @@ def crop_region(box, width: int, height: int) -> tuple[int, int, int, int]:
     return left, top, int(min(width, left + side_w)), int(min(height, top + side_h))
 
 
+def _blend_region(image_rgb: np.ndarray, heatmap: np.ndarray, region) -> tuple[np.ndarray, np.ndarray]:
+    """(the photo, the map) over *region* (left, top, right, bottom in the photo's pixels) at the size they are
+    blended at: the photo's own, or, for a region over EXPLAIN_MAP_MAX_SIDE a side (a face filling a 12 MP
+    photo: each float copy of it 144 MB), shrunk to that; the map's part resized to it where the map is not at
+    the photo's size (map_size)."""
+    import cv2
+
+    left, top, right, bottom = region
+    crop = image_rgb[top:bottom, left:right]
+    size = map_size(bottom - top, right - left)
+    if size != crop.shape[:2]:
+        crop = np.asarray(Image.fromarray(crop).resize(size[::-1], Image.Resampling.BICUBIC))
+    if heatmap.shape == image_rgb.shape[:2]:
+        part = heatmap[top:bottom, left:right]
+    else:  # the map's pixels over the region, then to the crop's size
+        x0, y0, x1, y1 = map_box(region, image_rgb.shape, heatmap.shape)
+        part = heatmap[int(y0):max(int(y0) + 1, int(np.ceil(y1))), int(x0):max(int(x0) + 1, int(np.ceil(x1)))]
+    if part.shape != crop.shape[:2]:
+        part = cv2.resize(part, size[::-1], interpolation=cv2.INTER_LINEAR)
+    return crop.astype(np.float32) / 255.0, part
+
+
 def overlay(image_rgb: np.ndarray, heatmap: np.ndarray, box, label: str) -> Image.Image:
-    """The heat map blended over a crop around *box* (grad-cam's show_cam_on_image), box outlined."""
+    """The heat map (at the image's size, or smaller: map_size) blended over a crop around *box* (grad-cam's
+    show_cam_on_image), box outlined."""
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
-    height, width = heatmap.shape
+    height, width = image_rgb.shape[:2]
     left, top, right, bottom = crop_region(box, width, height)
-    crop = image_rgb[top:bottom, left:right].astype(np.float32) / 255.0
-    blended = show_cam_on_image(crop, heatmap[top:bottom, left:right], use_rgb=True,
-                                image_weight=1.0 - HEATMAP_WEIGHT)
+    crop, part = _blend_region(image_rgb, heatmap, (left, top, right, bottom))
+    blended = show_cam_on_image(crop, part, use_rgb=True, image_weight=1.0 - HEATMAP_WEIGHT)
     picture = Image.fromarray(blended)
-    scale = OVERLAY_SIDE / max(picture.size)
-    picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))),
+    scale = OVERLAY_SIDE / max(right - left, bottom - top)  # of the photo's pixels, whatever size it was blended at
+    picture = picture.resize((max(1, round((right - left) * scale)), max(1, round((bottom - top) * scale))),
                              Image.Resampling.BICUBIC)
     x0, y0, x1, y1 = box
     outline = [(x0 - left) * scale, (y0 - top) * scale, (x1 - left) * scale, (y1 - top) * scale]
@@ -268,5 +318,5 @@ def explain_image(model, image_uint8: torch.Tensor, boxes, labels, scores, devic
         name = NAME_OF[int(labels[index])]
         box = [round(float(v), 2) for v in boxes[index]]
         explanations.append(Explanation(index, name, round(float(scores[index]), 4), box, heatmap,
-                                        overlay(rgb, heatmap, box, name)))
+                                        overlay(rgb, heatmap, box, name), tuple(rgb.shape[:2])))
     return explanations
