@@ -271,3 +271,36 @@ def test_a_folds_run_shows_its_cross_validation_as_aggregate_folds_wrote_it(root
     (run_dir / "outputs" / "kfold_summary.json").unlink()
     assert "No <code>kfold_summary.json</code> in this run: the aggregate_folds job has not finished" in build(
         root, run_dir, capsys)
+
+
+def test_the_videos_plots_are_embedded_up_to_a_bound_the_others_listed_then_counted(tmp_path):
+    """Every video of --pred-videos had its paragraphs and its plot embedded: a folder of 1,000 recordings made a
+    page of ~60 MB. The first VIDEOS_SHOWN keep them, the next VIDEO_ROWS are a row each, the rest are counted."""
+    import json
+
+    from PIL import Image
+
+    from utils.naming import video_output_names
+    from utils.reporting.html_parts import VIDEO_ROWS, VIDEOS_SHOWN
+    from utils.reporting.html_report import build_report
+    from utils.reporting.run_folder import VIDEO_PLOT_TITLE, read_run_folder
+
+    run_dir = make_run_folder(tmp_path / "run", figures=False)
+    videos = VIDEOS_SHOWN + VIDEO_ROWS + 7
+    for number in range(videos):
+        names = video_output_names(f"cam{number:04d}")
+        (run_dir / "outputs" / names["summary"]).write_text(json.dumps(
+            {"source": f"cam{number:04d}.mp4", "frames_read": 10, "frames_processed": 2,
+             "overall": {"faces": 4, "percent_properly_masked": 75.0}, "resampling": {"block_frames": 1},
+             "estimate": {"method": "cc", "percent": 75.0, "low": 50.0, "high": 100.0, "units": 2}}))
+        Image.new("RGB", (40, 30), (number % 256, 0, 0)).save(run_dir / "outputs" / names["plot"])
+    page, unreadable = build_report(read_run_folder(run_dir))
+    assert unreadable == []
+    assert page.count(f'alt="{VIDEO_PLOT_TITLE}"') == VIDEOS_SHOWN  # every video's plot was embedded
+    assert page.count("Video <code>cam") == VIDEOS_SHOWN
+    assert f"<h3>{videos - VIDEOS_SHOWN} more videos</h3>" in page
+    assert page.count("<code>cam") == VIDEOS_SHOWN + VIDEO_ROWS  # a row each
+    assert "<code>cam0011.mp4</code>" not in page.split("more videos</h3>")[1]
+    assert "<code>cam0012.mp4</code> <span class=\"muted\">(video_summary_cam0012.json)</span>" in page
+    assert "75.0% (95% interval 50.0&ndash;100.0%)" in page.split("more videos</h3>")[1]
+    assert "And 7 more videos not listed" in page

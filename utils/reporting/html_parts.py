@@ -218,6 +218,37 @@ def video_paragraphs(name: str, summary) -> str:
                                                 "frame(s)", below))
 
 
+VIDEOS_SHOWN = 12  # videos of --pred-videos shown with their paragraphs and plot; the next ones a row each
+VIDEO_ROWS = 200   # ... in a table of at most this many rows; the rest counted
+
+
+def video_row(name: str, summary) -> list[str]:
+    """A row of the table of the videos past VIDEOS_SHOWN: the video_paragraphs' figures in cells."""
+    summary = mapping(summary)
+    overall = mapping(summary.get("overall"))
+    return [f"<code>{esc(text(summary.get('source')))}</code> <span class=\"muted\">({esc(name)})</span>",
+            count(summary.get("frames_processed")), count(overall.get("faces")),
+            percent(overall.get("percent_properly_masked")), interval(summary.get("estimate"))]
+
+
+def videos_part(videos: dict, plot) -> str:
+    """predict_video's summaries (*videos*, by file name): the first VIDEOS_SHOWN with their paragraphs and plot
+    (*plot*: the HTML of a summary name's plot), the next VIDEO_ROWS a row each, the rest counted. Every video's
+    plot was embedded (~60 kB of the page each; the 1,000 recordings of a folder of --pred-videos, ~60 MB)."""
+    names = list(videos)
+    parts = [video_paragraphs(name, videos[name]) + plot(name) for name in names[:VIDEOS_SHOWN]]
+    rows = [video_row(name, videos[name]) for name in names[VIDEOS_SHOWN:VIDEOS_SHOWN + VIDEO_ROWS]]
+    if rows:
+        parts.append(f"<h3>{len(names) - VIDEOS_SHOWN} more videos</h3><p class=\"muted\">Their figures; each "
+                     "video's plot is its <code>compliance_over_time_&lt;tag&gt;.png</code> in the run's outputs.</p>"
+                     + table(["video", "frames processed", "faces", "properly masked", "estimate (95% interval)"],
+                             rows, (0, 4)))
+    if (more := len(names) - VIDEOS_SHOWN - len(rows)) > 0:
+        parts.append(note(f"And {more} more videos not listed: their <code>video_summary_&lt;tag&gt;.json</code> "
+                          "in the run's outputs."))
+    return "".join(parts)
+
+
 INSIDE = {True: "yes", False: "<b>no</b>"}
 
 

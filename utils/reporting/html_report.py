@@ -17,7 +17,7 @@ from .. import defaults as D
 from ..classes import CLASSES
 from .html_parts import (CSS, IMAGE_READ_ERRORS, ODD_CLASS, card, count, esc, estimate_paragraph, estimates_table,
                          image_data_uri, interval, note, number, percent, points, seconds_text, setting, table,
-                         test_split_predicted, video_paragraphs)
+                         test_split_predicted, videos_part)
 from .run_folder import (FIGURES, FOLD_FIGURES, KFOLD_SUMMARY, RunFolder, figure_title, image_errors_by_stem,
                          predicted_by_stem, read_bounded, video_plot_name)
 from .values import Fields, entries, mapping, num, num_text, text
@@ -138,8 +138,7 @@ def summary_section(page: Page) -> None:
             parts.append(test_split_predicted(mapping(run.config), mapping(run.preprocess_test).get("images_shrunk")))
     else:
         parts.append(not_in_run(run, "compliance.json", "the merge_predictions job has not finished"))
-    for name, summary in run.videos.items():  # predict_video's, one a video of --pred-videos
-        parts.append(video_paragraphs(name, summary) + page.figures(video_plot_name(name)))
+    parts.append(videos_part(run.videos, lambda name: page.figures(video_plot_name(name))))  # predict_video's
     page.add("summary", "Summary", "".join(parts))
 
 
