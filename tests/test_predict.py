@@ -302,3 +302,47 @@ def test_a_prediction_file_written_while_the_disk_fills_names_it_and_keeps_the_l
     assert raised.value.errno == errno.ENOSPC
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(target.name for target in targets.values())
     assert all(target.read_text() == "the last run's" for target in targets.values())
+
+
+def test_the_writes_queued_stay_bounded_with_explain(root, sample_dir, tiny_model_file, tmp_path, monkeypatch):
+    """Queued writes of drawings were bounded by taking one back per image drawn, but --explain queues the drawing
+    and an overlay per box explained: the queue grew by up to --explain-max-boxes an image, each write holding its
+    picture (a 12 MP drawing 36 MB), wherever the disk wrote slower than the model explained. Here a write runs only
+    when its result is asked for: the writes a slow disk leaves queued."""
+    from utils.detection import prediction
+
+    class LazyWriter:
+        def __init__(self, *args, **kwargs):
+            self.queued, self.most = [], 0
+            writers.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            while self.queued:
+                self.queued[0].result()
+
+        def submit(self, fn, *args):
+            writer = self
+
+            class Later:
+                def result(self):
+                    if self in writer.queued:
+                        writer.queued.remove(self)
+                        fn(*args)
+
+            self.queued.append(Later())
+            self.most = max(self.most, len(self.queued))
+            return self.queued[-1]
+
+    writers: list[LazyWriter] = []
+    monkeypatch.setattr(prediction, "ThreadPoolExecutor", LazyWriter)
+    images = sorted((sample_dir / "images").glob("*.jpg"))[:6]
+    out = tmp_path / "out"
+    assert predict_quick(root, tiny_model_file, images, out, "--batch-size", "1", "--explain", "--explain-method",
+                         "eigencam", "--explain-max-boxes", "5") == 0
+    records = json.loads((out / "predictions.json").read_text())["images"]
+    assert [len(record["explanations"]) for record in records] == [5] * 6  # 6 writes an image
+    assert len(list((out / "annotated").glob("explain_*.jpg"))) == 30
+    assert writers[0].most <= 4 * 1 + 1 + 5, writers[0].most  # the bound, and one image's writes: 30 queued before

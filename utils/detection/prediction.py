@@ -365,8 +365,8 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
                 pending.append(writer.submit(save_annotated, pil, result.boxes, result.labels, result.scores,
                                              drawing_dir / annotated))
                 result.image = None
-                if len(pending) > 4 * batch_size:  # bound the images held in memory by queued writes
-                    pending.pop(0).result()
+                while len(pending) > 4 * batch_size:  # bound the pictures queued writes hold: an image drawn
+                    pending.pop(0).result()  # with --explain queues 1 + its overlays, not 1
             record = _image_record(result, annotated, soft)
             if explain and annotated:
                 record["explanations"] = explained
