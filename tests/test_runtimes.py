@@ -63,6 +63,23 @@ def test_the_merge_limit_counts_a_figure_per_folder_of_the_prediction_images(tmp
     assert job_runtimes(config(pred_shards=unindexed))["merge_predictions"] >= SAFETY * 20_000 * 0.1
 
 
+def test_the_folders_are_counted_as_the_index_is_read_not_from_every_images_row_held(tmp_path):
+    # The generator held every row of index.csv to count the folders: ~700 bytes an image, ~700 MB for a million.
+    import tracemalloc
+
+    from utils.pegasus.runtimes import _figures_per_folder
+
+    peaks = {}
+    for images in (5_000, 50_000):
+        _index_csv(tmp_path / str(images), [f"site{i % 100:03d}/img{i:06d}.jpg" for i in range(images)])
+        stand_in = config(pred_shards=[ShardFile(tmp_path / str(images) / "shard-000000.tar", images)])
+        tracemalloc.start()
+        assert _figures_per_folder(stand_in) == 100
+        peaks[images] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peaks[50_000] < 2 * peaks[5_000], peaks  # held, the rows made it ~10 times
+
+
 def test_a_time_budget_bounds_the_train_job():
     runtimes = job_runtimes(config(train=5000, epochs=50, time_budget=60))
     assert 60 * 60 < runtimes["train"] < 2 * 60 * 60

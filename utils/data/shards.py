@@ -290,12 +290,19 @@ def pack_or_reuse(items: list, out_dir, shard_size: int, source: str,
 
 def read_index_csv(folder) -> list[dict]:
     """index.csv's rows (name, shard, bytes, sha256, annotation)."""
+    return list(index_csv_rows(folder))
+
+
+def index_csv_rows(folder):
+    """index.csv's rows one at a time, as they are read (a list of a million images' rows held ~700 MB);
+    InputError, at the first, when there is no index.csv."""
     path = Path(folder) / INDEX_CSV
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle))
+        handle = open(path, newline="", encoding="utf-8")
     except FileNotFoundError:
         raise InputError(f"{path}: not found") from None
+    with handle:
+        yield from csv.DictReader(handle)
 
 
 def source_signature(items: list) -> str:

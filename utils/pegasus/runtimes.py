@@ -105,15 +105,16 @@ def _choice_s(config) -> dict[str, float]:
 def _figures_per_folder(config) -> int:
     """How many folders merge_predictions gives a figure of: the folders the prediction images sit in, from the
     shards' index.csv (each image's path below the set), none for one folder; without an index, as many as the
-    images (each may sit in its own folder)."""
-    from ..data.shards import read_index_csv
+    images (each may sit in its own folder). The rows are counted as they are read: the folders are held, not the
+    images' rows (a million of them held ~700 MB in the generator)."""
+    from ..data.shards import index_csv_rows
     from ..errors import InputError
 
-    try:
-        rows = read_index_csv(config.pred_shards[0].path.parent)  # a set's shards share one folder and index
+    try:  # a set's shards share one folder and index
+        folders = len({posixpath.dirname(row.get("name") or "")
+                       for row in index_csv_rows(config.pred_shards[0].path.parent)})
     except InputError:
         return sum(shard.images for shard in config.pred_shards)
-    folders = len({posixpath.dirname(row.get("name") or "") for row in rows})
     return folders if folders > 1 else 0
 
 
