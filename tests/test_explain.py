@@ -346,7 +346,7 @@ def test_a_large_photos_maps_cost_what_a_smaller_ones_do(model_and_image):
         assert explanation.image_size == (120 * 20, 160 * 20)
         assert max(explanation.heatmap.shape) == D.EXPLAIN_MAP_MAX_SIDE and max(explanation.overlay.size) == 256
         assert 0 <= explanation.evidence_in_box <= 1
-    assert larger_peak < 1.5 * smaller_peak, (smaller_peak, larger_peak)  # at the photo's size: ~4 times
+    assert larger_peak < 2 * smaller_peak, (smaller_peak, larger_peak)  # at the photo's size: ~4 times
     for one, other in zip(smaller, larger):  # the same picture, the same maps
         assert one.evidence_in_box == pytest.approx(other.evidence_in_box, abs=0.05)
 

@@ -268,8 +268,8 @@ def _blend_region(image_rgb: np.ndarray, heatmap: np.ndarray, region) -> tuple[n
     left, top, right, bottom = region
     crop = image_rgb[top:bottom, left:right]
     size = map_size(bottom - top, right - left)
-    if size != crop.shape[:2]:
-        crop = np.asarray(Image.fromarray(crop).resize(size[::-1], Image.Resampling.BICUBIC))
+    if size != crop.shape[:2]:  # read in place (rows of a C-ordered photo): no full-size copy of the crop
+        crop = cv2.resize(crop, size[::-1], interpolation=cv2.INTER_AREA)
     if heatmap.shape == image_rgb.shape[:2]:
         part = heatmap[top:bottom, left:right]
     else:  # the map's pixels over the region, then to the crop's size
@@ -312,7 +312,7 @@ def explain_image(model, image_uint8: torch.Tensor, boxes, labels, scores, devic
     labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
     image = image_uint8.to(device).float().div(255.0)
     maps = heatmaps(model, image, boxes[order], labels[order], method, tta, should_stop)
-    rgb = image_uint8.permute(1, 2, 0).cpu().numpy()
+    rgb = image_uint8.permute(1, 2, 0).contiguous().cpu().numpy()  # C order: a crop of it is read in place
     explanations = []
     for index, heatmap in zip(order, maps):
         name = NAME_OF[int(labels[index])]
