@@ -11,8 +11,8 @@ itself), OUTPUT/index.json (shards with image and XML counts, bytes and sha256) 
 OUTPUT/index.csv (one row per image: name, shard, bytes, sha256, XML). Symbolic links to
 files and folders are followed. An XML pairs with the image at its path below --annotations
 (siteA/img.xml with siteA/img.jpg). workflow.py --pred-images OUTPUT then runs one predict
-job per shard. Skipped, counted and listed in index.json with the reason: files that are not
-images, a second image with the key of another, both when an XML names a key two images share,
+job per shard. Skipped, counted in index.json and listed in OUTPUT/skipped.csv with the reason: files
+that are not images, a second image with the key of another, both when an XML names a key two images share,
 XML without an image, links to nothing or back into their own folder (a loop), names that are
 not valid UTF-8, and a file reached twice through links. XML files beside the images are
 packed only when --annotations names their folder (it may be the --images folder). --verify

@@ -446,3 +446,24 @@ def test_merge_predictions_writes_its_figures_and_csv_as_one_set(tmp_path, monke
     assert sorted(path.name for path in out.iterdir()) == sorted(["compliance.json", "predictions.csv",
                                                                   "compliance_by_folder.png",
                                                                   "compliance_histogram.png"])
+
+
+def test_index_json_counts_the_skipped_files_and_skipped_csv_lists_them(sample_dir, tmp_path):
+    """A camera's RAW file beside each JPEG is skipped: every one listed in index.json, which the generator reads
+    whole, made it grow with the collection (~150 bytes a file, ~150 MB for a million). It names the first
+    INDEX_SKIPPED_LISTED; skipped.csv lists them all."""
+    from utils.data.shards import INDEX_SKIPPED_LISTED, SKIPPED_CSV, write_shards
+
+    image = sorted((sample_dir / "images").glob("*.jpg"))[0]
+    sizes = {}
+    for count in (10, 5_000):
+        skipped = [{"file": f"/cams/site{k % 7}/IMG_{k:06d}.CR2", "reason": "not an image file name (extension "
+                                                                        "'.CR2')"} for k in range(count)]
+        out = tmp_path / str(count)
+        write_shards([(image, None)], out, 10, skipped=skipped)
+        data = json.loads((out / "index.json").read_text())
+        assert data["num_skipped"] == count and data["skipped"] == skipped[:INDEX_SKIPPED_LISTED]
+        with open(out / SKIPPED_CSV, newline="", encoding="utf-8") as handle:
+            assert list(csv.DictReader(handle)) == skipped
+        sizes[count] = (out / "index.json").stat().st_size
+    assert sizes[5_000] < 2 * sizes[10] + 100 * INDEX_SKIPPED_LISTED, sizes  # every one listed: ~600 kB

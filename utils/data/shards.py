@@ -3,8 +3,10 @@
 A shard folder holds
 
     shard-000000.tar, shard-000001.tar, ...   the images (and their VOC XML, when given)
-    index.json                                 small: the shards with their counts, sizes and sha256
+    index.json                                 small: the shards with their counts, sizes and sha256, and
+                                               the count of the files skipped (the first 100 named)
     index.csv                                  one row per image: name, shard, bytes, sha256, annotation
+    skipped.csv                                one row per file skipped: file, reason
 
 The tars follow WebDataset's layout: members are `<key>.<ext>` files in key order, the key
 being the image's path below the folder packed without its extension (`siteA/cam1/img` for
@@ -41,6 +43,9 @@ from .images import escaped_name, is_image_name, list_files
 
 INDEX_JSON = "index.json"
 INDEX_CSV = "index.csv"
+SKIPPED_CSV = "skipped.csv"
+INDEX_SKIPPED_LISTED = 100  # skipped files named in index.json; all are in skipped.csv (a RAW file beside each
+                            # camera JPEG is skipped: a million of them made an index.json of ~150 MB to read whole)
 FORMAT = "mask-detection shards 1 (webdataset layout)"
 SHARD_PATTERN = "shard-{:06d}.tar"
 INDEX_CSV_FIELDS = ("name", "shard", "bytes", "sha256", "annotation")
@@ -232,7 +237,8 @@ def write_shards(items: list, out_dir, shard_size: int, workers: int = D.SHARD_W
 
     Shards are written in parallel (reading and hashing release the GIL), each one
     atomically, and the index last: a folder with an index.json is complete. *extra*
-    goes into index.json as is (where the shards came from).
+    goes into index.json as is (where the shards came from). *skipped* goes to skipped.csv, every entry, and
+    to index.json, counted and the first INDEX_SKIPPED_LISTED named.
     """
     if shard_size < 1:
         raise InputError(f"shard size {shard_size}: must be at least 1")
@@ -263,11 +269,15 @@ def write_shards(items: list, out_dir, shard_size: int, workers: int = D.SHARD_W
             for shard, rows in pool.map(one, range(len(groups))):
                 shards.append(shard)
                 writer.writerows(rows)
-    shards = tuple(shards)
+    shards, skipped = tuple(shards), list(skipped or [])
+    with atomic_path(out_dir / SKIPPED_CSV) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=("file", "reason"), lineterminator="\n", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(skipped)
     index = {"format": FORMAT, "shard_size": shard_size, "num_shards": len(shards),
              "num_images": sum(s.images for s in shards), "num_annotations": sum(s.annotations for s in shards),
-             "bytes": sum(s.bytes for s in shards), **(extra or {}), "skipped": list(skipped or []),
-             "shards": [vars(shard) for shard in shards]}
+             "bytes": sum(s.bytes for s in shards), **(extra or {}), "num_skipped": len(skipped),
+             "skipped": skipped[:INDEX_SKIPPED_LISTED], "shards": [vars(shard) for shard in shards]}
     write_json(out_dir / INDEX_JSON, index)
     return ShardIndex(out_dir, shards, shard_size)
 

@@ -173,7 +173,7 @@ def prediction_shards(pred_images: PredictionImages | None, entries: list[SplitE
     images per shard, and a rerun over the unchanged images (same names, sizes and times)
     reuses those shards.
     """
-    from ..data.shards import INDEX_JSON, pack_or_reuse
+    from ..data.shards import SKIPPED_CSV, pack_or_reuse
     from ..errors import InputError
 
     if images_per_job < 1:
@@ -192,10 +192,10 @@ def prediction_shards(pred_images: PredictionImages | None, entries: list[SplitE
         index = pack_or_reuse(items, run_dir / "pred_shards", images_per_job, source, skipped)
     except InputError as error:
         raise ConfigError(str(error)) from None
-    if skipped:  # said where it is seen (generation's output), listed with the reasons in the shards' index
+    if skipped:  # said where it is seen (generation's output), listed with the reasons beside the shards
         log.warning("%s: %d file(s) not packed for prediction (first: %s: %s); every one with its reason in %s",
                     source, len(skipped), skipped[0]["file"], skipped[0]["reason"],
-                    run_dir / "pred_shards" / INDEX_JSON)
+                    run_dir / "pred_shards" / SKIPPED_CSV)
     return _shard_files(index)
 
 
