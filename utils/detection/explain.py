@@ -19,8 +19,9 @@ readable. A map holds the detail of the model's working size, not the photo's: i
 the image's size up to EXPLAIN_MAP_MAX_SIDE px a side (or the model's frame's, when larger),
 and a larger photo's map at that size, so that a 12 MP photo's maps (48 MB each at its own
 size, three a box under flip TTA) cost what a 1 MP photo's do; a crop larger than that side
-is shrunk to it before the blend. HiResCAM/Grad-CAM cost a forward and a backward pass per detection (about 3x a
-plain prediction of the image), so callers bound how many images and boxes they explain.
+is shrunk to it before the blend. HiResCAM/Grad-CAM cost a forward and a backward pass per
+detection (about 3x a plain prediction of the image), so callers bound how many images and
+boxes they explain.
 """
 
 from __future__ import annotations
