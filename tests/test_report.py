@@ -276,6 +276,7 @@ def test_a_folds_run_shows_its_cross_validation_as_aggregate_folds_wrote_it(root
 def test_the_videos_plots_are_embedded_up_to_a_bound_the_others_listed_then_counted(tmp_path):
     """Every video of --pred-videos had its paragraphs and its plot embedded: a folder of 1,000 recordings made a
     page of ~60 MB. The first VIDEOS_SHOWN keep them, the next VIDEO_ROWS are a row each, the rest are counted."""
+    import html
     import json
 
     from PIL import Image
@@ -296,7 +297,7 @@ def test_the_videos_plots_are_embedded_up_to_a_bound_the_others_listed_then_coun
         Image.new("RGB", (40, 30), (number % 256, 0, 0)).save(run_dir / "outputs" / names["plot"])
     page, unreadable = build_report(read_run_folder(run_dir))
     assert unreadable == []
-    assert page.count(f'alt="{VIDEO_PLOT_TITLE}"') == VIDEOS_SHOWN  # every video's plot was embedded
+    assert page.count(f'alt="{html.escape(VIDEO_PLOT_TITLE)}"') == VIDEOS_SHOWN  # every video's plot was embedded
     assert page.count("Video <code>cam") == VIDEOS_SHOWN
     assert f"<h3>{videos - VIDEOS_SHOWN} more videos</h3>" in page
     assert page.count("<code>cam") == VIDEOS_SHOWN + VIDEO_ROWS  # a row each
