@@ -64,7 +64,7 @@ def test_the_merge_limit_counts_a_figure_per_folder_of_the_prediction_images(tmp
 
 
 def test_the_folders_are_counted_as_the_index_is_read_not_from_every_images_row_held(tmp_path):
-    # The generator held every row of index.csv to count the folders: ~700 bytes an image, ~700 MB for a million.
+    # The generator held every row of index.csv to count the folders: ~330 bytes an image, ~330 MB for a million.
     import tracemalloc
 
     from utils.pegasus.runtimes import _figures_per_folder

@@ -304,7 +304,7 @@ def read_index_csv(folder) -> list[dict]:
 
 
 def index_csv_rows(folder):
-    """index.csv's rows one at a time, as they are read (a list of a million images' rows held ~700 MB);
+    """index.csv's rows one at a time, as they are read (a list of a million images' rows held ~330 MB);
     InputError, at the first, when there is no index.csv."""
     path = Path(folder) / INDEX_CSV
     try:

@@ -106,7 +106,7 @@ def _figures_per_folder(config) -> int:
     """How many folders merge_predictions gives a figure of: the folders the prediction images sit in, from the
     shards' index.csv (each image's path below the set), none for one folder; without an index, as many as the
     images (each may sit in its own folder). The rows are counted as they are read: the folders are held, not the
-    images' rows (a million of them held ~700 MB in the generator)."""
+    images' rows (a million of them held ~330 MB in the generator)."""
     from ..data.shards import index_csv_rows
     from ..errors import InputError
 
