@@ -67,7 +67,9 @@ def test_files_left_out_of_the_prediction_shards_are_said_at_generation(sample_d
     with caplog.at_level("WARNING"):
         assert generate(tmp_path / "run", sample_dir, "--pred-images", str(photos)) == 0
     said = [record.getMessage() for record in caplog.records if "not packed for prediction" in record.getMessage()]
-    assert len(said) == 1 and "2 file(s)" in said[0] and str(tmp_path / "run" / "pred_shards" / "index.json") in said[0]
+    listed = tmp_path / "run" / "pred_shards" / "skipped.csv"  # every one with its reason (index.json counts them)
+    assert len(said) == 1 and "2 file(s)" in said[0] and str(listed) in said[0]
+    assert len(listed.read_text().splitlines()) == 1 + 2
 
 
 def test_a_subfolder_of_the_data_that_is_not_read_is_said_at_generation(sample_dir, tmp_path, caplog):
