@@ -31,6 +31,13 @@ async def hello(scope, receive, send):
 
 @contextlib.contextmanager
 def running(app, **config):
+    with running_server(app, **config) as (port, _):
+        yield port
+
+
+@contextlib.contextmanager
+def running_server(app, **config):
+    """The port and the uvicorn server serving *app* on a thread."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", **config))
@@ -41,7 +48,7 @@ def running(app, **config):
             if server.started:
                 break
             time.sleep(0.05)
-        yield sock.getsockname()[1]
+        yield sock.getsockname()[1], server
     finally:
         server.should_exit = True
         thread.join(HANG)
@@ -328,3 +335,61 @@ def test_an_answer_given_before_the_body_is_read_reaches_a_client_still_sending_
         text = answer.read()
         conn.close()
     assert answer.status == 413 and b"POST /upload: request body of 67108864 bytes; at most" in text
+
+
+
+async def answers_before_reading(scope, receive, send, close=True):
+    """An answer given with the request's body unread (as the edge's 401/413/429/503 are)."""
+    if scope["type"] != "http":
+        return
+    headers = [(b"content-length", b"2")] + ([(b"connection", b"close")] if close else [])
+    await send({"type": "http.response.start", "status": 413, "headers": headers})
+    await send({"type": "http.response.body", "body": b"no"})
+
+
+def lets_every_connection_go(server) -> bool:
+    for _ in range(HANG * 20):
+        if not server.server_state.connections:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_stop_waits_for_no_body_still_arriving_after_an_answer_given_once_it_began():
+    """A request in flight at a stop, answered before its body was read, lingered for its whole linger time (30 s by
+    default), and the stop waited for it: the linger is for the client's sake, and a stopping server owes it none."""
+    stopping, arrived = threading.Event(), threading.Event()
+
+    async def answers_at_the_stop(scope, receive, send):
+        if scope["type"] == "http":
+            arrived.set()
+            while not stopping.is_set():
+                await asyncio.sleep(0.01)
+        await answers_before_reading(scope, receive, send)
+
+    with running_server(answers_at_the_stop, http=head_deadline_protocol(HANG, linger=100 * HANG)) as (port, server):
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" + b"\0" * 1000)
+            assert arrived.wait(HANG)
+            server.should_exit = True
+            for _ in range(HANG * 20):  # uvicorn asks every connection to finish as it stops listening
+                if server.servers and not any(listening.is_serving() for listening in server.servers):
+                    break
+                time.sleep(0.05)
+            stopping.set()
+            assert read_until_closed(client).startswith(b"HTTP/1.1 413")
+            assert lets_every_connection_go(server)  # while the client still holds its socket, its body unsent
+
+
+def test_a_body_still_arriving_after_a_kept_alive_answer_is_closed_at_the_head_deadline_without_lingering_too():
+    """An answer without `connection: close` keeps the connection: uvicorn reads and drops the rest of the body until
+    the head deadline closes it. That close lingered as well: a client held the connection for the head deadline and
+    then the whole linger time on top, past the linger time the docs state."""
+    async def keeps_alive(scope, receive, send):
+        await answers_before_reading(scope, receive, send, close=False)
+
+    with running_server(keeps_alive, http=head_deadline_protocol(0.5, linger=100 * HANG)) as (port, server):
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" + b"\0" * 1000)
+            assert read_until_closed(client).startswith(b"HTTP/1.1 413")
+            assert lets_every_connection_go(server)  # while the client still holds its socket, its body unsent

@@ -18,9 +18,11 @@ it held the socket open, past the head deadline.
 
 An answer given before the request's body was read (401, 413, 429, 503, a body cut off) is followed by
 a lingering close, as nginx does: the server sends the answer and a FIN, then reads and drops what the
-client still sends, for at most `linger` seconds, before it closes. uvicorn closed the socket at once,
-and a close with unread bytes sends a reset: a client still sending its body (http.client, requests:
-they read nothing until it is sent) saw "connection reset by peer" instead of the answer and its reason.
+client still sends, for at most `linger` seconds, before it closes (at once when the server is stopping,
+and at the head deadline: a body still arriving after a kept-alive answer was dropped until then). uvicorn
+closed the socket at once, and a close with unread bytes sends a reset: a client still sending its body
+(http.client, requests: they read nothing until it is sent) saw "connection reset by peer" instead of the
+answer and its reason.
 """
 
 from __future__ import annotations
@@ -56,8 +58,8 @@ class _LingeringClose:
     def close(self) -> None:
         if self.lingering or self._transport.is_closing():
             return
-        if (self._protocol.linger > 0 and self._protocol.conn.their_state is h11.SEND_BODY
-                and self._transport.can_write_eof()):
+        if (self._protocol.linger > 0 and not self._protocol.stopping
+                and self._protocol.conn.their_state is h11.SEND_BODY and self._transport.can_write_eof()):
             self.lingering = True
             self._transport.write_eof()  # the answer, then a FIN: the client may read it while it still sends
             self._transport.resume_reading()  # uvicorn may have paused reading with a body's buffer full
@@ -66,7 +68,7 @@ class _LingeringClose:
             return
         self._transport.close()
 
-    def end_lingering(self) -> None:
+    def close_without_lingering(self) -> None:
         self._transport.close()
 
 
@@ -83,6 +85,7 @@ class HeadDeadlineProtocol(H11Protocol):
         self._head_deadline: asyncio.TimerHandle | None = None
         self._send_deadline: asyncio.TimerHandle | None = None
         self.linger_deadline: asyncio.TimerHandle | None = None
+        self.stopping = False  # the server is stopping: it waits for no body that no one reads
         self._head_bytes = False
         super().connection_made(_LingeringClose(transport, self))  # type: ignore[arg-type]
         self._arm_head_deadline()
@@ -105,7 +108,8 @@ class HeadDeadlineProtocol(H11Protocol):
             return  # its head came in time: a request in flight
         if self._head_bytes and self.conn.our_state is h11.IDLE:
             self.transport.write(TIMEOUT_ANSWER)  # part of a head arrived: say why before closing
-        self.transport.close()
+        # no lingering: a body still arriving after a kept-alive answer was read and dropped until now
+        self.transport.close_without_lingering()
 
     def data_received(self, data: bytes) -> None:
         if self.transport.lingering:  # the rest of a body no one reads: dropped
@@ -155,8 +159,9 @@ class HeadDeadlineProtocol(H11Protocol):
         self.transport.abort()
 
     def shutdown(self) -> None:
-        if self.transport.lingering:  # the server is stopping: it waits for no body that no one reads
-            self.transport.end_lingering()
+        self.stopping = True  # an answer given from now on does not linger either
+        if self.transport.lingering:
+            self.transport.close_without_lingering()
             return
         super().shutdown()
 
