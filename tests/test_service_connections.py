@@ -381,14 +381,17 @@ def test_a_stop_waits_for_no_body_still_arriving_after_an_answer_given_once_it_b
             assert lets_every_connection_go(server)  # while the client still holds its socket, its body unsent
 
 
-def test_a_body_still_arriving_after_a_kept_alive_answer_is_closed_at_the_head_deadline_without_lingering_too():
+@pytest.mark.parametrize("deadlines", [{"head": 0.5, "keep_alive": 5}, {"head": HANG, "keep_alive": 0.5}],
+                         ids=["head-deadline", "keep-alive-timeout"])
+def test_a_body_still_arriving_after_a_kept_alive_answer_is_closed_without_lingering_too(deadlines):
     """An answer without `connection: close` keeps the connection: uvicorn reads and drops the rest of the body until
-    the head deadline closes it. That close lingered as well: a client held the connection for the head deadline and
-    then the whole linger time on top, past the linger time the docs state."""
+    its keep-alive timeout or the head deadline closes it. That close lingered as well: a client held the
+    connection for that long and then the whole linger time on top, past the linger time the docs state."""
     async def keeps_alive(scope, receive, send):
         await answers_before_reading(scope, receive, send, close=False)
 
-    with running_server(keeps_alive, http=head_deadline_protocol(0.5, linger=100 * HANG)) as (port, server):
+    protocol = head_deadline_protocol(deadlines["head"], linger=100 * HANG)
+    with running_server(keeps_alive, http=protocol, timeout_keep_alive=deadlines["keep_alive"]) as (port, server):
         with socket.create_connection(("127.0.0.1", port)) as client:
             client.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" + b"\0" * 1000)
             assert read_until_closed(client).startswith(b"HTTP/1.1 413")

@@ -18,8 +18,9 @@ it held the socket open, past the head deadline.
 
 An answer given before the request's body was read (401, 413, 429, 503, a body cut off) is followed by
 a lingering close, as nginx does: the server sends the answer and a FIN, then reads and drops what the
-client still sends, for at most `linger` seconds, before it closes (at once when the server is stopping,
-and at the head deadline: a body still arriving after a kept-alive answer was dropped until then). uvicorn
+client still sends, for at most `linger` seconds, before it closes (at once when the server is stopping, and
+after an answer that kept the connection: uvicorn has read and dropped the body since, until its keep-alive
+timeout or the head deadline closes it). uvicorn
 closed the socket at once, and a close with unread bytes sends a reset: a client still sending its body
 (http.client, requests: they read nothing until it is sent) saw "connection reset by peer" instead of the
 answer and its reason.
@@ -32,7 +33,7 @@ import socket
 import struct
 
 import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
 from .. import defaults as D
 
@@ -58,8 +59,9 @@ class _LingeringClose:
     def close(self) -> None:
         if self.lingering or self._transport.is_closing():
             return
-        if (self._protocol.linger > 0 and not self._protocol.stopping
-                and self._protocol.conn.their_state is h11.SEND_BODY and self._transport.can_write_eof()):
+        protocol = self._protocol  # a body still arriving after a kept-alive answer has been read and dropped since
+        if (protocol.linger > 0 and not protocol.stopping and protocol.cycle is not protocol.kept_alive
+                and protocol.conn.their_state is h11.SEND_BODY and self._transport.can_write_eof()):
             self.lingering = True
             self._transport.write_eof()  # the answer, then a FIN: the client may read it while it still sends
             self._transport.resume_reading()  # uvicorn may have paused reading with a body's buffer full
@@ -86,6 +88,7 @@ class HeadDeadlineProtocol(H11Protocol):
         self._send_deadline: asyncio.TimerHandle | None = None
         self.linger_deadline: asyncio.TimerHandle | None = None
         self.stopping = False  # the server is stopping: it waits for no body that no one reads
+        self.kept_alive: RequestResponseCycle | None = None  # the last request answered without closing
         self._head_bytes = False
         super().connection_made(_LingeringClose(transport, self))  # type: ignore[arg-type]
         self._arm_head_deadline()
@@ -108,8 +111,7 @@ class HeadDeadlineProtocol(H11Protocol):
             return  # its head came in time: a request in flight
         if self._head_bytes and self.conn.our_state is h11.IDLE:
             self.transport.write(TIMEOUT_ANSWER)  # part of a head arrived: say why before closing
-        # no lingering: a body still arriving after a kept-alive answer was read and dropped until now
-        self.transport.close_without_lingering()
+        self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self.transport.lingering:  # the rest of a body no one reads: dropped
@@ -121,6 +123,7 @@ class HeadDeadlineProtocol(H11Protocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing():
+            self.kept_alive = self.cycle
             self._arm_head_deadline()
 
     # -- the answer must be read: the transport calls these at its high- and low-water marks
