@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -101,4 +102,14 @@ def _no_stop_left_over():
     stop._declared.clear()
     video._sigint.clear()
     for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+@pytest.fixture
+def restore_signals():
+    """The SIGTERM and SIGINT handlers as they were, after a test that runs a job's main() in this process
+    (utils.stop installs its own)."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for signum, handler in saved.items():
         signal.signal(signum, handler)

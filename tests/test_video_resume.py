@@ -18,14 +18,6 @@ from helpers import run_script
 PROGRESS = ".video_frames.csv.progress.jsonl"
 
 
-@pytest.fixture
-def restore_signals():
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    yield
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
-
-
 def _detect_calls(monkeypatch, sigterm_on: int | None = None) -> list:
     """Count the model's calls (video.detect); with *sigterm_on*, send SIGTERM on that call (1-based)."""
     from utils.detection import video as video_module

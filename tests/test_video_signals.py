@@ -27,16 +27,6 @@ def _signal_on_call(monkeypatch, module, name, signum, call):
     monkeypatch.setattr(module, name, patched)
 
 
-@pytest.fixture
-def restore_signals():
-    import signal
-
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    yield
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("signame, rc", [("SIGTERM", 143), ("SIGINT", 0)])
 def test_a_signal_stops_at_the_next_frame_and_keeps_the_frames_done(root, clip, tiny_model_file, tmp_path, capsys,
