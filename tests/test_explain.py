@@ -372,3 +372,22 @@ def test_a_smaller_maps_heat_is_read_where_the_box_lies_in_the_photo():
                      2 * picture.shape[1] // 3 - 8]
     corner = picture[:20, :20]
     assert middle[..., 0].mean() > 100 > corner[..., 0].mean()
+
+
+def test_a_smaller_maps_heat_is_blended_where_it_lies_in_the_photo():
+    """A map smaller than its photo was cut at whole map pixels around the crop, then stretched to it: the heat
+    moved up to half a map pixel (2 px of a 4096 px photo, 8 px of the 256 px overlay of a face's 64 px crop; 1 px
+    here). It is read between the map's pixels: the heat's centre in the crop is the photo's, at its edge too."""
+    from utils.detection.explain import _blend_region, crop_region, map_size
+
+    height, width = 3072, 4096
+    photo = np.broadcast_to(np.zeros(3, np.uint8), (height, width, 3))  # its pixels are not what is looked at
+    rows, columns = np.indices(map_size(height, width))  # 768 x 1024: a map pixel is 4 px of the photo
+    for cx, cy in ((1001.0, 2003.0), (2502.5, 1498.7), (3070.3, 605.9), (17.9, 3050.1)):
+        heat = np.exp(-(((columns + 0.5) * 4 - cx) ** 2 + ((rows + 0.5) * 4 - cy) ** 2) / (2 * 8.0 ** 2))
+        left, top, right, bottom = region = crop_region([cx - 12, cy - 12, cx + 12, cy + 12], width, height)
+        part = _blend_region(photo, heat.astype(np.float32), region)[1]
+        ys, xs = np.indices(part.shape)
+        centre = (left + float(((xs + 0.5) * part).sum() / part.sum()) * (right - left) / part.shape[1],
+                  top + float(((ys + 0.5) * part).sum() / part.sum()) * (bottom - top) / part.shape[0])
+        assert centre == pytest.approx((cx, cy), abs=0.5), (cx, cy)
