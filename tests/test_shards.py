@@ -467,3 +467,27 @@ def test_index_json_counts_the_skipped_files_and_skipped_csv_lists_them(sample_d
             assert list(csv.DictReader(handle)) == skipped
         sizes[count] = (out / "index.json").stat().st_size
     assert sizes[5_000] < 2 * sizes[10] + 100 * INDEX_SKIPPED_LISTED, sizes  # every one listed: ~600 kB
+
+
+def test_reused_shards_list_the_files_skipped_now(sample_dir, tmp_path):
+    """The generator reuses the shards of unchanged images (pack_or_reuse) but kept the skipped list of the packing
+    that made them: a file put beside the images since was in its warning's count, not in the skipped.csv it
+    points to; and a folder packed before skipped.csv was written had none."""
+    from utils.data.shards import SKIPPED_CSV, pack_or_reuse
+
+    items, out = [(sorted((sample_dir / "images").glob("*.jpg"))[0], None)], tmp_path / "shards"
+    raw = {"file": "/cams/IMG_0001.CR2", "reason": "not an image file name (extension '.CR2')"}
+    notes = {"file": "/cams/notes.txt", "reason": "not an image file name (extension '.txt')"}
+    pack_or_reuse(items, out, 10, "cams", [raw])
+    packed = (out / "shard-000000.tar").stat().st_mtime_ns
+    for left_out in ([raw, notes], []):
+        pack_or_reuse(items, out, 10, "cams", left_out)
+        assert (out / "shard-000000.tar").stat().st_mtime_ns == packed  # reused
+        with open(out / SKIPPED_CSV, newline="", encoding="utf-8") as handle:
+            assert list(csv.DictReader(handle)) == left_out
+        data = json.loads((out / "index.json").read_text())
+        assert (data["num_skipped"], data["skipped"]) == (len(left_out), left_out)
+    (out / SKIPPED_CSV).unlink()  # packed before skipped.csv was written
+    pack_or_reuse(items, out, 10, "cams", [notes])
+    assert (out / SKIPPED_CSV).read_text().splitlines()[1:] == ["/cams/notes.txt,not an image file name (extension "
+                                                                  "'.txt')"]

@@ -269,23 +269,32 @@ def write_shards(items: list, out_dir, shard_size: int, workers: int = D.SHARD_W
             for shard, rows in pool.map(one, range(len(groups))):
                 shards.append(shard)
                 writer.writerows(rows)
-    shards, skipped = tuple(shards), list(skipped or [])
+    shards = tuple(shards)
+    index = {"format": FORMAT, "shard_size": shard_size, "num_shards": len(shards),
+             "num_images": sum(s.images for s in shards), "num_annotations": sum(s.annotations for s in shards),
+             "bytes": sum(s.bytes for s in shards), **(extra or {}), "num_skipped": 0, "skipped": [],
+             "shards": [vars(shard) for shard in shards]}
+    _write_skipped(out_dir, index, skipped)
+    return ShardIndex(out_dir, shards, shard_size)
+
+
+def _write_skipped(out_dir: Path, index: dict, skipped: list[dict] | None) -> None:
+    """*skipped* into skipped.csv, every entry, then *index* (index.json's content) with them counted and the first
+    INDEX_SKIPPED_LISTED named, written as index.json."""
+    skipped = list(skipped or [])
     with atomic_path(out_dir / SKIPPED_CSV) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=("file", "reason"), lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(skipped)
-    index = {"format": FORMAT, "shard_size": shard_size, "num_shards": len(shards),
-             "num_images": sum(s.images for s in shards), "num_annotations": sum(s.annotations for s in shards),
-             "bytes": sum(s.bytes for s in shards), **(extra or {}), "num_skipped": len(skipped),
-             "skipped": skipped[:INDEX_SKIPPED_LISTED], "shards": [vars(shard) for shard in shards]}
-    write_json(out_dir / INDEX_JSON, index)
-    return ShardIndex(out_dir, shards, shard_size)
+    write_json(out_dir / INDEX_JSON, {**index, "num_skipped": len(skipped), "skipped": skipped[:INDEX_SKIPPED_LISTED]})
 
 
 def pack_or_reuse(items: list, out_dir, shard_size: int, source: str,
                   skipped: list[dict] | None = None) -> ShardIndex:
     """The shards of *items* in *out_dir*: the ones already there when they were packed from the same
-    files (names, sizes, times: source_signature) at the same size, else packed anew (write_shards)."""
+    files (names, sizes, times: source_signature) at the same size, else packed anew (write_shards). Either way
+    skipped.csv and index.json list *skipped*, the files skipped now: the shards' packing may have skipped
+    others, or have been made before skipped.csv was written."""
     out_dir = Path(out_dir)
     signature = source_signature(items)
     try:
@@ -293,7 +302,9 @@ def pack_or_reuse(items: list, out_dir, shard_size: int, source: str,
     except (OSError, ValueError):
         previous = {}
     if previous.get("source_signature") == signature and previous.get("shard_size") == shard_size:
-        return read_index(out_dir)
+        index = read_index(out_dir)
+        _write_skipped(out_dir, previous, skipped)
+        return index
     return write_shards(items, out_dir, shard_size, skipped=skipped,
                         extra={"source": source, "source_signature": signature})
 
