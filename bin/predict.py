@@ -154,7 +154,7 @@ def main(args) -> int:
         except BaseException:  # a stop (SIGTERM, Ctrl-C) or a failure: what was done goes with the checkpoint
             if checkpoint is not None:
                 with contextlib.suppress(OSError):  # a full disk: the error to report is the run's (the last
-                    checkpoint.save()               # checkpoint saved is still there, written atomically)
+                    checkpoint.save()               # checkpoint saved is whole: save() appends after it)
             raise
     if checkpoint is not None:
         checkpoint.clear()  # the outputs are written: nothing left to resume
