@@ -106,7 +106,8 @@ def main(args) -> int:
                                                             "run_record")]
     # a checkpoint in place of an output would be replaced by it (and removed as the last run's output)
     check_distinct_outputs({**{f"--output-dir's {path.name}": path for path in files},
-                            "--annotated-tar": args.annotated_tar, "--checkpoint": args.checkpoint})
+                            "--annotated-tar": args.annotated_tar, "--checkpoint": args.checkpoint},
+                           {"--model": args.model, "--images": args.images})
     declare_outputs(*files, args.annotated_tar, checkpoints=[args.checkpoint])
     if args.explain and args.no_annotated:
         raise InputError("--explain explains the annotated images: drop --no-annotated "

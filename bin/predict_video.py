@@ -118,7 +118,8 @@ def run(args) -> int:
         check_display()
     outputs = [Path(args.output_dir) / name for name in names.values()]
     check_distinct_outputs({**{f"--output-dir's {path.name}": path for path in outputs},
-                            "--output-video": args.output_video, "--checkpoint": args.checkpoint})
+                            "--output-video": args.output_video, "--checkpoint": args.checkpoint},
+                           {"--model": args.model, "--source": [args.source]})
     declare_outputs(*outputs, args.output_video, checkpoints=[args.checkpoint])
     device = resolve_device(args.device)
     opened = open_source(args.source)  # before the model loads: a bad source is refused at once

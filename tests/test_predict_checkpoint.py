@@ -242,3 +242,25 @@ def test_a_save_a_kill_cut_short_leaves_the_last_whole_one(tmp_path, monkeypatch
         assert checkpoint.restore() == f"{CHECKPOINT}: the progress of an earlier try restored", cut
         assert checkpoint.progress.read_text() == texts[1][0], cut  # the save of 20 images: the last whole one
         assert set(texts[1][1]) <= {f.name for f in checkpoint.drawings.iterdir()}, cut
+
+
+def test_a_checkpoint_or_output_named_as_an_input_is_refused_before_the_input_is_written_over(
+        root, tiny_model_file, sample_dir, tmp_path, capsys):
+    # --checkpoint given the model's (or the shard's) name: restored as "not a checkpoint", then written over as
+    # the run went and emptied at its end: the model file was lost.
+    from helpers import run_script
+
+    model, video, shard = tmp_path / "model.pt", tmp_path / "clip.mp4", tmp_path / f"pred_{TAG}.tar"
+    shutil.copyfile(tiny_model_file, model)
+    video.write_bytes(b"frames")
+    shard.write_bytes(b"images")
+    kept = model.read_bytes()
+    for flag, given in (("--model", model), ("--images", shard)):
+        capsys.readouterr()
+        assert predict_quick(root, model, [sample_dir, shard], tmp_path / "out", "--checkpoint", given) == 2
+        assert f"{given}: given as {flag} and as --checkpoint, which this job writes" in capsys.readouterr().err
+    for output in ("--checkpoint", "--output-video"):
+        assert run_script(root, "predict_video", ["--source", video, "--model", model, "--output-dir", tmp_path,
+                                                  output, video]) == 2
+        assert f"{video}: given as --source and as {output}, which this job writes" in capsys.readouterr().err
+    assert model.read_bytes() == kept and video.read_bytes() == b"frames" and shard.read_bytes() == b"images"

@@ -347,9 +347,11 @@ def check_model_run_args(args) -> None:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
 
 
-def check_distinct_outputs(outputs: dict) -> None:
+def check_distinct_outputs(outputs: dict, inputs: dict | None = None) -> None:
     """One InputError line when two of a job's output flags ({flag: path or None}) name the same file: the
-    later write replaced the earlier (train's model file its checkpoint, which a rerun then refused)."""
+    later write replaced the earlier (train's model file its checkpoint, which a rerun then refused); or when one
+    names a file of *inputs* ({flag: [paths]}), which the job would write over (a checkpoint named as the model
+    or the video was written over as the run went, then emptied)."""
     seen: dict[Path, str] = {}
     for flag, path in outputs.items():
         if path is None:
@@ -358,3 +360,8 @@ def check_distinct_outputs(outputs: dict) -> None:
         if where in seen:
             raise InputError(f"{path}: given as {seen[where]} and as {flag}; each output needs a file of its own")
         seen[where] = flag
+    for flag, paths in (inputs or {}).items():
+        for path in paths:
+            if (where := Path(path).resolve()) in seen:
+                raise InputError(f"{path}: given as {flag} and as {seen[where]}, which this job writes; give "
+                                 f"{seen[where]} a file of its own")
