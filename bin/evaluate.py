@@ -37,8 +37,7 @@ from utils.data.pairs import open_folder
 from utils.detection.device import resolve_device
 from utils.detection.evaluation import evaluate_model, format_report, labelled_pairs, load_trained_model
 from utils.errors import InputError
-from utils.naming import evaluation_output_names
-from utils.provenance import write_run_record
+from utils.provenance import run_record
 
 
 def get_args_parser():
@@ -80,16 +79,18 @@ def main(args) -> int:
                     "working_size_source": meta["working_size_source"], "tta": meta["tta"],
                     "tta_source": meta["tta_source"], "images": str(args.images),
                     "annotations": str(args.annotations)}
+        inputs = [p.image for p in pairs] + [p.annotation for p in pairs] + [Path(args.model)]
+
+        def record():  # written with the evaluation's files, as one set
+            return run_record("evaluate", {**vars(args), "device": str(device)}, inputs,
+                              {pair.image: pair.image_sha256 for pair in pairs})  # hashed by the read that checked
+
         evaluation = evaluate_model(model, pairs, output_dir, device=device,
                                     score_threshold=score_threshold, batch_size=args.batch_size,
                                     num_workers=None if args.workers < 0 else args.workers,
                                     skipped=skipped, settings=settings, progress=sys.stderr.isatty(),
                                     label_map=label_map, tag=args.output_tag,
-                                    calibration=meta.get("quantification"), tta=meta["tta"])
-        inputs = [p.image for p in pairs] + [p.annotation for p in pairs] + [Path(args.model)]
-        write_run_record(output_dir / evaluation_output_names(args.output_tag)["evaluate_run.json"], "evaluate",
-                         {**vars(args), "device": str(device)}, inputs,
-                         {pair.image: pair.image_sha256 for pair in pairs})  # hashed by the read that checked them
+                                    calibration=meta.get("quantification"), tta=meta["tta"], record=record)
     print(format_report(evaluation.report), end="")
     print(f"outputs in {output_dir}")
     return 0

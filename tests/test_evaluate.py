@@ -319,3 +319,28 @@ def test_evaluates_files_are_one_set_a_stop_while_they_are_written_leaves_the_la
     with pytest.raises(KeyboardInterrupt):  # another threshold: other figures in every file
         evaluate_model(oracle, pairs[:4], tmp_path, device="cpu", batch_size=2, num_workers=0, score_threshold=0.95)
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == last  # no temporary left either
+
+
+@pytest.mark.slow
+def test_evaluates_run_record_is_of_the_set_too(root, sample_dir, tiny_model_file, tmp_path, monkeypatch):
+    # The run record was written after the set: a stop between them left this run's evaluation beside the last
+    # run's record, which named the last run's model and settings.
+    from utils import provenance
+
+    flat, out = tmp_path / "flat", tmp_path / "out"
+    flat.mkdir()
+    for stem in sorted(p.stem for p in (sample_dir / "images").iterdir())[:3]:
+        for folder, suffix in (("images", ".jpg"), ("annotations", ".xml")):
+            (flat / f"{stem}{suffix}").write_bytes((sample_dir / folder / f"{stem}{suffix}").read_bytes())
+    argv = ["--images", flat, "--annotations", flat, "--model", tiny_model_file, "--output-dir", out,
+            "--score-threshold", "0.05", "--device", "cpu"]
+    assert run_script(root, "evaluate", argv) == 0
+    last = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert "evaluate_run.json" in last and len(last) == 7
+
+    def stopped(*args, **kwargs):  # a stop as the record is made, the last file
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(provenance, "run_record", stopped)
+    assert run_script(root, "evaluate", [*argv[:-3], "0.5", "--device", "cpu"]) == 130  # stopped as it ends
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == last

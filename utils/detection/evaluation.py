@@ -276,8 +276,9 @@ def evaluation_estimates(preds, targets, score_threshold: float, model_calibrati
 def evaluate_model(model, pairs, output_dir, device="cpu", score_threshold: float = 0.5, batch_size: int = 4,
                    num_workers: int | None = None, skipped=(), settings: dict | None = None,
                    progress: bool = False, label_map: LabelMap = NO_LABEL_MAP, tag: str | None = None,
-                   calibration: dict | None = None, tta: bool = False) -> Evaluation:
-    """Evaluate *model* on *pairs* and write evaluation.json/.txt, confusion_matrix.png/.csv, pr_curves.png.
+                   calibration: dict | None = None, tta: bool = False, record=None) -> Evaluation:
+    """Evaluate *model* on *pairs* and write evaluation.json/.txt, confusion_matrix.png/.csv, pr_curves.png (and
+    the run record *record()* gives), one set.
 
     *calibration* is the model file's validation record (meta "quantification"): with it the adjusted
     compliance estimators are judged too; without it (older model files) only cc and pcc, said so.
@@ -347,4 +348,7 @@ def evaluate_model(model, pairs, output_dir, device="cpu", score_threshold: floa
         plot_confusion_matrix(matrix, labels, files.path(outputs["confusion_matrix_png"]),
                               title=f"Detection confusion matrix (IoU {CONFUSION_IOU}, score >= {score_threshold})")
         plot_pr_curves(curves, summary["per_class"], files.path(outputs["pr_curves_png"]))
+        if record is not None:  # the run's record too: the last run's beside this run's files named another run
+            with files.writing(output_dir / names["evaluate_run.json"]) as tmp:
+                dump_json(record(), tmp)
     return Evaluation(report, outputs)
