@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,11 @@ def restore_signals():
     yield
     for signum, handler in saved.items():
         signal.signal(signum, handler)
+
+
+@pytest.fixture(autouse=True)
+def _tracing_stopped():
+    """A test that failed between tracemalloc.start() and helpers.peak_mb() leaves no tracing on for the next."""
+    yield
+    if tracemalloc.is_tracing():
+        tracemalloc.stop()

@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import importlib.util
+import tracemalloc
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# A refusal of a bomb (an alias bomb, a decompression bomb) comes before the expansion: what it allocates at the
+# peak stays at a few MB, where the expansion takes hundreds of MB or GBs. Counted in allocations (tracemalloc),
+# not in seconds, which a loaded machine changes.
+REFUSAL_MB = 32
+
+
+def peak_mb() -> float:
+    """MB allocated at the peak since tracemalloc.start(), which it stops (conftest.py stops it after a test
+    that failed before calling this)."""
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak / 2**20
 
 
 def load_script(root, name):

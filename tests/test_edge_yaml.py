@@ -11,28 +11,9 @@ import tracemalloc
 import pytest
 import yaml
 
+from helpers import REFUSAL_MB, peak_mb
 from utils import defaults as D, safe_yaml
 from utils.errors import InputError, shown
-
-
-# A refusal comes before the expansion: what it allocates at the peak stays at a few MB, where the expansion's
-# values take GBs. Counted in allocations (tracemalloc), not in seconds, which a loaded machine changes.
-REFUSAL_MB = 32
-
-
-def peak_mb() -> float:
-    """MB allocated at the peak since tracemalloc.start(), which it stops."""
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    return peak / 2**20
-
-
-@pytest.fixture(autouse=True)
-def _tracing_stopped():
-    """A test that failed before peak_mb() leaves no tracing on for the next."""
-    yield
-    if tracemalloc.is_tracing():
-        tracemalloc.stop()
 
 
 def alias_bomb(key: str, levels: int = 9) -> str:

@@ -10,7 +10,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 from PIL import Image
@@ -41,12 +40,10 @@ def test_decompression_bombs_are_refused_from_the_header_and_never_decoded(tiny_
     assert len(bomb) < 20_000
     app = create_app(ServiceConfig(model_path=tiny_model_file, max_images=4))
     with TestClient(app) as client:
-        began = time.perf_counter()
         answer = client.post("/api/predict", files=[("files", (f"bomb{i}.png", bomb, "image/png")) for i in range(4)])
-        seconds = time.perf_counter() - began
     assert answer.status_code == 413, answer.text
     assert answer.json()["detail"].startswith("bomb0.png: image too large")
-    assert seconds < 5 and decoded == []
+    assert decoded == []  # refused from the header: nothing was decoded
 
 
 def _raw_request(app, path: str, headers: list[tuple[bytes, bytes]], method: str = "POST"):
