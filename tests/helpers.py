@@ -184,3 +184,19 @@ def load(run_dir: Path, name: str) -> dict:
 def jobs_by_id(run_dir: Path) -> dict[str, dict]:
     """The jobs of a generated run folder's workflow.yml by their id."""
     return {job["id"]: job for job in load(run_dir, "workflow.yml")["jobs"]}
+
+
+def stop_after_records(monkeypatch, images: int, stop) -> list:
+    """Make prediction's progress file call *stop* after *images* records; returns the images the model read."""
+    from utils.detection import prediction_progress
+
+    read, add = [], prediction_progress.PredictionProgress.add
+
+    def counting_add(self, record):
+        add(self, record)
+        read.append(record["file"])
+        if len(read) == images:
+            stop()
+
+    monkeypatch.setattr(prediction_progress.PredictionProgress, "add", counting_add)
+    return read

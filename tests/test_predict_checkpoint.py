@@ -11,28 +11,12 @@ import tarfile
 
 import pytest
 
-from helpers import photo_folders, predict_quick
+from helpers import photo_folders, predict_quick, stop_after_records
 
 TAG = "shard-000000"
 CHECKPOINT = f"predict_{TAG}_checkpoint.tar"
 OUTPUTS = (f"predictions_{TAG}.json", f"predictions_{TAG}.csv", f"compliance_{TAG}.json")
 PROGRESS = f".predictions_{TAG}.json.progress.jsonl"
-
-
-def _stop_after(monkeypatch, images: int, stop) -> list:
-    """Make the journal call *stop* after *images* records; returns the inputs the model read (test_predict_resume)."""
-    from utils.detection import prediction_progress
-
-    read, add = [], prediction_progress.PredictionProgress.add
-
-    def counting_add(self, record):
-        add(self, record)
-        read.append(record["file"])
-        if len(read) == images:
-            stop()
-
-    monkeypatch.setattr(prediction_progress.PredictionProgress, "add", counting_add)
-    return read
 
 
 @pytest.fixture
@@ -88,14 +72,14 @@ def test_a_predict_job_stopped_on_a_pool_resumes_in_the_retrys_new_folder(root, 
     saved = signal.getsignal(signal.SIGTERM)
     try:
         with monkeypatch.context() as patch:  # kickstart's SIGTERM at checkpoint.time, an eviction
-            done = _stop_after(patch, 4, lambda: os.kill(os.getpid(), signal.SIGTERM))
+            done = stop_after_records(patch, 4, lambda: os.kill(os.getpid(), signal.SIGTERM))
             assert _predict(root, "--annotate-max", "3") == 143
     finally:
         signal.signal(signal.SIGTERM, saved)
     assert len(done) == 4 and (first / CHECKPOINT).stat().st_size > 0
     retry = pool("try2", checkpoint=first / CHECKPOINT)
     capsys.readouterr()
-    read = _stop_after(monkeypatch, 99, lambda: None)
+    read = stop_after_records(monkeypatch, 99, lambda: None)
     assert _predict(root, "--annotate-max", "3") == 0
     said = capsys.readouterr().out
     assert f"{CHECKPOINT}: the progress of an earlier try restored" in said
@@ -122,7 +106,7 @@ def test_a_predict_job_killed_outright_resumes_from_its_last_save(root, pool, mo
     with monkeypatch.context() as patch:
         patch.setattr(prediction_checkpoint, "SAVE_EVERY", 2)
         patch.setattr(prediction_checkpoint.PredictionCheckpoint, "advance", keeping)
-        _stop_after(patch, 4, lambda: (_ for _ in ()).throw(KeyboardInterrupt))
+        stop_after_records(patch, 4, lambda: (_ for _ in ()).throw(KeyboardInterrupt))
         assert _predict(root, "--annotate-max", "0") == 130
     retry = pool("try2", checkpoint=killed)  # saved after 2 images: a whole batch
     capsys.readouterr()
@@ -137,11 +121,11 @@ def test_a_rerun_in_its_own_folder_keeps_its_progress_file_not_an_older_checkpoi
     # left no time to save the checkpoint) is at least as new as the checkpoint, and is the one used.
     folder = pool("try1")
     with monkeypatch.context() as patch:
-        _stop_after(patch, 2, lambda: (_ for _ in ()).throw(KeyboardInterrupt))
+        stop_after_records(patch, 2, lambda: (_ for _ in ()).throw(KeyboardInterrupt))
         assert _predict(root, "--annotate-max", "0", "--batch-size", "1") == 130
     older = (folder / CHECKPOINT).read_bytes()
     with monkeypatch.context() as patch:
-        _stop_after(patch, 1, lambda: (_ for _ in ()).throw(KeyboardInterrupt))  # one more record, then stopped
+        stop_after_records(patch, 1, lambda: (_ for _ in ()).throw(KeyboardInterrupt))  # one more record, then stopped
         assert _predict(root, "--annotate-max", "0", "--batch-size", "1") == 130
     (folder / CHECKPOINT).write_bytes(older)  # as a kill before the save would have left it
     capsys.readouterr()

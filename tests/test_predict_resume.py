@@ -8,24 +8,7 @@ import tarfile
 
 import pytest
 
-from helpers import count_opens, photo_folders, predict_quick
-
-
-def _stop_after(monkeypatch, images: int, stop):
-    """Make prediction's journal call *stop* after *images* records; returns the list of images the model read."""
-    from utils.detection import prediction_progress
-
-    read = []
-    add = prediction_progress.PredictionProgress.add
-
-    def counting_add(self, record):
-        add(self, record)
-        read.append(record["file"])
-        if len(read) == images:
-            stop()
-
-    monkeypatch.setattr(prediction_progress.PredictionProgress, "add", counting_add)
-    return read
+from helpers import count_opens, photo_folders, predict_quick, stop_after_records
 
 
 def _hashed_inputs(tiny_model_file, sample_dir, tmp_path):
@@ -60,7 +43,7 @@ def test_a_resumed_predict_run_records_the_hashes_of_the_images_it_did_not_read_
     # The images done before the stop are not read again: their hashes come from the progress file.
     model, photos, images, expected = _hashed_inputs(tiny_model_file, sample_dir, tmp_path)
     with monkeypatch.context() as patch:  # stopped after 3 inputs (2 kept: a whole batch), then resumed
-        _stop_after(patch, 3, lambda: (_ for _ in ()).throw(KeyboardInterrupt))
+        stop_after_records(patch, 3, lambda: (_ for _ in ()).throw(KeyboardInterrupt))
         assert predict_quick(root, model, [photos], tmp_path / "out", "--no-annotated", "--batch-size", "2") == 130
     with monkeypatch.context() as patch:
         opens = count_opens(patch, tmp_path / "inputs")
@@ -93,7 +76,7 @@ def test_a_stopped_predict_run_resumes_and_writes_what_a_run_never_stopped_write
     saved = signal.getsignal(signal.SIGTERM)
     try:
         with monkeypatch.context() as patch:
-            first = _stop_after(patch, 3, stop)
+            first = stop_after_records(patch, 3, stop)
             assert predict_quick(root, tiny_model_file, [photos], out, *args) == (130 if how == "ctrl-c" else 143)
     finally:
         signal.signal(signal.SIGTERM, saved)
@@ -105,7 +88,7 @@ def test_a_stopped_predict_run_resumes_and_writes_what_a_run_never_stopped_write
     # a drawing a kill cut short (utils.atomic's temporary) is not packed with the others
     (out / ".predictions.json.progress.annotated" / ".annotated_x.k3j2l1q0.tmp.jpg").write_bytes(b"half")
     capsys.readouterr()
-    second = _stop_after(monkeypatch, 99, lambda: None)
+    second = stop_after_records(monkeypatch, 99, lambda: None)
     assert predict_quick(root, tiny_model_file, [photos], out, *args) == 0
     # the whole batch done is kept, the batch stopped in is read again as a whole: the same batches as unstopped
     assert "resuming a stopped run: 2 of 5 inputs done" in capsys.readouterr().out
@@ -131,16 +114,16 @@ def test_a_stopped_predict_runs_progress_is_not_used_for_another_model_setting_o
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        _stop_after(patch, 2, interrupt)
+        stop_after_records(patch, 2, interrupt)
         assert predict_quick(root, tiny_model_file, [photos], out, *args) == 130
     (photos / "siteB" / "d.jpg").unlink()  # an input gone: the records may not be of these inputs
     capsys.readouterr()
-    read = _stop_after(monkeypatch, 99, lambda: None)
+    read = stop_after_records(monkeypatch, 99, lambda: None)
     assert predict_quick(root, tiny_model_file, [photos], out, *args) == 0
     assert "input set (or unreadable); starting afresh" in capsys.readouterr().out and len(read) == 3
     # a kill that cut the last record short: the records before it are kept, the cut one read again
     with monkeypatch.context() as patch:
-        _stop_after(patch, 2, interrupt)
+        stop_after_records(patch, 2, interrupt)
         assert predict_quick(root, tiny_model_file, [photos], out, *args, "--score-threshold", "0.1") == 130
     progress = out / ".predictions.json.progress.jsonl"
     progress.write_bytes(progress.read_bytes()[:-20])
@@ -150,7 +133,7 @@ def test_a_stopped_predict_runs_progress_is_not_used_for_another_model_setting_o
     # a progress file that is not one (deeply nested JSON, not UTF-8): one line, and a run from the start
     for junk in (b"[" * 100000, b"\xff\xfe" * 10, b'{"predict_progress": 1}\n{"file": [1]}\n'):
         with monkeypatch.context() as patch:
-            _stop_after(patch, 1, interrupt)
+            stop_after_records(patch, 1, interrupt)
             assert predict_quick(root, tiny_model_file, [photos], out, *args) == 130
         progress.write_bytes(junk)
         read.clear()
@@ -176,7 +159,7 @@ def test_a_resumed_run_with_a_tag_keeps_its_own_drawings_not_another_tags(root, 
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        _stop_after(patch, 2, interrupt)
+        stop_after_records(patch, 2, interrupt)
         assert predict_quick(root, tiny_model_file, [photos], tmp_path / "a", *shared, "--output-tag", "a") == 130
     assert predict_quick(root, tiny_model_file, [photos], tmp_path / "a", *shared, "--output-tag", "b",
                          "--score-threshold", "0.5") == 0
