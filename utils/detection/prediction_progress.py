@@ -25,10 +25,10 @@ import shutil
 from pathlib import Path
 
 from ..atomic import write_text
+from ..progress_file import RecordWriter, read_records
 from ..provenance import file_sha256
 
 FORMAT = 2
-FSYNC_EVERY = 64  # records: flushed each one (a killed process loses none), synced to disk now and then
 RECORD_KEYS = ("file", "folder", "width", "height", "annotated", "detections", "soft_counts", "compliance")
 
 
@@ -92,40 +92,16 @@ class PredictionProgress:
             for file in self.drawings.iterdir():
                 if file.name not in kept:
                     file.unlink() if not file.is_dir() or file.is_symlink() else shutil.rmtree(file)
-        self._handle = open(self.path, "a", encoding="utf-8")
-        self._unsynced = 0
+        self._writer = RecordWriter(self.path)
 
     def _read(self, names: list[str], batch_size: int) -> int | None:
         """Read the records of the whole batches done into ``done``; the byte offset after them, or None when the
         file is absent or of another run."""
-        try:
-            handle = open(self.path, "rb")
-        except FileNotFoundError:
+        records, ends, self.stale = read_records(
+            self.path, "predict_progress", self.key,
+            lambda entry, records: len(records) < len(names) and _is_record(entry, names[len(records)]))
+        if records is None:
             return None
-        except OSError:
-            self.stale = True
-            return None
-        records, ends = [], []
-        with handle:
-            try:
-                header = json.loads(handle.readline().decode("utf-8"))["predict_progress"]
-            except (ValueError, KeyError, TypeError, RecursionError):  # not UTF-8, not JSON, too deep, no header
-                header = None
-            if header != self.key:
-                self.stale = handle.tell() > 0
-                return None
-            ends.append(handle.tell())
-            for line in handle:
-                if len(records) == len(names) or not line.endswith(b"\n"):
-                    break  # a line a kill cut short
-                try:
-                    entry = json.loads(line.decode("utf-8"))
-                except (ValueError, RecursionError):
-                    break
-                if not _is_record(entry, names[len(records)]):
-                    break
-                records.append(entry)
-                ends.append(handle.tell())
         whole = len(records) if len(records) == len(names) else len(records) - len(records) % batch_size
         for start in range(0, whole, batch_size):  # a batch with a drawing gone is read again, and all after it
             batch = records[start:start + batch_size]
@@ -136,20 +112,14 @@ class PredictionProgress:
         return ends[whole]
 
     def add(self, record: dict) -> None:
-        self._handle.write(json.dumps(record, separators=(",", ":")) + "\n")
-        self._handle.flush()
-        self._unsynced += 1
-        if self._unsynced >= FSYNC_EVERY:
-            os.fsync(self._handle.fileno())
-            self._unsynced = 0
+        self._writer.append(record)
 
     def stopped_at(self, done: int, images: int) -> str:
         """What a stop leaves, for its one line."""
         return f"{done} of {images} images done, kept in {self.path} for the rerun to resume from"
 
     def close(self) -> None:
-        if not self._handle.closed:
-            self._handle.close()
+        self._writer.close()
 
     def finish(self) -> None:
         self.close()

@@ -24,9 +24,9 @@ import torch
 
 from ..atomic import write_bytes, write_text
 from ..classes import CLASSES, NAME_OF
+from ..progress_file import RecordWriter, read_records
 
 FORMAT = 1
-FSYNC_EVERY = 64  # frames: flushed each one (a killed process loses none), synced to disk now and then
 
 
 def progress_path(output_dir, frames_csv: str) -> Path:
@@ -63,39 +63,15 @@ class VideoProgress:
                 handle.truncate(self._ends[len(self.done)])
         else:
             write_text(self.path, json.dumps({"video_progress": self.key}, sort_keys=True) + "\n")
-        self._handle = open(self.path, "a", encoding="utf-8")
-        self._unsynced = 0
+        self._writer = RecordWriter(self.path)
 
     def _read(self) -> bool:
         """Read the records into ``done``; False when the file is absent, empty or of another run."""
-        try:
-            handle = open(self.path, "rb")
-        except FileNotFoundError:
-            return False
-        except OSError:
-            self.stale = True
-            return False
-        with handle:
-            try:
-                header = json.loads(handle.readline().decode("utf-8"))["video_progress"]
-            except (ValueError, KeyError, TypeError, RecursionError):  # not UTF-8, not JSON, too deep, no header
-                header = None
-            if header != self.key:
-                self.stale = handle.tell() > 0
-                return False
-            self._ends.append(handle.tell())
-            for line in handle:
-                if not line.endswith(b"\n"):
-                    break  # a line a kill cut short
-                try:
-                    entry = json.loads(line.decode("utf-8"))
-                except (ValueError, RecursionError):
-                    break
-                if not _is_record(entry, self.done[-1]["frame"] if self.done else -1):
-                    break
-                self.done.append(entry)
-                self._ends.append(handle.tell())
-        return True
+        records, self._ends, self.stale = read_records(
+            self.path, "video_progress", self.key,
+            lambda entry, records: _is_record(entry, records[-1]["frame"] if records else -1))
+        self.done = records or []
+        return records is not None
 
     def detections(self, frame: int) -> tuple[dict, list] | None:
         """(the detections kept, the score sums per class) of processed frame *frame* as the earlier run found
@@ -114,23 +90,17 @@ class VideoProgress:
         """Append processed frame *frame*'s record; records of the earlier run not given out (the video gave
         other frames this time) go first."""
         if self._used < len(self.done):
-            self._handle.close()
+            self._writer.close()
             with open(self.path, "r+b") as handle:
                 handle.truncate(self._ends[self._used])
             del self.done[self._used:], self._ends[self._used + 1:]
-            self._handle = open(self.path, "a", encoding="utf-8")
+            self._writer = RecordWriter(self.path)
         record = {"frame": frame, "soft": list(soft), "boxes": detections["boxes"].tolist(),
                   "labels": detections["labels"].tolist(), "scores": detections["scores"].tolist()}
-        self._handle.write(json.dumps(record, separators=(",", ":")) + "\n")
-        self._handle.flush()
-        self._unsynced += 1
-        if self._unsynced >= FSYNC_EVERY:
-            os.fsync(self._handle.fileno())
-            self._unsynced = 0
+        self._writer.append(record)
 
     def close(self) -> None:
-        if not self._handle.closed:
-            self._handle.close()
+        self._writer.close()
 
     def finish(self) -> None:
         """The run's outputs are written for the whole run: nothing is left to resume."""
