@@ -57,7 +57,7 @@ from utils.detection.prediction import output_names, predict_images, summary_lin
 from utils.detection.prediction_checkpoint import PredictionCheckpoint
 from utils.detection.prediction_progress import progress_path
 from utils.errors import InputError
-from utils.provenance import code_version, file_sha256, package_versions, write_run_record
+from utils.provenance import code_version, file_sha256, package_versions, run_record
 from utils.stop import declare_outputs, stop_on_sigterm
 
 
@@ -139,6 +139,11 @@ def main(args) -> int:
             if checkpoint is not None:
                 checkpoint.advance(images)
 
+        def make_record(run) -> dict:  # written with the outputs, as one set
+            processed = [Path(path) for path in args.model] + run.inputs  # files and archives, folders' images
+            return run_record("predict", {**vars(args), "device": str(device)}, processed,
+                              {**model_sha256, **run.inputs_sha256})
+
         try:
             run = predict_images(model, args.images, args.output_dir, annotated_dir=args.annotated_dir,
                                  device=device, score_threshold=score_threshold, tta=tta, batch_size=args.batch_size,
@@ -151,7 +156,8 @@ def main(args) -> int:
                                          "device": device.type, "packages": package_versions(),
                                          "code": code_version()["sources_sha256"],
                                          # a checkpoint's inputs are new copies on the next try: keyed by content
-                                         **({"inputs_by_content": True} if checkpoint is not None else {})})
+                                         **({"inputs_by_content": True} if checkpoint is not None else {})},
+                                 make_record=make_record)
         except BaseException:  # a stop (SIGTERM, Ctrl-C) or a failure: what was done goes with the checkpoint
             if checkpoint is not None:
                 with contextlib.suppress(OSError):  # a full disk: the error to report is the run's (the last
@@ -159,9 +165,6 @@ def main(args) -> int:
             raise
     if checkpoint is not None:
         checkpoint.clear()  # the outputs are written: nothing left to resume
-    processed = [Path(path) for path in args.model] + run.inputs  # files and archives as such, folders' images
-    write_run_record(Path(args.output_dir) / names["run_record"], "predict",
-                     {**vars(args), "device": str(device)}, processed, {**model_sha256, **run.inputs_sha256})
     for entry in run.skipped:
         print(f"skipped {entry['file']}: {entry['reason']}", file=sys.stderr)
     print(summary_line(run))

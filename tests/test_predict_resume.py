@@ -165,3 +165,23 @@ def test_a_resumed_run_with_a_tag_keeps_its_own_drawings_not_another_tags(root, 
                          "--score-threshold", "0.5") == 0
     assert predict_quick(root, tiny_model_file, [photos], tmp_path / "a", *shared, "--output-tag", "a") == 0
     assert digests() == whole  # tag a's drawings, at its threshold, as a run never stopped drew them
+
+
+@pytest.mark.slow
+def test_predicts_run_record_is_of_its_set(root, sample_dir, tiny_model_file, tmp_path, monkeypatch):
+    # The run record was written after the outputs: a stop between them left figures with no record of the model,
+    # settings and inputs they came from (a rerun removes the last run's outputs first, its record among them).
+    from utils import provenance
+
+    images = sorted((sample_dir / "images").iterdir())[:3]
+    out = tmp_path / "out"
+    assert predict_quick(root, tiny_model_file, images, out, "--no-annotated") == 0
+    assert {"predictions.json", "predict_run.json"} <= {path.name for path in out.iterdir()}
+
+    def stopped(*args, **kwargs):  # a stop as the record is made, the last file of the set
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(provenance, "run_record", stopped)
+    assert predict_quick(root, tiny_model_file, images[:2], out, "--no-annotated") == 130
+    # none of the set without the others; the progress file (hidden) stays for the rerun to resume from
+    assert [path.name for path in out.iterdir() if not path.name.startswith(".")] == []

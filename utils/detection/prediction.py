@@ -236,11 +236,13 @@ PREDICTION_FILES = ("predictions_json", "predictions_csv", "compliance_json")
 
 
 def write_prediction_files(targets: dict, predictions: dict, report: dict, images: list, estimates: dict,
-                           folder_plot: Path) -> dict:
-    """Write predictions.json, predictions.csv and compliance.json at *targets* (keyed as PREDICTION_FILES), and
-    the plot per folder when *estimates* has figures per folder. Each file is streamed to a temporary file and
-    renamed in with the others (atomic_files): a failure leaves no half of the set, and no file's whole text is
-    held (rendered as strings first, they held ~4 times the records: ~600 MB more at 100k images)."""
+                           folder_plot: Path, record=None) -> dict:
+    """Write predictions.json, predictions.csv and compliance.json at *targets* (keyed as PREDICTION_FILES), the
+    plot per folder when *estimates* has figures per folder, and the run record *record()* gives at
+    targets["run_record"]. Each file is streamed to a temporary file and renamed in with the others (atomic_files):
+    a failure leaves no half of the set (nor this run's figures beside the last run's record, which names another
+    model), and no file's whole text is held (rendered as strings first, they held ~4 times the records: ~600 MB
+    more at 100k images)."""
     with atomic_files() as files:
         with files.writing(targets["predictions_json"]) as tmp:  # a full disk's error names the file
             dump_json(predictions, tmp)
@@ -252,6 +254,9 @@ def write_prediction_files(targets: dict, predictions: dict, report: dict, image
             from .plots import plot_compliance_by_folder
 
             plot_compliance_by_folder(estimates["per_folder"], estimates["estimate"], folder_plot)
+        if record is not None:
+            with files.writing(targets["run_record"]) as tmp:
+                dump_json(record(), tmp)
     return dict(targets)
 
 
@@ -273,7 +278,8 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
                    annotate: bool = True, progress=None, settings: dict | None = None,
                    annotate_max: int | None = None, annotated_tar=None, tag: str | None = None,
                    explain: str | None = None, explain_max_boxes: int = 5, calibration: dict | None = None,
-                   estimator: str = D.COMPLIANCE_ESTIMATOR, resume: dict | None = None) -> PredictionRun:
+                   estimator: str = D.COMPLIANCE_ESTIMATOR, resume: dict | None = None,
+                   make_record=None) -> PredictionRun:
     """Run the predict job and write its outputs; returns what was written.
 
     *progress* is an optional callable taking the number of finished images (for a tqdm bar).
@@ -289,6 +295,7 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
     key: its model files' hashes), the records of the images done are kept in a progress file as they finish, and
     a run stopped part way, started again with the same key, reads only the others (prediction_progress.py);
     with resume["inputs_by_content"] the key holds the files read by content (a progress moved to another machine).
+    *make_record(run)* gives the run record, written with the outputs as one set.
     """
     output_dir = Path(output_dir)
     annotated_dir = Path(annotated_dir) if annotated_dir else output_dir / "annotated"
@@ -394,9 +401,10 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
     compliance_report = {**settings, "num_images": run.num_images, "overall": run.overall, **run.estimates,
                          "per_image": {i["file"]: i["compliance"] for i in run.images},
                          "skipped": run.skipped}
-    targets = {key: output_dir / names[key] for key in PREDICTION_FILES}
+    targets = {key: output_dir / names[key] for key in PREDICTION_FILES + (("run_record",) if make_record else ())}
     run.outputs = write_prediction_files(targets, predictions, compliance_report, run.images, run.estimates,
-                                         output_dir / names["folder_plot"])
+                                         output_dir / names["folder_plot"],
+                                         make_record and (lambda: make_record(run)))
     run.outputs.update({
         "annotated_dir": annotated_dir if annotate and annotated_tar is None else None,
         "annotated_tar": Path(annotated_tar) if annotated_tar is not None else None,
