@@ -317,6 +317,7 @@ def torchvision_iou(box: np.ndarray, other: torch.Tensor) -> torch.Tensor:
     return box_iou(torch.as_tensor(box), other)[0, 0]
 
 
+@pytest.mark.slow  # over 5 s on 2 cores (pyproject.toml)
 def test_a_large_photos_maps_cost_what_a_smaller_ones_do(model_and_image):
     """The model sees a photo at its working size, but each map was kept at the photo's own size: a 12 MP
     photo's held 48 MB apiece, three a box under flip TTA (~720 MB for 5 boxes), and a crop around a big face

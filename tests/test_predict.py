@@ -304,6 +304,7 @@ def test_a_prediction_file_written_while_the_disk_fills_names_it_and_keeps_the_l
     assert all(target.read_text() == "the last run's" for target in targets.values())
 
 
+@pytest.mark.slow  # over 5 s on 2 cores (pyproject.toml)
 def test_the_writes_queued_stay_bounded_with_explain(root, sample_dir, tiny_model_file, tmp_path, monkeypatch):
     """Queued writes of drawings were bounded by taking one back per image drawn, but --explain queues the drawing
     and an overlay per box explained: the queue grew by up to --explain-max-boxes an image, each write holding its
