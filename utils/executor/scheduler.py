@@ -347,7 +347,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m utils.executor", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="run directory written by workflow.py")
-    parser.add_argument("--jobs", type=positive_int, default=D.EXECUTOR_JOBS, help="jobs at once")
+    parser.add_argument("--jobs", type=positive_int, default=D.EXECUTOR_JOBS,
+                        help=f"jobs at once (default: {D.EXECUTOR_JOBS})")
     parser.add_argument("--retries", type=non_negative_int, default=None,
                         help="override dagman.retry from pegasus.properties")
     parser.add_argument("--no-time-limits", action="store_true",

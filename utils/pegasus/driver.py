@@ -23,7 +23,11 @@ from .experiment import ExperimentArgumentParser
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every flag's default in --help."""
+    """The module docstring as written, and every flag's default in --help, once: a help that gives its default in
+    words keeps them, without argparse's "(default: None)" after them."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
 
 
 def workflow_args_parser(description: str, root: Path, overrides: dict) -> argparse.ArgumentParser:
@@ -60,14 +64,15 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
     data.add_argument("--run-dir", type=path_arg, default=root / "runs" / "workflow",
                       help="where the workflow, catalogs, logs and outputs go")
     data.add_argument("--fractions", type=float, nargs=3, default=D.SPLIT_FRACTIONS,
-                      metavar=("TRAIN", "VAL", "TEST"), help="split fractions")
+                      metavar=("TRAIN", "VAL", "TEST"),
+                      help=f"split fractions (default: {' '.join(map(str, D.SPLIT_FRACTIONS))})")
     data.add_argument("--near-duplicate-distance", type=near_duplicate_bits, default=D.NEAR_DUPLICATE_DISTANCE,
                       help="perceptual-hash Hamming distance (of 64 bits) up to which images count as near "
                            "duplicates, of which one is kept (validation_report.json lists the others); -1: no search")
     data.add_argument("--label-map", default=D.LABEL_MAP, metavar="SOURCE=CLASS,...",
                       help="read these object names of another data set as classes, e.g. "
                            "'with_incorrect_mask=mask_weared_incorrect, mask=with_mask, no_mask=without_mask'; "
-                           "validation, the split and the jobs that read XML apply it")
+                           "validation, the split and the jobs that read XML apply it (default: none)")
     model = parser.add_setting_group("model and training (defaults: utils/defaults.py, except "
                                       "its WORKFLOW_OVERRIDES for make run's budget)")
     model.add_argument("--epochs", type=int, default=overrides["epochs"], help="training epochs of the final model")
@@ -134,9 +139,10 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
     how = run.add_mutually_exclusive_group()
     how.add_argument("--local", action="store_true",
                      help="run the workflow on this machine with the local executor (utils/executor/) "
-                          "(default when pegasus-plan is not installed)")
+                          "(default: when pegasus-plan is not installed)")
     how.add_argument("--submit", action="store_true", help="plan and submit with pegasus-plan")
-    how.add_argument("--generate-only", action="store_true", help="write the workflow and catalogs, run nothing")
+    how.add_argument("--generate-only", action="store_true",
+                     help="write the workflow and catalogs, run nothing (default: when pegasus-plan is installed)")
     run.add_argument("--jobs", type=int, default=None,
                      help="local executor: jobs at once (None: min(4, CPUs))")
     run.add_argument("-v", "--verbose", action="store_true", help="log more")
