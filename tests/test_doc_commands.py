@@ -3,9 +3,10 @@
 Each `bin/NAME.py`, `workflow.py` and `python -m utils.executor` in a code block or a `code span` is read with the
 flags that follow it: every flag must be one of that parser's own (argparse would also take an abbreviation, a
 reader would not find it in --help), and a whole command in a code block must parse. `bench/NAME.py` flags are
-checked against the script's add_argument calls, `make TARGET VAR=...` against the Makefile. Then each parser's
---help: a default the help states as a number or a word equals the real one, each default is stated once, and
-every flag with a default says it. Nothing runs; the parsers are built once.
+checked against the script's add_argument calls, `make TARGET VAR=...` against the Makefile, and the example
+commands in each --help against their parsers. Then each parser's --help: a default the help states as a number
+or a word equals the real one, each default is stated once, and every flag with a default says it. Nothing runs;
+the parsers are built once.
 """
 
 from __future__ import annotations
@@ -48,10 +49,10 @@ def code_lines(path: Path) -> list[tuple[int, str, bool]]:
     return found
 
 
-def commands(path: Path) -> list[tuple[int, str, list[str], bool]]:
-    """(line, parser name, the words after it, whole command?) for each command *path* shows."""
+def commands(lines: list[tuple[int, str, bool]]) -> list[tuple[int, str, list[str], bool]]:
+    """(line, parser name, the words after it, whole command?) for each command in *lines* (code_lines)."""
     found = []
-    for number, line, whole in code_lines(path):
+    for number, line, whole in lines:
         starts = list(COMMAND.finditer(line))
         for index, start in enumerate(starts):
             end = starts[index + 1].start() if index + 1 < len(starts) else len(line)
@@ -110,14 +111,14 @@ def parse_problem(parser: argparse.ArgumentParser, argv: list[str]) -> str | Non
 
 def test_the_docs_show_commands(parsers):
     """The reader below finds what it checks (a change of the docs' form would otherwise pass unchecked)."""
-    shown = [name for path in DOCS for _, name, _, whole in commands(path) if whole]
+    shown = [name for path in DOCS for _, name, _, whole in commands(code_lines(path)) if whole]
     assert {"workflow", "serve", "report", "compare_runs", "make_shards"} <= set(shown)
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda path: path.name)
 def test_every_flag_a_doc_gives_a_script_is_one_of_its_own(parsers, path):
     wrong = [f"{path.name}:{number}: {name} has no {flag}"
-             for number, name, words, _ in commands(path)
+             for number, name, words, _ in commands(code_lines(path))
              for flag in (word.split("=", 1)[0] for word in words if FLAG.fullmatch(word.split("=", 1)[0]))
              if flag not in own_flags(parsers[name])]
     for number, line, _ in code_lines(path):
@@ -132,9 +133,23 @@ def test_every_flag_a_doc_gives_a_script_is_one_of_its_own(parsers, path):
 @pytest.mark.parametrize("path", DOCS, ids=lambda path: path.name)
 def test_every_whole_command_in_a_code_block_parses(parsers, path):
     wrong = [f"{path.name}:{number}: {name} {shlex.join(words)}: {problem}"
-             for number, name, words, whole in commands(path) if whole
+             for number, name, words, whole in commands(code_lines(path)) if whole
              for problem in [parse_problem(parsers[name], words)] if problem]
     assert not wrong, "\n".join(wrong)
+
+
+def test_every_flag_in_a_help_example_is_the_scripts_own(parsers):
+    """The example command lines of each --help (its description's indented lines), e.g. bin/compare_runs.py's."""
+    wrong, examples = [], 0
+    for shown_by, parser in parsers.items():
+        lines = [(number, line, False) for number, line in enumerate((parser.description or "").splitlines(), 1)
+                 if line.startswith("    ")]
+        for number, name, words, _ in commands(lines):
+            examples += 1
+            wrong += [f"{shown_by} --help, line {number}: {name} has no {flag}"
+                      for flag in (word.split("=", 1)[0] for word in words) if FLAG.fullmatch(flag)
+                      and flag not in own_flags(parsers[name])]
+    assert examples >= 10 and not wrong, "\n".join(wrong) or f"only {examples} examples found"
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda path: path.name)
