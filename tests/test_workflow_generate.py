@@ -321,6 +321,7 @@ def test_the_submit_host_as_execution_site_needs_no_container(sample_dir, tmp_pa
 
 
 def test_the_planner_output_goes_to_a_log_file_and_submit_prints_a_short_summary(tmp_path, capsys):
+    import io
     import logging
 
     import Pegasus.client._client  # noqa: F401  (installs the pegasus.client console handler)
@@ -329,12 +330,18 @@ def test_the_planner_output_goes_to_a_log_file_and_submit_prints_a_short_summary
 
     logger = logging.getLogger("pegasus.client")
     handlers = list(logger.handlers)
-    with planner_output_to(tmp_path / "pegasus-plan.log"):
-        logger.info("2026.12.02 DEBUG [Planner] one of a thousand lines")
+    terminal = io.StringIO()  # workflow.main's logging.basicConfig: a root handler on the terminal
+    root_handler = logging.StreamHandler(terminal)
+    logging.getLogger().addHandler(root_handler)
+    try:
+        with planner_output_to(tmp_path / "pegasus-plan.log"):
+            logger.info("2026.12.02 DEBUG [Planner] one of a thousand lines")
+    finally:
+        logging.getLogger().removeHandler(root_handler)
     assert "one of a thousand lines" in (tmp_path / "pegasus-plan.log").read_text()
     captured = capsys.readouterr()
-    assert "thousand" not in captured.out + captured.err
-    assert logger.handlers == handlers
+    assert "thousand" not in captured.out + captured.err + terminal.getvalue()
+    assert logger.handlers == handlers and logger.propagate
     summary = submit_summary("/submit/run0001", tmp_path / "pegasus-plan.log")
     assert len(summary.splitlines()) == 6 and "pegasus-status -l /submit/run0001" in summary
 

@@ -88,8 +88,9 @@ def planner_arguments(**options) -> list[str]:
 def planner_output_to(path: Path):
     """While planning, write what Pegasus.api would print (the planner's output) to *path* instead."""
     logger = logging.getLogger("pegasus.client")
-    saved, saved_level = list(logger.handlers), logger.level
+    saved, saved_level, saved_propagate = list(logger.handlers), logger.level, logger.propagate
     logger.setLevel(logging.DEBUG)  # the whole output, whatever the terminal's level was
+    logger.propagate = False  # else workflow.py's root handler (logging.basicConfig) printed it all on stderr too
     path.parent.mkdir(parents=True, exist_ok=True)
     to_file = logging.FileHandler(path, mode="w", encoding="utf-8")
     to_file.setFormatter(logging.Formatter("%(message)s"))
@@ -104,3 +105,4 @@ def planner_output_to(path: Path):
         for handler in saved:
             logger.addHandler(handler)
         logger.setLevel(saved_level)
+        logger.propagate = saved_propagate
