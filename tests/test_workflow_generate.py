@@ -346,6 +346,19 @@ def test_the_planner_output_goes_to_a_log_file_and_submit_prints_a_short_summary
     assert len(summary.splitlines()) == 6 and "pegasus-status -l /submit/run0001" in summary
 
 
+def test_submit_without_a_planner_says_to_generate_on_the_submit_host_not_to_copy_the_folder(capsys):
+    # The catalogs hold this machine's absolute paths: a run folder copied elsewhere does not plan.
+    from types import SimpleNamespace
+
+    from utils.pegasus.driver import submit
+
+    generator = SimpleNamespace(plan_command=lambda: ["pegasus-plan", "--conf", "/here/run/pegasus.properties"])
+    assert submit(generator, has_planner=False) == 3
+    err = capsys.readouterr().err
+    assert "Run this workflow.py command on one" in err and "at the same paths" in err
+    assert "Copy" not in err and "pegasus-plan --conf /here/run/pegasus.properties" in err
+
+
 def test_properties_are_for_a_production_pool(run_dir):
     properties = read_properties(run_dir / "pegasus.properties")
     assert properties["pegasus.mode"] == "production" and int(properties["dagman.retry"]) >= 3

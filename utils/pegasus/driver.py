@@ -158,8 +158,10 @@ def local_jobs(jobs: int | None) -> int:
 def submit(generator, has_planner: bool) -> int:
     """Plan and submit with pegasus-plan; without a planner, print the command to run on a submit host."""
     if not has_planner:
+        # The catalogs name every input by its absolute path here, so a copied run folder plans only at the same path.
         print("pegasus-plan is not on PATH: this machine is not a Pegasus submit host.\n"
-              "Copy the project and the run directory to one (e.g. ACCESS Pegasus) and run:\n"
+              "Run this workflow.py command on one (e.g. ACCESS Pegasus); where the project and this run folder\n"
+              "are at the same paths there, this plans and submits it:\n"
               f"  {shlex.join(generator.plan_command())}\n"
               "or run the same workflow here with --local.", file=sys.stderr)
         return 3
