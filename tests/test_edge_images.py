@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tracemalloc
+import warnings
 
 import pytest
 from PIL import Image
@@ -50,6 +51,20 @@ def test_a_lower_limit_is_the_callers_and_the_message_gives_the_size(tmp_path):
     assert check_image_pixels(small) == (96, 64)
     with pytest.raises(ImageError, match=r"small\.png: image too large: 96x64 = 6,144 pixels, over the limit of 1,000"):
         check_image_pixels(small, limit=1000)
+
+
+def test_a_bomb_over_pillows_own_guard_is_said_with_the_limit_that_applies_not_pillows_text(bomb):
+    # Pillow's guard fires in Image.open, before the caller's check: its text quoted 64 M to the service's
+    # 413 (--max-image-pixels 25 M) and called the upload a "decompression bomb DOS attack".
+    expected = "image too large: 100,000,000 pixels, over the limit of {:,} (not decoded)"
+    with warnings.catch_warnings():  # as utils/data/images.py sets it in a job or the service; pytest records them
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pytest.raises(PixelLimitError) as caught:
+            check_image_pixels(bomb.read_bytes(), limit=25_000_000, name="upload.png")
+        assert str(caught.value) == "upload.png: " + expected.format(25_000_000)
+        with pytest.raises(PixelLimitError) as caught:
+            load_rgb(bomb)
+        assert str(caught.value) == f"{bomb}: " + expected.format(D.IMAGE_MAX_PIXELS)
 
 
 def test_loading_or_sizing_a_bomb_is_a_one_line_image_error_without_decoding(bomb):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -117,7 +118,7 @@ def check_image_pixels(source, limit: int = D.IMAGE_MAX_PIXELS, name=None) -> tu
         source = io.BytesIO(source)
     start = source.tell() if hasattr(source, "tell") else None
     try:
-        with _pillow_errors(name, "read image header"), Image.open(source, formats=IMAGE_FORMATS) as img:
+        with _pillow_errors(name, "read image header", limit), Image.open(source, formats=IMAGE_FORMATS) as img:
             _check_pixels(img, limit, name)
             return img.size
     finally:
@@ -195,14 +196,20 @@ def _decode(source, path) -> Image.Image:
 
 
 @contextmanager
-def _pillow_errors(name, action: str):
+def _pillow_errors(name, action: str, limit: int = D.IMAGE_MAX_PIXELS):
     """What Pillow and the OS raise while reading *name*, as one ImageError line naming it."""
     try:
         yield
     except ImageError:
         raise
     except TOO_LARGE as exc:
-        raise PixelLimitError(name, f"image too large: {exc} (not decoded)") from None
+        # Pillow's own guard (at Image.MAX_IMAGE_PIXELS) fires in Image.open, before the caller's check: said as
+        # that check says it, with the limit that applies, not Pillow's text ("could be decompression bomb DOS attack")
+        # and its 64 M limit where the caller's (the service's --max-image-pixels) is lower.
+        claimed = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f"{int(claimed[1]):,} pixels, over" if claimed else "over"
+        raise PixelLimitError(name, f"image too large: {pixels} the limit of "
+                                    f"{min(limit, Image.MAX_IMAGE_PIXELS):,} (not decoded)") from None
     except FileNotFoundError:
         raise ImageError(name, "file does not exist") from None
     except UnidentifiedImageError:
