@@ -161,3 +161,23 @@ def test_the_real_script_on_the_issues_six_class_file_exits_2_without_a_tracebac
 def test_a_good_model_file_still_loads(tiny_model_file):
     model, meta = load_model_file(tiny_model_file)
     assert meta["classes"] == list(CLASSES) and not model.training
+
+
+def test_a_truncated_model_or_checkpoint_is_said_in_torchs_first_sentence_not_cut_mid_advice(tmp_path):
+    # torch.load's text goes on after the problem ("This is an internal miniz error. If you are seeing this
+    # error, there is a high likelihood that your checkpoint file is corrupted..."): a cut at 200 characters
+    # ended the message mid-sentence.
+    from utils.detection.checkpoint import CheckpointError, load_checkpoint
+
+    whole = tmp_path / "whole.pt"
+    torch.save({"weights": torch.zeros(64, 64)}, whole)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(whole.read_bytes()[:4000])
+    expected = (f"{truncated}: not a readable {{}} (RuntimeError: PytorchStreamReader failed reading zip archive: "
+                "failed finding central directory)")
+    with pytest.raises(ModelError) as caught:
+        load_model_file(truncated, torch.device("cpu"))
+    assert str(caught.value) == expected.format("model file")
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(truncated)
+    assert str(caught.value) == expected.format("checkpoint") + "; delete it to start afresh"

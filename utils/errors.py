@@ -54,6 +54,17 @@ def read_json(path, what: str, error: type[InputError] = InputError):
         raise error(f"{path}: {what} is nested too deeply to read") from None
 
 
+def library_problem(error: BaseException, limit: int = 200) -> str:
+    """"Type: problem" of a library's exception, for a one-line message: its first line up to the end of
+    its first sentence, at most *limit* characters. torch.load's errors go on after the problem with advice
+    ("This is an internal miniz error. If you are seeing this error, there is a high likelihood that your
+    checkpoint file is corrupted...") that a fixed cut left ending mid-sentence."""
+    line = (str(error).strip().splitlines() or [""])[0]
+    sentence = re.split(r"(?<=[a-z0-9)]\.)\s+(?=[A-Z])", line, maxsplit=1)[0].rstrip(".")
+    text = sentence if len(sentence) <= limit else sentence[:limit - 3] + "..."
+    return f"{type(error).__name__}: {text}"
+
+
 def shown(value, limit: int | None = None) -> str:
     """*value*'s repr for an error message, bounded: at most *limit* characters (default
     defaults.MESSAGE_VALUE_CHARS), built without walking more than a few items and levels,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_path
-from ..errors import InputError
+from ..errors import InputError, library_problem
 from ..stop import is_stand_in
 
 
@@ -98,8 +98,7 @@ def load_checkpoint(path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, not a torch file, or a pickle weights_only refuses
-        first_line = (str(error).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(error).__name__}: {first_line}); "
+        raise CheckpointError(f"{path}: not a readable checkpoint ({library_problem(error)}); "
                               "delete it to start afresh") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: not a checkpoint (holds a {type(payload).__name__}, not train's dict of "

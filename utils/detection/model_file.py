@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import defaults as D
 from ..classes import CLASSES, LABEL_OF, NUM_CLASSES
-from ..errors import InputError, is_finite_number, shown
+from ..errors import InputError, is_finite_number, library_problem, shown
 from ..provenance import code_version, package_versions
 from ..stop import is_stand_in
 from .checkpoint import save_torch_file
@@ -51,8 +51,7 @@ def torch_load(path: Path, what: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, not a torch file, or a pickle weights_only refuses
-        first_line = (str(error).strip().splitlines() or [""])[0][:200]
-        raise ModelError(f"{path}: not a readable {what} ({type(error).__name__}: {first_line})") from None
+        raise ModelError(f"{path}: not a readable {what} ({library_problem(error)})") from None
 
 
 # ----------------------------------------------------------------------------- writing
