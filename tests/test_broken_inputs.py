@@ -235,7 +235,7 @@ def test_cli_fails_clearly_without_usable_images(case, root, tmp_path):
     line = proc.stderr.strip()
     assert "\n" not in line and "Traceback" not in line
     expected = {"empty folders": f"{images}: no images found",
-                "missing folder": f"{images}: no such folder or .tar archive",
+                "missing folder": f"{images}: does not exist (expected a folder or a .tar archive)",
                 "only broken files": "none of the 1 images is usable"}[case]
     assert expected in line
 

@@ -118,7 +118,8 @@ def test_a_real_script_on_a_missing_folder_exits_2_with_one_line_naming_it(root,
                            "--output-dir", str(tmp_path / "out"), "--no-progress"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.splitlines() == [f"preprocess: error: {missing}: no such folder or .tar archive"]
+    assert proc.stderr.splitlines() == [
+        f"preprocess: error: {missing}: does not exist (expected a folder or a .tar archive)"]
     args = json.loads(proc.stdout.splitlines()[0].removeprefix("preprocess: args: "))
     assert args["images"] == [str(missing)] and args["quality"] == D.JPEG_QUALITY
 

@@ -55,7 +55,7 @@ CASES = [
     ("augment", ["--images", "I", "--output-dir", "OUT", "--copies", "-1"], "--copies"),
     ("augment", ["--images", "I", "--output-dir", "OUT", "--noise-std", "nan"], "--noise-std"),
     ("augment", ["--images", "I", "--output-dir", "OUT", "--quality", "0"], "--quality"),
-    ("augment", ["--images", MISSING, "--output-dir", "OUT"], "no such folder or .tar archive"),
+    ("augment", ["--images", MISSING, "--output-dir", "OUT"], "does not exist (expected a folder or a .tar archive)"),
     ("compare_runs", [MISSING], "run folder not found"),
     ("evaluate", [*EVALUATE, "--workers", "-5"], "--workers"),
     ("evaluate", [*EVALUATE, "--score-threshold", "nan"], "--score-threshold"),
@@ -135,7 +135,8 @@ CASES = [
     ("train", [*TRAIN, "--seed", str(2**64)], "--seed"),
     ("train", [*TRAIN, "--tensorboard-every", "0"], "--tensorboard-every"),
     ("train", [*TRAIN, "--params", "PARAMS"], "bad_params.json: batch_size: expected a whole number of at least 1"),
-    ("train", ["--images", MISSING, "--annotations", "A", "--output", "OUT"], "no such folder or .tar archive"),
+    ("train", ["--images", MISSING, "--annotations", "A", "--output", "OUT"],
+     "does not exist (expected a folder or a .tar archive)"),
 ]
 
 

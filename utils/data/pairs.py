@@ -158,7 +158,7 @@ def open_folder(path, suffixes=None):
             yield Path(tmp)
         return
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such folder or .tar archive")
+        raise FileNotFoundError(f"{path}: does not exist (expected a folder or a .tar archive)")
     raise NotADirectoryError(f"{path}: neither a folder nor a .tar archive")
 
 
