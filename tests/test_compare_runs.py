@@ -82,6 +82,21 @@ def test_missing_and_unfinished_runs_are_warned_and_said_in_their_row(root, runs
             in captured.out)
 
 
+def test_a_rerun_runs_wall_time_is_said_to_be_the_last_reruns_alone(root, runs, tmp_path, capsys):
+    # make run run again reuses every job and rewrites statistics.json: a 22-minute run read "0" unremarked.
+    import json
+
+    rerun = make_run_folder(tmp_path / "rerun", figures=False, config=BASE, wall_time_s=3)
+    statistics = json.loads((rerun / "statistics.json").read_text())
+    statistics["totals"].update(succeeded=1, reused=2)
+    (rerun / "statistics.json").write_text(json.dumps(statistics))
+    assert run_script(root, "compare_runs", [*runs, rerun]) == 0
+    warnings = capsys.readouterr().err.splitlines()
+    assert (f"compare_runs: warning: {rerun / 'statistics.json'}: wall_time_s 3 s is the last rerun's alone: "
+            "2 of 3 jobs were reused from earlier runs, their time not in it") in warnings
+    assert not any(str(run) in line for run in runs for line in warnings)  # runs that reused nothing: no note
+
+
 def test_a_run_whose_result_files_cannot_be_read_says_so_in_its_row(root, runs, tmp_path, capsys):
     broken = make_run_folder(tmp_path / "broken", figures=False, config=BASE)
     (broken / "outputs" / "evaluation.json").write_text('{"map": ')

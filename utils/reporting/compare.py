@@ -44,7 +44,14 @@ def metric_values(run: RunFolder, notes: list[str] | None = None) -> dict[str, f
                                  f"{where}compliance.{part}.percent_properly_masked")
     values["compliance_error"] = get.num(compliance, "error_points", where + "compliance.error_points")
     values["mae"] = get.num(compliance, "per_image_mae_points", where + "compliance.per_image_mae_points")
-    values["wall_time_s"] = get.num(run.statistics, "wall_time_s", f"{run.path / 'statistics.json'}: wall_time_s")
+    statistics = f"{run.path / 'statistics.json'}: "
+    values["wall_time_s"] = get.num(run.statistics, "wall_time_s", statistics + "wall_time_s")
+    totals = get.dict(run.statistics, "totals", statistics + "totals")
+    reused = get.num(totals, "reused", statistics + "totals.reused")
+    jobs = get.num(totals, "jobs", statistics + "totals.jobs")
+    if values["wall_time_s"] is not None and reused:  # statistics.json is the last executor run's, a rerun's too
+        get.notes.append(f"{statistics}wall_time_s {values['wall_time_s']:.0f} s is the last rerun's alone: "
+                         f"{reused:.0f} of {jobs or 0:.0f} jobs were reused from earlier runs, their time not in it")
     return values
 
 
