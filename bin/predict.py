@@ -7,8 +7,8 @@ xmax, ymax, label, score), compliance.json (faces per class and percent properly
 masked, overall and per image; the overall figure as an estimate with its 95 % bootstrap
 interval and the images it rests on, by every estimator of utils/detection/quantify.py;
 per folder when the images sit in two or more folders, drawn in compliance_by_folder.png (the 40 largest),
-annotated images annotated_<stem>.jpg in --annotated-dir, and predict_run.json (run
-record). Prints the compliance line with the interval. Folders are read with their
+annotated images annotated_<stem>.jpg in --annotated-dir (at most 1280 px a side), and
+predict_run.json (run record). Prints the compliance line with the interval. Folders are read with their
 subfolders, symbolic links followed; an image's folder is its path below the folder given
 or, when several folders are given, below the folder they are all in (in/siteA and
 in/siteB/cam1 give siteA and siteB/cam1); an archive's images keep the folders inside it,

@@ -119,10 +119,9 @@ def test_a_plain_tar_is_read_where_its_images_lie_not_unpacked_with_the_items_un
         assert plain_skipped == [{**entry, "file": entry["file"].replace("set.tgz", "set.tar")}
                                  for entry in packed_skipped]
         assert plain_skipped == [{"file": "set.tar:notes.txt", "reason": "not an image file name (extension '.txt')"}]
-        for (_, image, problem, _), (_, expected, expected_problem, _) in zip(ImageFileDataset(plain),
-                                                                              ImageFileDataset(packed)):
-            assert problem == expected_problem and (image is None) == (expected is None)
-            assert image is None or torch.equal(image, expected)
+        for decoded, expected in zip(ImageFileDataset(plain), ImageFileDataset(packed)):
+            assert decoded.problem == expected.problem and (decoded.image is None) == (expected.image is None)
+            assert decoded.image is None or torch.equal(decoded.image, expected.image)
 
 
 def test_a_tar_member_is_decoded_where_it_lies_without_holding_a_large_one_that_is_no_image(sample_dir, tmp_path):
@@ -130,7 +129,7 @@ def test_a_tar_member_is_decoded_where_it_lies_without_holding_a_large_one_that_
     # 8 MB member named .jpg that is no image (a 50 GB one, all of it). Now through a window on the archive.
     import tracemalloc
 
-    from utils.data.images import ImageError, load_rgb, load_rgb_span
+    from utils.data.images import ImageError, load_photo_span, load_rgb
     from utils.data.pairs import members_in_place
 
     photo = sorted((sample_dir / "images").glob("*.jpg"))[0]
@@ -139,13 +138,13 @@ def test_a_tar_member_is_decoded_where_it_lies_without_holding_a_large_one_that_
         tar.add(tmp_path / "big.jpg", arcname="big.jpg")
         tar.add(photo, arcname="photo.jpg")
     big, image = members_in_place(tmp_path / "set.tar")
-    decoded = load_rgb_span(tmp_path / "set.tar", image.offset, image.size, "set.tar:photo.jpg")
+    decoded = load_photo_span(tmp_path / "set.tar", image.offset, image.size, "set.tar:photo.jpg").image
     assert np.array_equal(np.asarray(decoded), np.asarray(load_rgb(photo)))
     with pytest.raises(ImageError):  # once untraced: Pillow imports the plugins of every format it tries (~1.3 MB)
-        load_rgb_span(tmp_path / "set.tar", big.offset, big.size, "set.tar:big.jpg")
+        load_photo_span(tmp_path / "set.tar", big.offset, big.size, "set.tar:big.jpg")
     tracemalloc.start()
     with pytest.raises(ImageError, match="set.tar:big.jpg: not an image file"):
-        load_rgb_span(tmp_path / "set.tar", big.offset, big.size, "set.tar:big.jpg")
+        load_photo_span(tmp_path / "set.tar", big.offset, big.size, "set.tar:big.jpg")
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 1 << 20, f"{peak:,} bytes held"
@@ -172,12 +171,12 @@ def test_an_image_is_hashed_and_decoded_without_holding_the_file_whole(tmp_path)
 
 
 def test_a_tar_member_cut_off_by_a_truncated_archive_is_said_to_be_so_not_called_no_image(sample_dir, tmp_path):
-    # Read where it lies (members_in_place, then load_rgb_span at the listed offset), a member of an archive cut
+    # Read where it lies (members_in_place, then load_photo_span at the listed offset), a member of an archive cut
     # short after it was listed (a copy still being written, a partial download) read as fewer bytes: 'not an
     # image file' or 'truncated image file', of a JPEG that is whole in the archive the user meant.
     import os
 
-    from utils.data.images import ImageError, load_rgb_span
+    from utils.data.images import ImageError, load_photo_span
     from utils.data.pairs import members_in_place
 
     photo = sorted((sample_dir / "images").glob("*.jpg"))[0]
@@ -189,4 +188,4 @@ def test_a_tar_member_cut_off_by_a_truncated_archive_is_said_to_be_so_not_called
         os.truncate(tmp_path / "set.tar", cut)
         with pytest.raises(ImageError, match=r"set.tar:b.jpg: cannot decode image: the archive set.tar ends at "
                                              r"byte [\d,]+, before this member's last byte"):
-            load_rgb_span(tmp_path / "set.tar", last.offset, last.size, "set.tar:b.jpg")
+            load_photo_span(tmp_path / "set.tar", last.offset, last.size, "set.tar:b.jpg")

@@ -127,6 +127,9 @@ VIDEO_STRIDE = 5               # predict_video / workflow --pred-videos: every 5
 VIDEO_PLOT_MAX_POINTS = 2000   # compliance_over_time.png draws longer runs as this many means of consecutive frames:
                                # a bar a frame took ~10 kB and ~2.4 ms each (a day at stride 5: 4 GB, 17 min)
 ANNOTATE_MAX = 500             # workflow: annotated images drawn over the whole prediction set, spread evenly
+ANNOTATED_MAX_SIDE = 1280      # predict's annotated copies (and --explain's maps and crops) are drawn on a copy of the
+                               # photo at most this long a side (never above its own): decoded whole, each of the 64
+                               # photos the decode workers hold ready held 36 MB at 12 MP
 FOLDER_PLOT_MAX = 40           # compliance_by_folder.png draws the folders with the most images, at most this many:
                                # a row each made 3000 folders a 125,000-px-tall figure drawn in 1.4 GB
 INFERENCE_SCALES = (1.0, 1.25, 1.5, 1.75, 2.0)  # working sizes tried after training, times --image-size: the

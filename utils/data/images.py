@@ -10,12 +10,19 @@ No image is decoded whose header claims more than defaults.IMAGE_MAX_PIXELS pixe
 Pillow's own guard (Image.MAX_IMAGE_PIXELS) is set to the same limit and its
 DecompressionBombWarning made an error, so code that opens an image without this module
 is refused above it too (Pillow alone only warns up to 179 M pixels).
+
+A reader that uses a photo at a bounded size (predict: the model's working size, the annotated
+copies' cap) decodes it at most at that size (SizeBound, load_photo_hashed, load_photo_span): a JPEG
+through Pillow's draft mode (the decoder scales the DCT blocks by 1/2, 1/4 or 1/8: a fraction of the
+decode's time and memory), then an antialiased resize to the exact size; a photo at or below it is
+decoded as load_rgb decodes it, pixel for pixel.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import re
 import warnings
@@ -133,10 +140,46 @@ def _check_pixels(img: Image.Image, limit: int, name) -> None:
                                     f"limit of {limit:,} (not decoded)")
 
 
+@dataclass(frozen=True)
+class SizeBound:
+    """The largest size a photo is used at. Each frame (shorter side, longer side) fits a photo in it at the
+    scale min(shorter / the photo's shorter side, longer / its longer side): a detector's transform (min_size,
+    max_size) resizes each image so, and a cap of N px a side is the frame (N, N). The photo is needed at the
+    largest of its frames' scales, never above its own size. A scale does not depend on the photo's
+    orientation, so it is the same for the stored pixels and the EXIF-turned ones."""
+
+    frames: tuple[tuple[float, float], ...]
+
+    def scale(self, width: int, height: int) -> float:
+        shorter, longer = max(1, min(width, height)), max(1, width, height)
+        return min(1.0, max(min(short / shorter, long / longer) for short, long in self.frames))
+
+    def size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of a *width* x *height* photo at its scale: rounded up (to 6 decimals first: 895.9999
+        is 896), so that no side is shorter than a frame scales it to (a thin photo's 1.4 px row is 2 px, which a
+        smaller frame then shrinks to 1.1 px as it would the photo's own, not 0.8: too thin)."""
+        scale = self.scale(width, height)
+        if scale >= 1.0:
+            return width, height
+        return max(1, math.ceil(round(width * scale, 6))), max(1, math.ceil(round(height * scale, 6)))
+
+
+@dataclass
+class Photo:
+    """A decoded photo: *image* (8-bit RGB, EXIF orientation applied), at most at the size a SizeBound allows;
+    *size*, the photo's own (width, height) as displayed, which *image* was reduced from (image.size when not);
+    *copy*, when asked for, the picture at most at another bound's size (*image* itself when of its size), so
+    that *image* does not depend on whether a copy was asked for."""
+
+    image: Image.Image
+    size: tuple[int, int]
+    copy: Image.Image | None = None
+
+
 def load_rgb(path) -> Image.Image:
     """Decode *path* fully into an 8-bit RGB PIL image with EXIF orientation applied."""
     path = Path(path)
-    return _decode(path, path)
+    return _decode(path, path).image
 
 
 def load_rgb_hashed(path) -> tuple[Image.Image | None, str | None, ImageError | None]:
@@ -146,6 +189,14 @@ def load_rgb_hashed(path) -> tuple[Image.Image | None, str | None, ImageError | 
     for a file that is no usable image, still an input read (sha256 None when it cannot be opened). The header is
     checked on the open file first; the image is decoded from the open file, then the file hashed in blocks: no
     file is held whole."""
+    photo, sha256, error = load_photo_hashed(path)
+    return (photo.image if photo is not None else None), sha256, error
+
+
+def load_photo_hashed(path, bound: SizeBound | None = None,
+                      copy_bound: SizeBound | None = None) -> tuple[Photo | None, str | None, ImageError | None]:
+    """load_rgb_hashed's (photo, sha256, error), the photo decoded at most at *bound*'s size (None: its own), with a
+    copy at most at *copy_bound*'s size when given (Photo)."""
     path = Path(path)
     try:
         with _pillow_errors(path, "decode image"), open(path, "rb") as handle:
@@ -153,7 +204,8 @@ def load_rgb_hashed(path) -> tuple[Image.Image | None, str | None, ImageError | 
                 with _pillow_errors(path, "decode image"), Image.open(handle, formats=IMAGE_FORMATS) as img:
                     _check_pixels(img, D.IMAGE_MAX_PIXELS, path)
                 handle.seek(0)
-                image, error = _decode(handle, path), None  # from the open file, as load_rgb: never held whole
+                # from the open file, as load_rgb: never held whole
+                image, error = _decode(handle, path, bound, copy_bound), None
             except ImageError as exc:
                 image, error = None, exc
             # the bytes the decode just read, again from the page cache, in blocks: read whole with handle.read()
@@ -165,10 +217,12 @@ def load_rgb_hashed(path) -> tuple[Image.Image | None, str | None, ImageError | 
         return None, None, exc
 
 
-def load_rgb_span(path, offset: int, size: int, name: str) -> Image.Image:
-    """load_rgb of the *size* bytes at *offset* in *path* (a member of an uncompressed .tar, read where it lies:
-    utils.data.pairs.members_in_place), errors naming *name*. Read through tarfile's window on the member, as a
-    file is: the header is checked before the rest is read, and a large member that is no image is never held."""
+def load_photo_span(path, offset: int, size: int, name: str, bound: SizeBound | None = None,
+                    copy_bound: SizeBound | None = None) -> Photo:
+    """The photo of the *size* bytes at *offset* in *path* (a member of an uncompressed .tar, read where it lies:
+    utils.data.pairs.members_in_place), decoded as load_photo_hashed decodes a file, errors naming *name*. Read
+    through tarfile's window on the member, as a file is: the header is checked before the rest is read, and a
+    large member that is no image is never held."""
     import tarfile
 
     with _pillow_errors(name, "decode image"), tarfile.open(path, "r:") as archive:  # reads the first header only
@@ -179,20 +233,52 @@ def load_rgb_span(path, offset: int, size: int, name: str) -> Image.Image:
                                    "changed after it was listed")
         member = tarfile.TarInfo(name)  # a regular file's: its data where the listing found it
         member.offset_data, member.size = offset, size
-        return _decode(archive.extractfile(member), name)
+        return _decode(archive.extractfile(member), name, bound, copy_bound)
 
 
 def load_rgb_bytes(data: bytes, name: str) -> Image.Image:
     """load_rgb for bytes held in memory (an upload), errors naming *name*; nothing touches the disk."""
-    return _decode(io.BytesIO(data), name)
+    return _decode(io.BytesIO(data), name).image
 
 
-def _decode(source, path) -> Image.Image:
+def _decode(source, path, bound: SizeBound | None = None, copy_bound: SizeBound | None = None) -> Photo:
+    start = source.tell() if hasattr(source, "tell") else None
+    decoded, size = _decoded(source, path, bound)
+    image = _resized(decoded, bound.size(*size) if bound is not None else size)
+    copy = None
+    if copy_bound is not None:
+        wanted = copy_bound.size(*size)
+        if wanted == image.size:
+            copy = image
+        elif decoded.width >= wanted[0] and decoded.height >= wanted[1]:
+            copy = _resized(decoded, wanted)
+        else:  # a JPEG scaled for *image* below the copy's size: decoded again for it (from the page cache)
+            if start is not None:
+                source.seek(start)
+            copy = _resized(_decoded(source, path, copy_bound)[0], wanted)
+    return Photo(image, size, copy)
+
+
+def _decoded(source, path, bound: SizeBound | None) -> tuple[Image.Image, tuple[int, int]]:
+    """(the picture of *source*, 8-bit RGB with its EXIF orientation applied, a JPEG's scaled down in the DCT
+    domain towards *bound*'s size but never below it; the photo's own (width, height) as displayed)."""
     with _pillow_errors(path, "decode image"), Image.open(source, formats=IMAGE_FORMATS) as img:
         _check_pixels(img, D.IMAGE_MAX_PIXELS, path)  # from the header: a bomb is never decoded
+        size = img.size
+        reduced = bound.size(*size) if bound is not None else size
+        if reduced != size:
+            # A JPEG's decoder scales by 1/2, 1/4 or 1/8 in the DCT domain, to no less than *reduced*
+            # (other formats ignore it): a 12 MP photo wanted at 896 px is decoded as 0.75 MP.
+            img.draft(None, reduced)
         img.load()  # full decode now, so truncated files fail here and not later
-        img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
+        turned = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # exif_transpose's own reading: width and height swap
+        return _to_rgb(ImageOps.exif_transpose(img)), (size[::-1] if turned else size)
+
+
+def _resized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """*image* at *size*, or itself when of that size. Antialiased: Lanczos, the sharpest of Pillow's filters,
+    for the smallest faces."""
+    return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
 
 
 @contextmanager

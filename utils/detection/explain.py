@@ -313,10 +313,13 @@ def overlay(image_rgb: np.ndarray, heatmap: np.ndarray, box, label: str) -> Imag
 
 
 def explain_image(model, image_uint8: torch.Tensor, boxes, labels, scores, device, method: str = "hirescam",
-                  max_boxes: int = 5, tta: bool = False, should_stop=None) -> list[Explanation]:
-    """Explanations of the *max_boxes* highest-scoring detections of one image (uint8 CxHxW); *tta*: the
-    detections came from flip TTA, so the maps hold both passes' evidence (:func:`heatmaps`); *should_stop*:
-    asked before each pass (:func:`heatmaps`)."""
+                  max_boxes: int = 5, tta: bool = False, should_stop=None,
+                  picture: torch.Tensor | None = None) -> list[Explanation]:
+    """Explanations of the *max_boxes* highest-scoring detections of one image (uint8 CxHxW, the model's input:
+    the detections' own); *tta*: the detections came from flip TTA, so the maps hold both passes' evidence
+    (:func:`heatmaps`); *should_stop*: asked before each pass (:func:`heatmaps`). *picture* (uint8 CxHxW, the same
+    photo larger: predict decodes the model's input at its working size) is what the overlays are cut from, and
+    the explanations' boxes are in its pixels; by default *image_uint8*."""
     scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
     order = torch.argsort(scores, descending=True)[: max(0, max_boxes)].tolist()
     if not order:
@@ -325,11 +328,14 @@ def explain_image(model, image_uint8: torch.Tensor, boxes, labels, scores, devic
     labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
     image = image_uint8.to(device).float().div(255.0)
     maps = heatmaps(model, image, boxes[order], labels[order], method, tta, should_stop)
-    rgb = image_uint8.permute(1, 2, 0).contiguous().cpu().numpy()  # C order: a crop of it is read in place
+    picture = image_uint8 if picture is None else picture
+    rgb = picture.permute(1, 2, 0).contiguous().cpu().numpy()  # C order: a crop of it is read in place
+    (height, width), (picture_height, picture_width) = image_uint8.shape[-2:], rgb.shape[:2]
+    to_picture = torch.tensor([picture_width / width, picture_height / height] * 2)  # ones for the image itself
     explanations = []
     for index, heatmap in zip(order, maps):
         name = NAME_OF[int(labels[index])]
-        box = [round(float(v), 2) for v in boxes[index]]
+        box = [round(float(v), 2) for v in boxes[index] * to_picture]
         explanations.append(Explanation(index, name, round(float(scores[index]), 4), box, heatmap,
                                         overlay(rgb, heatmap, box, name), tuple(rgb.shape[:2])))
     return explanations

@@ -350,7 +350,8 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
         # Detections down to the floor feed the probabilistic count; only those at the threshold are counted,
         # drawn and listed.
         for result in detect_files(model, items[len(done):], device, batch_size=batch_size, score_threshold=floor,
-                                   tta=tta, num_workers=num_workers, keep_images=annotate):
+                                   tta=tta, num_workers=num_workers, keep_images=drawn,
+                                   image_side=D.ANNOTATED_MAX_SIDE):
             hashed = {"sha256": result.sha256} if result.sha256 is not None else {}
             if hashed:
                 run.inputs_sha256[result.item.path] = result.sha256
@@ -369,9 +370,9 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
                     explained = _write_explanations(model, result, device, explain, explain_max_boxes, annotated,
                                                     drawing_dir, writer, pending, tta)
                 pil = Image.fromarray(result.image.permute(1, 2, 0).numpy())
-                pending.append(writer.submit(save_annotated, pil, result.boxes, result.labels, result.scores,
+                pending.append(writer.submit(save_annotated, pil, result.image_boxes(), result.labels, result.scores,
                                              drawing_dir / annotated))
-                result.image = None
+                result.image = result.model_input = None
                 while len(pending) > 4 * batch_size:  # bound the pictures queued writes hold: an image drawn
                     pending.pop(0).result()  # with --explain queues 1 + its overlays, not 1
             record = _image_record(result, annotated, soft)
@@ -428,8 +429,8 @@ def _write_explanations(model, result: Detections, device, method: str, max_boxe
 
     records = []
     stem = annotated[len("annotated_"):-len(".jpg")]
-    for explanation in explain_image(model, result.image, result.boxes, result.labels, result.scores, device,
-                                     method, max_boxes, tta):
+    for explanation in explain_image(model, result.model_input, result.input_boxes(), result.labels, result.scores,
+                                     device, method, max_boxes, tta, picture=result.image):
         name = f"explain_{stem}_{explanation.index}.jpg"
         pending.append(writer.submit(_save_jpeg, explanation.overlay, folder / name))
         records.append({"detection": explanation.index, "label": explanation.label, "score": explanation.score,
