@@ -20,6 +20,15 @@ on a machine shared with other work, CPU time is far less disturbed than wall ti
 The model is --model FILE when given (a trained model: realistic box counts), else a
 freshly built mobilenet_v2_fpn (ImageNet backbone when cached) at --image-size. Outputs go
 to a temporary folder. Skips with a message (exit 0) when the data folder is absent.
+
+--synthetic-12mp N measures instead, in one run, the predict job's path on N synthetic 12 MP JPEG
+photos (4000x3000, made in a temporary folder) decoded whole, as predict did before 2026-12-06
+("whole": the decode workers' bound off, annotated copies at full size), against decoded at most at
+the size the model uses them at ("bounded": utils.detection.inference.decode_bound, copies to draw at
+most ANNOTATED_MAX_SIDE): images/s, CPU s per image and the peak memory of the job's processes (the
+sum of the proportional set sizes, PSS, of the process and its decode workers, sampled every 20 ms:
+shared memory, where the workers hand decoded images over, counted once). Each path runs in a
+process of its own (spawned), --repeats times alternately; the fastest run and the lowest peak count.
 """
 
 import argparse
@@ -56,6 +65,10 @@ def get_args_parser():
                         help="timed runs per path, alternating; the fastest counts (default: 3)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="(default: auto)")
     parser.add_argument("--output", type=Path, default=None, help="also write the figures as JSON here")
+    parser.add_argument("--synthetic-12mp", type=int, default=None, metavar="N",
+                        help="measure whole against bounded decoding on N synthetic 12 MP JPEG photos instead")
+    parser.add_argument("--annotate", action="store_true",
+                        help="with --synthetic-12mp: draw every photo's annotated copy too (default: none drawn)")
     return parser
 
 
@@ -72,7 +85,115 @@ def seconds(function):
     return time.perf_counter() - started, cpu_seconds() - cpu_started
 
 
+def synthetic_photos(folder: Path, count: int, size=(4000, 3000)) -> list[Path]:
+    """*count* JPEGs of *size* with a phone photo's mix of smooth areas and detail (a low-resolution random
+    picture enlarged, with noise): about 3 MB each at quality 90."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(count):
+        base = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+        pixels = np.asarray(base, dtype=np.int16) + rng.integers(-12, 13, (size[1], size[0], 3), dtype=np.int16)
+        paths.append(folder / f"photo_{index:03d}.jpg")
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(paths[-1], quality=90)
+    return paths
+
+
+def tree_pss_mb(pid: int) -> float:
+    """The summed PSS of *pid* and its descendants, in MB (Linux /proc); 0 for a process gone."""
+    total, stack = 0, [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            with open(f"/proc/{current}/smaps_rollup") as handle:
+                total += next(int(line.split()[1]) for line in handle if line.startswith("Pss:"))
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as handle:
+                    stack += [int(child) for child in handle.read().split()]
+        except (OSError, StopIteration, ValueError):
+            continue
+    return total / 1024
+
+
+def one_path(whole: bool, files, args, results) -> None:
+    """Run the predict job's path on *files* in this (spawned) process; put (seconds, CPU seconds, PSS in MB with
+    the model built, before the run) in *results*."""
+    import torch
+
+    from utils import defaults as D
+    import utils.detection.inference as inference
+    from utils.detection.model import build_model
+    from utils.detection.prediction import predict_images
+
+    if whole:  # as before 2026-12-06: every photo decoded whole, drawn at its own size
+        inference.decode_bound = lambda model: None
+        D.ANNOTATED_MAX_SIDE = 1 << 30
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v2_fpn", weights="imagenet", image_size=args.image_size).eval()
+    workers = inference.default_num_workers() if args.workers < 0 else args.workers
+    resting = tree_pss_mb(os.getpid())
+    with tempfile.TemporaryDirectory(prefix="bench_predict.") as tmp:
+        run_s, run_cpu = seconds(lambda: predict_images(
+            model, files, Path(tmp) / "out", score_threshold=args.score_threshold, batch_size=args.batch_size,
+            num_workers=workers, annotate=args.annotate))
+    results.put((run_s, run_cpu, resting))
+
+
+def synthetic_main(args) -> int:
+    import multiprocessing
+
+    from utils.detection.inference import default_num_workers
+
+    context = multiprocessing.get_context("spawn")
+    best: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_photos.") as folder:
+        files = synthetic_photos(Path(folder), args.synthetic_12mp)
+        megabytes = sum(path.stat().st_size for path in files) / len(files) / 1e6
+        for _ in range(args.repeats):
+            for name in ("whole", "bounded"):
+                results = context.Queue()
+                process = context.Process(target=one_path, args=(name == "whole", files, args, results))
+                process.start()
+                peak = 0.0
+                while process.is_alive():
+                    peak = max(peak, tree_pss_mb(process.pid))
+                    time.sleep(0.02)
+                process.join()
+                run_s, run_cpu, resting = results.get(timeout=10)
+                entry = best.setdefault(name, {"images_per_s": 0.0, "cpu_s_per_image": float("inf"),
+                                               "peak_pss_mb": float("inf"), "pss_before_run_mb": resting})
+                n = len(files)
+                entry["images_per_s"] = max(entry["images_per_s"], round(n / run_s, 3))
+                entry["cpu_s_per_image"] = min(entry["cpu_s_per_image"], round(run_cpu / n, 3))
+                entry["peak_pss_mb"] = min(entry["peak_pss_mb"], round(peak, 1))
+    workers = default_num_workers() if args.workers < 0 else args.workers
+    figures = {
+        "photos": args.synthetic_12mp, "photo_size": "4000x3000 JPEG, quality 90",
+        "mean_file_mb": round(megabytes, 2), "model": f"untrained mobilenet_v2_fpn, image size {args.image_size}",
+        "batch_size": args.batch_size, "decode_workers": workers, "annotated": args.annotate,
+        "repeats": args.repeats, "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None, **best,
+        "peak_ratio": round(best["whole"]["peak_pss_mb"] / best["bounded"]["peak_pss_mb"], 2),
+        "speed_ratio": round(best["bounded"]["images_per_s"] / best["whole"]["images_per_s"], 3),
+    }
+    print(f"bench/predict --synthetic-12mp: {figures['photos']} photos 4000x3000 ({megabytes:.1f} MB each), "
+          f"{figures['model']}, batch {args.batch_size}, {workers} decode workers, annotated={args.annotate}")
+    for name in ("whole", "bounded"):
+        entry = best[name]
+        print(f"  {name:8s}: {entry['images_per_s']:7.3f} images/s, {entry['cpu_s_per_image']:6.2f} CPU s/image, "
+              f"peak PSS {entry['peak_pss_mb']:8.1f} MB ({entry['pss_before_run_mb']:.0f} MB with the model "
+              "built, before the run)")
+    if args.output:
+        from utils.atomic import write_json
+        write_json(args.output, figures)
+    return 0
+
+
 def main(args) -> int:
+    if args.synthetic_12mp:
+        return synthetic_main(args)
     import torch
 
     from utils.detection.device import resolve_device
