@@ -163,7 +163,7 @@ def synthetic_main(args) -> int:
                 process.join()
                 run_s, run_cpu, resting = results.get(timeout=10)
                 entry = best.setdefault(name, {"images_per_s": 0.0, "cpu_s_per_image": float("inf"),
-                                               "peak_pss_mb": float("inf"), "pss_before_run_mb": resting})
+                                               "peak_pss_mb": float("inf"), "pss_before_run_mb": round(resting, 1)})
                 n = len(files)
                 entry["images_per_s"] = max(entry["images_per_s"], round(n / run_s, 3))
                 entry["cpu_s_per_image"] = min(entry["cpu_s_per_image"], round(run_cpu / n, 3))
