@@ -1,5 +1,6 @@
 """predict's image loader decodes each photo at most at the size the model uses it at (and a drawn photo's copy at
-most at the annotated copies' cap), while boxes, widths and heights stay in the photo's own pixels.
+most at the annotated copies' cap), while boxes, widths and heights stay in the photo's own pixels; evaluate (and the
+validation choices) give the model the same input of the photo, so find the same detections.
 
 With 4 decode workers prefetching 4 batches of 4, up to 64 photos wait decoded; each was held at its full size
 (36 MB for a 12 MP photo: 2.3 GB) though the model's transform then shrank it to its working size."""
@@ -65,7 +66,7 @@ def tiny_detector():
 
 @pytest.mark.parametrize("suffix", [".jpg", ".png"])
 def test_a_large_photo_leaves_the_workers_at_the_size_the_model_uses(tiny_detector, tmp_path, suffix):
-    from utils.data.images import SizeBound
+    from utils.data.images import SizeBound, load_rgb, reduced_to
     from utils.detection.ensemble import BoxFusionEnsemble
     from utils.detection.inference import ImageFileDataset, ImageItem, decode_bound
     from utils.detection.model import build_model
@@ -79,6 +80,8 @@ def test_a_large_photo_leaves_the_workers_at_the_size_the_model_uses(tiny_detect
     items = [ImageItem(p.name, p) for p in (path, turned)]
     decoded, upright = ImageFileDataset(items, decode_bound(tiny_detector), keep=[1])
     assert decoded.size == (WIDTH, HEIGHT) and tuple(decoded.image.shape) == (3, 86, 128)  # 85.3 rows, rounded up
+    # the whole decode's pixels reduced, as evaluate reduces them: not a JPEG decoder's scaled (draft) pixels
+    assert torch.equal(decoded.image, F.pil_to_tensor(reduced_to(load_rgb(path), decode_bound(tiny_detector))))
     assert decoded.copy is None  # not kept: no copy
     assert upright.size == (HEIGHT, WIDTH) and tuple(upright.image.shape) == (3, 128, 86)
     assert tuple(upright.copy.shape) == (3, WIDTH, HEIGHT)  # kept, with no cap: the whole photo
@@ -163,3 +166,43 @@ def test_predict_explains_a_large_photo_on_the_input_its_boxes_came_from(tiny_de
         assert 0 < entry["evidence_in_box"] <= 1
         with Image.open(tmp_path / "out" / "annotated" / entry["file"]) as overlay:
             assert max(overlay.size) == 256
+
+
+def test_evaluate_gives_a_photo_the_detections_predict_counts_at_each_working_size(tiny_detector, tmp_path):
+    """evaluate (engine.run_inference, as the validation choices and the estimators' rates) gave the model a large
+    photo whole, its transform shrinking it bilinearly, where predict gives it the photo reduced: other boxes and
+    scores. Now the same input, at the size the model runs at when called (choose_inference_size changes it); a
+    photo at or below it is given as it always was."""
+    from utils.data.pairs import Pair
+    from utils.data.voc import VocAnnotation, VocObject, write_voc
+    from utils.detection.engine import run_inference
+    from utils.detection.evaluation import evaluation_loader
+    from utils.detection.inference import ImageItem, detect, detect_files
+    from utils.detection.inference_size import set_inference_size
+
+    pairs = []
+    for stem, (width, height) in (("large", (2400, 1600)), ("small", (120, 80))):
+        photo(tmp_path / f"{stem}.jpg", (width, height))
+        box = [round(v * s) for v, s in zip(SQUARE, (width / WIDTH, height / HEIGHT) * 2)]
+        write_voc(tmp_path / f"{stem}.xml",
+                  VocAnnotation(f"{stem}.jpg", width, height, objects=[VocObject("with_mask", *box)]))
+        pairs.append(Pair(tmp_path / f"{stem}.jpg", tmp_path / f"{stem}.xml"))
+    items = [ImageItem(pair.image.name, pair.image) for pair in pairs]
+    loader = evaluation_loader(pairs, batch_size=2, num_workers=0)
+    tiny_detector.roi_heads.score_thresh = 0.0  # untrained: every box kept, so each photo has many to compare
+    try:
+        for size, tta in ((128, False), (128, True), (192, False)):
+            set_inference_size(tiny_detector, size)
+            evaluated, targets = run_inference(tiny_detector, loader, torch.device("cpu"), tta=tta)
+            predicted = list(detect_files(tiny_detector, items, "cpu", tta=tta, num_workers=0))
+            assert [len(target["boxes"]) for target in targets] == [1, 1]
+            for found, result in zip(evaluated, predicted):
+                assert len(found["boxes"]) > 0
+                for key in ("boxes", "labels", "scores"):
+                    assert torch.equal(found[key], getattr(result, key)), (size, tta, result.item.name, key)
+            # the small photo: the loader's image as it is, as before
+            (small,) = detect(tiny_detector, [loader.dataset[1][0]], tta=tta)
+            assert all(torch.equal(evaluated[1][key], small[key]) for key in ("boxes", "labels", "scores"))
+    finally:
+        set_inference_size(tiny_detector, 128)
+        tiny_detector.roi_heads.score_thresh = 0.05

@@ -12,10 +12,12 @@ DecompressionBombWarning made an error, so code that opens an image without this
 is refused above it too (Pillow alone only warns up to 179 M pixels).
 
 A reader that uses a photo at a bounded size (predict: the model's working size, the annotated
-copies' cap) decodes it at most at that size (SizeBound, load_photo_hashed, load_photo_span): a JPEG
-through Pillow's draft mode (the decoder scales the DCT blocks by 1/2, 1/4 or 1/8: a fraction of the
-decode's time and memory), then an antialiased resize to the exact size; a photo at or below it is
-decoded as load_rgb decodes it, pixel for pixel.
+copies' cap) gets it at most at that size (SizeBound, load_photo_hashed, load_photo_span): decoded whole,
+as load_rgb decodes it, then reduced by reduced_to, a function of those pixels and the bound alone, which
+evaluate applies to the same pixels (utils.detection.inference.model_input_at_size): so one photo is the
+same model input in both. Not Pillow's JPEG draft mode, which scales while decoding: its pixels depend
+on how the file was decoded, which a decoded image does not record. A photo at or below the bound is
+load_rgb's, pixel for pixel.
 """
 
 from __future__ import annotations
@@ -242,43 +244,24 @@ def load_rgb_bytes(data: bytes, name: str) -> Image.Image:
 
 
 def _decode(source, path, bound: SizeBound | None = None, copy_bound: SizeBound | None = None) -> Photo:
-    start = source.tell() if hasattr(source, "tell") else None
-    decoded, size = _decoded(source, path, bound)
-    image = _resized(decoded, bound.size(*size) if bound is not None else size)
-    copy = None
-    if copy_bound is not None:
-        wanted = copy_bound.size(*size)
-        if wanted == image.size:
-            copy = image
-        elif decoded.width >= wanted[0] and decoded.height >= wanted[1]:
-            copy = _resized(decoded, wanted)
-        else:  # a JPEG scaled for *image* below the copy's size: decoded again for it (from the page cache)
-            if start is not None:
-                source.seek(start)
-            copy = _resized(_decoded(source, path, copy_bound)[0], wanted)
-    return Photo(image, size, copy)
-
-
-def _decoded(source, path, bound: SizeBound | None) -> tuple[Image.Image, tuple[int, int]]:
-    """(the picture of *source*, 8-bit RGB with its EXIF orientation applied, a JPEG's scaled down in the DCT
-    domain towards *bound*'s size but never below it; the photo's own (width, height) as displayed)."""
     with _pillow_errors(path, "decode image"), Image.open(source, formats=IMAGE_FORMATS) as img:
         _check_pixels(img, D.IMAGE_MAX_PIXELS, path)  # from the header: a bomb is never decoded
-        size = img.size
-        reduced = bound.size(*size) if bound is not None else size
-        if reduced != size:
-            # A JPEG's decoder scales by 1/2, 1/4 or 1/8 in the DCT domain, to no less than *reduced*
-            # (other formats ignore it): a 12 MP photo wanted at 896 px is decoded as 0.75 MP.
-            img.draft(None, reduced)
         img.load()  # full decode now, so truncated files fail here and not later
-        turned = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # exif_transpose's own reading: width and height swap
-        return _to_rgb(ImageOps.exif_transpose(img)), (size[::-1] if turned else size)
+        whole = _to_rgb(ImageOps.exif_transpose(img))
+    image = reduced_to(whole, bound)
+    copy = None
+    if copy_bound is not None:
+        copy = image if copy_bound.size(*whole.size) == image.size else reduced_to(whole, copy_bound)
+    return Photo(image, whole.size, copy)
 
 
-def _resized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """*image* at *size*, or itself when of that size. Antialiased: Lanczos, the sharpest of Pillow's filters,
-    for the smallest faces."""
-    return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
+def reduced_to(image: Image.Image, bound: SizeBound | None) -> Image.Image:
+    """*image* (8-bit RGB) at *bound*'s size for it (SizeBound.size; None: its own), or *image* itself when of that
+    size. Antialiased: Lanczos, the sharpest of Pillow's filters, for the smallest faces. A function of the pixels
+    and the bound alone (no state of the decode), so that predict's decode workers and evaluate, given the same
+    photo, make the same model input of it."""
+    size = image.size if bound is None else bound.size(*image.size)
+    return image if size == image.size else image.resize(size, Image.Resampling.LANCZOS)
 
 
 @contextmanager

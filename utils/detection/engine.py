@@ -32,7 +32,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..stop import check_stop
-from .inference import detect, too_thin
+from .inference import decode_bound, detect, model_input_at_size, rescaled_boxes, too_thin
 
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
 
@@ -183,18 +183,23 @@ def run_inference(model, loader, device, progress: bool = False, description: st
     detections as predict makes them (utils.detection.inference.detect: images of one size per forward pass; with
     *tta* each image's plain and flipped passes fused). The model called on the loader's batch padded its images
     to the largest, so evaluate's figures, the validation choices and the rates stored for the estimators came
-    from other detections than predict counts. With *stop* (what a stop abandons), a SIGTERM stops it before the
-    next batch (utils.stop.check_stop)."""
+    from other detections than predict counts. A photo larger than the size the model uses is given to it reduced
+    as predict's decode workers reduce it (inference.model_input_at_size), its boxes mapped back to its own pixels
+    as predict maps them. With *stop* (what a stop abandons), a SIGTERM stops it before the next batch
+    (utils.stop.check_stop)."""
     from tqdm import tqdm
 
     model.eval()
+    bound = decode_bound(model)  # now: choose_inference_size changes the model's size between calls
     predictions, all_targets = [], []
     for images, targets in tqdm(loader, desc=description, unit="batch", disable=not progress, leave=False):
         if stop is not None:
             check_stop(stop)
-        images = [image.to(device, non_blocking=True) for image in images]
-        outputs = detect(model, images, tta=tta)
-        for output, target in zip(outputs, targets):
+        inputs = [model_input_at_size(model, image, bound, device) for image in images]
+        outputs = detect(model, inputs, tta=tta)
+        for output, given, image, target in zip(outputs, inputs, images, targets):
+            output = {**output, "boxes": rescaled_boxes(output["boxes"], tuple(given.shape[-2:]),
+                                                        tuple(image.shape[-2:]))}
             predictions.append({k: v.detach().cpu() for k, v in output.items()})
             all_targets.append({"boxes": _plain_tensor(target["boxes"]).cpu(), "labels": target["labels"].cpu()})
     return predictions, all_targets

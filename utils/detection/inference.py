@@ -8,11 +8,13 @@ Decoding happens in DataLoader worker processes, which prefetch the next batches
 while the model runs on the current one; an undecodable file becomes a "skipped"
 item with its reason instead of an exception, so one bad file never stops a job.
 Images travel from the workers as uint8 tensors (4x less to copy than float) and
-are converted to float on the device. The workers decode each photo at most at the size the model uses
-it at (decode_bound: the largest its transforms, or an ensemble's, resize it to), never above its own:
-with 4 workers prefetching 4 batches of 4, 64 full-size 12 MP photos held 2.3 GB where the model used
-896 px of each. A photo kept for drawing comes with a copy at most at the drawings' size. Boxes, widths
-and heights stay in the photo's own pixels.
+are converted to float on the device. Each worker decodes a photo whole (one at a time) and queues it
+reduced to the size the model uses it at (decode_bound: the largest its transforms, or an ensemble's,
+resize it to; images.reduced_to), never above its own: with 4 workers prefetching 4 batches of 4, 64
+full-size 12 MP photos held 2.3 GB where the model used 896 px of each. A photo kept for drawing comes
+with a copy at most at the drawings' size. Boxes, widths and heights stay in the photo's own pixels.
+evaluate's images (engine.run_inference) get the same reduction (model_input_at_size), so a photo is
+the same model input, and has the same detections, in both jobs.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as F
 
 from .. import defaults as D
-from ..data.images import ImageError, SizeBound, load_photo_hashed, load_photo_span
+from ..data.images import ImageError, SizeBound, load_photo_hashed, load_photo_span, reduced_to
 
 
 @dataclass
@@ -89,7 +92,7 @@ def default_num_workers() -> int:
 
 class DecodedItem(NamedTuple):
     index: int
-    image: torch.Tensor | None  # uint8 CxHxW, at most at the dataset's bound
+    image: torch.Tensor | None  # uint8 CxHxW, reduced to the dataset's bound (images.reduced_to)
     problem: str | None
     sha256: str | None  # of the file (None for an archive's member: the run record hashes the archive)
     size: tuple[int, int] | None = None  # the photo's own (width, height), before any reduction
@@ -97,8 +100,8 @@ class DecodedItem(NamedTuple):
 
 
 class ImageFileDataset(Dataset):
-    """Items are DecodedItem: each file decoded at most at *bound*'s size (None: its own); the items whose index
-    is in *keep* also with a copy at most at *copy_bound*'s size (None: the decode's)."""
+    """Items are DecodedItem: each file decoded whole, then reduced to *bound*'s size (None: its own); the items
+    whose index is in *keep* also with a copy at most at *copy_bound*'s size (None: the decode's)."""
 
     def __init__(self, items: list[ImageItem], bound: SizeBound | None = None, keep=(),
                  copy_bound: SizeBound | None = None):
@@ -143,9 +146,28 @@ def image_loader(dataset: ImageFileDataset, batch_size: int = 4, num_workers: in
 def decode_bound(model) -> SizeBound | None:
     """The largest size *model* uses a photo at: each of its transforms (an ensemble's members') resizes it to fit
     (min_size, max_size). None for a model without torchvision's transform: the size it uses is not known, so
-    photos are decoded whole."""
+    photos are given to it whole."""
     frames = [(float(transform.min_size[-1]), float(transform.max_size)) for transform in _transforms(model)]
     return SizeBound(tuple(frames)) if frames else None
+
+
+def model_input_at_size(model, image: torch.Tensor, bound: SizeBound | None, device) -> torch.Tensor:
+    """*image* (float CxHxW, a decoded photo's 8-bit levels scaled to [0, 1], as VocDetectionDataset yields it), on
+    *device*, as predict gives the photo to *model*: above *bound*'s size (decode_bound(model), read when the
+    caller starts: a working size chosen on validation changes it between calls), its 8-bit pixels, recovered
+    exactly, reduced by images.reduced_to as predict's decode workers reduce them, so that evaluate, the
+    validation choices and the estimators' rates see the detections predict counts. Else *image* itself: a photo
+    at or below the size, one too thin for the model at its own size (predict skips it; the model finds nothing
+    on it either way) and an image whose values are no 8-bit levels (no decoded photo: there is no predict input
+    to match)."""
+    height, width = (int(side) for side in image.shape[-2:])
+    if bound is None or bound.size(width, height) == (width, height) or too_thin(model, height, width):
+        return image.to(device, non_blocking=True)
+    pixels = F.to_dtype(image, torch.uint8, scale=True)
+    if not torch.equal(F.to_dtype(pixels, image.dtype, scale=True), image):
+        return image.to(device, non_blocking=True)
+    picture = Image.fromarray(pixels.permute(1, 2, 0).contiguous().cpu().numpy())
+    return to_model_input(F.pil_to_tensor(reduced_to(picture, bound)), device)
 
 
 def rescaled_boxes(boxes: torch.Tensor, size: tuple[int, int], new_size: tuple[int, int]) -> torch.Tensor:
