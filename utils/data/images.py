@@ -197,8 +197,8 @@ def load_rgb_hashed(path) -> tuple[Image.Image | None, str | None, ImageError | 
 
 def load_photo_hashed(path, bound: SizeBound | None = None,
                       copy_bound: SizeBound | None = None) -> tuple[Photo | None, str | None, ImageError | None]:
-    """load_rgb_hashed's (photo, sha256, error), the photo decoded at most at *bound*'s size (None: its own), with a
-    copy at most at *copy_bound*'s size when given (Photo)."""
+    """load_rgb_hashed's (photo, sha256, error), the photo decoded whole and reduced to *bound*'s size (reduced_to;
+    None: its own), with a copy at most at *copy_bound*'s size when given (Photo)."""
     path = Path(path)
     try:
         with _pillow_errors(path, "decode image"), open(path, "rb") as handle:
