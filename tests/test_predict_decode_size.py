@@ -206,3 +206,57 @@ def test_evaluate_gives_a_photo_the_detections_predict_counts_at_each_working_si
     finally:
         set_inference_size(tiny_detector, 128)
         tiny_detector.roi_heads.score_thresh = 0.05
+
+
+def test_the_service_and_predict_video_give_a_large_picture_the_detections_predict_counts(tiny_detector, tmp_path):
+    """The service shrank an upload with torchvision's bilinear resize and predict_video gave the model each frame
+    whole, where predict reduces the same picture (images.reduced_to): other boxes and scores for one picture.
+    Now all three give the model the same input, and the boxes come back in the picture's own pixels."""
+    from utils.detection.inference import ImageItem, detect_files
+    from utils.service.uploads import detect_as_predict, model_sized_input
+
+    picture = photo(tmp_path / "large.png", (1200, 800))  # PNG: a video frame's pixels, without JPEG's loss
+    tensor = F.pil_to_tensor(picture)
+    tiny_detector.roi_heads.score_thresh = 0.0  # untrained: every box kept, so there are many to compare
+    try:
+        (predicted,) = detect_files(tiny_detector, [ImageItem("large.png", tmp_path / "large.png")], "cpu",
+                                    num_workers=0)
+        served = detect_as_predict(tiny_detector, tensor, "cpu", False, 0.0)
+        image, back = model_sized_input(tiny_detector, tensor, "cpu")
+        assert back is not None and max(image.shape[-2:]) == 128  # the model's copy, not the 1200 px picture
+        framed = video_detections(tiny_detector, picture, tmp_path)
+    finally:
+        tiny_detector.roi_heads.score_thresh = 0.05
+    assert len(predicted.boxes) > 0
+    for key in ("boxes", "labels", "scores"):
+        assert torch.equal(served[key], getattr(predicted, key)), key
+    for key in ("boxes", "labels", "scores"):
+        assert torch.equal(framed[key], getattr(predicted, key)), ("video", key)
+
+
+def video_detections(model, picture: Image.Image, tmp_path) -> dict:
+    """The detections predict_video finds on the frame of a one-frame lossless video of *picture*, at threshold 0
+    (as its progress journal receives them)."""
+    import cv2
+
+    from utils.detection.video import predict_video
+
+    class Journal:  # video_progress.VideoProgress's calls
+        def detections(self, index):
+            return None
+
+        def add(self, index, out, soft):
+            self.out = out
+
+        def close(self):
+            pass
+
+        def finish(self):
+            pass
+
+    path, journal = tmp_path / "one.avi", Journal()
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), 1.0, picture.size)
+    writer.write(cv2.cvtColor(np.asarray(picture), cv2.COLOR_RGB2BGR))
+    writer.release()
+    predict_video(model, torch.device("cpu"), str(path), tmp_path / "video", score_threshold=0.0, journal=journal)
+    return journal.out

@@ -286,6 +286,7 @@ def test_a_client_that_leaves_drops_its_explanation_and_queued_images_and_the_lo
     from PIL import Image
 
     import utils.service.app as service
+    import utils.service.uploads as uploads
     from utils.classes import LABEL_OF
 
     on_model, release, explained = threading.Event(), threading.Event(), []
@@ -297,7 +298,8 @@ def test_a_client_that_leaves_drops_its_explanation_and_queued_images_and_the_lo
                  "scores": torch.tensor([0.9])} for _ in images]
 
     monkeypatch.setattr(service, "detect", held_detect)
-    monkeypatch.setattr(service, "explain_image", lambda *args, **kwargs: explained.append(1))
+    monkeypatch.setattr(uploads, "detect", held_detect)  # /api/explain's detection (uploads.detect_as_predict)
+    monkeypatch.setattr(service, "explain_as_predict", lambda *args, **kwargs: explained.append(1))
     app = create_app(ServiceConfig(model_path=tiny_model_file, batch_size=1))
     buffer = io.BytesIO()
     Image.new("RGB", (64, 48), "white").save(buffer, "JPEG")

@@ -147,27 +147,39 @@ def decode_bound(model) -> SizeBound | None:
     """The largest size *model* uses a photo at: each of its transforms (an ensemble's members') resizes it to fit
     (min_size, max_size). None for a model without torchvision's transform: the size it uses is not known, so
     photos are given to it whole."""
-    frames = [(float(transform.min_size[-1]), float(transform.max_size)) for transform in _transforms(model)]
-    return SizeBound(tuple(frames)) if frames else None
+    transforms = _transforms(model)
+    if not transforms or not all(hasattr(t, "min_size") and hasattr(t, "max_size") for t in transforms):
+        return None
+    return SizeBound(tuple((float(t.min_size[-1]), float(t.max_size)) for t in transforms))
+
+
+def pixels_for_model(model, pixels: torch.Tensor, bound: SizeBound | None) -> torch.Tensor:
+    """*pixels* (a decoded picture, uint8 CxHxW) as predict's decode workers give them to *model*: above *bound*'s
+    size (decode_bound(model)), reduced by images.reduced_to; else *pixels* themselves (a picture at or below the
+    size, or one too thin for the model at its own size: predict skips it, and the model finds nothing on it).
+    The one reduction of evaluate (model_input_at_size), the service and predict_video, so that a picture has
+    the detections predict counts on it whichever of them runs the model."""
+    height, width = (int(side) for side in pixels.shape[-2:])
+    if bound is None or bound.size(width, height) == (width, height) or too_thin(model, height, width):
+        return pixels
+    picture = Image.fromarray(pixels.permute(1, 2, 0).contiguous().cpu().numpy())
+    return F.pil_to_tensor(reduced_to(picture, bound))
 
 
 def model_input_at_size(model, image: torch.Tensor, bound: SizeBound | None, device) -> torch.Tensor:
     """*image* (float CxHxW, a decoded photo's 8-bit levels scaled to [0, 1], as VocDetectionDataset yields it), on
-    *device*, as predict gives the photo to *model*: above *bound*'s size (decode_bound(model), read when the
-    caller starts: a working size chosen on validation changes it between calls), its 8-bit pixels, recovered
-    exactly, reduced by images.reduced_to as predict's decode workers reduce them, so that evaluate, the
-    validation choices and the estimators' rates see the detections predict counts. Else *image* itself: a photo
-    at or below the size, one too thin for the model at its own size (predict skips it; the model finds nothing
-    on it either way) and an image whose values are no 8-bit levels (no decoded photo: there is no predict input
-    to match)."""
+    *device*, as predict gives the photo to *model* (pixels_for_model on its 8-bit pixels, recovered exactly;
+    *bound* read when the caller starts: a working size chosen on validation changes it between calls), so that
+    evaluate, the validation choices and the estimators' rates see the detections predict counts. An image whose
+    values are no 8-bit levels is no decoded photo (there is no predict input to match): given as it is."""
     height, width = (int(side) for side in image.shape[-2:])
-    if bound is None or bound.size(width, height) == (width, height) or too_thin(model, height, width):
+    if bound is None or bound.size(width, height) == (width, height):  # no 8-bit copy of a photo kept as it is
         return image.to(device, non_blocking=True)
     pixels = F.to_dtype(image, torch.uint8, scale=True)
-    if not torch.equal(F.to_dtype(pixels, image.dtype, scale=True), image):
+    reduced = pixels_for_model(model, pixels, bound)
+    if reduced is pixels or not torch.equal(F.to_dtype(pixels, image.dtype, scale=True), image):
         return image.to(device, non_blocking=True)
-    picture = Image.fromarray(pixels.permute(1, 2, 0).contiguous().cpu().numpy())
-    return to_model_input(F.pil_to_tensor(reduced_to(picture, bound)), device)
+    return to_model_input(reduced, device)
 
 
 def rescaled_boxes(boxes: torch.Tensor, size: tuple[int, int], new_size: tuple[int, int]) -> torch.Tensor:

@@ -39,7 +39,7 @@ from ..errors import InputError, without_password
 from ..naming import video_output_names
 from ..stop import stop_requested
 from .compliance import compliance, merge_compliance
-from .inference import detect, detection_floor, to_model_input
+from .inference import decode_bound, detect, detection_floor, pixels_for_model, rescaled_boxes, to_model_input
 from .inference_size import working_size
 from .quantify import Calibration, Units, calibration_problem, calibration_summary, set_estimates, soft_counts
 from .plots import draw_detections
@@ -269,6 +269,7 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
             # (working_size gives None), and predict's outputs give the size ensemble.load_ensemble says
             settings = dict(settings or {})
             settings["working_size"] = settings.pop("working_size", working_size(model))
+            bound = decode_bound(model)  # the size predict would reduce the frame to, as a photo
             tmp_video = outputs.path(video_target) if video_target else None
             with outputs.naming(csv_path):  # a full disk while a row is written (a row a frame) names the file
                 csv_file = open(csv_tmp, "w", encoding="utf-8")
@@ -299,8 +300,10 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                     out, soft = done
                 else:
                     rgb = torch.from_numpy(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)
-                    (out,) = detect(model, [to_model_input(rgb, device)], tta=tta,
+                    given = pixels_for_model(model, rgb, bound)
+                    (out,) = detect(model, [to_model_input(given, device)], tta=tta,
                                     score_threshold=detection_floor(score_threshold))
+                    out["boxes"] = rescaled_boxes(out["boxes"], tuple(given.shape[-2:]), tuple(rgb.shape[-2:]))
                     # to 4 decimals, as predict (so a merge) and the service keep them: the same sums, the same figure
                     soft = list(soft_counts(out["labels"].tolist(), out["scores"].tolist()).values())
                     keep = out["scores"] >= score_threshold  # counted, drawn and listed: those at the threshold

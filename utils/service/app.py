@@ -59,15 +59,15 @@ from ..classes import CLASS_COLOURS, CLASSES, LABEL_OF
 from ..data.images import ImageError, NotAnImageError, PixelLimitError, check_image_pixels
 from ..detection.compliance import compliance, merge_compliance
 from ..detection.evaluation import load_trained_model
-from ..detection.explain import EXPLAIN_METHODS, ExplainError, explain_image, stop_point
-from ..detection.inference import above, detect, detection_floor, to_model_input, too_thin
+from ..detection.explain import EXPLAIN_METHODS, ExplainError, stop_point
+from ..detection.inference import above, detect, detection_floor, too_thin
 from ..detection.quantify import prediction_estimates, soft_counts
 from .batching import BatchWorker, Withdrawal, on_a_passing_thread, results_of, stage_seconds
 from .edge import EdgeMiddleware, shown_path, shown_request
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from .uploads import (AdmissionQueue, PixelBudget, Upload, annotated_jpeg, decode_to_tensor, default_decode_threads,
-                      detection_records, explanation_record, model_sized_input, on_pool, parse_box,
-                      until_disconnected, upload_name)
+                      detect_as_predict, detection_records, explain_as_predict, explanation_record,
+                      model_sized_input, on_pool, parse_box, until_disconnected, upload_name)
 
 DETECTION_FLOOR = D.DETECTION_FLOOR  # lowest score returned: below it a box is noise at any threshold a user would pick
 IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff"}  # of data.images.IMAGE_FORMATS
@@ -298,8 +298,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         TTA): one job on the model's thread, so that an explain=true request of 16 images never holds it for
         all its boxes at once. *stop* set (the request stopped waiting): no further pass begins."""
         one = slice(index, index + 1)
-        explanation = explain_image(model, tensor, out["boxes"][one], out["labels"][one], out["scores"][one],
-                                    device, D.EXPLAIN_METHOD, 1, tta, should_stop=stop.is_set)[0]
+        explanation = explain_as_predict(model, tensor, out["boxes"][one], out["labels"][one], out["scores"][one],
+                                         device, D.EXPLAIN_METHOD, 1, tta, should_stop=stop.is_set)[0]
         return explanation_record(explanation, D.EXPLAIN_METHOD)
 
     async def explain_best(worker: BatchWorker, tensors: list, outputs: list, tta: bool, threshold: float,
@@ -323,7 +323,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         the heat map is the evidence of the passes that made it (both, under flip TTA). *stop* set (the request
         stopped waiting: its client left): no further pass begins (explain.ExplainStopped)."""
         stop_point(stop.is_set)  # withdrawn as the worker took this job
-        out = detect(model, [to_model_input(tensor, device)], tta=meta["tta"], score_threshold=DETECTION_FLOOR)[0]
+        out = detect_as_predict(model, tensor, device, meta["tta"], DETECTION_FLOOR)
         stop_point(stop.is_set)  # the client left during the detection pass
         candidates = (out["labels"] == label).nonzero().flatten()
         if len(candidates) == 0:
@@ -333,8 +333,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         if not float(ious[best]) > MATCH_IOU:  # NaN too: never explain a detection the box does not match
             return None
         index = candidates[best: best + 1]
-        return explain_image(model, tensor, out["boxes"][index], out["labels"][index], out["scores"][index],
-                             device, method, 1, meta["tta"], should_stop=stop.is_set)[0]
+        return explain_as_predict(model, tensor, out["boxes"][index], out["labels"][index], out["scores"][index],
+                                  device, method, 1, meta["tta"], should_stop=stop.is_set)[0]
 
     # The multipart parser refuses, while the body streams, a file part past the route's count and any text field
     # (Starlette's defaults, 1000 files and 1000 fields of up to 1 MB each, let a request hold a GB before the

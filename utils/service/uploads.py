@@ -17,13 +17,12 @@ import numpy as np
 import torch
 from fastapi import HTTPException, UploadFile
 from PIL import Image
-from torchvision.models.detection.transform import GeneralizedRCNNTransform, _resize_image_and_masks
 
 from .. import defaults as D
 from ..classes import NAME_OF
 from ..data.images import load_rgb_bytes
 from ..errors import shown
-from ..detection.inference import to_model_input
+from ..detection.inference import decode_bound, detect, pixels_for_model, rescaled_boxes, to_model_input
 from ..detection.plots import draw_detections
 
 RETRY_AFTER_S = 2  # seconds a client refused for being busy is told to wait
@@ -162,20 +161,38 @@ def parse_box(text: str) -> list[float]:
 
 
 def model_sized_input(model, tensor: torch.Tensor, device) -> tuple[torch.Tensor, tuple[float, float] | None]:
-    """The float input of *tensor* at the size the detector's own transform would resize it to, and the
-    (x, y) factors that map boxes back; None when it would not shrink. The model would do the same
-    resize after normalising: bilinear resizing and per-channel normalising commute, so the answers
-    are the same up to float rounding, but a large photo costs the model's normalised copies at its
-    working size instead of at full size (25 M pixels: ~0.6 GB less at the peak)."""
-    image = to_model_input(tensor, device)
-    transform = getattr(model, "transform", None)
-    if not isinstance(transform, GeneralizedRCNNTransform) or transform.fixed_size is not None:
-        return image, None
-    height, width = image.shape[-2:]
-    if min(transform.min_size[-1] / min(height, width), transform.max_size / max(height, width)) >= 1:
-        return image, None
-    small, _ = _resize_image_and_masks(image, transform.min_size[-1], transform.max_size, None, None)
-    return small, (width / small.shape[-1], height / small.shape[-2])
+    """The float input of *tensor* (uint8 CxHxW) as predict gives the same picture to the model
+    (inference.pixels_for_model: reduced to the size the model uses it at, as predict's decode workers reduce a
+    photo), and the (x, y) factors that map its boxes back; None when it is given whole. So an upload has the
+    detections predict counts on the same photo, and a large one costs the model's copies at its working size,
+    not at full size (25 M pixels: ~0.6 GB less at the peak)."""
+    small = pixels_for_model(model, tensor, decode_bound(model))
+    if small is tensor:
+        return to_model_input(tensor, device), None
+    return to_model_input(small, device), (tensor.shape[-1] / small.shape[-1], tensor.shape[-2] / small.shape[-2])
+
+
+def detect_as_predict(model, tensor: torch.Tensor, device, tta: bool, score_threshold: float) -> dict:
+    """One picture's detections (uint8 CxHxW) as /api/predict and predict find them (model_sized_input), in its
+    pixels: what explain_box matches a box against."""
+    image, back = model_sized_input(model, tensor, device)
+    out = detect(model, [image], tta=tta, score_threshold=score_threshold)[0]
+    if back is not None:
+        out["boxes"] = out["boxes"] * torch.tensor([back[0], back[1], back[0], back[1]])
+    return out
+
+
+def explain_as_predict(model, tensor: torch.Tensor, boxes, labels, scores, device, method, max_boxes, tta,
+                       should_stop=None) -> list:
+    """explain.explain_image of detections in *tensor*'s pixels, run on the model input they were found on
+    (model_sized_input's: the picture reduced as predict reduces it), the overlays cut from *tensor*."""
+    from ..detection.explain import explain_image
+
+    small = pixels_for_model(model, tensor, decode_bound(model))
+    boxes = rescaled_boxes(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4), tuple(tensor.shape[-2:]),
+                           tuple(small.shape[-2:]))
+    return explain_image(model, small, boxes, labels, scores, device, method, max_boxes, tta,
+                         should_stop=should_stop, picture=tensor)
 
 
 def decode_to_tensor(file, name: str) -> torch.Tensor:
