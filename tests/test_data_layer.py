@@ -180,6 +180,11 @@ def test_tar_folder_roundtrip_and_flat_pairing(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         with open_folder(tmp_path / "nope"):
             pass
+    # a missing shard among several is said as one missing set is, not "must all be .tar shards" (a typo'd name)
+    with pytest.raises(FileNotFoundError) as caught:
+        with open_folder([archive, tmp_path / "set-2.tar"]):
+            pass
+    assert str(caught.value) == f"{tmp_path / 'set-2.tar'}: does not exist (expected a .tar shard)"
 
 
 def test_pairs_csv_resolves_by_name_in_staging_folder(tmp_path):

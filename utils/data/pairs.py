@@ -139,6 +139,9 @@ def open_folder(path, suffixes=None):
     """
     paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
     if len(paths) > 1:
+        missing = [p for p in paths if not p.exists()]  # a mistyped shard name, said as a missing set is
+        if missing:
+            raise FileNotFoundError(f"{missing[0]}: does not exist (expected a .tar shard)")
         not_tar = [p for p in paths if not (p.is_file() and tarfile.is_tarfile(p))]
         if not_tar:
             raise InputError(f"{not_tar[0]}: several inputs must all be .tar shards")
