@@ -375,6 +375,9 @@ def test_a_rerun_skips_finished_jobs_and_reruns_changed_ones(tmp_path):
     assert sorted(starts(tmp_path)) == ["a", "b", "c", "d"]  # nothing ran twice
     stats = json.loads((run_dir / "statistics.json").read_text())
     assert stats["totals"]["reused"] == 4
+    wall_time = next(line for line in (run_dir / "statistics.txt").read_text().splitlines()
+                     if line.startswith("Workflow wall time:"))  # not a whole run's time: none of it ran now
+    assert wall_time.endswith("s): this rerun's alone, 4 of 4 jobs reused from earlier runs, their time not in it")
     # a changed input file reruns its job and everything downstream
     data = tmp_path / "data" / "in.txt"
     data.write_text("NEW;")
