@@ -160,8 +160,8 @@ def submit(generator, has_planner: bool) -> int:
     if not has_planner:
         # The catalogs name every input by its absolute path here, so a copied run folder plans only at the same path.
         print("pegasus-plan is not on PATH: this machine is not a Pegasus submit host.\n"
-              "Run this workflow.py command on one (e.g. ACCESS Pegasus); where the project and this run folder\n"
-              "are at the same paths there, this plans and submits it:\n"
+              "Run the same workflow.py command on one (e.g. ACCESS Pegasus, after make setup there); or, where the\n"
+              "project and this run folder lie at the same paths there, plan and submit this run folder with:\n"
               f"  {shlex.join(generator.plan_command())}\n"
               "or run the same workflow here with --local.", file=sys.stderr)
         return 3
