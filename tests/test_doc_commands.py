@@ -56,8 +56,10 @@ def commands(lines: list[tuple[int, str, bool]]) -> list[tuple[int, str, list[st
         starts = list(COMMAND.finditer(line))
         for index, start in enumerate(starts):
             end = starts[index + 1].start() if index + 1 < len(starts) else len(line)
-            # up to the next shell command (in a span `a | b` is more often a choice of values than a pipe)
-            rest = re.split(r"\s(?:\||&&|;)\s" if whole else r"\s(?:&&|;)\s", line[start.end():end])[0]
+            # up to the next shell command or a redirection (in a span `a | b` is more often a choice of values than a
+            # pipe; `<folder>` is a placeholder, not an input)
+            rest = re.split((r"\s\|(?=\s)|" if whole else "") + r"\s(?:&&|;|&)(?=\s|$)|\s\d*>|\s<(?![\w-]+>)",
+                            line[start.end():end])[0]
             rest = re.sub(r"[\[\]]|\.\.\.|…", " ", rest)  # [optional flags ...]
             try:
                 words = shlex.split(rest)
@@ -211,3 +213,14 @@ def test_every_stated_default_is_the_real_one(parsers):
                     wrong.append(f"{name} {action.option_strings[0]}: help says {said!r}, the default is "
                                  f"{action.default!r}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_a_commands_shell_redirections_and_background_are_not_its_words():
+    # a doc may show `bin/serve.py --model m.pt > serve.log 2>&1 &`: the parser sees only --model m.pt
+    shown = [(1, ".venv/bin/python bin/serve.py --model m.pt > serve.log 2>&1 &", True),
+             (2, "bin/report.py runs/a >report.txt 2>errors.txt && echo done", True),
+             (3, "bin/predict.py --images I </dev/null & bin/serve.py --port 1", True),
+             (4, "bin/train.py --images <folder> | tee log", False)]
+    assert [(name, words) for _, name, words, _ in commands(shown)] == [
+        ("serve", ["--model", "m.pt"]), ("report", ["runs/a"]), ("predict", ["--images", "I"]),
+        ("serve", ["--port", "1"]), ("train", ["--images", "<folder>", "|", "tee", "log"])]
