@@ -181,3 +181,21 @@ def test_a_truncated_model_or_checkpoint_is_said_in_torchs_first_sentence_not_cu
     with pytest.raises(CheckpointError) as caught:
         load_checkpoint(truncated)
     assert str(caught.value) == expected.format("checkpoint") + "; delete it to start afresh"
+
+
+def test_a_model_or_checkpoint_cut_short_past_its_start_is_said_to_be_truncated(tmp_path):
+    # Cut after its first few KB, torch's zip reader gives no reason at all: "OSError: [Errno 22] Invalid argument".
+    from utils.detection.checkpoint import CheckpointError, load_checkpoint
+
+    whole = tmp_path / "whole.pt"
+    torch.save({"weights": torch.zeros(64, 64)}, whole)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(whole.read_bytes()[:whole.stat().st_size // 2])
+    expected = f"{truncated}: not a readable {{}} (truncated or damaged: no zip directory at its end, where torch.save"
+    with pytest.raises(ModelError) as caught:
+        load_model_file(truncated, torch.device("cpu"))
+    assert str(caught.value).startswith(expected.format("model file"))
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(truncated)
+    assert str(caught.value).startswith(expected.format("checkpoint"))
+    assert str(caught.value).endswith("; delete it to start afresh")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import random
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,16 @@ CHECKPOINT_TYPES = {"model": dict, "optimizer": dict, "scheduler": (dict, type(N
                     "rng": dict, "history": (list, type(None)), "extra": (dict, type(None))}
 
 
+def torch_file_problem(path, error: BaseException) -> str:
+    """What torch.load(*path*) raising *error* says of the file, for a one-line message (library_problem's words).
+    A file cut short past its first few KB (a copy stopped part way) gets from torch's zip reader only "OSError:
+    [Errno 22] Invalid argument": said as what it is, the zip directory torch.save writes at the end being gone."""
+    if isinstance(error, OSError) and not isinstance(error, PermissionError) and not zipfile.is_zipfile(path):
+        return ("truncated or damaged: no zip directory at its end, where torch.save writes one; "
+                f"{library_problem(error)}")
+    return library_problem(error)
+
+
 def load_checkpoint(path) -> dict:
     """The checkpoint at *path*, each entry of the type a resume reads; else one CheckpointError line."""
     if is_stand_in(path):
@@ -98,7 +109,7 @@ def load_checkpoint(path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, not a torch file, or a pickle weights_only refuses
-        raise CheckpointError(f"{path}: not a readable checkpoint ({library_problem(error)}); "
+        raise CheckpointError(f"{path}: not a readable checkpoint ({torch_file_problem(path, error)}); "
                               "delete it to start afresh") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: not a checkpoint (holds a {type(payload).__name__}, not train's dict of "

@@ -24,10 +24,10 @@ from torch import nn
 
 from .. import defaults as D
 from ..classes import CLASSES, LABEL_OF, NUM_CLASSES
-from ..errors import InputError, is_finite_number, library_problem, shown
+from ..errors import InputError, is_finite_number, shown
 from ..provenance import code_version, package_versions
 from ..stop import is_stand_in
-from .checkpoint import save_torch_file
+from .checkpoint import save_torch_file, torch_file_problem
 
 MODEL_FILE_FORMAT = 1
 # The box predictor's tensors: the class scores have one row per class (background
@@ -51,7 +51,7 @@ def torch_load(path: Path, what: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, not a torch file, or a pickle weights_only refuses
-        raise ModelError(f"{path}: not a readable {what} ({library_problem(error)})") from None
+        raise ModelError(f"{path}: not a readable {what} ({torch_file_problem(path, error)})") from None
 
 
 # ----------------------------------------------------------------------------- writing
