@@ -213,3 +213,47 @@ def test_an_explain_request_lets_other_requests_run_between_its_boxes(tiny_model
     explained = [d for d in answers["explain"].json()["images"][0]["detections"] if "explanation" in d]
     assert len(explained) == 3 and order.count("explain") == 3
     assert order[:3] == ["detect", "explain", "detect"], order  # the other request ran between the boxes
+
+
+def test_an_explain_request_reduces_a_large_picture_once_not_once_a_box(tiny_model_file, sample_dir, monkeypatch):
+    """explain=true on a picture larger than the model's size: its detections and each box's explanation run on the
+    picture reduced as predict reduces it (uploads.model_pixels). The reduction (a Lanczos resize of the whole
+    upload, 25 M pixels at most) was made again for every box explained, on the model's thread; now once for the
+    detections and once for all the explanations, the explanations unchanged."""
+    import io
+
+    import utils.service.uploads as uploads
+    from utils import defaults as D
+
+    reductions = []
+    real_pixels_for_model = uploads.pixels_for_model
+
+    def counted(model, pixels, bound):
+        reductions.append(tuple(pixels.shape))
+        return real_pixels_for_model(model, pixels, bound)
+
+    monkeypatch.setattr(uploads, "pixels_for_model", counted)
+    buffer = io.BytesIO()
+    photo = Image.open(sorted((sample_dir / "images").glob("*.jpg"))[1]).convert("RGB").resize((640, 480))
+    photo.save(buffer, format="PNG")  # 5x the tiny model's 128 px
+    with TestClient(create_app(ServiceConfig(model_path=tiny_model_file, explain_max_boxes=3))) as c:
+        answer = c.post("/api/predict?explain=true&score_threshold=0",
+                        files=[("files", ("big.png", buffer.getvalue(), "image/png"))])
+        assert answer.status_code == 200, answer.text
+        detections = answer.json()["images"][0]["detections"]
+        explained = [index for index, d in enumerate(detections) if "explanation" in d]
+        assert len(explained) == 3
+        assert reductions == [(3, 480, 640)] * 2, reductions
+        box = ",".join(str(v) for v in detections[explained[0]]["box"])
+        one = c.post(f"/api/explain?box={box}&label={detections[explained[0]]['label']}",
+                     files=[("file", ("big.png", buffer.getvalue(), "image/png"))])
+        assert one.status_code == 200, one.text
+        assert reductions == [(3, 480, 640)] * 3, reductions  # /api/explain: one for its detection and explanation
+    model, meta, *_ = load_trained_model(tiny_model_file, "cpu")
+    picture = torch.from_numpy(np.array(photo)).permute(2, 0, 1)
+    out = uploads.detect_as_predict(model, picture, "cpu", meta["tta"], DETECTION_FLOOR)
+    for index in explained:  # as each box explained alone, its picture reduced for it
+        one = slice(index, index + 1)
+        (alone,) = uploads.explain_as_predict(model, picture, out["boxes"][one], out["labels"][one],
+                                              out["scores"][one], "cpu", D.EXPLAIN_METHOD, 1, meta["tta"])
+        assert round(alone.evidence_in_box, 4) == detections[index]["explanation"]["evidence_in_box"]

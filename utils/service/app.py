@@ -66,7 +66,7 @@ from .batching import BatchWorker, Withdrawal, on_a_passing_thread, results_of, 
 from .edge import EdgeMiddleware, shown_path, shown_request
 from .metrics import CONTENT_TYPE_LATEST, ServiceMetrics
 from .uploads import (AdmissionQueue, PixelBudget, Upload, annotated_jpeg, decode_to_tensor, default_decode_threads,
-                      detect_as_predict, detection_records, explain_as_predict, explanation_record,
+                      detect_as_predict, detection_records, explain_as_predict, explanation_record, model_pixels,
                       model_sized_input, on_pool, parse_box, until_disconnected, upload_name)
 
 DETECTION_FLOOR = D.DETECTION_FLOOR  # lowest score returned: below it a box is noise at any threshold a user would pick
@@ -293,26 +293,27 @@ def create_app(config: ServiceConfig) -> FastAPI:
         for stage, seconds in stages.items():
             metrics.stage.labels(stage).observe(seconds)
 
-    def explain_one(tensor: torch.Tensor, out: dict, index: int, tta: bool, stop) -> dict:
-        """The explanation record of detection *index* of one image (a forward and a backward pass, two under
-        TTA): one job on the model's thread, so that an explain=true request of 16 images never holds it for
-        all its boxes at once. *stop* set (the request stopped waiting): no further pass begins."""
+    def explain_one(tensor: torch.Tensor, given, out: dict, index: int, tta: bool, stop) -> dict:
+        """The explanation record of detection *index* of one image on *given*, its model input (a forward and a
+        backward pass, two under TTA): one job on the model's thread, so that an explain=true request of 16 images
+        never holds it for all its boxes at once. *stop* set (the request stopped waiting): no pass begins."""
         one = slice(index, index + 1)
         explanation = explain_as_predict(model, tensor, out["boxes"][one], out["labels"][one], out["scores"][one],
-                                         device, D.EXPLAIN_METHOD, 1, tta, should_stop=stop.is_set)[0]
+                                         device, D.EXPLAIN_METHOD, 1, tta, should_stop=stop.is_set, given=given)[0]
         return explanation_record(explanation, D.EXPLAIN_METHOD)
 
     async def explain_best(worker: BatchWorker, tensors: list, outputs: list, tta: bool, threshold: float,
                            timings: list, withdrawal: Withdrawal) -> list[dict]:
-        """{detection index: explanation} per image, for its best `explain_max_boxes` counted detections. The
-        jobs are submitted one at a time, each when the last is done: other requests' images queued meanwhile
-        run between them, where one call for all the boxes held every other client for its 20+ s."""
+        """{detection index: explanation} per image, for its best `explain_max_boxes` counted detections, on its
+        model input made once (on the decode pool). The jobs are submitted one at a time, each when the last is
+        done: other requests' images queued meanwhile run between them (one call for all held others 20+ s)."""
         explained = [{} for _ in tensors]
         for tensor, out, found in zip(tensors, outputs, explained):
             counted = (out["scores"] >= threshold).nonzero().flatten()
             best = counted[torch.argsort(out["scores"][counted], descending=True)][: config.explain_max_boxes]
+            given = (await on_pool(app.state.decoder, model_pixels, [(model, tensor)]))[0] if len(best) else None
             for index in best.tolist():
-                future, timing = worker.submit_call(explain_one, tensor, out, index, tta, withdrawal.stop)
+                future, timing = worker.submit_call(explain_one, tensor, given, out, index, tta, withdrawal.stop)
                 timings.append(timing)
                 found[index] = (await results_of([future], withdrawal))[0]
         return explained
@@ -323,7 +324,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         the heat map is the evidence of the passes that made it (both, under flip TTA). *stop* set (the request
         stopped waiting: its client left): no further pass begins (explain.ExplainStopped)."""
         stop_point(stop.is_set)  # withdrawn as the worker took this job
-        out = detect_as_predict(model, tensor, device, meta["tta"], DETECTION_FLOOR)
+        given = model_pixels(model, tensor)  # the model's input for the detection and the explanation
+        out = detect_as_predict(model, tensor, device, meta["tta"], DETECTION_FLOOR, given)
         stop_point(stop.is_set)  # the client left during the detection pass
         candidates = (out["labels"] == label).nonzero().flatten()
         if len(candidates) == 0:
@@ -334,7 +336,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             return None
         index = candidates[best: best + 1]
         return explain_as_predict(model, tensor, out["boxes"][index], out["labels"][index], out["scores"][index],
-                                  device, method, 1, meta["tta"], should_stop=stop.is_set)[0]
+                                  device, method, 1, meta["tta"], should_stop=stop.is_set, given=given)[0]
 
     # The multipart parser refuses, while the body streams, a file part past the route's count and any text field
     # (Starlette's defaults, 1000 files and 1000 fields of up to 1 MB each, let a request hold a GB before the

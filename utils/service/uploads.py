@@ -160,35 +160,40 @@ def parse_box(text: str) -> list[float]:
     return box
 
 
+def model_pixels(model, tensor: torch.Tensor) -> torch.Tensor:
+    """*tensor* (uint8 CxHxW) as predict gives the same picture to *model* (inference.pixels_for_model at the size
+    the model uses now: reduced as predict's decode workers reduce a photo), or *tensor* itself at or below it."""
+    return pixels_for_model(model, tensor, decode_bound(model))
+
+
 def model_sized_input(model, tensor: torch.Tensor, device) -> tuple[torch.Tensor, tuple[float, float] | None]:
-    """The float input of *tensor* (uint8 CxHxW) as predict gives the same picture to the model
-    (inference.pixels_for_model: reduced to the size the model uses it at, as predict's decode workers reduce a
-    photo), and the (x, y) factors that map its boxes back; None when it is given whole. So an upload has the
-    detections predict counts on the same photo, and a large one costs the model's copies at its working size,
-    not at full size (25 M pixels: ~0.6 GB less at the peak)."""
-    small = pixels_for_model(model, tensor, decode_bound(model))
+    """The float input of *tensor* (uint8 CxHxW) as predict gives the same picture to the model (model_pixels), and
+    the (x, y) factors that map its boxes back; None when it is given whole. So an upload has the detections
+    predict counts on the same photo, and a large one costs the model's copies at its working size, not at full
+    size (25 M pixels: ~0.6 GB less at the peak)."""
+    small = model_pixels(model, tensor)
     if small is tensor:
         return to_model_input(tensor, device), None
     return to_model_input(small, device), (tensor.shape[-1] / small.shape[-1], tensor.shape[-2] / small.shape[-2])
 
 
-def detect_as_predict(model, tensor: torch.Tensor, device, tta: bool, score_threshold: float) -> dict:
-    """One picture's detections (uint8 CxHxW) as /api/predict and predict find them (model_sized_input), in its
-    pixels: what explain_box matches a box against."""
-    image, back = model_sized_input(model, tensor, device)
-    out = detect(model, [image], tta=tta, score_threshold=score_threshold)[0]
-    if back is not None:
-        out["boxes"] = out["boxes"] * torch.tensor([back[0], back[1], back[0], back[1]])
-    return out
+def detect_as_predict(model, tensor: torch.Tensor, device, tta: bool, score_threshold: float,
+                      given: torch.Tensor | None = None) -> dict:
+    """One picture's detections (uint8 CxHxW) as /api/predict and predict find them, in its pixels: what
+    explain_box matches a box against. *given*: the picture's model_pixels when the caller has them."""
+    given = model_pixels(model, tensor) if given is None else given
+    out = detect(model, [to_model_input(given, device)], tta=tta, score_threshold=score_threshold)[0]
+    return {**out, "boxes": rescaled_boxes(out["boxes"], tuple(given.shape[-2:]), tuple(tensor.shape[-2:]))}
 
 
 def explain_as_predict(model, tensor: torch.Tensor, boxes, labels, scores, device, method, max_boxes, tta,
-                       should_stop=None) -> list:
+                       should_stop=None, given: torch.Tensor | None = None) -> list:
     """explain.explain_image of detections in *tensor*'s pixels, run on the model input they were found on
-    (model_sized_input's: the picture reduced as predict reduces it), the overlays cut from *tensor*."""
+    (*given*, the picture's model_pixels, made here when not given: a caller explaining several boxes of one
+    picture reduces it once), the overlays cut from *tensor*."""
     from ..detection.explain import explain_image
 
-    small = pixels_for_model(model, tensor, decode_bound(model))
+    small = model_pixels(model, tensor) if given is None else given
     boxes = rescaled_boxes(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4), tuple(tensor.shape[-2:]),
                            tuple(small.shape[-2:]))
     return explain_image(model, small, boxes, labels, scores, device, method, max_boxes, tta,
