@@ -5,14 +5,28 @@ one first (by its name and the planner marker)."""
 
 from __future__ import annotations
 
+import os
+
 from real_planner import PLANNER_TESTS, generate, plan_check
 
 pytestmark = PLANNER_TESTS
 
 
+def job_python(folder, python) -> str:
+    """*python* behind a wrapper that drops PYTHONPYCACHEPREFIX. The planner's env.sh points it at an empty
+    state folder so that Pegasus' own tools never write byte-code into the read-only bundle; jobs that
+    inherited it (with PYTHONDONTWRITEBYTECODE, as here) would compile torch from source in every job,
+    twice the CPU of the same job on a pool node, where a job gets its own environment."""
+    wrapper = folder / "python3"
+    wrapper.write_text(f'#!/bin/sh\nunset PYTHONPYCACHEPREFIX\nexec "{python}" "$@"\n')
+    wrapper.chmod(0o755)
+    return os.fspath(wrapper)
+
+
 def test_a_shell_run_without_a_container_runs_every_job(sample_dir, tmp_path, root):
     generate(tmp_path / "run", sample_dir, "--container-type", "none")
-    result = plan_check(tmp_path / "run", "--shell-run", "--job-python", str(root / ".venv" / "bin" / "python"),
-                        "--work", str(tmp_path / "work"), timeout=900)
+    python = job_python(tmp_path, root / ".venv" / "bin" / "python")
+    result = plan_check(tmp_path / "run", "--shell-run", "--job-python", python, "--work", str(tmp_path / "work"),
+                        timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
     assert "ModuleNotFoundError" not in result.stdout + result.stderr
