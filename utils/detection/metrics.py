@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import box_iou
 
 from ..classes import BACKGROUND, CLASSES, LABEL_OF, NAME_OF
@@ -90,7 +89,10 @@ def compute_coco(preds, targets, max_detections: int = 100) -> CocoResult:
         raise ValueError(f"{len(preds)} predictions for {len(targets)} images: one of each per image is required")
     # COCO's standard cap of 100 detections per image is kept so that figures compare with published
     # ones; the model may return more (up to 200), and COCO simply ranks and cuts them, so the warning
-    # torchmetrics gives for it is noise here.
+    # torchmetrics gives for it is noise here. Imported here, not with the module: it costs a second or more
+    # (scipy.signal, its audio and text metrics), which predict, the service and hpo_merge never need.
+    from torchmetrics.detection import MeanAveragePrecision
+
     metric = MeanAveragePrecision(backend="faster_coco_eval", iou_type="bbox", class_metrics=True,
                                   extended_summary=True, max_detection_thresholds=[1, 10, max_detections])
     metric.warn_on_many_detections = False
