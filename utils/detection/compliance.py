@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from .. import defaults as D
 from ..figures import one_decimal
 from ..classes import CLASSES, NAME_OF
@@ -81,6 +79,10 @@ def compliance_line(summary: dict, estimate: dict | None = None) -> str:
 
 def _labels(entry: dict, score_threshold: float | None = None) -> list[int]:
     """The labels of a target, or of a prediction's detections scoring at least *score_threshold*."""
+    # torch here, where the model's tensors are read, not with the module: merge_predictions and the report read
+    # the figures from JSON, and importing torch for them cost ~750 MB and ~4 s a job
+    import torch
+
     labels = torch.as_tensor(entry["labels"]).reshape(-1)
     if score_threshold is not None:
         labels = labels[torch.as_tensor(entry["scores"]).reshape(-1) >= score_threshold]

@@ -13,7 +13,7 @@ from ..classes import CLASSES
 from ..errors import InputError, is_finite_number, shown
 from ..stop import is_stand_in
 from .compliance import compliance, merge_compliance
-from .prediction import write_predictions_csv
+from .predictions_csv import write_predictions_csv
 from .quantify import Calibration, prediction_estimates
 
 SETTINGS_KEYS = ("model", "backbone", "image_size", "working_size", "score_threshold", "score_threshold_source", "tta")

@@ -13,7 +13,6 @@ on the next batch, so the model rarely waits for files.
 from __future__ import annotations
 
 import contextlib
-import csv
 import os
 import posixpath
 import re
@@ -37,11 +36,11 @@ from .compliance import compliance, compliance_line, merge_compliance
 from .quantify import prediction_estimates, soft_counts
 from ..data.pairs import members_in_place, open_folder, pack_folder
 from .plots import save_annotated
+from .predictions_csv import write_predictions_csv
 from .prediction_progress import PredictionProgress, drawn_files, inputs_fingerprint, progress_path
 from ..stop import check_stop
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-PREDICTION_CSV_FIELDS = ("file", "xmin", "ymin", "xmax", "ymax", "label", "score")
 
 
 def _is_archive(path: Path) -> bool:
@@ -219,17 +218,6 @@ def _image_record(result: Detections, annotated: str | None, soft: dict) -> dict
     return {"file": result.item.name, "folder": result.item.folder, "width": result.width, "height": result.height,
             "annotated": annotated, "detections": detections, "soft_counts": soft,
             "compliance": compliance([d["label"] for d in detections])}
-
-
-def write_predictions_csv(images, path: Path) -> None:
-    """predictions.csv of image records (predict's, or merge_predictions' of every part), a row per detection,
-    streamed to *path*."""
-    with open(path, "w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(PREDICTION_CSV_FIELDS)
-        for image in images:
-            for det in image["detections"]:
-                writer.writerow([image["file"], *det["box"], det["label"], det["score"]])
 
 
 PREDICTION_FILES = ("predictions_json", "predictions_csv", "compliance_json")
