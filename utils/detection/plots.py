@@ -19,6 +19,22 @@ from ..figures import one_decimal  # noqa: E402
 from ..naming import OUTPUTS  # noqa: E402
 
 
+FIGURE_LABEL_CHARS = 60  # a folder's or a video's name in a figure is cut to this many characters: bbox_inches="tight"
+                         # widens the figure to hold the whole text, and a 300-character folder name drew the plot per
+                         # folder 3351 px wide with its bars squeezed into the right fifth
+
+
+def figure_label(text: str, limit: int = FIGURE_LABEL_CHARS) -> str:
+    """*text* (a user's folder or file name) as a figure shows it: at most *limit* characters, its start and end kept
+    about an ellipsis (a site and a day both tell folders apart), and a character that does not print (a tab, a line
+    break) drawn as '?', so that one row stays one line."""
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) // 3
+    return text[:head] + "\u2026" + text[len(text) - (limit - 1 - head):]
+
+
 def _save(fig, path) -> None:
     with atomic_path(path) as tmp:
         _write_figure(fig, tmp)
@@ -250,7 +266,7 @@ def plot_compliance_over_time(times, percentages, faces, path, source: str, with
     twin.set_ylabel(faces_label)
     ax.set_zorder(twin.get_zorder() + 1)
     ax.patch.set_visible(False)
-    ax.set_title(f"Mask compliance over time: {Path(source).name if '://' not in source else source}",
+    ax.set_title(f"Mask compliance over time: {figure_label(Path(source).name if '://' not in source else source)}",
                  parse_math=False)  # a file's name is text, not math ('$' in it)
     _write_figure(fig, path)
 
@@ -284,7 +300,8 @@ def plot_compliance_by_folder(per_folder: dict, overall: dict, path, limit: int 
                    label=f"all folders: {one_decimal(overall['percent'])}%")
         ax.legend(loc="lower left", fontsize=8)
     # parse_math off: a folder's name is text ('x$\\foo$' failed the drawing, '$5 and $6' was drawn as math)
-    ax.set_yticks(range(len(rows)), [folder or "(top level)" for folder, _ in rows], fontsize=8, parse_math=False)
+    ax.set_yticks(range(len(rows)), [figure_label(folder) or "(top level)" for folder, _ in rows], fontsize=8,
+                  parse_math=False)
     ax.set_ylim(len(rows) - 0.5, -0.5)  # the first folder on top
     ax.set_xlim(0, 100)
     ax.set_xlabel(f"faces properly masked (%), {overall['method']}, with the "
