@@ -23,12 +23,14 @@ Exit 0 on success, 2 on bad input (one line naming the file), 1 on a bug.
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
 from utils import defaults as D
-from utils.cli import positive_int, run_job
-from utils.data.shards import INDEX_JSON, collect_images, read_index, source_signature, verify, write_shards
+from utils.cli import positive_int, print_skipped, run_job
+from utils.data.shards import (INDEX_JSON, SKIPPED_CSV, collect_images, read_index, source_signature, verify,
+                               write_shards)
 from utils.errors import InputError
 
 
@@ -58,10 +60,10 @@ def main(args) -> int:
         raise InputError("--images is required (or --verify)")
     started = time.perf_counter()
     items, skipped = collect_images(args.images, args.annotations, exclude=[args.output])
-    for entry in skipped:
-        print(f"skipped {entry['file']}: {entry['reason']}", file=sys.stderr)
-    if not items:
+    if not items:  # nothing is written, so no skipped.csv lists them
+        print_skipped(skipped, None)
         raise InputError(f"{args.images}: no images to pack into shards ({len(skipped)} files skipped, listed above)")
+    print_skipped(skipped, str(Path(args.output) / SKIPPED_CSV))
     with tqdm(total=len(items), desc="shards", unit="img", file=sys.stderr, disable=None) as bar:
         index = write_shards(items, args.output, args.shard_size, args.workers, skipped, progress=bar.update,
                              extra={"source": str(args.images), "source_signature": source_signature(items)})

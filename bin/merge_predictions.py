@@ -24,7 +24,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from utils.cli import plot_file_name, positive_int, run_job
+from utils.cli import plot_file_name, positive_int, print_skipped, run_job
 from utils.detection.compliance import compliance_line
 from utils.detection.merge import merge_predictions
 from utils.errors import InputError
@@ -71,8 +71,7 @@ def main(args) -> int:
     merged = merge_predictions(parts, args.output_dir, args.histogram, args.folder_plot)
     report = merged["report"]
     write_run_record(args.output_dir / OUTPUTS["run_record"], "merge_predictions", vars(args), parts)
-    for entry in report["skipped"]:
-        print(f"skipped {entry['file']}: {entry['reason']}", file=sys.stderr)
+    print_skipped(report["skipped"], str(merged["outputs"]["compliance_json"]))
     print(compliance_line(report["overall"], report["estimate"]))
     print(f"{report['num_images']} images from {report['num_parts']} part(s), {len(report['skipped'])} skipped; "
           f"outputs in {args.output_dir}")

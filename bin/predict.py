@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from utils import defaults as D
 from utils.cli import (add_model_run_args, check_distinct_outputs, check_model_run_args, check_output_tag,
-                       non_negative_int, positive_int, run_job)
+                       non_negative_int, positive_int, print_skipped, run_job)
 from utils.detection.device import resolve_device
 from utils.detection.ensemble import load_models
 from utils.detection.explain import EXPLAIN_METHODS
@@ -165,8 +165,7 @@ def main(args) -> int:
             raise
     if checkpoint is not None:
         checkpoint.clear()  # the outputs are written: nothing left to resume
-    for entry in run.skipped:
-        print(f"skipped {entry['file']}: {entry['reason']}", file=sys.stderr)
+    print_skipped(run.skipped, str(run.outputs["compliance_json"]))
     print(summary_line(run))
     print(f"{run.num_images} images processed, {len(run.skipped)} skipped; outputs in {args.output_dir}")
     if run.num_images == 0:

@@ -1,8 +1,11 @@
 """What the jobs after the model (merge_predictions, report) cost and show on a large photo collection."""
 
+import json
 import os
 import subprocess
 import sys
+
+from helpers import run_script
 
 
 def test_the_jobs_that_read_predictions_from_json_do_not_load_torch(root):
@@ -40,3 +43,40 @@ def test_a_long_or_odd_folder_name_keeps_the_plot_per_folder_readable(tmp_path):
     label = plots.figure_label(long_name)
     assert len(label) == plots.FIGURE_LABEL_CHARS and label.startswith("siteA/x") and label.endswith("x/2026-12-06")
     assert plots.figure_label("two\nlines") == "two?lines" and plots.figure_label("ü ñ 日本/..") == "ü ñ 日本/.."
+
+
+def _part(skipped: int) -> dict:
+    """A predictions part as bin/predict.py writes it: one image, and *skipped* files it could not read."""
+    return {"model": "model.pt", "backbone": "mobilenet_v2_fpn", "image_size": 128, "working_size": 128,
+            "score_threshold": 0.5, "score_threshold_source": "--score-threshold", "tta": False, "num_images": 1,
+            "detection_floor": 0.05, "num_detections": 1, "calibration": None,
+            "skipped": [{"file": f"shard-000000.tar:bad{k:03d}.jpg", "reason": "cannot decode image: truncated"}
+                        for k in range(skipped)],
+            "images": [{"file": "shard-000000.tar:a.jpg", "folder": "", "width": 100, "height": 80, "annotated": None,
+                        "detections": [{"box": [1.0, 2.0, 30.5, 40.0], "label": "with_mask", "score": 0.9}],
+                        "soft_counts": {"with_mask": 0.9, "without_mask": 0.0, "mask_weared_incorrect": 0.0}}]}
+
+
+def test_the_skipped_files_of_a_large_collection_are_counted_on_the_terminal_and_all_listed_in_the_outputs(
+        root, tmp_path, capsys):
+    # merge_predictions printed a line per skipped file: thousands for a collection with a bad camera, after each
+    # predict job had printed its own; make_shards and predict likewise.
+    from utils.cli import SKIPPED_PRINTED
+
+    part = tmp_path / "predictions_shard-000000.json"
+    part.write_text(json.dumps(_part(SKIPPED_PRINTED + 5)))
+    assert run_script(root, "merge_predictions", ["--inputs", part, "--output-dir", tmp_path / "out"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("skipped ")]
+    assert lines[:SKIPPED_PRINTED] == [f"skipped shard-000000.tar:bad{k:03d}.jpg: cannot decode image: truncated"
+                                       for k in range(SKIPPED_PRINTED)]
+    assert lines[SKIPPED_PRINTED:] == [f"skipped 5 more files (all {SKIPPED_PRINTED + 5} with their reasons in "
+                                       f"{tmp_path / 'out' / 'compliance.json'})"]
+    assert len(json.loads((tmp_path / "out" / "compliance.json").read_text())["skipped"]) == SKIPPED_PRINTED + 5
+    # make_shards with nothing to pack writes no skipped.csv: every skipped file is printed
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for k in range(SKIPPED_PRINTED + 2):
+        (photos / f"notes{k:02d}.txt").write_text("not an image")
+    assert run_script(root, "make_shards", ["--images", photos, "--output", tmp_path / "shards"]) == 2
+    err = capsys.readouterr().err
+    assert sum(line.startswith("skipped ") for line in err.splitlines()) == SKIPPED_PRINTED + 2 and "more" not in err

@@ -50,6 +50,22 @@ def print_values(job: str, label: str, values: dict) -> None:
     print(values_line(job, label, values), flush=True)
 
 
+SKIPPED_PRINTED = 20  # skipped files a job names on stderr; the rest are counted there, all listed in its outputs: a
+                      # collection of 100k photos with a bad camera printed thousands of lines per job
+
+
+def print_skipped(entries: list[dict], listed_in: str | None) -> None:
+    """A job's skipped files ({file, reason}) on stderr, a line each: the first SKIPPED_PRINTED, then one line
+    counting the rest and naming *listed_in*, the output that lists every one with its reason (None: no output
+    does, so every one is printed)."""
+    limit = SKIPPED_PRINTED if listed_in else len(entries)
+    for entry in entries[:limit]:
+        print(f"skipped {entry['file']}: {entry['reason']}", file=sys.stderr)
+    if len(entries) > limit:
+        print(f"skipped {len(entries) - limit} more files (all {len(entries)} with their reasons in {listed_in})",
+              file=sys.stderr)
+
+
 def error_message(error: BaseException) -> str:
     """The error in one line, the file first when known: ``<file>: <problem>``."""
     if isinstance(error, OSError) and error.filename is not None:
