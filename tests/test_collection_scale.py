@@ -80,3 +80,21 @@ def test_the_skipped_files_of_a_large_collection_are_counted_on_the_terminal_and
     assert run_script(root, "make_shards", ["--images", photos, "--output", tmp_path / "shards"]) == 2
     err = capsys.readouterr().err
     assert sum(line.startswith("skipped ") for line in err.splitlines()) == SKIPPED_PRINTED + 2 and "more" not in err
+
+
+def test_the_report_names_the_prediction_sets_skipped_files_the_first_fifty(root, tmp_path, capsys):
+    # The page said "120 file(s) skipped." and named none, where the evaluation's were listed.
+    from utils.reporting.html_parts import FILES_LISTED
+
+    data = _part(FILES_LISTED + 70)
+    data["skipped"][0]["file"] = "shard-000000.tar:site <b>1</b>/ü ñ.jpg"
+    part = tmp_path / "predictions_shard-000000.json"
+    part.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    assert run_script(root, "merge_predictions", ["--inputs", part, "--output-dir", out]) == 0
+    assert run_script(root, "report", [out, "--run-name", "collection"]) == 0
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert f"<summary>{FILES_LISTED + 70} file(s) skipped</summary>" in page
+    assert page.count("cannot decode image: truncated</li>") == FILES_LISTED
+    assert "<code>shard-000000.tar:site &lt;b&gt;1&lt;/b&gt;/ü ñ.jpg</code>" in page
+    assert "and 70 more: <code>compliance.json</code> lists them all" in page

@@ -275,6 +275,20 @@ def estimates_table(quantification) -> str:
               "validation images their rates come from.</p>")
 
 
+FILES_LISTED = 50  # files the page lists per kind of problem (skipped, objects dropped); the run's JSON holds them all:
+                   # every one listed made a 12.7 MB page of a test set of 100k images with 100k such files
+
+
+def files_listed(summary: str, groups: list[list[dict]], listed_in: str) -> str:
+    """A <details> of *summary*: the first FILES_LISTED entries ({file, reason}) of each of *groups*, a line each,
+    then a count of the rest, which the output *listed_in* lists."""
+    listed = [entry for group in groups for entry in group[:FILES_LISTED]]
+    items = "".join(f"<li><code>{esc(text(e.get('file')))}</code>: {esc(text(e.get('reason')))}</li>" for e in listed)
+    if (more := sum(map(len, groups)) - len(listed)) > 0:
+        items += f"<li>and {more} more: <code>{esc(listed_in)}</code> lists them all</li>"
+    return f"<details><summary>{summary}</summary><ul>{items}</ul></details>"
+
+
 def card(label: str, value: str, sub: str = "", css: str = "") -> str:
     sub_html = f'<div class="sub">{sub}</div>' if sub else ""
     return (f'<div class="card"><div class="label">{esc(label)}</div><div class="value {css}">{value}</div>'

@@ -16,8 +16,8 @@ from pathlib import Path
 from .. import defaults as D
 from ..classes import CLASSES
 from .html_parts import (CSS, IMAGE_READ_ERRORS, ODD_CLASS, card, count, esc, estimate_paragraph, estimates_table,
-                         image_data_uri, interval, note, number, percent, points, seconds_text, setting, table,
-                         test_split_predicted, videos_part)
+                         files_listed, image_data_uri, interval, note, number, percent, points, seconds_text, setting,
+                         table, test_split_predicted, videos_part)
 from .run_folder import (FIGURES, FOLD_FIGURES, KFOLD_SUMMARY, RunFolder, figure_title, image_errors_by_stem,
                          predicted_by_stem, read_bounded, video_plot_name)
 from .values import Fields, entries, mapping, num, num_text, text
@@ -27,7 +27,6 @@ FIGURE_MAX_PX = 1100      # widest embedded figure (laptop screens show ~1200 px
 THUMBNAIL_MAX_PX = 440    # annotated images in the grid
 THUMBNAIL_QUALITY = 80
 TRAIN_ROWS = 30           # epochs listed in full; longer runs show the first and last half of that
-LISTED = 50              # files listed per kind of problem (skipped, objects dropped); evaluation.json holds them all
 TRAIN_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_map", "val_map_50", "seconds", "backbone_frozen")
 
 
@@ -124,12 +123,14 @@ def summary_section(page: Page) -> None:
     if run.compliance:
         overall = get.dict(run.compliance, "overall", "compliance.json: overall")
         counts = get.dict(overall, "counts", "compliance.json: overall.counts")
-        skipped = get.list(run.compliance, "skipped", "compliance.json: skipped")
+        skipped = get.dicts(run.compliance, "skipped", "compliance.json: skipped")
         parts.append("<h3>Prediction set</h3>" + f"<p>{count(run.compliance.get('num_images'))} images in "
                      f"{count(run.compliance.get('num_parts', 1))} part(s): {count(overall.get('faces'))} faces ("
                      + ", ".join(f"{count(counts.get(name, 0))} {esc(name)}" for name in CLASSES)
                      + f"), <b>{percent(overall.get('percent_properly_masked'))}</b> properly masked; "
                      f"{len(skipped)} file(s) skipped.</p>")
+        if skipped:  # named as the evaluation's are: the count alone left a reader to find compliance.json
+            parts.append(files_listed(f"{len(skipped)} file(s) skipped", [skipped], "compliance.json"))
         estimate = get.dict(run.compliance, "estimate", "compliance.json: estimate")
         if estimate:
             below = num(overall.get("faces")) == 0 and num(estimate.get("percent")) is not None  # as predict says
@@ -264,14 +265,8 @@ def evaluation_section(page: Page) -> None:
         skipped = page.fields.dicts(evaluation, "skipped", "evaluation.json: skipped")
         dropped = page.fields.dicts(evaluation, "objects_dropped", "evaluation.json: objects_dropped")
         if skipped or dropped:
-            # the first LISTED of each: a test set of 100k images with 100k such files made a 12.7 MB page
-            listed = skipped[:LISTED] + dropped[:LISTED]
-            items = "".join(f"<li><code>{esc(text(e.get('file')))}</code>: {esc(text(e.get('reason')))}</li>"
-                            for e in listed)
-            if (more := len(skipped) + len(dropped) - len(listed)) > 0:
-                items += f"<li>and {more} more: <code>evaluation.json</code> lists them all</li>"
-            parts.append(f"<details><summary>{len(skipped)} file(s) skipped, {len(dropped)} annotation(s) with "
-                         f"objects left out</summary><ul>{items}</ul></details>")
+            parts.append(files_listed(f"{len(skipped)} file(s) skipped, {len(dropped)} annotation(s) with objects "
+                                      "left out", [skipped, dropped], "evaluation.json"))
     page.add("evaluation", "Evaluation", "".join(parts))
 
 
