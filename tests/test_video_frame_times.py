@@ -125,3 +125,32 @@ def test_only_whole_blocks_count_toward_an_interval():
 
     assert sizes(45, 30) == [45] and sizes(30, 30) == [30] and sizes(10, 30) == [10] and sizes(0, 30) == []
     assert sizes(60, 30) == [30, 30] and sizes(65, 30) == [30, 35]
+
+
+def test_an_annotated_video_slower_than_the_writer_takes_holds_its_frames_in_copies(tiny_model_file, tmp_path):
+    """Processed frames that come 0.001 a second or less (a container saying 0.01 fps, or a --stride of thousands):
+    OpenCV's writer refused the rate, and the run failed after its first frame ("OpenCV cannot write this video
+    file"). Each frame is now written in copies up to VIDEO_WRITER_MIN_FPS: the video still plays at real speed."""
+    import torch
+
+    from utils import defaults as D
+    from utils.detection.evaluation import load_trained_model
+    from utils.detection.video import predict_video
+
+    source = tmp_path / "slow.avi"  # 13 frames at 0.01 fps, stride 12: 2 processed, one every 1200 s
+    writer = cv2.VideoWriter(str(source), cv2.VideoWriter_fourcc(*"MJPG"), 0.01, (64, 48))
+    for shade in range(13):
+        writer.write(np.full((48, 64, 3), 20 * shade, np.uint8))
+    writer.release()
+    model = load_trained_model(tiny_model_file, "cpu")[0]
+    summary = predict_video(model, torch.device("cpu"), str(source), tmp_path / "out", 0.5, stride=12,
+                            output_video=tmp_path / "out" / "a.mp4")
+    copies = round(D.VIDEO_WRITER_MIN_FPS * 1200)
+    assert summary["frames_processed"] == 2
+    assert summary["annotated_video"]["fps"] == D.VIDEO_WRITER_MIN_FPS
+    assert summary["annotated_video"]["frames"] == 2 * copies
+    assert any(f"{copies} times" in note for note in summary["notes"])
+    written = cv2.VideoCapture(str(tmp_path / "out" / "a.mp4"))
+    frames, rate = written.get(cv2.CAP_PROP_FRAME_COUNT), written.get(cv2.CAP_PROP_FPS)
+    written.release()
+    assert frames == 2 * copies and frames / rate == pytest.approx(2 * 1200, rel=0.01)  # real speed: 2 x 1200 s

@@ -155,6 +155,9 @@ VIDEO_BLOCK_SECONDS = 10.0     # a video's interval resamples blocks of this muc
 VIDEO_HOLD_MAX_SECONDS = 5.0   # a live source's annotated video holds a frame until the next one's clock time
                                # (real speed), but at most this long: a stalled stream's hour would be 90,000
                                # copies of one frame, minutes of encoding before a stop, gigabytes at 1080p
+VIDEO_WRITER_MIN_FPS = 0.1     # an annotated video slower than this (a large --stride, a container's 0.01 fps) holds
+                               # each frame in copies up to it: OpenCV's writer rounds the rate to 1/1000 and
+                               # refuses 0.001 fps or less (the run failed after its first frame)
 WBF_IOU = 0.55                 # predict --model A B ... and --tta: boxes of several models (or of the plain and
                                # the flipped pass) overlapping more than this are one face, fused by weighted
                                # box fusion (ensemble-boxes' default)

@@ -271,6 +271,7 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
             settings["working_size"] = settings.pop("working_size", working_size(model))
             bound = decode_bound(model)  # the size predict would reduce the frame to, as a photo
             tmp_video = outputs.path(video_target) if video_target else None
+            video_rate, copies = writer_rate(fps / stride)
             with outputs.naming(csv_path):  # a full disk while a row is written (a row a frame) names the file
                 csv_file = open(csv_tmp, "w", encoding="utf-8")
                 rows = csv.DictWriter(csv_file, fieldnames=CSV_FIELDS, lineterminator="\n")
@@ -323,14 +324,15 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                             height, width = drawn.shape[:2]
                             # at fps / stride, so that a file's plays at real speed (under 1 frame a second too)
                             writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"),
-                                                     fps / stride, (width, height))
+                                                     video_rate, (width, height))
                             if not writer.isOpened():
                                 raise InputError(f"{video_target}: OpenCV cannot write this video file")
                         if live:
-                            run.write_live(writer, drawn, time_s, fps / stride)
+                            run.write_live(writer, drawn, time_s, video_rate)
                         else:
-                            writer.write(drawn)
-                            run.frames_written += 1
+                            for _ in range(copies):
+                                writer.write(drawn)
+                            run.frames_written += copies
                     if show and _show(drawn):
                         run.ended = "the viewer (q or Esc)"
                         break
@@ -371,10 +373,13 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                  "interrupted": interrupted, "frame_times": run.times_from(live),
                  "processed_per_second": round(processed_rate(run, fps, stride, live), 3), "notes": notes}
         if video_target and run.processed:
-            video["annotated_video"] = {"fps": round(fps / stride, 3), "frames": run.frames_written,
+            video["annotated_video"] = {"fps": round(video_rate, 3), "frames": run.frames_written,
                                         "frames_held": run.frames_written - run.processed + run.frames_dropped,
                                         "frames_dropped": run.frames_dropped,
                                         "pauses_shortened": run.pauses_shortened}
+            if copies > 1:
+                notes.append(f"the annotated video holds each processed frame {copies} times: its {fps / stride:.3g} "
+                             f"frames a second are under the {D.VIDEO_WRITER_MIN_FPS:g} the video writer takes")
             if run.pauses_shortened:
                 notes.append(f"{run.pauses_shortened} pause(s) of the {kind} over {D.VIDEO_HOLD_MAX_SECONDS:g} s "
                              f"are {D.VIDEO_HOLD_MAX_SECONDS:g} s in the annotated video; the CSV keeps their times")
@@ -388,6 +393,14 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
     if journal is not None and not interrupted:  # the whole run's outputs are in place: nothing to resume
         journal.finish()
     return summary
+
+
+def writer_rate(rate: float) -> tuple[float, int]:
+    """(the annotated video's frame rate, copies written of each processed frame) for processed frames that come
+    *rate* a second: *rate* and 1, or where *rate* is under defaults.VIDEO_WRITER_MIN_FPS, which OpenCV's writer
+    takes (it refuses 0.001 fps or less), the fewest copies that reach it: the video still plays at real speed."""
+    copies = max(1, math.ceil(D.VIDEO_WRITER_MIN_FPS / rate - 1e-9))  # 1e-9: 0.1 / (0.1 / 3) is 3.0000000000000004
+    return rate * copies, copies
 
 
 def processed_rate(run: VideoRun, fps: float, stride: int, live: bool) -> float:
