@@ -88,3 +88,31 @@ def test_write_pairs_csv_streams_its_rows_instead_of_holding_the_text(tmp_path):
         assert read_pairs_csv(path)[-1].image.name == f"photo_{n - 1:06d}.jpg"
     per_row = (peaks[8000] - peaks[2000]) / 6000
     assert per_row < 5, f"{per_row:.0f} bytes a row; rows are {sizes[8000] / 8000:.0f} bytes"  # the old code: 212
+
+
+def test_a_killed_writers_temporary_file_goes_at_the_next_write_and_a_live_writers_stays(tmp_path):
+    """A SIGKILL (or the out-of-memory killer) mid-write left the temporary file for good: predict_video's
+    annotated video and CSV of a long video (gigabytes), another pair at each kill. The next write of the target
+    removes those no live process holds."""
+    import subprocess
+    import sys
+
+    from utils.atomic import atomic_files, write_text
+
+    target = tmp_path / "a.mp4"
+    killed = ("import os, sys\nfrom utils.atomic import atomic_files\nwith atomic_files() as files:\n"
+              "    files.path(sys.argv[1]).write_bytes(b'frames')\n    os._exit(9)\n")
+    assert subprocess.run([sys.executable, "-c", killed, str(target)]).returncode == 9
+    (left,) = [path for path in tmp_path.iterdir() if path.name.startswith(".a.")]
+    other = tmp_path / ".ab.12345678.tmp.mp4"  # another target's name, not a.mp4's
+    other.write_bytes(b"")
+    with atomic_files() as files:  # a live writer of the same target (this process) keeps its own
+        mine = files.path(target)
+        mine.write_bytes(b"live")
+        assert not left.exists()
+        write = "import sys\nfrom utils.atomic import write_text\nwrite_text(sys.argv[1], 'other')\n"
+        subprocess.run([sys.executable, "-c", write, str(target)], check=True)
+        assert mine.read_bytes() == b"live"
+    assert target.read_bytes() == b"live" and other.exists()
+    write_text(target, "again")
+    assert sorted(path.name for path in tmp_path.iterdir()) == [other.name, "a.mp4"]

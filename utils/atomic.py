@@ -7,12 +7,16 @@ Files that belong together (a job's outputs) are written as one set
 The file gets the mode a plain open() would give it (0666 less the umask), not
 mkstemp's 0600: the next job of a workflow may run as another user (Apptainer on
 shared storage, a container started with --user) and must be able to read it.
+A temporary file is flock'ed by its writer while in use; a killed writer's (SIGKILL, out of memory) is unlocked,
+and the next write of its target removes it (_remove_leftovers).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import glob
 import json
 import os
 import shutil
@@ -59,14 +63,53 @@ def _temporary_beside(target: Path) -> Path:
                         target.parent)
         raise NotADirectoryError(errno.ENOTDIR, f"a file, not a folder to write {target.name} in",
                                  str(blocking)) from None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
-    except PermissionError as error:  # a folder the job may not write in: named, not the temporary file's name
-        raise PermissionError(error.errno, f"cannot write {target.name} here ({error.strerror})",
-                              str(target.parent)) from None
-    os.close(fd)
+    while True:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent)
+        except PermissionError as error:  # a folder the job may not write in: named, not the temporary file's name
+            raise PermissionError(error.errno, f"cannot write {target.name} here ({error.strerror})",
+                                  str(target.parent)) from None
+        fcntl.flock(fd, fcntl.LOCK_EX)  # in use while this process holds it (a new file: no wait)
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(tmp).st_ino == os.fstat(fd).st_ino:  # not removed by another's sweep before the lock
+                break
+        os.close(fd)
+    _held[Path(tmp)] = fd
     follow_umask(tmp)
+    _remove_leftovers(target, Path(tmp))
     return Path(tmp)
+
+
+_held: dict[Path, int] = {}  # this process's temporary files -> the descriptor holding each one's lock
+
+
+def _release(tmp: Path) -> None:
+    """*tmp* was renamed or removed: its lock goes."""
+    fd = _held.pop(Path(tmp), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _remove_leftovers(target: Path, own: Path) -> None:
+    """Remove the temporary files of *target* that no process holds: those of a killed writer (SIGKILL, out of
+    memory, a lost machine), which nothing else removes; a long video's left-over annotated video was gigabytes,
+    and each kill left another."""
+    pattern = f".{glob.escape(target.stem)}.{'?' * 8}.tmp{glob.escape(target.suffix)}"  # mkstemp's name for it
+    for path in target.parent.glob(pattern):
+        if path == own:
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # refused: its writer is alive
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 # What a failed write through an open file raises with no file name: a full disk or quota, a file too large, a
@@ -87,6 +130,8 @@ def atomic_path(target: str | os.PathLike):
             os.unlink(tmp)
         _raise_naming_the_target(error, tmp, target)
         raise
+    finally:
+        _release(tmp)
 
 
 def _raise_naming_the_target(error: BaseException, tmp: Path, target: Path) -> None:
@@ -169,6 +214,7 @@ class FileSet:
         if tmp is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+            _release(tmp)
 
     def _discard(self) -> None:
         for target in list(self._temporaries):
@@ -182,6 +228,7 @@ class FileSet:
                 for target, tmp in list(self._temporaries.items()):
                     os.replace(tmp, target)
                     del self._temporaries[target]
+                    _release(tmp)
             finally:
                 self._discard()  # after a rename that failed: the temporaries not renamed
 
