@@ -116,3 +116,40 @@ def test_a_killed_writers_temporary_file_goes_at_the_next_write_and_a_live_write
     assert target.read_bytes() == b"live" and other.exists()
     write_text(target, "again")
     assert sorted(path.name for path in tmp_path.iterdir()) == [other.name, "a.mp4"]
+
+
+def test_a_folder_is_listed_for_leftovers_once_per_process_not_at_every_write(tmp_path, monkeypatch):
+    """Listed at every write, a folder of 20,000 annotated images cost each write 18 ms (predict on 100k photos:
+    hours); a killed writer's leftover is still removed, at the first write into the folder."""
+    import os
+    from pathlib import Path
+
+    from utils import atomic
+    from utils.atomic import write_text
+
+    left = tmp_path / ".b.abcd1234.tmp.txt"  # a killed writer's temporary file of b.txt
+    left.write_text("half")
+    listings, scandir = [], os.scandir
+    monkeypatch.setattr(atomic.os, "scandir", lambda path=".": listings.append(Path(path)) or scandir(path))
+    for index in range(30):
+        write_text(tmp_path / f"{index}.txt", "x")
+    write_text(tmp_path / "b.txt", "whole")
+    assert listings.count(tmp_path) == 1 and not left.exists() and (tmp_path / "b.txt").read_text() == "whole"
+
+
+def test_without_flock_writes_go_on_and_no_temporary_file_is_removed(tmp_path, monkeypatch):
+    """A file system without flock (Lustre mounted without it answers ENOSYS): the writes must not fail, and as
+    no writer can be told alive, nothing is swept."""
+    import errno
+    import fcntl
+
+    from utils.atomic import write_text
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    other = tmp_path / ".c.abcd1234.tmp.txt"
+    other.write_text("maybe live")
+    write_text(tmp_path / "c.txt", "whole")
+    assert (tmp_path / "c.txt").read_text() == "whole" and other.exists()

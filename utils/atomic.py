@@ -16,9 +16,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -69,7 +69,8 @@ def _temporary_beside(target: Path) -> Path:
         except PermissionError as error:  # a folder the job may not write in: named, not the temporary file's name
             raise PermissionError(error.errno, f"cannot write {target.name} here ({error.strerror})",
                                   str(target.parent)) from None
-        fcntl.flock(fd, fcntl.LOCK_EX)  # in use while this process holds it (a new file: no wait)
+        with contextlib.suppress(OSError):  # a file system without flock (Lustre without -o flock): no lock, and
+            fcntl.flock(fd, fcntl.LOCK_EX)  # no sweep either, whose own flock fails alike; a new file: no wait
         with contextlib.suppress(FileNotFoundError):
             if os.stat(tmp).st_ino == os.fstat(fd).st_ino:  # not removed by another's sweep before the lock
                 break
@@ -93,9 +94,10 @@ def _release(tmp: Path) -> None:
 def _remove_leftovers(target: Path, own: Path) -> None:
     """Remove the temporary files of *target* that no process holds: those of a killed writer (SIGKILL, out of
     memory, a lost machine), which nothing else removes; a long video's left-over annotated video was gigabytes,
-    and each kill left another."""
-    pattern = f".{glob.escape(target.stem)}.{'?' * 8}.tmp{glob.escape(target.suffix)}"  # mkstemp's name for it
-    for path in target.parent.glob(pattern):
+    and each kill left another. A folder is listed once per process, at its first write (_leftovers_in): listed at
+    every write, a folder of 20,000 annotated images cost each write 18 ms, and 100k images hours."""
+    for name in _leftovers_in(target.parent).pop(target.name, ()):
+        path = target.parent / name
         if path == own:
             continue
         try:
@@ -110,6 +112,24 @@ def _remove_leftovers(target: Path, own: Path) -> None:
             pass
         finally:
             os.close(fd)
+
+
+# mkstemp's name for a temporary file of "<stem><suffix>": "." + stem + "." + 8 random characters + ".tmp" + suffix
+_TEMPORARY_NAME = re.compile(r"\.(?P<stem>.+)\.[a-z0-9_]{8}\.tmp(?P<suffix>(\.[^.]*)?)")
+_listed: dict[Path, dict[str, list[str]]] = {}  # folder -> {target's name: its temporary files when first listed}
+
+
+def _leftovers_in(folder: Path) -> dict[str, list[str]]:
+    """{target's name: the names of its temporary files} in *folder*, as listed at this process's first write there
+    (a writer killed later leaves its file to the next process that writes the target)."""
+    if folder not in _listed:
+        found: dict[str, list[str]] = {}
+        with contextlib.suppress(OSError), os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") and (match := _TEMPORARY_NAME.fullmatch(entry.name)):
+                    found.setdefault(match["stem"] + match["suffix"], []).append(entry.name)
+        _listed[folder] = found
+    return _listed[folder]
 
 
 # What a failed write through an open file raises with no file name: a full disk or quota, a file too large, a
