@@ -42,3 +42,20 @@ def test_run_records_and_model_files_say_which_code_made_them(tmp_path, monkeypa
     (tmp_path / "utils" / "data" / "part.py").write_text("p")
     (tmp_path / "utils" / "data" / "part.py").rename(tmp_path / "utils" / "data" / "other.py")
     assert sources()["sources_sha256"] != first
+
+
+def test_inputs_hash_follows_the_files_not_the_folders_they_were_unpacked_into(tmp_path):
+    """A train job unpacks its training and validation archives into randomly named folders: the record's hash
+    must not depend on which of the two folder names sorts first."""
+    files = {}
+    for folder, name, text in (("b_train", "t.jpg", "1"), ("a_val", "v.jpg", "2"),
+                               ("a_train", "t.jpg", "1"), ("b_val", "v.jpg", "2")):
+        path = tmp_path / folder / name
+        path.parent.mkdir()
+        path.write_text(text)
+        files[folder] = path
+    first = run_record("train", {}, [files["b_train"], files["a_val"]])["inputs_sha256"]
+    second = run_record("train", {}, [files["a_train"], files["b_val"]])["inputs_sha256"]
+    assert first == second
+    files["b_val"].write_text("3")
+    assert run_record("train", {}, [files["a_train"], files["b_val"]])["inputs_sha256"] != first

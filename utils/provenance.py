@@ -28,14 +28,17 @@ def file_sha256(path) -> str:
 
 
 def inputs_sha256(paths, known: dict | None = None) -> str:
-    """One hash over many files: each file's name and content hash, in sorted name order. *known* maps paths to
-    the file_sha256 a job took as it read them (predict's decode), so they are not read again."""
+    """One hash over many files: each file's name and content hash, in (name, hash) order, so that it follows the
+    files alone: a sort on full paths put the files of two archives unpacked into randomly named folders (a train
+    job's training and validation sets) in a random order, and two runs on the same data recorded two hashes.
+    *known* maps paths to the file_sha256 a job took as it read them (predict's decode), so they are not read again."""
     known = known or {}
+    named = sorted((path.name, known.get(path) or file_sha256(path)) for path in (Path(p) for p in paths))
     digest = hashlib.sha256()
-    for path in sorted(Path(p) for p in paths):
-        digest.update(path.name.encode())
+    for name, sha256 in named:
+        digest.update(name.encode())
         digest.update(b"\0")
-        digest.update((known.get(path) or file_sha256(path)).encode())
+        digest.update(sha256.encode())
     return digest.hexdigest()
 
 
@@ -72,6 +75,12 @@ def code_version() -> dict:
             digest.update(path.relative_to(SOURCE_ROOT).as_posix().encode() + b"\0")
             digest.update(hashlib.sha256(path.read_bytes()).hexdigest().encode())
     return {"version": version, "sources_sha256": digest.hexdigest()}
+
+
+def files_named(*flags) -> list[Path]:
+    """The files among flags that may name one (--weights PATH or imagenet, --weights-file, --params), for a run
+    record's inputs: a train job's hyperparameters and starting weights shape its model as its images do."""
+    return [Path(flag) for flag in flags if flag and Path(flag).is_file()]
 
 
 def package_versions(names=TRACKED_PACKAGES) -> dict[str, str | None]:
