@@ -445,3 +445,24 @@ def test_a_training_image_too_thin_for_the_trials_sizes_is_a_listed_skip_not_a_c
     assert result["skipped_inputs"] == [{"file": str(train / "images" / "banner.png"), "problem": (
         "300x2 px is too thin to train on: at the smallest training size (64 px) the shorter side would shrink to "
         "0.43 px")}]
+
+
+@pytest.mark.slow  # two processes that import optuna and matplotlib
+def test_importance_plot_is_the_same_whatever_the_hash_seed(tmp_path, root):
+    """Optuna lists the parameters from a set: with equal importances the bars' order followed PYTHONHASHSEED,
+    so two runs with one seed drew two param_importances.png."""
+    import os
+    import subprocess
+    import sys
+
+    result = fake_result(tmp_path / "best_0.json", 0, 0.3, {"lr": 0.002},
+                         [trial(0, 0.3, 0.002), trial(1, 0.3, 0.004)])
+    code = ("import sys; from utils.detection.hpo_results import read_worker_results; "
+            "from utils.detection.plots import write_hpo_plots; "
+            "write_hpo_plots(read_worker_results([sys.argv[1]]), sys.argv[2])")
+    pictures = []
+    for seed in ("1", "2"):  # two seeds that order the four names apart
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(root), "MPLBACKEND": "Agg"}
+        subprocess.run([sys.executable, "-c", code, str(result), str(tmp_path / seed)], env=env, check=True)
+        pictures.append((tmp_path / seed / "param_importances.png").read_bytes())
+    assert pictures[0] == pictures[1]

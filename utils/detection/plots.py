@@ -211,7 +211,10 @@ def write_hpo_plots(results: list[dict], plots_dir, journals=()) -> dict:
         varying = [name for name in full_space if len({t.params.get(name) for t in completed}) > 1]
         if len(completed) >= 2 and varying:
             try:
-                _save_axes(ovm.plot_param_importances(combined), importance_path)
+                # named in sorted order: Optuna lists them from a set, so parameters of equal importance (all,
+                # with few trials) were drawn in an order that changed from run to run with Python's hash seed
+                named = sorted({name for t in completed for name in t.distributions})
+                _save_axes(ovm.plot_param_importances(combined, params=named), importance_path)
             except (ValueError, RuntimeError) as error:
                 notes["param_importances"] = f"importance evaluation failed: {error}"
         else:
