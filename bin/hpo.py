@@ -31,7 +31,7 @@ from utils.detection.model import BACKBONES
 from utils.detection.params import PARAM_CHOICES
 from utils.detection.tensorboard_log import TensorBoardError, pack_events
 from utils.errors import InputError
-from utils.provenance import write_run_record
+from utils.provenance import files_named, write_run_record
 from utils.stop import declare_outputs, stop_on_sigterm
 
 
@@ -137,17 +137,21 @@ def main(args) -> int:
                             "--tensorboard-tar": args.tensorboard_tar, "--tensorboard-dir": args.tensorboard_dir})
     # stand-ins if SIGTERM stops it (utils/stop.py)
     declare_outputs(output, record, args.tensorboard_tar, checkpoints=[args.checkpoint])
+    seen = {}  # the training and validation files' sha256 by path, as the study read them
     result = run_study(config, space, args.train_images, args.train_annotations, args.val_images,
                        args.val_annotations, journal=args.checkpoint, n_trials=args.n_trials, device=device,
                        study_name=args.study_name, worker_index=args.worker_index,
                        num_workers=args.num_workers, timeout=args.timeout,
                        pruner_startup_trials=args.pruner_startup_trials,
-                       pruner_warmup_epochs=args.pruner_warmup_epochs, tensorboard_dir=args.tensorboard_dir)
+                       pruner_warmup_epochs=args.pruner_warmup_epochs, tensorboard_dir=args.tensorboard_dir,
+                       inputs_seen=seen)
     write_json(output, result)
     if args.tensorboard_tar:
         pack_events(args.tensorboard_dir, args.tensorboard_tar)
     write_run_record(record, "hpo", {**vars(args), "device": str(device),
-                                     "trial_counts": result["trial_counts"], "best_value": result["best_value"]})
+                                     "trial_counts": result["trial_counts"], "best_value": result["best_value"],
+                                     "trials_resumed": result["trials_resumed"]},
+                     [*seen, *files_named(args.weights, args.weights_file)], seen)
     counts = result["trial_counts"]
     best = (f"best {result['objective']} {result['best_value']:.4f} with {result['best_params']}"
             if result["best_value"] is not None else "no completed trial")

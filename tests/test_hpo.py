@@ -18,6 +18,7 @@ from utils.detection.hpo import (HpoConfig, HpoError, SearchSpace, fitness, open
                                  run_study, worker_seed)
 from utils.detection.hpo_results import journal_trials, merge_results, read_worker_results
 from utils.detection.plots import write_hpo_plots
+from utils.provenance import file_sha256
 
 CONFIG = HpoConfig(epochs=1, image_size=96, workers=0, warmup_iters=1, seed=5)
 SPACE = SearchSpace(batch_sizes=(2,))
@@ -45,8 +46,10 @@ def finished(trials):
 def test_killed_study_resumes_and_counts_the_total(hpo_data, tmp_path):
     journal = tmp_path / "hpo.journal"
     journal.touch()  # the workflow's initial checkpoint is an empty file
-    first = study_run(hpo_data, journal, n_trials=2, study_name="resume")
-    assert first["trial_counts"]["finished"] == 2
+    seen = {}  # bin/hpo.py's run record hashes the files the study read (its record once held no input)
+    first = study_run(hpo_data, journal, n_trials=2, study_name="resume", inputs_seen=seen)
+    assert first["trial_counts"]["finished"] == 2 and first["trials_resumed"] == 0
+    assert len(seen) == 14 and all(sha256 == file_sha256(path) for path, sha256 in seen.items())
     assert first["best_value"] is not None and 0.0 <= first["best_value"] <= 1.0
     # the compliance error is reported with every finished trial (a number, or None when the
     # untrained model keeps no face at the threshold), never the objective
@@ -64,6 +67,7 @@ def test_killed_study_resumes_and_counts_the_total(hpo_data, tmp_path):
     second = study_run(hpo_data, journal, n_trials=3, study_name="resume")
     assert second["requeued_stale_trials"] == [stale.number]
     assert second["trial_counts"]["finished"] == 3  # the total asked for, not 2 + 3
+    assert second["trials_resumed"] == 2 and second["inputs_sha256"] == first["inputs_sha256"]
     assert second["trial_counts"]["fail"] == 1 and second["trial_counts"]["running"] == 0
     trials = optuna.load_study(study_name="resume", storage=open_study(journal, "resume", 0)[1]).trials
     assert len(finished(trials)) == 3

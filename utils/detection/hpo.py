@@ -365,11 +365,13 @@ def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotat
               journal, n_trials: int, device, study_name: str | None = None, worker_index: int = 0,
               num_workers: int = D.HPO_NUM_WORKERS, timeout: float | None = None,
               pruner_startup_trials: int = D.HPO_PRUNER_STARTUP_TRIALS,
-              pruner_warmup_epochs: int = D.HPO_PRUNER_WARMUP_EPOCHS, tensorboard_dir=None) -> dict:
+              pruner_warmup_epochs: int = D.HPO_PRUNER_WARMUP_EPOCHS, tensorboard_dir=None,
+              inputs_seen: dict | None = None) -> dict:
     """Run (or continue) this worker's study until it holds *n_trials* finished trials; returns best.json's dict.
 
     *tensorboard_dir*: write each finished trial's objective and parameters there as TensorBoard events
-    (utils.detection.tensorboard_log.HpoBoard)."""
+    (utils.detection.tensorboard_log.HpoBoard). *inputs_seen*: a dict filled with the training and validation
+    files' sha256 by path, for the job's run record."""
     if config.objective not in OBJECTIVES:
         raise HpoError(f"unknown objective {config.objective!r}: use {' or '.join(OBJECTIVES)}")
     if n_trials < 1:
@@ -398,7 +400,9 @@ def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotat
             raise HpoError(f"{train_images}: no usable training pairs")
         if not val_pairs:
             raise HpoError(f"{val_images}: no usable validation pairs")
-        data_sha256 = pairs_sha256(train_pairs, val_pairs)[0]
+        data_sha256, files_sha256 = pairs_sha256(train_pairs, val_pairs)
+        if inputs_seen is not None:  # every file's sha256 by path, for the job's run record
+            inputs_seen.update(files_sha256)
         check_study_search(study, journal, config, worker_space, data_sha256)  # before the journal changes
         recovered = recover_stale_trials(study, storage)
         callbacks = []
@@ -452,6 +456,8 @@ def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotat
                          "warmup_iters": config.warmup_iters},
         "n_trials_requested": n_trials,
         "trial_counts": counts,
+        "trials_resumed": finished,  # the finished trials the journal held when this run began
+        "inputs_sha256": data_sha256,
         "requeued_stale_trials": recovered,
         "search_space": worker_space.describe(),
         "full_search_space": space.describe(),
