@@ -282,6 +282,7 @@ def test_an_image_too_thin_to_train_at_is_a_listed_skip_not_a_crash(tmp_path, ro
     from helpers import run_script
     from utils.data.sample_data import make_sample_dataset
     from utils.data.voc import VocAnnotation, write_voc
+    from utils.provenance import inputs_sha256
 
     data = tmp_path / "data"
     make_sample_dataset(data, num_images=2, seed=11, image_size=(64, 64))
@@ -290,18 +291,24 @@ def test_an_image_too_thin_to_train_at_is_a_listed_skip_not_a_crash(tmp_path, ro
     val = tmp_path / "val"
     shutil.copytree(data, val)
     out = tmp_path / "run"
+    params = tmp_path / "best_hpo_params.json"
+    params.write_text('{"params": {"momentum": 0.8}}')
     argv = ["--images", data / "images", "--annotations", data / "annotations", "--val-images", val / "images",
-            "--val-annotations", val / "annotations", "--val-mode", "merge", "--max-steps", "1",
+            "--val-annotations", val / "annotations", "--val-mode", "merge", "--max-steps", "1", "--params", params,
             "--image-size", "64", "--multiscale", "0", "--batch-size", "6", "--workers", "0", "--weights", "none",
             "--checkpoint", out / "checkpoint.pt", "--output", out / "model.pt", "--no-progress", "--device", "cpu"]
     assert run_script(root, "train", argv) == 0
     meta = load_model_file(out / "model.pt")[1]
     assert (meta["num_train_images"], meta["skipped_inputs"]) == (4, 2)  # --val-mode merge: val is trained on
-    skipped = json.loads((out / "model_run.json").read_text())["params"]["skipped"]
-    assert [item["file"] for item in skipped] == [str(data / "images" / "banner.png"),
-                                                  str(val / "images" / "banner.png")]
-    assert skipped[0]["problem"] == ("200x2 px is too thin to train on: at the smallest training size (64 px) the "
-                                     "shorter side would shrink to 0.64 px")
+    record = json.loads((out / "model_run.json").read_text())
+    assert [item["file"] for item in record["params"]["skipped"]] == [str(data / "images" / "banner.png"),
+                                                                      str(val / "images" / "banner.png")]
+    # the hyperparameters file shapes the model as the images do: its hash is among the record's inputs
+    trained = [path for folder in (data, val) for path in sorted(folder.rglob("sample_*"))]
+    assert record["inputs_sha256"] == inputs_sha256([*trained, params]) and record["num_inputs"] == 9
+    assert record["params"]["skipped"][0]["problem"] == ("200x2 px is too thin to train on: at the smallest "
+                                                         "training size (64 px) the shorter side would shrink to "
+                                                         "0.64 px")
 
 
 def test_the_model_file_records_the_loader_worker_count_the_run_trained_with(tiny_dir, tmp_path, root):

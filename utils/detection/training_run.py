@@ -23,7 +23,7 @@ from .. import defaults as D
 from ..atomic import atomic_path, write_text
 from ..classes import LabelMap
 from ..cli import print_values
-from ..provenance import write_run_record
+from ..provenance import files_named, write_run_record
 from .compliance import choose_operating_threshold
 from .inference_size import choose_inference_size, choose_tta
 from .quantify import calibration_record
@@ -258,8 +258,8 @@ def write_model_outputs(trainer: Trainer, record: TrainingRecord, data: Training
                "stages": trainer.describe_stages() if record.plan.staged else None}
     write_run_record(paths["run_record"], "train", {**vars(args), "resolved": trained, "device": str(settings.device),
                                                     "summary": summary, "skipped": data.skipped,
-                                                    "object_problems": data.object_problems}, data.input_files,
-                     data.files_sha256)
+                                                    "object_problems": data.object_problems},
+                     [*data.input_files, *files_named(args.params, args.weights, args.weights_file)], data.files_sha256)
     return final_loss
 
 
