@@ -59,3 +59,16 @@ def test_inputs_hash_follows_the_files_not_the_folders_they_were_unpacked_into(t
     assert first == second
     files["b_val"].write_text("3")
     assert run_record("train", {}, [files["a_train"], files["b_val"]])["inputs_sha256"] != first
+
+
+def test_run_record_says_how_many_threads_torch_computed_with():
+    """On a CPU a seed's results are bit-identical only at one thread count, which the executor sets from the jobs
+    running side by side: the record keeps it, so that two runs' differences can be told apart."""
+    import torch
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert run_record("job", {})["threads"] == 1
+    finally:
+        torch.set_num_threads(previous)

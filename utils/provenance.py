@@ -111,6 +111,14 @@ def experiment_config(folder=".") -> dict | None:
     return settings
 
 
+def compute_threads() -> int | None:
+    """The threads torch computes with (the executor's OMP_NUM_THREADS share of the cores): on a CPU the same seed
+    gives bit-identical results only at the same count, as its parallel sums split the work by thread (an HPO
+    trial's loss 1.33770 on one thread, 1.33128 on two). None where the job does not use torch."""
+    torch = sys.modules.get("torch")  # not imported for a job that does not use it
+    return torch.get_num_threads() if torch is not None else None
+
+
 def run_record(job: str, params: dict, inputs=(), known_sha256: dict | None = None) -> dict:
     """The record of a job run on *inputs*; *known_sha256*: the hashes of inputs the job took as it read them
     (inputs_sha256). An input that cannot be read now (gone or unreadable since the job listed it: a listed skip)
@@ -132,6 +140,7 @@ def run_record(job: str, params: dict, inputs=(), known_sha256: dict | None = No
         "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in params.items()},
         "packages": package_versions(),
         "code": code_version(),
+        "threads": compute_threads(),
         "num_inputs": len(inputs),
         "inputs_sha256": inputs_sha256(inputs, known) if inputs else None,
     }
