@@ -221,7 +221,7 @@ def main(args) -> int:
         trainer = Trainer(settings.params, data.train_pairs, settings.device, val_pairs=data.val_pairs or None,
                           plan=settings.plan, progress=not args.no_progress, label_map=settings.label_map,
                           keep=args.keep)
-        resume_and_watch(trainer, paths["checkpoint"], args, stack, data.inputs_sha256)
+        resumed = resume_and_watch(trainer, paths["checkpoint"], args, stack, data.inputs_sha256)
 
         log.info("Start training")
         checkpoint_args = {"images": str(args.images), "annotations": str(args.annotations),
@@ -230,7 +230,7 @@ def main(args) -> int:
         record = train_epochs(trainer, paths, checkpoint_args, validate_map=bool(data.val_pairs))
 
         log.info("Writing the model")
-        final_loss = write_model_outputs(trainer, record, data, args, paths, settings)
+        final_loss = write_model_outputs(trainer, record, data, args, paths, settings, resumed)
     if record.budget_plan is not None:
         first, final = record.budget_plan
         log.info("time budget plan: --budget-plan %s,%d replays it", "none" if first is None else first, final)

@@ -21,6 +21,7 @@ from utils.detection.params import TrainParams, read_params_file, resolve_params
 from utils.detection.recipe import make_loader
 from utils.detection.training import Trainer
 from utils.detection.weights import job_weights
+from utils.provenance import file_sha256
 
 
 @pytest.mark.training
@@ -59,10 +60,15 @@ def test_train_cli_one_epoch_writes_loadable_outputs(tiny_dir, tmp_path, root):
     assert (out / "loss_curve.png").stat().st_size > 1000
     assert (out / "model_run.json").is_file()
 
-    # Rerunning a finished run trains nothing more and rewrites the same model.
+    # Rerunning a finished run trains nothing more and rewrites the same model; its record says what it resumed
+    # from (the record of a resumed run once looked like a fresh one's).
+    assert json.loads((out / "model_run.json").read_text())["params"]["resumed_from"] is None
+    saved = file_sha256(out / "checkpoint.pt")
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert "epoch 1/1" not in again.stderr
+    assert json.loads((out / "model_run.json").read_text())["params"]["resumed_from"] == {
+        "checkpoint": str(out / "checkpoint.pt"), "sha256": saved, "after_epoch": 1}
     reloaded, _ = load_model_file(out / "model.pt")
     assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in model.state_dict().items())
 

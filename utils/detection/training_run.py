@@ -23,7 +23,7 @@ from .. import defaults as D
 from ..atomic import atomic_path, write_text
 from ..classes import LabelMap
 from ..cli import print_values
-from ..provenance import files_named, write_run_record
+from ..provenance import file_sha256, files_named, write_run_record
 from .compliance import choose_operating_threshold
 from .inference_size import choose_inference_size, choose_tta
 from .quantify import calibration_record
@@ -118,16 +118,20 @@ def open_training_data(args, settings: TrainingSettings):
 
 
 def resume_and_watch(trainer: Trainer, checkpoint: Path, args, stack: contextlib.ExitStack,
-                     inputs_sha256: str | None = None) -> None:
+                     inputs_sha256: str | None = None) -> dict | None:
     """Resume from *checkpoint* when it holds a run (an empty file, as Pegasus stages the initial one, does
-    not) for these inputs (*inputs_sha256*), then open the TensorBoard events when asked for."""
+    not) for these inputs (*inputs_sha256*), then open the TensorBoard events when asked for. Returns what it
+    resumed from, for the run record (the checkpoint, its sha256 and the epochs it held), or None."""
+    resumed = None
     if checkpoint.is_file() and checkpoint.stat().st_size > 0:
+        sha256 = file_sha256(checkpoint)  # before the run writes it anew
         done = trainer.resume(checkpoint, inputs_sha256, {"val_mode": getattr(args, "val_mode", None)})
         log.info("resumed from %s after epoch %d of %d", checkpoint, done, trainer.plan.epochs)
+        resumed = {"checkpoint": str(checkpoint), "sha256": sha256, "after_epoch": done}
     if trainer.plan.staged:
         log.info("stages: %s", trainer.describe_stages())
     if not args.tensorboard_dir:
-        return
+        return resumed
     # purge_step: what an interrupted try logged past its checkpoint (or, for a fresh run, an earlier run
     # in the same folder) is dropped; the events of the checkpoint's last epoch are at steps_taken
     trainer.board = TrainBoard(args.tensorboard_dir, purge_step=trainer.steps_taken + 1, every=args.tensorboard_every)
@@ -140,6 +144,7 @@ def resume_and_watch(trainer: Trainer, checkpoint: Path, args, stack: contextlib
         log.info("TensorBoard: %s held no events; wrote the %d epoch(s) of the checkpoint's history",
                  args.tensorboard_dir, replayed)
     log.info("TensorBoard events in %s", args.tensorboard_dir)
+    return resumed
 
 
 def epoch_line(row, plan: TrainingPlan) -> str:
@@ -220,9 +225,9 @@ def choose_on_validation(trainer: Trainer, has_val: bool) -> tuple[dict | None, 
 
 
 def write_model_outputs(trainer: Trainer, record: TrainingRecord, data: TrainingData, args, paths: dict,
-                        settings: TrainingSettings) -> float:
+                        settings: TrainingSettings, resumed: dict | None = None) -> float:
     """The model file (the kept epoch's weights, EMA when kept, the operating threshold, the parameters as trained), the
-    packed TensorBoard events and the run record; returns the final training loss."""
+    packed TensorBoard events and the run record (with *resumed*: resume_and_watch's); returns the final loss."""
     size, operating, calibration = choose_on_validation(trainer, bool(data.val_pairs))
     trained = trainer.params.to_dict()  # the plan as trained: a budget's fitted epochs, stages and steps
     final_loss = record.history[-1]["train_loss"]
@@ -258,7 +263,7 @@ def write_model_outputs(trainer: Trainer, record: TrainingRecord, data: Training
                "stages": trainer.describe_stages() if record.plan.staged else None}
     write_run_record(paths["run_record"], "train", {**vars(args), "resolved": trained, "device": str(settings.device),
                                                     "summary": summary, "skipped": data.skipped,
-                                                    "object_problems": data.object_problems},
+                                                    "object_problems": data.object_problems, "resumed_from": resumed},
                      [*data.input_files, *files_named(args.params, args.weights, args.weights_file)], data.files_sha256)
     return final_loss
 
