@@ -153,3 +153,30 @@ def test_without_flock_writes_go_on_and_no_temporary_file_is_removed(tmp_path, m
     other.write_text("maybe live")
     write_text(tmp_path / "c.txt", "whole")
     assert (tmp_path / "c.txt").read_text() == "whole" and other.exists()
+
+
+def test_on_nfs_a_killed_writers_leftover_goes_and_this_processs_own_stays(tmp_path, monkeypatch):
+    """NFS makes flock fcntl's lock (fcntl.lockf here, as the kernel does): an exclusive lock needs a descriptor open
+    for writing, so the sweep's exclusive lock through a read-only one failed (EBADF) and nothing was ever removed;
+    and a process's own lock does not refuse it, so its own live temporary file (a relative target: mkstemp names
+    it absolute) must be told apart by name."""
+    import fcntl
+    import subprocess
+    import sys
+
+    from utils.atomic import atomic_files
+
+    monkeypatch.setattr(fcntl, "flock", fcntl.lockf)
+    monkeypatch.chdir(tmp_path)
+    left = tmp_path / ".a.abcd1234.tmp.mp4"  # a killed writer's: no process holds it
+    left.write_bytes(b"half")
+    with atomic_files() as files:
+        mine = files.path("a.mp4")
+        assert mine.exists() and not left.exists()
+        write = ("import fcntl, sys\nfcntl.flock = fcntl.lockf\nfrom utils.atomic import write_text\n"
+                 "write_text(sys.argv[1], 'other')\n")  # a live writer of the target in another process keeps it
+        subprocess.run([sys.executable, "-c", write, str(tmp_path / "a.mp4")], check=True)
+        assert mine.exists()
+        mine.write_bytes(b"live")
+    assert (tmp_path / "a.mp4").read_bytes() == b"live" and [p.name for p in tmp_path.iterdir()] == ["a.mp4"]
+

@@ -8,7 +8,9 @@ The file gets the mode a plain open() would give it (0666 less the umask), not
 mkstemp's 0600: the next job of a workflow may run as another user (Apptainer on
 shared storage, a container started with --user) and must be able to read it.
 A temporary file is flock'ed by its writer while in use; a killed writer's (SIGKILL, out of memory) is unlocked,
-and the next write of its target removes it (_remove_leftovers).
+and the next write of its target removes it (_remove_leftovers). On NFS flock is fcntl's lock, the process's, and
+goes when the writer closes any descriptor of the file (a library's save): two processes writing one target at
+once may then remove the other's file, whose rename fails naming the target (one of the two writes is lost anyway).
 """
 
 from __future__ import annotations
@@ -75,37 +77,37 @@ def _temporary_beside(target: Path) -> Path:
             if os.stat(tmp).st_ino == os.fstat(fd).st_ino:  # not removed by another's sweep before the lock
                 break
         os.close(fd)
-    _held[Path(tmp)] = fd
+    _held[os.path.abspath(tmp)] = fd
     follow_umask(tmp)
-    _remove_leftovers(target, Path(tmp))
+    _remove_leftovers(target)
     return Path(tmp)
 
 
-_held: dict[Path, int] = {}  # this process's temporary files -> the descriptor holding each one's lock
+_held: dict[str, int] = {}  # this process's temporary files (absolute paths) -> the descriptor holding each one's lock
 
 
 def _release(tmp: Path) -> None:
     """*tmp* was renamed or removed: its lock goes."""
-    fd = _held.pop(Path(tmp), None)
+    fd = _held.pop(os.path.abspath(tmp), None)
     if fd is not None:
         os.close(fd)
 
 
-def _remove_leftovers(target: Path, own: Path) -> None:
+def _remove_leftovers(target: Path) -> None:
     """Remove the temporary files of *target* that no process holds: those of a killed writer (SIGKILL, out of
     memory, a lost machine), which nothing else removes; a long video's left-over annotated video was gigabytes,
     and each kill left another. A folder is listed once per process, at its first write (_leftovers_in): listed at
     every write, a folder of 20,000 annotated images cost each write 18 ms, and 100k images hours."""
     for name in _leftovers_in(target.parent).pop(target.name, ()):
         path = target.parent / name
-        if path == own:
-            continue
+        if os.path.abspath(path) in _held:  # this process's own: on NFS flock is fcntl's lock, the process's, and
+            continue                        # its own lock would not refuse it
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
             continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # refused: its writer is alive
+        try:  # shared: NFS refuses an exclusive lock through a read-only descriptor (EBADF), and swept nothing
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # refused: its writer, whose lock is exclusive, is alive
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         except OSError:
