@@ -180,3 +180,21 @@ def test_on_nfs_a_killed_writers_leftover_goes_and_this_processs_own_stays(tmp_p
         mine.write_bytes(b"live")
     assert (tmp_path / "a.mp4").read_bytes() == b"live" and [p.name for p in tmp_path.iterdir()] == ["a.mp4"]
 
+
+def test_a_leftover_is_found_whatever_its_name_holds_and_after_a_chdir(tmp_path, monkeypatch):
+    """A line break in the name (a folder or photo name from the user's data) was not matched, and the folders
+    were remembered by their relative names: after a chdir, "." meant the folder listed before."""
+    from utils.atomic import write_text
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    newline = second / ".a\nb.abcd1234.tmp.txt"
+    relative = second / ".c.abcd1234.tmp.txt"
+    for left in (newline, relative):
+        left.write_text("half")
+    write_text(second / "a\nb.txt", "whole")
+    monkeypatch.chdir(first)
+    write_text("x.txt", "x")
+    monkeypatch.chdir(second)
+    write_text("c.txt", "whole")
+    assert sorted(path.name for path in second.iterdir()) == ["a\nb.txt", "c.txt"]

@@ -117,21 +117,23 @@ def _remove_leftovers(target: Path) -> None:
 
 
 # mkstemp's name for a temporary file of "<stem><suffix>": "." + stem + "." + 8 random characters + ".tmp" + suffix
-_TEMPORARY_NAME = re.compile(r"\.(?P<stem>.+)\.[a-z0-9_]{8}\.tmp(?P<suffix>(\.[^.]*)?)")
-_listed: dict[Path, dict[str, list[str]]] = {}  # folder -> {target's name: its temporary files when first listed}
+# (DOTALL: a name may hold a line break)
+_TEMPORARY_NAME = re.compile(r"\.(?P<stem>.+)\.[a-z0-9_]{8}\.tmp(?P<suffix>(\.[^.]*)?)", re.DOTALL)
+_listed: dict[str, dict[str, list[str]]] = {}  # folder -> {target's name: its temporary files when first listed}
 
 
 def _leftovers_in(folder: Path) -> dict[str, list[str]]:
     """{target's name: the names of its temporary files} in *folder*, as listed at this process's first write there
     (a writer killed later leaves its file to the next process that writes the target)."""
-    if folder not in _listed:
+    key = os.path.abspath(folder)  # a relative name means another folder after a chdir
+    if key not in _listed:
         found: dict[str, list[str]] = {}
         with contextlib.suppress(OSError), os.scandir(folder) as entries:
             for entry in entries:
                 if entry.name.startswith(".") and (match := _TEMPORARY_NAME.fullmatch(entry.name)):
                     found.setdefault(match["stem"] + match["suffix"], []).append(entry.name)
-        _listed[folder] = found
-    return _listed[folder]
+        _listed[key] = found
+    return _listed[key]
 
 
 # What a failed write through an open file raises with no file name: a full disk or quota, a file too large, a
