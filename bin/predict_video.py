@@ -9,7 +9,7 @@ time, faces per class, percent properly masked), compliance_over_time.png,
 video_summary.json (frames, the pooled figure over all processed frames as an estimate with
 its 95 % interval, resampled in blocks of consecutive frames since nearby frames are not
 independent, the mean of the per-frame figures) and, with --output-video, the processed frames with
-their boxes (.mp4, .avi, .mkv or .mov, at fps / stride, 0.1 at least by copies: a file's plays at real speed).
+their boxes (.mp4, .avi, .mkv or .mov, at fps / stride, 0.1 at least by up to 120 copies: a file's plays at real speed).
 --show opens a live window (q or Esc stops; needs a display and OpenCV's GUI build). --max-frames (processed
 frames) and --max-seconds bound a run; a camera has no end without them.
 Detections count from the model's operating threshold unless --score-threshold is given. Several --model

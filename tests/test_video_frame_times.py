@@ -154,3 +154,29 @@ def test_an_annotated_video_slower_than_the_writer_takes_holds_its_frames_in_cop
     frames, rate = written.get(cv2.CAP_PROP_FRAME_COUNT), written.get(cv2.CAP_PROP_FPS)
     written.release()
     assert frames == 2 * copies and frames / rate == pytest.approx(2 * 1200, rel=0.01)  # real speed: 2 x 1200 s
+
+
+def test_the_copies_of_a_frame_are_bounded_and_a_slower_video_plays_faster(tiny_model_file, tmp_path):
+    """The copies were unbounded: a file saying 0.0001 fps took 1000 of each frame (21 s and 177 MB at 1080p), one
+    saying 1e-300 wrote without end, and 5e-324 raised OverflowError (0.1 / 5e-324 is inf). At most
+    VIDEO_WRITER_MAX_COPIES now, the video at VIDEO_WRITER_MIN_FPS playing faster, and the note says how much."""
+    import torch
+
+    from utils import defaults as D
+    from utils.detection.evaluation import load_trained_model
+    from utils.detection.video import predict_video, writer_rate
+
+    for rate in (1e-4, 1e-300, 5e-324):
+        assert writer_rate(rate) == (D.VIDEO_WRITER_MIN_FPS, D.VIDEO_WRITER_MAX_COPIES)
+    source = tmp_path / "slower.avi"  # 25 frames at 0.01 fps, stride 24: 2 processed, one every 2400 s
+    writer = cv2.VideoWriter(str(source), cv2.VideoWriter_fourcc(*"MJPG"), 0.01, (64, 48))
+    for shade in range(25):
+        writer.write(np.full((48, 64, 3), 10 * shade, np.uint8))
+    writer.release()
+    model = load_trained_model(tiny_model_file, "cpu")[0]
+    summary = predict_video(model, torch.device("cpu"), str(source), tmp_path / "out", 0.5, stride=24,
+                            output_video=tmp_path / "out" / "a.mp4")
+    assert summary["frames_processed"] == 2 and summary["annotated_video"]["fps"] == D.VIDEO_WRITER_MIN_FPS
+    assert summary["annotated_video"]["frames"] == 2 * D.VIDEO_WRITER_MAX_COPIES
+    assert any(f"at most {D.VIDEO_WRITER_MAX_COPIES} copies, it plays 2 times real speed" in note
+               for note in summary["notes"])

@@ -158,6 +158,9 @@ VIDEO_HOLD_MAX_SECONDS = 5.0   # a live source's annotated video holds a frame u
 VIDEO_WRITER_MIN_FPS = 0.1     # an annotated video slower than this (a large --stride, a container's 0.01 fps) holds
                                # each frame in copies up to it: OpenCV's writer rounds the rate to 1/1000 and
                                # refuses 0.001 fps or less (the run failed after its first frame)
+VIDEO_WRITER_MAX_COPIES = 120  # ... but in at most this many copies (20 min at 0.1 fps), slower videos playing faster:
+                               # a file saying 0.0001 fps took 1000 copies of each frame (21 s and 177 MB at 1080p),
+                               # one saying 1e-300 wrote without end
 WBF_IOU = 0.55                 # predict --model A B ... and --tta: boxes of several models (or of the plain and
                                # the flipped pass) overlapping more than this are one face, fused by weighted
                                # box fusion (ensemble-boxes' default)

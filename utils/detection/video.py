@@ -378,8 +378,10 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                                         "frames_dropped": run.frames_dropped,
                                         "pauses_shortened": run.pauses_shortened}
             if copies > 1:
+                faster = video_rate / (fps / stride * copies)  # over 1 where the copies are VIDEO_WRITER_MAX_COPIES
+                capped = f"; at most {copies} copies, it plays {faster:.3g} times real speed" if faster > 1.001 else ""
                 notes.append(f"the annotated video holds each processed frame {copies} times: its {fps / stride:.3g} "
-                             f"frames a second are under the {D.VIDEO_WRITER_MIN_FPS:g} the video writer takes")
+                             f"frames a second are under the {D.VIDEO_WRITER_MIN_FPS:g} the video writer takes{capped}")
             if run.pauses_shortened:
                 notes.append(f"{run.pauses_shortened} pause(s) of the {kind} over {D.VIDEO_HOLD_MAX_SECONDS:g} s "
                              f"are {D.VIDEO_HOLD_MAX_SECONDS:g} s in the annotated video; the CSV keeps their times")
@@ -398,7 +400,10 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
 def writer_rate(rate: float) -> tuple[float, int]:
     """(the annotated video's frame rate, copies written of each processed frame) for processed frames that come
     *rate* a second: *rate* and 1, or where *rate* is under defaults.VIDEO_WRITER_MIN_FPS, which OpenCV's writer
-    takes (it refuses 0.001 fps or less), the fewest copies that reach it: the video still plays at real speed."""
+    takes (it refuses 0.001 fps or less), the fewest copies that reach it: the video still plays at real speed; but
+    at most defaults.VIDEO_WRITER_MAX_COPIES, the rate then raised to VIDEO_WRITER_MIN_FPS (it plays faster)."""
+    if rate * D.VIDEO_WRITER_MAX_COPIES <= D.VIDEO_WRITER_MIN_FPS:  # not 0.1 / rate: 0.1 / 5e-324 is inf
+        return D.VIDEO_WRITER_MIN_FPS, D.VIDEO_WRITER_MAX_COPIES
     copies = max(1, math.ceil(D.VIDEO_WRITER_MIN_FPS / rate - 1e-9))  # 1e-9: 0.1 / (0.1 / 3) is 3.0000000000000004
     return rate * copies, copies
 
