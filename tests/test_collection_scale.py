@@ -31,6 +31,7 @@ def test_a_long_or_odd_folder_name_keeps_the_plot_per_folder_readable(tmp_path):
     from PIL import Image
 
     from utils.detection import plots
+    from utils.figures import FIGURE_LABEL_CHARS, figure_label
 
     estimate = {"percent": 50.0, "low": 40.0, "high": 60.0, "unit": "image", "units": 5, "faces_found": 3,
                 "method": "cc", "confidence": 0.95}
@@ -40,9 +41,9 @@ def test_a_long_or_odd_folder_name_keeps_the_plot_per_folder_readable(tmp_path):
     plain_width = Image.open(tmp_path / "plain.png").width
     plots.plot_compliance_by_folder({"site0/cam0": estimate, "site1/cam0": estimate}, estimate, tmp_path / "short.png")
     assert plain_width < 2 * Image.open(tmp_path / "short.png").width  # the 60-character label against 10
-    label = plots.figure_label(long_name)
-    assert len(label) == plots.FIGURE_LABEL_CHARS and label.startswith("siteA/x") and label.endswith("x/2026-12-06")
-    assert plots.figure_label("two\nlines") == "two?lines" and plots.figure_label("ü ñ 日本/..") == "ü ñ 日本/.."
+    label = figure_label(long_name)
+    assert len(label) == FIGURE_LABEL_CHARS and label.startswith("siteA/x") and label.endswith("x/2026-12-06")
+    assert figure_label("two\nlines") == "two?lines" and figure_label("ü ñ 日本/..") == "ü ñ 日本/.."
 
 
 def _part(skipped: int) -> dict:

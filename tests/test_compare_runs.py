@@ -242,3 +242,22 @@ def test_runs_evaluated_on_different_test_sets_are_said_to_be(root, runs, tmp_pa
     assert f"- {said}" in captured.out and said in (tmp_path / "runs.html").read_text()
     assert run_script(root, "compare_runs", runs) == 0  # the same test set: nothing said
     assert said not in capsys.readouterr().err
+
+
+def test_long_run_names_are_cut_in_the_plot_and_each_run_keeps_its_bar(root, tmp_path, monkeypatch):
+    """Run names (the path as given where two runs share a folder name) were drawn whole under their bars, running
+    into each other; cut (figure_label), two names alike at both ends drew one bar by name, the other hidden."""
+    import matplotlib.pyplot as plt
+
+    from utils.figures import FIGURE_LABEL_CHARS
+
+    middle = "x" * 80
+    first = make_run_folder(tmp_path / f"site_a_{middle}" / "run", map_50=0.4, config=BASE, figures=False)
+    second = make_run_folder(tmp_path / f"site_b_{middle}" / "run", map_50=0.6, config=BASE, figures=False)
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig) or close(fig))
+    assert run_script(root, "compare_runs", [first, second, "--metric", "map_50", "--plot", tmp_path / "p.png"]) == 0
+    (ax,) = figures[0].axes
+    labels = [tick.get_text() for tick in ax.get_xticklabels()]
+    assert len(labels) == 2 and all(len(label) <= FIGURE_LABEL_CHARS for label in labels)
+    assert sorted(bar.get_height() for bar in ax.patches) == pytest.approx([0.4, 0.6])

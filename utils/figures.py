@@ -1,4 +1,5 @@
-"""How a percent is shown to people: one decimal, the same in every output that shows it.
+"""How a percent is shown to people: one decimal, the same in every output that shows it; and a user's name in a
+figure (figure_label).
 
 The outputs store the figure to two decimals (utils/detection/quantify.py); the lines the jobs print, the run
 report and the service's page show it to one. Python's format rounds a tie to even ('6.25' -> '6.2') where the
@@ -20,3 +21,19 @@ _EXACT = Context(prec=400)
 def one_decimal(value: float) -> str:
     """*value* to one decimal as JavaScript's value.toFixed(1) writes it: one_decimal(6.25) == '6.3'."""
     return str(Decimal(float(value)).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP, context=_EXACT))
+
+
+FIGURE_LABEL_CHARS = 60  # a folder's, video's or run's name in a figure is cut to this many characters: bbox_inches=
+                         # "tight" widens the figure to hold the whole text, and a 300-character folder name drew the
+                         # plot per folder 3351 px wide with its bars squeezed into the right fifth
+
+
+def figure_label(text: str, limit: int = FIGURE_LABEL_CHARS) -> str:
+    """*text* (a user's folder or file name) as a figure shows it: at most *limit* characters, its start and end kept
+    about an ellipsis (a site and a day both tell folders apart), and a character that does not print (a tab, a line
+    break) drawn as '?', so that one row stays one line."""
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) // 3
+    return text[:head] + "\u2026" + text[len(text) - (limit - 1 - head):]

@@ -15,24 +15,8 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from .. import defaults as D  # noqa: E402
 from ..atomic import atomic_path  # noqa: E402
 from ..classes import CLASS_COLOURS, CLASSES, NAME_OF  # noqa: E402
-from ..figures import one_decimal  # noqa: E402
+from ..figures import figure_label, one_decimal  # noqa: E402
 from ..naming import OUTPUTS  # noqa: E402
-
-
-FIGURE_LABEL_CHARS = 60  # a folder's or a video's name in a figure is cut to this many characters: bbox_inches="tight"
-                         # widens the figure to hold the whole text, and a 300-character folder name drew the plot per
-                         # folder 3351 px wide with its bars squeezed into the right fifth
-
-
-def figure_label(text: str, limit: int = FIGURE_LABEL_CHARS) -> str:
-    """*text* (a user's folder or file name) as a figure shows it: at most *limit* characters, its start and end kept
-    about an ellipsis (a site and a day both tell folders apart), and a character that does not print (a tab, a line
-    break) drawn as '?', so that one row stays one line."""
-    text = "".join(c if c.isprintable() else "?" for c in text)
-    if len(text) <= limit:
-        return text
-    head = (limit - 1) // 3
-    return text[:head] + "\u2026" + text[len(text) - (limit - 1 - head):]
 
 
 def _save(fig, path) -> None:

@@ -281,16 +281,19 @@ def write_plot(comparison: Comparison, metric: str, path) -> list[str]:
     import matplotlib.pyplot as plt
 
     from ..atomic import atomic_path
+    from ..figures import figure_label
 
     if metric not in METRICS:
         raise InputError(f"--metric {metric!r}: not a metric (one of {', '.join(METRICS)})")
-    def label(name: str) -> str:  # a run's name as text: "$" would start matplotlib's math mode
-        return name.replace("$", r"\$")
+    def label(name: str) -> str:  # a run's name as text ("$" would start matplotlib's math mode), a long one cut
+        return figure_label(name).replace("$", r"\$")
 
     plotted = [(label(row["run"]), num(row[metric])) for row in comparison.rows if num(row[metric]) is not None]
     without = [row["run"] for row in comparison.rows if num(row[metric]) is None]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(plotted) + 2), 4.2), layout="constrained")
-    bars = ax.bar([name for name, _ in plotted], [value for _, value in plotted], color="#2a62c9")
+    # at positions, not by name: two runs whose names cut alike (figure_label) were one bar, the other's hidden
+    bars = ax.bar(range(len(plotted)), [value for _, value in plotted], color="#2a62c9")
+    ax.set_xticks(range(len(plotted)), [name for name, _ in plotted])
     ax.bar_label(bars, fmt="%.3g", padding=2)
     ax.margins(y=0.12)  # room for the labels above the tallest bar
     ax.set_ylabel(metric)
