@@ -27,7 +27,7 @@ from utils.cli import (add_label_map_arg, check_distinct_outputs, fraction_below
                        non_negative_int, positive_float, positive_int, random_seed, run_job, worker_count)
 from utils.detection.device import resolve_device
 from utils.detection.hpo import OBJECTIVES, HpoConfig, SearchSpace, run_study
-from utils.detection.model import BACKBONES
+from utils.detection.model import BACKBONES, weights_file_given
 from utils.detection.params import PARAM_CHOICES
 from utils.detection.tensorboard_log import TensorBoardError, pack_events
 from utils.errors import InputError
@@ -151,7 +151,7 @@ def main(args) -> int:
     write_run_record(record, "hpo", {**vars(args), "device": str(device),
                                      "trial_counts": result["trial_counts"], "best_value": result["best_value"],
                                      "trials_resumed": result["trials_resumed"]},
-                     [*seen, *files_named(args.weights, args.weights_file)], seen)
+                     [*seen, *files_named(weights_file_given(args.weights, args.weights_file))], seen)
     counts = result["trial_counts"]
     best = (f"best {result['objective']} {result['best_value']:.4f} with {result['best_params']}"
             if result["best_value"] is not None else "no completed trial")

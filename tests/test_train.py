@@ -299,17 +299,21 @@ def test_an_image_too_thin_to_train_at_is_a_listed_skip_not_a_crash(tmp_path, ro
     out = tmp_path / "run"
     params = tmp_path / "best_hpo_params.json"
     params.write_text('{"params": {"momentum": 0.8}}')
+    set_aside = tmp_path / "unused.pt"  # --weights none sets --weights-file aside: no input of the model
+    set_aside.write_bytes(b"not read")
     argv = ["--images", data / "images", "--annotations", data / "annotations", "--val-images", val / "images",
             "--val-annotations", val / "annotations", "--val-mode", "merge", "--max-steps", "1", "--params", params,
             "--image-size", "64", "--multiscale", "0", "--batch-size", "6", "--workers", "0", "--weights", "none",
-            "--checkpoint", out / "checkpoint.pt", "--output", out / "model.pt", "--no-progress", "--device", "cpu"]
+            "--weights-file", set_aside, "--checkpoint", out / "checkpoint.pt", "--output", out / "model.pt",
+            "--no-progress", "--device", "cpu"]
     assert run_script(root, "train", argv) == 0
     meta = load_model_file(out / "model.pt")[1]
     assert (meta["num_train_images"], meta["skipped_inputs"]) == (4, 2)  # --val-mode merge: val is trained on
     record = json.loads((out / "model_run.json").read_text())
     assert [item["file"] for item in record["params"]["skipped"]] == [str(data / "images" / "banner.png"),
                                                                       str(val / "images" / "banner.png")]
-    # the hyperparameters file shapes the model as the images do: its hash is among the record's inputs
+    # the hyperparameters file shapes the model as the images do: its hash is among the record's inputs; the
+    # weights file set aside is not (it was, with its flags' names taken for the files the model started from)
     trained = [path for folder in (data, val) for path in sorted(folder.rglob("sample_*"))]
     assert record["inputs_sha256"] == inputs_sha256([*trained, params]) and record["num_inputs"] == 9
     assert record["params"]["skipped"][0]["problem"] == ("200x2 px is too thin to train on: at the smallest "

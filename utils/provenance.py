@@ -78,8 +78,8 @@ def code_version() -> dict:
 
 
 def files_named(*flags) -> list[Path]:
-    """The files among flags that may name one (--weights PATH or imagenet, --weights-file, --params), for a run
-    record's inputs: a train job's hyperparameters and starting weights shape its model as its images do."""
+    """The files among flags that may name one (--params; hpo's weights_file_given), for a run record's inputs: a
+    job's hyperparameters and starting weights shape its model as its images do."""
     return [Path(flag) for flag in flags if flag and Path(flag).is_file()]
 
 

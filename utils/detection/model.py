@@ -72,6 +72,14 @@ BACKBONE_STAGES = {"mobilenet_v2_fpn": 6, RETINAFACE_BACKBONE: 5, "mobilenet_v3_
                    "resnet50_fpn_v2": 5}
 WEIGHT_KINDS = ("none", "imagenet", "coco", "widerface")
 
+
+def weights_file_given(weights: str | None, weights_file) -> str | None:
+    """The file build_model takes the starting weights from, by its flags: --weights PATH, else --weights-file
+    unless --weights none (then it is set aside), for a run record's inputs."""
+    if weights is not None and weights not in WEIGHT_KINDS:
+        return weights
+    return None if weights == "none" else weights_file
+
 # MobileNetV2 feature stages used by the pyramid: (node name, channels, stride).
 MOBILENET_V2_RETURN_NODES = (("features.6", 32, 8), ("features.13", 96, 16), ("features.18", 1280, 32))
 MOBILENET_V2_FPN_CHANNELS = 128  # 256 (torchvision's choice) doubles the CPU cost of FPN, RPN and box head

@@ -256,6 +256,9 @@ def write_model_outputs(trainer: Trainer, record: TrainingRecord, data: Training
         if args.tensorboard_tar:
             pack_events(args.tensorboard_dir, args.tensorboard_tar)
             log.info("TensorBoard events packed into %s", args.tensorboard_tar)
+    # the starting weights' file as build_model loaded and hashed it: not one --weights none set aside, nor read again
+    report = trainer.model.weights_report
+    weights = {Path(report.source): report.sha256} if report.sha256 else {}
     summary = {"output": str(paths["output"]), "epochs": trainer.completed_epochs, "final_train_loss": final_loss,
                "kept_epoch": record.kept["epoch"],
                "working_size": size["image_size"] if size is not None else trainer.params.image_size,
@@ -264,7 +267,7 @@ def write_model_outputs(trainer: Trainer, record: TrainingRecord, data: Training
     write_run_record(paths["run_record"], "train", {**vars(args), "resolved": trained, "device": str(settings.device),
                                                     "summary": summary, "skipped": data.skipped,
                                                     "object_problems": data.object_problems, "resumed_from": resumed},
-                     [*data.input_files, *files_named(args.params, args.weights, args.weights_file)], data.files_sha256)
+                     [*data.input_files, *files_named(args.params), *weights], {**data.files_sha256, **weights})
     return final_loss
 
 
