@@ -30,7 +30,8 @@ def file_sha256(path) -> str:
 def inputs_sha256(paths, known: dict | None = None) -> str:
     """One hash over many files: each file's name and content hash, in (name, hash) order, so that it follows the
     files alone: a sort on full paths put the files of two archives unpacked into randomly named folders (a train
-    job's training and validation sets) in a random order, and two runs on the same data recorded two hashes.
+    job's training and validation sets) in a random order, and two runs on the same data recorded two hashes. The
+    folders are not in it: two files of one name swapped between two folders hash alike (sets_sha256 tells sets apart).
     *known* maps paths to the file_sha256 a job took as it read them (predict's decode), so they are not read again."""
     known = known or {}
     named = sorted((path.name, known.get(path) or file_sha256(path)) for path in (Path(p) for p in paths))
