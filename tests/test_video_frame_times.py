@@ -127,24 +127,31 @@ def test_only_whole_blocks_count_toward_an_interval():
     assert sizes(60, 30) == [30, 30] and sizes(65, 30) == [30, 35]
 
 
+def run_on_a_slow_video(model_file, folder, frames: int, stride: int) -> dict:
+    """predict_video's summary of a *frames*-frame 64x48 file saying 0.01 fps, every *stride*-th frame processed
+    and drawn into folder/out/a.mp4."""
+    import torch
+
+    from utils.detection.evaluation import load_trained_model
+    from utils.detection.video import predict_video
+
+    source = folder / "slow.avi"
+    writer = cv2.VideoWriter(str(source), cv2.VideoWriter_fourcc(*"MJPG"), 0.01, (64, 48))
+    for shade in range(frames):
+        writer.write(np.full((48, 64, 3), (250 * shade) // frames, np.uint8))
+    writer.release()
+    model = load_trained_model(model_file, "cpu")[0]
+    return predict_video(model, torch.device("cpu"), str(source), folder / "out", 0.5, stride=stride,
+                         output_video=folder / "out" / "a.mp4")
+
+
 def test_an_annotated_video_slower_than_the_writer_takes_holds_its_frames_in_copies(tiny_model_file, tmp_path):
     """Processed frames that come 0.001 a second or less (a container saying 0.01 fps, or a --stride of thousands):
     OpenCV's writer refused the rate, and the run failed after its first frame ("OpenCV cannot write this video
     file"). Each frame is now written in copies up to VIDEO_WRITER_MIN_FPS: the video still plays at real speed."""
-    import torch
-
     from utils import defaults as D
-    from utils.detection.evaluation import load_trained_model
-    from utils.detection.video import predict_video
 
-    source = tmp_path / "slow.avi"  # 13 frames at 0.01 fps, stride 12: 2 processed, one every 1200 s
-    writer = cv2.VideoWriter(str(source), cv2.VideoWriter_fourcc(*"MJPG"), 0.01, (64, 48))
-    for shade in range(13):
-        writer.write(np.full((48, 64, 3), 20 * shade, np.uint8))
-    writer.release()
-    model = load_trained_model(tiny_model_file, "cpu")[0]
-    summary = predict_video(model, torch.device("cpu"), str(source), tmp_path / "out", 0.5, stride=12,
-                            output_video=tmp_path / "out" / "a.mp4")
+    summary = run_on_a_slow_video(tiny_model_file, tmp_path, frames=13, stride=12)  # 2 processed, 1200 s apart
     copies = round(D.VIDEO_WRITER_MIN_FPS * 1200)
     assert summary["frames_processed"] == 2
     assert summary["annotated_video"]["fps"] == D.VIDEO_WRITER_MIN_FPS
@@ -160,22 +167,12 @@ def test_the_copies_of_a_frame_are_bounded_and_a_slower_video_plays_faster(tiny_
     """The copies were unbounded: a file saying 0.0001 fps took 1000 of each frame (21 s and 177 MB at 1080p), one
     saying 1e-300 wrote without end, and 5e-324 raised OverflowError (0.1 / 5e-324 is inf). At most
     VIDEO_WRITER_MAX_COPIES now, the video at VIDEO_WRITER_MIN_FPS playing faster, and the note says how much."""
-    import torch
-
     from utils import defaults as D
-    from utils.detection.evaluation import load_trained_model
-    from utils.detection.video import predict_video, writer_rate
+    from utils.detection.video import writer_rate
 
     for rate in (1e-4, 1e-300, 5e-324):
         assert writer_rate(rate) == (D.VIDEO_WRITER_MIN_FPS, D.VIDEO_WRITER_MAX_COPIES)
-    source = tmp_path / "slower.avi"  # 25 frames at 0.01 fps, stride 24: 2 processed, one every 2400 s
-    writer = cv2.VideoWriter(str(source), cv2.VideoWriter_fourcc(*"MJPG"), 0.01, (64, 48))
-    for shade in range(25):
-        writer.write(np.full((48, 64, 3), 10 * shade, np.uint8))
-    writer.release()
-    model = load_trained_model(tiny_model_file, "cpu")[0]
-    summary = predict_video(model, torch.device("cpu"), str(source), tmp_path / "out", 0.5, stride=24,
-                            output_video=tmp_path / "out" / "a.mp4")
+    summary = run_on_a_slow_video(tiny_model_file, tmp_path, frames=25, stride=24)  # 2 processed, 2400 s apart
     assert summary["frames_processed"] == 2 and summary["annotated_video"]["fps"] == D.VIDEO_WRITER_MIN_FPS
     assert summary["annotated_video"]["frames"] == 2 * D.VIDEO_WRITER_MAX_COPIES
     assert any(f"at most {D.VIDEO_WRITER_MAX_COPIES} copies, it plays 2 times real speed" in note
