@@ -26,6 +26,7 @@ from Pegasus.api import File, Job, Properties, ReplicaCatalog, Transformation, T
 
 from helpers import REFUSAL_MB, peak_mb
 from utils.executor import WorkflowError, load_workflow, run_workflow
+from utils.executor.scheduler import Executor
 
 # A fake job: records each start in a log outside the run dir, optionally fails its
 # first N tries, keeps a try counter in its checkpoint file, writes its outputs (its
@@ -123,9 +124,13 @@ def starts(tmp_path: Path) -> list[str]:
     return log.read_text().split() if log.exists() else []
 
 
-def run(run_dir: Path, jobs: int = 2) -> tuple[int, str]:
+def run(run_dir: Path, jobs: int = 2, cpu_count: int | None = None) -> tuple[int, str]:
+    """Run the workflow; *cpu_count*: the cores the executor believes this machine has (default: its own)."""
     out = io.StringIO()
-    status = run_workflow(run_dir, jobs=jobs, out=out)
+    if cpu_count is None:
+        status = run_workflow(run_dir, jobs=jobs, out=out)
+    else:
+        status = Executor(load_workflow(run_dir), jobs=jobs, out=out, cpu_count=cpu_count).run()
     return status, out.getvalue()
 
 
@@ -215,14 +220,40 @@ def test_jobs_run_in_dependency_order_and_only_final_outputs_are_staged_out(tmp_
 def test_up_to_jobs_jobs_are_started_at_once(tmp_path):
     jobs = [{"id": f"p{i}", "outputs": [f"p{i}.txt"]} for i in range(4)]
     # the start lines say how many ran side by side: all four with four slots,
-    # two with two slots (the third starts only once one of the first two is done)
+    # two with two slots (the third starts only once one of the first two is done); 8 cores: the slots decide
     for slots, at_once in ((4, 4), (2, 2)):
         run_dir = make_workflow(tmp_path / f"slots{slots}", jobs)
-        status, output = run(run_dir, jobs=slots)
+        status, output = run(run_dir, jobs=slots, cpu_count=8)
         assert status == 0, output
         events = [line.split("] ", 1)[1].split()[0] for line in output.splitlines() if line.startswith("[")]
         assert events.count("start") == 4
         assert events.index("done") == at_once
+
+
+def test_each_job_computes_with_the_cores_it_asks_for_whatever_ran_beside_it(tmp_path):
+    """A job's thread count is its pegasus cores profile (at most the machine's, 1 without one), never a share of
+    the cores that depends on which jobs were running when it started; the jobs at once ask for no more cores than
+    the machine has (a job that asks for all of them runs alone), as HTCondor's request_cpus would."""
+    shown = ["OMP_NUM_THREADS", "MKL_NUM_THREADS", "PEGASUS_CORES"]
+    jobs = [{"id": "whole", "outputs": ["whole.txt"], "pegasus_profiles": {"cores": 4}, "sleep": 0.3},
+            {"id": "more", "outputs": ["more.txt"], "pegasus_profiles": {"cores": 16}},
+            *({"id": f"one{i}", "outputs": [f"one{i}.txt"], "sleep": 0.3} for i in range(3)),
+            {"id": "two", "outputs": ["two.txt"], "pegasus_profiles": {"cores": 2}, "sleep": 0.3}]
+    for job in jobs:
+        job["show_env"] = shown
+    run_dir = make_workflow(tmp_path, jobs)
+    status, output = run(run_dir, jobs=4, cpu_count=4)
+    assert status == 0, output
+    asked = {"whole": 4, "more": 4, "one0": 1, "one1": 1, "one2": 1, "two": 2}
+    for job_id, cores in asked.items():
+        written = (run_dir / "scratch" / job_id / f"{job_id}.txt").read_text()
+        assert written == f"{job_id};" + "".join(f"{name}={cores};" for name in shown), job_id
+    in_use, most = 0, 0  # the cores of the jobs running, from the start and done lines in their order
+    for line in output.splitlines():
+        event, job_id = line.split("] ", 1)[1].split()[:2] if line.startswith("[") else ("", "")
+        in_use += {"start": asked.get(job_id, 0), "done": -asked.get(job_id, 0)}.get(event, 0)
+        most = max(most, in_use)
+    assert most == 4 and in_use == 0, output
 
 
 def test_dependents_of_a_failed_job_are_skipped_and_the_rest_runs(tmp_path):

@@ -170,8 +170,6 @@ class JobRunner:
 
     def job_variables(self, spec: JobSpec, threads: int) -> dict[str, str]:
         """The environment variables that change what the job does or whether it can run at all."""
-        cores = spec.profile_number("pegasus", "cores")
-        threads = max(1, min(threads, int(cores) if cores else threads))
         variables = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                      "PEGASUS_CORES": str(threads),
                      "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}

@@ -9,6 +9,10 @@ DAGMan would, without HTCondor:
   file name, from the replica catalog or from the job that produced them (Pegasus
   stages files flat into the job's directory the same way);
 - up to --jobs jobs at once, in dependency order, longest remaining path first;
+- each job computes with the cores its pegasus cores profile asks for (at most this machine's; 1
+  without one) and the jobs running at once ask for no more cores than the machine has, as
+  HTCondor's request_cpus would: a job's thread count, and so its numbers, never depend on which
+  jobs happened to run beside it (on a CPU the same seed gives the same bits only at one count);
 - stdout and stderr per try in RUN_DIR/logs/<job>.out.NNN / .err.NNN; the .out log
   starts with a header whose line after "# rerun by hand:" reruns that try from bash
   (cd into its directory, the thread counts, PYTHONPATH and env profiles, the command);
@@ -86,6 +90,12 @@ class Executor:
         self.state = ResumeState(workflow)
         self.runner = JobRunner(workflow, python, self.stopping, lock, time_limits)
         self.priority = self._bottom_levels()
+        self.cores = {job_id: self._cores(spec) for job_id, spec in workflow.jobs.items()}
+
+    def _cores(self, spec) -> int:
+        """The cores (torch threads) a job runs with: its pegasus cores profile, at most this machine's."""
+        cores = spec.profile_number("pegasus", "cores")
+        return max(1, min(self.cpu_count, int(cores) if cores else 1))
 
     def _bottom_levels(self) -> dict[str, float]:
         """Longest path (expected runtime) from each job to the end: run the critical path first."""
@@ -124,13 +134,12 @@ class Executor:
                          and all(self.results[p].status in ("succeeded", "reused")
                                  for p in self.wf.jobs[job_id].parents)]
                 ready.sort(key=lambda j: -self.priority[j])
-                free = self.slots - len(self.running)
-                if not self.stopping.is_set() and free > 0 and ready:
-                    batch = ready[:free]
-                    # Share the CPUs among the jobs that will run side by side.
-                    threads = max(1, self.cpu_count // (len(self.running) + len(batch)))
-                    for job_id in batch:
-                        self._launch(job_id, threads)
+                busy = sum(self.cores[job_id] for job_id in self.running)
+                for job_id in [] if self.stopping.is_set() else ready:
+                    if len(self.running) >= self.slots or (self.running and busy + self.cores[job_id] > self.cpu_count):
+                        break  # the first job in priority order waits for its cores: later ones do not overtake it
+                    self._launch(job_id, self.cores[job_id])
+                    busy += self.cores[job_id]
                 if not self.running:
                     break
                 try:

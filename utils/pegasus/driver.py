@@ -144,7 +144,7 @@ def workflow_args_parser(description: str, root: Path, overrides: dict) -> argpa
     how.add_argument("--generate-only", action="store_true",
                      help="write the workflow and catalogs, run nothing (default: when pegasus-plan is installed)")
     run.add_argument("--jobs", type=int, default=None,
-                     help="local executor: jobs at once (None: min(4, CPUs))")
+                     help="local executor: jobs at once, within the CPUs their cores ask for (None: min(4, CPUs))")
     run.add_argument("-v", "--verbose", action="store_true", help="log more")
     return parser
 
