@@ -22,8 +22,9 @@ import sys
 from utils import defaults as D
 from utils.classes import LabelMap
 from utils.cli import (add_label_map_arg, add_set_input_args, add_set_output_args, check_set_args,
-                       non_negative_float, non_negative_int, random_seed, run_job)
+                       non_negative_float, non_negative_int, print_skipped, random_seed, run_job)
 from utils.data.augment import augment_set
+from utils.data.preprocess import default_report_path
 from utils.stop import declare_outputs, stop_on_sigterm
 
 
@@ -60,8 +61,8 @@ def main(args) -> int:
           f"({report['rare_extra_copies']} extra for {report['rare_images']} images with mask_weared_incorrect) "
           f"written to {output}; {report['images_skipped']} inputs skipped, "
           f"{len(report['copies_without_boxes'])} copies left out for losing every box")
-    for item in report["skipped"] + report["copies_without_boxes"]:
-        print(f"  {item['file']}: {item['problem']}")
+    listed_in = str(args.report or default_report_path(args.output_dir, args.output_tar))
+    print_skipped(report["skipped"] + report["copies_without_boxes"], listed_in, reason_key="problem")
     return 0
 
 

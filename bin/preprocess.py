@@ -25,8 +25,8 @@ import sys
 from utils import defaults as D
 from utils.classes import LabelMap
 from utils.cli import (add_label_map_arg, add_set_input_args, add_set_output_args, check_set_args, file_name_part,
-                       int_at_least, run_job)
-from utils.data.preprocess import FORMATS, SOURCE, preprocess_set
+                       int_at_least, print_skipped, run_job)
+from utils.data.preprocess import FORMATS, SOURCE, default_report_path, preprocess_set
 from utils.stop import declare_outputs, stop_on_sigterm
 
 
@@ -63,8 +63,8 @@ def main(args) -> int:
     # inputs: the pairs and every entry skipped (a subfolder, a file without a partner), not only images
     print(f"preprocess: {report['images_processed']} images written to {output} ({report['inputs']} inputs, "
           f"{report['images_skipped']} skipped; {len(report['object_problems'])} object problems)")
-    for item in report["skipped"]:
-        print(f"  skipped {item['file']}: {item['problem']}")
+    print_skipped(report["skipped"], str(args.report or default_report_path(args.output_dir, args.output_tar)),
+                  reason_key="problem")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -99,3 +100,26 @@ def test_the_report_names_the_prediction_sets_skipped_files_the_first_fifty(root
     assert page.count("cannot decode image: truncated</li>") == FILES_LISTED
     assert "<code>shard-000000.tar:site &lt;b&gt;1&lt;/b&gt;/ü ñ.jpg</code>" in page
     assert "and 70 more: <code>compliance.json</code> lists them all" in page
+
+
+def test_the_data_jobs_count_their_skipped_files_on_the_terminal_and_list_them_all_in_their_report(
+        root, tmp_path, capsys):
+    # preprocess and augment printed a line per skipped input: a folder of thousands of damaged photos buried the
+    # job's log; now they print the first SKIPPED_PRINTED and name the report that lists every one.
+    from utils.cli import SKIPPED_PRINTED
+    from utils.data.sample_data import make_sample_dataset
+
+    make_sample_dataset(tmp_path / "data", num_images=2, seed=1, image_size=(64, 64))
+    images, annotations = tmp_path / "data" / "images", tmp_path / "data" / "annotations"
+    for k in range(SKIPPED_PRINTED + 3):
+        (images / f"broken{k:02d}.jpg").write_bytes(b"not a jpeg")
+        shutil.copy(annotations / "sample_0000.xml", annotations / f"broken{k:02d}.xml")
+    for job, flags in (("preprocess", ["--prefix", "p_"]), ("augment", ["--copies", "1"])):
+        out = tmp_path / f"{job}_set"
+        assert run_script(root, job, ["--images", images, "--annotations", annotations, *flags,
+                                      "--output-dir", out, "--no-progress"]) == 0
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("skipped ")]
+        report = tmp_path / f"{job}_set.report.json"
+        assert len(lines) == SKIPPED_PRINTED + 1, (job, lines)
+        assert lines[-1] == f"skipped 3 more files (all {SKIPPED_PRINTED + 3} with their reasons in {report})"
+        assert len(json.loads(report.read_text())["skipped"]) == SKIPPED_PRINTED + 3

@@ -149,13 +149,13 @@ def test_bad_inputs_are_skipped_and_reported(sample_dir, tmp_path, root, capsys)
     args = cli.get_args_parser().parse_args(["--images", str(src), "--prefix", "val_", "--output-dir",
                                              str(tmp_path / "out"), "--report", str(report_path), "--no-progress"])
     assert cli.main(args) == 0
-    out = capsys.readouterr().out
+    err = capsys.readouterr().err  # each skipped file a line (the first SKIPPED_PRINTED), with its problem
     report = json.loads(report_path.read_text())
     skipped = {item["file"]: item["problem"] for item in report["skipped"]}
     assert set(skipped) == {"truncated.jpg", "text.png", "badxml.xml", "lonely.jpg"}
     assert "truncated" in skipped["truncated.jpg"] and "not an image" in skipped["text.png"]
     assert "not well-formed" in skipped["badxml.xml"] and "no annotation" in skipped["lonely.jpg"]
-    assert all(name in out for name in skipped)
+    assert all(f"skipped {name}: {problem}" in err for name, problem in skipped.items())
     assert report["images_processed"] == 4 and report["inputs"] == 8
     # The out-of-image and zero-area boxes are dropped, the 1 px overshoot clipped: all reported.
     mixed = parse_voc(tmp_path / "out" / "val_mixed.xml")
@@ -328,12 +328,12 @@ def test_unreadable_names_links_and_subfolders_are_skipped_and_listed(root, samp
     args = cli.get_args_parser().parse_args(["--images", str(src), "--output-dir", str(tmp_path / "out"),
                                              "--report", str(report_path), "--no-progress"])
     assert cli.main(args) == 0
-    out = capsys.readouterr().out
+    err = capsys.readouterr().err
     skipped = {item["file"]: item["problem"] for item in json.loads(report_path.read_text())["skipped"]}
     assert set(skipped) == {"caf\\xe9.jpg", "caf\\xe9.xml", "loop_a.jpg", "loop_b.jpg", "site-b/"}
     assert "not valid UTF-8" in skipped["caf\\xe9.jpg"] and "link to nothing" in skipped["loop_a.jpg"]
     assert "subfolder" in skipped["site-b/"]
-    assert all(name in out for name in skipped)
+    assert all(f"skipped {name}: {problem}" in err for name, problem in skipped.items())
 
 
 # Runs a job script with every image's load slowed down, so that a SIGTERM lands in the middle of the set.

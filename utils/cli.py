@@ -54,13 +54,13 @@ SKIPPED_PRINTED = 20  # skipped files a job names on stderr; the rest are counte
                       # collection of 100k photos with a bad camera printed thousands of lines per job
 
 
-def print_skipped(entries: list[dict], listed_in: str | None) -> None:
-    """A job's skipped files ({file, reason}) on stderr, a line each: the first SKIPPED_PRINTED, then one line
-    counting the rest and naming *listed_in*, the output that lists every one with its reason (None: no output
-    does, so every one is printed)."""
+def print_skipped(entries: list[dict], listed_in: str | None, reason_key: str = "reason") -> None:
+    """A job's skipped files ({file, reason}; the data jobs' reports say "problem") on stderr, a line each: the first
+    SKIPPED_PRINTED, then one line counting the rest and naming *listed_in*, the output that lists every one with
+    its reason (None: no output does, so every one is printed)."""
     limit = SKIPPED_PRINTED if listed_in else len(entries)
     for entry in entries[:limit]:
-        print(f"skipped {entry['file']}: {entry['reason']}", file=sys.stderr)
+        print(f"skipped {entry['file']}: {entry[reason_key]}", file=sys.stderr)
     if len(entries) > limit:
         print(f"skipped {len(entries) - limit} more files (all {len(entries)} with their reasons in {listed_in})",
               file=sys.stderr)
