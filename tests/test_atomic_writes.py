@@ -198,3 +198,27 @@ def test_a_leftover_is_found_whatever_its_name_holds_and_after_a_chdir(tmp_path,
     monkeypatch.chdir(second)
     write_text("c.txt", "whole")
     assert sorted(path.name for path in second.iterdir()) == ["a\nb.txt", "c.txt"]
+
+
+def test_json_outputs_are_strict_json_an_undefined_number_written_as_null(tmp_path):
+    """Python's json wrote NaN and Infinity, which JSON.parse, jq and every strict reader refuse: one undefined figure
+    (a NaN loss, a share of no faces) made a job's whole evaluation.json or compliance.json unreadable there."""
+    import json
+    import math
+
+    from utils.atomic import dump_json, json_text
+
+    nan, inf = float("nan"), float("inf")
+    data = {"percent": nan, "low": inf, "rows": [1.5, -inf, {"x": (nan, 2)}], "name": "NaN", "count": 3}
+    expected = {"percent": None, "low": None, "rows": [1.5, None, {"x": [None, 2]}], "name": "NaN", "count": 3}
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    write_json(tmp_path / "a.json", data)
+    assert json.loads((tmp_path / "a.json").read_text(encoding="utf-8"), parse_constant=refuse) == expected
+    assert json.loads(json_text(data), parse_constant=refuse) == expected
+    assert json_text({"a": [1.25]}) == json.dumps({"a": [1.25]}, indent=2) + "\n"  # finite figures as they were
+    dump_json({"a": 0.5}, tmp_path / "b.json")
+    assert (tmp_path / "b.json").read_text(encoding="utf-8") == '{\n  "a": 0.5\n}\n'
+    assert math.isnan(data["percent"])  # the caller's data is left as it was

@@ -19,6 +19,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -180,16 +181,37 @@ def write_text(target, text: str) -> Path:
     return Path(target)
 
 
+def finite(obj):
+    """*obj* with every NaN and infinity (as deep as they sit in dicts, lists and tuples) as None, what the outputs
+    write for a figure that is undefined: JSON has no such numbers. Python's json writes them as NaN and Infinity,
+    which JSON.parse (the service's page), jq and every strict reader refuse: the whole file lost over one figure."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: finite(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(value) for value in obj]
+    return obj
+
+
 def json_text(obj, indent: int = 2) -> str:
-    """The text of the JSON files the jobs write."""
-    return json.dumps(obj, indent=indent, sort_keys=False, default=str) + "\n"
+    """The text of the JSON files the jobs write: strict JSON, a NaN or infinity written as null (finite)."""
+    try:
+        return json.dumps(obj, indent=indent, sort_keys=False, default=str, allow_nan=False) + "\n"
+    except ValueError:  # a NaN or infinity somewhere: the walk that replaces them costs only then
+        return json.dumps(finite(obj), indent=indent, sort_keys=False, default=str, allow_nan=False) + "\n"
 
 
 def dump_json(obj, path, indent: int = 2) -> None:
     """json_text's text written to *path* as it is encoded: json.dumps with an indent joins a list of every piece
     of the text, which held ~3.5 times the records in memory for a predictions file of 100k images."""
     with open(path, "w", encoding="utf-8") as handle:
-        json.dump(obj, handle, indent=indent, sort_keys=False, default=str)
+        try:
+            json.dump(obj, handle, indent=indent, sort_keys=False, default=str, allow_nan=False)
+        except ValueError:  # a NaN or infinity somewhere (json_text): written again from the start, as null
+            handle.seek(0)
+            handle.truncate()
+            json.dump(finite(obj), handle, indent=indent, sort_keys=False, default=str, allow_nan=False)
         handle.write("\n")
 
 
