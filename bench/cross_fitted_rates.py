@@ -86,7 +86,7 @@ def against_truth(record: dict, rates: dict) -> dict:
     result = Q.estimate(Q.Units.from_calibration(labelled), "pacc", Q.Calibration.from_record(rates))
     truth = Q.true_percent(labelled)
     Q.judge(result, truth)  # the evaluate job's error and "truth inside"
-    if result["truth_inside"] is None:
+    if result["error_points"] is None:  # no figure (an interval may be missing: its note says why, truth_inside None)
         raise SystemExit(f"cross_fitted_rates: no figure on {record.get('chosen_on', 'a set')} "
                          f"({result.get('note', 'no labelled face')})")
     return {"percent": result["percent"], "low": result["low"], "high": result["high"],
@@ -96,8 +96,9 @@ def against_truth(record: dict, rates: dict) -> dict:
 
 
 def line(name: str, result: dict) -> str:
-    inside = "inside" if result["truth_inside"] else "outside"
-    return (f"{name:<24}{result['percent']:>8.2f}  {result['low']:>6.2f}-{result['high']:<6.2f}"
+    inside = {True: "inside", False: "outside", None: "n/a"}[result["truth_inside"]]
+    interval = "no interval  " if result["low"] is None else f"{result['low']:>6.2f}-{result['high']:<6.2f}"
+    return (f"{name:<24}{result['percent']:>8.2f}  {interval}"
             f"{result['error_points']:>+8.2f}{result['true_percent']:>8.2f}  {inside:<8}{result['rate_images']:>6}")
 
 
@@ -136,7 +137,7 @@ def main() -> int:
     for key in ("own_validation_rates", "cross_fitted_rates"):
         errors = [fold[key]["error_points"] for fold in rows["folds"]]
         rows[f"{key}_mean_abs_error"] = round(float(np.mean(np.abs(errors))), 2)
-        rows[f"{key}_truth_inside"] = sum(fold[key]["truth_inside"] for fold in rows["folds"])
+        rows[f"{key}_truth_inside"] = sum(fold[key]["truth_inside"] is True for fold in rows["folds"])
         print(f"{key.replace('_', ' ')}: mean |error| over the folds {rows[f'{key}_mean_abs_error']:.2f} points, "
               f"truth inside {rows[f'{key}_truth_inside']} of {len(errors)}")
     if args.final:

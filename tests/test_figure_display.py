@@ -214,3 +214,17 @@ def test_the_plot_per_folder_draws_an_interval_that_does_not_hold_its_own_figure
            "method": "acc", "confidence": 0.95}
     plots.plot_compliance_by_folder({"a": odd, "b": {**odd, "percent": 50.0}}, odd, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_evaluation_txt_says_why_an_estimate_has_no_figure_or_no_interval():
+    """evaluation.txt's table read n/a where the report's table, the printed line and the page give the reason."""
+    from utils.detection.evaluation import estimate_lines
+
+    base = {"error_points": None, "truth_inside": None, "replicates": 1000, "seed": 42, "low": None, "high": None}
+    none = {**base, "method": "pacc2", "percent": None, "note": "no faces found"}
+    flat = {**base, "method": "cc", "percent": 100.0, "error_points": 0.0,
+            "note": "no interval: every resample of the 5 images gives 100%, which shows no spread, not certainty"}
+    lines = estimate_lines({"true_percent": 100.0, "true_faces": 7, "estimate": flat,
+                            "estimates": {"cc": flat, "pacc2": none}, "unavailable": {}})
+    assert any(line.split()[0] == "cc" and "no spread, not certainty" in line for line in lines)
+    assert any(line.split()[0] == "pacc2" and line.endswith("no faces found") for line in lines)

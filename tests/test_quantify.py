@@ -91,10 +91,11 @@ def test_pooling_assumes_the_calibration_mix_of_the_other_classes():
     assert shifted > same + 5
 
 
-@pytest.mark.parametrize("method, first_seed", [("acc", 100), ("cc", 200)])
+@pytest.mark.parametrize("method, first_seed", [("acc", 100), ("cc", 200), ("pacc2", 300)])
 def test_the_interval_covers_the_truth_in_most_simulations(method, first_seed):
-    """A real coverage check: new calibration and target images every time, the truth of each target. acc
-    corrects with the calibration images' rates; cc's interval spans its error on them (plain cc: 1 of 40)."""
+    """A real coverage check: new calibration and target images every time, the truth of each target. acc and
+    pacc2 (the headline) correct with the calibration images' rates; cc's interval spans its error on them (plain
+    cc: 1 of 40)."""
     covered, runs = 0, 40
     for run in range(runs):
         rng = np.random.default_rng(first_seed + run)
@@ -141,7 +142,8 @@ def test_the_replicates_do_not_depend_on_chunks_or_on_the_calibration_draws(monk
 
 # estimate(..., replicates=300, seed=11) of simulate(default_rng(5)): 40 calibration images, then targets of 3 and
 # 12 images; [percent, low, high, replicates_defined] as the code before the replicates were solved as a stack gave.
-ADJUSTED_GOLDEN = {"3/acc": [0.0, 0.0, 0.0, 300], "3/pacc": [0.0, 0.0, 10.46, 300], "3/pacc2": [0.0, 0.0, 7.7, 300],
+# 3/acc: every replicate read 0.0, an interval 0.0-0.0 before; no spread is not certainty: no interval now.
+ADJUSTED_GOLDEN = {"3/acc": [0.0, None, None, 300], "3/pacc": [0.0, 0.0, 10.46, 300], "3/pacc2": [0.0, 0.0, 7.7, 300],
                    "12/acc": [37.96, 0.0, 74.23, 300], "12/pacc": [58.35, 47.13, 71.35, 300],
                    "12/pacc2": [57.83, 46.58, 73.19, 300]}
 

@@ -202,6 +202,9 @@ def estimate_lines(report: dict) -> list[str]:
         inside = {True: "yes", False: "no", None: "n/a"}[result["truth_inside"]]
         percent = "n/a" if result["percent"] is None else one_decimal(result["percent"])
         lines.append(f"{method:<10}{percent:>9}{interval:>17}{error:>9}{inside:>14}")
+    # why a figure or an interval reads n/a above (no faces found, one image with faces, no spread): the report's
+    # table and the printed line say it, and this table said only n/a
+    lines += [f"{method:<10}{result['note']}" for method, result in report["estimates"].items() if result.get("note")]
     for method, why in report["unavailable"].items():
         lines.append(f"{method:<10}not computed: {why}")
     headline = report["estimate"]
