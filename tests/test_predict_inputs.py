@@ -51,6 +51,27 @@ def test_predict_gives_a_figure_per_folder_given(root, sample_dir, tiny_model_fi
     assert set(json.loads((out / "compliance.json").read_text())["per_folder"]) == {"siteA", "siteB/cam1"}
 
 
+def test_a_folder_whose_every_image_was_skipped_keeps_its_line_per_folder_saying_so(root, sample_dir, tiny_model_file,
+                                                                                     tmp_path):
+    """A folder of photos none of which could be read was left out of the figures per folder: with siteA read and
+    siteB's photos all truncated, compliance.json had no figure per folder at all and drew no plot per folder, as if
+    every photo sat in siteA."""
+    photos = photo_folders(sample_dir, tmp_path / "in", ("siteA/a.jpg", "siteA/b.jpg"))
+    (photos / "siteB").mkdir()
+    for name in ("c.jpg", "d.jpg"):
+        (photos / "siteB" / name).write_bytes((photos / "siteA" / "a.jpg").read_bytes()[:300])  # truncated
+    out = tmp_path / "out"
+    assert predict_quick(root, tiny_model_file, [photos], out, "--no-annotated") == 0
+    compliance = json.loads((out / "compliance.json").read_text())
+    per_folder = compliance["per_folder"]
+    assert list(per_folder) == ["siteA", "siteB"] and per_folder["siteA"]["units"] == 2
+    assert "images_skipped" not in per_folder["siteA"]
+    assert per_folder["siteB"]["percent"] is None and per_folder["siteB"]["units"] == 0
+    assert per_folder["siteB"]["images_skipped"] == 2 and "every image in it skipped (2" in per_folder["siteB"]["note"]
+    assert {entry["folder"] for entry in compliance["skipped"]} == {"siteB"}
+    assert (out / "compliance_by_folder.png").is_file()
+
+
 def test_predict_rerun_into_a_folder_inside_its_input_reads_no_output_and_leaves_none_stale(
         root, sample_dir, tiny_model_file, tmp_path):
     photos = photo_folders(sample_dir, tmp_path / "photos")

@@ -1,12 +1,13 @@
 """The percent properly masked at its edges (utils/detection/quantify.py): what an interval may claim (none from one
-image with faces or from replicates without spread; always holding its own figure)."""
+image with faces or from replicates without spread; always holding its own figure) and the figures per folder where
+a folder's images could not be read."""
 
 import numpy as np
 import pytest
 
 from helpers import simulated_labelled_images as simulate
 from utils.detection.compliance import interval_text
-from utils.detection.quantify import Calibration, Units, estimate
+from utils.detection.quantify import Calibration, Units, estimate, prediction_estimates
 
 
 def labelled(records) -> Calibration:
@@ -26,6 +27,21 @@ def test_no_interval_from_one_image_with_faces_or_from_replicates_without_spread
         soft = Units.of([[2, 1, 0], [0, 0, 0]], [[1.8, 0.9, 0.1], [0.2, 0.1, 0]])
         result = estimate(soft, method, labelled(simulate(np.random.default_rng(2), 30)), replicates=100)
         assert result["low"] is not None and result["low"] <= result["percent"] <= result["high"], method
+
+
+def test_a_folder_of_skipped_images_alone_is_listed_per_folder_with_a_note():
+    images = [{"file": f"site-a/{k}.jpg", "folder": "site-a", "detections": [{"label": "with_mask", "score": 0.9}],
+               "soft_counts": None} for k in range(3)]
+    skipped = [{"file": "site-b/0.jpg", "reason": "truncated", "folder": "site-b"},
+               {"file": "site-a/9.jpg", "reason": "truncated", "folder": "site-a"},
+               {"file": "notes.txt", "reason": "not an image file name (extension '.txt')"}]  # no image: no folder
+    report = prediction_estimates(images, None, 0.5, skipped=skipped, replicates=20)
+    assert list(report["per_folder"]) == ["site-a", "site-b"] and report["estimate"]["units"] == 3
+    read, unread = report["per_folder"]["site-a"], report["per_folder"]["site-b"]
+    assert (read["percent"], read["units"], read["images_skipped"]) == (100.0, 3, 1)
+    assert (unread["percent"], unread["units"], unread["images_skipped"]) == (None, 0, 1)
+    assert interval_text(unread).startswith("no figure (every image in it skipped (1;")
+    assert "per_folder" not in prediction_estimates(images, None, 0.5, skipped=skipped[1:], replicates=20)
 
 
 # 7 labelled images of a detector that confuses the classes a lot, as calibration_image records (a search of random

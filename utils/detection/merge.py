@@ -62,8 +62,9 @@ def check_part(part: Path, data) -> list[dict]:
     if not isinstance(data["skipped"], list):
         fail("skipped", f"a {type(data['skipped']).__name__}, not a list")
     for number, entry in enumerate(data["skipped"]):
-        if not (isinstance(entry, dict) and all(isinstance(entry.get(key), str) for key in ("file", "reason"))):
-            fail(f"skipped[{number}]", f"{entry!r} is not {{file, reason}}")
+        if not (isinstance(entry, dict) and all(isinstance(entry.get(key), str) for key in ("file", "reason"))
+                and isinstance(entry.get("folder", ""), str)):  # folder: an image's (parts from before: none)
+            fail(f"skipped[{number}]", f"{entry!r} is not {{file, reason, folder}}")
     if not isinstance(data["images"], list):
         fail("images", f"a {type(data['images']).__name__}, not a list")
     files = set()
@@ -179,7 +180,7 @@ def merge_predictions(parts, output_dir, histogram: str | None = "compliance_his
     overall = merge_compliance(per_image.values())
     size = settings["working_size"] if _positive_int(settings["working_size"]) else None  # an ensemble's: no rates
     estimates = prediction_estimates(records_in, calibration, settings["score_threshold"], bool(settings["tta"]),
-                                     estimator, size)
+                                     estimator, size, skipped)
     report = {**settings, "num_parts": len(parts), "num_images": len(per_image), "overall": overall, **estimates,
               "per_shard": per_shard, "per_image": per_image, "skipped": skipped}
     outputs = {"compliance_json": output_dir / "compliance.json", "predictions_csv": output_dir / "predictions.csv"}

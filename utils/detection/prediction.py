@@ -319,12 +319,13 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
             drawing_dir.mkdir(parents=True, exist_ok=True)
         used_names: set[str] = set()  # annotated names in input order, a resumed run's as a run never stopped
         next_number: dict[str, int] = {}
-        path_of = {item.name: item.path for item in items}
+        path_of, folder_of = {item.name: item.path for item in items}, {item.name: item.folder for item in items}
         for record in done:
             if "sha256" in record:  # hashed by the run that decoded it, for the run record
                 run.inputs_sha256[path_of[record["file"]]] = record.pop("sha256")
             if "skipped" in record:
-                run.skipped.append({"file": record["file"], "reason": record["skipped"]})
+                run.skipped.append({"file": record["file"], "reason": record["skipped"],
+                                    "folder": folder_of[record["file"]]})
             else:
                 records[record["file"]] = record
                 used_names.update(drawn_files(record)[:1])
@@ -343,8 +344,8 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
             hashed = {"sha256": result.sha256} if result.sha256 is not None else {}
             if hashed:
                 run.inputs_sha256[result.item.path] = result.sha256
-            if isinstance(result, Skipped):
-                run.skipped.append({"file": result.item.name, "reason": result.reason})
+            if isinstance(result, Skipped):  # an image's folder: one of them alone is said so per folder
+                run.skipped.append({"file": result.item.name, "reason": result.reason, "folder": result.item.folder})
                 if journal is not None:
                     journal.add({"file": result.item.name, "skipped": result.reason, **hashed})
                     check_stop(journal.stopped_at(len(records), len(items)))
@@ -379,7 +380,7 @@ def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", s
     run.images = [records[item.name] for item in items if item.name in records]  # in input order, resumed or not
     run.overall = merge_compliance(image["compliance"] for image in run.images)
     size = working_size(model)
-    run.estimates = prediction_estimates(run.images, calibration, score_threshold, tta, estimator, size)
+    run.estimates = prediction_estimates(run.images, calibration, score_threshold, tta, estimator, size, run.skipped)
     settings = {"working_size": size, **(settings or {})}  # an ensemble's caller names its members' sizes
     settings.update({"score_threshold": score_threshold, "tta": tta})
     # The validation record travels with the detections: a merge of shards corrects the counts with it.

@@ -45,6 +45,7 @@ Classes are in utils.classes.CLASSES order.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -177,9 +178,8 @@ class Units:
 
     @classmethod
     def of(cls, counts, soft=None) -> Units:
-        counts = np.asarray(counts, dtype=np.float64).reshape(-1, K)
-        soft = None if soft is None else np.asarray(soft, dtype=np.float64).reshape(-1, K)
-        return cls(counts, soft)
+        return cls(np.asarray(counts, dtype=np.float64).reshape(-1, K),
+                   None if soft is None else np.asarray(soft, dtype=np.float64).reshape(-1, K))
 
     @classmethod
     def from_calibration(cls, calibration: Calibration) -> Units:
@@ -265,9 +265,8 @@ def point_estimate(method: str, counts: np.ndarray, soft: np.ndarray | None,
 
 
 def _draw_counts(rng: np.random.Generator, replicates: int, n: int) -> np.ndarray:
-    """How often each of *n* units is drawn in each of *replicates* bootstrap replicates (replicates x n;
-    n draws with replacement per row). Drawn from doubles, which a generator gives one per element with
-    nothing carried between calls: the rows are the same whatever chunks they are drawn in."""
+    """How often each of *n* units is drawn in each of *replicates* replicates (replicates x n; n draws with replacement
+    a row), from doubles, one per element with nothing carried between calls: the same rows whatever the chunks."""
     drawn = np.floor(rng.random((replicates, n)) * n).astype(np.int64) + n * np.arange(replicates)[:, None]
     return np.bincount(drawn.ravel(), minlength=replicates * n).reshape(replicates, n).astype(np.float64)
 
@@ -449,10 +448,11 @@ def image_units(images: list[dict]) -> Units:
 
 def prediction_estimates(images: list[dict], calibration_record_: dict | None, score_threshold: float,
                          tta: bool = False, method: str = D.COMPLIANCE_ESTIMATOR, working_size: int | None = None,
-                         **bootstrap) -> dict:
+                         skipped=(), **bootstrap) -> dict:
     """compliance.json's estimates for prediction records made at *score_threshold*, with flip TTA or not, at
-    *working_size* px: overall, and per folder when the images sit in two or more folders ("per_folder":
-    {folder: headline estimate}; "" is the top level)."""
+    *working_size* px: overall, and per folder when the images, those *skipped* ({file, reason, folder}) too, sit in
+    two or more folders ("per_folder": {folder: headline estimate}; "" is the top level). A folder's images that could
+    not be read are its "images_skipped"; one of them alone has no figure and a note saying so (it was left out)."""
     note = calibration_problem(calibration_record_, score_threshold, tta, working_size)
     calibration = None if note else Calibration.from_record(calibration_record_)
     report = set_estimates(image_units(images), calibration, note, method, **bootstrap)
@@ -461,10 +461,16 @@ def prediction_estimates(images: list[dict], calibration_record_: dict | None, s
     by_folder: dict[str, list[dict]] = {}
     for image in images:
         by_folder.setdefault(image.get("folder", ""), []).append(image)
-    if len(by_folder) > 1:
-        report["per_folder"] = {
-            folder: set_estimates(image_units(by_folder[folder]), calibration, note, method, headline_only=True,
-                                  **bootstrap)["estimate"] for folder in sorted(by_folder)}
+    unread = Counter(entry["folder"] for entry in skipped if isinstance(entry.get("folder"), str))
+    if len(folders := sorted(by_folder.keys() | unread.keys())) > 1:
+        report["per_folder"] = {}
+        for folder in folders:
+            result = set_estimates(image_units(by_folder.get(folder, [])), calibration, note, method,
+                                   headline_only=True, **bootstrap)["estimate"]
+            result.update({"images_skipped": unread[folder]} if unread[folder] else {})
+            if folder not in by_folder:
+                result["note"] = f"every image in it skipped ({unread[folder]}; the skipped list names them)"
+            report["per_folder"][folder] = result
     report["calibration"] = calibration_summary(calibration_record_, note)
     return report
 
