@@ -8,8 +8,10 @@
 Settings: a structural diff of the runs' effective configurations (RUN_DIR/config.yml; for a
 run without one, the parameters of its run records, and the output says which runs those
 are), nested keys flattened (train_stages.0.lr), only the keys whose value differs. Metrics:
-map, map_50, ap50_<class>, compliance_true / compliance_predicted (percent properly masked on
-the test set), compliance_error (predicted - true, points), mae (per-image mean absolute error,
+map, map_50, ap50_<class>, compliance_true (percent properly masked on the test set), estimate,
+estimate_low, estimate_high, estimate_error (the headline estimate, its 95 % interval and its error in
+points, as the run's summary line gives them), compliance_predicted and compliance_error (the plain
+count of the boxes kept at the operating threshold, and its error), mae (per-image mean absolute error,
 points), wall_time_s (statistics.json). Rows are sorted by --sort-by (descending unless
 --ascending; runs without the value last). A Markdown table goes to stdout; --output writes
 .csv, .md or .html (by extension); --plot writes a bar chart of --metric across the runs.

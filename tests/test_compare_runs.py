@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 
 import pytest
 
 from helpers import run_script
-from run_folders import make_run_folder
+from run_folders import estimate_record, make_run_folder
 from utils.cli import PLOT_FORMATS
 from utils.reporting.compare import METRICS
 
@@ -41,6 +42,22 @@ def test_only_the_differing_settings_become_columns_sorted_by_the_metric(root, r
     assert by_run["large"]["image_size"] == "512" and by_run["slow_lr"]["train_stages.1.lr"] == "0.001"
     assert by_run["small"]["map_50"] == "0.4000" and by_run["small"]["compliance_error"] == "-3.00"
     assert by_run["large"]["wall_time_s"] == "300" and by_run["large"]["status"] == "finished"
+
+
+def test_the_headline_estimate_and_its_interval_are_columns_beside_the_plain_count(root, tmp_path, capsys):
+    # The table gave only the plain count of the kept boxes (compliance_predicted, compliance_error): a run whose
+    # headline estimator read 80.1 % (70.5-88.0) against 75 % true showed the count's 72 % and -3 points.
+    run = make_run_folder(tmp_path / "adjusted", compliance_error=-3.0, figures=False)
+    evaluation_file = run / "outputs" / "evaluation.json"
+    evaluation = json.loads(evaluation_file.read_text())
+    evaluation["quantification"]["estimate"] = estimate_record("pacc2", 80.1, 70.5, 88.0, 6, 75.0)
+    evaluation_file.write_text(json.dumps(evaluation))
+    assert run_script(root, "compare_runs", [run, "--sort-by", "estimate_error"]) == 0
+    header, row = table_rows(capsys.readouterr().out)
+    values = dict(zip(header, row))
+    assert [values[k] for k in ("compliance_true", "estimate", "estimate_low", "estimate_high", "estimate_error",
+                                "compliance_predicted", "compliance_error")] == [
+        "75.00", "80.10", "70.50", "88.00", "5.10", "72.00", "-3.00"]
 
 
 def test_sort_order_and_every_output_format(root, runs, tmp_path, capsys):

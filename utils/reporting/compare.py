@@ -22,8 +22,8 @@ ABSENT = "-"
 TEST_SETS_DIFFER = ("the runs were evaluated on different test sets (their evaluation.json counts differ): "
                     "a metric's difference between them is not the settings' alone")
 # The metric columns, in table order (metric_values gives them).
-METRICS = ("map", "map_50", *(f"ap50_{name}" for name in CLASSES), "compliance_true", "compliance_predicted",
-           "compliance_error", "mae", "wall_time_s")
+METRICS = ("map", "map_50", *(f"ap50_{name}" for name in CLASSES), "compliance_true", "estimate", "estimate_low",
+           "estimate_high", "estimate_error", "compliance_predicted", "compliance_error", "mae", "wall_time_s")
 
 
 def metric_values(run: RunFolder, notes: list[str] | None = None) -> dict[str, float | None]:
@@ -43,6 +43,12 @@ def metric_values(run: RunFolder, notes: list[str] | None = None) -> dict[str, f
         values[column] = get.num(figures, "percent_properly_masked",
                                  f"{where}compliance.{part}.percent_properly_masked")
     values["compliance_error"] = get.num(compliance, "error_points", where + "compliance.error_points")
+    # the headline figure with its interval, as the summary line, the report and the service give it
+    headline = get.dict(get.dict(evaluation, "quantification", where + "quantification"), "estimate",
+                        where + "quantification.estimate")
+    for column, key in (("estimate", "percent"), ("estimate_low", "low"), ("estimate_high", "high"),
+                        ("estimate_error", "error_points")):
+        values[column] = get.num(headline, key, f"{where}quantification.estimate.{key}")
     values["mae"] = get.num(compliance, "per_image_mae_points", where + "compliance.per_image_mae_points")
     statistics = f"{run.path / 'statistics.json'}: "
     values["wall_time_s"] = get.num(run.statistics, "wall_time_s", statistics + "wall_time_s")
