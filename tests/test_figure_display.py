@@ -101,7 +101,7 @@ def test_a_percent_from_counts_reads_on_the_page_and_in_the_plots_as_its_stored_
         from utils.classes import CLASSES
 
         script = (f"const state = {{model: {{classes: {json.dumps(list(CLASSES))}}}}};\n"
-                  + page_functions(root, "oneDecimal", "counted", "compliance", "pct")
+                  + page_functions(root, "oneDecimal", "compliance", "pct")
                   + '\nconst d = (label, n) => Array.from({length: n}, () => ({label, score: 0.9}));'
                   + '\nconsole.log(pct(compliance([...d("with_mask", 7), ...d("without_mask", 6)], 0.5)));')
         shown = subprocess.run([node, "-e", script], capture_output=True, text=True, check=True, timeout=30).stdout

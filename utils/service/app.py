@@ -392,10 +392,10 @@ def create_app(config: ServiceConfig) -> FastAPI:
             queue.leave(client)
         results, records = [], []
         for upload, (height, width), out, explanations, picture in zip(uploads, sizes, outputs, explained, pictures):
-            detections = detection_records(out, threshold)
+            detections = detection_records(out)
             for index, explanation in explanations.items():
                 detections[index]["explanation"] = explanation
-            counted = [d for d in detections if d["counted"]]  # as predict counts: not by the score rounded
+            counted = [d for d in detections if d["score"] >= threshold]
             record = {"file": upload.name, "width": int(width), "height": int(height),
                       "detections": detections, "compliance": compliance([d["label"] for d in counted])}
             if annotated:

@@ -110,15 +110,9 @@ class Upload:
     height: int = 0
 
 
-def detection_records(out: dict, threshold: float) -> list[dict]:
-    """The answer's detections; "counted": whether one scores at or above *threshold*, judged on the model's own
-    score as predict, evaluate and the drawing judge it, not on the score listed (to 4 decimals): counted by its
-    listed score, 0.49996 (listed 0.5) made a face at 0.5 that predict does not count on the same photo."""
-    counted = (out["scores"] >= threshold).tolist()
-    return [{"box": [round(v, 1) for v in box], "label": NAME_OF[int(label)], "score": round(float(score), 4),
-             "counted": kept}
-            for box, label, score, kept in zip(out["boxes"].tolist(), out["labels"].tolist(), out["scores"].tolist(),
-                                               counted, strict=True)]
+def detection_records(out: dict) -> list[dict]:
+    return [{"box": [round(v, 1) for v in box], "label": NAME_OF[int(label)], "score": round(float(score), 4)}
+            for box, label, score in zip(out["boxes"].tolist(), out["labels"].tolist(), out["scores"].tolist())]
 
 
 def jpeg_data_url(picture) -> str:
