@@ -26,7 +26,7 @@ from .quantify import (UNADJUSTED, Calibration, Units, calibration_problem, cali
                        judge, set_estimates, soft_counts, true_percent)
 from .engine import evaluate_loss, run_inference
 from ..data.images import ImageError, image_size
-from .inference import default_num_workers
+from .inference import default_num_workers, too_thin
 from ..naming import evaluation_output_names
 from .inference_size import inference_size, inference_tta, set_inference_size, working_size
 from .model import load_model_file
@@ -69,6 +69,24 @@ def labelled_pairs(images_dir, annotations_dir):
         raise EvaluationInputError(f"{images_dir}: none of its {len(pairing.pairs)} image/annotation pairs can be "
                                    f"read{where}, e.g. {first['file']}: {first['reason']}")
     return pairs, skipped
+
+
+def runnable_pairs(model, pairs) -> tuple[list, list[dict]]:
+    """(the pairs *model* can run on, [{file, reason}] for the images too thin for it: inference.too_thin, the reason
+    predict lists such an image with, and the service's 422). Evaluated, such an image got no detections, its
+    faces counted as missed without a word, while the test loss left it out."""
+    runnable, skipped = [], []
+    for pair in pairs:
+        try:
+            width, height = pair.image_size or image_size(pair.image)  # scan_pairs' decode gives it
+        except ImageError:
+            runnable.append(pair)  # the loader names the file and its problem
+            continue
+        if problem := too_thin(model, height, width):
+            skipped.append({"file": str(pair.image), "reason": problem})
+        else:
+            runnable.append(pair)
+    return runnable, skipped
 
 
 def load_trained_model(path, device, score_threshold: float | None = None, working_size: int | None = None,
@@ -290,6 +308,10 @@ def evaluate_model(model, pairs, output_dir, device="cpu", score_threshold: floa
     output_dir = Path(output_dir)
     names = evaluation_output_names(tag)
     device = torch.device(device)
+    pairs, thin = runnable_pairs(model, pairs)
+    skipped = [*skipped, *thin]
+    if thin and not pairs:
+        raise EvaluationInputError(f"no image the model can run on, e.g. {thin[0]['file']}: {thin[0]['reason']}")
     loader = evaluation_loader(pairs, batch_size=batch_size, num_workers=num_workers, device=device,
                                label_map=label_map)
     preds, targets = run_inference(model, loader, device, progress=progress, description="evaluate", tta=tta)

@@ -39,7 +39,8 @@ from ..errors import InputError, without_password
 from ..naming import video_output_names
 from ..stop import stop_requested
 from .compliance import compliance, merge_compliance
-from .inference import decode_bound, detect, detection_floor, pixels_for_model, rescaled_boxes, to_model_input
+from .inference import (decode_bound, detect, detection_floor, pixels_for_model, rescaled_boxes, to_model_input,
+                        too_thin)
 from .inference_size import working_size
 from .quantify import Calibration, Units, calibration_problem, calibration_summary, set_estimates, soft_counts
 from .plots import draw_detections
@@ -288,6 +289,8 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
                     run.ended = "the end of the source"
                     break
                 check_frame_pixels(frame.shape[1], frame.shape[0], name, kind)  # a stream may change size
+                if thin := too_thin(model, *frame.shape[:2]):  # as predict skips such a photo: not 0 faces a frame
+                    raise InputError(f"{name}: the {kind}'s frames: {thin}; crop or pad it to a less elongated shape")
                 time_s, by_rate = (run.live_time(), False) if live else run.frame_time(capture, fps)
                 if max_seconds is not None and time_s >= max_seconds:
                     run.ended = "--max-seconds"  # this frame is past the run: not counted as read
