@@ -15,6 +15,27 @@ from ..figures import one_decimal
 from ..classes import CLASSES, NAME_OF
 
 
+SCORE_DECIMALS = 4  # of a detection's score as the outputs list it
+
+
+def listed_score(score) -> float:
+    """A detection's score as predictions.json, the service's answer and the explanations list it: the largest
+    value of SCORE_DECIMALS decimals that the score reaches, so that a listed score is at or above a threshold of
+    at most that many decimals (the model's, chosen on a 0.05 grid; the page's slider) exactly when the score is
+    as the jobs count it (torch, the model's float32 score against the threshold cast to float32). Rounded, a
+    0.49996 was listed as 0.5, and the service's count, the page's and any client's re-filtering at 0.5 counted a
+    face that predict, predict_video and evaluate do not."""
+    import numpy as np
+
+    value, step = np.float32(score), 10**SCORE_DECIMALS
+    cut = math.floor(float(value) * step)
+    while cut > 0 and np.float32(cut / step) > value:
+        cut -= 1
+    while np.float32((cut + 1) / step) <= value:
+        cut += 1
+    return cut / step
+
+
 def _percent(with_mask: int, faces: int) -> float | None:
     return 100.0 * with_mask / faces if faces else None
 

@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw
 
 from .. import defaults as D
 from ..classes import CLASS_COLOURS, NAME_OF
+from .compliance import listed_score
 from .inference import unflip_boxes
 
 EXPLAIN_METHODS = ("hirescam", "gradcam", "eigencam")  # defaults: utils/defaults.py EXPLAIN_*
@@ -336,6 +337,6 @@ def explain_image(model, image_uint8: torch.Tensor, boxes, labels, scores, devic
     for index, heatmap in zip(order, maps):
         name = NAME_OF[int(labels[index])]
         box = [round(float(v), 2) for v in boxes[index] * to_picture]
-        explanations.append(Explanation(index, name, round(float(scores[index]), 4), box, heatmap,
+        explanations.append(Explanation(index, name, listed_score(scores[index]), box, heatmap,
                                         overlay(rgb, heatmap, box, name), tuple(rgb.shape[:2])))
     return explanations

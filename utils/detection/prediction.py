@@ -32,7 +32,7 @@ from ..naming import annotated_stem
 from ..naming import output_names as job_output_names
 from .inference import Detections, ImageItem, Skipped, detect_files, detection_floor
 from .inference_size import working_size
-from .compliance import compliance, compliance_line, merge_compliance
+from .compliance import compliance, compliance_line, listed_score, merge_compliance
 from .quantify import prediction_estimates, soft_counts
 from ..data.pairs import members_in_place, open_folder, pack_folder
 from .plots import save_annotated
@@ -212,7 +212,7 @@ def _keep_counted(result: Detections, score_threshold: float) -> dict:
 
 def _image_record(result: Detections, annotated: str | None, soft: dict) -> dict:
     detections = [
-        {"box": [round(v, 2) for v in box], "label": NAME_OF[int(label)], "score": round(float(score), 4)}
+        {"box": [round(v, 2) for v in box], "label": NAME_OF[int(label)], "score": listed_score(score)}
         for box, label, score in zip(result.boxes.tolist(), result.labels.tolist(), result.scores.tolist())
     ]
     return {"file": result.item.name, "folder": result.item.folder, "width": result.width, "height": result.height,

@@ -395,7 +395,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             detections = detection_records(out)
             for index, explanation in explanations.items():
                 detections[index]["explanation"] = explanation
-            counted = [d for d in detections if d["score"] >= threshold]
+            counted = [d for d, kept in zip(detections, (out["scores"] >= threshold).tolist()) if kept]  # as predict
             record = {"file": upload.name, "width": int(width), "height": int(height),
                       "detections": detections, "compliance": compliance([d["label"] for d in counted])}
             if annotated:

@@ -22,6 +22,7 @@ from .. import defaults as D
 from ..classes import NAME_OF
 from ..data.images import load_rgb_bytes
 from ..errors import shown
+from ..detection.compliance import listed_score
 from ..detection.inference import decode_bound, detect, pixels_for_model, rescaled_boxes, to_model_input
 from ..detection.plots import draw_detections
 
@@ -111,7 +112,7 @@ class Upload:
 
 
 def detection_records(out: dict) -> list[dict]:
-    return [{"box": [round(v, 1) for v in box], "label": NAME_OF[int(label)], "score": round(float(score), 4)}
+    return [{"box": [round(v, 1) for v in box], "label": NAME_OF[int(label)], "score": listed_score(score)}
             for box, label, score in zip(out["boxes"].tolist(), out["labels"].tolist(), out["scores"].tolist())]
 
 
