@@ -218,6 +218,8 @@ def shrunk_shorter_side(height: int, width: int, min_size: float, max_size: floa
 def too_thin(model, height: int, width: int) -> str | None:
     """Why *model* cannot run on an image of this shape (:func:`shrunk_shorter_side`), or None."""
     for transform in _transforms(model):
+        if not (hasattr(transform, "min_size") and hasattr(transform, "max_size")):
+            continue  # not torchvision's transform: the size it resizes to is not known (decode_bound)
         shrunk = shrunk_shorter_side(height, width, transform.min_size[-1], transform.max_size)
         if shrunk is not None:
             return (f"{width}x{height} px is too thin for the detector: at its working size "
