@@ -13,7 +13,7 @@ several points, and it depends on the score threshold, which is chosen for the
 final model after the search; mAP ranks detectors over all thresholds.
 
 Storage: ``JournalStorage(JournalFileBackend(checkpoint))``. One worker owns one
-journal, so a trial found RUNNING when a job starts was left by a killed run:
+journal, so a trial found RUNNING (or a write's lock) when a job starts was left by a killed run:
 it is marked FAIL and its parameters are enqueued again (at most
 MAX_REQUEUES times). ``n_trials`` is the total of finished (complete + pruned)
 trials the study should hold, so a rerun only runs what is missing.
@@ -185,8 +185,12 @@ def open_study(journal, study_name: str, seed: int, pruner_startup_trials: int =
     journal = Path(journal)
     journal.parent.mkdir(parents=True, exist_ok=True)
     _trim_partial_line(journal)
+    _remove_stale_lock(journal)
     try:
-        storage = JournalStorage(JournalFileBackend(str(journal)))
+        # absolute: Optuna's lock links to the path as given, and a link to "runs/x/hpo.journal" in runs/x dangles,
+        # which Optuna's grace period for a dead writer's lock cannot read (another client of the journal then
+        # waits for ever)
+        storage = JournalStorage(JournalFileBackend(str(journal.absolute())))
         study = optuna.create_study(
             study_name=study_name, storage=storage, direction="maximize", load_if_exists=True,
             sampler=TrialSeededSampler(seed),
@@ -214,6 +218,18 @@ def _trim_partial_line(journal: Path) -> None:
         log.warning("%s: its last line was cut short (%d bytes, an interrupted write); removed", journal,
                     len(data) - keep)
         handle.truncate(keep)
+
+
+def _remove_stale_lock(journal: Path) -> None:
+    """Remove the lock a job killed in the middle of a journal write left (Optuna's JournalFileSymlinkLock: a
+    symlink ``<journal>.lock``, there while a write is under way). One worker owns one journal, so a lock there
+    when its job starts is a dead writer's, as a RUNNING trial is (recover_stale_trials). Optuna would release it
+    after 30 s, but one that leads nowhere (linked relative to the job's folder by a version that gave Optuna the
+    path as given, or in a folder moved since) never: its grace period reads the lock through the link."""
+    lock = journal.with_name(journal.name + ".lock")  # optuna.storages.journal._file.LOCK_FILE_SUFFIX
+    if lock.is_symlink() or lock.exists():
+        log.warning("%s: a lock left by a job killed while it wrote the journal; removed", lock)
+        lock.unlink(missing_ok=True)
 
 
 # What a study's search record holds since later versions: a journal that did not record one is not refused for it.
