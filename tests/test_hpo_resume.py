@@ -7,9 +7,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
 from optuna.storages.journal import JournalFileSymlinkLock
 
-from utils.detection.hpo import open_study
+from utils.detection.hpo import HpoConfig, SearchSpace, open_study, run_study, worker_seed
+
+CONFIG = HpoConfig(epochs=1, image_size=96, workers=0, warmup_iters=1, seed=5)
+SPACE = SearchSpace(batch_sizes=(2,))
 
 RERUN = """
 from utils.detection.hpo import open_study
@@ -44,3 +49,36 @@ def test_a_lock_left_by_a_writer_killed_mid_write_does_not_hold_up_the_rerun(roo
     assert "trials 2" in rerun.stdout
     assert "hpo.journal.lock: a lock left by a job killed while it wrote the journal; removed" in rerun.stderr
     assert not lock.is_symlink() and not lock.exists()
+
+
+def test_a_trial_the_journal_holds_but_the_events_lack_is_written_by_the_rerun(tmp_path):
+    """Optuna writes a finished trial to the journal, then calls the callbacks (the TensorBoard events) after a
+    garbage collection: a job killed in between held the trial in its journal, never in its events, and the
+    rerun in that folder wrote only the events of the trials it ran (the journal's were written only into an
+    empty folder), so TensorBoard lacked the trial for good."""
+    from helpers import make_train_val
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from utils.detection.tensorboard_log import HpoBoard
+
+    data = make_train_val(tmp_path / "data", num_train=2, num_val=2)
+    journal, log_dir = tmp_path / "hpo.journal", tmp_path / "tensorboard" / "hpo_0"
+    study, _ = open_study(journal, "tb", seed=worker_seed(CONFIG.seed, 0))
+
+    def stand_in(trial) -> float:  # in place of training: the events are what is tested
+        return SPACE.sample(trial)["momentum"]
+
+    board = HpoBoard(log_dir, CONFIG.objective)
+    study.optimize(stand_in, n_trials=2, callbacks=[board])
+    board.close()
+    study.optimize(stand_in, n_trials=1)  # trial 2: in the journal; the job was killed before its callback
+    # the rerun: the study holds the trials asked for, so it trains nothing
+    result = run_study(CONFIG, SPACE, data / "train" / "images", data / "train" / "annotations",
+                       data / "val" / "images", data / "val" / "annotations", journal=journal, n_trials=3,
+                       device=torch.device("cpu"), study_name="tb", tensorboard_dir=log_dir)
+    assert result["trial_counts"]["complete"] == 3
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    written = [(event.step, event.value) for event in events.Scalars("hpo/fitness")]
+    assert [step for step, _ in written] == [0, 1, 2]  # each trial once: the two the folder held are not again
+    assert [value for _, value in written] == pytest.approx([t["value"] for t in result["trials"]])  # float32
+    assert sorted(p.name for p in log_dir.iterdir() if p.is_dir()) == ["trial_0000", "trial_0001", "trial_0002"]

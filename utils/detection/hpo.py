@@ -427,11 +427,10 @@ def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotat
 
             board = HpoBoard(tensorboard_dir, config.objective)
             stack.callback(board.close)
-            if board.was_empty:  # a rerun in a fresh folder (a pool job's retry): the journal's trials first
-                replayed = board.replay(study)
-                if replayed:
-                    log.info("TensorBoard: %s held no events; wrote the %d trial(s) the journal holds",
-                             tensorboard_dir, replayed)
+            replayed = board.replay(study)  # a fresh folder (a pool job's retry), or a trial a kill left out
+            if replayed:
+                log.info("TensorBoard: wrote the %d finished trial(s) of the journal that %s lacked", replayed,
+                         tensorboard_dir)
             callbacks.append(board)
         finished = trial_counts(study)["finished"]
         remaining = n_trials - finished

@@ -12,8 +12,8 @@ checkpoint's history first, so the epoch curves still start at epoch 1.
 hpo (HpoBoard, an Optuna callback): per finished trial (complete or pruned) the objective at the
 trial's number, each parameter as a scalar, the per-epoch objective of the trial, and add_hparams
 (the HPARAMS tab). A trial number is never reused (an interrupted trial is requeued under a new
-number), so reruns cannot duplicate steps; a rerun in an empty folder first logs the trials the
-journal already holds.
+number), so reruns cannot duplicate steps; a rerun first logs the finished trials the folder lacks (all in
+an empty folder; one whose job was killed between the journal's write and the events' otherwise).
 
 A Pegasus job declares fixed output names, and event file names hold the host and time, so a job
 packs its folder into one .tar (``--tensorboard-tar``) whose members are ``tensorboard/<folder
@@ -155,19 +155,20 @@ class HpoBoard:
 
     def __init__(self, log_dir, objective: str):
         self.log_dir = Path(log_dir)
-        self.was_empty = not has_events(self.log_dir)
         self.writer = _summary_writer(self.log_dir)
         self.objective = objective
 
-    def __call__(self, study, trial) -> None:
+    def __call__(self, study, trial) -> bool:
+        """Write *trial* if it finished with a value; returns whether it did. Its HPARAMS run
+        (``trial_<number>``) is written last, so a trial that has one was written whole (:meth:`logged`)."""
         from optuna.trial import TrialState
 
         if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
-            return
+            return False
         curve = sorted(trial.intermediate_values.items())
         value = trial.value if trial.value is not None else (curve[-1][1] if curve else None)
         if value is None:
-            return  # pruned before its first epoch: no value to show
+            return False  # pruned before its first epoch: no value to show
         step = trial.number
         self.writer.add_scalar(f"hpo/{self.objective}", value, step)
         for name, parameter in trial.params.items():
@@ -175,22 +176,31 @@ class HpoBoard:
                 self.writer.add_scalar(f"hpo_params/{name}", parameter, step)
         for epoch, epoch_value in curve:
             self.writer.add_scalar(f"trials/trial_{trial.number:04d}_{self.objective}", epoch_value, epoch + 1)
+        self.writer.flush()
         metrics = {f"hparam/{self.objective}": value}
         for key in ("map", "map_50", "compliance_error_points"):
             if _finite(trial.user_attrs.get(key)):
                 metrics[f"hparam/{key}"] = trial.user_attrs[key]
         hparams = {**trial.params, "state": trial.state.name.lower()}
-        self.writer.add_hparams(hparams, metrics, run_name=f"trial_{trial.number:04d}", global_step=step)
-        self.writer.flush()
+        self.writer.add_hparams(hparams, metrics, run_name=self._run_name(trial.number), global_step=step)
+        return True
+
+    @staticmethod
+    def _run_name(number: int) -> str:
+        return f"trial_{number:04d}"
+
+    def logged(self, number: int) -> bool:
+        """Whether trial *number* was written here (by this job or an earlier try)."""
+        return has_events(self.log_dir / self._run_name(number))
 
     def replay(self, study) -> int:
-        """Log the trials a continued study already finished (a rerun in an empty folder); returns how many."""
+        """Write the finished trials of a continued study that this folder lacks: all of them in a fresh folder (a
+        pool job's retry), else those a job killed between the journal's write and the events' left out; returns
+        how many."""
         from optuna.trial import TrialState
 
         finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-        for trial in finished:
-            self(study, trial)
-        return len(finished)
+        return sum(self(study, trial) for trial in finished if not self.logged(trial.number))
 
     def close(self) -> None:
         self.writer.close()
