@@ -115,3 +115,34 @@ def test_a_sigkilled_train_rerun_resumes_and_writes_the_uninterrupted_runs_model
     assert rerun.returncode == 0, rerun.stderr
     assert f"resumed from {killed / 'checkpoint.pt'} after epoch {done} of 3" in rerun.stderr
     assert (killed / "model.pt").read_bytes() == (whole / "model.pt").read_bytes()
+
+
+def test_a_train_killed_while_it_chooses_on_validation_reruns_only_the_choice_and_writes_the_same_model(
+        root, tiny_dir, tmp_path):
+    """After the last epoch's checkpoint, train chooses the working size, flip TTA and the score threshold on the
+    validation images (about 20 passes) before it writes model.pt: killed then, the rerun trains no epoch again,
+    makes the choice anew, writes the model an uninterrupted run writes, byte for byte, and records what it
+    resumed from."""
+    import json
+
+    validated = ["--val-images", str(tiny_dir / "images"), "--val-annotations", str(tiny_dir / "annotations")]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(train_command(root, tiny_dir, whole, epochs=1) + validated, capture_output=True, text=True,
+                   timeout=300, check=True)
+    process = subprocess.Popen(train_command(root, tiny_dir, killed, epochs=1) + validated, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if line.startswith("Choosing the working size"):  # logged after the last epoch's checkpoint
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    process.stderr.close()
+    assert process.returncode == -signal.SIGKILL and not (killed / "model.pt").exists()
+    assert torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    rerun = subprocess.run(train_command(root, tiny_dir, killed, epochs=1) + validated, capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "after epoch 1 of 1" in rerun.stderr and "epoch 1/1:" not in rerun.stderr  # nothing trained again
+    assert (killed / "model.pt").read_bytes() == (whole / "model.pt").read_bytes()
+    resumed = json.loads((killed / "model_run.json").read_text())["params"]["resumed_from"]
+    assert resumed["after_epoch"] == 1 and resumed["checkpoint"] == str(killed / "checkpoint.pt")
