@@ -150,7 +150,9 @@ def main(args) -> int:
         pack_events(args.tensorboard_dir, args.tensorboard_tar)
     write_run_record(record, "hpo", {**vars(args), "device": str(device),
                                      "trial_counts": result["trial_counts"], "best_value": result["best_value"],
-                                     "trials_resumed": result["trials_resumed"]},
+                                     "trials_resumed": result["trials_resumed"],
+                                     # trials a killed try left running, run again: a resumed run even at 0 finished
+                                     "requeued_stale_trials": result["requeued_stale_trials"]},
                      [*seen, *files_named(weights_file_given(args.weights, args.weights_file))], seen)
     counts = result["trial_counts"]
     best = (f"best {result['objective']} {result['best_value']:.4f} with {result['best_params']}"

@@ -3,7 +3,9 @@ does not stop the rerun, and the rerun ends with the trials an uninterrupted sea
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -82,3 +84,50 @@ def test_a_trial_the_journal_holds_but_the_events_lack_is_written_by_the_rerun(t
     assert [step for step, _ in written] == [0, 1, 2]  # each trial once: the two the folder held are not again
     assert [value for _, value in written] == pytest.approx([t["value"] for t in result["trials"]])  # float32
     assert sorted(p.name for p in log_dir.iterdir() if p.is_dir()) == ["trial_0000", "trial_0001", "trial_0002"]
+
+
+def hpo_command(root, data, out, n_trials: int) -> list[str]:
+    return [sys.executable, str(root / "bin" / "hpo.py"), "--train-images", str(data / "train" / "images"),
+            "--train-annotations", str(data / "train" / "annotations"), "--val-images", str(data / "val" / "images"),
+            "--val-annotations", str(data / "val" / "annotations"), "--epochs", "2", "--n-trials", str(n_trials),
+            "--image-size", "96", "--batch-sizes", "2", "--workers", "0", "--weights", "none", "--warmup-iters", "1",
+            "--checkpoint", str(out / "hpo.journal"), "--output", str(out / "best.json"), "--device", "cpu"]
+
+
+def finished_trials(best: dict) -> list[tuple]:
+    return [(t["params"], t["value"], t["intermediate_values"]) for t in best["trials"]
+            if t["state"] in ("COMPLETE", "PRUNED")]
+
+
+@pytest.mark.training
+def test_a_search_sigkilled_mid_trial_reruns_that_trial_and_ends_as_an_uninterrupted_one(root, tmp_path):
+    """SIGKILL gives the job no chance to mark its trial failed (as a SIGTERM does): the trial is left RUNNING in
+    the journal. The rerun fails it, runs its parameters again, counts only finished trials towards --n-trials,
+    and ends with the trials, values and best of a search never interrupted; best.json and its run record say
+    how many finished trials the journal held and which trial was run again."""
+    from helpers import make_train_val
+    from utils.detection.hpo_results import journal_trials
+
+    data = make_train_val(tmp_path / "data", num_train=4, num_val=3)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    whole.mkdir()
+    killed.mkdir()
+    subprocess.run(hpo_command(root, data, whole, 2), capture_output=True, text=True, timeout=600, check=True)
+    process = subprocess.Popen(hpo_command(root, data, killed, 2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    for line in process.stderr:
+        if line.startswith("trial 1 epoch 1/2"):  # trial 1 trains its second epoch
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    process.stderr.close()
+    assert [t["state"] for t in journal_trials(killed / "hpo.journal")] == ["COMPLETE", "RUNNING"]
+    rerun = subprocess.run(hpo_command(root, data, killed, 2), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    first, again = (json.loads((folder / "best.json").read_text()) for folder in (whole, killed))
+    assert finished_trials(again) == finished_trials(first)
+    assert (again["best_params"], again["best_value"]) == (first["best_params"], first["best_value"])
+    assert again["requeued_stale_trials"] == [1] and again["trials_resumed"] == 1
+    assert [t["state"] for t in again["trials"]] == ["COMPLETE", "FAIL", "COMPLETE"]
+    record = json.loads((killed / "best_run.json").read_text())["params"]
+    assert record["trials_resumed"] == 1 and record["requeued_stale_trials"] == [1]
