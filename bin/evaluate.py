@@ -91,7 +91,7 @@ def main(args) -> int:
                                     skipped=skipped, settings=settings, progress=sys.stderr.isatty(),
                                     label_map=label_map, tag=args.output_tag,
                                     calibration=meta.get("quantification"), tta=meta["tta"], record=record)
-    print(format_report(evaluation.report), end="")
+    print(format_report(evaluation.report, listed_in=evaluation.outputs["evaluation_txt"]), end="")
     print(f"outputs in {output_dir}")
     return 0
 

@@ -144,7 +144,7 @@ def main(args) -> int:
                        num_workers=args.num_workers, timeout=args.timeout,
                        pruner_startup_trials=args.pruner_startup_trials,
                        pruner_warmup_epochs=args.pruner_warmup_epochs, tensorboard_dir=args.tensorboard_dir,
-                       inputs_seen=seen)
+                       inputs_seen=seen, skipped_listed_in=output)
     write_json(output, result)
     if args.tensorboard_tar:
         pack_events(args.tensorboard_dir, args.tensorboard_tar)

@@ -2,8 +2,8 @@
 """Plot objects per class per split (a grouped bar chart, PNG by default) and write the counts as CSV.
 
 Reads split.csv (image, annotation, split). Annotations that cannot be read are
-skipped and listed on stderr and in the run record (<output-csv stem>_run.json);
-the job fails when no annotation could be read.
+skipped and listed in the run record (<output-csv stem>_run.json), the first 20 on stderr;
+the job fails when no annotation could be read (then all are on stderr).
 Exit 0 on success, 2 on bad input (no readable annotation, unreadable CSV; one line
 naming the file), 1 on a bug.
 """
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from utils.classes import LabelMap
-from utils.cli import PLOT_FORMATS, add_label_map_arg, plot_path, run_job
+from utils.cli import PLOT_FORMATS, add_label_map_arg, plot_path, print_skipped, run_job
 from utils.data.class_distribution import count_objects, plot_counts, write_counts_csv
 from utils.data.pairs import open_folder
 from utils.errors import InputError
@@ -42,15 +42,16 @@ def main(args) -> int:
         annotations_dir = (stack.enter_context(open_folder(args.annotations, suffixes=(".xml",)))
                            if args.annotations else None)
         counts, problems = count_objects(args.split_csv, annotations_dir=annotations_dir, label_map=label_map)
-    for entry in problems:
-        print(f"plot_class_distribution: warning: {entry['file']}: {entry['problem']}", file=sys.stderr)
-    if sum(entry["images"] for entry in counts.values()) == 0:
+    output_csv = Path(args.output_csv)
+    record = output_csv.with_name(f"{output_csv.stem}_run.json")
+    counted = sum(entry["images"] for entry in counts.values())
+    print_skipped(problems, record if counted else None, reason_key="problem",
+                  prefix="plot_class_distribution: warning:")
+    if counted == 0:
         raise InputError(f"{args.split_csv}: no readable annotation listed")
     write_counts_csv(args.output_csv, counts)
     plot_counts(args.output, counts)
-    output_csv = Path(args.output_csv)
-    write_run_record(output_csv.with_name(f"{output_csv.stem}_run.json"), "plot_class_distribution",
-                     {**vars(args), "problems": problems}, [Path(args.split_csv)])
+    write_run_record(record, "plot_class_distribution", {**vars(args), "problems": problems}, [Path(args.split_csv)])
     for split, entry in counts.items():
         print(f"{split}: {entry['images']} images, "
               + ", ".join(f"{name}={n}" for name, n in entry["objects"].items()))

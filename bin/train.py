@@ -215,7 +215,7 @@ def main(args) -> int:
 
     with contextlib.ExitStack() as stack:
         log.info("Loading data")
-        data = stack.enter_context(open_training_data(args, settings))
+        data = stack.enter_context(open_training_data(args, settings, listed_in=paths["run_record"]))
 
         log.info("Creating model")
         trainer = Trainer(settings.params, data.train_pairs, settings.device, val_pairs=data.val_pairs or None,

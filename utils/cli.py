@@ -54,15 +54,15 @@ SKIPPED_PRINTED = 20  # skipped files a job names on stderr; the rest are counte
                       # collection of 100k photos with a bad camera printed thousands of lines per job
 
 
-def print_skipped(entries: list[dict], listed_in: str | None, reason_key: str = "reason") -> None:
+def print_skipped(entries: list[dict], listed_in, reason_key: str = "reason", prefix: str = "skipped") -> None:
     """A job's skipped files ({file, reason}; the data jobs' reports say "problem") on stderr, a line each: the first
     SKIPPED_PRINTED, then one line counting the rest and naming *listed_in*, the output that lists every one with
-    its reason (None: no output does, so every one is printed)."""
+    its reason (None: no output does, so every one is printed). *prefix* begins each line."""
     limit = SKIPPED_PRINTED if listed_in else len(entries)
     for entry in entries[:limit]:
-        print(f"skipped {entry['file']}: {entry[reason_key]}", file=sys.stderr)
+        print(f"{prefix} {entry['file']}: {entry[reason_key]}", file=sys.stderr)
     if len(entries) > limit:
-        print(f"skipped {len(entries) - limit} more files (all {len(entries)} with their reasons in {listed_in})",
+        print(f"{prefix} {len(entries) - limit} more files (all {len(entries)} with their reasons in {listed_in})",
               file=sys.stderr)
 
 

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from .. import defaults as D
 from ..atomic import atomic_files, dump_json
 from ..classes import CLASSES, NAME_OF, NO_LABEL_MAP, LabelMap
+from ..cli import SKIPPED_PRINTED
 from ..data.dataset import VocDetectionDataset, collate
 from .compliance import compliance_error, compliance_error_lines, operating_threshold
 from .quantify import (UNADJUSTED, Calibration, Units, calibration_problem, calibration_record, calibration_summary,
@@ -149,8 +150,17 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def format_report(report: dict) -> str:
-    """evaluation.txt: the figures a person reads first."""
+def format_report(report: dict, listed_in=None) -> str:
+    """evaluation.txt: the figures a person reads first. *listed_in*: the file that lists every skipped file and
+    every annotation whose faces were dropped or clipped (evaluation.txt, for the copy printed): each list is then
+    cut after SKIPPED_PRINTED lines."""
+
+    def entry_lines(entries: list[dict]) -> list[str]:
+        printed = entries[:SKIPPED_PRINTED] if listed_in else entries
+        rest = len(entries) - len(printed)
+        return ([f"  {entry['file']}: {entry['reason']}" for entry in printed]
+                + ([f"  and {rest} more: all listed in {listed_in}"] if rest else []))
+
     lines = [
         f"Evaluation of {report.get('model', 'the model')} on {report['num_images']} images "
         f"({report['num_faces']} labelled faces)",
@@ -182,13 +192,13 @@ def format_report(report: dict) -> str:
         lines += ["", *estimate_lines(report["quantification"])]
     if report["skipped"]:
         lines += ["", f"Skipped {len(report['skipped'])} files:"]
-        lines += [f"  {entry['file']}: {entry['reason']}" for entry in report["skipped"]]
+        lines += entry_lines(report["skipped"])
     if report.get("objects_dropped"):
         entries = report["objects_dropped"]
         dropped = sum(entry["reason"].count("object dropped") for entry in entries)
         lines += ["", f"Labelled faces not evaluated as written, in {len(entries)} annotation files: {dropped} "
                       "dropped (unknown class, no area, outside the image), the others clipped to the image:"]
-        lines += [f"  {entry['file']}: {entry['reason']}" for entry in entries]
+        lines += entry_lines(entries)
     return "\n".join(lines) + "\n"
 
 

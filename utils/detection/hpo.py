@@ -47,6 +47,7 @@ from optuna.trial import TrialState
 
 from .. import defaults as D
 from ..classes import NO_LABEL_MAP, LabelMap
+from ..cli import print_skipped
 from ..errors import InputError, shown
 from ..stop import StopRequested
 from .compliance import compliance_error
@@ -382,12 +383,13 @@ def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotat
               num_workers: int = D.HPO_NUM_WORKERS, timeout: float | None = None,
               pruner_startup_trials: int = D.HPO_PRUNER_STARTUP_TRIALS,
               pruner_warmup_epochs: int = D.HPO_PRUNER_WARMUP_EPOCHS, tensorboard_dir=None,
-              inputs_seen: dict | None = None) -> dict:
+              inputs_seen: dict | None = None, skipped_listed_in=None) -> dict:
     """Run (or continue) this worker's study until it holds *n_trials* finished trials; returns best.json's dict.
 
     *tensorboard_dir*: write each finished trial's objective and parameters there as TensorBoard events
     (utils.detection.tensorboard_log.HpoBoard). *inputs_seen*: a dict filled with the training and validation
-    files' sha256 by path, for the job's run record."""
+    files' sha256 by path, for the job's run record. *skipped_listed_in*: the output listing every skipped input
+    (best.json), named after the first few printed (utils.cli.print_skipped)."""
     if config.objective not in OBJECTIVES:
         raise HpoError(f"unknown objective {config.objective!r}: use {' or '.join(OBJECTIVES)}")
     if n_trials < 1:
@@ -407,8 +409,7 @@ def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotat
         train_pairs, thin = too_thin_to_train(train_pairs, TrainParams(image_size=config.image_size))
         val_pairs, val_skipped = stack.enter_context(open_pairs(val_images, val_annotations))
         skipped = train_skipped + thin + val_skipped
-        for item in skipped:
-            log.warning("skipped %s: %s", item["file"], item["problem"])
+        print_skipped(skipped, skipped_listed_in if train_pairs and val_pairs else None, reason_key="problem")
         problems = object_problems(train_pairs + val_pairs, config.label_map)
         if problems:
             log.warning(object_problems_line(problems))

@@ -22,7 +22,7 @@ import torch
 from .. import defaults as D
 from ..atomic import atomic_path, write_text
 from ..classes import LabelMap
-from ..cli import print_values
+from ..cli import print_skipped, print_values
 from ..provenance import file_sha256, files_named, write_run_record
 from .compliance import choose_operating_threshold
 from .inference_size import choose_inference_size, choose_tta
@@ -88,8 +88,9 @@ class TrainingData:
 
 
 @contextlib.contextmanager
-def open_training_data(args, settings: TrainingSettings):
-    """The usable training (and held-out validation) pairs of the flags; --val-mode merge trains on both."""
+def open_training_data(args, settings: TrainingSettings, listed_in=None):
+    """The usable training (and held-out validation) pairs of the flags; --val-mode merge trains on both. The
+    skipped inputs go to stderr as print_skipped says, *listed_in* the output that lists them all (the run record)."""
     with contextlib.ExitStack() as stack:
         train_pairs, skipped = stack.enter_context(open_pairs(args.images, args.annotations))
         train_pairs, thin = too_thin_to_train(train_pairs, settings.params)
@@ -99,10 +100,10 @@ def open_training_data(args, settings: TrainingSettings):
             val_pairs, val_skipped = stack.enter_context(open_pairs(args.val_images, args.val_annotations))
             val_pairs, thin = too_thin_to_train(val_pairs, settings.params)
             skipped += val_skipped + thin
-        for item in skipped:
-            log.warning("skipped %s: %s", item["file"], item["problem"])
         if args.val_mode == "merge":
             train_pairs, val_pairs = train_pairs + val_pairs, []
+        # a job that fails for want of data writes no record: then every one is named here
+        print_skipped(skipped, listed_in if train_pairs else None, reason_key="problem")
         if not train_pairs:
             raise TrainingDataError(f"{args.images}: no usable image/annotation pairs ({len(skipped)} skipped)")
         input_files = [p for pair in train_pairs + val_pairs for p in (pair.image, pair.annotation)]
