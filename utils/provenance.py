@@ -113,9 +113,10 @@ def experiment_config(folder=".") -> dict | None:
 
 
 def compute_threads() -> int | None:
-    """The threads torch computes with (the executor's OMP_NUM_THREADS share of the cores): on a CPU the same seed
-    gives bit-identical results only at the same count, as its parallel sums split the work by thread (an HPO
-    trial's loss 1.33770 on one thread, 1.33128 on two). None where the job does not use torch."""
+    """The threads torch computes with (OMP_NUM_THREADS: under the local executor, the cores the job's cores profile
+    asks for): on a CPU the same seed gives bit-identical results only at the same count, as its parallel sums split
+    the work by thread (an HPO trial's loss 1.33770 on one thread, 1.33128 on two). None where the job does not use
+    torch."""
     torch = sys.modules.get("torch")  # not imported for a job that does not use it
     return torch.get_num_threads() if torch is not None else None
 
