@@ -8,12 +8,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
+import optuna
 import pytest
 import torch
 from optuna.storages.journal import JournalFileSymlinkLock
 
-from utils.detection.hpo import HpoConfig, SearchSpace, open_study, run_study, worker_seed
+from utils.detection.hpo import STALE_LOCK_S, HpoConfig, SearchSpace, open_study, run_study, worker_seed
 
 CONFIG = HpoConfig(epochs=1, image_size=96, workers=0, warmup_iters=1, seed=5)
 SPACE = SearchSpace(batch_sizes=(2,))
@@ -42,6 +45,8 @@ def test_a_lock_left_by_a_writer_killed_mid_write_does_not_hold_up_the_rerun(roo
     lock = tmp_path / "runs" / "hpo.journal.lock"
     # the lock leads to the journal, whose age Optuna's grace period reads (another client of it is not held up)
     assert lock.is_symlink() and lock.resolve() == (tmp_path / "runs" / "hpo.journal").resolve()
+    past = time.time() - STALE_LOCK_S - 1  # the rerun comes later than a write could take
+    os.utime(lock, (past, past), follow_symlinks=False)
 
     # the rerun, in a process of its own: on a lock that dangles Optuna spins for ever, and a test must not hang
     env = {**os.environ, "PYTHONPATH": str(root)}
@@ -51,6 +56,23 @@ def test_a_lock_left_by_a_writer_killed_mid_write_does_not_hold_up_the_rerun(roo
     assert "trials 2" in rerun.stdout
     assert "hpo.journal.lock: a lock left by a job killed while it wrote the journal; removed" in rerun.stderr
     assert not lock.is_symlink() and not lock.exists()
+
+
+def test_a_job_starting_leaves_the_lock_of_another_workers_write_in_progress(tmp_path):
+    """Two workers given one journal by hand (bin/hpo.py's --checkpoint defaults to hpo.journal for every worker):
+    the lock of the first one's write in progress is not the second's to remove as a dead writer's. Removed, the
+    first one's release of it failed ("did not possess lock") and its search ended in that error."""
+    journal = tmp_path / "hpo.journal"
+    open_study(journal, "worker0", seed=1)
+    writing = JournalFileSymlinkLock(str(journal))  # the other worker, in the middle of a write
+    assert writing.acquire()
+    released = []
+    releaser = threading.Timer(0.5, lambda: released.append(writing.release() is None))
+    releaser.start()
+    _, storage = open_study(journal, "worker1", seed=2)  # waits for the write, then writes its own
+    releaser.join()
+    assert released == [True]  # the other worker's write ended as it began: with its lock
+    assert sorted(optuna.get_all_study_names(storage)) == ["worker0", "worker1"]
 
 
 def test_a_trial_the_journal_holds_but_the_events_lack_is_written_by_the_rerun(tmp_path):

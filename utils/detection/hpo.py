@@ -13,7 +13,7 @@ several points, and it depends on the score threshold, which is chosen for the
 final model after the search; mAP ranks detectors over all thresholds.
 
 Storage: ``JournalStorage(JournalFileBackend(checkpoint))``. One worker owns one
-journal, so a trial found RUNNING (or a write's lock) when a job starts was left by a killed run:
+journal, so a trial found RUNNING (or a write's stale lock) when a job starts was left by a killed run:
 it is marked FAIL and its parameters are enqueued again (at most
 MAX_REQUEUES times). ``n_trials`` is the total of finished (complete + pruned)
 trials the study should hold, so a rerun only runs what is missing.
@@ -221,16 +221,25 @@ def _trim_partial_line(journal: Path) -> None:
         handle.truncate(keep)
 
 
+STALE_LOCK_S = 30  # Optuna's grace period for a journal writer's lock (JournalFileSymlinkLock's grace_period)
+
+
 def _remove_stale_lock(journal: Path) -> None:
     """Remove the lock a job killed in the middle of a journal write left (Optuna's JournalFileSymlinkLock: a
-    symlink ``<journal>.lock``, there while a write is under way). One worker owns one journal, so a lock there
-    when its job starts is a dead writer's, as a RUNNING trial is (recover_stale_trials). Optuna would release it
-    after 30 s, but one that leads nowhere (linked relative to the job's folder by a version that gave Optuna the
-    path as given, or in a folder moved since) never: its grace period reads the lock through the link."""
+    symlink ``<journal>.lock``, there while a write is under way, a few milliseconds). Optuna releases one after
+    STALE_LOCK_S, but one that leads nowhere (linked relative to the job's folder by a version that gave Optuna the
+    path as given, or in a folder moved since) never: its grace period reads the lock through the link. A young
+    lock that leads to the journal is left to Optuna: it may be a live write of another worker given the same
+    journal by hand (each of the workflow's hpo jobs has its own), whose release would fail were it removed."""
     lock = journal.with_name(journal.name + ".lock")  # optuna.storages.journal._file.LOCK_FILE_SUFFIX
-    if lock.is_symlink() or lock.exists():
-        log.warning("%s: a lock left by a job killed while it wrote the journal; removed", lock)
-        lock.unlink(missing_ok=True)
+    try:
+        age = time.time() - lock.lstat().st_mtime
+    except FileNotFoundError:
+        return
+    if lock.exists() and age < STALE_LOCK_S:
+        return
+    log.warning("%s: a lock left by a job killed while it wrote the journal; removed", lock)
+    lock.unlink(missing_ok=True)
 
 
 # What a study's search record holds since later versions: a journal that did not record one is not refused for it.
