@@ -1,6 +1,6 @@
 """The percent properly masked at its edges (utils/detection/quantify.py): what an interval may claim (none from one
-image with faces or from replicates without spread; always holding its own figure) and the figures per folder where
-a folder's images could not be read."""
+image with faces or from images all alike, an exact bound at 0 or 100 %, always its own figure) and the figures per
+folder where a folder's images could not be read."""
 
 import numpy as np
 import pytest
@@ -16,13 +16,13 @@ def labelled(records) -> Calibration:
 
 def test_no_interval_from_one_image_with_faces_or_from_replicates_without_spread():
     """A width-zero interval claimed certainty: faces in one image of three (every replicate that finds a face draws
-    that image again) read 66.67-66.67 %, every face with_mask 100.0-100.0 %; now no interval, and the note says why."""
+    that image again) read 66.67-66.67 %, images all alike 50.0-50.0 %; now no interval, and the note says why."""
     one = estimate(Units.of([[2, 1, 0], [0, 0, 0], [0, 0, 0]]), "cc", replicates=200)
     assert one["percent"] == pytest.approx(66.67) and one["low"] is one["high"] is None
     assert one["note"] == "faces found in one image of 3: no interval" and "no interval" in interval_text(one)
-    every = estimate(Units.of([[2, 0, 0], [3, 0, 0], [1, 0, 0]]), "cc", replicates=200)
-    assert every["percent"] == 100.0 and every["low"] is every["high"] is None and every["replicates_defined"] == 200
-    assert "gives 100%, which shows no spread, not certainty" in interval_text(every)
+    alike = estimate(Units.of([[2, 1, 1], [1, 0, 1], [1, 1, 0]]), "cc", replicates=200)
+    assert alike["percent"] == 50.0 and alike["low"] is alike["high"] is None and alike["replicates_defined"] == 200
+    assert "gives 50%, which shows no spread, not certainty" in interval_text(alike)
     for method in ("pcc", "pacc2"):  # the score sums: an image with scores under the threshold holds some
         soft = Units.of([[2, 1, 0], [0, 0, 0]], [[1.8, 0.9, 0.1], [0.2, 0.1, 0]])
         result = estimate(soft, method, labelled(simulate(np.random.default_rng(2), 30)), replicates=100)
@@ -42,6 +42,25 @@ def test_a_folder_of_skipped_images_alone_is_listed_per_folder_with_a_note():
     assert (unread["percent"], unread["units"], unread["images_skipped"]) == (None, 0, 1)
     assert interval_text(unread).startswith("no figure (every image in it skipped (1;")
     assert "per_folder" not in prediction_estimates(images, None, 0.5, skipped=skipped[1:], replicates=20)
+
+
+def test_every_face_of_one_kind_has_the_exact_bound_of_its_images():
+    """50 photos, every face properly masked: every resample gives 100 %, which read 100.0-100.0 % (certainty), then
+    no interval at all, where a sound one exists: the exact (Clopper-Pearson) bound with the images holding faces as
+    the trials (their faces are all masked at most as often as their first is): 0.025^(1/50), 92.89-100 %."""
+    faces = np.random.default_rng(3).integers(1, 6, 50)
+    masked = estimate(Units.of([[k, 0, 0] for k in faces] + [[0, 0, 0]] * 9), "cc", replicates=200)
+    assert (masked["percent"], masked["low"], masked["high"]) == (100.0, 92.89, 100.0)
+    assert interval_text(masked) == "100.0% properly masked (95% interval 92.9-100.0%, 59 images; cc)"
+    assert masked["note"] == ("every resample gives 100%: the exact bound for 50 images with faces, all properly "
+                              "masked (images as the trials)")
+    none = estimate(Units.of([[0, k, 1] for k in faces[:3]]), "cc", replicates=200)
+    assert (none["percent"], none["low"], none["high"]) == (0.0, 0.0, 70.76)  # 1 - 0.025^(1/3)
+    # an adjusted figure held at 100 % in every resample (no score sum of the other classes) likewise
+    calibration = labelled(simulate(np.random.default_rng(2), 30))
+    held = estimate(Units.of([[k, 0, 0] for k in faces[:20]], [[0.9 * k, 0, 0] for k in faces[:20]]), "pacc2",
+                    calibration, replicates=100)
+    assert (held["percent"], held["low"], held["high"]) == (100.0, 83.16, 100.0)  # 0.025^(1/20)
 
 
 # 7 labelled images of a detector that confuses the classes a lot, as calibration_image records (a search of random

@@ -201,10 +201,6 @@ class Units:
 
 # ----------------------------------------------------------------------------- the estimators
 
-def _share(sums: np.ndarray) -> float:
-    return float(_shares(np.asarray(sums, dtype=np.float64)[None])[0])
-
-
 def rates_per_face(rates: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(per_face (k, k), false_share (k)) from summed *rates* (k+1, k): what the calibration faces of each true
     class (last row: no face) produced per predicted class; truth (k): calibration faces per class. per_face[i][j]:
@@ -256,10 +252,9 @@ def point_estimate(method: str, counts: np.ndarray, soft: np.ndarray | None,
                    calibration: tuple | None = None) -> tuple[float, float]:
     """(share with_mask, faces it counts) from summed kept *counts* and score sums *soft* of a target;
     *calibration* is (confusion sums (K+1, K+1), soft sums (K+1, K), truth sums (K)) for the adjusted estimators."""
-    if method == "cc":
-        return _share(counts), float(counts.sum())
-    if method == "pcc":
-        return _share(soft), float(soft.sum())
+    if method in UNADJUSTED:  # cc: the kept counts; pcc: the score sums
+        sums = np.asarray(counts if method == "cc" else soft, dtype=np.float64)
+        return float(_shares(sums[None])[0]), float(sums.sum())
     shares, faces = _adjusted_shares(method, *(a if a is None else a[None] for a in (counts, soft, *calibration)))
     return float(shares[0]), float(faces[0])
 
@@ -307,8 +302,8 @@ def estimate(units: Units, method: str, calibration: Calibration | None = None, 
     see the module docstring). Replicates in which no face is found are left out (replicates_defined
     says how many remain). Percent, low and high are None (and `note` says why) when no face is found; the interval
     is None below two units holding what the estimator counts (one image says nothing about how much images vary)
-    and where every replicate gives the same figure (no spread is not certainty), and it always holds the estimate.
-    """
+    and where every replicate gives one figure other than 0 or 100 % (no spread is not certainty; at 0 or 100 %:
+    the exact bound, the units as the trials), and it always holds the estimate."""
     if method in CALIBRATED and calibration is None:
         raise ValueError(f"{method} needs the model's calibration images")
     if method in SCORE_SUMS and units.soft is None:
@@ -348,7 +343,7 @@ def estimate(units: Units, method: str, calibration: Calibration | None = None, 
         return {**result, "note": why if n else f"no {unit}s"}
     if n < 2:
         return {**result, "note": f"one {unit}: no interval"}
-    if np.count_nonzero((units.counts if method in ("cc", "acc") else units.soft).sum(axis=1)) < 2:
+    if (holding := int(np.count_nonzero((units.counts if method in ("cc", "acc") else units.soft).sum(axis=1)))) < 2:
         # the other units draw nothing: every replicate's target would be that one unit's, whatever its spread
         return {**result, "note": f"faces found in one {unit} of {n}: no interval"}
     # One stream for the target's draws and one for the calibration images', so that the target's replicates
@@ -381,9 +376,14 @@ def estimate(units: Units, method: str, calibration: Calibration | None = None, 
             low, high = min(low, corrected_low), max(high, corrected_high)
         # a percentile interval need not hold its own estimate (pacc read 94.22 % with 0.0-76.86 %: test_quantify_edges)
         low, high = _rounded(100 * min(float(low), share)), _rounded(100 * max(float(high), share))
-        if low == high:  # every replicate the same (all faces counted of one class, or held at 0 or 100 %)
+        if low == high and 0 < low < 100:  # every replicate the same (the units alike): no spread is not certainty
             return {**result, "note": f"no interval: every resample of the {n} {unit}s gives {low:g}%, which "
                                       "shows no spread, not certainty"}
+        if low == high:  # all 0 or 100 % (it read 100.0-100.0 %): the exact bound, the units as trials (design.md)
+            every, bound = low, _rounded(100 * ((1 - confidence) / 2) ** (1 / holding))
+            low, high = (bound, 100.0) if every else (0.0, _rounded(100 - bound))
+            result["note"] = (f"every resample gives {every:g}%: the exact bound for {holding} {unit}s with faces, "
+                              f"{'all' if every else 'none'} properly masked ({unit}s as the trials)")
         result["low"], result["high"] = low, high
     return result
 
