@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from helpers import generate
-from test_executor import job_stats, make_workflow, run, starts
+from fake_workflow import job_stats, make_workflow, run, starts
 from utils.executor import main as executor_main, run_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
