@@ -98,51 +98,40 @@ def test_hpo_stops_on_sigterm_mid_trial_and_the_retry_runs_that_trial_again(root
     assert is_stand_in(tmp_path / "best.json") and is_stand_in(tmp_path / "best_run.json")
 
 
-def test_a_sigkilled_train_rerun_resumes_and_writes_the_uninterrupted_runs_model_bytes(root, tiny_dir, tmp_path):
-    """SIGKILL gives no chance to stop cleanly: the rerun resumes from the last epoch's checkpoint and its model
-    file is byte for byte the one an uninterrupted run writes (the SIGTERM test above checks only that it loads)."""
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run(train_command(root, tiny_dir, whole, epochs=3), capture_output=True, text=True, timeout=300,
-                   check=True)
-    process = subprocess.Popen(train_command(root, tiny_dir, killed, epochs=3), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    wait_for(lambda: (killed / "checkpoint.pt").is_file(), process)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-    done = torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"]
-    rerun = subprocess.run(train_command(root, tiny_dir, killed, epochs=3), capture_output=True, text=True,
-                           timeout=300)
-    assert rerun.returncode == 0, rerun.stderr
-    assert f"resumed from {killed / 'checkpoint.pt'} after epoch {done} of 3" in rerun.stderr
-    assert (killed / "model.pt").read_bytes() == (whole / "model.pt").read_bytes()
-
-
-def test_a_train_killed_while_it_chooses_on_validation_reruns_only_the_choice_and_writes_the_same_model(
+def test_a_train_sigkilled_mid_training_then_while_it_chooses_on_validation_writes_the_uninterrupted_model(
         root, tiny_dir, tmp_path):
-    """After the last epoch's checkpoint, train chooses the working size, flip TTA and the score threshold on the
-    validation images (about 20 passes) before it writes model.pt: killed then, the rerun trains no epoch again,
-    makes the choice anew, writes the model an uninterrupted run writes, byte for byte, and records what it
-    resumed from."""
+    """SIGKILL gives no chance to stop cleanly. Killed once an epoch's checkpoint exists, the rerun resumes from it;
+    killed again after the last epoch's checkpoint, while it chooses the working size, flip TTA and the score
+    threshold on the validation images (about 20 passes), the next rerun trains no epoch again, makes the choice
+    anew and writes the model file an uninterrupted run writes, byte for byte, recording what it resumed from.
+    (One test for both kill points: each training is a process start-up of torch.)"""
     import json
 
     validated = ["--val-images", str(tiny_dir / "images"), "--val-annotations", str(tiny_dir / "annotations")]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run(train_command(root, tiny_dir, whole, epochs=1) + validated, capture_output=True, text=True,
+    command = train_command(root, tiny_dir, killed, epochs=3) + validated
+    subprocess.run(train_command(root, tiny_dir, whole, epochs=3) + validated, capture_output=True, text=True,
                    timeout=300, check=True)
-    process = subprocess.Popen(train_command(root, tiny_dir, killed, epochs=1) + validated, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: (killed / "checkpoint.pt").is_file(), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    done = torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    printed = []
     for line in process.stderr:
+        printed.append(line)
         if line.startswith("Choosing the working size"):  # logged after the last epoch's checkpoint
             process.send_signal(signal.SIGKILL)
             break
     process.wait(timeout=60)
     process.stderr.close()
+    assert f"resumed from {killed / 'checkpoint.pt'} after epoch {done} of 3" in "".join(printed)
     assert process.returncode == -signal.SIGKILL and not (killed / "model.pt").exists()
-    assert torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"] == 1
-    rerun = subprocess.run(train_command(root, tiny_dir, killed, epochs=1) + validated, capture_output=True,
-                           text=True, timeout=300)
+    assert torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"] == 3
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    assert "after epoch 1 of 1" in rerun.stderr and "epoch 1/1:" not in rerun.stderr  # nothing trained again
+    assert "after epoch 3 of 3" in rerun.stderr and "epoch 3/3:" not in rerun.stderr  # nothing trained again
     assert (killed / "model.pt").read_bytes() == (whole / "model.pt").read_bytes()
     resumed = json.loads((killed / "model_run.json").read_text())["params"]["resumed_from"]
-    assert resumed["after_epoch"] == 1 and resumed["checkpoint"] == str(killed / "checkpoint.pt")
+    assert resumed["after_epoch"] == 3 and resumed["checkpoint"] == str(killed / "checkpoint.pt")
