@@ -49,7 +49,6 @@ from pathlib import Path
 
 from utils import defaults as D
 from utils.cli import int_between, non_negative_float, non_negative_int, positive_float, positive_int, run_job
-from utils.detection.device import resolve_device
 from utils.errors import InputError
 
 TOKEN_ENV = "MASK_SERVICE_TOKEN"
@@ -175,11 +174,14 @@ def access_logging() -> None:
 def main(args) -> int:
     import uvicorn
 
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    sock = bind(args.host, args.port)  # before the model loads: a bad address costs no model load
+    # torch (the device, the model) is imported only now: a bad flag or address is refused in a fraction of a
+    # second, not after the seconds that importing torch takes
+    from utils.detection.device import resolve_device
     from utils.service.app import ServiceConfig, create_app
     from utils.service.protocol import head_deadline_protocol
 
-    token = args.token or os.environ.get(TOKEN_ENV) or None
-    sock = bind(args.host, args.port)  # before the model loads: a bad address costs no model load
     if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
         print(f"{JOB}: warning: {args.host} exposes the API to the network without a token (--token)", file=sys.stderr)
     app = create_app(ServiceConfig(model_path=args.model, device=str(resolve_device(args.device)),
