@@ -4,8 +4,6 @@ and the service's explain endpoints. The page's click-to-explain is in tests/tes
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ import torch
 
 pytest.importorskip("pytorch_grad_cam", reason="grad-cam not installed (make setup installs it)")
 
+from helpers import run_script  # noqa: E402
 from utils.detection.evaluation import load_trained_model  # noqa: E402
 from utils.detection.explain import crop_region, evidence_share, explain_image  # noqa: E402
 from utils.detection.inference import detect, to_model_input  # noqa: E402
@@ -141,14 +140,15 @@ def test_evidence_share_and_crop_region():
 
 
 @pytest.mark.slow
-def test_predict_explain_writes_overlays_listed_in_predictions_json(root, tiny_model_file, sample_dir, tmp_path):
+def test_predict_explain_writes_overlays_listed_in_predictions_json(root, tiny_model_file, sample_dir, tmp_path,
+                                                                    capsys):
+    # the job run in-process (as its __main__ does): a process of its own added only the seconds of importing torch
     images = sorted((sample_dir / "images").glob("*.jpg"))[:2]
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(root / "bin/predict.py"), "--images", *map(str, images),
-                           "--model", str(tiny_model_file), "--output-dir", str(out), "--score-threshold", "0.05",
-                           "--explain", "--explain-max-boxes", "2", "--workers", "0"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    code = run_script(root, "predict", ["--images", *images, "--model", tiny_model_file, "--output-dir", out,
+                                        "--score-threshold", "0.05", "--explain", "--explain-max-boxes", "2",
+                                        "--workers", "0"])
+    assert code == 0, capsys.readouterr().err
     records = json.loads((out / "predictions.json").read_text())["images"]
     for record in records:
         listed = record["explanations"]
@@ -161,14 +161,14 @@ def test_predict_explain_writes_overlays_listed_in_predictions_json(root, tiny_m
 
 
 @pytest.mark.slow
-def test_predict_explain_needs_annotated_images(root, tiny_model_file, sample_dir, tmp_path):
+def test_predict_explain_needs_annotated_images(root, tiny_model_file, sample_dir, tmp_path, capsys):
     image = sorted((sample_dir / "images").glob("*.jpg"))[0]
-    proc = subprocess.run([sys.executable, str(root / "bin/predict.py"), "--images", str(image), "--model",
-                           str(tiny_model_file), "--output-dir", str(tmp_path), "--explain", "--no-annotated"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == ("predict: error: --explain explains the annotated images: drop "
-                                                    "--no-annotated (bound them with --annotate-max)")
+    code = run_script(root, "predict", ["--images", image, "--model", tiny_model_file, "--output-dir", tmp_path,
+                                        "--explain", "--no-annotated"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "predict: error: --explain explains the annotated images: drop --no-annotated (bound them with "
+        "--annotate-max)")
 
 
 # ----------------------------------------------------------------------------- the service
