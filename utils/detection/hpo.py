@@ -48,10 +48,12 @@ from optuna.trial import TrialState
 from .. import defaults as D
 from ..classes import NO_LABEL_MAP, LabelMap
 from ..cli import print_skipped
-from ..errors import InputError, shown
+from ..errors import shown
 from ..stop import StopRequested
 from .compliance import compliance_error
 from .engine import NonFiniteLossError
+# defined with the merge, which reads result files without torch; named here, where the search raises and writes them
+from .hpo_results import HpoError, trial_records
 from .metrics import coco_map
 from .metrics import fitness as coco_fitness
 from ..data.pairs import object_problems, object_problems_line, open_pairs, pairs_sha256
@@ -63,15 +65,10 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEUES = 2  # a trial that keeps killing its job is not retried for ever
 TPE_STARTUP_TRIALS = 5  # random trials before TPE models the search's results
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 OBJECTIVES = {
     "fitness": "0.1 * mAP@0.5 + 0.9 * mAP@0.5:0.95 on the validation set (eval mode)",
     "map": "COCO mAP@0.5:0.95 on the validation set (eval mode)",
 }
-
-
-class HpoError(InputError):
-    """Bad HPO input: no data, a worker index out of range, an undefined objective."""
 
 
 @dataclass
@@ -319,12 +316,6 @@ def trial_counts(study: optuna.Study) -> dict:
         counts[trial.state.name.lower()] += 1
     counts["finished"] = counts["complete"] + counts["pruned"]
     return counts
-
-
-def trial_records(study: optuna.Study) -> list[dict]:
-    return [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-             "intermediate_values": {str(k): v for k, v in t.intermediate_values.items()},
-             "user_attrs": t.user_attrs} for t in study.get_trials(deepcopy=False)]
 
 
 # ----------------------------------------------------------------------------- the objective

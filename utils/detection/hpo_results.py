@@ -14,8 +14,23 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
-from ..errors import is_finite_number, read_json, shown
-from .hpo import HpoError, trial_records
+from ..errors import InputError, is_finite_number, read_json, shown
+
+# This module, and bin/hpo_merge.py with it, imports no torch: utils/detection/hpo.py (the search) imports the
+# training, and a merge of JSON files waited seconds for torch and torchvision that it never used.
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class HpoError(InputError):
+    """Bad HPO input: no data, a worker index out of range, an undefined objective, a result file that is not one."""
+
+
+def trial_records(study: optuna.Study) -> list[dict]:
+    return [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+             "intermediate_values": {str(k): v for k, v in t.intermediate_values.items()},
+             "user_attrs": t.user_attrs} for t in study.get_trials(deepcopy=False)]
+
 
 DISTRIBUTIONS = {"FloatDistribution": FloatDistribution, "IntDistribution": IntDistribution,
                  "CategoricalDistribution": CategoricalDistribution}

@@ -114,7 +114,7 @@ def _frozen_trials(records: list[dict], distributions: dict) -> list:
     import optuna
     from optuna.trial import TrialState
 
-    from .hpo import FINISHED
+    from .hpo_results import FINISHED
 
     trials = []
     for record in records:
@@ -157,8 +157,7 @@ def write_hpo_plots(results: list[dict], plots_dir, journals=()) -> dict:
     from optuna.trial import TrialState
     from optuna.visualization import matplotlib as ovm
 
-    from .hpo import HpoError
-    from .hpo_results import parse_distribution, worker_journal_trials
+    from .hpo_results import HpoError, parse_distribution, worker_journal_trials
 
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
