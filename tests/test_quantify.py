@@ -372,8 +372,10 @@ def test_cross_fitted_rates_bench_pools_the_other_folds_rate_images():
 
 
 @pytest.mark.slow  # a bench script in a process of its own: imports torch, runs the model
-def test_cross_fitted_rates_bench_runs_fold_models_and_writes_its_inputs(tiny_model_file, sample_dir, tmp_path):
+def test_cross_fitted_rates_bench_runs_fold_models_and_writes_its_inputs(tiny_model_file, sample_dir, tmp_path,
+                                                                         monkeypatch, capsys):
     import json
+    import runpy
     import shutil
     import subprocess
     import sys
@@ -400,15 +402,18 @@ def test_cross_fitted_rates_bench_runs_fold_models_and_writes_its_inputs(tiny_mo
     # the same model on the same images twice: each fold is corrected with the other's identical record
     assert figures["folds"][0]["cross_fitted_rates"] == figures["folds"][1]["cross_fitted_rates"]
     assert figures["folds"][0]["cross_fitted_rates"]["rate_images"] == 6
-    missing = subprocess.run([*command[:3], str(tmp_path / "none.pt"), *command[4:]], capture_output=True, text=True,
-                             cwd=root, timeout=300)
-    assert missing.returncode == 2 and "none.pt: model file not found" in missing.stderr
+    # the refusal in-process (runpy, as `python bench/...` runs it): a process added only the seconds of torch's import
+    monkeypatch.setattr(sys, "argv", [command[1], *command[2:3], str(tmp_path / "none.pt"), *command[4:]])
+    with pytest.raises(SystemExit) as missing:
+        runpy.run_path(command[1], run_name="__main__")
+    assert missing.value.code == 2 and "none.pt: model file not found" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # a bench script in a process of its own: imports torch, runs the model
-def test_class_mix_shift_bench_reads_back_the_records_it_wrote(tiny_model_file, sample_dir, tmp_path):
+def test_class_mix_shift_bench_reads_back_the_records_it_wrote(tiny_model_file, sample_dir, tmp_path, monkeypatch):
     # bench/class_mix_shift.py: the figures from the models and from the records they wrote are the same
     import json
+    import runpy
     import shutil
     import subprocess
     import sys
@@ -428,9 +433,12 @@ def test_class_mix_shift_bench_reads_back_the_records_it_wrote(tiny_model_file, 
                            "--final", str(model), str(held_out), "--records", str(records), "--output", str(first)],
                           capture_output=True, text=True, cwd=root, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    again = subprocess.run([*bench, "--from-records", str(records), "--output", str(second)],
-                           capture_output=True, text=True, cwd=root, timeout=300)
-    assert again.returncode == 0, again.stderr[-2000:]
+    # the rerun from the records in-process (runpy, as `python bench/...` runs it): no torch start-up again
+    monkeypatch.syspath_prepend(str(root / "bench"))  # as python puts the script's folder first
+    monkeypatch.setattr(sys, "argv", [bench[1], "--from-records", str(records), "--output", str(second)])
+    with pytest.raises(SystemExit) as again:
+        runpy.run_path(bench[1], run_name="__main__")
+    assert again.value.code == 0
     from_models, from_records = json.loads(first.read_text()), json.loads(second.read_text())
     assert from_models["folds"] == from_records["folds"] and from_models["final"] == from_records["final"]
     fold = from_models["folds"][0]["parts"]
