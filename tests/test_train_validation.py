@@ -4,13 +4,12 @@ model file, the epoch --keep-best keeps (across a resume too), and a SIGTERM whi
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
+import logging
 
 import pytest
 import torch
 
-from helpers import TINY, tiny_pairs
+from helpers import TINY, run_script, tiny_pairs
 from utils import defaults as D
 from utils.detection.evaluation import load_trained_model
 from utils.detection.model import load_model_file
@@ -20,16 +19,16 @@ from utils.detection.training import Trainer
 
 @pytest.mark.training
 def test_training_with_held_out_validation_images_chooses_and_stores_the_operating_threshold(tiny_dir, tmp_path,
-                                                                                              root):
+                                                                                              root, caplog, capsys):
     out = tmp_path / "run"
-    command = [sys.executable, str(root / "bin" / "train.py"), "--images", str(tiny_dir / "images"),
-               "--annotations", str(tiny_dir / "annotations"), "--val-images", str(tiny_dir / "images"),
-               "--val-annotations", str(tiny_dir / "annotations"), "--epochs", "1", "--image-size", "128",
-               "--batch-size", "2", "--workers", "0", "--checkpoint", str(out / "checkpoint.pt"),
-               "--output", str(out / "model.pt"), "--seed", "1", "--no-progress", "--device", "cpu", "--keep", "best"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "Choosing the operating threshold on the validation images" in result.stderr
+    argv = ["--images", tiny_dir / "images", "--annotations", tiny_dir / "annotations", "--val-images",
+            tiny_dir / "images", "--val-annotations", tiny_dir / "annotations", "--epochs", "1", "--image-size", "128",
+            "--batch-size", "2", "--workers", "0", "--checkpoint", out / "checkpoint.pt", "--output", out / "model.pt",
+            "--seed", "1", "--no-progress", "--device", "cpu", "--keep", "best"]
+    with caplog.at_level(logging.INFO):  # in-process (as its __main__ runs it): a process added only torch's import
+        assert run_script(root, "train", argv) == 0
+    printed = capsys.readouterr().out
+    assert "Choosing the operating threshold on the validation images" in caplog.text
     model, meta = load_model_file(out / "model.pt")
     # the working size: tried at 1x-2x the training size on the validation images, the chosen one stored
     size = meta["inference_size"]
@@ -50,10 +49,10 @@ def test_training_with_held_out_validation_images_chooses_and_stores_the_operati
     assert size["tta"] == (flip > plain + D.INFERENCE_SIZE_TOLERANCE)
     assert meta["quantification"]["tta"] == size["tta"] and loaded["tta"] == size["tta"]
     assert meta["quantification"]["working_size"] == size["image_size"]
-    assert "flip TTA" in result.stderr
+    assert "flip TTA" in caplog.text
     assert meta["val_mode"] == "monitor" and meta["num_val_images"] == 6  # held out, not trained on
     assert (meta["kept_weights"]["rule"], meta["kept_weights"]["epoch"]) == ("best", 1)  # one epoch: the best
-    assert "weights of epoch 1 kept (best)" in result.stdout
+    assert "weights of epoch 1 kept (best)" in printed
     chosen = meta["operating_threshold"]
     assert chosen["chosen_on"] == "validation" and chosen["images"] == 6
     assert chosen["score_threshold"] in [row["score_threshold"] for row in chosen["candidates"]]
