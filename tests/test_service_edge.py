@@ -190,9 +190,9 @@ def test_serve_bad_flags_are_one_line_and_exit_2(root, tiny_model_file, tmp_path
     assert len(lines) == 1 and lines[0].startswith("serve: error: ") and message in lines[0], lines
 
 
-def test_serve_refuses_a_bad_flag_or_a_busy_port_before_importing_torch(root, tmp_path):
-    # bin/serve.py imported torch (~3 s of a 2-core machine) before it parsed its flags or bound its port: each of
-    # these refusals waited for an import it never used
+def test_serve_refuses_a_bad_flag_a_busy_port_or_a_missing_model_before_importing_torch(root, tmp_path):
+    # bin/serve.py imported torch (~5 s of a 2-core machine) before it parsed its flags, bound its port or found
+    # its model file missing: each of these refusals waited for an import it never used
     code = ("import runpy, sys\n"
             "for argv in sys.argv[1:]:\n"
             "    sys.argv = ['serve.py', *argv.split()]\n"
@@ -202,12 +202,16 @@ def test_serve_refuses_a_bad_flag_or_a_busy_port_before_importing_torch(root, tm
             "        print('exit', end.code)\n"
             "print('loaded:', sorted(m for m in ('torch', 'torchvision') if m in sys.modules))\n")
     with _listening_port() as busy:
+        free = _listening_port()
+        free_port = free.getsockname()[1]
+        free.close()
         done = subprocess.run([sys.executable, "-c", code, "--port 99999",
-                               f"--model {tmp_path / 'none.pt'} --port {busy.getsockname()[1]}"],
+                               f"--model {tmp_path / 'none.pt'} --port {busy.getsockname()[1]}",
+                               f"--model {tmp_path / 'none.pt'} --port {free_port}"],
                               cwd=root, capture_output=True, text=True, timeout=120)
     ends = [line for line in done.stdout.splitlines() if line.startswith(("exit ", "loaded: "))]  # not the args line
-    assert ends == ["exit 2", "exit 2", "loaded: []"], done.stderr
-    assert "Address already in use" in done.stderr
+    assert ends == ["exit 2", "exit 2", "exit 2", "loaded: []"], done.stderr
+    assert "Address already in use" in done.stderr and f"{tmp_path / 'none.pt'}: model file not found" in done.stderr
 
 
 def _streamed_parts(app, path: str, part: bytes, count: int):

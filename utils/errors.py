@@ -38,6 +38,15 @@ def is_finite_number(value) -> bool:
         return False
 
 
+def require_file(path, what: str, error: type[InputError] = InputError) -> None:
+    """*error* "<path>: <what> not found" unless *path* is a file: the check of a file a job loads, made before
+    the job imports the library that reads it (bin/serve.py refuses a missing model before torch's seconds)."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise error(f"{path}: {what} not found")
+
+
 def read_json(path, what: str, error: type[InputError] = InputError):
     """The JSON document in *path*; a missing, undecodable or malformed file raises *error*
     with one line naming the file and *what* it should have been (e.g. "HPO result")."""

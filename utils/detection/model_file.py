@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import defaults as D
 from ..classes import CLASSES, LABEL_OF, NUM_CLASSES
-from ..errors import InputError, is_finite_number, shown
+from ..errors import InputError, is_finite_number, require_file, shown
 from ..provenance import code_version, package_versions
 from ..stop import is_stand_in
 from .checkpoint import save_torch_file, torch_file_problem
@@ -43,8 +43,7 @@ class ModelError(InputError):
 
 def torch_load(path: Path, what: str):
     """torch.load on the CPU with weights_only=True; a missing or unreadable file is a one-line ModelError."""
-    if not path.is_file():
-        raise ModelError(f"{path}: {what} not found")
+    require_file(path, what, ModelError)
     if is_stand_in(path):
         raise ModelError(f"{path}: a stand-in, not a {what}: the job that writes it was stopped (SIGTERM) "
                          "before it finished; rerun that job")
