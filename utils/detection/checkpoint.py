@@ -121,6 +121,14 @@ def load_checkpoint(path) -> dict:
         if key in payload and (not isinstance(payload[key], kind) or isinstance(payload[key], bool)):
             raise CheckpointError(f"{path}: checkpoint's {key} is a {type(payload[key]).__name__}, not what train "
                                   "writes; delete it to start afresh")
+    from .model_file import non_finite_weights  # model_file imports this module
+
+    ema = (payload.get("extra") or {}).get("ema")  # the averaged weights validation and the model file use
+    weights = {**payload["model"], **({f"(EMA) {name}": value for name, value in ema.items()}
+                                      if isinstance(ema, dict) else {})}
+    if problem := non_finite_weights(weights):  # resumed, it would stop at its first step's NaN loss
+        raise CheckpointError(f"{path}: {problem}: the training diverged before it was written; delete it to "
+                              "start afresh (with a lower --lr)")
     return payload
 
 

@@ -59,7 +59,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from ..classes import NUM_CLASSES
 from ..provenance import file_sha256
 from .model_file import MODEL_FILE_FORMAT, ModelError, model_metadata, read_model_payload, save_model_file  # noqa: F401
-from .model_file import torch_load as _torch_load  # reading, writing and checking model files live there
+from .model_file import non_finite_weights, torch_load as _torch_load  # reading, writing, checking model files: there
 from .weights import BACKBONES, RETINAFACE_BACKBONE
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,8 @@ def read_weight_file(path) -> dict:
         loaded = loaded["model"]  # a model file or a training checkpoint
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise ModelError(f"{path}: does not hold a state dict of tensors")
+    if problem := non_finite_weights(loaded):  # training from them would stop at its first step's NaN loss
+        raise ModelError(f"{path}: {problem}: the training that wrote it diverged; not used")
     return loaded
 
 

@@ -6,7 +6,8 @@ or to the service, so everything read from it is checked here, before a model is
 from it: the metadata's types and ranges (meta a mapping; the classes this project's;
 num_classes one more than them; the image size a positive integer within
 defaults.MODEL_IMAGE_SIZE_MAX; thresholds numbers in [0, 1]) and the box predictor's
-shapes against the classes it declares. A problem is one :class:`ModelError` line naming
+shapes against the classes it declares, and the weights finite (no NaN or infinity: a diverged
+training's weights load and run, and find no face in any photo). A problem is one :class:`ModelError` line naming
 the file, which the job runner turns into exit 2; a file that passes never reaches a
 KeyError, a float('abc') or a silently empty answer later.
 
@@ -87,9 +88,13 @@ def model_metadata(model: nn.Module, extra: dict | None = None) -> dict:
 
 
 def save_model_file(path, model: nn.Module, meta: dict | None = None) -> Path:
-    """Write ``{"model": state_dict, "meta": {...}}`` atomically; meta gets :func:`model_metadata` added."""
+    """Write ``{"model": state_dict, "meta": {...}}`` atomically; meta gets :func:`model_metadata` added. Weights
+    that are not finite are a ModelError and nothing is written: train checks each step's loss before its update,
+    but the update after the last check can still leave NaN weights, which every reader would refuse."""
     payload = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "meta": model_metadata(model, meta)}
+    if problem := non_finite_weights(payload["model"]):
+        raise ModelError(f"{path}: not written: {problem} (the training diverged; lower the learning rate, --lr)")
     return save_torch_file(path, payload)
 
 
@@ -105,7 +110,28 @@ def read_model_payload(path, backbones) -> tuple[dict, dict]:
     meta, state = payload["meta"], payload["model"]
     check_model_meta(meta, path, backbones)
     check_state_shapes(state, meta["num_classes"], path)
+    if problem := non_finite_weights(state):
+        raise ModelError(f"{path}: {problem}: the training that wrote it diverged; not used")
     return state, meta
+
+
+def non_finite_weights(state: Mapping) -> str | None:
+    """What is not finite in the tensors of the state dict *state* ("the weights hold 3 NaN values in
+    roi_heads.box_head.fc6.weight, and 2 more tensors hold NaN or infinite values"), or None when every
+    floating-point value is finite. A diverged training's NaN reaches every score through the first layer that
+    holds one: NaN scores pass no threshold, and the model finds no face in any photo, said by no error."""
+    bad = [(name, tensor) for name, tensor in state.items() if isinstance(tensor, torch.Tensor)
+           and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if not bad:
+        return None
+    name, tensor = bad[0]
+    nan = int(torch.isnan(tensor).sum())
+    infinite = int(torch.isinf(tensor).sum())
+    counts = " and ".join(f"{count:,} {kind} value{'s' if count > 1 else ''}"
+                          for count, kind in ((nan, "NaN"), (infinite, "infinite")) if count)
+    more = f", and {len(bad) - 1} more tensor{'s hold' if len(bad) > 2 else ' holds'} NaN or infinite values" \
+        if len(bad) > 1 else ""
+    return f"the weights hold {counts} in {name}{more}"
 
 
 def _is_int(value) -> bool:
