@@ -139,7 +139,8 @@ def test_a_plain_tar_is_read_where_its_images_lie_not_unpacked_with_the_items_un
             [(item.name.replace("set.tgz", "set.tar"), item.folder, item.file_name) for item in packed]
         assert plain_skipped == [{**entry, "file": entry["file"].replace("set.tgz", "set.tar")}
                                  for entry in packed_skipped]
-        assert plain_skipped == [{"file": "set.tar:notes.txt", "reason": "not an image file name (extension '.txt')"}]
+        assert plain_skipped == [{"file": "set.tar:notes.txt", "reason": "not an image file (format not recognised; "
+                                                                         "read here: JPEG, PNG, BMP, TIFF, WEBP)"}]
         for decoded, expected in zip(ImageFileDataset(plain), ImageFileDataset(packed)):
             assert decoded.problem == expected.problem and (decoded.image is None) == (expected.image is None)
             assert decoded.image is None or torch.equal(decoded.image, expected.image)

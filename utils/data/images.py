@@ -46,7 +46,14 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # The formats of those extensions, the only ones Image.open may try: left to itself Pillow tries every plugin,
 # and some load the whole image on open (ICO: a 249 KB file holding an 8000x8000 PNG cost 400 MB and 0.8 s before
 # its size could be refused). A file of another format (GIF, ICO, text named .jpg) is "not an image file".
+# The rule of every path (a folder's or archive's files, a file named, an upload, a VOC pair): a file is a photo
+# when its bytes are an image of these formats, whatever its name (.jfif, .jpe, .JPG, none, a PNG named .jpg);
+# any other file is skipped with NotAnImageError's reason, the same on each path. A name of IMAGE_EXTENSIONS only
+# spares the header read when a folder is listed (not_an_image): the decode says what is wrong with such a file.
 IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
+# NewSubfileType (TIFF tag 254) bits of an IFD that is no page of its own: a reduced-resolution copy of a page
+# (bit 0: the thumbnail cameras and scanners write after the picture) or a transparency mask (bit 2).
+TIFF_NOT_A_PAGE = 0b101
 
 
 class ImageError(InputError):
@@ -60,6 +67,24 @@ class ImageError(InputError):
 
 def is_image_name(path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def is_annotation_name(path) -> bool:
+    """A VOC file's name (.xml): beside the photos by design, never read as one."""
+    return str(path).lower().endswith(".xml")
+
+
+def not_an_image(source, name) -> str | None:
+    """The reason every path skips the file *name* when the first bytes of *source* (a path, or an open binary file,
+    left where it was) are no image of IMAGE_FORMATS (NotAnImageError's problem); None when they are one, or when
+    its header fails otherwise (too large, damaged, unreadable): its decode, which reads it as a photo, says so."""
+    try:
+        check_image_pixels(source, name=name)
+    except NotAnImageError as error:
+        return error.problem
+    except ImageError:
+        pass
+    return None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -246,6 +271,7 @@ def load_rgb_bytes(data: bytes, name: str) -> Image.Image:
 def _decode(source, path, bound: SizeBound | None = None, copy_bound: SizeBound | None = None) -> Photo:
     with _pillow_errors(path, "decode image"), Image.open(source, formats=IMAGE_FORMATS) as img:
         _check_pixels(img, D.IMAGE_MAX_PIXELS, path)  # from the header: a bomb is never decoded
+        _check_one_picture(img, path)
         img.load()  # full decode now, so truncated files fail here and not later
         whole = _to_rgb(ImageOps.exif_transpose(img))
     image = reduced_to(whole, bound)
@@ -253,6 +279,32 @@ def _decode(source, path, bound: SizeBound | None = None, copy_bound: SizeBound 
     if copy_bound is not None:
         copy = image if copy_bound.size(*whole.size) == image.size else reduced_to(whole, copy_bound)
     return Photo(image, whole.size, copy)
+
+
+def _check_one_picture(img: Image.Image, name) -> None:
+    """ImageError naming *name* when the file holds several pictures, one of which would be read and the others
+    left out unsaid. An MPO (the JPEG that phones and stereo cameras write) is read, as its first picture: by the
+    CIPA multi-picture standard that is the photo, and the others are the same shot's depth map, second view or
+    preview. The pages of a TIFF and the frames of an animated PNG or WebP are refused with their count: which page
+    is the photo is unknown, faces on the pages not read would be missing from the figure without a word, and an
+    animation is not a photo (a GIF is not read either; predict_video reads videos). A TIFF's reduced-resolution
+    copies and masks (TIFF_NOT_A_PAGE) are no pages: such a TIFF is its first page's photo. Each path decodes
+    through here, so each refuses such a file with this reason."""
+    frames = getattr(img, "n_frames", 1)
+    if frames < 2 or img.format == "MPO":
+        return
+    if img.format == "TIFF":
+        pages = 0
+        for frame in range(frames):
+            img.seek(frame)
+            pages += not img.tag_v2.get(254, 0) & TIFF_NOT_A_PAGE
+        img.seek(0)
+        if pages > 1:
+            raise ImageError(name, f"a TIFF of {pages} pages: which one is the photo is unknown, and one read alone "
+                                   "would leave the faces of the others uncounted; save each page as its own file")
+        return
+    raise ImageError(name, f"an animation of {frames} frames ({img.format}), not a photo: save the frame to read as "
+                           "its own file (bin/predict_video.py reads videos)")
 
 
 def reduced_to(image: Image.Image, bound: SizeBound | None) -> Image.Image:

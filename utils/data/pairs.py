@@ -20,7 +20,8 @@ from pathlib import Path, PurePosixPath
 from ..atomic import atomic_path
 from ..errors import InputError
 from ..provenance import file_sha256, sets_sha256
-from .images import NOT_UTF8, ImageError, escaped_name, is_image_name, load_rgb_hashed, valid_utf8_name
+from .images import (NOT_UTF8, ImageError, escaped_name, is_annotation_name, is_image_name, load_rgb_hashed,
+                     not_an_image, valid_utf8_name)
 from .voc import VocError, parse_voc
 
 
@@ -36,6 +37,10 @@ class Pair:
         return self.image.stem
 
 
+SUBFOLDER_NOT_READ = ("a subfolder: its files are not read (the images and annotations must sit in the folder or "
+                      "archive itself)")
+
+
 @dataclass
 class Pairing:
     pairs: list[Pair] = field(default_factory=list)
@@ -43,7 +48,8 @@ class Pairing:
     annotations_without_image: list[Path] = field(default_factory=list)
     folders: list[Path] = field(default_factory=list)  # subfolders of either folder, whose files are not read
     # Entries of either folder that cannot be an input, [{file, reason}]: names that are not valid UTF-8 (no JSON,
-    # CSV, XML or tar member can hold them), links to nothing (or a loop of links), anything not a file or folder.
+    # CSV, XML or tar member can hold them), links to nothing (or a loop of links), anything not a file or folder,
+    # files of the images' folder that are neither an image by their bytes nor a VOC file.
     left_out: list[dict] = field(default_factory=list)
 
 
@@ -130,6 +136,14 @@ def members_in_place(archive_path) -> list[TarMember] | None:
                   key=lambda member: member.relative.split("/"))
 
 
+def open_member(archive: tarfile.TarFile, member: TarMember):
+    """A file object on the bytes of *member* (members_in_place's) in the open *archive*: a window read where they
+    lie, nothing read until asked for."""
+    info = tarfile.TarInfo(member.relative)  # a regular file's: its data where the listing found it
+    info.offset_data, info.size = member.offset, member.size
+    return archive.extractfile(info)
+
+
 @contextlib.contextmanager
 def open_folder(path, suffixes=None):
     """Yield a folder for *path*: the folder itself, or a .tar unpacked to a temporary folder.
@@ -203,7 +217,12 @@ def pair_folders(images_dir, annotations_dir) -> Pairing:
                 entries[folder].append(path)
     images = {}
     for path in entries[images_dir]:
-        if path.is_file() and (is_image_name(path) or path.suffix.lower() != ".xml"):
+        if not path.is_file() or is_annotation_name(path):
+            continue
+        # a photo by its bytes, whatever its name (images.IMAGE_FORMATS): a name of no image extension is read now
+        if not is_image_name(path) and (problem := not_an_image(path, path)):
+            pairing.left_out.append({"file": escaped_name(path), "reason": problem})
+        else:
             images.setdefault(path.stem, []).append(path)
     annotations = {p.stem: p for p in entries[annotations_dir] if p.is_file() and p.suffix.lower() == ".xml"}
     for stem, paths in images.items():

@@ -40,7 +40,7 @@ from ..classes import CLASSES, NO_LABEL_MAP, LabelMap
 from ..errors import InputError, shown
 from ..naming import name_part_problem
 from .images import ImageError, file_encoding, load_rgb
-from .pairs import Pair, open_folder, pack_folder, pair_folders, read_pairs_csv
+from .pairs import SUBFOLDER_NOT_READ, Pair, open_folder, pack_folder, pair_folders, read_pairs_csv
 from ..provenance import run_record
 from ..stop import check_stop
 from .voc import VocAnnotation, VocError, VocObject, clean_objects, parse_voc_for_image, write_voc
@@ -133,10 +133,9 @@ def open_inputs(images, annotations, split_csv=None, split=None, log: JobLog | N
             for path in pairing.annotations_without_image:
                 log.skip(path.name, "annotation has no image with the same stem")
             for folder in pairing.folders:
-                log.skip(f"{folder.name}/", "a subfolder: its files are not read (the images and annotations must "
-                                            "sit in the folder or archive itself)")
-            for item in pairing.left_out:
-                log.skip(Path(item["file"]).name, f"not read: {item['reason']}")
+                log.skip(f"{folder.name}/", SUBFOLDER_NOT_READ)
+            for item in pairing.left_out:  # the reason evaluate and predict give
+                log.skip(Path(item["file"]).name, item["reason"])
         log.inputs = len(pairs) + len(log.skipped)
         yield pairs
 

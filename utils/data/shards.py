@@ -39,7 +39,7 @@ from .. import defaults as D
 from ..atomic import atomic_path, write_json
 from ..errors import InputError
 from ..provenance import file_sha256
-from .images import escaped_name, is_image_name, list_files
+from .images import escaped_name, is_annotation_name, is_image_name, list_files, not_an_image
 
 INDEX_JSON = "index.json"
 INDEX_CSV = "index.csv"
@@ -156,8 +156,8 @@ def collect_images(images_dir, annotations_dir=None, exclude=()) -> tuple[list[S
     extension .xml) or None, in path order; and what was skipped, [{file, reason}].
 
     Skipped: what utils.data.images.list_files leaves out (links to nothing, names not valid UTF-8,
-    link loops, a file seen twice), files that are not images by name, a second image with the key
-    (path without extension) of another (a shard holds one sample per key), both images when an XML
+    link loops, a file seen twice), files that are no image by their bytes (predict's reason), a second
+    image with the key (path without extension) of another (a shard holds one sample per key), both images when an XML
     names a key two images share (which one it describes is unknown), and XML files with no image.
     XML beside the images, without --annotations, is not packed and not listed.
     """
@@ -177,11 +177,14 @@ def collect_images(images_dir, annotations_dir=None, exclude=()) -> tuple[list[S
         annotations = {_key(file.relative): file for file in xml_files}
     by_key: dict[str, list] = {}
     for file in files:
-        if is_image_name(file.relative):
+        if is_annotation_name(file.relative):
+            continue
+        # an image by its bytes, as predict reads the shard (images.IMAGE_FORMATS): a name of no image extension
+        # (.jfif, none) has its header read now, so that no shard carries what predict would skip
+        if not is_image_name(file.relative) and (problem := not_an_image(file.path, escaped_name(file.path))):
+            skipped.append({"file": escaped_name(file.path), "reason": problem})
+        else:
             by_key.setdefault(_key(file.relative), []).append(file)
-        elif not file.relative.lower().endswith(".xml"):
-            skipped.append({"file": escaped_name(file.path), "reason": "not an image file name (extension "
-                                                                      f"'{PurePosixPath(file.relative).suffix}')"})
     items = []
     for key, images in by_key.items():
         xml = annotations.pop(key, None)

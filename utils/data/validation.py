@@ -8,7 +8,7 @@ leaves the data set unreported: ``images_total == images_usable + len(images_exc
 and every excluded image is the "image" of at least one excluding problem.
 
 Checks: entries that cannot be read as files (a name not valid UTF-8, a link to nothing,
-not a regular file; utils.data.pairs.pair_folders); image without annotation and the
+not a regular file, no image by its bytes; utils.data.pairs.pair_folders); image without annotation and the
 reverse; images sharing one name stem (annotations are matched by stem, so they are ambiguous: the one the XML's
 <filename> names keeps it, utils.data.pairs.pair_folders); unreadable, truncated or non-image files (full
 decode with utils.data.images.load_rgb_hashed, which hashes the file too); XML that is not
@@ -81,7 +81,7 @@ PROBLEM_KINDS = {
     "exact_duplicate": True,          # same bytes as the kept image of its group
     "near_duplicate": True,           # perceptual hash close to another image of its group
     "subfolder_ignored": False,       # a folder inside images/ or annotations/: its files are not read
-    "file_not_read": False,           # a name not valid UTF-8, a link to nothing, not a regular file
+    "file_not_read": False,           # a name not valid UTF-8, a link to nothing, not a regular file, no image
     "doctype_dropped": False,         # the clean copy is written without the file's <!DOCTYPE> (and its entities)
 }
 CLEAN_ANNOTATIONS_DIRNAME = "annotations_clean"
@@ -207,7 +207,7 @@ def validate_dataset(images_dir, annotations_dir, near_duplicate_distance: int =
 
     for item in pairing.left_out:  # never an image of the set: the name or the link is what fails
         problems.append({"file": Path(item["file"]).name, "image": None, "kind": "file_not_read",
-                         "problem": f"not read: {item['reason']}", "excluded": PROBLEM_KINDS["file_not_read"]})
+                         "problem": item["reason"], "excluded": PROBLEM_KINDS["file_not_read"]})
 
     # Annotations are matched by stem: two images with one stem cannot both own the XML file.
     pairs, by_stem = [], {}

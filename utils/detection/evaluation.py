@@ -32,7 +32,7 @@ from ..naming import evaluation_output_names
 from .inference_size import inference_size, inference_tta, set_inference_size, working_size
 from .model import load_model_file
 from .metrics import _clean_pred, compute_coco, detection_confusion_matrix, pr_curves, recall_by_iou
-from ..data.pairs import pair_folders, scan_pairs
+from ..data.pairs import SUBFOLDER_NOT_READ, pair_folders, scan_pairs
 from .plots import plot_confusion_matrix, plot_pr_curves
 from ..data.voc import VocError, clean_objects, parse_voc
 from ..errors import InputError
@@ -60,6 +60,9 @@ def labelled_pairs(images_dir, annotations_dir):
     pairing = pair_folders(images_dir, annotations_dir)
     skipped = [{"file": str(p), "reason": "image without annotation"} for p in pairing.images_without_annotation]
     skipped += [{"file": str(p), "reason": "annotation without image"} for p in pairing.annotations_without_image]
+    # what the folders hold that is no input, listed as preprocess and validation list it (it was left out unsaid)
+    skipped += [{"file": item["file"], "reason": item["reason"]} for item in pairing.left_out]
+    skipped += [{"file": f"{folder}/", "reason": SUBFOLDER_NOT_READ} for folder in pairing.folders]
     pairs, problems = scan_pairs(pairing.pairs)  # a full decode: a truncated file passes a header read
     skipped += [{"file": item["file"], "reason": item["problem"]} for item in problems]
     where = "" if Path(annotations_dir) == Path(images_dir) else f" (annotations: {annotations_dir})"

@@ -17,6 +17,7 @@ import os
 import posixpath
 import re
 import shutil
+import tarfile
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,14 +28,15 @@ from PIL import Image
 from .. import defaults as D
 from ..atomic import atomic_files, atomic_path, dump_json
 from ..classes import NAME_OF
-from ..data.images import NOT_UTF8, escaped_name, is_image_name, list_files, valid_utf8_name
+from ..data.images import (NOT_UTF8, escaped_name, is_annotation_name, is_image_name, list_files, not_an_image,
+                           valid_utf8_name)
 from ..naming import annotated_stem
 from ..naming import output_names as job_output_names
 from .inference import Detections, ImageItem, Skipped, detect_files, detection_floor
 from .inference_size import working_size
 from .compliance import compliance, compliance_line, listed_score, merge_compliance
 from .quantify import prediction_estimates, soft_counts
-from ..data.pairs import members_in_place, open_folder, pack_folder
+from ..data.pairs import members_in_place, open_folder, open_member, pack_folder
 from .plots import save_annotated
 from .predictions_csv import write_predictions_csv
 from .prediction_progress import PredictionProgress, drawn_files, inputs_fingerprint, progress_path
@@ -47,16 +49,20 @@ def _is_archive(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def _image_item(name: str, relative: str, path: Path, root_folder: str, skipped: list, member=None):
-    """The item of the file *name* (*relative*: its path below the folder or archive listed), its folder
-    *root_folder* joined with the one below; None for a file that is not an image, its reason in *skipped*."""
-    if is_image_name(relative):
-        parent = posixpath.dirname(relative)
-        return ImageItem(name, path, "/".join(part for part in (root_folder, parent) if part), member)
-    if not relative.lower().endswith(".xml"):  # annotations beside images are expected, not a problem
-        skipped.append({"file": name, "reason": f"not an image file name (extension "
-                                                f"'{posixpath.splitext(relative)[1]}')"})
-    return None
+def _image_item(name: str, relative: str, path: Path, root_folder: str, skipped: list, member=None, archive=None):
+    """The item of the file *name* (*relative*: its path below the folder or archive listed; *member*, of the open
+    *archive*, when read where it lies), its folder *root_folder* joined with the one below; None for a VOC file,
+    and for a file that is no image by its bytes (utils.data.images.IMAGE_FORMATS: a photo named .jfif, .jpe or
+    nothing is one), its reason in *skipped*. A file of no image name has its header read now: one that is no image
+    (a video beside the photos) is neither decoded nor hashed, and is listed as the unpacked archive lists it."""
+    if is_annotation_name(relative):  # annotations beside images are expected, not a problem
+        return None
+    if not is_image_name(relative) and (problem := not_an_image(path if member is None else
+                                                                open_member(archive, member), name)):
+        skipped.append({"file": name, "reason": problem})
+        return None
+    parent = posixpath.dirname(relative)
+    return ImageItem(name, path, "/".join(part for part in (root_folder, parent) if part), member)
 
 
 def _folder_items(folder: Path, prefix: str, skipped: list, seen: dict, exclude=(), root_folder: str = ""):
@@ -140,8 +146,9 @@ def collect_inputs(paths, stack: contextlib.ExitStack, exclude=(), read: list | 
                     continue
                 items += _folder_items(folder, f"{archives[path]}:", skipped, seen)
             else:
-                found = (_image_item(f"{archives[path]}:{member.relative}", member.relative, path, "", skipped, member)
-                         for member in members)
+                with tarfile.open(path, "r:") as archive:  # reads the first header only
+                    found = [_image_item(f"{archives[path]}:{member.relative}", member.relative, path, "", skipped,
+                                         member, archive) for member in members]
                 items += [item for item in found if item is not None]
             read.append(path)
         elif path.is_file():

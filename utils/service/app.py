@@ -70,7 +70,6 @@ from .uploads import (AdmissionQueue, PixelBudget, Upload, annotated_jpeg, decod
                       model_sized_input, on_pool, parse_box, until_disconnected, upload_name)
 
 DETECTION_FLOOR = D.DETECTION_FLOOR  # lowest score returned: below it a box is noise at any threshold a user would pick
-IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff"}  # of data.images.IMAGE_FORMATS
 MATCH_IOU = 0.5  # /api/explain: the detection explained is the model's box of that class overlapping the given one
 PAGE = Path(__file__).with_name("page.html")  # the web page at /: plain HTML and JS, no build step, no CDN
 PROTECTED = ("/api/model", "/api/predict", "/api/explain")  # need the token when one is set; probes never do
@@ -231,11 +230,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     async def read_upload(request: Request, upload: UploadFile) -> Upload:
         """The upload and its size from the header, nothing decoded; 413/415/422 naming the file."""
+        # the bytes decide, not the declared type (curl declares a .jfif, .tif or a name without extension
+        # application/octet-stream): a photo is what the jobs read (data.images.IMAGE_FORMATS), with their reasons
         name = upload_name(upload)
-        declared = str(upload.content_type or "").split(";")[0].strip().lower()  # IMAGE/JPEG; charset=x: image/jpeg
-        if declared not in IMAGE_TYPES:
-            raise HTTPException(415, f"{name}: unsupported type {errors.shown(str(upload.content_type))}; "
-                                     f"send one of {', '.join(sorted(IMAGE_TYPES))}")
         size = upload.size if upload.size is not None else upload.file.seek(0, io.SEEK_END)
         if size > max_bytes:
             raise HTTPException(413, f"{name}: larger than {config.max_upload_mb:g} MB (--max-upload-mb)")
