@@ -30,7 +30,7 @@ import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -51,6 +51,11 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # any other file is skipped with NotAnImageError's reason, the same on each path. A name of IMAGE_EXTENSIONS only
 # spares the header read when a folder is listed (not_an_image): the decode says what is wrong with such a file.
 IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
+# Camera RAW files built on TIFF: Pillow opens them as TIFFs and reads their first picture, the camera's preview or
+# thumbnail (a 160x120 one in a NEF), not the photo; beside the camera's JPEG of the same shot, read, it would be
+# counted twice. Refused by name on every path (check_image_pixels, _decode), as no image of IMAGE_FORMATS.
+CAMERA_RAW_EXTENSIONS = (".3fr", ".arw", ".cr2", ".dcr", ".dng", ".erf", ".iiq", ".k25", ".kdc", ".mef", ".mos",
+                         ".nef", ".nrw", ".pef", ".raw", ".rwl", ".sr2", ".srf", ".srw", ".x3f")
 # NewSubfileType (TIFF tag 254) bits of an IFD that is no page of its own: a reduced-resolution copy of a page
 # (bit 0: the thumbnail cameras and scanners write after the picture) or a transparency mask (bit 2).
 TIFF_NOT_A_PAGE = 0b101
@@ -153,11 +158,22 @@ def check_image_pixels(source, limit: int = D.IMAGE_MAX_PIXELS, name=None) -> tu
     start = source.tell() if hasattr(source, "tell") else None
     try:
         with _pillow_errors(name, "read image header", limit), Image.open(source, formats=IMAGE_FORMATS) as img:
+            _check_not_camera_raw(img, name)
             _check_pixels(img, limit, name)
             return img.size
     finally:
         if start is not None:
             source.seek(start)
+
+
+def _check_not_camera_raw(img: Image.Image, name) -> None:
+    """NotAnImageError naming *name* when it is a camera RAW file (CAMERA_RAW_EXTENSIONS) that Pillow opened as a
+    TIFF: its picture here would be the camera's preview, not the photo."""
+    suffix = PurePath(str(name)).suffix.lower()
+    if img.format == "TIFF" and suffix in CAMERA_RAW_EXTENSIONS:
+        raise NotAnImageError(name, f"a camera RAW file ({suffix}): not read (the TIFF picture in it is the camera's "
+                                    "preview, not the photo; read the camera's JPEG of it, or a TIFF or PNG "
+                                    "developed from it)")
 
 
 def _check_pixels(img: Image.Image, limit: int, name) -> None:
@@ -270,6 +286,7 @@ def load_rgb_bytes(data: bytes, name: str) -> Image.Image:
 
 def _decode(source, path, bound: SizeBound | None = None, copy_bound: SizeBound | None = None) -> Photo:
     with _pillow_errors(path, "decode image"), Image.open(source, formats=IMAGE_FORMATS) as img:
+        _check_not_camera_raw(img, path)
         _check_pixels(img, D.IMAGE_MAX_PIXELS, path)  # from the header: a bomb is never decoded
         _check_one_picture(img, path)
         img.load()  # full decode now, so truncated files fail here and not later
