@@ -208,18 +208,28 @@ def decode_to_tensor(file, name: str) -> torch.Tensor:
     return torch.from_numpy(np.array(load_rgb_bytes(file.read(), name))).permute(2, 0, 1)
 
 
+def _read_failure(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 async def on_pool(pool, function, calls: list[tuple]) -> list:
     """[function(*args) for args in calls] on the thread *pool*, in parallel, results in order. At the first
     failure (or when the caller is cancelled) the calls not begun are withdrawn, and those already running are
     waited for before it returns: they hold decoded pixels, which the request counts until it is done. The
     failure raised is the first in call order among the calls that ran, not the first in time."""
     jobs = [pool.submit(function, *args) for args in calls]
+    waited = [asyncio.wrap_future(job) for job in jobs]
+    # each failure is raised below from its job; left unread on its asyncio future, asyncio logged it once more,
+    # with a traceback ("Future exception was never retrieved"), for every upload refused as it was decoded
+    for future in waited:
+        future.add_done_callback(_read_failure)
     try:
-        await asyncio.wait([asyncio.wrap_future(job) for job in jobs], return_when=asyncio.FIRST_EXCEPTION)
+        await asyncio.wait(waited, return_when=asyncio.FIRST_EXCEPTION)
     finally:
         for job in jobs:
             job.cancel()  # a call not begun never begins; a running one cannot be stopped
-        running = [asyncio.wrap_future(job) for job in jobs if not job.done()]
+        running = [future for future, job in zip(waited, jobs) if not job.done()]
         if running:  # also after a cancellation: a second one (uvicorn cancels once) is all that could cut this
             await asyncio.wait(running)
     failed = next((job.exception() for job in jobs if not job.cancelled() and job.exception() is not None), None)
