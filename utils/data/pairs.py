@@ -338,8 +338,7 @@ def open_pairs(images, annotations):
                     for p in pairing.annotations_without_image]
         # named by the folder or archive given (a .tar is unpacked to a temporary folder)
         skipped += [{"file": f"{images if folder.parent == images_dir else annotations}: {folder.name}/",
-                     "problem": "a subfolder: its files are not read (the images and annotations must sit in the "
-                                "folder or archive itself)"} for folder in pairing.folders]
+                     "problem": SUBFOLDER_NOT_READ} for folder in pairing.folders]
         skipped += [{"file": item["file"], "problem": item["reason"]} for item in pairing.left_out]
         yield usable, skipped
 
