@@ -1,5 +1,5 @@
 """One model, the same photos in the awkward but legal forms users hold (EXIF orientation 1-8, greyscale, a palette
-with transparency, 16-bit PNG, CMYK and progressive JPEG, a multi-page TIFF, 8x8 and 4000x50 px, a PNG named .jpg)
+with transparency, 16-bit PNG, CMYK and progressive JPEG, 8x8 and 4000x50 px, a PNG named .jpg)
 through every way the project runs it: bin/predict.py on a folder, bin/merge_predictions.py over shards,
 bin/evaluate.py, the service's JSON (and the count its page makes of it), predict_video on a lossless video of the
 decoded photos, and the explanations (predict --explain, /api/explain). Each gives a photo the same boxes, labels,
