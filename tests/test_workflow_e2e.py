@@ -89,9 +89,7 @@ def test_rerun_reuses_every_finished_job(finished_run, sample_dir):
         "--epochs", "1", "--hpo-epochs", "1", "--trials", "1", "--hpo-jobs", "1", "--image-size", "128",
         "--augment-copies", "0", "--rare-factor", "1", "--max-size", "160", "--retries", "0",
     ])
-    began = time.time()
     assert generator.main(args) == 0
-    assert time.time() - began < 30
     stats = json.loads((run_dir / "statistics.json").read_text())
     assert stats["totals"]["reused"] == 11 and stats["totals"]["tries"] == 0
     assert (run_dir / "scratch" / "train" / "model.pt").stat().st_mtime_ns <= before
