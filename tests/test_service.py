@@ -314,8 +314,11 @@ def test_the_page_pairs_each_answer_with_its_own_file_whatever_the_names(tiny_mo
                                "s.dispatchEvent(new Event('input'));")
         card = browser.find_elements(By.CSS_SELECTOR, ".card")[2]
         card.find_elements(By.CSS_SELECTOR, ".box")[-1].click()
-        wait.until(lambda b: "Computing" not in b.find_elements(By.CSS_SELECTOR, ".card .explain")[2].text)
-        assert "of the heat lies inside the box" in browser.find_elements(By.CSS_SELECTOR, ".card .explain")[2].text
+        # read in one script: the page redraws the cards as answers come, and an element found in one call could be
+        # gone by the next (StaleElementReferenceException)
+        explained = "return document.querySelectorAll('.card .explain')[2].innerText"
+        wait.until(lambda b: "Computing" not in b.execute_script(explained))
+        assert "of the heat lies inside the box" in browser.execute_script(explained)
 
 
 @pytest.mark.browser
