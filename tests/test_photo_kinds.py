@@ -25,6 +25,9 @@ REFUSED = {"notes.txt": ("not an image file (format not recognised; read here: J
            "clip.mp4": ("not an image file (format not recognised", 415),
            # a RAW beside the camera's JPEG: Pillow reads its preview as a TIFF, and the shot was counted twice
            "raw.NEF": ("a camera RAW file (.nef): not read (the TIFF picture in it is the camera's preview", 415),
+           # a NEF's, DNG's or ARW's first picture is its preview (NewSubfileType 1): without its name, it was read
+           "raw_unnamed": ("a TIFF whose first picture is a reduced-resolution copy, as in a camera RAW file: not "
+                           "read (the TIFF picture in it is the camera's preview", 415),
            "pages.tiff": ("a TIFF of 2 pages: which one is the photo is unknown", 422),
            "moving.png": ("an animation of 2 frames (PNG), not a photo", 422),
            "animated.webp": ("an animation of 2 frames (WEBP), not a photo", 422)}
@@ -49,6 +52,7 @@ def folder(sample_dir, tmp_path_factory):
     base.save(images / "thumbnailed.TIFF", format="TIFF", save_all=True, append_images=[thumbnail])
     (images / "notes.txt").write_text("a note beside the photos\n")
     base.save(images / "raw.NEF", format="TIFF")
+    base.resize((40, 30)).save(images / "raw_unnamed", format="TIFF", tiffinfo={254: 1})
     (images / "clip.mp4").write_bytes(b"\0\0\0\x18ftypmp42" + bytes(4096))
     base.save(images / "pages.tiff", save_all=True, append_images=[flipped])
     base.save(images / "moving.png", save_all=True, append_images=[flipped])
@@ -157,3 +161,14 @@ def test_evaluate_lists_what_its_folders_hold_that_it_does_not_read(sample_dir, 
     assert reasons["more/"].startswith("a subfolder: its files are not read")
     assert reasons["gone.jpg"].startswith("a symbolic link to nothing")
     assert reasons["caf\\xe9.jpg"] == "the name is not valid UTF-8"
+
+
+def test_a_camera_raw_renamed_tif_is_refused_by_its_bytes_when_decoded(folder, tmp_path):
+    """A name of IMAGE_EXTENSIONS spares the header read at listing: the decode refuses it, with the same reason."""
+    from utils.data.images import NotAnImageError, load_rgb
+
+    renamed = tmp_path / "raw.tif"
+    renamed.write_bytes((folder / "images" / "raw_unnamed").read_bytes())
+    with pytest.raises(NotAnImageError, match=r"raw\.tif: a TIFF whose first picture is a reduced-resolution copy"):
+        load_rgb(renamed)
+

@@ -167,13 +167,21 @@ def check_image_pixels(source, limit: int = D.IMAGE_MAX_PIXELS, name=None) -> tu
 
 
 def _check_not_camera_raw(img: Image.Image, name) -> None:
-    """NotAnImageError naming *name* when it is a camera RAW file (CAMERA_RAW_EXTENSIONS) that Pillow opened as a
-    TIFF: its picture here would be the camera's preview, not the photo."""
+    """NotAnImageError naming *name* when it is a camera RAW file that Pillow opened as a TIFF: its picture here
+    would be the camera's preview, not the photo. Named so (CAMERA_RAW_EXTENSIONS), or under any other name (a
+    .tif, none) when its first picture is a reduced-resolution copy (TIFF_NOT_A_PAGE's bit 0), as a NEF's, DNG's
+    or ARW's first is: the photo is elsewhere in the file, where Pillow does not read."""
+    if img.format != "TIFF":
+        return
     suffix = PurePath(str(name)).suffix.lower()
-    if img.format == "TIFF" and suffix in CAMERA_RAW_EXTENSIONS:
-        raise NotAnImageError(name, f"a camera RAW file ({suffix}): not read (the TIFF picture in it is the camera's "
-                                    "preview, not the photo; read the camera's JPEG of it, or a TIFF or PNG "
-                                    "developed from it)")
+    if suffix in CAMERA_RAW_EXTENSIONS:
+        what = f"a camera RAW file ({suffix})"
+    elif img.tag_v2.get(254, 0) & 1:
+        what = "a TIFF whose first picture is a reduced-resolution copy, as in a camera RAW file"
+    else:
+        return
+    raise NotAnImageError(name, f"{what}: not read (the TIFF picture in it is the camera's preview, not the "
+                                "photo; read the camera's JPEG of it, or a TIFF or PNG developed from it)")
 
 
 def _check_pixels(img: Image.Image, limit: int, name) -> None:
