@@ -172,3 +172,13 @@ def test_a_camera_raw_renamed_tif_is_refused_by_its_bytes_when_decoded(folder, t
     with pytest.raises(NotAnImageError, match=r"raw\.tif: a TIFF whose first picture is a reduced-resolution copy"):
         load_rgb(renamed)
 
+
+def test_validation_says_a_photo_without_annotation_lacks_only_its_annotation(sample_dir, tmp_path):
+    """Its extension (.jfif) is no problem since a photo is its bytes: validation no longer adds "(and its extension
+    is not an image extension)" to the missing annotation, as if it were a second one."""
+    from utils.data.validation import validate_dataset
+
+    (tmp_path / "camera.jfif").write_bytes((sample_dir / "images" / "sample_0000.jpg").read_bytes())
+    report = validate_dataset(tmp_path, tmp_path, progress=False).report
+    assert [(problem["kind"], problem["problem"]) for problem in report["problems"]] == \
+        [("missing_annotation", f"no annotation camera.xml in {tmp_path}")]

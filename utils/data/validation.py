@@ -57,7 +57,7 @@ from .. import defaults as D
 from ..classes import CLASSES, NO_LABEL_MAP, LabelMap
 from ..errors import InputError
 from ..parallel import ordered_map
-from .images import is_image_name, load_rgb_hashed, stored_size_and_orientation
+from .images import load_rgb_hashed, stored_size_and_orientation
 from .near_duplicates import near_duplicates
 from .pairs import Pair, pair_folders, write_pairs_csv
 from .voc import (CLIP_TOLERANCE_PX, VocAnnotation, VocError, boxes_on_stored_pixels, clean_objects, parse_voc,
@@ -194,8 +194,8 @@ def validate_dataset(images_dir, annotations_dir, near_duplicate_distance: int =
                          "problem": text, "excluded": PROBLEM_KINDS[kind]})
 
     for image in pairing.images_without_annotation:
-        what = "" if is_image_name(image) else " (and its extension is not an image extension)"
-        problem(image, "missing_annotation", f"no annotation {image.stem}.xml in {annotations_dir}{what}")
+        # a photo by its bytes, whatever its name (a .jfif, none): its extension is no second problem
+        problem(image, "missing_annotation", f"no annotation {image.stem}.xml in {annotations_dir}")
     for annotation in pairing.annotations_without_image:
         problem(annotation, "missing_image", f"no image named {annotation.stem}.* in {images_dir}")
     for folder in pairing.folders:  # the data set is flat: said, so that no photo is lost unreported
