@@ -230,6 +230,22 @@ def test_the_same_weights_make_the_same_model_file_bytes(tmp_path):
     assert first.read_bytes() == second.read_bytes()
 
 
+def test_equal_meta_makes_the_same_model_file_bytes_whether_its_equal_strings_are_one_object_or_two(
+        tiny_model_file, tmp_path):
+    # pickle writes a string object met again as a reference to the first: train rerun in-process with a test's
+    # literals ("none", "cpu": interned, the very objects the code's literals are) wrote other bytes than the same
+    # command run as a process, whose command-line strings are objects of their own
+    from utils.detection.model import load_model_file, save_model_file
+
+    model, _ = load_model_file(tiny_model_file)
+    one = "none"
+    two = "".join(["no", "ne"])  # equal to it, another object
+    assert two == one and two is not one
+    first = save_model_file(tmp_path / "a.pt", model, {"asked": one, "loaded": one})
+    second = save_model_file(tmp_path / "b.pt", model, {"asked": two, "loaded": one})
+    assert first.read_bytes() == second.read_bytes()
+
+
 def test_a_model_file_written_while_the_disk_fills_names_it_and_keeps_the_old_one(tmp_path, monkeypatch):
     # The line was 'train: error: [Errno 28] No space left on device': no file named.
     import errno

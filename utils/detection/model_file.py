@@ -17,6 +17,7 @@ except the backbone names it is handed.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -84,7 +85,11 @@ def model_metadata(model: nn.Module, extra: dict | None = None) -> dict:
         if report.sha256 is not None:  # a file given by path (utils.detection.model.WeightsReport)
             meta["pretrained"]["sha256"] = report.sha256
     meta.update(extra or {})
-    return {**_plain(meta), "packages": package_versions(), "code": code_version()}  # plain already
+    meta = {**_plain(meta), "packages": package_versions(), "code": code_version()}  # plain already
+    # Through JSON and back, so that the file's bytes follow from the values alone: pickle writes a string object it
+    # meets again as a reference to the first, and equal strings were one object in one run (a command line's
+    # "none" given as a literal, run in-process) and two in another (the same command run as a process)
+    return json.loads(json.dumps(meta))
 
 
 def save_model_file(path, model: nn.Module, meta: dict | None = None) -> Path:
