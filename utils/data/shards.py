@@ -164,7 +164,7 @@ def collect_images(images_dir, annotations_dir=None, exclude=()) -> tuple[list[S
     images_dir = _folder(images_dir, "--images")
     prefix = f"{images_dir.as_posix().rstrip('/')}/"
     files, skipped = list_files(images_dir, prefix, exclude=exclude)
-    xml_files = [file for file in files if file.relative.lower().endswith(".xml")]
+    xml_files = [file for file in files if is_annotation_name(file.relative)]
     annotations = {}
     if annotations_dir is not None:
         annotations_dir = _folder(annotations_dir, "--annotations")
@@ -172,7 +172,7 @@ def collect_images(images_dir, annotations_dir=None, exclude=()) -> tuple[list[S
             xml_files, more = list_files(annotations_dir, f"{annotations_dir.as_posix().rstrip('/')}/",
                                          exclude=exclude)
             skipped += more
-            xml_files = [file for file in xml_files if file.relative.lower().endswith(".xml")]
+            xml_files = [file for file in xml_files if is_annotation_name(file.relative)]
             prefix = f"{annotations_dir.as_posix().rstrip('/')}/"
         annotations = {_key(file.relative): file for file in xml_files}
     by_key: dict[str, list] = {}
