@@ -6,6 +6,8 @@ import csv
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -35,6 +37,20 @@ def write_pair(folder, stem, image: Image.Image, suffix, boxes=((10, 10, 30, 40)
     image.save(folder / f"{stem}{suffix}", **save)
     write_voc(folder / f"{stem}.xml", VocAnnotation(f"{stem}{suffix}", image.width, image.height,
                                                     objects=[VocObject(name, *b) for b in boxes]))
+
+
+def test_a_set_kept_at_its_own_size_is_written_without_importing_torch(sample_dir, tmp_path, root):
+    """torch (about 4 s of each job's start) is imported only when --max-size shrinks a photo."""
+    code = ("import runpy, sys\nsys.argv = sys.argv[1:]\n"  # the script's own argv, as python SCRIPT gives it
+            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "except SystemExit as stop:\n    print('exit', stop.code, 'torch' in sys.modules)\n")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", code, str(root / "bin" / "preprocess.py"), "--images",
+                           str(sample_dir / "images"), "--annotations", str(sample_dir / "annotations"),
+                           "--output-dir", str(out), "--no-progress"],
+                          capture_output=True, text=True, timeout=120, cwd=root)
+    assert proc.stdout.splitlines()[-1] == "exit 0 False", proc.stdout + proc.stderr
+    assert len(list(out.glob("*.xml"))) == 24
 
 
 def test_max_size_scales_image_and_boxes(sample_dir, tmp_path):

@@ -32,9 +32,9 @@ from .. import defaults as D
 from ..classes import LABEL_OF, NAME_OF, NO_LABEL_MAP, RARE_CLASS, LabelMap
 from ..errors import InputError
 from ..stop import check_stop
-from .preprocess import (SOURCE, STOPPED, JobLog, NothingProcessedError, boxes_of, check_output_dir,
-                         default_report_path, display_paths, finish_report, load_pair, objects_from, open_inputs,
-                         output_folder, write_pair, write_photo)
+from .box_transforms import boxes_of, objects_from
+from .preprocess import (SOURCE, STOPPED, JobLog, NothingProcessedError, check_output_dir, default_report_path,
+                         display_paths, finish_report, load_pair, open_inputs, output_folder, write_pair, write_photo)
 from .voc import VocAnnotation
 
 ATTEMPTS_PER_COPY = 5

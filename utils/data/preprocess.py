@@ -3,9 +3,10 @@
 Every image is kept as it is where it can be (--format source, the default: a JPEG or PNG photo
 that is not shrunk is copied byte for byte, any other written as lossless PNG) or
 re-encoded as 8-bit RGB JPEG or PNG, optionally with its longest side capped; its VOC
-annotation is carried along with the objects cleaned
-(utils.data.voc.clean_objects) and the boxes moved by torchvision.transforms.v2 with the
-pixels. Outputs are flat folders (image and XML side by side, which
+annotation is carried along with the objects cleaned (utils.data.voc.clean_objects) and the
+boxes moved by torchvision.transforms.v2 with the pixels (utils.data.box_transforms, imported
+only when a photo is shrunk, so that a set kept at its size is written without torch). Outputs
+are flat folders (image and XML side by side, which
 utils.data.pairs.pair_folders reads back) or a flat .tar, named <prefix><stem>.<ext>
 (the prefix a plain file-name part, utils.naming.name_part_problem).
 
@@ -29,9 +30,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from torchvision import tv_tensors
-from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 from ..atomic import atomic_path, follow_umask, replace_folder, write_json
@@ -43,7 +41,7 @@ from .images import ImageError, file_encoding, load_rgb
 from .pairs import SUBFOLDER_NOT_READ, Pair, open_folder, pack_folder, pair_folders, read_pairs_csv
 from ..provenance import run_record
 from ..stop import check_stop
-from .voc import VocAnnotation, VocError, VocObject, clean_objects, parse_voc_for_image, write_voc
+from .voc import VocAnnotation, VocError, clean_objects, parse_voc_for_image, write_voc
 
 FORMATS = {"jpg": "JPEG", "png": "PNG"}
 # --format source: a JPEG or PNG photo that needs no resizing goes into the set byte for byte, any other as lossless
@@ -165,26 +163,6 @@ def load_pair(pair: Pair, log: JobLog, label_map: LabelMap = NO_LABEL_MAP) -> Lo
     ann = VocAnnotation(filename=ann.filename, width=image.width, height=image.height, depth=3, objects=kept,
                         folder=ann.folder)
     return LoadedPair(pair, image, ann)
-
-
-# ---------------------------------------------------------------------------------------------
-# Boxes as tv_tensors, so that torchvision moves them with the pixels
-
-def boxes_of(ann: VocAnnotation) -> tv_tensors.BoundingBoxes:
-    data = torch.tensor([o.box for o in ann.objects], dtype=torch.float32).reshape(-1, 4)
-    return tv_tensors.BoundingBoxes(data, format="XYXY", canvas_size=(ann.height, ann.width))
-
-
-def objects_from(boxes, names, template: list[VocObject] | None = None) -> list[VocObject]:
-    """VocObjects from transformed boxes; coordinates rounded to 0.01 px as written to XML."""
-    objects = []
-    for index, (box, name) in enumerate(zip(boxes.tolist(), names)):
-        base = template[index] if template else None
-        coords = [round(float(v), 2) for v in box]
-        objects.append(VocObject(name, *coords, difficult=base.difficult if base else 0,
-                                 truncated=base.truncated if base else 0,
-                                 pose=base.pose if base else "Unspecified"))
-    return objects
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,18 +296,6 @@ def write_photo(folder: Path, stem: str, loaded: LoadedPair, image, ann: VocAnno
                       copy_from=loaded.pair.image if kept else None)
 
 
-def resize_longest_side(image, ann: VocAnnotation, max_size: int | None):
-    """Cap the longest side at *max_size* (never enlarge); boxes follow through transforms.v2.Resize."""
-    if not max_size or max(image.size) <= max_size:
-        return image, ann
-    boxes = boxes_of(ann)
-    image, boxes = T.Resize(size=None, max_size=int(max_size), antialias=True)(image, boxes)
-    boxes = T.functional.clamp_bounding_boxes(boxes)
-    objects = objects_from(boxes, [o.name for o in ann.objects], ann.objects)
-    return image, VocAnnotation(filename=ann.filename, width=image.width, height=image.height, depth=3,
-                                objects=objects, folder=ann.folder)
-
-
 def preprocess_set(images, annotations, prefix: str, output_dir=None, output_tar=None, split_csv=None,
                    split=None, max_size: int | None = D.PREPROCESS_MAX_SIZE, image_format: str = D.PREPROCESS_FORMAT,
                    quality: int = D.JPEG_QUALITY, report=None, progress: bool = True,
@@ -367,7 +333,13 @@ def preprocess_set(images, annotations, prefix: str, output_dir=None, output_tar
                 loaded = load_pair(pair, log, label_map)
                 if loaded is None:
                     continue
-                image, ann = resize_longest_side(loaded.image, loaded.annotation, max_size)
+                image, ann = loaded.image, loaded.annotation
+                if max_size and max(image.size) > max_size:
+                    # torchvision only here: a set kept at its own size (the default) never imports torch,
+                    # about 4 s of each job's start, and a bad flag or folder is refused at once
+                    from .box_transforms import resize_longest_side
+
+                    image, ann = resize_longest_side(image, ann, max_size)
                 log.extra["images_shrunk"] += image is not loaded.image
                 log.written += write_photo(folder, stem, loaded, image, ann, image_format, quality)
                 produced.add(stem)
