@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
+from pathlib import Path
 from urllib.error import URLError
 
 import pytest
@@ -23,6 +25,21 @@ def hub(tmp_path, monkeypatch):
     checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
     assert weights.hub_checkpoints_dir() == checkpoints
     return checkpoints
+
+
+@pytest.mark.parametrize("env", [{}, {"XDG_CACHE_HOME": "/xdg"}, {"TORCH_HOME": "~/th"},
+                                 {"TORCH_HOME": "/th", "XDG_CACHE_HOME": "/xdg"}])
+def test_the_hub_folder_before_torch_is_loaded_is_the_one_torch_hub_gives(env, monkeypatch):
+    import torch.hub
+
+    for name in ("TORCH_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    loaded = weights.hub_checkpoints_dir()
+    monkeypatch.delitem(sys.modules, "torch.hub")  # as `provision` sees it, torch not yet imported
+    assert weights.hub_checkpoints_dir() == loaded == Path(torch.hub.get_dir()) / "checkpoints"
 
 
 def offline(*args, **kwargs):

@@ -38,6 +38,7 @@ import hashlib
 import importlib.util
 import io
 import logging
+import os
 import re
 import shutil
 import sys
@@ -67,9 +68,13 @@ _HASH_IN_NAME = re.compile(r"-([a-f0-9]*)\.")
 
 
 def hub_checkpoints_dir() -> Path:
-    import torch.hub  # torch.hub honours $TORCH_HOME
-
-    return Path(torch.hub.get_dir()) / "checkpoints"
+    """torch.hub's checkpoints folder. Once torch is loaded, torch.hub's own answer (it also honours
+    torch.hub.set_dir); before, its documented rule, $TORCH_HOME else $XDG_CACHE_HOME/torch else ~/.cache/torch,
+    so that `provision` (run by every make setup) finds weights already cached without importing torch."""
+    if "torch.hub" in sys.modules:
+        return Path(sys.modules["torch.hub"].get_dir()) / "checkpoints"
+    cache = os.getenv("XDG_CACHE_HOME", os.path.join("~", ".cache"))
+    return Path(os.path.expanduser(os.getenv("TORCH_HOME", os.path.join(cache, "torch")))) / "hub" / "checkpoints"
 
 
 def packaged_weights() -> Path | None:
