@@ -31,6 +31,7 @@ def test_the_bomb_is_refused_before_it_expands_with_one_line():
     assert peak_mb() < REFUSAL_MB and "\n" not in str(caught.value)
 
 
+@pytest.mark.slow  # over 5 s on a quiet 2-core machine
 def test_merge_key_bombs_recursive_aliases_and_deep_nesting_are_refused():
     merges = "m0: &m0 {a: 1, b: 2, c: 3}\n" + "".join(
         f"m{i}: &m{i}\n  <<: [{', '.join([f'*m{i - 1}'] * 9)}]\n  k{i}: 1\n" for i in range(1, 9))
@@ -57,6 +58,7 @@ def test_a_long_string_aliased_thousands_of_times_is_refused_by_its_characters()
     assert safe_yaml.load(f"a: &x {long_string}\nb: [*x, *x]\n")["b"] == ["x" * 100_000] * 2
 
 
+@pytest.mark.slow  # over 5 s on a quiet 2-core machine
 def test_generated_files_load_at_any_written_size_but_not_beyond_by_aliases():
     """generated=True (a workflow's catalogs, which list every input) lifts both bounds to the text's own length."""
     written_out = "files:\n" + "".join(f"  - {{lfn: f{index}.jpg, pfn: /data/f{index}.jpg}}\n" for index in range(5000))

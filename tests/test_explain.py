@@ -223,6 +223,7 @@ def test_service_explain_of_a_box_the_model_did_not_find_is_422(client, sample_d
     assert "finds no mask_weared_incorrect detection overlapping box 0,0,1,1" in answer.json()["detail"]
 
 
+@pytest.mark.slow  # over 5 s on a quiet 2-core machine
 def test_a_model_that_chose_tta_is_run_with_it_and_its_boxes_explained(tiny_model_file, sample_dir, tmp_path):
     """The service follows the model's flip TTA choice (a request's tta overrides it), and /api/explain finds
     each box /api/predict returned, fused ones included."""

@@ -30,6 +30,7 @@ print("trials", len(study.trials))
 """
 
 
+@pytest.mark.slow  # over 5 s on a quiet 2-core machine
 def test_a_lock_left_by_a_writer_killed_mid_write_does_not_hold_up_the_rerun(root, tmp_path, monkeypatch):
     """Optuna locks each journal write with a symlink <journal>.lock to the journal's path as given: a job given
     runs/hpo.journal linked runs/hpo.journal.lock -> runs/hpo.journal, which leads nowhere from runs/. Killed

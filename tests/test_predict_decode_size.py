@@ -168,6 +168,7 @@ def test_predict_explains_a_large_photo_on_the_input_its_boxes_came_from(tiny_de
             assert max(overlay.size) == 256
 
 
+@pytest.mark.slow  # over 5 s on a quiet 2-core machine
 def test_evaluate_gives_a_photo_the_detections_predict_counts_at_each_working_size(tiny_detector, tmp_path):
     """evaluate (engine.run_inference, as the validation choices and the estimators' rates) gave the model a large
     photo whole, its transform shrinking it bilinearly, where predict gives it the photo reduced: other boxes and

@@ -215,6 +215,7 @@ def test_an_explain_request_lets_other_requests_run_between_its_boxes(tiny_model
     assert order[:3] == ["detect", "explain", "detect"], order  # the other request ran between the boxes
 
 
+@pytest.mark.slow  # over 5 s on a quiet 2-core machine
 def test_an_explain_request_reduces_a_large_picture_once_not_once_a_box(tiny_model_file, sample_dir, monkeypatch):
     """explain=true on a picture larger than the model's size: its detections and each box's explanation run on the
     picture reduced as predict reduces it (uploads.model_pixels). The reduction (a Lanczos resize of the whole
