@@ -56,13 +56,13 @@ def sample_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_file(tmp_path_factory) -> Path:
-    """An untrained mobilenet_v2_fpn detector at image size 128, saved as a model file."""
+    """An untrained retinaface_mnet025 detector (the default backbone) at image size 128, saved as a model file."""
     import torch
 
     from utils.detection.model import build_model, save_model_file
 
     torch.manual_seed(0)
-    model = build_model(backbone="mobilenet_v2_fpn", weights="none", image_size=128)
+    model = build_model(backbone="retinaface_mnet025", weights="none", image_size=128)
     return save_model_file(tmp_path_factory.mktemp("model") / "model.pt", model)
 
 

@@ -80,7 +80,7 @@ CASES = {
     "num_classes_bool": (set_meta("num_classes", True), "num_classes must be 4"),
     "unknown_backbone": (set_meta("backbone", "x" * 10_000), "is not one of"),
     "frozen_bn_text": (set_meta("frozen_bn", "yes"), "frozen_bn must be true or false"),
-    # more than the backbone has: only building it tells (the tiny model's mobilenet_v2_fpn has 5)
+    # more than the backbone has: only building it tells (the tiny model's retinaface_mnet025 has 5)
     "trainable_layers_99": (set_meta("trainable_layers", 99), "model metadata: trainable layers must be between 0"),
     "quantification_list": (set_meta("quantification", [1, 2]), "quantification must be a mapping"),
     "inference_size_list": (set_meta("inference_size", [640]), "inference_size must be a mapping"),

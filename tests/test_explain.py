@@ -57,7 +57,9 @@ def test_under_flip_tta_a_map_holds_both_passes_evidence(model_and_image):
 
     model, image, out = model_and_image
     order = torch.argsort(out["scores"], descending=True)[:2]
-    boxes, labels = out["boxes"][order], out["labels"][order]
+    # on quarter pixels, so that mirrored twice (width - x) a box is itself to the bit: a box a hair off can match
+    # another of the untrained model's many near-equal detections, and its map is then that one's
+    boxes, labels = out["boxes"][order].mul(4).round().div(4), out["labels"][order]
     picture, width = image.float().div(255.0), image.shape[-1]
     fused = heatmaps(model, picture, boxes, labels, "hirescam", tta=True)
     of_mirror = heatmaps(model, picture.flip(-1), unflip_boxes(boxes, width), labels, "hirescam", tta=True)
@@ -285,7 +287,8 @@ def test_a_map_lies_over_the_picture_not_over_the_models_padded_batch(tiny_model
     box, label = out["boxes"][lowest:lowest + 1], out["labels"][lowest:lowest + 1]
     (of_picture,) = heatmaps(model, picture, box, label, method)
     (of_padded,) = heatmaps(model, padded, box, label, method)
-    reference = of_padded[:98] / of_padded[:98].max()
+    reference = of_padded[:98] - of_padded[:98].min()  # min-max scaled, as the picture's own map is
+    reference = reference / reference.max()
     assert of_picture.shape == (98, 128)
     np.testing.assert_allclose(of_picture, reference, atol=1e-3)
     if method == "hirescam":

@@ -32,7 +32,7 @@ def test_health_model_and_openapi(client):
     assert health["status"] == "ok" and health["queue"] == {"waiting": 0, "limit": 8}
     info = client.get("/api/model").json()
     assert info["classes"] == ["with_mask", "without_mask", "mask_weared_incorrect"]
-    assert info["backbone"] == "mobilenet_v2_fpn" and info["image_size"] == 128
+    assert info["backbone"] == "retinaface_mnet025" and info["image_size"] == 128
     assert 0 < info["score_threshold"] <= 1 and info["limits"] == {"max_upload_mb": 1, "max_images": 3}
     assert info["tta"] is False and "holds no choice" in info["tta_source"]  # each request's default
     paths = client.get("/openapi.json").json()["paths"]
@@ -239,7 +239,7 @@ def test_the_page_in_a_real_browser_shows_boxes_and_compliance_and_refilters(tin
     with serve_app(app) as url, chromium_session(tmp_path) as browser:
         browser.get(url)
         wait = WebDriverWait(browser, 60)
-        wait.until(EC.text_to_be_present_in_element((By.ID, "model"), "mobilenet_v2_fpn"))
+        wait.until(EC.text_to_be_present_in_element((By.ID, "model"), "retinaface_mnet025"))
         browser.find_element(By.ID, "files").send_keys(str(photo))
         card = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, f".card[data-file='{photo.name}']")))
         wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, ".card img")))

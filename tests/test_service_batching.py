@@ -97,7 +97,7 @@ def test_a_photo_larger_than_the_model_works_at_answers_as_predict_counts_it(cli
                             "labels": torch.tensor([LABEL_OF[d["label"]] for d in detections]),
                             "scores": torch.tensor([d["score"] for d in detections])},
                            {"boxes": alone.boxes, "labels": alone.labels, "scores": alone.scores.round(decimals=4)},
-                           box_tol=0.051, score_tol=1e-4)  # the service gives boxes to 1 decimal
+                           box_tol=0.051, score_tol=2e-4)  # boxes to 1 decimal, scores to 4: a hair apart, one step
 
 
 def test_metrics_probes_and_one_access_line_per_request(client, sample_dir, caplog):
