@@ -153,6 +153,18 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def listen(sock: socket.socket, host: str, port: int, backlog: int) -> None:
+    """Listen on the socket bind() gave, once the model is loaded. Two servers started on one port within the
+    seconds a model takes to load both bind it (SO_REUSEADDR lets sockets share an address until one listens):
+    the second to listen is refused here in one line, where uvicorn's own listen() ended in a traceback."""
+    try:
+        sock.listen(backlog)
+    except OSError as error:
+        sock.close()
+        raise InputError(f"--host {host} --port {port}: another server began to listen there while the model "
+                         f"loaded ({error.strerror or error})") from None
+
+
 def proxy_settings(forwarded_allow_ips: str) -> dict:
     """uvicorn's settings that read X-Forwarded-For from the proxies named (comma-separated) and no one else; none
     named: no one's. The flag's default is uvicorn's own (loopback, or $FORWARDED_ALLOW_IPS): the usual way this
@@ -224,6 +236,7 @@ def main(args) -> int:
                             **proxy_settings(args.forwarded_allow_ips),
                             http=head_deadline_protocol(args.header_timeout, args.send_timeout,
                                                         args.min_body_rate * 1024))
+    listen(sock, args.host, args.port, config.backlog)
     print(f"{JOB}: {args.model} on http://{args.host}:{args.port} (API docs: /docs)", flush=True)
     Server(config).run(sockets=[sock])
     worker = getattr(app.state, "worker", None)

@@ -190,6 +190,24 @@ def test_serve_bad_flags_are_one_line_and_exit_2(root, tiny_model_file, tmp_path
     assert len(lines) == 1 and lines[0].startswith("serve: error: ") and message in lines[0], lines
 
 
+def test_a_second_server_that_bound_the_port_while_its_model_loaded_is_refused_in_one_line(root):
+    """Two servers started on one port within a model's load both bind it (SO_REUSEADDR); the one that listens
+    second is refused naming the address, not by a traceback out of uvicorn's listen()."""
+    from helpers import load_script
+    from utils.errors import InputError
+
+    serve = load_script(root, "serve")
+    first = serve.bind("127.0.0.1", 0)
+    port = first.getsockname()[1]
+    second = serve.bind("127.0.0.1", port)  # the first not listening yet: the second binds too
+    serve.listen(first, "127.0.0.1", port, 16)
+    with pytest.raises(InputError, match=rf"^--host 127.0.0.1 --port {port}: another server began to listen there "
+                                         r"while the model loaded \(Address already in use\)$"):
+        serve.listen(second, "127.0.0.1", port, 16)
+    assert second.fileno() == -1  # closed
+    first.close()
+
+
 def test_serve_refuses_a_bad_flag_a_busy_port_or_a_missing_model_before_importing_torch(root, tmp_path):
     # bin/serve.py imported torch (~5 s of a 2-core machine) before it parsed its flags, bound its port or found
     # its model file missing: each of these refusals waited for an import it never used
