@@ -208,6 +208,37 @@ def test_a_second_server_that_bound_the_port_while_its_model_loaded_is_refused_i
     first.close()
 
 
+def test_serve_listens_before_uvicorn_so_a_server_that_listened_while_its_model_loaded_refuses_it(
+        root, tiny_model_file, monkeypatch):
+    """main() itself, not only listen(): the socket listens after the model loads and before uvicorn starts, so
+    another server that began to listen on the port meanwhile ends this one in listen()'s line."""
+    from helpers import load_script
+    from utils.errors import InputError
+
+    serve = load_script(root, "serve")
+    with _listening_port() as probe:
+        port = probe.getsockname()[1]
+    other = []
+
+    async def no_app(scope, receive, send):
+        return None
+
+    def load_while_another_server_starts(config):  # the other server binds (SO_REUSEADDR) and listens first
+        other.append(serve.bind("127.0.0.1", port))
+        other[0].listen()
+        return no_app
+
+    monkeypatch.setattr(service, "create_app", load_while_another_server_starts)
+    monkeypatch.setattr(serve, "access_logging", lambda: None)  # no handler left on this process's logger
+    monkeypatch.setattr(sys, "setswitchinterval", lambda interval: None)
+    args = serve.get_args_parser().parse_args(["--model", str(tiny_model_file), "--port", str(port)])
+    try:
+        with pytest.raises(InputError, match=rf"^--host 127.0.0.1 --port {port}: another server began to listen"):
+            serve.main(args)
+    finally:
+        other[0].close()
+
+
 def test_serve_refuses_a_bad_flag_a_busy_port_or_a_missing_model_before_importing_torch(root, tmp_path):
     # bin/serve.py imported torch (~5 s of a 2-core machine) before it parsed its flags, bound its port or found
     # its model file missing: each of these refusals waited for an import it never used
