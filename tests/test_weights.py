@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 from urllib.error import URLError
@@ -40,6 +42,21 @@ def test_the_hub_folder_before_torch_is_loaded_is_the_one_torch_hub_gives(env, m
     loaded = weights.hub_checkpoints_dir()
     monkeypatch.delitem(sys.modules, "torch.hub")  # as `provision` sees it, torch not yet imported
     assert weights.hub_checkpoints_dir() == loaded == Path(torch.hub.get_dir()) / "checkpoints"
+
+
+
+def test_provision_with_the_weights_in_the_cache_does_not_import_torch(tmp_path, root):
+    """make setup's weights step runs at every make test and make run: with the weights already in the cache
+    (here a converted RetinaFace, named by its hash) provision finds the folder and answers without torch."""
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    data = b"a converted RetinaFace"  # provision checks a cached file's sha256 against its name's hash only
+    (checkpoints / f"{weights.RETINAFACE_STEM}-{hashlib.sha256(data).hexdigest()[:8]}.pth").write_bytes(data)
+    code = "import sys\nfrom utils.detection.weights import main\nmain(['provision'])\nprint('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root,
+                          env={**os.environ, "TORCH_HOME": str(tmp_path)})
+    assert "RetinaFace WIDER FACE weights already cached" in proc.stderr, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "False", proc.stdout + proc.stderr
 
 
 def offline(*args, **kwargs):
