@@ -107,7 +107,8 @@ def main(args) -> int:
     from utils.detection.engine import train_one_epoch
     from utils.detection.optim import build_optimizer
     from utils.detection.model import build_model
-    from utils.detection.recipe import MIN_ROI_BATCH_SIZE, set_roi_batch_size
+    from utils.detection.params import MIN_ROI_BATCH_SIZE
+    from utils.detection.recipe import set_roi_batch_size
     from utils.detection.recipe import make_loader
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

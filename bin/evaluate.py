@@ -34,9 +34,7 @@ from pathlib import Path
 from utils.classes import LabelMap
 from utils.cli import add_label_map_arg, add_model_run_args, check_model_run_args, check_output_tag, run_job
 from utils.data.pairs import open_folder
-from utils.detection.device import resolve_device
-from utils.detection.evaluation import evaluate_model, format_report, labelled_pairs, load_trained_model
-from utils.errors import InputError
+from utils.errors import InputError, require_file
 from utils.provenance import run_record
 
 
@@ -64,6 +62,12 @@ def main(args) -> int:
     if blocking := next((p for p in (output_dir, *output_dir.parents) if p.exists() and not p.is_dir()), None):
         # said now, not after every image has run
         raise InputError(f"{blocking}: a file, not a folder (--output-dir {output_dir})")
+    require_file(args.model, "model file")  # the model loader's own refusal, before torch's import
+    # torch (the device, the model, the metrics) is imported only now: a bad flag or a missing model file is refused
+    # in a fraction of a second, not after the seconds that importing torch takes
+    from utils.detection.device import resolve_device
+    from utils.detection.evaluation import evaluate_model, format_report, labelled_pairs, load_trained_model
+
     device = resolve_device(args.device)
     model, meta, score_threshold, source = load_trained_model(args.model, device, args.score_threshold,
                                                               args.image_size, args.tta)

@@ -25,11 +25,9 @@ from utils.atomic import write_json
 from utils.classes import LabelMap
 from utils.cli import (add_label_map_arg, check_distinct_outputs, fraction_below_one, image_size_px,
                        non_negative_int, positive_float, positive_int, random_seed, run_job, worker_count)
-from utils.detection.device import resolve_device
-from utils.detection.hpo import OBJECTIVES, HpoConfig, SearchSpace, run_study
-from utils.detection.model import BACKBONES, weights_file_given
 from utils.detection.params import PARAM_CHOICES
 from utils.detection.tensorboard_log import TensorBoardError, pack_events
+from utils.detection.weights import BACKBONES
 from utils.errors import InputError
 from utils.provenance import files_named, write_run_record
 from utils.stop import declare_outputs, stop_on_sigterm
@@ -74,7 +72,7 @@ def get_args_parser():
     p.add_argument("--study-name", default=None,
                    help="Optuna study name (default: mask-hpo-worker<I>of<K>)")
     p.add_argument("--device", default=D.DEVICE, help=f"auto, cpu or cuda (default: {D.DEVICE})")
-    p.add_argument("--objective", choices=sorted(OBJECTIVES), default=D.HPO_OBJECTIVE,
+    p.add_argument("--objective", choices=sorted(D.HPO_OBJECTIVES), default=D.HPO_OBJECTIVE,
                    help=f"fitness = 0.1*mAP50 + 0.9*mAP50-95, or map = mAP50-95 (default: {D.HPO_OBJECTIVE})")
     p.add_argument("--optimizer", choices=PARAM_CHOICES["optimizer"], default=D.OPTIMIZER,
                    help=f"optimizer of every trial (default: {D.OPTIMIZER})")
@@ -119,16 +117,7 @@ def main(args) -> int:
         low, high = getattr(args, flag)
         if low > high:
             raise InputError(f"--{flag.replace('_', '-')}: MIN {low:g} is above MAX {high:g}")
-    space = SearchSpace(lr_min=args.lr_range[0], lr_max=args.lr_range[1],
-                        momentum_min=args.momentum_range[0], momentum_max=args.momentum_range[1],
-                        weight_decay_min=args.weight_decay_range[0], weight_decay_max=args.weight_decay_range[1],
-                        trainable_layers_min=args.trainable_layers_range[0],
-                        trainable_layers_max=args.trainable_layers_range[1], batch_sizes=tuple(args.batch_sizes))
-    config = HpoConfig(epochs=args.epochs, image_size=args.image_size, backbone=args.backbone, weights=args.weights,
-                       weights_file=args.weights_file, optimizer=args.optimizer, workers=args.workers,
-                       warmup_iters=args.warmup_iters, objective=args.objective, seed=args.seed,
-                       label_map=LabelMap.parse(args.label_map))
-    device = resolve_device(args.device)
+    label_map = LabelMap.parse(args.label_map)
     if args.tensorboard_tar and not args.tensorboard_dir:
         raise TensorBoardError("--tensorboard-tar needs --tensorboard-dir (the folder it packs)")
     output = Path(args.output)
@@ -137,6 +126,21 @@ def main(args) -> int:
                             "--tensorboard-tar": args.tensorboard_tar, "--tensorboard-dir": args.tensorboard_dir})
     # stand-ins if SIGTERM stops it (utils/stop.py)
     declare_outputs(output, record, args.tensorboard_tar, checkpoints=[args.checkpoint])
+    # torch and Optuna (the device, the trials) are imported only now: a bad flag is refused in a fraction of a
+    # second, not after the seconds that importing torch takes
+    from utils.detection.device import resolve_device
+    from utils.detection.hpo import HpoConfig, SearchSpace, run_study
+    from utils.detection.model import weights_file_given
+
+    space = SearchSpace(lr_min=args.lr_range[0], lr_max=args.lr_range[1],
+                        momentum_min=args.momentum_range[0], momentum_max=args.momentum_range[1],
+                        weight_decay_min=args.weight_decay_range[0], weight_decay_max=args.weight_decay_range[1],
+                        trainable_layers_min=args.trainable_layers_range[0],
+                        trainable_layers_max=args.trainable_layers_range[1], batch_sizes=tuple(args.batch_sizes))
+    config = HpoConfig(epochs=args.epochs, image_size=args.image_size, backbone=args.backbone, weights=args.weights,
+                       weights_file=args.weights_file, optimizer=args.optimizer, workers=args.workers,
+                       warmup_iters=args.warmup_iters, objective=args.objective, seed=args.seed, label_map=label_map)
+    device = resolve_device(args.device)
     seen = {}  # the training and validation files' sha256 by path, as the study read them
     result = run_study(config, space, args.train_images, args.train_annotations, args.val_images,
                        args.val_annotations, journal=args.checkpoint, n_trials=args.n_trials, device=device,

@@ -50,13 +50,10 @@ from tqdm import tqdm
 from utils import defaults as D
 from utils.cli import (add_model_run_args, check_distinct_outputs, check_model_run_args, check_output_tag,
                        non_negative_int, positive_int, print_skipped, run_job)
-from utils.detection.device import resolve_device
-from utils.detection.ensemble import load_models
-from utils.detection.explain import EXPLAIN_METHODS
-from utils.detection.prediction import output_names, predict_images, summary_line
 from utils.detection.prediction_checkpoint import PredictionCheckpoint
 from utils.detection.prediction_progress import progress_path
-from utils.errors import InputError
+from utils.errors import InputError, require_file
+from utils.naming import output_names
 from utils.provenance import code_version, file_sha256, package_versions, run_record
 from utils.stop import declare_outputs, stop_on_sigterm
 
@@ -83,7 +80,7 @@ def get_args_parser():
     parser.add_argument("--explain", action="store_true",
                         help="write a heat map of the class evidence for the best detections of every annotated "
                              "image (a forward and backward pass per box: bound it with --annotate-max)")
-    parser.add_argument("--explain-method", choices=EXPLAIN_METHODS, default=D.EXPLAIN_METHOD,
+    parser.add_argument("--explain-method", choices=D.EXPLAIN_METHODS, default=D.EXPLAIN_METHOD,
                         help="hirescam: per box, on the features the box used; gradcam: per box, channel-weighted; "
                              "eigencam: one class-agnostic map per image, no backward pass "
                              f"(default: {D.EXPLAIN_METHOD})")
@@ -101,7 +98,7 @@ def main(args) -> int:
     stop_on_sigterm()  # SIGTERM stops after the image in hand; the rerun resumes from the progress file
     check_model_run_args(args)
     check_output_tag(args.output_tag)
-    names = output_names(args.output_tag)
+    names = output_names("predict", args.output_tag)
     files = [Path(args.output_dir) / names[key] for key in ("predictions_json", "predictions_csv", "compliance_json",
                                                             "run_record")]
     # a checkpoint in place of an output would be replaced by it (and removed as the last run's output)
@@ -115,9 +112,17 @@ def main(args) -> int:
     if not any(Path(given).exists() for given in args.images):  # one missing among others is a listed skip
         others = f" (nor do the other {len(args.images) - 1} --images paths)" if len(args.images) > 1 else ""
         raise InputError(f"{args.images[0]}: no such file or folder{others}")
-    device = resolve_device(args.device)
     if len(args.model) > 1 and args.explain:
         raise InputError("--explain explains one model's boxes: give one --model, not an ensemble")
+    for path in args.model:
+        require_file(path, "model file")  # the model loader's own refusal, before torch's import
+    # torch (the device, the model) is imported only now: a bad flag, a missing input or model file is refused in a
+    # fraction of a second, not after the seconds that importing torch takes
+    from utils.detection.device import resolve_device
+    from utils.detection.ensemble import load_models
+    from utils.detection.prediction import predict_images, summary_line
+
+    device = resolve_device(args.device)
     model, meta, score_threshold, source = load_models(args.model, device, args.score_threshold, args.image_size,
                                                        args.tta)
     tta, tta_source = meta["tta"], meta["tta_source"]

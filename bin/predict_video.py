@@ -49,15 +49,10 @@ from tqdm import tqdm
 
 from utils import defaults as D
 from utils.atomic import TEMP_NAME_EXTRA
-from utils.cli import (add_tta_arg, check_distinct_outputs, check_output_tag, fraction, positive_float, positive_int,
-                       run_job)
+from utils.cli import (WRITER_EXTENSIONS, add_tta_arg, annotated_video_path, check_display, check_distinct_outputs,
+                       check_output_tag, fraction, positive_float, positive_int, run_job, video_source_kind)
 from utils.detection.compliance import compliance_line
-from utils.detection.device import resolve_device
-from utils.detection.ensemble import load_models
-from utils.detection.video import (SIGTERM, WRITER_EXTENSIONS, annotated_video_path, check_display, open_source,
-                                   predict_video, stop_on_sigint)
-from utils.detection.video_progress import VideoProgress, progress_path, run_key
-from utils.errors import InputError, without_password
+from utils.errors import InputError, require_file, without_password
 from utils.naming import video_output_names
 from utils.provenance import run_record
 from utils.stop import StopRequested, declare_outputs, stop_on_sigterm, stop_requested
@@ -98,15 +93,21 @@ def get_args_parser():
 
 def main(args) -> int:
     stop_on_sigterm()  # SIGTERM and Ctrl-C stop at the next frame, the outputs written for the frames done
+    names = check_flags(args)
+    # torch and OpenCV (the model, the video) are imported only now: a bad flag or a missing model file is refused
+    # in a fraction of a second, not after the seconds that importing torch takes
+    from utils.detection.video import stop_on_sigint
+
     previous = signal.signal(signal.SIGINT, signal.getsignal(signal.SIGINT))
     stop_on_sigint()
     try:
-        return run(args)
+        return run(args, names)
     finally:
         signal.signal(signal.SIGINT, previous)
 
 
-def run(args) -> int:
+def check_flags(args) -> dict:
+    """The output file names by role, once every flag is checked (no torch needed)."""
     check_output_tag(args.output_tag)
     names = video_output_names(args.output_tag)
     longest = max(names.values(), key=lambda name: len(name.encode()))
@@ -121,6 +122,20 @@ def run(args) -> int:
                             "--output-video": args.output_video, "--checkpoint": args.checkpoint},
                            {"--model": args.model, "--source": [args.source]})
     declare_outputs(*outputs, args.output_video, checkpoints=[args.checkpoint])
+    # the refusals of open_source and of the model loader, made before torch's import
+    if video_source_kind(args.source) == "file":
+        require_file(args.source, "video file")
+    for path in args.model:
+        require_file(path, "model file")
+    return names
+
+
+def run(args, names: dict) -> int:
+    from utils.detection.device import resolve_device
+    from utils.detection.ensemble import load_models
+    from utils.detection.video import SIGTERM, open_source, predict_video
+    from utils.detection.video_progress import VideoProgress, progress_path, run_key
+
     device = resolve_device(args.device)
     opened = open_source(args.source)  # before the model loads: a bad source is refused at once
     try:

@@ -213,13 +213,63 @@ def test_workflow_takes_near_duplicate_distance_minus_one_to_turn_the_search_off
     assert json.loads((run_dir / "validation_report.json").read_text())["near_duplicate_distance"] == -1
 
 
-@pytest.mark.slow
 def test_the_real_scripts_exit_2_in_one_line(paths):
     for script, argv in (("predict", [*PREDICT, "--workers", "-7"]), ("train", [*TRAIN, "--lr", "nan"])):
         proc = subprocess.run([sys.executable, str(ROOT / "bin" / f"{script}.py"), *fill(argv, paths)],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert one_error_line(proc.stderr).startswith(f"{script}.py: error: argument ")
+
+
+def test_the_jobs_refuse_a_bad_flag_or_a_missing_input_before_importing_torch(tmp_path):
+    """train, predict, evaluate, hpo, augment and predict_video imported torch (~5 s of a 2-core machine) before
+    they parsed their flags, or found their input or model file missing: each refusal waited for an import it never
+    used. One process runs them all, as their __main__ does; torch must still be unimported at the end."""
+    code = ("import runpy, sys\n"
+            "for argv in sys.argv[1:]:\n"
+            "    sys.argv = argv.split()\n"
+            "    try:\n"
+            "        runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "    except SystemExit as end:\n"
+            "        print('exit', end.code)\n"
+            "print('loaded:', sorted(m for m in ('torch', 'torchvision') if m in sys.modules))\n")
+    missing, model, clip = tmp_path / "none", tmp_path / "none.pt", tmp_path / "clip.mp4"
+    clip.write_bytes(b"")
+    refusals = {  # argv: the one error line
+        "bin/train.py --box-loss huber": "train.py: error: argument --box-loss: invalid choice: 'huber' (choose "
+                                         "from 'smooth_l1', 'giou')",
+        "bin/train.py --budget-plan 0,40": "train.py: error: argument --budget-plan: --budget-plan: the first plan "
+                                           "must be a positive number of steps, got 0",
+        "bin/train.py --backbone resnet18": "train.py: error: argument --backbone: invalid choice: 'resnet18' (choose "
+                                            "from 'mobilenet_v2_fpn', 'retinaface_mnet025', 'mobilenet_v3_large_fpn', "
+                                            "'resnet50_fpn', 'resnet50_fpn_v2')",
+        "bin/predict.py --explain-method lime": "predict.py: error: argument --explain-method: invalid choice: 'lime' "
+                                                "(choose from 'hirescam', 'gradcam', 'eigencam')",
+        f"bin/predict.py --images {missing} --model {model} --output-dir {tmp_path}":
+            f"predict: error: {missing}: no such file or folder",
+        f"bin/predict.py --images {tmp_path} --model {model} --output-dir {tmp_path}":
+            f"predict: error: {model}: model file not found",
+        "bin/evaluate.py --batch-size 0": "evaluate.py: error: argument --batch-size: expected a whole number of at "
+                                          "least 1, got 0",
+        f"bin/evaluate.py --images {tmp_path} --annotations {tmp_path} --model {model} --output-dir {tmp_path}":
+            f"evaluate: error: {model}: model file not found",
+        "bin/hpo.py --objective f1": "hpo.py: error: argument --objective: invalid choice: 'f1' (choose from "
+                                     "'fitness', 'map')",
+        "bin/augment.py --copies -1": "augment.py: error: argument --copies: expected a whole number of at least 0, "
+                                      "got -1",
+        "bin/predict_video.py --output-video out.gif": "predict_video.py: error: argument --output-video: expected a "
+                                                       "video file name ending .mp4, .avi, .mkv, .mov, got 'out.gif'",
+        f"bin/predict_video.py --source {missing} --model {model} --output-dir {tmp_path}":
+            f"predict_video: error: {missing}: video file not found",
+        f"bin/predict_video.py --source {clip} --model {model} --output-dir {tmp_path}":
+            f"predict_video: error: {model}: model file not found",
+    }
+    done = subprocess.run([sys.executable, "-c", code, *refusals], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    ends = [line for line in done.stdout.splitlines() if line.startswith(("exit ", "loaded: "))]  # not args lines
+    assert ends == ["exit 2"] * len(refusals) + ["loaded: []"], done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith(("usage:", " "))]
+    assert errors == list(refusals.values())
 
 
 @pytest.mark.parametrize(("kind", "text", "value"), [

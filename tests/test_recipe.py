@@ -366,7 +366,7 @@ def test_a_recorded_budget_plan_replays_the_budget_run_bit_for_bit(tmp_path, mon
 
 @pytest.mark.training
 def test_a_budget_plan_is_checked(tiny_dir, tmp_path):
-    from utils.detection.recipe import check_budget_plan
+    from utils.detection.params import check_budget_plan
     from utils.errors import InputError
 
     assert check_budget_plan([None, 40]) == [None, 40]

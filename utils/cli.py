@@ -16,6 +16,8 @@ parses the flags, prints the resolved arguments as the job's first line and runs
 - exit 130: a Ctrl-C the job does not handle itself, one line, no traceback.
 
 Standard output: ``<job>: args: {...}`` (JSON, keys sorted, paths as strings) first.
+Nothing here imports torch: the jobs' flags and their cheap checks come from here, so that a bad flag is refused
+before the seconds that importing torch takes.
 """
 
 from __future__ import annotations
@@ -220,6 +222,18 @@ def plot_file_name(text: str) -> str:
     return str(plot_path(file_name_part(text)))
 
 
+WRITER_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov")  # the containers the annotated video's writer (mp4v) fills
+
+
+def annotated_video_path(text: str) -> str:
+    """argparse type of --output-video: a file name with one of WRITER_EXTENSIONS (another would give a broken
+    file, or fail only after the model loaded)."""
+    if Path(text).suffix.lower() not in WRITER_EXTENSIONS:
+        raise argparse.ArgumentTypeError(f"expected a video file name ending {', '.join(WRITER_EXTENSIONS)}, "
+                                         f"got {text!r}")
+    return text
+
+
 def file_name_part(text: str) -> str:
     """A part of the output files' names (--prefix): no path separators, no '..', no leading dot
     (utils.naming.name_part_problem), so every file stays flat in its folder or archive and visible."""
@@ -353,6 +367,20 @@ def check_output_tag(tag: str | None) -> None:
     """--output-tag names output files (one job per shard or video): letters, digits, - and _ only."""
     if tag is not None and not tag.replace("-", "").replace("_", "").isalnum():
         raise InputError(f"--output-tag {tag!r}: use letters, digits, '-' and '_' only")
+
+
+def video_source_kind(source: str) -> str:
+    """What predict_video's --source names: "camera" (an index), "stream" (a URL) or "file"."""
+    # ASCII digits only: '²' is a digit to str.isdigit() but no number to int()
+    return "camera" if source.isascii() and source.isdigit() else ("stream" if "://" in source else "file")
+
+
+def check_display() -> None:
+    """InputError for --show where no window can open: on Linux without DISPLAY or WAYLAND_DISPLAY, where
+    OpenCV's Qt would abort the whole process instead of raising."""
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        raise InputError("--show: no display here (neither DISPLAY nor WAYLAND_DISPLAY is set); run without --show, "
+                         "the outputs are written all the same")
 
 
 def check_model_run_args(args) -> None:

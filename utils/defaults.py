@@ -112,6 +112,10 @@ HPO_JOBS = 2                   # parallel HPO jobs (K) of the workflow, each one
 HPO_NUM_WORKERS = 1            # K workers share the lr range; by hand one searches it all (the workflow passes its K)
 HPO_WARMUP_ITERS = 50
 HPO_OBJECTIVE = "fitness"      # fitness = 0.1 mAP@0.5 + 0.9 mAP@0.5:0.95 (Ultralytics), or map
+HPO_OBJECTIVES = {             # the choices (bin/hpo.py --objective) and what each scores:
+    "fitness": "0.1 * mAP@0.5 + 0.9 * mAP@0.5:0.95 on the validation set (eval mode)",
+    "map": "COCO mAP@0.5:0.95 on the validation set (eval mode)",
+}
 HPO_LR_RANGE = (1e-3, 5e-2)    # log scale; K workers search K disjoint slices of it
 HPO_MOMENTUM_RANGE = (0.8, 0.95)
 HPO_WEIGHT_DECAY_RANGE = (1e-5, 1e-3)  # log scale
@@ -165,6 +169,7 @@ WBF_IOU = 0.55                 # predict --model A B ... and --tta: boxes of sev
                                # the flipped pass) overlapping more than this are one face, fused by weighted
                                # box fusion (ensemble-boxes' default)
 EXPLAIN_METHOD = "hirescam"    # --explain: hirescam (per box, stays on the evidence the box used) | gradcam | eigencam
+EXPLAIN_METHODS = ("hirescam", "gradcam", "eigencam")  # the choices (predict --explain-method, the service)
 EXPLAIN_MAX_BOXES = 5          # --explain: highest-scoring boxes explained per image (a backward pass each)
 EXPLAIN_MAP_MAX_SIDE = 1024    # an explanation's heat map is kept at most this long a side (or the model's frame's):
                                # its detail is the working size's; at a 12 MP photo's own size each box's

@@ -38,7 +38,6 @@ from ..classes import CLASS_COLOURS, NAME_OF
 from .compliance import listed_score
 from .inference import unflip_boxes
 
-EXPLAIN_METHODS = ("hirescam", "gradcam", "eigencam")  # defaults: utils/defaults.py EXPLAIN_*
 CROP_CONTEXT = 1.0      # context around a box on each side, in box sizes: a face with its surroundings
 CROP_MIN_SIDE = 64      # pixels of the source image a crop covers at least (tiny faces)
 OVERLAY_SIDE = 256      # longest side of a written overlay
@@ -126,8 +125,8 @@ def _gradients_on(modules):
 def _cam(model, method: str):
     from pytorch_grad_cam import EigenCAM, GradCAM, HiResCAM
 
-    if method not in EXPLAIN_METHODS:
-        raise ValueError(f"explain method {method!r}: choose one of {', '.join(EXPLAIN_METHODS)}")
+    if method not in D.EXPLAIN_METHODS:
+        raise ValueError(f"explain method {method!r}: choose one of {', '.join(D.EXPLAIN_METHODS)}")
     cam_class = {"hirescam": HiResCAM, "gradcam": GradCAM, "eigencam": EigenCAM}[method]
     return cam_class(model=model, target_layers=feature_layers(model))
 

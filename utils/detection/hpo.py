@@ -65,10 +65,6 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEUES = 2  # a trial that keeps killing its job is not retried for ever
 TPE_STARTUP_TRIALS = 5  # random trials before TPE models the search's results
-OBJECTIVES = {
-    "fitness": "0.1 * mAP@0.5 + 0.9 * mAP@0.5:0.95 on the validation set (eval mode)",
-    "map": "COCO mAP@0.5:0.95 on the validation set (eval mode)",
-}
 
 
 @dataclass
@@ -390,8 +386,8 @@ def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotat
     (utils.detection.tensorboard_log.HpoBoard). *inputs_seen*: a dict filled with the training and validation
     files' sha256 by path, for the job's run record. *skipped_listed_in*: the output listing every skipped input
     (best.json), named after the first few printed (utils.cli.print_skipped)."""
-    if config.objective not in OBJECTIVES:
-        raise HpoError(f"unknown objective {config.objective!r}: use {' or '.join(OBJECTIVES)}")
+    if config.objective not in D.HPO_OBJECTIVES:
+        raise HpoError(f"unknown objective {config.objective!r}: use {' or '.join(D.HPO_OBJECTIVES)}")
     if n_trials < 1:
         raise HpoError("--n-trials must be at least 1")
     if config.epochs < 1:
@@ -460,7 +456,7 @@ def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotat
         "worker_index": worker_index,
         "num_workers": num_workers,
         "objective": config.objective,
-        "objective_description": OBJECTIVES[config.objective],
+        "objective_description": D.HPO_OBJECTIVES[config.objective],
         "best_params": dict(best.params) if best else None,
         "best_value": best.value if best else None,
         "best_trial": best.number if best else None,

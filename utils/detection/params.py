@@ -22,10 +22,14 @@ from .. import defaults as D
 from ..cli import (fraction, fraction_below_one, image_size_px, int_at_least, non_negative_float, non_negative_int,
                    open_fraction, positive_float, positive_int)
 from ..errors import InputError, read_json, shown
-from .model import BACKBONES
-from .recipe import BOX_LOSSES, MIN_ROI_BATCH_SIZE, background_iou
+from .weights import BACKBONES
 
 log = logging.getLogger(__name__)
+
+# No torch here: bin/train.py's and bin/hpo.py's flags take their types and choices from this module, and a bad
+# flag is refused before torch's import. The recipe (recipe.py) applies these values to the model.
+MIN_ROI_BATCH_SIZE = 4  # proposals per image: a quarter (the faces at most) must still be one
+BOX_LOSSES = ("smooth_l1", "giou")  # the box head's regression losses (recipe.set_box_head_training)
 
 PARAM_TYPES = {
     "lr": positive_float, "momentum": fraction_below_one, "weight_decay": non_negative_float,
@@ -119,7 +123,7 @@ class TrainParams:
     repeat_threshold: float = D.REPEAT_THRESHOLD
     ema_decay: float = D.EMA_DECAY
     roi_batch_size: int | None = D.ROI_BATCH_SIZE  # proposals per image in the box head's loss; None: the model's
-    box_loss: str = D.BOX_LOSS     # the box head's regression loss (recipe.BOX_LOSSES)
+    box_loss: str = D.BOX_LOSS     # the box head's regression loss (BOX_LOSSES)
     roi_fg_iou: float = D.ROI_FG_IOU  # IoU from which a sampled proposal trains the box head as a face
     roi_bg_iou: float | None = D.ROI_BG_IOU  # IoU below which as background; None: roi_fg_iou (no ignore band)
     time_budget: float | None = D.TIME_BUDGET  # minutes; when set, the steps (and epochs) are fitted to it
@@ -148,6 +152,25 @@ def resolve_params(flag_values: dict, params_file_values: dict) -> TrainParams:
     values.update(params_file_values)
     values.update({key: value for key, value in flag_values.items() if key in values and value is not None})
     return TrainParams(**values)
+
+
+def background_iou(fg_iou: float, bg_iou: float | None) -> float:
+    """The IoU below which a sampled proposal trains the box head as background: *bg_iou*, or *fg_iou* when it
+    is None (no ignore band). A bound equal to *fg_iou* is no band either."""
+    return fg_iou if bg_iou is None else bg_iou
+
+
+def check_budget_plan(plan, where: str = "budget_plan") -> list:
+    """*plan* as ``[first or None, final]`` of positive step counts, or an InputError naming *where*."""
+    if not isinstance(plan, (list, tuple)) or len(plan) != 2:
+        raise InputError(f"{where}: expected [first, final] steps of a --time-budget run, got {plan!r}")
+    first, final = plan
+    for name, value in (("first", first), ("final", final)):
+        if value is None and name == "first":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{where}: the {name} plan must be a positive number of steps, got {value!r}")
+    return [first, final]
 
 
 # ----------------------------------------------------------------------------- the GPU recipe

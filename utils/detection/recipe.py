@@ -41,8 +41,8 @@ from ..classes import CLASSES, NO_LABEL_MAP, LabelMap
 from ..data.dataset import VocDetectionDataset, collate
 from ..data.images import ImageError, image_size
 from ..data.voc import parse_voc
-from ..errors import InputError
 from .inference import shrunk_shorter_side
+from .params import BOX_LOSSES, MIN_ROI_BATCH_SIZE, background_iou
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +125,6 @@ def set_train_sizes(model, sizes: tuple[int, ...]) -> None:
     model.transform = new
 
 
-MIN_ROI_BATCH_SIZE = 4  # proposals per image: a quarter (the faces at most) must still be one
-
-
 def set_roi_batch_size(model, per_image: int | None) -> int:
     """Sample *per_image* proposals per image for the box head's loss (None keeps the model's own);
     returns the number the model now samples.
@@ -148,7 +145,6 @@ def set_roi_batch_size(model, per_image: int | None) -> int:
 
 # ----------------------------------------------------------------------------- the box head's loss
 
-BOX_LOSSES = ("smooth_l1", "giou")
 GIOU_LOSS_WEIGHT = 10.0  # mmdetection's for Faster R-CNN: 1.2-2.8x torchvision's smooth L1 of the same offsets
 
 
@@ -182,12 +178,6 @@ def giou_box_losses(class_logits, box_regression, labels, regression_targets, bo
     target = box_coder.decode_single(regression_targets[faces].float(), unit)
     box = GIOU_LOSS_WEIGHT * generalized_box_iou_loss(predicted, target, reduction="sum") / max(1, labels.numel())
     return {"loss_classifier": classification, "loss_box_reg": box}
-
-
-def background_iou(fg_iou: float, bg_iou: float | None) -> float:
-    """The IoU below which a sampled proposal trains the box head as background: *bg_iou*, or *fg_iou* when it
-    is None (no ignore band). A bound equal to *fg_iou* is no band either."""
-    return fg_iou if bg_iou is None else bg_iou
 
 
 def set_box_head_training(model, box_loss: str, fg_iou: float, bg_iou: float | None = None) -> None:
@@ -378,16 +368,3 @@ class RecordedPlan(TimeBudget):
         log.info("time budget: the recorded final plan, %d steps (%.1f epochs)", self.final,
                  self.final / self.steps_per_epoch)
         return self.final
-
-
-def check_budget_plan(plan, where: str = "budget_plan") -> list:
-    """*plan* as ``[first or None, final]`` of positive step counts, or an InputError naming *where*."""
-    if not isinstance(plan, (list, tuple)) or len(plan) != 2:
-        raise InputError(f"{where}: expected [first, final] steps of a --time-budget run, got {plan!r}")
-    first, final = plan
-    for name, value in (("first", first), ("final", final)):
-        if value is None and name == "first":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InputError(f"{where}: the {name} plan must be a positive number of steps, got {value!r}")
-    return [first, final]

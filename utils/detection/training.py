@@ -20,10 +20,10 @@ from ..classes import NO_LABEL_MAP, LabelMap
 from .checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint, seed_everything
 from .engine import evaluate_loss, run_inference, train_steps
 from .optim import build_optimizer, build_scheduler, make_grad_scaler, set_schedule_length
-from .params import TrainParams
+from .params import TrainParams, background_iou
 from .model import build_model, freeze_backbone, set_trainable_layers
-from .recipe import (RecordedPlan, TimeBudget, background_iou, build_ema, make_loader, multiscale_sizes,
-                     set_box_head_training, set_roi_batch_size, set_train_sizes)
+from .recipe import (RecordedPlan, TimeBudget, build_ema, make_loader, multiscale_sizes, set_box_head_training,
+                     set_roi_batch_size, set_train_sizes)
 from ..errors import InputError
 from ..stop import check_stop
 from .stages import Stage

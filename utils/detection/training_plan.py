@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 from ..errors import InputError, shown
 from .model import BACKBONE_STAGES
-from .recipe import check_budget_plan
+from .params import check_budget_plan
 from .stages import Stage, StagesError, parse_stages, scale_stages, stage_at, total_epochs
 
 log = logging.getLogger(__name__)

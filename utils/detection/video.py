@@ -35,7 +35,8 @@ from PIL import Image
 from .. import defaults as D
 from ..atomic import FileSet, atomic_files, json_text
 from ..classes import CLASSES, NAME_OF
-from ..errors import InputError, without_password
+from ..cli import video_source_kind
+from ..errors import InputError, require_file, without_password
 from ..naming import video_output_names
 from ..stop import stop_requested
 from .compliance import compliance, merge_compliance
@@ -73,11 +74,10 @@ def stop_reason() -> str | None:
 
 def open_source(source: str) -> tuple[cv2.VideoCapture, str]:
     """(capture, kind) for a file, a URL (rtsp://, http://) or a camera index; InputError naming it."""
-    # ASCII digits only: '²' is a digit to str.isdigit() but no number to int()
-    kind = "camera" if source.isascii() and source.isdigit() else ("stream" if "://" in source else "file")
+    kind = video_source_kind(source)
     name = without_password(source)  # as messages show it
-    if kind == "file" and not Path(source).is_file():
-        raise InputError(f"{name}: video file not found")
+    if kind == "file":
+        require_file(source, "video file")
     capture = cv2.VideoCapture(int(source) if kind == "camera" else source)
     if not capture.isOpened():
         raise InputError(f"{name}: cannot open the {kind} (not a video OpenCV can read, or not reachable)")
@@ -104,31 +104,6 @@ def has_length(capture: cv2.VideoCapture) -> bool:
     """Whether the source's header gives a frame count: a file or a recorded video at a URL, not a live stream."""
     count = capture.get(cv2.CAP_PROP_FRAME_COUNT)
     return math.isfinite(count) and 0 < count < 2 ** 31
-
-
-WRITER_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov")  # the containers the annotated video's writer (mp4v) fills
-
-
-def annotated_video_path(text: str) -> str:
-    """argparse type of --output-video: a file name with one of WRITER_EXTENSIONS (another would give a broken
-    file, or fail only after the model loaded)."""
-    import argparse
-
-    if Path(text).suffix.lower() not in WRITER_EXTENSIONS:
-        raise argparse.ArgumentTypeError(f"expected a video file name ending {', '.join(WRITER_EXTENSIONS)}, "
-                                         f"got {text!r}")
-    return text
-
-
-def check_display() -> None:
-    """InputError for --show where no window can open: on Linux without DISPLAY or WAYLAND_DISPLAY, where
-    OpenCV's Qt would abort the whole process instead of raising."""
-    import os
-    import sys
-
-    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        raise InputError("--show: no display here (neither DISPLAY nor WAYLAND_DISPLAY is set); run without --show, "
-                         "the outputs are written all the same")
 
 
 def check_frame_pixels(width: int, height: int, source: str, kind: str = "video") -> None:

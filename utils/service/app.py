@@ -59,7 +59,7 @@ from ..classes import CLASS_COLOURS, CLASSES, LABEL_OF
 from ..data.images import ImageError, NotAnImageError, PixelLimitError, check_image_pixels
 from ..detection.compliance import compliance, merge_compliance
 from ..detection.evaluation import load_trained_model
-from ..detection.explain import EXPLAIN_METHODS, ExplainError, stop_point
+from ..detection.explain import ExplainError, stop_point
 from ..detection.inference import above, detect, detection_floor, too_thin
 from ..detection.quantify import prediction_estimates, soft_counts
 from .batching import BatchWorker, Withdrawal, on_a_passing_thread, results_of, stage_seconds
@@ -431,8 +431,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         coordinates = parse_box(box)
         if label not in CLASSES:
             raise HTTPException(422, f"label {errors.shown(label)}: not one of {', '.join(CLASSES)}")
-        if method not in EXPLAIN_METHODS:
-            raise HTTPException(422, f"method {errors.shown(method)}: not one of {', '.join(EXPLAIN_METHODS)}")
+        if method not in D.EXPLAIN_METHODS:
+            raise HTTPException(422, f"method {errors.shown(method)}: not one of {', '.join(D.EXPLAIN_METHODS)}")
         client = admit(request)
         withdrawal = Withdrawal()
         try:
