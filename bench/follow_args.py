@@ -10,6 +10,7 @@ function, e.g. from utils/atomic.py, having read write_text, back up to the next
 utils/detection/training_run.py. Read so, 414ebed (the code issue #22 measured: 75 stops, 60 returns,
 14 climbs) gives 67 stops, 50 returns and 14 climbs. Also counted: calls against the import direction
 (the callee's module imports the caller's: a callback, as engine.py made into training.py before 9ed39a9).
+What an import runs (a class body, a module's own call) is not read, also where main imports lazily.
 --max-depth limits the read to the calls within that many project frames of main (main's own calls
 are depth 1). Prints one line; --list prints the read. Exit 0, 2 on a bad flag.
 """
@@ -94,6 +95,8 @@ def trace_main(train_flags: list[str], max_depth: int) -> list[tuple[tuple[str, 
             return None
         caller, depth, below = None, 0, frame.f_back
         while below is not None:
+            if below.f_code.co_name == "<module>":
+                return None  # run by an import (a class body, a module's own call): main imports lazily, no read
             path = project_path(below.f_code.co_filename)
             if path is not None and below.f_code.co_name not in SKIPPED_FRAMES:
                 caller = caller or (path, below.f_code.co_name)
