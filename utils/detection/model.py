@@ -56,6 +56,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import FeaturePyramidNetwork, misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from .. import defaults as D
 from ..classes import NUM_CLASSES
 from ..provenance import file_sha256
 from .model_file import MODEL_FILE_FORMAT, ModelError, model_metadata, read_model_payload, save_model_file  # noqa: F401
@@ -64,7 +65,6 @@ from .weights import BACKBONES, RETINAFACE_BACKBONE
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BACKBONE = "mobilenet_v2_fpn"
 # Backbone stages that --trainable-layers and a stage's trainable_layers count in: known before the model
 # is built, so that training_plan.make_plan checks a plan against them with every other flag, before any file
 # is read or written (build_model checks that the stages it builds are as many).
@@ -360,7 +360,7 @@ def _retinaface_weights(weights: str, notes: list) -> tuple[str, str, Path | Non
     return backbone, "widerface", path
 
 
-def build_model(backbone: str = DEFAULT_BACKBONE, num_classes: int = NUM_CLASSES, weights: str = "imagenet",
+def build_model(backbone: str = D.BACKBONE, num_classes: int = NUM_CLASSES, weights: str = "imagenet",
                 weights_file=None, trainable_layers: int = 3, image_size: int = 512,
                 _frozen_bn: bool | None = None) -> nn.Module:
     """A torchvision Faster R-CNN for *num_classes* (background included) with the named backbone.
