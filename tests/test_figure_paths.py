@@ -263,6 +263,35 @@ def test_a_video_run_with_the_fold_ensemble_gives_the_figure_and_estimator_its_p
     assert summary["working_size"] == one["working_size"] == 128
 
 
+def test_photos_in_subfolders_get_one_interval_from_predict_a_merge_of_their_shards_and_the_service(
+        root, small_photos, calibrated_model, detector, tmp_path):
+    """The bootstrap drew the images in the order of their names, which differ by path: predict's paths put
+    site-2/ before site/, the shards' site/ first, and the service (the uploads' names) interleaved them, so the
+    same photos got three intervals. Now they are drawn in the order of their counts."""
+    pytest.importorskip("fastapi")
+    photos = sorted((small_photos / "images").glob("*.jpg"))
+    for k, photo in enumerate(photos):
+        (tmp_path / "photos" / ("site", "site-2")[k % 2]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(photo, tmp_path / "photos" / ("site", "site-2")[k % 2] / photo.name)
+    assert run_script(root, "predict", ["--images", tmp_path / "photos", "--output-dir", tmp_path / "one",
+                                        *predict_args(calibrated_model)]) == 0
+    assert run_script(root, "make_shards", ["--images", tmp_path / "photos", "--output", tmp_path / "shards",
+                                            "--shard-size", "4"]) == 0
+    for shard in sorted((tmp_path / "shards").glob("*.tar")):
+        assert run_script(root, "predict", ["--images", shard, "--output-dir", tmp_path / "parts", "--output-tag",
+                                            shard.stem, *predict_args(calibrated_model)]) == 0
+    assert run_script(root, "merge_predictions", ["--inputs-dir", tmp_path / "parts", "--output-dir",
+                                                  tmp_path / "merged"]) == 0
+    one, merged = (json.loads((tmp_path / name / "compliance.json").read_text()) for name in ("one", "merged"))
+    body = service_answer(calibrated_model, photos)
+    assert one["estimate"]["method"] == "pacc2" and one["estimate"]["low"] is not None
+    assert merged["per_folder"] == one["per_folder"] and sorted(one["per_folder"]) == ["site", "site-2"]
+    for other in (merged, body):
+        assert figure(other["estimate"]) == figure(one["estimate"])
+        assert {m: figure(e) for m, e in other["estimates"].items()} == \
+            {m: figure(e) for m, e in one["estimates"].items()}
+
+
 def test_each_folders_figure_is_the_figure_of_that_folder_alone_whatever_its_name(
         root, small_photos, calibrated_model, detector, tmp_path):
     """compliance.json's figure per folder is the headline predict gives that folder on its own (one image: the

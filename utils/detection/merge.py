@@ -127,10 +127,10 @@ def merge_predictions(parts, output_dir, histogram: str | None = "compliance_his
     bar when the images sit in one folder).
 
     Per-image figures are recomputed from the detections, exactly as a single predict job computes
-    them, and the estimates from the per-image records in file-name order, so the merge of N shards
-    equals one job over the same images. The parts must agree on the model, the operating threshold and
-    the model's validation record, each shard tag come once and each file, read or skipped, sit in one part
-    only (else InputError naming the part).
+    them, and the estimates from the per-image records (drawn in the order of their numbers, not of their names,
+    shard-000000.tar:x.jpg here), so the merge of N shards equals one job over the same images. The parts must
+    agree on the model, the operating threshold and the model's validation record, each shard tag come once and
+    each file, read or skipped, sit in one part only (else InputError naming the part).
     """
     from .plots import plot_compliance_histogram
 

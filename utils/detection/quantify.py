@@ -98,9 +98,7 @@ def calibration_image(pred: dict, target: dict, score_threshold: float, floor: f
 
     matrix, _ = detection_confusion_matrix([pred], [target], iou_threshold=CALIBRATION_IOU,
                                            score_threshold=score_threshold)
-    truth = [0] * K
-    for label in target["labels"].tolist():
-        truth[CLASSES.index(NAME_OF[int(label)])] += 1
+    truth = [int(faces) for faces in class_sums(target["labels"].tolist())]
     soft = soft_confusion(pred, target, iou_threshold=CALIBRATION_IOU, floor=floor)
     return {"truth": truth, "confusion": matrix, "soft": [[round(v, 4) for v in row] for row in soft]}
 
@@ -308,7 +306,9 @@ def estimate(units: Units, method: str, calibration: Calibration | None = None, 
         raise ValueError(f"{method} needs the model's calibration images")
     if method in SCORE_SUMS and units.soft is None:
         raise ValueError(f"{method} needs the score sums of every image")
-    n = len(units)
+    # drawn by position: in the order of their numbers, not their names (which differ by path, see image_units)
+    order = np.lexsort((units.counts if units.soft is None else np.hstack([units.counts, units.soft])).T)
+    units, n = Units(units.counts[order], None if units.soft is None else units.soft[order]), len(units)
     labelled = Units.from_calibration(calibration) if calibration is not None and method in UNADJUSTED else None
 
     def errors_on_calibration(calibration_weights: np.ndarray) -> np.ndarray:
@@ -437,9 +437,9 @@ def set_estimates(units: Units, calibration: Calibration | None, calibration_not
 
 
 def image_units(images: list[dict]) -> Units:
-    """Units of prediction records ({file, detections [{label, score}], soft_counts}), in file-name order,
-    so that one predict job and a merge of its shards draw the same replicates."""
-    images = sorted(images, key=lambda image: image["file"])
+    """Units of prediction records ({detections [{label, score}], soft_counts}), in any order: estimate orders them
+    by their numbers, so that the same photos get the same interval from predict (named by their paths), a merge of
+    its shards (shard-000000.tar:siteA/x.jpg) and the service (the uploads' names), in subfolders or not."""
     counts = [class_sums([d["label"] for d in image["detections"]]) for image in images]
     if any(image.get("soft_counts") is None for image in images):
         return Units.of(counts, None)

@@ -402,13 +402,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 metrics.faces.labels(d["label"]).inc()
             records.append({"soft_counts": soft_counts(out["labels"].tolist(), out["scores"].tolist()),
                             "detections": counted})
-        # The estimate resamples the images in file-name order (quantify.image_units), as predict and a merge of
-        # its shards do: numbered in the order of the uploads' names (two of one name in the order sent), the same
-        # photos get the same interval whatever order they are sent in, and the one predict gives them.
-        order = sorted(range(len(uploads)), key=lambda index: (uploads[index].name, index))
-        for rank, index in enumerate(order):
-            records[index]["file"] = f"{rank:06d}"
         metrics.images.inc(len(results))
+        # quantify.estimate draws the images in the order of their counts, not their names: whatever the order and the
+        # names they are sent with (the page sends no folder), the same photos get the interval predict gives them
         # the bootstrap is CPU work: off the event loop, as inference is
         estimates = await asyncio.to_thread(prediction_estimates, records, meta.get("quantification"), threshold, tta,
                                             working_size=meta.get("working_size"))
