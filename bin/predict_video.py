@@ -51,7 +51,7 @@ from utils import defaults as D
 from utils.atomic import TEMP_NAME_EXTRA
 from utils.cli import (WRITER_EXTENSIONS, add_tta_arg, annotated_video_path, check_display, check_distinct_outputs,
                        check_output_tag, fraction, positive_float, positive_int, run_job, video_source_kind)
-from utils.detection.compliance import compliance_line
+from utils.detection.compliance import video_compliance_line
 from utils.errors import InputError, require_file, without_password
 from utils.naming import video_output_names
 from utils.provenance import run_record
@@ -178,9 +178,7 @@ def run(args, names: dict) -> int:
                                 record=record, journal=journal)
     for note in summary["notes"]:
         print(f"predict_video: note: {note}", file=sys.stderr)
-    print(compliance_line(summary["overall"], summary["estimate"]) + f" (pooled over {summary['frames_processed']} "
-          f"frames, resampled in blocks of {summary['resampling']['block_frames']}; mean per frame "
-          f"{summary['mean_percent_per_frame']})")
+    print(video_compliance_line(summary))
     print(f"{summary['frames_processed']} of {summary['frames_read']} frames processed in "
           f"{summary['processing_seconds']} s; outputs in {args.output_dir}")
     if stop_requested() and summary["interrupted"]:  # also one after a Ctrl-C had stopped the run: not all done

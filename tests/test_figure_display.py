@@ -228,3 +228,21 @@ def test_evaluation_txt_says_why_an_estimate_has_no_figure_or_no_interval():
                             "estimates": {"cc": flat, "pacc2": none}, "unavailable": {}})
     assert any(line.split()[0] == "cc" and "no spread, not certainty" in line for line in lines)
     assert any(line.split()[0] == "pacc2" and line.endswith("no faces found") for line in lines)
+
+
+def test_predict_videos_line_gives_the_mean_per_frame_to_one_decimal_as_a_percent_or_says_there_is_none():
+    """predict_video printed the mean of the frames' figures as stored, 'mean per frame 47.25' (no '%', two decimals
+    where every percent shown has one), and 'mean per frame None' where no frame held a face."""
+    from utils.detection.compliance import compliance, video_compliance_line
+
+    estimate = {"method": "cc", "percent": 46.25, "low": 30.0, "high": 60.0, "confidence": 0.95, "units": 4,
+                "unit": "block", "faces_found": 8}
+    summary = {"overall": compliance(["with_mask"] * 3 + ["without_mask"] * 5), "estimate": estimate,
+               "frames_processed": 40, "resampling": {"block_frames": 10}, "mean_percent_per_frame": 47.25}
+    assert video_compliance_line(summary) == (
+        "compliance: 8 faces, 3 with_mask, 5 without_mask, 0 mask_weared_incorrect: 46.3% properly masked (95% "
+        "interval 30.0-60.0%, 4 blocks; cc) (pooled over 40 frames, resampled in blocks of 10; mean per frame 47.3%)")
+    none = {**summary, "overall": compliance([]), "mean_percent_per_frame": None,
+            "estimate": {**estimate, "percent": None, "low": None, "high": None, "note": "no faces found"}}
+    assert video_compliance_line(none).endswith("4 blocks; cc) (pooled over 40 frames, resampled in blocks of 10; "
+                                                "mean per frame n/a: no frame with a face counted)")

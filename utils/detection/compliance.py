@@ -98,6 +98,16 @@ def compliance_line(summary: dict, estimate: dict | None = None) -> str:
     return f"compliance: {summary['faces']} faces, {counts}: {figure}"
 
 
+def video_compliance_line(summary: dict) -> str:
+    """predict_video's line: compliance_line over the processed frames, how they were pooled and resampled, and the
+    mean of the frames' own figures, a percent to one decimal as every percent shown (it printed the stored 47.37,
+    no '%', and 'None' where no frame held a face)."""
+    mean = summary["mean_percent_per_frame"]
+    return (compliance_line(summary["overall"], summary["estimate"]) + f" (pooled over {summary['frames_processed']} "
+            f"frames, resampled in blocks of {summary['resampling']['block_frames']}; mean per frame "
+            + ("n/a: no frame with a face counted" if mean is None else f"{one_decimal(mean)}%") + ")")
+
+
 def _labels(entry: dict, score_threshold: float | None = None) -> list[int]:
     """The labels of a target, or of a prediction's detections scoring at least *score_threshold*."""
     # torch here, where the model's tensors are read, not with the module: merge_predictions and the report read
