@@ -81,7 +81,9 @@ def test_the_compliance_estimators_are_ranked_by_their_error_across_folds():
     # acc is undefined on one fold: it cannot win on one fold's error
     assert estimators["smallest_mean_abs_error"] == "pcc"
     text = format_summary(summary)
-    assert "smallest mean |error| over every fold: pcc" in text and "2 of 2 folds" in text
+    assert "smallest mean |error| over every fold: pcc" in text and "2 of 2 folds (yes, yes)" in text
+    # each fold said, not only how many (it read '0 of 2 folds', '1 of 1 folds': which one?)
+    assert "0 of 2 folds (no, no)" in text and "1 of 1 folds (yes, n/a)" in text
     assert summarise_folds([fake_evaluation(0.3, 0.3)] * 2, ["a", "b"])["compliance_estimators"] is None  # older files
 
 

@@ -215,12 +215,15 @@ def format_summary(summary: dict) -> str:
     estimators = summary.get("compliance_estimators")
     if estimators:
         lines += ["", "Percent properly masked, per estimator (error = estimate - truth on each held-out fold):",
-                  f"{'estimator':<10}{'error (points)':>22}{'mean |error|':>15}{'truth inside 95% interval':>28}"]
+                  f"{'estimator':<10}{'error (points)':>22}{'mean |error|':>15}  truth inside 95% interval (each fold)"]
         for method, entry in estimators["estimators"].items():
-            inside = f"{entry['folds_covered']} of {entry['folds_judged']} folds" if entry["folds_judged"] else "n/a"
+            # which folds, not only how many: a fold whose interval missed the truth is the one to look at
+            each = ", ".join({True: "yes", False: "no"}.get(value, "n/a") for value in entry["truth_inside"])
+            judged = entry["folds_judged"]
+            inside = f"{entry['folds_covered']} of {judged} folds ({each})" if judged else "n/a"
             mae = entry["abs_error_points"]
             lines.append(f"{method:<10}{_pm(entry['error_points'], 2):>22}"
-                         f"{'n/a' if mae['mean'] is None else format(mae['mean'], '.2f'):>15}{inside:>28}")
+                         f"{'n/a' if mae['mean'] is None else format(mae['mean'], '.2f'):>15}  {inside}")
         lines.append(f"smallest mean |error| over every fold: {estimators['smallest_mean_abs_error'] or 'n/a'}")
         lines.append(estimators["note"])
     lines += ["", summary["note"]]
