@@ -246,3 +246,19 @@ def test_predict_videos_line_gives_the_mean_per_frame_to_one_decimal_as_a_percen
             "estimate": {**estimate, "percent": None, "low": None, "high": None, "note": "no faces found"}}
     assert video_compliance_line(none).endswith("4 blocks; cc) (pooled over 40 frames, resampled in blocks of 10; "
                                                 "mean per frame n/a: no frame with a face counted)")
+
+
+def test_the_plot_per_folder_gives_each_folders_figure_and_interval_in_numbers_or_why_none(tmp_path, monkeypatch):
+    """Each folder was a dot and a bar with '6 images, 20 faces found' beside it: no figure to read, and a folder of
+    one image a dot with no bar and no word of why."""
+    from utils.detection import plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.update(texts=[t.get_text() for t in fig.axes[0].texts]))
+    result = {"percent": 41.87, "low": 18.75, "high": 69.4, "units": 6, "unit": "image", "faces_found": 20,
+              "method": "pacc2", "confidence": 0.95}
+    alone = {**result, "percent": 50.0, "low": None, "high": None, "units": 1, "faces_found": 2,
+             "note": "one image: no interval"}
+    plots.plot_compliance_by_folder({"siteA": result, "siteB": alone}, result, tmp_path / "f.png")
+    assert drawn["texts"] == ["41.9% (18.8-69.4%), 6 images, 20 faces found",
+                              "50.0% (one image: no interval), 1 image, 2 faces found"]

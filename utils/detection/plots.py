@@ -280,7 +280,12 @@ def plot_compliance_by_folder(per_folder: dict, overall: dict, path, limit: int 
             ax.plot([result["low"], result["high"]], [y, y], color="black", marker="|", markersize=10)
         ax.plot(result["percent"], y, "o", color=colour)
         units = f"{result['units']} {result['unit']}{'' if result['units'] == 1 else 's'}"
-        ax.text(101, y, f"{units}, {result['faces_found']} faces found", va="center", fontsize=8)
+        # the figure and its interval in numbers, as compliance.json gives them (a dot is no figure to read), and why
+        # a folder has no interval (one image): a dot without a bar said nothing of it
+        spread = (result.get("note") or "no interval" if result["low"] is None
+                  else f"{one_decimal(result['low'])}-{one_decimal(result['high'])}%")
+        ax.text(101, y, f"{one_decimal(result['percent'])}% ({spread}), {units}, {result['faces_found']} faces found",
+                va="center", fontsize=8)
     if overall["percent"] is not None and per_folder:
         ax.axvline(overall["percent"], color="grey", linestyle="--",
                    label=f"all folders: {one_decimal(overall['percent'])}%")
