@@ -179,10 +179,11 @@ def test_evaluation_txt_shows_the_figures_to_one_decimal_as_the_report_does():
     from utils.detection.evaluation import estimate_lines
 
     result = {"method": "cc", "percent": 6.25, "low": 0.25, "high": 18.75, "error_points": -0.05,
-              "truth_inside": True, "replicates": 1000, "seed": 42}
+              "truth_inside": True, "replicates": 1000, "seed": 42, "units": 16}
     lines = estimate_lines({"true_percent": 56.25, "true_faces": 16, "estimate": result, "estimates": {"cc": result},
                             "unavailable": {}})
     assert "(true: 56.3% of 16 faces" in lines[0] and lines[2].split()[:3] == ["cc", "6.3", "0.3-18.8"]
+    assert "faces in 16 images;" in lines[0]  # the images the figures rest on: it said the faces alone
     summary = {"faces": 16, "counts": {"with_mask": 1, "without_mask": 15, "mask_weared_incorrect": 0},
                "percent_properly_masked": 6.25}
     error = {"score_threshold": 0.5, "true": summary, "predicted": summary, "error_points": 0.0,
@@ -220,7 +221,8 @@ def test_evaluation_txt_says_why_an_estimate_has_no_figure_or_no_interval():
     """evaluation.txt's table read n/a where the report's table, the printed line and the page give the reason."""
     from utils.detection.evaluation import estimate_lines
 
-    base = {"error_points": None, "truth_inside": None, "replicates": 1000, "seed": 42, "low": None, "high": None}
+    base = {"error_points": None, "truth_inside": None, "replicates": 1000, "seed": 42, "low": None, "high": None,
+            "units": 5}
     none = {**base, "method": "pacc2", "percent": None, "note": "no faces found"}
     flat = {**base, "method": "cc", "percent": 60.0, "error_points": 0.0,
             "note": "no interval: every resample of the 5 images gives 60%, which shows no spread, not certainty"}

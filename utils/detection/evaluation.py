@@ -223,9 +223,10 @@ def recall_lines(recall: dict | None) -> list[str]:
 def estimate_lines(report: dict) -> list[str]:
     """evaluation.txt's block: every estimator against the truth."""
     truth = report["true_percent"]
+    units = report["estimate"]["units"]  # what every estimate rests on, as the report's table and each line say
     lines = [f"Percent properly masked as an estimate (true: {'n/a' if truth is None else f'{one_decimal(truth)}%'} of "
-             f"{report['true_faces']} faces; 95% bootstrap intervals, {report['estimate']['replicates']} replicates, "
-             f"seed {report['estimate']['seed']}):",
+             f"{report['true_faces']} faces in {units} image{'' if units == 1 else 's'}; 95% bootstrap intervals, "
+             f"{report['estimate']['replicates']} replicates, seed {report['estimate']['seed']}):",
              f"{'estimator':<10}{'percent':>9}{'interval':>17}{'error':>9}{'truth inside':>14}"]
     for method, result in report["estimates"].items():
         interval = "n/a" if result["low"] is None else f"{one_decimal(result['low'])}-{one_decimal(result['high'])}"
