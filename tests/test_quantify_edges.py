@@ -22,7 +22,11 @@ def test_no_interval_from_one_image_with_faces_or_from_replicates_without_spread
     assert one["note"] == "faces found in one image of 3: no interval" and "no interval" in interval_text(one)
     alike = estimate(Units.of([[2, 1, 1], [1, 0, 1], [1, 1, 0]]), "cc", replicates=200)
     assert alike["percent"] == 50.0 and alike["low"] is alike["high"] is None and alike["replicates_defined"] == 200
-    assert "gives 50%, which shows no spread, not certainty" in interval_text(alike)
+    assert "gives 50.0%, which shows no spread, not certainty" in interval_text(alike)
+    # the note's figure as the line's, to one decimal: '61.3% properly masked (... gives 61.25%, ...' before
+    tie = estimate(Units.of([[49, 31, 0]] * 3), "cc", replicates=50)
+    assert interval_text(tie).startswith("61.3% properly masked (no interval: every resample of the 3 images gives "
+                                         "61.3%, which")
     for method in ("pcc", "pacc2"):  # the score sums: an image with scores under the threshold holds some
         soft = Units.of([[2, 1, 0], [0, 0, 0]], [[1.8, 0.9, 0.1], [0.2, 0.1, 0]])
         result = estimate(soft, method, labelled(simulate(np.random.default_rng(2), 30)), replicates=100)

@@ -53,6 +53,7 @@ from scipy.optimize import nnls
 
 from .. import defaults as D
 from ..classes import CLASSES, NAME_OF
+from ..figures import one_decimal
 
 METHODS = ("cc", "pcc", "acc", "pacc", "pacc2")
 METHOD_NAMES = {"cc": "classify and count", "pcc": "probabilistic count (score sums)",
@@ -365,8 +366,7 @@ def estimate(units: Units, method: str, calibration: Calibration | None = None, 
         values.append(shares)
         if own_error:  # less the estimator's error on the same replicate's calibration images
             corrected.append(np.clip(shares - errors_on_calibration(calibration_weights), 0.0, 1.0))
-    values, corrected = np.concatenate(values), np.concatenate(corrected)
-    values, corrected = values[np.isfinite(values)], corrected[np.isfinite(corrected)]
+    values, corrected = (found[np.isfinite(found)] for found in (np.concatenate(values), np.concatenate(corrected)))
     result["replicates_defined"] = int(len(values))
     if len(values):
         tail = 100 * (1 - confidence) / 2
@@ -377,8 +377,8 @@ def estimate(units: Units, method: str, calibration: Calibration | None = None, 
         # a percentile interval need not hold its own estimate (pacc read 94.22 % with 0.0-76.86 %: test_quantify_edges)
         low, high = _rounded(100 * min(float(low), share)), _rounded(100 * max(float(high), share))
         if low == high and 0 < low < 100:  # every replicate the same (the units alike): no spread is not certainty
-            return {**result, "note": f"no interval: every resample of the {n} {unit}s gives {low:g}%, which "
-                                      "shows no spread, not certainty"}
+            return {**result, "note": f"no interval: every resample of the {n} {unit}s gives {one_decimal(low)}%, "
+                                      "which shows no spread, not certainty"}
         if low == high:  # all 0 or 100 % (it read 100.0-100.0 %): the exact bound, the units as trials (design.md)
             every, bound = low, _rounded(100 * ((1 - confidence) / 2) ** (1 / holding))
             low, high = (bound, 100.0) if every else (0.0, _rounded(100 - bound))
