@@ -255,6 +255,8 @@ def test_a_figure_with_no_face_at_the_threshold_says_it_rests_on_the_detections_
         "from the detections below it alone (2.5 faces by the estimator): 60.0% properly masked "
         "(no interval: every resample of the 5 images gives 60.0%, which shows no spread, not certainty, 5 images; "
         "pcc)")
+    many = compliance_line(compliance([]), {**estimate, "faces_estimated": 1234567.8})  # 100k images and more
+    assert "from the detections below it alone (1234567.8 faces by the estimator)" in many  # not 1.23457e+06
     counted = compliance([WITH])
     assert compliance_line(counted, {**estimate, "faces_found": 1, "low": 50.0, "high": 70.0}).endswith(
         ": 60.0% properly masked (95% interval 50.0-70.0%, 5 images; pcc)")

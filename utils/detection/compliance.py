@@ -92,7 +92,8 @@ def compliance_line(summary: dict, estimate: dict | None = None) -> str:
         if not summary["faces"] and estimate["percent"] is not None:
             # beside "0 faces" the figure read as if it were of the faces counted
             figure = (f"no face at the score threshold; from the detections below it alone "
-                      f"({estimate['faces_estimated']:g} faces by the estimator): {figure}")
+                      # as stored (one decimal): ':g' wrote 1234567.8 as 1.23457e+06
+                      f"({estimate['faces_estimated']:.12g} faces by the estimator): {figure}")
     else:
         figure = "no faces found" if percent is None else f"{one_decimal(percent)}% properly masked"
     return f"compliance: {summary['faces']} faces, {counts}: {figure}"
