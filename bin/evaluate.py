@@ -32,9 +32,10 @@ import sys
 from pathlib import Path
 
 from utils.classes import LabelMap
-from utils.cli import add_label_map_arg, add_model_run_args, check_model_run_args, check_output_tag, run_job
+from utils.cli import (add_label_map_arg, add_model_run_args, check_model_run_args, check_output_tag,
+                       require_model_files, run_job)
 from utils.data.pairs import open_folder
-from utils.errors import InputError, require_file
+from utils.errors import InputError
 from utils.provenance import run_record
 
 
@@ -62,7 +63,7 @@ def main(args) -> int:
     if blocking := next((p for p in (output_dir, *output_dir.parents) if p.exists() and not p.is_dir()), None):
         # said now, not after every image has run
         raise InputError(f"{blocking}: a file, not a folder (--output-dir {output_dir})")
-    require_file(args.model, "model file")  # the model loader's own refusal, before torch's import
+    require_model_files([args.model])  # the model loader's own refusals, before torch's import
     # torch (the device, the model, the metrics) is imported only now: a bad flag or a missing model file is refused
     # in a fraction of a second, not after the seconds that importing torch takes
     from utils.detection.device import resolve_device

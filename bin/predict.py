@@ -49,10 +49,10 @@ from tqdm import tqdm
 
 from utils import defaults as D
 from utils.cli import (add_model_run_args, check_distinct_outputs, check_model_run_args, check_output_tag,
-                       non_negative_int, positive_int, print_skipped, run_job)
+                       non_negative_int, positive_int, print_skipped, require_model_files, run_job)
 from utils.detection.prediction_checkpoint import PredictionCheckpoint
 from utils.detection.prediction_progress import progress_path
-from utils.errors import InputError, require_file
+from utils.errors import InputError
 from utils.naming import output_names
 from utils.provenance import code_version, file_sha256, package_versions, run_record
 from utils.stop import declare_outputs, stop_on_sigterm
@@ -114,8 +114,7 @@ def main(args) -> int:
         raise InputError(f"{args.images[0]}: no such file or folder{others}")
     if len(args.model) > 1 and args.explain:
         raise InputError("--explain explains one model's boxes: give one --model, not an ensemble")
-    for path in args.model:
-        require_file(path, "model file")  # the model loader's own refusal, before torch's import
+    require_model_files(args.model)  # the model loader's own refusals, before torch's import
     # torch (the device, the model) is imported only now: a bad flag, a missing input or model file is refused in a
     # fraction of a second, not after the seconds that importing torch takes
     from utils.detection.device import resolve_device

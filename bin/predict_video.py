@@ -50,7 +50,8 @@ from tqdm import tqdm
 from utils import defaults as D
 from utils.atomic import TEMP_NAME_EXTRA
 from utils.cli import (WRITER_EXTENSIONS, add_tta_arg, annotated_video_path, check_display, check_distinct_outputs,
-                       check_output_tag, fraction, positive_float, positive_int, run_job, video_source_kind)
+                       check_output_tag, fraction, positive_float, positive_int, require_model_files, run_job,
+                       video_source_kind)
 from utils.detection.compliance import video_compliance_line
 from utils.errors import InputError, require_file, without_password
 from utils.naming import video_output_names
@@ -125,8 +126,7 @@ def check_flags(args) -> dict:
     # the refusals of open_source and of the model loader, made before torch's import
     if video_source_kind(args.source) == "file":
         require_file(args.source, "video file")
-    for path in args.model:
-        require_file(path, "model file")
+    require_model_files(args.model)
     return names
 
 

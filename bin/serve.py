@@ -48,8 +48,9 @@ import time
 from pathlib import Path
 
 from utils import defaults as D
-from utils.cli import int_between, non_negative_float, non_negative_int, positive_float, positive_int, run_job
-from utils.errors import InputError, require_file
+from utils.cli import (int_between, non_negative_float, non_negative_int, positive_float, positive_int,
+                       require_model_files, run_job)
+from utils.errors import InputError
 
 TOKEN_ENV = "MASK_SERVICE_TOKEN"
 JOB = "serve"
@@ -188,7 +189,7 @@ def main(args) -> int:
 
     token = args.token or os.environ.get(TOKEN_ENV) or None
     sock = bind(args.host, args.port)  # before the model loads: a bad address costs no model load
-    require_file(args.model, "model file")  # the model loader's own refusal, before torch's import
+    require_model_files([args.model])  # the model loader's own refusals, before torch's import
     # torch (the device, the model) is imported only now: a bad flag, address or model path is refused in a
     # fraction of a second, not after the seconds that importing torch takes
     from utils.detection.device import resolve_device

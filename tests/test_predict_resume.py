@@ -34,7 +34,9 @@ def test_predict_opens_each_image_once_and_its_run_record_hashes_what_it_read(ro
         opens = count_opens(patch, tmp_path / "inputs")
         assert predict_quick(root, model, [photos], tmp_path / "whole", "--no-annotated", "--batch-size", "2") == 0
     assert {path: opens.get(path, 0) for path in images} == dict.fromkeys(images, 1)
-    assert opens[str(model)] == 3  # the stand-in check, the load, and one hash for the resume key and the record
+    # the stand-in check before torch's import (cli.require_model_files) and again in the loader, the load, and one
+    # hash for the resume key and the record
+    assert opens[str(model)] == 4
     assert json.loads((tmp_path / "whole" / "predict_run.json").read_text())["inputs_sha256"] == expected
 
 

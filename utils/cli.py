@@ -36,7 +36,7 @@ from . import defaults as D
 from .classes import CLASSES
 from .errors import InputError, shown, without_password
 from .naming import name_part_problem
-from .stop import EXIT_STOPPED, StopRequested, write_stand_ins
+from .stop import EXIT_STOPPED, StopRequested, require_job_output, write_stand_ins
 
 EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERRUPTED = 128 + 2  # what a shell reports for a process ended by SIGINT
@@ -381,6 +381,13 @@ def check_display() -> None:
     if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
         raise InputError("--show: no display here (neither DISPLAY nor WAYLAND_DISPLAY is set); run without --show, "
                          "the outputs are written all the same")
+
+
+def require_model_files(paths) -> None:
+    """The model loader's refusals of each --model file that need no torch (utils.stop.require_job_output: missing,
+    or a stopped job's stand-in), in its words: made before the job imports torch."""
+    for path in paths:
+        require_job_output(path, "model file")
 
 
 def check_model_run_args(args) -> None:

@@ -30,6 +30,8 @@ import signal
 import threading
 from pathlib import Path
 
+from .errors import InputError, require_file
+
 EXIT_STOPPED = 128 + signal.SIGTERM
 
 _requested = threading.Event()
@@ -116,3 +118,13 @@ def is_stand_in(path) -> bool:
     except OSError:
         return False
     return head.startswith(b'{"' + STAND_IN_KEY.encode())
+
+
+def require_job_output(path, what: str, error: type[InputError] = InputError) -> None:
+    """*error* naming *path* unless it is a file a job finished writing: missing (errors.require_file), or a
+    stand-in a stopped try left in its place. The loader's checks that need no torch (model_file.torch_load), so
+    that a job makes them before it imports torch."""
+    require_file(path, what, error)
+    if is_stand_in(path):
+        raise error(f"{path}: a stand-in, not a {what}: the job that writes it was stopped (SIGTERM) before it "
+                    "finished; rerun that job")

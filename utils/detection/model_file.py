@@ -26,9 +26,9 @@ from torch import nn
 
 from .. import defaults as D
 from ..classes import CLASSES, LABEL_OF, NUM_CLASSES
-from ..errors import InputError, is_finite_number, require_file, shown
+from ..errors import InputError, is_finite_number, shown
 from ..provenance import code_version, package_versions
-from ..stop import is_stand_in
+from ..stop import require_job_output
 from .checkpoint import save_torch_file, torch_file_problem
 
 MODEL_FILE_FORMAT = 1
@@ -45,10 +45,7 @@ class ModelError(InputError):
 
 def torch_load(path: Path, what: str):
     """torch.load on the CPU with weights_only=True; a missing or unreadable file is a one-line ModelError."""
-    require_file(path, what, ModelError)
-    if is_stand_in(path):
-        raise ModelError(f"{path}: a stand-in, not a {what}: the job that writes it was stopped (SIGTERM) "
-                         "before it finished; rerun that job")
+    require_job_output(path, what, ModelError)  # missing, or a stopped job's stand-in
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, not a torch file, or a pickle weights_only refuses
