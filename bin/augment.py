@@ -22,7 +22,8 @@ import sys
 from utils import defaults as D
 from utils.classes import LabelMap
 from utils.cli import (add_label_map_arg, add_set_input_args, add_set_output_args, check_set_args,
-                       non_negative_float, non_negative_int, print_skipped, random_seed, run_job)
+                       non_negative_float, non_negative_int, print_skipped, random_seed, require_set_inputs,
+                       run_job)
 from utils.data.preprocess import default_report_path
 from utils.stop import declare_outputs, stop_on_sigterm
 
@@ -50,8 +51,9 @@ def main(args) -> int:
     # a stopped try leaves stand-ins for the files (not a folder): on a pool a missing one holds the job
     declare_outputs(args.output_tar, args.report)
     label_map = LabelMap.parse(args.label_map)
-    # torch (torchvision's transforms) is imported only now: a bad flag is refused in a fraction of a second, not
-    # after the seconds that importing torch takes
+    require_set_inputs(args.images, args.annotations or args.images, args.split_csv)  # augment_set's own refusals
+    # torch (torchvision's transforms) is imported only now: a bad flag or a missing input is refused in a fraction
+    # of a second, not after the seconds that importing torch takes
     from utils.data.augment import augment_set
 
     report = augment_set(args.images, args.annotations or args.images, copies=args.copies,

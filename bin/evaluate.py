@@ -33,7 +33,7 @@ from pathlib import Path
 
 from utils.classes import LabelMap
 from utils.cli import (add_label_map_arg, add_model_run_args, check_model_run_args, check_output_tag,
-                       require_model_files, run_job)
+                       require_model_files, require_set_inputs, run_job)
 from utils.data.pairs import open_folder
 from utils.errors import InputError
 from utils.provenance import run_record
@@ -64,8 +64,9 @@ def main(args) -> int:
         # said now, not after every image has run
         raise InputError(f"{blocking}: a file, not a folder (--output-dir {output_dir})")
     require_model_files([args.model])  # the model loader's own refusals, before torch's import
-    # torch (the device, the model, the metrics) is imported only now: a bad flag or a missing model file is refused
-    # in a fraction of a second, not after the seconds that importing torch takes
+    require_set_inputs(args.images, args.annotations)  # open_folder's, said now, not after the model's load
+    # torch (the device, the model, the metrics) is imported only now: a bad flag, a missing model file or set is
+    # refused in a fraction of a second, not after the seconds that importing torch takes
     from utils.detection.device import resolve_device
     from utils.detection.evaluation import evaluate_model, format_report, labelled_pairs, load_trained_model
 

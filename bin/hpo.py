@@ -24,7 +24,8 @@ from utils import defaults as D
 from utils.atomic import write_json
 from utils.classes import LabelMap
 from utils.cli import (add_label_map_arg, check_distinct_outputs, fraction_below_one, image_size_px,
-                       non_negative_int, positive_float, positive_int, random_seed, run_job, worker_count)
+                       non_negative_int, positive_float, positive_int, random_seed, require_set_inputs, run_job,
+                       worker_count)
 from utils.detection.params import PARAM_CHOICES
 from utils.detection.tensorboard_log import TensorBoardError, pack_events
 from utils.detection.weights import BACKBONES
@@ -126,8 +127,10 @@ def main(args) -> int:
                             "--tensorboard-tar": args.tensorboard_tar, "--tensorboard-dir": args.tensorboard_dir})
     # stand-ins if SIGTERM stops it (utils/stop.py)
     declare_outputs(output, record, args.tensorboard_tar, checkpoints=[args.checkpoint])
-    # torch and Optuna (the device, the trials) are imported only now: a bad flag is refused in a fraction of a
-    # second, not after the seconds that importing torch takes
+    require_set_inputs(args.train_images, args.train_annotations)  # the study's own refusals of a missing set
+    require_set_inputs(args.val_images, args.val_annotations)
+    # torch and Optuna (the device, the trials) are imported only now: a bad flag or a missing set is refused in a
+    # fraction of a second, not after the seconds that importing torch takes
     from utils.detection.device import resolve_device
     from utils.detection.hpo import HpoConfig, SearchSpace, run_study
     from utils.detection.model import weights_file_given

@@ -1,6 +1,9 @@
-"""A job refuses a missing or unreadable input before it imports torch: predict, predict_video, evaluate and serve
-found a --model that a stopped job left as a stand-in only after torch's import. Each refusal keeps its line and
-exit code 2; the check is the loader's own (utils.stop.require_job_output, which model_file.torch_load makes)."""
+"""A job refuses a missing or unreadable input before it imports torch: train, hpo, augment and evaluate found a
+missing data folder or .tar, --params or --stages file, or --split-csv only after torch and the training modules
+were imported (6-11 s on a 2-core machine), evaluate a missing set only after it had loaded the model too; predict,
+predict_video, evaluate and serve found a --model that a stopped job left as a stand-in only after torch's import.
+Each refusal keeps its line and exit code 2; the checks are the loaders' own (utils.errors.require_set, which
+utils.data.pairs.open_folder reads a set by, and utils.stop.require_job_output, which model_file.torch_load makes)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from utils.cli import require_model_files
+from utils.cli import require_model_files, require_set_inputs
+from utils.data.pairs import open_folder
+from utils.detection.params import TrainingDataError, check_training_inputs
 from utils.errors import InputError
 from utils.stop import STAND_IN_KEY
 
@@ -51,6 +56,28 @@ def inputs(tmp_path) -> dict:
 
 # argv (names of the inputs fixture), the one error line after "<job>: error: "
 REFUSALS = [
+    ("bin/train.py --images NONE --annotations DIR --output OUT/model.pt",
+     "NONE: does not exist (expected a folder or a .tar archive)"),
+    ("bin/train.py --images DIR --annotations TXT --output OUT/model.pt", "TXT: neither a folder nor a .tar archive"),
+    ("bin/train.py --images DIR --annotations DIR --val-images DIR --val-annotations NONE --output OUT/model.pt",
+     "NONE: does not exist (expected a folder or a .tar archive)"),
+    ("bin/train.py --images DIR --annotations DIR --val-images DIR --output OUT/model.pt",
+     "--val-images needs --val-annotations"),
+    ("bin/train.py --images DIR --annotations DIR --params NONE_JSON --output OUT/model.pt",
+     "NONE_JSON: params file not found"),
+    ("bin/train.py --images DIR --annotations DIR --stages NONE_YAML --output OUT/model.pt",
+     "--stages: stages file NONE_YAML not found"),
+    ("bin/hpo.py --train-images DIR --train-annotations DIR --val-images NONE --val-annotations DIR "
+     "--output OUT/best.json", "NONE: does not exist (expected a folder or a .tar archive)"),
+    ("bin/hpo.py --train-images TAR --train-annotations TXT --val-images DIR --val-annotations DIR "
+     "--output OUT/best.json", "TXT: neither a folder nor a .tar archive"),
+    ("bin/augment.py --images TAR NONE_TAR --output-dir OUT", "NONE_TAR: does not exist (expected a .tar shard)"),
+    ("bin/augment.py --images TAR DIR --output-dir OUT", "DIR: several inputs must all be .tar shards"),
+    ("bin/augment.py --images DIR --split-csv NONE_CSV --output-dir OUT", "NONE_CSV: No such file or directory"),
+    ("bin/evaluate.py --images NONE --annotations DIR --model MODEL --output-dir OUT",
+     "NONE: does not exist (expected a folder or a .tar archive)"),
+    ("bin/evaluate.py --images DIR --annotations NONE --model MODEL --output-dir OUT",
+     "NONE: does not exist (expected a folder or a .tar archive)"),
     ("bin/evaluate.py --images DIR --annotations DIR --model STANDIN --output-dir OUT",
      "STANDIN: a stand-in, not a model file: the job that writes it was stopped (SIGTERM) before it finished; "
      "rerun that job"),
@@ -79,9 +106,37 @@ def test_a_missing_or_unreadable_input_is_refused_before_torch_is_imported(input
     assert errors == [f"{Path(argv.split()[0]).stem}: error: {filled(line, inputs)}" for argv, line in REFUSALS]
 
 
+def test_open_folder_refuses_as_the_early_check_does(inputs):
+    """One rule, said the same way before torch (require_set_inputs) and when the set is read (open_folder)."""
+    for given in (inputs["NONE"], inputs["TXT"], [inputs["TAR"], inputs["NONE_TAR"]], [inputs["TAR"], inputs["DIR"]]):
+        with pytest.raises((InputError, OSError)) as early:
+            require_set_inputs(given)
+        with pytest.raises(type(early.value)) as reading, open_folder(given):
+            pass
+        assert str(reading.value) == str(early.value)
+    require_set_inputs(inputs["DIR"], [inputs["TAR"], inputs["TAR"]])  # a folder, shards: read as sets
+    with open_folder(inputs["DIR"]) as folder:
+        assert folder == inputs["DIR"]
+
+
 def test_require_model_files_names_the_first_missing_or_stand_in(inputs):
     require_model_files([inputs["MODEL"]])
     with pytest.raises(InputError, match=f"^{inputs['NONE']}: model file not found$"):
         require_model_files([inputs["MODEL"], inputs["NONE"], inputs["STANDIN"]])
     with pytest.raises(InputError, match="stopped.pt: a stand-in, not a model file"):
         require_model_files([inputs["STANDIN"], inputs["NONE"]])
+
+
+def test_check_training_inputs_returns_what_it_read(inputs, tmp_path):
+    """train reads its --params and --stages once, before torch, and hands them to resolve_training."""
+    from types import SimpleNamespace
+
+    params = tmp_path / "best.json"
+    params.write_text('{"best_params": {"lr": 0.02}, "best_value": 0.5}')
+    args = SimpleNamespace(images=str(inputs["DIR"]), annotations=str(inputs["TAR"]), val_images=None,
+                           val_annotations=str(inputs["DIR"]), params=str(params), stages='[{"epochs": 2}]')
+    with pytest.raises(TrainingDataError, match="^--val-annotations needs --val-images$"):
+        check_training_inputs(args)
+    args.val_images = str(inputs["DIR"])
+    params_file, stages = check_training_inputs(args)
+    assert params_file == {"lr": 0.02} and [stage.epochs for stage in stages] == [2]

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from . import defaults as D
 from .classes import CLASSES
-from .errors import InputError, shown, without_password
+from .errors import InputError, require_set, shown, without_password
 from .naming import name_part_problem
 from .stop import EXIT_STOPPED, StopRequested, require_job_output, write_stand_ins
 
@@ -381,6 +381,18 @@ def check_display() -> None:
     if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
         raise InputError("--show: no display here (neither DISPLAY nor WAYLAND_DISPLAY is set); run without --show, "
                          "the outputs are written all the same")
+
+
+def require_set_inputs(images, annotations=None, split_csv=None) -> None:
+    """The refusals of a set's --images and --annotations (utils.errors.require_set: missing, or no folder, .tar or
+    .tar shards, as open_folder says) and of a --split-csv that cannot be opened (the OSError reading it raises),
+    made before the job imports torch."""
+    require_set(images)
+    if annotations is not None:
+        require_set(annotations)
+    if split_csv is not None:
+        with open(split_csv, "rb"):  # the error utils.data.pairs.read_csv_rows's open() would raise, in its words
+            pass
 
 
 def require_model_files(paths) -> None:

@@ -47,6 +47,31 @@ def require_file(path, what: str, error: type[InputError] = InputError) -> None:
         raise error(f"{path}: {what} not found")
 
 
+def require_set(path) -> str:
+    """How a set flag's *path* is read: "folder", "tar" (one archive) or "shards" (a list of several .tar shards of
+    one set); a missing path, or one of another kind, raises the one line naming it. utils.data.pairs.open_folder
+    reads a set so; a job makes this check (a stat, a .tar's first header) before it imports torch."""
+    import tarfile
+    from pathlib import Path
+
+    paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
+    if len(paths) > 1:
+        missing = [p for p in paths if not p.exists()]  # a mistyped shard name, said as a missing set is
+        if missing:
+            raise FileNotFoundError(f"{missing[0]}: does not exist (expected a .tar shard)")
+        not_tar = [p for p in paths if not (p.is_file() and tarfile.is_tarfile(p))]
+        if not_tar:
+            raise InputError(f"{not_tar[0]}: several inputs must all be .tar shards")
+        return "shards"
+    if paths[0].is_dir():
+        return "folder"
+    if paths[0].is_file() and tarfile.is_tarfile(paths[0]):
+        return "tar"
+    if not paths[0].exists():
+        raise FileNotFoundError(f"{paths[0]}: does not exist (expected a folder or a .tar archive)")
+    raise NotADirectoryError(f"{paths[0]}: neither a folder nor a .tar archive")
+
+
 def read_json(path, what: str, error: type[InputError] = InputError):
     """The JSON document in *path*; a missing, undecodable or malformed file raises *error*
     with one line naming the file and *what* it should have been (e.g. "HPO result")."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 from ..atomic import atomic_path
-from ..errors import InputError
+from ..errors import InputError, require_set
 from ..provenance import file_sha256, sets_sha256
 from .images import (NOT_UTF8, ImageError, escaped_name, is_annotation_name, is_image_name, load_rgb_hashed,
                      not_an_image, valid_utf8_name)
@@ -152,13 +152,8 @@ def open_folder(path, suffixes=None):
     unpacked into one temporary folder. *suffixes* (".xml",) unpacks only those members.
     """
     paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
-    if len(paths) > 1:
-        missing = [p for p in paths if not p.exists()]  # a mistyped shard name, said as a missing set is
-        if missing:
-            raise FileNotFoundError(f"{missing[0]}: does not exist (expected a .tar shard)")
-        not_tar = [p for p in paths if not (p.is_file() and tarfile.is_tarfile(p))]
-        if not_tar:
-            raise InputError(f"{not_tar[0]}: several inputs must all be .tar shards")
+    kind = require_set(paths)  # a missing path or one of another kind: one line naming it
+    if kind == "shards":
         with tempfile.TemporaryDirectory(prefix="shards.") as tmp:
             seen: dict = {}
             for shard in paths:
@@ -166,17 +161,12 @@ def open_folder(path, suffixes=None):
             yield Path(tmp)
         return
     path = paths[0]
-    if path.is_dir():
+    if kind == "folder":
         yield path
         return
-    if path.is_file() and tarfile.is_tarfile(path):
-        with tempfile.TemporaryDirectory(prefix=f"{path.stem}.") as tmp:
-            _extract(path, tmp, suffixes)
-            yield Path(tmp)
-        return
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: does not exist (expected a folder or a .tar archive)")
-    raise NotADirectoryError(f"{path}: neither a folder nor a .tar archive")
+    with tempfile.TemporaryDirectory(prefix=f"{path.stem}.") as tmp:
+        _extract(path, tmp, suffixes)
+        yield Path(tmp)
 
 
 def pack_files(members, archive) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .. import defaults as D
 from ..cli import (fraction, fraction_below_one, image_size_px, int_at_least, non_negative_float, non_negative_int,
-                   open_fraction, positive_float, positive_int)
+                   open_fraction, positive_float, positive_int, require_set_inputs)
 from ..errors import InputError, read_json, shown
 from .weights import BACKBONES
 
@@ -52,6 +52,29 @@ NULLABLE_PARAMS = ("roi_batch_size", "roi_bg_iou")
 
 class ParamsFileError(InputError):
     """A --params file that cannot be read, or a value in it that its flag would refuse."""
+
+
+class TrainingDataError(InputError):
+    """No usable training data (an unreadable --params file is a ParamsFileError)."""
+
+
+def check_training_inputs(args) -> tuple[dict, list | None]:
+    """(the --params file's values, the --stages) of train's flags, once its inputs are checked as reading them
+    would: the data sets (utils.cli.require_set_inputs), the validation set given whole, the --params and --stages
+    files read. None of it needs torch: train makes these checks before it imports torch, so that a missing input
+    is refused in a fraction of a second."""
+    from .stages import parse_stages  # YAML: imported only by a run that gets this far
+
+    if args.val_images and not args.val_annotations:
+        raise TrainingDataError("--val-images needs --val-annotations")
+    if args.val_annotations and not args.val_images:  # else they were ignored: no validation, without a word
+        raise TrainingDataError("--val-annotations needs --val-images")
+    require_set_inputs(args.images, args.annotations)
+    if args.val_images:
+        require_set_inputs(args.val_images, args.val_annotations)
+    params_file = read_params_file(args.params) if args.params else {}
+    stages = parse_stages(args.stages, "--stages") if args.stages else None  # the flag: a file boundary
+    return params_file, stages
 
 
 def read_params_file(path) -> dict:

@@ -20,11 +20,10 @@ from ..classes import NO_LABEL_MAP, LabelMap
 from .checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint, seed_everything
 from .engine import evaluate_loss, run_inference, train_steps
 from .optim import build_optimizer, build_scheduler, make_grad_scaler, set_schedule_length
-from .params import TrainParams, background_iou
+from .params import TrainParams, TrainingDataError, background_iou
 from .model import build_model, freeze_backbone, set_trainable_layers
 from .recipe import (RecordedPlan, TimeBudget, build_ema, make_loader, multiscale_sizes, set_box_head_training,
                      set_roi_batch_size, set_train_sizes)
-from ..errors import InputError
 from ..stop import check_stop
 from .stages import Stage
 from .training_plan import TrainingPlan, make_plan
@@ -44,10 +43,6 @@ def auto_workers(device) -> int:
         return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(4, cpus // 2))
-
-
-class TrainingDataError(InputError):
-    """No usable training data (an unreadable --params file is a params.ParamsFileError)."""
 
 
 # ----------------------------------------------------------------------------- the loop

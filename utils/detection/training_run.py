@@ -28,12 +28,11 @@ from .compliance import choose_operating_threshold
 from .inference_size import choose_inference_size, choose_tta
 from .quantify import calibration_record
 from .recipe import too_thin_to_train
-from .stages import parse_stages
 from .model_file import save_model_file
 from .tensorboard_log import TensorBoardError, TrainBoard, pack_events
 from ..data.pairs import object_problems, object_problems_line, open_pairs, pairs_sha256
 from .device import resolve_device
-from .params import TrainParams, describe, gpu_recipe, read_params_file, resolve_params
+from .params import TrainParams, describe, gpu_recipe, resolve_params
 from .training import Trainer, TrainingDataError, TrainingRecord
 from .training_plan import TrainingPlan, make_plan
 
@@ -50,19 +49,14 @@ class TrainingSettings:
     label_map: LabelMap
 
 
-def resolve_training(args) -> TrainingSettings:
-    """The settings of the flags, every cheap check first: a flag wins over the --params file, which wins over
+def resolve_training(args, params_file: dict, stages: list | None) -> TrainingSettings:
+    """The settings of the flags, every cheap check first: a flag wins over the --params file (*params_file*,
+    its values as params.check_training_inputs read them with *stages*, before torch's import), which wins over
     the defaults; on CUDA the GPU recipe fills what neither set; the plan checks the schedule's flags. Logs the
     recipe and prints the parameters as the plan sets them."""
     if args.tensorboard_tar and not args.tensorboard_dir:
         raise TensorBoardError("--tensorboard-tar needs --tensorboard-dir (the folder it packs)")
-    if args.val_images and not args.val_annotations:
-        raise TrainingDataError("--val-images needs --val-annotations")
-    if args.val_annotations and not args.val_images:  # else they were ignored: no validation, without a word
-        raise TrainingDataError("--val-annotations needs --val-images")
     device = resolve_device(args.device)
-    params_file = read_params_file(args.params) if args.params else {}
-    stages = parse_stages(args.stages, "--stages") if args.stages else None  # the flag: a file boundary
     params = resolve_params({**vars(args), "stages": stages}, params_file)
     given = {key for key, value in vars(args).items() if value is not None} | set(params_file)
     params, changes = gpu_recipe(params, given, device)
