@@ -8,6 +8,8 @@ as its first frame without a word."""
 
 from __future__ import annotations
 
+import io
+import re
 import json
 import tarfile
 
@@ -182,3 +184,27 @@ def test_validation_says_a_photo_without_annotation_lacks_only_its_annotation(sa
     report = validate_dataset(tmp_path, tmp_path, progress=False).report
     assert [(problem["kind"], problem["problem"]) for problem in report["problems"]] == \
         [("missing_annotation", f"no annotation camera.xml in {tmp_path}")]
+
+
+# The camera RAW formats of GIMP's raw loaders (plug-ins/file-raw/file-formats.h: dcraw's and LibRaw's, movie formats
+# left out), with Pentax .ptx, Canon .cr3 and GoPro .gpr: .fff (Hasselblad) and .ptx were read as their preview
+RAW_FORMATS = ("cr2", "crw", "nef", "nrw", "3fr", "fff", "arw", "srf", "sr2", "bay", "cs1", "ia", "sti", "dc2", "dcr",
+               "kdc", "k25", "kc2", "dng", "erf", "cap", "iiq", "mdc", "mrw", "mef", "mos", "orf", "pef", "raw", "pxn",
+               "qtk", "raf", "rw2", "rdc", "rwl", "srw", "x3f", "ari", "ptx", "cr3", "gpr")
+
+
+def test_a_camera_raw_of_every_maker_is_refused_by_its_name_on_both_paths():
+    """A TIFF (as Pillow reads a RAW built on TIFF) named as any maker's RAW is refused, when its header is read and
+    when it is decoded, whatever the case of its name."""
+    from utils.data.images import NotAnImageError, check_image_pixels, load_rgb_bytes
+
+    data = io.BytesIO()
+    Image.new("RGB", (16, 12)).save(data, format="TIFF")
+    for extension in RAW_FORMATS:
+        for name in (f"shot.{extension}", f"SHOT.{extension.upper()}"):
+            reason = re.escape(f"{name}: a camera RAW file (.{extension}): not read")
+            with pytest.raises(NotAnImageError, match=f"^{reason}"):
+                check_image_pixels(data.getvalue(), name=name)
+            with pytest.raises(NotAnImageError, match=f"^{reason}"):
+                load_rgb_bytes(data.getvalue(), name)
+    assert check_image_pixels(data.getvalue(), name="scan.tif") == (16, 12)  # a TIFF photo is read
