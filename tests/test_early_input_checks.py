@@ -7,6 +7,7 @@ utils.data.pairs.open_folder reads a set by, and utils.stop.require_job_output, 
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import tarfile
@@ -37,7 +38,7 @@ RUN_ALL = ("import runpy, sys\n"
 @pytest.fixture
 def inputs(tmp_path) -> dict:
     """A folder, a .tar shard, a plain file, a stand-in model file, a model file (bytes only: the checks before
-    torch read no more) and paths that are not there."""
+    torch read no more), paths that are not there and a free port (serve binds it before it checks --model)."""
     folder = tmp_path / "set"
     folder.mkdir()
     shard = tmp_path / "shard.tar"
@@ -49,9 +50,13 @@ def inputs(tmp_path) -> dict:
     stand_in.write_text(f'{{"{STAND_IN_KEY}": "model.pt", "reason": "SIGTERM"}}')
     model = tmp_path / "model.pt"
     model.write_bytes(b"PK\x03\x04 not read before torch")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     return {"DIR": folder, "TAR": shard, "TXT": notes, "STANDIN": stand_in, "MODEL": model,
             "NONE": tmp_path / "none", "NONE_TAR": tmp_path / "none.tar", "NONE_JSON": tmp_path / "none.json",
-            "NONE_CSV": tmp_path / "none.csv", "NONE_YAML": tmp_path / "none.yaml", "OUT": tmp_path / "out"}
+            "NONE_CSV": tmp_path / "none.csv", "NONE_YAML": tmp_path / "none.yaml", "OUT": tmp_path / "out",
+            "PORT": port}
 
 
 # argv (names of the inputs fixture), the one error line after "<job>: error: "
@@ -85,6 +90,9 @@ REFUSALS = [
      "STANDIN: a stand-in, not a model file: the job that writes it was stopped (SIGTERM) before it finished; "
      "rerun that job"),
     ("bin/predict_video.py --source TXT --model STANDIN --output-dir OUT",
+     "STANDIN: a stand-in, not a model file: the job that writes it was stopped (SIGTERM) before it finished; "
+     "rerun that job"),
+    ("bin/serve.py --model STANDIN --port PORT",
      "STANDIN: a stand-in, not a model file: the job that writes it was stopped (SIGTERM) before it finished; "
      "rerun that job"),
 ]
