@@ -23,11 +23,11 @@ from pathlib import Path
 from utils import defaults as D
 from utils.atomic import write_json
 from utils.classes import LabelMap
-from utils.cli import (add_label_map_arg, check_distinct_outputs, fraction_below_one, image_size_px,
-                       non_negative_int, positive_float, positive_int, random_seed, require_set_inputs, run_job,
-                       worker_count)
+from utils.cli import (add_label_map_arg, check_distinct_outputs, check_tensorboard_flags, fraction_below_one,
+                       image_size_px, non_negative_int, positive_float, positive_int, random_seed, require_set_inputs,
+                       run_job, worker_count)
 from utils.detection.params import PARAM_CHOICES
-from utils.detection.tensorboard_log import TensorBoardError, pack_events
+from utils.detection.tensorboard_log import pack_events
 from utils.detection.weights import BACKBONES
 from utils.errors import InputError
 from utils.provenance import files_named, write_run_record
@@ -119,8 +119,7 @@ def main(args) -> int:
         if low > high:
             raise InputError(f"--{flag.replace('_', '-')}: MIN {low:g} is above MAX {high:g}")
     label_map = LabelMap.parse(args.label_map)
-    if args.tensorboard_tar and not args.tensorboard_dir:
-        raise TensorBoardError("--tensorboard-tar needs --tensorboard-dir (the folder it packs)")
+    check_tensorboard_flags(args)
     output = Path(args.output)
     record = Path(args.run_record) if args.run_record else output.with_name(f"{output.stem}_run.json")
     check_distinct_outputs({"--output": output, "--checkpoint": args.checkpoint, "--run-record": record,

@@ -27,8 +27,9 @@ import sys
 from pathlib import Path
 
 from utils import defaults as D
-from utils.cli import (PLOT_FORMATS, add_label_map_arg, check_distinct_outputs, plot_path, positive_float, positive_int,
-                       random_seed, run_job, worker_count)
+from utils.classes import LabelMap
+from utils.cli import (PLOT_FORMATS, add_label_map_arg, check_distinct_outputs, check_tensorboard_flags, plot_path,
+                       positive_float, positive_int, random_seed, run_job, worker_count)
 from utils.detection.params import PARAM_CHOICES, PARAM_TYPES, check_budget_plan, check_training_inputs
 from utils.detection.weights import BACKBONES
 from utils.errors import InputError
@@ -204,6 +205,8 @@ def main(args) -> int:
                             "--metrics-csv": paths["metrics_csv"], "--loss-plot": paths["loss_plot"],
                             "--run-record": paths["run_record"], "--tensorboard-tar": args.tensorboard_tar,
                             "--tensorboard-dir": args.tensorboard_dir})
+    check_tensorboard_flags(args)
+    label_map = LabelMap.parse(args.label_map)
     stop_on_sigterm()  # a pool's SIGTERM stops after the current step; the last epoch's checkpoint is kept
     params_file, stages = check_training_inputs(args)  # the data sets, --params and --stages: missing, unreadable
     # torch (the device, the model, the data loaders) is imported only now: a bad flag or a missing input is refused
@@ -212,7 +215,7 @@ def main(args) -> int:
     from utils.detection.training_run import (open_training_data, resolve_training, resume_and_watch, train_epochs,
                                               write_model_outputs)
 
-    settings = resolve_training(args, params_file, stages)  # every check of the flags, the schedule's in the plan
+    settings = resolve_training(args, params_file, stages, label_map)  # the other flags' checks, the schedule's
     declare_outputs(paths["output"], paths["metrics_csv"], paths["loss_plot"], paths["run_record"],
                     args.tensorboard_tar, checkpoints=[paths["checkpoint"]])  # stand-ins if SIGTERM stops it
 

@@ -243,6 +243,10 @@ def test_the_jobs_refuse_a_bad_flag_or_a_missing_input_before_importing_torch(tm
         "bin/train.py --backbone resnet18": "train.py: error: argument --backbone: invalid choice: 'resnet18' (choose "
                                             "from 'mobilenet_v2_fpn', 'retinaface_mnet025', 'mobilenet_v3_large_fpn', "
                                             "'resnet50_fpn', 'resnet50_fpn_v2')",
+        f"bin/train.py --images {tmp_path} --annotations {tmp_path} --tensorboard-tar {tmp_path}/tb.tar":
+            "train: error: --tensorboard-tar needs --tensorboard-dir (the folder it packs)",
+        f"bin/train.py --images {tmp_path} --annotations {tmp_path} --label-map mask":
+            "train: error: --label-map: 'mask' is not a SOURCE=CLASS pair",
         "bin/predict.py --explain-method lime": "predict.py: error: argument --explain-method: invalid choice: 'lime' "
                                                 "(choose from 'hirescam', 'gradcam', 'eigencam')",
         f"bin/predict.py --images {missing} --model {model} --output-dir {tmp_path}":

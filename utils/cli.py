@@ -402,6 +402,12 @@ def require_model_files(paths) -> None:
         require_job_output(path, "model file")
 
 
+def check_tensorboard_flags(args) -> None:
+    """train's and hpo's --tensorboard-tar packs --tensorboard-dir: refused without it, before the job imports torch."""
+    if args.tensorboard_tar and not args.tensorboard_dir:
+        raise InputError("--tensorboard-tar needs --tensorboard-dir (the folder it packs)")
+
+
 def check_model_run_args(args) -> None:
     """Raise InputError naming the flag when --score-threshold or --batch-size cannot be used."""
     if args.score_threshold is not None and not 0.0 <= args.score_threshold <= 1.0:

@@ -1,8 +1,9 @@
 """The steps of the train job (bin/train.py), one call each: settings, data, resume, epochs, the working size
 and threshold chosen on validation, outputs.
 
-``resolve_training`` turns the flags into the settings: the device, the label map, the parameters and the one
-training plan (training_plan.make_plan, every exclusion checked there), before anything is read or written;
+``resolve_training`` turns the flags, with what bin/train.py read of them before torch's import (the label map,
+the --params and --stages files), into the settings: the device, the parameters and the one training plan
+(training_plan.make_plan, every exclusion checked there), before the data is read or anything written;
 ``train_epochs`` trains to the plan, writing the checkpoint, the metrics CSV and the loss plot after every epoch,
 and returns the record.
 """
@@ -29,7 +30,7 @@ from .inference_size import choose_inference_size, choose_tta
 from .quantify import calibration_record
 from .recipe import too_thin_to_train
 from .model_file import save_model_file
-from .tensorboard_log import TensorBoardError, TrainBoard, pack_events
+from .tensorboard_log import TrainBoard, pack_events
 from ..data.pairs import object_problems, object_problems_line, open_pairs, pairs_sha256
 from .device import resolve_device
 from .params import TrainParams, describe, gpu_recipe, resolve_params
@@ -49,13 +50,11 @@ class TrainingSettings:
     label_map: LabelMap
 
 
-def resolve_training(args, params_file: dict, stages: list | None) -> TrainingSettings:
-    """The settings of the flags, every cheap check first: a flag wins over the --params file (*params_file*,
-    its values as params.check_training_inputs read them with *stages*, before torch's import), which wins over
-    the defaults; on CUDA the GPU recipe fills what neither set; the plan checks the schedule's flags. Logs the
+def resolve_training(args, params_file: dict, stages: list | None, label_map: LabelMap) -> TrainingSettings:
+    """The settings of the flags: a flag wins over the --params file (*params_file*, read with *stages* by
+    params.check_training_inputs before torch's import, as bin/train.py parsed *label_map*), which wins over the
+    defaults; on CUDA the GPU recipe fills what neither set; the plan checks the schedule's flags. Logs the
     recipe and prints the parameters as the plan sets them."""
-    if args.tensorboard_tar and not args.tensorboard_dir:
-        raise TensorBoardError("--tensorboard-tar needs --tensorboard-dir (the folder it packs)")
     device = resolve_device(args.device)
     params = resolve_params({**vars(args), "stages": stages}, params_file)
     given = {key for key, value in vars(args).items() if value is not None} | set(params_file)
@@ -65,7 +64,6 @@ def resolve_training(args, params_file: dict, stages: list | None) -> TrainingSe
     log.info("recipe: %s", describe(params))
     plan = make_plan(params)
     values = {**params.to_dict(), **plan.as_record()}
-    label_map = LabelMap.parse(args.label_map)
     print_values("train", "params", values)
     return TrainingSettings(params, plan, device, label_map)
 
