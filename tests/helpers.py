@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -19,6 +21,28 @@ def peak_mb() -> float:
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     return peak / 2**20
+
+
+# runs each argv as the script's __main__ in one process, as the jobs run, then says whether torch was imported
+_RUN_ALL = ("import runpy, sys\n"
+            "for argv in sys.argv[1:]:\n"
+            "    sys.argv = argv.split()\n"
+            "    try:\n"
+            "        runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "    except SystemExit as end:\n"
+            "        print('exit', end.code)\n"
+            "print('loaded:', sorted(m for m in ('torch', 'torchvision') if m in sys.modules))\n")
+
+
+def run_in_one_process(argvs) -> tuple[list[str], list[str]]:
+    """(each job's "exit N" line then "loaded: [...]", naming torch and torchvision if any job imported them; the
+    error lines, usage lines left out) of running each argv ("bin/train.py --flag value", split on spaces) as the
+    script's __main__ in one Python process: the check that a refusal comes before torch's import."""
+    done = subprocess.run([sys.executable, "-c", _RUN_ALL, *argvs], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    ends = [line for line in done.stdout.splitlines() if line.startswith(("exit ", "loaded: "))]  # not args lines
+    errors = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith(("usage:", " "))]
+    return ends, errors
 
 
 def load_script(root, name):

@@ -8,31 +8,17 @@ utils.data.pairs.open_folder reads a set by, and utils.stop.require_job_output, 
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
+from helpers import run_in_one_process
 from utils.cli import require_model_files, require_set_inputs
 from utils.data.pairs import open_folder
 from utils.detection.params import TrainingDataError, check_training_inputs
 from utils.errors import InputError
 from utils.stop import STAND_IN_KEY
-
-ROOT = Path(__file__).resolve().parents[1]
-
-# runs each argv as the script's __main__ in one process, as test_edge_flags' torch test does, then says whether
-# torch was imported by any of them
-RUN_ALL = ("import runpy, sys\n"
-           "for argv in sys.argv[1:]:\n"
-           "    sys.argv = argv.split()\n"
-           "    try:\n"
-           "        runpy.run_path(sys.argv[0], run_name='__main__')\n"
-           "    except SystemExit as end:\n"
-           "        print('exit', end.code)\n"
-           "print('loaded:', sorted(m for m in ('torch', 'torchvision') if m in sys.modules))\n")
 
 
 @pytest.fixture
@@ -105,12 +91,8 @@ def filled(text: str, inputs: dict) -> str:
 
 
 def test_a_missing_or_unreadable_input_is_refused_before_torch_is_imported(inputs):
-    argvs = [filled(argv, inputs) for argv, _ in REFUSALS]
-    done = subprocess.run([sys.executable, "-c", RUN_ALL, *argvs], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    ends = [line for line in done.stdout.splitlines() if line.startswith(("exit ", "loaded: "))]
-    assert ends == ["exit 2"] * len(REFUSALS) + ["loaded: []"], done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith(("usage:", " "))]
+    ends, errors = run_in_one_process([filled(argv, inputs) for argv, _ in REFUSALS])
+    assert ends == ["exit 2"] * len(REFUSALS) + ["loaded: []"], errors
     assert errors == [f"{Path(argv.split()[0]).stem}: error: {filled(line, inputs)}" for argv, line in REFUSALS]
 
 

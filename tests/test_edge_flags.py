@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import load_script
+from helpers import load_script, run_in_one_process
 from utils.cli import (fraction, fraction_below_one, image_size_px, non_negative_float, positive_int, random_seed,
                        run_job, worker_count)
 from utils.detection.params import PARAM_TYPES, ParamsFileError, read_params_file
@@ -225,14 +225,6 @@ def test_the_jobs_refuse_a_bad_flag_or_a_missing_input_before_importing_torch(tm
     """train, predict, evaluate, hpo, augment and predict_video imported torch (~5 s of a 2-core machine) before
     they parsed their flags, or found their input or model file missing: each refusal waited for an import it never
     used. One process runs them all, as their __main__ does; torch must still be unimported at the end."""
-    code = ("import runpy, sys\n"
-            "for argv in sys.argv[1:]:\n"
-            "    sys.argv = argv.split()\n"
-            "    try:\n"
-            "        runpy.run_path(sys.argv[0], run_name='__main__')\n"
-            "    except SystemExit as end:\n"
-            "        print('exit', end.code)\n"
-            "print('loaded:', sorted(m for m in ('torch', 'torchvision') if m in sys.modules))\n")
     missing, model, clip = tmp_path / "none", tmp_path / "none.pt", tmp_path / "clip.mp4"
     clip.write_bytes(b"")
     refusals = {  # argv: the one error line
@@ -268,11 +260,8 @@ def test_the_jobs_refuse_a_bad_flag_or_a_missing_input_before_importing_torch(tm
         f"bin/predict_video.py --source {clip} --model {model} --output-dir {tmp_path}":
             f"predict_video: error: {model}: model file not found",
     }
-    done = subprocess.run([sys.executable, "-c", code, *refusals], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    ends = [line for line in done.stdout.splitlines() if line.startswith(("exit ", "loaded: "))]  # not args lines
-    assert ends == ["exit 2"] * len(refusals) + ["loaded: []"], done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith(("usage:", " "))]
+    ends, errors = run_in_one_process(refusals)
+    assert ends == ["exit 2"] * len(refusals) + ["loaded: []"], errors
     assert errors == list(refusals.values())
 
 
