@@ -187,10 +187,12 @@ def test_validation_says_a_photo_without_annotation_lacks_only_its_annotation(sa
 
 
 # The camera RAW formats of GIMP's raw loaders (plug-ins/file-raw/file-formats.h: dcraw's and LibRaw's, movie formats
-# left out), with Pentax .ptx, Canon .cr3 and GoPro .gpr: .fff (Hasselblad) and .ptx were read as their preview
+# left out), with Pentax .ptx, Canon .cr3 and GoPro .gpr: .fff (Hasselblad) and .ptx were read as their preview; and
+# the TIFF-based ones ExifTool names beside them: Sony .arq, Olympus .ori, Mamiya .mfw, Kodak .dcs and .drf
 RAW_FORMATS = ("cr2", "crw", "nef", "nrw", "3fr", "fff", "arw", "srf", "sr2", "bay", "cs1", "ia", "sti", "dc2", "dcr",
                "kdc", "k25", "kc2", "dng", "erf", "cap", "iiq", "mdc", "mrw", "mef", "mos", "orf", "pef", "raw", "pxn",
-               "qtk", "raf", "rw2", "rdc", "rwl", "srw", "x3f", "ari", "ptx", "cr3", "gpr")
+               "qtk", "raf", "rw2", "rdc", "rwl", "srw", "x3f", "ari", "ptx", "cr3", "gpr", "arq", "ori", "mfw", "dcs",
+               "drf")
 
 
 def test_a_camera_raw_of_every_maker_is_refused_by_its_name_on_both_paths():

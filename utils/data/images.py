@@ -54,11 +54,12 @@ IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
 # Camera RAW files: Pillow opens those built on TIFF as TIFFs and reads their first picture, the camera's preview or
 # thumbnail (a 160x120 one in a NEF), not the photo; beside the camera's JPEG of the same shot, read, it would be
 # counted twice. Refused by name on every path (check_image_pixels, _decode), as no image of IMAGE_FORMATS. Every
-# maker's: the still formats of GIMP's raw loaders (dcraw's and LibRaw's), with Pentax .ptx, Canon .cr3, GoPro .gpr.
-CAMERA_RAW_EXTENSIONS = (".3fr", ".ari", ".arw", ".bay", ".cap", ".cr2", ".cr3", ".crw", ".cs1", ".dc2", ".dcr", ".dng",
-                         ".erf", ".fff", ".gpr", ".ia", ".iiq", ".k25", ".kc2", ".kdc", ".mdc", ".mef", ".mos", ".mrw",
-                         ".nef", ".nrw", ".orf", ".pef", ".ptx", ".pxn", ".qtk", ".raf", ".raw", ".rdc", ".rw2", ".rwl",
-                         ".sr2", ".srf", ".srw", ".sti", ".x3f")
+# maker's: the still formats of GIMP's raw loaders (dcraw's and LibRaw's), with Pentax .ptx, Canon .cr3, GoPro .gpr,
+# and TIFF-based ones ExifTool knows that those lists lack: Sony .arq, Olympus .ori, Mamiya .mfw, Kodak .dcs and .drf.
+CAMERA_RAW_EXTENSIONS = (".3fr", ".ari", ".arq", ".arw", ".bay", ".cap", ".cr2", ".cr3", ".crw", ".cs1", ".dc2", ".dcr",
+                         ".dcs", ".dng", ".drf", ".erf", ".fff", ".gpr", ".ia", ".iiq", ".k25", ".kc2", ".kdc", ".mdc",
+                         ".mef", ".mfw", ".mos", ".mrw", ".nef", ".nrw", ".orf", ".ori", ".pef", ".ptx", ".pxn", ".qtk",
+                         ".raf", ".raw", ".rdc", ".rw2", ".rwl", ".sr2", ".srf", ".srw", ".sti", ".x3f")
 # NewSubfileType (TIFF tag 254) bits of an IFD that is no page of its own: a reduced-resolution copy of a page
 # (bit 0: the thumbnail cameras and scanners write after the picture) or a transparency mask (bit 2).
 TIFF_NOT_A_PAGE = 0b101
