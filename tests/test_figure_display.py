@@ -61,6 +61,9 @@ def page_functions(root, *names) -> str:
     """The service page's own JavaScript functions *names* (those it has), to run in node."""
     lines, found, inside = (root / "utils" / "service" / "page.html").read_text().splitlines(), [], False
     for line in lines:
+        if line.startswith("const WORDS = "):  # the page's words (utils/figures.py's), which its functions show
+            found.append(line)
+            continue
         inside = inside or any(line.startswith(f"function {name}(") for name in names)
         if inside:
             found.append(line)
@@ -105,7 +108,7 @@ def test_a_percent_from_counts_reads_on_the_page_and_in_the_plots_as_its_stored_
                   + '\nconst d = (label, n) => Array.from({length: n}, () => ({label, score: 0.9}));'
                   + '\nconsole.log(pct(compliance([...d("with_mask", 7), ...d("without_mask", 6)], 0.5)));')
         shown = subprocess.run([node, "-e", script], capture_output=True, text=True, check=True, timeout=30).stdout
-        assert shown.strip() == "53.9% properly masked"
+        assert shown.strip() == "53.9% with_mask among the faces kept at the threshold (cc)"
 
 
 def test_the_reports_summary_card_shows_the_evaluations_interval_to_one_decimal_as_every_output_does(
@@ -139,7 +142,7 @@ def test_the_reports_predicted_card_gives_the_headline_estimators_interval_with_
     assert run_script(root, "report", [run_dir]) == 0
     capsys.readouterr()
     page = (run_dir / "outputs" / "report.html").read_text()
-    card = page[page.index("Properly masked (predicted)"):page.index("Compliance error")]
+    card = page[page.index("With_mask at the threshold (predicted, cc)"):page.index("Compliance error")]
     counted = one_decimal(evaluation["compliance"]["predicted"]["percent_properly_masked"])
     assert f">{counted}%<" in card and counted not in ("74.2", "70.1", "78.3")
     assert "pacc2 estimate 74.2% (95% interval 70.1&ndash;78.3%)" in card
@@ -160,7 +163,7 @@ def test_a_figure_with_no_face_at_the_threshold_says_so_in_the_report_and_on_the
     path.write_text(json.dumps({**written, "estimate": estimate}))
     assert run_script(root, "report", [run_dir]) == 0
     capsys.readouterr()
-    assert ("; no face at the score threshold: from the detections below it alone."
+    assert ("; no face kept at the threshold: the estimate reads the scores below it."
             in (run_dir / "outputs" / "report.html").read_text())
     node = shutil.which("node")
     if node is not None:  # the page's own functions, where a JavaScript engine is installed
@@ -170,8 +173,8 @@ def test_a_figure_with_no_face_at_the_threshold_says_so_in_the_report_and_on_the
                   + f"\nconst state = {{estimate: {{threshold: 0.5, figure: {json.dumps(estimate)}}}}};"
                   + "\nconsole.log(interval(0.5));")
         shown = subprocess.run([node, "-e", script], capture_output=True, text=True, check=True, timeout=30).stdout
-        assert shown.startswith("Estimate from the detections below the threshold alone (no face at it): 60.0% "
-                                "(95% interval 60.0–60.0%; 5 images; pcc)")
+        assert shown.startswith("Estimate (no face kept at the threshold; the estimate reads the scores below it): "
+                                "60.0% (95% interval 60.0–60.0%; 5 images; pcc)")
 
 
 def test_evaluation_txt_shows_the_figures_to_one_decimal_as_the_report_does():
@@ -262,5 +265,9 @@ def test_the_plot_per_folder_gives_each_folders_figure_and_interval_in_numbers_o
     alone = {**result, "percent": 50.0, "low": None, "high": None, "units": 1, "faces_found": 2,
              "note": "one image: no interval"}
     plots.plot_compliance_by_folder({"siteA": result, "siteB": alone}, result, tmp_path / "f.png")
-    assert drawn["texts"] == ["41.9% (18.8-69.4%), 6 images, 20 faces found",
-                              "50.0% (one image: no interval), 1 image, 2 faces found"]
+    assert drawn["texts"] == ["41.9% (18.8-69.4%), 6 images, 20 faces kept at the threshold",
+                              "50.0% (one image: no interval), 1 image, 2 faces kept at the threshold"]
+    # no face kept: '0 faces found' beside a figure read the scores below the threshold, so it says what it rests on
+    plots.plot_compliance_by_folder({"siteC": {**result, "faces_found": 0}}, result, tmp_path / "g.png")
+    assert drawn["texts"] == ["41.9% (18.8-69.4%), 6 images, no face kept at the threshold; the estimate reads the "
+                              "scores below it"]

@@ -338,7 +338,8 @@ def test_the_report_shows_the_figures_of_the_compliance_json_it_reads(root, smal
     assert estimate["low"] is not None and estimate["method"] == "cc"
     assert (f"{overall['faces']} faces (" + ", ".join(f"{overall['counts'][name]} {name}" for name in
                                                        ("with_mask", "without_mask", "mask_weared_incorrect"))
-            + f"), <b>{overall['percent_properly_masked']:.1f}%</b> properly masked") in page
+            + f"), <b>{overall['percent_properly_masked']:.1f}%</b> with_mask among the faces kept at the threshold "
+            "(cc)") in page
     assert (f"Estimate (cc): <b>{estimate['percent']:.1f}% (95% interval {estimate['low']:.1f}&ndash;"
             f"{estimate['high']:.1f}%)</b> over 5 images; cc instead of pacc2: the model file holds no validation "
             "rates") in page

@@ -229,7 +229,7 @@ def test_compliance_counts():
     assert compliance(["with_mask", "without_mask", "without_mask"])["percent_properly_masked"] == pytest.approx(33.33)
     empty = compliance([])
     assert empty["faces"] == 0 and empty["percent_properly_masked"] is None
-    assert "no faces" in compliance_line(empty)
+    assert compliance_line(empty).endswith(": no face kept at the threshold")
     with pytest.raises(ValueError, match="unknown class"):
         compliance([0])
 
@@ -238,7 +238,8 @@ def test_compliance_merge_and_line():
     overall = merge_compliance([compliance([WITH] * 30 + [WITHOUT] * 8), compliance([INCORRECT] * 4)])
     assert overall["faces"] == 42
     assert compliance_line(overall) == ("compliance: 42 faces, 30 with_mask, 8 without_mask, "
-                                        "4 mask_weared_incorrect: 71.4% properly masked")
+                                        "4 mask_weared_incorrect: 71.4% with_mask among the faces kept at the "
+                                        "threshold (cc)")  # the count: "properly masked" is the estimate's
 
 
 def test_a_figure_with_no_face_at_the_threshold_says_it_rests_on_the_detections_below_it():
@@ -251,12 +252,12 @@ def test_a_figure_with_no_face_at_the_threshold_says_it_rests_on_the_detections_
     estimate = prediction_estimates(records, None, 0.5, method="pcc", replicates=50)["estimate"]
     assert estimate["percent"] == 60.0  # the estimator's figure stays as it is
     assert compliance_line(compliance([]), estimate) == (
-        "compliance: 0 faces, 0 with_mask, 0 without_mask, 0 mask_weared_incorrect: no face at the score threshold; "
-        "from the detections below it alone (2.5 faces by the estimator): 60.0% properly masked "
+        "compliance: 0 faces, 0 with_mask, 0 without_mask, 0 mask_weared_incorrect: no face kept at the threshold; "
+        "the estimate reads the scores below it (2.5 faces by the estimator): 60.0% properly masked "
         "(no interval: every resample of the 5 images gives 60.0%, which shows no spread, not certainty, 5 images; "
         "pcc)")
     many = compliance_line(compliance([]), {**estimate, "faces_estimated": 1234567.8})  # 100k images and more
-    assert "from the detections below it alone (1234567.8 faces by the estimator)" in many  # not 1.23457e+06
+    assert "the estimate reads the scores below it (1234567.8 faces by the estimator)" in many  # not 1.23457e+06
     counted = compliance([WITH])
     assert compliance_line(counted, {**estimate, "faces_found": 1, "low": 50.0, "high": 70.0}).endswith(
         ": 60.0% properly masked (95% interval 50.0-70.0%, 5 images; pcc)")

@@ -1,4 +1,5 @@
-"""How a percent is shown to people: one decimal, the same in every output that shows it; and a user's name in a
+"""How a percent is shown to people: one decimal, the same in every output that shows it; the words that name the
+count at the threshold apart from the headline estimate (KEPT_MASKED); and a user's name in a
 figure (figure_label).
 
 The outputs store the figure to two decimals (utils/detection/quantify.py); the lines the jobs print, the run
@@ -37,3 +38,21 @@ def figure_label(text: str, limit: int = FIGURE_LABEL_CHARS) -> str:
         return text
     head = (limit - 1) // 3
     return text[:head] + "\u2026" + text[len(text) - (limit - 1 - head):]
+
+
+# The words for the two figures of a set of photos, defined here once. "properly masked" names the headline estimate
+# alone (utils/detection/quantify.estimate, with its interval: pacc2 or its fallback); the plain count of the faces
+# kept at the score threshold (cc, compliance.json's percent_properly_masked) is named as what it is. The report and
+# the service's page called the count "properly masked" (45.8 %) where the printed line gave the headline (41.9 %)
+# so, for the same photos. utils/service/page.html (JavaScript, no import) writes the two strings below as they are
+# here: tests/test_figure_words.py holds them to it.
+KEPT_MASKED = "with_mask among the faces kept at the threshold (cc)"
+NO_FACE_KEPT = "no face kept at the threshold"
+# beside no face kept, what a figure from the score sums rests on (the estimators read scores under the threshold)
+BELOW_ONLY = "the estimate reads the scores below it"
+
+
+def kept_text(percent: float | None) -> str:
+    """The count at the threshold as shown: '45.8% with_mask among the faces kept at the threshold (cc)', or
+    'no face kept at the threshold'; never 'properly masked', which is the headline estimate's."""
+    return NO_FACE_KEPT if percent is None else f"{one_decimal(percent)}% {KEPT_MASKED}"

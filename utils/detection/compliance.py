@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from .. import defaults as D
-from ..figures import one_decimal
+from ..figures import BELOW_ONLY, NO_FACE_KEPT, kept_text, one_decimal
 from ..classes import CLASSES, NAME_OF
 
 
@@ -82,20 +82,20 @@ def interval_text(result: dict) -> str:
 
 
 def compliance_line(summary: dict, estimate: dict | None = None) -> str:
-    """One printable line, e.g. 'compliance: 42 faces, 30 with_mask, ...: 71.4% properly masked'; with
-    the *estimate* of utils.detection.quantify, its figure, 95 % interval, images and estimator, said to rest on the
-    detections below the threshold alone when no face is counted at it (the score sums reach under it)."""
+    """One printable line, e.g. 'compliance: 42 faces, 30 with_mask, ...: 71.4% with_mask among the faces kept at
+    the threshold (cc)'; with the *estimate* of utils.detection.quantify, its figure, 95 % interval, images and
+    estimator (then "properly masked"), said to rest on the scores below the threshold when no face is kept at it."""
     counts = ", ".join(f"{summary['counts'][name]} {name}" for name in CLASSES)
     percent = summary["percent_properly_masked"]
     if estimate is not None:
         figure = interval_text(estimate)
         if not summary["faces"] and estimate["percent"] is not None:
             # beside "0 faces" the figure read as if it were of the faces counted
-            figure = (f"no face at the score threshold; from the detections below it alone "
+            figure = (f"{NO_FACE_KEPT}; {BELOW_ONLY} "
                       # as stored (one decimal): ':g' wrote 1234567.8 as 1.23457e+06
                       f"({estimate['faces_estimated']:.12g} faces by the estimator): {figure}")
-    else:
-        figure = "no faces found" if percent is None else f"{one_decimal(percent)}% properly masked"
+    else:  # the count alone: "properly masked" is the headline estimate's word (utils/figures.py)
+        figure = kept_text(percent)
     return f"compliance: {summary['faces']} faces, {counts}: {figure}"
 
 
@@ -175,7 +175,7 @@ def compliance_error_lines(error: dict) -> list[str]:
              f"{'':<24}{'true':>9}{'predicted':>11}"]
     lines += [f"{name:<24}{true['counts'][name]:>9}{predicted['counts'][name]:>11}" for name in CLASSES]
     lines += [f"{'faces':<24}{true['faces']:>9}{predicted['faces']:>11}",
-              f"{'properly masked':<24}{percent(true):>9}{percent(predicted):>11}"]
+              f"{'with_mask (%)':<24}{percent(true):>9}{percent(predicted):>11}"]
     if error["error_points"] is None:
         lines.append("error: undefined (no faces on one side)")
     else:

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from .. import defaults as D  # noqa: E402
 from ..atomic import atomic_path  # noqa: E402
 from ..classes import CLASS_COLOURS, CLASSES, NAME_OF  # noqa: E402
-from ..figures import figure_label, one_decimal  # noqa: E402
+from ..figures import BELOW_ONLY, KEPT_MASKED, NO_FACE_KEPT, figure_label, one_decimal  # noqa: E402
 from ..naming import OUTPUTS  # noqa: E402
 
 
@@ -219,7 +219,7 @@ def plot_compliance_histogram(percentages, path, overall: float | None, no_faces
     if overall is not None:
         ax.axvline(overall, color="black", linestyle="--", label=f"all faces pooled: {one_decimal(overall)}%")
         ax.legend(loc="upper center")
-    ax.set_xlabel("faces properly masked in the image (%)")
+    ax.set_xlabel(f"the image's percent {KEPT_MASKED}")  # the count: "properly masked" is the estimate's word
     ax.set_ylabel("images")
     ax.set_title(f"Per-image mask compliance ({len(values)} images with faces, {no_faces} without)")
     _save(fig, path)
@@ -246,7 +246,7 @@ def plot_compliance_over_time(times, percentages, faces, path, source: str, with
     ax.plot(times, values, color=tuple(v / 255 for v in CLASS_COLOURS["with_mask"]), marker=".", linewidth=1.5)
     ax.set_ylim(-2, 102)
     ax.set_xlabel("time (s)")
-    ax.set_ylabel("faces properly masked (%)" + (f", {per} frames pooled a point" if per > 1 else ""))
+    ax.set_ylabel(f"% {KEPT_MASKED}" + (f", {per} frames pooled a point" if per > 1 else ""))
     twin = ax.twinx()
     twin.bar(times, faces, width=(times[1] - times[0]) * 0.8 if len(times) > 1 else 0.5, color="grey", alpha=0.25)
     twin.set_ylabel(faces_label)
@@ -284,8 +284,10 @@ def plot_compliance_by_folder(per_folder: dict, overall: dict, path, limit: int 
         # a folder has no interval (one image): a dot without a bar said nothing of it
         spread = (result.get("note") or "no interval" if result["low"] is None
                   else f"{one_decimal(result['low'])}-{one_decimal(result['high'])}%")
-        ax.text(101, y, f"{one_decimal(result['percent'])}% ({spread}), {units}, {result['faces_found']} faces found",
-                va="center", fontsize=8)
+        # the faces kept at the threshold, not "found": with none, the figure rests on the scores below it
+        kept = (f"{result['faces_found']} faces kept at the threshold" if result["faces_found"]
+                else f"{NO_FACE_KEPT}; {BELOW_ONLY}")
+        ax.text(101, y, f"{one_decimal(result['percent'])}% ({spread}), {units}, {kept}", va="center", fontsize=8)
     if overall["percent"] is not None and per_folder:
         ax.axvline(overall["percent"], color="grey", linestyle="--",
                    label=f"all folders: {one_decimal(overall['percent'])}%")

@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from .. import defaults as D
 from ..data.images import ImageError, check_image_pixels
 from ..errors import shown
-from ..figures import one_decimal
+from ..figures import BELOW_ONLY, KEPT_MASKED, NO_FACE_KEPT, one_decimal
 from .values import mapping, num, text
 
 # What embedding an image can raise for a file that is not a usable image: said on the page, not a crash.
@@ -202,7 +202,7 @@ def estimate_paragraph(estimate, units: str, below: bool = False) -> str:
     estimate = mapping(estimate)
     return (f"<p>Estimate ({esc(text(estimate.get('method')))}): <b>{interval(estimate)}</b> over {units}"
             + (f"; {esc(text(estimate['fallback']))}" if estimate.get("fallback") else "")
-            + ("; no face at the score threshold: from the detections below it alone" if below else "") + ".</p>")
+            + (f"; {NO_FACE_KEPT}: {BELOW_ONLY}" if below else "") + ".</p>")
 
 
 def video_paragraphs(name: str, summary) -> str:
@@ -213,9 +213,10 @@ def video_paragraphs(name: str, summary) -> str:
     below = num(overall.get("faces")) == 0 and num(estimate.get("percent")) is not None
     return (f"<h3>Video <code>{esc(text(summary.get('source')))}</code> <span class=\"muted\">({esc(name)})</span></h3>"
             f"<p>{count(summary.get('frames_processed'))} of {count(summary.get('frames_read'))} frames processed: "
-            f"{count(overall.get('faces'))} faces, <b>{percent(overall.get('percent_properly_masked'))}</b> properly "
-            "masked.</p>" + estimate_paragraph(estimate, f"{count(estimate.get('units'))} blocks of {block} processed "
-                                                "frame(s)", below))
+            f"{count(overall.get('faces'))} faces, <b>{percent(overall.get('percent_properly_masked'))}</b> "
+            f"{KEPT_MASKED}.</p>"
+            + estimate_paragraph(estimate, f"{count(estimate.get('units'))} blocks of {block} processed frame(s)",
+                                 below))
 
 
 VIDEOS_SHOWN = 12  # videos of --pred-videos shown with their paragraphs and plot; the next ones a row each
@@ -241,7 +242,7 @@ def videos_part(videos: dict, plot) -> str:
     if rows:
         parts.append(f"<h3>{len(names) - VIDEOS_SHOWN} more videos</h3><p class=\"muted\">Their figures; each "
                      "video's plot is its <code>compliance_over_time_&lt;tag&gt;.png</code> in the run's outputs.</p>"
-                     + table(["video", "frames processed", "faces", "properly masked", "estimate (95% interval)"],
+                     + table(["video", "frames processed", "faces", KEPT_MASKED, "estimate (95% interval)"],
                              rows, (0, 4)))
     if (more := len(names) - VIDEOS_SHOWN - len(rows)) > 0:
         parts.append(note(f"And {more} more videos not listed: their <code>video_summary_&lt;tag&gt;.json</code> "

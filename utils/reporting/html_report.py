@@ -15,9 +15,9 @@ from pathlib import Path
 
 from .. import defaults as D
 from ..classes import CLASSES
-from .html_parts import (CSS, IMAGE_READ_ERRORS, ODD_CLASS, card, count, esc, estimate_paragraph, estimates_table,
-                         files_listed, image_data_uri, interval, note, number, percent, points, seconds_text, setting,
-                         table, test_split_predicted, videos_part)
+from .html_parts import (CSS, IMAGE_READ_ERRORS, KEPT_MASKED, ODD_CLASS, card, count, esc, estimate_paragraph,
+                         estimates_table, files_listed, image_data_uri, interval, note, number, percent, points,
+                         seconds_text, setting, table, test_split_predicted, videos_part)
 from .run_folder import (FIGURES, FOLD_FIGURES, KFOLD_SUMMARY, RunFolder, figure_title, image_errors_by_stem,
                          predicted_by_stem, read_bounded, video_plot_name)
 from .values import Fields, entries, mapping, num, num_text, text
@@ -85,7 +85,7 @@ def summary_section(page: Page) -> None:
             card("mAP@0.5", number(evaluation.get("map_50")), f"mAP@0.75 {number(evaluation.get('map_75'))}"),
             card("Properly masked (true)", percent(true.get("percent_properly_masked")),
                  f"{count(true.get('faces'))} labelled faces"),
-            card("Properly masked (predicted)", percent(predicted.get("percent_properly_masked")),
+            card("With_mask at the threshold (predicted, cc)", percent(predicted.get("percent_properly_masked")),
                  f"{count(predicted.get('faces'))} faces kept at score &ge; "
                  f"{number(compliance.get('score_threshold'), 2)}"
                  # the headline estimator's interval goes with its own figure: not the count's above (cc),
@@ -127,7 +127,7 @@ def summary_section(page: Page) -> None:
         parts.append("<h3>Prediction set</h3>" + f"<p>{count(run.compliance.get('num_images'))} images in "
                      f"{count(run.compliance.get('num_parts', 1))} part(s): {count(overall.get('faces'))} faces ("
                      + ", ".join(f"{count(counts.get(name, 0))} {esc(name)}" for name in CLASSES)
-                     + f"), <b>{percent(overall.get('percent_properly_masked'))}</b> properly masked; "
+                     + f"), <b>{percent(overall.get('percent_properly_masked'))}</b> {KEPT_MASKED}; "
                      f"{len(skipped)} file(s) skipped.</p>")
         if skipped:  # named as the evaluation's are: the count alone left a reader to find compliance.json
             parts.append(files_listed(f"{len(skipped)} file(s) skipped", [skipped], "compliance.json"))
@@ -340,7 +340,7 @@ def predictions_section(page: Page) -> None:
         else:
             figures = mapping(predicted.get(image.stem))
             pills = f'<span class="pill">{count(figures.get("faces"))} face(s)</span>'
-            detail = f"{percent(figures.get('percent_properly_masked'))} properly masked (predicted)"
+            detail = f"{percent(figures.get('percent_properly_masked'))} {KEPT_MASKED}"
         source = image.source.name + (f" : {image.member}" if image.member else "")
         tiles.append(f'<div class="tile">{img}<div class="caption"><div class="name" title="{esc(source)}">'
                      f'{esc(image.stem)}</div>{pills}<div class="muted">{detail}</div></div></div>')

@@ -54,7 +54,7 @@ FOLD_FIGURES = {_made_by("aggregate_folds", "plot"): ("Cross-validation: each fo
                                                       "aggregate_folds")}
 # predict_video's summary and plot, one of each per video of --pred-videos (video_summary_<tag>.json), or untagged
 VIDEO_SUMMARY, VIDEO_PLOT = VIDEO_NAMES = _made_by("predict_video", "summary"), _made_by("predict_video", "plot")
-VIDEO_PLOT_TITLE = "Percent properly masked over the video's time, and faces per frame"
+VIDEO_PLOT_TITLE = "Percent with_mask among the faces kept at the threshold over the video's time, and faces per frame"
 RUN_RECORD_SUFFIX = "_run.json"
 ANNOTATED_PREFIX = "annotated_"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
