@@ -12,7 +12,7 @@ interval), units, error_points, truth_inside}, true_percent, ...},
 ...), evaluation.txt (the same for people), confusion_matrix.png and
 .csv (rows = true class, columns = predicted, with a background row and column),
 pr_curves.png, evaluation_images.json (per image, worst first: correct, confused, missed
-and false boxes at the threshold, true and predicted percent properly masked; the run
+and false boxes at the threshold, true and predicted (kept) percent with_mask; the run
 report's grid reads it) and evaluate_run.json (run record). mAP comes from torchmetrics'
 MeanAveragePrecision (faster-coco-eval backend). The model file carries its
 classes, backbone, image size and operating score threshold (chosen by train on the

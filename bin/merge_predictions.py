@@ -5,7 +5,7 @@
     bin/merge_predictions.py --inputs-dir DIR --expected 12 --output-dir .
 
 Reads each job's predictions_<TAG>.json and writes OUTPUT_DIR/compliance.json (overall,
-per shard and per image: faces per class and percent properly masked, with every
+per shard and per image: faces kept per class and their percent with_mask, with every
 skipped file and its reason), predictions.csv (file, xmin, ymin, xmax, ymax, label,
 score), compliance_histogram.png (per-image compliance) and compliance_by_folder.png (the
 figure with its 95 % interval per folder, the 40 largest at most), plus its run record. The overall

@@ -3,8 +3,8 @@
 
 Inputs are image files, folders of images, or .tar archives of images (any size or
 colour mode). Writes OUTPUT_DIR/predictions.json, predictions.csv (file, xmin, ymin,
-xmax, ymax, label, score), compliance.json (faces per class and percent properly
-masked, overall and per image; the overall figure as an estimate with its 95 % bootstrap
+xmax, ymax, label, score), compliance.json (faces kept per class and their percent
+with_mask, overall and per image; the overall figure as an estimate with its 95 % bootstrap
 interval and the images it rests on, by every estimator of utils/detection/quantify.py;
 per folder when the images sit in two or more folders, drawn in compliance_by_folder.png (the 40 largest),
 annotated images annotated_<stem>.jpg in --annotated-dir (at most 1280 px a side), and

@@ -5,7 +5,7 @@
     bin/predict_video.py --source 0 --model model.pt --output-dir out --show --max-seconds 60   # webcam
 
 Runs the detector on every --stride-th frame and writes OUTPUT_DIR/video_frames.csv (frame,
-time, faces per class, percent properly masked), compliance_over_time.png,
+time, faces per class, percent with_mask of the faces kept), compliance_over_time.png,
 video_summary.json (frames, the pooled figure over all processed frames as an estimate with
 its 95 % interval, resampled in blocks of consecutive frames since nearby frames are not
 independent, the mean of the per-frame figures) and, with --output-video, the processed frames with

@@ -6,7 +6,7 @@
 
 GET /api/health, GET /api/model, POST /api/predict (multipart field `files`, repeatable;
 query score_threshold, tta, annotated, explain): per image the detections with scores and
-the compliance figure (faces per class, percent properly masked), and overall; POST
+the count at the threshold (faces kept per class, their percent with_mask), and overall; POST
 /api/explain (one `file`; query box, label, method): a heat map of one detection's class
 evidence (HiResCAM, grad-cam package) — the page shows it when a box is clicked. The OpenAPI
 page is /docs. Probes: GET /livez (the process answers), GET /readyz (model loaded, queue not
