@@ -71,3 +71,27 @@ def test_the_report_says_properly_masked_of_the_estimate_alone(root, tmp_path, c
     shown = html.unescape(re.sub(r"<[^>]+>", "", (run_dir / "outputs" / "report.html").read_text()))
     assert "50.0% with_mask among the faces kept at the threshold (cc)" in shown
     assert not NAMED_PROPERLY_MASKED.search(shown.replace("41.9% (95% interval 30.1–52.2%) properly masked", ""))
+
+
+def test_the_plots_words_for_the_count_fit_their_axes_and_count_one_face_as_one(tmp_path, monkeypatch):
+    """The video plot's axis label on one line ran far past the 4-inch axes ('% with_mask among the faces kept at the
+    threshold (cc), 3 frames pooled a point'); the per-folder plot wrote '1 faces kept'."""
+    from utils.detection import plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "_write_figure", lambda fig, path: drawn.update(fig=fig))
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.update(fig=fig))
+    for frames in (3, 5000):  # a point a frame, and frames pooled a point
+        plots.plot_compliance_over_time([0.2 * i for i in range(frames)], [50.0] * frames, [2] * frames,
+                                        tmp_path / "t.png", "clip.mp4", with_mask=[1] * frames)
+        fig = drawn["fig"]
+        renderer = fig.canvas.get_renderer()
+        label, axes = fig.axes[0].yaxis.label.get_window_extent(renderer), fig.axes[0].get_window_extent(renderer)
+        assert label.height <= axes.height, (frames, fig.axes[0].get_ylabel())
+        plots.plt.close(fig)
+    one = {"percent": 100.0, "low": None, "high": None, "units": 1, "unit": "image", "faces_found": 1,
+           "note": "one image: no interval", "method": "cc", "confidence": 0.95}
+    plots.plot_compliance_by_folder({"siteA": one}, one, tmp_path / "f.png")
+    assert [t.get_text() for t in drawn["fig"].axes[0].texts] == [
+        "100.0% (one image: no interval), 1 image, 1 face kept at the threshold"]
+    plots.plt.close(drawn["fig"])

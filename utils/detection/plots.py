@@ -3,6 +3,7 @@ the optimisation history and hyperparameter importances."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -246,7 +247,8 @@ def plot_compliance_over_time(times, percentages, faces, path, source: str, with
     ax.plot(times, values, color=tuple(v / 255 for v in CLASS_COLOURS["with_mask"]), marker=".", linewidth=1.5)
     ax.set_ylim(-2, 102)
     ax.set_xlabel("time (s)")
-    ax.set_ylabel(f"% {KEPT_MASKED}" + (f", {per} frames pooled a point" if per > 1 else ""))
+    # wrapped: on one line the words ran far past the 4-inch axes and bbox_inches="tight" padded the image around them
+    ax.set_ylabel(textwrap.fill(f"% {KEPT_MASKED}" + (f", {per} frames pooled a point" if per > 1 else ""), 30))
     twin = ax.twinx()
     twin.bar(times, faces, width=(times[1] - times[0]) * 0.8 if len(times) > 1 else 0.5, color="grey", alpha=0.25)
     twin.set_ylabel(faces_label)
@@ -285,8 +287,8 @@ def plot_compliance_by_folder(per_folder: dict, overall: dict, path, limit: int 
         spread = (result.get("note") or "no interval" if result["low"] is None
                   else f"{one_decimal(result['low'])}-{one_decimal(result['high'])}%")
         # the faces kept at the threshold, not "found": with none, the figure rests on the scores below it
-        kept = (f"{result['faces_found']} faces kept at the threshold" if result["faces_found"]
-                else f"{NO_FACE_KEPT}; {BELOW_ONLY}")
+        kept = (f"{result['faces_found']} face{'' if result['faces_found'] == 1 else 's'} kept at the threshold"
+                if result["faces_found"] else f"{NO_FACE_KEPT}; {BELOW_ONLY}")
         ax.text(101, y, f"{one_decimal(result['percent'])}% ({spread}), {units}, {kept}", va="center", fontsize=8)
     if overall["percent"] is not None and per_folder:
         ax.axvline(overall["percent"], color="grey", linestyle="--",
