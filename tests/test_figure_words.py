@@ -73,6 +73,25 @@ def test_the_report_says_properly_masked_of_the_estimate_alone(root, tmp_path, c
     assert not NAMED_PROPERLY_MASKED.search(shown.replace("41.9% (95% interval 30.1–52.2%) properly masked", ""))
 
 
+def test_the_count_at_the_threshold_gives_the_thresholds_value_in_the_report(root, tmp_path, capsys):
+    """'45.8% with_mask among the faces kept at the threshold (cc)' named no threshold in the report's prediction set
+    and video paragraphs: the reader could not tell which one without opening compliance.json."""
+    from run_folders import make_run_folder
+
+    from utils.reporting.html_parts import video_paragraphs
+
+    run_dir = make_run_folder(tmp_path / "run", hpo=False, statistics=False, figures=False)
+    path = run_dir / "outputs" / "compliance.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "score_threshold": 0.35}))
+    assert run_script(root, "report", [run_dir]) == 0
+    capsys.readouterr()
+    shown = html.unescape(re.sub(r"<[^>]+>", "", (run_dir / "outputs" / "report.html").read_text()))
+    assert "50.0% with_mask among the faces kept at the threshold (cc), score threshold 0.35;" in shown
+    video = {"source": "cam.mp4", "frames_processed": 4, "frames_read": 8, "score_threshold": 0.45,
+             "overall": {"faces": 3, "percent_properly_masked": 66.67}, "estimate": {}}
+    assert "with_mask among the faces kept at the threshold (cc), score threshold 0.45." in video_paragraphs("v", video)
+
+
 def test_the_plots_words_for_the_count_fit_their_axes_and_count_one_face_as_one(tmp_path, monkeypatch):
     """The video plot's axis label on one line ran far past the 4-inch axes ('% with_mask among the faces kept at the
     threshold (cc), 3 frames pooled a point'); the per-folder plot wrote '1 faces kept'."""

@@ -214,7 +214,7 @@ def video_paragraphs(name: str, summary) -> str:
     return (f"<h3>Video <code>{esc(text(summary.get('source')))}</code> <span class=\"muted\">({esc(name)})</span></h3>"
             f"<p>{count(summary.get('frames_processed'))} of {count(summary.get('frames_read'))} frames processed: "
             f"{count(overall.get('faces'))} faces, <b>{percent(overall.get('percent_properly_masked'))}</b> "
-            f"{KEPT_MASKED}.</p>"
+            f"{KEPT_MASKED}, score threshold {number(summary.get('score_threshold'), 2)}.</p>"
             + estimate_paragraph(estimate, f"{count(estimate.get('units'))} blocks of {block} processed frame(s)",
                                  below))
 

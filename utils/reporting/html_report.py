@@ -127,8 +127,8 @@ def summary_section(page: Page) -> None:
         parts.append("<h3>Prediction set</h3>" + f"<p>{count(run.compliance.get('num_images'))} images in "
                      f"{count(run.compliance.get('num_parts', 1))} part(s): {count(overall.get('faces'))} faces ("
                      + ", ".join(f"{count(counts.get(name, 0))} {esc(name)}" for name in CLASSES)
-                     + f"), <b>{percent(overall.get('percent_properly_masked'))}</b> {KEPT_MASKED}; "
-                     f"{len(skipped)} file(s) skipped.</p>")
+                     + f"), <b>{percent(overall.get('percent_properly_masked'))}</b> {KEPT_MASKED}, score threshold "
+                     f"{number(run.compliance.get('score_threshold'), 2)}; {len(skipped)} file(s) skipped.</p>")
         if skipped:  # named as the evaluation's are: the count alone left a reader to find compliance.json
             parts.append(files_listed(f"{len(skipped)} file(s) skipped", [skipped], "compliance.json"))
         estimate = get.dict(run.compliance, "estimate", "compliance.json: estimate")
