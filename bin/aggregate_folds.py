@@ -6,7 +6,7 @@ fold) and writes OUTPUT_DIR/kfold_summary.json (per metric and per class: mean, 
 the folds it is defined on, the per-fold values), kfold_summary.txt (the same for people),
 kfold_folds.png (per-fold values with mean ± std) and aggregate_folds_run.json (run
 record). Metrics: mAP, mAP@0.5, mAP@0.75, mAR@100, the held-out loss, the compliance error
-and the per-image MAE of the percent properly masked, the operating score threshold, and
+and the per-image MAE of the count at the threshold (cc), the operating score threshold, and
 per class AP, AP50, AP75 and recall. Per compliance estimator (cc, pcc, acc, pacc, pacc2:
 utils/detection/quantify.py) the error on each fold, the mean absolute error across folds,
 on how many folds the truth lay inside its 95 % interval, and the estimator with the smallest
