@@ -248,6 +248,11 @@ def test_the_page_in_a_real_browser_shows_boxes_and_compliance_and_refilters(tin
         # the page's count at the threshold, named as what it is: "properly masked" is the server's estimate alone
         assert "Overall:" in overall_text and "with_mask among the faces kept at the threshold (cc)" in overall_text
         assert "properly masked" not in overall_text.replace(browser.find_element(By.ID, "overall-interval").text, "")
+        # a photo's heading holds its count's words whole: kept on one line, they ran past a 380 px card, cut off
+        browser.set_window_size(440, 1000)
+        heading = "const h = document.querySelector('.card h3'); return [h.scrollWidth, h.clientWidth]"
+        scroll, client = browser.execute_script(heading)
+        assert scroll <= client, (scroll, client)
         estimate_text = browser.find_element(By.ID, "overall-interval").text
         assert "1 image" in estimate_text  # the server's estimate, its images
         # a model file without validation rates: the headline is cc, standing in for pacc2, and the page says why
@@ -260,6 +265,8 @@ def test_the_page_in_a_real_browser_shows_boxes_and_compliance_and_refilters(tin
         at_floor = len(browser.find_elements(By.CSS_SELECTOR, ".box"))
         assert at_floor >= at_model_threshold and at_floor > 0  # an untrained model: many low-score boxes
         assert browser.find_element(By.ID, "threshold-value").text == "0.05"
+        scroll, client = browser.execute_script(heading)  # its longer words now: '…% with_mask among the faces kept…'
+        assert scroll <= client and "with_mask among" in browser.find_element(By.CSS_SELECTOR, ".card .pct").text
         assert "at the request's threshold only" in browser.find_element(By.ID, "overall-interval").text
         card = browser.find_element(By.CSS_SELECTOR, ".card")
         assert "face(s)" in card.text and len(card.find_elements(By.CSS_SELECTOR, "tbody tr")) == at_floor
