@@ -78,8 +78,8 @@ test: setup
 
 # The edit loop: every test but the slow kinds (end-to-end runs, the real planner, the browser,
 # training for whole epochs; markers in pyproject.toml), shared out over the cores as make test does
-# (2m17s and 2m34s in two runs on an idle 2-core machine, set-up included). CI runs `make test`,
-# the whole suite (8m46s there).
+# (2m10s and 2m19s in two runs on an idle 2-core machine on 2026-12-07, set-up included). CI runs `make test`,
+# the whole suite (7m24s and 7m29s there).
 test-fast: setup
 	$(TEST_ENV) $(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile tests
 
