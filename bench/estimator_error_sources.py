@@ -87,6 +87,9 @@ def set_row(name: str, kind: str, rates: dict, held_out: dict) -> dict:
     from utils.detection import quantify as Q
 
     validation, target = Q.Calibration.from_record(rates), Q.Calibration.from_record(held_out)
+    for part, calibration in (("held-out", target), ("validation", validation)):
+        if not calibration.truth.sum():  # no truth or no rates: every figure NaN, the means over the sets too
+            raise ValueError(f"{name}: its {part} images hold no labelled face")
     truth = Q.true_percent(target)
     units = Q.Units.from_calibration(target)
     sums = (validation.confusion.sum(axis=0), validation.soft.sum(axis=0), validation.truth.sum(axis=0))
