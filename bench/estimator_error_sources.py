@@ -99,8 +99,8 @@ def set_row(name: str, kind: str, rates: dict, held_out: dict) -> dict:
     _, per_face_validation, false_share_validation = binary_parts(validation)
     figures = {
         "cc": point["cc"], "pacc2": point["pacc2"],
-        "pacc2, target's false share": share(Q._solve(per_face_validation, false_share, observed)),
-        "pacc2, target's per-face rates": share(Q._solve(per_face, false_share_validation, observed)),
+        "pacc2, target's false share": share(Q.counts_from_parts(per_face_validation, false_share, observed)),
+        "pacc2, target's per-face rates": share(Q.counts_from_parts(per_face, false_share_validation, observed)),
         "mean cc+pacc2": (point["cc"] + point["pacc2"]) / 2,
         "median acc/pacc/pacc2": float(np.median([point[m] for m in ("acc", "pacc", "pacc2")])),
         "pacc2 by faces found": by_faces_found(target, validation)}

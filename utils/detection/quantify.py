@@ -222,7 +222,7 @@ def masked_or_not(observed: np.ndarray, rates: np.ndarray, truth: np.ndarray) ->
             np.stack([truth[..., WITH_MASK], truth[..., other].sum(axis=-1)], axis=-1))
 
 
-def _solve(per_face, false_share, observed) -> np.ndarray:  # one row: nnls takes no stack
+def counts_from_parts(per_face, false_share, observed) -> np.ndarray:  # one row: nnls takes no stack
     return nnls(per_face.T, observed * (1.0 - false_share))[0]
 
 
@@ -230,7 +230,7 @@ def adjusted_counts(observed: np.ndarray, rates: np.ndarray, truth: np.ndarray) 
     """The true faces per class T >= 0 (K) that best explain *observed* (K, per predicted class), with
     the rates of rates_per_face. A class without calibration faces has no rates: its column of the
     system is zero and its estimate 0."""
-    return _solve(*rates_per_face(rates, truth), observed)
+    return counts_from_parts(*rates_per_face(rates, truth), observed)
 
 
 def _adjusted_shares(method: str, counts, soft, confusion, soft_rates, truth) -> tuple[np.ndarray, np.ndarray]:
@@ -242,7 +242,7 @@ def _adjusted_shares(method: str, counts, soft, confusion, soft_rates, truth) ->
     if method == "pacc2":
         (observed, rates, truth), with_mask = masked_or_not(observed, rates, truth), 0
     per_face, false_share = rates_per_face(rates, truth)
-    estimated = np.array([_solve(per_face[r], false_share[r], observed[r]) for r in range(len(observed))])
+    estimated = np.array([counts_from_parts(per_face[r], false_share[r], observed[r]) for r in range(len(observed))])
     total = estimated.sum(axis=1)
     return np.divide(estimated[:, with_mask], total, out=np.full(len(total), math.nan), where=total > 0), total
 
