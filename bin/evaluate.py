@@ -72,9 +72,10 @@ def main(args) -> int:
 
     device = resolve_device(args.device)
     model, meta, score_threshold, source = load_trained_model(args.model, device, args.score_threshold,
-                                                              args.image_size, args.tta)
+                                                              args.image_size, args.tta, args.box_voting)
     print(f"evaluate: score threshold {score_threshold:g} ({source}); working size {meta['working_size']} px "
-          f"({meta['working_size_source']}); flip TTA {'on' if meta['tta'] else 'off'} ({meta['tta_source']})")
+          f"({meta['working_size_source']}); flip TTA {'on' if meta['tta'] else 'off'} ({meta['tta_source']}); "
+          f"box voting {'on' if meta['box_voting'] else 'off'} ({meta['box_voting_source']})")
     with contextlib.ExitStack() as stack:
         images_dir = stack.enter_context(open_folder(args.images))
         same = Path(args.images).resolve() == Path(args.annotations).resolve()
@@ -83,7 +84,8 @@ def main(args) -> int:
         settings = {"model": str(args.model), "backbone": meta.get("backbone"),
                     "image_size": meta.get("image_size"), "working_size": meta["working_size"],
                     "working_size_source": meta["working_size_source"], "tta": meta["tta"],
-                    "tta_source": meta["tta_source"], "images": str(args.images),
+                    "tta_source": meta["tta_source"], "box_voting": meta["box_voting"],
+                    "box_voting_source": meta["box_voting_source"], "images": str(args.images),
                     "annotations": str(args.annotations)}
         inputs = [p.image for p in pairs] + [p.annotation for p in pairs] + [Path(args.model)]
 

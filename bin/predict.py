@@ -123,13 +123,15 @@ def main(args) -> int:
 
     device = resolve_device(args.device)
     model, meta, score_threshold, source = load_models(args.model, device, args.score_threshold, args.image_size,
-                                                       args.tta)
+                                                       args.tta, args.box_voting)
     tta, tta_source = meta["tta"], meta["tta_source"]
     print(f"predict: score threshold {score_threshold:g} ({source}); working size {meta['working_size']} px "
-          f"({meta['working_size_source']}); flip TTA {'on' if tta else 'off'} ({tta_source})")
+          f"({meta['working_size_source']}); flip TTA {'on' if tta else 'off'} ({tta_source}); box voting "
+          f"{'on' if meta['box_voting'] else 'off'} ({meta['box_voting_source']})")
     settings = {"model": str(args.model[0]) if len(args.model) == 1 else list(map(str, args.model)),
                 "backbone": meta.get("backbone"), "image_size": meta.get("image_size"),
-                "working_size": meta["working_size"], "score_threshold_source": source}
+                "working_size": meta["working_size"], "score_threshold_source": source,
+                "box_vote_iou": meta["box_vote_iou"]}
     model_sha256 = {Path(path): file_sha256(path) for path in args.model}  # the resume key's and the record's
     checkpoint = None
     if args.checkpoint is not None:
@@ -158,6 +160,7 @@ def main(args) -> int:
                                  explain_max_boxes=args.explain_max_boxes, calibration=meta.get("quantification"),
                                  resume={"models": [model_sha256[Path(path)] for path in args.model],
                                          "device": device.type, "packages": package_versions(),
+                                         "box_vote_iou": meta["box_vote_iou"],
                                          "code": code_version()["sources_sha256"],
                                          # a checkpoint's inputs are new copies on the next try: keyed by content
                                          **({"inputs_by_content": True} if checkpoint is not None else {})},

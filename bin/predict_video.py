@@ -49,9 +49,9 @@ from tqdm import tqdm
 
 from utils import defaults as D
 from utils.atomic import TEMP_NAME_EXTRA
-from utils.cli import (WRITER_EXTENSIONS, add_tta_arg, annotated_video_path, check_display, check_distinct_outputs,
-                       check_output_tag, fraction, positive_float, positive_int, require_model_files, run_job,
-                       video_source_kind)
+from utils.cli import (WRITER_EXTENSIONS, add_box_voting_arg, add_tta_arg, annotated_video_path, check_display,
+                       check_distinct_outputs, check_output_tag, fraction, positive_float, positive_int,
+                       require_model_files, run_job, video_source_kind)
 from utils.detection.compliance import video_compliance_line
 from utils.errors import InputError, require_file, without_password
 from utils.naming import video_output_names
@@ -79,6 +79,7 @@ def get_args_parser():
                              "stream's wall-clock time since its first frame (default: none)")
     parser.add_argument("--show", action="store_true", help="show the annotated frames in a window (webcam mode)")
     add_tta_arg(parser, "frame")
+    add_box_voting_arg(parser)
     parser.add_argument("--score-threshold", type=fraction, default=None,
                         help="count detections at or above this score (default: the model's operating threshold)")
     parser.add_argument("--output-tag", default=None,
@@ -139,12 +140,13 @@ def run(args, names: dict) -> int:
     device = resolve_device(args.device)
     opened = open_source(args.source)  # before the model loads: a bad source is refused at once
     try:
-        model, meta, threshold, source = load_models(args.model, device, args.score_threshold, tta=args.tta)
+        model, meta, threshold, source = load_models(args.model, device, args.score_threshold, tta=args.tta,
+                                                     box_voting=args.box_voting)
     except BaseException:
         opened[0].release()
         raise
     print(f"predict_video: score threshold {threshold:g} ({source}); flip TTA {'on' if meta['tta'] else 'off'} "
-          f"({meta['tta_source']})")
+          f"({meta['tta_source']}); box voting {'on' if meta['box_voting'] else 'off'} ({meta['box_voting_source']})")
     inputs = [*args.model] + ([args.source] if opened[1] == "file" else [])
 
     def record():  # written with the other outputs, as one set

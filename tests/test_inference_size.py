@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from utils import defaults as D
-from utils.detection.inference_size import (candidate_sizes, choose_inference_size, choose_tta, inference_size,
-                                            inference_tta, set_inference_size, working_size)
+from utils.detection.inference_size import (candidate_sizes, choose_box_voting, choose_inference_size, choose_tta,
+                                            inference_box_voting, inference_size, inference_tta, set_inference_size,
+                                            working_size)
 
 TARGET = {"boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0], [50.0, 50.0, 70.0, 70.0]]), "labels": torch.tensor([1, 2])}
 
@@ -105,3 +106,30 @@ def test_a_job_uses_tta_as_flagged_else_as_the_model_chose_else_not():
     assert inference_tta(chose, False) == (False, "--no-tta")
     assert inference_tta({"inference_size": {"image_size": 768, "tta": False}}, True) == (True, "--tta")
     assert inference_tta({"image_size": 512}, None)[0] is False  # a model file from before the choice
+
+
+def test_box_voting_is_kept_only_when_it_beats_nms_alone_by_more_than_the_tolerance():
+    plain = one_pass(shift=3.0)
+    record, (preds, _) = choose_box_voting(plain, one_pass(shift=0.0), vote_iou=0.7)
+    assert record["box_voting"] is True and record["box_vote_iou"] == 0.7
+    assert preds[0]["boxes"][1].tolist() == TARGET["boxes"][1].tolist()
+    assert record["box_voting_fitness"]["voted"] == pytest.approx(1.0)
+    record, (preds, _) = choose_box_voting(plain, one_pass(shift=0.0), tolerance=1.0)
+    assert record["box_voting"] is False and preds is plain[0]
+    record, _ = choose_box_voting(plain, one_pass(shift=3.0))  # no better: NMS alone stays
+    assert record["box_voting"] is False and record["box_voting_fitness"]["plain"] is not None
+    empty = ([{**plain[0][0]}], [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64)}])
+    record, _ = choose_box_voting(empty, empty)  # no labelled face: nothing to choose by
+    assert record["box_voting"] is False and record["box_voting_fitness"] == {"plain": None, "voted": None}
+
+
+def test_a_job_votes_as_flagged_else_as_the_model_chose_at_its_stored_iou_else_not():
+    chose = {"inference_size": {"image_size": 768, "chosen_on": "validation", "box_voting": True, "box_vote_iou": 0.8}}
+    assert inference_box_voting(chose, None) == (0.8, "the model's, chosen on its validation images")
+    assert inference_box_voting(chose, False) == (None, "--no-box-voting")
+    declined = {"inference_size": {"image_size": 768, "box_voting": False, "box_vote_iou": 0.8}}
+    assert inference_box_voting(declined, None)[0] is None
+    assert inference_box_voting(declined, True) == (0.8, "--box-voting")
+    older = {"image_size": 512}  # a model file from before the choice: off, or the default IoU when asked
+    assert inference_box_voting(older, None)[0] is None
+    assert inference_box_voting(older, True) == (D.BOX_VOTE_IOU, "--box-voting")

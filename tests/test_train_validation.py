@@ -191,7 +191,7 @@ def test_a_sigterm_while_the_working_size_tta_and_threshold_are_chosen_stops_at_
 
     monkeypatch.setattr(engine, "detect", detect_then_sigterm)
     stop_on_sigterm()  # conftest puts the handler back and clears the request
-    with pytest.raises(StopRequested, match="working size, flip TTA and score threshold abandoned; the checkpoint "
-                                            "holds all 2 epochs"):
+    with pytest.raises(StopRequested, match="working size, flip TTA, box voting and score threshold abandoned; the "
+                                            "checkpoint holds all 2 epochs"):
         choose_on_validation(trainer, has_val=True)
     assert batches == [3]  # the rest of the pass and the other sizes' passes were not run

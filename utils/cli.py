@@ -333,8 +333,8 @@ def check_set_args(args) -> None:
 
 
 def add_model_run_args(parser, threshold_use: str) -> None:
-    """--score-threshold, --image-size, --batch-size, --workers, --device of the jobs that run a trained model
-    over images.
+    """--score-threshold, --image-size, --batch-size, --workers, --device, --tta, --box-voting of the jobs that run a
+    trained model over images.
 
     *threshold_use* says what the threshold decides in this job (its --help).
     """
@@ -353,6 +353,15 @@ def add_model_run_args(parser, threshold_use: str) -> None:
     parser.add_argument("--device", default=D.DEVICE, choices=("auto", "cpu", "cuda"),
                         help=f"where the model runs; auto uses CUDA when available (default: {D.DEVICE})")
     add_tta_arg(parser, "image")
+    add_box_voting_arg(parser)
+
+
+def add_box_voting_arg(parser) -> None:
+    """--box-voting / --no-box-voting: None when neither is given (the model's choice)."""
+    parser.add_argument("--box-voting", action=argparse.BooleanOptionalAction, default=None,
+                        help="move each kept box to the score-weighted mean of the boxes of its class that overlapped "
+                             "it before non-maximum suppression (default: the model's choice, made on the validation "
+                             "images when it was trained; off for a model without one)")
 
 
 def add_tta_arg(parser, unit: str) -> None:

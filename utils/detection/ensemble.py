@@ -77,13 +77,15 @@ class BoxFusionEnsemble:
         return fuse_boxes(members, width, height, device, self.max_detections, self.iou_threshold, self.skip_score)
 
 
-def load_ensemble(paths, device, score_threshold: float | None = None, working_size: int | None = None):
+def load_ensemble(paths, device, score_threshold: float | None = None, working_size: int | None = None,
+                  box_voting: bool | None = None):
     """(ensemble, meta, score threshold, where it comes from) for the model files *paths*: each loaded
     and checked as a single model is (ModelError naming the file), each at *working_size* when given, else
-    at its own; the threshold given, else the mean of the members' own."""
+    at its own, with box voting as *box_voting* says, else as it chose; the threshold given, else the mean of the
+    members' own."""
     models, metas, thresholds = [], [], []
     for path in paths:
-        model, meta, threshold, _ = load_trained_model(path, device, None, working_size)
+        model, meta, threshold, _ = load_trained_model(path, device, None, working_size, box_voting=box_voting)
         models.append(model)
         metas.append(meta)
         thresholds.append(threshold)
@@ -100,19 +102,22 @@ def load_ensemble(paths, device, score_threshold: float | None = None, working_s
 
     meta = {"ensemble": "weighted box fusion", "models": [str(p) for p in paths], "backbone": common("backbone"),
             "image_size": common("image_size"), "working_size": common("working_size"),
-            "working_size_source": common("working_size_source"), "member_thresholds": thresholds}
+            "working_size_source": common("working_size_source"), "box_voting": common("box_voting"),
+            "box_vote_iou": common("box_vote_iou"), "box_voting_source": common("box_voting_source"),
+            "member_thresholds": thresholds}
     return BoxFusionEnsemble(models).eval(), meta, threshold, source
 
 
 def load_models(paths, device, score_threshold: float | None = None, working_size: int | None = None,
-                tta: bool | None = None):
+                tta: bool | None = None, box_voting: bool | None = None):
     """(model, meta, score threshold, where it comes from) for a job given one model file or several (the fold
     models of --fold-ensemble): one as load_trained_model loads it, several as one ensemble (load_ensemble), so that
     predict and predict_video run the same models the same way. meta["tta"] and meta["tta_source"] say whether flip
     TTA runs: *tta* (--tta / --no-tta) when given, else a single model's choice on validation; an ensemble makes
-    no choice of its own, so it runs without."""
+    no choice of its own, so it runs without. meta["box_voting"] and meta["box_voting_source"] likewise for box voting,
+    which each member of an ensemble makes as it chose unless *box_voting* is given."""
     if len(paths) == 1:
-        return load_trained_model(paths[0], device, score_threshold, working_size, tta)
-    model, meta, threshold, source = load_ensemble(paths, device, score_threshold, working_size)
+        return load_trained_model(paths[0], device, score_threshold, working_size, tta, box_voting)
+    model, meta, threshold, source = load_ensemble(paths, device, score_threshold, working_size, box_voting)
     tta_source = {True: "--tta", False: "--no-tta", None: "an ensemble makes no choice of its own"}[tta]
     return model, {**meta, "tta": bool(tta), "tta_source": tta_source}, threshold, source

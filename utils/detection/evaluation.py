@@ -27,9 +27,9 @@ from .quantify import (UNADJUSTED, Calibration, Units, calibration_problem, cali
                        judge, set_estimates, soft_counts, true_percent)
 from .engine import evaluate_loss, run_inference
 from ..data.images import ImageError, image_size
-from .inference import default_num_workers, too_thin
+from .inference import default_num_workers, set_box_voting, too_thin
 from ..naming import evaluation_output_names
-from .inference_size import inference_size, inference_tta, set_inference_size, working_size
+from .inference_size import inference_box_voting, inference_size, inference_tta, set_inference_size, working_size
 from .model import load_model_file
 from .metrics import _clean_pred, compute_coco, detection_confusion_matrix, pr_curves, recall_by_iou
 from ..data.pairs import SUBFOLDER_NOT_READ, pair_folders, scan_pairs
@@ -94,12 +94,12 @@ def runnable_pairs(model, pairs) -> tuple[list, list[dict]]:
 
 
 def load_trained_model(path, device, score_threshold: float | None = None, working_size: int | None = None,
-                       tta: bool | None = None):
+                       tta: bool | None = None, box_voting: bool | None = None):
     """(model, meta, score threshold, where it comes from) for a job that runs a trained model: the
     model file loaded and checked, the threshold given, else the one chosen on validation (ModelError
     naming the file when it cannot be used). The model runs at the working size given, else the one
     chosen on validation (utils/detection/inference_size.py); meta["working_size"] says which, and why.
-    meta["tta"] likewise: flip TTA as given, else as chosen on validation."""
+    meta["tta"] and meta["box_voting"] likewise: flip TTA and box voting as given, else as chosen on validation."""
     model, meta = load_model_file(path, device)  # refuses a file of other classes (model_file.check_model_meta)
     record = meta.get("quantification")
     if record and record.get("working_size") is None:
@@ -110,8 +110,11 @@ def load_trained_model(path, device, score_threshold: float | None = None, worki
     size, size_source = inference_size(meta, working_size)
     set_inference_size(model, size)
     use_tta, tta_source = inference_tta(meta, tta)
+    vote_iou, voting_source = inference_box_voting(meta, box_voting)
+    set_box_voting(model, vote_iou)
     return model, {**meta, "working_size": size, "working_size_source": size_source, "tta": use_tta,
-                   "tta_source": tta_source}, threshold, source
+                   "tta_source": tta_source, "box_voting": vote_iou is not None, "box_vote_iou": vote_iou,
+                   "box_voting_source": voting_source}, threshold, source
 
 
 def dropped_objects(pairs, label_map: LabelMap = NO_LABEL_MAP) -> list[dict]:

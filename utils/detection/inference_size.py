@@ -14,7 +14,9 @@ video) the size to run at, ``--image-size`` on those jobs overriding it.
 
 At that size ``choose_tta`` then decides flip test-time augmentation the same way (kept only when it
 earns its doubled time), and ``inference_tta`` gives the jobs the choice, ``--tta``/``--no-tta`` overriding
-it. On the 60-minute model of bench/RESULTS.md it raised validation fitness by 0.015.
+it. On the 60-minute model of bench/RESULTS.md it raised validation fitness by 0.015. ``choose_box_voting`` then
+decides box voting (inference.VotingRoIHeads) by the same rule at that size and TTA, and ``inference_box_voting``
+gives the jobs that choice, ``--box-voting``/``--no-box-voting`` overriding it.
 """
 
 from __future__ import annotations
@@ -37,12 +39,12 @@ def candidate_sizes(image_size: int, scales=D.INFERENCE_SCALES, largest: int = D
 
 
 def choice_passes(image_size: int) -> float:
-    """What choosing the working size and flip TTA after training costs, in inference passes over the
+    """What choosing the working size, flip TTA and box voting after training costs, in inference passes over the
     validation images at the training size *image_size*: one pass per candidate size, each (size /
-    image_size)^2 as dear, and a pass with flip TTA (plain and flipped) at the chosen size, at most the
-    largest. About 20 passes with the default scales up to a training size of 640 px; fewer above, where
-    INFERENCE_SIZE_MAX caps the sizes tried (about 10 at 800 px)."""
-    return sum((size / image_size) ** 2 for size in candidate_sizes(image_size)) + 2 * largest_size_cost(image_size)
+    image_size)^2 as dear, a pass with flip TTA (plain and flipped) at the chosen size, at most the
+    largest, and one with box voting, with TTA at most. About 28 passes with the default scales up to a training
+    size of 640 px; fewer above, where INFERENCE_SIZE_MAX caps the sizes tried (about 14 at 800 px)."""
+    return sum((size / image_size) ** 2 for size in candidate_sizes(image_size)) + 4 * largest_size_cost(image_size)
 
 
 def largest_size_cost(image_size: int) -> float:
@@ -104,13 +106,33 @@ def choose_tta(plain: tuple, flipped: tuple, tolerance: float = D.INFERENCE_SIZE
     flipped left-right, the two passes' boxes fused, twice the time) is kept when its fitness on the
     validation images, *flipped* (predictions, targets), beats the plain pass's, *plain*, by more than
     *tolerance*, the rule the working size is chosen by."""
-    from .metrics import coco_map, fitness
-
-    fitness_plain, fitness_flip = fitness(coco_map(*plain)), fitness(coco_map(*flipped))
-    chosen = fitness_plain is not None and fitness_flip is not None and fitness_flip > fitness_plain + tolerance
+    chosen, fitness_plain, fitness_flip = _beats(flipped, plain, tolerance)
     record = {"tta": chosen, "tta_fitness": {"plain": fitness_plain, "flip": fitness_flip},
               "tta_criterion": f"flip TTA when its fitness beats the plain pass's by more than {tolerance:g}"}
     return record, (flipped if chosen else plain)
+
+
+def choose_box_voting(plain: tuple, voted: tuple, vote_iou: float = D.BOX_VOTE_IOU,
+                      tolerance: float = D.INFERENCE_SIZE_TOLERANCE) -> tuple[dict, tuple]:
+    """(the record's box voting fields, the (predictions, targets) of the choice): box voting at *vote_iou* is kept
+    when its fitness on the validation images, *voted*, beats the pass without, *plain*, by more than *tolerance*.
+    It costs little time; the margin keeps a choice that the validation images cannot tell apart off."""
+    chosen, fitness_plain, fitness_voted = _beats(voted, plain, tolerance)
+    record = {"box_voting": chosen, "box_vote_iou": vote_iou,
+              "box_voting_fitness": {"plain": fitness_plain, "voted": fitness_voted},
+              "box_voting_criterion": f"box voting at IoU {vote_iou:g} when its fitness beats NMS alone by more "
+                                      f"than {tolerance:g}"}
+    return record, (voted if chosen else plain)
+
+
+def _beats(other: tuple, plain: tuple, tolerance: float) -> tuple[bool, float | None, float | None]:
+    """(whether *other*'s fitness beats *plain*'s by more than *tolerance*, plain's fitness, other's), each
+    (predictions, targets) on the validation images; a fitness is None where they hold no labelled face."""
+    from .metrics import coco_map, fitness
+
+    fitness_plain, fitness_other = fitness(coco_map(*plain)), fitness(coco_map(*other))
+    chosen = fitness_plain is not None and fitness_other is not None and fitness_other > fitness_plain + tolerance
+    return chosen, fitness_plain, fitness_other
 
 
 def inference_tta(model_meta: dict, given: bool | None) -> tuple[bool, str]:
@@ -122,6 +144,18 @@ def inference_tta(model_meta: dict, given: bool | None) -> tuple[bool, str]:
     if stored is not None:
         return bool(stored), "the model's, chosen on its validation images"
     return False, "none: the model file holds no choice (trained before 2026-12-05, or without validation images)"
+
+
+def inference_box_voting(model_meta: dict, given: bool | None) -> tuple[float | None, str]:
+    """(the IoU boxes vote at, None for none; where it comes from) for a job running a model: the flag when given
+    (at the IoU the model file stores, else D.BOX_VOTE_IOU), else the choice made on validation, else none."""
+    stored = model_meta.get("inference_size") or {}
+    vote_iou = stored.get("box_vote_iou") or D.BOX_VOTE_IOU
+    if given is not None:
+        return (vote_iou if given else None), "--box-voting" if given else "--no-box-voting"
+    if stored.get("box_voting") is not None:
+        return (vote_iou if stored["box_voting"] else None), "the model's, chosen on its validation images"
+    return None, "none: the model file holds no choice (trained before 2026-12-07, or without validation images)"
 
 
 def inference_size(model_meta: dict, given: int | None) -> tuple[int, str]:

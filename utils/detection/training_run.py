@@ -26,7 +26,8 @@ from ..classes import LabelMap
 from ..cli import print_skipped, print_values
 from ..provenance import file_sha256, files_named, write_run_record
 from .compliance import choose_operating_threshold
-from .inference_size import choose_inference_size, choose_tta
+from .inference import set_box_voting
+from .inference_size import choose_box_voting, choose_inference_size, choose_tta
 from .quantify import calibration_record
 from .recipe import too_thin_to_train
 from .model_file import save_model_file
@@ -175,30 +176,37 @@ def train_epochs(trainer: Trainer, paths: dict, checkpoint_args: dict, validate_
 
 
 def choose_on_validation(trainer: Trainer, has_val: bool) -> tuple[dict | None, dict, dict | None]:
-    """(the working size the model runs at and whether with flip TTA, the score threshold predict and evaluate
-    use it at, the validation record of the adjusted compliance estimators), each chosen on the held-out
+    """(the working size the model runs at and whether with flip TTA and box voting, the score threshold predict and
+    evaluate use it at, the validation record of the adjusted compliance estimators), each chosen on the held-out
     validation images when there are some (--val-mode monitor); else no size (the training size stands, no
-    TTA), the default threshold, said so, and no record. The threshold is chosen at the chosen size and TTA."""
+    TTA), the default threshold, said so, and no record. The threshold is chosen at the chosen size, TTA and voting."""
     if not has_val:
         return None, {"score_threshold": D.SCORE_THRESHOLD, "chosen_on": None,
                       "criterion": "the default: no held-out validation images (--val-mode merge or no "
                                    "--val-images)"}, None
-    log.info("Choosing the working size and test-time augmentation on the validation images")
-    # About 20 validation passes (inference_size.choice_passes) before the model file exists: a SIGTERM stops them
+    log.info("Choosing the working size, test-time augmentation and box voting on the validation images")
+    # About 28 validation passes (inference_size.choice_passes) before the model file exists: a SIGTERM stops them
     # at the next batch, so the job exits with its stand-ins before a pool's kill; the retry resumes after the
     # last epoch and makes the choices again (inference in eval mode: the same choices)
-    stop = (f"the choice of working size, flip TTA and score threshold abandoned; the checkpoint holds all "
-            f"{trainer.completed_epochs} epochs, a retry makes only the choice")
+    stop = (f"the choice of working size, flip TTA, box voting and score threshold abandoned; the checkpoint holds "
+            f"all {trainer.completed_epochs} epochs, a retry makes only the choice")
     predict = functools.partial(trainer.validation_predictions, stop=stop)  # (tta=False) -> (preds, targets)
     size, (preds, targets) = choose_inference_size(trainer.eval_model, predict, trainer.params.image_size)
     log.info("working size %d px: %s (%s)", size["image_size"], ", ".join(
         f"{row['image_size']} px mAP@0.5 {row['map_50']:.3f}" for row in size["candidates"]
         if row["map_50"] is not None), size["criterion"])
     tta_choice, (preds, targets) = choose_tta((preds, targets), predict(tta=True))
-    size = {**size, **tta_choice}  # stored with the size: both say how the model runs
+    size = {**size, **tta_choice}  # stored with the size: all three say how the model runs
     log.info("flip TTA %s: fitness %s plain, %s flipped (%s)", "on" if size["tta"] else "off",
              *(f"{value:.4f}" if value is not None else "undefined" for value in size["tta_fitness"].values()),
              size["tta_criterion"])
+    set_box_voting(trainer.eval_model, D.BOX_VOTE_IOU)
+    voting, (preds, targets) = choose_box_voting((preds, targets), predict(tta=size["tta"]))
+    set_box_voting(trainer.eval_model, D.BOX_VOTE_IOU if voting["box_voting"] else None)  # the threshold's choice too
+    size = {**size, **voting}
+    log.info("box voting %s: fitness %s without, %s with (%s)", "on" if size["box_voting"] else "off",
+             *(f"{value:.4f}" if value is not None else "undefined" for value in voting["box_voting_fitness"].values()),
+             voting["box_voting_criterion"])
     if not any(len(target["labels"]) for target in targets):
         # F1 is 0 and the compliance error undefined at every threshold: the lowest (0.05) won, and predict and
         # evaluate counted every faint box as a face

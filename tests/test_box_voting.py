@@ -1,0 +1,121 @@
+"""Box voting (utils/detection/inference.py: VotingRoIHeads, set_box_voting): NMS keeps the boxes torchvision's Faster
+R-CNN keeps, with their scores and labels, and each kept box moves to the score-weighted mean of the boxes of its class
+that overlapped it by at least the vote IoU before NMS; a model file's choice reaches the jobs that run it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import run_script
+from torchvision.models.detection.roi_heads import RoIHeads
+
+from utils.detection.inference import VotingRoIHeads, box_voting, set_box_voting
+
+IMAGE = (100, 100)
+
+
+def heads(score_thresh: float = 0.05, nms_thresh: float = 0.5, detections: int = 100) -> RoIHeads:
+    """RoI heads whose post-processing alone is tested: no pooling, box head or predictor."""
+    return RoIHeads(None, None, None, 0.5, 0.5, 512, 0.25, (10.0, 10.0, 5.0, 5.0), score_thresh, nms_thresh,
+                    detections)
+
+
+def logits(*class_scores) -> torch.Tensor:
+    """Class logits whose softmax is *class_scores* (background first) for each proposal."""
+    return torch.log(torch.tensor(class_scores, dtype=torch.float32))
+
+
+def postprocess(roi_heads: RoIHeads, proposals: torch.Tensor, class_logits: torch.Tensor):
+    """Each proposal's box for every class is the proposal itself (no regression)."""
+    regression = torch.zeros(len(proposals), class_logits.shape[1] * 4)
+    return [part[0] for part in roi_heads.postprocess_detections(class_logits, regression, [proposals], [IMAGE])]
+
+
+def test_a_kept_box_moves_to_the_score_weighted_mean_of_its_class_boxes_overlapping_it_enough():
+    proposals = torch.tensor([[10.0, 10.0, 50.0, 50.0],    # kept: the best with_mask box
+                              [12.0, 10.0, 52.0, 50.0],    # IoU 0.905 with it: suppressed, votes
+                              [10.0, 10.0, 50.0, 60.0],    # IoU 0.8: suppressed, votes
+                              [20.0, 10.0, 60.0, 50.0],    # IoU 0.6: suppressed by NMS (> 0.5), too far to vote
+                              [70.0, 70.0, 90.0, 90.0]])   # elsewhere: kept, votes for itself only
+    class_logits = logits([0.1, 0.9, 0.0001, 0.0001], [0.3, 0.6, 0.0001, 0.0001], [0.7, 0.2, 0.0001, 0.0001],
+                          [0.5, 0.4, 0.0001, 0.0001], [0.2, 0.8, 0.0001, 0.0001])
+    roi_heads = heads()
+    plain = postprocess(roi_heads, proposals, class_logits)
+    set_box_voting(_holder(roi_heads), 0.7)
+    voted = postprocess(roi_heads, proposals, class_logits)
+    assert torch.equal(voted[1], plain[1]) and torch.equal(voted[2], plain[2])  # same scores, same labels
+    assert plain[0].tolist() == [[10.0, 10.0, 50.0, 50.0], [70.0, 70.0, 90.0, 90.0]]
+    scores = torch.softmax(class_logits, dim=1)[:3, 1]  # the with_mask scores of the three voters
+    expected = (scores[:, None] * proposals[:3]).sum(dim=0) / scores.sum()
+    assert voted[0][0] == pytest.approx(expected, abs=1e-4)
+    assert voted[0][1] == pytest.approx(torch.tensor([70.0, 70.0, 90.0, 90.0]))
+
+
+def test_boxes_of_another_class_do_not_vote():
+    proposals = torch.tensor([[10.0, 10.0, 50.0, 50.0], [12.0, 10.0, 52.0, 50.0]])
+    # the first proposal says with_mask, the second without_mask: two classes, two kept boxes, no vote across
+    class_logits = logits([0.1, 0.9, 0.0001, 0.0001], [0.3, 0.0001, 0.7, 0.0001])
+    roi_heads = heads()
+    set_box_voting(_holder(roi_heads), 0.7)
+    boxes, scores, labels = postprocess(roi_heads, proposals, class_logits)
+    assert labels.tolist() == [1, 2] and torch.allclose(boxes, proposals)
+
+
+def test_at_a_vote_iou_of_one_the_heads_give_what_torchvisions_give():
+    torch.manual_seed(0)
+    corners = torch.rand(60, 2) * 80
+    proposals = torch.cat([corners, corners + 5 + torch.rand(60, 2) * 20], dim=1)
+    class_logits, regression = torch.randn(60, 4) * 2, torch.randn(60, 16) * 0.1
+    roi_heads = heads(detections=10)
+    plain = roi_heads.postprocess_detections(class_logits, regression, [proposals], [IMAGE])
+    set_box_voting(_holder(roi_heads), 1.0)
+    voted = roi_heads.postprocess_detections(class_logits, regression, [proposals], [IMAGE])
+    assert len(plain[0][0]) == 10  # the cap holds after voting too
+    for mine, theirs in zip(voted, plain):
+        assert torch.allclose(mine[0].float(), theirs[0].float())
+
+
+def test_switching_voting_on_and_off_keeps_the_modules_and_the_state_dict(tiny_model_file):
+    from utils.detection.model import load_model_file
+
+    model, _ = load_model_file(tiny_model_file)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    set_box_voting(model, 0.75)
+    assert type(model.roi_heads) is VotingRoIHeads and box_voting(model) == 0.75
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in before.items())
+    set_box_voting(model, None)
+    assert type(model.roi_heads) is RoIHeads and box_voting(model) is None
+    assert "vote_iou" not in vars(model.roi_heads)
+    with pytest.raises(TypeError, match="box voting needs torchvision's RoIHeads"):
+        set_box_voting(_holder(torch.nn.Linear(1, 1)), 0.7)
+
+
+def test_evaluate_votes_as_the_model_chose_unless_told_otherwise(root, sample_dir, tiny_model_file, tmp_path, capsys):
+    from utils.detection.model import load_model_file, save_model_file
+
+    model, meta = load_model_file(tiny_model_file)
+    chose = save_model_file(tmp_path / "chose.pt", model, {
+        **meta, "inference_size": {**(meta.get("inference_size") or {}), "image_size": meta["image_size"],
+                                   "chosen_on": "validation", "box_voting": True, "box_vote_iou": 0.75}})
+    flat = tmp_path / "flat"  # two photos: the untrained model's thousands of boxes make each a slow evaluation
+    flat.mkdir()
+    for stem in sorted(p.stem for p in (sample_dir / "images").iterdir())[:2]:
+        for folder, suffix in (("images", ".jpg"), ("annotations", ".xml")):
+            (flat / f"{stem}{suffix}").write_bytes((sample_dir / folder / f"{stem}{suffix}").read_bytes())
+    for flags, expected, said in (([], True, "box voting on (the model's, chosen on its validation images)"),
+                                  (["--no-box-voting"], False, "box voting off (--no-box-voting)")):
+        out = tmp_path / f"out{len(flags)}"
+        assert run_script(root, "evaluate", ["--images", flat, "--annotations", flat, "--model", chose,
+                                             "--output-dir", out, "--device", "cpu", "--workers", "0", *flags]) == 0
+        assert said in capsys.readouterr().out
+        assert json.loads((out / "evaluation.json").read_text())["box_voting"] is expected
+
+
+def _holder(module: torch.nn.Module) -> torch.nn.Module:
+    """A model whose roi_heads is *module*."""
+    holder = torch.nn.Module()
+    holder.roi_heads = module
+    return holder
