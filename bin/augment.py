@@ -51,7 +51,8 @@ def main(args) -> int:
     # a stopped try leaves stand-ins for the files (not a folder): on a pool a missing one holds the job
     declare_outputs(args.output_tar, args.report)
     label_map = LabelMap.parse(args.label_map)
-    require_set_inputs(args.images, args.annotations or args.images, args.split_csv)  # augment_set's own refusals
+    # augment_set's own refusals; without --annotations they are read from --images, already checked
+    require_set_inputs(args.images, args.annotations, args.split_csv)
     # torch (torchvision's transforms) is imported only now: a bad flag or a missing input is refused in a fraction
     # of a second, not after the seconds that importing torch takes
     from utils.data.augment import augment_set

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from . import defaults as D
 from .classes import CLASSES
-from .errors import InputError, require_set, shown, without_password
+from .errors import InputError, require_set, set_paths, shown, without_password
 from .naming import name_part_problem
 from .stop import EXIT_STOPPED, StopRequested, require_job_output, write_stand_ins
 
@@ -395,9 +395,10 @@ def check_display() -> None:
 def require_set_inputs(images, annotations=None, split_csv=None) -> None:
     """The refusals of a set's --images and --annotations (utils.errors.require_set: missing, or no folder, .tar or
     .tar shards, as open_folder says) and of a --split-csv that cannot be opened (the OSError reading it raises),
-    made before the job imports torch."""
+    made before the job imports torch. Annotations read from the images' own paths (the same folder or .tar) are
+    checked once."""
     require_set(images)
-    if annotations is not None:
+    if annotations is not None and set_paths(annotations) != set_paths(images):
         require_set(annotations)
     if split_csv is not None:
         with open(split_csv, "rb"):  # the error utils.data.pairs.read_csv_rows's open() would raise, in its words

@@ -47,14 +47,20 @@ def require_file(path, what: str, error: type[InputError] = InputError) -> None:
         raise error(f"{path}: {what} not found")
 
 
+def set_paths(given) -> list:
+    """A set flag's value (one path, or a list of several .tar shards) as a list of Paths."""
+    from pathlib import Path
+
+    return [Path(p) for p in given] if isinstance(given, (list, tuple)) else [Path(given)]
+
+
 def require_set(path) -> str:
     """How a set flag's *path* is read: "folder", "tar" (one archive) or "shards" (a list of several .tar shards of
     one set); a missing path, or one of another kind, raises the one line naming it. utils.data.pairs.open_folder
     reads a set so; a job makes this check (a stat, a .tar's first header) before it imports torch."""
     import tarfile
-    from pathlib import Path
 
-    paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
+    paths = set_paths(path)
     if len(paths) > 1:
         missing = [p for p in paths if not p.exists()]  # a mistyped shard name, said as a missing set is
         if missing:
