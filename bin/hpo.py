@@ -26,9 +26,9 @@ from utils.classes import LabelMap
 from utils.cli import (add_label_map_arg, check_distinct_outputs, check_tensorboard_flags, fraction_below_one,
                        image_size_px, non_negative_int, positive_float, positive_int, random_seed, require_set_inputs,
                        run_job, worker_count)
-from utils.detection.params import PARAM_CHOICES
+from utils.detection.params import PARAM_CHOICES, require_weight_file
 from utils.detection.tensorboard_log import pack_events
-from utils.detection.weights import BACKBONES
+from utils.detection.weights import BACKBONES, weights_file_given
 from utils.errors import InputError
 from utils.provenance import files_named, write_run_record
 from utils.stop import declare_outputs, stop_on_sigterm
@@ -128,11 +128,11 @@ def main(args) -> int:
     declare_outputs(output, record, args.tensorboard_tar, checkpoints=[args.checkpoint])
     require_set_inputs(args.train_images, args.train_annotations)  # the study's own refusals of a missing set
     require_set_inputs(args.val_images, args.val_annotations)
+    require_weight_file(args.weights, args.weights_file)  # the model builder's, not after the sets are paired
     # torch and Optuna (the device, the trials) are imported only now: a bad flag or a missing set is refused in a
     # fraction of a second, not after the seconds that importing torch takes
     from utils.detection.device import resolve_device
     from utils.detection.hpo import HpoConfig, SearchSpace, run_study
-    from utils.detection.model import weights_file_given
 
     space = SearchSpace(lr_min=args.lr_range[0], lr_max=args.lr_range[1],
                         momentum_min=args.momentum_range[0], momentum_max=args.momentum_range[1],

@@ -1,6 +1,8 @@
 """A job refuses a missing or unreadable input before it imports torch: train, hpo, augment and evaluate found a
 missing data folder or .tar, --params or --stages file, or --split-csv only after torch and the training modules
-were imported (6-11 s on a 2-core machine), evaluate a missing set only after it had loaded the model too; predict,
+were imported (6-11 s on a 2-core machine), evaluate a missing set only after it had loaded the model too; train and
+hpo found a missing --weights-file (or --weights PATH) only when the model was built, after the data sets had been
+opened, paired and hashed (minutes on 100k photos); predict,
 predict_video, evaluate and serve found a --model that a stopped job left as a stand-in only after torch's import.
 Each refusal keeps its line and exit code 2; the checks are the loaders' own (utils.errors.require_set, which
 utils.data.pairs.open_folder reads a set by, and utils.stop.require_job_output, which model_file.torch_load makes)."""
@@ -41,7 +43,8 @@ def inputs(tmp_path) -> dict:
         port = probe.getsockname()[1]
     return {"DIR": folder, "TAR": shard, "TXT": notes, "STANDIN": stand_in, "MODEL": model,
             "NONE": tmp_path / "none", "NONE_TAR": tmp_path / "none.tar", "NONE_JSON": tmp_path / "none.json",
-            "NONE_CSV": tmp_path / "none.csv", "NONE_YAML": tmp_path / "none.yaml", "OUT": tmp_path / "out",
+            "NONE_CSV": tmp_path / "none.csv", "NONE_YAML": tmp_path / "none.yaml", "NONE_PT": tmp_path / "none.pt",
+            "OUT": tmp_path / "out",
             "PORT": port}
 
 
@@ -58,6 +61,17 @@ REFUSALS = [
      "NONE_JSON: params file not found"),
     ("bin/train.py --images DIR --annotations DIR --stages NONE_YAML --output OUT/model.pt",
      "--stages: stages file NONE_YAML not found"),
+    ("bin/train.py --images DIR --annotations DIR --weights-file NONE_PT --output OUT/model.pt",
+     "NONE_PT: weight file not found"),
+    ("bin/train.py --images DIR --annotations DIR --weights-file DIR --output OUT/model.pt",
+     "DIR: weight file not found"),
+    ("bin/train.py --images DIR --annotations DIR --weights NONE_PT --output OUT/model.pt",  # a PATH, as a mistyped kind is
+     "NONE_PT: weight file not found"),
+    ("bin/train.py --images DIR --annotations DIR --weights-file STANDIN --output OUT/model.pt",
+     "STANDIN: a stand-in, not a weight file: the job that writes it was stopped (SIGTERM) before it finished; "
+     "rerun that job"),
+    ("bin/hpo.py --train-images DIR --train-annotations DIR --val-images DIR --val-annotations DIR "
+     "--weights-file NONE_PT --output OUT/best.json", "NONE_PT: weight file not found"),
     ("bin/hpo.py --train-images DIR --train-annotations DIR --val-images NONE --val-annotations DIR "
      "--output OUT/best.json", "NONE: does not exist (expected a folder or a .tar archive)"),
     ("bin/hpo.py --train-images TAR --train-annotations TXT --val-images DIR --val-annotations DIR "
@@ -124,9 +138,37 @@ def test_check_training_inputs_returns_what_it_read(inputs, tmp_path):
     params = tmp_path / "best.json"
     params.write_text('{"best_params": {"lr": 0.02}, "best_value": 0.5}')
     args = SimpleNamespace(images=str(inputs["DIR"]), annotations=str(inputs["TAR"]), val_images=None,
-                           val_annotations=str(inputs["DIR"]), params=str(params), stages='[{"epochs": 2}]')
+                           val_annotations=str(inputs["DIR"]), params=str(params), stages='[{"epochs": 2}]',
+                           weights=None, weights_file=str(inputs["MODEL"]))
     with pytest.raises(TrainingDataError, match="^--val-annotations needs --val-images$"):
         check_training_inputs(args)
     args.val_images = str(inputs["DIR"])
     params_file, stages = check_training_inputs(args)
     assert params_file == {"lr": 0.02} and [stage.epochs for stage in stages] == [2]
+
+
+def test_the_weight_file_is_refused_early_as_its_loader_refuses_it(inputs, monkeypatch):
+    """train's and hpo's check of the starting weights' file before torch: the file build_model would read (none
+    when --weights none sets --weights-file aside), refused in model_file.torch_load's words, an unreadable one
+    too (open() refused here as a file without read permission is, which root, running the tests, reads anyway)."""
+    from utils import stop
+    from utils.detection.params import require_weight_file
+
+    require_weight_file("none", inputs["NONE_PT"])  # set aside: build_model does not read it
+    require_weight_file("coco", None)
+    require_weight_file(None, inputs["MODEL"])
+    with pytest.raises(InputError, match=f"^{inputs['NONE_PT']}: weight file not found$"):
+        require_weight_file("imagenet", inputs["NONE_PT"])
+    with pytest.raises(InputError, match=f"^{inputs['DIR']}: weight file not found$"):
+        require_weight_file(str(inputs["DIR"]), inputs["MODEL"])  # --weights PATH wins over --weights-file
+
+    def no_permission(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(stop, "open", no_permission, raising=False)  # utils.stop's open() only
+    model = inputs["MODEL"]
+    with pytest.raises(InputError) as refused:
+        require_weight_file(None, model)
+    # what model_file.torch_load said when torch.load's own open() raised it (checkpoint.torch_file_problem)
+    assert str(refused.value) == f"{model}: not a readable weight file (PermissionError: [Errno 13] Permission " \
+                                 f"denied: '{model}')"

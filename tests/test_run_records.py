@@ -77,7 +77,7 @@ def test_run_record_says_how_many_threads_torch_computed_with():
 def test_the_weights_file_recorded_is_the_one_the_flags_load():
     """hpo's record hashes the starting weights' file by its flags as build_model reads them: --weights none sets a
     --weights-file aside (the record named it among the inputs), --weights PATH names one itself."""
-    from utils.detection.model import weights_file_given
+    from utils.detection.weights import weights_file_given
 
     assert weights_file_given("none", "w.pt") is None
     assert weights_file_given("imagenet", "w.pt") == weights_file_given(None, "w.pt") == "w.pt"

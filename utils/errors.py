@@ -47,6 +47,12 @@ def require_file(path, what: str, error: type[InputError] = InputError) -> None:
         raise error(f"{path}: {what} not found")
 
 
+def not_readable(path, what: str, problem: str, error: type[InputError] = InputError) -> InputError:
+    """*error* "<path>: not a readable <what> (<problem>)": a file a job loads that it cannot read, in the same words
+    whether the check before the library's import (utils.stop.require_job_output) or the library found it."""
+    return error(f"{path}: not a readable {what} ({problem})")
+
+
 def set_paths(given) -> list:
     """A set flag's value (one path, or a list of several .tar shards) as a list of Paths."""
     from pathlib import Path

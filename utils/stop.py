@@ -30,7 +30,7 @@ import signal
 import threading
 from pathlib import Path
 
-from .errors import InputError, require_file
+from .errors import InputError, library_problem, not_readable, require_file
 
 EXIT_STOPPED = 128 + signal.SIGTERM
 
@@ -110,21 +110,29 @@ def write_stand_ins(job: str, reason: str) -> list[Path]:
     return written
 
 
+STAND_IN_HEAD = b'{"' + STAND_IN_KEY.encode()  # how the JSON of every stand-in begins
+
+
 def is_stand_in(path) -> bool:
     """True for a file written by :func:`write_stand_ins` in place of a real output."""
     try:
         with open(path, "rb") as handle:
-            head = handle.read(64)
+            return handle.read(len(STAND_IN_HEAD)) == STAND_IN_HEAD
     except OSError:
         return False
-    return head.startswith(b'{"' + STAND_IN_KEY.encode())
 
 
 def require_job_output(path, what: str, error: type[InputError] = InputError) -> None:
-    """*error* naming *path* unless it is a file a job finished writing: missing (errors.require_file), or a
-    stand-in a stopped try left in its place. The loader's checks that need no torch (model_file.torch_load), so
-    that a job makes them before it imports torch."""
+    """*error* naming *path* unless it is a file a job finished writing: missing or not a file
+    (errors.require_file), unreadable (the OSError opening or reading it gives), or a stand-in a stopped try left
+    in its place. The loader's checks that need no torch (model_file.torch_load makes them first), so that a job
+    makes them before it imports torch, in the loader's words."""
     require_file(path, what, error)
-    if is_stand_in(path):
+    try:
+        with open(path, "rb") as handle:  # one open for both checks
+            head = handle.read(len(STAND_IN_HEAD))
+    except OSError as problem:  # no read permission: the error torch.load's own open(path, "rb") would raise
+        raise not_readable(path, what, library_problem(problem), error) from None
+    if head == STAND_IN_HEAD:
         raise error(f"{path}: a stand-in, not a {what}: the job that writes it was stopped (SIGTERM) before it "
                     "finished; rerun that job")

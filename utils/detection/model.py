@@ -61,7 +61,7 @@ from ..classes import NUM_CLASSES
 from ..provenance import file_sha256
 from .model_file import MODEL_FILE_FORMAT, ModelError, model_metadata, read_model_payload, save_model_file  # noqa: F401
 from .model_file import non_finite_weights, torch_load as _torch_load  # reading, writing, checking model files: there
-from .weights import BACKBONES, RETINAFACE_BACKBONE
+from .weights import BACKBONES, RETINAFACE_BACKBONE, WEIGHT_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +70,6 @@ log = logging.getLogger(__name__)
 # is read or written (build_model checks that the stages it builds are as many).
 BACKBONE_STAGES = {"mobilenet_v2_fpn": 6, RETINAFACE_BACKBONE: 5, "mobilenet_v3_large_fpn": 6, "resnet50_fpn": 5,
                    "resnet50_fpn_v2": 5}
-WEIGHT_KINDS = ("none", "imagenet", "coco", "widerface")
-
-
-def weights_file_given(weights: str | None, weights_file) -> str | None:
-    """The file build_model takes the starting weights from, by its flags: --weights PATH, else --weights-file
-    unless --weights none (then it is set aside), for a run record's inputs."""
-    if weights is not None and weights not in WEIGHT_KINDS:
-        return weights
-    return None if weights == "none" else weights_file
 
 # MobileNetV2 feature stages used by the pyramid: (node name, channels, stride).
 MOBILENET_V2_RETURN_NODES = (("features.6", 32, 8), ("features.13", 96, 16), ("features.18", 1280, 32))

@@ -26,7 +26,7 @@ from torch import nn
 
 from .. import defaults as D
 from ..classes import CLASSES, LABEL_OF, NUM_CLASSES
-from ..errors import InputError, is_finite_number, shown
+from ..errors import InputError, is_finite_number, not_readable, shown
 from ..provenance import code_version, package_versions
 from ..stop import require_job_output
 from .checkpoint import save_torch_file, torch_file_problem
@@ -45,11 +45,11 @@ class ModelError(InputError):
 
 def torch_load(path: Path, what: str):
     """torch.load on the CPU with weights_only=True; a missing or unreadable file is a one-line ModelError."""
-    require_job_output(path, what, ModelError)  # missing, or a stopped job's stand-in
+    require_job_output(path, what, ModelError)  # missing, not a file, unreadable, or a stopped job's stand-in
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, not a torch file, or a pickle weights_only refuses
-        raise ModelError(f"{path}: not a readable {what} ({torch_file_problem(path, error)})") from None
+        raise not_readable(path, what, torch_file_problem(path, error), ModelError) from None
 
 
 # ----------------------------------------------------------------------------- writing

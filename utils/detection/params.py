@@ -22,7 +22,8 @@ from .. import defaults as D
 from ..cli import (fraction, fraction_below_one, image_size_px, int_at_least, non_negative_float, non_negative_int,
                    open_fraction, positive_float, positive_int, require_set_inputs)
 from ..errors import InputError, read_json, shown
-from .weights import BACKBONES
+from ..stop import require_job_output
+from .weights import BACKBONES, weights_file_given
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,23 @@ class TrainingDataError(InputError):
     """No usable training data (an unreadable --params file is a ParamsFileError)."""
 
 
+def require_weight_file(weights: str | None, weights_file) -> None:
+    """The model builder's refusals of the starting weights' file (--weights PATH, else --weights-file unless
+    --weights none sets it aside: weights.weights_file_given) that need no torch: missing, not a file, unreadable
+    or a stopped job's stand-in (utils.stop.require_job_output, which its loader model_file.torch_load makes), in
+    its words. Whether the file holds a state dict that fits the backbone is known only once torch reads it
+    (model.read_weight_file, when the model is built)."""
+    path = weights_file_given(weights, weights_file)
+    if path is not None:
+        require_job_output(path, "weight file")
+
+
 def check_training_inputs(args) -> tuple[dict, list | None]:
     """(the --params file's values, the --stages) of train's flags, once its inputs are checked as reading them
-    would: the data sets (utils.cli.require_set_inputs), the validation set given whole, the --params and --stages
-    files read. None of it needs torch: train makes these checks before it imports torch, so that a missing input
-    is refused in a fraction of a second."""
+    would: the data sets (utils.cli.require_set_inputs), the validation set given whole, the starting weights' file
+    (require_weight_file), the --params and --stages files read. None of it needs torch: train makes these checks
+    before it imports torch, so that a missing input is refused in a fraction of a second, not after the data sets
+    were opened, paired and hashed."""
     from .stages import parse_stages  # YAML: imported only by a run that gets this far
 
     if args.val_images and not args.val_annotations:
@@ -72,6 +85,7 @@ def check_training_inputs(args) -> tuple[dict, list | None]:
     require_set_inputs(args.images, args.annotations)
     if args.val_images:
         require_set_inputs(args.val_images, args.val_annotations)
+    require_weight_file(args.weights, args.weights_file)
     params_file = read_params_file(args.params) if args.params else {}
     stages = parse_stages(args.stages, "--stages") if args.stages else None  # the flag: a file boundary
     return params_file, stages

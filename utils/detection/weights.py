@@ -63,8 +63,18 @@ RETINAFACE_STEM = "retinaface_mnet025_widerface"
 # Every backbone utils/detection/model.py builds; here, free of torch, so that workflow.py's --backbone offers the
 # same choices as bin/hpo.py and bin/train.py without importing torch.
 BACKBONES = ("mobilenet_v2_fpn", RETINAFACE_BACKBONE, "mobilenet_v3_large_fpn", "resnet50_fpn", "resnet50_fpn_v2")
+# What --weights names besides a file PATH (build_model takes any other value as one)
+WEIGHT_KINDS = ("none", "imagenet", "coco", "widerface")
 # torchvision's own pattern (torch.hub.HASH_REGEX): the hex digits between a dash and the extension
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]*)\.")
+
+
+def weights_file_given(weights: str | None, weights_file) -> str | None:
+    """The file build_model takes the starting weights from, by its flags: --weights PATH, else --weights-file
+    unless --weights none (then it is set aside); for a run record's inputs and the jobs' checks before torch."""
+    if weights is not None and weights not in WEIGHT_KINDS:
+        return weights
+    return None if weights == "none" else weights_file
 
 
 def hub_checkpoints_dir() -> Path:
