@@ -185,11 +185,18 @@ def access_logging() -> None:
 
 
 def main(args) -> int:
+    require_model_files([args.model])  # the model loader's own refusals, before anything is opened or imported
+    # Bound before the model loads (a bad address costs no model load), and closed on every way out: a model the
+    # loader refused left the port bound in the process that called main (a test's, an embedding program's)
+    with bind(args.host, args.port) as sock:
+        return serve_on(sock, args)
+
+
+def serve_on(sock: socket.socket, args) -> int:
+    """Load the model, listen on *sock* (bound, not listening yet) and serve until SIGTERM or Ctrl-C."""
     import uvicorn
 
     token = args.token or os.environ.get(TOKEN_ENV) or None
-    sock = bind(args.host, args.port)  # before the model loads: a bad address costs no model load
-    require_model_files([args.model])  # the model loader's own refusals, before torch's import
     # torch (the device, the model) is imported only now: a bad flag, address or model path is refused in a
     # fraction of a second, not after the seconds that importing torch takes
     from utils.detection.device import resolve_device

@@ -26,7 +26,7 @@ from utils.stop import STAND_IN_KEY
 @pytest.fixture
 def inputs(tmp_path) -> dict:
     """A folder, a .tar shard, a plain file, a stand-in model file, a model file (bytes only: the checks before
-    torch read no more), paths that are not there and a free port (serve binds it before it checks --model)."""
+    torch read no more), paths that are not there and a free port (serve checks --model before it binds one)."""
     folder = tmp_path / "set"
     folder.mkdir()
     shard = tmp_path / "shard.tar"
@@ -65,7 +65,8 @@ REFUSALS = [
      "NONE_PT: weight file not found"),
     ("bin/train.py --images DIR --annotations DIR --weights-file DIR --output OUT/model.pt",
      "DIR: weight file not found"),
-    ("bin/train.py --images DIR --annotations DIR --weights NONE_PT --output OUT/model.pt",  # a PATH, as a mistyped kind is
+    # --weights PATH, as a mistyped kind (cocoo) is read
+    ("bin/train.py --images DIR --annotations DIR --weights NONE_PT --output OUT/model.pt",
      "NONE_PT: weight file not found"),
     ("bin/train.py --images DIR --annotations DIR --weights-file STANDIN --output OUT/model.pt",
      "STANDIN: a stand-in, not a weight file: the job that writes it was stopped (SIGTERM) before it finished; "

@@ -250,17 +250,39 @@ def test_serve_refuses_a_bad_flag_a_busy_port_or_a_missing_model_before_importin
             "    except SystemExit as end:\n"
             "        print('exit', end.code)\n"
             "print('loaded:', sorted(m for m in ('torch', 'torchvision') if m in sys.modules))\n")
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"PK\x03\x04 not read before torch")  # the checks before the port and torch read no more
     with _listening_port() as busy:
-        free = _listening_port()
-        free_port = free.getsockname()[1]
-        free.close()
         done = subprocess.run([sys.executable, "-c", code, "--port 99999",
-                               f"--model {tmp_path / 'none.pt'} --port {busy.getsockname()[1]}",
-                               f"--model {tmp_path / 'none.pt'} --port {free_port}"],
+                               f"--model {model} --port {busy.getsockname()[1]}",
+                               f"--model {tmp_path / 'none.pt'} --port {busy.getsockname()[1]}"],
                               cwd=root, capture_output=True, text=True, timeout=120)
     ends = [line for line in done.stdout.splitlines() if line.startswith(("exit ", "loaded: "))]  # not the args line
     assert ends == ["exit 2", "exit 2", "exit 2", "loaded: []"], done.stderr
-    assert "Address already in use" in done.stderr and f"{tmp_path / 'none.pt'}: model file not found" in done.stderr
+    # the model file's checks come before the port is bound: a missing model is named even where the port is busy
+    errors = [line for line in done.stderr.splitlines() if line.startswith("serve: error: ")]
+    assert len(errors) == 3 and "Address already in use" in errors[1], done.stderr
+    assert errors[2] == f"serve: error: {tmp_path / 'none.pt'}: model file not found"
+
+
+def test_a_model_the_loader_refuses_after_the_port_is_bound_leaves_the_socket_closed(root, tmp_path, monkeypatch):
+    """serve binds its port before the model loads; a model file that passes the checks before torch but that the
+    loader refuses (not a torch file) left the bound socket open in the process that called main(), holding the
+    port until the garbage collector came by."""
+    from helpers import load_script
+    from utils.errors import InputError
+
+    serve = load_script(root, "serve")
+    bound, bind = [], serve.bind
+    monkeypatch.setattr(serve, "bind", lambda host, port: bound.append(bind(host, port)) or bound[-1])
+    broken = tmp_path / "model.pt"
+    broken.write_bytes(b"PK\x03\x04 not a torch file")
+    with _listening_port() as probe:
+        port = probe.getsockname()[1]
+    args = serve.get_args_parser().parse_args(["--model", str(broken), "--port", str(port)])
+    with pytest.raises(InputError, match=f"^{broken}: not a readable model file "):
+        serve.main(args)
+    assert len(bound) == 1 and bound[0].fileno() == -1  # closed
 
 
 def _streamed_parts(app, path: str, part: bytes, count: int):
