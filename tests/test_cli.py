@@ -112,6 +112,44 @@ def test_the_job_is_named_after_its_script(root, capsys):
     assert captured.err == "split_data: error: /nonexistent/m.csv: No such file or directory\n"
 
 
+def test_the_signal_handlers_are_as_the_job_found_them_however_it_ends(root, tmp_path, capsys):
+    """train and hpo (every job that stops on SIGTERM) set their own SIGTERM handler and left it set: a process that
+    ran a job in-process (an embedding program, a test) could no longer be ended by SIGTERM once it was done."""
+    import signal
+
+    from utils.stop import StopRequested, stop_on_sigterm
+
+    def own(signum, frame):  # the calling program's handlers
+        pass
+
+    def job_ending(how):
+        def main(args):
+            stop_on_sigterm()
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # as predict_video's Ctrl-C handler, were it left set
+            if how is not None:
+                raise how
+            return 0
+        return main
+
+    def handlers():
+        return signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, own)  # conftest's _no_stop_left_over puts pytest's back
+    codes = []
+    for how in [None, StopRequested("SIGTERM received"), InputError("bad"), RuntimeError("a bug"), KeyboardInterrupt()]:
+        codes.append(run_fake(job_ending(how), capsys)[0])
+        assert handlers() == (own, own), how
+    for name in ("train", "hpo"):  # the real jobs, refusing a missing set after their handler is set
+        script = load_script(root, name)
+        sets = ["--images", "--annotations"] if name == "train" else ["--train-images", "--train-annotations",
+                                                                      "--val-images", "--val-annotations"]
+        argv = [part for flag in sets for part in (flag, str(tmp_path / "none"))]
+        codes.append(run_job(script.main, script.get_args_parser(), [*argv, "--output", str(tmp_path / "out")]))
+        assert handlers() == (own, own), name
+    assert codes == [0, 143, 2, 1, 130, 2, 2]
+
+
 def test_a_real_script_on_a_missing_folder_exits_2_with_one_line_naming_it(root, tmp_path):
     missing = tmp_path / "no_such_folder"
     proc = subprocess.run([sys.executable, str(root / "bin" / "preprocess.py"), "--images", str(missing),

@@ -15,6 +15,8 @@ parses the flags, prints the resolved arguments as the job's first line and runs
   image in hand, its progress file kept for the rerun; predict_video at its next frame;
 - exit 130: a Ctrl-C the job does not handle itself, one line, no traceback.
 
+The SIGTERM and SIGINT handlers a job sets are put back as they were once it ends, however it ends.
+
 Standard output: ``<job>: args: {...}`` (JSON, keys sorted, paths as strings) first.
 Nothing here imports torch: the jobs' flags and their cheap checks come from here, so that a bad flag is refused
 before the seconds that importing torch takes.
@@ -36,7 +38,7 @@ from . import defaults as D
 from .classes import CLASSES
 from .errors import InputError, require_set, set_paths, shown, without_password
 from .naming import name_part_problem
-from .stop import EXIT_STOPPED, StopRequested, require_job_output, write_stand_ins
+from .stop import EXIT_STOPPED, StopRequested, handlers_as_found, require_job_output, write_stand_ins
 
 EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERRUPTED = 128 + 2  # what a shell reports for a process ended by SIGINT
@@ -119,26 +121,27 @@ def run_job(main, parser, argv=None, job: str | None = None) -> int:
     keep_the_run_lock_from_forked_helpers()
     args = parser.parse_args(argv)
     print_values(job, "args", vars(args))
-    try:
-        return main(args)
-    except StopRequested as stop:
-        stand_ins = write_stand_ins(job, str(stop))
-        names = ", ".join(p.name for p in stand_ins)
-        kept = f" (stand-ins for the outputs not written yet: {names})" if stand_ins else ""
-        print(f"{job}: stopped: {stop}{kept}", file=sys.stderr)
-        return EXIT_STOPPED
-    except (InputError, OSError) as error:
-        print(f"{job}: error: {error_message(error)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:  # Ctrl-C where the job has no handler of its own, or a second one: not a bug
-        print(f"{job}: interrupted (Ctrl-C); every file it writes is complete or not there (written atomically)",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as error:  # a bug: what a developer needs is the traceback
-        print(f"{job}: error: unexpected {type(error).__name__}: {error_message(error)} (a bug; traceback follows)",
-              file=sys.stderr)
-        traceback.print_exc()
-        return EXIT_BUG
+    with handlers_as_found():  # a process running jobs in-process (tests, an embedding program) keeps its own
+        try:
+            return main(args)
+        except StopRequested as stop:
+            stand_ins = write_stand_ins(job, str(stop))
+            names = ", ".join(p.name for p in stand_ins)
+            kept = f" (stand-ins for the outputs not written yet: {names})" if stand_ins else ""
+            print(f"{job}: stopped: {stop}{kept}", file=sys.stderr)
+            return EXIT_STOPPED
+        except (InputError, OSError) as error:
+            print(f"{job}: error: {error_message(error)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except KeyboardInterrupt:  # Ctrl-C where the job has no handler of its own, or a second one: not a bug
+            print(f"{job}: interrupted (Ctrl-C); every file it writes is complete or not there (written atomically)",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except Exception as error:  # a bug: what a developer needs is the traceback
+            print(f"{job}: error: unexpected {type(error).__name__}: {error_message(error)} (a bug; traceback follows)",
+                  file=sys.stderr)
+            traceback.print_exc()
+            return EXIT_BUG
 
 
 # ----------------------------------------------------------------------------- flag value types

@@ -50,10 +50,26 @@ def _on_sigterm(signum, frame) -> None:
 def stop_on_sigterm() -> None:
     """From now on, SIGTERM requests a stop instead of killing the process (main thread only). A job calls it
     first: the outputs declared afterwards are this job's alone (jobs run in one process, as the tests run them,
-    must not get stand-ins for another job's files, e.g. a checkpoint.pt in the working folder)."""
+    must not get stand-ins for another job's files, e.g. a checkpoint.pt in the working folder). utils.cli.run_job
+    puts the handler found before back when the job ends (handlers_as_found)."""
     _requested.clear()
     _declared.clear()
     signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+@contextlib.contextmanager
+def handlers_as_found(signums=(signal.SIGINT, signal.SIGTERM)):
+    """After the block, the handlers of *signums* as they were before it: a job sets its own (stop_on_sigterm,
+    predict_video's Ctrl-C), which left a process that runs jobs in-process (an embedding program, tests) unable to
+    be ended by SIGTERM once the job was done. A handler set outside Python (None) cannot be put back; outside the
+    main thread no job could change one, so none is set there."""
+    held = {signum: handler for signum in signums if (handler := signal.getsignal(signum)) is not None}
+    try:
+        yield
+    finally:
+        for signum, handler in held.items():
+            if signal.getsignal(signum) is not handler:
+                signal.signal(signum, handler)
 
 
 def stop_requested() -> bool:
