@@ -64,7 +64,7 @@ REFUSALS = [
     ("bin/train.py --images DIR --annotations DIR --weights-file NONE_PT --output OUT/model.pt",
      "NONE_PT: weight file not found"),
     ("bin/train.py --images DIR --annotations DIR --weights-file DIR --output OUT/model.pt",
-     "DIR: weight file not found"),
+     "DIR: a folder, not a weight file"),  # not "not found": the folder is there
     # --weights PATH, as a mistyped kind (cocoo) is read
     ("bin/train.py --images DIR --annotations DIR --weights NONE_PT --output OUT/model.pt",
      "NONE_PT: weight file not found"),
@@ -130,6 +130,11 @@ def test_require_model_files_names_the_first_missing_or_stand_in(inputs):
         require_model_files([inputs["MODEL"], inputs["NONE"], inputs["STANDIN"]])
     with pytest.raises(InputError, match="stopped.pt: a stand-in, not a model file"):
         require_model_files([inputs["STANDIN"], inputs["NONE"]])
+    # something there that is no file is said as what it is, not as missing
+    with pytest.raises(InputError, match=f"^{inputs['DIR']}: a folder, not a model file$"):
+        require_model_files([inputs["DIR"]])
+    with pytest.raises(InputError, match="^/dev/null: a special file, not a model file$"):
+        require_model_files(["/dev/null"])
 
 
 def test_check_training_inputs_returns_what_it_read(inputs, tmp_path):
@@ -160,7 +165,7 @@ def test_the_weight_file_is_refused_early_as_its_loader_refuses_it(inputs, monke
     require_weight_file(None, inputs["MODEL"])
     with pytest.raises(InputError, match=f"^{inputs['NONE_PT']}: weight file not found$"):
         require_weight_file("imagenet", inputs["NONE_PT"])
-    with pytest.raises(InputError, match=f"^{inputs['DIR']}: weight file not found$"):
+    with pytest.raises(InputError, match=f"^{inputs['DIR']}: a folder, not a weight file$"):
         require_weight_file(str(inputs["DIR"]), inputs["MODEL"])  # --weights PATH wins over --weights-file
 
     def no_permission(path, *args, **kwargs):

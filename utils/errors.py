@@ -39,12 +39,17 @@ def is_finite_number(value) -> bool:
 
 
 def require_file(path, what: str, error: type[InputError] = InputError) -> None:
-    """*error* "<path>: <what> not found" unless *path* is a file: the check of a file a job loads, made before
-    the job imports the library that reads it (bin/serve.py refuses a missing model before torch's seconds)."""
+    """*error* "<path>: <what> not found" unless *path* is a file, "<path>: a folder, not a <what>" (or "a special
+    file": a FIFO, a device) where something else is there: the check of a file a job loads, made before the job
+    imports the library that reads it (bin/serve.py refuses a missing model before torch's seconds)."""
     from pathlib import Path
 
-    if not Path(path).is_file():
-        raise error(f"{path}: {what} not found")
+    given = Path(path)
+    if given.is_file():
+        return
+    if given.exists():  # "not found" would send the user looking for what is there
+        raise error(f"{path}: a {'folder' if given.is_dir() else 'special file'}, not a {what}")
+    raise error(f"{path}: {what} not found")
 
 
 def not_readable(path, what: str, problem: str, error: type[InputError] = InputError) -> InputError:
