@@ -150,6 +150,23 @@ def test_the_signal_handlers_are_as_the_job_found_them_however_it_ends(root, tmp
     assert codes == [0, 143, 2, 1, 130, 2, 2]
 
 
+def test_a_job_that_is_the_program_keeps_its_sigterm_handler_until_it_exits(tmp_path):
+    """A SIGTERM that reaches a job run as a script after its main returned 0 (here from an atexit hook, as the
+    interpreter exits; a pool's at checkpoint.time) finds the work done: exit 0. With the default action put
+    back after main, it ended the finished job as killed (143), which the executor and a pool retry."""
+    script = tmp_path / "late.py"
+    script.write_text("import argparse, atexit, os, signal, sys\n"
+                      "from utils.cli import run_job\n"
+                      "from utils.stop import stop_on_sigterm\n\n\n"
+                      "def main(args):\n"
+                      "    stop_on_sigterm()\n"
+                      "    atexit.register(os.kill, os.getpid(), signal.SIGTERM)\n"
+                      "    return 0\n\n\n"
+                      "sys.exit(run_job(main, argparse.ArgumentParser(), job='late'))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
 def test_a_real_script_on_a_missing_folder_exits_2_with_one_line_naming_it(root, tmp_path):
     missing = tmp_path / "no_such_folder"
     proc = subprocess.run([sys.executable, str(root / "bin" / "preprocess.py"), "--images", str(missing),

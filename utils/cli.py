@@ -15,7 +15,8 @@ parses the flags, prints the resolved arguments as the job's first line and runs
   image in hand, its progress file kept for the rerun; predict_video at its next frame;
 - exit 130: a Ctrl-C the job does not handle itself, one line, no traceback.
 
-The SIGTERM and SIGINT handlers a job sets are put back as they were once it ends, however it ends.
+The SIGTERM and SIGINT handlers a job sets are put back as they were once it ends, however it ends, where another
+program runs it in-process; a job that is the program (``python bin/<job>.py``) keeps them until its exit.
 
 Standard output: ``<job>: args: {...}`` (JSON, keys sorted, paths as strings) first.
 Nothing here imports torch: the jobs' flags and their cheap checks come from here, so that a bad flag is refused
@@ -121,7 +122,11 @@ def run_job(main, parser, argv=None, job: str | None = None) -> int:
     keep_the_run_lock_from_forked_helpers()
     args = parser.parse_args(argv)
     print_values(job, "args", vars(args))
-    with handlers_as_found():  # a process running jobs in-process (tests, an embedding program) keeps its own
+    # A program that runs the job in-process (tests, an embedding program) gets its handlers back. A job that is
+    # the program keeps its own to its exit: a SIGTERM while the interpreter exits after main (a pool's, at
+    # checkpoint.time) then finds the work done and the exit code main's, where the default action killed it
+    # and the finished job was retried.
+    with handlers_as_found() if main.__module__ != "__main__" else contextlib.nullcontext():
         try:
             return main(args)
         except StopRequested as stop:

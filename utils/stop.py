@@ -51,7 +51,7 @@ def stop_on_sigterm() -> None:
     """From now on, SIGTERM requests a stop instead of killing the process (main thread only). A job calls it
     first: the outputs declared afterwards are this job's alone (jobs run in one process, as the tests run them,
     must not get stand-ins for another job's files, e.g. a checkpoint.pt in the working folder). utils.cli.run_job
-    puts the handler found before back when the job ends (handlers_as_found)."""
+    puts the handler found before back when a job that another program runs in-process ends (handlers_as_found)."""
     _requested.clear()
     _declared.clear()
     signal.signal(signal.SIGTERM, _on_sigterm)
