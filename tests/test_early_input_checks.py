@@ -124,6 +124,19 @@ def test_open_folder_refuses_as_the_early_check_does(inputs):
         assert folder == inputs["DIR"]
 
 
+def test_annotations_read_from_the_images_own_paths_are_checked_once(inputs, monkeypatch):
+    """--annotations naming the --images path (or shards) again opened each .tar's first header twice."""
+    from utils import cli
+
+    checked = []
+    monkeypatch.setattr(cli, "require_set", checked.append)
+    shards = [inputs["TAR"], inputs["TAR"]]
+    require_set_inputs(inputs["DIR"], str(inputs["DIR"]))
+    require_set_inputs(shards, tuple(shards))
+    require_set_inputs(inputs["DIR"], inputs["TAR"])  # other paths: both checked
+    assert checked == [inputs["DIR"], shards, inputs["DIR"], inputs["TAR"]]
+
+
 def test_require_model_files_names_the_first_missing_or_stand_in(inputs):
     require_model_files([inputs["MODEL"]])
     with pytest.raises(InputError, match=f"^{inputs['NONE']}: model file not found$"):
