@@ -61,7 +61,7 @@ from ..classes import NUM_CLASSES
 from ..provenance import file_sha256
 from .model_file import MODEL_FILE_FORMAT, ModelError, model_metadata, read_model_payload, save_model_file  # noqa: F401
 from .model_file import non_finite_weights, torch_load as _torch_load  # reading, writing, checking model files: there
-from .weights import BACKBONES, RETINAFACE_BACKBONE, WEIGHT_KINDS
+from .weights import BACKBONES, RETINAFACE_BACKBONE, WEIGHT_KINDS, weights_file_given
 
 log = logging.getLogger(__name__)
 
@@ -361,8 +361,6 @@ def build_model(backbone: str = D.BACKBONE, num_classes: int = NUM_CLASSES, weig
     """
     if backbone not in BACKBONES:
         raise ModelError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
-    if weights not in WEIGHT_KINDS:
-        weights_file, weights = weights, "file"  # --weights PATH
     transform_kwargs = transform_sizes(image_size)
 
     # Decide which weights to load before building: pretrained backbones use frozen BatchNorm.
@@ -371,7 +369,10 @@ def build_model(backbone: str = D.BACKBONE, num_classes: int = NUM_CLASSES, weig
         weights, weights_file = "none", None
     if weights == "none" and weights_file is not None:
         notes.append(f"weights=none given, so {weights_file} is not used")
-        weights_file = None
+    # --weights PATH, else --weights-file unless set aside: the rule train's and hpo's checks before torch follow
+    weights_file = weights_file_given(weights, weights_file)
+    if weights not in WEIGHT_KINDS:
+        weights = "file"
     if backbone == RETINAFACE_BACKBONE and weights != "none" and weights_file is None:
         backbone, weights, weights_file = _retinaface_weights(weights, notes)
     elif weights == "widerface":
