@@ -114,6 +114,32 @@ def test_evaluate_votes_as_the_model_chose_unless_told_otherwise(root, sample_di
         assert json.loads((out / "evaluation.json").read_text())["box_voting"] is expected
 
 
+def a_part(box_vote_iou, name: str = "a.jpg") -> dict:
+    """A predictions part as bin/predict.py writes it (one image, one detection), made voting at *box_vote_iou*."""
+    return {"model": "model.pt", "backbone": "retinaface_mnet025", "image_size": 128, "working_size": 128,
+            "score_threshold": 0.5, "score_threshold_source": "--score-threshold", "tta": False,
+            "box_vote_iou": box_vote_iou, "num_images": 1, "detection_floor": 0.05, "num_detections": 1,
+            "calibration": None, "skipped": [],
+            "images": [{"file": name, "folder": "", "width": 100, "height": 80, "annotated": None,
+                        "detections": [{"box": [1.0, 2.0, 30.5, 40.0], "label": "with_mask", "score": 0.9}]}]}
+
+
+def test_merged_shards_voted_alike_and_their_compliance_json_says_how(tmp_path):
+    """A shard run with --no-box-voting (or an older predict) merged with shards that voted was taken as the same
+    run's, and the merged compliance.json did not say that the boxes had voted, as it says flip TTA."""
+    from utils.detection.merge import merge_predictions
+    from utils.errors import InputError
+
+    parts = [tmp_path / "predictions_s0.json", tmp_path / "predictions_s1.json"]
+    parts[0].write_text(json.dumps(a_part(0.7)))
+    parts[1].write_text(json.dumps(a_part(None, "b.jpg")))
+    with pytest.raises(InputError, match=r"predictions_s1.json: made with other settings .*\(box_vote_iou\)"):
+        merge_predictions(parts, tmp_path / "out", histogram=None, folder_plot=None)
+    parts[1].write_text(json.dumps(a_part(0.7, "b.jpg")))
+    report = merge_predictions(parts, tmp_path / "out", histogram=None, folder_plot=None)["report"]
+    assert report["box_vote_iou"] == 0.7 and report["tta"] is False
+
+
 def _holder(module: torch.nn.Module) -> torch.nn.Module:
     """A model whose roi_heads is *module*."""
     holder = torch.nn.Module()

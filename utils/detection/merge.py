@@ -16,7 +16,10 @@ from .compliance import compliance, merge_compliance
 from .predictions_csv import write_predictions_csv
 from .quantify import Calibration, prediction_estimates
 
-SETTINGS_KEYS = ("model", "backbone", "image_size", "working_size", "score_threshold", "score_threshold_source", "tta")
+# box_vote_iou: None without box voting (and in parts from before it, which ran without); shards voting otherwise
+# than their fellows made other detections, and the merged compliance.json says how they were made
+SETTINGS_KEYS = ("model", "backbone", "image_size", "working_size", "score_threshold", "score_threshold_source", "tta",
+                 "box_vote_iou")
 BOX_TOLERANCE = 0.01  # boxes are written rounded to 2 decimals
 MIXED_SIZES = re.compile(r"mixed: [1-9][0-9]*(, [1-9][0-9]*)+")
 
