@@ -158,7 +158,8 @@ def run(args, names: dict) -> int:
     if opened[1] == "file":  # a camera's or a live stream's frames do not come again: no resume
         try:
             key = run_key(args.model, device.type, args.source, args.stride, threshold, meta["tta"],
-                          meta["working_size"], by_content=args.checkpoint is not None)
+                          meta["working_size"], by_content=args.checkpoint is not None,
+                          box_vote_iou=meta["box_vote_iou"])
             journal = VideoProgress(args.checkpoint or progress_path(args.output_dir, names["frames_csv"]), key,
                                     checkpoint=args.checkpoint is not None)
         except BaseException:
@@ -175,7 +176,8 @@ def run(args, names: dict) -> int:
                                 output_video=args.output_video, show=args.show, max_frames=args.max_frames,
                                 max_seconds=args.max_seconds, tta=meta["tta"], progress=bar.update,
                                 settings={"model": args.model[0] if len(args.model) == 1 else args.model,
-                                          "working_size": meta["working_size"], "score_threshold_source": source},
+                                          "working_size": meta["working_size"], "score_threshold_source": source,
+                                          "box_vote_iou": meta["box_vote_iou"]},
                                 tag=args.output_tag, calibration=meta.get("quantification"), opened=opened,
                                 record=record, journal=journal)
     for note in summary["notes"]:

@@ -93,13 +93,18 @@ def test_switching_voting_on_and_off_keeps_the_modules_and_the_state_dict(tiny_m
         set_box_voting(_holder(torch.nn.Linear(1, 1)), 0.7)
 
 
-def test_evaluate_votes_as_the_model_chose_unless_told_otherwise(root, sample_dir, tiny_model_file, tmp_path, capsys):
+def chose_voting(tiny_model_file, folder):
+    """The tiny model saved as one that chose box voting at IoU 0.75 on its validation images."""
     from utils.detection.model import load_model_file, save_model_file
 
     model, meta = load_model_file(tiny_model_file)
-    chose = save_model_file(tmp_path / "chose.pt", model, {
+    return save_model_file(folder / "chose.pt", model, {
         **meta, "inference_size": {**(meta.get("inference_size") or {}), "image_size": meta["image_size"],
                                    "chosen_on": "validation", "box_voting": True, "box_vote_iou": 0.75}})
+
+
+def test_evaluate_votes_as_the_model_chose_unless_told_otherwise(root, sample_dir, tiny_model_file, tmp_path, capsys):
+    chose = chose_voting(tiny_model_file, tmp_path)
     flat = tmp_path / "flat"  # two photos: the untrained model's thousands of boxes make each a slow evaluation
     flat.mkdir()
     for stem in sorted(p.stem for p in (sample_dir / "images").iterdir())[:2]:
@@ -138,6 +143,25 @@ def test_merged_shards_voted_alike_and_their_compliance_json_says_how(tmp_path):
     parts[1].write_text(json.dumps(a_part(0.7, "b.jpg")))
     report = merge_predictions(parts, tmp_path / "out", histogram=None, folder_plot=None)["report"]
     assert report["box_vote_iou"] == 0.7 and report["tta"] is False
+
+
+def test_a_stopped_video_run_is_not_resumed_with_other_box_voting(clip):
+    """predict_video's resume key held flip TTA and the working size, not box voting: a run stopped with it and
+    run again with --no-box-voting took the voted frames' detections as its own."""
+    from utils.detection.video_progress import run_key
+
+    keys = [run_key([clip], "cpu", clip, 1, 0.5, False, 128, by_content=False, box_vote_iou=iou) for iou in (0.7, None)]
+    assert keys[0]["box_vote_iou"] == 0.7 and keys[0] != keys[1]
+
+
+@pytest.mark.slow
+def test_predict_videos_summary_says_how_the_boxes_voted(root, clip, tiny_model_file, tmp_path):
+    chose = chose_voting(tiny_model_file, tmp_path)
+    for flags, expected in (([], 0.75), (["--no-box-voting"], None)):
+        out = tmp_path / f"out{len(flags)}"
+        assert run_script(root, "predict_video", ["--source", clip, "--model", chose, "--output-dir", out,
+                                                  "--device", "cpu", "--max-frames", "1", *flags]) == 0
+        assert json.loads((out / "video_summary.json").read_text())["box_vote_iou"] == expected
 
 
 def _holder(module: torch.nn.Module) -> torch.nn.Module:

@@ -111,14 +111,16 @@ class VideoProgress:
             self.path.unlink(missing_ok=True)
 
 
-def run_key(models, device: str, source: str, stride: int, threshold: float, tta: bool, size, by_content: bool) -> dict:
+def run_key(models, device: str, source: str, stride: int, threshold: float, tta: bool, size, by_content: bool,
+            box_vote_iou: float | None) -> dict:
     """The key of a predict_video run over the video file *source*: what makes its frames' detections the same.
-    *by_content*: the video by its sha256 (a checkpoint's next try reads a new copy), else by size and time."""
+    *by_content*: the video by its sha256 (a checkpoint's next try reads a new copy), else by size and time.
+    *box_vote_iou*: the IoU boxes vote at, None without box voting (it moves the boxes)."""
     from ..provenance import code_version, file_sha256, package_versions
     from .inference import detection_floor
 
     stat = os.stat(source)
     return {"models": [file_sha256(model) for model in models], "device": device, "packages": package_versions(),
             "code": code_version()["sources_sha256"], "stride": stride, "score_threshold": threshold,
-            "floor": detection_floor(threshold), "tta": tta, "working_size": size,
+            "floor": detection_floor(threshold), "tta": tta, "working_size": size, "box_vote_iou": box_vote_iou,
             "video": [str(source), stat.st_size, file_sha256(source) if by_content else stat.st_mtime_ns]}
