@@ -35,6 +35,7 @@ def test_health_model_and_openapi(client):
     assert info["backbone"] == "retinaface_mnet025" and info["image_size"] == 128
     assert 0 < info["score_threshold"] <= 1 and info["limits"] == {"max_upload_mb": 1, "max_images": 3}
     assert info["tta"] is False and "holds no choice" in info["tta_source"]  # each request's default
+    assert info["box_voting"] is False and info["box_vote_iou"] is None and "no choice" in info["box_voting_source"]
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/api/health", "/api/model", "/api/predict", "/api/explain"} <= set(paths)
     params = {p["name"] for p in paths["/api/predict"]["post"]["parameters"]}

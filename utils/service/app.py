@@ -212,8 +212,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         colours = {name: "#%02x%02x%02x" % rgb for name, rgb in CLASS_COLOURS.items()}
         return {"classes": list(CLASSES), "colours": colours,
                 "backbone": meta.get("backbone"), "image_size": meta.get("image_size"),
-                "working_size": meta.get("working_size"), "working_size_source": meta.get("working_size_source"),
-                "tta": meta.get("tta"), "tta_source": meta.get("tta_source"),
+                **{key: meta.get(key) for key in ("working_size", "working_size_source", "tta", "tta_source")},
+                **{key: meta.get(key) for key in ("box_voting", "box_vote_iou", "box_voting_source")},
                 "score_threshold": default_threshold, "score_threshold_source": threshold_source,
                 "operating_threshold": meta.get("operating_threshold"), "detection_floor": DETECTION_FLOOR,
                 "epochs_completed": meta.get("epochs_completed"), "training": meta.get("training"),
