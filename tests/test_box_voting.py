@@ -164,6 +164,16 @@ def test_predict_videos_summary_says_how_the_boxes_voted(root, clip, tiny_model_
         assert json.loads((out / "video_summary.json").read_text())["box_vote_iou"] == expected
 
 
+def test_the_report_page_says_the_model_ran_with_box_voting(root, tmp_path, capsys):
+    from run_folders import build, make_run_folder
+
+    run_dir = make_run_folder(tmp_path / "run", hpo=False, statistics=False, figures=False)
+    path = run_dir / "outputs" / "evaluation.json"
+    for tta, said in ((True, " px with flip TTA and box voting), "), (False, " px with box voting), ")):
+        path.write_text(json.dumps({**json.loads(path.read_text()), "tta": tta, "box_voting": True}))
+        assert said in build(root, run_dir, capsys)
+
+
 def _holder(module: torch.nn.Module) -> torch.nn.Module:
     """A model whose roi_heads is *module*."""
     holder = torch.nn.Module()

@@ -52,13 +52,14 @@ def test_an_undefined_metric_is_null_in_the_summary_not_nan(tmp_path):
 
 
 def test_the_summary_says_how_each_fold_model_ran():
-    folds = [{**fake_evaluation(0.3), "working_size": 768, "tta": True}, {**fake_evaluation(0.4), "working_size": 640,
-                                                                         "tta": False}, fake_evaluation(0.5)]
+    folds = [{**fake_evaluation(0.3), "working_size": 768, "tta": True, "box_voting": True},
+             {**fake_evaluation(0.4), "working_size": 640, "tta": False, "box_voting": False}, fake_evaluation(0.5)]
     summary = summarise_folds(folds, ["a", "b", "c"])
-    assert summary["inference_per_fold"] == [{"working_size": 768, "tta": True},
-                                             {"working_size": 640, "tta": False},
-                                             {"working_size": None, "tta": None}]
-    assert "ran at (its own choice on its validation images): 768 px + flip TTA, 640 px, n/a" in format_summary(summary)
+    assert summary["inference_per_fold"] == [{"working_size": 768, "tta": True, "box_voting": True},
+                                             {"working_size": 640, "tta": False, "box_voting": False},
+                                             {"working_size": None, "tta": None, "box_voting": None}]
+    assert ("ran at (its own choice on its validation images): 768 px + flip TTA + box voting, 640 px, n/a"
+            in format_summary(summary))
 
 
 def with_estimators(evaluation: dict, errors: dict, inside: dict) -> dict:

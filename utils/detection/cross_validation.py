@@ -171,7 +171,7 @@ def summarise_folds(evaluations: list[dict], names: list[str]) -> dict:
         "images_per_fold": [e.get("num_images") for e in evaluations],
         "faces_per_fold": [e.get("num_faces") for e in evaluations],
         # how each fold model ran, as it chose on its own validation images (None: an older evaluation file)
-        "inference_per_fold": [{"working_size": e.get("working_size"), "tta": e.get("tta")} for e in evaluations],
+        "inference_per_fold": [{key: e.get(key) for key in ("working_size", "tta", "box_voting")} for e in evaluations],
         "spread": "sample standard deviation over the folds (ddof=1); n = folds where the metric is defined",
         "metrics": {key: mean_std([read(e) for e in evaluations]) for key, read, _ in OVERALL_METRICS},
         "per_class": {name: {key: mean_std([e["per_class"][name][key] for e in evaluations])
@@ -190,10 +190,11 @@ def _pm(stats: dict, digits: int = 4) -> str:
 
 
 def _inference_label(entry: dict) -> str:
-    """'768 px + flip TTA', '512 px' or 'n/a' (an evaluation file that does not say)."""
+    """'768 px + flip TTA + box voting', '512 px' or 'n/a' (an evaluation file that does not say)."""
     if entry.get("working_size") is None:
         return "n/a"
-    return f"{entry['working_size']} px" + (" + flip TTA" if entry.get("tta") else "")
+    return (f"{entry['working_size']} px" + (" + flip TTA" if entry.get("tta") else "")
+            + (" + box voting" if entry.get("box_voting") else ""))
 
 
 def format_summary(summary: dict) -> str:

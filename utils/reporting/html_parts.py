@@ -113,6 +113,13 @@ def points(value, signed: bool = True) -> str:
     return _formatted(value, lambda found: f"{found:+.1f} pts" if signed else f"{found:.1f} pts")
 
 
+def run_with(evaluation) -> str:
+    """' with flip TTA and box voting', ' with flip TTA', ' with box voting' or '': how evaluation.json says the
+    model ran (each true when it says so, not when it holds no answer: a file from before the choice)."""
+    ways = [name for key, name in (("tta", "flip TTA"), ("box_voting", "box voting")) if evaluation.get(key) is True]
+    return f" with {' and '.join(ways)}" if ways else ""
+
+
 def setting(value) -> str:
     """A parameter's value: floats to 4 significant digits, anything else as it is."""
     return f"{value:.4g}" if isinstance(value, float) else esc(text(value, shown(value)))

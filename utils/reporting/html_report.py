@@ -17,7 +17,7 @@ from .. import defaults as D
 from ..classes import CLASSES
 from .html_parts import (CSS, IMAGE_READ_ERRORS, KEPT_MASKED, ODD_CLASS, card, count, esc, estimate_paragraph,
                          estimates_table, files_listed, image_data_uri, interval, note, number, percent, points,
-                         seconds_text, setting, table, test_split_predicted, videos_part)
+                         run_with, seconds_text, setting, table, test_split_predicted, videos_part)
 from .run_folder import (FIGURES, FOLD_FIGURES, KFOLD_SUMMARY, RunFolder, figure_title, image_errors_by_stem,
                          predicted_by_stem, read_bounded, video_plot_name)
 from .values import Fields, entries, mapping, num, num_text, text
@@ -114,7 +114,7 @@ def summary_section(page: Page) -> None:
                      f'<code>{esc(text(evaluation.get("model")))}</code> ({esc(text(evaluation.get("backbone")))}, '
                      f'trained at {count(evaluation.get("image_size"))} px, '
                      f'run at {count(evaluation.get("working_size", evaluation.get("image_size")))} px'
-                     f'{" with flip TTA" if evaluation.get("tta") is True else ""}), '
+                     f'{run_with(evaluation)}), '
                      f'mean test loss {number(evaluation.get("test_loss"))}. '
                      f'Counts at the operating score threshold {number(compliance.get("score_threshold"), 2)}; '
                      f'mAP uses every detection.</p>')
