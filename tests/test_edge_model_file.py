@@ -91,6 +91,12 @@ CASES = {
     "inference_size_tta_text": (set_meta("inference_size", {"image_size": 800, "chosen_on": "validation",
                                                              "tta": "no"}),
                                 "inference_size.tta must be true or false"),
+    # "false" was true: the boxes voted; an IoU above 1 left every kept box without a voter, NaN
+    "inference_size_voting_text": (set_meta("inference_size", {"image_size": 800, "box_voting": "false"}),
+                                   "inference_size.box_voting must be true or false"),
+    "inference_size_vote_iou_2": (set_meta("inference_size", {"image_size": 800, "box_voting": True,
+                                                               "box_vote_iou": 2}),
+                                  "inference_size.box_vote_iou must be a number above 0 and at most 1, got 2"),
     "quantification_size_text": (set_meta("quantification", {**ONE_IMAGE_RATES, "working_size": "768"}),
                                  "quantification.working_size must be a whole number of pixels"),
     "quantification_tta_text": (set_meta("quantification", {**ONE_IMAGE_RATES, "tta": "yes"}),

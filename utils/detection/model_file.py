@@ -197,7 +197,8 @@ def _check_stored_threshold(record, key: str, path) -> None:
 def _check_inference_size(record, path) -> None:
     """The working size train chose on validation (inference_size.choose_inference_size): a mapping or absent,
     its image_size whole pixels within the limit a model file's image_size has (every image is resized to it),
-    its flip TTA choice true or false."""
+    its flip TTA and box voting choices true or false, the IoU boxes vote at above 0 and at most 1 (a kept box
+    votes for itself at IoU 1: above it, no box would vote and every voted box would come out NaN)."""
     if record is None:
         return
     if not isinstance(record, Mapping):
@@ -211,6 +212,13 @@ def _check_inference_size(record, path) -> None:
                          f"got {shown(record['chosen_on'])}")
     if record.get("tta") is not None and not isinstance(record["tta"], bool):  # inference_size.choose_tta
         raise ModelError(f"{path}: model metadata inference_size.tta must be true or false, got {shown(record['tta'])}")
+    if record.get("box_voting") is not None and not isinstance(record["box_voting"], bool):  # choose_box_voting
+        raise ModelError(f"{path}: model metadata inference_size.box_voting must be true or false, "
+                         f"got {shown(record['box_voting'])}")
+    vote_iou = record.get("box_vote_iou")
+    if vote_iou is not None and not (is_finite_number(vote_iou) and 0 < vote_iou <= 1):
+        raise ModelError(f"{path}: model metadata inference_size.box_vote_iou must be a number above 0 and at most 1, "
+                         f"got {shown(vote_iou)}")
 
 
 def _check_calibration(record: Mapping, path) -> None:
