@@ -118,7 +118,7 @@ def main(args) -> int:
     # torch (the device, the model) is imported only now: a bad flag, a missing input or model file is refused in a
     # fraction of a second, not after the seconds that importing torch takes
     from utils.detection.device import resolve_device
-    from utils.detection.ensemble import load_models
+    from utils.detection.ensemble import box_voting_said, load_models
     from utils.detection.prediction import predict_images, summary_line
 
     device = resolve_device(args.device)
@@ -126,8 +126,8 @@ def main(args) -> int:
                                                        args.tta, args.box_voting)
     tta, tta_source = meta["tta"], meta["tta_source"]
     print(f"predict: score threshold {score_threshold:g} ({source}); working size {meta['working_size']} px "
-          f"({meta['working_size_source']}); flip TTA {'on' if tta else 'off'} ({tta_source}); box voting "
-          f"{'on' if meta['box_voting'] else 'off'} ({meta['box_voting_source']})")
+          f"({meta['working_size_source']}); flip TTA {'on' if tta else 'off'} ({tta_source}); "
+          f"{box_voting_said(meta)}")
     settings = {"model": str(args.model[0]) if len(args.model) == 1 else list(map(str, args.model)),
                 "backbone": meta.get("backbone"), "image_size": meta.get("image_size"),
                 "working_size": meta["working_size"], "score_threshold_source": source,

@@ -133,7 +133,7 @@ def check_flags(args) -> dict:
 
 def run(args, names: dict) -> int:
     from utils.detection.device import resolve_device
-    from utils.detection.ensemble import load_models
+    from utils.detection.ensemble import box_voting_said, load_models
     from utils.detection.video import SIGTERM, open_source, predict_video
     from utils.detection.video_progress import VideoProgress, progress_path, run_key
 
@@ -146,7 +146,7 @@ def run(args, names: dict) -> int:
         opened[0].release()
         raise
     print(f"predict_video: score threshold {threshold:g} ({source}); flip TTA {'on' if meta['tta'] else 'off'} "
-          f"({meta['tta_source']}); box voting {'on' if meta['box_voting'] else 'off'} ({meta['box_voting_source']})")
+          f"({meta['tta_source']}); {box_voting_said(meta)}")
     inputs = [*args.model] + ([args.source] if opened[1] == "file" else [])
 
     def record():  # written with the other outputs, as one set

@@ -164,6 +164,19 @@ def test_predict_videos_summary_says_how_the_boxes_voted(root, clip, tiny_model_
         assert json.loads((out / "video_summary.json").read_text())["box_vote_iou"] == expected
 
 
+def test_a_fold_ensemble_whose_members_chose_differently_is_not_said_to_vote(tiny_model_file, tmp_path):
+    """predict and predict_video printed 'box voting on' for an ensemble whose members had chosen on and off (its
+    meta["box_voting"] is load_ensemble's 'mixed: True, False', a true value)."""
+    from utils.detection.ensemble import box_voting_said, load_models
+
+    chose = chose_voting(tiny_model_file, tmp_path)
+    _, meta, _, _ = load_models([chose, tiny_model_file], torch.device("cpu"))
+    assert meta["box_vote_iou"] == "mixed: 0.75, None"
+    assert box_voting_said(meta).startswith("box voting per member (on, off) (")
+    _, meta, _, _ = load_models([chose, tiny_model_file], torch.device("cpu"), box_voting=False)
+    assert box_voting_said(meta) == "box voting off (--no-box-voting)"
+
+
 def test_the_report_page_says_the_model_ran_with_box_voting(root, tmp_path, capsys):
     from run_folders import build, make_run_folder
 

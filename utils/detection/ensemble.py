@@ -121,3 +121,15 @@ def load_models(paths, device, score_threshold: float | None = None, working_siz
     model, meta, threshold, source = load_ensemble(paths, device, score_threshold, working_size, box_voting)
     tta_source = {True: "--tta", False: "--no-tta", None: "an ensemble makes no choice of its own"}[tta]
     return model, {**meta, "tta": bool(tta), "tta_source": tta_source}, threshold, source
+
+
+def box_voting_said(meta: dict) -> str:
+    """How a job's boxes vote, for its first lines: 'box voting on (why)', 'box voting off (why)', or, for an
+    ensemble whose members chose differently on their own validation images, 'box voting per member (on, off)
+    (why)': its meta["box_voting"] is then load_ensemble's 'mixed: True, False', which is not 'on'."""
+    voting = meta["box_voting"]
+    if isinstance(voting, bool):
+        state = "on" if voting else "off"
+    else:
+        state = f"per member ({str(voting).removeprefix('mixed: ').replace('True', 'on').replace('False', 'off')})"
+    return f"box voting {state} ({meta['box_voting_source']})"
