@@ -85,7 +85,8 @@ def main(args) -> int:
                     "image_size": meta.get("image_size"), "working_size": meta["working_size"],
                     "working_size_source": meta["working_size_source"], "tta": meta["tta"],
                     "tta_source": meta["tta_source"], "box_voting": meta["box_voting"],
-                    "box_voting_source": meta["box_voting_source"], "images": str(args.images),
+                    "box_vote_iou": meta["box_vote_iou"], "box_voting_source": meta["box_voting_source"],
+                    "images": str(args.images),
                     "annotations": str(args.annotations)}
         inputs = [p.image for p in pairs] + [p.annotation for p in pairs] + [Path(args.model)]
 
