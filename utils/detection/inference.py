@@ -279,7 +279,9 @@ class VotingRoIHeads(RoIHeads):
     place a face's edges better together than the best-scoring one alone: on the real data's validation images the
     60-minute model's mAP went from 0.418 to 0.430 and mAP@0.75 from 0.452 to 0.491 (bench/RESULTS.md). On the
     synthetic sample, whose boxes are drawn exactly, it lowered mAP, so train chooses it on the validation images
-    (utils/detection/inference_size.py) and ``set_box_voting`` applies the choice."""
+    (utils/detection/inference_size.py) and ``set_box_voting`` applies the choice. Under flip TTA (``detect``) the
+    voted boxes of the two passes fuse into other clusters than NMS's alone, so there the fused scores, and the
+    counts at a threshold, can differ too (9 of 20 real validation images' scores did, 2 counted a face fewer)."""
 
     vote_iou = D.BOX_VOTE_IOU
 

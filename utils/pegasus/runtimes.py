@@ -13,8 +13,8 @@ way, so a limit must come from the work:
     train with --time-budget M:  runtime = STARTUP_S + BUDGET_SLACK x M min + SAFETY x (the choice passes)
     checkpoint.time = runtime in minutes; maxwalltime = checkpoint.time + GRACE_MIN
 
-A train job ends by choosing its working size, flip TTA and score threshold on the validation images
-(utils/detection/inference_size.py): about 20 inference passes over them at a training size up to 640 px
+A train job ends by choosing its working size, flip TTA, box voting and score threshold on the validation
+images (utils/detection/inference_size.py): about 28 inference passes over them at a training size up to 640 px
 (fewer above, where the largest sizes tried are capped at 1280 px), which
 the train limits count (``_choice_s``); on a large validation split they outlast the epochs' own.
 The jobs after it run at whatever was chosen, which the plan cannot know: their limits count the dearest
@@ -94,7 +94,7 @@ def _predict_passes(config, kind: str = "predict") -> int:
 
 
 def _choice_s(config) -> dict[str, float]:
-    """Seconds of the working size, flip TTA and threshold choice that ends a train job, per job kind: over the
+    """Seconds of the working size, flip TTA, voting and threshold choice that ends a train job, per job kind: over the
     val images, and for a fold (--folds K) over the other K-1 folds' share of them."""
     val = sum(1 for entry in config.entries if entry.split == "val")
     seconds = val * _rates(config)[2] * choice_passes(config.image_size)
