@@ -103,6 +103,7 @@ def chose_voting(tiny_model_file, folder):
                                    "chosen_on": "validation", "box_voting": True, "box_vote_iou": 0.75}})
 
 
+@pytest.mark.slow  # two evaluate runs: about 11 s
 def test_evaluate_votes_as_the_model_chose_unless_told_otherwise(root, sample_dir, tiny_model_file, tmp_path, capsys):
     chose = chose_voting(tiny_model_file, tmp_path)
     flat = tmp_path / "flat"  # two photos: the untrained model's thousands of boxes make each a slow evaluation
