@@ -5,8 +5,9 @@ For each --model (a model file bin/train.py wrote, with its own held-out validat
 do what bin/train.py now does after training, on the validation images only: try the working sizes of
 utils.detection.inference_size (1x-2x the training size), keep the smallest within the tolerance of the
 best fitness, then at that size keep flip TTA if it beats the plain pass by more than the same tolerance
-(--no-tta-choice: not tried, as before 2026-12-05), and choose the score threshold and the compliance
-estimators' rates again the way the model will run.
+(--no-tta-choice: not tried, as before 2026-12-05), then box voting by the same rule (--no-box-voting-choice:
+not tried, as before 2026-12-07), and choose the score threshold and the compliance estimators' rates again the
+way the model will run.
 With --checkpoint the run's last epoch is measured in place of the epoch the model file kept (--keep best);
 its "as stored" row then runs with the kept epoch's stored threshold, rates and TTA setting.
 Then evaluate the test images with the job's own code (utils.detection.evaluation.evaluate_model), once
@@ -64,18 +65,23 @@ def last_epoch_state(checkpoint: Path) -> tuple[dict, int]:
     return payload["model"], payload["epoch"]
 
 
-def measure(model_path: Path, val: Path, test: Path, tta_choice: bool = True, checkpoint: Path | None = None) -> dict:
+def measure(model_path: Path, val: Path, test: Path, tta_choice: bool = True, checkpoint: Path | None = None,
+            voting_choice: bool = True) -> dict:
     import torch
+
+    from utils import defaults as D
+    from utils.detection.inference import set_box_voting
 
     from utils.data.pairs import open_folder
     from utils.detection.compliance import choose_operating_threshold
     from utils.detection.engine import run_inference
     from utils.detection.evaluation import evaluation_loader, labelled_pairs, load_trained_model
-    from utils.detection.inference_size import choose_inference_size, choose_tta, set_inference_size
+    from utils.detection.inference_size import choose_box_voting, choose_inference_size, choose_tta, set_inference_size
     from utils.detection.quantify import calibration_record
 
     device = torch.device("cpu")
-    model, meta, stored_threshold, _ = load_trained_model(model_path, device, working_size=meta_size(model_path))
+    model, meta, stored_threshold, _ = load_trained_model(model_path, device, working_size=meta_size(model_path),
+                                                          box_voting=False)
     trained_size = meta["image_size"]
     weights = f"kept epoch {meta.get('kept_weights', {}).get('epoch', 'last')}"
     if checkpoint is not None:  # the run's last epoch instead of the weights the model file kept
@@ -97,17 +103,25 @@ def measure(model_path: Path, val: Path, test: Path, tta_choice: bool = True, ch
         if tta_choice:
             tta, (preds, targets) = choose_tta((preds, targets), run_inference(model, val_loader, device, tta=True))
             size = {**size, **tta}
+        if voting_choice:
+            set_box_voting(model, D.BOX_VOTE_IOU)
+            voted = run_inference(model, val_loader, device, tta=size.get("tta", False))
+            voting, (preds, targets) = choose_box_voting((preds, targets), voted)
+            set_box_voting(model, D.BOX_VOTE_IOU if voting["box_voting"] else None)
+            size = {**size, **voting}
         choice = choose_operating_threshold(preds, targets)
         calibration = calibration_record(preds, targets, choice["score_threshold"], tta=size.get("tta", False),
                                          working_size=size["image_size"])
         choose_s = time.perf_counter() - started
         print(f"  chosen on validation in {choose_s:.0f} s: {size['image_size']} px, flip TTA "
-              f"{size.get('tta_fitness', 'not tried')}, threshold {choice['score_threshold']:g}; "
+              f"{size.get('tta_fitness', 'not tried')}, box voting {size.get('box_voting_fitness', 'not tried')}, "
+              f"threshold {choice['score_threshold']:g}; "
               f"{json.dumps(size['candidates'])}", flush=True)
         after = evaluate(model, test_pairs, choice["score_threshold"], calibration, Path(scratch) / "after",
                          tta=size.get("tta", False))
         print(f"  as chosen: {json.dumps(after)}", flush=True)
         set_inference_size(model, trained_size)
+        set_box_voting(model, None)
     return {"model": str(model_path), "weights": weights, "trained_size": trained_size, "val_images": len(val_pairs),
             "test_images": len(test_pairs), "chosen": size, "threshold_choice": choice["score_threshold"],
             "choose_s": round(choose_s, 1), "stored": before, "chosen_on_validation": after}
@@ -134,6 +148,8 @@ def main() -> int:
     p.add_argument("--no-tta-choice", dest="tta_choice", action="store_false",
                    help="choose the working size only, as bin/train.py did before 2026-12-05 (what "
                         "bench/results/inference_size.json was written with) (default: the size, then flip TTA)")
+    p.add_argument("--no-box-voting-choice", dest="voting_choice", action="store_false",
+                   help="do not try box voting, as bin/train.py did before 2026-12-07 (default: try it after TTA)")
     args = p.parse_args()
     if not len(args.model) == len(args.val) == len(args.test):
         p.error("give one --val and one --test per --model")
@@ -142,7 +158,7 @@ def main() -> int:
     import torch
 
     checkpoints = args.checkpoint or [None] * len(args.model)
-    rows = [measure(model, val, test, args.tta_choice, checkpoint)
+    rows = [measure(model, val, test, args.tta_choice, checkpoint, args.voting_choice)
             for model, val, test, checkpoint in zip(args.model, args.val, args.test, checkpoints)]
     print("\n| model | working size | threshold | mAP | mAP@0.5 | AP50 with / without / incorrect | mAR@100 | "
           "compliance error | headline (interval) | per-image MAE |")

@@ -277,7 +277,8 @@ class VotingRoIHeads(RoIHeads):
     the same scores and labels, and each kept box moves to the score-weighted mean of every box of its class that
     overlapped it by at least ``vote_iou`` before NMS (itself among them). The box head's neighbouring proposals
     place a face's edges better together than the best-scoring one alone: on the real data's validation images the
-    60-minute model's mAP went from 0.418 to 0.430 and mAP@0.75 from 0.452 to 0.491 (bench/RESULTS.md). On the
+    60-minute model's mAP went from 0.418 to 0.430 and mAP@0.75 from 0.452 to 0.491 (on its test split mAP stayed
+    0.437 and mAR@100 went from 0.555 to 0.563: bench/RESULTS.md, "Box voting"). On the
     synthetic sample, whose boxes are drawn exactly, it lowered mAP, so train chooses it on the validation images
     (utils/detection/inference_size.py) and ``set_box_voting`` applies the choice. Under flip TTA (``detect``) the
     voted boxes of the two passes fuse into other clusters than NMS's alone, so there the fused scores, and the
