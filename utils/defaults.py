@@ -170,7 +170,7 @@ WBF_IOU = 0.55                 # predict --model A B ... and --tta: boxes of sev
                                # box fusion (ensemble-boxes' default)
 BOX_VOTE_IOU = 0.7             # box voting (inference.VotingRoIHeads), when chosen on validation: a kept box moves to
                                # the score-weighted mean of its class's boxes overlapping it this much before NMS. On
-                               # the real data's validation images 0.6, 0.7 and 0.8 gave mAP 0.423, 0.430, 0.431 (none
+                               # the real data's validation images 0.6, 0.7 and 0.8 gave mAP 0.423, 0.430, 0.430 (none
                                # 0.418) and mAR@100 0.566, 0.578, 0.573 (none 0.565)
 EXPLAIN_METHOD = "hirescam"    # --explain: hirescam (per box, stays on the evidence the box used) | gradcam | eigencam
 EXPLAIN_METHODS = ("hirescam", "gradcam", "eigencam")  # the choices (predict --explain-method, the service)
