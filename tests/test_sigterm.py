@@ -102,8 +102,8 @@ def test_hpo_stops_on_sigterm_mid_trial_and_the_retry_runs_that_trial_again(root
 def test_a_train_sigkilled_mid_training_then_while_it_chooses_on_validation_writes_the_uninterrupted_model(
         root, tiny_dir, tmp_path, caplog):
     """SIGKILL gives no chance to stop cleanly. Killed once an epoch's checkpoint exists, the rerun resumes from it;
-    killed again after the last epoch's checkpoint, while it chooses the working size, flip TTA and the score
-    threshold on the validation images (about 28 passes), the next rerun trains no epoch again, makes the choice
+    killed again after the last epoch's checkpoint, while it chooses the working size, flip TTA, box voting and the
+    score threshold on the validation images (about 28 passes), the next rerun trains no epoch again, makes the choice
     anew and writes the model file an uninterrupted run writes, byte for byte, recording what it resumed from.
     (One test for both kill points: each training is a process start-up of torch.)"""
     import json

@@ -167,8 +167,8 @@ def test_validation_images_without_a_labelled_face_keep_the_default_threshold(ti
 
 def test_a_sigterm_while_the_working_size_tta_and_threshold_are_chosen_stops_at_the_next_validation_batch(
         tiny_dir, monkeypatch):
-    # After the last epoch, bin/train.py runs about 20 inference passes over the validation images (a pass per
-    # candidate working size, then a flip TTA pass at up to 4 times the cost) before the model file exists. A
+    # After the last epoch, bin/train.py runs about 28 inference passes over the validation images (a pass per
+    # candidate working size, then a flip TTA and a box voting pass at the chosen size) before the model file exists. A
     # SIGTERM there was only recorded: every pass still ran, so a pool's kill after its grace period found the job
     # with no stand-ins (HTCondor holds it) and the retry made every pass again anyway.
     import signal
