@@ -9,9 +9,9 @@ best fitness, then at that size keep flip TTA if it beats the plain pass by more
 not tried, as before 2026-12-07), and choose the score threshold and the compliance estimators' rates again the
 way the model will run.
 With --checkpoint the run's last epoch is measured in place of the epoch the model file kept (--keep best);
-its "as stored" row then runs with the kept epoch's stored threshold, rates and TTA setting.
+its "as stored" row then runs with the kept epoch's stored threshold, rates, TTA and box voting setting.
 Then evaluate the test images with the job's own code (utils.detection.evaluation.evaluate_model), once
-as the model file was (its training size, its stored threshold and rates) and once as chosen, and print
+as the model file was (its training size, its stored threshold, rates, TTA and box voting) and once as chosen, and print
 one table: mAP, mAP@0.5, AP50 per class, mAR@100, the compliance error at the threshold, the headline
 estimate with its interval and error, per-image MAE, and test images/s of the inference pass. The test
 split is only reported on. With --output the rows are saved as JSON.
@@ -70,18 +70,16 @@ def measure(model_path: Path, val: Path, test: Path, tta_choice: bool = True, ch
     import torch
 
     from utils import defaults as D
-    from utils.detection.inference import set_box_voting
-
     from utils.data.pairs import open_folder
     from utils.detection.compliance import choose_operating_threshold
     from utils.detection.engine import run_inference
     from utils.detection.evaluation import evaluation_loader, labelled_pairs, load_trained_model
+    from utils.detection.inference import set_box_voting
     from utils.detection.inference_size import choose_box_voting, choose_inference_size, choose_tta, set_inference_size
     from utils.detection.quantify import calibration_record
 
     device = torch.device("cpu")
-    model, meta, stored_threshold, _ = load_trained_model(model_path, device, working_size=meta_size(model_path),
-                                                          box_voting=False)
+    model, meta, stored_threshold, _ = load_trained_model(model_path, device, working_size=meta_size(model_path))
     trained_size = meta["image_size"]
     weights = f"kept epoch {meta.get('kept_weights', {}).get('epoch', 'last')}"
     if checkpoint is not None:  # the run's last epoch instead of the weights the model file kept
@@ -96,6 +94,7 @@ def measure(model_path: Path, val: Path, test: Path, tta_choice: bool = True, ch
         before = evaluate(model, test_pairs, stored_threshold, meta.get("quantification"), Path(scratch) / "before",
                           tta=meta["tta"])
         print(f"  as stored: {json.dumps(before)}", flush=True)
+        set_box_voting(model, None)  # the choice starts from NMS alone, as train's: the stored voting is the row's
         val_loader = evaluation_loader(val_pairs, num_workers=0)
         started = time.perf_counter()
         size, (preds, targets) = choose_inference_size(model, lambda: run_inference(model, val_loader, device),

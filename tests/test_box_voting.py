@@ -11,6 +11,7 @@ import torch
 from helpers import run_script
 from torchvision.models.detection.roi_heads import RoIHeads
 
+from utils import defaults as D
 from utils.detection.inference import VotingRoIHeads, box_voting, set_box_voting
 
 IMAGE = (100, 100)
@@ -106,11 +107,7 @@ def chose_voting(tiny_model_file, folder):
 @pytest.mark.slow  # two evaluate runs: about 11 s
 def test_evaluate_votes_as_the_model_chose_unless_told_otherwise(root, sample_dir, tiny_model_file, tmp_path, capsys):
     chose = chose_voting(tiny_model_file, tmp_path)
-    flat = tmp_path / "flat"  # two photos: the untrained model's thousands of boxes make each a slow evaluation
-    flat.mkdir()
-    for stem in sorted(p.stem for p in (sample_dir / "images").iterdir())[:2]:
-        for folder, suffix in (("images", ".jpg"), ("annotations", ".xml")):
-            (flat / f"{stem}{suffix}").write_bytes((sample_dir / folder / f"{stem}{suffix}").read_bytes())
+    flat = flat_set(sample_dir, tmp_path / "flat", 2)  # two photos: the untrained model's many boxes are slow
     for flags, expected, said in (([], 0.75, "box voting on (the model's, chosen on its validation images)"),
                                   (["--no-box-voting"], None, "box voting off (--no-box-voting)")):
         out = tmp_path / f"out{len(flags)}"
@@ -119,6 +116,15 @@ def test_evaluate_votes_as_the_model_chose_unless_told_otherwise(root, sample_di
         assert said in capsys.readouterr().out
         evaluation = json.loads((out / "evaluation.json").read_text())  # the IoU as predict's outputs give it
         assert evaluation["box_voting"] is (expected is not None) and evaluation["box_vote_iou"] == expected
+
+
+def flat_set(sample_dir, folder, count: int):
+    """*folder* holding the first *count* sample photos and their annotations side by side, as a preprocessed set."""
+    folder.mkdir()
+    for stem in sorted(p.stem for p in (sample_dir / "images").iterdir())[:count]:
+        for kind, suffix in (("images", ".jpg"), ("annotations", ".xml")):
+            (folder / f"{stem}{suffix}").write_bytes((sample_dir / kind / f"{stem}{suffix}").read_bytes())
+    return folder
 
 
 def a_part(box_vote_iou, name: str = "a.jpg") -> dict:
@@ -187,6 +193,34 @@ def test_the_report_page_says_the_model_ran_with_box_voting(root, tmp_path, caps
     for tta, said in ((True, " px with flip TTA and box voting), "), (False, " px with box voting), ")):
         path.write_text(json.dumps({**json.loads(path.read_text()), "tta": tta, "box_voting": True}))
         assert said in build(root, run_dir, capsys)
+
+
+def test_the_inference_size_bench_runs_its_stored_row_as_stored_and_chooses_from_nms_alone(
+        root, sample_dir, tiny_model_file, tmp_path, monkeypatch):
+    """bench/inference_size.py loaded models without their box voting: its "as stored" row ran a model that chose
+    voting without it (as it runs the stored TTA). Its choice must still start from NMS alone, as train's does
+    (training_run.choose_on_validation), and try voting, at BOX_VOTE_IOU, only after the size and TTA."""
+    import importlib.util
+
+    import utils.detection.engine as engine
+
+    spec = importlib.util.spec_from_file_location("inference_size_bench", root / "bench" / "inference_size.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    passes, evaluations = [], []
+
+    def validation_pass(model, loader, device, tta=False, **_):  # one labelled face, found: no real inference
+        passes.append((box_voting(model), tta))
+        target = {"boxes": torch.tensor([[10.0, 10.0, 40.0, 40.0]]), "labels": torch.tensor([1])}
+        return [{**target, "scores": torch.tensor([0.9])}], [target]
+
+    monkeypatch.setattr(engine, "run_inference", validation_pass)
+    monkeypatch.setattr(bench, "evaluate", lambda model, *_, **__: evaluations.append(box_voting(model)) or {})
+    photos = flat_set(sample_dir, tmp_path / "flat", 1)
+    bench.measure(chose_voting(tiny_model_file, tmp_path), photos, photos)
+    assert evaluations == [0.75, None]  # as stored: the file's voting; as chosen: voting gained nothing here
+    assert passes[-2:] == [(None, True), (D.BOX_VOTE_IOU, False)]  # flip TTA, then voting at that TTA
+    assert all(vote_iou is None for vote_iou, _ in passes[:-1])
 
 
 def _holder(module: torch.nn.Module) -> torch.nn.Module:
