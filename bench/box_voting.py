@@ -11,10 +11,11 @@ seconds each pass took. With --output the rows are saved as JSON.
       --val RUN/scratch/preprocess_val --test RUN/scratch/evaluate/test_set.tar \\
       --output bench/results/box_voting.json
 
-Exit 0; 2 (one line) on a bad flag.
+Exit 0; 2 (one line) on a bad flag, a model file or a set that cannot be read.
 """
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -69,16 +70,24 @@ def main() -> int:
             p.error(f"{path}: not found")
     import torch
 
+    from utils.cli import error_message
     from utils.data.pairs import open_folder
     from utils.detection.evaluation import labelled_pairs, load_trained_model
     from utils.detection.inference import set_box_voting
     from utils.detection.metrics import fitness
 
-    model, meta, threshold, _ = load_trained_model(args.model, torch.device("cpu"), box_voting=False)
-    rows = []
-    for split, path in [("validation", args.val)] + ([("test", args.test)] if args.test else []):
-        with open_folder(path) as folder:
-            pairs, _ = labelled_pairs(folder, folder)
+    splits = [("validation", args.val)] + ([("test", args.test)] if args.test else [])
+    with contextlib.ExitStack() as stack:
+        try:  # a model or a set that cannot be used is said before any pass runs, not after the validation rows
+            model, meta, threshold, _ = load_trained_model(args.model, torch.device("cpu"), box_voting=False)
+            sets = []
+            for split, path in splits:
+                folder = stack.enter_context(open_folder(path))  # a .tar unpacked while its rows run
+                sets.append((split, labelled_pairs(folder, folder)[0]))
+        except (ValueError, OSError) as error:  # InputError is a ValueError: a model file or set it cannot read
+            p.error(error_message(error))
+        rows = []
+        for split, pairs in sets:
             for vote_iou in [None, *args.ious]:
                 set_box_voting(model, vote_iou)
                 row = {"split": split, "box_vote_iou": vote_iou, **evaluate_once(model, meta, threshold, pairs)}

@@ -223,6 +223,23 @@ def test_the_inference_size_bench_runs_its_stored_row_as_stored_and_chooses_from
     assert all(vote_iou is None for vote_iou, _ in passes[:-1])
 
 
+def test_the_box_voting_bench_refuses_a_model_or_set_it_cannot_read_in_one_line_before_any_pass(
+        root, tiny_model_file, tmp_path, monkeypatch, capsys):
+    import runpy
+    import sys
+
+    junk, empty = tmp_path / "junk.pt", tmp_path / "empty"
+    junk.write_bytes(b"not a model")
+    empty.mkdir()
+    for model, val, named in ((junk, empty, junk), (tiny_model_file, empty, empty)):
+        monkeypatch.setattr(sys, "argv", ["box_voting.py", "--model", str(model), "--val", str(val)])
+        with pytest.raises(SystemExit) as stopped:
+            runpy.run_path(str(root / "bench" / "box_voting.py"), run_name="__main__")
+        assert stopped.value.code == 2
+        error = capsys.readouterr().err.splitlines()[-1]
+        assert error.startswith("box_voting.py: error: ") and str(named) in error
+
+
 def _holder(module: torch.nn.Module) -> torch.nn.Module:
     """A model whose roi_heads is *module*."""
     holder = torch.nn.Module()
