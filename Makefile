@@ -78,8 +78,8 @@ test: setup
 
 # The edit loop: every test but the slow kinds (end-to-end runs, the real planner, the browser,
 # training for whole epochs; markers in pyproject.toml), shared out over the cores as make test does
-# (2m10s and 2m19s in two runs on an idle 2-core machine on 2026-12-07, set-up included). CI runs `make test`,
-# the whole suite (7m24s and 7m29s there).
+# (2m49s on an idle 2-core machine on 2026-12-07 at 405bc4d, set-up included). CI runs `make test`,
+# the whole suite (8m55s there, in a fresh clone whose .ci/run took 10m23s with the install).
 test-fast: setup
 	$(TEST_ENV) $(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile tests
 
