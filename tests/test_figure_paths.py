@@ -340,9 +340,9 @@ def test_the_report_shows_the_figures_of_the_compliance_json_it_reads(root, smal
                                                        ("with_mask", "without_mask", "mask_weared_incorrect"))
             + f"), <b>{overall['percent_properly_masked']:.1f}%</b> with_mask among the faces kept at the threshold "
             "(cc)") in page
-    assert (f"Estimate (cc): <b>{estimate['percent']:.1f}% (95% interval {estimate['low']:.1f}&ndash;"
-            f"{estimate['high']:.1f}%)</b> over 5 images; cc instead of pacc2: the model file holds no validation "
-            "rates") in page
+    assert (f"Estimate (cc, classify and count): <b>{estimate['percent']:.1f}% (95% interval "
+            f"{estimate['low']:.1f}&ndash;{estimate['high']:.1f}%)</b> over 5 images; cc instead of pacc2: the model "
+            "file holds no validation rates") in page
 
 
 def test_predict_two_shards_merged_and_the_video_path_give_one_adjusted_figure(
@@ -419,7 +419,8 @@ def test_the_report_gives_each_videos_figure_with_its_interval_blocks_estimator_
     page = report_page(root, run_dir, capsys)
     estimate = summary["estimate"]
     assert estimate["low"] is not None and estimate["units"] == 5
-    assert (f"Estimate (cc): <b>{one_decimal(estimate['percent'])}% (95% interval {one_decimal(estimate['low'])}"
+    assert (f"Estimate (cc, classify and count): <b>{one_decimal(estimate['percent'])}% (95% interval "
+            f"{one_decimal(estimate['low'])}"
             f"&ndash;{one_decimal(estimate['high'])}%)</b> over 5 blocks of 1 processed frame(s); "
             f"{esc(estimate['fallback'])}.") in page
     assert "Video <code>photos.mp4</code>" in page and f"({esc(names['plot'])})</span></figcaption>" in page

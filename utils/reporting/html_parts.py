@@ -203,11 +203,13 @@ def test_split_predicted(config: dict, shrunk=None) -> str:
 
 
 def estimate_paragraph(estimate, units: str, below: bool = False) -> str:
-    """'<p>Estimate (cc): <b>53.2% (95% interval ...)</b> over 24 images; cc instead of pacc2: ...</p>' of a
-    utils.detection.quantify estimate resting on *units*; *below*: no face at the score threshold, so the
+    """'<p>Estimate (cc, classify and count): <b>53.2% (95% interval ...)</b> over 24 images; cc instead of pacc2:
+    ...</p>' of a utils.detection.quantify estimate resting on *units* (its method named in words as the estimate
+    names it: a reader of the page need not know what pacc2 is); *below*: no face at the score threshold, so the
     figure is of the detections below it alone (as the printed line says, compliance.compliance_line)."""
     estimate = mapping(estimate)
-    return (f"<p>Estimate ({esc(text(estimate.get('method')))}): <b>{interval(estimate)}</b> over {units}"
+    words = f", {text(estimate['estimator'])}" if estimate.get("estimator") else ""
+    return (f"<p>Estimate ({esc(text(estimate.get('method')) + words)}): <b>{interval(estimate)}</b> over {units}"
             + (f"; {esc(text(estimate['fallback']))}" if estimate.get("fallback") else "")
             + (f"; {NO_FACE_KEPT}: {BELOW_ONLY}" if below else "") + ".</p>")
 
