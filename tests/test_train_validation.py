@@ -50,6 +50,11 @@ def test_training_with_held_out_validation_images_chooses_and_stores_the_operati
     assert meta["quantification"]["tta"] == size["tta"] and loaded["tta"] == size["tta"]
     assert meta["quantification"]["working_size"] == size["image_size"]
     assert "flip TTA" in caplog.text
+    # box voting: tried at that size and TTA, kept by the same rule, and the jobs run the model as it chose
+    without, voted = size["box_voting_fitness"]["plain"], size["box_voting_fitness"]["voted"]
+    assert size["box_voting"] == (voted > without + D.INFERENCE_SIZE_TOLERANCE)
+    assert size["box_vote_iou"] == D.BOX_VOTE_IOU and loaded["box_voting"] == size["box_voting"]
+    assert f"box voting {'on' if size['box_voting'] else 'off'}: fitness" in caplog.text
     assert meta["val_mode"] == "monitor" and meta["num_val_images"] == 6  # held out, not trained on
     assert (meta["kept_weights"]["rule"], meta["kept_weights"]["epoch"]) == ("best", 1)  # one epoch: the best
     assert "weights of epoch 1 kept (best)" in printed
