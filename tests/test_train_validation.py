@@ -12,6 +12,7 @@ import torch
 from helpers import TINY, run_script, tiny_pairs
 from utils import defaults as D
 from utils.detection.evaluation import load_trained_model
+from utils.detection.inference import box_voting
 from utils.detection.model import load_model_file
 from utils.detection.params import TrainParams
 from utils.detection.training import Trainer
@@ -38,7 +39,7 @@ def test_training_with_held_out_validation_images_chooses_and_stores_the_operati
     within = [row["image_size"] for row in size["candidates"] if row["fitness"] >= best - D.INFERENCE_SIZE_TOLERANCE]
     assert size["image_size"] == min(within)
     assert model.transform.max_size == 128  # the file rebuilds at the training size; the jobs set the chosen one
-    _, loaded, _, _ = load_trained_model(out / "model.pt", torch.device("cpu"))
+    run_model, loaded, _, _ = load_trained_model(out / "model.pt", torch.device("cpu"))
     assert (loaded["working_size"], loaded["working_size_source"]) == (size["image_size"],
                                                                        "the model's, chosen on its validation images")
     _, given, _, _ = load_trained_model(out / "model.pt", torch.device("cpu"), working_size=96)
@@ -54,6 +55,9 @@ def test_training_with_held_out_validation_images_chooses_and_stores_the_operati
     without, voted = size["box_voting_fitness"]["plain"], size["box_voting_fitness"]["voted"]
     assert size["box_voting"] == (voted > without + D.INFERENCE_SIZE_TOLERANCE)
     assert size["box_vote_iou"] == D.BOX_VOTE_IOU and loaded["box_voting"] == size["box_voting"]
+    # read from the file, not the default (both off when the choice is off), and applied to the model itself
+    assert loaded["box_voting_source"] == "the model's, chosen on its validation images"
+    assert box_voting(run_model) == (D.BOX_VOTE_IOU if size["box_voting"] else None)
     assert f"box voting {'on' if size['box_voting'] else 'off'}: fitness" in caplog.text
     assert meta["val_mode"] == "monitor" and meta["num_val_images"] == 6  # held out, not trained on
     assert (meta["kept_weights"]["rule"], meta["kept_weights"]["epoch"]) == ("best", 1)  # one epoch: the best
