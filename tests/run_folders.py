@@ -19,6 +19,7 @@ from PIL import Image
 
 from helpers import run_script
 from utils.classes import CLASSES
+from utils.detection.quantify import METHOD_NAMES
 from utils.provenance import write_run_record
 
 FIGURE_NAMES = ("class_distribution.png", "optimization_history.png", "param_importances.png", "loss_curve.png",
@@ -58,9 +59,10 @@ def image_errors(num_images: int) -> list[dict]:
 
 def estimate_record(method: str, value: float, low: float, high: float, units: int, truth: float | None = None) -> dict:
     """One estimate as utils.detection.quantify writes it (with its error when *truth* is given)."""
-    record = {"method": method, "estimator": method, "percent": value, "low": low, "high": high, "confidence": 0.95,
-              "units": units, "unit": "image", "faces_found": 20, "faces_estimated": 20.0, "replicates": 1000,
-              "replicates_defined": 1000, "seed": 42, "calibration_images": None, "resampled": "images"}
+    record = {"method": method, "estimator": METHOD_NAMES[method], "percent": value, "low": low, "high": high,
+              "confidence": 0.95, "units": units, "unit": "image", "faces_found": 20, "faces_estimated": 20.0,
+              "replicates": 1000, "replicates_defined": 1000, "seed": 42, "calibration_images": None,
+              "resampled": "images"}
     if truth is not None:
         record.update(error_points=round(value - truth, 2), truth_inside=low <= truth <= high)
     return record

@@ -114,3 +114,29 @@ def test_the_plots_words_for_the_count_fit_their_axes_and_count_one_face_as_one(
     assert [t.get_text() for t in drawn["fig"].axes[0].texts] == [
         "100.0% (one image: no interval), 1 image, 1 face kept at the threshold"]
     plots.plt.close(drawn["fig"])
+
+
+def test_the_reports_estimate_names_its_method_in_words_and_an_older_file_without_them_reads_as_before(
+        root, tmp_path, capsys):
+    """'Estimate (pacc2)' left a reader to know what pacc2 is: the line now gives the words the estimate holds
+    (quantify.METHOD_NAMES); a compliance.json or video_summary.json written before holds none, and its line reads
+    as it did. The words are escaped as the rest of the line."""
+    from run_folders import estimate_record, make_run_folder
+
+    from utils.reporting.html_parts import estimate_paragraph, video_paragraphs
+
+    run_dir = make_run_folder(tmp_path / "run", hpo=False, statistics=False, figures=False)
+    path = run_dir / "outputs" / "compliance.json"
+    written = json.loads(path.read_text())
+    older = {key: value for key, value in estimate_record("cc", 50.0, 41.5, 58.5, 6).items() if key != "estimator"}
+    for estimate, shown in ((estimate_record("pacc2", 41.94, 30.1, 52.2, 6),
+                             "<p>Estimate (pacc2, adjusted probabilistic count, masked or not): <b>41.9% (95% "),
+                            (older, "<p>Estimate (cc): <b>50.0% (95% interval 41.5&ndash;58.5%)</b> over 6 images.")):
+        path.write_text(json.dumps({**written, "estimate": estimate}))
+        assert run_script(root, "report", [run_dir]) == 0
+        capsys.readouterr()
+        assert shown in (run_dir / "outputs" / "report.html").read_text()
+    video = video_paragraphs("video_summary.json", {"estimate": older, "resampling": {"block_frames": 1}})
+    assert "<p>Estimate (cc): <b>50.0% (95% interval 41.5&ndash;58.5%)</b> over 6 blocks of 1 processed" in video
+    odd = estimate_paragraph({**older, "estimator": "<b>odd</b> & co"}, "6 images")
+    assert odd.startswith("<p>Estimate (cc, &lt;b&gt;odd&lt;/b&gt; &amp; co): <b>50.0% ")
