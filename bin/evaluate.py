@@ -68,6 +68,7 @@ def main(args) -> int:
     # torch (the device, the model, the metrics) is imported only now: a bad flag, a missing model file or set is
     # refused in a fraction of a second, not after the seconds that importing torch takes
     from utils.detection.device import resolve_device
+    from utils.detection.ensemble import box_voting_said
     from utils.detection.evaluation import evaluate_model, format_report, labelled_pairs, load_trained_model
 
     device = resolve_device(args.device)
@@ -75,7 +76,7 @@ def main(args) -> int:
                                                               args.image_size, args.tta, args.box_voting)
     print(f"evaluate: score threshold {score_threshold:g} ({source}); working size {meta['working_size']} px "
           f"({meta['working_size_source']}); flip TTA {'on' if meta['tta'] else 'off'} ({meta['tta_source']}); "
-          f"box voting {'on' if meta['box_voting'] else 'off'} ({meta['box_voting_source']})")
+          f"{box_voting_said(meta)}")
     with contextlib.ExitStack() as stack:
         images_dir = stack.enter_context(open_folder(args.images))
         same = Path(args.images).resolve() == Path(args.annotations).resolve()
