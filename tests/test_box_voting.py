@@ -94,6 +94,22 @@ def test_switching_voting_on_and_off_keeps_the_modules_and_the_state_dict(tiny_m
         set_box_voting(_holder(torch.nn.Linear(1, 1)), 0.7)
 
 
+def test_heads_that_change_only_training_are_replaced_by_the_choice(tiny_model_file):
+    """train's choice runs on the trained model: with --box-loss giou its heads are recipe.GIoURoIHeads, whose
+    inference is torchvision's (the choice failed on them after the last epoch, and no model file was written)."""
+    from utils.detection.model import load_model_file
+    from utils.detection.recipe import GIoURoIHeads, set_box_head_training
+
+    model, _ = load_model_file(tiny_model_file)
+    set_box_head_training(model, "giou", 0.5)
+    set_box_voting(model, 0.7)
+    assert type(model.roi_heads) is VotingRoIHeads and box_voting(model) == 0.7
+    set_box_head_training(model, "giou", 0.5)
+    set_box_voting(model, None)
+    assert type(model.roi_heads) is RoIHeads and box_voting(model) is None
+    assert not getattr(RoIHeads, "training_only", False) and GIoURoIHeads.training_only
+
+
 def chose_voting(tiny_model_file, folder):
     """The tiny model saved as one that chose box voting at IoU 0.75 on its validation images."""
     from utils.detection.model import load_model_file, save_model_file

@@ -19,6 +19,24 @@ from utils.detection.training import Trainer
 
 
 @pytest.mark.training
+def test_training_with_the_giou_box_loss_makes_its_choices_and_writes_the_model_file(tiny_dir, tmp_path, root,
+                                                                                       capsys):
+    """--box-loss giou swaps the heads' class for training; the choices after the last epoch (box voting among
+    them) run on those heads and used to refuse them, so such a run wrote no model file."""
+    out = tmp_path / "run"
+    argv = ["--images", tiny_dir / "images", "--annotations", tiny_dir / "annotations", "--val-images",
+            tiny_dir / "images", "--val-annotations", tiny_dir / "annotations", "--epochs", "1", "--image-size", "64",
+            "--batch-size", "2", "--workers", "0", "--checkpoint", out / "checkpoint.pt", "--output", out / "model.pt",
+            "--seed", "1", "--no-progress", "--device", "cpu", "--box-loss", "giou"]
+    assert run_script(root, "train", argv) == 0
+    assert "model written" in capsys.readouterr().out
+    _, meta = load_model_file(out / "model.pt")
+    assert meta["training"]["box_loss"] == "giou" and "box_voting" in meta["inference_size"]
+    run_model, loaded, _, _ = load_trained_model(out / "model.pt", torch.device("cpu"))
+    assert box_voting(run_model) == (D.BOX_VOTE_IOU if loaded["box_voting"] else None)
+
+
+@pytest.mark.training
 def test_training_with_held_out_validation_images_chooses_and_stores_the_operating_threshold(tiny_dir, tmp_path,
                                                                                               root, caplog, capsys):
     out = tmp_path / "run"

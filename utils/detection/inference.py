@@ -304,9 +304,12 @@ class VotingRoIHeads(RoIHeads):
 
 
 def set_box_voting(model, vote_iou: float | None) -> None:
-    """Run *model* with box voting at *vote_iou* (VotingRoIHeads), or with torchvision's NMS alone (None)."""
+    """Run *model* with box voting at *vote_iou* (VotingRoIHeads), or with torchvision's NMS alone (None).
+
+    Heads whose class changes only training (``training_only = True``: recipe.GIoURoIHeads, the GIoU box loss)
+    are replaced too: the choice is made on a trained model, whose inference is torchvision's either way."""
     heads = model.roi_heads
-    if type(heads) not in (RoIHeads, VotingRoIHeads):
+    if type(heads) not in (RoIHeads, VotingRoIHeads) and not getattr(type(heads), "training_only", False):
         raise TypeError(f"box voting needs torchvision's RoIHeads, not {type(heads).__name__}")
     # FasterRCNN builds its RoIHeads itself; swapping the class keeps its modules, settings and state dict
     heads.__class__ = RoIHeads if vote_iou is None else VotingRoIHeads

@@ -152,6 +152,8 @@ class GIoURoIHeads(RoIHeads):
     """torchvision's RoIHeads, training its box regression on the generalised IoU of the decoded boxes
     instead of a smooth L1 on the encoded offsets; inference and the weights are torchvision's."""
 
+    training_only = True  # inference.set_box_voting may replace it on a trained model
+
     def forward(self, features, proposals, image_shapes, targets=None):
         if not self.training:
             return super().forward(features, proposals, image_shapes, targets)
