@@ -144,3 +144,17 @@ def test_a_pretrained_weight_file_given_by_path_is_recorded_with_its_sha256(tmp_
                                   "sha256": file_sha256(path)}
     unpretrained = torch.load(save_model_file(tmp_path / "none.pt", source), weights_only=True)["meta"]
     assert "sha256" not in unpretrained["pretrained"]  # nothing read: the file's metadata is as it was
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v2_fpn", "retinaface_mnet025"])
+def test_the_detectors_sizes_are_read_from_the_defaults_table(backbone, monkeypatch):
+    # utils/defaults.py holds every default: a value changed there reaches the two detectors model.py builds itself
+    from utils import defaults as D
+
+    for name, value in (("DETECTIONS_PER_IMAGE", 7), ("RPN_PRE_NMS_TOP_N_TEST", 11), ("RPN_POST_NMS_TOP_N_TEST", 13),
+                        ("OWN_ROI_BATCH_SIZE", 17)):
+        monkeypatch.setattr(D, name, value)
+    model = build_model(backbone, weights="none", image_size=128)
+    assert model.roi_heads.detections_per_img == 7
+    assert model.rpn._pre_nms_top_n["testing"] == 11 and model.rpn._post_nms_top_n["testing"] == 13
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 17

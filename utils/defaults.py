@@ -50,6 +50,15 @@ WEIGHTS = "imagenet"           # none | imagenet | coco | widerface | a file; im
                                # pretrained weights (WIDER FACE for retinaface_mnet025); falls back and says so
 IMAGE_SIZE = 512               # longest image side the detector works at (faces are often under 30 px)
 TRAINABLE_LAYERS = 3           # backbone stages trained, counted from the top
+# The detector's sizes of mobilenet_v2_fpn and retinaface_mnet025 (model.py builds those two itself; torchvision's
+# builders of the other backbones keep torchvision's own: 100 detections, 1000 proposals after NMS, 512 RoIs):
+DETECTIONS_PER_IMAGE = 200     # most boxes one image reports, best scores first, those down to DETECTION_FLOOR
+                               # included: the real data has up to ~120 faces a photo, and a face can give a box per
+                               # class; a crowd beyond it loses its lowest-scoring boxes (no output says so)
+RPN_PRE_NMS_TOP_N_TEST = 1000  # proposals per pyramid level kept before the RPN's NMS at inference (torchvision's)
+RPN_POST_NMS_TOP_N_TEST = 500  # ... and per image after it (torchvision's 1000): ~4 a face of the most crowded photo
+OWN_ROI_BATCH_SIZE = 256       # "the architecture's own" proposals per image of ROI_BATCH_SIZE=None (torchvision's 512)
+WEIGHTS_DOWNLOAD_TIMEOUT_S = 20  # a download of torchvision weights gives up after this: offline machines fail fast
 
 # -- training ----------------------------------------------------------------------------
 EPOCHS = 10

@@ -76,8 +76,7 @@ MOBILENET_V2_RETURN_NODES = (("features.6", 32, 8), ("features.13", 96, 16), ("f
 MOBILENET_V2_FPN_CHANNELS = 128  # 256 (torchvision's choice) doubles the CPU cost of FPN, RPN and box head
 FACE_ANCHOR_SIZES = ((16, 24), (32, 48), (64, 96), (128, 256))  # one tuple per pyramid level, pool level last
 FACE_ASPECT_RATIOS = (0.75, 1.0, 1.33)  # height / width: faces are a little taller than wide
-# Download attempts must fail fast on machines without internet.
-DOWNLOAD_TIMEOUT_S = 20
+DOWNLOAD_TIMEOUT_S = D.WEIGHTS_DOWNLOAD_TIMEOUT_S
 
 
 @dataclass
@@ -224,9 +223,8 @@ def _mobilenet_v2_fpn(num_classes: int, frozen_bn: bool, fpn_channels: int, tran
     anchors = AnchorGenerator(sizes=FACE_ANCHOR_SIZES, aspect_ratios=(FACE_ASPECT_RATIOS,) * len(FACE_ANCHOR_SIZES))
     model = detection.FasterRCNN(
         backbone, num_classes=num_classes, rpn_anchor_generator=anchors,
-        # The data set has up to ~120 faces per image; few images have none.
-        box_detections_per_img=200, box_batch_size_per_image=256,
-        rpn_pre_nms_top_n_test=1000, rpn_post_nms_top_n_test=500,
+        box_detections_per_img=D.DETECTIONS_PER_IMAGE, box_batch_size_per_image=D.OWN_ROI_BATCH_SIZE,
+        rpn_pre_nms_top_n_test=D.RPN_PRE_NMS_TOP_N_TEST, rpn_post_nms_top_n_test=D.RPN_POST_NMS_TOP_N_TEST,
         **transform_kwargs)
     return model, stages
 
@@ -255,8 +253,8 @@ def _retinaface_detector(num_classes: int, transform_kwargs: dict):
         retinaface.RetinaFaceBackbone(), num_classes=num_classes,
         rpn_anchor_generator=retinaface.anchor_generator(), rpn_head=retinaface.RetinaFaceRPNHead(),
         box_roi_pool=MultiScaleRoIAlign(featmap_names=["0", "1", "2"], output_size=7, sampling_ratio=2),
-        box_detections_per_img=200, box_batch_size_per_image=256,
-        rpn_pre_nms_top_n_test=1000, rpn_post_nms_top_n_test=500,
+        box_detections_per_img=D.DETECTIONS_PER_IMAGE, box_batch_size_per_image=D.OWN_ROI_BATCH_SIZE,
+        rpn_pre_nms_top_n_test=D.RPN_PRE_NMS_TOP_N_TEST, rpn_post_nms_top_n_test=D.RPN_POST_NMS_TOP_N_TEST,
         **retinaface.TRANSFORM_NORMALISATION, **transform_kwargs)
     # The pretrained box head predicts offsets scaled by RetinaFace's variances (0.1, 0.2).
     model.rpn.box_coder = BoxCoder(retinaface.BOX_CODER_WEIGHTS)
@@ -351,8 +349,8 @@ def _retinaface_weights(weights: str, notes: list) -> tuple[str, str, Path | Non
     return backbone, "widerface", path
 
 
-def build_model(backbone: str = D.BACKBONE, num_classes: int = NUM_CLASSES, weights: str = "imagenet",
-                weights_file=None, trainable_layers: int = 3, image_size: int = 512,
+def build_model(backbone: str = D.BACKBONE, num_classes: int = NUM_CLASSES, weights: str = D.WEIGHTS,
+                weights_file=None, trainable_layers: int = D.TRAINABLE_LAYERS, image_size: int = D.IMAGE_SIZE,
                 _frozen_bn: bool | None = None) -> nn.Module:
     """A torchvision Faster R-CNN for *num_classes* (background included) with the named backbone.
 
