@@ -79,10 +79,11 @@ PHOTOMETRIC = 0.0              # probability of torchvision's RandomPhotometricD
                                # it lowered the validation F1 at 15 minutes with the ImageNet backbone (0.661 ->
                                # 0.580) and at 25 minutes with the face-pretrained one (0.780 -> 0.715,
                                # bench/RESULTS.md "Photometric distortion on the face-pretrained recipe")
-MULTISCALE = 0.5               # multi-scale training: longer sides IMAGE_SIZE*(1 +- this), steps of 32 px; 0 off.
+MULTISCALE = 0.5               # multi-scale training: longer sides IMAGE_SIZE*(1 +- this) in MULTISCALE_STEPs; 0 off.
                                # Rejected at 15 minutes (2-3 epochs); at 60 minutes on the real data it stopped the
                                # over-fitting of the later epochs (val fitness 0.396 at the end, not 0.352) and
                                # raised test mAP@0.5 0.688 -> 0.809 (bench/RESULTS.md, "Multi-scale training")
+MULTISCALE_STEP = 32           # px between the multi-scale sizes: torchvision's transform pads a batch to 32s anyway
 REPEAT_THRESHOLD = 0.3         # repeat-factor sampling (LVIS): images of classes in fewer than this fraction of
                                # the images are repeated sqrt(t/f) times per epoch (mask_weared_incorrect: 11 % of
                                # the real images, so ~1.6x); raised the validation F1 0.606 -> 0.661; 0 off
@@ -93,6 +94,8 @@ ROI_BATCH_SIZE = 128           # region proposals sampled per image for the box 
                                # in the same 15 minutes; a GPU run keeps the architecture's own unless given
 BOX_LOSS = "smooth_l1"         # the box head's regression loss: smooth_l1 (torchvision's, on the encoded offsets) or
                                # giou (the generalised IoU of the decoded boxes); recipe.set_box_head_training
+GIOU_LOSS_WEIGHT = 10.0        # BOX_LOSS=giou: the loss is this x (1 - GIoU), mmdetection's weight for Faster R-CNN:
+                               # 1.2-2.8x torchvision's smooth L1 of the same offsets
 ROI_FG_IOU = 0.5               # IoU with a face from which a sampled proposal trains the box head as that face, and
                                # below which (or below ROI_BG_IOU) as background (torchvision's 0.5; Cascade R-CNN's
                                # later stages 0.6-0.7)
@@ -100,6 +103,8 @@ ROI_BG_IOU = None              # IoU below which a sampled proposal trains the b
                                # and ROI_FG_IOU are left out of the loss (an ignore band). None: ROI_FG_IOU, no band
 EMA_DECAY = 0.0                # exponential moving average of the weights (validation and the model file); 0 off
                                # (0.998 at 12 minutes and 0.999 at 60 lowered the validation figures; bench/RESULTS.md)
+EMA_RAMP_UPDATES = 100         # the EMA's decay ramps up as decay * (1 - exp(-updates / this)), as Ultralytics' does,
+                               # but over 100 updates, not 2000: a CPU run here makes about 1,000 updates in all
 TIME_BUDGET = None             # minutes of training (validation included); epochs are fitted to it. None: EPOCHS
 AMP = True                     # mixed precision on CUDA (never on a CPU)
 STAGES = None                  # --stages: staged training, e.g. [{epochs: 3, lr: 0.02, trainable_layers: 0},

@@ -37,6 +37,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import generalized_box_iou_loss
 
+from .. import defaults as D
 from ..classes import CLASSES, NO_LABEL_MAP, LabelMap
 from ..data.dataset import VocDetectionDataset, collate
 from ..data.images import ImageError, image_size
@@ -85,7 +86,7 @@ class MultiScaleRCNNTransform(GeneralizedRCNNTransform):
             self.min_size, self.max_size = saved
 
 
-def multiscale_sizes(image_size: int, spread: float, step: int = 32) -> tuple[int, ...]:
+def multiscale_sizes(image_size: int, spread: float, step: int = D.MULTISCALE_STEP) -> tuple[int, ...]:
     """Longer sides from image_size*(1-spread) to image_size*(1+spread) in steps of *step* px; () when off."""
     if spread <= 0:
         return ()
@@ -145,7 +146,7 @@ def set_roi_batch_size(model, per_image: int | None) -> int:
 
 # ----------------------------------------------------------------------------- the box head's loss
 
-GIOU_LOSS_WEIGHT = 10.0  # mmdetection's for Faster R-CNN: 1.2-2.8x torchvision's smooth L1 of the same offsets
+GIOU_LOSS_WEIGHT = D.GIOU_LOSS_WEIGHT
 
 
 class GIoURoIHeads(RoIHeads):
@@ -259,9 +260,8 @@ def make_loader(pairs, batch_size: int, workers: int, shuffle: bool, hflip: floa
 
 # ----------------------------------------------------------------------------- weight EMA
 
-# The decay ramps up as decay * (1 - exp(-updates / EMA_RAMP_UPDATES)), as Ultralytics does, but over
-# 100 updates, not 2000: a CPU run here makes about 1,000 updates in all.
-EMA_RAMP_UPDATES = 100
+# The decay ramps up as decay * (1 - exp(-updates / EMA_RAMP_UPDATES)), as Ultralytics does (utils/defaults.py).
+EMA_RAMP_UPDATES = D.EMA_RAMP_UPDATES
 
 
 def build_ema(model, decay: float):
