@@ -149,3 +149,17 @@ def test_an_image_too_thin_for_the_model_is_a_listed_skip(untrained_detector, tm
     assert too_thin(untrained_detector, 90, 160) is None and too_thin(untrained_detector, 4, 400) is None
     # called directly, the model gets no such image: no detections instead of an error for the batch
     assert len(detect(untrained_detector, [torch.rand(3, 1, 600)])[0]["boxes"]) == 0
+
+
+def test_the_decoding_workers_and_their_prefetch_are_read_from_the_defaults_table(monkeypatch):
+    import os
+
+    from utils import defaults as D
+    from utils.detection import inference
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(D, "DECODE_WORKERS_MAX", 3)
+    monkeypatch.setattr(D, "DECODE_PREFETCH_BATCHES", 2)
+    assert inference.default_num_workers() == 3  # half the 16 CPUs, capped by the table
+    loader = inference.image_loader(inference.ImageFileDataset([]), num_workers=1)
+    assert loader.prefetch_factor == 2

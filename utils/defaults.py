@@ -193,7 +193,10 @@ EXPLAIN_MAP_MAX_SIDE = 1024    # an explanation's heat map is kept at most this 
                                # its detail is the working size's; at a 12 MP photo's own size each box's
                                # maps (3 under flip TTA) held 48 MB apiece, ~720 MB for 5 boxes
 INFERENCE_BATCH_SIZE = 4       # images per model call
-DECODE_WORKERS = -1            # image-decoding processes; -1 picks a share of the CPUs
+DECODE_WORKERS = -1            # image-decoding processes; -1 picks a share of the CPUs: half, 1 to DECODE_WORKERS_MAX
+DECODE_WORKERS_MAX = 4         # ... at most this many: the rest of the cores run the model's own threads
+DECODE_PREFETCH_BATCHES = 4    # batches each decoding worker holds ready ahead of the model (DataLoader's
+                               # prefetch_factor): 4 workers x 4 batches x INFERENCE_BATCH_SIZE = 64 photos
 DEVICE = "auto"                # auto | cpu | cuda
 
 # -- limits on untrusted input (issue #23: a hardened edge) -------------------------------

@@ -90,7 +90,7 @@ class Skipped:
 def default_num_workers() -> int:
     """Decoding workers: a share of the CPUs, leaving the rest to the model's own threads."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(4, cpus // 2))
+    return max(1, min(D.DECODE_WORKERS_MAX, cpus // 2))
 
 
 class DecodedItem(NamedTuple):
@@ -138,12 +138,12 @@ def _collate(batch):
     return list(batch)
 
 
-def image_loader(dataset: ImageFileDataset, batch_size: int = 4, num_workers: int | None = None,
+def image_loader(dataset: ImageFileDataset, batch_size: int = D.INFERENCE_BATCH_SIZE, num_workers: int | None = None,
                  pin_memory: bool = False) -> DataLoader:
     num_workers = default_num_workers() if num_workers is None else num_workers
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                       collate_fn=_collate, pin_memory=pin_memory,
-                      prefetch_factor=4 if num_workers > 0 else None, persistent_workers=False)
+                      prefetch_factor=D.DECODE_PREFETCH_BATCHES if num_workers > 0 else None, persistent_workers=False)
 
 
 def decode_bound(model) -> SizeBound | None:
@@ -388,8 +388,8 @@ def to_model_input(image_uint8: torch.Tensor, device) -> torch.Tensor:
     return F.to_dtype(image_uint8.to(device, non_blocking=True), torch.float32, scale=True)
 
 
-def detect_files(model, items, device, batch_size: int = 4, score_threshold: float = 0.0, tta: bool = False,
-                 num_workers: int | None = None, keep_images=False, image_side: int | None = None):
+def detect_files(model, items, device, batch_size: int = D.INFERENCE_BATCH_SIZE, score_threshold: float = 0.0,
+                 tta: bool = False, num_workers: int | None = None, keep_images=False, image_side: int | None = None):
     """Yield a Detections or a Skipped for every item, in input order.
 
     Files are decoded by DataLoader workers ahead of the model, each at most at the size the model uses it at
