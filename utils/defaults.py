@@ -137,6 +137,9 @@ HPO_TRAINABLE_LAYERS_RANGE = (1, 5)
 HPO_BATCH_SIZES = (4,)         # one value: not searched
 HPO_PRUNER_STARTUP_TRIALS = 2  # completed trials before the MedianPruner prunes
 HPO_PRUNER_WARMUP_EPOCHS = 0
+HPO_TPE_STARTUP_TRIALS = 5     # random trials (of all the workers' study) before TPE models the search's results
+HPO_MAX_REQUEUES = 2           # an interrupted trial is enqueued again at most this often: one that keeps killing
+                               # its job is not retried for ever
 
 # -- inference, evaluation and prediction -------------------------------------------------
 PREDICT_IMAGES_PER_JOB = 1000 # workflow: images per predict job (shard), ~20 min on 2 CPU cores, ~1 min on a GPU
@@ -157,6 +160,12 @@ INFERENCE_SCALES = (1.0, 1.25, 1.5, 1.75, 2.0)  # working sizes tried after trai
 INFERENCE_SIZE_MAX = 1280      # the largest working size tried (CPU cost; the photos are mostly 400 px wide)
 INFERENCE_SIZE_TOLERANCE = 0.005  # fitness within this of the best: the smallest such size is kept (speed)
 SCORE_THRESHOLD = 0.5          # operating point: detections at or above it count as faces
+THRESHOLD_CANDIDATES = tuple(round(0.05 * step, 2) for step in range(1, 20))  # 0.05, 0.10, ..., 0.95: the operating
+                               # points tried on the validation images after training
+THRESHOLD_F1_TOLERANCE = 0.01  # ... those within this of the best F1 count as equally good detectors
+MATCH_IOU = 0.5                # a detection is that face when their IoU is at least this (PASCAL VOC's): the F1 of
+                               # the threshold choice, evaluate's confusion matrix and quantify's calibration rates
+INTERVAL_CONFIDENCE = 0.95     # confidence of the compliance figure's bootstrap interval
 DETECTION_FLOOR = 0.05         # lowest score kept for the probabilistic counts and the service's boxes: torchvision's
                                # own box_score_thresh, below which Faster R-CNN emits no box anyway
 COMPLIANCE_ESTIMATOR = "pacc2"  # the headline percent properly masked (utils/detection/quantify.py): cc | pcc | acc
@@ -210,6 +219,10 @@ YAML_MAX_NODES = 10_000        # values a user's YAML (experiment, sites, stages
 YAML_MAX_CHARS = 1_000_000     # characters of text (every scalar's length, keys too) the same YAML may hold once
                                # its aliases are expanded: a few KB in practice; one 100 KB string aliased 9000
                                # times is 9000 values but a gigabyte to copy, dump or quote
+YAML_MAX_FLOW_DEPTH = 100      # brackets nested deeper than this in that YAML are refused as they are scanned:
+                               # PyYAML's scanner does work in proportion to the depth for every token, so 5000 "["
+                               # cost 3 s and a file of them hours, and its composer recurses once per level
+                               # (Python's stack ends near 1000)
 MESSAGE_VALUE_CHARS = 80       # an error message shows at most this much of a value it quotes
 REPORT_FIGURE_MAX_BYTES = 50 * 2**20  # a figure or annotated image bin/report.py embeds: a larger file is left out
                                       # (a note on the page) before it is read; the jobs' figures are a few 100 KB

@@ -85,10 +85,7 @@ def _line(node) -> int | str:
     return node.start_mark.line + 1 if node.start_mark else "?"
 
 
-# Brackets nested deeper than this are refused as they are scanned: PyYAML's scanner does work in
-# proportion to the depth for every token, so 5000 "[" cost 3 s and a file of them hours, and its
-# composer recurses once per level (Python's stack ends near 1000).
-MAX_FLOW_DEPTH = 100
+MAX_FLOW_DEPTH = D.YAML_MAX_FLOW_DEPTH  # brackets nested deeper are refused as they are scanned
 
 
 class BoundedMixin:

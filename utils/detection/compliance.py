@@ -189,11 +189,11 @@ def compliance_error_lines(error: dict) -> list[str]:
 
 # ----------------------------------------------------------------------------- the operating threshold
 
-THRESHOLD_CANDIDATES = tuple(round(0.05 * step, 2) for step in range(1, 20))  # 0.05, 0.10, ..., 0.95
-F1_TOLERANCE = 0.01  # thresholds this close to the best F1 count as equally good detectors
+THRESHOLD_CANDIDATES = D.THRESHOLD_CANDIDATES
+F1_TOLERANCE = D.THRESHOLD_F1_TOLERANCE
 
 
-def detection_f1(preds, targets, score_threshold: float, iou_threshold: float = 0.5) -> dict:
+def detection_f1(preds, targets, score_threshold: float, iou_threshold: float = D.MATCH_IOU) -> dict:
     """Class-aware precision, recall and F1 of the detections at or above *score_threshold*.
 
     A true positive is a kept box matched (IoU >= *iou_threshold*, greedy by score, as in

@@ -38,7 +38,7 @@ from ..data.voc import VocError, clean_objects, parse_voc
 from ..errors import InputError
 from ..figures import one_decimal
 
-CONFUSION_IOU = 0.5
+CONFUSION_IOU = D.MATCH_IOU
 
 
 class EvaluationInputError(InputError):

@@ -63,8 +63,8 @@ from .training import Trainer
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEUES = 2  # a trial that keeps killing its job is not retried for ever
-TPE_STARTUP_TRIALS = 5  # random trials before TPE models the search's results
+MAX_REQUEUES = D.HPO_MAX_REQUEUES
+TPE_STARTUP_TRIALS = D.HPO_TPE_STARTUP_TRIALS
 
 
 @dataclass

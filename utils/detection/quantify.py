@@ -66,8 +66,8 @@ SCORE_SUMS = ("pcc", "pacc", "pacc2")  # the estimators that read the score sums
 # what stands in when an estimator cannot be computed: cc for both adjusted ones, because over the folds of
 # the real data (bench/RESULTS.md) pcc erred twice as much as cc (its score sums lean away from with_mask)
 FALLBACK = {"acc": "cc", "pacc": "cc", "pacc2": "cc", "pcc": "cc"}
-CONFIDENCE = 0.95
-CALIBRATION_IOU = 0.5  # the confusion matrix's own matching
+CONFIDENCE = D.INTERVAL_CONFIDENCE
+CALIBRATION_IOU = D.MATCH_IOU  # the confusion matrix's own matching
 WITH_MASK = CLASSES.index("with_mask")
 K = len(CLASSES)
 
