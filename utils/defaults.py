@@ -137,7 +137,7 @@ HPO_TRAINABLE_LAYERS_RANGE = (1, 5)
 HPO_BATCH_SIZES = (4,)         # one value: not searched
 HPO_PRUNER_STARTUP_TRIALS = 2  # completed trials before the MedianPruner prunes
 HPO_PRUNER_WARMUP_EPOCHS = 0
-HPO_TPE_STARTUP_TRIALS = 5     # random trials (of all the workers' study) before TPE models the search's results
+HPO_TPE_STARTUP_TRIALS = 5     # random trials before TPE models the search's results
 HPO_MAX_REQUEUES = 2           # an interrupted trial is enqueued again at most this often: one that keeps killing
                                # its job is not retried for ever
 
