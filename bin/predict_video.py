@@ -85,7 +85,7 @@ def get_args_parser():
     parser.add_argument("--output-tag", default=None,
                         help="name the outputs video_frames_TAG.csv, video_summary_TAG.json, ... (one job per video "
                              "of a workflow) (default: none)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="(default: auto)")
+    parser.add_argument("--device", default=D.DEVICE, choices=("auto", "cpu", "cuda"), help=f"(default: {D.DEVICE})")
     parser.add_argument("--checkpoint", default=None,
                         help="keep a video file's progress (its processed frames' detections) in this file, not in "
                              "OUTPUT_DIR/.video_frames.csv.progress.jsonl: a run in another folder (a pool's retry) "

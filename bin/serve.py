@@ -69,10 +69,11 @@ port_number = int_between(1, 65535)
 def get_args_parser():
     parser = OneLineParser(prog=JOB, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="model file written by bin/train.py")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it: "
+    parser.add_argument("--host", default=D.SERVICE_HOST,
+                        help=f"address to bind (default: {D.SERVICE_HOST}, this machine only; 0.0.0.0 exposes it: "
                              "set --token then)")
-    parser.add_argument("--port", type=port_number, default=8000, help="port, 1-65535 (default: 8000)")
+    parser.add_argument("--port", type=port_number, default=D.SERVICE_PORT,
+                        help=f"port, 1-65535 (default: {D.SERVICE_PORT})")
     parser.add_argument("--max-upload-mb", type=positive_float, default=D.SERVICE_MAX_UPLOAD_MB,
                         help=f"largest image file accepted (default: {D.SERVICE_MAX_UPLOAD_MB:g})")
     parser.add_argument("--max-images", type=positive_int, default=D.SERVICE_MAX_IMAGES,
@@ -131,8 +132,8 @@ def get_args_parser():
                              f"{D.SERVICE_STOP_TIMEOUT_S:g})")
     parser.add_argument("--token", default=None,
                         help=f"require `Authorization: Bearer TOKEN` (default: ${TOKEN_ENV} when set, else none)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="where the model runs (default: auto)")
+    parser.add_argument("--device", default=D.DEVICE, choices=("auto", "cpu", "cuda"),
+                        help=f"where the model runs (default: {D.DEVICE})")
     return parser
 
 

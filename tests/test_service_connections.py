@@ -396,3 +396,43 @@ def test_a_body_still_arriving_after_a_kept_alive_answer_is_closed_without_linge
             client.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" + b"\0" * 1000)
             assert read_until_closed(client).startswith(b"HTTP/1.1 413")
             assert lets_every_connection_go(server)  # while the client still holds its socket, its body unsent
+
+
+def test_the_retry_after_of_every_busy_answer_is_read_from_the_defaults_table(monkeypatch):
+    # the edge's 503 and 429 and the queue's wrote "2" each on their own; utils/defaults.py holds it now
+    from fastapi import HTTPException
+
+    from utils import defaults as D
+    from utils.service.uploads import AdmissionQueue
+
+    monkeypatch.setattr(D, "SERVICE_RETRY_AFTER_S", 7)
+    release = asyncio.Event()
+
+    async def slow(scope, receive, send):
+        await release.wait()
+        await hello(scope, receive, send)
+
+    async def scenario():
+        edge, sent = _edge(slow, max_requests=1), []
+
+        async def send(message):
+            sent.append(message)
+
+        async def body():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        held = asyncio.ensure_future(_call(edge, "/slow"))
+        await asyncio.sleep(0.05)
+        scope = {"type": "http", "method": "POST", "path": "/api/predict", "headers": [], "http_version": "1.1"}
+        await edge(scope, body, send)
+        release.set()
+        await asyncio.wait_for(held, HANG)
+        return next(m for m in sent if m["type"] == "http.response.start")
+
+    start = asyncio.run(scenario())
+    assert start["status"] == 503 and (b"retry-after", b"7") in [(k.lower(), v) for k, v in start["headers"]]
+    queue = AdmissionQueue(limit=1)
+    queue.enter("POST /api/predict")
+    with pytest.raises(HTTPException) as refused:
+        queue.enter("POST /api/predict")
+    assert refused.value.status_code == 503 and refused.value.headers == {"Retry-After": "7"}

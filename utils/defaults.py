@@ -177,6 +177,8 @@ CALIBRATION_MIN_FACES = 100    # labelled validation faces an adjusted headline 
                                # (and says why): the make run sample's 40 put pacc 22 points off; the real data's
                                # val split has 387, each fold model of a 3-fold run 223-300
 BOOTSTRAP_REPLICATES = 1000    # resamples behind each 95 % interval of the compliance figure (seeded with SEED)
+VIDEO_ASSUMED_FPS = 25.0       # a video whose source gives no usable frame rate (0, NaN, 1000 or more) is timed at
+                               # this many frames a second, as its summary says
 VIDEO_BLOCK_SECONDS = 10.0     # a video's interval resamples blocks of this much consecutive video: nearby
                                # frames show the same faces, so single frames are not independent samples
 VIDEO_HOLD_MAX_SECONDS = 5.0   # a live source's annotated video holds a frame until the next one's clock time
@@ -201,6 +203,12 @@ EXPLAIN_MAX_BOXES = 5          # --explain: highest-scoring boxes explained per 
 EXPLAIN_MAP_MAX_SIDE = 1024    # an explanation's heat map is kept at most this long a side (or the model's frame's):
                                # its detail is the working size's; at a 12 MP photo's own size each box's
                                # maps (3 under flip TTA) held 48 MB apiece, ~720 MB for 5 boxes
+EXPLAIN_CROP_CONTEXT = 1.0     # --explain's crops: context around a box on each side, in box sizes (a face with
+                               # its surroundings)
+EXPLAIN_CROP_MIN_SIDE = 64     # ... and pixels of the photo a crop covers at least (tiny faces)
+EXPLAIN_OVERLAY_SIDE = 256     # longest side of a written overlay
+EXPLAIN_HEATMAP_WEIGHT = 0.5   # share of the heat map in an overlay's blend (grad-cam's show_cam_on_image
+                               # image_weight is 1 - this)
 INFERENCE_BATCH_SIZE = 4       # images per model call
 DECODE_WORKERS = -1            # image-decoding processes; -1 picks a share of the CPUs: half, 1 to DECODE_WORKERS_MAX
 DECODE_WORKERS_MAX = 4         # ... at most this many: the rest of the cores run the model's own threads
@@ -231,6 +239,8 @@ REPORT_DATA_MAX_BYTES = 256 * 2**20  # a JSON, CSV or YAML file bin/report.py an
                                      # json.load of a GB file takes ~10 GB of memory)
 
 # -- the prediction service (bin/serve.py, utils/service/; docs/service.md) ----------------
+SERVICE_HOST = "127.0.0.1"           # bin/serve.py --host: this machine only; 0.0.0.0 exposes it (set --token then)
+SERVICE_PORT = 8000                  # bin/serve.py --port
 SERVICE_MAX_UPLOAD_MB = 20.0         # largest image file accepted per upload
 SERVICE_MAX_IMAGES = 16              # images per request at most
 SERVICE_QUEUE_SIZE = 8               # requests admitted at once (decoding, waiting, in inference); one more: 503
@@ -280,6 +290,9 @@ SERVICE_STOP_TIMEOUT_S = 30.0        # SIGTERM: seconds requests in flight get t
 SERVICE_ANNOTATED_MAX_SIDE = 1280    # ?annotated=true: the drawn picture's longer side at most, in pixels (shrunk
                                      # to it): at full size a request's pictures made an answer of tens of MB,
                                      # held outside the pixel budget while a slow client read it
+SERVICE_RETRY_AFTER_S = 2            # the Retry-After of a 429 or 503: seconds a client refused as busy is told to wait
+SERVICE_EXPLAIN_MATCH_IOU = 0.5      # /api/explain: the box explained is the model's box of that class overlapping the
+                                     # one the client sent more than this (a box /api/predict returned overlaps ~1)
 SERVICE_REQUEST_OVERHEAD_MB = 1.0    # a request body may exceed max_images x max_upload_mb by this (multipart
                                      # headers, form fields); a larger body is refused before it is read
 

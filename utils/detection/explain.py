@@ -38,10 +38,10 @@ from ..classes import CLASS_COLOURS, NAME_OF
 from .compliance import listed_score
 from .inference import unflip_boxes
 
-CROP_CONTEXT = 1.0      # context around a box on each side, in box sizes: a face with its surroundings
-CROP_MIN_SIDE = 64      # pixels of the source image a crop covers at least (tiny faces)
-OVERLAY_SIDE = 256      # longest side of a written overlay
-HEATMAP_WEIGHT = 0.5    # share of the heat map in the blend (grad-cam's show_cam_on_image image_weight = 1 - this)
+CROP_CONTEXT = D.EXPLAIN_CROP_CONTEXT
+CROP_MIN_SIDE = D.EXPLAIN_CROP_MIN_SIDE
+OVERLAY_SIDE = D.EXPLAIN_OVERLAY_SIDE
+HEATMAP_WEIGHT = D.EXPLAIN_HEATMAP_WEIGHT
 
 
 class ExplainError(RuntimeError):

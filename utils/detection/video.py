@@ -47,7 +47,7 @@ from .quantify import Calibration, Units, calibration_problem, calibration_summa
 from .plots import draw_detections
 
 CSV_FIELDS = ("frame", "time_s", "faces", *CLASSES, "percent_properly_masked")
-ASSUMED_FPS = 25.0  # where the source gives no usable frame rate (0, NaN, 1000 or more), said in the summary
+ASSUMED_FPS = D.VIDEO_ASSUMED_FPS  # where the source gives no usable frame rate, said in the summary
 SIGTERM, SIGINT = "SIGTERM", "Ctrl-C (SIGINT)"  # what stopped an interrupted run (the summary's "interrupted")
 LIVE_TIMES = "wall clock"  # the summary's frame_times for a camera or a live stream
 wall_clock = time.monotonic  # a live source's frame times; a module name, so that a test can give it a fake clock

@@ -70,7 +70,7 @@ from .uploads import (AdmissionQueue, PixelBudget, Upload, annotated_jpeg, decod
                       model_sized_input, on_pool, parse_box, until_disconnected, upload_name)
 
 DETECTION_FLOOR = D.DETECTION_FLOOR  # lowest score returned: below it a box is noise at any threshold a user would pick
-MATCH_IOU = 0.5  # /api/explain: the detection explained is the model's box of that class overlapping the given one
+MATCH_IOU = D.SERVICE_EXPLAIN_MATCH_IOU  # /api/explain: the model's box of that class overlapping the given one
 PAGE = Path(__file__).with_name("page.html")  # the web page at /: plain HTML and JS, no build step, no CDN
 PROTECTED = ("/api/model", "/api/predict", "/api/explain")  # need the token when one is set; probes never do
 FILE_FIELDS = {"/api/predict": "files", "/api/explain": "file"}  # each upload route's multipart field of images

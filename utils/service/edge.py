@@ -195,11 +195,12 @@ class EdgeMiddleware:
                     await answer(send_with_id, 429, f"{where}: too many requests from {shown(client)}: {held} are "
                                                     f"being received or served, at most {limit} from one client "
                                                     "(--max-requests-per-client); retry when one is answered",
-                                 {"Retry-After": "2"})
+                                 {"Retry-After": str(D.SERVICE_RETRY_AFTER_S)})
                     return
                 if self.max_requests is not None and self.active >= self.max_requests:
                     await answer(send_with_id, 503, f"{where}: busy: {self.max_requests} requests are being received "
-                                                    "or served; retry shortly", {"Retry-After": "2"})
+                                                    "or served; retry shortly",
+                                 {"Retry-After": str(D.SERVICE_RETRY_AFTER_S)})
                     return
                 self.active += 1
                 if client is not None:
@@ -213,7 +214,7 @@ class EdgeMiddleware:
                 if started[0]:
                     raise
                 await answer(send_with_id, 503, f"{where}: the server is stopping and cut this request off; "
-                                                 "retry", {"Retry-After": "2"})
+                                                 "retry", {"Retry-After": str(D.SERVICE_RETRY_AFTER_S)})
                 return
             except Exception:
                 if not cut_off.status:

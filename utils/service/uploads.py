@@ -26,7 +26,6 @@ from ..detection.compliance import listed_score
 from ..detection.inference import decode_bound, detect, pixels_for_model, rescaled_boxes, to_model_input
 from ..detection.plots import draw_detections
 
-RETRY_AFTER_S = 2  # seconds a client refused for being busy is told to wait
 MAX_NAME_CHARS = 255  # an upload's name as echoed (a file system's longest name); a longer one is cut
 
 
@@ -49,7 +48,7 @@ class AdmissionQueue:
     def enter(self, where: str, client: str | None = None) -> None:
         """Admit a request of *client*, or raise: 503 when the queue is full, 429 when the client holds its share.
         *where* ("POST /api/predict") names the request in the reason."""
-        retry = {"Retry-After": str(RETRY_AFTER_S)}
+        retry = {"Retry-After": str(D.SERVICE_RETRY_AFTER_S)}
         with self.lock:
             if self.waiting >= self.limit:
                 raise HTTPException(503, f"{where}: busy: {self.limit} requests already wait for the model; retry "
