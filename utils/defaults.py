@@ -31,6 +31,11 @@ PREPROCESS_MAX_SIZE = None     # longest side after preprocessing; None keeps th
 AUGMENT_COPIES = 2             # augmented copies per training image
 RARE_FACTOR = 2                # extra copies of each image holding mask_weared_incorrect (~3 % of real faces)
 NOISE_STD = 8.0                # Gaussian pixel noise of an augmented copy, in 8-bit units (0-255)
+AUGMENT_FLIP = 0.5             # probabilities of each step of an augmented copy (augment.build_transform, which
+AUGMENT_ZOOM_OUT = 0.3         # holds the steps' own ranges): horizontal flip, zoom out onto a grey canvas,
+AUGMENT_CROP = 0.4             # IoU-constrained crop, colour jitter
+AUGMENT_COLOUR = 0.8
+AUGMENT_ATTEMPTS = 5           # draws of a copy that lost every box before it is left out (and listed in the report)
 SHARD_DATA_ABOVE = 2000        # workflow: above this many images the splits travel as .tar shards (one replica
                                # per shard, not two per image); at or below, every file is its own replica
 DATA_SHARD_IMAGES = 1000       # images per shard of a sharded data set (bin/make_shards.py --shard-size too)

@@ -37,13 +37,14 @@ from .preprocess import (SOURCE, STOPPED, JobLog, NothingProcessedError, check_o
                          display_paths, finish_report, load_pair, open_inputs, output_folder, write_pair, write_photo)
 from .voc import VocAnnotation
 
-ATTEMPTS_PER_COPY = 5
+ATTEMPTS_PER_COPY = D.AUGMENT_ATTEMPTS
 # Grey fill for zoomed-out borders: neutral, and unlike any face or mask colour.
 ZOOM_OUT_FILL = (124, 116, 104)
 
 
-def build_transform(noise_std: float = D.NOISE_STD, flip_p: float = 0.5, zoom_out_p: float = 0.3, crop_p: float = 0.4,
-                    colour_p: float = 0.8) -> T.Compose:
+def build_transform(noise_std: float = D.NOISE_STD, flip_p: float = D.AUGMENT_FLIP,
+                    zoom_out_p: float = D.AUGMENT_ZOOM_OUT, crop_p: float = D.AUGMENT_CROP,
+                    colour_p: float = D.AUGMENT_COLOUR) -> T.Compose:
     """The per-copy pipeline over (tv_tensors.Image uint8, {"boxes", "labels"}).
 
     *noise_std* is in 8-bit pixel units (0-255), as the predecessor's noise was.
