@@ -11,11 +11,12 @@ import math
 import torch
 from torch import nn
 
+from .. import defaults as D
 from ..errors import InputError
 
 
-def build_optimizer(model: nn.Module, name: str = "sgd", lr: float = 0.01, momentum: float = 0.9,
-                    weight_decay: float = 1e-4) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, name: str = D.OPTIMIZER, lr: float = D.LR, momentum: float = D.MOMENTUM,
+                    weight_decay: float = D.WEIGHT_DECAY) -> torch.optim.Optimizer:
     """SGD with momentum, or AdamW, over every parameter that may train.
 
     Parameters frozen only for the first epochs of a two-stage schedule are
@@ -36,9 +37,9 @@ def build_optimizer(model: nn.Module, name: str = "sgd", lr: float = 0.01, momen
     raise InputError(f"unknown optimizer {name!r}: use sgd or adamw")
 
 
-def lr_factor(iteration: int, total_iters: int, warmup_iters: int, schedule: str = "cosine",
-              warmup_factor: float = 0.001, steps=(0.67, 0.89), gamma: float = 0.1,
-              min_factor: float = 0.01) -> float:
+def lr_factor(iteration: int, total_iters: int, warmup_iters: int, schedule: str = D.LR_SCHEDULE,
+              warmup_factor: float = D.LR_WARMUP_START_FACTOR, steps=D.LR_STEP_MILESTONES,
+              gamma: float = D.LR_STEP_GAMMA, min_factor: float = D.LR_COSINE_MIN_FACTOR) -> float:
     """Multiplier of the base learning rate at *iteration* (0-based): linear warm-up, then cosine or steps."""
     warmup_iters = min(warmup_iters, max(total_iters - 1, 0))
     if iteration < warmup_iters:
@@ -59,8 +60,8 @@ class LrSchedule:
     fields (plain numbers) and ``total_iters`` can be changed mid-run: a --time-budget run sets the
     schedule's length only after timing its first steps."""
 
-    def __init__(self, total_iters: int, warmup_iters: int = 100, schedule: str = "cosine",
-                 steps=(0.67, 0.89), gamma: float = 0.1):
+    def __init__(self, total_iters: int, warmup_iters: int = D.WARMUP_ITERS, schedule: str = D.LR_SCHEDULE,
+                 steps=D.LR_STEP_MILESTONES, gamma: float = D.LR_STEP_GAMMA):
         lr_factor(0, total_iters, warmup_iters, schedule)  # validates the schedule name now
         self.total_iters = int(total_iters)
         self.warmup_iters = int(warmup_iters)
@@ -73,8 +74,8 @@ class LrSchedule:
                          gamma=self.gamma)
 
 
-def build_scheduler(optimizer, total_iters: int, warmup_iters: int = 100, schedule: str = "cosine",
-                    steps=(0.67, 0.89), gamma: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer, total_iters: int, warmup_iters: int = D.WARMUP_ITERS, schedule: str = D.LR_SCHEDULE,
+                    steps=D.LR_STEP_MILESTONES, gamma: float = D.LR_STEP_GAMMA) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-iteration LambdaLR over an :class:`LrSchedule` (its length changed by set_schedule_length)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, LrSchedule(total_iters, warmup_iters, schedule,
                                                                    steps=steps, gamma=gamma))
