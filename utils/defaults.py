@@ -160,6 +160,7 @@ ANNOTATE_MAX = 500             # workflow: annotated images drawn over the whole
 ANNOTATED_MAX_SIDE = 1280      # predict's annotated copies (and --explain's maps and crops) are drawn on a copy of the
                                # photo at most this long a side (never above its own): decoded whole, each of the 64
                                # photos the decode workers hold ready held 36 MB at 12 MP
+ANNOTATED_JPEG_QUALITY = 90    # JPEG quality of predict's annotated copies (the service's: SERVICE_ANNOTATED_...)
 FOLDER_PLOT_MAX = 40           # compliance_by_folder.png draws the folders with the most images, at most this many:
                                # a row each made 3000 folders a 125,000-px-tall figure drawn in 1.4 GB
 INFERENCE_SCALES = (1.0, 1.25, 1.5, 1.75, 2.0)  # working sizes tried after training, times --image-size: the
@@ -299,6 +300,7 @@ SERVICE_STOP_TIMEOUT_S = 30.0        # SIGTERM: seconds requests in flight get t
 SERVICE_ANNOTATED_MAX_SIDE = 1280    # ?annotated=true: the drawn picture's longer side at most, in pixels (shrunk
                                      # to it): at full size a request's pictures made an answer of tens of MB,
                                      # held outside the pixel budget while a slow client read it
+SERVICE_ANNOTATED_JPEG_QUALITY = 85  # ... and its JPEG quality (it rides in the JSON answer as a data URL)
 SERVICE_RETRY_AFTER_S = 2            # the Retry-After of a 429 or 503: seconds a client refused as busy is told to wait
 SERVICE_EXPLAIN_MATCH_IOU = 0.5      # /api/explain: the box explained is the model's box of that class overlapping the
                                      # one the client sent more than this (a box /api/predict returned overlaps ~1)

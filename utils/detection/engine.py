@@ -30,6 +30,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from .. import defaults as D
 from ..errors import InputError
 from ..stop import check_stop
 from .inference import decode_bound, detect, model_input_at_size, rescaled_boxes, too_thin
@@ -64,7 +65,8 @@ def _autocast(device: torch.device, amp: bool):
 
 
 def train_steps(model, optimizer, loader, device, epoch: int, scheduler=None, scaler=None,
-                clip_grad: float | None = 10.0, amp: bool = True, progress: bool = True, description: str = "train"):
+                clip_grad: float | None = D.CLIP_GRAD, amp: bool = D.AMP, progress: bool = True,
+                description: str = "train"):
     """One optimizer step per batch of *loader*, yielding after each step (values, totals): the step's loss and
     its terms with the learning rate it used ("lr"), and the epoch's totals, one dict filled in when the loop
     ends: mean losses per image, images, steps, seconds, images/s and the learning rate the next step would

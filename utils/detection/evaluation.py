@@ -135,7 +135,7 @@ def dropped_objects(pairs, label_map: LabelMap = NO_LABEL_MAP) -> list[dict]:
     return dropped
 
 
-def evaluation_loader(pairs, batch_size: int = 4, num_workers: int | None = None, device=None,
+def evaluation_loader(pairs, batch_size: int = D.INFERENCE_BATCH_SIZE, num_workers: int | None = None, device=None,
                       label_map: LabelMap = NO_LABEL_MAP) -> DataLoader:
     num_workers = default_num_workers() if num_workers is None else num_workers
     dataset = VocDetectionDataset(pairs, label_map=label_map)
@@ -311,10 +311,11 @@ def evaluation_estimates(preds, targets, score_threshold: float, model_calibrati
     return report
 
 
-def evaluate_model(model, pairs, output_dir, device="cpu", score_threshold: float = 0.5, batch_size: int = 4,
-                   num_workers: int | None = None, skipped=(), settings: dict | None = None,
-                   progress: bool = False, label_map: LabelMap = NO_LABEL_MAP, tag: str | None = None,
-                   calibration: dict | None = None, tta: bool = False, record=None) -> Evaluation:
+def evaluate_model(model, pairs, output_dir, device="cpu", score_threshold: float = D.SCORE_THRESHOLD,
+                   batch_size: int = D.INFERENCE_BATCH_SIZE, num_workers: int | None = None, skipped=(),
+                   settings: dict | None = None, progress: bool = False, label_map: LabelMap = NO_LABEL_MAP,
+                   tag: str | None = None, calibration: dict | None = None, tta: bool = False,
+                   record=None) -> Evaluation:
     """Evaluate *model* on *pairs* and write evaluation.json/.txt, confusion_matrix.png/.csv, pr_curves.png (and
     the run record *record()* gives), one set.
 

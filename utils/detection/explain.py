@@ -312,8 +312,8 @@ def overlay(image_rgb: np.ndarray, heatmap: np.ndarray, box, label: str) -> Imag
     return picture
 
 
-def explain_image(model, image_uint8: torch.Tensor, boxes, labels, scores, device, method: str = "hirescam",
-                  max_boxes: int = 5, tta: bool = False, should_stop=None,
+def explain_image(model, image_uint8: torch.Tensor, boxes, labels, scores, device, method: str = D.EXPLAIN_METHOD,
+                  max_boxes: int = D.EXPLAIN_MAX_BOXES, tta: bool = False, should_stop=None,
                   picture: torch.Tensor | None = None) -> list[Explanation]:
     """Explanations of the *max_boxes* highest-scoring detections of one image (uint8 CxHxW, the model's input:
     the detections' own); *tta*: the detections came from flip TTA, so the maps hold both passes' evidence

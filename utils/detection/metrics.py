@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
+from .. import defaults as D
 from ..classes import BACKGROUND, CLASSES, LABEL_OF, NAME_OF
 
 # faster-coco-eval logs its evaluation steps and summary table at INFO on every call, which the jobs' INFO logging
@@ -216,7 +217,8 @@ def pr_curves(result: CocoResult, iou_threshold: float = 0.5) -> dict:
 CONFUSION_LABELS = (*CLASSES, BACKGROUND)
 
 
-def detection_confusion_matrix(preds, targets, iou_threshold: float = 0.5, score_threshold: float = 0.5):
+def detection_confusion_matrix(preds, targets, iou_threshold: float = D.MATCH_IOU,
+                               score_threshold: float = D.SCORE_THRESHOLD):
     """Detection confusion matrix, rows = true class, columns = predicted class, last row/column = background.
 
     Per image, predictions with score >= *score_threshold* are taken in decreasing
@@ -259,7 +261,8 @@ def detection_confusion_matrix(preds, targets, iou_threshold: float = 0.5, score
     return matrix.tolist(), list(CONFUSION_LABELS)
 
 
-def soft_confusion(pred, target, iou_threshold: float = 0.5, floor: float = 0.05) -> list[list[float]]:
+def soft_confusion(pred, target, iou_threshold: float = D.MATCH_IOU,
+                   floor: float = D.DETECTION_FLOOR) -> list[list[float]]:
     """Score sums of one image's detections, rows = true class of the face each overlaps most (IoU >=
     *iou_threshold*; last row: none, background), columns = the detection's class.
 

@@ -103,7 +103,7 @@ def draw_detections(image: Image.Image, boxes, labels, scores) -> Image.Image:
     return annotated
 
 
-def save_annotated(image: Image.Image, boxes, labels, scores, path, quality: int = 90) -> None:
+def save_annotated(image: Image.Image, boxes, labels, scores, path, quality: int = D.ANNOTATED_JPEG_QUALITY) -> None:
     annotated = draw_detections(image, boxes, labels, scores)
     with atomic_path(path) as tmp:
         annotated.save(tmp, format="JPEG", quality=quality)

@@ -268,12 +268,13 @@ def annotation_sample(count: int, limit: int | None) -> set[int]:
     return {index * count // limit for index in range(limit)}
 
 
-def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu", score_threshold: float = 0.5,
-                   tta: bool = False, batch_size: int = 4, num_workers: int | None = None,
+def predict_images(model, paths, output_dir, annotated_dir=None, device="cpu",
+                   score_threshold: float = D.SCORE_THRESHOLD, tta: bool = False,
+                   batch_size: int = D.INFERENCE_BATCH_SIZE, num_workers: int | None = None,
                    annotate: bool = True, progress=None, settings: dict | None = None,
                    annotate_max: int | None = None, annotated_tar=None, tag: str | None = None,
-                   explain: str | None = None, explain_max_boxes: int = 5, calibration: dict | None = None,
-                   estimator: str = D.COMPLIANCE_ESTIMATOR, resume: dict | None = None,
+                   explain: str | None = None, explain_max_boxes: int = D.EXPLAIN_MAX_BOXES,
+                   calibration: dict | None = None, estimator: str = D.COMPLIANCE_ESTIMATOR, resume: dict | None = None,
                    make_record=None) -> PredictionRun:
     """Run the predict job and write its outputs; returns what was written.
 
@@ -434,7 +435,7 @@ def _write_explanations(model, result: Detections, device, method: str, max_boxe
     return records
 
 
-def _save_jpeg(picture: Image.Image, path: Path, quality: int = 90) -> None:
+def _save_jpeg(picture: Image.Image, path: Path, quality: int = D.ANNOTATED_JPEG_QUALITY) -> None:
     with atomic_path(path) as tmp:
         picture.save(tmp, format="JPEG", quality=quality)
 

@@ -117,7 +117,7 @@ def detection_records(out: dict) -> list[dict]:
 
 def jpeg_data_url(picture) -> str:
     buffer = io.BytesIO()
-    picture.save(buffer, format="JPEG", quality=85)
+    picture.save(buffer, format="JPEG", quality=D.SERVICE_ANNOTATED_JPEG_QUALITY)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
