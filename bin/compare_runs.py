@@ -28,6 +28,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from utils import defaults as D
 from utils.atomic import write_text
 from utils.cli import PLOT_FORMATS, plot_path, run_job
 from utils.errors import InputError
@@ -37,9 +38,9 @@ from utils.reporting.compare import FORMATS, METRICS, compare_runs, to_markdown,
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run folders to compare")
-    parser.add_argument("--sort-by", default="map_50",
+    parser.add_argument("--sort-by", default=D.COMPARE_SORT_BY,
                         help=f"column to sort by: a metric ({', '.join(METRICS)}) or a differing setting "
-                             "(default: map_50)")
+                             f"(default: {D.COMPARE_SORT_BY})")
     parser.add_argument("--ascending", action="store_true", help="smallest first (default: largest first)")
     parser.add_argument("--output", type=Path, default=None,
                         help=f"also write the table to this file; the format follows its extension "

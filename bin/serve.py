@@ -105,11 +105,12 @@ def get_args_parser():
                              "or pass 0 (no per-client limit; leave it to the proxy) (default: a quarter of "
                              f"--max-requests, {int(D.SERVICE_MAX_REQUESTS * D.SERVICE_CLIENT_SHARE_OF_REQUESTS)} "
                              "at its default)")
-    parser.add_argument("--forwarded-allow-ips", default=os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1"),
+    parser.add_argument("--forwarded-allow-ips", default=os.environ.get("FORWARDED_ALLOW_IPS",
+                                                                        D.SERVICE_FORWARDED_ALLOW_IPS),
                         help="comma-separated addresses or networks of reverse proxies whose X-Forwarded-For "
                              "header names the client (for --max-requests-per-client and the access log); no one "
                              "else's is read; '' reads no one's (default: $FORWARDED_ALLOW_IPS where it is set, "
-                             "else 127.0.0.1, as uvicorn's own: a reverse proxy on this host)")
+                             f"else {D.SERVICE_FORWARDED_ALLOW_IPS}, as uvicorn's own: a reverse proxy on this host)")
     parser.add_argument("--header-timeout", type=positive_float, default=D.SERVICE_HEADER_TIMEOUT_S,
                         help="seconds a connection has to send a complete request line and headers, after "
                              f"connecting or after its previous answer (default: {D.SERVICE_HEADER_TIMEOUT_S:g})")

@@ -14,6 +14,8 @@ SAMPLE_IMAGES = 200            # synthetic images of bin/make_sample_data.py; a 
 SAMPLE_IMAGE_SIZE = (320, 240) # width, height of a synthetic image: small, so CPU training stays quick
 SAMPLE_FACES = (1, 6)          # fewest and most faces per synthetic image (the real photos hold one to a crowd)
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)  # train / val / test, stratified on the rare class
+VOC_CLIP_TOLERANCE_PX = 2.0    # a box overshooting its image by at most this many pixels is clipped (annotation
+                               # tools commonly round outwards); beyond it the object is dropped and reported
 NEAR_DUPLICATE_DISTANCE = 4    # pHash Hamming distance (of 64 bits) under which images count as near duplicates
 VALIDATE_WORKERS = 0           # decoding threads of validation; 0: min(8, CPUs) (PIL and hashing release the GIL)
 JPEG_QUALITY = 95              # quality of every JPEG the data jobs write
@@ -160,6 +162,8 @@ ANNOTATE_MAX = 500             # workflow: annotated images drawn over the whole
 ANNOTATED_MAX_SIDE = 1280      # predict's annotated copies (and --explain's maps and crops) are drawn on a copy of the
                                # photo at most this long a side (never above its own): decoded whole, each of the 64
                                # photos the decode workers hold ready held 36 MB at 12 MP
+PREDICT_CHECKPOINT_EVERY = 100 # predict saves its checkpoint every this many images: what a kill with no time to
+                               # save (SIGKILL) loses at most, against a pack per save
 ANNOTATED_JPEG_QUALITY = 90    # JPEG quality of predict's annotated copies (the service's: SERVICE_ANNOTATED_...)
 FOLDER_PLOT_MAX = 40           # compliance_by_folder.png draws the folders with the most images, at most this many:
                                # a row each made 3000 folders a 125,000-px-tall figure drawn in 1.4 GB
@@ -251,6 +255,7 @@ REPORT_DATA_MAX_BYTES = 256 * 2**20  # a JSON, CSV or YAML file bin/report.py an
 # -- the prediction service (bin/serve.py, utils/service/; docs/service.md) ----------------
 SERVICE_HOST = "127.0.0.1"           # bin/serve.py --host: this machine only; 0.0.0.0 exposes it (set --token then)
 SERVICE_PORT = 8000                  # bin/serve.py --port
+SERVICE_FORWARDED_ALLOW_IPS = "127.0.0.1"  # --forwarded-allow-ips where $FORWARDED_ALLOW_IPS is not set: uvicorn's own
 SERVICE_MAX_UPLOAD_MB = 20.0         # largest image file accepted per upload
 SERVICE_MAX_IMAGES = 16              # images per request at most
 SERVICE_QUEUE_SIZE = 8               # requests admitted at once (decoding, waiting, in inference); one more: 503
@@ -316,6 +321,7 @@ CONTAINER_IMAGE = "docker://maskdetection/mask-detection-workflow:latest"
 LOCAL_JOBS_MAX = 4             # workflow --local without --jobs: min(this, CPUs) jobs at once (experiments/
                                # default.yml leaves --jobs null so that it holds no machine's CPU count)
 EXECUTOR_JOBS = 2              # python -m utils.executor RUN_DIR without --jobs
+COMPARE_SORT_BY = "map_50"     # bin/compare_runs.py --sort-by: the column the runs are ranked by
 
 # Where the workflow departs from the defaults above on purpose. Most entries size the default run for
 # `make run` (120 synthetic images, 2 CPU cores, about 9 minutes); raise them by flag for real data.

@@ -18,13 +18,12 @@ from pathlib import Path
 
 from lxml import etree
 
+from .. import defaults as D
 from ..atomic import write_bytes
 from ..classes import NO_LABEL_MAP, LabelMap
 from ..errors import InputError
 
-# Boxes that overshoot the image by at most this many pixels are clipped (annotation
-# tools commonly round outwards); beyond it the object is dropped and reported.
-CLIP_TOLERANCE_PX = 2.0
+CLIP_TOLERANCE_PX = D.VOC_CLIP_TOLERANCE_PX  # a box overshooting the image by at most this is clipped
 
 
 class VocError(InputError):

@@ -23,9 +23,10 @@ import tarfile
 import time
 from pathlib import Path, PurePosixPath
 
+from .. import defaults as D
 from ..atomic import atomic_path, write_bytes
 
-SAVE_EVERY = 100  # images: what a kill with no time to save (SIGKILL) loses at most, against a pack per save
+SAVE_EVERY = D.PREDICT_CHECKPOINT_EVERY
 
 
 class PredictionCheckpoint:
