@@ -239,6 +239,23 @@ def test_defaults_come_from_the_one_table(root):
     assert f"{D.SCORE_THRESHOLD} for a model without one" in " ".join(help_text.split())
 
 
+def test_the_flags_that_wrote_their_defaults_out_read_them_from_the_table(root, monkeypatch):
+    # serve's --host, --port, --device and --forwarded-allow-ips, predict_video's --device and compare_runs'
+    # --sort-by were literals beside the table: a value changed there is what the flags now default to
+    for name, value in (("SERVICE_HOST", "192.0.2.1"), ("SERVICE_PORT", 8123), ("DEVICE", "cpu"),
+                        ("SERVICE_FORWARDED_ALLOW_IPS", "192.0.2.2"), ("COMPARE_SORT_BY", "map")):
+        monkeypatch.setattr(D, name, value)
+    monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
+
+    def defaults(name):
+        return {action.dest: action.default for action in load_script(root, name).get_args_parser()._actions}
+
+    assert {key: defaults("serve")[key] for key in ("host", "port", "device", "forwarded_allow_ips")} == {
+        "host": "192.0.2.1", "port": 8123, "device": "cpu", "forwarded_allow_ips": "192.0.2.2"}
+    assert defaults("predict_video")["device"] == "cpu"
+    assert defaults("compare_runs")["sort_by"] == "map"
+
+
 def test_every_plot_format_taken_is_one_matplotlib_draws_here(tmp_path):
     from utils.cli import PLOT_FORMATS
     from utils.detection.training_run import plot_loss_curve
