@@ -344,3 +344,26 @@ WORKFLOW_OVERRIDES = {
 # utils/executor/job_try.py   TERM_GRACE_S: how long the local executor waits after SIGTERM before SIGKILL.
 # properties.conf             dagman.retry, pegasus.mode, transfer threads: Pegasus properties, kept in
 #                             Pegasus' own file so that pegasus-plan reads them as they are.
+# utils/detection/model.py    MOBILENET_V2_RETURN_NODES, MOBILENET_V2_FPN_CHANNELS (128), FACE_ANCHOR_SIZES,
+#                             FACE_ASPECT_RATIOS, the RoI pool (7x7, 2 samples): mobilenet_v2_fpn's architecture;
+#                             a model file records its anchors and its weights fit only it: not a setting.
+#                             torchvision's own builders (mobilenet_v3_large_fpn, resnet50_fpn*) keep torchvision's
+#                             sizes, not DETECTIONS_PER_IMAGE & co. above: 100 detections a photo, 1000 proposals.
+# utils/detection/retinaface.py  CHANNELS, STRIDES, ANCHOR_SIZES, BOX_CODER_WEIGHTS, BGR_MEAN, LEAKY: RetinaFace's,
+#                             fixed by its pretrained WIDER FACE weights.
+# utils/detection/recipe.py   EVAL_STEP_FRACTION (0.4), TimeBudget's timed steps (2 skipped, 10 timed): measured
+#                             constants of the --time-budget plan, beside the formula they feed.
+# utils/detection/optim.py    AdamW's beta2 (0.999): torch's own; MOMENTUM plays beta1.
+# utils/detection/metrics.py  COCO's 100 detections per image and class (mAR@100) and the PR curves at IoU 0.5:
+#                             the metrics' definitions, not choices.
+# utils/detection/quantify.py BOOTSTRAP_CHUNK_DRAWS: memory of one chunk of bootstrap draws, not a result choice.
+# utils/detection/hpo.py      STALE_LOCK_S: Optuna's own grace period for a journal writer's lock.
+# utils/data/augment.py       the steps' own ranges (zoom out 1-1.6x onto ZOOM_OUT_FILL, IoU crop of 0.5-1 scale,
+#                             colour jitter 0.3/0.03, boxes under 2 px dropped), beside the pipeline they shape.
+# utils/data/sample_data.py   FACE_HEIGHT_PX, MIN_FACE_HEIGHT_PX, SUPERSAMPLE: how a synthetic face is drawn.
+# output sizes and safety     compliance.SCORE_DECIMALS (4), cli.SKIPPED_PRINTED and make_fold LISTED (20 names),
+#   bounds, beside their use  shards.INDEX_SKIPPED_LISTED (100), figures.FIGURE_LABEL_CHARS (60),
+#                             progress_file.FSYNC_EVERY (64), images.CONVERT_BAND_PIXELS, training_plan
+#                             .MAX_TIME_BUDGET_MINUTES (a year), params.MIN_ROI_BATCH_SIZE (4), service/metrics
+#                             .LATENCY_BUCKETS, uploads.MAX_NAME_CHARS (255): how outputs are written or inputs
+#                             bounded, not what the jobs compute.
