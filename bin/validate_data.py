@@ -36,7 +36,8 @@ def get_args_parser():
     parser.add_argument("--clean-annotations-tar", default=None,
                         help="also pack annotations_clean/ into this flat .tar (for workflow staging; default: none)")
     parser.add_argument("--workers", type=non_negative_int, default=D.VALIDATE_WORKERS,
-                        help=f"decoding threads; 0 means min(8, CPUs) (default: {D.VALIDATE_WORKERS})")
+                        help=f"decoding threads; 0 means min({D.VALIDATE_WORKERS_MAX}, CPUs) "
+                             f"(default: {D.VALIDATE_WORKERS})")
     add_label_map_arg(parser, writes_canonical=True)
     return parser
 

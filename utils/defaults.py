@@ -18,6 +18,7 @@ VOC_CLIP_TOLERANCE_PX = 2.0    # a box overshooting its image by at most this ma
                                # tools commonly round outwards); beyond it the object is dropped and reported
 NEAR_DUPLICATE_DISTANCE = 4    # pHash Hamming distance (of 64 bits) under which images count as near duplicates
 VALIDATE_WORKERS = 0           # decoding threads of validation; 0: min(8, CPUs) (PIL and hashing release the GIL)
+VALIDATE_WORKERS_MAX = 8       # ... that 8; also the threads scan_pairs decodes a labelled set on (train, evaluate)
 JPEG_QUALITY = 95              # quality of every JPEG the data jobs write
 PNG_COMPRESS_LEVEL = 1         # zlib level of every PNG they write: a 12 MP photo in 0.67 s and 12.0 MB, against
                                # 2.89 s and 9.7 MB at Pillow's default 6 (measured on 2026-12-06, 2 CPU cores)
@@ -70,7 +71,8 @@ WEIGHTS_DOWNLOAD_TIMEOUT_S = 20  # a download of torchvision weights gives up af
 # -- training ----------------------------------------------------------------------------
 EPOCHS = 10
 BATCH_SIZE = 4
-LOADER_WORKERS = -1            # -1: none on a CPU (decoding is <1 % of a step), a few on a GPU
+LOADER_WORKERS = -1            # -1: none on a CPU (decoding is <1 % of a step), a few on a GPU: half the CPUs,
+LOADER_WORKERS_GPU_MAX = 4     # 1 to this many
 OPTIMIZER = "sgd"              # sgd | adamw
 LR = 0.01
 MOMENTUM = 0.9                 # SGD momentum, AdamW beta1

@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
+from .. import defaults as D
 from ..atomic import atomic_path
 from ..errors import InputError, require_set
 from ..provenance import file_sha256, sets_sha256
@@ -266,7 +267,7 @@ def scan_pairs(pairs) -> tuple[list, list[dict]]:
     from ..parallel import ordered_map
 
     pairs = list(pairs)
-    workers = max(1, min(8, os.cpu_count() or 1))
+    workers = max(1, min(D.VALIDATE_WORKERS_MAX, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         read = list(ordered_map(pool, _read_problem, pairs, ahead=4 * workers))
     usable = [replace(pair, image_sha256=sha256, image_size=size)

@@ -177,7 +177,7 @@ def validate_dataset(images_dir, annotations_dir, near_duplicate_distance: int =
 
     near_duplicate_distance: largest perceptual-hash Hamming distance (of 64 bits) that
     still counts as a near duplicate; a negative value turns near-duplicate search off.
-    workers: threads for decoding (PIL and the hashes release the GIL); default min(8, CPUs).
+    workers: threads for decoding (PIL and the hashes release the GIL); default min(VALIDATE_WORKERS_MAX, CPUs).
     progress: show a tqdm bar; default only when stderr is a terminal.
     """
     images_dir = _check_folder(images_dir, "images")
@@ -219,7 +219,7 @@ def validate_dataset(images_dir, annotations_dir, near_duplicate_distance: int =
             problem(other.image, "ambiguous_name",
                     f"shares the stem {stem!r} with {group[0].image.name}, which keeps {group[0].annotation.name}")
 
-    workers = workers or min(8, os.cpu_count() or 1)
+    workers = workers or min(D.VALIDATE_WORKERS_MAX, os.cpu_count() or 1)
     show = sys.stderr.isatty() if progress is None else progress
     with ThreadPoolExecutor(max_workers=workers) as pool:
         facts = list(tqdm(ordered_map(pool, lambda p: _inspect_image(p.image), pairs, ahead=4 * workers),

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from .. import defaults as D
 from ..classes import NO_LABEL_MAP, LabelMap
 from .checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint, seed_everything
 from .engine import evaluate_loss, run_inference, train_steps
@@ -42,7 +43,7 @@ def auto_workers(device) -> int:
     if torch.device(device).type != "cuda":
         return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(4, cpus // 2))
+    return max(1, min(D.LOADER_WORKERS_GPU_MAX, cpus // 2))
 
 
 # ----------------------------------------------------------------------------- the loop
