@@ -337,7 +337,7 @@ WORKFLOW_OVERRIDES = {
 }
 
 # -- defaults that live elsewhere, and why ----------------------------------------------------------
-# utils/detection/params.py   GPU_BACKBONE, GPU_BATCH_SIZE: what the GPU recipe picks on CUDA for every
+# utils/detection/params.py   GPU_BACKBONE, GPU_BATCH_SIZE, GPU_IMAGE_SIZE: what the GPU recipe picks on CUDA for every
 #                             setting the user left at its default above; they apply only there.
 # utils/pegasus/runtimes.py   SECONDS_PER_IMAGE, SAFETY, STARTUP_S, MIN_RUNTIME_S, GRACE_MIN, ...: measured
 #                             constants of the job time-limit formula, beside the formula they feed; sites.yml

@@ -214,6 +214,7 @@ def check_budget_plan(plan, where: str = "budget_plan") -> list:
 
 GPU_BACKBONE = "resnet50_fpn_v2"
 GPU_BATCH_SIZE = 8  # 8 images of 512-800 px fit in 16 GB with AMP; the lr is scaled linearly with it
+GPU_IMAGE_SIZE = 640  # a default image size below it is raised to it
 
 
 def gpu_recipe(params, given: set[str], device) -> tuple:
@@ -240,9 +241,9 @@ def gpu_recipe(params, given: set[str], device) -> tuple:
             changes.append(f"lr {changed['lr']:g} (linear scaling)")
         changed["batch_size"] = GPU_BATCH_SIZE
         changes.append(f"batch size {GPU_BATCH_SIZE}")
-    if "image_size" not in given and params.image_size < 640:
-        changed["image_size"] = 640
-        changes.append("image size 640")
+    if "image_size" not in given and params.image_size < GPU_IMAGE_SIZE:
+        changed["image_size"] = GPU_IMAGE_SIZE
+        changes.append(f"image size {GPU_IMAGE_SIZE}")
     if "roi_batch_size" not in given and params.roi_batch_size is not None:
         changed["roi_batch_size"] = None
         changes.append("the architecture's own RoIs per image in the box loss")
