@@ -193,8 +193,9 @@ CALIBRATION_MIN_FACES = 100    # labelled validation faces an adjusted headline 
                                # (and says why): the make run sample's 40 put pacc 22 points off; the real data's
                                # val split has 387, each fold model of a 3-fold run 223-300
 BOOTSTRAP_REPLICATES = 1000    # resamples behind each 95 % interval of the compliance figure (seeded with SEED)
-VIDEO_ASSUMED_FPS = 25.0       # a video whose source gives no usable frame rate (0, NaN, 1000 or more) is timed at
-                               # this many frames a second, as its summary says
+VIDEO_ASSUMED_FPS = 25.0       # a video whose source gives no usable frame rate (0, NaN, VIDEO_FPS_MAX or more) is
+                               # timed at this many frames a second, as its summary says
+VIDEO_FPS_MAX = 1000           # ... a rate a source reports at or above this is not believed
 VIDEO_BLOCK_SECONDS = 10.0     # a video's interval resamples blocks of this much consecutive video: nearby
                                # frames show the same faces, so single frames are not independent samples
 VIDEO_HOLD_MAX_SECONDS = 5.0   # a live source's annotated video holds a frame until the next one's clock time

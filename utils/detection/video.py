@@ -235,7 +235,7 @@ def predict_video(model, device, source: str, output_dir, score_threshold: float
         try:  # the capture is released whatever happens, and the writer before its file is renamed
             output_dir.mkdir(parents=True, exist_ok=True)
             reported_fps = capture.get(cv2.CAP_PROP_FPS)
-            fps_assumed = not (math.isfinite(reported_fps) and 0 < reported_fps < 1000)  # cameras, some streams: 0
+            fps_assumed = not (math.isfinite(reported_fps) and 0 < reported_fps < D.VIDEO_FPS_MAX)  # cameras: 0
             fps = ASSUMED_FPS if fps_assumed else reported_fps
             declared = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if kind != "camera" and has_length(capture) else None
             # A camera, or a stream without a length (a live one), is timed by the wall clock; a file, or a stream
