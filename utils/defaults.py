@@ -179,8 +179,8 @@ SCORE_THRESHOLD = 0.5          # operating point: detections at or above it coun
 THRESHOLD_CANDIDATES = tuple(round(0.05 * step, 2) for step in range(1, 20))  # 0.05, 0.10, ..., 0.95: the operating
                                # points tried on the validation images after training
 THRESHOLD_F1_TOLERANCE = 0.01  # ... those within this of the best F1 count as equally good detectors
-MATCH_IOU = 0.5                # a detection is that face when their IoU is at least this (PASCAL VOC's): the F1 of
-                               # the threshold choice, evaluate's confusion matrix and quantify's calibration rates
+MATCH_IOU = 0.5                # a detection is that face when their IoU is at least this: the F1 of the threshold
+                               # choice, evaluate's confusion matrix and quantify's calibration rates
 INTERVAL_CONFIDENCE = 0.95     # confidence of the compliance figure's bootstrap interval
 DETECTION_FLOOR = 0.05         # lowest score kept for the probabilistic counts and the service's boxes: torchvision's
                                # own box_score_thresh, below which Faster R-CNN emits no box anyway
@@ -348,8 +348,8 @@ WORKFLOW_OVERRIDES = {
 # properties.conf             dagman.retry, pegasus.mode, transfer threads: Pegasus properties, kept in
 #                             Pegasus' own file so that pegasus-plan reads them as they are.
 # utils/detection/model.py    MOBILENET_V2_RETURN_NODES, MOBILENET_V2_FPN_CHANNELS (128), FACE_ANCHOR_SIZES,
-#                             FACE_ASPECT_RATIOS, the RoI pool (7x7, 2 samples): mobilenet_v2_fpn's architecture;
-#                             a model file records its anchors and its weights fit only it: not a setting.
+#                             FACE_ASPECT_RATIOS, the RoI pool (7x7, 2 samples): the architectures model.py builds;
+#                             a model file records the anchors and its weights fit only them: not settings.
 #                             torchvision's own builders (mobilenet_v3_large_fpn, resnet50_fpn*) keep torchvision's
 #                             sizes, not DETECTIONS_PER_IMAGE & co. above: 100 detections a photo, 1000 proposals.
 # utils/detection/retinaface.py  CHANNELS, STRIDES, ANCHOR_SIZES, BOX_CODER_WEIGHTS, BGR_MEAN, LEAKY: RetinaFace's,
