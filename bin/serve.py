@@ -110,7 +110,8 @@ def get_args_parser():
                         help="comma-separated addresses or networks of reverse proxies whose X-Forwarded-For "
                              "header names the client (for --max-requests-per-client and the access log); no one "
                              "else's is read; '' reads no one's (default: $FORWARDED_ALLOW_IPS where it is set, "
-                             f"else {D.SERVICE_FORWARDED_ALLOW_IPS}, as uvicorn's own: a reverse proxy on this host)")
+                             f"else {D.SERVICE_FORWARDED_ALLOW_IPS}, the loopback address --host binds by default: a "
+                             "reverse proxy on this host)")
     parser.add_argument("--header-timeout", type=positive_float, default=D.SERVICE_HEADER_TIMEOUT_S,
                         help="seconds a connection has to send a complete request line and headers, after "
                              f"connecting or after its previous answer (default: {D.SERVICE_HEADER_TIMEOUT_S:g})")
@@ -170,7 +171,7 @@ def listen(sock: socket.socket, host: str, port: int, backlog: int) -> None:
 
 def proxy_settings(forwarded_allow_ips: str) -> dict:
     """uvicorn's settings that read X-Forwarded-For from the proxies named (comma-separated) and no one else; none
-    named: no one's. The flag's default is uvicorn's own (loopback, or $FORWARDED_ALLOW_IPS): the usual way this
+    named: no one's. The flag's default is IPv4 loopback (or $FORWARDED_ALLOW_IPS, as uvicorn's): the usual way this
     server, bound to loopback unless --host says otherwise, is exposed is a reverse proxy on the same host, whose
     clients would otherwise all be one client to --max-requests-per-client."""
     proxies = [address.strip() for address in forwarded_allow_ips.split(",") if address.strip()]

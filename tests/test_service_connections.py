@@ -311,7 +311,7 @@ def test_the_proxies_uvicorn_is_told_of_in_forwarded_allow_ips_are_still_trusted
                                                               "forwarded_allow_ips": ["10.0.0.5"]}
     monkeypatch.delenv("FORWARDED_ALLOW_IPS")
     args = serve.get_args_parser().parse_args(["--model", "model.pt"])
-    # unset: uvicorn's own default, loopback: a reverse proxy on this host, in front of the loopback binding,
+    # unset: loopback (127.0.0.1, the default --host): a reverse proxy on this host, in front of the loopback binding,
     # tells its clients apart (bin/serve.py read no one's header: all of them were one client, 8 requests at once)
     assert serve.proxy_settings(args.forwarded_allow_ips) == {"proxy_headers": True,
                                                               "forwarded_allow_ips": ["127.0.0.1"]}

@@ -258,7 +258,9 @@ REPORT_DATA_MAX_BYTES = 256 * 2**20  # a JSON, CSV or YAML file bin/report.py an
 # -- the prediction service (bin/serve.py, utils/service/; docs/service.md) ----------------
 SERVICE_HOST = "127.0.0.1"           # bin/serve.py --host: this machine only; 0.0.0.0 exposes it (set --token then)
 SERVICE_PORT = 8000                  # bin/serve.py --port
-SERVICE_FORWARDED_ALLOW_IPS = "127.0.0.1"  # --forwarded-allow-ips where $FORWARDED_ALLOW_IPS is not set: uvicorn's own
+SERVICE_FORWARDED_ALLOW_IPS = "127.0.0.1"  # --forwarded-allow-ips where $FORWARDED_ALLOW_IPS is not set: the loopback
+                                           # address --host binds by default, so a reverse proxy on this host (uvicorn
+                                           # 0.54's own default also names ::1)
 SERVICE_MAX_UPLOAD_MB = 20.0         # largest image file accepted per upload
 SERVICE_MAX_IMAGES = 16              # images per request at most
 SERVICE_QUEUE_SIZE = 8               # requests admitted at once (decoding, waiting, in inference); one more: 503
