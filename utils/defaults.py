@@ -166,7 +166,8 @@ ANNOTATED_MAX_SIDE = 1280      # predict's annotated copies (and --explain's map
                                # photos the decode workers hold ready held 36 MB at 12 MP
 PREDICT_CHECKPOINT_EVERY = 100 # predict saves its checkpoint every this many images: what a kill with no time to
                                # save (SIGKILL) loses at most, against a pack per save
-ANNOTATED_JPEG_QUALITY = 90    # JPEG quality of predict's annotated copies (the service's: SERVICE_ANNOTATED_...)
+ANNOTATED_JPEG_QUALITY = 90    # JPEG quality of predict's annotated copies and --explain overlays (the service's:
+                               # SERVICE_ANNOTATED_JPEG_QUALITY)
 FOLDER_PLOT_MAX = 40           # compliance_by_folder.png draws the folders with the most images, at most this many:
                                # a row each made 3000 folders a 125,000-px-tall figure drawn in 1.4 GB
 INFERENCE_SCALES = (1.0, 1.25, 1.5, 1.75, 2.0)  # working sizes tried after training, times --image-size: the
@@ -181,7 +182,9 @@ THRESHOLD_CANDIDATES = tuple(round(0.05 * step, 2) for step in range(1, 20))  # 
 THRESHOLD_F1_TOLERANCE = 0.01  # ... those within this of the best F1 count as equally good detectors
 MATCH_IOU = 0.5                # a detection is that face when their IoU is at least this: the F1 of the threshold
                                # choice, evaluate's confusion matrix and quantify's calibration rates
-INTERVAL_CONFIDENCE = 0.95     # confidence of the compliance figure's bootstrap interval
+INTERVAL_CONFIDENCE = 0.95     # confidence of the compliance figure's bootstrap interval; the outputs' labels write
+                               # "95 %" themselves (evaluate's text, the headline, the plots, the report): change
+                               # them with it
 DETECTION_FLOOR = 0.05         # lowest score kept for the probabilistic counts and the service's boxes: torchvision's
                                # own box_score_thresh, below which Faster R-CNN emits no box anyway
 COMPLIANCE_ESTIMATOR = "pacc2"  # the headline percent properly masked (utils/detection/quantify.py): cc | pcc | acc
@@ -310,7 +313,8 @@ SERVICE_STOP_TIMEOUT_S = 30.0        # SIGTERM: seconds requests in flight get t
 SERVICE_ANNOTATED_MAX_SIDE = 1280    # ?annotated=true: the drawn picture's longer side at most, in pixels (shrunk
                                      # to it): at full size a request's pictures made an answer of tens of MB,
                                      # held outside the pixel budget while a slow client read it
-SERVICE_ANNOTATED_JPEG_QUALITY = 85  # ... and its JPEG quality (it rides in the JSON answer as a data URL)
+SERVICE_ANNOTATED_JPEG_QUALITY = 85  # ... and its JPEG quality, /api/explain's overlays' too (they ride in the JSON
+                                     # answer as data URLs)
 SERVICE_RETRY_AFTER_S = 2            # the Retry-After of a 429 or 503: seconds a client refused as busy is told to wait
 SERVICE_EXPLAIN_MATCH_IOU = 0.5      # /api/explain: the box explained is the model's box of that class overlapping the
                                      # one the client sent more than this (a box /api/predict returned overlaps ~1)
