@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""The detections-per-image cap (utils/defaults.py: DETECTIONS_PER_IMAGE) on a trained model, measured as evaluate
+measures.
+
+For each --caps value, runs the evaluate job's code (box_voting.evaluate_once: the model at its working size, flip
+TTA, box voting and threshold as the model file says) over a labelled set (--val; --test too, to report only), and
+counts the images whose detections reach the cap, with the lowest score kept there: a cap reached by an image whose
+lowest kept score is at or above the detection floor cut boxes the score-sum estimators and the recall count.
+Prints mAP, mAP@0.5, mAR@100, the compliance errors and those images; with --output the rows are saved as JSON.
+
+  .venv/bin/python bench/detections_cap.py --model RUN/outputs/model.pt \\
+      --val RUN/scratch/preprocess_val --test RUN/scratch/evaluate/test_set.tar \\
+      --output bench/results/detections_cap.json
+
+Exit 0; 2 (one line) on a bad flag, a model file or a set that cannot be read.
+"""
+
+import argparse
+import contextlib
+import json
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from box_voting import evaluate_once  # noqa: E402  (bench/ is the script's own folder, first on sys.path)
+
+
+def caps_arg(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or any(value < 1 for value in values):
+        raise argparse.ArgumentTypeError(f"expected whole numbers of at least 1 separated by commas, got {text!r}")
+    return values
+
+
+def images_at_cap(model, pairs, tta: bool, cap: int) -> list[dict]:
+    """The images whose detections reach *cap*: their index, detections, labelled faces and lowest kept score."""
+    import torch
+
+    from utils.detection.engine import run_inference
+    from utils.detection.evaluation import evaluation_loader
+
+    loader = evaluation_loader(pairs, num_workers=0, device=torch.device("cpu"))
+    preds, targets = run_inference(model, loader, torch.device("cpu"), tta=tta)
+    return [{"image": index, "detections": len(pred["scores"]), "faces": len(target["boxes"]),
+             "lowest_score": round(float(pred["scores"].min()), 3)}
+            for index, (pred, target) in enumerate(zip(preds, targets)) if len(pred["scores"]) >= cap]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, required=True, help="a model file written by bin/train.py")
+    p.add_argument("--val", type=Path, required=True, help="its validation set (folder or .tar)")
+    p.add_argument("--test", type=Path, default=None, help="its test set, reported only (default: none)")
+    p.add_argument("--caps", type=caps_arg, default=[200, 1000],
+                   help="the detections-per-image caps tried, comma-separated (default: 200,1000)")
+    p.add_argument("--output", type=Path, default=None, help="JSON file for the rows (default: printed only)")
+    args = p.parse_args()
+    for path in (args.model, args.val, *([args.test] if args.test else [])):
+        if not path.exists():
+            p.error(f"{path}: not found")
+    import torch
+
+    from utils import defaults as D
+    from utils.cli import error_message
+    from utils.data.pairs import open_folder
+    from utils.detection.evaluation import labelled_pairs, load_trained_model
+    from utils.detection.metrics import fitness
+
+    splits = [("validation", args.val)] + ([("test", args.test)] if args.test else [])
+    with contextlib.ExitStack() as stack:
+        try:  # a model or a set that cannot be used is said before any pass runs
+            model, meta, threshold, _ = load_trained_model(args.model, torch.device("cpu"))
+            sets = []
+            for split, path in splits:
+                folder = stack.enter_context(open_folder(path))
+                sets.append((split, labelled_pairs(folder, folder)[0]))
+        except (ValueError, OSError) as error:  # InputError is a ValueError
+            p.error(error_message(error))
+        rows = []
+        for split, pairs in sets:
+            for cap in args.caps:
+                model.roi_heads.detections_per_img = cap
+                row = {"split": split, "cap": cap, **evaluate_once(model, meta, threshold, pairs),
+                       "at_cap": images_at_cap(model, pairs, meta["tta"], cap)}
+                row["fitness"] = fitness(row)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print(f"\n{args.model}: working size {meta['working_size']} px, flip TTA {'on' if meta['tta'] else 'off'}, "
+          f"box voting {'on' if meta['box_voting'] else 'off'}, score threshold {threshold:g}, detection floor "
+          f"{D.DETECTION_FLOOR:g}")
+    print("| set | cap | mAP | mAP@0.5 | mAR@100 | cc error | headline error | images at the cap (lowest kept score) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        capped = ", ".join(f"{entry['faces']} faces ({entry['lowest_score']:g})" for entry in row["at_cap"]) or "none"
+        print(f"| {row['split']} ({row['images']}) | {row['cap']} | {row['map']:.3f} | {row['map_50']:.3f} | "
+              f"{row['mar_100']:.3f} | {row['cc_error_points']:+.1f} | {row['headline_error_points']:+.1f} | "
+              f"{capped} |")
+    if args.output:
+        from utils.atomic import write_json
+
+        write_json(args.output, {"model": str(args.model), "working_size": meta["working_size"], "tta": meta["tta"],
+                                 "box_voting": meta["box_voting"], "score_threshold": threshold,
+                                 "detection_floor": D.DETECTION_FLOOR, "rows": rows, "torch": torch.__version__,
+                                 "python": platform.python_version(), "threads": torch.get_num_threads()})
+        print(f"written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
