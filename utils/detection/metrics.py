@@ -88,9 +88,9 @@ def compute_coco(preds, targets, max_detections: int = 100) -> CocoResult:
     targets = [_clean_target(t) for t in targets]
     if len(preds) != len(targets):
         raise ValueError(f"{len(preds)} predictions for {len(targets)} images: one of each per image is required")
-    # COCO's standard cap of 100 detections per image is kept so that figures compare with published
-    # ones; the model may return more (up to 200), and COCO simply ranks and cuts them, so the warning
-    # torchmetrics gives for it is noise here. Imported here, not with the module: it costs a second or more
+    # COCO's standard cap of 100 detections per image (and class) is kept so that figures compare with published
+    # ones; the model may return more (up to DETECTIONS_PER_IMAGE), and COCO simply ranks and cuts them, so the
+    # warning torchmetrics gives for it is noise here. Imported here, not with the module: it costs a second or more
     # (scipy.signal, its audio and text metrics), which predict, the service and hpo_merge never need.
     from torchmetrics.detection import MeanAveragePrecision
 
