@@ -62,9 +62,9 @@ TRAINABLE_LAYERS = 3           # backbone stages trained, counted from the top
 # builders of the other backbones keep torchvision's own: 100 detections, 1000 proposals after NMS, 512 RoIs):
 DETECTIONS_PER_IMAGE = 1000    # most boxes one image reports, best scores first, those down to DETECTION_FLOOR
                                # included (a face can give a box per class and pass). At 200 it cut boxes above
-                               # the floor from 3 (or 4) of the real test split's 134 photos (the 115-face crowd's up to
+                               # the floor from 3 of the real test split's 134 photos (the 115-face crowd's up to
                                # score 0.14), which the score-sum estimators and the recall lost (bench/RESULTS.md,
-                               # "The detections-per-image cap"); that crowd gives 559. RPN_POST_NMS_TOP_N_TEST
+                               # "The detections-per-image cap"). RPN_POST_NMS_TOP_N_TEST
                                # bounds the proposals, so the cap only guards against a pathological photo
 RPN_PRE_NMS_TOP_N_TEST = 1000  # proposals per pyramid level kept before the RPN's NMS at inference (torchvision's)
 RPN_POST_NMS_TOP_N_TEST = 500  # ... and per image after it (torchvision's 1000): ~4 a face of the most crowded photo
