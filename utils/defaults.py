@@ -336,7 +336,7 @@ EXECUTOR_JOBS = 2              # python -m utils.executor RUN_DIR without --jobs
 COMPARE_SORT_BY = "map_50"     # bin/compare_runs.py --sort-by: the column the runs are ranked by
 
 # Where the workflow departs from the defaults above on purpose. Most entries size the default run for
-# `make run` (120 synthetic images, 2 CPU cores, about 9 minutes); raise them by flag for real data.
+# `make run` (120 synthetic images, 2 CPU cores, 9 to 11 minutes); raise them by flag for real data.
 WORKFLOW_OVERRIDES = {
     "epochs": 2,          # make run budget (the Makefile passes --time-budget, which replaces it)
     "hpo_epochs": 1,      # make run budget
