@@ -56,6 +56,27 @@ def evaluate_once(model, meta: dict, threshold: float, pairs) -> dict:
             "images": report["num_images"], "seconds": round(seconds, 1)}
 
 
+def open_model_and_sets(parser, stack, model_path: Path, splits, **load_options):
+    """(model, meta, threshold, [(split, pairs)]) on the CPU, each set opened in *stack* (a .tar unpacked while its
+    rows run); a model or a set that cannot be used is said in one line (parser.error) before any pass runs, not
+    after the validation rows. *load_options* go to evaluation.load_trained_model (e.g. box_voting=False)."""
+    import torch
+
+    from utils.cli import error_message
+    from utils.data.pairs import open_folder
+    from utils.detection.evaluation import labelled_pairs, load_trained_model
+
+    try:
+        model, meta, threshold, _ = load_trained_model(model_path, torch.device("cpu"), **load_options)
+        sets = []
+        for split, path in splits:
+            folder = stack.enter_context(open_folder(path))
+            sets.append((split, labelled_pairs(folder, folder)[0]))
+    except (ValueError, OSError) as error:  # InputError is a ValueError: a model file or set it cannot read
+        parser.error(error_message(error))
+    return model, meta, threshold, sets
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, required=True, help="a model file written by bin/train.py")
@@ -70,22 +91,12 @@ def main() -> int:
             p.error(f"{path}: not found")
     import torch
 
-    from utils.cli import error_message
-    from utils.data.pairs import open_folder
-    from utils.detection.evaluation import labelled_pairs, load_trained_model
     from utils.detection.inference import set_box_voting
     from utils.detection.metrics import fitness
 
     splits = [("validation", args.val)] + ([("test", args.test)] if args.test else [])
     with contextlib.ExitStack() as stack:
-        try:  # a model or a set that cannot be used is said before any pass runs, not after the validation rows
-            model, meta, threshold, _ = load_trained_model(args.model, torch.device("cpu"), box_voting=False)
-            sets = []
-            for split, path in splits:
-                folder = stack.enter_context(open_folder(path))  # a .tar unpacked while its rows run
-                sets.append((split, labelled_pairs(folder, folder)[0]))
-        except (ValueError, OSError) as error:  # InputError is a ValueError: a model file or set it cannot read
-            p.error(error_message(error))
+        model, meta, threshold, sets = open_model_and_sets(p, stack, args.model, splits, box_voting=False)
         rows = []
         for split, pairs in sets:
             for vote_iou in [None, *args.ious]:

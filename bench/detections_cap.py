@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from box_voting import evaluate_once  # noqa: E402  (bench/ is the script's own folder, first on sys.path)
+from box_voting import evaluate_once, open_model_and_sets  # noqa: E402  (bench/ is the script's own folder, first on sys.path)
 
 
 def caps_arg(text: str) -> list[int]:
@@ -94,21 +94,11 @@ def main() -> int:
     import torch
 
     from utils import defaults as D
-    from utils.cli import error_message
-    from utils.data.pairs import open_folder
-    from utils.detection.evaluation import labelled_pairs, load_trained_model
     from utils.detection.metrics import fitness
 
     splits = [("validation", args.val)] + ([("test", args.test)] if args.test else [])
     with contextlib.ExitStack() as stack:
-        try:  # a model or a set that cannot be used is said before any pass runs
-            model, meta, threshold, _ = load_trained_model(args.model, torch.device("cpu"))
-            sets = []
-            for split, path in splits:
-                folder = stack.enter_context(open_folder(path))
-                sets.append((split, labelled_pairs(folder, folder)[0]))
-        except (ValueError, OSError) as error:  # InputError is a ValueError
-            p.error(error_message(error))
+        model, meta, threshold, sets = open_model_and_sets(p, stack, args.model, splits)
         rows = []
         for split, pairs in sets:
             for cap in args.caps:
