@@ -95,6 +95,10 @@ def get_args_parser():
     p.add_argument("--trainable-layers-range", type=non_negative_int, nargs=2, metavar=("MIN", "MAX"),
                    default=list(D.HPO_TRAINABLE_LAYERS_RANGE),
                    help=f"trainable backbone stages range (default: {_spaced(D.HPO_TRAINABLE_LAYERS_RANGE)})")
+    p.add_argument("--default-trial", action=argparse.BooleanOptionalAction, default=D.HPO_DEFAULT_TRIAL,
+                   help="a new study's first trial runs the training defaults (lr, momentum, weight decay, "
+                        "trainable layers), in the worker whose lr slice holds them (default: "
+                        f"{'on' if D.HPO_DEFAULT_TRIAL else 'off'})")
     p.add_argument("--pruner-startup-trials", type=non_negative_int, default=D.HPO_PRUNER_STARTUP_TRIALS,
                    help=f"completed trials before the MedianPruner prunes (default: {D.HPO_PRUNER_STARTUP_TRIALS})")
     p.add_argument("--pruner-warmup-epochs", type=non_negative_int, default=D.HPO_PRUNER_WARMUP_EPOCHS,
@@ -141,7 +145,8 @@ def main(args) -> int:
                         trainable_layers_max=args.trainable_layers_range[1], batch_sizes=tuple(args.batch_sizes))
     config = HpoConfig(epochs=args.epochs, image_size=args.image_size, backbone=args.backbone, weights=args.weights,
                        weights_file=args.weights_file, optimizer=args.optimizer, workers=args.workers,
-                       warmup_iters=args.warmup_iters, objective=args.objective, seed=args.seed, label_map=label_map)
+                       warmup_iters=args.warmup_iters, objective=args.objective, seed=args.seed, label_map=label_map,
+                       default_trial=args.default_trial)
     device = resolve_device(args.device)
     seen = {}  # the training and validation files' sha256 by path, as the study read them
     result = run_study(config, space, args.train_images, args.train_annotations, args.val_images,

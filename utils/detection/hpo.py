@@ -22,6 +22,10 @@ Sampling: TPE (``TrialSeededSampler``), seeded afresh for every trial from the w
 place among the study's trials that were not interrupted, so that a search stopped or killed and resumed draws
 the trials an uninterrupted one with the same seed draws.
 
+Default trial: a new study's first trial runs the training defaults (LR, MOMENTUM, WEIGHT_DECAY,
+TRAINABLE_LAYERS) in the one worker whose slice holds LR (``HpoConfig.default_trial``), so that the best
+trial is never one that scored below them; the search's budget is often one trial per worker.
+
 Workers: with K workers, worker I searches the I-th of K equal slices of the
 log learning-rate range (disjoint, together the whole range) with its own
 TPE seed (seed + I, modulo 2**32: worker_seed); momentum, weight decay and trainable layers span their
@@ -98,6 +102,27 @@ class SearchSpace:
         if len(self.batch_sizes) > 1:
             dists["batch_size"] = CategoricalDistribution(list(self.batch_sizes))
         return dists
+
+    def default_params(self, worker_index: int, num_workers: int) -> dict | None:
+        """The training defaults' parameters (LR, MOMENTUM, WEIGHT_DECAY, TRAINABLE_LAYERS; BATCH_SIZE when batch
+        sizes are searched) if they lie in this whole space and LR in worker *worker_index*'s slice of it: one
+        worker of K holds them (the slices are half-open, the last one closed); None for the others."""
+        params = {"lr": D.LR, "momentum": D.MOMENTUM, "weight_decay": D.WEIGHT_DECAY,
+                  "trainable_layers": D.TRAINABLE_LAYERS}
+        if len(self.batch_sizes) > 1:
+            params["batch_size"] = D.BATCH_SIZE
+        dists = self.distributions()
+        def holds(dist, value) -> bool:
+            try:
+                return dist._contains(dist.to_internal_repr(value))
+            except ValueError:  # a categorical's value not among its choices
+                return False
+
+        if not all(holds(dists[name], value) for name, value in params.items()):
+            return None
+        low, high = math.log(self.lr_min), math.log(self.lr_max)
+        holder = min(int((math.log(D.LR) - low) / (high - low) * num_workers), num_workers - 1) if high > low else 0
+        return params if holder == worker_index else None
 
     def describe(self) -> dict:
         return {name: repr(dist) for name, dist in self.distributions().items()}
@@ -296,6 +321,17 @@ def requeue(study: optuna.Study, trial, why: str) -> None:
     log.info("trial %d %s: marked failed, parameters %s enqueued again", trial.number, why, trial.params)
 
 
+def enqueue_default_trial(study: optuna.Study, config: HpoConfig, space: SearchSpace, worker_index: int,
+                          num_workers: int) -> None:
+    """Make the training defaults a new study's first trial, in the worker whose slice holds them (HPO_DEFAULT_TRIAL).
+    Only a study without trials gets it: a resumed one already holds it, finished or waiting."""
+    params = space.default_params(worker_index, num_workers) if config.default_trial else None
+    if params is None or study.get_trials(deepcopy=False):
+        return
+    study.enqueue_trial(params, user_attrs={"defaults": True})
+    log.info("trial 0 runs the training defaults %s", params)
+
+
 def recover_stale_trials(study: optuna.Study, storage) -> list[int]:
     """Fail trials left RUNNING by a killed job and enqueue their parameters again; returns their numbers."""
     recovered = []
@@ -330,6 +366,7 @@ class HpoConfig:
     seed: int = D.SEED
     score_threshold: float = D.SCORE_THRESHOLD  # where the compliance error of each trial is read (reported only)
     label_map: LabelMap = NO_LABEL_MAP  # how the annotations' object names become classes
+    default_trial: bool = D.HPO_DEFAULT_TRIAL  # a new study's first trial runs the defaults (SearchSpace.default_params)
 
 
 def make_objective(config: HpoConfig, space: SearchSpace, train_pairs, val_pairs, device):
@@ -417,6 +454,7 @@ def run_study(config: HpoConfig, space: SearchSpace, train_images, train_annotat
         if inputs_seen is not None:  # every file's sha256 by path, for the job's run record
             inputs_seen.update(files_sha256)
         check_study_search(study, journal, config, worker_space, data_sha256)  # before the journal changes
+        enqueue_default_trial(study, config, space, worker_index, num_workers)
         recovered = recover_stale_trials(study, storage)
         callbacks = []
         if tensorboard_dir:
