@@ -17,8 +17,8 @@ from helpers import load_script, run_script
 from dataclasses import replace
 
 from utils import defaults as D
-from utils.detection.hpo import (HpoConfig, HpoError, SearchSpace, enqueue_default_trial, fitness, open_study,
-                                 recover_stale_trials, run_study, worker_seed)
+from utils.detection.hpo import HpoConfig, HpoError, SearchSpace, enqueue_default_trial, fitness, run_study
+from utils.detection.hpo_study import open_study, recover_stale_trials, worker_seed
 from utils.detection.hpo_results import journal_trials, merge_results, read_worker_results
 from utils.detection.plots import write_hpo_plots
 from utils.provenance import file_sha256

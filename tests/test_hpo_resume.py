@@ -16,13 +16,14 @@ import pytest
 import torch
 from optuna.storages.journal import JournalFileSymlinkLock
 
-from utils.detection.hpo import STALE_LOCK_S, HpoConfig, SearchSpace, open_study, run_study, worker_seed
+from utils.detection.hpo import HpoConfig, SearchSpace, run_study
+from utils.detection.hpo_study import STALE_LOCK_S, open_study, worker_seed
 
 CONFIG = HpoConfig(epochs=1, image_size=96, workers=0, warmup_iters=1, seed=5)
 SPACE = SearchSpace(batch_sizes=(2,))
 
 RERUN = """
-from utils.detection.hpo import open_study
+from utils.detection.hpo_study import open_study
 study, _ = open_study("runs/hpo.journal", "lock", seed=1)
 trial = study.ask()
 study.tell(trial, 0.5)

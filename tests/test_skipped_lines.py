@@ -59,7 +59,8 @@ def test_train_names_the_first_skipped_inputs_and_counts_the_rest(tmp_path, caps
 def test_hpo_names_the_first_skipped_inputs_and_counts_the_rest(tmp_path, capsys, caplog):
     import torch
 
-    from utils.detection.hpo import HpoConfig, SearchSpace, open_study, run_study, worker_seed
+    from utils.detection.hpo import HpoConfig, SearchSpace, run_study
+    from utils.detection.hpo_study import open_study, worker_seed
 
     config, space = HpoConfig(epochs=1, image_size=96, workers=0, warmup_iters=1, seed=5), SearchSpace(batch_sizes=(2,))
     data = make_train_val(tmp_path / "data", num_train=2, num_val=1)

@@ -373,7 +373,7 @@ WORKFLOW_OVERRIDES = {
 # utils/detection/metrics.py  COCO's 100 detections per image and class (mAR@100) and the PR curves at IoU 0.5:
 #                             the metrics' definitions, not choices.
 # utils/detection/quantify.py BOOTSTRAP_CHUNK_DRAWS: memory of one chunk of bootstrap draws, not a result choice.
-# utils/detection/hpo.py      STALE_LOCK_S: Optuna's own grace period for a journal writer's lock.
+# utils/detection/hpo_study.py STALE_LOCK_S: Optuna's own grace period for a journal writer's lock.
 # utils/data/augment.py       the steps' own ranges (zoom out 1-1.6x onto ZOOM_OUT_FILL, IoU crop of 0.5-1 scale,
 #                             colour jitter 0.3/0.03, boxes under 2 px dropped), beside the pipeline they shape.
 # utils/data/sample_data.py   FACE_HEIGHT_PX, MIN_FACE_HEIGHT_PX, SUPERSAMPLE: how a synthetic face is drawn.
