@@ -3,6 +3,7 @@ holds them (SearchSpace.default_params, enqueue_default_trial; bin/hpo.py --defa
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -55,3 +56,35 @@ def test_the_default_trial_is_enqueued_once_in_a_new_study_and_can_be_turned_off
     trial = study.ask()
     assert SPACE.sample(trial) == pytest.approx(DEFAULTS) and trial.user_attrs["defaults"]
     assert SPACE.sample(study.ask()) != pytest.approx(DEFAULTS)  # the next one is drawn
+
+
+# LR on a boundary between slices, at an end of the range, or the range LR alone; the defaults' own range last
+EDGES = [((1e-3, 1e-1), 2), ((1e-3, 1e-1), 4), ((1e-4, 1e-1), 3), ((1e-2, 1e-1), 3), ((1e-3, 1e-2), 3),
+         ((1e-2, 1e-2), 1), ((1e-2, 1e-2), 3), (D.HPO_LR_RANGE, 3)]
+
+
+@pytest.mark.parametrize(("lr_range", "workers"), EDGES)
+def test_the_default_rate_on_a_slice_edge_runs_inside_its_workers_slice(lr_range, workers):
+    """The worker was chosen by arithmetic on the whole range, its slice's ends by for_worker's exp(log(.)), which
+    differ by a rounding: with --lr-range 1e-4 1e-1 and 3 workers, worker 2 ran the default 0.01 below its slice's
+    low end 0.010000000000000004 (worker 1's slice holds it), with 1e-2 1e-1 no slice held it; Optuna warned that
+    the fixed parameter was out of range and ran it outside the worker's slice."""
+    space = replace(SPACE, lr_min=lr_range[0], lr_max=lr_range[1])
+    holders = [index for index in range(workers) if space.default_params(index, workers) is not None]
+    assert len(holders) == 1
+    params = space.default_params(holders[0], workers)
+    assert params["lr"] == pytest.approx(D.LR, rel=1e-12)
+    held = space.for_worker(holders[0], workers).distributions()
+    assert all(held[name]._contains(held[name].to_internal_repr(value)) for name, value in params.items())
+
+
+def test_the_holders_default_trial_is_inside_its_slice_for_optuna(tmp_path):
+    space, workers = replace(SPACE, lr_min=1e-4, lr_max=1e-1), 3
+    (holder,) = [index for index in range(workers) if space.default_params(index, workers) is not None]
+    study, _ = open_study(tmp_path / "edge.journal", "edge", seed=1)
+    enqueue_default_trial(study, CONFIG, space, holder, workers)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Fixed parameter")  # Optuna's word for a value out of range
+        sampled = space.for_worker(holder, workers).sample(study.ask())
+    assert sampled == pytest.approx(DEFAULTS, rel=1e-12)
+

@@ -101,7 +101,7 @@ class SearchSpace:
     def default_params(self, worker_index: int, num_workers: int) -> dict | None:
         """The training defaults' parameters (LR, MOMENTUM, WEIGHT_DECAY, TRAINABLE_LAYERS; BATCH_SIZE when batch
         sizes are searched) if they lie in this whole space and LR in worker *worker_index*'s slice of it: one
-        worker of K holds them (the slices are half-open, the last one closed); None for the others."""
+        worker of K holds them (the lowest where LR is on the boundary of two slices); None for the others."""
         params = {"lr": D.LR, "momentum": D.MOMENTUM, "weight_decay": D.WEIGHT_DECAY,
                   "trainable_layers": D.TRAINABLE_LAYERS}
         if len(self.batch_sizes) > 1:
@@ -115,9 +115,14 @@ class SearchSpace:
 
         if not all(holds(dists[name], value) for name, value in params.items()):
             return None
-        low, high = math.log(self.lr_min), math.log(self.lr_max)
-        holder = min(int((math.log(D.LR) - low) / (high - low) * num_workers), num_workers - 1) if high > low else 0
-        return params if holder == worker_index else None
+        # The slices themselves (for_worker), not arithmetic on the whole range: their ends are exp(log(.)), a
+        # rounding off LR where it is a slice's boundary or an end of the range, and the default trial ran outside
+        # its worker's slice (Optuna: "out of range"), or in a worker whose neighbour's slice held it. At an end of
+        # the range LR goes inside the slice, by that rounding.
+        slices = [self.for_worker(index, num_workers) for index in range(num_workers)]
+        lrs = [min(max(D.LR, part.lr_min), part.lr_max) for part in slices]
+        holder = min(range(num_workers), key=lambda index: (abs(lrs[index] - D.LR), index))
+        return {**params, "lr": lrs[holder]} if holder == worker_index else None
 
     def describe(self) -> dict:
         return {name: repr(dist) for name, dist in self.distributions().items()}
