@@ -3,14 +3,16 @@ holds them (SearchSpace.default_params, enqueue_default_trial; bin/hpo.py --defa
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import replace
 
 import pytest
+from optuna.trial import TrialState
 
 from utils import defaults as D
 from utils.detection.hpo import HpoConfig, SearchSpace, enqueue_default_trial
-from utils.detection.hpo_study import open_study
+from utils.detection.hpo_study import open_study, recover_stale_trials
 
 CONFIG = HpoConfig(epochs=1, image_size=96, workers=0, warmup_iters=1, seed=5)
 SPACE = SearchSpace(batch_sizes=(2,))
@@ -88,3 +90,36 @@ def test_the_holders_default_trial_is_inside_its_slice_for_optuna(tmp_path):
         sampled = space.for_worker(holder, workers).sample(study.ask())
     assert sampled == pytest.approx(DEFAULTS, rel=1e-12)
 
+
+def _stand_in(trial) -> float:
+    """A deterministic objective in place of training, peaked inside the space away from the defaults."""
+    params = SPACE.sample(trial)
+    return -(math.log10(params["lr"]) + 2.3) ** 2 - (params["momentum"] - 0.85) ** 2 - 0.01 * params["trainable_layers"]
+
+
+def _searched(journal, n_trials: int) -> list[tuple]:
+    """A job of the search as run_study runs it (a new study gets the default trial, a killed job's running trial is
+    failed and enqueued again); the complete trials' parameters and default marks, in order."""
+    study, storage = open_study(journal, "search", seed=7)
+    enqueue_default_trial(study, CONFIG, SPACE, 0, 1)
+    recover_stale_trials(study, storage)
+    study.optimize(_stand_in, n_trials=n_trials - sum(t.state == TrialState.COMPLETE for t in study.trials))
+    return [(t.params, bool(t.user_attrs.get("defaults"))) for t in study.trials if t.state == TrialState.COMPLETE]
+
+
+@pytest.mark.parametrize("drawn", [True, False])
+def test_a_default_trial_killed_runs_the_defaults_again_and_the_search_goes_on_as_an_uninterrupted_one(tmp_path,
+                                                                                                     drawn):
+    """A job killed in the default trial: its retry enqueued the parameters it had drawn without the default mark,
+    and nothing at all where it was killed between Optuna's start of the trial and its draws (the defaults were
+    only the enqueued trial's fixed parameters): the retry drew a random trial in place of the defaults."""
+    whole = _searched(tmp_path / "whole.journal", 7)  # past TPE's 5 random startup trials
+    assert whole[0] == (DEFAULTS, True) and not any(marked for _, marked in whole[1:])
+    killed = tmp_path / "killed.journal"
+    study, _ = open_study(killed, "search", seed=7)
+    enqueue_default_trial(study, CONFIG, SPACE, 0, 1)
+    trial = study.ask()  # the default trial, left RUNNING by the kill
+    if drawn:
+        assert SPACE.sample(trial) == DEFAULTS
+    del study
+    assert _searched(killed, 7) == whole

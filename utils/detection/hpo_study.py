@@ -133,13 +133,17 @@ def _remove_stale_lock(journal: Path) -> None:
 
 
 def requeue(study: optuna.Study, trial, why: str) -> None:
-    """Enqueue an interrupted trial's parameters again (at most MAX_REQUEUES times)."""
+    """Enqueue an interrupted trial's parameters again (at most MAX_REQUEUES times): those it drew, over those it
+    was enqueued with (Optuna's fixed_params: a trial killed before its draws has none of its own), and the mark of
+    the default trial (hpo.enqueue_default_trial), so that its retry runs, and is shown as, the training defaults."""
     requeues = int(trial.user_attrs.get("requeues", 0))
     if requeues >= MAX_REQUEUES:
         log.warning("trial %d was interrupted %d times; not enqueued again", trial.number, requeues + 1)
         return
-    study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number, "requeues": requeues + 1})
-    log.info("trial %d %s: marked failed, parameters %s enqueued again", trial.number, why, trial.params)
+    params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+    marks = {"defaults": True} if trial.user_attrs.get("defaults") else {}
+    study.enqueue_trial(params, user_attrs={**marks, "requeued_from": trial.number, "requeues": requeues + 1})
+    log.info("trial %d %s: marked failed, parameters %s enqueued again", trial.number, why, params)
 
 
 def recover_stale_trials(study: optuna.Study, storage) -> list[int]:
