@@ -97,8 +97,7 @@ def get_args_parser():
                    help=f"trainable backbone stages range (default: {_spaced(D.HPO_TRAINABLE_LAYERS_RANGE)})")
     p.add_argument("--default-trial", action=argparse.BooleanOptionalAction, default=D.HPO_DEFAULT_TRIAL,
                    help="a new study's first trial runs the training defaults (lr, momentum, weight decay, "
-                        "trainable layers), in the worker whose lr slice holds them (default: "
-                        f"{'on' if D.HPO_DEFAULT_TRIAL else 'off'})")
+                        f"trainable layers), in the worker whose lr slice holds them (default: {D.HPO_DEFAULT_TRIAL})")
     p.add_argument("--pruner-startup-trials", type=non_negative_int, default=D.HPO_PRUNER_STARTUP_TRIALS,
                    help=f"completed trials before the MedianPruner prunes (default: {D.HPO_PRUNER_STARTUP_TRIALS})")
     p.add_argument("--pruner-warmup-epochs", type=non_negative_int, default=D.HPO_PRUNER_WARMUP_EPOCHS,
