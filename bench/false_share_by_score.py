@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""pacc2 with the share of score on no face taken per score band: does it follow the target (issue #21)?
+
+pacc2 (utils/detection/quantify.py) removes from a target's score sums the share that lay on no face on
+the model's validation images (the false share), one share per class. Over the folds of the real data most
+of its error is that share differing between the validation images and the target ("Where pacc2's error
+comes from" in bench/RESULTS.md). A detection's chance of lying on no face falls with its score, so a
+target whose detections score differently (more low-scored boxes on a busy background, say) has another
+false share. This bench keeps every detection of each image, labelled by the true face it overlaps (IoU >=
+0.5, as quantify's rates) or none, and computes on each target set, point estimates only:
+
+  pacc2              as the jobs compute it (a check: it must equal the evaluate job's point figure);
+  pacc2, by band     the false share measured per predicted class (masked or not) and score band on the
+                     validation images, and applied to the target's score sums band by band;
+  pacc2, floor F     pacc2 on the detections scoring at least F only (rates and sums alike).
+
+The records file (--records) holds every image's truth and detections (true row, class, score), so the
+figures can be recomputed without the models (--from-records).
+
+  .venv/bin/python bench/false_share_by_score.py \\
+      --fold RUN/scratch/train_fold0/model_fold0.pt RUN/scratch/make_fold0/fold0_val.tar \\
+             RUN/scratch/make_fold0/fold0_held_out.tar ...        # once per fold
+      --final RUN/scratch/train/model.pt RUN/scratch/preprocess_val RUN/scratch/evaluate/test_set.tar \\
+      --records bench/results/X_records.json --output bench/results/X.json
+
+Exit 0; 2 (one line) on a bad flag or a file that cannot be read.
+"""
+
+import argparse
+import contextlib
+import json
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BANDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # lower edges of the score bands
+FLOORS = (0.3, 0.5)
+
+
+def image_records(model_path: Path, labelled: Path) -> list[dict]:
+    """Per image of *labelled*: truth per class and every detection as (true row, class, score), the row the
+    class of the face it overlaps most at IoU >= 0.5 or 3 (none), as metrics.soft_confusion assigns them."""
+    import torch
+    from torchvision.ops import box_iou
+
+    from utils.classes import CLASSES, LABEL_OF
+    from utils.data.pairs import open_folder
+    from utils.detection import quantify as Q
+    from utils.detection.engine import run_inference
+    from utils.detection.evaluation import evaluation_loader, labelled_pairs, load_trained_model
+
+    model, meta, _, _ = load_trained_model(model_path, torch.device("cpu"))
+    with contextlib.ExitStack() as stack:
+        folder = stack.enter_context(open_folder(labelled))
+        pairs, _ = labelled_pairs(folder, folder)
+        preds, targets = run_inference(model, evaluation_loader(pairs, num_workers=0), torch.device("cpu"),
+                                       tta=meta["tta"])
+    index_of = {LABEL_OF[name]: i for i, name in enumerate(CLASSES)}
+    records = []
+    for pred, target in zip(preds, targets, strict=True):
+        keep = pred["scores"] >= Q.D.DETECTION_FLOOR
+        boxes, scores, labels = pred["boxes"][keep], pred["scores"][keep], pred["labels"][keep]
+        rows = np.full(len(boxes), len(CLASSES))
+        if len(boxes) and len(target["boxes"]):
+            best, face = box_iou(boxes, target["boxes"]).max(dim=1)
+            matched = (best >= Q.CALIBRATION_IOU).numpy()
+            rows[matched] = [index_of[int(label)] for label in target["labels"][face[matched]]]
+        truth = [int(n) for n in Q.class_sums(target["labels"].tolist())]
+        records.append({"truth": truth, "detections": [[int(r), index_of[int(c)], round(float(s), 4)] for r, c, s
+                                                       in zip(rows, labels.tolist(), scores.tolist())]})
+    return records
+
+
+def pooled_parts(images: list[dict], floor: float, bands=None):
+    """(truth (2), production (3, 2[, bands])) of *images*, with_mask against the rest, rows with / other /
+    none, columns the predicted class pooled alike; per score band when *bands* are given."""
+    truth = np.zeros(2)
+    production = np.zeros((3, 2) if bands is None else (3, 2, len(bands)))
+    for image in images:
+        truth += [image["truth"][0], sum(image["truth"][1:])]
+        for row, column, score in image["detections"]:
+            if score < floor:
+                continue
+            cell = (min(row, 1) if row < 3 else 2, min(column, 1))
+            if bands is None:
+                production[cell] += score
+            else:
+                production[cell + (int(np.searchsorted(bands, score, side="right")) - 1,)] += score
+    return truth, production
+
+
+def share(estimated) -> float:
+    total = estimated.sum()
+    return float("nan") if total <= 0 else 100 * float(estimated[0] / total)
+
+
+def estimates(calibration: list[dict], target: list[dict]) -> dict:
+    """Point figures of each variant on *target*, with rates from *calibration*; ValueError when either holds
+    no labelled face (no rate, no truth to err from)."""
+    from scipy.optimize import nnls
+
+    for name, images in (("validation set", calibration), ("target set", target)):
+        if not sum(sum(image["truth"]) for image in images):
+            raise ValueError(f"a {name} of {len(images)} images holds no labelled face")
+
+    figures = {}
+    for name, floor in [("pacc2", 0.0)] + [(f"pacc2, floor {f:g}", f) for f in FLOORS]:
+        truth, rates = pooled_parts(calibration, floor)
+        _, observed = pooled_parts(target, floor)
+        per_face = rates[:2] / np.maximum(truth, 1e-12)[:, None]
+        false_share = np.divide(rates[2], rates.sum(axis=0), out=np.zeros(2), where=rates.sum(axis=0) > 0)
+        figures[name] = share(nnls(per_face.T, observed.sum(axis=0) * (1 - false_share))[0])
+    truth, rates = pooled_parts(calibration, 0.0, BANDS)
+    _, observed = pooled_parts(target, 0.0, BANDS)
+    per_face = rates[:2].sum(axis=2) / np.maximum(truth, 1e-12)[:, None]
+    produced = rates.sum(axis=0)  # (2 classes, bands)
+    overall = rates[2].sum(axis=1) / np.maximum(produced.sum(axis=1), 1e-12)
+    band_share = np.where(produced > 0, rates[2] / np.where(produced > 0, produced, 1), overall[:, None])
+    figures["pacc2, by band"] = share(nnls(per_face.T, (observed.sum(axis=0) * (1 - band_share)).sum(axis=1))[0])
+    true_faces = np.array([sum(i["truth"][0] for i in target), sum(sum(i["truth"][1:]) for i in target)])
+    return {"true_percent": round(share(true_faces), 2),
+            "errors": {name: round(value - share(true_faces), 2) for name, value in figures.items()},
+            "percent": {name: round(value, 2) for name, value in figures.items()}}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fold", nargs=3, action="append", type=Path, metavar=("MODEL", "VAL", "HELD_OUT"), default=[],
+                   help="a fold model, its validation set and its held-out set (folders or .tar); once per fold")
+    p.add_argument("--final", nargs=3, type=Path, metavar=("MODEL", "VAL", "TEST"), default=None,
+                   help="the final model, its validation set and the test split (default: folds only)")
+    p.add_argument("--from-records", type=Path, default=None, help="read a --records file instead of running models")
+    p.add_argument("--records", type=Path, default=None, help="JSON file for the per-image records (default: none)")
+    p.add_argument("--output", type=Path, default=None, help="JSON file for the figures (default: printed only)")
+    args = p.parse_args()
+    if bool(args.fold or args.final) == bool(args.from_records):
+        p.error("give either --fold (and --final) or --from-records")
+    from utils.atomic import write_json
+
+    if args.from_records:
+        try:
+            sets = json.loads(args.from_records.read_text(encoding="utf-8"))["sets"]
+        except (OSError, ValueError, KeyError) as error:
+            p.error(f"--from-records {args.from_records}: {error}")
+    else:
+        given = [("fold", *paths) for paths in args.fold] + ([("final", *args.final)] if args.final else [])
+        for _, *paths in given:
+            for path in paths:
+                if not path.exists():
+                    p.error(f"{path}: not found")
+        try:
+            sets = [{"kind": kind, "model": str(model), "target": str(target), "val": image_records(model, val),
+                     "held_out": image_records(model, target)} for kind, model, val, target in given]
+        except (ValueError, OSError) as error:  # InputError is a ValueError: a model file or set it cannot read
+            p.error(str(error))
+        if args.records:
+            write_json(args.records, {"sets": sets}, indent=None)
+            print(f"written: {args.records}")
+    try:
+        rows = [{"kind": s["kind"], "model": s["model"], **estimates(s["val"], s["held_out"])} for s in sets]
+    except ValueError as error:
+        p.error(str(error))
+    names = list(rows[0]["errors"])
+    print("| set | true % | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    for row in rows:
+        print(f"| {row['kind']} {Path(row['model']).name} | {row['true_percent']:.1f} | "
+              + " | ".join(f"{row['percent'][n]:.1f} ({row['errors'][n]:+.1f})" for n in names) + " |")
+    folds = [row for row in rows if row["kind"] == "fold"]
+    summary = {name: round(float(np.mean([abs(r["errors"][name]) for r in folds])), 2) for name in names} if folds \
+        else {}
+    if summary:
+        print(f"mean |error| over {len(folds)} folds: " + ", ".join(f"{n} {v:.2f}" for n, v in summary.items()))
+    if args.output:
+        import torch
+
+        write_json(args.output, {"inputs": [[s["model"], s["target"]] for s in sets], "rows": rows,
+                                 "folds_mean_abs_error": summary, "bands": BANDS, "floors": FLOORS,
+                                 "host": platform.node(), "torch": torch.__version__})
+        print(f"written: {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
