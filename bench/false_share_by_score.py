@@ -14,8 +14,10 @@ false share. This bench keeps every detection of each image, labelled by the tru
                      validation images, and applied to the target's score sums band by band;
   pacc2, floor F     pacc2 on the detections scoring at least F only (rates and sums alike).
 
-The records file (--records) holds every image's truth and detections (true row, class, score), so the
-figures can be recomputed without the models (--from-records).
+The records file (--records) holds every image's truth and detections (true row, class, score) and the
+model file's stored validation record, so the figures can be recomputed without the models
+(--from-records). Each row also gives pacc2 with the stored rates, which must equal the bench's pacc2 (a
+note says when not: the validation set given is then not the model's).
 
   .venv/bin/python bench/false_share_by_score.py \\
       --fold RUN/scratch/train_fold0/model_fold0.pt RUN/scratch/make_fold0/fold0_val.tar \\
@@ -42,13 +44,31 @@ BANDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # lower edges
 FLOORS = (0.3, 0.5)
 
 
-def image_records(model_path: Path, labelled: Path) -> list[dict]:
-    """Per image of *labelled*: truth per class and every detection as (true row, class, score), the row the
-    class of the face it overlaps most at IoU >= 0.5 or 3 (none), as metrics.soft_confusion assigns them."""
-    import torch
+def detection_rows(pred: dict, target: dict) -> list[list]:
+    """Every detection of one image scoring at least the detection floor as [true row, class, score]: the row
+    the class index of the face it overlaps most at IoU >= 0.5, or 3 (none), as metrics.soft_confusion assigns
+    them (its sums by row and class are these rows summed)."""
     from torchvision.ops import box_iou
 
     from utils.classes import CLASSES, LABEL_OF
+    from utils.detection import quantify as Q
+
+    index_of = {LABEL_OF[name]: i for i, name in enumerate(CLASSES)}
+    keep = pred["scores"] >= Q.D.DETECTION_FLOOR
+    boxes, scores, labels = pred["boxes"][keep].reshape(-1, 4), pred["scores"][keep], pred["labels"][keep]
+    rows = np.full(len(boxes), len(CLASSES))
+    if len(boxes) and len(target["boxes"]):
+        best, face = box_iou(boxes.float(), target["boxes"].float().reshape(-1, 4)).max(dim=1)
+        matched = (best >= Q.CALIBRATION_IOU).numpy()
+        rows[matched] = [index_of[int(label)] for label in target["labels"][face[matched]]]
+    return [[int(r), index_of[int(c)], round(float(v), 4)] for r, c, v in zip(rows, labels.tolist(), scores.tolist())]
+
+
+def image_records(model_path: Path, labelled: Path) -> tuple[list[dict], dict]:
+    """(per image of *labelled*: truth per class and detection_rows; the model file's stored validation record),
+    the model run as the evaluate job runs it (working size, flip TTA and box voting as chosen on validation)."""
+    import torch
+
     from utils.data.pairs import open_folder
     from utils.detection import quantify as Q
     from utils.detection.engine import run_inference
@@ -58,22 +78,51 @@ def image_records(model_path: Path, labelled: Path) -> list[dict]:
     with contextlib.ExitStack() as stack:
         folder = stack.enter_context(open_folder(labelled))
         pairs, _ = labelled_pairs(folder, folder)
+        if not pairs:
+            raise ValueError(f"{labelled}: no labelled image")
         preds, targets = run_inference(model, evaluation_loader(pairs, num_workers=0), torch.device("cpu"),
                                        tta=meta["tta"])
-    index_of = {LABEL_OF[name]: i for i, name in enumerate(CLASSES)}
-    records = []
-    for pred, target in zip(preds, targets, strict=True):
-        keep = pred["scores"] >= Q.D.DETECTION_FLOOR
-        boxes, scores, labels = pred["boxes"][keep], pred["scores"][keep], pred["labels"][keep]
-        rows = np.full(len(boxes), len(CLASSES))
-        if len(boxes) and len(target["boxes"]):
-            best, face = box_iou(boxes, target["boxes"]).max(dim=1)
-            matched = (best >= Q.CALIBRATION_IOU).numpy()
-            rows[matched] = [index_of[int(label)] for label in target["labels"][face[matched]]]
-        truth = [int(n) for n in Q.class_sums(target["labels"].tolist())]
-        records.append({"truth": truth, "detections": [[int(r), index_of[int(c)], round(float(s), 4)] for r, c, s
-                                                       in zip(rows, labels.tolist(), scores.tolist())]})
-    return records
+    return [{"truth": [int(n) for n in Q.class_sums(target["labels"].tolist())],
+             "detections": detection_rows(pred, target)} for pred, target in zip(preds, targets, strict=True)], \
+        meta.get("quantification") or {}
+
+
+def stored_pacc2(stored: dict, target: list[dict]) -> float | None:
+    """pacc2 on *target* with the validation rates the model file stores (what the jobs use): the bench's own
+    pacc2, from its rerun of the validation images, must read the same, or its validation set is not the model's."""
+    from utils.detection import quantify as Q
+
+    if not stored.get("images"):
+        return None
+    rates = Q.Calibration.from_record(stored)
+    soft = np.zeros(3)
+    for image in target:
+        for _, column, score in image["detections"]:
+            soft[column] += score
+    estimated, _ = Q.point_estimate("pacc2", np.zeros(3), soft, (rates.confusion.sum(axis=0),
+                                                                 rates.soft.sum(axis=0), rates.truth.sum(axis=0)))
+    return 100 * estimated
+
+
+def records_problem(sets) -> str | None:
+    """What makes a --from-records file unusable, or None."""
+    if not isinstance(sets, list) or not sets:
+        return "no set"
+    for n, one in enumerate(sets):
+        for part in ("val", "held_out"):
+            images = one.get(part) if isinstance(one, dict) else None
+            if not isinstance(images, list) or not images:
+                return f"set {n}: no {part} images"
+            for image in images:
+                truth, detections = image.get("truth"), image.get("detections")
+                if not (isinstance(truth, list) and len(truth) == 3 and all(isinstance(t, int) and t >= 0
+                                                                           for t in truth)):
+                    return f"set {n} {part}: a truth that is not three face counts: {truth!r}"
+                if not isinstance(detections, list) or not all(
+                        isinstance(d, list) and len(d) == 3 and d[0] in (0, 1, 2, 3) and d[1] in (0, 1, 2)
+                        and isinstance(d[2], (int, float)) and 0 <= d[2] <= 1 for d in detections):
+                    return f"set {n} {part}: detections that are not [row 0-3, class 0-2, score 0-1] lists"
+    return None
 
 
 def pooled_parts(images: list[dict], floor: float, bands=None):
@@ -90,7 +139,7 @@ def pooled_parts(images: list[dict], floor: float, bands=None):
             if bands is None:
                 production[cell] += score
             else:
-                production[cell + (int(np.searchsorted(bands, score, side="right")) - 1,)] += score
+                production[cell + (max(0, int(np.searchsorted(bands, score, side="right")) - 1),)] += score
     return truth, production
 
 
@@ -144,33 +193,49 @@ def main() -> int:
 
     if args.from_records:
         try:
-            sets = json.loads(args.from_records.read_text(encoding="utf-8"))["sets"]
-        except (OSError, ValueError, KeyError) as error:
+            sets = json.loads(args.from_records.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
             p.error(f"--from-records {args.from_records}: {error}")
+        sets = sets.get("sets") if isinstance(sets, dict) else None
+        problem = records_problem(sets)
+        if problem:
+            p.error(f"--from-records {args.from_records}: not a records file of this bench: {problem}")
     else:
         given = [("fold", *paths) for paths in args.fold] + ([("final", *args.final)] if args.final else [])
         for _, *paths in given:
             for path in paths:
                 if not path.exists():
                     p.error(f"{path}: not found")
-        try:
-            sets = [{"kind": kind, "model": str(model), "target": str(target), "val": image_records(model, val),
-                     "held_out": image_records(model, target)} for kind, model, val, target in given]
-        except (ValueError, OSError) as error:  # InputError is a ValueError: a model file or set it cannot read
-            p.error(str(error))
+        sets = []
+        for kind, model, val, target in given:
+            try:
+                (val_images, stored), (held_out, _) = image_records(model, val), image_records(model, target)
+            except (ValueError, OSError) as error:  # InputError is a ValueError: a model file or set it cannot read
+                p.error(f"{model}: {error}")
+            sets.append({"kind": kind, "model": str(model), "val_path": str(val), "target": str(target),
+                         "val": val_images, "held_out": held_out, "stored_rates": stored})
         if args.records:
             write_json(args.records, {"sets": sets}, indent=None)
             print(f"written: {args.records}")
-    try:
-        rows = [{"kind": s["kind"], "model": s["model"], **estimates(s["val"], s["held_out"])} for s in sets]
-    except ValueError as error:
-        p.error(str(error))
+    rows = []
+    for one in sets:
+        try:
+            row = {"kind": one["kind"], "model": one["model"], **estimates(one["val"], one["held_out"])}
+        except ValueError as error:
+            p.error(f"{one.get('model')} on {one.get('target')} (validation {one.get('val_path')}): {error}")
+        stored = stored_pacc2(one.get("stored_rates") or {}, one["held_out"])
+        row["pacc2, stored rates"] = None if stored is None else round(stored, 2)
+        rows.append(row)
     names = list(rows[0]["errors"])
     print("| set | true % | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * len(names))
     for row in rows:
         print(f"| {row['kind']} {Path(row['model']).name} | {row['true_percent']:.1f} | "
               + " | ".join(f"{row['percent'][n]:.1f} ({row['errors'][n]:+.1f})" for n in names) + " |")
+        stored = row["pacc2, stored rates"]
+        if stored is not None and abs(stored - row["percent"]["pacc2"]) > 0.05:
+            print(f"  NOTE: {row['model']}: pacc2 with the model file's stored rates reads {stored}, not "
+                  f"{row['percent']['pacc2']}: the validation set given is not the one its rates were measured on")
     folds = [row for row in rows if row["kind"] == "fold"]
     summary = {name: round(float(np.mean([abs(r["errors"][name]) for r in folds])), 2) for name in names} if folds \
         else {}

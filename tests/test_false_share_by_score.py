@@ -86,4 +86,61 @@ def test_a_set_without_labelled_faces_is_refused_in_one_line(tmp_path, monkeypat
     with pytest.raises(SystemExit) as refused:
         runpy.run_path(str(BENCH), run_name="__main__")
     assert refused.value.code == 2
-    assert "a target set of 30 images holds no labelled face" in capsys.readouterr().err.strip().splitlines()[-1]
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "m.pt on t" in error and "a target set of 30 images holds no labelled face" in error
+
+
+@pytest.mark.parametrize("sets, problem", [
+    ([], "no set"),
+    ([{"val": [], "held_out": []}], "set 0: no val images"),
+    ([{"val": [{"truth": [1, 0], "detections": []}], "held_out": []}], "a truth that is not three face counts"),
+    ([{"val": [{"truth": [1, 0, 0], "detections": [[0, 1]]}], "held_out": []}], "detections that are not"),
+    ([{"val": [{"truth": [1, 0, 0], "detections": [[7, 1, 0.5]]}], "held_out": []}], "detections that are not"),
+])
+def test_a_records_file_it_cannot_use_is_refused_by_name(sets, problem, tmp_path, monkeypatch, capsys):
+    records = tmp_path / "records.json"
+    records.write_text(json.dumps({"sets": sets}))
+    monkeypatch.setattr(sys, "argv", [str(BENCH), "--from-records", str(records)])
+    with pytest.raises(SystemExit) as refused:
+        runpy.run_path(str(BENCH), run_name="__main__")
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert refused.value.code == 2 and f"--from-records {records}: not a records file" in error and problem in error
+
+
+def test_a_floor_reads_pacc2_of_the_detections_above_it():
+    bench = load_bench()
+    rng = np.random.default_rng(8)
+    calibration, target = simulated(rng, 80), simulated(rng, 120, background_scores=(0.05, 0.9))
+    figures = bench.estimates(calibration, target)["percent"]
+    for floor in bench.FLOORS:
+        def above(images, floor=floor):
+            return [{**image, "detections": [d for d in image["detections"] if d[2] >= floor]} for image in images]
+        assert figures[f"pacc2, floor {floor:g}"] == pytest.approx(
+            bench.estimates(above(calibration), above(target))["percent"]["pacc2"], abs=1e-6)
+        assert figures[f"pacc2, floor {floor:g}"] != pytest.approx(figures["pacc2"], abs=0.05)
+
+
+def test_its_detection_rows_sum_to_soft_confusion():
+    import torch
+
+    from utils.detection.metrics import soft_confusion
+
+    bench = load_bench()
+    rng = np.random.default_rng(9)
+    for faces, detections in [(0, 5), (4, 0), (3, 12), (6, 30)]:
+        corners = rng.uniform(0, 80, (faces, 2))
+        target = {"boxes": torch.tensor(np.hstack([corners, corners + rng.uniform(10, 30, (faces, 2))]),
+                                        dtype=torch.float32).reshape(-1, 4),
+                  "labels": torch.tensor(rng.integers(1, 4, faces), dtype=torch.int64)}
+        near = rng.uniform(0, 80, (detections, 2))
+        boxes = np.hstack([near, near + rng.uniform(10, 30, (detections, 2))])
+        if faces:  # half the detections jittered copies of a face
+            picked = rng.integers(0, faces, detections // 2)
+            boxes[: detections // 2] = target["boxes"].numpy()[picked] + rng.normal(0, 2, (detections // 2, 4))
+        pred = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                "scores": torch.tensor(rng.uniform(0.0, 1.0, detections), dtype=torch.float32),
+                "labels": torch.tensor(rng.integers(1, 4, detections), dtype=torch.int64)}
+        sums = np.zeros((4, 3))
+        for row, column, score in bench.detection_rows(pred, target):
+            sums[row, column] += score
+        assert sums == pytest.approx(np.asarray(soft_confusion(pred, target)), abs=1e-3)
