@@ -46,24 +46,30 @@ def load_with_rates(model_path: Path):
     return model, meta, threshold
 
 
-def held_out_record(loaded: tuple, labelled: Path) -> dict:
-    """The labelled set's per-image record (quantify.calibration_record) under a model of load_with_rates."""
+def labelled_predictions(model, meta: dict, labelled: Path) -> tuple[list, list]:
+    """(predictions, targets) of a model of load_trained_model on the labelled set *labelled* (a folder or a flat
+    .tar with VOC), run as the jobs run it: at its working size, with flip TTA when it chose it on validation.
+    ValueError when the set holds no labelled image. Also used by bench/false_share_by_score.py."""
     import torch
 
     from utils.data.pairs import open_folder
-    from utils.detection import quantify as Q
     from utils.detection.engine import run_inference
     from utils.detection.evaluation import evaluation_loader, labelled_pairs
 
-    model, meta, threshold = loaded
     with contextlib.ExitStack() as stack:
         folder = stack.enter_context(open_folder(labelled))
         pairs, _ = labelled_pairs(folder, folder)
         if not pairs:
             raise ValueError(f"{labelled}: no labelled image")
-        # run as the jobs run it: at its working size, with flip TTA when it chose it on validation
-        preds, targets = run_inference(model, evaluation_loader(pairs, num_workers=0), torch.device("cpu"),
-                                       tta=meta["tta"])
+        return run_inference(model, evaluation_loader(pairs, num_workers=0), torch.device("cpu"), tta=meta["tta"])
+
+
+def held_out_record(loaded: tuple, labelled: Path) -> dict:
+    """The labelled set's per-image record (quantify.calibration_record) under a model of load_with_rates."""
+    from utils.detection import quantify as Q
+
+    model, meta, threshold = loaded
+    preds, targets = labelled_predictions(model, meta, labelled)
     return Q.calibration_record(preds, targets, threshold, chosen_on=str(labelled), tta=meta["tta"],
                                 working_size=meta["working_size"])
 

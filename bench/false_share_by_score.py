@@ -29,7 +29,6 @@ Exit 0; 2 (one line) on a bad flag or a file that cannot be read.
 """
 
 import argparse
-import contextlib
 import json
 import platform
 import sys
@@ -69,19 +68,12 @@ def image_records(model_path: Path, labelled: Path) -> tuple[list[dict], dict]:
     the model run as the evaluate job runs it (working size, flip TTA and box voting as chosen on validation)."""
     import torch
 
-    from utils.data.pairs import open_folder
+    from cross_fitted_rates import labelled_predictions
     from utils.detection import quantify as Q
-    from utils.detection.engine import run_inference
-    from utils.detection.evaluation import evaluation_loader, labelled_pairs, load_trained_model
+    from utils.detection.evaluation import load_trained_model
 
     model, meta, _, _ = load_trained_model(model_path, torch.device("cpu"))
-    with contextlib.ExitStack() as stack:
-        folder = stack.enter_context(open_folder(labelled))
-        pairs, _ = labelled_pairs(folder, folder)
-        if not pairs:
-            raise ValueError(f"{labelled}: no labelled image")
-        preds, targets = run_inference(model, evaluation_loader(pairs, num_workers=0), torch.device("cpu"),
-                                       tta=meta["tta"])
+    preds, targets = labelled_predictions(model, meta, labelled)
     return [{"truth": [int(n) for n in Q.class_sums(target["labels"].tolist())],
              "detections": detection_rows(pred, target)} for pred, target in zip(preds, targets, strict=True)], \
         meta.get("quantification") or {}

@@ -53,6 +53,17 @@ def load_script(root, name):
     return module
 
 
+def load_bench(name):
+    """Import bench/<name>.py as a module (its bench/ siblings importable, as when run) so tests call its functions."""
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", bench / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_script(root, name, argv) -> int:
     """Run bin/<name>.py in-process as its __main__ does, through the job runner; return the exit code."""
     from utils.cli import run_job

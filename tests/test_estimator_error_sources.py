@@ -1,6 +1,5 @@
 """bench/estimator_error_sources.py: its decomposition of pacc2's error, and its refusal of records it cannot use."""
 
-import importlib.util
 import json
 import runpy
 import sys
@@ -9,22 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import load_bench
 from helpers import simulated_labelled_images as simulate
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "estimator_error_sources.py"
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("estimator_error_sources", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
 def test_a_set_read_with_its_own_rates_has_no_error_in_any_pacc2_column():
     # rates measured on the target itself: both parts are the target's, so pacc2 and its part-swapped forms are exact
     images = simulate(np.random.default_rng(3), 200)
-    row = load_bench().set_row("own", "fold", {"images": images}, {"images": images})
+    row = load_bench("estimator_error_sources").set_row("own", "fold", {"images": images}, {"images": images})
     for column in ("pacc2", "pacc2, target's false share", "pacc2, target's per-face rates"):
         assert row["errors"][column] == pytest.approx(0.0, abs=0.01), column
     assert row["rates"]["validation"] == row["rates"]["target"]

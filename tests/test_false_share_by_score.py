@@ -1,6 +1,5 @@
 """bench/false_share_by_score.py: its pacc2 is the jobs' pacc2, and its per-band form is exact on its own rates."""
 
-import importlib.util
 import json
 import runpy
 import sys
@@ -9,16 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import load_bench
 from utils.detection import quantify as Q
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "false_share_by_score.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("false_share_by_score", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
 
 
 def simulated(rng, n: int, background_scores=(0.05, 0.6)) -> list[dict]:
@@ -53,7 +46,7 @@ def quantify_record(images: list[dict]) -> dict:
 def test_its_pacc2_is_the_jobs_pacc2():
     rng = np.random.default_rng(5)
     calibration, target = simulated(rng, 80), simulated(rng, 120, background_scores=(0.05, 0.2))
-    figures = load_bench().estimates(calibration, target)
+    figures = load_bench("false_share_by_score").estimates(calibration, target)
     rates = Q.Calibration.from_record(quantify_record(calibration))
     labelled = Q.Calibration.from_record(quantify_record(target))
     units = Q.Units.from_calibration(labelled)
@@ -64,7 +57,7 @@ def test_its_pacc2_is_the_jobs_pacc2():
 
 
 def test_every_form_is_exact_on_its_own_rates_and_one_band_is_plain_pacc2(monkeypatch):
-    bench = load_bench()
+    bench = load_bench("false_share_by_score")
     rng = np.random.default_rng(6)
     images = simulated(rng, 150)
     assert all(error == pytest.approx(0.0, abs=0.01) for error in bench.estimates(images, images)["errors"].values())
@@ -108,7 +101,7 @@ def test_a_records_file_it_cannot_use_is_refused_by_name(sets, problem, tmp_path
 
 
 def test_a_floor_reads_pacc2_of_the_detections_above_it():
-    bench = load_bench()
+    bench = load_bench("false_share_by_score")
     rng = np.random.default_rng(8)
     calibration, target = simulated(rng, 80), simulated(rng, 120, background_scores=(0.05, 0.9))
     figures = bench.estimates(calibration, target)["percent"]
@@ -125,7 +118,7 @@ def test_its_detection_rows_sum_to_soft_confusion():
 
     from utils.detection.metrics import soft_confusion
 
-    bench = load_bench()
+    bench = load_bench("false_share_by_score")
     rng = np.random.default_rng(9)
     for faces, detections in [(0, 5), (4, 0), (3, 12), (6, 30)]:
         corners = rng.uniform(0, 80, (faces, 2))
