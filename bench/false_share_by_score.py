@@ -106,7 +106,8 @@ def records_problem(sets) -> str | None:
             if not isinstance(images, list) or not images:
                 return f"set {n}: no {part} images"
             for image in images:
-                truth, detections = image.get("truth"), image.get("detections")
+                truth, detections = (image.get("truth"), image.get("detections")) if isinstance(image, dict) else \
+                    (None, None)
                 if not (isinstance(truth, list) and len(truth) == 3 and all(isinstance(t, int) and t >= 0
                                                                            for t in truth)):
                     return f"set {n} {part}: a truth that is not three face counts: {truth!r}"
@@ -117,22 +118,16 @@ def records_problem(sets) -> str | None:
     return None
 
 
-def pooled_parts(images: list[dict], floor: float, bands=None):
-    """(truth (2), production (3, 2[, bands])) of *images*, with_mask against the rest, rows with / other /
-    none, columns the predicted class pooled alike; per score band when *bands* are given."""
-    truth = np.zeros(2)
-    production = np.zeros((3, 2) if bands is None else (3, 2, len(bands)))
+def score_sums(images: list[dict], floor: float, bands=(0.0,)) -> tuple[np.ndarray, np.ndarray]:
+    """(truth (K), score sums (bands, K+1, K)) of *images*: per score band (lower edges *bands*), the scores at or
+    above *floor* by true row (the last: no face) and predicted class, quantify's soft matrix per band."""
+    truth, sums = np.zeros(3), np.zeros((len(bands), 4, 3))
     for image in images:
-        truth += [image["truth"][0], sum(image["truth"][1:])]
+        truth += image["truth"]
         for row, column, score in image["detections"]:
-            if score < floor:
-                continue
-            cell = (min(row, 1) if row < 3 else 2, min(column, 1))
-            if bands is None:
-                production[cell] += score
-            else:
-                production[cell + (max(0, int(np.searchsorted(bands, score, side="right")) - 1),)] += score
-    return truth, production
+            if score >= floor:
+                sums[max(0, int(np.searchsorted(bands, score, side="right")) - 1), row, column] += score
+    return truth, sums
 
 
 def share(estimated) -> float:
@@ -142,30 +137,29 @@ def share(estimated) -> float:
 
 def estimates(calibration: list[dict], target: list[dict]) -> dict:
     """Point figures of each variant on *target*, with rates from *calibration*; ValueError when either holds
-    no labelled face (no rate, no truth to err from)."""
-    from scipy.optimize import nnls
+    no labelled face (no rate, no truth to err from). Pooled, rated and solved by quantify's own functions."""
+    from utils.detection import quantify as Q
 
     for name, images in (("validation set", calibration), ("target set", target)):
         if not sum(sum(image["truth"]) for image in images):
             raise ValueError(f"a {name} of {len(images)} images holds no labelled face")
 
-    figures = {}
-    for name, floor in [("pacc2", 0.0)] + [(f"pacc2, floor {f:g}", f) for f in FLOORS]:
-        truth, rates = pooled_parts(calibration, floor)
-        _, observed = pooled_parts(target, floor)
-        per_face = rates[:2] / np.maximum(truth, 1e-12)[:, None]
-        false_share = np.divide(rates[2], rates.sum(axis=0), out=np.zeros(2), where=rates.sum(axis=0) > 0)
-        figures[name] = share(nnls(per_face.T, observed.sum(axis=0) * (1 - false_share))[0])
-    truth, rates = pooled_parts(calibration, 0.0, BANDS)
-    _, observed = pooled_parts(target, 0.0, BANDS)
-    per_face = rates[:2].sum(axis=2) / np.maximum(truth, 1e-12)[:, None]
-    produced = rates.sum(axis=0)  # (2 classes, bands)
-    overall = rates[2].sum(axis=1) / np.maximum(produced.sum(axis=1), 1e-12)
-    band_share = np.where(produced > 0, rates[2] / np.where(produced > 0, produced, 1), overall[:, None])
-    figures["pacc2, by band"] = share(nnls(per_face.T, (observed.sum(axis=0) * (1 - band_share)).sum(axis=1))[0])
-    true_faces = np.array([sum(i["truth"][0] for i in target), sum(sum(i["truth"][1:]) for i in target)])
-    return {"true_percent": round(share(true_faces), 2),
-            "errors": {name: round(value - share(true_faces), 2) for name, value in figures.items()},
+    def pacc2(floor: float, bands=(0.0,)) -> float:
+        truth, rates = score_sums(calibration, floor, bands)
+        true_faces, observed = score_sums(target, floor, bands)
+        # masked or not, band by band: the per-face rates from every band, the false share of each band
+        observed, rates, truth = Q.masked_or_not(observed.sum(axis=1), rates, np.broadcast_to(truth, (len(bands), 3)))
+        per_face, overall = Q.rates_per_face(rates.sum(axis=0), truth[0])
+        _, false_share = Q.rates_per_face(rates, truth)
+        false_share = np.where(rates.sum(axis=1) > 0, false_share, overall)  # a band empty on validation: overall
+        return share(Q.counts_from_parts(per_face, 0.0, (observed * (1 - false_share)).sum(axis=0)))
+
+    figures = {"pacc2": pacc2(0.0), **{f"pacc2, floor {f:g}": pacc2(f) for f in FLOORS},
+               "pacc2, by band": pacc2(0.0, BANDS)}
+    truth = np.sum([image["truth"] for image in target], axis=0)
+    true_percent = 100 * truth[0] / truth.sum()
+    return {"true_percent": round(true_percent, 2),
+            "errors": {name: round(value - true_percent, 2) for name, value in figures.items()},
             "percent": {name: round(value, 2) for name, value in figures.items()}}
 
 
