@@ -63,9 +63,10 @@ def detection_rows(pred: dict, target: dict) -> list[list]:
     return [[int(r), index_of[int(c)], round(float(v), 4)] for r, c, v in zip(rows, labels.tolist(), scores.tolist())]
 
 
-def image_records(model_path: Path, labelled: Path) -> tuple[list[dict], dict]:
-    """(per image of *labelled*: truth per class and detection_rows; the model file's stored validation record),
-    the model run as the evaluate job runs it (working size, flip TTA and box voting as chosen on validation)."""
+def image_records(model_path: Path, *labelled: Path) -> tuple[list[list[dict]], dict]:
+    """(per set of *labelled*, per image: truth per class and detection_rows; the model file's stored validation
+    record), the model loaded once and run as the evaluate job runs it (working size, flip TTA and box voting as
+    chosen on validation)."""
     import torch
 
     from cross_fitted_rates import labelled_predictions
@@ -73,10 +74,12 @@ def image_records(model_path: Path, labelled: Path) -> tuple[list[dict], dict]:
     from utils.detection.evaluation import load_trained_model
 
     model, meta, _, _ = load_trained_model(model_path, torch.device("cpu"))
-    preds, targets = labelled_predictions(model, meta, labelled)
-    return [{"truth": [int(n) for n in Q.class_sums(target["labels"].tolist())],
-             "detections": detection_rows(pred, target)} for pred, target in zip(preds, targets, strict=True)], \
-        meta.get("quantification") or {}
+    sets = []
+    for folder in labelled:
+        preds, targets = labelled_predictions(model, meta, folder)
+        sets.append([{"truth": [int(n) for n in Q.class_sums(target["labels"].tolist())],
+                      "detections": detection_rows(pred, target)} for pred, target in zip(preds, targets, strict=True)])
+    return sets, meta.get("quantification") or {}
 
 
 def stored_pacc2(stored: dict, target: list[dict]) -> float | None:
@@ -87,10 +90,7 @@ def stored_pacc2(stored: dict, target: list[dict]) -> float | None:
     if not stored.get("images"):
         return None
     rates = Q.Calibration.from_record(stored)
-    soft = np.zeros(3)
-    for image in target:
-        for _, column, score in image["detections"]:
-            soft[column] += score
+    soft = score_sums(target, 0.0)[1][0].sum(axis=0)  # per predicted class, every true row
     estimated, _ = Q.point_estimate("pacc2", np.zeros(3), soft, (rates.confusion.sum(axis=0),
                                                                  rates.soft.sum(axis=0), rates.truth.sum(axis=0)))
     return 100 * estimated
@@ -195,7 +195,7 @@ def main() -> int:
         sets = []
         for kind, model, val, target in given:
             try:
-                (val_images, stored), (held_out, _) = image_records(model, val), image_records(model, target)
+                (val_images, held_out), stored = image_records(model, val, target)
             except (ValueError, OSError) as error:  # InputError is a ValueError: a model file or set it cannot read
                 p.error(f"{model}: {error}")
             sets.append({"kind": kind, "model": str(model), "val_path": str(val), "target": str(target),
