@@ -49,6 +49,17 @@ def set_meta(key, value):
     return change
 
 
+def set_postprocessing(key, value):
+    """The file's inference-time settings with *key* set to *value* (None: removed)."""
+    def change(payload):
+        record = payload["meta"]["postprocessing"]
+        if value is None:
+            del record[key]
+        else:
+            record[key] = value
+    return change
+
+
 def replace_meta(value):
     def change(payload):
         payload["meta"] = value
@@ -97,6 +108,16 @@ CASES = {
     "inference_size_vote_iou_2": (set_meta("inference_size", {"image_size": 800, "box_voting": True,
                                                                "box_vote_iou": 2}),
                                   "inference_size.box_vote_iou must be a number above 0 and at most 1, got 2"),
+    "postprocessing_list": (set_meta("postprocessing", [100]), "postprocessing must be a mapping"),
+    # a cap of a billion boxes would let one photo's NMS and records swell; a text IoU would reach NMS as text
+    "postprocessing_cap_huge": (set_postprocessing("box_detections_per_img", 10 ** 9),
+                                "postprocessing.box_detections_per_img must be a whole number from 1 to"),
+    "postprocessing_cap_0": (set_postprocessing("box_detections_per_img", 0),
+                             "postprocessing.box_detections_per_img must be a whole number from 1 to"),
+    "postprocessing_nms_text": (set_postprocessing("box_nms_thresh", "0.5"),
+                                "postprocessing.box_nms_thresh must be a number between 0 and 1, got '0.5'"),
+    "postprocessing_missing": (set_postprocessing("rpn_post_nms_top_n_test", None),
+                               "postprocessing.rpn_post_nms_top_n_test must be a whole number"),
     "quantification_size_text": (set_meta("quantification", {**ONE_IMAGE_RATES, "working_size": "768"}),
                                  "quantification.working_size must be a whole number of pixels"),
     "quantification_tta_text": (set_meta("quantification", {**ONE_IMAGE_RATES, "tta": "yes"}),

@@ -160,6 +160,34 @@ def test_the_detectors_sizes_are_read_from_the_defaults_table(backbone, monkeypa
     assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 17
 
 
+@pytest.mark.parametrize("backbone", ["retinaface_mnet025", "resnet50_fpn"])
+def test_a_model_file_detects_with_the_settings_it_was_written_with(tmp_path, monkeypatch, backbone):
+    """The detections cap, the proposals and the NMS IoUs are the file's, not today's defaults: its threshold and the
+    estimators' rates were measured with them (the cap went from 100 to 1,000 boxes without old files saying so)."""
+    from utils import defaults as D
+
+    model = build_model(backbone, weights="none", image_size=128)
+    own = torch.load(save_model_file(tmp_path / "model.pt", model), weights_only=True)["meta"]["postprocessing"]
+    assert own["box_detections_per_img"] == model.roi_heads.detections_per_img  # torchvision's 100 for resnet50_fpn
+    assert own["rpn_post_nms_top_n_test"] == model.rpn._post_nms_top_n["testing"]
+    model.roi_heads.detections_per_img, model.roi_heads.nms_thresh, model.rpn._pre_nms_top_n["testing"] = 37, 0.45, 99
+    path = save_model_file(tmp_path / "tuned.pt", model)
+    for name, value in (("DETECTIONS_PER_IMAGE", 7), ("RPN_PRE_NMS_TOP_N_TEST", 11), ("RPN_POST_NMS_TOP_N_TEST", 13)):
+        monkeypatch.setattr(D, name, value)  # the defaults have moved on since the file was written
+    loaded, meta = load_model_file(path)
+    assert loaded.roi_heads.detections_per_img == 37 and loaded.roi_heads.nms_thresh == 0.45
+    assert loaded.rpn._pre_nms_top_n["testing"] == 99
+    assert loaded.rpn._post_nms_top_n["testing"] == own["rpn_post_nms_top_n_test"]
+    assert meta["postprocessing"] == {**own, "box_detections_per_img": 37, "box_nms_thresh": 0.45,
+                                      "rpn_pre_nms_top_n_test": 99}
+    payload = torch.load(path, weights_only=True)
+    del payload["meta"]["postprocessing"]  # a file from before the record: today's values
+    torch.save(payload, tmp_path / "old.pt")
+    old, _ = load_model_file(tmp_path / "old.pt")
+    if backbone == "retinaface_mnet025":  # model.py's own sizes follow the table; torchvision's builder its own
+        assert old.roi_heads.detections_per_img == 7 and old.rpn._pre_nms_top_n["testing"] == 11
+
+
 @pytest.mark.parametrize("backbone", ["mobilenet_v2_fpn", "retinaface_mnet025"])
 def test_a_crowd_photo_keeps_every_box_above_the_detection_floor(backbone):
     """The real test split's most crowded photo holds 115 faces, and a face can give a box per class: with 200 boxes

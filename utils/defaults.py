@@ -249,6 +249,8 @@ IMAGE_MAX_PIXELS = 64_000_000  # width x height read from an image's header befo
                                # 64 M is above any phone or camera photo (48 MP is 8000x6000)
 MODEL_IMAGE_SIZE_MAX = 4096    # a model file's image size above this is refused: the detector's working size, so a
                                # file claiming more would make every image cost far more memory than training did
+POSTPROCESSING_COUNT_MAX = 10_000  # a model file's proposals or detections per image above this are refused: a file
+                               # claiming millions would make one photo's NMS and records swell (1,000 at most today)
 YAML_MAX_NODES = 10_000        # values a user's YAML (experiment, sites, stages, settings) may hold once its
                                # aliases are expanded: a few hundred in practice; an alias bomb claims billions
 YAML_MAX_CHARS = 1_000_000     # characters of text (every scalar's length, keys too) the same YAML may hold once

@@ -60,7 +60,7 @@ from .. import defaults as D
 from ..classes import NUM_CLASSES
 from ..provenance import file_sha256
 from .model_file import MODEL_FILE_FORMAT, ModelError, model_metadata, read_model_payload, save_model_file  # noqa: F401
-from .model_file import non_finite_weights, torch_load as _torch_load  # reading, writing, checking model files: there
+from .model_file import non_finite_weights, set_postprocessing, torch_load as _torch_load  # model files: there
 from .weights import BACKBONES, RETINAFACE_BACKBONE, WEIGHT_KINDS, weights_file_given
 
 log = logging.getLogger(__name__)
@@ -478,5 +478,6 @@ def load_model_file(path, device="cpu") -> tuple[nn.Module, dict]:
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[0]
         raise ModelError(f"{path}: weights do not match the {meta['backbone']} architecture ({first_line})") from None
+    set_postprocessing(model, meta.get("postprocessing"))  # absent in files from before 2026-12-07
     model.weights_report = None
     return model.to(device).eval(), meta

@@ -5,7 +5,8 @@ A model file holds ``{"model": state_dict, "meta": {...}}`` in plain types only,
 or to the service, so everything read from it is checked here, before a model is built
 from it: the metadata's types and ranges (meta a mapping; the classes this project's;
 num_classes one more than them; the image size a positive integer within
-defaults.MODEL_IMAGE_SIZE_MAX; thresholds numbers in [0, 1]) and the box predictor's
+defaults.MODEL_IMAGE_SIZE_MAX; thresholds numbers in [0, 1]; the recorded proposals and detections per
+image whole numbers within defaults.POSTPROCESSING_COUNT_MAX) and the box predictor's
 shapes against the classes it declares, and the weights finite (no NaN or infinity: a diverged
 training's weights load and run, and find no face in any photo). A problem is one :class:`ModelError` line naming
 the file, which the job runner turns into exit 2; a file that passes never reaches a
@@ -81,12 +82,46 @@ def model_metadata(model: nn.Module, extra: dict | None = None) -> dict:
         meta["pretrained"] = {"requested": report.requested, "loaded": report.loaded, "source": report.source}
         if report.sha256 is not None:  # a file given by path (utils.detection.model.WeightsReport)
             meta["pretrained"]["sha256"] = report.sha256
+    if hasattr(model, "rpn") and hasattr(model, "roi_heads"):
+        meta["postprocessing"] = postprocessing(model)
     meta.update(extra or {})
     meta = {**_plain(meta), "packages": package_versions(), "code": code_version()}  # plain already
     # Through JSON and back, so that the file's bytes follow from the values alone: pickle writes a string object it
     # meets again as a reference to the first, and equal strings were one object in one run (a command line's
     # "none" given as a literal, run in-process) and two in another (the same command run as a process)
     return json.loads(json.dumps(meta))
+
+
+# What a Faster R-CNN does after its layers at inference, named as torchvision's FasterRCNN takes them. The builders
+# set them (utils/defaults.py: DETECTIONS_PER_IMAGE & co., or torchvision's own); the model file records them and
+# load_model_file sets them again, so that the file and not today's defaults decides how the model detects: its
+# operating threshold, working size and the estimators' rates were measured with these (the cap went from 100 to
+# 1,000 boxes on 2026-12-07; a file written before it lacks the record and runs at today's values).
+POSTPROCESSING_COUNTS = ("rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test", "box_detections_per_img")
+POSTPROCESSING_FRACTIONS = ("rpn_nms_thresh", "rpn_score_thresh", "box_nms_thresh", "box_score_thresh")
+
+
+def postprocessing(model: nn.Module) -> dict:
+    """*model*'s inference-time settings (POSTPROCESSING_COUNTS and _FRACTIONS) as plain numbers."""
+    rpn, heads = model.rpn, model.roi_heads
+    return {"rpn_pre_nms_top_n_test": int(rpn._pre_nms_top_n["testing"]),
+            "rpn_post_nms_top_n_test": int(rpn._post_nms_top_n["testing"]),
+            "box_detections_per_img": int(heads.detections_per_img),
+            "rpn_nms_thresh": float(rpn.nms_thresh), "rpn_score_thresh": float(rpn.score_thresh),
+            "box_nms_thresh": float(heads.nms_thresh), "box_score_thresh": float(heads.score_thresh)}
+
+
+def set_postprocessing(model: nn.Module, record: Mapping | None) -> None:
+    """Give *model* the inference-time settings a model file recorded (checked by check_model_meta); None leaves
+    the builder's."""
+    if record is None:
+        return
+    rpn, heads = model.rpn, model.roi_heads
+    rpn._pre_nms_top_n["testing"] = record["rpn_pre_nms_top_n_test"]
+    rpn._post_nms_top_n["testing"] = record["rpn_post_nms_top_n_test"]
+    heads.detections_per_img = record["box_detections_per_img"]
+    rpn.nms_thresh, rpn.score_thresh = float(record["rpn_nms_thresh"]), float(record["rpn_score_thresh"])
+    heads.nms_thresh, heads.score_thresh = float(record["box_nms_thresh"]), float(record["box_score_thresh"])
 
 
 def save_model_file(path, model: nn.Module, meta: dict | None = None) -> Path:
@@ -177,6 +212,24 @@ def check_model_meta(meta, path, backbones) -> None:
     _check_stored_threshold(meta.get("operating_threshold"), "operating_threshold", path)
     _check_stored_threshold(meta.get("quantification"), "quantification", path)
     _check_inference_size(meta.get("inference_size"), path)
+    _check_postprocessing(meta.get("postprocessing"), path)
+
+
+def _check_postprocessing(record, path) -> None:
+    """The inference-time settings (:func:`postprocessing`): a mapping or absent, with every setting, the counts
+    whole numbers from 1 to defaults.POSTPROCESSING_COUNT_MAX (a file cannot make one photo keep millions of
+    boxes), the IoUs and score floors numbers from 0 to 1."""
+    if record is None:
+        return
+    if not isinstance(record, Mapping):
+        raise ModelError(f"{path}: model metadata postprocessing must be a mapping, got {shown(record)}")
+    for key in POSTPROCESSING_COUNTS:
+        value = record.get(key)
+        if not _is_int(value) or not 1 <= value <= D.POSTPROCESSING_COUNT_MAX:
+            raise ModelError(f"{path}: model metadata postprocessing.{key} must be a whole number from 1 to "
+                             f"{D.POSTPROCESSING_COUNT_MAX}, got {shown(value)}")
+    for key in POSTPROCESSING_FRACTIONS:
+        _check_threshold(record.get(key), f"postprocessing.{key}", path)
 
 
 def _check_stored_threshold(record, key: str, path) -> None:
