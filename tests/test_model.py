@@ -163,7 +163,7 @@ def test_the_detectors_sizes_are_read_from_the_defaults_table(backbone, monkeypa
 @pytest.mark.parametrize("backbone", ["retinaface_mnet025", "resnet50_fpn"])
 def test_a_model_file_detects_with_the_settings_it_was_written_with(tmp_path, monkeypatch, backbone):
     """The detections cap, the proposals and the NMS IoUs are the file's, not today's defaults: its threshold and the
-    estimators' rates were measured with them (the cap went from 100 to 1,000 boxes without old files saying so)."""
+    estimators' rates were measured with them (the cap went from 200 to 1,000 boxes without old files saying so)."""
     from utils import defaults as D
 
     model = build_model(backbone, weights="none", image_size=128)
@@ -180,6 +180,9 @@ def test_a_model_file_detects_with_the_settings_it_was_written_with(tmp_path, mo
     assert loaded.rpn._post_nms_top_n["testing"] == own["rpn_post_nms_top_n_test"]
     assert meta["postprocessing"] == {**own, "box_detections_per_img": 37, "box_nms_thresh": 0.45,
                                       "rpn_pre_nms_top_n_test": 99}
+    loaded.roi_heads.detections_per_img = 41  # a loaded model changed and saved with its file's meta: its own win
+    assert torch.load(save_model_file(tmp_path / "again.pt", loaded, meta), weights_only=True)["meta"][
+        "postprocessing"]["box_detections_per_img"] == 41
     payload = torch.load(path, weights_only=True)
     del payload["meta"]["postprocessing"]  # a file from before the record: today's values
     torch.save(payload, tmp_path / "old.pt")

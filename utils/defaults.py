@@ -65,7 +65,9 @@ DETECTIONS_PER_IMAGE = 1000    # most boxes one image reports, best scores first
                                # the floor from 3 of the real test split's 134 photos (the 115-face crowd's up to
                                # score 0.14), which the score-sum estimators and the recall lost (bench/RESULTS.md,
                                # "The detections-per-image cap"). RPN_POST_NMS_TOP_N_TEST
-                               # bounds the proposals, so the cap only guards against a pathological photo
+                               # bounds the proposals, so the cap only guards against a pathological photo.
+                               # This and the two below reach new models only: a model file records its own and uses
+                               # them (model_file.postprocessing), as its threshold and rates were measured
 RPN_PRE_NMS_TOP_N_TEST = 1000  # proposals per pyramid level kept before the RPN's NMS at inference (torchvision's)
 RPN_POST_NMS_TOP_N_TEST = 500  # ... and per image after it (torchvision's 1000): ~4 a face of the most crowded photo
 OWN_ROI_BATCH_SIZE = 256       # "the architecture's own" proposals per image of ROI_BATCH_SIZE=None (torchvision's 512)

@@ -478,6 +478,6 @@ def load_model_file(path, device="cpu") -> tuple[nn.Module, dict]:
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[0]
         raise ModelError(f"{path}: weights do not match the {meta['backbone']} architecture ({first_line})") from None
-    set_postprocessing(model, meta.get("postprocessing"))  # absent in files from before 2026-12-07
+    set_postprocessing(model, meta.get("postprocessing"))  # absent in files written before the record existed
     model.weights_report = None
     return model.to(device).eval(), meta

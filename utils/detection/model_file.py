@@ -82,9 +82,9 @@ def model_metadata(model: nn.Module, extra: dict | None = None) -> dict:
         meta["pretrained"] = {"requested": report.requested, "loaded": report.loaded, "source": report.source}
         if report.sha256 is not None:  # a file given by path (utils.detection.model.WeightsReport)
             meta["pretrained"]["sha256"] = report.sha256
-    if hasattr(model, "rpn") and hasattr(model, "roi_heads"):
-        meta["postprocessing"] = postprocessing(model)
     meta.update(extra or {})
+    if hasattr(model, "rpn") and hasattr(model, "roi_heads"):  # the model's own, over a loaded file's meta in *extra*
+        meta["postprocessing"] = postprocessing(model)
     meta = {**_plain(meta), "packages": package_versions(), "code": code_version()}  # plain already
     # Through JSON and back, so that the file's bytes follow from the values alone: pickle writes a string object it
     # meets again as a reference to the first, and equal strings were one object in one run (a command line's
@@ -95,10 +95,11 @@ def model_metadata(model: nn.Module, extra: dict | None = None) -> dict:
 # What a Faster R-CNN does after its layers at inference, named as torchvision's FasterRCNN takes them. The builders
 # set them (utils/defaults.py: DETECTIONS_PER_IMAGE & co., or torchvision's own); the model file records them and
 # load_model_file sets them again, so that the file and not today's defaults decides how the model detects: its
-# operating threshold, working size and the estimators' rates were measured with these (the cap went from 100 to
-# 1,000 boxes on 2026-12-07; a file written before it lacks the record and runs at today's values).
+# operating threshold, working size and the estimators' rates were measured with these (the cap went from 200 to
+# 1,000 boxes on 2026-12-07; a file written before this record existed runs at today's values).
 POSTPROCESSING_COUNTS = ("rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test", "box_detections_per_img")
-POSTPROCESSING_FRACTIONS = ("rpn_nms_thresh", "rpn_score_thresh", "box_nms_thresh", "box_score_thresh")
+POSTPROCESSING_NMS_IOUS = ("rpn_nms_thresh", "box_nms_thresh")
+POSTPROCESSING_SCORE_FLOORS = ("rpn_score_thresh", "box_score_thresh")
 
 
 def postprocessing(model: nn.Module) -> dict:
@@ -216,9 +217,12 @@ def check_model_meta(meta, path, backbones) -> None:
 
 
 def _check_postprocessing(record, path) -> None:
-    """The inference-time settings (:func:`postprocessing`): a mapping or absent, with every setting, the counts
+    """The inference-time settings (:func:`postprocessing`): a mapping or absent, with every setting: the counts
     whole numbers from 1 to defaults.POSTPROCESSING_COUNT_MAX (a file cannot make one photo keep millions of
-    boxes), the IoUs and score floors numbers from 0 to 1."""
+    boxes); the NMS IoUs above 0 and at most 1 (at 0 any two overlapping faces of a crowd would be one); the RPN's
+    score floor from 0 to under 1 and the box head's from 0 to defaults.DETECTION_FLOOR (torchvision keeps a box
+    scoring above the floor: at 1 no box is ever kept, and above DETECTION_FLOOR the boxes the probabilistic counts
+    and a lower --score-threshold read would be missing, each without a word)."""
     if record is None:
         return
     if not isinstance(record, Mapping):
@@ -227,9 +231,17 @@ def _check_postprocessing(record, path) -> None:
         value = record.get(key)
         if not _is_int(value) or not 1 <= value <= D.POSTPROCESSING_COUNT_MAX:
             raise ModelError(f"{path}: model metadata postprocessing.{key} must be a whole number from 1 to "
-                             f"{D.POSTPROCESSING_COUNT_MAX}, got {shown(value)}")
-    for key in POSTPROCESSING_FRACTIONS:
-        _check_threshold(record.get(key), f"postprocessing.{key}", path)
+                             f"{D.POSTPROCESSING_COUNT_MAX:,}, got {shown(value)}")
+    for key in POSTPROCESSING_NMS_IOUS:
+        value = record.get(key)
+        if not (is_finite_number(value) and 0 < value <= 1):
+            raise ModelError(f"{path}: model metadata postprocessing.{key} must be a number above 0 and at most 1, "
+                             f"got {shown(value)}")
+    for key, highest, below in (("rpn_score_thresh", 1.0, True), ("box_score_thresh", D.DETECTION_FLOOR, False)):
+        value = record.get(key)
+        if not (is_finite_number(value) and 0 <= value and (value < highest if below else value <= highest)):
+            raise ModelError(f"{path}: model metadata postprocessing.{key} must be a number from 0 to "
+                             f"{'under ' if below else ''}{highest:g}, got {shown(value)}")
 
 
 def _check_stored_threshold(record, key: str, path) -> None:
