@@ -76,7 +76,7 @@ def test_train_stops_on_sigterm_mid_epoch_and_a_rerun_resumes(root, tiny_dir, tm
 
 
 def test_hpo_stops_on_sigterm_mid_trial_and_the_retry_runs_that_trial_again(root, tiny_dir, tmp_path):
-    from utils.detection.hpo_results import journal_trials
+    from utils.detection.hpo_results import HpoError, journal_trials
 
     journal = tmp_path / "hpo.journal"
     command = [sys.executable, str(root / "bin" / "hpo.py"), "--train-images", str(tiny_dir / "images"),
@@ -86,7 +86,14 @@ def test_hpo_stops_on_sigterm_mid_trial_and_the_retry_runs_that_trial_again(root
                "--warmup-iters", "1", "--checkpoint", str(journal), "--output", str(tmp_path / "best.json"),
                "--study-name", "stop", "--device", "cpu"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: journal.is_file() and any(t["state"] == "RUNNING" for t in journal_trials(journal)), process)
+
+    def trial_running() -> bool:
+        try:
+            return any(t["state"] == "RUNNING" for t in journal_trials(journal))
+        except HpoError:  # not there yet, or created but its study not yet written (seen on a loaded machine)
+            return False
+
+    wait_for(trial_running, process)
     time.sleep(1.0)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
