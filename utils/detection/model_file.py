@@ -5,8 +5,8 @@ A model file holds ``{"model": state_dict, "meta": {...}}`` in plain types only,
 or to the service, so everything read from it is checked here, before a model is built
 from it: the metadata's types and ranges (meta a mapping; the classes this project's;
 num_classes one more than them; the image size a positive integer within
-defaults.MODEL_IMAGE_SIZE_MAX; thresholds numbers in [0, 1]; the recorded proposals and detections per
-image whole numbers within defaults.POSTPROCESSING_COUNT_MAX) and the box predictor's
+defaults.MODEL_IMAGE_SIZE_MAX; thresholds numbers in [0, 1]; the recorded inference-time settings within
+their ranges, :func:`_check_postprocessing`) and the box predictor's
 shapes against the classes it declares, and the weights finite (no NaN or infinity: a diverged
 training's weights load and run, and find no face in any photo). A problem is one :class:`ModelError` line naming
 the file, which the job runner turns into exit 2; a file that passes never reaches a
@@ -99,11 +99,11 @@ def model_metadata(model: nn.Module, extra: dict | None = None) -> dict:
 # 1,000 boxes on 2026-12-07; a file written before this record existed runs at today's values).
 POSTPROCESSING_COUNTS = ("rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test", "box_detections_per_img")
 POSTPROCESSING_NMS_IOUS = ("rpn_nms_thresh", "box_nms_thresh")
-POSTPROCESSING_SCORE_FLOORS = ("rpn_score_thresh", "box_score_thresh")
 
 
 def postprocessing(model: nn.Module) -> dict:
-    """*model*'s inference-time settings (POSTPROCESSING_COUNTS and _FRACTIONS) as plain numbers."""
+    """*model*'s inference-time settings (the counts, the NMS IoUs and the RPN's and box head's score floors) as
+    plain numbers."""
     rpn, heads = model.rpn, model.roi_heads
     return {"rpn_pre_nms_top_n_test": int(rpn._pre_nms_top_n["testing"]),
             "rpn_post_nms_top_n_test": int(rpn._post_nms_top_n["testing"]),
