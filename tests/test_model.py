@@ -189,6 +189,8 @@ def test_a_model_file_detects_with_the_settings_it_was_written_with(tmp_path, mo
     old, _ = load_model_file(tmp_path / "old.pt")
     if backbone == "retinaface_mnet025":  # model.py's own sizes follow the table; torchvision's builder its own
         assert old.roi_heads.detections_per_img == 7 and old.rpn._pre_nms_top_n["testing"] == 11
+    else:
+        assert old.roi_heads.detections_per_img == 100 and old.rpn._pre_nms_top_n["testing"] == 1000
 
 
 @pytest.mark.parametrize("backbone", ["mobilenet_v2_fpn", "retinaface_mnet025"])
