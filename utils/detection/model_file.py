@@ -237,11 +237,13 @@ def _check_postprocessing(record, path) -> None:
         if not (is_finite_number(value) and 0 < value <= 1):
             raise ModelError(f"{path}: model metadata postprocessing.{key} must be a number above 0 and at most 1, "
                              f"got {shown(value)}")
-    for key, highest, below in (("rpn_score_thresh", 1.0, True), ("box_score_thresh", D.DETECTION_FLOOR, False)):
-        value = record.get(key)
-        if not (is_finite_number(value) and 0 <= value and (value < highest if below else value <= highest)):
-            raise ModelError(f"{path}: model metadata postprocessing.{key} must be a number from 0 to "
-                             f"{'under ' if below else ''}{highest:g}, got {shown(value)}")
+    rpn_floor, box_floor = record.get("rpn_score_thresh"), record.get("box_score_thresh")
+    if not (is_finite_number(rpn_floor) and 0 <= rpn_floor < 1):
+        raise ModelError(f"{path}: model metadata postprocessing.rpn_score_thresh must be a number from 0 to under 1, "
+                         f"got {shown(rpn_floor)}")
+    if not (is_finite_number(box_floor) and 0 <= box_floor <= D.DETECTION_FLOOR):
+        raise ModelError(f"{path}: model metadata postprocessing.box_score_thresh must be a number from 0 to "
+                         f"{D.DETECTION_FLOOR:g}, got {shown(box_floor)}")
 
 
 def _check_stored_threshold(record, key: str, path) -> None:
